@@ -1,0 +1,350 @@
+//! The node's configuration: one serde tree with a sub-struct per subsystem, embedded
+//! defaults that start a working single node on loopback, and `validate()`, which names
+//! the key and the problem for everything it refuses. `ops/tandem.example.toml` documents
+//! every key; a test parses it and compares it with these defaults.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::Error;
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub node: NodeConfig,
+    pub sip: SipConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Runs every SIP agent and holds a full replica.
+    #[default]
+    Full,
+    /// A Raft voter only: no SIP listeners (DECISIONS §5).
+    Witness,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// Cluster-unique node id, never reused.
+    pub id: u64,
+    /// Where this node keeps its state.
+    pub data_dir: PathBuf,
+    pub role: Role,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            id: 1,
+            data_dir: PathBuf::from("./data"),
+            role: Role::Full,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SipConfig {
+    pub udp: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+    /// PEM certificate chain for the TLS listeners.
+    pub tls_certificate: Option<PathBuf>,
+    /// PEM private key for the TLS listeners.
+    pub tls_private_key: Option<PathBuf>,
+    /// Largest message accepted on any transport, in bytes.
+    pub max_message_size: usize,
+    /// Open TCP plus TLS connections beyond which new ones are refused.
+    pub max_connections: usize,
+    /// A connection with no traffic for this many seconds is closed.
+    pub connection_idle_timeout_secs: u64,
+    /// RFC 3261 timer T1 (round-trip estimate), in milliseconds.
+    pub t1_ms: u64,
+    /// RFC 3261 timer T2 (maximum retransmit interval), in milliseconds.
+    pub t2_ms: u64,
+    /// RFC 3261 timer T4 (maximum time a message stays in the network), in milliseconds.
+    pub t4_ms: u64,
+    /// On SIGTERM, how long running transactions may take to finish, in seconds.
+    pub shutdown_grace_secs: u64,
+    /// Retry-After sent with 503 while shutting down, in seconds.
+    pub retry_after_secs: u32,
+}
+
+impl Default for SipConfig {
+    fn default() -> Self {
+        let local: SocketAddr = "127.0.0.1:5060".parse().expect("literal address");
+        SipConfig {
+            udp: vec![local],
+            tcp: vec![local],
+            tls: Vec::new(),
+            tls_certificate: None,
+            tls_private_key: None,
+            max_message_size: tandem_sip::DEFAULT_MAX_MESSAGE_SIZE,
+            max_connections: 4096,
+            connection_idle_timeout_secs: 600,
+            t1_ms: 500,
+            t2_ms: 4000,
+            t4_ms: 5000,
+            shutdown_grace_secs: 32,
+            retry_after_secs: 30,
+        }
+    }
+}
+
+impl SipConfig {
+    pub fn timers(&self) -> crate::transaction::TimerSettings {
+        crate::transaction::TimerSettings {
+            t1: Duration::from_millis(self.t1_ms),
+            t2: Duration::from_millis(self.t2_ms),
+            t4: Duration::from_millis(self.t4_ms),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A tracing env-filter directive; the RUST_LOG environment variable overrides it.
+    pub filter: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            filter: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses a TOML file. Syntax errors and unknown keys name the key.
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Config {
+            key: "-".into(),
+            problem: format!("cannot read {}: {e}", path.display()),
+        })?;
+        Self::parse(&text)
+    }
+
+    pub fn parse(text: &str) -> Result<Config, Error> {
+        toml::from_str(text).map_err(|e| Error::Config {
+            key: e
+                .span()
+                .map(|s| key_at(text, s.start))
+                .unwrap_or_else(|| "-".into()),
+            problem: e.message().to_owned(),
+        })
+    }
+
+    /// Every problem with the values, each naming its key.
+    pub fn validate(&self) -> Result<(), Vec<Error>> {
+        let mut problems = Vec::new();
+        let mut bad = |key: &str, problem: String| {
+            problems.push(Error::Config {
+                key: key.into(),
+                problem,
+            })
+        };
+        if self.node.id == 0 {
+            bad("node.id", "must be at least 1".into());
+        }
+        if self.node.data_dir.as_os_str().is_empty() {
+            bad("node.data_dir", "must not be empty".into());
+        }
+        let sip = &self.sip;
+        if self.node.role == Role::Full
+            && sip.udp.is_empty()
+            && sip.tcp.is_empty()
+            && sip.tls.is_empty()
+        {
+            bad(
+                "sip",
+                "a full node needs at least one of sip.udp, sip.tcp, sip.tls".into(),
+            );
+        }
+        for (key, addrs) in [
+            ("sip.udp", &sip.udp),
+            ("sip.tcp", &sip.tcp),
+            ("sip.tls", &sip.tls),
+        ] {
+            let mut seen = HashSet::new();
+            for a in addrs {
+                if !seen.insert(a) {
+                    bad(key, format!("{a} is listed twice"));
+                }
+            }
+        }
+        for a in &sip.tls {
+            if sip.tcp.contains(a) {
+                bad("sip.tls", format!("{a} is also a TCP listener"));
+            }
+        }
+        if !sip.tls.is_empty() {
+            for (key, path) in [
+                ("sip.tls_certificate", &sip.tls_certificate),
+                ("sip.tls_private_key", &sip.tls_private_key),
+            ] {
+                match path {
+                    None => bad(key, "required when sip.tls lists a listener".into()),
+                    Some(p) if !p.is_file() => {
+                        bad(key, format!("{} is not a readable file", p.display()))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if !(1024..=1 << 20).contains(&sip.max_message_size) {
+            bad(
+                "sip.max_message_size",
+                "must be between 1024 and 1048576 bytes".into(),
+            );
+        }
+        if sip.max_connections == 0 {
+            bad("sip.max_connections", "must be at least 1".into());
+        }
+        if sip.connection_idle_timeout_secs == 0 {
+            bad(
+                "sip.connection_idle_timeout_secs",
+                "must be at least 1".into(),
+            );
+        }
+        if sip.t1_ms == 0 {
+            bad("sip.t1_ms", "must be at least 1".into());
+        }
+        if sip.t2_ms < sip.t1_ms {
+            bad(
+                "sip.t2_ms",
+                format!("must not be below sip.t1_ms ({})", sip.t1_ms),
+            );
+        }
+        if sip.t4_ms == 0 {
+            bad("sip.t4_ms", "must be at least 1".into());
+        }
+        if sip.retry_after_secs == 0 {
+            bad("sip.retry_after_secs", "must be at least 1".into());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            bad("log.filter", format!("not a valid filter: {e}"));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// The dotted key path of the table entry around byte `offset`, for error messages.
+fn key_at(text: &str, offset: usize) -> String {
+    let mut table = String::new();
+    let mut key = String::new();
+    for line in text[..offset.min(text.len())].lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            table = l.trim_matches(['[', ']']).trim().to_owned();
+            key.clear();
+        } else if let Some((k, _)) = l.split_once('=') {
+            key = k.trim().to_owned();
+        }
+    }
+    let line = text[offset.min(text.len())..]
+        .lines()
+        .next()
+        .unwrap_or_default();
+    if let Some((k, _)) = line.split_once('=') {
+        key = k.trim().to_owned();
+    }
+    match (table.is_empty(), key.is_empty()) {
+        (true, _) => key,
+        (false, true) => table,
+        (false, false) => format!("{table}.{key}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn the_example_file_parses_and_matches_the_defaults() {
+        let text = include_str!("../../ops/tandem.example.toml");
+        let parsed = Config::parse(text).unwrap();
+        assert_eq!(
+            parsed,
+            Config::default(),
+            "ops/tandem.example.toml drifted from the defaults"
+        );
+        // Every key in the example carries a comment right above it.
+        let mut previous = "";
+        for line in text.lines() {
+            let l = line.trim();
+            if !l.starts_with('#') && !l.starts_with('[') && l.contains('=') {
+                assert!(
+                    previous.trim_start().starts_with('#'),
+                    "no comment above `{l}`"
+                );
+            }
+            previous = line;
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let err = Config::parse("[sip]\nt1_ms = \"fast\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sip.t1_ms"), "{err}");
+        let err = Config::parse("[sip]\nudpp = []\n").unwrap_err().to_string();
+        assert!(err.contains("udpp"), "{err}");
+        let err = Config::parse("[sip]\nudp = [\"not-an-address\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sip.udp"), "{err}");
+
+        let mut c = Config::default();
+        c.sip.t2_ms = 10;
+        c.sip.tls = vec!["127.0.0.1:5061".parse().unwrap()];
+        c.node.id = 0;
+        let problems: Vec<String> = c
+            .validate()
+            .unwrap_err()
+            .iter()
+            .map(|e| e.to_string())
+            .collect();
+        assert!(
+            problems.iter().any(|p| p.contains("sip.t2_ms")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("sip.tls_certificate")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("node.id")),
+            "{problems:?}"
+        );
+    }
+}

@@ -1,0 +1,31 @@
+//! The node crate's one error type. Configuration problems name their key; I/O errors say
+//! what the node was doing. SIP-level problems become status codes in `core::status_for`,
+//! not here.
+
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config key `{key}`: {problem}")]
+    Config { key: String, problem: String },
+    #[error("cannot bind {transport} listener on {addr}: {source}")]
+    Bind {
+        transport: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("no route to send over {transport} to {addr}")]
+    NoRoute {
+        transport: &'static str,
+        addr: SocketAddr,
+    },
+    #[error(transparent)]
+    Sip(#[from] tandem_sip::Error),
+}

@@ -1,0 +1,55 @@
+//! The `tandem` binary: parse the command line, load and validate config (exit 64 when it
+//! is invalid), set up logging, and hand over to the library.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_node::cli::{Cli, Command};
+use tandem_node::{load_config, server, telemetry, EXIT_CONFIG};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (path, run) = match cli.command {
+        Command::Version => {
+            println!("tandem {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        Command::CheckConfig { file } => (Some(file), false),
+        Command::Run { config } => (config, true),
+    };
+    let config = match load_config(path.as_deref()) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("tandem: invalid configuration: {p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if !run {
+        println!(
+            "{}: configuration is valid",
+            path.unwrap_or_default().display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(&config.log);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandem: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(server::run_until_signal(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "tandem stopped with an error");
+            eprintln!("tandem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

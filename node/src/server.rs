@@ -1,0 +1,163 @@
+//! Wiring and lifecycle of one node: bind, start the tasks, wait for a stop request, and
+//! shut down in order. A graceful stop (SIGTERM) answers new requests with 503, stops
+//! accepting connections, waits (bounded) for transactions still waiting on a final
+//! response, then closes transports. A fast stop (SIGINT) skips the waiting.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{Config, Role};
+use crate::core::Core;
+use crate::stats::Stats;
+use crate::transaction::TransactionLayer;
+use crate::transport::{Limits, Listeners, Transports};
+use crate::Error;
+
+/// How a node is asked to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Drain first (SIGTERM).
+    Graceful,
+    /// Exit now (SIGINT, or a second signal during a graceful stop).
+    Fast,
+}
+
+/// How long tasks get to notice cancellation before the process exits anyway.
+const TASK_EXIT_TIMEOUT: Duration = Duration::from_secs(2);
+const CHANNEL_DEPTH: usize = 4096;
+
+/// Runs a node until SIGTERM or SIGINT.
+pub async fn run_until_signal(config: Config) -> Result<(), Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let io = |source| Error::Io {
+        context: "installing signal handlers".into(),
+        source,
+    };
+    let mut term = signal(SignalKind::terminate()).map_err(io)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(io)?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let stop = tokio::select! {
+                Some(()) = term.recv() => Stop::Graceful,
+                Some(()) = int.recv() => Stop::Fast,
+                else => break,
+            };
+            if tx.send(stop).await.is_err() {
+                break;
+            }
+        }
+    });
+    run(config, rx).await
+}
+
+/// Runs a node until `stops` yields. A second value during a graceful stop makes it fast.
+pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), Error> {
+    std::fs::create_dir_all(&config.node.data_dir).map_err(|source| Error::Io {
+        context: format!("creating node.data_dir {}", config.node.data_dir.display()),
+        source,
+    })?;
+    let stats = Arc::new(Stats::default());
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+    let stop_accepting = CancellationToken::new();
+    let draining = Arc::new(AtomicBool::new(false));
+
+    let mut active = None;
+    if config.node.role == Role::Full {
+        let listeners = Listeners::bind(&config.sip).await?;
+        let limits = Limits {
+            max_message_size: config.sip.max_message_size,
+            max_connections: config.sip.max_connections,
+            idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
+        };
+        let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let (core_tx, core_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let transports = Transports::start(
+            listeners,
+            limits,
+            stats.clone(),
+            inbound_tx,
+            &tracker,
+            stop.clone(),
+            stop_accepting.clone(),
+        );
+        let (layer, handle) =
+            TransactionLayer::new(config.sip.timers(), transports.clone(), core_tx);
+        active = Some(handle.active());
+        tracker.spawn(layer.run(inbound_rx, stop.clone()));
+        let core = Core {
+            layer: handle,
+            transports,
+            stats: stats.clone(),
+            draining: draining.clone(),
+            retry_after_secs: config.sip.retry_after_secs,
+        };
+        tracker.spawn(core.run(core_rx, stop.clone()));
+        tracing::info!(
+            node = config.node.id,
+            udp = ?config.sip.udp,
+            tcp = ?config.sip.tcp,
+            tls = ?config.sip.tls,
+            version = env!("CARGO_PKG_VERSION"),
+            "tandem node ready"
+        );
+    } else {
+        tracing::info!(
+            node = config.node.id,
+            "tandem witness ready (no SIP listeners)"
+        );
+    }
+
+    let first = stops.recv().await.unwrap_or(Stop::Fast);
+    if first == Stop::Graceful {
+        tracing::info!("stopping: answering new requests with 503 and letting transactions finish");
+        draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        stop_accepting.cancel();
+        let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
+        if let Some(mut active) = active {
+            let drained = async {
+                while *active.borrow_and_update() > 0 {
+                    if active.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = drained => tracing::info!("all transactions finished"),
+                _ = tokio::time::sleep(grace) => tracing::warn!(
+                    remaining = *active.borrow(), "shutdown grace period over; leaving transactions unfinished"),
+                Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
+            }
+        }
+    } else {
+        tracing::info!("stopping now");
+    }
+    stop_accepting.cancel();
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(TASK_EXIT_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some tasks did not stop in time");
+    }
+    tracing::info!(
+        requests = stats
+            .requests_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+        malformed_answered = stats
+            .malformed_answered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        malformed_dropped = stats
+            .malformed_dropped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        "tandem node stopped"
+    );
+    Ok(())
+}
