@@ -1,1 +1,805 @@
-//! placeholder
+//! The harness for Tandem's black-box tests: it starts the real `tandem` binary as a child
+//! process with its config and data in a fresh temp dir, waits for it to answer OPTIONS,
+//! signals or kills it, and talks SIP to it over real loopback sockets (127.0.0.0/8 only),
+//! either by hand (UDP datagrams, TCP streams) or with sipp, the way an operator would.
+//!
+//! Every wait has a deadline, and a wait that runs out prints the node's log, so a failure
+//! in CI says what the node was doing. Tests run in parallel processes (nextest), so ports
+//! come from the kernel ([`free_port`]) and never from a fixed list.
+#![forbid(unsafe_code)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+pub use clock::Deadline;
+
+/// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+mod clock {
+    // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused
+    // clock. The node under test here is another process on the real clock, so wall-clock
+    // time is the only honest measure.
+    #![allow(clippy::disallowed_types)]
+
+    use std::time::{Duration, Instant};
+
+    /// A wall-clock deadline that also remembers when it was set.
+    #[derive(Clone, Copy, Debug)]
+    pub struct Deadline {
+        start: Instant,
+        end: Instant,
+    }
+
+    impl Deadline {
+        pub fn after(timeout: Duration) -> Deadline {
+            let start = Instant::now();
+            Deadline {
+                start,
+                end: start + timeout,
+            }
+        }
+
+        pub fn expired(&self) -> bool {
+            Instant::now() >= self.end
+        }
+
+        /// Time left, never zero (socket timeouts refuse zero).
+        pub fn remaining(&self) -> Duration {
+            self.end
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(1))
+        }
+
+        /// Time since the deadline was set.
+        pub fn elapsed(&self) -> Duration {
+            self.start.elapsed()
+        }
+    }
+}
+
+/// The `tandem` binary under test: `$TANDEM_BIN`, else `tandem` in the target directory
+/// this test executable was built into (`<target>/debug/deps/<test>` → `<target>/debug/tandem`).
+pub fn tandem_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("TANDEM_BIN") {
+        let path = PathBuf::from(path);
+        assert!(
+            path.is_file(),
+            "TANDEM_BIN={} is not a file",
+            path.display()
+        );
+        return path;
+    }
+    let exe = std::env::current_exe().expect("path of the test executable");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("tandem"))
+        .expect("test executable lives in <target>/<profile>/deps");
+    assert!(
+        path.is_file(),
+        "{} not found: build it first with `cargo build -p tandem-node --bin tandem` \
+         (or point TANDEM_BIN at a tandem binary)",
+        path.display()
+    );
+    path
+}
+
+/// A `tandem` command with colours off, so logs stay readable in files.
+pub fn tandem_command() -> Command {
+    let mut c = Command::new(tandem_bin());
+    c.env("NO_COLOR", "1");
+    c
+}
+
+/// A port on 127.0.0.1 that is free for both UDP and TCP right now. Another process may
+/// still take it before the node binds it; the window is small and the kernel hands out
+/// ephemeral ports in random order, so parallel tests do not collide in practice.
+pub fn free_port() -> u16 {
+    for _ in 0..20 {
+        let Ok(udp) = UdpSocket::bind("127.0.0.1:0") else {
+            continue;
+        };
+        let Ok(addr) = udp.local_addr() else {
+            continue;
+        };
+        if TcpListener::bind(addr).is_ok() {
+            return addr.port();
+        }
+    }
+    panic!("no port on 127.0.0.1 is free for both UDP and TCP after 20 tries");
+}
+
+/// A `[sip]` table with UDP and TCP listeners on `127.0.0.1:port`, followed by `extra`
+/// lines (more `[sip]` keys, or further tables).
+pub fn sip_config(port: u16, extra: &str) -> String {
+    format!("[sip]\nudp = [\"127.0.0.1:{port}\"]\ntcp = [\"127.0.0.1:{port}\"]\n{extra}\n")
+}
+
+/// One running `tandem run` process with its own temp dir. Dropping it kills the process.
+pub struct Node {
+    // Behind a mutex so that every method, including polling for exit, takes &self.
+    child: Mutex<Child>,
+    pid: u32,
+    dir: TempDir,
+    log_path: PathBuf,
+    udp: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+}
+
+impl Node {
+    /// Writes `toml` to `config.toml` in a fresh temp dir (with `node.data_dir` pointing
+    /// inside it unless the config sets one) and starts `tandem run --config` on it, with
+    /// stdout and stderr going to `node.log` there. Does not wait for readiness.
+    pub fn start(toml: &str) -> Node {
+        let dir = tempfile::Builder::new()
+            .prefix("tandem-node-")
+            .tempdir()
+            .expect("temp dir for the node");
+        let config = with_data_dir(toml, &dir.path().join("data"));
+        let config_path = dir.path().join("config.toml");
+        std::fs::write(&config_path, &config).expect("write config.toml");
+        let log_path = dir.path().join("node.log");
+        let log = File::create(&log_path).expect("create node.log");
+        let child = tandem_command()
+            .arg("run")
+            .arg("--config")
+            .arg(&config_path)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", tandem_bin().display()));
+        Node {
+            pid: child.id(),
+            child: Mutex::new(child),
+            dir,
+            log_path,
+            udp: first_listener(&config, "udp"),
+            tcp: first_listener(&config, "tcp"),
+            tls: first_listener(&config, "tls"),
+        }
+    }
+
+    /// Starts a node with UDP and TCP on one free port plus `extra` `[sip]` keys, and waits
+    /// until it answers.
+    pub fn start_ready(extra_sip: &str) -> Node {
+        Node::start_ready_with(|port| sip_config(port, extra_sip))
+    }
+
+    /// Starts a node on the config `make` writes for a free port, and waits until it
+    /// answers. Another process can take the port between [`free_port`] and the node's
+    /// bind; if the node fails to bind, this tries again on a new port.
+    pub fn start_ready_with(make: impl Fn(u16) -> String) -> Node {
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let node = Node::start(&make(free_port()));
+            match node.poll_ready() {
+                Readiness::Ready => return node,
+                Readiness::Exited(_)
+                    if attempt < ATTEMPTS && node.log().contains("cannot bind") =>
+                {
+                    eprintln!(
+                        "port taken before the node bound it; retrying:\n{}",
+                        node.log()
+                    );
+                }
+                other => node.panic_with_log(&other.describe(node.udp)),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Polls OPTIONS over UDP until a 200 comes back. Panics, printing the log, if the
+    /// node exits or does not answer within [`READY_TIMEOUT`].
+    pub fn wait_ready(&self) {
+        match self.poll_ready() {
+            Readiness::Ready => {}
+            other => self.panic_with_log(&other.describe(self.udp)),
+        }
+    }
+
+    fn poll_ready(&self) -> Readiness {
+        let target = self
+            .udp
+            .expect("waiting for readiness needs a UDP listener in the node's [sip] config");
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
+        let deadline = Deadline::after(READY_TIMEOUT);
+        let mut attempt = 0u32;
+        while !deadline.expired() {
+            if let Some(status) = self.exit_status() {
+                return Readiness::Exited(status);
+            }
+            attempt += 1;
+            let request = options_request(
+                "UDP",
+                socket.local_addr().expect("local address"),
+                target,
+                &format!("z9hG4bKready{attempt}"),
+            );
+            if let Some(response) = send_udp_and_recv(
+                &socket,
+                target,
+                request.as_bytes(),
+                Duration::from_millis(200),
+            ) {
+                if status_code(&response) == Some(200) {
+                    return Readiness::Ready;
+                }
+            }
+        }
+        Readiness::TimedOut
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The first UDP listener in the node's config.
+    pub fn udp_addr(&self) -> SocketAddr {
+        self.udp.expect("the node's config has a UDP listener")
+    }
+
+    /// The first TCP listener in the node's config.
+    pub fn tcp_addr(&self) -> SocketAddr {
+        self.tcp.expect("the node's config has a TCP listener")
+    }
+
+    /// The first TLS listener in the node's config.
+    pub fn tls_addr(&self) -> SocketAddr {
+        self.tls.expect("the node's config has a TLS listener")
+    }
+
+    /// The node's temp dir (config, log, data).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    pub fn sigint(&self) {
+        self.signal("INT");
+    }
+
+    pub fn sigkill(&self) {
+        let _ = self.child().kill();
+    }
+
+    fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(
+            status.success(),
+            "kill -{name} {} failed: {status}",
+            self.pid()
+        );
+    }
+
+    /// The exit status if the process has exited.
+    pub fn exit_status(&self) -> Option<ExitStatus> {
+        self.child().try_wait().expect("poll tandem's exit status")
+    }
+
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Waits for the process to exit. On timeout prints the log and returns `None`.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Deadline::after(timeout);
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if deadline.expired() {
+                eprintln!(
+                    "node (pid {}) still running after {timeout:?}; its log:\n{}",
+                    self.pid(),
+                    self.log()
+                );
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the node wrote to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    /// Panics with `message` and the node's log.
+    pub fn panic_with_log(&self, message: &str) -> ! {
+        panic!(
+            "{message}\n--- node log ({}) ---\n{}--- end of node log ---",
+            self.log_path.display(),
+            self.log()
+        );
+    }
+
+    /// Like `assert!`, but a failure prints the node's log.
+    pub fn check(&self, condition: bool, message: impl FnOnce() -> String) {
+        if !condition {
+            self.panic_with_log(&message());
+        }
+    }
+
+    /// Asserts that the node still answers OPTIONS over UDP with 200.
+    pub fn assert_answers_options(&self) {
+        let target = self.udp_addr();
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
+        let local = socket.local_addr().expect("local address");
+        for attempt in 0..5 {
+            let request = options_request("UDP", local, target, &format!("z9hG4bKhealth{attempt}"));
+            let response =
+                send_udp_and_recv(&socket, target, request.as_bytes(), Duration::from_secs(1));
+            if response.as_deref().and_then(status_code) == Some(200) {
+                return;
+            }
+        }
+        self.panic_with_log(&format!(
+            "node on {target} no longer answers OPTIONS with 200"
+        ));
+    }
+}
+
+enum Readiness {
+    Ready,
+    Exited(ExitStatus),
+    TimedOut,
+}
+
+impl Readiness {
+    fn describe(&self, udp: Option<SocketAddr>) -> String {
+        let target = udp.map(|a| a.to_string()).unwrap_or_default();
+        match self {
+            Readiness::Ready => "ready".into(),
+            Readiness::Exited(status) => format!("node exited with {status} before it was ready"),
+            Readiness::TimedOut => {
+                format!("node did not answer OPTIONS on {target} with 200 within {READY_TIMEOUT:?}")
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Adds `data_dir` to the `[node]` table (creating it) unless the config already sets one.
+fn with_data_dir(toml: &str, data_dir: &Path) -> String {
+    if toml.lines().any(|l| l.trim_start().starts_with("data_dir")) {
+        return toml.to_owned();
+    }
+    // Debug formatting quotes and escapes the path the way a TOML basic string wants.
+    let line = format!("data_dir = {:?}", data_dir.display().to_string());
+    let mut out = String::new();
+    let mut placed = false;
+    for l in toml.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if !placed && l.trim() == "[node]" {
+            out.push_str(&line);
+            out.push('\n');
+            placed = true;
+        }
+    }
+    if placed {
+        out
+    } else {
+        format!("[node]\n{line}\n\n{out}")
+    }
+}
+
+/// The first address in `key = ["ip:port", ...]` within the `[sip]` table.
+fn first_listener(toml: &str, key: &str) -> Option<SocketAddr> {
+    let mut table = "";
+    for line in toml.lines() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            table = l;
+            continue;
+        }
+        let Some((k, v)) = l.split_once('=') else {
+            continue;
+        };
+        if table == "[sip]" && k.trim() == key {
+            let start = v.find('"')? + 1;
+            let end = start + v[start..].find('"')?;
+            return v[start..end].parse().ok();
+        }
+    }
+    None
+}
+
+static NEXT_CALL: AtomicU64 = AtomicU64::new(1);
+
+/// A complete OPTIONS request from `local` to `remote`, with `;rport` in its Via.
+pub fn options_request(
+    transport: &str,
+    local: SocketAddr,
+    remote: SocketAddr,
+    branch: &str,
+) -> String {
+    let call = NEXT_CALL.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    format!(
+        "OPTIONS sip:{remote} SIP/2.0\r\n\
+         Via: SIP/2.0/{transport} {local};rport;branch={branch}\r\n\
+         Max-Forwards: 70\r\n\
+         From: <sip:probe@{local}>;tag=t{pid}x{call}\r\n\
+         To: <sip:{remote}>\r\n\
+         Call-ID: c{pid}x{call}@failover-tests\r\n\
+         CSeq: {call} OPTIONS\r\n\
+         Accept: application/sdp\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// Sends one datagram from `socket` and returns the first datagram that comes back
+/// within `timeout`, or `None`.
+pub fn send_udp_and_recv(
+    socket: &UdpSocket,
+    to: SocketAddr,
+    bytes: &[u8],
+    timeout: Duration,
+) -> Option<Vec<u8>> {
+    socket.send_to(bytes, to).expect("UDP send");
+    recv_udp(socket, timeout)
+}
+
+/// The next datagram on `socket` within `timeout`.
+pub fn recv_udp(socket: &UdpSocket, timeout: Duration) -> Option<Vec<u8>> {
+    socket
+        .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+        .expect("set UDP read timeout");
+    let mut buf = vec![0u8; 65_536];
+    match socket.recv_from(&mut buf) {
+        Ok((n, _)) => {
+            buf.truncate(n);
+            Some(buf)
+        }
+        Err(_) => None,
+    }
+}
+
+/// The status code of a response's first line (`SIP/2.0 200 OK`).
+pub fn status_code(message: &[u8]) -> Option<u16> {
+    let line = message.split(|&b| b == b'\n').next()?;
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.split(' ');
+    if parts.next()? != "SIP/2.0" {
+        return None;
+    }
+    let code = parts.next()?;
+    if code.len() != 3 {
+        return None;
+    }
+    code.parse().ok()
+}
+
+/// The value of the first header called `name` (case-insensitive, long form only).
+pub fn header_value(message: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(message);
+    let head = text.split("\r\n\r\n").next()?;
+    head.split("\r\n").skip(1).find_map(|line| {
+        let (n, v) = line.split_once(':')?;
+        n.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+/// Where a complete SIP message ends in `buf`, framed by Content-Length (`l` compact).
+fn message_end(buf: &[u8]) -> Option<usize> {
+    let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&buf[..head_end]);
+    let length = head
+        .split("\r\n")
+        .filter_map(|line| line.split_once(':'))
+        .find(|(n, _)| {
+            let n = n.trim();
+            n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("l")
+        })
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    (buf.len() >= head_end + length).then_some(head_end + length)
+}
+
+/// What came back on a stream.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StreamRead {
+    /// One complete SIP message (from [`SipTcp::read_at_least`]: the octets asked for).
+    Message(Vec<u8>),
+    /// The peer closed (or reset) the connection; holds any bytes that came first.
+    Closed(Vec<u8>),
+    /// Nothing complete within the timeout; holds any partial bytes.
+    TimedOut(Vec<u8>),
+}
+
+/// A blocking TCP client connection that frames SIP messages by Content-Length.
+pub struct SipTcp {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl SipTcp {
+    pub fn connect(addr: SocketAddr) -> SipTcp {
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .unwrap_or_else(|e| panic!("TCP connect to {addr}: {e}"));
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        SipTcp {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream.local_addr().expect("local address")
+    }
+
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
+    /// Writes all of `bytes`. Errors are returned, since a node that closed the
+    /// connection makes writes fail, and some tests expect exactly that.
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Sends an OPTIONS and returns the status of the response, if one came in time.
+    pub fn options(&mut self, timeout: Duration) -> Option<u16> {
+        let request = options_request(
+            "TCP",
+            self.local_addr(),
+            self.stream.peer_addr().ok()?,
+            &format!("z9hG4bKtcp{}", NEXT_CALL.fetch_add(1, Ordering::Relaxed)),
+        );
+        self.send(request.as_bytes()).ok()?;
+        match self.read_message(timeout) {
+            StreamRead::Message(m) => status_code(&m),
+            _ => None,
+        }
+    }
+
+    /// Reads until one complete message is buffered, the peer closes, or `timeout`.
+    pub fn read_message(&mut self, timeout: Duration) -> StreamRead {
+        let deadline = Deadline::after(timeout);
+        loop {
+            if let Some(end) = message_end(&self.buf) {
+                let rest = self.buf.split_off(end);
+                return StreamRead::Message(std::mem::replace(&mut self.buf, rest));
+            }
+            match self.read_some(&deadline) {
+                Some(true) => {}
+                Some(false) => return StreamRead::Closed(std::mem::take(&mut self.buf)),
+                None => return StreamRead::TimedOut(std::mem::take(&mut self.buf)),
+            }
+        }
+    }
+
+    /// Everything that arrives within `timeout` (stops early if the peer closes).
+    pub fn read_for(&mut self, timeout: Duration) -> StreamRead {
+        let deadline = Deadline::after(timeout);
+        loop {
+            match self.read_some(&deadline) {
+                Some(true) => {}
+                Some(false) => return StreamRead::Closed(std::mem::take(&mut self.buf)),
+                None => return StreamRead::TimedOut(std::mem::take(&mut self.buf)),
+            }
+        }
+    }
+
+    /// Returns as soon as at least `n` octets have arrived (as `Message`, unframed), or
+    /// what came before the peer closed or `timeout` passed.
+    pub fn read_at_least(&mut self, n: usize, timeout: Duration) -> StreamRead {
+        let deadline = Deadline::after(timeout);
+        loop {
+            if self.buf.len() >= n {
+                return StreamRead::Message(std::mem::take(&mut self.buf));
+            }
+            match self.read_some(&deadline) {
+                Some(true) => {}
+                Some(false) => return StreamRead::Closed(std::mem::take(&mut self.buf)),
+                None => return StreamRead::TimedOut(std::mem::take(&mut self.buf)),
+            }
+        }
+    }
+
+    /// Waits until the peer closes the connection, discarding what arrives. True if it
+    /// closed within `timeout`.
+    pub fn wait_closed(&mut self, timeout: Duration) -> bool {
+        matches!(self.read_for(timeout), StreamRead::Closed(_))
+    }
+
+    /// One read: `Some(true)` got bytes, `Some(false)` closed or reset, `None` timed out.
+    fn read_some(&mut self, deadline: &Deadline) -> Option<bool> {
+        if deadline.expired() {
+            return None;
+        }
+        self.stream
+            .set_read_timeout(Some(deadline.remaining()))
+            .expect("set TCP read timeout");
+        let mut chunk = [0u8; 16 * 1024];
+        match self.stream.read(&mut chunk) {
+            Ok(0) => Some(false),
+            Ok(n) => {
+                self.buf.extend_from_slice(&chunk[..n]);
+                Some(true)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Some(true),
+            Err(_) => Some(false),
+        }
+    }
+}
+
+/// The path of one of the sipp scenarios in `ops/sipp/`.
+pub fn sipp_scenario(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../ops/sipp")
+        .join(name)
+}
+
+/// How a sipp run ended.
+#[derive(Debug)]
+pub struct SippOutcome {
+    /// sipp exits 0 only when every call succeeded.
+    pub status: ExitStatus,
+    pub successful: u64,
+    pub failed: u64,
+    /// sipp's final screens and its stderr, for assertion messages.
+    pub output: String,
+}
+
+impl SippOutcome {
+    pub fn all_succeeded(&self, calls: u32) -> bool {
+        self.status.success() && self.successful == u64::from(calls) && self.failed == 0
+    }
+}
+
+/// Calls per second sipp places.
+const SIPP_RATE: u32 = 200;
+
+/// Runs `calls` calls of `scenario` against `target` with sipp over `transport` (`u1` for
+/// UDP, `t1` for one TCP connection), from 127.0.0.1 on a free port. sipp gives up after
+/// 30 s. Counts come from its `-trace_stat` CSV.
+pub fn sipp(scenario: &Path, transport: &str, target: SocketAddr, calls: u32) -> SippOutcome {
+    assert!(
+        matches!(transport, "u1" | "t1"),
+        "transport {transport}: use u1 or t1"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-sipp-")
+        .tempdir()
+        .expect("temp dir for sipp");
+    let stats = dir.path().join("stats.csv");
+    let output = Command::new("sipp")
+        .arg("-sf")
+        .arg(scenario)
+        .args(["-m", &calls.to_string()])
+        .args(["-r", &SIPP_RATE.to_string()])
+        .args(["-t", transport])
+        .args(["-i", "127.0.0.1"])
+        .args(["-p", &free_port().to_string()])
+        .arg("-nostdin")
+        .args(["-timeout", "30s", "-timeout_error"])
+        .arg("-trace_stat")
+        .arg("-stf")
+        .arg(&stats)
+        .arg(target.to_string())
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run sipp (is sip-tester installed?): {e}"));
+    let text = format!(
+        "{}\n--- sipp stderr ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let csv = std::fs::read_to_string(&stats).unwrap_or_default();
+    let (successful, failed) = sipp_counts(&csv).unwrap_or_else(|| {
+        panic!(
+            "sipp wrote no usable statistics to {} (exit {}):\n{text}",
+            stats.display(),
+            output.status
+        )
+    });
+    SippOutcome {
+        status: output.status,
+        successful,
+        failed,
+        output: text,
+    }
+}
+
+/// Cumulative successful and failed calls from the last row of a sipp `-trace_stat` CSV.
+fn sipp_counts(csv: &str) -> Option<(u64, u64)> {
+    let mut lines = csv.lines().filter(|l| !l.trim().is_empty());
+    let header: Vec<&str> = lines.next()?.split(';').collect();
+    let last: Vec<&str> = lines.next_back()?.split(';').collect();
+    let column = |name: &str| -> Option<u64> {
+        let i = header.iter().position(|h| *h == name)?;
+        last.get(i)?.trim().parse().ok()
+    };
+    Some((column("SuccessfulCall(C)")?, column("FailedCall(C)")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_goes_into_the_node_table() {
+        let dir = Path::new("/tmp/x");
+        let added = with_data_dir("[sip]\nudp = []\n", dir);
+        assert_eq!(added, "[node]\ndata_dir = \"/tmp/x\"\n\n[sip]\nudp = []\n");
+        let added = with_data_dir("[node]\nid = 2\n[sip]\n", dir);
+        assert_eq!(added, "[node]\ndata_dir = \"/tmp/x\"\nid = 2\n[sip]\n");
+        let kept = with_data_dir("[node]\ndata_dir = \"/d\"\n", dir);
+        assert_eq!(kept, "[node]\ndata_dir = \"/d\"\n");
+    }
+
+    #[test]
+    fn listeners_are_read_from_the_sip_table() {
+        let toml = sip_config(5070, "tls = [\"127.0.0.1:5071\"]");
+        assert_eq!(
+            first_listener(&toml, "udp"),
+            Some("127.0.0.1:5070".parse().unwrap())
+        );
+        assert_eq!(
+            first_listener(&toml, "tls"),
+            Some("127.0.0.1:5071".parse().unwrap())
+        );
+        assert_eq!(first_listener("[node]\nudp = [\"1.2.3.4:5\"]", "udp"), None);
+    }
+
+    #[test]
+    fn responses_and_frames_are_read() {
+        let m = b"SIP/2.0 200 OK\r\nServer: Tandem/0.1\r\nl: 3\r\n\r\nabcSIP";
+        assert_eq!(status_code(m), Some(200));
+        assert_eq!(header_value(m, "server").as_deref(), Some("Tandem/0.1"));
+        assert_eq!(message_end(m), Some(m.len() - 3));
+        assert_eq!(
+            message_end(b"SIP/2.0 200 OK\r\nContent-Length: 9\r\n\r\nab"),
+            None
+        );
+        assert_eq!(status_code(b"OPTIONS sip:x SIP/2.0\r\n"), None);
+    }
+
+    #[test]
+    fn sipp_counts_come_from_the_last_row() {
+        let csv = "A;SuccessfulCall(C);FailedCall(C)\nx;1;0\ny;199;1\n";
+        assert_eq!(sipp_counts(csv), Some((199, 1)));
+        assert_eq!(sipp_counts(""), None);
+    }
+}

@@ -64,6 +64,8 @@ impl Core {
                 self.stats
                     .malformed_answered
                     .fetch_add(1, Ordering::Relaxed);
+                // The salvaged headers hold what the tag derives from (RFC 3261 §8.2.6.2).
+                let _ = response.add_to_tag(&responses::to_tag(&response));
                 responses::stamp(&mut response);
                 if log {
                     tracing::warn!(remote = %flow.remote, transport = %flow.transport, %error, status, "malformed request answered");
@@ -90,7 +92,16 @@ impl Core {
             tracing::debug!(remote = %flow.remote, "ACK outside any transaction");
             return;
         }
-        let outcome = self.decide(&request, &method, cancels);
+        let draining = self.draining.load(Ordering::Relaxed);
+        let outcome = decide(&request, cancels.is_some(), draining, self.retry_after_secs);
+        if let Some(error) = &outcome.invalid {
+            self.stats
+                .malformed_answered
+                .fetch_add(1, Ordering::Relaxed);
+            if self.stats.log_malformed() {
+                tracing::warn!(%error, status = outcome.status, remote = %flow.remote, "invalid request rejected");
+            }
+        }
         let mut response = responses::build(&request, outcome.status, &outcome.reason);
         for (name, value) in outcome.headers {
             response.push_header(name, value);
@@ -100,79 +111,91 @@ impl Core {
             Some(tx) => self.layer.respond(tx, response),
             None => {
                 // The request could not be matched to a transaction (its Via or dialog
-                // fields are broken), so it is answered statelessly if it can be routed.
-                if request.top_via().is_ok() {
-                    let _ = self
-                        .transports
-                        .send(&response_flow(&request, &flow), response.to_bytes());
-                } else {
-                    self.stats.malformed_dropped.fetch_add(1, Ordering::Relaxed);
-                }
+                // fields are broken), so it is answered statelessly. An unreadable Via
+                // still leaves a route: the flow it arrived on, which `response_flow`
+                // falls back to (RFC 4475 badinv01 and badvers expect 400 and 505).
+                let _ = self
+                    .transports
+                    .send(&response_flow(&request, &flow), response.to_bytes());
             }
-        }
-    }
-
-    fn decide(&self, request: &Message, method: &Method, cancels: Option<TxId>) -> Outcome {
-        if let Err(error) = request.validate_request() {
-            let (status, reason) = responses::status_for(&error);
-            self.stats
-                .malformed_answered
-                .fetch_add(1, Ordering::Relaxed);
-            if self.stats.log_malformed() {
-                tracing::warn!(%error, status, "invalid request rejected");
-            }
-            return Outcome::new(status, reason);
-        }
-        if self.draining.load(Ordering::Relaxed) && *method != Method::Cancel {
-            return Outcome::new(503, "Service Unavailable (shutting down)")
-                .with(HeaderName::RetryAfter, self.retry_after_secs.to_string());
-        }
-        if matches!(request.uri(), Some(Uri::Other { .. })) {
-            return Outcome::new(416, "Unsupported URI Scheme");
-        }
-        // RFC 3261 §16.3 step 3; an OPTIONS with Max-Forwards 0 may be answered by the
-        // element itself (§11), which is how probes ask "are you there?".
-        if request.max_forwards().ok().flatten() == Some(0) && *method != Method::Options {
-            return Outcome::new(483, "Too Many Hops");
-        }
-        if *method != Method::Cancel {
-            let mut unsupported: Vec<String> =
-                request.tokens(&HeaderName::Require).unwrap_or_default();
-            unsupported.extend(
-                request
-                    .tokens(&HeaderName::ProxyRequire)
-                    .unwrap_or_default(),
-            );
-            unsupported.retain(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)));
-            if !unsupported.is_empty() {
-                return Outcome::new(420, "Bad Extension")
-                    .with(HeaderName::Unsupported, unsupported.join(", "));
-            }
-        }
-        match method {
-            Method::Options => Outcome::new(200, "OK")
-                .with(HeaderName::Allow, ALLOW.into())
-                .with(HeaderName::Accept, "application/sdp".into())
-                .with(HeaderName::AcceptEncoding, "identity".into())
-                .with(HeaderName::AcceptLanguage, "en".into())
-                .with(HeaderName::Supported, SUPPORTED.join(", ")),
-            Method::Cancel => match cancels {
-                // The INVITE it names already has its final response from this node.
-                Some(_) => Outcome::new(200, "OK"),
-                None => Outcome::new(481, "Call/Transaction Does Not Exist"),
-            },
-            Method::Other(_) => {
-                Outcome::new(501, "Not Implemented").with(HeaderName::Allow, ALLOW.into())
-            }
-            _ => Outcome::new(405, "Method Not Allowed").with(HeaderName::Allow, ALLOW.into()),
         }
     }
 }
 
-struct Outcome {
-    status: u16,
-    reason: String,
-    headers: Vec<(HeaderName, String)>,
+/// What the core answers to a request, decided without I/O: validation first (400/505),
+/// then 503 while draining, then the proxy checks of RFC 3261 §16.3 (416, 483, 420), then
+/// the method. `cancel_matched` says whether a CANCEL found the INVITE it names.
+pub fn decide(
+    request: &Message,
+    cancel_matched: bool,
+    draining: bool,
+    retry_after_secs: u32,
+) -> Outcome {
+    let Some(method) = request.method() else {
+        return Outcome::new(400, "Bad Request (not a request)");
+    };
+    if let Err(error) = request.validate_request() {
+        let (status, reason) = responses::status_for(&error);
+        let mut outcome = Outcome::new(status, reason);
+        outcome.invalid = Some(error);
+        return outcome;
+    }
+    if draining && *method != Method::Cancel {
+        return Outcome::new(503, "Service Unavailable (shutting down)")
+            .with(HeaderName::RetryAfter, retry_after_secs.to_string());
+    }
+    if matches!(request.uri(), Some(Uri::Other { .. })) {
+        return Outcome::new(416, "Unsupported URI Scheme");
+    }
+    // RFC 3261 §16.3 step 3. An OPTIONS addressed to the node itself (no user part, as
+    // monitoring probes send it) is answered by the node even at Max-Forwards 0 (§11);
+    // anything that would have to be forwarded gets 483.
+    let to_this_node = *method == Method::Options
+        && request
+            .uri()
+            .and_then(Uri::as_sip)
+            .is_some_and(|u| u.user.is_none());
+    if request.max_forwards().ok().flatten() == Some(0) && !to_this_node {
+        return Outcome::new(483, "Too Many Hops");
+    }
+    if *method != Method::Cancel {
+        let mut unsupported: Vec<String> = request.tokens(&HeaderName::Require).unwrap_or_default();
+        unsupported.extend(
+            request
+                .tokens(&HeaderName::ProxyRequire)
+                .unwrap_or_default(),
+        );
+        unsupported.retain(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)));
+        if !unsupported.is_empty() {
+            return Outcome::new(420, "Bad Extension")
+                .with(HeaderName::Unsupported, unsupported.join(", "));
+        }
+    }
+    match method {
+        Method::Options => Outcome::new(200, "OK")
+            .with(HeaderName::Allow, ALLOW.into())
+            .with(HeaderName::Accept, "application/sdp".into())
+            .with(HeaderName::AcceptEncoding, "identity".into())
+            .with(HeaderName::AcceptLanguage, "en".into())
+            .with(HeaderName::Supported, SUPPORTED.join(", ")),
+        // A CANCEL that found its INVITE: that INVITE already has its final response.
+        Method::Cancel if cancel_matched => Outcome::new(200, "OK"),
+        Method::Cancel => Outcome::new(481, "Call/Transaction Does Not Exist"),
+        Method::Other(_) => {
+            Outcome::new(501, "Not Implemented").with(HeaderName::Allow, ALLOW.into())
+        }
+        _ => Outcome::new(405, "Method Not Allowed").with(HeaderName::Allow, ALLOW.into()),
+    }
+}
+
+/// A decided answer: status, reason, extra headers, and the validation error behind a
+/// 400 or 505, if that is what it is.
+#[derive(Debug)]
+pub struct Outcome {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(HeaderName, String)>,
+    pub invalid: Option<tandem_sip::Error>,
 }
 
 impl Outcome {
@@ -181,11 +204,145 @@ impl Outcome {
             status,
             reason: reason.into(),
             headers: Vec::new(),
+            invalid: None,
         }
     }
 
     fn with(mut self, name: HeaderName, value: String) -> Self {
         self.headers.push((name, value));
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn request(start: &str, extra: &str) -> Message {
+        let method = start.split(' ').next().unwrap();
+        let cseq_method = if method.contains('%') {
+            "INVITE"
+        } else {
+            method
+        };
+        let text = format!(
+            "{start}\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK1\r\nFrom: <sip:a@example.com>;tag=1\r\n\
+             To: <sip:b@example.com>\r\nCall-ID: c1\r\nCSeq: 1 {cseq_method}\r\nMax-Forwards: 70\r\n{extra}\r\n"
+        );
+        Message::parse_datagram(Bytes::from(text), 65535).unwrap()
+    }
+
+    fn answer(start: &str, extra: &str) -> Outcome {
+        decide(&request(start, extra), false, false, 30)
+    }
+
+    fn header(o: &Outcome, name: HeaderName) -> Option<&str> {
+        o.headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn options_lists_capabilities() {
+        let o = answer("OPTIONS sip:b@example.com SIP/2.0", "");
+        assert_eq!(o.status, 200);
+        assert_eq!(header(&o, HeaderName::Allow), Some(ALLOW));
+        assert_eq!(header(&o, HeaderName::Accept), Some("application/sdp"));
+        assert!(header(&o, HeaderName::Supported).is_some());
+    }
+
+    #[test]
+    fn methods_it_does_not_serve() {
+        let o = answer("INVITE sip:b@example.com SIP/2.0", "");
+        assert_eq!(
+            (o.status, header(&o, HeaderName::Allow)),
+            (405, Some(ALLOW))
+        );
+        assert_eq!(
+            answer("FROBNICATE sip:b@example.com SIP/2.0", "").status,
+            501
+        );
+    }
+
+    #[test]
+    fn proxy_checks_in_rfc_order() {
+        assert_eq!(answer("INVITE urn:service:sos SIP/2.0", "").status, 416);
+        assert_eq!(
+            answer("INVITE sip:b@example.com SIP/2.0", "Max-Forwards: 0\r\n").status,
+            400,
+            "two Max-Forwards"
+        );
+        let zero = request("INVITE sip:b@example.com SIP/2.0", "").to_bytes();
+        let zero = String::from_utf8(zero.to_vec())
+            .unwrap()
+            .replace("Max-Forwards: 70", "Max-Forwards: 0");
+        let zero = Message::parse_datagram(Bytes::from(zero), 65535).unwrap();
+        assert_eq!(decide(&zero, false, false, 30).status, 483);
+        let options = String::from_utf8(zero.to_bytes().to_vec())
+            .unwrap()
+            .replace("INVITE", "OPTIONS");
+        let for_user = Message::parse_datagram(Bytes::from(options.clone()), 65535).unwrap();
+        assert_eq!(
+            decide(&for_user, false, false, 30).status,
+            483,
+            "an OPTIONS for a user would have to be forwarded"
+        );
+        let probe = options.replacen("sip:b@example.com", "sip:192.0.2.9:5060", 1);
+        let probe = Message::parse_datagram(Bytes::from(probe), 65535).unwrap();
+        assert_eq!(
+            decide(&probe, false, false, 30).status,
+            200,
+            "a probe of the node itself is answered at Max-Forwards 0"
+        );
+        let o = answer(
+            "OPTIONS sip:b@example.com SIP/2.0",
+            "Require: foo, bar\r\nProxy-Require: baz\r\n",
+        );
+        assert_eq!(
+            (o.status, header(&o, HeaderName::Unsupported)),
+            (420, Some("foo, bar, baz"))
+        );
+    }
+
+    #[test]
+    fn invalid_requests_carry_their_error() {
+        let o = answer(
+            "OPTIONS sip:b@example.com SIP/2.0",
+            "Date: Fri, 01 Jan 2010 16:00:00 EST\r\n",
+        );
+        assert_eq!(o.status, 400);
+        assert!(o.invalid.is_some());
+        assert!(o.reason.contains("Date"), "{}", o.reason);
+        let v = String::from_utf8(
+            request("OPTIONS sip:b@example.com SIP/2.0", "")
+                .to_bytes()
+                .to_vec(),
+        )
+        .unwrap();
+        let v = Message::parse_datagram(
+            Bytes::from(v.replacen("SIP/2.0\r\n", "SIP/3.0\r\n", 1)),
+            65535,
+        )
+        .unwrap();
+        assert_eq!(decide(&v, false, false, 30).status, 505);
+    }
+
+    #[test]
+    fn draining_turns_new_requests_away_but_not_cancels() {
+        let o = decide(
+            &request("OPTIONS sip:b@example.com SIP/2.0", ""),
+            false,
+            true,
+            17,
+        );
+        assert_eq!(
+            (o.status, header(&o, HeaderName::RetryAfter)),
+            (503, Some("17"))
+        );
+        let cancel = request("CANCEL sip:b@example.com SIP/2.0", "");
+        assert_eq!(decide(&cancel, true, true, 17).status, 200);
+        assert_eq!(decide(&cancel, false, false, 17).status, 481);
     }
 }

@@ -10,6 +10,9 @@ use crate::{Error, Message};
 impl Message {
     /// Checks a request. `Err(Error::Version)` means 505; any other error means 400.
     pub fn validate_request(&self) -> Result<(), Error> {
+        let method = self
+            .method()
+            .ok_or(Error::StartLine("a response is not a request"))?;
         if !self.version().eq_ignore_ascii_case(b"SIP/2.0") {
             return Err(Error::Version);
         }
@@ -21,7 +24,6 @@ impl Message {
         }
         self.validate_common()?;
         let cseq = self.cseq()?;
-        let method = self.method().expect("validate_request on a request");
         if &cseq.method != method {
             return Err(Error::CSeqMismatch);
         }
@@ -41,6 +43,9 @@ impl Message {
 
     /// Checks a response before a client transaction or the proxy acts on it.
     pub fn validate_response(&self) -> Result<(), Error> {
+        if self.is_request() {
+            return Err(Error::StartLine("a request is not a response"));
+        }
         self.validate_common()?;
         self.cseq()?;
         Ok(())

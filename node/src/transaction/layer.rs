@@ -79,7 +79,8 @@ impl LayerHandle {
         let _ = self.commands.send(Command::Respond { tx, response });
     }
 
-    /// Starts a client transaction. The request must carry its top Via with a branch.
+    /// Starts a client transaction. The request must carry its top Via with a branch. An
+    /// ACK (for a 2xx) is sent once, without a transaction.
     pub fn send_request(
         &self,
         request: Message,
@@ -462,6 +463,13 @@ impl TransactionLayer {
                 flow,
                 events,
             } => {
+                if request.method() == Some(&Method::Ack) {
+                    // An ACK for a 2xx has no transaction (RFC 3261 §17.1.1.3): send it once.
+                    if self.transports.send(&flow, request.to_bytes()).is_err() {
+                        let _ = events.send(ClientEvent::TransportError);
+                    }
+                    return;
+                }
                 let Ok(key) = client_key(&request) else {
                     let _ = events.send(ClientEvent::TransportError);
                     return;
@@ -584,7 +592,10 @@ impl TransactionLayer {
                     let entry = self.servers.remove(&id).expect("present");
                     self.server_index.remove(&entry.key);
                     self.cancel_all(id);
-                    if !entry.machine.has_final() {
+                    // Counted until its first final; that final may have come in this very
+                    // batch (over TCP a final ends the transaction at once), so what matters
+                    // is whether it had one before the batch, not whether it has one now.
+                    if !had_final {
                         self.active -= 1;
                     }
                     return;
@@ -640,7 +651,10 @@ impl TransactionLayer {
                     let entry = self.clients.remove(&id).expect("present");
                     self.client_index.remove(&entry.key);
                     self.cancel_all(id);
-                    if !entry.machine.has_final() {
+                    // Counted until its first final; that final may have come in this very
+                    // batch (over TCP a final ends the transaction at once), so what matters
+                    // is whether it had one before the batch, not whether it has one now.
+                    if !had_final {
                         self.active -= 1;
                     }
                     return;
@@ -683,4 +697,670 @@ fn ack_for(request: &Message, response: &Message) -> Bytes {
     ack.push_header(HeaderName::MaxForwards, "70");
     ack.push_header(HeaderName::ContentLength, "0");
     ack.to_bytes()
+}
+
+/// The runtime against real loopback UDP (and, for the reliable path, TCP) sockets and the
+/// real `Transports`. A test plays the core through the channel and `LayerHandle`, and the
+/// remote SIP element through a plain socket. Paused-time tests check the RFC 3261 timer
+/// schedule exactly; real-time tests use millisecond timers and only assert orderings and
+/// lower bounds, never tight upper bounds.
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream, UdpSocket};
+    use tokio::sync::mpsc::error::TryRecvError;
+    use tokio::time::{sleep, sleep_until, timeout, Instant};
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+    use crate::responses;
+    use crate::stats::Stats;
+    use crate::transport::{Limits, Listeners, TransportKind};
+
+    /// Timers small enough for real-time tests: Timer J/H/L = 64*T1 = 640 ms.
+    const FAST: TimerSettings = TimerSettings {
+        t1: Duration::from_millis(10),
+        t2: Duration::from_millis(40),
+        t4: Duration::from_millis(50),
+    };
+
+    /// How long a real-time test waits for something that should happen promptly.
+    const PATIENCE: Duration = Duration::from_secs(2);
+
+    fn ms(millis: u64) -> Duration {
+        Duration::from_millis(millis)
+    }
+
+    /// A transaction layer on its own loopback listener, with the test as its core.
+    struct Node {
+        handle: LayerHandle,
+        core: mpsc::Receiver<CoreEvent>,
+        /// Where the layer listens (UDP or TCP, whichever the node was started with).
+        addr: SocketAddr,
+        stats: Arc<Stats>,
+        stop: CancellationToken,
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            self.stop.cancel();
+        }
+    }
+
+    impl Node {
+        async fn udp(settings: TimerSettings) -> Node {
+            let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+            // `Transports::send` uses `try_send_to`, which trusts tokio's cached readiness. A
+            // socket the reactor has not polled yet reads as not writable, and the send would
+            // be dropped as if the kernel buffer were full.
+            socket.writable().await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            let listeners = Listeners {
+                udp: vec![socket],
+                tcp: vec![],
+                tls: vec![],
+            };
+            Node::start(listeners, addr, settings)
+        }
+
+        async fn tcp(settings: TimerSettings) -> Node {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let listeners = Listeners {
+                udp: vec![],
+                tcp: vec![listener],
+                tls: vec![],
+            };
+            Node::start(listeners, addr, settings)
+        }
+
+        fn start(listeners: Listeners, addr: SocketAddr, settings: TimerSettings) -> Node {
+            let limits = Limits {
+                max_message_size: 65_535,
+                max_connections: 16,
+                idle_timeout: Duration::from_secs(600),
+            };
+            let stats = Arc::new(Stats::default());
+            let tracker = TaskTracker::new();
+            let stop = CancellationToken::new();
+            let (inbound_tx, inbound_rx) = mpsc::channel(64);
+            let (core_tx, core) = mpsc::channel(64);
+            let transports = Transports::start(
+                listeners,
+                limits,
+                stats.clone(),
+                inbound_tx,
+                &tracker,
+                stop.clone(),
+                stop.clone(),
+            );
+            let (layer, handle) = TransactionLayer::new(settings, transports, core_tx);
+            tracker.spawn(layer.run(inbound_rx, stop.clone()));
+            Node {
+                handle,
+                core,
+                addr,
+                stats,
+                stop,
+            }
+        }
+
+        /// The flow a client transaction uses to reach `remote` from this node.
+        fn flow_to(&self, transport: TransportKind, remote: SocketAddr) -> Flow {
+            Flow {
+                transport,
+                local: self.addr,
+                remote,
+                connection: None,
+            }
+        }
+
+        /// The next event for the core, which must be a request.
+        async fn next_request(&mut self) -> CoreRequest {
+            let event = timeout(PATIENCE, self.core.recv())
+                .await
+                .expect("the core got nothing")
+                .expect("the layer stopped");
+            match event {
+                CoreEvent::Request {
+                    request,
+                    flow,
+                    tx,
+                    cancels,
+                } => CoreRequest {
+                    request,
+                    flow,
+                    tx,
+                    cancels,
+                },
+                other => panic!("expected a request, the core got {other:?}"),
+            }
+        }
+
+        /// Waits until `LayerHandle::active` reads `n`.
+        async fn active_becomes(&self, n: usize) {
+            let mut active = self.handle.active();
+            let reached = timeout(PATIENCE, active.wait_for(|v| *v == n))
+                .await
+                .is_ok();
+            assert!(
+                reached,
+                "active transactions stayed at {} instead of becoming {n}",
+                *active.borrow()
+            );
+        }
+    }
+
+    struct CoreRequest {
+        request: Message,
+        flow: Flow,
+        tx: Option<TxId>,
+        cancels: Option<TxId>,
+    }
+
+    impl CoreRequest {
+        fn method(&self) -> Method {
+            self.request.method().cloned().expect("a request")
+        }
+
+        fn branch(&self) -> String {
+            branch_of(&self.request)
+        }
+    }
+
+    fn parse(bytes: impl Into<Bytes>) -> Message {
+        Message::parse_datagram(bytes.into(), 65_535).expect("test messages parse")
+    }
+
+    fn branch_of(message: &Message) -> String {
+        message
+            .top_via()
+            .unwrap()
+            .branch()
+            .expect("a branch")
+            .to_owned()
+    }
+
+    fn to_tag_of(message: &Message) -> Option<String> {
+        message.to().unwrap().tag().map(str::to_owned)
+    }
+
+    /// A request as a peer at `sent_by` would send it. `method` is also the CSeq method, which
+    /// is right for everything here, ACK and CANCEL included.
+    fn request_text(
+        method: &str,
+        transport: &str,
+        sent_by: SocketAddr,
+        branch: &str,
+        call_id: &str,
+        to_tag: Option<&str>,
+    ) -> String {
+        let to_tag = to_tag.map(|t| format!(";tag={t}")).unwrap_or_default();
+        format!(
+            "{method} sip:bob@example.com SIP/2.0\r\n\
+             Via: SIP/2.0/{transport} {sent_by};branch={branch};rport\r\n\
+             Max-Forwards: 70\r\n\
+             From: <sip:alice@example.com>;tag=alice1\r\n\
+             To: <sip:bob@example.com>{to_tag}\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: 7 {method}\r\n\
+             Content-Length: 0\r\n\
+             \r\n"
+        )
+    }
+
+    fn udp_request(
+        method: &str,
+        sent_by: SocketAddr,
+        branch: &str,
+        call_id: &str,
+        to_tag: Option<&str>,
+    ) -> Bytes {
+        Bytes::from(request_text(
+            method, "UDP", sent_by, branch, call_id, to_tag,
+        ))
+    }
+
+    /// A UDP peer driven from async code, for real-time tests.
+    struct Peer {
+        socket: UdpSocket,
+        addr: SocketAddr,
+    }
+
+    impl Peer {
+        async fn new() -> Peer {
+            let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let addr = socket.local_addr().unwrap();
+            Peer { socket, addr }
+        }
+
+        async fn send(&self, to: SocketAddr, bytes: &[u8]) {
+            self.socket.send_to(bytes, to).await.unwrap();
+        }
+
+        async fn try_recv_within(&self, wait: Duration) -> Option<Bytes> {
+            let mut buf = vec![0u8; 65_536];
+            match timeout(wait, self.socket.recv_from(&mut buf)).await {
+                Ok(received) => {
+                    let (n, _) = received.unwrap();
+                    Some(Bytes::copy_from_slice(&buf[..n]))
+                }
+                Err(_) => None,
+            }
+        }
+
+        async fn recv(&self) -> Bytes {
+            self.try_recv_within(PATIENCE)
+                .await
+                .expect("the peer got nothing")
+        }
+
+        /// Reads and discards until the socket has been quiet for `quiet`.
+        async fn drain(&self, quiet: Duration) -> usize {
+            let mut n = 0;
+            while self.try_recv_within(quiet).await.is_some() {
+                n += 1;
+            }
+            n
+        }
+    }
+
+    /// Everything already queued on a non-blocking std socket. Paused-time tests read this
+    /// way because awaiting a read would let tokio jump the clock to the next timer.
+    fn take_queued(socket: &std::net::UdpSocket) -> Vec<Bytes> {
+        let mut buf = vec![0u8; 65_536];
+        let mut out = Vec::new();
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, _)) => out.push(Bytes::copy_from_slice(&buf[..n])),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return out,
+                Err(e) => panic!("receive failed: {e}"),
+            }
+        }
+    }
+
+    fn silent_peer() -> (std::net::UdpSocket, SocketAddr) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        (socket, addr)
+    }
+
+    /// Drives a client transaction towards a peer that never answers, checking the number of
+    /// copies sent at each checkpoint (virtual ms after the start), then the timeout at 32 s.
+    async fn unanswered_client_transaction(method: &str, checkpoints: &[(u64, usize)]) {
+        let node = Node::udp(TimerSettings::default()).await;
+        let (peer, peer_addr) = silent_peer();
+        let request = parse(udp_request(
+            method,
+            node.addr,
+            "z9hG4bKsilent",
+            "silent",
+            None,
+        ));
+        let start = Instant::now();
+        let mut events = node
+            .handle
+            .send_request(request, node.flow_to(TransportKind::Udp, peer_addr));
+
+        let mut copies = Vec::new();
+        for &(at, expected) in checkpoints {
+            sleep_until(start + ms(at)).await;
+            copies.extend(take_queued(&peer));
+            assert_eq!(copies.len(), expected, "{method} copies sent by {at} ms");
+        }
+        let event = timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("no event within 60 s");
+        let elapsed = start.elapsed();
+        assert!(
+            matches!(event, Some(ClientEvent::Timeout)),
+            "expected a timeout, got {event:?}"
+        );
+        assert!(
+            elapsed >= Duration::from_secs(32) && elapsed < ms(32_010),
+            "timed out after {elapsed:?}, not 64*T1 = 32 s"
+        );
+        copies.extend(take_queued(&peer));
+        let (last_checkpoint, expected) = *checkpoints.last().unwrap();
+        assert_eq!(
+            copies.len(),
+            expected,
+            "{method} copies sent between {last_checkpoint} ms and the timeout"
+        );
+        let first = parse(copies[0].clone());
+        assert_eq!(first.method().map(Method::as_str), Some(method));
+        assert!(
+            copies.iter().all(|c| *c == copies[0]),
+            "retransmissions repeat the request byte for byte"
+        );
+        assert_eq!(node.stats.sends_dropped.load(Ordering::Relaxed), 0);
+        node.active_becomes(0).await;
+        assert!(events.recv().await.is_none(), "nothing after the timeout");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_non_invite_is_sent_11_times_then_times_out_at_32_s() {
+        // Sent at 0 and, with Timer E doubling from T1 = 0.5 s up to T2 = 4 s, at 0.5, 1.5,
+        // 3.5, 7.5, 11.5, 15.5, 19.5, 23.5, 27.5 and 31.5 s. Each checkpoint sits between two
+        // sends.
+        let checkpoints = [
+            (250, 1),
+            (1_000, 2),
+            (2_500, 3),
+            (5_500, 4),
+            (9_500, 5),
+            (13_500, 6),
+            (17_500, 7),
+            (21_500, 8),
+            (25_500, 9),
+            (29_500, 10),
+            (31_750, 11),
+        ];
+        unanswered_client_transaction("OPTIONS", &checkpoints).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unanswered_invite_is_sent_7_times_then_times_out_at_32_s() {
+        // Timer A doubles without a cap: 0.5, 1.5, 3.5, 7.5, 15.5 and 31.5 s.
+        let checkpoints = [
+            (250, 1),
+            (1_000, 2),
+            (2_500, 3),
+            (5_500, 4),
+            (11_500, 5),
+            (23_500, 6),
+            (31_750, 7),
+        ];
+        unanswered_client_transaction("INVITE", &checkpoints).await;
+    }
+
+    #[tokio::test]
+    async fn non_invite_server_answers_retransmissions_itself_until_timer_j() {
+        let mut node = Node::udp(FAST).await;
+        let peer = Peer::new().await;
+        let options = udp_request("OPTIONS", peer.addr, "z9hG4bKnist", "nist", None);
+        peer.send(node.addr, &options).await;
+
+        let first = node.next_request().await;
+        assert_eq!(first.method(), Method::Options);
+        assert_eq!(first.cancels, None);
+        assert_eq!(first.flow.transport, TransportKind::Udp);
+        assert_eq!(first.flow.remote, peer.addr);
+        let tx = first.tx.expect("a request starts a server transaction");
+        node.handle
+            .respond(tx, responses::build(&first.request, 200, "OK"));
+
+        let ok = peer.recv().await;
+        let response = parse(ok.clone());
+        assert_eq!(response.status(), Some(200));
+        assert_eq!(response.call_id().unwrap(), "nist");
+        assert_eq!(branch_of(&response), "z9hG4bKnist");
+
+        // The retransmitted request is answered from the transaction, byte for byte.
+        peer.send(node.addr, &options).await;
+        assert_eq!(peer.recv().await, ok);
+        assert_eq!(
+            node.stats.retransmissions_absorbed.load(Ordering::Relaxed),
+            1
+        );
+        // The inbound path is FIFO: if the retransmission had reached the core, it would
+        // arrive before this probe.
+        let probe = udp_request("OPTIONS", peer.addr, "z9hG4bKprobe", "probe", None);
+        peer.send(node.addr, &probe).await;
+        assert_eq!(node.next_request().await.branch(), "z9hG4bKprobe");
+
+        // After Timer J (64*T1 = 640 ms) the transaction is gone, so the same request is new.
+        sleep(FAST.transaction_timeout() + ms(200)).await;
+        peer.send(node.addr, &options).await;
+        let again = node.next_request().await;
+        assert_eq!(again.branch(), "z9hG4bKnist");
+        let again_tx = again.tx.expect("a new server transaction");
+        assert_ne!(again_tx, tx, "a new transaction, not the old one");
+    }
+
+    #[tokio::test]
+    async fn invite_server_sends_trying_retransmits_its_failure_and_absorbs_the_ack() {
+        let mut node = Node::udp(FAST).await;
+        let peer = Peer::new().await;
+        let invite = udp_request("INVITE", peer.addr, "z9hG4bKist", "ist", None);
+        let sent = Instant::now();
+        peer.send(node.addr, &invite).await;
+        let delivered = node.next_request().await;
+        assert_eq!(delivered.method(), Method::Invite);
+        let tx = delivered.tx.expect("an INVITE starts a server transaction");
+
+        // The core stays silent, so the transaction answers 100 Trying after 200 ms.
+        let trying = peer.recv().await;
+        let waited = sent.elapsed();
+        let trying_msg = parse(trying.clone());
+        assert_eq!(trying_msg.status(), Some(100));
+        assert_eq!(trying_msg.cseq().unwrap().method, Method::Invite);
+        assert!(
+            waited >= ms(200) && waited < ms(1_000),
+            "100 Trying after {waited:?}, not 200 ms"
+        );
+        // A retransmitted INVITE gets the 100 again (and, checked below, not the core).
+        peer.send(node.addr, &invite).await;
+        assert_eq!(peer.recv().await, trying);
+
+        node.handle
+            .respond(tx, responses::build(&delivered.request, 486, "Busy Here"));
+        let busy = peer.recv().await;
+        let busy_msg = parse(busy.clone());
+        assert_eq!(busy_msg.status(), Some(486));
+        // Timer G: 10, 20, 40, 40 ... ms. Two retransmissions are enough to see it running.
+        for _ in 0..2 {
+            assert_eq!(peer.recv().await, busy, "Timer G repeats the 486 exactly");
+        }
+
+        let to_tag = to_tag_of(&busy_msg).expect("a 486 carries a To tag");
+        let ack = udp_request("ACK", peer.addr, "z9hG4bKist", "ist", Some(&to_tag));
+        peer.send(node.addr, &ack).await;
+        // FIFO again: neither the retransmitted INVITE nor the ACK reached the core.
+        let probe = udp_request("OPTIONS", peer.addr, "z9hG4bKprobe", "probe", None);
+        peer.send(node.addr, &probe).await;
+        assert_eq!(node.next_request().await.branch(), "z9hG4bKprobe");
+        // Whatever Timer G sent before the ACK was processed is on its way; after that, the
+        // 486 stops.
+        peer.drain(ms(20)).await;
+        let late = peer.try_recv_within(ms(250)).await;
+        assert!(
+            late.is_none(),
+            "the 486 kept coming after the ACK: {late:?}"
+        );
+
+        // The ACK for a 2xx has its own branch, matches no transaction and goes to the core.
+        let ack_2xx = udp_request("ACK", peer.addr, "z9hG4bKack2xx", "ist", Some(&to_tag));
+        peer.send(node.addr, &ack_2xx).await;
+        let routed = node.next_request().await;
+        assert_eq!(routed.method(), Method::Ack);
+        assert_eq!(routed.branch(), "z9hG4bKack2xx");
+        assert_eq!(routed.tx, None);
+        assert_eq!(routed.cancels, None);
+    }
+
+    #[tokio::test]
+    async fn invite_client_acks_a_failure_and_delivers_it_once() {
+        let node = Node::udp(FAST).await;
+        let peer = Peer::new().await;
+        let invite = parse(udp_request("INVITE", node.addr, "z9hG4bKcli", "cli", None));
+        let mut events = node
+            .handle
+            .send_request(invite.clone(), node.flow_to(TransportKind::Udp, peer.addr));
+
+        let sent = peer.recv().await;
+        let received = parse(sent.clone());
+        assert_eq!(received.method(), Some(&Method::Invite));
+        let mut busy = Message::response_to(&received, 486, "Busy Here");
+        busy.add_to_tag("peer486").unwrap();
+        let busy = busy.to_bytes();
+        peer.send(node.addr, &busy).await;
+
+        // Timer A may have repeated the INVITE before the 486 arrived; skip those copies.
+        let ack_bytes = loop {
+            let next = peer.recv().await;
+            if next != sent {
+                break next;
+            }
+        };
+        let ack = parse(ack_bytes.clone());
+        assert_eq!(ack.method(), Some(&Method::Ack));
+        assert_eq!(ack.uri(), invite.uri());
+        assert_eq!(branch_of(&ack), "z9hG4bKcli");
+        assert_eq!(ack.call_id().unwrap(), "cli");
+        let cseq = ack.cseq().unwrap();
+        assert_eq!((cseq.seq, cseq.method), (7, Method::Ack));
+        assert_eq!(to_tag_of(&ack).as_deref(), Some("peer486"));
+        assert_eq!(ack.from().unwrap().tag(), Some("alice1"));
+
+        match timeout(PATIENCE, events.recv()).await.unwrap() {
+            Some(ClientEvent::Response(r)) => assert_eq!(r.status(), Some(486)),
+            other => panic!("expected the 486, got {other:?}"),
+        }
+
+        // The peer did not hear the ACK and repeats its 486: the ACK goes again, and the TU,
+        // which has the response already, hears nothing. On this current-thread runtime the
+        // layer finishes handling the 486 before the test runs again.
+        peer.send(node.addr, &busy).await;
+        assert_eq!(peer.recv().await, ack_bytes);
+        assert!(matches!(events.try_recv(), Err(TryRecvError::Empty)));
+        // Timer A stopped with the 486: no more INVITEs (it would fire every 80+ ms by now).
+        let late = peer.try_recv_within(ms(250)).await;
+        assert!(late.is_none(), "sent after the ACK: {late:?}");
+    }
+
+    #[tokio::test]
+    async fn active_counts_server_transactions_until_their_final_response() {
+        let mut node = Node::udp(FAST).await;
+        let peer = Peer::new().await;
+        assert_eq!(*node.handle.active().borrow(), 0);
+
+        let options = udp_request("OPTIONS", peer.addr, "z9hG4bKact1", "act1", None);
+        peer.send(node.addr, &options).await;
+        let options = node.next_request().await;
+        node.active_becomes(1).await;
+
+        let invite = udp_request("INVITE", peer.addr, "z9hG4bKact2", "act2", None);
+        peer.send(node.addr, &invite).await;
+        let invite = node.next_request().await;
+        node.active_becomes(2).await;
+
+        // A provisional response leaves the INVITE waiting for its final one.
+        node.handle.respond(
+            invite.tx.unwrap(),
+            responses::build(&invite.request, 180, "Ringing"),
+        );
+        let ringing = loop {
+            let r = parse(peer.recv().await);
+            if r.status() != Some(100) {
+                break r;
+            }
+        };
+        assert_eq!(ringing.status(), Some(180));
+        assert_eq!(*node.handle.active().borrow(), 2);
+
+        node.handle.respond(
+            options.tx.unwrap(),
+            responses::build(&options.request, 200, "OK"),
+        );
+        node.active_becomes(1).await;
+        // The INVITE transaction lives on in Completed, but it no longer counts.
+        node.handle.respond(
+            invite.tx.unwrap(),
+            responses::build(&invite.request, 486, "Busy Here"),
+        );
+        node.active_becomes(0).await;
+    }
+
+    /// Over TCP a final response ends a transaction at once (no Completed state), so the
+    /// final and the termination happen in one step.
+    #[tokio::test]
+    async fn active_returns_to_zero_when_a_reliable_transaction_ends_with_its_final_response() {
+        let mut node = Node::tcp(FAST).await;
+        let mut peer = TcpStream::connect(node.addr).await.unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+
+        // Server side: the peer asks, the core answers.
+        let options = request_text("OPTIONS", "TCP", peer_addr, "z9hG4bKtcp1", "tcp1", None);
+        peer.write_all(options.as_bytes()).await.unwrap();
+        let delivered = node.next_request().await;
+        assert_eq!(delivered.flow.transport, TransportKind::Tcp);
+        node.active_becomes(1).await;
+        node.handle.respond(
+            delivered.tx.unwrap(),
+            responses::build(&delivered.request, 200, "OK"),
+        );
+        assert_eq!(read_stream_message(&mut peer).await.status(), Some(200));
+        node.active_becomes(0).await;
+
+        // Client side: the node asks over the same connection, the peer answers.
+        let request = parse(request_text(
+            "OPTIONS",
+            "TCP",
+            node.addr,
+            "z9hG4bKtcp2",
+            "tcp2",
+            None,
+        ));
+        let mut events = node
+            .handle
+            .send_request(request, node.flow_to(TransportKind::Tcp, peer_addr));
+        let received = read_stream_message(&mut peer).await;
+        assert_eq!(received.method(), Some(&Method::Options));
+        node.active_becomes(1).await;
+        let ok = Message::response_to(&received, 200, "OK");
+        peer.write_all(&ok.to_bytes()).await.unwrap();
+        match timeout(PATIENCE, events.recv()).await.unwrap() {
+            Some(ClientEvent::Response(r)) => assert_eq!(r.status(), Some(200)),
+            other => panic!("expected the 200, got {other:?}"),
+        }
+        node.active_becomes(0).await;
+    }
+
+    /// Reads one body-less message from a stream.
+    async fn read_stream_message(stream: &mut TcpStream) -> Message {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = timeout(PATIENCE, stream.read(&mut chunk))
+                .await
+                .expect("nothing read")
+                .unwrap();
+            assert!(n > 0, "connection closed");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        parse(buf)
+    }
+
+    #[tokio::test]
+    async fn cancel_names_the_invite_transaction_it_matches() {
+        let mut node = Node::udp(FAST).await;
+        let peer = Peer::new().await;
+        let invite = udp_request("INVITE", peer.addr, "z9hG4bKcan", "can", None);
+        peer.send(node.addr, &invite).await;
+        let invite = node.next_request().await;
+        let invite_tx = invite.tx.unwrap();
+
+        let cancel = udp_request("CANCEL", peer.addr, "z9hG4bKcan", "can", None);
+        peer.send(node.addr, &cancel).await;
+        let cancel = node.next_request().await;
+        assert_eq!(cancel.method(), Method::Cancel);
+        assert_eq!(cancel.cancels, Some(invite_tx));
+        let cancel_tx = cancel.tx.expect("a CANCEL has its own transaction");
+        assert_ne!(cancel_tx, invite_tx);
+
+        // A CANCEL whose branch names no pending INVITE matches nothing.
+        let stray = udp_request("CANCEL", peer.addr, "z9hG4bKother", "can", None);
+        peer.send(node.addr, &stray).await;
+        let stray = node.next_request().await;
+        assert_eq!(stray.method(), Method::Cancel);
+        assert_eq!(stray.cancels, None);
+        assert!(stray.tx.is_some());
+    }
 }

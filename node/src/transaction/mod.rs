@@ -17,6 +17,9 @@
 //!   of an *earlier* instance of a timer that has since been re-armed, so the runtime must
 //!   make sure a replaced or cancelled instance never reports.
 //! - After `Terminated` every method is a no-op.
+//!
+//! The runtime is `layer.rs`: one tokio task that matches messages to transactions and
+//! executes these actions with real sockets and tokio timers.
 
 pub mod client_invite;
 pub mod client_non_invite;

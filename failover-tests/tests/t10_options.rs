@@ -1,0 +1,250 @@
+//! t10: the basics a phone or a load balancer depends on. OPTIONS is answered with 200 over
+//! UDP, TCP and TLS, every answer carries an RFC 1123 Date and the Server header, TCP
+//! keepalive pings get their pong, and UDP answers honour `rport`.
+
+use std::net::UdpSocket;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_failover_tests::{
+    header_value, options_request, recv_udp, send_udp_and_recv, sipp, sipp_scenario, status_code,
+    Node, SipTcp, StreamRead,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const CALLS: u32 = 200;
+
+#[test]
+fn sipp_options_over_udp_all_get_200() {
+    let node = Node::start_ready("");
+    let outcome = sipp(&sipp_scenario("options.xml"), "u1", node.udp_addr(), CALLS);
+    if !outcome.all_succeeded(CALLS) {
+        node.panic_with_log(&format!(
+            "sipp over UDP: {} of {CALLS} calls succeeded, {} failed, exit {}\n{}",
+            outcome.successful, outcome.failed, outcome.status, outcome.output
+        ));
+    }
+}
+
+#[test]
+fn sipp_options_over_tcp_all_get_200() {
+    let node = Node::start_ready("");
+    let outcome = sipp(&sipp_scenario("options.xml"), "t1", node.tcp_addr(), CALLS);
+    if !outcome.all_succeeded(CALLS) {
+        node.panic_with_log(&format!(
+            "sipp over TCP: {} of {CALLS} calls succeeded, {} failed, exit {}\n{}",
+            outcome.successful, outcome.failed, outcome.status, outcome.output
+        ));
+    }
+}
+
+/// `Sun, 08 Nov 2009 12:12:21 GMT`: the only Date form RFC 3261 §20.17 allows.
+fn is_rfc1123(date: &str) -> bool {
+    const DAYS: [&str; 7] = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let b = date.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    b.len() == 29
+        && DAYS.contains(&&date[0..3])
+        && &date[3..5] == ", "
+        && digits(5..7)
+        && b[7] == b' '
+        && MONTHS.contains(&&date[8..11])
+        && b[11] == b' '
+        && digits(12..16)
+        && b[16] == b' '
+        && digits(17..19)
+        && b[19] == b':'
+        && digits(20..22)
+        && b[22] == b':'
+        && digits(23..25)
+        && &date[25..] == " GMT"
+}
+
+#[test]
+fn rfc1123_check_rejects_near_misses() {
+    assert!(is_rfc1123("Sun, 08 Nov 2009 12:12:21 GMT"));
+    assert!(!is_rfc1123("Sun, 8 Nov 2009 12:12:21 GMT"));
+    assert!(!is_rfc1123("Sun, 08 Nov 2009 12:12:21 UTC"));
+    assert!(!is_rfc1123("Sunday, 08-Nov-09 12:12:21 GMT"));
+    assert!(!is_rfc1123("Sun Nov  8 12:12:21 2009"));
+}
+
+struct SelfSignedTls {
+    _dir: tempfile::TempDir,
+    cert_path: std::path::PathBuf,
+    key_path: std::path::PathBuf,
+    cert_der: rustls::pki_types::CertificateDer<'static>,
+}
+
+fn self_signed_for_localhost() -> SelfSignedTls {
+    let certified =
+        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("generate a self-signed certificate");
+    let dir = tempfile::tempdir().expect("temp dir for PEMs");
+    let cert_path = dir.path().join("sip.crt");
+    let key_path = dir.path().join("sip.key");
+    std::fs::write(&cert_path, certified.cert.pem()).expect("write certificate");
+    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
+    SelfSignedTls {
+        _dir: dir,
+        cert_path,
+        key_path,
+        cert_der: certified.cert.der().clone(),
+    }
+}
+
+#[test]
+fn tls_options_round_trip_carries_date_and_server() {
+    let tls = self_signed_for_localhost();
+    // UDP (for the readiness probe) and TLS share one port number; TLS is TCP underneath,
+    // so no TCP listener may be configured there.
+    let node = Node::start_ready_with(|port| {
+        format!(
+            "[sip]\nudp = [\"127.0.0.1:{port}\"]\ntcp = []\ntls = [\"127.0.0.1:{port}\"]\n\
+             tls_certificate = {:?}\ntls_private_key = {:?}\n",
+            tls.cert_path.display().to_string(),
+            tls.key_path.display().to_string(),
+        )
+    });
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(tls.cert_der.clone())
+        .expect("trust the node's cert");
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let remote = node.tls_addr();
+
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(remote).await?;
+        let local = tcp.local_addr()?;
+        // The certificate names localhost and 127.0.0.1; verifying against the IP proves
+        // the node serves the configured chain, not just any certificate.
+        let name = rustls::pki_types::ServerName::IpAddress(remote.ip().into());
+        let mut stream = connector.connect(name, tcp).await?;
+        let request = options_request("TLS", local, remote, "z9hG4bKtls1");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                break;
+            }
+            response.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(response)
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let response = match runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(5), exchange).await })
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => node.panic_with_log(&format!("TLS OPTIONS exchange failed: {e}")),
+        Err(_) => node.panic_with_log("no TLS response within 5 s"),
+    };
+    let text = String::from_utf8_lossy(&response);
+    node.check(status_code(&response) == Some(200), || {
+        format!("not a 200:\n{text}")
+    });
+    let date = header_value(&response, "Date").unwrap_or_default();
+    node.check(is_rfc1123(&date), || {
+        format!("Date is not RFC 1123: {date:?}\n{text}")
+    });
+    let server = header_value(&response, "Server").unwrap_or_default();
+    node.check(server.starts_with("Tandem/"), || {
+        format!("Server: {server:?}\n{text}")
+    });
+    let via = header_value(&response, "Via").unwrap_or_default();
+    node.check(via.starts_with("SIP/2.0/TLS "), || format!("Via: {via:?}"));
+}
+
+#[test]
+fn tcp_crlfcrlf_ping_gets_exactly_one_crlf() {
+    let node = Node::start_ready("");
+    let mut conn = SipTcp::connect(node.tcp_addr());
+    conn.send(b"\r\n\r\n").expect("send ping");
+    // RFC 5626 §3.5.1: the pong is exactly one CRLF, and nothing follows it.
+    let pong = match conn.read_at_least(2, Duration::from_secs(2)) {
+        StreamRead::TimedOut(bytes) | StreamRead::Closed(bytes) => {
+            node.panic_with_log(&format!("no pong after a ping; got {bytes:?}"))
+        }
+        StreamRead::Message(bytes) => bytes,
+    };
+    node.check(pong == b"\r\n", || {
+        format!("the pong is {pong:?}, not one CRLF")
+    });
+    let extra = conn.read_for(Duration::from_millis(300));
+    node.check(extra == StreamRead::TimedOut(Vec::new()), || {
+        format!("after the pong: {extra:?}")
+    });
+    // The connection is still a SIP connection after the ping.
+    let status = conn.options(Duration::from_secs(2));
+    node.check(status == Some(200), || {
+        format!("OPTIONS after a ping: {status:?}")
+    });
+}
+
+#[test]
+fn udp_response_honours_rport() {
+    let node = Node::start_ready("");
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    // A second socket whose port the Via names: without rport the answer belongs there.
+    let via_port_socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let via_addr = via_port_socket.local_addr().unwrap();
+
+    let request = options_request("UDP", via_addr, node.udp_addr(), "z9hG4bKrport1");
+    let response = send_udp_and_recv(
+        &sender,
+        node.udp_addr(),
+        request.as_bytes(),
+        Duration::from_secs(2),
+    )
+    .unwrap_or_else(|| {
+        node.panic_with_log("no answer at the source port of a request with ;rport in Via")
+    });
+    node.check(status_code(&response) == Some(200), || {
+        format!("not a 200: {}", String::from_utf8_lossy(&response))
+    });
+    let via = header_value(&response, "Via").unwrap_or_default();
+    let source_port = sender.local_addr().unwrap().port();
+    node.check(
+        via.contains(&format!("rport={source_port}")) && via.contains("received=127.0.0.1"),
+        || format!("RFC 3581 parameters missing from Via: {via}"),
+    );
+    node.check(
+        recv_udp(&via_port_socket, Duration::from_millis(200)).is_none(),
+        || "with rport, an answer went to the Via port too".into(),
+    );
+
+    // Control: without rport the same request is answered at the Via port (RFC 3261
+    // §18.2.2), so the check above can tell the two apart.
+    let without =
+        options_request("UDP", via_addr, node.udp_addr(), "z9hG4bKrport2").replace(";rport;", ";");
+    let at_source = send_udp_and_recv(
+        &sender,
+        node.udp_addr(),
+        without.as_bytes(),
+        Duration::from_millis(500),
+    );
+    node.check(at_source.is_none(), || {
+        "without rport, the answer went to the source port".into()
+    });
+    let response = recv_udp(&via_port_socket, Duration::from_secs(2))
+        .unwrap_or_else(|| node.panic_with_log("no answer at the Via port without rport"));
+    node.check(status_code(&response) == Some(200), || {
+        format!("not a 200: {}", String::from_utf8_lossy(&response))
+    });
+}
