@@ -1,14 +1,30 @@
-//! Tandem's replicated cluster state (DECISIONS §3, §4, §9): openraft 0.9 behind one facade,
-//! a RocksDB log store and state machine in one database with column families, the Raft
-//! network over mutual TLS, and field encryption applied before anything enters the log.
+//! Tandem's replicated cluster state (DECISIONS §3, §4, §9): openraft 0.9 with its
+//! storage-v2 traits implemented over one RocksDB, versioned binary commands, the records
+//! they write with their indexes, and field encryption applied before anything enters
+//! the log.
 //!
-//! This crate is a skeleton today: the raft-store issue fills it. What it already fixes is
-//! its error type, so that the node can depend on its shape.
+//! Everything outside this crate sees openraft only through the types re-exported here,
+//! so the move to openraft 0.10 stays inside this crate.
 #![forbid(unsafe_code)]
+// openraft's storage traits fix `StorageError` (224 bytes) as the error type; the helpers
+// that feed them return it too.
+#![allow(clippy::result_large_err)]
 
-/// The crate's one error type, split as openraft splits its own: errors a caller can act on
-/// (not the leader, no quorum) and fatal storage errors.
-#[derive(Debug, thiserror::Error)]
+pub mod command;
+pub mod crypto;
+pub mod local_network;
+pub mod log_store;
+pub mod replica;
+pub mod state;
+pub mod state_machine;
+mod store;
+pub mod types;
+
+pub use store::open;
+
+/// The crate's one error type. The first variants are ones a caller can act on; the rest
+/// are storage faults.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum Error {
     /// The write must go to the leader, if one is known.
     #[error("not the leader (leader: {leader:?})")]
@@ -16,4 +32,28 @@ pub enum Error {
     /// No quorum is reachable; the node is in degraded mode.
     #[error("no quorum")]
     NoQuorum,
+    /// The command was not applied within the proposal timeout; it may still be later.
+    #[error("not applied within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("membership change refused: {0}")]
+    Membership(String),
+    #[error("Raft: {0}")]
+    Raft(String),
+    /// A command from a newer Tandem; this node must be upgraded to apply it.
+    #[error("command kind {kind} version {version} is unknown to this Tandem version; upgrade this node")]
+    UnknownCommand { kind: u16, version: u16 },
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("encryption: {0}")]
+    Crypto(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("RocksDB: {0}")]
+    Db(String),
+}
+
+impl Error {
+    pub(crate) fn db(e: rocksdb::Error) -> Error {
+        Error::Db(e.to_string())
+    }
 }

@@ -1,0 +1,394 @@
+//! Replicated commands and the records they write (DECISIONS §6, §10, §11).
+//!
+//! In the log, every command is an [`EncodedCommand`]: a kind, a version and a postcard
+//! body. A node decodes the kinds and versions it knows and refuses, with an error that
+//! names them, a command it does not, instead of guessing. Kind numbers are never reused.
+//! Commands carry every value `apply` needs (absolute expiry times, lease epochs, "now"
+//! for expiry sweeps), because `apply` reads no clock and draws no random numbers.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto::Sealed;
+use crate::types::NodeId;
+use crate::Error;
+
+/// A command as it is stored in the log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncodedCommand {
+    pub kind: u16,
+    pub version: u16,
+    pub body: Vec<u8>,
+}
+
+/// The outcome of one command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandResult {
+    Done,
+    /// How many records a sweep removed.
+    Removed(u64),
+    /// A conditional command whose condition did not hold (e.g. a stale lease epoch).
+    Rejected(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Full,
+    Witness,
+}
+
+/// A member of the cluster as the agents see it (the node registry).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub sip_addrs: Vec<String>,
+    pub raft_addr: String,
+    pub role: Role,
+    pub software_version: String,
+    pub draining: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub name: String,
+    pub enabled: bool,
+}
+
+/// A SIP account. Passwords exist only as per-algorithm HA1 values, sealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Account {
+    pub user: String,
+    pub domain: String,
+    pub customer: String,
+    /// (algorithm name, sealed HA1), e.g. ("MD5", ..), ("SHA-256", ..).
+    pub ha1: Vec<(String, Sealed)>,
+    pub enabled: bool,
+    pub max_contacts: u32,
+    pub max_concurrent_calls: u32,
+}
+
+/// How a binding's contact is reached: the connection or address it registered from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredFlow {
+    /// "UDP", "TCP" or "TLS".
+    pub transport: String,
+    pub remote: String,
+    pub local: String,
+    pub connection: Option<u64>,
+}
+
+/// A registrar binding (RFC 3261 §10). `expires_at_ms` is absolute (Unix ms), computed by
+/// the proposer with headroom (DECISIONS §6).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub aor: String,
+    pub contact: String,
+    pub expires_at_ms: u64,
+    pub edge_node: NodeId,
+    pub flow: StoredFlow,
+    pub path: Vec<String>,
+    pub call_id: String,
+    pub cseq: u32,
+    /// q-value in thousandths (1000 = 1.0).
+    pub q: u16,
+    pub user_agent: String,
+}
+
+/// A customer's account at a third-party provider, kept registered by the registration agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provider {
+    pub id: String,
+    pub customer: String,
+    pub registrar: String,
+    pub username: String,
+    pub password: Sealed,
+    pub expires_secs: u32,
+    pub enabled: bool,
+}
+
+/// Who registers a provider account, until when (DECISIONS §10).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderLease {
+    pub provider: String,
+    pub owner: NodeId,
+    pub epoch: u64,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dialplan {
+    /// The account (`user@domain`) or customer the script belongs to.
+    pub owner: String,
+    pub script: String,
+    pub version: u64,
+}
+
+/// Every command Tandem replicates.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Writes nothing; for tests and benchmarks of the write path.
+    Noop {
+        payload: Vec<u8>,
+    },
+    PutNode(NodeRecord),
+    /// Switches on command kinds every member understands (DECISIONS §11).
+    SetFeatureVersion {
+        version: u32,
+    },
+    PutCustomer(Customer),
+    DeleteCustomer {
+        id: String,
+    },
+    PutAccount(Account),
+    DeleteAccount {
+        user: String,
+        domain: String,
+    },
+    PutBinding(Binding),
+    RemoveBinding {
+        aor: String,
+        contact: String,
+    },
+    RemoveAllBindings {
+        aor: String,
+    },
+    /// Removes every binding that expired at or before `now_ms` (the leader's clock).
+    ExpireBindings {
+        now_ms: u64,
+        limit: u32,
+    },
+    PutProvider(Provider),
+    DeleteProvider {
+        id: String,
+    },
+    /// Grants or renews a lease if `expected_epoch` matches the current one (0 = none).
+    AcquireLease {
+        lease: ProviderLease,
+        expected_epoch: u64,
+    },
+    ReleaseLease {
+        provider: String,
+        epoch: u64,
+    },
+    PutDialplan(Dialplan),
+}
+
+macro_rules! kinds {
+    ($($kind:literal => $variant:ident),* $(,)?) => {
+        impl Command {
+            fn kind(&self) -> u16 {
+                match self { $( Command::$variant { .. } => $kind, )* }
+            }
+        }
+    };
+}
+
+kinds! {
+    1 => Noop, 2 => PutNode, 3 => SetFeatureVersion, 4 => PutCustomer, 5 => DeleteCustomer,
+    6 => PutAccount, 7 => DeleteAccount, 8 => PutBinding, 9 => RemoveBinding,
+    10 => RemoveAllBindings, 11 => ExpireBindings, 12 => PutProvider, 13 => DeleteProvider,
+    14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan,
+}
+
+/// The command version this binary writes; it reads every version up to it.
+const VERSION: u16 = 1;
+
+/// Bodies of commands whose payload is several fields.
+#[derive(Serialize, Deserialize)]
+struct AcquireLeaseBody {
+    lease: ProviderLease,
+    expected_epoch: u64,
+}
+
+fn enc<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("in-memory serialisation does not fail")
+}
+
+impl Command {
+    pub fn encode(&self) -> EncodedCommand {
+        let body = match self {
+            Command::Noop { payload } => enc(payload),
+            Command::PutNode(n) => enc(n),
+            Command::SetFeatureVersion { version } => enc(version),
+            Command::PutCustomer(c) => enc(c),
+            Command::DeleteCustomer { id } => enc(id),
+            Command::PutAccount(a) => enc(a),
+            Command::DeleteAccount { user, domain } => enc(&(user, domain)),
+            Command::PutBinding(b) => enc(b),
+            Command::RemoveBinding { aor, contact } => enc(&(aor, contact)),
+            Command::RemoveAllBindings { aor } => enc(aor),
+            Command::ExpireBindings { now_ms, limit } => enc(&(now_ms, limit)),
+            Command::PutProvider(p) => enc(p),
+            Command::DeleteProvider { id } => enc(id),
+            Command::AcquireLease {
+                lease,
+                expected_epoch,
+            } => enc(&AcquireLeaseBody {
+                lease: lease.clone(),
+                expected_epoch: *expected_epoch,
+            }),
+            Command::ReleaseLease { provider, epoch } => enc(&(provider, epoch)),
+            Command::PutDialplan(d) => enc(d),
+        };
+        EncodedCommand {
+            kind: self.kind(),
+            version: VERSION,
+            body,
+        }
+    }
+
+    pub fn decode(e: &EncodedCommand) -> Result<Command, Error> {
+        if e.version == 0 || e.version > VERSION {
+            return Err(Error::UnknownCommand {
+                kind: e.kind,
+                version: e.version,
+            });
+        }
+        let b = &e.body[..];
+        let bad = |_| {
+            Error::Corrupt(format!(
+                "command kind {} version {} does not decode",
+                e.kind, e.version
+            ))
+        };
+        Ok(match e.kind {
+            1 => Command::Noop {
+                payload: postcard::from_bytes(b).map_err(bad)?,
+            },
+            2 => Command::PutNode(postcard::from_bytes(b).map_err(bad)?),
+            3 => Command::SetFeatureVersion {
+                version: postcard::from_bytes(b).map_err(bad)?,
+            },
+            4 => Command::PutCustomer(postcard::from_bytes(b).map_err(bad)?),
+            5 => Command::DeleteCustomer {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
+            6 => Command::PutAccount(postcard::from_bytes(b).map_err(bad)?),
+            7 => {
+                let (user, domain) = postcard::from_bytes(b).map_err(bad)?;
+                Command::DeleteAccount { user, domain }
+            }
+            8 => Command::PutBinding(postcard::from_bytes(b).map_err(bad)?),
+            9 => {
+                let (aor, contact) = postcard::from_bytes(b).map_err(bad)?;
+                Command::RemoveBinding { aor, contact }
+            }
+            10 => Command::RemoveAllBindings {
+                aor: postcard::from_bytes(b).map_err(bad)?,
+            },
+            11 => {
+                let (now_ms, limit) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ExpireBindings { now_ms, limit }
+            }
+            12 => Command::PutProvider(postcard::from_bytes(b).map_err(bad)?),
+            13 => Command::DeleteProvider {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
+            14 => {
+                let body: AcquireLeaseBody = postcard::from_bytes(b).map_err(bad)?;
+                Command::AcquireLease {
+                    lease: body.lease,
+                    expected_epoch: body.expected_epoch,
+                }
+            }
+            15 => {
+                let (provider, epoch) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ReleaseLease { provider, epoch }
+            }
+            16 => Command::PutDialplan(postcard::from_bytes(b).map_err(bad)?),
+            kind => {
+                return Err(Error::UnknownCommand {
+                    kind,
+                    version: e.version,
+                })
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_binding() -> Binding {
+        Binding {
+            aor: "sip:alice@example.com".into(),
+            contact: "<sip:alice@192.0.2.1:5060>".into(),
+            expires_at_ms: 1_800_000_000_000,
+            edge_node: 2,
+            flow: StoredFlow {
+                transport: "UDP".into(),
+                remote: "192.0.2.1:5060".into(),
+                local: "127.0.0.1:5060".into(),
+                connection: None,
+            },
+            path: vec![],
+            call_id: "c1".into(),
+            cseq: 7,
+            q: 1000,
+            user_agent: "phone".into(),
+        }
+    }
+
+    #[test]
+    fn commands_round_trip_through_their_encoding() {
+        let commands = vec![
+            Command::Noop {
+                payload: vec![1, 2, 3],
+            },
+            Command::PutBinding(sample_binding()),
+            Command::RemoveBinding {
+                aor: "a".into(),
+                contact: "c".into(),
+            },
+            Command::ExpireBindings {
+                now_ms: 5,
+                limit: 100,
+            },
+            Command::AcquireLease {
+                lease: ProviderLease {
+                    provider: "p".into(),
+                    owner: 3,
+                    epoch: 4,
+                    expires_at_ms: 9,
+                },
+                expected_epoch: 3,
+            },
+            Command::SetFeatureVersion { version: 2 },
+        ];
+        for c in commands {
+            assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn unknown_kinds_and_versions_are_refused_by_name() {
+        let future = EncodedCommand {
+            kind: 999,
+            version: 1,
+            body: vec![],
+        };
+        assert_eq!(
+            Command::decode(&future).unwrap_err().to_string(),
+            Error::UnknownCommand {
+                kind: 999,
+                version: 1
+            }
+            .to_string()
+        );
+        let newer = EncodedCommand {
+            version: VERSION + 1,
+            ..Command::Noop { payload: vec![] }.encode()
+        };
+        assert!(matches!(
+            Command::decode(&newer),
+            Err(Error::UnknownCommand { kind: 1, .. })
+        ));
+        let garbage = EncodedCommand {
+            kind: 8,
+            version: 1,
+            body: vec![0xff; 3],
+        };
+        assert!(matches!(Command::decode(&garbage), Err(Error::Corrupt(_))));
+    }
+}

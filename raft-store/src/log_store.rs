@@ -1,0 +1,289 @@
+//! The Raft log and vote in RocksDB (DECISIONS §4), implementing openraft's
+//! `RaftLogStorage` (storage-v2).
+//!
+//! Log entries live in the `logs` column family under their index as a big-endian u64, so
+//! key order is log order, with postcard-encoded values. Appends are group-committed:
+//! `append` writes the batch without syncing and hands openraft's completion callback to
+//! one flusher thread, which fsyncs the WAL once for everything queued since its last
+//! sync and then completes the callbacks in order. The vote is synced before `save_vote`
+//! returns. Truncation and purging are atomic batches.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+
+use crate::store::{CF_LOGS, CF_META};
+use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
+
+const KEY_VOTE: &[u8] = b"vote";
+const KEY_COMMITTED: &[u8] = b"committed";
+const KEY_LAST_PURGED: &[u8] = b"last_purged";
+
+/// Group-commit figures, for metrics and benchmarks.
+#[derive(Debug, Default)]
+pub struct LogStats {
+    pub appends: AtomicU64,
+    pub wal_syncs: AtomicU64,
+    pub sync_nanos_total: AtomicU64,
+}
+
+/// The log store. Cloning is cheap; clones share the database and the flusher.
+#[derive(Clone)]
+pub struct LogStore {
+    db: Arc<DB>,
+    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    stats: Arc<LogStats>,
+}
+
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn index_key(index: u64) -> [u8; 8] {
+    index.to_be_bytes()
+}
+
+impl LogStore {
+    pub(crate) fn new(db: Arc<DB>) -> LogStore {
+        let (tx, rx) = mpsc::channel::<LogFlushed<TypeConfig>>();
+        let stats = Arc::new(LogStats::default());
+        // The flusher must not keep the database open: RocksDB has to be closed before the
+        // process exits, and a thread parked in `recv` would keep it alive forever.
+        let flusher_db = Arc::downgrade(&db);
+        let flusher_stats = stats.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || flush_loop(flusher_db, rx, flusher_stats))
+            .expect("spawning the log flusher thread");
+        LogStore {
+            db,
+            flusher: tx,
+            stats,
+        }
+    }
+
+    pub fn stats(&self) -> &LogStats {
+        &self.stats
+    }
+
+    pub(crate) fn db_handle(&self) -> Arc<DB> {
+        self.db.clone()
+    }
+
+    pub(crate) fn stats_handle(&self) -> Arc<LogStats> {
+        self.stats.clone()
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    fn get_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &[u8],
+    ) -> Result<Option<T>, StorageError> {
+        let raw = self
+            .db
+            .get_cf(self.cf(CF_META), key)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))?;
+        raw.map(|v| {
+            postcard::from_bytes(&v).map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Read, e))
+        })
+        .transpose()
+    }
+
+    fn last_log_id(&self) -> Result<Option<LogId>, StorageError> {
+        let mut it = self.db.iterator_cf(self.cf(CF_LOGS), IteratorMode::End);
+        match it.next() {
+            None => Ok(None),
+            Some(item) => {
+                let (_, value) =
+                    item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let entry: Entry = postcard::from_bytes(&value)
+                    .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                Ok(Some(entry.log_id))
+            }
+        }
+    }
+
+    fn write_synced(
+        &self,
+        batch: WriteBatch,
+        subject: ErrorSubject<u64>,
+    ) -> Result<(), StorageError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| io_err(subject, ErrorVerb::Write, e))
+    }
+}
+
+/// One WAL fsync for every append queued since the last one, then the callbacks in order.
+fn flush_loop(
+    db: std::sync::Weak<DB>,
+    rx: mpsc::Receiver<LogFlushed<TypeConfig>>,
+    stats: Arc<LogStats>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut pending = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            pending.push(more);
+        }
+        let Some(db) = db.upgrade() else {
+            for callback in pending {
+                callback.log_io_completed(Err(std::io::Error::other("the log store is closed")));
+            }
+            return;
+        };
+        #[allow(clippy::disallowed_types)] // measuring fsync latency on a plain thread
+        let started = std::time::Instant::now();
+        let result = db.flush_wal(true);
+        stats
+            .sync_nanos_total
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        for callback in pending {
+            let r = match &result {
+                Ok(()) => Ok(()),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            callback.log_io_completed(r);
+        }
+        drop(db);
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&n) => n,
+            Bound::Excluded(&n) => n + 1,
+            Bound::Unbounded => 0,
+        };
+        let mut out = Vec::new();
+        let it = self.db.iterator_cf(
+            self.cf(CF_LOGS),
+            IteratorMode::From(&index_key(start), Direction::Forward),
+        );
+        for item in it {
+            let (key, value) = item.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+            let index = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| {
+                StorageError::from(StorageIOError::read_logs(AnyError::error(
+                    "log key is not 8 bytes",
+                )))
+            })?);
+            if !range.contains(&index) {
+                break;
+            }
+            out.push(
+                postcard::from_bytes(&value)
+                    .map_err(|e| io_err(ErrorSubject::LogIndex(index), ErrorVerb::Read, e))?,
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self.get_meta(KEY_LAST_PURGED)?;
+        let last_log_id = self.last_log_id()?.or(last_purged_log_id);
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META),
+            KEY_VOTE,
+            postcard::to_stdvec(vote).expect("encode vote"),
+        );
+        self.write_synced(batch, ErrorSubject::Vote)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.get_meta(KEY_VOTE)
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: losing it only means re-applying committed entries after a restart.
+        self.db
+            .put_cf(
+                self.cf(CF_META),
+                KEY_COMMITTED,
+                postcard::to_stdvec(&committed).expect("encode log id"),
+            )
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, e))
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.get_meta::<Option<LogId>>(KEY_COMMITTED)?.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = WriteBatch::default();
+        let cf = self.cf(CF_LOGS);
+        for entry in entries {
+            let value = postcard::to_stdvec(&entry)
+                .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+            batch.put_cf(cf, index_key(entry.log_id.index), value);
+        }
+        self.db
+            .write(batch)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        self.stats.appends.fetch_add(1, Ordering::Relaxed);
+        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+            callback.log_io_completed(Err(std::io::Error::other("log flusher has stopped")));
+        }
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(self.cf(CF_LOGS), index_key(log_id.index), [0xff; 8]);
+        self.write_synced(batch, ErrorSubject::Logs)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            self.cf(CF_META),
+            KEY_LAST_PURGED,
+            postcard::to_stdvec(&log_id).expect("encode log id"),
+        );
+        batch.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+        self.write_synced(batch, ErrorSubject::Logs)
+    }
+}

@@ -1,0 +1,271 @@
+//! One node's replica: the openraft instance over this node's RocksDB, and the write path
+//! the agents use. This is the facade the rest of Tandem sees (DECISIONS §3).
+//!
+//! `propose` batches: proposals waiting at the same moment go into one log entry, and a
+//! few batches may be in flight at once, so one fsync and one round of replication serve
+//! many writers. Reads go to the local [`StateReader`] and never wait for the network.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{Config, Raft, RaftMetrics, RaftNetworkFactory, SnapshotPolicy};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::command::{Command, CommandResult, EncodedCommand};
+use crate::log_store::LogStats;
+use crate::state::StateReader;
+use crate::types::{NodeId, NodeInfo, Request, TypeConfig};
+use crate::Error;
+
+/// Raft timing and log-retention settings.
+#[derive(Clone, Debug)]
+pub struct RaftSettings {
+    pub heartbeat: Duration,
+    pub election_timeout_min: Duration,
+    pub election_timeout_max: Duration,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_every: u64,
+    /// Entries kept in the log after a snapshot, for followers that lag a little.
+    pub keep_after_snapshot: u64,
+    /// How long `propose` waits for its command to be applied.
+    pub propose_timeout: Duration,
+    /// Most commands in one log entry.
+    pub max_batch: usize,
+    /// Batches replicating at once.
+    pub max_in_flight: usize,
+}
+
+impl Default for RaftSettings {
+    fn default() -> Self {
+        RaftSettings {
+            heartbeat: Duration::from_millis(100),
+            election_timeout_min: Duration::from_millis(400),
+            election_timeout_max: Duration::from_millis(800),
+            snapshot_every: 10_000,
+            keep_after_snapshot: 1_000,
+            propose_timeout: Duration::from_secs(5),
+            max_batch: 512,
+            max_in_flight: 8,
+        }
+    }
+}
+
+impl RaftSettings {
+    /// The witness votes but serves no SIP; a longer election timeout keeps it from
+    /// becoming leader while a full node can (DECISIONS §5).
+    pub fn for_witness(mut self) -> Self {
+        self.election_timeout_min *= 3;
+        self.election_timeout_max *= 3;
+        self
+    }
+
+    fn openraft_config(&self) -> Result<Config, Error> {
+        let config = Config {
+            cluster_name: "tandem".into(),
+            heartbeat_interval: self.heartbeat.as_millis() as u64,
+            election_timeout_min: self.election_timeout_min.as_millis() as u64,
+            election_timeout_max: self.election_timeout_max.as_millis() as u64,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| Error::Raft(format!("invalid Raft settings: {e}")))
+    }
+}
+
+struct Proposal {
+    command: EncodedCommand,
+    reply: oneshot::Sender<Result<CommandResult, Error>>,
+}
+
+/// This node's replica of the cluster state.
+#[derive(Clone)]
+pub struct Replica {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    reader: StateReader,
+    proposals: mpsc::Sender<Proposal>,
+    log_stats: Arc<LogStats>,
+    propose_timeout: Duration,
+    db: Arc<rocksdb::DB>,
+}
+
+fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
+            leader: f.leader_id,
+        },
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            Error::Membership(c.to_string())
+        }
+        RaftError::Fatal(f) => Error::Raft(f.to_string()),
+    }
+}
+
+impl Replica {
+    /// Opens the store under `dir` and starts Raft. The node is not part of a cluster until
+    /// [`Replica::initialize`] runs on one node, or a leader adds it.
+    pub async fn start<N>(
+        id: NodeId,
+        dir: &Path,
+        settings: &RaftSettings,
+        network: N,
+    ) -> Result<Replica, Error>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
+        let (log_store, state_machine) = crate::open(dir)?;
+        let db = log_store.db_handle();
+        let reader = state_machine.reader();
+        let log_stats = log_store.stats_handle();
+        let config = Arc::new(settings.openraft_config()?);
+        let raft = Raft::new(id, config, network, log_store, state_machine)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))?;
+        let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+        tokio::spawn(batch_loop(
+            raft.clone(),
+            rx,
+            settings.max_batch,
+            settings.max_in_flight,
+        ));
+        Ok(Replica {
+            id,
+            raft,
+            reader,
+            proposals: tx,
+            log_stats,
+            propose_timeout: settings.propose_timeout,
+            db,
+        })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The openraft handle, for the RPC server side of the network.
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.raft
+    }
+
+    pub fn reader(&self) -> &StateReader {
+        &self.reader
+    }
+
+    pub fn log_stats(&self) -> &LogStats {
+        &self.log_stats
+    }
+
+    pub fn metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Makes this node a one-member cluster (`tandem cluster init`), or the given members.
+    pub async fn initialize(&self, members: BTreeMap<NodeId, NodeInfo>) -> Result<(), Error> {
+        self.raft
+            .initialize(members)
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
+    }
+
+    /// Adds a learner and waits until it has caught up.
+    pub async fn add_learner(&self, id: NodeId, node: NodeInfo) -> Result<(), Error> {
+        self.raft
+            .add_learner(id, node, true)
+            .await
+            .map(|_| ())
+            .map_err(map_write_error)
+    }
+
+    /// Sets the voters; nodes dropped from the set leave the cluster.
+    pub async fn change_voters(&self, voters: BTreeSet<NodeId>) -> Result<(), Error> {
+        self.raft
+            .change_membership(voters, false)
+            .await
+            .map(|_| ())
+            .map_err(map_write_error)
+    }
+
+    /// Replicates one command and returns its result once it is applied locally.
+    pub async fn propose(&self, command: Command) -> Result<CommandResult, Error> {
+        let (reply, rx) = oneshot::channel();
+        let proposal = Proposal {
+            command: command.encode(),
+            reply,
+        };
+        self.proposals
+            .send(proposal)
+            .await
+            .map_err(|_| Error::Raft("the replica has stopped".into()))?;
+        match tokio::time::timeout(self.propose_timeout, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Raft("the replica has stopped".into())),
+            Err(_) => Err(Error::Timeout(self.propose_timeout)),
+        }
+    }
+
+    /// Flushes memtables to SST files and syncs the WAL, so everything is in files.
+    pub fn flush_to_disk(&self) -> Result<(), Error> {
+        self.db.flush_wal(true).map_err(Error::db)?;
+        for cf in crate::store::ALL_CFS {
+            let handle = self
+                .db
+                .cf_handle(cf)
+                .expect("column family created at open");
+            self.db.flush_cf(handle).map_err(Error::db)?;
+        }
+        Ok(())
+    }
+
+    pub async fn shutdown(&self) {
+        let _ = self.raft.shutdown().await;
+    }
+}
+
+/// Gathers whatever proposals are waiting into one log entry, keeping up to
+/// `max_in_flight` entries replicating at once.
+async fn batch_loop(
+    raft: Raft<TypeConfig>,
+    mut rx: mpsc::Receiver<Proposal>,
+    max_batch: usize,
+    max_in_flight: usize,
+) {
+    let in_flight = Arc::new(Semaphore::new(max_in_flight));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let (commands, replies): (Vec<_>, Vec<_>) =
+                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+            match raft.client_write(Request { commands }).await {
+                Ok(response) => {
+                    for (reply, result) in replies.into_iter().zip(response.data.results) {
+                        let _ = reply.send(Ok(result));
+                    }
+                }
+                Err(e) => {
+                    let error = map_write_error(e);
+                    for reply in replies {
+                        let _ = reply.send(Err(error.clone()));
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+}

@@ -1,0 +1,403 @@
+//! The replicated state's layout in the `sm_data` column family, how commands change it,
+//! and the local read API the agents use. Reads never touch the network.
+//!
+//! Keys start with one byte naming the record type; composite keys separate their parts
+//! with a zero byte, which never occurs in SIP URIs or ids. Secondary indexes (bindings by
+//! edge node, leases by owner) are kept in the same atomic batch as the records.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::command::{
+    Account, Binding, Command, CommandResult, Customer, Dialplan, NodeRecord, Provider,
+    ProviderLease,
+};
+use crate::store::CF_SM_DATA;
+use crate::types::NodeId;
+use crate::Error;
+
+mod key {
+    use super::NodeId;
+
+    pub const NODE: u8 = b'n';
+    pub const FEATURE: u8 = b'f';
+    pub const CUSTOMER: u8 = b'c';
+    pub const ACCOUNT: u8 = b'a';
+    pub const BINDING: u8 = b'b';
+    pub const BINDING_BY_EDGE: u8 = b'e';
+    pub const PROVIDER: u8 = b'p';
+    pub const LEASE: u8 = b'l';
+    pub const LEASE_BY_OWNER: u8 = b'o';
+    pub const DIALPLAN: u8 = b'd';
+
+    pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
+        let mut k = vec![tag];
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(0);
+            }
+            k.extend_from_slice(p);
+        }
+        k
+    }
+
+    pub fn node(id: NodeId) -> Vec<u8> {
+        with(NODE, &[&id.to_be_bytes()])
+    }
+    pub fn account(domain: &str, user: &str) -> Vec<u8> {
+        with(ACCOUNT, &[domain.as_bytes(), user.as_bytes()])
+    }
+    pub fn binding(aor: &str, contact: &str) -> Vec<u8> {
+        with(BINDING, &[aor.as_bytes(), contact.as_bytes()])
+    }
+    /// All bindings of one AOR: the AOR followed by the separator.
+    pub fn bindings_of(aor: &str) -> Vec<u8> {
+        let mut k = with(BINDING, &[aor.as_bytes()]);
+        k.push(0);
+        k
+    }
+    pub fn binding_by_edge(edge: NodeId, aor: &str, contact: &str) -> Vec<u8> {
+        with(
+            BINDING_BY_EDGE,
+            &[&edge.to_be_bytes(), aor.as_bytes(), contact.as_bytes()],
+        )
+    }
+    pub fn lease(provider: &str) -> Vec<u8> {
+        with(LEASE, &[provider.as_bytes()])
+    }
+    pub fn lease_by_owner(owner: NodeId, provider: &str) -> Vec<u8> {
+        with(LEASE_BY_OWNER, &[&owner.to_be_bytes(), provider.as_bytes()])
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("in-memory serialisation does not fail")
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, Error> {
+    postcard::from_bytes(v)
+        .map_err(|e| Error::Corrupt(format!("record {:?}: {e}", String::from_utf8_lossy(key))))
+}
+
+/// Local reads of the replicated state.
+#[derive(Clone)]
+pub struct StateReader {
+    db: Arc<DB>,
+}
+
+impl StateReader {
+    pub(crate) fn new(db: Arc<DB>) -> StateReader {
+        StateReader { db }
+    }
+
+    fn cf(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(CF_SM_DATA)
+            .expect("column family created at open")
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, Error> {
+        match self.db.get_cf(self.cf(), key).map_err(Error::db)? {
+            Some(v) => decode(key, &v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, Error> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (k, v) = item.map_err(Error::db)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(decode(&k, &v)?);
+        }
+        Ok(out)
+    }
+
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        let mut out = Vec::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(prefix, Direction::Forward))
+        {
+            let (k, _) = item.map_err(Error::db)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(k.to_vec());
+        }
+        Ok(out)
+    }
+
+    pub fn node(&self, id: NodeId) -> Result<Option<NodeRecord>, Error> {
+        self.get(&key::node(id))
+    }
+
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, Error> {
+        self.scan(&[key::NODE])
+    }
+
+    pub fn feature_version(&self) -> Result<u32, Error> {
+        Ok(self.get(&[key::FEATURE])?.unwrap_or(0))
+    }
+
+    pub fn customer(&self, id: &str) -> Result<Option<Customer>, Error> {
+        self.get(&key::with(key::CUSTOMER, &[id.as_bytes()]))
+    }
+
+    pub fn account(&self, domain: &str, user: &str) -> Result<Option<Account>, Error> {
+        self.get(&key::account(domain, user))
+    }
+
+    pub fn bindings(&self, aor: &str) -> Result<Vec<Binding>, Error> {
+        self.scan(&key::bindings_of(aor))
+    }
+
+    /// Bindings registered through `edge`: the ones that node keeps alive and forwards to.
+    pub fn bindings_by_edge(&self, edge: NodeId) -> Result<Vec<Binding>, Error> {
+        let prefix = key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]);
+        let mut out = Vec::new();
+        for k in self.scan_keys(&prefix)? {
+            let rest = &k[prefix.len() + 1..];
+            let mut parts = rest.splitn(2, |&b| b == 0);
+            let (Some(aor), Some(contact)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            if let Some(b) = self.get(&key::with(key::BINDING, &[aor, contact]))? {
+                out.push(b);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn provider(&self, id: &str) -> Result<Option<Provider>, Error> {
+        self.get(&key::with(key::PROVIDER, &[id.as_bytes()]))
+    }
+
+    pub fn lease(&self, provider: &str) -> Result<Option<ProviderLease>, Error> {
+        self.get(&key::lease(provider))
+    }
+
+    pub fn leases_by_owner(&self, owner: NodeId) -> Result<Vec<ProviderLease>, Error> {
+        let prefix = key::with(key::LEASE_BY_OWNER, &[&owner.to_be_bytes()]);
+        let mut out = Vec::new();
+        for k in self.scan_keys(&prefix)? {
+            let provider = &k[prefix.len() + 1..];
+            if let Some(l) = self.get(&key::with(key::LEASE, &[provider]))? {
+                out.push(l);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn dialplan(&self, owner: &str) -> Result<Option<Dialplan>, Error> {
+        self.get(&key::with(key::DIALPLAN, &[owner.as_bytes()]))
+    }
+}
+
+/// The writes of one `apply` call: reads see earlier writes of the same call.
+pub(crate) struct Txn<'a> {
+    reader: &'a StateReader,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+}
+
+impl<'a> Txn<'a> {
+    pub(crate) fn new(reader: &'a StateReader) -> Txn<'a> {
+        Txn {
+            reader,
+            overlay: BTreeMap::new(),
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&self, key: &[u8]) -> Result<Option<T>, Error> {
+        match self.overlay.get(key) {
+            Some(Some(v)) => decode(key, v).map(Some),
+            Some(None) => Ok(None),
+            None => self.reader.get(key),
+        }
+    }
+
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.overlay.insert(key, Some(encode(value)));
+    }
+
+    fn delete(&mut self, key: Vec<u8>) {
+        self.overlay.insert(key, None);
+    }
+
+    /// Keys under `prefix`, as the database plus this transaction's writes see them.
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        let mut keys: std::collections::BTreeSet<Vec<u8>> =
+            self.reader.scan_keys(prefix)?.into_iter().collect();
+        for (k, v) in self.overlay.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    pub(crate) fn into_batch(self, cf: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
+        for (k, v) in self.overlay {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+    }
+
+    fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<bool, Error> {
+        let k = key::binding(aor, contact);
+        match self.get::<Binding>(&k)? {
+            Some(old) => {
+                self.delete(k);
+                self.delete(key::binding_by_edge(old.edge_node, aor, contact));
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn set_lease(&mut self, lease: &ProviderLease) -> Result<(), Error> {
+        if let Some(old) = self.get::<ProviderLease>(&key::lease(&lease.provider))? {
+            self.delete(key::lease_by_owner(old.owner, &old.provider));
+        }
+        self.put(key::lease_by_owner(lease.owner, &lease.provider), &());
+        self.put(key::lease(&lease.provider), lease);
+        Ok(())
+    }
+
+    /// Applies one command. Deterministic: the same state and command give the same writes.
+    pub(crate) fn apply(&mut self, command: Command) -> Result<CommandResult, Error> {
+        Ok(match command {
+            Command::Noop { .. } => CommandResult::Done,
+            Command::PutNode(n) => {
+                self.put(key::node(n.id), &n);
+                CommandResult::Done
+            }
+            Command::SetFeatureVersion { version } => {
+                let current: u32 = self.get(&[key::FEATURE])?.unwrap_or(0);
+                if version < current {
+                    CommandResult::Rejected(format!(
+                        "feature version {version} is below the current {current}"
+                    ))
+                } else {
+                    self.put(vec![key::FEATURE], &version);
+                    CommandResult::Done
+                }
+            }
+            Command::PutCustomer(c) => {
+                self.put(key::with(key::CUSTOMER, &[c.id.as_bytes()]), &c);
+                CommandResult::Done
+            }
+            Command::DeleteCustomer { id } => {
+                self.delete(key::with(key::CUSTOMER, &[id.as_bytes()]));
+                CommandResult::Done
+            }
+            Command::PutAccount(a) => {
+                self.put(key::account(&a.domain, &a.user), &a);
+                CommandResult::Done
+            }
+            Command::DeleteAccount { user, domain } => {
+                self.delete(key::account(&domain, &user));
+                CommandResult::Done
+            }
+            Command::PutBinding(b) => {
+                if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
+                    self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
+                }
+                self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
+                self.put(key::binding(&b.aor, &b.contact), &b);
+                CommandResult::Done
+            }
+            Command::RemoveBinding { aor, contact } => {
+                CommandResult::Removed(self.remove_binding(&aor, &contact)? as u64)
+            }
+            Command::RemoveAllBindings { aor } => {
+                let prefix = key::bindings_of(&aor);
+                let mut removed = 0;
+                for k in self.keys_with_prefix(&prefix)? {
+                    let contact = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+                    removed += self.remove_binding(&aor, &contact)? as u64;
+                }
+                CommandResult::Removed(removed)
+            }
+            Command::ExpireBindings { now_ms, limit } => {
+                let mut removed = 0u64;
+                for k in self.keys_with_prefix(&[key::BINDING])? {
+                    if removed >= u64::from(limit) {
+                        break;
+                    }
+                    if let Some(b) = self.get::<Binding>(&k)? {
+                        if b.expires_at_ms <= now_ms {
+                            removed += self.remove_binding(&b.aor, &b.contact)? as u64;
+                        }
+                    }
+                }
+                CommandResult::Removed(removed)
+            }
+            Command::PutProvider(p) => {
+                self.put(key::with(key::PROVIDER, &[p.id.as_bytes()]), &p);
+                CommandResult::Done
+            }
+            Command::DeleteProvider { id } => {
+                self.delete(key::with(key::PROVIDER, &[id.as_bytes()]));
+                if let Some(old) = self.get::<ProviderLease>(&key::lease(&id))? {
+                    self.delete(key::lease_by_owner(old.owner, &id));
+                    self.delete(key::lease(&id));
+                }
+                CommandResult::Done
+            }
+            Command::AcquireLease {
+                lease,
+                expected_epoch,
+            } => {
+                let current = self
+                    .get::<ProviderLease>(&key::lease(&lease.provider))?
+                    .map_or(0, |l| l.epoch);
+                if current != expected_epoch {
+                    CommandResult::Rejected(format!(
+                        "lease epoch is {current}, not {expected_epoch}"
+                    ))
+                } else if lease.epoch <= current {
+                    CommandResult::Rejected(format!(
+                        "new epoch {} must exceed {current}",
+                        lease.epoch
+                    ))
+                } else {
+                    self.set_lease(&lease)?;
+                    CommandResult::Done
+                }
+            }
+            Command::ReleaseLease { provider, epoch } => {
+                match self.get::<ProviderLease>(&key::lease(&provider))? {
+                    Some(l) if l.epoch == epoch => {
+                        self.delete(key::lease_by_owner(l.owner, &provider));
+                        self.delete(key::lease(&provider));
+                        CommandResult::Done
+                    }
+                    Some(l) => {
+                        CommandResult::Rejected(format!("lease epoch is {}, not {epoch}", l.epoch))
+                    }
+                    None => CommandResult::Rejected("no lease".into()),
+                }
+            }
+            Command::PutDialplan(d) => {
+                self.put(key::with(key::DIALPLAN, &[d.owner.as_bytes()]), &d);
+                CommandResult::Done
+            }
+        })
+    }
+}

@@ -1,0 +1,43 @@
+//! Opening the node's one RocksDB (DECISIONS §4): column families for Raft metadata (vote,
+//! committed, last purged), the log, and the state machine's data and metadata, plus the
+//! directory for snapshot files.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+
+use crate::log_store::LogStore;
+use crate::state_machine::StateMachine;
+use crate::Error;
+
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_LOGS: &str = "logs";
+pub(crate) const CF_SM_DATA: &str = "sm_data";
+pub(crate) const CF_SM_META: &str = "sm_meta";
+pub(crate) const ALL_CFS: [&str; 4] = [CF_META, CF_LOGS, CF_SM_DATA, CF_SM_META];
+
+/// Opens (creating if needed) the store under `dir`: `dir/db` for RocksDB and
+/// `dir/snapshots` for the newest snapshot.
+pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
+    let db_dir = dir.join("db");
+    let snapshot_dir = dir.join("snapshots");
+    std::fs::create_dir_all(&snapshot_dir)
+        .map_err(|e| Error::Io(format!("creating {}: {e}", snapshot_dir.display())))?;
+    let mut options = Options::default();
+    options.create_if_missing(true);
+    options.create_missing_column_families(true);
+    // Small state, few files: keep RocksDB's own log and file handles modest.
+    options.set_keep_log_file_num(4);
+    options.set_max_open_files(256);
+    let families = ALL_CFS
+        .into_iter()
+        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+    let db = DB::open_cf_descriptors(&options, &db_dir, families)
+        .map_err(|e| Error::Db(format!("opening {}: {e}", db_dir.display())))?;
+    let db = Arc::new(db);
+    Ok((
+        LogStore::new(db.clone()),
+        StateMachine::new(db, snapshot_dir),
+    ))
+}

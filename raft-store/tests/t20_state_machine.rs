@@ -1,0 +1,284 @@
+//! The state machine applied directly: commands change records and indexes together,
+//! conditional commands are refused when their condition fails, unknown commands stop
+//! the state machine, snapshots carry exactly the state, and the state survives reopening.
+
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::{CommittedLeaderId, EntryPayload, LogId};
+use tandem_raft_store::command::{
+    Binding, Command, CommandResult, EncodedCommand, ProviderLease, StoredFlow,
+};
+use tandem_raft_store::state_machine::StateMachine;
+use tandem_raft_store::types::{Entry, Request};
+
+fn entry(index: u64, commands: Vec<Command>) -> Entry {
+    Entry {
+        log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+        payload: EntryPayload::Normal(Request {
+            commands: commands.iter().map(Command::encode).collect(),
+        }),
+    }
+}
+
+fn binding(aor: &str, contact: &str, edge: u64, expires_at_ms: u64) -> Binding {
+    Binding {
+        aor: aor.into(),
+        contact: contact.into(),
+        expires_at_ms,
+        edge_node: edge,
+        flow: StoredFlow {
+            transport: "UDP".into(),
+            remote: "192.0.2.1:5060".into(),
+            local: "127.0.0.1:5060".into(),
+            connection: None,
+        },
+        path: vec![],
+        call_id: "c".into(),
+        cseq: 1,
+        q: 1000,
+        user_agent: "ua".into(),
+    }
+}
+
+fn lease(provider: &str, owner: u64, epoch: u64) -> ProviderLease {
+    ProviderLease {
+        provider: provider.into(),
+        owner,
+        epoch,
+        expires_at_ms: 1000,
+    }
+}
+
+async fn apply(sm: &mut StateMachine, index: u64, commands: Vec<Command>) -> Vec<CommandResult> {
+    let mut responses = sm.apply(vec![entry(index, commands)]).await.unwrap();
+    responses.remove(0).results
+}
+
+#[tokio::test]
+async fn bindings_and_their_edge_index_move_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let alice = "sip:alice@example.com";
+    apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutBinding(binding(alice, "<sip:a@192.0.2.1>", 1, 100)),
+            Command::PutBinding(binding(alice, "<sip:a@192.0.2.2>", 2, 200)),
+            Command::PutBinding(binding(
+                "sip:alice@example.com.evil",
+                "<sip:x@192.0.2.3>",
+                1,
+                300,
+            )),
+        ],
+    )
+    .await;
+    let reader = sm.reader();
+    assert_eq!(
+        reader.bindings(alice).unwrap().len(),
+        2,
+        "a longer AOR with the same prefix is not mixed in"
+    );
+    assert_eq!(reader.bindings_by_edge(1).unwrap().len(), 2);
+    assert_eq!(reader.bindings_by_edge(2).unwrap().len(), 1);
+
+    // Re-registering through another node moves the binding's index entry.
+    apply(
+        &mut sm,
+        2,
+        vec![Command::PutBinding(binding(
+            alice,
+            "<sip:a@192.0.2.1>",
+            2,
+            150,
+        ))],
+    )
+    .await;
+    assert_eq!(reader.bindings_by_edge(1).unwrap().len(), 1);
+    assert_eq!(reader.bindings_by_edge(2).unwrap().len(), 2);
+
+    // The sweep uses the "now" in the command, and removes index entries too.
+    let r = apply(
+        &mut sm,
+        3,
+        vec![Command::ExpireBindings {
+            now_ms: 150,
+            limit: 100,
+        }],
+    )
+    .await;
+    assert_eq!(r, vec![CommandResult::Removed(1)]);
+    let left = reader.bindings(alice).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].contact, "<sip:a@192.0.2.2>");
+    assert_eq!(reader.bindings_by_edge(2).unwrap().len(), 1);
+
+    let r = apply(
+        &mut sm,
+        4,
+        vec![Command::RemoveAllBindings { aor: alice.into() }],
+    )
+    .await;
+    assert_eq!(r, vec![CommandResult::Removed(1)]);
+    assert!(reader.bindings(alice).unwrap().is_empty());
+    assert!(reader.bindings_by_edge(2).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn writes_within_one_apply_see_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let aor = "sip:bob@example.com";
+    let r = apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutBinding(binding(aor, "<sip:b@1>", 3, 10)),
+            Command::PutBinding(binding(aor, "<sip:b@2>", 3, 10)),
+            Command::RemoveAllBindings { aor: aor.into() },
+        ],
+    )
+    .await;
+    assert_eq!(r[2], CommandResult::Removed(2));
+    assert!(sm.reader().bindings_by_edge(3).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn leases_are_compare_and_set_on_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let acquire = |l: ProviderLease, expected_epoch| Command::AcquireLease {
+        lease: l,
+        expected_epoch,
+    };
+    let r = apply(
+        &mut sm,
+        1,
+        vec![
+            acquire(lease("trunk", 1, 1), 0),
+            acquire(lease("trunk", 2, 2), 0),
+            acquire(lease("trunk", 2, 2), 1),
+        ],
+    )
+    .await;
+    assert_eq!(r[0], CommandResult::Done);
+    assert!(
+        matches!(r[1], CommandResult::Rejected(_)),
+        "stale expected epoch: {:?}",
+        r[1]
+    );
+    assert_eq!(r[2], CommandResult::Done);
+    let reader = sm.reader();
+    assert_eq!(reader.lease("trunk").unwrap().unwrap().owner, 2);
+    assert!(
+        reader.leases_by_owner(1).unwrap().is_empty(),
+        "the old owner's index entry is gone"
+    );
+    assert_eq!(reader.leases_by_owner(2).unwrap().len(), 1);
+    let r = apply(
+        &mut sm,
+        2,
+        vec![Command::ReleaseLease {
+            provider: "trunk".into(),
+            epoch: 1,
+        }],
+    )
+    .await;
+    assert!(matches!(r[0], CommandResult::Rejected(_)));
+    let r = apply(
+        &mut sm,
+        3,
+        vec![Command::ReleaseLease {
+            provider: "trunk".into(),
+            epoch: 2,
+        }],
+    )
+    .await;
+    assert_eq!(r[0], CommandResult::Done);
+    assert!(reader.leases_by_owner(2).unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_unknown_command_stops_apply_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let mut e = entry(1, vec![Command::SetFeatureVersion { version: 1 }]);
+    if let EntryPayload::Normal(r) = &mut e.payload {
+        r.commands.push(EncodedCommand {
+            kind: 4242,
+            version: 1,
+            body: vec![],
+        });
+    }
+    let err = sm.apply(vec![e]).await.unwrap_err().to_string();
+    assert!(err.contains("4242"), "{err}");
+    assert_eq!(
+        sm.reader().feature_version().unwrap(),
+        0,
+        "the batch was not written"
+    );
+    assert_eq!(sm.applied_state().await.unwrap().0, None);
+}
+
+#[tokio::test]
+async fn a_snapshot_carries_exactly_the_state() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let (_l1, mut src) = tandem_raft_store::open(src_dir.path()).unwrap();
+    apply(
+        &mut src,
+        1,
+        vec![
+            Command::PutBinding(binding("sip:a@x", "<sip:a@1>", 1, 10)),
+            Command::SetFeatureVersion { version: 3 },
+        ],
+    )
+    .await;
+    let snapshot = src.build_snapshot().await.unwrap();
+    assert_eq!(snapshot.meta.last_log_id.unwrap().index, 1);
+
+    let dst_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut dst) = tandem_raft_store::open(dst_dir.path()).unwrap();
+    apply(
+        &mut dst,
+        1,
+        vec![Command::PutBinding(binding(
+            "sip:stale@x",
+            "<sip:s@1>",
+            9,
+            10,
+        ))],
+    )
+    .await;
+    dst.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let reader = dst.reader();
+    assert_eq!(reader.feature_version().unwrap(), 3);
+    assert_eq!(reader.bindings("sip:a@x").unwrap().len(), 1);
+    assert!(
+        reader.bindings("sip:stale@x").unwrap().is_empty(),
+        "state not in the snapshot is gone"
+    );
+    assert!(reader.bindings_by_edge(9).unwrap().is_empty());
+    assert_eq!(dst.applied_state().await.unwrap().0.unwrap().index, 1);
+    let current = dst.get_current_snapshot().await.unwrap().unwrap();
+    assert_eq!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
+}
+
+#[tokio::test]
+async fn state_survives_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+        apply(&mut sm, 7, vec![Command::SetFeatureVersion { version: 5 }]).await;
+    }
+    // The flusher thread holds the database until it notices its channel closed.
+    let (_log, mut sm) = loop {
+        match tandem_raft_store::open(dir.path()) {
+            Ok(x) => break x,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(sm.reader().feature_version().unwrap(), 5);
+    assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 7);
+}

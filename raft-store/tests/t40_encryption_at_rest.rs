@@ -1,0 +1,170 @@
+//! Sensitive fields never reach the disk in the clear (DECISIONS §9): after accounts and
+//! providers with known secrets are replicated, snapshotted and flushed, no file under any
+//! replica's data directory (WAL, SSTs, snapshots) holds the password or the HA1. A marker
+//! stored in the clear (a customer's name) is found by the same scan, so the scan does see
+//! the state's files.
+
+use std::path::Path;
+use std::time::Duration;
+
+use tandem_raft_store::command::{Account, Command, CommandResult, Customer, Provider};
+use tandem_raft_store::crypto::KeyRing;
+use tandem_raft_store::local_network::LocalRouter;
+use tandem_raft_store::replica::{RaftSettings, Replica};
+use tandem_raft_store::types::NodeInfo;
+
+const PASSWORD: &[u8] = b"correct-horse-battery-staple";
+const HA1: &[u8] = b"5f4dcc3b5aa765d61d8327deb882cf99";
+const MARKER: &[u8] = b"PLAINTEXT-MARKER-4c1d9e";
+
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::read(&p)
+                .unwrap()
+                .windows(needle.len())
+                .any(|w| w == needle)
+            {
+                hits.push(p.display().to_string());
+            }
+        }
+    }
+    hits
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_secret_reaches_any_file() {
+    let keys = KeyRing::generate();
+    let router = LocalRouter::new();
+    let settings = RaftSettings {
+        snapshot_every: 20,
+        keep_after_snapshot: 2,
+        ..RaftSettings::default()
+    };
+    let mut dirs = Vec::new();
+    let mut replicas = Vec::new();
+    for id in 1..=3u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Replica::start(id, dir.path(), &settings, router.network(id))
+            .await
+            .unwrap();
+        router.register(id, r.raft().clone());
+        replicas.push(r);
+        dirs.push(dir);
+    }
+    let members = (1..=3u64)
+        .map(|id| {
+            (
+                id,
+                NodeInfo {
+                    raft_addr: format!("local-{id}"),
+                },
+            )
+        })
+        .collect();
+    replicas[0].initialize(members).await.unwrap();
+    let leader = loop {
+        if let Some(l) = replicas[0].metrics().current_leader {
+            break replicas[(l - 1) as usize].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+
+    let account = Account {
+        user: "alice".into(),
+        domain: "example.com".into(),
+        customer: "acme".into(),
+        ha1: vec![(
+            "MD5".into(),
+            keys.seal("account/alice@example.com", "ha1.MD5", HA1),
+        )],
+        enabled: true,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
+    };
+    let provider = Provider {
+        id: "trunk-1".into(),
+        customer: "acme".into(),
+        registrar: "sip:provider.example.net".into(),
+        username: "acme-trunk".into(),
+        password: keys.seal("provider/trunk-1", "password", PASSWORD),
+        expires_secs: 600,
+        enabled: true,
+    };
+    assert_eq!(
+        leader.propose(Command::PutAccount(account)).await.unwrap(),
+        CommandResult::Done
+    );
+    assert_eq!(
+        leader
+            .propose(Command::PutProvider(provider))
+            .await
+            .unwrap(),
+        CommandResult::Done
+    );
+    let marker = Customer {
+        id: "acme".into(),
+        name: String::from_utf8(MARKER.to_vec()).unwrap(),
+        enabled: true,
+    };
+    leader.propose(Command::PutCustomer(marker)).await.unwrap();
+    // Enough entries for a snapshot and a purge, so snapshots and SSTs exist too.
+    for v in 0..40 {
+        leader
+            .propose(Command::SetFeatureVersion { version: v })
+            .await
+            .unwrap();
+    }
+    let applied = leader.metrics().last_applied.unwrap().index;
+    for r in &replicas {
+        while r.metrics().last_applied.map_or(0, |l| l.index) < applied {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.raft().trigger().snapshot().await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for r in &replicas {
+        r.flush_to_disk().unwrap();
+    }
+
+    // The sealed values still open on every replica.
+    for r in &replicas {
+        let a = r.reader().account("example.com", "alice").unwrap().unwrap();
+        assert_eq!(
+            keys.open(&a.ha1[0].1, "account/alice@example.com", "ha1.MD5")
+                .unwrap(),
+            HA1
+        );
+        let p = r.reader().provider("trunk-1").unwrap().unwrap();
+        assert_eq!(
+            keys.open(&p.password, "provider/trunk-1", "password")
+                .unwrap(),
+            PASSWORD
+        );
+    }
+    for dir in &dirs {
+        assert!(
+            !files_containing(dir.path(), MARKER).is_empty(),
+            "the scan must see the marker in {:?}",
+            dir.path()
+        );
+        assert_eq!(
+            files_containing(dir.path(), PASSWORD),
+            Vec::<String>::new(),
+            "password in the clear"
+        );
+        assert_eq!(
+            files_containing(dir.path(), HA1),
+            Vec::<String>::new(),
+            "HA1 in the clear"
+        );
+    }
+    for r in &replicas {
+        r.shutdown().await;
+    }
+}
