@@ -23,6 +23,67 @@ pub enum Command {
         #[arg(value_name = "FILE")]
         file: PathBuf,
     },
+    /// Write a new master key file for field encryption (mode 0600; never overwrites).
+    Keygen {
+        /// The key file to create.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Create the cluster CA, or issue node certificates for the internal mutual-TLS listener.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Create a new cluster CA: DIR/ca.crt and DIR/ca.key (mode 0600). Never overwrites.
+    Ca {
+        /// The directory to write into; created if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Named in the CA's subject, to tell clusters' CAs apart.
+        #[arg(long, value_name = "NAME", default_value = "tandem")]
+        cluster: String,
+    },
+    /// Issue a node certificate from the CA in --ca: OUT/NODE.crt, OUT/NODE.key (mode 0600),
+    /// and OUT/ca.crt if missing. Never overwrites.
+    Node {
+        /// The directory holding ca.crt and ca.key.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node's name: its certificate's common name and its files' names.
+        #[arg(long, value_name = "NODE", value_parser = node_name)]
+        name: String,
+        /// An IP address or DNS name other nodes reach this node by; repeat for each.
+        #[arg(long = "san", value_name = "ADDR", required = true, value_parser = subject_alt_name)]
+        sans: Vec<String>,
+        /// The directory to write into; created if missing.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+}
+
+/// A node name becomes file names, so it must not be a path, hidden, or clash with the
+/// CA's own files.
+fn node_name(name: &str) -> Result<String, String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    if name.is_empty() || name.len() > 64 || !name.chars().all(allowed) || name.starts_with('.') {
+        return Err(
+            "use 1 to 64 letters, digits, '-', '_' or '.', not starting with '.'".to_owned(),
+        );
+    }
+    if name == "ca" {
+        return Err("`ca` is reserved for the CA's own files".to_owned());
+    }
+    Ok(name.to_owned())
+}
+
+/// The same check a TLS client makes on the name it connects to, so a typo is a usage
+/// error rather than a certificate no peer can match.
+fn subject_alt_name(san: &str) -> Result<String, String> {
+    rustls::pki_types::ServerName::try_from(san)
+        .map(|_| san.to_owned())
+        .map_err(|_| "not an IP address or a DNS name".to_owned())
 }

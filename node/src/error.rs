@@ -3,6 +3,7 @@
 //! not here.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -28,4 +29,10 @@ pub enum Error {
     },
     #[error(transparent)]
     Sip(#[from] tandem_sip::Error),
+    /// From the replicated store, its key file or its certificates.
+    #[error(transparent)]
+    Store(#[from] tandem_raft_store::Error),
+    /// An offline provisioning command (`keygen`, `cert`) cannot do what it was asked.
+    #[error("{}: {problem}", path.display())]
+    Provision { path: PathBuf, problem: String },
 }

@@ -1,12 +1,14 @@
 //! A Tandem node: SIP transports, the transaction layer and the core that the SIP agents
 //! plug into, plus configuration and lifecycle. The `tandem` binary is a thin shell over
-//! [`server::run_until_signal`]. See ARCHITECTURE.md for the map.
+//! [`server::run_until_signal`] and the offline commands in [`provision`]. See
+//! ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod config;
 pub mod core;
 mod error;
+pub mod provision;
 pub mod responses;
 pub mod server;
 pub mod stats;

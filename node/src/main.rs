@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tandem_node::cli::{Cli, Command};
-use tandem_node::{load_config, server, telemetry, EXIT_CONFIG};
+use tandem_node::{load_config, provision, server, telemetry, EXIT_CONFIG};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -14,6 +14,8 @@ fn main() -> ExitCode {
             println!("tandem {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
+        Command::Keygen { out } => return report(provision::keygen(&out)),
+        Command::Cert(command) => return report(provision::cert(&command)),
         Command::CheckConfig { file } => (Some(file), false),
         Command::Run { config } => (config, true),
     };
@@ -48,6 +50,20 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "tandem stopped with an error");
+            eprintln!("tandem: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints a provisioning command's report, or its error on one line.
+fn report(result: Result<String, tandem_node::Error>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
             eprintln!("tandem: {e}");
             ExitCode::FAILURE
         }

@@ -10,14 +10,17 @@
 // that feed them return it too.
 #![allow(clippy::result_large_err)]
 
+pub mod certs;
 pub mod command;
 pub mod crypto;
+pub mod http_network;
 pub mod local_network;
 pub mod log_store;
 pub mod replica;
 pub mod state;
 pub mod state_machine;
 mod store;
+pub mod tls;
 pub mod types;
 
 pub use store::open;
@@ -50,6 +53,8 @@ pub enum Error {
     Io(String),
     #[error("RocksDB: {0}")]
     Db(String),
+    #[error("TLS: {0}")]
+    Tls(String),
 }
 
 impl Error {

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use crate::command::{Command, CommandResult, EncodedCommand};
 use crate::log_store::LogStats;
 use crate::state::StateReader;
-use crate::types::{NodeId, NodeInfo, Request, TypeConfig};
+use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
 
 /// Raft timing and log-retention settings.
@@ -78,6 +78,30 @@ impl RaftSettings {
     }
 }
 
+/// Carries a follower's proposals to the leader (the Raft network's `/raft/propose`).
+pub trait Forwarder: Send + Sync + 'static {
+    fn forward<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a Request,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + 'a>>;
+}
+
+impl Forwarder for crate::http_network::HttpNetwork {
+    fn forward<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a Request,
+        timeout: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + 'a>>
+    {
+        Box::pin(crate::http_network::HttpNetwork::forward(
+            self, leader, request, timeout,
+        ))
+    }
+}
+
 struct Proposal {
     command: EncodedCommand,
     reply: oneshot::Sender<Result<CommandResult, Error>>,
@@ -119,6 +143,21 @@ impl Replica {
     where
         N: RaftNetworkFactory<TypeConfig>,
     {
+        Self::start_with_forwarding(id, dir, settings, network, None).await
+    }
+
+    /// Like [`Replica::start`]; proposals made on a follower go to the leader through
+    /// `forwarder` instead of failing with [`Error::NotLeader`].
+    pub async fn start_with_forwarding<N>(
+        id: NodeId,
+        dir: &Path,
+        settings: &RaftSettings,
+        network: N,
+        forwarder: Option<Arc<dyn Forwarder>>,
+    ) -> Result<Replica, Error>
+    where
+        N: RaftNetworkFactory<TypeConfig>,
+    {
         let (log_store, state_machine) = crate::open(dir)?;
         let db = log_store.db_handle();
         let reader = state_machine.reader();
@@ -128,12 +167,14 @@ impl Replica {
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::channel(settings.max_batch * 4);
-        tokio::spawn(batch_loop(
-            raft.clone(),
-            rx,
-            settings.max_batch,
-            settings.max_in_flight,
-        ));
+        let batcher = Batcher {
+            id,
+            raft: raft.clone(),
+            forwarder,
+            max_batch: settings.max_batch,
+            timeout: settings.propose_timeout,
+        };
+        tokio::spawn(batcher.run(rx, settings.max_in_flight));
         Ok(Replica {
             id,
             raft,
@@ -229,43 +270,70 @@ impl Replica {
 }
 
 /// Gathers whatever proposals are waiting into one log entry, keeping up to
-/// `max_in_flight` entries replicating at once.
-async fn batch_loop(
+/// `max_in_flight` entries replicating at once. On a follower that knows the leader, the
+/// batch goes to the leader instead.
+struct Batcher {
+    id: NodeId,
     raft: Raft<TypeConfig>,
-    mut rx: mpsc::Receiver<Proposal>,
+    forwarder: Option<Arc<dyn Forwarder>>,
     max_batch: usize,
-    max_in_flight: usize,
-) {
-    let in_flight = Arc::new(Semaphore::new(max_in_flight));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = in_flight.clone().acquire_owned().await else {
-            break;
-        };
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+    timeout: Duration,
+}
+
+impl Batcher {
+    async fn run(self, mut rx: mpsc::Receiver<Proposal>, max_in_flight: usize) {
+        let this = Arc::new(self);
+        let in_flight = Arc::new(Semaphore::new(max_in_flight));
+        while let Some(first) = rx.recv().await {
+            let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                break;
+            };
+            let mut batch = vec![first];
+            while batch.len() < this.max_batch {
+                match rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let this = this.clone();
+            tokio::spawn(async move {
+                let (commands, replies): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+                let outcome = this.write(Request { commands }).await;
+                match outcome {
+                    Ok(response) => {
+                        for (reply, result) in replies.into_iter().zip(response.results) {
+                            let _ = reply.send(Ok(result));
+                        }
+                    }
+                    Err(error) => {
+                        for reply in replies {
+                            let _ = reply.send(Err(error.clone()));
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    async fn write(&self, request: Request) -> Result<Response, Error> {
+        if let Some(forwarder) = &self.forwarder {
+            let leader = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                m.current_leader
+                    .filter(|&l| l != self.id)
+                    .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+            };
+            if let Some(leader) = leader {
+                return forwarder.forward(&leader, &request, self.timeout).await;
             }
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            let (commands, replies): (Vec<_>, Vec<_>) =
-                batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-            match raft.client_write(Request { commands }).await {
-                Ok(response) => {
-                    for (reply, result) in replies.into_iter().zip(response.data.results) {
-                        let _ = reply.send(Ok(result));
-                    }
-                }
-                Err(e) => {
-                    let error = map_write_error(e);
-                    for reply in replies {
-                        let _ = reply.send(Err(error.clone()));
-                    }
-                }
-            }
-            drop(permit);
-        });
+        self.raft
+            .client_write(request)
+            .await
+            .map(|r| r.data)
+            .map_err(map_write_error)
     }
 }

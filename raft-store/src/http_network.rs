@@ -1,0 +1,288 @@
+//! The Raft network between nodes (DECISIONS §12): HTTPS with mutual TLS on the internal
+//! listener. A warp server answers the RPCs; an HTTP client with a connection pool calls
+//! them, with openraft's per-RPC timeouts. Bodies are postcard: the request type on the
+//! way in, `Result<response, RaftError>` on the way out, so a remote Raft error arrives as
+//! the same typed error openraft would have returned locally.
+//!
+//! Routes: `POST /raft/append`, `/raft/vote`, `/raft/snapshot` (one chunk of a snapshot)
+//! and `/raft/propose` (a follower forwarding a batch of commands to the leader).
+
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use openraft::Raft;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use warp::Filter;
+
+use crate::tls::ClusterTls;
+use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
+use crate::Error;
+
+/// Largest RPC body accepted: a snapshot chunk or a large append.
+const MAX_BODY: u64 = 64 * 1024 * 1024;
+/// A peer that does not finish its TLS handshake in this time is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The client side: a factory of per-peer clients sharing one connection pool.
+#[derive(Clone)]
+pub struct HttpNetwork {
+    client: reqwest::Client,
+}
+
+impl HttpNetwork {
+    pub fn new(tls: &ClusterTls) -> Result<HttpNetwork, Error> {
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls.client.clone())
+            .connect_timeout(CONNECT_TIMEOUT)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| Error::Tls(format!("building the Raft HTTP client: {e}")))?;
+        Ok(HttpNetwork { client })
+    }
+
+    /// Sends a batch of commands to the leader at `leader` and returns its response.
+    pub async fn forward(
+        &self,
+        leader: &NodeInfo,
+        request: &Request,
+        timeout: Duration,
+    ) -> Result<Response, Error> {
+        let url = format!("https://{}/raft/propose", leader.raft_addr);
+        let body = postcard::to_stdvec(request).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let reply = self
+            .client
+            .post(url)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                Error::Raft(format!(
+                    "forwarding to the leader at {}: {e}",
+                    leader.raft_addr
+                ))
+            })?;
+        let bytes = reply
+            .bytes()
+            .await
+            .map_err(|e| Error::Raft(format!("reading the leader's answer: {e}")))?;
+        let result: Result<Response, String> = postcard::from_bytes(&bytes)
+            .map_err(|e| Error::Corrupt(format!("leader's answer: {e}")))?;
+        result.map_err(Error::Raft)
+    }
+}
+
+/// The client for one peer.
+pub struct HttpPeer {
+    target: NodeId,
+    base: String,
+    client: reqwest::Client,
+}
+
+impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
+    type Network = HttpPeer;
+
+    async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> HttpPeer {
+        HttpPeer {
+            target,
+            base: format!("https://{}", node.raft_addr),
+            client: self.client.clone(),
+        }
+    }
+}
+
+impl HttpPeer {
+    async fn call<Req, T, E>(
+        &self,
+        path: &str,
+        request: &Req,
+        option: &RPCOption,
+    ) -> Result<T, RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        T: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let body =
+            postcard::to_stdvec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .timeout(option.hard_ttl())
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.is_connect() {
+                    RPCError::Unreachable(Unreachable::new(&e))
+                } else {
+                    RPCError::Network(NetworkError::new(&e))
+                }
+            })?;
+        if !reply.status().is_success() {
+            let e = std::io::Error::other(format!("{path} answered {}", reply.status()));
+            return Err(RPCError::Network(NetworkError::new(&e)));
+        }
+        let bytes = reply
+            .bytes()
+            .await
+            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let result: Result<T, RaftError<NodeId, E>> =
+            postcard::from_bytes(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for HttpPeer {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.call("/raft/append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("/raft/snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        self.call("/raft/vote", &rpc, &option).await
+    }
+}
+
+fn reply<T: Serialize>(value: &T) -> warp::http::Response<Vec<u8>> {
+    let body = postcard::to_stdvec(value).expect("in-memory serialisation does not fail");
+    warp::http::Response::builder()
+        .header("content-type", "application/octet-stream")
+        .body(body)
+        .expect("static response parts")
+}
+
+fn bad_request(e: impl std::fmt::Display) -> warp::http::Response<Vec<u8>> {
+    warp::http::Response::builder()
+        .status(400)
+        .body(format!("undecodable RPC body: {e}").into_bytes())
+        .expect("static response parts")
+}
+
+/// Serves the Raft RPCs on `listener` with mutual TLS until `stop` completes. Peers whose
+/// certificate the cluster CA did not sign fail the handshake and are logged.
+pub async fn serve(
+    listener: TcpListener,
+    tls: &ClusterTls,
+    raft: Raft<TypeConfig>,
+    stop: impl Future<Output = ()> + Send + 'static,
+) {
+    let with_raft = warp::any().map(move || raft.clone());
+    let body = warp::post()
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes());
+
+    let append = warp::path!("raft" / "append")
+        .and(body)
+        .and(with_raft.clone())
+        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
+            match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&b) {
+                Ok(rpc) => reply(&raft.append_entries(rpc).await),
+                Err(e) => bad_request(e),
+            }
+        });
+    let vote = warp::path!("raft" / "vote")
+        .and(body)
+        .and(with_raft.clone())
+        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
+            match postcard::from_bytes::<VoteRequest<NodeId>>(&b) {
+                Ok(rpc) => reply(&raft.vote(rpc).await),
+                Err(e) => bad_request(e),
+            }
+        });
+    let snapshot = warp::path!("raft" / "snapshot")
+        .and(body)
+        .and(with_raft.clone())
+        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
+            match postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(&b) {
+                Ok(rpc) => reply(&raft.install_snapshot(rpc).await),
+                Err(e) => bad_request(e),
+            }
+        });
+    let propose = warp::path!("raft" / "propose")
+        .and(body)
+        .and(with_raft)
+        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
+            match postcard::from_bytes::<Request>(&b) {
+                Ok(request) => {
+                    let result: Result<Response, String> = raft
+                        .client_write(request)
+                        .await
+                        .map(|r| r.data)
+                        .map_err(|e| e.to_string());
+                    reply(&result)
+                }
+                Err(e) => bad_request(e),
+            }
+        });
+    let routes = append.or(vote).or(snapshot).or(propose);
+
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Raft listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(stream).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "refused a Raft peer: TLS handshake failed")
+                    }
+                    Err(_) => tracing::warn!(%peer, "refused a Raft peer: TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, std::io::Error>,
+    );
+    warp::serve(routes)
+        .serve_incoming_with_graceful_shutdown(incoming, stop)
+        .await;
+    accept_loop.abort();
+}

@@ -1,0 +1,76 @@
+//! Mutual TLS for the internal listener (DECISIONS §12): every node presents a certificate
+//! from the cluster's private CA, and accepts a peer only if the peer's certificate comes
+//! from that same CA. Server and client configurations are built once from PEM files.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+
+use crate::Error;
+
+/// The TLS configurations of one node on the internal listener.
+#[derive(Clone)]
+pub struct ClusterTls {
+    pub(crate) server: Arc<ServerConfig>,
+    pub(crate) client: ClientConfig,
+}
+
+fn certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let certs = rustls_pemfile::certs(&mut &pem[..])
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| Error::Tls(format!("{what}: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::Tls(format!("{what}: no PEM certificate found")));
+    }
+    Ok(certs)
+}
+
+fn key(pem: &[u8], what: &str) -> Result<PrivateKeyDer<'static>, Error> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| Error::Tls(format!("{what}: {e}")))?
+        .ok_or_else(|| Error::Tls(format!("{what}: no PEM private key found")))
+}
+
+impl ClusterTls {
+    /// Reads the cluster CA certificate and this node's certificate and key.
+    pub fn load(ca_cert: &Path, cert: &Path, key: &Path) -> Result<ClusterTls, Error> {
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|e| Error::Io(format!("reading {}: {e}", p.display())))
+        };
+        Self::from_pem(&read(ca_cert)?, &read(cert)?, &read(key)?)
+    }
+
+    pub fn from_pem(ca_pem: &[u8], cert_pem: &[u8], key_pem: &[u8]) -> Result<ClusterTls, Error> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore::empty();
+        for ca in certs(ca_pem, "cluster CA certificate")? {
+            roots
+                .add(ca)
+                .map_err(|e| Error::Tls(format!("cluster CA certificate: {e}")))?;
+        }
+        let roots = Arc::new(roots);
+        let chain = certs(cert_pem, "node certificate")?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key(key_pem, "node key")?)
+            .map_err(|e| Error::Tls(format!("node certificate and key: {e}")))?;
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Tls(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key(key_pem, "node key")?)
+            .map_err(|e| Error::Tls(format!("node certificate and key: {e}")))?;
+        Ok(ClusterTls {
+            server: Arc::new(server),
+            client,
+        })
+    }
+}
