@@ -8,9 +8,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_raft_store::command::Command;
-use tandem_raft_store::local_network::LocalRouter;
+use tandem_raft_store::local_network::LocalCluster;
 use tandem_raft_store::replica::{RaftSettings, Replica};
-use tandem_raft_store::types::NodeInfo;
 
 const PAYLOAD: usize = 300;
 const RUN_FOR: Duration = Duration::from_secs(5);
@@ -66,43 +65,22 @@ async fn run(leader: &Replica, proposers: usize) {
 
 #[tokio::main]
 async fn main() {
-    let router = LocalRouter::new();
+    // Under the build cache's disk, not tmpfs, so fsync is real.
+    let base = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dirs: Vec<tempfile::TempDir> = (0..3)
+        .map(|_| tempfile::tempdir_in(&base).unwrap())
+        .collect();
+    let paths: Vec<&std::path::Path> = dirs.iter().map(|d| d.path()).collect();
     let settings = RaftSettings {
         snapshot_every: 1_000_000,
         ..RaftSettings::default()
     };
-    let mut dirs = Vec::new();
-    let mut replicas = Vec::new();
-    for id in 1..=3u64 {
-        // Under the build cache's disk, not tmpfs, so fsync is real.
-        let base = std::env::var_os("CARGO_TARGET_DIR")
-            .map(std::path::PathBuf::from)
-            .unwrap_or_else(std::env::temp_dir);
-        let dir = tempfile::tempdir_in(base).unwrap();
-        let r = Replica::start(id, dir.path(), &settings, router.network(id))
-            .await
-            .unwrap();
-        router.register(id, r.raft().clone());
-        replicas.push(r);
-        dirs.push(dir);
-    }
-    let members = (1..=3u64)
-        .map(|id| {
-            (
-                id,
-                NodeInfo {
-                    raft_addr: format!("local-{id}"),
-                },
-            )
-        })
-        .collect();
-    replicas[0].initialize(members).await.unwrap();
-    let leader = loop {
-        if let Some(l) = replicas[0].metrics().current_leader {
-            break replicas[(l - 1) as usize].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let cluster = LocalCluster::start(&paths, &settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let leader = cluster.leader().unwrap().clone();
     println!("in-process 3-replica cluster, {PAYLOAD}-byte commands, {RUN_FOR:?} per run");
     for proposers in [1, 16, 256] {
         let syncs_before = leader
@@ -117,7 +95,5 @@ async fn main() {
             - syncs_before;
         println!("      leader WAL fsyncs in that run: {syncs}");
     }
-    for r in &replicas {
-        r.shutdown().await;
-    }
+    cluster.shutdown().await;
 }

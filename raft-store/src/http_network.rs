@@ -191,6 +191,35 @@ fn bad_request(e: impl std::fmt::Display) -> warp::http::Response<Vec<u8>> {
         .expect("static response parts")
 }
 
+/// `POST /raft/<name>`: decodes the body as `Req`, calls `handle`, encodes its result.
+fn rpc_route<Req, Fut, Out>(
+    name: &'static str,
+    raft: Raft<TypeConfig>,
+    handle: impl Fn(Raft<TypeConfig>, Req) -> Fut + Clone + Send + Sync + 'static,
+) -> impl Filter<Extract = (warp::http::Response<Vec<u8>>,), Error = warp::Rejection> + Clone
+where
+    Req: DeserializeOwned + Send + 'static,
+    Fut: Future<Output = Out> + Send,
+    Out: Serialize,
+{
+    warp::post()
+        .and(warp::path("raft"))
+        .and(warp::path(name))
+        .and(warp::path::end())
+        .and(warp::body::content_length_limit(MAX_BODY))
+        .and(warp::body::bytes())
+        .then(move |body: Bytes| {
+            let raft = raft.clone();
+            let handle = handle.clone();
+            async move {
+                match postcard::from_bytes::<Req>(&body) {
+                    Ok(request) => reply(&handle(raft, request).await),
+                    Err(e) => bad_request(e),
+                }
+            }
+        })
+}
+
 /// Serves the Raft RPCs on `listener` with mutual TLS until `stop` completes. Peers whose
 /// certificate the cluster CA did not sign fail the handshake and are logged.
 pub async fn serve(
@@ -199,54 +228,27 @@ pub async fn serve(
     raft: Raft<TypeConfig>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    let with_raft = warp::any().map(move || raft.clone());
-    let body = warp::post()
-        .and(warp::body::content_length_limit(MAX_BODY))
-        .and(warp::body::bytes());
-
-    let append = warp::path!("raft" / "append")
-        .and(body)
-        .and(with_raft.clone())
-        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
-            match postcard::from_bytes::<AppendEntriesRequest<TypeConfig>>(&b) {
-                Ok(rpc) => reply(&raft.append_entries(rpc).await),
-                Err(e) => bad_request(e),
-            }
-        });
-    let vote = warp::path!("raft" / "vote")
-        .and(body)
-        .and(with_raft.clone())
-        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
-            match postcard::from_bytes::<VoteRequest<NodeId>>(&b) {
-                Ok(rpc) => reply(&raft.vote(rpc).await),
-                Err(e) => bad_request(e),
-            }
-        });
-    let snapshot = warp::path!("raft" / "snapshot")
-        .and(body)
-        .and(with_raft.clone())
-        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
-            match postcard::from_bytes::<InstallSnapshotRequest<TypeConfig>>(&b) {
-                Ok(rpc) => reply(&raft.install_snapshot(rpc).await),
-                Err(e) => bad_request(e),
-            }
-        });
-    let propose = warp::path!("raft" / "propose")
-        .and(body)
-        .and(with_raft)
-        .then(|b: Bytes, raft: Raft<TypeConfig>| async move {
-            match postcard::from_bytes::<Request>(&b) {
-                Ok(request) => {
-                    let result: Result<Response, String> = raft
-                        .client_write(request)
-                        .await
-                        .map(|r| r.data)
-                        .map_err(|e| e.to_string());
-                    reply(&result)
-                }
-                Err(e) => bad_request(e),
-            }
-        });
+    let append = rpc_route(
+        "append",
+        raft.clone(),
+        |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await },
+    );
+    let vote = rpc_route(
+        "vote",
+        raft.clone(),
+        |raft, rpc: VoteRequest<NodeId>| async move { raft.vote(rpc).await },
+    );
+    let snapshot = rpc_route(
+        "snapshot",
+        raft.clone(),
+        |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move { raft.install_snapshot(rpc).await },
+    );
+    let propose = rpc_route("propose", raft, |raft, request: Request| async move {
+        raft.client_write(request)
+            .await
+            .map(|r| r.data)
+            .map_err(|e| e.to_string())
+    });
     let routes = append.or(vote).or(snapshot).or(propose);
 
     let (tx, rx) = mpsc::channel(64);

@@ -203,3 +203,60 @@ impl RaftNetwork<TypeConfig> for LocalClient {
             .map_err(|e| RPCError::RemoteError(RemoteError::new(self.to, e)))
     }
 }
+
+/// Replicas with ids `1..=n` in one process, one per directory, joined into one cluster.
+pub struct LocalCluster {
+    pub router: Arc<LocalRouter>,
+    pub replicas: Vec<crate::replica::Replica>,
+}
+
+impl LocalCluster {
+    /// Starts one replica per directory, makes them all voters and waits up to `timeout`
+    /// for a leader.
+    pub async fn start(
+        dirs: &[&std::path::Path],
+        settings: &crate::replica::RaftSettings,
+        timeout: Duration,
+    ) -> Result<LocalCluster, crate::Error> {
+        let router = LocalRouter::new();
+        let mut replicas = Vec::new();
+        for (i, dir) in dirs.iter().enumerate() {
+            let id = i as NodeId + 1;
+            let r = crate::replica::Replica::start(id, dir, settings, router.network(id)).await?;
+            router.register(id, r.raft().clone());
+            replicas.push(r);
+        }
+        let members = (1..=dirs.len() as NodeId)
+            .map(|id| {
+                (
+                    id,
+                    NodeInfo {
+                        raft_addr: format!("local-{id}"),
+                    },
+                )
+            })
+            .collect();
+        replicas[0].initialize(members).await?;
+        let cluster = LocalCluster { router, replicas };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while cluster.leader().is_none() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(crate::Error::Raft(format!("no leader within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(cluster)
+    }
+
+    /// The replica the first replica believes is leader.
+    pub fn leader(&self) -> Option<&crate::replica::Replica> {
+        let id = self.replicas[0].metrics().current_leader?;
+        self.replicas.iter().find(|r| r.id() == id)
+    }
+
+    pub async fn shutdown(&self) {
+        for r in &self.replicas {
+            r.shutdown().await;
+        }
+    }
+}

@@ -328,6 +328,10 @@ async fn members_join_as_learners_then_voters_and_leave() {
         .voter_ids()
         .collect();
     assert_eq!(voters, [1, 2, 3].into_iter().collect());
+    // The leader counts the learner caught up once it holds the entries; applying them
+    // on node 3 may take a moment longer.
+    let applied = c.replicas[&1].metrics().last_applied.unwrap().index;
+    c.wait_applied(&[3], applied, Duration::from_secs(5)).await;
     assert_eq!(
         c.replicas[&3].reader().feature_version().unwrap(),
         10,

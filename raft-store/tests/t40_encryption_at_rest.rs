@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use tandem_raft_store::command::{Account, Command, CommandResult, Customer, Provider};
 use tandem_raft_store::crypto::KeyRing;
-use tandem_raft_store::local_network::LocalRouter;
-use tandem_raft_store::replica::{RaftSettings, Replica};
-use tandem_raft_store::types::NodeInfo;
+use tandem_raft_store::local_network::LocalCluster;
+use tandem_raft_store::replica::RaftSettings;
 
 const PASSWORD: &[u8] = b"correct-horse-battery-staple";
 const HA1: &[u8] = b"5f4dcc3b5aa765d61d8327deb882cf99";
@@ -40,40 +39,18 @@ fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_plaintext_secret_reaches_any_file() {
     let keys = KeyRing::generate();
-    let router = LocalRouter::new();
     let settings = RaftSettings {
         snapshot_every: 20,
         keep_after_snapshot: 2,
         ..RaftSettings::default()
     };
-    let mut dirs = Vec::new();
-    let mut replicas = Vec::new();
-    for id in 1..=3u64 {
-        let dir = tempfile::tempdir().unwrap();
-        let r = Replica::start(id, dir.path(), &settings, router.network(id))
-            .await
-            .unwrap();
-        router.register(id, r.raft().clone());
-        replicas.push(r);
-        dirs.push(dir);
-    }
-    let members = (1..=3u64)
-        .map(|id| {
-            (
-                id,
-                NodeInfo {
-                    raft_addr: format!("local-{id}"),
-                },
-            )
-        })
-        .collect();
-    replicas[0].initialize(members).await.unwrap();
-    let leader = loop {
-        if let Some(l) = replicas[0].metrics().current_leader {
-            break replicas[(l - 1) as usize].clone();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let cluster = LocalCluster::start(&paths, &settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let replicas = &cluster.replicas;
+    let leader = cluster.leader().unwrap().clone();
 
     let account = Account {
         user: "alice".into(),
@@ -121,19 +98,19 @@ async fn no_plaintext_secret_reaches_any_file() {
             .unwrap();
     }
     let applied = leader.metrics().last_applied.unwrap().index;
-    for r in &replicas {
+    for r in replicas {
         while r.metrics().last_applied.map_or(0, |l| l.index) < applied {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         r.raft().trigger().snapshot().await.unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    for r in &replicas {
+    for r in replicas {
         r.flush_to_disk().unwrap();
     }
 
     // The sealed values still open on every replica.
-    for r in &replicas {
+    for r in replicas {
         let a = r.reader().account("example.com", "alice").unwrap().unwrap();
         assert_eq!(
             keys.open(&a.ha1[0].1, "account/alice@example.com", "ha1.MD5")
@@ -164,7 +141,5 @@ async fn no_plaintext_secret_reaches_any_file() {
             "HA1 in the clear"
         );
     }
-    for r in &replicas {
-        r.shutdown().await;
-    }
+    cluster.shutdown().await;
 }
