@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::{Config, Raft, RaftMetrics, RaftNetworkFactory, SnapshotPolicy};
+use openraft::{Config, Raft, RaftMetrics, RaftNetworkFactory, ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::command::{Command, CommandResult, EncodedCommand};
@@ -99,6 +99,54 @@ impl Forwarder for crate::http_network::HttpNetwork {
         Box::pin(crate::http_network::HttpNetwork::forward(
             self, leader, request, timeout,
         ))
+    }
+}
+
+/// Whether this node can reach a quorum: the signal behind degraded mode (DECISIONS §5)
+/// and `/ready`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuorumHealth {
+    pub leader: Option<NodeId>,
+    /// `None` when a quorum is reachable; otherwise why not, in words for operators.
+    pub degraded: Option<String>,
+}
+
+impl QuorumHealth {
+    /// Judges a metrics snapshot. A leader is healthy while a quorum acknowledged it within
+    /// `max_ack_age`; a follower or learner while it knows a leader (a follower that stops
+    /// hearing from its leader starts an election and forgets it).
+    pub fn from_metrics(m: &RaftMetrics<NodeId, NodeInfo>, max_ack_age: Duration) -> QuorumHealth {
+        let degraded = if m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .next()
+            .is_none()
+        {
+            Some("not part of a cluster yet".to_owned())
+        } else {
+            match m.state {
+                ServerState::Leader => match m.millis_since_quorum_ack {
+                    Some(ms) if ms <= max_ack_age.as_millis() as u64 => None,
+                    Some(ms) => Some(format!(
+                        "leader without a quorum acknowledgement for {ms} ms"
+                    )),
+                    None => Some("leader without any quorum acknowledgement yet".to_owned()),
+                },
+                ServerState::Candidate => {
+                    Some(format!("no leader: electing (term {})", m.current_term))
+                }
+                ServerState::Shutdown => Some("Raft has shut down".to_owned()),
+                ServerState::Follower | ServerState::Learner => match m.current_leader {
+                    Some(_) => None,
+                    None => Some("no leader known".to_owned()),
+                },
+            }
+        };
+        QuorumHealth {
+            leader: m.current_leader,
+            degraded,
+        }
     }
 }
 
@@ -205,6 +253,10 @@ impl Replica {
 
     pub fn metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
         self.raft.metrics().borrow().clone()
+    }
+
+    pub fn quorum_health(&self, max_ack_age: Duration) -> QuorumHealth {
+        QuorumHealth::from_metrics(&self.raft.metrics().borrow(), max_ack_age)
     }
 
     /// Makes this node a one-member cluster (`tandem cluster init`), or the given members.

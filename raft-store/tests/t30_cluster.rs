@@ -351,3 +351,51 @@ async fn members_join_as_learners_then_voters_and_leave() {
         CommandResult::Done
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_health_reports_cut_off_nodes_as_degraded() {
+    let max_age = Duration::from_millis(500);
+    let single = Cluster::start(&[9], fast()).await;
+    let h = single.replicas[&9].quorum_health(max_age);
+    assert!(
+        h.degraded
+            .as_deref()
+            .is_some_and(|r| r.contains("not part of a cluster")),
+        "{h:?}"
+    );
+
+    let c = three_nodes(fast()).await;
+    let leader = c.leader(&[1, 2, 3], Duration::from_secs(5)).await;
+    sleep(Duration::from_millis(200)).await;
+    for id in [1, 2, 3] {
+        assert_eq!(
+            c.replicas[&id].quorum_health(max_age).degraded,
+            None,
+            "node {id} is healthy"
+        );
+    }
+    // A leader cut off from everyone loses its quorum acknowledgements.
+    c.router.isolate(leader, &c.ids());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let h = c.replicas[&leader].quorum_health(max_age);
+        if h.degraded.is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cut-off leader still claims a quorum: {h:?}"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    // The other two elect a leader and stay healthy.
+    let rest: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    c.leader(&rest, Duration::from_secs(5)).await;
+    for id in &rest {
+        assert_eq!(
+            c.replicas[id].quorum_health(max_age).degraded,
+            None,
+            "node {id}"
+        );
+    }
+}
