@@ -54,6 +54,24 @@ pub struct Customer {
     pub enabled: bool,
 }
 
+/// The record id a sealed account field is bound to (see `crypto`).
+pub fn account_record(user: &str, domain: &str) -> String {
+    format!("account/{user}@{domain}")
+}
+
+/// The record id a sealed provider field is bound to.
+pub fn provider_record(id: &str) -> String {
+    format!("provider/{id}")
+}
+
+/// The field name of an account's sealed HA1 for one algorithm.
+pub fn ha1_field(algorithm: &str) -> String {
+    format!("ha1.{algorithm}")
+}
+
+/// The field name of a provider's sealed password.
+pub const PROVIDER_PASSWORD_FIELD: &str = "password";
+
 /// A SIP account. Passwords exist only as per-algorithm HA1 values, sealed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Account {
@@ -171,6 +189,19 @@ pub enum Command {
         epoch: u64,
     },
     PutDialplan(Dialplan),
+    /// Key rotation: replaces an account's sealed HA1s if they are still `expected`.
+    ResealAccount {
+        user: String,
+        domain: String,
+        expected: Vec<(String, Sealed)>,
+        resealed: Vec<(String, Sealed)>,
+    },
+    /// Key rotation: replaces a provider's sealed password if it is still `expected`.
+    ResealProvider {
+        id: String,
+        expected: Sealed,
+        resealed: Sealed,
+    },
 }
 
 macro_rules! kinds {
@@ -187,13 +218,22 @@ kinds! {
     1 => Noop, 2 => PutNode, 3 => SetFeatureVersion, 4 => PutCustomer, 5 => DeleteCustomer,
     6 => PutAccount, 7 => DeleteAccount, 8 => PutBinding, 9 => RemoveBinding,
     10 => RemoveAllBindings, 11 => ExpireBindings, 12 => PutProvider, 13 => DeleteProvider,
-    14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan,
+    14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan, 17 => ResealAccount,
+    18 => ResealProvider,
 }
 
 /// The command version this binary writes; it reads every version up to it.
 const VERSION: u16 = 1;
 
 /// Bodies of commands whose payload is several fields.
+#[derive(Serialize, Deserialize)]
+struct ResealAccountBody {
+    user: String,
+    domain: String,
+    expected: Vec<(String, Sealed)>,
+    resealed: Vec<(String, Sealed)>,
+}
+
 #[derive(Serialize, Deserialize)]
 struct AcquireLeaseBody {
     lease: ProviderLease,
@@ -229,6 +269,22 @@ impl Command {
             }),
             Command::ReleaseLease { provider, epoch } => enc(&(provider, epoch)),
             Command::PutDialplan(d) => enc(d),
+            Command::ResealAccount {
+                user,
+                domain,
+                expected,
+                resealed,
+            } => enc(&ResealAccountBody {
+                user: user.clone(),
+                domain: domain.clone(),
+                expected: expected.clone(),
+                resealed: resealed.clone(),
+            }),
+            Command::ResealProvider {
+                id,
+                expected,
+                resealed,
+            } => enc(&(id, expected, resealed)),
         };
         EncodedCommand {
             kind: self.kind(),
@@ -296,6 +352,23 @@ impl Command {
                 Command::ReleaseLease { provider, epoch }
             }
             16 => Command::PutDialplan(postcard::from_bytes(b).map_err(bad)?),
+            17 => {
+                let r: ResealAccountBody = postcard::from_bytes(b).map_err(bad)?;
+                Command::ResealAccount {
+                    user: r.user,
+                    domain: r.domain,
+                    expected: r.expected,
+                    resealed: r.resealed,
+                }
+            }
+            18 => {
+                let (id, expected, resealed) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ResealProvider {
+                    id,
+                    expected,
+                    resealed,
+                }
+            }
             kind => {
                 return Err(Error::UnknownCommand {
                     kind,

@@ -113,6 +113,23 @@ impl KeyRing {
         }
     }
 
+    /// Re-seals a value under the current key, or `None` if it already uses it.
+    pub fn reseal(
+        &self,
+        sealed: &Sealed,
+        record: &str,
+        field: &str,
+    ) -> Result<Option<Sealed>, Error> {
+        if sealed.key_id == self.current_id() {
+            return Ok(None);
+        }
+        Ok(Some(self.seal(
+            record,
+            field,
+            &self.open(sealed, record, field)?,
+        )))
+    }
+
     pub fn open(&self, sealed: &Sealed, record: &str, field: &str) -> Result<Vec<u8>, Error> {
         if sealed.version != ENVELOPE_VERSION {
             return Err(Error::Crypto(format!(

@@ -150,6 +150,13 @@ impl QuorumHealth {
     }
 }
 
+/// What a key rotation re-sealed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ResealReport {
+    pub accounts: u64,
+    pub providers: u64,
+}
+
 struct Proposal {
     command: EncodedCommand,
     reply: oneshot::Sender<Result<CommandResult, Error>>,
@@ -314,6 +321,66 @@ impl Replica {
             self.db.flush_cf(handle).map_err(Error::db)?;
         }
         Ok(())
+    }
+
+    /// Key rotation: re-seals every sensitive field not yet under the key ring's current
+    /// key, through Raft, one compare-and-set command per record. A record changed by
+    /// someone else in the meantime is read again and retried.
+    pub async fn reseal_all(&self, keys: &crate::crypto::KeyRing) -> Result<ResealReport, Error> {
+        use crate::command::{account_record, ha1_field, provider_record, PROVIDER_PASSWORD_FIELD};
+        let mut report = ResealReport::default();
+        for _attempt in 0..3 {
+            let mut conflicts = 0;
+            for a in self.reader.accounts()? {
+                let record = account_record(&a.user, &a.domain);
+                let mut changed = false;
+                let mut resealed = Vec::with_capacity(a.ha1.len());
+                for (alg, sealed) in &a.ha1 {
+                    match keys.reseal(sealed, &record, &ha1_field(alg))? {
+                        Some(new) => {
+                            changed = true;
+                            resealed.push((alg.clone(), new));
+                        }
+                        None => resealed.push((alg.clone(), sealed.clone())),
+                    }
+                }
+                if changed {
+                    let cmd = Command::ResealAccount {
+                        user: a.user,
+                        domain: a.domain,
+                        expected: a.ha1,
+                        resealed,
+                    };
+                    match self.propose(cmd).await? {
+                        CommandResult::Done => report.accounts += 1,
+                        _ => conflicts += 1,
+                    }
+                }
+            }
+            for p in self.reader.providers()? {
+                if let Some(new) = keys.reseal(
+                    &p.password,
+                    &provider_record(&p.id),
+                    PROVIDER_PASSWORD_FIELD,
+                )? {
+                    let cmd = Command::ResealProvider {
+                        id: p.id,
+                        expected: p.password,
+                        resealed: new,
+                    };
+                    match self.propose(cmd).await? {
+                        CommandResult::Done => report.providers += 1,
+                        _ => conflicts += 1,
+                    }
+                }
+            }
+            if conflicts == 0 {
+                return Ok(report);
+            }
+        }
+        Err(Error::Raft(
+            "records kept changing during key rotation; run it again".into(),
+        ))
     }
 
     pub async fn shutdown(&self) {

@@ -157,6 +157,14 @@ impl StateReader {
         self.get(&key::account(domain, user))
     }
 
+    pub fn accounts(&self) -> Result<Vec<Account>, Error> {
+        self.scan(&[key::ACCOUNT])
+    }
+
+    pub fn providers(&self) -> Result<Vec<Provider>, Error> {
+        self.scan(&[key::PROVIDER])
+    }
+
     pub fn bindings(&self, aor: &str) -> Result<Vec<Binding>, Error> {
         self.scan(&key::bindings_of(aor))
     }
@@ -397,6 +405,43 @@ impl<'a> Txn<'a> {
             Command::PutDialplan(d) => {
                 self.put(key::with(key::DIALPLAN, &[d.owner.as_bytes()]), &d);
                 CommandResult::Done
+            }
+            Command::ResealAccount {
+                user,
+                domain,
+                expected,
+                resealed,
+            } => {
+                let k = key::account(&domain, &user);
+                match self.get::<Account>(&k)? {
+                    Some(mut a) if a.ha1 == expected => {
+                        a.ha1 = resealed;
+                        self.put(k, &a);
+                        CommandResult::Done
+                    }
+                    Some(_) => CommandResult::Rejected(
+                        "the account's HA1s changed since they were read".into(),
+                    ),
+                    None => CommandResult::Rejected("no such account".into()),
+                }
+            }
+            Command::ResealProvider {
+                id,
+                expected,
+                resealed,
+            } => {
+                let k = key::with(key::PROVIDER, &[id.as_bytes()]);
+                match self.get::<Provider>(&k)? {
+                    Some(mut p) if p.password == expected => {
+                        p.password = resealed;
+                        self.put(k, &p);
+                        CommandResult::Done
+                    }
+                    Some(_) => CommandResult::Rejected(
+                        "the provider's password changed since it was read".into(),
+                    ),
+                    None => CommandResult::Rejected("no such provider".into()),
+                }
             }
         })
     }

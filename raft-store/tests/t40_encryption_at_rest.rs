@@ -7,10 +7,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tandem_raft_store::command::{Account, Command, CommandResult, Customer, Provider};
+use tandem_raft_store::command::{
+    account_record, ha1_field, provider_record, Account, Command, CommandResult, Customer,
+    Provider, PROVIDER_PASSWORD_FIELD,
+};
 use tandem_raft_store::crypto::KeyRing;
 use tandem_raft_store::local_network::LocalCluster;
 use tandem_raft_store::replica::RaftSettings;
+use tandem_raft_store::replica::ResealReport;
 
 const PASSWORD: &[u8] = b"correct-horse-battery-staple";
 const HA1: &[u8] = b"5f4dcc3b5aa765d61d8327deb882cf99";
@@ -58,7 +62,11 @@ async fn no_plaintext_secret_reaches_any_file() {
         customer: "acme".into(),
         ha1: vec![(
             "MD5".into(),
-            keys.seal("account/alice@example.com", "ha1.MD5", HA1),
+            keys.seal(
+                &account_record("alice", "example.com"),
+                &ha1_field("MD5"),
+                HA1,
+            ),
         )],
         enabled: true,
         max_contacts: 5,
@@ -69,7 +77,11 @@ async fn no_plaintext_secret_reaches_any_file() {
         customer: "acme".into(),
         registrar: "sip:provider.example.net".into(),
         username: "acme-trunk".into(),
-        password: keys.seal("provider/trunk-1", "password", PASSWORD),
+        password: keys.seal(
+            &provider_record("trunk-1"),
+            PROVIDER_PASSWORD_FIELD,
+            PASSWORD,
+        ),
         expires_secs: 600,
         enabled: true,
     };
@@ -113,14 +125,22 @@ async fn no_plaintext_secret_reaches_any_file() {
     for r in replicas {
         let a = r.reader().account("example.com", "alice").unwrap().unwrap();
         assert_eq!(
-            keys.open(&a.ha1[0].1, "account/alice@example.com", "ha1.MD5")
-                .unwrap(),
+            keys.open(
+                &a.ha1[0].1,
+                &account_record("alice", "example.com"),
+                &ha1_field("MD5")
+            )
+            .unwrap(),
             HA1
         );
         let p = r.reader().provider("trunk-1").unwrap().unwrap();
         assert_eq!(
-            keys.open(&p.password, "provider/trunk-1", "password")
-                .unwrap(),
+            keys.open(
+                &p.password,
+                &provider_record("trunk-1"),
+                PROVIDER_PASSWORD_FIELD
+            )
+            .unwrap(),
             PASSWORD
         );
     }
@@ -141,5 +161,102 @@ async fn no_plaintext_secret_reaches_any_file() {
             "HA1 in the clear"
         );
     }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_rotation_reseals_every_field_through_raft() {
+    let mut keys = KeyRing::generate();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let cluster = LocalCluster::start(&paths, &RaftSettings::default(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let leader = cluster.leader().unwrap().clone();
+    let alice = account_record("alice", "example.com");
+    let account = Account {
+        user: "alice".into(),
+        domain: "example.com".into(),
+        customer: "acme".into(),
+        ha1: vec![
+            (
+                "MD5".into(),
+                keys.seal(&alice, &ha1_field("MD5"), b"md5-ha1"),
+            ),
+            (
+                "SHA-256".into(),
+                keys.seal(&alice, &ha1_field("SHA-256"), b"sha256-ha1"),
+            ),
+        ],
+        enabled: true,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
+    };
+    let provider = Provider {
+        id: "trunk-1".into(),
+        customer: "acme".into(),
+        registrar: "sip:provider.example.net".into(),
+        username: "acme-trunk".into(),
+        password: keys.seal(
+            &provider_record("trunk-1"),
+            PROVIDER_PASSWORD_FIELD,
+            PASSWORD,
+        ),
+        expires_secs: 600,
+        enabled: true,
+    };
+    leader.propose(Command::PutAccount(account)).await.unwrap();
+    leader
+        .propose(Command::PutProvider(provider))
+        .await
+        .unwrap();
+
+    assert_eq!(keys.rotate(), 2);
+    let report = leader.reseal_all(&keys).await.unwrap();
+    assert_eq!(
+        report,
+        ResealReport {
+            accounts: 1,
+            providers: 1
+        }
+    );
+    let a = leader
+        .reader()
+        .account("example.com", "alice")
+        .unwrap()
+        .unwrap();
+    assert!(a.ha1.iter().all(|(_, s)| s.key_id == 2), "{:?}", a.ha1);
+    assert_eq!(
+        keys.open(&a.ha1[1].1, &alice, &ha1_field("SHA-256"))
+            .unwrap(),
+        b"sha256-ha1"
+    );
+    let p = leader.reader().provider("trunk-1").unwrap().unwrap();
+    assert_eq!(p.password.key_id, 2);
+    assert_eq!(
+        keys.open(
+            &p.password,
+            &provider_record("trunk-1"),
+            PROVIDER_PASSWORD_FIELD
+        )
+        .unwrap(),
+        PASSWORD
+    );
+    assert_eq!(
+        leader.reseal_all(&keys).await.unwrap(),
+        ResealReport::default(),
+        "nothing left to re-seal"
+    );
+
+    // A re-seal that raced with another change is refused, not applied over it.
+    let stale = Command::ResealProvider {
+        id: "trunk-1".into(),
+        expected: keys.seal("x", "y", b"z"),
+        resealed: p.password.clone(),
+    };
+    assert!(matches!(
+        leader.propose(stale).await.unwrap(),
+        CommandResult::Rejected(_)
+    ));
     cluster.shutdown().await;
 }
