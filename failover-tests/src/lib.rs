@@ -754,6 +754,16 @@ fn sipp_counts(csv: &str) -> Option<(u64, u64)> {
     Some((column("SuccessfulCall(C)")?, column("FailedCall(C)")?))
 }
 
+/// Exit status and both output streams of a finished command, for assertion messages.
+pub fn describe(output: &std::process::Output) -> String {
+    format!(
+        "exit {}\nstdout: {}\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

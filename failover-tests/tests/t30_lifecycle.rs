@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use tandem_failover_tests::{free_port, sip_config, tandem_command, Deadline, Node, SipTcp};
+use tandem_failover_tests::{
+    describe, free_port, sip_config, tandem_command, Deadline, Node, SipTcp,
+};
 
 /// EX_USAGE, what `tandem` exits with when its configuration is invalid.
 const EXIT_CONFIG: i32 = 64;
@@ -24,44 +26,9 @@ fn check_config(toml: &str) -> Output {
         .expect("run tandem check-config")
 }
 
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
-}
-
-#[test]
-fn check_config_rejects_a_bad_value_and_names_its_key() {
-    let output = check_config("[sip]\nt1_ms = \"fast\"\n");
-    assert_eq!(
-        output.status.code(),
-        Some(EXIT_CONFIG),
-        "{}",
-        describe(&output)
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("sip.t1_ms"), "{}", describe(&output));
-}
-
-#[test]
-fn check_config_rejects_an_unknown_key_and_names_it() {
-    let output = check_config("[sip]\nudp = [\"127.0.0.1:5060\"]\nmax_conections = 10\n");
-    assert_eq!(
-        output.status.code(),
-        Some(EXIT_CONFIG),
-        "{}",
-        describe(&output)
-    );
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("max_conections"), "{}", describe(&output));
-}
-
-#[test]
-fn check_config_rejects_values_that_parse_but_do_not_validate() {
-    let output = check_config("[sip]\nt1_ms = 1000\nt2_ms = 10\n");
+/// `tandem check-config` on `toml` exits 64 and names `key` on stderr.
+fn assert_refused_naming(toml: &str, key: &str) {
+    let output = check_config(toml);
     assert_eq!(
         output.status.code(),
         Some(EXIT_CONFIG),
@@ -69,10 +36,28 @@ fn check_config_rejects_values_that_parse_but_do_not_validate() {
         describe(&output)
     );
     assert!(
-        String::from_utf8_lossy(&output.stderr).contains("sip.t2_ms"),
+        String::from_utf8_lossy(&output.stderr).contains(key),
         "{}",
         describe(&output)
     );
+}
+
+#[test]
+fn check_config_rejects_a_bad_value_and_names_its_key() {
+    assert_refused_naming("[sip]\nt1_ms = \"fast\"\n", "sip.t1_ms");
+}
+
+#[test]
+fn check_config_rejects_an_unknown_key_and_names_it() {
+    assert_refused_naming(
+        "[sip]\nudp = [\"127.0.0.1:5060\"]\nmax_conections = 10\n",
+        "max_conections",
+    );
+}
+
+#[test]
+fn check_config_rejects_values_that_parse_but_do_not_validate() {
+    assert_refused_naming("[sip]\nt1_ms = 1000\nt2_ms = 10\n", "sip.t2_ms");
 }
 
 #[test]

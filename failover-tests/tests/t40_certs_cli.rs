@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use tandem_failover_tests::tandem_command;
+use tandem_failover_tests::{describe, tandem_command};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// clap's exit code for bad usage.
@@ -26,15 +26,6 @@ fn tandem(args: &[impl AsRef<OsStr>], dir: &Path) -> Output {
         .current_dir(dir)
         .output()
         .expect("run tandem")
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {}\nstdout: {}\nstderr: {}",
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    )
 }
 
 fn succeeds(args: &[impl AsRef<OsStr> + Debug], dir: &Path) -> Output {

@@ -20,6 +20,40 @@ const PASSWORD: &[u8] = b"correct-horse-battery-staple";
 const HA1: &[u8] = b"5f4dcc3b5aa765d61d8327deb882cf99";
 const MARKER: &[u8] = b"PLAINTEXT-MARKER-4c1d9e";
 
+/// alice@example.com with one sealed HA1 per (algorithm, value).
+fn alice(keys: &KeyRing, ha1: &[(&str, &[u8])]) -> Account {
+    let record = account_record("alice", "example.com");
+    Account {
+        user: "alice".into(),
+        domain: "example.com".into(),
+        customer: "acme".into(),
+        ha1: ha1
+            .iter()
+            .map(|(alg, v)| (alg.to_string(), keys.seal(&record, &ha1_field(alg), v)))
+            .collect(),
+        enabled: true,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
+    }
+}
+
+/// Provider account trunk-1 with PASSWORD sealed.
+fn trunk(keys: &KeyRing) -> Provider {
+    Provider {
+        id: "trunk-1".into(),
+        customer: "acme".into(),
+        registrar: "sip:provider.example.net".into(),
+        username: "acme-trunk".into(),
+        password: keys.seal(
+            &provider_record("trunk-1"),
+            PROVIDER_PASSWORD_FIELD,
+            PASSWORD,
+        ),
+        expires_secs: 600,
+        enabled: true,
+    }
+}
+
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -56,35 +90,8 @@ async fn no_plaintext_secret_reaches_any_file() {
     let replicas = &cluster.replicas;
     let leader = cluster.leader().unwrap().clone();
 
-    let account = Account {
-        user: "alice".into(),
-        domain: "example.com".into(),
-        customer: "acme".into(),
-        ha1: vec![(
-            "MD5".into(),
-            keys.seal(
-                &account_record("alice", "example.com"),
-                &ha1_field("MD5"),
-                HA1,
-            ),
-        )],
-        enabled: true,
-        max_contacts: 5,
-        max_concurrent_calls: 2,
-    };
-    let provider = Provider {
-        id: "trunk-1".into(),
-        customer: "acme".into(),
-        registrar: "sip:provider.example.net".into(),
-        username: "acme-trunk".into(),
-        password: keys.seal(
-            &provider_record("trunk-1"),
-            PROVIDER_PASSWORD_FIELD,
-            PASSWORD,
-        ),
-        expires_secs: 600,
-        enabled: true,
-    };
+    let account = alice(&keys, &[("MD5", HA1)]);
+    let provider = trunk(&keys);
     assert_eq!(
         leader.propose(Command::PutAccount(account)).await.unwrap(),
         CommandResult::Done
@@ -173,38 +180,9 @@ async fn key_rotation_reseals_every_field_through_raft() {
         .await
         .unwrap();
     let leader = cluster.leader().unwrap().clone();
-    let alice = account_record("alice", "example.com");
-    let account = Account {
-        user: "alice".into(),
-        domain: "example.com".into(),
-        customer: "acme".into(),
-        ha1: vec![
-            (
-                "MD5".into(),
-                keys.seal(&alice, &ha1_field("MD5"), b"md5-ha1"),
-            ),
-            (
-                "SHA-256".into(),
-                keys.seal(&alice, &ha1_field("SHA-256"), b"sha256-ha1"),
-            ),
-        ],
-        enabled: true,
-        max_contacts: 5,
-        max_concurrent_calls: 2,
-    };
-    let provider = Provider {
-        id: "trunk-1".into(),
-        customer: "acme".into(),
-        registrar: "sip:provider.example.net".into(),
-        username: "acme-trunk".into(),
-        password: keys.seal(
-            &provider_record("trunk-1"),
-            PROVIDER_PASSWORD_FIELD,
-            PASSWORD,
-        ),
-        expires_secs: 600,
-        enabled: true,
-    };
+    let record = account_record("alice", "example.com");
+    let account = alice(&keys, &[("MD5", b"md5-ha1"), ("SHA-256", b"sha256-ha1")]);
+    let provider = trunk(&keys);
     leader.propose(Command::PutAccount(account)).await.unwrap();
     leader
         .propose(Command::PutProvider(provider))
@@ -227,7 +205,7 @@ async fn key_rotation_reseals_every_field_through_raft() {
         .unwrap();
     assert!(a.ha1.iter().all(|(_, s)| s.key_id == 2), "{:?}", a.ha1);
     assert_eq!(
-        keys.open(&a.ha1[1].1, &alice, &ha1_field("SHA-256"))
+        keys.open(&a.ha1[1].1, &record, &ha1_field("SHA-256"))
             .unwrap(),
         b"sha256-ha1"
     );
