@@ -13,6 +13,7 @@
 pub mod certs;
 pub mod command;
 pub mod crypto;
+pub mod data_dir;
 pub mod http_network;
 pub mod local_network;
 pub mod log_store;

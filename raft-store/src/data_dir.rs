@@ -1,0 +1,198 @@
+//! Which cluster and node a data directory belongs to. `tandem cluster init` and `join`
+//! write an identity file into a new directory; every later start checks it, so a node
+//! never runs on a directory that is missing, read-only, or holds another node's or
+//! another cluster's Raft state. Ids are never reused, so a mismatch is always a mistake.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rand::RngCore;
+
+use crate::types::NodeId;
+use crate::Error;
+
+const IDENTITY_FILE: &str = "tandem-identity";
+
+/// The owner of a data directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    /// Random, chosen once by `tandem cluster init` and copied by every joining node.
+    pub cluster_id: String,
+    pub node_id: NodeId,
+}
+
+impl Identity {
+    /// A fresh cluster id for `tandem cluster init`.
+    pub fn new_cluster(node_id: NodeId) -> Identity {
+        let mut bytes = [0u8; 16];
+        rand::rngs::OsRng.fill_bytes(&mut bytes);
+        let cluster_id = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        Identity {
+            cluster_id,
+            node_id,
+        }
+    }
+}
+
+fn identity_path(dir: &Path) -> PathBuf {
+    dir.join(IDENTITY_FILE)
+}
+
+fn check_writable(dir: &Path) -> Result<(), Error> {
+    let probe = dir.join(".tandem-write-probe");
+    let result = std::fs::File::create(&probe).and_then(|mut f| f.write_all(b"ok"));
+    let _ = std::fs::remove_file(&probe);
+    result.map_err(|e| Error::Io(format!("data dir {} is not writable: {e}", dir.display())))
+}
+
+/// Claims a new, empty (or absent) directory for `identity`. Refuses a directory that
+/// already belongs to a node.
+pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::Io(format!("creating data dir {}: {e}", dir.display())))?;
+    check_writable(dir)?;
+    if let Some(existing) = read(dir)? {
+        return Err(Error::Io(format!(
+            "data dir {} already belongs to node {} of cluster {}; use a new directory",
+            dir.display(),
+            existing.node_id,
+            existing.cluster_id
+        )));
+    }
+    let text = format!(
+        "# Written by tandem cluster init/join. Do not edit or copy to another node.\ncluster = {}\nnode = {}\n",
+        identity.cluster_id, identity.node_id
+    );
+    let io =
+        |e: std::io::Error| Error::Io(format!("writing {}: {e}", identity_path(dir).display()));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(identity_path(dir))
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)
+}
+
+/// Checks the directory a node is about to run on: it must exist, be writable, and belong
+/// to this node (and to `cluster_id`, when the caller knows it).
+pub fn open(dir: &Path, node_id: NodeId, cluster_id: Option<&str>) -> Result<Identity, Error> {
+    if !dir.is_dir() {
+        return Err(Error::Io(format!(
+            "data dir {} does not exist; create it with `tandem cluster init` or `tandem cluster join`",
+            dir.display()
+        )));
+    }
+    check_writable(dir)?;
+    let identity = read(dir)?.ok_or_else(|| {
+        Error::Io(format!(
+            "data dir {} belongs to no cluster yet; run `tandem cluster init` or `tandem cluster join` first",
+            dir.display()
+        ))
+    })?;
+    if identity.node_id != node_id {
+        return Err(Error::Io(format!(
+            "data dir {} belongs to node {}, but this node is configured as node {node_id}",
+            dir.display(),
+            identity.node_id
+        )));
+    }
+    if let Some(expected) = cluster_id {
+        if identity.cluster_id != expected {
+            return Err(Error::Io(format!(
+                "data dir {} belongs to cluster {}, not to cluster {expected}",
+                dir.display(),
+                identity.cluster_id
+            )));
+        }
+    }
+    Ok(identity)
+}
+
+fn read(dir: &Path) -> Result<Option<Identity>, Error> {
+    let path = identity_path(dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::Io(format!("reading {}: {e}", path.display()))),
+    };
+    let (mut cluster, mut node) = (None, None);
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
+            Some(("cluster", v)) if !v.is_empty() => cluster = Some(v.to_owned()),
+            Some(("node", v)) => node = v.parse().ok(),
+            _ => {}
+        }
+    }
+    match (cluster, node) {
+        (Some(cluster_id), Some(node_id)) => Ok(Some(Identity {
+            cluster_id,
+            node_id,
+        })),
+        _ => Err(Error::Corrupt(format!(
+            "{} is damaged: it needs `cluster = ...` and `node = N`",
+            path.display()
+        ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claimed_dir_opens_for_its_own_node_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data");
+        let me = Identity::new_cluster(2);
+        claim(&dir, &me).unwrap();
+        assert_eq!(open(&dir, 2, None).unwrap(), me);
+        assert_eq!(open(&dir, 2, Some(&me.cluster_id)).unwrap(), me);
+
+        let err = open(&dir, 3, None).unwrap_err().to_string();
+        assert!(
+            err.contains("belongs to node 2") && err.contains("node 3"),
+            "{err}"
+        );
+        let err = open(&dir, 2, Some("another-cluster"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&me.cluster_id) && err.contains("another-cluster"),
+            "{err}"
+        );
+        let err = claim(&dir, &Identity::new_cluster(2))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already belongs"), "{err}");
+    }
+
+    #[test]
+    fn missing_unclaimed_and_damaged_dirs_are_refused_with_the_way_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = open(&tmp.path().join("nope"), 1, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("cluster init"),
+            "{err}"
+        );
+        let err = open(tmp.path(), 1, None).unwrap_err().to_string();
+        assert!(err.contains("belongs to no cluster"), "{err}");
+        std::fs::write(tmp.path().join(IDENTITY_FILE), "cluster = \n").unwrap();
+        let err = open(tmp.path(), 1, None).unwrap_err().to_string();
+        assert!(err.contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn cluster_ids_are_fresh() {
+        assert_ne!(
+            Identity::new_cluster(1).cluster_id,
+            Identity::new_cluster(1).cluster_id
+        );
+    }
+}
