@@ -14,8 +14,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, Role};
 use crate::core::Core;
 use crate::stats::Stats;
-use crate::transaction::TransactionLayer;
-use crate::transport::{Limits, Listeners, Transports};
+use crate::transaction::start_sip_stack;
+use crate::transport::{Limits, Listeners};
 use crate::Error;
 
 /// How a node is asked to stop.
@@ -29,7 +29,6 @@ pub enum Stop {
 
 /// How long tasks get to notice cancellation before the process exits anyway.
 const TASK_EXIT_TIMEOUT: Duration = Duration::from_secs(2);
-const CHANNEL_DEPTH: usize = 4096;
 
 /// Runs a node until SIGTERM or SIGINT.
 pub async fn run_until_signal(config: Config) -> Result<(), Error> {
@@ -76,29 +75,24 @@ pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), 
             max_connections: config.sip.max_connections,
             idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
         };
-        let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_DEPTH);
-        let (core_tx, core_rx) = mpsc::channel(CHANNEL_DEPTH);
-        let transports = Transports::start(
+        let stack = start_sip_stack(
             listeners,
             limits,
             stats.clone(),
-            inbound_tx,
+            config.sip.timers(),
             &tracker,
             stop.clone(),
             stop_accepting.clone(),
         );
-        let (layer, handle) =
-            TransactionLayer::new(config.sip.timers(), transports.clone(), core_tx);
-        active = Some(handle.active());
-        tracker.spawn(layer.run(inbound_rx, stop.clone()));
+        active = Some(stack.layer.active());
         let core = Core {
-            layer: handle,
-            transports,
+            layer: stack.layer,
+            transports: stack.transports,
             stats: stats.clone(),
             draining: draining.clone(),
             retry_after_secs: config.sip.retry_after_secs,
         };
-        tracker.spawn(core.run(core_rx, stop.clone()));
+        tracker.spawn(core.run(stack.core_events, stop.clone()));
         tracing::info!(
             node = config.node.id,
             udp = ?config.sip.udp,

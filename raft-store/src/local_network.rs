@@ -54,17 +54,10 @@ impl LocalRouter {
         self.nodes.lock().expect("router lock").insert(id, raft);
     }
 
-    pub fn unregister(&self, id: NodeId) {
-        self.nodes.lock().expect("router lock").remove(&id);
-    }
-
     /// Cuts every link to and from `id`.
     pub fn isolate(&self, id: NodeId, all: &[NodeId]) {
-        let mut f = self.faults.lock().expect("router lock");
-        for &other in all.iter().filter(|&&o| o != id) {
-            f.cut.insert((id, other));
-            f.cut.insert((other, id));
-        }
+        let others: Vec<NodeId> = all.iter().copied().filter(|&o| o != id).collect();
+        self.partition(&[id], &others);
     }
 
     /// Cuts every link between the two sides.

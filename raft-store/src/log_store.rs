@@ -71,10 +71,6 @@ impl LogStore {
         }
     }
 
-    pub fn stats(&self) -> &LogStats {
-        &self.stats
-    }
-
     pub(crate) fn db_handle(&self) -> Arc<DB> {
         self.db.clone()
     }

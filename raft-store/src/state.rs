@@ -171,19 +171,10 @@ impl StateReader {
 
     /// Bindings registered through `edge`: the ones that node keeps alive and forwards to.
     pub fn bindings_by_edge(&self, edge: NodeId) -> Result<Vec<Binding>, Error> {
-        let prefix = key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]);
-        let mut out = Vec::new();
-        for k in self.scan_keys(&prefix)? {
-            let rest = &k[prefix.len() + 1..];
-            let mut parts = rest.splitn(2, |&b| b == 0);
-            let (Some(aor), Some(contact)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            if let Some(b) = self.get(&key::with(key::BINDING, &[aor, contact]))? {
-                out.push(b);
-            }
-        }
-        Ok(out)
+        self.via_index(
+            &key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]),
+            key::BINDING,
+        )
     }
 
     pub fn provider(&self, id: &str) -> Result<Option<Provider>, Error> {
@@ -195,12 +186,22 @@ impl StateReader {
     }
 
     pub fn leases_by_owner(&self, owner: NodeId) -> Result<Vec<ProviderLease>, Error> {
-        let prefix = key::with(key::LEASE_BY_OWNER, &[&owner.to_be_bytes()]);
+        self.via_index(
+            &key::with(key::LEASE_BY_OWNER, &[&owner.to_be_bytes()]),
+            key::LEASE,
+        )
+    }
+
+    /// Records found through a secondary index. An index key is the index prefix, a
+    /// separator, then the record key's parts, so the record key is `primary` plus
+    /// that suffix.
+    fn via_index<T: DeserializeOwned>(&self, prefix: &[u8], primary: u8) -> Result<Vec<T>, Error> {
         let mut out = Vec::new();
-        for k in self.scan_keys(&prefix)? {
-            let provider = &k[prefix.len() + 1..];
-            if let Some(l) = self.get(&key::with(key::LEASE, &[provider]))? {
-                out.push(l);
+        for k in self.scan_keys(prefix)? {
+            let mut record_key = vec![primary];
+            record_key.extend_from_slice(&k[prefix.len() + 1..]);
+            if let Some(record) = self.get(&record_key)? {
+                out.push(record);
             }
         }
         Ok(out)

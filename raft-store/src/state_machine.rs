@@ -15,7 +15,7 @@ use openraft::{AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, St
 use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandResult};
+use crate::command::Command;
 use crate::state::{StateReader, Txn};
 use crate::store::{CF_SM_DATA, CF_SM_META};
 use crate::types::{
@@ -307,11 +307,5 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: file.meta,
             snapshot: Box::new(Cursor::new(file.data)),
         }))
-    }
-}
-
-impl CommandResult {
-    pub fn is_done(&self) -> bool {
-        matches!(self, CommandResult::Done | CommandResult::Removed(_))
     }
 }

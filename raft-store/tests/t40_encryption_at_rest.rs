@@ -54,6 +54,16 @@ fn trunk(keys: &KeyRing) -> Provider {
     }
 }
 
+/// trunk-1's password, opened.
+fn trunk_password(keys: &KeyRing, p: &Provider) -> Vec<u8> {
+    keys.open(
+        &p.password,
+        &provider_record("trunk-1"),
+        PROVIDER_PASSWORD_FIELD,
+    )
+    .unwrap()
+}
+
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -141,15 +151,7 @@ async fn no_plaintext_secret_reaches_any_file() {
             HA1
         );
         let p = r.reader().provider("trunk-1").unwrap().unwrap();
-        assert_eq!(
-            keys.open(
-                &p.password,
-                &provider_record("trunk-1"),
-                PROVIDER_PASSWORD_FIELD
-            )
-            .unwrap(),
-            PASSWORD
-        );
+        assert_eq!(trunk_password(&keys, &p), PASSWORD);
     }
     for dir in &dirs {
         assert!(
@@ -211,15 +213,7 @@ async fn key_rotation_reseals_every_field_through_raft() {
     );
     let p = leader.reader().provider("trunk-1").unwrap().unwrap();
     assert_eq!(p.password.key_id, 2);
-    assert_eq!(
-        keys.open(
-            &p.password,
-            &provider_record("trunk-1"),
-            PROVIDER_PASSWORD_FIELD
-        )
-        .unwrap(),
-        PASSWORD
-    );
+    assert_eq!(trunk_password(&keys, &p), PASSWORD);
     assert_eq!(
         leader.reseal_all(&keys).await.unwrap(),
         ResealReport::default(),

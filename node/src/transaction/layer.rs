@@ -16,7 +16,12 @@ use super::{
     Action, Actions, ClientInvite, ClientNonInvite, Reliability, ServerInvite, ServerNonInvite,
     Timer, TimerSettings,
 };
-use crate::transport::{response_flow, Flow, Inbound, InboundEvent, Transports};
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::stats::Stats;
+use crate::transport::{response_flow, Flow, Inbound, InboundEvent, Limits, Listeners, Transports};
 
 /// Names one transaction for the lifetime of the layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -202,6 +207,49 @@ struct ClientEntry {
     machine: ClientMachine,
     request: Message,
     events: mpsc::UnboundedSender<ClientEvent>,
+}
+
+/// How many inbound messages and core events may queue between the tasks.
+const CHANNEL_DEPTH: usize = 4096;
+
+/// The SIP stack below the core: transports feeding one running transaction layer.
+pub struct SipStack {
+    pub transports: Transports,
+    pub layer: LayerHandle,
+    /// What the core handles.
+    pub core_events: mpsc::Receiver<CoreEvent>,
+}
+
+/// Starts the transports on `listeners` and the transaction layer behind them, both
+/// tracked by `tracker` and stopped by `stop`; `stop_accepting` closes the accept loops
+/// first during a graceful shutdown.
+pub fn start_sip_stack(
+    listeners: Listeners,
+    limits: Limits,
+    stats: Arc<Stats>,
+    settings: TimerSettings,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+    stop_accepting: CancellationToken,
+) -> SipStack {
+    let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_DEPTH);
+    let (core_tx, core_events) = mpsc::channel(CHANNEL_DEPTH);
+    let transports = Transports::start(
+        listeners,
+        limits,
+        stats,
+        inbound_tx,
+        tracker,
+        stop.clone(),
+        stop_accepting,
+    );
+    let (layer, handle) = TransactionLayer::new(settings, transports.clone(), core_tx);
+    tracker.spawn(layer.run(inbound_rx, stop));
+    SipStack {
+        transports,
+        layer: handle,
+        core_events,
+    }
 }
 
 /// The layer's state, owned by its task.
@@ -788,19 +836,16 @@ mod tests {
             let stats = Arc::new(Stats::default());
             let tracker = TaskTracker::new();
             let stop = CancellationToken::new();
-            let (inbound_tx, inbound_rx) = mpsc::channel(64);
-            let (core_tx, core) = mpsc::channel(64);
-            let transports = Transports::start(
+            let stack = start_sip_stack(
                 listeners,
                 limits,
                 stats.clone(),
-                inbound_tx,
+                settings,
                 &tracker,
                 stop.clone(),
                 stop.clone(),
             );
-            let (layer, handle) = TransactionLayer::new(settings, transports, core_tx);
-            tracker.spawn(layer.run(inbound_rx, stop.clone()));
+            let (handle, core) = (stack.layer, stack.core_events);
             Node {
                 handle,
                 core,
