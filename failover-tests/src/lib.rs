@@ -21,6 +21,8 @@ use tempfile::TempDir;
 
 pub use clock::Deadline;
 
+pub mod cluster;
+
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -145,7 +147,7 @@ impl Node {
             .prefix("tandem-node-")
             .tempdir()
             .expect("temp dir for the node");
-        let config = with_data_dir(toml, &dir.path().join("data"));
+        let config = with_admin_port(&with_data_dir(toml, &dir.path().join("data")));
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, &config).expect("write config.toml");
         let log_path = dir.path().join("node.log");
@@ -385,6 +387,20 @@ impl Drop for Node {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+/// Gives the admin API a free port unless the config has an `[admin]` table, so nodes
+/// started in parallel do not fight over the default one.
+fn with_admin_port(toml: &str) -> String {
+    if toml.lines().any(|l| l.trim() == "[admin]") {
+        return toml.to_owned();
+    }
+    format!(
+        "{toml}
+[admin]
+listen = \"127.0.0.1:{}\"\n",
+        free_port()
+    )
 }
 
 /// Adds `data_dir` to the `[node]` table (creating it) unless the config already sets one.
@@ -663,11 +679,17 @@ impl SipTcp {
     }
 }
 
+/// This package's directory. Read at run time: the target dir is shared between checkouts
+/// at different paths, and a binary built in one must not look for files in another.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .into()
+}
+
 /// The path of one of the sipp scenarios in `ops/sipp/`.
 pub fn sipp_scenario(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../ops/sipp")
-        .join(name)
+    package_dir().join("../ops/sipp").join(name)
 }
 
 /// How a sipp run ended.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tandem_failover_tests::{
@@ -301,7 +301,7 @@ struct TortureCase {
 }
 
 fn corpus_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../node/sip/tests/rfc4475")
+    tandem_failover_tests::package_dir().join("../node/sip/tests/rfc4475")
 }
 
 fn torture_cases() -> Vec<TortureCase> {

@@ -3,7 +3,6 @@
 //! timeouts hold, and a port already in use fails start-up with the address in the message.
 
 use std::net::{TcpListener, UdpSocket};
-use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
@@ -77,7 +76,7 @@ fn run_with_an_invalid_config_exits_64() {
 
 #[test]
 fn the_example_config_is_valid() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/tandem.example.toml");
+    let example = tandem_failover_tests::package_dir().join("../ops/tandem.example.toml");
     let output = tandem_command()
         .arg("check-config")
         .arg(&example)

@@ -32,8 +32,67 @@ pub enum Command {
     /// Create the cluster CA, or issue node certificates for the internal mutual-TLS listener.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Create, grow, shrink and inspect a cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Master key rotation.
+    #[command(subcommand)]
+    Keys(KeysCommand),
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Create a new cluster with this node as its only member (offline; run once, on the
+    /// first node). Creates the master key file if it does not exist.
+    Init {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Add this node to a running cluster through any member's internal address (offline;
+    /// run once, before this node's first start). It becomes a voter once it has caught up.
+    Join {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The internal `host:port` ([cluster] advertise) of any member.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: String,
+    },
+    /// Remove a node from the cluster for good; its id is never used again. Asks the
+    /// running node of --config.
+    Remove {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The id of the node to remove.
+        #[arg(value_name = "NODE_ID")]
+        node: u64,
+    },
+    /// Members, roles, leader, term, log indexes, lag per member and quorum state, as the
+    /// running node of --config sees them.
+    Status {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the JSON the admin API returns.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Step 1: add a new master key to this node's key file (offline). New values are
+    /// sealed with it once every node has the file; copy it to every node.
+    Rotate {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Step 2: re-encrypt every sensitive field under the newest key, through Raft. Checks
+    /// first that every member's key file holds that key.
+    Reseal {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -86,4 +145,23 @@ fn subject_alt_name(san: &str) -> Result<String, String> {
     rustls::pki_types::ServerName::try_from(san)
         .map(|_| san.to_owned())
         .map_err(|_| "not an IP address or a DNS name".to_owned())
+}
+
+impl ClusterCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            ClusterCommand::Init { config }
+            | ClusterCommand::Join { config, .. }
+            | ClusterCommand::Remove { config, .. }
+            | ClusterCommand::Status { config, .. } => config.clone(),
+        }
+    }
+}
+
+impl KeysCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            KeysCommand::Rotate { config } | KeysCommand::Reseal { config } => config.clone(),
+        }
+    }
 }

@@ -17,6 +17,9 @@ use crate::Error;
 pub struct Config {
     pub node: NodeConfig,
     pub sip: SipConfig,
+    /// Absent: a standalone node, a cluster of one with no internal listener.
+    pub cluster: Option<ClusterConfig>,
+    pub admin: AdminConfig,
     pub log: LogConfig,
 }
 
@@ -38,6 +41,8 @@ pub struct NodeConfig {
     /// Where this node keeps its state.
     pub data_dir: PathBuf,
     pub role: Role,
+    /// The master key file for field encryption; `None` means `<data_dir>/master.key`.
+    pub master_key: Option<PathBuf>,
 }
 
 impl Default for NodeConfig {
@@ -46,6 +51,112 @@ impl Default for NodeConfig {
             id: 1,
             data_dir: PathBuf::from("./data"),
             role: Role::Full,
+            master_key: None,
+        }
+    }
+}
+
+impl NodeConfig {
+    pub fn master_key_path(&self) -> PathBuf {
+        self.master_key
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("master.key"))
+    }
+}
+
+/// The internal listener and Raft timing of a clustered node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// The internal mutual-TLS listener for Raft RPCs and membership requests.
+    pub listen: SocketAddr,
+    /// `host:port` other nodes reach the listener at; `None` means `listen`.
+    pub advertise: Option<String>,
+    /// The cluster CA's certificate, PEM.
+    pub ca_certificate: PathBuf,
+    /// This node's certificate from the cluster CA, PEM.
+    pub certificate: PathBuf,
+    /// This node's private key, PEM.
+    pub private_key: PathBuf,
+    pub heartbeat_ms: u64,
+    /// The shortest election timeout; the longest is twice this. A witness triples both.
+    pub election_timeout_ms: u64,
+    /// Build a snapshot after this many log entries.
+    pub snapshot_every: u64,
+    /// How long a write waits to be committed before it fails.
+    pub propose_timeout_ms: u64,
+    /// A leader without a quorum acknowledgement for this long is degraded.
+    pub quorum_timeout_ms: u64,
+    /// `/ready` fails while more committed entries than this are not yet applied here.
+    pub max_apply_lag: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: "127.0.0.1:7060".parse().expect("literal address"),
+            advertise: None,
+            ca_certificate: PathBuf::new(),
+            certificate: PathBuf::new(),
+            private_key: PathBuf::new(),
+            heartbeat_ms: 100,
+            election_timeout_ms: 300,
+            snapshot_every: 10_000,
+            propose_timeout_ms: 5_000,
+            quorum_timeout_ms: 1_500,
+            max_apply_lag: 1_000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn advertise_addr(&self) -> String {
+        self.advertise
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
+    }
+}
+
+/// The HTTP admin API: status, membership, accounts, health and metrics.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    /// The bearer token file; `None` means `<data_dir>/admin.token`, created on first start.
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:8060".parse().expect("literal address"),
+            token_file: None,
+        }
+    }
+}
+
+impl Config {
+    pub fn token_path(&self) -> PathBuf {
+        self.admin
+            .token_file
+            .clone()
+            .unwrap_or_else(|| self.node.data_dir.join("admin.token"))
+    }
+
+    /// Raft timing from `[cluster]`, or the defaults for a standalone node.
+    pub fn raft_settings(&self) -> tandem_raft_store::replica::RaftSettings {
+        let c = self.cluster.clone().unwrap_or_default();
+        let settings = tandem_raft_store::replica::RaftSettings {
+            heartbeat: Duration::from_millis(c.heartbeat_ms),
+            election_timeout_min: Duration::from_millis(c.election_timeout_ms),
+            election_timeout_max: Duration::from_millis(c.election_timeout_ms * 2),
+            snapshot_every: c.snapshot_every,
+            propose_timeout: Duration::from_millis(c.propose_timeout_ms),
+            ..Default::default()
+        };
+        match self.node.role {
+            Role::Full => settings,
+            Role::Witness => settings.for_witness(),
         }
     }
 }
@@ -128,7 +239,7 @@ pub struct LogConfig {
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
-            filter: "info".into(),
+            filter: "info,openraft=warn".into(),
             format: LogFormat::Text,
         }
     }
@@ -240,6 +351,71 @@ impl Config {
         }
         if sip.retry_after_secs == 0 {
             bad("sip.retry_after_secs", "must be at least 1".into());
+        }
+        if self.node.role == Role::Witness && self.cluster.is_none() {
+            bad(
+                "node.role",
+                "a witness only makes sense in a cluster: add a [cluster] section".into(),
+            );
+        }
+        if let Some(c) = &self.cluster {
+            for (key, path) in [
+                ("cluster.ca_certificate", &c.ca_certificate),
+                ("cluster.certificate", &c.certificate),
+                ("cluster.private_key", &c.private_key),
+            ] {
+                if path.as_os_str().is_empty() {
+                    bad(key, "required in a [cluster] section".into());
+                } else if !path.is_file() {
+                    bad(key, format!("{} is not a readable file", path.display()));
+                }
+            }
+            if let Some(a) = &c.advertise {
+                if !a
+                    .rsplit_once(':')
+                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+                {
+                    bad("cluster.advertise", format!("{a:?} is not host:port"));
+                }
+            }
+            if c.heartbeat_ms == 0 {
+                bad("cluster.heartbeat_ms", "must be at least 1".into());
+            }
+            if c.election_timeout_ms < 3 * c.heartbeat_ms {
+                bad(
+                    "cluster.election_timeout_ms",
+                    format!("must be at least 3 heartbeats ({} ms)", 3 * c.heartbeat_ms),
+                );
+            }
+            if c.snapshot_every < 100 {
+                bad("cluster.snapshot_every", "must be at least 100".into());
+            }
+            if c.propose_timeout_ms < 100 {
+                bad("cluster.propose_timeout_ms", "must be at least 100".into());
+            }
+            if c.quorum_timeout_ms < c.heartbeat_ms {
+                bad(
+                    "cluster.quorum_timeout_ms",
+                    format!(
+                        "must not be below cluster.heartbeat_ms ({})",
+                        c.heartbeat_ms
+                    ),
+                );
+            }
+            let sip_ports: Vec<&SocketAddr> =
+                sip.udp.iter().chain(&sip.tcp).chain(&sip.tls).collect();
+            if sip_ports.contains(&&c.listen) || self.admin.listen == c.listen {
+                bad(
+                    "cluster.listen",
+                    format!("{} is also a SIP or admin listener", c.listen),
+                );
+            }
+        }
+        if sip.tcp.contains(&self.admin.listen) || sip.tls.contains(&self.admin.listen) {
+            bad(
+                "admin.listen",
+                format!("{} is also a SIP listener", self.admin.listen),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", format!("not a valid filter: {e}"));

@@ -32,6 +32,12 @@ pub enum Error {
     /// From the replicated store, its key file or its certificates.
     #[error(transparent)]
     Store(#[from] tandem_raft_store::Error),
+    /// A running node's admin API refused or could not be reached.
+    #[error("{0}")]
+    Admin(String),
+    /// Key rotation cannot go ahead safely.
+    #[error("key rotation: {0}")]
+    Rotation(String),
     /// An offline provisioning command (`keygen`, `cert`) cannot do what it was asked.
     #[error("{}: {problem}", path.display())]
     Provision { path: PathBuf, problem: String },

@@ -4,8 +4,11 @@
 //! ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cli;
+pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod core;
 mod error;
 pub mod provision;

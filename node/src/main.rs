@@ -18,6 +18,16 @@ fn main() -> ExitCode {
         Command::Cert(command) => return report(provision::cert(&command)),
         Command::CheckConfig { file } => (Some(file), false),
         Command::Run { config } => (config, true),
+        Command::Cluster(command) => {
+            return operator(command.config(), |c| async move {
+                tandem_node::control::cluster(&command, &c).await
+            })
+        }
+        Command::Keys(command) => {
+            return operator(command.config(), |c| async move {
+                tandem_node::control::keys(&command, &c).await
+            })
+        }
     };
     let config = match load_config(path.as_deref()) {
         Ok(c) => c,
@@ -54,6 +64,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Runs an operator command against the node that `path` configures.
+fn operator<F, Fut>(path: std::path::PathBuf, command: F) -> ExitCode
+where
+    F: FnOnce(tandem_node::config::Config) -> Fut,
+    Fut: std::future::Future<Output = Result<String, tandem_node::Error>>,
+{
+    let config = match load_config(Some(&path)) {
+        Ok(c) => c,
+        Err(problems) => {
+            for p in problems {
+                eprintln!("tandem: invalid configuration: {p}");
+            }
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    // Raft's own chatter is not for the operator at a terminal; warnings still show.
+    let mut quiet = config.log.clone();
+    quiet.filter = "warn".into();
+    telemetry::init(&quiet);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandem: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    report(runtime.block_on(command(config)))
 }
 
 /// Prints a provisioning command's report, or its error on one line.

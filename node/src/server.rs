@@ -1,7 +1,9 @@
-//! Wiring and lifecycle of one node: bind, start the tasks, wait for a stop request, and
-//! shut down in order. A graceful stop (SIGTERM) answers new requests with 503, stops
-//! accepting connections, waits (bounded) for transactions still waiting on a final
-//! response, then closes transports. A fast stop (SIGINT) skips the waiting.
+//! Wiring and lifecycle of one node: open the replica, bind, start the tasks, wait for a
+//! stop request, and shut down in order (CONVENTIONS §4): SIP first, then the admin API,
+//! then the internal listener and cluster duties, then Raft, and RocksDB closes last. A
+//! graceful stop (SIGTERM) answers new requests with 503, stops accepting connections and
+//! waits (bounded) for transactions still waiting on a final response before closing
+//! transports. A fast stop (SIGINT) skips the waiting.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -11,6 +13,8 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin;
+use crate::cluster::ClusterNode;
 use crate::config::{Config, Role};
 use crate::core::Core;
 use crate::stats::Stats;
@@ -57,11 +61,56 @@ pub async fn run_until_signal(config: Config) -> Result<(), Error> {
 
 /// Runs a node until `stops` yields. A second value during a graceful stop makes it fast.
 pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), Error> {
-    std::fs::create_dir_all(&config.node.data_dir).map_err(|source| Error::Io {
-        context: format!("creating node.data_dir {}", config.node.data_dir.display()),
-        source,
-    })?;
     let stats = Arc::new(Stats::default());
+    let cluster_tracker = TaskTracker::new();
+    let stop_cluster = CancellationToken::new();
+    let cluster = ClusterNode::start(&config, &cluster_tracker, stop_cluster.clone()).await?;
+    let result = run_with_cluster(&config, &cluster, stats, &mut stops).await;
+    stop_cluster.cancel();
+    cluster_tracker.close();
+    if tokio::time::timeout(TASK_EXIT_TIMEOUT, cluster_tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("some cluster tasks did not stop in time");
+    }
+    cluster.shutdown().await;
+    drop(cluster);
+    tracing::info!("tandem node stopped");
+    result
+}
+
+/// Everything above the replica: the admin API and, on a full node, the SIP stack.
+async fn run_with_cluster(
+    config: &Config,
+    cluster: &ClusterNode,
+    stats: Arc<Stats>,
+    stops: &mut mpsc::Receiver<Stop>,
+) -> Result<(), Error> {
+    let token = admin::load_or_create_token(&config.token_path())?;
+    let stop_admin = CancellationToken::new();
+    let admin_server = admin::serve(
+        admin::Admin::new(cluster.clone(), stats.clone(), token),
+        config.admin.listen,
+        stop_admin.clone().cancelled_owned(),
+    )?;
+    let admin_task = tokio::spawn(admin_server);
+    let result = run_sip(config, stats, stops).await;
+    stop_admin.cancel();
+    if tokio::time::timeout(TASK_EXIT_TIMEOUT, admin_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("the admin API did not stop in time");
+    }
+    result
+}
+
+async fn run_sip(
+    config: &Config,
+    stats: Arc<Stats>,
+    stops: &mut mpsc::Receiver<Stop>,
+) -> Result<(), Error> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
@@ -95,6 +144,8 @@ pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), 
         tracker.spawn(core.run(stack.core_events, stop.clone()));
         tracing::info!(
             node = config.node.id,
+            admin = %config.admin.listen,
+            cluster = ?config.cluster.as_ref().map(|c| c.listen),
             udp = ?config.sip.udp,
             tcp = ?config.sip.tcp,
             tls = ?config.sip.tls,
@@ -104,6 +155,8 @@ pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), 
     } else {
         tracing::info!(
             node = config.node.id,
+            admin = %config.admin.listen,
+            cluster = ?config.cluster.as_ref().map(|c| c.listen),
             "tandem witness ready (no SIP listeners)"
         );
     }
@@ -151,7 +204,7 @@ pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), 
         malformed_dropped = stats
             .malformed_dropped
             .load(std::sync::atomic::Ordering::Relaxed),
-        "tandem node stopped"
+        "SIP stopped"
     );
     Ok(())
 }

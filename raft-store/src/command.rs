@@ -149,6 +149,11 @@ pub enum Command {
         payload: Vec<u8>,
     },
     PutNode(NodeRecord),
+    /// A node left the cluster for good: its registry record goes, and its id is never
+    /// accepted again.
+    RetireNode {
+        id: NodeId,
+    },
     /// Switches on command kinds every member understands (DECISIONS §11).
     SetFeatureVersion {
         version: u32,
@@ -219,7 +224,7 @@ kinds! {
     6 => PutAccount, 7 => DeleteAccount, 8 => PutBinding, 9 => RemoveBinding,
     10 => RemoveAllBindings, 11 => ExpireBindings, 12 => PutProvider, 13 => DeleteProvider,
     14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan, 17 => ResealAccount,
-    18 => ResealProvider,
+    18 => ResealProvider, 19 => RetireNode,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -249,6 +254,7 @@ impl Command {
         let body = match self {
             Command::Noop { payload } => enc(payload),
             Command::PutNode(n) => enc(n),
+            Command::RetireNode { id } => enc(id),
             Command::SetFeatureVersion { version } => enc(version),
             Command::PutCustomer(c) => enc(c),
             Command::DeleteCustomer { id } => enc(id),
@@ -312,6 +318,9 @@ impl Command {
                 payload: postcard::from_bytes(b).map_err(bad)?,
             },
             2 => Command::PutNode(postcard::from_bytes(b).map_err(bad)?),
+            19 => Command::RetireNode {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
             3 => Command::SetFeatureVersion {
                 version: postcard::from_bytes(b).map_err(bad)?,
             },

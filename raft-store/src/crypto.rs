@@ -82,6 +82,11 @@ impl KeyRing {
         id
     }
 
+    /// Every key id in the ring, oldest first.
+    pub fn ids(&self) -> Vec<u32> {
+        self.keys.keys().copied().collect()
+    }
+
     pub fn current_id(&self) -> u32 {
         *self
             .keys
@@ -175,6 +180,23 @@ impl KeyRing {
         let mut file = options.open(path).map_err(io)?;
         file.write_all(text.as_bytes()).map_err(io)?;
         file.sync_all().map_err(io)
+    }
+
+    /// Replaces the key file atomically (write a temporary file, sync, rename), for
+    /// rotation. The old file's keys must all still be in this ring.
+    pub fn save_replacing(&self, path: &Path) -> Result<(), Error> {
+        let old = KeyRing::load(path)?;
+        if let Some(missing) = old.keys.keys().find(|id| !self.keys.contains_key(id)) {
+            return Err(Error::Crypto(format!(
+                "refusing to drop key {missing} from {}",
+                path.display()
+            )));
+        }
+        let tmp = path.with_extension("new");
+        let _ = std::fs::remove_file(&tmp);
+        self.save(&tmp)?;
+        std::fs::rename(&tmp, path)
+            .map_err(|e| Error::Io(format!("replacing key file {}: {e}", path.display())))
     }
 
     pub fn load(path: &Path) -> Result<KeyRing, Error> {

@@ -19,10 +19,13 @@ pub struct Identity {
     /// Random, chosen once by `tandem cluster init` and copied by every joining node.
     pub cluster_id: String,
     pub node_id: NodeId,
+    /// The fingerprint of the cluster CA (see [`crate::tls::ca_fingerprint`]); `None` for
+    /// a standalone node.
+    pub ca_fingerprint: Option<String>,
 }
 
 impl Identity {
-    /// A fresh cluster id for `tandem cluster init`.
+    /// A fresh cluster id for `tandem cluster init` (add the CA with `ca_fingerprint`).
     pub fn new_cluster(node_id: NodeId) -> Identity {
         let mut bytes = [0u8; 16];
         rand::rngs::OsRng.fill_bytes(&mut bytes);
@@ -30,6 +33,7 @@ impl Identity {
         Identity {
             cluster_id,
             node_id,
+            ca_fingerprint: None,
         }
     }
 }
@@ -45,9 +49,9 @@ fn check_writable(dir: &Path) -> Result<(), Error> {
     result.map_err(|e| Error::Io(format!("data dir {} is not writable: {e}", dir.display())))
 }
 
-/// Claims a new, empty (or absent) directory for `identity`. Refuses a directory that
-/// already belongs to a node.
-pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
+/// Checks that `dir` can be claimed: it is absent, or writable and owned by no node yet.
+/// Creates it if absent.
+pub fn check_claimable(dir: &Path) -> Result<(), Error> {
     std::fs::create_dir_all(dir)
         .map_err(|e| Error::Io(format!("creating data dir {}: {e}", dir.display())))?;
     check_writable(dir)?;
@@ -59,10 +63,20 @@ pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
             existing.cluster_id
         )));
     }
-    let text = format!(
+    Ok(())
+}
+
+/// Claims a new, empty (or absent) directory for `identity`. Refuses a directory that
+/// already belongs to a node.
+pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
+    check_claimable(dir)?;
+    let mut text = format!(
         "# Written by tandem cluster init/join. Do not edit or copy to another node.\ncluster = {}\nnode = {}\n",
         identity.cluster_id, identity.node_id
     );
+    if let Some(ca) = &identity.ca_fingerprint {
+        text.push_str(&format!("ca = {ca}\n"));
+    }
     let io =
         |e: std::io::Error| Error::Io(format!("writing {}: {e}", identity_path(dir).display()));
     let mut f = std::fs::OpenOptions::new()
@@ -75,8 +89,9 @@ pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
 }
 
 /// Checks the directory a node is about to run on: it must exist, be writable, and belong
-/// to this node (and to `cluster_id`, when the caller knows it).
-pub fn open(dir: &Path, node_id: NodeId, cluster_id: Option<&str>) -> Result<Identity, Error> {
+/// to this node, and (when the caller has one) to the cluster whose CA has fingerprint
+/// `ca_fingerprint`.
+pub fn open(dir: &Path, node_id: NodeId, ca_fingerprint: Option<&str>) -> Result<Identity, Error> {
     if !dir.is_dir() {
         return Err(Error::Io(format!(
             "data dir {} does not exist; create it with `tandem cluster init` or `tandem cluster join`",
@@ -97,14 +112,25 @@ pub fn open(dir: &Path, node_id: NodeId, cluster_id: Option<&str>) -> Result<Ide
             identity.node_id
         )));
     }
-    if let Some(expected) = cluster_id {
-        if identity.cluster_id != expected {
+    match (ca_fingerprint, &identity.ca_fingerprint) {
+        (Some(expected), Some(recorded)) if expected != recorded => {
             return Err(Error::Io(format!(
-                "data dir {} belongs to cluster {}, not to cluster {expected}",
+                "data dir {} belongs to another cluster ({}): it was created under a cluster \
+                 CA with fingerprint {recorded}, but this node's cluster.ca_certificate has \
+                 fingerprint {expected}",
                 dir.display(),
                 identity.cluster_id
             )));
         }
+        (Some(_), None) => {
+            return Err(Error::Io(format!(
+                "data dir {} belongs to standalone node {}, not to a cluster; a standalone \
+                 node's data cannot join a cluster",
+                dir.display(),
+                identity.node_id
+            )));
+        }
+        _ => {}
     }
     Ok(identity)
 }
@@ -116,7 +142,7 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::Io(format!("reading {}: {e}", path.display()))),
     };
-    let (mut cluster, mut node) = (None, None);
+    let (mut cluster, mut node, mut ca) = (None, None, None);
     for line in text
         .lines()
         .map(str::trim)
@@ -125,6 +151,7 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
         match line.split_once('=').map(|(k, v)| (k.trim(), v.trim())) {
             Some(("cluster", v)) if !v.is_empty() => cluster = Some(v.to_owned()),
             Some(("node", v)) => node = v.parse().ok(),
+            Some(("ca", v)) if !v.is_empty() => ca = Some(v.to_owned()),
             _ => {}
         }
     }
@@ -132,6 +159,7 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
         (Some(cluster_id), Some(node_id)) => Ok(Some(Identity {
             cluster_id,
             node_id,
+            ca_fingerprint: ca,
         })),
         _ => Err(Error::Corrupt(format!(
             "{} is damaged: it needs `cluster = ...` and `node = N`",
@@ -148,21 +176,22 @@ mod tests {
     fn a_claimed_dir_opens_for_its_own_node_only() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("data");
-        let me = Identity::new_cluster(2);
+        let me = Identity {
+            ca_fingerprint: Some("ab12".into()),
+            ..Identity::new_cluster(2)
+        };
         claim(&dir, &me).unwrap();
         assert_eq!(open(&dir, 2, None).unwrap(), me);
-        assert_eq!(open(&dir, 2, Some(&me.cluster_id)).unwrap(), me);
+        assert_eq!(open(&dir, 2, Some("ab12")).unwrap(), me);
 
         let err = open(&dir, 3, None).unwrap_err().to_string();
         assert!(
             err.contains("belongs to node 2") && err.contains("node 3"),
             "{err}"
         );
-        let err = open(&dir, 2, Some("another-cluster"))
-            .unwrap_err()
-            .to_string();
+        let err = open(&dir, 2, Some("cd34")).unwrap_err().to_string();
         assert!(
-            err.contains(&me.cluster_id) && err.contains("another-cluster"),
+            err.contains("another cluster") && err.contains(&me.cluster_id) && err.contains("cd34"),
             "{err}"
         );
         let err = claim(&dir, &Identity::new_cluster(2))
@@ -186,6 +215,14 @@ mod tests {
         std::fs::write(tmp.path().join(IDENTITY_FILE), "cluster = \n").unwrap();
         let err = open(tmp.path(), 1, None).unwrap_err().to_string();
         assert!(err.contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn a_standalone_dir_is_not_a_cluster_members() {
+        let tmp = tempfile::tempdir().unwrap();
+        claim(tmp.path(), &Identity::new_cluster(1)).unwrap();
+        let err = open(tmp.path(), 1, Some("ab12")).unwrap_err().to_string();
+        assert!(err.contains("standalone"), "{err}");
     }
 
     #[test]

@@ -4,10 +4,14 @@
 //! way in, `Result<response, RaftError>` on the way out, so a remote Raft error arrives as
 //! the same typed error openraft would have returned locally.
 //!
-//! Routes: `POST /raft/append`, `/raft/vote`, `/raft/snapshot` (one chunk of a snapshot)
-//! and `/raft/propose` (a follower forwarding a batch of commands to the leader).
+//! Routes: `POST /raft/append`, `/raft/vote`, `/raft/snapshot` (one chunk of a snapshot),
+//! `/raft/propose` (a follower forwarding a batch of commands to the leader) and
+//! `/raft/cluster` (membership requests, and questions one member asks another). Only a
+//! holder of a certificate from the cluster CA gets past the handshake, so these routes
+//! need no other authentication.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,13 +23,14 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::Raft;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use warp::Filter;
 
+use crate::membership::{ClusterReply, ClusterRequest};
+use crate::replica::Replica;
 use crate::tls::ClusterTls;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
@@ -84,6 +89,63 @@ impl HttpNetwork {
             .map_err(|e| Error::Corrupt(format!("leader's answer: {e}")))?;
         result.map_err(Error::Raft)
     }
+}
+
+impl HttpNetwork {
+    /// Sends a membership request to the member at `raft_addr`. Returns the answering
+    /// member's cluster id with its reply.
+    pub async fn cluster(
+        &self,
+        raft_addr: &str,
+        request: &ClusterRequest,
+        timeout: Duration,
+    ) -> Result<(String, ClusterReply), Error> {
+        let url = format!("https://{raft_addr}/raft/cluster");
+        let body = postcard::to_stdvec(request).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let reply = self
+            .client
+            .post(url)
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| Error::Raft(format!("asking the member at {raft_addr}: {}", chain(&e))))?;
+        if !reply.status().is_success() {
+            return Err(Error::Raft(format!(
+                "the member at {raft_addr} answered HTTP {}",
+                reply.status()
+            )));
+        }
+        let bytes = reply
+            .bytes()
+            .await
+            .map_err(|e| Error::Raft(format!("reading the answer from {raft_addr}: {e}")))?;
+        let result: Result<(String, ClusterReply), Error> = postcard::from_bytes(&bytes)
+            .map_err(|e| Error::Corrupt(format!("answer from {raft_addr}: {e}")))?;
+        result
+    }
+}
+
+/// An error with its causes, which is where reqwest puts the reason (refused, TLS...).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// What the serving side needs besides the replica.
+#[derive(Clone)]
+pub struct ServeContext {
+    /// Sent with every `/raft/cluster` answer, so a joining node learns which cluster it
+    /// joined.
+    pub cluster_id: String,
+    /// The ids in this node's key file, read when asked.
+    pub key_ids: Arc<dyn Fn() -> Result<Vec<u32>, Error> + Send + Sync>,
 }
 
 /// The client for one peer.
@@ -194,8 +256,8 @@ fn bad_request(e: impl std::fmt::Display) -> warp::http::Response<Vec<u8>> {
 /// `POST /raft/<name>`: decodes the body as `Req`, calls `handle`, encodes its result.
 fn rpc_route<Req, Fut, Out>(
     name: &'static str,
-    raft: Raft<TypeConfig>,
-    handle: impl Fn(Raft<TypeConfig>, Req) -> Fut + Clone + Send + Sync + 'static,
+    replica: Replica,
+    handle: impl Fn(Replica, Req) -> Fut + Clone + Send + Sync + 'static,
 ) -> impl Filter<Extract = (warp::http::Response<Vec<u8>>,), Error = warp::Rejection> + Clone
 where
     Req: DeserializeOwned + Send + 'static,
@@ -209,11 +271,11 @@ where
         .and(warp::body::content_length_limit(MAX_BODY))
         .and(warp::body::bytes())
         .then(move |body: Bytes| {
-            let raft = raft.clone();
+            let replica = replica.clone();
             let handle = handle.clone();
             async move {
                 match postcard::from_bytes::<Req>(&body) {
-                    Ok(request) => reply(&handle(raft, request).await),
+                    Ok(request) => reply(&handle(replica, request).await),
                     Err(e) => bad_request(e),
                 }
             }
@@ -225,31 +287,59 @@ where
 pub async fn serve(
     listener: TcpListener,
     tls: &ClusterTls,
-    raft: Raft<TypeConfig>,
+    replica: Replica,
+    context: ServeContext,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let append = rpc_route(
         "append",
-        raft.clone(),
-        |raft, rpc: AppendEntriesRequest<TypeConfig>| async move { raft.append_entries(rpc).await },
+        replica.clone(),
+        |replica, rpc: AppendEntriesRequest<TypeConfig>| async move {
+            if let Some(commit) = rpc.leader_commit {
+                replica.note_leader_commit(commit.index);
+            }
+            replica.raft().append_entries(rpc).await
+        },
     );
     let vote = rpc_route(
         "vote",
-        raft.clone(),
-        |raft, rpc: VoteRequest<NodeId>| async move { raft.vote(rpc).await },
+        replica.clone(),
+        |replica, rpc: VoteRequest<NodeId>| async move { replica.raft().vote(rpc).await },
     );
     let snapshot = rpc_route(
         "snapshot",
-        raft.clone(),
-        |raft, rpc: InstallSnapshotRequest<TypeConfig>| async move { raft.install_snapshot(rpc).await },
+        replica.clone(),
+        |replica, rpc: InstallSnapshotRequest<TypeConfig>| async move {
+            replica.raft().install_snapshot(rpc).await
+        },
     );
-    let propose = rpc_route("propose", raft, |raft, request: Request| async move {
-        raft.client_write(request)
-            .await
-            .map(|r| r.data)
-            .map_err(|e| e.to_string())
-    });
-    let routes = append.or(vote).or(snapshot).or(propose);
+    let propose = rpc_route(
+        "propose",
+        replica.clone(),
+        |replica, request: Request| async move {
+            replica
+                .raft()
+                .client_write(request)
+                .await
+                .map(|r| r.data)
+                .map_err(|e| e.to_string())
+        },
+    );
+    let cluster = rpc_route(
+        "cluster",
+        replica,
+        move |replica, request: ClusterRequest| {
+            let context = context.clone();
+            async move {
+                let reply = match request {
+                    ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
+                    other => replica.cluster_request(other).await,
+                };
+                reply.map(|r| (context.cluster_id.clone(), r))
+            }
+        },
+    );
+    let routes = append.or(vote).or(snapshot).or(propose).or(cluster);
 
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());

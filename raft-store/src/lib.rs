@@ -17,6 +17,7 @@ pub mod data_dir;
 pub mod http_network;
 pub mod local_network;
 pub mod log_store;
+pub mod membership;
 pub mod replica;
 pub mod state;
 pub mod state_machine;
@@ -28,7 +29,7 @@ pub use store::open;
 
 /// The crate's one error type. The first variants are ones a caller can act on; the rest
 /// are storage faults.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// The write must go to the leader, if one is known.
     #[error("not the leader (leader: {leader:?})")]

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::command::{Command, CommandResult, EncodedCommand};
 use crate::log_store::LogStats;
+use crate::membership::{ClusterReply, ClusterRequest};
 use crate::state::StateReader;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
@@ -85,8 +87,18 @@ pub trait Forwarder: Send + Sync + 'static {
         leader: &'a NodeInfo,
         request: &'a Request,
         timeout: Duration,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + 'a>>;
+    ) -> BoxFuture<'a, Result<Response, Error>>;
+
+    /// Carries a membership request to the leader.
+    fn cluster<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a ClusterRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ClusterReply, Error>>;
 }
+
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 impl Forwarder for crate::http_network::HttpNetwork {
     fn forward<'a>(
@@ -94,11 +106,23 @@ impl Forwarder for crate::http_network::HttpNetwork {
         leader: &'a NodeInfo,
         request: &'a Request,
         timeout: Duration,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, Error>> + Send + 'a>>
-    {
+    ) -> BoxFuture<'a, Result<Response, Error>> {
         Box::pin(crate::http_network::HttpNetwork::forward(
             self, leader, request, timeout,
         ))
+    }
+
+    fn cluster<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a ClusterRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ClusterReply, Error>> {
+        Box::pin(async move {
+            crate::http_network::HttpNetwork::cluster(self, &leader.raft_addr, request, timeout)
+                .await
+                .map(|(_cluster_id, reply)| reply)
+        })
     }
 }
 
@@ -157,6 +181,35 @@ pub struct ResealReport {
     pub providers: u64,
 }
 
+/// Write-path figures for metrics: how many proposals, in how many log entries, and a
+/// histogram of commands per entry (upper bounds 1, 2, 4 … 512, then more).
+#[derive(Debug, Default)]
+pub struct ProposeStats {
+    pub proposals: AtomicU64,
+    pub batches: AtomicU64,
+    pub failed: AtomicU64,
+    pub batch_size_buckets: [AtomicU64; BATCH_BUCKETS],
+}
+
+/// Buckets of [`ProposeStats::batch_size_buckets`].
+pub const BATCH_BUCKETS: usize = 11;
+
+impl ProposeStats {
+    /// The upper bound of bucket `i`; the last bucket has none.
+    pub fn bucket_bound(i: usize) -> Option<u64> {
+        (i + 1 < BATCH_BUCKETS).then(|| 1u64 << i)
+    }
+
+    fn record_batch(&self, size: usize) {
+        self.proposals.fetch_add(size as u64, Ordering::Relaxed);
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        let bucket = (0..BATCH_BUCKETS)
+            .find(|&i| Self::bucket_bound(i).is_none_or(|b| size as u64 <= b))
+            .unwrap_or(BATCH_BUCKETS - 1);
+        self.batch_size_buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 struct Proposal {
     command: EncodedCommand,
     reply: oneshot::Sender<Result<CommandResult, Error>>,
@@ -170,11 +223,15 @@ pub struct Replica {
     reader: StateReader,
     proposals: mpsc::Sender<Proposal>,
     log_stats: Arc<LogStats>,
+    propose_stats: Arc<ProposeStats>,
     propose_timeout: Duration,
+    forwarder: Option<Arc<dyn Forwarder>>,
+    /// The leader's commit index as of its latest AppendEntries, for the apply lag.
+    leader_commit: Arc<AtomicU64>,
     db: Arc<rocksdb::DB>,
 }
 
-fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
+pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Error::NotLeader {
             leader: f.leader_id,
@@ -222,10 +279,12 @@ impl Replica {
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
         let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+        let propose_stats = Arc::new(ProposeStats::default());
         let batcher = Batcher {
+            stats: propose_stats.clone(),
             id,
             raft: raft.clone(),
-            forwarder,
+            forwarder: forwarder.clone(),
             max_batch: settings.max_batch,
             timeout: settings.propose_timeout,
         };
@@ -236,9 +295,38 @@ impl Replica {
             reader,
             proposals: tx,
             log_stats,
+            propose_stats,
             propose_timeout: settings.propose_timeout,
+            forwarder,
+            leader_commit: Arc::new(AtomicU64::new(0)),
             db,
         })
+    }
+
+    pub(crate) fn forwarder(&self) -> Option<&Arc<dyn Forwarder>> {
+        self.forwarder.as_ref()
+    }
+
+    pub fn propose_timeout(&self) -> Duration {
+        self.propose_timeout
+    }
+
+    /// Records the commit index a leader sent with AppendEntries.
+    pub fn note_leader_commit(&self, index: u64) {
+        self.leader_commit.fetch_max(index, Ordering::Relaxed);
+    }
+
+    /// How many committed entries this node has yet to apply: zero on the leader; on a
+    /// follower, measured against the leader's commit index from its latest AppendEntries.
+    pub fn apply_lag(&self) -> u64 {
+        let m = self.metrics();
+        if m.state == ServerState::Leader {
+            return 0;
+        }
+        let applied = m.last_applied.map(|l| l.index).unwrap_or(0);
+        self.leader_commit
+            .load(Ordering::Relaxed)
+            .saturating_sub(applied)
     }
 
     pub fn id(&self) -> NodeId {
@@ -258,12 +346,29 @@ impl Replica {
         &self.log_stats
     }
 
+    pub fn propose_stats(&self) -> &ProposeStats {
+        &self.propose_stats
+    }
+
     pub fn metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
         self.raft.metrics().borrow().clone()
     }
 
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
     pub fn quorum_health(&self, max_ack_age: Duration) -> QuorumHealth {
         QuorumHealth::from_metrics(&self.raft.metrics().borrow(), max_ack_age)
+    }
+
+    /// Whether this node's state already belongs to a cluster (so it must not be
+    /// initialised again).
+    pub async fn is_initialized(&self) -> Result<bool, Error> {
+        self.raft
+            .is_initialized()
+            .await
+            .map_err(|e| Error::Raft(e.to_string()))
     }
 
     /// Makes this node a one-member cluster (`tandem cluster init`), or the given members.
@@ -392,6 +497,7 @@ impl Replica {
 /// `max_in_flight` entries replicating at once. On a follower that knows the leader, the
 /// batch goes to the leader instead.
 struct Batcher {
+    stats: Arc<ProposeStats>,
     id: NodeId,
     raft: Raft<TypeConfig>,
     forwarder: Option<Arc<dyn Forwarder>>,
@@ -416,6 +522,7 @@ impl Batcher {
             }
             let this = this.clone();
             tokio::spawn(async move {
+                this.stats.record_batch(batch.len());
                 let (commands, replies): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|p| (p.command, p.reply)).unzip();
                 let outcome = this.write(Request { commands }).await;
@@ -426,6 +533,7 @@ impl Batcher {
                         }
                     }
                     Err(error) => {
+                        this.stats.failed.fetch_add(1, Ordering::Relaxed);
                         for reply in replies {
                             let _ = reply.send(Err(error.clone()));
                         }

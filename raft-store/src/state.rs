@@ -33,6 +33,7 @@ mod key {
     pub const LEASE: u8 = b'l';
     pub const LEASE_BY_OWNER: u8 = b'o';
     pub const DIALPLAN: u8 = b'd';
+    pub const RETIRED: u8 = b'r';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -47,6 +48,9 @@ mod key {
 
     pub fn node(id: NodeId) -> Vec<u8> {
         with(NODE, &[&id.to_be_bytes()])
+    }
+    pub fn retired(id: NodeId) -> Vec<u8> {
+        with(RETIRED, &[&id.to_be_bytes()])
     }
     pub fn account(domain: &str, user: &str) -> Vec<u8> {
         with(ACCOUNT, &[domain.as_bytes(), user.as_bytes()])
@@ -147,6 +151,15 @@ impl StateReader {
 
     pub fn feature_version(&self) -> Result<u32, Error> {
         Ok(self.get(&[key::FEATURE])?.unwrap_or(0))
+    }
+
+    /// Whether a node id was removed from the cluster, and so may never be used again.
+    pub fn is_retired(&self, id: NodeId) -> Result<bool, Error> {
+        Ok(self.get::<()>(&key::retired(id))?.is_some())
+    }
+
+    pub fn customers(&self) -> Result<Vec<Customer>, Error> {
+        self.scan(&[key::CUSTOMER])
     }
 
     pub fn customer(&self, id: &str) -> Result<Option<Customer>, Error> {
@@ -293,7 +306,19 @@ impl<'a> Txn<'a> {
         Ok(match command {
             Command::Noop { .. } => CommandResult::Done,
             Command::PutNode(n) => {
-                self.put(key::node(n.id), &n);
+                if self.get::<()>(&key::retired(n.id))?.is_some() {
+                    CommandResult::Rejected(format!(
+                        "node {} was removed; ids are never reused",
+                        n.id
+                    ))
+                } else {
+                    self.put(key::node(n.id), &n);
+                    CommandResult::Done
+                }
+            }
+            Command::RetireNode { id } => {
+                self.delete(key::node(id));
+                self.put(key::retired(id), &());
                 CommandResult::Done
             }
             Command::SetFeatureVersion { version } => {

@@ -74,3 +74,13 @@ impl ClusterTls {
         })
     }
 }
+
+/// The SHA-256 fingerprint (hex) of the first certificate in a CA file: what a data dir
+/// records of the cluster it belongs to, so another cluster's node cannot run on it.
+pub fn ca_fingerprint(ca_cert: &Path) -> Result<String, Error> {
+    let pem = std::fs::read(ca_cert)
+        .map_err(|e| Error::Io(format!("reading {}: {e}", ca_cert.display())))?;
+    let first = certs(&pem, "cluster CA certificate")?.remove(0);
+    let digest = ring::digest::digest(&ring::digest::SHA256, first.as_ref());
+    Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}

@@ -23,6 +23,13 @@ fn tls_for(ca: &CertAuthority, name: &str, ip: &str) -> ClusterTls {
     .unwrap()
 }
 
+fn context() -> http_network::ServeContext {
+    http_network::ServeContext {
+        cluster_id: "test-cluster".into(),
+        key_ids: Arc::new(|| Ok(vec![1, 2])),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
     let ca = CertAuthority::generate("test").unwrap();
@@ -58,9 +65,9 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
         let r = Replica::start_with_forwarding(id, dir.path(), &settings, network, Some(forwarder))
             .await
             .unwrap();
-        let raft = r.raft().clone();
+        let served = r.clone();
         tokio::spawn(async move {
-            http_network::serve(listener, &tls, raft, std::future::pending()).await
+            http_network::serve(listener, &tls, served, context(), std::future::pending()).await
         });
         replicas.push(r);
         dirs.push(dir);
@@ -145,6 +152,191 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
         "the stranger's write was not applied"
     );
     for r in &replicas {
+        r.shutdown().await;
+    }
+}
+
+/// Starts a replica serving the Raft network on a fresh port of `ip`.
+async fn serving_replica(
+    ca: &CertAuthority,
+    id: u64,
+    settings: &RaftSettings,
+) -> (Replica, NodeInfo, tempfile::TempDir) {
+    let ip = format!("127.0.0.{id}");
+    let listener = tokio::net::TcpListener::bind((ip.as_str(), 0))
+        .await
+        .unwrap();
+    let info = NodeInfo {
+        raft_addr: listener.local_addr().unwrap().to_string(),
+    };
+    let tls = tls_for(ca, &format!("node{id}"), &ip);
+    let dir = tempfile::tempdir().unwrap();
+    let network = HttpNetwork::new(&tls).unwrap();
+    let forwarder: Arc<dyn Forwarder> = Arc::new(network.clone());
+    let r = Replica::start_with_forwarding(id, dir.path(), settings, network, Some(forwarder))
+        .await
+        .unwrap();
+    let served = r.clone();
+    tokio::spawn(async move {
+        http_network::serve(listener, &tls, served, context(), std::future::pending()).await
+    });
+    (r, info, dir)
+}
+
+async fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retired() {
+    use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
+    let ca = CertAuthority::generate("test").unwrap();
+    let settings = RaftSettings {
+        heartbeat: Duration::from_millis(50),
+        election_timeout_min: Duration::from_millis(300),
+        election_timeout_max: Duration::from_millis(600),
+        ..RaftSettings::default()
+    };
+    let (r1, info1, _d1) = serving_replica(&ca, 1, &settings).await;
+    let (r2, info2, _d2) = serving_replica(&ca, 2, &settings).await;
+    let (r3, info3, _d3) = serving_replica(&ca, 3, &settings).await;
+    r1.initialize([(1, info1.clone())].into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_for("node 1 to lead", deadline, || {
+        r1.metrics().current_leader == Some(1)
+    })
+    .await;
+    for v in 1..=10u32 {
+        r1.propose(Command::SetFeatureVersion { version: v })
+            .await
+            .unwrap();
+    }
+
+    // Node 2 joins through node 1, with a joining node's own certificate.
+    let joiner = HttpNetwork::new(&tls_for(&ca, "node2", "127.0.0.2")).unwrap();
+    let timeout = Duration::from_secs(5);
+    let (cluster_id, reply) = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::Join {
+                id: 2,
+                raft_addr: info2.raft_addr.clone(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (cluster_id.as_str(), reply),
+        ("test-cluster", ClusterReply::Joined)
+    );
+    let promoted = loop {
+        let p = r1.promote_caught_up_learners().await.unwrap();
+        if !p.is_empty() {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "node 2 never caught up");
+        sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(promoted, vec![2]);
+    assert_eq!(
+        r2.reader().feature_version().unwrap(),
+        10,
+        "node 2 has the state"
+    );
+
+    // Node 3 joins through node 2, a follower, which forwards to the leader.
+    wait_for("node 2 to know the leader", deadline, || {
+        r2.metrics().current_leader == Some(1)
+    })
+    .await;
+    let joiner = HttpNetwork::new(&tls_for(&ca, "node3", "127.0.0.3")).unwrap();
+    joiner
+        .cluster(
+            &info2.raft_addr,
+            &ClusterRequest::Join {
+                id: 3,
+                raft_addr: info3.raft_addr.clone(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap();
+    loop {
+        if r1.promote_caught_up_learners().await.unwrap() == vec![3] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 3 never caught up");
+        sleep(Duration::from_millis(50)).await;
+    }
+    wait_for("node 3 to see three voters", deadline, || {
+        r3.members().iter().filter(|m| m.voter).count() == 3
+    })
+    .await;
+
+    // Another member at the same id is refused; the same join again is harmless.
+    let clash = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::Join {
+                id: 3,
+                raft_addr: "127.0.0.9:1".into(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(clash.contains("already a member"), "{clash}");
+
+    // Remove node 3 through node 2; its id is retired for good.
+    let (_, reply) = joiner
+        .cluster(&info2.raft_addr, &ClusterRequest::Remove { id: 3 }, timeout)
+        .await
+        .unwrap();
+    assert_eq!(reply, ClusterReply::Removed);
+    assert_eq!(
+        r1.members().iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    let again = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::Join {
+                id: 3,
+                raft_addr: info3.raft_addr.clone(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("never reused"), "{again}");
+
+    // Key ids are answered by the member asked, not forwarded.
+    let (_, reply) = joiner
+        .cluster(&info2.raft_addr, &ClusterRequest::KeyIds, timeout)
+        .await
+        .unwrap();
+    assert_eq!(reply, ClusterReply::KeyIds(vec![1, 2]));
+    let view = r1.replication_view().unwrap();
+    assert_eq!(view.leader, 1);
+    assert!(view.matched.contains_key(&2));
+
+    // Down to one voter, which the cluster cannot remove.
+    r1.cluster_request(ClusterRequest::Remove { id: 2 })
+        .await
+        .unwrap();
+    let last = r1
+        .cluster_request(ClusterRequest::Remove { id: 1 })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(last.contains("only voter"), "{last}");
+    for r in [&r1, &r2, &r3] {
         r.shutdown().await;
     }
 }

@@ -1,0 +1,468 @@
+//! Real clusters for failover tests: every member is a `tandem run` process on its own
+//! loopback address (127.0.0.1, .2, .3 …), formed the way an operator forms one, with
+//! `tandem cert`, `tandem keygen`, `tandem cluster init` and `tandem cluster join`. Members
+//! can be killed and restarted on the same data dir. The admin API is reached with a
+//! small blocking HTTP/1.1 client, so a test needs no async runtime.
+//!
+//! A failed wait prints every member's log.
+
+use std::fs::OpenOptions;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+use crate::{describe, tandem_command, Deadline};
+
+/// The admin token every member shares.
+const TOKEN: &str = "failover-test-token-0123456789abcdef";
+/// How long a member may take to answer /health after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A port free for UDP and TCP on `ip` right now (see [`crate::free_port`]).
+pub fn free_port_on(ip: &str) -> u16 {
+    for _ in 0..20 {
+        let Ok(udp) = UdpSocket::bind((ip, 0)) else {
+            continue;
+        };
+        let Ok(addr) = udp.local_addr() else {
+            continue;
+        };
+        if TcpListener::bind(addr).is_ok() {
+            return addr.port();
+        }
+    }
+    panic!("no port on {ip} is free for both UDP and TCP after 20 tries");
+}
+
+/// A member's role in a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    Full,
+    Witness,
+}
+
+/// One member process of a [`Cluster`].
+pub struct Member {
+    pub id: u64,
+    pub role: MemberRole,
+    pub ip: String,
+    pub sip_port: u16,
+    pub raft_addr: String,
+    pub admin_addr: SocketAddr,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    log_path: PathBuf,
+    child: Mutex<Option<Child>>,
+    starts: Mutex<u32>,
+}
+
+/// An HTTP answer: status and body.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+}
+
+impl Member {
+    fn new(root: &Path, id: u64, role: MemberRole, extra_cluster: &str) -> Member {
+        let ip = format!("127.0.0.{id}");
+        let dir = root.join(format!("node{id}"));
+        std::fs::create_dir_all(&dir).expect("member dir");
+        let sip_port = free_port_on(&ip);
+        let raft_addr = format!("{ip}:{}", free_port_on(&ip));
+        let admin_addr: SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
+        let certs = root.join("certs");
+        let run = tandem_command()
+            .args(["cert", "node", "--ca"])
+            .arg(root.join("ca"))
+            .args(["--name", &format!("node{id}"), "--san", &ip, "--out"])
+            .arg(&certs)
+            .output()
+            .expect("run tandem cert node");
+        assert!(run.status.success(), "tandem cert node: {}", describe(&run));
+        let (role_name, sip) = match role {
+            MemberRole::Full => (
+                "full",
+                format!("udp = [\"{ip}:{sip_port}\"]\ntcp = [\"{ip}:{sip_port}\"]"),
+            ),
+            MemberRole::Witness => ("witness", "udp = []\ntcp = []".to_owned()),
+        };
+        let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        let config = format!(
+            "[node]\nid = {id}\ndata_dir = {data}\nrole = \"{role_name}\"\nmaster_key = {key}\n\n\
+             [sip]\n{sip}\n\n\
+             [cluster]\nlisten = \"{raft_addr}\"\nca_certificate = {ca}\ncertificate = {cert}\n\
+             private_key = {pkey}\n{extra_cluster}\n\n\
+             [admin]\nlisten = \"{admin_addr}\"\ntoken_file = {token}\n",
+            data = q(dir.join("data")),
+            key = q(root.join("master.key")),
+            ca = q(certs.join("ca.crt")),
+            cert = q(certs.join(format!("node{id}.crt"))),
+            pkey = q(certs.join(format!("node{id}.key"))),
+            token = q(root.join("admin.token")),
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("write member config");
+        Member {
+            id,
+            role,
+            ip,
+            sip_port,
+            raft_addr,
+            admin_addr,
+            log_path: dir.join("node.log"),
+            dir,
+            config: config_path,
+            child: Mutex::new(None),
+            starts: Mutex::new(0),
+        }
+    }
+
+    /// Runs `tandem <args> --config <this member's config>` to completion.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        tandem_command()
+            .args(args)
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .expect("run tandem")
+    }
+
+    /// Starts `tandem run` (again) on this member's config and data dir.
+    pub fn start(&self) {
+        let mut starts = self.starts.lock().unwrap();
+        *starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .expect("open member log");
+        let _ = writeln!(log, "===== start {} of node {} =====", *starts, self.id);
+        let child = tandem_command()
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("start tandem run");
+        *self.child.lock().unwrap() = Some(child);
+    }
+
+    /// Waits until the admin API answers /health. Panics with the log otherwise.
+    pub fn wait_healthy(&self) {
+        let deadline = Deadline::after(START_TIMEOUT);
+        while !deadline.expired() {
+            if let Some(status) = self.exit_status() {
+                self.panic_with_log(&format!("node {} exited with {status}", self.id));
+            }
+            if self.get("/health").is_some_and(|a| a.status == 200) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.panic_with_log(&format!(
+            "node {} did not answer /health within {START_TIMEOUT:?}",
+            self.id
+        ));
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.lock().unwrap().is_some() && self.exit_status().is_none()
+    }
+
+    pub fn exit_status(&self) -> Option<std::process::ExitStatus> {
+        self.child
+            .lock()
+            .unwrap()
+            .as_mut()
+            .and_then(|c| c.try_wait().expect("poll member"))
+    }
+
+    pub fn sigkill(&self) {
+        if let Some(c) = self.child.lock().unwrap().as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn sigterm(&self) {
+        if let Some(c) = self.child.lock().unwrap().as_ref() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+    }
+
+    /// Waits for the process to exit and returns its status.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Deadline::after(timeout);
+        while !deadline.expired() {
+            if let Some(s) = self.exit_status() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
+    }
+
+    pub fn panic_with_log(&self, message: &str) -> ! {
+        panic!(
+            "{message}\n--- node {} log ---\n{}--- end ---",
+            self.id,
+            self.log()
+        );
+    }
+
+    /// One admin API request; `None` if the node cannot be reached.
+    pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> Option<Answer> {
+        http(self.admin_addr, method, path, body)
+    }
+
+    pub fn get(&self, path: &str) -> Option<Answer> {
+        self.request("GET", path, None)
+    }
+
+    /// `GET /v1/cluster/status`, if the node answers it.
+    pub fn status(&self) -> Option<Value> {
+        self.get("/v1/cluster/status")
+            .filter(|a| a.status == 200)
+            .map(|a| a.json())
+    }
+
+    /// `PUT /v1/customers/<id>`: the status code, or `None` when unreachable.
+    pub fn put_customer(&self, id: &str) -> Option<u16> {
+        let body = format!("{{\"name\":\"customer {id}\"}}");
+        self.request("PUT", &format!("/v1/customers/{id}"), Some(&body))
+            .map(|a| a.status)
+    }
+
+    /// Every customer id in this node's local replica.
+    pub fn customer_ids(&self) -> Option<Vec<String>> {
+        let answer = self.get("/v1/customers").filter(|a| a.status == 200)?;
+        Some(
+            answer
+                .json()
+                .as_array()?
+                .iter()
+                .filter_map(|c| c["id"].as_str().map(str::to_owned))
+                .collect(),
+        )
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.sigkill();
+    }
+}
+
+/// A minimal blocking HTTP/1.1 client: one request per connection.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Option<Answer> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .ok()?;
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).ok()?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).ok()?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some(Answer {
+        status,
+        body: body.to_owned(),
+    })
+}
+
+/// A cluster of real processes sharing one temp dir: CA, certificates, master key and
+/// admin token at its root, one directory per member.
+pub struct Cluster {
+    pub members: Vec<Member>,
+    root: TempDir,
+}
+
+impl Cluster {
+    /// Forms a cluster with one member per role (ids 1, 2, …): init on node 1, join the
+    /// others through it, and wait until every member is a voter. `extra_cluster` adds
+    /// `[cluster]` keys to every member's config.
+    pub fn form(roles: &[MemberRole], extra_cluster: &str) -> Cluster {
+        let root = tempfile::Builder::new()
+            .prefix("tandem-cluster-")
+            .tempdir()
+            .expect("cluster temp dir");
+        let run = tandem_command()
+            .args(["cert", "ca", "--out"])
+            .arg(root.path().join("ca"))
+            .output()
+            .expect("run tandem cert ca");
+        assert!(run.status.success(), "tandem cert ca: {}", describe(&run));
+        let run = tandem_command()
+            .args(["keygen", "--out"])
+            .arg(root.path().join("master.key"))
+            .output()
+            .expect("run tandem keygen");
+        assert!(run.status.success(), "tandem keygen: {}", describe(&run));
+        std::fs::write(root.path().join("admin.token"), TOKEN).expect("write token");
+        let members: Vec<Member> = roles
+            .iter()
+            .enumerate()
+            .map(|(i, role)| Member::new(root.path(), i as u64 + 1, *role, extra_cluster))
+            .collect();
+        let cluster = Cluster { members, root };
+        let first = &cluster.members[0];
+        let init = first.cli(&["cluster", "init"]);
+        assert!(init.status.success(), "cluster init: {}", describe(&init));
+        first.start();
+        first.wait_healthy();
+        cluster.wait_for_leader(&[], Duration::from_secs(10));
+        for (i, m) in cluster.members.iter().enumerate().skip(1) {
+            let join = m.cli(&["cluster", "join", "--peer", &first.raft_addr]);
+            if !join.status.success() {
+                cluster.panic_with_logs(&format!("cluster join: {}", describe(&join)));
+            }
+            m.start();
+            m.wait_healthy();
+            cluster.wait_for_voters(i + 1, Duration::from_secs(20));
+        }
+        cluster
+    }
+
+    pub fn root(&self) -> &Path {
+        self.root.path()
+    }
+
+    pub fn member(&self, id: u64) -> &Member {
+        &self.members[(id - 1) as usize]
+    }
+
+    /// Waits until a running member, not in `excluding`, reports itself leader with a
+    /// quorum. Returns its id and how long that took.
+    pub fn wait_for_leader(&self, excluding: &[u64], timeout: Duration) -> (u64, Duration) {
+        let deadline = Deadline::after(timeout);
+        while !deadline.expired() {
+            for m in self.members.iter().filter(|m| !excluding.contains(&m.id)) {
+                if !m.is_running() {
+                    continue;
+                }
+                if let Some(s) = m.status() {
+                    if s["state"] == "leader" && s["quorum"] == "ok" {
+                        return (m.id, deadline.elapsed());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.panic_with_logs(&format!("no leader within {timeout:?}"));
+    }
+
+    /// Waits until the leader counts `n` voters.
+    pub fn wait_for_voters(&self, n: usize, timeout: Duration) {
+        let deadline = Deadline::after(timeout);
+        while !deadline.expired() {
+            let (leader, _) = self.wait_for_leader(&[], deadline.remaining());
+            if let Some(s) = self.member(leader).status() {
+                let voters = s["members"]
+                    .as_array()
+                    .map(|ms| ms.iter().filter(|m| m["voter"] == true).count())
+                    .unwrap_or(0);
+                if voters == n {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.panic_with_logs(&format!(
+            "the cluster did not reach {n} voters in {timeout:?}"
+        ));
+    }
+
+    /// Waits until member `id` has applied at least `index`.
+    pub fn wait_applied(&self, id: u64, index: u64, timeout: Duration) {
+        let deadline = Deadline::after(timeout);
+        while !deadline.expired() {
+            if let Some(s) = self.member(id).status() {
+                if s["applied_index"].as_u64().unwrap_or(0) >= index {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.panic_with_logs(&format!(
+            "node {id} did not apply index {index} within {timeout:?}"
+        ));
+    }
+
+    pub fn panic_with_logs(&self, message: &str) -> ! {
+        let mut logs = String::new();
+        for m in &self.members {
+            logs.push_str(&format!(
+                "\n--- node {} log ---\n{}",
+                m.id,
+                tail(&m.log(), 200)
+            ));
+        }
+        panic!("{message}{logs}--- end of logs ---");
+    }
+}
+
+/// The last `n` lines of `text`.
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n") + "\n"
+}
+
+/// Writes `count` customers `prefix-0 …`, `threads` at a time, each through the first of
+/// `targets` that acknowledges it with 200, and returns the acknowledged ids. A write
+/// that no target acknowledges is left out, so a test can write through a failover.
+pub fn write_customers(
+    targets: &[&Member],
+    prefix: &str,
+    count: usize,
+    threads: usize,
+) -> Vec<String> {
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let acked = Mutex::new(Vec::with_capacity(count));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let id = format!("{prefix}-{i}");
+                for target in targets {
+                    if target.put_customer(&id) == Some(200) {
+                        acked.lock().unwrap().push(id);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    acked.into_inner().unwrap()
+}

@@ -1,0 +1,232 @@
+//! Real clusters of `tandem` processes on 127.0.0.1/.2/.3 (issue 3's acceptance tests):
+//! writes survive the SIGKILL of the leader, a new leader takes over within 2 s, a killed
+//! node catches up when it returns, a pair plus witness survives the loss of any one
+//! member, and data dirs of other nodes or clusters are refused.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tandem_failover_tests::cluster::{write_customers, Cluster, MemberRole};
+use tandem_failover_tests::describe;
+
+const FULL3: [MemberRole; 3] = [MemberRole::Full, MemberRole::Full, MemberRole::Full];
+
+#[test]
+fn three_nodes_keep_every_acknowledged_write_through_a_leader_kill() {
+    // Snapshots every 1000 entries, so the killed node's absence spans purged log.
+    let cluster = Cluster::form(&FULL3, "snapshot_every = 1000");
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(5));
+    let all: Vec<_> = cluster.members.iter().collect();
+
+    let acked = write_customers(&all, "a", 10_000, 16);
+    assert_eq!(
+        acked.len(),
+        10_000,
+        "a healthy cluster acknowledged every write"
+    );
+
+    // Kill the leader; a new one must be in place within 2 s.
+    let killed_last_log = cluster.member(leader).status().unwrap()["last_log_index"]
+        .as_u64()
+        .unwrap();
+    cluster.member(leader).sigkill();
+    let (new_leader, took) = cluster.wait_for_leader(&[leader], Duration::from_secs(10));
+    assert!(
+        took < Duration::from_secs(2),
+        "new leader {new_leader} took {took:?} after the SIGKILL of {leader}"
+    );
+
+    // Writes go on through the survivors until the new leader has dropped log entries the
+    // killed node never received, so that it can only catch up through a snapshot.
+    let survivors: Vec<_> = cluster.members.iter().filter(|m| m.id != leader).collect();
+    let mut more = Vec::new();
+    let mut leader_purged = 0;
+    for round in 0..20 {
+        let batch = write_customers(&survivors, &format!("b{round}"), 1_000, 16);
+        assert_eq!(
+            batch.len(),
+            1_000,
+            "the surviving pair acknowledged every write"
+        );
+        more.extend(batch);
+        leader_purged = cluster.member(new_leader).status().unwrap()["purged_index"]
+            .as_u64()
+            .unwrap_or(0);
+        if leader_purged > killed_last_log {
+            break;
+        }
+    }
+    assert!(
+        leader_purged > killed_last_log,
+        "the leader never purged past the killed node's log \
+         (purged {leader_purged}, killed node had {killed_last_log})"
+    );
+    let expected: BTreeSet<String> = acked.iter().chain(&more).cloned().collect();
+    for m in &survivors {
+        let have: BTreeSet<String> = m
+            .customer_ids()
+            .expect("survivor answers")
+            .into_iter()
+            .collect();
+        let missing: Vec<_> = expected.difference(&have).take(5).collect();
+        assert!(
+            missing.is_empty(),
+            "node {} lost acknowledged writes, e.g. {missing:?}",
+            m.id
+        );
+    }
+
+    // The killed node restarts on its data dir and catches up.
+    let killed = cluster.member(leader);
+    killed.start();
+    killed.wait_healthy();
+    let target = cluster.member(new_leader).status().expect("leader status")["last_log_index"]
+        .as_u64()
+        .unwrap();
+    cluster.wait_applied(leader, target, Duration::from_secs(30));
+    let have: BTreeSet<String> = killed.customer_ids().unwrap().into_iter().collect();
+    assert!(
+        expected.is_subset(&have),
+        "the restarted node is missing writes"
+    );
+    let status = killed.status().unwrap();
+    assert!(
+        status["snapshot_index"].as_u64().unwrap_or(0) > killed_last_log,
+        "the restarted node holds a snapshot newer than its old log: {status}"
+    );
+    eprintln!(
+        "new leader after {took:?}; killed node had log {killed_last_log}, leader purged \
+         {leader_purged}; restarted node: snapshot {} log {}",
+        status["snapshot_index"], status["last_log_index"],
+    );
+    cluster.wait_for_voters(3, Duration::from_secs(10));
+}
+
+#[test]
+fn a_pair_with_a_witness_survives_the_loss_of_any_one_member() {
+    let cluster = Cluster::form(
+        &[MemberRole::Full, MemberRole::Full, MemberRole::Witness],
+        "",
+    );
+    let all: Vec<_> = cluster.members.iter().collect();
+    for victim in 1..=3u64 {
+        cluster.member(victim).sigkill();
+        cluster.wait_for_leader(&[victim], Duration::from_secs(10));
+        let live: Vec<_> = all.iter().copied().filter(|m| m.id != victim).collect();
+        let acked = write_customers(&live, &format!("w{victim}"), 50, 4);
+        assert_eq!(acked.len(), 50, "writes failed with node {victim} down");
+        let m = cluster.member(victim);
+        m.start();
+        m.wait_healthy();
+        cluster.wait_for_voters(3, Duration::from_secs(10));
+    }
+    // The witness holds the state but never serves SIP.
+    let witness = cluster.member(3);
+    assert_eq!(witness.status().unwrap()["role"], "witness");
+    assert!(
+        !witness.log().contains("tandem node ready"),
+        "the witness opened SIP listeners"
+    );
+}
+
+#[test]
+fn a_node_killed_mid_writes_restarts_cleanly() {
+    let cluster = Cluster::form(&FULL3, "");
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(5));
+    let follower = cluster.members.iter().find(|m| m.id != leader).unwrap();
+    let all: Vec<_> = cluster.members.iter().collect();
+    std::thread::scope(|s| {
+        let writer = s.spawn(|| write_customers(&all, "k", 3_000, 8));
+        std::thread::sleep(Duration::from_millis(300));
+        follower.sigkill();
+        let acked = writer.join().unwrap();
+        assert!(
+            acked.len() > 2_900,
+            "only {} of 3000 writes acknowledged",
+            acked.len()
+        );
+        follower.start();
+        follower.wait_healthy();
+        let target = cluster.member(leader).status().unwrap()["last_log_index"]
+            .as_u64()
+            .unwrap();
+        cluster.wait_applied(follower.id, target, Duration::from_secs(30));
+        let have: BTreeSet<String> = follower.customer_ids().unwrap().into_iter().collect();
+        for id in &acked {
+            assert!(
+                have.contains(id),
+                "node {} lost acknowledged write {id}",
+                follower.id
+            );
+        }
+    });
+}
+
+#[test]
+fn data_dirs_of_other_nodes_and_clusters_are_refused() {
+    let one = Cluster::form(&[MemberRole::Full], "");
+    let other = Cluster::form(&[MemberRole::Full], "");
+    let a = one.member(1);
+    a.sigterm();
+    a.wait_exit(Duration::from_secs(10))
+        .expect("node stops on SIGTERM");
+
+    // Point node 1 of cluster A at cluster B's data dir: refused, naming both.
+    let foreign = other.member(1).dir.join("data");
+    let config = std::fs::read_to_string(&a.config).unwrap();
+    let own = a.dir.join("data");
+    let swapped = config.replace(
+        &format!("{:?}", own.display().to_string()),
+        &format!("{:?}", foreign.display().to_string()),
+    );
+    assert_ne!(swapped, config);
+    std::fs::write(&a.config, swapped).unwrap();
+    let run = a.cli(&["cluster", "join", "--peer", &other.member(1).raft_addr]);
+    assert!(
+        !run.status.success(),
+        "join onto a claimed dir: {}",
+        describe(&run)
+    );
+    assert!(
+        describe(&run).contains("already belongs"),
+        "{}",
+        describe(&run)
+    );
+
+    // A node id that does not own the dir.
+    let config = std::fs::read_to_string(&a.config).unwrap();
+    std::fs::write(&a.config, config.replace("id = 1", "id = 7")).unwrap();
+    let out = tandem_failover_tests::tandem_command()
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = describe(&out);
+    assert!(
+        text.contains("belongs to node 1") && text.contains("node 7"),
+        "{text}"
+    );
+
+    // A clustered node on a dir nobody claimed is told how to claim it.
+    let empty = one.root().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(
+        &a.config,
+        std::fs::read_to_string(&a.config).unwrap().replace(
+            &format!("{:?}", foreign.display().to_string()),
+            &format!("{:?}", empty.display().to_string()),
+        ),
+    )
+    .unwrap();
+    let out = tandem_failover_tests::tandem_command()
+        .args(["run", "--config"])
+        .arg(&a.config)
+        .output()
+        .unwrap();
+    let text = describe(&out);
+    assert!(
+        !out.status.success() && text.contains("cluster init"),
+        "{text}"
+    );
+}

@@ -1,0 +1,669 @@
+//! The HTTP admin API (DECISIONS §12): cluster status and membership, key rotation and
+//! customers under `/v1` with a bearer token; `/health`, `/ready` and `/metrics` without
+//! one, for probes and Prometheus. Every answer is JSON except `/metrics`; every error is
+//! `{"error": "..."}` with a fitting status code, decided in [`ApiError::status`].
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tandem_raft_store::command::{Command, CommandResult, Customer};
+use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
+use tandem_raft_store::replica::{ProposeStats, BATCH_BUCKETS};
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::cluster::ClusterNode;
+use crate::stats::Stats;
+use crate::Error;
+
+/// Largest request body the API accepts.
+const MAX_BODY: u64 = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Admin {
+    pub cluster: ClusterNode,
+    pub stats: Arc<Stats>,
+    token: Arc<str>,
+}
+
+/// An API error: its status and a message for the operator.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// The one place node errors become HTTP statuses.
+    fn status(e: &Error) -> StatusCode {
+        use tandem_raft_store::Error as S;
+        match e {
+            Error::Store(S::NotLeader { .. } | S::NoQuorum) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(S::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Store(S::Membership(_)) | Error::Rotation(_) => StatusCode::CONFLICT,
+            Error::Config { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError::new(ApiError::status(&e), e.to_string())
+    }
+}
+
+impl From<tandem_raft_store::Error> for ApiError {
+    fn from(e: tandem_raft_store::Error) -> ApiError {
+        Error::Store(e).into()
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+fn json_reply(status: StatusCode, value: &impl Serialize) -> warp::reply::Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+fn answer(result: Result<warp::reply::Response, ApiError>) -> warp::reply::Response {
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(status = %e.status, error = %e.message, "admin API request failed");
+            }
+            let mut r = json_reply(e.status, &ErrorBody { error: &e.message });
+            if e.status == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    "www-authenticate",
+                    warp::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            r
+        }
+    }
+}
+
+/// Reads the bearer token, creating it (random, mode 0600) on first start.
+pub fn load_or_create_token(path: &Path) -> Result<String, Error> {
+    let io = |source| Error::Io {
+        context: format!("admin token file {}", path.display()),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            if token.len() < 16 {
+                return Err(Error::Config {
+                    key: "admin.token_file".into(),
+                    problem: format!("{} holds fewer than 16 characters", path.display()),
+                });
+            }
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut bytes = [0u8; 24];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+            tracing::info!(path = %path.display(), "created the admin API token file");
+            Ok(token)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    pub fn new(cluster: ClusterNode, stats: Arc<Stats>, token: String) -> Admin {
+        Admin {
+            cluster,
+            stats,
+            token: token.into(),
+        }
+    }
+
+    fn authorize(&self, header: Option<String>) -> Result<(), ApiError> {
+        let presented = header
+            .as_deref()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented {
+            Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is wrong",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "send `Authorization: Bearer <token>` (see admin.token_file)",
+            )),
+        }
+    }
+
+    /// Writes are refused at once, with the reason, while the cluster has no quorum.
+    fn writable(&self) -> Result<(), ApiError> {
+        match self.cluster.health().degraded {
+            None => Ok(()),
+            Some(reason) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the cluster has no quorum ({reason}); changes are refused until it returns"
+                ),
+            )),
+        }
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} must be 1 to 64 letters, digits, '-', '_' or '.', got {id:?}"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    id: u64,
+    raft_addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomerBody {
+    name: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Admin {
+    async fn ready(&self) -> warp::reply::Response {
+        match self.cluster.readiness() {
+            Ok(()) => json_reply(StatusCode::OK, &serde_json::json!({"ready": true})),
+            Err(reason) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"ready": false, "reason": reason}),
+            ),
+        }
+    }
+
+    async fn join(&self, body: Bytes) -> Result<warp::reply::Response, ApiError> {
+        let b: JoinBody = parse_json(&body)?;
+        if b.id == 0 {
+            return Err(ApiError::bad_request("id must be at least 1"));
+        }
+        if !b
+            .raft_addr
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
+        {
+            return Err(ApiError::bad_request(format!(
+                "raft_addr must be host:port, got {:?}",
+                b.raft_addr
+            )));
+        }
+        self.writable()?;
+        self.cluster
+            .cluster_request(ClusterRequest::Join {
+                id: b.id,
+                raft_addr: b.raft_addr,
+            })
+            .await?;
+        Ok(json_reply(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"joined": b.id, "voter": false,
+                "note": "a learner until it runs and has caught up; then a voter"}),
+        ))
+    }
+
+    async fn remove(&self, id: u64) -> Result<warp::reply::Response, ApiError> {
+        self.writable()?;
+        match self
+            .cluster
+            .cluster_request(ClusterRequest::Remove { id })
+            .await?
+        {
+            ClusterReply::Removed => Ok(json_reply(
+                StatusCode::OK,
+                &serde_json::json!({"removed": id}),
+            )),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unexpected answer {other:?}"),
+            )),
+        }
+    }
+
+    async fn reseal(&self) -> Result<warp::reply::Response, ApiError> {
+        self.writable()?;
+        let report = self.cluster.reseal().await?;
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"key_id": self.cluster.keys().current_id(),
+                "accounts": report.accounts, "providers": report.providers}),
+        ))
+    }
+
+    async fn put_customer(
+        &self,
+        id: String,
+        body: Bytes,
+    ) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        let b: CustomerBody = parse_json(&body)?;
+        if b.name.trim().is_empty() || b.name.len() > 200 || b.name.chars().any(char::is_control) {
+            return Err(ApiError::bad_request(
+                "name must be 1 to 200 characters without control characters",
+            ));
+        }
+        self.writable()?;
+        let customer = Customer {
+            id,
+            name: b.name,
+            enabled: b.enabled,
+        };
+        match self
+            .cluster
+            .replica
+            .propose(Command::PutCustomer(customer.clone()))
+            .await?
+        {
+            CommandResult::Done => Ok(json_reply(StatusCode::OK, &customer_json(&customer))),
+            other => Err(ApiError::new(StatusCode::CONFLICT, format!("{other:?}"))),
+        }
+    }
+
+    async fn delete_customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        if self.cluster.replica.reader().customer(&id)?.is_none() {
+            return Err(ApiError::not_found(format!("no customer {id:?}")));
+        }
+        self.writable()?;
+        self.cluster
+            .replica
+            .propose(Command::DeleteCustomer { id: id.clone() })
+            .await?;
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"deleted": id}),
+        ))
+    }
+
+    fn customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        match self.cluster.replica.reader().customer(&id)? {
+            Some(c) => Ok(json_reply(StatusCode::OK, &customer_json(&c))),
+            None => Err(ApiError::not_found(format!("no customer {id:?}"))),
+        }
+    }
+
+    fn customers(&self) -> Result<warp::reply::Response, ApiError> {
+        let list: Vec<_> = self
+            .cluster
+            .replica
+            .reader()
+            .customers()?
+            .iter()
+            .map(customer_json)
+            .collect();
+        Ok(json_reply(StatusCode::OK, &list))
+    }
+
+    /// Prometheus text format.
+    fn metrics(&self) -> String {
+        let replica = &self.cluster.replica;
+        let m = replica.metrics();
+        let health = self.cluster.health();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        gauge(
+            "tandem_raft_term",
+            "Current Raft term.",
+            "gauge",
+            m.current_term,
+        );
+        gauge(
+            "tandem_raft_is_leader",
+            "1 while this node is the Raft leader.",
+            "gauge",
+            u64::from(replica.is_leader()),
+        );
+        gauge(
+            "tandem_raft_quorum_ok",
+            "1 while this node reaches a quorum; 0 in degraded mode.",
+            "gauge",
+            u64::from(health.degraded.is_none()),
+        );
+        gauge(
+            "tandem_raft_last_log_index",
+            "Index of the last entry in this node's log.",
+            "gauge",
+            m.last_log_index.unwrap_or(0),
+        );
+        gauge(
+            "tandem_raft_applied_index",
+            "Index of the last entry applied to this node's state.",
+            "gauge",
+            m.last_applied.map(|l| l.index).unwrap_or(0),
+        );
+        gauge(
+            "tandem_raft_snapshot_index",
+            "Index the latest snapshot covers.",
+            "gauge",
+            m.snapshot.map(|l| l.index).unwrap_or(0),
+        );
+        gauge(
+            "tandem_raft_apply_lag",
+            "Committed entries not yet applied on this node.",
+            "gauge",
+            replica.apply_lag(),
+        );
+        gauge(
+            "tandem_raft_members",
+            "Members in this node's membership configuration.",
+            "gauge",
+            replica.members().len() as u64,
+        );
+        let p: &ProposeStats = replica.propose_stats();
+        gauge(
+            "tandem_raft_proposals_total",
+            "Commands proposed through this node.",
+            "counter",
+            p.proposals.load(Ordering::Relaxed),
+        );
+        gauge(
+            "tandem_raft_proposal_batches_failed_total",
+            "Batches of proposals that failed (no leader, timeout).",
+            "counter",
+            p.failed.load(Ordering::Relaxed),
+        );
+        let log = replica.log_stats();
+        gauge(
+            "tandem_log_appends_total",
+            "Log appends written to RocksDB.",
+            "counter",
+            log.appends.load(Ordering::Relaxed),
+        );
+        gauge(
+            "tandem_log_wal_syncs_total",
+            "WAL fsyncs; appends per sync is the group-commit factor.",
+            "counter",
+            log.wal_syncs.load(Ordering::Relaxed),
+        );
+        let s = &self.stats;
+        gauge(
+            "tandem_sip_requests_received_total",
+            "SIP requests received.",
+            "counter",
+            s.requests_received.load(Ordering::Relaxed),
+        );
+        gauge(
+            "tandem_sip_malformed_answered_total",
+            "Malformed SIP messages answered with 400.",
+            "counter",
+            s.malformed_answered.load(Ordering::Relaxed),
+        );
+        gauge(
+            "tandem_sip_malformed_dropped_total",
+            "Malformed SIP messages dropped.",
+            "counter",
+            s.malformed_dropped.load(Ordering::Relaxed),
+        );
+        // Histograms, written out by hand.
+        let name = "tandem_raft_batch_size";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Commands per log entry.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for i in 0..BATCH_BUCKETS {
+            cumulative += p.batch_size_buckets[i].load(Ordering::Relaxed);
+            let le = ProposeStats::bucket_bound(i).map_or("+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {}\n{name}_count {}",
+            p.proposals.load(Ordering::Relaxed),
+            p.batches.load(Ordering::Relaxed)
+        );
+        let name = "tandem_log_fsync_seconds";
+        let syncs = log.wal_syncs.load(Ordering::Relaxed);
+        let nanos = log.sync_nanos_total.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time spent in WAL fsyncs.\n# TYPE {name} summary\n{name}_sum {:.6}\n{name}_count {syncs}",
+            nanos as f64 / 1e9
+        );
+        out
+    }
+}
+
+fn customer_json(c: &Customer) -> serde_json::Value {
+    serde_json::json!({"id": c.id, "name": c.name, "enabled": c.enabled})
+}
+
+async fn recover(r: Rejection) -> Result<warp::reply::Response, Infallible> {
+    let (status, message) = if r.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such endpoint".to_owned())
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed here".to_owned(),
+        )
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("bodies are limited to {MAX_BODY} bytes"),
+        )
+    } else if r.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "send a Content-Length".to_owned(),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, format!("bad request: {r:?}"))
+    };
+    Ok(json_reply(status, &ErrorBody { error: &message }))
+}
+
+/// Binds the admin listener and serves until `stop` completes.
+pub fn serve(
+    admin: Admin,
+    addr: SocketAddr,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<impl std::future::Future<Output = ()>, Error> {
+    let state = warp::any().map(move || admin.clone());
+    let auth = warp::header::optional::<String>("authorization");
+    let body = warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes());
+
+    let health = warp::path!("health")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|a: Admin| {
+            json_reply(
+                StatusCode::OK,
+                &serde_json::json!({"status": "alive", "node": a.cluster.identity.node_id}),
+            )
+        });
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(state.clone())
+        .then(|a: Admin| async move { a.ready().await });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|a: Admin| {
+            warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
+                .into_response()
+        });
+
+    let v1 = warp::path("v1").and(state.clone()).and(auth);
+    let status = v1
+        .clone()
+        .and(warp::path!("cluster" / "status"))
+        .and(warp::get())
+        .then(|a: Admin, h| async move {
+            answer(match a.authorize(h) {
+                Ok(()) => Ok(json_reply(StatusCode::OK, &a.cluster.status().await)),
+                Err(e) => Err(e),
+            })
+        });
+    let join = v1
+        .clone()
+        .and(warp::path!("cluster" / "members"))
+        .and(warp::post())
+        .and(body)
+        .then(|a: Admin, h, b| async move {
+            answer(match a.authorize(h) {
+                Ok(()) => a.join(b).await,
+                Err(e) => Err(e),
+            })
+        });
+    let remove = v1
+        .clone()
+        .and(warp::path!("cluster" / "members" / String))
+        .and(warp::delete())
+        .then(|a: Admin, h, id: String| async move {
+            answer(match (a.authorize(h), id.parse::<u64>()) {
+                (Err(e), _) => Err(e),
+                (Ok(()), Err(_)) => Err(ApiError::bad_request(format!(
+                    "a member is named by its node id, a number; got {id:?}"
+                ))),
+                (Ok(()), Ok(id)) => a.remove(id).await,
+            })
+        });
+    let reseal = v1
+        .clone()
+        .and(warp::path!("keys" / "reseal"))
+        .and(warp::post())
+        .then(|a: Admin, h| async move {
+            answer(match a.authorize(h) {
+                Ok(()) => a.reseal().await,
+                Err(e) => Err(e),
+            })
+        });
+    let customers = v1
+        .clone()
+        .and(warp::path!("customers"))
+        .and(warp::get())
+        .map(|a: Admin, h| answer(a.authorize(h).and_then(|()| a.customers())));
+    let customer = v1
+        .clone()
+        .and(warp::path!("customers" / String))
+        .and(warp::get())
+        .map(|a: Admin, h, id| answer(a.authorize(h).and_then(|()| a.customer(id))));
+    let put_customer = v1
+        .clone()
+        .and(warp::path!("customers" / String))
+        .and(warp::put())
+        .and(body)
+        .then(|a: Admin, h, id, b| async move {
+            answer(match a.authorize(h) {
+                Ok(()) => a.put_customer(id, b).await,
+                Err(e) => Err(e),
+            })
+        });
+    let delete_customer = v1
+        .and(warp::path!("customers" / String))
+        .and(warp::delete())
+        .then(|a: Admin, h, id| async move {
+            answer(match a.authorize(h) {
+                Ok(()) => a.delete_customer(id).await,
+                Err(e) => Err(e),
+            })
+        });
+
+    let routes = health
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(status)
+        .unify()
+        .or(join)
+        .unify()
+        .or(remove)
+        .unify()
+        .or(reseal)
+        .unify()
+        .or(customers)
+        .unify()
+        .or(customer)
+        .unify()
+        .or(put_customer)
+        .unify()
+        .or(delete_customer)
+        .unify()
+        .recover(recover)
+        .unify();
+    let (_, server) = warp::serve(routes)
+        .try_bind_with_graceful_shutdown(addr, stop)
+        .map_err(|e| Error::Bind {
+            transport: "admin HTTP",
+            addr,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(server)
+}

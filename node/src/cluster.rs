@@ -1,0 +1,541 @@
+//! This node's place in the cluster: its data directory, master key, replica and internal
+//! listener, and the duties that keep membership tidy (promote caught-up learners, keep
+//! the node registry current). Also the offline steps an operator runs once per node,
+//! `tandem cluster init` and `tandem cluster join`.
+//!
+//! Without a `[cluster]` section the node is standalone: a one-member cluster with no
+//! internal listener, created on first start, so `tandem run` with the embedded defaults
+//! just works.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use serde::Serialize;
+use tandem_raft_store::command::{Command, CommandResult, NodeRecord, Role as RecordRole};
+use tandem_raft_store::crypto::KeyRing;
+use tandem_raft_store::data_dir::{self, Identity};
+use tandem_raft_store::http_network::{self, HttpNetwork, ServeContext};
+use tandem_raft_store::local_network::LocalRouter;
+use tandem_raft_store::membership::{ClusterReply, ClusterRequest, ReplicationView};
+use tandem_raft_store::replica::{Forwarder, QuorumHealth, Replica, ResealReport};
+use tandem_raft_store::types::NodeInfo;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{ClusterConfig, Config, Role};
+use crate::Error;
+
+/// The raft address a standalone node records for itself: it has no internal listener.
+const STANDALONE_ADDR: &str = "standalone";
+/// How often the leader looks for learners to promote.
+const PROMOTE_EVERY: Duration = Duration::from_millis(300);
+/// How long a member may take to answer a status or key question.
+const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A running node's replica and what it needs to answer for it.
+#[derive(Clone)]
+pub struct ClusterNode {
+    pub replica: Replica,
+    pub identity: Identity,
+    role: Role,
+    keys: Arc<RwLock<KeyRing>>,
+    key_path: std::path::PathBuf,
+    network: Option<HttpNetwork>,
+    quorum_timeout: Duration,
+    max_apply_lag: u64,
+}
+
+/// `GET /v1/cluster/status` and `tandem cluster status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterStatus {
+    pub cluster_id: String,
+    pub node_id: u64,
+    pub role: &'static str,
+    pub standalone: bool,
+    pub state: String,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub apply_lag: u64,
+    pub quorum: &'static str,
+    pub degraded_reason: Option<String>,
+    pub members: Vec<MemberStatus>,
+    /// Why per-member lag is missing, when it is.
+    pub replication_note: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub raft_addr: String,
+    pub voter: bool,
+    /// From the node registry: "full" or "witness", once the member has registered.
+    pub role: Option<&'static str>,
+    pub software_version: Option<String>,
+    pub matched_index: Option<u64>,
+    pub lag: Option<u64>,
+}
+
+fn record_role(role: Role) -> RecordRole {
+    match role {
+        Role::Full => RecordRole::Full,
+        Role::Witness => RecordRole::Witness,
+    }
+}
+
+fn role_name(role: RecordRole) -> &'static str {
+    match role {
+        RecordRole::Full => "full",
+        RecordRole::Witness => "witness",
+    }
+}
+
+/// Loads the key ring, or for a standalone node creates it on first start.
+fn load_or_create_keys(path: &Path, create: bool) -> Result<KeyRing, Error> {
+    if create && !path.exists() {
+        let ring = KeyRing::generate();
+        ring.save(path)?;
+        tracing::warn!(path = %path.display(), "created a master key file; back it up, \
+            and move it off the data disk by setting node.master_key");
+        return Ok(ring);
+    }
+    if !path.exists() {
+        return Err(Error::Config {
+            key: "node.master_key".into(),
+            problem: format!(
+                "{} does not exist; create it once with `tandem keygen --out FILE` and give \
+                 every node of the cluster a copy of the same file",
+                path.display()
+            ),
+        });
+    }
+    Ok(KeyRing::load(path)?)
+}
+
+fn cluster_section(config: &Config) -> Result<&ClusterConfig, Error> {
+    config.cluster.as_ref().ok_or_else(|| Error::Config {
+        key: "cluster".into(),
+        problem: "this command needs a [cluster] section in the config file".into(),
+    })
+}
+
+impl ClusterNode {
+    /// Opens this node's data directory and starts its replica (and, clustered, the
+    /// internal listener) with tasks tracked by `tracker` until `stop`.
+    pub async fn start(
+        config: &Config,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+    ) -> Result<ClusterNode, Error> {
+        let dir = &config.node.data_dir;
+        let id = config.node.id;
+        let standalone = config.cluster.is_none();
+        if standalone {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                context: format!("creating node.data_dir {}", dir.display()),
+                source,
+            })?;
+            if data_dir::open(dir, id, None).is_err() {
+                // A new standalone node claims its directory; anything else is refused
+                // by `open` below with the reason.
+                let _ = data_dir::claim(dir, &Identity::new_cluster(id));
+            }
+        }
+        let ca = match &config.cluster {
+            Some(c) => Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+            None => None,
+        };
+        let identity = data_dir::open(dir, id, ca.as_deref())?;
+        let key_path = config.node.master_key_path();
+        let keys = load_or_create_keys(&key_path, standalone)?;
+        let settings = config.raft_settings();
+        let raft_dir = dir.join("raft");
+
+        let (replica, network) = match &config.cluster {
+            None => {
+                let router = LocalRouter::new();
+                let replica = Replica::start(id, &raft_dir, &settings, router.network(id)).await?;
+                if !replica.is_initialized().await? {
+                    let me = NodeInfo {
+                        raft_addr: STANDALONE_ADDR.into(),
+                    };
+                    replica.initialize([(id, me)].into()).await?;
+                }
+                (replica, None)
+            }
+            Some(c) => {
+                let tls = tandem_raft_store::tls::ClusterTls::load(
+                    &c.ca_certificate,
+                    &c.certificate,
+                    &c.private_key,
+                )?;
+                let listener = tokio::net::TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        transport: "cluster",
+                        addr: c.listen,
+                        source,
+                    })?;
+                let network = HttpNetwork::new(&tls)?;
+                let forwarder: Arc<dyn Forwarder> = Arc::new(network.clone());
+                let replica = Replica::start_with_forwarding(
+                    id,
+                    &raft_dir,
+                    &settings,
+                    network.clone(),
+                    Some(forwarder),
+                )
+                .await?;
+                let key_file = key_path.clone();
+                let context = ServeContext {
+                    cluster_id: identity.cluster_id.clone(),
+                    key_ids: Arc::new(move || Ok(KeyRing::load(&key_file)?.ids())),
+                };
+                let served = replica.clone();
+                let stop = stop.clone();
+                tracker.spawn(async move {
+                    http_network::serve(listener, &tls, served, context, stop.cancelled_owned())
+                        .await
+                });
+                (replica, Some(network))
+            }
+        };
+        let c = config.cluster.clone().unwrap_or_default();
+        let node = ClusterNode {
+            replica,
+            identity,
+            role: config.node.role,
+            keys: Arc::new(RwLock::new(keys)),
+            key_path,
+            network,
+            quorum_timeout: Duration::from_millis(c.quorum_timeout_ms),
+            max_apply_lag: c.max_apply_lag,
+        };
+        tracker.spawn(node.clone().promote_learners(stop.clone()));
+        tracker.spawn(node.clone().register(config.clone(), stop));
+        Ok(node)
+    }
+
+    pub fn is_standalone(&self) -> bool {
+        self.network.is_none()
+    }
+
+    /// The key ring as of the last (re)load.
+    pub fn keys(&self) -> KeyRing {
+        self.keys.read().expect("key ring lock").clone()
+    }
+
+    pub fn health(&self) -> QuorumHealth {
+        self.replica.quorum_health(self.quorum_timeout)
+    }
+
+    /// `Ok` when this node can serve writes and its replica is current; otherwise why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if let Some(reason) = self.health().degraded {
+            return Err(format!("degraded: {reason}"));
+        }
+        let lag = self.replica.apply_lag();
+        if lag > self.max_apply_lag {
+            return Err(format!(
+                "catching up: {lag} committed entries not applied yet"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The leader makes learners that have caught up voters. Every member of a Tandem
+    /// cluster votes; a learner is a node part-way through joining.
+    async fn promote_learners(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(PROMOTE_EVERY) => {}
+            }
+            match self.replica.promote_caught_up_learners().await {
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::info!(?ids, "caught-up learners are voters now")
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "promoting learners failed; will retry"),
+            }
+        }
+    }
+
+    /// Keeps this node's entry in the node registry current (addresses, role, version),
+    /// once a leader is known. Warns when this node has been removed from the cluster.
+    async fn register(self, config: Config, stop: CancellationToken) {
+        let record = NodeRecord {
+            id: config.node.id,
+            sip_addrs: match config.node.role {
+                Role::Full => config
+                    .sip
+                    .udp
+                    .iter()
+                    .map(|a| format!("udp:{a}"))
+                    .chain(config.sip.tcp.iter().map(|a| format!("tcp:{a}")))
+                    .chain(config.sip.tls.iter().map(|a| format!("tls:{a}")))
+                    .collect(),
+                Role::Witness => Vec::new(),
+            },
+            raft_addr: config
+                .cluster
+                .as_ref()
+                .map(|c| c.advertise_addr())
+                .unwrap_or_else(|| STANDALONE_ADDR.into()),
+            role: record_role(config.node.role),
+            software_version: env!("CARGO_PKG_VERSION").into(),
+            draining: false,
+        };
+        loop {
+            let current = self.replica.reader().node(record.id).ok().flatten();
+            let is_member = self.replica.members().iter().any(|m| m.id == record.id);
+            if self.replica.reader().is_retired(record.id).unwrap_or(false) {
+                tracing::error!(
+                    node = record.id,
+                    "this node was removed from the cluster; stop it and wipe its data dir"
+                );
+                return;
+            }
+            if current.as_ref() == Some(&record) {
+                // Registered; look again later in case someone else changed it.
+            } else if is_member && self.health().degraded.is_none() {
+                match self.replica.propose(Command::PutNode(record.clone())).await {
+                    Ok(CommandResult::Done) => {
+                        tracing::info!(node = record.id, "registered in the node registry")
+                    }
+                    Ok(other) => tracing::warn!(?other, "node registry refused this node"),
+                    Err(e) => tracing::debug!(error = %e, "node registry update failed; retrying"),
+                }
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// A membership request, run on the leader wherever it is.
+    pub async fn cluster_request(&self, request: ClusterRequest) -> Result<ClusterReply, Error> {
+        if self.is_standalone() {
+            if let ClusterRequest::Join { .. } | ClusterRequest::Remove { .. } = request {
+                return Err(Error::Config {
+                    key: "cluster".into(),
+                    problem: "this node is standalone; membership needs a [cluster] section".into(),
+                });
+            }
+        }
+        Ok(self.replica.cluster_request(request).await?)
+    }
+
+    pub async fn status(&self) -> ClusterStatus {
+        let m = self.replica.metrics();
+        let health = self.health();
+        let registry = self.replica.reader().nodes().unwrap_or_default();
+        let (view, replication_note): (Option<ReplicationView>, Option<String>) =
+            match self.replica.replication_view() {
+                Ok(v) => (Some(v), None),
+                Err(_) => match tokio::time::timeout(
+                    PEER_QUESTION_TIMEOUT,
+                    self.replica.cluster_request(ClusterRequest::Replication),
+                )
+                .await
+                {
+                    Ok(Ok(ClusterReply::Replication(v))) => (Some(v), None),
+                    Ok(Ok(other)) => (None, Some(format!("unexpected answer {other:?}"))),
+                    Ok(Err(e)) => (None, Some(format!("the leader did not answer: {e}"))),
+                    Err(_) => (None, Some("the leader did not answer in time".into())),
+                },
+            };
+        let members = self
+            .replica
+            .members()
+            .into_iter()
+            .map(|member| {
+                let entry = registry.iter().find(|n| n.id == member.id);
+                let matched = view
+                    .as_ref()
+                    .and_then(|v| v.matched.get(&member.id).copied().flatten());
+                MemberStatus {
+                    lag: view
+                        .as_ref()
+                        .map(|v| v.last_log_index.saturating_sub(matched.unwrap_or(0))),
+                    matched_index: matched,
+                    role: entry.map(|n| role_name(n.role)),
+                    software_version: entry.map(|n| n.software_version.clone()),
+                    id: member.id,
+                    raft_addr: member.raft_addr,
+                    voter: member.voter,
+                }
+            })
+            .collect();
+        ClusterStatus {
+            cluster_id: self.identity.cluster_id.clone(),
+            node_id: self.identity.node_id,
+            role: role_name(record_role(self.role)),
+            standalone: self.is_standalone(),
+            state: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            leader: m.current_leader,
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            apply_lag: self.replica.apply_lag(),
+            quorum: if health.degraded.is_none() {
+                "ok"
+            } else {
+                "degraded"
+            },
+            degraded_reason: health.degraded,
+            members,
+            replication_note,
+        }
+    }
+
+    /// Key rotation, step two: reloads the key file, checks that every member's key file
+    /// holds the current key, then re-seals every sensitive field under it.
+    pub async fn reseal(&self) -> Result<ResealReport, Error> {
+        let ring = KeyRing::load(&self.key_path)?;
+        let current = ring.current_id();
+        if let Some(network) = &self.network {
+            for member in self.replica.members() {
+                if member.id == self.identity.node_id {
+                    continue;
+                }
+                let answer = network
+                    .cluster(
+                        &member.raft_addr,
+                        &ClusterRequest::KeyIds,
+                        PEER_QUESTION_TIMEOUT,
+                    )
+                    .await;
+                match answer {
+                    Ok((_, ClusterReply::KeyIds(ids))) if ids.contains(&current) => {}
+                    Ok((_, ClusterReply::KeyIds(_))) => {
+                        return Err(Error::Rotation(format!(
+                            "node {} does not have key {current} in its key file yet; copy \
+                             this node's key file to every node, then run this again",
+                            member.id
+                        )))
+                    }
+                    Ok((_, other)) => {
+                        return Err(Error::Rotation(format!(
+                            "node {} gave an unexpected answer: {other:?}",
+                            member.id
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(Error::Rotation(format!(
+                            "cannot confirm that node {} has key {current}: {e}",
+                            member.id
+                        )))
+                    }
+                }
+            }
+        }
+        *self.keys.write().expect("key ring lock") = ring.clone();
+        Ok(self.replica.reseal_all(&ring).await?)
+    }
+
+    pub async fn shutdown(&self) {
+        self.replica.shutdown().await;
+    }
+}
+
+/// `tandem cluster init`: claims the data dir for a new cluster and makes this node its
+/// only member. Offline: the node is started afterwards with `tandem run`.
+pub async fn init(config: &Config) -> Result<String, Error> {
+    let c = cluster_section(config)?;
+    let id = config.node.id;
+    let dir = &config.node.data_dir;
+    let key_path = config.node.master_key_path();
+    let mut made_key = false;
+    if !key_path.exists() {
+        KeyRing::generate().save(&key_path)?;
+        made_key = true;
+    } else {
+        KeyRing::load(&key_path)?;
+    }
+    let identity = Identity {
+        ca_fingerprint: Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+        ..Identity::new_cluster(id)
+    };
+    data_dir::claim(dir, &identity)?;
+    let replica = Replica::start(
+        id,
+        &dir.join("raft"),
+        &config.raft_settings(),
+        LocalRouter::new().network(id),
+    )
+    .await?;
+    let me = NodeInfo {
+        raft_addr: c.advertise_addr(),
+    };
+    let result = replica.initialize([(id, me)].into()).await;
+    replica.shutdown().await;
+    result?;
+    let mut text = format!(
+        "Created cluster {} with node {id} (Raft address {}).\n",
+        identity.cluster_id,
+        c.advertise_addr()
+    );
+    if made_key {
+        text.push_str(&format!(
+            "Created the master key file {}: give every node a copy of it.\n",
+            key_path.display()
+        ));
+    }
+    text.push_str(&format!(
+        "Next: start this node with `tandem run --config FILE`, then on each other node run\n\
+         `tandem cluster join --config FILE --peer {}`.\n",
+        c.advertise_addr()
+    ));
+    Ok(text)
+}
+
+/// `tandem cluster join`: asks a member (any; it forwards to the leader) to add this node,
+/// then claims the data dir with the cluster's id. The node becomes a voter once it runs
+/// and has caught up.
+pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
+    let c = cluster_section(config)?;
+    let id = config.node.id;
+    let dir = &config.node.data_dir;
+    data_dir::check_claimable(dir)?;
+    let key_path = config.node.master_key_path();
+    load_or_create_keys(&key_path, false)?;
+    let tls = tandem_raft_store::tls::ClusterTls::load(
+        &c.ca_certificate,
+        &c.certificate,
+        &c.private_key,
+    )?;
+    let network = HttpNetwork::new(&tls)?;
+    let request = ClusterRequest::Join {
+        id,
+        raft_addr: c.advertise_addr(),
+    };
+    let (cluster_id, reply) = network
+        .cluster(peer, &request, Duration::from_secs(10))
+        .await?;
+    if reply != ClusterReply::Joined {
+        return Err(Error::Store(tandem_raft_store::Error::Membership(format!(
+            "unexpected answer from {peer}: {reply:?}"
+        ))));
+    }
+    data_dir::claim(
+        dir,
+        &Identity {
+            cluster_id: cluster_id.clone(),
+            node_id: id,
+            ca_fingerprint: Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+        },
+    )?;
+    Ok(format!(
+        "Node {id} joined cluster {cluster_id} as a learner (Raft address {}).\n\
+         Next: start it with `tandem run --config FILE`; it becomes a voter once it has caught up.\n",
+        c.advertise_addr()
+    ))
+}

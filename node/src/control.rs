@@ -1,0 +1,178 @@
+//! The operator commands that act on a cluster: `tandem cluster …` and `tandem keys …`.
+//! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
+//! running node named by the config file, through its admin API with its bearer token.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tandem_raft_store::crypto::KeyRing;
+
+use crate::cli::{ClusterCommand, KeysCommand};
+use crate::config::Config;
+use crate::Error;
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs one `tandem cluster` command and returns what to print.
+pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        ClusterCommand::Init { .. } => crate::cluster::init(config).await,
+        ClusterCommand::Join { peer, .. } => crate::cluster::join(config, peer).await,
+        ClusterCommand::Remove { node, .. } => {
+            call(
+                config,
+                reqwest::Method::DELETE,
+                &format!("/v1/cluster/members/{node}"),
+            )
+            .await?;
+            Ok(format!(
+                "Node {node} is removed and its id retired. Stop it and wipe its data dir.\n"
+            ))
+        }
+        ClusterCommand::Status { json, .. } => {
+            let body = call(config, reqwest::Method::GET, "/v1/cluster/status").await?;
+            if *json {
+                return Ok(format!("{body:#}\n"));
+            }
+            Ok(render_status(&body))
+        }
+    }
+}
+
+/// Runs one `tandem keys` command and returns what to print.
+pub async fn keys(command: &KeysCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        KeysCommand::Rotate { .. } => {
+            let path = config.node.master_key_path();
+            let mut ring = KeyRing::load(&path)?;
+            let id = ring.rotate();
+            ring.save_replacing(&path)?;
+            Ok(format!(
+                "Added key {id} to {}.\nNext: copy this file to every node, then run \
+                 `tandem keys reseal --config FILE` on any one of them.\n",
+                path.display()
+            ))
+        }
+        KeysCommand::Reseal { .. } => {
+            let body = call(config, reqwest::Method::POST, "/v1/keys/reseal").await?;
+            Ok(format!(
+                "Every sensitive field is now sealed with key {}: re-sealed {} accounts and {} \
+                 provider accounts.\nOlder keys may be removed from the key files once every \
+                 node has applied this (see `tandem cluster status`).\n",
+                body["key_id"], body["accounts"], body["providers"]
+            ))
+        }
+    }
+}
+
+/// Calls the admin API of the node `config` describes and returns its JSON answer, or its
+/// JSON error as an [`Error::Admin`].
+async fn call(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<serde_json::Value, Error> {
+    let token_path = config.token_path();
+    let token = std::fs::read_to_string(&token_path).map_err(|source| Error::Io {
+        context: format!(
+            "reading the admin token {} (is the node running, and is this its config?)",
+            token_path.display()
+        ),
+        source,
+    })?;
+    let url = format!("http://{}{path}", config.admin.listen);
+    let client = reqwest::Client::builder()
+        .timeout(ADMIN_TIMEOUT)
+        .build()
+        .map_err(|e| Error::Admin(format!("building an HTTP client: {e}")))?;
+    let reply = client
+        .request(method, &url)
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .map_err(|e| {
+            Error::Admin(format!(
+                "cannot reach the node's admin API at {url}: {e}; is the node running?"
+            ))
+        })?;
+    let status = reply.status();
+    let text = reply
+        .text()
+        .await
+        .map_err(|e| Error::Admin(format!("reading the answer from {url}: {e}")))?;
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Admin(format!("{url} answered {status} with non-JSON: {e}")))?;
+    if !status.is_success() {
+        let message = body["error"].as_str().unwrap_or(&text).to_owned();
+        return Err(Error::Admin(format!("{message} (HTTP {status})")));
+    }
+    Ok(body)
+}
+
+/// The status as a short report and a table of members.
+fn render_status(s: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cluster {}  node {} ({}{})",
+        s["cluster_id"].as_str().unwrap_or("?"),
+        num(&s["node_id"]),
+        s["role"].as_str().unwrap_or("?"),
+        if s["standalone"] == true {
+            ", standalone"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "state {}  term {}  leader {}",
+        s["state"].as_str().unwrap_or("?"),
+        num(&s["term"]),
+        num(&s["leader"])
+    );
+    let _ = writeln!(
+        out,
+        "log {}  applied {}  snapshot {}  purged {}  apply lag {}",
+        num(&s["last_log_index"]),
+        num(&s["applied_index"]),
+        num(&s["snapshot_index"]),
+        num(&s["purged_index"]),
+        num(&s["apply_lag"])
+    );
+    match s["degraded_reason"].as_str() {
+        None => {
+            let _ = writeln!(out, "quorum ok");
+        }
+        Some(reason) => {
+            let _ = writeln!(out, "quorum DEGRADED: {reason}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>4}  {:<8} {:<6} {:<22} {:>8} {:>6}  VERSION",
+        "ID", "ROLE", "VOTER", "RAFT ADDRESS", "MATCHED", "LAG"
+    );
+    for m in s["members"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<8} {:<6} {:<22} {:>8} {:>6}  {}",
+            num(&m["id"]),
+            m["role"].as_str().unwrap_or("?"),
+            if m["voter"] == true { "yes" } else { "no" },
+            m["raft_addr"].as_str().unwrap_or("?"),
+            num(&m["matched_index"]),
+            num(&m["lag"]),
+            m["software_version"].as_str().unwrap_or("?"),
+        );
+    }
+    if let Some(note) = s["replication_note"].as_str() {
+        let _ = writeln!(out, "(no per-member lag: {note})");
+    }
+    out
+}
