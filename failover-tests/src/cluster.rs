@@ -66,12 +66,22 @@ pub struct Member {
 #[derive(Debug)]
 pub struct Answer {
     pub status: u16,
+    /// The status line and headers.
+    pub head: String,
     pub body: String,
 }
 
 impl Answer {
     pub fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// A header's value (case-insensitive name).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
     }
 }
 
@@ -99,6 +109,8 @@ impl Member {
             ),
             MemberRole::Witness => ("witness", "udp = []\ntcp = []".to_owned()),
         };
+        // Each node keeps its own copy of the cluster's key file, as on real hosts.
+        std::fs::copy(root.join("master.key"), dir.join("master.key")).expect("copy key file");
         let q = |p: PathBuf| format!("{:?}", p.display().to_string());
         let config = format!(
             "[node]\nid = {id}\ndata_dir = {data}\nrole = \"{role_name}\"\nmaster_key = {key}\n\n\
@@ -107,7 +119,7 @@ impl Member {
              private_key = {pkey}\n{extra_cluster}\n\n\
              [admin]\nlisten = \"{admin_addr}\"\ntoken_file = {token}\n",
             data = q(dir.join("data")),
-            key = q(root.join("master.key")),
+            key = q(dir.join("master.key")),
             ca = q(certs.join("ca.crt")),
             cert = q(certs.join(format!("node{id}.crt"))),
             pkey = q(certs.join(format!("node{id}.key"))),
@@ -233,7 +245,7 @@ impl Member {
 
     /// One admin API request; `None` if the node cannot be reached.
     pub fn request(&self, method: &str, path: &str, body: Option<&str>) -> Option<Answer> {
-        http(self.admin_addr, method, path, body)
+        http(self.admin_addr, Some(TOKEN), method, path, body)
     }
 
     pub fn get(&self, path: &str) -> Option<Answer> {
@@ -274,15 +286,25 @@ impl Drop for Member {
     }
 }
 
-/// A minimal blocking HTTP/1.1 client: one request per connection.
-pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Option<Answer> {
+/// A minimal blocking HTTP/1.1 client: one request per connection, with the bearer
+/// `token` if given. `None` when the server cannot be reached or answers garbage.
+pub fn http(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> Option<Answer> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream
         .set_read_timeout(Some(Duration::from_secs(15)))
         .ok()?;
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {TOKEN}\r\n\
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
@@ -294,6 +316,7 @@ pub fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> O
     let status = head.split(' ').nth(1)?.parse().ok()?;
     Some(Answer {
         status,
+        head: head.to_owned(),
         body: body.to_owned(),
     })
 }

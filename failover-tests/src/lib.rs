@@ -136,6 +136,7 @@ pub struct Node {
     udp: Option<SocketAddr>,
     tcp: Option<SocketAddr>,
     tls: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
 }
 
 impl Node {
@@ -170,6 +171,7 @@ impl Node {
             udp: first_listener(&config, "udp"),
             tcp: first_listener(&config, "tcp"),
             tls: first_listener(&config, "tls"),
+            admin: address_in(&config, "[admin]", "listen"),
         }
     }
 
@@ -260,6 +262,19 @@ impl Node {
     /// The first TLS listener in the node's config.
     pub fn tls_addr(&self) -> SocketAddr {
         self.tls.expect("the node's config has a TLS listener")
+    }
+
+    /// The admin API's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("the node's config has an admin listener")
+    }
+
+    /// The admin token the node created in its data dir on first start.
+    pub fn admin_token(&self) -> String {
+        std::fs::read_to_string(self.dir().join("data/admin.token"))
+            .expect("the node wrote data/admin.token")
+            .trim()
+            .to_owned()
     }
 
     /// The node's temp dir (config, log, data).
@@ -430,6 +445,11 @@ fn with_data_dir(toml: &str, data_dir: &Path) -> String {
 
 /// The first address in `key = ["ip:port", ...]` within the `[sip]` table.
 fn first_listener(toml: &str, key: &str) -> Option<SocketAddr> {
+    address_in(toml, "[sip]", key)
+}
+
+/// The first quoted address under `key` in `table`.
+fn address_in(toml: &str, wanted: &str, key: &str) -> Option<SocketAddr> {
     let mut table = "";
     for line in toml.lines() {
         let l = line.trim();
@@ -440,7 +460,7 @@ fn first_listener(toml: &str, key: &str) -> Option<SocketAddr> {
         let Some((k, v)) = l.split_once('=') else {
             continue;
         };
-        if table == "[sip]" && k.trim() == key {
+        if table == wanted && k.trim() == key {
             let start = v.find('"')? + 1;
             let end = start + v[start..].find('"')?;
             return v[start..end].parse().ok();

@@ -230,3 +230,45 @@ fn data_dirs_of_other_nodes_and_clusters_are_refused() {
         "{text}"
     );
 }
+
+#[test]
+fn a_node_cut_off_from_quorum_says_so_and_refuses_changes_until_it_returns() {
+    let cluster = Cluster::form(&FULL3, "");
+    let survivor = cluster.member(1);
+    cluster.member(2).sigkill();
+    cluster.member(3).sigkill();
+    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
+    let ready = loop {
+        let ready = survivor.get("/ready").expect("survivor answers /ready");
+        if ready.status == 503 || deadline.expired() {
+            break ready;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        ready.status, 503,
+        "still ready without quorum: {}",
+        ready.body
+    );
+    let reason = ready.json()["reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.starts_with("degraded"), "{reason}");
+    let status = survivor.status().unwrap();
+    assert_eq!(status["quorum"], "degraded", "{status}");
+
+    let refused = survivor
+        .request("PUT", "/v1/customers/x", Some(r#"{"name":"x"}"#))
+        .unwrap();
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(refused.body.contains("no quorum"), "{}", refused.body);
+    // Reads keep working from the local replica.
+    assert!(survivor.customer_ids().is_some());
+
+    cluster.member(2).start();
+    cluster.member(2).wait_healthy();
+    cluster.wait_for_leader(&[3], Duration::from_secs(10));
+    let acked = write_customers(&[survivor, cluster.member(2)], "back", 10, 2);
+    assert_eq!(acked.len(), 10, "writes resume once a quorum is back");
+}

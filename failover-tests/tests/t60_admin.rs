@@ -1,0 +1,221 @@
+//! The admin API and the operator commands, against real processes: bearer-token checks,
+//! JSON errors for bad input, health, readiness and Prometheus metrics on a standalone
+//! node; `tandem cluster status|remove|join` and `tandem keys rotate|reseal` on a cluster.
+
+use std::time::Duration;
+
+use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
+use tandem_failover_tests::{describe, Node};
+
+#[test]
+fn the_admin_api_checks_the_token_and_answers_bad_input_with_json_errors() {
+    let node = Node::start_ready("");
+    let addr = node.admin_addr();
+    let token = node.admin_token();
+    let call = |token: Option<&str>, method: &str, path: &str, body: Option<&str>| {
+        http(addr, token, method, path, body)
+            .unwrap_or_else(|| node.panic_with_log(&format!("no answer to {method} {path}")))
+    };
+    let ok = Some(token.as_str());
+
+    // Probes need no token.
+    let health = call(None, "GET", "/health", None);
+    assert_eq!(health.status, 200, "{}", health.body);
+    assert_eq!(health.json()["status"], "alive");
+    let ready = call(None, "GET", "/ready", None);
+    assert_eq!(
+        (ready.status, ready.json()["ready"].clone()),
+        (200, true.into())
+    );
+
+    // Everything under /v1 does.
+    let missing = call(None, "GET", "/v1/cluster/status", None);
+    assert_eq!(missing.status, 401);
+    assert_eq!(missing.header("www-authenticate"), Some("Bearer"));
+    assert!(missing.json()["error"].as_str().unwrap().contains("Bearer"));
+    let wrong = call(Some("not-the-token"), "GET", "/v1/cluster/status", None);
+    assert_eq!(wrong.status, 401, "{}", wrong.body);
+    let put = call(None, "PUT", "/v1/customers/c1", Some(r#"{"name":"x"}"#));
+    assert_eq!(put.status, 401, "a write without a token was not refused");
+
+    // A standalone node reports itself as a cluster of one.
+    let status = call(ok, "GET", "/v1/cluster/status", None).json();
+    assert_eq!(status["standalone"], true, "{status}");
+    assert_eq!(status["state"], "leader");
+    assert_eq!(status["quorum"], "ok");
+    assert_eq!(status["members"].as_array().unwrap().len(), 1);
+
+    // Bad input: each answer is JSON naming the problem.
+    for (method, path, body, code, needle) in [
+        ("PUT", "/v1/customers/c1", "{not json", 400, "invalid JSON"),
+        (
+            "PUT",
+            "/v1/customers/c1",
+            r#"{"nam":"x"}"#,
+            400,
+            "unknown field `nam`",
+        ),
+        (
+            "PUT",
+            "/v1/customers/c1",
+            r#"{"name":""}"#,
+            400,
+            "name must be",
+        ),
+        (
+            "PUT",
+            "/v1/customers/bad%20id",
+            r#"{"name":"x"}"#,
+            400,
+            "customer id",
+        ),
+        ("GET", "/v1/customers/nobody", "", 404, "no customer"),
+        ("DELETE", "/v1/cluster/members/abc", "", 400, "node id"),
+        (
+            "POST",
+            "/v1/cluster/members",
+            r#"{"id":2,"raft_addr":"nowhere"}"#,
+            400,
+            "host:port",
+        ),
+        (
+            "POST",
+            "/v1/cluster/members",
+            r#"{"id":2,"raft_addr":"127.0.0.2:7"}"#,
+            409,
+            "standalone",
+        ),
+        ("GET", "/v1/nothing-here", "", 404, "no such endpoint"),
+        ("POST", "/health", "", 405, "method"),
+    ] {
+        let body = (!body.is_empty()).then_some(body);
+        let a = call(ok, method, path, body);
+        let error = a.json()["error"].as_str().unwrap_or_default().to_owned();
+        assert!(
+            a.status == code && error.contains(needle),
+            "{method} {path}: want {code} with {needle:?}, got {} {}",
+            a.status,
+            a.body
+        );
+    }
+
+    // A good write, read back, deleted.
+    let put = call(
+        ok,
+        "PUT",
+        "/v1/customers/acme",
+        Some(r#"{"name":"Acme Ltd"}"#),
+    );
+    assert_eq!(put.status, 200, "{}", put.body);
+    let got = call(ok, "GET", "/v1/customers/acme", None).json();
+    assert_eq!(
+        (got["name"].as_str(), got["enabled"].as_bool()),
+        (Some("Acme Ltd"), Some(true))
+    );
+    assert_eq!(call(ok, "DELETE", "/v1/customers/acme", None).status, 200);
+    assert_eq!(call(ok, "GET", "/v1/customers/acme", None).status, 404);
+
+    // Metrics in Prometheus text format, with the write path's figures.
+    let metrics = call(None, "GET", "/metrics", None);
+    assert_eq!(metrics.status, 200);
+    for name in [
+        "tandem_raft_term 1",
+        "tandem_raft_is_leader 1",
+        "tandem_raft_quorum_ok 1",
+        "tandem_raft_applied_index ",
+        "tandem_raft_apply_lag 0",
+        "tandem_raft_batch_size_bucket{le=\"+Inf\"} ",
+        "tandem_log_fsync_seconds_count ",
+        "tandem_raft_proposals_total ",
+    ] {
+        assert!(
+            metrics.body.contains(name),
+            "/metrics lacks {name:?}:\n{}",
+            metrics.body
+        );
+    }
+    node.assert_answers_options();
+}
+
+#[test]
+fn operators_see_status_remove_a_node_for_good_and_rotate_keys() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let one = cluster.member(1);
+
+    let status = one.cli(&["cluster", "status"]);
+    let text = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(status.status.success(), "{}", describe(&status));
+    assert!(text.contains("quorum ok"), "{text}");
+    for m in &cluster.members {
+        assert!(
+            text.contains(&m.raft_addr),
+            "status lacks node {}: {text}",
+            m.id
+        );
+    }
+    let json = one.cli(&["cluster", "status", "--json"]);
+    let value: serde_json::Value = serde_json::from_slice(&json.stdout).expect("JSON status");
+    let members = value["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3);
+    assert!(
+        members
+            .iter()
+            .all(|m| m["voter"] == true && m["lag"].is_u64()),
+        "{value}"
+    );
+
+    // Key rotation: refused until every node has the new key, then everything re-sealed.
+    let rotate = one.cli(&["keys", "rotate"]);
+    assert!(rotate.status.success(), "{}", describe(&rotate));
+    // Until the other nodes have the new key, re-sealing would lock them out: refused.
+    let refused = one.cli(&["keys", "reseal"]);
+    assert!(!refused.status.success(), "{}", describe(&refused));
+    assert!(
+        describe(&refused).contains("node 2 does not have key 2"),
+        "{}",
+        describe(&refused)
+    );
+    for m in &cluster.members[1..] {
+        std::fs::copy(one.dir.join("master.key"), m.dir.join("master.key")).unwrap();
+    }
+    let resealed = one.cli(&["keys", "reseal"]);
+    assert!(resealed.status.success(), "{}", describe(&resealed));
+    assert!(
+        describe(&resealed).contains("sealed with key 2"),
+        "{}",
+        describe(&resealed)
+    );
+
+    // Remove node 3 through node 2; it is gone for good.
+    let remove = cluster.member(2).cli(&["cluster", "remove", "3"]);
+    assert!(remove.status.success(), "{}", describe(&remove));
+    cluster.wait_for_voters(2, Duration::from_secs(10));
+    let three = cluster.member(3);
+    three.sigterm();
+    three
+        .wait_exit(Duration::from_secs(10))
+        .expect("node 3 stops");
+    std::fs::remove_dir_all(three.dir.join("data")).unwrap();
+    let again = three.cli(&["cluster", "join", "--peer", &one.raft_addr]);
+    assert!(!again.status.success());
+    assert!(
+        describe(&again).contains("never reused"),
+        "{}",
+        describe(&again)
+    );
+    assert!(
+        !three.dir.join("data/tandem-identity").exists(),
+        "a refused join must not claim the data dir"
+    );
+    let writes = tandem_failover_tests::cluster::write_customers(&[one], "after-remove", 20, 2);
+    assert_eq!(writes.len(), 20, "the remaining pair takes writes");
+
+    // A join through an address where nothing listens says so.
+    let nowhere = three.cli(&["cluster", "join", "--peer", "127.0.0.3:9"]);
+    assert!(!nowhere.status.success());
+    assert!(
+        describe(&nowhere).contains("127.0.0.3:9"),
+        "{}",
+        describe(&nowhere)
+    );
+}
