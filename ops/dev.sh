@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./ops/setup.sh
 . ./ops/env.sh
-cargo build -p tandem-node --bin tandem
+# The same build as ./ops/test.sh, so the two share every artefact.
+cargo build --workspace --all-targets
 cat >&2 <<MSG
 
 Tandem is starting on 127.0.0.1:5060 (UDP and TCP), data in ./data.

@@ -307,9 +307,9 @@ impl Admin {
     ) -> Result<warp::reply::Response, ApiError> {
         check_id("customer id", &id)?;
         let b: CustomerBody = parse_json(&body)?;
-        if b.name.trim().is_empty() || b.name.len() > 200 || b.name.chars().any(char::is_control) {
+        if b.name.trim().is_empty() || b.name.chars().count() > 256 || b.name.chars().any(char::is_control) {
             return Err(ApiError::bad_request(
-                "name must be 1 to 200 characters without control characters",
+                "name must be 1 to 256 characters without control characters",
             ));
         }
         self.writable()?;

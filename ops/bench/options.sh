@@ -9,7 +9,8 @@ calls="${1:-100000}"
 rate="${2:-20000}"
 TANDEM_SETUP_BENCH=1 ./ops/setup.sh
 . ./ops/env.sh
-cargo build -p tandem-node --bin tandem
+# The same build as ./ops/test.sh, so the two share every artefact.
+cargo build --workspace --all-targets
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 
