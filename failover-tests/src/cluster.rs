@@ -107,7 +107,11 @@ impl Member {
                 "full",
                 format!("udp = [\"{ip}:{sip_port}\"]\ntcp = [\"{ip}:{sip_port}\"]"),
             ),
-            MemberRole::Witness => ("witness", "udp = []\ntcp = []".to_owned()),
+            // Listed like a full node's, so a test can check that a witness ignores them.
+            MemberRole::Witness => (
+                "witness",
+                format!("udp = [\"{ip}:{sip_port}\"]\ntcp = [\"{ip}:{sip_port}\"]"),
+            ),
         };
         // Each node keeps its own copy of the cluster's key file, as on real hosts.
         std::fs::copy(root.join("master.key"), dir.join("master.key")).expect("copy key file");
@@ -423,6 +427,16 @@ impl Cluster {
         ));
     }
 
+    /// Waits until member `id` has applied everything the current leader has in its log.
+    pub fn wait_caught_up(&self, id: u64, timeout: Duration) {
+        let (leader, _) = self.wait_for_leader(&[], timeout);
+        let target = self
+            .member(leader)
+            .status()
+            .map_or(0, |s| s["last_log_index"].as_u64().unwrap_or(0));
+        self.wait_applied(id, target, timeout);
+    }
+
     /// Waits until member `id` has applied at least `index`.
     pub fn wait_applied(&self, id: u64, index: u64, timeout: Duration) {
         let deadline = Deadline::after(timeout);
@@ -459,9 +473,13 @@ fn tail(text: &str, n: usize) -> String {
     lines[start..].join("\n") + "\n"
 }
 
-/// Writes `count` customers `prefix-0 …`, `threads` at a time, each through the first of
-/// `targets` that acknowledges it with 200, and returns the acknowledged ids. A write
-/// that no target acknowledges is left out, so a test can write through a failover.
+/// How long [`write_customers`] keeps retrying one write.
+const WRITE_RETRY_FOR: Duration = Duration::from_secs(15);
+
+/// Writes `count` customers `prefix-0 …`, `threads` at a time, and returns the ids that
+/// were acknowledged with 200. Each write goes to the first of `targets` that
+/// acknowledges it, and is retried (writes are idempotent) for up to 15 s, so a test can
+/// write through a failover; one that is never acknowledged is left out.
 pub fn write_customers(
     targets: &[&Member],
     prefix: &str,
@@ -478,11 +496,15 @@ pub fn write_customers(
                     return;
                 }
                 let id = format!("{prefix}-{i}");
-                for target in targets {
-                    if target.put_customer(&id) == Some(200) {
-                        acked.lock().unwrap().push(id);
-                        break;
+                let deadline = Deadline::after(WRITE_RETRY_FOR);
+                'retry: while !deadline.expired() {
+                    for target in targets {
+                        if target.put_customer(&id) == Some(200) {
+                            acked.lock().unwrap().push(id);
+                            break 'retry;
+                        }
                     }
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             });
         }

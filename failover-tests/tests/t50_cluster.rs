@@ -63,6 +63,8 @@ fn three_nodes_keep_every_acknowledged_write_through_a_leader_kill() {
     );
     let expected: BTreeSet<String> = acked.iter().chain(&more).cloned().collect();
     for m in &survivors {
+        // A write is acknowledged once the leader applied it; a follower may lag a little.
+        cluster.wait_caught_up(m.id, Duration::from_secs(10));
         let have: BTreeSet<String> = m
             .customer_ids()
             .expect("survivor answers")

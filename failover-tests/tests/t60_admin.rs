@@ -186,32 +186,58 @@ fn operators_see_status_remove_a_node_for_good_and_rotate_keys() {
         describe(&resealed)
     );
 
-    // Remove node 3 through node 2; it is gone for good.
-    let remove = cluster.member(2).cli(&["cluster", "remove", "3"]);
+    // Remove the leader itself, through another member; it is gone for good.
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(5));
+    let via = cluster.members.iter().find(|m| m.id != leader).unwrap();
+    let remove = via.cli(&["cluster", "remove", &leader.to_string()]);
     assert!(remove.status.success(), "{}", describe(&remove));
+    let (new_leader, _) = cluster.wait_for_leader(&[leader], Duration::from_secs(10));
     cluster.wait_for_voters(2, Duration::from_secs(10));
-    let three = cluster.member(3);
-    three.sigterm();
-    three
-        .wait_exit(Duration::from_secs(10))
-        .expect("node 3 stops");
-    std::fs::remove_dir_all(three.dir.join("data")).unwrap();
-    let again = three.cli(&["cluster", "join", "--peer", &one.raft_addr]);
-    assert!(!again.status.success());
+    let removed = cluster.member(leader);
+    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
+    while !removed.log().contains("removed from the cluster") && !deadline.expired() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
-        describe(&again).contains("never reused"),
-        "{}",
+        removed.log().contains("removed from the cluster"),
+        "the removed node was not told"
+    );
+    let ready = removed.get("/ready").unwrap();
+    assert_eq!(ready.status, 503, "a removed node must not report ready");
+    assert!(ready.body.contains("not a member"), "{}", ready.body);
+    let again = via.cli(&["cluster", "remove", &leader.to_string()]);
+    assert!(
+        again.status.success(),
+        "removing again is harmless: {}",
         describe(&again)
     );
+
+    removed.sigterm();
+    removed
+        .wait_exit(Duration::from_secs(10))
+        .expect("the removed node stops");
+    std::fs::remove_dir_all(removed.dir.join("data")).unwrap();
+    let rejoin = removed.cli(&["cluster", "join", "--peer", &via.raft_addr]);
+    assert!(!rejoin.status.success());
     assert!(
-        !three.dir.join("data/tandem-identity").exists(),
+        describe(&rejoin).contains("never reused"),
+        "{}",
+        describe(&rejoin)
+    );
+    assert!(
+        !removed.dir.join("data/tandem-identity").exists(),
         "a refused join must not claim the data dir"
     );
-    let writes = tandem_failover_tests::cluster::write_customers(&[one], "after-remove", 20, 2);
+    let writes = tandem_failover_tests::cluster::write_customers(
+        &[cluster.member(new_leader)],
+        "after-remove",
+        20,
+        2,
+    );
     assert_eq!(writes.len(), 20, "the remaining pair takes writes");
 
     // A join through an address where nothing listens says so.
-    let nowhere = three.cli(&["cluster", "join", "--peer", "127.0.0.3:9"]);
+    let nowhere = removed.cli(&["cluster", "join", "--peer", "127.0.0.3:9"]);
     assert!(!nowhere.status.success());
     assert!(
         describe(&nowhere).contains("127.0.0.3:9"),

@@ -62,7 +62,9 @@ impl ApiError {
     fn status(e: &Error) -> StatusCode {
         use tandem_raft_store::Error as S;
         match e {
-            Error::Store(S::NotLeader { .. } | S::NoQuorum) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Store(S::NotLeader { .. } | S::NoQuorum | S::Unreachable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Error::Store(S::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             Error::Store(S::Membership(_)) | Error::Rotation(_) => StatusCode::CONFLICT,
             Error::Config { .. } => StatusCode::CONFLICT,
@@ -163,10 +165,10 @@ impl Admin {
     }
 
     fn authorize(&self, header: Option<String>) -> Result<(), ApiError> {
-        let presented = header
-            .as_deref()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .map(str::trim);
+        let presented = header.as_deref().and_then(|h| {
+            let (scheme, token) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
         match presented {
             Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => Ok(()),
             Some(_) => Err(ApiError::new(
@@ -248,11 +250,7 @@ impl Admin {
         if b.id == 0 {
             return Err(ApiError::bad_request("id must be at least 1"));
         }
-        if !b
-            .raft_addr
-            .rsplit_once(':')
-            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-        {
+        if !tandem_raft_store::membership::is_host_port(&b.raft_addr) {
             return Err(ApiError::bad_request(format!(
                 "raft_addr must be host:port, got {:?}",
                 b.raft_addr
@@ -307,7 +305,10 @@ impl Admin {
     ) -> Result<warp::reply::Response, ApiError> {
         check_id("customer id", &id)?;
         let b: CustomerBody = parse_json(&body)?;
-        if b.name.trim().is_empty() || b.name.chars().count() > 256 || b.name.chars().any(char::is_control) {
+        if b.name.trim().is_empty()
+            || b.name.chars().count() > 256
+            || b.name.chars().any(char::is_control)
+        {
             return Err(ApiError::bad_request(
                 "name must be 1 to 256 characters without control characters",
             ));
@@ -325,7 +326,7 @@ impl Admin {
             .await?
         {
             CommandResult::Done => Ok(json_reply(StatusCode::OK, &customer_json(&customer))),
-            other => Err(ApiError::new(StatusCode::CONFLICT, format!("{other:?}"))),
+            other => Err(refused(other)),
         }
     }
 
@@ -500,11 +501,25 @@ impl Admin {
     }
 }
 
+/// A command the state machine refused (its condition did not hold).
+fn refused(result: CommandResult) -> ApiError {
+    let why = match result {
+        CommandResult::Rejected(why) => why,
+        other => format!("unexpected result {other:?}"),
+    };
+    ApiError::new(StatusCode::CONFLICT, why)
+}
+
 fn customer_json(c: &Customer) -> serde_json::Value {
     serde_json::json!({"id": c.id, "name": c.name, "enabled": c.enabled})
 }
 
+impl warp::reject::Reject for ApiError {}
+
 async fn recover(r: Rejection) -> Result<warp::reply::Response, Infallible> {
+    if let Some(e) = r.find::<ApiError>() {
+        return Ok(answer(Err(ApiError::new(e.status, e.message.clone()))));
+    }
     let (status, message) = if r.is_not_found() {
         (StatusCode::NOT_FOUND, "no such endpoint".to_owned())
     } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
@@ -559,81 +574,61 @@ pub fn serve(
                 .into_response()
         });
 
-    let v1 = warp::path("v1").and(state.clone()).and(auth);
-    let status = v1
-        .clone()
-        .and(warp::path!("cluster" / "status"))
+    // Routes under /v1 match their path and method first, then check the token, so an
+    // unknown path is a 404 whatever the token.
+    let authorized =
+        state
+            .clone()
+            .and(auth)
+            .and_then(|a: Admin, header: Option<String>| async move {
+                match a.authorize(header) {
+                    Ok(()) => Ok(a),
+                    Err(e) => Err(warp::reject::custom(e)),
+                }
+            });
+    let status = warp::path!("v1" / "cluster" / "status")
         .and(warp::get())
-        .then(|a: Admin, h| async move {
-            answer(match a.authorize(h) {
-                Ok(()) => Ok(json_reply(StatusCode::OK, &a.cluster.status().await)),
-                Err(e) => Err(e),
-            })
+        .and(authorized.clone())
+        .then(|a: Admin| async move {
+            answer(Ok(json_reply(StatusCode::OK, &a.cluster.status().await)))
         });
-    let join = v1
-        .clone()
-        .and(warp::path!("cluster" / "members"))
+    let join = warp::path!("v1" / "cluster" / "members")
         .and(warp::post())
+        .and(authorized.clone())
         .and(body)
-        .then(|a: Admin, h, b| async move {
-            answer(match a.authorize(h) {
-                Ok(()) => a.join(b).await,
-                Err(e) => Err(e),
-            })
-        });
-    let remove = v1
-        .clone()
-        .and(warp::path!("cluster" / "members" / String))
+        .then(|a: Admin, b| async move { answer(a.join(b).await) });
+    let remove = warp::path!("v1" / "cluster" / "members" / String)
         .and(warp::delete())
-        .then(|a: Admin, h, id: String| async move {
-            answer(match (a.authorize(h), id.parse::<u64>()) {
-                (Err(e), _) => Err(e),
-                (Ok(()), Err(_)) => Err(ApiError::bad_request(format!(
+        .and(authorized.clone())
+        .then(|id: String, a: Admin| async move {
+            answer(match id.parse::<u64>() {
+                Ok(id) => a.remove(id).await,
+                Err(_) => Err(ApiError::bad_request(format!(
                     "a member is named by its node id, a number; got {id:?}"
                 ))),
-                (Ok(()), Ok(id)) => a.remove(id).await,
             })
         });
-    let reseal = v1
-        .clone()
-        .and(warp::path!("keys" / "reseal"))
+    let reseal = warp::path!("v1" / "keys" / "reseal")
         .and(warp::post())
-        .then(|a: Admin, h| async move {
-            answer(match a.authorize(h) {
-                Ok(()) => a.reseal().await,
-                Err(e) => Err(e),
-            })
-        });
-    let customers = v1
-        .clone()
-        .and(warp::path!("customers"))
+        .and(authorized.clone())
+        .then(|a: Admin| async move { answer(a.reseal().await) });
+    let customers = warp::path!("v1" / "customers")
         .and(warp::get())
-        .map(|a: Admin, h| answer(a.authorize(h).and_then(|()| a.customers())));
-    let customer = v1
-        .clone()
-        .and(warp::path!("customers" / String))
+        .and(authorized.clone())
+        .map(|a: Admin| answer(a.customers()));
+    let customer = warp::path!("v1" / "customers" / String)
         .and(warp::get())
-        .map(|a: Admin, h, id| answer(a.authorize(h).and_then(|()| a.customer(id))));
-    let put_customer = v1
-        .clone()
-        .and(warp::path!("customers" / String))
+        .and(authorized.clone())
+        .map(|id, a: Admin| answer(a.customer(id)));
+    let put_customer = warp::path!("v1" / "customers" / String)
         .and(warp::put())
+        .and(authorized.clone())
         .and(body)
-        .then(|a: Admin, h, id, b| async move {
-            answer(match a.authorize(h) {
-                Ok(()) => a.put_customer(id, b).await,
-                Err(e) => Err(e),
-            })
-        });
-    let delete_customer = v1
-        .and(warp::path!("customers" / String))
+        .then(|id, a: Admin, b| async move { answer(a.put_customer(id, b).await) });
+    let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
-        .then(|a: Admin, h, id| async move {
-            answer(match a.authorize(h) {
-                Ok(()) => a.delete_customer(id).await,
-                Err(e) => Err(e),
-            })
-        });
+        .and(authorized)
+        .then(|id, a: Admin| async move { answer(a.delete_customer(id).await) });
 
     let routes = health
         .or(ready)

@@ -12,7 +12,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_raft_store::command::{Command, CommandResult, NodeRecord, Role as RecordRole};
+use tandem_raft_store::command::{Command, CommandResult, NodeRecord};
 use tandem_raft_store::crypto::KeyRing;
 use tandem_raft_store::data_dir::{self, Identity};
 use tandem_raft_store::http_network::{self, HttpNetwork, ServeContext};
@@ -80,20 +80,6 @@ pub struct MemberStatus {
     pub lag: Option<u64>,
 }
 
-fn record_role(role: Role) -> RecordRole {
-    match role {
-        Role::Full => RecordRole::Full,
-        Role::Witness => RecordRole::Witness,
-    }
-}
-
-fn role_name(role: RecordRole) -> &'static str {
-    match role {
-        RecordRole::Full => "full",
-        RecordRole::Witness => "witness",
-    }
-}
-
 /// Loads the key ring, or for a standalone node creates it on first start.
 fn load_or_create_keys(path: &Path, create: bool) -> Result<KeyRing, Error> {
     if create && !path.exists() {
@@ -146,15 +132,16 @@ impl ClusterNode {
             }
         }
         let ca = match &config.cluster {
-            Some(c) => Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+            Some(c) => Some(c.ca_fingerprint()?),
             None => None,
         };
         let identity = data_dir::open(dir, id, ca.as_deref())?;
         let key_path = config.node.master_key_path();
         let keys = load_or_create_keys(&key_path, standalone)?;
         let settings = config.raft_settings();
-        let raft_dir = dir.join("raft");
+        let raft_dir = data_dir::raft_dir(dir);
 
+        let keys = Arc::new(RwLock::new(keys));
         let (replica, network) = match &config.cluster {
             None => {
                 let router = LocalRouter::new();
@@ -190,10 +177,16 @@ impl ClusterNode {
                     Some(forwarder),
                 )
                 .await?;
-                let key_file = key_path.clone();
+                let (key_file, ring) = (key_path.clone(), keys.clone());
                 let context = ServeContext {
                     cluster_id: identity.cluster_id.clone(),
-                    key_ids: Arc::new(move || Ok(KeyRing::load(&key_file)?.ids())),
+                    // Reloads the key file, so the answer is the keys this node now uses.
+                    key_ids: Arc::new(move || {
+                        let fresh = KeyRing::load(&key_file)?;
+                        let ids = fresh.ids();
+                        *ring.write().expect("key ring lock") = fresh;
+                        Ok(ids)
+                    }),
                 };
                 let served = replica.clone();
                 let stop = stop.clone();
@@ -209,15 +202,33 @@ impl ClusterNode {
             replica,
             identity,
             role: config.node.role,
-            keys: Arc::new(RwLock::new(keys)),
+            keys,
             key_path,
             network,
             quorum_timeout: Duration::from_millis(c.quorum_timeout_ms),
             max_apply_lag: c.max_apply_lag,
         };
+        if let Some(c) = &config.cluster {
+            let recorded = node.replica.members().into_iter().find(|m| m.id == id);
+            if let Some(m) = recorded.filter(|m| m.raft_addr != c.advertise_addr()) {
+                tracing::warn!(
+                    recorded = %m.raft_addr,
+                    configured = %c.advertise_addr(),
+                    "the cluster knows this node by another address than cluster.advertise \
+                     (or listen); other nodes will keep using the recorded one"
+                );
+            }
+        }
         tracker.spawn(node.clone().promote_learners(stop.clone()));
         tracker.spawn(node.clone().register(config.clone(), stop));
         Ok(node)
+    }
+
+    /// Whether this node is in its own latest membership configuration and not retired.
+    pub fn is_member(&self) -> bool {
+        let id = self.identity.node_id;
+        self.replica.members().iter().any(|m| m.id == id)
+            && !self.replica.reader().is_retired(id).unwrap_or(false)
     }
 
     pub fn is_standalone(&self) -> bool {
@@ -235,6 +246,9 @@ impl ClusterNode {
 
     /// `Ok` when this node can serve writes and its replica is current; otherwise why not.
     pub fn readiness(&self) -> Result<(), String> {
+        if !self.is_member() {
+            return Err("not a member of the cluster: removed, or not joined yet".into());
+        }
         if let Some(reason) = self.health().degraded {
             return Err(format!("degraded: {reason}"));
         }
@@ -255,7 +269,11 @@ impl ClusterNode {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(PROMOTE_EVERY) => {}
             }
-            match self.replica.promote_caught_up_learners().await {
+            let promoted = tokio::select! {
+                _ = stop.cancelled() => return,
+                p = self.replica.promote_caught_up_learners() => p,
+            };
+            match promoted {
                 Ok(ids) if !ids.is_empty() => {
                     tracing::info!(?ids, "caught-up learners are voters now")
                 }
@@ -286,12 +304,17 @@ impl ClusterNode {
                 .as_ref()
                 .map(|c| c.advertise_addr())
                 .unwrap_or_else(|| STANDALONE_ADDR.into()),
-            role: record_role(config.node.role),
+            role: config.node.role,
             software_version: env!("CARGO_PKG_VERSION").into(),
             draining: false,
         };
         loop {
             let current = self.replica.reader().node(record.id).ok().flatten();
+            // The drain flag belongs to `tandem node drain`, not to this task.
+            let wanted = NodeRecord {
+                draining: current.as_ref().is_some_and(|c| c.draining),
+                ..record.clone()
+            };
             let is_member = self.replica.members().iter().any(|m| m.id == record.id);
             if self.replica.reader().is_retired(record.id).unwrap_or(false) {
                 tracing::error!(
@@ -300,10 +323,14 @@ impl ClusterNode {
                 );
                 return;
             }
-            if current.as_ref() == Some(&record) {
+            if current.as_ref() == Some(&wanted) {
                 // Registered; look again later in case someone else changed it.
             } else if is_member && self.health().degraded.is_none() {
-                match self.replica.propose(Command::PutNode(record.clone())).await {
+                let put = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    put = self.replica.propose(Command::PutNode(wanted)) => put,
+                };
+                match put {
                     Ok(CommandResult::Done) => {
                         tracing::info!(node = record.id, "registered in the node registry")
                     }
@@ -364,7 +391,7 @@ impl ClusterNode {
                         .as_ref()
                         .map(|v| v.last_log_index.saturating_sub(matched.unwrap_or(0))),
                     matched_index: matched,
-                    role: entry.map(|n| role_name(n.role)),
+                    role: entry.map(|n| n.role.as_str()),
                     software_version: entry.map(|n| n.software_version.clone()),
                     id: member.id,
                     raft_addr: member.raft_addr,
@@ -375,7 +402,7 @@ impl ClusterNode {
         ClusterStatus {
             cluster_id: self.identity.cluster_id.clone(),
             node_id: self.identity.node_id,
-            role: role_name(record_role(self.role)),
+            role: self.role.as_str(),
             standalone: self.is_standalone(),
             state: format!("{:?}", m.state).to_lowercase(),
             term: m.current_term,
@@ -447,11 +474,12 @@ impl ClusterNode {
 }
 
 /// `tandem cluster init`: claims the data dir for a new cluster and makes this node its
-/// only member. Offline: the node is started afterwards with `tandem run`.
+/// only member. Offline: the node is started afterwards with `tandem run`. If it fails
+/// part-way, the data dir is released again so it can simply be re-run.
 pub async fn init(config: &Config) -> Result<String, Error> {
     let c = cluster_section(config)?;
-    let id = config.node.id;
     let dir = &config.node.data_dir;
+    data_dir::check_claimable(dir)?;
     let key_path = config.node.master_key_path();
     let mut made_key = false;
     if !key_path.exists() {
@@ -460,24 +488,16 @@ pub async fn init(config: &Config) -> Result<String, Error> {
     } else {
         KeyRing::load(&key_path)?;
     }
+    let id = config.node.id;
     let identity = Identity {
-        ca_fingerprint: Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+        ca_fingerprint: Some(c.ca_fingerprint()?),
         ..Identity::new_cluster(id)
     };
     data_dir::claim(dir, &identity)?;
-    let replica = Replica::start(
-        id,
-        &dir.join("raft"),
-        &config.raft_settings(),
-        LocalRouter::new().network(id),
-    )
-    .await?;
-    let me = NodeInfo {
-        raft_addr: c.advertise_addr(),
-    };
-    let result = replica.initialize([(id, me)].into()).await;
-    replica.shutdown().await;
-    result?;
+    if let Err(e) = initialize_alone(config, c).await {
+        data_dir::release(dir)?;
+        return Err(e);
+    }
     let mut text = format!(
         "Created cluster {} with node {id} (Raft address {}).\n",
         identity.cluster_id,
@@ -495,6 +515,24 @@ pub async fn init(config: &Config) -> Result<String, Error> {
         c.advertise_addr()
     ));
     Ok(text)
+}
+
+/// Starts the replica without a network and makes this node the only member.
+async fn initialize_alone(config: &Config, c: &ClusterConfig) -> Result<(), Error> {
+    let id = config.node.id;
+    let replica = Replica::start(
+        id,
+        &data_dir::raft_dir(&config.node.data_dir),
+        &config.raft_settings(),
+        LocalRouter::new().network(id),
+    )
+    .await?;
+    let me = NodeInfo {
+        raft_addr: c.advertise_addr(),
+    };
+    let result = replica.initialize([(id, me)].into()).await;
+    replica.shutdown().await;
+    Ok(result?)
 }
 
 /// `tandem cluster join`: asks a member (any; it forwards to the leader) to add this node,
@@ -530,7 +568,7 @@ pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
         &Identity {
             cluster_id: cluster_id.clone(),
             node_id: id,
-            ca_fingerprint: Some(tandem_raft_store::tls::ca_fingerprint(&c.ca_certificate)?),
+            ca_fingerprint: Some(c.ca_fingerprint()?),
         },
     )?;
     Ok(format!(

@@ -23,15 +23,7 @@ pub struct Config {
     pub log: LogConfig,
 }
 
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Runs every SIP agent and holds a full replica.
-    #[default]
-    Full,
-    /// A Raft voter only: no SIP listeners (DECISIONS §5).
-    Witness,
-}
+pub use tandem_raft_store::command::Role;
 
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -115,6 +107,22 @@ impl ClusterConfig {
             .clone()
             .unwrap_or_else(|| self.listen.to_string())
     }
+
+    /// The internal listener's mutual-TLS configuration.
+    pub fn tls(&self) -> Result<tandem_raft_store::tls::ClusterTls, Error> {
+        Ok(tandem_raft_store::tls::ClusterTls::load(
+            &self.ca_certificate,
+            &self.certificate,
+            &self.private_key,
+        )?)
+    }
+
+    /// The fingerprint of the cluster CA, which a data dir records.
+    pub fn ca_fingerprint(&self) -> Result<String, Error> {
+        Ok(tandem_raft_store::tls::ca_fingerprint(
+            &self.ca_certificate,
+        )?)
+    }
 }
 
 /// The HTTP admin API: status, membership, accounts, health and metrics.
@@ -149,7 +157,7 @@ impl Config {
         let settings = tandem_raft_store::replica::RaftSettings {
             heartbeat: Duration::from_millis(c.heartbeat_ms),
             election_timeout_min: Duration::from_millis(c.election_timeout_ms),
-            election_timeout_max: Duration::from_millis(c.election_timeout_ms * 2),
+            election_timeout_max: Duration::from_millis(c.election_timeout_ms.saturating_mul(2)),
             snapshot_every: c.snapshot_every,
             propose_timeout: Duration::from_millis(c.propose_timeout_ms),
             ..Default::default()
@@ -370,13 +378,19 @@ impl Config {
                     bad(key, format!("{} is not a readable file", path.display()));
                 }
             }
-            if let Some(a) = &c.advertise {
-                if !a
-                    .rsplit_once(':')
-                    .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0))
-                {
-                    bad("cluster.advertise", format!("{a:?} is not host:port"));
+            match &c.advertise {
+                Some(a) if !tandem_raft_store::membership::is_host_port(a) => {
+                    bad("cluster.advertise", format!("{a:?} is not host:port"))
                 }
+                None if c.listen.ip().is_unspecified() => bad(
+                    "cluster.advertise",
+                    format!(
+                        "required when cluster.listen is {}: other nodes need an address \
+                         they can reach",
+                        c.listen
+                    ),
+                ),
+                _ => {}
             }
             if c.heartbeat_ms == 0 {
                 bad("cluster.heartbeat_ms", "must be at least 1".into());

@@ -11,7 +11,10 @@ use crate::cli::{ClusterCommand, KeysCommand};
 use crate::config::Config;
 use crate::Error;
 
+/// How long an admin request may take; re-sealing proposes one write per record, so it
+/// gets longer.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+const RESEAL_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Runs one `tandem cluster` command and returns what to print.
 pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String, Error> {
@@ -23,6 +26,7 @@ pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String
                 config,
                 reqwest::Method::DELETE,
                 &format!("/v1/cluster/members/{node}"),
+                ADMIN_TIMEOUT,
             )
             .await?;
             Ok(format!(
@@ -30,7 +34,13 @@ pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String
             ))
         }
         ClusterCommand::Status { json, .. } => {
-            let body = call(config, reqwest::Method::GET, "/v1/cluster/status").await?;
+            let body = call(
+                config,
+                reqwest::Method::GET,
+                "/v1/cluster/status",
+                ADMIN_TIMEOUT,
+            )
+            .await?;
             if *json {
                 return Ok(format!("{body:#}\n"));
             }
@@ -54,7 +64,13 @@ pub async fn keys(command: &KeysCommand, config: &Config) -> Result<String, Erro
             ))
         }
         KeysCommand::Reseal { .. } => {
-            let body = call(config, reqwest::Method::POST, "/v1/keys/reseal").await?;
+            let body = call(
+                config,
+                reqwest::Method::POST,
+                "/v1/keys/reseal",
+                RESEAL_TIMEOUT,
+            )
+            .await?;
             Ok(format!(
                 "Every sensitive field is now sealed with key {}: re-sealed {} accounts and {} \
                  provider accounts.\nOlder keys may be removed from the key files once every \
@@ -71,6 +87,7 @@ async fn call(
     config: &Config,
     method: reqwest::Method,
     path: &str,
+    timeout: Duration,
 ) -> Result<serde_json::Value, Error> {
     let token_path = config.token_path();
     let token = std::fs::read_to_string(&token_path).map_err(|source| Error::Io {
@@ -82,7 +99,7 @@ async fn call(
     })?;
     let url = format!("http://{}{path}", config.admin.listen);
     let client = reqwest::Client::builder()
-        .timeout(ADMIN_TIMEOUT)
+        .timeout(timeout)
         .build()
         .map_err(|e| Error::Admin(format!("building an HTTP client: {e}")))?;
     let reply = client

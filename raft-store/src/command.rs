@@ -30,10 +30,24 @@ pub enum CommandResult {
     Rejected(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// What a node runs (DECISIONS §5). Also the `node.role` config value.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Runs every SIP agent and holds a full replica.
+    #[default]
     Full,
+    /// A Raft voter only: no SIP listeners.
     Witness,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Full => "full",
+            Role::Witness => "witness",
+        }
+    }
 }
 
 /// A member of the cluster as the agents see it (the node registry).

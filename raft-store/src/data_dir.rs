@@ -42,6 +42,11 @@ fn identity_path(dir: &Path) -> PathBuf {
     dir.join(IDENTITY_FILE)
 }
 
+/// Where the RocksDB store lives inside a data dir.
+pub fn raft_dir(dir: &Path) -> PathBuf {
+    dir.join("raft")
+}
+
 fn check_writable(dir: &Path) -> Result<(), Error> {
     let probe = dir.join(".tandem-write-probe");
     let result = std::fs::File::create(&probe).and_then(|mut f| f.write_all(b"ok"));
@@ -63,7 +68,29 @@ pub fn check_claimable(dir: &Path) -> Result<(), Error> {
             existing.cluster_id
         )));
     }
+    if raft_dir(dir).exists() {
+        return Err(Error::Io(format!(
+            "data dir {} holds Raft state ({}) but no identity file; it is damaged or not \
+             Tandem's, so it is not reused: use a new directory",
+            dir.display(),
+            raft_dir(dir).display()
+        )));
+    }
     Ok(())
+}
+
+/// Undoes [`claim`] after a first step that failed (`cluster init`), so the operator can
+/// simply run it again: removes the identity file and any Raft state.
+pub fn release(dir: &Path) -> Result<(), Error> {
+    let io = |e: std::io::Error| Error::Io(format!("cleaning up data dir {}: {e}", dir.display()));
+    match std::fs::remove_dir_all(raft_dir(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    match std::fs::remove_file(identity_path(dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(e)),
+        _ => Ok(()),
+    }
 }
 
 /// Claims a new, empty (or absent) directory for `identity`. Refuses a directory that
@@ -130,6 +157,15 @@ pub fn open(dir: &Path, node_id: NodeId, ca_fingerprint: Option<&str>) -> Result
                 identity.node_id
             )));
         }
+        (None, Some(_)) => {
+            return Err(Error::Io(format!(
+                "data dir {} belongs to node {} of cluster {}; it needs the [cluster] section \
+                 it was created with, and cannot run standalone",
+                dir.display(),
+                identity.node_id,
+                identity.cluster_id
+            )));
+        }
         _ => {}
     }
     Ok(identity)
@@ -181,10 +217,9 @@ mod tests {
             ..Identity::new_cluster(2)
         };
         claim(&dir, &me).unwrap();
-        assert_eq!(open(&dir, 2, None).unwrap(), me);
         assert_eq!(open(&dir, 2, Some("ab12")).unwrap(), me);
 
-        let err = open(&dir, 3, None).unwrap_err().to_string();
+        let err = open(&dir, 3, Some("ab12")).unwrap_err().to_string();
         assert!(
             err.contains("belongs to node 2") && err.contains("node 3"),
             "{err}"
@@ -218,11 +253,35 @@ mod tests {
     }
 
     #[test]
-    fn a_standalone_dir_is_not_a_cluster_members() {
+    fn standalone_and_cluster_dirs_do_not_mix() {
         let tmp = tempfile::tempdir().unwrap();
         claim(tmp.path(), &Identity::new_cluster(1)).unwrap();
         let err = open(tmp.path(), 1, Some("ab12")).unwrap_err().to_string();
         assert!(err.contains("standalone"), "{err}");
+
+        let member = tempfile::tempdir().unwrap();
+        let identity = Identity {
+            ca_fingerprint: Some("ab12".into()),
+            ..Identity::new_cluster(1)
+        };
+        claim(member.path(), &identity).unwrap();
+        let err = open(member.path(), 1, None).unwrap_err().to_string();
+        assert!(err.contains("[cluster]"), "{err}");
+    }
+
+    #[test]
+    fn raft_state_without_an_identity_is_not_claimed_and_release_undoes_a_claim() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(raft_dir(tmp.path())).unwrap();
+        let err = claim(tmp.path(), &Identity::new_cluster(1))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no identity file"), "{err}");
+
+        release(tmp.path()).unwrap();
+        claim(tmp.path(), &Identity::new_cluster(1)).unwrap();
+        release(tmp.path()).unwrap();
+        claim(tmp.path(), &Identity::new_cluster(1)).unwrap();
     }
 
     #[test]

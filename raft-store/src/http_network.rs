@@ -76,9 +76,10 @@ impl HttpNetwork {
             .send()
             .await
             .map_err(|e| {
-                Error::Raft(format!(
-                    "forwarding to the leader at {}: {e}",
-                    leader.raft_addr
+                Error::Unreachable(format!(
+                    "forwarding to the leader at {}: {}",
+                    leader.raft_addr,
+                    chain(&e)
                 ))
             })?;
         let bytes = reply
@@ -100,8 +101,30 @@ impl HttpNetwork {
         request: &ClusterRequest,
         timeout: Duration,
     ) -> Result<(String, ClusterReply), Error> {
+        self.cluster_call(raft_addr, request, false, timeout).await
+    }
+
+    /// Sends a membership request on to the leader at `raft_addr`. The leader handles it
+    /// or refuses; it never forwards again.
+    pub async fn cluster_to_leader(
+        &self,
+        raft_addr: &str,
+        request: &ClusterRequest,
+        timeout: Duration,
+    ) -> Result<(String, ClusterReply), Error> {
+        self.cluster_call(raft_addr, request, true, timeout).await
+    }
+
+    async fn cluster_call(
+        &self,
+        raft_addr: &str,
+        request: &ClusterRequest,
+        forwarded: bool,
+        timeout: Duration,
+    ) -> Result<(String, ClusterReply), Error> {
         let url = format!("https://{raft_addr}/raft/cluster");
-        let body = postcard::to_stdvec(request).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let body = postcard::to_stdvec(&(request, forwarded))
+            .map_err(|e| Error::Corrupt(e.to_string()))?;
         let reply = self
             .client
             .post(url)
@@ -109,7 +132,14 @@ impl HttpNetwork {
             .body(body)
             .send()
             .await
-            .map_err(|e| Error::Raft(format!("asking the member at {raft_addr}: {}", chain(&e))))?;
+            .map_err(|e| {
+                let what = format!("asking the member at {raft_addr}: {}", chain(&e));
+                if e.is_timeout() {
+                    Error::Unreachable(format!("{what} (no answer within {timeout:?})"))
+                } else {
+                    Error::Unreachable(what)
+                }
+            })?;
         if !reply.status().is_success() {
             return Err(Error::Raft(format!(
                 "the member at {raft_addr} answered HTTP {}",
@@ -328,11 +358,12 @@ pub async fn serve(
     let cluster = rpc_route(
         "cluster",
         replica,
-        move |replica, request: ClusterRequest| {
+        move |replica, (request, forwarded): (ClusterRequest, bool)| {
             let context = context.clone();
             async move {
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
+                    other if forwarded => replica.lead_cluster_request(other).await,
                     other => replica.cluster_request(other).await,
                 };
                 reply.map(|r| (context.cluster_id.clone(), r))

@@ -28,7 +28,8 @@ pub mod types;
 pub use store::open;
 
 /// The crate's one error type. The first variants are ones a caller can act on; the rest
-/// are storage faults.
+/// are storage faults. It travels between nodes (postcard, which encodes a variant by its
+/// position), so new variants go at the end and none is ever removed or reordered.
 #[derive(Clone, Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum Error {
     /// The write must go to the leader, if one is known.
@@ -57,6 +58,9 @@ pub enum Error {
     Db(String),
     #[error("TLS: {0}")]
     Tls(String),
+    /// Another member could not be reached or did not answer in time.
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl Error {

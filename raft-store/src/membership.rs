@@ -4,6 +4,7 @@
 //! an operator can send them to any member.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,9 @@ use crate::Error;
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const CAUGHT_UP_SLACK: u64 = 64;
+/// How long a forwarded membership request may take: a change is two log entries (joint,
+/// then uniform configuration) plus the id's retirement.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A membership request, as it travels between nodes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,13 +83,18 @@ impl Replica {
         if m.state == ServerState::Leader {
             return self.lead_cluster_request(request).await;
         }
+        if request == ClusterRequest::KeyIds {
+            return Err(Error::Membership(
+                "key ids are asked of each member, not of the leader".into(),
+            ));
+        }
         let leader = m
             .current_leader
             .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
         match (leader, self.forwarder()) {
             (Some(leader), Some(forwarder)) => {
                 forwarder
-                    .cluster(&leader, &request, self.propose_timeout())
+                    .cluster(&leader, &request, MEMBERSHIP_TIMEOUT)
                     .await
             }
             _ => Err(Error::NotLeader {
@@ -94,7 +103,18 @@ impl Replica {
         }
     }
 
-    async fn lead_cluster_request(&self, request: ClusterRequest) -> Result<ClusterReply, Error> {
+    /// Runs a membership request that must be handled here, on the leader; a node that is
+    /// not the leader (any more) answers NotLeader instead of forwarding again, so a request
+    /// never bounces between nodes with stale views of who leads.
+    pub async fn lead_cluster_request(
+        &self,
+        request: ClusterRequest,
+    ) -> Result<ClusterReply, Error> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader {
+                leader: self.metrics().current_leader,
+            });
+        }
         match request {
             ClusterRequest::Join { id, raft_addr } => self
                 .join(id, raft_addr)
@@ -112,7 +132,23 @@ impl Replica {
         if id == 0 {
             return Err(Error::Membership("node id 0 is not allowed".into()));
         }
-        if let Some(existing) = self.members().into_iter().find(|m| m.id == id) {
+        if !is_host_port(&raft_addr) {
+            return Err(Error::Membership(format!(
+                "{raft_addr:?} is not a host:port address"
+            )));
+        }
+        let members = self.members();
+        if let Some(other) = members
+            .iter()
+            .find(|m| m.id != id && m.raft_addr == raft_addr)
+        {
+            return Err(Error::Membership(format!(
+                "{raft_addr} is already node {}'s address; two ids at one address would \
+                 count one machine's vote twice",
+                other.id
+            )));
+        }
+        if let Some(existing) = members.into_iter().find(|m| m.id == id) {
             if existing.raft_addr == raft_addr {
                 return Ok(()); // a repeated join, e.g. after a lost answer
             }
@@ -134,9 +170,15 @@ impl Replica {
             .map_err(crate::replica::map_write_error)
     }
 
+    /// Retires the id first, while the node still receives the log, so it learns it was
+    /// removed and its id can never come back; then changes the membership. A removal that
+    /// was cut short (say the leader removed itself) is finished by asking again.
     async fn remove(&self, id: NodeId) -> Result<(), Error> {
         let members = self.members();
         let Some(member) = members.iter().find(|m| m.id == id) else {
+            if self.reader().is_retired(id)? {
+                return Ok(());
+            }
             return Err(Error::Membership(format!(
                 "node {id} is not a member of this cluster"
             )));
@@ -151,11 +193,12 @@ impl Replica {
         } else {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
+        self.propose(Command::RetireNode { id }).await?;
         self.raft()
             .change_membership(change, false)
             .await
-            .map_err(crate::replica::map_write_error)?;
-        self.propose(Command::RetireNode { id }).await.map(|_| ())
+            .map(|_| ())
+            .map_err(crate::replica::map_write_error)
     }
 
     /// The leader's replication progress per member. Fails on a non-leader.
@@ -208,4 +251,10 @@ impl Replica {
             .map_err(crate::replica::map_write_error)?;
         Ok(ready.into_iter().collect())
     }
+}
+
+/// Whether `addr` looks like `host:port` with a non-zero port.
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
 }

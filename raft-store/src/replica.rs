@@ -119,7 +119,7 @@ impl Forwarder for crate::http_network::HttpNetwork {
         timeout: Duration,
     ) -> BoxFuture<'a, Result<ClusterReply, Error>> {
         Box::pin(async move {
-            crate::http_network::HttpNetwork::cluster(self, &leader.raft_addr, request, timeout)
+            self.cluster_to_leader(&leader.raft_addr, request, timeout)
                 .await
                 .map(|(_cluster_id, reply)| reply)
         })
