@@ -234,3 +234,73 @@ fn a_port_in_use_fails_start_up_naming_the_address() {
         || "the error does not name the TCP address".into(),
     );
 }
+
+/// Makes a directory read-only, even for root (`chattr +i`), and undoes it on drop.
+struct ReadOnly(std::path::PathBuf, bool);
+
+impl ReadOnly {
+    /// `None` (with the reason printed) when this machine cannot make it read-only.
+    fn make(dir: &std::path::Path) -> Option<ReadOnly> {
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        let root = String::from_utf8_lossy(&uid.stdout).trim() == "0";
+        let ok = if root {
+            std::process::Command::new("chattr")
+                .arg("+i")
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        } else {
+            std::process::Command::new("chmod")
+                .arg("0555")
+                .arg(dir)
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !ok {
+            eprintln!(
+                "SKIPPED: cannot make {} read-only here (root: {root}; chattr needs ext4 or similar)",
+                dir.display()
+            );
+            return None;
+        }
+        Some(ReadOnly(dir.to_owned(), root))
+    }
+}
+
+impl Drop for ReadOnly {
+    fn drop(&mut self) {
+        let (cmd, arg) = if self.1 {
+            ("chattr", "-i")
+        } else {
+            ("chmod", "0755")
+        };
+        let _ = std::process::Command::new(cmd)
+            .arg(arg)
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_data_dir_that_is_not_writable_is_refused_with_its_path() {
+    let node = Node::start_ready("");
+    node.sigterm();
+    node.wait_exit(Duration::from_secs(10))
+        .unwrap_or_else(|| node.panic_with_log("still running after SIGTERM"));
+    let data = node.dir().join("data");
+    let Some(_guard) = ReadOnly::make(&data) else {
+        return;
+    };
+    let out = tandem_command()
+        .arg("run")
+        .arg("--config")
+        .arg(node.dir().join("config.toml"))
+        .output()
+        .expect("run tandem");
+    let text = describe(&out);
+    assert!(!out.status.success(), "ran on a read-only data dir: {text}");
+    assert!(
+        text.contains("not writable") && text.contains(&data.display().to_string()),
+        "{text}"
+    );
+}

@@ -245,3 +245,46 @@ fn operators_see_status_remove_a_node_for_good_and_rotate_keys() {
         describe(&nowhere)
     );
 }
+
+#[test]
+fn the_write_check_measures_the_write_path_and_validates_its_input() {
+    let node = Node::start_ready("");
+    let token = node.admin_token();
+    let post = |body: &str| {
+        http(
+            node.admin_addr(),
+            Some(&token),
+            "POST",
+            "/v1/cluster/write-check",
+            Some(body),
+        )
+        .unwrap_or_else(|| node.panic_with_log("no answer to the write check"))
+    };
+    let report = post(r#"{"proposers": 4, "seconds": 1}"#);
+    assert_eq!(report.status, 200, "{}", report.body);
+    let r = report.json();
+    assert!(r["writes"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["errors"], 0, "{r}");
+    assert_eq!(r["command_bytes"], 300, "{r}");
+    assert!(
+        r["p99_ms"].as_f64().unwrap() >= r["p50_ms"].as_f64().unwrap(),
+        "{r}"
+    );
+    for (body, needle) in [
+        (r#"{"proposers": 0, "seconds": 1}"#, "proposers"),
+        (r#"{"proposers": 1, "seconds": 1000}"#, "seconds"),
+        (
+            r#"{"proposers": 1, "seconds": 1, "command_bytes": 1}"#,
+            "command_bytes",
+        ),
+        (r#"{"proposers": 1}"#, "missing field `seconds`"),
+    ] {
+        let a = post(body);
+        assert!(
+            a.status == 400 && a.body.contains(needle),
+            "{body}: {} {}",
+            a.status,
+            a.body
+        );
+    }
+}

@@ -1,5 +1,5 @@
-//! The HTTP admin API (DECISIONS §12): cluster status and membership, key rotation and
-//! customers under `/v1` with a bearer token; `/health`, `/ready` and `/metrics` without
+//! The HTTP admin API (DECISIONS §12): cluster status and membership, a write check, key
+//! rotation and customers under `/v1` with a bearer token; `/health`, `/ready` and `/metrics` without
 //! one, for probes and Prometheus. Every answer is JSON except `/metrics`; every error is
 //! `{"error": "..."}` with a fitting status code, decided in [`ApiError::status`].
 
@@ -224,6 +224,19 @@ struct JoinBody {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct WriteCheckBody {
+    proposers: usize,
+    seconds: u64,
+    #[serde(default = "default_command_bytes")]
+    command_bytes: usize,
+}
+
+fn default_command_bytes() -> usize {
+    300
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct CustomerBody {
     name: String,
     #[serde(default = "yes")]
@@ -286,6 +299,29 @@ impl Admin {
                 format!("unexpected answer {other:?}"),
             )),
         }
+    }
+
+    async fn write_check(&self, body: Bytes) -> Result<warp::reply::Response, ApiError> {
+        let b: WriteCheckBody = parse_json(&body)?;
+        if !(1..=4096).contains(&b.proposers) {
+            return Err(ApiError::bad_request("proposers must be 1 to 4096"));
+        }
+        if !(1..=120).contains(&b.seconds) {
+            return Err(ApiError::bad_request("seconds must be 1 to 120"));
+        }
+        if !(8..=65536).contains(&b.command_bytes) {
+            return Err(ApiError::bad_request("command_bytes must be 8 to 65536"));
+        }
+        self.writable()?;
+        let report = self
+            .cluster
+            .write_check(
+                b.proposers,
+                b.command_bytes,
+                std::time::Duration::from_secs(b.seconds),
+            )
+            .await;
+        Ok(json_reply(StatusCode::OK, &report))
     }
 
     async fn reseal(&self) -> Result<warp::reply::Response, ApiError> {
@@ -549,6 +585,9 @@ pub fn serve(
     addr: SocketAddr,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<impl std::future::Future<Output = ()>, Error> {
+    // warp clones the whole filter tree for every request; an Arc keeps that to one
+    // reference count per route instead of a deep clone of the replica handles.
+    let admin = Arc::new(admin);
     let state = warp::any().map(move || admin.clone());
     let auth = warp::header::optional::<String>("authorization");
     let body = warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes());
@@ -556,7 +595,7 @@ pub fn serve(
     let health = warp::path!("health")
         .and(warp::get())
         .and(state.clone())
-        .map(|a: Admin| {
+        .map(|a: Arc<Admin>| {
             json_reply(
                 StatusCode::OK,
                 &serde_json::json!({"status": "alive", "node": a.cluster.identity.node_id}),
@@ -565,11 +604,11 @@ pub fn serve(
     let ready = warp::path!("ready")
         .and(warp::get())
         .and(state.clone())
-        .then(|a: Admin| async move { a.ready().await });
+        .then(|a: Arc<Admin>| async move { a.ready().await });
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(state.clone())
-        .map(|a: Admin| {
+        .map(|a: Arc<Admin>| {
             warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
                 .into_response()
         });
@@ -580,7 +619,7 @@ pub fn serve(
         state
             .clone()
             .and(auth)
-            .and_then(|a: Admin, header: Option<String>| async move {
+            .and_then(|a: Arc<Admin>, header: Option<String>| async move {
                 match a.authorize(header) {
                     Ok(()) => Ok(a),
                     Err(e) => Err(warp::reject::custom(e)),
@@ -589,18 +628,18 @@ pub fn serve(
     let status = warp::path!("v1" / "cluster" / "status")
         .and(warp::get())
         .and(authorized.clone())
-        .then(|a: Admin| async move {
+        .then(|a: Arc<Admin>| async move {
             answer(Ok(json_reply(StatusCode::OK, &a.cluster.status().await)))
         });
     let join = warp::path!("v1" / "cluster" / "members")
         .and(warp::post())
         .and(authorized.clone())
         .and(body)
-        .then(|a: Admin, b| async move { answer(a.join(b).await) });
+        .then(|a: Arc<Admin>, b| async move { answer(a.join(b).await) });
     let remove = warp::path!("v1" / "cluster" / "members" / String)
         .and(warp::delete())
         .and(authorized.clone())
-        .then(|id: String, a: Admin| async move {
+        .then(|id: String, a: Arc<Admin>| async move {
             answer(match id.parse::<u64>() {
                 Ok(id) => a.remove(id).await,
                 Err(_) => Err(ApiError::bad_request(format!(
@@ -608,27 +647,32 @@ pub fn serve(
                 ))),
             })
         });
+    let write_check = warp::path!("v1" / "cluster" / "write-check")
+        .and(warp::post())
+        .and(authorized.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.write_check(b).await) });
     let reseal = warp::path!("v1" / "keys" / "reseal")
         .and(warp::post())
         .and(authorized.clone())
-        .then(|a: Admin| async move { answer(a.reseal().await) });
+        .then(|a: Arc<Admin>| async move { answer(a.reseal().await) });
     let customers = warp::path!("v1" / "customers")
         .and(warp::get())
         .and(authorized.clone())
-        .map(|a: Admin| answer(a.customers()));
+        .map(|a: Arc<Admin>| answer(a.customers()));
     let customer = warp::path!("v1" / "customers" / String)
         .and(warp::get())
         .and(authorized.clone())
-        .map(|id, a: Admin| answer(a.customer(id)));
+        .map(|id, a: Arc<Admin>| answer(a.customer(id)));
     let put_customer = warp::path!("v1" / "customers" / String)
         .and(warp::put())
         .and(authorized.clone())
         .and(body)
-        .then(|id, a: Admin, b| async move { answer(a.put_customer(id, b).await) });
+        .then(|id, a: Arc<Admin>, b| async move { answer(a.put_customer(id, b).await) });
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
-        .then(|id, a: Admin| async move { answer(a.delete_customer(id).await) });
+        .then(|id, a: Arc<Admin>| async move { answer(a.delete_customer(id).await) });
 
     let routes = health
         .or(ready)
@@ -642,6 +686,8 @@ pub fn serve(
         .or(remove)
         .unify()
         .or(reseal)
+        .unify()
+        .or(write_check)
         .unify()
         .or(customers)
         .unify()

@@ -577,3 +577,75 @@ pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
         c.advertise_addr()
     ))
 }
+
+/// What [`ClusterNode::write_check`] measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct WriteCheck {
+    pub proposers: usize,
+    pub command_bytes: usize,
+    pub seconds: f64,
+    pub writes: u64,
+    pub writes_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
+}
+
+impl ClusterNode {
+    /// Measures the replicated write path the agents use, from inside this node:
+    /// `proposers` concurrent writers each propose no-op commands of `command_bytes` (they
+    /// go through the log, fsync and replication, and change no state) for `duration`.
+    /// Operators use it to check a cluster's disks and links; `ops/bench` to measure Raft.
+    pub async fn write_check(
+        &self,
+        proposers: usize,
+        command_bytes: usize,
+        duration: Duration,
+    ) -> WriteCheck {
+        // A Noop's encoding adds a kind, a version and two length prefixes to its payload.
+        let payload = vec![0x5a; command_bytes.saturating_sub(6)];
+        let start = tokio::time::Instant::now();
+        let end = start + duration;
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..proposers {
+            let (replica, payload) = (self.replica.clone(), payload.clone());
+            workers.spawn(async move {
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                while tokio::time::Instant::now() < end {
+                    let t = tokio::time::Instant::now();
+                    let command = Command::Noop {
+                        payload: payload.clone(),
+                    };
+                    match replica.propose(command).await {
+                        Ok(_) => latencies.push(t.elapsed().as_micros() as u64),
+                        Err(_) => errors += 1,
+                    }
+                }
+                (latencies, errors)
+            });
+        }
+        let (mut all, mut errors) = (Vec::new(), 0);
+        while let Some(done) = workers.join_next().await {
+            if let Ok((latencies, e)) = done {
+                all.extend(latencies);
+                errors += e;
+            }
+        }
+        let seconds = start.elapsed().as_secs_f64();
+        all.sort_unstable();
+        let pct = |p: f64| {
+            all.get(((all.len().max(1) - 1) as f64 * p).round() as usize)
+                .map_or(0.0, |&us| us as f64 / 1000.0)
+        };
+        WriteCheck {
+            proposers,
+            command_bytes,
+            seconds,
+            writes: all.len() as u64,
+            writes_per_s: all.len() as f64 / seconds,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            errors,
+        }
+    }
+}

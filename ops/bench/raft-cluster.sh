@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Committed writes/s and commit latency (p50/p99) of a three-process cluster on loopback
-# (127.0.0.1/.2/.3), each node with its own RocksDB and real fsyncs, Raft over mutual TLS:
-# ~300-byte commands (PutCustomer) sent to the leader's admin API by 1, 16 and 256
-# concurrent writers with keep-alive connections. Latency is per write, sent → 200, so it
-# includes one loopback HTTP round trip on top of the commit.
+# (127.0.0.1/.2/.3), each node with its own RocksDB and real fsyncs, Raft over mutual TLS,
+# 300-byte commands, 1, 16 and 256 concurrent writers, measured two ways:
+#  A. proposers inside the leader process (as the registrar and the other agents write),
+#     through the admin API's write check: the Raft write path itself;
+#  B. PutCustomer requests from an external client with one keep-alive HTTP connection per
+#     writer: latency is sent → 200, one loopback HTTP round trip on top of the commit.
 # Usage: ./ops/bench/raft-cluster.sh [SECONDS_PER_LEVEL]   (default 10)
 # Record the output in BENCHMARKS.md with this command.
 set -euo pipefail
@@ -65,8 +67,17 @@ done
 [ "$voters" = 3 ] || { echo "cluster did not form"; cat "$work"/node*.log; exit 1; }
 
 echo "three tandem processes on 127.0.0.1-3, $(nproc) cores, ${seconds}s per level, writes to node 1 (leader)"
+echo "A. Raft write path: proposers inside the leader, as the SIP agents propose (POST /v1/cluster/write-check)"
+token=$(cat "$work/admin.token")
+for c in ${LEVELS:-1 16 256}; do
+  curl -sS --max-time $((seconds + 30)) -H "Authorization: Bearer $token" \
+    -d "{\"proposers\": $c, \"seconds\": $seconds, \"command_bytes\": 300}" \
+    "http://$admin1/v1/cluster/write-check"
+  echo
+done
+echo "B. Admin API clients: one keep-alive HTTP connection per writer (admin-load)"
 "$load" "$admin1" "$work/admin.token" 16 2 > /dev/null   # warm-up
-for c in 1 16 256; do
+for c in ${LEVELS:-1 16 256}; do
   "$load" "$admin1" "$work/admin.token" "$c" "$seconds"
 done
 "$TANDEM_BIN" cluster status --config "$work/node1/tandem.toml" | head -4
