@@ -22,6 +22,7 @@ use tempfile::TempDir;
 pub use clock::Deadline;
 
 pub mod cluster;
+pub mod ua;
 
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);

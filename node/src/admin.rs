@@ -20,6 +20,7 @@ use tandem_raft_store::replica::{ProposeStats, BATCH_BUCKETS};
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use crate::accounts::{self, check_domain, check_user, AccountInput, AccountView};
 use crate::cluster::ClusterNode;
 use crate::stats::Stats;
 use crate::Error;
@@ -366,6 +367,117 @@ impl Admin {
         }
     }
 
+    async fn put_account(
+        &self,
+        domain: String,
+        user: String,
+        body: Bytes,
+    ) -> Result<warp::reply::Response, ApiError> {
+        let input: AccountInput = parse_json(&body)?;
+        check_id("customer", &input.customer)?;
+        let reader = self.cluster.replica.reader();
+        if reader.customer(&input.customer)?.is_none() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("no customer {:?}; create it first", input.customer),
+            ));
+        }
+        let existing = match (check_user(&user), check_domain(&domain)) {
+            (Ok(()), Ok(())) => reader.account(&domain, &user)?,
+            (Err(e), _) | (_, Err(e)) => return Err(ApiError::bad_request(e)),
+        };
+        let created = existing.is_none();
+        let account = accounts::build(&self.cluster.keys(), &user, &domain, input, existing)
+            .map_err(ApiError::bad_request)?;
+        self.writable()?;
+        match self
+            .cluster
+            .replica
+            .propose(Command::PutAccount(account.clone()))
+            .await?
+        {
+            CommandResult::Done => Ok(json_reply(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &AccountView::from(&account),
+            )),
+            other => Err(refused(other)),
+        }
+    }
+
+    fn account(
+        &self,
+        domain: &str,
+        user: &str,
+    ) -> Result<tandem_raft_store::command::Account, ApiError> {
+        check_user(user).map_err(ApiError::bad_request)?;
+        check_domain(domain).map_err(ApiError::bad_request)?;
+        self.cluster
+            .replica
+            .reader()
+            .account(domain, user)?
+            .ok_or_else(|| ApiError::not_found(format!("no account {user}@{domain}")))
+    }
+
+    async fn delete_account(
+        &self,
+        domain: String,
+        user: String,
+    ) -> Result<warp::reply::Response, ApiError> {
+        self.account(&domain, &user)?;
+        self.writable()?;
+        for command in [
+            Command::DeleteAccount {
+                user: user.clone(),
+                domain: domain.clone(),
+            },
+            Command::RemoveAllBindings {
+                aor: accounts::aor(&user, &domain),
+            },
+        ] {
+            match self.cluster.replica.propose(command).await? {
+                CommandResult::Done | CommandResult::Removed(_) => {}
+                other => return Err(refused(other)),
+            }
+        }
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"deleted": accounts::aor(&user, &domain)}),
+        ))
+    }
+
+    fn bindings(&self, domain: &str, user: &str) -> Result<warp::reply::Response, ApiError> {
+        self.account(domain, user)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let list: Vec<_> = self
+            .cluster
+            .replica
+            .reader()
+            .bindings(&accounts::aor(user, domain))?
+            .into_iter()
+            .filter(|b| b.expires_at_ms > now)
+            .map(|b| {
+                serde_json::json!({
+                    "contact": b.contact,
+                    "expires_in_secs": (b.expires_at_ms - now) / 1000,
+                    "edge_node": b.edge_node,
+                    "transport": b.flow.transport,
+                    "remote": b.flow.remote,
+                    "q": f64::from(b.q) / 1000.0,
+                    "path": b.path,
+                    "user_agent": b.user_agent,
+                })
+            })
+            .collect();
+        Ok(json_reply(StatusCode::OK, &list))
+    }
+
     async fn delete_customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
         check_id("customer id", &id)?;
         if self.cluster.replica.reader().customer(&id)?.is_none() {
@@ -502,6 +614,12 @@ impl Admin {
             s.malformed_answered.load(Ordering::Relaxed),
         );
         gauge(
+            "tandem_sip_auth_failures_total",
+            "Requests refused by digest authentication (not counting first challenges).",
+            "counter",
+            s.auth_failures.load(Ordering::Relaxed),
+        );
+        gauge(
             "tandem_sip_malformed_dropped_total",
             "Malformed SIP messages dropped.",
             "counter",
@@ -578,6 +696,8 @@ async fn recover(r: Rejection) -> Result<warp::reply::Response, Infallible> {
     };
     Ok(json_reply(status, &ErrorBody { error: &message }))
 }
+
+type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 
 /// Binds the admin listener and serves until `stop` completes.
 pub fn serve(
@@ -669,34 +789,74 @@ pub fn serve(
         .and(authorized.clone())
         .and(body)
         .then(|id, a: Arc<Admin>, b| async move { answer(a.put_customer(id, b).await) });
+    let accounts = warp::path!("v1" / "accounts")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| {
+            answer((|| {
+                let list: Vec<AccountView> = a
+                    .cluster
+                    .replica
+                    .reader()
+                    .accounts()?
+                    .iter()
+                    .map(AccountView::from)
+                    .collect();
+                Ok(json_reply(StatusCode::OK, &list))
+            })())
+        });
+    let account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|d: String, u: String, a: Arc<Admin>| {
+            answer(
+                a.account(&d, &u)
+                    .map(|acc| json_reply(StatusCode::OK, &AccountView::from(&acc))),
+            )
+        });
+    let put_account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|d, u, a: Arc<Admin>, b| async move { answer(a.put_account(d, u, b).await) });
+    let delete_account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_account(d, u).await) });
+    let bindings = warp::path!("v1" / "accounts" / String / String / "bindings")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
         .then(|id, a: Arc<Admin>| async move { answer(a.delete_customer(id).await) });
 
-    let routes = health
-        .or(ready)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(status)
-        .unify()
-        .or(join)
-        .unify()
-        .or(remove)
-        .unify()
-        .or(reseal)
-        .unify()
-        .or(write_check)
-        .unify()
-        .or(customers)
-        .unify()
-        .or(customer)
-        .unify()
-        .or(put_customer)
-        .unify()
-        .or(delete_customer)
-        .unify()
+    // Each route is boxed before they are combined: a chain of `or`s over unboxed filters
+    // makes a type that takes rustc many minutes to compile.
+    let all: Vec<Route> = vec![
+        health.boxed(),
+        ready.boxed(),
+        metrics.boxed(),
+        status.boxed(),
+        join.boxed(),
+        remove.boxed(),
+        reseal.boxed(),
+        write_check.boxed(),
+        customers.boxed(),
+        customer.boxed(),
+        put_customer.boxed(),
+        delete_customer.boxed(),
+        accounts.boxed(),
+        account.boxed(),
+        put_account.boxed(),
+        delete_account.boxed(),
+        bindings.boxed(),
+    ];
+    let routes = all
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("at least one route")
         .recover(recover)
         .unify();
     let (_, server) = warp::serve(routes)

@@ -30,6 +30,10 @@ use crate::Error;
 const STANDALONE_ADDR: &str = "standalone";
 /// How often the leader looks for learners to promote.
 const PROMOTE_EVERY: Duration = Duration::from_millis(300);
+/// How often the leader removes lapsed bindings, and at most how many per command (so a
+/// sweep never becomes one huge write; DECISIONS: retention works in bounded batches).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+const SWEEP_BATCH: u32 = 1000;
 /// How long a member may take to answer a status or key question.
 const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -220,6 +224,13 @@ impl ClusterNode {
             }
         }
         tracker.spawn(node.clone().promote_learners(stop.clone()));
+        // Whichever node leads (a witness too) removes lapsed bindings.
+        tracker.spawn(crate::registrar::sweep_bindings(
+            node.replica.clone(),
+            SWEEP_EVERY,
+            SWEEP_BATCH,
+            stop.clone(),
+        ));
         tracker.spawn(node.clone().register(config.clone(), stop));
         Ok(node)
     }

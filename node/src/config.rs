@@ -17,6 +17,7 @@ use crate::Error;
 pub struct Config {
     pub node: NodeConfig,
     pub sip: SipConfig,
+    pub registrar: RegistrarConfig,
     /// Absent: a standalone node, a cluster of one with no internal listener.
     pub cluster: Option<ClusterConfig>,
     pub admin: AdminConfig,
@@ -228,6 +229,50 @@ impl SipConfig {
     }
 }
 
+/// Registrar limits and digest authentication.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrarConfig {
+    /// Shortest registration accepted, in seconds; shorter ones get 423 with Min-Expires.
+    pub min_expires: u32,
+    /// Longest registration granted, in seconds; longer requests are capped.
+    pub max_expires: u32,
+    /// Granted when a REGISTER names no expiry, in seconds.
+    pub default_expires: u32,
+    /// How long a digest nonce stays fresh, in seconds; then `stale=true`.
+    pub nonce_lifetime_secs: u64,
+    /// Digest algorithms offered, in order: clients use the first one they support.
+    pub digest_algorithms: Vec<String>,
+}
+
+impl Default for RegistrarConfig {
+    fn default() -> Self {
+        RegistrarConfig {
+            min_expires: 60,
+            max_expires: 3600,
+            default_expires: 3600,
+            nonce_lifetime_secs: 300,
+            digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
+        }
+    }
+}
+
+impl RegistrarConfig {
+    pub fn settings(&self) -> crate::registrar::RegistrarSettings {
+        crate::registrar::RegistrarSettings {
+            min_expires: self.min_expires,
+            max_expires: self.max_expires,
+            default_expires: self.default_expires,
+            nonce_lifetime_secs: self.nonce_lifetime_secs,
+            algorithms: self
+                .digest_algorithms
+                .iter()
+                .filter_map(|a| crate::digest::Algorithm::parse(Some(a)))
+                .collect(),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -430,6 +475,45 @@ impl Config {
                 "admin.listen",
                 format!("{} is also a SIP listener", self.admin.listen),
             );
+        }
+        let r = &self.registrar;
+        if r.min_expires == 0 {
+            bad("registrar.min_expires", "must be at least 1".into());
+        }
+        if r.max_expires < r.min_expires {
+            bad(
+                "registrar.max_expires",
+                format!(
+                    "must not be below registrar.min_expires ({})",
+                    r.min_expires
+                ),
+            );
+        }
+        if !(r.min_expires..=r.max_expires).contains(&r.default_expires) {
+            bad(
+                "registrar.default_expires",
+                "must lie between registrar.min_expires and registrar.max_expires".into(),
+            );
+        }
+        if !(10..=86_400).contains(&r.nonce_lifetime_secs) {
+            bad(
+                "registrar.nonce_lifetime_secs",
+                "must be 10 to 86400".into(),
+            );
+        }
+        if r.digest_algorithms.is_empty() {
+            bad(
+                "registrar.digest_algorithms",
+                "must name at least one".into(),
+            );
+        }
+        for a in &r.digest_algorithms {
+            if crate::digest::Algorithm::parse(Some(a)).is_none() {
+                bad(
+                    "registrar.digest_algorithms",
+                    format!("{a:?} is not \"MD5\" or \"SHA-256\""),
+                );
+            }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", format!("not a valid filter: {e}"));

@@ -11,15 +11,16 @@ use tandem_sip::{HeaderName, Message, Method, Uri};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::registrar::Registrar;
 use crate::responses;
 use crate::stats::Stats;
 use crate::transaction::{CoreEvent, LayerHandle, TxId};
 use crate::transport::{response_flow, Flow, Transports};
 
 /// Methods this node serves.
-pub const ALLOW: &str = "OPTIONS, ACK, CANCEL";
-/// Option tags this node supports (none yet: Path and outbound come with the registrar).
-const SUPPORTED: &[&str] = &[];
+pub const ALLOW: &str = "OPTIONS, REGISTER, ACK, CANCEL";
+/// Option tags this node supports.
+const SUPPORTED: &[&str] = &["path"];
 
 pub struct Core {
     pub layer: LayerHandle,
@@ -28,6 +29,8 @@ pub struct Core {
     /// Set when shutdown begins: new requests get 503 so phones move to another node.
     pub draining: Arc<AtomicBool>,
     pub retry_after_secs: u32,
+    /// Absent on a node that serves no SIP agents (tests of the bare stack).
+    pub registrar: Option<Arc<Registrar>>,
 }
 
 impl Core {
@@ -93,7 +96,31 @@ impl Core {
             return;
         }
         let draining = self.draining.load(Ordering::Relaxed);
-        let outcome = decide(&request, cancels.is_some(), draining, self.retry_after_secs);
+        let outcome = match decide(&request, cancels.is_some(), draining, self.retry_after_secs) {
+            Decision::Answer(outcome) => outcome,
+            Decision::Register => match &self.registrar {
+                Some(registrar) => {
+                    let (registrar, layer, transports) = (
+                        registrar.clone(),
+                        self.layer.clone(),
+                        self.transports.clone(),
+                    );
+                    // Writes wait for Raft; the core goes on with the next request.
+                    tokio::spawn(async move {
+                        let response = registrar.register(&request, &flow).await;
+                        match tx {
+                            Some(tx) => layer.respond(tx, response),
+                            None => {
+                                let _ = transports
+                                    .send(&response_flow(&request, &flow), response.to_bytes());
+                            }
+                        }
+                    });
+                    return;
+                }
+                None => by_method(&method, false),
+            },
+        };
         if let Some(error) = &outcome.invalid {
             self.stats
                 .malformed_answered
@@ -122,6 +149,15 @@ impl Core {
     }
 }
 
+/// Who answers a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// The core itself, with this.
+    Answer(Outcome),
+    /// The registrar.
+    Register,
+}
+
 /// What the core answers to a request, decided without I/O: validation first (400/505),
 /// then 503 while draining, then the proxy checks of RFC 3261 §16.3 (416, 483, 420), then
 /// the method. `cancel_matched` says whether a CANCEL found the INVITE it names.
@@ -130,22 +166,40 @@ pub fn decide(
     cancel_matched: bool,
     draining: bool,
     retry_after_secs: u32,
-) -> Outcome {
+) -> Decision {
     let Some(method) = request.method() else {
-        return Outcome::new(400, "Bad Request (not a request)");
+        return Decision::Answer(Outcome::new(400, "Bad Request (not a request)"));
     };
+    if let Some(refusal) = refuse(request, method, draining, retry_after_secs) {
+        return Decision::Answer(refusal);
+    }
+    if *method == Method::Register {
+        return Decision::Register;
+    }
+    Decision::Answer(by_method(method, cancel_matched))
+}
+
+/// The checks every request passes before anyone acts on it; `Some` is the refusal.
+fn refuse(
+    request: &Message,
+    method: &Method,
+    draining: bool,
+    retry_after_secs: u32,
+) -> Option<Outcome> {
     if let Err(error) = request.validate_request() {
         let (status, reason) = responses::status_for(&error);
         let mut outcome = Outcome::new(status, reason);
         outcome.invalid = Some(error);
-        return outcome;
+        return Some(outcome);
     }
     if draining && *method != Method::Cancel {
-        return Outcome::new(503, "Service Unavailable (shutting down)")
-            .with(HeaderName::RetryAfter, retry_after_secs.to_string());
+        return Some(
+            Outcome::new(503, "Service Unavailable (shutting down)")
+                .with(HeaderName::RetryAfter, retry_after_secs.to_string()),
+        );
     }
     if matches!(request.uri(), Some(Uri::Other { .. })) {
-        return Outcome::new(416, "Unsupported URI Scheme");
+        return Some(Outcome::new(416, "Unsupported URI Scheme"));
     }
     // RFC 3261 §16.3 step 3. An OPTIONS addressed to the node itself (no user part, as
     // monitoring probes send it) is answered by the node even at Max-Forwards 0 (§11);
@@ -156,7 +210,7 @@ pub fn decide(
             .and_then(Uri::as_sip)
             .is_some_and(|u| u.user.is_none());
     if request.max_forwards().ok().flatten() == Some(0) && !to_this_node {
-        return Outcome::new(483, "Too Many Hops");
+        return Some(Outcome::new(483, "Too Many Hops"));
     }
     if *method != Method::Cancel {
         let mut unsupported: Vec<String> = request.tokens(&HeaderName::Require).unwrap_or_default();
@@ -167,10 +221,17 @@ pub fn decide(
         );
         unsupported.retain(|t| !SUPPORTED.iter().any(|s| s.eq_ignore_ascii_case(t)));
         if !unsupported.is_empty() {
-            return Outcome::new(420, "Bad Extension")
-                .with(HeaderName::Unsupported, unsupported.join(", "));
+            return Some(
+                Outcome::new(420, "Bad Extension")
+                    .with(HeaderName::Unsupported, unsupported.join(", ")),
+            );
         }
     }
+    None
+}
+
+/// The core's own answer to a request that passed [`refuse`].
+fn by_method(method: &Method, cancel_matched: bool) -> Outcome {
     match method {
         Method::Options => Outcome::new(200, "OK")
             .with(HeaderName::Allow, ALLOW.into())
@@ -233,8 +294,29 @@ mod tests {
         Message::parse_datagram(Bytes::from(text), 65535).unwrap()
     }
 
+    fn decided(request: &Message, cancel: bool, draining: bool, retry: u32) -> Outcome {
+        match decide(request, cancel, draining, retry) {
+            Decision::Answer(o) => o,
+            Decision::Register => panic!("the request went to the registrar"),
+        }
+    }
+
     fn answer(start: &str, extra: &str) -> Outcome {
-        decide(&request(start, extra), false, false, 30)
+        decided(&request(start, extra), false, false, 30)
+    }
+
+    #[test]
+    fn register_goes_to_the_registrar_once_it_passes_the_checks() {
+        let r = request("REGISTER sip:example.com SIP/2.0", "");
+        assert!(matches!(decide(&r, false, false, 30), Decision::Register));
+        assert_eq!(decided(&r, false, true, 30).status, 503);
+        let unsupported = request("REGISTER sip:example.com SIP/2.0", "Require: foo\r\n");
+        assert_eq!(decided(&unsupported, false, false, 30).status, 420);
+        let path = request("REGISTER sip:example.com SIP/2.0", "Require: path\r\n");
+        assert!(matches!(
+            decide(&path, false, false, 30),
+            Decision::Register
+        ));
     }
 
     fn header(o: &Outcome, name: HeaderName) -> Option<&str> {
@@ -279,20 +361,20 @@ mod tests {
             .unwrap()
             .replace("Max-Forwards: 70", "Max-Forwards: 0");
         let zero = Message::parse_datagram(Bytes::from(zero), 65535).unwrap();
-        assert_eq!(decide(&zero, false, false, 30).status, 483);
+        assert_eq!(decided(&zero, false, false, 30).status, 483);
         let options = String::from_utf8(zero.to_bytes().to_vec())
             .unwrap()
             .replace("INVITE", "OPTIONS");
         let for_user = Message::parse_datagram(Bytes::from(options.clone()), 65535).unwrap();
         assert_eq!(
-            decide(&for_user, false, false, 30).status,
+            decided(&for_user, false, false, 30).status,
             483,
             "an OPTIONS for a user would have to be forwarded"
         );
         let probe = options.replacen("sip:b@example.com", "sip:192.0.2.9:5060", 1);
         let probe = Message::parse_datagram(Bytes::from(probe), 65535).unwrap();
         assert_eq!(
-            decide(&probe, false, false, 30).status,
+            decided(&probe, false, false, 30).status,
             200,
             "a probe of the node itself is answered at Max-Forwards 0"
         );
@@ -326,12 +408,12 @@ mod tests {
             65535,
         )
         .unwrap();
-        assert_eq!(decide(&v, false, false, 30).status, 505);
+        assert_eq!(decided(&v, false, false, 30).status, 505);
     }
 
     #[test]
     fn draining_turns_new_requests_away_but_not_cancels() {
-        let o = decide(
+        let o = decided(
             &request("OPTIONS sip:b@example.com SIP/2.0", ""),
             false,
             true,
@@ -342,7 +424,7 @@ mod tests {
             (503, Some("17"))
         );
         let cancel = request("CANCEL sip:b@example.com SIP/2.0", "");
-        assert_eq!(decide(&cancel, true, true, 17).status, 200);
-        assert_eq!(decide(&cancel, false, false, 17).status, 481);
+        assert_eq!(decided(&cancel, true, true, 17).status, 200);
+        assert_eq!(decided(&cancel, false, false, 17).status, 481);
     }
 }

@@ -4,14 +4,17 @@
 //! ARCHITECTURE.md for the map.
 #![forbid(unsafe_code)]
 
+pub mod accounts;
 pub mod admin;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod core;
+pub mod digest;
 mod error;
 pub mod provision;
+pub mod registrar;
 pub mod responses;
 pub mod server;
 pub mod stats;

@@ -17,6 +17,7 @@ use crate::admin;
 use crate::cluster::ClusterNode;
 use crate::config::{Config, Role};
 use crate::core::Core;
+use crate::registrar::Registrar;
 use crate::stats::Stats;
 use crate::transaction::start_sip_stack;
 use crate::transport::{Limits, Listeners};
@@ -95,7 +96,7 @@ async fn run_with_cluster(
         stop_admin.clone().cancelled_owned(),
     )?;
     let admin_task = tokio::spawn(admin_server);
-    let result = run_sip(config, stats, stops).await;
+    let result = run_sip(config, cluster, stats, stops).await;
     stop_admin.cancel();
     if tokio::time::timeout(TASK_EXIT_TIMEOUT, admin_task)
         .await
@@ -108,6 +109,7 @@ async fn run_with_cluster(
 
 async fn run_sip(
     config: &Config,
+    cluster: &ClusterNode,
     stats: Arc<Stats>,
     stops: &mut mpsc::Receiver<Stop>,
 ) -> Result<(), Error> {
@@ -140,6 +142,11 @@ async fn run_sip(
             stats: stats.clone(),
             draining: draining.clone(),
             retry_after_secs: config.sip.retry_after_secs,
+            registrar: Some(Arc::new(Registrar::new(
+                cluster.clone(),
+                config.registrar.settings(),
+                stats.clone(),
+            ))),
         };
         tracker.spawn(core.run(stack.core_events, stop.clone()));
         tracing::info!(

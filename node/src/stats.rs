@@ -16,6 +16,10 @@ pub struct Stats {
     pub connections_refused: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
+    /// Requests refused by digest authentication (wrong, stale-invalid or replayed
+    /// credentials, or not allowed for the account); plain challenges do not count.
+    pub auth_failures: AtomicU64,
+    pub registrations_ok: AtomicU64,
 }
 
 impl Stats {

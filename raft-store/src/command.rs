@@ -109,13 +109,16 @@ pub struct StoredFlow {
     pub connection: Option<u64>,
 }
 
-/// A registrar binding (RFC 3261 §10). `expires_at_ms` is absolute (Unix ms), computed by
-/// the proposer with headroom (DECISIONS §6).
+/// A registrar binding (RFC 3261 §10).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     pub aor: String,
     pub contact: String,
+    /// When the binding lapses (Unix ms). The registrar adds one interval of headroom, so
+    /// refreshes need not all go through Raft (DECISIONS §6).
     pub expires_at_ms: u64,
+    /// The interval granted to the phone, in seconds.
+    pub expires_secs: u32,
     pub edge_node: NodeId,
     pub flow: StoredFlow,
     pub path: Vec<String>,
@@ -410,6 +413,7 @@ mod tests {
         Binding {
             aor: "sip:alice@example.com".into(),
             contact: "<sip:alice@192.0.2.1:5060>".into(),
+            expires_secs: 60,
             expires_at_ms: 1_800_000_000_000,
             edge_node: 2,
             flow: StoredFlow {

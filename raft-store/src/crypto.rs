@@ -82,6 +82,16 @@ impl KeyRing {
         id
     }
 
+    /// A secret for another purpose (say, digest nonces), derived from the current key
+    /// with `label`, so that every node holding the key file derives the same one.
+    pub fn derive(&self, label: &str) -> [u8; 32] {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.keys[&self.current_id()]);
+        let tag = ring::hmac::sign(&key, label.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(tag.as_ref());
+        out
+    }
+
     /// Every key id in the ring, oldest first.
     pub fn ids(&self) -> Vec<u32> {
         self.keys.keys().copied().collect()

@@ -170,6 +170,27 @@ impl StateReader {
         self.get(&key::account(domain, user))
     }
 
+    /// Whether any account lives in `domain`: the domains this cluster serves.
+    pub fn serves_domain(&self, domain: &str) -> Result<bool, Error> {
+        let mut prefix = key::with(key::ACCOUNT, &[domain.as_bytes()]);
+        prefix.push(0);
+        let first = self
+            .db
+            .iterator_cf(self.cf(), IteratorMode::From(&prefix, Direction::Forward))
+            .next();
+        match first {
+            Some(item) => Ok(item.map_err(Error::db)?.0.starts_with(&prefix)),
+            None => Ok(false),
+        }
+    }
+
+    /// The accounts of one domain.
+    pub fn accounts_in(&self, domain: &str) -> Result<Vec<Account>, Error> {
+        let mut prefix = key::with(key::ACCOUNT, &[domain.as_bytes()]);
+        prefix.push(0);
+        self.scan(&prefix)
+    }
+
     pub fn accounts(&self) -> Result<Vec<Account>, Error> {
         self.scan(&[key::ACCOUNT])
     }

@@ -24,6 +24,7 @@ fn binding(aor: &str, contact: &str, edge: u64, expires_at_ms: u64) -> Binding {
         aor: aor.into(),
         contact: contact.into(),
         expires_at_ms,
+        expires_secs: 60,
         edge_node: edge,
         flow: StoredFlow {
             transport: "UDP".into(),

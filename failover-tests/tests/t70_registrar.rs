@@ -1,0 +1,243 @@
+//! The registrar against real processes: digest REGISTER with MD5 (sipp) and SHA-256 (the
+//! test UA), wrong passwords never registered, bindings replicated to every node with
+//! their edge node, nonces from one node accepted by another, and the RFC 3261 §10.3
+//! rules a phone sees (423, queries, removal).
+
+use std::time::Duration;
+
+use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
+use tandem_failover_tests::ua::Ua;
+use tandem_failover_tests::{describe, sipp_scenario, Node};
+
+/// Creates customer `acme` and account `user@example.com` through the admin API.
+fn add_account(admin: std::net::SocketAddr, token: &str, user: &str, password: &str) {
+    let c = http(
+        admin,
+        Some(token),
+        "PUT",
+        "/v1/customers/acme",
+        Some(r#"{"name":"Acme"}"#),
+    )
+    .expect("admin API answers");
+    assert_eq!(c.status, 200, "{}", c.body);
+    let body = format!(r#"{{"password":"{password}","customer":"acme"}}"#);
+    let a = http(
+        admin,
+        Some(token),
+        "PUT",
+        &format!("/v1/accounts/example.com/{user}"),
+        Some(&body),
+    )
+    .expect("admin API answers");
+    assert!(a.status == 201 || a.status == 200, "{}", a.body);
+    assert!(
+        !a.body.contains(password),
+        "the API echoed the password: {}",
+        a.body
+    );
+}
+
+fn bindings(admin: std::net::SocketAddr, token: &str, user: &str) -> serde_json::Value {
+    let a = http(
+        admin,
+        Some(token),
+        "GET",
+        &format!("/v1/accounts/example.com/{user}/bindings"),
+        None,
+    )
+    .expect("admin API answers");
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()
+}
+
+/// sipp's MD5 REGISTER scenario with these credentials; true if it got its 200.
+fn sipp_register(node: std::net::SocketAddr, user: &str, password: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.csv");
+    std::fs::write(&users, format!("SEQUENTIAL\n{user};example.com\n")).unwrap();
+    let out = std::process::Command::new("sipp")
+        .arg("-sf")
+        .arg(sipp_scenario("register-md5.xml"))
+        .arg("-inf")
+        .arg(&users)
+        .args([
+            "-au",
+            user,
+            "-ap",
+            password,
+            "-m",
+            "1",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            "0",
+        ])
+        .args(["-nostdin", "-timeout", "10s", "-recv_timeout", "3000"])
+        .arg(node.to_string())
+        .current_dir(dir.path())
+        .output()
+        .expect("run sipp (install it with ./ops/setup.sh)");
+    (out.status.success(), describe(&out))
+}
+
+#[test]
+fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "s3cret-A");
+
+    // sipp, MD5.
+    let (ok, log) = sipp_register(node.udp_addr(), "alice", "s3cret-A");
+    assert!(ok, "sipp MD5 REGISTER failed:\n{log}");
+    let b = bindings(admin, &token, "alice");
+    assert_eq!(b.as_array().unwrap().len(), 1, "{b}");
+    assert_eq!(b[0]["edge_node"], 1);
+    assert_eq!(b[0]["transport"], "UDP");
+    assert_eq!(b[0]["user_agent"], "sipp");
+
+    // sipp with a wrong password never gets its 200.
+    let (ok, log) = sipp_register(node.udp_addr(), "alice", "guess");
+    assert!(!ok, "a wrong password registered:\n{log}");
+
+    // The test UA, SHA-256, then MD5; each 200 lists the contact with its expiry.
+    let mut ua = Ua::new("127.0.0.1", "alice", "example.com", "s3cret-A");
+    let contact = format!("<{}>", ua.contact());
+    let r = ua.register(node.udp_addr(), "SHA-256", Some(&contact), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let listed = r.headers("Contact");
+    assert!(
+        listed
+            .iter()
+            .any(|c| c.contains(&ua.contact()) && c.ends_with("expires=600")),
+        "{listed:?}"
+    );
+    assert_eq!(
+        bindings(admin, &token, "alice").as_array().unwrap().len(),
+        2
+    );
+
+    // Wrong passwords with either algorithm: challenged again, never 200.
+    let mut bad = Ua::new("127.0.0.1", "alice", "example.com", "wrong");
+    for alg in ["SHA-256", "MD5"] {
+        let r = bad.register(
+            node.udp_addr(),
+            alg,
+            Some(&format!("<{}>", bad.contact())),
+            None,
+        );
+        assert_eq!(r.status, 401, "{alg}: {}", r.text);
+    }
+    // An unknown user, too.
+    let mut nobody = Ua::new("127.0.0.1", "mallory", "example.com", "x");
+    let r = nobody.register(
+        node.udp_addr(),
+        "MD5",
+        Some(&format!("<{}>", nobody.contact())),
+        None,
+    );
+    assert_eq!(r.status, 401, "{}", r.text);
+    // A domain this cluster does not serve.
+    let mut foreign = Ua::new("127.0.0.1", "alice", "example.org", "s3cret-A");
+    let r = foreign.register_once(node.udp_addr(), Some("<sip:a@127.0.0.1>"), None, "");
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(
+        bindings(admin, &token, "alice").as_array().unwrap().len(),
+        2
+    );
+
+    let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
+    assert!(
+        metrics.contains("tandem_sip_auth_failures_total"),
+        "{metrics}"
+    );
+    node.assert_answers_options();
+}
+
+#[test]
+fn registrar_rules_a_phone_sees() {
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "bob", "pw-bob-123");
+    let mut ua = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-123");
+    let contact = format!("<{}>", ua.contact());
+
+    let brief = ua.register(node.udp_addr(), "MD5", Some(&contact), Some(10));
+    assert_eq!(brief.status, 423, "{}", brief.text);
+    assert_eq!(brief.header("Min-Expires").as_deref(), Some("60"));
+
+    let capped = ua.register(node.udp_addr(), "MD5", Some(&contact), Some(99_999));
+    assert_eq!(capped.status, 200, "{}", capped.text);
+    assert!(
+        capped.headers("Contact")[0].ends_with("expires=3600"),
+        "{}",
+        capped.text
+    );
+
+    // A second contact, then a query lists both.
+    let other = format!("<sip:bob@127.0.0.1:{}>", ua.local().port() + 1);
+    assert_eq!(
+        ua.register(node.udp_addr(), "MD5", Some(&other), Some(300))
+            .status,
+        200
+    );
+    let query = ua.register(node.udp_addr(), "MD5", None, None);
+    assert_eq!(query.status, 200, "{}", query.text);
+    assert_eq!(query.headers("Contact").len(), 2, "{}", query.text);
+
+    // Expires 0 removes one; `*` with Expires 0 removes the rest.
+    let gone = ua.register(node.udp_addr(), "MD5", Some(&other), Some(0));
+    assert_eq!(gone.headers("Contact").len(), 1, "{}", gone.text);
+    let all = ua.register(node.udp_addr(), "MD5", Some("*"), Some(0));
+    assert_eq!(all.status, 200, "{}", all.text);
+    assert!(all.headers("Contact").is_empty(), "{}", all.text);
+    assert_eq!(bindings(admin, &token, "bob").as_array().unwrap().len(), 0);
+    let star_without_zero = ua.register(node.udp_addr(), "MD5", Some("*"), Some(60));
+    assert_eq!(star_without_zero.status, 400, "{}", star_without_zero.text);
+}
+
+#[test]
+fn a_binding_made_through_one_node_is_on_every_node_and_nonces_travel() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    add_account(one.admin_addr, &token, "carol", "pw-carol-1");
+    cluster.wait_caught_up(2, Duration::from_secs(10));
+
+    let node1: std::net::SocketAddr = format!("{}:{}", one.ip, one.sip_port).parse().unwrap();
+    let node2: std::net::SocketAddr = format!("{}:{}", two.ip, two.sip_port).parse().unwrap();
+    let mut ua = Ua::new("127.0.0.1", "carol", "example.com", "pw-carol-1");
+    let contact = format!("<{}>", ua.contact());
+    let r = ua.register(node1, "SHA-256", Some(&contact), Some(300));
+    assert_eq!(r.status, 200, "{}", r.text);
+    for m in &cluster.members {
+        cluster.wait_caught_up(m.id, Duration::from_secs(10));
+        let b = bindings(m.admin_addr, &token, "carol");
+        assert_eq!(b.as_array().map(Vec::len), Some(1), "node {}: {b}", m.id);
+        assert_eq!(b[0]["edge_node"], 1, "node {}: {b}", m.id);
+    }
+
+    // A challenge from node 1 answered to node 2: any node verifies any node's nonce.
+    let first = ua.register_once(node1, Some(&contact), Some(300), "");
+    assert_eq!(first.status, 401);
+    let challenge = first
+        .headers("WWW-Authenticate")
+        .into_iter()
+        .find(|c| c.contains("MD5"))
+        .unwrap();
+    let auth = ua.authorization(&challenge, "REGISTER", "sip:example.com", 1);
+    let second = ua.register_once(
+        node2,
+        Some(&contact),
+        Some(300),
+        &format!("Authorization: {auth}\r\n"),
+    );
+    assert_eq!(second.status, 200, "{}", second.text);
+    // The same credentials again are a replay on node 2.
+    let replay = ua.register_once(
+        node2,
+        Some(&contact),
+        Some(300),
+        &format!("Authorization: {auth}\r\n"),
+    );
+    assert_eq!(replay.status, 401, "{}", replay.text);
+}

@@ -1,0 +1,710 @@
+//! The registrar (RFC 3261 §10.3) with digest authentication (DECISIONS §6, §8).
+//!
+//! - [`plan`] is the binding logic without I/O: contacts and their expiry, `*`, Call-ID and
+//!   CSeq ordering, the per-account limit, and which writes must go through Raft. A refresh
+//!   that changes nothing but the CSeq is answered without a write while the stored expiry
+//!   still has one interval of headroom (DECISIONS §6).
+//! - [`Registrar`] authenticates against the local replica (any node verifies any node's
+//!   nonce), proposes the planned writes and answers.
+//! - On the leader, a sweeper removes lapsed bindings in bounded batches.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_raft_store::command::{Account, Binding, Command, StoredFlow};
+use tandem_raft_store::replica::Replica;
+use tandem_sip::{Contacts, HeaderName, Message, Uri};
+use tokio_util::sync::CancellationToken;
+
+use crate::accounts::{aor, open_ha1};
+use crate::cluster::ClusterNode;
+use crate::digest::{challenges, Algorithm, Credentials, NonceCheck, NonceKey, ReplayGuard};
+use crate::stats::Stats;
+use crate::transport::{ConnectionId, Flow};
+
+/// Registrar limits, in seconds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegistrarSettings {
+    pub min_expires: u32,
+    pub max_expires: u32,
+    pub default_expires: u32,
+    pub nonce_lifetime_secs: u64,
+    /// Offered in this order.
+    pub algorithms: Vec<Algorithm>,
+}
+
+impl Default for RegistrarSettings {
+    fn default() -> Self {
+        crate::config::RegistrarConfig::default().settings()
+    }
+}
+
+/// A final answer other than 200: status, reason, extra headers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(HeaderName, String)>,
+}
+
+impl Answer {
+    fn new(status: u16, reason: impl Into<String>) -> Answer {
+        Answer {
+            status,
+            reason: reason.into(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// One contact of a REGISTER, as the plan needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContactRequest {
+    pub uri: String,
+    /// The contact's own `expires` parameter.
+    pub expires: Option<u32>,
+    /// q-value in thousandths.
+    pub q: u16,
+}
+
+/// What a REGISTER asks for, read from the message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RegisterRequest {
+    pub aor: String,
+    /// `None` is `Contact: *`; an empty list is a query.
+    pub contacts: Option<Vec<ContactRequest>>,
+    pub expires_header: Option<u32>,
+    pub call_id: String,
+    pub cseq: u32,
+    pub path: Vec<String>,
+    pub user_agent: String,
+}
+
+/// The outcome of [`plan`]: what to write, and every binding the 200 lists with the
+/// expiry to advertise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub writes: Vec<Command>,
+    pub bindings: Vec<(String, u32)>,
+}
+
+fn q_thousandths(q: Option<&str>) -> Result<u16, ()> {
+    let Some(q) = q else { return Ok(1000) };
+    let v: f64 = q.parse().map_err(|_| ())?;
+    if !(0.0..=1.0).contains(&v) {
+        return Err(());
+    }
+    Ok((v * 1000.0).round() as u16)
+}
+
+impl RegisterRequest {
+    /// Reads a REGISTER. `Err` is the 400 to answer.
+    pub fn read(request: &Message) -> Result<RegisterRequest, Answer> {
+        let bad = |why: &str| Answer::new(400, format!("Bad Request ({why})"));
+        let to = request.to().map_err(|_| bad("unreadable To"))?;
+        let Uri::Sip(to_uri) = &to.uri else {
+            return Err(bad("To is not a SIP URI"));
+        };
+        let (Some(user), host) = (&to_uri.user, to_uri.host.to_string()) else {
+            return Err(bad("To has no user part"));
+        };
+        let contacts = match request.contacts().map_err(|_| bad("unreadable Contact"))? {
+            None => Some(Vec::new()),
+            Some(Contacts::Star) => None,
+            Some(Contacts::List(list)) => {
+                let mut out = Vec::with_capacity(list.len());
+                for c in list {
+                    let expires = match c.params.value("expires") {
+                        Some(v) => Some(v.parse().map_err(|_| bad("bad expires parameter"))?),
+                        None => None,
+                    };
+                    let q = q_thousandths(c.params.value("q")).map_err(|_| bad("bad q value"))?;
+                    out.push(ContactRequest {
+                        uri: c.uri.to_string(),
+                        expires,
+                        q,
+                    });
+                }
+                Some(out)
+            }
+        };
+        Ok(RegisterRequest {
+            aor: aor(user, &host.to_ascii_lowercase()),
+            contacts,
+            expires_header: request.expires().map_err(|_| bad("bad Expires"))?,
+            call_id: request
+                .call_id()
+                .map_err(|_| bad("unreadable Call-ID"))?
+                .into_owned(),
+            cseq: request.cseq().map_err(|_| bad("unreadable CSeq"))?.seq,
+            path: request
+                .name_addrs(&HeaderName::Path)
+                .map_err(|_| bad("unreadable Path"))?
+                .iter()
+                .map(|p| format!("<{}>", p.uri))
+                .collect(),
+            user_agent: request
+                .header(&HeaderName::UserAgent)
+                .ok()
+                .flatten()
+                .map(|u| u.chars().take(128).collect())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// The binding changes a REGISTER makes (RFC 3261 §10.3 steps 6–8), and the contacts the
+/// 200 lists. `existing` is the AOR's current bindings; lapsed ones count as absent.
+pub fn plan(
+    req: &RegisterRequest,
+    existing: &[Binding],
+    max_contacts: u32,
+    settings: &RegistrarSettings,
+    now_ms: u64,
+    edge: u64,
+    flow: &StoredFlow,
+) -> Result<Plan, Answer> {
+    let live: Vec<&Binding> = existing
+        .iter()
+        .filter(|b| b.expires_at_ms > now_ms)
+        .collect();
+    let out_of_order = |b: &Binding| b.call_id == req.call_id && req.cseq <= b.cseq;
+    let mut plan = Plan::default();
+    let Some(contacts) = &req.contacts else {
+        // Contact: * removes every binding, and only with Expires: 0.
+        if req.expires_header != Some(0) {
+            return Err(Answer::new(
+                400,
+                "Bad Request (Contact: * needs Expires: 0)",
+            ));
+        }
+        if live.iter().any(|b| out_of_order(b)) {
+            return Err(Answer::new(
+                500,
+                "Server Internal Error (out-of-order REGISTER)",
+            ));
+        }
+        if !existing.is_empty() {
+            plan.writes.push(Command::RemoveAllBindings {
+                aor: req.aor.clone(),
+            });
+        }
+        return Ok(plan);
+    };
+    let mut granted: Vec<(String, u32)> = Vec::new();
+    for c in contacts {
+        let asked = c
+            .expires
+            .or(req.expires_header)
+            .unwrap_or(settings.default_expires);
+        if asked > 0 && asked < settings.min_expires {
+            let mut a = Answer::new(423, "Interval Too Brief");
+            a.headers
+                .push((HeaderName::MinExpires, settings.min_expires.to_string()));
+            return Err(a);
+        }
+        let current = live.iter().find(|b| b.contact == c.uri);
+        if current.is_some_and(|b| out_of_order(b)) {
+            return Err(Answer::new(
+                500,
+                "Server Internal Error (out-of-order REGISTER)",
+            ));
+        }
+        if asked == 0 {
+            if current.is_some() {
+                plan.writes.push(Command::RemoveBinding {
+                    aor: req.aor.clone(),
+                    contact: c.uri.clone(),
+                });
+            }
+            granted.retain(|(u, _)| *u != c.uri);
+            continue;
+        }
+        let expires = asked.min(settings.max_expires);
+        let interval_ms = u64::from(expires) * 1000;
+        let unchanged = current.is_some_and(|b| {
+            b.call_id == req.call_id
+                && b.flow == *flow
+                && b.edge_node == edge
+                && b.q == c.q
+                && b.path == req.path
+                && b.expires_secs == expires
+                && b.expires_at_ms.saturating_sub(now_ms) >= interval_ms
+        });
+        if !unchanged {
+            plan.writes.push(Command::PutBinding(Binding {
+                aor: req.aor.clone(),
+                contact: c.uri.clone(),
+                // One interval of headroom: the next refresh need not be written.
+                expires_at_ms: now_ms + 2 * interval_ms,
+                expires_secs: expires,
+                edge_node: edge,
+                flow: flow.clone(),
+                path: req.path.clone(),
+                call_id: req.call_id.clone(),
+                cseq: req.cseq,
+                q: c.q,
+                user_agent: req.user_agent.clone(),
+            }));
+        }
+        granted.retain(|(u, _)| *u != c.uri);
+        granted.push((c.uri.clone(), expires));
+    }
+    let removed = |uri: &str| {
+        contacts
+            .iter()
+            .any(|c| c.uri == uri && !granted.iter().any(|(g, _)| g == uri))
+    };
+    let mut listed: Vec<(String, u32)> = live
+        .iter()
+        .filter(|b| !removed(&b.contact) && !granted.iter().any(|(g, _)| *g == b.contact))
+        .map(|b| {
+            let left = (b.expires_at_ms.saturating_sub(now_ms) / 1000) as u32;
+            (b.contact.clone(), left.min(b.expires_secs))
+        })
+        .collect();
+    listed.extend(granted);
+    if listed.len() > max_contacts as usize {
+        return Err(Answer::new(
+            403,
+            format!("Forbidden (more than {max_contacts} contacts for this account)"),
+        ));
+    }
+    plan.bindings = listed;
+    Ok(plan)
+}
+
+/// How a request authenticated.
+#[derive(Debug)]
+pub enum Authenticated {
+    /// The account whose credentials checked out.
+    Account(Box<Account>),
+    /// Not (yet): the answer to send (401 with challenges, or 403).
+    Refused(Answer),
+}
+
+/// The registrar of one node.
+pub struct Registrar {
+    cluster: ClusterNode,
+    settings: RegistrarSettings,
+    nonces: NonceKey,
+    replays: Mutex<ReplayGuard>,
+    stats: Arc<Stats>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// The flow as a binding stores it.
+pub fn stored_flow(flow: &Flow) -> StoredFlow {
+    StoredFlow {
+        transport: flow.transport.as_str().to_owned(),
+        remote: flow.remote.to_string(),
+        local: flow.local.to_string(),
+        connection: flow.connection.map(|ConnectionId(id)| id),
+    }
+}
+
+impl Registrar {
+    pub fn new(cluster: ClusterNode, settings: RegistrarSettings, stats: Arc<Stats>) -> Registrar {
+        let secret = cluster.keys().derive("tandem digest nonces");
+        Registrar {
+            cluster,
+            nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs),
+            settings,
+            replays: Mutex::new(ReplayGuard::new(100_000)),
+            stats,
+        }
+    }
+
+    fn challenge(&self, realm: &str, stale: bool) -> Answer {
+        let nonce = self.nonces.issue(realm, now_ms() / 1000);
+        let mut a = Answer::new(401, "Unauthorized");
+        for c in challenges(&self.settings.algorithms, realm, &nonce, stale) {
+            a.headers.push((HeaderName::WwwAuthenticate, c));
+        }
+        a
+    }
+
+    /// Digest authentication of `request` for the account `user@domain` (RFC 3261 §22):
+    /// 401 with fresh challenges while credentials are missing, stale, replayed or wrong;
+    /// 403 when they are right but may not act for this account, or it is disabled.
+    pub fn authenticate(&self, request: &Message, user: &str, domain: &str) -> Authenticated {
+        let fail = |a: Answer| {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            Authenticated::Refused(a)
+        };
+        let headers = request
+            .auth_headers(&HeaderName::Authorization)
+            .unwrap_or_default();
+        let Some(creds) = headers
+            .iter()
+            .filter_map(|h| Credentials::from_header(h).ok())
+            .find(|c| c.realm == domain)
+        else {
+            return Authenticated::Refused(self.challenge(domain, false));
+        };
+        match self.nonces.check(&creds.nonce, domain, now_ms() / 1000) {
+            NonceCheck::Fresh => {}
+            NonceCheck::Stale => return Authenticated::Refused(self.challenge(domain, true)),
+            NonceCheck::Invalid => return fail(self.challenge(domain, false)),
+        }
+        let Some((_, nc, _)) = &creds.qop else {
+            return fail(self.challenge(domain, false));
+        };
+        let reader = self.cluster.replica.reader();
+        let account = reader.account(domain, &creds.username).ok().flatten();
+        let keys = self.cluster.keys();
+        let ha1 = account
+            .as_ref()
+            .and_then(|a| open_ha1(&keys, a, creds.algorithm));
+        let method = request.method().map(|m| m.to_string()).unwrap_or_default();
+        let (Some(account), Some(ha1)) = (account, ha1) else {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+            return fail(self.challenge(domain, false));
+        };
+        if !creds.verify(&ha1, &method) {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
+            return fail(self.challenge(domain, false));
+        }
+        if !self
+            .replays
+            .lock()
+            .expect("replay guard lock")
+            .accept(&creds.nonce, *nc)
+        {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
+            return fail(self.challenge(domain, false));
+        }
+        if creds.username != user {
+            return fail(Answer::new(
+                403,
+                format!("Forbidden ({} may not register {user})", creds.username),
+            ));
+        }
+        if !account.enabled {
+            return fail(Answer::new(403, "Forbidden (account disabled)"));
+        }
+        Authenticated::Account(Box::new(account))
+    }
+
+    /// Handles one REGISTER: the final response to send.
+    pub async fn register(&self, request: &Message, flow: &Flow) -> Message {
+        match self.try_register(request, flow).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    async fn try_register(&self, request: &Message, flow: &Flow) -> Result<Message, Message> {
+        let reply = |a: Answer| {
+            let mut r = crate::responses::build(request, a.status, &a.reason);
+            for (n, v) in a.headers {
+                r.push_header(n, v);
+            }
+            r
+        };
+        let req = RegisterRequest::read(request).map_err(reply)?;
+        let (user, domain) = req
+            .aor
+            .strip_prefix("sip:")
+            .and_then(|a| a.split_once('@'))
+            .map(|(u, d)| (u.to_owned(), d.to_owned()))
+            .unwrap_or_default();
+        let reader = self.cluster.replica.reader();
+        if !reader.serves_domain(&domain).unwrap_or(false) {
+            return Err(reply(Answer::new(
+                403,
+                format!("Forbidden ({domain} is not a domain served here)"),
+            )));
+        }
+        let account = match self.authenticate(request, &user, &domain) {
+            Authenticated::Account(a) => a,
+            Authenticated::Refused(a) => return Err(reply(a)),
+        };
+        let existing = reader.bindings(&req.aor).unwrap_or_default();
+        let now = now_ms();
+        let plan = plan(
+            &req,
+            &existing,
+            account.max_contacts,
+            &self.settings,
+            now,
+            self.cluster.identity.node_id,
+            &stored_flow(flow),
+        )
+        .map_err(reply)?;
+        for command in plan.writes {
+            if let Err(e) = self.cluster.replica.propose(command).await {
+                tracing::warn!(aor = %req.aor, error = %e, "binding write failed");
+                let mut a = Answer::new(500, "Server Internal Error (cannot store the binding)");
+                a.headers.push((HeaderName::RetryAfter, "5".into()));
+                return Err(reply(a));
+            }
+        }
+        let mut ok = reply(Answer::new(200, "OK"));
+        for (contact, expires) in &plan.bindings {
+            ok.push_header(
+                HeaderName::Contact,
+                format!("<{contact}>;expires={expires}"),
+            );
+        }
+        for p in &req.path {
+            ok.push_header(HeaderName::Path, p.clone());
+        }
+        Ok(ok)
+    }
+}
+
+/// On the leader, removes lapsed bindings in batches of `batch`, every `every`.
+pub async fn sweep_bindings(
+    replica: Replica,
+    every: Duration,
+    batch: u32,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        if !replica.is_leader() {
+            continue;
+        }
+        let command = Command::ExpireBindings {
+            now_ms: now_ms(),
+            limit: batch,
+        };
+        let swept = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = replica.propose(command) => r,
+        };
+        match swept {
+            Ok(tandem_raft_store::command::CommandResult::Removed(n)) if n > 0 => {
+                tracing::debug!(removed = n, "lapsed bindings removed")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %e, "binding sweep failed; will retry"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow() -> StoredFlow {
+        StoredFlow {
+            transport: "UDP".into(),
+            remote: "192.0.2.10:5060".into(),
+            local: "127.0.0.1:5060".into(),
+            connection: None,
+        }
+    }
+
+    fn req(
+        contacts: Option<Vec<(&str, Option<u32>)>>,
+        expires: Option<u32>,
+        cseq: u32,
+    ) -> RegisterRequest {
+        RegisterRequest {
+            aor: "sip:alice@example.com".into(),
+            contacts: contacts.map(|cs| {
+                cs.into_iter()
+                    .map(|(uri, e)| ContactRequest {
+                        uri: uri.into(),
+                        expires: e,
+                        q: 1000,
+                    })
+                    .collect()
+            }),
+            expires_header: expires,
+            call_id: "call-1".into(),
+            cseq,
+            path: vec![],
+            user_agent: "test".into(),
+        }
+    }
+
+    const NOW: u64 = 1_000_000;
+
+    fn run(r: &RegisterRequest, existing: &[Binding]) -> Result<Plan, Answer> {
+        plan(
+            r,
+            existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW,
+            1,
+            &flow(),
+        )
+    }
+
+    fn stored(p: &Plan) -> Vec<Binding> {
+        p.writes
+            .iter()
+            .filter_map(|w| match w {
+                Command::PutBinding(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_new_contact_is_stored_with_headroom_and_listed() {
+        let p = run(
+            &req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1),
+            &[],
+        )
+        .unwrap();
+        let b = &stored(&p)[0];
+        assert_eq!(b.expires_secs, 600);
+        assert_eq!(b.expires_at_ms, NOW + 1_200_000);
+        assert_eq!(b.edge_node, 1);
+        assert_eq!(p.bindings, vec![("sip:a@192.0.2.10".to_owned(), 600)]);
+    }
+
+    #[test]
+    fn expiry_is_bounded_and_too_brief_gets_423_with_min_expires() {
+        let p = run(&req(Some(vec![("sip:a@h", Some(99_999))]), None, 1), &[]).unwrap();
+        assert_eq!(p.bindings[0].1, 3600);
+        let e = run(&req(Some(vec![("sip:a@h", Some(10))]), None, 1), &[]).unwrap_err();
+        assert_eq!(e.status, 423);
+        assert_eq!(e.headers, vec![(HeaderName::MinExpires, "60".into())]);
+        // Without any expiry, the default applies.
+        let p = run(&req(Some(vec![("sip:a@h", None)]), None, 1), &[]).unwrap();
+        assert_eq!(p.bindings[0].1, 3600);
+    }
+
+    #[test]
+    fn a_refresh_inside_the_headroom_writes_nothing_and_a_late_one_writes() {
+        let first = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &[]).unwrap();
+        let existing = stored(&first);
+        let refresh = req(Some(vec![("sip:a@h", None)]), Some(600), 2);
+        let p = plan(
+            &refresh,
+            &existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW + 300_000,
+            1,
+            &flow(),
+        )
+        .unwrap();
+        assert!(p.writes.is_empty(), "{p:?}");
+        assert_eq!(p.bindings, vec![("sip:a@h".to_owned(), 600)]);
+        let late = plan(
+            &refresh,
+            &existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW + 700_000,
+            1,
+            &flow(),
+        )
+        .unwrap();
+        assert_eq!(stored(&late).len(), 1);
+        // A new NAT mapping is always written.
+        let mut moved = flow();
+        moved.remote = "192.0.2.10:40000".into();
+        let p = plan(
+            &refresh,
+            &existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW + 300_000,
+            1,
+            &moved,
+        )
+        .unwrap();
+        assert_eq!(stored(&p)[0].flow, moved);
+    }
+
+    #[test]
+    fn call_id_and_cseq_ordering() {
+        let existing = stored(&run(&req(Some(vec![("sip:a@h", None)]), None, 5), &[]).unwrap());
+        let stale = run(&req(Some(vec![("sip:a@h", None)]), None, 5), &existing).unwrap_err();
+        assert_eq!(stale.status, 500);
+        let mut other_call = req(Some(vec![("sip:a@h", None)]), None, 1);
+        other_call.call_id = "call-2".into();
+        assert!(run(&other_call, &existing).is_ok());
+    }
+
+    #[test]
+    fn zero_expires_removes_and_star_removes_all() {
+        let existing = stored(
+            &run(
+                &req(Some(vec![("sip:a@h", None), ("sip:b@h", None)]), None, 1),
+                &[],
+            )
+            .unwrap(),
+        );
+        let p = run(&req(Some(vec![("sip:a@h", Some(0))]), None, 2), &existing).unwrap();
+        assert_eq!(
+            p.writes,
+            vec![Command::RemoveBinding {
+                aor: "sip:alice@example.com".into(),
+                contact: "sip:a@h".into()
+            }]
+        );
+        assert_eq!(p.bindings.len(), 1);
+        assert_eq!(p.bindings[0].0, "sip:b@h");
+
+        let all = run(&req(None, Some(0), 3), &existing).unwrap();
+        assert_eq!(
+            all.writes,
+            vec![Command::RemoveAllBindings {
+                aor: "sip:alice@example.com".into()
+            }]
+        );
+        assert_eq!(
+            run(&req(None, Some(60), 3), &existing).unwrap_err().status,
+            400
+        );
+        assert_eq!(
+            run(&req(None, Some(0), 1), &existing).unwrap_err().status,
+            500
+        );
+    }
+
+    #[test]
+    fn a_query_lists_and_the_contact_limit_holds() {
+        let existing =
+            stored(&run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &[]).unwrap());
+        let q = run(&req(Some(vec![]), None, 2), &existing).unwrap();
+        assert!(q.writes.is_empty());
+        assert_eq!(q.bindings, vec![("sip:a@h".to_owned(), 600)]);
+        let four = req(
+            Some(vec![
+                ("sip:b@h", None),
+                ("sip:c@h", None),
+                ("sip:d@h", None),
+            ]),
+            None,
+            2,
+        );
+        assert_eq!(run(&four, &existing).unwrap_err().status, 403);
+        // Lapsed bindings do not count.
+        let later = plan(
+            &four,
+            &existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW + 1_300_000,
+            1,
+            &flow(),
+        );
+        assert!(later.is_ok());
+    }
+
+    #[test]
+    fn q_values_parse_to_thousandths() {
+        assert_eq!(q_thousandths(Some("0.5")), Ok(500));
+        assert_eq!(q_thousandths(None), Ok(1000));
+        assert!(q_thousandths(Some("2")).is_err());
+    }
+}
