@@ -241,3 +241,82 @@ fn a_binding_made_through_one_node_is_on_every_node_and_nonces_travel() {
     );
     assert_eq!(replay.status, 401, "{}", replay.text);
 }
+
+#[test]
+fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
+    let node = Node::start_ready("");
+    let config = node.dir().join("config.toml");
+    let cli = |args: &[&str]| {
+        tandem_failover_tests::tandem_command()
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("TANDEM_PASSWORD", "pw-from-env-9")
+            .output()
+            .unwrap()
+    };
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/customers/acme",
+        Some(r#"{"name":"Acme"}"#),
+    )
+    .unwrap();
+    let put = cli(&["account", "put", "dave@example.com", "--customer", "acme"]);
+    assert!(put.status.success(), "{}", describe(&put));
+    let bad = cli(&["account", "put", "dave", "--customer", "acme"]);
+    assert!(
+        !bad.status.success() && describe(&bad).contains("user@domain"),
+        "{}",
+        describe(&bad)
+    );
+    let nocustomer = cli(&["account", "put", "erin@example.com", "--customer", "nobody"]);
+    assert!(
+        describe(&nocustomer).contains("no customer"),
+        "{}",
+        describe(&nocustomer)
+    );
+    let list = cli(&["account", "list"]);
+    assert!(
+        describe(&list).contains("sip:dave@example.com"),
+        "{}",
+        describe(&list)
+    );
+
+    // The password came from TANDEM_PASSWORD.
+    let mut ua = Ua::new("127.0.0.1", "dave", "example.com", "pw-from-env-9");
+    let contact = format!("<{}>", ua.contact());
+    assert_eq!(
+        ua.register(node.udp_addr(), "MD5", Some(&contact), Some(300))
+            .status,
+        200
+    );
+
+    let drain = cli(&["node", "drain"]);
+    assert!(drain.status.success(), "{}", describe(&drain));
+    assert!(describe(&drain).contains("Drained"), "{}", describe(&drain));
+    let refused = ua.register_once(node.udp_addr(), Some(&contact), Some(300), "");
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert!(refused.header("Retry-After").is_some(), "{}", refused.text);
+    let state = http(admin, Some(&token), "GET", "/v1/node/drain", None)
+        .unwrap()
+        .json();
+    assert_eq!(
+        (state["draining"].clone(), state["drained"].clone()),
+        (true.into(), true.into())
+    );
+
+    let delete = cli(&["account", "delete", "dave@example.com"]);
+    assert!(delete.status.success(), "{}", describe(&delete));
+    let gone = http(
+        admin,
+        Some(&token),
+        "GET",
+        "/v1/accounts/example.com/dave",
+        None,
+    )
+    .unwrap();
+    assert_eq!(gone.status, 404);
+}

@@ -22,6 +22,7 @@ use warp::{Filter, Rejection, Reply};
 
 use crate::accounts::{self, check_domain, check_user, AccountInput, AccountView};
 use crate::cluster::ClusterNode;
+use crate::drain::Drain;
 use crate::stats::Stats;
 use crate::Error;
 
@@ -33,6 +34,7 @@ const MAX_BODY: u64 = 64 * 1024;
 pub struct Admin {
     pub cluster: ClusterNode,
     pub stats: Arc<Stats>,
+    pub drain: Arc<Drain>,
     token: Arc<str>,
 }
 
@@ -157,12 +159,39 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Admin {
-    pub fn new(cluster: ClusterNode, stats: Arc<Stats>, token: String) -> Admin {
+    pub fn new(cluster: ClusterNode, stats: Arc<Stats>, drain: Arc<Drain>, token: String) -> Admin {
         Admin {
             cluster,
             stats,
+            drain,
             token: token.into(),
         }
+    }
+
+    fn drain_state(&self) -> warp::reply::Response {
+        json_reply(
+            StatusCode::OK,
+            &serde_json::json!({
+                "draining": self.drain.is_draining(),
+                "active_transactions": self.drain.active_transactions(),
+                "drained": self.drain.is_drained(),
+            }),
+        )
+    }
+
+    /// Starts draining (idempotent) and records it in the node registry, best effort.
+    async fn start_drain(&self) -> warp::reply::Response {
+        if self.drain.start() {
+            tracing::warn!("draining: new INVITEs and REGISTERs get 503; running calls finish");
+            let id = self.cluster.identity.node_id;
+            if let Ok(Some(mut record)) = self.cluster.replica.reader().node(id) {
+                record.draining = true;
+                if let Err(e) = self.cluster.replica.propose(Command::PutNode(record)).await {
+                    tracing::warn!(error = %e, "could not record the drain in the node registry");
+                }
+            }
+        }
+        self.drain_state()
     }
 
     fn authorize(&self, header: Option<String>) -> Result<(), ApiError> {
@@ -827,6 +856,14 @@ pub fn serve(
         .and(warp::get())
         .and(authorized.clone())
         .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
+    let drain_state = warp::path!("v1" / "node" / "drain")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| a.drain_state());
+    let start_drain = warp::path!("v1" / "node" / "drain")
+        .and(warp::post())
+        .and(authorized.clone())
+        .then(|a: Arc<Admin>| async move { a.start_drain().await });
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
@@ -852,6 +889,8 @@ pub fn serve(
         put_account.boxed(),
         delete_account.boxed(),
         bindings.boxed(),
+        drain_state.boxed(),
+        start_drain.boxed(),
     ];
     let routes = all
         .into_iter()

@@ -38,6 +38,12 @@ pub enum Command {
     /// Master key rotation.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// SIP accounts, through the running node of --config.
+    #[command(subcommand)]
+    Account(AccountCommand),
+    /// This node's own lifecycle.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Print the version.
     Version,
 }
@@ -162,6 +168,84 @@ impl KeysCommand {
     pub fn config(&self) -> PathBuf {
         match self {
             KeysCommand::Rotate { config } | KeysCommand::Reseal { config } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountCommand {
+    /// Create an account, or change one (omit --password to keep the current one).
+    Put {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// `user@domain`.
+        #[arg(value_name = "USER@DOMAIN")]
+        account: String,
+        #[arg(long)]
+        customer: String,
+        /// Read from the TANDEM_PASSWORD environment variable if not given.
+        #[arg(long)]
+        password: Option<String>,
+        /// Create or leave the account disabled.
+        #[arg(long)]
+        disabled: bool,
+        #[arg(long, default_value_t = crate::accounts::DEFAULT_MAX_CONTACTS)]
+        max_contacts: u32,
+        #[arg(long, default_value_t = crate::accounts::DEFAULT_MAX_CALLS)]
+        max_calls: u32,
+    },
+    /// Show one account and its current bindings.
+    Show {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "USER@DOMAIN")]
+        account: String,
+    },
+    /// List every account.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Delete an account and its bindings.
+    Delete {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "USER@DOMAIN")]
+        account: String,
+    },
+}
+
+impl AccountCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            AccountCommand::Put { config, .. }
+            | AccountCommand::Show { config, .. }
+            | AccountCommand::List { config }
+            | AccountCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Stop taking new calls and registrations (503 + Retry-After) and wait until running
+    /// transactions have finished.
+    Drain {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Start draining and return at once.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
+}
+
+impl NodeCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            NodeCommand::Drain { config, .. } => config.clone(),
         }
     }
 }

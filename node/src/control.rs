@@ -1,4 +1,5 @@
-//! The operator commands that act on a cluster: `tandem cluster …` and `tandem keys …`.
+//! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
+//! `tandem account …` and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -7,7 +8,7 @@ use std::time::Duration;
 
 use tandem_raft_store::crypto::KeyRing;
 
-use crate::cli::{ClusterCommand, KeysCommand};
+use crate::cli::{AccountCommand, ClusterCommand, KeysCommand, NodeCommand};
 use crate::config::Config;
 use crate::Error;
 
@@ -81,12 +82,150 @@ pub async fn keys(command: &KeysCommand, config: &Config) -> Result<String, Erro
     }
 }
 
+/// Splits `user@domain`.
+fn user_at_domain(account: &str) -> Result<(&str, &str), Error> {
+    account
+        .split_once('@')
+        .filter(|(u, d)| !u.is_empty() && !d.is_empty())
+        .ok_or_else(|| Error::Admin(format!("{account:?} is not user@domain")))
+}
+
+/// Runs one `tandem account` command and returns what to print.
+pub async fn account(command: &AccountCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        AccountCommand::Put {
+            account,
+            customer,
+            password,
+            disabled,
+            max_contacts,
+            max_calls,
+            ..
+        } => {
+            let (user, domain) = user_at_domain(account)?;
+            let password = password
+                .clone()
+                .or_else(|| std::env::var("TANDEM_PASSWORD").ok());
+            let body = serde_json::json!({
+                "password": password,
+                "customer": customer,
+                "enabled": !disabled,
+                "max_contacts": max_contacts,
+                "max_concurrent_calls": max_calls,
+            });
+            let path = format!("/v1/accounts/{domain}/{user}");
+            let a = call_with(
+                config,
+                reqwest::Method::PUT,
+                &path,
+                Some(body),
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            Ok(format!("{a:#}\n"))
+        }
+        AccountCommand::Show { account, .. } => {
+            let (user, domain) = user_at_domain(account)?;
+            let path = format!("/v1/accounts/{domain}/{user}");
+            let a = call(config, reqwest::Method::GET, &path, ADMIN_TIMEOUT).await?;
+            let b = call(
+                config,
+                reqwest::Method::GET,
+                &format!("{path}/bindings"),
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            Ok(format!("{a:#}\nbindings: {b:#}\n"))
+        }
+        AccountCommand::List { .. } => {
+            let list = call(config, reqwest::Method::GET, "/v1/accounts", ADMIN_TIMEOUT).await?;
+            let mut out = String::new();
+            for a in list.as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{}  customer {}  {}",
+                    a["aor"].as_str().unwrap_or("?"),
+                    a["customer"].as_str().unwrap_or("?"),
+                    if a["enabled"] == true {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
+            }
+            Ok(out)
+        }
+        AccountCommand::Delete { account, .. } => {
+            let (user, domain) = user_at_domain(account)?;
+            let path = format!("/v1/accounts/{domain}/{user}");
+            call(config, reqwest::Method::DELETE, &path, ADMIN_TIMEOUT).await?;
+            Ok(format!("Deleted {user}@{domain} and its bindings.\n"))
+        }
+    }
+}
+
+/// Runs one `tandem node` command and returns what to print.
+pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        NodeCommand::Drain {
+            no_wait,
+            timeout_secs,
+            ..
+        } => {
+            let mut state = call(
+                config,
+                reqwest::Method::POST,
+                "/v1/node/drain",
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            if *no_wait {
+                return Ok("Draining: new calls and registrations get 503.\n".into());
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(*timeout_secs);
+            let mut last = None;
+            while state["drained"] != true {
+                let active = state["active_transactions"].as_u64().unwrap_or(0);
+                if last != Some(active) {
+                    eprintln!("draining: {active} transactions still running");
+                    last = Some(active);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Admin(format!(
+                        "still {active} transactions after {timeout_secs} s; the node keeps draining"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                state = call(
+                    config,
+                    reqwest::Method::GET,
+                    "/v1/node/drain",
+                    ADMIN_TIMEOUT,
+                )
+                .await?;
+            }
+            Ok("Drained: no transactions left. The node can be stopped or upgraded.\n".into())
+        }
+    }
+}
+
 /// Calls the admin API of the node `config` describes and returns its JSON answer, or its
 /// JSON error as an [`Error::Admin`].
 async fn call(
     config: &Config,
     method: reqwest::Method,
     path: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, Error> {
+    call_with(config, method, path, None, timeout).await
+}
+
+/// Like [`call`], with a JSON body.
+async fn call_with(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
     timeout: Duration,
 ) -> Result<serde_json::Value, Error> {
     let token_path = config.token_path();
@@ -102,16 +241,17 @@ async fn call(
         .timeout(timeout)
         .build()
         .map_err(|e| Error::Admin(format!("building an HTTP client: {e}")))?;
-    let reply = client
-        .request(method, &url)
-        .bearer_auth(token.trim())
-        .send()
-        .await
-        .map_err(|e| {
-            Error::Admin(format!(
-                "cannot reach the node's admin API at {url}: {e}; is the node running?"
-            ))
-        })?;
+    let mut request = client.request(method, &url).bearer_auth(token.trim());
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let reply = request.send().await.map_err(|e| {
+        Error::Admin(format!(
+            "cannot reach the node's admin API at {url}: {e}; is the node running?"
+        ))
+    })?;
     let status = reply.status();
     let text = reply
         .text()

@@ -192,7 +192,12 @@ fn refuse(
         outcome.invalid = Some(error);
         return Some(outcome);
     }
-    if draining && *method != Method::Cancel {
+    // Draining refuses what would start something new; requests inside a dialog (a To
+    // tag) keep flowing, so running calls can end with their BYE.
+    let in_dialog = request
+        .to()
+        .is_ok_and(|to| to.params.value("tag").is_some());
+    if draining && *method != Method::Cancel && !in_dialog {
         return Some(
             Outcome::new(503, "Service Unavailable (shutting down)")
                 .with(HeaderName::RetryAfter, retry_after_secs.to_string()),
@@ -423,6 +428,17 @@ mod tests {
             (o.status, header(&o, HeaderName::RetryAfter)),
             (503, Some("17"))
         );
+        // Inside a dialog (To tag), requests still flow so calls can end.
+        let bye = Message::parse_datagram(
+            Bytes::from(
+                "BYE sip:b@192.0.2.2 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bK2\r\n\
+                 From: <sip:a@example.com>;tag=1\r\nTo: <sip:b@example.com>;tag=2\r\n\
+                 Call-ID: c1\r\nCSeq: 2 BYE\r\nMax-Forwards: 70\r\n\r\n",
+            ),
+            65535,
+        )
+        .unwrap();
+        assert_ne!(decided(&bye, false, true, 17).status, 503);
         let cancel = request("CANCEL sip:b@example.com SIP/2.0", "");
         assert_eq!(decided(&cancel, true, true, 17).status, 200);
         assert_eq!(decided(&cancel, false, false, 17).status, 481);

@@ -12,6 +12,7 @@ pub mod config;
 pub mod control;
 pub mod core;
 pub mod digest;
+pub mod drain;
 mod error;
 pub mod provision;
 pub mod registrar;

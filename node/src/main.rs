@@ -28,6 +28,16 @@ fn main() -> ExitCode {
                 tandem_node::control::keys(&command, &c).await
             })
         }
+        Command::Account(command) => {
+            return operator(command.config(), |c| async move {
+                tandem_node::control::account(&command, &c).await
+            })
+        }
+        Command::Node(command) => {
+            return operator(command.config(), |c| async move {
+                tandem_node::control::node(&command, &c).await
+            })
+        }
     };
     let config = match load_config(path.as_deref()) {
         Ok(c) => c,

@@ -5,7 +5,6 @@
 //! waits (bounded) for transactions still waiting on a final response before closing
 //! transports. A fast stop (SIGINT) skips the waiting.
 
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,7 @@ use crate::admin;
 use crate::cluster::ClusterNode;
 use crate::config::{Config, Role};
 use crate::core::Core;
+use crate::drain::Drain;
 use crate::registrar::Registrar;
 use crate::stats::Stats;
 use crate::transaction::start_sip_stack;
@@ -89,14 +89,15 @@ async fn run_with_cluster(
     stops: &mut mpsc::Receiver<Stop>,
 ) -> Result<(), Error> {
     let token = admin::load_or_create_token(&config.token_path())?;
+    let drain = Arc::new(Drain::default());
     let stop_admin = CancellationToken::new();
     let admin_server = admin::serve(
-        admin::Admin::new(cluster.clone(), stats.clone(), token),
+        admin::Admin::new(cluster.clone(), stats.clone(), drain.clone(), token),
         config.admin.listen,
         stop_admin.clone().cancelled_owned(),
     )?;
     let admin_task = tokio::spawn(admin_server);
-    let result = run_sip(config, cluster, stats, stops).await;
+    let result = run_sip(config, cluster, stats, drain, stops).await;
     stop_admin.cancel();
     if tokio::time::timeout(TASK_EXIT_TIMEOUT, admin_task)
         .await
@@ -111,12 +112,13 @@ async fn run_sip(
     config: &Config,
     cluster: &ClusterNode,
     stats: Arc<Stats>,
+    drain: Arc<Drain>,
     stops: &mut mpsc::Receiver<Stop>,
 ) -> Result<(), Error> {
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
     let stop_accepting = CancellationToken::new();
-    let draining = Arc::new(AtomicBool::new(false));
+    let draining = drain.flag();
 
     let mut active = None;
     if config.node.role == Role::Full {
@@ -136,6 +138,7 @@ async fn run_sip(
             stop_accepting.clone(),
         );
         active = Some(stack.layer.active());
+        drain.watch_transactions(stack.layer.active());
         let core = Core {
             layer: stack.layer,
             transports: stack.transports,
