@@ -320,3 +320,77 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
     .unwrap();
     assert_eq!(gone.status, 404);
 }
+
+#[test]
+fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_returns() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let one = cluster.member(1);
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    add_account(one.admin_addr, &token, "frank", "pw-frank-1");
+    let node1: std::net::SocketAddr = format!("{}:{}", one.ip, one.sip_port).parse().unwrap();
+    let mut ua = Ua::new("127.0.0.1", "frank", "example.com", "pw-frank-1");
+    let contact = format!("<{}>", ua.contact());
+    assert_eq!(
+        ua.register(node1, "MD5", Some(&contact), Some(300)).status,
+        200
+    );
+
+    cluster.member(2).sigkill();
+    cluster.member(3).sigkill();
+    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
+    while one.get("/ready").is_some_and(|r| r.status == 200) && !deadline.expired() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        one.get("/ready").unwrap().status,
+        503,
+        "node 1 never noticed"
+    );
+
+    // A refresh (inside its headroom: no write) and a new contact (held in the overlay):
+    // both answered 200 at once.
+    let started = tandem_failover_tests::Deadline::after(Duration::from_secs(60));
+    let refresh = ua.register(node1, "MD5", Some(&contact), Some(300));
+    assert_eq!(refresh.status, 200, "{}", refresh.text);
+    let second = "<sip:frank@127.0.0.1:5999>";
+    let added = ua.register(node1, "MD5", Some(second), Some(300));
+    assert_eq!(added.status, 200, "{}", added.text);
+    assert_eq!(added.headers("Contact").len(), 2, "{}", added.text);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "degraded registrations took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        bindings(one.admin_addr, &token, "frank")
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let held = http(one.admin_addr, None, "GET", "/metrics", None)
+        .unwrap()
+        .body;
+    assert!(!held.contains("tandem_bindings_held 0"), "{held}");
+
+    // Quorum returns: the overlay is replayed and every node has both bindings.
+    cluster.member(2).start();
+    cluster.member(3).start();
+    cluster.wait_for_leader(&[], Duration::from_secs(15));
+    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(15));
+    loop {
+        let m = http(one.admin_addr, None, "GET", "/metrics", None)
+            .unwrap()
+            .body;
+        if m.contains("tandem_bindings_held 0") {
+            break;
+        }
+        assert!(!deadline.expired(), "the overlay was never replayed:\n{m}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for m in &cluster.members {
+        cluster.wait_caught_up(m.id, Duration::from_secs(15));
+        let b = bindings(m.admin_addr, &token, "frank");
+        assert_eq!(b.as_array().map(Vec::len), Some(2), "node {}: {b}", m.id);
+    }
+}

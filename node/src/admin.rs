@@ -484,11 +484,12 @@ impl Admin {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let aor = accounts::aor(user, domain);
+        let stored = self.cluster.replica.reader().bindings(&aor)?;
         let list: Vec<_> = self
             .cluster
-            .replica
-            .reader()
-            .bindings(&accounts::aor(user, domain))?
+            .overlay
+            .apply(&aor, stored)
             .into_iter()
             .filter(|b| b.expires_at_ms > now)
             .map(|b| {
@@ -602,6 +603,12 @@ impl Admin {
             "Members in this node's membership configuration.",
             "gauge",
             replica.members().len() as u64,
+        );
+        gauge(
+            "tandem_bindings_held",
+            "Binding writes held in the degraded-mode overlay, to replay when a quorum returns.",
+            "gauge",
+            self.cluster.overlay.len() as u64,
         );
         let p: &ProposeStats = replica.propose_stats();
         gauge(

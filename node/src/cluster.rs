@@ -41,6 +41,8 @@ const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct ClusterNode {
     pub replica: Replica,
+    /// Binding writes held back while this node has no quorum (DECISIONS §5).
+    pub overlay: Arc<crate::overlay::BindingOverlay>,
     pub identity: Identity,
     role: Role,
     keys: Arc<RwLock<KeyRing>>,
@@ -203,6 +205,7 @@ impl ClusterNode {
         };
         let c = config.cluster.clone().unwrap_or_default();
         let node = ClusterNode {
+            overlay: Arc::default(),
             replica,
             identity,
             role: config.node.role,
@@ -224,6 +227,12 @@ impl ClusterNode {
             }
         }
         tracker.spawn(node.clone().promote_learners(stop.clone()));
+        tracker.spawn(crate::overlay::replay_when_healthy(
+            node.overlay.clone(),
+            node.replica.clone(),
+            node.quorum_timeout,
+            stop.clone(),
+        ));
         // Whichever node leads (a witness too) removes lapsed bindings.
         tracker.spawn(crate::registrar::sweep_bindings(
             node.replica.clone(),

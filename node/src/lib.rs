@@ -14,6 +14,7 @@ pub mod core;
 pub mod digest;
 pub mod drain;
 mod error;
+pub mod overlay;
 pub mod provision;
 pub mod registrar;
 pub mod responses;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::accounts::{aor, open_ha1};
 use crate::cluster::ClusterNode;
 use crate::digest::{challenges, Algorithm, Credentials, NonceCheck, NonceKey, ReplayGuard};
+use crate::overlay::BindingOverlay;
 use crate::stats::Stats;
 use crate::transport::{ConnectionId, Flow};
 
@@ -287,6 +288,7 @@ pub enum Authenticated {
 /// The registrar of one node.
 pub struct Registrar {
     cluster: ClusterNode,
+    overlay: Arc<BindingOverlay>,
     settings: RegistrarSettings,
     nonces: NonceKey,
     replays: Mutex<ReplayGuard>,
@@ -311,10 +313,16 @@ pub fn stored_flow(flow: &Flow) -> StoredFlow {
 }
 
 impl Registrar {
-    pub fn new(cluster: ClusterNode, settings: RegistrarSettings, stats: Arc<Stats>) -> Registrar {
+    pub fn new(
+        cluster: ClusterNode,
+        overlay: Arc<BindingOverlay>,
+        settings: RegistrarSettings,
+        stats: Arc<Stats>,
+    ) -> Registrar {
         let secret = cluster.keys().derive("tandem digest nonces");
         Registrar {
             cluster,
+            overlay,
             nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs),
             settings,
             replays: Mutex::new(ReplayGuard::new(100_000)),
@@ -393,6 +401,48 @@ impl Registrar {
         Authenticated::Account(Box::new(account))
     }
 
+    /// Writes the planned binding changes through Raft or, without a quorum, into the
+    /// overlay (DECISIONS §5), so the phone is answered either way.
+    async fn write(&self, aor: &str, writes: Vec<Command>) -> Result<(), Answer> {
+        for command in writes {
+            let degraded = self.cluster.health().degraded;
+            if degraded.is_none() {
+                match self.cluster.replica.propose(command.clone()).await {
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!(%aor, error = %e, "binding write failed; holding it locally")
+                    }
+                }
+            }
+            let held = match &command {
+                Command::RemoveAllBindings { aor } => {
+                    let stored = self
+                        .cluster
+                        .replica
+                        .reader()
+                        .bindings(aor)
+                        .unwrap_or_default();
+                    self.overlay.apply(aor, stored).iter().all(|b| {
+                        self.overlay.hold(&Command::RemoveBinding {
+                            aor: b.aor.clone(),
+                            contact: b.contact.clone(),
+                        })
+                    })
+                }
+                other => self.overlay.hold(other),
+            };
+            if !held {
+                let mut a = Answer::new(500, "Server Internal Error (cannot store the binding)");
+                a.headers.push((HeaderName::RetryAfter, "5".into()));
+                return Err(a);
+            }
+            if let Some(reason) = degraded {
+                tracing::info!(%aor, %reason, held = self.overlay.len(), "degraded: binding held in the local overlay");
+            }
+        }
+        Ok(())
+    }
+
     /// Handles one REGISTER: the final response to send.
     pub async fn register(&self, request: &Message, flow: &Flow) -> Message {
         match self.try_register(request, flow).await {
@@ -426,7 +476,9 @@ impl Registrar {
             Authenticated::Account(a) => a,
             Authenticated::Refused(a) => return Err(reply(a)),
         };
-        let existing = reader.bindings(&req.aor).unwrap_or_default();
+        let existing = self
+            .overlay
+            .apply(&req.aor, reader.bindings(&req.aor).unwrap_or_default());
         let now = now_ms();
         let plan = plan(
             &req,
@@ -438,14 +490,7 @@ impl Registrar {
             &stored_flow(flow),
         )
         .map_err(reply)?;
-        for command in plan.writes {
-            if let Err(e) = self.cluster.replica.propose(command).await {
-                tracing::warn!(aor = %req.aor, error = %e, "binding write failed");
-                let mut a = Answer::new(500, "Server Internal Error (cannot store the binding)");
-                a.headers.push((HeaderName::RetryAfter, "5".into()));
-                return Err(reply(a));
-            }
-        }
+        self.write(&req.aor, plan.writes).await.map_err(reply)?;
         let mut ok = reply(Answer::new(200, "OK"));
         for (contact, expires) in &plan.bindings {
             ok.push_header(

@@ -147,6 +147,7 @@ async fn run_sip(
             retry_after_secs: config.sip.retry_after_secs,
             registrar: Some(Arc::new(Registrar::new(
                 cluster.clone(),
+                cluster.overlay.clone(),
                 config.registrar.settings(),
                 stats.clone(),
             ))),
