@@ -18,7 +18,7 @@ const REPLAY_EVERY: Duration = Duration::from_millis(500);
 /// A pending binding change: a new value, or a removal.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Pending {
-    Put(Binding),
+    Put(Box<Binding>),
     Removed,
 }
 
@@ -39,7 +39,10 @@ impl BindingOverlay {
     /// Holds a binding write back; only binding commands are accepted.
     pub fn hold(&self, command: &Command) -> bool {
         let (key, change) = match command {
-            Command::PutBinding(b) => ((b.aor.clone(), b.contact.clone()), Pending::Put(b.clone())),
+            Command::PutBinding(b) => (
+                (b.aor.clone(), b.contact.clone()),
+                Pending::Put(Box::new(b.clone())),
+            ),
             Command::RemoveBinding { aor, contact } => {
                 ((aor.clone(), contact.clone()), Pending::Removed)
             }
@@ -70,7 +73,7 @@ impl BindingOverlay {
             .collect();
         for ((a, _), (_, change)) in pending.iter() {
             if let (true, Pending::Put(b)) = (a == aor, change) {
-                out.push(b.clone());
+                out.push((**b).clone());
             }
         }
         out
@@ -90,7 +93,7 @@ impl BindingOverlay {
         let mut done = 0;
         for ((aor, contact), (stamp, change)) in entries {
             let command = match change {
-                Pending::Put(b) => Command::PutBinding(b),
+                Pending::Put(b) => Command::PutBinding(*b),
                 Pending::Removed => Command::RemoveBinding {
                     aor: aor.clone(),
                     contact: contact.clone(),
