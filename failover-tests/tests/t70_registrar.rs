@@ -146,9 +146,14 @@ fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
     );
 
     let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("tandem_sip_auth_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no auth failure counter:\n{metrics}"));
     assert!(
-        metrics.contains("tandem_sip_auth_failures_total"),
-        "{metrics}"
+        failures >= 4,
+        "only {failures} auth failures counted:\n{metrics}"
     );
     node.assert_answers_options();
 }
@@ -186,6 +191,7 @@ fn registrar_rules_a_phone_sees() {
 
     // Expires 0 removes one; `*` with Expires 0 removes the rest.
     let gone = ua.register(node.udp_addr(), "MD5", Some(&other), Some(0));
+    assert_eq!(gone.status, 200, "{}", gone.text);
     assert_eq!(gone.headers("Contact").len(), 1, "{}", gone.text);
     let all = ua.register(node.udp_addr(), "MD5", Some("*"), Some(0));
     assert_eq!(all.status, 200, "{}", all.text);
@@ -264,7 +270,14 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
         Some(r#"{"name":"Acme"}"#),
     )
     .unwrap();
-    let put = cli(&["account", "put", "dave@example.com", "--customer", "acme"]);
+    let put = cli(&[
+        "account",
+        "put",
+        "dave@example.com",
+        "--customer",
+        "acme",
+        "--password-from-env",
+    ]);
     assert!(put.status.success(), "{}", describe(&put));
     let bad = cli(&["account", "put", "dave", "--customer", "acme"]);
     assert!(
@@ -272,7 +285,15 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
         "{}",
         describe(&bad)
     );
-    let nocustomer = cli(&["account", "put", "erin@example.com", "--customer", "nobody"]);
+    let nocustomer = cli(&[
+        "account",
+        "put",
+        "erin@example.com",
+        "--customer",
+        "nobody",
+        "--password",
+        "x",
+    ]);
     assert!(
         describe(&nocustomer).contains("no customer"),
         "{}",
@@ -319,6 +340,37 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
     )
     .unwrap();
     assert_eq!(gone.status, 404);
+    // Its bindings went with it: a new account of that name starts with none.
+    let again = cli(&[
+        "account",
+        "put",
+        "dave@example.com",
+        "--customer",
+        "acme",
+        "--password",
+        "pw-2",
+    ]);
+    assert!(again.status.success(), "{}", describe(&again));
+    assert_eq!(
+        bindings(admin, &token, "dave").as_array().map(Vec::len),
+        Some(0)
+    );
+    // Changing one setting keeps the others (and the password).
+    let disable = cli(&["account", "put", "dave@example.com", "--disable"]);
+    assert!(disable.status.success(), "{}", describe(&disable));
+    let shown = http(
+        admin,
+        Some(&token),
+        "GET",
+        "/v1/accounts/example.com/dave",
+        None,
+    )
+    .unwrap()
+    .json();
+    assert_eq!(
+        (shown["enabled"].clone(), shown["customer"].clone()),
+        (false.into(), "acme".into())
+    );
 }
 
 #[test]

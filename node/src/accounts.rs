@@ -14,29 +14,17 @@ pub const DEFAULT_MAX_CONTACTS: u32 = 5;
 /// Concurrent calls per account when the operator does not say.
 pub const DEFAULT_MAX_CALLS: u32 = 4;
 
-/// What an operator sends to create or change an account.
-#[derive(Clone, Debug, Deserialize)]
+/// What an operator sends to create or change an account. A field left out keeps its
+/// current value (or, for a new account, its default); `password` and `customer` are
+/// required for a new account.
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccountInput {
-    /// Required when the account is new; absent keeps the current password.
     pub password: Option<String>,
-    pub customer: String,
-    #[serde(default = "yes")]
-    pub enabled: bool,
-    #[serde(default = "default_max_contacts")]
-    pub max_contacts: u32,
-    #[serde(default = "default_max_calls")]
-    pub max_concurrent_calls: u32,
-}
-
-fn yes() -> bool {
-    true
-}
-fn default_max_contacts() -> u32 {
-    DEFAULT_MAX_CONTACTS
-}
-fn default_max_calls() -> u32 {
-    DEFAULT_MAX_CALLS
+    pub customer: Option<String>,
+    pub enabled: Option<bool>,
+    pub max_contacts: Option<u32>,
+    pub max_concurrent_calls: Option<u32>,
 }
 
 /// An account as the API shows it: everything but the sealed HA1s.
@@ -125,10 +113,27 @@ pub fn build(
 ) -> Result<Account, String> {
     check_user(user)?;
     check_domain(domain)?;
-    if !(1..=100).contains(&input.max_contacts) {
+    let customer = input
+        .customer
+        .clone()
+        .or_else(|| existing.as_ref().map(|a| a.customer.clone()))
+        .ok_or("customer is required for a new account")?;
+    let enabled = input
+        .enabled
+        .or(existing.as_ref().map(|a| a.enabled))
+        .unwrap_or(true);
+    let max_contacts = input
+        .max_contacts
+        .or(existing.as_ref().map(|a| a.max_contacts))
+        .unwrap_or(DEFAULT_MAX_CONTACTS);
+    let max_concurrent_calls = input
+        .max_concurrent_calls
+        .or(existing.as_ref().map(|a| a.max_concurrent_calls))
+        .unwrap_or(DEFAULT_MAX_CALLS);
+    if !(1..=100).contains(&max_contacts) {
         return Err("max_contacts must be 1 to 100".into());
     }
-    if input.max_concurrent_calls > 1000 {
+    if max_concurrent_calls > 1000 {
         return Err("max_concurrent_calls must be at most 1000".into());
     }
     let record = account_record(user, domain);
@@ -150,11 +155,11 @@ pub fn build(
     Ok(Account {
         user: user.to_owned(),
         domain: domain.to_owned(),
-        customer: input.customer,
+        customer,
         ha1: ha1s,
-        enabled: input.enabled,
-        max_contacts: input.max_contacts,
-        max_concurrent_calls: input.max_concurrent_calls,
+        enabled,
+        max_contacts,
+        max_concurrent_calls,
     })
 }
 
@@ -178,10 +183,8 @@ mod tests {
     fn input(password: Option<&str>) -> AccountInput {
         AccountInput {
             password: password.map(str::to_owned),
-            customer: "c1".into(),
-            enabled: true,
-            max_contacts: 5,
-            max_concurrent_calls: 2,
+            customer: Some("c1".into()),
+            ..AccountInput::default()
         }
     }
 
@@ -201,9 +204,25 @@ mod tests {
             open_ha1(&keys, &a, Algorithm::Sha256).unwrap(),
             ha1(Algorithm::Sha256, "alice", "example.com", "s3cret")
         );
-        // An update without a password keeps the HA1s.
-        let b = build(&keys, "alice", "example.com", input(None), Some(a.clone())).unwrap();
-        assert_eq!(a.ha1, b.ha1);
+        // An update without a password keeps the HA1s; fields left out keep their values.
+        let disabled = AccountInput {
+            enabled: Some(false),
+            max_contacts: Some(9),
+            ..AccountInput::default()
+        };
+        let b = build(&keys, "alice", "example.com", disabled, Some(a.clone())).unwrap();
+        assert_eq!(
+            (a.ha1.clone(), false, 9),
+            (b.ha1.clone(), b.enabled, b.max_contacts)
+        );
+        let c = build(
+            &keys,
+            "alice",
+            "example.com",
+            AccountInput::default(),
+            Some(b.clone()),
+        );
+        assert_eq!(c.unwrap(), b);
     }
 
     #[test]

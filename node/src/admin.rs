@@ -174,7 +174,9 @@ impl Admin {
             &serde_json::json!({
                 "draining": self.drain.is_draining(),
                 "active_transactions": self.drain.active_transactions(),
-                "drained": self.drain.is_drained(),
+                "held_bindings": self.cluster.overlay.len(),
+                // Held bindings must reach Raft before the node may go.
+                "drained": self.drain.is_drained() && self.cluster.overlay.is_empty(),
             }),
         )
     }
@@ -403,13 +405,15 @@ impl Admin {
         body: Bytes,
     ) -> Result<warp::reply::Response, ApiError> {
         let input: AccountInput = parse_json(&body)?;
-        check_id("customer", &input.customer)?;
         let reader = self.cluster.replica.reader();
-        if reader.customer(&input.customer)?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("no customer {:?}; create it first", input.customer),
-            ));
+        if let Some(customer) = &input.customer {
+            check_id("customer", customer)?;
+            if reader.customer(customer)?.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("no customer {customer:?}; create it first"),
+                ));
+            }
         }
         let existing = match (check_user(&user), check_domain(&domain)) {
             (Ok(()), Ok(())) => reader.account(&domain, &user)?,
@@ -495,7 +499,9 @@ impl Admin {
             .map(|b| {
                 serde_json::json!({
                     "contact": b.contact,
+                    // Until the binding lapses, headroom included (DECISIONS §6).
                     "expires_in_secs": (b.expires_at_ms - now) / 1000,
+                    "interval_secs": b.expires_secs,
                     "edge_node": b.edge_node,
                     "transport": b.flow.transport,
                     "remote": b.flow.remote,

@@ -174,25 +174,35 @@ impl KeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AccountCommand {
-    /// Create an account, or change one (omit --password to keep the current one).
+    /// Create an account, or change one: options left out keep their current values.
     Put {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// `user@domain`.
         #[arg(value_name = "USER@DOMAIN")]
         account: String,
+        /// Required for a new account.
         #[arg(long)]
-        customer: String,
-        /// Read from the TANDEM_PASSWORD environment variable if not given.
-        #[arg(long)]
+        customer: Option<String>,
+        /// Required for a new account; omit it to keep the current password.
+        #[arg(long, conflicts_with = "password_from_env")]
         password: Option<String>,
-        /// Create or leave the account disabled.
+        /// Take the password from the TANDEM_PASSWORD environment variable (keeps it out
+        /// of the process list and shell history).
         #[arg(long)]
-        disabled: bool,
-        #[arg(long, default_value_t = crate::accounts::DEFAULT_MAX_CONTACTS)]
-        max_contacts: u32,
-        #[arg(long, default_value_t = crate::accounts::DEFAULT_MAX_CALLS)]
-        max_calls: u32,
+        password_from_env: bool,
+        /// Disable the account (its registrations and calls are refused).
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        /// Enable a disabled account.
+        #[arg(long)]
+        enable: bool,
+        /// Contacts per AOR (default for a new account: 5).
+        #[arg(long)]
+        max_contacts: Option<u32>,
+        /// Concurrent calls (default for a new account: 4).
+        #[arg(long)]
+        max_calls: Option<u32>,
     },
     /// Show one account and its current bindings.
     Show {

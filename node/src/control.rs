@@ -97,22 +97,42 @@ pub async fn account(command: &AccountCommand, config: &Config) -> Result<String
             account,
             customer,
             password,
-            disabled,
+            password_from_env,
+            disable,
+            enable,
             max_contacts,
             max_calls,
             ..
         } => {
             let (user, domain) = user_at_domain(account)?;
-            let password = password
-                .clone()
-                .or_else(|| std::env::var("TANDEM_PASSWORD").ok());
-            let body = serde_json::json!({
-                "password": password,
-                "customer": customer,
-                "enabled": !disabled,
-                "max_contacts": max_contacts,
-                "max_concurrent_calls": max_calls,
-            });
+            let password = match (password, password_from_env) {
+                (Some(p), _) => Some(p.clone()),
+                (None, true) => Some(std::env::var("TANDEM_PASSWORD").map_err(|_| {
+                    Error::Admin("--password-from-env: TANDEM_PASSWORD is not set".into())
+                })?),
+                (None, false) => None,
+            };
+            let enabled = match (disable, enable) {
+                (true, _) => Some(false),
+                (_, true) => Some(true),
+                _ => None,
+            };
+            let mut body = serde_json::Map::new();
+            for (key, value) in [
+                ("password", password.map(serde_json::Value::from)),
+                ("customer", customer.clone().map(serde_json::Value::from)),
+                ("enabled", enabled.map(serde_json::Value::from)),
+                ("max_contacts", max_contacts.map(serde_json::Value::from)),
+                (
+                    "max_concurrent_calls",
+                    max_calls.map(serde_json::Value::from),
+                ),
+            ] {
+                if let Some(v) = value {
+                    body.insert(key.into(), v);
+                }
+            }
+            let body = serde_json::Value::Object(body);
             let path = format!("/v1/accounts/{domain}/{user}");
             let a = call_with(
                 config,

@@ -197,7 +197,7 @@ fn refuse(
     let in_dialog = request
         .to()
         .is_ok_and(|to| to.params.value("tag").is_some());
-    if draining && *method != Method::Cancel && !in_dialog {
+    if draining && *method != Method::Cancel && (!in_dialog || *method == Method::Register) {
         return Some(
             Outcome::new(503, "Service Unavailable (shutting down)")
                 .with(HeaderName::RetryAfter, retry_after_secs.to_string()),

@@ -23,7 +23,7 @@ pub enum Algorithm {
 }
 
 impl Algorithm {
-    /// Strongest first: the order challenges are offered in.
+    /// Every algorithm, strongest first (the configured order decides what is offered).
     pub const ALL: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Md5];
 
     /// The name in `algorithm=` and the key of a sealed HA1.

@@ -30,12 +30,6 @@ pub struct BindingOverlay {
 }
 
 impl BindingOverlay {
-    fn stamp(&self) -> u64 {
-        let mut n = self.next.lock().expect("overlay lock");
-        *n += 1;
-        *n
-    }
-
     /// Holds a binding write back; only binding commands are accepted.
     pub fn hold(&self, command: &Command) -> bool {
         let (key, change) = match command {
@@ -48,12 +42,26 @@ impl BindingOverlay {
             }
             _ => return false,
         };
-        let stamp = self.stamp();
-        self.pending
-            .lock()
-            .expect("overlay lock")
-            .insert(key, (stamp, change));
+        let mut pending = self.pending.lock().expect("overlay lock");
+        let mut next = self.next.lock().expect("overlay lock");
+        *next += 1;
+        pending.insert(key, (*next, change));
         true
+    }
+
+    /// Drops what is held for the binding `command` writes (after a direct write of it).
+    pub fn forget(&self, command: &Command) {
+        let mut pending = self.pending.lock().expect("overlay lock");
+        match command {
+            Command::PutBinding(b) => {
+                pending.remove(&(b.aor.clone(), b.contact.clone()));
+            }
+            Command::RemoveBinding { aor, contact } => {
+                pending.remove(&(aor.clone(), contact.clone()));
+            }
+            Command::RemoveAllBindings { aor } => pending.retain(|(a, _), _| a != aor),
+            _ => {}
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -80,8 +88,10 @@ impl BindingOverlay {
     }
 
     /// Replays everything held back through Raft, oldest first. An entry changed again
-    /// while its replay was in flight stays for the next round.
+    /// while its replay was in flight stays for the next round, and so does one whose
+    /// write fails; the first error is returned after every entry was tried.
     pub async fn replay(&self, replica: &Replica) -> Result<usize, tandem_raft_store::Error> {
+        let mut first_error = None;
         let mut entries: Vec<((String, String), (u64, Pending))> = self
             .pending
             .lock()
@@ -99,7 +109,10 @@ impl BindingOverlay {
                     contact: contact.clone(),
                 },
             };
-            replica.propose(command).await?;
+            if let Err(e) = replica.propose(command).await {
+                first_error.get_or_insert(e);
+                continue;
+            }
             let mut pending = self.pending.lock().expect("overlay lock");
             if pending
                 .get(&(aor.clone(), contact.clone()))
@@ -110,7 +123,10 @@ impl BindingOverlay {
             }
             done += 1;
         }
-        Ok(done)
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(done),
+        }
     }
 }
 

@@ -261,8 +261,9 @@ pub fn plan(
         .iter()
         .filter(|b| !removed(&b.contact) && !granted.iter().any(|(g, _)| *g == b.contact))
         .map(|b| {
-            let left = (b.expires_at_ms.saturating_sub(now_ms) / 1000) as u32;
-            (b.contact.clone(), left.min(b.expires_secs))
+            // Rounded up: a listed contact with expires=0 reads as removed to a phone.
+            let left = b.expires_at_ms.saturating_sub(now_ms).div_ceil(1000) as u32;
+            (b.contact.clone(), left.clamp(1, b.expires_secs.max(1)))
         })
         .collect();
     listed.extend(granted);
@@ -288,6 +289,7 @@ pub enum Authenticated {
 /// The registrar of one node.
 pub struct Registrar {
     cluster: ClusterNode,
+    aor_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     overlay: Arc<BindingOverlay>,
     settings: RegistrarSettings,
     nonces: NonceKey,
@@ -300,6 +302,12 @@ fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
+/// credentials computed with it) is useless from any other address.
+fn nonce_scope(realm: &str, client: &str) -> String {
+    format!("{realm}|{client}")
 }
 
 /// The flow as a binding stores it.
@@ -322,6 +330,7 @@ impl Registrar {
         let secret = cluster.keys().derive("tandem digest nonces");
         Registrar {
             cluster,
+            aor_locks: Mutex::default(),
             overlay,
             nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs),
             settings,
@@ -330,8 +339,19 @@ impl Registrar {
         }
     }
 
-    fn challenge(&self, realm: &str, stale: bool) -> Answer {
-        let nonce = self.nonces.issue(realm, now_ms() / 1000);
+    /// The lock for one AOR; locks nobody else holds are dropped as the map grows.
+    fn aor_lock(&self, aor: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.aor_locks.lock().expect("AOR lock map");
+        if locks.len() > 10_000 {
+            locks.retain(|_, l| Arc::strong_count(l) > 1);
+        }
+        locks.entry(aor.to_owned()).or_default().clone()
+    }
+
+    fn challenge(&self, realm: &str, client: &str, stale: bool) -> Answer {
+        let nonce = self
+            .nonces
+            .issue(&nonce_scope(realm, client), now_ms() / 1000);
         let mut a = Answer::new(401, "Unauthorized");
         for c in challenges(&self.settings.algorithms, realm, &nonce, stale) {
             a.headers.push((HeaderName::WwwAuthenticate, c));
@@ -342,7 +362,13 @@ impl Registrar {
     /// Digest authentication of `request` for the account `user@domain` (RFC 3261 §22):
     /// 401 with fresh challenges while credentials are missing, stale, replayed or wrong;
     /// 403 when they are right but may not act for this account, or it is disabled.
-    pub fn authenticate(&self, request: &Message, user: &str, domain: &str) -> Authenticated {
+    pub fn authenticate(
+        &self,
+        request: &Message,
+        client: &str,
+        user: &str,
+        domain: &str,
+    ) -> Authenticated {
         let fail = |a: Answer| {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             Authenticated::Refused(a)
@@ -353,17 +379,18 @@ impl Registrar {
         let Some(creds) = headers
             .iter()
             .filter_map(|h| Credentials::from_header(h).ok())
-            .find(|c| c.realm == domain)
+            .find(|c| c.realm == domain && self.settings.algorithms.contains(&c.algorithm))
         else {
-            return Authenticated::Refused(self.challenge(domain, false));
+            return Authenticated::Refused(self.challenge(domain, client, false));
         };
-        match self.nonces.check(&creds.nonce, domain, now_ms() / 1000) {
-            NonceCheck::Fresh => {}
-            NonceCheck::Stale => return Authenticated::Refused(self.challenge(domain, true)),
-            NonceCheck::Invalid => return fail(self.challenge(domain, false)),
+        let nonce = self
+            .nonces
+            .check(&creds.nonce, &nonce_scope(domain, client), now_ms() / 1000);
+        if nonce == NonceCheck::Invalid {
+            return fail(self.challenge(domain, client, false));
         }
         let Some((_, nc, _)) = &creds.qop else {
-            return fail(self.challenge(domain, false));
+            return fail(self.challenge(domain, client, false));
         };
         let reader = self.cluster.replica.reader();
         let account = reader.account(domain, &creds.username).ok().flatten();
@@ -374,11 +401,15 @@ impl Registrar {
         let method = request.method().map(|m| m.to_string()).unwrap_or_default();
         let (Some(account), Some(ha1)) = (account, ha1) else {
             tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-            return fail(self.challenge(domain, false));
+            return fail(self.challenge(domain, client, false));
         };
         if !creds.verify(&ha1, &method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return fail(self.challenge(domain, false));
+            return fail(self.challenge(domain, client, false));
+        }
+        // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
+        if nonce == NonceCheck::Stale {
+            return Authenticated::Refused(self.challenge(domain, client, true));
         }
         if !self
             .replays
@@ -387,7 +418,7 @@ impl Registrar {
             .accept(&creds.nonce, *nc)
         {
             tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-            return fail(self.challenge(domain, false));
+            return fail(self.challenge(domain, client, false));
         }
         if creds.username != user {
             return fail(Answer::new(
@@ -408,7 +439,11 @@ impl Registrar {
             let degraded = self.cluster.health().degraded;
             if degraded.is_none() {
                 match self.cluster.replica.propose(command.clone()).await {
-                    Ok(_) => continue,
+                    Ok(_) => {
+                        // A newer direct write supersedes whatever was held for that key.
+                        self.overlay.forget(&command);
+                        continue;
+                    }
                     Err(e) => {
                         tracing::warn!(%aor, error = %e, "binding write failed; holding it locally")
                     }
@@ -472,10 +507,15 @@ impl Registrar {
                 format!("Forbidden ({domain} is not a domain served here)"),
             )));
         }
-        let account = match self.authenticate(request, &user, &domain) {
+        let client = flow.remote.ip().to_string();
+        let account = match self.authenticate(request, &client, &user, &domain) {
             Authenticated::Account(a) => a,
             Authenticated::Refused(a) => return Err(reply(a)),
         };
+        // One REGISTER per AOR at a time on this node, from reading the bindings to the
+        // end of the write, so two racing requests cannot both pass the ordering checks.
+        let lock = self.aor_lock(&req.aor);
+        let _serialised = lock.lock().await;
         let existing = self
             .overlay
             .apply(&req.aor, reader.bindings(&req.aor).unwrap_or_default());
