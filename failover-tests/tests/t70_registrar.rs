@@ -155,6 +155,17 @@ fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
         failures >= 4,
         "only {failures} auth failures counted:\n{metrics}"
     );
+    for counted in [
+        "tandem_sip_requests_total{method=\"REGISTER\"} ",
+        "tandem_sip_responses_total{code=\"401\"} ",
+        "tandem_sip_responses_total{code=\"200\"} ",
+        "tandem_sip_responses_total{code=\"403\"} ",
+    ] {
+        assert!(
+            metrics.contains(counted),
+            "/metrics lacks {counted:?}:\n{metrics}"
+        );
+    }
     node.assert_answers_options();
 }
 

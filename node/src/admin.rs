@@ -667,6 +667,30 @@ impl Admin {
             "counter",
             s.malformed_dropped.load(Ordering::Relaxed),
         );
+        let name = "tandem_sip_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} SIP requests received, by method.\n# TYPE {name} counter"
+        );
+        for (i, count) in s.requests_by_method.0.iter().enumerate() {
+            let method = crate::stats::METHODS.get(i).copied().unwrap_or("OTHER");
+            let _ = writeln!(
+                out,
+                "{name}{{method=\"{method}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let name = "tandem_sip_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} SIP responses sent through transactions, by status code.\n# TYPE {name} counter"
+        );
+        for (i, count) in s.responses_by_status.0.iter().enumerate() {
+            let n = count.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "{name}{{code=\"{}\"}} {n}", i + 100);
+            }
+        }
         // Histograms, written out by hand.
         let name = "tandem_raft_batch_size";
         let _ = writeln!(

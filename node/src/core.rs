@@ -89,6 +89,7 @@ impl Core {
         let Some(method) = request.method().cloned() else {
             return;
         };
+        self.stats.count_request(&method.to_string());
         if method == Method::Ack {
             // ACKs are never answered. One for a 2xx belongs to a dialog this node does not
             // hold yet; the proxy will route it by its Route set.

@@ -3,6 +3,42 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Methods counted one by one on `/metrics`; any other is counted as `OTHER`.
+pub const METHODS: [&str; 14] = [
+    "INVITE",
+    "ACK",
+    "BYE",
+    "CANCEL",
+    "REGISTER",
+    "OPTIONS",
+    "INFO",
+    "UPDATE",
+    "PRACK",
+    "SUBSCRIBE",
+    "NOTIFY",
+    "REFER",
+    "MESSAGE",
+    "PUBLISH",
+];
+
+/// A fixed array of counters (arrays of atomics have no `Default` beyond 32).
+#[derive(Debug)]
+pub struct Counters<const N: usize>(pub [AtomicU64; N]);
+
+impl<const N: usize> Default for Counters<N> {
+    fn default() -> Self {
+        Counters(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl<const N: usize> Counters<N> {
+    pub fn bump(&self, i: usize) {
+        if let Some(c) = self.0.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Stats {
     pub requests_received: AtomicU64,
@@ -19,10 +55,28 @@ pub struct Stats {
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed
     /// credentials, or not allowed for the account); plain challenges do not count.
     pub auth_failures: AtomicU64,
+    /// Requests received, by [`METHODS`] index (the last is every other method).
+    pub requests_by_method: Counters<15>,
+    /// Responses sent, by status code minus 100 (100 to 699).
+    pub responses_by_status: Counters<600>,
     pub registrations_ok: AtomicU64,
 }
 
 impl Stats {
+    pub fn count_request(&self, method: &str) {
+        let i = METHODS
+            .iter()
+            .position(|m| *m == method)
+            .unwrap_or(METHODS.len());
+        self.requests_by_method.bump(i);
+    }
+
+    pub fn count_response(&self, status: u16) {
+        if (100..700).contains(&status) {
+            self.responses_by_status.bump(usize::from(status - 100));
+        }
+    }
+
     /// Whether the n-th malformed message deserves a log line: the first hundred, then one
     /// in a thousand, so a flood of garbage cannot flood the log.
     pub fn log_malformed(&self) -> bool {

@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 
@@ -163,11 +164,8 @@ impl Replica {
                  give the new node another id"
             )));
         }
-        self.raft()
-            .add_learner(id, NodeInfo { raft_addr }, false)
-            .await
-            .map(|_| ())
-            .map_err(crate::replica::map_write_error)
+        let node = NodeInfo { raft_addr };
+        waiting_for_earlier_changes(|| self.raft().add_learner(id, node.clone(), false)).await
     }
 
     /// Retires the id first, while the node still receives the log, so it learns it was
@@ -194,11 +192,7 @@ impl Replica {
             ChangeMembers::RemoveNodes(BTreeSet::from([id]))
         };
         self.propose(Command::RetireNode { id }).await?;
-        self.raft()
-            .change_membership(change, false)
-            .await
-            .map(|_| ())
-            .map_err(crate::replica::map_write_error)
+        waiting_for_earlier_changes(|| self.raft().change_membership(change.clone(), false)).await
     }
 
     /// The leader's replication progress per member. Fails on a non-leader.
@@ -245,11 +239,37 @@ impl Replica {
         if ready.is_empty() {
             return Ok(Vec::new());
         }
-        self.raft()
-            .change_membership(ChangeMembers::AddVoterIds(ready.clone()), false)
-            .await
-            .map_err(crate::replica::map_write_error)?;
+        waiting_for_earlier_changes(|| {
+            self.raft()
+                .change_membership(ChangeMembers::AddVoterIds(ready.clone()), false)
+        })
+        .await?;
         Ok(ready.into_iter().collect())
+    }
+}
+
+/// Runs a membership change, waiting (up to [`MEMBERSHIP_TIMEOUT`]) while an earlier one is
+/// still being committed: openraft refuses a change while another is in progress, and a
+/// join right after another node's promotion would otherwise fail for no reason an
+/// operator could act on.
+async fn waiting_for_earlier_changes<F, Fut, T>(mut change: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>,
+    >,
+{
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_TIMEOUT;
+    loop {
+        match change().await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(crate::replica::map_write_error(e)),
+        }
     }
 }
 

@@ -500,10 +500,11 @@ impl TransactionLayer {
                     ServerMachine::Invite(m) => m.on_tu_response(status, bytes, &mut out),
                     ServerMachine::NonInvite(m) => m.on_tu_response(status, bytes, &mut out),
                 }
-                self.transports
-                    .stats()
+                let stats = self.transports.stats();
+                stats
                     .responses_sent
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                stats.count_response(status);
                 self.apply_server(tx, before, out).await;
             }
             Command::SendRequest {
