@@ -55,10 +55,7 @@ impl From<&Account> for AccountView {
     }
 }
 
-/// The address-of-record of an account, as bindings are keyed.
-pub fn aor(user: &str, domain: &str) -> String {
-    format!("sip:{user}@{domain}")
-}
+pub use tandem_raft_store::command::account_aor as aor;
 
 /// A SIP user part Tandem accepts for an account: letters, digits and `-_.+`, so that it
 /// needs no escaping anywhere (URIs, digest, file names).

@@ -462,19 +462,14 @@ impl Admin {
     ) -> Result<warp::reply::Response, ApiError> {
         self.account(&domain, &user)?;
         self.writable()?;
-        for command in [
-            Command::DeleteAccount {
-                user: user.clone(),
-                domain: domain.clone(),
-            },
-            Command::RemoveAllBindings {
-                aor: accounts::aor(&user, &domain),
-            },
-        ] {
-            match self.cluster.replica.propose(command).await? {
-                CommandResult::Done | CommandResult::Removed(_) => {}
-                other => return Err(refused(other)),
-            }
+        // The state machine removes the bindings in the same batch.
+        let command = Command::DeleteAccount {
+            user: user.clone(),
+            domain: domain.clone(),
+        };
+        match self.cluster.replica.propose(command).await? {
+            CommandResult::Done => {}
+            other => return Err(refused(other)),
         }
         Ok(json_reply(
             StatusCode::OK,

@@ -68,6 +68,11 @@ pub struct Customer {
     pub enabled: bool,
 }
 
+/// The address-of-record of an account: what its bindings are keyed by.
+pub fn account_aor(user: &str, domain: &str) -> String {
+    format!("sip:{user}@{domain}")
+}
+
 /// The record id a sealed account field is bound to (see `crypto`).
 pub fn account_record(user: &str, domain: &str) -> String {
     format!("account/{user}@{domain}")

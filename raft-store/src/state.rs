@@ -13,8 +13,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    Account, Binding, Command, CommandResult, Customer, Dialplan, NodeRecord, Provider,
-    ProviderLease,
+    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, NodeRecord,
+    Provider, ProviderLease,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -301,6 +301,16 @@ impl<'a> Txn<'a> {
         }
     }
 
+    fn remove_all_bindings(&mut self, aor: &str) -> Result<u64, Error> {
+        let prefix = key::bindings_of(aor);
+        let mut removed = 0;
+        for k in self.keys_with_prefix(&prefix)? {
+            let contact = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            removed += self.remove_binding(aor, &contact)? as u64;
+        }
+        Ok(removed)
+    }
+
     fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<bool, Error> {
         let k = key::binding(aor, contact);
         match self.get::<Binding>(&k)? {
@@ -362,10 +372,16 @@ impl<'a> Txn<'a> {
                 CommandResult::Done
             }
             Command::PutAccount(a) => {
+                // A disabled account keeps no registrations, so no call reaches its phones.
+                if !a.enabled {
+                    self.remove_all_bindings(&account_aor(&a.user, &a.domain))?;
+                }
                 self.put(key::account(&a.domain, &a.user), &a);
                 CommandResult::Done
             }
             Command::DeleteAccount { user, domain } => {
+                // In the same batch, so no binding outlives its account.
+                self.remove_all_bindings(&account_aor(&user, &domain))?;
                 self.delete(key::account(&domain, &user));
                 CommandResult::Done
             }
@@ -381,13 +397,7 @@ impl<'a> Txn<'a> {
                 CommandResult::Removed(self.remove_binding(&aor, &contact)? as u64)
             }
             Command::RemoveAllBindings { aor } => {
-                let prefix = key::bindings_of(&aor);
-                let mut removed = 0;
-                for k in self.keys_with_prefix(&prefix)? {
-                    let contact = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
-                    removed += self.remove_binding(&aor, &contact)? as u64;
-                }
-                CommandResult::Removed(removed)
+                CommandResult::Removed(self.remove_all_bindings(&aor)?)
             }
             Command::ExpireBindings { now_ms, limit } => {
                 let mut removed = 0u64;

@@ -283,3 +283,50 @@ async fn state_survives_reopening() {
     assert_eq!(sm.reader().feature_version().unwrap(), 5);
     assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 7);
 }
+
+#[tokio::test]
+async fn deleting_or_disabling_an_account_removes_its_bindings_in_the_same_batch() {
+    use tandem_raft_store::command::Account;
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let account = |user: &str, enabled: bool| Account {
+        user: user.into(),
+        domain: "example.com".into(),
+        customer: "c1".into(),
+        ha1: vec![],
+        enabled,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
+    };
+    apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutAccount(account("alice", true)),
+            Command::PutAccount(account("bob", true)),
+            Command::PutBinding(binding("sip:alice@example.com", "<sip:a@1>", 1, 100)),
+            Command::PutBinding(binding("sip:bob@example.com", "<sip:b@1>", 1, 100)),
+            Command::PutBinding(binding("sip:bob@example.com", "<sip:b@2>", 2, 100)),
+        ],
+    )
+    .await;
+    let reader = sm.reader();
+    apply(
+        &mut sm,
+        2,
+        vec![Command::DeleteAccount {
+            user: "alice".into(),
+            domain: "example.com".into(),
+        }],
+    )
+    .await;
+    assert!(reader.bindings("sip:alice@example.com").unwrap().is_empty());
+    assert_eq!(reader.bindings("sip:bob@example.com").unwrap().len(), 2);
+    apply(&mut sm, 3, vec![Command::PutAccount(account("bob", false))]).await;
+    assert!(reader.bindings("sip:bob@example.com").unwrap().is_empty());
+    assert!(
+        reader.bindings_by_edge(1).unwrap().is_empty(),
+        "the edge index went too"
+    );
+    assert!(reader.bindings_by_edge(2).unwrap().is_empty());
+}
