@@ -274,6 +274,60 @@ impl ReplayGuard {
     }
 }
 
+/// Online password guessing is bounded per client address: after `max_failures` failed
+/// attempts within `window`, the address is refused without a credential check until
+/// `lockout` has passed. Time comes in as an argument (tokio's clock in the node).
+pub struct FailureLimiter {
+    max_failures: u32,
+    window: std::time::Duration,
+    lockout: std::time::Duration,
+    /// Per address: failures in the current window, when the window began, and the end of
+    /// a lockout if one is running.
+    seen: HashMap<std::net::IpAddr, (u32, tokio::time::Instant, Option<tokio::time::Instant>)>,
+    capacity: usize,
+}
+
+impl FailureLimiter {
+    pub fn new(
+        max_failures: u32,
+        window: std::time::Duration,
+        lockout: std::time::Duration,
+    ) -> Self {
+        FailureLimiter {
+            max_failures,
+            window,
+            lockout,
+            seen: HashMap::new(),
+            capacity: 100_000,
+        }
+    }
+
+    /// Whether `ip` is locked out at `now`.
+    pub fn locked(&self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
+        matches!(self.seen.get(&ip), Some((_, _, Some(until))) if now < *until)
+    }
+
+    /// Records a failure; true if it starts a lockout.
+    pub fn failed(&mut self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
+        if self.seen.len() >= self.capacity {
+            let window = self.window;
+            self.seen.retain(|_, (_, since, until)| {
+                until.is_some_and(|u| now < u) || now.duration_since(*since) < window
+            });
+        }
+        let entry = self.seen.entry(ip).or_insert((0, now, None));
+        if now.duration_since(entry.1) >= self.window || entry.2.is_some_and(|u| now >= u) {
+            *entry = (0, now, None);
+        }
+        entry.0 += 1;
+        if entry.0 >= self.max_failures && entry.2.is_none() {
+            entry.2 = Some(now + self.lockout);
+            return true;
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -383,6 +437,27 @@ mod tests {
 
         let basic = AuthHeader::parse("Basic abc=1", "Authorization").unwrap();
         assert!(Credentials::from_header(&basic).is_err());
+    }
+
+    #[test]
+    fn repeated_failures_lock_an_address_out_for_a_while() {
+        use std::time::Duration;
+        let mut l = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        let (ip, other): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = tokio::time::Instant::now();
+        assert!(!l.failed(ip, t0));
+        assert!(!l.failed(ip, t0 + Duration::from_secs(1)));
+        assert!(!l.locked(ip, t0 + Duration::from_secs(2)));
+        assert!(l.failed(ip, t0 + Duration::from_secs(2)));
+        assert!(l.locked(ip, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(other, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(ip, t0 + Duration::from_secs(303)));
+        // Failures spread wider than the window never lock.
+        let mut slow = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        for i in 0..10 {
+            assert!(!slow.failed(ip, t0 + Duration::from_secs(61 * i)));
+        }
     }
 
     #[test]

@@ -19,10 +19,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accounts::{aor, open_ha1};
 use crate::cluster::ClusterNode;
-use crate::digest::{challenges, Algorithm, Credentials, NonceCheck, NonceKey, ReplayGuard};
+use crate::digest::{
+    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, ReplayGuard,
+};
 use crate::overlay::BindingOverlay;
 use crate::stats::Stats;
 use crate::transport::{ConnectionId, Flow};
+
+/// Failed authentications from one address within [`GUESS_WINDOW`] that lock it out for
+/// [`LOCKOUT`]: SIP scanners guess passwords all day.
+const GUESSES_BEFORE_LOCKOUT: u32 = 20;
+const GUESS_WINDOW: Duration = Duration::from_secs(60);
+const LOCKOUT: Duration = Duration::from_secs(300);
 
 /// Registrar limits, in seconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -294,6 +302,7 @@ pub struct Registrar {
     settings: RegistrarSettings,
     nonces: NonceKey,
     replays: Mutex<ReplayGuard>,
+    failures: Mutex<FailureLimiter>,
     stats: Arc<Stats>,
 }
 
@@ -335,6 +344,11 @@ impl Registrar {
             nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs),
             settings,
             replays: Mutex::new(ReplayGuard::new(100_000)),
+            failures: Mutex::new(FailureLimiter::new(
+                GUESSES_BEFORE_LOCKOUT,
+                GUESS_WINDOW,
+                LOCKOUT,
+            )),
             stats,
         }
     }
@@ -369,8 +383,34 @@ impl Registrar {
         user: &str,
         domain: &str,
     ) -> Authenticated {
+        let ip: Option<std::net::IpAddr> = client.parse().ok();
+        let now = tokio::time::Instant::now();
+        if let Some(ip) = ip {
+            if self
+                .failures
+                .lock()
+                .expect("failure limiter")
+                .locked(ip, now)
+            {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return Authenticated::Refused(Answer::new(
+                    403,
+                    "Forbidden (too many failed attempts; try again later)",
+                ));
+            }
+        }
         let fail = |a: Answer| {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(ip) = ip {
+                if self
+                    .failures
+                    .lock()
+                    .expect("failure limiter")
+                    .failed(ip, now)
+                {
+                    tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
+                }
+            }
             Authenticated::Refused(a)
         };
         let headers = request
