@@ -153,6 +153,19 @@ fn subject_alt_name(san: &str) -> Result<String, String> {
         .map_err(|_| "not an IP address or a DNS name".to_owned())
 }
 
+impl Command {
+    /// The config file of an operator command (`cluster`, `keys`, `account`, `node`).
+    pub fn config_file(&self) -> Option<PathBuf> {
+        match self {
+            Command::Cluster(c) => Some(c.config()),
+            Command::Keys(c) => Some(c.config()),
+            Command::Account(c) => Some(c.config()),
+            Command::Node(c) => Some(c.config()),
+            _ => None,
+        }
+    }
+}
+
 impl ClusterCommand {
     pub fn config(&self) -> PathBuf {
         match self {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tandem_raft_store::crypto::KeyRing;
 
-use crate::cli::{AccountCommand, ClusterCommand, KeysCommand, NodeCommand};
+use crate::cli::{AccountCommand, ClusterCommand, Command, KeysCommand, NodeCommand};
 use crate::config::Config;
 use crate::Error;
 
@@ -16,6 +16,19 @@ use crate::Error;
 /// gets longer.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
 const RESEAL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Runs an operator command and returns what to print.
+pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
+    match command {
+        Command::Cluster(c) => cluster(c, config).await,
+        Command::Keys(c) => keys(c, config).await,
+        Command::Account(c) => account(c, config).await,
+        Command::Node(c) => node(c, config).await,
+        other => Err(Error::Admin(format!(
+            "{other:?} is not an operator command"
+        ))),
+    }
+}
 
 /// Runs one `tandem cluster` command and returns what to print.
 pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String, Error> {

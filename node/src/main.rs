@@ -18,26 +18,7 @@ fn main() -> ExitCode {
         Command::Cert(command) => return report(provision::cert(&command)),
         Command::CheckConfig { file } => (Some(file), false),
         Command::Run { config } => (config, true),
-        Command::Cluster(command) => {
-            return operator(command.config(), |c| async move {
-                tandem_node::control::cluster(&command, &c).await
-            })
-        }
-        Command::Keys(command) => {
-            return operator(command.config(), |c| async move {
-                tandem_node::control::keys(&command, &c).await
-            })
-        }
-        Command::Account(command) => {
-            return operator(command.config(), |c| async move {
-                tandem_node::control::account(&command, &c).await
-            })
-        }
-        Command::Node(command) => {
-            return operator(command.config(), |c| async move {
-                tandem_node::control::node(&command, &c).await
-            })
-        }
+        operator_command => return operator(operator_command),
     };
     let config = match load_config(path.as_deref()) {
         Ok(c) => c,
@@ -76,12 +57,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// Runs an operator command against the node that `path` configures.
-fn operator<F, Fut>(path: std::path::PathBuf, command: F) -> ExitCode
-where
-    F: FnOnce(tandem_node::config::Config) -> Fut,
-    Fut: std::future::Future<Output = Result<String, tandem_node::Error>>,
-{
+/// Runs an operator command (`cluster`, `keys`, `account`, `node`) with the config it
+/// names.
+fn operator(command: Command) -> ExitCode {
+    let Some(path) = command.config_file() else {
+        eprintln!("tandem: {command:?} takes no config file");
+        return ExitCode::FAILURE;
+    };
     let config = match load_config(Some(&path)) {
         Ok(c) => c,
         Err(problems) => {
@@ -105,7 +87,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    report(runtime.block_on(command(config)))
+    report(runtime.block_on(tandem_node::control::run(&command, &config)))
 }
 
 /// Prints a provisioning command's report, or its error on one line.
