@@ -439,8 +439,15 @@ impl Registrar {
             .as_ref()
             .and_then(|a| open_ha1(&keys, a, creds.algorithm));
         let method = request.method().map(|m| m.to_string()).unwrap_or_default();
-        let (Some(account), Some(ha1)) = (account, ha1) else {
-            tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+        let (Some(account), Some(ha1)) = (account.clone(), ha1) else {
+            if account.is_some() {
+                // The account exists but its HA1 does not open: a key file without the key
+                // it was sealed with. Every login of this account fails until that is fixed.
+                tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
+                    "cannot open the account's HA1: is every key in this node's key file?");
+            } else {
+                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+            }
             return fail(self.challenge(domain, client, false));
         };
         if !creds.verify(&ha1, &method) {
