@@ -20,14 +20,8 @@ fn main() -> ExitCode {
         Command::Run { config } => (config, true),
         operator_command => return operator(operator_command),
     };
-    let config = match load_config(path.as_deref()) {
-        Ok(c) => c,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("tandem: invalid configuration: {p}");
-            }
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let Some(config) = config_or_report(path.as_deref()) else {
+        return ExitCode::from(EXIT_CONFIG);
     };
     if !run {
         println!(
@@ -37,15 +31,8 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(&config.log);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tandem: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     match runtime.block_on(server::run_until_signal(config)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -64,30 +51,44 @@ fn operator(command: Command) -> ExitCode {
         eprintln!("tandem: {command:?} takes no config file");
         return ExitCode::FAILURE;
     };
-    let config = match load_config(Some(&path)) {
-        Ok(c) => c,
-        Err(problems) => {
-            for p in problems {
-                eprintln!("tandem: invalid configuration: {p}");
-            }
-            return ExitCode::from(EXIT_CONFIG);
-        }
+    let Some(config) = config_or_report(Some(&path)) else {
+        return ExitCode::from(EXIT_CONFIG);
     };
     // Raft's own chatter is not for the operator at a terminal; warnings still show.
     let mut quiet = config.log.clone();
     quiet.filter = "warn".into();
     telemetry::init(&quiet);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    report(runtime.block_on(tandem_node::control::run(&command, &config)))
+}
+
+/// The validated config, or `None` after printing every problem with it.
+fn config_or_report(path: Option<&std::path::Path>) -> Option<tandem_node::config::Config> {
+    match load_config(path) {
+        Ok(c) => Some(c),
+        Err(problems) => {
+            for p in problems {
+                eprintln!("tandem: invalid configuration: {p}");
+            }
+            None
+        }
+    }
+}
+
+/// The multi-threaded tokio runtime, or `None` (with the reason printed).
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("tandem: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
-    };
-    report(runtime.block_on(tandem_node::control::run(&command, &config)))
+    }
 }
 
 /// Prints a provisioning command's report, or its error on one line.

@@ -66,29 +66,51 @@ impl HttpNetwork {
         request: &Request,
         timeout: Duration,
     ) -> Result<Response, Error> {
-        let url = format!("https://{}/raft/propose", leader.raft_addr);
+        let what = "forwarding to the leader";
+        let result: Result<Response, String> = self
+            .post(&leader.raft_addr, "/raft/propose", request, timeout, what)
+            .await?;
+        result.map_err(Error::Raft)
+    }
+
+    /// POSTs `request` (postcard) to `https://<addr><path>` and decodes the postcard answer.
+    /// `what` starts the error messages.
+    async fn post<Req: Serialize, T: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        request: &Req,
+        timeout: Duration,
+        what: &str,
+    ) -> Result<T, Error> {
         let body = postcard::to_stdvec(request).map_err(|e| Error::Corrupt(e.to_string()))?;
         let reply = self
             .client
-            .post(url)
+            .post(format!("https://{addr}{path}"))
             .timeout(timeout)
             .body(body)
             .send()
             .await
             .map_err(|e| {
-                Error::Unreachable(format!(
-                    "forwarding to the leader at {}: {}",
-                    leader.raft_addr,
-                    chain(&e)
-                ))
+                let late = if e.is_timeout() {
+                    format!(" (no answer within {timeout:?})")
+                } else {
+                    String::new()
+                };
+                Error::Unreachable(format!("{what} at {addr}: {}{late}", chain(&e)))
             })?;
+        if !reply.status().is_success() {
+            return Err(Error::Raft(format!(
+                "{what}: {addr} answered HTTP {}",
+                reply.status()
+            )));
+        }
         let bytes = reply
             .bytes()
             .await
-            .map_err(|e| Error::Raft(format!("reading the leader's answer: {e}")))?;
-        let result: Result<Response, String> = postcard::from_bytes(&bytes)
-            .map_err(|e| Error::Corrupt(format!("leader's answer: {e}")))?;
-        result.map_err(Error::Raft)
+            .map_err(|e| Error::Raft(format!("{what}: reading the answer from {addr}: {e}")))?;
+        postcard::from_bytes(&bytes)
+            .map_err(|e| Error::Corrupt(format!("{what}: the answer from {addr}: {e}")))
     }
 }
 
@@ -122,36 +144,16 @@ impl HttpNetwork {
         forwarded: bool,
         timeout: Duration,
     ) -> Result<(String, ClusterReply), Error> {
-        let url = format!("https://{raft_addr}/raft/cluster");
-        let body = postcard::to_stdvec(&(request, forwarded))
-            .map_err(|e| Error::Corrupt(e.to_string()))?;
-        let reply = self
-            .client
-            .post(url)
-            .timeout(timeout)
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                let what = format!("asking the member at {raft_addr}: {}", chain(&e));
-                if e.is_timeout() {
-                    Error::Unreachable(format!("{what} (no answer within {timeout:?})"))
-                } else {
-                    Error::Unreachable(what)
-                }
-            })?;
-        if !reply.status().is_success() {
-            return Err(Error::Raft(format!(
-                "the member at {raft_addr} answered HTTP {}",
-                reply.status()
-            )));
-        }
-        let bytes = reply
-            .bytes()
-            .await
-            .map_err(|e| Error::Raft(format!("reading the answer from {raft_addr}: {e}")))?;
-        let result: Result<(String, ClusterReply), Error> = postcard::from_bytes(&bytes)
-            .map_err(|e| Error::Corrupt(format!("answer from {raft_addr}: {e}")))?;
+        let what = "asking the member";
+        let result: Result<(String, ClusterReply), Error> = self
+            .post(
+                raft_addr,
+                "/raft/cluster",
+                &(request, forwarded),
+                timeout,
+                what,
+            )
+            .await?;
         result
     }
 }
