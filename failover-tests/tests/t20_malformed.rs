@@ -291,6 +291,15 @@ fn a_datagram_over_max_message_size_gets_513() {
         node.panic_with_log(&format!("a 3 KB OPTIONS over a 2 KB limit got {status:?}"));
     }
     assert_alive(&node);
+    // Answers to unparseable messages are counted by status code too.
+    let metrics =
+        tandem_failover_tests::cluster::http(node.admin_addr(), None, "GET", "/metrics", None)
+            .expect("admin API answers")
+            .body;
+    assert!(
+        metrics.contains("tandem_sip_responses_total{code=\"513\"} 1"),
+        "{metrics}"
+    );
 }
 
 struct TortureCase {

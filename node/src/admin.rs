@@ -678,7 +678,7 @@ impl Admin {
         let name = "tandem_sip_responses_total";
         let _ = writeln!(
             out,
-            "# HELP {name} SIP responses sent through transactions, by status code.\n# TYPE {name} counter"
+            "# HELP {name} SIP responses sent, by status code.\n# TYPE {name} counter"
         );
         for (i, count) in s.responses_by_status.0.iter().enumerate() {
             let n = count.load(Ordering::Relaxed);

@@ -70,6 +70,7 @@ impl Core {
                 // The salvaged headers hold what the tag derives from (RFC 3261 §8.2.6.2).
                 let _ = response.add_to_tag(&responses::to_tag(&response));
                 responses::stamp(&mut response);
+                self.stats.count_response(status);
                 if log {
                     tracing::warn!(remote = %flow.remote, transport = %flow.transport, %error, status, "malformed request answered");
                 }
@@ -101,10 +102,11 @@ impl Core {
             Decision::Answer(outcome) => outcome,
             Decision::Register => match &self.registrar {
                 Some(registrar) => {
-                    let (registrar, layer, transports) = (
+                    let (registrar, layer, transports, stats) = (
                         registrar.clone(),
                         self.layer.clone(),
                         self.transports.clone(),
+                        self.stats.clone(),
                     );
                     // Writes wait for Raft; the core goes on with the next request.
                     tokio::spawn(async move {
@@ -112,6 +114,7 @@ impl Core {
                         match tx {
                             Some(tx) => layer.respond(tx, response),
                             None => {
+                                stats.count_response(response.status().unwrap_or(0));
                                 let _ = transports
                                     .send(&response_flow(&request, &flow), response.to_bytes());
                             }
@@ -138,6 +141,7 @@ impl Core {
         match tx {
             Some(tx) => self.layer.respond(tx, response),
             None => {
+                self.stats.count_response(outcome.status);
                 // The request could not be matched to a transaction (its Via or dialog
                 // fields are broken), so it is answered statelessly. An unreadable Via
                 // still leaves a route: the flow it arrived on, which `response_flow`
