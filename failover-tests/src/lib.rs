@@ -10,7 +10,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,18 +107,7 @@ pub fn tandem_command() -> Command {
 /// still take it before the node binds it; the window is small and the kernel hands out
 /// ephemeral ports in random order, so parallel tests do not collide in practice.
 pub fn free_port() -> u16 {
-    for _ in 0..20 {
-        let Ok(udp) = UdpSocket::bind("127.0.0.1:0") else {
-            continue;
-        };
-        let Ok(addr) = udp.local_addr() else {
-            continue;
-        };
-        if TcpListener::bind(addr).is_ok() {
-            return addr.port();
-        }
-    }
-    panic!("no port on 127.0.0.1 is free for both UDP and TCP after 20 tries");
+    cluster::free_port_on("127.0.0.1")
 }
 
 /// A `[sip]` table with UDP and TCP listeners on `127.0.0.1:port`, followed by `extra`

@@ -479,10 +479,7 @@ impl Admin {
 
     fn bindings(&self, domain: &str, user: &str) -> Result<warp::reply::Response, ApiError> {
         self.account(domain, user)?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now = crate::registrar::now_ms();
         let aor = accounts::aor(user, domain);
         let stored = self.cluster.replica.reader().bindings(&aor)?;
         let list: Vec<_> = self
@@ -550,118 +547,37 @@ impl Admin {
         let replica = &self.cluster.replica;
         let m = replica.metrics();
         let health = self.cluster.health();
+        let p: &ProposeStats = replica.propose_stats();
+        let log = replica.log_stats();
+        let s = &self.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, kind: &str, value: u64| {
+        // (name, help, type, value): the single-valued metrics.
+        let simple: [(&str, &str, &str, u64); 17] = [
+            ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
+            ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
+            ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
+            ("tandem_raft_last_log_index", "Index of the last entry in this node's log.", "gauge", m.last_log_index.unwrap_or(0)),
+            ("tandem_raft_applied_index", "Index of the last entry applied to this node's state.", "gauge", m.last_applied.map(|l| l.index).unwrap_or(0)),
+            ("tandem_raft_snapshot_index", "Index the latest snapshot covers.", "gauge", m.snapshot.map(|l| l.index).unwrap_or(0)),
+            ("tandem_raft_apply_lag", "Committed entries not yet applied on this node.", "gauge", replica.apply_lag()),
+            ("tandem_raft_members", "Members in this node's membership configuration.", "gauge", replica.members().len() as u64),
+            ("tandem_bindings_held", "Binding writes held in the degraded-mode overlay, to replay when a quorum returns.", "gauge", self.cluster.overlay.len() as u64),
+            ("tandem_raft_proposals_total", "Commands proposed through this node.", "counter", load(&p.proposals)),
+            ("tandem_raft_proposal_batches_failed_total", "Batches of proposals that failed (no leader, timeout).", "counter", load(&p.failed)),
+            ("tandem_log_appends_total", "Log appends written to RocksDB.", "counter", load(&log.appends)),
+            ("tandem_log_wal_syncs_total", "WAL fsyncs; appends per sync is the group-commit factor.", "counter", load(&log.wal_syncs)),
+            ("tandem_sip_requests_received_total", "SIP requests received.", "counter", load(&s.requests_received)),
+            ("tandem_sip_malformed_answered_total", "Malformed SIP messages answered with 400.", "counter", load(&s.malformed_answered)),
+            ("tandem_sip_auth_failures_total", "Requests refused by digest authentication (not counting first challenges).", "counter", load(&s.auth_failures)),
+            ("tandem_sip_malformed_dropped_total", "Malformed SIP messages dropped.", "counter", load(&s.malformed_dropped)),
+        ];
+        for (name, help, kind, value) in simple {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
-        };
-        gauge(
-            "tandem_raft_term",
-            "Current Raft term.",
-            "gauge",
-            m.current_term,
-        );
-        gauge(
-            "tandem_raft_is_leader",
-            "1 while this node is the Raft leader.",
-            "gauge",
-            u64::from(replica.is_leader()),
-        );
-        gauge(
-            "tandem_raft_quorum_ok",
-            "1 while this node reaches a quorum; 0 in degraded mode.",
-            "gauge",
-            u64::from(health.degraded.is_none()),
-        );
-        gauge(
-            "tandem_raft_last_log_index",
-            "Index of the last entry in this node's log.",
-            "gauge",
-            m.last_log_index.unwrap_or(0),
-        );
-        gauge(
-            "tandem_raft_applied_index",
-            "Index of the last entry applied to this node's state.",
-            "gauge",
-            m.last_applied.map(|l| l.index).unwrap_or(0),
-        );
-        gauge(
-            "tandem_raft_snapshot_index",
-            "Index the latest snapshot covers.",
-            "gauge",
-            m.snapshot.map(|l| l.index).unwrap_or(0),
-        );
-        gauge(
-            "tandem_raft_apply_lag",
-            "Committed entries not yet applied on this node.",
-            "gauge",
-            replica.apply_lag(),
-        );
-        gauge(
-            "tandem_raft_members",
-            "Members in this node's membership configuration.",
-            "gauge",
-            replica.members().len() as u64,
-        );
-        gauge(
-            "tandem_bindings_held",
-            "Binding writes held in the degraded-mode overlay, to replay when a quorum returns.",
-            "gauge",
-            self.cluster.overlay.len() as u64,
-        );
-        let p: &ProposeStats = replica.propose_stats();
-        gauge(
-            "tandem_raft_proposals_total",
-            "Commands proposed through this node.",
-            "counter",
-            p.proposals.load(Ordering::Relaxed),
-        );
-        gauge(
-            "tandem_raft_proposal_batches_failed_total",
-            "Batches of proposals that failed (no leader, timeout).",
-            "counter",
-            p.failed.load(Ordering::Relaxed),
-        );
-        let log = replica.log_stats();
-        gauge(
-            "tandem_log_appends_total",
-            "Log appends written to RocksDB.",
-            "counter",
-            log.appends.load(Ordering::Relaxed),
-        );
-        gauge(
-            "tandem_log_wal_syncs_total",
-            "WAL fsyncs; appends per sync is the group-commit factor.",
-            "counter",
-            log.wal_syncs.load(Ordering::Relaxed),
-        );
-        let s = &self.stats;
-        gauge(
-            "tandem_sip_requests_received_total",
-            "SIP requests received.",
-            "counter",
-            s.requests_received.load(Ordering::Relaxed),
-        );
-        gauge(
-            "tandem_sip_malformed_answered_total",
-            "Malformed SIP messages answered with 400.",
-            "counter",
-            s.malformed_answered.load(Ordering::Relaxed),
-        );
-        gauge(
-            "tandem_sip_auth_failures_total",
-            "Requests refused by digest authentication (not counting first challenges).",
-            "counter",
-            s.auth_failures.load(Ordering::Relaxed),
-        );
-        gauge(
-            "tandem_sip_malformed_dropped_total",
-            "Malformed SIP messages dropped.",
-            "counter",
-            s.malformed_dropped.load(Ordering::Relaxed),
-        );
+        }
         let name = "tandem_sip_requests_total";
         let _ = writeln!(
             out,

@@ -306,7 +306,8 @@ pub struct Registrar {
     stats: Arc<Stats>,
 }
 
-fn now_ms() -> u64 {
+/// Wall-clock Unix milliseconds: binding expiry is absolute and shared across nodes.
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
