@@ -98,6 +98,11 @@ fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
     // sipp with a wrong password never gets its 200.
     let (ok, log) = sipp_register(node.udp_addr(), "alice", "guess");
     assert!(!ok, "a wrong password registered:\n{log}");
+    // And it failed the right way: challenged again where it wanted its 200.
+    assert!(
+        log.contains("while expecting '200'") && log.contains("401 Unauthorized"),
+        "sipp failed for another reason:\n{log}"
+    );
 
     // The test UA, SHA-256, then MD5; each 200 lists the contact with its expiry.
     let mut ua = Ua::new("127.0.0.1", "alice", "example.com", "s3cret-A");
