@@ -257,6 +257,13 @@ impl Member {
     }
 
     /// `GET /v1/cluster/status`, if the node answers it.
+    /// The member's SIP address (UDP and TCP share it).
+    pub fn sip_addr(&self) -> SocketAddr {
+        format!("{}:{}", self.ip, self.sip_port)
+            .parse()
+            .expect("a numeric SIP address")
+    }
+
     pub fn status(&self) -> Option<Value> {
         self.get("/v1/cluster/status")
             .filter(|a| a.status == 200)
@@ -510,4 +517,32 @@ pub fn write_customers(
         }
     });
     acked.into_inner().unwrap()
+}
+
+/// Creates customer `acme` (if missing) and account `user@domain` through the admin API.
+pub fn add_account(admin: SocketAddr, token: &str, user: &str, domain: &str, password: &str) {
+    let c = http(
+        admin,
+        Some(token),
+        "PUT",
+        "/v1/customers/acme",
+        Some(r#"{"name":"Acme"}"#),
+    )
+    .expect("admin API answers");
+    assert_eq!(c.status, 200, "{}", c.body);
+    let body = format!(r#"{{"password":"{password}","customer":"acme"}}"#);
+    let a = http(
+        admin,
+        Some(token),
+        "PUT",
+        &format!("/v1/accounts/{domain}/{user}"),
+        Some(&body),
+    )
+    .expect("admin API answers");
+    assert!(a.status == 201 || a.status == 200, "{}", a.body);
+    assert!(
+        !a.body.contains(password),
+        "the API echoed the password: {}",
+        a.body
+    );
 }

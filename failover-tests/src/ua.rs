@@ -200,3 +200,309 @@ impl Ua {
         )
     }
 }
+
+/// A message the UA received, and where from.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub text: String,
+    pub from: SocketAddr,
+}
+
+impl Received {
+    pub fn start_line(&self) -> &str {
+        self.text.split("\r\n").next().unwrap_or_default()
+    }
+
+    /// The method of a request, `None` for a response.
+    pub fn method(&self) -> Option<&str> {
+        let first = self.start_line();
+        (!first.starts_with("SIP/2.0")).then(|| first.split(' ').next().unwrap_or_default())
+    }
+
+    pub fn status(&self) -> Option<u16> {
+        status_code(self.text.as_bytes())
+    }
+
+    pub fn request_uri(&self) -> Option<&str> {
+        self.method()?;
+        self.start_line().split(' ').nth(1)
+    }
+
+    /// Every value of header `name`, one per line (the tests' peers never fold).
+    pub fn headers(&self, name: &str) -> Vec<String> {
+        Reply {
+            status: 0,
+            text: self.text.clone(),
+        }
+        .headers(name)
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers(name).into_iter().next()
+    }
+
+    /// The To tag, if any.
+    pub fn to_tag(&self) -> Option<String> {
+        let to = self.header("To")?;
+        to.split(';')
+            .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
+    }
+}
+
+/// The address a SIP URI (or name-addr) names: `<sip:user@127.0.0.2:5070;lr>` gives
+/// 127.0.0.2:5070, and no port means 5060.
+pub fn uri_addr(uri: &str) -> SocketAddr {
+    let inner = uri.trim().trim_start_matches('<');
+    let inner = inner.split('>').next().unwrap();
+    let rest = inner
+        .strip_prefix("sip:")
+        .or_else(|| inner.strip_prefix("sips:"))
+        .unwrap_or(inner);
+    let hostport = rest.rsplit('@').next().unwrap();
+    let hostport = hostport.split([';', '?']).next().unwrap();
+    let with_port = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5060")
+    };
+    with_port
+        .parse()
+        .unwrap_or_else(|_| panic!("not a numeric SIP URI: {uri}"))
+}
+
+/// The caller's side of one dialog (RFC 3261 §12.1.2), as far as the tests need it.
+#[derive(Debug, Clone)]
+pub struct Dialog {
+    pub call_id: String,
+    pub from_tag: String,
+    pub to_tag: String,
+    pub to: String,
+    pub cseq: u32,
+    /// The Record-Route set of the 2xx, reversed: the caller's route set.
+    pub route: Vec<String>,
+    pub remote_target: String,
+}
+
+impl Ua {
+    /// Waits up to `timeout` for any message.
+    pub fn recv(&self, timeout: Duration) -> Option<Received> {
+        self.socket.set_read_timeout(Some(timeout)).unwrap();
+        let mut buf = vec![0u8; 65535];
+        match self.socket.recv_from(&mut buf) {
+            Ok((n, from)) => Some(Received {
+                text: String::from_utf8_lossy(&buf[..n]).into_owned(),
+                from,
+            }),
+            Err(_) => None,
+        }
+    }
+
+    /// Waits for a request with `method`, answering nothing else; panics after `timeout`.
+    pub fn expect_request(&self, method: &str, timeout: Duration) -> Received {
+        let deadline = crate::Deadline::after(timeout);
+        while !deadline.expired() {
+            if let Some(m) = self.recv(deadline.remaining()) {
+                if m.method() == Some(method) {
+                    return m;
+                }
+            }
+        }
+        panic!("{}: no {method} within {timeout:?}", self.user);
+    }
+
+    /// Waits for a response with a status (not 100) to the request with CSeq method
+    /// `method`; panics after `timeout`.
+    pub fn expect_response(&self, method: &str, timeout: Duration) -> Received {
+        let deadline = crate::Deadline::after(timeout);
+        while !deadline.expired() {
+            if let Some(m) = self.recv(deadline.remaining()) {
+                let cseq = m.header("CSeq").unwrap_or_default();
+                if m.status().is_some_and(|s| s > 100) && cseq.ends_with(method) {
+                    return m;
+                }
+            }
+        }
+        panic!("{}: no response to {method} within {timeout:?}", self.user);
+    }
+
+    /// Answers `request` (sent back to where it came from), with a To tag, the
+    /// Record-Route set copied for a 1xx/2xx, and `extra` header lines.
+    pub fn respond(&self, request: &Received, status: u16, reason: &str, extra: &str) {
+        let mut text = format!("SIP/2.0 {status} {reason}\r\n");
+        for via in request.headers("Via") {
+            text.push_str(&format!("Via: {via}\r\n"));
+        }
+        let to = request.header("To").unwrap();
+        let to = if to.contains("tag=") {
+            to
+        } else {
+            format!("{to};tag=callee{}", self.local().port())
+        };
+        text.push_str(&format!(
+            "From: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
+            request.header("From").unwrap(),
+            request.header("Call-ID").unwrap(),
+            request.header("CSeq").unwrap()
+        ));
+        if status < 300 && request.method() == Some("INVITE") {
+            for rr in request.headers("Record-Route") {
+                text.push_str(&format!("Record-Route: {rr}\r\n"));
+            }
+        }
+        text.push_str(extra);
+        text.push_str("Content-Length: 0\r\n\r\n");
+        self.socket.send_to(text.as_bytes(), request.from).unwrap();
+    }
+
+    /// Sends an INVITE for `to` through `node`, authenticating with its own account when
+    /// challenged (407), and returns the first final response other than 407 (after
+    /// ACKing any non-2xx). `on_ringing` runs at the first 180.
+    pub fn invite(
+        &mut self,
+        node: SocketAddr,
+        to: &str,
+        call_id: &str,
+        on_ringing: &mut dyn FnMut(&Ua, &Received),
+    ) -> Received {
+        let mut auth = String::new();
+        for attempt in 0..2 {
+            self.cseq += 1;
+            let branch = format!("z9hG4bK-inv-{call_id}-{attempt}");
+            let local = self.local();
+            let head = |branch: &str, to_header: &str, method: &str| {
+                format!(
+                    "{method} {to} SIP/2.0\r\n\
+                     Via: SIP/2.0/UDP {local};branch={branch};rport\r\n\
+                     From: <sip:{user}@{domain}>;tag=caller{port}\r\n\
+                     To: {to_header}\r\n\
+                     Call-ID: {call_id}\r\n\
+                     CSeq: {cseq} {method}\r\n\
+                     Max-Forwards: 70\r\n",
+                    user = self.user,
+                    domain = self.domain,
+                    port = local.port(),
+                    cseq = self.cseq,
+                )
+            };
+            let mut text = head(&branch, &format!("<{to}>"), "INVITE");
+            text.push_str(&format!("Contact: <sip:{}@{local}>\r\n", self.user));
+            text.push_str(&auth);
+            text.push_str("Content-Length: 0\r\n\r\n");
+            self.socket.send_to(text.as_bytes(), node).unwrap();
+            let mut rang = false;
+            let last = loop {
+                let r = self.expect_response("INVITE", Duration::from_secs(40));
+                let status = r.status().unwrap();
+                if status < 200 {
+                    if status == 180 && !rang {
+                        rang = true;
+                        on_ringing(self, &r);
+                    }
+                    continue;
+                }
+                break r;
+            };
+            let status = last.status().unwrap();
+            if status >= 300 {
+                // The ACK for a non-2xx is hop by hop: same branch, the response's To.
+                let mut ack = head(&branch, &last.header("To").unwrap(), "ACK");
+                ack.push_str("Content-Length: 0\r\n\r\n");
+                self.socket.send_to(ack.as_bytes(), node).unwrap();
+            }
+            if status == 407 && attempt == 0 {
+                let challenge = last
+                    .headers("Proxy-Authenticate")
+                    .into_iter()
+                    .next()
+                    .expect("a 407 carries a challenge");
+                auth = format!(
+                    "Proxy-Authorization: {}\r\n",
+                    self.authorization(&challenge, "INVITE", to, 1)
+                );
+                continue;
+            }
+            return last;
+        }
+        unreachable!()
+    }
+
+    /// The dialog a 2xx to our INVITE created.
+    pub fn dialog(&self, ok: &Received) -> Dialog {
+        let mut route = ok.headers("Record-Route");
+        route.reverse();
+        let contact = ok.header("Contact").expect("a 2xx has a Contact");
+        Dialog {
+            call_id: ok.header("Call-ID").unwrap(),
+            from_tag: format!("caller{}", self.local().port()),
+            to_tag: ok.to_tag().expect("a 2xx has a To tag"),
+            to: ok.header("To").unwrap(),
+            cseq: ok
+                .header("CSeq")
+                .unwrap()
+                .split(' ')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap(),
+            route,
+            remote_target: contact
+                .trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap()
+                .to_owned(),
+        }
+    }
+
+    /// Sends a request inside `dialog` along its route set; returns where it went.
+    pub fn send_in_dialog(&self, dialog: &Dialog, method: &str, cseq: u32) -> SocketAddr {
+        let local = self.local();
+        let mut text = format!(
+            "{method} {target} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK-{method}-{cseq}-{port};rport\r\n\
+             From: <sip:{user}@{domain}>;tag={from_tag}\r\n\
+             To: {to}\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} {method}\r\n\
+             Max-Forwards: 70\r\n",
+            target = dialog.remote_target,
+            port = local.port(),
+            user = self.user,
+            domain = self.domain,
+            from_tag = dialog.from_tag,
+            to = dialog.to,
+            call_id = dialog.call_id,
+        );
+        for r in &dialog.route {
+            text.push_str(&format!("Route: {r}\r\n"));
+        }
+        text.push_str("Content-Length: 0\r\n\r\n");
+        let first_hop = dialog
+            .route
+            .first()
+            .map(|r| uri_addr(r))
+            .unwrap_or_else(|| uri_addr(&dialog.remote_target));
+        self.socket.send_to(text.as_bytes(), first_hop).unwrap();
+        first_hop
+    }
+
+    /// Sends a CANCEL for the INVITE that `invite_attempt` of `call_id` sent.
+    pub fn cancel(&self, node: SocketAddr, to: &str, call_id: &str, invite_attempt: u32) {
+        let local = self.local();
+        let text = format!(
+            "CANCEL {to} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK-inv-{call_id}-{invite_attempt};rport\r\n\
+             From: <sip:{user}@{domain}>;tag=caller{port}\r\n\
+             To: <{to}>\r\n\
+             Call-ID: {call_id}\r\n\
+             CSeq: {cseq} CANCEL\r\n\
+             Max-Forwards: 70\r\n\
+             Content-Length: 0\r\n\r\n",
+            user = self.user,
+            domain = self.domain,
+            port = local.port(),
+            cseq = self.cseq,
+        );
+        self.socket.send_to(text.as_bytes(), node).unwrap();
+    }
+}

@@ -11,30 +11,7 @@ use tandem_failover_tests::{describe, sipp_scenario, Node};
 
 /// Creates customer `acme` and account `user@example.com` through the admin API.
 fn add_account(admin: std::net::SocketAddr, token: &str, user: &str, password: &str) {
-    let c = http(
-        admin,
-        Some(token),
-        "PUT",
-        "/v1/customers/acme",
-        Some(r#"{"name":"Acme"}"#),
-    )
-    .expect("admin API answers");
-    assert_eq!(c.status, 200, "{}", c.body);
-    let body = format!(r#"{{"password":"{password}","customer":"acme"}}"#);
-    let a = http(
-        admin,
-        Some(token),
-        "PUT",
-        &format!("/v1/accounts/example.com/{user}"),
-        Some(&body),
-    )
-    .expect("admin API answers");
-    assert!(a.status == 201 || a.status == 200, "{}", a.body);
-    assert!(
-        !a.body.contains(password),
-        "the API echoed the password: {}",
-        a.body
-    );
+    tandem_failover_tests::cluster::add_account(admin, token, user, "example.com", password);
 }
 
 fn bindings(admin: std::net::SocketAddr, token: &str, user: &str) -> serde_json::Value {

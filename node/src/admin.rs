@@ -174,6 +174,7 @@ impl Admin {
             &serde_json::json!({
                 "draining": self.drain.is_draining(),
                 "active_transactions": self.drain.active_transactions(),
+                "active_calls": self.drain.active_calls(),
                 "held_bindings": self.cluster.overlay.len(),
                 // Held bindings must reach Raft before the node may go.
                 "drained": self.drain.is_drained() && self.cluster.overlay.is_empty(),

@@ -196,6 +196,12 @@ pub struct SipConfig {
     pub shutdown_grace_secs: u64,
     /// Retry-After sent with 503 while shutting down, in seconds.
     pub retry_after_secs: u32,
+    /// RFC 3261 Timer C: how long a forwarded INVITE may ring before the proxy cancels
+    /// it, in seconds (at least 181).
+    pub timer_c_secs: u64,
+    /// While draining, how long running calls get to end before the node reports itself
+    /// drained anyway, in seconds.
+    pub drain_call_wait_secs: u64,
 }
 
 impl Default for SipConfig {
@@ -215,6 +221,8 @@ impl Default for SipConfig {
             t4_ms: 5000,
             shutdown_grace_secs: 32,
             retry_after_secs: 30,
+            timer_c_secs: 181,
+            drain_call_wait_secs: 3600,
         }
     }
 }
@@ -355,6 +363,27 @@ impl Config {
                     bad(key, format!("{a} is listed twice"));
                 }
             }
+        }
+        for (key, addrs) in [
+            ("sip.udp", &sip.udp),
+            ("sip.tcp", &sip.tcp),
+            ("sip.tls", &sip.tls),
+        ] {
+            for a in addrs.iter().filter(|a| a.ip().is_unspecified()) {
+                bad(
+                    key,
+                    format!(
+                        "{a} listens on every address, but the node must name one address \
+                         in Via and Record-Route: list each address to listen on"
+                    ),
+                );
+            }
+        }
+        if sip.timer_c_secs <= 180 {
+            bad(
+                "sip.timer_c_secs",
+                "must be more than 180 (RFC 3261 §16.6)".into(),
+            );
         }
         for a in &sip.tls {
             if sip.tcp.contains(a) {

@@ -219,13 +219,15 @@ pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Erro
             let mut last = None;
             while state["drained"] != true {
                 let active = state["active_transactions"].as_u64().unwrap_or(0);
-                if last != Some(active) {
-                    eprintln!("draining: {active} transactions still running");
-                    last = Some(active);
+                let calls = state["active_calls"].as_u64().unwrap_or(0);
+                if last != Some((active, calls)) {
+                    eprintln!("draining: {calls} calls and {active} transactions still running");
+                    last = Some((active, calls));
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(Error::Admin(format!(
-                        "still {active} transactions after {timeout_secs} s; the node keeps draining"
+                        "still {calls} calls and {active} transactions after {timeout_secs} s; \
+                         the node keeps draining"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -237,7 +239,10 @@ pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Erro
                 )
                 .await?;
             }
-            Ok("Drained: no transactions left. The node can be stopped or upgraded.\n".into())
+            Ok(
+                "Drained: no calls or transactions left. The node can be stopped or upgraded.\n"
+                    .into(),
+            )
         }
     }
 }

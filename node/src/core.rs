@@ -11,14 +11,17 @@ use tandem_sip::{HeaderName, Message, Method, Uri};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::peers::PeerMonitor;
+use crate::proxy::Proxy;
 use crate::registrar::Registrar;
 use crate::responses;
 use crate::stats::Stats;
 use crate::transaction::{CoreEvent, LayerHandle, TxId};
 use crate::transport::{response_flow, Flow, Transports};
 
-/// Methods this node serves.
-pub const ALLOW: &str = "OPTIONS, REGISTER, ACK, CANCEL";
+/// Methods this node serves: as a registrar, and as a proxy for everything else.
+pub const ALLOW: &str =
+    "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, MESSAGE, INFO, UPDATE, REFER, SUBSCRIBE, NOTIFY, PRACK";
 /// Option tags this node supports.
 const SUPPORTED: &[&str] = &["path"];
 
@@ -31,6 +34,9 @@ pub struct Core {
     pub retry_after_secs: u32,
     /// Absent on a node that serves no SIP agents (tests of the bare stack).
     pub registrar: Option<Arc<Registrar>>,
+    /// Absent likewise.
+    pub proxy: Option<Arc<Proxy>>,
+    pub peers: Option<Arc<PeerMonitor>>,
 }
 
 impl Core {
@@ -49,6 +55,13 @@ impl Core {
                 } => self.on_request(request, flow, tx, cancels),
                 CoreEvent::Malformed { raw, flow, error } => self.on_malformed(&raw, &flow, &error),
                 CoreEvent::StrayResponse { response, flow } => {
+                    if self
+                        .peers
+                        .as_ref()
+                        .is_some_and(|p| p.on_response(&response))
+                    {
+                        continue;
+                    }
                     self.stats
                         .responses_received
                         .fetch_add(1, Ordering::Relaxed);
@@ -92,14 +105,29 @@ impl Core {
         };
         self.stats.count_request(method.as_str());
         if method == Method::Ack {
-            // ACKs are never answered. One for a 2xx belongs to a dialog this node does not
-            // hold yet; the proxy will route it by its Route set.
-            tracing::debug!(remote = %flow.remote, "ACK outside any transaction");
+            // ACKs are never answered. One outside any transaction is for a 2xx: the
+            // proxy routes it by its Route set.
+            match &self.proxy {
+                Some(proxy) if request.validate_request().is_ok() => {
+                    proxy.handle(request, flow, None)
+                }
+                _ => tracing::debug!(remote = %flow.remote, "ACK outside any transaction"),
+            }
             return;
         }
         let draining = self.draining.load(Ordering::Relaxed);
+        if let (Some(proxy), Some(invite)) = (&self.proxy, cancels) {
+            proxy.cancel(invite);
+        }
         let outcome = match decide(&request, cancels.is_some(), draining, self.retry_after_secs) {
             Decision::Answer(outcome) => outcome,
+            Decision::Proxy => match (&self.proxy, tx) {
+                (Some(proxy), Some(tx)) => {
+                    proxy.handle(request, flow, Some(tx));
+                    return;
+                }
+                _ => by_method(&method, false),
+            },
             Decision::Register => match &self.registrar {
                 Some(registrar) => {
                     let (registrar, layer, transports, stats) = (
@@ -161,6 +189,8 @@ pub enum Decision {
     Answer(Outcome),
     /// The registrar.
     Register,
+    /// The proxy: a request for someone else, or one inside a dialog.
+    Proxy,
 }
 
 /// What the core answers to a request, decided without I/O: validation first (400/505),
@@ -181,7 +211,24 @@ pub fn decide(
     if *method == Method::Register {
         return Decision::Register;
     }
+    if *method != Method::Cancel && !for_this_node(request) {
+        return Decision::Proxy;
+    }
     Decision::Answer(by_method(method, cancel_matched))
+}
+
+/// Whether a request is addressed to the node itself rather than to be proxied: a
+/// Request-URI without a user part (what monitoring probes send), outside any dialog and
+/// without a Route set.
+fn for_this_node(request: &Message) -> bool {
+    request
+        .uri()
+        .and_then(Uri::as_sip)
+        .is_some_and(|u| u.user.is_none())
+        && !request.has_header(&HeaderName::Route)
+        && !request
+            .to()
+            .is_ok_and(|to| to.params.value("tag").is_some())
 }
 
 /// The checks every request passes before anyone acts on it; `Some` is the refusal.
@@ -312,6 +359,7 @@ mod tests {
         match decide(request, cancel, draining, retry) {
             Decision::Answer(o) => o,
             Decision::Register => panic!("the request went to the registrar"),
+            Decision::Proxy => panic!("the request went to the proxy"),
         }
     }
 
@@ -342,7 +390,7 @@ mod tests {
 
     #[test]
     fn options_lists_capabilities() {
-        let o = answer("OPTIONS sip:b@example.com SIP/2.0", "");
+        let o = answer("OPTIONS sip:example.com SIP/2.0", "");
         assert_eq!(o.status, 200);
         assert_eq!(header(&o, HeaderName::Allow), Some(ALLOW));
         assert_eq!(header(&o, HeaderName::Accept), Some("application/sdp"));
@@ -350,16 +398,32 @@ mod tests {
     }
 
     #[test]
-    fn methods_it_does_not_serve() {
-        let o = answer("INVITE sip:b@example.com SIP/2.0", "");
+    fn methods_it_does_not_serve_itself() {
+        let o = answer("INVITE sip:example.com SIP/2.0", "");
         assert_eq!(
             (o.status, header(&o, HeaderName::Allow)),
             (405, Some(ALLOW))
         );
-        assert_eq!(
-            answer("FROBNICATE sip:b@example.com SIP/2.0", "").status,
-            501
-        );
+        assert_eq!(answer("FROBNICATE sip:example.com SIP/2.0", "").status, 501);
+    }
+
+    #[test]
+    fn requests_for_users_routes_and_dialogs_go_to_the_proxy() {
+        let proxied = |start: &str, extra: &str| {
+            matches!(
+                decide(&request(start, extra), false, false, 30),
+                Decision::Proxy
+            )
+        };
+        assert!(proxied("INVITE sip:b@example.com SIP/2.0", ""));
+        assert!(proxied("FROBNICATE sip:b@example.com SIP/2.0", ""));
+        assert!(proxied("OPTIONS sip:b@example.com SIP/2.0", ""));
+        assert!(proxied(
+            "BYE sip:example.com SIP/2.0",
+            "Route: <sip:192.0.2.9;lr>\r\n"
+        ));
+        assert!(!proxied("OPTIONS sip:example.com SIP/2.0", ""));
+        assert!(!proxied("CANCEL sip:b@example.com SIP/2.0", ""));
     }
 
     #[test]
@@ -447,7 +511,7 @@ mod tests {
             65535,
         )
         .unwrap();
-        assert_ne!(decided(&bye, false, true, 17).status, 503);
+        assert!(matches!(decide(&bye, false, true, 17), Decision::Proxy));
         let cancel = request("CANCEL sip:b@example.com SIP/2.0", "");
         assert_eq!(decided(&cancel, true, true, 17).status, 200);
         assert_eq!(decided(&cancel, false, false, 17).status, 481);

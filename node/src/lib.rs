@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod auth;
 pub mod cli;
 pub mod cluster;
 pub mod config;
@@ -14,8 +15,11 @@ pub mod core;
 pub mod digest;
 pub mod drain;
 mod error;
+pub mod flow_token;
 pub mod overlay;
+pub mod peers;
 pub mod provision;
+pub mod proxy;
 pub mod registrar;
 pub mod responses;
 pub mod server;

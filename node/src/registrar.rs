@@ -8,29 +8,20 @@
 //!   nonce), proposes the planned writes and answers.
 //! - On the leader, a sweeper removes lapsed bindings in bounded batches.
 
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tandem_raft_store::command::{Account, Binding, Command, StoredFlow};
+use tandem_raft_store::command::{Binding, Command, StoredFlow};
 use tandem_raft_store::replica::Replica;
 use tandem_sip::{Contacts, HeaderName, Message, Uri};
 use tokio_util::sync::CancellationToken;
 
-use crate::accounts::{aor, open_ha1};
+use crate::accounts::aor;
+use crate::auth::{Authenticated, Authenticator, Challenge};
 use crate::cluster::ClusterNode;
-use crate::digest::{
-    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, ReplayGuard,
-};
+use crate::digest::Algorithm;
 use crate::overlay::BindingOverlay;
-use crate::stats::Stats;
 use crate::transport::{ConnectionId, Flow};
-
-/// Failed authentications from one address within [`GUESS_WINDOW`] that lock it out for
-/// [`LOCKOUT`]: SIP scanners guess passwords all day.
-const GUESSES_BEFORE_LOCKOUT: u32 = 20;
-const GUESS_WINDOW: Duration = Duration::from_secs(60);
-const LOCKOUT: Duration = Duration::from_secs(300);
 
 /// Registrar limits, in seconds.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -58,7 +49,7 @@ pub struct Answer {
 }
 
 impl Answer {
-    fn new(status: u16, reason: impl Into<String>) -> Answer {
+    pub(crate) fn new(status: u16, reason: impl Into<String>) -> Answer {
         Answer {
             status,
             reason: reason.into(),
@@ -285,25 +276,13 @@ pub fn plan(
     Ok(plan)
 }
 
-/// How a request authenticated.
-#[derive(Debug)]
-pub enum Authenticated {
-    /// The account whose credentials checked out.
-    Account(Box<Account>),
-    /// Not (yet): the answer to send (401 with challenges, or 403).
-    Refused(Answer),
-}
-
 /// The registrar of one node.
 pub struct Registrar {
     cluster: ClusterNode,
     aor_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     overlay: Arc<BindingOverlay>,
     settings: RegistrarSettings,
-    nonces: NonceKey,
-    replays: Mutex<ReplayGuard>,
-    failures: Mutex<FailureLimiter>,
-    stats: Arc<Stats>,
+    auth: Arc<Authenticator>,
 }
 
 /// Wall-clock Unix milliseconds: binding expiry is absolute and shared across nodes.
@@ -312,12 +291,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
-/// credentials computed with it) is useless from any other address.
-fn nonce_scope(realm: &str, client: &str) -> String {
-    format!("{realm}|{client}")
 }
 
 /// The flow as a binding stores it.
@@ -335,22 +308,14 @@ impl Registrar {
         cluster: ClusterNode,
         overlay: Arc<BindingOverlay>,
         settings: RegistrarSettings,
-        stats: Arc<Stats>,
+        auth: Arc<Authenticator>,
     ) -> Registrar {
-        let secret = cluster.keys().derive("tandem digest nonces");
         Registrar {
             cluster,
             aor_locks: Mutex::default(),
             overlay,
-            nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs),
             settings,
-            replays: Mutex::new(ReplayGuard::new(100_000)),
-            failures: Mutex::new(FailureLimiter::new(
-                GUESSES_BEFORE_LOCKOUT,
-                GUESS_WINDOW,
-                LOCKOUT,
-            )),
-            stats,
+            auth,
         }
     }
 
@@ -361,123 +326,6 @@ impl Registrar {
             locks.retain(|_, l| Arc::strong_count(l) > 1);
         }
         locks.entry(aor.to_owned()).or_default().clone()
-    }
-
-    fn challenge(&self, realm: &str, client: &str, stale: bool) -> Answer {
-        let nonce = self
-            .nonces
-            .issue(&nonce_scope(realm, client), now_ms() / 1000);
-        let mut a = Answer::new(401, "Unauthorized");
-        for c in challenges(&self.settings.algorithms, realm, &nonce, stale) {
-            a.headers.push((HeaderName::WwwAuthenticate, c));
-        }
-        a
-    }
-
-    /// Digest authentication of `request` for the account `user@domain` (RFC 3261 §22):
-    /// 401 with fresh challenges while credentials are missing, stale, replayed or wrong;
-    /// 403 when they are right but may not act for this account, or it is disabled.
-    pub fn authenticate(
-        &self,
-        request: &Message,
-        client: &str,
-        user: &str,
-        domain: &str,
-    ) -> Authenticated {
-        let ip: Option<std::net::IpAddr> = client.parse().ok();
-        let now = tokio::time::Instant::now();
-        if let Some(ip) = ip {
-            if self
-                .failures
-                .lock()
-                .expect("failure limiter")
-                .locked(ip, now)
-            {
-                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                return Authenticated::Refused(Answer::new(
-                    403,
-                    "Forbidden (too many failed attempts; try again later)",
-                ));
-            }
-        }
-        let fail = |a: Answer| {
-            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(ip) = ip {
-                if self
-                    .failures
-                    .lock()
-                    .expect("failure limiter")
-                    .failed(ip, now)
-                {
-                    tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
-                }
-            }
-            Authenticated::Refused(a)
-        };
-        let headers = request
-            .auth_headers(&HeaderName::Authorization)
-            .unwrap_or_default();
-        let Some(creds) = headers
-            .iter()
-            .filter_map(|h| Credentials::from_header(h).ok())
-            .find(|c| c.realm == domain && self.settings.algorithms.contains(&c.algorithm))
-        else {
-            return Authenticated::Refused(self.challenge(domain, client, false));
-        };
-        let nonce = self
-            .nonces
-            .check(&creds.nonce, &nonce_scope(domain, client), now_ms() / 1000);
-        if nonce == NonceCheck::Invalid {
-            return fail(self.challenge(domain, client, false));
-        }
-        let Some((_, nc, _)) = &creds.qop else {
-            return fail(self.challenge(domain, client, false));
-        };
-        let reader = self.cluster.replica.reader();
-        let account = reader.account(domain, &creds.username).ok().flatten();
-        let keys = self.cluster.keys();
-        let ha1 = account
-            .as_ref()
-            .and_then(|a| open_ha1(&keys, a, creds.algorithm));
-        let method = request.method().map(|m| m.to_string()).unwrap_or_default();
-        let (Some(account), Some(ha1)) = (account.clone(), ha1) else {
-            if account.is_some() {
-                // The account exists but its HA1 does not open: a key file without the key
-                // it was sealed with. Every login of this account fails until that is fixed.
-                tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
-                    "cannot open the account's HA1: is every key in this node's key file?");
-            } else {
-                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-            }
-            return fail(self.challenge(domain, client, false));
-        };
-        if !creds.verify(&ha1, &method) {
-            tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return fail(self.challenge(domain, client, false));
-        }
-        // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
-        if nonce == NonceCheck::Stale {
-            return Authenticated::Refused(self.challenge(domain, client, true));
-        }
-        if !self
-            .replays
-            .lock()
-            .expect("replay guard lock")
-            .accept(&creds.nonce, *nc)
-        {
-            tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-            return fail(self.challenge(domain, client, false));
-        }
-        if creds.username != user {
-            return fail(Answer::new(
-                403,
-                format!("Forbidden ({} may not register {user})", creds.username),
-            ));
-        }
-        if !account.enabled {
-            return fail(Answer::new(403, "Forbidden (account disabled)"));
-        }
-        Authenticated::Account(Box::new(account))
     }
 
     /// Writes the planned binding changes through Raft or, without a quorum, into the
@@ -556,10 +404,14 @@ impl Registrar {
             )));
         }
         let client = flow.remote.ip().to_string();
-        let account = match self.authenticate(request, &client, &user, &domain) {
-            Authenticated::Account(a) => a,
-            Authenticated::Refused(a) => return Err(reply(a)),
-        };
+        let account =
+            match self
+                .auth
+                .authenticate(request, &client, &user, &domain, Challenge::Registrar)
+            {
+                Authenticated::Account(a) => a,
+                Authenticated::Refused(a) => return Err(reply(a)),
+            };
         // One REGISTER per AOR at a time on this node, from reading the bindings to the
         // end of the write, so two racing requests cannot both pass the ordering checks.
         let lock = self.aor_lock(&req.aor);

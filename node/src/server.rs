@@ -13,10 +13,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin;
+use crate::auth::Authenticator;
 use crate::cluster::ClusterNode;
 use crate::config::{Config, Role};
 use crate::core::Core;
 use crate::drain::Drain;
+use crate::peers::PeerMonitor;
+use crate::proxy::{Proxy, ProxySettings};
 use crate::registrar::Registrar;
 use crate::stats::Stats;
 use crate::transaction::start_sip_stack;
@@ -123,6 +126,7 @@ async fn run_sip(
     let mut active = None;
     if config.node.role == Role::Full {
         let listeners = Listeners::bind(&config.sip).await?;
+        let own = listeners.addrs();
         let limits = Limits {
             max_message_size: config.sip.max_message_size,
             max_connections: config.sip.max_connections,
@@ -139,6 +143,39 @@ async fn run_sip(
         );
         active = Some(stack.layer.active());
         drain.watch_transactions(stack.layer.active());
+        let registrar_settings = config.registrar.settings();
+        let auth = Arc::new(Authenticator::new(
+            cluster.clone(),
+            registrar_settings.algorithms.clone(),
+            registrar_settings.nonce_lifetime_secs,
+            stats.clone(),
+        ));
+        let peers = Arc::new(PeerMonitor::default());
+        if let Some(via) = own.udp.first().copied() {
+            tracker.spawn(peers.clone().run(
+                cluster.clone(),
+                stack.transports.clone(),
+                config.node.id,
+                via,
+                stop.clone(),
+            ));
+        }
+        let proxy = Arc::new(Proxy::new(
+            cluster.clone(),
+            cluster.overlay.clone(),
+            auth.clone(),
+            stack.layer.clone(),
+            stack.transports.clone(),
+            own,
+            peers.clone(),
+            ProxySettings {
+                timer_c: Duration::from_secs(config.sip.timer_c_secs),
+            },
+        ));
+        drain.watch_calls(
+            proxy.dialogs.clone(),
+            Duration::from_secs(config.sip.drain_call_wait_secs),
+        );
         let core = Core {
             layer: stack.layer,
             transports: stack.transports,
@@ -148,9 +185,11 @@ async fn run_sip(
             registrar: Some(Arc::new(Registrar::new(
                 cluster.clone(),
                 cluster.overlay.clone(),
-                config.registrar.settings(),
-                stats.clone(),
+                registrar_settings,
+                auth,
             ))),
+            proxy: Some(proxy),
+            peers: Some(peers),
         };
         tracker.spawn(core.run(stack.core_events, stop.clone()));
         tracing::info!(

@@ -92,6 +92,22 @@ impl KeyRing {
         out
     }
 
+    /// [`derive`](Self::derive) with every key in the ring, newest first: what a node
+    /// verifies against, so values derived before a key rotation (a long call's route
+    /// set, say) still check out after it.
+    pub fn derive_all(&self, label: &str) -> Vec<[u8; 32]> {
+        self.keys
+            .values()
+            .rev()
+            .map(|k| {
+                let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+                let mut out = [0u8; 32];
+                out.copy_from_slice(ring::hmac::sign(&key, label.as_bytes()).as_ref());
+                out
+            })
+            .collect()
+    }
+
     /// Every key id in the ring, oldest first.
     pub fn ids(&self) -> Vec<u32> {
         self.keys.keys().copied().collect()

@@ -114,8 +114,16 @@ struct ConnectionTable {
     by_remote: HashMap<(TransportKind, SocketAddr), ConnectionId>,
 }
 
+/// What opening a connection needs: the same as an accepted one gets.
+struct Outbound {
+    inbound: mpsc::Sender<InboundEvent>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
 struct Shared {
     udp: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>,
+    outbound: std::sync::OnceLock<Outbound>,
     connections: Mutex<ConnectionTable>,
     next_connection: AtomicU64,
     limits: Limits,
@@ -136,6 +144,20 @@ pub struct Listeners {
 }
 
 impl Listeners {
+    /// The bound addresses, by transport.
+    pub fn addrs(&self) -> crate::proxy::route::OwnAddrs {
+        let local = |l: &tokio::net::TcpListener| l.local_addr().ok();
+        crate::proxy::route::OwnAddrs {
+            udp: self
+                .udp
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect(),
+            tcp: self.tcp.iter().filter_map(local).collect(),
+            tls: self.tls.iter().filter_map(|(l, _)| local(l)).collect(),
+        }
+    }
+
     /// Binds every configured listener up front, so a port in use fails start-up with a
     /// clear message instead of half-starting.
     pub async fn bind(config: &crate::config::SipConfig) -> Result<Listeners, Error> {
@@ -185,6 +207,9 @@ impl Listeners {
     }
 }
 
+/// How long opening a TCP connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the listener tasks need besides their sockets.
 #[derive(Clone)]
 pub(crate) struct ListenerContext {
@@ -220,12 +245,18 @@ impl Transports {
         let transports = Transports {
             shared: Arc::new(Shared {
                 udp,
+                outbound: std::sync::OnceLock::new(),
                 connections: Mutex::new(ConnectionTable::default()),
                 next_connection: AtomicU64::new(1),
                 limits,
                 stats,
             }),
         };
+        let _ = transports.shared.outbound.set(Outbound {
+            inbound: inbound.clone(),
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+        });
         let ctx = ListenerContext {
             transports: transports.clone(),
             inbound,
@@ -315,6 +346,82 @@ impl Transports {
                 Ok(())
             }
         }
+    }
+
+    /// A flow to `remote` over `kind` for a request this node originates or forwards:
+    /// UDP goes out of a listening socket of the same address family; TCP reuses an open
+    /// connection to that address or opens one. Opening TLS connections is not supported
+    /// yet, so TLS needs one the peer opened (a phone registered over TLS has).
+    pub async fn flow_to(&self, kind: TransportKind, remote: SocketAddr) -> Result<Flow, Error> {
+        let no_route = || Error::NoRoute {
+            transport: kind.as_str(),
+            addr: remote,
+        };
+        if kind == TransportKind::Udp {
+            let local = self
+                .shared
+                .udp
+                .keys()
+                .find(|a| a.is_ipv4() == remote.is_ipv4())
+                .copied()
+                .ok_or_else(no_route)?;
+            return Ok(Flow {
+                transport: kind,
+                local,
+                remote,
+                connection: None,
+            });
+        }
+        {
+            let table = self
+                .shared
+                .connections
+                .lock()
+                .expect("connection table lock");
+            if let Some(c) = table
+                .by_remote
+                .get(&(kind, remote))
+                .and_then(|id| table.by_id.get(id))
+            {
+                return Ok(c.flow);
+            }
+        }
+        if kind == TransportKind::Tls {
+            return Err(no_route());
+        }
+        let outbound = self.shared.outbound.get().ok_or_else(no_route)?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(remote))
+            .await
+            .map_err(|_| Error::Io {
+                context: format!("connecting to {remote} over TCP"),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| Error::Io {
+                context: format!("connecting to {remote} over TCP"),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().map_err(|source| Error::Io {
+            context: "reading a new connection's address".into(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(stream::QUEUE_DEPTH);
+        let flow = self
+            .register(kind, local, remote, tx)
+            .ok_or(Error::NoRoute {
+                transport: "TCP (connection limit reached)",
+                addr: remote,
+            })?;
+        let ctx = ListenerContext {
+            transports: self.clone(),
+            inbound: outbound.inbound.clone(),
+            tracker: outbound.tracker.clone(),
+            stop: outbound.stop.clone(),
+        };
+        outbound
+            .tracker
+            .spawn(stream::run_connection(stream, flow, rx, ctx));
+        Ok(flow)
     }
 
     fn register(

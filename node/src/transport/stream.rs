@@ -26,7 +26,7 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After a framing error, how long queued answers (the 400) get to go out before closing.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Messages queued for one connection before further ones are dropped.
-const QUEUE_DEPTH: usize = 256;
+pub(super) const QUEUE_DEPTH: usize = 256;
 
 pub(super) async fn accept_loop(
     listener: TcpListener,
@@ -90,7 +90,7 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
     remote: SocketAddr,
     ctx: ListenerContext,
 ) {
-    let (tx, mut rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUE_DEPTH);
     let Some(flow) = ctx.transports.register(kind, local, remote, tx) else {
         ctx.transports
             .stats()
@@ -99,6 +99,17 @@ async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     };
     tracing::debug!(%remote, transport = %kind, "connection opened");
+    run_connection(stream, flow, rx, ctx).await;
+}
+
+/// One registered connection, accepted or opened by this node, until it closes.
+pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    flow: super::Flow,
+    mut rx: mpsc::Receiver<Bytes>,
+    ctx: ListenerContext,
+) {
+    let (kind, remote) = (flow.transport, flow.remote);
     let limits = ctx.transports.limits().clone();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(8192);

@@ -1,0 +1,335 @@
+//! The stateful proxy against real processes, with test UAs on fixed ports:
+//!
+//! - a call across nodes: the callee registers through node 1 with a Contact that is not
+//!   its real address (as a phone behind NAT does), the caller sends the INVITE to node 2,
+//!   and every request the callee receives comes from node 1, with both nodes' Record-Route
+//!   entries; ACK and BYE follow the route set;
+//! - CANCEL and 486 reach the caller; an unregistered callee gets 480, an unknown one 404,
+//!   a foreign domain 403, a caller with a wrong password never gets through;
+//! - without quorum, calls between known bindings still connect, and the edge node being
+//!   down sends the call straight to the binding's public address;
+//! - drain under a running call: the call ends with BYE, new REGISTERs get 503, and the node
+//!   reports drained only after the call ended.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tandem_failover_tests::cluster::{add_account, http, Cluster, Member, MemberRole};
+use tandem_failover_tests::ua::{uri_addr, Received, Ua};
+use tandem_failover_tests::{Deadline, Node};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn token(cluster: &Cluster) -> String {
+    std::fs::read_to_string(cluster.root().join("admin.token")).unwrap()
+}
+
+/// Registers `ua` through `node` with `contact` (what the phone claims as its address).
+fn register(ua: &mut Ua, node: SocketAddr, contact: &str) {
+    let r = ua.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
+/// Waits until `member` holds `n` bindings of `user`.
+fn wait_bindings(member: &Member, token: &str, user: &str, n: usize) {
+    let deadline = Deadline::after(WAIT);
+    loop {
+        let b = http(
+            member.admin_addr,
+            Some(token),
+            "GET",
+            &format!("/v1/accounts/example.com/{user}/bindings"),
+            None,
+        )
+        .unwrap()
+        .json();
+        if b.as_array().map(Vec::len) == Some(n) {
+            return;
+        }
+        assert!(
+            !deadline.expired(),
+            "node {} never had {n} bindings of {user}: {b}",
+            member.id
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The callee's side of an answered call: rings, answers, and checks that everything it
+/// receives comes from `edge` (the node it registered through). Returns the INVITE.
+fn answer_call(callee: &Ua, edge: SocketAddr, contact: &str) -> Received {
+    let invite = callee.expect_request("INVITE", WAIT);
+    assert_eq!(
+        invite.from, edge,
+        "the INVITE came from elsewhere:\n{}",
+        invite.text
+    );
+    assert_eq!(invite.request_uri(), Some(contact), "{}", invite.text);
+    callee.respond(&invite, 180, "Ringing", "");
+    callee.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+    invite
+}
+
+#[test]
+fn calls_across_nodes_go_through_the_callees_edge_node() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let token = token(&cluster);
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    for (user, pw) in [
+        ("alice", "pw-alice-1"),
+        ("bob", "pw-bob-1"),
+        ("carol", "pw-carol-1"),
+    ] {
+        add_account(one.admin_addr, &token, user, "example.com", pw);
+    }
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    // Bob claims an address nothing listens on, as a phone behind NAT claims its private
+    // one: only the flow it registered over reaches it.
+    let bob_contact = "sip:bob@127.0.0.99:5999";
+    register(&mut bob, one.sip_addr(), bob_contact);
+    let alice_contact = alice.contact();
+    register(&mut alice, two.sip_addr(), &alice_contact);
+    wait_bindings(two, &token, "bob", 1);
+    let bob_uri = "sip:bob@example.com";
+
+    // 1. A call: INVITE to node 2, through node 1 to Bob; ACK and BYE along the route set.
+    let callee = std::thread::scope(|s| {
+        let edge = one.sip_addr();
+        let bob = &bob;
+        let handle = s.spawn(move || {
+            let invite = answer_call(bob, edge, bob_contact);
+            let ack = bob.expect_request("ACK", WAIT);
+            assert_eq!(ack.from, edge, "ACK:\n{}", ack.text);
+            let bye = bob.expect_request("BYE", WAIT);
+            assert_eq!(bye.from, edge, "BYE:\n{}", bye.text);
+            assert_eq!(bye.request_uri(), Some(bob_contact));
+            bob.respond(&bye, 200, "OK", "");
+            invite
+        });
+        let ok = alice.invite(two.sip_addr(), bob_uri, "call-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        let rr = ok.headers("Record-Route");
+        assert_eq!(rr.len(), 4, "two entries per node:\n{}", ok.text);
+        let hops: Vec<SocketAddr> = rr.iter().map(|r| uri_addr(r)).collect();
+        assert_eq!(
+            hops,
+            vec![
+                one.sip_addr(),
+                one.sip_addr(),
+                two.sip_addr(),
+                two.sip_addr()
+            ],
+            "{rr:?}"
+        );
+        assert_eq!(
+            alice.send_in_dialog(&dialog, "ACK", dialog.cseq),
+            two.sip_addr()
+        );
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let bye_ok = alice.expect_response("BYE", WAIT);
+        assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+        handle.join().unwrap()
+    });
+    assert!(
+        callee.text.contains("Max-Forwards: 68"),
+        "two proxies on the way:\n{}",
+        callee.text
+    );
+
+    // 2. Alice cancels while Bob rings: Bob gets the CANCEL from node 1 and answers 487.
+    std::thread::scope(|s| {
+        let edge = one.sip_addr();
+        let bob = &bob;
+        s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            bob.respond(&invite, 180, "Ringing", "");
+            let cancel = bob.expect_request("CANCEL", WAIT);
+            assert_eq!(cancel.from, edge);
+            bob.respond(&cancel, 200, "OK", "");
+            bob.respond(&invite, 487, "Request Terminated", "");
+            let ack = bob.expect_request("ACK", WAIT);
+            assert_eq!(ack.from, edge, "node 1 ACKs the 487 hop by hop");
+        });
+        let node = two.sip_addr();
+        let r = alice.invite(node, bob_uri, "call-2", &mut |ua, _| {
+            ua.cancel(node, bob_uri, "call-2", 1);
+        });
+        assert_eq!(r.status(), Some(487), "{}", r.text);
+    });
+
+    // 3. Bob is busy.
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            bob.respond(&invite, 486, "Busy Here", "");
+            bob.expect_request("ACK", WAIT);
+        });
+        let r = alice.invite(two.sip_addr(), bob_uri, "call-3", &mut |_, _| {});
+        assert_eq!(r.status(), Some(486), "{}", r.text);
+    });
+
+    // 4. Nobody to reach, or nobody at all, or not ours.
+    let r = alice.invite(
+        two.sip_addr(),
+        "sip:carol@example.com",
+        "call-4",
+        &mut |_, _| {},
+    );
+    assert_eq!(r.status(), Some(480), "carol has no bindings: {}", r.text);
+    let r = alice.invite(
+        two.sip_addr(),
+        "sip:nobody@example.com",
+        "call-5",
+        &mut |_, _| {},
+    );
+    assert_eq!(r.status(), Some(404), "{}", r.text);
+    let r = alice.invite(
+        two.sip_addr(),
+        "sip:someone@example.org",
+        "call-6",
+        &mut |_, _| {},
+    );
+    assert_eq!(r.status(), Some(403), "{}", r.text);
+
+    // 5. A caller with the wrong password is challenged again, never connected.
+    let mut mallory = Ua::new("127.0.0.1", "alice", "example.com", "guess");
+    let r = mallory.invite(two.sip_addr(), bob_uri, "call-7", &mut |_, _| {});
+    assert_eq!(r.status(), Some(407), "{}", r.text);
+    assert!(
+        bob.recv(Duration::from_millis(300)).is_none(),
+        "an unauthenticated INVITE reached Bob"
+    );
+}
+
+#[test]
+fn without_quorum_calls_between_known_bindings_still_connect() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let token = token(&cluster);
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    add_account(one.admin_addr, &token, "alice", "example.com", "pw-alice-1");
+    add_account(one.admin_addr, &token, "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let alice_contact = alice.contact();
+    register(&mut alice, one.sip_addr(), &alice_contact);
+    // Bob registers through node 2, which is about to die: node 1 must then reach him at
+    // the address his flow came from.
+    let bob_contact = bob.contact();
+    register(&mut bob, two.sip_addr(), &bob_contact);
+    wait_bindings(one, &token, "bob", 1);
+
+    cluster.member(2).sigkill();
+    cluster.member(3).sigkill();
+    let deadline = Deadline::after(WAIT);
+    while one.get("/ready").is_some_and(|r| r.status == 200) {
+        assert!(!deadline.expired(), "node 1 never noticed it lost quorum");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Node 1 stops counting on node 2 as Bob's edge once node 2 misses its pings.
+    std::thread::sleep(Duration::from_secs(4));
+
+    std::thread::scope(|s| {
+        let bob = &bob;
+        let contact = bob_contact.clone();
+        let node1 = one.sip_addr();
+        s.spawn(move || {
+            answer_call(bob, node1, &contact);
+            bob.expect_request("ACK", WAIT);
+            let bye = bob.expect_request("BYE", WAIT);
+            bob.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(
+            one.sip_addr(),
+            "sip:bob@example.com",
+            "degraded-1",
+            &mut |_, _| {},
+        );
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(alice.expect_response("BYE", WAIT).status(), Some(200));
+    });
+    // Refreshes are still answered.
+    register(&mut bob, one.sip_addr(), &bob_contact);
+    register(&mut alice, one.sip_addr(), &alice_contact);
+
+    // Quorum returns and nothing is lost.
+    cluster.member(2).start();
+    cluster.member(3).start();
+    cluster.wait_for_leader(&[], Duration::from_secs(15));
+    for m in &cluster.members {
+        cluster.wait_caught_up(m.id, Duration::from_secs(15));
+        wait_bindings(m, &token, "alice", 1);
+        // Bob's refresh through node 1 is a new flow: one binding, whose edge is now 1.
+        wait_bindings(m, &token, "bob", 1);
+    }
+}
+
+#[test]
+fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
+    let node = Node::start_ready("");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let alice_contact = alice.contact();
+    register(&mut alice, sip, &alice_contact);
+    let bob_contact = bob.contact();
+    register(&mut bob, sip, &bob_contact);
+
+    let drain_state = || {
+        http(admin, Some(&token), "GET", "/v1/node/drain", None)
+            .unwrap()
+            .json()
+    };
+    let dialog = std::thread::scope(|s| {
+        let bob = &bob;
+        let contact = bob_contact.clone();
+        let node1 = sip;
+        s.spawn(move || {
+            answer_call(bob, node1, &contact);
+            bob.expect_request("ACK", WAIT);
+        });
+        let ok = alice.invite(sip, "sip:bob@example.com", "drain-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        dialog
+    });
+
+    let started = http(admin, Some(&token), "POST", "/v1/node/drain", None).unwrap();
+    assert_eq!(started.status, 200, "{}", started.body);
+    let state = drain_state();
+    assert_eq!(state["active_calls"], 1, "{state}");
+    assert_eq!(state["drained"], false, "a call is still up: {state}");
+    // New registrations and calls are turned away with Retry-After.
+    let refused = bob.register_once(sip, Some(&format!("<{bob_contact}>")), Some(600), "");
+    assert_eq!(refused.status, 503, "{}", refused.text);
+    assert!(refused.header("Retry-After").is_some(), "{}", refused.text);
+
+    // The call ends with BYE, through the draining node.
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let bye = bob.expect_request("BYE", WAIT);
+            bob.respond(&bye, 200, "OK", "");
+        });
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(alice.expect_response("BYE", WAIT).status(), Some(200));
+    });
+    let deadline = Deadline::after(WAIT);
+    loop {
+        let state = drain_state();
+        if state["drained"] == true {
+            assert_eq!(state["active_calls"], 0, "{state}");
+            break;
+        }
+        assert!(!deadline.expired(), "never drained: {state}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,230 @@
+//! Digest authentication of requests against the local replica (RFC 3261 §22, RFC 8760),
+//! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
+//! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
+//! nonce key (derived from the master key, so any node verifies any node's nonce), the
+//! bound on nonce-count replays and the lockout of addresses that keep guessing.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_raft_store::command::Account;
+use tandem_sip::{HeaderName, Message};
+
+use crate::accounts::open_ha1;
+use crate::cluster::ClusterNode;
+use crate::digest::{
+    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, ReplayGuard,
+};
+use crate::registrar::{now_ms, Answer};
+use crate::stats::Stats;
+
+/// Failed authentications from one address within [`GUESS_WINDOW`] that lock it out for
+/// [`LOCKOUT`]: SIP scanners guess passwords all day.
+const GUESSES_BEFORE_LOCKOUT: u32 = 20;
+const GUESS_WINDOW: Duration = Duration::from_secs(60);
+const LOCKOUT: Duration = Duration::from_secs(300);
+
+/// Who is asking for credentials: a registrar (the UAS itself) or a proxy on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    /// 401, WWW-Authenticate, Authorization.
+    Registrar,
+    /// 407, Proxy-Authenticate, Proxy-Authorization.
+    Proxy,
+}
+
+impl Challenge {
+    fn status(self) -> (u16, &'static str) {
+        match self {
+            Challenge::Registrar => (401, "Unauthorized"),
+            Challenge::Proxy => (407, "Proxy Authentication Required"),
+        }
+    }
+
+    fn challenge_header(self) -> HeaderName {
+        match self {
+            Challenge::Registrar => HeaderName::WwwAuthenticate,
+            Challenge::Proxy => HeaderName::ProxyAuthenticate,
+        }
+    }
+
+    fn credentials_header(self) -> HeaderName {
+        match self {
+            Challenge::Registrar => HeaderName::Authorization,
+            Challenge::Proxy => HeaderName::ProxyAuthorization,
+        }
+    }
+}
+
+/// How a request authenticated.
+#[derive(Debug)]
+pub enum Authenticated {
+    /// The account whose credentials checked out.
+    Account(Box<Account>),
+    /// Not (yet): the answer to send (401/407 with challenges, or 403).
+    Refused(Answer),
+}
+
+/// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
+/// credentials computed with it) is useless from any other address.
+fn nonce_scope(realm: &str, client: &str) -> String {
+    format!("{realm}|{client}")
+}
+
+/// The node's digest authenticator.
+pub struct Authenticator {
+    cluster: ClusterNode,
+    /// Offered in this order.
+    algorithms: Vec<Algorithm>,
+    nonces: NonceKey,
+    replays: Mutex<ReplayGuard>,
+    failures: Mutex<FailureLimiter>,
+    stats: Arc<Stats>,
+}
+
+impl Authenticator {
+    pub fn new(
+        cluster: ClusterNode,
+        algorithms: Vec<Algorithm>,
+        nonce_lifetime_secs: u64,
+        stats: Arc<Stats>,
+    ) -> Authenticator {
+        let secret = cluster.keys().derive("tandem digest nonces");
+        Authenticator {
+            cluster,
+            algorithms,
+            nonces: NonceKey::new(&secret, nonce_lifetime_secs),
+            replays: Mutex::new(ReplayGuard::new(100_000)),
+            failures: Mutex::new(FailureLimiter::new(
+                GUESSES_BEFORE_LOCKOUT,
+                GUESS_WINDOW,
+                LOCKOUT,
+            )),
+            stats,
+        }
+    }
+
+    fn challenge(&self, kind: Challenge, realm: &str, client: &str, stale: bool) -> Answer {
+        let nonce = self
+            .nonces
+            .issue(&nonce_scope(realm, client), now_ms() / 1000);
+        let (status, reason) = kind.status();
+        let mut a = Answer::new(status, reason);
+        for c in challenges(&self.algorithms, realm, &nonce, stale) {
+            a.headers.push((kind.challenge_header(), c));
+        }
+        a
+    }
+
+    /// Digest authentication of `request` as the account `user@domain`: a challenge while
+    /// credentials are missing, stale, replayed or wrong; 403 when they are right but may
+    /// not act as that account, or it is disabled.
+    pub fn authenticate(
+        &self,
+        request: &Message,
+        client: &str,
+        user: &str,
+        domain: &str,
+        kind: Challenge,
+    ) -> Authenticated {
+        let ip: Option<std::net::IpAddr> = client.parse().ok();
+        let now = tokio::time::Instant::now();
+        if let Some(ip) = ip {
+            if self
+                .failures
+                .lock()
+                .expect("failure limiter")
+                .locked(ip, now)
+            {
+                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+                return Authenticated::Refused(Answer::new(
+                    403,
+                    "Forbidden (too many failed attempts; try again later)",
+                ));
+            }
+        }
+        let fail = |a: Answer| {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if let Some(ip) = ip {
+                if self
+                    .failures
+                    .lock()
+                    .expect("failure limiter")
+                    .failed(ip, now)
+                {
+                    tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
+                }
+            }
+            Authenticated::Refused(a)
+        };
+        let headers = request
+            .auth_headers(&kind.credentials_header())
+            .unwrap_or_default();
+        let Some(creds) = headers
+            .iter()
+            .filter_map(|h| Credentials::from_header(h).ok())
+            .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
+        else {
+            return Authenticated::Refused(self.challenge(kind, domain, client, false));
+        };
+        let nonce = self
+            .nonces
+            .check(&creds.nonce, &nonce_scope(domain, client), now_ms() / 1000);
+        if nonce == NonceCheck::Invalid {
+            return fail(self.challenge(kind, domain, client, false));
+        }
+        let Some((_, nc, _)) = &creds.qop else {
+            return fail(self.challenge(kind, domain, client, false));
+        };
+        let reader = self.cluster.replica.reader();
+        let account = reader.account(domain, &creds.username).ok().flatten();
+        let keys = self.cluster.keys();
+        let ha1 = account
+            .as_ref()
+            .and_then(|a| open_ha1(&keys, a, creds.algorithm));
+        let method = request.method().map(|m| m.to_string()).unwrap_or_default();
+        let (Some(account), Some(ha1)) = (account.clone(), ha1) else {
+            if account.is_some() {
+                // The account exists but its HA1 does not open: a key file without the key
+                // it was sealed with. Every login of this account fails until that is fixed.
+                tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
+                    "cannot open the account's HA1: is every key in this node's key file?");
+            } else {
+                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+            }
+            return fail(self.challenge(kind, domain, client, false));
+        };
+        if !creds.verify(&ha1, &method) {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
+            return fail(self.challenge(kind, domain, client, false));
+        }
+        // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
+        if nonce == NonceCheck::Stale {
+            return Authenticated::Refused(self.challenge(kind, domain, client, true));
+        }
+        if !self
+            .replays
+            .lock()
+            .expect("replay guard lock")
+            .accept(&creds.nonce, *nc)
+        {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
+            return fail(self.challenge(kind, domain, client, false));
+        }
+        if creds.username != user {
+            let verb = match kind {
+                Challenge::Registrar => "register",
+                Challenge::Proxy => "send as",
+            };
+            return fail(Answer::new(
+                403,
+                format!("Forbidden ({} may not {verb} {user})", creds.username),
+            ));
+        }
+        if !account.enabled {
+            return fail(Answer::new(403, "Forbidden (account disabled)"));
+        }
+        Authenticated::Account(Box::new(account))
+    }
+}
