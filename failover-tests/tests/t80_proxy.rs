@@ -137,6 +137,59 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
         "two proxies on the way:\n{}",
         callee.text
     );
+    assert!(
+        !callee.text.contains("Proxy-Authorization"),
+        "the caller's credentials reached the callee:\n{}",
+        callee.text
+    );
+    let route_set = callee.headers("Record-Route");
+
+    // No relaying: a request inside a dialog goes on only along a route set this cluster
+    // record-routed for that very call.
+    let stranger = |route: &str, call_id: &str| {
+        format!(
+            "BYE sip:someone@127.0.0.77:5099 SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK-relay-{call_id};rport\r\n\
+             From: <sip:x@example.net>;tag=a\r\nTo: <sip:y@example.net>;tag=b\r\n\
+             Call-ID: {call_id}\r\nCSeq: 1 BYE\r\nMax-Forwards: 70\r\n\
+             Route: {route}\r\nContent-Length: 0\r\n\r\n",
+            local = alice.local()
+        )
+    };
+    for (route, why) in [
+        ("<sip:127.0.0.77:5099;lr>".to_owned(), "a Route elsewhere"),
+        (
+            format!("{}, <sip:127.0.0.77:5099;lr>", route_set[3]),
+            "another call's route set",
+        ),
+    ] {
+        alice
+            .socket
+            .send_to(
+                stranger(&route, &format!("relay-{}", why.len())).as_bytes(),
+                two.sip_addr(),
+            )
+            .unwrap();
+        let r = alice.expect_response("BYE", WAIT);
+        assert_eq!(r.status(), Some(403), "{why}: {}", r.text);
+    }
+
+    // Node 2's metrics: bindings by edge node, no call left up, the INVITEs counted.
+    let metrics = http(two.admin_addr, None, "GET", "/metrics", None)
+        .unwrap()
+        .body;
+    for line in [
+        "tandem_bindings{edge_node=\"1\"} 1",
+        "tandem_bindings{edge_node=\"2\"} 1",
+        "tandem_sip_calls_active 0",
+        "tandem_sip_requests_total{method=\"INVITE\"} 2",
+        "tandem_sip_responses_total{code=\"407\"} 1",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "/metrics lacks {line:?}:\n{metrics}"
+        );
+    }
 
     // 2. Alice cancels while Bob rings: Bob gets the CANCEL from node 1 and answers 487.
     std::thread::scope(|s| {
@@ -194,7 +247,24 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
     );
     assert_eq!(r.status(), Some(403), "{}", r.text);
 
-    // 5. A caller with the wrong password is challenged again, never connected.
+    // 5. While node 1 drains, calls relayed through it still reach the phones registered
+    // there: drain turns away new calls of its own, not another node's.
+    let drain = http(one.admin_addr, Some(&token), "POST", "/v1/node/drain", None).unwrap();
+    assert_eq!(drain.status, 200, "{}", drain.body);
+    std::thread::scope(|s| {
+        let edge = one.sip_addr();
+        let bob = &bob;
+        s.spawn(move || {
+            answer_call(bob, edge, bob_contact);
+            bob.expect_request("ACK", WAIT);
+        });
+        let ok = alice.invite(two.sip_addr(), bob_uri, "call-8", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+    });
+
+    // 6. A caller with the wrong password is challenged again, never connected.
     let mut mallory = Ua::new("127.0.0.1", "alice", "example.com", "guess");
     let r = mallory.invite(two.sip_addr(), bob_uri, "call-7", &mut |_, _| {});
     assert_eq!(r.status(), Some(407), "{}", r.text);
@@ -307,6 +377,8 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
     let state = drain_state();
     assert_eq!(state["active_calls"], 1, "{state}");
     assert_eq!(state["drained"], false, "a call is still up: {state}");
+    let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
+    assert!(metrics.contains("tandem_sip_calls_active 1"), "{metrics}");
     // New registrations and calls are turned away with Retry-After.
     let refused = bob.register_once(sip, Some(&format!("<{bob_contact}>")), Some(600), "");
     assert_eq!(refused.status, 503, "{}", refused.text);

@@ -554,7 +554,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 17] = [
+        let simple: [(&str, &str, &str, u64); 19] = [
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
             ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
@@ -572,6 +572,8 @@ impl Admin {
             ("tandem_sip_malformed_answered_total", "Malformed SIP messages answered with 400.", "counter", load(&s.malformed_answered)),
             ("tandem_sip_auth_failures_total", "Requests refused by digest authentication (not counting first challenges).", "counter", load(&s.auth_failures)),
             ("tandem_sip_malformed_dropped_total", "Malformed SIP messages dropped.", "counter", load(&s.malformed_dropped)),
+            ("tandem_sip_transactions_active", "SIP transactions (server and client) still waiting for a final response.", "gauge", self.drain.active_transactions() as u64),
+            ("tandem_sip_calls_active", "Calls this node record-routed that have not ended.", "gauge", self.drain.active_calls() as u64),
         ];
         for (name, help, kind, value) in simple {
             let _ = writeln!(
@@ -602,6 +604,16 @@ impl Admin {
             if n > 0 {
                 let _ = writeln!(out, "{name}{{code=\"{}\"}} {n}", i + 100);
             }
+        }
+        let name = "tandem_bindings";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Registrar bindings in the replicated state, by the node they registered through.\n# TYPE {name} gauge"
+        );
+        let reader = replica.reader();
+        for node in reader.nodes().unwrap_or_default() {
+            let n = reader.count_bindings_by_edge(node.id).unwrap_or(0);
+            let _ = writeln!(out, "{name}{{edge_node=\"{}\"}} {n}", node.id);
         }
         // Histograms, written out by hand.
         let name = "tandem_raft_batch_size";

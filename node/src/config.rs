@@ -379,10 +379,16 @@ impl Config {
                 );
             }
         }
-        if sip.timer_c_secs <= 180 {
+        if !(181..=86_400).contains(&sip.timer_c_secs) {
             bad(
                 "sip.timer_c_secs",
-                "must be more than 180 (RFC 3261 §16.6)".into(),
+                "must be more than 180 (RFC 3261 §16.6) and at most 86400".into(),
+            );
+        }
+        if sip.drain_call_wait_secs > 7 * 86_400 {
+            bad(
+                "sip.drain_call_wait_secs",
+                "must be at most 604800 (a week)".into(),
             );
         }
         for a in &sip.tls {

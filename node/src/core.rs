@@ -58,7 +58,7 @@ impl Core {
                     if self
                         .peers
                         .as_ref()
-                        .is_some_and(|p| p.on_response(&response))
+                        .is_some_and(|p| p.on_response(&response, flow.remote))
                     {
                         continue;
                     }
@@ -115,7 +115,10 @@ impl Core {
             }
             return;
         }
-        let draining = self.draining.load(Ordering::Relaxed);
+        // A call another node relays to a phone registered here is not a new call of
+        // this node's: drain lets it through, or the phone could not be reached at all.
+        let draining = self.draining.load(Ordering::Relaxed)
+            && !self.proxy.as_ref().is_some_and(|p| p.is_relayed(&request));
         if let (Some(proxy), Some(invite)) = (&self.proxy, cancels) {
             proxy.cancel(invite);
         }

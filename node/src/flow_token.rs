@@ -10,9 +10,11 @@
 //! - requests inside a dialog reach each side through the flow its dialog began on: each
 //!   node's two Record-Route entries carry the flow on their side.
 //!
-//! Tokens do not expire, because dialogs last as long as they like; they only name flows,
-//! and only a cluster member can mint one. Verification accepts every key in the key file,
-//! so a key rotation does not break calls that are already up.
+//! The MAC also covers the Call-ID of the request the token was minted for, so a token is
+//! good only within its own call: a party to one dialog cannot use the tokens it sees in
+//! Record-Route to send other requests down someone's flow. Tokens do not expire, because
+//! dialogs last as long as they like, and only a cluster member can mint one. Verification
+//! accepts every key in the key file, so a key rotation does not break calls that are up.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -67,6 +69,15 @@ fn transport_code(kind: TransportKind) -> char {
     }
 }
 
+/// The MAC of a payload within a call.
+fn sign(key: &hmac::Key, payload: &[u8], call_id: &str) -> hmac::Tag {
+    let mut ctx = hmac::Context::with_key(key);
+    ctx.update(payload);
+    ctx.update(b"\0");
+    ctx.update(call_id.as_bytes());
+    ctx.sign()
+}
+
 impl FlowTokens {
     /// `secrets` newest first (see `KeyRing::derive_all`); never empty.
     pub fn new(secrets: &[[u8; 32]]) -> FlowTokens {
@@ -79,8 +90,9 @@ impl FlowTokens {
         }
     }
 
-    /// The token for `flow`: `tdm-<hex payload>-<hex mac>`, safe as a SIP URI user part.
-    pub fn encode(&self, flow: &Flow) -> String {
+    /// The token for `flow` within call `call_id`: `tdm-<hex payload>-<hex mac>`, safe as
+    /// a SIP URI user part.
+    pub fn encode(&self, flow: &Flow, call_id: &str) -> String {
         let payload = format!(
             "{}|{}|{}|{}",
             transport_code(flow.transport),
@@ -88,7 +100,7 @@ impl FlowTokens {
             flow.remote,
             flow.connection.map_or(0, |ConnectionId(c)| c)
         );
-        let mac = hmac::sign(&self.keys[0], payload.as_bytes());
+        let mac = sign(&self.keys[0], payload.as_bytes(), call_id);
         format!(
             "{PREFIX}{}-{}",
             hex(payload.as_bytes()),
@@ -96,8 +108,9 @@ impl FlowTokens {
         )
     }
 
-    /// The flow a token names, if it is one and its MAC checks out under any key.
-    pub fn decode(&self, user: &str) -> Option<Flow> {
+    /// The flow a token names, if it is one and its MAC checks out under any key for
+    /// call `call_id`.
+    pub fn decode(&self, user: &str, call_id: &str) -> Option<Flow> {
         let rest = user.strip_prefix(PREFIX)?;
         let (payload_hex, mac_hex) = rest.split_once('-')?;
         let payload = unhex(payload_hex)?;
@@ -107,7 +120,7 @@ impl FlowTokens {
         }
         // Compared without an early exit, so timing tells a forger nothing.
         let genuine = self.keys.iter().any(|k| {
-            hmac::sign(k, &payload).as_ref()[..MAC_LEN]
+            sign(k, &payload, call_id).as_ref()[..MAC_LEN]
                 .iter()
                 .zip(&mac)
                 .fold(0u8, |diff, (a, b)| diff | (a ^ b))
@@ -155,37 +168,45 @@ mod tests {
     #[test]
     fn a_token_round_trips_and_is_a_plain_user_part() {
         let tokens = FlowTokens::new(&[[7; 32]]);
-        let t = tokens.encode(&flow());
+        let t = tokens.encode(&flow(), "c1");
         assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
-        assert_eq!(tokens.decode(&t), Some(flow()));
+        assert_eq!(tokens.decode(&t, "c1"), Some(flow()));
         let udp = Flow {
             transport: TransportKind::Udp,
             connection: None,
             ..flow()
         };
-        assert_eq!(tokens.decode(&tokens.encode(&udp)), Some(udp));
+        assert_eq!(tokens.decode(&tokens.encode(&udp, "c1"), "c1"), Some(udp));
     }
 
     #[test]
     fn a_forged_or_foreign_token_is_refused() {
         let tokens = FlowTokens::new(&[[7; 32]]);
-        let t = tokens.encode(&flow());
+        let t = tokens.encode(&flow(), "c1");
         let other = FlowTokens::new(&[[8; 32]]);
-        assert_eq!(other.decode(&t), None, "another cluster's key");
+        assert_eq!(other.decode(&t, "c1"), None, "another cluster's key");
         // Change one hex digit of the payload: the MAC no longer matches.
         let mut forged = t.clone().into_bytes();
         forged[6] = if forged[6] == b'0' { b'1' } else { b'0' };
-        assert_eq!(tokens.decode(std::str::from_utf8(&forged).unwrap()), None);
-        assert_eq!(tokens.decode("alice"), None);
-        assert_eq!(tokens.decode("tdm-zz-00"), None);
+        assert_eq!(
+            tokens.decode(std::str::from_utf8(&forged).unwrap(), "c1"),
+            None
+        );
+        assert_eq!(tokens.decode("alice", "c1"), None);
+        assert_eq!(tokens.decode("tdm-zz-00", "c1"), None);
+        assert_eq!(tokens.decode(&t, "c2"), None, "another call's token");
     }
 
     #[test]
     fn tokens_minted_before_a_key_rotation_still_verify() {
         let old = FlowTokens::new(&[[1; 32]]);
-        let t = old.encode(&flow());
+        let t = old.encode(&flow(), "c1");
         let rotated = FlowTokens::new(&[[2; 32], [1; 32]]);
-        assert_eq!(rotated.decode(&t), Some(flow()));
-        assert_ne!(rotated.encode(&flow()), t, "new tokens use the new key");
+        assert_eq!(rotated.decode(&t, "c1"), Some(flow()));
+        assert_ne!(
+            rotated.encode(&flow(), "c1"),
+            t,
+            "new tokens use the new key"
+        );
     }
 }

@@ -30,6 +30,8 @@ const PING_BRANCH: &str = "z9hG4bKtdmping.";
 #[derive(Debug, Default)]
 pub struct PeerMonitor {
     seen: Mutex<HashMap<NodeId, Instant>>,
+    /// Where each peer was last pinged: only an answer from there counts.
+    pinged: Mutex<HashMap<NodeId, SocketAddr>>,
 }
 
 /// A node's SIP address for `kind`, from its registry record (`udp:127.0.0.2:5060`).
@@ -51,8 +53,9 @@ impl PeerMonitor {
             .is_some_and(|t| t.elapsed() < DOWN_AFTER)
     }
 
-    /// Takes a response that matched no transaction; true if it answered one of our pings.
-    pub fn on_response(&self, response: &Message) -> bool {
+    /// Takes a response that matched no transaction, from `source`; true if it answered
+    /// one of our pings.
+    pub fn on_response(&self, response: &Message, source: SocketAddr) -> bool {
         let Ok(via) = response.top_via() else {
             return false;
         };
@@ -64,6 +67,10 @@ impl PeerMonitor {
         else {
             return false;
         };
+        let genuine = self.pinged.lock().expect("peer table lock").get(&node) == Some(&source);
+        if !genuine {
+            return true;
+        }
         self.seen
             .lock()
             .expect("peer table lock")
@@ -97,6 +104,10 @@ impl PeerMonitor {
                 let Ok(flow) = transports.flow_to(TransportKind::Udp, addr).await else {
                     continue;
                 };
+                self.pinged
+                    .lock()
+                    .expect("peer table lock")
+                    .insert(node.id, addr);
                 let ping = ping(node.id, round, via_addr, addr, me);
                 let _ = transports.send(&flow, ping.to_bytes());
             }
@@ -138,13 +149,19 @@ mod tests {
         let via: SocketAddr = "127.0.0.1:5060".parse().unwrap();
         let request = ping(2, 7, via, "127.0.0.2:5060".parse().unwrap(), 1);
         let answer = Message::response_to(&request, 200, "OK");
-        assert!(monitor.on_response(&answer));
+        let peer: SocketAddr = "127.0.0.2:5060".parse().unwrap();
+        assert!(monitor.on_response(&answer, peer));
+        assert!(!monitor.is_up(2), "never pinged there");
+        monitor.pinged.lock().unwrap().insert(2, peer);
+        assert!(monitor.on_response(&answer, "127.0.0.9:5060".parse().unwrap()));
+        assert!(!monitor.is_up(2), "an answer from elsewhere does not count");
+        assert!(monitor.on_response(&answer, peer));
         assert!(monitor.is_up(2));
         assert!(!monitor.is_up(3));
         tokio::time::advance(DOWN_AFTER).await;
         assert!(!monitor.is_up(2), "silent for too long");
         let other = Message::response_to(&crate::peers::tests::plain(), 200, "OK");
-        assert!(!monitor.on_response(&other), "not a ping");
+        assert!(!monitor.on_response(&other, peer), "not a ping");
     }
 
     fn plain() -> Message {

@@ -293,6 +293,21 @@ pub(crate) fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Whether the first Path entry names the address the REGISTER came from.
+fn path_from_sender(path: &[String], flow: &Flow) -> bool {
+    let Some(uri) = path
+        .first()
+        .and_then(|p| tandem_sip::NameAddr::parse(p, "Path").ok())
+        .and_then(|n| n.uri.as_sip().cloned())
+    else {
+        return false;
+    };
+    // A connection's source port is ephemeral, so over TCP and TLS the address decides.
+    let (kind, host, port) = crate::proxy::route::next_hop(&uri);
+    host.ip() == Some(flow.remote.ip())
+        && (flow.transport.is_reliable() || (port == flow.remote.port() && kind == flow.transport))
+}
+
 /// The flow as a binding stores it.
 pub fn stored_flow(flow: &Flow) -> StoredFlow {
     StoredFlow {
@@ -412,6 +427,14 @@ impl Registrar {
                 Authenticated::Account(a) => a,
                 Authenticated::Refused(a) => return Err(reply(a)),
             };
+        // RFC 3327: Path is added by the proxies on the way. Only a Path whose first hop
+        // is the element that sent this REGISTER is believed; otherwise a phone could
+        // name any host for the calls it receives to be sent through.
+        let mut req = req;
+        if !req.path.is_empty() && !path_from_sender(&req.path, flow) {
+            tracing::info!(aor = %req.aor, remote = %flow.remote, "Path not from the sender of the REGISTER; ignored");
+            req.path.clear();
+        }
         // One REGISTER per AOR at a time on this node, from reading the bindings to the
         // end of the write, so two racing requests cannot both pass the ordering checks.
         let lock = self.aor_lock(&req.aor);

@@ -211,6 +211,13 @@ impl StateReader {
         )
     }
 
+    /// How many bindings `edge` holds, counted on the index alone (for metrics).
+    pub fn count_bindings_by_edge(&self, edge: NodeId) -> Result<usize, Error> {
+        Ok(self
+            .scan_keys(&key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]))?
+            .len())
+    }
+
     pub fn provider(&self, id: &str) -> Result<Option<Provider>, Error> {
         self.get(&key::with(key::PROVIDER, &[id.as_bytes()]))
     }

@@ -206,12 +206,40 @@ impl Proxy {
     /// no transaction (the ACK for a 2xx).
     pub fn handle(self: &Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>) {
         let proxy = self.clone();
+        // The CANCEL channel exists before the task runs, so a CANCEL handled by the core
+        // right after this INVITE always finds it.
+        let cancels = match tx {
+            Some(tx) if request.method() == Some(&Method::Invite) => {
+                let (signal, cancels) = mpsc::unbounded_channel();
+                self.invites
+                    .lock()
+                    .expect("invite table lock")
+                    .insert(tx, signal);
+                Some(cancels)
+            }
+            _ => None,
+        };
         tokio::spawn(async move {
             match tx {
-                Some(tx) => proxy.route(request, flow, tx).await,
+                Some(tx) => {
+                    proxy.clone().route(request, flow, tx, cancels).await;
+                    proxy.invites.lock().expect("invite table lock").remove(&tx);
+                }
                 None => proxy.forward_ack(request, flow).await,
             }
         });
+    }
+
+    /// Whether a request's top Route is this node's with a genuine token: a request
+    /// another node relays to a phone registered here, which drain must not refuse.
+    pub fn is_relayed(&self, request: &Message) -> bool {
+        let call_id = request.call_id().unwrap_or_default();
+        top_route(request).is_some_and(|u| {
+            self.own.is_own(&u)
+                && u.user
+                    .as_deref()
+                    .is_some_and(|user| self.tokens.decode(user, &call_id).is_some())
+        })
     }
 
     fn answer(&self, tx: TxId, request: &Message, (status, reason, headers): Refusal) {
@@ -223,18 +251,64 @@ impl Proxy {
         self.layer.respond(tx, r);
     }
 
-    /// Removes the Route entries that name this node (§16.4); returns the flow the last
-    /// one's token names, if it had a genuine one.
-    fn pop_own_routes(&self, request: &mut Message) -> Option<Flow> {
-        let mut token = None;
-        while let Some(uri) = top_route(request).filter(|u| self.own.is_own(u)) {
-            let _ = request.pop_first_value(&HeaderName::Route);
-            token = uri.user.as_deref().and_then(|u| self.tokens.decode(u));
+    /// Removes the Route entries that name this node (§16.4): its addresses, or a domain
+    /// it serves without a user part. Returns what the popped entries' tokens said.
+    fn pop_own_routes(&self, request: &mut Message) -> OwnRoutes {
+        let call_id = request
+            .call_id()
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
+        let routes = request.name_addrs(&HeaderName::Route).unwrap_or_default();
+        let reader = self.cluster.replica.reader();
+        let mut own = OwnRoutes::default();
+        for uri in routes.iter().map_while(|r| r.uri.as_sip()) {
+            let ours = self.own.is_own(uri)
+                || (uri.user.is_none()
+                    && reader.serves_domain(&uri.host.to_string()).unwrap_or(false));
+            if !ours {
+                break;
+            }
+            own.popped += 1;
+            own.token = uri
+                .user
+                .as_deref()
+                .and_then(|u| self.tokens.decode(u, &call_id));
+            own.any_token |= own.token.is_some();
         }
-        token
+        for _ in 0..own.popped {
+            let _ = request.pop_first_value(&HeaderName::Route);
+        }
+        own
     }
 
-    async fn route(self: Arc<Self>, mut request: Message, flow: Flow, tx: TxId) {
+    /// Removes the credentials this node checked: they are for its realms, and the callee
+    /// has no business seeing them (§22.3).
+    fn strip_own_credentials(&self, request: &mut Message) {
+        let Ok(all) = request.auth_headers(&HeaderName::ProxyAuthorization) else {
+            return;
+        };
+        if all.is_empty() {
+            return;
+        }
+        let reader = self.cluster.replica.reader();
+        request.remove_header(&HeaderName::ProxyAuthorization);
+        for h in all {
+            let ours = h
+                .param("realm")
+                .is_some_and(|r| reader.serves_domain(r).unwrap_or(false));
+            if !ours {
+                request.push_header(HeaderName::ProxyAuthorization, h.to_string());
+            }
+        }
+    }
+
+    async fn route(
+        self: Arc<Self>,
+        mut request: Message,
+        flow: Flow,
+        tx: TxId,
+        cancels: Option<mpsc::UnboundedReceiver<()>>,
+    ) {
         let Some(method) = request.method().cloned() else {
             return;
         };
@@ -248,20 +322,23 @@ impl Proxy {
             crate::responses::stamp(&mut trying);
             self.layer.respond(tx, trying);
         }
-        let token = self.pop_own_routes(&mut request);
+        let own = self.pop_own_routes(&mut request);
         let in_dialog = request
             .to()
             .is_ok_and(|to| to.params.value("tag").is_some());
         let next_route = top_route(&request);
         let decided: Result<Vec<Vec<Target>>, Refusal> = if let Some(next) = next_route {
-            // Loose routing to the next hop (§16.6 step 6); a new request may only use it
-            // after authenticating, or this node would be an open relay.
-            if in_dialog {
+            // Loose routing to the next hop (§16.6 step 6). Inside a dialog only along a
+            // route set this node record-routed (a genuine token for this call); a new
+            // request only after authenticating. Otherwise this would be an open relay.
+            if in_dialog && own.any_token {
                 Ok(vec![vec![Target {
                     uri: None,
                     routes: Vec::new(),
                     hop: Hop::Uri(next),
                 }]])
+            } else if in_dialog {
+                Err(refusal(403, "Forbidden (no route set through this node)"))
             } else {
                 self.authorize_outbound(&request, &flow).map(|()| {
                     vec![vec![Target {
@@ -271,7 +348,7 @@ impl Proxy {
                     }]]
                 })
             }
-        } else if let Some(token) = token {
+        } else if let Some(token) = own.token {
             Ok(vec![vec![Target {
                 uri: None,
                 routes: Vec::new(),
@@ -289,12 +366,15 @@ impl Proxy {
                 return;
             }
         };
+        if !in_dialog {
+            self.strip_own_credentials(&mut request);
+        }
         let record_route = !in_dialog
             && matches!(
                 method,
                 Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
             );
-        self.forward(request, flow, tx, hash, groups, record_route)
+        self.forward(request, flow, tx, hash, groups, record_route, cancels)
             .await;
     }
 
@@ -392,9 +472,10 @@ impl Proxy {
         if bindings.is_empty() || !account.enabled {
             return Err(refusal(480, "Temporarily Unavailable"));
         }
+        let call_id = request.call_id().unwrap_or_default();
         let targets: Vec<(u16, Target)> = bindings
             .iter()
-            .filter_map(|b| Some((b.q, self.binding_target(b)?)))
+            .filter_map(|b| Some((b.q, self.binding_target(b, &call_id)?)))
             .collect();
         if targets.is_empty() {
             return Err(refusal(480, "Temporarily Unavailable (no usable contact)"));
@@ -405,7 +486,7 @@ impl Proxy {
     /// How to reach one binding (DECISIONS §7): through its Path; over its flow if this
     /// node is its edge; through its edge node if that node answers; else straight to its
     /// public address.
-    fn binding_target(&self, b: &Binding) -> Option<Target> {
+    fn binding_target(&self, b: &Binding, call_id: &str) -> Option<Target> {
         let uri = Uri::parse(&b.contact).ok()?;
         if let Some(first) = b.path.first() {
             return Some(Target {
@@ -434,7 +515,10 @@ impl Proxy {
             .and_then(|e| sip_addr(e, TransportKind::Udp))
             .filter(|_| self.peers.is_up(b.edge_node))
         {
-            let route = format!("<sip:{}@{edge_addr};lr>", self.tokens.encode(&stored));
+            let route = format!(
+                "<sip:{}@{edge_addr};lr>",
+                self.tokens.encode(&stored, call_id)
+            );
             return Some(Target {
                 uri: Some(uri),
                 routes: vec![route],
@@ -487,11 +571,11 @@ impl Proxy {
         }
     }
 
-    fn record_route(&self, flow: &Flow) -> String {
+    fn record_route(&self, flow: &Flow, call_id: &str) -> String {
         let addr = self.own.advertised(flow.transport, flow.local);
         format!(
             "<sip:{}@{addr}{};lr>",
-            self.tokens.encode(flow),
+            self.tokens.encode(flow, call_id),
             transport_param(flow.transport)
         )
     }
@@ -520,9 +604,15 @@ impl Proxy {
             .map_or(70, |n| n.saturating_sub(1));
         m.set_header(HeaderName::MaxForwards, hops.to_string());
         if record_route {
-            m.prepend_header(HeaderName::RecordRoute, self.record_route(in_flow));
-            m.prepend_header(HeaderName::RecordRoute, self.record_route(out));
+            let call_id = request.call_id().unwrap_or_default();
+            let (inner, outer) = (
+                self.record_route(in_flow, &call_id),
+                self.record_route(out, &call_id),
+            );
+            m.prepend_header(HeaderName::RecordRoute, inner);
+            m.prepend_header(HeaderName::RecordRoute, outer);
         }
+        set_content_length(&mut m);
         let via = self.own.advertised(out.transport, out.local);
         m.prepend_header(
             HeaderName::Via,
@@ -544,14 +634,16 @@ impl Proxy {
         hash: String,
         groups: Vec<Vec<Target>>,
         record_route: bool,
+        cancels: Option<mpsc::UnboundedReceiver<()>>,
     ) {
         let is_invite = request.method() == Some(&Method::Invite);
-        let (cancel_tx, mut cancel_rx) = mpsc::unbounded_channel();
-        if is_invite {
-            self.invites
-                .lock()
-                .expect("invite table lock")
-                .insert(tx, cancel_tx);
+        let (_never, idle) = mpsc::unbounded_channel();
+        let mut cancel_rx = cancels.unwrap_or(idle);
+        if cancel_rx.try_recv().is_ok() {
+            // Cancelled before a single branch started.
+            let r = crate::responses::build(&request, 487, "Request Terminated");
+            self.layer.respond(tx, r);
+            return;
         }
         let mut fork = Fork {
             proxy: self.clone(),
@@ -599,8 +691,8 @@ impl Proxy {
             let timer_c = fork
                 .branches
                 .iter()
-                .filter(|b| !b.done && !b.cancel_sent)
-                .filter_map(|b| b.timer_c)
+                .filter(|b| !b.done)
+                .filter_map(|b| if b.cancel_sent { b.give_up } else { b.timer_c })
                 .min();
             tokio::select! {
                 Some(()) = cancel_rx.recv(), if !fork.cancelled => {
@@ -615,9 +707,16 @@ impl Proxy {
                     let now = Instant::now();
                     for i in 0..fork.branches.len() {
                         let b = &fork.branches[i];
-                        if !b.done && !b.cancel_sent && b.timer_c.is_some_and(|t| t <= now) {
+                        if b.done {
+                            continue;
+                        }
+                        if !b.cancel_sent && b.timer_c.is_some_and(|t| t <= now) {
                             tracing::debug!(branch = i, "Timer C fired: cancelling the branch");
                             fork.send_cancel(i);
+                        } else if b.cancel_sent && b.give_up.is_some_and(|t| t <= now) {
+                            // §9.1: no final response 64*T1 after the CANCEL; give up on it.
+                            tracing::debug!(branch = i, "no answer to CANCEL: giving up on the branch");
+                            fork.give_up(i);
                         }
                     }
                 }
@@ -626,22 +725,20 @@ impl Proxy {
         if !fork.finished {
             fork.finish();
         }
-        if is_invite {
-            self.invites.lock().expect("invite table lock").remove(&tx);
-        }
     }
 
     /// The ACK for a 2xx: forwarded statelessly along its Route set (§16.11).
     async fn forward_ack(self: Arc<Self>, mut request: Message, _flow: Flow) {
-        let token = self.pop_own_routes(&mut request);
-        let next = top_route(&request);
-        let hop = match (next, token) {
+        let own = self.pop_own_routes(&mut request);
+        if !own.any_token {
+            // Only along a route set this node record-routed, or it would relay anything.
+            tracing::debug!("ACK with no route set through this node; dropped");
+            return;
+        }
+        let hop = match (top_route(&request), own.token) {
             (Some(uri), _) => Hop::Uri(uri),
             (None, Some(flow)) => Hop::Flow(flow),
-            (None, None) => {
-                tracing::debug!("ACK with no route through this node; dropped");
-                return;
-            }
+            (None, None) => return,
         };
         if request.max_forwards().ok().flatten() == Some(0) {
             return;
@@ -669,6 +766,20 @@ impl Proxy {
     }
 }
 
+/// Content-Length as the body really is: a message that came over UDP without one may
+/// leave over a stream, where framing depends on it.
+fn set_content_length(m: &mut Message) {
+    let len = m.body().len().to_string();
+    if m.header(&HeaderName::ContentLength)
+        .ok()
+        .flatten()
+        .as_deref()
+        != Some(len.as_str())
+    {
+        m.set_header(HeaderName::ContentLength, len);
+    }
+}
+
 /// A small stable hash, for the stateless ACK branch.
 fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -685,7 +796,22 @@ struct Branch {
     cancel_wanted: bool,
     cancel_sent: bool,
     timer_c: Option<Instant>,
+    /// Once CANCELled: when to stop waiting for its final response.
+    give_up: Option<Instant>,
 }
+
+/// What the Route entries naming this node said.
+#[derive(Debug, Default)]
+struct OwnRoutes {
+    popped: usize,
+    /// The flow the last one's token names, if it had a genuine one.
+    token: Option<Flow>,
+    /// Whether any had a genuine token: the route set is one this node record-routed.
+    any_token: bool,
+}
+
+/// How long a CANCELled branch may take to answer before it is given up (64*T1, §9.1).
+const CANCEL_GIVE_UP: Duration = Duration::from_secs(32);
 
 /// The state of one forwarded request: its branches and the best answer so far.
 struct Fork {
@@ -741,6 +867,7 @@ impl Fork {
                         cancel_wanted: false,
                         cancel_sent: false,
                         timer_c: None,
+                        give_up: None,
                     });
                     self.consider(stand_in, true);
                     continue;
@@ -771,6 +898,7 @@ impl Fork {
                 cancel_wanted: self.cancelled,
                 cancel_sent: false,
                 timer_c: None,
+                give_up: None,
             });
         }
     }
@@ -778,6 +906,7 @@ impl Fork {
     /// Sends a response upstream, without this node's Via.
     fn relay(&self, mut response: Message) {
         let _ = response.pop_first_value(&HeaderName::Via);
+        set_content_length(&mut response);
         self.proxy.layer.respond(self.tx, response);
     }
 
@@ -881,6 +1010,7 @@ impl Fork {
             return;
         }
         b.cancel_sent = true;
+        b.give_up = Some(Instant::now() + CANCEL_GIVE_UP);
         let Some(uri) = b.request.uri().cloned() else {
             return;
         };
@@ -908,6 +1038,17 @@ impl Fork {
         let _ = self.proxy.layer.send_request(cancel, b.flow);
     }
 
+    /// Ends a branch that never answered its CANCEL.
+    fn give_up(&mut self, i: usize) {
+        self.branches[i].done = true;
+        let (status, reason) = if self.cancelled {
+            (487, "Request Terminated")
+        } else {
+            (408, "Request Timeout")
+        };
+        self.consider(crate::responses::build(&self.request, status, reason), true);
+    }
+
     /// Sends the best final response upstream unless a 2xx already went.
     fn finish(&mut self) {
         if self.finished {
@@ -930,6 +1071,10 @@ impl Fork {
                 500,
                 "Server Internal Error (next hop unavailable)",
             );
+            self.proxy.layer.respond(self.tx, r);
+        } else if stand_in && self.cancelled {
+            // The caller asked to stop; its branches just never said so.
+            let r = crate::responses::build(&self.request, 487, "Request Terminated");
             self.proxy.layer.respond(self.tx, r);
         } else if stand_in {
             self.proxy.layer.respond(self.tx, best);

@@ -639,7 +639,9 @@ impl TransactionLayer {
                 }
                 Action::Terminated => {
                     let entry = self.servers.remove(&id).expect("present");
-                    self.server_index.remove(&entry.key);
+                    if self.server_index.get(&entry.key) == Some(&id) {
+                        self.server_index.remove(&entry.key);
+                    }
                     self.cancel_all(id);
                     // Counted until its first final; that final may have come in this very
                     // batch (over TCP a final ends the transaction at once), so what matters
@@ -698,7 +700,11 @@ impl TransactionLayer {
                 Action::NeedTrying => {}
                 Action::Terminated => {
                     let entry = self.clients.remove(&id).expect("present");
-                    self.client_index.remove(&entry.key);
+                    // A newer transaction may have taken the key (a request resent with the
+                    // same branch after this one ended); its index entry stays.
+                    if self.client_index.get(&entry.key) == Some(&id) {
+                        self.client_index.remove(&entry.key);
+                    }
                     self.cancel_all(id);
                     // Counted until its first final; that final may have come in this very
                     // batch (over TCP a final ends the transaction at once), so what matters

@@ -327,9 +327,12 @@ impl Transports {
                     .connections
                     .lock()
                     .expect("connection table lock");
+                // A connection id from before a restart may name another peer's
+                // connection now: it counts only if it still leads to the same peer.
                 let conn = flow
                     .connection
                     .and_then(|id| table.by_id.get(&id))
+                    .filter(|c| c.flow.remote == flow.remote && c.flow.transport == kind)
                     .or_else(|| {
                         table
                             .by_remote
