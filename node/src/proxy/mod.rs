@@ -374,8 +374,21 @@ impl Proxy {
                 method,
                 Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
             );
-        self.forward(request, flow, tx, hash, groups, record_route, cancels)
-            .await;
+        let fork = Fork {
+            proxy: self.clone(),
+            is_invite: method == Method::Invite,
+            request,
+            in_flow: flow,
+            tx,
+            hash,
+            record_route,
+            branches: Vec::new(),
+            best: None,
+            answered: false,
+            finished: false,
+            cancelled: false,
+        };
+        self.forward(fork, groups, cancels).await;
     }
 
     /// A new request with a route of its own: allowed for local accounts that authenticate.
@@ -628,37 +641,18 @@ impl Proxy {
     /// the responses back through `tx` (§16.6–§16.8).
     async fn forward(
         self: Arc<Self>,
-        request: Message,
-        in_flow: Flow,
-        tx: TxId,
-        hash: String,
+        mut fork: Fork,
         groups: Vec<Vec<Target>>,
-        record_route: bool,
         cancels: Option<mpsc::UnboundedReceiver<()>>,
     ) {
-        let is_invite = request.method() == Some(&Method::Invite);
         let (_never, idle) = mpsc::unbounded_channel();
         let mut cancel_rx = cancels.unwrap_or(idle);
         if cancel_rx.try_recv().is_ok() {
             // Cancelled before a single branch started.
-            let r = crate::responses::build(&request, 487, "Request Terminated");
-            self.layer.respond(tx, r);
+            let r = crate::responses::build(&fork.request, 487, "Request Terminated");
+            self.layer.respond(fork.tx, r);
             return;
         }
-        let mut fork = Fork {
-            proxy: self.clone(),
-            request,
-            in_flow,
-            tx,
-            hash,
-            record_route,
-            is_invite,
-            branches: Vec::new(),
-            best: None,
-            answered: false,
-            finished: false,
-            cancelled: false,
-        };
         let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, ClientEvent)>();
         let mut spawner = Some(events_tx);
         let mut groups = groups.into_iter();
