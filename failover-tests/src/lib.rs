@@ -22,6 +22,7 @@ use tempfile::TempDir;
 pub use clock::Deadline;
 
 pub mod cluster;
+pub mod keepalive;
 pub mod ua;
 
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.

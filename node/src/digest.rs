@@ -237,9 +237,13 @@ pub fn response(
 /// A nonce-count that does not grow is a replay. The oldest entries are forgotten beyond
 /// `capacity`, and nonces expire anyway, so memory stays bounded.
 pub struct ReplayGuard {
-    seen: HashMap<String, u32>,
-    order: VecDeque<String>,
+    /// Keyed by a 64-bit hash of the nonce (keyed per process, so nobody can aim for a
+    /// collision), which keeps 100,000 entries in a few MiB; a collision would only cost a
+    /// client one more challenge.
+    seen: HashMap<u64, u32>,
+    order: VecDeque<u64>,
     capacity: usize,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 impl ReplayGuard {
@@ -248,13 +252,16 @@ impl ReplayGuard {
             seen: HashMap::new(),
             order: VecDeque::new(),
             capacity,
+            hasher: std::collections::hash_map::RandomState::new(),
         }
     }
 
     /// Records `(nonce, nc)`; false if that nonce was already used with this count or a
     /// higher one.
     pub fn accept(&mut self, nonce: &str, nc: u32) -> bool {
-        match self.seen.get_mut(nonce) {
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one(nonce);
+        match self.seen.get_mut(&key) {
             Some(last) if nc <= *last => false,
             Some(last) => {
                 *last = nc;
@@ -266,8 +273,8 @@ impl ReplayGuard {
                         self.seen.remove(&old);
                     }
                 }
-                self.seen.insert(nonce.to_owned(), nc);
-                self.order.push_back(nonce.to_owned());
+                self.seen.insert(key, nc);
+                self.order.push_back(key);
                 true
             }
         }

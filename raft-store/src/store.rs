@@ -17,6 +17,11 @@ pub(crate) const CF_SM_DATA: &str = "sm_data";
 pub(crate) const CF_SM_META: &str = "sm_meta";
 pub(crate) const ALL_CFS: [&str; 4] = [CF_META, CF_LOGS, CF_SM_DATA, CF_SM_META];
 
+/// Bytes all memtables together may hold before RocksDB flushes the largest.
+const MEMTABLE_BUDGET: usize = 32 << 20;
+/// Bytes of the one block cache every column family shares.
+const BLOCK_CACHE: usize = 16 << 20;
+
 /// Opens (creating if needed) the store under `dir`: `dir/db` for RocksDB and
 /// `dir/snapshots` for the newest snapshot.
 pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
@@ -30,9 +35,23 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
     // Small state, few files: keep RocksDB's own log and file handles modest.
     options.set_keep_log_file_num(4);
     options.set_max_open_files(256);
+    // Memory is budgeted, not left to per-family defaults (64 MiB of memtable and a block
+    // cache per column family): every memtable together stays under MEMTABLE_BUDGET (the
+    // largest is flushed first), and one block cache serves every family. A node's
+    // resident memory then grows with its state, not with its write history.
+    options.set_db_write_buffer_size(MEMTABLE_BUDGET);
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
+    let family_options = || {
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        let mut o = Options::default();
+        o.set_block_based_table_factory(&table);
+        o.set_write_buffer_size(MEMTABLE_BUDGET / 2);
+        o
+    };
     let families = ALL_CFS
         .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        .map(|name| ColumnFamilyDescriptor::new(name, family_options()));
     let db = DB::open_cf_descriptors(&options, &db_dir, families)
         .map_err(|e| Error::Db(format!("opening {}: {e}", db_dir.display())))?;
     let db = Arc::new(db);

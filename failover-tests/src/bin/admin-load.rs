@@ -9,11 +9,12 @@
 // this tool measures other processes on the wall clock.
 #![allow(clippy::disallowed_types)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tandem_failover_tests::keepalive::Connection;
 
 /// Bytes of a PutCustomer command besides the id and name: kind, version, three length
 /// prefixes and the enabled flag.
@@ -22,58 +23,6 @@ const COMMAND_OVERHEAD: usize = 8;
 const MAX_NAME: usize = 256;
 /// Ids are `<prefix>-<worker>-<n>`; the prefix pads them so that the command reaches its size.
 const ID_DIGITS: usize = 12;
-
-struct Connection {
-    addr: SocketAddr,
-    reader: BufReader<TcpStream>,
-}
-
-impl Connection {
-    fn open(addr: SocketAddr) -> std::io::Result<Connection> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        Ok(Connection {
-            addr,
-            reader: BufReader::new(stream),
-        })
-    }
-
-    /// Sends one request and reads the answer; returns the status code.
-    fn put(&mut self, path: &str, token: &str, body: &str) -> std::io::Result<u16> {
-        let request = format!(
-            "PUT {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {token}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            self.addr,
-            body.len()
-        );
-        self.reader.get_mut().write_all(request.as_bytes())?;
-        let mut line = String::new();
-        self.reader.read_line(&mut line)?;
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-        let mut length = 0usize;
-        loop {
-            line.clear();
-            self.reader.read_line(&mut line)?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = l.split_once(':') {
-                if k.eq_ignore_ascii_case("content-length") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-        }
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body)?;
-        Ok(status)
-    }
-}
 
 fn percentile(sorted: &[u64], p: f64) -> f64 {
     if sorted.is_empty() {

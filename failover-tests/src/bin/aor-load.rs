@@ -1,0 +1,142 @@
+//! Fills a node with registered AORs and reports its resident memory, for
+//! `ops/bench/aor-memory.sh`: creates COUNT accounts `u<n>@bench.example` through the admin
+//! API, then registers each one over UDP with MD5 digest (REGISTER, 401, REGISTER with
+//! credentials, 200), WORKERS at a time, and prints the node's resident memory before,
+//! after the accounts and after the registrations, and the growth per AOR.
+//!
+//! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]
+// clippy.toml bans std's Instant so that in-process timers can run on tokio's paused clock;
+// this tool measures other processes on the wall clock.
+#![allow(clippy::disallowed_types)]
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_failover_tests::keepalive::Connection;
+use tandem_failover_tests::ua::Ua;
+
+const DOMAIN: &str = "bench.example";
+const PASSWORD: &str = "bench-password-1";
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+/// Runs `job(i)` for i in 0..count on `workers` threads; prints progress every 10%.
+fn in_parallel(
+    what: &'static str,
+    count: u64,
+    workers: u64,
+    job: impl Fn(u64, &mut Option<Connection>) -> bool + Send + Sync + 'static,
+) -> (u64, f64) {
+    let job = Arc::new(job);
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let threads: Vec<_> = (0..workers)
+        .map(|w| {
+            let (job, done, failed) = (job.clone(), done.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut conn = None;
+                let mut i = w;
+                while i < count {
+                    if !job(i, &mut conn) {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                    if n % (count / 10).max(1) == 0 {
+                        eprintln!("{what}: {n} of {count}");
+                    }
+                    i += workers;
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("worker thread");
+    }
+    (
+        failed.load(Ordering::Relaxed),
+        started.elapsed().as_secs_f64(),
+    )
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 6 {
+        eprintln!("usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]");
+        std::process::exit(64);
+    }
+    let admin: SocketAddr = args[1].parse().expect("ADMIN_ADDR is ip:port");
+    let token = std::fs::read_to_string(&args[2])
+        .expect("read TOKEN_FILE")
+        .trim()
+        .to_owned();
+    let sip: SocketAddr = args[3].parse().expect("SIP_ADDR is ip:port");
+    let pid: u32 = args[4].parse().expect("NODE_PID is a number");
+    let count: u64 = args[5].parse().expect("COUNT is a number");
+    let workers: u64 = args.get(6).map_or(64, |s| s.parse().expect("WORKERS"));
+
+    let before = rss_kib(pid);
+    let mut conn = Connection::open(admin).expect("connect to the admin API");
+    let status = conn
+        .put("/v1/customers/bench", &token, r#"{"name":"Bench"}"#)
+        .expect("create the customer");
+    assert_eq!(status, 200, "creating the customer");
+    let body = format!(r#"{{"password":"{PASSWORD}","customer":"bench"}}"#);
+    let token2 = token.clone();
+    let (failed, secs) = in_parallel("accounts", count, workers, move |i, conn| {
+        if conn.is_none() {
+            *conn = Connection::open(admin).ok();
+        }
+        let Some(c) = conn.as_mut() else {
+            return false;
+        };
+        match c.put(&format!("/v1/accounts/{DOMAIN}/u{i}"), &token2, &body) {
+            Ok(s) => s == 200 || s == 201,
+            Err(_) => {
+                *conn = None;
+                false
+            }
+        }
+    });
+    let with_accounts = rss_kib(pid);
+    println!(
+        "accounts: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
+        count as f64 / secs
+    );
+    // A registration that fails panics in the test UA; it is counted, not printed.
+    std::panic::set_hook(Box::new(|_| {}));
+    let (failed, secs) = in_parallel("registrations", count, workers, move |i, _| {
+        let mut ua = Ua::new("127.0.0.1", &format!("u{i}"), DOMAIN, PASSWORD);
+        let contact = format!("<{}>", ua.contact());
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200
+        }))
+        .unwrap_or(false)
+    });
+    println!(
+        "registrations: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
+        count as f64 / secs
+    );
+    // Let the node settle (sweeps, memtable flushes) before reading its memory.
+    std::thread::sleep(Duration::from_secs(5));
+    let after = rss_kib(pid);
+    println!(
+        "resident memory: {before} KiB before, {with_accounts} KiB with accounts, {after} KiB with bindings"
+    );
+    println!(
+        "per registered AOR (account + binding): {:.0} bytes; binding alone: {:.0} bytes",
+        (after.saturating_sub(before) * 1024) as f64 / count as f64,
+        (after.saturating_sub(with_accounts) * 1024) as f64 / count as f64
+    );
+}

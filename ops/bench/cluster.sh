@@ -1,0 +1,65 @@
+# Sourced by the benchmarks: forms a three-node Tandem cluster the operator's way (`tandem
+# cert`, `keygen`, `cluster init`, `cluster join`) on 127.0.0.1, .2 and .3 under "$work",
+# each node with its own RocksDB, Raft over mutual TLS, free ports picked by the kernel.
+# After `form_cluster`: node i's config is $work/node$i/tandem.toml, its log
+# $work/node$i.log, its pid ${node_pid[i]}, and $admin1, $sip1 and $raft1 are node 1's
+# admin, SIP (UDP) and Raft addresses. Node 1 is the leader. Needs $TANDEM_BIN and $work.
+
+# A free port on an address.
+port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
+
+# The value of `listen` in a config section.
+listen_of() { grep -A1 "^\[$2\]" "$1" | sed -n 's/listen = "\(.*\)"/\1/p'; }
+
+declare -a node_pid
+form_cluster() {
+  "$TANDEM_BIN" cert ca --out "$work/ca" > /dev/null
+  "$TANDEM_BIN" keygen --out "$work/master.key" > /dev/null
+  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/admin.token"
+  local i ip
+  for i in 1 2 3; do
+    ip="127.0.0.$i"
+    "$TANDEM_BIN" cert node --ca "$work/ca" --name "node$i" --san "$ip" --out "$work/certs" > /dev/null
+    mkdir -p "$work/node$i"
+    cp "$work/master.key" "$work/node$i/master.key"
+    cat > "$work/node$i/tandem.toml" <<TOML
+[node]
+id = $i
+data_dir = "$work/node$i/data"
+master_key = "$work/node$i/master.key"
+[sip]
+udp = ["$ip:$(port "$ip")"]
+tcp = []
+[cluster]
+listen = "$ip:$(port "$ip")"
+ca_certificate = "$work/certs/ca.crt"
+certificate = "$work/certs/node$i.crt"
+private_key = "$work/certs/node$i.key"
+[admin]
+listen = "$ip:$(port "$ip")"
+token_file = "$work/admin.token"
+[log]
+filter = "warn"
+TOML
+  done
+  raft1=$(listen_of "$work/node1/tandem.toml" cluster)
+  admin1=$(listen_of "$work/node1/tandem.toml" admin)
+  sip1=$(sed -n 's/^udp = \["\(.*\)"\]/\1/p' "$work/node1/tandem.toml")
+  "$TANDEM_BIN" cluster init --config "$work/node1/tandem.toml" > /dev/null
+  "$TANDEM_BIN" run --config "$work/node1/tandem.toml" 2> "$work/node1.log" &
+  node_pid[1]=$!
+  sleep 2
+  for i in 2 3; do
+    "$TANDEM_BIN" cluster join --config "$work/node$i/tandem.toml" --peer "$raft1" > /dev/null
+    "$TANDEM_BIN" run --config "$work/node$i/tandem.toml" 2> "$work/node$i.log" &
+    node_pid[i]=$!
+  done
+  local voters=0
+  for _ in $(seq 100); do
+    voters=$("$TANDEM_BIN" cluster status --config "$work/node1/tandem.toml" --json 2>/dev/null \
+      | grep -c '"voter": true' || true)
+    [ "$voters" = 3 ] && break
+    sleep 0.2
+  done
+  [ "$voters" = 3 ] || { echo "cluster did not form"; cat "$work"/node*.log; exit 1; }
+}
