@@ -405,3 +405,70 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
+    let node = Node::start_ready("");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    // Bob's desk phone (q=1.0) is tried first; his two softphones (q=0.5) after it, both
+    // at once.
+    let mut desk = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut soft1 = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut soft2 = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    for (ua, q) in [(&mut desk, "1.0"), (&mut soft1, "0.5"), (&mut soft2, "0.5")] {
+        let contact = format!("<{}>;q={q}", ua.contact());
+        let r = ua.register(sip, "MD5", Some(&contact), Some(600));
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+
+    std::thread::scope(|s| {
+        let (desk, soft1, soft2) = (&desk, &soft1, &soft2);
+        s.spawn(move || {
+            let invite = desk.expect_request("INVITE", WAIT);
+            // The softphones have heard nothing while the desk phone rings.
+            assert!(soft1.recv(Duration::from_millis(300)).is_none());
+            assert!(soft2.recv(Duration::from_millis(10)).is_none());
+            desk.respond(&invite, 180, "Ringing", "");
+            desk.respond(&invite, 480, "Temporarily Unavailable", "");
+            desk.expect_request("ACK", WAIT);
+        });
+        s.spawn(move || {
+            let invite = soft1.expect_request("INVITE", WAIT);
+            soft1.respond(&invite, 180, "Ringing", "");
+            std::thread::sleep(Duration::from_millis(200));
+            soft1.respond(
+                &invite,
+                200,
+                "OK",
+                &format!("Contact: <{}>\r\n", soft1.contact()),
+            );
+            soft1.expect_request("ACK", WAIT);
+        });
+        s.spawn(move || {
+            let invite = soft2.expect_request("INVITE", WAIT);
+            soft2.respond(&invite, 180, "Ringing", "");
+            let cancel = soft2.expect_request("CANCEL", WAIT);
+            soft2.respond(&cancel, 200, "OK", "");
+            soft2.respond(&invite, 487, "Request Terminated", "");
+            soft2.expect_request("ACK", WAIT);
+        });
+        let ok = alice.invite(sip, "sip:bob@example.com", "fork-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        assert_eq!(
+            ok.header("Contact").as_deref(),
+            Some(format!("<{}>", soft1.contact()).as_str())
+        );
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+    });
+    // No second final answer reaches Alice: the 487 stayed at the proxy.
+    let late = alice.recv(Duration::from_millis(500));
+    assert!(
+        late.as_ref()
+            .is_none_or(|m| m.status().is_none_or(|s| s < 300)),
+        "{late:?}"
+    );
+}
