@@ -170,6 +170,15 @@ impl Listeners {
                     addr,
                     source,
                 })?;
+            // The kernel's default receive buffer (about 200 KiB) overflows in bursts of a
+            // few thousand messages per second, and every datagram lost there costs a
+            // retransmission or a failed call. Best effort: the kernel caps it at
+            // net.core.rmem_max.
+            let buffers = socket2::SockRef::from(&s);
+            if let Err(e) = buffers.set_recv_buffer_size(UDP_BUFFER) {
+                tracing::debug!(%addr, error = %e, "cannot enlarge the UDP receive buffer");
+            }
+            let _ = buffers.set_send_buffer_size(UDP_BUFFER);
             udp.push(Arc::new(s));
         }
         let mut tcp = Vec::new();
@@ -206,6 +215,9 @@ impl Listeners {
         Ok(Listeners { udp, tcp, tls })
     }
 }
+
+/// Receive and send buffer asked for on each SIP UDP socket.
+const UDP_BUFFER: usize = 4 << 20;
 
 /// How long opening a TCP connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
