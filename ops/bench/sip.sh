@@ -117,7 +117,7 @@ role=$(curl -sf "http://${admin[$bench_node]}/metrics" \
 # --- Kamailio ----------------------------------------------------------------------------
 kam="127.0.0.1:$(udp_port 127.0.0.1)"
 kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$password\"" \
-  -DD -E -m 256 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
+  -DD -E -m 1024 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
 pids+=($!)
 sleep 2
 # Kamailio's main process and the children it forked.
