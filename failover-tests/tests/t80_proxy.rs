@@ -9,7 +9,9 @@
 //! - without quorum, calls between known bindings still connect, and the edge node being
 //!   down sends the call straight to the binding's public address;
 //! - drain under a running call: the call ends with BYE, new REGISTERs get 503, and the node
-//!   reports drained only after the call ended.
+//!   reports drained only after the call ended;
+//! - forking by q-value groups, with the other branches CANCELled on a 2xx;
+//! - sipp calls (the benchmark's scenarios) through the proxy, every one completed.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -470,5 +472,101 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
         late.as_ref()
             .is_none_or(|m| m.status().is_none_or(|s| s < 300)),
         "{late:?}"
+    );
+}
+
+#[test]
+fn sipp_calls_through_the_proxy_all_complete() {
+    let node = Node::start_ready("");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "caller", "example.com", "pw-caller-1");
+    add_account(admin, &token, "callee", "example.com", "pw-callee-1");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("callee.csv"),
+        "SEQUENTIAL\ncallee;example.com\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("caller.csv"),
+        "SEQUENTIAL\ncaller;example.com;callee\n",
+    )
+    .unwrap();
+    let callee_port = tandem_failover_tests::free_port().to_string();
+    let sipp = |args: &[&str]| {
+        let mut c = std::process::Command::new("sipp");
+        c.args(args)
+            .args(["-i", "127.0.0.1", "-nostdin"])
+            .arg(sip.to_string())
+            .current_dir(dir.path());
+        c
+    };
+    let scenario = |name| {
+        tandem_failover_tests::sipp_scenario(name)
+            .to_string_lossy()
+            .into_owned()
+    };
+    // The callee registers from the port it then answers on.
+    let register = sipp(&[
+        "-sf",
+        &scenario("bench-register.xml"),
+        "-inf",
+        "callee.csv",
+        "-au",
+        "callee",
+        "-ap",
+        "pw-callee-1",
+        "-p",
+        &callee_port,
+        "-m",
+        "1",
+        "-timeout",
+        "10s",
+    ])
+    .output()
+    .expect("run sipp (install it with ./ops/setup.sh)");
+    assert!(
+        register.status.success(),
+        "{}",
+        tandem_failover_tests::describe(&register)
+    );
+    let mut uas = sipp(&["-sf", &scenario("bench-uas.xml"), "-p", &callee_port])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the sipp callee");
+    std::thread::sleep(Duration::from_millis(300));
+    let calls = sipp(&[
+        "-sf",
+        &scenario("bench-uac-invite.xml"),
+        "-inf",
+        "caller.csv",
+        "-au",
+        "caller",
+        "-ap",
+        "pw-caller-1",
+        "-p",
+        "0",
+        "-m",
+        "20",
+        "-r",
+        "10",
+        "-d",
+        "200",
+        "-nd",
+        "-timeout",
+        "30s",
+    ])
+    .output()
+    .expect("run sipp");
+    let _ = uas.kill();
+    let _ = uas.wait();
+    let out = tandem_failover_tests::describe(&calls);
+    assert!(calls.status.success(), "sipp calls failed:\n{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("Successful call")
+                && l.split('|').nth(2).map(str::trim) == Some("20")),
+        "not all 20 calls succeeded:\n{out}"
     );
 }
