@@ -570,3 +570,39 @@ fn sipp_calls_through_the_proxy_all_complete() {
         "not all 20 calls succeeded:\n{out}"
     );
 }
+
+#[test]
+fn nat_keepalives_come_only_from_the_edge_node() {
+    let cluster = Cluster::form(
+        &[MemberRole::Full, MemberRole::Full, MemberRole::Full],
+        "\n[registrar]\nnat_keepalive_secs = 1",
+    );
+    let token = token(&cluster);
+    let two = cluster.member(2);
+    add_account(two.admin_addr, &token, "dave", "example.com", "pw-dave-1");
+    let mut dave = Ua::new("127.0.0.1", "dave", "example.com", "pw-dave-1");
+    let contact = dave.contact();
+    register(&mut dave, two.sip_addr(), &contact);
+    for m in &cluster.members {
+        wait_bindings(m, &token, "dave", 1);
+    }
+    // Every node knows the binding; only node 2, its edge, keeps its NAT mapping open.
+    let deadline = Deadline::after(Duration::from_millis(3500));
+    let mut from_edge = 0;
+    while !deadline.expired() {
+        let Some(m) = dave.recv(deadline.remaining()) else {
+            break;
+        };
+        assert_eq!(m.text, "\r\n\r\n", "not a keepalive: {m:?}");
+        assert_eq!(
+            m.from,
+            two.sip_addr(),
+            "a keepalive from a node that is not the edge"
+        );
+        from_edge += 1;
+    }
+    assert!(
+        from_edge >= 2,
+        "only {from_edge} keepalives in 3.5 s at one a second"
+    );
+}

@@ -251,6 +251,9 @@ pub struct RegistrarConfig {
     pub nonce_lifetime_secs: u64,
     /// Digest algorithms offered, in order: clients use the first one they support.
     pub digest_algorithms: Vec<String>,
+    /// Seconds between the CRLFCRLF keepalives a node sends to the UDP bindings that
+    /// registered through it, to keep NAT mappings open; 0 turns them off.
+    pub nat_keepalive_secs: u64,
 }
 
 impl Default for RegistrarConfig {
@@ -261,6 +264,7 @@ impl Default for RegistrarConfig {
             default_expires: 3600,
             nonce_lifetime_secs: 300,
             digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
+            nat_keepalive_secs: 20,
         }
     }
 }
@@ -534,6 +538,12 @@ impl Config {
             bad(
                 "registrar.nonce_lifetime_secs",
                 "must be 10 to 86400".into(),
+            );
+        }
+        if r.nat_keepalive_secs > 3600 {
+            bad(
+                "registrar.nat_keepalive_secs",
+                "must be at most 3600 (0 turns keepalives off)".into(),
             );
         }
         if r.digest_algorithms.is_empty() {

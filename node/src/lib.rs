@@ -16,6 +16,7 @@ pub mod digest;
 pub mod drain;
 mod error;
 pub mod flow_token;
+pub mod keepalive;
 pub mod overlay;
 pub mod peers;
 pub mod provision;

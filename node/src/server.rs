@@ -160,6 +160,16 @@ async fn run_sip(
                 stop.clone(),
             ));
         }
+        if config.registrar.nat_keepalive_secs > 0 {
+            tracker.spawn(crate::keepalive::run(
+                cluster.clone(),
+                stack.transports.clone(),
+                stats.clone(),
+                config.node.id,
+                Duration::from_secs(config.registrar.nat_keepalive_secs),
+                stop.clone(),
+            ));
+        }
         let proxy = Arc::new(Proxy::new(
             cluster.clone(),
             cluster.overlay.clone(),

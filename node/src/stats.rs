@@ -49,6 +49,8 @@ pub struct Stats {
     /// Unparseable messages that could not be answered and were dropped.
     pub malformed_dropped: AtomicU64,
     pub keepalives: AtomicU64,
+    /// CRLFCRLF keepalives sent to UDP bindings this node is the edge of.
+    pub keepalives_sent: AtomicU64,
     pub connections_refused: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,

@@ -59,15 +59,16 @@ impl HttpNetwork {
         Ok(HttpNetwork { client })
     }
 
-    /// Sends a batch of commands to the leader at `leader` and returns its response.
+    /// Sends a batch of commands to the leader at `leader` and returns its response and
+    /// the index of the log entry that carried them.
     pub async fn forward(
         &self,
         leader: &NodeInfo,
         request: &Request,
         timeout: Duration,
-    ) -> Result<Response, Error> {
+    ) -> Result<(Response, u64), Error> {
         let what = "forwarding to the leader";
-        let result: Result<Response, String> = self
+        let result: Result<(Response, u64), String> = self
             .post(&leader.raft_addr, "/raft/propose", request, timeout, what)
             .await?;
         result.map_err(Error::Raft)
@@ -353,7 +354,7 @@ pub async fn serve(
                 .raft()
                 .client_write(request)
                 .await
-                .map(|r| r.data)
+                .map(|r| (r.data, r.log_id.index))
                 .map_err(|e| e.to_string())
         },
     );

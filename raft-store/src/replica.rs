@@ -82,12 +82,13 @@ impl RaftSettings {
 
 /// Carries a follower's proposals to the leader (the Raft network's `/raft/propose`).
 pub trait Forwarder: Send + Sync + 'static {
+    /// The leader's response and the index of the log entry that carried the batch.
     fn forward<'a>(
         &'a self,
         leader: &'a NodeInfo,
         request: &'a Request,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Response, Error>>;
+    ) -> BoxFuture<'a, Result<(Response, u64), Error>>;
 
     /// Carries a membership request to the leader.
     fn cluster<'a>(
@@ -106,7 +107,7 @@ impl Forwarder for crate::http_network::HttpNetwork {
         leader: &'a NodeInfo,
         request: &'a Request,
         timeout: Duration,
-    ) -> BoxFuture<'a, Result<Response, Error>> {
+    ) -> BoxFuture<'a, Result<(Response, u64), Error>> {
         Box::pin(crate::http_network::HttpNetwork::forward(
             self, leader, request, timeout,
         ))
@@ -554,7 +555,23 @@ impl Batcher {
                     .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
             };
             if let Some(leader) = leader {
-                return forwarder.forward(&leader, &request, self.timeout).await;
+                let (response, index) = forwarder.forward(&leader, &request, self.timeout).await?;
+                // Read your writes: the caller reads this replica next (an account right
+                // after its customer), so wait until it has applied the entry. The write
+                // is committed either way; a replica that lags past the timeout only
+                // delays that read.
+                let applied = self
+                    .raft
+                    .wait(Some(self.timeout))
+                    .applied_index_at_least(Some(index), "a forwarded write")
+                    .await;
+                if applied.is_err() {
+                    tracing::warn!(
+                        index,
+                        "a forwarded write is committed but not yet applied here"
+                    );
+                }
+                return Ok(response);
             }
         }
         self.raft

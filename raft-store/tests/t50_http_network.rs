@@ -126,11 +126,12 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
     let request = Request {
         commands: vec![Command::SetFeatureVersion { version: 21 }.encode()],
     };
-    let response = member
+    let (response, index) = member
         .forward(&members[&leader], &request, Duration::from_secs(5))
         .await
         .unwrap();
     assert_eq!(response.results, vec![CommandResult::Done]);
+    assert!(index > 0, "the entry's index comes back");
 
     // A certificate from another CA gets nowhere.
     let stranger_ca = CertAuthority::generate("other").unwrap();
