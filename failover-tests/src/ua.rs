@@ -188,7 +188,11 @@ impl Ua {
         let challenge = first
             .headers("WWW-Authenticate")
             .into_iter()
-            .find(|c| c.contains(&format!("algorithm={algorithm}")))
+            .find(|c| {
+                c.contains(&format!("algorithm={algorithm}"))
+                    // A challenge that names no algorithm means MD5 (RFC 2617).
+                    || (algorithm == "MD5" && !c.contains("algorithm="))
+            })
             .unwrap_or_else(|| panic!("no {algorithm} challenge in:\n{}", first.text));
         let uri = format!("sip:{}", self.domain);
         let auth = self.authorization(&challenge, "REGISTER", &uri, 1);

@@ -5,6 +5,9 @@
 //! after the accounts and after the registrations, and the growth per AOR.
 //!
 //! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]
+//!        aor-load --register-only SIP_ADDR COUNT [WORKERS] [PASSWORD]
+//! The second form only registers (the accounts exist already, or the registrar is the
+//! reference peer), for `ops/bench/registrations.sh`.
 // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused clock;
 // this tool measures other processes on the wall clock.
 #![allow(clippy::disallowed_types)]
@@ -70,8 +73,61 @@ fn in_parallel(
     )
 }
 
+/// Registers u0..u<count> once each over UDP from 127.0.0.1, `workers` at a time, each
+/// worker one registration after another; prints the rate and the latency of a whole
+/// registration (REGISTER, 401, REGISTER with credentials, 200).
+fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static str) {
+    // A registration that fails panics in the test UA; it is counted, not printed.
+    std::panic::set_hook(Box::new(|_| {}));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
+    let lat = latencies.clone();
+    let (failed, secs) = in_parallel("registrations", count, workers, move |i, _| {
+        let started = Instant::now();
+        let mut ua = Ua::new("127.0.0.1", &format!("u{i}"), DOMAIN, password);
+        let contact = format!("<{}>", ua.contact());
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200
+        }))
+        .unwrap_or(false);
+        if ok {
+            lat.lock()
+                .unwrap()
+                .push(started.elapsed().as_micros() as u64);
+        }
+        ok
+    });
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
+            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
+    };
+    println!(
+        "registrations: {count} in {secs:.1} s ({:.0}/s), {failed} failed, p50 {:.1} ms, p99 {:.1} ms",
+        count as f64 / secs,
+        pct(0.50),
+        pct(0.99)
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--register-only") {
+        // Against any registrar that knows u<n>@bench.example with PASSWORD (the
+        // reference peer in ops/bench/registrations.sh).
+        if args.len() < 4 {
+            eprintln!("usage: aor-load --register-only SIP_ADDR COUNT [WORKERS] [PASSWORD]");
+            std::process::exit(64);
+        }
+        let sip: SocketAddr = args[2].parse().expect("SIP_ADDR is ip:port");
+        let count: u64 = args[3].parse().expect("COUNT is a number");
+        let workers: u64 = args.get(4).map_or(64, |s| s.parse().expect("WORKERS"));
+        let password: &'static str = args
+            .get(5)
+            .map_or(PASSWORD, |p| Box::leak(p.clone().into_boxed_str()));
+        register_all(sip, count, workers, password);
+        return;
+    }
     if args.len() < 6 {
         eprintln!("usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]");
         std::process::exit(64);
@@ -114,20 +170,7 @@ fn main() {
         "accounts: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
         count as f64 / secs
     );
-    // A registration that fails panics in the test UA; it is counted, not printed.
-    std::panic::set_hook(Box::new(|_| {}));
-    let (failed, secs) = in_parallel("registrations", count, workers, move |i, _| {
-        let mut ua = Ua::new("127.0.0.1", &format!("u{i}"), DOMAIN, PASSWORD);
-        let contact = format!("<{}>", ua.contact());
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200
-        }))
-        .unwrap_or(false)
-    });
-    println!(
-        "registrations: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
-        count as f64 / secs
-    );
+    register_all(sip, count, workers, PASSWORD);
     // Let the node settle (sweeps, memtable flushes) before reading its memory.
     std::thread::sleep(Duration::from_secs(5));
     let after = rss_kib(pid);

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Authenticated registrations per second with many AORs, Tandem against Kamailio, driven by
+# the same load generator in the same run: COUNT distinct accounts u0..u<COUNT> each
+# registered once (REGISTER, 401, REGISTER with MD5 credentials, 200; a new binding, so in
+# Tandem one replicated write each), by WORKERS closed-loop workers. Complements
+# ops/bench/sip.sh, whose sipp load can authenticate as only one account per sipp process.
+# Tandem is the three-node cluster of ops/bench/cluster.sh with all load on node 1 (its
+# accounts are created first through the admin API); Kamailio is ops/bench/kamailio-sip.cfg.
+# Usage: ./ops/bench/registrations.sh [COUNT] [WORKERS]   (defaults 50000 and 64)
+# Record the output in BENCHMARKS.md with this command.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+count="${1:-50000}"
+workers="${2:-64}"
+password="bench-password-1"   # aor-load's accounts have this password
+TANDEM_SETUP_BENCH=1 ./ops/setup.sh > /dev/null
+. ./ops/env.sh
+# The same build as ./ops/test.sh, so the two share every artefact.
+cargo build --workspace --all-targets
+load="$CARGO_TARGET_DIR/debug/aor-load"
+work=$(mktemp -d)
+trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+. ./ops/bench/cluster.sh
+form_cluster
+kam="127.0.0.1:$(port 127.0.0.1)"
+kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$password\"" \
+  -DD -E -m 1024 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
+sleep 2
+echo "$count AORs, $workers workers, sipp-free load generator (aor-load), $(nproc) cores shared"
+echo -n "tandem   (3 nodes, load on node 1): "
+"$load" "$admin1" "$work/admin.token" "$sip1" "${node_pid[1]}" "$count" "$workers" \
+  2> "$work/tandem-progress.log" | grep '^registrations'
+echo -n "kamailio (usrloc in memory):        "
+"$load" --register-only "$kam" "$count" "$workers" "$password" \
+  2> "$work/kamailio-progress.log" | grep '^registrations'
