@@ -11,7 +11,8 @@
 //! - drain under a running call: the call ends with BYE, new REGISTERs get 503, and the node
 //!   reports drained only after the call ended;
 //! - forking by q-value groups, with the other branches CANCELled on a 2xx;
-//! - sipp calls (the benchmark's scenarios) through the proxy, every one completed.
+//! - sipp calls (the benchmark's scenarios) through the proxy, every one completed;
+//! - NAT keepalives to a UDP binding come from its edge node only.
 
 use std::net::SocketAddr;
 use std::time::Duration;
