@@ -841,10 +841,22 @@ impl Fork {
         group: Vec<Target>,
         events: &mpsc::UnboundedSender<(usize, ClientEvent)>,
     ) {
-        for target in group {
+        // Next hops are found side by side, so one slow DNS answer or TCP connect does not
+        // hold up the group's other contacts.
+        let lookups: Vec<_> = group
+            .iter()
+            .map(|t| {
+                let (proxy, hop) = (self.proxy.clone(), t.hop.clone());
+                tokio::spawn(async move { proxy.resolve(&hop).await })
+            })
+            .collect();
+        for (target, lookup) in group.into_iter().zip(lookups) {
             let index = self.branches.len();
             let branch = route::branch(&self.hash, index);
-            let out = match self.proxy.resolve(&target.hop).await {
+            let resolved = lookup
+                .await
+                .unwrap_or_else(|e| Err(format!("next-hop lookup failed: {e}")));
+            let out = match resolved {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::info!(error = %e, "cannot reach a branch's next hop");
