@@ -458,6 +458,32 @@ impl Ua {
         }
     }
 
+    /// The callee's side of the dialog that `invite` created when this UA answered it
+    /// (RFC 3261 §12.1.1): the route set is the Record-Route set in order.
+    pub fn callee_dialog(&self, invite: &Received) -> Dialog {
+        let contact = invite.header("Contact").expect("an INVITE has a Contact");
+        Dialog {
+            call_id: invite.header("Call-ID").unwrap(),
+            from_tag: format!("callee{}", self.local().port()),
+            to_tag: invite
+                .header("From")
+                .and_then(|f| {
+                    f.split(';')
+                        .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
+                })
+                .expect("the caller's From tag"),
+            to: invite.header("From").unwrap(),
+            cseq: 1,
+            route: invite.headers("Record-Route"),
+            remote_target: contact
+                .trim_start_matches('<')
+                .split('>')
+                .next()
+                .unwrap()
+                .to_owned(),
+        }
+    }
+
     /// Sends a request inside `dialog` along its route set; returns where it went.
     pub fn send_in_dialog(&self, dialog: &Dialog, method: &str, cseq: u32) -> SocketAddr {
         let local = self.local();

@@ -194,6 +194,50 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
         );
     }
 
+    // 1b. Requests both ways inside a call: Alice's INFO reaches Bob through node 1, and
+    // Bob's BYE reaches Alice through node 2, the node her INVITE came in by.
+    std::thread::scope(|s| {
+        let edge = one.sip_addr();
+        let bob = &bob;
+        let handle = s.spawn(move || {
+            let invite = answer_call(bob, edge, bob_contact);
+            bob.expect_request("ACK", WAIT);
+            let info = bob.expect_request("INFO", WAIT);
+            assert_eq!(info.from, edge, "INFO:\n{}", info.text);
+            bob.respond(&info, 200, "OK", "");
+            let dialog = bob.callee_dialog(&invite);
+            assert_eq!(
+                bob.send_in_dialog(&dialog, "BYE", 1),
+                edge,
+                "Bob's first hop"
+            );
+            let ok = bob.expect_response("BYE", WAIT);
+            assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        });
+        let ok = alice.invite(two.sip_addr(), bob_uri, "call-1b", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "INFO", dialog.cseq + 1);
+        let info_ok = alice.expect_response("INFO", WAIT);
+        assert_eq!(info_ok.status(), Some(200), "{}", info_ok.text);
+        let bye = alice.expect_request("BYE", WAIT);
+        assert_eq!(
+            bye.from,
+            two.sip_addr(),
+            "Bob's BYE came from elsewhere:\n{}",
+            bye.text
+        );
+        assert_eq!(
+            bye.request_uri(),
+            Some(alice_contact.as_str()),
+            "{}",
+            bye.text
+        );
+        alice.respond(&bye, 200, "OK", "");
+        handle.join().unwrap();
+    });
+
     // 2. Alice cancels while Bob rings: Bob gets the CANCEL from node 1 and answers 487.
     std::thread::scope(|s| {
         let edge = one.sip_addr();
