@@ -698,6 +698,16 @@ pub fn package_dir() -> PathBuf {
         .into()
 }
 
+/// The `p` quantile (0 to 1) of latencies in microseconds, sorted, in milliseconds; NaN
+/// when there are none. For the load tools.
+pub fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    sorted_us[i] as f64 / 1000.0
+}
+
 /// The path of one of the sipp scenarios in `ops/sipp/`.
 pub fn sipp_scenario(name: &str) -> PathBuf {
     package_dir().join("../ops/sipp").join(name)

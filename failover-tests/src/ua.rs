@@ -247,10 +247,26 @@ impl Received {
 
     /// The To tag, if any.
     pub fn to_tag(&self) -> Option<String> {
-        let to = self.header("To")?;
-        to.split(';')
-            .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
+        tag_of(&self.header("To")?)
     }
+}
+
+/// The `tag` parameter of a From or To value.
+fn tag_of(value: &str) -> Option<String> {
+    value
+        .split(';')
+        .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
+}
+
+/// The URI inside a name-addr: `<sip:bob@h>;expires=60` gives `sip:bob@h`.
+fn uri_in(name_addr: &str) -> String {
+    name_addr
+        .trim()
+        .trim_start_matches('<')
+        .split('>')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// The address a SIP URI (or name-addr) names: `<sip:user@127.0.0.2:5070;lr>` gives
@@ -279,7 +295,7 @@ pub fn uri_addr(uri: &str) -> SocketAddr {
 pub struct Dialog {
     pub call_id: String,
     pub from_tag: String,
-    pub to_tag: String,
+    /// The remote party's From or To value, with its tag.
     pub to: String,
     pub cseq: u32,
     /// The Record-Route set of the 2xx, reversed: the caller's route set.
@@ -438,8 +454,10 @@ impl Ua {
         Dialog {
             call_id: ok.header("Call-ID").unwrap(),
             from_tag: format!("caller{}", self.local().port()),
-            to_tag: ok.to_tag().expect("a 2xx has a To tag"),
-            to: ok.header("To").unwrap(),
+            to: ok
+                .header("To")
+                .filter(|to| tag_of(to).is_some())
+                .expect("a 2xx has a To tag"),
             cseq: ok
                 .header("CSeq")
                 .unwrap()
@@ -449,12 +467,7 @@ impl Ua {
                 .parse()
                 .unwrap(),
             route,
-            remote_target: contact
-                .trim_start_matches('<')
-                .split('>')
-                .next()
-                .unwrap()
-                .to_owned(),
+            remote_target: uri_in(&contact),
         }
     }
 
@@ -465,22 +478,13 @@ impl Ua {
         Dialog {
             call_id: invite.header("Call-ID").unwrap(),
             from_tag: format!("callee{}", self.local().port()),
-            to_tag: invite
+            to: invite
                 .header("From")
-                .and_then(|f| {
-                    f.split(';')
-                        .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
-                })
-                .expect("the caller's From tag"),
-            to: invite.header("From").unwrap(),
+                .filter(|from| tag_of(from).is_some())
+                .expect("the caller's From has a tag"),
             cseq: 1,
             route: invite.headers("Record-Route"),
-            remote_target: contact
-                .trim_start_matches('<')
-                .split('>')
-                .next()
-                .unwrap()
-                .to_owned(),
+            remote_target: uri_in(&contact),
         }
     }
 

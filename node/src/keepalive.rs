@@ -14,7 +14,7 @@ use tandem_raft_store::types::NodeId;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::ClusterNode;
-use crate::registrar::now_ms;
+use crate::registrar::{flow_of_stored, now_ms};
 use crate::stats::Stats;
 use crate::transport::{Flow, TransportKind, Transports};
 
@@ -40,15 +40,9 @@ pub async fn run(
             .bindings_by_edge(me)
             .unwrap_or_default()
             .iter()
-            .filter(|b| b.expires_at_ms > now && b.flow.transport == "UDP")
-            .filter_map(|b| {
-                Some(Flow {
-                    transport: TransportKind::Udp,
-                    local: b.flow.local.parse().ok()?,
-                    remote: b.flow.remote.parse().ok()?,
-                    connection: None,
-                })
-            })
+            .filter(|b| b.expires_at_ms > now)
+            .filter_map(|b| flow_of_stored(&b.flow))
+            .filter(|f| f.transport == TransportKind::Udp)
             .collect();
         let chunks = flows.len().div_ceil(CHUNK).max(1);
         let pause = every / u32::try_from(chunks).unwrap_or(u32::MAX);

@@ -160,7 +160,7 @@ mod tests {
         assert!(!monitor.is_up(3));
         tokio::time::advance(DOWN_AFTER).await;
         assert!(!monitor.is_up(2), "silent for too long");
-        let other = Message::response_to(&crate::peers::tests::plain(), 200, "OK");
+        let other = Message::response_to(&plain(), 200, "OK");
         assert!(!monitor.on_response(&other, peer), "not a ping");
     }
 

@@ -318,6 +318,22 @@ pub fn stored_flow(flow: &Flow) -> StoredFlow {
     }
 }
 
+/// A binding's stored flow as the transport layer's, to send over.
+pub fn flow_of_stored(f: &StoredFlow) -> Option<Flow> {
+    let transport = match f.transport.as_str() {
+        "UDP" => crate::transport::TransportKind::Udp,
+        "TCP" => crate::transport::TransportKind::Tcp,
+        "TLS" => crate::transport::TransportKind::Tls,
+        _ => return None,
+    };
+    Some(Flow {
+        transport,
+        local: f.local.parse().ok()?,
+        remote: f.remote.parse().ok()?,
+        connection: f.connection.map(ConnectionId),
+    })
+}
+
 impl Registrar {
     pub fn new(
         cluster: ClusterNode,

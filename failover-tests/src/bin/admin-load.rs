@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tandem_failover_tests::keepalive::Connection;
+use tandem_failover_tests::percentile_ms;
 
 /// Bytes of a PutCustomer command besides the id and name: kind, version, three length
 /// prefixes and the enabled flag.
@@ -23,14 +24,6 @@ const COMMAND_OVERHEAD: usize = 8;
 const MAX_NAME: usize = 256;
 /// Ids are `<prefix>-<worker>-<n>`; the prefix pads them so that the command reaches its size.
 const ID_DIGITS: usize = 12;
-
-fn percentile(sorted: &[u64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i] as f64 / 1000.0
-}
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -99,8 +92,8 @@ fn main() {
         "concurrency={concurrency} writes={} seconds={elapsed:.1} writes_per_s={:.0} p50_ms={:.2} p99_ms={:.2} errors={}",
         lat.len(),
         lat.len() as f64 / elapsed,
-        percentile(&lat, 0.50),
-        percentile(&lat, 0.99),
+        percentile_ms(&lat, 0.50),
+        percentile_ms(&lat, 0.99),
         errors.load(Ordering::Relaxed)
     );
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_failover_tests::keepalive::Connection;
+use tandem_failover_tests::percentile_ms;
 use tandem_failover_tests::ua::Ua;
 
 const DOMAIN: &str = "bench.example";
@@ -98,15 +99,11 @@ fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static st
     });
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_unstable();
-    let pct = |p: f64| {
-        lat.get(((lat.len().max(1) - 1) as f64 * p).round() as usize)
-            .map_or(f64::NAN, |us| *us as f64 / 1000.0)
-    };
     println!(
         "registrations: {count} in {secs:.1} s ({:.0}/s), {failed} failed, p50 {:.1} ms, p99 {:.1} ms",
         count as f64 / secs,
-        pct(0.50),
-        pct(0.99)
+        percentile_ms(&lat, 0.50),
+        percentile_ms(&lat, 0.99)
     );
 }
 

@@ -45,9 +45,9 @@ use crate::cluster::ClusterNode;
 use crate::flow_token::FlowTokens;
 use crate::overlay::BindingOverlay;
 use crate::peers::{sip_addr, PeerMonitor};
-use crate::registrar::now_ms;
+use crate::registrar::{flow_of_stored, now_ms};
 use crate::transaction::{ClientEvent, LayerHandle, TxId};
-use crate::transport::{ConnectionId, Flow, TransportKind, Transports};
+use crate::transport::{Flow, TransportKind, Transports};
 use route::{transport_param, OwnAddrs};
 
 /// Proxy settings.
@@ -126,23 +126,6 @@ pub struct Proxy {
     /// Running INVITE forwards by server transaction, for CANCEL.
     invites: Mutex<HashMap<TxId, mpsc::UnboundedSender<()>>>,
     pub dialogs: Arc<Dialogs>,
-}
-
-/// A stored flow as the transport layer's.
-fn flow_of(binding: &Binding) -> Option<Flow> {
-    let f = &binding.flow;
-    let transport = match f.transport.as_str() {
-        "UDP" => TransportKind::Udp,
-        "TCP" => TransportKind::Tcp,
-        "TLS" => TransportKind::Tls,
-        _ => return None,
-    };
-    Some(Flow {
-        transport,
-        local: f.local.parse().ok()?,
-        remote: f.remote.parse().ok()?,
-        connection: f.connection.map(ConnectionId),
-    })
 }
 
 /// The SIP URI of the topmost Route entry.
@@ -508,7 +491,7 @@ impl Proxy {
                 hop: Hop::Uri(sip_uri_of(first)?),
             });
         }
-        let stored = flow_of(b)?;
+        let stored = flow_of_stored(&b.flow)?;
         if b.edge_node == self.me() {
             return Some(Target {
                 uri: Some(uri),
