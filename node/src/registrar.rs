@@ -6,14 +6,21 @@
 //!   still has one interval of headroom (DECISIONS §6).
 //! - [`Registrar`] authenticates against the local replica (any node verifies any node's
 //!   nonce), proposes the planned writes and answers.
+//! - The REGISTERs of one AOR are planned in arrival order, one group at a time: those that
+//!   arrive while the AOR's write is committing wait, then are planned together against
+//!   the bindings that write leaves, and their writes are [`coalesce`]d into one. An AOR
+//!   thus has at most one write in flight on this node, so its writes reach the log in
+//!   order, and a busy AOR costs one write per commit rather than one per REGISTER.
 //! - On the leader, a sweeper removes lapsed bindings in bounded batches.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_raft_store::command::{Binding, Command, StoredFlow};
 use tandem_raft_store::replica::Replica;
 use tandem_sip::{Contacts, HeaderName, Message, Uri};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use crate::accounts::aor;
@@ -276,10 +283,76 @@ pub fn plan(
     Ok(plan)
 }
 
+/// `view` (an AOR's bindings) as it will be once `writes` are applied.
+pub fn apply_to_view(view: &mut Vec<Binding>, writes: &[Command]) {
+    for w in writes {
+        match w {
+            Command::PutBinding(b) => {
+                view.retain(|v| v.contact != b.contact);
+                view.push(b.clone());
+            }
+            Command::RemoveBinding { contact, .. } => view.retain(|v| v.contact != *contact),
+            Command::RemoveAllBindings { .. } => view.clear(),
+            _ => {}
+        }
+    }
+}
+
+/// One AOR's binding writes, in order, reduced to the same net effect: a later write of a
+/// contact replaces an earlier one, and a removal of every binding drops all before it.
+pub fn coalesce(writes: Vec<Command>) -> Vec<Command> {
+    let contact = |c: &Command| match c {
+        Command::PutBinding(b) => Some(b.contact.clone()),
+        Command::RemoveBinding { contact, .. } => Some(contact.clone()),
+        _ => None,
+    };
+    let mut out: Vec<Command> = Vec::with_capacity(writes.len());
+    for w in writes {
+        match contact(&w) {
+            Some(c) => out.retain(|o| contact(o).as_deref() != Some(&c)),
+            None if matches!(w, Command::RemoveAllBindings { .. }) => out.clear(),
+            None => {}
+        }
+        out.push(w);
+    }
+    out
+}
+
+/// A REGISTER waiting for its AOR's next group.
+struct Job {
+    req: RegisterRequest,
+    max_contacts: u32,
+    flow: StoredFlow,
+    /// The contacts for the 200, or the answer instead of it.
+    done: oneshot::Sender<Result<Vec<(String, u32)>, Answer>>,
+}
+
+/// The REGISTERs waiting per AOR. An AOR has an entry exactly while a writer task runs
+/// for it.
+type Queues = Mutex<HashMap<String, Vec<Job>>>;
+
+/// Removes the AOR's entry if its writer ends early (a panic), so the REGISTERs waiting
+/// there are answered with an error and the next one starts a new writer.
+struct WriterGuard<'a> {
+    queues: &'a Queues,
+    aor: &'a str,
+    armed: bool,
+}
+
+impl Drop for WriterGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            if let Ok(mut q) = self.queues.lock() {
+                q.remove(self.aor);
+            }
+        }
+    }
+}
+
 /// The registrar of one node.
 pub struct Registrar {
     cluster: ClusterNode,
-    aor_locks: Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    queues: Queues,
     overlay: Arc<BindingOverlay>,
     settings: RegistrarSettings,
     auth: Arc<Authenticator>,
@@ -343,38 +416,156 @@ impl Registrar {
     ) -> Registrar {
         Registrar {
             cluster,
-            aor_locks: Mutex::default(),
+            queues: Mutex::default(),
             overlay,
             settings,
             auth,
         }
     }
 
-    /// The lock for one AOR; locks nobody else holds are dropped as the map grows.
-    fn aor_lock(&self, aor: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.aor_locks.lock().expect("AOR lock map");
-        if locks.len() > 10_000 {
-            locks.retain(|_, l| Arc::strong_count(l) > 1);
+    /// Queues a REGISTER behind its AOR's write in flight, starting the AOR's writer if
+    /// none runs, and waits for its group's outcome.
+    async fn submit(
+        self: &Arc<Self>,
+        req: RegisterRequest,
+        max_contacts: u32,
+        flow: StoredFlow,
+    ) -> Result<Vec<(String, u32)>, Answer> {
+        let aor = req.aor.clone();
+        let (done, outcome) = oneshot::channel();
+        let job = Job {
+            req,
+            max_contacts,
+            flow,
+            done,
+        };
+        let start = {
+            let mut queues = self.queues.lock().expect("registrar queues");
+            match queues.get_mut(&aor) {
+                Some(waiting) => {
+                    waiting.push(job);
+                    false
+                }
+                None => {
+                    queues.insert(aor.clone(), vec![job]);
+                    true
+                }
+            }
+        };
+        if start {
+            let this = self.clone();
+            tokio::spawn(async move { this.run_writer(&aor).await });
         }
-        locks.entry(aor.to_owned()).or_default().clone()
+        outcome.await.unwrap_or_else(|_| {
+            Err(Answer::new(
+                500,
+                "Server Internal Error (the registration was not completed)",
+            ))
+        })
+    }
+
+    /// One AOR's writer: plans and writes the waiting REGISTERs group by group until none
+    /// is left.
+    async fn run_writer(&self, aor: &str) {
+        let mut guard = WriterGuard {
+            queues: &self.queues,
+            aor,
+            armed: true,
+        };
+        loop {
+            let jobs = {
+                let mut queues = self.queues.lock().expect("registrar queues");
+                let Some(waiting) = queues.get_mut(aor) else {
+                    break;
+                };
+                if waiting.is_empty() {
+                    queues.remove(aor);
+                    break;
+                }
+                std::mem::take(waiting)
+            };
+            self.write_group(aor, jobs).await;
+        }
+        guard.armed = false;
+    }
+
+    /// Plans a group of one AOR's REGISTERs in order, each against the bindings the ones
+    /// before it leave, writes their coalesced changes and answers them.
+    async fn write_group(&self, aor: &str, jobs: Vec<Job>) {
+        let stored = self
+            .cluster
+            .replica
+            .reader()
+            .bindings(aor)
+            .unwrap_or_default();
+        let mut view = self.overlay.apply(aor, stored);
+        let now = now_ms();
+        let mut writes = Vec::new();
+        let mut accepted = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            let planned = plan(
+                &job.req,
+                &view,
+                job.max_contacts,
+                &self.settings,
+                now,
+                self.cluster.identity.node_id,
+                &job.flow,
+            );
+            match planned {
+                Ok(p) => {
+                    apply_to_view(&mut view, &p.writes);
+                    writes.extend(p.writes);
+                    accepted.push((job.done, p.bindings));
+                }
+                Err(answer) => {
+                    let _ = job.done.send(Err(answer));
+                }
+            }
+        }
+        let written = self.write(aor, coalesce(writes)).await;
+        for (done, bindings) in accepted {
+            let _ = done.send(written.clone().map(|()| bindings));
+        }
     }
 
     /// Writes the planned binding changes through Raft or, without a quorum, into the
-    /// overlay (DECISIONS §5), so the phone is answered either way.
-    async fn write(&self, aor: &str, writes: Vec<Command>) -> Result<(), Answer> {
-        for command in writes {
-            let degraded = self.cluster.health().degraded;
-            if degraded.is_none() {
-                match self.cluster.replica.propose(command.clone()).await {
-                    Ok(_) => {
-                        // A newer direct write supersedes whatever was held for that key.
-                        self.overlay.forget(&command);
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(%aor, error = %e, "binding write failed; holding it locally")
-                    }
+    /// overlay (DECISIONS §5), so the phone is answered either way. A removal of every
+    /// binding, which [`coalesce`] leaves only first, is committed before the rest; the
+    /// rest name one contact each, so they are proposed together.
+    async fn write(&self, aor: &str, mut writes: Vec<Command>) -> Result<(), Answer> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let rest = match writes.first() {
+            Some(Command::RemoveAllBindings { .. }) => writes.split_off(1),
+            _ => Vec::new(),
+        };
+        for batch in [writes, rest] {
+            if !batch.is_empty() {
+                self.write_together(aor, batch).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn write_together(&self, aor: &str, writes: Vec<Command>) -> Result<(), Answer> {
+        let degraded = self.cluster.health().degraded;
+        let results = match degraded {
+            None => self.cluster.replica.propose_all(writes.clone()).await,
+            Some(_) => Vec::new(),
+        };
+        for (i, command) in writes.into_iter().enumerate() {
+            match results.get(i) {
+                Some(Ok(_)) => {
+                    // A newer direct write supersedes whatever was held for that key.
+                    self.overlay.forget(&command);
+                    continue;
                 }
+                Some(Err(e)) => {
+                    tracing::warn!(%aor, error = %e, "binding write failed; holding it locally")
+                }
+                None => {}
             }
             let held = match &command {
                 Command::RemoveAllBindings { aor } => {
@@ -398,7 +589,7 @@ impl Registrar {
                 a.headers.push((HeaderName::RetryAfter, "5".into()));
                 return Err(a);
             }
-            if let Some(reason) = degraded {
+            if let Some(reason) = &degraded {
                 tracing::info!(%aor, %reason, held = self.overlay.len(), "degraded: binding held in the local overlay");
             }
         }
@@ -406,13 +597,17 @@ impl Registrar {
     }
 
     /// Handles one REGISTER: the final response to send.
-    pub async fn register(&self, request: &Message, flow: &Flow) -> Message {
+    pub async fn register(self: &Arc<Self>, request: &Message, flow: &Flow) -> Message {
         match self.try_register(request, flow).await {
             Ok(r) | Err(r) => r,
         }
     }
 
-    async fn try_register(&self, request: &Message, flow: &Flow) -> Result<Message, Message> {
+    async fn try_register(
+        self: &Arc<Self>,
+        request: &Message,
+        flow: &Flow,
+    ) -> Result<Message, Message> {
         let reply = |a: Answer| {
             let mut r = crate::responses::build(request, a.status, &a.reason);
             for (n, v) in a.headers {
@@ -451,34 +646,20 @@ impl Registrar {
             tracing::info!(aor = %req.aor, remote = %flow.remote, "Path not from the sender of the REGISTER; ignored");
             req.path.clear();
         }
-        // One REGISTER per AOR at a time on this node, from reading the bindings to the
-        // end of the write, so two racing requests cannot both pass the ordering checks.
-        let lock = self.aor_lock(&req.aor);
-        let _serialised = lock.lock().await;
-        let existing = self
-            .overlay
-            .apply(&req.aor, reader.bindings(&req.aor).unwrap_or_default());
-        let now = now_ms();
-        let plan = plan(
-            &req,
-            &existing,
-            account.max_contacts,
-            &self.settings,
-            now,
-            self.cluster.identity.node_id,
-            &stored_flow(flow),
-        )
-        .map_err(reply)?;
-        self.write(&req.aor, plan.writes).await.map_err(reply)?;
+        let path = req.path.clone();
+        let bindings = self
+            .submit(req, account.max_contacts, stored_flow(flow))
+            .await
+            .map_err(reply)?;
         let mut ok = reply(Answer::new(200, "OK"));
-        for (contact, expires) in &plan.bindings {
+        for (contact, expires) in &bindings {
             ok.push_header(
                 HeaderName::Contact,
                 format!("<{contact}>;expires={expires}"),
             );
         }
-        for p in &req.path {
-            ok.push_header(HeaderName::Path, p.clone());
+        for p in path {
+            ok.push_header(HeaderName::Path, p);
         }
         Ok(ok)
     }
@@ -576,6 +757,71 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_group_is_planned_in_order_and_coalesced_to_its_net_effect() {
+        let mut view = Vec::new();
+        let mut writes = Vec::new();
+        let mut group = |r: RegisterRequest, view: &mut Vec<Binding>| {
+            let p = run(&r, view);
+            if let Ok(p) = &p {
+                apply_to_view(view, &p.writes);
+                writes.extend(p.writes.clone());
+            }
+            p
+        };
+        // A new Call-ID each time: each REGISTER rewrites the binding.
+        let mut second = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1);
+        second.call_id = "call-2".into();
+        group(req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1), &mut view).unwrap();
+        let p = group(second, &mut view).unwrap();
+        assert_eq!(p.bindings, vec![("sip:a@192.0.2.10".to_owned(), 600)]);
+        // Planned against the group's earlier REGISTERs, not only the replica: a stale
+        // CSeq of the same Call-ID is refused, a later one is an unchanged refresh.
+        let mut stale = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1);
+        stale.call_id = "call-2".into();
+        assert_eq!(group(stale, &mut view).unwrap_err().status, 500);
+        let mut refresh = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 2);
+        refresh.call_id = "call-2".into();
+        assert!(group(refresh, &mut view).unwrap().writes.is_empty());
+        let net = coalesce(writes);
+        assert_eq!(net.len(), 1);
+        let Command::PutBinding(b) = &net[0] else {
+            panic!("expected a put, got {net:?}");
+        };
+        assert_eq!((b.call_id.as_str(), b.cseq), ("call-2", 1));
+        assert_eq!(view, vec![b.clone()]);
+    }
+
+    #[test]
+    fn coalescing_keeps_the_last_write_of_each_contact_after_the_last_remove_all() {
+        let put = |c: &str, cseq| {
+            let r = req(Some(vec![(c, None)]), Some(600), cseq);
+            run(&r, &[]).unwrap().writes.remove(0)
+        };
+        let remove = |c: &str| Command::RemoveBinding {
+            aor: "sip:alice@example.com".into(),
+            contact: c.into(),
+        };
+        let all = Command::RemoveAllBindings {
+            aor: "sip:alice@example.com".into(),
+        };
+        assert_eq!(
+            coalesce(vec![put("sip:x@h", 1), remove("sip:x@h")]),
+            vec![remove("sip:x@h")]
+        );
+        assert_eq!(
+            coalesce(vec![put("sip:x@h", 1), all.clone(), put("sip:y@h", 2)]),
+            vec![all.clone(), put("sip:y@h", 2)]
+        );
+        assert_eq!(
+            coalesce(vec![put("sip:x@h", 1), put("sip:y@h", 2), put("sip:x@h", 3)]),
+            vec![put("sip:y@h", 2), put("sip:x@h", 3)]
+        );
+        let mut view = vec![];
+        apply_to_view(&mut view, &[put("sip:x@h", 1), put("sip:y@h", 2), all]);
+        assert!(view.is_empty());
     }
 
     #[test]

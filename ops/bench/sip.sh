@@ -120,8 +120,13 @@ kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$passw
   -DD -E -m 1024 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
 pids+=($!)
 sleep 2
+if ! kill -0 $! 2>/dev/null; then
+  echo "sip.sh: Kamailio did not start (is it installed? TANDEM_SETUP_BENCH=1 ./ops/setup.sh):" >&2
+  cat "$work/kamailio.log" >&2
+  exit 1
+fi
 # Kamailio's main process and the children it forked.
-kamailio_pids=($! $(pgrep -P $!))
+kamailio_pids=($! $(pgrep -P $! || true))
 
 # --- Measuring -----------------------------------------------------------------------------
 # stats OUT TAG FILES…: completions, time of the last one (ms since its sipp started) and

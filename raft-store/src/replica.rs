@@ -416,6 +416,37 @@ impl Replica {
         }
     }
 
+    /// Replicates several commands, queued back to back so they usually share a log
+    /// entry, and returns each one's result once applied. Commands that must commit in
+    /// order go through separate calls: two entries may replicate side by side.
+    pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<CommandResult, Error>> {
+        let mut waiting = Vec::with_capacity(commands.len());
+        for command in commands {
+            let (reply, rx) = oneshot::channel();
+            let proposal = Proposal {
+                command: command.encode(),
+                reply,
+            };
+            waiting.push(match self.proposals.send(proposal).await {
+                Ok(()) => Some(rx),
+                Err(_) => None,
+            });
+        }
+        let deadline = tokio::time::Instant::now() + self.propose_timeout;
+        let mut results = Vec::with_capacity(waiting.len());
+        for rx in waiting {
+            results.push(match rx {
+                None => Err(Error::Raft("the replica has stopped".into())),
+                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_)) => Err(Error::Raft("the replica has stopped".into())),
+                    Err(_) => Err(Error::Timeout(self.propose_timeout)),
+                },
+            });
+        }
+        results
+    }
+
     /// Flushes memtables to SST files and syncs the WAL, so everything is in files.
     pub fn flush_to_disk(&self) -> Result<(), Error> {
         self.db.flush_wal(true).map_err(Error::db)?;
