@@ -1,7 +1,7 @@
 //! The registrar against real processes: digest REGISTER with MD5 (sipp) and SHA-256 (the
 //! test UA), wrong passwords never registered, bindings replicated to every node with
-//! their edge node, nonces from one node accepted by another, and the RFC 3261 §10.3
-//! rules a phone sees (423, queries, removal).
+//! their edge node, nonces from one node accepted by another, the RFC 3261 §10.3 rules a
+//! phone sees (423, queries, removal), and racing REGISTERs of one AOR.
 
 use std::time::Duration;
 
@@ -192,6 +192,63 @@ fn registrar_rules_a_phone_sees() {
     assert_eq!(bindings(admin, &token, "bob").as_array().unwrap().len(), 0);
     let star_without_zero = ua.register(node.udp_addr(), "MD5", Some("*"), Some(60));
     assert_eq!(star_without_zero.status, 400, "{}", star_without_zero.text);
+}
+
+#[test]
+fn racing_registrations_of_one_aor_all_land_in_order() {
+    // Five phones of one account (its contact limit) register side by side, each changing
+    // its binding on every REGISTER, so the registrar groups and coalesces their writes.
+    // Every REGISTER must get its 200 and the bindings must end as each phone last asked.
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "erin", "pw-erin-123");
+    let sip = node.udp_addr();
+    let phones: Vec<_> = (0..5)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut ua = Ua::new("127.0.0.1", "erin", "example.com", "pw-erin-123");
+                let contact = format!("<{}>", ua.contact());
+                for round in 0..20u32 {
+                    let expires = 300 + 60 * ((round + i) % 3);
+                    let r = ua.register(sip, "MD5", Some(&contact), Some(expires));
+                    assert_eq!(r.status, 200, "phone {i} round {round}: {}", r.text);
+                    let listed = r.headers("Contact");
+                    assert!(
+                        listed.contains(&format!("{contact};expires={expires}")),
+                        "phone {i} round {round} not listed as asked: {listed:?}"
+                    );
+                }
+                // Odd phones leave at the end; even ones keep their last binding.
+                if i % 2 == 1 {
+                    let r = ua.register(sip, "MD5", Some(&contact), Some(0));
+                    assert_eq!(r.status, 200, "phone {i} leaving: {}", r.text);
+                }
+                (ua.contact(), 300 + 60 * ((19 + i) % 3))
+            })
+        })
+        .collect();
+    let mut expected: Vec<(String, u64)> = Vec::new();
+    for (i, phone) in phones.into_iter().enumerate() {
+        let (contact, expires) = phone.join().expect("phone thread");
+        if i % 2 == 0 {
+            expected.push((contact, u64::from(expires)));
+        }
+    }
+    expected.sort();
+    let stored = bindings(admin, &token, "erin");
+    let mut seen: Vec<(String, u64)> = stored
+        .as_array()
+        .expect("bindings list")
+        .iter()
+        .map(|b| {
+            (
+                b["contact"].as_str().unwrap_or_default().to_owned(),
+                b["interval_secs"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, expected, "{stored}");
 }
 
 #[test]
