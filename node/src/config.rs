@@ -94,7 +94,7 @@ impl Default for ClusterConfig {
             private_key: PathBuf::new(),
             heartbeat_ms: 100,
             election_timeout_ms: 300,
-            snapshot_every: 10_000,
+            snapshot_every: 50_000,
             propose_timeout_ms: 5_000,
             quorum_timeout_ms: 1_500,
             max_apply_lag: 1_000,

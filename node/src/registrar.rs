@@ -774,7 +774,11 @@ mod tests {
         // A new Call-ID each time: each REGISTER rewrites the binding.
         let mut second = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1);
         second.call_id = "call-2".into();
-        group(req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1), &mut view).unwrap();
+        group(
+            req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1),
+            &mut view,
+        )
+        .unwrap();
         let p = group(second, &mut view).unwrap();
         assert_eq!(p.bindings, vec![("sip:a@192.0.2.10".to_owned(), 600)]);
         // Planned against the group's earlier REGISTERs, not only the replica: a stale
@@ -816,7 +820,11 @@ mod tests {
             vec![all.clone(), put("sip:y@h", 2)]
         );
         assert_eq!(
-            coalesce(vec![put("sip:x@h", 1), put("sip:y@h", 2), put("sip:x@h", 3)]),
+            coalesce(vec![
+                put("sip:x@h", 1),
+                put("sip:y@h", 2),
+                put("sip:x@h", 3)
+            ]),
             vec![put("sip:y@h", 2), put("sip:x@h", 3)]
         );
         let mut view = vec![];

@@ -46,12 +46,12 @@ TOML
   admin1=$(listen_of "$work/node1/tandem.toml" admin)
   sip1=$(sed -n 's/^udp = \["\(.*\)"\]/\1/p' "$work/node1/tandem.toml")
   "$TANDEM_BIN" cluster init --config "$work/node1/tandem.toml" > /dev/null
-  "$TANDEM_BIN" run --config "$work/node1/tandem.toml" 2> "$work/node1.log" &
+  env ${NODE_ENV:-} "$TANDEM_BIN" run --config "$work/node1/tandem.toml" 2> "$work/node1.log" &
   node_pid[1]=$!
   sleep 2
   for i in 2 3; do
     "$TANDEM_BIN" cluster join --config "$work/node$i/tandem.toml" --peer "$raft1" > /dev/null
-    "$TANDEM_BIN" run --config "$work/node$i/tandem.toml" 2> "$work/node$i.log" &
+    env ${NODE_ENV:-} "$TANDEM_BIN" run --config "$work/node$i/tandem.toml" 2> "$work/node$i.log" &
     node_pid[i]=$!
   done
   local voters=0

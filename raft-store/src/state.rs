@@ -5,8 +5,9 @@
 //! with a zero byte, which never occurs in SIP URIs or ids. Secondary indexes (bindings by
 //! edge node, leases by owner) are kept in the same atomic batch as the records.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use serde::de::DeserializeOwned;
@@ -87,15 +88,40 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, Error> {
         .map_err(|e| Error::Corrupt(format!("record {:?}: {e}", String::from_utf8_lossy(key))))
 }
 
+/// Most domains [`StateReader::serves_domain`] remembers; past this it starts afresh, so
+/// requests for made-up domains cannot grow it without bound.
+const DOMAIN_CACHE_MAX: usize = 4096;
+
+/// Whether each domain asked about has an account, valid for one generation of the
+/// accounts.
+#[derive(Default)]
+struct DomainCache {
+    generation: u64,
+    served: HashMap<String, bool>,
+}
+
 /// Local reads of the replicated state.
 #[derive(Clone)]
 pub struct StateReader {
     db: Arc<DB>,
+    /// Advances whenever the state machine may have changed the set of accounts.
+    accounts_generation: Arc<AtomicU64>,
+    domains: Arc<Mutex<DomainCache>>,
 }
 
 impl StateReader {
     pub(crate) fn new(db: Arc<DB>) -> StateReader {
-        StateReader { db }
+        StateReader {
+            db,
+            accounts_generation: Arc::default(),
+            domains: Arc::default(),
+        }
+    }
+
+    /// Called by the state machine after it wrote account changes (or a snapshot), so
+    /// what was derived from the accounts is read again.
+    pub(crate) fn accounts_changed(&self) {
+        self.accounts_generation.fetch_add(1, Ordering::Release);
     }
 
     fn cf(&self) -> &rocksdb::ColumnFamily {
@@ -171,7 +197,29 @@ impl StateReader {
     }
 
     /// Whether any account lives in `domain`: the domains this cluster serves.
+    /// Whether any account is in `domain`. Every REGISTER and call asks this, so answers
+    /// are kept until the accounts change.
     pub fn serves_domain(&self, domain: &str) -> Result<bool, Error> {
+        let generation = self.accounts_generation.load(Ordering::Acquire);
+        {
+            let cache = self.domains.lock().expect("domain cache");
+            if cache.generation == generation {
+                if let Some(&served) = cache.served.get(domain) {
+                    return Ok(served);
+                }
+            }
+        }
+        let served = self.domain_has_accounts(domain)?;
+        let mut cache = self.domains.lock().expect("domain cache");
+        if cache.generation != generation || cache.served.len() >= DOMAIN_CACHE_MAX {
+            cache.generation = generation;
+            cache.served.clear();
+        }
+        cache.served.insert(domain.to_owned(), served);
+        Ok(served)
+    }
+
+    fn domain_has_accounts(&self, domain: &str) -> Result<bool, Error> {
         let mut prefix = key::with(key::ACCOUNT, &[domain.as_bytes()]);
         prefix.push(0);
         let first = self

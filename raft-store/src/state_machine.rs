@@ -193,6 +193,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
+        let mut accounts_changed = false;
         for entry in entries {
             last_applied = Some(entry.log_id);
             match entry.payload {
@@ -212,6 +213,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 AnyError::error(e.to_string()),
                             ))
                         })?;
+                        accounts_changed |= matches!(
+                            command,
+                            Command::PutAccount(_) | Command::DeleteAccount { .. }
+                        );
                         let result = txn.apply(command).map_err(|e| {
                             StorageError::from(StorageIOError::apply(
                                 entry.log_id,
@@ -244,6 +249,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write(batch)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        if accounts_changed {
+            self.reader.accounts_changed();
+        }
         Ok(responses)
     }
 
@@ -289,6 +297,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write_opt(batch, &opts)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.reader.accounts_changed();
         self.save_snapshot_file(&SnapshotFile {
             meta: meta.clone(),
             data,

@@ -330,3 +330,65 @@ async fn deleting_or_disabling_an_account_removes_its_bindings_in_the_same_batch
     );
     assert!(reader.bindings_by_edge(2).unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn served_domains_follow_account_changes_and_snapshots() {
+    use tandem_raft_store::command::Account;
+    let account = |user: &str, domain: &str| Account {
+        user: user.into(),
+        domain: domain.into(),
+        customer: "c1".into(),
+        ha1: vec![],
+        enabled: true,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    // Asked before and after each change: a remembered answer must not outlive it.
+    assert!(!reader.serves_domain("a.example").unwrap());
+    apply(
+        &mut sm,
+        1,
+        vec![Command::PutAccount(account("u1", "a.example"))],
+    )
+    .await;
+    assert!(reader.serves_domain("a.example").unwrap());
+    assert!(!reader.serves_domain("b.example").unwrap());
+    apply(
+        &mut sm,
+        2,
+        vec![Command::PutAccount(account("u2", "b.example"))],
+    )
+    .await;
+    assert!(reader.serves_domain("b.example").unwrap());
+    apply(
+        &mut sm,
+        3,
+        vec![Command::DeleteAccount {
+            user: "u1".into(),
+            domain: "a.example".into(),
+        }],
+    )
+    .await;
+    assert!(!reader.serves_domain("a.example").unwrap());
+    assert!(reader.serves_domain("b.example").unwrap());
+
+    // A snapshot replaces the accounts wholesale.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+    apply(
+        &mut other,
+        4,
+        vec![Command::PutAccount(account("u3", "c.example"))],
+    )
+    .await;
+    let snapshot = other.build_snapshot().await.unwrap();
+    assert!(!reader.serves_domain("c.example").unwrap());
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert!(reader.serves_domain("c.example").unwrap());
+    assert!(!reader.serves_domain("b.example").unwrap());
+}

@@ -239,6 +239,8 @@ async fn a_node_behind_the_purged_log_catches_up_through_a_snapshot() {
     let settings = RaftSettings {
         snapshot_every: 50,
         keep_after_snapshot: 5,
+        // One command per entry, so the 400 writes make 400 entries however they batch.
+        max_batch: 1,
         ..fast()
     };
     let mut c = Cluster::start(&[1, 2], settings).await;
