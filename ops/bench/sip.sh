@@ -24,7 +24,7 @@
 # Usage: ./ops/bench/sip.sh [REG_CALLS] [REG_RATES] [CALLS] [CALL_RATES]
 #   REG_CALLS, CALLS: registrations or calls per step (default 10000 each);
 #   REG_RATES, CALL_RATES: offered rates per second, comma-separated, one step each, in
-#   rising order (defaults 1000,2000,3000,4000,5000,6000,8000,10000 and 500,1000,1500,2000). At each step
+#   rising order (defaults 1000,2000,3000,4000,5000,6000,8000,10000 and 500,1000,1500,2000,2500,3000). At each step
 #   Tandem runs, then Kamailio; a server that misses the target at a step skips the
 #   higher ones. The defaults take two to four minutes.
 # The cluster is formed by ops/bench/cluster.sh.
@@ -47,7 +47,7 @@ repo=$PWD
 reg_calls="${1:-10000}"
 IFS=, read -r -a reg_rates <<< "${2:-1000,2000,3000,4000,5000,6000,8000,10000}"
 calls="${3:-10000}"
-IFS=, read -r -a call_rates <<< "${4:-500,1000,1500,2000}"
+IFS=, read -r -a call_rates <<< "${4:-500,1000,1500,2000,2500,3000}"
 reg_users="${REG_USERS:-20}"
 hold_ms="${CALL_HOLD_MS:-1000}"
 bench_node="${BENCH_NODE:-1}"

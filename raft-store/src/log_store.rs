@@ -7,11 +7,16 @@
 //! one flusher thread, which fsyncs the WAL once for everything queued since its last
 //! sync and then completes the callbacks in order. The vote is synced before `save_vote`
 //! returns. Truncation and purging are atomic batches.
+//!
+//! The newest entries are also kept in memory ([`LogCache`], a few MiB): replication to
+//! each follower and applying read back what was just appended, and serving those reads
+//! from RocksDB cost the leader more than the append itself.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, StorageIOError};
@@ -33,11 +38,84 @@ pub struct LogStats {
 }
 
 /// The log store. Cloning is cheap; clones share the database and the flusher.
+/// Bytes of encoded entries the [`LogCache`] holds at most.
+const CACHE_BYTES: usize = 4 << 20;
+
+/// The newest log entries, by index, with their encoded sizes. Always a contiguous run
+/// that ends at the last appended entry (or empty), so any range that starts inside it
+/// is wholly inside it.
+#[derive(Default)]
+pub struct LogCache {
+    entries: BTreeMap<u64, (Entry, usize)>,
+    bytes: usize,
+}
+
+impl LogCache {
+    /// Records appended entries: `first` is the index of the first of them.
+    fn appended(&mut self, first: u64, entries: Vec<(Entry, usize)>) {
+        let follows = self
+            .entries
+            .last_key_value()
+            .is_some_and(|(&last, _)| last + 1 >= first);
+        if !follows {
+            self.clear();
+        }
+        self.remove_from(first);
+        for (entry, size) in entries {
+            self.bytes += size;
+            self.entries.insert(entry.log_id.index, (entry, size));
+        }
+        while self.bytes > CACHE_BYTES {
+            match self.entries.pop_first() {
+                Some((_, (_, size))) => self.bytes -= size,
+                None => break,
+            }
+        }
+    }
+
+    /// Drops the entries at `index` and after (a truncation).
+    fn remove_from(&mut self, index: u64) {
+        for (_, (_, size)) in self.entries.split_off(&index) {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops the entries up to and including `index` (a purge).
+    fn remove_through(&mut self, index: u64) {
+        let kept = self.entries.split_off(&(index + 1));
+        let dropped = std::mem::replace(&mut self.entries, kept);
+        for (_, (_, size)) in dropped {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// The entries of `range` if the cache holds its start, else `None`.
+    fn get<RB: RangeBounds<u64>>(&self, start: u64, range: &RB) -> Option<Vec<Entry>> {
+        let (&first, _) = self.entries.first_key_value()?;
+        if start < first {
+            return None;
+        }
+        Some(
+            self.entries
+                .range(start..)
+                .take_while(|(i, _)| range.contains(*i))
+                .map(|(_, (e, _))| e.clone())
+                .collect(),
+        )
+    }
+}
+
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
     flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
     stats: Arc<LogStats>,
+    cache: Arc<Mutex<LogCache>>,
 }
 
 fn io_err(
@@ -68,6 +146,7 @@ impl LogStore {
             db,
             flusher: tx,
             stats,
+            cache: Arc::default(),
         }
     }
 
@@ -171,6 +250,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&n) => n + 1,
             Bound::Unbounded => 0,
         };
+        if let Some(cached) = self.cache.lock().expect("log cache").get(start, &range) {
+            return Ok(cached);
+        }
         let mut out = Vec::new();
         let it = self.db.iterator_cf(
             self.cf(CF_LOGS),
@@ -251,14 +333,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = WriteBatch::default();
         let cf = self.cf(CF_LOGS);
+        let mut cached = Vec::new();
         for entry in entries {
             let value = postcard::to_stdvec(&entry)
                 .map_err(|e| io_err(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
-            batch.put_cf(cf, index_key(entry.log_id.index), value);
+            batch.put_cf(cf, index_key(entry.log_id.index), &value);
+            cached.push((entry, value.len()));
         }
-        self.db
-            .write(batch)
-            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        let first = cached.first().map(|(e, _)| e.log_id.index);
+        let written = self.db.write(batch);
+        let mut cache = self.cache.lock().expect("log cache");
+        match (&written, first) {
+            (Ok(()), Some(first)) => cache.appended(first, cached),
+            // Whatever RocksDB holds now, the cache must not claim otherwise.
+            (Err(_), _) => cache.clear(),
+            (Ok(()), None) => {}
+        }
+        drop(cache);
+        written.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
         if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
             callback.log_io_completed(Err(std::io::Error::other("log flusher has stopped")));
@@ -269,6 +361,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(self.cf(CF_LOGS), index_key(log_id.index), [0xff; 8]);
+        self.cache
+            .lock()
+            .expect("log cache")
+            .remove_from(log_id.index);
         self.write_synced(batch, ErrorSubject::Logs)
     }
 
@@ -280,6 +376,56 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             postcard::to_stdvec(&log_id).expect("encode log id"),
         );
         batch.delete_range_cf(self.cf(CF_LOGS), index_key(0), index_key(log_id.index + 1));
+        self.cache
+            .lock()
+            .expect("log cache")
+            .remove_through(log_id.index);
         self.write_synced(batch, ErrorSubject::Logs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> (Entry, usize) {
+        let e = Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        };
+        (e, CACHE_BYTES / 4)
+    }
+
+    fn indexes(entries: Option<Vec<Entry>>) -> Option<Vec<u64>> {
+        entries.map(|es| es.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn the_cache_holds_a_bounded_contiguous_suffix_of_the_log() {
+        let mut c = LogCache::default();
+        c.appended(1, vec![entry(1), entry(2)]);
+        c.appended(3, vec![entry(3)]);
+        assert_eq!(indexes(c.get(2, &(2..))), Some(vec![2, 3]));
+        assert_eq!(indexes(c.get(1, &(1..3))), Some(vec![1, 2]));
+        // Past the byte bound the oldest go; a range starting before the cache is a miss.
+        c.appended(4, vec![entry(4), entry(5)]);
+        assert_eq!(c.bytes, CACHE_BYTES);
+        assert_eq!(indexes(c.get(1, &(1..))), None);
+        assert_eq!(indexes(c.get(2, &(2..))), Some(vec![2, 3, 4, 5]));
+        // A truncation drops the tail; an append over it replaces what was there.
+        c.remove_from(4);
+        assert_eq!(indexes(c.get(2, &(2..))), Some(vec![2, 3]));
+        c.appended(3, vec![entry(3), entry(4)]);
+        assert_eq!(indexes(c.get(2, &(2..))), Some(vec![2, 3, 4]));
+        // A purge drops the head.
+        c.remove_through(3);
+        assert_eq!(indexes(c.get(3, &(3..))), None);
+        assert_eq!(indexes(c.get(4, &(4..))), Some(vec![4]));
+        // An append that leaves a gap starts the cache afresh, so it stays contiguous.
+        c.appended(9, vec![entry(9)]);
+        assert_eq!(indexes(c.get(4, &(4..))), None);
+        assert_eq!(indexes(c.get(9, &(9..))), Some(vec![9]));
+        assert_eq!(c.bytes, CACHE_BYTES / 4);
     }
 }
