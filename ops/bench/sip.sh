@@ -12,9 +12,10 @@
 #     each offering 1/REG_USERS of the rate from its own fixed port. Every REGISTER has a
 #     new Call-ID, so every accepted one replaces its account's binding (same Contact):
 #     Tandem commits one Raft write before each 200 and never takes its no-write path for
-#     unchanged refreshes. Tandem serialises the writes of one account, so with few
-#     accounts the rate is bounded by accounts / commit latency; more sipp instances cost
-#     the load generator more CPU.
+#     unchanged refreshes. REGISTERs of one account that arrive while its write commits
+#     are planned as one group and written once (node/src/registrar.rs), so with few
+#     accounts Tandem proposes fewer writes than it answers REGISTERs; more sipp
+#     instances cost the load generator more CPU.
 #  2. Calls (ops/sipp/bench-uac-invite.xml): one caller account sends INVITE, gets 407, ACKs
 #     it, sends the INVITE with credentials, gets 100/180/200, sends ACK, waits
 #     CALL_HOLD_MS, sends BYE and gets 200; ACK and BYE follow the route set. The callee is
