@@ -4,6 +4,8 @@
 # After `form_cluster`: node i's config is $work/node$i/tandem.toml, its log
 # $work/node$i.log, its pid ${node_pid[i]}, and $admin1, $sip1 and $raft1 are node 1's
 # admin, SIP (UDP) and Raft addresses. Node 1 is the leader. Needs $TANDEM_BIN and $work.
+# NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
+# (for example NODE_ENV=TOKIO_WORKER_THREADS=1 to try one runtime thread per node).
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }

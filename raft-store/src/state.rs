@@ -196,9 +196,8 @@ impl StateReader {
         self.get(&key::account(domain, user))
     }
 
-    /// Whether any account lives in `domain`: the domains this cluster serves.
-    /// Whether any account is in `domain`. Every REGISTER and call asks this, so answers
-    /// are kept until the accounts change.
+    /// Whether any account lives in `domain`: the domains this cluster serves. Every
+    /// REGISTER and call asks this, so answers are kept until the accounts change.
     pub fn serves_domain(&self, domain: &str) -> Result<bool, Error> {
         let generation = self.accounts_generation.load(Ordering::Acquire);
         {
