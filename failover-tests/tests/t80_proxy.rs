@@ -12,7 +12,8 @@
 //!   reports drained only after the call ended;
 //! - forking by q-value groups, with the other branches CANCELled on a 2xx;
 //! - sipp calls (the benchmark's scenarios) through the proxy, every one completed;
-//! - NAT keepalives to a UDP binding come from its edge node only.
+//! - NAT keepalives to a UDP binding come from its edge node only;
+//! - a non-INVITE the callee never answers gets no 408 (RFC 4320).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -650,4 +651,64 @@ fn nat_keepalives_come_only_from_the_edge_node() {
         from_edge >= 2,
         "only {from_edge} keepalives in 3.5 s at one a second"
     );
+}
+
+#[test]
+fn a_non_invite_the_callee_never_answers_gets_no_408() {
+    // RFC 4320 §4.2: a proxy sends no 408 to a non-INVITE; by the time its branch times
+    // out, the client has given up too. A short T1 makes Timer F 64 × 50 ms = 3.2 s.
+    let node = Node::start_ready("t1_ms = 50");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "carol", "example.com", "pw-carol-1");
+    let mut callee = Ua::new("127.0.0.1", "carol", "example.com", "pw-carol-1");
+    let contact = callee.contact();
+    register(&mut callee, sip, &contact);
+
+    // From a peer outside the served domains, so no 407 comes first.
+    let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = peer.local_addr().unwrap();
+    let message = format!(
+        "MESSAGE sip:carol@example.com SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-4320-{port};rport\r\n\
+         From: <sip:peer@elsewhere.example>;tag=p{port}\r\n\
+         To: <sip:carol@example.com>\r\n\
+         Call-ID: rfc4320-{port}\r\n\
+         CSeq: 1 MESSAGE\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Type: text/plain\r\n\
+         Content-Length: 5\r\n\r\nhello",
+        port = local.port()
+    );
+    peer.send_to(message.as_bytes(), sip).unwrap();
+    let relayed = callee.expect_request("MESSAGE", WAIT);
+    assert!(relayed.text.ends_with("hello"), "{}", relayed.text);
+    // The callee stays silent. Nothing final may come back, 408 least of all, until well
+    // after Timer F has fired on the node.
+    peer.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let deadline = Deadline::after(Duration::from_secs(6));
+    let mut buf = [0u8; 4096];
+    while !deadline.expired() {
+        if let Ok((n, _)) = peer.recv_from(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]);
+            assert!(
+                !text.starts_with("SIP/2.0 408") && !text.starts_with("SIP/2.0 2"),
+                "the caller got an answer nobody gave:\n{text}"
+            );
+        }
+    }
+    // Nothing is left waiting for an answer, so a drain would not wait on it.
+    let deadline = Deadline::after(WAIT);
+    loop {
+        let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
+        let active = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tandem_sip_transactions_active "))
+            .map(|v| v.trim().to_owned());
+        if active.as_deref() == Some("0") {
+            break;
+        }
+        assert!(!deadline.expired(), "transactions still active: {active:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

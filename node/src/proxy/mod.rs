@@ -1044,7 +1044,18 @@ impl Fork {
             return;
         }
         self.finished = true;
-        let Some((best, stand_in)) = self.best.take() else {
+        let best = self.best.take();
+        let timed_out = match &best {
+            None => true,
+            Some((b, stand_in)) => *stand_in && b.status() == Some(408),
+        };
+        if timed_out && self.request.method() != Some(&Method::Invite) {
+            // RFC 4320 §4.2: no 408 for a non-INVITE; the client has timed out already.
+            self.track_dialog(408);
+            self.proxy.layer.abandon(self.tx);
+            return;
+        }
+        let Some((best, stand_in)) = best else {
             let r = crate::responses::build(&self.request, 408, "Request Timeout");
             self.track_dialog(408);
             self.proxy.layer.respond(self.tx, r);

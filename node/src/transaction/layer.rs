@@ -63,6 +63,9 @@ enum Command {
         tx: TxId,
         response: Message,
     },
+    Abandon {
+        tx: TxId,
+    },
     SendRequest {
         request: Message,
         flow: Flow,
@@ -82,6 +85,12 @@ impl LayerHandle {
     /// has already ended are dropped, as RFC 3261 requires.
     pub fn respond(&self, tx: TxId, response: Message) {
         let _ = self.commands.send(Command::Respond { tx, response });
+    }
+
+    /// Ends a non-INVITE server transaction without a final response (RFC 4320 §4.2); it
+    /// goes on absorbing retransmissions for as long as the client may send them.
+    pub fn abandon(&self, tx: TxId) {
+        let _ = self.commands.send(Command::Abandon { tx });
     }
 
     /// Starts a client transaction. The request must carry its top Via with a branch. An
@@ -505,6 +514,22 @@ impl TransactionLayer {
                     .responses_sent
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 stats.count_response(status);
+                self.apply_server(tx, before, out).await;
+            }
+            Command::Abandon { tx } => {
+                let Some(entry) = self.servers.get_mut(&tx) else {
+                    return;
+                };
+                let before = entry.machine.has_final();
+                let mut out = Actions::new();
+                match &mut entry.machine {
+                    ServerMachine::NonInvite(m) => m.on_tu_abandon(&mut out),
+                    // An INVITE always gets a final response.
+                    ServerMachine::Invite(_) => {
+                        tracing::warn!("an INVITE server transaction cannot be abandoned");
+                        return;
+                    }
+                }
                 self.apply_server(tx, before, out).await;
             }
             Command::SendRequest {

@@ -54,7 +54,7 @@ impl ServerNonInvite {
         self.state == ServerNonInviteState::Terminated
     }
 
-    /// A final response has been sent.
+    /// The TU is done with it: a final response was sent, or the TU gave up on one.
     pub fn has_final(&self) -> bool {
         self.final_sent
     }
@@ -95,6 +95,29 @@ impl ServerNonInvite {
                 }
             }
             // §17.2.2: any other final response from the TU must be discarded.
+            ServerNonInviteState::Completed | ServerNonInviteState::Terminated => {}
+        }
+    }
+
+    /// The TU ends the transaction without a final response. RFC 4320 §4.2: a proxy whose
+    /// next hop never answered a non-INVITE sends no 408, since by then the client's own
+    /// transaction has timed out. Over UDP it stays Completed while the client could still
+    /// retransmit, absorbing those retransmissions in silence, so they are not taken for
+    /// new requests.
+    pub fn on_tu_abandon(&mut self, out: &mut Actions) {
+        match self.state {
+            ServerNonInviteState::Trying | ServerNonInviteState::Proceeding => {
+                self.last_response = None;
+                self.final_sent = true;
+                self.state = ServerNonInviteState::Completed;
+                match self.reliability {
+                    Reliability::Unreliable => {
+                        self.armed
+                            .arm(Timer::J, self.timers.transaction_timeout(), out);
+                    }
+                    Reliability::Reliable => self.terminate(out),
+                }
+            }
             ServerNonInviteState::Completed | ServerNonInviteState::Terminated => {}
         }
     }
@@ -227,6 +250,26 @@ mod tests {
             assert!(transaction.has_final());
             assert_eq!(retransmission(&mut transaction), []);
         }
+    }
+
+    #[test]
+    fn an_abandoned_transaction_answers_nothing_and_absorbs_retransmissions() {
+        let mut transaction = new(Reliability::Unreliable);
+        respond(&mut transaction, 100, trying());
+        let mut out = Actions::new();
+        transaction.on_tu_abandon(&mut out);
+        assert_eq!(out, [Schedule(Timer::J, ms(32_000))]);
+        assert_eq!(transaction.state(), S::Completed);
+        assert!(transaction.has_final());
+        // Not even the earlier 100 is repeated, and a late final is discarded.
+        assert_eq!(retransmission(&mut transaction), []);
+        assert_eq!(respond(&mut transaction, 200, ok()), []);
+        assert_eq!(fire(&mut transaction, Timer::J), [Terminated]);
+
+        let mut transaction = new(Reliability::Reliable);
+        let mut out = Actions::new();
+        transaction.on_tu_abandon(&mut out);
+        assert_eq!(out, [Terminated]);
     }
 
     #[test]
