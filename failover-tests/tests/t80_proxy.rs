@@ -13,7 +13,8 @@
 //! - forking by q-value groups, with the other branches CANCELled on a 2xx;
 //! - sipp calls (the benchmark's scenarios) through the proxy, every one completed;
 //! - NAT keepalives to a UDP binding come from its edge node only;
-//! - a non-INVITE the callee never answers gets no 408 (RFC 4320).
+//! - a non-INVITE the callee never answers gets no 408 (RFC 4320);
+//! - the challenges of every forked branch's 401 reach the caller in one response.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -711,4 +712,53 @@ fn a_non_invite_the_callee_never_answers_gets_no_408() {
         assert!(!deadline.expired(), "transactions still active: {active:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn challenges_of_every_forked_branch_reach_the_caller() {
+    // RFC 3261 §16.7 step 7: when the response chosen is a 401 or 407, the proxy adds the
+    // challenges of every other 401 and 407 it received, unchanged.
+    let node = Node::start_ready("");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let mut one = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut two = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    for ua in [&mut one, &mut two] {
+        let contact = ua.contact();
+        register(ua, sip, &contact);
+    }
+    let challenge = |realm: &str| {
+        format!(
+            "WWW-Authenticate: Digest realm=\"{realm}\", nonce=\"n-{realm}\", algorithm=MD5, qop=\"auth\"\r\n"
+        )
+    };
+    let refused = std::thread::scope(|s| {
+        for (ua, realm) in [(&one, "one.example"), (&two, "two.example")] {
+            let header = challenge(realm);
+            s.spawn(move || {
+                let invite = ua.expect_request("INVITE", WAIT);
+                ua.respond(&invite, 401, "Unauthorized", &header);
+                ua.expect_request("ACK", WAIT);
+            });
+        }
+        alice.invite(sip, "sip:bob@example.com", "challenges-1", &mut |_, _| {})
+    });
+    assert_eq!(refused.status(), Some(401), "{}", refused.text);
+    let mut realms: Vec<String> = refused
+        .headers("WWW-Authenticate")
+        .iter()
+        .map(|c| {
+            c.split("realm=\"")
+                .nth(1)
+                .unwrap_or("")
+                .split('"')
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .collect();
+    realms.sort();
+    assert_eq!(realms, ["one.example", "two.example"], "{}", refused.text);
 }

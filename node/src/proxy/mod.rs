@@ -367,6 +367,7 @@ impl Proxy {
             record_route,
             branches: Vec::new(),
             best: None,
+            challenges: Vec::new(),
             answered: false,
             finished: false,
             cancelled: false,
@@ -804,6 +805,9 @@ struct Fork {
     /// for a branch that timed out or could not be reached), built from the request as
     /// it arrived and so without a Via of ours to remove.
     best: Option<(Message, bool)>,
+    /// Every challenge (WWW-Authenticate, Proxy-Authenticate) of the 401 and 407
+    /// responses received, as they came, for the one that goes back (§16.7 step 7).
+    challenges: Vec<(HeaderName, bytes::Bytes)>,
     /// A 2xx went back.
     answered: bool,
     /// The final response has gone back (or a 2xx has).
@@ -902,6 +906,17 @@ impl Fork {
     /// Keeps a final response if it is the best so far.
     fn consider(&mut self, response: Message, stand_in: bool) {
         let status = response.status().unwrap_or(500);
+        if !stand_in && matches!(status, 401 | 407) {
+            for (name, value) in response.headers() {
+                if matches!(
+                    name,
+                    HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
+                ) {
+                    self.challenges
+                        .push((name.clone(), bytes::Bytes::copy_from_slice(value)));
+                }
+            }
+        }
         if route::better(status, self.best.as_ref().and_then(|(m, _)| m.status())) {
             self.best = Some((response, stand_in));
         }
@@ -1079,6 +1094,17 @@ impl Fork {
         } else if stand_in {
             self.proxy.layer.respond(self.tx, best);
         } else {
+            let mut best = best;
+            if matches!(status, 401 | 407) {
+                // §16.7 step 7: the caller must see every branch's challenges, unchanged,
+                // so it can answer each realm at once.
+                for (name, value) in std::mem::take(&mut self.challenges) {
+                    let present = best.headers().any(|(n, v)| *n == name && v == &value[..]);
+                    if !present {
+                        best.push_header(name, value);
+                    }
+                }
+            }
             self.relay(best);
         }
     }
