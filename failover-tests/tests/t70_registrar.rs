@@ -1,7 +1,8 @@
 //! The registrar against real processes: digest REGISTER with MD5 (sipp) and SHA-256 (the
 //! test UA), wrong passwords never registered, bindings replicated to every node with
 //! their edge node, nonces from one node accepted by another, the RFC 3261 §10.3 rules a
-//! phone sees (423, queries, removal), and racing REGISTERs of one AOR.
+//! phone sees (423, queries, removal), racing REGISTERs of one AOR, and registrations
+//! without quorum: answered, kept alive by NAT keepalives, and replayed when it returns.
 
 use std::time::Duration;
 
@@ -425,7 +426,10 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
 
 #[test]
 fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_returns() {
-    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let cluster = Cluster::form(
+        &[MemberRole::Full, MemberRole::Full, MemberRole::Full],
+        "\n[registrar]\nnat_keepalive_secs = 1",
+    );
     let one = cluster.member(1);
     let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
     add_account(one.admin_addr, &token, "frank", "pw-frank-1");
@@ -475,7 +479,21 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
         .body;
     assert!(!held.contains("tandem_bindings_held 0"), "{held}");
 
-    // Quorum returns: the overlay is replayed and every node has both bindings.
+    // A phone that first registers while the node is degraded is held in the overlay;
+    // its NAT mapping must be kept open all the same.
+    let mut late = Ua::new("127.0.0.1", "frank", "example.com", "pw-frank-1");
+    let late_contact = format!("<{}>", late.contact());
+    let r = late.register(node1, "MD5", Some(&late_contact), Some(300));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let keepalive = late.recv(Duration::from_millis(3500));
+    assert!(
+        keepalive
+            .as_ref()
+            .is_some_and(|m| m.text == "\r\n\r\n" && m.from == node1),
+        "no keepalive for a binding held in the overlay: {keepalive:?}"
+    );
+
+    // Quorum returns: the overlay is replayed and every node has all three bindings.
     cluster.member(2).start();
     cluster.member(3).start();
     cluster.wait_for_leader(&[], Duration::from_secs(15));
@@ -493,6 +511,6 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
     for m in &cluster.members {
         cluster.wait_caught_up(m.id, Duration::from_secs(15));
         let b = bindings(m.admin_addr, &token, "frank");
-        assert_eq!(b.as_array().map(Vec::len), Some(2), "node {}: {b}", m.id);
+        assert_eq!(b.as_array().map(Vec::len), Some(3), "node {}: {b}", m.id);
     }
 }

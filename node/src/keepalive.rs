@@ -4,6 +4,7 @@
 //! binding's flow every `registrar.nat_keepalive_secs`. Only the edge node does: its flow is
 //! the mapping, and every node pinging every contact would multiply the traffic for
 //! nothing. Bindings are sent to in chunks spread over the interval, not in one burst.
+//! Bindings held in the degraded-mode overlay count as this node's too.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -34,11 +35,16 @@ pub async fn run(
     loop {
         let round = tokio::time::Instant::now();
         let now = now_ms();
-        let flows: Vec<Flow> = cluster
+        let stored = cluster
             .replica
             .reader()
             .bindings_by_edge(me)
-            .unwrap_or_default()
+            .unwrap_or_default();
+        // Bindings registered while the node had no quorum are held in its overlay
+        // (DECISIONS §5); their phones need keepalives all the same.
+        let flows: Vec<Flow> = cluster
+            .overlay
+            .apply_for_edge(me, stored)
             .iter()
             .filter(|b| b.expires_at_ms > now)
             .filter_map(|b| flow_of_stored(&b.flow))

@@ -87,6 +87,27 @@ impl BindingOverlay {
         out
     }
 
+    /// `stored` (the bindings whose edge is `edge`, in the replica) with this node's
+    /// held-back changes: what NAT keepalives go to while registrations are held here.
+    pub fn apply_for_edge(&self, edge: u64, stored: Vec<Binding>) -> Vec<Binding> {
+        let pending = self.pending.lock().expect("overlay lock");
+        if pending.is_empty() {
+            return stored;
+        }
+        let mut out: Vec<Binding> = stored
+            .into_iter()
+            .filter(|b| !pending.contains_key(&(b.aor.clone(), b.contact.clone())))
+            .collect();
+        for (_, change) in pending.values() {
+            if let Pending::Put(b) = change {
+                if b.edge_node == edge {
+                    out.push((**b).clone());
+                }
+            }
+        }
+        out
+    }
+
     /// Replays everything held back through Raft, oldest first. An entry changed again
     /// while its replay was in flight stays for the next round, and so does one whose
     /// write fails; the first error is returned after every entry was tried.
@@ -205,5 +226,30 @@ mod tests {
         assert_eq!(view, vec![("sip:x@h".into(), 2), ("sip:z@h".into(), 1)]);
         assert_eq!(o.apply("sip:other@example.com", vec![]).len(), 0);
         assert_eq!(o.len(), 3);
+    }
+
+    #[test]
+    fn keepalives_see_held_bindings_of_their_edge_only() {
+        let o = BindingOverlay::default();
+        let stored = vec![binding("sip:x@h", 1), binding("sip:y@h", 1)];
+        assert_eq!(o.apply_for_edge(1, stored.clone()), stored);
+        // Held while degraded: a refresh of x, y gone, and a new z; plus a new w whose
+        // edge is another node.
+        assert!(o.hold(&Command::PutBinding(binding("sip:x@h", 2))));
+        assert!(o.hold(&Command::RemoveBinding {
+            aor: "sip:a@example.com".into(),
+            contact: "sip:y@h".into()
+        }));
+        assert!(o.hold(&Command::PutBinding(binding("sip:z@h", 1))));
+        let mut elsewhere = binding("sip:w@h", 1);
+        elsewhere.edge_node = 2;
+        assert!(o.hold(&Command::PutBinding(elsewhere)));
+        let mut seen: Vec<(String, u32)> = o
+            .apply_for_edge(1, stored)
+            .iter()
+            .map(|b| (b.contact.clone(), b.cseq))
+            .collect();
+        seen.sort();
+        assert_eq!(seen, vec![("sip:x@h".into(), 2), ("sip:z@h".into(), 1)]);
     }
 }
