@@ -489,16 +489,22 @@ impl Registrar {
         guard.armed = false;
     }
 
-    /// Plans a group of one AOR's REGISTERs in order, each against the bindings the ones
-    /// before it leave, writes their coalesced changes and answers them.
-    async fn write_group(&self, aor: &str, jobs: Vec<Job>) {
+    /// The AOR's bindings as this node knows them: the replica's, with what the overlay
+    /// holds back.
+    fn current_bindings(&self, aor: &str) -> Vec<Binding> {
         let stored = self
             .cluster
             .replica
             .reader()
             .bindings(aor)
             .unwrap_or_default();
-        let mut view = self.overlay.apply(aor, stored);
+        self.overlay.apply(aor, stored)
+    }
+
+    /// Plans a group of one AOR's REGISTERs in order, each against the bindings the ones
+    /// before it leave, writes their coalesced changes and answers them.
+    async fn write_group(&self, aor: &str, jobs: Vec<Job>) {
+        let mut view = self.current_bindings(aor);
         let now = now_ms();
         let mut writes = Vec::new();
         let mut accepted = Vec::with_capacity(jobs.len());
@@ -568,20 +574,12 @@ impl Registrar {
                 None => {}
             }
             let held = match &command {
-                Command::RemoveAllBindings { aor } => {
-                    let stored = self
-                        .cluster
-                        .replica
-                        .reader()
-                        .bindings(aor)
-                        .unwrap_or_default();
-                    self.overlay.apply(aor, stored).iter().all(|b| {
-                        self.overlay.hold(&Command::RemoveBinding {
-                            aor: b.aor.clone(),
-                            contact: b.contact.clone(),
-                        })
+                Command::RemoveAllBindings { aor } => self.current_bindings(aor).iter().all(|b| {
+                    self.overlay.hold(&Command::RemoveBinding {
+                        aor: b.aor.clone(),
+                        contact: b.contact.clone(),
                     })
-                }
+                }),
                 other => self.overlay.hold(other),
             };
             if !held {

@@ -82,17 +82,7 @@ impl ServerNonInvite {
                     self.state = ServerNonInviteState::Proceeding;
                     return;
                 }
-                self.final_sent = true;
-                self.state = ServerNonInviteState::Completed;
-                match self.reliability {
-                    // Completed absorbs retransmitted requests for as long as the client
-                    // can retransmit (its Timer F).
-                    Reliability::Unreliable => {
-                        self.armed
-                            .arm(Timer::J, self.timers.transaction_timeout(), out);
-                    }
-                    Reliability::Reliable => self.terminate(out),
-                }
+                self.complete(out);
             }
             // §17.2.2: any other final response from the TU must be discarded.
             ServerNonInviteState::Completed | ServerNonInviteState::Terminated => {}
@@ -108,17 +98,23 @@ impl ServerNonInvite {
         match self.state {
             ServerNonInviteState::Trying | ServerNonInviteState::Proceeding => {
                 self.last_response = None;
-                self.final_sent = true;
-                self.state = ServerNonInviteState::Completed;
-                match self.reliability {
-                    Reliability::Unreliable => {
-                        self.armed
-                            .arm(Timer::J, self.timers.transaction_timeout(), out);
-                    }
-                    Reliability::Reliable => self.terminate(out),
-                }
+                self.complete(out);
             }
             ServerNonInviteState::Completed | ServerNonInviteState::Terminated => {}
+        }
+    }
+
+    /// The TU is done: Completed absorbs retransmitted requests for as long as the client
+    /// can retransmit (its Timer F); over a reliable transport there are none.
+    fn complete(&mut self, out: &mut Actions) {
+        self.final_sent = true;
+        self.state = ServerNonInviteState::Completed;
+        match self.reliability {
+            Reliability::Unreliable => {
+                self.armed
+                    .arm(Timer::J, self.timers.transaction_timeout(), out);
+            }
+            Reliability::Reliable => self.terminate(out),
         }
     }
 
