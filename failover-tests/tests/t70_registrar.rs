@@ -514,3 +514,51 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
         assert_eq!(b.as_array().map(Vec::len), Some(3), "node {}: {b}", m.id);
     }
 }
+
+#[test]
+fn a_challenge_keeps_no_transaction_so_a_retransmission_gets_a_fresh_one() {
+    // The 401 is sent statelessly (RFC 3261 §8.2.7): the node holds nothing for it, and the
+    // same REGISTER sent again is answered anew, with a new nonce, where a transaction
+    // would have repeated its first answer byte for byte.
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "gina", "pw-gina-123");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let local = socket.local_addr().unwrap();
+    let register = format!(
+        "REGISTER sip:example.com SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-stateless-{port};rport\r\n\
+         From: <sip:gina@example.com>;tag=g{port}\r\n\
+         To: <sip:gina@example.com>\r\n\
+         Call-ID: stateless-{port}\r\n\
+         CSeq: 1 REGISTER\r\n\
+         Contact: <sip:gina@{local}>\r\n\
+         Max-Forwards: 70\r\n\
+         Content-Length: 0\r\n\r\n",
+        port = local.port()
+    );
+    let mut nonces = Vec::new();
+    for _ in 0..2 {
+        socket
+            .send_to(register.as_bytes(), node.udp_addr())
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let (n, _) = socket.recv_from(&mut buf).expect("an answer");
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(text.starts_with("SIP/2.0 401"), "{text}");
+        let nonce = text
+            .split("nonce=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .expect("a nonce")
+            .to_owned();
+        nonces.push(nonce);
+    }
+    assert_ne!(
+        nonces[0], nonces[1],
+        "the second answer was a retransmission"
+    );
+}

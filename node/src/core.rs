@@ -143,6 +143,11 @@ impl Core {
                     tokio::spawn(async move {
                         let response = registrar.register(&request, &flow).await;
                         match tx {
+                            // A challenge holds no state: a retransmitted REGISTER
+                            // simply gets a new one.
+                            Some(tx) if response.status() == Some(401) => {
+                                layer.respond_stateless(tx, response)
+                            }
                             Some(tx) => layer.respond(tx, response),
                             None => {
                                 stats.count_response(response.status().unwrap_or(0));

@@ -62,6 +62,8 @@ enum Command {
     Respond {
         tx: TxId,
         response: Message,
+        /// A non-INVITE final that keeps no transaction state (see `respond_stateless`).
+        stateless: bool,
     },
     Abandon {
         tx: TxId,
@@ -84,7 +86,22 @@ impl LayerHandle {
     /// Sends a response through a server transaction. Responses for a transaction that
     /// has already ended are dropped, as RFC 3261 requires.
     pub fn respond(&self, tx: TxId, response: Message) {
-        let _ = self.commands.send(Command::Respond { tx, response });
+        let _ = self.commands.send(Command::Respond {
+            tx,
+            response,
+            stateless: false,
+        });
+    }
+
+    /// Sends a final response to a non-INVITE and ends its transaction at once, so a
+    /// retransmission of the request is handled as a new one (RFC 3261 §8.2.7). For
+    /// answers that are computed afresh anyway, such as a registrar's 401 challenge.
+    pub fn respond_stateless(&self, tx: TxId, response: Message) {
+        let _ = self.commands.send(Command::Respond {
+            tx,
+            response,
+            stateless: true,
+        });
     }
 
     /// Ends a non-INVITE server transaction without a final response (RFC 4320 §4.2); it
@@ -494,7 +511,11 @@ impl TransactionLayer {
 
     async fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Respond { tx, response } => {
+            Command::Respond {
+                tx,
+                response,
+                stateless,
+            } => {
                 let Some(status) = response.status() else {
                     return;
                 };
@@ -507,6 +528,9 @@ impl TransactionLayer {
                 let mut out = Actions::new();
                 match &mut entry.machine {
                     ServerMachine::Invite(m) => m.on_tu_response(status, bytes, &mut out),
+                    ServerMachine::NonInvite(m) if stateless => {
+                        m.on_tu_response_stateless(status, bytes, &mut out)
+                    }
                     ServerMachine::NonInvite(m) => m.on_tu_response(status, bytes, &mut out),
                 }
                 let stats = self.transports.stats();

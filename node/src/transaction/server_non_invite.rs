@@ -89,6 +89,23 @@ impl ServerNonInvite {
         }
     }
 
+    /// The TU answers with a final response and keeps no state for it (RFC 3261 §8.2.7): a
+    /// retransmitted request is a new request and gets a new answer. For a registrar's
+    /// challenge, which is fresh on every request anyway, this saves holding each
+    /// challenge for Timer J.
+    pub fn on_tu_response_stateless(&mut self, status: u16, response: Bytes, out: &mut Actions) {
+        let live = matches!(
+            self.state,
+            ServerNonInviteState::Trying | ServerNonInviteState::Proceeding
+        );
+        if !live || StatusClass::of(status) == StatusClass::Provisional {
+            return self.on_tu_response(status, response, out);
+        }
+        out.push(Action::Transmit(response));
+        self.final_sent = true;
+        self.terminate(out);
+    }
+
     /// The TU ends the transaction without a final response. RFC 4320 §4.2: a proxy whose
     /// next hop never answered a non-INVITE sends no 408, since by then the client's own
     /// transaction has timed out. Over UDP it stays Completed while the client could still
@@ -266,6 +283,16 @@ mod tests {
         let mut out = Actions::new();
         transaction.on_tu_abandon(&mut out);
         assert_eq!(out, [Terminated]);
+    }
+
+    #[test]
+    fn a_stateless_final_ends_the_transaction_at_once() {
+        let mut transaction = new(Reliability::Unreliable);
+        let mut out = Actions::new();
+        transaction.on_tu_response_stateless(404, not_found(), &mut out);
+        assert_eq!(out, [Transmit(not_found()), Terminated]);
+        assert!(transaction.has_final());
+        assert!(transaction.is_terminated());
     }
 
     #[test]
