@@ -5,7 +5,7 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
-    Binding, Command, CommandResult, EncodedCommand, ProviderLease, StoredFlow,
+    Account, Binding, Command, CommandResult, EncodedCommand, ProviderLease, StoredFlow,
 };
 use tandem_raft_store::state_machine::StateMachine;
 use tandem_raft_store::types::{Entry, Request};
@@ -46,6 +46,19 @@ fn lease(provider: &str, owner: u64, epoch: u64) -> ProviderLease {
         owner,
         epoch,
         expires_at_ms: 1000,
+    }
+}
+
+/// An enabled account of customer c1 without passwords.
+fn account(user: &str, domain: &str) -> Account {
+    Account {
+        user: user.into(),
+        domain: domain.into(),
+        customer: "c1".into(),
+        ha1: vec![],
+        enabled: true,
+        max_contacts: 5,
+        max_concurrent_calls: 2,
     }
 }
 
@@ -286,17 +299,11 @@ async fn state_survives_reopening() {
 
 #[tokio::test]
 async fn deleting_or_disabling_an_account_removes_its_bindings_in_the_same_batch() {
-    use tandem_raft_store::command::Account;
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
     let account = |user: &str, enabled: bool| Account {
-        user: user.into(),
-        domain: "example.com".into(),
-        customer: "c1".into(),
-        ha1: vec![],
         enabled,
-        max_contacts: 5,
-        max_concurrent_calls: 2,
+        ..account(user, "example.com")
     };
     apply(
         &mut sm,
@@ -333,16 +340,6 @@ async fn deleting_or_disabling_an_account_removes_its_bindings_in_the_same_batch
 
 #[tokio::test]
 async fn served_domains_follow_account_changes_and_snapshots() {
-    use tandem_raft_store::command::Account;
-    let account = |user: &str, domain: &str| Account {
-        user: user.into(),
-        domain: domain.into(),
-        customer: "c1".into(),
-        ha1: vec![],
-        enabled: true,
-        max_contacts: 5,
-        max_concurrent_calls: 2,
-    };
     let dir = tempfile::tempdir().unwrap();
     let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
     let reader = sm.reader();
