@@ -74,22 +74,18 @@ impl BindingOverlay {
 
     /// `stored` (an AOR's bindings in the replica) with this node's held-back changes.
     pub fn apply(&self, aor: &str, stored: Vec<Binding>) -> Vec<Binding> {
-        let pending = self.pending.lock().expect("overlay lock");
-        let mut out: Vec<Binding> = stored
-            .into_iter()
-            .filter(|b| !pending.contains_key(&(b.aor.clone(), b.contact.clone())))
-            .collect();
-        for ((a, _), (_, change)) in pending.iter() {
-            if let (true, Pending::Put(b)) = (a == aor, change) {
-                out.push((**b).clone());
-            }
-        }
-        out
+        self.merge(stored, |b| b.aor == aor)
     }
 
     /// `stored` (the bindings whose edge is `edge`, in the replica) with this node's
     /// held-back changes: what NAT keepalives go to while registrations are held here.
     pub fn apply_for_edge(&self, edge: u64, stored: Vec<Binding>) -> Vec<Binding> {
+        self.merge(stored, |b| b.edge_node == edge)
+    }
+
+    /// `stored` without the bindings held changes replace, plus the held new values that
+    /// `belongs` to the same selection.
+    fn merge(&self, stored: Vec<Binding>, belongs: impl Fn(&Binding) -> bool) -> Vec<Binding> {
         let pending = self.pending.lock().expect("overlay lock");
         if pending.is_empty() {
             return stored;
@@ -100,7 +96,7 @@ impl BindingOverlay {
             .collect();
         for (_, change) in pending.values() {
             if let Pending::Put(b) = change {
-                if b.edge_node == edge {
+                if belongs(b) {
                     out.push((**b).clone());
                 }
             }

@@ -27,7 +27,7 @@
 #   REG_RATES, CALL_RATES: offered rates per second, comma-separated, one step each, in
 #   rising order (defaults 1000,2000,3000,4000,5000,6000,8000,10000 and 500,1000,1500,2000,2500,3000). At each step
 #   Tandem runs, then Kamailio; a server that misses the target at a step skips the
-#   higher ones. The defaults take two to four minutes.
+#   higher ones. The defaults take five to eight minutes.
 # The cluster is formed by ops/bench/cluster.sh.
 # Environment: REG_USERS (20); CALL_HOLD_MS (1000); BENCH_NODE (1: the node that takes all
 # the load; node 1 forms the cluster and is its leader, 2 and 3 are followers);

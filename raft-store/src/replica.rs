@@ -403,20 +403,10 @@ impl Replica {
 
     /// Replicates one command and returns its result once it is applied locally.
     pub async fn propose(&self, command: Command) -> Result<CommandResult, Error> {
-        let (reply, rx) = oneshot::channel();
-        let proposal = Proposal {
-            command: command.encode(),
-            reply,
-        };
-        self.proposals
-            .send(proposal)
+        self.propose_all(vec![command])
             .await
-            .map_err(|_| Error::Raft("the replica has stopped".into()))?;
-        match tokio::time::timeout(self.propose_timeout, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(Error::Raft("the replica has stopped".into())),
-            Err(_) => Err(Error::Timeout(self.propose_timeout)),
-        }
+            .pop()
+            .unwrap_or_else(|| Err(Error::Raft("the replica has stopped".into())))
     }
 
     /// Replicates several commands, queued back to back so they usually share a log
