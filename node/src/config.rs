@@ -36,6 +36,11 @@ pub struct NodeConfig {
     pub role: Role,
     /// The master key file for field encryption; `None` means `<data_dir>/master.key`.
     pub master_key: Option<PathBuf>,
+    /// Threads of the async runtime that runs SIP, Raft and HTTP; 0 means one per core.
+    /// One is the default: on two cores it served twice the registrations per CPU second
+    /// of two threads, whose wake-ups of each other cost more than the second thread gave
+    /// (BENCHMARKS.md). RocksDB's fsyncs and snapshot builds run on threads of their own.
+    pub runtime_threads: u16,
 }
 
 impl Default for NodeConfig {
@@ -45,6 +50,7 @@ impl Default for NodeConfig {
             data_dir: PathBuf::from("./data"),
             role: Role::Full,
             master_key: None,
+            runtime_threads: 1,
         }
     }
 }
@@ -56,6 +62,9 @@ impl NodeConfig {
             .unwrap_or_else(|| self.data_dir.join("master.key"))
     }
 }
+
+/// Most runtime threads `node.runtime_threads` accepts.
+pub const MAX_RUNTIME_THREADS: u16 = 256;
 
 /// The internal listener and Raft timing of a clustered node.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -344,6 +353,12 @@ impl Config {
         }
         if self.node.data_dir.as_os_str().is_empty() {
             bad("node.data_dir", "must not be empty".into());
+        }
+        if self.node.runtime_threads > MAX_RUNTIME_THREADS {
+            bad(
+                "node.runtime_threads",
+                format!("must be at most {MAX_RUNTIME_THREADS} (0 means one per core)"),
+            );
         }
         let sip = &self.sip;
         if self.node.role == Role::Full
@@ -647,6 +662,7 @@ mod tests {
         c.sip.t2_ms = 10;
         c.sip.tls = vec!["127.0.0.1:5061".parse().unwrap()];
         c.node.id = 0;
+        c.node.runtime_threads = MAX_RUNTIME_THREADS + 1;
         let problems: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -663,6 +679,10 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("node.id")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("node.runtime_threads")),
             "{problems:?}"
         );
     }

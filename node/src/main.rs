@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(&config.log);
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(config.node.runtime_threads) else {
         return ExitCode::FAILURE;
     };
     match runtime.block_on(server::run_until_signal(config)) {
@@ -58,7 +58,7 @@ fn operator(command: Command) -> ExitCode {
     let mut quiet = config.log.clone();
     quiet.filter = "warn".into();
     telemetry::init(&quiet);
-    let Some(runtime) = runtime() else {
+    let Some(runtime) = runtime(1) else {
         return ExitCode::FAILURE;
     };
     report(runtime.block_on(tandem_node::control::run(&command, &config)))
@@ -77,12 +77,15 @@ fn config_or_report(path: Option<&std::path::Path>) -> Option<tandem_node::confi
     }
 }
 
-/// The multi-threaded tokio runtime, or `None` (with the reason printed).
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// The tokio runtime with `threads` workers (0: one per core), or `None` (with the reason
+/// printed). The multi-threaded scheduler even with one worker: tasks then run on that
+/// worker, never on the thread blocked in `block_on`.
+fn runtime(threads: u16) -> Option<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if threads > 0 {
+        builder.worker_threads(usize::from(threads));
+    }
+    match builder.enable_all().build() {
         Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("tandem: cannot start the async runtime: {e}");

@@ -123,8 +123,25 @@ impl StateMachine {
     }
 }
 
+/// Runs a long, blocking store job (reading or writing every record) on tokio's blocking
+/// pool, so that a node with one runtime thread goes on serving SIP meanwhile.
+async fn off_runtime<T: Send + 'static>(
+    job: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(job)
+        .await
+        .map_err(|e| snap_err(ErrorVerb::Write, e))?
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let this = self.clone();
+        off_runtime(move || this.build_snapshot_now()).await
+    }
+}
+
+impl StateMachine {
+    fn build_snapshot_now(&self) -> Result<Snapshot, StorageError> {
         let snap = self.db.snapshot();
         let read = |cf: &str, key: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
             snap.get_cf(self.cf(cf), key)
@@ -170,6 +187,42 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(file.data)),
+        })
+    }
+
+    fn install_snapshot_now(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
+        let content: SnapshotContent =
+            postcard::from_bytes(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
+        let mut batch = WriteBatch::default();
+        let cf_data = self.cf(CF_SM_DATA);
+        // Everything the snapshot does not hold must go: delete the whole key space.
+        batch.delete_range_cf(cf_data, [0u8].as_slice(), [0xffu8; 16].as_slice());
+        for (k, v) in &content.records {
+            batch.put_cf(cf_data, k, v);
+        }
+        let cf_meta = self.cf(CF_SM_META);
+        match meta.last_log_id {
+            Some(l) => batch.put_cf(
+                cf_meta,
+                KEY_LAST_APPLIED,
+                postcard::to_stdvec(&l).expect("encode log id"),
+            ),
+            None => batch.delete_cf(cf_meta, KEY_LAST_APPLIED),
+        }
+        batch.put_cf(
+            cf_meta,
+            KEY_MEMBERSHIP,
+            postcard::to_stdvec(&meta.last_membership).expect("encode membership"),
+        );
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db
+            .write_opt(batch, &opts)
+            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.reader.accounts_changed();
+        self.save_snapshot_file(&SnapshotFile {
+            meta: meta.clone(),
+            data,
         })
     }
 }
@@ -268,40 +321,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
-        let content: SnapshotContent =
-            postcard::from_bytes(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        let mut batch = WriteBatch::default();
-        let cf_data = self.cf(CF_SM_DATA);
-        // Everything the snapshot does not hold must go: delete the whole key space.
-        batch.delete_range_cf(cf_data, [0u8].as_slice(), [0xffu8; 16].as_slice());
-        for (k, v) in &content.records {
-            batch.put_cf(cf_data, k, v);
-        }
-        let cf_meta = self.cf(CF_SM_META);
-        match meta.last_log_id {
-            Some(l) => batch.put_cf(
-                cf_meta,
-                KEY_LAST_APPLIED,
-                postcard::to_stdvec(&l).expect("encode log id"),
-            ),
-            None => batch.delete_cf(cf_meta, KEY_LAST_APPLIED),
-        }
-        batch.put_cf(
-            cf_meta,
-            KEY_MEMBERSHIP,
-            postcard::to_stdvec(&meta.last_membership).expect("encode membership"),
-        );
-        let mut opts = WriteOptions::default();
-        opts.set_sync(true);
-        self.db
-            .write_opt(batch, &opts)
-            .map_err(|e| snap_err(ErrorVerb::Write, e))?;
-        self.reader.accounts_changed();
-        self.save_snapshot_file(&SnapshotFile {
-            meta: meta.clone(),
-            data,
-        })
+        let (this, meta) = (self.clone(), meta.clone());
+        off_runtime(move || this.install_snapshot_now(&meta, snapshot.into_inner())).await
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
