@@ -56,7 +56,13 @@ impl Algorithm {
 }
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+    }
+    out
 }
 
 /// `H(user:realm:password)`, what an account stores instead of its password.
@@ -90,8 +96,11 @@ impl NonceKey {
     }
 
     fn mac(&self, issued: &str, salt: &str, realm: &str) -> String {
-        let data = format!("{issued}.{salt}.{realm}");
-        hex(&hmac::sign(&self.key, data.as_bytes()).as_ref()[..16])
+        let mut mac = hmac::Context::with_key(&self.key);
+        for part in [issued, ".", salt, ".", realm] {
+            mac.update(part.as_bytes());
+        }
+        hex(&mac.sign().as_ref()[..16])
     }
 
     /// A new nonce: `<issued-at>.<random>.<MAC>`. The random part makes every challenge's
@@ -99,7 +108,8 @@ impl NonceKey {
     pub fn issue(&self, realm: &str, now_secs: u64) -> String {
         use rand::RngCore;
         let mut salt = [0u8; 8];
-        rand::rngs::OsRng.fill_bytes(&mut salt);
+        // A CSPRNG seeded from the OS, without a system call per challenge.
+        rand::thread_rng().fill_bytes(&mut salt);
         let (issued, salt) = (format!("{now_secs:x}"), hex(&salt));
         let mac = self.mac(&issued, &salt, realm);
         format!("{issued}.{salt}.{mac}")

@@ -5,7 +5,8 @@
 # $work/node$i.log, its pid ${node_pid[i]}, and $admin1, $sip1 and $raft1 are node 1's
 # admin, SIP (UDP) and Raft addresses. Node 1 is the leader. Needs $TANDEM_BIN and $work.
 # NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
-# (for example NODE_ENV=TOKIO_WORKER_THREADS=1 to try one runtime thread per node).
+# (for example NODE_ENV=RUST_LOG=debug). RUNTIME_THREADS (optional): the nodes'
+# node.runtime_threads, to compare thread counts (unset: the default).
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
@@ -29,6 +30,7 @@ form_cluster() {
 id = $i
 data_dir = "$work/node$i/data"
 master_key = "$work/node$i/master.key"
+${RUNTIME_THREADS:+runtime_threads = $RUNTIME_THREADS}
 [sip]
 udp = ["$ip:$(port "$ip")"]
 tcp = []

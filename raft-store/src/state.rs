@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch, DB};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -139,10 +139,7 @@ impl StateReader {
 
     fn scan<T: DeserializeOwned>(&self, prefix: &[u8]) -> Result<Vec<T>, Error> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(), IteratorMode::From(prefix, Direction::Forward))
-        {
+        for item in self.prefix_iter(prefix) {
             let (k, v) = item.map_err(Error::db)?;
             if !k.starts_with(prefix) {
                 break;
@@ -154,10 +151,7 @@ impl StateReader {
 
     fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator_cf(self.cf(), IteratorMode::From(prefix, Direction::Forward))
-        {
+        for item in self.prefix_iter(prefix) {
             let (k, _) = item.map_err(Error::db)?;
             if !k.starts_with(prefix) {
                 break;
@@ -165,6 +159,21 @@ impl StateReader {
             out.push(k.to_vec());
         }
         Ok(out)
+    }
+
+    /// The records whose keys start with `prefix`. The upper bound lets RocksDB skip
+    /// every file and block past the prefix: an AOR's bindings are read on every REGISTER
+    /// and call, and without it the iterator was 5% of a loaded leader's CPU.
+    fn prefix_iter(&self, prefix: &[u8]) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let mut opts = ReadOptions::default();
+        if let Some(end) = prefix_end(prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+        self.db.iterator_cf_opt(
+            self.cf(),
+            opts,
+            IteratorMode::From(prefix, Direction::Forward),
+        )
     }
 
     pub fn node(&self, id: NodeId) -> Result<Option<NodeRecord>, Error> {
@@ -298,6 +307,19 @@ impl StateReader {
     pub fn dialplan(&self, owner: &str) -> Result<Option<Dialplan>, Error> {
         self.get(&key::with(key::DIALPLAN, &[owner.as_bytes()]))
     }
+}
+
+/// The smallest key greater than every key that starts with `prefix`, or `None` when no
+/// such key exists (the prefix is all 0xff bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// The writes of one `apply` call: reads see earlier writes of the same call.
@@ -555,5 +577,22 @@ impl<'a> Txn<'a> {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn the_end_of_a_prefix_bounds_exactly_the_keys_that_start_with_it() {
+        assert_eq!(prefix_end(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(prefix_end(&[7, 0xff, 0xff]), Some(vec![8]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+        let end = prefix_end(&[3, 0]).unwrap();
+        for key in [[3u8, 0].as_slice(), &[3, 0, 0], &[3, 0, 0xff, 0xff]] {
+            assert!(key < end.as_slice(), "{key:?}");
+        }
+        assert!([3u8, 1].as_slice() >= end.as_slice());
     }
 }
