@@ -838,9 +838,29 @@ impl Message {
     }
 
     pub fn to_bytes(&self) -> Bytes {
-        let mut out = Vec::with_capacity(self.raw.len().max(512) + 64);
+        let mut out = Vec::with_capacity(self.wire_len());
         self.write_to(&mut out);
         Bytes::from(out)
+    }
+
+    /// About the length [`Message::write_to`] writes (exact unless the start line is
+    /// rewritten), so the buffer is allocated once: a built response shares no bytes with
+    /// the request it came from, and growing its buffer was most of serialising it.
+    fn wire_len(&self) -> usize {
+        let start = match (&self.start_raw, &self.start) {
+            (Some(r), _) => ru(r).len(),
+            (None, Start::Request { method, .. }) => method.as_str().len() + 64,
+            (None, Start::Response { reason, .. }) => 12 + reason.len(),
+        };
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|h| match &h.repr {
+                Repr::Raw { line, .. } => ru(line).len() + 2,
+                Repr::Value(v) => h.name.as_str().len() + 2 + v.len() + 2,
+            })
+            .sum();
+        start + 2 + headers + 2 + self.body.len()
     }
 }
 
@@ -1082,6 +1102,17 @@ v=0\n";
             .unwrap();
         assert_eq!(m.top_via().unwrap().received(), Some("1.2.3.4"));
         assert_eq!(m.vias().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn the_buffer_is_sized_to_what_is_written() {
+        let mut m = parse(b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\nContent-Length: 4\r\n\r\nbody");
+        assert_eq!(m.wire_len(), m.to_bytes().len());
+        m.push_header(HeaderName::Server, "Tandem");
+        let _ = m.add_to_tag("t1");
+        assert_eq!(m.wire_len(), m.to_bytes().len());
+        let r = Message::response_to(&m, 486, "Busy Here");
+        assert_eq!(r.wire_len(), r.to_bytes().len());
     }
 
     #[test]
