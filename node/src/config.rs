@@ -37,9 +37,10 @@ pub struct NodeConfig {
     /// The master key file for field encryption; `None` means `<data_dir>/master.key`.
     pub master_key: Option<PathBuf>,
     /// Threads of the async runtime that runs SIP, Raft and HTTP; 0 means one per core.
-    /// One is the default: on two cores it served twice the registrations per CPU second
-    /// of two threads, whose wake-ups of each other cost more than the second thread gave
-    /// (BENCHMARKS.md). RocksDB's fsyncs and snapshot builds run on threads of their own.
+    /// One is the default: on two cores shared with the load generator, one thread passed
+    /// 3,000 registrations/s and 2,000 calls/s in `ops/bench/sip.sh` where two threads,
+    /// waking each other at every hop, missed 2,000 and 1,000 (BENCHMARKS.md). RocksDB's
+    /// fsyncs and snapshot builds run on threads of their own.
     pub runtime_threads: u16,
 }
 

@@ -6,6 +6,8 @@
 # ops/bench/sip.sh, whose sipp load can authenticate as only one account per sipp process.
 # Tandem is the three-node cluster of ops/bench/cluster.sh with all load on node 1 (its
 # accounts are created first through the admin API); Kamailio is ops/bench/kamailio-sip.cfg.
+# For Tandem it also prints each node's CPU time per registration (user plus system, over
+# the registration phase), the steadiest figure on a noisy machine.
 # Usage: ./ops/bench/registrations.sh [COUNT] [WORKERS]   (defaults 50000 and 64)
 # Record the output in BENCHMARKS.md with this command.
 set -euo pipefail
@@ -29,7 +31,8 @@ sleep 2
 echo "$count AORs, $workers workers, sipp-free load generator (aor-load), $(nproc) cores shared"
 echo -n "tandem   (3 nodes, load on node 1): "
 "$load" "$admin1" "$work/admin.token" "$sip1" "${node_pid[1]}" "$count" "$workers" \
-  2> "$work/tandem-progress.log" | grep '^registrations'
+  "${node_pid[1]},${node_pid[2]},${node_pid[3]}" 2> "$work/tandem-progress.log" \
+  | grep -E '^(registrations|CPU)' | sed '2s/^/  nodes 1, 2, 3: /'
 echo -n "kamailio (usrloc in memory):        "
 "$load" --register-only "$kam" "$count" "$workers" "$password" \
   2> "$work/kamailio-progress.log" | grep '^registrations'

@@ -4,8 +4,10 @@
 //! credentials, 200), WORKERS at a time, and prints the node's resident memory before,
 //! after the accounts and after the registrations, and the growth per AOR.
 //!
-//! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]
+//! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]
 //!        aor-load --register-only SIP_ADDR COUNT [WORKERS] [PASSWORD]
+//! CPU_PIDS (comma-separated) also prints each of those processes' CPU time per
+//! registration during the registration phase, for `ops/bench/registrations.sh`.
 //! The second form only registers (the accounts exist already, or the registrar is the
 //! reference peer), for `ops/bench/registrations.sh`.
 // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused clock;
@@ -33,6 +35,21 @@ fn rss_kib(pid: u32) -> u64 {
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .expect("VmRSS in /proc/PID/status")
+}
+
+/// User plus system CPU time of a process (all its threads), in microseconds. Linux
+/// reports it in USER_HZ ticks, which are 1/100 s on every architecture.
+fn cpu_micros(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap_or_else(|e| panic!("cannot read /proc/{pid}/stat: {e}"));
+    // The command name (field 2) may hold spaces; the fields after it are plain.
+    let rest = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    let fields: Vec<u64> = rest
+        .split_whitespace()
+        .map(|f| f.parse().unwrap_or(0))
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    (fields[11] + fields[12]) * 10_000
 }
 
 /// Runs `job(i)` for i in 0..count on `workers` threads; prints progress every 10%.
@@ -126,7 +143,9 @@ fn main() {
         return;
     }
     if args.len() < 6 {
-        eprintln!("usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS]");
+        eprintln!(
+            "usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]"
+        );
         std::process::exit(64);
     }
     let admin: SocketAddr = args[1].parse().expect("ADMIN_ADDR is ip:port");
@@ -138,6 +157,11 @@ fn main() {
     let pid: u32 = args[4].parse().expect("NODE_PID is a number");
     let count: u64 = args[5].parse().expect("COUNT is a number");
     let workers: u64 = args.get(6).map_or(64, |s| s.parse().expect("WORKERS"));
+    let cpu_pids: Vec<u32> = args.get(7).map_or_else(Vec::new, |s| {
+        s.split(',')
+            .map(|p| p.parse().expect("CPU_PIDS are numbers"))
+            .collect()
+    });
 
     let before = rss_kib(pid);
     let mut conn = Connection::open(admin).expect("connect to the admin API");
@@ -167,7 +191,19 @@ fn main() {
         "accounts: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
         count as f64 / secs
     );
+    let cpu_before: Vec<u64> = cpu_pids.iter().map(|&p| cpu_micros(p)).collect();
     register_all(sip, count, workers, PASSWORD);
+    if !cpu_pids.is_empty() {
+        let per: Vec<String> = cpu_pids
+            .iter()
+            .zip(&cpu_before)
+            .map(|(&p, &b)| format!("{:.0}", (cpu_micros(p) - b) as f64 / count as f64))
+            .collect();
+        println!(
+            "CPU per registration (us) of processes {cpu_pids:?}: {}",
+            per.join(", ")
+        );
+    }
     // Let the node settle (sweeps, memtable flushes) before reading its memory.
     std::thread::sleep(Duration::from_secs(5));
     let after = rss_kib(pid);
