@@ -5,7 +5,7 @@
 //! after the accounts and after the registrations, and the growth per AOR.
 //!
 //! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]
-//!        aor-load --register-only SIP_ADDR COUNT [WORKERS] [PASSWORD]
+//!        aor-load --register-only SIP_ADDR COUNT [WORKERS [PASSWORD [CPU_PIDS]]]
 //! CPU_PIDS (comma-separated) also prints each of those processes' CPU time per
 //! registration during the registration phase, for `ops/bench/registrations.sh`.
 //! The second form only registers (the accounts exist already, or the registrar is the
@@ -50,6 +50,35 @@ fn cpu_micros(pid: u32) -> u64 {
         .collect();
     // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
     (fields[11] + fields[12]) * 10_000
+}
+
+/// The comma-separated process ids of an optional CPU_PIDS argument.
+fn pids(arg: Option<&String>) -> Vec<u32> {
+    arg.map_or_else(Vec::new, |s| {
+        s.split(',')
+            .map(|p| p.parse().expect("CPU_PIDS are numbers"))
+            .collect()
+    })
+}
+
+fn cpu_of(pids: &[u32]) -> Vec<u64> {
+    pids.iter().map(|&p| cpu_micros(p)).collect()
+}
+
+/// Prints each process's CPU time per registration since `before`.
+fn report_cpu(pids: &[u32], before: &[u64], count: u64) {
+    if pids.is_empty() {
+        return;
+    }
+    let per: Vec<String> = pids
+        .iter()
+        .zip(before)
+        .map(|(&p, &b)| format!("{:.0}", (cpu_micros(p) - b) as f64 / count as f64))
+        .collect();
+    println!(
+        "CPU per registration (us) of processes {pids:?}: {}",
+        per.join(", ")
+    );
 }
 
 /// Runs `job(i)` for i in 0..count on `workers` threads; prints progress every 10%.
@@ -130,7 +159,9 @@ fn main() {
         // Against any registrar that knows u<n>@bench.example with PASSWORD (the
         // reference peer in ops/bench/registrations.sh).
         if args.len() < 4 {
-            eprintln!("usage: aor-load --register-only SIP_ADDR COUNT [WORKERS] [PASSWORD]");
+            eprintln!(
+                "usage: aor-load --register-only SIP_ADDR COUNT [WORKERS [PASSWORD [CPU_PIDS]]]"
+            );
             std::process::exit(64);
         }
         let sip: SocketAddr = args[2].parse().expect("SIP_ADDR is ip:port");
@@ -139,7 +170,10 @@ fn main() {
         let password: &'static str = args
             .get(5)
             .map_or(PASSWORD, |p| Box::leak(p.clone().into_boxed_str()));
+        let cpu_pids = pids(args.get(6));
+        let cpu_before = cpu_of(&cpu_pids);
         register_all(sip, count, workers, password);
+        report_cpu(&cpu_pids, &cpu_before, count);
         return;
     }
     if args.len() < 6 {
@@ -157,11 +191,7 @@ fn main() {
     let pid: u32 = args[4].parse().expect("NODE_PID is a number");
     let count: u64 = args[5].parse().expect("COUNT is a number");
     let workers: u64 = args.get(6).map_or(64, |s| s.parse().expect("WORKERS"));
-    let cpu_pids: Vec<u32> = args.get(7).map_or_else(Vec::new, |s| {
-        s.split(',')
-            .map(|p| p.parse().expect("CPU_PIDS are numbers"))
-            .collect()
-    });
+    let cpu_pids = pids(args.get(7));
 
     let before = rss_kib(pid);
     let mut conn = Connection::open(admin).expect("connect to the admin API");
@@ -191,19 +221,9 @@ fn main() {
         "accounts: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
         count as f64 / secs
     );
-    let cpu_before: Vec<u64> = cpu_pids.iter().map(|&p| cpu_micros(p)).collect();
+    let cpu_before = cpu_of(&cpu_pids);
     register_all(sip, count, workers, PASSWORD);
-    if !cpu_pids.is_empty() {
-        let per: Vec<String> = cpu_pids
-            .iter()
-            .zip(&cpu_before)
-            .map(|(&p, &b)| format!("{:.0}", (cpu_micros(p) - b) as f64 / count as f64))
-            .collect();
-        println!(
-            "CPU per registration (us) of processes {cpu_pids:?}: {}",
-            per.join(", ")
-        );
-    }
+    report_cpu(&cpu_pids, &cpu_before, count);
     // Let the node settle (sweeps, memtable flushes) before reading its memory.
     std::thread::sleep(Duration::from_secs(5));
     let after = rss_kib(pid);
