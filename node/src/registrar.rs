@@ -4,8 +4,9 @@
 //!   CSeq ordering, the per-account limit, and which writes must go through Raft. A refresh
 //!   that changes nothing but the CSeq is answered without a write while the stored expiry
 //!   still has one interval of headroom (DECISIONS §6).
-//! - [`Registrar`] authenticates against the local replica (any node verifies any node's
-//!   nonce), proposes the planned writes and answers.
+//! - [`Registrar::check`] authenticates against the local replica (any node verifies any
+//!   node's nonce) without waiting for anything, so a challenge is answered at once;
+//!   [`Registrar::complete`] proposes the planned writes and answers.
 //! - The REGISTERs of one AOR are planned in arrival order, one group at a time: those that
 //!   arrive while the AOR's write is committing wait, then are planned together against
 //!   the bindings that write leaves, and their writes are [`coalesce`]d into one. An AOR
