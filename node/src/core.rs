@@ -133,14 +133,6 @@ impl Core {
             },
             Decision::Register => match &self.registrar {
                 Some(registrar) => {
-                    let pending = match registrar.check(&request, &flow) {
-                        Ok(pending) => pending,
-                        Err(response) => {
-                            let to = (&self.layer, &self.transports, &*self.stats);
-                            answer_register(to, tx, &request, &flow, response);
-                            return;
-                        }
-                    };
                     let (registrar, layer, transports, stats) = (
                         registrar.clone(),
                         self.layer.clone(),
@@ -149,9 +141,20 @@ impl Core {
                     );
                     // Writes wait for Raft; the core goes on with the next request.
                     tokio::spawn(async move {
-                        let response = registrar.complete(&request, pending).await;
-                        let to = (&layer, &transports, &*stats);
-                        answer_register(to, tx, &request, &flow, response);
+                        let response = registrar.register(&request, &flow).await;
+                        match tx {
+                            // A challenge holds no state: a retransmitted REGISTER
+                            // simply gets a new one.
+                            Some(tx) if response.status() == Some(401) => {
+                                layer.respond_stateless(tx, response)
+                            }
+                            Some(tx) => layer.respond(tx, response),
+                            None => {
+                                stats.count_response(response.status().unwrap_or(0));
+                                let _ = transports
+                                    .send(&response_flow(&request, &flow), response.to_bytes());
+                            }
+                        }
                     });
                     return;
                 }
@@ -183,26 +186,6 @@ impl Core {
                     .transports
                     .send(&response_flow(&request, &flow), response.to_bytes());
             }
-        }
-    }
-}
-
-/// Sends the registrar's final response to a REGISTER through its transaction (or
-/// statelessly when it has none).
-fn answer_register(
-    (layer, transports, stats): (&LayerHandle, &Transports, &Stats),
-    tx: Option<TxId>,
-    request: &Message,
-    flow: &Flow,
-    response: Message,
-) {
-    match tx {
-        // A challenge holds no state: a retransmitted REGISTER simply gets a new one.
-        Some(tx) if response.status() == Some(401) => layer.respond_stateless(tx, response),
-        Some(tx) => layer.respond(tx, response),
-        None => {
-            stats.count_response(response.status().unwrap_or(0));
-            let _ = transports.send(&response_flow(request, flow), response.to_bytes());
         }
     }
 }

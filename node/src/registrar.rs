@@ -4,9 +4,8 @@
 //!   CSeq ordering, the per-account limit, and which writes must go through Raft. A refresh
 //!   that changes nothing but the CSeq is answered without a write while the stored expiry
 //!   still has one interval of headroom (DECISIONS §6).
-//! - [`Registrar::check`] authenticates against the local replica (any node verifies any
-//!   node's nonce) without waiting for anything, so a challenge is answered at once;
-//!   [`Registrar::complete`] proposes the planned writes and answers.
+//! - [`Registrar`] authenticates against the local replica (any node verifies any node's
+//!   nonce), proposes the planned writes and answers.
 //! - The REGISTERs of one AOR are planned in arrival order, one group at a time: those that
 //!   arrive while the AOR's write is committing wait, then are planned together against
 //!   the bindings that write leaves, and their writes are [`coalesce`]d into one. An AOR
@@ -595,13 +594,25 @@ impl Registrar {
         Ok(())
     }
 
-    /// Checks one REGISTER without waiting for anything: `Err` is the final response to
-    /// send now (a 400, 403, or the 401 challenge, about half of all REGISTERs), `Ok` the
-    /// write still to make with [`Registrar::complete`].
-    // Messages travel by value on purpose: boxing would cost an allocation per message.
-    #[allow(clippy::result_large_err)]
-    pub fn check(&self, request: &Message, flow: &Flow) -> Result<PendingRegistration, Message> {
-        let reply = |a: Answer| answer(request, a);
+    /// Handles one REGISTER: the final response to send.
+    pub async fn register(self: &Arc<Self>, request: &Message, flow: &Flow) -> Message {
+        match self.try_register(request, flow).await {
+            Ok(r) | Err(r) => r,
+        }
+    }
+
+    async fn try_register(
+        self: &Arc<Self>,
+        request: &Message,
+        flow: &Flow,
+    ) -> Result<Message, Message> {
+        let reply = |a: Answer| {
+            let mut r = crate::responses::build(request, a.status, &a.reason);
+            for (n, v) in a.headers {
+                r.push_header(n, v);
+            }
+            r
+        };
         let req = RegisterRequest::read(request).map_err(reply)?;
         let (user, domain) = req
             .aor
@@ -633,28 +644,12 @@ impl Registrar {
             tracing::info!(aor = %req.aor, remote = %flow.remote, "Path not from the sender of the REGISTER; ignored");
             req.path.clear();
         }
-        Ok(PendingRegistration {
-            req,
-            max_contacts: account.max_contacts,
-            flow: stored_flow(flow),
-        })
-    }
-
-    /// Makes a checked REGISTER's write and returns its final response.
-    pub async fn complete(
-        self: &Arc<Self>,
-        request: &Message,
-        pending: PendingRegistration,
-    ) -> Message {
-        let path = pending.req.path.clone();
-        let bindings = match self
-            .submit(pending.req, pending.max_contacts, pending.flow)
+        let path = req.path.clone();
+        let bindings = self
+            .submit(req, account.max_contacts, stored_flow(flow))
             .await
-        {
-            Ok(b) => b,
-            Err(a) => return answer(request, a),
-        };
-        let mut ok = answer(request, Answer::new(200, "OK"));
+            .map_err(reply)?;
+        let mut ok = reply(Answer::new(200, "OK"));
         for (contact, expires) in &bindings {
             ok.push_header(
                 HeaderName::Contact,
@@ -664,24 +659,8 @@ impl Registrar {
         for p in path {
             ok.push_header(HeaderName::Path, p);
         }
-        ok
+        Ok(ok)
     }
-}
-
-/// A REGISTER that passed [`Registrar::check`] and still has its bindings to write.
-pub struct PendingRegistration {
-    req: RegisterRequest,
-    max_contacts: u32,
-    flow: StoredFlow,
-}
-
-/// `a` as the response to `request`.
-fn answer(request: &Message, a: Answer) -> Message {
-    let mut r = crate::responses::build(request, a.status, &a.reason);
-    for (n, v) in a.headers {
-        r.push_header(n, v);
-    }
-    r
 }
 
 /// On the leader, removes lapsed bindings in batches of `batch`, every `every`.
