@@ -21,6 +21,7 @@ pub mod overlay;
 pub mod peers;
 pub mod provision;
 pub mod proxy;
+pub mod refreshes;
 pub mod registrar;
 pub mod responses;
 pub mod server;

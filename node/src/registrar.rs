@@ -2,8 +2,9 @@
 //!
 //! - [`plan`] is the binding logic without I/O: contacts and their expiry, `*`, Call-ID and
 //!   CSeq ordering, the per-account limit, and which writes must go through Raft. A refresh
-//!   that changes nothing but the CSeq is answered without a write while the stored expiry
-//!   still has one interval of headroom (DECISIONS §6).
+//!   that changes nothing calls are routed by (only the Call-ID or CSeq) is answered
+//!   without a write while the stored expiry still has one interval of headroom
+//!   (DECISIONS §6); [`UnwrittenRefreshes`] keeps its Call-ID and CSeq for ordering.
 //! - [`Registrar`] authenticates against the local replica (any node verifies any node's
 //!   nonce), proposes the planned writes and answers.
 //! - The REGISTERs of one AOR are planned in arrival order, one group at a time: those that
@@ -28,6 +29,7 @@ use crate::auth::{Authenticated, Authenticator, Challenge};
 use crate::cluster::ClusterNode;
 use crate::digest::Algorithm;
 use crate::overlay::BindingOverlay;
+use crate::refreshes::UnwrittenRefreshes;
 use crate::transport::{ConnectionId, Flow};
 
 /// Registrar limits, in seconds.
@@ -94,6 +96,8 @@ pub struct RegisterRequest {
 pub struct Plan {
     pub writes: Vec<Command>,
     pub bindings: Vec<(String, u32)>,
+    /// Stored bindings this REGISTER refreshed without a write, with its Call-ID and CSeq.
+    pub refreshed: Vec<Binding>,
 }
 
 fn q_thousandths(q: Option<&str>) -> Result<u16, ()> {
@@ -230,16 +234,24 @@ pub fn plan(
         }
         let expires = asked.min(settings.max_expires);
         let interval_ms = u64::from(expires) * 1000;
-        let unchanged = current.is_some_and(|b| {
-            b.call_id == req.call_id
-                && b.flow == *flow
+        // The Call-ID and CSeq only order REGISTERs; they do not route calls.
+        let unchanged = current.filter(|b| {
+            b.flow == *flow
                 && b.edge_node == edge
                 && b.q == c.q
                 && b.path == req.path
                 && b.expires_secs == expires
                 && b.expires_at_ms.saturating_sub(now_ms) >= interval_ms
         });
-        if !unchanged {
+        if let Some(b) = unchanged {
+            if b.call_id != req.call_id || b.cseq != req.cseq {
+                plan.refreshed.push(Binding {
+                    call_id: req.call_id.clone(),
+                    cseq: req.cseq,
+                    ..(*b).clone()
+                });
+            }
+        } else {
             plan.writes.push(Command::PutBinding(Binding {
                 aor: req.aor.clone(),
                 contact: c.uri.clone(),
@@ -283,9 +295,14 @@ pub fn plan(
     Ok(plan)
 }
 
-/// `view` (an AOR's bindings) as it will be once `writes` are applied.
-pub fn apply_to_view(view: &mut Vec<Binding>, writes: &[Command]) {
-    for w in writes {
+/// `view` (an AOR's bindings) as it will be once `plan` is carried out.
+pub fn apply_to_view(view: &mut Vec<Binding>, plan: &Plan) {
+    for r in &plan.refreshed {
+        if let Some(v) = view.iter_mut().find(|v| v.contact == r.contact) {
+            v.clone_from(r);
+        }
+    }
+    for w in &plan.writes {
         match w {
             Command::PutBinding(b) => {
                 view.retain(|v| v.contact != b.contact);
@@ -354,6 +371,7 @@ pub struct Registrar {
     cluster: ClusterNode,
     queues: Queues,
     overlay: Arc<BindingOverlay>,
+    refreshes: UnwrittenRefreshes,
     settings: RegistrarSettings,
     auth: Arc<Authenticator>,
 }
@@ -418,6 +436,7 @@ impl Registrar {
             cluster,
             queues: Mutex::default(),
             overlay,
+            refreshes: UnwrittenRefreshes::default(),
             settings,
             auth,
         }
@@ -490,7 +509,7 @@ impl Registrar {
     }
 
     /// The AOR's bindings as this node knows them: the replica's, with what the overlay
-    /// holds back.
+    /// holds back and the refreshes answered without a write.
     fn current_bindings(&self, aor: &str) -> Vec<Binding> {
         let stored = self
             .cluster
@@ -498,7 +517,7 @@ impl Registrar {
             .reader()
             .bindings(aor)
             .unwrap_or_default();
-        self.overlay.apply(aor, stored)
+        self.refreshes.apply(self.overlay.apply(aor, stored))
     }
 
     /// Plans a group of one AOR's REGISTERs in order, each against the bindings the ones
@@ -508,6 +527,7 @@ impl Registrar {
         let now = now_ms();
         let mut writes = Vec::new();
         let mut accepted = Vec::with_capacity(jobs.len());
+        let mut refreshed = Vec::new();
         for job in jobs {
             let planned = plan(
                 &job.req,
@@ -520,8 +540,9 @@ impl Registrar {
             );
             match planned {
                 Ok(p) => {
-                    apply_to_view(&mut view, &p.writes);
+                    apply_to_view(&mut view, &p);
                     writes.extend(p.writes);
+                    refreshed.extend(p.refreshed);
                     accepted.push((job.done, p.bindings));
                 }
                 Err(answer) => {
@@ -530,6 +551,13 @@ impl Registrar {
             }
         }
         let written = self.write(aor, coalesce(writes)).await;
+        if written.is_ok() {
+            // A refresh of a contact that the group also wrote amends a binding that is
+            // no longer stored, so its entry never matches.
+            for r in &refreshed {
+                self.refreshes.note(r, now);
+            }
+        }
         for (done, bindings) in accepted {
             let _ = done.send(written.clone().map(|()| bindings));
         }
@@ -764,36 +792,64 @@ mod tests {
         let mut group = |r: RegisterRequest, view: &mut Vec<Binding>| {
             let p = run(&r, view);
             if let Ok(p) = &p {
-                apply_to_view(view, &p.writes);
+                apply_to_view(view, p);
                 writes.extend(p.writes.clone());
             }
             p
         };
-        // A new Call-ID each time: each REGISTER rewrites the binding.
-        let mut second = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1);
-        second.call_id = "call-2".into();
-        group(
-            req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1),
-            &mut view,
-        )
-        .unwrap();
-        let p = group(second, &mut view).unwrap();
-        assert_eq!(p.bindings, vec![("sip:a@192.0.2.10".to_owned(), 600)]);
-        // Planned against the group's earlier REGISTERs, not only the replica: a stale
-        // CSeq of the same Call-ID is refused, a later one is an unchanged refresh.
-        let mut stale = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 1);
-        stale.call_id = "call-2".into();
-        assert_eq!(group(stale, &mut view).unwrap_err().status, 500);
-        let mut refresh = req(Some(vec![("sip:a@192.0.2.10", None)]), Some(600), 2);
-        refresh.call_id = "call-2".into();
-        assert!(group(refresh, &mut view).unwrap().writes.is_empty());
+        let contact = "sip:a@192.0.2.10";
+        let register = |call_id: &str, cseq| {
+            let mut r = req(Some(vec![(contact, None)]), Some(600), cseq);
+            r.call_id = call_id.into();
+            r
+        };
+        let first = group(register("call-1", 1), &mut view).unwrap();
+        assert_eq!(first.writes.len(), 1);
+        // A new Call-ID from the same flow routes calls no differently: not written,
+        // but planned against, so a stale CSeq of that Call-ID is refused.
+        let p = group(register("call-2", 1), &mut view).unwrap();
+        assert!(p.writes.is_empty(), "{p:?}");
+        assert_eq!(p.bindings, vec![(contact.to_owned(), 600)]);
+        assert_eq!(
+            group(register("call-2", 1), &mut view).unwrap_err().status,
+            500
+        );
+        assert!(group(register("call-2", 2), &mut view)
+            .unwrap()
+            .writes
+            .is_empty());
+        // An interval the stored binding does not have is written, with the newest order.
+        let mut longer = register("call-2", 3);
+        longer.expires_header = Some(900);
+        group(longer, &mut view).unwrap();
         let net = coalesce(writes);
         assert_eq!(net.len(), 1);
         let Command::PutBinding(b) = &net[0] else {
             panic!("expected a put, got {net:?}");
         };
-        assert_eq!((b.call_id.as_str(), b.cseq), ("call-2", 1));
+        assert_eq!(
+            (b.call_id.as_str(), b.cseq, b.expires_secs),
+            ("call-2", 3, 900)
+        );
         assert_eq!(view, vec![b.clone()]);
+    }
+
+    #[test]
+    fn a_refresh_without_a_write_reports_its_call_id_and_cseq() {
+        let existing =
+            stored(&run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &[]).unwrap());
+        let mut again = req(Some(vec![("sip:a@h", None)]), Some(600), 1);
+        again.call_id = "call-2".into();
+        let p = run(&again, &existing).unwrap();
+        assert!(p.writes.is_empty());
+        let mut expected = existing[0].clone();
+        expected.call_id = "call-2".into();
+        assert_eq!(p.refreshed, vec![expected]);
+        // A repeat of what is stored amends nothing.
+        let same = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &existing);
+        assert_eq!(same.unwrap_err().status, 500);
+        let next = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 2), &existing).unwrap();
+        assert_eq!(next.refreshed[0].cseq, 2);
     }
 
     #[test]
@@ -826,7 +882,13 @@ mod tests {
             vec![put("sip:y@h", 2), put("sip:x@h", 3)]
         );
         let mut view = vec![];
-        apply_to_view(&mut view, &[put("sip:x@h", 1), put("sip:y@h", 2), all]);
+        apply_to_view(
+            &mut view,
+            &Plan {
+                writes: vec![put("sip:x@h", 1), put("sip:y@h", 2), all],
+                ..Plan::default()
+            },
+        );
         assert!(view.is_empty());
     }
 

@@ -4,6 +4,7 @@
 
 use std::hash::{Hash, Hasher};
 
+use bytes::Bytes;
 use tandem_sip::{Error as SipError, HeaderName, Message};
 
 /// `Server` and `User-Agent` value.
@@ -11,11 +12,30 @@ pub const SERVER: &str = concat!("Tandem/", env!("CARGO_PKG_VERSION"));
 
 /// Adds Date and Server to a response Tandem wrote.
 pub fn stamp(response: &mut Message) {
-    response.push_header(
-        HeaderName::Date,
-        tandem_sip::format_date(std::time::SystemTime::now()),
-    );
+    response.push_header(HeaderName::Date, date_now());
     response.push_header(HeaderName::Server, SERVER);
+}
+
+/// The Date value for now. It changes once a second, so each thread formats it once a
+/// second and shares the bytes.
+fn date_now() -> Bytes {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static DATE: RefCell<(u64, Bytes)> = const { RefCell::new((u64::MAX, Bytes::new())) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    DATE.with_borrow_mut(|(at, date)| {
+        if *at != second {
+            *date = Bytes::from(tandem_sip::format_date(now));
+            *at = second;
+        }
+        date.clone()
+    })
 }
 
 /// A To tag that is the same for every retransmission of a request.

@@ -10,12 +10,12 @@
 #     credentials (qop=auth), 200. REG_USERS sipp instances run side by side, each as its
 #     own account bench0, bench1, … (sipp 3.6.1 authenticates as one user per instance),
 #     each offering 1/REG_USERS of the rate from its own fixed port. Every REGISTER has a
-#     new Call-ID, so every accepted one replaces its account's binding (same Contact):
-#     Tandem commits one Raft write before each 200 and never takes its no-write path for
-#     unchanged refreshes. REGISTERs of one account that arrive while its write commits
-#     are planned as one group and written once (node/src/registrar.rs), so with few
-#     accounts Tandem proposes fewer writes than it answers REGISTERs; more sipp
-#     instances cost the load generator more CPU.
+#     new Call-ID and the same Contact, flow and interval as its account's binding: a
+#     refresh, as from a phone that picks a new Call-ID each time. Tandem writes each
+#     account's binding once, when it is new or its headroom runs low, and answers the
+#     rest without a Raft write (node/src/refreshes.rs). A binding written on every
+#     REGISTER is measured by ops/bench/registrations.sh (first pass: new AORs; second
+#     pass: a new contact for each).
 #  2. Calls (ops/sipp/bench-uac-invite.xml): one caller account sends INVITE, gets 407, ACKs
 #     it, sends the INVITE with credentials, gets 100/180/200, sends ACK, waits
 #     CALL_HOLD_MS, sends BYE and gets 200; ACK and BYE follow the route set. The callee is

@@ -4,6 +4,7 @@
 
 use std::borrow::Cow;
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use bytes::Bytes;
 
@@ -153,6 +154,9 @@ pub struct Message {
     start_raw: Option<Range<u32>>,
     headers: Vec<Header>,
     body: Bytes,
+    /// The top Via, parsed on first use: the transport, the transaction layer and the
+    /// proxy each read it. Every edit of a Via header resets it.
+    top_via: OnceLock<Result<Via, Error>>,
 }
 
 fn r32(r: Range<usize>) -> Range<u32> {
@@ -263,6 +267,7 @@ impl Message {
             headers,
             body,
             raw,
+            top_via: OnceLock::new(),
         })
     }
 
@@ -278,6 +283,7 @@ impl Message {
             start_raw: None,
             headers: Vec::new(),
             body: Bytes::new(),
+            top_via: OnceLock::new(),
         }
     }
 
@@ -314,6 +320,7 @@ impl Message {
             start_raw: None,
             headers,
             body: Bytes::new(),
+            top_via: OnceLock::new(),
         }
     }
 
@@ -384,6 +391,7 @@ impl Message {
             start_raw: None,
             headers,
             body: Bytes::new(),
+            top_via: OnceLock::new(),
         };
         for name in [
             HeaderName::From,
@@ -519,8 +527,16 @@ impl Message {
         self.header(&name)
     }
 
+    /// Resets what was parsed from a header that is about to change.
+    fn edited(&mut self, name: &HeaderName) {
+        if *name == HeaderName::Via {
+            self.top_via = OnceLock::new();
+        }
+    }
+
     /// Appends a header after all others.
     pub fn push_header(&mut self, name: HeaderName, value: impl Into<Bytes>) {
+        self.edited(&name);
         self.headers.push(Header {
             name,
             repr: Repr::Value(value.into()),
@@ -529,6 +545,7 @@ impl Message {
 
     /// Inserts a header as the topmost value of its kind (Via, Record-Route, Route).
     pub fn prepend_header(&mut self, name: HeaderName, value: impl Into<Bytes>) {
+        self.edited(&name);
         let at = self
             .headers
             .iter()
@@ -545,6 +562,7 @@ impl Message {
 
     /// Replaces every line of a header with one value, where the first one was.
     pub fn set_header(&mut self, name: HeaderName, value: impl Into<Bytes>) {
+        self.edited(&name);
         let at = self.headers.iter().position(|h| h.name == name);
         self.headers.retain(|h| h.name != name);
         let header = Header {
@@ -558,6 +576,7 @@ impl Message {
     }
 
     pub fn remove_header(&mut self, name: &HeaderName) {
+        self.edited(name);
         self.headers.retain(|h| &h.name != name);
     }
 
@@ -567,6 +586,7 @@ impl Message {
         let Some(i) = self.headers.iter().position(|h| &h.name == name) else {
             return Ok(None);
         };
+        self.edited(name);
         let text = unfold(self.value_slice(&self.headers[i]))?.into_owned();
         let parts = split_list(&text)?;
         let first = parts[0].to_owned();
@@ -583,6 +603,13 @@ impl Message {
     pub fn replace_first_value(&mut self, name: HeaderName, value: &str) -> Result<(), Error> {
         self.pop_first_value(&name)?;
         self.prepend_header(name, Bytes::copy_from_slice(value.as_bytes()));
+        Ok(())
+    }
+
+    /// Replaces the topmost Via value with `via`, which stays parsed.
+    pub fn replace_top_via(&mut self, via: Via) -> Result<(), Error> {
+        self.replace_first_value(HeaderName::Via, &via.to_string())?;
+        self.top_via = OnceLock::from(Ok(via));
         Ok(())
     }
 
@@ -673,18 +700,24 @@ impl Message {
         Ok(out)
     }
 
-    pub fn top_via(&self) -> Result<Via, Error> {
-        let h = self
-            .headers
-            .iter()
-            .find(|h| h.name == HeaderName::Via)
-            .ok_or(Error::Missing("Via"))?;
-        let text = unfold(self.value_slice(h))?;
-        let parts = split_list(&text).map_err(|_| Error::Header {
-            name: "Via",
-            reason: "malformed list",
-        })?;
-        Via::parse(parts[0])
+    /// The topmost Via value, parsed once until a Via header is edited.
+    pub fn top_via(&self) -> Result<&Via, Error> {
+        self.top_via
+            .get_or_init(|| {
+                let h = self
+                    .headers
+                    .iter()
+                    .find(|h| h.name == HeaderName::Via)
+                    .ok_or(Error::Missing("Via"))?;
+                let text = unfold(self.value_slice(h))?;
+                let parts = split_list(&text).map_err(|_| Error::Header {
+                    name: "Via",
+                    reason: "malformed list",
+                })?;
+                Via::parse(parts[0])
+            })
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     pub fn contacts(&self) -> Result<Option<Contacts>, Error> {
@@ -1091,8 +1124,11 @@ v=0\n";
     #[test]
     fn list_edits() {
         let mut m = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP a;branch=z9hG4bK1, SIP/2.0/UDP b;branch=z9hG4bK2\r\nVia: SIP/2.0/UDP c\r\n\r\n");
+        // Read (and so parsed) before every edit: an edit must not leave a stale top Via.
+        assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bK1"));
         let top = m.pop_first_value(&HeaderName::Via).unwrap().unwrap();
         assert_eq!(top, "SIP/2.0/UDP a;branch=z9hG4bK1");
+        assert_eq!(m.top_via().unwrap().branch(), Some("z9hG4bK2"));
         let vias = m.vias().unwrap();
         assert_eq!(vias.len(), 2);
         assert_eq!(vias[0].branch(), Some("z9hG4bK2"));
@@ -1101,7 +1137,22 @@ v=0\n";
         m.replace_first_value(HeaderName::Via, "SIP/2.0/UDP a;received=1.2.3.4")
             .unwrap();
         assert_eq!(m.top_via().unwrap().received(), Some("1.2.3.4"));
+        let mut via = m.top_via().unwrap().clone();
+        via.params.set("rport", Some("5060"));
+        m.replace_top_via(via.clone()).unwrap();
+        assert_eq!(m.top_via().unwrap(), &via);
+        assert_eq!(
+            m.vias().unwrap()[0],
+            via,
+            "the header says what the parsed value does"
+        );
         assert_eq!(m.vias().unwrap().len(), 3);
+        m.set_header(HeaderName::Via, "SIP/2.0/TLS only");
+        assert_eq!(m.top_via().unwrap().transport, "TLS");
+        m.remove_header(&HeaderName::Via);
+        assert_eq!(m.top_via().unwrap_err(), Error::Missing("Via"));
+        m.push_header(HeaderName::Via, "SIP/2.0/UDP last");
+        assert_eq!(m.top_via().unwrap().transport, "UDP");
     }
 
     #[test]

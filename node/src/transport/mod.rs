@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_sip::{HeaderName, Message};
+use tandem_sip::Message;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -498,22 +498,21 @@ pub(crate) fn stamp_via(message: &mut Message, source: SocketAddr) {
     if !message.is_request() {
         return;
     }
-    let Ok(mut via) = message.top_via() else {
+    let Ok(via) = message.top_via() else {
         return;
     };
     let source_ip = source.ip();
-    let mut changed = false;
-    if via.host.ip() != Some(source_ip) || via.rport().is_some() {
-        via.params.set("received", Some(&ip_param(source_ip)));
-        changed = true;
+    let wrong_host = via.host.ip() != Some(source_ip);
+    let rport = via.rport().is_some();
+    if !wrong_host && !rport {
+        return;
     }
-    if via.rport().is_some() {
+    let mut via = via.clone();
+    via.params.set("received", Some(&ip_param(source_ip)));
+    if rport {
         via.params.set("rport", Some(&source.port().to_string()));
-        changed = true;
     }
-    if changed {
-        let _ = message.replace_first_value(HeaderName::Via, &via.to_string());
-    }
+    let _ = message.replace_top_via(via);
 }
 
 fn ip_param(ip: IpAddr) -> String {
