@@ -86,6 +86,13 @@ impl Ua {
         self.socket.local_addr().unwrap()
     }
 
+    /// Continues as a UA that picked a new Call-ID (or went back to an old one), with the
+    /// next request at CSeq `next_cseq`.
+    pub fn set_call(&mut self, call_id: &str, next_cseq: u32) {
+        self.call_id = call_id.into();
+        self.cseq = next_cseq.saturating_sub(1);
+    }
+
     /// The Contact this UA registers: itself.
     pub fn contact(&self) -> String {
         format!("sip:{}@{}", self.user, self.local())

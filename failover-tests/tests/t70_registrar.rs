@@ -196,6 +196,46 @@ fn registrar_rules_a_phone_sees() {
 }
 
 #[test]
+fn a_new_call_id_refreshes_and_its_cseq_still_orders_what_follows() {
+    // A phone that picks a new Call-ID for a REGISTER but keeps its contact, flow and
+    // interval is refreshed without a Raft write; REGISTERs that arrive out of order on
+    // that Call-ID must still be refused (RFC 3261 §10.3 step 7).
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "dave", "pw-dave-123");
+    let mut ua = Ua::new("127.0.0.1", "dave", "example.com", "pw-dave-123");
+    let contact = format!("<{}>", ua.contact());
+    let sip = node.udp_addr();
+    let ok = |r: &tandem_failover_tests::ua::Reply, what: &str| {
+        assert_eq!(r.status, 200, "{what}: {}", r.text);
+        assert_eq!(
+            r.headers("Contact"),
+            vec![format!("{contact};expires=600")],
+            "{what}"
+        );
+    };
+    ok(&ua.register(sip, "MD5", Some(&contact), Some(600)), "first");
+    ua.set_call("second-call-id", 10);
+    ok(
+        &ua.register(sip, "MD5", Some(&contact), Some(600)),
+        "new Call-ID",
+    );
+    // CSeq 10 and 11 went out on that Call-ID; 7 arrives late, so it is refused.
+    ua.set_call("second-call-id", 6);
+    let late = ua.register(sip, "MD5", Some(&contact), Some(600));
+    assert_eq!(late.status, 500, "{}", late.text);
+    ua.set_call("second-call-id", 12);
+    ok(
+        &ua.register(sip, "MD5", Some(&contact), Some(600)),
+        "in order again",
+    );
+    // The binding is stored once, as it was.
+    let stored = bindings(admin, &token, "dave");
+    assert_eq!(stored.as_array().map(Vec::len), Some(1), "{stored}");
+    assert_eq!(stored[0]["interval_secs"], 600, "{stored}");
+}
+
+#[test]
 fn racing_registrations_of_one_aor_all_land_in_order() {
     // Five phones of one account (its contact limit) register side by side, each changing
     // its binding on every REGISTER, so the registrar groups and coalesces their writes.

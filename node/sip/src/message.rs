@@ -154,9 +154,26 @@ pub struct Message {
     start_raw: Option<Range<u32>>,
     headers: Vec<Header>,
     body: Bytes,
-    /// The top Via, parsed on first use: the transport, the transaction layer and the
-    /// proxy each read it. Every edit of a Via header resets it.
+    /// Parsed on first use, because the transport, the transaction layer, the core and
+    /// the agents each read them; an edit of the header resets its value.
+    parsed: Parsed,
+}
+
+/// The headers a message keeps parsed: see [`Message::top_via`], [`Message::from`] and
+/// [`Message::to`].
+#[derive(Debug, Default)]
+struct Parsed {
     top_via: OnceLock<Result<Via, Error>>,
+    from: OnceLock<Result<NameAddr, Error>>,
+    to: OnceLock<Result<NameAddr, Error>>,
+}
+
+/// A copy starts unparsed: most copies (a proxy's branch requests) are edited at once,
+/// and copying parsed values allocates as much as parsing them again.
+impl Clone for Parsed {
+    fn clone(&self) -> Self {
+        Parsed::default()
+    }
 }
 
 fn r32(r: Range<usize>) -> Range<u32> {
@@ -267,7 +284,7 @@ impl Message {
             headers,
             body,
             raw,
-            top_via: OnceLock::new(),
+            parsed: Parsed::default(),
         })
     }
 
@@ -283,7 +300,7 @@ impl Message {
             start_raw: None,
             headers: Vec::new(),
             body: Bytes::new(),
-            top_via: OnceLock::new(),
+            parsed: Parsed::default(),
         }
     }
 
@@ -320,7 +337,7 @@ impl Message {
             start_raw: None,
             headers,
             body: Bytes::new(),
-            top_via: OnceLock::new(),
+            parsed: Parsed::default(),
         }
     }
 
@@ -391,7 +408,7 @@ impl Message {
             start_raw: None,
             headers,
             body: Bytes::new(),
-            top_via: OnceLock::new(),
+            parsed: Parsed::default(),
         };
         for name in [
             HeaderName::From,
@@ -529,8 +546,11 @@ impl Message {
 
     /// Resets what was parsed from a header that is about to change.
     fn edited(&mut self, name: &HeaderName) {
-        if *name == HeaderName::Via {
-            self.top_via = OnceLock::new();
+        match name {
+            HeaderName::Via => self.parsed.top_via = OnceLock::new(),
+            HeaderName::From => self.parsed.from = OnceLock::new(),
+            HeaderName::To => self.parsed.to = OnceLock::new(),
+            _ => {}
         }
     }
 
@@ -609,14 +629,13 @@ impl Message {
     /// Replaces the topmost Via value with `via`, which stays parsed.
     pub fn replace_top_via(&mut self, via: Via) -> Result<(), Error> {
         self.replace_first_value(HeaderName::Via, &via.to_string())?;
-        self.top_via = OnceLock::from(Ok(via));
+        self.parsed.top_via = OnceLock::from(Ok(via));
         Ok(())
     }
 
     /// Adds `;tag=` to To unless it already has a tag.
     pub fn add_to_tag(&mut self, tag: &str) -> Result<(), Error> {
-        let to = self.to()?;
-        if to.tag().is_none() {
+        if self.to()?.tag().is_none() {
             let current = self
                 .header(&HeaderName::To)?
                 .unwrap_or_default()
@@ -649,12 +668,22 @@ impl Message {
         )
     }
 
-    pub fn from(&self) -> Result<NameAddr, Error> {
-        self.name_addr(HeaderName::From, "From")
+    /// From, parsed once until it is edited.
+    pub fn from(&self) -> Result<&NameAddr, Error> {
+        self.parsed
+            .from
+            .get_or_init(|| self.name_addr(HeaderName::From, "From"))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
-    pub fn to(&self) -> Result<NameAddr, Error> {
-        self.name_addr(HeaderName::To, "To")
+    /// To, parsed once until it is edited.
+    pub fn to(&self) -> Result<&NameAddr, Error> {
+        self.parsed
+            .to
+            .get_or_init(|| self.name_addr(HeaderName::To, "To"))
+            .as_ref()
+            .map_err(Clone::clone)
     }
 
     fn name_addr(&self, name: HeaderName, label: &'static str) -> Result<NameAddr, Error> {
@@ -702,7 +731,8 @@ impl Message {
 
     /// The topmost Via value, parsed once until a Via header is edited.
     pub fn top_via(&self) -> Result<&Via, Error> {
-        self.top_via
+        self.parsed
+            .top_via
             .get_or_init(|| {
                 let h = self
                     .headers
@@ -1153,6 +1183,22 @@ v=0\n";
         assert_eq!(m.top_via().unwrap_err(), Error::Missing("Via"));
         m.push_header(HeaderName::Via, "SIP/2.0/UDP last");
         assert_eq!(m.top_via().unwrap().transport, "UDP");
+    }
+
+    #[test]
+    fn from_and_to_are_read_as_they_are_after_edits_and_copies() {
+        let mut m = parse(b"INVITE sip:x@y SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:x@y>\r\nCall-ID: c\r\nCSeq: 1 INVITE\r\n\r\n");
+        assert_eq!(m.to().unwrap().tag(), None);
+        assert_eq!(m.from().unwrap().tag(), Some("1"));
+        m.add_to_tag("t1").unwrap();
+        assert_eq!(m.to().unwrap().tag(), Some("t1"));
+        m.set_header(HeaderName::From, "<sip:c@d>;tag=2");
+        assert_eq!(m.from().unwrap().tag(), Some("2"));
+        let copy = m.clone();
+        assert_eq!(copy.from().unwrap(), m.from().unwrap());
+        assert_eq!(copy.to().unwrap().tag(), Some("t1"));
+        m.remove_header(&HeaderName::To);
+        assert_eq!(m.to().unwrap_err(), Error::Missing("To"));
     }
 
     #[test]
