@@ -110,16 +110,24 @@ fn q_thousandths(q: Option<&str>) -> Result<u16, ()> {
 }
 
 impl RegisterRequest {
-    /// Reads a REGISTER. `Err` is the 400 to answer.
-    pub fn read(request: &Message) -> Result<RegisterRequest, Answer> {
+    /// The user and (lower-case) domain of the AOR a REGISTER is for, from its To.
+    /// `Err` is the 400 to answer.
+    pub fn aor_parts(request: &Message) -> Result<(String, String), Answer> {
         let bad = |why: &str| Answer::new(400, format!("Bad Request ({why})"));
         let to = request.to().map_err(|_| bad("unreadable To"))?;
         let Uri::Sip(to_uri) = &to.uri else {
             return Err(bad("To is not a SIP URI"));
         };
-        let (Some(user), host) = (&to_uri.user, to_uri.host.to_string()) else {
+        let Some(user) = &to_uri.user else {
             return Err(bad("To has no user part"));
         };
+        Ok((user.clone(), to_uri.host.to_string().to_ascii_lowercase()))
+    }
+
+    /// Reads a REGISTER. `Err` is the 400 to answer.
+    pub fn read(request: &Message) -> Result<RegisterRequest, Answer> {
+        let bad = |why: &str| Answer::new(400, format!("Bad Request ({why})"));
+        let (user, host) = Self::aor_parts(request)?;
         let contacts = match request.contacts().map_err(|_| bad("unreadable Contact"))? {
             None => Some(Vec::new()),
             Some(Contacts::Star) => None,
@@ -141,7 +149,7 @@ impl RegisterRequest {
             }
         };
         Ok(RegisterRequest {
-            aor: aor(user, &host.to_ascii_lowercase()),
+            aor: aor(&user, &host),
             contacts,
             expires_header: request.expires().map_err(|_| bad("bad Expires"))?,
             call_id: request
@@ -641,13 +649,8 @@ impl Registrar {
             }
             r
         };
-        let req = RegisterRequest::read(request).map_err(reply)?;
-        let (user, domain) = req
-            .aor
-            .strip_prefix("sip:")
-            .and_then(|a| a.split_once('@'))
-            .map(|(u, d)| (u.to_owned(), d.to_owned()))
-            .unwrap_or_default();
+        // RFC 3261 §10.3: authenticate (steps 2–3) before reading the bindings asked for.
+        let (user, domain) = RegisterRequest::aor_parts(request).map_err(reply)?;
         let reader = self.cluster.replica.reader();
         if !reader.serves_domain(&domain).unwrap_or(false) {
             return Err(reply(Answer::new(
@@ -664,6 +667,7 @@ impl Registrar {
                 Authenticated::Account(a) => a,
                 Authenticated::Refused(a) => return Err(reply(a)),
             };
+        let req = RegisterRequest::read(request).map_err(reply)?;
         // RFC 3327: Path is added by the proxies on the way. Only a Path whose first hop
         // is the element that sent this REGISTER is believed; otherwise a phone could
         // name any host for the calls it receives to be sent through.

@@ -56,8 +56,9 @@ pub fn to_tag(request: &Message) -> String {
 /// A response to `request` with Date, Server and (above 100) a To tag.
 pub fn build(request: &Message, status: u16, reason: &str) -> Message {
     let mut r = Message::response_to(request, status, reason);
-    if status > 100 {
-        let _ = r.add_to_tag(&to_tag(request));
+    // The request's To is parsed already (validation read it); the copy is not.
+    if status > 100 && request.to().is_ok_and(|to| to.tag().is_none()) {
+        let _ = r.append_to_tag(&to_tag(request));
     }
     stamp(&mut r);
     r

@@ -159,13 +159,15 @@ pub struct Message {
     parsed: Parsed,
 }
 
-/// The headers a message keeps parsed: see [`Message::top_via`], [`Message::from`] and
-/// [`Message::to`].
+/// The headers a message keeps parsed: see [`Message::top_via`], [`Message::from`],
+/// [`Message::to`] and [`Message::contacts`].
 #[derive(Debug, Default)]
 struct Parsed {
-    top_via: OnceLock<Result<Via, Error>>,
+    /// With whether it is the only value on its header line.
+    top_via: OnceLock<Result<(Via, bool), Error>>,
     from: OnceLock<Result<NameAddr, Error>>,
     to: OnceLock<Result<NameAddr, Error>>,
+    contacts: OnceLock<Result<Option<Contacts>, Error>>,
 }
 
 /// A copy starts unparsed: most copies (a proxy's branch requests) are edited at once,
@@ -550,6 +552,7 @@ impl Message {
             HeaderName::Via => self.parsed.top_via = OnceLock::new(),
             HeaderName::From => self.parsed.from = OnceLock::new(),
             HeaderName::To => self.parsed.to = OnceLock::new(),
+            HeaderName::Contact => self.parsed.contacts = OnceLock::new(),
             _ => {}
         }
     }
@@ -628,8 +631,38 @@ impl Message {
 
     /// Replaces the topmost Via value with `via`, which stays parsed.
     pub fn replace_top_via(&mut self, via: Via) -> Result<(), Error> {
-        self.replace_first_value(HeaderName::Via, &via.to_string())?;
-        self.parsed.top_via = OnceLock::from(Ok(via));
+        let alone = matches!(self.parsed.top_via.get(), Some(Ok((_, true))));
+        let first = self.headers.iter().position(|h| h.name == HeaderName::Via);
+        match first {
+            // The common case, one Via per line: the line is rewritten where it is.
+            Some(i) if alone => {
+                self.headers[i].repr = Repr::Value(Bytes::from(via.to_string()));
+            }
+            _ => self.replace_first_value(HeaderName::Via, &via.to_string())?,
+        }
+        let alone = first.is_some() && (alone || self.top_via_line_values()? == 1);
+        self.parsed.top_via = OnceLock::from(Ok((via, alone)));
+        Ok(())
+    }
+
+    /// How many values the first Via line holds.
+    fn top_via_line_values(&self) -> Result<usize, Error> {
+        let h = self
+            .headers
+            .iter()
+            .find(|h| h.name == HeaderName::Via)
+            .ok_or(Error::Missing("Via"))?;
+        Ok(split_list(&unfold(self.value_slice(h))?)?.len())
+    }
+
+    /// Appends `;tag=` to To without looking for one: for a response whose request's To
+    /// is known to have none.
+    pub fn append_to_tag(&mut self, tag: &str) -> Result<(), Error> {
+        let current = self
+            .header(&HeaderName::To)?
+            .ok_or(Error::Missing("To"))?
+            .into_owned();
+        self.set_header(HeaderName::To, format!("{current};tag={tag}"));
         Ok(())
     }
 
@@ -744,13 +777,24 @@ impl Message {
                     name: "Via",
                     reason: "malformed list",
                 })?;
-                Via::parse(parts[0])
+                Ok((Via::parse(parts[0])?, parts.len() == 1))
             })
             .as_ref()
+            .map(|(via, _)| via)
             .map_err(Clone::clone)
     }
 
-    pub fn contacts(&self) -> Result<Option<Contacts>, Error> {
+    /// Contact: `None` without one. Parsed once until it is edited.
+    pub fn contacts(&self) -> Result<Option<&Contacts>, Error> {
+        self.parsed
+            .contacts
+            .get_or_init(|| self.parse_contacts())
+            .as_ref()
+            .map(Option::as_ref)
+            .map_err(Clone::clone)
+    }
+
+    fn parse_contacts(&self) -> Result<Option<Contacts>, Error> {
         if !self.has_header(&HeaderName::Contact) {
             return Ok(None);
         }
@@ -1183,6 +1227,18 @@ v=0\n";
         assert_eq!(m.top_via().unwrap_err(), Error::Missing("Via"));
         m.push_header(HeaderName::Via, "SIP/2.0/UDP last");
         assert_eq!(m.top_via().unwrap().transport, "UDP");
+        // Two values on the top line: only the first is replaced.
+        let mut two = parse(b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP a;rport, SIP/2.0/UDP b\r\n\r\n");
+        let mut top = two.top_via().unwrap().clone();
+        top.params.set("rport", Some("5062"));
+        two.replace_top_via(top.clone()).unwrap();
+        let vias = two.vias().unwrap();
+        assert_eq!(vias.len(), 2);
+        assert_eq!((&vias[0], vias[1].host.to_string()), (&top, "b".to_owned()));
+        assert_eq!(two.top_via().unwrap(), &top);
+        // Now alone on its line: replaced in place.
+        two.replace_top_via(vias[1].clone()).unwrap();
+        assert_eq!(two.vias().unwrap(), vec![vias[1].clone(), vias[1].clone()]);
     }
 
     #[test]

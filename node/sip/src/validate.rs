@@ -61,7 +61,16 @@ impl Message {
                 return Err(Error::Missing(label));
             }
         }
-        self.vias()?;
+        // The top Via is parsed (and kept) by top_via; the rest are only checked.
+        self.top_via()?;
+        let mut below_top = false;
+        self.for_each_value(&HeaderName::Via, |v| {
+            if below_top {
+                crate::headers::Via::parse(v)?;
+            }
+            below_top = true;
+            Ok(())
+        })?;
         self.from()?;
         self.to()?;
         self.call_id()?;
