@@ -162,12 +162,14 @@ pub struct Message {
 /// The headers a message keeps parsed: see [`Message::top_via`], [`Message::from`],
 /// [`Message::to`] and [`Message::contacts`].
 #[derive(Debug, Default)]
+/// Each value is boxed: a message is moved through channels and kept in transactions,
+/// and most headers are never parsed.
 struct Parsed {
     /// With whether it is the only value on its header line.
-    top_via: OnceLock<Result<(Via, bool), Error>>,
-    from: OnceLock<Result<NameAddr, Error>>,
-    to: OnceLock<Result<NameAddr, Error>>,
-    contacts: OnceLock<Result<Option<Contacts>, Error>>,
+    top_via: OnceLock<Box<Result<(Via, bool), Error>>>,
+    from: OnceLock<Box<Result<NameAddr, Error>>>,
+    to: OnceLock<Box<Result<NameAddr, Error>>>,
+    contacts: OnceLock<Box<Result<Option<Contacts>, Error>>>,
 }
 
 /// A copy starts unparsed: most copies (a proxy's branch requests) are edited at once,
@@ -631,7 +633,7 @@ impl Message {
 
     /// Replaces the topmost Via value with `via`, which stays parsed.
     pub fn replace_top_via(&mut self, via: Via) -> Result<(), Error> {
-        let alone = matches!(self.parsed.top_via.get(), Some(Ok((_, true))));
+        let alone = matches!(self.parsed.top_via.get().map(|b| &**b), Some(Ok((_, true))));
         let first = self.headers.iter().position(|h| h.name == HeaderName::Via);
         match first {
             // The common case, one Via per line: the line is rewritten where it is.
@@ -641,7 +643,7 @@ impl Message {
             _ => self.replace_first_value(HeaderName::Via, &via.to_string())?,
         }
         let alone = first.is_some() && (alone || self.top_via_line_values()? == 1);
-        self.parsed.top_via = OnceLock::from(Ok((via, alone)));
+        self.parsed.top_via = OnceLock::from(Box::new(Ok((via, alone))));
         Ok(())
     }
 
@@ -705,7 +707,8 @@ impl Message {
     pub fn from(&self) -> Result<&NameAddr, Error> {
         self.parsed
             .from
-            .get_or_init(|| self.name_addr(HeaderName::From, "From"))
+            .get_or_init(|| Box::new(self.name_addr(HeaderName::From, "From")))
+            .as_ref()
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -714,7 +717,8 @@ impl Message {
     pub fn to(&self) -> Result<&NameAddr, Error> {
         self.parsed
             .to
-            .get_or_init(|| self.name_addr(HeaderName::To, "To"))
+            .get_or_init(|| Box::new(self.name_addr(HeaderName::To, "To")))
+            .as_ref()
             .as_ref()
             .map_err(Clone::clone)
     }
@@ -762,23 +766,26 @@ impl Message {
         Ok(out)
     }
 
+    fn parse_top_via(&self) -> Result<(Via, bool), Error> {
+        let h = self
+            .headers
+            .iter()
+            .find(|h| h.name == HeaderName::Via)
+            .ok_or(Error::Missing("Via"))?;
+        let text = unfold(self.value_slice(h))?;
+        let parts = split_list(&text).map_err(|_| Error::Header {
+            name: "Via",
+            reason: "malformed list",
+        })?;
+        Ok((Via::parse(parts[0])?, parts.len() == 1))
+    }
+
     /// The topmost Via value, parsed once until a Via header is edited.
     pub fn top_via(&self) -> Result<&Via, Error> {
         self.parsed
             .top_via
-            .get_or_init(|| {
-                let h = self
-                    .headers
-                    .iter()
-                    .find(|h| h.name == HeaderName::Via)
-                    .ok_or(Error::Missing("Via"))?;
-                let text = unfold(self.value_slice(h))?;
-                let parts = split_list(&text).map_err(|_| Error::Header {
-                    name: "Via",
-                    reason: "malformed list",
-                })?;
-                Ok((Via::parse(parts[0])?, parts.len() == 1))
-            })
+            .get_or_init(|| Box::new(self.parse_top_via()))
+            .as_ref()
             .as_ref()
             .map(|(via, _)| via)
             .map_err(Clone::clone)
@@ -788,7 +795,8 @@ impl Message {
     pub fn contacts(&self) -> Result<Option<&Contacts>, Error> {
         self.parsed
             .contacts
-            .get_or_init(|| self.parse_contacts())
+            .get_or_init(|| Box::new(self.parse_contacts()))
+            .as_ref()
             .as_ref()
             .map(Option::as_ref)
             .map_err(Clone::clone)

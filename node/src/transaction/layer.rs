@@ -525,6 +525,8 @@ impl TransactionLayer {
                 };
                 let before = entry.machine.has_final();
                 let bytes = response.to_bytes();
+                // Answered: the machine asks for no 100 Trying of its own any more.
+                entry.invite = None;
                 let mut out = Actions::new();
                 match &mut entry.machine {
                     ServerMachine::Invite(m) => m.on_tu_response(status, bytes, &mut out),
