@@ -943,6 +943,7 @@ impl Fork {
     fn on_event(&mut self, i: usize, event: ClientEvent) {
         match event {
             ClientEvent::Response(r) => {
+                let r = *r;
                 let status = r.status().unwrap_or(0);
                 let b = &mut self.branches[i];
                 if status < 200 {

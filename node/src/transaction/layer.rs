@@ -53,7 +53,9 @@ pub enum CoreEvent {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ClientEvent {
-    Response(Message),
+    /// Boxed: each client transaction has its own channel, and a channel allocates room
+    /// for 32 events when it is made.
+    Response(Box<Message>),
     Timeout,
     TransportError,
 }
@@ -742,7 +744,7 @@ impl TransactionLayer {
                 Action::Cancel(t) => self.cancel(id, t),
                 Action::Deliver => {
                     if let Some(m) = message.take() {
-                        let _ = entry.events.send(ClientEvent::Response(m));
+                        let _ = entry.events.send(ClientEvent::Response(Box::new(m)));
                     }
                 }
                 Action::Timeout => {
