@@ -160,10 +160,9 @@ pub struct Message {
 }
 
 /// The headers a message keeps parsed: see [`Message::top_via`], [`Message::from`],
-/// [`Message::to`] and [`Message::contacts`].
+/// [`Message::to`] and [`Message::contacts`]. Each value is boxed: a message is moved
+/// through channels and kept in transactions, and most headers are never parsed.
 #[derive(Debug, Default)]
-/// Each value is boxed: a message is moved through channels and kept in transactions,
-/// and most headers are never parsed.
 struct Parsed {
     /// With whether it is the only value on its header line.
     top_via: OnceLock<Box<Result<(Via, bool), Error>>>,
