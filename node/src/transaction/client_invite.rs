@@ -92,6 +92,14 @@ impl ClientInvite {
     /// A response matching this transaction arrived. `ack` builds the ACK for a 300-699
     /// response (§17.1.1.3); it is called at most once, on the first such response.
     pub fn on_response(&mut self, status: u16, ack: impl FnOnce() -> Bytes, out: &mut Actions) {
+        self.on_response_inner(status, ack, out);
+        // Only Timer A, in Calling, sends the request again: once answered it is not kept.
+        if self.state != ClientInviteState::Calling {
+            self.request = Bytes::new();
+        }
+    }
+
+    fn on_response_inner(&mut self, status: u16, ack: impl FnOnce() -> Bytes, out: &mut Actions) {
         let class = StatusClass::of(status);
         match (self.state, class) {
             (
@@ -346,6 +354,10 @@ mod tests {
             assert_eq!(response(&mut transaction, 200), expected);
             assert_eq!(transaction.state(), S::Accepted);
             assert!(transaction.has_final());
+            assert!(
+                transaction.request.is_empty(),
+                "an answered INVITE is not kept"
+            );
 
             // Retransmitted or forked 2xx: delivered, never ACKed by the transaction.
             assert_eq!(response(&mut transaction, 200), [Deliver]);

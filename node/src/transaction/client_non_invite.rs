@@ -87,6 +87,8 @@ impl ClientNonInvite {
                 }
                 self.final_received = true;
                 self.state = ClientNonInviteState::Completed;
+                // Nothing sends the request again.
+                self.request = Bytes::new();
                 self.armed.cancel(Timer::E, out);
                 self.armed.cancel(Timer::F, out);
                 match self.reliability {
@@ -268,6 +270,7 @@ mod tests {
                 "status {status}"
             );
             assert_eq!(transaction.state(), S::Completed);
+            assert!(transaction.request.is_empty(), "nothing sends it again");
             assert!(transaction.has_final());
             assert_eq!(fire(&mut transaction, Timer::K), [Terminated]);
             assert!(transaction.is_terminated());

@@ -233,7 +233,8 @@ struct ClientEntry {
     key: (String, Method),
     flow: Flow,
     machine: ClientMachine,
-    request: Message,
+    /// An INVITE, until its final response: the ACK for a non-2xx is built from it.
+    invite: Option<Message>,
     events: mpsc::UnboundedSender<ClientEvent>,
 }
 
@@ -507,8 +508,17 @@ impl TransactionLayer {
         match &mut entry.machine {
             ClientMachine::NonInvite(m) => m.on_response(status, &mut out),
             ClientMachine::Invite(m) => {
-                let request = &entry.request;
-                m.on_response(status, || ack_for(request, &response), &mut out)
+                let invite = &entry.invite;
+                let ack = || {
+                    invite
+                        .as_ref()
+                        .map(|i| ack_for(i, &response))
+                        .unwrap_or_default()
+                };
+                m.on_response(status, ack, &mut out);
+                if status >= 200 {
+                    entry.invite = None;
+                }
             }
         }
         self.apply_client(id, before, out, Some(response));
@@ -587,7 +597,8 @@ impl TransactionLayer {
                 };
                 let bytes = request.to_bytes();
                 let mut out = Actions::new();
-                let machine = if request.method() == Some(&Method::Invite) {
+                let is_invite = request.method() == Some(&Method::Invite);
+                let machine = if is_invite {
                     ClientMachine::Invite(ClientInvite::start(bytes, rel, &self.settings, &mut out))
                 } else {
                     ClientMachine::NonInvite(ClientNonInvite::start(
@@ -603,7 +614,7 @@ impl TransactionLayer {
                         key: key.clone(),
                         flow,
                         machine,
-                        request,
+                        invite: is_invite.then_some(request),
                         events,
                     }),
                 );
