@@ -30,6 +30,9 @@ fn exercise(m: &Message) {
     let _ = m.tokens(&HeaderName::Require);
     let _ = m.content_type();
     let mut copy = m.clone();
+    if let Ok(via) = copy.top_via().cloned() {
+        let _ = copy.replace_top_via(via);
+    }
     let _ = copy.pop_first_value(&HeaderName::Via);
     let _ = copy.add_to_tag("fuzz");
     let _ = copy.to_bytes();
