@@ -646,6 +646,9 @@ impl Proxy {
             group_end = fork.branches.len();
         }
         loop {
+            if fork.finished && fork.branches.iter().all(|b| b.done) {
+                break;
+            }
             // Start the next group, or give the final answer, once a group has finished.
             if !fork.finished && fork.branches[..group_end].iter().all(|b| b.done) {
                 let next = (!fork.answered && !fork.cancelled && !fork.six_hundred())
@@ -702,6 +705,22 @@ impl Proxy {
         }
         if !fork.finished {
             fork.finish();
+            return;
+        }
+        // Answered, and every branch has its final response. Until the client
+        // transactions end (Timer M, 32 s after a 2xx) only retransmitted 2xx can still
+        // come, and they go upstream as they are (RFC 6026); nothing else of the fork is
+        // needed, so it is not kept for them.
+        let (layer, tx) = (fork.proxy.layer.clone(), fork.tx);
+        drop(fork);
+        // The channel ends once every branch's relay task has: this one sends nothing.
+        drop(spawner);
+        while let Some((_, event)) = events.recv().await {
+            if let ClientEvent::Response(r) = event {
+                if r.status().is_some_and(|s| (200..300).contains(&s)) {
+                    relay_upstream(&layer, tx, *r);
+                }
+            }
         }
     }
 
@@ -746,6 +765,14 @@ impl Proxy {
 
 /// Content-Length as the body really is: a message that came over UDP without one may
 /// leave over a stream, where framing depends on it.
+/// Sends a response upstream through the server transaction `tx`, without this node's
+/// Via.
+fn relay_upstream(layer: &LayerHandle, tx: TxId, mut response: Message) {
+    let _ = response.pop_first_value(&HeaderName::Via);
+    set_content_length(&mut response);
+    layer.respond(tx, response);
+}
+
 fn set_content_length(m: &mut Message) {
     let len = m.body().len().to_string();
     if m.header(&HeaderName::ContentLength)
@@ -897,10 +924,8 @@ impl Fork {
     }
 
     /// Sends a response upstream, without this node's Via.
-    fn relay(&self, mut response: Message) {
-        let _ = response.pop_first_value(&HeaderName::Via);
-        set_content_length(&mut response);
-        self.proxy.layer.respond(self.tx, response);
+    fn relay(&self, response: Message) {
+        relay_upstream(&self.proxy.layer, self.tx, response);
     }
 
     /// Keeps a final response if it is the best so far.
