@@ -707,10 +707,10 @@ impl Proxy {
             fork.finish();
             return;
         }
-        // Answered, and every branch has its final response. Until the client
-        // transactions end (Timer M, 32 s after a 2xx) only retransmitted 2xx can still
-        // come, and they go upstream as they are (RFC 6026); nothing else of the fork is
-        // needed, so it is not kept for them.
+        // The final response has gone upstream and every branch has its own. Until the
+        // client transactions end (Timer M, 32 s after a 2xx) only retransmitted 2xx can
+        // still come, and they go upstream as they are (RFC 6026); nothing else of the
+        // fork is needed, so it is not kept for them.
         let (layer, tx) = (fork.proxy.layer.clone(), fork.tx);
         drop(fork);
         // The channel ends once every branch's relay task has: this one sends nothing.
