@@ -89,16 +89,13 @@ impl UnwrittenRefreshes {
         bindings
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries
             .lock()
             .expect("refresh entries")
             .by_binding
             .len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

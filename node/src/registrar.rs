@@ -124,10 +124,10 @@ impl RegisterRequest {
         Ok((user.clone(), to_uri.host.to_string().to_ascii_lowercase()))
     }
 
-    /// Reads a REGISTER. `Err` is the 400 to answer.
-    pub fn read(request: &Message) -> Result<RegisterRequest, Answer> {
+    /// Reads a REGISTER for the AOR of `user` and `domain` (from [`Self::aor_parts`]).
+    /// `Err` is the 400 to answer.
+    pub fn read(request: &Message, user: &str, domain: &str) -> Result<RegisterRequest, Answer> {
         let bad = |why: &str| Answer::new(400, format!("Bad Request ({why})"));
-        let (user, host) = Self::aor_parts(request)?;
         let contacts = match request.contacts().map_err(|_| bad("unreadable Contact"))? {
             None => Some(Vec::new()),
             Some(Contacts::Star) => None,
@@ -149,7 +149,7 @@ impl RegisterRequest {
             }
         };
         Ok(RegisterRequest {
-            aor: aor(&user, &host),
+            aor: aor(user, domain),
             contacts,
             expires_header: request.expires().map_err(|_| bad("bad Expires"))?,
             call_id: request
@@ -667,7 +667,7 @@ impl Registrar {
                 Authenticated::Account(a) => a,
                 Authenticated::Refused(a) => return Err(reply(a)),
             };
-        let req = RegisterRequest::read(request).map_err(reply)?;
+        let req = RegisterRequest::read(request, &user, &domain).map_err(reply)?;
         // RFC 3327: Path is added by the proxies on the way. Only a Path whose first hop
         // is the element that sent this REGISTER is believed; otherwise a phone could
         // name any host for the calls it receives to be sent through.

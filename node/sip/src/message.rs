@@ -670,11 +670,7 @@ impl Message {
     /// Adds `;tag=` to To unless it already has a tag.
     pub fn add_to_tag(&mut self, tag: &str) -> Result<(), Error> {
         if self.to()?.tag().is_none() {
-            let current = self
-                .header(&HeaderName::To)?
-                .unwrap_or_default()
-                .into_owned();
-            self.set_header(HeaderName::To, format!("{current};tag={tag}"));
+            self.append_to_tag(tag)?;
         }
         Ok(())
     }
@@ -704,19 +700,21 @@ impl Message {
 
     /// From, parsed once until it is edited.
     pub fn from(&self) -> Result<&NameAddr, Error> {
-        self.parsed
-            .from
-            .get_or_init(|| Box::new(self.name_addr(HeaderName::From, "From")))
-            .as_ref()
-            .as_ref()
-            .map_err(Clone::clone)
+        self.kept_name_addr(&self.parsed.from, HeaderName::From, "From")
     }
 
     /// To, parsed once until it is edited.
     pub fn to(&self) -> Result<&NameAddr, Error> {
-        self.parsed
-            .to
-            .get_or_init(|| Box::new(self.name_addr(HeaderName::To, "To")))
+        self.kept_name_addr(&self.parsed.to, HeaderName::To, "To")
+    }
+
+    fn kept_name_addr<'a>(
+        &self,
+        kept: &'a OnceLock<Box<Result<NameAddr, Error>>>,
+        name: HeaderName,
+        label: &'static str,
+    ) -> Result<&'a NameAddr, Error> {
+        kept.get_or_init(|| Box::new(self.name_addr(name, label)))
             .as_ref()
             .as_ref()
             .map_err(Clone::clone)

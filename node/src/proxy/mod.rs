@@ -763,8 +763,6 @@ impl Proxy {
     }
 }
 
-/// Content-Length as the body really is: a message that came over UDP without one may
-/// leave over a stream, where framing depends on it.
 /// Sends a response upstream through the server transaction `tx`, without this node's
 /// Via.
 fn relay_upstream(layer: &LayerHandle, tx: TxId, mut response: Message) {
@@ -773,6 +771,8 @@ fn relay_upstream(layer: &LayerHandle, tx: TxId, mut response: Message) {
     layer.respond(tx, response);
 }
 
+/// Content-Length as the body really is: a message that came over UDP without one may
+/// leave over a stream, where framing depends on it.
 fn set_content_length(m: &mut Message) {
     let len = m.body().len().to_string();
     if m.header(&HeaderName::ContentLength)

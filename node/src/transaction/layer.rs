@@ -49,8 +49,6 @@ pub enum CoreEvent {
 }
 
 /// What a client transaction reports to whoever sent the request.
-// Messages travel by value on purpose: boxing would cost an allocation per message.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum ClientEvent {
     /// Boxed: each client transaction has its own channel, and a channel allocates room
