@@ -523,6 +523,42 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
 }
 
 #[test]
+fn a_retransmitted_2xx_reaches_the_caller_after_the_call_is_answered() {
+    // RFC 6026: a proxy forwards every 2xx upstream, retransmissions included, for as
+    // long as its client transaction lasts (Timer M); the fork has long finished by then.
+    let node = Node::start_ready("");
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let contact = format!("<{}>", bob.contact());
+    let r = bob.register(sip, "MD5", Some(&contact), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            let ok_contact = format!("Contact: <{}>\r\n", bob.contact());
+            bob.respond(&invite, 200, "OK", &ok_contact);
+            // No ACK yet (as if it were lost): the UAS sends its 2xx again.
+            std::thread::sleep(Duration::from_millis(500));
+            bob.respond(&invite, 200, "OK", &ok_contact);
+        });
+        let ok = alice.invite(sip, "sip:bob@example.com", "retransmit-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let again = alice
+            .recv(WAIT)
+            .expect("the retransmitted 200 reaches the caller");
+        assert_eq!(again.status(), Some(200), "{}", again.text);
+        assert_eq!(again.header("Call-ID").as_deref(), Some("retransmit-1"));
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+    });
+}
+
+#[test]
 fn sipp_calls_through_the_proxy_all_complete() {
     let node = Node::start_ready("");
     let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());

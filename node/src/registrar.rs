@@ -849,7 +849,7 @@ mod tests {
         let mut expected = existing[0].clone();
         expected.call_id = "call-2".into();
         assert_eq!(p.refreshed, vec![expected]);
-        // A repeat of what is stored amends nothing.
+        // The stored Call-ID at a CSeq no higher than the stored one is out of order.
         let same = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &existing);
         assert_eq!(same.unwrap_err().status, 500);
         let next = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 2), &existing).unwrap();
