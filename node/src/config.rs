@@ -36,12 +36,15 @@ pub struct NodeConfig {
     pub role: Role,
     /// The master key file for field encryption; `None` means `<data_dir>/master.key`.
     pub master_key: Option<PathBuf>,
-    /// Threads of the async runtime that runs SIP, Raft and HTTP; 0 means one per core.
-    /// One is the default: on two cores shared with the load generator, one thread passed
-    /// 3,000 registrations/s and 2,000 calls/s in `ops/bench/sip.sh` where two threads,
-    /// waking each other at every hop, missed 2,000 and 1,000 (BENCHMARKS.md). RocksDB's
+    /// Threads of the async runtime that runs Raft, HTTP, TCP/TLS accept loops and the
+    /// node's periodic work; 0 means one per core. One is the default: every hop between
+    /// its tasks that lands on another thread is a wake-up (BENCHMARKS.md). RocksDB's
     /// fsyncs and snapshot builds run on threads of their own.
     pub runtime_threads: u16,
+    /// Threads for the SIP stack, each running its own share of the transaction layer and
+    /// core; a call's messages all go to the thread its Call-ID hashes to. 0 means one per
+    /// core. Raft, HTTP and TCP/TLS accept loops stay on the runtime threads.
+    pub sip_threads: u16,
 }
 
 impl Default for NodeConfig {
@@ -52,11 +55,21 @@ impl Default for NodeConfig {
             role: Role::Full,
             master_key: None,
             runtime_threads: 1,
+            sip_threads: 0,
         }
     }
 }
 
 impl NodeConfig {
+    /// How many SIP threads to start: `sip_threads`, or one per core.
+    pub fn sip_thread_count(&self) -> usize {
+        match self.sip_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => usize::from(n),
+        }
+        .min(crate::shard::MAX_SHARDS)
+    }
+
     pub fn master_key_path(&self) -> PathBuf {
         self.master_key
             .clone()
@@ -354,6 +367,15 @@ impl Config {
         }
         if self.node.data_dir.as_os_str().is_empty() {
             bad("node.data_dir", "must not be empty".into());
+        }
+        if usize::from(self.node.sip_threads) > crate::shard::MAX_SHARDS {
+            bad(
+                "node.sip_threads",
+                format!(
+                    "must be at most {} (0 means one per core)",
+                    crate::shard::MAX_SHARDS
+                ),
+            );
         }
         if self.node.runtime_threads > MAX_RUNTIME_THREADS {
             bad(
@@ -664,6 +686,7 @@ mod tests {
         c.sip.tls = vec!["127.0.0.1:5061".parse().unwrap()];
         c.node.id = 0;
         c.node.runtime_threads = MAX_RUNTIME_THREADS + 1;
+        c.node.sip_threads = crate::shard::MAX_SHARDS as u16 + 1;
         let problems: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -680,6 +703,10 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("node.id")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("node.sip_threads")),
             "{problems:?}"
         );
         assert!(

@@ -25,6 +25,7 @@ pub const ALLOW: &str =
 /// Option tags this node supports.
 const SUPPORTED: &[&str] = &["path"];
 
+#[derive(Clone)]
 pub struct Core {
     pub layer: LayerHandle,
     pub transports: Transports,

@@ -25,6 +25,7 @@ pub mod refreshes;
 pub mod registrar;
 pub mod responses;
 pub mod server;
+pub mod shard;
 pub mod stats;
 pub mod telemetry;
 pub mod transaction;

@@ -21,6 +21,7 @@ use crate::drain::Drain;
 use crate::peers::PeerMonitor;
 use crate::proxy::{Proxy, ProxySettings};
 use crate::registrar::Registrar;
+use crate::shard::ShardThreads;
 use crate::stats::Stats;
 use crate::transaction::start_sip_stack;
 use crate::transport::{Limits, Listeners};
@@ -124,6 +125,7 @@ async fn run_sip(
     let draining = drain.flag();
 
     let mut active = None;
+    let mut shards = None;
     if config.node.role == Role::Full {
         let listeners = Listeners::bind(&config.sip).await?;
         let own = listeners.addrs();
@@ -132,11 +134,13 @@ async fn run_sip(
             max_connections: config.sip.max_connections,
             idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
         };
+        let threads = ShardThreads::start(config.node.sip_thread_count(), &stop)?;
         let stack = start_sip_stack(
             listeners,
             limits,
             stats.clone(),
             config.sip.timers(),
+            threads.handles(),
             &tracker,
             stop.clone(),
             stop_accepting.clone(),
@@ -201,9 +205,14 @@ async fn run_sip(
             proxy: Some(proxy),
             peers: Some(peers),
         };
-        tracker.spawn(core.run(stack.core_events, stop.clone()));
+        for (events, runtime) in stack.core_events.into_iter().zip(threads.handles()) {
+            tracker.spawn_on(core.clone().run(events, stop.clone()), runtime);
+        }
+        let sip_threads = threads.handles().len();
+        shards = Some(threads);
         tracing::info!(
             node = config.node.id,
+            sip_threads,
             admin = %config.admin.listen,
             cluster = ?config.cluster.as_ref().map(|c| c.listen),
             udp = ?config.sip.udp,
@@ -253,6 +262,9 @@ async fn run_sip(
         .is_err()
     {
         tracing::warn!("some tasks did not stop in time");
+    }
+    if let Some(threads) = shards {
+        threads.join(TASK_EXIT_TIMEOUT).await;
     }
     tracing::info!(
         requests = stats

@@ -6,7 +6,8 @@
 # admin, SIP (UDP) and Raft addresses. Node 1 is the leader. Needs $TANDEM_BIN and $work.
 # NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
 # (for example NODE_ENV=RUST_LOG=debug). RUNTIME_THREADS (optional): the nodes'
-# node.runtime_threads, to compare thread counts (unset: the default).
+# node.runtime_threads, SIP_THREADS (optional): node.sip_threads, to compare thread counts
+# (unset: the defaults).
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
@@ -31,6 +32,7 @@ id = $i
 data_dir = "$work/node$i/data"
 master_key = "$work/node$i/master.key"
 ${RUNTIME_THREADS:+runtime_threads = $RUNTIME_THREADS}
+${SIP_THREADS:+sip_threads = $SIP_THREADS}
 [sip]
 udp = ["$ip:$(port "$ip")"]
 tcp = []

@@ -20,12 +20,21 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
+use crate::shard::MAX_SHARDS;
 use crate::stats::Stats;
-use crate::transport::{response_flow, Flow, Inbound, InboundEvent, Limits, Listeners, Transports};
+use crate::transport::{
+    response_flow, Flow, Inbound, InboundEvent, Inlet, Limits, Listeners, Transports,
+};
 
-/// Names one transaction for the lifetime of the layer.
+/// Names one transaction for the lifetime of the layer. The low bits name its shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct TxId(u64);
+
+impl TxId {
+    fn shard(self) -> usize {
+        (self.0 % MAX_SHARDS as u64) as usize
+    }
+}
 
 /// What the layer hands to the core.
 #[derive(Debug)]
@@ -75,39 +84,51 @@ enum Command {
     },
 }
 
-/// The core's way to answer requests and send new ones.
+/// The core's way to answer requests and send new ones. One handle serves every shard: a
+/// response goes to the shard of its transaction, a new request to the shard of its
+/// Call-ID, where its responses will arrive.
 #[derive(Clone)]
 pub struct LayerHandle {
-    commands: mpsc::UnboundedSender<Command>,
+    shards: Arc<[mpsc::UnboundedSender<Command>]>,
     active: watch::Receiver<usize>,
 }
 
 impl LayerHandle {
+    fn to_shard_of(&self, tx: TxId, command: Command) {
+        let _ = self.shards[tx.shard() % self.shards.len()].send(command);
+    }
+
     /// Sends a response through a server transaction. Responses for a transaction that
     /// has already ended are dropped, as RFC 3261 requires.
     pub fn respond(&self, tx: TxId, response: Message) {
-        let _ = self.commands.send(Command::Respond {
+        self.to_shard_of(
             tx,
-            response,
-            stateless: false,
-        });
+            Command::Respond {
+                tx,
+                response,
+                stateless: false,
+            },
+        );
     }
 
     /// Sends a final response to a non-INVITE and ends its transaction at once, so a
     /// retransmission of the request is handled as a new one (RFC 3261 §8.2.7). For
     /// answers that are computed afresh anyway, such as a registrar's 401 challenge.
     pub fn respond_stateless(&self, tx: TxId, response: Message) {
-        let _ = self.commands.send(Command::Respond {
+        self.to_shard_of(
             tx,
-            response,
-            stateless: true,
-        });
+            Command::Respond {
+                tx,
+                response,
+                stateless: true,
+            },
+        );
     }
 
     /// Ends a non-INVITE server transaction without a final response (RFC 4320 §4.2); it
     /// goes on absorbing retransmissions for as long as the client may send them.
     pub fn abandon(&self, tx: TxId) {
-        let _ = self.commands.send(Command::Abandon { tx });
+        self.to_shard_of(tx, Command::Abandon { tx });
     }
 
     /// Starts a client transaction. The request must carry its top Via with a branch. An
@@ -118,7 +139,8 @@ impl LayerHandle {
         flow: Flow,
     ) -> mpsc::UnboundedReceiver<ClientEvent> {
         let (events, rx) = mpsc::unbounded_channel();
-        let _ = self.commands.send(Command::SendRequest {
+        let shard = crate::shard::of_message(&request, self.shards.len());
+        let _ = self.shards[shard].send(Command::SendRequest {
             request,
             flow,
             events,
@@ -126,7 +148,8 @@ impl LayerHandle {
         rx
     }
 
-    /// Transactions still waiting for a final response; shutdown waits for this to reach 0.
+    /// Transactions still waiting for a final response, over all shards; shutdown waits for
+    /// this to reach 0.
     pub fn active(&self) -> watch::Receiver<usize> {
         self.active.clone()
     }
@@ -239,48 +262,87 @@ struct ClientEntry {
 /// How many inbound messages and core events may queue between the tasks.
 const CHANNEL_DEPTH: usize = 4096;
 
-/// The SIP stack below the core: transports feeding one running transaction layer.
+/// The SIP stack below the core: transports feeding the transaction layer's shards.
 pub struct SipStack {
     pub transports: Transports,
     pub layer: LayerHandle,
-    /// What the core handles.
-    pub core_events: mpsc::Receiver<CoreEvent>,
+    /// What the core handles, one channel per shard, in shard order: the core of shard
+    /// `i` belongs on runtime `i`.
+    pub core_events: Vec<mpsc::Receiver<CoreEvent>>,
 }
 
-/// Starts the transports on `listeners` and the transaction layer behind them, both
-/// tracked by `tracker` and stopped by `stop`; `stop_accepting` closes the accept loops
-/// first during a graceful shutdown.
+/// Starts the transports on `listeners` and one transaction layer shard on each runtime of
+/// `shards`, all tracked by `tracker` and stopped by `stop`; `stop_accepting` closes the
+/// accept loops first during a graceful shutdown. Tests pass the current runtime's handle,
+/// once or several times.
+#[allow(clippy::too_many_arguments)]
 pub fn start_sip_stack(
     listeners: Listeners,
     limits: Limits,
     stats: Arc<Stats>,
     settings: TimerSettings,
+    shards: &[tokio::runtime::Handle],
     tracker: &TaskTracker,
     stop: CancellationToken,
     stop_accepting: CancellationToken,
 ) -> SipStack {
-    let (inbound_tx, inbound_rx) = mpsc::channel(CHANNEL_DEPTH);
-    let (core_tx, core_events) = mpsc::channel(CHANNEL_DEPTH);
+    assert!(
+        (1..=MAX_SHARDS).contains(&shards.len()),
+        "between 1 and {MAX_SHARDS} shards"
+    );
+    let (inbound, inbound_rx): (Vec<_>, Vec<_>) =
+        shards.iter().map(|_| mpsc::channel(CHANNEL_DEPTH)).unzip();
     let transports = Transports::start(
         listeners,
         limits,
         stats,
-        inbound_tx,
+        Inlet::new(inbound),
+        shards,
         tracker,
         stop.clone(),
         stop_accepting,
     );
-    let (layer, handle) = TransactionLayer::new(settings, transports.clone(), core_tx);
-    tracker.spawn(layer.run(inbound_rx, stop));
+    let (active_tx, active) = watch::channel(0);
+    let active_tx = Arc::new(active_tx);
+    let mut commands = Vec::new();
+    let mut core_events = Vec::new();
+    for (shard, (runtime, inbound)) in shards.iter().zip(inbound_rx).enumerate() {
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let (core_tx, core_rx) = mpsc::channel(CHANNEL_DEPTH);
+        let layer = TransactionLayer {
+            shard: shard as u64,
+            settings,
+            transports: transports.clone(),
+            to_core: core_tx,
+            servers: HashMap::new(),
+            server_index: HashMap::new(),
+            clients: HashMap::new(),
+            client_index: HashMap::new(),
+            timers: DelayQueue::new(),
+            timer_keys: HashMap::new(),
+            next_id: 0,
+            active: 0,
+            published: 0,
+            active_tx: active_tx.clone(),
+            commands: commands_rx,
+        };
+        tracker.spawn_on(layer.run(inbound, stop.clone()), runtime);
+        commands.push(commands_tx);
+        core_events.push(core_rx);
+    }
     SipStack {
         transports,
-        layer: handle,
+        layer: LayerHandle {
+            shards: commands.into(),
+            active,
+        },
         core_events,
     }
 }
 
-/// The layer's state, owned by its task.
-pub struct TransactionLayer {
+/// One shard's state, owned by its task.
+struct TransactionLayer {
+    shard: u64,
     settings: TimerSettings,
     transports: Transports,
     to_core: mpsc::Sender<CoreEvent>,
@@ -294,45 +356,17 @@ pub struct TransactionLayer {
     timers: DelayQueue<(TxId, Timer)>,
     timer_keys: HashMap<(TxId, Timer), delay_queue::Key>,
     next_id: u64,
+    /// This shard's transactions still owing a final response, and how many of them the
+    /// shared count includes.
     active: usize,
-    active_tx: watch::Sender<usize>,
+    published: usize,
+    active_tx: Arc<watch::Sender<usize>>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
 
 impl TransactionLayer {
-    pub fn new(
-        settings: TimerSettings,
-        transports: Transports,
-        to_core: mpsc::Sender<CoreEvent>,
-    ) -> (TransactionLayer, LayerHandle) {
-        let (commands_tx, commands) = mpsc::unbounded_channel();
-        let (active_tx, active) = watch::channel(0);
-        let layer = TransactionLayer {
-            settings,
-            transports,
-            to_core,
-            servers: HashMap::new(),
-            server_index: HashMap::new(),
-            clients: HashMap::new(),
-            client_index: HashMap::new(),
-            timers: DelayQueue::new(),
-            timer_keys: HashMap::new(),
-            next_id: 1,
-            active: 0,
-            active_tx,
-            commands,
-        };
-        (
-            layer,
-            LayerHandle {
-                commands: commands_tx,
-                active,
-            },
-        )
-    }
-
     /// Runs until `stop` is cancelled or every input has closed.
-    pub async fn run(mut self, mut inbound: mpsc::Receiver<InboundEvent>, stop: CancellationToken) {
+    async fn run(mut self, mut inbound: mpsc::Receiver<InboundEvent>, stop: CancellationToken) {
         loop {
             tokio::select! {
                 biased;
@@ -355,15 +389,19 @@ impl TransactionLayer {
         }
     }
 
-    fn publish_active(&self) {
-        if *self.active_tx.borrow() != self.active {
-            self.active_tx.send_replace(self.active);
+    fn publish_active(&mut self) {
+        if self.published != self.active {
+            let (now, before) = (self.active, self.published);
+            // The shared count includes `before` from this shard, so it never goes below 0.
+            self.active_tx
+                .send_modify(|total| *total = *total + now - before);
+            self.published = now;
         }
     }
 
     fn next_id(&mut self) -> TxId {
         self.next_id += 1;
-        TxId(self.next_id)
+        TxId(self.next_id * MAX_SHARDS as u64 + self.shard)
     }
 
     async fn on_inbound(&mut self, Inbound { message, flow }: Inbound) {
@@ -874,14 +912,11 @@ mod tests {
 
     impl Node {
         async fn udp(settings: TimerSettings) -> Node {
-            let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-            // `Transports::send` uses `try_send_to`, which trusts tokio's cached readiness. A
-            // socket the reactor has not polled yet reads as not writable, and the send would
-            // be dropped as if the kernel buffer were full.
-            socket.writable().await.unwrap();
+            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            socket.set_nonblocking(true).unwrap();
             let addr = socket.local_addr().unwrap();
             let listeners = Listeners {
-                udp: vec![socket],
+                udp: vec![Arc::new(socket)],
                 tcp: vec![],
                 tls: vec![],
             };
@@ -913,11 +948,13 @@ mod tests {
                 limits,
                 stats.clone(),
                 settings,
+                &[tokio::runtime::Handle::current()],
                 &tracker,
                 stop.clone(),
                 stop.clone(),
             );
-            let (handle, core) = (stack.layer, stack.core_events);
+            let handle = stack.layer;
+            let core = stack.core_events.into_iter().next().expect("one shard");
             Node {
                 handle,
                 core,
@@ -1479,5 +1516,121 @@ mod tests {
         assert_eq!(stray.method(), Method::Cancel);
         assert_eq!(stray.cancels, None);
         assert!(stray.tx.is_some());
+    }
+
+    /// Two shards on the test's runtime: every request reaches the core of the shard its
+    /// Call-ID hashes to, each answer finds its transaction through the one handle, a
+    /// client transaction hears its response, and the active count covers both shards.
+    #[tokio::test]
+    async fn shards_split_by_call_id_and_share_one_handle() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listeners = Listeners {
+            udp: vec![Arc::new(socket)],
+            tcp: vec![],
+            tls: vec![],
+        };
+        let limits = Limits {
+            max_message_size: 65_535,
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(600),
+        };
+        let stop = CancellationToken::new();
+        let _stop = stop.clone().drop_guard();
+        let runtime = tokio::runtime::Handle::current();
+        let mut stack = start_sip_stack(
+            listeners,
+            limits,
+            Arc::new(Stats::default()),
+            FAST,
+            &[runtime.clone(), runtime],
+            &TaskTracker::new(),
+            stop.clone(),
+            stop,
+        );
+        let peer = Peer::new().await;
+        let calls = 16;
+        for i in 0..calls {
+            let options = udp_request(
+                "OPTIONS",
+                peer.addr,
+                &format!("z9hG4bKsh{i}"),
+                &format!("shard-call-{i}"),
+                None,
+            );
+            peer.send(addr, &options).await;
+        }
+        let mut per_shard = [0usize; 2];
+        let mut requests = Vec::new();
+        while requests.len() < calls {
+            let mut got = false;
+            for (shard, core) in stack.core_events.iter_mut().enumerate() {
+                if let Ok(Some(event)) = timeout(ms(50), core.recv()).await {
+                    let CoreEvent::Request { request, tx, .. } = event else {
+                        panic!("expected a request, got {event:?}");
+                    };
+                    assert_eq!(crate::shard::of_message(&request, 2), shard);
+                    assert_eq!(
+                        tx.unwrap().shard(),
+                        shard,
+                        "the transaction lives in its shard"
+                    );
+                    per_shard[shard] += 1;
+                    requests.push((request, tx.unwrap()));
+                    got = true;
+                }
+            }
+            assert!(
+                got,
+                "only {} of {calls} requests reached a core",
+                requests.len()
+            );
+        }
+        assert!(per_shard.iter().all(|&n| n > 0), "{per_shard:?}");
+        let mut active = stack.layer.active();
+        timeout(PATIENCE, active.wait_for(|v| *v == calls))
+            .await
+            .expect("both shards count their pending requests")
+            .expect("the layer runs");
+        for (request, tx) in &requests {
+            stack
+                .layer
+                .respond(*tx, responses::build(request, 200, "OK"));
+        }
+        for _ in 0..calls {
+            assert_eq!(parse(peer.recv().await).status(), Some(200));
+        }
+        timeout(PATIENCE, active.wait_for(|v| *v == 0))
+            .await
+            .expect("every request has its final")
+            .expect("the layer runs");
+
+        // A request sent through the handle goes out from the shard its Call-ID names, so
+        // the response, which the receive loops pass on by Call-ID, finds the transaction.
+        for i in 0..4 {
+            let options = parse(udp_request(
+                "OPTIONS",
+                addr,
+                &format!("z9hG4bKout{i}"),
+                &format!("out-{i}"),
+                None,
+            ));
+            let flow = Flow {
+                transport: TransportKind::Udp,
+                local: addr,
+                remote: peer.addr,
+                connection: None,
+            };
+            let mut events = stack.layer.send_request(options, flow);
+            let sent = parse(peer.recv().await);
+            let answer = responses::build(&sent, 200, "OK");
+            peer.send(addr, &answer.to_bytes()).await;
+            let event = timeout(PATIENCE, events.recv()).await.expect("an answer");
+            assert!(
+                matches!(&event, Some(ClientEvent::Response(r)) if r.status() == Some(200)),
+                "{event:?}"
+            );
+        }
     }
 }

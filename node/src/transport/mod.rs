@@ -95,6 +95,35 @@ pub enum InboundEvent {
     },
 }
 
+/// Where received messages go: one channel per shard of the transaction layer, and each
+/// message to the shard its Call-ID belongs to (see [`crate::shard`]).
+#[derive(Clone)]
+pub struct Inlet {
+    shards: Arc<[mpsc::Sender<InboundEvent>]>,
+}
+
+impl Inlet {
+    pub fn new(shards: Vec<mpsc::Sender<InboundEvent>>) -> Inlet {
+        assert!(!shards.is_empty(), "an inlet needs a shard");
+        Inlet {
+            shards: shards.into(),
+        }
+    }
+
+    /// Hands `event` to its shard. Bytes that did not parse belong to no call and go to
+    /// `here`, the caller's own shard. Fails once that shard has stopped.
+    pub async fn send(&self, event: InboundEvent, here: usize) -> Result<(), ()> {
+        let shard = match &event {
+            InboundEvent::Message(m) => crate::shard::of_message(&m.message, self.shards.len()),
+            InboundEvent::Malformed { .. } => here,
+        };
+        self.shards[shard % self.shards.len()]
+            .send(event)
+            .await
+            .map_err(|_| ())
+    }
+}
+
 /// Limits applied to every listener and connection.
 #[derive(Clone, Debug)]
 pub struct Limits {
@@ -116,13 +145,15 @@ struct ConnectionTable {
 
 /// What opening a connection needs: the same as an accepted one gets.
 struct Outbound {
-    inbound: mpsc::Sender<InboundEvent>,
+    inbound: Inlet,
     tracker: TaskTracker,
     stop: CancellationToken,
 }
 
 struct Shared {
-    udp: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>>,
+    /// Sends go straight to the non-blocking sockets, from any thread: a datagram that does
+    /// not fit is dropped, never waited for, so no reactor needs to know these sockets.
+    udp: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
     outbound: std::sync::OnceLock<Outbound>,
     connections: Mutex<ConnectionTable>,
     next_connection: AtomicU64,
@@ -138,7 +169,8 @@ pub struct Transports {
 
 /// Everything needed to start listening.
 pub struct Listeners {
-    pub udp: Vec<Arc<tokio::net::UdpSocket>>,
+    /// Non-blocking; each shard's receive loop registers its own copy with its runtime.
+    pub udp: Vec<Arc<std::net::UdpSocket>>,
     pub tcp: Vec<tokio::net::TcpListener>,
     pub tls: Vec<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
 }
@@ -163,13 +195,13 @@ impl Listeners {
     pub async fn bind(config: &crate::config::SipConfig) -> Result<Listeners, Error> {
         let mut udp = Vec::new();
         for &addr in &config.udp {
-            let s = tokio::net::UdpSocket::bind(addr)
-                .await
-                .map_err(|source| Error::Bind {
-                    transport: "UDP",
-                    addr,
-                    source,
-                })?;
+            let bind_error = |source| Error::Bind {
+                transport: "UDP",
+                addr,
+                source,
+            };
+            let s = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+            s.set_nonblocking(true).map_err(bind_error)?;
             // The kernel's default receive buffer (about 200 KiB) overflows in bursts of a
             // few thousand messages per second, and every datagram lost there costs a
             // retransmission or a failed call. Best effort: the kernel caps it at
@@ -226,20 +258,25 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub(crate) struct ListenerContext {
     pub transports: Transports,
-    pub inbound: mpsc::Sender<InboundEvent>,
+    pub inbound: Inlet,
     pub tracker: TaskTracker,
     /// Cancelled when the whole node stops: closes sockets and connections.
     pub stop: CancellationToken,
 }
 
 impl Transports {
-    /// Starts the receive loops and accept loops. Accept loops also stop on `stop_accepting`,
-    /// which shutdown cancels first so no new connections arrive while draining.
+    /// Starts the receive loops and accept loops. Every UDP socket gets one receive loop on
+    /// each shard's runtime in `shards` (the kernel hands each datagram to one of them);
+    /// accept loops and their connections run on the caller's runtime. Accept loops also
+    /// stop on `stop_accepting`, which shutdown cancels first so no new connections arrive
+    /// while draining.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         listeners: Listeners,
         limits: Limits,
         stats: Arc<Stats>,
-        inbound: mpsc::Sender<InboundEvent>,
+        inbound: Inlet,
+        shards: &[tokio::runtime::Handle],
         tracker: &TaskTracker,
         stop: CancellationToken,
         stop_accepting: CancellationToken,
@@ -275,8 +312,17 @@ impl Transports {
             tracker: tracker.clone(),
             stop,
         };
-        for socket in listeners.udp {
-            tracker.spawn(udp::receive_loop(socket, ctx.clone()));
+        for socket in &listeners.udp {
+            for (shard, runtime) in shards.iter().enumerate() {
+                match socket.try_clone() {
+                    Ok(copy) => {
+                        tracker.spawn_on(udp::receive_loop(copy, shard, ctx.clone()), runtime);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, shard, "cannot share a UDP socket with a SIP thread")
+                    }
+                }
+            }
         }
         for l in listeners.tcp {
             tracker.spawn(stream::accept_loop(
@@ -321,7 +367,7 @@ impl Transports {
                         transport: "UDP",
                         addr: flow.remote,
                     })?;
-                match socket.try_send_to(&bytes, flow.remote) {
+                match socket.send_to(&bytes, flow.remote) {
                     Ok(_) => Ok(()),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         self.stats().sends_dropped.fetch_add(1, Ordering::Relaxed);

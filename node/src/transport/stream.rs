@@ -160,14 +160,14 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                                 }
                                 Err(error) => InboundEvent::Malformed { raw, flow, error },
                             };
-                            if ctx.inbound.send(event).await.is_err() {
+                            if ctx.inbound.send(event, 0).await.is_err() {
                                 reading = false;
                                 break;
                             }
                         }
                         Err(error) => {
                             let raw = buf.split().freeze();
-                            let _ = ctx.inbound.send(InboundEvent::Malformed { raw, flow, error }).await;
+                            let _ = ctx.inbound.send(InboundEvent::Malformed { raw, flow, error }, 0).await;
                             reading = false;
                             deadline = Instant::now() + CLOSE_GRACE;
                             break;

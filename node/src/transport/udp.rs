@@ -1,9 +1,9 @@
-//! The UDP receive loop: one datagram is one message (RFC 3261 §18.1.1). Parse failures go
-//! to the core as [`InboundEvent::Malformed`] so that the answer (a 400, or nothing) is
-//! decided in one place.
+//! The UDP receive loop: one datagram is one message (RFC 3261 §18.1.1). Each shard runs
+//! one per socket, on its own runtime, and passes what it reads to the shard it belongs to.
+//! Parse failures go to the core as [`InboundEvent::Malformed`] so that the answer (a 400,
+//! or nothing) is decided in one place.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use tandem_sip::Message;
@@ -14,7 +14,16 @@ use super::{stamp_via, Flow, Inbound, InboundEvent, ListenerContext, TransportKi
 /// Larger than any UDP payload, so nothing is ever truncated silently.
 const RECV_BUFFER: usize = 65_536;
 
-pub(super) async fn receive_loop(socket: Arc<UdpSocket>, ctx: ListenerContext) {
+/// Receives on `socket`, a copy of a listening socket, registered with the runtime of
+/// `shard`, the shard this loop runs on.
+pub(super) async fn receive_loop(socket: std::net::UdpSocket, shard: usize, ctx: ListenerContext) {
+    let socket = match UdpSocket::from_std(socket) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, shard, "cannot register a UDP socket; not receiving");
+            return;
+        }
+    };
     let local = match socket.local_addr() {
         Ok(a) => a,
         Err(e) => {
@@ -63,7 +72,7 @@ pub(super) async fn receive_loop(socket: Arc<UdpSocket>, ctx: ListenerContext) {
             }
             Err(error) => InboundEvent::Malformed { raw, flow, error },
         };
-        if ctx.inbound.send(event).await.is_err() {
+        if ctx.inbound.send(event, shard).await.is_err() {
             break;
         }
     }
