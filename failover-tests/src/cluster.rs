@@ -116,8 +116,11 @@ impl Member {
         // Each node keeps its own copy of the cluster's key file, as on real hosts.
         std::fs::copy(root.join("master.key"), dir.join("master.key")).expect("copy key file");
         let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        // Two SIP threads where the default is one, so that every test's messages also
+        // cross between the shards of a node.
         let config = format!(
-            "[node]\nid = {id}\ndata_dir = {data}\nrole = \"{role_name}\"\nmaster_key = {key}\n\n\
+            "[node]\nid = {id}\ndata_dir = {data}\nrole = \"{role_name}\"\nmaster_key = {key}\n\
+             sip_threads = 2\n\n\
              [sip]\n{sip}\n\n\
              [cluster]\nlisten = \"{raft_addr}\"\nca_certificate = {ca}\ncertificate = {cert}\n\
              private_key = {pkey}\n{extra_cluster}\n\n\

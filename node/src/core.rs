@@ -141,7 +141,7 @@ impl Core {
                         self.stats.clone(),
                     );
                     // Writes wait for Raft; the core goes on with the next request.
-                    tokio::spawn(async move {
+                    run_or_spawn(async move {
                         let response = registrar.register(&request, &flow).await;
                         match tx {
                             // A challenge holds no state: a retransmitted REGISTER
@@ -188,6 +188,25 @@ impl Core {
                     .send(&response_flow(&request, &flow), response.to_bytes());
             }
         }
+    }
+}
+
+/// Runs `work` to its end here if it never has to wait, and spawns it as a task
+/// otherwise. Most REGISTERs are refreshes answered without waiting for anything, and a
+/// task costs more than such an answer. A panic in `work` ends only `work`, as it would
+/// end only its task.
+fn run_or_spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    // A future registers the waker of each poll; the task's first poll replaces this one.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(&mut cx)));
+    match polled {
+        Ok(std::task::Poll::Ready(())) => {}
+        Ok(std::task::Poll::Pending) => {
+            tokio::spawn(work);
+        }
+        Err(_) => tracing::error!("a request handler panicked; its request is dropped"),
     }
 }
 

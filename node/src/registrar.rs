@@ -451,35 +451,58 @@ impl Registrar {
     }
 
     /// Queues a REGISTER behind its AOR's write in flight, starting the AOR's writer if
-    /// none runs, and waits for its group's outcome.
+    /// none runs, and waits for its group's outcome. With no writer running, nothing is in
+    /// flight that the REGISTER must be planned after, so it is planned at once, and if it
+    /// needs no write (a refresh inside its headroom, the usual REGISTER) it is answered
+    /// without queueing, a task or Raft.
     async fn submit(
         self: &Arc<Self>,
         req: RegisterRequest,
         max_contacts: u32,
         flow: StoredFlow,
     ) -> Result<Vec<(String, u32)>, Answer> {
-        let aor = req.aor.clone();
-        let (done, outcome) = oneshot::channel();
-        let job = Job {
-            req,
-            max_contacts,
-            flow,
-            done,
-        };
-        let start = {
+        let (outcome, start) = {
             let mut queues = self.queues.lock().expect("registrar queues");
-            match queues.get_mut(&aor) {
-                Some(waiting) => {
-                    waiting.push(job);
-                    false
-                }
-                None => {
-                    queues.insert(aor.clone(), vec![job]);
-                    true
+            if let Some(waiting) = queues.get_mut(&req.aor) {
+                let (done, outcome) = oneshot::channel();
+                waiting.push(Job {
+                    req,
+                    max_contacts,
+                    flow,
+                    done,
+                });
+                (outcome, None)
+            } else {
+                // Planned under the lock, so no other REGISTER of this AOR starts a writer
+                // between this plan and the refresh it notes.
+                let now = now_ms();
+                let view = self.current_bindings(&req.aor);
+                let node = self.cluster.identity.node_id;
+                match plan(&req, &view, max_contacts, &self.settings, now, node, &flow) {
+                    Err(answer) => return Err(answer),
+                    Ok(p) if p.writes.is_empty() => {
+                        for r in &p.refreshed {
+                            self.refreshes.note(r, now);
+                        }
+                        return Ok(p.bindings);
+                    }
+                    // The writer plans it again, against the same bindings.
+                    Ok(_) => {
+                        let (done, outcome) = oneshot::channel();
+                        let aor = req.aor.clone();
+                        let job = Job {
+                            req,
+                            max_contacts,
+                            flow,
+                            done,
+                        };
+                        queues.insert(aor.clone(), vec![job]);
+                        (outcome, Some(aor))
+                    }
                 }
             }
         };
-        if start {
+        if let Some(aor) = start {
             let this = self.clone();
             tokio::spawn(async move { this.run_writer(&aor).await });
         }

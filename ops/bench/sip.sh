@@ -33,8 +33,8 @@
 # the load; node 1 forms the cluster and is its leader, 2 and 3 are followers);
 # BENCH_PHASES ("register calls"); KEEP_WORK=1 keeps the work directory (server logs, sipp
 # outputs, error logs and rtt traces); TANDEM_BENCH_NO_BUILD=1 skips setup and build;
-# RUNTIME_THREADS and NODE_ENV go to ops/bench/cluster.sh (the nodes' runtime threads, and
-# their environment).
+# RUNTIME_THREADS, SIP_THREADS and NODE_ENV go to ops/bench/cluster.sh (the nodes' runtime
+# and SIP threads, and their environment).
 #
 # Per server and step it prints: sipp's successful and failed calls; completed per second,
 # from the start to the last completed REGISTER or call setup (the wait for calls that time
