@@ -182,8 +182,12 @@ for ((u = 0; u < reg_users; u++)); do reg_ports+=("$(udp_port 127.0.0.1)"); done
 # Every load sipp: a call fails after 5 s without its answer; -nd, so that sipp does not
 # follow a failed call with a BYE or CANCEL of its own (stray traffic a real caller would
 # not send); every response time traced, each as it comes (sipp never writes a last batch
-# smaller than -rtt_freq).
-sipp_common=(-i 127.0.0.1 -nostdin -nd -recv_timeout 5000 -trace_err -trace_rtt -rtt_freq 1)
+# smaller than -rtt_freq); 4 MiB socket buffers, the size Tandem asks for, because one
+# sipp socket stands in for the sockets of thousands of phones, and with the default
+# (net.core.rmem_default, 208 KiB here) the caller's socket overflowed whenever sipp lost
+# the CPU for a few milliseconds (the kernel caps it at net.core.rmem_max).
+sipp_common=(-i 127.0.0.1 -nostdin -nd -recv_timeout 5000 -trace_err -trace_rtt -rtt_freq 1
+  -buff_size 4194304)
 
 # before RUN ADDR / after RUN ADDR: counters around one load; RUN is NAME.PHASE.RATE.
 before() {

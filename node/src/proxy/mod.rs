@@ -300,11 +300,6 @@ impl Proxy {
             self.answer(tx, &request, refusal(482, "Loop Detected"));
             return;
         }
-        if method == Method::Invite {
-            let mut trying = Message::response_to(&request, 100, "Trying");
-            crate::responses::stamp(&mut trying);
-            self.layer.respond(tx, trying);
-        }
         let own = self.pop_own_routes(&mut request);
         let in_dialog = request
             .to()
@@ -349,6 +344,14 @@ impl Proxy {
                 return;
             }
         };
+        // 100 Trying only for an INVITE that goes on: a refusal (407 first of all, for
+        // every new call) is final at once, and the transaction sends a 100 of its own if
+        // ever the answer takes 200 ms (RFC 3261 §17.2.1).
+        if method == Method::Invite {
+            let mut trying = Message::response_to(&request, 100, "Trying");
+            crate::responses::stamp(&mut trying);
+            self.layer.respond(tx, trying);
+        }
         if !in_dialog {
             self.strip_own_credentials(&mut request);
         }
