@@ -46,7 +46,7 @@ use crate::flow_token::FlowTokens;
 use crate::overlay::BindingOverlay;
 use crate::peers::{sip_addr, PeerMonitor};
 use crate::registrar::{flow_of_stored, now_ms};
-use crate::transaction::{ClientEvent, LayerHandle, TxId};
+use crate::transaction::{ClientEvent, EventSink, LayerHandle, TxId};
 use crate::transport::{Flow, TransportKind, Transports};
 use route::{transport_param, OwnAddrs};
 
@@ -712,19 +712,14 @@ impl Proxy {
         }
         // The final response has gone upstream and every branch has its own. Until the
         // client transactions end (Timer M, 32 s after a 2xx) only retransmitted 2xx can
-        // still come, and they go upstream as they are (RFC 6026); nothing else of the
-        // fork is needed, so it is not kept for them.
+        // still come, and they go upstream as they are (RFC 6026). Nothing else of the
+        // fork is needed, so a small task of its own relays them, and this one, which
+        // holds the whole request's state (4.5 KB), ends now.
         let (layer, tx) = (fork.proxy.layer.clone(), fork.tx);
         drop(fork);
         // The channel ends once every branch's relay task has: this one sends nothing.
         drop(spawner);
-        while let Some((_, event)) = events.recv().await {
-            if let ClientEvent::Response(r) = event {
-                if r.status().is_some_and(|s| (200..300).contains(&s)) {
-                    relay_upstream(&layer, tx, *r);
-                }
-            }
-        }
+        tokio::spawn(relay_retransmitted_2xx(layer, tx, events));
     }
 
     /// The ACK for a 2xx: forwarded statelessly along its Route set (§16.11).
@@ -763,6 +758,22 @@ impl Proxy {
         };
         let m = self.branch_request(&request, &out, &target, &out, &branch, false);
         let _ = self.transports.send(&out, m.to_bytes());
+    }
+}
+
+/// Relays the 2xx retransmissions of an answered fork's branches upstream until every
+/// branch's client transaction has ended.
+async fn relay_retransmitted_2xx(
+    layer: LayerHandle,
+    tx: TxId,
+    mut events: mpsc::UnboundedReceiver<(usize, ClientEvent)>,
+) {
+    while let Some((_, event)) = events.recv().await {
+        if let ClientEvent::Response(r) = event {
+            if r.status().is_some_and(|s| (200..300).contains(&s)) {
+                relay_upstream(&layer, tx, *r);
+            }
+        }
     }
 }
 
@@ -904,15 +915,11 @@ impl Fork {
                 &branch,
                 self.record_route,
             );
-            let mut rx = self.proxy.layer.send_request(m.clone(), out);
-            let events = events.clone();
-            tokio::spawn(async move {
-                while let Some(ev) = rx.recv().await {
-                    if events.send((index, ev)).is_err() {
-                        break;
-                    }
-                }
-            });
+            self.proxy.layer.send_request_to(
+                m.clone(),
+                out,
+                EventSink::Tagged(events.clone(), index),
+            );
             self.branches.push(Branch {
                 request: m,
                 flow: out,

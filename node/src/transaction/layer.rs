@@ -80,8 +80,24 @@ enum Command {
     SendRequest {
         request: Message,
         flow: Flow,
-        events: mpsc::UnboundedSender<ClientEvent>,
+        events: EventSink,
     },
+}
+
+/// Where a client transaction's events go: a channel of its own, or a channel it shares
+/// with the other branches of a fork, each event tagged with the branch's index.
+pub enum EventSink {
+    Own(mpsc::UnboundedSender<ClientEvent>),
+    Tagged(mpsc::UnboundedSender<(usize, ClientEvent)>, usize),
+}
+
+impl EventSink {
+    fn send(&self, event: ClientEvent) {
+        let _ = match self {
+            EventSink::Own(tx) => tx.send(event).map_err(|_| ()),
+            EventSink::Tagged(tx, tag) => tx.send((*tag, event)).map_err(|_| ()),
+        };
+    }
 }
 
 /// The core's way to answer requests and send new ones. One handle serves every shard: a
@@ -139,13 +155,19 @@ impl LayerHandle {
         flow: Flow,
     ) -> mpsc::UnboundedReceiver<ClientEvent> {
         let (events, rx) = mpsc::unbounded_channel();
+        self.send_request_to(request, flow, EventSink::Own(events));
+        rx
+    }
+
+    /// Starts a client transaction, as [`LayerHandle::send_request`], whose events go to
+    /// `events`.
+    pub fn send_request_to(&self, request: Message, flow: Flow, events: EventSink) {
         let shard = crate::shard::of_message(&request, self.shards.len());
         let _ = self.shards[shard].send(Command::SendRequest {
             request,
             flow,
             events,
         });
-        rx
     }
 
     /// Transactions still waiting for a final response, over all shards; shutdown waits for
@@ -232,8 +254,9 @@ struct ServerEntry {
     key: ServerKey,
     flow: Flow,
     machine: ServerMachine,
-    /// Kept for INVITEs only, to build a 100 Trying if the core is slow.
-    invite: Option<Message>,
+    /// Kept for INVITEs only, to build a 100 Trying if the core is slow. Boxed, as most
+    /// entries live on without it (32 s after a final, on UDP).
+    invite: Option<Box<Message>>,
 }
 
 enum ClientMachine {
@@ -255,8 +278,9 @@ struct ClientEntry {
     flow: Flow,
     machine: ClientMachine,
     /// An INVITE, until its final response: the ACK for a non-2xx is built from it.
-    invite: Option<Message>,
-    events: mpsc::UnboundedSender<ClientEvent>,
+    /// Boxed, as the entry lives on without it.
+    invite: Option<Box<Message>>,
+    events: EventSink,
 }
 
 /// How many inbound messages and core events may queue between the tasks.
@@ -495,7 +519,7 @@ impl TransactionLayer {
         let (machine, invite) = if method == Method::Invite {
             (
                 ServerMachine::Invite(ServerInvite::new(rel, &self.settings, &mut out)),
-                Some(request.clone()),
+                Some(Box::new(request.clone())),
             )
         } else {
             (
@@ -617,12 +641,12 @@ impl TransactionLayer {
                 if request.method() == Some(&Method::Ack) {
                     // An ACK for a 2xx has no transaction (RFC 3261 §17.1.1.3): send it once.
                     if self.transports.send(&flow, request.to_bytes()).is_err() {
-                        let _ = events.send(ClientEvent::TransportError);
+                        events.send(ClientEvent::TransportError);
                     }
                     return;
                 }
                 let Ok(key) = client_key(&request) else {
-                    let _ = events.send(ClientEvent::TransportError);
+                    events.send(ClientEvent::TransportError);
                     return;
                 };
                 let id = self.next_id();
@@ -650,7 +674,7 @@ impl TransactionLayer {
                         key: key.clone(),
                         flow,
                         machine,
-                        invite: is_invite.then_some(request),
+                        invite: is_invite.then(|| Box::new(request)),
                         events,
                     }),
                 );
@@ -791,14 +815,14 @@ impl TransactionLayer {
                 Action::Cancel(t) => self.cancel(id, t),
                 Action::Deliver => {
                     if let Some(m) = message.take() {
-                        let _ = entry.events.send(ClientEvent::Response(Box::new(m)));
+                        entry.events.send(ClientEvent::Response(Box::new(m)));
                     }
                 }
                 Action::Timeout => {
-                    let _ = entry.events.send(ClientEvent::Timeout);
+                    entry.events.send(ClientEvent::Timeout);
                 }
                 Action::TransportError => {
-                    let _ = entry.events.send(ClientEvent::TransportError);
+                    entry.events.send(ClientEvent::TransportError);
                 }
                 Action::NeedTrying => {}
                 Action::Terminated => {
