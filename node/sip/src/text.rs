@@ -28,7 +28,8 @@ pub(crate) fn is_ws(b: u8) -> bool {
 /// Values that were never folded are borrowed, which is the common case.
 pub(crate) fn unfold(raw: &[u8]) -> Result<Cow<'_, str>, Error> {
     let text = std::str::from_utf8(raw).map_err(|_| Error::Encoding)?;
-    if !text.contains(['\r', '\n']) {
+    // A byte scan: a `char` pattern search costs several times more on every header read.
+    if !raw.iter().any(|&b| b == b'\r' || b == b'\n') {
         return Ok(Cow::Borrowed(text.trim_matches([' ', '\t'])));
     }
     let mut out = String::with_capacity(text.len());
