@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use tandem_sip::{HeaderName, Message, Method};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -338,12 +339,12 @@ pub fn start_sip_stack(
             settings,
             transports: transports.clone(),
             to_core: core_tx,
-            servers: HashMap::new(),
+            servers: FxHashMap::default(),
             server_index: HashMap::new(),
-            clients: HashMap::new(),
+            clients: FxHashMap::default(),
             client_index: HashMap::new(),
             timers: DelayQueue::new(),
-            timer_keys: HashMap::new(),
+            timer_keys: FxHashMap::default(),
             next_id: 0,
             active: 0,
             published: 0,
@@ -373,12 +374,14 @@ struct TransactionLayer {
     // Entries are boxed: under load these maps hold tens of thousands of transactions,
     // and each time one grows it moves every value (perf showed the copy and its page
     // faults at a tenth of a node's CPU at 2,500 calls/s).
-    servers: HashMap<TxId, Box<ServerEntry>>,
+    // Maps keyed by the layer's own ids use FxHash; those keyed by what peers send keep
+    // std's keyed SipHash, so no peer can choose keys that collide.
+    servers: FxHashMap<TxId, Box<ServerEntry>>,
     server_index: HashMap<ServerKey, TxId>,
-    clients: HashMap<TxId, Box<ClientEntry>>,
+    clients: FxHashMap<TxId, Box<ClientEntry>>,
     client_index: HashMap<(String, Method), TxId>,
     timers: DelayQueue<(TxId, Timer)>,
-    timer_keys: HashMap<(TxId, Timer), delay_queue::Key>,
+    timer_keys: FxHashMap<(TxId, Timer), delay_queue::Key>,
     next_id: u64,
     /// This shard's transactions still owing a final response, and how many of them the
     /// shared count includes.
