@@ -89,10 +89,15 @@ impl ShardThreads {
             done: Vec::with_capacity(count),
             threads: Vec::with_capacity(count),
         };
+        // If one thread cannot start, the ones already running stop with this.
+        let stop = stop.child_token();
         for i in 0..count {
-            let io = |source| Error::Io {
-                context: format!("starting SIP thread sip-{i}"),
-                source,
+            let io = |source| {
+                stop.cancel();
+                Error::Io {
+                    context: format!("starting SIP thread sip-{i}"),
+                    source,
+                }
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()

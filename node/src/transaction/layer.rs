@@ -937,16 +937,30 @@ mod tests {
         }
     }
 
+    /// One non-blocking loopback UDP listener, and its address.
+    fn udp_listener() -> (Listeners, SocketAddr) {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let listeners = Listeners {
+            udp: vec![Arc::new(socket)],
+            tcp: vec![],
+            tls: vec![],
+        };
+        (listeners, addr)
+    }
+
+    fn test_limits() -> Limits {
+        Limits {
+            max_message_size: 65_535,
+            max_connections: 16,
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+
     impl Node {
         async fn udp(settings: TimerSettings) -> Node {
-            let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-            socket.set_nonblocking(true).unwrap();
-            let addr = socket.local_addr().unwrap();
-            let listeners = Listeners {
-                udp: vec![Arc::new(socket)],
-                tcp: vec![],
-                tls: vec![],
-            };
+            let (listeners, addr) = udp_listener();
             Node::start(listeners, addr, settings)
         }
 
@@ -962,11 +976,7 @@ mod tests {
         }
 
         fn start(listeners: Listeners, addr: SocketAddr, settings: TimerSettings) -> Node {
-            let limits = Limits {
-                max_message_size: 65_535,
-                max_connections: 16,
-                idle_timeout: Duration::from_secs(600),
-            };
+            let limits = test_limits();
             let stats = Arc::new(Stats::default());
             let tracker = TaskTracker::new();
             let stop = CancellationToken::new();
@@ -1550,25 +1560,13 @@ mod tests {
     /// client transaction hears its response, and the active count covers both shards.
     #[tokio::test]
     async fn shards_split_by_call_id_and_share_one_handle() {
-        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        socket.set_nonblocking(true).unwrap();
-        let addr = socket.local_addr().unwrap();
-        let listeners = Listeners {
-            udp: vec![Arc::new(socket)],
-            tcp: vec![],
-            tls: vec![],
-        };
-        let limits = Limits {
-            max_message_size: 65_535,
-            max_connections: 16,
-            idle_timeout: Duration::from_secs(600),
-        };
+        let (listeners, addr) = udp_listener();
         let stop = CancellationToken::new();
         let _stop = stop.clone().drop_guard();
         let runtime = tokio::runtime::Handle::current();
         let mut stack = start_sip_stack(
             listeners,
-            limits,
+            test_limits(),
             Arc::new(Stats::default()),
             FAST,
             &[runtime.clone(), runtime],
