@@ -544,4 +544,38 @@ mod tests {
         assert_eq!(decided(&cancel, true, true, 17).status, 200);
         assert_eq!(decided(&cancel, false, false, 17).status, 481);
     }
+
+    #[tokio::test]
+    async fn work_that_never_waits_runs_inline_and_the_rest_on_a_task() {
+        use std::sync::atomic::AtomicUsize;
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        run_or_spawn(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "finished before run_or_spawn returned"
+        );
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let d = done.clone();
+        run_or_spawn(async move {
+            let _ = rx.await;
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 1, "still waiting");
+        tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while done.load(Ordering::SeqCst) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the spawned task was woken and finished");
+
+        // A panic ends only the work.
+        run_or_spawn(async { panic!("handler bug") });
+    }
 }
