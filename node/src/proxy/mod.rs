@@ -717,7 +717,8 @@ impl Proxy {
         // holds the whole request's state (4.5 KB), ends now.
         let (layer, tx) = (fork.proxy.layer.clone(), fork.tx);
         drop(fork);
-        // The channel ends once every branch's client transaction has: this one sends nothing.
+        // The channel ends once every branch's client transaction has ended: this one
+        // sends nothing.
         drop(spawner);
         tokio::spawn(relay_retransmitted_2xx(layer, tx, events));
     }
