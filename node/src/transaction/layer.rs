@@ -93,11 +93,16 @@ pub enum EventSink {
 }
 
 impl EventSink {
+    /// Sends `event`, or drops it if whoever sent the request no longer listens.
     fn send(&self, event: ClientEvent) {
-        let _ = match self {
-            EventSink::Own(tx) => tx.send(event).map_err(|_| ()),
-            EventSink::Tagged(tx, tag) => tx.send((*tag, event)).map_err(|_| ()),
-        };
+        match self {
+            EventSink::Own(tx) => {
+                let _ = tx.send(event);
+            }
+            EventSink::Tagged(tx, tag) => {
+                let _ = tx.send((*tag, event));
+            }
+        }
     }
 }
 
