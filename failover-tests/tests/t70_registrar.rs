@@ -602,3 +602,42 @@ fn a_challenge_keeps_no_transaction_so_a_retransmission_gets_a_fresh_one() {
         "the second answer was a retransmission"
     );
 }
+
+/// A login that checked out once is not trusted past a change to the account: a new
+/// password replaces the old one at once, and a disabled account gets 403 (the node keeps
+/// opened accounts only until the accounts change).
+#[test]
+fn a_changed_password_or_a_disabled_account_takes_effect_at_once() {
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "carol", "first-pw-1");
+    let register = |password: &str| {
+        let mut ua = Ua::new("127.0.0.1", "carol", "example.com", password);
+        let contact = format!("<{}>", ua.contact());
+        let r = ua.register(node.udp_addr(), "MD5", Some(&contact), Some(600));
+        (r.status, r.text)
+    };
+    let update = |body: &str| {
+        let put = http(
+            admin,
+            Some(&token),
+            "PUT",
+            "/v1/accounts/example.com/carol",
+            Some(body),
+        )
+        .expect("admin API answers");
+        assert_eq!(put.status, 200, "{}", put.body);
+    };
+    for _ in 0..2 {
+        let (status, text) = register("first-pw-1");
+        assert_eq!(status, 200, "{text}");
+    }
+    update(r#"{"password":"second-pw-2","customer":"acme"}"#);
+    let (status, text) = register("first-pw-1");
+    assert_eq!(status, 401, "the old password still logs in: {text}");
+    let (status, text) = register("second-pw-2");
+    assert_eq!(status, 200, "{text}");
+    update(r#"{"password":"second-pw-2","customer":"acme","enabled":false}"#);
+    let (status, text) = register("second-pw-2");
+    assert_eq!(status, 403, "a disabled account logs in: {text}");
+}

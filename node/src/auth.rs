@@ -2,8 +2,10 @@
 //! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
 //! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
 //! nonce key (derived from the master key, so any node verifies any node's nonce), the
-//! bound on nonce-count replays and the lockout of addresses that keep guessing.
+//! bound on nonce-count replays, the lockout of addresses that keep guessing, and the
+//! accounts it has opened (their HA1s decrypted), kept until the accounts change.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +26,10 @@ use crate::stats::Stats;
 const GUESSES_BEFORE_LOCKOUT: u32 = 20;
 const GUESS_WINDOW: Duration = Duration::from_secs(60);
 const LOCKOUT: Duration = Duration::from_secs(300);
+
+/// Most opened accounts an [`Authenticator`] keeps; past this it starts afresh, so memory
+/// stays bounded however many accounts log in.
+const OPENED_MAX: usize = 16_384;
 
 /// Who is asking for credentials: a registrar (the UAS itself) or a proxy on the way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,7 +67,7 @@ impl Challenge {
 #[derive(Debug)]
 pub enum Authenticated {
     /// The account whose credentials checked out.
-    Account(Box<Account>),
+    Account(Arc<Account>),
     /// Not (yet): the answer to send (401/407 with challenges, or 403).
     Refused(Answer),
 }
@@ -72,6 +78,23 @@ fn nonce_scope(realm: &str, client: &str) -> String {
     format!("{realm}|{client}")
 }
 
+/// Accounts with their HA1 opened, per algorithm, valid for one generation of the accounts
+/// (`StateReader::accounts_generation`): every REGISTER and call would otherwise read the
+/// account and decrypt its HA1 again.
+#[derive(Default)]
+struct Opened {
+    generation: u64,
+    accounts: HashMap<(String, String, Algorithm), (Arc<Account>, String)>,
+}
+
+/// What looking up an account for a login found.
+enum Lookup {
+    Ready(Arc<Account>, String),
+    /// The account exists, but its HA1 for this algorithm does not open.
+    Sealed,
+    Missing,
+}
+
 /// The node's digest authenticator.
 pub struct Authenticator {
     cluster: ClusterNode,
@@ -80,6 +103,7 @@ pub struct Authenticator {
     nonces: NonceKey,
     replays: Mutex<ReplayGuard>,
     failures: Mutex<FailureLimiter>,
+    opened: Mutex<Opened>,
     stats: Arc<Stats>,
 }
 
@@ -101,6 +125,7 @@ impl Authenticator {
                 GUESS_WINDOW,
                 LOCKOUT,
             )),
+            opened: Mutex::default(),
             stats,
         }
     }
@@ -115,6 +140,38 @@ impl Authenticator {
             a.headers.push((kind.challenge_header(), c));
         }
         a
+    }
+
+    /// `user@domain`'s account and its HA1 for `algorithm`: opened before, while the
+    /// accounts have not changed since, or read and opened now. An HA1 that does not open
+    /// is not kept, so a fixed key file takes effect at once.
+    fn lookup(&self, domain: &str, user: &str, algorithm: Algorithm) -> Lookup {
+        let reader = self.cluster.replica.reader();
+        // Read before the account: a change after this makes the entry stale at once.
+        let generation = reader.accounts_generation();
+        let key = (domain.to_owned(), user.to_owned(), algorithm);
+        {
+            let opened = self.opened.lock().expect("opened accounts");
+            if opened.generation == generation {
+                if let Some((account, ha1)) = opened.accounts.get(&key) {
+                    return Lookup::Ready(account.clone(), ha1.clone());
+                }
+            }
+        }
+        let Some(account) = reader.account(domain, user).ok().flatten() else {
+            return Lookup::Missing;
+        };
+        let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
+            return Lookup::Sealed;
+        };
+        let account = Arc::new(account);
+        let mut opened = self.opened.lock().expect("opened accounts");
+        if opened.generation != generation || opened.accounts.len() >= OPENED_MAX {
+            opened.generation = generation;
+            opened.accounts.clear();
+        }
+        opened.accounts.insert(key, (account.clone(), ha1.clone()));
+        Lookup::Ready(account, ha1)
     }
 
     /// Digest authentication of `request` as the account `user@domain`: a challenge while
@@ -177,23 +234,20 @@ impl Authenticator {
         let Some((_, nc, _)) = &creds.qop else {
             return fail(self.challenge(kind, domain, client, false));
         };
-        let reader = self.cluster.replica.reader();
-        let account = reader.account(domain, &creds.username).ok().flatten();
-        let keys = self.cluster.keys();
-        let ha1 = account
-            .as_ref()
-            .and_then(|a| open_ha1(&keys, a, creds.algorithm));
         let method = request.method().map(|m| m.to_string()).unwrap_or_default();
-        let (Some(account), Some(ha1)) = (account.clone(), ha1) else {
-            if account.is_some() {
+        let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
+            Lookup::Ready(account, ha1) => (account, ha1),
+            Lookup::Sealed => {
                 // The account exists but its HA1 does not open: a key file without the key
                 // it was sealed with. Every login of this account fails until that is fixed.
                 tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
                     "cannot open the account's HA1: is every key in this node's key file?");
-            } else {
-                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+                return fail(self.challenge(kind, domain, client, false));
             }
-            return fail(self.challenge(kind, domain, client, false));
+            Lookup::Missing => {
+                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+                return fail(self.challenge(kind, domain, client, false));
+            }
         };
         if !creds.verify(&ha1, &method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
@@ -225,6 +279,6 @@ impl Authenticator {
         if !account.enabled {
             return fail(Answer::new(403, "Forbidden (account disabled)"));
         }
-        Authenticated::Account(Box::new(account))
+        Authenticated::Account(account)
     }
 }

@@ -124,6 +124,12 @@ impl StateReader {
         self.accounts_generation.fetch_add(1, Ordering::Release);
     }
 
+    /// Advances whenever the state machine may have changed the accounts: what a reader
+    /// derives from them stays valid while this stands still. Read it before the accounts.
+    pub fn accounts_generation(&self) -> u64 {
+        self.accounts_generation.load(Ordering::Acquire)
+    }
+
     fn cf(&self) -> &rocksdb::ColumnFamily {
         self.db
             .cf_handle(CF_SM_DATA)
