@@ -44,9 +44,9 @@ pub struct NodeConfig {
     /// Threads for the SIP stack, each running its own share of the transaction layer and
     /// core; a call's messages all go to the thread its Call-ID hashes to. 0 means one per
     /// core. One is the default: on two cores shared with the load generator, one SIP
-    /// thread beside the runtime's served 15,723 registrations/s where two, handing half
-    /// the messages to each other, served 11,261 (BENCHMARKS.md). More pay off only where
-    /// cores are free.
+    /// thread beside the runtime passed every step to 13,661 registrations/s where two,
+    /// handing half the messages to each other, reached 11,261 (BENCHMARKS.md). More pay
+    /// off only where cores are free.
     pub sip_threads: u16,
 }
 
