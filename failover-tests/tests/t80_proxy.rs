@@ -30,6 +30,24 @@ fn token(cluster: &Cluster) -> String {
 }
 
 /// Registers `ua` through `node` with `contact` (what the phone claims as its address).
+/// A standalone node serving the accounts alice and bob of example.com.
+fn node_with_alice_and_bob() -> Node {
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    node
+}
+
+/// A phone of alice's, and one of bob's: each call makes a new one.
+fn alice_phone() -> Ua {
+    Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1")
+}
+
+fn bob_phone() -> Ua {
+    Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1")
+}
+
 fn register(ua: &mut Ua, node: SocketAddr, contact: &str) {
     let r = ua.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
     assert_eq!(r.status, 200, "{}", r.text);
@@ -87,8 +105,8 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
     ] {
         add_account(one.admin_addr, &token, user, "example.com", pw);
     }
-    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let mut bob = bob_phone();
+    let mut alice = alice_phone();
     // Bob claims an address nothing listens on, as a phone behind NAT claims its private
     // one: only the flow it registered over reaches it.
     let bob_contact = "sip:bob@127.0.0.99:5999";
@@ -330,8 +348,8 @@ fn without_quorum_calls_between_known_bindings_still_connect() {
     let (one, two) = (cluster.member(1), cluster.member(2));
     add_account(one.admin_addr, &token, "alice", "example.com", "pw-alice-1");
     add_account(one.admin_addr, &token, "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
-    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut alice = alice_phone();
+    let mut bob = bob_phone();
     let alice_contact = alice.contact();
     register(&mut alice, one.sip_addr(), &alice_contact);
     // Bob registers through node 2, which is about to die: node 1 must then reach him at
@@ -390,12 +408,9 @@ fn without_quorum_calls_between_known_bindings_still_connect() {
 
 #[test]
 fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
-    let node = Node::start_ready("");
+    let node = node_with_alice_and_bob();
     let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
-    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
-    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
-    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let (mut alice, mut bob) = (alice_phone(), bob_phone());
     let alice_contact = alice.contact();
     register(&mut alice, sip, &alice_contact);
     let bob_contact = bob.contact();
@@ -457,16 +472,14 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
 
 #[test]
 fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
-    let node = Node::start_ready("");
-    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
-    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
-    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let node = node_with_alice_and_bob();
+    let sip = node.udp_addr();
+    let mut alice = alice_phone();
     // Bob's desk phone (q=1.0) is tried first; his two softphones (q=0.5) after it, both
     // at once.
-    let mut desk = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
-    let mut soft1 = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
-    let mut soft2 = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut desk = bob_phone();
+    let mut soft1 = bob_phone();
+    let mut soft2 = bob_phone();
     for (ua, q) in [(&mut desk, "1.0"), (&mut soft1, "0.5"), (&mut soft2, "0.5")] {
         let contact = format!("<{}>;q={q}", ua.contact());
         let r = ua.register(sip, "MD5", Some(&contact), Some(600));
@@ -526,12 +539,9 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
 fn a_retransmitted_2xx_reaches_the_caller_after_the_call_is_answered() {
     // RFC 6026: a proxy forwards every 2xx upstream, retransmissions included, for as
     // long as its client transaction lasts (Timer M); the fork has long finished by then.
-    let node = Node::start_ready("");
-    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
-    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
-    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
-    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_alice_and_bob();
+    let sip = node.udp_addr();
+    let (mut alice, mut bob) = (alice_phone(), bob_phone());
     let contact = format!("<{}>", bob.contact());
     let r = bob.register(sip, "MD5", Some(&contact), Some(600));
     assert_eq!(r.status, 200, "{}", r.text);
@@ -754,13 +764,11 @@ fn a_non_invite_the_callee_never_answers_gets_no_408() {
 fn challenges_of_every_forked_branch_reach_the_caller() {
     // RFC 3261 §16.7 step 7: when the response chosen is a 401 or 407, the proxy adds the
     // challenges of every other 401 and 407 it received, unchanged.
-    let node = Node::start_ready("");
-    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
-    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
-    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
-    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
-    let mut one = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
-    let mut two = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_alice_and_bob();
+    let sip = node.udp_addr();
+    let mut alice = alice_phone();
+    let mut one = bob_phone();
+    let mut two = bob_phone();
     for ua in [&mut one, &mut two] {
         let contact = ua.contact();
         register(ua, sip, &contact);
