@@ -78,18 +78,21 @@ fn nonce_scope(realm: &str, client: &str) -> String {
     format!("{realm}|{client}")
 }
 
+/// Domain, user and algorithm of a login.
+type LoginKey = (String, String, Algorithm);
+
 /// Accounts with their HA1 opened, per algorithm, valid for one generation of the accounts
 /// (`StateReader::accounts_generation`): every REGISTER and call would otherwise read the
 /// account and decrypt its HA1 again.
 #[derive(Default)]
 struct Opened {
     generation: u64,
-    accounts: HashMap<(String, String, Algorithm), (Arc<Account>, String)>,
+    accounts: HashMap<LoginKey, (Arc<Account>, Arc<str>)>,
 }
 
 /// What looking up an account for a login found.
 enum Lookup {
-    Ready(Arc<Account>, String),
+    Ready(Arc<Account>, Arc<str>),
     /// The account exists, but its HA1 for this algorithm does not open.
     Sealed,
     Missing,
@@ -164,7 +167,7 @@ impl Authenticator {
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
         };
-        let account = Arc::new(account);
+        let (account, ha1) = (Arc::new(account), Arc::<str>::from(ha1));
         let mut opened = self.opened.lock().expect("opened accounts");
         if opened.generation != generation || opened.accounts.len() >= OPENED_MAX {
             opened.generation = generation;

@@ -64,13 +64,13 @@ impl Default for NodeConfig {
 }
 
 impl NodeConfig {
-    /// How many SIP threads to start: `sip_threads`, or one per core.
+    /// How many SIP threads to start: `sip_threads`, or one per core (`ShardThreads`
+    /// starts at most `shard::MAX_SHARDS`).
     pub fn sip_thread_count(&self) -> usize {
         match self.sip_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => usize::from(n),
         }
-        .min(crate::shard::MAX_SHARDS)
     }
 
     pub fn master_key_path(&self) -> PathBuf {

@@ -13,7 +13,6 @@
 //! Raft, the HTTP listeners, TCP/TLS accept loops and the node's own periodic work stay on
 //! the main runtime.
 
-use std::hash::Hasher;
 use std::time::Duration;
 
 use tandem_sip::Message;
@@ -23,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 
-/// Most shards a node runs; a transaction id keeps its shard in its low byte.
+/// Most shards a node runs; a transaction id is its shard modulo this.
 pub const MAX_SHARDS: usize = 64;
 
 /// How long a shard's runtime waits for its remaining tasks once the node stops.
@@ -36,39 +35,23 @@ pub fn of_call_id(call_id: &str, shards: usize) -> usize {
     }
     // FNV-1a: deterministic across threads and restarts, and a Call-ID is short. A peer
     // that picks Call-IDs to load one shard only slows its own calls' shard.
-    let mut hash = Fnv1a::default();
-    hash.write(call_id.as_bytes());
-    (hash.finish() % shards as u64) as usize
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in call_id.as_bytes() {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    // Fold the high bits in: the low bits of FNV-1a alone spread short keys poorly.
+    ((hash ^ (hash >> 32)) % shards as u64) as usize
 }
 
 /// The shard a message belongs to: that of its Call-ID, or the first shard for a message
-/// without one (which validation will refuse).
+/// without one (which validation will refuse). With one shard nothing is read.
 pub fn of_message(message: &Message, shards: usize) -> usize {
+    if shards <= 1 {
+        return 0;
+    }
     match message.call_id() {
         Ok(call_id) => of_call_id(&call_id, shards),
         Err(_) => 0,
-    }
-}
-
-struct Fnv1a(u64);
-
-impl Default for Fnv1a {
-    fn default() -> Self {
-        Fnv1a(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl Hasher for Fnv1a {
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 ^= u64::from(b);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-
-    fn finish(&self) -> u64 {
-        // Fold the high bits in: the low bits of FNV-1a alone spread short keys poorly.
-        self.0 ^ (self.0 >> 32)
     }
 }
 
