@@ -3,16 +3,17 @@
 //! timers on tokio time and carries out what they ask for. Requests that start a server
 //! transaction, ACKs for 2xx responses and responses that match nothing go to the core.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::future::poll_fn;
 
 use bytes::Bytes;
-use rustc_hash::FxHashMap;
+use rustc_hash::FxBuildHasher;
 use tandem_sip::{HeaderName, Message, Method};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{delay_queue, DelayQueue};
 
+use super::split_map::SplitMap;
 use super::{
     Action, Actions, ClientInvite, ClientNonInvite, Reliability, ServerInvite, ServerNonInvite,
     Timer, TimerSettings,
@@ -344,12 +345,12 @@ pub fn start_sip_stack(
             settings,
             transports: transports.clone(),
             to_core: core_tx,
-            servers: FxHashMap::default(),
-            server_index: HashMap::new(),
-            clients: FxHashMap::default(),
-            client_index: HashMap::new(),
+            servers: SplitMap::default(),
+            server_index: SplitMap::default(),
+            clients: SplitMap::default(),
+            client_index: SplitMap::default(),
             timers: DelayQueue::new(),
-            timer_keys: FxHashMap::default(),
+            timer_keys: SplitMap::default(),
             next_id: 0,
             active: 0,
             published: 0,
@@ -376,17 +377,18 @@ struct TransactionLayer {
     settings: TimerSettings,
     transports: Transports,
     to_core: mpsc::Sender<CoreEvent>,
-    // Entries are boxed: under load these maps hold tens of thousands of transactions,
-    // and each time one grows it moves every value (perf showed the copy and its page
+    // Under sustained load these maps hold every transaction of the last 32 s, so they are
+    // split into parts that grow one at a time (see `split_map`), and entries are boxed,
+    // so a growing part moves pointers, not entries (perf showed the copy and its page
     // faults at a tenth of a node's CPU at 2,500 calls/s).
     // Maps keyed by the layer's own ids use FxHash; those keyed by what peers send keep
     // std's keyed SipHash, so no peer can choose keys that collide.
-    servers: FxHashMap<TxId, Box<ServerEntry>>,
-    server_index: HashMap<ServerKey, TxId>,
-    clients: FxHashMap<TxId, Box<ClientEntry>>,
-    client_index: HashMap<(String, Method), TxId>,
+    servers: SplitMap<TxId, Box<ServerEntry>, FxBuildHasher>,
+    server_index: SplitMap<ServerKey, TxId, RandomState>,
+    clients: SplitMap<TxId, Box<ClientEntry>, FxBuildHasher>,
+    client_index: SplitMap<(String, Method), TxId, RandomState>,
     timers: DelayQueue<(TxId, Timer)>,
-    timer_keys: FxHashMap<(TxId, Timer), delay_queue::Key>,
+    timer_keys: SplitMap<(TxId, Timer), delay_queue::Key, FxBuildHasher>,
     next_id: u64,
     /// This shard's transactions still owing a final response, and how many of them the
     /// shared count includes.

@@ -26,6 +26,7 @@ pub mod client_non_invite;
 mod layer;
 pub mod server_invite;
 pub mod server_non_invite;
+mod split_map;
 
 use std::time::Duration;
 
