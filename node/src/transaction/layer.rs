@@ -189,7 +189,8 @@ enum ServerKey {
     /// RFC 3261 §17.2.3: branch, sent-by and method (ACK counted as INVITE).
     Branch {
         branch: String,
-        sent_by: String,
+        /// The Via's host and port (0 when it has none), compared as parsed.
+        sent_by: (tandem_sip::Host, u16),
         method: Method,
     },
     /// RFC 2543 peers without the magic cookie: the dialog-ish fields instead.
@@ -215,7 +216,7 @@ fn server_key(request: &Message, method: Method) -> Result<ServerKey, tandem_sip
     if via.is_rfc3261_branch() {
         return Ok(ServerKey::Branch {
             branch: via.branch().unwrap_or_default().to_owned(),
-            sent_by: format!("{}:{}", via.host, via.port.unwrap_or(0)),
+            sent_by: (via.host.clone(), via.port.unwrap_or(0)),
             method,
         });
     }
