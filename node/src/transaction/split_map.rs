@@ -2,7 +2,7 @@
 //! table holds every transaction of the last 32 s (Timers J, L and M), hundreds of
 //! thousands of entries. A single map doubles when it is 7/8 full and moves every entry
 //! while the SIP thread waits: at 16,000 registrations/s such a move at 448,000 entries
-//! held the thread long enough for the socket to overflow, and about 1.5 s of
+//! held the thread long enough for the socket to overflow, and about 1.4 s of
 //! registrations went over 100 ms. Each part here grows on its own, so a growth moves at
 //! most a 256th of the table.
 //!
