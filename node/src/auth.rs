@@ -5,7 +5,7 @@
 //! bound on nonce-count replays, the lockout of addresses that keep guessing, and the
 //! accounts it has opened (their HA1s decrypted), kept until the accounts change.
 
-use std::collections::HashMap;
+use std::collections::hash_map::RandomState;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,13 +81,25 @@ fn nonce_scope(realm: &str, client: &str) -> String {
 /// Domain, user and algorithm of a login.
 type LoginKey = (String, String, Algorithm);
 
+/// A login as it is looked up, borrowed from the request: it hashes as the `LoginKey` it
+/// equals (a `&str` hashes as a `String`), so a lookup that finds its account copies
+/// nothing.
+#[derive(Hash)]
+struct LoginRef<'a>(&'a str, &'a str, Algorithm);
+
+impl hashbrown::Equivalent<LoginKey> for LoginRef<'_> {
+    fn equivalent(&self, key: &LoginKey) -> bool {
+        self.0 == key.0 && self.1 == key.1 && self.2 == key.2
+    }
+}
+
 /// Accounts with their HA1 opened, per algorithm, valid for one generation of the accounts
 /// (`StateReader::accounts_generation`): every REGISTER and call would otherwise read the
 /// account and decrypt its HA1 again.
 #[derive(Default)]
 struct Opened {
     generation: u64,
-    accounts: HashMap<LoginKey, (Arc<Account>, Arc<str>)>,
+    accounts: hashbrown::HashMap<LoginKey, (Arc<Account>, Arc<str>), RandomState>,
 }
 
 /// What looking up an account for a login found.
@@ -152,11 +164,12 @@ impl Authenticator {
         let reader = self.cluster.replica.reader();
         // Read before the account: a change after this makes the entry stale at once.
         let generation = reader.accounts_generation();
-        let key = (domain.to_owned(), user.to_owned(), algorithm);
         {
             let opened = self.opened.lock().expect("opened accounts");
             if opened.generation == generation {
-                if let Some((account, ha1)) = opened.accounts.get(&key) {
+                if let Some((account, ha1)) =
+                    opened.accounts.get(&LoginRef(domain, user, algorithm))
+                {
                     return Lookup::Ready(account.clone(), ha1.clone());
                 }
             }
@@ -173,6 +186,7 @@ impl Authenticator {
             opened.generation = generation;
             opened.accounts.clear();
         }
+        let key = (domain.to_owned(), user.to_owned(), algorithm);
         opened.accounts.insert(key, (account.clone(), ha1.clone()));
         Lookup::Ready(account, ha1)
     }
@@ -283,5 +297,26 @@ impl Authenticator {
             return fail(Answer::new(403, "Forbidden (account disabled)"));
         }
         Authenticated::Account(account)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A borrowed login finds the owned key it equals, and only that one: were the two to
+    /// hash apart, every login would miss and open its account again.
+    #[test]
+    fn a_borrowed_login_finds_its_owned_key() {
+        let mut map: hashbrown::HashMap<LoginKey, u8, RandomState> = Default::default();
+        map.insert(("example.com".into(), "alice".into(), Algorithm::Md5), 1);
+        map.insert(("example.com".into(), "alice".into(), Algorithm::Sha256), 2);
+        let get = |d, u, a| map.get(&LoginRef(d, u, a)).copied();
+        assert_eq!(get("example.com", "alice", Algorithm::Md5), Some(1));
+        assert_eq!(get("example.com", "alice", Algorithm::Sha256), Some(2));
+        assert_eq!(get("example.com", "bob", Algorithm::Md5), None);
+        assert_eq!(get("example.org", "alice", Algorithm::Md5), None);
+        // The boundary between domain and user counts.
+        assert_eq!(get("example.coma", "lice", Algorithm::Md5), None);
     }
 }

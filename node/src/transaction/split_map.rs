@@ -2,61 +2,81 @@
 //! table holds every transaction of the last 32 s (Timers J, L and M), hundreds of
 //! thousands of entries. A single map doubles when it is 7/8 full and moves every entry
 //! while the SIP thread waits: at 16,000 registrations/s such a move at 448,000 entries
-//! held the thread long enough for the socket to overflow, and about 1.4 s of
+//! held the thread long enough for the socket to overflow, and about 1.5 s of
 //! registrations went over 100 ms. Each part here grows on its own, so a growth moves at
 //! most a 256th of the table.
 //!
-//! A key's part comes from bits 48–55 of its hash. The parts' own maps use the low bits
-//! (the bucket) and the top seven (the control byte), so the bits that pick the part leave
-//! both as random as before.
+//! A key's part comes from bits 48–55 of its hash. The parts' own tables use the low bits
+//! (the bucket) and the top seven (the control byte) of the same hash, so the bits that
+//! pick the part leave both as random as before.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
+
+use hashbrown::HashTable;
 
 const PARTS: usize = 256;
 
 pub struct SplitMap<K, V, S> {
     hasher: S,
-    parts: Box<[HashMap<K, V, S>]>,
+    /// Each key is hashed once, to pick its part and its place in that part.
+    parts: Box<[HashTable<(K, V)>]>,
 }
 
-impl<K: Hash + Eq, V, S: BuildHasher + Clone + Default> Default for SplitMap<K, V, S> {
+impl<K, V, S: Default> Default for SplitMap<K, V, S> {
     fn default() -> Self {
-        let hasher = S::default();
-        let parts = (0..PARTS)
-            .map(|_| HashMap::with_hasher(hasher.clone()))
-            .collect();
-        SplitMap { hasher, parts }
+        SplitMap {
+            hasher: S::default(),
+            parts: (0..PARTS).map(|_| HashTable::new()).collect(),
+        }
     }
 }
 
 impl<K: Hash + Eq, V, S: BuildHasher> SplitMap<K, V, S> {
-    fn part(&self, key: &K) -> usize {
-        (self.hasher.hash_one(key) >> 48) as usize % PARTS
+    /// The key's hash, and its part.
+    fn locate(&self, key: &K) -> (u64, usize) {
+        let hash = self.hasher.hash_one(key);
+        (hash, (hash >> 48) as usize % PARTS)
     }
 
     pub fn get(&self, key: &K) -> Option<&V> {
-        self.parts[self.part(key)].get(key)
+        let (hash, part) = self.locate(key);
+        self.parts[part]
+            .find(hash, |(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     pub fn get_mut(&mut self, key: &K) -> Option<&mut V> {
-        let part = self.part(key);
-        self.parts[part].get_mut(key)
+        let (hash, part) = self.locate(key);
+        self.parts[part]
+            .find_mut(hash, |(k, _)| k == key)
+            .map(|(_, v)| v)
     }
 
     pub fn insert(&mut self, key: K, value: V) -> Option<V> {
-        let part = self.part(&key);
-        self.parts[part].insert(key, value)
+        let (hash, part) = self.locate(&key);
+        let hasher = &self.hasher;
+        match self.parts[part].entry(hash, |(k, _)| *k == key, |(k, _)| hasher.hash_one(k)) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => {
+                Some(std::mem::replace(&mut e.get_mut().1, value))
+            }
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert((key, value));
+                None
+            }
+        }
     }
 
     pub fn remove(&mut self, key: &K) -> Option<V> {
-        let part = self.part(key);
-        self.parts[part].remove(key)
+        let (hash, part) = self.locate(key);
+        self.parts[part]
+            .find_entry(hash, |(k, _)| k == key)
+            .ok()
+            .map(|e| e.remove().0 .1)
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.parts.iter().map(HashMap::len).sum()
+        self.parts.iter().map(HashTable::len).sum()
     }
 }
 
@@ -90,7 +110,7 @@ mod tests {
     #[test]
     fn keys_spread_over_the_parts() {
         fn largest_part<S: BuildHasher>(m: &SplitMap<u64, (), S>) -> usize {
-            m.parts.iter().map(HashMap::len).max().unwrap()
+            m.parts.iter().map(HashTable::len).max().unwrap()
         }
         let mut fx: SplitMap<u64, (), FxBuildHasher> = SplitMap::default();
         let mut sip: SplitMap<u64, (), RandomState> = SplitMap::default();
