@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_raft_store::command::Account;
-use tandem_sip::{HeaderName, Message};
+use tandem_sip::{HeaderName, Message, Method};
 
 use crate::accounts::open_ha1;
 use crate::cluster::ClusterNode;
@@ -75,7 +75,7 @@ pub enum Authenticated {
 /// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
 /// credentials computed with it) is useless from any other address.
 fn nonce_scope(realm: &str, client: &str) -> String {
-    format!("{realm}|{client}")
+    [realm, "|", client].concat()
 }
 
 /// Domain, user and algorithm of a login.
@@ -236,7 +236,7 @@ impl Authenticator {
             .auth_headers(&kind.credentials_header())
             .unwrap_or_default();
         let Some(creds) = headers
-            .iter()
+            .into_iter()
             .filter_map(|h| Credentials::from_header(h).ok())
             .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
         else {
@@ -251,7 +251,7 @@ impl Authenticator {
         let Some((_, nc, _)) = &creds.qop else {
             return fail(self.challenge(kind, domain, client, false));
         };
-        let method = request.method().map(|m| m.to_string()).unwrap_or_default();
+        let method = request.method().map(Method::as_str).unwrap_or_default();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
             Lookup::Ready(account, ha1) => (account, ha1),
             Lookup::Sealed => {
@@ -266,7 +266,7 @@ impl Authenticator {
                 return fail(self.challenge(kind, domain, client, false));
             }
         };
-        if !creds.verify(&ha1, &method) {
+        if !creds.verify(&ha1, method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
             return fail(self.challenge(kind, domain, client, false));
         }

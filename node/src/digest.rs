@@ -46,10 +46,26 @@ impl Algorithm {
 
     /// The lowercase hex digest of `data`.
     pub fn hex(self, data: &str) -> String {
+        self.hex_of(&[data])
+    }
+
+    /// The lowercase hex digest of `parts` one after another, hashed as they are rather
+    /// than joined into a string first.
+    pub fn hex_of(self, parts: &[&str]) -> String {
         match self {
-            Algorithm::Md5 => hex(&md5::Md5::digest(data.as_bytes())),
+            Algorithm::Md5 => {
+                let mut h = md5::Md5::new();
+                for p in parts {
+                    h.update(p.as_bytes());
+                }
+                hex(&h.finalize())
+            }
             Algorithm::Sha256 => {
-                hex(ring::digest::digest(&ring::digest::SHA256, data.as_bytes()).as_ref())
+                let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+                for p in parts {
+                    h.update(p.as_bytes());
+                }
+                hex(h.finish().as_ref())
             }
         }
     }
@@ -173,21 +189,24 @@ pub struct Credentials {
 }
 
 impl Credentials {
-    /// Reads digest credentials; `Err` says what is missing or wrong.
-    pub fn from_header(h: &AuthHeader) -> Result<Credentials, String> {
+    /// Reads digest credentials, taking their values out of `h` rather than copying them
+    /// (this runs on every authenticated REGISTER and call); `Err` says what is missing or
+    /// wrong.
+    pub fn from_header(mut h: AuthHeader) -> Result<Credentials, String> {
         if !h.scheme.eq_ignore_ascii_case("Digest") {
             return Err(format!("unsupported scheme {}", h.scheme));
         }
-        let get = |name: &str| {
+        let mut take = |name: &str| {
             h.params
-                .iter()
+                .iter_mut()
                 .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v.as_str())
+                .map(|(_, v)| std::mem::take(v))
         };
-        let need = |name: &str| get(name).map(str::to_owned).ok_or(format!("no {name}"));
-        let algorithm = Algorithm::parse(get("algorithm"))
-            .ok_or_else(|| format!("unsupported algorithm {:?}", get("algorithm")))?;
-        let qop = match get("qop") {
+        let algorithm_param = take("algorithm");
+        let algorithm = Algorithm::parse(algorithm_param.as_deref())
+            .ok_or_else(|| format!("unsupported algorithm {algorithm_param:?}"))?;
+        let mut need = |name: &str| take(name).ok_or(format!("no {name}"));
+        let qop = match need("qop").ok() {
             None => None,
             Some(q) if q.eq_ignore_ascii_case("auth") => {
                 let nc = u32::from_str_radix(&need("nc")?, 16).map_err(|_| "bad nc".to_owned())?;
@@ -234,12 +253,14 @@ pub fn response(
     method: &str,
     uri: &str,
 ) -> String {
-    let ha2 = algorithm.hex(&format!("{method}:{uri}"));
+    let ha2 = algorithm.hex_of(&[method, ":", uri]);
     match qop {
         Some((qop, nc, cnonce)) => {
-            algorithm.hex(&format!("{ha1}:{nonce}:{nc:08x}:{cnonce}:{qop}:{ha2}"))
+            // nc as eight hex digits, as the client wrote it (RFC 2617 §3.2.2).
+            let nc = hex(&nc.to_be_bytes());
+            algorithm.hex_of(&[ha1, ":", nonce, ":", &nc, ":", cnonce, ":", qop, ":", &ha2])
         }
-        None => algorithm.hex(&format!("{ha1}:{nonce}:{ha2}")),
+        None => algorithm.hex_of(&[ha1, ":", nonce, ":", &ha2]),
     }
 }
 
@@ -446,14 +467,14 @@ mod tests {
             "Authorization",
         )
         .unwrap();
-        let c = Credentials::from_header(&header).unwrap();
+        let c = Credentials::from_header(header).unwrap();
         assert!(c.verify(&ha1, "REGISTER"));
         assert!(!c.verify(&ha1, "INVITE"));
         let wrong = super::ha1(Algorithm::Md5, "alice", "example.com", "guess");
         assert!(!c.verify(&wrong, "REGISTER"));
 
         let basic = AuthHeader::parse("Basic abc=1", "Authorization").unwrap();
-        assert!(Credentials::from_header(&basic).is_err());
+        assert!(Credentials::from_header(basic).is_err());
     }
 
     #[test]

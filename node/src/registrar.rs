@@ -411,8 +411,8 @@ fn path_from_sender(path: &[String], flow: &Flow) -> bool {
 pub fn stored_flow(flow: &Flow) -> StoredFlow {
     StoredFlow {
         transport: flow.transport.as_str().to_owned(),
-        remote: flow.remote.to_string(),
-        local: flow.local.to_string(),
+        remote: tandem_sip::addr::socket_addr_string(flow.remote),
+        local: tandem_sip::addr::socket_addr_string(flow.local),
         connection: flow.connection.map(|ConnectionId(id)| id),
     }
 }
@@ -681,7 +681,7 @@ impl Registrar {
                 format!("Forbidden ({domain} is not a domain served here)"),
             )));
         }
-        let client = flow.remote.ip().to_string();
+        let client = tandem_sip::addr::ip_string(flow.remote.ip());
         let account =
             match self
                 .auth

@@ -38,9 +38,11 @@ fn date_now() -> Bytes {
     })
 }
 
-/// A To tag that is the same for every retransmission of a request.
+/// A To tag that is the same for every retransmission of a request. The hash needs no
+/// key (nothing depends on a peer not guessing the tag) and this runs for most responses,
+/// so it is FxHash, written out without `fmt`.
 pub fn to_tag(request: &Message) -> String {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut h = rustc_hash::FxHasher::default();
     if let Ok(id) = request.call_id() {
         id.hash(&mut h);
     }
@@ -50,7 +52,14 @@ pub fn to_tag(request: &Message) -> String {
     if let Ok(via) = request.top_via() {
         via.branch().hash(&mut h);
     }
-    format!("td{:012x}", h.finish() & 0xffff_ffff_ffff)
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let bits = h.finish();
+    let mut tag = String::with_capacity(14);
+    tag.push_str("td");
+    for shift in (0..12).rev() {
+        tag.push(char::from(DIGITS[((bits >> (shift * 4)) & 0xf) as usize]));
+    }
+    tag
 }
 
 /// A response to `request` with Date, Server and (above 100) a To tag.

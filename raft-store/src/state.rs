@@ -59,6 +59,12 @@ mod key {
     pub fn binding(aor: &str, contact: &str) -> Vec<u8> {
         with(BINDING, &[aor.as_bytes(), contact.as_bytes()])
     }
+    /// The AOR of a binding's key, or `None` for any other key.
+    pub fn aor_of_binding(k: &[u8]) -> Option<&str> {
+        let rest = k.strip_prefix(&[BINDING])?;
+        let end = rest.iter().position(|&b| b == 0)?;
+        std::str::from_utf8(&rest[..end]).ok()
+    }
     /// All bindings of one AOR: the AOR followed by the separator.
     pub fn bindings_of(aor: &str) -> Vec<u8> {
         let mut k = with(BINDING, &[aor.as_bytes()]);
@@ -100,6 +106,21 @@ struct DomainCache {
     served: HashMap<String, bool>,
 }
 
+/// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. A kept AOR
+/// costs about its bindings' size (a few hundred bytes each), so the bound caps the
+/// cache near 100 MB.
+const BINDING_CACHE_MAX: usize = 1 << 18;
+
+/// AORs' bindings as last read from RocksDB. The state machine drops an AOR's entry in
+/// every `apply` that writes one of its bindings, and everything when it installs a
+/// snapshot; either way `epoch` moves on, and a read that began before the move is not
+/// kept, since it may have seen the state from before the write.
+#[derive(Default)]
+struct BindingCache {
+    epoch: u64,
+    by_aor: HashMap<Box<str>, Box<[Binding]>>,
+}
+
 /// Local reads of the replicated state.
 #[derive(Clone)]
 pub struct StateReader {
@@ -107,6 +128,7 @@ pub struct StateReader {
     /// Advances whenever the state machine may have changed the set of accounts.
     accounts_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
+    bindings: Arc<Mutex<BindingCache>>,
 }
 
 impl StateReader {
@@ -115,7 +137,25 @@ impl StateReader {
             db,
             accounts_generation: Arc::default(),
             domains: Arc::default(),
+            bindings: Arc::default(),
         }
+    }
+
+    /// Called by the state machine once a write of the bindings of `aors` is visible in
+    /// RocksDB, and before the write is reported applied, so a proposer reads its own write.
+    pub(crate) fn bindings_changed<'a>(&self, aors: impl IntoIterator<Item = &'a str>) {
+        let mut cache = self.bindings.lock().expect("binding cache");
+        for aor in aors {
+            cache.by_aor.remove(aor);
+        }
+        cache.epoch += 1;
+    }
+
+    /// Called by the state machine once a snapshot replaced the whole state.
+    pub(crate) fn all_bindings_changed(&self) {
+        let mut cache = self.bindings.lock().expect("binding cache");
+        cache.by_aor.clear();
+        cache.epoch += 1;
     }
 
     /// Called by the state machine after it wrote account changes (or a snapshot), so
@@ -261,8 +301,26 @@ impl StateReader {
         self.scan(&[key::PROVIDER])
     }
 
+    /// The bindings of `aor`. Every REGISTER and call asks this, and RocksDB's iterator
+    /// cost about a tenth of a loaded node's SIP thread, so answers are kept until the
+    /// state machine writes that AOR's bindings (see [`BindingCache`]).
     pub fn bindings(&self, aor: &str) -> Result<Vec<Binding>, Error> {
-        self.scan(&key::bindings_of(aor))
+        let epoch = {
+            let cache = self.bindings.lock().expect("binding cache");
+            if let Some(kept) = cache.by_aor.get(aor) {
+                return Ok(kept.to_vec());
+            }
+            cache.epoch
+        };
+        let read: Vec<Binding> = self.scan(&key::bindings_of(aor))?;
+        let mut cache = self.bindings.lock().expect("binding cache");
+        if cache.epoch == epoch {
+            if cache.by_aor.len() >= BINDING_CACHE_MAX {
+                cache.by_aor.clear();
+            }
+            cache.by_aor.insert(aor.into(), read.as_slice().into());
+        }
+        Ok(read)
     }
 
     /// Bindings registered through `edge`: the ones that node keeps alive and forwards to.
@@ -374,13 +432,26 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
-    pub(crate) fn into_batch(self, cf: &rocksdb::ColumnFamily, batch: &mut WriteBatch) {
+    /// Writes into `batch`, and returns the AORs whose bindings it writes (each once).
+    pub(crate) fn into_batch(
+        self,
+        cf: &rocksdb::ColumnFamily,
+        batch: &mut WriteBatch,
+    ) -> Vec<String> {
+        let mut aors: Vec<String> = Vec::new();
         for (k, v) in self.overlay {
+            if let Some(aor) = key::aor_of_binding(&k) {
+                // Keys are in order, so one AOR's bindings are next to each other.
+                if aors.last().map(String::as_str) != Some(aor) {
+                    aors.push(aor.to_owned());
+                }
+            }
             match v {
                 Some(v) => batch.put_cf(cf, k, v),
                 None => batch.delete_cf(cf, k),
             }
         }
+        aors
     }
 
     fn remove_all_bindings(&mut self, aor: &str) -> Result<u64, Error> {

@@ -220,6 +220,7 @@ impl StateMachine {
             .write_opt(batch, &opts)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         self.reader.accounts_changed();
+        self.reader.all_bindings_changed();
         self.save_snapshot_file(&SnapshotFile {
             meta: meta.clone(),
             data,
@@ -283,7 +284,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let mut batch = WriteBatch::default();
-        txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
+        let aors = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
         let meta = self.cf(CF_SM_META);
         if let Some(l) = last_applied {
             batch.put_cf(
@@ -302,6 +303,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write(batch)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        if !aors.is_empty() {
+            self.reader
+                .bindings_changed(aors.iter().map(String::as_str));
+        }
         if accounts_changed {
             self.reader.accounts_changed();
         }

@@ -389,3 +389,118 @@ async fn served_domains_follow_account_changes_and_snapshots() {
     assert!(reader.serves_domain("c.example").unwrap());
     assert!(!reader.serves_domain("b.example").unwrap());
 }
+
+/// Bindings are read on every REGISTER and call and kept between writes. Each kind of
+/// write, and a snapshot, must show at the next read: every AOR here is read before and
+/// after every change, so a kept answer that outlives its write fails the test.
+#[tokio::test]
+async fn kept_bindings_follow_every_write_and_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    let (a, longer, b) = ("sip:a@x", "sip:a@x.evil", "sip:b@x");
+    let contacts = |aor: &str| -> Vec<String> {
+        let mut c: Vec<String> = reader
+            .bindings(aor)
+            .unwrap()
+            .into_iter()
+            .map(|b| b.contact)
+            .collect();
+        c.sort();
+        c
+    };
+    let read_all = || (contacts(a), contacts(longer), contacts(b));
+    assert_eq!(read_all(), (vec![], vec![], vec![]));
+
+    apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutBinding(binding(a, "<sip:1>", 1, 100)),
+            Command::PutBinding(binding(longer, "<sip:9>", 1, 100)),
+        ],
+    )
+    .await;
+    assert_eq!(contacts(a), ["<sip:1>"]);
+    assert_eq!(contacts(longer), ["<sip:9>"]);
+    assert!(contacts(b).is_empty());
+
+    // A second contact, and a changed one: the kept list must be read again.
+    let mut moved = binding(a, "<sip:1>", 2, 500);
+    moved.cseq = 7;
+    apply(
+        &mut sm,
+        2,
+        vec![
+            Command::PutBinding(binding(a, "<sip:2>", 1, 200)),
+            Command::PutBinding(moved),
+        ],
+    )
+    .await;
+    assert_eq!(contacts(a), ["<sip:1>", "<sip:2>"]);
+    let first = reader
+        .bindings(a)
+        .unwrap()
+        .into_iter()
+        .find(|b| b.contact == "<sip:1>")
+        .unwrap();
+    assert_eq!((first.cseq, first.edge_node), (7, 2));
+    assert_eq!(contacts(longer), ["<sip:9>"], "a longer AOR kept apart");
+
+    apply(
+        &mut sm,
+        3,
+        vec![Command::RemoveBinding {
+            aor: a.into(),
+            contact: "<sip:2>".into(),
+        }],
+    )
+    .await;
+    assert_eq!(contacts(a), ["<sip:1>"]);
+
+    // The sweep names no AOR; it removes what has lapsed.
+    apply(
+        &mut sm,
+        4,
+        vec![
+            Command::PutBinding(binding(b, "<sip:3>", 1, 50)),
+            Command::ExpireBindings {
+                now_ms: 150,
+                limit: 100,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(read_all(), (vec!["<sip:1>".into()], vec![], vec![]));
+
+    apply(
+        &mut sm,
+        5,
+        vec![Command::RemoveAllBindings { aor: a.into() }],
+    )
+    .await;
+    assert_eq!(read_all(), (vec![], vec![], vec![]));
+
+    apply(
+        &mut sm,
+        6,
+        vec![Command::PutBinding(binding(b, "<sip:4>", 1, 900))],
+    )
+    .await;
+    assert_eq!(contacts(b), ["<sip:4>"]);
+
+    // A snapshot replaces everything.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+    apply(
+        &mut other,
+        7,
+        vec![Command::PutBinding(binding(a, "<sip:5>", 1, 900))],
+    )
+    .await;
+    let snapshot = other.build_snapshot().await.unwrap();
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    assert_eq!(read_all(), (vec!["<sip:5>".into()], vec![], vec![]));
+}

@@ -8,6 +8,7 @@
 //! message as [`Frame::Incomplete`] rather than as an error.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 mod error;
 pub mod headers;
 mod message;

@@ -107,6 +107,9 @@ pub(crate) fn skip_quoted(bytes: &[u8], open: usize) -> Result<usize, Error> {
 /// Removes the quotes and backslash escapes of a quoted string (including the quotes).
 pub(crate) fn unquote(quoted: &str) -> String {
     let inner = &quoted[1..quoted.len() - 1];
+    if !inner.contains('\\') {
+        return inner.to_owned();
+    }
     let mut out = String::with_capacity(inner.len());
     let mut chars = inner.chars();
     while let Some(c) = chars.next() {
@@ -322,10 +325,13 @@ impl Params {
 
 impl std::fmt::Display for Params {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // write_str, not write!: every Via, Contact and To written goes through here.
         for (n, v) in &self.0 {
-            match v {
-                Some(v) => write!(f, ";{n}={v}")?,
-                None => write!(f, ";{n}")?,
+            f.write_str(";")?;
+            f.write_str(n)?;
+            if let Some(v) = v {
+                f.write_str("=")?;
+                f.write_str(v)?;
             }
         }
         Ok(())

@@ -81,7 +81,7 @@ impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Host::Domain(d) => f.write_str(d),
-            Host::Ip(IpAddr::V4(ip)) => write!(f, "{ip}"),
+            Host::Ip(IpAddr::V4(ip)) => f.write_str(crate::addr::Ipv4Text::new(*ip).as_str()),
             Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
         }
     }

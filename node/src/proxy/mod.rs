@@ -402,7 +402,7 @@ impl Proxy {
         let user = from.user_unescaped().unwrap_or_default().into_owned();
         match self.auth.authenticate(
             request,
-            &flow.remote.ip().to_string(),
+            &tandem_sip::addr::ip_string(flow.remote.ip()),
             &user,
             domain,
             Challenge::Proxy,

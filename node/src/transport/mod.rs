@@ -556,14 +556,15 @@ pub(crate) fn stamp_via(message: &mut Message, source: SocketAddr) {
     let mut via = via.clone();
     via.params.set("received", Some(&ip_param(source_ip)));
     if rport {
-        via.params.set("rport", Some(&source.port().to_string()));
+        let port = tandem_sip::addr::Decimal::new(source.port().into());
+        via.params.set("rport", Some(port.as_str()));
     }
     let _ = message.replace_top_via(via);
 }
 
 fn ip_param(ip: IpAddr) -> String {
     match ip {
-        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V4(_) => tandem_sip::addr::ip_string(ip),
         IpAddr::V6(v6) => format!("[{v6}]"),
     }
 }
