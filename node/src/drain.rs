@@ -8,16 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::proxy::Dialogs;
+use crate::transaction::ActiveTransactions;
 
 /// The node's drain state, shared by the core, the admin API and shutdown.
 #[derive(Debug, Default)]
 pub struct Drain {
     draining: Arc<AtomicBool>,
-    active: OnceLock<watch::Receiver<usize>>,
+    active: OnceLock<Arc<ActiveTransactions>>,
     /// The proxy's open dialogs, and how long drain waits for them.
     calls: OnceLock<(Arc<Dialogs>, Duration)>,
     started: Mutex<Option<Instant>>,
@@ -44,13 +44,13 @@ impl Drain {
     }
 
     /// Called once the SIP stack runs, so drain can count its transactions.
-    pub fn watch_transactions(&self, active: watch::Receiver<usize>) {
+    pub fn watch_transactions(&self, active: Arc<ActiveTransactions>) {
         let _ = self.active.set(active);
     }
 
     /// Transactions still waiting for a final response (0 on a node without SIP).
     pub fn active_transactions(&self) -> usize {
-        self.active.get().map_or(0, |a| *a.borrow())
+        self.active.get().map_or(0, |a| a.get())
     }
 
     /// Called once the proxy runs, so drain can wait for its calls.

@@ -236,18 +236,11 @@ async fn run_sip(
         draining.store(true, std::sync::atomic::Ordering::SeqCst);
         stop_accepting.cancel();
         let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
-        if let Some(mut active) = active {
-            let drained = async {
-                while *active.borrow_and_update() > 0 {
-                    if active.changed().await.is_err() {
-                        break;
-                    }
-                }
-            };
+        if let Some(active) = active {
             tokio::select! {
-                _ = drained => tracing::info!("all transactions finished"),
+                _ = active.idle() => tracing::info!("all transactions finished"),
                 _ = tokio::time::sleep(grace) => tracing::warn!(
-                    remaining = *active.borrow(), "shutdown grace period over; leaving transactions unfinished"),
+                    remaining = active.get(), "shutdown grace period over; leaving transactions unfinished"),
                 Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
             }
         }

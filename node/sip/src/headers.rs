@@ -98,17 +98,31 @@ impl Via {
     }
 }
 
+impl Via {
+    /// The Via as written on the wire, built without `core::fmt`: the transport stamps
+    /// `received`/`rport` into the top Via of most requests it receives.
+    pub fn to_text(&self) -> String {
+        let mut out = String::with_capacity(64);
+        out.push_str("SIP/2.0/");
+        out.push_str(&self.transport);
+        out.push(' ');
+        match &self.host {
+            Host::Domain(d) => out.push_str(d),
+            Host::Ip(std::net::IpAddr::V4(ip)) => crate::addr::push_ipv4(&mut out, *ip),
+            v6 => out.push_str(&v6.to_string()),
+        }
+        if let Some(p) = self.port {
+            out.push(':');
+            crate::addr::push_u16(&mut out, p);
+        }
+        self.params.push_to(&mut out);
+        out
+    }
+}
+
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SIP/2.0/")?;
-        f.write_str(&self.transport)?;
-        f.write_str(" ")?;
-        fmt::Display::fmt(&self.host, f)?;
-        if let Some(p) = self.port {
-            f.write_str(":")?;
-            f.write_str(crate::addr::Decimal::new(p.into()).as_str())?;
-        }
-        fmt::Display::fmt(&self.params, f)
+        f.write_str(&self.to_text())
     }
 }
 

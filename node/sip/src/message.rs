@@ -637,9 +637,9 @@ impl Message {
         match first {
             // The common case, one Via per line: the line is rewritten where it is.
             Some(i) if alone => {
-                self.headers[i].repr = Repr::Value(Bytes::from(via.to_string()));
+                self.headers[i].repr = Repr::Value(Bytes::from(via.to_text()));
             }
-            _ => self.replace_first_value(HeaderName::Via, &via.to_string())?,
+            _ => self.replace_first_value(HeaderName::Via, &via.to_text())?,
         }
         let alone = first.is_some() && (alone || self.top_via_line_values()? == 1);
         self.parsed.top_via = OnceLock::from(Box::new(Ok((via, alone))));

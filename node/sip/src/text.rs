@@ -323,6 +323,20 @@ impl Params {
     }
 }
 
+impl Params {
+    /// Appends the parameters as [`Display`](std::fmt::Display) writes them.
+    pub fn push_to(&self, out: &mut String) {
+        for (n, v) in &self.0 {
+            out.push(';');
+            out.push_str(n);
+            if let Some(v) = v {
+                out.push('=');
+                out.push_str(v);
+            }
+        }
+    }
+}
+
 impl std::fmt::Display for Params {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // write_str, not write!: every Via, Contact and To written goes through here.

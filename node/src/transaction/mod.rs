@@ -34,7 +34,10 @@ use bytes::Bytes;
 
 pub use client_invite::{ClientInvite, ClientInviteState};
 pub use client_non_invite::{ClientNonInvite, ClientNonInviteState};
-pub use layer::{start_sip_stack, ClientEvent, CoreEvent, EventSink, LayerHandle, SipStack, TxId};
+pub use layer::{
+    start_sip_stack, ActiveTransactions, ClientEvent, CoreEvent, EventSink, LayerHandle, SipStack,
+    TxId,
+};
 pub use server_invite::{ServerInvite, ServerInviteState};
 pub use server_non_invite::{ServerNonInvite, ServerNonInviteState};
 
