@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Resident memory per registered AOR: a three-node cluster (ops/bench/cluster.sh), COUNT
 # accounts created through node 1's admin API and each registered once through node 1
-# (REGISTER, 401, REGISTER with MD5 credentials, 200), then node 1's VmRSS growth divided by
-# COUNT. The growth covers the account and the binding, in every layer (Raft log, RocksDB,
-# caches). Target: at most 2 KiB per AOR at 100,000.
+# (REGISTER, 401, REGISTER with MD5 credentials, 200) and refreshed once, then node 1's
+# VmRSS growth divided by COUNT. The growth covers the account and the binding, in every
+# layer (Raft log, RocksDB, caches: the refresh fills the bindings the node keeps in memory). Target: at most 2 KiB per AOR at 100,000.
 # Usage: ./ops/bench/aor-memory.sh [COUNT] [WORKERS]   (defaults 100000 and 64)
 # Record the output in BENCHMARKS.md with this command.
 set -euo pipefail

@@ -1,8 +1,9 @@
 //! Fills a node with registered AORs and reports its resident memory, for
 //! `ops/bench/aor-memory.sh`: creates COUNT accounts `u<n>@bench.example` through the admin
 //! API, then registers each one over UDP with MD5 digest (REGISTER, 401, REGISTER with
-//! credentials, 200), WORKERS at a time, and prints the node's resident memory before,
-//! after the accounts and after the registrations, and the growth per AOR.
+//! credentials, 200) and refreshes it once, WORKERS at a time, and prints the node's
+//! resident memory before, after the accounts and after the registrations, and the growth
+//! per AOR.
 //!
 //! Usage: aor-load ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]
 //!        aor-load --register-only SIP_ADDR COUNT [WORKERS [PASSWORD [CPU_PIDS]]]
@@ -122,8 +123,10 @@ fn in_parallel(
 
 /// Registers u0..u<count> once each over UDP from 127.0.0.1, `workers` at a time, each
 /// worker one registration after another; prints the rate and the latency of a whole
-/// registration (REGISTER, 401, REGISTER with credentials, 200).
-fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static str) {
+/// registration (REGISTER, 401, REGISTER with credentials, 200). With `refresh`, each
+/// phone then refreshes its binding once, as phones do: the refresh writes nothing, but
+/// the node reads the AOR's bindings and keeps them in memory, which is then measured too.
+fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static str, refresh: bool) {
     // A registration that fails panics in the test UA; it is counted, not printed.
     std::panic::set_hook(Box::new(|_| {}));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
@@ -134,6 +137,7 @@ fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static st
         let contact = format!("<{}>", ua.contact());
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200
+                && (!refresh || ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200)
         }))
         .unwrap_or(false);
         if ok {
@@ -146,7 +150,8 @@ fn register_all(sip: SocketAddr, count: u64, workers: u64, password: &'static st
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort_unstable();
     println!(
-        "registrations: {count} in {secs:.1} s ({:.0}/s), {failed} failed, p50 {:.1} ms, p99 {:.1} ms",
+        "registrations{}: {count} in {secs:.1} s ({:.0}/s), {failed} failed, p50 {:.1} ms, p99 {:.1} ms",
+        if refresh { " (each with one refresh)" } else { "" },
         count as f64 / secs,
         percentile_ms(&lat, 0.50),
         percentile_ms(&lat, 0.99)
@@ -172,7 +177,7 @@ fn main() {
             .map_or(PASSWORD, |p| Box::leak(p.clone().into_boxed_str()));
         let cpu_pids = pids(args.get(6));
         let cpu_before = cpu_of(&cpu_pids);
-        register_all(sip, count, workers, password);
+        register_all(sip, count, workers, password, false);
         report_cpu(&cpu_pids, &cpu_before, count);
         return;
     }
@@ -222,7 +227,7 @@ fn main() {
         count as f64 / secs
     );
     let cpu_before = cpu_of(&cpu_pids);
-    register_all(sip, count, workers, PASSWORD);
+    register_all(sip, count, workers, PASSWORD, true);
     report_cpu(&cpu_pids, &cpu_before, count);
     // Let the node settle (sweeps, memtable flushes) before reading its memory.
     std::thread::sleep(Duration::from_secs(5));
