@@ -107,8 +107,8 @@ struct DomainCache {
 }
 
 /// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. A kept AOR
-/// costs about its bindings' size (a few hundred bytes each), so the bound caps the
-/// cache near 100 MB.
+/// with one binding costs some 500 bytes (BENCHMARKS.md, memory per AOR), so the bound
+/// caps the cache near 150 MB.
 const BINDING_CACHE_MAX: usize = 1 << 18;
 
 /// AORs' bindings as last read from RocksDB. The state machine drops an AOR's entry in
