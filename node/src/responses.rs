@@ -52,13 +52,9 @@ pub fn to_tag(request: &Message) -> String {
     if let Ok(via) = request.top_via() {
         via.branch().hash(&mut h);
     }
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let bits = h.finish();
-    let mut tag = String::with_capacity(14);
-    tag.push_str("td");
-    for shift in (0..12).rev() {
-        tag.push(char::from(DIGITS[((bits >> (shift * 4)) & 0xf) as usize]));
-    }
+    // The low 48 bits, as twelve hex digits.
+    let mut tag = String::from("td");
+    tag.push_str(&crate::digest::hex(&h.finish().to_be_bytes()[2..]));
     tag
 }
 
