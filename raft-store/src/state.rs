@@ -121,6 +121,41 @@ struct BindingCache {
     by_aor: HashMap<Box<str>, Box<[Binding]>>,
 }
 
+impl BindingCache {
+    /// The kept bindings of `aor`, or, when none are kept, the epoch a read of them from
+    /// RocksDB starts at.
+    fn lookup(&self, aor: &str) -> Result<Vec<Binding>, u64> {
+        match self.by_aor.get(aor) {
+            Some(kept) => Ok(kept.to_vec()),
+            None => Err(self.epoch),
+        }
+    }
+
+    /// Keeps `read`, the bindings of `aor` as read from RocksDB by a read that started at
+    /// `epoch`, unless a write has moved the epoch since.
+    fn keep(&mut self, aor: &str, read: &[Binding], epoch: u64) {
+        if self.epoch != epoch {
+            return;
+        }
+        if self.by_aor.len() >= BINDING_CACHE_MAX {
+            self.by_aor.clear();
+        }
+        self.by_aor.insert(aor.into(), read.into());
+    }
+
+    fn forget<'a>(&mut self, aors: impl IntoIterator<Item = &'a str>) {
+        for aor in aors {
+            self.by_aor.remove(aor);
+        }
+        self.epoch += 1;
+    }
+
+    fn forget_all(&mut self) {
+        self.by_aor.clear();
+        self.epoch += 1;
+    }
+}
+
 /// Local reads of the replicated state.
 #[derive(Clone)]
 pub struct StateReader {
@@ -144,18 +179,12 @@ impl StateReader {
     /// Called by the state machine once a write of the bindings of `aors` is visible in
     /// RocksDB, and before the write is reported applied, so a proposer reads its own write.
     pub(crate) fn bindings_changed<'a>(&self, aors: impl IntoIterator<Item = &'a str>) {
-        let mut cache = self.bindings.lock().expect("binding cache");
-        for aor in aors {
-            cache.by_aor.remove(aor);
-        }
-        cache.epoch += 1;
+        self.bindings.lock().expect("binding cache").forget(aors);
     }
 
     /// Called by the state machine once a snapshot replaced the whole state.
     pub(crate) fn all_bindings_changed(&self) {
-        let mut cache = self.bindings.lock().expect("binding cache");
-        cache.by_aor.clear();
-        cache.epoch += 1;
+        self.bindings.lock().expect("binding cache").forget_all();
     }
 
     /// Called by the state machine after it wrote account changes (or a snapshot), so
@@ -305,21 +334,15 @@ impl StateReader {
     /// cost about a tenth of a loaded node's SIP thread, so answers are kept until the
     /// state machine writes that AOR's bindings (see [`BindingCache`]).
     pub fn bindings(&self, aor: &str) -> Result<Vec<Binding>, Error> {
-        let epoch = {
-            let cache = self.bindings.lock().expect("binding cache");
-            if let Some(kept) = cache.by_aor.get(aor) {
-                return Ok(kept.to_vec());
-            }
-            cache.epoch
+        let epoch = match self.bindings.lock().expect("binding cache").lookup(aor) {
+            Ok(kept) => return Ok(kept),
+            Err(epoch) => epoch,
         };
         let read: Vec<Binding> = self.scan(&key::bindings_of(aor))?;
-        let mut cache = self.bindings.lock().expect("binding cache");
-        if cache.epoch == epoch {
-            if cache.by_aor.len() >= BINDING_CACHE_MAX {
-                cache.by_aor.clear();
-            }
-            cache.by_aor.insert(aor.into(), read.as_slice().into());
-        }
+        self.bindings
+            .lock()
+            .expect("binding cache")
+            .keep(aor, &read, epoch);
         Ok(read)
     }
 
@@ -659,7 +682,62 @@ impl<'a> Txn<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::prefix_end;
+    use super::{prefix_end, BindingCache};
+    use crate::command::{Binding, StoredFlow};
+
+    fn binding(contact: &str) -> Binding {
+        Binding {
+            aor: "sip:a@x".into(),
+            contact: contact.into(),
+            expires_at_ms: 1,
+            expires_secs: 60,
+            edge_node: 1,
+            flow: StoredFlow {
+                transport: "UDP".into(),
+                remote: "192.0.2.1:5060".into(),
+                local: "127.0.0.1:5060".into(),
+                connection: None,
+            },
+            path: vec![],
+            call_id: "c".into(),
+            cseq: 1,
+            q: 1000,
+            user_agent: "ua".into(),
+        }
+    }
+
+    /// A read that started before a write must not be kept after it: it may hold the
+    /// bindings as they were, and nothing would drop them again.
+    #[test]
+    fn a_read_that_began_before_a_write_is_not_kept() {
+        let mut cache = BindingCache::default();
+        let Err(before) = cache.lookup("sip:a@x") else {
+            panic!("nothing is kept yet");
+        };
+        // The read from RocksDB sees the old bindings; a write lands; then the read ends.
+        let old = [binding("<sip:old>")];
+        cache.forget(["sip:a@x"]);
+        cache.keep("sip:a@x", &old, before);
+        let Err(now) = cache.lookup("sip:a@x") else {
+            panic!("a read from before the write was kept");
+        };
+        // A read that started after the write is kept, until the next write of that AOR.
+        cache.keep("sip:a@x", &[binding("<sip:new>")], now);
+        assert_eq!(cache.lookup("sip:a@x").unwrap()[0].contact, "<sip:new>");
+        cache.forget(["sip:b@x"]);
+        assert!(
+            cache.lookup("sip:a@x").is_ok(),
+            "another AOR's write keeps it"
+        );
+        cache.forget(["sip:a@x"]);
+        assert!(cache.lookup("sip:a@x").is_err());
+        cache.keep("sip:a@x", &[], cache.epoch);
+        cache.forget_all();
+        assert!(
+            cache.lookup("sip:a@x").is_err(),
+            "a snapshot drops everything"
+        );
+    }
 
     #[test]
     fn the_end_of_a_prefix_bounds_exactly_the_keys_that_start_with_it() {
