@@ -6,6 +6,7 @@
 //! accounts it has opened (their HA1s decrypted), kept until the accounts change.
 
 use std::collections::hash_map::RandomState;
+use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -74,8 +75,8 @@ pub enum Authenticated {
 
 /// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
 /// credentials computed with it) is useless from any other address.
-fn nonce_scope(realm: &str, client: &str) -> String {
-    [realm, "|", client].concat()
+fn nonce_scope(realm: &str, client: IpAddr) -> String {
+    [realm, "|", &tandem_sip::addr::ip_string(client)].concat()
 }
 
 /// Domain, user and algorithm of a login.
@@ -145,10 +146,9 @@ impl Authenticator {
         }
     }
 
-    fn challenge(&self, kind: Challenge, realm: &str, client: &str, stale: bool) -> Answer {
-        let nonce = self
-            .nonces
-            .issue(&nonce_scope(realm, client), now_ms() / 1000);
+    /// A 401/407 with a new nonce for `scope` (see [`nonce_scope`]) in each challenge.
+    fn challenge(&self, kind: Challenge, realm: &str, scope: &str, stale: bool) -> Answer {
+        let nonce = self.nonces.issue(scope, now_ms() / 1000);
         let (status, reason) = kind.status();
         let mut a = Answer::new(status, reason);
         for c in challenges(&self.algorithms, realm, &nonce, stale) {
@@ -197,41 +197,37 @@ impl Authenticator {
     pub fn authenticate(
         &self,
         request: &Message,
-        client: &str,
+        ip: IpAddr,
         user: &str,
         domain: &str,
         kind: Challenge,
     ) -> Authenticated {
-        let ip: Option<std::net::IpAddr> = client.parse().ok();
         let now = tokio::time::Instant::now();
-        if let Some(ip) = ip {
+        if self
+            .failures
+            .lock()
+            .expect("failure limiter")
+            .locked(ip, now)
+        {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            return Authenticated::Refused(Answer::new(
+                403,
+                "Forbidden (too many failed attempts; try again later)",
+            ));
+        }
+        let fail = |a: Answer| {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             if self
                 .failures
                 .lock()
                 .expect("failure limiter")
-                .locked(ip, now)
+                .failed(ip, now)
             {
-                self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-                return Authenticated::Refused(Answer::new(
-                    403,
-                    "Forbidden (too many failed attempts; try again later)",
-                ));
-            }
-        }
-        let fail = |a: Answer| {
-            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            if let Some(ip) = ip {
-                if self
-                    .failures
-                    .lock()
-                    .expect("failure limiter")
-                    .failed(ip, now)
-                {
-                    tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
-                }
+                tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
             }
             Authenticated::Refused(a)
         };
+        let scope = nonce_scope(domain, ip);
         let headers = request
             .auth_headers(&kind.credentials_header())
             .unwrap_or_default();
@@ -240,16 +236,14 @@ impl Authenticator {
             .filter_map(|h| Credentials::from_header(h).ok())
             .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
         else {
-            return Authenticated::Refused(self.challenge(kind, domain, client, false));
+            return Authenticated::Refused(self.challenge(kind, domain, &scope, false));
         };
-        let nonce = self
-            .nonces
-            .check(&creds.nonce, &nonce_scope(domain, client), now_ms() / 1000);
+        let nonce = self.nonces.check(&creds.nonce, &scope, now_ms() / 1000);
         if nonce == NonceCheck::Invalid {
-            return fail(self.challenge(kind, domain, client, false));
+            return fail(self.challenge(kind, domain, &scope, false));
         }
         let Some((_, nc, _)) = &creds.qop else {
-            return fail(self.challenge(kind, domain, client, false));
+            return fail(self.challenge(kind, domain, &scope, false));
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
@@ -259,20 +253,20 @@ impl Authenticator {
                 // it was sealed with. Every login of this account fails until that is fixed.
                 tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
                     "cannot open the account's HA1: is every key in this node's key file?");
-                return fail(self.challenge(kind, domain, client, false));
+                return fail(self.challenge(kind, domain, &scope, false));
             }
             Lookup::Missing => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-                return fail(self.challenge(kind, domain, client, false));
+                return fail(self.challenge(kind, domain, &scope, false));
             }
         };
         if !creds.verify(&ha1, method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return fail(self.challenge(kind, domain, client, false));
+            return fail(self.challenge(kind, domain, &scope, false));
         }
         // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
         if nonce == NonceCheck::Stale {
-            return Authenticated::Refused(self.challenge(kind, domain, client, true));
+            return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
         }
         if !self
             .replays
@@ -281,7 +275,7 @@ impl Authenticator {
             .accept(&creds.nonce, *nc)
         {
             tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-            return fail(self.challenge(kind, domain, client, false));
+            return fail(self.challenge(kind, domain, &scope, false));
         }
         if creds.username != user {
             let verb = match kind {

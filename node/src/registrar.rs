@@ -681,15 +681,16 @@ impl Registrar {
                 format!("Forbidden ({domain} is not a domain served here)"),
             )));
         }
-        let client = tandem_sip::addr::ip_string(flow.remote.ip());
-        let account =
-            match self
-                .auth
-                .authenticate(request, &client, &user, &domain, Challenge::Registrar)
-            {
-                Authenticated::Account(a) => a,
-                Authenticated::Refused(a) => return Err(reply(a)),
-            };
+        let account = match self.auth.authenticate(
+            request,
+            flow.remote.ip(),
+            &user,
+            &domain,
+            Challenge::Registrar,
+        ) {
+            Authenticated::Account(a) => a,
+            Authenticated::Refused(a) => return Err(reply(a)),
+        };
         let req = RegisterRequest::read(request, &user, &domain).map_err(reply)?;
         // RFC 3327: Path is added by the proxies on the way. Only a Path whose first hop
         // is the element that sent this REGISTER is believed; otherwise a phone could

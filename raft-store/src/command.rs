@@ -411,10 +411,11 @@ impl Command {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample_binding() -> Binding {
+    /// A binding for tests of this crate.
+    pub(crate) fn sample_binding() -> Binding {
         Binding {
             aor: "sip:alice@example.com".into(),
             contact: "<sip:alice@192.0.2.1:5060>".into(),

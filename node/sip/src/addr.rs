@@ -3,74 +3,38 @@
 //! to, the flow a binding stores), and going through `fmt` for each cost a few percent of
 //! a loaded node's SIP thread (BENCHMARKS.md). IPv6 addresses, rare here, still use `fmt`.
 
-use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-/// A number in decimal, on the stack.
-pub struct Decimal {
-    buf: [u8; 10],
-    start: usize,
-}
-
-impl Decimal {
-    pub fn new(n: u32) -> Decimal {
-        let mut d = Decimal {
-            buf: [0; 10],
-            start: 10,
-        };
-        let mut n = n;
-        loop {
-            d.start -= 1;
-            d.buf[d.start] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        d
-    }
-
-    pub fn as_str(&self) -> &str {
-        // Only ASCII digits are ever written.
-        std::str::from_utf8(&self.buf[self.start..]).unwrap_or_default()
-    }
-}
-
-/// Appends `n` in decimal.
-pub fn push_u16(out: &mut String, n: u16) {
-    out.push_str(Decimal::new(n.into()).as_str());
-}
-
-/// An IPv4 address in dotted-quad form, on the stack.
-pub struct Ipv4Text {
-    buf: [u8; 15],
+/// Up to `N` ASCII bytes on the stack: a number or an address as it is written.
+pub struct AsciiText<const N: usize> {
+    buf: [u8; N],
     len: usize,
 }
 
-impl Ipv4Text {
-    pub fn new(ip: Ipv4Addr) -> Ipv4Text {
-        let mut text = Ipv4Text {
-            buf: [0; 15],
+impl<const N: usize> AsciiText<N> {
+    fn new() -> Self {
+        AsciiText {
+            buf: [0; N],
             len: 0,
-        };
-        for (i, octet) in ip.octets().into_iter().enumerate() {
-            if i > 0 {
-                text.push(b'.');
-            }
-            if octet >= 100 {
-                text.push(b'0' + octet / 100);
-            }
-            if octet >= 10 {
-                text.push(b'0' + octet / 10 % 10);
-            }
-            text.push(b'0' + octet % 10);
         }
-        text
     }
 
     fn push(&mut self, b: u8) {
         self.buf[self.len] = b;
         self.len += 1;
+    }
+
+    fn push_decimal(&mut self, n: u32) {
+        let start = self.len;
+        let mut n = n;
+        loop {
+            self.push(b'0' + (n % 10) as u8);
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.buf[start..self.len].reverse();
     }
 
     pub fn as_str(&self) -> &str {
@@ -79,26 +43,31 @@ impl Ipv4Text {
     }
 }
 
-/// Appends `ip` in dotted-quad form.
-pub fn push_ipv4(out: &mut String, ip: Ipv4Addr) {
-    out.push_str(Ipv4Text::new(ip).as_str());
+/// `n` in decimal.
+pub fn decimal(n: u32) -> AsciiText<10> {
+    let mut text = AsciiText::new();
+    text.push_decimal(n);
+    text
 }
 
-/// Appends `ip` as `IpAddr`'s `Display` does (IPv6 without brackets).
-pub fn push_ip(out: &mut String, ip: IpAddr) {
-    match ip {
-        IpAddr::V4(v4) => push_ipv4(out, v4),
-        IpAddr::V6(v6) => {
-            let _ = write!(out, "{v6}");
+/// `ip` in dotted-quad form.
+pub fn ipv4(ip: Ipv4Addr) -> AsciiText<15> {
+    let mut text = AsciiText::new();
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push(b'.');
         }
+        text.push_decimal(octet.into());
     }
+    text
 }
 
-/// `ip` as `IpAddr`'s `Display` writes it.
+/// `ip` as `IpAddr`'s `Display` writes it (IPv6 without brackets).
 pub fn ip_string(ip: IpAddr) -> String {
-    let mut out = String::with_capacity(15);
-    push_ip(&mut out, ip);
-    out
+    match ip {
+        IpAddr::V4(v4) => ipv4(v4).as_str().to_owned(),
+        IpAddr::V6(v6) => v6.to_string(),
+    }
 }
 
 /// `addr` as `SocketAddr`'s `Display` writes it (`192.0.2.1:5060`, `[2001:db8::1]:5060`).
@@ -106,9 +75,9 @@ pub fn socket_addr_string(addr: SocketAddr) -> String {
     match addr {
         SocketAddr::V4(v4) => {
             let mut out = String::with_capacity(21);
-            push_ipv4(&mut out, *v4.ip());
+            out.push_str(ipv4(*v4.ip()).as_str());
             out.push(':');
-            push_u16(&mut out, v4.port());
+            out.push_str(decimal(v4.port().into()).as_str());
             out
         }
         SocketAddr::V6(_) => addr.to_string(),
@@ -122,18 +91,24 @@ mod tests {
     #[test]
     fn writes_what_display_writes() {
         for n in [
-            0u16, 1, 9, 10, 99, 100, 255, 999, 1000, 5060, 9999, 10000, 65535,
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            5060,
+            65535,
+            123_456,
+            1_000_000_000,
+            4_294_967_295,
         ] {
-            let mut s = String::new();
-            push_u16(&mut s, n);
-            assert_eq!(s, n.to_string());
-        }
-        for n in [0u32, 7, 4_294_967_295, 1_000_000_000, 123_456] {
-            assert_eq!(Decimal::new(n).as_str(), n.to_string());
+            assert_eq!(decimal(n).as_str(), n.to_string());
         }
         for octet in 0..=255u8 {
             let ip = Ipv4Addr::new(octet, 0, 99, octet / 3);
-            assert_eq!(Ipv4Text::new(ip).as_str(), ip.to_string());
+            assert_eq!(ipv4(ip).as_str(), ip.to_string());
         }
         let ips: [IpAddr; 5] = [
             "0.0.0.0".parse().unwrap(),

@@ -99,30 +99,31 @@ impl Via {
 }
 
 impl Via {
-    /// The Via as written on the wire, built without `core::fmt`: the transport stamps
-    /// `received`/`rport` into the top Via of most requests it receives.
+    /// Writes the Via as on the wire, with `write_str` only (no `core::fmt` formatting):
+    /// the transport stamps `received`/`rport` into the top Via of most requests.
+    pub fn write_to<W: fmt::Write>(&self, out: &mut W) -> fmt::Result {
+        out.write_str("SIP/2.0/")?;
+        out.write_str(&self.transport)?;
+        out.write_str(" ")?;
+        self.host.write_to(out)?;
+        if let Some(p) = self.port {
+            out.write_str(":")?;
+            out.write_str(crate::addr::decimal(p.into()).as_str())?;
+        }
+        self.params.write_to(out)
+    }
+
+    /// The Via as [`Via::write_to`] writes it.
     pub fn to_text(&self) -> String {
         let mut out = String::with_capacity(64);
-        out.push_str("SIP/2.0/");
-        out.push_str(&self.transport);
-        out.push(' ');
-        match &self.host {
-            Host::Domain(d) => out.push_str(d),
-            Host::Ip(std::net::IpAddr::V4(ip)) => crate::addr::push_ipv4(&mut out, *ip),
-            v6 => out.push_str(&v6.to_string()),
-        }
-        if let Some(p) = self.port {
-            out.push(':');
-            crate::addr::push_u16(&mut out, p);
-        }
-        self.params.push_to(&mut out);
+        let _ = self.write_to(&mut out);
         out
     }
 }
 
 impl fmt::Display for Via {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_text())
+        self.write_to(f)
     }
 }
 

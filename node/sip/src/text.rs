@@ -324,31 +324,24 @@ impl Params {
 }
 
 impl Params {
-    /// Appends the parameters as [`Display`](std::fmt::Display) writes them.
-    pub fn push_to(&self, out: &mut String) {
+    /// Writes `;name=value` for each, with `write_str` only: every Via, Contact and To
+    /// written goes through here.
+    pub fn write_to<W: std::fmt::Write>(&self, out: &mut W) -> std::fmt::Result {
         for (n, v) in &self.0 {
-            out.push(';');
-            out.push_str(n);
+            out.write_str(";")?;
+            out.write_str(n)?;
             if let Some(v) = v {
-                out.push('=');
-                out.push_str(v);
+                out.write_str("=")?;
+                out.write_str(v)?;
             }
         }
+        Ok(())
     }
 }
 
 impl std::fmt::Display for Params {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // write_str, not write!: every Via, Contact and To written goes through here.
-        for (n, v) in &self.0 {
-            f.write_str(";")?;
-            f.write_str(n)?;
-            if let Some(v) = v {
-                f.write_str("=")?;
-                f.write_str(v)?;
-            }
-        }
-        Ok(())
+        self.write_to(f)
     }
 }
 

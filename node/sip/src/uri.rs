@@ -75,15 +75,20 @@ impl Host {
             Host::Domain(_) => None,
         }
     }
+
+    /// Writes the host as in a URI or Via; an IPv4 address without `core::fmt`.
+    pub fn write_to<W: fmt::Write>(&self, out: &mut W) -> fmt::Result {
+        match self {
+            Host::Domain(d) => out.write_str(d),
+            Host::Ip(IpAddr::V4(ip)) => out.write_str(crate::addr::ipv4(*ip).as_str()),
+            Host::Ip(IpAddr::V6(ip)) => write!(out, "[{ip}]"),
+        }
+    }
 }
 
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Host::Domain(d) => f.write_str(d),
-            Host::Ip(IpAddr::V4(ip)) => f.write_str(crate::addr::Ipv4Text::new(*ip).as_str()),
-            Host::Ip(IpAddr::V6(ip)) => write!(f, "[{ip}]"),
-        }
+        self.write_to(f)
     }
 }
 

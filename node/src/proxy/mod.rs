@@ -400,13 +400,10 @@ impl Proxy {
         domain: &str,
     ) -> Result<(), Refusal> {
         let user = from.user_unescaped().unwrap_or_default().into_owned();
-        match self.auth.authenticate(
-            request,
-            &tandem_sip::addr::ip_string(flow.remote.ip()),
-            &user,
-            domain,
-            Challenge::Proxy,
-        ) {
+        match self
+            .auth
+            .authenticate(request, flow.remote.ip(), &user, domain, Challenge::Proxy)
+        {
             Authenticated::Account(_) => Ok(()),
             Authenticated::Refused(a) => Err((a.status, a.reason, a.headers)),
         }

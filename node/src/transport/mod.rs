@@ -556,7 +556,7 @@ pub(crate) fn stamp_via(message: &mut Message, source: SocketAddr) {
     let mut via = via.clone();
     via.params.set("received", Some(&ip_param(source_ip)));
     if rport {
-        let port = tandem_sip::addr::Decimal::new(source.port().into());
+        let port = tandem_sip::addr::decimal(source.port().into());
         via.params.set("rport", Some(port.as_str()));
     }
     let _ = message.replace_top_via(via);
