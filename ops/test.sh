@@ -10,6 +10,7 @@ echo "test: build cache at $CARGO_TARGET_DIR" >&2
 
 started=$(date +%s)
 cargo fmt --all -- --check
+python3 ops/check-imports.py
 cargo build --workspace --all-targets
 cargo clippy --workspace --all-targets -- -D warnings
 if [ "$(id -u)" -ne 0 ]; then

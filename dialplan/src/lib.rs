@@ -1,7 +1,6 @@
 //! Tandem's dialplan sandbox: each account's rhai script runs with hard limits on
-//! operations, memory, time and concurrency, and without any I/O (DECISIONS "user scripts
-//! leak memory, loop forever and run 20 at a time"). It returns routing decisions; the node
-//! carries them out.
+//! operations, memory, time and concurrency, and without any I/O (dialplan/DESIGN.md,
+//! "Scripts run in a sandbox"). It returns routing decisions; the node carries them out.
 //!
 //! This crate is a skeleton today: the dialplan issue fills it. Its error type is fixed.
 #![forbid(unsafe_code)]

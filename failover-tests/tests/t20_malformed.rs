@@ -310,7 +310,7 @@ struct TortureCase {
 }
 
 fn corpus_dir() -> PathBuf {
-    tandem_failover_tests::package_dir().join("../node/sip/tests/rfc4475")
+    tandem_failover_tests::package_dir().join("../sip/tests/rfc4475")
 }
 
 fn torture_cases() -> Vec<TortureCase> {

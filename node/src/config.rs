@@ -65,7 +65,7 @@ impl Default for NodeConfig {
 
 impl NodeConfig {
     /// How many SIP threads to start: `sip_threads`, or one per core (`ShardThreads`
-    /// starts at most `shard::MAX_SHARDS`).
+    /// starts at most `MAX_SIP_THREADS`).
     pub fn sip_thread_count(&self) -> usize {
         match self.sip_threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -82,6 +82,12 @@ impl NodeConfig {
 
 /// Most runtime threads `node.runtime_threads` accepts.
 pub const MAX_RUNTIME_THREADS: u16 = 256;
+/// The most SIP threads (`node.sip_threads`) a node runs: each has its own transaction
+/// tables, and a transaction id carries its thread in its low bits.
+pub const MAX_SIP_THREADS: u16 = 64;
+/// The digest algorithms `registrar.digest_algorithms` may name (RFC 3261, RFC 8760);
+/// case does not matter.
+pub const DIGEST_ALGORITHMS: [&str; 2] = ["MD5", "SHA-256"];
 
 /// The internal listener and Raft timing of a clustered node.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -253,16 +259,6 @@ impl Default for SipConfig {
     }
 }
 
-impl SipConfig {
-    pub fn timers(&self) -> crate::transaction::TimerSettings {
-        crate::transaction::TimerSettings {
-            t1: Duration::from_millis(self.t1_ms),
-            t2: Duration::from_millis(self.t2_ms),
-            t4: Duration::from_millis(self.t4_ms),
-        }
-    }
-}
-
 /// Registrar limits and digest authentication.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -291,22 +287,6 @@ impl Default for RegistrarConfig {
             nonce_lifetime_secs: 300,
             digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
             nat_keepalive_secs: 20,
-        }
-    }
-}
-
-impl RegistrarConfig {
-    pub fn settings(&self) -> crate::registrar::RegistrarSettings {
-        crate::registrar::RegistrarSettings {
-            min_expires: self.min_expires,
-            max_expires: self.max_expires,
-            default_expires: self.default_expires,
-            nonce_lifetime_secs: self.nonce_lifetime_secs,
-            algorithms: self
-                .digest_algorithms
-                .iter()
-                .filter_map(|a| crate::digest::Algorithm::parse(Some(a)))
-                .collect(),
         }
     }
 }
@@ -371,13 +351,10 @@ impl Config {
         if self.node.data_dir.as_os_str().is_empty() {
             bad("node.data_dir", "must not be empty".into());
         }
-        if usize::from(self.node.sip_threads) > crate::shard::MAX_SHARDS {
+        if self.node.sip_threads > MAX_SIP_THREADS {
             bad(
                 "node.sip_threads",
-                format!(
-                    "must be at most {} (0 means one per core)",
-                    crate::shard::MAX_SHARDS
-                ),
+                format!("must be at most {} (0 means one per core)", MAX_SIP_THREADS),
             );
         }
         if self.node.runtime_threads > MAX_RUNTIME_THREADS {
@@ -594,7 +571,7 @@ impl Config {
             );
         }
         for a in &r.digest_algorithms {
-            if crate::digest::Algorithm::parse(Some(a)).is_none() {
+            if !DIGEST_ALGORITHMS.iter().any(|d| d.eq_ignore_ascii_case(a)) {
                 bad(
                     "registrar.digest_algorithms",
                     format!("{a:?} is not \"MD5\" or \"SHA-256\""),
@@ -689,7 +666,7 @@ mod tests {
         c.sip.tls = vec!["127.0.0.1:5061".parse().unwrap()];
         c.node.id = 0;
         c.node.runtime_threads = MAX_RUNTIME_THREADS + 1;
-        c.node.sip_threads = crate::shard::MAX_SHARDS as u16 + 1;
+        c.node.sip_threads = MAX_SIP_THREADS + 1;
         let problems: Vec<String> = c
             .validate()
             .unwrap_err()

@@ -1,6 +1,6 @@
 //! The node crate's one error type. Configuration problems name their key; I/O errors say
-//! what the node was doing. SIP-level problems become status codes in `core::status_for`,
-//! not here.
+//! what the node was doing. SIP-level problems become status codes in
+//! `stack::responses::status_for`, not here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,46 +1,44 @@
-//! A Tandem node: SIP transports, the transaction layer and the core that the SIP agents
-//! plug into, plus configuration and lifecycle. The `tandem` binary is a thin shell over
-//! [`server::run_until_signal`] and the offline commands in [`provision`]. See
-//! ARCHITECTURE.md for the map.
+//! A Tandem node. The folders are its layers, and imports only point down:
+//!
+//! - [`config`], [`clock`], [`hex`] and [`error`]: used by everything, using nothing;
+//! - `stack/`: the SIP stack (transport, transactions, SIP threads), naming no agent;
+//! - `cluster/`: the node's place in the cluster (replica, joining, peer health);
+//! - `agents/`: what the node does with requests (dispatcher, registrar, proxy, and the
+//!   bindings and digest accounts they share);
+//! - `operator/`: the command line, the admin API and the offline commands;
+//! - [`server`]: builds a node from its config, runs it, and drains it.
+//!
+//! The `tandem` binary (`main.rs`) is a thin shell over what this file exports.
+//! ARCHITECTURE.md has the map; node/DESIGN.md the reasons.
 #![forbid(unsafe_code)]
 
-pub mod accounts;
-pub mod admin;
-pub mod auth;
-pub mod cli;
-pub mod cluster;
-pub mod config;
-pub mod control;
-pub mod core;
-pub mod digest;
-pub mod drain;
+mod agents;
+mod clock;
+mod cluster;
+mod config;
 mod error;
-pub mod flow_token;
-pub mod keepalive;
-pub mod overlay;
-pub mod peers;
-pub mod provision;
-pub mod proxy;
-pub mod refreshes;
-pub mod registrar;
-pub mod responses;
-pub mod server;
-pub mod shard;
-pub mod stats;
-pub mod telemetry;
-pub mod transaction;
-pub mod transport;
+mod hex;
+mod operator;
+mod server;
+mod stack;
+mod telemetry;
 
+pub use config::Config;
 pub use error::Error;
+pub use operator::cli::{Cli, Command};
+pub use operator::control::run as run_operator_command;
+pub use operator::provision::{cert, keygen};
+pub use server::run_until_signal;
+pub use telemetry::init as init_logging;
 
 /// The exit code for an invalid configuration (EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
 
 /// Loads the configuration (the embedded defaults when `path` is `None`) and validates it.
-pub fn load_config(path: Option<&std::path::Path>) -> Result<config::Config, Vec<Error>> {
+pub fn load_config(path: Option<&std::path::Path>) -> Result<Config, Vec<Error>> {
     let config = match path {
-        Some(p) => config::Config::load(p).map_err(|e| vec![e])?,
-        None => config::Config::default(),
+        Some(p) => Config::load(p).map_err(|e| vec![e])?,
+        None => Config::default(),
     };
     config.validate()?;
     Ok(config)

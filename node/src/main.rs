@@ -4,8 +4,10 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tandem_node::cli::{Cli, Command};
-use tandem_node::{load_config, provision, server, telemetry, EXIT_CONFIG};
+use tandem_node::{
+    cert, init_logging, keygen, load_config, run_operator_command, run_until_signal, Cli, Command,
+    Config, Error, EXIT_CONFIG,
+};
 
 /// mimalloc, not glibc's malloc: a node allocates and frees small buffers for every
 /// message, and with glibc that was a quarter of its CPU time per registration. With
@@ -20,8 +22,8 @@ fn main() -> ExitCode {
             println!("tandem {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Command::Keygen { out } => return report(provision::keygen(&out)),
-        Command::Cert(command) => return report(provision::cert(&command)),
+        Command::Keygen { out } => return report(keygen(&out)),
+        Command::Cert(command) => return report(cert(&command)),
         Command::CheckConfig { file } => (Some(file), false),
         Command::Run { config } => (config, true),
         operator_command => return operator(operator_command),
@@ -36,11 +38,11 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    telemetry::init(&config.log);
+    init_logging(&config.log);
     let Some(runtime) = runtime(config.node.runtime_threads) else {
         return ExitCode::FAILURE;
     };
-    match runtime.block_on(server::run_until_signal(config)) {
+    match runtime.block_on(run_until_signal(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %e, "tandem stopped with an error");
@@ -63,15 +65,15 @@ fn operator(command: Command) -> ExitCode {
     // Raft's own chatter is not for the operator at a terminal; warnings still show.
     let mut quiet = config.log.clone();
     quiet.filter = "warn".into();
-    telemetry::init(&quiet);
+    init_logging(&quiet);
     let Some(runtime) = runtime(1) else {
         return ExitCode::FAILURE;
     };
-    report(runtime.block_on(tandem_node::control::run(&command, &config)))
+    report(runtime.block_on(run_operator_command(&command, &config)))
 }
 
 /// The validated config, or `None` after printing every problem with it.
-fn config_or_report(path: Option<&std::path::Path>) -> Option<tandem_node::config::Config> {
+fn config_or_report(path: Option<&std::path::Path>) -> Option<Config> {
     match load_config(path) {
         Ok(c) => Some(c),
         Err(problems) => {
@@ -101,7 +103,7 @@ fn runtime(threads: u16) -> Option<tokio::runtime::Runtime> {
 }
 
 /// Prints a provisioning command's report, or its error on one line.
-fn report(result: Result<String, tandem_node::Error>) -> ExitCode {
+fn report(result: Result<String, Error>) -> ExitCode {
     match result {
         Ok(text) => {
             print!("{text}");

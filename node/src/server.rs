@@ -1,10 +1,15 @@
-//! Wiring and lifecycle of one node: open the replica, bind, start the tasks, wait for a
-//! stop request, and shut down in order (CONVENTIONS §4): SIP first, then the admin API,
-//! then the internal listener and cluster duties, then Raft, and RocksDB closes last. A
-//! graceful stop (SIGTERM) answers new requests with 503, stops accepting connections and
-//! waits (bounded) for transactions still waiting on a final response before closing
-//! transports. A fast stop (SIGINT) skips the waiting.
+//! One node's life in three steps, as linkerd2-proxy's main does it:
+//!
+//! 1. [`Node::build`] opens the replica and binds every listener, so a port already in use
+//!    or a bad data dir stops start-up before anything is served;
+//! 2. [`Node::spawn`] starts the location duties, the admin API, the SIP stack and the
+//!    agents on it;
+//! 3. [`RunningNode::stop`] shuts down in order: SIP first (503 for new requests, accept
+//!    loops closed, a bounded wait for transactions that still owe a final response), then
+//!    the admin API, then the cluster duties and the internal listener, then Raft; RocksDB
+//!    closes last. A fast stop (SIGINT, or a second signal) skips the wait.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,19 +17,18 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::admin;
-use crate::auth::Authenticator;
+use crate::agents::dispatcher::Dispatcher;
+use crate::agents::drain::Drain;
+use crate::agents::location::{self, keepalive, overlay::BindingOverlay};
+use crate::agents::{Agents, Stack};
+use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::config::{Config, Role};
-use crate::core::Core;
-use crate::drain::Drain;
-use crate::peers::PeerMonitor;
-use crate::proxy::{Proxy, ProxySettings};
-use crate::registrar::Registrar;
-use crate::shard::ShardThreads;
-use crate::stats::Stats;
-use crate::transaction::start_sip_stack;
-use crate::transport::{Limits, Listeners};
+use crate::operator::admin;
+use crate::stack::shard::ShardThreads;
+use crate::stack::stats::Stats;
+use crate::stack::transaction::{ActiveTransactions, TimerSettings};
+use crate::stack::transport::{Limits, Listeners};
 use crate::Error;
 
 /// How a node is asked to stop.
@@ -66,153 +70,241 @@ pub async fn run_until_signal(config: Config) -> Result<(), Error> {
 
 /// Runs a node until `stops` yields. A second value during a graceful stop makes it fast.
 pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), Error> {
-    let stats = Arc::new(Stats::default());
-    let cluster_tracker = TaskTracker::new();
-    let stop_cluster = CancellationToken::new();
-    let cluster = ClusterNode::start(&config, &cluster_tracker, stop_cluster.clone()).await?;
-    let result = run_with_cluster(&config, &cluster, stats, &mut stops).await;
-    stop_cluster.cancel();
-    cluster_tracker.close();
-    if tokio::time::timeout(TASK_EXIT_TIMEOUT, cluster_tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some cluster tasks did not stop in time");
-    }
-    cluster.shutdown().await;
-    drop(cluster);
-    tracing::info!("tandem node stopped");
-    result
+    let node = Node::build(config).await?;
+    let running = node.spawn()?;
+    let first = stops.recv().await.unwrap_or(Stop::Fast);
+    running.stop(first, &mut stops).await;
+    Ok(())
 }
 
-/// Everything above the replica: the admin API and, on a full node, the SIP stack.
-async fn run_with_cluster(
-    config: &Config,
-    cluster: &ClusterNode,
-    stats: Arc<Stats>,
-    stops: &mut mpsc::Receiver<Stop>,
-) -> Result<(), Error> {
-    let token = admin::load_or_create_token(&config.token_path())?;
-    let drain = Arc::new(Drain::default());
-    let stop_admin = CancellationToken::new();
-    let admin_server = admin::serve(
-        admin::Admin::new(cluster.clone(), stats.clone(), drain.clone(), token),
-        config.admin.listen,
-        stop_admin.clone().cancelled_owned(),
-    )?;
-    let admin_task = tokio::spawn(admin_server);
-    let result = run_sip(config, cluster, stats, drain, stops).await;
-    stop_admin.cancel();
-    if tokio::time::timeout(TASK_EXIT_TIMEOUT, admin_task)
-        .await
-        .is_err()
-    {
-        tracing::warn!("the admin API did not stop in time");
-    }
-    result
+/// Tasks that stop together: a tracker and the token that cancels them.
+#[derive(Default)]
+struct Tasks {
+    tracker: TaskTracker,
+    stop: CancellationToken,
 }
 
-async fn run_sip(
-    config: &Config,
-    cluster: &ClusterNode,
+impl Tasks {
+    /// Cancels the tasks and waits, for a bounded time, until they end.
+    async fn stop(&self, what: &str) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(TASK_EXIT_TIMEOUT, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some {what} tasks did not stop in time");
+        }
+    }
+}
+
+/// A node built from its config: its replica running, its listeners bound, nothing served.
+pub struct Node {
+    config: Config,
+    cluster: ClusterNode,
+    /// The replica's own duties and internal listener, stopped last.
+    cluster_tasks: Tasks,
     stats: Arc<Stats>,
     drain: Arc<Drain>,
-    stops: &mut mpsc::Receiver<Stop>,
-) -> Result<(), Error> {
-    let tracker = TaskTracker::new();
-    let stop = CancellationToken::new();
-    let stop_accepting = CancellationToken::new();
-    let draining = drain.flag();
+    /// Binding writes held while this node has no quorum (node/DESIGN.md, "Degraded mode").
+    overlay: Arc<BindingOverlay>,
+    /// The admin API's server, bound, and the tasks it will run as.
+    admin: Option<AdminServer>,
+    admin_tasks: Tasks,
+    /// Absent on a witness, which serves no SIP.
+    sip: Option<BoundSip>,
+}
 
-    let mut active = None;
-    let mut shards = None;
-    if config.node.role == Role::Full {
-        let listeners = Listeners::bind(&config.sip).await?;
+type AdminServer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// The SIP listeners and threads of a full node, before the stack runs on them.
+struct BoundSip {
+    listeners: Listeners,
+    threads: ShardThreads,
+    tasks: Tasks,
+    stop_accepting: CancellationToken,
+}
+
+impl Node {
+    /// Opens the replica (a standalone node creates its one-member cluster on first start)
+    /// and binds the admin API and, on a full node, the SIP listeners and threads.
+    pub async fn build(config: Config) -> Result<Node, Error> {
+        let cluster_tasks = Tasks::default();
+        let cluster =
+            ClusterNode::start(&config, &cluster_tasks.tracker, cluster_tasks.stop.clone()).await?;
+        // From here on an error must still close the replica in order.
+        match Node::bind(config, cluster.clone(), cluster_tasks).await {
+            Ok(node) => Ok(node),
+            Err((e, cluster_tasks)) => {
+                cluster_tasks.stop("cluster").await;
+                cluster.shutdown().await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn bind(
+        config: Config,
+        cluster: ClusterNode,
+        cluster_tasks: Tasks,
+    ) -> Result<Node, (Error, Tasks)> {
+        let stats = Arc::new(Stats::default());
+        let drain = Arc::new(Drain::default());
+        let overlay = Arc::new(BindingOverlay::default());
+        let admin_tasks = Tasks::default();
+        let bound = async {
+            let token = admin::load_or_create_token(&config.token_path())?;
+            let admin = admin::serve(
+                admin::Admin::new(
+                    cluster.clone(),
+                    stats.clone(),
+                    drain.clone(),
+                    overlay.clone(),
+                    token,
+                ),
+                config.admin.listen,
+                admin_tasks.stop.clone().cancelled_owned(),
+            )?;
+            let sip = match config.node.role {
+                Role::Full => {
+                    let tasks = Tasks::default();
+                    Some(BoundSip {
+                        listeners: Listeners::bind(&config.sip).await?,
+                        threads: ShardThreads::start(config.node.sip_thread_count(), &tasks.stop)?,
+                        tasks,
+                        stop_accepting: CancellationToken::new(),
+                    })
+                }
+                Role::Witness => None,
+            };
+            Ok::<_, Error>((Box::pin(admin) as AdminServer, sip))
+        }
+        .await;
+        match bound {
+            Ok((admin, sip)) => Ok(Node {
+                config,
+                cluster,
+                cluster_tasks,
+                stats,
+                drain,
+                overlay,
+                admin: Some(admin),
+                admin_tasks,
+                sip,
+            }),
+            Err(e) => Err((e, cluster_tasks)),
+        }
+    }
+
+    /// Starts serving: the location duties (on every node, a witness can lead), the admin
+    /// API, and on a full node the SIP stack with the agents on it.
+    pub fn spawn(mut self) -> Result<RunningNode, Error> {
+        location::spawn_duties(
+            &self.cluster.replica,
+            &self.overlay,
+            self.cluster.quorum_timeout(),
+            &self.cluster_tasks.tracker,
+            &self.cluster_tasks.stop,
+        );
+        if let Some(server) = self.admin.take() {
+            self.admin_tasks.tracker.spawn(server);
+        }
+        let sip = match self.sip.take() {
+            Some(bound) => Some(self.spawn_sip(bound)),
+            None => {
+                tracing::info!(
+                    node = self.config.node.id,
+                    admin = %self.config.admin.listen,
+                    cluster = ?self.config.cluster.as_ref().map(|c| c.listen),
+                    "tandem witness ready (no SIP listeners)"
+                );
+                None
+            }
+        };
+        Ok(RunningNode { node: self, sip })
+    }
+
+    fn spawn_sip(&self, bound: BoundSip) -> RunningSip {
+        let BoundSip {
+            listeners,
+            threads,
+            tasks,
+            stop_accepting,
+        } = bound;
+        let config = &self.config;
         let own = listeners.addrs();
         let limits = Limits {
             max_message_size: config.sip.max_message_size,
             max_connections: config.sip.max_connections,
             idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
         };
-        let threads = ShardThreads::start(config.node.sip_thread_count(), &stop)?;
-        let stack = start_sip_stack(
+        let stack = crate::stack::start(
             listeners,
             limits,
-            stats.clone(),
-            config.sip.timers(),
+            self.stats.clone(),
+            TimerSettings::from_config(&config.sip),
             threads.handles(),
-            &tracker,
-            stop.clone(),
+            &tasks.tracker,
+            tasks.stop.clone(),
             stop_accepting.clone(),
         );
-        active = Some(stack.layer.active());
-        drain.watch_transactions(stack.layer.active());
-        let registrar_settings = config.registrar.settings();
-        let auth = Arc::new(Authenticator::new(
-            cluster.clone(),
-            registrar_settings.algorithms.clone(),
-            registrar_settings.nonce_lifetime_secs,
-            stats.clone(),
-        ));
+        let active = stack.layer.active();
+        self.drain.watch_transactions(active.clone());
+
         let peers = Arc::new(PeerMonitor::default());
         if let Some(via) = own.udp.first().copied() {
-            tracker.spawn(peers.clone().run(
-                cluster.clone(),
+            tasks.tracker.spawn(peers.clone().run(
+                self.cluster.clone(),
                 stack.transports.clone(),
                 config.node.id,
                 via,
-                stop.clone(),
+                tasks.stop.clone(),
             ));
         }
         if config.registrar.nat_keepalive_secs > 0 {
-            tracker.spawn(crate::keepalive::run(
-                cluster.clone(),
+            tasks.tracker.spawn(keepalive::run(
+                self.cluster.clone(),
+                self.overlay.clone(),
                 stack.transports.clone(),
-                stats.clone(),
+                self.stats.clone(),
                 config.node.id,
                 Duration::from_secs(config.registrar.nat_keepalive_secs),
-                stop.clone(),
+                tasks.stop.clone(),
             ));
         }
-        let proxy = Arc::new(Proxy::new(
-            cluster.clone(),
-            cluster.overlay.clone(),
-            auth.clone(),
-            stack.layer.clone(),
-            stack.transports.clone(),
+        let agents = Agents::build(
+            config,
+            &self.cluster,
+            &self.overlay,
+            &peers,
+            &stack.layer,
+            &stack.transports,
             own,
-            peers.clone(),
-            ProxySettings {
-                timer_c: Duration::from_secs(config.sip.timer_c_secs),
-            },
-        ));
-        drain.watch_calls(
-            proxy.dialogs.clone(),
+            &self.stats,
+        );
+        self.drain.watch_calls(
+            agents.dialogs.clone(),
             Duration::from_secs(config.sip.drain_call_wait_secs),
         );
-        let core = Core {
-            layer: stack.layer,
-            transports: stack.transports,
-            stats: stats.clone(),
-            draining: draining.clone(),
+        let dispatcher = Dispatcher {
+            stack: Stack {
+                layer: stack.layer,
+                transports: stack.transports,
+                stats: self.stats.clone(),
+            },
+            draining: self.drain.flag(),
             retry_after_secs: config.sip.retry_after_secs,
-            registrar: Some(Arc::new(Registrar::new(
-                cluster.clone(),
-                cluster.overlay.clone(),
-                registrar_settings,
-                auth,
-            ))),
-            proxy: Some(proxy),
-            peers: Some(peers),
+            agents,
+            peers,
         };
         for (events, runtime) in stack.core_events.into_iter().zip(threads.handles()) {
-            tracker.spawn_on(core.clone().run(events, stop.clone()), runtime);
+            tasks
+                .tracker
+                .spawn_on(dispatcher.clone().run(events, tasks.stop.clone()), runtime);
         }
-        let sip_threads = threads.handles().len();
-        shards = Some(threads);
         tracing::info!(
             node = config.node.id,
-            sip_threads,
+            sip_threads = threads.handles().len(),
             admin = %config.admin.listen,
             cluster = ?config.cluster.as_ref().map(|c| c.listen),
             udp = ?config.sip.udp,
@@ -221,55 +313,71 @@ async fn run_sip(
             version = env!("CARGO_PKG_VERSION"),
             "tandem node ready"
         );
-    } else {
-        tracing::info!(
-            node = config.node.id,
-            admin = %config.admin.listen,
-            cluster = ?config.cluster.as_ref().map(|c| c.listen),
-            "tandem witness ready (no SIP listeners)"
-        );
+        RunningSip {
+            threads,
+            tasks,
+            stop_accepting,
+            active,
+        }
     }
+}
 
-    let first = stops.recv().await.unwrap_or(Stop::Fast);
-    if first == Stop::Graceful {
-        tracing::info!("stopping: answering new requests with 503 and letting transactions finish");
-        draining.store(true, std::sync::atomic::Ordering::SeqCst);
-        stop_accepting.cancel();
-        let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
-        if let Some(active) = active {
+/// A node that serves.
+pub struct RunningNode {
+    node: Node,
+    sip: Option<RunningSip>,
+}
+
+struct RunningSip {
+    threads: ShardThreads,
+    tasks: Tasks,
+    stop_accepting: CancellationToken,
+    active: Arc<ActiveTransactions>,
+}
+
+impl RunningNode {
+    /// Shuts down in order. `how` is the first stop request; a further one on `stops`
+    /// during the graceful wait cuts it short.
+    pub async fn stop(self, how: Stop, stops: &mut mpsc::Receiver<Stop>) {
+        let RunningNode { node, sip } = self;
+        if let Some(sip) = sip {
+            sip.stop(how, &node, stops).await;
+        }
+        node.admin_tasks.stop("admin API").await;
+        node.cluster_tasks.stop("cluster").await;
+        node.cluster.shutdown().await;
+        drop(node);
+        tracing::info!("tandem node stopped");
+    }
+}
+
+impl RunningSip {
+    async fn stop(self, how: Stop, node: &Node, stops: &mut mpsc::Receiver<Stop>) {
+        if how == Stop::Graceful {
+            tracing::info!(
+                "stopping: answering new requests with 503 and letting transactions finish"
+            );
+            node.drain.flag().store(true, Ordering::SeqCst);
+            self.stop_accepting.cancel();
+            let grace = Duration::from_secs(node.config.sip.shutdown_grace_secs);
             tokio::select! {
-                _ = active.idle() => tracing::info!("all transactions finished"),
+                _ = self.active.idle() => tracing::info!("all transactions finished"),
                 _ = tokio::time::sleep(grace) => tracing::warn!(
-                    remaining = active.get(), "shutdown grace period over; leaving transactions unfinished"),
+                    remaining = self.active.get(), "shutdown grace period over; leaving transactions unfinished"),
                 Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
             }
+        } else {
+            tracing::info!("stopping now");
         }
-    } else {
-        tracing::info!("stopping now");
+        self.stop_accepting.cancel();
+        self.tasks.stop("SIP").await;
+        self.threads.join(TASK_EXIT_TIMEOUT).await;
+        let stats = &node.stats;
+        tracing::info!(
+            requests = stats.requests_received.load(Ordering::Relaxed),
+            malformed_answered = stats.malformed_answered.load(Ordering::Relaxed),
+            malformed_dropped = stats.malformed_dropped.load(Ordering::Relaxed),
+            "SIP stopped"
+        );
     }
-    stop_accepting.cancel();
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(TASK_EXIT_TIMEOUT, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("some tasks did not stop in time");
-    }
-    if let Some(threads) = shards {
-        threads.join(TASK_EXIT_TIMEOUT).await;
-    }
-    tracing::info!(
-        requests = stats
-            .requests_received
-            .load(std::sync::atomic::Ordering::Relaxed),
-        malformed_answered = stats
-            .malformed_answered
-            .load(std::sync::atomic::Ordering::Relaxed),
-        malformed_dropped = stats
-            .malformed_dropped
-            .load(std::sync::atomic::Ordering::Relaxed),
-        "SIP stopped"
-    );
-    Ok(())
 }

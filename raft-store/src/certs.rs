@@ -1,7 +1,8 @@
 //! The cluster's private certificate authority for the internal mutual-TLS listener that
-//! carries Raft RPCs (DECISIONS §12). It owns creating the CA, reloading it from its PEM
-//! files, and issuing node certificates that serve as both TLS server and TLS client
-//! identities, so one file pair per node covers both directions of a Raft link.
+//! carries Raft RPCs (raft-store/DESIGN.md, "The Raft network"). It owns creating the CA,
+//! reloading it from its PEM files, and issuing node certificates that serve as both TLS
+//! server and TLS client identities, so one file pair per node covers both directions of a
+//! Raft link.
 //!
 //! Reloading needs no certificate parser: rcgen writes an issued certificate's issuer from
 //! the CA's distinguished name and its authority key id from the CA's key id, so

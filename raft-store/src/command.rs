@@ -1,4 +1,5 @@
-//! Replicated commands and the records they write (DECISIONS §6, §10, §11).
+//! Replicated commands and the records they write (raft-store/DESIGN.md, "Versioned commands and
+//! rolling upgrades").
 //!
 //! In the log, every command is an [`EncodedCommand`]: a kind, a version and a postcard
 //! body. A node decodes the kinds and versions it knows and refuses, with an error that
@@ -9,8 +10,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Sealed;
-use crate::types::NodeId;
 use crate::Error;
+
+/// A node's id in the cluster: assigned once, never reused.
+pub type NodeId = u64;
 
 /// A command as it is stored in the log.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,7 +33,7 @@ pub enum CommandResult {
     Rejected(String),
 }
 
-/// What a node runs (DECISIONS §5). Also the `node.role` config value.
+/// What a node runs (raft-store/DESIGN.md, "Pair plus witness"). Also the `node.role` config value.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -120,7 +123,8 @@ pub struct Binding {
     pub aor: String,
     pub contact: String,
     /// When the binding lapses (Unix ms). The registrar adds one interval of headroom, so
-    /// refreshes need not all go through Raft (DECISIONS §6).
+    /// refreshes need not all go through Raft (node/DESIGN.md, "Bindings are written when
+    /// they change").
     pub expires_at_ms: u64,
     /// The interval granted to the phone, in seconds.
     pub expires_secs: u32,
@@ -146,7 +150,7 @@ pub struct Provider {
     pub enabled: bool,
 }
 
-/// Who registers a provider account, until when (DECISIONS §10).
+/// Who registers a provider account, until when (raft-store/DESIGN.md, "Provider leases").
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProviderLease {
     pub provider: String,
@@ -176,7 +180,8 @@ pub enum Command {
     RetireNode {
         id: NodeId,
     },
-    /// Switches on command kinds every member understands (DECISIONS §11).
+    /// Switches on command kinds every member understands (raft-store/DESIGN.md, "Versioned
+    /// commands and rolling upgrades").
     SetFeatureVersion {
         version: u32,
     },

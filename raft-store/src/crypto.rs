@@ -1,6 +1,7 @@
-//! Field encryption at rest (DECISIONS §9). Sensitive fields (HA1 values, provider
-//! passwords, API token secrets) are sealed by the proposing node before they enter the
-//! Raft log, so plaintext never reaches the log, the WAL, SSTs, snapshots or RPCs.
+//! Field encryption at rest (raft-store/DESIGN.md, "Secrets are sealed before the log").
+//! Sensitive fields (HA1 values, provider passwords, API token secrets) are sealed by the
+//! proposing node before they enter the Raft log, so plaintext never reaches the log, the
+//! WAL, SSTs, snapshots or RPCs.
 //!
 //! A [`Sealed`] value is `{version, key_id, nonce, ciphertext}`: AES-256-GCM with a random
 //! 96-bit nonce, and associated data binding it to its key id, record id and field name,

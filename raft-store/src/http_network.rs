@@ -1,8 +1,8 @@
-//! The Raft network between nodes (DECISIONS §12): HTTPS with mutual TLS on the internal
-//! listener. A warp server answers the RPCs; an HTTP client with a connection pool calls
-//! them, with openraft's per-RPC timeouts. Bodies are postcard: the request type on the
-//! way in, `Result<response, RaftError>` on the way out, so a remote Raft error arrives as
-//! the same typed error openraft would have returned locally.
+//! The Raft network between nodes (raft-store/DESIGN.md, "The Raft network"): HTTPS with
+//! mutual TLS on the internal listener. A warp server answers the RPCs; an HTTP client with
+//! a connection pool calls them, with openraft's per-RPC timeouts. Bodies are postcard: the
+//! request type on the way in, `Result<response, RaftError>` on the way out, so a remote
+//! Raft error arrives as the same typed error openraft would have returned locally.
 //!
 //! Routes: `POST /raft/append`, `/raft/vote`, `/raft/snapshot` (one chunk of a snapshot),
 //! `/raft/propose` (a follower forwarding a batch of commands to the leader) and
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use warp::Filter;
 
 use crate::membership::{ClusterReply, ClusterRequest};
-use crate::replica::Replica;
+use crate::replica::{BoxFuture, Forwarder, Replica};
 use crate::tls::ClusterTls;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
@@ -186,6 +186,31 @@ pub struct HttpPeer {
     target: NodeId,
     base: String,
     client: reqwest::Client,
+}
+
+/// The Raft network is how a follower reaches its leader.
+impl Forwarder for HttpNetwork {
+    fn forward<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a Request,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<(Response, u64), Error>> {
+        Box::pin(HttpNetwork::forward(self, leader, request, timeout))
+    }
+
+    fn cluster<'a>(
+        &'a self,
+        leader: &'a NodeInfo,
+        request: &'a ClusterRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'a, Result<ClusterReply, Error>> {
+        Box::pin(async move {
+            self.cluster_to_leader(&leader.raft_addr, request, timeout)
+                .await
+                .map(|(_cluster_id, reply)| reply)
+        })
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for HttpNetwork {

@@ -1,4 +1,4 @@
-//! Tandem's replicated cluster state (DECISIONS §3, §4, §9): openraft 0.9 with its
+//! Tandem's replicated cluster state (raft-store/DESIGN.md): openraft 0.9 with its
 //! storage-v2 traits implemented over one RocksDB, versioned binary commands, the records
 //! they write with their indexes, and field encryption applied before anything enters
 //! the log.
@@ -17,7 +17,6 @@ pub mod data_dir;
 pub mod http_network;
 pub mod local_network;
 pub mod log_store;
-pub mod membership;
 pub mod replica;
 pub mod state;
 pub mod state_machine;
@@ -25,7 +24,19 @@ mod store;
 pub mod tls;
 pub mod types;
 
-pub use store::open;
+pub use replica::membership;
+
+/// Opens (creating if needed) the store under `dir`: the Raft log and the state machine
+/// over one RocksDB in `dir/db`, with snapshot files in `dir/snapshots`.
+pub fn open(
+    dir: &std::path::Path,
+) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
+    let (db, snapshot_dir) = store::open_db(dir)?;
+    Ok((
+        log_store::LogStore::new(db.clone()),
+        state_machine::StateMachine::new(db, snapshot_dir),
+    ))
+}
 
 /// The crate's one error type. The first variants are ones a caller can act on; the rest
 /// are storage faults. It travels between nodes (postcard, which encodes a variant by its

@@ -1,5 +1,5 @@
-//! The Raft log and vote in RocksDB (DECISIONS §4), implementing openraft's
-//! `RaftLogStorage` (storage-v2).
+//! The Raft log and vote in RocksDB (raft-store/DESIGN.md, "One RocksDB, group commit"),
+//! implementing openraft's `RaftLogStorage` (storage-v2).
 //!
 //! Log entries live in the `logs` column family under their index as a big-endian u64, so
 //! key order is log order, with postcard-encoded values. Appends are group-committed:

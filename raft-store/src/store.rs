@@ -1,14 +1,12 @@
-//! Opening the node's one RocksDB (DECISIONS §4): column families for Raft metadata (vote,
-//! committed, last purged), the log, and the state machine's data and metadata, plus the
-//! directory for snapshot files.
+//! Opening the node's one RocksDB (raft-store/DESIGN.md, "One RocksDB, group commit"):
+//! column families for Raft metadata (vote, committed, last purged), the log, and the state
+//! machine's data and metadata, plus the directory for snapshot files.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 
-use crate::log_store::LogStore;
-use crate::state_machine::StateMachine;
 use crate::Error;
 
 pub(crate) const CF_META: &str = "meta";
@@ -22,9 +20,9 @@ const MEMTABLE_BUDGET: usize = 32 << 20;
 /// Bytes of the one block cache every column family shares.
 const BLOCK_CACHE: usize = 16 << 20;
 
-/// Opens (creating if needed) the store under `dir`: `dir/db` for RocksDB and
-/// `dir/snapshots` for the newest snapshot.
-pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
+/// Opens (creating if needed) RocksDB in `dir/db` with every column family, and the
+/// directory `dir/snapshots` for the newest snapshot, which it returns.
+pub(crate) fn open_db(dir: &Path) -> Result<(Arc<DB>, PathBuf), Error> {
     let db_dir = dir.join("db");
     let snapshot_dir = dir.join("snapshots");
     std::fs::create_dir_all(&snapshot_dir)
@@ -54,9 +52,5 @@ pub fn open(dir: &Path) -> Result<(LogStore, StateMachine), Error> {
         .map(|name| ColumnFamilyDescriptor::new(name, family_options()));
     let db = DB::open_cf_descriptors(&options, &db_dir, families)
         .map_err(|e| Error::Db(format!("opening {}: {e}", db_dir.display())))?;
-    let db = Arc::new(db);
-    Ok((
-        LogStore::new(db.clone()),
-        StateMachine::new(db, snapshot_dir),
-    ))
+    Ok((Arc::new(db), snapshot_dir))
 }

@@ -1,6 +1,7 @@
-//! Mutual TLS for the internal listener (DECISIONS §12): every node presents a certificate
-//! from the cluster's private CA, and accepts a peer only if the peer's certificate comes
-//! from that same CA. Server and client configurations are built once from PEM files.
+//! Mutual TLS for the internal listener (raft-store/DESIGN.md, "The Raft network"): every
+//! node presents a certificate from the cluster's private CA, and accepts a peer only if
+//! the peer's certificate comes from that same CA. Server and client configurations are
+//! built once from PEM files.
 
 use std::path::Path;
 use std::sync::Arc;

@@ -47,7 +47,7 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime
 );
 
-pub type NodeId = u64;
+pub use crate::command::NodeId;
 pub type Entry = openraft::Entry<TypeConfig>;
 pub type LogId = openraft::LogId<NodeId>;
 pub type Vote = openraft::Vote<NodeId>;

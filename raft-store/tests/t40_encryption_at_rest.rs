@@ -1,8 +1,8 @@
-//! Sensitive fields never reach the disk in the clear (DECISIONS §9): after accounts and
-//! providers with known secrets are replicated, snapshotted and flushed, no file under any
-//! replica's data directory (WAL, SSTs, snapshots) holds the password or the HA1. A marker
-//! stored in the clear (a customer's name) is found by the same scan, so the scan does see
-//! the state's files.
+//! Sensitive fields never reach the disk in the clear (raft-store/DESIGN.md, "Secrets are
+//! sealed before the log"): after accounts and providers with known secrets are replicated,
+//! snapshotted and flushed, no file under any replica's data directory (WAL, SSTs,
+//! snapshots) holds the password or the HA1. A marker stored in the clear (a customer's
+//! name) is found by the same scan, so the scan does see the state's files.
 
 use std::path::Path;
 use std::time::Duration;

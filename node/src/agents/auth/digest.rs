@@ -1,0 +1,518 @@
+//! SIP digest authentication (RFC 3261 §22, RFC 8760), without I/O.
+//!
+//! - Passwords exist only as per-algorithm HA1 values, `H(user:realm:password)`.
+//! - Nonces are stateless (node/DESIGN.md, "Stateless nonces"):
+//!   `<issued-at>.<random>.<HMAC>` under a key every node derives from the cluster's master
+//!   key, so any node verifies a nonce another issued. A nonce older than its lifetime is
+//!   answered with `stale=true`.
+//! - MD5 and SHA-256 are offered in the configured order (clients take the first they
+//!   support; many phones fail on SHA-256 when it comes first), always with `qop="auth"`.
+//! - Replays are bounded per node: a nonce-count must grow for each nonce this node has
+//!   seen, and a nonce is good for its lifetime only.
+
+use crate::hex::encode as hex;
+use std::collections::{HashMap, VecDeque};
+
+use md5::Digest as _;
+use ring::hmac;
+use tandem_sip::headers::AuthHeader;
+
+/// A digest algorithm Tandem speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Algorithm {
+    Md5,
+    Sha256,
+}
+
+impl Algorithm {
+    /// Every algorithm, strongest first (the configured order decides what is offered).
+    pub const ALL: [Algorithm; 2] = [Algorithm::Sha256, Algorithm::Md5];
+
+    /// The name in `algorithm=` and the key of a sealed HA1.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Md5 => "MD5",
+            Algorithm::Sha256 => "SHA-256",
+        }
+    }
+
+    /// `algorithm=` as a client writes it; absent means MD5 (RFC 2617).
+    pub fn parse(s: Option<&str>) -> Option<Algorithm> {
+        match s {
+            None => Some(Algorithm::Md5),
+            Some(s) if s.eq_ignore_ascii_case("MD5") => Some(Algorithm::Md5),
+            Some(s) if s.eq_ignore_ascii_case("SHA-256") => Some(Algorithm::Sha256),
+            _ => None,
+        }
+    }
+
+    /// The lowercase hex digest of `data`.
+    pub fn hex(self, data: &str) -> String {
+        self.hex_of(&[data])
+    }
+
+    /// The lowercase hex digest of `parts` one after another, hashed as they are rather
+    /// than joined into a string first.
+    pub fn hex_of(self, parts: &[&str]) -> String {
+        match self {
+            Algorithm::Md5 => {
+                let mut h = md5::Md5::new();
+                for p in parts {
+                    h.update(p.as_bytes());
+                }
+                hex(&h.finalize())
+            }
+            Algorithm::Sha256 => {
+                let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+                for p in parts {
+                    h.update(p.as_bytes());
+                }
+                hex(h.finish().as_ref())
+            }
+        }
+    }
+}
+
+/// Lowercase hex of `bytes`.
+/// `H(user:realm:password)`, what an account stores instead of its password.
+pub fn ha1(algorithm: Algorithm, user: &str, realm: &str, password: &str) -> String {
+    algorithm.hex(&format!("{user}:{realm}:{password}"))
+}
+
+/// Whether a nonce is ours and how old.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NonceCheck {
+    Fresh,
+    /// Ours, but past its lifetime: the client should retry with a new one (`stale=true`).
+    Stale,
+    /// Not issued by this cluster for this realm.
+    Invalid,
+}
+
+/// Issues and checks stateless nonces.
+pub struct NonceKey {
+    key: hmac::Key,
+    lifetime_secs: u64,
+}
+
+impl NonceKey {
+    /// `secret` is shared by every node (derived from the master key).
+    pub fn new(secret: &[u8], lifetime_secs: u64) -> NonceKey {
+        NonceKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            lifetime_secs,
+        }
+    }
+
+    fn mac(&self, issued: &str, salt: &str, realm: &str) -> String {
+        let mut mac = hmac::Context::with_key(&self.key);
+        for part in [issued, ".", salt, ".", realm] {
+            mac.update(part.as_bytes());
+        }
+        hex(&mac.sign().as_ref()[..16])
+    }
+
+    /// A new nonce: `<issued-at>.<random>.<MAC>`. The random part makes every challenge's
+    /// nonce unique, so nonce-counts of different clients never collide.
+    pub fn issue(&self, realm: &str, now_secs: u64) -> String {
+        use rand::RngCore;
+        let mut salt = [0u8; 8];
+        // A CSPRNG seeded from the OS, without a system call per challenge.
+        rand::thread_rng().fill_bytes(&mut salt);
+        let (issued, salt) = (format!("{now_secs:x}"), hex(&salt));
+        let mac = self.mac(&issued, &salt, realm);
+        format!("{issued}.{salt}.{mac}")
+    }
+
+    pub fn check(&self, nonce: &str, realm: &str, now_secs: u64) -> NonceCheck {
+        let mut parts = nonce.splitn(3, '.');
+        let (Some(issued_hex), Some(salt), Some(mac)) = (parts.next(), parts.next(), parts.next())
+        else {
+            return NonceCheck::Invalid;
+        };
+        let Ok(issued) = u64::from_str_radix(issued_hex, 16) else {
+            return NonceCheck::Invalid;
+        };
+        if !same(mac.as_bytes(), self.mac(issued_hex, salt, realm).as_bytes()) {
+            return NonceCheck::Invalid;
+        }
+        // A nonce from the future (another node's clock ahead) is accepted within a minute.
+        if issued > now_secs + 60 {
+            return NonceCheck::Invalid;
+        }
+        if now_secs.saturating_sub(issued) > self.lifetime_secs {
+            NonceCheck::Stale
+        } else {
+            NonceCheck::Fresh
+        }
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The `WWW-Authenticate` (or `Proxy-Authenticate`) values for a challenge: one per
+/// algorithm, in the order given (RFC 8760: clients use the first they support).
+pub fn challenges(algorithms: &[Algorithm], realm: &str, nonce: &str, stale: bool) -> Vec<String> {
+    algorithms
+        .iter()
+        .map(|a| {
+            format!(
+                "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
+                a.name(),
+                if stale { ", stale=true" } else { "" }
+            )
+        })
+        .collect()
+}
+
+/// The parameters of an `Authorization` header that digest needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub realm: String,
+    pub nonce: String,
+    pub uri: String,
+    pub response: String,
+    pub algorithm: Algorithm,
+    /// `(qop, nc, cnonce)` when the client used qop=auth.
+    pub qop: Option<(String, u32, String)>,
+}
+
+impl Credentials {
+    /// Reads digest credentials, taking their values out of `h` rather than copying them
+    /// (this runs on every authenticated REGISTER and call); `Err` says what is missing or
+    /// wrong.
+    pub fn from_header(mut h: AuthHeader) -> Result<Credentials, String> {
+        if !h.scheme.eq_ignore_ascii_case("Digest") {
+            return Err(format!("unsupported scheme {}", h.scheme));
+        }
+        let mut take = |name: &str| {
+            h.params
+                .iter_mut()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| std::mem::take(v))
+        };
+        let algorithm_param = take("algorithm");
+        let algorithm = Algorithm::parse(algorithm_param.as_deref())
+            .ok_or_else(|| format!("unsupported algorithm {algorithm_param:?}"))?;
+        let mut need = |name: &str| take(name).ok_or(format!("no {name}"));
+        let qop = match need("qop").ok() {
+            None => None,
+            Some(q) if q.eq_ignore_ascii_case("auth") => {
+                let nc = u32::from_str_radix(&need("nc")?, 16).map_err(|_| "bad nc".to_owned())?;
+                Some(("auth".to_owned(), nc, need("cnonce")?))
+            }
+            Some(q) => return Err(format!("unsupported qop {q}")),
+        };
+        Ok(Credentials {
+            username: need("username")?,
+            realm: need("realm")?,
+            nonce: need("nonce")?,
+            uri: need("uri")?,
+            response: need("response")?,
+            algorithm,
+            qop,
+        })
+    }
+
+    /// Whether `response` is right for `ha1` (hex, this algorithm) and `method`.
+    pub fn verify(&self, ha1: &str, method: &str) -> bool {
+        let expected = response(
+            self.algorithm,
+            ha1,
+            &self.nonce,
+            self.qop
+                .as_ref()
+                .map(|(q, nc, c)| (q.as_str(), *nc, c.as_str())),
+            method,
+            &self.uri,
+        );
+        same(
+            expected.as_bytes(),
+            self.response.to_ascii_lowercase().as_bytes(),
+        )
+    }
+}
+
+/// The digest `response` a client computes (RFC 2617 §3.2.2.1, RFC 8760).
+pub fn response(
+    algorithm: Algorithm,
+    ha1: &str,
+    nonce: &str,
+    qop: Option<(&str, u32, &str)>,
+    method: &str,
+    uri: &str,
+) -> String {
+    let ha2 = algorithm.hex_of(&[method, ":", uri]);
+    match qop {
+        Some((qop, nc, cnonce)) => {
+            // nc as eight hex digits, as the client wrote it (RFC 2617 §3.2.2).
+            let nc = hex(&nc.to_be_bytes());
+            algorithm.hex_of(&[ha1, ":", nonce, ":", &nc, ":", cnonce, ":", qop, ":", &ha2])
+        }
+        None => algorithm.hex_of(&[ha1, ":", nonce, ":", &ha2]),
+    }
+}
+
+/// The per-node replay bound: for each nonce seen, the highest nonce-count used with it.
+/// A nonce-count that does not grow is a replay. The oldest entries are forgotten beyond
+/// `capacity`, and nonces expire anyway, so memory stays bounded.
+pub struct ReplayGuard {
+    /// Keyed by a 64-bit hash of the nonce (keyed per process, so nobody can aim for a
+    /// collision), which keeps 100,000 entries in a few MiB; a collision would only cost a
+    /// client one more challenge.
+    seen: HashMap<u64, u32>,
+    order: VecDeque<u64>,
+    capacity: usize,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl ReplayGuard {
+    pub fn new(capacity: usize) -> ReplayGuard {
+        ReplayGuard {
+            seen: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+            hasher: std::collections::hash_map::RandomState::new(),
+        }
+    }
+
+    /// Records `(nonce, nc)`; false if that nonce was already used with this count or a
+    /// higher one.
+    pub fn accept(&mut self, nonce: &str, nc: u32) -> bool {
+        use std::hash::BuildHasher;
+        let key = self.hasher.hash_one(nonce);
+        match self.seen.get_mut(&key) {
+            Some(last) if nc <= *last => false,
+            Some(last) => {
+                *last = nc;
+                true
+            }
+            None => {
+                if self.order.len() >= self.capacity {
+                    if let Some(old) = self.order.pop_front() {
+                        self.seen.remove(&old);
+                    }
+                }
+                self.seen.insert(key, nc);
+                self.order.push_back(key);
+                true
+            }
+        }
+    }
+}
+
+/// Online password guessing is bounded per client address: after `max_failures` failed
+/// attempts within `window`, the address is refused without a credential check until
+/// `lockout` has passed. Time comes in as an argument (tokio's clock in the node).
+pub struct FailureLimiter {
+    max_failures: u32,
+    window: std::time::Duration,
+    lockout: std::time::Duration,
+    /// Per address: failures in the current window, when the window began, and the end of
+    /// a lockout if one is running.
+    seen: HashMap<std::net::IpAddr, (u32, tokio::time::Instant, Option<tokio::time::Instant>)>,
+    capacity: usize,
+}
+
+impl FailureLimiter {
+    pub fn new(
+        max_failures: u32,
+        window: std::time::Duration,
+        lockout: std::time::Duration,
+    ) -> Self {
+        FailureLimiter {
+            max_failures,
+            window,
+            lockout,
+            seen: HashMap::new(),
+            capacity: 100_000,
+        }
+    }
+
+    /// Whether `ip` is locked out at `now`.
+    pub fn locked(&self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
+        matches!(self.seen.get(&ip), Some((_, _, Some(until))) if now < *until)
+    }
+
+    /// Records a failure; true if it starts a lockout.
+    pub fn failed(&mut self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
+        if self.seen.len() >= self.capacity {
+            let window = self.window;
+            self.seen.retain(|_, (_, since, until)| {
+                until.is_some_and(|u| now < u) || now.duration_since(*since) < window
+            });
+        }
+        let entry = self.seen.entry(ip).or_insert((0, now, None));
+        if now.duration_since(entry.1) >= self.window || entry.2.is_some_and(|u| now >= u) {
+            *entry = (0, now, None);
+        }
+        entry.0 += 1;
+        if entry.0 >= self.max_failures && entry.2.is_none() {
+            entry.2 = Some(now + self.lockout);
+            return true;
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_algorithm_the_config_accepts_is_one_digest_knows() {
+        let known: Vec<Algorithm> = crate::config::DIGEST_ALGORITHMS
+            .iter()
+            .map(|name| Algorithm::parse(Some(name)).expect(name))
+            .collect();
+        assert_eq!(known, vec![Algorithm::Md5, Algorithm::Sha256]);
+        for name in crate::config::DIGEST_ALGORITHMS {
+            let lower = name.to_ascii_lowercase();
+            assert!(Algorithm::parse(Some(&lower)).is_some(), "{lower}");
+        }
+        assert_eq!(Algorithm::parse(Some("SHA-512")), None);
+    }
+
+    #[test]
+    fn rfc_2617_example_response() {
+        // RFC 2617 §3.5: Mufasa / "Circle Of Life".
+        let ha1 = ha1(
+            Algorithm::Md5,
+            "Mufasa",
+            "testrealm@host.com",
+            "Circle Of Life",
+        );
+        let r = response(
+            Algorithm::Md5,
+            &ha1,
+            "dcd98b7102dd2f0e8b11d0f600bfb0c093",
+            Some(("auth", 1, "0a4f113b")),
+            "GET",
+            "/dir/index.html",
+        );
+        assert_eq!(r, "6629fae49393a05397450978507c4ef1");
+    }
+
+    #[test]
+    fn rfc_7616_sha256_example_response() {
+        // RFC 7616 §3.9.1, the SHA-256 variant of the same exchange.
+        let ha1 = ha1(
+            Algorithm::Sha256,
+            "Mufasa",
+            "http-auth@example.org",
+            "Circle of Life",
+        );
+        let r = response(
+            Algorithm::Sha256,
+            &ha1,
+            "7ypf/xlj9XXwfDPEoM4URrv/xwf94BcCAzFZH4GiTo0v",
+            Some(("auth", 1, "f2/wE4q74E6zIJEtWaHKaf5wv/H5QzzpXusqGemxURZJ")),
+            "GET",
+            "/dir/index.html",
+        );
+        assert_eq!(
+            r,
+            "753927fa0e85d155564e2e272a28d1802ca10daf4496794697cf8db5856cb6c1"
+        );
+    }
+
+    #[test]
+    fn nonces_verify_on_any_node_with_the_secret_and_go_stale() {
+        let a = NonceKey::new(b"cluster secret", 300);
+        let b = NonceKey::new(b"cluster secret", 300);
+        let other = NonceKey::new(b"another cluster", 300);
+        let n = a.issue("example.com", 1_000);
+        assert_ne!(
+            n,
+            a.issue("example.com", 1_000),
+            "every challenge gets its own nonce"
+        );
+        assert_eq!(b.check(&n, "example.com", 1_100), NonceCheck::Fresh);
+        assert_eq!(b.check(&n, "example.com", 1_301), NonceCheck::Stale);
+        assert_eq!(b.check(&n, "example.org", 1_100), NonceCheck::Invalid);
+        assert_eq!(other.check(&n, "example.com", 1_100), NonceCheck::Invalid);
+        assert_eq!(
+            b.check("garbage", "example.com", 1_100),
+            NonceCheck::Invalid
+        );
+        // Another node's clock may run a little behind, not minutes.
+        assert_eq!(b.check(&n, "example.com", 950), NonceCheck::Fresh);
+        assert_eq!(b.check(&n, "example.com", 900), NonceCheck::Invalid);
+        let tampered = n.replacen(char::is_alphanumeric, "f", 1);
+        assert_ne!(b.check(&tampered, "example.com", 1_100), NonceCheck::Fresh);
+    }
+
+    #[test]
+    fn challenges_follow_the_given_order_with_qop_auth() {
+        let c = challenges(&Algorithm::ALL, "example.com", "n1", true);
+        assert_eq!(c.len(), 2);
+        assert!(c[0].contains("algorithm=SHA-256") && c[0].contains("qop=\"auth\""));
+        assert!(c[1].contains("algorithm=MD5") && c[1].ends_with("stale=true"));
+    }
+
+    #[test]
+    fn credentials_parse_and_verify() {
+        let ha1 = ha1(Algorithm::Md5, "alice", "example.com", "secret");
+        let resp = response(
+            Algorithm::Md5,
+            &ha1,
+            "n1",
+            Some(("auth", 1, "c1")),
+            "REGISTER",
+            "sip:example.com",
+        );
+        let header = AuthHeader::parse(
+            &format!(
+                "Digest username=\"alice\", realm=\"example.com\", nonce=\"n1\", \
+                 uri=\"sip:example.com\", response=\"{resp}\", qop=auth, nc=00000001, \
+                 cnonce=\"c1\", algorithm=MD5"
+            ),
+            "Authorization",
+        )
+        .unwrap();
+        let c = Credentials::from_header(header).unwrap();
+        assert!(c.verify(&ha1, "REGISTER"));
+        assert!(!c.verify(&ha1, "INVITE"));
+        let wrong = super::ha1(Algorithm::Md5, "alice", "example.com", "guess");
+        assert!(!c.verify(&wrong, "REGISTER"));
+
+        let basic = AuthHeader::parse("Basic abc=1", "Authorization").unwrap();
+        assert!(Credentials::from_header(basic).is_err());
+    }
+
+    #[test]
+    fn repeated_failures_lock_an_address_out_for_a_while() {
+        use std::time::Duration;
+        let mut l = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        let (ip, other): (std::net::IpAddr, std::net::IpAddr) =
+            ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let t0 = tokio::time::Instant::now();
+        assert!(!l.failed(ip, t0));
+        assert!(!l.failed(ip, t0 + Duration::from_secs(1)));
+        assert!(!l.locked(ip, t0 + Duration::from_secs(2)));
+        assert!(l.failed(ip, t0 + Duration::from_secs(2)));
+        assert!(l.locked(ip, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(other, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(ip, t0 + Duration::from_secs(303)));
+        // Failures spread wider than the window never lock.
+        let mut slow = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        for i in 0..10 {
+            assert!(!slow.failed(ip, t0 + Duration::from_secs(61 * i)));
+        }
+    }
+
+    #[test]
+    fn a_nonce_count_must_grow() {
+        let mut g = ReplayGuard::new(2);
+        assert!(g.accept("n1", 1));
+        assert!(!g.accept("n1", 1));
+        assert!(g.accept("n1", 2));
+        assert!(g.accept("n2", 1));
+        assert!(g.accept("n3", 1)); // forgets n1
+        assert!(g.accept("n1", 1));
+    }
+}

@@ -1,0 +1,320 @@
+//! Digest authentication of requests against the local replica (RFC 3261 §22, RFC 8760),
+//! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
+//! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
+//! nonce key (derived from the master key, so any node verifies any node's nonce), the
+//! bound on nonce-count replays, the lockout of addresses that keep guessing, and the
+//! accounts it has opened (their HA1s decrypted), kept until the accounts change.
+
+pub mod accounts;
+pub mod digest;
+
+use std::collections::hash_map::RandomState;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tandem_raft_store::command::Account;
+use tandem_sip::{HeaderName, Message, Method};
+
+use crate::agents::auth::accounts::open_ha1;
+use crate::agents::auth::digest::{
+    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, ReplayGuard,
+};
+use crate::agents::Refusal;
+use crate::clock::now_ms;
+use crate::cluster::ClusterNode;
+use crate::stack::stats::Stats;
+
+/// Failed authentications from one address within [`GUESS_WINDOW`] that lock it out for
+/// [`LOCKOUT`]: SIP scanners guess passwords all day.
+const GUESSES_BEFORE_LOCKOUT: u32 = 20;
+const GUESS_WINDOW: Duration = Duration::from_secs(60);
+const LOCKOUT: Duration = Duration::from_secs(300);
+
+/// Most opened accounts an [`Authenticator`] keeps; past this it starts afresh, so memory
+/// stays bounded however many accounts log in.
+const OPENED_MAX: usize = 16_384;
+
+/// Who is asking for credentials: a registrar (the UAS itself) or a proxy on the way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Challenge {
+    /// 401, WWW-Authenticate, Authorization.
+    Registrar,
+    /// 407, Proxy-Authenticate, Proxy-Authorization.
+    Proxy,
+}
+
+impl Challenge {
+    fn status(self) -> (u16, &'static str) {
+        match self {
+            Challenge::Registrar => (401, "Unauthorized"),
+            Challenge::Proxy => (407, "Proxy Authentication Required"),
+        }
+    }
+
+    fn challenge_header(self) -> HeaderName {
+        match self {
+            Challenge::Registrar => HeaderName::WwwAuthenticate,
+            Challenge::Proxy => HeaderName::ProxyAuthenticate,
+        }
+    }
+
+    fn credentials_header(self) -> HeaderName {
+        match self {
+            Challenge::Registrar => HeaderName::Authorization,
+            Challenge::Proxy => HeaderName::ProxyAuthorization,
+        }
+    }
+}
+
+/// How a request authenticated.
+#[derive(Debug)]
+pub enum Authenticated {
+    /// The account whose credentials checked out.
+    Account(Arc<Account>),
+    /// Not (yet): the answer to send (401/407 with challenges, or 403).
+    Refused(Refusal),
+}
+
+/// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
+/// credentials computed with it) is useless from any other address.
+fn nonce_scope(realm: &str, client: IpAddr) -> String {
+    [realm, "|", &tandem_sip::addr::ip_string(client)].concat()
+}
+
+/// Domain, user and algorithm of a login.
+type LoginKey = (String, String, Algorithm);
+
+/// A login as it is looked up, borrowed from the request: it hashes as the `LoginKey` it
+/// equals (a `&str` hashes as a `String`), so a lookup that finds its account copies
+/// nothing.
+#[derive(Hash)]
+struct LoginRef<'a>(&'a str, &'a str, Algorithm);
+
+impl hashbrown::Equivalent<LoginKey> for LoginRef<'_> {
+    fn equivalent(&self, key: &LoginKey) -> bool {
+        self.0 == key.0 && self.1 == key.1 && self.2 == key.2
+    }
+}
+
+/// Accounts with their HA1 opened, per algorithm, valid for one generation of the accounts
+/// (`StateReader::accounts_generation`): every REGISTER and call would otherwise read the
+/// account and decrypt its HA1 again.
+#[derive(Default)]
+struct Opened {
+    generation: u64,
+    accounts: hashbrown::HashMap<LoginKey, (Arc<Account>, Arc<str>), RandomState>,
+}
+
+/// What looking up an account for a login found.
+enum Lookup {
+    Ready(Arc<Account>, Arc<str>),
+    /// The account exists, but its HA1 for this algorithm does not open.
+    Sealed,
+    Missing,
+}
+
+/// The node's digest authenticator.
+pub struct Authenticator {
+    cluster: ClusterNode,
+    /// Offered in this order.
+    algorithms: Vec<Algorithm>,
+    nonces: NonceKey,
+    replays: Mutex<ReplayGuard>,
+    failures: Mutex<FailureLimiter>,
+    opened: Mutex<Opened>,
+    stats: Arc<Stats>,
+}
+
+impl Authenticator {
+    pub fn new(
+        cluster: ClusterNode,
+        algorithms: Vec<Algorithm>,
+        nonce_lifetime_secs: u64,
+        stats: Arc<Stats>,
+    ) -> Authenticator {
+        let secret = cluster.keys().derive("tandem digest nonces");
+        Authenticator {
+            cluster,
+            algorithms,
+            nonces: NonceKey::new(&secret, nonce_lifetime_secs),
+            replays: Mutex::new(ReplayGuard::new(100_000)),
+            failures: Mutex::new(FailureLimiter::new(
+                GUESSES_BEFORE_LOCKOUT,
+                GUESS_WINDOW,
+                LOCKOUT,
+            )),
+            opened: Mutex::default(),
+            stats,
+        }
+    }
+
+    /// A 401/407 with a new nonce for `scope` (see [`nonce_scope`]) in each challenge.
+    fn challenge(&self, kind: Challenge, realm: &str, scope: &str, stale: bool) -> Refusal {
+        let nonce = self.nonces.issue(scope, now_ms() / 1000);
+        let (status, reason) = kind.status();
+        let mut a = Refusal::new(status, reason);
+        for c in challenges(&self.algorithms, realm, &nonce, stale) {
+            a.headers.push((kind.challenge_header(), c));
+        }
+        a
+    }
+
+    /// `user@domain`'s account and its HA1 for `algorithm`: opened before, while the
+    /// accounts have not changed since, or read and opened now. An HA1 that does not open
+    /// is not kept, so a fixed key file takes effect at once.
+    fn lookup(&self, domain: &str, user: &str, algorithm: Algorithm) -> Lookup {
+        let reader = self.cluster.replica.reader();
+        // Read before the account: a change after this makes the entry stale at once.
+        let generation = reader.accounts_generation();
+        {
+            let opened = self.opened.lock().expect("opened accounts");
+            if opened.generation == generation {
+                if let Some((account, ha1)) =
+                    opened.accounts.get(&LoginRef(domain, user, algorithm))
+                {
+                    return Lookup::Ready(account.clone(), ha1.clone());
+                }
+            }
+        }
+        let Some(account) = reader.account(domain, user).ok().flatten() else {
+            return Lookup::Missing;
+        };
+        let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
+            return Lookup::Sealed;
+        };
+        let (account, ha1) = (Arc::new(account), Arc::<str>::from(ha1));
+        let mut opened = self.opened.lock().expect("opened accounts");
+        if opened.generation != generation || opened.accounts.len() >= OPENED_MAX {
+            opened.generation = generation;
+            opened.accounts.clear();
+        }
+        let key = (domain.to_owned(), user.to_owned(), algorithm);
+        opened.accounts.insert(key, (account.clone(), ha1.clone()));
+        Lookup::Ready(account, ha1)
+    }
+
+    /// Digest authentication of `request` as the account `user@domain`: a challenge while
+    /// credentials are missing, stale, replayed or wrong; 403 when they are right but may
+    /// not act as that account, or it is disabled.
+    pub fn authenticate(
+        &self,
+        request: &Message,
+        ip: IpAddr,
+        user: &str,
+        domain: &str,
+        kind: Challenge,
+    ) -> Authenticated {
+        let now = tokio::time::Instant::now();
+        if self
+            .failures
+            .lock()
+            .expect("failure limiter")
+            .locked(ip, now)
+        {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            return Authenticated::Refused(Refusal::new(
+                403,
+                "Forbidden (too many failed attempts; try again later)",
+            ));
+        }
+        let fail = |a: Refusal| {
+            self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
+            if self
+                .failures
+                .lock()
+                .expect("failure limiter")
+                .failed(ip, now)
+            {
+                tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
+            }
+            Authenticated::Refused(a)
+        };
+        let scope = nonce_scope(domain, ip);
+        let headers = request
+            .auth_headers(&kind.credentials_header())
+            .unwrap_or_default();
+        let Some(creds) = headers
+            .into_iter()
+            .filter_map(|h| Credentials::from_header(h).ok())
+            .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
+        else {
+            return Authenticated::Refused(self.challenge(kind, domain, &scope, false));
+        };
+        let nonce = self.nonces.check(&creds.nonce, &scope, now_ms() / 1000);
+        if nonce == NonceCheck::Invalid {
+            return fail(self.challenge(kind, domain, &scope, false));
+        }
+        let Some((_, nc, _)) = &creds.qop else {
+            return fail(self.challenge(kind, domain, &scope, false));
+        };
+        let method = request.method().map(Method::as_str).unwrap_or_default();
+        let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
+            Lookup::Ready(account, ha1) => (account, ha1),
+            Lookup::Sealed => {
+                // The account exists but its HA1 does not open: a key file without the key
+                // it was sealed with. Every login of this account fails until that is fixed.
+                tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
+                    "cannot open the account's HA1: is every key in this node's key file?");
+                return fail(self.challenge(kind, domain, &scope, false));
+            }
+            Lookup::Missing => {
+                tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
+                return fail(self.challenge(kind, domain, &scope, false));
+            }
+        };
+        if !creds.verify(&ha1, method) {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
+            return fail(self.challenge(kind, domain, &scope, false));
+        }
+        // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
+        if nonce == NonceCheck::Stale {
+            return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
+        }
+        if !self
+            .replays
+            .lock()
+            .expect("replay guard lock")
+            .accept(&creds.nonce, *nc)
+        {
+            tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
+            return fail(self.challenge(kind, domain, &scope, false));
+        }
+        if creds.username != user {
+            let verb = match kind {
+                Challenge::Registrar => "register",
+                Challenge::Proxy => "send as",
+            };
+            return fail(Refusal::new(
+                403,
+                format!("Forbidden ({} may not {verb} {user})", creds.username),
+            ));
+        }
+        if !account.enabled {
+            return fail(Refusal::new(403, "Forbidden (account disabled)"));
+        }
+        Authenticated::Account(account)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A borrowed login finds the owned key it equals, and only that one: were the two to
+    /// hash apart, every login would miss and open its account again.
+    #[test]
+    fn a_borrowed_login_finds_its_owned_key() {
+        let mut map: hashbrown::HashMap<LoginKey, u8, RandomState> = Default::default();
+        map.insert(("example.com".into(), "alice".into(), Algorithm::Md5), 1);
+        map.insert(("example.com".into(), "alice".into(), Algorithm::Sha256), 2);
+        let get = |d, u, a| map.get(&LoginRef(d, u, a)).copied();
+        assert_eq!(get("example.com", "alice", Algorithm::Md5), Some(1));
+        assert_eq!(get("example.com", "alice", Algorithm::Sha256), Some(2));
+        assert_eq!(get("example.com", "bob", Algorithm::Md5), None);
+        assert_eq!(get("example.org", "alice", Algorithm::Md5), None);
+        // The boundary between domain and user counts.
+        assert_eq!(get("example.coma", "lice", Algorithm::Md5), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! The SIP agents: what a node does with a request once the stack has matched it to a
+//! transaction. The [`dispatcher`] runs the checks every request passes and hands each
+//! request to the agent that serves it; the agents share [`auth`] (digest accounts and
+//! nonces) and [`location`] (bindings).
+//!
+//! | agent | serves |
+//! |---|---|
+//! | [`registrar`] | REGISTER (RFC 3261 §10.3) |
+//! | [`proxy`] | every request for someone else, and requests inside dialogs (RFC 3261 §16) |
+//! | `registration_agent/` | not built yet: customers' provider accounts |
+//! | `app_server/` | not built yet: per-account dialplans |
+//! | `cdr/` | not built yet: call records |
+//!
+//! Agents sit above the stack and the cluster, never below: nothing in `stack/` or
+//! `cluster/` names an agent.
+
+pub mod auth;
+pub mod dispatcher;
+pub mod drain;
+pub mod location;
+pub mod proxy;
+pub mod registrar;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_sip::{HeaderName, Message};
+
+use crate::cluster::peers::PeerMonitor;
+use crate::cluster::ClusterNode;
+use crate::config::Config;
+use crate::stack::stats::Stats;
+use crate::stack::transaction::{LayerHandle, TxId};
+use crate::stack::transport::{Flow, OwnAddrs, Transports};
+
+use auth::Authenticator;
+use location::overlay::BindingOverlay;
+use proxy::{Dialogs, Proxy, ProxySettings};
+use registrar::{Registrar, RegistrarSettings};
+
+/// A SIP agent, as the dispatcher sees it. The dispatcher offers every request that passed
+/// its own checks to the agents in order ([`Agents::serving`]), and the first that takes
+/// it serves it; a request no agent takes is answered by the dispatcher (405, 501, or 200
+/// to an OPTIONS for the node itself).
+pub trait Agent: Send + Sync + 'static {
+    /// Whether this agent serves `request`. `in_transaction` is false when the request
+    /// matched no server transaction: an ACK for a 2xx, or a request whose Via is too
+    /// broken to match. Asked for every request, so it must be cheap and do no I/O.
+    fn takes(&self, request: &Message, in_transaction: bool) -> bool;
+
+    /// Serves a request it took, answering through `tx` (or, without one, statelessly
+    /// through `stack`). It must not wait: work that waits goes on a task of its own.
+    fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, stack: &Stack);
+
+    /// A CANCEL matched the INVITE server transaction `invite`: an agent serving it stops.
+    /// Every agent hears of every CANCEL, and ignores those it knows nothing of.
+    fn cancel(&self, _invite: TxId) {}
+
+    /// Whether `request` carries on work that another node started through this one (a
+    /// call relayed to a phone registered here), which drain must let through.
+    fn carries_on(&self, _request: &Message) -> bool {
+        false
+    }
+}
+
+/// The parts of the stack an agent answers and sends through.
+#[derive(Clone)]
+pub struct Stack {
+    pub layer: LayerHandle,
+    pub transports: Transports,
+    pub stats: Arc<Stats>,
+}
+
+/// An answer other than success, from any agent or the authenticator: status, reason and
+/// extra headers. It becomes a response in one place, [`Refusal::response`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: String,
+    pub headers: Vec<(HeaderName, String)>,
+}
+
+impl Refusal {
+    pub fn new(status: u16, reason: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            reason: reason.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    /// The response to `request` that carries this refusal.
+    pub fn response(self, request: &Message) -> Message {
+        let mut response = crate::stack::responses::build(request, self.status, &self.reason);
+        for (name, value) in self.headers {
+            response.push_header(name, value);
+        }
+        response
+    }
+}
+
+/// Every agent of a full node, built once and shared by the dispatchers of all SIP
+/// threads.
+#[derive(Clone)]
+pub struct Agents {
+    /// Asked in this order. A new agent is a folder beside the others and one line in
+    /// [`Agents::build`] that puts it here.
+    pub serving: Arc<[Arc<dyn Agent>]>,
+    /// The calls the proxy record-routed and that have not ended, which drain waits for.
+    pub dialogs: Arc<Dialogs>,
+}
+
+impl Agents {
+    /// Builds the agents over the cluster and a started stack. The authenticator (one nonce
+    /// key, one replay bound and one lockout per node) is shared by the registrar's 401s
+    /// and the proxy's 407s.
+    #[allow(clippy::too_many_arguments)]
+    pub fn build(
+        config: &Config,
+        cluster: &ClusterNode,
+        overlay: &Arc<BindingOverlay>,
+        peers: &Arc<PeerMonitor>,
+        layer: &LayerHandle,
+        transports: &Transports,
+        own: OwnAddrs,
+        stats: &Arc<Stats>,
+    ) -> Agents {
+        let settings = RegistrarSettings::from_config(&config.registrar);
+        let auth = Arc::new(Authenticator::new(
+            cluster.clone(),
+            settings.algorithms.clone(),
+            settings.nonce_lifetime_secs,
+            stats.clone(),
+        ));
+        let proxy = Arc::new(Proxy::new(
+            cluster.clone(),
+            overlay.clone(),
+            auth.clone(),
+            layer.clone(),
+            transports.clone(),
+            own,
+            peers.clone(),
+            ProxySettings {
+                timer_c: Duration::from_secs(config.sip.timer_c_secs),
+            },
+        ));
+        let registrar = Arc::new(Registrar::new(
+            cluster.clone(),
+            overlay.clone(),
+            settings,
+            auth,
+        ));
+        let dialogs = proxy.dialogs.clone();
+        // REGISTER before the proxy: the proxy takes every request for someone else.
+        let serving: Vec<Arc<dyn Agent>> = vec![registrar, proxy];
+        Agents {
+            serving: serving.into(),
+            dialogs,
+        }
+    }
+
+    /// The first agent that takes `request`.
+    pub fn taker(&self, request: &Message, in_transaction: bool) -> Option<&Arc<dyn Agent>> {
+        self.serving
+            .iter()
+            .find(|a| a.takes(request, in_transaction))
+    }
+}
+
+/// Runs `work` to its end here if it never has to wait, and spawns it as a task
+/// otherwise. Most REGISTERs are refreshes answered without waiting for anything, and a
+/// task costs more than such an answer. A panic in `work` ends only `work`, as it would
+/// end only its task.
+pub fn run_or_spawn(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let mut work = Box::pin(work);
+    // A future registers the waker of each poll; the task's first poll replaces this one.
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.as_mut().poll(&mut cx)));
+    match polled {
+        Ok(std::task::Poll::Ready(())) => {}
+        Ok(std::task::Poll::Pending) => {
+            tokio::spawn(work);
+        }
+        Err(_) => tracing::error!("a request handler panicked; its request is dropped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering;
+
+    #[tokio::test]
+    async fn work_that_never_waits_runs_inline_and_the_rest_on_a_task() {
+        use std::sync::atomic::AtomicUsize;
+        let done = Arc::new(AtomicUsize::new(0));
+        let d = done.clone();
+        run_or_spawn(async move {
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(
+            done.load(Ordering::SeqCst),
+            1,
+            "finished before run_or_spawn returned"
+        );
+
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let d = done.clone();
+        run_or_spawn(async move {
+            let _ = rx.await;
+            d.fetch_add(1, Ordering::SeqCst);
+        });
+        assert_eq!(done.load(Ordering::SeqCst), 1, "still waiting");
+        tx.send(()).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while done.load(Ordering::SeqCst) < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the spawned task was woken and finished");
+
+        // A panic ends only the work.
+        run_or_spawn(async { panic!("handler bug") });
+    }
+}

@@ -1,0 +1,1175 @@
+//! The stateful, record-routing proxy (RFC 3261 §16) and inter-node forwarding
+//! (node/DESIGN.md, "Edge nodes").
+//!
+//! - **Route set first.** Route entries naming this node are removed (§16.4). If the last
+//!   one carries a flow token ([`crate::agents::proxy::flow_token`]), the request goes out
+//!   over that flow: that is how another node hands over a call for a phone registered
+//!   through this one, and how requests inside a dialog reach a phone behind NAT. Any other
+//!   Route left on top is the next hop.
+//! - **New requests from local accounts** are authenticated with 407 (§22.3). A request
+//!   for a local domain looks up the AOR's bindings in the local replica (through the
+//!   degraded-mode overlay): an unknown user gets 404, one without bindings 480. A request
+//!   for a domain not served here gets 403 until the dialplan can route it.
+//! - **Forking.** Bindings are tried by q-value group, each group's contacts in parallel.
+//!   A 2xx is forwarded at once and the other branches are CANCELled; a 6xx ends the
+//!   search; otherwise the best final response of §16.7 goes back once every branch has
+//!   answered. Timer C (§16.8) CANCELs a branch that rings too long.
+//! - **A binding whose edge node is another node** is reached through that node, with a
+//!   Route carrying a token for the binding's stored flow. If the edge node does not answer
+//!   its peers ([`crate::cluster::peers`]), the request goes straight to the binding's public
+//!   address.
+//! - **Record-Route.** Each node adds two entries, one per side, each with a token for
+//!   its side's flow (RFC 5658 double record-routing, RFC 5626 §5.3 flow tokens). Requests
+//!   later in the dialog therefore take the same path and the same flows.
+//! - **ACK for a 2xx** is forwarded statelessly along its Route set; an ACK for any other
+//!   final response is handled hop by hop by the transaction layer.
+//!
+//! The decisions that need no I/O are in [`route`].
+
+pub mod flow_token;
+pub mod route;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_raft_store::command::Binding;
+use tandem_raft_store::types::NodeId;
+use tandem_sip::{HeaderName, Host, Message, Method, NameAddr, SipUri, Uri};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::agents::auth::{Authenticated, Authenticator, Challenge};
+use crate::agents::location::flow_of_stored;
+use crate::agents::location::overlay::BindingOverlay;
+use crate::agents::proxy::flow_token::FlowTokens;
+use crate::agents::{Agent, Refusal, Stack};
+use crate::clock::now_ms;
+use crate::cluster::peers::{sip_addr, PeerMonitor};
+use crate::cluster::ClusterNode;
+use crate::stack::transaction::{ClientEvent, EventSink, LayerHandle, TxId};
+use crate::stack::transport::{next_hop, transport_param, OwnAddrs};
+use crate::stack::transport::{Flow, TransportKind, Transports};
+
+/// Proxy settings.
+#[derive(Clone, Debug)]
+pub struct ProxySettings {
+    /// Timer C (§16.8): how long a branch may ring before it is CANCELled.
+    pub timer_c: Duration,
+}
+
+/// Where one branch goes.
+#[derive(Clone, Debug)]
+struct Target {
+    /// The new Request-URI, if it changes.
+    uri: Option<Uri>,
+    /// Route entries to put on top (an edge node's token Route, or a binding's Path).
+    routes: Vec<String>,
+    hop: Hop,
+}
+
+#[derive(Clone, Debug)]
+enum Hop {
+    /// A known flow (a binding's, or a token's).
+    Flow(Flow),
+    /// Resolve this URI (a Route entry, or a Request-URI).
+    Uri(SipUri),
+}
+
+/// Dialogs this node record-routed and has not seen end, for drain and metrics.
+#[derive(Debug, Default)]
+pub struct Dialogs {
+    open: Mutex<HashMap<String, Instant>>,
+}
+
+/// A dialog whose BYE never passed this node is forgotten after this long.
+const DIALOG_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
+
+impl Dialogs {
+    fn opened(&self, call_id: &str) {
+        let mut open = self.open.lock().expect("dialog table lock");
+        if open.len() > 10_000 {
+            open.retain(|_, t| t.elapsed() < DIALOG_MAX_AGE);
+        }
+        open.insert(call_id.to_owned(), Instant::now());
+    }
+
+    fn closed(&self, call_id: &str) {
+        self.open.lock().expect("dialog table lock").remove(call_id);
+    }
+
+    /// Calls through this node that have not ended.
+    pub fn count(&self) -> usize {
+        let mut open = self.open.lock().expect("dialog table lock");
+        open.retain(|_, t| t.elapsed() < DIALOG_MAX_AGE);
+        open.len()
+    }
+}
+
+/// The proxy of one node.
+pub struct Proxy {
+    cluster: ClusterNode,
+    overlay: Arc<BindingOverlay>,
+    auth: Arc<Authenticator>,
+    layer: LayerHandle,
+    transports: Transports,
+    tokens: FlowTokens,
+    own: OwnAddrs,
+    peers: Arc<PeerMonitor>,
+    settings: ProxySettings,
+    /// Running INVITE forwards by server transaction, for CANCEL.
+    invites: Mutex<HashMap<TxId, mpsc::UnboundedSender<()>>>,
+    pub dialogs: Arc<Dialogs>,
+}
+
+/// The SIP URI of the topmost Route entry.
+fn top_route(request: &Message) -> Option<SipUri> {
+    request
+        .name_addrs(&HeaderName::Route)
+        .ok()?
+        .into_iter()
+        .next()?
+        .uri
+        .as_sip()
+        .cloned()
+}
+
+fn sip_uri_of(value: &str) -> Option<SipUri> {
+    NameAddr::parse(value, "Route")
+        .ok()
+        .and_then(|n| n.uri.as_sip().cloned())
+}
+
+impl Proxy {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cluster: ClusterNode,
+        overlay: Arc<BindingOverlay>,
+        auth: Arc<Authenticator>,
+        layer: LayerHandle,
+        transports: Transports,
+        own: OwnAddrs,
+        peers: Arc<PeerMonitor>,
+        settings: ProxySettings,
+    ) -> Proxy {
+        let tokens = FlowTokens::new(
+            &cluster
+                .keys()
+                .derive_all(crate::agents::proxy::flow_token::KEY_LABEL),
+        );
+        Proxy {
+            cluster,
+            overlay,
+            auth,
+            layer,
+            transports,
+            tokens,
+            own,
+            peers,
+            settings,
+            invites: Mutex::default(),
+            dialogs: Arc::default(),
+        }
+    }
+
+    fn me(&self) -> NodeId {
+        self.cluster.identity.node_id
+    }
+
+    /// A CANCEL matched the INVITE server transaction `invite`: stop its branches.
+    pub fn cancel(&self, invite: TxId) {
+        if let Some(signal) = self.invites.lock().expect("invite table lock").get(&invite) {
+            let _ = signal.send(());
+        }
+    }
+
+    /// Handles a request the dispatcher routes here. `tx` is `None` only for an ACK that matched
+    /// no transaction (the ACK for a 2xx).
+    pub fn handle(self: &Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>) {
+        let proxy = self.clone();
+        // The CANCEL channel exists before the task runs, so a CANCEL handled by the dispatcher
+        // right after this INVITE always finds it.
+        let cancels = match tx {
+            Some(tx) if request.method() == Some(&Method::Invite) => {
+                let (signal, cancels) = mpsc::unbounded_channel();
+                self.invites
+                    .lock()
+                    .expect("invite table lock")
+                    .insert(tx, signal);
+                Some(cancels)
+            }
+            _ => None,
+        };
+        tokio::spawn(async move {
+            match tx {
+                Some(tx) => {
+                    proxy.clone().route(request, flow, tx, cancels).await;
+                    proxy.invites.lock().expect("invite table lock").remove(&tx);
+                }
+                None => proxy.forward_ack(request, flow).await,
+            }
+        });
+    }
+
+    /// Whether a request's top Route is this node's with a genuine token: a request
+    /// another node relays to a phone registered here, which drain must not refuse.
+    pub fn is_relayed(&self, request: &Message) -> bool {
+        let call_id = request.call_id().unwrap_or_default();
+        top_route(request).is_some_and(|u| {
+            self.own.is_own(&u)
+                && u.user
+                    .as_deref()
+                    .is_some_and(|user| self.tokens.decode(user, &call_id).is_some())
+        })
+    }
+
+    fn answer(&self, tx: TxId, request: &Message, refusal: Refusal) {
+        tracing::debug!(status = refusal.status, reason = %refusal.reason, "proxy answered");
+        self.layer.respond(tx, refusal.response(request));
+    }
+
+    /// Removes the Route entries that name this node (§16.4): its addresses, or a domain
+    /// it serves without a user part. Returns what the popped entries' tokens said.
+    fn pop_own_routes(&self, request: &mut Message) -> OwnRoutes {
+        let call_id = request
+            .call_id()
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
+        let routes = request.name_addrs(&HeaderName::Route).unwrap_or_default();
+        let reader = self.cluster.replica.reader();
+        let mut own = OwnRoutes::default();
+        for uri in routes.iter().map_while(|r| r.uri.as_sip()) {
+            let ours = self.own.is_own(uri)
+                || (uri.user.is_none()
+                    && reader.serves_domain(&uri.host.to_string()).unwrap_or(false));
+            if !ours {
+                break;
+            }
+            own.popped += 1;
+            own.token = uri
+                .user
+                .as_deref()
+                .and_then(|u| self.tokens.decode(u, &call_id));
+            own.any_token |= own.token.is_some();
+        }
+        for _ in 0..own.popped {
+            let _ = request.pop_first_value(&HeaderName::Route);
+        }
+        own
+    }
+
+    /// Removes the credentials this node checked: they are for its realms, and the callee
+    /// has no business seeing them (§22.3).
+    fn strip_own_credentials(&self, request: &mut Message) {
+        let Ok(all) = request.auth_headers(&HeaderName::ProxyAuthorization) else {
+            return;
+        };
+        if all.is_empty() {
+            return;
+        }
+        let reader = self.cluster.replica.reader();
+        request.remove_header(&HeaderName::ProxyAuthorization);
+        for h in all {
+            let ours = h
+                .param("realm")
+                .is_some_and(|r| reader.serves_domain(r).unwrap_or(false));
+            if !ours {
+                request.push_header(HeaderName::ProxyAuthorization, h.to_string());
+            }
+        }
+    }
+
+    async fn route(
+        self: Arc<Self>,
+        mut request: Message,
+        flow: Flow,
+        tx: TxId,
+        cancels: Option<mpsc::UnboundedReceiver<()>>,
+    ) {
+        let Some(method) = request.method().cloned() else {
+            return;
+        };
+        let hash = route::loop_hash(&request);
+        if route::is_loop(&request, &self.own, &hash) {
+            self.answer(tx, &request, Refusal::new(482, "Loop Detected"));
+            return;
+        }
+        let own = self.pop_own_routes(&mut request);
+        let in_dialog = request
+            .to()
+            .is_ok_and(|to| to.params.value("tag").is_some());
+        let next_route = top_route(&request);
+        let decided: Result<Vec<Vec<Target>>, Refusal> = if let Some(next) = next_route {
+            // Loose routing to the next hop (§16.6 step 6). Inside a dialog only along a
+            // route set this node record-routed (a genuine token for this call); a new
+            // request only after authenticating. Otherwise this would be an open relay.
+            if in_dialog && own.any_token {
+                Ok(vec![vec![Target {
+                    uri: None,
+                    routes: Vec::new(),
+                    hop: Hop::Uri(next),
+                }]])
+            } else if in_dialog {
+                Err(Refusal::new(
+                    403,
+                    "Forbidden (no route set through this node)",
+                ))
+            } else {
+                self.authorize_outbound(&request, &flow).map(|()| {
+                    vec![vec![Target {
+                        uri: None,
+                        routes: Vec::new(),
+                        hop: Hop::Uri(next),
+                    }]]
+                })
+            }
+        } else if let Some(token) = own.token {
+            Ok(vec![vec![Target {
+                uri: None,
+                routes: Vec::new(),
+                hop: Hop::Flow(token),
+            }]])
+        } else if in_dialog {
+            Err(Refusal::new(
+                404,
+                "Not Here (no route set through this node)",
+            ))
+        } else {
+            self.initial_targets(&request, &flow)
+        };
+        let groups = match decided {
+            Ok(g) => g,
+            Err(r) => {
+                self.answer(tx, &request, r);
+                return;
+            }
+        };
+        // 100 Trying only for an INVITE that goes on: a refusal (407 first of all, for
+        // every new call) is final at once, and the transaction sends a 100 of its own if
+        // ever the answer takes 200 ms (RFC 3261 §17.2.1).
+        if method == Method::Invite {
+            let mut trying = Message::response_to(&request, 100, "Trying");
+            crate::stack::responses::stamp(&mut trying);
+            self.layer.respond(tx, trying);
+        }
+        if !in_dialog {
+            self.strip_own_credentials(&mut request);
+        }
+        let record_route = !in_dialog
+            && matches!(
+                method,
+                Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
+            );
+        let fork = Fork {
+            proxy: self.clone(),
+            is_invite: method == Method::Invite,
+            request,
+            in_flow: flow,
+            tx,
+            hash,
+            record_route,
+            branches: Vec::new(),
+            best: None,
+            challenges: Vec::new(),
+            answered: false,
+            finished: false,
+            cancelled: false,
+        };
+        self.forward(fork, groups, cancels).await;
+    }
+
+    /// A new request with a route of its own: allowed for local accounts that authenticate.
+    fn authorize_outbound(&self, request: &Message, flow: &Flow) -> Result<(), Refusal> {
+        let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
+        let Some(from) = from else {
+            return Err(Refusal::new(403, "Forbidden (relaying denied)"));
+        };
+        let domain = from.host.to_string();
+        let reader = self.cluster.replica.reader();
+        if !reader.serves_domain(&domain).unwrap_or(false) {
+            return Err(Refusal::new(403, "Forbidden (relaying denied)"));
+        }
+        self.authenticate_caller(request, flow, &from, &domain)
+    }
+
+    fn authenticate_caller(
+        &self,
+        request: &Message,
+        flow: &Flow,
+        from: &SipUri,
+        domain: &str,
+    ) -> Result<(), Refusal> {
+        let user = from.user_unescaped().unwrap_or_default().into_owned();
+        match self
+            .auth
+            .authenticate(request, flow.remote.ip(), &user, domain, Challenge::Proxy)
+        {
+            Authenticated::Account(_) => Ok(()),
+            Authenticated::Refused(refusal) => Err(refusal),
+        }
+    }
+
+    /// The local domain and user a Request-URI names: its own host if this cluster serves
+    /// it; for a URI with this node's address as host, the To header's domain.
+    fn local_target(&self, request: &Message) -> Option<(String, String)> {
+        let uri = request.uri()?.as_sip()?;
+        let user = uri.user_unescaped()?.into_owned();
+        let reader = self.cluster.replica.reader();
+        let host = uri.host.to_string();
+        if reader.serves_domain(&host).unwrap_or(false) {
+            return Some((user, host));
+        }
+        if self.own.is_own(uri) {
+            let to = request.to().ok()?;
+            let domain = to.uri.as_sip()?.host.to_string();
+            if reader.serves_domain(&domain).unwrap_or(false) {
+                return Some((user, domain));
+            }
+        }
+        None
+    }
+
+    fn initial_targets(&self, request: &Message, flow: &Flow) -> Result<Vec<Vec<Target>>, Refusal> {
+        let method = request.method().cloned().unwrap_or(Method::Options);
+        let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
+        let reader = self.cluster.replica.reader();
+        // Callers claiming a local account prove it (§22.3); ACK and CANCEL cannot be
+        // challenged, and never reach here (they are hop by hop or matched).
+        if let Some(from) = &from {
+            let domain = from.host.to_string();
+            if reader.serves_domain(&domain).unwrap_or(false) && method != Method::Ack {
+                self.authenticate_caller(request, flow, from, &domain)?;
+            }
+        }
+        let Some((user, domain)) = self.local_target(request) else {
+            let host = request
+                .uri()
+                .and_then(Uri::as_sip)
+                .map(|u| u.host.to_string())
+                .unwrap_or_default();
+            return Err(Refusal::new(
+                403,
+                format!(
+                    "Forbidden ({host} is not served here, and there is no outbound route yet)"
+                ),
+            ));
+        };
+        let account = reader.account(&domain, &user).ok().flatten();
+        let Some(account) = account else {
+            return Err(Refusal::new(404, "Not Found"));
+        };
+        let aor = tandem_raft_store::command::account_aor(&account.user, &account.domain);
+        let now = now_ms();
+        let bindings: Vec<Binding> = self
+            .overlay
+            .apply(&aor, reader.bindings(&aor).unwrap_or_default())
+            .into_iter()
+            .filter(|b| b.expires_at_ms > now)
+            .collect();
+        if bindings.is_empty() || !account.enabled {
+            return Err(Refusal::new(480, "Temporarily Unavailable"));
+        }
+        let call_id = request.call_id().unwrap_or_default();
+        let targets: Vec<(u16, Target)> = bindings
+            .iter()
+            .filter_map(|b| Some((b.q, self.binding_target(b, &call_id)?)))
+            .collect();
+        if targets.is_empty() {
+            return Err(Refusal::new(
+                480,
+                "Temporarily Unavailable (no usable contact)",
+            ));
+        }
+        Ok(route::q_groups(targets))
+    }
+
+    /// How to reach one binding (node/DESIGN.md, "Edge nodes"): through its Path; over its
+    /// flow if this node is its edge; through its edge node if that node answers; else
+    /// straight to its public address.
+    fn binding_target(&self, b: &Binding, call_id: &str) -> Option<Target> {
+        let uri = Uri::parse(&b.contact).ok()?;
+        if let Some(first) = b.path.first() {
+            return Some(Target {
+                uri: Some(uri),
+                routes: b.path.clone(),
+                hop: Hop::Uri(sip_uri_of(first)?),
+            });
+        }
+        let stored = flow_of_stored(&b.flow)?;
+        if b.edge_node == self.me() {
+            return Some(Target {
+                uri: Some(uri),
+                routes: Vec::new(),
+                hop: Hop::Flow(stored),
+            });
+        }
+        let edge = self
+            .cluster
+            .replica
+            .reader()
+            .node(b.edge_node)
+            .ok()
+            .flatten();
+        if let Some(edge_addr) = edge
+            .as_ref()
+            .and_then(|e| sip_addr(e, TransportKind::Udp))
+            .filter(|_| self.peers.is_up(b.edge_node))
+        {
+            let route = format!(
+                "<sip:{}@{edge_addr};lr>",
+                self.tokens.encode(&stored, call_id)
+            );
+            return Some(Target {
+                uri: Some(uri),
+                routes: vec![route],
+                hop: Hop::Uri(SipUri::new(
+                    None,
+                    Host::Ip(edge_addr.ip()),
+                    Some(edge_addr.port()),
+                )),
+            });
+        }
+        tracing::debug!(edge = b.edge_node, contact = %b.contact, "edge node not answering: sending to the binding's public address");
+        let mut uri_direct = SipUri::new(
+            None,
+            Host::Ip(stored.remote.ip()),
+            Some(stored.remote.port()),
+        );
+        if stored.transport != TransportKind::Udp {
+            uri_direct.params.set(
+                "transport",
+                Some(&stored.transport.as_str().to_ascii_lowercase()),
+            );
+        }
+        Some(Target {
+            uri: Some(uri),
+            routes: Vec::new(),
+            hop: Hop::Uri(uri_direct),
+        })
+    }
+
+    /// A flow for a hop: a known one, or the URI's transport and numeric (or resolved)
+    /// address.
+    async fn resolve(&self, hop: &Hop) -> Result<Flow, String> {
+        match hop {
+            Hop::Flow(f) => Ok(*f),
+            Hop::Uri(uri) => {
+                let (kind, host, port) = next_hop(uri);
+                let addr: SocketAddr = match host {
+                    Host::Ip(ip) => SocketAddr::new(ip, port),
+                    Host::Domain(name) => tokio::net::lookup_host((name.as_str(), port))
+                        .await
+                        .map_err(|e| format!("cannot resolve {name}: {e}"))?
+                        .next()
+                        .ok_or_else(|| format!("{name} has no address"))?,
+                };
+                self.transports
+                    .flow_to(kind, addr)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    fn record_route(&self, flow: &Flow, call_id: &str) -> String {
+        let addr = self.own.advertised(flow.transport, flow.local);
+        format!(
+            "<sip:{}@{addr}{};lr>",
+            self.tokens.encode(flow, call_id),
+            transport_param(flow.transport)
+        )
+    }
+
+    /// Builds branch `index` of `request` for `target` over `out`.
+    fn branch_request(
+        &self,
+        request: &Message,
+        in_flow: &Flow,
+        target: &Target,
+        out: &Flow,
+        branch: &str,
+        record_route: bool,
+    ) -> Message {
+        let mut m = request.clone();
+        if let Some(uri) = &target.uri {
+            m.set_uri(uri.clone());
+        }
+        for r in target.routes.iter().rev() {
+            m.prepend_header(HeaderName::Route, Bytes::from(r.clone()));
+        }
+        let hops = request
+            .max_forwards()
+            .ok()
+            .flatten()
+            .map_or(70, |n| n.saturating_sub(1));
+        m.set_header(HeaderName::MaxForwards, hops.to_string());
+        if record_route {
+            let call_id = request.call_id().unwrap_or_default();
+            let (inner, outer) = (
+                self.record_route(in_flow, &call_id),
+                self.record_route(out, &call_id),
+            );
+            m.prepend_header(HeaderName::RecordRoute, inner);
+            m.prepend_header(HeaderName::RecordRoute, outer);
+        }
+        set_content_length(&mut m);
+        let via = self.own.advertised(out.transport, out.local);
+        m.prepend_header(
+            HeaderName::Via,
+            format!(
+                "SIP/2.0/{} {via};branch={branch};rport",
+                out.transport.as_str()
+            ),
+        );
+        m
+    }
+
+    /// Forwards statefully: the branches of each group in parallel, groups in turn, and
+    /// the responses back through `tx` (§16.6–§16.8).
+    async fn forward(
+        self: Arc<Self>,
+        mut fork: Fork,
+        groups: Vec<Vec<Target>>,
+        cancels: Option<mpsc::UnboundedReceiver<()>>,
+    ) {
+        let (_never, idle) = mpsc::unbounded_channel();
+        let mut cancel_rx = cancels.unwrap_or(idle);
+        if cancel_rx.try_recv().is_ok() {
+            // Cancelled before a single branch started.
+            let r = crate::stack::responses::build(&fork.request, 487, "Request Terminated");
+            self.layer.respond(fork.tx, r);
+            return;
+        }
+        let (events_tx, mut events) = mpsc::unbounded_channel::<(usize, ClientEvent)>();
+        let mut spawner = Some(events_tx);
+        let mut groups = groups.into_iter();
+        let mut group_end = 0;
+        if let (Some(first), Some(s)) = (groups.next(), spawner.as_ref()) {
+            fork.start_group(first, s).await;
+            group_end = fork.branches.len();
+        }
+        loop {
+            if fork.finished && fork.branches.iter().all(|b| b.done) {
+                break;
+            }
+            // Start the next group, or give the final answer, once a group has finished.
+            if !fork.finished && fork.branches[..group_end].iter().all(|b| b.done) {
+                let next = (!fork.answered && !fork.cancelled && !fork.six_hundred())
+                    .then(|| groups.next())
+                    .flatten();
+                match (next, spawner.as_ref()) {
+                    (Some(group), Some(s)) => {
+                        fork.start_group(group, s).await;
+                        group_end = fork.branches.len();
+                        continue;
+                    }
+                    _ => {
+                        fork.finish();
+                        spawner = None;
+                    }
+                }
+            }
+            if fork.answered && spawner.is_some() {
+                spawner = None;
+            }
+            let timer_c = fork
+                .branches
+                .iter()
+                .filter(|b| !b.done)
+                .filter_map(|b| if b.cancel_sent { b.give_up } else { b.timer_c })
+                .min();
+            tokio::select! {
+                Some(()) = cancel_rx.recv(), if !fork.cancelled => {
+                    fork.cancelled = true;
+                    fork.cancel_pending();
+                }
+                event = events.recv() => match event {
+                    Some((i, ev)) => fork.on_event(i, ev),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(timer_c.unwrap_or_else(Instant::now)), if timer_c.is_some() => {
+                    let now = Instant::now();
+                    for i in 0..fork.branches.len() {
+                        let b = &fork.branches[i];
+                        if b.done {
+                            continue;
+                        }
+                        if !b.cancel_sent && b.timer_c.is_some_and(|t| t <= now) {
+                            tracing::debug!(branch = i, "Timer C fired: cancelling the branch");
+                            fork.send_cancel(i);
+                        } else if b.cancel_sent && b.give_up.is_some_and(|t| t <= now) {
+                            // §9.1: no final response 64*T1 after the CANCEL; give up on it.
+                            tracing::debug!(branch = i, "no answer to CANCEL: giving up on the branch");
+                            fork.give_up(i);
+                        }
+                    }
+                }
+            }
+        }
+        if !fork.finished {
+            fork.finish();
+            return;
+        }
+        // The final response has gone upstream and every branch has its own. Until the
+        // client transactions end (Timer M, 32 s after a 2xx) only retransmitted 2xx can
+        // still come, and they go upstream as they are (RFC 6026). Nothing else of the
+        // fork is needed, so a small task of its own relays them, and this one, which
+        // holds the whole request's state (4.5 KB), ends now.
+        let (layer, tx) = (fork.proxy.layer.clone(), fork.tx);
+        drop(fork);
+        // The channel ends once every branch's client transaction has ended: this one
+        // sends nothing.
+        drop(spawner);
+        tokio::spawn(relay_retransmitted_2xx(layer, tx, events));
+    }
+
+    /// The ACK for a 2xx: forwarded statelessly along its Route set (§16.11).
+    async fn forward_ack(self: Arc<Self>, mut request: Message, _flow: Flow) {
+        let own = self.pop_own_routes(&mut request);
+        if !own.any_token {
+            // Only along a route set this node record-routed, or it would relay anything.
+            tracing::debug!("ACK with no route set through this node; dropped");
+            return;
+        }
+        let hop = match (top_route(&request), own.token) {
+            (Some(uri), _) => Hop::Uri(uri),
+            (None, Some(flow)) => Hop::Flow(flow),
+            (None, None) => return,
+        };
+        if request.max_forwards().ok().flatten() == Some(0) {
+            return;
+        }
+        let out = match self.resolve(&hop).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot forward ACK");
+                return;
+            }
+        };
+        let incoming = request
+            .top_via()
+            .ok()
+            .and_then(|v| v.branch().map(str::to_owned))
+            .unwrap_or_default();
+        let branch = route::branch(&route::loop_hash(&request), fnv(&incoming) as usize);
+        let target = Target {
+            uri: None,
+            routes: Vec::new(),
+            hop,
+        };
+        let m = self.branch_request(&request, &out, &target, &out, &branch, false);
+        let _ = self.transports.send(&out, m.to_bytes());
+    }
+}
+
+/// Relays the 2xx retransmissions of an answered fork's branches upstream until every
+/// branch's client transaction has ended.
+async fn relay_retransmitted_2xx(
+    layer: LayerHandle,
+    tx: TxId,
+    mut events: mpsc::UnboundedReceiver<(usize, ClientEvent)>,
+) {
+    while let Some((_, event)) = events.recv().await {
+        if let ClientEvent::Response(r) = event {
+            if r.status().is_some_and(|s| (200..300).contains(&s)) {
+                relay_upstream(&layer, tx, *r);
+            }
+        }
+    }
+}
+
+/// Sends a response upstream through the server transaction `tx`, without this node's
+/// Via.
+fn relay_upstream(layer: &LayerHandle, tx: TxId, mut response: Message) {
+    let _ = response.pop_first_value(&HeaderName::Via);
+    set_content_length(&mut response);
+    layer.respond(tx, response);
+}
+
+/// Content-Length as the body really is: a message that came over UDP without one may
+/// leave over a stream, where framing depends on it.
+fn set_content_length(m: &mut Message) {
+    let len = m.body().len().to_string();
+    if m.header(&HeaderName::ContentLength)
+        .ok()
+        .flatten()
+        .as_deref()
+        != Some(len.as_str())
+    {
+        m.set_header(HeaderName::ContentLength, len);
+    }
+}
+
+/// A small stable hash, for the stateless ACK branch.
+fn fnv(s: &str) -> u32 {
+    s.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// One branch of a forwarded request.
+struct Branch {
+    request: Message,
+    flow: Flow,
+    provisional: bool,
+    done: bool,
+    cancel_wanted: bool,
+    cancel_sent: bool,
+    timer_c: Option<Instant>,
+    /// Once CANCELled: when to stop waiting for its final response.
+    give_up: Option<Instant>,
+}
+
+/// What the Route entries naming this node said.
+#[derive(Debug, Default)]
+struct OwnRoutes {
+    popped: usize,
+    /// The flow the last one's token names, if it had a genuine one.
+    token: Option<Flow>,
+    /// Whether any had a genuine token: the route set is one this node record-routed.
+    any_token: bool,
+}
+
+/// How long a CANCELled branch may take to answer before it is given up (64*T1, §9.1).
+const CANCEL_GIVE_UP: Duration = Duration::from_secs(32);
+
+/// The state of one forwarded request: its branches and the best answer so far.
+struct Fork {
+    proxy: Arc<Proxy>,
+    request: Message,
+    in_flow: Flow,
+    tx: TxId,
+    hash: String,
+    record_route: bool,
+    is_invite: bool,
+    branches: Vec<Branch>,
+    /// The best final response so far, and whether this node made it up (a stand-in
+    /// for a branch that timed out or could not be reached), built from the request as
+    /// it arrived and so without a Via of ours to remove.
+    best: Option<(Message, bool)>,
+    /// Every challenge (WWW-Authenticate, Proxy-Authenticate) of the 401 and 407
+    /// responses received, as they came, for the one that goes back (§16.7 step 7).
+    challenges: Vec<(HeaderName, bytes::Bytes)>,
+    /// A 2xx went back.
+    answered: bool,
+    /// The final response has gone back (or a 2xx has).
+    finished: bool,
+    cancelled: bool,
+}
+
+impl Fork {
+    fn six_hundred(&self) -> bool {
+        self.best
+            .as_ref()
+            .and_then(|(m, _)| m.status())
+            .is_some_and(|s| s >= 600)
+    }
+
+    async fn start_group(
+        &mut self,
+        group: Vec<Target>,
+        events: &mpsc::UnboundedSender<(usize, ClientEvent)>,
+    ) {
+        // Next hops are found side by side, so one slow DNS answer or TCP connect does not
+        // hold up the group's other contacts.
+        let lookups: Vec<_> = group
+            .iter()
+            .map(|t| {
+                let (proxy, hop) = (self.proxy.clone(), t.hop.clone());
+                tokio::spawn(async move { proxy.resolve(&hop).await })
+            })
+            .collect();
+        for (target, lookup) in group.into_iter().zip(lookups) {
+            let index = self.branches.len();
+            let branch = route::branch(&self.hash, index);
+            let resolved = lookup
+                .await
+                .unwrap_or_else(|e| Err(format!("next-hop lookup failed: {e}")));
+            let out = match resolved {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::info!(error = %e, "cannot reach a branch's next hop");
+                    let stand_in = crate::stack::responses::build(
+                        &self.request,
+                        503,
+                        "Service Unavailable (next hop unreachable)",
+                    );
+                    self.branches.push(Branch {
+                        request: self.request.clone(),
+                        flow: self.in_flow,
+                        provisional: false,
+                        done: true,
+                        cancel_wanted: false,
+                        cancel_sent: false,
+                        timer_c: None,
+                        give_up: None,
+                    });
+                    self.consider(stand_in, true);
+                    continue;
+                }
+            };
+            let m = self.proxy.branch_request(
+                &self.request,
+                &self.in_flow,
+                &target,
+                &out,
+                &branch,
+                self.record_route,
+            );
+            self.proxy.layer.send_request_to(
+                m.clone(),
+                out,
+                EventSink::Tagged(events.clone(), index),
+            );
+            self.branches.push(Branch {
+                request: m,
+                flow: out,
+                provisional: false,
+                done: false,
+                cancel_wanted: self.cancelled,
+                cancel_sent: false,
+                timer_c: None,
+                give_up: None,
+            });
+        }
+    }
+
+    /// Sends a response upstream, without this node's Via.
+    fn relay(&self, response: Message) {
+        relay_upstream(&self.proxy.layer, self.tx, response);
+    }
+
+    /// Keeps a final response if it is the best so far.
+    fn consider(&mut self, response: Message, stand_in: bool) {
+        let status = response.status().unwrap_or(500);
+        if !stand_in && matches!(status, 401 | 407) {
+            for (name, value) in response.headers() {
+                if matches!(
+                    name,
+                    HeaderName::WwwAuthenticate | HeaderName::ProxyAuthenticate
+                ) {
+                    self.challenges
+                        .push((name.clone(), bytes::Bytes::copy_from_slice(value)));
+                }
+            }
+        }
+        if route::better(status, self.best.as_ref().and_then(|(m, _)| m.status())) {
+            self.best = Some((response, stand_in));
+        }
+    }
+
+    /// Keeps the dialog table current as finals go upstream: a 2xx to an INVITE opens a
+    /// call through this node, a final answer to a BYE ends it.
+    fn track_dialog(&self, status: u16) {
+        let call_id = || {
+            self.request
+                .call_id()
+                .map(|c| c.into_owned())
+                .unwrap_or_default()
+        };
+        match self.request.method() {
+            Some(Method::Invite) if (200..300).contains(&status) => {
+                self.proxy.dialogs.opened(&call_id())
+            }
+            Some(Method::Bye) if status >= 200 => self.proxy.dialogs.closed(&call_id()),
+            _ => {}
+        }
+    }
+
+    fn on_event(&mut self, i: usize, event: ClientEvent) {
+        match event {
+            ClientEvent::Response(r) => {
+                let r = *r;
+                let status = r.status().unwrap_or(0);
+                let b = &mut self.branches[i];
+                if status < 200 {
+                    b.provisional = true;
+                    if self.is_invite {
+                        b.timer_c = Some(Instant::now() + self.proxy.settings.timer_c);
+                    }
+                    if b.cancel_wanted && !b.cancel_sent {
+                        self.send_cancel(i);
+                    }
+                    if status > 100 && !self.finished {
+                        self.relay(r);
+                    }
+                } else if status < 300 {
+                    // Every 2xx goes upstream, retransmissions included (RFC 6026).
+                    let first = !b.done;
+                    b.done = true;
+                    self.relay(r);
+                    if first && !self.answered {
+                        self.track_dialog(status);
+                        self.answered = true;
+                        self.finished = true;
+                        for j in 0..self.branches.len() {
+                            if !self.branches[j].done {
+                                self.branches[j].cancel_wanted = true;
+                                if self.branches[j].provisional {
+                                    self.send_cancel(j);
+                                }
+                            }
+                        }
+                    }
+                } else if !b.done {
+                    b.done = true;
+                    self.consider(r, false);
+                    if status >= 600 && self.is_invite {
+                        self.cancel_pending();
+                    }
+                }
+            }
+            ClientEvent::Timeout | ClientEvent::TransportError => {
+                let b = &mut self.branches[i];
+                if !b.done {
+                    b.done = true;
+                    let (status, reason) = match event {
+                        ClientEvent::Timeout => (408, "Request Timeout"),
+                        _ => (503, "Service Unavailable (next hop unreachable)"),
+                    };
+                    self.consider(
+                        crate::stack::responses::build(&self.request, status, reason),
+                        true,
+                    );
+                }
+            }
+        }
+    }
+
+    /// CANCELs every branch still ringing, now or as soon as it has rung (§9.1).
+    fn cancel_pending(&mut self) {
+        for i in 0..self.branches.len() {
+            if !self.branches[i].done {
+                self.branches[i].cancel_wanted = true;
+                if self.branches[i].provisional {
+                    self.send_cancel(i);
+                }
+            }
+        }
+    }
+
+    fn send_cancel(&mut self, i: usize) {
+        let b = &mut self.branches[i];
+        if b.cancel_sent || !self.is_invite {
+            return;
+        }
+        b.cancel_sent = true;
+        b.give_up = Some(Instant::now() + CANCEL_GIVE_UP);
+        let Some(uri) = b.request.uri().cloned() else {
+            return;
+        };
+        let mut cancel = Message::request(Method::Cancel, uri);
+        if let Ok(via) = b.request.top_via() {
+            cancel.push_header(HeaderName::Via, via.to_string());
+        }
+        for name in [
+            HeaderName::Route,
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+        ] {
+            for (n, v) in b.request.headers() {
+                if *n == name {
+                    cancel.push_header(name.clone(), Bytes::copy_from_slice(v));
+                }
+            }
+        }
+        let seq = b.request.cseq().map(|c| c.seq).unwrap_or(1);
+        cancel.push_header(HeaderName::CSeq, format!("{seq} CANCEL"));
+        cancel.push_header(HeaderName::MaxForwards, "70");
+        cancel.push_header(HeaderName::ContentLength, "0");
+        // The CANCEL's own answer matters to nobody; the INVITE branch answers 487.
+        let _ = self.proxy.layer.send_request(cancel, b.flow);
+    }
+
+    /// Ends a branch that never answered its CANCEL.
+    fn give_up(&mut self, i: usize) {
+        self.branches[i].done = true;
+        let (status, reason) = if self.cancelled {
+            (487, "Request Terminated")
+        } else {
+            (408, "Request Timeout")
+        };
+        self.consider(
+            crate::stack::responses::build(&self.request, status, reason),
+            true,
+        );
+    }
+
+    /// Sends the best final response upstream unless a 2xx already went.
+    fn finish(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        let best = self.best.take();
+        let timed_out = match &best {
+            None => true,
+            Some((b, stand_in)) => *stand_in && b.status() == Some(408),
+        };
+        if timed_out && self.request.method() != Some(&Method::Invite) {
+            // RFC 4320 §4.2: no 408 for a non-INVITE; the client has timed out already.
+            self.track_dialog(408);
+            self.proxy.layer.abandon(self.tx);
+            return;
+        }
+        let Some((best, stand_in)) = best else {
+            let r = crate::stack::responses::build(&self.request, 408, "Request Timeout");
+            self.track_dialog(408);
+            self.proxy.layer.respond(self.tx, r);
+            return;
+        };
+        let status = best.status().unwrap_or(500);
+        self.track_dialog(status);
+        if status == 503 {
+            // §16.7 step 6: a 503 from downstream must not make the caller think this
+            // node is unavailable.
+            let r = crate::stack::responses::build(
+                &self.request,
+                500,
+                "Server Internal Error (next hop unavailable)",
+            );
+            self.proxy.layer.respond(self.tx, r);
+        } else if stand_in && self.cancelled {
+            // The caller asked to stop; its branches just never said so.
+            let r = crate::stack::responses::build(&self.request, 487, "Request Terminated");
+            self.proxy.layer.respond(self.tx, r);
+        } else if stand_in {
+            self.proxy.layer.respond(self.tx, best);
+        } else {
+            let mut best = best;
+            if matches!(status, 401 | 407) {
+                // §16.7 step 7: the caller must see every branch's challenges, unchanged,
+                // so it can answer each realm at once.
+                for (name, value) in std::mem::take(&mut self.challenges) {
+                    let present = best.headers().any(|(n, v)| *n == name && v == &value[..]);
+                    if !present {
+                        best.push_header(name, value);
+                    }
+                }
+            }
+            self.relay(best);
+        }
+    }
+}
+pub use route::takes;
+
+impl Agent for Proxy {
+    fn takes(&self, request: &Message, in_transaction: bool) -> bool {
+        takes(request, in_transaction)
+    }
+
+    fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, _stack: &Stack) {
+        Proxy::handle(&self, request, flow, tx);
+    }
+
+    fn cancel(&self, invite: TxId) {
+        Proxy::cancel(self, invite);
+    }
+
+    fn carries_on(&self, request: &Message) -> bool {
+        self.is_relayed(request)
+    }
+}

@@ -1,0 +1,123 @@
+//! The offline steps an operator runs once per node before its first start:
+//! `tandem cluster init` on the first node, `tandem cluster join` on each other one. Both
+//! claim the node's data directory, and release it again if they fail part-way, so either
+//! can simply be run again.
+
+use std::time::Duration;
+
+use tandem_raft_store::crypto::KeyRing;
+use tandem_raft_store::data_dir::{self, Identity};
+use tandem_raft_store::http_network::HttpNetwork;
+use tandem_raft_store::local_network::LocalRouter;
+use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
+use tandem_raft_store::replica::Replica;
+use tandem_raft_store::types::NodeInfo;
+
+use super::{cluster_section, load_or_create_keys};
+use crate::config::{ClusterConfig, Config};
+use crate::Error;
+
+/// `tandem cluster init`: claims the data dir for a new cluster and makes this node its
+/// only member. Offline: the node is started afterwards with `tandem run`. If it fails
+/// part-way, the data dir is released again so it can simply be re-run.
+pub async fn init(config: &Config) -> Result<String, Error> {
+    let c = cluster_section(config)?;
+    let dir = &config.node.data_dir;
+    data_dir::check_claimable(dir)?;
+    let key_path = config.node.master_key_path();
+    let mut made_key = false;
+    if !key_path.exists() {
+        KeyRing::generate().save(&key_path)?;
+        made_key = true;
+    } else {
+        KeyRing::load(&key_path)?;
+    }
+    let id = config.node.id;
+    let identity = Identity {
+        ca_fingerprint: Some(c.ca_fingerprint()?),
+        ..Identity::new_cluster(id)
+    };
+    data_dir::claim(dir, &identity)?;
+    if let Err(e) = initialize_alone(config, c).await {
+        data_dir::release(dir)?;
+        return Err(e);
+    }
+    let mut text = format!(
+        "Created cluster {} with node {id} (Raft address {}).\n",
+        identity.cluster_id,
+        c.advertise_addr()
+    );
+    if made_key {
+        text.push_str(&format!(
+            "Created the master key file {}: give every node a copy of it.\n",
+            key_path.display()
+        ));
+    }
+    text.push_str(&format!(
+        "Next: start this node with `tandem run --config FILE`, then on each other node run\n\
+         `tandem cluster join --config FILE --peer {}`.\n",
+        c.advertise_addr()
+    ));
+    Ok(text)
+}
+
+/// Starts the replica without a network and makes this node the only member.
+async fn initialize_alone(config: &Config, c: &ClusterConfig) -> Result<(), Error> {
+    let id = config.node.id;
+    let replica = Replica::start(
+        id,
+        &data_dir::raft_dir(&config.node.data_dir),
+        &config.raft_settings(),
+        LocalRouter::new().network(id),
+    )
+    .await?;
+    let me = NodeInfo {
+        raft_addr: c.advertise_addr(),
+    };
+    let result = replica.initialize([(id, me)].into()).await;
+    replica.shutdown().await;
+    Ok(result?)
+}
+
+/// `tandem cluster join`: asks a member (any; it forwards to the leader) to add this node,
+/// then claims the data dir with the cluster's id. The node becomes a voter once it runs
+/// and has caught up.
+pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
+    let c = cluster_section(config)?;
+    let id = config.node.id;
+    let dir = &config.node.data_dir;
+    data_dir::check_claimable(dir)?;
+    let key_path = config.node.master_key_path();
+    load_or_create_keys(&key_path, false)?;
+    let tls = tandem_raft_store::tls::ClusterTls::load(
+        &c.ca_certificate,
+        &c.certificate,
+        &c.private_key,
+    )?;
+    let network = HttpNetwork::new(&tls)?;
+    let request = ClusterRequest::Join {
+        id,
+        raft_addr: c.advertise_addr(),
+    };
+    let (cluster_id, reply) = network
+        .cluster(peer, &request, Duration::from_secs(10))
+        .await?;
+    if reply != ClusterReply::Joined {
+        return Err(Error::Store(tandem_raft_store::Error::Membership(format!(
+            "unexpected answer from {peer}: {reply:?}"
+        ))));
+    }
+    data_dir::claim(
+        dir,
+        &Identity {
+            cluster_id: cluster_id.clone(),
+            node_id: id,
+            ca_fingerprint: Some(c.ca_fingerprint()?),
+        },
+    )?;
+    Ok(format!(
+        "Node {id} joined cluster {cluster_id} as a learner (Raft address {}).\n\
+         Next: start it with `tandem run --config FILE`; it becomes a voter once it has caught up.\n",
+        c.advertise_addr()
+    ))
+}

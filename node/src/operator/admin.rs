@@ -1,0 +1,884 @@
+//! The HTTP admin API (warp): cluster status and membership, a write check, key rotation
+//! and customers under `/v1` with a bearer token; `/health`, `/ready` and `/metrics`
+//! without one, for probes and Prometheus. Every answer is JSON except `/metrics`; every
+//! error is `{"error": "..."}` with a fitting status code, decided in [`ApiError::status`].
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tandem_raft_store::command::{Command, CommandResult, Customer};
+use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
+use tandem_raft_store::replica::{ProposeStats, BATCH_BUCKETS};
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::agents::auth::accounts::{self, check_domain, check_user, AccountInput, AccountView};
+use crate::agents::drain::Drain;
+use crate::agents::location::overlay::BindingOverlay;
+use crate::cluster::ClusterNode;
+use crate::stack::stats::Stats;
+use crate::Error;
+
+/// Largest request body the API accepts.
+const MAX_BODY: u64 = 64 * 1024;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct Admin {
+    pub cluster: ClusterNode,
+    pub stats: Arc<Stats>,
+    pub drain: Arc<Drain>,
+    /// Binding writes held while this node has no quorum: reported, never written here.
+    pub overlay: Arc<BindingOverlay>,
+    token: Arc<str>,
+}
+
+/// An API error: its status and a message for the operator.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// The one place node errors become HTTP statuses.
+    fn status(e: &Error) -> StatusCode {
+        use tandem_raft_store::Error as S;
+        match e {
+            Error::Store(S::NotLeader { .. } | S::NoQuorum | S::Unreachable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Error::Store(S::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Store(S::Membership(_)) | Error::Rotation(_) => StatusCode::CONFLICT,
+            Error::Config { .. } => StatusCode::CONFLICT,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> ApiError {
+        ApiError::new(ApiError::status(&e), e.to_string())
+    }
+}
+
+impl From<tandem_raft_store::Error> for ApiError {
+    fn from(e: tandem_raft_store::Error) -> ApiError {
+        Error::Store(e).into()
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+fn json_reply(status: StatusCode, value: &impl Serialize) -> warp::reply::Response {
+    warp::reply::with_status(warp::reply::json(value), status).into_response()
+}
+
+fn answer(result: Result<warp::reply::Response, ApiError>) -> warp::reply::Response {
+    match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(status = %e.status, error = %e.message, "admin API request failed");
+            }
+            let mut r = json_reply(e.status, &ErrorBody { error: &e.message });
+            if e.status == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    "www-authenticate",
+                    warp::http::HeaderValue::from_static("Bearer"),
+                );
+            }
+            r
+        }
+    }
+}
+
+/// Reads the bearer token, creating it (random, mode 0600) on first start.
+pub fn load_or_create_token(path: &Path) -> Result<String, Error> {
+    let io = |source| Error::Io {
+        context: format!("admin token file {}", path.display()),
+        source,
+    };
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let token = text.trim().to_owned();
+            if token.len() < 16 {
+                return Err(Error::Config {
+                    key: "admin.token_file".into(),
+                    problem: format!("{} holds fewer than 16 characters", path.display()),
+                });
+            }
+            Ok(token)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use rand::RngCore;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut bytes = [0u8; 24];
+            rand::rngs::OsRng.fill_bytes(&mut bytes);
+            let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(io)?;
+            f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+            tracing::info!(path = %path.display(), "created the admin API token file");
+            Ok(token)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+/// Compares without leaking where the first difference is.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Admin {
+    pub fn new(
+        cluster: ClusterNode,
+        stats: Arc<Stats>,
+        drain: Arc<Drain>,
+        overlay: Arc<BindingOverlay>,
+        token: String,
+    ) -> Admin {
+        Admin {
+            cluster,
+            stats,
+            drain,
+            overlay,
+            token: token.into(),
+        }
+    }
+
+    fn drain_state(&self) -> warp::reply::Response {
+        json_reply(
+            StatusCode::OK,
+            &serde_json::json!({
+                "draining": self.drain.is_draining(),
+                "active_transactions": self.drain.active_transactions(),
+                "active_calls": self.drain.active_calls(),
+                "held_bindings": self.overlay.len(),
+                // Held bindings must reach Raft before the node may go.
+                "drained": self.drain.is_drained() && self.overlay.is_empty(),
+            }),
+        )
+    }
+
+    /// Starts draining (idempotent) and records it in the node registry, best effort.
+    async fn start_drain(&self) -> warp::reply::Response {
+        if self.drain.start() {
+            tracing::warn!("draining: new INVITEs and REGISTERs get 503; running calls finish");
+            let id = self.cluster.identity.node_id;
+            if let Ok(Some(mut record)) = self.cluster.replica.reader().node(id) {
+                record.draining = true;
+                if let Err(e) = self.cluster.replica.propose(Command::PutNode(record)).await {
+                    tracing::warn!(error = %e, "could not record the drain in the node registry");
+                }
+            }
+        }
+        self.drain_state()
+    }
+
+    fn authorize(&self, header: Option<String>) -> Result<(), ApiError> {
+        let presented = header.as_deref().and_then(|h| {
+            let (scheme, token) = h.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
+        match presented {
+            Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => Ok(()),
+            Some(_) => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "the bearer token is wrong",
+            )),
+            None => Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "send `Authorization: Bearer <token>` (see admin.token_file)",
+            )),
+        }
+    }
+
+    /// Writes are refused at once, with the reason, while the cluster has no quorum.
+    fn writable(&self) -> Result<(), ApiError> {
+        match self.cluster.health().degraded {
+            None => Ok(()),
+            Some(reason) => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the cluster has no quorum ({reason}); changes are refused until it returns"
+                ),
+            )),
+        }
+    }
+}
+
+fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "{what} must be 1 to 64 letters, digits, '-', '_' or '.', got {id:?}"
+        )))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinBody {
+    id: u64,
+    raft_addr: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WriteCheckBody {
+    proposers: usize,
+    seconds: u64,
+    #[serde(default = "default_command_bytes")]
+    command_bytes: usize,
+}
+
+fn default_command_bytes() -> usize {
+    300
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CustomerBody {
+    name: String,
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Admin {
+    async fn ready(&self) -> warp::reply::Response {
+        match self.cluster.readiness() {
+            Ok(()) => json_reply(StatusCode::OK, &serde_json::json!({"ready": true})),
+            Err(reason) => json_reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"ready": false, "reason": reason}),
+            ),
+        }
+    }
+
+    async fn join(&self, body: Bytes) -> Result<warp::reply::Response, ApiError> {
+        let b: JoinBody = parse_json(&body)?;
+        if b.id == 0 {
+            return Err(ApiError::bad_request("id must be at least 1"));
+        }
+        if !tandem_raft_store::membership::is_host_port(&b.raft_addr) {
+            return Err(ApiError::bad_request(format!(
+                "raft_addr must be host:port, got {:?}",
+                b.raft_addr
+            )));
+        }
+        self.writable()?;
+        self.cluster
+            .cluster_request(ClusterRequest::Join {
+                id: b.id,
+                raft_addr: b.raft_addr,
+            })
+            .await?;
+        Ok(json_reply(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({"joined": b.id, "voter": false,
+                "note": "a learner until it runs and has caught up; then a voter"}),
+        ))
+    }
+
+    async fn remove(&self, id: u64) -> Result<warp::reply::Response, ApiError> {
+        self.writable()?;
+        match self
+            .cluster
+            .cluster_request(ClusterRequest::Remove { id })
+            .await?
+        {
+            ClusterReply::Removed => Ok(json_reply(
+                StatusCode::OK,
+                &serde_json::json!({"removed": id}),
+            )),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("unexpected answer {other:?}"),
+            )),
+        }
+    }
+
+    async fn write_check(&self, body: Bytes) -> Result<warp::reply::Response, ApiError> {
+        let b: WriteCheckBody = parse_json(&body)?;
+        if !(1..=4096).contains(&b.proposers) {
+            return Err(ApiError::bad_request("proposers must be 1 to 4096"));
+        }
+        if !(1..=120).contains(&b.seconds) {
+            return Err(ApiError::bad_request("seconds must be 1 to 120"));
+        }
+        if !(8..=65536).contains(&b.command_bytes) {
+            return Err(ApiError::bad_request("command_bytes must be 8 to 65536"));
+        }
+        self.writable()?;
+        let report = self
+            .cluster
+            .write_check(
+                b.proposers,
+                b.command_bytes,
+                std::time::Duration::from_secs(b.seconds),
+            )
+            .await;
+        Ok(json_reply(StatusCode::OK, &report))
+    }
+
+    async fn reseal(&self) -> Result<warp::reply::Response, ApiError> {
+        self.writable()?;
+        let report = self.cluster.reseal().await?;
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"key_id": self.cluster.keys().current_id(),
+                "accounts": report.accounts, "providers": report.providers}),
+        ))
+    }
+
+    async fn put_customer(
+        &self,
+        id: String,
+        body: Bytes,
+    ) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        let b: CustomerBody = parse_json(&body)?;
+        if b.name.trim().is_empty()
+            || b.name.chars().count() > 256
+            || b.name.chars().any(char::is_control)
+        {
+            return Err(ApiError::bad_request(
+                "name must be 1 to 256 characters without control characters",
+            ));
+        }
+        self.writable()?;
+        let customer = Customer {
+            id,
+            name: b.name,
+            enabled: b.enabled,
+        };
+        match self
+            .cluster
+            .replica
+            .propose(Command::PutCustomer(customer.clone()))
+            .await?
+        {
+            CommandResult::Done => Ok(json_reply(StatusCode::OK, &customer_json(&customer))),
+            other => Err(refused(other)),
+        }
+    }
+
+    async fn put_account(
+        &self,
+        domain: String,
+        user: String,
+        body: Bytes,
+    ) -> Result<warp::reply::Response, ApiError> {
+        let input: AccountInput = parse_json(&body)?;
+        let reader = self.cluster.replica.reader();
+        if let Some(customer) = &input.customer {
+            check_id("customer", customer)?;
+            if reader.customer(customer)?.is_none() {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    format!("no customer {customer:?}; create it first"),
+                ));
+            }
+        }
+        let existing = match (check_user(&user), check_domain(&domain)) {
+            (Ok(()), Ok(())) => reader.account(&domain, &user)?,
+            (Err(e), _) | (_, Err(e)) => return Err(ApiError::bad_request(e)),
+        };
+        let created = existing.is_none();
+        let account = accounts::build(&self.cluster.keys(), &user, &domain, input, existing)
+            .map_err(ApiError::bad_request)?;
+        self.writable()?;
+        match self
+            .cluster
+            .replica
+            .propose(Command::PutAccount(account.clone()))
+            .await?
+        {
+            CommandResult::Done => Ok(json_reply(
+                if created {
+                    StatusCode::CREATED
+                } else {
+                    StatusCode::OK
+                },
+                &AccountView::from(&account),
+            )),
+            other => Err(refused(other)),
+        }
+    }
+
+    fn account(
+        &self,
+        domain: &str,
+        user: &str,
+    ) -> Result<tandem_raft_store::command::Account, ApiError> {
+        check_user(user).map_err(ApiError::bad_request)?;
+        check_domain(domain).map_err(ApiError::bad_request)?;
+        self.cluster
+            .replica
+            .reader()
+            .account(domain, user)?
+            .ok_or_else(|| ApiError::not_found(format!("no account {user}@{domain}")))
+    }
+
+    async fn delete_account(
+        &self,
+        domain: String,
+        user: String,
+    ) -> Result<warp::reply::Response, ApiError> {
+        self.account(&domain, &user)?;
+        self.writable()?;
+        // The state machine removes the bindings in the same batch.
+        let command = Command::DeleteAccount {
+            user: user.clone(),
+            domain: domain.clone(),
+        };
+        match self.cluster.replica.propose(command).await? {
+            CommandResult::Done => {}
+            other => return Err(refused(other)),
+        }
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"deleted": accounts::aor(&user, &domain)}),
+        ))
+    }
+
+    fn bindings(&self, domain: &str, user: &str) -> Result<warp::reply::Response, ApiError> {
+        self.account(domain, user)?;
+        let now = crate::clock::now_ms();
+        let aor = accounts::aor(user, domain);
+        let stored = self.cluster.replica.reader().bindings(&aor)?;
+        let list: Vec<_> = self
+            .overlay
+            .apply(&aor, stored)
+            .into_iter()
+            .filter(|b| b.expires_at_ms > now)
+            .map(|b| {
+                serde_json::json!({
+                    "contact": b.contact,
+                    // Until the binding lapses, headroom included (node/DESIGN.md,
+                    // "Bindings are written when they change").
+                    "expires_in_secs": (b.expires_at_ms - now) / 1000,
+                    "interval_secs": b.expires_secs,
+                    "edge_node": b.edge_node,
+                    "transport": b.flow.transport,
+                    "remote": b.flow.remote,
+                    "q": f64::from(b.q) / 1000.0,
+                    "path": b.path,
+                    "user_agent": b.user_agent,
+                })
+            })
+            .collect();
+        Ok(json_reply(StatusCode::OK, &list))
+    }
+
+    async fn delete_customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        if self.cluster.replica.reader().customer(&id)?.is_none() {
+            return Err(ApiError::not_found(format!("no customer {id:?}")));
+        }
+        self.writable()?;
+        self.cluster
+            .replica
+            .propose(Command::DeleteCustomer { id: id.clone() })
+            .await?;
+        Ok(json_reply(
+            StatusCode::OK,
+            &serde_json::json!({"deleted": id}),
+        ))
+    }
+
+    fn customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
+        check_id("customer id", &id)?;
+        match self.cluster.replica.reader().customer(&id)? {
+            Some(c) => Ok(json_reply(StatusCode::OK, &customer_json(&c))),
+            None => Err(ApiError::not_found(format!("no customer {id:?}"))),
+        }
+    }
+
+    fn customers(&self) -> Result<warp::reply::Response, ApiError> {
+        let list: Vec<_> = self
+            .cluster
+            .replica
+            .reader()
+            .customers()?
+            .iter()
+            .map(customer_json)
+            .collect();
+        Ok(json_reply(StatusCode::OK, &list))
+    }
+
+    /// Prometheus text format.
+    fn metrics(&self) -> String {
+        let replica = &self.cluster.replica;
+        let m = replica.metrics();
+        let health = self.cluster.health();
+        let p: &ProposeStats = replica.propose_stats();
+        let log = replica.log_stats();
+        let s = &self.stats;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let mut out = String::new();
+        // (name, help, type, value): the single-valued metrics.
+        let simple: [(&str, &str, &str, u64); 20] = [
+            ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
+            ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
+            ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
+            ("tandem_raft_last_log_index", "Index of the last entry in this node's log.", "gauge", m.last_log_index.unwrap_or(0)),
+            ("tandem_raft_applied_index", "Index of the last entry applied to this node's state.", "gauge", m.last_applied.map(|l| l.index).unwrap_or(0)),
+            ("tandem_raft_snapshot_index", "Index the latest snapshot covers.", "gauge", m.snapshot.map(|l| l.index).unwrap_or(0)),
+            ("tandem_raft_apply_lag", "Committed entries not yet applied on this node.", "gauge", replica.apply_lag()),
+            ("tandem_raft_members", "Members in this node's membership configuration.", "gauge", replica.members().len() as u64),
+            ("tandem_bindings_held", "Binding writes held in the degraded-mode overlay, to replay when a quorum returns.", "gauge", self.overlay.len() as u64),
+            ("tandem_raft_proposals_total", "Commands proposed through this node.", "counter", load(&p.proposals)),
+            ("tandem_raft_proposal_batches_failed_total", "Batches of proposals that failed (no leader, timeout).", "counter", load(&p.failed)),
+            ("tandem_log_appends_total", "Log appends written to RocksDB.", "counter", load(&log.appends)),
+            ("tandem_log_wal_syncs_total", "WAL fsyncs; appends per sync is the group-commit factor.", "counter", load(&log.wal_syncs)),
+            ("tandem_sip_requests_received_total", "SIP requests received.", "counter", load(&s.requests_received)),
+            ("tandem_sip_malformed_answered_total", "Malformed SIP messages answered with 400.", "counter", load(&s.malformed_answered)),
+            ("tandem_sip_auth_failures_total", "Requests refused by digest authentication (not counting first challenges).", "counter", load(&s.auth_failures)),
+            ("tandem_sip_malformed_dropped_total", "Malformed SIP messages dropped.", "counter", load(&s.malformed_dropped)),
+            ("tandem_sip_transactions_active", "SIP transactions (server and client) still waiting for a final response.", "gauge", self.drain.active_transactions() as u64),
+            ("tandem_sip_keepalives_sent_total", "NAT keepalives sent to UDP bindings that registered through this node.", "counter", load(&s.keepalives_sent)),
+            ("tandem_sip_calls_active", "Calls this node record-routed that have not ended.", "gauge", self.drain.active_calls() as u64),
+        ];
+        for (name, help, kind, value) in simple {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let name = "tandem_sip_requests_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} SIP requests received, by method.\n# TYPE {name} counter"
+        );
+        for (i, count) in s.requests_by_method.0.iter().enumerate() {
+            let method = crate::stack::stats::METHODS
+                .get(i)
+                .copied()
+                .unwrap_or("OTHER");
+            let _ = writeln!(
+                out,
+                "{name}{{method=\"{method}\"}} {}",
+                count.load(Ordering::Relaxed)
+            );
+        }
+        let name = "tandem_sip_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} SIP responses sent, by status code.\n# TYPE {name} counter"
+        );
+        for (i, count) in s.responses_by_status.0.iter().enumerate() {
+            let n = count.load(Ordering::Relaxed);
+            if n > 0 {
+                let _ = writeln!(out, "{name}{{code=\"{}\"}} {n}", i + 100);
+            }
+        }
+        let name = "tandem_bindings";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Registrar bindings in the replicated state, by the node they registered through.\n# TYPE {name} gauge"
+        );
+        let reader = replica.reader();
+        for node in reader.nodes().unwrap_or_default() {
+            let n = reader.count_bindings_by_edge(node.id).unwrap_or(0);
+            let _ = writeln!(out, "{name}{{edge_node=\"{}\"}} {n}", node.id);
+        }
+        // Histograms, written out by hand.
+        let name = "tandem_raft_batch_size";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Commands per log entry.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for i in 0..BATCH_BUCKETS {
+            cumulative += p.batch_size_buckets[i].load(Ordering::Relaxed);
+            let le = ProposeStats::bucket_bound(i).map_or("+Inf".to_owned(), |b| b.to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {}\n{name}_count {}",
+            p.proposals.load(Ordering::Relaxed),
+            p.batches.load(Ordering::Relaxed)
+        );
+        let name = "tandem_log_fsync_seconds";
+        let syncs = log.wal_syncs.load(Ordering::Relaxed);
+        let nanos = log.sync_nanos_total.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP {name} Time spent in WAL fsyncs.\n# TYPE {name} summary\n{name}_sum {:.6}\n{name}_count {syncs}",
+            nanos as f64 / 1e9
+        );
+        out
+    }
+}
+
+/// A command the state machine refused (its condition did not hold).
+fn refused(result: CommandResult) -> ApiError {
+    let why = match result {
+        CommandResult::Rejected(why) => why,
+        other => format!("unexpected result {other:?}"),
+    };
+    ApiError::new(StatusCode::CONFLICT, why)
+}
+
+fn customer_json(c: &Customer) -> serde_json::Value {
+    serde_json::json!({"id": c.id, "name": c.name, "enabled": c.enabled})
+}
+
+impl warp::reject::Reject for ApiError {}
+
+async fn recover(r: Rejection) -> Result<warp::reply::Response, Infallible> {
+    if let Some(e) = r.find::<ApiError>() {
+        return Ok(answer(Err(ApiError::new(e.status, e.message.clone()))));
+    }
+    let (status, message) = if r.is_not_found() {
+        (StatusCode::NOT_FOUND, "no such endpoint".to_owned())
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed here".to_owned(),
+        )
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("bodies are limited to {MAX_BODY} bytes"),
+        )
+    } else if r.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "send a Content-Length".to_owned(),
+        )
+    } else {
+        (StatusCode::BAD_REQUEST, format!("bad request: {r:?}"))
+    };
+    Ok(json_reply(status, &ErrorBody { error: &message }))
+}
+
+type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
+/// Binds the admin listener and serves until `stop` completes.
+pub fn serve(
+    admin: Admin,
+    addr: SocketAddr,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<impl std::future::Future<Output = ()>, Error> {
+    // warp clones the whole filter tree for every request; an Arc keeps that to one
+    // reference count per route instead of a deep clone of the replica handles.
+    let admin = Arc::new(admin);
+    let state = warp::any().map(move || admin.clone());
+    let auth = warp::header::optional::<String>("authorization");
+    let body = warp::body::content_length_limit(MAX_BODY).and(warp::body::bytes());
+
+    let health = warp::path!("health")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|a: Arc<Admin>| {
+            json_reply(
+                StatusCode::OK,
+                &serde_json::json!({"status": "alive", "node": a.cluster.identity.node_id}),
+            )
+        });
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(state.clone())
+        .then(|a: Arc<Admin>| async move { a.ready().await });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(state.clone())
+        .map(|a: Arc<Admin>| {
+            warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
+                .into_response()
+        });
+
+    // Routes under /v1 match their path and method first, then check the token, so an
+    // unknown path is a 404 whatever the token.
+    let authorized =
+        state
+            .clone()
+            .and(auth)
+            .and_then(|a: Arc<Admin>, header: Option<String>| async move {
+                match a.authorize(header) {
+                    Ok(()) => Ok(a),
+                    Err(e) => Err(warp::reject::custom(e)),
+                }
+            });
+    let status = warp::path!("v1" / "cluster" / "status")
+        .and(warp::get())
+        .and(authorized.clone())
+        .then(|a: Arc<Admin>| async move {
+            answer(Ok(json_reply(StatusCode::OK, &a.cluster.status().await)))
+        });
+    let join = warp::path!("v1" / "cluster" / "members")
+        .and(warp::post())
+        .and(authorized.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.join(b).await) });
+    let remove = warp::path!("v1" / "cluster" / "members" / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|id: String, a: Arc<Admin>| async move {
+            answer(match id.parse::<u64>() {
+                Ok(id) => a.remove(id).await,
+                Err(_) => Err(ApiError::bad_request(format!(
+                    "a member is named by its node id, a number; got {id:?}"
+                ))),
+            })
+        });
+    let write_check = warp::path!("v1" / "cluster" / "write-check")
+        .and(warp::post())
+        .and(authorized.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.write_check(b).await) });
+    let reseal = warp::path!("v1" / "keys" / "reseal")
+        .and(warp::post())
+        .and(authorized.clone())
+        .then(|a: Arc<Admin>| async move { answer(a.reseal().await) });
+    let customers = warp::path!("v1" / "customers")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| answer(a.customers()));
+    let customer = warp::path!("v1" / "customers" / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|id, a: Arc<Admin>| answer(a.customer(id)));
+    let put_customer = warp::path!("v1" / "customers" / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|id, a: Arc<Admin>, b| async move { answer(a.put_customer(id, b).await) });
+    let accounts = warp::path!("v1" / "accounts")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| {
+            answer((|| {
+                let list: Vec<AccountView> = a
+                    .cluster
+                    .replica
+                    .reader()
+                    .accounts()?
+                    .iter()
+                    .map(AccountView::from)
+                    .collect();
+                Ok(json_reply(StatusCode::OK, &list))
+            })())
+        });
+    let account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|d: String, u: String, a: Arc<Admin>| {
+            answer(
+                a.account(&d, &u)
+                    .map(|acc| json_reply(StatusCode::OK, &AccountView::from(&acc))),
+            )
+        });
+    let put_account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|d, u, a: Arc<Admin>, b| async move { answer(a.put_account(d, u, b).await) });
+    let delete_account = warp::path!("v1" / "accounts" / String / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_account(d, u).await) });
+    let bindings = warp::path!("v1" / "accounts" / String / String / "bindings")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
+    let drain_state = warp::path!("v1" / "node" / "drain")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| a.drain_state());
+    let start_drain = warp::path!("v1" / "node" / "drain")
+        .and(warp::post())
+        .and(authorized.clone())
+        .then(|a: Arc<Admin>| async move { a.start_drain().await });
+    let delete_customer = warp::path!("v1" / "customers" / String)
+        .and(warp::delete())
+        .and(authorized)
+        .then(|id, a: Arc<Admin>| async move { answer(a.delete_customer(id).await) });
+
+    // Each route is boxed before they are combined: a chain of `or`s over unboxed filters
+    // makes a type that takes rustc many minutes to compile.
+    let all: Vec<Route> = vec![
+        health.boxed(),
+        ready.boxed(),
+        metrics.boxed(),
+        status.boxed(),
+        join.boxed(),
+        remove.boxed(),
+        reseal.boxed(),
+        write_check.boxed(),
+        customers.boxed(),
+        customer.boxed(),
+        put_customer.boxed(),
+        delete_customer.boxed(),
+        accounts.boxed(),
+        account.boxed(),
+        put_account.boxed(),
+        delete_account.boxed(),
+        bindings.boxed(),
+        drain_state.boxed(),
+        start_drain.boxed(),
+    ];
+    let routes = all
+        .into_iter()
+        .reduce(|a, b| a.or(b).unify().boxed())
+        .expect("at least one route")
+        .recover(recover)
+        .unify();
+    let (_, server) = warp::serve(routes)
+        .try_bind_with_graceful_shutdown(addr, stop)
+        .map_err(|e| Error::Bind {
+            transport: "admin HTTP",
+            addr,
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    Ok(server)
+}

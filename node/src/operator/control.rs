@@ -1,0 +1,373 @@
+//! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
+//! `tandem account …` and `tandem node …`.
+//! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
+//! running node named by the config file, through its admin API with its bearer token.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tandem_raft_store::crypto::KeyRing;
+
+use crate::config::Config;
+use crate::operator::cli::{AccountCommand, ClusterCommand, Command, KeysCommand, NodeCommand};
+use crate::Error;
+
+/// How long an admin request may take; re-sealing proposes one write per record, so it
+/// gets longer.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
+const RESEAL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// Runs an operator command and returns what to print.
+pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
+    match command {
+        Command::Cluster(c) => cluster(c, config).await,
+        Command::Keys(c) => keys(c, config).await,
+        Command::Account(c) => account(c, config).await,
+        Command::Node(c) => node(c, config).await,
+        other => Err(Error::Admin(format!(
+            "{other:?} is not an operator command"
+        ))),
+    }
+}
+
+/// Runs one `tandem cluster` command and returns what to print.
+pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        ClusterCommand::Init { .. } => crate::cluster::init(config).await,
+        ClusterCommand::Join { peer, .. } => crate::cluster::join(config, peer).await,
+        ClusterCommand::Remove { node, .. } => {
+            call(
+                config,
+                reqwest::Method::DELETE,
+                &format!("/v1/cluster/members/{node}"),
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            Ok(format!(
+                "Node {node} is removed and its id retired. Stop it and wipe its data dir.\n"
+            ))
+        }
+        ClusterCommand::Status { json, .. } => {
+            let body = call(
+                config,
+                reqwest::Method::GET,
+                "/v1/cluster/status",
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            if *json {
+                return Ok(format!("{body:#}\n"));
+            }
+            Ok(render_status(&body))
+        }
+    }
+}
+
+/// Runs one `tandem keys` command and returns what to print.
+pub async fn keys(command: &KeysCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        KeysCommand::Rotate { .. } => {
+            let path = config.node.master_key_path();
+            let mut ring = KeyRing::load(&path)?;
+            let id = ring.rotate();
+            ring.save_replacing(&path)?;
+            Ok(format!(
+                "Added key {id} to {}.\nNext: copy this file to every node, then run \
+                 `tandem keys reseal --config FILE` on any one of them.\n",
+                path.display()
+            ))
+        }
+        KeysCommand::Reseal { .. } => {
+            let body = call(
+                config,
+                reqwest::Method::POST,
+                "/v1/keys/reseal",
+                RESEAL_TIMEOUT,
+            )
+            .await?;
+            Ok(format!(
+                "Every sensitive field is now sealed with key {}: re-sealed {} accounts and {} \
+                 provider accounts.\nOlder keys may be removed from the key files once every \
+                 node has applied this (see `tandem cluster status`).\n",
+                body["key_id"], body["accounts"], body["providers"]
+            ))
+        }
+    }
+}
+
+/// Splits `user@domain`.
+fn user_at_domain(account: &str) -> Result<(&str, &str), Error> {
+    account
+        .split_once('@')
+        .filter(|(u, d)| !u.is_empty() && !d.is_empty())
+        .ok_or_else(|| Error::Admin(format!("{account:?} is not user@domain")))
+}
+
+/// Runs one `tandem account` command and returns what to print.
+pub async fn account(command: &AccountCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        AccountCommand::Put {
+            account,
+            customer,
+            password,
+            password_from_env,
+            disable,
+            enable,
+            max_contacts,
+            max_calls,
+            ..
+        } => {
+            let (user, domain) = user_at_domain(account)?;
+            let password = match (password, password_from_env) {
+                (Some(p), _) => Some(p.clone()),
+                (None, true) => Some(std::env::var("TANDEM_PASSWORD").map_err(|_| {
+                    Error::Admin("--password-from-env: TANDEM_PASSWORD is not set".into())
+                })?),
+                (None, false) => None,
+            };
+            let enabled = match (disable, enable) {
+                (true, _) => Some(false),
+                (_, true) => Some(true),
+                _ => None,
+            };
+            let mut body = serde_json::Map::new();
+            for (key, value) in [
+                ("password", password.map(serde_json::Value::from)),
+                ("customer", customer.clone().map(serde_json::Value::from)),
+                ("enabled", enabled.map(serde_json::Value::from)),
+                ("max_contacts", max_contacts.map(serde_json::Value::from)),
+                (
+                    "max_concurrent_calls",
+                    max_calls.map(serde_json::Value::from),
+                ),
+            ] {
+                if let Some(v) = value {
+                    body.insert(key.into(), v);
+                }
+            }
+            let body = serde_json::Value::Object(body);
+            let path = format!("/v1/accounts/{domain}/{user}");
+            let a = call_with(
+                config,
+                reqwest::Method::PUT,
+                &path,
+                Some(body),
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            Ok(format!("{a:#}\n"))
+        }
+        AccountCommand::Show { account, .. } => {
+            let (user, domain) = user_at_domain(account)?;
+            let path = format!("/v1/accounts/{domain}/{user}");
+            let a = call(config, reqwest::Method::GET, &path, ADMIN_TIMEOUT).await?;
+            let b = call(
+                config,
+                reqwest::Method::GET,
+                &format!("{path}/bindings"),
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            Ok(format!("{a:#}\nbindings: {b:#}\n"))
+        }
+        AccountCommand::List { .. } => {
+            let list = call(config, reqwest::Method::GET, "/v1/accounts", ADMIN_TIMEOUT).await?;
+            let mut out = String::new();
+            for a in list.as_array().into_iter().flatten() {
+                let _ = writeln!(
+                    out,
+                    "{}  customer {}  {}",
+                    a["aor"].as_str().unwrap_or("?"),
+                    a["customer"].as_str().unwrap_or("?"),
+                    if a["enabled"] == true {
+                        "enabled"
+                    } else {
+                        "disabled"
+                    }
+                );
+            }
+            Ok(out)
+        }
+        AccountCommand::Delete { account, .. } => {
+            let (user, domain) = user_at_domain(account)?;
+            let path = format!("/v1/accounts/{domain}/{user}");
+            call(config, reqwest::Method::DELETE, &path, ADMIN_TIMEOUT).await?;
+            Ok(format!("Deleted {user}@{domain} and its bindings.\n"))
+        }
+    }
+}
+
+/// Runs one `tandem node` command and returns what to print.
+pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        NodeCommand::Drain {
+            no_wait,
+            timeout_secs,
+            ..
+        } => {
+            let mut state = call(
+                config,
+                reqwest::Method::POST,
+                "/v1/node/drain",
+                ADMIN_TIMEOUT,
+            )
+            .await?;
+            if *no_wait {
+                return Ok("Draining: new calls and registrations get 503.\n".into());
+            }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(*timeout_secs);
+            let mut last = None;
+            while state["drained"] != true {
+                let active = state["active_transactions"].as_u64().unwrap_or(0);
+                let calls = state["active_calls"].as_u64().unwrap_or(0);
+                if last != Some((active, calls)) {
+                    eprintln!("draining: {calls} calls and {active} transactions still running");
+                    last = Some((active, calls));
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(Error::Admin(format!(
+                        "still {calls} calls and {active} transactions after {timeout_secs} s; \
+                         the node keeps draining"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                state = call(
+                    config,
+                    reqwest::Method::GET,
+                    "/v1/node/drain",
+                    ADMIN_TIMEOUT,
+                )
+                .await?;
+            }
+            Ok(
+                "Drained: no calls or transactions left. The node can be stopped or upgraded.\n"
+                    .into(),
+            )
+        }
+    }
+}
+
+/// Calls the admin API of the node `config` describes and returns its JSON answer, or its
+/// JSON error as an [`Error::Admin`].
+async fn call(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    timeout: Duration,
+) -> Result<serde_json::Value, Error> {
+    call_with(config, method, path, None, timeout).await
+}
+
+/// Like [`call`], with a JSON body.
+async fn call_with(
+    config: &Config,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+    timeout: Duration,
+) -> Result<serde_json::Value, Error> {
+    let token_path = config.token_path();
+    let token = std::fs::read_to_string(&token_path).map_err(|source| Error::Io {
+        context: format!(
+            "reading the admin token {} (is the node running, and is this its config?)",
+            token_path.display()
+        ),
+        source,
+    })?;
+    let url = format!("http://{}{path}", config.admin.listen);
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .build()
+        .map_err(|e| Error::Admin(format!("building an HTTP client: {e}")))?;
+    let mut request = client.request(method, &url).bearer_auth(token.trim());
+    if let Some(body) = body {
+        request = request
+            .header("content-type", "application/json")
+            .body(body.to_string());
+    }
+    let reply = request.send().await.map_err(|e| {
+        Error::Admin(format!(
+            "cannot reach the node's admin API at {url}: {e}; is the node running?"
+        ))
+    })?;
+    let status = reply.status();
+    let text = reply
+        .text()
+        .await
+        .map_err(|e| Error::Admin(format!("reading the answer from {url}: {e}")))?;
+    let body: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Admin(format!("{url} answered {status} with non-JSON: {e}")))?;
+    if !status.is_success() {
+        let message = body["error"].as_str().unwrap_or(&text).to_owned();
+        return Err(Error::Admin(format!("{message} (HTTP {status})")));
+    }
+    Ok(body)
+}
+
+/// The status as a short report and a table of members.
+fn render_status(s: &serde_json::Value) -> String {
+    let num = |v: &serde_json::Value| {
+        v.as_u64()
+            .map(|n| n.to_string())
+            .unwrap_or_else(|| "-".into())
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "cluster {}  node {} ({}{})",
+        s["cluster_id"].as_str().unwrap_or("?"),
+        num(&s["node_id"]),
+        s["role"].as_str().unwrap_or("?"),
+        if s["standalone"] == true {
+            ", standalone"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(
+        out,
+        "state {}  term {}  leader {}",
+        s["state"].as_str().unwrap_or("?"),
+        num(&s["term"]),
+        num(&s["leader"])
+    );
+    let _ = writeln!(
+        out,
+        "log {}  applied {}  snapshot {}  purged {}  apply lag {}",
+        num(&s["last_log_index"]),
+        num(&s["applied_index"]),
+        num(&s["snapshot_index"]),
+        num(&s["purged_index"]),
+        num(&s["apply_lag"])
+    );
+    match s["degraded_reason"].as_str() {
+        None => {
+            let _ = writeln!(out, "quorum ok");
+        }
+        Some(reason) => {
+            let _ = writeln!(out, "quorum DEGRADED: {reason}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\n{:>4}  {:<8} {:<6} {:<22} {:>8} {:>6}  VERSION",
+        "ID", "ROLE", "VOTER", "RAFT ADDRESS", "MATCHED", "LAG"
+    );
+    for m in s["members"].as_array().into_iter().flatten() {
+        let _ = writeln!(
+            out,
+            "{:>4}  {:<8} {:<6} {:<22} {:>8} {:>6}  {}",
+            num(&m["id"]),
+            m["role"].as_str().unwrap_or("?"),
+            if m["voter"] == true { "yes" } else { "no" },
+            m["raft_addr"].as_str().unwrap_or("?"),
+            num(&m["matched_index"]),
+            num(&m["lag"]),
+            m["software_version"].as_str().unwrap_or("?"),
+        );
+    }
+    if let Some(note) = s["replication_note"].as_str() {
+        let _ = writeln!(out, "(no per-member lag: {note})");
+    }
+    out
+}

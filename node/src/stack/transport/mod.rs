@@ -1,0 +1,646 @@
+//! SIP transports (RFC 3261 §18): UDP sockets, and TCP and TLS connections framed with
+//! Content-Length. Every received message arrives with its [`Flow`], the exact path it
+//! came over, and anything sent back over a flow reuses that socket or connection, which is
+//! what lets a phone behind NAT hear from us. Requests get RFC 3581 `received`/`rport`
+//! stamped on their top Via here, before anything else reads them.
+
+mod stream;
+mod target;
+mod udp;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_sip::Message;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::stack::stats::Stats;
+use crate::Error;
+
+pub use stream::load_tls_acceptor;
+pub use target::{next_hop, transport_param, OwnAddrs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum TransportKind {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl TransportKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportKind::Udp => "UDP",
+            TransportKind::Tcp => "TCP",
+            TransportKind::Tls => "TLS",
+        }
+    }
+
+    pub fn is_reliable(self) -> bool {
+        !matches!(self, TransportKind::Udp)
+    }
+
+    /// The port a Via sent-by without a port implies (RFC 3261 §18.2.2).
+    pub fn default_port(self) -> u16 {
+        match self {
+            TransportKind::Tls => 5061,
+            _ => 5060,
+        }
+    }
+}
+
+impl fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Identifies one TCP or TLS connection for as long as it is open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+/// The path a message took: transport, our socket, the peer, and for streams the
+/// connection. Sending over a flow goes back the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub transport: TransportKind,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub connection: Option<ConnectionId>,
+}
+
+/// A message as it arrived.
+#[derive(Debug)]
+pub struct Inbound {
+    pub message: Message,
+    pub flow: Flow,
+}
+
+/// What the transports hand upwards.
+// Messages travel by value on purpose: boxing would cost an allocation per message.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum InboundEvent {
+    Message(Inbound),
+    /// Bytes that did not parse; the core decides whether they can be answered.
+    Malformed {
+        raw: Bytes,
+        flow: Flow,
+        error: tandem_sip::Error,
+    },
+}
+
+/// Where received messages go: one channel per shard of the transaction layer, and each
+/// message to the shard its Call-ID belongs to (see [`crate::stack::shard`]).
+#[derive(Clone)]
+pub struct Inlet {
+    shards: Arc<[mpsc::Sender<InboundEvent>]>,
+}
+
+impl Inlet {
+    pub fn new(shards: Vec<mpsc::Sender<InboundEvent>>) -> Inlet {
+        assert!(!shards.is_empty(), "an inlet needs a shard");
+        Inlet {
+            shards: shards.into(),
+        }
+    }
+
+    /// Hands `event` to its shard. Bytes that did not parse belong to no call and go to
+    /// `here`, the caller's own shard. Fails once that shard has stopped.
+    pub async fn send(&self, event: InboundEvent, here: usize) -> Result<(), ()> {
+        let shard = match &event {
+            InboundEvent::Message(m) => {
+                crate::stack::shard::of_message(&m.message, self.shards.len())
+            }
+            InboundEvent::Malformed { .. } => here,
+        };
+        self.shards[shard % self.shards.len()]
+            .send(event)
+            .await
+            .map_err(|_| ())
+    }
+}
+
+/// Limits applied to every listener and connection.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_message_size: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+}
+
+struct Connection {
+    flow: Flow,
+    tx: mpsc::Sender<Bytes>,
+}
+
+#[derive(Default)]
+struct ConnectionTable {
+    by_id: HashMap<ConnectionId, Connection>,
+    by_remote: HashMap<(TransportKind, SocketAddr), ConnectionId>,
+}
+
+/// What opening a connection needs: the same as an accepted one gets.
+struct Outbound {
+    inbound: Inlet,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+struct Shared {
+    /// Sends go straight to the non-blocking sockets, from any thread: a datagram that does
+    /// not fit is dropped, never waited for, so no reactor needs to know these sockets.
+    udp: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
+    outbound: std::sync::OnceLock<Outbound>,
+    connections: Mutex<ConnectionTable>,
+    next_connection: AtomicU64,
+    limits: Limits,
+    stats: Arc<Stats>,
+}
+
+/// A cheap handle for sending; the listeners and connection tasks hold the other end.
+#[derive(Clone)]
+pub struct Transports {
+    shared: Arc<Shared>,
+}
+
+/// Everything needed to start listening.
+pub struct Listeners {
+    /// Non-blocking; each shard's receive loop registers its own copy with its runtime.
+    pub udp: Vec<Arc<std::net::UdpSocket>>,
+    pub tcp: Vec<tokio::net::TcpListener>,
+    pub tls: Vec<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+}
+
+impl Listeners {
+    /// The bound addresses, by transport.
+    pub fn addrs(&self) -> OwnAddrs {
+        let local = |l: &tokio::net::TcpListener| l.local_addr().ok();
+        OwnAddrs {
+            udp: self
+                .udp
+                .iter()
+                .filter_map(|s| s.local_addr().ok())
+                .collect(),
+            tcp: self.tcp.iter().filter_map(local).collect(),
+            tls: self.tls.iter().filter_map(|(l, _)| local(l)).collect(),
+        }
+    }
+
+    /// Binds every configured listener up front, so a port in use fails start-up with a
+    /// clear message instead of half-starting.
+    pub async fn bind(config: &crate::config::SipConfig) -> Result<Listeners, Error> {
+        let mut udp = Vec::new();
+        for &addr in &config.udp {
+            let bind_error = |source| Error::Bind {
+                transport: "UDP",
+                addr,
+                source,
+            };
+            let s = std::net::UdpSocket::bind(addr).map_err(bind_error)?;
+            s.set_nonblocking(true).map_err(bind_error)?;
+            // The kernel's default receive buffer (about 200 KiB) overflows in bursts of a
+            // few thousand messages per second, and every datagram lost there costs a
+            // retransmission or a failed call. Best effort: the kernel caps it at
+            // net.core.rmem_max.
+            let buffers = socket2::SockRef::from(&s);
+            if let Err(e) = buffers.set_recv_buffer_size(UDP_BUFFER) {
+                tracing::debug!(%addr, error = %e, "cannot enlarge the UDP receive buffer");
+            }
+            let _ = buffers.set_send_buffer_size(UDP_BUFFER);
+            udp.push(Arc::new(s));
+        }
+        let mut tcp = Vec::new();
+        for &addr in &config.tcp {
+            tcp.push(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        transport: "TCP",
+                        addr,
+                        source,
+                    })?,
+            );
+        }
+        let mut tls = Vec::new();
+        if !config.tls.is_empty() {
+            let (Some(cert), Some(key)) = (&config.tls_certificate, &config.tls_private_key) else {
+                return Err(Error::Tls(
+                    "sip.tls needs sip.tls_certificate and sip.tls_private_key".into(),
+                ));
+            };
+            let acceptor = load_tls_acceptor(cert, key)?;
+            for &addr in &config.tls {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        transport: "TLS",
+                        addr,
+                        source,
+                    })?;
+                tls.push((l, acceptor.clone()));
+            }
+        }
+        Ok(Listeners { udp, tcp, tls })
+    }
+}
+
+/// Receive and send buffer asked for on each SIP UDP socket.
+const UDP_BUFFER: usize = 4 << 20;
+
+/// How long opening a TCP connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the listener tasks need besides their sockets.
+#[derive(Clone)]
+pub(crate) struct ListenerContext {
+    pub transports: Transports,
+    pub inbound: Inlet,
+    pub tracker: TaskTracker,
+    /// Cancelled when the whole node stops: closes sockets and connections.
+    pub stop: CancellationToken,
+}
+
+impl Transports {
+    /// Starts the receive loops and accept loops. Every UDP socket gets one receive loop on
+    /// each shard's runtime in `shards` (the kernel hands each datagram to one of them);
+    /// accept loops and their connections run on the caller's runtime. Accept loops also
+    /// stop on `stop_accepting`, which shutdown cancels first so no new connections arrive
+    /// while draining.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start(
+        listeners: Listeners,
+        limits: Limits,
+        stats: Arc<Stats>,
+        inbound: Inlet,
+        shards: &[tokio::runtime::Handle],
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+        stop_accepting: CancellationToken,
+    ) -> Transports {
+        let udp = listeners
+            .udp
+            .iter()
+            .map(|s| {
+                (
+                    s.local_addr().expect("bound socket has an address"),
+                    s.clone(),
+                )
+            })
+            .collect();
+        let transports = Transports {
+            shared: Arc::new(Shared {
+                udp,
+                outbound: std::sync::OnceLock::new(),
+                connections: Mutex::new(ConnectionTable::default()),
+                next_connection: AtomicU64::new(1),
+                limits,
+                stats,
+            }),
+        };
+        let _ = transports.shared.outbound.set(Outbound {
+            inbound: inbound.clone(),
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+        });
+        let ctx = ListenerContext {
+            transports: transports.clone(),
+            inbound,
+            tracker: tracker.clone(),
+            stop,
+        };
+        for socket in &listeners.udp {
+            for (shard, runtime) in shards.iter().enumerate() {
+                match socket.try_clone() {
+                    Ok(copy) => {
+                        tracker.spawn_on(udp::receive_loop(copy, shard, ctx.clone()), runtime);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, shard, "cannot share a UDP socket with a SIP thread")
+                    }
+                }
+            }
+        }
+        for l in listeners.tcp {
+            tracker.spawn(stream::accept_loop(
+                l,
+                None,
+                ctx.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        for (l, acceptor) in listeners.tls {
+            tracker.spawn(stream::accept_loop(
+                l,
+                Some(acceptor),
+                ctx.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        transports
+    }
+
+    pub(crate) fn limits(&self) -> &Limits {
+        &self.shared.limits
+    }
+
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+
+    /// Sends bytes over a flow: the UDP socket it names, or the connection it names. If
+    /// that connection has closed, another open connection to the same peer is used.
+    /// Never waits: a full connection queue drops the message like a lost datagram would,
+    /// and the transaction layer's retransmissions recover.
+    pub fn send(&self, flow: &Flow, bytes: Bytes) -> Result<(), Error> {
+        match flow.transport {
+            TransportKind::Udp => {
+                let socket = self
+                    .shared
+                    .udp
+                    .get(&flow.local)
+                    .or_else(|| self.shared.udp.values().next())
+                    .ok_or(Error::NoRoute {
+                        transport: "UDP",
+                        addr: flow.remote,
+                    })?;
+                match socket.send_to(&bytes, flow.remote) {
+                    Ok(_) => Ok(()),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        self.stats().sends_dropped.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(source) => Err(Error::Io {
+                        context: format!("UDP send to {}", flow.remote),
+                        source,
+                    }),
+                }
+            }
+            kind => {
+                let table = self
+                    .shared
+                    .connections
+                    .lock()
+                    .expect("connection table lock");
+                // A connection id from before a restart may name another peer's
+                // connection now: it counts only if it still leads to the same peer.
+                let conn = flow
+                    .connection
+                    .and_then(|id| table.by_id.get(&id))
+                    .filter(|c| c.flow.remote == flow.remote && c.flow.transport == kind)
+                    .or_else(|| {
+                        table
+                            .by_remote
+                            .get(&(kind, flow.remote))
+                            .and_then(|id| table.by_id.get(id))
+                    })
+                    .ok_or(Error::NoRoute {
+                        transport: kind.as_str(),
+                        addr: flow.remote,
+                    })?;
+                if conn.tx.try_send(bytes).is_err() {
+                    self.stats().sends_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// A flow to `remote` over `kind` for a request this node originates or forwards:
+    /// UDP goes out of a listening socket of the same address family; TCP reuses an open
+    /// connection to that address or opens one. Opening TLS connections is not supported
+    /// yet, so TLS needs one the peer opened (a phone registered over TLS has).
+    pub async fn flow_to(&self, kind: TransportKind, remote: SocketAddr) -> Result<Flow, Error> {
+        let no_route = || Error::NoRoute {
+            transport: kind.as_str(),
+            addr: remote,
+        };
+        if kind == TransportKind::Udp {
+            let local = self
+                .shared
+                .udp
+                .keys()
+                .find(|a| a.is_ipv4() == remote.is_ipv4())
+                .copied()
+                .ok_or_else(no_route)?;
+            return Ok(Flow {
+                transport: kind,
+                local,
+                remote,
+                connection: None,
+            });
+        }
+        {
+            let table = self
+                .shared
+                .connections
+                .lock()
+                .expect("connection table lock");
+            if let Some(c) = table
+                .by_remote
+                .get(&(kind, remote))
+                .and_then(|id| table.by_id.get(id))
+            {
+                return Ok(c.flow);
+            }
+        }
+        if kind == TransportKind::Tls {
+            return Err(no_route());
+        }
+        let outbound = self.shared.outbound.get().ok_or_else(no_route)?;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(remote))
+            .await
+            .map_err(|_| Error::Io {
+                context: format!("connecting to {remote} over TCP"),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| Error::Io {
+                context: format!("connecting to {remote} over TCP"),
+                source,
+            })?;
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().map_err(|source| Error::Io {
+            context: "reading a new connection's address".into(),
+            source,
+        })?;
+        let (tx, rx) = mpsc::channel(stream::QUEUE_DEPTH);
+        let flow = self
+            .register(kind, local, remote, tx)
+            .ok_or(Error::NoRoute {
+                transport: "TCP (connection limit reached)",
+                addr: remote,
+            })?;
+        let ctx = ListenerContext {
+            transports: self.clone(),
+            inbound: outbound.inbound.clone(),
+            tracker: outbound.tracker.clone(),
+            stop: outbound.stop.clone(),
+        };
+        outbound
+            .tracker
+            .spawn(stream::run_connection(stream, flow, rx, ctx));
+        Ok(flow)
+    }
+
+    fn register(
+        &self,
+        transport: TransportKind,
+        local: SocketAddr,
+        remote: SocketAddr,
+        tx: mpsc::Sender<Bytes>,
+    ) -> Option<Flow> {
+        let mut table = self
+            .shared
+            .connections
+            .lock()
+            .expect("connection table lock");
+        if table.by_id.len() >= self.shared.limits.max_connections {
+            return None;
+        }
+        let id = ConnectionId(self.shared.next_connection.fetch_add(1, Ordering::Relaxed));
+        let flow = Flow {
+            transport,
+            local,
+            remote,
+            connection: Some(id),
+        };
+        table.by_id.insert(id, Connection { flow, tx });
+        table.by_remote.insert((transport, remote), id);
+        Some(flow)
+    }
+
+    fn unregister(&self, flow: &Flow) {
+        let mut table = self
+            .shared
+            .connections
+            .lock()
+            .expect("connection table lock");
+        if let Some(id) = flow.connection {
+            if let Some(c) = table.by_id.remove(&id) {
+                let key = (c.flow.transport, c.flow.remote);
+                if table.by_remote.get(&key) == Some(&id) {
+                    table.by_remote.remove(&key);
+                }
+            }
+        }
+    }
+
+    pub fn open_connections(&self) -> usize {
+        self.shared
+            .connections
+            .lock()
+            .expect("connection table lock")
+            .by_id
+            .len()
+    }
+}
+
+/// RFC 3261 §18.2.1 and RFC 3581: record where a request really came from in its top Via,
+/// so responses find their way back through NAT.
+pub(crate) fn stamp_via(message: &mut Message, source: SocketAddr) {
+    if !message.is_request() {
+        return;
+    }
+    let Ok(via) = message.top_via() else {
+        return;
+    };
+    let source_ip = source.ip();
+    let wrong_host = via.host.ip() != Some(source_ip);
+    let rport = via.rport().is_some();
+    if !wrong_host && !rport {
+        return;
+    }
+    let mut via = via.clone();
+    via.params.set("received", Some(&ip_param(source_ip)));
+    if rport {
+        let port = tandem_sip::addr::decimal(source.port().into());
+        via.params.set("rport", Some(port.as_str()));
+    }
+    let _ = message.replace_top_via(via);
+}
+
+fn ip_param(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(_) => tandem_sip::addr::ip_string(ip),
+        IpAddr::V6(v6) => format!("[{v6}]"),
+    }
+}
+
+/// Where a response to a request that arrived over `flow` goes (RFC 3261 §18.2.2, RFC 3581):
+/// back over the same connection for streams; for UDP to the source address when rport
+/// was asked for, else to the source IP and the Via port.
+pub(crate) fn response_flow(request: &Message, flow: &Flow) -> Flow {
+    if flow.transport.is_reliable() {
+        return *flow;
+    }
+    let Ok(via) = request.top_via() else {
+        return *flow;
+    };
+    if via.rport().is_some() {
+        return *flow;
+    }
+    let port = via.port.unwrap_or(flow.transport.default_port());
+    Flow {
+        remote: SocketAddr::new(flow.remote.ip(), port),
+        ..*flow
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(via: &str) -> Message {
+        let text =
+            format!("OPTIONS sip:x@y SIP/2.0\r\nVia: {via}\r\nVia: SIP/2.0/UDP second\r\n\r\n");
+        Message::parse_datagram(Bytes::from(text), 65535).unwrap()
+    }
+
+    #[test]
+    fn stamps_received_and_rport() {
+        let mut m = req("SIP/2.0/UDP phone.example.com:5062;rport;branch=z9hG4bK1");
+        stamp_via(&mut m, "192.0.2.7:40001".parse().unwrap());
+        let v = m.top_via().unwrap();
+        assert_eq!(v.received(), Some("192.0.2.7"));
+        assert_eq!(v.rport(), Some(Some(40001)));
+        assert_eq!(v.branch(), Some("z9hG4bK1"));
+        assert_eq!(m.vias().unwrap().len(), 2);
+
+        let mut m = req("SIP/2.0/UDP 192.0.2.7:5062;branch=z9hG4bK1");
+        stamp_via(&mut m, "192.0.2.7:5062".parse().unwrap());
+        assert_eq!(
+            m.top_via().unwrap().received(),
+            None,
+            "same address: nothing to add"
+        );
+    }
+
+    #[test]
+    fn responses_follow_rport_or_the_via_port() {
+        let flow = Flow {
+            transport: TransportKind::Udp,
+            local: "127.0.0.1:5060".parse().unwrap(),
+            remote: "192.0.2.7:40001".parse().unwrap(),
+            connection: None,
+        };
+        let with_rport = req("SIP/2.0/UDP h:5062;rport=40001;received=192.0.2.7");
+        assert_eq!(response_flow(&with_rport, &flow).remote, flow.remote);
+        let without = req("SIP/2.0/UDP h:5062;received=192.0.2.7");
+        assert_eq!(
+            response_flow(&without, &flow).remote,
+            "192.0.2.7:5062".parse().unwrap()
+        );
+        let no_port = req("SIP/2.0/UDP h");
+        assert_eq!(
+            response_flow(&no_port, &flow).remote,
+            "192.0.2.7:5060".parse().unwrap()
+        );
+    }
+}

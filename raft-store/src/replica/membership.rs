@@ -1,0 +1,280 @@
+//! Cluster membership as operators change it: a node joins as a learner, the leader makes
+//! it a voter once it has caught up, and a removed node's id is retired for good. These
+//! requests must run on the leader; a follower forwards them over the internal link, so
+//! an operator can send them to any member.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
+use openraft::{ChangeMembers, ServerState};
+use serde::{Deserialize, Serialize};
+
+use super::Replica;
+use crate::command::Command;
+use crate::types::{NodeId, NodeInfo};
+use crate::Error;
+
+/// A learner within this many entries of the leader's log counts as caught up.
+const CAUGHT_UP_SLACK: u64 = 64;
+/// How long a forwarded membership request may take: a change is two log entries (joint,
+/// then uniform configuration) plus the id's retirement.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A membership request, as it travels between nodes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterRequest {
+    /// Add a node as a learner; the leader promotes it once it has caught up.
+    Join { id: NodeId, raft_addr: String },
+    /// Remove a node for good; its id is retired.
+    Remove { id: NodeId },
+    /// The leader's view of every member's replication progress.
+    Replication,
+    /// The ids in the answering node's key file (not forwarded: asked of each member).
+    KeyIds,
+}
+
+/// The answer to a [`ClusterRequest`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClusterReply {
+    Joined,
+    Removed,
+    Replication(ReplicationView),
+    KeyIds(Vec<u32>),
+}
+
+/// What the leader knows about replication to each member.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicationView {
+    pub leader: NodeId,
+    pub last_log_index: u64,
+    /// Member id → the highest log index known to be on that member.
+    pub matched: BTreeMap<NodeId, Option<u64>>,
+}
+
+/// One member of the Raft configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub raft_addr: String,
+    pub voter: bool,
+}
+
+impl Replica {
+    /// The members in this node's latest membership configuration, voters first.
+    pub fn members(&self) -> Vec<Member> {
+        let m = self.metrics();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let mut members: Vec<Member> = membership
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                raft_addr: node.raft_addr.clone(),
+                voter: voters.contains(id),
+            })
+            .collect();
+        members.sort_by_key(|m| (!m.voter, m.id));
+        members
+    }
+
+    /// Runs a membership request on the leader, forwarding it there if this node is not.
+    pub async fn cluster_request(&self, request: ClusterRequest) -> Result<ClusterReply, Error> {
+        let m = self.metrics();
+        if m.state == ServerState::Leader {
+            return self.lead_cluster_request(request).await;
+        }
+        if request == ClusterRequest::KeyIds {
+            return Err(Error::Membership(
+                "key ids are asked of each member, not of the leader".into(),
+            ));
+        }
+        let leader = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).cloned());
+        match (leader, self.forwarder()) {
+            (Some(leader), Some(forwarder)) => {
+                forwarder
+                    .cluster(&leader, &request, MEMBERSHIP_TIMEOUT)
+                    .await
+            }
+            _ => Err(Error::NotLeader {
+                leader: m.current_leader,
+            }),
+        }
+    }
+
+    /// Runs a membership request that must be handled here, on the leader; a node that is
+    /// not the leader (any more) answers NotLeader instead of forwarding again, so a request
+    /// never bounces between nodes with stale views of who leads.
+    pub async fn lead_cluster_request(
+        &self,
+        request: ClusterRequest,
+    ) -> Result<ClusterReply, Error> {
+        if !self.is_leader() {
+            return Err(Error::NotLeader {
+                leader: self.metrics().current_leader,
+            });
+        }
+        match request {
+            ClusterRequest::Join { id, raft_addr } => self
+                .join(id, raft_addr)
+                .await
+                .map(|()| ClusterReply::Joined),
+            ClusterRequest::Remove { id } => self.remove(id).await.map(|()| ClusterReply::Removed),
+            ClusterRequest::Replication => Ok(ClusterReply::Replication(self.replication_view()?)),
+            ClusterRequest::KeyIds => Err(Error::Membership(
+                "key ids are asked of each member, not of the leader".into(),
+            )),
+        }
+    }
+
+    async fn join(&self, id: NodeId, raft_addr: String) -> Result<(), Error> {
+        if id == 0 {
+            return Err(Error::Membership("node id 0 is not allowed".into()));
+        }
+        if !is_host_port(&raft_addr) {
+            return Err(Error::Membership(format!(
+                "{raft_addr:?} is not a host:port address"
+            )));
+        }
+        let members = self.members();
+        if let Some(other) = members
+            .iter()
+            .find(|m| m.id != id && m.raft_addr == raft_addr)
+        {
+            return Err(Error::Membership(format!(
+                "{raft_addr} is already node {}'s address; two ids at one address would \
+                 count one machine's vote twice",
+                other.id
+            )));
+        }
+        if let Some(existing) = members.into_iter().find(|m| m.id == id) {
+            if existing.raft_addr == raft_addr {
+                return Ok(()); // a repeated join, e.g. after a lost answer
+            }
+            return Err(Error::Membership(format!(
+                "node id {id} is already a member, at {}; every node needs its own id",
+                existing.raft_addr
+            )));
+        }
+        if self.reader().is_retired(id)? {
+            return Err(Error::Membership(format!(
+                "node id {id} was removed from this cluster and ids are never reused; \
+                 give the new node another id"
+            )));
+        }
+        let node = NodeInfo { raft_addr };
+        waiting_for_earlier_changes(|| self.raft().add_learner(id, node.clone(), false)).await
+    }
+
+    /// Retires the id first, while the node still receives the log, so it learns it was
+    /// removed and its id can never come back; then changes the membership. A removal that
+    /// was cut short (say the leader removed itself) is finished by asking again.
+    async fn remove(&self, id: NodeId) -> Result<(), Error> {
+        let members = self.members();
+        let Some(member) = members.iter().find(|m| m.id == id) else {
+            if self.reader().is_retired(id)? {
+                return Ok(());
+            }
+            return Err(Error::Membership(format!(
+                "node {id} is not a member of this cluster"
+            )));
+        };
+        let change = if member.voter {
+            if members.iter().filter(|m| m.voter).count() == 1 {
+                return Err(Error::Membership(format!(
+                    "node {id} is the only voter; a cluster cannot remove its last voter"
+                )));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        self.propose(Command::RetireNode { id }).await?;
+        waiting_for_earlier_changes(|| self.raft().change_membership(change.clone(), false)).await
+    }
+
+    /// The leader's replication progress per member. Fails on a non-leader.
+    pub fn replication_view(&self) -> Result<ReplicationView, Error> {
+        let m = self.metrics();
+        let Some(replication) = (m.state == ServerState::Leader)
+            .then_some(m.replication.as_ref())
+            .flatten()
+        else {
+            return Err(Error::NotLeader {
+                leader: m.current_leader,
+            });
+        };
+        let last = m.last_log_index.unwrap_or(0);
+        let mut matched: BTreeMap<NodeId, Option<u64>> = replication
+            .iter()
+            .map(|(id, log_id)| (*id, log_id.map(|l| l.index)))
+            .collect();
+        matched.insert(self.id(), Some(last));
+        Ok(ReplicationView {
+            leader: self.id(),
+            last_log_index: last,
+            matched,
+        })
+    }
+
+    /// On the leader, makes every learner that has caught up a voter. Returns the ids
+    /// promoted. Every member of a Tandem cluster is a voter; learners exist only while a
+    /// node joins.
+    pub async fn promote_caught_up_learners(&self) -> Result<Vec<NodeId>, Error> {
+        let Ok(view) = self.replication_view() else {
+            return Ok(Vec::new());
+        };
+        let ready: BTreeSet<NodeId> = self
+            .members()
+            .into_iter()
+            .filter(|m| !m.voter)
+            .filter(|m| {
+                matches!(view.matched.get(&m.id), Some(Some(i))
+                    if i + CAUGHT_UP_SLACK >= view.last_log_index)
+            })
+            .map(|m| m.id)
+            .collect();
+        if ready.is_empty() {
+            return Ok(Vec::new());
+        }
+        waiting_for_earlier_changes(|| {
+            self.raft()
+                .change_membership(ChangeMembers::AddVoterIds(ready.clone()), false)
+        })
+        .await?;
+        Ok(ready.into_iter().collect())
+    }
+}
+
+/// Runs a membership change, waiting (up to [`MEMBERSHIP_TIMEOUT`]) while an earlier one is
+/// still being committed: openraft refuses a change while another is in progress, and a
+/// join right after another node's promotion would otherwise fail for no reason an
+/// operator could act on.
+async fn waiting_for_earlier_changes<F, Fut, T>(mut change: F) -> Result<(), Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+        Output = Result<T, RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>>,
+    >,
+{
+    let deadline = tokio::time::Instant::now() + MEMBERSHIP_TIMEOUT;
+    loop {
+        match change().await {
+            Ok(_) => return Ok(()),
+            Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            ))) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(super::map_write_error(e)),
+        }
+    }
+}
+
+/// Whether `addr` looks like `host:port` with a non-zero port.
+pub fn is_host_port(addr: &str) -> bool {
+    addr.rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
+}
