@@ -4,20 +4,22 @@
 //! can be killed and restarted on the same data dir. The admin API is reached with a
 //! small blocking HTTP/1.1 client, so a test needs no async runtime.
 //!
-//! A failed wait prints every member's log.
+//! Every failure in a test that formed a cluster shows the tail of every member's log: a
+//! [`Wait`] that times out or [`crate::fail`] puts them in its panic message, and for any
+//! other panic (a plain `assert!`) the cluster's drop guard prints them.
 
 use std::fs::OpenOptions;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::{describe, tandem_command, Deadline};
+use crate::{describe, fail, show_logs_if_failing, tandem_command, Deadline, LogFile, Logs, Wait};
 
 /// The admin token every member shares.
 const TOKEN: &str = "failover-test-token-0123456789abcdef";
@@ -58,6 +60,8 @@ pub struct Member {
     pub dir: PathBuf,
     pub config: PathBuf,
     log_path: PathBuf,
+    /// Every member's log, this one's included: what a failure involving it shows.
+    cluster_logs: Arc<[LogFile]>,
     child: Mutex<Option<Child>>,
     starts: Mutex<u32>,
 }
@@ -86,9 +90,15 @@ impl Answer {
 }
 
 impl Member {
-    fn new(root: &Path, id: u64, role: MemberRole, extra_cluster: &str) -> Member {
+    fn new(
+        root: &Path,
+        id: u64,
+        role: MemberRole,
+        extra_cluster: &str,
+        cluster_logs: Arc<[LogFile]>,
+    ) -> Member {
         let ip = format!("127.0.0.{id}");
-        let dir = root.join(format!("node{id}"));
+        let dir = member_dir(root, id);
         std::fs::create_dir_all(&dir).expect("member dir");
         let sip_port = free_port_on(&ip);
         let raft_addr = format!("{ip}:{}", free_port_on(&ip));
@@ -142,6 +152,7 @@ impl Member {
             raft_addr,
             admin_addr,
             log_path: dir.join("node.log"),
+            cluster_logs,
             dir,
             config: config_path,
             child: Mutex::new(None),
@@ -181,22 +192,20 @@ impl Member {
         *self.child.lock().unwrap() = Some(child);
     }
 
-    /// Waits until the admin API answers /health. Panics with the log otherwise.
+    /// Waits until the admin API answers /health. Panics with the logs otherwise.
+    #[track_caller]
     pub fn wait_healthy(&self) {
-        let deadline = Deadline::after(START_TIMEOUT);
-        while !deadline.expired() {
+        Wait::new(
+            format!("node {} to answer /health with 200", self.id),
+            START_TIMEOUT,
+        )
+        .showing(self)
+        .until(|| {
             if let Some(status) = self.exit_status() {
                 self.panic_with_log(&format!("node {} exited with {status}", self.id));
             }
-            if self.get("/health").is_some_and(|a| a.status == 200) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.panic_with_log(&format!(
-            "node {} did not answer /health within {START_TIMEOUT:?}",
-            self.id
-        ));
+            self.get("/health").is_some_and(|a| a.status == 200)
+        });
     }
 
     pub fn is_running(&self) -> bool {
@@ -226,28 +235,21 @@ impl Member {
         }
     }
 
-    /// Waits for the process to exit and returns its status.
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Deadline::after(timeout);
-        while !deadline.expired() {
-            if let Some(s) = self.exit_status() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
+        Wait::new(format!("node {} to exit", self.id), timeout)
+            .every(Duration::from_millis(20))
+            .poll(|| self.exit_status())
     }
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
+    /// Panics with `message` and the tail of every member's log.
+    #[track_caller]
     pub fn panic_with_log(&self, message: &str) -> ! {
-        panic!(
-            "{message}\n--- node {} log ---\n{}--- end ---",
-            self.id,
-            self.log()
-        );
+        fail(self, message)
     }
 
     /// One admin API request; `None` if the node cannot be reached.
@@ -259,7 +261,6 @@ impl Member {
         self.request("GET", path, None)
     }
 
-    /// `GET /v1/cluster/status`, if the node answers it.
     /// The member's SIP address (UDP and TCP share it).
     pub fn sip_addr(&self) -> SocketAddr {
         format!("{}:{}", self.ip, self.sip_port)
@@ -267,6 +268,7 @@ impl Member {
             .expect("a numeric SIP address")
     }
 
+    /// `GET /v1/cluster/status`, if the node answers it.
     pub fn status(&self) -> Option<Value> {
         self.get("/v1/cluster/status")
             .filter(|a| a.status == 200)
@@ -292,6 +294,17 @@ impl Member {
                 .collect(),
         )
     }
+}
+
+impl Logs for Member {
+    fn log_files(&self) -> Vec<LogFile> {
+        self.cluster_logs.to_vec()
+    }
+}
+
+/// The directory of member `id` under a cluster's root.
+fn member_dir(root: &Path, id: u64) -> PathBuf {
+    root.join(format!("node{id}"))
 }
 
 impl Drop for Member {
@@ -339,6 +352,7 @@ pub fn http(
 /// admin token at its root, one directory per member.
 pub struct Cluster {
     pub members: Vec<Member>,
+    logs: Arc<[LogFile]>,
     root: TempDir,
 }
 
@@ -364,12 +378,23 @@ impl Cluster {
             .expect("run tandem keygen");
         assert!(run.status.success(), "tandem keygen: {}", describe(&run));
         std::fs::write(root.path().join("admin.token"), TOKEN).expect("write token");
-        let members: Vec<Member> = roles
-            .iter()
-            .enumerate()
-            .map(|(i, role)| Member::new(root.path(), i as u64 + 1, *role, extra_cluster))
+        let ids = 1..=roles.len() as u64;
+        let logs: Arc<[LogFile]> = ids
+            .clone()
+            .map(|id| LogFile {
+                name: format!("node {id}"),
+                path: member_dir(root.path(), id).join("node.log"),
+            })
             .collect();
-        let cluster = Cluster { members, root };
+        let members: Vec<Member> = ids
+            .zip(roles)
+            .map(|(id, role)| Member::new(root.path(), id, *role, extra_cluster, logs.clone()))
+            .collect();
+        let cluster = Cluster {
+            members,
+            logs,
+            root,
+        };
         let first = &cluster.members[0];
         let init = first.cli(&["cluster", "init"]);
         assert!(init.status.success(), "cluster init: {}", describe(&init));
@@ -398,46 +423,58 @@ impl Cluster {
 
     /// Waits until a running member, not in `excluding`, reports itself leader with a
     /// quorum. Returns its id and how long that took.
+    #[track_caller]
     pub fn wait_for_leader(&self, excluding: &[u64], timeout: Duration) -> (u64, Duration) {
-        let deadline = Deadline::after(timeout);
-        while !deadline.expired() {
-            for m in self.members.iter().filter(|m| !excluding.contains(&m.id)) {
-                if !m.is_running() {
-                    continue;
-                }
-                if let Some(s) = m.status() {
-                    if s["state"] == "leader" && s["quorum"] == "ok" {
-                        return (m.id, deadline.elapsed());
-                    }
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.panic_with_logs(&format!("no leader within {timeout:?}"));
+        let started = Deadline::after(timeout);
+        let what = if excluding.is_empty() {
+            "a leader with a quorum".to_owned()
+        } else {
+            format!("a leader with a quorum other than node {excluding:?}")
+        };
+        let leader = Wait::new(what, timeout)
+            .every(Duration::from_millis(20))
+            .showing(self)
+            .until(|| self.leader(excluding));
+        (leader, started.elapsed())
+    }
+
+    /// A running member, not in `excluding`, that reports itself leader with a quorum.
+    fn leader(&self, excluding: &[u64]) -> Option<u64> {
+        self.members
+            .iter()
+            .filter(|m| !excluding.contains(&m.id) && m.is_running())
+            .find(|m| {
+                m.status()
+                    .is_some_and(|s| s["state"] == "leader" && s["quorum"] == "ok")
+            })
+            .map(|m| m.id)
     }
 
     /// Waits until the leader counts `n` voters.
+    #[track_caller]
     pub fn wait_for_voters(&self, n: usize, timeout: Duration) {
-        let deadline = Deadline::after(timeout);
-        while !deadline.expired() {
-            let (leader, _) = self.wait_for_leader(&[], deadline.remaining());
-            if let Some(s) = self.member(leader).status() {
-                let voters = s["members"]
+        Wait::new(format!("the leader to count {n} voters"), timeout)
+            .showing(self)
+            .until(|| {
+                let leader = self.leader(&[]).ok_or("no leader")?;
+                let status = self
+                    .member(leader)
+                    .status()
+                    .ok_or("no status from the leader")?;
+                let voters = status["members"]
                     .as_array()
                     .map(|ms| ms.iter().filter(|m| m["voter"] == true).count())
                     .unwrap_or(0);
                 if voters == n {
-                    return;
+                    Ok(())
+                } else {
+                    Err(format!("node {leader} leads {voters} voters"))
                 }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.panic_with_logs(&format!(
-            "the cluster did not reach {n} voters in {timeout:?}"
-        ));
+            });
     }
 
     /// Waits until member `id` has applied everything the current leader has in its log.
+    #[track_caller]
     pub fn wait_caught_up(&self, id: u64, timeout: Duration) {
         let (leader, _) = self.wait_for_leader(&[], timeout);
         let target = self
@@ -448,39 +485,36 @@ impl Cluster {
     }
 
     /// Waits until member `id` has applied at least `index`.
+    #[track_caller]
     pub fn wait_applied(&self, id: u64, index: u64, timeout: Duration) {
-        let deadline = Deadline::after(timeout);
-        while !deadline.expired() {
-            if let Some(s) = self.member(id).status() {
-                if s["applied_index"].as_u64().unwrap_or(0) >= index {
-                    return;
+        Wait::new(format!("node {id} to apply index {index}"), timeout)
+            .showing(self)
+            .until(|| {
+                let status = self.member(id).status().ok_or("no status")?;
+                match status["applied_index"].as_u64().unwrap_or(0) {
+                    applied if applied >= index => Ok(()),
+                    applied => Err(format!("applied index {applied}")),
                 }
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.panic_with_logs(&format!(
-            "node {id} did not apply index {index} within {timeout:?}"
-        ));
+            });
     }
 
+    /// Panics with `message` and the tail of every member's log.
+    #[track_caller]
     pub fn panic_with_logs(&self, message: &str) -> ! {
-        let mut logs = String::new();
-        for m in &self.members {
-            logs.push_str(&format!(
-                "\n--- node {} log ---\n{}",
-                m.id,
-                tail(&m.log(), 200)
-            ));
-        }
-        panic!("{message}{logs}--- end of logs ---");
+        fail(self, message)
     }
 }
 
-/// The last `n` lines of `text`.
-fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    let start = lines.len().saturating_sub(n);
-    lines[start..].join("\n") + "\n"
+impl Logs for Cluster {
+    fn log_files(&self) -> Vec<LogFile> {
+        self.logs.to_vec()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        show_logs_if_failing(self);
+    }
 }
 
 /// How long [`write_customers`] keeps retrying one write.
@@ -506,15 +540,11 @@ pub fn write_customers(
                     return;
                 }
                 let id = format!("{prefix}-{i}");
-                let deadline = Deadline::after(WRITE_RETRY_FOR);
-                'retry: while !deadline.expired() {
-                    for target in targets {
-                        if target.put_customer(&id) == Some(200) {
-                            acked.lock().unwrap().push(id);
-                            break 'retry;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
+                let acknowledged =
+                    Wait::new(format!("a 200 to the write of {id}"), WRITE_RETRY_FOR)
+                        .poll(|| targets.iter().any(|t| t.put_customer(&id) == Some(200)));
+                if acknowledged.is_some() {
+                    acked.lock().unwrap().push(id);
                 }
             });
         }

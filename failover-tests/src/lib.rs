@@ -3,11 +3,15 @@
 //! signals or kills it, and talks SIP to it over real loopback sockets (127.0.0.0/8 only),
 //! either by hand (UDP datagrams, TCP streams) or with sipp, the way an operator would.
 //!
-//! Every wait has a deadline, and a wait that runs out prints the node's log, so a failure
-//! in CI says what the node was doing. Tests run in parallel processes (nextest), so ports
-//! come from the kernel ([`free_port`]) and never from a fixed list.
+//! Every wait is a [`Wait`]: it has a deadline, and one that runs out panics naming what it
+//! waited for and showing the tail of every log involved. Any other failure in a test that
+//! started processes (a plain `assert!` too) prints their log tails as well, from the drop
+//! guards of [`Node`] and [`cluster::Cluster`], so a failure in CI says what the nodes were
+//! doing. Tests run in parallel processes (nextest), so ports come from the kernel
+//! ([`free_port`]) and never from a fixed list.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -27,6 +31,9 @@ pub mod ua;
 
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many lines of each log a failure shows.
+pub const LOG_TAIL_LINES: usize = 40;
 
 mod clock {
     // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused
@@ -67,6 +74,218 @@ mod clock {
         pub fn elapsed(&self) -> Duration {
             self.start.elapsed()
         }
+    }
+}
+
+/// A wait for something the processes under test are to do. It looks at the condition with
+/// a probe (every 50 ms unless told otherwise) until the probe reports success or the
+/// timeout passes. Every wait for a condition in this crate and its tests is one of these;
+/// reading a socket until a message arrives ([`SipTcp::read_message`],
+/// [`ua::Ua::expect_request`]) is a receive with a timeout, not a wait of this kind.
+///
+/// [`Wait::until`] panics on timeout with a message naming what it waited for, for how long
+/// and what the probe saw last, followed by the tail of every log it is [`Wait::showing`].
+/// [`Wait::poll`] returns `None` instead, for waits whose timeout is an outcome the caller
+/// judges (a process that may or may not exit, a write that may never be acknowledged).
+///
+/// The probe returns an [`Outcome`]: a `bool`, an `Option` (its value is what the wait
+/// returns), or a `Result` whose error says what it saw instead.
+///
+/// ```no_run
+/// # use std::time::Duration;
+/// # use tandem_failover_tests::{Node, Wait};
+/// let node = Node::start_ready("");
+/// Wait::new("the node to log that it is ready", Duration::from_secs(5))
+///     .showing(&node)
+///     .until(|| node.log().contains("tandem node ready"));
+/// ```
+#[must_use = "a Wait does nothing until `until` or `poll` runs it"]
+pub struct Wait<'a> {
+    what: String,
+    timeout: Duration,
+    every: Duration,
+    logs: Option<&'a dyn Logs>,
+}
+
+impl<'a> Wait<'a> {
+    /// A wait for `what`, worded to follow "waiting for" ("node 2 to apply index 7"), that
+    /// gives up after `timeout`.
+    pub fn new(what: impl Into<String>, timeout: Duration) -> Wait<'a> {
+        Wait {
+            what: what.into(),
+            timeout,
+            every: Duration::from_millis(50),
+            logs: None,
+        }
+    }
+
+    /// Looks every `interval` instead of every 50 ms. Zero looks again at once, for probes
+    /// that themselves wait for an answer.
+    pub fn every(mut self, interval: Duration) -> Wait<'a> {
+        self.every = interval;
+        self
+    }
+
+    /// On timeout, shows the tail of these logs: a [`Node`]'s, or every member's of a
+    /// [`cluster::Cluster`] (a [`cluster::Member`] shows its whole cluster's too).
+    pub fn showing(mut self, logs: &'a dyn Logs) -> Wait<'a> {
+        self.logs = Some(logs);
+        self
+    }
+
+    /// Polls until `probe` succeeds and returns its value. Panics on timeout.
+    #[track_caller]
+    pub fn until<O: Outcome>(self, probe: impl FnMut() -> O) -> O::Value {
+        match self.run(probe) {
+            Ok(value) => value,
+            Err(seen) => {
+                let seen = seen
+                    .map(|s| format!("; last seen: {s}"))
+                    .unwrap_or_default();
+                let message = format!(
+                    "timed out after {:?} waiting for {}{seen}",
+                    self.timeout, self.what
+                );
+                match self.logs {
+                    Some(logs) => fail(logs, &message),
+                    None => panic!("{message}"),
+                }
+            }
+        }
+    }
+
+    /// Polls until `probe` succeeds and returns its value; `None` if the time runs out.
+    pub fn poll<O: Outcome>(self, probe: impl FnMut() -> O) -> Option<O::Value> {
+        self.run(probe).ok()
+    }
+
+    /// The loop itself: looks at least once, and once more when the time is up.
+    fn run<O: Outcome>(&self, mut probe: impl FnMut() -> O) -> Result<O::Value, Option<String>> {
+        let deadline = Deadline::after(self.timeout);
+        loop {
+            match probe().outcome() {
+                Ok(value) => return Ok(value),
+                Err(seen) if deadline.expired() => return Err(seen),
+                Err(_) => {}
+            }
+            if !self.every.is_zero() {
+                std::thread::sleep(self.every.min(deadline.remaining()));
+            }
+        }
+    }
+}
+
+/// What one look of a [`Wait`]'s probe found: done, with a value, or not yet, with what it
+/// saw instead (for the timeout message).
+pub trait Outcome {
+    type Value;
+    fn outcome(self) -> Result<Self::Value, Option<String>>;
+}
+
+impl Outcome for bool {
+    type Value = ();
+    fn outcome(self) -> Result<(), Option<String>> {
+        if self {
+            Ok(())
+        } else {
+            Err(None)
+        }
+    }
+}
+
+impl<T> Outcome for Option<T> {
+    type Value = T;
+    fn outcome(self) -> Result<T, Option<String>> {
+        self.ok_or(None)
+    }
+}
+
+impl<T, E: std::fmt::Display> Outcome for Result<T, E> {
+    type Value = T;
+    fn outcome(self) -> Result<T, Option<String>> {
+        self.map_err(|seen| Some(seen.to_string()))
+    }
+}
+
+/// One process's log, as a failure shows it.
+#[derive(Clone, Debug)]
+pub struct LogFile {
+    /// Whose log it is: `node 2`, `node (pid 4242)`.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+impl LogFile {
+    /// The last [`LOG_TAIL_LINES`] lines under a heading that names the log and its file.
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.path).unwrap_or_else(|e| format!("(no log: {e})"));
+        let lines: Vec<&str> = text.lines().collect();
+        let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+        format!(
+            "--- {} log, last {} of {} lines ({}) ---\n{}\n",
+            self.name,
+            lines.len() - start,
+            lines.len(),
+            self.path.display(),
+            lines[start..].join("\n")
+        )
+    }
+}
+
+/// Whatever a failure shows the logs of: a [`Node`], a [`cluster::Cluster`] (every member),
+/// or a [`cluster::Member`] (every member of its cluster, since a failure in a cluster
+/// often shows on a node other than the one that was asked).
+pub trait Logs {
+    fn log_files(&self) -> Vec<LogFile>;
+}
+
+/// Logs whose tails a panic message has shown already, so that the drop guards do not print
+/// them a second time.
+static SHOWN: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+fn shown() -> std::sync::MutexGuard<'static, BTreeSet<PathBuf>> {
+    SHOWN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The tail of each log, one after another.
+fn tails(files: &[LogFile]) -> String {
+    let mut text: String = files.iter().map(LogFile::tail).collect();
+    text.push_str("--- end of logs ---");
+    text
+}
+
+/// Panics with `message` followed by the tail of every log in `logs`. Every failure that the
+/// harness reports itself ends here.
+#[track_caller]
+pub fn fail(logs: &dyn Logs, message: &str) -> ! {
+    let files = logs.log_files();
+    shown().extend(files.iter().map(|f| f.path.clone()));
+    panic!("{message}\n{}", tails(&files));
+}
+
+/// For drop guards: while the thread unwinds from a failure, prints the tails of the logs
+/// in `logs` that the panic message did not show, so that a plain `assert!` (or a panic in
+/// the test UA) shows them too.
+fn show_logs_if_failing(logs: &dyn Logs) {
+    if !std::thread::panicking() {
+        return;
+    }
+    let files: Vec<LogFile> = {
+        let mut shown = shown();
+        logs.log_files()
+            .into_iter()
+            .filter(|f| shown.insert(f.path.clone()))
+            .collect()
+    };
+    if !files.is_empty() {
+        // Never panic here: a panic while unwinding aborts the test binary.
+        let _ = writeln!(
+            std::io::stderr(),
+            "the test failed; the logs of the nodes it started:\n{}",
+            tails(&files)
+        );
     }
 }
 
@@ -168,6 +387,7 @@ impl Node {
 
     /// Starts a node with UDP and TCP on one free port plus `extra` `[sip]` keys, and waits
     /// until it answers.
+    #[track_caller]
     pub fn start_ready(extra_sip: &str) -> Node {
         Node::start_ready_with(|port| sip_config(port, extra_sip))
     }
@@ -175,45 +395,53 @@ impl Node {
     /// Starts a node on the config `make` writes for a free port, and waits until it
     /// answers. Another process can take the port between [`free_port`] and the node's
     /// bind; if the node fails to bind, this tries again on a new port.
+    #[track_caller]
     pub fn start_ready_with(make: impl Fn(u16) -> String) -> Node {
         const ATTEMPTS: u32 = 3;
         for attempt in 1..=ATTEMPTS {
             let node = Node::start(&make(free_port()));
             match node.poll_ready() {
-                Readiness::Ready => return node,
-                Readiness::Exited(_)
-                    if attempt < ATTEMPTS && node.log().contains("cannot bind") =>
-                {
+                Ok(()) => return node,
+                Err(_) if attempt < ATTEMPTS && node.log().contains("cannot bind") => {
                     eprintln!(
                         "port taken before the node bound it; retrying:\n{}",
                         node.log()
                     );
                 }
-                other => node.panic_with_log(&other.describe(node.udp)),
+                Err(status) => node.panic_with_log(&not_ready(status)),
             }
         }
         unreachable!("the last attempt returns or panics")
     }
 
-    /// Polls OPTIONS over UDP until a 200 comes back. Panics, printing the log, if the
+    /// Polls OPTIONS over UDP until a 200 comes back. Panics, showing the log, if the
     /// node exits or does not answer within [`READY_TIMEOUT`].
+    #[track_caller]
     pub fn wait_ready(&self) {
-        match self.poll_ready() {
-            Readiness::Ready => {}
-            other => self.panic_with_log(&other.describe(self.udp)),
+        if let Err(status) = self.poll_ready() {
+            self.panic_with_log(&not_ready(status));
         }
     }
 
-    fn poll_ready(&self) -> Readiness {
+    /// `Ok` once the node answers an OPTIONS with 200, `Err` if it exits first; panics if
+    /// it does neither within [`READY_TIMEOUT`].
+    #[track_caller]
+    fn poll_ready(&self) -> Result<(), ExitStatus> {
         let target = self
             .udp
             .expect("waiting for readiness needs a UDP listener in the node's [sip] config");
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
-        let deadline = Deadline::after(READY_TIMEOUT);
         let mut attempt = 0u32;
-        while !deadline.expired() {
+        Wait::new(
+            format!("the node to answer OPTIONS on {target} with 200"),
+            READY_TIMEOUT,
+        )
+        // Each look waits up to 200 ms for its answer.
+        .every(Duration::ZERO)
+        .showing(self)
+        .until(|| {
             if let Some(status) = self.exit_status() {
-                return Readiness::Exited(status);
+                return Some(Err(status));
             }
             attempt += 1;
             let request = options_request(
@@ -222,18 +450,14 @@ impl Node {
                 target,
                 &format!("z9hG4bKready{attempt}"),
             );
-            if let Some(response) = send_udp_and_recv(
+            let response = send_udp_and_recv(
                 &socket,
                 target,
                 request.as_bytes(),
                 Duration::from_millis(200),
-            ) {
-                if status_code(&response) == Some(200) {
-                    return Readiness::Ready;
-                }
-            }
-        }
-        Readiness::TimedOut
+            )?;
+            (status_code(&response) == Some(200)).then_some(Ok(()))
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -309,23 +533,11 @@ impl Node {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Waits for the process to exit. On timeout prints the log and returns `None`.
+    /// Waits up to `timeout` for the process to exit; `None` if it is still running.
     pub fn wait_exit(&self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Deadline::after(timeout);
-        loop {
-            if let Some(status) = self.exit_status() {
-                return Some(status);
-            }
-            if deadline.expired() {
-                eprintln!(
-                    "node (pid {}) still running after {timeout:?}; its log:\n{}",
-                    self.pid(),
-                    self.log()
-                );
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        Wait::new(format!("node (pid {}) to exit", self.pid()), timeout)
+            .every(Duration::from_millis(10))
+            .poll(|| self.exit_status())
     }
 
     /// Everything the node wrote to stdout and stderr so far.
@@ -333,16 +545,14 @@ impl Node {
         std::fs::read_to_string(&self.log_path).unwrap_or_else(|e| format!("(no log: {e})"))
     }
 
-    /// Panics with `message` and the node's log.
+    /// Panics with `message` and the tail of the node's log.
+    #[track_caller]
     pub fn panic_with_log(&self, message: &str) -> ! {
-        panic!(
-            "{message}\n--- node log ({}) ---\n{}--- end of node log ---",
-            self.log_path.display(),
-            self.log()
-        );
+        fail(self, message)
     }
 
-    /// Like `assert!`, but a failure prints the node's log.
+    /// Like `assert!`, but the failure message holds the tail of the node's log.
+    #[track_caller]
     pub fn check(&self, condition: bool, message: impl FnOnce() -> String) {
         if !condition {
             self.panic_with_log(&message());
@@ -350,6 +560,7 @@ impl Node {
     }
 
     /// Asserts that the node still answers OPTIONS over UDP with 200.
+    #[track_caller]
     pub fn assert_answers_options(&self) {
         let target = self.udp_addr();
         let socket = UdpSocket::bind("127.0.0.1:0").expect("bind UDP client");
@@ -368,27 +579,22 @@ impl Node {
     }
 }
 
-enum Readiness {
-    Ready,
-    Exited(ExitStatus),
-    TimedOut,
+impl Logs for Node {
+    fn log_files(&self) -> Vec<LogFile> {
+        vec![LogFile {
+            name: format!("node (pid {})", self.pid),
+            path: self.log_path.clone(),
+        }]
+    }
 }
 
-impl Readiness {
-    fn describe(&self, udp: Option<SocketAddr>) -> String {
-        let target = udp.map(|a| a.to_string()).unwrap_or_default();
-        match self {
-            Readiness::Ready => "ready".into(),
-            Readiness::Exited(status) => format!("node exited with {status} before it was ready"),
-            Readiness::TimedOut => {
-                format!("node did not answer OPTIONS on {target} with 200 within {READY_TIMEOUT:?}")
-            }
-        }
-    }
+fn not_ready(status: ExitStatus) -> String {
+    format!("node exited with {status} before it was ready")
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
+        show_logs_if_failing(self);
         let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
         let _ = child.kill();
         let _ = child.wait();

@@ -7,7 +7,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use tandem_failover_tests::{
-    describe, free_port, sip_config, tandem_command, Deadline, Node, SipTcp,
+    describe, free_port, sip_config, tandem_command, Deadline, Node, SipTcp, Wait,
 };
 
 /// EX_USAGE, what `tandem` exits with when its configuration is invalid.
@@ -195,15 +195,14 @@ fn connections_beyond_max_connections_are_refused() {
 
     // Closing one frees its slot.
     drop(first);
-    let deadline = Deadline::after(Duration::from_secs(3));
-    loop {
-        if SipTcp::connect(node.tcp_addr()).options(Duration::from_millis(500)) == Some(200) {
-            break;
-        }
-        if deadline.expired() {
-            node.panic_with_log("a closed connection's slot was not freed");
-        }
-    }
+    Wait::new(
+        "a closed connection's slot to be freed for a new one",
+        Duration::from_secs(3),
+    )
+    // Each look waits up to 500 ms for its answer.
+    .every(Duration::ZERO)
+    .showing(&node)
+    .until(|| SipTcp::connect(node.tcp_addr()).options(Duration::from_millis(500)) == Some(200));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use tandem_failover_tests::cluster::{write_customers, Cluster, MemberRole};
-use tandem_failover_tests::describe;
+use tandem_failover_tests::{describe, Wait};
 
 const FULL3: [MemberRole; 3] = [MemberRole::Full, MemberRole::Full, MemberRole::Full];
 
@@ -239,14 +239,19 @@ fn a_node_cut_off_from_quorum_says_so_and_refuses_changes_until_it_returns() {
     let survivor = cluster.member(1);
     cluster.member(2).sigkill();
     cluster.member(3).sigkill();
-    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
-    let ready = loop {
+    let ready = Wait::new(
+        "node 1 to answer /ready with 503 once it is without a quorum",
+        Duration::from_secs(10),
+    )
+    .showing(&cluster)
+    .until(|| {
         let ready = survivor.get("/ready").expect("survivor answers /ready");
-        if ready.status == 503 || deadline.expired() {
-            break ready;
+        if ready.status == 503 {
+            Ok(ready)
+        } else {
+            Err(format!("{} {}", ready.status, ready.body))
         }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    });
     assert_eq!(
         ready.status, 503,
         "still ready without quorum: {}",

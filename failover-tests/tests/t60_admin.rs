@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
-use tandem_failover_tests::{describe, Node};
+use tandem_failover_tests::{describe, Node, Wait};
 
 #[test]
 fn the_admin_api_checks_the_token_and_answers_bad_input_with_json_errors() {
@@ -194,10 +194,12 @@ fn operators_see_status_remove_a_node_for_good_and_rotate_keys() {
     let (new_leader, _) = cluster.wait_for_leader(&[leader], Duration::from_secs(10));
     cluster.wait_for_voters(2, Duration::from_secs(10));
     let removed = cluster.member(leader);
-    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
-    while !removed.log().contains("removed from the cluster") && !deadline.expired() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Wait::new(
+        "the removed node to log that it was removed from the cluster",
+        Duration::from_secs(10),
+    )
+    .showing(&cluster)
+    .until(|| removed.log().contains("removed from the cluster"));
     assert!(
         removed.log().contains("removed from the cluster"),
         "the removed node was not told"

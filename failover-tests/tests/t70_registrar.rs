@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::{describe, sipp_scenario, Node};
+use tandem_failover_tests::{describe, sipp_scenario, Node, Wait};
 
 /// Creates customer `acme` and account `user@example.com` through the admin API.
 fn add_account(admin: std::net::SocketAddr, token: &str, user: &str, password: &str) {
@@ -26,6 +26,15 @@ fn bindings(admin: std::net::SocketAddr, token: &str, user: &str) -> serde_json:
     .expect("admin API answers");
     assert_eq!(a.status, 200, "{}", a.body);
     a.json()
+}
+
+/// The `tandem_bindings_held` line of a node's metrics, for failure messages.
+fn held_line(metrics: &str) -> String {
+    metrics
+        .lines()
+        .find(|l| l.starts_with("tandem_bindings_held"))
+        .unwrap_or("no tandem_bindings_held in /metrics")
+        .to_owned()
 }
 
 /// sipp's MD5 REGISTER scenario with these credentials; true if it got its 200.
@@ -483,10 +492,12 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
 
     cluster.member(2).sigkill();
     cluster.member(3).sigkill();
-    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(10));
-    while one.get("/ready").is_some_and(|r| r.status == 200) && !deadline.expired() {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Wait::new(
+        "node 1 to notice that it lost its quorum (/ready no longer 200)",
+        Duration::from_secs(10),
+    )
+    .showing(&cluster)
+    .until(|| one.get("/ready").is_none_or(|r| r.status != 200));
     assert_eq!(
         one.get("/ready").unwrap().status,
         503,
@@ -537,17 +548,22 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
     cluster.member(2).start();
     cluster.member(3).start();
     cluster.wait_for_leader(&[], Duration::from_secs(15));
-    let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(15));
-    loop {
+    Wait::new(
+        "node 1 to replay the overlay (tandem_bindings_held 0)",
+        Duration::from_secs(15),
+    )
+    .every(Duration::from_millis(100))
+    .showing(&cluster)
+    .until(|| {
         let m = http(one.admin_addr, None, "GET", "/metrics", None)
             .unwrap()
             .body;
         if m.contains("tandem_bindings_held 0") {
-            break;
+            Ok(())
+        } else {
+            Err(held_line(&m))
         }
-        assert!(!deadline.expired(), "the overlay was never replayed:\n{m}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
     for m in &cluster.members {
         cluster.wait_caught_up(m.id, Duration::from_secs(15));
         let b = bindings(m.admin_addr, &token, "frank");

@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tandem_failover_tests::cluster::{add_account, http, Cluster, Member, MemberRole};
 use tandem_failover_tests::ua::{uri_addr, Received, Ua};
-use tandem_failover_tests::{Deadline, Node};
+use tandem_failover_tests::{Deadline, Node, Wait};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -55,8 +55,12 @@ fn register(ua: &mut Ua, node: SocketAddr, contact: &str) {
 
 /// Waits until `member` holds `n` bindings of `user`.
 fn wait_bindings(member: &Member, token: &str, user: &str, n: usize) {
-    let deadline = Deadline::after(WAIT);
-    loop {
+    Wait::new(
+        format!("node {} to hold {n} bindings of {user}", member.id),
+        WAIT,
+    )
+    .showing(member)
+    .until(|| {
         let b = http(
             member.admin_addr,
             Some(token),
@@ -67,15 +71,11 @@ fn wait_bindings(member: &Member, token: &str, user: &str, n: usize) {
         .unwrap()
         .json();
         if b.as_array().map(Vec::len) == Some(n) {
-            return;
+            Ok(())
+        } else {
+            Err(b)
         }
-        assert!(
-            !deadline.expired(),
-            "node {} never had {n} bindings of {user}: {b}",
-            member.id
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    });
 }
 
 /// The callee's side of an answered call: rings, answers, and checks that everything it
@@ -360,11 +360,12 @@ fn without_quorum_calls_between_known_bindings_still_connect() {
 
     cluster.member(2).sigkill();
     cluster.member(3).sigkill();
-    let deadline = Deadline::after(WAIT);
-    while one.get("/ready").is_some_and(|r| r.status == 200) {
-        assert!(!deadline.expired(), "node 1 never noticed it lost quorum");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    Wait::new(
+        "node 1 to notice that it lost its quorum (/ready no longer 200)",
+        WAIT,
+    )
+    .showing(&cluster)
+    .until(|| one.get("/ready").is_none_or(|r| r.status != 200));
     // Node 1 stops counting on node 2 as Bob's edge once node 2 misses its pings.
     std::thread::sleep(Duration::from_secs(4));
 
@@ -458,16 +459,21 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
         alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
         assert_eq!(alice.expect_response("BYE", WAIT).status(), Some(200));
     });
-    let deadline = Deadline::after(WAIT);
-    loop {
+    Wait::new(
+        "the node to report itself drained once the call ended",
+        WAIT,
+    )
+    .every(Duration::from_millis(100))
+    .showing(&node)
+    .until(|| {
         let state = drain_state();
         if state["drained"] == true {
             assert_eq!(state["active_calls"], 0, "{state}");
-            break;
+            Ok(())
+        } else {
+            Err(state)
         }
-        assert!(!deadline.expired(), "never drained: {state}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    });
 }
 
 #[test]
@@ -568,6 +574,23 @@ fn a_retransmitted_2xx_reaches_the_caller_after_the_call_is_answered() {
     });
 }
 
+/// Whether a UDP socket is bound to 127.0.0.1:`port`, by the kernel's socket table (binding
+/// the port to find out could take it from the process that is about to).
+fn udp_listener_on_loopback(port: &str) -> bool {
+    let port: u16 = port.parse().expect("a port number");
+    // The address is in host byte order: 0100007F on a little-endian machine.
+    let local = [
+        format!("0100007F:{port:04X}"),
+        format!("7F000001:{port:04X}"),
+    ];
+    std::fs::read_to_string("/proc/net/udp")
+        .expect("read /proc/net/udp")
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .any(|address| local.iter().any(|l| l == address))
+}
+
 #[test]
 fn sipp_calls_through_the_proxy_all_complete() {
     let node = Node::start_ready("");
@@ -628,7 +651,18 @@ fn sipp_calls_through_the_proxy_all_complete() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start the sipp callee");
-    std::thread::sleep(Duration::from_millis(300));
+    Wait::new(
+        format!("the sipp callee to listen on 127.0.0.1:{callee_port}"),
+        WAIT,
+    )
+    .every(Duration::from_millis(20))
+    .showing(&node)
+    .until(|| {
+        if let Some(status) = uas.try_wait().expect("poll the sipp callee") {
+            node.panic_with_log(&format!("the sipp callee exited with {status}"));
+        }
+        udp_listener_on_loopback(&callee_port)
+    });
     let calls = sipp(&[
         "-sf",
         &scenario("bench-uac-invite.xml"),
@@ -745,19 +779,21 @@ fn a_non_invite_the_callee_never_answers_gets_no_408() {
         }
     }
     // Nothing is left waiting for an answer, so a drain would not wait on it.
-    let deadline = Deadline::after(WAIT);
-    loop {
-        let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
-        let active = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("tandem_sip_transactions_active "))
-            .map(|v| v.trim().to_owned());
-        if active.as_deref() == Some("0") {
-            break;
-        }
-        assert!(!deadline.expired(), "transactions still active: {active:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    Wait::new("no transaction to be left active", WAIT)
+        .every(Duration::from_millis(200))
+        .showing(&node)
+        .until(|| {
+            let metrics = http(admin, None, "GET", "/metrics", None).unwrap().body;
+            let active = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("tandem_sip_transactions_active "))
+                .map(|v| v.trim().to_owned());
+            if active.as_deref() == Some("0") {
+                Ok(())
+            } else {
+                Err(format!("transactions still active: {active:?}"))
+            }
+        });
 }
 
 #[test]

@@ -13,7 +13,7 @@
 #     new Call-ID and the same Contact, flow and interval as its account's binding: a
 #     refresh, as from a phone that picks a new Call-ID each time. Tandem writes each
 #     account's binding once, when it is new or its headroom runs low, and answers the
-#     rest without a Raft write (node/src/refreshes.rs). A binding written on every
+#     rest without a Raft write (node/src/agents/location/refreshes.rs). A binding written on every
 #     REGISTER is measured by ops/bench/registrations.sh (first pass: new AORs; second
 #     pass: a new contact for each).
 #  2. Calls (ops/sipp/bench-uac-invite.xml): one caller account sends INVITE, gets 407, ACKs
