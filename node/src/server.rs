@@ -71,7 +71,7 @@ pub async fn run_until_signal(config: Config) -> Result<(), Error> {
 /// Runs a node until `stops` yields. A second value during a graceful stop makes it fast.
 pub async fn run(config: Config, mut stops: mpsc::Receiver<Stop>) -> Result<(), Error> {
     let node = Node::build(config).await?;
-    let running = node.spawn()?;
+    let running = node.spawn();
     let first = stops.recv().await.unwrap_or(Stop::Fast);
     running.stop(first, &mut stops).await;
     Ok(())
@@ -198,7 +198,7 @@ impl Node {
 
     /// Starts serving: the location duties (on every node, a witness can lead), the admin
     /// API, and on a full node the SIP stack with the agents on it.
-    pub fn spawn(mut self) -> Result<RunningNode, Error> {
+    pub fn spawn(mut self) -> RunningNode {
         location::spawn_duties(
             &self.cluster.replica,
             &self.overlay,
@@ -221,7 +221,7 @@ impl Node {
                 None
             }
         };
-        Ok(RunningNode { node: self, sip })
+        RunningNode { node: self, sip }
     }
 
     fn spawn_sip(&self, bound: BoundSip) -> RunningSip {
