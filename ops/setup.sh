@@ -7,7 +7,7 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages: the C++ toolchain bindgen needs for librocksdb-sys later, sipp for the
 # scripted SIP tests, and the small tools the tests and scripts call.
-apt_packages=(clang libclang-dev sip-tester iproute2 curl ca-certificates pkg-config)
+apt_packages=(clang libclang-dev sip-tester iproute2 curl ca-certificates pkg-config python3)
 # Kamailio is the reference peer for benchmarks only; TANDEM_SETUP_BENCH=1 adds it.
 if [ "${TANDEM_SETUP_BENCH:-0}" = 1 ]; then
   apt_packages+=(kamailio)

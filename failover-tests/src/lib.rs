@@ -32,8 +32,14 @@ pub mod ua;
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How many lines of each log a failure shows.
-pub const LOG_TAIL_LINES: usize = 40;
+/// How many lines of each log a failure shows: `$TANDEM_TEST_LOG_LINES`, or 200, enough to
+/// cover a cluster's start-up and the seconds before most failures.
+pub fn log_tail_lines() -> usize {
+    std::env::var("TANDEM_TEST_LOG_LINES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200)
+}
 
 mod clock {
     // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused
@@ -216,11 +222,11 @@ pub struct LogFile {
 }
 
 impl LogFile {
-    /// The last [`LOG_TAIL_LINES`] lines under a heading that names the log and its file.
+    /// The last [`log_tail_lines`] lines under a heading that names the log and its file.
     fn tail(&self) -> String {
         let text = std::fs::read_to_string(&self.path).unwrap_or_else(|e| format!("(no log: {e})"));
         let lines: Vec<&str> = text.lines().collect();
-        let start = lines.len().saturating_sub(LOG_TAIL_LINES);
+        let start = lines.len().saturating_sub(log_tail_lines());
         format!(
             "--- {} log, last {} of {} lines ({}) ---\n{}\n",
             self.name,

@@ -1,6 +1,6 @@
 //! A Tandem node. The folders are its layers, and imports only point down:
 //!
-//! - [`config`], [`clock`], [`hex`] and [`error`]: used by everything, using nothing;
+//! - [`config`], [`clock`], [`hex`] and [`error`]: used by every layer, using none;
 //! - `stack/`: the SIP stack (transport, transactions, SIP threads), naming no agent;
 //! - `cluster/`: the node's place in the cluster (replica, joining, peer health);
 //! - `agents/`: what the node does with requests (dispatcher, registrar, proxy, and the

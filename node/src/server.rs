@@ -1,7 +1,8 @@
 //! One node's life in three steps, as linkerd2-proxy's main does it:
 //!
-//! 1. [`Node::build`] opens the replica and binds every listener, so a port already in use
-//!    or a bad data dir stops start-up before anything is served;
+//! 1. [`Node::build`] opens the replica (its internal listener and cluster duties start with
+//!    it) and binds the admin API and SIP listeners, so a port already in use stops
+//!    start-up before the admin API or SIP serve anything;
 //! 2. [`Node::spawn`] starts the location duties, the admin API, the SIP stack and the
 //!    agents on it;
 //! 3. [`RunningNode::stop`] shuts down in order: SIP first (503 for new requests, accept
@@ -85,15 +86,16 @@ struct Tasks {
 }
 
 impl Tasks {
-    /// Cancels the tasks and waits, for a bounded time, until they end.
-    async fn stop(&self, what: &str) {
+    /// Cancels the tasks and waits, for a bounded time, until they end; `late` is the
+    /// warning if they do not.
+    async fn stop(&self, late: &str) {
         self.stop.cancel();
         self.tracker.close();
         if tokio::time::timeout(TASK_EXIT_TIMEOUT, self.tracker.wait())
             .await
             .is_err()
         {
-            tracing::warn!("some {what} tasks did not stop in time");
+            tracing::warn!("{late}");
         }
     }
 }
@@ -136,7 +138,9 @@ impl Node {
         match Node::bind(config, cluster.clone(), cluster_tasks).await {
             Ok(node) => Ok(node),
             Err((e, cluster_tasks)) => {
-                cluster_tasks.stop("cluster").await;
+                cluster_tasks
+                    .stop("some cluster tasks did not stop in time")
+                    .await;
                 cluster.shutdown().await;
                 Err(e)
             }
@@ -340,38 +344,17 @@ impl RunningNode {
     /// during the graceful wait cuts it short.
     pub async fn stop(self, how: Stop, stops: &mut mpsc::Receiver<Stop>) {
         let RunningNode { node, sip } = self;
-        if let Some(sip) = sip {
-            sip.stop(how, &node, stops).await;
-        }
-        node.admin_tasks.stop("admin API").await;
-        node.cluster_tasks.stop("cluster").await;
-        node.cluster.shutdown().await;
-        drop(node);
-        tracing::info!("tandem node stopped");
-    }
-}
-
-impl RunningSip {
-    async fn stop(self, how: Stop, node: &Node, stops: &mut mpsc::Receiver<Stop>) {
         if how == Stop::Graceful {
             tracing::info!(
                 "stopping: answering new requests with 503 and letting transactions finish"
             );
             node.drain.flag().store(true, Ordering::SeqCst);
-            self.stop_accepting.cancel();
-            let grace = Duration::from_secs(node.config.sip.shutdown_grace_secs);
-            tokio::select! {
-                _ = self.active.idle() => tracing::info!("all transactions finished"),
-                _ = tokio::time::sleep(grace) => tracing::warn!(
-                    remaining = self.active.get(), "shutdown grace period over; leaving transactions unfinished"),
-                Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
-            }
         } else {
             tracing::info!("stopping now");
         }
-        self.stop_accepting.cancel();
-        self.tasks.stop("SIP").await;
-        self.threads.join(TASK_EXIT_TIMEOUT).await;
+        if let Some(sip) = sip {
+            sip.stop(how, &node.config, stops).await;
+        }
         let stats = &node.stats;
         tracing::info!(
             requests = stats.requests_received.load(Ordering::Relaxed),
@@ -379,5 +362,32 @@ impl RunningSip {
             malformed_dropped = stats.malformed_dropped.load(Ordering::Relaxed),
             "SIP stopped"
         );
+        node.admin_tasks
+            .stop("the admin API did not stop in time")
+            .await;
+        node.cluster_tasks
+            .stop("some cluster tasks did not stop in time")
+            .await;
+        node.cluster.shutdown().await;
+        drop(node);
+        tracing::info!("tandem node stopped");
+    }
+}
+
+impl RunningSip {
+    async fn stop(self, how: Stop, config: &Config, stops: &mut mpsc::Receiver<Stop>) {
+        if how == Stop::Graceful {
+            self.stop_accepting.cancel();
+            let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
+            tokio::select! {
+                _ = self.active.idle() => tracing::info!("all transactions finished"),
+                _ = tokio::time::sleep(grace) => tracing::warn!(
+                    remaining = self.active.get(), "shutdown grace period over; leaving transactions unfinished"),
+                Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
+            }
+        }
+        self.stop_accepting.cancel();
+        self.tasks.stop("some tasks did not stop in time").await;
+        self.threads.join(TASK_EXIT_TIMEOUT).await;
     }
 }

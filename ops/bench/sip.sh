@@ -34,7 +34,8 @@
 # BENCH_PHASES ("register calls"); KEEP_WORK=1 keeps the work directory (server logs, sipp
 # outputs, error logs and rtt traces); TANDEM_BENCH_NO_BUILD=1 skips setup and build;
 # RUNTIME_THREADS, SIP_THREADS and NODE_ENV go to ops/bench/cluster.sh (the nodes' runtime
-# and SIP threads, and their environment).
+# and SIP threads, and their environment); BENCH_TANDEM_BIN benchmarks that binary instead
+# of the build's.
 #
 # Per server and step it prints: sipp's successful and failed calls; completed per second,
 # from the start to the last completed REGISTER or call setup (the wait for calls that time
@@ -68,6 +69,9 @@ if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
 else
   . ./ops/env.sh
 fi
+# BENCH_TANDEM_BIN runs another tandem binary (an earlier build, for a before/after
+# comparison in one sitting) instead of the one just built.
+TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
 
 work=$(mktemp -d)
 pids=()

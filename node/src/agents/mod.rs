@@ -191,6 +191,50 @@ mod tests {
     use super::*;
     use std::sync::atomic::Ordering;
 
+    /// An agent that takes what `wants` says and does nothing with it.
+    struct Stub(fn(&Message, bool) -> bool);
+
+    impl Agent for Stub {
+        fn takes(&self, request: &Message, in_transaction: bool) -> bool {
+            (self.0)(request, in_transaction)
+        }
+
+        fn handle(self: Arc<Self>, _: Message, _: Flow, _: Option<TxId>, _: &Stack) {}
+    }
+
+    fn request(method: &str) -> Message {
+        let text = format!(
+            "{method} sip:bob@example.com SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKx\r\n\
+             From: <sip:a@example.com>;tag=1\r\nTo: <sip:bob@example.com>\r\nCall-ID: c\r\n\
+             CSeq: 1 {method}\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+        );
+        Message::parse_datagram(bytes::Bytes::from(text), 65535).unwrap()
+    }
+
+    #[test]
+    fn the_first_agent_that_takes_a_request_serves_it() {
+        let registers: Arc<dyn Agent> = Arc::new(Stub(|r, _| registrar::takes(r)));
+        let in_transaction: Arc<dyn Agent> = Arc::new(Stub(|_, tx| tx));
+        let agents = Agents {
+            serving: vec![registers.clone(), in_transaction.clone()].into(),
+            dialogs: Arc::default(),
+        };
+        let taker = |method: &str, tx: bool| agents.taker(&request(method), tx).cloned();
+        let is = |a: Option<Arc<dyn Agent>>, b: &Arc<dyn Agent>| {
+            a.is_some_and(|a| std::ptr::addr_eq(Arc::as_ptr(&a), Arc::as_ptr(b)))
+        };
+        assert!(
+            is(taker("REGISTER", true), &registers),
+            "the first in order wins"
+        );
+        assert!(is(taker("REGISTER", false), &registers));
+        assert!(
+            is(taker("INVITE", true), &in_transaction),
+            "the next is asked"
+        );
+        assert!(taker("INVITE", false).is_none(), "nobody takes it");
+    }
+
     #[tokio::test]
     async fn work_that_never_waits_runs_inline_and_the_rest_on_a_task() {
         use std::sync::atomic::AtomicUsize;

@@ -56,6 +56,11 @@ pub fn start(
     stop: CancellationToken,
     stop_accepting: CancellationToken,
 ) -> SipStack {
+    assert!(
+        (1..=shard::MAX_SHARDS).contains(&shards.len()),
+        "between 1 and {} shards",
+        shard::MAX_SHARDS
+    );
     let (inbound, inbound_rx): (Vec<_>, Vec<_>) =
         shards.iter().map(|_| mpsc::channel(CHANNEL_DEPTH)).unzip();
     let transports = Transports::start(

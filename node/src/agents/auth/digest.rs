@@ -73,7 +73,6 @@ impl Algorithm {
     }
 }
 
-/// Lowercase hex of `bytes`.
 /// `H(user:realm:password)`, what an account stores instead of its password.
 pub fn ha1(algorithm: Algorithm, user: &str, realm: &str, password: &str) -> String {
     algorithm.hex(&format!("{user}:{realm}:{password}"))

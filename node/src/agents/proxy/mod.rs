@@ -29,6 +29,8 @@
 pub mod flow_token;
 pub mod route;
 
+pub use route::takes;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -1154,7 +1156,6 @@ impl Fork {
         }
     }
 }
-pub use route::takes;
 
 impl Agent for Proxy {
     fn takes(&self, request: &Message, in_transaction: bool) -> bool {

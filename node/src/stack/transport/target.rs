@@ -1,7 +1,8 @@
 //! Where a URI says to send, and which addresses are this node's own: the transport and
 //! address of RFC 3261 §18 and, for numeric hosts, RFC 3263. The proxy, the registrar and
 //! the transport's own routing share these, so they live at the bottom, with the sockets.
-//! Resolving names (NAPTR, SRV, A/AAAA) is not built yet; a name is sent to as it is.
+//! For a name, the proxy looks up A/AAAA records; NAPTR and SRV (the rest of RFC 3263) are
+//! not built yet.
 
 use std::net::SocketAddr;
 
