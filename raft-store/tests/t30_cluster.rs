@@ -103,25 +103,39 @@ impl Cluster {
         }
     }
 
+    /// Proposes feature versions `start..start + n` at once on node `on` and checks every
+    /// outcome: each proposal commits (none fails or times out), and each is applied
+    /// (`Done`) unless a higher version was applied first (`Rejected`, the state machine's
+    /// rule against going down), which never happens to the highest. Returns the index
+    /// `on` has applied.
     async fn write(&self, on: u64, n: u64, start: u32) -> u64 {
         let r = &self.replicas[&on];
         let mut futures = Vec::new();
         for i in 0..n {
             let r = r.clone();
-            futures.push(tokio::spawn(async move {
-                r.propose(Command::SetFeatureVersion {
-                    version: start + i as u32,
-                })
-                .await
-            }));
+            let version = start + i as u32;
+            futures.push((
+                version,
+                tokio::spawn(
+                    async move { r.propose(Command::SetFeatureVersion { version }).await },
+                ),
+            ));
         }
-        let mut done = 0;
-        for f in futures {
-            if f.await.unwrap().is_ok() {
-                done += 1;
+        let highest = start + n as u32 - 1;
+        let mut highest_applied = None;
+        for (version, f) in futures {
+            match f.await.unwrap() {
+                Ok(CommandResult::Done) => highest_applied = highest_applied.max(Some(version)),
+                Ok(CommandResult::Rejected(why))
+                    if version < highest && why.contains("below the current") => {}
+                other => panic!("node {on}: feature version {version} was not applied: {other:?}"),
             }
         }
-        let _ = done;
+        assert_eq!(
+            highest_applied,
+            Some(highest),
+            "node {on}: the highest feature version was not applied"
+        );
         r.metrics().last_applied.map_or(0, |l| l.index)
     }
 }

@@ -133,7 +133,19 @@ async fn no_plaintext_secret_reaches_any_file() {
         }
         r.raft().trigger().snapshot().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A snapshot is built in the background: wait until every replica has one that covers
+    // the secrets, so the scan below reads it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    for r in replicas {
+        while r.metrics().snapshot.map_or(0, |s| s.index) < applied {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no snapshot up to index {applied}: {:?}",
+                r.metrics()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     for r in replicas {
         r.flush_to_disk().unwrap();
     }
@@ -154,9 +166,14 @@ async fn no_plaintext_secret_reaches_any_file() {
         assert_eq!(trunk_password(&keys, &p), PASSWORD);
     }
     for dir in &dirs {
+        let with_marker = files_containing(dir.path(), MARKER);
         assert!(
-            !files_containing(dir.path(), MARKER).is_empty(),
-            "the scan must see the marker in {:?}",
+            with_marker.iter().any(|f| f.contains(&format!(
+                "{}snapshots{}",
+                std::path::MAIN_SEPARATOR,
+                std::path::MAIN_SEPARATOR
+            ))),
+            "the scan must read a snapshot holding the marker in {:?}: {with_marker:?}",
             dir.path()
         );
         assert_eq!(
