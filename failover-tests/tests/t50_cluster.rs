@@ -122,12 +122,28 @@ fn a_pair_with_a_witness_survives_the_loss_of_any_one_member() {
         m.wait_healthy();
         cluster.wait_for_voters(3, Duration::from_secs(10));
     }
-    // The witness holds the state but never serves SIP.
+    // The witness holds the state but never serves SIP: its config lists SIP addresses
+    // like a full node's, and nothing holds them. Binding them here is the probe; it must
+    // fail on a full node's address, which that node holds.
     let witness = cluster.member(3);
     assert_eq!(witness.status().unwrap()["role"], "witness");
+    let full = cluster.member(1).sip_addr();
+    assert!(
+        std::net::UdpSocket::bind(full).is_err() && std::net::TcpListener::bind(full).is_err(),
+        "the probe cannot see node 1's SIP sockets at {full}"
+    );
+    let sip = witness.sip_addr();
+    if let Err(e) = std::net::UdpSocket::bind(sip) {
+        cluster.panic_with_logs(&format!("the witness holds its UDP SIP address {sip}: {e}"));
+    }
+    if let Err(e) = std::net::TcpListener::bind(sip) {
+        cluster.panic_with_logs(&format!(
+            "the witness listens on its TCP SIP address {sip}: {e}"
+        ));
+    }
     assert!(
         !witness.log().contains("tandem node ready"),
-        "the witness opened SIP listeners"
+        "the witness says it serves SIP"
     );
 }
 

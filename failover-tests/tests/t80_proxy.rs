@@ -408,7 +408,7 @@ fn without_quorum_calls_between_known_bindings_still_connect() {
 }
 
 #[test]
-fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
+fn drain_lets_a_running_call_end_and_turns_new_registrations_and_calls_away() {
     let node = node_with_alice_and_bob();
     let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
     let (mut alice, mut bob) = (alice_phone(), bob_phone());
@@ -448,6 +448,13 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_away() {
     let refused = bob.register_once(sip, Some(&format!("<{bob_contact}>")), Some(600), "");
     assert_eq!(refused.status, 503, "{}", refused.text);
     assert!(refused.header("Retry-After").is_some(), "{}", refused.text);
+    let new_call = alice.invite(sip, "sip:bob@example.com", "drain-2", &mut |_, _| {});
+    assert_eq!(new_call.status(), Some(503), "{}", new_call.text);
+    assert!(
+        new_call.header("Retry-After").is_some(),
+        "{}",
+        new_call.text
+    );
 
     // The call ends with BYE, through the draining node.
     std::thread::scope(|s| {
