@@ -110,6 +110,8 @@ pub struct Node {
     drain: Arc<Drain>,
     /// Binding writes held while this node has no quorum (node/DESIGN.md, "Degraded mode").
     overlay: Arc<BindingOverlay>,
+    /// Which other nodes answer SIP: the proxy asks it, `/metrics` reports it.
+    peers: Arc<PeerMonitor>,
     /// The admin API's server, bound, and the tasks it will run as.
     admin: Option<AdminServer>,
     admin_tasks: Tasks,
@@ -155,6 +157,7 @@ impl Node {
         let stats = Arc::new(Stats::default());
         let drain = Arc::new(Drain::default());
         let overlay = Arc::new(BindingOverlay::default());
+        let peers = Arc::new(PeerMonitor::default());
         let admin_tasks = Tasks::default();
         let bound = async {
             let token = admin::load_or_create_token(&config.token_path())?;
@@ -164,6 +167,7 @@ impl Node {
                     stats.clone(),
                     drain.clone(),
                     overlay.clone(),
+                    peers.clone(),
                     token,
                 ),
                 config.admin.listen,
@@ -192,6 +196,7 @@ impl Node {
                 stats,
                 drain,
                 overlay,
+                peers,
                 admin: Some(admin),
                 admin_tasks,
                 sip,
@@ -255,7 +260,7 @@ impl Node {
         let active = stack.layer.active();
         self.drain.watch_transactions(active.clone());
 
-        let peers = Arc::new(PeerMonitor::default());
+        let peers = self.peers.clone();
         if let Some(via) = own.udp.first().copied() {
             tasks.tracker.spawn(peers.clone().run(
                 self.cluster.clone(),

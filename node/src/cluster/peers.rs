@@ -53,6 +53,19 @@ impl PeerMonitor {
             .is_some_and(|t| t.elapsed() < DOWN_AFTER)
     }
 
+    /// Every peer pinged so far, in id order, with whether it answered recently.
+    pub fn peers(&self) -> Vec<(NodeId, bool)> {
+        let mut ids: Vec<NodeId> = self
+            .pinged
+            .lock()
+            .expect("peer table lock")
+            .keys()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.into_iter().map(|id| (id, self.is_up(id))).collect()
+    }
+
     /// Takes a response that matched no transaction, from `source`; true if it answered
     /// one of our pings.
     pub fn on_response(&self, response: &Message, source: SocketAddr) -> bool {

@@ -23,6 +23,7 @@ use warp::{Filter, Rejection, Reply};
 use crate::agents::auth::accounts::{self, check_domain, check_user, AccountInput, AccountView};
 use crate::agents::drain::Drain;
 use crate::agents::location::overlay::BindingOverlay;
+use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
 use crate::Error;
@@ -38,6 +39,8 @@ pub struct Admin {
     pub drain: Arc<Drain>,
     /// Binding writes held while this node has no quorum: reported, never written here.
     pub overlay: Arc<BindingOverlay>,
+    /// Which other nodes answer SIP, as the proxy sees them.
+    pub peers: Arc<PeerMonitor>,
     token: Arc<str>,
 }
 
@@ -167,6 +170,7 @@ impl Admin {
         stats: Arc<Stats>,
         drain: Arc<Drain>,
         overlay: Arc<BindingOverlay>,
+        peers: Arc<PeerMonitor>,
         token: String,
     ) -> Admin {
         Admin {
@@ -174,6 +178,7 @@ impl Admin {
             stats,
             drain,
             overlay,
+            peers,
             token: token.into(),
         }
     }
@@ -628,6 +633,14 @@ impl Admin {
         for node in reader.nodes().unwrap_or_default() {
             let n = reader.count_bindings_by_edge(node.id).unwrap_or(0);
             let _ = writeln!(out, "{name}{{edge_node=\"{}\"}} {n}", node.id);
+        }
+        let name = "tandem_sip_peer_up";
+        let _ = writeln!(
+            out,
+            "# HELP {name} 1 while the node answers this node's SIP pings; calls for phones that registered through a node that does not go straight to their public address.\n# TYPE {name} gauge"
+        );
+        for (node, up) in self.peers.peers() {
+            let _ = writeln!(out, "{name}{{node=\"{node}\"}} {}", u8::from(up));
         }
         // Histograms, written out by hand.
         let name = "tandem_raft_batch_size";
