@@ -360,6 +360,11 @@ impl Node {
     /// inside it unless the config sets one) and starts `tandem run --config` on it, with
     /// stdout and stderr going to `node.log` there. Does not wait for readiness.
     pub fn start(toml: &str) -> Node {
+        Node::start_env(toml, &[])
+    }
+
+    /// [`Node::start`], with these variables added to the node's environment.
+    pub fn start_env(toml: &str, env: &[(&str, &str)]) -> Node {
         let dir = tempfile::Builder::new()
             .prefix("tandem-node-")
             .tempdir()
@@ -370,6 +375,7 @@ impl Node {
         let log_path = dir.path().join("node.log");
         let log = File::create(&log_path).expect("create node.log");
         let child = tandem_command()
+            .envs(env.iter().copied())
             .arg("run")
             .arg("--config")
             .arg(&config_path)

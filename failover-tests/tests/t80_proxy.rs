@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tandem_failover_tests::cluster::{add_account, http, Cluster, Member, MemberRole};
 use tandem_failover_tests::ua::{uri_addr, Received, Ua};
-use tandem_failover_tests::{Deadline, Node, Wait};
+use tandem_failover_tests::{free_port, sip_config, Deadline, Node, Wait};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -506,6 +506,55 @@ fn drain_lets_a_running_call_end_and_turns_new_registrations_and_calls_away() {
             Err(state)
         }
     });
+}
+
+#[test]
+fn timer_c_cancels_a_branch_that_rings_too_long_and_the_caller_gets_408() {
+    // Timer C at 2 s and T1 at 100 ms (a CANCEL unanswered for 64*T1 = 6.4 s is given
+    // up), which only TANDEM_TEST_SHORT_TIMERS lets a config set.
+    let node = Node::start_env(
+        &sip_config(free_port(), "timer_c_secs = 2\nt1_ms = 100"),
+        &[("TANDEM_TEST_SHORT_TIMERS", "1")],
+    );
+    node.wait_ready();
+    let (admin, token, sip) = (node.admin_addr(), node.admin_token(), node.udp_addr());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let (mut alice, mut bob) = (alice_phone(), bob_phone());
+    let bob_contact = bob.contact();
+    register(&mut bob, sip, &bob_contact);
+
+    std::thread::scope(|s| {
+        let bob = &bob;
+        // Bob's phone rings and then says nothing more, not even to the CANCEL.
+        let callee = s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            bob.respond(&invite, 180, "Ringing", "");
+            let rang = Deadline::after(WAIT);
+            let cancel = bob.expect_request("CANCEL", WAIT);
+            (rang.elapsed(), invite, cancel)
+        });
+        let started = Deadline::after(WAIT);
+        let last = alice.invite(sip, "sip:bob@example.com", "timer-c-1", &mut |_, _| {});
+        let (rang_for, invite, cancel) = callee.join().unwrap();
+        assert!(
+            rang_for >= Duration::from_millis(1900),
+            "CANCELled {rang_for:?} after the 180, before Timer C (2 s)"
+        );
+        assert_eq!(
+            cancel.header("Call-ID"),
+            invite.header("Call-ID"),
+            "{}",
+            cancel.text
+        );
+        assert_eq!(last.status(), Some(408), "{}", last.text);
+        assert!(
+            started.elapsed() >= Duration::from_secs(2),
+            "408 after {:?}, before Timer C fired",
+            started.elapsed()
+        );
+    });
+    node.assert_answers_options();
 }
 
 #[test]

@@ -30,7 +30,7 @@ use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::config::Config;
 use crate::stack::stats::Stats;
-use crate::stack::transaction::{LayerHandle, TxId};
+use crate::stack::transaction::{LayerHandle, TimerSettings, TxId};
 use crate::stack::transport::{Flow, OwnAddrs, Transports};
 
 use auth::Authenticator;
@@ -142,6 +142,7 @@ impl Agents {
             peers.clone(),
             ProxySettings {
                 timer_c: Duration::from_secs(config.sip.timer_c_secs),
+                cancel_give_up: 64 * TimerSettings::from_config(&config.sip).t1,
             },
         ));
         let registrar = Arc::new(Registrar::new(

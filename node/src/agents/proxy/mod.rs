@@ -60,6 +60,9 @@ use crate::stack::transport::{Flow, TransportKind, Transports};
 pub struct ProxySettings {
     /// Timer C (§16.8): how long a branch may ring before it is CANCELled.
     pub timer_c: Duration,
+    /// How long a CANCELled branch may stay without a final response before the proxy
+    /// gives up on it (§9.1: 64*T1).
+    pub cancel_give_up: Duration,
 }
 
 /// Where one branch goes.
@@ -834,9 +837,6 @@ struct OwnRoutes {
     any_token: bool,
 }
 
-/// How long a CANCELled branch may take to answer before it is given up (64*T1, §9.1).
-const CANCEL_GIVE_UP: Duration = Duration::from_secs(32);
-
 /// The state of one forwarded request: its branches and the best answer so far.
 struct Fork {
     proxy: Arc<Proxy>,
@@ -1058,7 +1058,7 @@ impl Fork {
             return;
         }
         b.cancel_sent = true;
-        b.give_up = Some(Instant::now() + CANCEL_GIVE_UP);
+        b.give_up = Some(Instant::now() + self.proxy.settings.cancel_give_up);
         let Some(uri) = b.request.uri().cloned() else {
             return;
         };
