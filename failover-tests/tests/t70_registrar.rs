@@ -513,8 +513,15 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
     let added = ua.register(node1, "MD5", Some(second), Some(300));
     assert_eq!(added.status, 200, "{}", added.text);
     assert_eq!(added.headers("Contact").len(), 2, "{}", added.text);
+    // Answered without waiting for a Raft proposal to time out (5 s by default). The UA
+    // retransmits after 2 s, so one lost datagram may add a step: the time is reported,
+    // and the bound leaves room for that step but not for a proposal timeout.
+    eprintln!(
+        "two degraded registrations answered in {:?}",
+        started.elapsed()
+    );
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_millis(4500),
         "degraded registrations took {:?}",
         started.elapsed()
     );
