@@ -523,15 +523,54 @@ const WRITE_RETRY_FOR: Duration = Duration::from_secs(15);
 /// Writes `count` customers `prefix-0 …`, `threads` at a time, and returns the ids that
 /// were acknowledged with 200. Each write goes to the first of `targets` that
 /// acknowledges it, and is retried (writes are idempotent) for up to 15 s, so a test can
-/// write through a failover; one that is never acknowledged is left out.
+/// write through a failover; one that is never acknowledged is left out. For a test about
+/// eventual success; [`write_customers_logged`] says how long writes were refused.
 pub fn write_customers(
     targets: &[&Member],
     prefix: &str,
     count: usize,
     threads: usize,
 ) -> Vec<String> {
+    write_customers_logged(targets, prefix, count, threads).acked
+}
+
+/// What [`write_customers_logged`] saw.
+#[derive(Debug, Default)]
+pub struct Writes {
+    /// The ids acknowledged with 200, in no particular order.
+    pub acked: Vec<String>,
+    /// When each acknowledgement came, from the start of the writes.
+    pub acked_at: Vec<Duration>,
+    /// Answers other than 200 (or none at all), before a write was acknowledged.
+    pub refusals: usize,
+}
+
+impl Writes {
+    /// The longest stretch with no write acknowledged, from the start to the last
+    /// acknowledgement: how long the cluster was unavailable to writers.
+    pub fn longest_gap(&self) -> Duration {
+        let mut at = self.acked_at.clone();
+        at.sort_unstable();
+        let mut previous = Duration::ZERO;
+        let mut longest = Duration::ZERO;
+        for t in at {
+            longest = longest.max(t.saturating_sub(previous));
+            previous = t;
+        }
+        longest
+    }
+}
+
+/// [`write_customers`], counting refusals and timing every acknowledgement.
+pub fn write_customers_logged(
+    targets: &[&Member],
+    prefix: &str,
+    count: usize,
+    threads: usize,
+) -> Writes {
     let next = std::sync::atomic::AtomicUsize::new(0);
-    let acked = Mutex::new(Vec::with_capacity(count));
+    let log = Mutex::new(Writes::default());
+    let started = crate::Deadline::after(Duration::from_secs(24 * 3600));
     std::thread::scope(|scope| {
         for _ in 0..threads {
             scope.spawn(|| loop {
@@ -540,16 +579,25 @@ pub fn write_customers(
                     return;
                 }
                 let id = format!("{prefix}-{i}");
+                let mut refusals = 0;
                 let acknowledged =
-                    Wait::new(format!("a 200 to the write of {id}"), WRITE_RETRY_FOR)
-                        .poll(|| targets.iter().any(|t| t.put_customer(&id) == Some(200)));
+                    Wait::new(format!("a 200 to the write of {id}"), WRITE_RETRY_FOR).poll(|| {
+                        targets.iter().any(|t| {
+                            let ok = t.put_customer(&id) == Some(200);
+                            refusals += usize::from(!ok);
+                            ok
+                        })
+                    });
+                let mut log = log.lock().unwrap();
+                log.refusals += refusals;
                 if acknowledged.is_some() {
-                    acked.lock().unwrap().push(id);
+                    log.acked.push(id);
+                    log.acked_at.push(started.elapsed());
                 }
             });
         }
     });
-    acked.into_inner().unwrap()
+    log.into_inner().unwrap()
 }
 
 /// Creates customer `acme` (if missing) and account `user@domain` through the admin API.
