@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{describe, Node, Wait};
 
 #[test]
@@ -289,4 +290,100 @@ fn the_write_check_measures_the_write_path_and_validates_its_input() {
             a.body
         );
     }
+}
+
+/// Stops every member (SIGTERM, so each drains and closes its store), starts them again
+/// and waits until the cluster is whole.
+fn restart_all(cluster: &Cluster) {
+    for m in &cluster.members {
+        m.sigterm();
+        if m.wait_exit(Duration::from_secs(20)).is_none() {
+            cluster.panic_with_logs(&format!("node {} kept running after SIGTERM", m.id));
+        }
+    }
+    for m in &cluster.members {
+        m.start();
+    }
+    for m in &cluster.members {
+        m.wait_healthy();
+    }
+    cluster.wait_for_leader(&[], Duration::from_secs(10));
+    cluster.wait_for_voters(3, Duration::from_secs(10));
+}
+
+/// Registers every phone (one per account) through every member's SIP address; each
+/// REGISTER must get 200.
+fn every_account_registers_everywhere(cluster: &Cluster, phones: &mut [Ua], when: &str) {
+    for m in &cluster.members {
+        for ua in phones.iter_mut() {
+            let contact = format!("<{}>", ua.contact());
+            let r = ua.register(m.sip_addr(), "MD5", Some(&contact), Some(600));
+            if r.status != 200 {
+                cluster.panic_with_logs(&format!(
+                    "{when}: {} got {} from node {}:\n{}",
+                    ua.contact(),
+                    r.status,
+                    m.id,
+                    r.text
+                ));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_rotated_key_reseals_every_account_and_the_old_key_can_then_go() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let one = cluster.member(1);
+    let token = std::fs::read_to_string(cluster.root().join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let accounts = [
+        ("alice", "pw-alice-1"),
+        ("bob", "pw-bob-1"),
+        ("carol", "pw-carol-1"),
+    ];
+    for (user, password) in accounts {
+        add_account(one.admin_addr, &token, user, "example.com", password);
+    }
+    for m in &cluster.members {
+        cluster.wait_caught_up(m.id, Duration::from_secs(10));
+    }
+    let mut phones: Vec<Ua> = accounts
+        .iter()
+        .map(|(user, password)| Ua::new("127.0.0.1", user, "example.com", password))
+        .collect();
+    every_account_registers_everywhere(&cluster, &mut phones, "before the rotation");
+
+    let rotate = one.cli(&["keys", "rotate"]);
+    assert!(rotate.status.success(), "{}", describe(&rotate));
+    for m in &cluster.members[1..] {
+        std::fs::copy(one.dir.join("master.key"), m.dir.join("master.key")).unwrap();
+    }
+    let resealed = one.cli(&["keys", "reseal"]);
+    assert!(resealed.status.success(), "{}", describe(&resealed));
+    for m in &cluster.members {
+        cluster.wait_caught_up(m.id, Duration::from_secs(10));
+    }
+    restart_all(&cluster);
+    every_account_registers_everywhere(&cluster, &mut phones, "after the reseal and a restart");
+
+    // Drop the old key from every node's key file. Anything still sealed under it would no
+    // longer open, and its account could not authenticate.
+    let keys = std::fs::read_to_string(one.dir.join("master.key")).unwrap();
+    let newest_only: String = keys
+        .lines()
+        .filter(|l| !l.starts_with("1:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        newest_only.lines().any(|l| l.starts_with("2:")) && newest_only.len() < keys.len(),
+        "unexpected key file:\n{keys}"
+    );
+    for m in &cluster.members {
+        std::fs::write(m.dir.join("master.key"), &newest_only).unwrap();
+    }
+    restart_all(&cluster);
+    every_account_registers_everywhere(&cluster, &mut phones, "with only the new key");
 }
