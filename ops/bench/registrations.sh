@@ -31,7 +31,8 @@ kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$passw
 sleep 2
 echo "$count AORs, $workers workers, sipp-free load generator (aor-load), $(nproc) cores shared"
 echo -n "tandem   (3 nodes, load on node 1): "
-"$load" "$admin1" "$work/admin.token" "$sip1" "${node_pid[1]}" "$count" "$workers" \
+# --no-refresh: the same load as Kamailio gets below, one registration per AOR.
+"$load" --no-refresh "$admin1" "$work/admin.token" "$sip1" "${node_pid[1]}" "$count" "$workers" \
   "${node_pid[1]},${node_pid[2]},${node_pid[3]}" 2> "$work/tandem-progress.log" \
   | grep -E '^(registrations|CPU)' | sed '2s/^/  nodes 1, 2, 3: /'
 echo -n "kamailio (usrloc in memory):        "
