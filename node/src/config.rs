@@ -411,7 +411,10 @@ impl Config {
         if !(min_timer_c..=86_400).contains(&sip.timer_c_secs) {
             bad(
                 "sip.timer_c_secs",
-                "must be more than 180 (RFC 3261 §16.6) and at most 86400".into(),
+                format!(
+                    "must be at least {min_timer_c} (RFC 3261 §16.6: more than three minutes) \
+                     and at most 86400"
+                ),
             );
         }
         if sip.drain_call_wait_secs > 7 * 86_400 {

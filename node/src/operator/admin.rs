@@ -637,7 +637,7 @@ impl Admin {
         let name = "tandem_sip_peer_up";
         let _ = writeln!(
             out,
-            "# HELP {name} 1 while the node answers this node's SIP pings; calls for phones that registered through a node that does not go straight to their public address.\n# TYPE {name} gauge"
+            "# HELP {name} 1 while the node answers this node's SIP pings. A call for a phone that registered through a node at 0 goes straight to the phone's public address.\n# TYPE {name} gauge"
         );
         for (node, up) in self.peers.peers() {
             let _ = writeln!(out, "{name}{{node=\"{node}\"}} {}", u8::from(up));
