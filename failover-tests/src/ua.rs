@@ -60,6 +60,69 @@ pub fn digest_hex(algorithm: &str, data: &str) -> String {
 }
 
 /// The value of `name=` in a challenge, quotes removed.
+/// A digest credentials value (qop=auth) for `user` with `password`, answering
+/// `challenge` with its algorithm (MD5 when it names none), for `method` on `uri`.
+pub fn digest_authorization(
+    user: &str,
+    password: &str,
+    challenge: &str,
+    method: &str,
+    uri: &str,
+    nc: u32,
+    cnonce: &str,
+) -> String {
+    let algorithm = param(challenge, "algorithm").unwrap_or_else(|| "MD5".into());
+    let realm = param(challenge, "realm").expect("realm in challenge");
+    let nonce = param(challenge, "nonce").expect("nonce in challenge");
+    let ha1 = digest_hex(&algorithm, &format!("{user}:{realm}:{password}"));
+    let ha2 = digest_hex(&algorithm, &format!("{method}:{uri}"));
+    let response = digest_hex(
+        &algorithm,
+        &format!("{ha1}:{nonce}:{nc:08x}:{cnonce}:auth:{ha2}"),
+    );
+    format!(
+        "Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
+         response=\"{response}\", algorithm={algorithm}, qop=auth, nc={nc:08x}, \
+         cnonce=\"{cnonce}\""
+    )
+}
+
+/// The text of a response to `request`: its Vias, From, Call-ID and CSeq, its To with
+/// `to_tag` added unless it has one, the Record-Route set copied for a 1xx/2xx to an
+/// INVITE, then `extra` header lines.
+pub fn response_text(
+    request: &Received,
+    status: u16,
+    reason: &str,
+    to_tag: &str,
+    extra: &str,
+) -> String {
+    let mut text = format!("SIP/2.0 {status} {reason}\r\n");
+    for via in request.headers("Via") {
+        text.push_str(&format!("Via: {via}\r\n"));
+    }
+    let to = request.header("To").unwrap();
+    let to = if to.contains("tag=") {
+        to
+    } else {
+        format!("{to};tag={to_tag}")
+    };
+    text.push_str(&format!(
+        "From: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
+        request.header("From").unwrap(),
+        request.header("Call-ID").unwrap(),
+        request.header("CSeq").unwrap()
+    ));
+    if status < 300 && request.method() == Some("INVITE") {
+        for rr in request.headers("Record-Route") {
+            text.push_str(&format!("Record-Route: {rr}\r\n"));
+        }
+    }
+    text.push_str(extra);
+    text.push_str("Content-Length: 0\r\n\r\n");
+    text
+}
+
 fn param(challenge: &str, name: &str) -> Option<String> {
     challenge.split(',').find_map(|part| {
         let part = part.trim().trim_start_matches("Digest").trim();
@@ -158,24 +221,15 @@ impl Ua {
 
     /// The Authorization header answering `challenge` for `method` and `uri`.
     pub fn authorization(&self, challenge: &str, method: &str, uri: &str, nc: u32) -> String {
-        let algorithm = param(challenge, "algorithm").unwrap_or_else(|| "MD5".into());
-        let realm = param(challenge, "realm").expect("realm in challenge");
-        let nonce = param(challenge, "nonce").expect("nonce in challenge");
         let cnonce = format!("c{nc}x{}", self.local().port());
-        let ha1 = digest_hex(
-            &algorithm,
-            &format!("{}:{realm}:{}", self.user, self.password),
-        );
-        let ha2 = digest_hex(&algorithm, &format!("{method}:{uri}"));
-        let response = digest_hex(
-            &algorithm,
-            &format!("{ha1}:{nonce}:{nc:08x}:{cnonce}:auth:{ha2}"),
-        );
-        format!(
-            "Digest username=\"{}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
-             response=\"{response}\", algorithm={algorithm}, qop=auth, nc={nc:08x}, \
-             cnonce=\"{cnonce}\"",
-            self.user
+        digest_authorization(
+            &self.user,
+            &self.password,
+            challenge,
+            method,
+            uri,
+            nc,
+            &cnonce,
         )
     }
 
@@ -355,29 +409,8 @@ impl Ua {
     /// Answers `request` (sent back to where it came from), with a To tag, the
     /// Record-Route set copied for a 1xx/2xx, and `extra` header lines.
     pub fn respond(&self, request: &Received, status: u16, reason: &str, extra: &str) {
-        let mut text = format!("SIP/2.0 {status} {reason}\r\n");
-        for via in request.headers("Via") {
-            text.push_str(&format!("Via: {via}\r\n"));
-        }
-        let to = request.header("To").unwrap();
-        let to = if to.contains("tag=") {
-            to
-        } else {
-            format!("{to};tag=callee{}", self.local().port())
-        };
-        text.push_str(&format!(
-            "From: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
-            request.header("From").unwrap(),
-            request.header("Call-ID").unwrap(),
-            request.header("CSeq").unwrap()
-        ));
-        if status < 300 && request.method() == Some("INVITE") {
-            for rr in request.headers("Record-Route") {
-                text.push_str(&format!("Record-Route: {rr}\r\n"));
-            }
-        }
-        text.push_str(extra);
-        text.push_str("Content-Length: 0\r\n\r\n");
+        let tag = format!("callee{}", self.local().port());
+        let text = response_text(request, status, reason, &tag, extra);
         self.socket.send_to(text.as_bytes(), request.from).unwrap();
     }
 

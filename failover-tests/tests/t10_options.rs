@@ -2,8 +2,11 @@
 //! UDP, TCP and TLS, every answer carries an RFC 1123 Date and the Server header, TCP
 //! keepalive pings get their pong, and UDP answers honour `rport`.
 
+mod common;
+
+use common::self_signed_for_localhost;
+
 use std::net::UdpSocket;
-use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_failover_tests::{
@@ -72,56 +75,15 @@ fn rfc1123_check_rejects_near_misses() {
     assert!(!is_rfc1123("Sun Nov  8 12:12:21 2009"));
 }
 
-struct SelfSignedTls {
-    _dir: tempfile::TempDir,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-    cert_der: rustls::pki_types::CertificateDer<'static>,
-}
-
-fn self_signed_for_localhost() -> SelfSignedTls {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("generate a self-signed certificate");
-    let dir = tempfile::tempdir().expect("temp dir for PEMs");
-    let cert_path = dir.path().join("sip.crt");
-    let key_path = dir.path().join("sip.key");
-    std::fs::write(&cert_path, certified.cert.pem()).expect("write certificate");
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
-    SelfSignedTls {
-        _dir: dir,
-        cert_path,
-        key_path,
-        cert_der: certified.cert.der().clone(),
-    }
-}
-
 #[test]
 fn tls_options_round_trip_carries_date_and_server() {
     let tls = self_signed_for_localhost();
     // UDP (for the readiness probe) and TLS share one port number; TLS is TCP underneath,
     // so no TCP listener may be configured there.
-    let node = Node::start_ready_with(|port| {
-        format!(
-            "[sip]\nudp = [\"127.0.0.1:{port}\"]\ntcp = []\ntls = [\"127.0.0.1:{port}\"]\n\
-             tls_certificate = {:?}\ntls_private_key = {:?}\n",
-            tls.cert_path.display().to_string(),
-            tls.key_path.display().to_string(),
-        )
-    });
+    let node = Node::start_ready_with(|port| tls.sip_config(port));
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(tls.cert_der.clone())
-        .expect("trust the node's cert");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let config = tls.client_config();
+    let connector = tokio_rustls::TlsConnector::from(config);
     let remote = node.tls_addr();
 
     let exchange = async {

@@ -9,15 +9,21 @@
 //!   on (the only way to reach a phone behind NAT): INVITE, ACK and BYE all arrive there,
 //!   and the node never connects to the address the phone's Contact names.
 
+mod common;
+
+use common::self_signed_for_localhost;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tandem_failover_tests::cluster::{add_account, http};
-use tandem_failover_tests::ua::{digest_hex, uri_addr, Received, Reply, Ua};
+use tandem_failover_tests::ua::{
+    digest_authorization, response_text, uri_addr, Received, Reply, Ua,
+};
 use tandem_failover_tests::{Deadline, Node};
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -46,15 +52,6 @@ fn bindings(node: &Node, user: &str) -> serde_json::Value {
     a.json()
 }
 
-/// The value of `name=` in a digest challenge, quotes removed.
-fn challenge_param(challenge: &str, name: &str) -> Option<String> {
-    challenge.split(',').find_map(|part| {
-        let part = part.trim().trim_start_matches("Digest").trim();
-        let (k, v) = part.split_once('=')?;
-        (k.trim() == name).then(|| v.trim().trim_matches('"').to_owned())
-    })
-}
-
 /// An MD5 `Authorization` value for `user` with `password`, answering `challenge`.
 fn md5_authorization(
     user: &str,
@@ -64,18 +61,7 @@ fn md5_authorization(
     uri: &str,
     cnonce: &str,
 ) -> String {
-    let realm = challenge_param(challenge, "realm").expect("realm in challenge");
-    let nonce = challenge_param(challenge, "nonce").expect("nonce in challenge");
-    let ha1 = digest_hex("MD5", &format!("{user}:{realm}:{password}"));
-    let ha2 = digest_hex("MD5", &format!("{method}:{uri}"));
-    let response = digest_hex(
-        "MD5",
-        &format!("{ha1}:{nonce}:00000001:{cnonce}:auth:{ha2}"),
-    );
-    format!(
-        "Digest username=\"{user}\", realm=\"{realm}\", nonce=\"{nonce}\", uri=\"{uri}\", \
-         response=\"{response}\", algorithm=MD5, qop=auth, nc=00000001, cnonce=\"{cnonce}\""
-    )
+    digest_authorization(user, password, challenge, method, uri, 1, cnonce)
 }
 
 /// The MD5 challenge of a 401 (one naming no algorithm means MD5).
@@ -649,29 +635,8 @@ impl<S: Wire> StreamPhone<S> {
     /// Answers `request` on the connection, with a To tag and, for a 1xx/2xx to an
     /// INVITE, its Record-Route set.
     fn respond(&mut self, request: &Received, status: u16, reason: &str, extra: &str) {
-        let mut text = format!("SIP/2.0 {status} {reason}\r\n");
-        for via in request.headers("Via") {
-            text.push_str(&format!("Via: {via}\r\n"));
-        }
-        let to = request.header("To").unwrap();
-        let to = if to.contains("tag=") {
-            to
-        } else {
-            format!("{to};tag=phone{}", self.local.port())
-        };
-        text.push_str(&format!(
-            "From: {}\r\nTo: {to}\r\nCall-ID: {}\r\nCSeq: {}\r\n",
-            request.header("From").unwrap(),
-            request.header("Call-ID").unwrap(),
-            request.header("CSeq").unwrap()
-        ));
-        if status < 300 && request.method() == Some("INVITE") {
-            for rr in request.headers("Record-Route") {
-                text.push_str(&format!("Record-Route: {rr}\r\n"));
-            }
-        }
-        text.push_str(extra);
-        text.push_str("Content-Length: 0\r\n\r\n");
+        let tag = format!("phone{}", self.local.port());
+        let text = response_text(request, status, reason, &tag, extra);
         self.send(&text);
     }
 }
@@ -793,56 +758,15 @@ fn register_and_call_over_tcp_end_to_end() {
     call_over_the_registered_connection(&node, StreamPhone::new(stream, "TCP"), &listener);
 }
 
-struct SelfSignedTls {
-    _dir: tempfile::TempDir,
-    cert_path: std::path::PathBuf,
-    key_path: std::path::PathBuf,
-    cert_der: rustls::pki_types::CertificateDer<'static>,
-}
-
-fn self_signed_for_localhost() -> SelfSignedTls {
-    let certified =
-        rcgen::generate_simple_self_signed(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-            .expect("generate a self-signed certificate");
-    let dir = tempfile::tempdir().expect("temp dir for PEMs");
-    let cert_path = dir.path().join("sip.crt");
-    let key_path = dir.path().join("sip.key");
-    std::fs::write(&cert_path, certified.cert.pem()).expect("write certificate");
-    std::fs::write(&key_path, certified.key_pair.serialize_pem()).expect("write key");
-    SelfSignedTls {
-        _dir: dir,
-        cert_path,
-        key_path,
-        cert_der: certified.cert.der().clone(),
-    }
-}
-
 #[test]
 fn register_and_call_over_tls_end_to_end() {
     let tls = self_signed_for_localhost();
     // UDP (for the readiness probe and alice) and TLS share one port number.
-    let node = node_with_alice_and_bob(|port| {
-        format!(
-            "[sip]\nudp = [\"127.0.0.1:{port}\"]\ntcp = []\ntls = [\"127.0.0.1:{port}\"]\n\
-             tls_certificate = {:?}\ntls_private_key = {:?}\n",
-            tls.cert_path.display().to_string(),
-            tls.key_path.display().to_string(),
-        )
-    });
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(tls.cert_der.clone())
-        .expect("trust the node's cert");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let node = node_with_alice_and_bob(|port| tls.sip_config(port));
+    let config = tls.client_config();
     let remote = node.tls_addr();
     let name = rustls::pki_types::ServerName::IpAddress(remote.ip().into());
-    let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let connection = rustls::ClientConnection::new(config, name).unwrap();
     let tcp = TcpStream::connect_timeout(&remote, WAIT).unwrap();
     tcp.set_nodelay(true).unwrap();
     // A plain TCP listener where the Contact points: a node that tried to open a new
