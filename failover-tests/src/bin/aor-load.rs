@@ -5,7 +5,8 @@
 //! resident memory before, after the accounts and after the registrations, and the growth
 //! per AOR.
 //!
-//! Usage: aor-load [--no-refresh] ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]
+//! Usage: aor-load [--no-refresh] ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT
+//!                 [WORKERS [CPU_PIDS]]
 //!        aor-load --register-only SIP_ADDR COUNT [WORKERS [PASSWORD [CPU_PIDS]]]
 //! CPU_PIDS (comma-separated) also prints each of those processes' CPU time per
 //! registration during the registration phase, for `ops/bench/registrations.sh`.
