@@ -331,8 +331,88 @@ fn every_account_registers_everywhere(cluster: &Cluster, phones: &mut [Ua], when
     }
 }
 
+/// Key `id` from a key file (`id:hex` lines).
+fn master_key(file: &str, id: u32) -> [u8; 32] {
+    let hex = file
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{id}:")))
+        .unwrap_or_else(|| panic!("no key {id} in:\n{file}"));
+    let bytes: Vec<u8> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    bytes.try_into().expect("a 32-byte key")
+}
+
+/// How many values sealed under key `key_id` for one of `accounts`' HA1s lie anywhere in
+/// the files under `dir`. A sealed value is stored as its version (1), key id, 12-byte
+/// nonce and length-prefixed AES-256-GCM ciphertext, with the key id, record and field as
+/// associated data; each candidate at any offset is counted only if it opens, so the
+/// count is of real sealed values, not of look-alike bytes.
+fn values_sealed_under(
+    dir: &std::path::Path,
+    key_id: u32,
+    key: &[u8; 32],
+    accounts: &[&str],
+) -> usize {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+    assert!(key_id < 128, "the key id must fit one varint byte");
+    let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).unwrap());
+    let aads: Vec<Vec<u8>> = accounts
+        .iter()
+        .flat_map(|user| {
+            ["MD5", "SHA-256"].map(|alg| {
+                let mut ad = key_id.to_be_bytes().to_vec();
+                ad.extend_from_slice(format!("account/{user}@example.com").as_bytes());
+                ad.push(0);
+                ad.extend_from_slice(format!("ha1.{alg}").as_bytes());
+                ad
+            })
+        })
+        .collect();
+    let mut found = 0;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            // A file may vanish between listing and reading (RocksDB deletes obsolete ones).
+            let Ok(bytes) = std::fs::read(&path) else {
+                continue;
+            };
+            for i in 0..bytes.len().saturating_sub(15) {
+                if bytes[i] != 1 || bytes[i + 1] != key_id as u8 {
+                    continue;
+                }
+                let len = bytes[i + 14] as usize;
+                let start = i + 15;
+                if !(17..128).contains(&len) || start + len > bytes.len() {
+                    continue;
+                }
+                let nonce: [u8; 12] = bytes[i + 2..i + 14].try_into().unwrap();
+                let opens = aads.iter().any(|ad| {
+                    let mut buf = bytes[start..start + len].to_vec();
+                    key.open_in_place(
+                        Nonce::assume_unique_for_key(nonce),
+                        Aad::from(ad.as_slice()),
+                        &mut buf,
+                    )
+                    .is_ok()
+                });
+                if opens {
+                    found += 1;
+                }
+            }
+        }
+    }
+    found
+}
+
 #[test]
-fn a_rotated_key_reseals_every_account_and_the_old_key_can_then_go() {
+fn a_rotated_key_reseals_every_account_and_leaves_nothing_under_the_old_key_on_disk() {
     let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
     let one = cluster.member(1);
     let token = std::fs::read_to_string(cluster.root().join("admin.token"))
@@ -344,6 +424,7 @@ fn a_rotated_key_reseals_every_account_and_the_old_key_can_then_go() {
         ("bob", "pw-bob-1"),
         ("carol", "pw-carol-1"),
     ];
+    let users: Vec<&str> = accounts.iter().map(|(u, _)| *u).collect();
     for (user, password) in accounts {
         add_account(one.admin_addr, &token, user, "example.com", password);
     }
@@ -355,6 +436,19 @@ fn a_rotated_key_reseals_every_account_and_the_old_key_can_then_go() {
         .map(|(user, password)| Ua::new("127.0.0.1", user, "example.com", password))
         .collect();
     every_account_registers_everywhere(&cluster, &mut phones, "before the rotation");
+    let key_1 = master_key(
+        &std::fs::read_to_string(one.dir.join("master.key")).unwrap(),
+        1,
+    );
+    // The scan must see the HA1s where they are: in the log (and its WAL) of every node.
+    for m in &cluster.members {
+        let before = values_sealed_under(&m.dir, 1, &key_1, &users);
+        assert!(
+            before >= accounts.len(),
+            "node {}: only {before} values sealed under key 1 found before the rotation",
+            m.id
+        );
+    }
 
     let rotate = one.cli(&["keys", "rotate"]);
     assert!(rotate.status.success(), "{}", describe(&rotate));
@@ -363,6 +457,28 @@ fn a_rotated_key_reseals_every_account_and_the_old_key_can_then_go() {
     }
     let resealed = one.cli(&["keys", "reseal"]);
     assert!(resealed.status.success(), "{}", describe(&resealed));
+    let said = String::from_utf8_lossy(&resealed.stdout);
+    for m in &cluster.members {
+        assert!(
+            said.contains(&format!("Node {}: log purged", m.id)),
+            "node {} not reported clean:\n{said}",
+            m.id
+        );
+    }
+    let key_2 = master_key(
+        &std::fs::read_to_string(one.dir.join("master.key")).unwrap(),
+        2,
+    );
+    for m in &cluster.members {
+        let old = values_sealed_under(&m.dir, 1, &key_1, &users);
+        let new = values_sealed_under(&m.dir, 2, &key_2, &users);
+        if old != 0 || new < accounts.len() {
+            cluster.panic_with_logs(&format!(
+                "node {}: {old} values sealed under key 1 remain on disk, {new} under key 2",
+                m.id
+            ));
+        }
+    }
     for m in &cluster.members {
         cluster.wait_caught_up(m.id, Duration::from_secs(10));
     }

@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use warp::Filter;
 
 use crate::membership::{ClusterReply, ClusterRequest};
+use crate::replica::history::DROP_HISTORY_WITHIN;
 use crate::replica::{BoxFuture, Forwarder, Replica};
 use crate::tls::ClusterTls;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
@@ -391,6 +392,10 @@ pub async fn serve(
             async move {
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
+                    ClusterRequest::DropHistory { upto } => replica
+                        .drop_history(upto, DROP_HISTORY_WITHIN)
+                        .await
+                        .map(ClusterReply::HistoryDropped),
                     other if forwarded => replica.lead_cluster_request(other).await,
                     other => replica.cluster_request(other).await,
                 };

@@ -2,7 +2,10 @@
 //! sealed before the log"): after accounts and providers with known secrets are replicated,
 //! snapshotted and flushed, no file under any replica's data directory (WAL, SSTs,
 //! snapshots) holds the password or the HA1. A marker stored in the clear (a customer's
-//! name) is found by the same scan, so the scan does see the state's files.
+//! name) is found by the same scan, so the scan does see the state's files. After a key
+//! rotation and [`Replica::drop_history`](tandem_raft_store::replica::Replica::drop_history),
+//! no file holds a ciphertext made under the old key either (raft-store/DESIGN.md,
+//! "Rotating keys leaves nothing behind").
 
 use std::path::Path;
 use std::time::Duration;
@@ -247,5 +250,129 @@ async fn key_rotation_reseals_every_field_through_raft() {
         leader.propose(stale).await.unwrap(),
         CommandResult::Rejected(_)
     ));
+    cluster.shutdown().await;
+}
+
+/// Every data directory under `dirs` that holds `needle` somewhere.
+fn dirs_holding(dirs: &[tempfile::TempDir], needle: &[u8]) -> Vec<usize> {
+    (0..dirs.len())
+        .filter(|&i| !files_containing(dirs[i].path(), needle).is_empty())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_rotation_no_file_holds_a_value_sealed_under_the_old_key() {
+    let mut keys = KeyRing::generate();
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let cluster = LocalCluster::start(&paths, &RaftSettings::default(), Duration::from_secs(10))
+        .await
+        .unwrap();
+    let replicas = &cluster.replicas;
+    let leader = cluster.leader().unwrap().clone();
+    let account = alice(&keys, &[("MD5", HA1), ("SHA-256", b"sha256-ha1")]);
+    let provider = trunk(&keys);
+    let old: Vec<Vec<u8>> = account
+        .ha1
+        .iter()
+        .map(|(_, s)| s.ciphertext.clone())
+        .chain([provider.password.ciphertext.clone()])
+        .collect();
+    leader.propose(Command::PutAccount(account)).await.unwrap();
+    leader
+        .propose(Command::PutProvider(provider))
+        .await
+        .unwrap();
+    let everyone_applied = |index: u64| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        for r in replicas {
+            while r.metrics().last_applied.map_or(0, |l| l.index) < index {
+                assert!(tokio::time::Instant::now() < deadline, "{:?}", r.metrics());
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let written = leader.metrics().last_log_index.unwrap();
+    everyone_applied(written).await;
+    // The old values in every kind of file: the log, a snapshot, and SSTs after a flush.
+    for r in replicas {
+        r.raft().trigger().snapshot().await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while r.metrics().snapshot.map_or(0, |s| s.index) < written {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", r.metrics());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.flush_to_disk().unwrap();
+    }
+    for (i, ciphertext) in old.iter().enumerate() {
+        assert_eq!(
+            dirs_holding(&dirs, ciphertext),
+            vec![0, 1, 2],
+            "the scan must find old value {i} on every replica before the rotation"
+        );
+        for dir in &dirs {
+            assert!(
+                files_containing(dir.path(), ciphertext)
+                    .iter()
+                    .any(|f| f.ends_with("current.snapshot")),
+                "old value {i} must be in {:?}'s snapshot too",
+                dir.path()
+            );
+        }
+    }
+
+    assert_eq!(keys.rotate(), 2);
+    assert_eq!(
+        leader.reseal_all(&keys).await.unwrap(),
+        ResealReport {
+            accounts: 1,
+            providers: 1
+        }
+    );
+    let upto = leader.metrics().last_log_index.unwrap();
+    everyone_applied(upto).await;
+    for r in replicas {
+        r.flush_to_disk().unwrap();
+    }
+    // Re-sealing alone changes the state, not the files: the old values are still there.
+    for ciphertext in &old {
+        assert_eq!(dirs_holding(&dirs, ciphertext), vec![0, 1, 2]);
+    }
+
+    for r in replicas {
+        let dropped = r.drop_history(upto, Duration::from_secs(30)).await.unwrap();
+        assert!(
+            dropped.snapshot_index >= upto && dropped.purged_index >= upto,
+            "{dropped:?} on node {}",
+            r.id()
+        );
+    }
+    for (i, ciphertext) in old.iter().enumerate() {
+        assert_eq!(
+            dirs_holding(&dirs, ciphertext),
+            Vec::<usize>::new(),
+            "old value {i} is still on disk after the history was dropped"
+        );
+    }
+    // The state survived in the files: the new values are on every disk and still open.
+    let a = leader
+        .reader()
+        .account("example.com", "alice")
+        .unwrap()
+        .unwrap();
+    let p = leader.reader().provider("trunk-1").unwrap().unwrap();
+    for sealed in a.ha1.iter().map(|(_, s)| s).chain([&p.password]) {
+        assert_eq!(sealed.key_id, 2);
+        assert_eq!(dirs_holding(&dirs, &sealed.ciphertext), vec![0, 1, 2]);
+    }
+    assert_eq!(trunk_password(&keys, &p), PASSWORD);
+    // And the cluster still takes writes after its log was purged.
+    assert_eq!(
+        leader
+            .propose(Command::SetFeatureVersion { version: 7 })
+            .await
+            .unwrap(),
+        CommandResult::Done
+    );
     cluster.shutdown().await;
 }

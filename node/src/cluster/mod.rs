@@ -23,7 +23,8 @@ use tandem_raft_store::data_dir::{self, Identity};
 use tandem_raft_store::http_network::{self, HttpNetwork, ServeContext};
 use tandem_raft_store::local_network::LocalRouter;
 use tandem_raft_store::membership::{ClusterReply, ClusterRequest, ReplicationView};
-use tandem_raft_store::replica::{Forwarder, QuorumHealth, Replica, ResealReport};
+use tandem_raft_store::replica::history::{DroppedHistory, DROP_HISTORY_WITHIN};
+use tandem_raft_store::replica::{Forwarder, QuorumHealth, Replica};
 use tandem_raft_store::types::NodeInfo;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,6 +38,9 @@ const STANDALONE_ADDR: &str = "standalone";
 const PROMOTE_EVERY: Duration = Duration::from_millis(300);
 /// How long a member may take to answer a status or key question.
 const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How much longer than a member's own bound the asker waits for it to drop its history.
+const DROP_HISTORY_SLACK: Duration = Duration::from_secs(30);
 
 /// A running node's replica and what it needs to answer for it.
 #[derive(Clone)]
@@ -434,8 +438,12 @@ impl ClusterNode {
     }
 
     /// Key rotation, step two: reloads the key file, checks that every member's key file
-    /// holds the current key, then re-seals every sensitive field under it.
-    pub async fn reseal(&self) -> Result<ResealReport, Error> {
+    /// holds the current key, re-seals every sensitive field under it, then asks every
+    /// member to drop its history through the re-seal (raft-store/DESIGN.md, "Rotating
+    /// keys leaves nothing behind"), so no value sealed under an older key stays on any
+    /// disk. Running it again re-seals nothing and asks the members again, which is how a
+    /// member that was down the first time is brought in line.
+    pub async fn reseal(&self) -> Result<Rotation, Error> {
         let ring = KeyRing::load(&self.key_path)?;
         let current = ring.current_id();
         if let Some(network) = &self.network {
@@ -475,12 +483,101 @@ impl ClusterNode {
             }
         }
         *self.keys.write().expect("key ring lock") = ring.clone();
-        Ok(self.replica.reseal_all(&ring).await?)
+        let resealed = self.replica.reseal_all(&ring).await?;
+        // The leader's last index covers every re-seal: each was applied there before
+        // its proposal returned.
+        let upto = match self
+            .replica
+            .cluster_request(ClusterRequest::Replication)
+            .await?
+        {
+            ClusterReply::Replication(view) => view.last_log_index,
+            other => {
+                return Err(Error::Rotation(format!(
+                    "the leader gave an unexpected answer: {other:?}"
+                )))
+            }
+        };
+        let mut members = Vec::new();
+        for member in self.replica.members() {
+            let outcome = if member.id == self.identity.node_id {
+                self.replica
+                    .drop_history(upto, DROP_HISTORY_WITHIN)
+                    .await
+                    .map_err(|e| e.to_string())
+            } else if let Some(network) = &self.network {
+                let request = ClusterRequest::DropHistory { upto };
+                match network
+                    .cluster(
+                        &member.raft_addr,
+                        &request,
+                        DROP_HISTORY_WITHIN + DROP_HISTORY_SLACK,
+                    )
+                    .await
+                {
+                    Ok((_, ClusterReply::HistoryDropped(dropped))) => Ok(dropped),
+                    Ok((_, other)) => Err(format!("unexpected answer: {other:?}")),
+                    Err(e) => Err(e.to_string()),
+                }
+            } else {
+                Err("no cluster network to reach it".to_owned())
+            };
+            match &outcome {
+                Ok(d) => tracing::info!(
+                    node = member.id,
+                    snapshot_index = d.snapshot_index,
+                    purged_index = d.purged_index,
+                    "member dropped its history after the key rotation"
+                ),
+                Err(e) => tracing::warn!(
+                    node = member.id,
+                    error = %e,
+                    "member could not drop its history after the key rotation"
+                ),
+            }
+            members.push(MemberHistory {
+                node: member.id,
+                dropped: outcome.as_ref().ok().cloned(),
+                error: outcome.err(),
+            });
+        }
+        Ok(Rotation {
+            key_id: current,
+            accounts: resealed.accounts,
+            providers: resealed.providers,
+            upto,
+            complete: members.iter().all(|m| m.error.is_none()),
+            members,
+        })
     }
 
     pub async fn shutdown(&self) {
         self.replica.shutdown().await;
     }
+}
+
+/// What `tandem keys reseal` did (`POST /v1/keys/reseal`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Rotation {
+    /// The key every sensitive field is now sealed with.
+    pub key_id: u32,
+    pub accounts: u64,
+    pub providers: u64,
+    /// The log index through which every member was asked to drop its history.
+    pub upto: u64,
+    /// Whether every member did: only then is nothing sealed under an older key on disk.
+    pub complete: bool,
+    pub members: Vec<MemberHistory>,
+}
+
+/// One member's answer to dropping its history after a rotation.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemberHistory {
+    pub node: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<DroppedHistory>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What [`ClusterNode::write_check`] measured.

@@ -374,12 +374,8 @@ impl Admin {
 
     async fn reseal(&self) -> Result<warp::reply::Response, ApiError> {
         self.writable()?;
-        let report = self.cluster.reseal().await?;
-        Ok(json_reply(
-            StatusCode::OK,
-            &serde_json::json!({"key_id": self.cluster.keys().current_id(),
-                "accounts": report.accounts, "providers": report.providers}),
-        ))
+        let rotation = self.cluster.reseal().await?;
+        Ok(json_reply(StatusCode::OK, &rotation))
     }
 
     async fn put_customer(

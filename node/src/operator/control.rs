@@ -85,13 +85,45 @@ pub async fn keys(command: &KeysCommand, config: &Config) -> Result<String, Erro
                 RESEAL_TIMEOUT,
             )
             .await?;
-            Ok(format!(
-                "Every sensitive field is now sealed with key {}: re-sealed {} accounts and {} \
-                 provider accounts.\nOlder keys may be removed from the key files once every \
-                 node has applied this (see `tandem cluster status`).\n",
-                body["key_id"], body["accounts"], body["providers"]
-            ))
+            render_rotation(&body)
         }
+    }
+}
+
+/// The report of `tandem keys reseal`: an error, naming the members, unless every member
+/// dropped its history, because only then may the old key go.
+fn render_rotation(body: &serde_json::Value) -> Result<String, Error> {
+    let mut text = format!(
+        "Every sensitive field is now sealed with key {}: re-sealed {} accounts and {} \
+         provider accounts.\n",
+        body["key_id"], body["accounts"], body["providers"]
+    );
+    let members = body["members"].as_array().cloned().unwrap_or_default();
+    for m in &members {
+        match (m.get("dropped"), m.get("error")) {
+            (Some(d), _) => text.push_str(&format!(
+                "Node {}: log purged through index {}, snapshot at {}, files compacted.\n",
+                m["node"], d["purged_index"], d["snapshot_index"]
+            )),
+            (None, e) => text.push_str(&format!(
+                "Node {}: its files still hold values sealed under older keys: {}\n",
+                m["node"],
+                e.and_then(|e| e.as_str()).unwrap_or("no answer")
+            )),
+        }
+    }
+    if body["complete"].as_bool() == Some(true) && !members.is_empty() {
+        text.push_str(
+            "No data directory holds a value sealed under an older key any more; older keys \
+             may now be removed from every key file.\n",
+        );
+        Ok(text)
+    } else {
+        text.push_str(
+            "Keep the older keys. Run `tandem keys reseal` again once every node is up: it \
+             re-seals nothing new and asks each node again.",
+        );
+        Err(Error::Rotation(text))
     }
 }
 

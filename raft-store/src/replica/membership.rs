@@ -32,6 +32,19 @@ pub enum ClusterRequest {
     Replication,
     /// The ids in the answering node's key file (not forwarded: asked of each member).
     KeyIds,
+    /// Drop the answering node's history through this log index from its files, after a
+    /// key rotation (not forwarded: asked of each member).
+    DropHistory { upto: u64 },
+}
+
+impl ClusterRequest {
+    /// Whether the request is about the node that receives it, rather than for the leader.
+    pub fn is_per_member(&self) -> bool {
+        matches!(
+            self,
+            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. }
+        )
+    }
 }
 
 /// The answer to a [`ClusterRequest`].
@@ -41,6 +54,7 @@ pub enum ClusterReply {
     Removed,
     Replication(ReplicationView),
     KeyIds(Vec<u32>),
+    HistoryDropped(super::history::DroppedHistory),
 }
 
 /// What the leader knows about replication to each member.
@@ -84,10 +98,8 @@ impl Replica {
         if m.state == ServerState::Leader {
             return self.lead_cluster_request(request).await;
         }
-        if request == ClusterRequest::KeyIds {
-            return Err(Error::Membership(
-                "key ids are asked of each member, not of the leader".into(),
-            ));
+        if request.is_per_member() {
+            return Err(per_member(&request));
         }
         let leader = m
             .current_leader
@@ -123,12 +135,20 @@ impl Replica {
                 .map(|()| ClusterReply::Joined),
             ClusterRequest::Remove { id } => self.remove(id).await.map(|()| ClusterReply::Removed),
             ClusterRequest::Replication => Ok(ClusterReply::Replication(self.replication_view()?)),
-            ClusterRequest::KeyIds => Err(Error::Membership(
-                "key ids are asked of each member, not of the leader".into(),
-            )),
+            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. } => {
+                Err(per_member(&request))
+            }
         }
     }
+}
 
+fn per_member(request: &ClusterRequest) -> Error {
+    Error::Membership(format!(
+        "{request:?} is asked of each member, not of the leader"
+    ))
+}
+
+impl Replica {
     async fn join(&self, id: NodeId, raft_addr: String) -> Result<(), Error> {
         if id == 0 {
             return Err(Error::Membership("node id 0 is not allowed".into()));

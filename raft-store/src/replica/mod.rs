@@ -6,6 +6,7 @@
 //! few batches may be in flight at once, so one fsync and one round of replication serve
 //! many writers. Reads go to the local [`StateReader`] and never wait for the network.
 
+pub mod history;
 pub mod membership;
 
 use std::collections::{BTreeMap, BTreeSet};
