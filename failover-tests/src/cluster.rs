@@ -313,6 +313,19 @@ impl Drop for Member {
     }
 }
 
+/// The value of one series in a node's `/metrics` (its name with any labels, e.g.
+/// `tandem_sip_peer_up{node="2"}`), or None if the admin API does not answer or lacks it.
+pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let body = http(admin, None, "GET", "/metrics", None)?.body;
+    body.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 /// A minimal blocking HTTP/1.1 client: one request per connection, with the bearer
 /// `token` if given. `None` when the server cannot be reached or answers garbage.
 pub fn http(

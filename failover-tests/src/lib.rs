@@ -714,6 +714,27 @@ pub fn send_udp_and_recv(
     recv_udp(socket, timeout)
 }
 
+/// Datagrams on `socket` until one that `is_last` accepts: returns the ones before it,
+/// and it (None if it did not come within `timeout`). A fence for "nothing else arrives":
+/// make the node send something that it can only send after whatever must not arrive
+/// would have been sent, and wait for that instead of for a quiet interval.
+pub fn recv_udp_until(
+    socket: &UdpSocket,
+    timeout: Duration,
+    mut is_last: impl FnMut(&[u8]) -> bool,
+) -> (Vec<Vec<u8>>, Option<Vec<u8>>) {
+    let deadline = Deadline::after(timeout);
+    let mut before = Vec::new();
+    while !deadline.expired() {
+        match recv_udp(socket, deadline.remaining()) {
+            Some(d) if is_last(&d) => return (before, Some(d)),
+            Some(d) => before.push(d),
+            None => break,
+        }
+    }
+    (before, None)
+}
+
 /// The next datagram on `socket` within `timeout`.
 pub fn recv_udp(socket: &UdpSocket, timeout: Duration) -> Option<Vec<u8>> {
     socket
@@ -826,6 +847,43 @@ impl SipTcp {
         match self.read_message(timeout) {
             StreamRead::Message(m) => status_code(&m),
             _ => None,
+        }
+    }
+
+    /// A fence for "nothing else arrives": sends an OPTIONS with a branch of its own and
+    /// reads until its answer. Returns every byte that arrived before that answer, and the
+    /// answer (None if none came within `timeout`). A node answers a connection's
+    /// messages in order, so whatever it would have sent for anything earlier on this
+    /// connection is in the first part, however slowly the machine runs: no time window
+    /// decides it.
+    pub fn fence(&mut self, timeout: Duration) -> (Vec<u8>, Option<Vec<u8>>) {
+        let branch = format!("z9hG4bKfence{}", NEXT_CALL.fetch_add(1, Ordering::Relaxed));
+        let Ok(peer) = self.stream.peer_addr() else {
+            return (std::mem::take(&mut self.buf), None);
+        };
+        let request = options_request("TCP", self.local_addr(), peer, &branch);
+        if self.send(request.as_bytes()).is_err() {
+            return (std::mem::take(&mut self.buf), None);
+        }
+        let deadline = Deadline::after(timeout);
+        let mut before = Vec::new();
+        loop {
+            match self.read_message(deadline.remaining()) {
+                StreamRead::Message(m) => {
+                    let is_answer = String::from_utf8_lossy(&m).contains(&branch);
+                    match m.windows(8).position(|w| w == b"SIP/2.0 ") {
+                        Some(start) if is_answer => {
+                            before.extend_from_slice(&m[..start]);
+                            return (before, Some(m[start..].to_vec()));
+                        }
+                        _ => before.extend_from_slice(&m),
+                    }
+                }
+                StreamRead::Closed(rest) | StreamRead::TimedOut(rest) => {
+                    before.extend_from_slice(&rest);
+                    return (before, None);
+                }
+            }
         }
     }
 

@@ -10,8 +10,8 @@ use std::net::UdpSocket;
 use std::time::Duration;
 
 use tandem_failover_tests::{
-    header_value, options_request, recv_udp, send_udp_and_recv, sipp, sipp_scenario, status_code,
-    Node, SipTcp, StreamRead,
+    header_value, options_request, recv_udp_until, send_udp_and_recv, sipp, sipp_scenario,
+    status_code, Node, SipTcp, StreamRead,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -148,14 +148,16 @@ fn tcp_crlfcrlf_ping_gets_exactly_one_crlf() {
     node.check(pong == b"\r\n", || {
         format!("the pong is {pong:?}, not one CRLF")
     });
-    let extra = conn.read_for(Duration::from_millis(300));
-    node.check(extra == StreamRead::TimedOut(Vec::new()), || {
-        format!("after the pong: {extra:?}")
-    });
-    // The connection is still a SIP connection after the ping.
-    let status = conn.options(Duration::from_secs(2));
-    node.check(status == Some(200), || {
-        format!("OPTIONS after a ping: {status:?}")
+    // The connection is still a SIP connection after the ping, and the OPTIONS answer is
+    // the next thing on it: had the node sent anything more after the pong, it would
+    // arrive first.
+    let (extra, answer) = conn.fence(Duration::from_secs(2));
+    let status = answer.as_deref().and_then(status_code);
+    node.check(extra.is_empty() && status == Some(200), || {
+        format!(
+            "after the pong: {:?}, then OPTIONS got {status:?}",
+            String::from_utf8_lossy(&extra)
+        )
     });
 }
 
@@ -186,26 +188,48 @@ fn udp_response_honours_rport() {
         via.contains(&format!("rport={source_port}")) && via.contains("received=127.0.0.1"),
         || format!("RFC 3581 parameters missing from Via: {via}"),
     );
-    node.check(
-        recv_udp(&via_port_socket, Duration::from_millis(200)).is_none(),
-        || "with rport, an answer went to the Via port too".into(),
-    );
 
     // Control: without rport the same request is answered at the Via port (RFC 3261
-    // §18.2.2), so the check above can tell the two apart.
+    // §18.2.2), so the check above can tell the two apart. Its answer is also the fence
+    // for the first: the node answers in order, so an answer to the first request at the
+    // Via port would arrive before this one.
     let without =
         options_request("UDP", via_addr, node.udp_addr(), "z9hG4bKrport2").replace(";rport;", ";");
-    let at_source = send_udp_and_recv(
-        &sender,
-        node.udp_addr(),
-        without.as_bytes(),
-        Duration::from_millis(500),
+    sender.send_to(without.as_bytes(), node.udp_addr()).unwrap();
+    let names = |branch: &'static str| move |d: &[u8]| String::from_utf8_lossy(d).contains(branch);
+    let (earlier, response) = recv_udp_until(
+        &via_port_socket,
+        Duration::from_secs(2),
+        names("z9hG4bKrport2"),
     );
-    node.check(at_source.is_none(), || {
-        "without rport, the answer went to the source port".into()
+    node.check(earlier.is_empty(), || {
+        format!(
+            "with rport, an answer went to the Via port too: {:?}",
+            earlier
+                .iter()
+                .map(|d| String::from_utf8_lossy(d))
+                .collect::<Vec<_>>()
+        )
     });
-    let response = recv_udp(&via_port_socket, Duration::from_secs(2))
-        .unwrap_or_else(|| node.panic_with_log("no answer at the Via port without rport"));
+    let response =
+        response.unwrap_or_else(|| node.panic_with_log("no answer at the Via port without rport"));
+    // And a third request, with rport again, fences the second at the source port.
+    let again = options_request("UDP", via_addr, node.udp_addr(), "z9hG4bKrport3");
+    sender.send_to(again.as_bytes(), node.udp_addr()).unwrap();
+    let (at_source, third) =
+        recv_udp_until(&sender, Duration::from_secs(2), names("z9hG4bKrport3"));
+    node.check(at_source.is_empty() && third.is_some(), || {
+        format!(
+            "without rport, the answer went to the source port ({} datagrams before the next \
+             answer, which {})",
+            at_source.len(),
+            if third.is_some() {
+                "came"
+            } else {
+                "never came"
+            }
+        )
+    });
     node.check(status_code(&response) == Some(200), || {
         format!("not a 200: {}", String::from_utf8_lossy(&response))
     });

@@ -9,9 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tandem_failover_tests::cluster::metric;
 use tandem_failover_tests::{
     header_value, options_request, recv_udp, send_udp_and_recv, status_code, Deadline, Node,
-    SipTcp, StreamRead,
+    SipTcp, StreamRead, Wait,
 };
 
 /// xorshift64*: deterministic bytes without a rand dependency, so a failure reproduces.
@@ -157,21 +158,24 @@ fn a_truncated_tcp_message_waits_for_the_rest() {
     let (b, c) = rest.split_at(rest.len() - 10);
     for piece in [a, b] {
         conn.send(piece).expect("send part of a message");
-        match conn.read_for(Duration::from_millis(300)) {
-            StreamRead::TimedOut(bytes) if bytes.is_empty() => {}
-            other => node.panic_with_log(&format!("after part of a message: {other:?}")),
-        }
+        // Another connection is served while this one waits for the rest.
+        let other = SipTcp::connect(node.tcp_addr()).options(Duration::from_secs(2));
+        node.check(other == Some(200), || {
+            format!("OPTIONS on a second connection got {other:?}")
+        });
     }
-    // Another connection is served meanwhile.
-    let other = SipTcp::connect(node.tcp_addr()).options(Duration::from_secs(2));
-    node.check(other == Some(200), || {
-        format!("OPTIONS on a second connection got {other:?}")
-    });
     conn.send(c).expect("send the rest");
-    match conn.read_message(Duration::from_secs(2)) {
-        StreamRead::Message(m) if status_code(&m) == Some(200) => {}
-        other => node.panic_with_log(&format!("after the whole message: {other:?}")),
-    }
+    // The stream then holds exactly one answer, to the whole message, and then the
+    // fence's: anything the node had sent for a part would come before them.
+    let (answers, fence) = conn.fence(Duration::from_secs(2));
+    let text = String::from_utf8_lossy(&answers);
+    node.check(
+        fence.is_some()
+            && text.starts_with("SIP/2.0 200 ")
+            && text.matches("SIP/2.0 ").count() == 1
+            && text.contains("branch=z9hG4bKcut"),
+        || format!("after the message in pieces: {text:?}, then the fence's {fence:?}"),
+    );
     assert_alive(&node);
 }
 
@@ -386,7 +390,7 @@ fn waves(cases: &[TortureCase]) -> Vec<Vec<&TortureCase>> {
 }
 
 /// T1 for the corpus node: short, so that transactions (and INVITE retransmissions) end
-/// within 64*T1 = 640 ms and the next wave starts on a clean slate.
+/// within 64*T1 = 640 ms, and the next wave, which waits for that, starts soon.
 const CORPUS_T1_MS: u64 = 10;
 
 /// Sends every message of a wave as its own datagram, each from a fresh socket on its own
@@ -450,7 +454,21 @@ fn rfc4475_torture_messages_get_the_answers_the_rfc_asks_for() {
     let mut answers = BTreeMap::new();
     for (i, wave) in waves(&cases).iter().enumerate() {
         if i > 0 {
-            std::thread::sleep(Duration::from_millis(64 * CORPUS_T1_MS + 500));
+            // The earlier wave's transactions must have ended, completed ones included,
+            // or a message sharing their branch would be taken for a retransmission.
+            Wait::new(
+                "the earlier wave's transactions to end",
+                Duration::from_secs(10),
+            )
+            .showing(&node)
+            .until(|| {
+                let held = metric(node.admin_addr(), "tandem_sip_transactions_held");
+                if held == Some(0.0) {
+                    Ok(())
+                } else {
+                    Err(format!("tandem_sip_transactions_held {held:?}"))
+                }
+            });
         }
         answers.extend(run_wave(&node, i, wave));
     }

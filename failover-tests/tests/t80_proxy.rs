@@ -17,6 +17,7 @@
 //! - the challenges of every forked branch's 401 reach the caller in one response.
 
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tandem_failover_tests::cluster::{add_account, http, Cluster, Member, MemberRole};
@@ -357,10 +358,25 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
     let mut mallory = Ua::new("127.0.0.1", "alice", "example.com", "guess");
     let r = mallory.invite(two.sip_addr(), bob_uri, "call-7", &mut |_, _| {});
     assert_eq!(r.status(), Some(407), "{}", r.text);
-    assert!(
-        bob.recv(Duration::from_millis(300)).is_none(),
-        "an unauthenticated INVITE reached Bob"
-    );
+    // Then Alice calls Bob the same way. The nodes handled Mallory's INVITEs before hers,
+    // so hers is the first INVITE Bob hears: had either of Mallory's been relayed, it
+    // would have come first, however slow the machine.
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            assert_eq!(
+                invite.header("Call-ID").as_deref(),
+                Some("call-9"),
+                "an unauthenticated INVITE reached Bob:\n{}",
+                invite.text
+            );
+            bob.respond(&invite, 486, "Busy Here", "");
+            bob.expect_request("ACK", WAIT);
+        });
+        let busy = alice.invite(two.sip_addr(), bob_uri, "call-9", &mut |_, _| {});
+        assert_eq!(busy.status(), Some(486), "{}", busy.text);
+    });
 }
 
 #[test]
@@ -573,19 +589,29 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
         assert_eq!(r.status, 200, "{}", r.text);
     }
 
-    std::thread::scope(|s| {
+    // When the desk phone gave up, and when each softphone first heard of the call: the
+    // proxy may only try the softphones after the desk phone's final answer. Each phone
+    // waits in its own thread from the start, so a softphone INVITE sent too early is
+    // stamped early; a stamp is only ever late, never early, so this cannot fail a proxy
+    // that waits.
+    let clock = Deadline::after(WAIT);
+    let desk_gave_up = Mutex::new(None::<Duration>);
+    let soft_heard = Mutex::new(Vec::<Duration>::new());
+    let dialog = std::thread::scope(|s| {
         let (desk, soft1, soft2) = (&desk, &soft1, &soft2);
+        let (desk_gave_up, soft_heard, clock) = (&desk_gave_up, &soft_heard, &clock);
         s.spawn(move || {
             let invite = desk.expect_request("INVITE", WAIT);
-            // The softphones have heard nothing while the desk phone rings.
-            assert!(soft1.recv(Duration::from_millis(300)).is_none());
-            assert!(soft2.recv(Duration::from_millis(10)).is_none());
             desk.respond(&invite, 180, "Ringing", "");
+            // It rings for a while, as a phone does, before it gives up.
+            std::thread::sleep(Duration::from_millis(300));
+            *desk_gave_up.lock().unwrap() = Some(clock.elapsed());
             desk.respond(&invite, 480, "Temporarily Unavailable", "");
             desk.expect_request("ACK", WAIT);
         });
         s.spawn(move || {
             let invite = soft1.expect_request("INVITE", WAIT);
+            soft_heard.lock().unwrap().push(clock.elapsed());
             soft1.respond(&invite, 180, "Ringing", "");
             std::thread::sleep(Duration::from_millis(200));
             soft1.respond(
@@ -598,6 +624,7 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
         });
         s.spawn(move || {
             let invite = soft2.expect_request("INVITE", WAIT);
+            soft_heard.lock().unwrap().push(clock.elapsed());
             soft2.respond(&invite, 180, "Ringing", "");
             let cancel = soft2.expect_request("CANCEL", WAIT);
             soft2.respond(&cancel, 200, "OK", "");
@@ -612,13 +639,43 @@ fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
         );
         let dialog = alice.dialog(&ok);
         alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        dialog
     });
-    // No second final answer reaches Alice: the 487 stayed at the proxy.
-    let late = alice.recv(Duration::from_millis(500));
+    let gave_up = desk_gave_up
+        .into_inner()
+        .unwrap()
+        .expect("the desk phone answered");
+    let heard = soft_heard.into_inner().unwrap();
+    assert_eq!(heard.len(), 2);
+    for at in heard {
+        assert!(
+            at > gave_up,
+            "a softphone heard of the call {:?} before the desk phone gave up",
+            gave_up - at
+        );
+    }
+    // No second final answer reaches Alice: the 487 stayed at the proxy. The proxy had
+    // the 487 before Alice hangs up (it ACKed it), so anything it sent her for it comes
+    // before the answer to her BYE.
+    alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+    let bye = soft1.expect_request("BYE", WAIT);
+    soft1.respond(&bye, 200, "OK", "");
+    let mut before_bye_ok = Vec::new();
+    let deadline = Deadline::after(WAIT);
+    loop {
+        let m = alice
+            .recv(deadline.remaining())
+            .expect("Alice gets an answer to her BYE");
+        if m.status().is_some() && m.header("CSeq").is_some_and(|c| c.ends_with("BYE")) {
+            break;
+        }
+        before_bye_ok.push(m);
+    }
     assert!(
-        late.as_ref()
-            .is_none_or(|m| m.status().is_none_or(|s| s < 300)),
-        "{late:?}"
+        before_bye_ok
+            .iter()
+            .all(|m| m.status().is_none_or(|s| s < 300)),
+        "{before_bye_ok:?}"
     );
 }
 

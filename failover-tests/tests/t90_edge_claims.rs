@@ -24,7 +24,7 @@ use tandem_failover_tests::cluster::{add_account, http};
 use tandem_failover_tests::ua::{
     digest_authorization, response_text, uri_addr, Received, Reply, Ua,
 };
-use tandem_failover_tests::{Deadline, Node};
+use tandem_failover_tests::{Deadline, Node, Wait};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -234,14 +234,32 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// The Call-ID of the INVITE that [`stateless_forwarder`] takes as the end of the test.
+const FENCE_CALL: &str = "fence-after-the-loop";
+
+/// The value of the first header line called `name` (long form, case-insensitive).
+fn header_line<'a>(lines: &[&'a str], name: &str) -> Option<&'a str> {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
 /// What a stateless forwarder in the phone's place does (RFC 3261 §16.11), on `socket`:
 /// each INVITE (and the ACK for its non-2xx) goes on to its Request-URI with a Via of
 /// the forwarder's own on top and Max-Forwards one lower; each response goes back to the
 /// Via below the forwarder's. A retransmission (same branch, same Max-Forwards) goes on
 /// with the branch its first copy got. Every distinct INVITE received is recorded in
 /// `invites`; at most 100 are forwarded, so a loop the node does not catch ends at
-/// Max-Forwards in any case.
-fn stateless_forwarder(socket: &UdpSocket, stop: &AtomicBool, invites: &Mutex<Vec<String>>) {
+/// Max-Forwards in any case. An INVITE with Call-ID `FENCE_CALL` is not forwarded: it
+/// sets `fenced` and the forwarder stops, as it does when `stop` is set.
+fn stateless_forwarder(
+    socket: &UdpSocket,
+    stop: &AtomicBool,
+    fenced: &AtomicBool,
+    invites: &Mutex<Vec<String>>,
+) {
     let local = socket.local_addr().unwrap();
     socket
         .set_read_timeout(Some(Duration::from_millis(50)))
@@ -285,18 +303,19 @@ fn stateless_forwarder(socket: &UdpSocket, stop: &AtomicBool, invites: &Mutex<Ve
             continue;
         }
         let method = lines[0].split(' ').next().unwrap_or_default().to_owned();
+        if method == "INVITE" && header_line(&lines, "call-id") == Some(FENCE_CALL) {
+            fenced.store(true, Ordering::Relaxed);
+            return;
+        }
         let incoming = vias(&text)
             .first()
             .map(|v| via_branch(v))
             .unwrap_or_default();
         let branch = match method.as_str() {
             "INVITE" => {
-                let hops = lines
-                    .iter()
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(name, _)| name.trim().eq_ignore_ascii_case("max-forwards"))
-                    .map(|(_, v)| v.trim().to_owned())
-                    .unwrap_or_default();
+                let hops = header_line(&lines, "max-forwards")
+                    .unwrap_or_default()
+                    .to_owned();
                 let b = match branches.get(&(incoming.clone(), hops.clone())) {
                     Some(b) => b.clone(),
                     None => {
@@ -353,7 +372,7 @@ fn a_request_that_loops_back_gets_482() {
     let r = bob.register(sip, "MD5", Some(&format!("<{contact_uri}>")), Some(600));
     assert_eq!(r.status, 200, "{}", r.text);
 
-    let stop = AtomicBool::new(false);
+    let (stop, fenced) = (AtomicBool::new(false), AtomicBool::new(false));
     let invites = Mutex::new(Vec::new());
     // From a peer outside the served domains, so no 407 comes first.
     let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -371,8 +390,8 @@ fn a_request_that_loops_back_gets_482() {
         )
     };
     let final_response = std::thread::scope(|s| {
-        let (socket, stop_ref, invites_ref) = (&bob.socket, &stop, &invites);
-        s.spawn(move || stateless_forwarder(socket, stop_ref, invites_ref));
+        let (socket, stop_ref, fenced_ref, invites_ref) = (&bob.socket, &stop, &fenced, &invites);
+        s.spawn(move || stateless_forwarder(socket, stop_ref, fenced_ref, invites_ref));
         let invite = format!(
             "{}Contact: <sip:peer@{local}>\r\nContent-Length: 0\r\n\r\n",
             head("INVITE", "<sip:bob@example.com>")
@@ -403,8 +422,26 @@ fn a_request_that_loops_back_gets_482() {
                 caller.send_to(ack.as_bytes(), sip).unwrap();
             }
         }
-        // A negative window: nothing more goes round once the caller has its answer.
-        std::thread::sleep(Duration::from_millis(300));
+        // Nothing more goes round once the caller has its answer. The fence: one more
+        // call to Bob, on a fresh Call-ID. The node forwards it after everything it had
+        // forwarded before, and the forwarder handles what it receives in order, so an
+        // INVITE still going round would be recorded before the fence arrives.
+        if answer.is_some() {
+            let fence = head("INVITE", "<sip:bob@example.com>")
+                .replace(
+                    &format!("Call-ID: loop-{port}"),
+                    &format!("Call-ID: {FENCE_CALL}"),
+                )
+                .replace(
+                    &format!("z9hG4bK-loop-{port}"),
+                    &format!("z9hG4bK-fence-{port}"),
+                );
+            let fence = format!("{fence}Content-Length: 0\r\n\r\n");
+            caller.send_to(fence.as_bytes(), sip).unwrap();
+            Wait::new("the fence INVITE to reach the phone", WAIT)
+                .showing(&node)
+                .until(|| fenced.load(Ordering::Relaxed));
+        }
         stop.store(true, Ordering::Relaxed);
         answer
     });

@@ -53,6 +53,11 @@ impl Drain {
         self.active.get().map_or(0, |a| a.get())
     }
 
+    /// Transactions in the transaction tables, completed ones included.
+    pub fn held_transactions(&self) -> usize {
+        self.active.get().map_or(0, |a| a.held())
+    }
+
     /// Called once the proxy runs, so drain can wait for its calls.
     pub fn watch_calls(&self, dialogs: Arc<Dialogs>, wait: Duration) {
         let _ = self.calls.set((dialogs, wait));

@@ -110,16 +110,24 @@ impl EventSink {
 /// wait for none to be left, and `/metrics` shows how many there are. A shard adds the
 /// change in its own count after each event it handles; waiters are woken only when the
 /// total reaches 0, which is all they wait for (a watch channel woke them on every
-/// change, about 1% of a loaded SIP thread).
+/// change, about 1% of a loaded SIP thread). Beside it, every transaction the shards'
+/// tables hold, completed ones included (kept to absorb retransmissions until Timers J,
+/// K, L or M), which is what the tables cost.
 #[derive(Debug, Default)]
 pub struct ActiveTransactions {
     count: AtomicUsize,
     idle: Notify,
+    held: AtomicUsize,
 }
 
 impl ActiveTransactions {
     pub fn get(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// Every transaction in the tables, finished or not.
+    pub fn held(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// A shard's count went from `before` to `now`; the total includes `before`, so it
@@ -370,6 +378,8 @@ pub fn start_shards(
             next_id: 0,
             active: 0,
             published: 0,
+            held: 0,
+            published_held: 0,
             shared_active: active.clone(),
             commands: commands_rx,
         };
@@ -407,6 +417,10 @@ struct TransactionLayer {
     /// shared count includes.
     active: usize,
     published: usize,
+    /// This shard's entries in `servers` and `clients`, and how many the shared count
+    /// includes.
+    held: usize,
+    published_held: usize,
     shared_active: Arc<ActiveTransactions>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
@@ -440,6 +454,15 @@ impl TransactionLayer {
         if self.published != self.active {
             self.shared_active.moved(self.published, self.active);
             self.published = self.active;
+        }
+        if self.published_held != self.held {
+            let shared = &self.shared_active.held;
+            if self.held > self.published_held {
+                shared.fetch_add(self.held - self.published_held, Ordering::Relaxed);
+            } else {
+                shared.fetch_sub(self.published_held - self.held, Ordering::Relaxed);
+            }
+            self.published_held = self.held;
         }
     }
 
@@ -556,6 +579,7 @@ impl TransactionLayer {
         self.servers.insert(id, Box::new(entry));
         self.server_index.insert(key, id);
         self.active += 1;
+        self.held += 1;
         self.apply_server(id, false, out).await;
         let _ = self
             .to_core
@@ -700,6 +724,7 @@ impl TransactionLayer {
                 );
                 self.client_index.insert(key, id);
                 self.active += 1;
+                self.held += 1;
                 self.apply_client(id, false, out, None);
             }
         }
@@ -779,6 +804,7 @@ impl TransactionLayer {
                 }
                 Action::Terminated => {
                     let entry = self.servers.remove(&id).expect("present");
+                    self.held -= 1;
                     if self.server_index.get(&entry.key) == Some(&id) {
                         self.server_index.remove(&entry.key);
                     }
@@ -842,6 +868,7 @@ impl TransactionLayer {
                 Action::NeedTrying => {}
                 Action::Terminated => {
                     let entry = self.clients.remove(&id).expect("present");
+                    self.held -= 1;
                     // A newer transaction may have taken the key (a request resent with the
                     // same branch after this one ended); its index entry stays.
                     if self.client_index.get(&entry.key) == Some(&id) {
