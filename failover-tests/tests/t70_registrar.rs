@@ -421,13 +421,20 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
     let refused = ua.register_once(node.udp_addr(), Some(&contact), Some(300), "");
     assert_eq!(refused.status, 503, "{}", refused.text);
     assert!(refused.header("Retry-After").is_some(), "{}", refused.text);
-    let state = http(admin, Some(&token), "GET", "/v1/node/drain", None)
-        .unwrap()
-        .json();
-    assert_eq!(
-        (state["draining"].clone(), state["drained"].clone()),
-        (true.into(), true.into())
-    );
+    // The 503's transaction is counted until the layer has sent it, a moment after the
+    // phone may already have it: drained follows once it is gone.
+    Wait::new("the node to report itself drained", Duration::from_secs(10))
+        .showing(&node)
+        .until(|| {
+            let state = http(admin, Some(&token), "GET", "/v1/node/drain", None)
+                .unwrap()
+                .json();
+            if (state["draining"].clone(), state["drained"].clone()) == (true.into(), true.into()) {
+                Ok(())
+            } else {
+                Err(state.to_string())
+            }
+        });
 
     let delete = cli(&["account", "delete", "dave@example.com"]);
     assert!(delete.status.success(), "{}", describe(&delete));

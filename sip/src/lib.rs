@@ -22,7 +22,7 @@ pub use headers::{AuthHeader, CSeq, Contacts, NameAddr, Via, BRANCH_COOKIE};
 pub use message::{frame_stream, Frame, Message, DEFAULT_MAX_MESSAGE_SIZE};
 pub use name::{HeaderName, Method};
 pub use text::Params;
-pub use uri::{Host, SipUri, TelUri, Uri};
+pub use uri::{canonical_domain, Host, SipUri, TelUri, Uri};
 
 /// Formats a time as an RFC 1123 date, the only form SIP's Date header allows
 /// (`Sun, 08 Nov 2009 12:12:21 GMT`).

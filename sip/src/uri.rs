@@ -76,6 +76,17 @@ impl Host {
         }
     }
 
+    /// The host as served domains and accounts are keyed: a domain in lowercase without a
+    /// trailing dot (RFC 3261 §19.1.4 compares hosts case-insensitively, and
+    /// `example.com.` is the fully qualified spelling of `example.com`); an address as
+    /// written.
+    pub fn canonical(&self) -> String {
+        match self {
+            Host::Domain(d) => canonical_domain(d),
+            Host::Ip(_) => self.to_string(),
+        }
+    }
+
     /// Writes the host as in a URI or Via; an IPv4 address without `core::fmt`.
     pub fn write_to<W: fmt::Write>(&self, out: &mut W) -> fmt::Result {
         match self {
@@ -84,6 +95,12 @@ impl Host {
             Host::Ip(IpAddr::V6(ip)) => write!(out, "[{ip}]"),
         }
     }
+}
+
+/// A domain name (or a realm naming one) as [`Host::canonical`] writes it.
+pub fn canonical_domain(domain: &str) -> String {
+    let d = domain.strip_suffix('.').unwrap_or(domain);
+    d.to_ascii_lowercase()
 }
 
 impl fmt::Display for Host {
@@ -389,6 +406,19 @@ mod tests {
             u.to_string(),
             "sip:alice:secret@example.com:5070;transport=tcp;lr?Subject=hi&Priority=urgent"
         );
+    }
+
+    #[test]
+    fn hosts_compare_by_their_canonical_form() {
+        for spelling in ["example.com", "EXAMPLE.COM", "Example.Com.", "example.com."] {
+            assert_eq!(
+                sip(&format!("sip:a@{spelling}")).host.canonical(),
+                "example.com"
+            );
+        }
+        assert_eq!(sip("sip:a@127.0.0.1:5060").host.canonical(), "127.0.0.1");
+        assert_eq!(sip("sip:a@[::1]").host.canonical(), "[::1]");
+        assert_eq!(canonical_domain("Realm.Example."), "realm.example");
     }
 
     #[test]

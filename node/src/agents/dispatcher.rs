@@ -152,7 +152,10 @@ impl Dispatcher {
         }
         tracing::debug!(%method, status = outcome.status, remote = %flow.remote, "answered");
         match tx {
-            Some(tx) => self.stack.layer.respond(tx, response),
+            // Every answer here is computed afresh from the request, so none is kept to
+            // be retransmitted: a spoofed source gets one response per request it is
+            // named in, never more (see `LayerHandle::respond_stateless`).
+            Some(tx) => self.stack.layer.respond_stateless(tx, response),
             None => {
                 self.stack.stats.count_response(outcome.status);
                 // The request could not be matched to a transaction (its Via or dialog

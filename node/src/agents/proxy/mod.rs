@@ -5,7 +5,14 @@
 //!   one carries a flow token ([`crate::agents::proxy::flow_token`]), the request goes out
 //!   over that flow: that is how another node hands over a call for a phone registered
 //!   through this one, and how requests inside a dialog reach a phone behind NAT. Any other
-//!   Route left on top is the next hop.
+//!   Route left on top is the next hop only if it is another member (and the rest of the
+//!   set does not come back here, which would be a loop); otherwise an in-dialog request
+//!   goes over the token's flow to the dialog's peer, never to a Route someone added.
+//! - **Refusals are stateless.** Every answer the proxy gives before forwarding (407,
+//!   403, 404, 480, 482) is sent once, with no transaction kept to retransmit it, since
+//!   its source may be spoofed.
+//! - **Domains compare canonically** (lowercase, no trailing dot), so `alice@EXAMPLE.COM`
+//!   is a local caller who must authenticate like `alice@example.com`.
 //! - **New requests from local accounts** are authenticated with 407 (§22.3). A request
 //!   for a local domain looks up the AOR's bindings in the local replica (through the
 //!   degraded-mode overlay): an unknown user gets 404, one without bindings 480. A request
@@ -39,7 +46,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_raft_store::command::Binding;
 use tandem_raft_store::types::NodeId;
-use tandem_sip::{HeaderName, Host, Message, Method, NameAddr, SipUri, Uri};
+use tandem_sip::{canonical_domain, HeaderName, Host, Message, Method, NameAddr, SipUri, Uri};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -230,9 +237,13 @@ impl Proxy {
         })
     }
 
+    /// The proxy's own refusals (407 and every other answer before anything is forwarded)
+    /// are computed afresh for every copy of a request, and go out statelessly: the
+    /// source of a request nobody has authenticated may be spoofed, and a refusal kept
+    /// for retransmission until an ACK that never comes would be a reflection amplifier.
     fn answer(&self, tx: TxId, request: &Message, refusal: Refusal) {
         tracing::debug!(status = refusal.status, reason = %refusal.reason, "proxy answered");
-        self.layer.respond(tx, refusal.response(request));
+        self.layer.respond_stateless(tx, refusal.response(request));
     }
 
     /// Removes the Route entries that name this node (§16.4): its addresses, or a domain
@@ -248,7 +259,7 @@ impl Proxy {
         for uri in routes.iter().map_while(|r| r.uri.as_sip()) {
             let ours = self.own.is_own(uri)
                 || (uri.user.is_none()
-                    && reader.serves_domain(&uri.host.to_string()).unwrap_or(false));
+                    && reader.serves_domain(&uri.host.canonical()).unwrap_or(false));
             if !ours {
                 break;
             }
@@ -279,7 +290,7 @@ impl Proxy {
         for h in all {
             let ours = h
                 .param("realm")
-                .is_some_and(|r| reader.serves_domain(r).unwrap_or(false));
+                .is_some_and(|r| reader.serves_domain(&canonical_domain(r)).unwrap_or(false));
             if !ours {
                 request.push_header(HeaderName::ProxyAuthorization, h.to_string());
             }
@@ -308,14 +319,37 @@ impl Proxy {
         let next_route = top_route(&request);
         let decided: Result<Vec<Vec<Target>>, Refusal> = if let Some(next) = next_route {
             // Loose routing to the next hop (§16.6 step 6). Inside a dialog only along a
-            // route set this node record-routed (a genuine token for this call); a new
-            // request only after authenticating. Otherwise this would be an open relay.
+            // route set this node record-routed (a genuine token for this call), and only
+            // to another member or to the dialog's peer on the far side (the flow the
+            // token names, which is where the next Route of a genuine route set leads);
+            // a new request only after authenticating. Otherwise anyone who saw a
+            // Record-Route could send anything anywhere from the cluster's address.
             if in_dialog && own.any_token {
-                Ok(vec![vec![Target {
-                    uri: None,
-                    routes: Vec::new(),
-                    hop: Hop::Uri(next),
-                }]])
+                if self.names_member(&next) {
+                    if self.routes_back_here(&request) {
+                        Err(Refusal::new(
+                            482,
+                            "Loop Detected (the route set comes back to this node)",
+                        ))
+                    } else {
+                        Ok(vec![vec![Target {
+                            uri: None,
+                            routes: Vec::new(),
+                            hop: Hop::Uri(next),
+                        }]])
+                    }
+                } else if let Some(token) = own.token {
+                    Ok(vec![vec![Target {
+                        uri: None,
+                        routes: Vec::new(),
+                        hop: Hop::Flow(token),
+                    }]])
+                } else {
+                    Err(Refusal::new(
+                        403,
+                        "Forbidden (the route set leads outside the dialog)",
+                    ))
+                }
             } else if in_dialog {
                 Err(Refusal::new(
                     403,
@@ -385,13 +419,38 @@ impl Proxy {
         self.forward(fork, groups, cancels).await;
     }
 
+    /// Whether `uri` is another cluster member's SIP address, by the node registry.
+    fn names_member(&self, uri: &SipUri) -> bool {
+        let (kind, host, port) = next_hop(uri);
+        let Some(ip) = host.ip() else {
+            return false;
+        };
+        let addr = SocketAddr::new(ip, port);
+        let nodes = self.cluster.replica.reader().nodes().unwrap_or_default();
+        nodes
+            .iter()
+            .any(|n| n.id != self.me() && sip_addr(n, kind) == Some(addr))
+    }
+
+    /// Whether the Route set left after this node's own entries names this node again: a
+    /// genuine route set passes each node once, so a request sent on from here would
+    /// only bounce between members until Max-Forwards ran out.
+    fn routes_back_here(&self, request: &Message) -> bool {
+        request
+            .name_addrs(&HeaderName::Route)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|r| r.uri.as_sip())
+            .any(|u| self.own.is_own(u))
+    }
+
     /// A new request with a route of its own: allowed for local accounts that authenticate.
     fn authorize_outbound(&self, request: &Message, flow: &Flow) -> Result<(), Refusal> {
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let Some(from) = from else {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
         };
-        let domain = from.host.to_string();
+        let domain = from.host.canonical();
         let reader = self.cluster.replica.reader();
         if !reader.serves_domain(&domain).unwrap_or(false) {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
@@ -422,13 +481,13 @@ impl Proxy {
         let uri = request.uri()?.as_sip()?;
         let user = uri.user_unescaped()?.into_owned();
         let reader = self.cluster.replica.reader();
-        let host = uri.host.to_string();
+        let host = uri.host.canonical();
         if reader.serves_domain(&host).unwrap_or(false) {
             return Some((user, host));
         }
         if self.own.is_own(uri) {
             let to = request.to().ok()?;
-            let domain = to.uri.as_sip()?.host.to_string();
+            let domain = to.uri.as_sip()?.host.canonical();
             if reader.serves_domain(&domain).unwrap_or(false) {
                 return Some((user, domain));
             }
@@ -443,7 +502,7 @@ impl Proxy {
         // Callers claiming a local account prove it (§22.3); ACK and CANCEL cannot be
         // challenged, and never reach here (they are hop by hop or matched).
         if let Some(from) = &from {
-            let domain = from.host.to_string();
+            let domain = from.host.canonical();
             if reader.serves_domain(&domain).unwrap_or(false) && method != Method::Ack {
                 self.authenticate_caller(request, flow, from, &domain)?;
             }

@@ -122,7 +122,7 @@ impl RegisterRequest {
         let Some(user) = &to_uri.user else {
             return Err(bad("To has no user part"));
         };
-        Ok((user.clone(), to_uri.host.to_string().to_ascii_lowercase()))
+        Ok((user.clone(), to_uri.host.canonical()))
     }
 
     /// Reads a REGISTER for the AOR of `user` and `domain` (from [`Self::aor_parts`]).
@@ -708,8 +708,9 @@ impl Agent for Registrar {
         run_or_spawn(async move {
             let response = self.register(&request, &flow).await;
             match tx {
-                // A challenge holds no state: a retransmitted REGISTER simply gets a new one.
-                Some(tx) if response.status() == Some(401) => {
+                // A challenge or a refusal holds no state: a retransmitted REGISTER simply
+                // gets a new one, and a spoofed source gets one answer per request.
+                Some(tx) if response.status().is_some_and(|s| s >= 300) => {
                     stack.layer.respond_stateless(tx, response)
                 }
                 Some(tx) => stack.layer.respond(tx, response),

@@ -72,7 +72,7 @@ enum Command {
     Respond {
         tx: TxId,
         response: Message,
-        /// A non-INVITE final that keeps no transaction state (see `respond_stateless`).
+        /// A final that keeps no transaction state (see `respond_stateless`).
         stateless: bool,
     },
     Abandon {
@@ -182,9 +182,11 @@ impl LayerHandle {
         );
     }
 
-    /// Sends a final response to a non-INVITE and ends its transaction at once, so a
-    /// retransmission of the request is handled as a new one (RFC 3261 §8.2.7). For
-    /// answers that are computed afresh anyway, such as a registrar's 401 challenge.
+    /// Sends a final response and ends its transaction at once, so a retransmission of
+    /// the request is handled as a new one (RFC 3261 §8.2.7), and nothing is retransmitted
+    /// to a source that may be spoofed. For answers that are computed afresh anyway: a
+    /// challenge, a refusal, the node's own answer to OPTIONS. A 2xx to an INVITE is
+    /// sent the usual way (see `ServerInvite::on_tu_response_stateless`).
     pub fn respond_stateless(&self, tx: TxId, response: Message) {
         self.to_shard_of(
             tx,
@@ -648,6 +650,9 @@ impl TransactionLayer {
                 entry.invite = None;
                 let mut out = Actions::new();
                 match &mut entry.machine {
+                    ServerMachine::Invite(m) if stateless => {
+                        m.on_tu_response_stateless(status, bytes, &mut out)
+                    }
                     ServerMachine::Invite(m) => m.on_tu_response(status, bytes, &mut out),
                     ServerMachine::NonInvite(m) if stateless => {
                         m.on_tu_response_stateless(status, bytes, &mut out)

@@ -140,6 +140,22 @@ impl ServerInvite {
         }
     }
 
+    /// The TU refuses the INVITE with an answer it computes afresh for every copy (a 407
+    /// challenge, a 403 or 404 of its own): the final is sent once and the transaction
+    /// ends at once, with no Timer G to retransmit it and no wait for the ACK. A spoofed
+    /// INVITE then costs one response, not one every T1 to T2 for 32 s (a reflection
+    /// amplifier), and leaves no state; its ACK and any retransmission of the INVITE
+    /// arrive as new messages, and the retransmission gets a new answer. Provisional and
+    /// 2xx answers, and answers after the first final, take the usual path.
+    pub fn on_tu_response_stateless(&mut self, status: u16, response: Bytes, out: &mut Actions) {
+        if self.state != ServerInviteState::Proceeding || status < 300 {
+            return self.on_tu_response(status, response, out);
+        }
+        out.push(Action::Transmit(response));
+        self.final_sent = true;
+        self.terminate(out);
+    }
+
     /// An ACK matching this transaction arrived.
     pub fn on_ack(&mut self, out: &mut Actions) {
         match self.state {

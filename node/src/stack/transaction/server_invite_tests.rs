@@ -431,3 +431,34 @@ fn accepted_lasts_64_t1_and_never_retransmits_on_its_own() {
     assert_eq!(sim.time_of(&NeedTrying), None);
     assert_eq!(sim.time_of(&Terminated), Some(ms(32_100)));
 }
+
+#[test]
+fn a_stateless_refusal_is_sent_once_and_ends_the_transaction() {
+    for reliability in [Reliability::Unreliable, Reliability::Reliable] {
+        let (mut transaction, _) = new(reliability);
+        let mut out = Actions::new();
+        transaction.on_tu_response_stateless(407, busy(), &mut out);
+        // Sent once; no Timer G to repeat it, no Timer H to wait for an ACK.
+        assert_eq!(
+            out,
+            [Transmit(busy()), Cancel(Timer::Trying), Terminated],
+            "{reliability:?}"
+        );
+        assert_eq!(transaction.state(), S::Terminated);
+        assert!(transaction.has_final());
+    }
+}
+
+#[test]
+fn a_stateless_2xx_or_provisional_takes_the_usual_path() {
+    let (mut transaction, _) = new(Reliability::Unreliable);
+    let mut out = Actions::new();
+    transaction.on_tu_response_stateless(180, ringing(), &mut out);
+    assert_eq!(transaction.state(), S::Proceeding);
+    transaction.on_tu_response_stateless(200, ok(), &mut out);
+    assert_eq!(transaction.state(), S::Accepted, "a 2xx waits for its ACK");
+    // After a final, a stateless answer is no different from any other: not sent.
+    let mut late = Actions::new();
+    transaction.on_tu_response_stateless(486, busy(), &mut late);
+    assert_eq!(late, []);
+}

@@ -1,0 +1,270 @@
+//! The SIP port as an attacker sees it (#16): requests crafted to make a node relay,
+//! reflect or skip authentication, against real `tandem` processes. Each test sends what a
+//! scanner or a fraudster would and checks that the node refuses it, without harming the
+//! legitimate phones around it.
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tandem_failover_tests::cluster::{add_account, metric};
+use tandem_failover_tests::ua::{Received, Ua};
+use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, Wait};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A standalone node serving alice and bob of example.com, with bob registered from
+/// `bob`'s socket.
+fn node_with_bob_registered(extra_sip: &str, bob: &mut Ua) -> Node {
+    let node = Node::start_ready(extra_sip);
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let contact = format!("<{}>", bob.contact());
+    let r = bob.register(node.udp_addr(), "MD5", Some(&contact), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    node
+}
+
+/// Runs `call` while Bob's phone answers 486 to every INVITE it gets (and ACKs nothing:
+/// the proxy ACKs the 486 hop by hop). Returns what `call` returned and every INVITE Bob
+/// received.
+fn while_bob_is_busy<T>(bob: &Ua, call: impl FnOnce() -> T) -> (T, Vec<Received>) {
+    let stop = AtomicBool::new(false);
+    let seen = Mutex::new(Vec::new());
+    let out = std::thread::scope(|s| {
+        let (stop, seen) = (&stop, &seen);
+        s.spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let Some(m) = bob.recv(Duration::from_millis(50)) else {
+                    continue;
+                };
+                if m.method() == Some("INVITE") {
+                    bob.respond(&m, 486, "Busy Here", "");
+                    seen.lock().unwrap().push(m);
+                }
+            }
+        });
+        let out = call();
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    (out, seen.into_inner().unwrap())
+}
+
+#[test]
+fn a_local_domain_in_any_case_or_with_a_trailing_dot_is_still_challenged() {
+    // RFC 3261 §19.1.4: hosts compare case-insensitively, and a trailing dot names the
+    // same domain. A caller writing the served domain differently is still a caller
+    // claiming a local account, and must prove it.
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_bob_registered("", &mut bob);
+    for domain in ["EXAMPLE.COM", "Example.Com", "example.com."] {
+        let mut mallory = Ua::new("127.0.0.1", "alice", domain, "not-her-password");
+        let (answer, reached_bob) = while_bob_is_busy(&bob, || {
+            mallory.invite(
+                node.udp_addr(),
+                "sip:bob@example.com",
+                &format!("case-{domain}"),
+                &mut |_, _| {},
+            )
+        });
+        node.check(
+            answer.status() == Some(407) && reached_bob.is_empty(),
+            || {
+                format!(
+                    "From alice@{domain} with a wrong password got {:?}, and {} INVITEs reached \
+                 Bob:\n{}",
+                    answer.status(),
+                    reached_bob.len(),
+                    answer.text
+                )
+            },
+        );
+        // With her password, the same spelling authenticates: the account is found.
+        let mut alice = Ua::new("127.0.0.1", "alice", domain, "pw-alice-1");
+        let (answer, reached_bob) = while_bob_is_busy(&bob, || {
+            alice.invite(
+                node.udp_addr(),
+                "sip:bob@example.com",
+                &format!("case-ok-{domain}"),
+                &mut |_, _| {},
+            )
+        });
+        node.check(
+            answer.status() == Some(486) && reached_bob.len() == 1,
+            || {
+                format!(
+                    "From alice@{domain} with her password got {:?}; {} INVITEs reached Bob",
+                    answer.status(),
+                    reached_bob.len()
+                )
+            },
+        );
+    }
+}
+
+/// A call from alice to bob through `node`, answered: returns Alice's dialog and the
+/// INVITE as Bob received it.
+fn answered_call(node: &Node, bob: &Ua, call_id: &str) -> tandem_failover_tests::ua::Dialog {
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let invite = bob.expect_request("INVITE", WAIT);
+            bob.respond(
+                &invite,
+                200,
+                "OK",
+                &format!("Contact: <{}>\r\n", bob.contact()),
+            );
+            bob.expect_request("ACK", WAIT);
+        });
+        let ok = alice.invite(
+            node.udp_addr(),
+            "sip:bob@example.com",
+            call_id,
+            &mut |_, _| {},
+        );
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        dialog
+    })
+}
+
+#[test]
+fn a_route_set_through_a_node_never_leads_outside_the_dialog() {
+    // Mallory saw the Record-Route of a call (as anyone the call passed through, or any
+    // caller who once reached a phone, does). He sends an in-dialog request from his own
+    // socket, with the node's Route entries and then one of his choice: the node must not
+    // send it there, or it relays anything anywhere from its own address.
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_bob_registered("", &mut bob);
+    let dialog = answered_call(&node, &bob, "relay-1");
+    assert!(!dialog.route.is_empty(), "the node record-routes calls");
+    let victim = UdpSocket::bind("127.0.0.99:0").unwrap();
+    let victim_addr = victim.local_addr().unwrap();
+    let mallory = UdpSocket::bind("127.0.0.66:0").unwrap();
+    let local = mallory.local_addr().unwrap();
+    let mut request = format!(
+        "MESSAGE sip:toll-fraud@{victim_addr} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-relay-{port};rport\r\n\
+         From: <sip:bob@example.com>;tag=spoofed\r\n\
+         To: {to}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 77 MESSAGE\r\n\
+         Max-Forwards: 70\r\n",
+        port = local.port(),
+        to = dialog.to,
+        call_id = dialog.call_id,
+    );
+    for r in &dialog.route {
+        request.push_str(&format!("Route: {r}\r\n"));
+    }
+    request.push_str(&format!("Route: <sip:{victim_addr};lr>\r\n"));
+    request.push_str("Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello");
+    // The node may refuse it, or send it on along the dialog, to Bob (who answers): never
+    // to the Route of Mallory's choosing.
+    let answer = std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            if let Some(m) = bob.recv(WAIT).filter(|m| m.method() == Some("MESSAGE")) {
+                bob.respond(&m, 200, "OK", "");
+            }
+        });
+        mallory
+            .send_to(request.as_bytes(), node.udp_addr())
+            .unwrap();
+        let deadline = Deadline::after(WAIT);
+        let mut answer = None;
+        while let Some(d) = recv_udp(&mallory, deadline.remaining()) {
+            if status_code(&d).is_some_and(|s| s >= 200) {
+                answer = Some(d);
+                break;
+            }
+        }
+        answer
+    });
+    // A proxy sends a request to one place before the answer comes back from there, so
+    // once Mallory has his answer, anything sent to the victim is already in its socket.
+    let at_victim = recv_udp(&victim, Duration::from_millis(1));
+    node.check(at_victim.is_none(), || {
+        format!(
+            "the node relayed Mallory's request to {victim_addr}:\n{}",
+            String::from_utf8_lossy(at_victim.as_deref().unwrap_or_default())
+        )
+    });
+    let status = answer.as_deref().and_then(status_code);
+    node.check(status.is_some(), || {
+        "Mallory got no final answer: the request went somewhere that did not answer".into()
+    });
+}
+
+#[test]
+fn refusals_of_unauthenticated_invites_are_sent_once_and_keep_no_state() {
+    // A spoofed INVITE names a victim's address as its source, and the victim never
+    // ACKs. Answered through an INVITE server transaction, the refusal would be
+    // retransmitted about 11 times over 32 s: a reflection amplifier. Answered
+    // statelessly, one INVITE gets one response and the node keeps no transaction for
+    // it. (Nothing registers here: a REGISTER's 200 is kept for its retransmissions, and
+    // would be counted below.)
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    let victim = UdpSocket::bind("127.0.0.98:0").unwrap();
+    let local = victim.local_addr().unwrap();
+    let cases = [
+        // A caller claiming a local account, without credentials: 407.
+        ("sip:bob@example.com", "sip:alice@example.com", 407),
+        // A domain the node does not serve: 403.
+        (
+            "sip:+15550100@elsewhere.example",
+            "sip:x@elsewhere.example",
+            403,
+        ),
+        // A served domain, an unknown user: 404.
+        ("sip:nobody@example.com", "sip:x@elsewhere.example", 404),
+    ];
+    for (i, (to, from, want)) in cases.into_iter().enumerate() {
+        let invite = format!(
+            "INVITE {to} SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK-reflect-{i}-{port}\r\n\
+             From: <{from}>;tag=r{i}\r\n\
+             To: <{to}>\r\n\
+             Call-ID: reflect-{i}-{port}\r\n\
+             CSeq: 1 INVITE\r\n\
+             Max-Forwards: 70\r\n\
+             Contact: <sip:x@{local}>\r\n\
+             Content-Length: 0\r\n\r\n",
+            port = local.port(),
+        );
+        victim.send_to(invite.as_bytes(), node.udp_addr()).unwrap();
+        let deadline = Deadline::after(WAIT);
+        let mut status = None;
+        while let Some(d) = recv_udp(&victim, deadline.remaining()) {
+            if let Some(s) = status_code(&d).filter(|&s| s >= 200) {
+                status = Some(s);
+                break;
+            }
+        }
+        node.check(status == Some(want), || {
+            format!("INVITE to {to} from {from}: got {status:?}, want {want}")
+        });
+        // No transaction is left to retransmit it. Kept, it would stay until Timer H
+        // (64*T1, 32 s) gave up on the ACK.
+        Wait::new(
+            format!("no transaction left after the {want} to a source that never ACKs"),
+            WAIT,
+        )
+        .showing(&node)
+        .until(|| {
+            let held = metric(node.admin_addr(), "tandem_sip_transactions_held");
+            if held == Some(0.0) {
+                Ok(())
+            } else {
+                Err(format!("tandem_sip_transactions_held {held:?}"))
+            }
+        });
+    }
+}
