@@ -57,6 +57,11 @@ pub struct Stats {
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed
     /// credentials, or not allowed for the account); plain challenges do not count.
     pub auth_failures: AtomicU64,
+    /// Keys in the authenticator's lockout tables (per address and account, per address)
+    /// and nonces in its replay guard: the sizes of tables peers' input grows.
+    pub auth_lockout_keys: AtomicU64,
+    pub auth_address_keys: AtomicU64,
+    pub auth_replay_nonces: AtomicU64,
     /// Requests received, by [`METHODS`] index (the last is every other method).
     pub requests_by_method: Counters<15>,
     /// Responses sent, by status code minus 100 (100 to 699).

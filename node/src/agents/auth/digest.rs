@@ -279,6 +279,11 @@ impl ReplayGuard {
         }
     }
 
+    /// Nonces it remembers.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
     /// Records `(nonce, nc)`; false if that nonce was already used with this count or a
     /// higher one.
     pub fn accept(&mut self, nonce: &str, nc: u32) -> bool {
@@ -304,54 +309,96 @@ impl ReplayGuard {
     }
 }
 
-/// Online password guessing is bounded per client address: after `max_failures` failed
-/// attempts within `window`, the address is refused without a credential check until
-/// `lockout` has passed. Time comes in as an argument (tokio's clock in the node).
-pub struct FailureLimiter {
+/// Online password guessing is bounded per key (a client address, or an address and the
+/// account it tries): after `max_failures` failed attempts within `window`, the key is
+/// refused without a credential check until `lockout` has passed. Only failures that prove
+/// a round trip are recorded (see `Authenticator::authenticate`), so nobody can lock out
+/// an address they cannot receive at. Time comes in as an argument (tokio's clock in the
+/// node).
+///
+/// The table holds at most `capacity` keys; past that, the key first recorded longest ago
+/// is forgotten (O(1): a queue in recording order, each entry tagged so a key recorded
+/// again is not forgotten by its old place in the queue).
+pub struct FailureLimiter<K> {
     max_failures: u32,
     window: std::time::Duration,
     lockout: std::time::Duration,
-    /// Per address: failures in the current window, when the window began, and the end of
-    /// a lockout if one is running.
-    seen: HashMap<std::net::IpAddr, (u32, tokio::time::Instant, Option<tokio::time::Instant>)>,
+    seen: HashMap<K, Failures>,
+    order: VecDeque<(K, u64)>,
+    next_tag: u64,
     capacity: usize,
 }
 
-impl FailureLimiter {
+/// One key's failures in its current window, when that window began, the end of a
+/// lockout if one is running, and its tag in the recording queue.
+struct Failures {
+    count: u32,
+    since: tokio::time::Instant,
+    until: Option<tokio::time::Instant>,
+    tag: u64,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> FailureLimiter<K> {
     pub fn new(
         max_failures: u32,
         window: std::time::Duration,
         lockout: std::time::Duration,
+        capacity: usize,
     ) -> Self {
         FailureLimiter {
             max_failures,
             window,
             lockout,
             seen: HashMap::new(),
-            capacity: 100_000,
+            order: VecDeque::new(),
+            next_tag: 0,
+            capacity: capacity.max(1),
         }
     }
 
-    /// Whether `ip` is locked out at `now`.
-    pub fn locked(&self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
-        matches!(self.seen.get(&ip), Some((_, _, Some(until))) if now < *until)
+    /// Whether `key` is locked out at `now`.
+    pub fn locked(&self, key: &K, now: tokio::time::Instant) -> bool {
+        self.seen
+            .get(key)
+            .is_some_and(|f| f.until.is_some_and(|u| now < u))
+    }
+
+    /// Keys in the table.
+    pub fn len(&self) -> usize {
+        self.seen.len()
     }
 
     /// Records a failure; true if it starts a lockout.
-    pub fn failed(&mut self, ip: std::net::IpAddr, now: tokio::time::Instant) -> bool {
-        if self.seen.len() >= self.capacity {
-            let window = self.window;
-            self.seen.retain(|_, (_, since, until)| {
-                until.is_some_and(|u| now < u) || now.duration_since(*since) < window
-            });
+    pub fn failed(&mut self, key: &K, now: tokio::time::Instant) -> bool {
+        if !self.seen.contains_key(key) {
+            while self.seen.len() >= self.capacity {
+                let Some((old, tag)) = self.order.pop_front() else {
+                    break;
+                };
+                if self.seen.get(&old).is_some_and(|f| f.tag == tag) {
+                    self.seen.remove(&old);
+                }
+            }
+            let tag = self.next_tag;
+            self.next_tag += 1;
+            self.order.push_back((key.clone(), tag));
+            self.seen.insert(
+                key.clone(),
+                Failures {
+                    count: 0,
+                    since: now,
+                    until: None,
+                    tag,
+                },
+            );
         }
-        let entry = self.seen.entry(ip).or_insert((0, now, None));
-        if now.duration_since(entry.1) >= self.window || entry.2.is_some_and(|u| now >= u) {
-            *entry = (0, now, None);
+        let f = self.seen.get_mut(key).expect("inserted above");
+        if now.duration_since(f.since) >= self.window || f.until.is_some_and(|u| now >= u) {
+            (f.count, f.since, f.until) = (0, now, None);
         }
-        entry.0 += 1;
-        if entry.0 >= self.max_failures && entry.2.is_none() {
-            entry.2 = Some(now + self.lockout);
+        f.count += 1;
+        if f.count >= self.max_failures && f.until.is_none() {
+            f.until = Some(now + self.lockout);
             return true;
         }
         false
@@ -484,23 +531,45 @@ mod tests {
     }
 
     #[test]
-    fn repeated_failures_lock_an_address_out_for_a_while() {
+    fn repeated_failures_lock_a_key_out_for_a_while() {
         use std::time::Duration;
-        let mut l = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        let limiter =
+            || FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300), 10);
+        let mut l = limiter();
         let (ip, other): (std::net::IpAddr, std::net::IpAddr) =
             ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
         let t0 = tokio::time::Instant::now();
-        assert!(!l.failed(ip, t0));
-        assert!(!l.failed(ip, t0 + Duration::from_secs(1)));
-        assert!(!l.locked(ip, t0 + Duration::from_secs(2)));
-        assert!(l.failed(ip, t0 + Duration::from_secs(2)));
-        assert!(l.locked(ip, t0 + Duration::from_secs(100)));
-        assert!(!l.locked(other, t0 + Duration::from_secs(100)));
-        assert!(!l.locked(ip, t0 + Duration::from_secs(303)));
+        assert!(!l.failed(&ip, t0));
+        assert!(!l.failed(&ip, t0 + Duration::from_secs(1)));
+        assert!(!l.locked(&ip, t0 + Duration::from_secs(2)));
+        assert!(l.failed(&ip, t0 + Duration::from_secs(2)));
+        assert!(l.locked(&ip, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(&other, t0 + Duration::from_secs(100)));
+        assert!(!l.locked(&ip, t0 + Duration::from_secs(303)));
         // Failures spread wider than the window never lock.
-        let mut slow = FailureLimiter::new(3, Duration::from_secs(60), Duration::from_secs(300));
+        let mut slow = limiter();
         for i in 0..10 {
-            assert!(!slow.failed(ip, t0 + Duration::from_secs(61 * i)));
+            assert!(!slow.failed(&ip, t0 + Duration::from_secs(61 * i)));
+        }
+    }
+
+    #[test]
+    fn the_failure_table_forgets_the_oldest_key_past_its_capacity() {
+        use std::time::Duration;
+        let mut l = FailureLimiter::new(2, Duration::from_secs(60), Duration::from_secs(300), 3);
+        let t0 = tokio::time::Instant::now();
+        for k in 0..3u32 {
+            l.failed(&k, t0);
+        }
+        // Key 0 is recorded again: its place in the queue is its first one, still.
+        assert!(l.failed(&0, t0));
+        assert!(l.locked(&0, t0));
+        l.failed(&3, t0);
+        assert_eq!(l.len(), 3);
+        assert!(!l.locked(&0, t0), "the oldest key went, locked or not");
+        for k in 4..1000u32 {
+            l.failed(&k, t0);
+            assert!(l.len() <= 3);
         }
     }
 

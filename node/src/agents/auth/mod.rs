@@ -2,7 +2,8 @@
 //! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
 //! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
 //! nonce key (derived from the master key, so any node verifies any node's nonce), the
-//! bound on nonce-count replays, the lockout of addresses that keep guessing, and the
+//! bound on nonce-count replays, the lockout of accounts (and addresses) that keep
+//! guessing from one address, counting only guesses that prove a round trip, and the
 //! accounts it has opened (their HA1s decrypted), kept until the accounts change.
 
 pub mod accounts;
@@ -26,11 +27,19 @@ use crate::clock::now_ms;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
 
-/// Failed authentications from one address within [`GUESS_WINDOW`] that lock it out for
-/// [`LOCKOUT`]: SIP scanners guess passwords all day.
+/// Failed logins to one account from one address within [`GUESS_WINDOW`] that lock that
+/// account out at that address for [`LOCKOUT`]: SIP scanners guess passwords all day.
+/// Only failures that prove a round trip count (see [`Authenticator::authenticate`]).
 const GUESSES_BEFORE_LOCKOUT: u32 = 20;
 const GUESS_WINDOW: Duration = Duration::from_secs(60);
 const LOCKOUT: Duration = Duration::from_secs(300);
+/// Failed logins from one address, over every account, within [`GUESS_WINDOW`] that lock
+/// the whole address out for [`ADDRESS_LOCKOUT`]: a scanner trying many accounts. Higher
+/// and shorter than the per-account lock, since an office's phones share one address.
+const ADDRESS_GUESSES_BEFORE_LOCKOUT: u32 = 60;
+const ADDRESS_LOCKOUT: Duration = Duration::from_secs(60);
+/// Keys each failure table holds at most.
+const FAILURE_TABLE_MAX: usize = 100_000;
 
 /// Most opened accounts an [`Authenticator`] keeps; past this it starts afresh, so memory
 /// stays bounded however many accounts log in.
@@ -122,7 +131,9 @@ pub struct Authenticator {
     algorithms: Vec<Algorithm>,
     nonces: NonceKey,
     replays: Mutex<ReplayGuard>,
-    failures: Mutex<FailureLimiter>,
+    /// Verified failures per (address, `user@domain`), and per address.
+    failures: Mutex<FailureLimiter<(IpAddr, String)>>,
+    address_failures: Mutex<FailureLimiter<IpAddr>>,
     opened: Mutex<Opened>,
     stats: Arc<Stats>,
 }
@@ -144,6 +155,13 @@ impl Authenticator {
                 GUESSES_BEFORE_LOCKOUT,
                 GUESS_WINDOW,
                 LOCKOUT,
+                FAILURE_TABLE_MAX,
+            )),
+            address_failures: Mutex::new(FailureLimiter::new(
+                ADDRESS_GUESSES_BEFORE_LOCKOUT,
+                GUESS_WINDOW,
+                ADDRESS_LOCKOUT,
+                FAILURE_TABLE_MAX,
             )),
             opened: Mutex::default(),
             stats,
@@ -197,7 +215,14 @@ impl Authenticator {
 
     /// Digest authentication of `request` as the account `user@domain`: a challenge while
     /// credentials are missing, stale, replayed or wrong; 403 when they are right but may
-    /// not act as that account, or it is disabled.
+    /// not act as that account, or it is disabled, or when that account (or the whole
+    /// address) is locked out at this address.
+    ///
+    /// Only a failure that proves a round trip counts toward a lockout: credentials
+    /// answering a nonce this cluster issued to this very address, still fresh, that name
+    /// no account or do not check out. Anything else (a forged or foreign nonce, one
+    /// without qop, an old one) needs no answer from the node to be sent, so from a
+    /// spoofed source it would let anyone lock out any office; it only gets a challenge.
     pub fn authenticate(
         &self,
         request: &Message,
@@ -207,29 +232,47 @@ impl Authenticator {
         kind: Challenge,
     ) -> Authenticated {
         let now = tokio::time::Instant::now();
-        if self
-            .failures
+        let login = (ip, [user, "@", domain].concat());
+        let locked = self
+            .address_failures
             .lock()
             .expect("failure limiter")
-            .locked(ip, now)
-        {
+            .locked(&ip, now)
+            || self
+                .failures
+                .lock()
+                .expect("failure limiter")
+                .locked(&login, now);
+        if locked {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             return Authenticated::Refused(Refusal::new(
                 403,
                 "Forbidden (too many failed attempts; try again later)",
             ));
         }
-        let fail = |a: Refusal| {
+        // A refusal that proves nothing about the sender: counted in the metrics only.
+        let refuse = |a: Refusal| {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            if self
-                .failures
-                .lock()
-                .expect("failure limiter")
-                .failed(ip, now)
-            {
-                tracing::warn!(%ip, "too many failed authentications: locked out for {LOCKOUT:?}");
-            }
             Authenticated::Refused(a)
+        };
+        // Wrong credentials on a fresh nonce issued to this address: a real guess.
+        let guessed = |a: Refusal| {
+            {
+                let mut failures = self.failures.lock().expect("failure limiter");
+                if failures.failed(&login, now) {
+                    tracing::warn!(%ip, account = %login.1, "too many failed logins: the account is locked out at this address for {LOCKOUT:?}");
+                }
+                let keys = failures.len() as u64;
+                self.stats.auth_lockout_keys.store(keys, Ordering::Relaxed);
+            }
+            let mut failures = self.address_failures.lock().expect("failure limiter");
+            if failures.failed(&ip, now) {
+                tracing::warn!(%ip, "too many failed logins: the address is locked out for {ADDRESS_LOCKOUT:?}");
+            }
+            let keys = failures.len() as u64;
+            self.stats.auth_address_keys.store(keys, Ordering::Relaxed);
+            drop(failures);
+            refuse(a)
         };
         let scope = nonce_scope(domain, ip);
         let headers = request
@@ -244,10 +287,14 @@ impl Authenticator {
         };
         let nonce = self.nonces.check(&creds.nonce, &scope, now_ms() / 1000);
         if nonce == NonceCheck::Invalid {
-            return fail(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(kind, domain, &scope, false));
         }
         let Some((_, nc, _)) = &creds.qop else {
-            return fail(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(kind, domain, &scope, false));
+        };
+        let wrong = |a: Refusal| match nonce {
+            NonceCheck::Fresh => guessed(a),
+            NonceCheck::Stale | NonceCheck::Invalid => refuse(a),
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
@@ -257,42 +304,46 @@ impl Authenticator {
                 // it was sealed with. Every login of this account fails until that is fixed.
                 tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
                     "cannot open the account's HA1: is every key in this node's key file?");
-                return fail(self.challenge(kind, domain, &scope, false));
+                return refuse(self.challenge(kind, domain, &scope, false));
             }
             Lookup::Missing => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-                return fail(self.challenge(kind, domain, &scope, false));
+                return wrong(self.challenge(kind, domain, &scope, false));
             }
         };
         if !creds.verify(&ha1, method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return fail(self.challenge(kind, domain, &scope, false));
+            return wrong(self.challenge(kind, domain, &scope, false));
         }
         // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
         if nonce == NonceCheck::Stale {
             return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
         }
-        if !self
-            .replays
-            .lock()
-            .expect("replay guard lock")
-            .accept(&creds.nonce, *nc)
-        {
+        let fresh_count = {
+            let mut replays = self.replays.lock().expect("replay guard lock");
+            let accepted = replays.accept(&creds.nonce, *nc);
+            let nonces = replays.len() as u64;
+            self.stats
+                .auth_replay_nonces
+                .store(nonces, Ordering::Relaxed);
+            accepted
+        };
+        if !fresh_count {
             tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-            return fail(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(kind, domain, &scope, false));
         }
         if creds.username != user {
             let verb = match kind {
                 Challenge::Registrar => "register",
                 Challenge::Proxy => "send as",
             };
-            return fail(Refusal::new(
+            return refuse(Refusal::new(
                 403,
                 format!("Forbidden ({} may not {verb} {user})", creds.username),
             ));
         }
         if !account.enabled {
-            return fail(Refusal::new(403, "Forbidden (account disabled)"));
+            return refuse(Refusal::new(403, "Forbidden (account disabled)"));
         }
         Authenticated::Account(account)
     }
