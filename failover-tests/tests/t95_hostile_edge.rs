@@ -268,3 +268,215 @@ fn refusals_of_unauthenticated_invites_are_sent_once_and_keep_no_state() {
         });
     }
 }
+
+/// An INVITE from alice (from `socket`) to `to` through `node`, with `auth` if given.
+fn raw_invite(socket: &UdpSocket, to: &str, call_id: &str, branch: &str, auth: &str) -> String {
+    let local = socket.local_addr().unwrap();
+    format!(
+        "INVITE {to} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch={branch};rport\r\n\
+         From: <sip:alice@example.com>;tag=a-{call_id}\r\n\
+         To: <{to}>\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Max-Forwards: 70\r\n\
+         Contact: <sip:alice@{local}>\r\n\
+         {auth}Content-Length: 0\r\n\r\n"
+    )
+}
+
+/// The first final response on `socket` within WAIT, as text.
+fn final_response(socket: &UdpSocket) -> Option<String> {
+    let deadline = Deadline::after(WAIT);
+    while let Some(d) = recv_udp(socket, deadline.remaining()) {
+        if status_code(&d).is_some_and(|s| s >= 200) {
+            return Some(String::from_utf8_lossy(&d).into_owned());
+        }
+    }
+    None
+}
+
+/// The `Proxy-Authenticate` challenge (MD5) of a 407's text.
+fn proxy_challenge(text: &str) -> String {
+    text.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.trim().eq_ignore_ascii_case("Proxy-Authenticate"))
+        .map(|(_, v)| v.trim().to_owned())
+        .find(|c| c.contains("algorithm=MD5"))
+        .unwrap_or_else(|| panic!("no MD5 challenge in:\n{text}"))
+}
+
+#[test]
+fn a_captured_invite_cannot_be_replayed_through_any_node_or_to_another_number() {
+    // Mallory captured alice's authenticated INVITE to Bob (on her network, say). He sends
+    // it again from her address, as UDP lets him: to the node that challenged her, to
+    // another node of the cluster, and with the Request-URI changed to the number he
+    // wants to call. None of it may reach anyone.
+    use tandem_failover_tests::cluster::{Cluster, MemberRole};
+    use tandem_failover_tests::ua::digest_authorization;
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    for (user, pw) in [
+        ("alice", "pw-alice-1"),
+        ("bob", "pw-bob-1"),
+        ("carol", "pw-carol-1"),
+    ] {
+        add_account(one.admin_addr, &token, user, "example.com", pw);
+    }
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let mut carol = Ua::new("127.0.0.1", "carol", "example.com", "pw-carol-1");
+    for ua in [&mut bob, &mut carol] {
+        let contact = format!("<{}>", ua.contact());
+        let r = ua.register(one.sip_addr(), "MD5", Some(&contact), Some(600));
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    Wait::new("node 2 to hold both bindings", WAIT)
+        .showing(&cluster)
+        .until(|| {
+            ["bob", "carol"].iter().all(|u| {
+                tandem_failover_tests::cluster::http(
+                    two.admin_addr,
+                    Some(&token),
+                    "GET",
+                    &format!("/v1/accounts/example.com/{u}/bindings"),
+                    None,
+                )
+                .is_some_and(|r| r.json().as_array().is_some_and(|a| !a.is_empty()))
+            })
+        });
+
+    // Alice's call, as she made it: 407, then the INVITE with her credentials.
+    let alice = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let bob_uri = "sip:bob@example.com";
+    alice
+        .send_to(
+            raw_invite(&alice, bob_uri, "c1", "z9hG4bK-c1-a", "").as_bytes(),
+            one.sip_addr(),
+        )
+        .unwrap();
+    let challenge = final_response(&alice).expect("a 407");
+    assert!(challenge.starts_with("SIP/2.0 407"), "{challenge}");
+    let auth = digest_authorization(
+        "alice",
+        "pw-alice-1",
+        &proxy_challenge(&challenge),
+        "INVITE",
+        bob_uri,
+        1,
+        "c1",
+    );
+    let auth = format!("Proxy-Authorization: {auth}\r\n");
+    let (answer, reached) = while_bob_is_busy(&bob, || {
+        alice
+            .send_to(
+                raw_invite(&alice, bob_uri, "c1", "z9hG4bK-c1-b", &auth).as_bytes(),
+                one.sip_addr(),
+            )
+            .unwrap();
+        final_response(&alice)
+    });
+    assert!(
+        answer
+            .as_deref()
+            .is_some_and(|a| a.starts_with("SIP/2.0 486"))
+            && reached.len() == 1,
+        "alice's own call did not reach Bob: {answer:?}"
+    );
+
+    // The replays, each a new transaction and a new call from alice's address.
+    let mallory = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let replays = [
+        (
+            "to the node that challenged her",
+            one.sip_addr(),
+            bob_uri,
+            "r1",
+        ),
+        ("to another node", two.sip_addr(), bob_uri, "r2"),
+        (
+            "to another number",
+            one.sip_addr(),
+            "sip:carol@example.com",
+            "r3",
+        ),
+        (
+            "to another number, through another node",
+            two.sip_addr(),
+            "sip:carol@example.com",
+            "r4",
+        ),
+    ];
+    for (what, node, to, call) in replays {
+        let stop = AtomicBool::new(false);
+        let (answer, reached) = std::thread::scope(|s| {
+            let carol_heard = s.spawn(|| {
+                let mut heard = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(m) = carol.recv(Duration::from_millis(50)) {
+                        if m.method() == Some("INVITE") {
+                            carol.respond(&m, 486, "Busy Here", "");
+                            heard.push(m);
+                        }
+                    }
+                }
+                heard
+            });
+            let (answer, mut reached) = while_bob_is_busy(&bob, || {
+                let replay = raw_invite(&mallory, to, call, &format!("z9hG4bK-{call}"), &auth);
+                mallory.send_to(replay.as_bytes(), node).unwrap();
+                final_response(&mallory)
+            });
+            stop.store(true, Ordering::Relaxed);
+            reached.extend(carol_heard.join().unwrap());
+            (answer, reached)
+        });
+        let status = answer.as_deref().and_then(|a| status_code(a.as_bytes()));
+        if status != Some(407) || !reached.is_empty() {
+            cluster.panic_with_logs(&format!(
+                "the replayed INVITE {what} got {status:?} and reached {} phones:\n{}",
+                reached.len(),
+                answer.unwrap_or_default()
+            ));
+        }
+    }
+}
+
+#[test]
+fn credentials_computed_for_another_request_uri_are_refused() {
+    // RFC 3261 §22.4: the digest `uri` is the Request-URI. Credentials computed for one
+    // are not good for another.
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let contact = format!("<{}>", alice.contact());
+    let asked = alice.register_once(node.udp_addr(), Some(&contact), Some(600), "");
+    assert_eq!(asked.status, 401, "{}", asked.text);
+    let challenge = asked
+        .headers("WWW-Authenticate")
+        .into_iter()
+        .find(|c| c.contains("algorithm=MD5"))
+        .expect("an MD5 challenge");
+    let auth = tandem_failover_tests::ua::digest_authorization(
+        "alice",
+        "pw-alice-1",
+        &challenge,
+        "REGISTER",
+        "sip:elsewhere.example",
+        1,
+        "x",
+    );
+    let r = alice.register_once(
+        node.udp_addr(),
+        Some(&contact),
+        Some(600),
+        &format!("Authorization: {auth}\r\n"),
+    );
+    node.check(r.status == 401, || {
+        format!(
+            "credentials for sip:elsewhere.example registered at sip:example.com:\n{}",
+            r.text
+        )
+    });
+}

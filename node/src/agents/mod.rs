@@ -131,6 +131,7 @@ impl Agents {
             settings.algorithms.clone(),
             settings.nonce_lifetime_secs,
             stats.clone(),
+            own.clone(),
         ));
         let proxy = Arc::new(Proxy::new(
             cluster.clone(),

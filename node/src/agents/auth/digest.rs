@@ -2,13 +2,16 @@
 //!
 //! - Passwords exist only as per-algorithm HA1 values, `H(user:realm:password)`.
 //! - Nonces are stateless (node/DESIGN.md, "Stateless nonces"):
-//!   `<issued-at>.<random>.<HMAC>` under a key every node derives from the cluster's master
-//!   key, so any node verifies a nonce another issued. A nonce older than its lifetime is
-//!   answered with `stale=true`.
+//!   `<issued-at>.<node>.<random>.<HMAC>` under a key every node derives from the cluster's
+//!   master key, so any node can tell a nonce of this cluster from a forgery. Only the node
+//!   that issued a nonce accepts credentials on it; the others, and the issuer once it is
+//!   past its lifetime, answer `stale=true`, and the client simply retries on a new nonce.
 //! - MD5 and SHA-256 are offered in the configured order (clients take the first they
 //!   support; many phones fail on SHA-256 when it comes first), always with `qop="auth"`.
-//! - Replays are bounded per node: a nonce-count must grow for each nonce this node has
-//!   seen, and a nonce is good for its lifetime only.
+//! - Replays are refused: a nonce-count must grow for each nonce, and since a nonce is
+//!   only good on the node that issued it, that node's record of the counts it has seen
+//!   covers every use. Past the record's capacity, a nonce issued before the newest one
+//!   forgotten is answered `stale=true` rather than trusted with any count.
 
 use crate::hex::encode as hex;
 use std::collections::{HashMap, VecDeque};
@@ -81,8 +84,10 @@ pub fn ha1(algorithm: Algorithm, user: &str, realm: &str, password: &str) -> Str
 /// Whether a nonce is ours and how old.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NonceCheck {
-    Fresh,
-    /// Ours, but past its lifetime: the client should retry with a new one (`stale=true`).
+    /// Issued by this node, at this second, within its lifetime.
+    Fresh(u64),
+    /// This cluster's, but past its lifetime or issued by another node: the client should
+    /// retry with a new one (`stale=true`).
     Stale,
     /// Not issued by this cluster for this realm.
     Invalid,
@@ -92,57 +97,65 @@ pub enum NonceCheck {
 pub struct NonceKey {
     key: hmac::Key,
     lifetime_secs: u64,
+    /// This node's id, written into every nonce it issues.
+    node: String,
 }
 
 impl NonceKey {
-    /// `secret` is shared by every node (derived from the master key).
-    pub fn new(secret: &[u8], lifetime_secs: u64) -> NonceKey {
+    /// `secret` is shared by every node (derived from the master key); `node` is this
+    /// node's id.
+    pub fn new(secret: &[u8], lifetime_secs: u64, node: u64) -> NonceKey {
         NonceKey {
             key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             lifetime_secs,
+            node: format!("{node:x}"),
         }
     }
 
-    fn mac(&self, issued: &str, salt: &str, realm: &str) -> String {
+    fn mac(&self, issued: &str, node: &str, salt: &str, realm: &str) -> String {
         let mut mac = hmac::Context::with_key(&self.key);
-        for part in [issued, ".", salt, ".", realm] {
+        for part in [issued, ".", node, ".", salt, ".", realm] {
             mac.update(part.as_bytes());
         }
         hex(&mac.sign().as_ref()[..16])
     }
 
-    /// A new nonce: `<issued-at>.<random>.<MAC>`. The random part makes every challenge's
-    /// nonce unique, so nonce-counts of different clients never collide.
+    /// A new nonce: `<issued-at>.<node>.<random>.<MAC>`. The random part makes every
+    /// challenge's nonce unique, so nonce-counts of different clients never collide.
     pub fn issue(&self, realm: &str, now_secs: u64) -> String {
         use rand::RngCore;
         let mut salt = [0u8; 8];
         // A CSPRNG seeded from the OS, without a system call per challenge.
         rand::thread_rng().fill_bytes(&mut salt);
         let (issued, salt) = (format!("{now_secs:x}"), hex(&salt));
-        let mac = self.mac(&issued, &salt, realm);
-        format!("{issued}.{salt}.{mac}")
+        let mac = self.mac(&issued, &self.node, &salt, realm);
+        format!("{issued}.{}.{salt}.{mac}", self.node)
     }
 
     pub fn check(&self, nonce: &str, realm: &str, now_secs: u64) -> NonceCheck {
-        let mut parts = nonce.splitn(3, '.');
-        let (Some(issued_hex), Some(salt), Some(mac)) = (parts.next(), parts.next(), parts.next())
+        let mut parts = nonce.splitn(4, '.');
+        let (Some(issued_hex), Some(node), Some(salt), Some(mac)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return NonceCheck::Invalid;
         };
         let Ok(issued) = u64::from_str_radix(issued_hex, 16) else {
             return NonceCheck::Invalid;
         };
-        if !same(mac.as_bytes(), self.mac(issued_hex, salt, realm).as_bytes()) {
+        if !same(
+            mac.as_bytes(),
+            self.mac(issued_hex, node, salt, realm).as_bytes(),
+        ) {
             return NonceCheck::Invalid;
         }
         // A nonce from the future (another node's clock ahead) is accepted within a minute.
         if issued > now_secs + 60 {
             return NonceCheck::Invalid;
         }
-        if now_secs.saturating_sub(issued) > self.lifetime_secs {
+        if node != self.node || now_secs.saturating_sub(issued) > self.lifetime_secs {
             NonceCheck::Stale
         } else {
-            NonceCheck::Fresh
+            NonceCheck::Fresh(issued)
         }
     }
 }
@@ -256,16 +269,32 @@ pub fn response(
     }
 }
 
-/// The per-node replay bound: for each nonce seen, the highest nonce-count used with it.
-/// A nonce-count that does not grow is a replay. The oldest entries are forgotten beyond
-/// `capacity`, and nonces expire anyway, so memory stays bounded.
+/// What the replay guard says about a nonce-count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Replay {
+    /// Never used with this count or a higher one: accepted, and recorded.
+    Fresh,
+    /// Used before with this count or a higher one.
+    Replayed,
+    /// Not on record, but issued no later than a nonce the guard has had to forget, so
+    /// it may have been used: the client must take a new nonce (`stale=true`).
+    Forgotten,
+}
+
+/// The replay bound of the node that issued the nonces: for each nonce seen, the highest
+/// nonce-count used with it. A nonce-count that does not grow is a replay. Past `capacity`
+/// nonces, the one first seen longest ago is forgotten, and the guard remembers the
+/// newest issue time it has forgotten: a nonce issued no later than that and not on
+/// record is `Forgotten`, never trusted afresh. So the record covers every nonce for its
+/// whole lifetime, whatever the rate of logins.
 pub struct ReplayGuard {
     /// Keyed by a 64-bit hash of the nonce (keyed per process, so nobody can aim for a
     /// collision), which keeps 100,000 entries in a few MiB; a collision would only cost a
     /// client one more challenge.
     seen: HashMap<u64, u32>,
-    order: VecDeque<u64>,
+    order: VecDeque<(u64, u64)>,
     capacity: usize,
+    forgotten_upto: Option<u64>,
     hasher: std::collections::hash_map::RandomState,
 }
 
@@ -274,7 +303,8 @@ impl ReplayGuard {
         ReplayGuard {
             seen: HashMap::new(),
             order: VecDeque::new(),
-            capacity,
+            capacity: capacity.max(1),
+            forgotten_upto: None,
             hasher: std::collections::hash_map::RandomState::new(),
         }
     }
@@ -284,26 +314,28 @@ impl ReplayGuard {
         self.seen.len()
     }
 
-    /// Records `(nonce, nc)`; false if that nonce was already used with this count or a
-    /// higher one.
-    pub fn accept(&mut self, nonce: &str, nc: u32) -> bool {
+    /// Checks and records `(nonce, nc)` for a nonce issued at `issued` (seconds).
+    pub fn accept(&mut self, nonce: &str, issued: u64, nc: u32) -> Replay {
         use std::hash::BuildHasher;
         let key = self.hasher.hash_one(nonce);
         match self.seen.get_mut(&key) {
-            Some(last) if nc <= *last => false,
+            Some(last) if nc <= *last => Replay::Replayed,
             Some(last) => {
                 *last = nc;
-                true
+                Replay::Fresh
             }
+            None if self.forgotten_upto.is_some_and(|f| issued <= f) => Replay::Forgotten,
             None => {
-                if self.order.len() >= self.capacity {
-                    if let Some(old) = self.order.pop_front() {
-                        self.seen.remove(&old);
-                    }
+                while self.seen.len() >= self.capacity {
+                    let Some((old, old_issued)) = self.order.pop_front() else {
+                        break;
+                    };
+                    self.seen.remove(&old);
+                    self.forgotten_upto = self.forgotten_upto.max(Some(old_issued));
                 }
                 self.seen.insert(key, nc);
-                self.order.push_back(key);
-                true
+                self.order.push_back((key, issued));
+                Replay::Fresh
             }
         }
     }
@@ -468,28 +500,40 @@ mod tests {
 
     #[test]
     fn nonces_verify_on_any_node_with_the_secret_and_go_stale() {
-        let a = NonceKey::new(b"cluster secret", 300);
-        let b = NonceKey::new(b"cluster secret", 300);
-        let other = NonceKey::new(b"another cluster", 300);
+        let a = NonceKey::new(b"cluster secret", 300, 1);
+        let b = NonceKey::new(b"cluster secret", 300, 2);
+        let other = NonceKey::new(b"another cluster", 300, 1);
         let n = a.issue("example.com", 1_000);
         assert_ne!(
             n,
             a.issue("example.com", 1_000),
             "every challenge gets its own nonce"
         );
-        assert_eq!(b.check(&n, "example.com", 1_100), NonceCheck::Fresh);
-        assert_eq!(b.check(&n, "example.com", 1_301), NonceCheck::Stale);
-        assert_eq!(b.check(&n, "example.org", 1_100), NonceCheck::Invalid);
+        assert_eq!(a.check(&n, "example.com", 1_100), NonceCheck::Fresh(1_000));
+        assert_eq!(a.check(&n, "example.com", 1_301), NonceCheck::Stale);
+        // Another node of the cluster knows it for one of ours, issued elsewhere.
+        assert_eq!(b.check(&n, "example.com", 1_100), NonceCheck::Stale);
+        assert_eq!(a.check(&n, "example.org", 1_100), NonceCheck::Invalid);
         assert_eq!(other.check(&n, "example.com", 1_100), NonceCheck::Invalid);
         assert_eq!(
-            b.check("garbage", "example.com", 1_100),
+            a.check("garbage", "example.com", 1_100),
             NonceCheck::Invalid
         );
-        // Another node's clock may run a little behind, not minutes.
-        assert_eq!(b.check(&n, "example.com", 950), NonceCheck::Fresh);
-        assert_eq!(b.check(&n, "example.com", 900), NonceCheck::Invalid);
+        // A clock may run a little behind the one that issued, not minutes.
+        assert_eq!(a.check(&n, "example.com", 950), NonceCheck::Fresh(1_000));
+        assert_eq!(a.check(&n, "example.com", 900), NonceCheck::Invalid);
         let tampered = n.replacen(char::is_alphanumeric, "f", 1);
-        assert_ne!(b.check(&tampered, "example.com", 1_100), NonceCheck::Fresh);
+        assert!(!matches!(
+            a.check(&tampered, "example.com", 1_100),
+            NonceCheck::Fresh(_)
+        ));
+        // The node part is under the MAC: claiming another node breaks it.
+        let mut parts: Vec<&str> = n.split('.').collect();
+        parts[1] = "2";
+        assert_eq!(
+            b.check(&parts.join("."), "example.com", 1_100),
+            NonceCheck::Invalid
+        );
     }
 
     #[test]
@@ -574,13 +618,19 @@ mod tests {
     }
 
     #[test]
-    fn a_nonce_count_must_grow() {
+    fn a_nonce_count_must_grow_and_a_forgotten_nonce_is_never_trusted() {
         let mut g = ReplayGuard::new(2);
-        assert!(g.accept("n1", 1));
-        assert!(!g.accept("n1", 1));
-        assert!(g.accept("n1", 2));
-        assert!(g.accept("n2", 1));
-        assert!(g.accept("n3", 1)); // forgets n1
-        assert!(g.accept("n1", 1));
+        assert_eq!(g.accept("n1", 10, 1), Replay::Fresh);
+        assert_eq!(g.accept("n1", 10, 1), Replay::Replayed);
+        assert_eq!(g.accept("n1", 10, 2), Replay::Fresh);
+        assert_eq!(g.accept("n2", 11, 1), Replay::Fresh);
+        assert_eq!(g.accept("n3", 12, 1), Replay::Fresh); // forgets n1, issued at 10
+        assert_eq!(g.len(), 2);
+        // n1 again, at a count it already used: not on record, but issued no later than
+        // a forgotten nonce, so not trusted.
+        assert_eq!(g.accept("n1", 10, 1), Replay::Forgotten);
+        assert_eq!(g.accept("n0", 9, 1), Replay::Forgotten);
+        // A nonce issued after everything forgotten is new.
+        assert_eq!(g.accept("n4", 13, 1), Replay::Fresh);
     }
 }

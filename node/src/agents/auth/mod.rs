@@ -1,7 +1,8 @@
 //! Digest authentication of requests against the local replica (RFC 3261 §22, RFC 8760),
 //! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
 //! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
-//! nonce key (derived from the master key, so any node verifies any node's nonce), the
+//! nonce key (derived from the master key, so any node knows the cluster's nonces, though
+//! only the issuing node accepts credentials on one), the
 //! bound on nonce-count replays, the lockout of accounts (and addresses) that keep
 //! guessing from one address, counting only guesses that prove a round trip, and the
 //! accounts it has opened (their HA1s decrypted), kept until the accounts change.
@@ -16,16 +17,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_raft_store::command::Account;
-use tandem_sip::{HeaderName, Message, Method};
+use tandem_sip::{HeaderName, Message, Method, Uri};
 
 use crate::agents::auth::accounts::open_ha1;
 use crate::agents::auth::digest::{
-    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, ReplayGuard,
+    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, Replay, ReplayGuard,
 };
 use crate::agents::Refusal;
 use crate::clock::now_ms;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
+use crate::stack::transport::OwnAddrs;
 
 /// Failed logins to one account from one address within [`GUESS_WINDOW`] that lock that
 /// account out at that address for [`LOCKOUT`]: SIP scanners guess passwords all day.
@@ -92,6 +94,38 @@ fn nonce_scope(realm: &str, client: IpAddr) -> String {
     [realm, "|", &tandem_sip::addr::ip_string(client)].concat()
 }
 
+/// Whether the digest `uri` names the request's Request-URI: the same text, or the same
+/// user, host (compared canonically) and port, since some phones rewrite parameters. Also
+/// accepted: a URI naming this node itself, which sipp (the load tool of the benchmarks)
+/// sends by default. Such credentials are not bound to the call's target, but a captured
+/// copy is still refused everywhere as a replay (nonce-counts), so only a man in the
+/// middle who also blocks the original could redirect it.
+fn digest_uri_matches(digest_uri: &str, request_uri: Option<&Uri>, own: &OwnAddrs) -> bool {
+    let Some(request_uri) = request_uri else {
+        return false;
+    };
+    if request_uri.to_string() == digest_uri {
+        return true;
+    }
+    let parsed = Uri::parse(digest_uri);
+    if let Ok(Uri::Sip(u)) = &parsed {
+        if u.user.is_none() && own.is_own(u) {
+            return true;
+        }
+    }
+    match (parsed, request_uri) {
+        (Ok(Uri::Sip(a)), Uri::Sip(b)) => {
+            let port =
+                |u: &tandem_sip::SipUri| u.port.unwrap_or(if u.secure { 5061 } else { 5060 });
+            a.secure == b.secure
+                && a.user == b.user
+                && a.host.canonical() == b.host.canonical()
+                && port(&a) == port(b)
+        }
+        _ => false,
+    }
+}
+
 /// Domain, user and algorithm of a login.
 type LoginKey = (String, String, Algorithm);
 
@@ -136,6 +170,8 @@ pub struct Authenticator {
     address_failures: Mutex<FailureLimiter<IpAddr>>,
     opened: Mutex<Opened>,
     stats: Arc<Stats>,
+    /// This node's addresses, which a digest `uri` may name instead of the Request-URI.
+    own: OwnAddrs,
 }
 
 impl Authenticator {
@@ -144,12 +180,14 @@ impl Authenticator {
         algorithms: Vec<Algorithm>,
         nonce_lifetime_secs: u64,
         stats: Arc<Stats>,
+        own: OwnAddrs,
     ) -> Authenticator {
         let secret = cluster.keys().derive("tandem digest nonces");
+        let node = cluster.identity.node_id;
         Authenticator {
             cluster,
             algorithms,
-            nonces: NonceKey::new(&secret, nonce_lifetime_secs),
+            nonces: NonceKey::new(&secret, nonce_lifetime_secs, node),
             replays: Mutex::new(ReplayGuard::new(100_000)),
             failures: Mutex::new(FailureLimiter::new(
                 GUESSES_BEFORE_LOCKOUT,
@@ -165,6 +203,7 @@ impl Authenticator {
             )),
             opened: Mutex::default(),
             stats,
+            own,
         }
     }
 
@@ -292,8 +331,15 @@ impl Authenticator {
         let Some((_, nc, _)) = &creds.qop else {
             return refuse(self.challenge(kind, domain, &scope, false));
         };
+        // The credentials are for this request, not another one they were captured from
+        // (RFC 3261 §22.4: `uri` is the Request-URI): else a captured INVITE's answer
+        // would place a call to any number.
+        if !digest_uri_matches(&creds.uri, request.uri(), &self.own) {
+            tracing::info!(user = %creds.username, %domain, uri = %creds.uri, "authentication failed: digest uri is not the Request-URI");
+            return refuse(self.challenge(kind, domain, &scope, false));
+        }
         let wrong = |a: Refusal| match nonce {
-            NonceCheck::Fresh => guessed(a),
+            NonceCheck::Fresh(_) => guessed(a),
             NonceCheck::Stale | NonceCheck::Invalid => refuse(a),
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
@@ -315,22 +361,29 @@ impl Authenticator {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
             return wrong(self.challenge(kind, domain, &scope, false));
         }
-        // stale=true only for right credentials on an old nonce (RFC 7616 §3.3).
-        if nonce == NonceCheck::Stale {
+        // stale=true only for right credentials on a nonce this node will not take (RFC
+        // 7616 §3.3): an old one, another node's, or one it can no longer vouch for.
+        let NonceCheck::Fresh(issued) = nonce else {
             return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
-        }
-        let fresh_count = {
+        };
+        let count = {
             let mut replays = self.replays.lock().expect("replay guard lock");
-            let accepted = replays.accept(&creds.nonce, *nc);
+            let count = replays.accept(&creds.nonce, issued, *nc);
             let nonces = replays.len() as u64;
             self.stats
                 .auth_replay_nonces
                 .store(nonces, Ordering::Relaxed);
-            accepted
+            count
         };
-        if !fresh_count {
-            tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-            return refuse(self.challenge(kind, domain, &scope, false));
+        match count {
+            Replay::Fresh => {}
+            Replay::Forgotten => {
+                return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
+            }
+            Replay::Replayed => {
+                tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
+                return refuse(self.challenge(kind, domain, &scope, false));
+            }
         }
         if creds.username != user {
             let verb = match kind {
@@ -352,6 +405,31 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_digest_uri_must_name_the_request_uri_or_this_node() {
+        let own = OwnAddrs {
+            udp: vec!["192.0.2.10:5060".parse().unwrap()],
+            ..OwnAddrs::default()
+        };
+        let uri = |s: &str| Uri::parse(s).unwrap();
+        let bob = uri("sip:bob@example.com");
+        let matches = |digest: &str, r: &Uri| digest_uri_matches(digest, Some(r), &own);
+        assert!(matches("sip:bob@example.com", &bob));
+        assert!(matches("sip:bob@EXAMPLE.com:5060", &bob));
+        assert!(matches("sip:bob@example.com;transport=udp", &bob));
+        assert!(!matches("sip:carol@example.com", &bob));
+        assert!(!matches("sip:bob@example.org", &bob));
+        assert!(!matches("sip:bob@example.com:5070", &bob));
+        assert!(!matches("sips:bob@example.com", &bob));
+        assert!(!matches("not a uri", &bob));
+        // This node's own address (sipp's default), but no other address.
+        assert!(matches("sip:192.0.2.10:5060", &bob));
+        assert!(matches("sip:192.0.2.10", &bob));
+        assert!(!matches("sip:192.0.2.11:5060", &bob));
+        assert!(!matches("sip:bob@192.0.2.10:5060", &bob));
+        assert!(!digest_uri_matches("sip:bob@example.com", None, &own));
+    }
 
     /// A borrowed login finds the owned key it equals, and only that one: were the two to
     /// hash apart, every login would miss and open its account again.

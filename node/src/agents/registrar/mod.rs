@@ -7,8 +7,9 @@
 //!   without a write while the stored expiry still has one interval of headroom
 //!   (node/DESIGN.md, "Bindings are written when they change"); [`UnwrittenRefreshes`]
 //!   keeps its Call-ID and CSeq for ordering.
-//! - [`Registrar`] authenticates against the local replica (any node verifies any node's
-//!   nonce), proposes the planned writes and answers.
+//! - [`Registrar`] authenticates against the local replica (a nonce is good on the node
+//!   that issued it; the others answer `stale=true`), proposes the planned writes and
+//!   answers.
 //! - The REGISTERs of one AOR are planned in arrival order, one group at a time: those that
 //!   arrive while the AOR's write is committing wait, then are planned together against
 //!   the bindings that write leaves, and their writes are [`coalesce`]d into one. An AOR
