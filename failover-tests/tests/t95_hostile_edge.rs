@@ -480,3 +480,61 @@ fn credentials_computed_for_another_request_uri_are_refused() {
         )
     });
 }
+
+#[test]
+fn a_forged_answer_from_a_dead_nodes_address_does_not_bring_it_back() {
+    // Node 2 dies. Mallory sends node 1 "200 OK" answers to its pings in node 2's name,
+    // from node 2's very address (free now), guessing at what the pings carried: were
+    // node 1 to believe them, it would keep sending calls through a dead node instead of
+    // straight to the phones.
+    use tandem_failover_tests::cluster::{Cluster, MemberRole};
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    let peer_up = || metric(one.admin_addr, "tandem_sip_peer_up{node=\"2\"}");
+    let wait_for = |want: f64| {
+        Wait::new(format!("node 1 to report node 2's peer_up {want}"), WAIT)
+            .showing(&cluster)
+            .until(|| {
+                let seen = peer_up();
+                if seen == Some(want) {
+                    Ok(())
+                } else {
+                    Err(format!("{seen:?}"))
+                }
+            })
+    };
+    wait_for(1.0);
+    let addr = two.sip_addr();
+    two.sigkill();
+    assert!(two.wait_exit(WAIT).is_some(), "node 2 did not die");
+    wait_for(0.0);
+
+    let mallory = UdpSocket::bind(addr).expect("node 2's address is free once it died");
+    let node1 = one.sip_addr();
+    for guess in 0..2_000u64 {
+        let forged = format!(
+            "SIP/2.0 200 OK\r\n\
+             Via: SIP/2.0/UDP {node1};branch=z9hG4bKtdmping.2.{guess};rport\r\n\
+             From: <sip:node1@{node1}>;tag=ping1\r\n\
+             To: <sip:{addr}>;tag=forged\r\n\
+             Call-ID: tandem-ping-1-2-{guess}\r\n\
+             CSeq: {guess} OPTIONS\r\n\
+             Content-Length: 0\r\n\r\n"
+        );
+        mallory.send_to(forged.as_bytes(), node1).unwrap();
+    }
+    // The fence: node 1 handles this socket's datagrams in order, so once it has answered
+    // an OPTIONS sent after the forgeries, it has seen every one of them.
+    let probe = tandem_failover_tests::options_request("UDP", addr, node1, "z9hG4bK-fence-1");
+    mallory.send_to(probe.as_bytes(), node1).unwrap();
+    let (_, fence) = tandem_failover_tests::recv_udp_until(&mallory, WAIT, |d| {
+        String::from_utf8_lossy(d).contains("z9hG4bK-fence-1") && status_code(d).is_some()
+    });
+    assert!(fence.is_some(), "node 1 did not answer the fence OPTIONS");
+    let seen = peer_up();
+    if seen != Some(0.0) {
+        cluster.panic_with_logs(&format!(
+            "forged answers brought node 2 back up in node 1's eyes: peer_up {seen:?}"
+        ));
+    }
+}

@@ -4,6 +4,11 @@
 //! (node/DESIGN.md, "Edge nodes"): if the edge stopped answering, the call goes straight to
 //! the binding's public address instead. Any answer counts, a draining node's 503 included:
 //! the question is whether it can relay, not whether it takes new calls.
+//!
+//! An answer counts only from the address the peer was pinged at and only if its branch
+//! carries one of the last two random tokens sent there: UDP sources are easily forged,
+//! and a forged "200 OK" from a dead node's address would otherwise keep calls flowing
+//! into it instead of straight to the phones.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,8 +35,9 @@ const PING_BRANCH: &str = "z9hG4bKtdmping.";
 #[derive(Debug, Default)]
 pub struct PeerMonitor {
     seen: Mutex<HashMap<NodeId, Instant>>,
-    /// Where each peer was last pinged: only an answer from there counts.
-    pinged: Mutex<HashMap<NodeId, SocketAddr>>,
+    /// Where each peer was last pinged, and the tokens of its last two pings: only an
+    /// answer from there, naming one of them, counts.
+    pinged: Mutex<HashMap<NodeId, (SocketAddr, [u64; 2])>>,
 }
 
 /// A node's SIP address for `kind`, from its registry record (`udp:127.0.0.2:5060`).
@@ -72,15 +78,21 @@ impl PeerMonitor {
         let Ok(via) = response.top_via() else {
             return false;
         };
-        let Some(node) = via
-            .branch()
-            .and_then(|b| b.strip_prefix(PING_BRANCH))
-            .and_then(|rest| rest.split('.').next())
-            .and_then(|id| id.parse::<NodeId>().ok())
-        else {
+        let Some(rest) = via.branch().and_then(|b| b.strip_prefix(PING_BRANCH)) else {
             return false;
         };
-        let genuine = self.pinged.lock().expect("peer table lock").get(&node) == Some(&source);
+        let mut parts = rest.split('.');
+        let node = parts.next().and_then(|id| id.parse::<NodeId>().ok());
+        let token = parts.next().and_then(|t| u64::from_str_radix(t, 16).ok());
+        let (Some(node), Some(token)) = (node, token) else {
+            return true;
+        };
+        let genuine = self
+            .pinged
+            .lock()
+            .expect("peer table lock")
+            .get(&node)
+            .is_some_and(|(addr, tokens)| *addr == source && tokens.contains(&token));
         if !genuine {
             return true;
         }
@@ -109,6 +121,7 @@ impl PeerMonitor {
                 _ = tick.tick() => {}
             }
             round += 1;
+            use rand::Rng;
             let nodes = cluster.replica.reader().nodes().unwrap_or_default();
             for node in nodes.iter().filter(|n| n.id != me) {
                 let Some(addr) = sip_addr(node, TransportKind::Udp) else {
@@ -117,18 +130,30 @@ impl PeerMonitor {
                 let Ok(flow) = transports.flow_to(TransportKind::Udp, addr).await else {
                     continue;
                 };
-                self.pinged
-                    .lock()
-                    .expect("peer table lock")
-                    .insert(node.id, addr);
-                let ping = ping(node.id, round, via_addr, addr, me);
+                let token: u64 = rand::thread_rng().gen();
+                {
+                    let mut pinged = self.pinged.lock().expect("peer table lock");
+                    let entry = pinged.entry(node.id).or_insert((addr, [token; 2]));
+                    // A new address starts afresh; otherwise the previous token stays
+                    // good, for an answer still on its way.
+                    let previous = if entry.0 == addr { entry.1[0] } else { token };
+                    *entry = (addr, [token, previous]);
+                }
+                let ping = ping(node.id, round, token, via_addr, addr, me);
                 let _ = transports.send(&flow, ping.to_bytes());
             }
         }
     }
 }
 
-fn ping(to: NodeId, round: u64, via: SocketAddr, target: SocketAddr, me: NodeId) -> Message {
+fn ping(
+    to: NodeId,
+    round: u64,
+    token: u64,
+    via: SocketAddr,
+    target: SocketAddr,
+    me: NodeId,
+) -> Message {
     let uri = tandem_sip::Uri::Sip(tandem_sip::SipUri::new(
         None,
         tandem_sip::Host::Ip(target.ip()),
@@ -137,7 +162,7 @@ fn ping(to: NodeId, round: u64, via: SocketAddr, target: SocketAddr, me: NodeId)
     let mut m = Message::request(tandem_sip::Method::Options, uri);
     m.push_header(
         HeaderName::Via,
-        format!("SIP/2.0/UDP {via};branch={PING_BRANCH}{to}.{round};rport"),
+        format!("SIP/2.0/UDP {via};branch={PING_BRANCH}{to}.{token:x};rport"),
     );
     m.push_header(HeaderName::MaxForwards, "0");
     m.push_header(
@@ -160,12 +185,26 @@ mod tests {
         let monitor = PeerMonitor::default();
         assert!(!monitor.is_up(2), "never heard from");
         let via: SocketAddr = "127.0.0.1:5060".parse().unwrap();
-        let request = ping(2, 7, via, "127.0.0.2:5060".parse().unwrap(), 1);
+        let request = ping(2, 7, 0xfeed, via, "127.0.0.2:5060".parse().unwrap(), 1);
         let answer = Message::response_to(&request, 200, "OK");
         let peer: SocketAddr = "127.0.0.2:5060".parse().unwrap();
         assert!(monitor.on_response(&answer, peer));
         assert!(!monitor.is_up(2), "never pinged there");
-        monitor.pinged.lock().unwrap().insert(2, peer);
+        monitor
+            .pinged
+            .lock()
+            .unwrap()
+            .insert(2, (peer, [0xbeef, 0xcafe]));
+        assert!(monitor.on_response(&answer, peer));
+        assert!(
+            !monitor.is_up(2),
+            "an answer to a ping never sent does not count"
+        );
+        monitor
+            .pinged
+            .lock()
+            .unwrap()
+            .insert(2, (peer, [0xbeef, 0xfeed]));
         assert!(monitor.on_response(&answer, "127.0.0.9:5060".parse().unwrap()));
         assert!(!monitor.is_up(2), "an answer from elsewhere does not count");
         assert!(monitor.on_response(&answer, peer));
