@@ -821,6 +821,31 @@ impl SipTcp {
         }
     }
 
+    /// A connection to `addr` from `ip` (any address in 127.0.0.0/8), as from another
+    /// host.
+    pub fn connect_from(ip: &str, addr: SocketAddr) -> SipTcp {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime to connect with");
+        let stream = runtime
+            .block_on(async {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(format!("{ip}:0").parse().expect("an IPv4 address"))?;
+                tokio::time::timeout(Duration::from_secs(5), socket.connect(addr))
+                    .await
+                    .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??
+                    .into_std()
+            })
+            .unwrap_or_else(|e| panic!("TCP connect from {ip} to {addr}: {e}"));
+        stream.set_nonblocking(false).expect("blocking mode");
+        stream.set_nodelay(true).expect("TCP_NODELAY");
+        SipTcp {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.stream.local_addr().expect("local address")
     }

@@ -538,3 +538,77 @@ fn a_forged_answer_from_a_dead_nodes_address_does_not_bring_it_back() {
         ));
     }
 }
+
+#[test]
+fn one_address_cannot_take_every_connection_and_a_peer_that_never_reads_is_dropped() {
+    // Slot exhaustion over TCP: one address opening connection after connection, and a
+    // peer that sends requests but never reads the answers (its window full, the node's
+    // write would wait for ever and hold the slot and its task).
+    use tandem_failover_tests::SipTcp;
+    let node = Node::start_ready(
+        "max_connections = 16\nmax_connections_per_address = 4\nconnection_write_timeout_secs = 1",
+    );
+    let open = || metric(node.admin_addr(), "tandem_sip_connections_open");
+    let wait_open = |want: f64| {
+        Wait::new(format!("tandem_sip_connections_open to be {want}"), WAIT)
+            .showing(&node)
+            .until(|| {
+                let seen = open();
+                if seen == Some(want) {
+                    Ok(())
+                } else {
+                    Err(format!("{seen:?}"))
+                }
+            })
+    };
+    let tcp = node.tcp_addr();
+    let mut held: Vec<SipTcp> = (0..4)
+        .map(|_| SipTcp::connect_from("127.0.0.60", tcp))
+        .collect();
+    for c in &mut held {
+        assert_eq!(c.options(WAIT), Some(200));
+    }
+    // The fifth from the same address is closed at once, unanswered.
+    let mut fifth = SipTcp::connect_from("127.0.0.60", tcp);
+    let (before, answer) = fifth.fence(WAIT);
+    node.check(answer.is_none() && before.is_empty(), || {
+        format!(
+            "a fifth connection from one address was served: {:?}",
+            answer.map(|a| String::from_utf8_lossy(&a).into_owned())
+        )
+    });
+    // Another address is served meanwhile.
+    let mut other = SipTcp::connect_from("127.0.0.61", tcp);
+    node.check(other.options(WAIT) == Some(200), || {
+        "another address was refused while one held its share".into()
+    });
+    drop((held, fifth, other));
+    wait_open(0.0);
+
+    // A peer that sends and never reads.
+    let mut slow = SipTcp::connect_from("127.0.0.62", tcp);
+    slow.stream()
+        .set_write_timeout(Some(Duration::from_secs(1)))
+        .unwrap();
+    let local = slow.local_addr();
+    let mut sent = 0;
+    for i in 0..400_000 {
+        let request =
+            tandem_failover_tests::options_request("TCP", local, tcp, &format!("z9hG4bK-slow-{i}"));
+        if slow.send(request.as_bytes()).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(
+        sent < 400_000,
+        "the node kept reading {sent} requests although nothing read its answers"
+    );
+    // The node's write to it is stuck: within its write timeout the connection goes.
+    wait_open(0.0);
+    // And a new connection is served.
+    let mut after = SipTcp::connect_from("127.0.0.62", tcp);
+    node.check(after.options(WAIT) == Some(200), || {
+        "no answer after the slow peer was dropped".into()
+    });
+}

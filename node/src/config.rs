@@ -214,10 +214,16 @@ pub struct SipConfig {
     pub tls_private_key: Option<PathBuf>,
     /// Largest message accepted on any transport, in bytes.
     pub max_message_size: usize,
-    /// Open TCP plus TLS connections beyond which new ones are refused.
+    /// Open TCP plus TLS connections beyond which new ones are refused, TLS handshakes in
+    /// progress included.
     pub max_connections: usize,
+    /// Connections from one IP address beyond which new ones from it are refused.
+    pub max_connections_per_address: usize,
     /// A connection with no traffic for this many seconds is closed.
     pub connection_idle_timeout_secs: u64,
+    /// A write to a connection that does not complete in this many seconds (a peer that
+    /// stopped reading) closes the connection.
+    pub connection_write_timeout_secs: u64,
     /// RFC 3261 timer T1 (round-trip estimate), in milliseconds.
     pub t1_ms: u64,
     /// RFC 3261 timer T2 (maximum retransmit interval), in milliseconds.
@@ -247,7 +253,9 @@ impl Default for SipConfig {
             tls_private_key: None,
             max_message_size: tandem_sip::DEFAULT_MAX_MESSAGE_SIZE,
             max_connections: 4096,
+            max_connections_per_address: 256,
             connection_idle_timeout_secs: 600,
+            connection_write_timeout_secs: 10,
             t1_ms: 500,
             t2_ms: 4000,
             t4_ms: 5000,
@@ -450,6 +458,18 @@ impl Config {
         }
         if sip.max_connections == 0 {
             bad("sip.max_connections", "must be at least 1".into());
+        }
+        if sip.max_connections_per_address == 0 {
+            bad(
+                "sip.max_connections_per_address",
+                "must be at least 1".into(),
+            );
+        }
+        if sip.connection_write_timeout_secs == 0 {
+            bad(
+                "sip.connection_write_timeout_secs",
+                "must be at least 1".into(),
+            );
         }
         if sip.connection_idle_timeout_secs == 0 {
             bad(

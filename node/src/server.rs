@@ -245,7 +245,9 @@ impl Node {
         let limits = Limits {
             max_message_size: config.sip.max_message_size,
             max_connections: config.sip.max_connections,
+            max_connections_per_address: config.sip.max_connections_per_address,
             idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
+            write_timeout: Duration::from_secs(config.sip.connection_write_timeout_secs),
         };
         let stack = crate::stack::start(
             listeners,

@@ -51,7 +51,10 @@ pub struct Stats {
     pub keepalives: AtomicU64,
     /// CRLFCRLF keepalives sent to UDP bindings this node is the edge of.
     pub keepalives_sent: AtomicU64,
+    /// Connections refused by the node-wide or the per-address limit.
     pub connections_refused: AtomicU64,
+    /// TCP and TLS connections open now (the connection table's size).
+    pub connections_open: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed

@@ -1012,7 +1012,9 @@ mod tests {
         Limits {
             max_message_size: 65_535,
             max_connections: 16,
+            max_connections_per_address: 16,
             idle_timeout: Duration::from_secs(600),
+            write_timeout: Duration::from_secs(10),
         }
     }
 

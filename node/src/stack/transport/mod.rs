@@ -133,7 +133,9 @@ impl Inlet {
 pub struct Limits {
     pub max_message_size: usize,
     pub max_connections: usize,
+    pub max_connections_per_address: usize,
     pub idle_timeout: Duration,
+    pub write_timeout: Duration,
 }
 
 struct Connection {
@@ -160,9 +162,35 @@ struct Shared {
     udp: HashMap<SocketAddr, Arc<std::net::UdpSocket>>,
     outbound: std::sync::OnceLock<Outbound>,
     connections: Mutex<ConnectionTable>,
+    /// Accepted connections, handshaking or open, by the peer's IP address.
+    admitted: Mutex<HashMap<IpAddr, usize>>,
     next_connection: AtomicU64,
     limits: Limits,
     stats: Arc<Stats>,
+}
+
+/// An accepted connection's place under the limits, from accept until it closes (a TLS
+/// handshake in progress holds one too); given back on drop.
+pub(crate) struct Admission {
+    transports: Transports,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut admitted = self
+            .transports
+            .shared
+            .admitted
+            .lock()
+            .expect("admission table lock");
+        if let Some(n) = admitted.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                admitted.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// A cheap handle for sending; the listeners and connection tasks hold the other end.
@@ -300,6 +328,7 @@ impl Transports {
                 udp,
                 outbound: std::sync::OnceLock::new(),
                 connections: Mutex::new(ConnectionTable::default()),
+                admitted: Mutex::default(),
                 next_connection: AtomicU64::new(1),
                 limits,
                 stats,
@@ -513,6 +542,11 @@ impl Transports {
         };
         table.by_id.insert(id, Connection { flow, tx });
         table.by_remote.insert((transport, remote), id);
+        let open = table.by_id.len() as u64;
+        self.shared
+            .stats
+            .connections_open
+            .store(open, Ordering::Relaxed);
         Some(flow)
     }
 
@@ -530,6 +564,32 @@ impl Transports {
                 }
             }
         }
+        let open = table.by_id.len() as u64;
+        self.shared
+            .stats
+            .connections_open
+            .store(open, Ordering::Relaxed);
+    }
+
+    /// A place for a connection just accepted from `remote`, or why there is none: the
+    /// node-wide limit (accepted connections, handshakes included, plus those this node
+    /// opened) or the per-address one.
+    pub(crate) fn admit(&self, remote: SocketAddr) -> Result<Admission, &'static str> {
+        let limits = &self.shared.limits;
+        let mut admitted = self.shared.admitted.lock().expect("admission table lock");
+        let accepted: usize = admitted.values().sum();
+        if accepted.max(self.open_connections()) >= limits.max_connections {
+            return Err("connection limit reached");
+        }
+        let from_there = admitted.entry(remote.ip()).or_insert(0);
+        if *from_there >= limits.max_connections_per_address {
+            return Err("per-address connection limit reached");
+        }
+        *from_there += 1;
+        Ok(Admission {
+            transports: self.clone(),
+            ip: remote.ip(),
+        })
     }
 
     pub fn open_connections(&self) -> usize {

@@ -1,7 +1,13 @@
 //! TCP and TLS: accept loops, and one task per connection that frames messages by
 //! Content-Length, answers RFC 5626 CRLFCRLF pings with CRLF, writes whatever is queued for
-//! the connection, and closes it when idle, when the peer closes, or when framing fails
-//! (after a stream error there is no way to find the next message boundary).
+//! the connection, and closes it when idle, when the peer closes, when framing fails
+//! (after a stream error there is no way to find the next message boundary), or when a
+//! write does not complete within the write timeout.
+//!
+//! Every packet is hostile here too: a connection is admitted only under the node-wide
+//! and the per-address limits, counted from accept (so TLS handshakes in progress count),
+//! and no write may wait for ever, or a peer that never reads would hold its slot, and
+//! its task, until the node restarts.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -57,18 +63,22 @@ pub(super) async fn accept_loop(
                 continue;
             }
         };
-        if ctx.transports.open_connections() >= ctx.transports.limits().max_connections {
-            ctx.transports
-                .stats()
-                .connections_refused
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%remote, transport = %kind, "connection limit reached; refusing connection");
-            continue;
-        }
+        let admission = match ctx.transports.admit(remote) {
+            Ok(a) => a,
+            Err(why) => {
+                ctx.transports
+                    .stats()
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%remote, transport = %kind, "{why}; refusing connection");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let ctx2 = ctx.clone();
         let tls = tls.clone();
         ctx.tracker.spawn(async move {
+            let _admission = admission;
             match tls {
                 None => serve(stream, kind, local, remote, ctx2).await,
                 Some(acceptor) => {
@@ -126,7 +136,7 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
             out = rx.recv() => {
                 let Some(bytes) = out else { break };
-                if writer.write_all(&bytes).await.is_err() {
+                if !write_within(&mut writer, &bytes, limits.write_timeout, remote).await {
                     break;
                 }
                 if reading {
@@ -145,7 +155,7 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                         Ok(Frame::Ping(n)) => {
                             buf.advance(n);
                             ctx.transports.stats().keepalives.fetch_add(1, Ordering::Relaxed);
-                            if writer.write_all(b"\r\n").await.is_err() {
+                            if !write_within(&mut writer, b"\r\n", limits.write_timeout, remote).await {
                                 reading = false;
                                 deadline = Instant::now();
                                 break;
@@ -178,8 +188,26 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     ctx.transports.unregister(&flow);
-    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(limits.write_timeout, writer.shutdown()).await;
     tracing::debug!(%remote, transport = %kind, "connection closed");
+}
+
+/// Writes all of `bytes` unless the peer takes longer than `limit` to accept them; false
+/// when the write failed or timed out, and the connection must close.
+async fn write_within<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+    limit: Duration,
+    remote: SocketAddr,
+) -> bool {
+    match tokio::time::timeout(limit, writer.write_all(bytes)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(_)) => false,
+        Err(_) => {
+            tracing::info!(%remote, "a write did not complete in {limit:?} (the peer stopped reading); closing the connection");
+            false
+        }
+    }
 }
 
 /// Builds the TLS acceptor for the SIP listeners from PEM files.
