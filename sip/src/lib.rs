@@ -4,8 +4,9 @@
 //! A message keeps the bytes it was parsed from plus an index of where each header sits,
 //! so a proxy forwards headers it does not interpret byte for byte. Typed views (Via,
 //! From/To, Contact, CSeq, auth headers, ...) are parsed on demand from that index.
-//! Stream transports frame messages with [`frame_stream`], which reports an incomplete
-//! message as [`Frame::Incomplete`] rather than as an error.
+//! Stream transports frame messages with a [`StreamFramer`] per connection, which reports
+//! an incomplete message as [`Frame::Incomplete`] rather than as an error and scans each
+//! byte once however slowly it arrives.
 #![forbid(unsafe_code)]
 
 pub mod addr;
@@ -19,7 +20,7 @@ mod validate;
 
 pub use error::Error;
 pub use headers::{AuthHeader, CSeq, Contacts, NameAddr, Via, BRANCH_COOKIE};
-pub use message::{frame_stream, Frame, Message, DEFAULT_MAX_MESSAGE_SIZE};
+pub use message::{frame_stream, Frame, Message, StreamFramer, DEFAULT_MAX_MESSAGE_SIZE};
 pub use name::{HeaderName, Method};
 pub use text::Params;
 pub use uri::{canonical_domain, Host, SipUri, TelUri, Uri};

@@ -33,30 +33,92 @@ pub enum Frame {
 }
 
 /// Finds the next message boundary in a stream buffer (TCP, TLS). Content-Length decides
-/// where the body ends; a message without one has an empty body.
+/// where the body ends; a message without one has an empty body. One look at a buffer; a
+/// connection uses a [`StreamFramer`], which remembers how far it has looked.
 pub fn frame_stream(buf: &[u8], max_size: usize) -> Result<Frame, Error> {
-    if buf.starts_with(b"\r\n\r\n") {
-        return Ok(Frame::Ping(4));
+    StreamFramer::new(max_size).next(buf)
+}
+
+/// Frames one stream's messages in turn, remembering between reads how far it has
+/// scanned for the end of the headers and, once it has them, the message's length. A
+/// message that arrives a few bytes at a time is then scanned once in all, not once per
+/// read: a peer dripping a 64 KiB message byte by byte would otherwise cost the node
+/// time quadratic in its size.
+#[derive(Debug, Clone)]
+pub struct StreamFramer {
+    max_size: usize,
+    /// Bytes of the current message already searched for the end of its headers.
+    scanned: usize,
+    /// The current message's length, once its headers are complete.
+    total: Option<usize>,
+}
+
+impl StreamFramer {
+    pub fn new(max_size: usize) -> StreamFramer {
+        StreamFramer {
+            max_size,
+            scanned: 0,
+            total: None,
+        }
     }
-    if buf.first().is_some_and(|&b| b == b'\r' || b == b'\n') {
-        let n = buf
-            .iter()
-            .take_while(|&&b| b == b'\r' || b == b'\n')
-            .count();
-        if n == buf.len() && n < 4 {
+
+    /// The next boundary in `buf`. `buf` starts where the previous frame ended: the
+    /// caller drops each Message, Ping or Skip from its front and calls again with what is
+    /// left, more bytes appended as they arrive.
+    pub fn next(&mut self, buf: &[u8]) -> Result<Frame, Error> {
+        if let Some(total) = self.total {
+            if buf.len() < total {
+                return Ok(Frame::Incomplete);
+            }
+            *self = StreamFramer::new(self.max_size);
+            return Ok(Frame::Message(total));
+        }
+        if self.scanned == 0 {
+            if buf.starts_with(b"\r\n\r\n") {
+                return Ok(Frame::Ping(4));
+            }
+            if buf.first().is_some_and(|&b| b == b'\r' || b == b'\n') {
+                let n = buf
+                    .iter()
+                    .take_while(|&&b| b == b'\r' || b == b'\n')
+                    .count();
+                if n == buf.len() && n < 4 {
+                    return Ok(Frame::Incomplete);
+                }
+                return Ok(Frame::Skip(n));
+            }
+        }
+        // The blank line may have begun in the last two bytes already scanned.
+        let from = self.scanned.saturating_sub(2).min(buf.len());
+        let Some(body_start) = find_header_end(&buf[from..]).map(|end| from + end) else {
+            self.scanned = buf.len();
+            return if buf.len() > self.max_size {
+                Err(Error::TooLarge {
+                    limit: self.max_size,
+                })
+            } else {
+                Ok(Frame::Incomplete)
+            };
+        };
+        let total = body_start + content_length(&buf[..body_start])?.unwrap_or(0);
+        if total > self.max_size {
+            return Err(Error::TooLarge {
+                limit: self.max_size,
+            });
+        }
+        if buf.len() < total {
+            self.total = Some(total);
             return Ok(Frame::Incomplete);
         }
-        return Ok(Frame::Skip(n));
+        *self = StreamFramer::new(self.max_size);
+        Ok(Frame::Message(total))
     }
-    let Some(body_start) = find_header_end(buf) else {
-        return if buf.len() > max_size {
-            Err(Error::TooLarge { limit: max_size })
-        } else {
-            Ok(Frame::Incomplete)
-        };
-    };
+}
+
+/// The Content-Length of a message's head (start line and headers), if it has one.
+fn content_length(head: &[u8]) -> Result<Option<usize>, Error> {
     let mut content_length = None;
-    let mut lines = buf[..body_start].split(|&b| b == b'\n');
+    let mut lines = head.split(|&b| b == b'\n');
     lines.next(); // start line
     for line in lines {
         let Some(colon) = line.iter().position(|&b| b == b':') else {
@@ -73,14 +135,7 @@ pub fn frame_stream(buf: &[u8], max_size: usize) -> Result<Frame, Error> {
             content_length = Some(n);
         }
     }
-    let total = body_start + content_length.unwrap_or(0);
-    if total > max_size {
-        return Err(Error::TooLarge { limit: max_size });
-    }
-    if buf.len() < total {
-        return Ok(Frame::Incomplete);
-    }
-    Ok(Frame::Message(total))
+    Ok(content_length)
 }
 
 /// Index just past the blank line ending the headers (CRLFCRLF, or bare LFs).
@@ -1060,6 +1115,53 @@ v=0\n";
 
     fn parse(b: &[u8]) -> Message {
         Message::parse_datagram(Bytes::copy_from_slice(b), DEFAULT_MAX_MESSAGE_SIZE).unwrap()
+    }
+
+    #[test]
+    fn a_framer_fed_a_byte_at_a_time_finds_what_one_look_at_the_whole_finds() {
+        let mut stream = Vec::new();
+        stream.extend_from_slice(b"\r\n\r\n");
+        stream.extend_from_slice(INVITE);
+        stream.extend_from_slice(b"\r\n");
+        stream.extend_from_slice(INVITE);
+        stream
+            .extend_from_slice(b"OPTIONS sip:a@b SIP/2.0\nVia: SIP/2.0/TCP h;branch=z9hG4bKx\n\n");
+        // Framed in one look at each remaining whole.
+        let mut whole = Vec::new();
+        let mut rest = &stream[..];
+        while !rest.is_empty() {
+            let f = frame_stream(rest, 100_000).unwrap();
+            let n = match f {
+                Frame::Message(n) | Frame::Ping(n) | Frame::Skip(n) => n,
+                Frame::Incomplete => break,
+            };
+            whole.push(f);
+            rest = &rest[n..];
+        }
+        // And fed one byte at a time, as a slow peer sends.
+        let mut framer = StreamFramer::new(100_000);
+        let (mut buf, mut dripped) = (Vec::new(), Vec::new());
+        for &b in &stream {
+            buf.push(b);
+            loop {
+                let f = framer.next(&buf).unwrap();
+                let n = match f {
+                    Frame::Message(n) | Frame::Ping(n) | Frame::Skip(n) => n,
+                    Frame::Incomplete => break,
+                };
+                dripped.push(f);
+                buf.drain(..n);
+            }
+        }
+        assert!(buf.is_empty(), "{buf:?}");
+        assert_eq!(dripped, whole);
+        assert_eq!(
+            whole
+                .iter()
+                .filter(|f| matches!(f, Frame::Message(_)))
+                .count(),
+            3
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tandem_sip::{frame_stream, Frame, Message};
+use tandem_sip::{Frame, Message, StreamFramer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -123,6 +123,7 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let limits = ctx.transports.limits().clone();
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut buf = BytesMut::with_capacity(8192);
+    let mut framer = StreamFramer::new(limits.max_message_size);
     let mut deadline = Instant::now() + limits.idle_timeout;
     let mut reading = true;
     loop {
@@ -149,7 +150,7 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     Ok(_) => deadline = Instant::now() + limits.idle_timeout,
                 }
                 loop {
-                    match frame_stream(&buf, limits.max_message_size) {
+                    match framer.next(&buf) {
                         Ok(Frame::Incomplete) => break,
                         Ok(Frame::Skip(n)) => buf.advance(n),
                         Ok(Frame::Ping(n)) => {
