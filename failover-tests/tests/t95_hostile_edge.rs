@@ -612,3 +612,65 @@ fn one_address_cannot_take_every_connection_and_a_peer_that_never_reads_is_dropp
         "no answer after the slow peer was dropped".into()
     });
 }
+
+#[test]
+fn known_scanners_get_no_answer_at_all() {
+    // SIPVicious and its kind announce themselves in User-Agent. They get nothing back,
+    // not even a 403 that would tell them a SIP server listens here, over UDP or TCP.
+    let node = Node::start_ready("");
+    let scanner = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = scanner.local_addr().unwrap();
+    for (i, agent) in ["friendly-scanner", "SIPVicious 0.3.4", "sipcli/v1.8"]
+        .into_iter()
+        .enumerate()
+    {
+        let probe = tandem_failover_tests::options_request(
+            "UDP",
+            local,
+            node.udp_addr(),
+            &format!("z9hG4bK-scan-{i}"),
+        )
+        .replace(
+            "Content-Length: 0\r\n",
+            &format!("User-Agent: {agent}\r\nContent-Length: 0\r\n"),
+        );
+        scanner.send_to(probe.as_bytes(), node.udp_addr()).unwrap();
+    }
+    // The fence: an ordinary OPTIONS from the same socket, answered in order after them.
+    let plain =
+        tandem_failover_tests::options_request("UDP", local, node.udp_addr(), "z9hG4bK-plain");
+    scanner.send_to(plain.as_bytes(), node.udp_addr()).unwrap();
+    let (before, answer) = tandem_failover_tests::recv_udp_until(&scanner, WAIT, |d| {
+        String::from_utf8_lossy(d).contains("z9hG4bK-plain")
+    });
+    node.check(answer.is_some() && before.is_empty(), || {
+        format!(
+            "scanners were answered: {:?}",
+            before
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+                .collect::<Vec<_>>()
+        )
+    });
+    // Over TCP too: the scanner's request gets nothing, the next one its 200.
+    let mut conn = tandem_failover_tests::SipTcp::connect(node.tcp_addr());
+    let local = conn.local_addr();
+    let probe =
+        tandem_failover_tests::options_request("TCP", local, node.tcp_addr(), "z9hG4bK-scan-tcp")
+            .replace(
+                "Content-Length: 0\r\n",
+                "User-Agent: friendly-scanner\r\nContent-Length: 0\r\n",
+            );
+    conn.send(probe.as_bytes()).unwrap();
+    let (before, answer) = conn.fence(WAIT);
+    node.check(answer.is_some() && before.is_empty(), || {
+        format!(
+            "a scanner was answered over TCP: {:?}",
+            String::from_utf8_lossy(&before)
+        )
+    });
+    let dropped = metric(node.admin_addr(), "tandem_sip_scanners_dropped_total");
+    node.check(dropped == Some(4.0), || {
+        format!("tandem_sip_scanners_dropped_total {dropped:?}")
+    });
+}

@@ -224,6 +224,9 @@ pub struct SipConfig {
     /// A write to a connection that does not complete in this many seconds (a peer that
     /// stopped reading) closes the connection.
     pub connection_write_timeout_secs: u64,
+    /// Requests whose User-Agent contains one of these (case-insensitive) are dropped
+    /// unanswered: the tools that scan SIP ports for open relays and weak passwords.
+    pub refused_user_agents: Vec<String>,
     /// RFC 3261 timer T1 (round-trip estimate), in milliseconds.
     pub t1_ms: u64,
     /// RFC 3261 timer T2 (maximum retransmit interval), in milliseconds.
@@ -242,6 +245,17 @@ pub struct SipConfig {
     pub drain_call_wait_secs: u64,
 }
 
+/// The User-Agents of common SIP scanners (SIPVicious and its forks, sipsak-based and
+/// commercial scanning tools), which no phone sends.
+pub const DEFAULT_REFUSED_USER_AGENTS: [&str; 6] = [
+    "friendly-scanner",
+    "sipvicious",
+    "sipcli",
+    "sip-scan",
+    "vaxsipuseragent",
+    "pplsip",
+];
+
 impl Default for SipConfig {
     fn default() -> Self {
         let local: SocketAddr = "127.0.0.1:5060".parse().expect("literal address");
@@ -256,6 +270,10 @@ impl Default for SipConfig {
             max_connections_per_address: 256,
             connection_idle_timeout_secs: 600,
             connection_write_timeout_secs: 10,
+            refused_user_agents: DEFAULT_REFUSED_USER_AGENTS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             t1_ms: 500,
             t2_ms: 4000,
             t4_ms: 5000,
@@ -463,6 +481,12 @@ impl Config {
             bad(
                 "sip.max_connections_per_address",
                 "must be at least 1".into(),
+            );
+        }
+        if let Some(empty) = sip.refused_user_agents.iter().find(|a| a.trim().is_empty()) {
+            bad(
+                "sip.refused_user_agents",
+                format!("{empty:?} would match every User-Agent"),
             );
         }
         if sip.connection_write_timeout_secs == 0 {

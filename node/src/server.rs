@@ -248,6 +248,12 @@ impl Node {
             max_connections_per_address: config.sip.max_connections_per_address,
             idle_timeout: Duration::from_secs(config.sip.connection_idle_timeout_secs),
             write_timeout: Duration::from_secs(config.sip.connection_write_timeout_secs),
+            refused_user_agents: config
+                .sip
+                .refused_user_agents
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
+                .collect(),
         };
         let stack = crate::stack::start(
             listeners,

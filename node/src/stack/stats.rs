@@ -55,6 +55,8 @@ pub struct Stats {
     pub connections_refused: AtomicU64,
     /// TCP and TLS connections open now (the connection table's size).
     pub connections_open: AtomicU64,
+    /// Requests from known scanners (`sip.refused_user_agents`), dropped unanswered.
+    pub scanners_dropped: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed

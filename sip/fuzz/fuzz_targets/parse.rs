@@ -100,7 +100,14 @@ fuzz_target!(|data: &[u8]| {
     // Line breaks between messages may be split differently depending on what has
     // arrived (a run of them is skipped in one piece or two, and four of them may read
     // as a keepalive ping); compare the messages and the bytes between them.
-    let (pieced, whole) = (separated(&pieced), separated(&whole));
+    // Line breaks after the last message may still be arriving, so a trailing span is
+    // not compared.
+    let (mut pieced, mut whole) = (separated(&pieced), separated(&whole));
+    for v in [&mut pieced, &mut whole] {
+        if matches!(v.last(), Some(Framed::Between(_))) {
+            v.pop();
+        }
+    }
     // A framer that errs stops there, as the connection does; the messages before the
     // error are the same either way.
     let common = pieced.len().min(whole.len());

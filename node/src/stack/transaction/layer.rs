@@ -1015,6 +1015,7 @@ mod tests {
             max_connections_per_address: 16,
             idle_timeout: Duration::from_secs(600),
             write_timeout: Duration::from_secs(10),
+            refused_user_agents: Vec::new(),
         }
     }
 

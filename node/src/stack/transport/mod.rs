@@ -136,6 +136,25 @@ pub struct Limits {
     pub max_connections_per_address: usize,
     pub idle_timeout: Duration,
     pub write_timeout: Duration,
+    /// Lowercase User-Agent fragments whose requests are dropped unanswered.
+    pub refused_user_agents: Vec<String>,
+}
+
+impl Limits {
+    /// Whether `message` is a request from a known scanner, to drop before any
+    /// transaction exists: no answer tells it a SIP server is here, and nothing is kept.
+    pub(crate) fn refuses_agent(&self, message: &Message) -> bool {
+        if self.refused_user_agents.is_empty() || !message.is_request() {
+            return false;
+        }
+        let Ok(Some(agent)) = message.header(&tandem_sip::HeaderName::UserAgent) else {
+            return false;
+        };
+        let agent = agent.to_ascii_lowercase();
+        self.refused_user_agents
+            .iter()
+            .any(|refused| agent.contains(refused.as_str()))
+    }
 }
 
 struct Connection {

@@ -165,6 +165,10 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                         Ok(Frame::Message(n)) => {
                             let raw = buf.split_to(n).freeze();
                             let event = match Message::parse_stream(raw.clone()) {
+                                Ok(message) if limits.refuses_agent(&message) => {
+                                    ctx.transports.stats().scanners_dropped.fetch_add(1, Ordering::Relaxed);
+                                    continue;
+                                }
                                 Ok(mut message) => {
                                     stamp_via(&mut message, remote);
                                     InboundEvent::Message(Inbound { message, flow })

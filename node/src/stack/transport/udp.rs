@@ -66,6 +66,13 @@ pub(super) async fn receive_loop(socket: std::net::UdpSocket, shard: usize, ctx:
         };
         let raw = Bytes::copy_from_slice(datagram);
         let event = match Message::parse_datagram(raw.clone(), max) {
+            Ok(message) if ctx.transports.limits().refuses_agent(&message) => {
+                ctx.transports
+                    .stats()
+                    .scanners_dropped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             Ok(mut message) => {
                 stamp_via(&mut message, remote);
                 InboundEvent::Message(Inbound { message, flow })
