@@ -326,6 +326,21 @@ pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     })
 }
 
+/// Waits up to `timeout` until `series` in the `/metrics` of the node at `admin` reads
+/// `want`, showing `logs` if it never does.
+pub fn wait_metric(logs: &dyn Logs, admin: SocketAddr, series: &str, want: f64, timeout: Duration) {
+    Wait::new(format!("{series} to read {want}"), timeout)
+        .showing(logs)
+        .until(|| {
+            let seen = metric(admin, series);
+            if seen == Some(want) {
+                Ok(())
+            } else {
+                Err(format!("{seen:?}"))
+            }
+        })
+}
+
 /// A minimal blocking HTTP/1.1 client: one request per connection, with the bearer
 /// `token` if given. `None` when the server cannot be reached or answers garbage.
 pub fn http(

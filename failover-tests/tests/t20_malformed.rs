@@ -9,10 +9,10 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::metric;
+use tandem_failover_tests::cluster::wait_metric;
 use tandem_failover_tests::{
     header_value, options_request, recv_udp, send_udp_and_recv, status_code, Deadline, Node,
-    SipTcp, StreamRead, Wait,
+    SipTcp, StreamRead,
 };
 
 /// xorshift64*: deterministic bytes without a rand dependency, so a failure reproduces.
@@ -456,19 +456,9 @@ fn rfc4475_torture_messages_get_the_answers_the_rfc_asks_for() {
         if i > 0 {
             // The earlier wave's transactions must have ended, completed ones included,
             // or a message sharing their branch would be taken for a retransmission.
-            Wait::new(
-                "the earlier wave's transactions to end",
-                Duration::from_secs(10),
-            )
-            .showing(&node)
-            .until(|| {
-                let held = metric(node.admin_addr(), "tandem_sip_transactions_held");
-                if held == Some(0.0) {
-                    Ok(())
-                } else {
-                    Err(format!("tandem_sip_transactions_held {held:?}"))
-                }
-            });
+            let admin = node.admin_addr();
+            let held = "tandem_sip_transactions_held";
+            wait_metric(&node, admin, held, 0.0, Duration::from_secs(10));
         }
         answers.extend(run_wave(&node, i, wave));
     }

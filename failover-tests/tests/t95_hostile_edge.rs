@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, metric};
+use tandem_failover_tests::cluster::{add_account, metric, wait_metric};
 use tandem_failover_tests::ua::{Received, Ua};
 use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, Wait};
 
@@ -253,19 +253,8 @@ fn refusals_of_unauthenticated_invites_are_sent_once_and_keep_no_state() {
         });
         // No transaction is left to retransmit it. Kept, it would stay until Timer H
         // (64*T1, 32 s) gave up on the ACK.
-        Wait::new(
-            format!("no transaction left after the {want} to a source that never ACKs"),
-            WAIT,
-        )
-        .showing(&node)
-        .until(|| {
-            let held = metric(node.admin_addr(), "tandem_sip_transactions_held");
-            if held == Some(0.0) {
-                Ok(())
-            } else {
-                Err(format!("tandem_sip_transactions_held {held:?}"))
-            }
-        });
+        let held = "tandem_sip_transactions_held";
+        wait_metric(&node, node.admin_addr(), held, 0.0, WAIT);
     }
 }
 
@@ -490,19 +479,9 @@ fn a_forged_answer_from_a_dead_nodes_address_does_not_bring_it_back() {
     use tandem_failover_tests::cluster::{Cluster, MemberRole};
     let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
     let (one, two) = (cluster.member(1), cluster.member(2));
-    let peer_up = || metric(one.admin_addr, "tandem_sip_peer_up{node=\"2\"}");
-    let wait_for = |want: f64| {
-        Wait::new(format!("node 1 to report node 2's peer_up {want}"), WAIT)
-            .showing(&cluster)
-            .until(|| {
-                let seen = peer_up();
-                if seen == Some(want) {
-                    Ok(())
-                } else {
-                    Err(format!("{seen:?}"))
-                }
-            })
-    };
+    let series = "tandem_sip_peer_up{node=\"2\"}";
+    let peer_up = || metric(one.admin_addr, series);
+    let wait_for = |want: f64| wait_metric(&cluster, one.admin_addr, series, want, WAIT);
     wait_for(1.0);
     let addr = two.sip_addr();
     two.sigkill();
@@ -548,19 +527,8 @@ fn one_address_cannot_take_every_connection_and_a_peer_that_never_reads_is_dropp
     let node = Node::start_ready(
         "max_connections = 16\nmax_connections_per_address = 4\nconnection_write_timeout_secs = 1",
     );
-    let open = || metric(node.admin_addr(), "tandem_sip_connections_open");
-    let wait_open = |want: f64| {
-        Wait::new(format!("tandem_sip_connections_open to be {want}"), WAIT)
-            .showing(&node)
-            .until(|| {
-                let seen = open();
-                if seen == Some(want) {
-                    Ok(())
-                } else {
-                    Err(format!("{seen:?}"))
-                }
-            })
-    };
+    let series = "tandem_sip_connections_open";
+    let wait_open = |want: f64| wait_metric(&node, node.admin_addr(), series, want, WAIT);
     let tcp = node.tcp_addr();
     let mut held: Vec<SipTcp> = (0..4)
         .map(|_| SipTcp::connect_from("127.0.0.60", tcp))

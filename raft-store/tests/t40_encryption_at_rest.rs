@@ -67,6 +67,16 @@ fn trunk_password(keys: &KeyRing, p: &Provider) -> Vec<u8> {
     .unwrap()
 }
 
+/// Three replicas in a cluster, each in a temp dir of its own.
+async fn three_replicas(settings: &RaftSettings) -> (Vec<tempfile::TempDir>, LocalCluster) {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
+    let cluster = LocalCluster::start(&paths, settings, Duration::from_secs(10))
+        .await
+        .unwrap();
+    (dirs, cluster)
+}
+
 fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut hits = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -95,11 +105,7 @@ async fn no_plaintext_secret_reaches_any_file() {
         keep_after_snapshot: 2,
         ..RaftSettings::default()
     };
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
-    let cluster = LocalCluster::start(&paths, &settings, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (dirs, cluster) = three_replicas(&settings).await;
     let replicas = &cluster.replicas;
     let leader = cluster.leader().unwrap().clone();
 
@@ -196,11 +202,7 @@ async fn no_plaintext_secret_reaches_any_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn key_rotation_reseals_every_field_through_raft() {
     let mut keys = KeyRing::generate();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
-    let cluster = LocalCluster::start(&paths, &RaftSettings::default(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (_dirs, cluster) = three_replicas(&RaftSettings::default()).await;
     let leader = cluster.leader().unwrap().clone();
     let record = account_record("alice", "example.com");
     let account = alice(&keys, &[("MD5", b"md5-ha1"), ("SHA-256", b"sha256-ha1")]);
@@ -263,11 +265,7 @@ fn dirs_holding(dirs: &[tempfile::TempDir], needle: &[u8]) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_rotation_no_file_holds_a_value_sealed_under_the_old_key() {
     let mut keys = KeyRing::generate();
-    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let paths: Vec<&Path> = dirs.iter().map(|d| d.path()).collect();
-    let cluster = LocalCluster::start(&paths, &RaftSettings::default(), Duration::from_secs(10))
-        .await
-        .unwrap();
+    let (dirs, cluster) = three_replicas(&RaftSettings::default()).await;
     let replicas = &cluster.replicas;
     let leader = cluster.leader().unwrap().clone();
     let account = alice(&keys, &[("MD5", HA1), ("SHA-256", b"sha256-ha1")]);

@@ -82,6 +82,17 @@ struct Target {
     hop: Hop,
 }
 
+impl Target {
+    /// The one branch of a request forwarded as it is, to `hop`.
+    fn only(hop: Hop) -> Vec<Vec<Target>> {
+        vec![vec![Target {
+            uri: None,
+            routes: Vec::new(),
+            hop,
+        }]]
+    }
+}
+
 #[derive(Clone, Debug)]
 enum Hop {
     /// A known flow (a binding's, or a token's).
@@ -332,18 +343,10 @@ impl Proxy {
                             "Loop Detected (the route set comes back to this node)",
                         ))
                     } else {
-                        Ok(vec![vec![Target {
-                            uri: None,
-                            routes: Vec::new(),
-                            hop: Hop::Uri(next),
-                        }]])
+                        Ok(Target::only(Hop::Uri(next)))
                     }
                 } else if let Some(token) = own.token {
-                    Ok(vec![vec![Target {
-                        uri: None,
-                        routes: Vec::new(),
-                        hop: Hop::Flow(token),
-                    }]])
+                    Ok(Target::only(Hop::Flow(token)))
                 } else {
                     Err(Refusal::new(
                         403,
@@ -356,20 +359,11 @@ impl Proxy {
                     "Forbidden (no route set through this node)",
                 ))
             } else {
-                self.authorize_outbound(&request, &flow).map(|()| {
-                    vec![vec![Target {
-                        uri: None,
-                        routes: Vec::new(),
-                        hop: Hop::Uri(next),
-                    }]]
-                })
+                self.authorize_outbound(&request, &flow)
+                    .map(|()| Target::only(Hop::Uri(next)))
             }
         } else if let Some(token) = own.token {
-            Ok(vec![vec![Target {
-                uri: None,
-                routes: Vec::new(),
-                hop: Hop::Flow(token),
-            }]])
+            Ok(Target::only(Hop::Flow(token)))
         } else if in_dialog {
             Err(Refusal::new(
                 404,
