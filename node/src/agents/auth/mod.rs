@@ -2,10 +2,10 @@
 //! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
 //! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
 //! nonce key (derived from the master key, so any node knows the cluster's nonces, though
-//! only the issuing node accepts credentials on one), the
-//! bound on nonce-count replays, the lockout of accounts (and addresses) that keep
-//! guessing from one address, counting only guesses that prove a round trip, and the
-//! accounts it has opened (their HA1s decrypted), kept until the accounts change.
+//! only the issuing node accepts credentials on one), the bound on nonce-count replays,
+//! the lockout of accounts (and addresses) that keep guessing from one address, counting
+//! only guesses that prove a round trip, and the accounts it has opened (their HA1s
+//! decrypted), kept until the accounts change.
 
 pub mod accounts;
 pub mod digest;
