@@ -316,7 +316,9 @@ impl AuthHeader {
 }
 
 impl fmt::Display for AuthHeader {
-    /// Writes every parameter quoted except the ones RFC 7616 says are tokens.
+    /// Writes every parameter quoted except the ones RFC 7616 says are tokens, and those
+    /// only while their value is a token: anything else is quoted, so what a proxy passes
+    /// on parses to what it received.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.scheme)?;
         for (i, (n, v)) in self.params.iter().enumerate() {
@@ -324,7 +326,8 @@ impl fmt::Display for AuthHeader {
             let token = ["algorithm", "nc", "stale", "qop"]
                 .iter()
                 .any(|t| t.eq_ignore_ascii_case(n))
-                && !v.contains(',');
+                && !v.is_empty()
+                && v.bytes().all(is_token_char);
             if token {
                 write!(f, "{sep}{n}={v}")?;
             } else {
@@ -398,6 +401,20 @@ mod tests {
         assert!(CSeq::parse("2147483648 INVITE").is_err());
         assert!(CSeq::parse("-1 INVITE").is_err());
         assert!(CSeq::parse("1").is_err());
+    }
+
+    #[test]
+    fn a_digest_header_written_back_parses_to_what_was_read() {
+        // Found by the fuzzer: a token-type parameter whose value is not a token (here
+        // qop, quoted, with control characters) was written unquoted and no longer parsed.
+        for text in [
+            "Digest realm=\"example.com\", qop=\"\u{2}\0th\", stale=true",
+            "Digest realm=\"a\\\"b\", algorithm=\"MD5, SHA-256\", nc=\"\"",
+        ] {
+            let h = AuthHeader::parse(text, "Authorization").unwrap();
+            let again = AuthHeader::parse(&h.to_string(), "Authorization").unwrap();
+            assert_eq!(again.params, h.params, "{text:?} -> {h}");
+        }
     }
 
     #[test]
