@@ -313,6 +313,21 @@ impl Drop for Member {
     }
 }
 
+/// The bindings the node at `admin` stores for `user@example.com`, as its admin API lists
+/// them.
+pub fn bindings(admin: SocketAddr, token: &str, user: &str) -> Value {
+    let a = http(
+        admin,
+        Some(token),
+        "GET",
+        &format!("/v1/accounts/example.com/{user}/bindings"),
+        None,
+    )
+    .expect("admin API answers");
+    assert_eq!(a.status, 200, "{}", a.body);
+    a.json()
+}
+
 /// The value of one series in a node's `/metrics` (its name with any labels, e.g.
 /// `tandem_sip_peer_up{node="2"}`), or None if the admin API does not answer or lacks it.
 pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {

@@ -778,7 +778,7 @@ pub fn header_value(message: &[u8], name: &str) -> Option<String> {
 }
 
 /// Where a complete SIP message ends in `buf`, framed by Content-Length (`l` compact).
-fn message_end(buf: &[u8]) -> Option<usize> {
+pub fn message_end(buf: &[u8]) -> Option<usize> {
     let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
     let head = String::from_utf8_lossy(&buf[..head_end]);
     let length = head

@@ -6,26 +6,13 @@
 
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{http, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{bindings, http, Cluster, MemberRole};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{describe, sipp_scenario, Node, Wait};
 
 /// Creates customer `acme` and account `user@example.com` through the admin API.
 fn add_account(admin: std::net::SocketAddr, token: &str, user: &str, password: &str) {
     tandem_failover_tests::cluster::add_account(admin, token, user, "example.com", password);
-}
-
-fn bindings(admin: std::net::SocketAddr, token: &str, user: &str) -> serde_json::Value {
-    let a = http(
-        admin,
-        Some(token),
-        "GET",
-        &format!("/v1/accounts/example.com/{user}/bindings"),
-        None,
-    )
-    .expect("admin API answers");
-    assert_eq!(a.status, 200, "{}", a.body);
-    a.json()
 }
 
 /// The `tandem_bindings_held` line of a node's metrics, for failure messages.

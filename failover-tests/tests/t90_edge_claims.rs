@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, http};
+use tandem_failover_tests::cluster::add_account;
 use tandem_failover_tests::ua::{
     digest_authorization, response_text, uri_addr, Received, Reply, Ua,
 };
@@ -40,16 +40,7 @@ fn node_with_alice_and_bob(make: impl Fn(u16) -> String) -> Node {
 
 /// The bindings the node stores for `user@example.com`.
 fn bindings(node: &Node, user: &str) -> serde_json::Value {
-    let a = http(
-        node.admin_addr(),
-        Some(&node.admin_token()),
-        "GET",
-        &format!("/v1/accounts/example.com/{user}/bindings"),
-        None,
-    )
-    .expect("admin API answers");
-    assert_eq!(a.status, 200, "{}", a.body);
-    a.json()
+    tandem_failover_tests::cluster::bindings(node.admin_addr(), &node.admin_token(), user)
 }
 
 /// An MD5 `Authorization` value for `user` with `password`, answering `challenge`.
@@ -652,21 +643,8 @@ impl<S: Wire> StreamPhone<S> {
         while self.buf.starts_with(b"\r\n") {
             self.buf.drain(..2);
         }
-        let head_end = self.buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
-        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        let length = head
-            .split("\r\n")
-            .filter_map(|l| l.split_once(':'))
-            .find(|(n, _)| {
-                let n = n.trim();
-                n.eq_ignore_ascii_case("content-length") || n.eq_ignore_ascii_case("l")
-            })
-            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
-            .unwrap_or(0);
-        if self.buf.len() < head_end + length {
-            return None;
-        }
-        let message: Vec<u8> = self.buf.drain(..head_end + length).collect();
+        let end = tandem_failover_tests::message_end(&self.buf)?;
+        let message: Vec<u8> = self.buf.drain(..end).collect();
         Some(String::from_utf8_lossy(&message).into_owned())
     }
 

@@ -150,10 +150,14 @@ impl Limits {
         let Ok(Some(agent)) = message.header(&tandem_sip::HeaderName::UserAgent) else {
             return false;
         };
-        let agent = agent.to_ascii_lowercase();
-        self.refused_user_agents
-            .iter()
-            .any(|refused| agent.contains(refused.as_str()))
+        // Compared in place: every phone's requests pass here, and none should pay for a
+        // lowercased copy of its User-Agent.
+        let agent = agent.as_bytes();
+        self.refused_user_agents.iter().any(|refused| {
+            agent
+                .windows(refused.len())
+                .any(|w| w.eq_ignore_ascii_case(refused.as_bytes()))
+        })
     }
 }
 
