@@ -15,6 +15,8 @@ pub struct Ua {
     pub user: String,
     pub domain: String,
     pub password: String,
+    /// The User-Agent its REGISTERs carry, if any.
+    pub agent: Option<String>,
     cseq: u32,
     call_id: String,
 }
@@ -140,6 +142,7 @@ impl Ua {
             user: user.into(),
             domain: domain.into(),
             password: password.into(),
+            agent: None,
             cseq: 0,
             call_id: format!("ua-{user}-{port}"),
         }
@@ -191,6 +194,9 @@ impl Ua {
         }
         if let Some(e) = expires {
             text.push_str(&format!("Expires: {e}\r\n"));
+        }
+        if let Some(a) = &self.agent {
+            text.push_str(&format!("User-Agent: {a}\r\n"));
         }
         text.push_str(extra);
         text.push_str("Content-Length: 0\r\n\r\n");

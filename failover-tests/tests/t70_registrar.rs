@@ -56,7 +56,8 @@ fn sipp_register(node: std::net::SocketAddr, user: &str, password: &str) -> (boo
 
 #[test]
 fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
-    let node = Node::start_ready("");
+    // SHA-256 is offered to the phones listed as answering it; this one is listed.
+    let node = Node::start_ready("[registrar]\nsha256_user_agents = [\"Tandem-Test-Phone\"]");
     let (admin, token) = (node.admin_addr(), node.admin_token());
     add_account(admin, &token, "alice", "s3cret-A");
 
@@ -78,9 +79,18 @@ fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
         "sipp failed for another reason:\n{log}"
     );
 
-    // The test UA, SHA-256, then MD5; each 200 lists the contact with its expiry.
+    // A phone not listed gets one challenge, MD5: many phones give up on a challenge
+    // that offers several, or on SHA-256.
     let mut ua = Ua::new("127.0.0.1", "alice", "example.com", "s3cret-A");
     let contact = format!("<{}>", ua.contact());
+    let first = ua.register_once(node.udp_addr(), Some(&contact), Some(600), "");
+    let offered = first.headers("WWW-Authenticate");
+    assert!(
+        offered.len() == 1 && offered[0].contains("algorithm=MD5"),
+        "{offered:?}"
+    );
+    // The listed test phone, SHA-256; each 200 lists the contact with its expiry.
+    ua.agent = Some("tandem-test-phone/1.0".into());
     let r = ua.register(node.udp_addr(), "SHA-256", Some(&contact), Some(600));
     assert_eq!(r.status, 200, "{}", r.text);
     let listed = r.headers("Contact");
@@ -98,6 +108,7 @@ fn md5_and_sha256_registrations_succeed_and_wrong_passwords_never_do() {
     // Wrong passwords with either algorithm: challenged again, never 200.
     let mut bad = Ua::new("127.0.0.1", "alice", "example.com", "wrong");
     for alg in ["SHA-256", "MD5"] {
+        bad.agent = (alg == "SHA-256").then(|| "Tandem-Test-Phone".into());
         let r = bad.register(
             node.udp_addr(),
             alg,
@@ -300,7 +311,7 @@ fn a_binding_made_through_one_node_is_on_every_node_and_a_nonce_is_good_on_its_n
     let node2: std::net::SocketAddr = format!("{}:{}", two.ip, two.sip_port).parse().unwrap();
     let mut ua = Ua::new("127.0.0.1", "carol", "example.com", "pw-carol-1");
     let contact = format!("<{}>", ua.contact());
-    let r = ua.register(node1, "SHA-256", Some(&contact), Some(300));
+    let r = ua.register(node1, "MD5", Some(&contact), Some(300));
     assert_eq!(r.status, 200, "{}", r.text);
     for m in &cluster.members {
         cluster.wait_caught_up(m.id, Duration::from_secs(10));

@@ -524,8 +524,11 @@ fn one_address_cannot_take_every_connection_and_a_peer_that_never_reads_is_dropp
     // peer that sends requests but never reads the answers (its window full, the node's
     // write would wait for ever and hold the slot and its task).
     use tandem_failover_tests::SipTcp;
+    // The flood limit off: it would ban the slow peer long before its window filled,
+    // and this test is about what the write deadline does on its own.
     let node = Node::start_ready(
-        "max_connections = 16\nmax_connections_per_address = 4\nconnection_write_timeout_secs = 1",
+        "max_connections = 16\nmax_connections_per_address = 4\nconnection_write_timeout_secs = 1\n\
+         flood_requests_per_sec = 0",
     );
     let series = "tandem_sip_connections_open";
     let wait_open = |want: f64| wait_metric(&node, node.admin_addr(), series, want, WAIT);
@@ -640,5 +643,104 @@ fn known_scanners_get_no_answer_at_all() {
     let dropped = metric(node.admin_addr(), "tandem_sip_scanners_dropped_total");
     node.check(dropped == Some(4.0), || {
         format!("tandem_sip_scanners_dropped_total {dropped:?}")
+    });
+}
+
+#[test]
+fn a_flood_bans_its_source_address_but_never_a_phone_that_proved_it_is_there() {
+    // A scanner floods from an office's address (spoofed over UDP, or really sharing its
+    // NAT). The address is banned, and its requests that prove nothing go unanswered; but
+    // alice's phone there, which the node challenged before, still registers with her
+    // nonce, and phones at other addresses never notice.
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let office = "127.0.0.66";
+    let mut alice = Ua::new(office, "alice", "example.com", "pw-alice-1");
+    let contact = format!("<{}>", alice.contact());
+    let first = alice.register_once(node.udp_addr(), Some(&contact), Some(600), "");
+    assert_eq!(first.status, 401, "{}", first.text);
+    let challenge = first.header("WWW-Authenticate").expect("a challenge");
+    let answer = |alice: &Ua, nc| {
+        format!(
+            "Authorization: {}\r\n",
+            alice.authorization(&challenge, "REGISTER", "sip:example.com", nc)
+        )
+    };
+    let registered = alice.register_once(
+        node.udp_addr(),
+        Some(&contact),
+        Some(600),
+        &answer(&alice, 1),
+    );
+    assert_eq!(registered.status, 200, "{}", registered.text);
+
+    // The flood: far more OPTIONS than the default burst (400) and rate (100/s) allow.
+    let flooder = UdpSocket::bind((office, 0)).unwrap();
+    let local = flooder.local_addr().unwrap();
+    for i in 0..2000 {
+        let probe = tandem_failover_tests::options_request(
+            "UDP",
+            local,
+            node.udp_addr(),
+            &format!("z9hG4bK-flood-{i}"),
+        );
+        let _ = flooder.send_to(probe.as_bytes(), node.udp_addr());
+    }
+    wait_metric(&node, admin, "tandem_sip_flood_bans_total", 1.0, WAIT);
+
+    // An unproven request from the banned address gets nothing. The fence: a CANCEL of
+    // the same call (CANCEL passes a ban so that a caller there can still stop a ringing
+    // call), answered 481 after whatever the OPTIONS would have got.
+    let probe_socket = UdpSocket::bind((office, 0)).unwrap();
+    let local = probe_socket.local_addr().unwrap();
+    let probe =
+        tandem_failover_tests::options_request("UDP", local, node.udp_addr(), "z9hG4bK-banned");
+    probe_socket
+        .send_to(probe.as_bytes(), node.udp_addr())
+        .unwrap();
+    let cancel = probe
+        .replace("OPTIONS sip:", "CANCEL sip:")
+        .replace("z9hG4bK-banned", "z9hG4bK-fence")
+        .replace(" OPTIONS\r\n", " CANCEL\r\n");
+    probe_socket
+        .send_to(cancel.as_bytes(), node.udp_addr())
+        .unwrap();
+    let (before, fence) = tandem_failover_tests::recv_udp_until(&probe_socket, WAIT, |d| {
+        String::from_utf8_lossy(d).contains("z9hG4bK-fence")
+    });
+    node.check(fence.is_some() && before.is_empty(), || {
+        format!(
+            "the banned address was answered {:?} (fence: {:?})",
+            before
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+                .collect::<Vec<_>>(),
+            fence.map(|f| String::from_utf8_lossy(&f).into_owned())
+        )
+    });
+
+    // Alice's phone proves it is there: her credentials answer a nonce issued to this
+    // address. A phone elsewhere registers as always.
+    let refreshed = alice.register_once(
+        node.udp_addr(),
+        Some(&contact),
+        Some(600),
+        &answer(&alice, 2),
+    );
+    node.check(refreshed.status == 200, || {
+        format!(
+            "alice at the banned address could not refresh:\n{}",
+            refreshed.text
+        )
+    });
+    let mut bob = Ua::new("127.0.0.67", "bob", "example.com", "pw-bob-1");
+    let bob_contact = format!("<{}>", bob.contact());
+    let r = bob.register(node.udp_addr(), "MD5", Some(&bob_contact), Some(600));
+    node.check(r.status == 200, || format!("bob elsewhere: {}", r.text));
+    let dropped = metric(admin, "tandem_sip_flood_dropped_total").unwrap_or(0.0);
+    node.check(dropped >= 1.0, || {
+        format!("tandem_sip_flood_dropped_total {dropped}")
     });
 }

@@ -89,6 +89,10 @@ pub const MAX_SIP_THREADS: u16 = 64;
 /// case does not matter.
 pub const DIGEST_ALGORITHMS: [&str; 2] = ["MD5", "SHA-256"];
 
+/// The phones offered a SHA-256 challenge by default: those this repository's tests
+/// register with one.
+pub const SHA256_USER_AGENTS: [&str; 0] = [];
+
 /// The internal listener and Raft timing of a clustered node.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -227,6 +231,18 @@ pub struct SipConfig {
     /// Requests whose User-Agent contains one of these (case-insensitive) are dropped
     /// unanswered: the tools that scan SIP ports for open relays and weak passwords.
     pub refused_user_agents: Vec<String>,
+    /// Requests per second one source address may send, sustained; past that (and its
+    /// burst) the address is banned for `flood_ban_secs`. 0 turns the limit off.
+    pub flood_requests_per_sec: u32,
+    /// Requests one address may send at once above the sustained rate.
+    pub flood_burst: u32,
+    /// How long an address that exceeded the limit loses its unproven requests, in
+    /// seconds (requests that show a round trip, such as credentials on a nonce issued
+    /// to that address, still pass).
+    pub flood_ban_secs: u64,
+    /// Addresses or networks (`"192.0.2.10"`, `"10.0.0.0/8"`) never limited: trusted
+    /// trunks and PBXs that send more. Cluster members are always exempt.
+    pub flood_exempt: Vec<String>,
     /// RFC 3261 timer T1 (round-trip estimate), in milliseconds.
     pub t1_ms: u64,
     /// RFC 3261 timer T2 (maximum retransmit interval), in milliseconds.
@@ -274,6 +290,10 @@ impl Default for SipConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            flood_requests_per_sec: 100,
+            flood_burst: 400,
+            flood_ban_secs: 60,
+            flood_exempt: Vec::new(),
             t1_ms: 500,
             t2_ms: 4000,
             t4_ms: 5000,
@@ -297,8 +317,12 @@ pub struct RegistrarConfig {
     pub default_expires: u32,
     /// How long a digest nonce stays fresh, in seconds; then `stale=true`.
     pub nonce_lifetime_secs: u64,
-    /// Digest algorithms offered, in order: clients use the first one they support.
+    /// Digest algorithms accepted, in order of preference. Each challenge offers one:
+    /// the first of these the phone is known to answer (SHA-256 only to
+    /// `sha256_user_agents`, or to everyone when MD5 is not listed).
     pub digest_algorithms: Vec<String>,
+    /// User-Agent fragments (any case) of phones known to answer a SHA-256 challenge.
+    pub sha256_user_agents: Vec<String>,
     /// Seconds between the CRLFCRLF keepalives a node sends to the UDP bindings that
     /// registered through it, to keep NAT mappings open; 0 turns them off.
     pub nat_keepalive_secs: u64,
@@ -311,7 +335,8 @@ impl Default for RegistrarConfig {
             max_expires: 3600,
             default_expires: 3600,
             nonce_lifetime_secs: 300,
-            digest_algorithms: vec!["MD5".into(), "SHA-256".into()],
+            digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
+            sha256_user_agents: SHA256_USER_AGENTS.iter().map(|a| a.to_string()).collect(),
             nat_keepalive_secs: 20,
         }
     }
@@ -489,6 +514,26 @@ impl Config {
                 format!("{empty:?} would match every User-Agent"),
             );
         }
+        if sip.flood_requests_per_sec > 1_000_000 {
+            bad(
+                "sip.flood_requests_per_sec",
+                "must be at most 1000000 (0 turns the limit off)".into(),
+            );
+        }
+        if sip.flood_requests_per_sec > 0 && sip.flood_burst == 0 {
+            bad(
+                "sip.flood_burst",
+                "must be at least 1 while sip.flood_requests_per_sec is on".into(),
+            );
+        }
+        if !(1..=86_400).contains(&sip.flood_ban_secs) {
+            bad("sip.flood_ban_secs", "must be 1 to 86400".into());
+        }
+        for net in &sip.flood_exempt {
+            if let Err(e) = crate::stack::transport::flood::parse_network(net) {
+                bad("sip.flood_exempt", e);
+            }
+        }
         if sip.connection_write_timeout_secs == 0 {
             bad(
                 "sip.connection_write_timeout_secs",
@@ -622,6 +667,12 @@ impl Config {
             bad(
                 "registrar.digest_algorithms",
                 "must name at least one".into(),
+            );
+        }
+        if r.sha256_user_agents.iter().any(|a| a.trim().is_empty()) {
+            bad(
+                "registrar.sha256_user_agents",
+                "an empty fragment would match every phone".into(),
             );
         }
         for a in &r.digest_algorithms {

@@ -29,7 +29,8 @@ use crate::operator::admin;
 use crate::stack::shard::ShardThreads;
 use crate::stack::stats::Stats;
 use crate::stack::transaction::{ActiveTransactions, TimerSettings};
-use crate::stack::transport::{Limits, Listeners};
+use crate::stack::transport::flood::parse_network;
+use crate::stack::transport::{FloodLimit, Limits, Listeners};
 use crate::Error;
 
 /// How a node is asked to stop.
@@ -254,6 +255,17 @@ impl Node {
                 .iter()
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
+            flood: FloodLimit {
+                rate: f64::from(config.sip.flood_requests_per_sec),
+                burst: f64::from(config.sip.flood_burst),
+                ban: Duration::from_secs(config.sip.flood_ban_secs),
+                exempt: config
+                    .sip
+                    .flood_exempt
+                    .iter()
+                    .filter_map(|n| parse_network(n).ok())
+                    .collect(),
+            },
         };
         let stack = crate::stack::start(
             listeners,

@@ -68,6 +68,11 @@ impl Drain {
         self.calls.get().map_or(0, |(d, _)| d.count())
     }
 
+    /// Entries in the proxy's dialog table (calls and subscriptions, pending or up).
+    pub fn tracked_dialogs(&self) -> usize {
+        self.calls.get().map_or(0, |(d, _)| d.len())
+    }
+
     /// Whether drain stopped waiting for calls: none left, or the wait is over.
     fn calls_done(&self) -> bool {
         let Some((dialogs, wait)) = self.calls.get() else {

@@ -20,6 +20,7 @@ pub mod drain;
 pub mod location;
 pub mod proxy;
 pub mod registrar;
+pub mod vouch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -128,8 +129,7 @@ impl Agents {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
             cluster.clone(),
-            settings.algorithms.clone(),
-            settings.nonce_lifetime_secs,
+            &settings,
             stats.clone(),
             own.clone(),
         ));
@@ -139,13 +139,19 @@ impl Agents {
             auth.clone(),
             layer.clone(),
             transports.clone(),
-            own,
+            own.clone(),
             peers.clone(),
             ProxySettings {
                 timer_c: Duration::from_secs(config.sip.timer_c_secs),
                 cancel_give_up: 64 * TimerSettings::from_config(&config.sip).t1,
             },
         ));
+        transports.set_vouch(Arc::new(vouch::EdgeVouch::new(
+            cluster.clone(),
+            auth.clone(),
+            proxy.clone(),
+            own.clone(),
+        )));
         let registrar = Arc::new(Registrar::new(
             cluster.clone(),
             overlay.clone(),

@@ -565,7 +565,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 27] = [
+        let simple: [(&str, &str, &str, u64); 32] = [
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
             ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
@@ -586,8 +586,13 @@ impl Admin {
             ("tandem_sip_transactions_active", "SIP transactions (server and client) still waiting for a final response.", "gauge", self.drain.active_transactions() as u64),
             ("tandem_sip_transactions_held", "SIP transactions in the transaction tables, completed ones kept to absorb retransmissions included.", "gauge", self.drain.held_transactions() as u64),
             ("tandem_sip_connections_open", "TCP and TLS connections open now.", "gauge", load(&s.connections_open)),
+            ("tandem_proxy_dialogs", "Dialogs in the proxy's table (at most 100000): calls and subscriptions this node record-routed, set up or being set up.", "gauge", self.drain.tracked_dialogs() as u64),
             ("tandem_sip_connections_refused_total", "TCP and TLS connections refused by the node-wide or per-address limit.", "counter", load(&s.connections_refused)),
             ("tandem_sip_scanners_dropped_total", "Requests from known scanner User-Agents, dropped unanswered.", "counter", load(&s.scanners_dropped)),
+            ("tandem_sip_flood_addresses", "Source addresses the flood limit tracks (at most 100000).", "gauge", load(&s.flood_addresses)),
+            ("tandem_sip_flood_bans_total", "Bans the flood limit started: an address sent more than sip.flood_requests_per_sec.", "counter", load(&s.flood_bans)),
+            ("tandem_proxy_call_limit_refusals_total", "New calls refused because the calling account had max_concurrent_calls calls through this node.", "counter", load(&s.call_limit_refusals)),
+            ("tandem_sip_flood_dropped_total", "Requests from banned addresses dropped unanswered for want of proof of a round trip.", "counter", load(&s.flood_dropped)),
             ("tandem_auth_lockout_keys", "(address, account) pairs with failed logins on record (bounded).", "gauge", load(&s.auth_lockout_keys)),
             ("tandem_auth_address_keys", "Addresses with failed logins on record (bounded).", "gauge", load(&s.auth_address_keys)),
             ("tandem_auth_replay_nonces", "Nonces whose nonce-count this node remembers (bounded).", "gauge", load(&s.auth_replay_nonces)),

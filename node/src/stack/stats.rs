@@ -57,6 +57,12 @@ pub struct Stats {
     pub connections_open: AtomicU64,
     /// Requests from known scanners (`sip.refused_user_agents`), dropped unanswered.
     pub scanners_dropped: AtomicU64,
+    /// Source addresses the flood limit tracks, bans it started, and requests it dropped.
+    pub flood_addresses: AtomicU64,
+    pub flood_bans: AtomicU64,
+    pub flood_dropped: AtomicU64,
+    /// New calls refused because the calling account had `max_concurrent_calls` calls.
+    pub call_limit_refusals: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed

@@ -165,19 +165,13 @@ fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The `WWW-Authenticate` (or `Proxy-Authenticate`) values for a challenge: one per
-/// algorithm, in the order given (RFC 8760: clients use the first they support).
-pub fn challenges(algorithms: &[Algorithm], realm: &str, nonce: &str, stale: bool) -> Vec<String> {
-    algorithms
-        .iter()
-        .map(|a| {
-            format!(
-                "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
-                a.name(),
-                if stale { ", stale=true" } else { "" }
-            )
-        })
-        .collect()
+/// The `WWW-Authenticate` (or `Proxy-Authenticate`) value of a challenge for `algorithm`.
+pub fn challenge(algorithm: Algorithm, realm: &str, nonce: &str, stale: bool) -> String {
+    format!(
+        "Digest realm=\"{realm}\", nonce=\"{nonce}\", algorithm={}, qop=\"auth\"{}",
+        algorithm.name(),
+        if stale { ", stale=true" } else { "" }
+    )
 }
 
 /// The parameters of an `Authorization` header that digest needs.
@@ -537,11 +531,12 @@ mod tests {
     }
 
     #[test]
-    fn challenges_follow_the_given_order_with_qop_auth() {
-        let c = challenges(&Algorithm::ALL, "example.com", "n1", true);
-        assert_eq!(c.len(), 2);
-        assert!(c[0].contains("algorithm=SHA-256") && c[0].contains("qop=\"auth\""));
-        assert!(c[1].contains("algorithm=MD5") && c[1].ends_with("stale=true"));
+    fn a_challenge_names_its_algorithm_and_asks_for_qop_auth() {
+        let c = challenge(Algorithm::Sha256, "example.com", "n1", true);
+        assert!(c.contains("algorithm=SHA-256") && c.contains("qop=\"auth\""));
+        assert!(c.ends_with("stale=true"));
+        let c = challenge(Algorithm::Md5, "example.com", "n1", false);
+        assert!(c.contains("algorithm=MD5") && !c.contains("stale"));
     }
 
     #[test]

@@ -21,13 +21,14 @@ use tandem_sip::{HeaderName, Message, Method, Uri};
 
 use crate::agents::auth::accounts::open_ha1;
 use crate::agents::auth::digest::{
-    challenges, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, Replay, ReplayGuard,
+    challenge, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, Replay, ReplayGuard,
 };
+use crate::agents::registrar::RegistrarSettings;
 use crate::agents::Refusal;
 use crate::clock::now_ms;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
-use crate::stack::transport::OwnAddrs;
+use crate::stack::transport::{user_agent_matches, OwnAddrs};
 
 /// Failed logins to one account from one address within [`GUESS_WINDOW`] that lock that
 /// account out at that address for [`LOCKOUT`]: SIP scanners guess passwords all day.
@@ -161,8 +162,10 @@ enum Lookup {
 /// The node's digest authenticator.
 pub struct Authenticator {
     cluster: ClusterNode,
-    /// Offered in this order.
+    /// Accepted, and offered one at a time in this order (see [`Authenticator::offer`]).
     algorithms: Vec<Algorithm>,
+    /// User-Agent fragments (lowercase) of phones known to answer a SHA-256 challenge.
+    sha256_agents: Vec<String>,
     nonces: NonceKey,
     replays: Mutex<ReplayGuard>,
     /// Verified failures per (address, `user@domain`), and per address.
@@ -177,8 +180,7 @@ pub struct Authenticator {
 impl Authenticator {
     pub fn new(
         cluster: ClusterNode,
-        algorithms: Vec<Algorithm>,
-        nonce_lifetime_secs: u64,
+        settings: &RegistrarSettings,
         stats: Arc<Stats>,
         own: OwnAddrs,
     ) -> Authenticator {
@@ -186,8 +188,9 @@ impl Authenticator {
         let node = cluster.identity.node_id;
         Authenticator {
             cluster,
-            algorithms,
-            nonces: NonceKey::new(&secret, nonce_lifetime_secs, node),
+            algorithms: settings.algorithms.clone(),
+            sha256_agents: settings.sha256_user_agents.clone(),
+            nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs, node),
             replays: Mutex::new(ReplayGuard::new(100_000)),
             failures: Mutex::new(FailureLimiter::new(
                 GUESSES_BEFORE_LOCKOUT,
@@ -207,15 +210,54 @@ impl Authenticator {
         }
     }
 
-    /// A 401/407 with a new nonce for `scope` (see [`nonce_scope`]) in each challenge.
-    fn challenge(&self, kind: Challenge, realm: &str, scope: &str, stale: bool) -> Refusal {
+    /// The one algorithm `request` is challenged with: the first of `algorithms` that
+    /// its sender is known to support. Every phone answers MD5; many give up on the whole
+    /// challenge when one of several offered is SHA-256 (baresip does), so SHA-256 goes
+    /// only to the User-Agents listed as answering it, or to everyone when MD5 is not
+    /// offered at all.
+    fn offer(&self, request: &Message) -> Algorithm {
+        let knows_sha256 = user_agent_matches(request, &self.sha256_agents);
+        self.algorithms
+            .iter()
+            .copied()
+            .find(|a| *a != Algorithm::Sha256 || knows_sha256)
+            .or(self.algorithms.first().copied())
+            .unwrap_or(Algorithm::Md5)
+    }
+
+    /// A 401/407 with one challenge carrying a new nonce for `scope` (see
+    /// [`nonce_scope`]).
+    fn challenge(
+        &self,
+        request: &Message,
+        kind: Challenge,
+        realm: &str,
+        scope: &str,
+        stale: bool,
+    ) -> Refusal {
         let nonce = self.nonces.issue(scope, now_ms() / 1000);
         let (status, reason) = kind.status();
         let mut a = Refusal::new(status, reason);
-        for c in challenges(&self.algorithms, realm, &nonce, stale) {
-            a.headers.push((kind.challenge_header(), c));
-        }
+        let value = challenge(self.offer(request), realm, &nonce, stale);
+        a.headers.push((kind.challenge_header(), value));
         a
+    }
+
+    /// Whether `request` carries credentials on a nonce this cluster issued to `ip` (fresh
+    /// or not, by any node): proof that the sender heard from the cluster at that address,
+    /// which the flood limit lets through a ban.
+    pub fn answers_nonce_issued_to(&self, request: &Message, ip: IpAddr) -> bool {
+        let now = now_ms() / 1000;
+        [HeaderName::Authorization, HeaderName::ProxyAuthorization]
+            .iter()
+            .flat_map(|name| request.auth_headers(name).unwrap_or_default())
+            .any(|h| {
+                let (Some(realm), Some(nonce)) = (h.param("realm"), h.param("nonce")) else {
+                    return false;
+                };
+                let scope = nonce_scope(realm, ip);
+                self.nonces.check(nonce, &scope, now) != NonceCheck::Invalid
+            })
     }
 
     /// `user@domain`'s account and its HA1 for `algorithm`: opened before, while the
@@ -322,21 +364,21 @@ impl Authenticator {
             .filter_map(|h| Credentials::from_header(h).ok())
             .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
         else {
-            return Authenticated::Refused(self.challenge(kind, domain, &scope, false));
+            return Authenticated::Refused(self.challenge(request, kind, domain, &scope, false));
         };
         let nonce = self.nonces.check(&creds.nonce, &scope, now_ms() / 1000);
         if nonce == NonceCheck::Invalid {
-            return refuse(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(request, kind, domain, &scope, false));
         }
         let Some((_, nc, _)) = &creds.qop else {
-            return refuse(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(request, kind, domain, &scope, false));
         };
         // The credentials are for this request, not another one they were captured from
         // (RFC 3261 §22.4: `uri` is the Request-URI): else a captured INVITE's answer
         // would place a call to any number.
         if !digest_uri_matches(&creds.uri, request.uri(), &self.own) {
             tracing::info!(user = %creds.username, %domain, uri = %creds.uri, "authentication failed: digest uri is not the Request-URI");
-            return refuse(self.challenge(kind, domain, &scope, false));
+            return refuse(self.challenge(request, kind, domain, &scope, false));
         }
         let wrong = |a: Refusal| match nonce {
             NonceCheck::Fresh(_) => guessed(a),
@@ -350,21 +392,21 @@ impl Authenticator {
                 // it was sealed with. Every login of this account fails until that is fixed.
                 tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
                     "cannot open the account's HA1: is every key in this node's key file?");
-                return refuse(self.challenge(kind, domain, &scope, false));
+                return refuse(self.challenge(request, kind, domain, &scope, false));
             }
             Lookup::Missing => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-                return wrong(self.challenge(kind, domain, &scope, false));
+                return wrong(self.challenge(request, kind, domain, &scope, false));
             }
         };
         if !creds.verify(&ha1, method) {
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return wrong(self.challenge(kind, domain, &scope, false));
+            return wrong(self.challenge(request, kind, domain, &scope, false));
         }
         // stale=true only for right credentials on a nonce this node will not take (RFC
         // 7616 §3.3): an old one, another node's, or one it can no longer vouch for.
         let NonceCheck::Fresh(issued) = nonce else {
-            return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
+            return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
         };
         let count = {
             let mut replays = self.replays.lock().expect("replay guard lock");
@@ -378,11 +420,11 @@ impl Authenticator {
         match count {
             Replay::Fresh => {}
             Replay::Forgotten => {
-                return Authenticated::Refused(self.challenge(kind, domain, &scope, true));
+                return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
             }
             Replay::Replayed => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-                return refuse(self.challenge(kind, domain, &scope, false));
+                return refuse(self.challenge(request, kind, domain, &scope, false));
             }
         }
         if creds.username != user {

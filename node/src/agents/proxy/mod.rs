@@ -28,13 +28,20 @@
 //! - **Record-Route.** Each node adds two entries, one per side, each with a token for
 //!   its side's flow (RFC 5658 double record-routing, RFC 5626 §5.3 flow tokens). Requests
 //!   later in the dialog therefore take the same path and the same flows.
+//! - **Only known dialogs.** A request inside a dialog passes only if the node's
+//!   [`dialogs`] table knows the dialog by Call-ID and both tags (after a restart, also a
+//!   dialog whose tokens were minted before it); otherwise 481. The same table counts each
+//!   local account's calls through this node against its `max_concurrent_calls`.
 //! - **ACK for a 2xx** is forwarded statelessly along its Route set; an ACK for any other
 //!   final response is handled hop by hop by the transaction layer.
 //!
 //! The decisions that need no I/O are in [`route`].
 
+pub mod dialogs;
 pub mod flow_token;
 pub mod route;
+
+pub use dialogs::Dialogs;
 
 pub use route::takes;
 
@@ -53,7 +60,8 @@ use tokio::time::Instant;
 use crate::agents::auth::{Authenticated, Authenticator, Challenge};
 use crate::agents::location::flow_of_stored;
 use crate::agents::location::overlay::BindingOverlay;
-use crate::agents::proxy::flow_token::FlowTokens;
+use crate::agents::proxy::dialogs::{DialogKind, Refused};
+use crate::agents::proxy::flow_token::{FlowTokens, Token, TokenKind, DIALOG_TOKEN_LIFETIME};
 use crate::agents::{Agent, Refusal, Stack};
 use crate::clock::now_ms;
 use crate::cluster::peers::{sip_addr, PeerMonitor};
@@ -101,36 +109,6 @@ enum Hop {
     Uri(SipUri),
 }
 
-/// Dialogs this node record-routed and has not seen end, for drain and metrics.
-#[derive(Debug, Default)]
-pub struct Dialogs {
-    open: Mutex<HashMap<String, Instant>>,
-}
-
-/// A dialog whose BYE never passed this node is forgotten after this long.
-const DIALOG_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
-
-impl Dialogs {
-    fn opened(&self, call_id: &str) {
-        let mut open = self.open.lock().expect("dialog table lock");
-        if open.len() > 10_000 {
-            open.retain(|_, t| t.elapsed() < DIALOG_MAX_AGE);
-        }
-        open.insert(call_id.to_owned(), Instant::now());
-    }
-
-    fn closed(&self, call_id: &str) {
-        self.open.lock().expect("dialog table lock").remove(call_id);
-    }
-
-    /// Calls through this node that have not ended.
-    pub fn count(&self) -> usize {
-        let mut open = self.open.lock().expect("dialog table lock");
-        open.retain(|_, t| t.elapsed() < DIALOG_MAX_AGE);
-        open.len()
-    }
-}
-
 /// The proxy of one node.
 pub struct Proxy {
     cluster: ClusterNode,
@@ -145,6 +123,24 @@ pub struct Proxy {
     /// Running INVITE forwards by server transaction, for CANCEL.
     invites: Mutex<HashMap<TxId, mpsc::UnboundedSender<()>>>,
     pub dialogs: Arc<Dialogs>,
+    /// When this process started (Unix seconds): dialog tokens minted before it may
+    /// belong to dialogs that its dialog table, empty at start, cannot know.
+    started: u64,
+}
+
+/// The tags of a request: From's and To's (empty when absent).
+fn tags(request: &Message) -> (String, String) {
+    let tag = |h: Result<&NameAddr, tandem_sip::Error>| {
+        h.ok()
+            .and_then(|n| n.params.value("tag").map(str::to_owned))
+            .unwrap_or_default()
+    };
+    (tag(request.from()), tag(request.to()))
+}
+
+/// Unix seconds now.
+fn now_secs() -> u64 {
+    now_ms() / 1000
 }
 
 /// The SIP URI of the topmost Route entry.
@@ -194,6 +190,7 @@ impl Proxy {
             settings,
             invites: Mutex::default(),
             dialogs: Arc::default(),
+            started: now_secs(),
         }
     }
 
@@ -239,13 +236,25 @@ impl Proxy {
     /// Whether a request's top Route is this node's with a genuine token: a request
     /// another node relays to a phone registered here, which drain must not refuse.
     pub fn is_relayed(&self, request: &Message) -> bool {
+        top_route(request).is_some_and(|u| self.own.is_own(&u) && self.top_token(request, &u))
+    }
+
+    /// Whether `uri`, a Route entry of `request`, carries a genuine token of its dialog.
+    fn top_token(&self, request: &Message, uri: &SipUri) -> bool {
         let call_id = request.call_id().unwrap_or_default();
-        top_route(request).is_some_and(|u| {
-            self.own.is_own(&u)
-                && u.user
-                    .as_deref()
-                    .is_some_and(|user| self.tokens.decode(user, &call_id).is_some())
+        let (from_tag, to_tag) = tags(request);
+        uri.user.as_deref().is_some_and(|user| {
+            self.tokens
+                .decode(user, &call_id, [&from_tag, &to_tag], now_secs())
+                .is_some()
         })
+    }
+
+    /// Whether `request`'s top Route carries a genuine flow token of its own call: a
+    /// request inside a dialog this cluster record-routed, whose sender saw our
+    /// Record-Route, which the flood limit lets through a ban.
+    pub fn carries_own_token(&self, request: &Message) -> bool {
+        top_route(request).is_some_and(|u| self.top_token(request, &u))
     }
 
     /// The proxy's own refusals (407 and every other answer before anything is forwarded)
@@ -264,6 +273,8 @@ impl Proxy {
             .call_id()
             .map(|c| c.into_owned())
             .unwrap_or_default();
+        let (from_tag, to_tag) = tags(request);
+        let now = now_secs();
         let routes = request.name_addrs(&HeaderName::Route).unwrap_or_default();
         let reader = self.cluster.replica.reader();
         let mut own = OwnRoutes::default();
@@ -278,8 +289,14 @@ impl Proxy {
             own.token = uri
                 .user
                 .as_deref()
-                .and_then(|u| self.tokens.decode(u, &call_id));
-            own.any_token |= own.token.is_some();
+                .and_then(|u| self.tokens.decode(u, &call_id, [&from_tag, &to_tag], now));
+            if let Some(t) = own.token.filter(|t| t.kind == TokenKind::Dialog) {
+                own.dialog_tokens += 1;
+                if t.minted < self.started && now.saturating_sub(t.minted) <= DIALOG_TOKEN_LIFETIME
+                {
+                    own.minted_before_start += 1;
+                }
+            }
         }
         for _ in 0..own.popped {
             let _ = request.pop_first_value(&HeaderName::Route);
@@ -327,15 +344,35 @@ impl Proxy {
         let in_dialog = request
             .to()
             .is_ok_and(|to| to.params.value("tag").is_some());
+        let call_id = request
+            .call_id()
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
+        let (from_tag, to_tag) = tags(&request);
         let next_route = top_route(&request);
-        let decided: Result<Vec<Vec<Target>>, Refusal> = if let Some(next) = next_route {
-            // Loose routing to the next hop (§16.6 step 6). Inside a dialog only along a
-            // route set this node record-routed (a genuine token for this call), and only
-            // to another member or to the dialog's peer on the far side (the flow the
-            // token names, which is where the next Route of a genuine route set leads);
-            // a new request only after authenticating. Otherwise anyone who saw a
-            // Record-Route could send anything anywhere from the cluster's address.
-            if in_dialog && own.any_token {
+        // The local account placing a new request, with its call limit.
+        let mut caller: Option<(String, u32)> = None;
+        let decided: Result<Vec<Vec<Target>>, Refusal> = if in_dialog {
+            // Inside a dialog only along a route set this node record-routed (genuine
+            // dialog tokens), only for a dialog it knows, and only to another member or
+            // to the dialog's peer on the far side (the flow the token names, which is
+            // where the next Route of a genuine route set leads). Otherwise anyone who saw
+            // a Record-Route could send anything anywhere from the cluster's address.
+            let known = || {
+                self.dialogs.knows(&call_id, &from_tag, &to_tag)
+                    || own.minted_before_start == own.dialog_tokens
+            };
+            if own.dialog_tokens == 0 {
+                Err(match next_route {
+                    Some(_) => Refusal::new(403, "Forbidden (no route set through this node)"),
+                    None => Refusal::new(404, "Not Here (no route set through this node)"),
+                })
+            } else if !known() {
+                Err(Refusal::new(
+                    481,
+                    "Call/Transaction Does Not Exist (no such dialog through this node)",
+                ))
+            } else if let Some(next) = next_route {
                 if self.names_member(&next) {
                     if self.routes_back_here(&request) {
                         Err(Refusal::new(
@@ -345,32 +382,37 @@ impl Proxy {
                     } else {
                         Ok(Target::only(Hop::Uri(next)))
                     }
-                } else if let Some(token) = own.token {
-                    Ok(Target::only(Hop::Flow(token)))
+                } else if let Some(flow) = own.dialog_flow() {
+                    Ok(Target::only(Hop::Flow(flow)))
                 } else {
                     Err(Refusal::new(
                         403,
                         "Forbidden (the route set leads outside the dialog)",
                     ))
                 }
-            } else if in_dialog {
-                Err(Refusal::new(
-                    403,
-                    "Forbidden (no route set through this node)",
-                ))
+            } else if let Some(flow) = own.dialog_flow() {
+                Ok(Target::only(Hop::Flow(flow)))
             } else {
-                self.authorize_outbound(&request, &flow)
-                    .map(|()| Target::only(Hop::Uri(next)))
+                Err(Refusal::new(
+                    404,
+                    "Not Here (no route set through this node)",
+                ))
             }
-        } else if let Some(token) = own.token {
-            Ok(Target::only(Hop::Flow(token)))
-        } else if in_dialog {
-            Err(Refusal::new(
-                404,
-                "Not Here (no route set through this node)",
-            ))
+        } else if let Some(next) = next_route {
+            // Loose routing to the next hop (§16.6 step 6), for a new request only after
+            // authenticating.
+            self.authorize_outbound(&request, &flow).map(|account| {
+                caller = account;
+                Target::only(Hop::Uri(next))
+            })
+        } else if let Some(flow) = own.edge_flow() {
+            Ok(Target::only(Hop::Flow(flow)))
         } else {
             self.initial_targets(&request, &flow)
+                .map(|(groups, account)| {
+                    caller = account;
+                    groups
+                })
         };
         let groups = match decided {
             Ok(g) => g,
@@ -395,7 +437,43 @@ impl Proxy {
                 method,
                 Method::Invite | Method::Subscribe | Method::Refer | Method::Notify
             );
+        let mut claim = None;
+        if record_route {
+            let kind = match method {
+                Method::Invite => DialogKind::Call,
+                _ => DialogKind::Subscription,
+            };
+            let account = caller.as_ref().map(|(a, limit)| (a.as_str(), *limit));
+            match self.dialogs.begin(&call_id, &from_tag, kind, account) {
+                Ok(true) => {
+                    claim = Some(DialogClaim {
+                        dialogs: self.dialogs.clone(),
+                        call_id: call_id.clone(),
+                    })
+                }
+                Ok(false) => {}
+                Err(Refused::CallLimit) => {
+                    let (account, limit) = caller.unwrap_or_default();
+                    tracing::info!(%account, limit, "call refused: the account is at its max_concurrent_calls");
+                    self.transports
+                        .stats()
+                        .call_limit_refusals
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.answer(
+                        tx,
+                        &request,
+                        Refusal::new(
+                            403,
+                            "Forbidden (too many calls in progress for this account)",
+                        ),
+                    );
+                    return;
+                }
+            }
+        }
         let fork = Fork {
+            call_id,
+            claim,
             proxy: self.clone(),
             is_invite: method == Method::Invite,
             request,
@@ -439,7 +517,11 @@ impl Proxy {
     }
 
     /// A new request with a route of its own: allowed for local accounts that authenticate.
-    fn authorize_outbound(&self, request: &Message, flow: &Flow) -> Result<(), Refusal> {
+    fn authorize_outbound(
+        &self,
+        request: &Message,
+        flow: &Flow,
+    ) -> Result<Option<(String, u32)>, Refusal> {
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let Some(from) = from else {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
@@ -450,6 +532,7 @@ impl Proxy {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
         }
         self.authenticate_caller(request, flow, &from, &domain)
+            .map(Some)
     }
 
     fn authenticate_caller(
@@ -458,13 +541,16 @@ impl Proxy {
         flow: &Flow,
         from: &SipUri,
         domain: &str,
-    ) -> Result<(), Refusal> {
+    ) -> Result<(String, u32), Refusal> {
         let user = from.user_unescaped().unwrap_or_default().into_owned();
         match self
             .auth
             .authenticate(request, flow.remote.ip(), &user, domain, Challenge::Proxy)
         {
-            Authenticated::Account(_) => Ok(()),
+            Authenticated::Account(a) => Ok((
+                tandem_raft_store::command::account_aor(&a.user, &a.domain),
+                a.max_concurrent_calls,
+            )),
             Authenticated::Refused(refusal) => Err(refusal),
         }
     }
@@ -489,16 +575,24 @@ impl Proxy {
         None
     }
 
-    fn initial_targets(&self, request: &Message, flow: &Flow) -> Result<Vec<Vec<Target>>, Refusal> {
+    /// The branches of a new request for a local domain, and the local account that
+    /// placed it (authenticated), if any.
+    #[allow(clippy::type_complexity)]
+    fn initial_targets(
+        &self,
+        request: &Message,
+        flow: &Flow,
+    ) -> Result<(Vec<Vec<Target>>, Option<(String, u32)>), Refusal> {
         let method = request.method().cloned().unwrap_or(Method::Options);
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let reader = self.cluster.replica.reader();
+        let mut caller = None;
         // Callers claiming a local account prove it (§22.3); ACK and CANCEL cannot be
         // challenged, and never reach here (they are hop by hop or matched).
         if let Some(from) = &from {
             let domain = from.host.canonical();
             if reader.serves_domain(&domain).unwrap_or(false) && method != Method::Ack {
-                self.authenticate_caller(request, flow, from, &domain)?;
+                caller = Some(self.authenticate_caller(request, flow, from, &domain)?);
             }
         }
         let Some((user, domain)) = self.local_target(request) else {
@@ -530,9 +624,10 @@ impl Proxy {
             return Err(Refusal::new(480, "Temporarily Unavailable"));
         }
         let call_id = request.call_id().unwrap_or_default();
+        let (from_tag, _) = tags(request);
         let targets: Vec<(u16, Target)> = bindings
             .iter()
-            .filter_map(|b| Some((b.q, self.binding_target(b, &call_id)?)))
+            .filter_map(|b| Some((b.q, self.binding_target(b, &call_id, &from_tag)?)))
             .collect();
         if targets.is_empty() {
             return Err(Refusal::new(
@@ -540,13 +635,13 @@ impl Proxy {
                 "Temporarily Unavailable (no usable contact)",
             ));
         }
-        Ok(route::q_groups(targets))
+        Ok((route::q_groups(targets), caller))
     }
 
     /// How to reach one binding (node/DESIGN.md, "Edge nodes"): through its Path; over its
     /// flow if this node is its edge; through its edge node if that node answers; else
     /// straight to its public address.
-    fn binding_target(&self, b: &Binding, call_id: &str) -> Option<Target> {
+    fn binding_target(&self, b: &Binding, call_id: &str, from_tag: &str) -> Option<Target> {
         let uri = Uri::parse(&b.contact).ok()?;
         if let Some(first) = b.path.first() {
             return Some(Target {
@@ -577,7 +672,8 @@ impl Proxy {
         {
             let route = format!(
                 "<sip:{}@{edge_addr};lr>",
-                self.tokens.encode(&stored, call_id)
+                self.tokens
+                    .encode(&stored, TokenKind::Edge, call_id, from_tag, now_secs())
             );
             return Some(Target {
                 uri: Some(uri),
@@ -631,11 +727,12 @@ impl Proxy {
         }
     }
 
-    fn record_route(&self, flow: &Flow, call_id: &str) -> String {
+    fn record_route(&self, flow: &Flow, call_id: &str, caller_tag: &str, now: u64) -> String {
         let addr = self.own.advertised(flow.transport, flow.local);
         format!(
             "<sip:{}@{addr}{};lr>",
-            self.tokens.encode(flow, call_id),
+            self.tokens
+                .encode(flow, TokenKind::Dialog, call_id, caller_tag, now),
             transport_param(flow.transport)
         )
     }
@@ -665,9 +762,11 @@ impl Proxy {
         m.set_header(HeaderName::MaxForwards, hops.to_string());
         if record_route {
             let call_id = request.call_id().unwrap_or_default();
+            let (from_tag, _) = tags(request);
+            let now = now_secs();
             let (inner, outer) = (
-                self.record_route(in_flow, &call_id),
-                self.record_route(out, &call_id),
+                self.record_route(in_flow, &call_id, &from_tag, now),
+                self.record_route(out, &call_id, &from_tag, now),
             );
             m.prepend_header(HeaderName::RecordRoute, inner);
             m.prepend_header(HeaderName::RecordRoute, outer);
@@ -786,12 +885,20 @@ impl Proxy {
     /// The ACK for a 2xx: forwarded statelessly along its Route set (§16.11).
     async fn forward_ack(self: Arc<Self>, mut request: Message, _flow: Flow) {
         let own = self.pop_own_routes(&mut request);
-        if !own.any_token {
+        if own.dialog_tokens == 0 {
             // Only along a route set this node record-routed, or it would relay anything.
             tracing::debug!("ACK with no route set through this node; dropped");
             return;
         }
-        let hop = match (top_route(&request), own.token) {
+        let call_id = request.call_id().unwrap_or_default();
+        let (from_tag, to_tag) = tags(&request);
+        if !self.dialogs.knows(&call_id, &from_tag, &to_tag)
+            && own.minted_before_start != own.dialog_tokens
+        {
+            tracing::debug!("ACK for a dialog this node does not know; dropped");
+            return;
+        }
+        let hop = match (top_route(&request), own.dialog_flow()) {
             (Some(uri), _) => Hop::Uri(uri),
             (None, Some(flow)) => Hop::Flow(flow),
             (None, None) => return,
@@ -860,6 +967,15 @@ fn set_content_length(m: &mut Message) {
     }
 }
 
+/// Whether a NOTIFY ends its subscription (RFC 6665 §4.1.3: Subscription-State
+/// terminated).
+fn terminates(notify: &Message) -> bool {
+    notify
+        .headers()
+        .find(|(n, _)| n.as_str().eq_ignore_ascii_case("Subscription-State"))
+        .is_some_and(|(_, v)| v.len() >= 10 && v[..10].eq_ignore_ascii_case(b"terminated"))
+}
+
 /// A small stable hash, for the stateless ACK branch.
 fn fnv(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {
@@ -884,15 +1000,51 @@ struct Branch {
 #[derive(Debug, Default)]
 struct OwnRoutes {
     popped: usize,
-    /// The flow the last one's token names, if it had a genuine one.
-    token: Option<Flow>,
-    /// Whether any had a genuine token: the route set is one this node record-routed.
-    any_token: bool,
+    /// The last one's token, if it had a genuine one.
+    token: Option<Token>,
+    /// How many had a genuine dialog token: a route set this node record-routed.
+    dialog_tokens: usize,
+    /// How many of those were minted before this process started, within their
+    /// lifetime: dialogs the table, empty at start, cannot know.
+    minted_before_start: usize,
+}
+
+impl OwnRoutes {
+    /// The flow of the last entry's edge token: another node hands over a request for a
+    /// phone registered here.
+    fn edge_flow(&self) -> Option<Flow> {
+        self.token
+            .filter(|t| t.kind == TokenKind::Edge)
+            .map(|t| t.flow)
+    }
+
+    /// The flow of the last entry's dialog token: the dialog's peer on the far side.
+    fn dialog_flow(&self) -> Option<Flow> {
+        self.token
+            .filter(|t| t.kind == TokenKind::Dialog)
+            .map(|t| t.flow)
+    }
+}
+
+/// A dialog entry a fork made, forgotten when the fork ends without a 2xx.
+struct DialogClaim {
+    dialogs: Arc<Dialogs>,
+    call_id: String,
+}
+
+impl Drop for DialogClaim {
+    fn drop(&mut self) {
+        self.dialogs.abandon(&self.call_id);
+    }
 }
 
 /// The state of one forwarded request: its branches and the best answer so far.
 struct Fork {
     proxy: Arc<Proxy>,
+    call_id: String,
+    /// The dialog entry this fork made, if it made one; held until the fork ends.
+    #[allow(dead_code)]
+    claim: Option<DialogClaim>,
     request: Message,
     in_flow: Flow,
     tx: TxId,
@@ -1015,21 +1167,30 @@ impl Fork {
         }
     }
 
-    /// Keeps the dialog table current as finals go upstream: a 2xx to an INVITE opens a
-    /// call through this node, a final answer to a BYE ends it.
+    /// Keeps the dialog table current as finals go upstream: a final answer to a BYE
+    /// ends a call, a 2xx to a NOTIFY that terminates its subscription ends that.
     fn track_dialog(&self, status: u16) {
-        let call_id = || {
-            self.request
-                .call_id()
-                .map(|c| c.into_owned())
-                .unwrap_or_default()
-        };
         match self.request.method() {
-            Some(Method::Invite) if (200..300).contains(&status) => {
-                self.proxy.dialogs.opened(&call_id())
+            Some(Method::Bye) if status >= 200 => self.proxy.dialogs.ended(&self.call_id),
+            Some(Method::Notify) if (200..300).contains(&status) && terminates(&self.request) => {
+                self.proxy.dialogs.ended(&self.call_id)
             }
-            Some(Method::Bye) if status >= 200 => self.proxy.dialogs.closed(&call_id()),
             _ => {}
+        }
+    }
+
+    /// A response with a To tag to a request this node record-routed: the callee's
+    /// side of the dialog, recorded before the response goes on, so the ACK or PRACK
+    /// that answers it finds the dialog.
+    fn note_callee(&self, response: &Message, status: u16) {
+        if !self.record_route || !(101..300).contains(&status) {
+            return;
+        }
+        let (_, to_tag) = tags(response);
+        if !to_tag.is_empty() {
+            self.proxy
+                .dialogs
+                .answered(&self.call_id, &to_tag, status >= 200);
         }
     }
 
@@ -1048,15 +1209,19 @@ impl Fork {
                         self.send_cancel(i);
                     }
                     if status > 100 && !self.finished {
+                        self.note_callee(&r, status);
                         self.relay(r);
                     }
                 } else if status < 300 {
                     // Every 2xx goes upstream, retransmissions included (RFC 6026).
                     let first = !b.done;
                     b.done = true;
-                    self.relay(r);
+                    self.note_callee(&r, status);
                     if first && !self.answered {
                         self.track_dialog(status);
+                    }
+                    self.relay(r);
+                    if first && !self.answered {
                         self.answered = true;
                         self.finished = true;
                         for j in 0..self.branches.len() {

@@ -41,8 +41,10 @@ pub struct RegistrarSettings {
     pub max_expires: u32,
     pub default_expires: u32,
     pub nonce_lifetime_secs: u64,
-    /// Offered in this order.
+    /// Accepted, and offered one per challenge in this order.
     pub algorithms: Vec<Algorithm>,
+    /// Lowercase User-Agent fragments of phones that are offered SHA-256.
+    pub sha256_user_agents: Vec<String>,
 }
 
 impl RegistrarSettings {
@@ -58,6 +60,11 @@ impl RegistrarSettings {
                 .digest_algorithms
                 .iter()
                 .filter_map(|a| Algorithm::parse(Some(a)))
+                .collect(),
+            sha256_user_agents: c
+                .sha256_user_agents
+                .iter()
+                .map(|a| a.to_ascii_lowercase())
                 .collect(),
         }
     }

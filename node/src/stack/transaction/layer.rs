@@ -1016,6 +1016,12 @@ mod tests {
             idle_timeout: Duration::from_secs(600),
             write_timeout: Duration::from_secs(10),
             refused_user_agents: Vec::new(),
+            flood: crate::stack::transport::flood::FloodLimit {
+                rate: 0.0,
+                burst: 0.0,
+                ban: Duration::from_secs(1),
+                exempt: Vec::new(),
+            },
         }
     }
 

@@ -4,6 +4,7 @@
 //! what lets a phone behind NAT hear from us. Requests get RFC 3581 `received`/`rport`
 //! stamped on their top Via here, before anything else reads them.
 
+pub mod flood;
 mod stream;
 mod target;
 mod udp;
@@ -24,7 +25,13 @@ use tokio_util::task::TaskTracker;
 use crate::stack::stats::Stats;
 use crate::Error;
 
+pub use flood::{FloodLimit, Vouch};
 pub use stream::load_tls_acceptor;
+
+use flood::{FloodGuard, Verdict};
+
+/// The most source addresses the flood limit tracks; the oldest make room.
+pub const FLOOD_TABLE_MAX: usize = 100_000;
 pub use target::{next_hop, transport_param, OwnAddrs};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -138,27 +145,33 @@ pub struct Limits {
     pub write_timeout: Duration,
     /// Lowercase User-Agent fragments whose requests are dropped unanswered.
     pub refused_user_agents: Vec<String>,
+    pub flood: FloodLimit,
 }
 
 impl Limits {
     /// Whether `message` is a request from a known scanner, to drop before any
     /// transaction exists: no answer tells it a SIP server is here, and nothing is kept.
     pub(crate) fn refuses_agent(&self, message: &Message) -> bool {
-        if self.refused_user_agents.is_empty() || !message.is_request() {
-            return false;
-        }
-        let Ok(Some(agent)) = message.header(&tandem_sip::HeaderName::UserAgent) else {
-            return false;
-        };
-        // Compared in place: every phone's requests pass here, and none should pay for a
-        // lowercased copy of its User-Agent.
-        let agent = agent.as_bytes();
-        self.refused_user_agents.iter().any(|refused| {
-            agent
-                .windows(refused.len())
-                .any(|w| w.eq_ignore_ascii_case(refused.as_bytes()))
-        })
+        message.is_request() && user_agent_matches(message, &self.refused_user_agents)
     }
+}
+
+/// Whether `message`'s User-Agent contains one of `fragments` (lowercase), ignoring case.
+pub fn user_agent_matches(message: &Message, fragments: &[String]) -> bool {
+    if fragments.is_empty() {
+        return false;
+    }
+    let Ok(Some(agent)) = message.header(&tandem_sip::HeaderName::UserAgent) else {
+        return false;
+    };
+    // Compared in place: every phone's requests pass here, and none should pay for a
+    // lowercased copy of its User-Agent.
+    let agent = agent.as_bytes();
+    fragments.iter().any(|f| {
+        agent
+            .windows(f.len())
+            .any(|w| w.eq_ignore_ascii_case(f.as_bytes()))
+    })
 }
 
 struct Connection {
@@ -190,6 +203,8 @@ struct Shared {
     next_connection: AtomicU64,
     limits: Limits,
     stats: Arc<Stats>,
+    flood: Mutex<FloodGuard>,
+    vouch: std::sync::OnceLock<Arc<dyn Vouch>>,
 }
 
 /// An accepted connection's place under the limits, from accept until it closes (a TLS
@@ -353,8 +368,10 @@ impl Transports {
                 connections: Mutex::new(ConnectionTable::default()),
                 admitted: Mutex::default(),
                 next_connection: AtomicU64::new(1),
+                flood: Mutex::new(FloodGuard::new(limits.flood.clone(), FLOOD_TABLE_MAX)),
                 limits,
                 stats,
+                vouch: std::sync::OnceLock::new(),
             }),
         };
         let _ = transports.shared.outbound.set(Outbound {
@@ -401,6 +418,59 @@ impl Transports {
 
     pub(crate) fn limits(&self) -> &Limits {
         &self.shared.limits
+    }
+
+    /// Lets the flood limit ask the agents what a request proves (set once, when the
+    /// agents exist; until then a banned address loses every request but ACK and CANCEL).
+    pub fn set_vouch(&self, vouch: Arc<dyn Vouch>) {
+        let _ = self.shared.vouch.set(vouch);
+    }
+
+    /// Whether a parsed message from `ip` goes on, under the flood limit. Responses,
+    /// ACKs and CANCELs always do; a request from a banned address only with proof of a
+    /// round trip or from a cluster member (see [`flood`]).
+    pub(crate) fn screen(&self, message: &Message, ip: IpAddr) -> bool {
+        if !self.shared.limits.flood.is_on()
+            || !message.is_request()
+            || flood::exempt_method(message)
+        {
+            return true;
+        }
+        let mut newly_banned = false;
+        let verdict = {
+            let mut guard = self.shared.flood.lock().expect("flood guard");
+            let v = guard.admit(ip, tokio::time::Instant::now(), &mut newly_banned);
+            let tracked = guard.len() as u64;
+            self.shared
+                .stats
+                .flood_addresses
+                .store(tracked, Ordering::Relaxed);
+            v
+        };
+        if verdict == Verdict::Pass {
+            return true;
+        }
+        let vouch = self.shared.vouch.get();
+        if vouch.is_some_and(|v| v.trusted(ip)) {
+            return true;
+        }
+        if newly_banned {
+            self.shared.stats.flood_bans.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                %ip,
+                ban = ?self.shared.limits.flood.ban,
+                "flood: the address sent more requests than sip.flood_requests_per_sec allows; \
+                 only requests that prove a round trip pass until the ban lapses"
+            );
+        }
+        if vouch.is_some_and(|v| v.proves_round_trip(message, ip)) {
+            return true;
+        }
+        self.shared
+            .stats
+            .flood_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        false
     }
 
     pub(crate) fn stats(&self) -> &Stats {

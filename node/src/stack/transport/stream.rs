@@ -169,6 +169,7 @@ pub(super) async fn run_connection<S: AsyncRead + AsyncWrite + Unpin>(
                                     ctx.transports.stats().scanners_dropped.fetch_add(1, Ordering::Relaxed);
                                     continue;
                                 }
+                                Ok(message) if !ctx.transports.screen(&message, remote.ip()) => continue,
                                 Ok(mut message) => {
                                     stamp_via(&mut message, remote);
                                     InboundEvent::Message(Inbound { message, flow })

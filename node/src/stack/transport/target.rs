@@ -19,7 +19,7 @@ pub struct OwnAddrs {
 }
 
 impl OwnAddrs {
-    fn all(&self) -> impl Iterator<Item = (TransportKind, &SocketAddr)> {
+    pub fn all(&self) -> impl Iterator<Item = (TransportKind, &SocketAddr)> {
         self.udp
             .iter()
             .map(|a| (TransportKind::Udp, a))

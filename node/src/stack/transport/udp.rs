@@ -73,6 +73,7 @@ pub(super) async fn receive_loop(socket: std::net::UdpSocket, shard: usize, ctx:
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            Ok(message) if !ctx.transports.screen(&message, remote.ip()) => continue,
             Ok(mut message) => {
                 stamp_via(&mut message, remote);
                 InboundEvent::Message(Inbound { message, flow })
