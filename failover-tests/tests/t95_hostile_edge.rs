@@ -744,3 +744,171 @@ fn a_flood_bans_its_source_address_but_never_a_phone_that_proved_it_is_there() {
         format!("tandem_sip_flood_dropped_total {dropped}")
     });
 }
+
+/// Sends `request` from `socket` to `node` and returns the first final response.
+fn final_answer(socket: &UdpSocket, node: std::net::SocketAddr, request: &str) -> Option<String> {
+    socket.send_to(request.as_bytes(), node).unwrap();
+    let deadline = Deadline::after(WAIT);
+    while let Some(d) = recv_udp(socket, deadline.remaining()) {
+        if status_code(&d).is_some_and(|s| s >= 200) {
+            return Some(String::from_utf8_lossy(&d).into_owned());
+        }
+    }
+    None
+}
+
+/// A request inside `dialog` as Alice would send it, with `to` as its To value.
+fn in_dialog(
+    dialog: &tandem_failover_tests::ua::Dialog,
+    local: std::net::SocketAddr,
+    method: &str,
+    cseq: u32,
+    to: &str,
+) -> String {
+    let mut text = format!(
+        "{method} {target} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-{method}-{cseq}-{port};rport\r\n\
+         From: <sip:alice@example.com>;tag={from_tag}\r\n\
+         To: {to}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {cseq} {method}\r\n\
+         Max-Forwards: 70\r\n",
+        target = dialog.remote_target,
+        port = local.port(),
+        from_tag = dialog.from_tag,
+        call_id = dialog.call_id,
+    );
+    for r in &dialog.route {
+        text.push_str(&format!("Route: {r}\r\n"));
+    }
+    text.push_str("Content-Length: 0\r\n\r\n");
+    text
+}
+
+#[test]
+fn a_route_set_opens_only_its_own_dialog_and_only_while_the_call_is_up() {
+    // Whoever saw a call's Record-Route (either party, or anyone on its path) holds
+    // tokens that name Bob's flow. They must open nothing but that very dialog, and only
+    // until it ends: not another dialog of the same Call-ID, and not Bob's phone after
+    // the BYE, or anyone could reach it without a 407 for ever.
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_bob_registered("", &mut bob);
+    let dialog = answered_call(&node, &bob, "token-life-1");
+    let mallory = UdpSocket::bind("127.0.0.66:0").unwrap();
+    let local = mallory.local_addr().unwrap();
+
+    // Another dialog of the same call: Alice's tag, but a To tag Bob never gave.
+    let forged_to = "<sip:bob@example.com>;tag=not-bobs";
+    let answer = final_answer(
+        &mallory,
+        node.udp_addr(),
+        &in_dialog(&dialog, local, "MESSAGE", 5, forged_to),
+    );
+    node.check(
+        answer.as_deref().and_then(|a| status_code(a.as_bytes())) == Some(481),
+        || format!("a request for a dialog Bob never made was answered {answer:?}"),
+    );
+
+    // The call ends: Alice's BYE reaches Bob through the node.
+    let bye = std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let bye = bob.expect_request("BYE", WAIT);
+            bob.respond(&bye, 200, "OK", "");
+        });
+        final_answer(
+            &mallory,
+            node.udp_addr(),
+            &in_dialog(&dialog, local, "BYE", 6, &dialog.to),
+        )
+    });
+    node.check(
+        bye.as_deref().and_then(|a| status_code(a.as_bytes())) == Some(200),
+        || format!("the BYE was answered {bye:?}"),
+    );
+
+    // After the BYE, the same route set opens nothing: the node answers 481 itself, and
+    // Bob hears nothing (a proxy sends a request on before any answer comes back, so
+    // anything forwarded would be in Bob's socket by now).
+    let after = final_answer(
+        &mallory,
+        node.udp_addr(),
+        &in_dialog(&dialog, local, "INVITE", 7, &dialog.to),
+    );
+    let at_bob = bob.recv(Duration::from_millis(1));
+    node.check(
+        after.as_deref().and_then(|a| status_code(a.as_bytes())) == Some(481) && at_bob.is_none(),
+        || {
+            format!(
+                "after the call, its route set was answered {after:?}, and Bob got {:?}",
+                at_bob.map(|m| m.text)
+            )
+        },
+    );
+    let dialogs = metric(node.admin_addr(), "tandem_proxy_dialogs");
+    node.check(dialogs == Some(0.0), || {
+        format!("tandem_proxy_dialogs {dialogs:?}")
+    });
+}
+
+#[test]
+fn an_account_places_no_more_calls_than_its_limit_allows() {
+    // Stolen credentials are used for toll fraud in bulk: as many calls at once as the
+    // attacker can place. An account's max_concurrent_calls caps that.
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let node = node_with_bob_registered("", &mut bob);
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    let set = tandem_failover_tests::cluster::http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/accounts/example.com/alice",
+        Some(r#"{"max_concurrent_calls":2}"#),
+    );
+    assert_eq!(set.map(|a| a.status), Some(200));
+    let first = answered_call(&node, &bob, "limit-1");
+    let _second = answered_call(&node, &bob, "limit-2");
+    // The third, while two are up: refused by the node, Bob never rings.
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let (third, reached_bob) = while_bob_is_busy(&bob, || {
+        alice.invite(
+            node.udp_addr(),
+            "sip:bob@example.com",
+            "limit-3",
+            &mut |_, _| {},
+        )
+    });
+    node.check(
+        third.status() == Some(403) && reached_bob.is_empty(),
+        || {
+            format!(
+                "a third call with a limit of two got {:?}, and {} INVITEs reached Bob:\n{}",
+                third.status(),
+                reached_bob.len(),
+                third.text
+            )
+        },
+    );
+    let refused = metric(admin, "tandem_proxy_call_limit_refusals_total");
+    node.check(refused == Some(1.0), || {
+        format!("tandem_proxy_call_limit_refusals_total {refused:?}")
+    });
+    // One call ends; a new one goes through.
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let bye = bob.expect_request("BYE", WAIT);
+            bob.respond(&bye, 200, "OK", "");
+        });
+        let ok = final_answer(
+            &alice.socket,
+            node.udp_addr(),
+            &in_dialog(&first, alice.local(), "BYE", 9, &first.to),
+        );
+        assert_eq!(
+            ok.as_deref().and_then(|a| status_code(a.as_bytes())),
+            Some(200)
+        );
+    });
+    let _fourth = answered_call(&node, &bob, "limit-4");
+}
