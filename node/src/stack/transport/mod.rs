@@ -190,6 +190,32 @@ struct Outbound {
     inbound: Inlet,
     tracker: TaskTracker,
     stop: CancellationToken,
+    shards: Shards,
+}
+
+/// The SIP threads' runtimes, which every connection task runs on, in turn: never the
+/// main runtime, where Raft's heartbeats and elections must not wait behind a flood of
+/// TLS handshakes or a peer's megabytes of framing.
+#[derive(Clone)]
+pub(crate) struct Shards {
+    handles: Arc<[tokio::runtime::Handle]>,
+    next: Arc<AtomicU64>,
+}
+
+impl Shards {
+    fn new(handles: &[tokio::runtime::Handle]) -> Shards {
+        assert!(!handles.is_empty(), "connections need a SIP thread");
+        Shards {
+            handles: handles.into(),
+            next: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The runtime the next connection runs on.
+    pub(crate) fn next(&self) -> &tokio::runtime::Handle {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        &self.handles[i % self.handles.len()]
+    }
 }
 
 struct Shared {
@@ -332,12 +358,14 @@ pub(crate) struct ListenerContext {
     pub tracker: TaskTracker,
     /// Cancelled when the whole node stops: closes sockets and connections.
     pub stop: CancellationToken,
+    pub shards: Shards,
 }
 
 impl Transports {
     /// Starts the receive loops and accept loops. Every UDP socket gets one receive loop on
     /// each shard's runtime in `shards` (the kernel hands each datagram to one of them);
-    /// accept loops and their connections run on the caller's runtime. Accept loops also
+    /// accept loops and connections run on the shards' runtimes too, in turn, never on the
+    /// caller's (the main runtime, which runs Raft). Accept loops also
     /// stop on `stop_accepting`, which shutdown cancels first so no new connections arrive
     /// while draining.
     #[allow(clippy::too_many_arguments)]
@@ -374,19 +402,22 @@ impl Transports {
                 vouch: std::sync::OnceLock::new(),
             }),
         };
+        let shards = Shards::new(shards);
         let _ = transports.shared.outbound.set(Outbound {
             inbound: inbound.clone(),
             tracker: tracker.clone(),
             stop: stop.clone(),
+            shards: shards.clone(),
         });
         let ctx = ListenerContext {
             transports: transports.clone(),
             inbound,
             tracker: tracker.clone(),
             stop,
+            shards: shards.clone(),
         };
         for socket in &listeners.udp {
-            for (shard, runtime) in shards.iter().enumerate() {
+            for (shard, runtime) in shards.handles.iter().enumerate() {
                 match socket.try_clone() {
                     Ok(copy) => {
                         tracker.spawn_on(udp::receive_loop(copy, shard, ctx.clone()), runtime);
@@ -397,21 +428,25 @@ impl Transports {
                 }
             }
         }
-        for l in listeners.tcp {
-            tracker.spawn(stream::accept_loop(
-                l,
-                None,
-                ctx.clone(),
-                stop_accepting.clone(),
-            ));
-        }
-        for (l, acceptor) in listeners.tls {
-            tracker.spawn(stream::accept_loop(
-                l,
-                Some(acceptor),
-                ctx.clone(),
-                stop_accepting.clone(),
-            ));
+        // Accept loops on the SIP threads too. A tokio socket belongs to the reactor of
+        // the runtime it was made on, so each listener moves as a std one and is made
+        // again on its thread.
+        let listening = listeners
+            .tcp
+            .into_iter()
+            .map(|l| (l, None))
+            .chain(listeners.tls.into_iter().map(|(l, a)| (l, Some(a))));
+        for (l, acceptor) in listening {
+            match l.into_std() {
+                Ok(l) => {
+                    let accept =
+                        stream::accept_loop(l, acceptor, ctx.clone(), stop_accepting.clone());
+                    tracker.spawn_on(accept, shards.next());
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot hand a listener to a SIP thread; not accepting")
+                }
+            }
         }
         transports
     }
@@ -604,10 +639,22 @@ impl Transports {
             inbound: outbound.inbound.clone(),
             tracker: outbound.tracker.clone(),
             stop: outbound.stop.clone(),
+            shards: outbound.shards.clone(),
         };
-        outbound
-            .tracker
-            .spawn(stream::run_connection(stream, flow, rx, ctx));
+        // Run on a SIP thread, and registered with that thread's reactor.
+        let stream = stream.into_std().map_err(|source| Error::Io {
+            context: "handing a new connection to a SIP thread".into(),
+            source,
+        })?;
+        outbound.tracker.spawn_on(
+            async move {
+                match tokio::net::TcpStream::from_std(stream) {
+                    Ok(stream) => stream::run_connection(stream, flow, rx, ctx).await,
+                    Err(e) => tracing::warn!(error = %e, "cannot register a new connection"),
+                }
+            },
+            outbound.shards.next(),
+        );
         Ok(flow)
     }
 

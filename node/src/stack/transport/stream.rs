@@ -34,12 +34,21 @@ const CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Messages queued for one connection before further ones are dropped.
 pub(super) const QUEUE_DEPTH: usize = 256;
 
+/// Accepts on `listener` (non-blocking, made a tokio listener here, on this thread) and
+/// runs each connection on the next SIP thread.
 pub(super) async fn accept_loop(
-    listener: TcpListener,
+    listener: std::net::TcpListener,
     tls: Option<TlsAcceptor>,
     ctx: ListenerContext,
     stop_accepting: CancellationToken,
 ) {
+    let listener = match TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot register a listener; not accepting");
+            return;
+        }
+    };
     let kind = if tls.is_some() {
         TransportKind::Tls
     } else {
@@ -77,19 +86,41 @@ pub(super) async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let ctx2 = ctx.clone();
         let tls = tls.clone();
-        ctx.tracker.spawn(async move {
-            let _admission = admission;
-            match tls {
-                None => serve(stream, kind, local, remote, ctx2).await,
-                Some(acceptor) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => serve(s, kind, local, remote, ctx2).await,
-                        Ok(Err(e)) => tracing::debug!(%remote, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+        let runtime = ctx.shards.next().clone();
+        // Moved as a std socket, to belong to the reactor of the thread it runs on.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "cannot hand a connection to a SIP thread");
+                continue;
+            }
+        };
+        ctx.tracker.spawn_on(
+            async move {
+                let _admission = admission;
+                let stream = match tokio::net::TcpStream::from_std(stream) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%remote, error = %e, "cannot register a connection");
+                        return;
+                    }
+                };
+                match tls {
+                    None => serve(stream, kind, local, remote, ctx2).await,
+                    Some(acceptor) => {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+                        {
+                            Ok(Ok(s)) => serve(s, kind, local, remote, ctx2).await,
+                            Ok(Err(e)) => {
+                                tracing::debug!(%remote, error = %e, "TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!(%remote, "TLS handshake timed out"),
+                        }
                     }
                 }
-            }
-        });
+            },
+            &runtime,
+        );
     }
 }
 
