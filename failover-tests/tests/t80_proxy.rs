@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, http, Cluster, Member, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, metric, Cluster, Member, MemberRole};
 use tandem_failover_tests::ua::{uri_addr, Received, Ua};
 use tandem_failover_tests::{free_port, sip_config, Deadline, Node, Wait};
 
@@ -261,7 +261,16 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
         assert_eq!(ok.status(), Some(200), "{}", ok.text);
         let dialog = alice.dialog(&ok);
         alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
-        alice.send_in_dialog(&dialog, "INFO", dialog.cseq + 1);
+        // The call's own route set, repeated: genuine tokens all, but a request must not
+        // bounce between the two nodes until Max-Forwards runs out. Node 2 stops it at
+        // once, since the rest of the set comes back to it; node 1 never sees it.
+        let mut looping = dialog.clone();
+        looping.route = (0..5).flat_map(|_| dialog.route.clone()).collect();
+        alice.send_in_dialog(&looping, "MESSAGE", dialog.cseq + 1);
+        let looped = alice.expect_response("MESSAGE", WAIT);
+        assert_eq!(looped.status(), Some(482), "{}", looped.text);
+        assert_eq!(looped.from, two.sip_addr(), "{}", looped.text);
+        alice.send_in_dialog(&dialog, "INFO", dialog.cseq + 2);
         let info_ok = alice.expect_response("INFO", WAIT);
         assert_eq!(info_ok.status(), Some(200), "{}", info_ok.text);
         let bye = alice.expect_request("BYE", WAIT);
@@ -280,6 +289,11 @@ fn calls_across_nodes_go_through_the_callees_edge_node() {
         alice.respond(&bye, 200, "OK", "");
         handle.join().unwrap();
     });
+    let messages = metric(
+        one.admin_addr,
+        "tandem_sip_requests_total{method=\"MESSAGE\"}",
+    );
+    assert_eq!(messages, Some(0.0), "the looping MESSAGE reached node 1");
 
     // 2. Alice cancels while Bob rings: Bob gets the CANCEL from node 1 and answers 487.
     std::thread::scope(|s| {
