@@ -27,6 +27,7 @@ pub use clock::Deadline;
 
 pub mod cluster;
 pub mod keepalive;
+pub mod phones;
 pub mod ua;
 
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.
