@@ -429,9 +429,8 @@ impl Proxy {
             crate::stack::responses::stamp(&mut trying);
             self.layer.respond(tx, trying);
         }
-        if !in_dialog {
-            self.strip_own_credentials(&mut request);
-        }
+        // Phones put their credentials on ACK and BYE too (baresip and linphone do).
+        self.strip_own_credentials(&mut request);
         let record_route = !in_dialog
             && matches!(
                 method,
@@ -906,6 +905,7 @@ impl Proxy {
         if request.max_forwards().ok().flatten() == Some(0) {
             return;
         }
+        self.strip_own_credentials(&mut request);
         let out = match self.resolve(&hop).await {
             Ok(f) => f,
             Err(e) => {
