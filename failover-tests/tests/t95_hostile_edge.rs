@@ -923,3 +923,61 @@ fn an_account_places_no_more_calls_than_its_limit_allows() {
     });
     let _fourth = answered_call(&node, &bob, "limit-4");
 }
+
+#[test]
+fn a_full_transaction_table_sheds_new_requests_with_503_instead_of_growing() {
+    // Every REGISTER that authenticates leaves a completed transaction behind for 32 s
+    // (Timer J), to absorb retransmissions. With the table capped at 1,000, the 1,001st
+    // gets 503 with Retry-After and nothing is kept for it.
+    let node = Node::start_ready("max_transactions = 1000");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.csv");
+    std::fs::write(&users, "SEQUENTIAL\nalice;example.com\n").unwrap();
+    let out = std::process::Command::new("sipp")
+        .arg("-sf")
+        .arg(tandem_failover_tests::sipp_scenario("register-md5.xml"))
+        .arg("-inf")
+        .arg(&users)
+        .args([
+            "-au",
+            "alice",
+            "-ap",
+            "pw-alice-1",
+            "-m",
+            "1300",
+            "-r",
+            "1000",
+        ])
+        .args(["-i", "127.0.0.1", "-p", "0", "-nostdin", "-timeout", "20s"])
+        .args(["-recv_timeout", "3000", "-trace_err"])
+        .arg(node.udp_addr().to_string())
+        .current_dir(dir.path())
+        .output()
+        .expect("run sipp (install it with ./ops/setup.sh)");
+    let errors = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with("_errors.log"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    let held = metric(admin, "tandem_sip_transactions_held").unwrap_or(-1.0);
+    let refused = metric(admin, "tandem_sip_transactions_refused_total").unwrap_or(0.0);
+    node.check(held <= 1000.0 && refused >= 1.0, || {
+        format!(
+            "held {held}, refused {refused} (sipp exit {:?}):\n{}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    node.check(
+        errors.contains("503 Service Unavailable") && errors.contains("Retry-After: 5"),
+        || {
+            format!(
+                "sipp saw no 503 with Retry-After:\n{}",
+                &errors[..errors.len().min(3000)]
+            )
+        },
+    );
+}

@@ -232,6 +232,9 @@ pub struct SipConfig {
     /// Requests whose User-Agent contains one of these (case-insensitive) are dropped
     /// unanswered: the tools that scan SIP ports for open relays and weak passwords.
     pub refused_user_agents: Vec<String>,
+    /// Transactions the node holds at most, completed ones (kept to absorb
+    /// retransmissions) included; past it, new requests get 503 with Retry-After.
+    pub max_transactions: usize,
     /// Requests per second one source address may send, sustained; past that (and its
     /// burst) the address is banned for `flood_ban_secs`. 0 turns the limit off.
     pub flood_requests_per_sec: u32,
@@ -291,6 +294,7 @@ impl Default for SipConfig {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
+            max_transactions: 500_000,
             flood_requests_per_sec: 100,
             flood_burst: 400,
             flood_ban_secs: 60,
@@ -514,6 +518,9 @@ impl Config {
                 "sip.refused_user_agents",
                 format!("{empty:?} would match every User-Agent"),
             );
+        }
+        if !(1_000..=10_000_000).contains(&sip.max_transactions) {
+            bad("sip.max_transactions", "must be 1000 to 10000000".into());
         }
         if sip.flood_requests_per_sec > 1_000_000 {
             bad(

@@ -266,6 +266,7 @@ impl Node {
                     .filter_map(|n| parse_network(n).ok())
                     .collect(),
             },
+            max_transactions: config.sip.max_transactions,
         };
         let stack = crate::stack::start(
             listeners,

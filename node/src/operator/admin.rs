@@ -565,7 +565,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 32] = [
+        let simple: [(&str, &str, &str, u64); 33] = [
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
             ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
@@ -586,6 +586,7 @@ impl Admin {
             ("tandem_sip_transactions_active", "SIP transactions (server and client) still waiting for a final response.", "gauge", self.drain.active_transactions() as u64),
             ("tandem_sip_transactions_held", "SIP transactions in the transaction tables, completed ones kept to absorb retransmissions included.", "gauge", self.drain.held_transactions() as u64),
             ("tandem_sip_connections_open", "TCP and TLS connections open now.", "gauge", load(&s.connections_open)),
+            ("tandem_sip_transactions_refused_total", "New requests answered 503 because the transaction table was full (sip.max_transactions).", "counter", load(&s.transactions_refused)),
             ("tandem_proxy_dialogs", "Dialogs in the proxy's table (at most 100000): calls and subscriptions this node record-routed, set up or being set up.", "gauge", self.drain.tracked_dialogs() as u64),
             ("tandem_sip_connections_refused_total", "TCP and TLS connections refused by the node-wide or per-address limit.", "counter", load(&s.connections_refused)),
             ("tandem_sip_scanners_dropped_total", "Requests from known scanner User-Agents, dropped unanswered.", "counter", load(&s.scanners_dropped)),

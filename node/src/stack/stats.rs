@@ -61,6 +61,8 @@ pub struct Stats {
     pub flood_addresses: AtomicU64,
     pub flood_bans: AtomicU64,
     pub flood_dropped: AtomicU64,
+    /// New requests refused with 503 because the transaction table was full.
+    pub transactions_refused: AtomicU64,
     /// New calls refused because the calling account had `max_concurrent_calls` calls.
     pub call_limit_refusals: AtomicU64,
     pub sends_dropped: AtomicU64,

@@ -361,6 +361,8 @@ pub fn start_shards(
         "between 1 and {MAX_SHARDS} shards, each with its inbound channel"
     );
     let active = Arc::new(ActiveTransactions::default());
+    // Each shard holds its share of the node's cap, rounded up.
+    let max_held = transports.limits().max_transactions.div_ceil(shards.len());
     let mut commands = Vec::new();
     let mut core_events = Vec::new();
     for (shard, (runtime, inbound)) in shards.iter().zip(inbound).enumerate() {
@@ -382,6 +384,7 @@ pub fn start_shards(
             published: 0,
             held: 0,
             published_held: 0,
+            max_held,
             shared_active: active.clone(),
             commands: commands_rx,
         };
@@ -423,6 +426,9 @@ struct TransactionLayer {
     /// includes.
     held: usize,
     published_held: usize,
+    /// This shard's share of `sip.max_transactions`: a new server transaction past it is
+    /// refused with a stateless 503.
+    max_held: usize,
     shared_active: Arc<ActiveTransactions>,
     commands: mpsc::UnboundedReceiver<Command>,
 }
@@ -466,6 +472,28 @@ impl TransactionLayer {
             }
             self.published_held = self.held;
         }
+    }
+
+    /// Past the cap, a new request gets 503 with Retry-After, sent once, and nothing is
+    /// kept: the node sheds load instead of growing without bound.
+    fn refuse_when_full(&self, request: &Message, flow: &Flow) {
+        let stats = self.transports.stats();
+        if stats
+            .transactions_refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .is_multiple_of(10_000)
+        {
+            tracing::warn!(
+                held = self.held,
+                "the transaction table is full (sip.max_transactions); new requests get 503"
+            );
+        }
+        let mut response =
+            crate::stack::responses::build(request, 503, "Service Unavailable (overloaded)");
+        response.push_header(tandem_sip::HeaderName::RetryAfter, "5".to_string());
+        let _ = self
+            .transports
+            .send(&response_flow(request, flow), response.to_bytes());
     }
 
     fn next_id(&mut self) -> TxId {
@@ -545,6 +573,10 @@ impl TransactionLayer {
                     cancels: None,
                 })
                 .await;
+            return;
+        }
+        if self.held >= self.max_held {
+            self.refuse_when_full(&request, &flow);
             return;
         }
         let cancels = if method == Method::Cancel {
@@ -1022,6 +1054,7 @@ mod tests {
                 ban: Duration::from_secs(1),
                 exempt: Vec::new(),
             },
+            max_transactions: 1_000_000,
         }
     }
 

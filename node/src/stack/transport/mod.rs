@@ -146,6 +146,8 @@ pub struct Limits {
     /// Lowercase User-Agent fragments whose requests are dropped unanswered.
     pub refused_user_agents: Vec<String>,
     pub flood: FloodLimit,
+    /// Transactions (server and client, completed ones included) the node holds at most.
+    pub max_transactions: usize,
 }
 
 impl Limits {
