@@ -249,6 +249,7 @@ fn an_address_guessing_many_accounts_is_locked_out_as_a_whole() {
     let node = node_with_alice_and_bob(|port| tandem_failover_tests::sip_config(port, ""));
     let sip = node.udp_addr();
     let uri = "sip:example.com";
+    let mut last_challenge = String::new();
     for i in 1..=60 {
         let user = format!("user{i}");
         let mut scanner = Ua::new("127.0.0.53", &user, "example.com", "123456");
@@ -257,14 +258,8 @@ fn an_address_guessing_many_accounts_is_locked_out_as_a_whole() {
         node.check(asked.status == 401, || {
             format!("guess {i} was not challenged:\n{}", asked.text)
         });
-        let auth = md5_authorization(
-            &user,
-            "123456",
-            &md5_challenge(&asked),
-            "REGISTER",
-            uri,
-            "s",
-        );
+        last_challenge = md5_challenge(&asked);
+        let auth = md5_authorization(&user, "123456", &last_challenge, "REGISTER", uri, "s");
         let r = scanner.register_once(
             sip,
             Some(&contact),
@@ -287,6 +282,60 @@ fn an_address_guessing_many_accounts_is_locked_out_as_a_whole() {
     let ok = bob.register(sip, "MD5", Some(&contact), Some(600));
     node.check(ok.status == 200, || {
         format!("bob from 127.0.0.54 got {}:\n{}", ok.status, ok.text)
+    });
+
+    // The scanner floods too, and is banned. Its guesses carry a nonce the node issued to
+    // its address, which would prove a round trip; but it is a proven guesser, so under
+    // the ban they get nothing, not a 403 each at whatever rate it sends them.
+    let flooder = UdpSocket::bind("127.0.0.53:0").unwrap();
+    let local = flooder.local_addr().unwrap();
+    for i in 0..2000 {
+        let probe = tandem_failover_tests::options_request(
+            "UDP",
+            local,
+            sip,
+            &format!("z9hG4bK-flood-{i}"),
+        );
+        let _ = flooder.send_to(probe.as_bytes(), sip);
+    }
+    tandem_failover_tests::cluster::wait_metric(
+        &node,
+        node.admin_addr(),
+        "tandem_sip_flood_bans_total",
+        1.0,
+        Duration::from_secs(10),
+    );
+    let guesser = UdpSocket::bind("127.0.0.53:0").unwrap();
+    let local = guesser.local_addr().unwrap();
+    let auth = md5_authorization("user60", "654321", &last_challenge, "REGISTER", uri, "t");
+    let guess = format!(
+        "REGISTER {uri} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-guess;rport\r\n\
+         From: <sip:user60@example.com>;tag=g1\r\nTo: <sip:user60@example.com>\r\n\
+         Call-ID: guess-under-ban\r\nCSeq: 1 REGISTER\r\nMax-Forwards: 70\r\n\
+         Contact: <sip:user60@{local}>\r\nAuthorization: {auth}\r\nContent-Length: 0\r\n\r\n"
+    );
+    guesser.send_to(guess.as_bytes(), sip).unwrap();
+    // The fence: a CANCEL of the same call (a ban lets CANCEL through), answered 481
+    // after whatever the guess would have got.
+    let cancel = guess
+        .replacen("REGISTER", "CANCEL", 1)
+        .replace("z9hG4bK-guess", "z9hG4bK-guess-fence")
+        .replace("1 REGISTER", "1 CANCEL");
+    guesser.send_to(cancel.as_bytes(), sip).unwrap();
+    let (before, fence) =
+        tandem_failover_tests::recv_udp_until(&guesser, Duration::from_secs(10), |d| {
+            String::from_utf8_lossy(d).contains("z9hG4bK-guess-fence")
+        });
+    node.check(fence.is_some() && before.is_empty(), || {
+        format!(
+            "a banned, locked-out guesser was answered {:?} (fence {:?})",
+            before
+                .iter()
+                .map(|d| String::from_utf8_lossy(d).into_owned())
+                .collect::<Vec<_>>(),
+            fence.map(|f| String::from_utf8_lossy(&f).into_owned())
+        )
     });
 }
 

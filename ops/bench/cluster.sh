@@ -7,7 +7,9 @@
 # NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
 # (for example NODE_ENV=RUST_LOG=debug). RUNTIME_THREADS (optional): the nodes'
 # node.runtime_threads, SIP_THREADS (optional): node.sip_threads, to compare thread counts
-# (unset: the defaults).
+# (unset: the defaults). SIP_TCP=1 (optional): each node also listens for SIP over TCP on a
+# free port of its address (else tcp = []); node i's is then on the `tcp = [...]` line of
+# its config.
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
@@ -20,9 +22,11 @@ form_cluster() {
   "$TANDEM_BIN" cert ca --out "$work/ca" > /dev/null
   "$TANDEM_BIN" keygen --out "$work/master.key" > /dev/null
   head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/admin.token"
-  local i ip
+  local i ip tcp
   for i in 1 2 3; do
     ip="127.0.0.$i"
+    tcp="[]"
+    [ "${SIP_TCP:-0}" != 1 ] || tcp="[\"$ip:$(port "$ip")\"]"
     "$TANDEM_BIN" cert node --ca "$work/ca" --name "node$i" --san "$ip" --out "$work/certs" > /dev/null
     mkdir -p "$work/node$i"
     cp "$work/master.key" "$work/node$i/master.key"
@@ -35,7 +39,7 @@ ${RUNTIME_THREADS:+runtime_threads = $RUNTIME_THREADS}
 ${SIP_THREADS:+sip_threads = $SIP_THREADS}
 [sip]
 udp = ["$ip:$(port "$ip")"]
-tcp = []
+tcp = $tcp
 [cluster]
 listen = "$ip:$(port "$ip")"
 ca_certificate = "$work/certs/ca.crt"

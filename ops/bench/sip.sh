@@ -120,6 +120,9 @@ for ((u = 0; u < reg_users; u++)); do users+=("bench$u"); done
 for u in "${users[@]}"; do
   api "${admin[1]}" "/v1/accounts/$domain/$u" "{\"password\":\"$password\",\"customer\":\"acme\"}"
 done
+# The one caller places every call of the call steps: no per-account call limit for it.
+api "${admin[1]}" "/v1/accounts/$domain/caller" '{"max_concurrent_calls":0}'
+
 # The loaded node has every account before any load starts.
 for _ in $(seq 100); do
   curl -sf -o /dev/null -H "Authorization: Bearer $token" \

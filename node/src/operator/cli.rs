@@ -213,7 +213,8 @@ pub enum AccountCommand {
         /// Contacts per AOR (default for a new account: 5).
         #[arg(long)]
         max_contacts: Option<u32>,
-        /// Concurrent calls (default for a new account: 4).
+        /// Concurrent calls it may place through one node (default for a new account: 4;
+        /// 0: no limit).
         #[arg(long)]
         max_calls: Option<u32>,
     },

@@ -12,7 +12,8 @@ use crate::agents::auth::digest::{ha1, Algorithm};
 
 /// Contacts per AOR when the operator does not say.
 pub const DEFAULT_MAX_CONTACTS: u32 = 5;
-/// Concurrent calls per account when the operator does not say.
+/// Concurrent calls per account when the operator does not say; 0 means no limit (a
+/// trunk, or a benchmark's single caller).
 pub const DEFAULT_MAX_CALLS: u32 = 4;
 
 /// What an operator sends to create or change an account. A field left out keeps its
@@ -132,7 +133,7 @@ pub fn build(
         return Err("max_contacts must be 1 to 100".into());
     }
     if max_concurrent_calls > 1000 {
-        return Err("max_concurrent_calls must be at most 1000".into());
+        return Err("max_concurrent_calls must be at most 1000 (0: no limit)".into());
     }
     let record = account_record(user, domain);
     let ha1s = match (&input.password, existing) {

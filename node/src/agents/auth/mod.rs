@@ -246,17 +246,38 @@ impl Authenticator {
     /// Whether `request` carries credentials on a nonce this cluster issued to `ip` (fresh
     /// or not, by any node): proof that the sender heard from the cluster at that address,
     /// which the flood limit lets through a ban.
+    ///
+    /// Not from an address, or for a login, that is locked out for guessing: there the
+    /// proof is a real guesser's, whose next guess would only get a 403, and a flood of
+    /// guesses must be dropped unanswered like any other.
     pub fn answers_nonce_issued_to(&self, request: &Message, ip: IpAddr) -> bool {
         let now = now_ms() / 1000;
+        let instant = tokio::time::Instant::now();
+        if self
+            .address_failures
+            .lock()
+            .expect("failure limiter")
+            .locked(&ip, instant)
+        {
+            return false;
+        }
         [HeaderName::Authorization, HeaderName::ProxyAuthorization]
             .iter()
             .flat_map(|name| request.auth_headers(name).unwrap_or_default())
             .any(|h| {
-                let (Some(realm), Some(nonce)) = (h.param("realm"), h.param("nonce")) else {
+                let (Some(realm), Some(nonce), Some(user)) =
+                    (h.param("realm"), h.param("nonce"), h.param("username"))
+                else {
                     return false;
                 };
                 let scope = nonce_scope(realm, ip);
+                let login = (ip, [user, "@", realm].concat());
                 self.nonces.check(nonce, &scope, now) != NonceCheck::Invalid
+                    && !self
+                        .failures
+                        .lock()
+                        .expect("failure limiter")
+                        .locked(&login, instant)
             })
     }
 

@@ -152,7 +152,8 @@ impl Dialogs {
     }
 
     /// Records a dialog-creating request about to be forwarded. A call placed by a local
-    /// `account` (with its limit) counts against it, and is refused at the limit. Returns
+    /// `account` (with its limit; 0 is none) counts against it, and is refused at the
+    /// limit. Returns
     /// whether this request made the entry (and so must [`Dialogs::abandon`] it if it
     /// fails); an entry for the Call-ID already there (the same request spiralling back
     /// through this node) is left as it is.
@@ -171,7 +172,7 @@ impl Dialogs {
         let account = match account {
             Some((name, limit)) if kind == DialogKind::Call => {
                 let n = t.calls.get(name).copied().unwrap_or(0);
-                if n >= limit {
+                if limit > 0 && n >= limit {
                     return Err(Refused::CallLimit);
                 }
                 let name: Arc<str> = Arc::from(name);
@@ -320,6 +321,14 @@ mod tests {
         d.ended("c3");
         d.ended("c2");
         assert_eq!(d.calls_of("alice@example.com"), 0);
+        // 0 is no limit.
+        for i in 0..10 {
+            let call = format!("u{i}");
+            assert_eq!(
+                d.begin(&call, "a", DialogKind::Call, Some(("trunk@example.com", 0))),
+                Ok(true)
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]

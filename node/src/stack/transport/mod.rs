@@ -273,6 +273,24 @@ pub struct Listeners {
     pub tls: Vec<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
 }
 
+/// Connections the kernel queues for a listener before the accept loop takes them. The
+/// usual 128 overflows when a few hundred phones reconnect at once (a node restarting, a
+/// NAT changing), and a connect that meets a full queue is left half-open at the client.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A TCP listener on `addr` with [`LISTEN_BACKLOG`] (the kernel caps it at
+/// net.core.somaxconn).
+fn listen(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 impl Listeners {
     /// The bound addresses, by transport.
     pub fn addrs(&self) -> OwnAddrs {
@@ -313,15 +331,11 @@ impl Listeners {
         }
         let mut tcp = Vec::new();
         for &addr in &config.tcp {
-            tcp.push(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| Error::Bind {
-                        transport: "TCP",
-                        addr,
-                        source,
-                    })?,
-            );
+            tcp.push(listen(addr).map_err(|source| Error::Bind {
+                transport: "TCP",
+                addr,
+                source,
+            })?);
         }
         let mut tls = Vec::new();
         if !config.tls.is_empty() {
@@ -332,13 +346,11 @@ impl Listeners {
             };
             let acceptor = load_tls_acceptor(cert, key)?;
             for &addr in &config.tls {
-                let l = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| Error::Bind {
-                        transport: "TLS",
-                        addr,
-                        source,
-                    })?;
+                let l = listen(addr).map_err(|source| Error::Bind {
+                    transport: "TLS",
+                    addr,
+                    source,
+                })?;
                 tls.push((l, acceptor.clone()));
             }
         }
