@@ -87,7 +87,7 @@ impl Baresip {
         std::fs::write(dir.path().join("config"), config).expect("baresip config");
         std::fs::write(dir.path().join("accounts"), "").expect("baresip accounts");
         let log = std::fs::File::create(dir.path().join("baresip.log")).expect("baresip log");
-        let child = Command::new("baresip")
+        let mut child = Command::new("baresip")
             .arg("-f")
             .arg(dir.path())
             .arg("-s")
@@ -99,7 +99,13 @@ impl Baresip {
             .expect("start baresip");
         let ctrl_addr: SocketAddr = format!("{ip}:{ctrl_port}").parse().expect("ctrl address");
         let ctrl = Wait::new("baresip's control port", Duration::from_secs(10))
-            .until(|| TcpStream::connect(ctrl_addr).map_err(|e| e.to_string()));
+            .poll(|| TcpStream::connect(ctrl_addr).map_err(|e| e.to_string()));
+        let Some(ctrl) = ctrl else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = std::fs::read_to_string(dir.path().join("baresip.log")).unwrap_or_default();
+            panic!("baresip's control port {ctrl_addr} never opened:\n{log}");
+        };
         Baresip {
             child,
             ctrl,
@@ -125,6 +131,7 @@ impl Baresip {
                     .and_then(|l| l.parse().ok())
                     .expect("a netstring length from baresip");
                 if self.buf.len() > colon + len + 1 {
+                    assert_eq!(self.buf[colon + len + 1], b',', "a netstring from baresip");
                     let body = self.buf[colon + 1..colon + 1 + len].to_vec();
                     self.buf.drain(..colon + len + 2);
                     return Some(serde_json::from_slice(&body).expect("JSON from baresip"));
@@ -140,7 +147,12 @@ impl Baresip {
             match self.ctrl.read(&mut chunk) {
                 Ok(0) => return None,
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) => {}
+                Err(_) => return None,
             }
         }
     }
@@ -345,13 +357,12 @@ impl Linphone {
         while !deadline.expired() {
             self.send("status register");
             std::thread::sleep(Duration::from_millis(200));
-            if self
-                .out
-                .lock()
-                .unwrap()
+            let out = self.out.lock().unwrap();
+            if let Some(i) = out[self.seen..]
                 .iter()
-                .any(|l| l.starts_with("registered, identity"))
+                .position(|l| l.starts_with("registered, identity"))
             {
+                self.seen += i + 1;
                 return;
             }
         }

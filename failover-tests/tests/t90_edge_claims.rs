@@ -188,6 +188,57 @@ fn an_account_that_keeps_failing_is_locked_out_at_that_address_only() {
 }
 
 #[test]
+fn guesses_on_a_stale_nonce_count_too_so_stale_true_is_no_password_oracle() {
+    // A nonce issued to this address but no longer fresh (old, or another node's) still
+    // proves a round trip. Wrong passwords on it must count toward the lockout: the node
+    // answers the right password on a stale nonce with stale=true and a wrong one
+    // without, so uncounted guesses would tell a guesser when it had the password.
+    let node = node_with_alice_and_bob(|port| {
+        tandem_failover_tests::sip_config(port, "[registrar]\nnonce_lifetime_secs = 10")
+    });
+    let sip = node.udp_addr();
+    let uri = "sip:example.com";
+    let mut guesser = Ua::new("127.0.0.55", "alice", "example.com", "x");
+    let contact = format!("<{}>", guesser.contact());
+    let asked = guesser.register_once(sip, Some(&contact), Some(600), "");
+    assert_eq!(asked.status, 401, "{}", asked.text);
+    let challenge = md5_challenge(&asked);
+    std::thread::sleep(Duration::from_secs(11));
+    for round in 1..=20 {
+        let wrong = md5_authorization(
+            "alice",
+            "guess",
+            &challenge,
+            "REGISTER",
+            uri,
+            &format!("s{round}"),
+        );
+        let r = guesser.register_once(
+            sip,
+            Some(&contact),
+            Some(600),
+            &format!("Authorization: {wrong}\r\n"),
+        );
+        node.check(r.status == 401, || {
+            format!("guess {round} got:\n{}", r.text)
+        });
+    }
+    let right = md5_authorization("alice", "pw-alice-1", &challenge, "REGISTER", uri, "right");
+    let r = guesser.register_once(
+        sip,
+        Some(&contact),
+        Some(600),
+        &format!("Authorization: {right}\r\n"),
+    );
+    node.check(r.status == 403 && !r.text.contains("stale=true"), || {
+        format!(
+            "after 20 guesses on a stale nonce, the right password got:\n{}",
+            r.text
+        )
+    });
+}
+
+#[test]
 fn failures_that_prove_no_round_trip_never_lock_anyone_out() {
     // From a spoofed source an attacker cannot read the node's challenges, so all it can
     // send are credentials on a nonce it made up, or on an old or foreign one, or without

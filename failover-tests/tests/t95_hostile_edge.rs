@@ -163,6 +163,20 @@ fn a_route_set_through_a_node_never_leads_outside_the_dialog() {
         request.push_str(&format!("Route: {r}\r\n"));
     }
     request.push_str(&format!("Route: <sip:{victim_addr};lr>\r\n"));
+    // An ACK with the same route set goes first: an ACK is never answered, so only what
+    // reaches the victim tells. The MESSAGE after it (same call, so handled after it)
+    // is the fence.
+    // It carries Alice's real tag, as a party to the call appending a Route would.
+    let ack = request
+        .replacen("MESSAGE", "ACK", 1)
+        .replace("77 MESSAGE", "1 ACK")
+        .replace("z9hG4bK-relay-", "z9hG4bK-relay-ack-")
+        .replace(
+            "From: <sip:bob@example.com>;tag=spoofed",
+            &format!("From: <sip:alice@example.com>;tag={}", dialog.from_tag),
+        )
+        + "Content-Length: 0\r\n\r\n";
+    mallory.send_to(ack.as_bytes(), node.udp_addr()).unwrap();
     request.push_str("Content-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello");
     // The node may refuse it, or send it on along the dialog, to Bob (who answers): never
     // to the Route of Mallory's choosing.
@@ -191,7 +205,7 @@ fn a_route_set_through_a_node_never_leads_outside_the_dialog() {
     let at_victim = recv_udp(&victim, Duration::from_millis(1));
     node.check(at_victim.is_none(), || {
         format!(
-            "the node relayed Mallory's request to {victim_addr}:\n{}",
+            "the node relayed Mallory's requests to {victim_addr}:\n{}",
             String::from_utf8_lossy(at_victim.as_deref().unwrap_or_default())
         )
     });

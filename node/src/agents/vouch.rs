@@ -44,15 +44,9 @@ impl EdgeVouch {
         }
     }
 
-    /// The IP addresses of every member's SIP listeners, this node's included.
-    fn member_ips(&self) -> Arc<[IpAddr]> {
-        let now = Instant::now();
-        let mut cached = self.members.lock().expect("member cache");
-        if let Some((at, ips)) = cached.as_ref() {
-            if now.duration_since(*at) < MEMBERS_TTL {
-                return ips.clone();
-            }
-        }
+    /// The IP addresses of every member's SIP listeners, this node's included, read from
+    /// the node registry.
+    fn read_member_ips(&self) -> Arc<[IpAddr]> {
         let mut ips: Vec<IpAddr> = self
             .cluster
             .replica
@@ -67,18 +61,26 @@ impl EdgeVouch {
             .collect();
         ips.sort();
         ips.dedup();
-        let ips: Arc<[IpAddr]> = ips.into();
-        *cached = Some((now, ips.clone()));
-        ips
+        ips.into()
     }
 }
 
 impl Vouch for EdgeVouch {
     fn trusted(&self, ip: IpAddr) -> bool {
-        self.member_ips().contains(&ip)
+        let now = Instant::now();
+        if let Some((at, ips)) = self.members.lock().expect("member cache").as_ref() {
+            if now.duration_since(*at) < MEMBERS_TTL {
+                return ips.contains(&ip);
+            }
+        }
+        // Read without the lock held: another thread may read too, and that is all.
+        let ips = self.read_member_ips();
+        let trusted = ips.contains(&ip);
+        *self.members.lock().expect("member cache") = Some((now, ips));
+        trusted
     }
 
     fn proves_round_trip(&self, request: &Message, ip: IpAddr) -> bool {
-        self.proxy.carries_own_token(request) || self.auth.answers_nonce_issued_to(request, ip)
+        self.proxy.carries_own_token(request, ip) || self.auth.answers_nonce_issued_to(request, ip)
     }
 }

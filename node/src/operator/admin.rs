@@ -590,7 +590,7 @@ impl Admin {
             ("tandem_proxy_dialogs", "Dialogs in the proxy's table (at most 100000): calls and subscriptions this node record-routed, set up or being set up.", "gauge", self.drain.tracked_dialogs() as u64),
             ("tandem_sip_connections_refused_total", "TCP and TLS connections refused by the node-wide or per-address limit.", "counter", load(&s.connections_refused)),
             ("tandem_sip_scanners_dropped_total", "Requests from known scanner User-Agents, dropped unanswered.", "counter", load(&s.scanners_dropped)),
-            ("tandem_sip_flood_addresses", "Source addresses the flood limit tracks (at most 100000).", "gauge", load(&s.flood_addresses)),
+            ("tandem_sip_flood_addresses", "Source addresses the flood limit tracks: buckets (at most 100000) plus bans (at most 100000).", "gauge", load(&s.flood_addresses)),
             ("tandem_sip_flood_bans_total", "Bans the flood limit started: an address sent more than sip.flood_requests_per_sec.", "counter", load(&s.flood_bans)),
             ("tandem_proxy_call_limit_refusals_total", "New calls refused because the calling account had max_concurrent_calls calls through this node.", "counter", load(&s.call_limit_refusals)),
             ("tandem_sip_flood_dropped_total", "Requests from banned addresses dropped unanswered for want of proof of a round trip.", "counter", load(&s.flood_dropped)),

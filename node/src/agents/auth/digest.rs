@@ -132,6 +132,16 @@ impl NonceKey {
         format!("{issued}.{}.{salt}.{mac}", self.node)
     }
 
+    /// When `nonce` was issued, if this cluster issued it for `realm` (any node, any
+    /// age, its MAC checked): proof that whoever holds it received it at the address the
+    /// realm scope names.
+    pub fn issued_at(&self, nonce: &str, realm: &str, now_secs: u64) -> Option<u64> {
+        match self.check(nonce, realm, now_secs) {
+            NonceCheck::Invalid => None,
+            _ => u64::from_str_radix(nonce.split('.').next()?, 16).ok(),
+        }
+    }
+
     pub fn check(&self, nonce: &str, realm: &str, now_secs: u64) -> NonceCheck {
         let mut parts = nonce.splitn(4, '.');
         let (Some(issued_hex), Some(node), Some(salt), Some(mac)) =

@@ -30,6 +30,12 @@ use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
 use crate::stack::transport::{user_agent_matches, OwnAddrs};
 
+/// How old a nonce may be and still prove, under a flood ban, that its holder is at the
+/// address it was issued to: a phone that reuses the nonce of its last registration does
+/// so one registration interval later (at most `registrar.max_expires`, an hour by
+/// default), and older proof would let one nonce open a ban for good.
+const PROOF_MAX_AGE_SECS: u64 = 2 * 3600;
+
 /// Failed logins to one account from one address within [`GUESS_WINDOW`] that lock that
 /// account out at that address for [`LOCKOUT`]: SIP scanners guess passwords all day.
 /// Only failures that prove a round trip count (see [`Authenticator::authenticate`]).
@@ -243,9 +249,9 @@ impl Authenticator {
         a
     }
 
-    /// Whether `request` carries credentials on a nonce this cluster issued to `ip` (fresh
-    /// or not, by any node): proof that the sender heard from the cluster at that address,
-    /// which the flood limit lets through a ban.
+    /// Whether `request` carries credentials on a nonce this cluster issued to `ip` (by any
+    /// node, within [`PROOF_MAX_AGE_SECS`]): proof that the sender heard from the cluster
+    /// at that address, which the flood limit lets through a ban.
     ///
     /// Not from an address, or for a login, that is locked out for guessing: there the
     /// proof is a real guesser's, whose next guess would only get a 403, and a flood of
@@ -264,6 +270,8 @@ impl Authenticator {
         [HeaderName::Authorization, HeaderName::ProxyAuthorization]
             .iter()
             .flat_map(|name| request.auth_headers(name).unwrap_or_default())
+            // A phone sends one or two; a long list is someone making each cost an HMAC.
+            .take(4)
             .any(|h| {
                 let (Some(realm), Some(nonce), Some(user)) =
                     (h.param("realm"), h.param("nonce"), h.param("username"))
@@ -272,7 +280,9 @@ impl Authenticator {
                 };
                 let scope = nonce_scope(realm, ip);
                 let login = (ip, [user, "@", realm].concat());
-                self.nonces.check(nonce, &scope, now) != NonceCheck::Invalid
+                self.nonces
+                    .issued_at(nonce, &scope, now)
+                    .is_some_and(|issued| now.saturating_sub(issued) <= PROOF_MAX_AGE_SECS)
                     && !self
                         .failures
                         .lock()
@@ -401,9 +411,12 @@ impl Authenticator {
             tracing::info!(user = %creds.username, %domain, uri = %creds.uri, "authentication failed: digest uri is not the Request-URI");
             return refuse(self.challenge(request, kind, domain, &scope, false));
         }
+        // A stale nonce (old, or another node's) issued to this address proves a round
+        // trip too. Not counting wrong credentials on one would leave a password oracle
+        // without a lockout: stale=true answers only the right password.
         let wrong = |a: Refusal| match nonce {
-            NonceCheck::Fresh(_) => guessed(a),
-            NonceCheck::Stale | NonceCheck::Invalid => refuse(a),
+            NonceCheck::Fresh(_) | NonceCheck::Stale => guessed(a),
+            NonceCheck::Invalid => refuse(a),
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {

@@ -1,18 +1,26 @@
 //! The dialogs this node record-routed: what lets a request inside a dialog through, what
 //! drain waits for, and what counts an account's concurrent calls.
 //!
-//! An entry is made when the proxy forwards a dialog-creating request with its
-//! Record-Route (INVITE, SUBSCRIBE, REFER, NOTIFY), keyed by Call-ID and holding the
-//! caller's tag. Provisional and 2xx responses add the callee's tags (several when the
-//! request forked); a 2xx confirms it. A fork that ends without a 2xx removes its entry,
-//! a BYE's final answer ends a call, and a NOTIFY that ends its subscription ends that.
-//! A request inside a dialog passes only if its two tags are the caller's and one of the
-//! callee's, in either order.
+//! An entry is keyed by Call-ID and the caller's tag. It is made (or joined) when the
+//! proxy forwards a dialog-creating request with its Record-Route (INVITE, SUBSCRIBE,
+//! REFER, NOTIFY): each such forward holds a *claim* on it until it ends. Provisional
+//! responses add early callee tags, each 2xx a dialog that is up (several when the request
+//! forked), and the first 2xx of a forward turns its claim into that dialog. A dialog ends
+//! when a BYE through this node is answered 2xx, 481 or 408 (or times out), or a NOTIFY
+//! ends its subscription; the entry goes once it has no claim and no dialog up. A request
+//! inside a dialog passes only if its two tags are the caller's and one of the callee's,
+//! in either order.
 //!
-//! Bounded: at most `max` entries, and an entry nobody used for [`MAX_IDLE`] is
-//! forgotten. Entries sit in a queue by last use; the front is checked on every insert,
-//! an entry used since it was queued goes to the back, so both bounds cost O(1)
-//! amortized. When the table is full the least recently queued entry makes room.
+//! An account's calls are its claims plus its dialogs up, so a call being set up counts
+//! as one, and so does each leg a fork answered; one Call-ID reused for many INVITEs
+//! counts each.
+//!
+//! Bounded: at most `max` entries, at most half of them without an authenticated account
+//! (callers from outside reaching local phones), and a new one past either bound is
+//! refused rather than a live call evicted. An entry nobody used for [`MAX_IDLE`] is
+//! forgotten. Entries sit in a queue by last use: the front is checked on every insert,
+//! an entry used since it was queued goes to the back, and stale positions are compacted
+//! away, so all of it costs O(1) amortized.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -23,7 +31,7 @@ use tokio::time::Instant;
 /// A dialog with no request through this node for this long is forgotten: a call whose
 /// BYE went elsewhere, or a subscription that was never refreshed.
 pub const MAX_IDLE: Duration = Duration::from_secs(12 * 3600);
-/// Callee tags kept per dialog (one per forked branch that answered).
+/// Callee tags kept per entry, early and up (one per forked branch that answered).
 const MAX_CALLEE_TAGS: usize = 8;
 /// Entries the table holds by default.
 pub const DEFAULT_MAX_DIALOGS: usize = 100_000;
@@ -40,11 +48,14 @@ pub enum DialogKind {
 #[derive(Debug)]
 struct Entry {
     kind: DialogKind,
-    caller_tag: Box<str>,
-    callee_tags: Vec<Box<str>>,
-    confirmed: bool,
-    /// The local account that placed the call, counted in `calls`.
+    /// The local account that placed the call, if it authenticated.
     account: Option<Arc<str>>,
+    /// Forwards in progress that have not turned into a dialog.
+    claims: u32,
+    /// Callee tags of provisional responses.
+    early: Vec<Box<str>>,
+    /// Callee tags of 2xx responses: each a dialog that is up.
+    up: Vec<Box<str>>,
     last_used: Instant,
     /// When the entry took its current place in the queue.
     queued_at: Instant,
@@ -52,15 +63,23 @@ struct Entry {
     seq: u64,
 }
 
+impl Entry {
+    fn knows_callee(&self, tag: &str) -> bool {
+        self.up.iter().chain(&self.early).any(|t| &**t == tag)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Table {
-    entries: HashMap<Arc<str>, Entry>,
-    queue: VecDeque<(Arc<str>, u64)>,
+    entries: HashMap<Box<str>, Entry>,
+    queue: VecDeque<(Box<str>, u64)>,
     next_seq: u64,
-    /// Calls per account: pending and confirmed INVITE dialogs it placed.
+    /// Per account: its claims plus its dialogs up.
     calls: HashMap<Arc<str>, u32>,
-    /// Confirmed calls, for drain.
-    confirmed_calls: usize,
+    /// Call dialogs up, for drain.
+    calls_up: usize,
+    /// Entries without an authenticated account.
+    anonymous: usize,
 }
 
 /// Why a new dialog was not recorded.
@@ -68,6 +87,8 @@ struct Table {
 pub enum Refused {
     /// The calling account has `max_concurrent_calls` calls already.
     CallLimit,
+    /// The table (or its share for callers who did not authenticate) is full.
+    Full,
 }
 
 /// The table of one node's proxy.
@@ -83,59 +104,103 @@ impl Default for Dialogs {
     }
 }
 
+fn key(call_id: &str, caller_tag: &str) -> Box<str> {
+    [call_id, "\n", caller_tag].concat().into_boxed_str()
+}
+
 impl Table {
-    fn forget(&mut self, call_id: &str) -> Option<Entry> {
-        let e = self.entries.remove(call_id)?;
-        if e.kind == DialogKind::Call && e.confirmed {
-            self.confirmed_calls -= 1;
+    fn add_calls(&mut self, account: &Option<Arc<str>>, n: u32) {
+        if let Some(a) = account {
+            *self.calls.entry(a.clone()).or_insert(0) += n;
         }
-        if let Some(account) = &e.account {
-            if let Some(n) = self.calls.get_mut(account) {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    self.calls.remove(account);
+    }
+
+    fn remove_calls(&mut self, account: &Option<Arc<str>>, n: u32) {
+        if let Some(a) = account {
+            if let Some(c) = self.calls.get_mut(a) {
+                *c = c.saturating_sub(n);
+                if *c == 0 {
+                    self.calls.remove(a);
                 }
             }
         }
-        Some(e)
     }
 
-    /// Works from the front of the queue: drops stale positions, forgets idle entries
-    /// (and the front one while there are more than `max`), and sends an entry used
-    /// since it was queued to the back. The first entry left unused since it was queued
-    /// and not idle ends the walk: everything behind it was queued, or used, later.
-    fn prune(&mut self, now: Instant, max: usize) {
-        while let Some((call_id, seq)) = self.queue.front().cloned() {
-            let Some(e) = self.entries.get(&call_id) else {
-                self.queue.pop_front();
-                continue;
-            };
-            if e.seq != seq {
-                self.queue.pop_front();
-                continue;
-            }
-            let idle = now.saturating_duration_since(e.last_used) >= MAX_IDLE;
-            let used_since = e.last_used > e.queued_at;
-            self.queue.pop_front();
-            if self.entries.len() > max || idle {
-                self.forget(&call_id);
-            } else if used_since {
-                let seq = self.queue_back(call_id.clone());
-                let e = self.entries.get_mut(&call_id).expect("present");
-                e.seq = seq;
-                e.queued_at = now;
-            } else {
-                self.queue.push_front((call_id, seq));
-                break;
-            }
+    fn forget(&mut self, key: &str) {
+        let Some(e) = self.entries.remove(key) else {
+            return;
+        };
+        if e.kind == DialogKind::Call {
+            self.calls_up -= e.up.len();
+            self.remove_calls(&e.account, e.claims + e.up.len() as u32);
+        }
+        if e.account.is_none() {
+            self.anonymous -= 1;
         }
     }
 
-    fn queue_back(&mut self, call_id: Arc<str>) -> u64 {
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        self.queue.push_back((call_id, seq));
-        seq
+    /// Forgets the entry if nothing holds it any more.
+    fn forget_if_done(&mut self, key: &str) {
+        if self
+            .entries
+            .get(key)
+            .is_some_and(|e| e.claims == 0 && e.up.is_empty())
+        {
+            self.forget(key);
+        }
+    }
+
+    /// Works from the front of the queue: drops stale positions, forgets idle entries,
+    /// and sends an entry used since it was queued to the back. The first entry left
+    /// unused since it was queued and not idle ends the walk: everything behind it was
+    /// queued, or used, later. Stale positions behind it are compacted away once they
+    /// outnumber the entries.
+    fn prune(&mut self, now: Instant) {
+        while let Some((key, seq)) = self.queue.pop_front() {
+            let Some(e) = self.entries.get_mut(&key) else {
+                continue;
+            };
+            if e.seq != seq {
+                continue;
+            }
+            if now.saturating_duration_since(e.last_used) >= MAX_IDLE {
+                self.forget(&key);
+            } else if e.last_used > e.queued_at {
+                e.queued_at = now;
+                e.seq = self.next_seq;
+                self.next_seq += 1;
+                self.queue.push_back((key, e.seq));
+            } else {
+                self.queue.push_front((key, seq));
+                break;
+            }
+        }
+        if self.queue.len() > 2 * self.entries.len() + 64 {
+            let entries = &self.entries;
+            self.queue
+                .retain(|(k, seq)| entries.get(k).is_some_and(|e| e.seq == *seq));
+        }
+    }
+
+    /// The entry of the dialog these tags name, and which tag is the callee's.
+    fn find(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<(Box<str>, bool)> {
+        let caller_sent = key(call_id, from_tag);
+        if self
+            .entries
+            .get(&caller_sent)
+            .is_some_and(|e| e.knows_callee(to_tag))
+        {
+            return Some((caller_sent, true));
+        }
+        let callee_sent = key(call_id, to_tag);
+        if self
+            .entries
+            .get(&callee_sent)
+            .is_some_and(|e| e.knows_callee(from_tag))
+        {
+            return Some((callee_sent, false));
+        }
+        None
     }
 }
 
@@ -143,7 +208,7 @@ impl Dialogs {
     pub fn new(max: usize) -> Dialogs {
         Dialogs {
             table: Mutex::default(),
-            max: max.max(1),
+            max: max.max(2),
         }
     }
 
@@ -151,117 +216,188 @@ impl Dialogs {
         self.table.lock().expect("dialog table lock")
     }
 
-    /// Records a dialog-creating request about to be forwarded. A call placed by a local
-    /// `account` (with its limit; 0 is none) counts against it, and is refused at the
-    /// limit. Returns
-    /// whether this request made the entry (and so must [`Dialogs::abandon`] it if it
-    /// fails); an entry for the Call-ID already there (the same request spiralling back
-    /// through this node) is left as it is.
+    /// Takes a claim for a dialog-creating request about to be forwarded: on a new entry,
+    /// or on the one its Call-ID and caller tag already have (the same request again,
+    /// spiralling back through this node, or a new INVITE reusing them). A call placed
+    /// by a local `account` (with its limit; 0 is none) counts against it, and is refused
+    /// at the limit. Every `Ok` must be matched by one [`Dialogs::release`].
     pub fn begin(
         &self,
         call_id: &str,
         caller_tag: &str,
         kind: DialogKind,
         account: Option<(&str, u32)>,
-    ) -> Result<bool, Refused> {
+    ) -> Result<(), Refused> {
         let now = Instant::now();
         let mut t = self.lock();
-        if t.entries.contains_key(call_id) {
-            return Ok(false);
-        }
-        let account = match account {
-            Some((name, limit)) if kind == DialogKind::Call => {
-                let n = t.calls.get(name).copied().unwrap_or(0);
-                if limit > 0 && n >= limit {
-                    return Err(Refused::CallLimit);
-                }
-                let name: Arc<str> = Arc::from(name);
-                *t.calls.entry(name.clone()).or_insert(0) += 1;
-                Some(name)
+        t.prune(now);
+        let account = account.filter(|_| kind == DialogKind::Call);
+        if let Some((name, limit)) = account {
+            let n = t.calls.get(name).copied().unwrap_or(0);
+            if limit > 0 && n >= limit {
+                return Err(Refused::CallLimit);
             }
-            _ => None,
-        };
-        let key: Arc<str> = Arc::from(call_id);
-        let seq = t.queue_back(key.clone());
+        }
+        let k = key(call_id, caller_tag);
+        if let Some(e) = t.entries.get_mut(&k) {
+            e.claims += 1;
+            e.last_used = now;
+            let account = e.account.clone();
+            if e.kind == DialogKind::Call {
+                t.add_calls(&account, 1);
+            }
+            return Ok(());
+        }
+        if t.entries.len() >= self.max || (account.is_none() && t.anonymous >= self.max / 2) {
+            return Err(Refused::Full);
+        }
+        let account: Option<Arc<str>> = account.map(|(name, _)| Arc::from(name));
+        if kind == DialogKind::Call {
+            t.add_calls(&account, 1);
+        }
+        if account.is_none() {
+            t.anonymous += 1;
+        }
+        let seq = t.next_seq;
+        t.next_seq += 1;
+        t.queue.push_back((k.clone(), seq));
         t.entries.insert(
-            key,
+            k,
             Entry {
                 kind,
-                caller_tag: caller_tag.into(),
-                callee_tags: Vec::new(),
-                confirmed: false,
                 account,
+                claims: 1,
+                early: Vec::new(),
+                up: Vec::new(),
                 last_used: now,
                 queued_at: now,
                 seq,
             },
         );
-        t.prune(now, self.max);
-        Ok(true)
+        Ok(())
     }
 
-    /// A response with a To tag went upstream: the callee's side of the dialog (early,
-    /// or confirmed by a 2xx).
-    pub fn answered(&self, call_id: &str, callee_tag: &str, confirmed: bool) {
+    /// A response with a To tag to a forward holding a claim went upstream: an early
+    /// dialog (101–199), or one that is up (2xx). The first 2xx of a forward turns its
+    /// claim into that dialog (`converted`, the claim's own flag, says it has).
+    pub fn answered(
+        &self,
+        call_id: &str,
+        caller_tag: &str,
+        callee_tag: &str,
+        status: u16,
+        converted: &mut bool,
+    ) {
         let mut t = self.lock();
-        let Some(e) = t.entries.get_mut(call_id) else {
+        let k = key(call_id, caller_tag);
+        let Some(e) = t.entries.get_mut(&k) else {
             return;
         };
-        if !e.callee_tags.iter().any(|c| &**c == callee_tag)
-            && e.callee_tags.len() < MAX_CALLEE_TAGS
-        {
-            e.callee_tags.push(callee_tag.into());
+        e.last_used = Instant::now();
+        if status < 200 {
+            if !e.knows_callee(callee_tag) && e.early.len() < MAX_CALLEE_TAGS {
+                e.early.push(callee_tag.into());
+            }
+            return;
         }
-        let newly = confirmed && !e.confirmed;
-        e.confirmed |= confirmed;
-        if newly && e.kind == DialogKind::Call {
-            t.confirmed_calls += 1;
+        let new = !e.up.iter().any(|u| &**u == callee_tag) && e.up.len() < MAX_CALLEE_TAGS;
+        if new {
+            e.up.push(callee_tag.into());
+        }
+        let convert = !*converted && e.claims > 0;
+        if convert {
+            e.claims -= 1;
+            *converted = true;
+        }
+        let (kind, account) = (e.kind, e.account.clone());
+        if kind == DialogKind::Call {
+            if new {
+                t.calls_up += 1;
+                t.add_calls(&account, 1);
+            }
+            if convert {
+                t.remove_calls(&account, 1);
+            }
         }
     }
 
-    /// The request that made the entry failed (no 2xx): forget it unless confirmed.
-    pub fn abandon(&self, call_id: &str) {
+    /// A forward that held a claim ended: its claim goes, unless a 2xx turned it into a
+    /// dialog; the entry goes once nothing holds it.
+    pub fn release(&self, call_id: &str, caller_tag: &str, converted: bool) {
         let mut t = self.lock();
-        if t.entries.get(call_id).is_some_and(|e| !e.confirmed) {
-            t.forget(call_id);
+        let k = key(call_id, caller_tag);
+        if !converted {
+            let Some(e) = t.entries.get_mut(&k) else {
+                return;
+            };
+            e.claims = e.claims.saturating_sub(1);
+            let (kind, account) = (e.kind, e.account.clone());
+            if kind == DialogKind::Call {
+                t.remove_calls(&account, 1);
+            }
         }
+        t.forget_if_done(&k);
     }
 
-    /// The dialog ended (a BYE was answered, a subscription terminated).
-    pub fn ended(&self, call_id: &str) {
-        self.lock().forget(call_id);
+    /// The dialog these tags name, of `kind`, ended (its BYE was answered, its
+    /// subscription terminated): only that dialog, not the other legs of a fork.
+    pub fn ended(&self, call_id: &str, from_tag: &str, to_tag: &str, kind: DialogKind) {
+        let mut t = self.lock();
+        let Some((k, caller_sent)) = t.find(call_id, from_tag, to_tag) else {
+            return;
+        };
+        let callee = if caller_sent { to_tag } else { from_tag };
+        let e = t.entries.get_mut(&k).expect("just found");
+        if e.kind != kind {
+            return;
+        }
+        e.early.retain(|c| &**c != callee);
+        let before = e.up.len();
+        e.up.retain(|c| &**c != callee);
+        let gone = before - e.up.len();
+        let account = e.account.clone();
+        if kind == DialogKind::Call && gone > 0 {
+            t.calls_up -= gone;
+            t.remove_calls(&account, gone as u32);
+        }
+        t.forget_if_done(&k);
     }
 
     /// Whether a request with these tags belongs to a dialog this node knows, and marks
     /// it used. Before any callee tag is known, only a subscription's NOTIFY (which may
-    /// overtake the SUBSCRIBE's 2xx) can match, by the caller's tag alone.
+    /// overtake the SUBSCRIBE's 2xx) can match, by the subscriber's tag alone.
     pub fn knows(&self, call_id: &str, from_tag: &str, to_tag: &str) -> bool {
         let now = Instant::now();
         let mut t = self.lock();
-        let Some(e) = t.entries.get_mut(call_id) else {
+        let found = t
+            .find(call_id, from_tag, to_tag)
+            .map(|(k, _)| k)
+            .or_else(|| {
+                let k = key(call_id, to_tag);
+                t.entries
+                    .get(&k)
+                    .is_some_and(|e| {
+                        e.kind == DialogKind::Subscription && e.claims > 0 && e.up.is_empty()
+                    })
+                    .then_some(k)
+            });
+        let Some(k) = found else {
             return false;
         };
-        let callee = |tag: &str| e.callee_tags.iter().any(|c| &**c == tag);
-        let matches = (&*e.caller_tag == from_tag && callee(to_tag))
-            || (&*e.caller_tag == to_tag && callee(from_tag))
-            || (e.kind == DialogKind::Subscription
-                && e.callee_tags.is_empty()
-                && &*e.caller_tag == to_tag);
-        if !matches {
-            return false;
+        if let Some(e) = t.entries.get_mut(&k) {
+            e.last_used = now;
         }
-        e.last_used = now;
         true
     }
 
-    /// Confirmed calls through this node that have not ended, for drain.
+    /// Calls through this node that are up, for drain.
     pub fn count(&self) -> usize {
         let mut t = self.lock();
-        t.prune(Instant::now(), self.max);
-        t.confirmed_calls
+        t.prune(Instant::now());
+        t.calls_up
     }
 
-    /// Entries in the table (calls and subscriptions, pending or confirmed).
+    /// Entries in the table (calls and subscriptions, being set up or up).
     pub fn len(&self) -> usize {
         self.lock().entries.len()
     }
@@ -277,58 +413,114 @@ impl Dialogs {
 mod tests {
     use super::*;
 
+    const ALICE: &str = "alice@example.com";
+
+    /// One forward of a call: begin, then a 2xx from `callee`, then the forward's end.
+    fn answered_call(d: &Dialogs, call: &str, limit: u32, callee: &str) -> Result<(), Refused> {
+        d.begin(call, "a", DialogKind::Call, Some((ALICE, limit)))?;
+        let mut converted = false;
+        d.answered(call, "a", callee, 180, &mut converted);
+        d.answered(call, "a", callee, 200, &mut converted);
+        d.release(call, "a", converted);
+        Ok(())
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_call_is_known_by_both_tags_in_either_order_until_it_ends() {
+    async fn a_call_is_known_by_both_tags_in_either_order_until_its_bye() {
         let d = Dialogs::new(10);
-        assert_eq!(d.begin("c1", "a", DialogKind::Call, None), Ok(true));
+        d.begin("c1", "a", DialogKind::Call, None).unwrap();
         assert!(!d.knows("c1", "a", "b"), "no callee tag yet");
-        d.answered("c1", "b", true);
+        let mut converted = false;
+        d.answered("c1", "a", "b", 180, &mut converted);
+        assert!(d.knows("c1", "a", "b"), "an early dialog (PRACK, UPDATE)");
+        d.answered("c1", "a", "b", 200, &mut converted);
+        assert!(converted);
+        d.release("c1", "a", converted);
         assert!(d.knows("c1", "a", "b"));
         assert!(
             d.knows("c1", "b", "a"),
             "the callee's requests swap the tags"
         );
         assert!(!d.knows("c1", "a", "x"));
+        assert!(!d.knows("c1", "x", "b"));
         assert!(!d.knows("c2", "a", "b"));
         assert_eq!(d.count(), 1);
-        d.ended("c1");
+        d.ended("c1", "b", "a", DialogKind::Call);
         assert!(!d.knows("c1", "a", "b"));
         assert_eq!((d.count(), d.len()), (0, 0));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_failed_call_is_forgotten_and_frees_its_slot() {
+    async fn an_accounts_calls_are_its_claims_and_its_dialogs_up() {
         let d = Dialogs::new(10);
-        let alice = Some(("alice@example.com", 2));
-        assert_eq!(d.begin("c1", "a", DialogKind::Call, alice), Ok(true));
-        assert_eq!(d.begin("c2", "a", DialogKind::Call, alice), Ok(true));
+        answered_call(&d, "c1", 2, "b").unwrap();
+        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 2)))
+            .unwrap();
+        assert_eq!(d.calls_of(ALICE), 2, "one up, one ringing");
         assert_eq!(
-            d.begin("c3", "a", DialogKind::Call, alice),
+            d.begin("c3", "a", DialogKind::Call, Some((ALICE, 2))),
             Err(Refused::CallLimit)
         );
-        // A spiral of c1 is not a new call.
-        assert_eq!(d.begin("c1", "a", DialogKind::Call, alice), Ok(false));
-        d.answered("c1", "b", false);
-        d.abandon("c1");
-        assert_eq!(d.calls_of("alice@example.com"), 1);
-        assert_eq!(d.begin("c3", "a", DialogKind::Call, alice), Ok(true));
-        d.answered("c3", "b", true);
-        d.abandon("c3");
-        assert!(
-            d.knows("c3", "a", "b"),
-            "a confirmed call survives its fork"
+        // Reusing a live Call-ID and tag is a new call too.
+        assert_eq!(
+            d.begin("c1", "a", DialogKind::Call, Some((ALICE, 2))),
+            Err(Refused::CallLimit)
         );
-        d.ended("c3");
-        d.ended("c2");
-        assert_eq!(d.calls_of("alice@example.com"), 0);
+        // c2 fails: its slot is free again.
+        d.release("c2", "a", false);
+        assert_eq!(d.calls_of(ALICE), 1);
+        assert_eq!(d.len(), 1);
+        answered_call(&d, "c3", 2, "b").unwrap();
+        d.ended("c3", "a", "b", DialogKind::Call);
+        d.ended("c1", "a", "b", DialogKind::Call);
+        assert_eq!((d.calls_of(ALICE), d.len()), (0, 0));
         // 0 is no limit.
         for i in 0..10 {
-            let call = format!("u{i}");
-            assert_eq!(
-                d.begin(&call, "a", DialogKind::Call, Some(("trunk@example.com", 0))),
-                Ok(true)
-            );
+            d.begin(
+                &format!("u{i}"),
+                "a",
+                DialogKind::Call,
+                Some(("trunk@example.com", 0)),
+            )
+            .unwrap();
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_with_the_same_call_id_keeps_the_dialog_its_first_try_leaves() {
+        // The first INVITE got a 407 from downstream and its forward ends later than the
+        // retry's 2xx: the retry's dialog must survive the first forward's end.
+        let d = Dialogs::new(10);
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+            .unwrap();
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+            .unwrap();
+        let mut retry = false;
+        d.answered("c1", "a", "b", 200, &mut retry);
+        d.release("c1", "a", false);
+        assert!(d.knows("c1", "a", "b"));
+        d.release("c1", "a", retry);
+        assert!(d.knows("c1", "a", "b"));
+        assert_eq!(d.calls_of(ALICE), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_leg_of_a_fork_is_a_call_and_ends_on_its_own() {
+        let d = Dialogs::new(10);
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+            .unwrap();
+        let mut converted = false;
+        d.answered("c1", "a", "desk", 200, &mut converted);
+        d.answered("c1", "a", "soft", 200, &mut converted);
+        d.release("c1", "a", converted);
+        assert_eq!((d.calls_of(ALICE), d.count()), (2, 2));
+        d.ended("c1", "a", "soft", DialogKind::Call);
+        assert!(d.knows("c1", "a", "desk"), "the other leg is still up");
+        assert!(!d.knows("c1", "a", "soft"));
+        assert_eq!((d.calls_of(ALICE), d.count()), (1, 1));
+        // A NOTIFY that ends a subscription (a transfer's REFER) does not end the call.
+        d.ended("c1", "desk", "a", DialogKind::Subscription);
+        assert!(d.knows("c1", "a", "desk"));
     }
 
     #[tokio::test(start_paused = true)]
@@ -338,30 +530,60 @@ mod tests {
             .unwrap();
         assert!(d.knows("s1", "notifier", "sub"));
         assert_eq!(d.count(), 0, "subscriptions are not calls");
-        d.answered("s1", "notifier", true);
+        let mut converted = false;
+        d.answered("s1", "sub", "notifier", 200, &mut converted);
+        d.release("s1", "sub", converted);
         assert!(!d.knows("s1", "other", "sub"));
+        assert!(d.knows("s1", "notifier", "sub"));
+        d.ended("s1", "notifier", "sub", DialogKind::Subscription);
+        assert_eq!(d.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_table_is_bounded_and_forgets_idle_dialogs() {
-        let d = Dialogs::new(3);
-        let account = Some(("alice@example.com", 100));
-        for i in 0..5 {
-            d.begin(&format!("c{i}"), "a", DialogKind::Call, account)
+    async fn a_full_table_refuses_new_dialogs_and_keeps_half_for_callers_who_authenticated() {
+        let d = Dialogs::new(4);
+        for i in 0..2 {
+            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None)
                 .unwrap();
-            d.answered(&format!("c{i}"), "b", true);
         }
-        assert_eq!(d.len(), 3);
-        assert_eq!(d.count(), 3);
-        assert_eq!(d.calls_of("alice@example.com"), 3);
-        assert!(!d.knows("c0", "a", "b") && d.knows("c4", "a", "b"));
+        assert_eq!(
+            d.begin("anon2", "a", DialogKind::Call, None),
+            Err(Refused::Full),
+            "outsiders get half"
+        );
+        for i in 0..2 {
+            answered_call(&d, &format!("c{i}"), 100, "b").unwrap();
+        }
+        assert_eq!(answered_call(&d, "c2", 100, "b"), Err(Refused::Full));
+        assert!(d.knows("c0", "a", "b"), "no live call is evicted");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_dialogs_are_forgotten_and_the_queue_stays_small() {
+        let d = Dialogs::new(1000);
+        for i in 0..3 {
+            answered_call(&d, &format!("c{i}"), 100, "b").unwrap();
+        }
         // Used now and then, a dialog stays; unused ones go after MAX_IDLE.
         tokio::time::advance(MAX_IDLE - Duration::from_secs(1)).await;
-        assert!(d.knows("c2", "a", "b"));
+        assert!(d.knows("c1", "a", "b"));
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(d.count(), 1);
-        assert!(d.knows("c2", "a", "b"));
-        assert_eq!(d.calls_of("alice@example.com"), 1);
-        assert!(d.lock().queue.len() <= 2 * 3 + 2);
+        assert!(d.knows("c1", "a", "b"));
+        assert_eq!(d.calls_of(ALICE), 1);
+        // A long-lived dialog at the front does not let dead positions pile up behind it.
+        for i in 0..10_000 {
+            let call = format!("short{i}");
+            d.begin(&call, "a", DialogKind::Call, None).unwrap();
+            d.release(&call, "a", false);
+        }
+        let (queued, entries) = {
+            let t = d.lock();
+            (t.queue.len(), t.entries.len())
+        };
+        assert!(
+            queued <= 2 * entries + 65,
+            "{queued} queued for {entries} entries"
+        );
     }
 }

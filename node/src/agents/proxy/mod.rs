@@ -253,8 +253,26 @@ impl Proxy {
     /// Whether `request`'s top Route carries a genuine flow token of its own call: a
     /// request inside a dialog this cluster record-routed, whose sender saw our
     /// Record-Route, which the flood limit lets through a ban.
-    pub fn carries_own_token(&self, request: &Message) -> bool {
-        top_route(request).is_some_and(|u| self.top_token(request, &u))
+    ///
+    /// Only a dialog token, only for a dialog this node knows (or whose tokens predate
+    /// this process), and only from the address the token's flow names: the top Route of
+    /// a request inside a dialog is this node's entry on the sender's side, so it names
+    /// the sender's own flow, and a spoofer sending from elsewhere proves nothing.
+    pub fn carries_own_token(&self, request: &Message, ip: std::net::IpAddr) -> bool {
+        let Some(uri) = top_route(request) else {
+            return false;
+        };
+        let call_id = request.call_id().unwrap_or_default();
+        let (from_tag, to_tag) = tags(request);
+        let Some(token) = uri.user.as_deref().and_then(|user| {
+            self.tokens
+                .decode(user, &call_id, [&from_tag, &to_tag], now_secs())
+        }) else {
+            return false;
+        };
+        token.kind == TokenKind::Dialog
+            && token.flow.remote.ip() == ip
+            && (token.minted < self.started || self.dialogs.knows(&call_id, &from_tag, &to_tag))
     }
 
     /// The proxy's own refusals (407 and every other answer before anything is forwarded)
@@ -444,13 +462,23 @@ impl Proxy {
             };
             let account = caller.as_ref().map(|(a, limit)| (a.as_str(), *limit));
             match self.dialogs.begin(&call_id, &from_tag, kind, account) {
-                Ok(true) => {
+                Ok(()) => {
                     claim = Some(DialogClaim {
                         dialogs: self.dialogs.clone(),
                         call_id: call_id.clone(),
+                        caller_tag: from_tag.clone(),
+                        converted: false,
                     })
                 }
-                Ok(false) => {}
+                Err(Refused::Full) => {
+                    tracing::warn!("the dialog table is full; a new dialog gets 503");
+                    self.answer(
+                        tx,
+                        &request,
+                        Refusal::new(503, "Service Unavailable (too many dialogs)"),
+                    );
+                    return;
+                }
                 Err(Refused::CallLimit) => {
                     let (account, limit) = caller.unwrap_or_default();
                     tracing::info!(%account, limit, "call refused: the account is at its max_concurrent_calls");
@@ -897,10 +925,18 @@ impl Proxy {
             tracing::debug!("ACK for a dialog this node does not know; dropped");
             return;
         }
+        // As for any request inside a dialog: the next Route only if it is another
+        // member (and does not come back here), else the dialog's peer over the token's
+        // flow, never a Route someone appended.
         let hop = match (top_route(&request), own.dialog_flow()) {
-            (Some(uri), _) => Hop::Uri(uri),
-            (None, Some(flow)) => Hop::Flow(flow),
-            (None, None) => return,
+            (Some(uri), _) if self.names_member(&uri) && !self.routes_back_here(&request) => {
+                Hop::Uri(uri)
+            }
+            (_, Some(flow)) => Hop::Flow(flow),
+            _ => {
+                tracing::debug!("ACK whose route set leads outside the dialog; dropped");
+                return;
+            }
         };
         if request.max_forwards().ok().flatten() == Some(0) {
             return;
@@ -1026,15 +1062,19 @@ impl OwnRoutes {
     }
 }
 
-/// A dialog entry a fork made, forgotten when the fork ends without a 2xx.
+/// A fork's claim on its dialog entry (see [`dialogs`]), given back when the fork ends.
 struct DialogClaim {
     dialogs: Arc<Dialogs>,
     call_id: String,
+    caller_tag: String,
+    /// A 2xx turned the claim into a dialog that is up.
+    converted: bool,
 }
 
 impl Drop for DialogClaim {
     fn drop(&mut self) {
-        self.dialogs.abandon(&self.call_id);
+        self.dialogs
+            .release(&self.call_id, &self.caller_tag, self.converted);
     }
 }
 
@@ -1042,8 +1082,7 @@ impl Drop for DialogClaim {
 struct Fork {
     proxy: Arc<Proxy>,
     call_id: String,
-    /// The dialog entry this fork made, if it made one; held until the fork ends.
-    #[allow(dead_code)]
+    /// Its claim on the dialog entry, for a request this node record-routes.
     claim: Option<DialogClaim>,
     request: Message,
     in_flow: Flow,
@@ -1167,13 +1206,19 @@ impl Fork {
         }
     }
 
-    /// Keeps the dialog table current as finals go upstream: a final answer to a BYE
-    /// ends a call, a 2xx to a NOTIFY that terminates its subscription ends that.
+    /// Keeps the dialog table current as finals go upstream: a BYE answered 2xx, 481 or
+    /// 408 (or timed out) ends its dialog; a NOTIFY answered 2xx that terminates its
+    /// subscription ends that. Other answers to a BYE (a 401 from downstream, say) leave
+    /// the call up: the BYE will come again.
     fn track_dialog(&self, status: u16) {
+        let (from_tag, to_tag) = tags(&self.request);
+        let dialogs = &self.proxy.dialogs;
         match self.request.method() {
-            Some(Method::Bye) if status >= 200 => self.proxy.dialogs.ended(&self.call_id),
+            Some(Method::Bye) if (200..300).contains(&status) || matches!(status, 408 | 481) => {
+                dialogs.ended(&self.call_id, &from_tag, &to_tag, DialogKind::Call)
+            }
             Some(Method::Notify) if (200..300).contains(&status) && terminates(&self.request) => {
-                self.proxy.dialogs.ended(&self.call_id)
+                dialogs.ended(&self.call_id, &from_tag, &to_tag, DialogKind::Subscription)
             }
             _ => {}
         }
@@ -1182,15 +1227,22 @@ impl Fork {
     /// A response with a To tag to a request this node record-routed: the callee's
     /// side of the dialog, recorded before the response goes on, so the ACK or PRACK
     /// that answers it finds the dialog.
-    fn note_callee(&self, response: &Message, status: u16) {
-        if !self.record_route || !(101..300).contains(&status) {
+    fn note_callee(&mut self, response: &Message, status: u16) {
+        let Some(claim) = self.claim.as_mut() else {
+            return;
+        };
+        if !(101..300).contains(&status) {
             return;
         }
         let (_, to_tag) = tags(response);
         if !to_tag.is_empty() {
-            self.proxy
-                .dialogs
-                .answered(&self.call_id, &to_tag, status >= 200);
+            let DialogClaim {
+                dialogs,
+                call_id,
+                caller_tag,
+                converted,
+            } = claim;
+            dialogs.answered(call_id, caller_tag, &to_tag, status, converted);
         }
     }
 

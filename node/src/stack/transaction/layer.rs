@@ -427,7 +427,7 @@ struct TransactionLayer {
     held: usize,
     published_held: usize,
     /// This shard's share of `sip.max_transactions`: a new server transaction past it is
-    /// refused with a stateless 503.
+    /// refused with a stateless 503 (CANCEL and in-dialog requests have a tenth more).
     max_held: usize,
     shared_active: Arc<ActiveTransactions>,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -575,7 +575,18 @@ impl TransactionLayer {
                 .await;
             return;
         }
-        if self.held >= self.max_held {
+        // A tenth more room for what ends or stops calls (CANCEL, and requests inside a
+        // dialog, BYE first of all), so a full table still lets calls end.
+        let ends_something = method == Method::Cancel
+            || request
+                .to()
+                .is_ok_and(|to| to.params.value("tag").is_some());
+        let cap = if ends_something {
+            self.max_held + self.max_held / 10
+        } else {
+            self.max_held
+        };
+        if self.held >= cap {
             self.refuse_when_full(&request, &flow);
             return;
         }

@@ -7,8 +7,10 @@
 //! cluster before (credentials on a nonce issued to that very address, or a genuine flow
 //! token of a dialog) still passes, as do ACK (never answered) and CANCEL (answered once,
 //! and needed to stop a ringing call). Deciding that is the agents' business, through
-//! [`Vouch`]; this module only counts. The table is bounded: when full, the oldest entry
-//! makes room, which at worst forgets a ban early.
+//! [`Vouch`]; this module only counts. IPv6 sources count per /64, the block one
+//! subscriber usually gets. Both tables are bounded, with the oldest entry making room;
+//! bans have a table of their own, so a flood from many new addresses cannot push an
+//! existing ban out by filling the buckets.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -105,30 +107,86 @@ pub enum Verdict {
 struct Bucket {
     tokens: f64,
     last: Instant,
-    banned_until: Option<Instant>,
-    /// Which insertion this entry is, for the eviction queue.
-    seq: u64,
+}
+
+/// A table bounded at `max` entries that evicts the one inserted first, in O(1).
+#[derive(Debug)]
+struct Bounded<V> {
+    map: HashMap<IpAddr, (V, u64)>,
+    /// Insertion order; positions of keys removed or inserted again since are skipped.
+    order: VecDeque<(IpAddr, u64)>,
+    next_seq: u64,
+    max: usize,
+}
+
+impl<V> Bounded<V> {
+    fn new(max: usize) -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            next_seq: 0,
+            max: max.max(1),
+        }
+    }
+
+    fn insert(&mut self, k: IpAddr, v: V) {
+        if !self.map.contains_key(&k) {
+            while self.map.len() >= self.max {
+                let Some((old, seq)) = self.order.pop_front() else {
+                    break;
+                };
+                if self.map.get(&old).is_some_and(|(_, s)| *s == seq) {
+                    self.map.remove(&old);
+                }
+            }
+        }
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.order.push_back((k, seq));
+        self.map.insert(k, (v, seq));
+        if self.order.len() > 2 * self.max {
+            let map = &self.map;
+            self.order
+                .retain(|(k, seq)| map.get(k).is_some_and(|(_, s)| s == seq));
+        }
+    }
+
+    fn get_mut(&mut self, k: &IpAddr) -> Option<&mut V> {
+        self.map.get_mut(k).map(|(v, _)| v)
+    }
+
+    fn remove(&mut self, k: &IpAddr) {
+        self.map.remove(k);
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+/// The address a source is counted under: itself, or its /64 for IPv6.
+fn counted_as(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+    }
 }
 
 /// The per-address buckets and bans: sans-IO, time comes in.
 #[derive(Debug)]
 pub struct FloodGuard {
     limit: FloodLimit,
-    buckets: HashMap<IpAddr, Bucket>,
-    /// Insertion order, for O(1) eviction; stale entries (re-inserted keys) are skipped.
-    order: VecDeque<(IpAddr, u64)>,
-    next_seq: u64,
-    max: usize,
+    buckets: Bounded<Bucket>,
+    /// When each banned address's ban ends.
+    bans: Bounded<Instant>,
 }
 
 impl FloodGuard {
     pub fn new(limit: FloodLimit, max: usize) -> FloodGuard {
         FloodGuard {
             limit,
-            buckets: HashMap::new(),
-            order: VecDeque::new(),
-            next_seq: 0,
-            max: max.max(1),
+            buckets: Bounded::new(max),
+            bans: Bounded::new(max),
         }
     }
 
@@ -141,31 +199,28 @@ impl FloodGuard {
         let FloodLimit {
             rate, burst, ban, ..
         } = self.limit;
-        if !self.buckets.contains_key(&ip) {
-            self.make_room();
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.order.push_back((ip, seq));
-            self.buckets.insert(
-                ip,
-                Bucket {
-                    tokens: burst,
-                    last: now,
-                    banned_until: None,
-                    seq,
-                },
-            );
-        }
-        let b = self.buckets.get_mut(&ip).expect("just inserted");
-        if let Some(until) = b.banned_until {
+        let k = counted_as(ip);
+        if let Some(until) = self.bans.get_mut(&k).map(|u| *u) {
             if now < until {
                 return Verdict::Banned;
             }
             // The ban is over: start again with a full bucket.
-            b.banned_until = None;
-            b.tokens = burst;
-            b.last = now;
+            self.bans.remove(&k);
+            self.buckets.remove(&k);
         }
+        let b = match self.buckets.get_mut(&k) {
+            Some(b) => b,
+            None => {
+                self.buckets.insert(
+                    k,
+                    Bucket {
+                        tokens: burst,
+                        last: now,
+                    },
+                );
+                self.buckets.get_mut(&k).expect("just inserted")
+            }
+        };
         let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * rate).min(burst);
         b.last = now;
@@ -173,51 +228,30 @@ impl FloodGuard {
             b.tokens -= 1.0;
             Verdict::Pass
         } else {
-            b.banned_until = Some(now + ban);
+            self.buckets.remove(&k);
+            self.bans.insert(k, now + ban);
             *newly_banned = true;
             Verdict::Banned
         }
     }
 
-    /// Evicts the oldest entry when the table is full.
-    fn make_room(&mut self) {
-        while self.buckets.len() >= self.max {
-            let Some((ip, seq)) = self.order.pop_front() else {
-                self.buckets.clear();
-                return;
-            };
-            if self.buckets.get(&ip).is_some_and(|b| b.seq == seq) {
-                self.buckets.remove(&ip);
-            }
-        }
-        // Keep the queue from growing past the table by stale entries.
-        if self.order.len() > 2 * self.max {
-            let buckets = &self.buckets;
-            self.order
-                .retain(|(ip, seq)| buckets.get(ip).is_some_and(|b| b.seq == *seq));
-        }
-    }
-
-    /// Addresses tracked.
+    /// Addresses tracked: buckets and bans.
     pub fn len(&self) -> usize {
-        self.buckets.len()
+        self.buckets.len() + self.bans.len()
     }
 
     /// Addresses tracked, and how many of those are banned now.
     #[cfg(test)]
     fn sizes(&self, now: Instant) -> (usize, usize) {
-        let banned = self
-            .buckets
-            .values()
-            .filter(|b| b.banned_until.is_some_and(|u| now < u))
-            .count();
-        (self.buckets.len(), banned)
+        let banned = self.bans.map.values().filter(|(u, _)| now < *u).count();
+        (self.len(), banned)
     }
 }
 
-/// Methods a ban never drops: an ACK is never answered, and a CANCEL is answered once and
-/// is how a caller at a banned address stops a call that is ringing.
-pub fn exempt_method(message: &Message) -> bool {
+/// Whether a ban lets `message` through: an ACK (never answered, and not counted
+/// either) and a CANCEL (counted, answered once, and how a caller at a banned address
+/// stops a call that is ringing).
+pub fn passes_bans(message: &Message) -> bool {
     matches!(message.method(), Some(Method::Ack | Method::Cancel))
 }
 
@@ -292,21 +326,35 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_table_is_bounded_and_evicts_the_oldest() {
+    async fn the_tables_are_bounded_and_new_addresses_never_push_a_ban_out() {
         let mut g = FloodGuard::new(limit(10.0, 1.0), 3);
         let t0 = Instant::now();
         let ip = |i: u8| IpAddr::from([192, 0, 2, i]);
         g.admit(ip(1), t0, &mut false);
         assert_eq!(g.admit(ip(1), t0, &mut false), Verdict::Banned);
-        for i in 2..=4 {
+        for i in 2..=250 {
             g.admit(ip(i), t0, &mut false);
         }
-        assert_eq!(g.sizes(t0), (3, 0), "the oldest (banned) entry made room");
-        for i in 5..=200 {
-            g.admit(ip(i), t0, &mut false);
-        }
-        assert_eq!(g.sizes(t0).0, 3);
-        assert!(g.order.len() <= 6);
+        assert_eq!(g.sizes(t0), (4, 1), "three buckets, one ban");
+        assert_eq!(g.admit(ip(1), t0, &mut false), Verdict::Banned);
+        assert!(g.buckets.order.len() <= 6 && g.bans.order.len() <= 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_counts_per_64() {
+        let mut g = FloodGuard::new(limit(10.0, 2.0), 100);
+        let t0 = Instant::now();
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(g.admit(a, t0, &mut false), Verdict::Pass);
+        assert_eq!(g.admit(b, t0, &mut false), Verdict::Pass);
+        assert_eq!(
+            g.admit(a, t0, &mut false),
+            Verdict::Banned,
+            "one /64, one bucket"
+        );
+        assert_eq!(g.admit(other, t0, &mut false), Verdict::Pass);
     }
 
     #[test]

@@ -475,14 +475,20 @@ impl Transports {
         let _ = self.shared.vouch.set(vouch);
     }
 
-    /// Whether a parsed message from `ip` goes on, under the flood limit. Responses,
-    /// ACKs and CANCELs always do; a request from a banned address only with proof of a
-    /// round trip or from a cluster member (see [`flood`]).
+    /// Whether a parsed message from `ip` goes on, under the flood limit. Responses and
+    /// ACKs always do, uncounted; CANCELs count but pass a ban; other requests from a
+    /// banned address pass only with proof of a round trip. Cluster members are never
+    /// limited (see [`flood`]).
     pub(crate) fn screen(&self, message: &Message, ip: IpAddr) -> bool {
         if !self.shared.limits.flood.is_on()
             || !message.is_request()
-            || flood::exempt_method(message)
+            || message.method() == Some(&tandem_sip::Method::Ack)
         {
+            return true;
+        }
+        let vouch = self.shared.vouch.get();
+        // Members first: their traffic is most of a loaded node's, and never limited.
+        if vouch.is_some_and(|v| v.trusted(ip)) {
             return true;
         }
         let mut newly_banned = false;
@@ -499,10 +505,6 @@ impl Transports {
         if verdict == Verdict::Pass {
             return true;
         }
-        let vouch = self.shared.vouch.get();
-        if vouch.is_some_and(|v| v.trusted(ip)) {
-            return true;
-        }
         if newly_banned {
             self.shared.stats.flood_bans.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -512,7 +514,7 @@ impl Transports {
                  only requests that prove a round trip pass until the ban lapses"
             );
         }
-        if vouch.is_some_and(|v| v.proves_round_trip(message, ip)) {
+        if flood::passes_bans(message) || vouch.is_some_and(|v| v.proves_round_trip(message, ip)) {
             return true;
         }
         self.shared
@@ -641,6 +643,12 @@ impl Transports {
             context: "reading a new connection's address".into(),
             source,
         })?;
+        // Run on a SIP thread, and registered with that thread's reactor; converted before
+        // it takes a place in the table, which a failure here must not leave behind.
+        let stream = stream.into_std().map_err(|source| Error::Io {
+            context: "handing a new connection to a SIP thread".into(),
+            source,
+        })?;
         let (tx, rx) = mpsc::channel(stream::QUEUE_DEPTH);
         let flow = self
             .register(kind, local, remote, tx)
@@ -655,16 +663,15 @@ impl Transports {
             stop: outbound.stop.clone(),
             shards: outbound.shards.clone(),
         };
-        // Run on a SIP thread, and registered with that thread's reactor.
-        let stream = stream.into_std().map_err(|source| Error::Io {
-            context: "handing a new connection to a SIP thread".into(),
-            source,
-        })?;
+
         outbound.tracker.spawn_on(
             async move {
                 match tokio::net::TcpStream::from_std(stream) {
                     Ok(stream) => stream::run_connection(stream, flow, rx, ctx).await,
-                    Err(e) => tracing::warn!(error = %e, "cannot register a new connection"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register a new connection");
+                        ctx.transports.unregister(&flow);
+                    }
                 }
             },
             outbound.shards.next(),
