@@ -264,15 +264,18 @@ impl Proxy {
         };
         let call_id = request.call_id().unwrap_or_default();
         let (from_tag, to_tag) = tags(request);
+        let now = now_secs();
         let Some(token) = uri.user.as_deref().and_then(|user| {
             self.tokens
-                .decode(user, &call_id, [&from_tag, &to_tag], now_secs())
+                .decode(user, &call_id, [&from_tag, &to_tag], now)
         }) else {
             return false;
         };
+        let before_start = token.minted < self.started
+            && now.saturating_sub(token.minted) <= DIALOG_TOKEN_LIFETIME;
         token.kind == TokenKind::Dialog
             && token.flow.remote.ip() == ip
-            && (token.minted < self.started || self.dialogs.knows(&call_id, &from_tag, &to_tag))
+            && (before_start || self.dialogs.knows(&call_id, &from_tag, &to_tag))
     }
 
     /// The proxy's own refusals (407 and every other answer before anything is forwarded)
