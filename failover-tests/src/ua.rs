@@ -272,6 +272,36 @@ impl Ua {
     }
 }
 
+/// A request inside `dialog` from `user@domain` at `local`, along its route set, with `to`
+/// as its To value (the dialog's, or one a test forges).
+pub fn in_dialog_request(
+    (user, domain): (&str, &str),
+    dialog: &Dialog,
+    local: SocketAddr,
+    method: &str,
+    cseq: u32,
+    to: &str,
+) -> String {
+    let mut text = format!(
+        "{method} {target} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-{method}-{cseq}-{port};rport\r\n\
+         From: <sip:{user}@{domain}>;tag={from_tag}\r\n\
+         To: {to}\r\n\
+         Call-ID: {call_id}\r\n\
+         CSeq: {cseq} {method}\r\n\
+         Max-Forwards: 70\r\n",
+        target = dialog.remote_target,
+        port = local.port(),
+        from_tag = dialog.from_tag,
+        call_id = dialog.call_id,
+    );
+    for r in &dialog.route {
+        text.push_str(&format!("Route: {r}\r\n"));
+    }
+    text.push_str("Content-Length: 0\r\n\r\n");
+    text
+}
+
 /// A message the UA received, and where from.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -536,27 +566,14 @@ impl Ua {
 
     /// Sends a request inside `dialog` along its route set; returns where it went.
     pub fn send_in_dialog(&self, dialog: &Dialog, method: &str, cseq: u32) -> SocketAddr {
-        let local = self.local();
-        let mut text = format!(
-            "{method} {target} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};branch=z9hG4bK-{method}-{cseq}-{port};rport\r\n\
-             From: <sip:{user}@{domain}>;tag={from_tag}\r\n\
-             To: {to}\r\n\
-             Call-ID: {call_id}\r\n\
-             CSeq: {cseq} {method}\r\n\
-             Max-Forwards: 70\r\n",
-            target = dialog.remote_target,
-            port = local.port(),
-            user = self.user,
-            domain = self.domain,
-            from_tag = dialog.from_tag,
-            to = dialog.to,
-            call_id = dialog.call_id,
+        let text = in_dialog_request(
+            (&self.user, &self.domain),
+            dialog,
+            self.local(),
+            method,
+            cseq,
+            &dialog.to,
         );
-        for r in &dialog.route {
-            text.push_str(&format!("Route: {r}\r\n"));
-        }
-        text.push_str("Content-Length: 0\r\n\r\n");
         let first_hop = dialog
             .route
             .first()

@@ -779,24 +779,14 @@ fn in_dialog(
     cseq: u32,
     to: &str,
 ) -> String {
-    let mut text = format!(
-        "{method} {target} SIP/2.0\r\n\
-         Via: SIP/2.0/UDP {local};branch=z9hG4bK-{method}-{cseq}-{port};rport\r\n\
-         From: <sip:alice@example.com>;tag={from_tag}\r\n\
-         To: {to}\r\n\
-         Call-ID: {call_id}\r\n\
-         CSeq: {cseq} {method}\r\n\
-         Max-Forwards: 70\r\n",
-        target = dialog.remote_target,
-        port = local.port(),
-        from_tag = dialog.from_tag,
-        call_id = dialog.call_id,
-    );
-    for r in &dialog.route {
-        text.push_str(&format!("Route: {r}\r\n"));
-    }
-    text.push_str("Content-Length: 0\r\n\r\n");
-    text
+    tandem_failover_tests::ua::in_dialog_request(
+        ("alice", "example.com"),
+        dialog,
+        local,
+        method,
+        cseq,
+        to,
+    )
 }
 
 #[test]

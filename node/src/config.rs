@@ -89,6 +89,29 @@ pub const MAX_SIP_THREADS: u16 = 64;
 /// case does not matter.
 pub const DIGEST_ALGORITHMS: [&str; 2] = ["MD5", "SHA-256"];
 
+/// `"10.0.0.0/8"`, `"192.0.2.7"` or `"2001:db8::/32"` as (network, prefix length).
+pub fn parse_network(s: &str) -> Result<(std::net::IpAddr, u8), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an address or network"))?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max,
+        Some(l) => l
+            .trim()
+            .parse::<u8>()
+            .ok()
+            .filter(|l| *l <= max)
+            .ok_or_else(|| format!("{s:?} has a prefix length outside 0..={max}"))?,
+    };
+    Ok((ip, len))
+}
+
 /// The phones offered a SHA-256 challenge by default: those seen to answer one. linphone
 /// (belle-sip: the desktop, mobile and command-line clients all say "Linphone") does, and
 /// the black-box suite registers and calls with it.
@@ -538,7 +561,7 @@ impl Config {
             bad("sip.flood_ban_secs", "must be 1 to 86400".into());
         }
         for net in &sip.flood_exempt {
-            if let Err(e) = crate::stack::transport::flood::parse_network(net) {
+            if let Err(e) = parse_network(net) {
                 bad("sip.flood_exempt", e);
             }
         }

@@ -24,12 +24,11 @@ use crate::agents::location::{self, keepalive, overlay::BindingOverlay};
 use crate::agents::{Agents, Stack};
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
-use crate::config::{Config, Role};
+use crate::config::{parse_network, Config, Role};
 use crate::operator::admin;
 use crate::stack::shard::ShardThreads;
 use crate::stack::stats::Stats;
 use crate::stack::transaction::{ActiveTransactions, TimerSettings};
-use crate::stack::transport::flood::parse_network;
 use crate::stack::transport::{FloodLimit, Limits, Listeners};
 use crate::Error;
 

@@ -97,58 +97,13 @@ password="bench-pw-0123456789"
 domain="example.com"
 [ "$legit_addrs" -ge 1 ] && [ "$legit_addrs" -le 99 ] || { echo "LEGIT_ADDRS: 1 to 99" >&2; exit 2; }
 
-if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
-  TANDEM_SETUP_BENCH=1 ./ops/setup.sh
-  . ./ops/env.sh
-  cargo build --workspace --all-targets
-else
-  . ./ops/env.sh
-fi
-TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
-
-work=$(mktemp -d)
-pids=()
-node_pid=()
-cleanup() {
-  local p
-  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}" $(jobs -p); do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
+. ./ops/bench/common.sh
 . ./ops/bench/cluster.sh
-udp_port() {
-  python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('$1', 0)); print(s.getsockname()[1])"
-}
 site() { echo "127.0.1.$1"; }
 callee_ip=127.0.1.100
 probe_ip=127.0.1.200
 
-# --- Measuring (as ops/bench/sip.sh) ----------------------------------------------------
-# stats OUT TAG FILES…: count, last (ms), p50 and p99 of the rtd TAG over sipp rtt traces.
-stats() {
-  local out=$1 tag=$2
-  shift 2
-  cat "$@" 2>/dev/null | awk -F';' -v t="$tag" '$3 == t { print $2, $1 }' | sort -n \
-    | awk '{ v[NR] = $1; if ($2 + 0 > last) last = $2 + 0 }
-        function q(x,  i) { i = int(x * NR + 0.999999); if (i < 1) i = 1; return v[i] }
-        END { if (NR == 0) print 0, 0, "-", "-"; else print NR, last, q(0.5), q(0.99) }' > "$out"
-}
-# counter FILE NAME: sipp's cumulative "Successful call" or "Failed call" (0 if none).
-counter() {
-  awk -F'|' -v n="$2" '$1 ~ "^ +" n " " { gsub(/ /, "", $3); v = $3 } END { print v + 0 }' "$1" \
-    2>/dev/null || echo 0
-}
-cpu_ticks() {
-  local p t=0
-  for p in "$@"; do
-    t=$(( t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0) ))
-  done
-  echo "$t"
-}
+# --- Measuring (the rest is in ops/bench/common.sh) ------------------------------------
 # mem_kb: the loaded Tandem node's VmRSS, or Kamailio's PSS summed over its processes.
 mem_kb() {
   local p t=0
@@ -160,11 +115,6 @@ mem_kb() {
     done
     echo "$t"
   fi
-}
-socket_drops() {
-  local d
-  d=$(ss -uanmH src "$1" 2>/dev/null | grep -o 'd[0-9]*)' | tr -dc '0-9' || true)
-  echo "${d:-0}"
 }
 # The loaded node's counters and gauges, for Tandem.
 tandem_metrics() {
@@ -355,34 +305,7 @@ done
 # --- Report ----------------------------------------------------------------------------------
 # sipp_events FILE: what a sipp -trace_err log says went wrong, by kind (as ops/bench/sip.sh).
 sipp_events() {
-  python3 - "$1" <<'PY'
-import collections, re, sys
-text = open(sys.argv[1], errors="replace").read()
-kinds = collections.Counter()
-for m in re.finditer(r"(Aborting call on unexpected message for Call-Id '[^']*': while (?:expecting '([^']*)'|pausing) "
-                     r"\(index (\d+)\), received '([^\r\n]*)"
-                     r"|Continuing call on unexpected message for Call-Id '[^']*': while (?:expecting '([^']*)'|pausing) "
-                     r"\(index (\d+)\), received '([^\r\n]*)"
-                     r"|Aborting call on an unexpected (\w+)"
-                     r"|receive timeout on message [^:]*:(\d+)"
-                     r"|Dead call \S+ \(([^)]*)\), received '([^\r\n]*)"
-                     r"|Discarding message which can't be mapped)", text):
-    g = m.groups()
-    if g[3] is not None:
-        kinds[f"call failed: unexpected '{g[3]}' at index {g[2]} (waiting for {g[1] or 'pause'})"] += 1
-    elif g[6] is not None:
-        kinds[f"call went on: unexpected '{g[6]}' at index {g[5]} (waiting for {g[4] or 'pause'})"] += 1
-    elif g[7]:
-        kinds[f"call failed: unexpected {g[7]}"] += 1
-    elif g[8]:
-        kinds[f"call failed: receive timeout at index {g[8]}"] += 1
-    elif g[9]:
-        kinds[f"late '{g[10]}' for a call already {g[9]}"] += 1
-    else:
-        kinds["message for no call"] += 1
-for k, n in kinds.most_common(6):
-    print(f"    {n:6d}  {k}")
-PY
+  python3 "$repo/ops/bench/sipp-events.py" "$1" 6 4
 }
 fmt='%-9s %7s %6s %6s %8s %10s %10s %6s %6s %6s %6s %6s %6s\n'
 for server in $servers; do

@@ -68,32 +68,7 @@ phases="${BENCH_PHASES:-register calls}"
 password="bench-pw-0123456789"
 domain="example.com"
 
-if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
-  TANDEM_SETUP_BENCH=1 ./ops/setup.sh
-  . ./ops/env.sh
-  # The same build as ./ops/test.sh, so the two share every artefact.
-  cargo build --workspace --all-targets
-else
-  . ./ops/env.sh
-fi
-# BENCH_TANDEM_BIN runs another tandem binary (an earlier build, for a before/after
-# comparison in one sitting) instead of the one just built.
-TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
-
-work=$(mktemp -d)
-pids=()
-node_pid=()
-cleanup() {
-  local p
-  # Tandem's fast stop (SIGINT): on SIGTERM a node would wait up to 32 s for transactions
-  # that calls failed under load leave open.
-  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}" $(jobs -p); do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. ./ops/bench/common.sh
 
 # --- Tandem: three nodes formed the operator's way ------------------------------------------
 . ./ops/bench/cluster.sh
@@ -105,10 +80,7 @@ for i in 1 2 3; do
   sip[$i]=$(sed -n 's/^udp = \["\(.*\)"\]/\1/p' "$work/node$i/tandem.toml")
   admin[$i]=$(listen_of "$work/node$i/tandem.toml" admin)
 done
-# A free UDP port on an address, for the sipp instances and Kamailio.
-udp_port() {
-  python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('$1', 0)); print(s.getsockname()[1])"
-}
+
 
 # Accounts, through node 1's admin API: the callee, the caller, bench0 … bench<REG_USERS-1>.
 api() {
@@ -147,44 +119,14 @@ fi
 kamailio_pids=($! $(pgrep -P $! || true))
 
 # --- Measuring -----------------------------------------------------------------------------
-# stats OUT TAG FILES…: completions, time of the last one (ms since its sipp started) and
-# the p50 and p99 response times (ms) of the rtd TAG over sipp rtt traces; "-" if none.
-stats() {
-  local out=$1 tag=$2
-  shift 2
-  cat "$@" 2>/dev/null | awk -F';' -v t="$tag" '$3 == t { print $2, $1 }' | sort -n \
-    | awk '{ v[NR] = $1; if ($2 + 0 > last) last = $2 + 0 }
-        function q(x,  i) { i = int(x * NR + 0.999999); if (i < 1) i = 1; return v[i] }
-        END { if (NR == 0) print 0, 0, "-", "-"; else print NR, last, q(0.5), q(0.99) }' > "$out"
-}
-# counter FILE NAME: sipp's cumulative count of "Successful call" or "Failed call" (0 if
-# sipp printed none).
-counter() {
-  awk -F'|' -v n="$2" '$1 ~ "^ +" n " " { gsub(/ /, "", $3); v = $3 } END { print v + 0 }' "$1" \
-    2>/dev/null || echo 0
-}
 # The kernel's UDP receive-buffer drops (all sockets: the servers' and sipp's).
 rcvbuf_errors() { awk '/^Udp:/ { n++; if (n == 2) print $6 }' /proc/net/snmp; }
-# Drops at one UDP socket (ss's skmem d counter), by local address.
-socket_drops() {
-  local d
-  d=$(ss -uanmH src "$1" 2>/dev/null | grep -o 'd[0-9]*)' | tr -dc '0-9' || true)
-  echo "${d:-0}"
-}
 # tandem_counters FILE: the loaded node's /metrics counters this bench reports.
 tandem_counters() {
   curl -sf "http://${admin[$bench_node]}/metrics" | awk '
     /^tandem_(raft_proposals_total|raft_proposal_batches_failed_total|log_wal_syncs_total) / ||
     /^tandem_sip_(auth_failures_total|calls_active|transactions_active) / ||
     /^tandem_sip_responses_total\{/ { print $1, $2 }' > "$1" || true
-}
-# cpu_ticks PID…: user plus system CPU time of those processes, in clock ticks.
-cpu_ticks() {
-  local p t=0
-  for p in "$@"; do
-    t=$(( t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0) ))
-  done
-  echo "$t"
 }
 server_pids() { if [ "$1" = tandem ]; then echo "${tandem_pids[@]}"; else echo "${kamailio_pids[@]}"; fi; }
 # Fixed sipp ports, the same at every step, so each step's REGISTERs replace the bindings
@@ -440,32 +382,5 @@ done
 for f in "$work"/*/*/*_errors.log; do
   [ -s "$f" ] || continue
   echo "sipp errors in ${f#"$work/"} (by kind):"
-  python3 - "$f" <<'PY'
-import collections, re, sys
-text = open(sys.argv[1], errors="replace").read()
-kinds = collections.Counter()
-for m in re.finditer(r"(Aborting call on unexpected message for Call-Id '[^']*': while (?:expecting '([^']*)'|pausing) "
-                     r"\(index (\d+)\), received '([^\r\n]*)"
-                     r"|Continuing call on unexpected message for Call-Id '[^']*': while (?:expecting '([^']*)'|pausing) "
-                     r"\(index (\d+)\), received '([^\r\n]*)"
-                     r"|Aborting call on an unexpected (\w+)"
-                     r"|receive timeout on message [^:]*:(\d+)"
-                     r"|Dead call \S+ \(([^)]*)\), received '([^\r\n]*)"
-                     r"|Discarding message which can't be mapped)", text):
-    g = m.groups()
-    if g[3] is not None:
-        kinds[f"call failed: unexpected '{g[3]}' at index {g[2]} (waiting for {g[1] or 'pause'})"] += 1
-    elif g[6] is not None:
-        kinds[f"call went on: unexpected '{g[6]}' at index {g[5]} (waiting for {g[4] or 'pause'})"] += 1
-    elif g[7]:
-        kinds[f"call failed: unexpected {g[7]}"] += 1
-    elif g[8]:
-        kinds[f"call failed: receive timeout at index {g[8]}"] += 1
-    elif g[9]:
-        kinds[f"late '{g[10]}' for a call already {g[9]}"] += 1
-    else:
-        kinds["message for no call"] += 1
-for k, n in kinds.most_common(8):
-    print(f"  {n:6d}  {k}")
-PY
+  python3 "$repo/ops/bench/sipp-events.py" "$f" 8 2
 done

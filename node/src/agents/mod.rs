@@ -129,7 +129,9 @@ impl Agents {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
             cluster.clone(),
-            &settings,
+            settings.algorithms.clone(),
+            settings.sha256_user_agents.clone(),
+            settings.nonce_lifetime_secs,
             stats.clone(),
             own.clone(),
         ));

@@ -23,7 +23,6 @@ use crate::agents::auth::accounts::open_ha1;
 use crate::agents::auth::digest::{
     challenge, Algorithm, Credentials, FailureLimiter, NonceCheck, NonceKey, Replay, ReplayGuard,
 };
-use crate::agents::registrar::RegistrarSettings;
 use crate::agents::Refusal;
 use crate::clock::now_ms;
 use crate::cluster::ClusterNode;
@@ -184,9 +183,13 @@ pub struct Authenticator {
 }
 
 impl Authenticator {
+    /// `algorithms` are accepted and offered in that order; `sha256_agents` (lowercase
+    /// User-Agent fragments) are the phones offered SHA-256.
     pub fn new(
         cluster: ClusterNode,
-        settings: &RegistrarSettings,
+        algorithms: Vec<Algorithm>,
+        sha256_agents: Vec<String>,
+        nonce_lifetime_secs: u64,
         stats: Arc<Stats>,
         own: OwnAddrs,
     ) -> Authenticator {
@@ -194,9 +197,9 @@ impl Authenticator {
         let node = cluster.identity.node_id;
         Authenticator {
             cluster,
-            algorithms: settings.algorithms.clone(),
-            sha256_agents: settings.sha256_user_agents.clone(),
-            nonces: NonceKey::new(&secret, settings.nonce_lifetime_secs, node),
+            algorithms,
+            sha256_agents,
+            nonces: NonceKey::new(&secret, nonce_lifetime_secs, node),
             replays: Mutex::new(ReplayGuard::new(100_000)),
             failures: Mutex::new(FailureLimiter::new(
                 GUESSES_BEFORE_LOCKOUT,

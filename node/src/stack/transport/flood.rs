@@ -72,29 +72,6 @@ pub fn in_network(ip: IpAddr, net: IpAddr, len: u8) -> bool {
     }
 }
 
-/// `"10.0.0.0/8"`, `"192.0.2.7"` or `"2001:db8::/32"` as (network, prefix length).
-pub fn parse_network(s: &str) -> Result<(IpAddr, u8), String> {
-    let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l)),
-        None => (s, None),
-    };
-    let ip: IpAddr = addr
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not an address or network"))?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len = match len {
-        None => max,
-        Some(l) => l
-            .trim()
-            .parse::<u8>()
-            .ok()
-            .filter(|l| *l <= max)
-            .ok_or_else(|| format!("{s:?} has a prefix length outside 0..={max}"))?,
-    };
-    Ok((ip, len))
-}
-
 /// The verdict on one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -258,6 +235,7 @@ pub fn passes_bans(message: &Message) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::parse_network;
 
     fn limit(rate: f64, burst: f64) -> FloodLimit {
         FloodLimit {

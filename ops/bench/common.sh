@@ -1,0 +1,66 @@
+# Shared by the SIP benchmarks (ops/bench/sip.sh, ops/bench/hostile.sh); sourced from the
+# repository root. It sets up and builds (unless TANDEM_BENCH_NO_BUILD=1), picks the tandem
+# binary (BENCH_TANDEM_BIN runs another one, such as an earlier build for a before/after
+# comparison in one sitting), makes the work directory $work, and installs the cleanup that
+# stops every process the script started: Tandem nodes in node_pid with SIGINT (the fast
+# stop: on SIGTERM a node would wait up to 32 s for transactions that calls failed under
+# load leave open), everything else in pids or among the shell's jobs with SIGTERM. The
+# work directory goes too, unless KEEP_WORK=1. Then the measuring helpers both use.
+
+if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
+  TANDEM_SETUP_BENCH=1 ./ops/setup.sh
+  . ./ops/env.sh
+  # The same build as ./ops/test.sh, so the two share every artefact.
+  cargo build --workspace --all-targets
+else
+  . ./ops/env.sh
+fi
+TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
+
+work=$(mktemp -d)
+pids=()
+node_pid=()
+cleanup() {
+  local p
+  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}" $(jobs -p); do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work directory kept: $work" >&2; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A free UDP port on an address, for the sipp instances and Kamailio.
+udp_port() {
+  python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('$1', 0)); print(s.getsockname()[1])"
+}
+# stats OUT TAG FILES…: completions, time of the last one (ms since its sipp started) and
+# the p50 and p99 response times (ms) of the rtd TAG over sipp rtt traces; "-" if none.
+stats() {
+  local out=$1 tag=$2
+  shift 2
+  cat "$@" 2>/dev/null | awk -F';' -v t="$tag" '$3 == t { print $2, $1 }' | sort -n \
+    | awk '{ v[NR] = $1; if ($2 + 0 > last) last = $2 + 0 }
+        function q(x,  i) { i = int(x * NR + 0.999999); if (i < 1) i = 1; return v[i] }
+        END { if (NR == 0) print 0, 0, "-", "-"; else print NR, last, q(0.5), q(0.99) }' > "$out"
+}
+# counter FILE NAME: sipp's cumulative count of "Successful call" or "Failed call" (0 if
+# sipp printed none).
+counter() {
+  awk -F'|' -v n="$2" '$1 ~ "^ +" n " " { gsub(/ /, "", $3); v = $3 } END { print v + 0 }' "$1" \
+    2>/dev/null || echo 0
+}
+# cpu_ticks PID…: user plus system CPU time of those processes, in clock ticks.
+cpu_ticks() {
+  local p t=0
+  for p in "$@"; do
+    t=$(( t + $(awk '{ print $14 + $15 }' "/proc/$p/stat" 2>/dev/null || echo 0) ))
+  done
+  echo "$t"
+}
+# Drops at one UDP socket (ss's skmem d counter), by local address.
+socket_drops() {
+  local d
+  d=$(ss -uanmH src "$1" 2>/dev/null | grep -o 'd[0-9]*)' | tr -dc '0-9' || true)
+  echo "${d:-0}"
+}
