@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's "Test it" command, and what CI runs: installs what is missing, builds the
 # one profile once, and runs every test (unit, RFC 4475 corpus, black-box tests that start
-# real tandem processes and drive them with sipp).
+# real tandem processes and drive them with sipp and real softphones).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./ops/setup.sh
