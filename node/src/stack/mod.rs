@@ -5,6 +5,8 @@
 //! - [`transaction`]: the RFC 3261 transaction machines (sans-IO) and the layer that
 //!   runs them on tokio time.
 //! - [`shard`]: the SIP threads, and the Call-ID hash that picks a message's thread.
+//! - [`locate`]: RFC 3263 server location (which transport, address and port for a URI,
+//!   in which order), sans-IO; not yet driven by a resolver.
 //! - [`responses`]: what every response carries, and the one map from a parse or
 //!   validation error to a status code.
 //! - [`stats`]: the SIP counters `/metrics` reads.
@@ -14,6 +16,7 @@
 //! transaction user). Which core that is, the stack does not know: in a node it is the
 //! dispatcher and its agents (`crate::agents`), in the layer's tests the test itself.
 
+pub mod locate;
 pub mod responses;
 pub mod shard;
 pub mod stats;
