@@ -172,6 +172,11 @@ impl Member {
 
     /// Starts `tandem run` (again) on this member's config and data dir.
     pub fn start(&self) {
+        self.start_env(&[]);
+    }
+
+    /// [`Member::start`] with these variables in the node's environment.
+    pub fn start_env(&self, env: &[(&str, &str)]) {
         let mut starts = self.starts.lock().unwrap();
         *starts += 1;
         let mut log = OpenOptions::new()
@@ -184,6 +189,7 @@ impl Member {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)

@@ -347,3 +347,53 @@ fn a_node_cut_off_from_quorum_says_so_and_refuses_changes_until_it_returns() {
     let acked = write_customers(&[survivor, cluster.member(2)], "back", 10, 2);
     assert_eq!(acked.len(), 10, "writes resume once a quorum is back");
 }
+
+#[test]
+fn the_feature_version_rises_only_once_every_member_supports_it() {
+    // A rolling upgrade to a binary that supports feature version 1 (played by
+    // TANDEM_TEST_FEATURES): while one member still supports only 0, the cluster stays at
+    // 0, so nothing that member could not apply is proposed; once the last one is
+    // upgraded, the leader raises it, and every member sees it.
+    let cluster = Cluster::form(&FULL3, "");
+    let feature = |id: u64| {
+        cluster
+            .member(id)
+            .status()
+            .and_then(|s| s["feature_version"].as_u64())
+    };
+    assert_eq!(feature(1), Some(0));
+    let upgrade = |id: u64| {
+        let m = cluster.member(id);
+        m.sigterm();
+        m.wait_exit(Duration::from_secs(40))
+            .unwrap_or_else(|| cluster.panic_with_logs(&format!("node {id} did not stop")));
+        m.start_env(&[("TANDEM_TEST_FEATURES", "1")]);
+        m.wait_healthy();
+        cluster.wait_caught_up(id, Duration::from_secs(20));
+    };
+    upgrade(2);
+    upgrade(3);
+    // Two leader rounds (the leader asks every 5 s) with node 1 still at 0.
+    std::thread::sleep(Duration::from_secs(11));
+    for id in 1..=3 {
+        assert_eq!(
+            feature(id),
+            Some(0),
+            "node {id}: raised with node 1 not upgraded"
+        );
+    }
+    upgrade(1);
+    for id in 1..=3 {
+        Wait::new(
+            format!("node {id} to see feature version 1"),
+            Duration::from_secs(30),
+        )
+        .showing(&cluster)
+        .until(|| match feature(id) {
+            Some(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        });
+    }
+    let status = cluster.member(2).status().unwrap();
+    assert_eq!(status["supported_features"], 1, "{status}");
+}

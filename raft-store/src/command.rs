@@ -257,6 +257,20 @@ kinds! {
 /// The command version this binary writes; it reads every version up to it.
 const VERSION: u16 = 1;
 
+/// The highest cluster feature version this binary supports (raft-store/DESIGN.md,
+/// "Versioned commands and rolling upgrades"). Every kind above exists since version 0,
+/// the first release; a kind or body version added later names the feature version that
+/// introduced it in [`Command::since`], and this constant rises with it.
+pub const FEATURES: u32 = 0;
+
+impl Command {
+    /// The cluster feature version from which this command may be proposed: only once
+    /// every member can apply it.
+    pub fn since(&self) -> u32 {
+        0
+    }
+}
+
 /// Bodies of commands whose payload is several fields.
 #[derive(Serialize, Deserialize)]
 struct ResealAccountBody {

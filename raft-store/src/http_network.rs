@@ -180,6 +180,8 @@ pub struct ServeContext {
     pub cluster_id: String,
     /// The ids in this node's key file, read when asked.
     pub key_ids: Arc<dyn Fn() -> Result<Vec<u32>, Error> + Send + Sync>,
+    /// The highest cluster feature version this node supports.
+    pub features: u32,
 }
 
 /// The client for one peer.
@@ -392,6 +394,7 @@ pub async fn serve(
             async move {
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
+                    ClusterRequest::Features => Ok(ClusterReply::Features(context.features)),
                     ClusterRequest::DropHistory { upto } => replica
                         .drop_history(upto, DROP_HISTORY_WITHIN)
                         .await

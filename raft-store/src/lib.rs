@@ -56,6 +56,10 @@ pub enum Error {
     Membership(String),
     #[error("Raft: {0}")]
     Raft(String),
+    /// A command the cluster cannot take yet: some member runs a Tandem too old to apply
+    /// it. Nothing was proposed.
+    #[error("command kind {kind} needs cluster feature version {needs}, and the cluster is at {cluster}: upgrade every node first")]
+    FeatureNotEnabled { kind: u16, needs: u32, cluster: u32 },
     /// A command from a newer Tandem; this node must be upgraded to apply it.
     #[error("command kind {kind} version {version} is unknown to this Tandem version; upgrade this node")]
     UnknownCommand { kind: u16, version: u16 },

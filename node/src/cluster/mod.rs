@@ -55,6 +55,18 @@ pub struct ClusterNode {
     max_apply_lag: u64,
 }
 
+/// How often the leader asks the members which feature version they support.
+const FEATURES_EVERY: Duration = Duration::from_secs(5);
+
+/// The highest cluster feature version this binary supports. Tests of rolling upgrades
+/// make a node claim another with `TANDEM_TEST_FEATURES`, as a newer or older binary would.
+pub fn supported_features() -> u32 {
+    std::env::var("TANDEM_TEST_FEATURES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(tandem_raft_store::command::FEATURES)
+}
+
 /// `GET /v1/cluster/status` and `tandem cluster status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct ClusterStatus {
@@ -70,6 +82,9 @@ pub struct ClusterStatus {
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub apply_lag: u64,
+    /// The cluster feature version (what may be proposed), and what this node supports.
+    pub feature_version: u32,
+    pub supported_features: u32,
     pub quorum: &'static str,
     pub degraded_reason: Option<String>,
     pub members: Vec<MemberStatus>,
@@ -189,6 +204,7 @@ impl ClusterNode {
                 let (key_file, ring) = (key_path.clone(), keys.clone());
                 let context = ServeContext {
                     cluster_id: identity.cluster_id.clone(),
+                    features: supported_features(),
                     // Reloads the key file, so the answer is the keys this node now uses.
                     key_ids: Arc::new(move || {
                         let fresh = KeyRing::load(&key_file)?;
@@ -229,6 +245,7 @@ impl ClusterNode {
             }
         }
         tracker.spawn(node.clone().promote_learners(stop.clone()));
+        tracker.spawn(node.clone().raise_features(stop.clone()));
         tracker.spawn(node.clone().register(config.clone(), stop));
         Ok(node)
     }
@@ -295,6 +312,66 @@ impl ClusterNode {
                 Err(e) => tracing::warn!(error = %e, "promoting learners failed; will retry"),
             }
         }
+    }
+
+    /// On the leader: raises the cluster feature version to the highest one every member
+    /// supports, once they all say so (raft-store/DESIGN.md, "Versioned commands and
+    /// rolling upgrades"). A member that does not answer (down, or a Tandem from before
+    /// this question existed) holds the version where it is.
+    async fn raise_features(self, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(FEATURES_EVERY) => {}
+            }
+            if !self.replica.is_leader() {
+                continue;
+            }
+            let Some(supported) = self.features_of_every_member().await else {
+                continue;
+            };
+            let current = self.replica.reader().feature_version().unwrap_or(0);
+            if supported <= current {
+                continue;
+            }
+            let raised = self
+                .replica
+                .propose(Command::SetFeatureVersion { version: supported })
+                .await;
+            match raised {
+                Ok(_) => tracing::info!(
+                    from = current,
+                    to = supported,
+                    "every member supports a newer feature version: the cluster's is raised"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e, "raising the feature version failed; will retry")
+                }
+            }
+        }
+    }
+
+    /// The highest feature version every member supports, or `None` if one did not say.
+    async fn features_of_every_member(&self) -> Option<u32> {
+        let mut lowest = supported_features();
+        for member in self.replica.members() {
+            if member.id == self.identity.node_id {
+                continue;
+            }
+            let network = self.network.as_ref()?;
+            let answer = network
+                .cluster(
+                    &member.raft_addr,
+                    &ClusterRequest::Features,
+                    PEER_QUESTION_TIMEOUT,
+                )
+                .await;
+            match answer {
+                Ok((_, ClusterReply::Features(v))) => lowest = lowest.min(v),
+                _ => return None,
+            }
+        }
+        Some(lowest)
     }
 
     /// Keeps this node's entry in the node registry current (addresses, role, version),
@@ -423,6 +500,8 @@ impl ClusterNode {
             leader: m.current_leader,
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            feature_version: self.replica.reader().feature_version().unwrap_or(0),
+            supported_features: supported_features(),
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             apply_lag: self.replica.apply_lag(),

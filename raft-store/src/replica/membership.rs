@@ -35,6 +35,9 @@ pub enum ClusterRequest {
     /// Drop the answering node's history through this log index from its files, after a
     /// key rotation (not forwarded: asked of each member).
     DropHistory { upto: u64 },
+    /// The highest cluster feature version the answering node supports (not forwarded:
+    /// asked of each member by the leader before it raises the cluster's).
+    Features,
 }
 
 impl ClusterRequest {
@@ -42,7 +45,7 @@ impl ClusterRequest {
     pub fn is_per_member(&self) -> bool {
         matches!(
             self,
-            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. }
+            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. } | ClusterRequest::Features
         )
     }
 }
@@ -55,6 +58,7 @@ pub enum ClusterReply {
     Replication(ReplicationView),
     KeyIds(Vec<u32>),
     HistoryDropped(super::history::DroppedHistory),
+    Features(u32),
 }
 
 /// What the leader knows about replication to each member.
@@ -135,9 +139,9 @@ impl Replica {
                 .map(|()| ClusterReply::Joined),
             ClusterRequest::Remove { id } => self.remove(id).await.map(|()| ClusterReply::Removed),
             ClusterRequest::Replication => Ok(ClusterReply::Replication(self.replication_view()?)),
-            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. } => {
-                Err(per_member(&request))
-            }
+            ClusterRequest::KeyIds
+            | ClusterRequest::DropHistory { .. }
+            | ClusterRequest::Features => Err(per_member(&request)),
         }
     }
 }

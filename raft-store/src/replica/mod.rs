@@ -393,23 +393,35 @@ impl Replica {
     /// order go through separate calls: two entries may replicate side by side.
     pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<CommandResult, Error>> {
         let mut waiting = Vec::with_capacity(commands.len());
+        let cluster = self.reader().feature_version().unwrap_or(0);
         for command in commands {
+            // The feature gate: a kind newer than the cluster's feature version would stop
+            // every member that cannot apply it, so it is refused here, before the log.
+            if command.since() > cluster {
+                waiting.push(Err(Error::FeatureNotEnabled {
+                    kind: command.encode().kind,
+                    needs: command.since(),
+                    cluster,
+                }));
+                continue;
+            }
             let (reply, rx) = oneshot::channel();
             let proposal = Proposal {
                 command: command.encode(),
                 reply,
             };
-            waiting.push(match self.proposals.send(proposal).await {
+            waiting.push(Ok(match self.proposals.send(proposal).await {
                 Ok(()) => Some(rx),
                 Err(_) => None,
-            });
+            }));
         }
         let deadline = tokio::time::Instant::now() + self.propose_timeout;
         let mut results = Vec::with_capacity(waiting.len());
         for rx in waiting {
             results.push(match rx {
-                None => Err(Error::Raft("the replica has stopped".into())),
-                Some(rx) => match tokio::time::timeout_at(deadline, rx).await {
+                Err(refused) => Err(refused),
+                Ok(None) => Err(Error::Raft("the replica has stopped".into())),
+                Ok(Some(rx)) => match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(result)) => result,
                     Ok(Err(_)) => Err(Error::Raft("the replica has stopped".into())),
                     Err(_) => Err(Error::Timeout(self.propose_timeout)),
