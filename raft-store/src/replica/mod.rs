@@ -393,17 +393,24 @@ impl Replica {
     /// order go through separate calls: two entries may replicate side by side.
     pub async fn propose_all(&self, commands: Vec<Command>) -> Vec<Result<CommandResult, Error>> {
         let mut waiting = Vec::with_capacity(commands.len());
-        let cluster = self.reader().feature_version().unwrap_or(0);
+        // Read only for a command that needs more than the first release: this is the
+        // write path of every registration.
+        let mut cluster = None;
         for command in commands {
             // The feature gate: a kind newer than the cluster's feature version would stop
             // every member that cannot apply it, so it is refused here, before the log.
-            if command.since() > cluster {
-                waiting.push(Err(Error::FeatureNotEnabled {
-                    kind: command.encode().kind,
-                    needs: command.since(),
-                    cluster,
-                }));
-                continue;
+            let needs = command.since();
+            if needs > 0 {
+                let cluster =
+                    *cluster.get_or_insert_with(|| self.reader().feature_version().unwrap_or(0));
+                if needs > cluster {
+                    waiting.push(Err(Error::FeatureNotEnabled {
+                        kind: command.encode().kind,
+                        needs,
+                        cluster,
+                    }));
+                    continue;
+                }
             }
             let (reply, rx) = oneshot::channel();
             let proposal = Proposal {
