@@ -736,6 +736,34 @@ pub fn recv_udp_until(
     (before, None)
 }
 
+/// [`recv_udp_until`] for the datagram containing `fence` (a branch the test sent after
+/// whatever must go unanswered): `Ok` when the fence came and nothing before it, else what
+/// did arrive, for the failure message.
+pub fn nothing_before_fence(
+    socket: &UdpSocket,
+    timeout: Duration,
+    fence: &str,
+) -> Result<(), String> {
+    let (before, answer) = recv_udp_until(socket, timeout, |d| {
+        String::from_utf8_lossy(d).contains(fence)
+    });
+    if answer.is_some() && before.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "answered {:?} before the fence ({})",
+        before
+            .iter()
+            .map(|d| String::from_utf8_lossy(d).into_owned())
+            .collect::<Vec<_>>(),
+        if answer.is_some() {
+            "which came"
+        } else {
+            "which never came"
+        }
+    ))
+}
+
 /// The next datagram on `socket` within `timeout`.
 pub fn recv_udp(socket: &UdpSocket, timeout: Duration) -> Option<Vec<u8>> {
     socket

@@ -235,6 +235,16 @@ mod tests {
         Uri::parse(s).unwrap().as_sip().unwrap().clone()
     }
 
+    /// The SRV names and fallback transport of a plan that must be `Plan::Srv`.
+    fn srv_plan(plan: Plan) -> (Vec<(TransportKind, String)>, TransportKind) {
+        match plan {
+            Plan::Srv {
+                names, fallback, ..
+            } => (names, fallback),
+            other => panic!("not an SRV plan: {other:?}"),
+        }
+    }
+
     fn srv(priority: u16, weight: u16, target: &str) -> Srv {
         Srv {
             priority,
@@ -306,9 +316,7 @@ mod tests {
             n(10, 10, "SIPS+D2T", "_sips._tcp.provider.example."),
             n(5, 10, "SIP+D2S", "_sip._sctp.provider.example."),
         ];
-        let Plan::Srv { names, .. } = after_naptr("provider.example", false, &records, &ALL) else {
-            panic!()
-        };
+        let (names, _) = srv_plan(after_naptr("provider.example", false, &records, &ALL));
         assert_eq!(
             names,
             vec![
@@ -319,30 +327,18 @@ mod tests {
             "SCTP is not spoken here; order, then preference"
         );
         // A node without TLS skips it; a sips URI takes TLS only.
-        let Plan::Srv { names, .. } = after_naptr(
+        let (names, _) = srv_plan(after_naptr(
             "provider.example",
             false,
             &records,
             &[TransportKind::Udp, TransportKind::Tcp],
-        ) else {
-            panic!()
-        };
+        ));
         assert_eq!(names[0].0, TransportKind::Tcp);
-        let Plan::Srv {
-            names, fallback, ..
-        } = after_naptr("provider.example", true, &records, &ALL)
-        else {
-            panic!()
-        };
+        let (names, fallback) = srv_plan(after_naptr("provider.example", true, &records, &ALL));
         assert_eq!(names.len(), 1);
         assert_eq!(fallback, TransportKind::Tls);
         // No NAPTR records: every spoken transport's SRV name, in the node's order.
-        let Plan::Srv {
-            names, fallback, ..
-        } = after_naptr("provider.example", false, &[], &ALL)
-        else {
-            panic!()
-        };
+        let (names, fallback) = srv_plan(after_naptr("provider.example", false, &[], &ALL));
         assert_eq!(
             names.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
             [

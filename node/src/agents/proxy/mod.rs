@@ -289,12 +289,11 @@ impl Proxy {
 
     /// Removes the Route entries that name this node (§16.4): its addresses, or a domain
     /// it serves without a user part. Returns what the popped entries' tokens said.
-    fn pop_own_routes(&self, request: &mut Message) -> OwnRoutes {
+    fn pop_own_routes(&self, request: &mut Message, (from_tag, to_tag): (&str, &str)) -> OwnRoutes {
         let call_id = request
             .call_id()
             .map(|c| c.into_owned())
             .unwrap_or_default();
-        let (from_tag, to_tag) = tags(request);
         let now = now_secs();
         let routes = request.name_addrs(&HeaderName::Route).unwrap_or_default();
         let reader = self.cluster.replica.reader();
@@ -310,7 +309,7 @@ impl Proxy {
             own.token = uri
                 .user
                 .as_deref()
-                .and_then(|u| self.tokens.decode(u, &call_id, [&from_tag, &to_tag], now));
+                .and_then(|u| self.tokens.decode(u, &call_id, [from_tag, to_tag], now));
             if let Some(t) = own.token.filter(|t| t.kind == TokenKind::Dialog) {
                 own.dialog_tokens += 1;
                 if t.minted < self.started && now.saturating_sub(t.minted) <= DIALOG_TOKEN_LIFETIME
@@ -361,7 +360,8 @@ impl Proxy {
             self.answer(tx, &request, Refusal::new(482, "Loop Detected"));
             return;
         }
-        let own = self.pop_own_routes(&mut request);
+        let (from_tag, to_tag) = tags(&request);
+        let own = self.pop_own_routes(&mut request, (&from_tag, &to_tag));
         let in_dialog = request
             .to()
             .is_ok_and(|to| to.params.value("tag").is_some());
@@ -369,7 +369,6 @@ impl Proxy {
             .call_id()
             .map(|c| c.into_owned())
             .unwrap_or_default();
-        let (from_tag, to_tag) = tags(&request);
         let next_route = top_route(&request);
         // The local account placing a new request, with its call limit.
         let mut caller: Option<(String, u32)> = None;
@@ -914,14 +913,14 @@ impl Proxy {
 
     /// The ACK for a 2xx: forwarded statelessly along its Route set (§16.11).
     async fn forward_ack(self: Arc<Self>, mut request: Message, _flow: Flow) {
-        let own = self.pop_own_routes(&mut request);
+        let (from_tag, to_tag) = tags(&request);
+        let own = self.pop_own_routes(&mut request, (&from_tag, &to_tag));
         if own.dialog_tokens == 0 {
             // Only along a route set this node record-routed, or it would relay anything.
             tracing::debug!("ACK with no route set through this node; dropped");
             return;
         }
         let call_id = request.call_id().unwrap_or_default();
-        let (from_tag, to_tag) = tags(&request);
         if !self.dialogs.knows(&call_id, &from_tag, &to_tag)
             && own.minted_before_start != own.dialog_tokens
         {
