@@ -159,6 +159,99 @@ pub struct ProviderLease {
     pub expires_at_ms: u64,
 }
 
+/// The transport the registration agent uses towards a provider.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderTransport {
+    Udp,
+    Tcp,
+    Tls,
+}
+
+impl ProviderTransport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderTransport::Udp => "udp",
+            ProviderTransport::Tcp => "tcp",
+            ProviderTransport::Tls => "tls",
+        }
+    }
+}
+
+/// Where a call from a provider goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InboundTarget {
+    /// A local account, `user@domain`: its phones ring.
+    Account(String),
+    /// A dialplan, by its owner.
+    Dialplan(String),
+}
+
+/// The id of a customer's provider account: `customer/name`. Both parts are admin-API ids,
+/// which never contain `/`.
+pub fn provider_account_id(customer: &str, name: &str) -> String {
+    format!("{customer}/{name}")
+}
+
+/// A customer's account at a third-party provider, kept registered by the registration
+/// agent (feature version 1; the record of the first release, [`Provider`], is never
+/// written by this release).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProviderAccount {
+    pub customer: String,
+    pub name: String,
+    /// `host[:port]`, or a domain resolved by RFC 3263.
+    pub registrar: String,
+    /// `None`: RFC 3263 chooses.
+    pub transport: Option<ProviderTransport>,
+    /// The user part of the AOR registered (To and From).
+    pub username: String,
+    /// The digest username, when it differs from `username`.
+    pub auth_username: Option<String>,
+    /// Sealed for [`provider_record`] of [`ProviderAccount::id`], field
+    /// [`PROVIDER_PASSWORD_FIELD`].
+    pub password: Sealed,
+    /// The digest realm to answer; `None`: whatever the provider's challenge names.
+    pub realm: Option<String>,
+    pub expires_secs: u32,
+    pub enabled: bool,
+    /// `host[:port]` every request to the provider goes through.
+    pub outbound_proxy: Option<String>,
+    /// The user part of the Contact registered; `None`: `username`.
+    pub contact_user: Option<String>,
+    pub inbound: Option<InboundTarget>,
+    /// A PEM file of CAs trusted for this provider's TLS certificate, on every node, in
+    /// addition to the system's roots.
+    pub ca_file: Option<String>,
+    /// The `+sip.instance` URN every owner registers with (RFC 5626), fixed when the account
+    /// is created, so a new owner's contact replaces the old one at registrars that
+    /// support it.
+    pub instance: String,
+}
+
+impl ProviderAccount {
+    pub fn id(&self) -> String {
+        provider_account_id(&self.customer, &self.name)
+    }
+}
+
+/// Which node registers a provider account, until when (raft-store/DESIGN.md, "Provider
+/// leases"). Feature version 1.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The provider account's id.
+    pub provider: String,
+    pub owner: NodeId,
+    /// Rises with every grant, so a command about an older grant is refused.
+    pub epoch: u64,
+    /// Unix ms, by the clock of the node that granted or renewed it.
+    pub expires_at_ms: u64,
+    /// The leader moves the account: the owner un-registers it and then drops the lease.
+    /// A releasing lease is not renewed.
+    pub releasing: bool,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dialplan {
     /// The account (`user@domain`) or customer the script belongs to.
@@ -234,6 +327,43 @@ pub enum Command {
         expected: Sealed,
         resealed: Sealed,
     },
+    /// Creates or replaces a provider account. Disabling one keeps its lease, so its owner
+    /// can un-register it first.
+    PutProviderAccount(ProviderAccount),
+    /// Deletes a provider account and its lease.
+    DeleteProviderAccount {
+        id: String,
+    },
+    /// Key rotation: replaces a provider account's sealed password if it is still `expected`.
+    ResealProviderAccount {
+        id: String,
+        expected: Sealed,
+        resealed: Sealed,
+    },
+    /// The leader grants `lease` if the current epoch is `expected_epoch` (0 = no lease),
+    /// the new epoch is higher and the account exists and is enabled.
+    GrantLease {
+        lease: Lease,
+        expected_epoch: u64,
+    },
+    /// An owner renews every lease it holds in one entry: each `(provider, epoch)` that is
+    /// still its own and not releasing now runs until `expires_at_ms`.
+    RenewLeases {
+        owner: NodeId,
+        expires_at_ms: u64,
+        leases: Vec<(String, u64)>,
+    },
+    /// The leader asks the owner of `epoch` to hand the account over.
+    ReleaseLeaseAsked {
+        provider: String,
+        epoch: u64,
+    },
+    /// The lease of `epoch` ends (its owner un-registered, or gave it up). Its epoch stays,
+    /// as a lease of owner 0, so the next grant's is higher.
+    DropLease {
+        provider: String,
+        epoch: u64,
+    },
 }
 
 macro_rules! kinds {
@@ -251,23 +381,38 @@ kinds! {
     6 => PutAccount, 7 => DeleteAccount, 8 => PutBinding, 9 => RemoveBinding,
     10 => RemoveAllBindings, 11 => ExpireBindings, 12 => PutProvider, 13 => DeleteProvider,
     14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan, 17 => ResealAccount,
-    18 => ResealProvider, 19 => RetireNode,
+    18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
+    21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
+    24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease,
 }
 
 /// The command version this binary writes; it reads every version up to it.
 const VERSION: u16 = 1;
 
 /// The highest cluster feature version this binary supports (raft-store/DESIGN.md,
-/// "Versioned commands and rolling upgrades"). Every kind above exists since version 0,
-/// the first release; a kind or body version added later names the feature version that
+/// "Versioned commands and rolling upgrades"). Kinds 1 to 19 exist since version 0, the
+/// first release; a kind or body version added later names the feature version that
 /// introduced it in [`Command::since`], and this constant rises with it.
-pub const FEATURES: u32 = 0;
+///
+/// | version | brings |
+/// |---|---|
+/// | 1 | provider accounts and their leases (kinds 20 to 26) |
+pub const FEATURES: u32 = 1;
 
 impl Command {
     /// The cluster feature version from which this command may be proposed: only once
     /// every member can apply it.
     pub fn since(&self) -> u32 {
-        0
+        match self {
+            Command::PutProviderAccount(_)
+            | Command::DeleteProviderAccount { .. }
+            | Command::ResealProviderAccount { .. }
+            | Command::GrantLease { .. }
+            | Command::RenewLeases { .. }
+            | Command::ReleaseLeaseAsked { .. }
+            | Command::DropLease { .. } => 1,
+            _ => 0,
+        }
     }
 }
 
@@ -278,6 +423,19 @@ struct ResealAccountBody {
     domain: String,
     expected: Vec<(String, Sealed)>,
     resealed: Vec<(String, Sealed)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct GrantLeaseBody {
+    lease: Lease,
+    expected_epoch: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RenewLeasesBody {
+    owner: NodeId,
+    expires_at_ms: u64,
+    leases: Vec<(String, u64)>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -332,6 +490,31 @@ impl Command {
                 expected,
                 resealed,
             } => enc(&(id, expected, resealed)),
+            Command::PutProviderAccount(p) => enc(p),
+            Command::DeleteProviderAccount { id } => enc(id),
+            Command::ResealProviderAccount {
+                id,
+                expected,
+                resealed,
+            } => enc(&(id, expected, resealed)),
+            Command::GrantLease {
+                lease,
+                expected_epoch,
+            } => enc(&GrantLeaseBody {
+                lease: lease.clone(),
+                expected_epoch: *expected_epoch,
+            }),
+            Command::RenewLeases {
+                owner,
+                expires_at_ms,
+                leases,
+            } => enc(&RenewLeasesBody {
+                owner: *owner,
+                expires_at_ms: *expires_at_ms,
+                leases: leases.clone(),
+            }),
+            Command::ReleaseLeaseAsked { provider, epoch }
+            | Command::DropLease { provider, epoch } => enc(&(provider, epoch)),
         };
         EncodedCommand {
             kind: self.kind(),
@@ -419,6 +602,41 @@ impl Command {
                     resealed,
                 }
             }
+            20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
+            21 => Command::DeleteProviderAccount {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
+            22 => {
+                let (id, expected, resealed) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ResealProviderAccount {
+                    id,
+                    expected,
+                    resealed,
+                }
+            }
+            23 => {
+                let body: GrantLeaseBody = postcard::from_bytes(b).map_err(bad)?;
+                Command::GrantLease {
+                    lease: body.lease,
+                    expected_epoch: body.expected_epoch,
+                }
+            }
+            24 => {
+                let body: RenewLeasesBody = postcard::from_bytes(b).map_err(bad)?;
+                Command::RenewLeases {
+                    owner: body.owner,
+                    expires_at_ms: body.expires_at_ms,
+                    leases: body.leases,
+                }
+            }
+            25 => {
+                let (provider, epoch) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ReleaseLeaseAsked { provider, epoch }
+            }
+            26 => {
+                let (provider, epoch) = postcard::from_bytes(b).map_err(bad)?;
+                Command::DropLease { provider, epoch }
+            }
             kind => {
                 return Err(Error::UnknownCommand {
                     kind,
@@ -455,6 +673,32 @@ pub(crate) mod tests {
         }
     }
 
+    /// A provider account for tests of this crate.
+    pub(crate) fn sample_provider_account() -> ProviderAccount {
+        ProviderAccount {
+            customer: "c".into(),
+            name: "p".into(),
+            registrar: "sip.provider.example".into(),
+            transport: Some(ProviderTransport::Tcp),
+            username: "4930123".into(),
+            auth_username: None,
+            password: Sealed {
+                version: 1,
+                key_id: 1,
+                nonce: [0; 12],
+                ciphertext: vec![1, 2, 3],
+            },
+            realm: None,
+            expires_secs: 600,
+            enabled: true,
+            outbound_proxy: None,
+            contact_user: None,
+            inbound: Some(InboundTarget::Account("alice@example.com".into())),
+            ca_file: None,
+            instance: "urn:uuid:00000000-0000-4000-8000-000000000000".into(),
+        }
+    }
+
     #[test]
     fn commands_round_trip_through_their_encoding() {
         let commands = vec![
@@ -480,6 +724,30 @@ pub(crate) mod tests {
                 expected_epoch: 3,
             },
             Command::SetFeatureVersion { version: 2 },
+            Command::PutProviderAccount(sample_provider_account()),
+            Command::GrantLease {
+                lease: Lease {
+                    provider: "c/p".into(),
+                    owner: 2,
+                    epoch: 5,
+                    expires_at_ms: 9,
+                    releasing: false,
+                },
+                expected_epoch: 4,
+            },
+            Command::RenewLeases {
+                owner: 2,
+                expires_at_ms: 10,
+                leases: vec![("c/p".into(), 5), ("c/q".into(), 1)],
+            },
+            Command::ReleaseLeaseAsked {
+                provider: "c/p".into(),
+                epoch: 5,
+            },
+            Command::DropLease {
+                provider: "c/p".into(),
+                epoch: 5,
+            },
         ];
         for c in commands {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);

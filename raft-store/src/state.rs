@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, NodeRecord,
-    Provider, ProviderLease,
+    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, Lease,
+    NodeRecord, Provider, ProviderAccount, ProviderLease,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -35,6 +35,9 @@ mod key {
     pub const LEASE_BY_OWNER: u8 = b'o';
     pub const DIALPLAN: u8 = b'd';
     pub const RETIRED: u8 = b'r';
+    pub const PROVIDER_ACCOUNT: u8 = b'P';
+    pub const PROVIDER_LEASE: u8 = b'L';
+    pub const PROVIDER_LEASE_BY_OWNER: u8 = b'O';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -83,6 +86,31 @@ mod key {
     pub fn lease_by_owner(owner: NodeId, provider: &str) -> Vec<u8> {
         with(LEASE_BY_OWNER, &[&owner.to_be_bytes(), provider.as_bytes()])
     }
+    pub fn provider_account(id: &str) -> Vec<u8> {
+        with(PROVIDER_ACCOUNT, &[id.as_bytes()])
+    }
+    pub fn provider_lease(provider: &str) -> Vec<u8> {
+        with(PROVIDER_LEASE, &[provider.as_bytes()])
+    }
+    pub fn provider_lease_by_owner(owner: NodeId, provider: &str) -> Vec<u8> {
+        with(
+            PROVIDER_LEASE_BY_OWNER,
+            &[&owner.to_be_bytes(), provider.as_bytes()],
+        )
+    }
+}
+
+/// Records added after the first release are stored as an enum of their versions, so the
+/// first byte names the layout and a later release adds a variant instead of guessing
+/// (raft-store/DESIGN.md, "Versioned commands and rolling upgrades").
+#[derive(Serialize, serde::Deserialize)]
+enum StoredProviderAccount {
+    V1(ProviderAccount),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+enum StoredLease {
+    V1(Lease),
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -391,6 +419,48 @@ impl StateReader {
         Ok(out)
     }
 
+    /// Every provider account, in id order (customer, then name).
+    pub fn provider_accounts(&self) -> Result<Vec<ProviderAccount>, Error> {
+        Ok(self
+            .scan::<StoredProviderAccount>(&[key::PROVIDER_ACCOUNT])?
+            .into_iter()
+            .map(|StoredProviderAccount::V1(p)| p)
+            .collect())
+    }
+
+    pub fn provider_account(&self, id: &str) -> Result<Option<ProviderAccount>, Error> {
+        Ok(self
+            .get::<StoredProviderAccount>(&key::provider_account(id))?
+            .map(|StoredProviderAccount::V1(p)| p))
+    }
+
+    /// Every provider account's lease; owner 0 marks an ended one, kept for its epoch.
+    pub fn provider_leases(&self) -> Result<Vec<Lease>, Error> {
+        Ok(self
+            .scan::<StoredLease>(&[key::PROVIDER_LEASE])?
+            .into_iter()
+            .map(|StoredLease::V1(l)| l)
+            .collect())
+    }
+
+    pub fn provider_lease(&self, provider: &str) -> Result<Option<Lease>, Error> {
+        Ok(self
+            .get::<StoredLease>(&key::provider_lease(provider))?
+            .map(|StoredLease::V1(l)| l))
+    }
+
+    /// The leases `owner` holds, through the index by owner.
+    pub fn provider_leases_of(&self, owner: NodeId) -> Result<Vec<Lease>, Error> {
+        Ok(self
+            .via_index::<StoredLease>(
+                &key::with(key::PROVIDER_LEASE_BY_OWNER, &[&owner.to_be_bytes()]),
+                key::PROVIDER_LEASE,
+            )?
+            .into_iter()
+            .map(|StoredLease::V1(l)| l)
+            .collect())
+    }
+
     pub fn dialplan(&self, owner: &str) -> Result<Option<Dialplan>, Error> {
         self.get(&key::with(key::DIALPLAN, &[owner.as_bytes()]))
     }
@@ -508,9 +578,139 @@ impl<'a> Txn<'a> {
         Ok(())
     }
 
+    fn provider_lease(&self, provider: &str) -> Result<Option<Lease>, Error> {
+        Ok(self
+            .get::<StoredLease>(&key::provider_lease(provider))?
+            .map(|StoredLease::V1(l)| l))
+    }
+
+    fn put_provider_lease(&mut self, lease: Lease) -> Result<(), Error> {
+        if let Some(old) = self.provider_lease(&lease.provider)? {
+            self.delete(key::provider_lease_by_owner(old.owner, &old.provider));
+        }
+        self.put(key::provider_lease_by_owner(lease.owner, &lease.provider), &());
+        self.put(key::provider_lease(&lease.provider), &StoredLease::V1(lease));
+        Ok(())
+    }
+
+    /// Ends a lease but keeps its epoch, as a lease of owner 0 (no node has id 0), so the
+    /// next grant's epoch is higher and a late command about the old one is refused.
+    fn end_provider_lease(&mut self, old: Lease) -> Result<(), Error> {
+        let provider = old.provider.clone();
+        self.put_provider_lease(Lease {
+            owner: 0,
+            expires_at_ms: 0,
+            releasing: false,
+            ..old
+        })?;
+        self.delete(key::provider_lease_by_owner(0, &provider));
+        Ok(())
+    }
+
+    fn apply_provider(&mut self, command: Command) -> Result<CommandResult, Error> {
+        Ok(match command {
+            Command::PutProviderAccount(p) => {
+                self.put(key::provider_account(&p.id()), &StoredProviderAccount::V1(p));
+                CommandResult::Done
+            }
+            Command::DeleteProviderAccount { id } => {
+                self.delete(key::provider_account(&id));
+                if let Some(old) = self.provider_lease(&id)? {
+                    self.delete(key::provider_lease_by_owner(old.owner, &id));
+                    self.delete(key::provider_lease(&id));
+                }
+                CommandResult::Done
+            }
+            Command::ResealProviderAccount {
+                id,
+                expected,
+                resealed,
+            } => {
+                let k = key::provider_account(&id);
+                match self.get::<StoredProviderAccount>(&k)? {
+                    Some(StoredProviderAccount::V1(mut p)) if p.password == expected => {
+                        p.password = resealed;
+                        self.put(k, &StoredProviderAccount::V1(p));
+                        CommandResult::Done
+                    }
+                    Some(_) => CommandResult::Rejected(
+                        "the provider's password changed since it was read".into(),
+                    ),
+                    None => CommandResult::Rejected("no such provider".into()),
+                }
+            }
+            Command::GrantLease {
+                lease,
+                expected_epoch,
+            } => {
+                let current = self.provider_lease(&lease.provider)?.map_or(0, |l| l.epoch);
+                let account = self
+                    .get::<StoredProviderAccount>(&key::provider_account(&lease.provider))?
+                    .map(|StoredProviderAccount::V1(p)| p);
+                if current != expected_epoch {
+                    CommandResult::Rejected(format!(
+                        "lease epoch is {current}, not {expected_epoch}"
+                    ))
+                } else if lease.epoch <= current {
+                    CommandResult::Rejected(format!(
+                        "new epoch {} must exceed {current}",
+                        lease.epoch
+                    ))
+                } else if !account.is_some_and(|p| p.enabled) {
+                    CommandResult::Rejected("no such enabled provider".into())
+                } else {
+                    self.put_provider_lease(lease)?;
+                    CommandResult::Done
+                }
+            }
+            Command::RenewLeases {
+                owner,
+                expires_at_ms,
+                leases,
+            } => {
+                for (provider, epoch) in leases {
+                    match self.provider_lease(&provider)? {
+                        Some(mut l) if l.owner == owner && l.epoch == epoch && !l.releasing => {
+                            l.expires_at_ms = l.expires_at_ms.max(expires_at_ms);
+                            self.put(key::provider_lease(&provider), &StoredLease::V1(l));
+                        }
+                        _ => {}
+                    }
+                }
+                CommandResult::Done
+            }
+            Command::ReleaseLeaseAsked { provider, epoch } => match self.provider_lease(&provider)? {
+                Some(mut l) if l.epoch == epoch => {
+                    l.releasing = true;
+                    self.put(key::provider_lease(&provider), &StoredLease::V1(l));
+                    CommandResult::Done
+                }
+                _ => CommandResult::Rejected(format!("no lease of epoch {epoch}")),
+            },
+            Command::DropLease { provider, epoch } => match self.provider_lease(&provider)? {
+                Some(l) if l.epoch == epoch && l.owner != 0 => {
+                    self.end_provider_lease(l)?;
+                    CommandResult::Done
+                }
+                _ => CommandResult::Rejected(format!("no lease of epoch {epoch}")),
+            },
+            other => CommandResult::Rejected(format!(
+                "kind {} is not a provider command",
+                other.encode().kind
+            )),
+        })
+    }
+
     /// Applies one command. Deterministic: the same state and command give the same writes.
     pub(crate) fn apply(&mut self, command: Command) -> Result<CommandResult, Error> {
         Ok(match command {
+            Command::PutProviderAccount(_)
+            | Command::DeleteProviderAccount { .. }
+            | Command::ResealProviderAccount { .. }
+            | Command::GrantLease { .. }
+            | Command::RenewLeases { .. }
+            | Command::ReleaseLeaseAsked { .. }
+            | Command::DropLease { .. } => return self.apply_provider(command),
             Command::Noop { .. } => CommandResult::Done,
             Command::PutNode(n) => {
                 if self.get::<()>(&key::retired(n.id))?.is_some() {

@@ -5,8 +5,10 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
-    Account, Binding, Command, CommandResult, EncodedCommand, ProviderLease, StoredFlow,
+    Account, Binding, Command, CommandResult, EncodedCommand, Lease, ProviderAccount,
+    ProviderLease, StoredFlow,
 };
+use tandem_raft_store::crypto::Sealed;
 use tandem_raft_store::state_machine::StateMachine;
 use tandem_raft_store::types::{Entry, Request};
 
@@ -210,6 +212,157 @@ async fn leases_are_compare_and_set_on_the_epoch() {
     .await;
     assert_eq!(r[0], CommandResult::Done);
     assert!(reader.leases_by_owner(2).unwrap().is_empty());
+}
+
+fn provider_account(customer: &str, name: &str, enabled: bool) -> ProviderAccount {
+    ProviderAccount {
+        customer: customer.into(),
+        name: name.into(),
+        registrar: "provider.example".into(),
+        transport: None,
+        username: "u".into(),
+        auth_username: None,
+        password: Sealed {
+            version: 1,
+            key_id: 1,
+            nonce: [0; 12],
+            ciphertext: vec![1],
+        },
+        realm: None,
+        expires_secs: 300,
+        enabled,
+        outbound_proxy: None,
+        contact_user: None,
+        inbound: None,
+        ca_file: None,
+        instance: "urn:uuid:1".into(),
+    }
+}
+
+fn grant(provider: &str, owner: u64, epoch: u64, expected_epoch: u64) -> Command {
+    Command::GrantLease {
+        lease: Lease {
+            provider: provider.into(),
+            owner,
+            epoch,
+            expires_at_ms: 1000,
+            releasing: false,
+        },
+        expected_epoch,
+    }
+}
+
+/// Provider leases: granted only for an enabled account and on the expected epoch,
+/// renewed in one command per owner (never a lease that is another's, an older epoch's
+/// or releasing), handed over through "releasing", and gone with their account.
+#[tokio::test]
+async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let r = apply(
+        &mut sm,
+        1,
+        vec![
+            grant("c/a", 1, 1, 0),
+            Command::PutProviderAccount(provider_account("c", "a", true)),
+            Command::PutProviderAccount(provider_account("c", "b", true)),
+            Command::PutProviderAccount(provider_account("c", "off", false)),
+            grant("c/a", 1, 1, 0),
+            grant("c/b", 2, 1, 0),
+            grant("c/off", 2, 1, 0),
+            grant("c/a", 2, 2, 0),
+        ],
+    )
+    .await;
+    assert!(matches!(r[0], CommandResult::Rejected(_)), "no account yet");
+    assert_eq!(r[4], CommandResult::Done);
+    assert_eq!(r[5], CommandResult::Done);
+    assert!(matches!(r[6], CommandResult::Rejected(_)), "disabled");
+    assert!(matches!(r[7], CommandResult::Rejected(_)), "stale epoch");
+    let reader = sm.reader();
+    assert_eq!(reader.provider_accounts().unwrap().len(), 3);
+    assert_eq!(reader.provider_account("c/a").unwrap().unwrap().name, "a");
+    assert_eq!(reader.provider_leases_of(1).unwrap().len(), 1);
+
+    apply(
+        &mut sm,
+        2,
+        vec![
+            Command::RenewLeases {
+                owner: 1,
+                expires_at_ms: 5000,
+                // c/b is node 2's; epoch 9 of c/a never existed.
+                leases: vec![("c/a".into(), 1), ("c/b".into(), 1), ("c/x".into(), 1)],
+            },
+            Command::RenewLeases {
+                owner: 2,
+                expires_at_ms: 7000,
+                leases: vec![("c/a".into(), 9)],
+            },
+        ],
+    )
+    .await;
+    let a = reader.provider_lease("c/a").unwrap().unwrap();
+    assert_eq!((a.owner, a.expires_at_ms), (1, 5000));
+    assert_eq!(reader.provider_lease("c/b").unwrap().unwrap().expires_at_ms, 1000);
+
+    // Hand-over: releasing stops renewals; the owner drops it; the next grant moves it.
+    let r = apply(
+        &mut sm,
+        3,
+        vec![
+            Command::ReleaseLeaseAsked {
+                provider: "c/a".into(),
+                epoch: 1,
+            },
+            Command::RenewLeases {
+                owner: 1,
+                expires_at_ms: 9000,
+                leases: vec![("c/a".into(), 1)],
+            },
+            Command::DropLease {
+                provider: "c/a".into(),
+                epoch: 0,
+            },
+        ],
+    )
+    .await;
+    assert_eq!(r[0], CommandResult::Done);
+    assert!(matches!(r[2], CommandResult::Rejected(_)));
+    let a = reader.provider_lease("c/a").unwrap().unwrap();
+    assert!(a.releasing);
+    assert_eq!(a.expires_at_ms, 5000, "a releasing lease is not renewed");
+    let r = apply(
+        &mut sm,
+        4,
+        vec![
+            Command::DropLease {
+                provider: "c/a".into(),
+                epoch: 1,
+            },
+            grant("c/a", 2, 1, 1),
+            grant("c/a", 2, 2, 1),
+            Command::DeleteProviderAccount { id: "c/b".into() },
+        ],
+    )
+    .await;
+    assert!(
+        matches!(r[1], CommandResult::Rejected(_)),
+        "an ended lease keeps its epoch"
+    );
+    assert_eq!(
+        [&r[0], &r[2], &r[3]],
+        [&CommandResult::Done, &CommandResult::Done, &CommandResult::Done]
+    );
+    assert!(reader.provider_leases_of(1).unwrap().is_empty());
+    let of_2: Vec<_> = reader
+        .provider_leases_of(2)
+        .unwrap()
+        .into_iter()
+        .map(|l| (l.provider, l.epoch))
+        .collect();
+    assert_eq!(of_2, vec![("c/a".to_owned(), 2)], "c/b's lease went with it");
+    assert!(reader.provider_account("c/b").unwrap().is_none());
 }
 
 #[tokio::test]

@@ -502,6 +502,22 @@ impl Replica {
                     }
                 }
             }
+            for p in self.reader.provider_accounts()? {
+                let id = p.id();
+                if let Some(new) =
+                    keys.reseal(&p.password, &provider_record(&id), PROVIDER_PASSWORD_FIELD)?
+                {
+                    let cmd = Command::ResealProviderAccount {
+                        id,
+                        expected: p.password,
+                        resealed: new,
+                    };
+                    match self.propose(cmd).await? {
+                        CommandResult::Done => report.providers += 1,
+                        _ => conflicts += 1,
+                    }
+                }
+            }
             if conflicts == 0 {
                 return Ok(report);
             }
