@@ -20,6 +20,7 @@ pub mod drain;
 pub mod location;
 pub mod proxy;
 pub mod registrar;
+pub mod registration_agent;
 pub mod vouch;
 
 use std::sync::Arc;
