@@ -18,6 +18,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub sip: SipConfig,
     pub registrar: RegistrarConfig,
+    pub registration_agent: RegistrationAgentConfig,
     /// Absent: a standalone node, a cluster of one with no internal listener.
     pub cluster: Option<ClusterConfig>,
     pub admin: AdminConfig,
@@ -286,6 +287,9 @@ pub struct SipConfig {
     /// While draining, how long running calls get to end before the node reports itself
     /// drained anyway, in seconds.
     pub drain_call_wait_secs: u64,
+    /// DNS servers (`ip:port`) for RFC 3263 lookups of providers and other outside
+    /// servers; empty: the system's (`/etc/resolv.conf`).
+    pub dns_servers: Vec<SocketAddr>,
 }
 
 /// The User-Agents of common SIP scanners (SIPVicious and its forks, sipsak-based and
@@ -329,6 +333,7 @@ impl Default for SipConfig {
             retry_after_secs: 30,
             timer_c_secs: 181,
             drain_call_wait_secs: 3600,
+            dns_servers: Vec::new(),
         }
     }
 }
@@ -366,6 +371,46 @@ impl Default for RegistrarConfig {
             digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
             sha256_user_agents: SHA256_USER_AGENTS.iter().map(|a| a.to_string()).collect(),
             nat_keepalive_secs: 20,
+        }
+    }
+}
+
+/// The registration agent: leases on customers' provider accounts and retries.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistrationAgentConfig {
+    /// How long a lease lets its owner register without renewing, in seconds: after a node
+    /// dies, its accounts are registered elsewhere within about this long.
+    pub lease_secs: u64,
+    /// Seconds between an owner's renewals of all its leases (one Raft entry each time).
+    pub renew_secs: u64,
+    /// Seconds the leader waits after a lease lapsed before granting it elsewhere, for
+    /// clocks that disagree; the owner stops this long before the lapse, too.
+    pub clock_skew_secs: u64,
+    /// A node spreads its first REGISTERs after start or takeover over up to this many
+    /// seconds, so a provider never sees a burst.
+    pub start_spread_secs: u64,
+    /// The first wait after a timeout, DNS failure or 5xx, in seconds; it doubles per
+    /// failure in a row up to `retry_max_secs`.
+    pub retry_min_secs: u64,
+    pub retry_max_secs: u64,
+    /// The first wait after the provider refused the credentials (or 403/404), doubling up
+    /// to `auth_retry_max_secs`, so a wrong password never floods the provider.
+    pub auth_retry_min_secs: u64,
+    pub auth_retry_max_secs: u64,
+}
+
+impl Default for RegistrationAgentConfig {
+    fn default() -> Self {
+        RegistrationAgentConfig {
+            lease_secs: 20,
+            renew_secs: 5,
+            clock_skew_secs: 2,
+            start_spread_secs: 10,
+            retry_min_secs: 5,
+            retry_max_secs: 300,
+            auth_retry_min_secs: 300,
+            auth_retry_max_secs: 3600,
         }
     }
 }
@@ -711,6 +756,48 @@ impl Config {
                 bad(
                     "registrar.digest_algorithms",
                     format!("{a:?} is not \"MD5\" or \"SHA-256\""),
+                );
+            }
+        }
+        let a = &self.registration_agent;
+        if !(3..=3600).contains(&a.lease_secs) {
+            bad("registration_agent.lease_secs", "must be 3 to 3600".into());
+        }
+        if a.renew_secs == 0 || a.renew_secs.saturating_mul(2) > a.lease_secs {
+            bad(
+                "registration_agent.renew_secs",
+                format!(
+                    "must be at least 1 and at most half of registration_agent.lease_secs ({})",
+                    a.lease_secs
+                ),
+            );
+        }
+        if a.clock_skew_secs.saturating_mul(2) >= a.lease_secs {
+            bad(
+                "registration_agent.clock_skew_secs",
+                "must be under half of registration_agent.lease_secs".into(),
+            );
+        }
+        if a.start_spread_secs > 3600 {
+            bad(
+                "registration_agent.start_spread_secs",
+                "must be at most 3600".into(),
+            );
+        }
+        for (key, min, max) in [
+            ("retry", a.retry_min_secs, a.retry_max_secs),
+            ("auth_retry", a.auth_retry_min_secs, a.auth_retry_max_secs),
+        ] {
+            if min == 0 {
+                bad(
+                    &format!("registration_agent.{key}_min_secs"),
+                    "must be at least 1".into(),
+                );
+            }
+            if max < min || max > 86_400 {
+                bad(
+                    &format!("registration_agent.{key}_max_secs"),
+                    format!("must be from registration_agent.{key}_min_secs ({min}) to 86400"),
                 );
             }
         }

@@ -21,15 +21,17 @@ use tokio_util::task::TaskTracker;
 use crate::agents::dispatcher::Dispatcher;
 use crate::agents::drain::Drain;
 use crate::agents::location::{self, keepalive, overlay::BindingOverlay};
+use crate::agents::registration_agent::{self, Board, RegistrationAgent};
 use crate::agents::{Agents, Stack};
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::config::{parse_network, Config, Role};
 use crate::operator::admin;
+use crate::stack::resolve::Resolver;
 use crate::stack::shard::ShardThreads;
 use crate::stack::stats::Stats;
 use crate::stack::transaction::{ActiveTransactions, TimerSettings};
-use crate::stack::transport::{FloodLimit, Limits, Listeners};
+use crate::stack::transport::{FloodLimit, Limits, Listeners, TransportKind};
 use crate::Error;
 
 /// How a node is asked to stop.
@@ -112,6 +114,8 @@ pub struct Node {
     overlay: Arc<BindingOverlay>,
     /// Which other nodes answer SIP: the proxy asks it, `/metrics` reports it.
     peers: Arc<PeerMonitor>,
+    /// The registration agent's status of each provider account it registers.
+    board: Arc<Board>,
     /// The admin API's server, bound, and the tasks it will run as.
     admin: Option<AdminServer>,
     admin_tasks: Tasks,
@@ -158,6 +162,7 @@ impl Node {
         let drain = Arc::new(Drain::default());
         let overlay = Arc::new(BindingOverlay::default());
         let peers = Arc::new(PeerMonitor::default());
+        let board = Arc::new(Board::new(drain.flag()));
         let admin_tasks = Tasks::default();
         let bound = async {
             let token = admin::load_or_create_token(&config.token_path())?;
@@ -168,6 +173,7 @@ impl Node {
                     drain.clone(),
                     overlay.clone(),
                     peers.clone(),
+                    board.clone(),
                     token,
                 ),
                 config.admin.listen,
@@ -197,6 +203,7 @@ impl Node {
                 drain,
                 overlay,
                 peers,
+                board,
                 admin: Some(admin),
                 admin_tasks,
                 sip,
@@ -214,6 +221,13 @@ impl Node {
             self.cluster.quorum_timeout(),
             &self.cluster_tasks.tracker,
             &self.cluster_tasks.stop,
+        );
+        registration_agent::spawn_assigner(
+            self.cluster.clone(),
+            registration_agent::Settings::from_config(&self.config.registration_agent),
+            self.board.clone(),
+            &self.cluster_tasks.tracker,
+            self.cluster_tasks.stop.clone(),
         );
         if let Some(server) = self.admin.take() {
             self.admin_tasks.tracker.spawn(server);
@@ -301,6 +315,25 @@ impl Node {
                 tasks.stop.clone(),
             ));
         }
+        let mut outbound = Vec::new();
+        if !own.udp.is_empty() {
+            outbound.push(TransportKind::Udp);
+        }
+        if !own.tcp.is_empty() {
+            outbound.push(TransportKind::Tcp);
+        }
+        let resolver = Resolver::new(&config.sip.dns_servers, outbound);
+        let registration = RegistrationAgent::new(
+            config.node.id,
+            self.cluster.clone(),
+            stack.layer.clone(),
+            stack.transports.clone(),
+            own.clone(),
+            resolver,
+            registration_agent::Settings::from_config(&config.registration_agent),
+            self.board.clone(),
+        );
+        tasks.tracker.spawn(registration.run(tasks.stop.clone()));
         let agents = Agents::build(
             config,
             &self.cluster,

@@ -182,7 +182,13 @@ pub struct ServeContext {
     pub key_ids: Arc<dyn Fn() -> Result<Vec<u32>, Error> + Send + Sync>,
     /// The highest cluster feature version this node supports.
     pub features: u32,
+    /// Answers [`ClusterRequest::Agent`] questions; set once the agents run.
+    pub agent: AgentHook,
 }
+
+/// Where questions for a node's agents go: empty until the agents start, and on a node
+/// without them.
+pub type AgentHook = Arc<std::sync::OnceLock<Arc<dyn Fn(&str) -> String + Send + Sync>>>;
 
 /// The client for one peer.
 pub struct HttpPeer {
@@ -395,6 +401,10 @@ pub async fn serve(
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
                     ClusterRequest::Features => Ok(ClusterReply::Features(context.features)),
+                    ClusterRequest::Agent(question) => match context.agent.get() {
+                        Some(answer) => Ok(ClusterReply::Agent(answer(&question))),
+                        None => Err(Error::Unreachable("no agents run on this node".into())),
+                    },
                     ClusterRequest::DropHistory { upto } => replica
                         .drop_history(upto, DROP_HISTORY_WITHIN)
                         .await

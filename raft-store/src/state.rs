@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, Lease,
-    NodeRecord, Provider, ProviderAccount, ProviderLease,
+    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, Lease, NodeRecord,
+    Provider, ProviderAccount, ProviderLease,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -588,8 +588,14 @@ impl<'a> Txn<'a> {
         if let Some(old) = self.provider_lease(&lease.provider)? {
             self.delete(key::provider_lease_by_owner(old.owner, &old.provider));
         }
-        self.put(key::provider_lease_by_owner(lease.owner, &lease.provider), &());
-        self.put(key::provider_lease(&lease.provider), &StoredLease::V1(lease));
+        self.put(
+            key::provider_lease_by_owner(lease.owner, &lease.provider),
+            &(),
+        );
+        self.put(
+            key::provider_lease(&lease.provider),
+            &StoredLease::V1(lease),
+        );
         Ok(())
     }
 
@@ -610,7 +616,10 @@ impl<'a> Txn<'a> {
     fn apply_provider(&mut self, command: Command) -> Result<CommandResult, Error> {
         Ok(match command {
             Command::PutProviderAccount(p) => {
-                self.put(key::provider_account(&p.id()), &StoredProviderAccount::V1(p));
+                self.put(
+                    key::provider_account(&p.id()),
+                    &StoredProviderAccount::V1(p),
+                );
                 CommandResult::Done
             }
             Command::DeleteProviderAccount { id } => {
@@ -679,14 +688,16 @@ impl<'a> Txn<'a> {
                 }
                 CommandResult::Done
             }
-            Command::ReleaseLeaseAsked { provider, epoch } => match self.provider_lease(&provider)? {
-                Some(mut l) if l.epoch == epoch => {
-                    l.releasing = true;
-                    self.put(key::provider_lease(&provider), &StoredLease::V1(l));
-                    CommandResult::Done
+            Command::ReleaseLeaseAsked { provider, epoch } => {
+                match self.provider_lease(&provider)? {
+                    Some(mut l) if l.epoch == epoch => {
+                        l.releasing = true;
+                        self.put(key::provider_lease(&provider), &StoredLease::V1(l));
+                        CommandResult::Done
+                    }
+                    _ => CommandResult::Rejected(format!("no lease of epoch {epoch}")),
                 }
-                _ => CommandResult::Rejected(format!("no lease of epoch {epoch}")),
-            },
+            }
             Command::DropLease { provider, epoch } => match self.provider_lease(&provider)? {
                 Some(l) if l.epoch == epoch && l.owner != 0 => {
                     self.end_provider_lease(l)?;

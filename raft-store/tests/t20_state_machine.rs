@@ -304,7 +304,10 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
     .await;
     let a = reader.provider_lease("c/a").unwrap().unwrap();
     assert_eq!((a.owner, a.expires_at_ms), (1, 5000));
-    assert_eq!(reader.provider_lease("c/b").unwrap().unwrap().expires_at_ms, 1000);
+    assert_eq!(
+        reader.provider_lease("c/b").unwrap().unwrap().expires_at_ms,
+        1000
+    );
 
     // Hand-over: releasing stops renewals; the owner drops it; the next grant moves it.
     let r = apply(
@@ -352,7 +355,11 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
     );
     assert_eq!(
         [&r[0], &r[2], &r[3]],
-        [&CommandResult::Done, &CommandResult::Done, &CommandResult::Done]
+        [
+            &CommandResult::Done,
+            &CommandResult::Done,
+            &CommandResult::Done
+        ]
     );
     assert!(reader.provider_leases_of(1).unwrap().is_empty());
     let of_2: Vec<_> = reader
@@ -361,7 +368,11 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
         .into_iter()
         .map(|l| (l.provider, l.epoch))
         .collect();
-    assert_eq!(of_2, vec![("c/a".to_owned(), 2)], "c/b's lease went with it");
+    assert_eq!(
+        of_2,
+        vec![("c/a".to_owned(), 2)],
+        "c/b's lease went with it"
+    );
     assert!(reader.provider_account("c/b").unwrap().is_none());
 }
 

@@ -28,6 +28,7 @@ fn context() -> http_network::ServeContext {
         cluster_id: "test-cluster".into(),
         key_ids: Arc::new(|| Ok(vec![1, 2])),
         features: 0,
+        agent: Arc::default(),
     }
 }
 

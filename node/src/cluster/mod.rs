@@ -17,10 +17,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde::Serialize;
-use tandem_raft_store::command::{Command, CommandResult, NodeRecord};
+use tandem_raft_store::command::{Command, CommandResult, NodeId, NodeRecord};
 use tandem_raft_store::crypto::KeyRing;
 use tandem_raft_store::data_dir::{self, Identity};
-use tandem_raft_store::http_network::{self, HttpNetwork, ServeContext};
+use tandem_raft_store::http_network::{self, AgentHook, HttpNetwork, ServeContext};
 use tandem_raft_store::local_network::LocalRouter;
 use tandem_raft_store::membership::{ClusterReply, ClusterRequest, ReplicationView};
 use tandem_raft_store::replica::history::{DroppedHistory, DROP_HISTORY_WITHIN};
@@ -53,6 +53,8 @@ pub struct ClusterNode {
     network: Option<HttpNetwork>,
     quorum_timeout: Duration,
     max_apply_lag: u64,
+    /// Where other nodes' questions for this node's agents go (`ask_agent`).
+    agent_hook: AgentHook,
 }
 
 /// How often the leader asks the members which feature version they support.
@@ -166,6 +168,7 @@ impl ClusterNode {
         let raft_dir = data_dir::raft_dir(dir);
 
         let keys = Arc::new(RwLock::new(keys));
+        let agent_hook = AgentHook::default();
         let (replica, network) = match &config.cluster {
             None => {
                 let router = LocalRouter::new();
@@ -203,6 +206,7 @@ impl ClusterNode {
                 .await?;
                 let (key_file, ring) = (key_path.clone(), keys.clone());
                 let context = ServeContext {
+                    agent: agent_hook.clone(),
                     cluster_id: identity.cluster_id.clone(),
                     features: supported_features(),
                     // Reloads the key file, so the answer is the keys this node now uses.
@@ -232,6 +236,7 @@ impl ClusterNode {
             network,
             quorum_timeout: Duration::from_millis(c.quorum_timeout_ms),
             max_apply_lag: c.max_apply_lag,
+            agent_hook,
         };
         if let Some(c) = &config.cluster {
             let recorded = node.replica.members().into_iter().find(|m| m.id == id);
@@ -248,6 +253,33 @@ impl ClusterNode {
         tracker.spawn(node.clone().raise_features(stop.clone()));
         tracker.spawn(node.clone().register(config.clone(), stop));
         Ok(node)
+    }
+
+    /// Sets what answers other nodes' questions for this node's agents (once; the agents
+    /// call it when they start).
+    pub fn answer_agent_questions(&self, answer: Arc<dyn Fn(&str) -> String + Send + Sync>) {
+        let _ = self.agent_hook.set(answer);
+    }
+
+    /// Asks node `id`'s agents `question`; this node's own agents answer directly. `None`
+    /// when the node is unknown, does not answer in time, or runs no agents.
+    pub async fn ask_agent(&self, id: NodeId, question: &str) -> Option<String> {
+        if id == self.identity.node_id {
+            return self.agent_hook.get().map(|answer| answer(question));
+        }
+        let network = self.network.as_ref()?;
+        let member = self.replica.members().into_iter().find(|m| m.id == id)?;
+        match network
+            .cluster(
+                &member.raft_addr,
+                &ClusterRequest::Agent(question.to_owned()),
+                PEER_QUESTION_TIMEOUT,
+            )
+            .await
+        {
+            Ok((_, ClusterReply::Agent(answer))) => Some(answer),
+            _ => None,
+        }
     }
 
     /// Whether this node is in its own latest membership configuration and not retired.

@@ -23,6 +23,9 @@ use warp::{Filter, Rejection, Reply};
 use crate::agents::auth::accounts::{self, check_domain, check_user, AccountInput, AccountView};
 use crate::agents::drain::Drain;
 use crate::agents::location::overlay::BindingOverlay;
+use crate::agents::registration_agent::Board;
+
+mod providers;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
@@ -41,6 +44,8 @@ pub struct Admin {
     pub overlay: Arc<BindingOverlay>,
     /// Which other nodes answer SIP, as the proxy sees them.
     pub peers: Arc<PeerMonitor>,
+    /// The registration agent's status of the provider accounts this node registers.
+    pub board: Arc<Board>,
     token: Arc<str>,
 }
 
@@ -75,7 +80,9 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Error::Store(S::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
-            Error::Store(S::Membership(_)) | Error::Rotation(_) => StatusCode::CONFLICT,
+            Error::Store(S::Membership(_) | S::FeatureNotEnabled { .. }) | Error::Rotation(_) => {
+                StatusCode::CONFLICT
+            }
             Error::Config { .. } => StatusCode::CONFLICT,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -171,6 +178,7 @@ impl Admin {
         drain: Arc<Drain>,
         overlay: Arc<BindingOverlay>,
         peers: Arc<PeerMonitor>,
+        board: Arc<Board>,
         token: String,
     ) -> Admin {
         Admin {
@@ -179,6 +187,7 @@ impl Admin {
             drain,
             overlay,
             peers,
+            board,
             token: token.into(),
         }
     }
@@ -606,6 +615,33 @@ impl Admin {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        let b = &self.board.counters;
+        let (registered, failing, other) = self.board.counts();
+        let agent: [(&str, &str, &str, u64); 9] = [
+            ("tandem_providers_registered", "Provider accounts this node keeps registered now.", "gauge", registered as u64),
+            ("tandem_providers_failing", "Provider accounts this node owns whose last attempt failed (backing off).", "gauge", failing as u64),
+            ("tandem_providers_pending", "Provider accounts this node owns that are starting, registering or un-registering.", "gauge", other as u64),
+            ("tandem_provider_registers_sent_total", "REGISTER requests the registration agent sent (challenged retries included).", "counter", load(&b.registers_sent)),
+            ("tandem_provider_timeouts_total", "REGISTERs to providers that got no final response.", "counter", load(&b.timeouts)),
+            ("tandem_provider_dns_failures_total", "Attempts that failed because the provider's name did not resolve.", "counter", load(&b.dns_failures)),
+            ("tandem_provider_lease_grants_total", "Provider leases this node granted while it led.", "counter", load(&b.lease_grants)),
+            ("tandem_provider_lease_moves_total", "Provider leases this node asked an owner to hand over while it led.", "counter", load(&b.lease_moves)),
+            ("tandem_provider_leases_held", "Provider leases this node holds in the replicated state.", "gauge", replica.reader().provider_leases_of(self.cluster.identity.node_id).map_or(0, |l| l.len() as u64)),
+        ];
+        for (name, help, kind, value) in agent {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
+        let name = "tandem_provider_responses_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Final responses to the registration agent's REGISTERs, by class.\n# TYPE {name} counter"
+        );
+        for (i, count) in b.responses.iter().enumerate().skip(1) {
+            let _ = writeln!(out, "{name}{{class=\"{}xx\"}} {}", i + 1, load(count));
+        }
         let name = "tandem_sip_requests_total";
         let _ = writeln!(
             out,
@@ -861,6 +897,37 @@ pub fn serve(
         .and(warp::post())
         .and(authorized.clone())
         .then(|a: Arc<Admin>| async move { a.start_drain().await });
+    let providers = warp::path!("v1" / "providers")
+        .and(warp::get())
+        .and(authorized.clone())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(
+            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
+                answer(match q.keys().find(|k| *k != "customer") {
+                    Some(k) => Err(ApiError::bad_request(format!(
+                        "unknown query parameter {k:?}; only customer= is known"
+                    ))),
+                    None => a.list_providers(q.get("customer").cloned()),
+                })
+            },
+        );
+    let provider = warp::path!("v1" / "providers" / String / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|c: String, n: String, a: Arc<Admin>| answer(a.get_provider(&c, &n)));
+    let put_provider = warp::path!("v1" / "providers" / String / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|c, n, a: Arc<Admin>, b| async move { answer(a.put_provider(c, n, b).await) });
+    let delete_provider = warp::path!("v1" / "providers" / String / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|c, n, a: Arc<Admin>| async move { answer(a.delete_provider(c, n).await) });
+    let provider_status = warp::path!("v1" / "providers" / String / String / "status")
+        .and(warp::get())
+        .and(authorized.clone())
+        .then(|c, n, a: Arc<Admin>| async move { answer(a.provider_status(c, n).await) });
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
@@ -888,6 +955,11 @@ pub fn serve(
         bindings.boxed(),
         drain_state.boxed(),
         start_drain.boxed(),
+        providers.boxed(),
+        provider.boxed(),
+        put_provider.boxed(),
+        delete_provider.boxed(),
+        provider_status.boxed(),
     ];
     let routes = all
         .into_iter()

@@ -41,6 +41,10 @@ pub enum Command {
     /// SIP accounts, through the running node of --config.
     #[command(subcommand)]
     Account(AccountCommand),
+    /// Customers' accounts at third-party providers, which the registration agent keeps
+    /// registered; through the running node of --config.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
     /// This node's own lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -161,6 +165,7 @@ impl Command {
             Command::Keys(c) => Some(c.config()),
             Command::Account(c) => Some(c.config()),
             Command::Node(c) => Some(c.config()),
+            Command::Provider(c) => Some(c.config()),
             _ => None,
         }
     }
@@ -246,6 +251,107 @@ impl AccountCommand {
             | AccountCommand::Show { config, .. }
             | AccountCommand::List { config }
             | AccountCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+/// How the registration agent reaches a provider (`auto`: RFC 3263 decides).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportArg {
+    Auto,
+    Udp,
+    Tcp,
+    Tls,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProviderCommand {
+    /// Create a provider account, or change one: options left out keep their current
+    /// values. The password is read from TANDEM_PROVIDER_PASSWORD if set, else asked for
+    /// (never echoed); it is asked only for a new account or with --password.
+    Put {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// `customer/name`.
+        #[arg(value_name = "CUSTOMER/NAME")]
+        provider: String,
+        /// The provider's registrar: `host[:port]`, or a domain resolved by RFC 3263.
+        #[arg(long)]
+        registrar: Option<String>,
+        #[arg(long, value_enum)]
+        transport: Option<TransportArg>,
+        /// The user part of the AOR registered.
+        #[arg(long)]
+        username: Option<String>,
+        /// The digest username, when it differs from --username ("" clears it).
+        #[arg(long)]
+        auth_username: Option<String>,
+        /// Set a new password (from TANDEM_PROVIDER_PASSWORD, or asked for).
+        #[arg(long)]
+        password: bool,
+        /// The digest realm to answer ("" clears it: any).
+        #[arg(long)]
+        realm: Option<String>,
+        /// The registration interval asked for, in seconds (default for a new account: 600).
+        #[arg(long)]
+        expires: Option<u32>,
+        /// Disable the account: its owner un-registers it.
+        #[arg(long, conflicts_with = "enable")]
+        disable: bool,
+        #[arg(long)]
+        enable: bool,
+        /// `host[:port]` every request to the provider goes through ("" clears it).
+        #[arg(long)]
+        outbound_proxy: Option<String>,
+        /// The user part of the Contact registered ("" clears it: the username).
+        #[arg(long)]
+        contact_user: Option<String>,
+        /// The local account (`user@domain`) whose phones calls from the provider ring.
+        #[arg(long)]
+        inbound_account: Option<String>,
+        /// A PEM file of CAs for the provider's TLS certificate, on every node ("" clears).
+        #[arg(long)]
+        ca_file: Option<String>,
+    },
+    /// Show one provider account.
+    Show {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        provider: String,
+    },
+    /// List provider accounts.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Delete a provider account; its owner un-registers it.
+    Delete {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        provider: String,
+    },
+    /// The account's registration as the node that holds its lease reports it.
+    Status {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        provider: String,
+    },
+}
+
+impl ProviderCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            ProviderCommand::Put { config, .. }
+            | ProviderCommand::Show { config, .. }
+            | ProviderCommand::List { config, .. }
+            | ProviderCommand::Delete { config, .. }
+            | ProviderCommand::Status { config, .. } => config.clone(),
         }
     }
 }

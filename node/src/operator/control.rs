@@ -1,5 +1,5 @@
 //! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
-//! `tandem account …` and `tandem node …`.
+//! `tandem account …`, `tandem provider …` (in `providers`) and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -11,6 +11,8 @@ use tandem_raft_store::crypto::KeyRing;
 use crate::config::Config;
 use crate::operator::cli::{AccountCommand, ClusterCommand, Command, KeysCommand, NodeCommand};
 use crate::Error;
+
+mod providers;
 
 /// How long an admin request may take; re-sealing proposes one write per record, so it
 /// gets longer.
@@ -24,6 +26,7 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
         Command::Keys(c) => keys(c, config).await,
         Command::Account(c) => account(c, config).await,
         Command::Node(c) => node(c, config).await,
+        Command::Provider(c) => providers::run(c, config).await,
         other => Err(Error::Admin(format!(
             "{other:?} is not an operator command"
         ))),

@@ -16,9 +16,6 @@
 //! SRV records are tried by priority, and within a priority in a weighted random order
 //! (RFC 2782), so load spreads as the provider asked and a dead server is skipped on
 //! timeout or 503.
-//!
-//! Not wired to a resolver yet: the registration agent (#17) will drive it with hickory.
-#![allow(dead_code)]
 
 use tandem_sip::{Host, SipUri};
 

@@ -6,7 +6,7 @@
 //!   runs them on tokio time.
 //! - [`shard`]: the SIP threads, and the Call-ID hash that picks a message's thread.
 //! - [`locate`]: RFC 3263 server location (which transport, address and port for a URI,
-//!   in which order), sans-IO; not yet driven by a resolver.
+//!   in which order), sans-IO; [`resolve`] drives it with hickory-resolver.
 //! - [`responses`]: what every response carries, and the one map from a parse or
 //!   validation error to a status code.
 //! - [`stats`]: the SIP counters `/metrics` reads.
@@ -17,6 +17,7 @@
 //! dispatcher and its agents (`crate::agents`), in the layer's tests the test itself.
 
 pub mod locate;
+pub mod resolve;
 pub mod responses;
 pub mod shard;
 pub mod stats;

@@ -38,6 +38,10 @@ pub enum ClusterRequest {
     /// The highest cluster feature version the answering node supports (not forwarded:
     /// asked of each member by the leader before it raises the cluster's).
     Features,
+    /// A question for the answering node's SIP agents (not forwarded): text in, text out,
+    /// so this crate needs to know nothing of them. A node from before this variant existed
+    /// answers with an error, which the asker takes as "no agent here".
+    Agent(String),
 }
 
 impl ClusterRequest {
@@ -45,7 +49,10 @@ impl ClusterRequest {
     pub fn is_per_member(&self) -> bool {
         matches!(
             self,
-            ClusterRequest::KeyIds | ClusterRequest::DropHistory { .. } | ClusterRequest::Features
+            ClusterRequest::KeyIds
+                | ClusterRequest::DropHistory { .. }
+                | ClusterRequest::Features
+                | ClusterRequest::Agent(_)
         )
     }
 }
@@ -59,6 +66,7 @@ pub enum ClusterReply {
     KeyIds(Vec<u32>),
     HistoryDropped(super::history::DroppedHistory),
     Features(u32),
+    Agent(String),
 }
 
 /// What the leader knows about replication to each member.
@@ -141,7 +149,8 @@ impl Replica {
             ClusterRequest::Replication => Ok(ClusterReply::Replication(self.replication_view()?)),
             ClusterRequest::KeyIds
             | ClusterRequest::DropHistory { .. }
-            | ClusterRequest::Features => Err(per_member(&request)),
+            | ClusterRequest::Features
+            | ClusterRequest::Agent(_) => Err(per_member(&request)),
         }
     }
 }

@@ -98,7 +98,9 @@ impl From<&ProviderAccount> for ProviderView {
 /// port; nothing else (no user, no parameters), so it is exactly what RFC 3263 resolves.
 pub fn check_host_port(what: &str, value: &str) -> Result<(), String> {
     let bad = || {
-        format!("{what} must be host[:port] (a DNS name or an IP address, and a port), got {value:?}")
+        format!(
+            "{what} must be host[:port] (a DNS name or an IP address, and a port), got {value:?}"
+        )
     };
     if value.is_empty()
         || value.len() > 255
@@ -129,9 +131,9 @@ pub fn check_host_port(what: &str, value: &str) -> Result<(), String> {
 /// characters.
 fn check_sip_user(what: &str, value: &str) -> Result<(), String> {
     let ok = (1..=128).contains(&value.len())
-        && value.chars().all(|c| {
-            c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/".contains(c)
-        });
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.!~*'()&=+$,;?/".contains(c));
     if ok {
         Ok(())
     } else {
@@ -222,7 +224,10 @@ pub fn build(
         Some(v) => v.filter(|s| !s.is_empty()),
         None => old,
     };
-    let auth_username = pick(input.auth_username, old.and_then(|p| p.auth_username.clone()));
+    let auth_username = pick(
+        input.auth_username,
+        old.and_then(|p| p.auth_username.clone()),
+    );
     if let Some(a) = &auth_username {
         check_quoted("auth_username", a)?;
     }
@@ -230,7 +235,10 @@ pub fn build(
     if let Some(r) = &realm {
         check_quoted("realm", r)?;
     }
-    let outbound_proxy = pick(input.outbound_proxy, old.and_then(|p| p.outbound_proxy.clone()));
+    let outbound_proxy = pick(
+        input.outbound_proxy,
+        old.and_then(|p| p.outbound_proxy.clone()),
+    );
     if let Some(o) = &outbound_proxy {
         check_host_port("outbound_proxy", o)?;
     }
@@ -298,7 +306,11 @@ pub fn build(
 /// The provider account's password, unsealed.
 pub fn open_password(keys: &KeyRing, p: &ProviderAccount) -> Result<String, String> {
     let bytes = keys
-        .open(&p.password, &provider_record(&p.id()), PROVIDER_PASSWORD_FIELD)
+        .open(
+            &p.password,
+            &provider_record(&p.id()),
+            PROVIDER_PASSWORD_FIELD,
+        )
         .map_err(|e| format!("the password of {} does not open: {e}", p.id()))?;
     String::from_utf8(bytes).map_err(|_| format!("the password of {} is not UTF-8", p.id()))
 }
@@ -314,7 +326,13 @@ mod tests {
     #[test]
     fn a_new_account_needs_registrar_username_and_password_and_seals_the_password() {
         let keys = KeyRing::generate();
-        let e = build(&keys, "c", "p", input(r#"{"username":"u","password":"x"}"#), None);
+        let e = build(
+            &keys,
+            "c",
+            "p",
+            input(r#"{"username":"u","password":"x"}"#),
+            None,
+        );
         assert!(e.unwrap_err().contains("registrar is required"));
         let p = build(
             &keys,
@@ -340,8 +358,18 @@ mod tests {
         .unwrap();
         assert_eq!(q.realm.as_deref(), Some("example.net"));
         assert_eq!(q.transport, Some(ProviderTransport::Tcp));
-        assert_eq!((q.password.clone(), q.instance.clone()), (p.password.clone(), p.instance.clone()));
-        let r = build(&keys, "c", "p", input(r#"{"realm":null,"transport":null}"#), Some(q)).unwrap();
+        assert_eq!(
+            (q.password.clone(), q.instance.clone()),
+            (p.password.clone(), p.instance.clone())
+        );
+        let r = build(
+            &keys,
+            "c",
+            "p",
+            input(r#"{"realm":null,"transport":null}"#),
+            Some(q),
+        )
+        .unwrap();
         assert_eq!((r.realm, r.transport, r.enabled), (None, None, false));
     }
 
@@ -353,21 +381,56 @@ mod tests {
             (format!(r#"{{"registrar":"a b",{base}}}"#), "registrar"),
             (format!(r#"{{"registrar":"u@host",{base}}}"#), "registrar"),
             (format!(r#"{{"registrar":"host:0",{base}}}"#), "registrar"),
-            (format!(r#"{{"registrar":"host:99999",{base}}}"#), "registrar"),
-            (format!(r#"{{"registrar":"-bad-.example",{base}}}"#), "registrar"),
-            (format!(r#"{{"registrar":"h","outbound_proxy":"x;lr",{base}}}"#), "outbound_proxy"),
-            (r#"{"registrar":"h","username":"a b","password":"x"}"#.into(), "username"),
-            (r#"{"registrar":"h","username":"u","password":"a\nb"}"#.into(), "password"),
-            (format!(r#"{{"registrar":"h","realm":"a\"b",{base}}}"#), "realm"),
-            (format!(r#"{{"registrar":"h","expires_secs":5,{base}}}"#), "expires_secs"),
-            (format!(r#"{{"registrar":"h","ca_file":"rel.pem",{base}}}"#), "ca_file"),
-            (format!(r#"{{"registrar":"h","ca_file":"/nonexistent.pem",{base}}}"#), "ca_file"),
-            (format!(r#"{{"registrar":"h","inbound":{{"dialplan":"x"}},{base}}}"#), "dialplan"),
+            (
+                format!(r#"{{"registrar":"host:99999",{base}}}"#),
+                "registrar",
+            ),
+            (
+                format!(r#"{{"registrar":"-bad-.example",{base}}}"#),
+                "registrar",
+            ),
+            (
+                format!(r#"{{"registrar":"h","outbound_proxy":"x;lr",{base}}}"#),
+                "outbound_proxy",
+            ),
+            (
+                r#"{"registrar":"h","username":"a b","password":"x"}"#.into(),
+                "username",
+            ),
+            (
+                r#"{"registrar":"h","username":"u","password":"a\nb"}"#.into(),
+                "password",
+            ),
+            (
+                format!(r#"{{"registrar":"h","realm":"a\"b",{base}}}"#),
+                "realm",
+            ),
+            (
+                format!(r#"{{"registrar":"h","expires_secs":5,{base}}}"#),
+                "expires_secs",
+            ),
+            (
+                format!(r#"{{"registrar":"h","ca_file":"rel.pem",{base}}}"#),
+                "ca_file",
+            ),
+            (
+                format!(r#"{{"registrar":"h","ca_file":"/nonexistent.pem",{base}}}"#),
+                "ca_file",
+            ),
+            (
+                format!(r#"{{"registrar":"h","inbound":{{"dialplan":"x"}},{base}}}"#),
+                "dialplan",
+            ),
         ] {
             let e = build(&keys, "c", "p", input(&json), None).unwrap_err();
             assert!(e.contains(named), "{json}: {e}");
         }
-        for ok in ["127.0.0.1:5060", "[::1]:5070", "sip.example.net", "provider.example."] {
+        for ok in [
+            "127.0.0.1:5060",
+            "[::1]:5070",
+            "sip.example.net",
+            "provider.example.",
+        ] {
             check_host_port("registrar", ok).unwrap();
         }
         assert!(serde_json::from_str::<ProviderInput>(r#"{"transport":"sctp"}"#).is_err());

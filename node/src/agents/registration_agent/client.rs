@@ -302,9 +302,7 @@ impl RegisterClient {
                         Next::SendAgain
                     }
                 }
-                Err(why) => {
-                    self.fail(FailureClass::AuthFailed, Some(status), why, None, rng)
-                }
+                Err(why) => self.fail(FailureClass::AuthFailed, Some(status), why, None, rng),
             },
             423 => {
                 let min = r.delta_seconds(HeaderName::MinExpires).ok().flatten();
@@ -424,16 +422,16 @@ impl RegisterClient {
         }
         let Some(new) = best else {
             return Err(match &self.id.realm {
-                Some(realm) => format!("no digest challenge for realm {realm:?} that we can answer"),
+                Some(realm) => {
+                    format!("no digest challenge for realm {realm:?} that we can answer")
+                }
                 None => "no digest challenge that we can answer".into(),
             });
         };
-        let stale = r
-            .auth_headers(&name)
-            .ok()
-            .into_iter()
-            .flatten()
-            .any(|h| h.param("stale").is_some_and(|s| s.eq_ignore_ascii_case("true")));
+        let stale = r.auth_headers(&name).ok().into_iter().flatten().any(|h| {
+            h.param("stale")
+                .is_some_and(|s| s.eq_ignore_ascii_case("true"))
+        });
         if let Some(old) = &self.challenge {
             if old.answered && old.realm == new.realm && old.proxy == new.proxy && !stale {
                 return Err("the provider refused our credentials".into());
@@ -441,11 +439,6 @@ impl RegisterClient {
         }
         self.challenge = Some(new);
         Ok(())
-    }
-
-    /// The Call-ID this client registers with.
-    pub fn call_id(&self) -> &str {
-        &self.call_id
     }
 }
 
@@ -506,8 +499,19 @@ fn authorization(c: &Challenge, id: &Identity, rng: &mut impl Rng) -> String {
         ha1 = c.algorithm.hex_of(&[&ha1, ":", &c.nonce, ":", &cnonce]);
     }
     let qop = c.qop_auth.then_some(("auth", c.nc, cnonce.as_str()));
-    let response = digest::response(c.algorithm, &ha1, &c.nonce, qop, "REGISTER", &id.request_uri);
-    let algorithm = format!("{}{}", c.algorithm.name(), if c.sess { "-sess" } else { "" });
+    let response = digest::response(
+        c.algorithm,
+        &ha1,
+        &c.nonce,
+        qop,
+        "REGISTER",
+        &id.request_uri,
+    );
+    let algorithm = format!(
+        "{}{}",
+        c.algorithm.name(),
+        if c.sess { "-sess" } else { "" }
+    );
     let mut v = format!(
         "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", response=\"{response}\", algorithm={algorithm}",
         id.auth_user, c.realm, c.nonce, id.request_uri
@@ -601,7 +605,10 @@ mod tests {
             let challenge = format!(
                 "Digest realm=\"provider.example\", nonce=\"n1\", opaque=\"op\", algorithm={algorithm}{qop_param}"
             );
-            let next = c.on_response(&reply(&first, 401, &[("WWW-Authenticate", &challenge)]), &mut r);
+            let next = c.on_response(
+                &reply(&first, 401, &[("WWW-Authenticate", &challenge)]),
+                &mut r,
+            );
             assert_eq!(next, Next::SendAgain);
             let second = c.build(&hop(), &mut r);
             assert_eq!(second.cseq().unwrap().seq, first.cseq().unwrap().seq + 1);
@@ -617,7 +624,8 @@ mod tests {
                 ha1 = alg.hex_of(&[&ha1, ":n1:", cnonce.as_deref().unwrap()]);
             }
             let qop = cnonce.as_deref().map(|cn| ("auth", 1, cn));
-            let expected = digest::response(alg, &ha1, "n1", qop, "REGISTER", "sip:provider.example");
+            let expected =
+                digest::response(alg, &ha1, "n1", qop, "REGISTER", "sip:provider.example");
             assert_eq!(a("response"), Some(expected), "{algorithm} qop={qop:?}");
             assert_eq!(a("nc").is_some(), qop.is_some());
         }
@@ -632,8 +640,14 @@ mod tests {
             &first,
             407,
             &[
-                ("Proxy-Authenticate", "Digest realm=\"p\", nonce=\"a\", algorithm=MD5"),
-                ("Proxy-Authenticate", "Digest realm=\"p\", nonce=\"b\", algorithm=SHA-256"),
+                (
+                    "Proxy-Authenticate",
+                    "Digest realm=\"p\", nonce=\"a\", algorithm=MD5",
+                ),
+                (
+                    "Proxy-Authenticate",
+                    "Digest realm=\"p\", nonce=\"b\", algorithm=SHA-256",
+                ),
             ],
         );
         assert_eq!(c.on_response(&resp, &mut r), Next::SendAgain);
@@ -651,10 +665,17 @@ mod tests {
             &mut r,
         );
         let first = c.build(&hop(), &mut r);
-        let resp = reply(&first, 401, &[("WWW-Authenticate", "Digest realm=\"p\", nonce=\"a\"")]);
+        let resp = reply(
+            &first,
+            401,
+            &[("WWW-Authenticate", "Digest realm=\"p\", nonce=\"a\"")],
+        );
         assert!(matches!(
             c.on_response(&resp, &mut r),
-            Next::Failed { class: FailureClass::AuthFailed, .. }
+            Next::Failed {
+                class: FailureClass::AuthFailed,
+                ..
+            }
         ));
     }
 
@@ -663,12 +684,21 @@ mod tests {
     fn a_second_challenge_is_auth_failed_unless_stale() {
         let mut r = rng();
         let mut c = RegisterClient::new(identity(), policy(), &mut r);
-        let ch = [("WWW-Authenticate", "Digest realm=\"p\", nonce=\"a\", qop=\"auth\"")];
+        let ch = [(
+            "WWW-Authenticate",
+            "Digest realm=\"p\", nonce=\"a\", qop=\"auth\"",
+        )];
         let m = c.build(&hop(), &mut r);
         assert_eq!(c.on_response(&reply(&m, 401, &ch), &mut r), Next::SendAgain);
         let m = c.build(&hop(), &mut r);
-        let stale = [("WWW-Authenticate", "Digest realm=\"p\", nonce=\"b\", qop=\"auth\", stale=true")];
-        assert_eq!(c.on_response(&reply(&m, 401, &stale), &mut r), Next::SendAgain);
+        let stale = [(
+            "WWW-Authenticate",
+            "Digest realm=\"p\", nonce=\"b\", qop=\"auth\", stale=true",
+        )];
+        assert_eq!(
+            c.on_response(&reply(&m, 401, &stale), &mut r),
+            Next::SendAgain
+        );
         let m = c.build(&hop(), &mut r);
         match c.on_response(&reply(&m, 401, &ch), &mut r) {
             Next::Failed {
@@ -708,14 +738,20 @@ mod tests {
                 contacts,
             } => {
                 assert_eq!((expires, contacts), (1700, 2));
-                assert!(refresh_in >= Duration::from_secs(935) && refresh_in <= Duration::from_secs(1360));
+                assert!(
+                    refresh_in >= Duration::from_secs(935)
+                        && refresh_in <= Duration::from_secs(1360)
+                );
             }
             other => panic!("{other:?}"),
         }
         c.remove();
         let m = c.build(&hop(), &mut r);
         assert_eq!(m.expires().unwrap(), Some(0));
-        assert_eq!(c.on_response(&reply(&m, 200, &[]), &mut r), Next::Unregistered);
+        assert_eq!(
+            c.on_response(&reply(&m, 200, &[]), &mut r),
+            Next::Unregistered
+        );
     }
 
     /// Each class backs off exponentially within its bounds; Retry-After is honoured; a
@@ -727,7 +763,9 @@ mod tests {
         let mut waits = vec![];
         for _ in 0..12 {
             match c.on_failure(FailureClass::Dns, "no such name".into(), &mut r) {
-                Next::Failed { retry_in, failover, .. } => {
+                Next::Failed {
+                    retry_in, failover, ..
+                } => {
                     assert!(!failover);
                     waits.push(retry_in.as_secs_f64());
                 }
@@ -740,7 +778,12 @@ mod tests {
         assert!(waits[11] >= 150.0, "{waits:?}");
         let m = c.build(&hop(), &mut r);
         match c.on_response(&reply(&m, 503, &[("Retry-After", "120")]), &mut r) {
-            Next::Failed { class, retry_in, failover, .. } => {
+            Next::Failed {
+                class,
+                retry_in,
+                failover,
+                ..
+            } => {
                 assert_eq!((class, failover), (FailureClass::ServerError, true));
                 assert_eq!(retry_in, Duration::from_secs(120));
             }
@@ -749,7 +792,11 @@ mod tests {
         let m = c.build(&hop(), &mut r);
         assert!(matches!(
             c.on_response(&reply(&m, 403, &[]), &mut r),
-            Next::Failed { class: FailureClass::Rejected, failover: false, .. }
+            Next::Failed {
+                class: FailureClass::Rejected,
+                failover: false,
+                ..
+            }
         ));
         assert!(matches!(
             c.on_failure(FailureClass::Timeout, "Timer F".into(), &mut r),
@@ -770,9 +817,20 @@ mod tests {
         );
         let m = c.build(&hop(), &mut r);
         let text = String::from_utf8(m.to_bytes().to_vec()).unwrap();
-        assert!(text.starts_with("REGISTER sip:provider.example SIP/2.0\r\n"), "{text}");
-        assert!(text.contains("Route: <sip:proxy.provider.example;lr>\r\n"), "{text}");
-        assert!(text.contains(";+sip.instance=\"<urn:uuid:0f0e0d0c-0000-4000-8000-000000000001>\";reg-id=1"), "{text}");
+        assert!(
+            text.starts_with("REGISTER sip:provider.example SIP/2.0\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Route: <sip:proxy.provider.example;lr>\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                ";+sip.instance=\"<urn:uuid:0f0e0d0c-0000-4000-8000-000000000001>\";reg-id=1"
+            ),
+            "{text}"
+        );
         assert!(text.contains("Expires: 600\r\n"), "{text}");
     }
 }

@@ -3,7 +3,8 @@
 //! the leader's view of which nodes are up, and returns the commands that move it towards
 //! one live lease per enabled account, spread evenly over the nodes that may own.
 //!
-//! - A node may own when it is a full node (witnesses own nothing), not draining, and up.
+//! - A node may own when it is a full node (witnesses own nothing) whose agent runs and
+//!   is not draining, as the node itself answers when the leader asks.
 //! - An account without a live lease is granted to the node with the fewest leases. A
 //!   lease whose owner stopped renewing is granted elsewhere only once it has lapsed by
 //!   the leader's clock plus a grace for clock skew: until then the old owner may still
@@ -24,8 +25,10 @@ use tandem_raft_store::command::NodeId;
 pub struct View<'a> {
     pub now_ms: u64,
     pub nodes: &'a [NodeRecord],
-    /// Nodes the leader sees up (itself included).
+    /// Nodes whose agent runs and takes leases (the leader included, if it is one).
     pub up: &'a BTreeSet<NodeId>,
+    /// Nodes whose agent runs but drains: they hand their leases over.
+    pub draining: &'a BTreeSet<NodeId>,
     pub accounts: &'a [ProviderAccount],
     pub leases: &'a [Lease],
     pub lease_ms: u64,
@@ -38,17 +41,18 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
     let eligible: BTreeSet<NodeId> = v
         .nodes
         .iter()
-        .filter(|n| n.role == Role::Full && !n.draining && v.up.contains(&n.id))
+        .filter(|n| n.role == Role::Full && v.up.contains(&n.id))
         .map(|n| n.id)
         .collect();
-    let draining: BTreeSet<NodeId> = v.nodes.iter().filter(|n| n.draining).map(|n| n.id).collect();
-    let leases: BTreeMap<&str, &Lease> = v.leases.iter().map(|l| (l.provider.as_str(), l)).collect();
+    let leases: BTreeMap<&str, &Lease> =
+        v.leases.iter().map(|l| (l.provider.as_str(), l)).collect();
     let live = |l: &Lease| l.owner != 0 && l.expires_at_ms > v.now_ms;
     let lapsed_long_enough =
         |l: &Lease| l.owner == 0 || l.expires_at_ms.saturating_add(v.grace_ms) <= v.now_ms;
 
     // Leases each eligible node holds and keeps (not releasing).
-    let mut load: BTreeMap<NodeId, Vec<&Lease>> = eligible.iter().map(|&n| (n, Vec::new())).collect();
+    let mut load: BTreeMap<NodeId, Vec<&Lease>> =
+        eligible.iter().map(|&n| (n, Vec::new())).collect();
     let mut out = Vec::new();
     let mut unowned = Vec::new();
     for p in v.accounts.iter().filter(|p| p.enabled) {
@@ -60,12 +64,10 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
                 }
                 match load.get_mut(&l.owner) {
                     Some(held) => held.push(l),
-                    None if draining.contains(&l.owner) && v.up.contains(&l.owner) => {
-                        out.push(Command::ReleaseLeaseAsked {
-                            provider: id,
-                            epoch: l.epoch,
-                        })
-                    }
+                    None if v.draining.contains(&l.owner) => out.push(Command::ReleaseLeaseAsked {
+                        provider: id,
+                        epoch: l.epoch,
+                    }),
                     // Down, removed or a witness: it lapses, then moves.
                     None => {}
                 }
@@ -134,14 +136,14 @@ mod tests {
     use tandem_raft_store::command::ProviderTransport;
     use tandem_raft_store::crypto::Sealed;
 
-    fn node(id: NodeId, role: Role, draining: bool) -> NodeRecord {
+    fn node(id: NodeId, role: Role) -> NodeRecord {
         NodeRecord {
             id,
             sip_addrs: vec![],
             raft_addr: String::new(),
             role,
             software_version: String::new(),
-            draining,
+            draining: false,
         }
     }
 
@@ -198,6 +200,7 @@ mod tests {
     struct World {
         nodes: Vec<NodeRecord>,
         up: BTreeSet<NodeId>,
+        draining: BTreeSet<NodeId>,
         accounts: Vec<ProviderAccount>,
         leases: BTreeMap<String, Lease>,
         now_ms: u64,
@@ -210,6 +213,7 @@ mod tests {
                 now_ms: self.now_ms,
                 nodes: &self.nodes,
                 up: &self.up,
+                draining: &self.draining,
                 accounts: &self.accounts,
                 leases: &leases,
                 lease_ms: 30_000,
@@ -263,12 +267,13 @@ mod tests {
     fn a_thousand_accounts_spread_evenly_and_again_after_a_node_leaves_and_rejoins() {
         let mut w = World {
             nodes: vec![
-                node(1, Role::Full, false),
-                node(2, Role::Full, false),
-                node(3, Role::Full, false),
-                node(4, Role::Witness, false),
+                node(1, Role::Full),
+                node(2, Role::Full),
+                node(3, Role::Full),
+                node(4, Role::Witness),
             ],
-            up: [1, 2, 3, 4].into(),
+            up: [1, 2, 3].into(),
+            draining: BTreeSet::new(),
             accounts: (0..1000).map(|i| account(i, i % 100 != 0)).collect(),
             leases: BTreeMap::new(),
             now_ms: 1_000_000,
@@ -276,6 +281,8 @@ mod tests {
         w.settle();
         within_20_percent(&w.counts(), 3, 990);
         assert!(!w.counts().contains_key(&4), "a witness owns nothing");
+        w.up.insert(4);
+        assert_eq!(w.round(), 0, "not even when it says it is up");
 
         // Node 3 dies: its leases move only after they lapse, then spread over 1 and 2.
         w.up.remove(&3);
@@ -294,7 +301,8 @@ mod tests {
         within_20_percent(&w.counts(), 3, 990);
 
         // Node 2 drains: it is asked to release everything, and others take over.
-        w.nodes[1].draining = true;
+        w.up.remove(&2);
+        w.draining.insert(2);
         w.settle();
         within_20_percent(&w.counts(), 2, 990);
         assert!(!w.counts().contains_key(&2));
@@ -309,14 +317,16 @@ mod tests {
             expires_at_ms: 10_000,
             releasing: false,
         };
-        let nodes = [node(1, Role::Full, false), node(2, Role::Full, false)];
+        let nodes = [node(1, Role::Full), node(2, Role::Full)];
         let up: BTreeSet<NodeId> = [1].into();
+        let draining = BTreeSet::new();
         let accounts = [account(1, true)];
         let at = |now_ms| {
             assign(&View {
                 now_ms,
                 nodes: &nodes,
                 up: &up,
+                draining: &draining,
                 accounts: &accounts,
                 leases: std::slice::from_ref(&lease),
                 lease_ms: 30_000,
