@@ -351,11 +351,22 @@ impl ClusterNode {
     /// rolling upgrades"). A member that does not answer (down, or a Tandem from before
     /// this question existed) holds the version where it is.
     async fn raise_features(self, stop: CancellationToken) {
+        let mut wait = Duration::ZERO;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(FEATURES_EVERY) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
+            // Every second while the cluster is behind this binary (a new cluster reaches
+            // its first members' version within a second of its first election), every
+            // FEATURES_EVERY once it has caught up.
+            let behind =
+                self.replica.reader().feature_version().unwrap_or(0) < supported_features();
+            wait = if behind {
+                Duration::from_secs(1)
+            } else {
+                FEATURES_EVERY
+            };
             if !self.replica.is_leader() {
                 continue;
             }

@@ -264,6 +264,8 @@ pub enum TransportArg {
     Tls,
 }
 
+// Parsed once per run: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum ProviderCommand {
     /// Create a provider account, or change one: options left out keep their current

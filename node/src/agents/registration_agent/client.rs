@@ -359,6 +359,10 @@ impl RegisterClient {
         self.failures += 1;
         self.last_class = Some(class);
         self.rounds = 0;
+        if class == FailureClass::AuthFailed {
+            // The next attempt starts afresh and answers the next challenge once.
+            self.challenge = None;
+        }
         let backoff = self.policy.delay(class, self.failures, rng);
         let retry_in = match retry_after {
             // The provider said when; honoured, within the class's cap.
@@ -709,6 +713,10 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // After the wait, the next attempt answers a fresh challenge once more.
+        let m = c.build(&hop(), &mut r);
+        assert!(!m.has_header(&HeaderName::Authorization));
+        assert_eq!(c.on_response(&reply(&m, 401, &ch), &mut r), Next::SendAgain);
     }
 
     #[test]

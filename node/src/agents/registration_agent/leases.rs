@@ -287,7 +287,10 @@ mod tests {
         // Node 3 dies: its leases move only after they lapse, then spread over 1 and 2.
         w.up.remove(&3);
         w.round();
-        assert_eq!(w.counts().get(&3).copied().unwrap_or(0) > 0, true);
+        assert!(
+            w.counts().get(&3).copied().unwrap_or(0) > 0,
+            "a dead owner's leases stay until they lapse"
+        );
         for _ in 0..40 {
             w.round();
         }

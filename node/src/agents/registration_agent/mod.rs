@@ -45,7 +45,7 @@ use client::{FailureClass, Hop, Identity, Next, RegisterClient, RetryPolicy};
 /// How often the agent compares its leases with what it registers.
 const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 /// How often the leader assigns leases.
-const ASSIGN_EVERY: Duration = Duration::from_secs(2);
+const ASSIGN_EVERY: Duration = Duration::from_secs(1);
 /// Challenges and 423s answered in one attempt before it counts as failed.
 const MAX_ROUNDS: usize = 6;
 /// How long an un-registration may take before the lease is dropped anyway.

@@ -1,0 +1,276 @@
+//! The registration agent against a real provider: a standalone `tandem` node plays the
+//! provider's registrar (digest auth, a binding per contact, an admin API to read them).
+//! A three-node cluster keeps 20 provider accounts registered, each from its lease owner
+//! only; the SIGKILL of an owner moves its accounts to the others within the lease time
+//! plus 5 s; a wrong password ends in "auth failed" and backs off.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::{Deadline, Node, Wait};
+
+const FULL3: [MemberRole; 3] = [MemberRole::Full, MemberRole::Full, MemberRole::Full];
+const LEASE_SECS: u64 = 8;
+
+/// Short leases and retries, so a test sees takeovers and backoff in seconds.
+fn agent_config() -> String {
+    format!(
+        "\n[registration_agent]\nlease_secs = {LEASE_SECS}\nrenew_secs = 2\nclock_skew_secs = 1\n\
+         start_spread_secs = 1\nretry_min_secs = 1\nretry_max_secs = 4\n\
+         auth_retry_min_secs = 2\nauth_retry_max_secs = 8\n"
+    )
+}
+
+/// The provider: a standalone node whose accounts live in `provider.test`.
+struct Provider {
+    node: Node,
+    token: String,
+}
+
+impl Provider {
+    fn start() -> Provider {
+        let node = Node::start_ready("");
+        let token = node.admin_token();
+        Provider { node, token }
+    }
+
+    fn add(&self, user: &str, password: &str) {
+        add_account(
+            self.node.admin_addr(),
+            &self.token,
+            user,
+            "provider.test",
+            password,
+        );
+    }
+
+    /// The live contacts of `user@provider.test`.
+    fn contacts(&self, user: &str) -> Vec<String> {
+        let a = http(
+            self.node.admin_addr(),
+            Some(&self.token),
+            "GET",
+            &format!("/v1/accounts/provider.test/{user}/bindings"),
+            None,
+        )
+        .expect("the provider's admin API answers");
+        assert_eq!(a.status, 200, "{}", a.body);
+        a.json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["contact"].as_str().unwrap().to_owned())
+            .collect()
+    }
+}
+
+/// The node a contact URI names: its host is 127.0.0.<id>.
+fn node_of(contact: &str) -> Option<u64> {
+    let at = contact.find("@127.0.0.")? + "@127.0.0.".len();
+    contact[at..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Forms a cluster and waits until it takes provider accounts (feature version 1, raised
+/// by the leader within a second or so of forming).
+fn form(roles: &[MemberRole]) -> Cluster {
+    let cluster = Cluster::form(roles, &agent_config());
+    Wait::new(
+        "the cluster's feature version to reach 1",
+        Duration::from_secs(15),
+    )
+    .showing(&cluster)
+    .until(|| {
+        cluster
+            .member(1)
+            .status()
+            .is_some_and(|s| s["feature_version"].as_u64() >= Some(1))
+    });
+    assert_eq!(cluster.member(1).put_customer("c1"), Some(200));
+    cluster
+}
+
+fn put_provider(cluster: &Cluster, via: u64, name: &str, body: &str) -> (u16, Value) {
+    let a = cluster
+        .member(via)
+        .request("PUT", &format!("/v1/providers/c1/{name}"), Some(body))
+        .expect("admin API answers");
+    let json = serde_json::from_str(&a.body).unwrap_or(Value::Null);
+    (a.status, json)
+}
+
+fn provider_body(user: &str, password: &str, proxy: SocketAddr) -> String {
+    format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{proxy}","transport":"udp",
+            "username":"{user}","password":"{password}","expires_secs":60}}"#
+    )
+}
+
+fn status(cluster: &Cluster, via: u64, name: &str) -> Value {
+    cluster
+        .member(via)
+        .get(&format!("/v1/providers/c1/{name}/status"))
+        .expect("admin API answers")
+        .json()
+}
+
+#[test]
+fn every_account_is_registered_once_by_its_owner_and_moves_when_the_owner_dies() {
+    let provider = Provider::start();
+    for i in 0..20 {
+        provider.add(&format!("u{i}"), &format!("pw{i}"));
+    }
+    let cluster = form(&FULL3);
+    for i in 0..20 {
+        let body = provider_body(
+            &format!("u{i}"),
+            &format!("pw{i}"),
+            provider.node.udp_addr(),
+        );
+        let (code, json) = put_provider(&cluster, 1 + i % 3, &format!("p{i}"), &body);
+        assert_eq!(code, 201, "{json}");
+        assert!(
+            !json.to_string().contains(&format!("pw{i}")),
+            "the password came back: {json}"
+        );
+    }
+
+    // Every account ends up with exactly one contact at the provider, from the node
+    // that holds its lease.
+    let owners: BTreeMap<usize, u64> = Wait::new(
+        "every provider account to be registered once, by its owner",
+        Duration::from_secs(40),
+    )
+    .showing(&cluster)
+    .until(|| {
+        let mut owners = BTreeMap::new();
+        for i in 0..20 {
+            let contacts = provider.contacts(&format!("u{i}"));
+            let s = status(&cluster, 1 + (i as u64 % 3), &format!("p{i}"));
+            match (&contacts[..], s["owner"].as_u64()) {
+                ([one], Some(owner))
+                    if node_of(one) == Some(owner) && s["state"] == "registered" =>
+                {
+                    owners.insert(i, owner);
+                }
+                _ => return None,
+            }
+        }
+        Some(owners)
+    });
+    let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
+    for o in owners.values() {
+        *per_node.entry(*o).or_default() += 1;
+    }
+    eprintln!("leases per node: {per_node:?}");
+    assert_eq!(per_node.len(), 3, "every node owns some: {per_node:?}");
+    for (node, n) in &per_node {
+        assert!(
+            (6..=8).contains(n),
+            "node {node} owns {n} of 20 (±20% of 6.7): {per_node:?}"
+        );
+    }
+
+    // SIGKILL the owner of the most accounts. Each of them is registered from a live node
+    // within the lease time plus 5 s, and a live node never registers one twice.
+    let (&victim, _) = per_node.iter().max_by_key(|(_, n)| **n).unwrap();
+    let moved: BTreeSet<usize> = owners
+        .iter()
+        .filter(|(_, o)| **o == victim)
+        .map(|(i, _)| *i)
+        .collect();
+    let survivor = [1, 2, 3].into_iter().find(|n| *n != victim).unwrap();
+    let killed_at = Deadline::after(Duration::ZERO);
+    cluster.member(victim).sigkill();
+    let mut taken: BTreeMap<usize, Duration> = BTreeMap::new();
+    Wait::new(
+        "the killed owner's accounts to be registered from the other nodes",
+        Duration::from_secs(LEASE_SECS + 20),
+    )
+    .every(Duration::from_millis(200))
+    .showing(&cluster)
+    .until(|| {
+        for i in &moved {
+            if taken.contains_key(i) {
+                continue;
+            }
+            let live: Vec<u64> = provider
+                .contacts(&format!("u{i}"))
+                .iter()
+                .filter_map(|c| node_of(c))
+                .filter(|n| *n != victim)
+                .collect();
+            assert!(live.len() <= 1, "two live nodes registered u{i}: {live:?}");
+            if live.len() == 1 {
+                taken.insert(*i, killed_at.elapsed());
+            }
+        }
+        taken.len() == moved.len()
+    });
+    let slowest = taken.values().max().copied().unwrap_or_default();
+    eprintln!(
+        "node {victim} killed: its {} accounts were registered elsewhere after {:?} to {slowest:?}",
+        moved.len(),
+        taken.values().min().copied().unwrap_or_default()
+    );
+    assert!(
+        slowest <= Duration::from_secs(LEASE_SECS + 5),
+        "takeover took {slowest:?}, more than the lease ({LEASE_SECS} s) plus 5 s"
+    );
+    for i in 0..20 {
+        let s = status(&cluster, survivor, &format!("p{i}"));
+        assert_ne!(s["owner"].as_u64(), Some(victim), "p{i}: {s}");
+    }
+}
+
+#[test]
+fn a_wrong_password_ends_in_auth_failed_and_backs_off_without_disabling_the_account() {
+    let provider = Provider::start();
+    provider.add("u1", "right");
+    let cluster = form(&FULL3[..1]);
+    let body = provider_body("u1", "wrong", provider.node.udp_addr());
+    assert_eq!(put_provider(&cluster, 1, "p1", &body).0, 201);
+    let failed = Wait::new(
+        "the account to be reported auth failed",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| {
+        let s = status(&cluster, 1, "p1");
+        (s["state"] == "auth failed").then_some(s)
+    });
+    assert!(
+        failed["registration"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("auth failed")),
+        "{failed}"
+    );
+    // Over 30 s, with waits of 2 s doubling to 8 s (each scaled by 0.5 to 1), an attempt
+    // (a REGISTER and the answer to its challenge) starts at most 10 times.
+    let before = failed["registration"]["registers_sent"].as_u64().unwrap();
+    std::thread::sleep(Duration::from_secs(30));
+    let s = status(&cluster, 1, "p1");
+    let sent = s["registration"]["registers_sent"].as_u64().unwrap() - before;
+    eprintln!("REGISTERs sent in 30 s with a wrong password: {sent}");
+    assert!(sent <= 20, "{sent} REGISTERs in 30 s: no backoff ({s})");
+    assert!(sent >= 4, "the account stopped being retried ({s})");
+    assert_eq!(s["enabled"], true);
+    assert!(provider.contacts("u1").is_empty());
+
+    // The right password: registered at the next attempt, without operator action
+    // beyond the fix.
+    let fixed = r#"{"password":"right"}"#;
+    assert_eq!(put_provider(&cluster, 1, "p1", fixed).0, 200);
+    Wait::new(
+        "the account to register with the right password",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| provider.contacts("u1").len() == 1);
+}
