@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{Deadline, Node, Wait};
 
 const FULL3: [MemberRole; 3] = [MemberRole::Full, MemberRole::Full, MemberRole::Full];
@@ -273,4 +274,107 @@ fn a_wrong_password_ends_in_auth_failed_and_backs_off_without_disabling_the_acco
     )
     .showing(&cluster)
     .until(|| provider.contacts("u1").len() == 1);
+}
+
+/// A call from the provider's network to the number of a provider account rings the local
+/// account the provider account names, through the owner and then the node the phone
+/// registered through, and the dialog's BYE goes back the same way.
+#[test]
+fn a_call_from_the_provider_rings_the_local_account_named_for_inbound_calls() {
+    let provider = Provider::start();
+    provider.add("u0", "pw0");
+    provider.add("carol", "pw-carol");
+    let cluster = form(&FULL3);
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let token = token.trim();
+    let a = http(
+        cluster.member(1).admin_addr,
+        Some(token),
+        "PUT",
+        "/v1/accounts/example.com/alice",
+        Some(r#"{"password":"pw-alice","customer":"c1"}"#),
+    )
+    .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let body = provider_body("u0", "pw0", provider.node.udp_addr())
+        .replace('}', r#","inbound":{"account":"alice@example.com"}}"#);
+    let (code, json) = put_provider(&cluster, 2, "p0", &body);
+    assert_eq!(code, 201, "{json}");
+    // An inbound account of another customer, or none at all, is refused.
+    let (code, json) = put_provider(
+        &cluster,
+        2,
+        "p1",
+        &provider_body("u1", "pw1", provider.node.udp_addr())
+            .replace('}', r#","inbound":{"account":"nobody@example.com"}}"#),
+    );
+    assert_eq!(code, 409, "{json}");
+
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice");
+    let edge = cluster.member(3).sip_addr();
+    let contact = alice.contact();
+    let r = alice.register(edge, "MD5", Some(&format!("<{contact}>")), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let owner = Wait::new("p0 to be registered", Duration::from_secs(30))
+        .showing(&cluster)
+        .until(|| match &provider.contacts("u0")[..] {
+            [one] => node_of(one),
+            _ => None,
+        });
+    eprintln!("p0 registered by node {owner}; alice registered through node 3");
+
+    let mut carol = Ua::new("127.0.0.1", "carol", "provider.test", "pw-carol");
+    std::thread::scope(|s| {
+        let alice = &alice;
+        let phone = s.spawn(move || {
+            let invite = alice.expect_request("INVITE", Duration::from_secs(20));
+            assert_eq!(
+                invite.from, edge,
+                "not through alice's edge node:\n{}",
+                invite.text
+            );
+            assert_eq!(
+                invite.request_uri(),
+                Some(contact.as_str()),
+                "{}",
+                invite.text
+            );
+            assert!(
+                invite.text.contains("carol@provider.test"),
+                "{}",
+                invite.text
+            );
+            alice.respond(&invite, 180, "Ringing", "");
+            alice.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            let bye = alice.expect_request("BYE", Duration::from_secs(20));
+            alice.respond(&bye, 200, "OK", "");
+        });
+        let ok = carol.invite(
+            provider.node.udp_addr(),
+            "sip:u0@provider.test",
+            "inbound-1",
+            &mut |_, _| {},
+        );
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = carol.dialog(&ok);
+        carol.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        carol.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let bye_ok = carol.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+        phone.join().unwrap();
+    });
+
+    // A request to the contact that names no registered account reaches nobody.
+    let mut stranger = Ua::new("127.0.0.1", "x", "elsewhere.test", "x");
+    let target = format!(
+        "sip:u0@{};pa=000000000000",
+        cluster.member(owner).sip_addr()
+    );
+    let refused = stranger.invite(
+        cluster.member(owner).sip_addr(),
+        &target,
+        "inbound-2",
+        &mut |_, _| {},
+    );
+    assert!(refused.status().unwrap() >= 400, "{}", refused.text);
 }

@@ -343,6 +343,7 @@ impl Node {
             &stack.transports,
             own,
             &self.stats,
+            &self.board,
         );
         self.drain.watch_calls(
             agents.dialogs.clone(),

@@ -6,8 +6,9 @@
 //! | agent | serves |
 //! |---|---|
 //! | [`registrar`] | REGISTER (RFC 3261 §10.3) |
+//! | [`ProviderInbound`] | new requests from a provider to a contact the [`registration_agent`] registered: to the account it names, through the proxy |
 //! | [`proxy`] | every request for someone else, and requests inside dialogs (RFC 3261 §16) |
-//! | `registration_agent/` | not built yet: customers' provider accounts |
+//! | [`registration_agent`] | serves no request: keeps customers' provider accounts registered |
 //! | `app_server/` | not built yet: per-account dialplans |
 //! | `cdr/` | not built yet: call records |
 //!
@@ -26,7 +27,7 @@ pub mod vouch;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tandem_sip::{HeaderName, Message};
+use tandem_sip::{HeaderName, Message, Method};
 
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
@@ -39,6 +40,7 @@ use auth::Authenticator;
 use location::overlay::BindingOverlay;
 use proxy::{Dialogs, Proxy, ProxySettings};
 use registrar::{Registrar, RegistrarSettings};
+use registration_agent::Board;
 
 /// A SIP agent, as the dispatcher sees it. The dispatcher offers every request that passed
 /// its own checks to the agents in order ([`Agents::serving`]), and the first that takes
@@ -126,6 +128,7 @@ impl Agents {
         transports: &Transports,
         own: OwnAddrs,
         stats: &Arc<Stats>,
+        board: &Arc<Board>,
     ) -> Agents {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
@@ -161,9 +164,15 @@ impl Agents {
             settings,
             auth,
         ));
+        let inbound = Arc::new(ProviderInbound {
+            board: board.clone(),
+            own: own.clone(),
+            proxy: proxy.clone(),
+        });
         let dialogs = proxy.dialogs.clone();
-        // REGISTER before the proxy: the proxy takes every request for someone else.
-        let serving: Vec<Arc<dyn Agent>> = vec![registrar, proxy];
+        // REGISTER and calls from providers before the proxy: the proxy takes every
+        // request for someone else.
+        let serving: Vec<Arc<dyn Agent>> = vec![registrar, inbound, proxy];
         Agents {
             serving: serving.into(),
             dialogs,
@@ -175,6 +184,58 @@ impl Agents {
         self.serving
             .iter()
             .find(|a| a.takes(request, in_transaction))
+    }
+}
+
+/// New requests from a provider to a contact this node registered for one of its accounts
+/// (`registration_agent`): the Request-URI becomes the local account the provider account
+/// names, and the proxy takes it from there, as it would a call to that account from
+/// anywhere. Only ever a local account: a request to our contact can reach that account's
+/// phones and nothing else, so it relays nothing.
+struct ProviderInbound {
+    board: Arc<Board>,
+    own: OwnAddrs,
+    proxy: Arc<Proxy>,
+}
+
+impl ProviderInbound {
+    fn target(&self, request: &Message) -> Option<String> {
+        let uri = request.uri()?.as_sip()?;
+        if !self.own.is_own(uri) {
+            return None;
+        }
+        self.board.inbound_target(uri)
+    }
+}
+
+impl Agent for ProviderInbound {
+    fn takes(&self, request: &Message, in_transaction: bool) -> bool {
+        let new_request = in_transaction
+            && !matches!(
+                request.method(),
+                Some(Method::Register | Method::Ack | Method::Cancel) | None
+            )
+            && request.to().is_ok_and(|to| !to.params.contains("tag"));
+        new_request && self.target(request).is_some()
+    }
+
+    fn handle(self: Arc<Self>, mut request: Message, flow: Flow, tx: Option<TxId>, stack: &Stack) {
+        let target = self
+            .target(&request)
+            .and_then(|aor| tandem_sip::Uri::parse(&aor).ok());
+        match target {
+            Some(uri) => {
+                request.set_uri(uri);
+                self.proxy.clone().handle(request, flow, tx, stack);
+            }
+            // Unregistered between `takes` and now.
+            None => {
+                if let Some(tx) = tx {
+                    let r = Refusal::new(404, "Not Found").response(&request);
+                    stack.layer.respond_stateless(tx, r);
+                }
+            }
+        }
     }
 }
 

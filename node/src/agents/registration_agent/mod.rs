@@ -26,7 +26,9 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tandem_raft_store::command::{Command, NodeId, ProviderAccount, ProviderTransport, Role};
+use tandem_raft_store::command::{
+    Command, InboundTarget, NodeId, ProviderAccount, ProviderTransport, Role,
+};
 use tandem_sip::{SipUri, Uri};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -48,6 +50,8 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(1);
 const ASSIGN_EVERY: Duration = Duration::from_secs(1);
 /// Challenges and 423s answered in one attempt before it counts as failed.
 const MAX_ROUNDS: usize = 6;
+/// The Contact parameter that names the account a provider's request is for.
+const INBOUND_PARAM: &str = "pa";
 /// How long an un-registration may take before the lease is dropped anyway.
 const UNREGISTER_WITHIN: Duration = Duration::from_secs(40);
 
@@ -114,10 +118,21 @@ pub struct Counters {
     pub lease_moves: AtomicU64,
 }
 
+/// Where a call to one of our registered contacts goes.
+#[derive(Clone, Debug)]
+struct InboundRoute {
+    /// The contact's user part.
+    user: String,
+    /// The local account's AOR.
+    aor: String,
+}
+
 /// Every account's status on this node, and the agent's counters.
 #[derive(Debug)]
 pub struct Board {
     accounts: Mutex<HashMap<String, AccountStatus>>,
+    /// The contacts this node has registered, by their `pa` parameter.
+    inbound: Mutex<HashMap<String, InboundRoute>>,
     pub counters: Counters,
     /// Whether this node's agent runs (and so may be given leases).
     running: AtomicBool,
@@ -130,6 +145,7 @@ impl Board {
     pub fn new(draining: Arc<AtomicBool>) -> Board {
         Board {
             accounts: Mutex::default(),
+            inbound: Mutex::default(),
             counters: Counters::default(),
             running: AtomicBool::new(false),
             draining,
@@ -147,6 +163,23 @@ impl Board {
 
     fn remove(&self, id: &str) {
         self.accounts.lock().expect("board").remove(id);
+    }
+
+    /// The local AOR a request to one of our registered contacts goes to (item 6 of the
+    /// registration agent): found by the contact's `pa` parameter, which providers send
+    /// back in the Request-URI, or, for a provider that drops parameters, by its user part
+    /// when only one registered contact of this node has it.
+    pub fn inbound_target(&self, uri: &SipUri) -> Option<String> {
+        let routes = self.inbound.lock().expect("board");
+        if let Some(token) = uri.params.value(INBOUND_PARAM) {
+            return routes.get(token).map(|r| r.aor.clone());
+        }
+        let user = uri.user_unescaped()?;
+        let mut matching = routes.values().filter(|r| r.user == user);
+        match (matching.next(), matching.next()) {
+            (Some(r), None) => Some(r.aor.clone()),
+            _ => None,
+        }
     }
 
     /// Accounts this node registers, by state: (registered, failing, other).
@@ -429,9 +462,15 @@ impl RegistrationAgent {
                 Desired::Stop => {
                     tracing::info!(account = %id, "registration agent: lease gone; stopping");
                     self.board.remove(&id);
+                    if let Some(s) = &session {
+                        self.board.inbound.lock().expect("board").remove(&s.token);
+                    }
                     return;
                 }
                 Desired::Unregister { drop_epoch } => {
+                    if let Some(s) = &session {
+                        self.board.inbound.lock().expect("board").remove(&s.token);
+                    }
                     self.unregister(&id, session.take(), &mut rng).await;
                     if let Some(epoch) = drop_epoch {
                         let drop = Command::DropLease {
@@ -525,6 +564,23 @@ impl RegistrationAgent {
                 } => {
                     s.sticky = Some(target);
                     let contact = s.client.identity().contact_uri.clone();
+                    {
+                        let mut routes = self.board.inbound.lock().expect("board");
+                        match account.inbound.as_ref() {
+                            Some(InboundTarget::Account(a)) => {
+                                routes.insert(
+                                    s.token.clone(),
+                                    InboundRoute {
+                                        user: s.contact_user().to_owned(),
+                                        aor: format!("sip:{a}"),
+                                    },
+                                );
+                            }
+                            _ => {
+                                routes.remove(&s.token);
+                            }
+                        }
+                    }
                     self.board.set(id, |st| {
                         st.state = "registered".into();
                         st.last_error = None;
@@ -685,6 +741,8 @@ struct Session {
     next_hop: SipUri,
     /// The target that answered last, tried first next time.
     sticky: Option<Target>,
+    /// The account's `pa` Contact parameter: 12 hex digits of a hash of its instance.
+    token: String,
 }
 
 impl Session {
@@ -729,20 +787,25 @@ impl Session {
             expires: a.expires_secs,
             user_agent: format!("Tandem/{}", env!("CARGO_PKG_VERSION")),
         };
+        let digest = ring::digest::digest(&ring::digest::SHA256, a.instance.as_bytes());
         Ok(Session {
             account: a.clone(),
             client: RegisterClient::new(identity, policy, rng),
             next_hop,
             sticky: None,
+            token: crate::hex::encode(&digest.as_ref()[..6]),
         })
     }
 
-    fn contact_uri(&self, addr: std::net::SocketAddr, transport: TransportKind) -> String {
-        let user = self
-            .account
+    fn contact_user(&self) -> &str {
+        self.account
             .contact_user
             .as_deref()
-            .unwrap_or(&self.account.username);
+            .unwrap_or(&self.account.username)
+    }
+
+    fn contact_uri(&self, addr: std::net::SocketAddr, transport: TransportKind) -> String {
+        let user = self.contact_user();
         let t = match transport {
             TransportKind::Udp => "",
             TransportKind::Tcp => ";transport=tcp",
@@ -752,7 +815,7 @@ impl Session {
             std::net::SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
             v4 => v4.to_string(),
         };
-        format!("sip:{user}@{host}{t}")
+        format!("sip:{user}@{host}{t};{INBOUND_PARAM}={}", self.token)
     }
 }
 
