@@ -26,6 +26,7 @@ use tempfile::TempDir;
 pub use clock::Deadline;
 
 pub mod cluster;
+pub mod dns;
 pub mod keepalive;
 pub mod phones;
 pub mod ua;

@@ -5,13 +5,14 @@
 //! plus 5 s; a wrong password ends in "auth failed" and backs off.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, metric, Cluster, MemberRole};
+use tandem_failover_tests::dns::DnsServer;
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::{Deadline, Node, Wait};
+use tandem_failover_tests::{sip_config, Deadline, Node, Wait};
 
 const FULL3: [MemberRole; 3] = [MemberRole::Full, MemberRole::Full, MemberRole::Full];
 const LEASE_SECS: u64 = 8;
@@ -377,4 +378,131 @@ fn a_call_from_the_provider_rings_the_local_account_named_for_inbound_calls() {
         &mut |_, _| {},
     );
     assert!(refused.status().unwrap() >= 400, "{}", refused.text);
+}
+
+/// RFC 3263 through a real resolver and a DNS server the test controls: while the
+/// provider's name does not resolve, attempts back off and the account stays enabled;
+/// once SRV records appear it registers with the first of them; when that registrar stops
+/// answering, a refresh fails over to the second.
+#[test]
+fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
+    let dns = DnsServer::start();
+    // Two registrars for provider.test, each granting at most 10 s, so refreshes come
+    // every 6 to 8 s.
+    let short = "\n[registrar]\nmin_expires = 5\nmax_expires = 10\ndefault_expires = 10\n";
+    let first = Node::start_ready(short);
+    let second = Node::start_ready(short);
+    for p in [&first, &second] {
+        add_account(
+            p.admin_addr(),
+            &p.admin_token(),
+            "u0",
+            "provider.test",
+            "pw0",
+        );
+    }
+    // The agent's node: a standalone node (a cluster of one) resolving through `dns`, with
+    // T1 at 100 ms so that an unanswered REGISTER times out after 6.4 s.
+    let dns_addr = dns.addr();
+    let node = Node::start_ready_with(|port| {
+        sip_config(
+            port,
+            &format!(
+                "dns_servers = [\"{dns_addr}\"]\nt1_ms = 100\n{}",
+                agent_config()
+            ),
+        )
+    });
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    let api = |method: &str, path: &str, body: Option<&str>| {
+        http(admin, Some(&token), method, path, body).expect("admin API answers")
+    };
+    Wait::new(
+        "the node's feature version to reach 1",
+        Duration::from_secs(15),
+    )
+    .showing(&node)
+    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
+    assert_eq!(
+        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
+        200
+    );
+    let body =
+        r#"{"registrar":"provider.test","username":"u0","password":"pw0","expires_secs":60}"#;
+    let put = api("PUT", "/v1/providers/c1/p0", Some(body));
+    assert_eq!(put.status, 201, "{}", put.body);
+    let status = || api("GET", "/v1/providers/c1/p0/status", None).json();
+
+    // 1. The name does not resolve: DNS failures, retried with backoff, never disabled.
+    let failing = Wait::new("a DNS failure to be reported", Duration::from_secs(20))
+        .showing(&node)
+        .until(|| {
+            let s = status();
+            s["registration"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("dns failure"))
+                .then_some(s)
+        });
+    assert_eq!(failing["state"], "failing", "{failing}");
+    std::thread::sleep(Duration::from_secs(12));
+    let failures = metric(admin, "tandem_provider_dns_failures_total").unwrap_or(0.0);
+    // Waits of 1 s doubling to 4 s (each scaled by 0.5 to 1): at most 9 attempts in 14 s.
+    assert!(
+        (2.0..=9.0).contains(&failures),
+        "{failures} DNS failures in about 14 s"
+    );
+    assert_eq!(status()["enabled"], true);
+
+    // 2. SRV records appear: the first registrar by priority gets the registration.
+    dns.add_srv(
+        "_sip._udp.provider.test",
+        10,
+        10,
+        first.udp_addr().port(),
+        "one.provider.test",
+    );
+    dns.add_srv(
+        "_sip._udp.provider.test",
+        20,
+        10,
+        second.udp_addr().port(),
+        "two.provider.test",
+    );
+    dns.add_a("one.provider.test", Ipv4Addr::LOCALHOST);
+    dns.add_a("two.provider.test", Ipv4Addr::LOCALHOST);
+    let contacts = |p: &Node, user: &str| -> usize {
+        let a = http(
+            p.admin_addr(),
+            Some(&p.admin_token()),
+            "GET",
+            &format!("/v1/accounts/provider.test/{user}/bindings"),
+            None,
+        )
+        .unwrap();
+        a.json().as_array().map_or(0, Vec::len)
+    };
+    Wait::new(
+        "registration with the first SRV target",
+        Duration::from_secs(20),
+    )
+    .showing(&node)
+    .until(|| contacts(&first, "u0") == 1);
+    assert_eq!(contacts(&second, "u0"), 0);
+
+    // 3. The first registrar stops answering: the next refresh times out and fails over.
+    first.sigkill();
+    Wait::new(
+        "registration with the second SRV target",
+        Duration::from_secs(30),
+    )
+    .showing(&node)
+    .until(|| contacts(&second, "u0") == 1);
+    let s = status();
+    assert_eq!(s["state"], "registered", "{s}");
+    assert!(
+        s["registration"]["target"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(&second.udp_addr().port().to_string())),
+        "{s}"
+    );
 }
