@@ -6,14 +6,11 @@ set -euo pipefail
 log() { printf 'setup: %s\n' "$*" >&2; }
 
 # Debian packages: the C++ toolchain bindgen needs for librocksdb-sys later, sipp for the
-# scripted SIP tests, baresip and linphone as the real phones of the black-box suite, and
-# the small tools the tests and scripts call.
-apt_packages=(clang libclang-dev sip-tester baresip-core linphone-cli iproute2 curl
+# scripted SIP tests, baresip and linphone as the real phones of the black-box suite,
+# Kamailio as a provider's registrar in the tests (and the reference peer of the
+# benchmarks), and the small tools the tests and scripts call.
+apt_packages=(clang libclang-dev sip-tester baresip-core linphone-cli kamailio iproute2 curl
   ca-certificates pkg-config python3)
-# Kamailio is the reference peer for benchmarks only; TANDEM_SETUP_BENCH=1 adds it.
-if [ "${TANDEM_SETUP_BENCH:-0}" = 1 ]; then
-  apt_packages+=(kamailio)
-fi
 
 missing=()
 for p in "${apt_packages[@]}"; do

@@ -506,3 +506,130 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
         "{s}"
     );
 }
+
+/// Kamailio (Debian's) as the provider's registrar, started by the test from
+/// `fixtures/kamailio-provider.cfg`.
+struct Kamailio {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Kamailio {
+    fn start() -> Kamailio {
+        let dir = tempfile::tempdir().unwrap();
+        let port = tandem_failover_tests::free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let cfg = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/kamailio-provider.cfg"
+        );
+        let log = dir.path().join("kamailio.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new("kamailio")
+            .args([
+                "-f",
+                cfg,
+                "-l",
+                &format!("udp:{addr}"),
+                "-DD",
+                "-E",
+                "-m",
+                "64",
+                "-M",
+                "8",
+            ])
+            .arg("-P")
+            .arg(dir.path().join("kamailio.pid"))
+            .arg("-Y")
+            .arg(dir.path())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("kamailio is installed (./ops/setup.sh installs it)");
+        let k = Kamailio {
+            child,
+            addr,
+            _dir: dir,
+        };
+        Wait::new("kamailio to answer", Duration::from_secs(10)).until(|| {
+            let mut ua = Ua::new("127.0.0.1", "probe", "kamailio.test", "pw-probe");
+            ua.register(k.addr, "MD5", None, None).status == 200
+        });
+        k
+    }
+
+    /// The contacts of `user@kamailio.test`, as a query REGISTER returns them.
+    fn contacts(&self, user: &str) -> Vec<String> {
+        let mut ua = Ua::new("127.0.0.1", user, "kamailio.test", &format!("pw-{user}"));
+        let r = ua.register(self.addr, "MD5", None, None);
+        assert_eq!(r.status, 200, "{}", r.text);
+        r.headers("Contact")
+    }
+}
+
+impl Drop for Kamailio {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With Kamailio as the provider, each account has one contact, its owner's; after the
+/// owner's SIGKILL the new owner's REGISTER (same +sip.instance and reg-id) replaces the
+/// dead owner's contact within the lease time plus 5 s.
+#[test]
+fn kamailio_as_the_provider_sees_each_account_registered_once_by_its_owner() {
+    let kamailio = Kamailio::start();
+    let cluster = form(&FULL3);
+    for i in 0..6 {
+        let body = format!(
+            r#"{{"registrar":"kamailio.test","outbound_proxy":"{}","transport":"udp",
+                "username":"k{i}","password":"pw-k{i}","expires_secs":60}}"#,
+            kamailio.addr
+        );
+        let (code, json) = put_provider(&cluster, 1, &format!("k{i}"), &body);
+        assert_eq!(code, 201, "{json}");
+    }
+    let owners: Vec<u64> = Wait::new(
+        "every account registered at Kamailio once, by its owner",
+        Duration::from_secs(40),
+    )
+    .showing(&cluster)
+    .until(|| {
+        (0..6)
+            .map(|i| {
+                let s = status(&cluster, 1, &format!("k{i}"));
+                match (
+                    &kamailio.contacts(&format!("k{i}"))[..],
+                    s["owner"].as_u64(),
+                ) {
+                    ([one], Some(owner)) if node_of(one) == Some(owner) => Some(owner),
+                    _ => None,
+                }
+            })
+            .collect::<Option<Vec<u64>>>()
+    });
+    eprintln!("owners at Kamailio: {owners:?}");
+    let victim = owners[0];
+    let killed_at = Deadline::after(Duration::ZERO);
+    cluster.member(victim).sigkill();
+    let contacts = Wait::new(
+        "k0 to be registered from a live node",
+        Duration::from_secs(LEASE_SECS + 20),
+    )
+    .every(Duration::from_millis(250))
+    .showing(&cluster)
+    .until(|| {
+        let c = kamailio.contacts("k0");
+        c.iter()
+            .any(|c| node_of(c).is_some_and(|n| n != victim))
+            .then_some(c)
+    });
+    let took = killed_at.elapsed();
+    eprintln!("k0 moved from node {victim} in {took:?}; Kamailio now lists {contacts:?}");
+    assert!(took <= Duration::from_secs(LEASE_SECS + 5), "{took:?}");
+    // Kamailio matches the new owner's contact to the old one by +sip.instance and reg-id
+    // and replaces it: never two contacts.
+    assert_eq!(contacts.len(), 1, "{contacts:?}");
+}

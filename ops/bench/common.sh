@@ -8,7 +8,7 @@
 # work directory goes too, unless KEEP_WORK=1. Then the measuring helpers both use.
 
 if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
-  TANDEM_SETUP_BENCH=1 ./ops/setup.sh
+  ./ops/setup.sh
   . ./ops/env.sh
   # The same build as ./ops/test.sh, so the two share every artefact.
   cargo build --workspace --all-targets

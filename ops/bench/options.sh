@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 calls="${1:-100000}"
 rate="${2:-20000}"
-TANDEM_SETUP_BENCH=1 ./ops/setup.sh
+./ops/setup.sh
 . ./ops/env.sh
 # The same build as ./ops/test.sh, so the two share every artefact.
 cargo build --workspace --all-targets

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/../.."
 count="${1:-50000}"
 workers="${2:-64}"
 password="bench-password-1"   # aor-load's accounts have this password
-TANDEM_SETUP_BENCH=1 ./ops/setup.sh > /dev/null
+./ops/setup.sh > /dev/null
 . ./ops/env.sh
 # The same build as ./ops/test.sh, so the two share every artefact.
 cargo build --workspace --all-targets

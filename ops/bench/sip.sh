@@ -111,7 +111,7 @@ kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$passw
 pids+=($!)
 sleep 2
 if ! kill -0 $! 2>/dev/null; then
-  echo "sip.sh: Kamailio did not start (is it installed? TANDEM_SETUP_BENCH=1 ./ops/setup.sh):" >&2
+  echo "sip.sh: Kamailio did not start (is it installed? ./ops/setup.sh):" >&2
   cat "$work/kamailio.log" >&2
   exit 1
 fi
