@@ -633,3 +633,257 @@ fn kamailio_as_the_provider_sees_each_account_registered_once_by_its_owner() {
     // and replaces it: never two contacts.
     assert_eq!(contacts.len(), 1, "{contacts:?}");
 }
+
+/// Hand-over from a live owner, and the operator's changes: draining a node moves its
+/// accounts only after it has un-registered them (so the provider never lists two of our
+/// contacts for one account), the drain counts as done only once it holds none; disabling
+/// an account un-registers it, enabling registers it again, deleting un-registers it.
+#[test]
+fn drain_disable_and_delete_unregister_before_anything_else_registers() {
+    let provider = Provider::start();
+    for i in 0..6 {
+        provider.add(&format!("u{i}"), &format!("pw{i}"));
+    }
+    let cluster = form(&FULL3);
+    for i in 0..6 {
+        let body = provider_body(
+            &format!("u{i}"),
+            &format!("pw{i}"),
+            provider.node.udp_addr(),
+        );
+        assert_eq!(put_provider(&cluster, 1, &format!("p{i}"), &body).0, 201);
+    }
+    let owners = || -> Option<Vec<u64>> {
+        (0..6)
+            .map(|i| match &provider.contacts(&format!("u{i}"))[..] {
+                [one] => node_of(one),
+                _ => None,
+            })
+            .collect()
+    };
+    let before = Wait::new("all six registered", Duration::from_secs(40))
+        .showing(&cluster)
+        .until(owners);
+    let victim = before[0];
+
+    // Drain the owner of u0, watching the provider all along: never two contacts.
+    let drained = std::thread::scope(|s| {
+        let watcher = s.spawn(|| {
+            let deadline = Deadline::after(Duration::from_secs(40));
+            while !deadline.expired() {
+                for i in 0..6 {
+                    let c = provider.contacts(&format!("u{i}"));
+                    assert!(
+                        c.len() <= 1,
+                        "u{i} had two contacts during the hand-over: {c:?}"
+                    );
+                }
+                if owners().is_some_and(|o| !o.contains(&victim)) {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            false
+        });
+        let out = cluster
+            .member(victim)
+            .cli(&["node", "drain", "--timeout-secs", "40"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            tandem_failover_tests::describe(&out)
+        );
+        watcher.join().unwrap()
+    });
+    assert!(drained, "the drained node's accounts did not move");
+    let drain = cluster.member(victim).get("/v1/node/drain").unwrap().json();
+    assert_eq!(drain["provider_leases"], 0, "{drain}");
+
+    // Disable: un-registered; enable: registered again; delete: un-registered.
+    let via = [1, 2, 3].into_iter().find(|n| *n != victim).unwrap();
+    assert_eq!(
+        put_provider(&cluster, via, "p1", r#"{"enabled":false}"#).0,
+        200
+    );
+    Wait::new(
+        "p1 to be un-registered when disabled",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| provider.contacts("u1").is_empty());
+    assert_eq!(status(&cluster, via, "p1")["state"], "disabled");
+    assert_eq!(
+        put_provider(&cluster, via, "p1", r#"{"enabled":true}"#).0,
+        200
+    );
+    Wait::new(
+        "p1 to be registered again when enabled",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| provider.contacts("u1").len() == 1);
+    let gone = cluster
+        .member(via)
+        .request("DELETE", "/v1/providers/c1/p2", None)
+        .unwrap();
+    assert_eq!(gone.status, 200, "{}", gone.body);
+    Wait::new(
+        "p2 to be un-registered when deleted",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| provider.contacts("u2").is_empty());
+    let missing = cluster.member(via).get("/v1/providers/c1/p2").unwrap();
+    assert_eq!(missing.status, 404, "{}", missing.body);
+}
+
+/// The operator's command line: the password comes from the environment (or a prompt,
+/// never the command line), never comes back, and without either the command says how to
+/// give it. A cluster whose members do not all support provider accounts refuses them
+/// with a clear error instead of writing what an older member could not apply.
+#[test]
+fn the_cli_manages_provider_accounts_and_an_older_cluster_refuses_them() {
+    // Names resolve through a DNS server of the test's own (with no records), so that
+    // nothing is ever asked of the host's resolver.
+    let dns = DnsServer::start();
+    let dns_addr = dns.addr();
+    let node = Node::start_ready_with(|port| {
+        sip_config(
+            port,
+            &format!("dns_servers = [\"{dns_addr}\"]\n{}", agent_config()),
+        )
+    });
+    let config = node.dir().join("config.toml");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    Wait::new(
+        "the node's feature version to reach 1",
+        Duration::from_secs(15),
+    )
+    .showing(&node)
+    .until(|| {
+        http(admin, Some(&token), "GET", "/v1/cluster/status", None)
+            .unwrap()
+            .json()["feature_version"]
+            .as_u64()
+            >= Some(1)
+    });
+    let c = http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/customers/c1",
+        Some(r#"{"name":"C1"}"#),
+    )
+    .unwrap();
+    assert_eq!(c.status, 200, "{}", c.body);
+    let cli = |args: &[&str], env: &[(&str, &str)]| {
+        tandem_failover_tests::tandem_command()
+            .args(["provider"])
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let put = [
+        "put",
+        "c1/trunk",
+        "--registrar",
+        "sip.provider.test:5080",
+        "--username",
+        "4930123",
+        "--transport",
+        "tcp",
+        "--expires",
+        "300",
+    ];
+    let no_password = cli(&put, &[]);
+    assert!(!no_password.status.success());
+    let err = String::from_utf8_lossy(&no_password.stderr);
+    assert!(err.contains("TANDEM_PROVIDER_PASSWORD"), "{err}");
+    let ok = cli(&put, &[("TANDEM_PROVIDER_PASSWORD", "s3cret-pw")]);
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(
+        ok.status.success(),
+        "{}",
+        tandem_failover_tests::describe(&ok)
+    );
+    assert!(
+        out.contains("\"registrar\": \"sip.provider.test:5080\""),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret-pw"), "the password came back: {out}");
+    // A change without --password keeps it and asks for nothing.
+    let edit = cli(&["put", "c1/trunk", "--realm", "provider.test"], &[]);
+    assert!(
+        edit.status.success(),
+        "{}",
+        tandem_failover_tests::describe(&edit)
+    );
+    let list = cli(&["list", "--customer", "c1"], &[]);
+    let listed = String::from_utf8_lossy(&list.stdout);
+    assert!(
+        listed.contains("c1/trunk  4930123@sip.provider.test:5080  enabled"),
+        "{listed}"
+    );
+    let shown = cli(&["show", "c1/trunk"], &[]);
+    assert!(String::from_utf8_lossy(&shown.stdout).contains("\"realm\": \"provider.test\""));
+    let st = cli(&["status", "c1/trunk"], &[]);
+    assert!(
+        st.status.success(),
+        "{}",
+        tandem_failover_tests::describe(&st)
+    );
+    let bad = cli(
+        &["put", "c1/other", "--registrar", "a b", "--username", "u"],
+        &[("TANDEM_PROVIDER_PASSWORD", "x")],
+    );
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("registrar"),
+        "{}",
+        tandem_failover_tests::describe(&bad)
+    );
+    let del = cli(&["delete", "c1/trunk"], &[]);
+    assert!(
+        del.status.success(),
+        "{}",
+        tandem_failover_tests::describe(&del)
+    );
+    assert_eq!(
+        http(admin, Some(&token), "GET", "/v1/providers/c1/trunk", None)
+            .unwrap()
+            .status,
+        404
+    );
+
+    // A node that claims only the first release's features: its cluster stays at
+    // feature version 0, and a provider account is refused before it reaches the log.
+    let old = Node::start_env(
+        &sip_config(tandem_failover_tests::free_port(), ""),
+        &[("TANDEM_TEST_FEATURES", "0")],
+    );
+    old.wait_ready();
+    let (admin, token) = (old.admin_addr(), old.admin_token());
+    let c = http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/customers/c1",
+        Some(r#"{"name":"C1"}"#),
+    )
+    .unwrap();
+    assert_eq!(c.status, 200, "{}", c.body);
+    let body = r#"{"registrar":"provider.test","username":"u","password":"p"}"#;
+    let refused = http(admin, Some(&token), "PUT", "/v1/providers/c1/p", Some(body)).unwrap();
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("feature version"), "{}", refused.body);
+    assert_eq!(
+        http(admin, Some(&token), "GET", "/v1/cluster/status", None)
+            .unwrap()
+            .json()["feature_version"],
+        0
+    );
+}

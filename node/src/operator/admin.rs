@@ -193,6 +193,12 @@ impl Admin {
     }
 
     fn drain_state(&self) -> warp::reply::Response {
+        let leases = self
+            .cluster
+            .replica
+            .reader()
+            .provider_leases_of(self.cluster.identity.node_id)
+            .map_or(0, |l| l.len());
         json_reply(
             StatusCode::OK,
             &serde_json::json!({
@@ -200,8 +206,10 @@ impl Admin {
                 "active_transactions": self.drain.active_transactions(),
                 "active_calls": self.drain.active_calls(),
                 "held_bindings": self.overlay.len(),
-                // Held bindings must reach Raft before the node may go.
-                "drained": self.drain.is_drained() && self.overlay.is_empty(),
+                "provider_leases": leases,
+                // Held bindings must reach Raft, and provider accounts be handed over
+                // (un-registered here first), before the node may go.
+                "drained": self.drain.is_drained() && self.overlay.is_empty() && leases == 0,
             }),
         )
     }

@@ -255,14 +255,18 @@ pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Erro
             while state["drained"] != true {
                 let active = state["active_transactions"].as_u64().unwrap_or(0);
                 let calls = state["active_calls"].as_u64().unwrap_or(0);
-                if last != Some((active, calls)) {
-                    eprintln!("draining: {calls} calls and {active} transactions still running");
-                    last = Some((active, calls));
+                let leases = state["provider_leases"].as_u64().unwrap_or(0);
+                if last != Some((active, calls, leases)) {
+                    eprintln!(
+                        "draining: {calls} calls and {active} transactions still running, \
+                         {leases} provider accounts still to hand over"
+                    );
+                    last = Some((active, calls, leases));
                 }
                 if tokio::time::Instant::now() >= deadline {
                     return Err(Error::Admin(format!(
-                        "still {calls} calls and {active} transactions after {timeout_secs} s; \
-                         the node keeps draining"
+                        "still {calls} calls, {active} transactions and {leases} provider \
+                         accounts after {timeout_secs} s; the node keeps draining"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
