@@ -887,3 +887,41 @@ fn the_cli_manages_provider_accounts_and_an_older_cluster_refuses_them() {
         0
     );
 }
+
+/// A node behind 1:1 NAT (`sip.advertise`) registers its public address: the provider
+/// stores a contact that names it, with the listener's port.
+#[test]
+fn a_node_behind_nat_registers_its_advertised_address() {
+    let provider = Provider::start();
+    provider.add("u0", "pw0");
+    let node = Node::start_ready_with(|port| {
+        sip_config(
+            port,
+            &format!("advertise = \"127.0.0.77\"\n{}", agent_config()),
+        )
+    });
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    let api = |method: &str, path: &str, body: Option<&str>| {
+        http(admin, Some(&token), method, path, body).expect("admin API answers")
+    };
+    Wait::new(
+        "the node's feature version to reach 1",
+        Duration::from_secs(15),
+    )
+    .showing(&node)
+    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
+    assert_eq!(
+        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
+        200
+    );
+    let body = provider_body("u0", "pw0", provider.node.udp_addr());
+    assert_eq!(api("PUT", "/v1/providers/c1/p0", Some(&body)).status, 201);
+    let contact = Wait::new("u0 registered", Duration::from_secs(20))
+        .showing(&node)
+        .until(|| provider.contacts("u0").pop());
+    let port = node.udp_addr().port();
+    assert!(
+        contact.contains(&format!("@127.0.0.77:{port};")),
+        "the contact does not name the advertised address: {contact}"
+    );
+}

@@ -4,7 +4,7 @@
 //! every key; a test parses it and compares it with these defaults.
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -290,6 +290,9 @@ pub struct SipConfig {
     /// DNS servers (`ip:port`) for RFC 3263 lookups of providers and other outside
     /// servers; empty: the system's (`/etc/resolv.conf`).
     pub dns_servers: Vec<SocketAddr>,
+    /// The public IP address of a node behind 1:1 NAT (a cloud VM): put in Via,
+    /// Record-Route and Contact instead of the listeners' addresses, with their ports.
+    pub advertise: Option<IpAddr>,
 }
 
 /// The User-Agents of common SIP scanners (SIPVicious and its forks, sipsak-based and
@@ -334,6 +337,7 @@ impl Default for SipConfig {
             timer_c_secs: 181,
             drain_call_wait_secs: 3600,
             dns_servers: Vec::new(),
+            advertise: None,
         }
     }
 }
@@ -756,6 +760,14 @@ impl Config {
                 bad(
                     "registrar.digest_algorithms",
                     format!("{a:?} is not \"MD5\" or \"SHA-256\""),
+                );
+            }
+        }
+        if let Some(ip) = sip.advertise {
+            if ip.is_unspecified() || ip.is_multicast() {
+                bad(
+                    "sip.advertise",
+                    format!("{ip} is not an address others can send to"),
                 );
             }
         }

@@ -31,7 +31,7 @@ use crate::stack::resolve::Resolver;
 use crate::stack::shard::ShardThreads;
 use crate::stack::stats::Stats;
 use crate::stack::transaction::{ActiveTransactions, TimerSettings};
-use crate::stack::transport::{FloodLimit, Limits, Listeners, TransportKind};
+use crate::stack::transport::{FloodLimit, Limits, Listeners, OwnAddrs, TransportKind};
 use crate::Error;
 
 /// How a node is asked to stop.
@@ -255,7 +255,10 @@ impl Node {
             stop_accepting,
         } = bound;
         let config = &self.config;
-        let own = listeners.addrs();
+        let own = OwnAddrs {
+            advertise: config.sip.advertise,
+            ..listeners.addrs()
+        };
         let limits = Limits {
             max_message_size: config.sip.max_message_size,
             max_connections: config.sip.max_connections,

@@ -133,6 +133,7 @@ mod tests {
             udp: vec!["127.0.0.1:5060".parse().unwrap()],
             tcp: vec!["127.0.0.1:5060".parse().unwrap()],
             tls: vec!["127.0.0.1:5061".parse().unwrap()],
+            advertise: None,
         }
     }
 

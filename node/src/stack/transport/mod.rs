@@ -303,6 +303,7 @@ impl Listeners {
                 .collect(),
             tcp: self.tcp.iter().filter_map(local).collect(),
             tls: self.tls.iter().filter_map(|(l, _)| local(l)).collect(),
+            advertise: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! For a name, the proxy looks up A/AAAA records; NAPTR and SRV (the rest of RFC 3263) are
 //! not built yet.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use tandem_sip::{Host, SipUri};
 
@@ -16,6 +16,10 @@ pub struct OwnAddrs {
     pub udp: Vec<SocketAddr>,
     pub tcp: Vec<SocketAddr>,
     pub tls: Vec<SocketAddr>,
+    /// `sip.advertise`: the public address of a node behind 1:1 NAT (a cloud VM), which
+    /// it puts in Via, Record-Route and Contact instead of its listeners' own, with the
+    /// listeners' ports; a URI naming it names this node.
+    pub advertise: Option<IpAddr>,
 }
 
 impl OwnAddrs {
@@ -34,7 +38,13 @@ impl OwnAddrs {
         };
         let kind = uri_transport(uri);
         let port = uri.port.unwrap_or(kind.default_port());
-        self.all().any(|(_, a)| a.ip() == ip && a.port() == port)
+        self.names(ip, port)
+    }
+
+    /// Whether `ip:port` is a listener's, or the advertised address with a listener's port.
+    fn names(&self, ip: IpAddr, port: u16) -> bool {
+        self.all()
+            .any(|(_, a)| (a.ip() == ip || self.advertise == Some(ip)) && a.port() == port)
     }
 
     /// Whether `(host, port)` from a Via is this node's.
@@ -43,25 +53,31 @@ impl OwnAddrs {
             return false;
         };
         let port = port.unwrap_or(kind.default_port());
-        self.all().any(|(_, a)| a.ip() == ip && a.port() == port)
+        self.names(ip, port)
     }
 
-    /// The address to put in Via and Record-Route for `kind`: `local` if it is one of the
-    /// listeners (an accepted connection or a UDP socket), else the first listener of that
-    /// transport (a connection this node opened has an ephemeral local port).
+    /// The address to put in Via, Record-Route and Contact for `kind`: `local` if it is
+    /// one of the listeners (an accepted connection or a UDP socket), else the first
+    /// listener of that transport (a connection this node opened has an ephemeral local
+    /// port); with `sip.advertise`, that listener's port at the advertised address.
     pub fn advertised(&self, kind: TransportKind, local: SocketAddr) -> SocketAddr {
         let list = match kind {
             TransportKind::Udp => &self.udp,
             TransportKind::Tcp => &self.tcp,
             TransportKind::Tls => &self.tls,
         };
-        if list.contains(&local) {
-            return local;
+        let listener = if list.contains(&local) {
+            local
+        } else {
+            list.first()
+                .or_else(|| self.udp.first())
+                .copied()
+                .unwrap_or(local)
+        };
+        match self.advertise {
+            Some(ip) => SocketAddr::new(ip, listener.port()),
+            None => listener,
         }
-        list.first()
-            .or_else(|| self.udp.first())
-            .copied()
-            .unwrap_or(local)
     }
 }
 
@@ -113,7 +129,35 @@ mod tests {
             udp: vec!["127.0.0.1:5060".parse().unwrap()],
             tcp: vec!["127.0.0.1:5060".parse().unwrap()],
             tls: vec!["127.0.0.1:5061".parse().unwrap()],
+            advertise: None,
         }
+    }
+
+    #[test]
+    fn an_advertised_address_replaces_the_listeners_and_names_this_node() {
+        let o = OwnAddrs {
+            advertise: Some("203.0.113.7".parse().unwrap()),
+            ..own()
+        };
+        assert_eq!(
+            o.advertised(TransportKind::Udp, "127.0.0.1:5060".parse().unwrap()),
+            "203.0.113.7:5060".parse().unwrap()
+        );
+        assert_eq!(
+            o.advertised(TransportKind::Tcp, "127.0.0.1:41000".parse().unwrap()),
+            "203.0.113.7:5060".parse().unwrap()
+        );
+        assert!(o.is_own(&sip("sip:203.0.113.7;lr")));
+        assert!(o.is_own(&sip("sip:127.0.0.1;lr")));
+        assert!(
+            !o.is_own(&sip("sip:203.0.113.7:5070;lr")),
+            "only with a listener's port"
+        );
+        assert!(o.is_own_sent_by(
+            &Host::Ip("203.0.113.7".parse().unwrap()),
+            None,
+            TransportKind::Udp
+        ));
     }
 
     #[test]
