@@ -410,6 +410,12 @@ impl Cluster {
     /// others through it, and wait until every member is a voter. `extra_cluster` adds
     /// `[cluster]` keys to every member's config.
     pub fn form(roles: &[MemberRole], extra_cluster: &str) -> Cluster {
+        Cluster::form_env(roles, extra_cluster, &[])
+    }
+
+    /// [`Cluster::form`], with these variables in every member's environment (for
+    /// example a member playing an older release with `TANDEM_TEST_FEATURES`).
+    pub fn form_env(roles: &[MemberRole], extra_cluster: &str, env: &[(&str, &str)]) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("tandem-cluster-")
             .tempdir()
@@ -447,7 +453,7 @@ impl Cluster {
         let first = &cluster.members[0];
         let init = first.cli(&["cluster", "init"]);
         assert!(init.status.success(), "cluster init: {}", describe(&init));
-        first.start();
+        first.start_env(env);
         first.wait_healthy();
         cluster.wait_for_leader(&[], Duration::from_secs(10));
         for (i, m) in cluster.members.iter().enumerate().skip(1) {
@@ -455,7 +461,7 @@ impl Cluster {
             if !join.status.success() {
                 cluster.panic_with_logs(&format!("cluster join: {}", describe(&join)));
             }
-            m.start();
+            m.start_env(env);
             m.wait_healthy();
             cluster.wait_for_voters(i + 1, Duration::from_secs(20));
         }

@@ -4,6 +4,8 @@
 //! only; the SIGKILL of an owner moves its accounts to the others within the lease time
 //! plus 5 s; a wrong password ends in "auth failed" and backs off.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
@@ -924,4 +926,71 @@ fn a_node_behind_nat_registers_its_advertised_address() {
         contact.contains(&format!("@127.0.0.77:{port};")),
         "the contact does not name the advertised address: {contact}"
     );
+}
+
+/// TLS to the provider: the registrar's certificate must chain to a trusted root; a
+/// self-signed one is refused (the status says why) until the account names it as its CA
+/// file, and then the account registers over TLS.
+#[test]
+fn a_provider_over_tls_is_registered_only_once_its_certificate_is_trusted() {
+    let tls = common::self_signed_for_localhost();
+    let provider = Provider {
+        node: Node::start_ready_with(|port| tls.sip_config(port)),
+        token: String::new(),
+    };
+    let provider = Provider {
+        token: provider.node.admin_token(),
+        ..provider
+    };
+    provider.add("u0", "pw0");
+    let dns = DnsServer::start();
+    let dns_addr = dns.addr();
+    let node = Node::start_ready_with(|port| {
+        sip_config(
+            port,
+            &format!("dns_servers = [\"{dns_addr}\"]\n{}", agent_config()),
+        )
+    });
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    let api = |method: &str, path: &str, body: Option<&str>| {
+        http(admin, Some(&token), method, path, body).expect("admin API answers")
+    };
+    Wait::new(
+        "the node's feature version to reach 1",
+        Duration::from_secs(15),
+    )
+    .showing(&node)
+    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
+    assert_eq!(
+        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
+        200
+    );
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"tls",
+            "username":"u0","password":"pw0","expires_secs":60}}"#,
+        provider.node.tls_addr()
+    );
+    assert_eq!(api("PUT", "/v1/providers/c1/p0", Some(&body)).status, 201);
+    let refused = Wait::new(
+        "the untrusted certificate to be reported",
+        Duration::from_secs(20),
+    )
+    .showing(&node)
+    .until(|| {
+        let s = api("GET", "/v1/providers/c1/p0/status", None).json();
+        let e = s["registration"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned();
+        e.contains("TLS").then_some(e)
+    });
+    eprintln!("without the CA file: {refused}");
+    assert!(provider.contacts("u0").is_empty());
+
+    let ca = format!(r#"{{"ca_file":{:?}}}"#, tls.cert_path.display().to_string());
+    assert_eq!(api("PUT", "/v1/providers/c1/p0", Some(&ca)).status, 200);
+    let contact = Wait::new("u0 registered over TLS", Duration::from_secs(20))
+        .showing(&node)
+        .until(|| provider.contacts("u0").pop());
+    assert!(contact.contains("transport=tls"), "{contact}");
 }

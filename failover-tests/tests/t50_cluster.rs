@@ -350,11 +350,13 @@ fn a_node_cut_off_from_quorum_says_so_and_refuses_changes_until_it_returns() {
 
 #[test]
 fn the_feature_version_rises_only_once_every_member_supports_it() {
-    // A rolling upgrade to a binary that supports feature version 1 (played by
-    // TANDEM_TEST_FEATURES): while one member still supports only 0, the cluster stays at
-    // 0, so nothing that member could not apply is proposed; once the last one is
-    // upgraded, the leader raises it, and every member sees it.
-    let cluster = Cluster::form(&FULL3, "");
+    // A rolling upgrade from the first release (feature version 0, played by
+    // TANDEM_TEST_FEATURES=0) to this one (1: provider accounts): while one member still
+    // supports only 0, the cluster stays at 0 and refuses provider accounts, so nothing
+    // that member could not apply is proposed; once the last one is upgraded, the leader
+    // raises it, every member sees it, and provider accounts are taken.
+    let old = [("TANDEM_TEST_FEATURES", "0")];
+    let cluster = Cluster::form_env(&FULL3, "", &old);
     let feature = |id: u64| {
         cluster
             .member(id)
@@ -362,12 +364,20 @@ fn the_feature_version_rises_only_once_every_member_supports_it() {
             .and_then(|s| s["feature_version"].as_u64())
     };
     assert_eq!(feature(1), Some(0));
+    assert_eq!(cluster.member(1).put_customer("c1"), Some(200));
+    let put_provider = || {
+        let body = r#"{"registrar":"provider.test","username":"u","password":"p","enabled":false}"#;
+        cluster
+            .member(2)
+            .request("PUT", "/v1/providers/c1/p", Some(body))
+            .expect("admin API answers")
+    };
     let upgrade = |id: u64| {
         let m = cluster.member(id);
         m.sigterm();
         m.wait_exit(Duration::from_secs(40))
             .unwrap_or_else(|| cluster.panic_with_logs(&format!("node {id} did not stop")));
-        m.start_env(&[("TANDEM_TEST_FEATURES", "1")]);
+        m.start();
         m.wait_healthy();
         cluster.wait_caught_up(id, Duration::from_secs(20));
     };
@@ -382,6 +392,9 @@ fn the_feature_version_rises_only_once_every_member_supports_it() {
             "node {id}: raised with node 1 not upgraded"
         );
     }
+    let refused = put_provider();
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(refused.body.contains("feature version"), "{}", refused.body);
     upgrade(1);
     for id in 1..=3 {
         Wait::new(
@@ -396,4 +409,6 @@ fn the_feature_version_rises_only_once_every_member_supports_it() {
     }
     let status = cluster.member(2).status().unwrap();
     assert_eq!(status["supported_features"], 1, "{status}");
+    let taken = put_provider();
+    assert_eq!(taken.status, 201, "{}", taken.body);
 }

@@ -325,6 +325,8 @@ impl Node {
         if !own.tcp.is_empty() {
             outbound.push(TransportKind::Tcp);
         }
+        // TLS connections this node opens need no TLS listener of its own.
+        outbound.push(TransportKind::Tls);
         let resolver = Resolver::new(&config.sip.dns_servers, outbound);
         let registration = RegistrationAgent::new(
             config.node.id,

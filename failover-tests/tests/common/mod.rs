@@ -9,6 +9,8 @@ pub struct SelfSignedTls {
     _dir: tempfile::TempDir,
     pub cert_path: std::path::PathBuf,
     pub key_path: std::path::PathBuf,
+    // Not every test binary that includes this module uses every item.
+    #[allow(dead_code)]
     pub cert_der: rustls::pki_types::CertificateDer<'static>,
 }
 
@@ -42,6 +44,7 @@ impl SelfSignedTls {
     }
 
     /// A client configuration that trusts this certificate and nothing else.
+    #[allow(dead_code)]
     pub fn client_config(&self) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots

@@ -630,7 +630,7 @@ impl Admin {
             ("tandem_providers_failing", "Provider accounts this node owns whose last attempt failed (backing off).", "gauge", failing as u64),
             ("tandem_providers_pending", "Provider accounts this node owns that are starting, registering or un-registering.", "gauge", other as u64),
             ("tandem_provider_registers_sent_total", "REGISTER requests the registration agent sent (challenged retries included).", "counter", load(&b.registers_sent)),
-            ("tandem_provider_timeouts_total", "REGISTERs to providers that got no final response.", "counter", load(&b.timeouts)),
+            ("tandem_provider_timeouts_total", "REGISTERs to providers that got no final response (no answer, or the connection failed).", "counter", load(&b.timeouts)),
             ("tandem_provider_dns_failures_total", "Attempts that failed because the provider's name did not resolve.", "counter", load(&b.dns_failures)),
             ("tandem_provider_lease_grants_total", "Provider leases this node granted while it led.", "counter", load(&b.lease_grants)),
             ("tandem_provider_lease_moves_total", "Provider leases this node asked an owner to hand over while it led.", "counter", load(&b.lease_moves)),

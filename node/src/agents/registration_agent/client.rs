@@ -7,8 +7,8 @@
 //!   challenge again, unless `stale=true`, means the credentials are wrong.
 //! - 423 raises the interval to Min-Expires and asks again.
 //! - Every failure has a class, and each class its own exponential backoff with jitter
-//!   ([`RetryPolicy`]). None disables the account: a DNS failure or a timeout is always
-//!   retried, and wrong credentials are retried too, only rarely.
+//!   ([`RetryPolicy`]). None disables the account: a DNS failure, a timeout or a failed
+//!   connection is always retried, and wrong credentials are retried too, only rarely.
 //! - The Contact carries the account's `+sip.instance` and `reg-id=1` (RFC 5626), so at a
 //!   registrar that supports it a new owner's contact replaces the old owner's.
 
@@ -29,8 +29,11 @@ pub enum FailureClass {
     Rejected,
     /// 5xx, 6xx.
     ServerError,
-    /// No response, or the connection failed.
+    /// No response.
     Timeout,
+    /// The connection could not be opened (refused, or a TLS handshake or certificate
+    /// failure), or failed.
+    Connection,
     /// The registrar's name did not resolve.
     Dns,
 }
@@ -42,6 +45,7 @@ impl FailureClass {
             FailureClass::Rejected => "rejected",
             FailureClass::ServerError => "server error",
             FailureClass::Timeout => "timeout",
+            FailureClass::Connection => "connection failed",
             FailureClass::Dns => "dns failure",
         }
     }
@@ -61,9 +65,10 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     fn bounds(&self, class: FailureClass) -> (Duration, Duration) {
         match class {
-            FailureClass::Timeout | FailureClass::Dns | FailureClass::ServerError => {
-                (self.transient_min, self.transient_max)
-            }
+            FailureClass::Timeout
+            | FailureClass::Connection
+            | FailureClass::Dns
+            | FailureClass::ServerError => (self.transient_min, self.transient_max),
             FailureClass::AuthFailed | FailureClass::Rejected => (self.auth_min, self.auth_max),
         }
     }
@@ -374,7 +379,8 @@ impl RegisterClient {
             status,
             reason,
             retry_in,
-            failover: class == FailureClass::Timeout || status == Some(503),
+            failover: matches!(class, FailureClass::Timeout | FailureClass::Connection)
+                || status == Some(503),
         }
     }
 

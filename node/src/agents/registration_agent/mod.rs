@@ -26,9 +26,7 @@ use std::time::Duration;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
-use tandem_raft_store::command::{
-    Command, InboundTarget, NodeId, ProviderAccount, ProviderTransport, Role,
-};
+use tandem_raft_store::command::{Command, InboundTarget, NodeId, ProviderAccount, Role};
 use tandem_sip::{SipUri, Uri};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -534,7 +532,6 @@ impl RegistrationAgent {
                     let k = t.remove(pos);
                     t.insert(0, k);
                 }
-                t.retain(|t| t.transport != TransportKind::Tls);
                 t
             }
             Err(e) => {
@@ -549,7 +546,7 @@ impl RegistrationAgent {
         if targets.is_empty() {
             let next = s.client.on_failure(
                 FailureClass::Dns,
-                "no target over a transport this node can open (TLS to providers is not supported yet)".into(),
+                "no target over a transport this node can open".into(),
                 rng,
             );
             return self.failed(id, next, None);
@@ -632,7 +629,17 @@ impl RegistrationAgent {
 
     /// Sends REGISTERs to `target` until one gets a final answer that is not a challenge.
     async fn exchange(&self, id: &str, s: &mut Session, target: Target, rng: &mut StdRng) -> Next {
-        let flow = match self.transports.flow_to(target.transport, target.addr).await {
+        let flow = if target.transport == TransportKind::Tls {
+            // The certificate must name the host we meant (RFC 5922), not the SRV target.
+            let name = s.next_hop.host.canonical();
+            let ca_file = s.account.ca_file.as_deref().map(std::path::Path::new);
+            self.transports
+                .flow_to_tls(target.addr, name.trim_end_matches('.'), ca_file)
+                .await
+        } else {
+            self.transports.flow_to(target.transport, target.addr).await
+        };
+        let flow = match flow {
             Ok(f) => f,
             Err(e) => {
                 return s
@@ -675,9 +682,9 @@ impl RegistrationAgent {
                     self.board.set(id, |st| st.last_response = Some(line));
                     s.client.on_response(&response, rng)
                 }
-                Err(why) => {
+                Err((class, why)) => {
                     self.board.counters.timeouts.fetch_add(1, Ordering::Relaxed);
-                    s.client.on_failure(FailureClass::Timeout, why, rng)
+                    s.client.on_failure(class, why, rng)
                 }
             };
             if next != Next::SendAgain {
@@ -696,17 +703,22 @@ impl RegistrationAgent {
         &self,
         request: tandem_sip::Message,
         flow: crate::stack::transport::Flow,
-    ) -> Result<tandem_sip::Message, String> {
+    ) -> Result<tandem_sip::Message, (FailureClass, String)> {
         let mut events = self.layer.send_request(request, flow);
         while let Some(event) = events.recv().await {
             match event {
                 ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Ok(*r),
                 ClientEvent::Response(_) => {}
-                ClientEvent::Timeout => return Err("no answer".into()),
-                ClientEvent::TransportError => return Err("the transport failed".into()),
+                ClientEvent::Timeout => return Err((FailureClass::Timeout, "no answer".into())),
+                ClientEvent::TransportError => {
+                    return Err((FailureClass::Connection, "the connection failed".into()))
+                }
             }
         }
-        Err("the transaction layer stopped".into())
+        Err((
+            FailureClass::Timeout,
+            "the transaction layer stopped".into(),
+        ))
     }
 
     /// Removes our contact at the provider, if we registered one.
@@ -757,11 +769,9 @@ impl Session {
             .transport
             .map(|t| format!(";transport={}", t.as_str()))
             .unwrap_or_default();
-        let scheme = if a.transport == Some(ProviderTransport::Tls) {
-            "sips"
-        } else {
-            "sip"
-        };
+        // `sip:` with `transport=tls` rather than `sips:`: TLS to the provider, without
+        // claiming TLS on every hop beyond it, which a provider's own network rarely has.
+        let scheme = "sip";
         let registrar = format!("{scheme}:{}{transport}", a.registrar);
         let registrar_uri = parse_sip(&registrar)?;
         let domain = registrar_uri.host.canonical();

@@ -7,6 +7,7 @@
 pub mod flood;
 mod stream;
 mod target;
+mod tls_client;
 mod udp;
 
 use std::collections::HashMap;
@@ -589,8 +590,9 @@ impl Transports {
 
     /// A flow to `remote` over `kind` for a request this node originates or forwards:
     /// UDP goes out of a listening socket of the same address family; TCP reuses an open
-    /// connection to that address or opens one. Opening TLS connections is not supported
-    /// yet, so TLS needs one the peer opened (a phone registered over TLS has).
+    /// connection to that address or opens one. TLS here only reuses an open connection
+    /// (a phone registered over TLS has one); `flow_to_tls` opens one, given the name the
+    /// server's certificate must carry.
     pub async fn flow_to(&self, kind: TransportKind, remote: SocketAddr) -> Result<Flow, Error> {
         let no_route = || Error::NoRoute {
             transport: kind.as_str(),
@@ -611,21 +613,11 @@ impl Transports {
                 connection: None,
             });
         }
-        {
-            let table = self
-                .shared
-                .connections
-                .lock()
-                .expect("connection table lock");
-            if let Some(c) = table
-                .by_remote
-                .get(&(kind, remote))
-                .and_then(|id| table.by_id.get(id))
-            {
-                return Ok(c.flow);
-            }
+        if let Ok(flow) = self.existing(kind, remote) {
+            return Ok(flow);
         }
         if kind == TransportKind::Tls {
+            // A new TLS connection needs the name to verify: `flow_to_tls`.
             return Err(no_route());
         }
         let outbound = self.shared.outbound.get().ok_or_else(no_route)?;
@@ -678,6 +670,21 @@ impl Transports {
             outbound.shards.next(),
         );
         Ok(flow)
+    }
+
+    /// The open connection to `remote` over `kind`, if there is one.
+    fn existing(&self, kind: TransportKind, remote: SocketAddr) -> Result<Flow, ()> {
+        let table = self
+            .shared
+            .connections
+            .lock()
+            .expect("connection table lock");
+        table
+            .by_remote
+            .get(&(kind, remote))
+            .and_then(|id| table.by_id.get(id))
+            .map(|c| c.flow)
+            .ok_or(())
     }
 
     fn register(
