@@ -994,3 +994,61 @@ fn a_provider_over_tls_is_registered_only_once_its_certificate_is_trusted() {
         .until(|| provider.contacts("u0").pop());
     assert!(contact.contains("transport=tls"), "{contact}");
 }
+
+/// A thousand accounts at Kamailio: spread over three nodes within ±20%, all registered;
+/// node 3 stops, and the other two hold them all, within ±20% of half each; node 3 comes
+/// back, and rebalancing (a tenth at a time, un-registering first) brings it its share.
+#[test]
+fn a_thousand_accounts_spread_within_20_percent_and_again_after_a_node_leaves_and_rejoins() {
+    const N: usize = 1000;
+    let kamailio = Kamailio::start();
+    let cluster = form(&FULL3);
+    for i in 0..N {
+        let body = format!(
+            r#"{{"registrar":"kamailio.test","outbound_proxy":"{}","transport":"udp",
+                "username":"t{i}","password":"pw-t{i}","expires_secs":60}}"#,
+            kamailio.addr
+        );
+        let (code, json) = put_provider(&cluster, 1 + (i as u64 % 3), &format!("t{i}"), &body);
+        assert_eq!(code, 201, "{json}");
+    }
+    let held = |ids: &[u64], series: &str| -> Vec<usize> {
+        ids.iter()
+            .map(|id| metric(cluster.member(*id).admin_addr, series).unwrap_or(-1.0) as usize)
+            .collect()
+    };
+    let spread_over = |ids: &[u64], what: &str| {
+        let share = N as f64 / ids.len() as f64;
+        Wait::new(what, Duration::from_secs(90))
+            .every(Duration::from_millis(500))
+            .showing(&cluster)
+            .until(|| {
+                let leases = held(ids, "tandem_provider_leases_held");
+                let registered = held(ids, "tandem_providers_registered");
+                let even = leases
+                    .iter()
+                    .all(|n| (*n as f64 - share).abs() <= share * 0.2);
+                if even && leases.iter().sum::<usize>() == N && registered == leases {
+                    Ok(leases)
+                } else {
+                    Err(format!("leases {leases:?}, registered {registered:?}"))
+                }
+            })
+    };
+    let at_start = spread_over(
+        &[1, 2, 3],
+        "1,000 accounts registered, spread over three nodes",
+    );
+    eprintln!("three nodes: {at_start:?}");
+
+    let three = cluster.member(3);
+    three.sigterm();
+    three.wait_exit(Duration::from_secs(40));
+    let two = spread_over(&[1, 2], "all accounts registered by nodes 1 and 2");
+    eprintln!("node 3 gone: {two:?}");
+
+    three.start();
+    three.wait_healthy();
+    let again = spread_over(&[1, 2, 3], "node 3 given its share again");
+    eprintln!("node 3 back: {again:?}");
+}
