@@ -245,7 +245,9 @@ pub struct Lease {
     pub owner: NodeId,
     /// Rises with every grant, so a command about an older grant is refused.
     pub epoch: u64,
-    /// Unix ms, by the clock of the node that granted or renewed it.
+    /// Unix ms, by the clock of the node that granted it; the owner's renewals
+    /// (`RenewLeases`, one record per node) extend it, and readers see the later of the
+    /// two (`StateReader::provider_lease`).
     pub expires_at_ms: u64,
     /// The leader moves the account: the owner un-registers it and then drops the lease.
     /// A releasing lease is not renewed.
@@ -341,17 +343,19 @@ pub enum Command {
         resealed: Sealed,
     },
     /// The leader grants `lease` if the current epoch is `expected_epoch` (0 = no lease),
-    /// the new epoch is higher and the account exists and is enabled.
+    /// the new epoch is higher, the account exists and is enabled, and a current lease
+    /// that still has an owner had lapsed by `lapsed_by_ms` (the leader's clock less the
+    /// skew allowance), its owner's renewals included: a renewal that lands first wins.
     GrantLease {
         lease: Lease,
         expected_epoch: u64,
+        lapsed_by_ms: u64,
     },
-    /// An owner renews every lease it holds in one entry: each `(provider, epoch)` that is
-    /// still its own and not releasing now runs until `expires_at_ms`.
+    /// An owner renews every lease it holds, in one record per node: each of its leases
+    /// that is not releasing runs until at least `expires_at_ms`.
     RenewLeases {
         owner: NodeId,
         expires_at_ms: u64,
-        leases: Vec<(String, u64)>,
     },
     /// The leader asks the owner of `epoch` to hand the account over.
     ReleaseLeaseAsked {
@@ -429,13 +433,7 @@ struct ResealAccountBody {
 struct GrantLeaseBody {
     lease: Lease,
     expected_epoch: u64,
-}
-
-#[derive(Serialize, Deserialize)]
-struct RenewLeasesBody {
-    owner: NodeId,
-    expires_at_ms: u64,
-    leases: Vec<(String, u64)>,
+    lapsed_by_ms: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -500,19 +498,16 @@ impl Command {
             Command::GrantLease {
                 lease,
                 expected_epoch,
+                lapsed_by_ms,
             } => enc(&GrantLeaseBody {
                 lease: lease.clone(),
                 expected_epoch: *expected_epoch,
+                lapsed_by_ms: *lapsed_by_ms,
             }),
             Command::RenewLeases {
                 owner,
                 expires_at_ms,
-                leases,
-            } => enc(&RenewLeasesBody {
-                owner: *owner,
-                expires_at_ms: *expires_at_ms,
-                leases: leases.clone(),
-            }),
+            } => enc(&(owner, expires_at_ms)),
             Command::ReleaseLeaseAsked { provider, epoch }
             | Command::DropLease { provider, epoch } => enc(&(provider, epoch)),
         };
@@ -619,14 +614,14 @@ impl Command {
                 Command::GrantLease {
                     lease: body.lease,
                     expected_epoch: body.expected_epoch,
+                    lapsed_by_ms: body.lapsed_by_ms,
                 }
             }
             24 => {
-                let body: RenewLeasesBody = postcard::from_bytes(b).map_err(bad)?;
+                let (owner, expires_at_ms) = postcard::from_bytes(b).map_err(bad)?;
                 Command::RenewLeases {
-                    owner: body.owner,
-                    expires_at_ms: body.expires_at_ms,
-                    leases: body.leases,
+                    owner,
+                    expires_at_ms,
                 }
             }
             25 => {
@@ -734,11 +729,11 @@ pub(crate) mod tests {
                     releasing: false,
                 },
                 expected_epoch: 4,
+                lapsed_by_ms: 3,
             },
             Command::RenewLeases {
                 owner: 2,
                 expires_at_ms: 10,
-                leases: vec![("c/p".into(), 5), ("c/q".into(), 1)],
             },
             Command::ReleaseLeaseAsked {
                 provider: "c/p".into(),

@@ -38,6 +38,7 @@ mod key {
     pub const PROVIDER_ACCOUNT: u8 = b'P';
     pub const PROVIDER_LEASE: u8 = b'L';
     pub const PROVIDER_LEASE_BY_OWNER: u8 = b'O';
+    pub const OWNER_RENEWAL: u8 = b'W';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -92,6 +93,9 @@ mod key {
     pub fn provider_lease(provider: &str) -> Vec<u8> {
         with(PROVIDER_LEASE, &[provider.as_bytes()])
     }
+    pub fn owner_renewal(owner: NodeId) -> Vec<u8> {
+        with(OWNER_RENEWAL, &[&owner.to_be_bytes()])
+    }
     pub fn provider_lease_by_owner(owner: NodeId, provider: &str) -> Vec<u8> {
         with(
             PROVIDER_LEASE_BY_OWNER,
@@ -111,6 +115,21 @@ enum StoredProviderAccount {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredLease {
     V1(Lease),
+}
+
+/// Until when an owner's leases run (its last `RenewLeases`).
+#[derive(Serialize, serde::Deserialize)]
+enum StoredRenewal {
+    V1(u64),
+}
+
+/// A lease as readers see it: an owned lease that is not releasing runs until the later
+/// of its grant's expiry and its owner's renewal.
+fn effective(mut l: Lease, renewed_until: u64) -> Lease {
+    if l.owner != 0 && !l.releasing {
+        l.expires_at_ms = l.expires_at_ms.max(renewed_until);
+    }
+    l
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -190,6 +209,8 @@ pub struct StateReader {
     db: Arc<DB>,
     /// Advances whenever the state machine may have changed the set of accounts.
     accounts_generation: Arc<AtomicU64>,
+    /// Advances whenever it may have changed provider accounts or leases (not renewals).
+    providers_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
     bindings: Arc<Mutex<BindingCache>>,
 }
@@ -199,6 +220,7 @@ impl StateReader {
         StateReader {
             db,
             accounts_generation: Arc::default(),
+            providers_generation: Arc::default(),
             domains: Arc::default(),
             bindings: Arc::default(),
         }
@@ -213,6 +235,26 @@ impl StateReader {
     /// Called by the state machine once a snapshot replaced the whole state.
     pub(crate) fn all_bindings_changed(&self) {
         self.bindings.lock().expect("binding cache").forget_all();
+    }
+
+    /// Called by the state machine after it wrote provider account or lease changes (or a
+    /// snapshot).
+    pub(crate) fn providers_changed(&self) {
+        self.providers_generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Advances whenever the state machine may have changed provider accounts or their
+    /// leases, owners' renewals aside: what a reader derives from them stays valid while
+    /// this stands still. Read it before them.
+    pub fn providers_generation(&self) -> u64 {
+        self.providers_generation.load(Ordering::Acquire)
+    }
+
+    /// Until when `owner`'s renewals make its leases run (0: never renewed).
+    pub fn owner_renewed_until(&self, owner: NodeId) -> Result<u64, Error> {
+        Ok(self
+            .get::<StoredRenewal>(&key::owner_renewal(owner))?
+            .map_or(0, |StoredRenewal::V1(t)| t))
     }
 
     /// Called by the state machine after it wrote account changes (or a snapshot), so
@@ -434,30 +476,45 @@ impl StateReader {
             .map(|StoredProviderAccount::V1(p)| p))
     }
 
-    /// Every provider account's lease; owner 0 marks an ended one, kept for its epoch.
+    /// Every provider account's lease, as [`effective`]; owner 0 marks an ended one, kept
+    /// for its epoch.
     pub fn provider_leases(&self) -> Result<Vec<Lease>, Error> {
-        Ok(self
-            .scan::<StoredLease>(&[key::PROVIDER_LEASE])?
-            .into_iter()
-            .map(|StoredLease::V1(l)| l)
-            .collect())
+        let mut renewed: HashMap<NodeId, u64> = HashMap::new();
+        let mut out = Vec::new();
+        for StoredLease::V1(l) in self.scan::<StoredLease>(&[key::PROVIDER_LEASE])? {
+            let until = match renewed.get(&l.owner) {
+                Some(t) => *t,
+                None => {
+                    let t = self.owner_renewed_until(l.owner)?;
+                    renewed.insert(l.owner, t);
+                    t
+                }
+            };
+            out.push(effective(l, until));
+        }
+        Ok(out)
     }
 
     pub fn provider_lease(&self, provider: &str) -> Result<Option<Lease>, Error> {
-        Ok(self
-            .get::<StoredLease>(&key::provider_lease(provider))?
-            .map(|StoredLease::V1(l)| l))
+        match self.get::<StoredLease>(&key::provider_lease(provider))? {
+            Some(StoredLease::V1(l)) => {
+                let until = self.owner_renewed_until(l.owner)?;
+                Ok(Some(effective(l, until)))
+            }
+            None => Ok(None),
+        }
     }
 
-    /// The leases `owner` holds, through the index by owner.
+    /// The leases `owner` holds, through the index by owner, as [`effective`].
     pub fn provider_leases_of(&self, owner: NodeId) -> Result<Vec<Lease>, Error> {
+        let until = self.owner_renewed_until(owner)?;
         Ok(self
             .via_index::<StoredLease>(
                 &key::with(key::PROVIDER_LEASE_BY_OWNER, &[&owner.to_be_bytes()]),
                 key::PROVIDER_LEASE,
             )?
             .into_iter()
-            .map(|StoredLease::V1(l)| l)
+            .map(|StoredLease::V1(l)| effective(l, until))
             .collect())
     }
 
@@ -584,6 +641,14 @@ impl<'a> Txn<'a> {
             .map(|StoredLease::V1(l)| l))
     }
 
+    /// A lease as readers see it at this point of the transaction.
+    fn effective_lease(&self, l: Lease) -> Result<Lease, Error> {
+        let until = self
+            .get::<StoredRenewal>(&key::owner_renewal(l.owner))?
+            .map_or(0, |StoredRenewal::V1(t)| t);
+        Ok(effective(l, until))
+    }
+
     fn put_provider_lease(&mut self, lease: Lease) -> Result<(), Error> {
         if let Some(old) = self.provider_lease(&lease.provider)? {
             self.delete(key::provider_lease_by_owner(old.owner, &old.provider));
@@ -651,20 +716,30 @@ impl<'a> Txn<'a> {
             Command::GrantLease {
                 lease,
                 expected_epoch,
+                lapsed_by_ms,
             } => {
-                let current = self.provider_lease(&lease.provider)?.map_or(0, |l| l.epoch);
+                let current = match self.provider_lease(&lease.provider)? {
+                    Some(l) => Some(self.effective_lease(l)?),
+                    None => None,
+                };
+                let current_epoch = current.as_ref().map_or(0, |l| l.epoch);
                 let account = self
                     .get::<StoredProviderAccount>(&key::provider_account(&lease.provider))?
                     .map(|StoredProviderAccount::V1(p)| p);
-                if current != expected_epoch {
+                if current_epoch != expected_epoch {
                     CommandResult::Rejected(format!(
-                        "lease epoch is {current}, not {expected_epoch}"
+                        "lease epoch is {current_epoch}, not {expected_epoch}"
                     ))
-                } else if lease.epoch <= current {
+                } else if lease.epoch <= current_epoch {
                     CommandResult::Rejected(format!(
-                        "new epoch {} must exceed {current}",
+                        "new epoch {} must exceed {current_epoch}",
                         lease.epoch
                     ))
+                } else if current
+                    .as_ref()
+                    .is_some_and(|l| l.owner != 0 && l.expires_at_ms > lapsed_by_ms)
+                {
+                    CommandResult::Rejected("the current owner renewed the lease".into())
                 } else if !account.is_some_and(|p| p.enabled) {
                     CommandResult::Rejected("no such enabled provider".into())
                 } else {
@@ -675,22 +750,19 @@ impl<'a> Txn<'a> {
             Command::RenewLeases {
                 owner,
                 expires_at_ms,
-                leases,
             } => {
-                for (provider, epoch) in leases {
-                    match self.provider_lease(&provider)? {
-                        Some(mut l) if l.owner == owner && l.epoch == epoch && !l.releasing => {
-                            l.expires_at_ms = l.expires_at_ms.max(expires_at_ms);
-                            self.put(key::provider_lease(&provider), &StoredLease::V1(l));
-                        }
-                        _ => {}
-                    }
-                }
+                let k = key::owner_renewal(owner);
+                let until = self
+                    .get::<StoredRenewal>(&k)?
+                    .map_or(0, |StoredRenewal::V1(t)| t);
+                self.put(k, &StoredRenewal::V1(until.max(expires_at_ms)));
                 CommandResult::Done
             }
             Command::ReleaseLeaseAsked { provider, epoch } => {
                 match self.provider_lease(&provider)? {
-                    Some(mut l) if l.epoch == epoch => {
+                    Some(l) if l.epoch == epoch && l.owner != 0 => {
+                        // Its expiry freezes where the owner's renewals had brought it.
+                        let mut l = self.effective_lease(l)?;
                         l.releasing = true;
                         self.put(key::provider_lease(&provider), &StoredLease::V1(l));
                         CommandResult::Done

@@ -220,6 +220,7 @@ impl StateMachine {
             .write_opt(batch, &opts)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
         self.reader.accounts_changed();
+        self.reader.providers_changed();
         self.reader.all_bindings_changed();
         self.save_snapshot_file(&SnapshotFile {
             meta: meta.clone(),
@@ -248,6 +249,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last_applied = None;
         let mut membership = None;
         let mut accounts_changed = false;
+        let mut providers_changed = false;
         for entry in entries {
             last_applied = Some(entry.log_id);
             match entry.payload {
@@ -270,6 +272,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         accounts_changed |= matches!(
                             command,
                             Command::PutAccount(_) | Command::DeleteAccount { .. }
+                        );
+                        providers_changed |= matches!(
+                            command,
+                            Command::PutProviderAccount(_)
+                                | Command::DeleteProviderAccount { .. }
+                                | Command::ResealProviderAccount { .. }
+                                | Command::GrantLease { .. }
+                                | Command::ReleaseLeaseAsked { .. }
+                                | Command::DropLease { .. }
                         );
                         let result = txn.apply(command).map_err(|e| {
                             StorageError::from(StorageIOError::apply(
@@ -309,6 +320,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         if accounts_changed {
             self.reader.accounts_changed();
+        }
+        if providers_changed {
+            self.reader.providers_changed();
         }
         Ok(responses)
     }

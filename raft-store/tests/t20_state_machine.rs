@@ -249,12 +249,14 @@ fn grant(provider: &str, owner: u64, epoch: u64, expected_epoch: u64) -> Command
             releasing: false,
         },
         expected_epoch,
+        lapsed_by_ms: 20_000,
     }
 }
 
-/// Provider leases: granted only for an enabled account and on the expected epoch,
-/// renewed in one command per owner (never a lease that is another's, an older epoch's
-/// or releasing), handed over through "releasing", and gone with their account.
+/// Provider leases: granted only for an enabled account, on the expected epoch, and over
+/// an owned lease only once it has lapsed (its owner's renewals included); renewed by one
+/// record per owner (never a releasing lease); handed over through "releasing", which
+/// freezes the expiry; ended leases keep their epoch; gone with their account.
 #[tokio::test]
 async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
     let dir = tempfile::tempdir().unwrap();
@@ -284,35 +286,52 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
     assert_eq!(reader.provider_account("c/a").unwrap().unwrap().name, "a");
     assert_eq!(reader.provider_leases_of(1).unwrap().len(), 1);
 
-    apply(
+    // Node 1 renews: its lease runs on, node 2's does not. A grant over node 1's lease
+    // decided before the renewal (lapsed by 20 s, while it now runs to 50 s) is refused.
+    let generation = reader.providers_generation();
+    let r = apply(
         &mut sm,
         2,
         vec![
             Command::RenewLeases {
                 owner: 1,
-                expires_at_ms: 5000,
-                // c/b is node 2's; epoch 9 of c/a never existed.
-                leases: vec![("c/a".into(), 1), ("c/b".into(), 1), ("c/x".into(), 1)],
+                expires_at_ms: 50_000,
             },
             Command::RenewLeases {
-                owner: 2,
-                expires_at_ms: 7000,
-                leases: vec![("c/a".into(), 9)],
+                owner: 1,
+                expires_at_ms: 40_000,
             },
         ],
     )
     .await;
+    assert_eq!(r, vec![CommandResult::Done; 2]);
+    assert_eq!(
+        reader.providers_generation(),
+        generation,
+        "renewals change no lease record"
+    );
+    let r = apply(&mut sm, 20, vec![grant("c/a", 2, 2, 1)]).await;
+    assert!(matches!(r[0], CommandResult::Rejected(_)), "{:?}", r[0]);
     let a = reader.provider_lease("c/a").unwrap().unwrap();
-    assert_eq!((a.owner, a.expires_at_ms), (1, 5000));
+    assert_eq!(
+        (a.owner, a.expires_at_ms),
+        (1, 50_000),
+        "renewals never go back"
+    );
     assert_eq!(
         reader.provider_lease("c/b").unwrap().unwrap().expires_at_ms,
         1000
     );
+    // Node 2's lapsed lease may be granted elsewhere.
+    let r = apply(&mut sm, 21, vec![grant("c/b", 1, 2, 1)]).await;
+    assert_eq!(r[0], CommandResult::Done);
+    assert!(reader.providers_generation() > generation);
 
-    // Hand-over: releasing stops renewals; the owner drops it; the next grant moves it.
+    // Hand-over: releasing freezes the expiry (renewals no longer extend it); the owner
+    // drops it; the next grant moves it.
     let r = apply(
         &mut sm,
-        3,
+        22,
         vec![
             Command::ReleaseLeaseAsked {
                 provider: "c/a".into(),
@@ -320,8 +339,7 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
             },
             Command::RenewLeases {
                 owner: 1,
-                expires_at_ms: 9000,
-                leases: vec![("c/a".into(), 1)],
+                expires_at_ms: 90_000,
             },
             Command::DropLease {
                 provider: "c/a".into(),
@@ -334,10 +352,10 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
     assert!(matches!(r[2], CommandResult::Rejected(_)));
     let a = reader.provider_lease("c/a").unwrap().unwrap();
     assert!(a.releasing);
-    assert_eq!(a.expires_at_ms, 5000, "a releasing lease is not renewed");
+    assert_eq!(a.expires_at_ms, 50_000, "a releasing lease is not renewed");
     let r = apply(
         &mut sm,
-        4,
+        23,
         vec![
             Command::DropLease {
                 provider: "c/a".into(),
@@ -361,18 +379,17 @@ async fn provider_leases_are_granted_renewed_and_handed_over_by_epoch() {
             &CommandResult::Done
         ]
     );
-    assert!(reader.provider_leases_of(1).unwrap().is_empty());
+    assert!(
+        reader.provider_leases_of(1).unwrap().is_empty(),
+        "c/b's lease went with it"
+    );
     let of_2: Vec<_> = reader
         .provider_leases_of(2)
         .unwrap()
         .into_iter()
         .map(|l| (l.provider, l.epoch))
         .collect();
-    assert_eq!(
-        of_2,
-        vec![("c/a".to_owned(), 2)],
-        "c/b's lease went with it"
-    );
+    assert_eq!(of_2, vec![("c/a".to_owned(), 2)]);
     assert!(reader.provider_account("c/b").unwrap().is_none());
 }
 

@@ -96,6 +96,8 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
                 releasing: false,
             },
             expected_epoch,
+            // Refused if the old owner renewed after this view was read.
+            lapsed_by_ms: v.now_ms.saturating_sub(v.grace_ms),
         });
         load.get_mut(&node)
             .expect("chosen from load")
@@ -180,6 +182,7 @@ mod tests {
                 Command::GrantLease {
                     lease,
                     expected_epoch,
+                    ..
                 } => {
                     let current = leases.get(&lease.provider).map_or(0, |l| l.epoch);
                     assert_eq!(current, expected_epoch);
@@ -342,6 +345,7 @@ mod tests {
             [Command::GrantLease {
                 lease: new,
                 expected_epoch: 7,
+                lapsed_by_ms: 10_000,
             }] => {
                 assert_eq!(new.owner, 1);
                 assert!(new.epoch > 7);

@@ -225,6 +225,16 @@ enum Desired {
     Stop,
 }
 
+/// This node's leases and their accounts as last read, for one providers generation.
+#[derive(Default)]
+struct OwnView {
+    generation: Option<u64>,
+    leases: Vec<tandem_raft_store::command::Lease>,
+    accounts: HashMap<String, ProviderAccount>,
+    /// Accounts with a task here but no lease in our name: (id, deleted).
+    gone: Vec<(String, bool)>,
+}
+
 struct Owned {
     epoch: u64,
     desired: watch::Sender<Desired>,
@@ -276,6 +286,7 @@ impl RegistrationAgent {
             .answer_agent_questions(Arc::new(move |q: &str| board.answer(q)));
         self.board.running.store(true, Ordering::Release);
         let mut owned: HashMap<String, Owned> = HashMap::new();
+        let mut view = OwnView::default();
         let mut tick = tokio::time::interval(RECONCILE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut next_renewal = Instant::now();
@@ -285,7 +296,7 @@ impl RegistrationAgent {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.reconcile(&mut owned) {
+            if let Err(e) = self.reconcile(&mut owned, &mut view) {
                 tracing::warn!(error = %e, "registration agent: reading the replica failed");
             }
             if Instant::now() >= next_renewal && !renewing.swap(true, Ordering::AcqRel) {
@@ -306,34 +317,85 @@ impl RegistrationAgent {
     }
 
     /// Brings the account tasks in line with the leases this replica shows in our name.
-    fn reconcile(self: &Arc<Self>, owned: &mut HashMap<String, Owned>) -> Result<(), String> {
+    /// The leases and accounts are read again only when the state machine changed them
+    /// (`providers_generation`); between changes, only this node's renewal is read, so
+    /// a second's round over thousands of accounts costs no database reads.
+    fn reconcile(
+        self: &Arc<Self>,
+        owned: &mut HashMap<String, Owned>,
+        view: &mut OwnView,
+    ) -> Result<(), String> {
         let now = now_ms();
         let skew = self.settings.skew.as_millis() as u64;
         let reader = self.cluster.replica.reader();
-        let mine = reader
-            .provider_leases_of(self.me)
+        let generation = reader.providers_generation();
+        let refreshed = view.generation != Some(generation);
+        if refreshed {
+            let leases = reader
+                .provider_leases_of(self.me)
+                .map_err(|e| e.to_string())?;
+            let mut accounts = HashMap::with_capacity(leases.len());
+            for l in &leases {
+                if let Some(a) = reader
+                    .provider_account(&l.provider)
+                    .map_err(|e| e.to_string())?
+                {
+                    accounts.insert(l.provider.clone(), a);
+                }
+            }
+            let mut gone = Vec::new();
+            for id in owned.keys() {
+                if !leases.iter().any(|l| &l.provider == id) {
+                    let deleted = reader
+                        .provider_account(id)
+                        .map_err(|e| e.to_string())?
+                        .is_none();
+                    gone.push((id.clone(), deleted));
+                }
+            }
+            *view = OwnView {
+                generation: Some(generation),
+                leases,
+                accounts,
+                gone,
+            };
+        }
+        let renewed = reader
+            .owner_renewed_until(self.me)
             .map_err(|e| e.to_string())?;
         owned.retain(|_, o| !o.task.is_finished());
-        let mut seen = BTreeSet::new();
-        for lease in mine {
-            let id = lease.provider.clone();
-            seen.insert(id.clone());
-            let account = reader.provider_account(&id).map_err(|e| e.to_string())?;
-            let live = lease.expires_at_ms > now + skew;
-            let desired = match account {
-                Some(a) if a.enabled && !lease.releasing && live => Desired::Register(Box::new(a)),
+        for lease in &view.leases {
+            let id = &lease.provider;
+            let expires = if lease.releasing {
+                lease.expires_at_ms
+            } else {
+                lease.expires_at_ms.max(renewed)
+            };
+            let live = expires > now + skew;
+            let account = view.accounts.get(id);
+            let register = account.is_some_and(|a| a.enabled) && !lease.releasing && live;
+            let want = |account: Option<&ProviderAccount>| match account {
+                Some(a) if register => Desired::Register(Box::new(a.clone())),
                 Some(_) if lease.releasing || live => Desired::Unregister {
                     drop_epoch: Some(lease.epoch),
                 },
                 _ => Desired::Stop,
             };
-            match owned.get(&id) {
+            match owned.get(id) {
+                // Still registering, and the account unchanged since the last round: the
+                // common case, decided without copying anything.
+                Some(o)
+                    if o.epoch == lease.epoch
+                        && register
+                        && !refreshed
+                        && matches!(*o.desired.borrow(), Desired::Register(_)) => {}
                 Some(o) if o.epoch == lease.epoch => {
+                    let desired = want(account);
                     o.desired.send_if_modified(|d| {
                         // Once told to un-register or stop, a task does not go back.
                         let change = *d != desired && matches!(d, Desired::Register(_));
                         if change {
-                            *d = desired.clone();
+                            *d = desired;
                         }
                         change
                     });
@@ -342,23 +404,22 @@ impl RegistrationAgent {
                     if let Some(old) = other {
                         let _ = old.desired.send(Desired::Stop);
                     }
-                    if matches!(desired, Desired::Register(_)) {
-                        owned.insert(id.clone(), self.start(id, lease.epoch, desired));
+                    if register {
+                        owned.insert(
+                            id.clone(),
+                            self.start(id.clone(), lease.epoch, want(account)),
+                        );
                     }
                 }
             }
         }
         // Leases no longer ours: the account was deleted (un-register it, there is no
         // lease to drop), or the lease moved or ended (stop quietly).
-        for (id, o) in owned.iter() {
-            if seen.contains(id) {
+        for (id, deleted) in &view.gone {
+            let Some(o) = owned.get(id) else {
                 continue;
-            }
-            let deleted = reader
-                .provider_account(id)
-                .map_err(|e| e.to_string())?
-                .is_none();
-            let desired = if deleted {
+            };
+            let desired = if *deleted {
                 Desired::Unregister { drop_epoch: None }
             } else {
                 Desired::Stop
@@ -402,23 +463,19 @@ impl RegistrationAgent {
         }
     }
 
+    /// Renews every lease this node holds: one record for the node, however many.
     async fn renew(&self) {
+        let reader = self.cluster.replica.reader();
         let now = now_ms();
-        let Ok(mine) = self.cluster.replica.reader().provider_leases_of(self.me) else {
-            return;
-        };
-        let leases: Vec<(String, u64)> = mine
-            .into_iter()
-            .filter(|l| !l.releasing && l.expires_at_ms > now)
-            .map(|l| (l.provider, l.epoch))
-            .collect();
-        if leases.is_empty() {
+        let holds = reader
+            .provider_leases_of(self.me)
+            .is_ok_and(|l| l.iter().any(|l| !l.releasing && l.expires_at_ms > now));
+        if !holds {
             return;
         }
         let command = Command::RenewLeases {
             owner: self.me,
             expires_at_ms: now + self.settings.lease.as_millis() as u64,
-            leases,
         };
         if let Err(e) = self.cluster.replica.propose(command).await {
             tracing::warn!(error = %e, "registration agent: renewing leases failed");
@@ -848,13 +905,14 @@ pub fn spawn_assigner(
     tracker.spawn(async move {
         let mut tick = tokio::time::interval(ASSIGN_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut cache = AssignCache::default();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
             }
             if cluster.replica.is_leader() {
-                if let Err(e) = assign_once(&cluster, &settings, &board).await {
+                if let Err(e) = assign_once(&cluster, &settings, &board, &mut cache).await {
                     tracing::warn!(error = %e, "assigning provider leases failed; will retry");
                 }
             }
@@ -862,18 +920,58 @@ pub fn spawn_assigner(
     });
 }
 
+/// The accounts and leases the leader last read, for one providers generation: between
+/// changes only the owners' renewals are read again.
+#[derive(Default)]
+struct AssignCache {
+    generation: Option<u64>,
+    accounts: Vec<ProviderAccount>,
+    leases: Vec<tandem_raft_store::command::Lease>,
+}
+
 async fn assign_once(
     cluster: &ClusterNode,
     settings: &Settings,
     board: &Board,
+    cache: &mut AssignCache,
 ) -> Result<(), String> {
     let reader = cluster.replica.reader();
-    let accounts = reader.provider_accounts().map_err(|e| e.to_string())?;
-    if accounts.is_empty() {
+    let generation = reader.providers_generation();
+    if cache.generation != Some(generation) {
+        *cache = AssignCache {
+            generation: Some(generation),
+            accounts: reader.provider_accounts().map_err(|e| e.to_string())?,
+            leases: reader.provider_leases().map_err(|e| e.to_string())?,
+        };
+    }
+    if cache.accounts.is_empty() {
         return Ok(());
     }
-    let leases = reader.provider_leases().map_err(|e| e.to_string())?;
+    let accounts = &cache.accounts;
     let nodes = reader.nodes().map_err(|e| e.to_string())?;
+    // Renewals move no lease record: each owner's is read afresh.
+    let mut renewed: HashMap<NodeId, u64> = HashMap::new();
+    for n in &nodes {
+        renewed.insert(
+            n.id,
+            reader
+                .owner_renewed_until(n.id)
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let leases: Vec<_> = cache
+        .leases
+        .iter()
+        .map(|l| {
+            let mut l = l.clone();
+            if l.owner != 0 && !l.releasing {
+                l.expires_at_ms = l
+                    .expires_at_ms
+                    .max(renewed.get(&l.owner).copied().unwrap_or(0));
+            }
+            l
+        })
+        .collect();
     // Which full nodes run an agent: asked of each, at once.
     let mut asks = tokio::task::JoinSet::new();
     for n in nodes.iter().filter(|n| n.role == Role::Full) {
@@ -897,7 +995,7 @@ async fn assign_once(
         nodes: &nodes,
         up: &up,
         draining: &draining,
-        accounts: &accounts,
+        accounts,
         leases: &leases,
         lease_ms: settings.lease.as_millis() as u64,
         grace_ms: settings.skew.as_millis() as u64,
