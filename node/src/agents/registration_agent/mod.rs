@@ -299,7 +299,9 @@ impl RegistrationAgent {
             if let Err(e) = self.reconcile(&mut owned, &mut view) {
                 tracing::warn!(error = %e, "registration agent: reading the replica failed");
             }
-            if Instant::now() >= next_renewal && !renewing.swap(true, Ordering::AcqRel) {
+            // Only a node with leases renews: an idle cluster writes nothing.
+            let holds = !view.leases.is_empty();
+            if holds && Instant::now() >= next_renewal && !renewing.swap(true, Ordering::AcqRel) {
                 next_renewal = Instant::now() + self.settings.renew;
                 let agent = self.clone();
                 let renewing = renewing.clone();
@@ -465,17 +467,9 @@ impl RegistrationAgent {
 
     /// Renews every lease this node holds: one record for the node, however many.
     async fn renew(&self) {
-        let reader = self.cluster.replica.reader();
-        let now = now_ms();
-        let holds = reader
-            .provider_leases_of(self.me)
-            .is_ok_and(|l| l.iter().any(|l| !l.releasing && l.expires_at_ms > now));
-        if !holds {
-            return;
-        }
         let command = Command::RenewLeases {
             owner: self.me,
-            expires_at_ms: now + self.settings.lease.as_millis() as u64,
+            expires_at_ms: now_ms() + self.settings.lease.as_millis() as u64,
         };
         if let Err(e) = self.cluster.replica.propose(command).await {
             tracing::warn!(error = %e, "registration agent: renewing leases failed");
