@@ -11,7 +11,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_failover_tests::cluster::{add_account, http, metric, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, metric, Answer, Cluster, MemberRole};
 use tandem_failover_tests::dns::DnsServer;
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{sip_config, Deadline, Node, Wait};
@@ -81,6 +81,45 @@ fn node_of(contact: &str) -> Option<u64> {
         .ok()
 }
 
+/// A standalone node (a cluster of one) running the agent with `extra` `[sip]` keys,
+/// ready for provider accounts: feature version 1 reached, customer `c1` created.
+struct AgentNode {
+    node: Node,
+    token: String,
+}
+
+impl AgentNode {
+    fn start(extra: &str) -> AgentNode {
+        let node = Node::start_ready_with(|port| {
+            sip_config(port, &format!("{extra}\n{}", agent_config()))
+        });
+        let token = node.admin_token();
+        let n = AgentNode { node, token };
+        Wait::new(
+            "the node's feature version to reach 1",
+            Duration::from_secs(15),
+        )
+        .showing(&n.node)
+        .until(|| {
+            n.api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1)
+        });
+        let c = n.api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#));
+        assert_eq!(c.status, 200, "{}", c.body);
+        n
+    }
+
+    fn api(&self, method: &str, path: &str, body: Option<&str>) -> Answer {
+        http(
+            self.node.admin_addr(),
+            Some(&self.token),
+            method,
+            path,
+            body,
+        )
+        .expect("admin API answers")
+    }
+}
+
 /// Forms a cluster and waits until it takes provider accounts (feature version 1, raised
 /// by the leader within a second or so of forming).
 fn form(roles: &[MemberRole]) -> Cluster {
@@ -97,6 +136,15 @@ fn form(roles: &[MemberRole]) -> Cluster {
             .is_some_and(|s| s["feature_version"].as_u64() >= Some(1))
     });
     assert_eq!(cluster.member(1).put_customer("c1"), Some(200));
+    // Every node's admin API checks the customer in its own replica.
+    Wait::new("every node to have customer c1", Duration::from_secs(10))
+        .showing(&cluster)
+        .until(|| {
+            cluster.members.iter().all(|m| {
+                m.customer_ids()
+                    .is_some_and(|ids| ids.iter().any(|c| c == "c1"))
+            })
+        });
     cluster
 }
 
@@ -301,7 +349,9 @@ fn a_call_from_the_provider_rings_the_local_account_named_for_inbound_calls() {
     assert_eq!(a.status, 201, "{}", a.body);
     let body = provider_body("u0", "pw0", provider.node.udp_addr())
         .replace('}', r#","inbound":{"account":"alice@example.com"}}"#);
-    let (code, json) = put_provider(&cluster, 2, "p0", &body);
+    // Through the node that wrote the account: another node's replica may not have
+    // applied it yet, and the API checks the account exists in its own.
+    let (code, json) = put_provider(&cluster, 1, "p0", &body);
     assert_eq!(code, 201, "{json}");
     // An inbound account of another customer, or none at all, is refused.
     let (code, json) = put_provider(
@@ -406,29 +456,9 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
     // The agent's node: a standalone node (a cluster of one) resolving through `dns`, with
     // T1 at 100 ms so that an unanswered REGISTER times out after 6.4 s.
     let dns_addr = dns.addr();
-    let node = Node::start_ready_with(|port| {
-        sip_config(
-            port,
-            &format!(
-                "dns_servers = [\"{dns_addr}\"]\nt1_ms = 100\n{}",
-                agent_config()
-            ),
-        )
-    });
-    let (admin, token) = (node.admin_addr(), node.admin_token());
-    let api = |method: &str, path: &str, body: Option<&str>| {
-        http(admin, Some(&token), method, path, body).expect("admin API answers")
-    };
-    Wait::new(
-        "the node's feature version to reach 1",
-        Duration::from_secs(15),
-    )
-    .showing(&node)
-    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
-    assert_eq!(
-        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
-        200
-    );
+    let agent = AgentNode::start(&format!("dns_servers = [\"{dns_addr}\"]\nt1_ms = 100"));
+    let (node, admin) = (&agent.node, agent.node.admin_addr());
+    let api = |method: &str, path: &str, body: Option<&str>| agent.api(method, path, body);
     let body =
         r#"{"registrar":"provider.test","username":"u0","password":"pw0","expires_secs":60}"#;
     let put = api("PUT", "/v1/providers/c1/p0", Some(body));
@@ -437,7 +467,7 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
 
     // 1. The name does not resolve: DNS failures, retried with backoff, never disabled.
     let failing = Wait::new("a DNS failure to be reported", Duration::from_secs(20))
-        .showing(&node)
+        .showing(node)
         .until(|| {
             let s = status();
             s["registration"]["last_error"]
@@ -487,7 +517,7 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
         "registration with the first SRV target",
         Duration::from_secs(20),
     )
-    .showing(&node)
+    .showing(node)
     .until(|| contacts(&first, "u0") == 1);
     assert_eq!(contacts(&second, "u0"), 0);
 
@@ -497,7 +527,7 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
         "registration with the second SRV target",
         Duration::from_secs(30),
     )
-    .showing(&node)
+    .showing(node)
     .until(|| contacts(&second, "u0") == 1);
     let s = status();
     assert_eq!(s["state"], "registered", "{s}");
@@ -748,36 +778,10 @@ fn the_cli_manages_provider_accounts_and_an_older_cluster_refuses_them() {
     // Names resolve through a DNS server of the test's own (with no records), so that
     // nothing is ever asked of the host's resolver.
     let dns = DnsServer::start();
-    let dns_addr = dns.addr();
-    let node = Node::start_ready_with(|port| {
-        sip_config(
-            port,
-            &format!("dns_servers = [\"{dns_addr}\"]\n{}", agent_config()),
-        )
-    });
+    let agent = AgentNode::start(&format!("dns_servers = [\"{}\"]", dns.addr()));
+    let node = &agent.node;
     let config = node.dir().join("config.toml");
-    let (admin, token) = (node.admin_addr(), node.admin_token());
-    Wait::new(
-        "the node's feature version to reach 1",
-        Duration::from_secs(15),
-    )
-    .showing(&node)
-    .until(|| {
-        http(admin, Some(&token), "GET", "/v1/cluster/status", None)
-            .unwrap()
-            .json()["feature_version"]
-            .as_u64()
-            >= Some(1)
-    });
-    let c = http(
-        admin,
-        Some(&token),
-        "PUT",
-        "/v1/customers/c1",
-        Some(r#"{"name":"C1"}"#),
-    )
-    .unwrap();
-    assert_eq!(c.status, 200, "{}", c.body);
+    let (admin, token) = (node.admin_addr(), agent.token.clone());
     let cli = |args: &[&str], env: &[(&str, &str)]| {
         tandem_failover_tests::tandem_command()
             .args(["provider"])
@@ -896,30 +900,13 @@ fn the_cli_manages_provider_accounts_and_an_older_cluster_refuses_them() {
 fn a_node_behind_nat_registers_its_advertised_address() {
     let provider = Provider::start();
     provider.add("u0", "pw0");
-    let node = Node::start_ready_with(|port| {
-        sip_config(
-            port,
-            &format!("advertise = \"127.0.0.77\"\n{}", agent_config()),
-        )
-    });
-    let (admin, token) = (node.admin_addr(), node.admin_token());
-    let api = |method: &str, path: &str, body: Option<&str>| {
-        http(admin, Some(&token), method, path, body).expect("admin API answers")
-    };
-    Wait::new(
-        "the node's feature version to reach 1",
-        Duration::from_secs(15),
-    )
-    .showing(&node)
-    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
-    assert_eq!(
-        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
-        200
-    );
+    let agent = AgentNode::start("advertise = \"127.0.0.77\"");
+    let node = &agent.node;
+    let api = |method: &str, path: &str, body: Option<&str>| agent.api(method, path, body);
     let body = provider_body("u0", "pw0", provider.node.udp_addr());
     assert_eq!(api("PUT", "/v1/providers/c1/p0", Some(&body)).status, 201);
     let contact = Wait::new("u0 registered", Duration::from_secs(20))
-        .showing(&node)
+        .showing(node)
         .until(|| provider.contacts("u0").pop());
     let port = node.udp_addr().port();
     assert!(
@@ -945,26 +932,9 @@ fn a_provider_over_tls_is_registered_only_once_its_certificate_is_trusted() {
     provider.add("u0", "pw0");
     let dns = DnsServer::start();
     let dns_addr = dns.addr();
-    let node = Node::start_ready_with(|port| {
-        sip_config(
-            port,
-            &format!("dns_servers = [\"{dns_addr}\"]\n{}", agent_config()),
-        )
-    });
-    let (admin, token) = (node.admin_addr(), node.admin_token());
-    let api = |method: &str, path: &str, body: Option<&str>| {
-        http(admin, Some(&token), method, path, body).expect("admin API answers")
-    };
-    Wait::new(
-        "the node's feature version to reach 1",
-        Duration::from_secs(15),
-    )
-    .showing(&node)
-    .until(|| api("GET", "/v1/cluster/status", None).json()["feature_version"].as_u64() >= Some(1));
-    assert_eq!(
-        api("PUT", "/v1/customers/c1", Some(r#"{"name":"C1"}"#)).status,
-        200
-    );
+    let agent = AgentNode::start(&format!("dns_servers = [\"{dns_addr}\"]"));
+    let node = &agent.node;
+    let api = |method: &str, path: &str, body: Option<&str>| agent.api(method, path, body);
     let body = format!(
         r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"tls",
             "username":"u0","password":"pw0","expires_secs":60}}"#,
@@ -975,7 +945,7 @@ fn a_provider_over_tls_is_registered_only_once_its_certificate_is_trusted() {
         "the untrusted certificate to be reported",
         Duration::from_secs(20),
     )
-    .showing(&node)
+    .showing(node)
     .until(|| {
         let s = api("GET", "/v1/providers/c1/p0/status", None).json();
         let e = s["registration"]["last_error"]
@@ -990,7 +960,7 @@ fn a_provider_over_tls_is_registered_only_once_its_certificate_is_trusted() {
     let ca = format!(r#"{{"ca_file":{:?}}}"#, tls.cert_path.display().to_string());
     assert_eq!(api("PUT", "/v1/providers/c1/p0", Some(&ca)).status, 200);
     let contact = Wait::new("u0 registered over TLS", Duration::from_secs(20))
-        .showing(&node)
+        .showing(node)
         .until(|| provider.contacts("u0").pop());
     assert!(contact.contains("transport=tls"), "{contact}");
 }

@@ -206,6 +206,11 @@ impl RegisterClient {
         &self.id
     }
 
+    /// Whether REGISTERs now remove the contact.
+    pub fn is_removing(&self) -> bool {
+        self.removing
+    }
+
     /// From now on, REGISTERs remove the contact (Expires 0).
     pub fn remove(&mut self) {
         self.removing = true;

@@ -217,9 +217,13 @@ impl Board {
 #[derive(Clone, Debug, PartialEq)]
 enum Desired {
     Register(Box<ProviderAccount>),
-    /// Remove the contact, then drop the lease of this epoch (if any).
+    /// Remove the contact, then drop the lease of this epoch (if any). `until_ms`: when the
+    /// lease lapses, less the skew allowance; past it another node may be registering the
+    /// same instance, so nothing more is sent (none: the account was deleted, nobody else
+    /// will register it).
     Unregister {
         drop_epoch: Option<u64>,
+        until_ms: Option<u64>,
     },
     /// End quietly: the lease lapsed or moved, and another node may be registering.
     Stop,
@@ -380,6 +384,7 @@ impl RegistrationAgent {
                 Some(a) if register => Desired::Register(Box::new(a.clone())),
                 Some(_) if lease.releasing || live => Desired::Unregister {
                     drop_epoch: Some(lease.epoch),
+                    until_ms: Some(expires.saturating_sub(skew)),
                 },
                 _ => Desired::Stop,
             };
@@ -422,7 +427,10 @@ impl RegistrationAgent {
                 continue;
             };
             let desired = if *deleted {
-                Desired::Unregister { drop_epoch: None }
+                Desired::Unregister {
+                    drop_epoch: None,
+                    until_ms: None,
+                }
             } else {
                 Desired::Stop
             };
@@ -516,11 +524,19 @@ impl RegistrationAgent {
                     }
                     return;
                 }
-                Desired::Unregister { drop_epoch } => {
+                Desired::Unregister {
+                    drop_epoch,
+                    until_ms,
+                } => {
                     if let Some(s) = &session {
                         self.board.inbound.lock().expect("board").remove(&s.token);
                     }
-                    self.unregister(&id, session.take(), &mut rng).await;
+                    let within = match until_ms {
+                        Some(until) => UNREGISTER_WITHIN
+                            .min(Duration::from_millis(until.saturating_sub(now_ms()))),
+                        None => UNREGISTER_WITHIN,
+                    };
+                    self.unregister(&id, session.take(), within, &mut rng).await;
                     if let Some(epoch) = drop_epoch {
                         let drop = Command::DropLease {
                             provider: id.clone(),
@@ -612,23 +628,6 @@ impl RegistrationAgent {
                 } => {
                     s.sticky = Some(target);
                     let contact = s.client.identity().contact_uri.clone();
-                    {
-                        let mut routes = self.board.inbound.lock().expect("board");
-                        match account.inbound.as_ref() {
-                            Some(InboundTarget::Account(a)) => {
-                                routes.insert(
-                                    s.token.clone(),
-                                    InboundRoute {
-                                        user: s.contact_user().to_owned(),
-                                        aor: format!("sip:{a}"),
-                                    },
-                                );
-                            }
-                            _ => {
-                                routes.remove(&s.token);
-                            }
-                        }
-                    }
                     self.board.set(id, |st| {
                         st.state = "registered".into();
                         st.last_error = None;
@@ -702,6 +701,25 @@ impl RegistrationAgent {
         let mut identity = s.client.identity().clone();
         identity.contact_uri = s.contact_uri(sent_by, flow.transport);
         s.client.update(identity);
+        // Calls to the contact are taken from the moment it is offered: the provider may
+        // send one as soon as it has stored the binding, before its 200 reaches us.
+        if !s.client_removing() {
+            let mut routes = self.board.inbound.lock().expect("board");
+            match s.account.inbound.as_ref() {
+                Some(InboundTarget::Account(a)) => {
+                    routes.insert(
+                        s.token.clone(),
+                        InboundRoute {
+                            user: s.contact_user().to_owned(),
+                            aor: format!("sip:{a}"),
+                        },
+                    );
+                }
+                _ => {
+                    routes.remove(&s.token);
+                }
+            }
+        }
         for _ in 0..MAX_ROUNDS {
             let branch = format!("z9hG4bK{:016x}", rng.gen::<u64>());
             let sent_by = sent_by.to_string();
@@ -773,7 +791,13 @@ impl RegistrationAgent {
     }
 
     /// Removes our contact at the provider, if we registered one.
-    async fn unregister(&self, id: &str, session: Option<Session>, rng: &mut StdRng) {
+    async fn unregister(
+        &self,
+        id: &str,
+        session: Option<Session>,
+        within: Duration,
+        rng: &mut StdRng,
+    ) {
         let Some(mut s) = session else {
             return;
         };
@@ -782,8 +806,7 @@ impl RegistrationAgent {
         };
         self.board.set(id, |st| st.state = "unregistering".into());
         s.client.remove();
-        let result =
-            tokio::time::timeout(UNREGISTER_WITHIN, self.exchange(id, &mut s, target, rng)).await;
+        let result = tokio::time::timeout(within, self.exchange(id, &mut s, target, rng)).await;
         match result {
             Ok(Next::Unregistered) => {
                 tracing::info!(account = %id, "registration agent: un-registered");
@@ -856,6 +879,10 @@ impl Session {
             sticky: None,
             token: crate::hex::encode(&digest.as_ref()[..6]),
         })
+    }
+
+    fn client_removing(&self) -> bool {
+        self.client.is_removing()
     }
 
     fn contact_user(&self) -> &str {
