@@ -493,13 +493,22 @@ fn read_challenge(h: &AuthHeader, proxy: bool) -> Option<Challenge> {
         // auth-int only: we do not hash bodies.
         return None;
     }
+    // Values go back inside quotes: one that could end the quotes or the header line is
+    // a challenge we do not answer (a provider's, but still input).
+    let quotable =
+        |v: &str| v.len() <= 256 && !v.chars().any(|c| c == '"' || c == '\\' || c.is_control());
+    let (realm, nonce) = (h.param("realm")?, h.param("nonce")?);
+    let opaque = h.param("opaque");
+    if !quotable(realm) || !quotable(nonce) || opaque.is_some_and(|o| !quotable(o)) {
+        return None;
+    }
     Some(Challenge {
         proxy,
         algorithm,
         sess,
-        realm: h.param("realm")?.to_owned(),
-        nonce: h.param("nonce")?.to_owned(),
-        opaque: h.param("opaque").map(str::to_owned),
+        realm: realm.to_owned(),
+        nonce: nonce.to_owned(),
+        opaque: opaque.map(str::to_owned),
         qop_auth,
         nc: 0,
         answered: false,
@@ -728,6 +737,33 @@ mod tests {
         let m = c.build(&hop(), &mut r);
         assert!(!m.has_header(&HeaderName::Authorization));
         assert_eq!(c.on_response(&reply(&m, 401, &ch), &mut r), Next::SendAgain);
+    }
+
+    /// A challenge whose values could break out of their quotes is not answered: the
+    /// account fails with "auth failed", and nothing panics.
+    #[test]
+    fn a_challenge_with_unquotable_values_is_refused() {
+        let mut r = rng();
+        for bad in [
+            r#"Digest realm="a\"b", nonce="n""#,
+            r#"Digest realm="p", nonce="n\\x""#,
+            r#"Digest realm="p", nonce="n", opaque="o\"p""#,
+        ] {
+            let mut c = RegisterClient::new(identity(), policy(), &mut r);
+            let m = c.build(&hop(), &mut r);
+            let next = c.on_response(&reply(&m, 401, &[("WWW-Authenticate", bad)]), &mut r);
+            assert!(
+                matches!(
+                    next,
+                    Next::Failed {
+                        class: FailureClass::AuthFailed,
+                        ..
+                    }
+                ),
+                "{bad}: {next:?}"
+            );
+            c.build(&hop(), &mut r);
+        }
     }
 
     #[test]
