@@ -395,19 +395,21 @@ impl RegisterClient {
         let header = r.expires().ok().flatten();
         let list = match r.contacts() {
             Ok(Some(tandem_sip::Contacts::List(list))) => list,
-            _ => return (header.unwrap_or(self.expires), 0),
+            _ => return (header.unwrap_or(self.expires).min(self.expires), 0),
         };
         let ours = list.iter().find(|c| {
             c.params.value("+sip.instance").is_some_and(|i| {
                 i.trim_matches(|ch| ch == '"' || ch == '<' || ch == '>') == self.id.instance
             }) || same_uri(&c.uri.to_string(), &self.id.contact_uri)
         });
-        let expires = ours
+        let expires: u32 = ours
             .and_then(|c| c.params.value("expires"))
             .and_then(|e| e.parse().ok())
             .or(header)
             .unwrap_or(self.expires);
-        (expires, list.len())
+        // A registrar may shorten the interval, not lengthen it (RFC 3261 §10.3): a longer
+        // grant is refreshed on our own interval anyway.
+        (expires.min(self.expires), list.len())
     }
 
     fn take_challenge(&mut self, r: &Message, proxy: bool) -> Result<(), String> {
@@ -800,6 +802,13 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // A grant longer than asked is refreshed on our interval.
+        let m = c.build(&hop(), &mut r);
+        let long = reply(&m, 200, &[("Expires", "4294967295")]);
+        assert!(matches!(
+            c.on_response(&long, &mut r),
+            Next::Registered { expires: 1800, .. }
+        ));
         c.remove();
         let m = c.build(&hop(), &mut r);
         assert_eq!(m.expires().unwrap(), Some(0));

@@ -649,14 +649,7 @@ impl Transports {
                 transport: "TCP (connection limit reached)",
                 addr: remote,
             })?;
-        let ctx = ListenerContext {
-            transports: self.clone(),
-            inbound: outbound.inbound.clone(),
-            tracker: outbound.tracker.clone(),
-            stop: outbound.stop.clone(),
-            shards: outbound.shards.clone(),
-        };
-
+        let ctx = self.outbound_context(outbound);
         outbound.tracker.spawn_on(
             async move {
                 match tokio::net::TcpStream::from_std(stream) {
@@ -670,6 +663,17 @@ impl Transports {
             outbound.shards.next(),
         );
         Ok(flow)
+    }
+
+    /// What a connection this node opened runs with, like an accepted one's.
+    fn outbound_context(&self, outbound: &Outbound) -> ListenerContext {
+        ListenerContext {
+            transports: self.clone(),
+            inbound: outbound.inbound.clone(),
+            tracker: outbound.tracker.clone(),
+            stop: outbound.stop.clone(),
+            shards: outbound.shards.clone(),
+        }
     }
 
     /// The open connection to `remote` over `kind`, if there is one.

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_rustls::TlsConnector;
 
 use super::stream;
-use super::{Flow, ListenerContext, TransportKind, Transports, CONNECT_TIMEOUT};
+use super::{Flow, TransportKind, Transports, CONNECT_TIMEOUT};
 use crate::Error;
 
 /// Where Debian (and most Linux distributions) keep the system's trusted roots.
@@ -112,13 +112,7 @@ impl Transports {
         // The handshake and the connection run on a SIP thread; this waits for the outcome.
         let tcp = tcp.into_std().map_err(connecting)?;
         let (done, outcome) = oneshot::channel();
-        let ctx = ListenerContext {
-            transports: self.clone(),
-            inbound: outbound.inbound.clone(),
-            tracker: outbound.tracker.clone(),
-            stop: outbound.stop.clone(),
-            shards: outbound.shards.clone(),
-        };
+        let ctx = self.outbound_context(outbound);
         outbound.tracker.spawn_on(
             async move {
                 let handshake = async {
