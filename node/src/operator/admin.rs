@@ -110,6 +110,16 @@ fn json_reply(status: StatusCode, value: &impl Serialize) -> warp::reply::Respon
     warp::reply::with_status(warp::reply::json(value), status).into_response()
 }
 
+/// The answer to a PUT that was applied: 201 if it created the record, else 200.
+fn put_reply(created: bool, value: &impl Serialize) -> warp::reply::Response {
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json_reply(status, value)
+}
+
 fn answer(result: Result<warp::reply::Response, ApiError>) -> warp::reply::Response {
     match result {
         Ok(r) => r,
@@ -458,14 +468,7 @@ impl Admin {
             .propose(Command::PutAccount(account.clone()))
             .await?
         {
-            CommandResult::Done => Ok(json_reply(
-                if created {
-                    StatusCode::CREATED
-                } else {
-                    StatusCode::OK
-                },
-                &AccountView::from(&account),
-            )),
+            CommandResult::Done => Ok(put_reply(created, &AccountView::from(&account))),
             other => Err(refused(other)),
         }
     }

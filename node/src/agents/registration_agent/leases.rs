@@ -50,9 +50,11 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
     let lapsed_long_enough =
         |l: &Lease| l.owner == 0 || l.expires_at_ms.saturating_add(v.grace_ms) <= v.now_ms;
 
-    // Leases each eligible node holds and keeps (not releasing).
+    // Leases each eligible node holds and keeps (not releasing), and those this round
+    // grants it.
     let mut load: BTreeMap<NodeId, Vec<&Lease>> =
         eligible.iter().map(|&n| (n, Vec::new())).collect();
+    let mut granted: BTreeMap<NodeId, usize> = BTreeMap::new();
     let mut out = Vec::new();
     let mut unowned = Vec::new();
     for p in v.accounts.iter().filter(|p| p.enabled) {
@@ -84,7 +86,7 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
     for (id, old) in unowned {
         let (&node, _) = load
             .iter()
-            .min_by_key(|(n, held)| (held.len(), **n))
+            .min_by_key(|(n, held)| (held.len() + granted.get(*n).copied().unwrap_or(0), **n))
             .expect("eligible is not empty");
         let expected_epoch = old.map_or(0, |l| l.epoch);
         out.push(Command::GrantLease {
@@ -99,18 +101,17 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
             // Refused if the old owner renewed after this view was read.
             lapsed_by_ms: v.now_ms.saturating_sub(v.grace_ms),
         });
-        load.get_mut(&node)
-            .expect("chosen from load")
-            .push(LEASE_PLACEHOLDER);
+        *granted.entry(node).or_default() += 1;
     }
 
-    // Rebalance: a node above its share gives the excess up, a tenth of all at most.
-    let total: usize = load.values().map(Vec::len).sum();
+    // Rebalance: a node above its share gives up the excess of what it already held (never
+    // what it was just granted), a tenth of all at most.
+    let total: usize = load.values().map(Vec::len).sum::<usize>() + granted.values().sum::<usize>();
     let share = total.div_ceil(load.len());
     let mut budget = (total / 10).max(1);
     for held in load.values() {
         for l in held.iter().skip(share) {
-            if budget == 0 || std::ptr::eq(*l, LEASE_PLACEHOLDER) {
+            if budget == 0 {
                 break;
             }
             budget -= 1;
@@ -122,15 +123,6 @@ pub fn assign(v: &View<'_>) -> Vec<Command> {
     }
     out
 }
-
-/// Stands for a lease granted in this round when counting load.
-static LEASE_PLACEHOLDER: &Lease = &Lease {
-    provider: String::new(),
-    owner: 0,
-    epoch: 0,
-    expires_at_ms: 0,
-    releasing: false,
-};
 
 #[cfg(test)]
 mod tests {

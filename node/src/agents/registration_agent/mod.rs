@@ -116,21 +116,13 @@ pub struct Counters {
     pub lease_moves: AtomicU64,
 }
 
-/// Where a call to one of our registered contacts goes.
-#[derive(Clone, Debug)]
-struct InboundRoute {
-    /// The contact's user part.
-    user: String,
-    /// The local account's AOR.
-    aor: String,
-}
-
 /// Every account's status on this node, and the agent's counters.
 #[derive(Debug)]
 pub struct Board {
     accounts: Mutex<HashMap<String, AccountStatus>>,
-    /// The contacts this node has registered, by their `pa` parameter.
-    inbound: Mutex<HashMap<String, InboundRoute>>,
+    /// The local AOR calls to each contact this node registered go to, by the contact's
+    /// `pa` parameter.
+    inbound: Mutex<HashMap<String, String>>,
     pub counters: Counters,
     /// Whether this node's agent runs (and so may be given leases).
     running: AtomicBool,
@@ -163,21 +155,13 @@ impl Board {
         self.accounts.lock().expect("board").remove(id);
     }
 
-    /// The local AOR a request to one of our registered contacts goes to (item 6 of the
-    /// registration agent): found by the contact's `pa` parameter, which providers send
-    /// back in the Request-URI, or, for a provider that drops parameters, by its user part
-    /// when only one registered contact of this node has it.
+    /// The local AOR a request to one of our registered contacts goes to: found by the
+    /// contact's `pa` parameter, which providers send back in the Request-URI. Never by
+    /// the user part alone: that is often a public number, which any scanner can send to
+    /// our address.
     pub fn inbound_target(&self, uri: &SipUri) -> Option<String> {
-        let routes = self.inbound.lock().expect("board");
-        if let Some(token) = uri.params.value(INBOUND_PARAM) {
-            return routes.get(token).map(|r| r.aor.clone());
-        }
-        let user = uri.user_unescaped()?;
-        let mut matching = routes.values().filter(|r| r.user == user);
-        match (matching.next(), matching.next()) {
-            (Some(r), None) => Some(r.aor.clone()),
-            _ => None,
-        }
+        let token = uri.params.value(INBOUND_PARAM)?;
+        self.inbound.lock().expect("board").get(token).cloned()
     }
 
     /// Accounts this node registers, by state: (registered, failing, other).
@@ -703,17 +687,11 @@ impl RegistrationAgent {
         s.client.update(identity);
         // Calls to the contact are taken from the moment it is offered: the provider may
         // send one as soon as it has stored the binding, before its 200 reaches us.
-        if !s.client_removing() {
+        if !s.client.is_removing() {
             let mut routes = self.board.inbound.lock().expect("board");
             match s.account.inbound.as_ref() {
                 Some(InboundTarget::Account(a)) => {
-                    routes.insert(
-                        s.token.clone(),
-                        InboundRoute {
-                            user: s.contact_user().to_owned(),
-                            aor: format!("sip:{a}"),
-                        },
-                    );
+                    routes.insert(s.token.clone(), format!("sip:{a}"));
                 }
                 _ => {
                     routes.remove(&s.token);
@@ -879,10 +857,6 @@ impl Session {
             sticky: None,
             token: crate::hex::encode(&digest.as_ref()[..6]),
         })
-    }
-
-    fn client_removing(&self) -> bool {
-        self.client.is_removing()
     }
 
     fn contact_user(&self) -> &str {

@@ -7,7 +7,7 @@ use tandem_raft_store::command::{
 };
 use warp::http::StatusCode;
 
-use super::{check_id, json_reply, parse_json, refused, Admin, ApiError};
+use super::{check_id, json_reply, parse_json, put_reply, refused, Admin, ApiError};
 use crate::agents::auth::accounts::{check_domain, check_user};
 use crate::agents::registration_agent::accounts::{self, ProviderInput, ProviderView};
 use crate::agents::registration_agent::AccountStatus;
@@ -104,14 +104,7 @@ impl Admin {
             .propose(Command::PutProviderAccount(account.clone()))
             .await?
         {
-            CommandResult::Done => Ok(json_reply(
-                if created {
-                    StatusCode::CREATED
-                } else {
-                    StatusCode::OK
-                },
-                &ProviderView::from(&account),
-            )),
+            CommandResult::Done => Ok(put_reply(created, &ProviderView::from(&account))),
             other => Err(refused(other)),
         }
     }
