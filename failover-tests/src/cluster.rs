@@ -1,5 +1,6 @@
 //! Real clusters for failover tests: every member is a `tandem run` process on its own
-//! loopback address (127.0.0.1, .2, .3 …), formed the way an operator forms one, with
+//! loopback address (127.0.0.1, .2, .3 …), or in its own network namespace of a
+//! [`Lab`] (10.99.0.11, .12, … with fixed ports), formed the way an operator forms one, with
 //! `tandem cert`, `tandem keygen`, `tandem cluster init` and `tandem cluster join`. Members
 //! can be killed and restarted on the same data dir. The admin API is reached with a
 //! small blocking HTTP/1.1 client, so a test needs no async runtime.
@@ -19,7 +20,10 @@ use std::time::Duration;
 use serde_json::Value;
 use tempfile::TempDir;
 
-use crate::{describe, fail, show_logs_if_failing, tandem_command, Deadline, LogFile, Logs, Wait};
+use crate::netns::{member_ip, Lab};
+use crate::{
+    describe, fail, show_logs_if_failing, tandem_bin, tandem_command, Deadline, LogFile, Logs, Wait,
+};
 
 /// The admin token every member shares.
 const TOKEN: &str = "failover-test-token-0123456789abcdef";
@@ -59,6 +63,8 @@ pub struct Member {
     pub admin_addr: SocketAddr,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// The lab namespace the member runs in, if any.
+    ns: Option<String>,
     log_path: PathBuf,
     /// Every member's log, this one's included: what a failure involving it shows.
     cluster_logs: Arc<[LogFile]>,
@@ -96,13 +102,21 @@ impl Member {
         role: MemberRole,
         extra_cluster: &str,
         cluster_logs: Arc<[LogFile]>,
+        lab: Option<&Lab>,
     ) -> Member {
-        let ip = format!("127.0.0.{id}");
         let dir = member_dir(root, id);
         std::fs::create_dir_all(&dir).expect("member dir");
-        let sip_port = free_port_on(&ip);
-        let raft_addr = format!("{ip}:{}", free_port_on(&ip));
-        let admin_addr: SocketAddr = format!("{ip}:{}", free_port_on(&ip)).parse().unwrap();
+        // A namespace of its own has every port free.
+        let (ip, sip_port, raft_port, admin_port) = match lab {
+            Some(_) => (member_ip(id), 5060, 7000, 8000),
+            None => {
+                let ip = format!("127.0.0.{id}");
+                let ports = (free_port_on(&ip), free_port_on(&ip), free_port_on(&ip));
+                (ip, ports.0, ports.1, ports.2)
+            }
+        };
+        let raft_addr = format!("{ip}:{raft_port}");
+        let admin_addr: SocketAddr = format!("{ip}:{admin_port}").parse().unwrap();
         let certs = root.join("certs");
         let run = tandem_command()
             .args(["cert", "node", "--ca"])
@@ -155,14 +169,29 @@ impl Member {
             cluster_logs,
             dir,
             config: config_path,
+            ns: lab.map(|l| l.ns_name(Some(id))),
             child: Mutex::new(None),
             starts: Mutex::new(0),
         }
     }
 
+    /// A `tandem` command that runs where this member runs (in its lab namespace, if any).
+    fn command(&self) -> std::process::Command {
+        match &self.ns {
+            None => tandem_command(),
+            Some(ns) => {
+                let mut c = std::process::Command::new("ip");
+                c.args(["netns", "exec", ns])
+                    .arg(tandem_bin())
+                    .env("NO_COLOR", "1");
+                c
+            }
+        }
+    }
+
     /// Runs `tandem <args> --config <this member's config>` to completion.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
-        tandem_command()
+        self.command()
             .args(args)
             .arg("--config")
             .arg(&self.config)
@@ -185,7 +214,8 @@ impl Member {
             .open(&self.log_path)
             .expect("open member log");
         let _ = writeln!(log, "===== start {} of node {} =====", *starts, self.id);
-        let child = tandem_command()
+        let child = self
+            .command()
             .arg("run")
             .arg("--config")
             .arg(&self.config)
@@ -416,6 +446,20 @@ impl Cluster {
     /// [`Cluster::form`], with these variables in every member's environment (for
     /// example a member playing an older release with `TANDEM_TEST_FEATURES`).
     pub fn form_env(roles: &[MemberRole], extra_cluster: &str, env: &[(&str, &str)]) -> Cluster {
+        Cluster::form_at(None, roles, extra_cluster, env)
+    }
+
+    /// [`Cluster::form`] with member `id` in `lab`'s namespace for it.
+    pub fn form_in(lab: &Lab, roles: &[MemberRole], extra_cluster: &str) -> Cluster {
+        Cluster::form_at(Some(lab), roles, extra_cluster, &[])
+    }
+
+    fn form_at(
+        lab: Option<&Lab>,
+        roles: &[MemberRole],
+        extra_cluster: &str,
+        env: &[(&str, &str)],
+    ) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("tandem-cluster-")
             .tempdir()
@@ -443,7 +487,7 @@ impl Cluster {
             .collect();
         let members: Vec<Member> = ids
             .zip(roles)
-            .map(|(id, role)| Member::new(root.path(), id, *role, extra_cluster, logs.clone()))
+            .map(|(id, role)| Member::new(root.path(), id, *role, extra_cluster, logs.clone(), lab))
             .collect();
         let cluster = Cluster {
             members,

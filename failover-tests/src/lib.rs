@@ -1,7 +1,8 @@
 //! The harness for Tandem's black-box tests: it starts the real `tandem` binary as a child
 //! process with its config and data in a fresh temp dir, waits for it to answer OPTIONS,
 //! signals or kills it, and talks SIP to it over real loopback sockets (127.0.0.0/8 only),
-//! either by hand (UDP datagrams, TCP streams) or with sipp, the way an operator would.
+//! either by hand (UDP datagrams, TCP streams) or with sipp, the way an operator would,
+//! or, for partitions, between network namespaces the test creates ([`netns`]).
 //!
 //! Every wait is a [`Wait`]: it has a deadline, and one that runs out panics naming what it
 //! waited for and showing the tail of every log involved. Any other failure in a test that
@@ -9,7 +10,9 @@
 //! guards of [`Node`] and [`cluster::Cluster`], so a failure in CI says what the nodes were
 //! doing. Tests run in parallel processes (nextest), so ports come from the kernel
 //! ([`free_port`]) and never from a fixed list.
-#![forbid(unsafe_code)]
+// One call has no safe form in std: setns(2), which moves a test thread into a lab's
+// network namespace (netns.rs allows it there, and only there).
+#![deny(unsafe_code)]
 
 use std::collections::BTreeSet;
 use std::fs::File;
@@ -28,6 +31,7 @@ pub use clock::Deadline;
 pub mod cluster;
 pub mod dns;
 pub mod keepalive;
+pub mod netns;
 pub mod phones;
 pub mod ua;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 use serde_json::Value;
 use tandem_failover_tests::cluster::{add_account, http, metric, Answer, Cluster, MemberRole};
 use tandem_failover_tests::dns::DnsServer;
+use tandem_failover_tests::netns::{member_of, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{sip_config, Deadline, Node, Wait};
 
@@ -71,14 +72,18 @@ impl Provider {
     }
 }
 
-/// The node a contact URI names: its host is 127.0.0.<id>.
+/// The node a contact URI names: its host is 127.0.0.<id>, or the node's address in a
+/// network lab.
 fn node_of(contact: &str) -> Option<u64> {
-    let at = contact.find("@127.0.0.")? + "@127.0.0.".len();
-    contact[at..]
-        .split(|c: char| !c.is_ascii_digit())
-        .next()?
-        .parse()
-        .ok()
+    let at = contact.find('@')? + 1;
+    let host: String = contact[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    match host.strip_prefix("127.0.0.") {
+        Some(id) => id.parse().ok(),
+        None => member_of(&host),
+    }
 }
 
 /// A standalone node (a cluster of one) running the agent with `extra` `[sip]` keys,
@@ -123,7 +128,11 @@ impl AgentNode {
 /// Forms a cluster and waits until it takes provider accounts (feature version 1, raised
 /// by the leader within a second or so of forming).
 fn form(roles: &[MemberRole]) -> Cluster {
-    let cluster = Cluster::form(roles, &agent_config());
+    ready(Cluster::form(roles, &agent_config()))
+}
+
+/// Waits until a newly formed cluster takes provider accounts, and creates customer c1.
+fn ready(cluster: Cluster) -> Cluster {
     Wait::new(
         "the cluster's feature version to reach 1",
         Duration::from_secs(15),
@@ -546,14 +555,18 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
 struct Kamailio {
     child: std::process::Child,
     addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Kamailio {
     fn start() -> Kamailio {
+        Kamailio::start_on("127.0.0.1", tandem_failover_tests::free_port())
+    }
+
+    /// Kamailio on `ip:port`; `ip` is also where the test's query REGISTERs come from.
+    fn start_on(ip: &str, port: u16) -> Kamailio {
         let dir = tempfile::tempdir().unwrap();
-        let port = tandem_failover_tests::free_port();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
         let cfg = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/kamailio-provider.cfg"
@@ -581,13 +594,9 @@ impl Kamailio {
             .stderr(out)
             .spawn()
             .expect("kamailio is installed (./ops/setup.sh installs it)");
-        let k = Kamailio {
-            child,
-            addr,
-            _dir: dir,
-        };
+        let k = Kamailio { child, addr, dir };
         Wait::new("kamailio to answer", Duration::from_secs(10)).until(|| {
-            let mut ua = Ua::new("127.0.0.1", "probe", "kamailio.test", "pw-probe");
+            let mut ua = Ua::new(ip, "probe", "kamailio.test", "pw-probe");
             ua.register(k.addr, "MD5", None, None).status == 200
         });
         k
@@ -595,7 +604,8 @@ impl Kamailio {
 
     /// The contacts of `user@kamailio.test`, as a query REGISTER returns them.
     fn contacts(&self, user: &str) -> Vec<String> {
-        let mut ua = Ua::new("127.0.0.1", user, "kamailio.test", &format!("pw-{user}"));
+        let ip = self.addr.ip().to_string();
+        let mut ua = Ua::new(&ip, user, "kamailio.test", &format!("pw-{user}"));
         let r = ua.register(self.addr, "MD5", None, None);
         assert_eq!(r.status, 200, "{}", r.text);
         r.headers("Contact")
@@ -1023,4 +1033,184 @@ fn a_thousand_accounts_spread_within_20_percent_and_again_after_a_node_leaves_an
     three.wait_healthy();
     let again = spread_over(&[1, 2, 3], "node 3 given its share again");
     eprintln!("node 3 back: {again:?}");
+}
+
+/// The REGISTERs Kamailio logged, each stamped with when the test first saw it: a thread
+/// reads the log every 50 ms.
+struct RegisterLog {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl RegisterLog {
+    fn watch(kamailio: &Kamailio, started: Deadline) -> RegisterLog {
+        let path = kamailio.dir.path().join("kamailio.log");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (l, st) = (lines.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut seen = 0usize;
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let mut l = l.lock().unwrap();
+                let now = started.elapsed();
+                for line in text.lines().filter(|t| t.contains("REGISTER ")).skip(seen) {
+                    l.push((now, line.to_owned()));
+                }
+                seen = l.len();
+                drop(l);
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        RegisterLog { lines, stop }
+    }
+
+    /// (seen at, user, node it came from) of every REGISTER so far, in Kamailio's order.
+    fn registers(&self) -> Vec<(Duration, String, Option<u64>)> {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|(at, line)| {
+                // "REGISTER <user> from <ip>:<port> contact <uri>"
+                let rest = &line[line.find("REGISTER ")? + "REGISTER ".len()..];
+                let mut words = rest.split(' ');
+                let user = words.next()?.to_owned();
+                let from = words.nth(1)?;
+                let ip = from.split(':').next()?;
+                Some((*at, user, member_of(ip)))
+            })
+            .collect()
+    }
+}
+
+impl Drop for RegisterLog {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Each node in its own network namespace, Kamailio as the provider in the clients'. The
+/// leader, owner of some accounts, is cut off from the other two (it still reaches the
+/// provider): it stops registering once its lease lapses, the majority elects a leader
+/// that grants the leases to itself or the other node, and they register; the cut-off
+/// node's last REGISTER for an account comes before its new owner's first. After the cut
+/// heals, every account is registered once, by the owner its status names.
+#[test]
+fn netns_an_owner_cut_off_from_the_quorum_stops_registering_and_the_majority_takes_over() {
+    let lab = Lab::new(3);
+    let kamailio = Kamailio::start_on(CLIENT_IP, 5060);
+    let cluster = ready(Cluster::form_in(&lab, &FULL3, &agent_config()));
+    // Kamailio grants 30 s at most, so an owner refreshes every 16.5-24 s: one that kept
+    // registering after its lease lapsed would show within the 30 s of the partition.
+    for i in 0..6 {
+        let body = format!(
+            r#"{{"registrar":"kamailio.test","outbound_proxy":"{}","transport":"udp",
+                "username":"k{i}","password":"pw-k{i}","expires_secs":60}}"#,
+            kamailio.addr
+        );
+        let (code, json) = put_provider(&cluster, 1, &format!("k{i}"), &body);
+        assert_eq!(code, 201, "{json}");
+    }
+    let registered_by_owners = |via: u64| {
+        (0..6)
+            .map(|i| {
+                let s = status(&cluster, via, &format!("k{i}"));
+                match (
+                    &kamailio.contacts(&format!("k{i}"))[..],
+                    s["owner"].as_u64(),
+                ) {
+                    ([one], Some(owner)) if node_of(one) == Some(owner) => Some(owner),
+                    _ => None,
+                }
+            })
+            .collect::<Option<Vec<u64>>>()
+    };
+    let owners = Wait::new(
+        "every account registered at Kamailio once, by its owner",
+        Duration::from_secs(40),
+    )
+    .showing(&cluster)
+    .until(|| registered_by_owners(1));
+    let (victim, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
+    let moved: Vec<usize> = (0..6).filter(|i| owners[*i] == victim).collect();
+    assert!(
+        !moved.is_empty(),
+        "the leader, node {victim}, owns none of {owners:?}"
+    );
+    let majority: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != victim).collect();
+
+    let clock = Deadline::after(Duration::ZERO);
+    let log = RegisterLog::watch(&kamailio, clock);
+    std::thread::sleep(Duration::from_millis(200));
+    let cut_at = clock.elapsed();
+    lab.partition(victim, &majority);
+    eprintln!("owners {owners:?}; node {victim} (leader) cut off at {cut_at:?}");
+
+    // The majority registers each of the cut-off node's accounts, from a majority node.
+    let mut taken: BTreeMap<usize, Duration> = BTreeMap::new();
+    Wait::new(
+        "the majority to register the cut-off node's accounts",
+        Duration::from_secs(LEASE_SECS + 25),
+    )
+    .every(Duration::from_millis(100))
+    .showing(&cluster)
+    .until(|| {
+        for (at, user, from) in log.registers() {
+            let i: usize = user.trim_start_matches('k').parse().unwrap_or(99);
+            if at > cut_at && moved.contains(&i) && from.is_some_and(|n| n != victim) {
+                taken.entry(i).or_insert(at - cut_at);
+            }
+        }
+        taken.len() == moved.len()
+    });
+    // Stay cut for 30 s in all, long enough for two more refreshes of every account.
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - cut_at));
+    let healed_at = clock.elapsed();
+    let registers = log.registers();
+    let from_victim: Vec<Duration> = registers
+        .iter()
+        .filter(|(at, _, from)| *at > cut_at && *at < healed_at && *from == Some(victim))
+        .map(|(at, ..)| *at - cut_at)
+        .collect();
+    eprintln!(
+        "takeover after the cut: {taken:?}; the cut-off node's REGISTERs after the cut, \
+         at {from_victim:?}"
+    );
+    // Its lease was renewed last before the cut and runs LEASE_SECS from then; 1 s more
+    // for the log's polling.
+    let lapse = Duration::from_secs(LEASE_SECS + 1);
+    assert!(
+        from_victim.iter().all(|at| *at <= lapse),
+        "node {victim} registered after its lease lapsed (cut at {cut_at:?}): {from_victim:?}"
+    );
+    for i in &moved {
+        let user = format!("k{i}");
+        let last_old = registers
+            .iter()
+            .rposition(|(_, u, from)| *u == user && *from == Some(victim));
+        let first_new = registers.iter().position(|(at, u, from)| {
+            *u == user && *at > cut_at && from.is_some_and(|n| n != victim)
+        });
+        assert!(
+            last_old < first_new,
+            "{user}: the cut-off node registered (line {last_old:?}) after its new owner \
+             (line {first_new:?})"
+        );
+    }
+    let slowest = taken.values().max().copied().unwrap_or_default();
+    assert!(
+        slowest <= Duration::from_secs(LEASE_SECS + 5),
+        "takeover took {slowest:?}, more than the lease ({LEASE_SECS} s) plus 5 s"
+    );
+
+    lab.heal();
+    cluster.wait_caught_up(victim, Duration::from_secs(30));
+    let after = Wait::new(
+        "every account registered once, by its owner, after the heal",
+        Duration::from_secs(40),
+    )
+    .showing(&cluster)
+    .until(|| registered_by_owners(victim));
+    eprintln!("after the heal: owners {after:?}");
 }

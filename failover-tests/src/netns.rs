@@ -1,0 +1,263 @@
+//! A network lab for fault tests: every cluster member in its own network namespace, the
+//! test's own clients (phones, the provider's registrar, the admin API client) in another,
+//! all joined by veth pairs to one bridge in a hub namespace. Nothing is added to the
+//! namespace the test started in: no interface, no address, no route, so a lab cannot
+//! send a packet anywhere but between the namespaces it created.
+//!
+//! Faults are nftables rules in the receiving member's namespace that drop what comes
+//! from a peer: the sender's `send` succeeds and the packet vanishes, as on a real cut
+//! link (a rule on the sending side would fail the `send` with EPERM instead, which no
+//! real partition does). A one-way cut drops in one direction only.
+//!
+//! Creating namespaces needs root. CI runs as root; `ops/test.sh` leaves the lab's tests
+//! out by name (their names start with `netns_`) and says so when it is not root, and a
+//! lab test started by hand without root fails with that reason rather than passing.
+//!
+//! The thread that creates a [`Lab`] moves into the clients' namespace, so every socket
+//! it (and every thread or process it starts later) opens is there; dropping the lab
+//! moves it back and deletes the namespaces. Namespaces left behind by a test process
+//! that was killed are deleted by the next lab.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+
+/// The clients' address in every lab: phones, registrars and the admin client bind here.
+pub const CLIENT_IP: &str = "10.99.0.2";
+
+/// The address of member `id` (1, 2, …) in a lab.
+pub fn member_ip(id: u64) -> String {
+    format!("10.99.0.{}", 10 + id)
+}
+
+/// The member whose lab address is `ip`, if any.
+pub fn member_of(ip: &str) -> Option<u64> {
+    let last: u64 = ip.strip_prefix("10.99.0.")?.parse().ok()?;
+    (11..=250).contains(&last).then(|| last - 10)
+}
+
+/// Every lab namespace's name starts with this, then the test process's id.
+const PREFIX: &str = "tndlab";
+
+/// Namespaces, links and cuts of one lab. Hosts are numbered: 0 is the clients, `id` is
+/// member `id`.
+pub struct Lab {
+    tag: String,
+    members: u64,
+    /// Directed cuts (from, to): what `from` sends, `to` never receives.
+    cuts: Mutex<BTreeSet<(u64, u64)>>,
+    /// The namespace the creating thread was in, to go back to.
+    home: File,
+}
+
+impl Lab {
+    /// Creates the hub with its bridge, the clients' namespace and one namespace per
+    /// member (ids 1..=members), links them all, and moves this thread into the clients'
+    /// namespace. Panics with the reason if this process is not root or a tool is
+    /// missing.
+    pub fn new(members: u64) -> Lab {
+        require_root();
+        for tool in ["ip", "nft"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(
+                found,
+                "the network lab needs `{tool}` (./ops/setup.sh installs it: iproute2, nftables)"
+            );
+        }
+        remove_stale();
+        let home = File::open("/proc/thread-self/ns/net").expect("open this thread's netns");
+        let lab = Lab {
+            tag: format!("{PREFIX}{}", std::process::id()),
+            members,
+            cuts: Mutex::new(BTreeSet::new()),
+            home,
+        };
+        let hub = lab.ns_name(None);
+        ip(&["netns", "add", &hub]);
+        ip(&["-n", &hub, "link", "set", "lo", "up"]);
+        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        for host in 0..=members {
+            let ns = lab.ns_name(Some(host));
+            let addr = if host == 0 {
+                CLIENT_IP.to_owned()
+            } else {
+                member_ip(host)
+            };
+            ip(&["netns", "add", &ns]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            let port = format!("h{host}");
+            ip(&[
+                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
+            ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
+            ip(&["-n", &hub, "link", "set", &port, "up"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            lab.apply_rules(host, &BTreeSet::new());
+        }
+        lab.enter(Some(0));
+        lab
+    }
+
+    /// The namespace of host `host` (0 = clients), or the hub's for `None`.
+    pub fn ns_name(&self, host: Option<u64>) -> String {
+        match host {
+            None => format!("{}hub", self.tag),
+            Some(0) => format!("{}c", self.tag),
+            Some(id) => format!("{}n{id}", self.tag),
+        }
+    }
+
+    /// A command that runs `program` inside member `id`'s namespace.
+    pub fn command_in(&self, id: u64, program: impl Into<PathBuf>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns_name(Some(id))])
+            .arg(program.into());
+        c
+    }
+
+    /// From now on `from` reaches nothing of `to`'s (one way; `to` still reaches `from`).
+    pub fn cut_one_way(&self, from: u64, to: u64) {
+        let mut cuts = self.cuts.lock().unwrap();
+        cuts.insert((from, to));
+        self.apply_rules(to, &cuts);
+    }
+
+    /// Cuts `a` off from each of `others`, both ways.
+    pub fn partition(&self, a: u64, others: &[u64]) {
+        for &b in others {
+            self.cut_one_way(a, b);
+            self.cut_one_way(b, a);
+        }
+    }
+
+    /// Removes every cut.
+    pub fn heal(&self) {
+        let mut cuts = self.cuts.lock().unwrap();
+        let hosts: BTreeSet<u64> = cuts.iter().map(|(_, to)| *to).collect();
+        cuts.clear();
+        for host in hosts {
+            self.apply_rules(host, &cuts);
+        }
+    }
+
+    /// Rewrites host `host`'s table so that it drops exactly what the cuts into it say,
+    /// atomically (one `nft -f` transaction).
+    fn apply_rules(&self, host: u64, cuts: &BTreeSet<(u64, u64)>) {
+        let addr = |h: u64| {
+            if h == 0 {
+                CLIENT_IP.to_owned()
+            } else {
+                member_ip(h)
+            }
+        };
+        let mut script = String::from(
+            "table inet lab {}\nflush table inet lab\ntable inet lab {\n  chain input {\n    \
+             type filter hook input priority 0; policy accept;\n",
+        );
+        for (from, _) in cuts.iter().filter(|(_, to)| *to == host) {
+            script.push_str(&format!("    ip saddr {} drop\n", addr(*from)));
+        }
+        script.push_str("  }\n}\n");
+        let ns = self.ns_name(Some(host));
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("run nft");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("nft's stdin")
+            .write_all(script.as_bytes())
+            .expect("write nft rules");
+        let status = child.wait().expect("wait for nft");
+        assert!(status.success(), "nft -f failed in {ns} for:\n{script}");
+    }
+
+    /// Moves this thread into host `host`'s namespace (`None`: back where it started).
+    fn enter(&self, host: Option<u64>) {
+        let file;
+        let fd = match host {
+            Some(h) => {
+                file = File::open(format!("/run/netns/{}", self.ns_name(Some(h))))
+                    .expect("open the lab namespace");
+                file.as_raw_fd()
+            }
+            None => self.home.as_raw_fd(),
+        };
+        #[allow(unsafe_code)]
+        // SAFETY: `fd` is an open namespace file that outlives the call, and setns with
+        // CLONE_NEWNET changes nothing but this thread's network namespace.
+        let rc = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.enter(None);
+        for host in (0..=self.members).map(Some).chain([None]) {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns_name(host)])
+                .status();
+        }
+    }
+}
+
+/// Panics unless this process is root, naming what the caller should do instead.
+pub fn require_root() {
+    use std::os::unix::fs::MetadataExt;
+    // /proc/self belongs to the process's effective user.
+    let euid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
+    assert_eq!(
+        euid, 0,
+        "this test builds network namespaces and needs root (CI runs as root); \
+         ./ops/test.sh leaves tests named netns_* out when it is not root"
+    );
+}
+
+/// Deletes the namespaces of labs whose test process is gone.
+fn remove_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let pid: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        if !pid.is_empty() && !PathBuf::from(format!("/proc/{pid}")).exists() {
+            let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        }
+    }
+}
+
+/// Runs `ip args…`, panicking with its output if it fails.
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
