@@ -11,7 +11,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_failover_tests::cluster::{add_account, http, metric, Answer, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{
+    self, add_account, http, metric, Answer, Cluster, MemberRole,
+};
 use tandem_failover_tests::dns::DnsServer;
 use tandem_failover_tests::netns::{member_of, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
@@ -384,6 +386,19 @@ fn a_call_from_the_provider_rings_the_local_account_named_for_inbound_calls() {
             _ => None,
         });
     eprintln!("p0 registered by node {owner}; alice registered through node 3");
+    // The owner sends the call through alice's edge node only once that node answers its
+    // SIP pings (a node never heard from counts as down), which can take a second or two
+    // after the cluster forms.
+    if owner != 3 {
+        let series = "tandem_sip_peer_up{node=\"3\"}";
+        cluster::wait_metric(
+            &cluster,
+            cluster.member(owner).admin_addr,
+            series,
+            1.0,
+            Duration::from_secs(10),
+        );
+    }
 
     let mut carol = Ua::new("127.0.0.1", "carol", "provider.test", "pw-carol");
     std::thread::scope(|s| {

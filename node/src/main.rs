@@ -12,8 +12,11 @@ use tandem_node::{
 /// mimalloc, not glibc's malloc: a node allocates and frees small buffers for every
 /// message, and with glibc that was a quarter of its CPU time per registration. With
 /// mimalloc a registration cost 48–54 µs of CPU instead of 68–73 µs (BENCHMARKS.md).
+/// Wrapped in the dialplan sandbox's memory meter, which counts each thread's bytes so
+/// that a script run can be stopped at its memory limit (dialplan/src/meter.rs).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tandem_dialplan::Metered<mimalloc::MiMalloc> =
+    tandem_dialplan::Metered(mimalloc::MiMalloc);
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
