@@ -8,6 +8,7 @@
 //! decrypted), kept until the accounts change.
 
 pub mod accounts;
+pub mod answer;
 pub mod digest;
 
 use std::collections::hash_map::RandomState;

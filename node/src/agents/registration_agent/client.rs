@@ -16,9 +16,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
-use tandem_sip::{AuthHeader, HeaderName, Message};
+use tandem_sip::{HeaderName, Message};
 
-use crate::agents::auth::digest::{self, Algorithm};
+use crate::agents::auth::answer::DigestClient;
 
 /// Why an attempt failed; each class backs off on its own terms.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -136,21 +136,6 @@ pub enum Next {
     },
 }
 
-/// A challenge we have answered or will answer.
-#[derive(Clone, Debug)]
-struct Challenge {
-    proxy: bool,
-    algorithm: Algorithm,
-    sess: bool,
-    realm: String,
-    nonce: String,
-    opaque: Option<String>,
-    qop_auth: bool,
-    nc: u32,
-    /// Whether a request with an answer to this challenge has been sent.
-    answered: bool,
-}
-
 /// The REGISTER client of one account: one Call-ID and a rising CSeq for as long as one
 /// owner keeps it registered (RFC 3261 §10.2.4).
 pub struct RegisterClient {
@@ -161,7 +146,7 @@ pub struct RegisterClient {
     expires: u32,
     /// Asking to remove the contact rather than to refresh it.
     removing: bool,
-    challenge: Option<Challenge>,
+    digest: DigestClient,
     /// Challenges answered since the last success; more than a few means a loop.
     rounds: u32,
     failures: u32,
@@ -177,12 +162,12 @@ impl RegisterClient {
     pub fn new(id: Identity, policy: RetryPolicy, rng: &mut impl Rng) -> RegisterClient {
         RegisterClient {
             expires: id.expires,
+            digest: DigestClient::new(&id.auth_user, &id.password, id.realm.as_deref()),
             id,
             call_id: format!("{}@tandem", random_token(rng)),
             from_tag: random_token(rng),
             cseq: 0,
             removing: false,
-            challenge: None,
             rounds: 0,
             failures: 0,
             last_class: None,
@@ -196,7 +181,7 @@ impl RegisterClient {
             || id.password != self.id.password
             || id.realm != self.id.realm
         {
-            self.challenge = None;
+            self.digest = DigestClient::new(&id.auth_user, &id.password, id.realm.as_deref());
         }
         self.expires = id.expires;
         self.id = id;
@@ -251,15 +236,7 @@ impl RegisterClient {
             instance = self.id.instance,
             ua = self.id.user_agent,
         ));
-        if let Some(c) = &mut self.challenge {
-            c.nc += 1;
-            c.answered = true;
-            let header = if c.proxy {
-                "Proxy-Authorization"
-            } else {
-                "Authorization"
-            };
-            let value = authorization(c, &self.id, rng);
+        if let Some((header, value)) = self.digest.answer("REGISTER", &self.id.request_uri, rng) {
             m.push_str(&format!("{header}: {value}\r\n"));
         }
         m.push_str("Content-Length: 0\r\n\r\n");
@@ -300,7 +277,7 @@ impl RegisterClient {
                 Ok(()) => {
                     self.rounds += 1;
                     if self.rounds > 3 {
-                        self.challenge = None;
+                        self.digest.forget();
                         self.fail(
                             FailureClass::AuthFailed,
                             Some(status),
@@ -371,7 +348,7 @@ impl RegisterClient {
         self.rounds = 0;
         if class == FailureClass::AuthFailed {
             // The next attempt starts afresh and answers the next challenge once.
-            self.challenge = None;
+            self.digest.forget();
         }
         let backoff = self.policy.delay(class, self.failures, rng);
         let retry_in = match retry_after {
@@ -413,49 +390,7 @@ impl RegisterClient {
     }
 
     fn take_challenge(&mut self, r: &Message, proxy: bool) -> Result<(), String> {
-        let name = if proxy {
-            HeaderName::ProxyAuthenticate
-        } else {
-            HeaderName::WwwAuthenticate
-        };
-        let offered = r
-            .auth_headers(&name)
-            .map_err(|e| format!("unreadable challenge: {e}"))?;
-        let mut best: Option<Challenge> = None;
-        for h in offered {
-            let Some(c) = read_challenge(&h, proxy) else {
-                continue;
-            };
-            if self.id.realm.as_ref().is_some_and(|want| *want != c.realm) {
-                continue;
-            }
-            let better = match &best {
-                None => true,
-                Some(b) => c.algorithm == Algorithm::Sha256 && b.algorithm == Algorithm::Md5,
-            };
-            if better {
-                best = Some(c);
-            }
-        }
-        let Some(new) = best else {
-            return Err(match &self.id.realm {
-                Some(realm) => {
-                    format!("no digest challenge for realm {realm:?} that we can answer")
-                }
-                None => "no digest challenge that we can answer".into(),
-            });
-        };
-        let stale = r.auth_headers(&name).ok().into_iter().flatten().any(|h| {
-            h.param("stale")
-                .is_some_and(|s| s.eq_ignore_ascii_case("true"))
-        });
-        if let Some(old) = &self.challenge {
-            if old.answered && old.realm == new.realm && old.proxy == new.proxy && !stale {
-                return Err("the provider refused our credentials".into());
-            }
-        }
-        self.challenge = Some(new);
-        Ok(())
+        self.digest.take_challenge(r, proxy)
     }
 }
 
@@ -477,83 +412,10 @@ fn same_uri(a: &str, b: &str) -> bool {
     strip(a) == strip(b)
 }
 
-fn read_challenge(h: &AuthHeader, proxy: bool) -> Option<Challenge> {
-    if !h.scheme.eq_ignore_ascii_case("Digest") {
-        return None;
-    }
-    let (name, sess) = match h.param("algorithm") {
-        None => ("MD5", false),
-        Some(a) => match a.len().checked_sub(5) {
-            Some(i) if a[i..].eq_ignore_ascii_case("-sess") => (&a[..i], true),
-            _ => (a, false),
-        },
-    };
-    let algorithm = Algorithm::parse(Some(name))?;
-    let qop = h.param("qop");
-    let qop_auth = qop.is_some_and(|q| q.split(',').any(|o| o.trim().eq_ignore_ascii_case("auth")));
-    if qop.is_some() && !qop_auth {
-        // auth-int only: we do not hash bodies.
-        return None;
-    }
-    // Values go back inside quotes: one that could end the quotes or the header line is
-    // a challenge we do not answer (a provider's, but still input).
-    let quotable =
-        |v: &str| v.len() <= 256 && !v.chars().any(|c| c == '"' || c == '\\' || c.is_control());
-    let (realm, nonce) = (h.param("realm")?, h.param("nonce")?);
-    let opaque = h.param("opaque");
-    if !quotable(realm) || !quotable(nonce) || opaque.is_some_and(|o| !quotable(o)) {
-        return None;
-    }
-    Some(Challenge {
-        proxy,
-        algorithm,
-        sess,
-        realm: realm.to_owned(),
-        nonce: nonce.to_owned(),
-        opaque: opaque.map(str::to_owned),
-        qop_auth,
-        nc: 0,
-        answered: false,
-    })
-}
-
-/// The Authorization value answering `c` (RFC 7616 §3.4).
-fn authorization(c: &Challenge, id: &Identity, rng: &mut impl Rng) -> String {
-    let cnonce = random_token(rng);
-    let mut ha1 = digest::ha1(c.algorithm, &id.auth_user, &c.realm, &id.password);
-    if c.sess {
-        ha1 = c.algorithm.hex_of(&[&ha1, ":", &c.nonce, ":", &cnonce]);
-    }
-    let qop = c.qop_auth.then_some(("auth", c.nc, cnonce.as_str()));
-    let response = digest::response(
-        c.algorithm,
-        &ha1,
-        &c.nonce,
-        qop,
-        "REGISTER",
-        &id.request_uri,
-    );
-    let algorithm = format!(
-        "{}{}",
-        c.algorithm.name(),
-        if c.sess { "-sess" } else { "" }
-    );
-    let mut v = format!(
-        "Digest username=\"{}\", realm=\"{}\", nonce=\"{}\", uri=\"{}\", response=\"{response}\", algorithm={algorithm}",
-        id.auth_user, c.realm, c.nonce, id.request_uri
-    );
-    if let Some(o) = &c.opaque {
-        v.push_str(&format!(", opaque=\"{o}\""));
-    }
-    if c.qop_auth || c.sess {
-        v.push_str(&format!(", qop=auth, nc={:08x}, cnonce=\"{cnonce}\"", c.nc));
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agents::auth::digest::{self, Algorithm};
     use rand::rngs::StdRng;
     use rand::SeedableRng;
 
