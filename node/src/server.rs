@@ -334,7 +334,7 @@ impl Node {
             stack.layer.clone(),
             stack.transports.clone(),
             own.clone(),
-            resolver,
+            resolver.clone(),
             registration_agent::Settings::from_config(&config.registration_agent),
             self.board.clone(),
         );
@@ -349,6 +349,7 @@ impl Node {
             own,
             &self.stats,
             &self.board,
+            &resolver,
         );
         self.drain.watch_calls(
             agents.dialogs.clone(),

@@ -7,14 +7,15 @@
 //! |---|---|
 //! | [`registrar`] | REGISTER (RFC 3261 §10.3) |
 //! | [`ProviderInbound`] | new requests from a provider to a contact the [`registration_agent`] registered: to the account it names, through the proxy |
+//! | [`app_server`] | local accounts' calls to numbers that are not accounts here: their dialplan, or out through their provider (a B2BUA), and the requests inside those calls |
 //! | [`proxy`] | every request for someone else, and requests inside dialogs (RFC 3261 §16) |
 //! | [`registration_agent`] | serves no request: keeps customers' provider accounts registered |
-//! | `app_server/` | not built yet: per-account dialplans |
 //! | `cdr/` | not built yet: call records |
 //!
 //! Agents sit above the stack and the cluster, never below: nothing in `stack/` or
 //! `cluster/` names an agent.
 
+pub mod app_server;
 pub mod auth;
 pub mod dispatcher;
 pub mod drain;
@@ -129,6 +130,7 @@ impl Agents {
         own: OwnAddrs,
         stats: &Arc<Stats>,
         board: &Arc<Board>,
+        resolver: &crate::stack::resolve::Resolver,
     ) -> Agents {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
@@ -158,6 +160,15 @@ impl Agents {
             proxy.clone(),
             own.clone(),
         )));
+        let app_server = Arc::new(app_server::AppServer::new(
+            cluster.clone(),
+            auth.clone(),
+            layer.clone(),
+            transports.clone(),
+            own.clone(),
+            resolver.clone(),
+            app_server::Settings::default(),
+        ));
         let registrar = Arc::new(Registrar::new(
             cluster.clone(),
             overlay.clone(),
@@ -170,9 +181,9 @@ impl Agents {
             proxy: proxy.clone(),
         });
         let dialogs = proxy.dialogs.clone();
-        // REGISTER and calls from providers before the proxy: the proxy takes every
-        // request for someone else.
-        let serving: Vec<Arc<dyn Agent>> = vec![registrar, inbound, proxy];
+        // REGISTER, calls from providers and calls out through them before the proxy:
+        // the proxy takes every request for someone else.
+        let serving: Vec<Arc<dyn Agent>> = vec![registrar, inbound, app_server, proxy];
         Agents {
             serving: serving.into(),
             dialogs,

@@ -25,6 +25,7 @@ use crate::agents::drain::Drain;
 use crate::agents::location::overlay::BindingOverlay;
 use crate::agents::registration_agent::Board;
 
+mod dialplans;
 mod providers;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
@@ -900,6 +901,19 @@ pub fn serve(
         .and(warp::get())
         .and(authorized.clone())
         .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
+    let dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|d: String, u: String, a: Arc<Admin>| answer(a.get_dialplan(&d, &u)));
+    let put_dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|d, u, a: Arc<Admin>, b| async move { answer(a.put_dialplan(d, u, b).await) });
+    let delete_dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_dialplan(d, u).await) });
     let drain_state = warp::path!("v1" / "node" / "drain")
         .and(warp::get())
         .and(authorized.clone())
@@ -964,6 +978,9 @@ pub fn serve(
         put_account.boxed(),
         delete_account.boxed(),
         bindings.boxed(),
+        dialplan.boxed(),
+        put_dialplan.boxed(),
+        delete_dialplan.boxed(),
         drain_state.boxed(),
         start_drain.boxed(),
         providers.boxed(),

@@ -1,0 +1,344 @@
+//! The app server against a real provider: a standalone `tandem` node plays the provider
+//! (its domain `provider.test`, where our provider account `u0` and the "telephone
+//! number" `0301234` are accounts, the number's phone a test UA registered there). A
+//! local account calls the number at its own domain; the app server challenges it, runs
+//! its dialplan or the default route, and places its own call through the provider,
+//! answering the provider's 407 with the provider account's credentials.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::ua::{Received, Ua};
+use tandem_failover_tests::{Deadline, Node, Wait};
+
+/// The provider: a standalone node serving `provider.test`.
+struct Provider {
+    node: Node,
+    token: String,
+}
+
+impl Provider {
+    fn start() -> Provider {
+        let node = Node::start_ready("");
+        let token = node.admin_token();
+        let p = Provider { node, token };
+        add_account(p.node.admin_addr(), &p.token, "u0", "provider.test", "pw0");
+        add_account(
+            p.node.admin_addr(),
+            &p.token,
+            "0301234",
+            "provider.test",
+            "pw-num",
+        );
+        p
+    }
+
+    /// The number's phone, registered at the provider.
+    fn phone(&self) -> Ua {
+        let mut ua = Ua::new("127.0.0.1", "0301234", "provider.test", "pw-num");
+        let contact = ua.contact();
+        let r = ua.register(
+            self.node.udp_addr(),
+            "MD5",
+            Some(&format!("<{contact}>")),
+            Some(600),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+        ua
+    }
+}
+
+/// A cluster of one with customer c1, account alice@example.com and the provider account
+/// p0 (u0 at the provider, through its address as outbound proxy).
+fn form(provider: &Provider) -> Cluster {
+    let cluster = Cluster::form(&[MemberRole::Full], "");
+    Wait::new("feature version 1", Duration::from_secs(15))
+        .showing(&cluster)
+        .until(|| {
+            cluster
+                .member(1)
+                .status()
+                .is_some_and(|s| s["feature_version"].as_u64() >= Some(1))
+        });
+    let m = cluster.member(1);
+    assert_eq!(m.put_customer("c1"), Some(200));
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let a = http(
+        m.admin_addr,
+        Some(token.trim()),
+        "PUT",
+        "/v1/accounts/example.com/alice",
+        Some(r#"{"password":"pw-alice","customer":"c1"}"#),
+    )
+    .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
+            "username":"u0","password":"pw0","expires_secs":600}}"#,
+        provider.node.udp_addr()
+    );
+    let p = m
+        .request("PUT", "/v1/providers/c1/p0", Some(&body))
+        .unwrap();
+    assert_eq!(p.status, 201, "{}", p.body);
+    cluster
+}
+
+fn alice() -> Ua {
+    Ua::new("127.0.0.1", "alice", "example.com", "pw-alice")
+}
+
+fn put_dialplan(cluster: &Cluster, script: &str) -> (u16, Value) {
+    let body = serde_json::json!({ "script": script }).to_string();
+    let a = cluster
+        .member(1)
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/alice/dialplan",
+            Some(&body),
+        )
+        .unwrap();
+    (a.status, a.json())
+}
+
+/// The phone at the provider answers the next INVITE with `status`, after a 180.
+fn answer_next(phone: &Ua, status: u16, reason: &str) -> Received {
+    let invite = phone.expect_request("INVITE", Duration::from_secs(20));
+    phone.respond(&invite, 180, "Ringing", "");
+    let contact = phone.contact();
+    phone.respond(
+        &invite,
+        status,
+        reason,
+        &format!("Contact: <{contact}>\r\n"),
+    );
+    if status >= 300 {
+        phone.expect_request("ACK", Duration::from_secs(5));
+    }
+    invite
+}
+
+#[test]
+fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = answer_next(phone, 200, "OK");
+            // The provider saw our provider account calling, authenticated.
+            assert!(
+                invite.text.contains("sip:u0@provider.test"),
+                "{}",
+                invite.text
+            );
+            let ack = phone.expect_request("ACK", Duration::from_secs(10));
+            assert!(ack.text.contains("Call-ID:"), "{}", ack.text);
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+            invite
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "out-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let contact = ok.header("Contact").unwrap();
+        assert!(
+            contact.contains("tdb-"),
+            "the app server answers itself: {contact}"
+        );
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let bye_ok = alice.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+        let invite = callee.join().unwrap();
+        // A call of the app server's own: not the caller's Call-ID.
+        assert_ne!(invite.header("Call-ID").as_deref(), Some("out-1"));
+    });
+}
+
+#[test]
+fn nobody_but_an_authenticated_local_account_makes_it_dial() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+
+    // No credentials, wrong credentials, a foreign caller, a forged call token.
+    let probe = |from: &str, target: &str, auth: &str| -> u16 {
+        let ua = Ua::new("127.0.0.1", "x", "elsewhere.test", "x");
+        let local = ua.local();
+        let text = format!(
+            "INVITE {target} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-probe{};rport\r\n\
+             From: <{from}>;tag=p1\r\nTo: <{target}>\r\nCall-ID: probe-{}\r\nCSeq: 1 INVITE\r\n\
+             Max-Forwards: 70\r\nContact: <sip:x@{local}>\r\n{auth}Content-Length: 0\r\n\r\n",
+            local.port(),
+            local.port(),
+        );
+        ua.socket.send_to(text.as_bytes(), node).unwrap();
+        loop {
+            let r = ua.expect_response("INVITE", Duration::from_secs(10));
+            let status = r.status().unwrap();
+            if status >= 200 {
+                return status;
+            }
+        }
+    };
+    assert_eq!(
+        probe("sip:alice@example.com", "sip:0301234@example.com", ""),
+        407,
+        "no credentials"
+    );
+    let forged = "Proxy-Authorization: Digest username=\"alice\", realm=\"example.com\", \
+                  nonce=\"0000\", uri=\"sip:0301234@example.com\", response=\"00000000000000000000000000000000\"\r\n";
+    assert!(
+        [403, 407].contains(&probe(
+            "sip:alice@example.com",
+            "sip:0301234@example.com",
+            forged
+        )),
+        "forged credentials"
+    );
+    assert_eq!(
+        probe("sip:evil@elsewhere.test", "sip:0301234@provider.test", ""),
+        403,
+        "a caller from a domain not served here"
+    );
+    let bye = |token: &str| {
+        let ua = Ua::new("127.0.0.1", "x", "elsewhere.test", "x");
+        let local = ua.local();
+        let text = format!(
+            "BYE sip:tdb-{token}a@{node} SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-bye{};rport\r\n\
+             From: <sip:x@elsewhere.test>;tag=p1\r\nTo: <sip:y@example.com>;tag=p2\r\nCall-ID: forged\r\n\
+             CSeq: 2 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n",
+            local.port()
+        );
+        ua.socket.send_to(text.as_bytes(), node).unwrap();
+        ua.expect_response("BYE", Duration::from_secs(10))
+            .status()
+            .unwrap()
+    };
+    assert_eq!(bye(&"0".repeat(32)), 481, "a call token nobody was given");
+
+    // None of that reached the provider: the first INVITE the number's phone sees is
+    // the genuine call placed now.
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || answer_next(phone, 486, "Busy Here"));
+        let r = alice.invite(node, "sip:0301234@example.com", "genuine-1", &mut |_, _| {});
+        assert_eq!(r.status(), Some(486), "{}", r.text);
+        let seen = callee.join().unwrap();
+        assert!(seen.text.contains("u0@provider.test"), "{}", seen.text);
+    });
+}
+
+#[test]
+fn the_dialplan_routes_refuses_and_fails_cleanly() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+
+    // A script that does not compile is refused with where the error is.
+    let (code, json) = put_dialplan(&cluster, "let x = 1;\nlet y = ;");
+    assert_eq!(code, 400, "{json}");
+    assert!(json["error"].as_str().unwrap().contains("line 2"), "{json}");
+
+    let (code, json) = put_dialplan(
+        &cluster,
+        r#"
+        if invite.user.starts_with("0900") { respond(403, "Premium Numbers Blocked"); }
+        log(`calling ${invite.user}`);
+        dial("0301234@nope | " + invite.user + "@p0/20");
+        "#,
+    );
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    let r = alice.invite(
+        node,
+        "sip:09001234@example.com",
+        "premium-1",
+        &mut |_, _| {},
+    );
+    assert_eq!(r.status(), Some(403), "{}", r.text);
+    assert!(r.text.contains("Premium Numbers Blocked"), "{}", r.text);
+
+    // The first target names no provider; the serial group goes on to p0.
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "planned-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(
+            alice
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
+            Some(200)
+        );
+        callee.join().unwrap();
+    });
+
+    // A script that never ends: the caller gets a clean 500 naming the dialplan, well
+    // within a second of script time.
+    let (code, json) = put_dialplan(&cluster, "loop { }");
+    assert_eq!(code, 200, "{json}");
+    let started = Deadline::after(Duration::ZERO);
+    let r = alice.invite(node, "sip:0301234@example.com", "loop-1", &mut |_, _| {});
+    let took = started.elapsed();
+    assert_eq!(r.status(), Some(500), "{}", r.text);
+    let reason = r.header("Reason").unwrap_or_default();
+    assert!(reason.contains("dialplan"), "{}", r.text);
+    eprintln!("an endless dialplan was answered in {took:?}: {reason}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // Deleting the dialplan brings back the default route.
+    let d = cluster
+        .member(1)
+        .request("DELETE", "/v1/accounts/example.com/alice/dialplan", None)
+        .unwrap();
+    assert_eq!(d.status, 200, "{}", d.body);
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || answer_next(phone, 486, "Busy Here"));
+        let r = alice.invite(node, "sip:0301234@example.com", "default-1", &mut |_, _| {});
+        assert_eq!(r.status(), Some(486), "{}", r.text);
+        callee.join().unwrap();
+    });
+}
+
+#[test]
+fn the_callers_cancel_reaches_the_number_and_ends_in_487() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = phone.expect_request("INVITE", Duration::from_secs(20));
+            phone.respond(&invite, 180, "Ringing", "");
+            let cancel = phone.expect_request("CANCEL", Duration::from_secs(20));
+            phone.respond(&cancel, 200, "OK", "");
+            phone.respond(&invite, 487, "Request Terminated", "");
+            phone.expect_request("ACK", Duration::from_secs(5));
+        });
+        let target = "sip:0301234@example.com";
+        let r = alice.invite(node, target, "cancel-1", &mut |ua, _| {
+            // The second INVITE (after the 407) is attempt 1.
+            ua.cancel(node, target, "cancel-1", 1);
+        });
+        assert_eq!(r.status(), Some(487), "{}", r.text);
+        callee.join().unwrap();
+    });
+}

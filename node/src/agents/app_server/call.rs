@@ -1,0 +1,547 @@
+//! One back-to-back call, on a task of its own: the caller's INVITE authenticated, the
+//! account's dialplan run (or the default route), its dials carried out, the caller told
+//! of ringing and of the answer, and once connected every request inside the call relayed
+//! from one leg to the other until a BYE ends it.
+//!
+//! The dialplan runs on a blocking thread (`dialplan` waits in `dial()`); its dials come
+//! here over a channel, and this task answers each with the outcome. A dial that answers
+//! connects the caller here, before the script hears of it, so the answer never waits
+//! for the script.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tandem_dialplan::{Call as Facts, DialOutcome, DialRequest, Ending, Host, Run};
+use tandem_raft_store::command::Account;
+use tandem_sip::{HeaderName, Message, Method};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::dialog::{value, Leg};
+use super::legs::{exec, DialContext, Dialled};
+use super::{contact_on, via_on, AppServer, InDialog, Side};
+use crate::agents::auth::{Authenticated, Challenge};
+use crate::agents::Refusal;
+use crate::stack::transaction::{ClientEvent, TxId};
+use crate::stack::transport::Flow;
+
+/// How long the caller has to ACK our 2xx before the call is ended (64 × T1).
+const ACK_WAIT: Duration = Duration::from_secs(32);
+/// How long a request relayed inside a call may wait for its answer.
+const RELAY_WAIT: Duration = Duration::from_secs(32);
+
+/// What the call is dialling now, and who waits for the outcome.
+type Dialling = (
+    std::pin::Pin<Box<dyn std::future::Future<Output = Dialled> + Send>>,
+    Option<oneshot::Sender<DialOutcome>>,
+);
+
+/// The dialplan's way to dial: hand the request to the call's task and wait.
+struct BlockingHost {
+    dials: mpsc::UnboundedSender<(DialRequest, oneshot::Sender<DialOutcome>)>,
+}
+
+impl Host for BlockingHost {
+    fn dial(&self, request: DialRequest) -> DialOutcome {
+        let (tx, rx) = oneshot::channel();
+        if self.dials.send((request, tx)).is_err() {
+            return DialOutcome::CallerGone;
+        }
+        rx.blocking_recv().unwrap_or(DialOutcome::CallerGone)
+    }
+}
+
+struct Call {
+    app: Arc<AppServer>,
+    token: String,
+    invite: Message,
+    a_tx: TxId,
+    a: Leg,
+    b: Option<Leg>,
+    /// The 2xx the caller has not ACKed yet.
+    unacked: Option<Message>,
+    caller_gone: bool,
+    answered: bool,
+}
+
+/// Serves a new INVITE the app server took, to its end.
+pub async fn run(
+    app: Arc<AppServer>,
+    invite: Message,
+    flow: Flow,
+    tx: TxId,
+    cancelled: CancellationToken,
+    token: String,
+    mut inbox: mpsc::UnboundedReceiver<InDialog>,
+) {
+    let account = match authenticate(&app, &invite, &flow) {
+        Ok(a) => a,
+        Err(refusal) => {
+            app.layer.respond_stateless(tx, refusal.response(&invite));
+            return;
+        }
+    };
+    let mut trying = Message::response_to(&invite, 100, "Trying");
+    crate::stack::responses::stamp(&mut trying);
+    app.layer.respond(tx, trying);
+    let our_tag = format!("{:016x}", rand::thread_rng().gen::<u64>());
+    let a = Leg::from_invite(
+        &invite,
+        &our_tag,
+        contact_on(&app.own, &flow, &token, 'a'),
+        flow,
+    );
+    let mut call = Call {
+        app: app.clone(),
+        token,
+        invite,
+        a_tx: tx,
+        a,
+        b: None,
+        unacked: None,
+        caller_gone: false,
+        answered: false,
+    };
+    let aor = format!("{}@{}", account.user, account.domain);
+    let result = call.route(&account, &aor, &cancelled).await;
+    if !call.answered {
+        if !call.caller_gone {
+            call.fail(result);
+        }
+        return;
+    }
+    call.bridge(&mut inbox).await;
+}
+
+fn authenticate(app: &AppServer, invite: &Message, flow: &Flow) -> Result<Arc<Account>, Refusal> {
+    let from = invite
+        .from()
+        .ok()
+        .and_then(|f| f.uri.as_sip().cloned())
+        .ok_or_else(|| Refusal::new(403, "Forbidden (relaying denied)"))?;
+    let domain = from.host.canonical();
+    let user = from.user_unescaped().unwrap_or_default().into_owned();
+    match app
+        .auth
+        .authenticate(invite, flow.remote.ip(), &user, &domain, Challenge::Proxy)
+    {
+        Authenticated::Account(a) => Ok(a),
+        Authenticated::Refused(r) => Err(r),
+    }
+}
+
+impl Call {
+    /// Runs the dialplan (or the default route) until the call is connected or refused;
+    /// `Err` is the refusal for the caller.
+    async fn route(
+        &mut self,
+        account: &Account,
+        aor: &str,
+        cancelled: &CancellationToken,
+    ) -> Result<(), Refusal> {
+        let reader = self.app.cluster.replica.reader();
+        let script = reader
+            .dialplan(aor)
+            .ok()
+            .flatten()
+            .filter(|d| !d.script.trim().is_empty());
+        let user = self
+            .invite
+            .uri()
+            .and_then(|u| u.as_sip())
+            .and_then(|u| u.user_unescaped())
+            .map(|u| u.into_owned())
+            .unwrap_or_default();
+        let (prov_tx, mut prov_rx) = mpsc::unbounded_channel();
+        let ctx = DialContext {
+            app: self.app.clone(),
+            customer: account.customer.clone(),
+            token: self.token.clone(),
+            content_type: value(&self.invite, &HeaderName::ContentType),
+            body: Bytes::copy_from_slice(self.invite.body()),
+            extra: String::new(),
+            caller_id: None,
+            provisional: prov_tx,
+            ring_for: self.app.settings.ring_for,
+        };
+        let dial_cancel = cancelled.child_token();
+        let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
+        let mut current: Option<Dialling> = None;
+        let mut run: Option<tokio::task::JoinHandle<Run>> = None;
+        match script {
+            Some(d) => {
+                let compiled = self.app.sandbox.compile(&d.script).map_err(|e| {
+                    tracing::warn!(account = aor, error = %e, "dialplan: the saved script does not compile");
+                    dialplan_refusal(&e.to_string())
+                })?;
+                let facts = facts(&self.invite, &self.a.flow, aor, account);
+                let sandbox = self.app.sandbox.clone();
+                let host: Arc<dyn Host> = Arc::new(BlockingHost { dials: dial_tx });
+                run = Some(tokio::task::spawn_blocking(move || {
+                    sandbox.run(&compiled, facts, host)
+                }));
+            }
+            None => {
+                let spec = default_spec(&self.app, &account.customer, &user)?;
+                let parsed = tandem_dialplan::spec::parse(&spec)
+                    .map_err(|_| Refusal::new(484, "Address Incomplete"))?;
+                current = Some((exec(ctx.clone(), parsed, dial_cancel.child_token()), None));
+                drop(dial_tx);
+            }
+        }
+        let mut last: Option<DialOutcome>;
+        loop {
+            tokio::select! {
+                Some(p) = prov_rx.recv() => self.provisional(p),
+                _ = dial_cancel.cancelled(), if !self.caller_gone => {
+                    self.caller_gone = true;
+                    self.respond_a(487, "Request Terminated", None);
+                }
+                done = async { current.as_mut().expect("guarded").0.as_mut().await }, if current.is_some() => {
+                    let (_, reply) = current.take().expect("guarded");
+                    let outcome = match done {
+                        Dialled::Answered { leg, answer, target } => {
+                            self.connect(*leg, &answer);
+                            DialOutcome::Answered { target }
+                        }
+                        Dialled::Failed(o) => o,
+                    };
+                    last = Some(outcome.clone());
+                    match reply {
+                        Some(r) => { let _ = r.send(outcome); }
+                        None => break,
+                    }
+                }
+                Some((request, reply)) = dial_rx.recv(), if current.is_none() => {
+                    if self.caller_gone || self.answered {
+                        let _ = reply.send(if self.answered { DialOutcome::Failed { code: 409, reason: "the call is already answered".into() } } else { DialOutcome::CallerGone });
+                        continue;
+                    }
+                    let mut leg_ctx = ctx.clone();
+                    leg_ctx.extra = request
+                        .headers
+                        .iter()
+                        .map(|(n, v)| format!("{n}: {v}\r\n"))
+                        .collect();
+                    leg_ctx.caller_id = request.caller_id.map(|c| (c.number, c.name));
+                    tracing::info!(account = aor, spec = %request.text, "dialplan: dial");
+                    current = Some((exec(leg_ctx, request.spec, dial_cancel.child_token()), Some(reply)));
+                }
+                finished = async { run.as_mut().expect("guarded").await }, if run.is_some() && current.is_none() => {
+                    let finished = finished.map_err(|_| dialplan_refusal("the run stopped"))?;
+                    for line in &finished.trace {
+                        tracing::info!(account = aor, "dialplan: {line}");
+                    }
+                    return match finished.result {
+                        Ok(Ending::Connected { .. }) | Ok(Ending::CallerGone) => Ok(()),
+                        Ok(Ending::Responded { code, reason }) => Err(Refusal::new(code, if reason.is_empty() { default_reason(code).to_owned() } else { reason })),
+                        Ok(Ending::Ended { last_dial }) => Err(refusal_for(last_dial.as_ref())),
+                        Err(tandem_dialplan::Error::Busy { .. } | tandem_dialplan::Error::NodeBusy { .. }) => {
+                            let mut r = Refusal::new(503, "Service Unavailable (too many dialplan runs at once)");
+                            r.headers.push((HeaderName::RetryAfter, "5".into()));
+                            Err(r)
+                        }
+                        Err(e) => {
+                            tracing::warn!(account = aor, error = %e, "dialplan: the run failed");
+                            Err(dialplan_refusal(&e.to_string()))
+                        }
+                    };
+                }
+            }
+        }
+        // The default route ended.
+        if self.answered {
+            Ok(())
+        } else {
+            Err(refusal_for(last.as_ref()))
+        }
+    }
+
+    /// Tells the caller the callee rings (18x), with its session description if any.
+    fn provisional(&mut self, p: Message) {
+        if self.answered || self.caller_gone {
+            return;
+        }
+        let status = p.status().unwrap_or(180);
+        let reason = String::from_utf8_lossy(p.reason().unwrap_or_default()).into_owned();
+        self.respond_a(status, &reason, Some(&p));
+    }
+
+    /// A final or provisional response to the caller's INVITE, carrying `from`'s body.
+    fn respond_a(&mut self, status: u16, reason: &str, from: Option<&Message>) {
+        let mut r = Message::response_to(&self.invite, status, reason);
+        let tag = self.a.local.rsplit_once(";tag=").map(|(_, t)| t.to_owned());
+        if status > 100 {
+            if let Some(tag) = tag {
+                let _ = r.add_to_tag(&tag);
+            }
+        }
+        if (101..300).contains(&status) {
+            r.push_header(HeaderName::Contact, format!("<{}>", self.a.contact));
+        }
+        if let Some(m) = from {
+            copy_body(m, &mut r);
+        }
+        crate::stack::responses::stamp(&mut r);
+        if (200..300).contains(&status) {
+            self.unacked = Some(r.clone());
+        }
+        self.app.layer.respond(self.a_tx, r);
+    }
+
+    /// The dialled leg answered: the caller gets the 2xx with its session description.
+    fn connect(&mut self, leg: Leg, answer: &Message) {
+        self.b = Some(leg);
+        self.answered = true;
+        self.respond_a(200, "OK", Some(answer));
+    }
+
+    /// The call ends before it was connected: the caller gets `result`'s refusal.
+    fn fail(&mut self, result: Result<(), Refusal>) {
+        let refusal = result
+            .err()
+            .unwrap_or_else(|| Refusal::new(500, "Server Internal Error"));
+        let mut r = refusal.response(&self.invite);
+        if let Some((_, tag)) = self.a.local.rsplit_once(";tag=") {
+            let _ = r.add_to_tag(tag);
+        }
+        crate::stack::responses::stamp(&mut r);
+        self.app.layer.respond(self.a_tx, r);
+    }
+
+    /// Relays requests between the legs until a BYE.
+    async fn bridge(&mut self, inbox: &mut mpsc::UnboundedReceiver<InDialog>) {
+        let mut resend = Duration::from_millis(500);
+        let mut next_resend = Instant::now() + resend;
+        let ack_by = Instant::now() + ACK_WAIT;
+        loop {
+            tokio::select! {
+                got = inbox.recv() => {
+                    let Some(d) = got else { return };
+                    if self.relay(d).await {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep_until(next_resend), if self.unacked.is_some() => {
+                    if Instant::now() >= ack_by {
+                        tracing::info!(call = %self.token, "app server: the caller never ACKed the answer; ending the call");
+                        self.end_both().await;
+                        return;
+                    }
+                    if self.a.flow.transport == crate::stack::transport::TransportKind::Udp {
+                        if let Some(r) = self.unacked.clone() {
+                            self.app.layer.respond(self.a_tx, r);
+                        }
+                    }
+                    resend = (resend * 2).min(Duration::from_secs(4));
+                    next_resend = Instant::now() + resend;
+                }
+            }
+        }
+    }
+
+    /// Relays one request from a leg to the other; true once the call has ended.
+    async fn relay(&mut self, d: InDialog) -> bool {
+        let Some(method) = d.request.method().cloned() else {
+            return false;
+        };
+        if method == Method::Ack {
+            if d.side == Side::A {
+                self.unacked = None;
+            }
+            return false;
+        }
+        let Some(mut b) = self.b.take() else {
+            return false;
+        };
+        let (src, dst) = match d.side {
+            Side::A => (&mut self.a, &mut b),
+            Side::B => (&mut b, &mut self.a),
+        };
+        if matches!(method, Method::Invite | Method::Update) {
+            src.refresh_target(&d.request);
+        }
+        let flow = dst.flow;
+        let via = via_on(&self.app.own, &flow);
+        let extra: String = value(&d.request, &HeaderName::from("Reason"))
+            .map(|v| format!("Reason: {v}\r\n"))
+            .unwrap_or_default();
+        let ctype = value(&d.request, &HeaderName::ContentType);
+        let out = dst.request(&method, &via, &extra, ctype.as_deref(), d.request.body());
+        let seq = dst.local_cseq;
+        let mut events = self.app.layer.send_request(out, flow);
+        let answer = tokio::time::timeout(RELAY_WAIT, async {
+            while let Some(e) = events.recv().await {
+                match e {
+                    ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Some(*r),
+                    ClientEvent::Response(_) => {}
+                    _ => return None,
+                }
+            }
+            None
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some(r) = &answer {
+            let ok = (200..300).contains(&r.status().unwrap_or(0));
+            if method == Method::Invite && ok {
+                dst.refresh_target(r);
+                let ack = dst.ack(seq, &via_on(&self.app.own, &flow));
+                let _ = self.app.layer.send_request(ack, flow);
+            }
+        }
+        let contact = src.contact.clone();
+        self.b = Some(b);
+        if let Some(tx) = d.tx {
+            let (status, reason) = match &answer {
+                Some(r) => (
+                    r.status().unwrap_or(500),
+                    String::from_utf8_lossy(r.reason().unwrap_or_default()).into_owned(),
+                ),
+                // A BYE ends the call whether or not the other side answered it.
+                None if method == Method::Bye => (200, "OK".to_owned()),
+                None => (408, "Request Timeout".to_owned()),
+            };
+            let mut response = Message::response_to(&d.request, status, &reason);
+            if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&status) {
+                response.push_header(HeaderName::Contact, format!("<{contact}>"));
+            }
+            if let Some(r) = &answer {
+                copy_body(r, &mut response);
+            }
+            crate::stack::responses::stamp(&mut response);
+            self.app.layer.respond(tx, response);
+        }
+        method == Method::Bye
+    }
+
+    /// Sends BYE on both legs (the caller never ACKed, or the node gives up the call).
+    async fn end_both(&mut self) {
+        for leg in [Some(&mut self.a), self.b.as_mut()].into_iter().flatten() {
+            let flow = leg.flow;
+            let bye = leg.request(&Method::Bye, &via_on(&self.app.own, &flow), "", None, b"");
+            let _ = self.app.layer.send_request(bye, flow);
+        }
+    }
+}
+
+/// Copies the body and its Content-Type from `from` to `to`.
+fn copy_body(from: &Message, to: &mut Message) {
+    if from.body().is_empty() {
+        return;
+    }
+    if let Some(t) = value(from, &HeaderName::ContentType) {
+        to.set_header(HeaderName::ContentType, t);
+    }
+    to.set_body(Bytes::copy_from_slice(from.body()));
+}
+
+/// The route of a call without a dialplan: the number dialled through the customer's
+/// provider, if it has exactly one enabled provider account.
+fn default_spec(app: &AppServer, customer: &str, user: &str) -> Result<String, Refusal> {
+    let providers: Vec<String> = app
+        .cluster
+        .replica
+        .reader()
+        .provider_accounts()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.customer == customer && p.enabled)
+        .map(|p| p.name)
+        .collect();
+    match &providers[..] {
+        [one] if !user.is_empty() => Ok(format!("{user}@{one}")),
+        [] => Err(Refusal::new(
+            404,
+            "Not Found (no dialplan, and the customer has no provider account to call out through)",
+        )),
+        _ => Err(Refusal::new(
+            404,
+            "Not Found (no dialplan, and the customer has several provider accounts: a dialplan must choose)",
+        )),
+    }
+}
+
+/// What the caller hears when the last dial of a route failed.
+fn refusal_for(last: Option<&DialOutcome>) -> Refusal {
+    match last {
+        None => Refusal::new(404, "Not Found (the dialplan dialled nothing)"),
+        Some(DialOutcome::Busy { code, reason }) => Refusal::new(*code, reason.clone()),
+        Some(DialOutcome::NoAnswer) => Refusal::new(480, "Temporarily Unavailable (no answer)"),
+        Some(DialOutcome::Failed { code, reason }) if (300..700).contains(code) => {
+            Refusal::new(*code, reason.clone())
+        }
+        Some(_) => Refusal::new(500, "Server Internal Error"),
+    }
+}
+
+/// 500 with a Reason header naming the dialplan's failure (RFC 3326).
+fn dialplan_refusal(why: &str) -> Refusal {
+    let text: String = why
+        .chars()
+        .filter(|c| !c.is_control() && *c != '"' && *c != '\\')
+        .take(120)
+        .collect();
+    let mut r = Refusal::new(500, "Server Internal Error (dialplan failed)");
+    r.headers.push((
+        HeaderName::from("Reason"),
+        format!("SIP;cause=500;text=\"dialplan: {text}\""),
+    ));
+    r
+}
+
+fn default_reason(code: u16) -> &'static str {
+    match code {
+        403 => "Forbidden",
+        404 => "Not Found",
+        480 => "Temporarily Unavailable",
+        486 => "Busy Here",
+        503 => "Service Unavailable",
+        603 => "Decline",
+        _ => "Refused",
+    }
+}
+
+/// The facts a dialplan reads about this call.
+fn facts(invite: &Message, flow: &Flow, aor: &str, account: &Account) -> Facts {
+    let uri = invite.uri().and_then(|u| u.as_sip());
+    let from = invite.from().ok();
+    let to = invite.to().ok();
+    let user_of = |n: Option<&tandem_sip::NameAddr>| {
+        n.and_then(|n| n.uri.as_sip())
+            .and_then(|u| u.user_unescaped())
+            .map(|u| u.into_owned())
+            .unwrap_or_default()
+    };
+    Facts {
+        from: from.map(|f| f.uri.to_string()).unwrap_or_default(),
+        from_user: user_of(from),
+        from_name: from.and_then(|f| f.display.clone()).unwrap_or_default(),
+        to: to.map(|t| t.uri.to_string()).unwrap_or_default(),
+        to_user: user_of(to),
+        ruri: invite.uri().map(|u| u.to_string()).unwrap_or_default(),
+        user: uri
+            .and_then(|u| u.user_unescaped())
+            .map(|u| u.into_owned())
+            .unwrap_or_default(),
+        host: uri.map(|u| u.host.to_string()).unwrap_or_default(),
+        source: flow.remote.to_string(),
+        source_ip: flow.remote.ip().to_string(),
+        account: aor.to_owned(),
+        customer: account.customer.clone(),
+        direction: "outbound".into(),
+        headers: invite
+            .headers()
+            .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
+            .collect(),
+        time_zone: String::new(),
+        now_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    }
+}

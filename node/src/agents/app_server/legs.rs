@@ -1,0 +1,597 @@
+//! Legs the app server dials, and dial specs carried out over them. A leg is one INVITE
+//! client of ours, on a task of its own: it sends the INVITE, answers the callee side's
+//! 401/407 with the provider account's credentials, reports provisional responses, and
+//! ends with the callee's answer (ACKed at once) or a failure. A leg that is cancelled
+//! sends CANCEL and reports at once; it stays to ACK and BYE a 2xx that crosses the
+//! CANCEL, so no call is left up that nobody bridges.
+//!
+//! A spec is carried out as its grammar says (dialplan/src/spec.rs): a parallel group
+//! starts every member and takes the first answer, cancelling the rest; a serial group
+//! tries its members in turn; a ringing time bounds its leg or group.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tandem_dialplan::{DialOutcome, DialSpec, Mode, Target};
+use tandem_raft_store::command::ProviderAccount;
+use tandem_sip::{HeaderName, Message, Method, SipUri, Uri};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::dialog::Leg;
+use super::AppServer;
+use crate::agents::auth::answer::DigestClient;
+use crate::stack::transaction::ClientEvent;
+use crate::stack::transport::{Flow, TransportKind};
+
+/// How long a target may stay silent (not even a 100) before the next one is tried.
+const FIRST_ANSWER_WAIT: Duration = Duration::from_secs(4);
+/// How long a cancelled leg waits for the final answer that may still be a 2xx.
+const CANCEL_LINGER: Duration = Duration::from_secs(32);
+/// Challenges answered per leg before its credentials count as refused.
+const MAX_CHALLENGES: u32 = 2;
+
+/// What every leg of one dial shares.
+#[derive(Clone)]
+pub struct DialContext {
+    pub app: Arc<AppServer>,
+    /// The customer whose providers the legs may use.
+    pub customer: String,
+    /// The call's token: our Contact on the dialled side is `tdb-<token>b`.
+    pub token: String,
+    /// The caller's session description, passed through unchanged.
+    pub content_type: Option<String>,
+    pub body: Bytes,
+    /// Extra header lines for every leg (from the dialplan), each ending in CRLF.
+    pub extra: String,
+    /// A caller ID the dialplan set: number and display name.
+    pub caller_id: Option<(String, Option<String>)>,
+    /// Where legs report provisional responses, for the caller.
+    pub provisional: mpsc::UnboundedSender<Message>,
+    /// The default ringing time of a leg without one.
+    pub ring_for: Duration,
+}
+
+/// How a leg or a group ended.
+pub enum Dialled {
+    /// Answered: the dialled leg's dialog, the 2xx, and what was dialled.
+    Answered {
+        leg: Box<Leg>,
+        answer: Box<Message>,
+        target: String,
+    },
+    Failed(DialOutcome),
+}
+
+/// Carries out `spec`, stopping (and cancelling what rings) when `cancel` fires.
+pub fn exec(
+    ctx: DialContext,
+    spec: DialSpec,
+    cancel: CancellationToken,
+) -> Pin<Box<dyn Future<Output = Dialled> + Send>> {
+    Box::pin(async move {
+        match spec {
+            DialSpec::Leg {
+                target,
+                timeout_secs,
+            } => {
+                let ring = timeout_secs
+                    .map(|s| Duration::from_secs(u64::from(s)))
+                    .unwrap_or(ctx.ring_for);
+                dial_leg(&ctx, &target, Instant::now() + ring, cancel).await
+            }
+            DialSpec::Group {
+                mode,
+                members,
+                timeout_secs,
+            } => {
+                let group = async {
+                    match mode {
+                        Mode::Serial => serial(&ctx, members, &cancel).await,
+                        Mode::Parallel => parallel(&ctx, members, &cancel).await,
+                    }
+                };
+                match timeout_secs {
+                    None => group.await,
+                    Some(s) => {
+                        match tokio::time::timeout(Duration::from_secs(u64::from(s)), group).await {
+                            Ok(d) => d,
+                            Err(_) => {
+                                cancel.cancel();
+                                Dialled::Failed(DialOutcome::NoAnswer)
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+async fn serial(ctx: &DialContext, members: Vec<DialSpec>, cancel: &CancellationToken) -> Dialled {
+    let mut failures = Vec::new();
+    for m in members {
+        if cancel.is_cancelled() {
+            break;
+        }
+        match exec(ctx.clone(), m, cancel.child_token()).await {
+            a @ Dialled::Answered { .. } => return a,
+            Dialled::Failed(o) => {
+                let stop = matches!(
+                    o,
+                    DialOutcome::Failed {
+                        code: 600..=699,
+                        ..
+                    }
+                );
+                failures.push(o);
+                if stop {
+                    break;
+                }
+            }
+        }
+    }
+    Dialled::Failed(best_failure(failures))
+}
+
+async fn parallel(
+    ctx: &DialContext,
+    members: Vec<DialSpec>,
+    cancel: &CancellationToken,
+) -> Dialled {
+    let mut running = tokio::task::JoinSet::new();
+    let tokens: Vec<CancellationToken> = members.iter().map(|_| cancel.child_token()).collect();
+    for (m, token) in members.into_iter().zip(tokens.iter().cloned()) {
+        running.spawn(exec(ctx.clone(), m, token));
+    }
+    let mut failures = Vec::new();
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(a @ Dialled::Answered { .. }) => {
+                // The others stop ringing; a 2xx that crosses the CANCEL is ACKed and
+                // ended by its own leg.
+                for t in &tokens {
+                    t.cancel();
+                }
+                running.detach_all();
+                return a;
+            }
+            Ok(Dialled::Failed(o)) => failures.push(o),
+            Err(_) => failures.push(DialOutcome::Failed {
+                code: 500,
+                reason: "Server Internal Error".into(),
+            }),
+        }
+    }
+    Dialled::Failed(best_failure(failures))
+}
+
+/// The outcome that says most of several failures: a 6xx, then busy, then any other
+/// failure, then no answer.
+fn best_failure(failures: Vec<DialOutcome>) -> DialOutcome {
+    let rank = |o: &DialOutcome| match o {
+        DialOutcome::Failed {
+            code: 600..=699, ..
+        } => 0,
+        DialOutcome::Busy { .. } => 1,
+        DialOutcome::Failed { .. } => 2,
+        DialOutcome::CallerGone => 3,
+        DialOutcome::NoAnswer => 4,
+        DialOutcome::Answered { .. } => 5,
+    };
+    failures
+        .into_iter()
+        .min_by_key(rank)
+        .unwrap_or(DialOutcome::NoAnswer)
+}
+
+fn failed(code: u16, reason: impl Into<String>) -> Dialled {
+    Dialled::Failed(DialOutcome::Failed {
+        code,
+        reason: reason.into(),
+    })
+}
+
+/// One leg to `target`, ringing until `until`.
+async fn dial_leg(
+    ctx: &DialContext,
+    target: &Target,
+    until: Instant,
+    cancel: CancellationToken,
+) -> Dialled {
+    let (number, provider) = match target {
+        Target::Named {
+            user,
+            at: Some(name),
+        } => {
+            let reader = ctx.app.cluster.replica.reader();
+            if reader.serves_domain(name).unwrap_or(false) {
+                return failed(
+                    501,
+                    "Not Implemented (dialling local accounts from a dialplan is not built yet)",
+                );
+            }
+            let id = tandem_raft_store::command::provider_account_id(&ctx.customer, name);
+            match reader.provider_account(&id).ok().flatten() {
+                Some(p) if p.enabled => (user.clone(), p),
+                Some(_) => return failed(403, format!("Forbidden (provider {name} is disabled)")),
+                None => return failed(404, format!("Not Found (no provider named {name})")),
+            }
+        }
+        Target::Named { at: None, .. } => {
+            return failed(
+                501,
+                "Not Implemented (dialling local accounts from a dialplan is not built yet)",
+            )
+        }
+        Target::Uri(_) => {
+            return failed(
+                501,
+                "Not Implemented (dialling SIP URIs from a dialplan is not built yet)",
+            )
+        }
+    };
+    let (done_tx, done_rx) = oneshot::channel();
+    let leg = ProviderLeg::new(ctx, &number, provider);
+    let label = target.to_string();
+    match leg {
+        Ok(leg) => {
+            tokio::spawn(leg.run(ctx.clone(), label, until, cancel, done_tx));
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "app server: cannot dial through the provider");
+            return failed(503, format!("Service Unavailable ({e})"));
+        }
+    }
+    done_rx
+        .await
+        .unwrap_or_else(|_| failed(500, "Server Internal Error"))
+}
+
+/// One INVITE through a customer's provider account.
+struct ProviderLeg {
+    account: ProviderAccount,
+    digest: DigestClient,
+    request_uri: String,
+    /// The URI resolved for the first hop: the outbound proxy's, or the registrar's.
+    next_hop: SipUri,
+    routes: Vec<String>,
+    from: String,
+    to: String,
+    call_id: String,
+    cseq: u32,
+}
+
+impl ProviderLeg {
+    fn new(ctx: &DialContext, number: &str, a: ProviderAccount) -> Result<ProviderLeg, String> {
+        let password = crate::agents::registration_agent::accounts::open_password(
+            &ctx.app.cluster.keys(),
+            &a,
+        )?;
+        let transport = a
+            .transport
+            .map(|t| format!(";transport={}", t.as_str()))
+            .unwrap_or_default();
+        let registrar = parse_sip(&format!("sip:{}{transport}", a.registrar))?;
+        let domain = registrar.host.canonical();
+        let request_uri = format!("sip:{number}@{}{transport}", a.registrar);
+        let (next_hop, routes) = match &a.outbound_proxy {
+            Some(p) => {
+                let proxy = format!("sip:{p}{transport}");
+                (parse_sip(&proxy)?, vec![format!("<{proxy};lr>")])
+            }
+            None => (parse_sip(&request_uri)?, Vec::new()),
+        };
+        let mut rng = rand::thread_rng();
+        let display = ctx
+            .caller_id
+            .as_ref()
+            .and_then(|(_, name)| name.as_ref())
+            .map(|n| format!("\"{n}\" "))
+            .unwrap_or_default();
+        let auth_user = a
+            .auth_username
+            .clone()
+            .unwrap_or_else(|| a.username.clone());
+        Ok(ProviderLeg {
+            digest: DigestClient::new(&auth_user, &password, a.realm.as_deref()),
+            from: format!(
+                "{display}<sip:{}@{domain}>;tag={:016x}",
+                a.username,
+                rng.gen::<u64>()
+            ),
+            to: format!("<sip:{number}@{domain}>"),
+            call_id: format!("{:032x}@tandem", rng.gen::<u128>()),
+            cseq: 0,
+            request_uri,
+            next_hop,
+            routes,
+            account: a,
+        })
+    }
+
+    /// The next INVITE of this leg (CSeq one higher, credentials if challenged).
+    fn invite(&mut self, ctx: &DialContext, flow: &Flow) -> Message {
+        let mut rng = rand::thread_rng();
+        self.cseq += 1;
+        let sent_by = ctx.app.own.advertised(flow.transport, flow.local);
+        let via = format!(
+            "SIP/2.0/{} {sent_by};branch=z9hG4bK{:016x};rport",
+            flow.transport.as_str(),
+            rng.gen::<u64>()
+        );
+        let mut text = format!(
+            "INVITE {} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n",
+            self.request_uri
+        );
+        for r in &self.routes {
+            text.push_str(&format!("Route: {r}\r\n"));
+        }
+        text.push_str(&format!(
+            "From: {}\r\nTo: {}\r\nCall-ID: {}\r\nCSeq: {} INVITE\r\nContact: <{}>\r\n\
+             Allow: INVITE, ACK, CANCEL, BYE, OPTIONS, INFO, UPDATE\r\nUser-Agent: {}\r\n",
+            self.from,
+            self.to,
+            self.call_id,
+            self.cseq,
+            contact_uri(ctx, flow),
+            crate::stack::responses::SERVER,
+        ));
+        if let Some((number, name)) = &ctx.caller_id {
+            let display = name
+                .as_ref()
+                .map(|n| format!("\"{n}\" "))
+                .unwrap_or_default();
+            let domain = self.next_domain();
+            text.push_str(&format!(
+                "P-Preferred-Identity: {display}<sip:{number}@{domain}>\r\n"
+            ));
+        }
+        text.push_str(&ctx.extra);
+        if let Some((header, value)) = self.digest.answer("INVITE", &self.request_uri, &mut rng) {
+            text.push_str(&format!("{header}: {value}\r\n"));
+        }
+        if let Some(t) = &ctx.content_type {
+            text.push_str(&format!("Content-Type: {t}\r\n"));
+        }
+        text.push_str(&format!("Content-Length: {}\r\n\r\n", ctx.body.len()));
+        let mut bytes = text.into_bytes();
+        bytes.extend_from_slice(&ctx.body);
+        Message::parse_datagram(Bytes::from(bytes), usize::MAX)
+            .expect("an INVITE built from validated fields parses")
+    }
+
+    fn next_domain(&self) -> String {
+        parse_sip(&format!("sip:{}", self.account.registrar))
+            .map(|u| u.host.canonical())
+            .unwrap_or_default()
+    }
+
+    /// Dials: each target of the provider's name in turn until one answers, then the
+    /// exchange there until a final answer. Reports once on `done`.
+    async fn run(
+        mut self,
+        ctx: DialContext,
+        label: String,
+        until: Instant,
+        cancel: CancellationToken,
+        done: oneshot::Sender<Dialled>,
+    ) {
+        let targets = match ctx.app.resolver.targets(&self.next_hop).await {
+            Ok(t) if !t.is_empty() => t,
+            Ok(_) => {
+                let _ = done.send(failed(503, "Service Unavailable (no usable target)"));
+                return;
+            }
+            Err(e) => {
+                let _ = done.send(failed(503, format!("Service Unavailable ({e})")));
+                return;
+            }
+        };
+        let mut done = Some(done);
+        let mut last = failed(408, "Request Timeout");
+        for target in targets {
+            let flow = if target.transport == TransportKind::Tls {
+                let name = self.next_hop.host.canonical();
+                let ca = self.account.ca_file.as_deref().map(std::path::Path::new);
+                ctx.app
+                    .transports
+                    .flow_to_tls(target.addr, name.trim_end_matches('.'), ca)
+                    .await
+            } else {
+                ctx.app
+                    .transports
+                    .flow_to(target.transport, target.addr)
+                    .await
+            };
+            let Ok(flow) = flow else {
+                last = failed(
+                    503,
+                    format!("Service Unavailable (cannot reach {})", target.addr),
+                );
+                continue;
+            };
+            match self
+                .exchange(&ctx, &label, flow, until, &cancel, &mut done)
+                .await
+            {
+                Some(next) => last = next,
+                None => return,
+            }
+        }
+        if let Some(d) = done.take() {
+            let _ = d.send(last);
+        }
+    }
+
+    /// INVITEs to one target until a final answer. `Some(failure)`: the next target may be
+    /// tried (no answer at all, or 503); `None`: reported, done.
+    async fn exchange(
+        &mut self,
+        ctx: &DialContext,
+        label: &str,
+        flow: Flow,
+        until: Instant,
+        cancel: &CancellationToken,
+        done: &mut Option<oneshot::Sender<Dialled>>,
+    ) -> Option<Dialled> {
+        let mut challenges = 0;
+        'invite: loop {
+            let invite = self.invite(ctx, &flow);
+            let mut events = ctx.app.layer.send_request(invite.clone(), flow);
+            let mut heard = false;
+            let mut cancelled_at: Option<Instant> = None;
+            let first_wait = Instant::now() + FIRST_ANSWER_WAIT;
+            loop {
+                let wake = match cancelled_at {
+                    Some(at) => at + CANCEL_LINGER,
+                    None if !heard => first_wait.min(until),
+                    None => until,
+                };
+                tokio::select! {
+                    event = events.recv() => {
+                        let Some(event) = event else {
+                            return Some(failed(500, "Server Internal Error"));
+                        };
+                        let response = match event {
+                            ClientEvent::Response(r) => *r,
+                            ClientEvent::Timeout if !heard => return Some(failed(408, "Request Timeout")),
+                            ClientEvent::Timeout => {
+                                report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                                return None;
+                            }
+                            ClientEvent::TransportError => {
+                                return Some(failed(503, "Service Unavailable (connection failed)"));
+                            }
+                        };
+                        heard = true;
+                        let status = response.status().unwrap_or(500);
+                        match status {
+                            100 => {}
+                            101..=199 => {
+                                if cancelled_at.is_none() {
+                                    let _ = ctx.provisional.send(response);
+                                }
+                            }
+                            200..=299 => {
+                                let leg = Leg::from_answer(&invite, &response, contact_uri(ctx, &flow), flow);
+                                let via = via_for(ctx, &flow);
+                                let ack = leg.ack(self.cseq, &via);
+                                let _ = ctx.app.layer.send_request(ack, flow);
+                                if cancelled_at.is_some() || done.is_none() {
+                                    // Answered after we gave up: end it at once.
+                                    let mut leg = leg;
+                                    let bye = leg.request(&Method::Bye, &via_for(ctx, &flow), "", None, b"");
+                                    let _ = ctx.app.layer.send_request(bye, flow);
+                                    report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                                    return None;
+                                }
+                                report(done, Dialled::Answered { leg: Box::new(leg), answer: Box::new(response), target: label.to_owned() });
+                                return None;
+                            }
+                            401 | 407 if cancelled_at.is_none() && challenges < MAX_CHALLENGES => {
+                                challenges += 1;
+                                match self.digest.take_challenge(&response, status == 407) {
+                                    Ok(()) => continue 'invite,
+                                    Err(e) => {
+                                        tracing::warn!(provider = %self.account.id(), error = %e, "app server: the provider's challenge was not answered");
+                                        report(done, failed(status, reason_of(&response)));
+                                        return None;
+                                    }
+                                }
+                            }
+                            503 if cancelled_at.is_none() => return Some(failed(503, reason_of(&response))),
+                            _ => {
+                                let outcome = match status {
+                                    486 | 600 => DialOutcome::Busy { code: status, reason: reason_of(&response) },
+                                    408 | 480 => DialOutcome::NoAnswer,
+                                    487 if cancelled_at.is_some() => DialOutcome::NoAnswer,
+                                    _ => DialOutcome::Failed { code: status, reason: reason_of(&response) },
+                                };
+                                report(done, Dialled::Failed(outcome));
+                                return None;
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(wake) => {
+                        if cancelled_at.is_some() {
+                            return None;
+                        }
+                        if !heard && Instant::now() < until && !cancel.is_cancelled() {
+                            // Not even a 100 from this target: the next one.
+                            return Some(failed(408, "Request Timeout"));
+                        }
+                        self.send_cancel(ctx, &invite, flow);
+                        cancelled_at = Some(Instant::now());
+                        report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                    }
+                    _ = cancel.cancelled(), if cancelled_at.is_none() => {
+                        self.send_cancel(ctx, &invite, flow);
+                        cancelled_at = Some(Instant::now());
+                        report(done, Dialled::Failed(DialOutcome::CallerGone));
+                    }
+                }
+            }
+        }
+    }
+
+    /// CANCEL for `invite` (RFC 3261 §9.1): its Request-URI, top Via, Route, From, To,
+    /// Call-ID and CSeq number.
+    fn send_cancel(&self, ctx: &DialContext, invite: &Message, flow: Flow) {
+        let Some(uri) = invite.uri().cloned() else {
+            return;
+        };
+        let mut cancel = Message::request(Method::Cancel, uri);
+        if let Ok(via) = invite.top_via() {
+            cancel.push_header(HeaderName::Via, via.to_string());
+        }
+        for name in [
+            HeaderName::Route,
+            HeaderName::From,
+            HeaderName::To,
+            HeaderName::CallId,
+        ] {
+            for (n, v) in invite.headers() {
+                if *n == name {
+                    cancel.push_header(name.clone(), Bytes::copy_from_slice(v));
+                }
+            }
+        }
+        cancel.push_header(HeaderName::CSeq, format!("{} CANCEL", self.cseq));
+        cancel.push_header(HeaderName::MaxForwards, "70");
+        cancel.push_header(HeaderName::ContentLength, "0");
+        let _ = ctx.app.layer.send_request(cancel, flow);
+    }
+}
+
+fn report(done: &mut Option<oneshot::Sender<Dialled>>, what: Dialled) {
+    if let Some(d) = done.take() {
+        let _ = d.send(what);
+    }
+}
+
+fn reason_of(m: &Message) -> String {
+    String::from_utf8_lossy(m.reason().unwrap_or_default()).into_owned()
+}
+
+fn parse_sip(s: &str) -> Result<SipUri, String> {
+    Uri::parse(s)
+        .ok()
+        .and_then(|u| u.as_sip().cloned())
+        .ok_or_else(|| format!("{s:?} is not a SIP URI"))
+}
+
+/// A Via value for a new request of ours on `flow`.
+pub fn via_for(ctx: &DialContext, flow: &Flow) -> String {
+    super::via_on(&ctx.app.own, flow)
+}
+
+/// Our Contact on the dialled side of the call, on `flow`.
+fn contact_uri(ctx: &DialContext, flow: &Flow) -> String {
+    super::contact_on(&ctx.app.own, flow, &ctx.token, 'b')
+}

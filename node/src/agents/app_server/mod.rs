@@ -1,0 +1,257 @@
+//! The app server: a back-to-back user agent for calls that leave the cluster. A local
+//! account's call to a number that is not one of the cluster's accounts (`0301234@` its
+//! own domain, or any user at a domain the cluster does not serve) runs the account's
+//! dialplan (`dialplan/` crate), or without one goes out through the customer's only
+//! provider account. The app server answers the caller itself and places a new call of
+//! its own through the provider with the provider account's identity and credentials
+//! (node/DESIGN.md, "The app server").
+//!
+//! Only an authenticated local account can make the app server dial: the caller's INVITE
+//! is challenged (407) like any call from a local domain, and a caller from a domain the
+//! cluster does not serve never reaches it (the proxy refuses to relay). Requests inside
+//! its calls reach it by the Contact it gave each leg, `tdb-<token><leg>@<this node>`,
+//! where the token is 128 random bits: a request naming any other token is answered 481.
+
+pub mod call;
+pub mod dialog;
+pub mod legs;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tandem_dialplan::{Limits, Sandbox};
+use tandem_sip::{HeaderName, Message, Method};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::auth::Authenticator;
+use crate::agents::{Agent, Refusal, Stack};
+use crate::cluster::ClusterNode;
+use crate::stack::resolve::Resolver;
+use crate::stack::transaction::{LayerHandle, TxId};
+use crate::stack::transport::{Flow, OwnAddrs, TransportKind, Transports};
+
+use dialog::CONTACT_PREFIX;
+
+/// The app server's settings.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// How long a leg rings when the dial spec gives no time.
+    pub ring_for: Duration,
+    pub limits: Limits,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            ring_for: Duration::from_secs(60),
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Which leg of a call a request came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The caller's.
+    A,
+    /// The one the app server dialled.
+    B,
+}
+
+/// A request inside one of our calls, for the call's task.
+pub struct InDialog {
+    pub request: Message,
+    pub tx: Option<TxId>,
+    pub side: Side,
+}
+
+/// The most calls the app server runs at once on one node; more get 503.
+const MAX_CALLS: usize = 10_000;
+
+pub struct AppServer {
+    cluster: ClusterNode,
+    auth: Arc<Authenticator>,
+    layer: LayerHandle,
+    transports: Transports,
+    own: OwnAddrs,
+    resolver: Resolver,
+    sandbox: Arc<Sandbox>,
+    settings: Settings,
+    /// The task of each call, by token.
+    calls: Mutex<HashMap<String, mpsc::UnboundedSender<InDialog>>>,
+    /// What stops each call still ringing, by the caller's INVITE transaction.
+    ringing: Mutex<HashMap<TxId, CancellationToken>>,
+}
+
+impl AppServer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cluster: ClusterNode,
+        auth: Arc<Authenticator>,
+        layer: LayerHandle,
+        transports: Transports,
+        own: OwnAddrs,
+        resolver: Resolver,
+        settings: Settings,
+    ) -> AppServer {
+        AppServer {
+            sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
+            cluster,
+            auth,
+            layer,
+            transports,
+            own,
+            resolver,
+            settings,
+            calls: Mutex::new(HashMap::new()),
+            ringing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a new INVITE is for the app server: from a local domain, to a number that
+    /// is not an account here.
+    fn is_outbound(&self, request: &Message) -> bool {
+        let Some(uri) = request.uri().and_then(|u| u.as_sip()) else {
+            return false;
+        };
+        if self.own.is_own(uri) {
+            return false;
+        }
+        let reader = self.cluster.replica.reader();
+        let from_local = request
+            .from()
+            .ok()
+            .and_then(|f| f.uri.as_sip().map(|u| u.host.canonical()))
+            .is_some_and(|d| reader.serves_domain(&d).unwrap_or(false));
+        if !from_local {
+            return false;
+        }
+        let host = uri.host.canonical();
+        if !reader.serves_domain(&host).unwrap_or(false) {
+            return true;
+        }
+        let Some(user) = uri.user_unescaped() else {
+            return false;
+        };
+        reader.account(&host, &user).ok().flatten().is_none()
+    }
+
+    /// The call and leg a Request-URI of ours names, if it is one of our Contacts.
+    fn addressed(&self, request: &Message) -> Option<(String, Side)> {
+        let uri = request.uri()?.as_sip()?;
+        if !self.own.is_own(uri) {
+            return None;
+        }
+        let user = uri.user.as_deref()?;
+        let rest = user.strip_prefix(CONTACT_PREFIX)?;
+        let (token, side) = rest.split_at(rest.len().checked_sub(1)?);
+        let side = match side {
+            "a" => Side::A,
+            "b" => Side::B,
+            _ => return None,
+        };
+        Some((token.to_owned(), side))
+    }
+
+    fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
+        let token = format!("{:032x}", rand::thread_rng().gen::<u128>());
+        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        {
+            let mut calls = self.calls.lock().expect("calls lock");
+            if calls.len() >= MAX_CALLS {
+                drop(calls);
+                let r = Refusal::new(503, "Service Unavailable (too many calls)");
+                self.layer.respond_stateless(tx, r.response(&request));
+                return;
+            }
+            calls.insert(token.clone(), inbox_tx);
+        }
+        let cancelled = CancellationToken::new();
+        self.ringing
+            .lock()
+            .expect("ringing lock")
+            .insert(tx, cancelled.clone());
+        let app = self.clone();
+        tokio::spawn(async move {
+            call::run(
+                app.clone(),
+                request,
+                flow,
+                tx,
+                cancelled,
+                token.clone(),
+                inbox,
+            )
+            .await;
+            app.calls.lock().expect("calls lock").remove(&token);
+            app.ringing.lock().expect("ringing lock").remove(&tx);
+        });
+    }
+}
+
+impl Agent for AppServer {
+    fn takes(&self, request: &Message, in_transaction: bool) -> bool {
+        if self.addressed(request).is_some() {
+            return true;
+        }
+        in_transaction
+            && request.method() == Some(&Method::Invite)
+            && request.to().is_ok_and(|to| !to.params.contains("tag"))
+            && !request.has_header(&HeaderName::Route)
+            && self.is_outbound(request)
+    }
+
+    fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, _stack: &Stack) {
+        if let Some((token, side)) = self.addressed(&request) {
+            let sender = self.calls.lock().expect("calls lock").get(&token).cloned();
+            let delivered = sender.is_some_and(|s| {
+                s.send(InDialog {
+                    request: request.clone(),
+                    tx,
+                    side,
+                })
+                .is_ok()
+            });
+            if !delivered {
+                if let Some(tx) = tx {
+                    let r = Refusal::new(481, "Call/Transaction Does Not Exist");
+                    self.layer.respond_stateless(tx, r.response(&request));
+                }
+            }
+            return;
+        }
+        if let Some(tx) = tx {
+            self.spawn_call(request, flow, tx);
+        }
+    }
+
+    fn cancel(&self, invite: TxId) {
+        if let Some(c) = self.ringing.lock().expect("ringing lock").get(&invite) {
+            c.cancel();
+        }
+    }
+}
+
+/// A Via value for a new request of ours on `flow`.
+pub fn via_on(own: &OwnAddrs, flow: &Flow) -> String {
+    let sent_by = own.advertised(flow.transport, flow.local);
+    format!(
+        "SIP/2.0/{} {sent_by};branch=z9hG4bK{:016x};rport",
+        flow.transport.as_str(),
+        rand::thread_rng().gen::<u64>()
+    )
+}
+
+/// Our Contact for leg `side` (`a` or `b`) of call `token`, on `flow`.
+pub fn contact_on(own: &OwnAddrs, flow: &Flow, token: &str, side: char) -> String {
+    let addr = own.advertised(flow.transport, flow.local);
+    let t = match flow.transport {
+        TransportKind::Udp => "",
+        TransportKind::Tcp => ";transport=tcp",
+        TransportKind::Tls => ";transport=tls",
+    };
+    format!("sip:{CONTACT_PREFIX}{token}{side}@{addr}{t}")
+}
