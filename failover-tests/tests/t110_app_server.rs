@@ -342,3 +342,108 @@ fn the_callers_cancel_reaches_the_number_and_ends_in_487() {
         callee.join().unwrap();
     });
 }
+
+/// Provider A answers 503: the serial group goes on to provider B, where the call is
+/// answered. Provider A is a bare socket that answers every INVITE with 503.
+#[test]
+fn a_provider_answering_503_is_passed_over_for_the_next_in_a_serial_group() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let broken = Ua::new("127.0.0.1", "broken", "broken.test", "x");
+    let body = format!(
+        r#"{{"registrar":"broken.test","outbound_proxy":"{}","transport":"udp",
+            "username":"ua","password":"pa","expires_secs":600,"enabled":true}}"#,
+        broken.local()
+    );
+    let p = cluster
+        .member(1)
+        .request("PUT", "/v1/providers/c1/pa", Some(&body))
+        .unwrap();
+    assert_eq!(p.status, 201, "{}", p.body);
+    let (code, json) = put_dialplan(
+        &cluster,
+        r#"dial(`${invite.user}@pa | ${invite.user}@p0`);"#,
+    );
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let broken = &broken;
+        let refuser = s.spawn(move || loop {
+            // Answers INVITEs only (the registration agent's REGISTERs get 503 too).
+            let Some(r) = broken.recv(Duration::from_secs(20)) else {
+                panic!("provider A never got the INVITE");
+            };
+            if r.method() == Some("INVITE") {
+                broken.respond(&r, 503, "Service Unavailable", "");
+                return r;
+            }
+            if r.method() == Some("REGISTER") {
+                broken.respond(&r, 503, "Service Unavailable", "");
+            }
+        });
+        let phone = &phone;
+        let callee = s.spawn(move || answer_next(phone, 486, "Busy Here"));
+        let r = alice.invite(
+            node,
+            "sip:0301234@example.com",
+            "fallback-1",
+            &mut |_, _| {},
+        );
+        assert_eq!(r.status(), Some(486), "provider B's answer: {}", r.text);
+        let at_a = refuser.join().unwrap();
+        assert!(
+            at_a.text.contains("sip:0301234@broken.test"),
+            "{}",
+            at_a.text
+        );
+        callee.join().unwrap();
+    });
+}
+
+/// An account at its `max_concurrent_calls` gets 403 for one more call out, with a
+/// reason; the calls it has are not disturbed.
+#[test]
+fn max_concurrent_calls_refuses_the_call_over_the_limit() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let a = cluster
+        .member(1)
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/alice",
+            Some(r#"{"max_concurrent_calls":1}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    let mut first = alice();
+    let mut second = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = answer_next(phone, 200, "OK");
+            phone.expect_request("ACK", Duration::from_secs(10));
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+            invite
+        });
+        let ok = first.invite(node, "sip:0301234@example.com", "limit-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = first.dialog(&ok);
+        first.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        let refused = second.invite(node, "sip:0301234@example.com", "limit-2", &mut |_, _| {});
+        assert_eq!(refused.status(), Some(403), "{}", refused.text);
+        assert!(refused.text.contains("too many calls"), "{}", refused.text);
+        first.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(
+            first
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
+            Some(200)
+        );
+        callee.join().unwrap();
+    });
+}

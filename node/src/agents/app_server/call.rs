@@ -24,6 +24,7 @@ use super::dialog::{value, Leg};
 use super::legs::{exec, DialContext, Dialled};
 use super::{contact_on, via_on, AppServer, InDialog, Side};
 use crate::agents::auth::{Authenticated, Challenge};
+use crate::agents::proxy::dialogs::{DialogKind, Refused};
 use crate::agents::Refusal;
 use crate::stack::transaction::{ClientEvent, TxId};
 use crate::stack::transport::Flow;
@@ -84,6 +85,36 @@ pub async fn run(
             return;
         }
     };
+    // The call counts against the account's limit, with the proxy's calls.
+    let caller_tag = invite
+        .from()
+        .ok()
+        .and_then(|f| f.tag().map(str::to_owned))
+        .unwrap_or_default();
+    let call_id = invite.call_id().map(|c| c.into_owned()).unwrap_or_default();
+    let name = tandem_raft_store::command::account_aor(&account.user, &account.domain);
+    match app.dialogs.begin(
+        &call_id,
+        &caller_tag,
+        DialogKind::Call,
+        Some((&name, account.max_concurrent_calls)),
+    ) {
+        Ok(()) => {}
+        Err(Refused::CallLimit) => {
+            tracing::info!(account = %name, limit = account.max_concurrent_calls, "call refused: the account is at its max_concurrent_calls");
+            let r = Refusal::new(
+                403,
+                "Forbidden (too many calls in progress for this account)",
+            );
+            app.layer.respond_stateless(tx, r.response(&invite));
+            return;
+        }
+        Err(Refused::Full) => {
+            let r = Refusal::new(503, "Service Unavailable (too many dialogs)");
+            app.layer.respond_stateless(tx, r.response(&invite));
+            return;
+        }
+    }
     let mut trying = Message::response_to(&invite, 100, "Trying");
     crate::stack::responses::stamp(&mut trying);
     app.layer.respond(tx, trying);
@@ -111,9 +142,18 @@ pub async fn run(
         if !call.caller_gone {
             call.fail(result);
         }
+        app.dialogs.release(&call_id, &caller_tag, false);
         return;
     }
+    let mut converted = false;
+    app.dialogs
+        .answered(&call_id, &caller_tag, &our_tag, 200, &mut converted);
     call.bridge(&mut inbox).await;
+    app.dialogs
+        .ended(&call_id, &caller_tag, &our_tag, DialogKind::Call);
+    if !converted {
+        app.dialogs.release(&call_id, &caller_tag, false);
+    }
 }
 
 fn authenticate(app: &AppServer, invite: &Message, flow: &Flow) -> Result<Arc<Account>, Refusal> {

@@ -27,6 +27,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::auth::Authenticator;
+use crate::agents::proxy::Dialogs;
 use crate::agents::{Agent, Refusal, Stack};
 use crate::cluster::ClusterNode;
 use crate::stack::resolve::Resolver;
@@ -80,6 +81,9 @@ pub struct AppServer {
     resolver: Resolver,
     sandbox: Arc<Sandbox>,
     settings: Settings,
+    /// The proxy's table of calls: the app server's calls count in it too, against each
+    /// account's `max_concurrent_calls`, and drain waits for them.
+    dialogs: Arc<Dialogs>,
     /// The task of each call, by token.
     calls: Mutex<HashMap<String, mpsc::UnboundedSender<InDialog>>>,
     /// What stops each call still ringing, by the caller's INVITE transaction.
@@ -96,8 +100,10 @@ impl AppServer {
         own: OwnAddrs,
         resolver: Resolver,
         settings: Settings,
+        dialogs: Arc<Dialogs>,
     ) -> AppServer {
         AppServer {
+            dialogs,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
             auth,
@@ -226,6 +232,10 @@ impl Agent for AppServer {
         if let Some(tx) = tx {
             self.spawn_call(request, flow, tx);
         }
+    }
+
+    fn carries_on(&self, request: &Message) -> bool {
+        self.addressed(request).is_some()
     }
 
     fn cancel(&self, invite: TxId) {
