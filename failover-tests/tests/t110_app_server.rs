@@ -447,3 +447,67 @@ fn max_concurrent_calls_refuses_the_call_over_the_limit() {
         callee.join().unwrap();
     });
 }
+
+/// A dialplan rings two local phones at once: the first to answer gets the call, the
+/// other is cancelled; the caller is connected to the one that answered.
+#[test]
+fn a_parallel_dial_of_two_local_phones_connects_the_first_to_answer_and_cancels_the_other() {
+    let provider = Provider::start();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let mut phones = Vec::new();
+    for user in ["bob", "carol"] {
+        let a = http(
+            cluster.member(1).admin_addr,
+            Some(token.trim()),
+            "PUT",
+            &format!("/v1/accounts/example.com/{user}"),
+            Some(&format!(r#"{{"password":"pw-{user}","customer":"c1"}}"#)),
+        )
+        .unwrap();
+        assert_eq!(a.status, 201, "{}", a.body);
+        let mut ua = Ua::new("127.0.0.1", user, "example.com", &format!("pw-{user}"));
+        let contact = ua.contact();
+        let r = ua.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
+        assert_eq!(r.status, 200, "{}", r.text);
+        phones.push(ua);
+    }
+    let (code, json) = put_dialplan(&cluster, r#"dial("bob & carol/20");"#);
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let (bob, carol) = (&phones[0], &phones[1]);
+        let bob_side = s.spawn(move || {
+            let invite = bob.expect_request("INVITE", Duration::from_secs(20));
+            assert!(invite.text.contains("sip:alice@example.com"), "{}", invite.text);
+            bob.respond(&invite, 180, "Ringing", "");
+            // Answer only once carol rings too, so both are ringing when bob answers.
+            std::thread::sleep(Duration::from_millis(300));
+            let contact = bob.contact();
+            bob.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            bob.expect_request("ACK", Duration::from_secs(10));
+            let bye = bob.expect_request("BYE", Duration::from_secs(20));
+            bob.respond(&bye, 200, "OK", "");
+        });
+        let carol_side = s.spawn(move || {
+            let invite = carol.expect_request("INVITE", Duration::from_secs(20));
+            carol.respond(&invite, 180, "Ringing", "");
+            let cancel = carol.expect_request("CANCEL", Duration::from_secs(20));
+            carol.respond(&cancel, 200, "OK", "");
+            carol.respond(&invite, 487, "Request Terminated", "");
+            carol.expect_request("ACK", Duration::from_secs(5));
+        });
+        let ok = alice.invite(node, "sip:ringall@example.com", "fork-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        carol_side.join().unwrap();
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(
+            alice.expect_response("BYE", Duration::from_secs(20)).status(),
+            Some(200)
+        );
+        bob_side.join().unwrap();
+    });
+}

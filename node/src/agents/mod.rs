@@ -168,7 +168,7 @@ impl Agents {
             own.clone(),
             resolver.clone(),
             app_server::Settings::default(),
-            proxy.dialogs.clone(),
+            proxy.clone(),
         ));
         let registrar = Arc::new(Registrar::new(
             cluster.clone(),

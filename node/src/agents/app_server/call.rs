@@ -196,8 +196,23 @@ impl Call {
             .map(|u| u.into_owned())
             .unwrap_or_default();
         let (prov_tx, mut prov_rx) = mpsc::unbounded_channel();
+        let caller_from = self
+            .invite
+            .from()
+            .map(|f| {
+                let display = f
+                    .display
+                    .as_ref()
+                    .filter(|d| !d.contains(['"', '\\']))
+                    .map(|d| format!("\"{d}\" "))
+                    .unwrap_or_default();
+                format!("{display}<{}>", f.uri)
+            })
+            .unwrap_or_default();
         let ctx = DialContext {
             app: self.app.clone(),
+            caller_from,
+            caller_domain: account.domain.clone(),
             customer: account.customer.clone(),
             token: self.token.clone(),
             content_type: value(&self.invite, &HeaderName::ContentType),

@@ -44,6 +44,10 @@ pub struct DialContext {
     pub customer: String,
     /// The call's token: our Contact on the dialled side is `tdb-<token>b`.
     pub token: String,
+    /// The caller's From (name-addr, without tag): local legs show it.
+    pub caller_from: String,
+    /// The caller's domain: a bare user in a dial spec is an account there.
+    pub caller_domain: String,
     /// The caller's session description, passed through unchanged.
     pub content_type: Option<String>,
     pub body: Bytes,
@@ -204,17 +208,17 @@ async fn dial_leg(
     until: Instant,
     cancel: CancellationToken,
 ) -> Dialled {
+    let reader = ctx.app.cluster.replica.reader();
     let (number, provider) = match target {
+        Target::Named { user, at: None } => {
+            return dial_local(ctx, target, user, &ctx.caller_domain, until, cancel).await;
+        }
         Target::Named {
             user,
             at: Some(name),
         } => {
-            let reader = ctx.app.cluster.replica.reader();
             if reader.serves_domain(name).unwrap_or(false) {
-                return failed(
-                    501,
-                    "Not Implemented (dialling local accounts from a dialplan is not built yet)",
-                );
+                return dial_local(ctx, target, user, name, until, cancel).await;
             }
             let id = tandem_raft_store::command::provider_account_id(&ctx.customer, name);
             match reader.provider_account(&id).ok().flatten() {
@@ -222,12 +226,6 @@ async fn dial_leg(
                 Some(_) => return failed(403, format!("Forbidden (provider {name} is disabled)")),
                 None => return failed(404, format!("Not Found (no provider named {name})")),
             }
-        }
-        Target::Named { at: None, .. } => {
-            return failed(
-                501,
-                "Not Implemented (dialling local accounts from a dialplan is not built yet)",
-            )
         }
         Target::Uri(_) => {
             return failed(
@@ -237,7 +235,7 @@ async fn dial_leg(
         }
     };
     let (done_tx, done_rx) = oneshot::channel();
-    let leg = ProviderLeg::new(ctx, &number, provider);
+    let leg = OutLeg::provider(ctx, &number, provider);
     let label = target.to_string();
     match leg {
         Ok(leg) => {
@@ -253,13 +251,73 @@ async fn dial_leg(
         .unwrap_or_else(|_| failed(500, "Server Internal Error"))
 }
 
-/// One INVITE through a customer's provider account.
-struct ProviderLeg {
-    account: ProviderAccount,
-    digest: DigestClient,
+/// A local account: its phones rung the way the proxy would reach them (through their
+/// edge nodes), the q-groups in turn and the phones of a group at once; the first to
+/// answer wins and the others are cancelled.
+async fn dial_local(
+    ctx: &DialContext,
+    target: &Target,
+    user: &str,
+    domain: &str,
+    until: Instant,
+    cancel: CancellationToken,
+) -> Dialled {
+    let (call_id, from_tag) = {
+        let mut rng = rand::thread_rng();
+        (
+            format!("{:032x}@tandem", rng.gen::<u128>()),
+            format!("{:016x}", rng.gen::<u64>()),
+        )
+    };
+    let groups = match ctx.app.proxy.reach(user, domain, &call_id, &from_tag).await {
+        Ok(g) => g,
+        Err(r) => return failed(r.status, r.reason),
+    };
+    let label = target.to_string();
+    let mut failures = Vec::new();
+    for group in groups {
+        if cancel.is_cancelled() {
+            break;
+        }
+        let mut running = tokio::task::JoinSet::new();
+        let tokens: Vec<CancellationToken> = group.iter().map(|_| cancel.child_token()).collect();
+        for (reach, token) in group.into_iter().zip(tokens.iter().cloned()) {
+            let leg = OutLeg::local(ctx, user, domain, &call_id, &from_tag, &reach);
+            let (ctx, label) = (ctx.clone(), label.clone());
+            running.spawn(async move {
+                let (done_tx, done_rx) = oneshot::channel();
+                tokio::spawn(leg.run_on(ctx, label, reach.flow, until, token, done_tx));
+                done_rx
+                    .await
+                    .unwrap_or_else(|_| failed(500, "Server Internal Error"))
+            });
+        }
+        while let Some(done) = running.join_next().await {
+            match done {
+                Ok(a @ Dialled::Answered { .. }) => {
+                    for t in &tokens {
+                        t.cancel();
+                    }
+                    running.detach_all();
+                    return a;
+                }
+                Ok(Dialled::Failed(o)) => failures.push(o),
+                Err(_) => {}
+            }
+        }
+    }
+    Dialled::Failed(best_failure(failures))
+}
+
+/// One INVITE of ours: through a customer's provider account (answering its challenges),
+/// or to a local account's phone.
+struct OutLeg {
+    /// The provider account, for a call through a provider.
+    account: Option<ProviderAccount>,
+    digest: Option<DigestClient>,
     request_uri: String,
     /// The URI resolved for the first hop: the outbound proxy's, or the registrar's.
-    next_hop: SipUri,
+    next_hop: Option<SipUri>,
     routes: Vec<String>,
     from: String,
     to: String,
@@ -267,8 +325,8 @@ struct ProviderLeg {
     cseq: u32,
 }
 
-impl ProviderLeg {
-    fn new(ctx: &DialContext, number: &str, a: ProviderAccount) -> Result<ProviderLeg, String> {
+impl OutLeg {
+    fn provider(ctx: &DialContext, number: &str, a: ProviderAccount) -> Result<OutLeg, String> {
         let password = crate::agents::registration_agent::accounts::open_password(
             &ctx.app.cluster.keys(),
             &a,
@@ -298,8 +356,8 @@ impl ProviderLeg {
             .auth_username
             .clone()
             .unwrap_or_else(|| a.username.clone());
-        Ok(ProviderLeg {
-            digest: DigestClient::new(&auth_user, &password, a.realm.as_deref()),
+        Ok(OutLeg {
+            digest: Some(DigestClient::new(&auth_user, &password, a.realm.as_deref())),
             from: format!(
                 "{display}<sip:{}@{domain}>;tag={:016x}",
                 a.username,
@@ -309,10 +367,52 @@ impl ProviderLeg {
             call_id: format!("{:032x}@tandem", rng.gen::<u128>()),
             cseq: 0,
             request_uri,
-            next_hop,
+            next_hop: Some(next_hop),
             routes,
-            account: a,
+            account: Some(a),
         })
+    }
+
+    /// A leg to one phone of the local account `user@domain`, reached as `reach` says;
+    /// `call_id` and `from_tag` are shared by the phones of one account, as in a fork.
+    fn local(
+        ctx: &DialContext,
+        user: &str,
+        domain: &str,
+        call_id: &str,
+        from_tag: &str,
+        reach: &crate::agents::proxy::Reach,
+    ) -> OutLeg {
+        OutLeg {
+            account: None,
+            digest: None,
+            request_uri: reach.contact.to_string(),
+            next_hop: None,
+            routes: reach.routes.clone(),
+            from: format!("{};tag={from_tag}", ctx.caller_from),
+            to: format!("<sip:{user}@{domain}>"),
+            call_id: call_id.to_owned(),
+            cseq: 0,
+        }
+    }
+
+    /// Dials over `flow` alone (a local phone). Reports once on `done`.
+    async fn run_on(
+        mut self,
+        ctx: DialContext,
+        label: String,
+        flow: Flow,
+        until: Instant,
+        cancel: CancellationToken,
+        done: oneshot::Sender<Dialled>,
+    ) {
+        let mut done = Some(done);
+        if let Some(f) = self
+            .exchange(&ctx, &label, flow, until, &cancel, &mut done)
+            .await
+        {
+            report(&mut done, f);
+        }
     }
 
     /// The next INVITE of this leg (CSeq one higher, credentials if challenged).
@@ -342,7 +442,7 @@ impl ProviderLeg {
             contact_uri(ctx, flow),
             crate::stack::responses::SERVER,
         ));
-        if let Some((number, name)) = &ctx.caller_id {
+        if let (Some((number, name)), Some(_)) = (&ctx.caller_id, &self.account) {
             let display = name
                 .as_ref()
                 .map(|n| format!("\"{n}\" "))
@@ -353,7 +453,11 @@ impl ProviderLeg {
             ));
         }
         text.push_str(&ctx.extra);
-        if let Some((header, value)) = self.digest.answer("INVITE", &self.request_uri, &mut rng) {
+        let answer = self
+            .digest
+            .as_mut()
+            .and_then(|d| d.answer("INVITE", &self.request_uri, &mut rng));
+        if let Some((header, value)) = answer {
             text.push_str(&format!("{header}: {value}\r\n"));
         }
         if let Some(t) = &ctx.content_type {
@@ -367,7 +471,9 @@ impl ProviderLeg {
     }
 
     fn next_domain(&self) -> String {
-        parse_sip(&format!("sip:{}", self.account.registrar))
+        self.account
+            .as_ref()
+            .and_then(|a| parse_sip(&format!("sip:{}", a.registrar)).ok())
             .map(|u| u.host.canonical())
             .unwrap_or_default()
     }
@@ -382,7 +488,11 @@ impl ProviderLeg {
         cancel: CancellationToken,
         done: oneshot::Sender<Dialled>,
     ) {
-        let targets = match ctx.app.resolver.targets(&self.next_hop).await {
+        let Some(next_hop) = self.next_hop.clone() else {
+            let _ = done.send(failed(500, "Server Internal Error"));
+            return;
+        };
+        let targets = match ctx.app.resolver.targets(&next_hop).await {
             Ok(t) if !t.is_empty() => t,
             Ok(_) => {
                 let _ = done.send(failed(503, "Service Unavailable (no usable target)"));
@@ -397,8 +507,12 @@ impl ProviderLeg {
         let mut last = failed(408, "Request Timeout");
         for target in targets {
             let flow = if target.transport == TransportKind::Tls {
-                let name = self.next_hop.host.canonical();
-                let ca = self.account.ca_file.as_deref().map(std::path::Path::new);
+                let name = next_hop.host.canonical();
+                let ca = self
+                    .account
+                    .as_ref()
+                    .and_then(|a| a.ca_file.as_deref())
+                    .map(std::path::Path::new);
                 ctx.app
                     .transports
                     .flow_to_tls(target.addr, name.trim_end_matches('.'), ca)
@@ -496,10 +610,14 @@ impl ProviderLeg {
                             }
                             401 | 407 if cancelled_at.is_none() && challenges < MAX_CHALLENGES => {
                                 challenges += 1;
-                                match self.digest.take_challenge(&response, status == 407) {
+                                let taken = match self.digest.as_mut() {
+                                    Some(d) => d.take_challenge(&response, status == 407),
+                                    None => Err("a phone challenged the app server".into()),
+                                };
+                                match taken {
                                     Ok(()) => continue 'invite,
                                     Err(e) => {
-                                        tracing::warn!(provider = %self.account.id(), error = %e, "app server: the provider's challenge was not answered");
+                                        tracing::warn!(target_name = label, error = %e, "app server: a challenge was not answered");
                                         report(done, failed(status, reason_of(&response)));
                                         return None;
                                     }

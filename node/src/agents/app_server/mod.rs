@@ -81,6 +81,8 @@ pub struct AppServer {
     resolver: Resolver,
     sandbox: Arc<Sandbox>,
     settings: Settings,
+    /// The proxy: how to reach local accounts' phones.
+    proxy: Arc<crate::agents::proxy::Proxy>,
     /// The proxy's table of calls: the app server's calls count in it too, against each
     /// account's `max_concurrent_calls`, and drain waits for them.
     dialogs: Arc<Dialogs>,
@@ -100,10 +102,11 @@ impl AppServer {
         own: OwnAddrs,
         resolver: Resolver,
         settings: Settings,
-        dialogs: Arc<Dialogs>,
+        proxy: Arc<crate::agents::proxy::Proxy>,
     ) -> AppServer {
         AppServer {
-            dialogs,
+            dialogs: proxy.dialogs.clone(),
+            proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
             auth,

@@ -101,6 +101,15 @@ impl Target {
     }
 }
 
+/// One way to reach a phone, for a request of the app server's own: the contact as
+/// Request-URI, Route entries to put on top, and the flow to send on.
+#[derive(Clone, Debug)]
+pub struct Reach {
+    pub contact: Uri,
+    pub routes: Vec<String>,
+    pub flow: Flow,
+}
+
 #[derive(Clone, Debug)]
 enum Hop {
     /// A known flow (a binding's, or a token's).
@@ -637,7 +646,23 @@ impl Proxy {
                 ),
             ));
         };
-        let account = reader.account(&domain, &user).ok().flatten();
+        let call_id = request.call_id().unwrap_or_default();
+        let (from_tag, _) = tags(request);
+        let groups = self.binding_groups(&user, &domain, &call_id, &from_tag)?;
+        Ok((groups, caller))
+    }
+
+    /// The branches to every live binding of `user@domain`, grouped by q (highest first),
+    /// for a request of `call_id` from `from_tag`; the refusal when there are none.
+    fn binding_groups(
+        &self,
+        user: &str,
+        domain: &str,
+        call_id: &str,
+        from_tag: &str,
+    ) -> Result<Vec<Vec<Target>>, Refusal> {
+        let reader = self.cluster.replica.reader();
+        let account = reader.account(domain, user).ok().flatten();
         let Some(account) = account else {
             return Err(Refusal::new(404, "Not Found"));
         };
@@ -652,11 +677,9 @@ impl Proxy {
         if bindings.is_empty() || !account.enabled {
             return Err(Refusal::new(480, "Temporarily Unavailable"));
         }
-        let call_id = request.call_id().unwrap_or_default();
-        let (from_tag, _) = tags(request);
         let targets: Vec<(u16, Target)> = bindings
             .iter()
-            .filter_map(|b| Some((b.q, self.binding_target(b, &call_id, &from_tag)?)))
+            .filter_map(|b| Some((b.q, self.binding_target(b, call_id, from_tag)?)))
             .collect();
         if targets.is_empty() {
             return Err(Refusal::new(
@@ -664,7 +687,44 @@ impl Proxy {
                 "Temporarily Unavailable (no usable contact)",
             ));
         }
-        Ok((route::q_groups(targets), caller))
+        Ok(route::q_groups(targets))
+    }
+
+    /// How to reach each phone of the local account `user@domain` for a new call of
+    /// `call_id` from `from_tag`, grouped by q (highest first): for the app server, which
+    /// rings local accounts with calls of its own along the same paths the proxy takes
+    /// (node/DESIGN.md, "Edge nodes"). Phones that cannot be reached now are left out.
+    pub async fn reach(
+        &self,
+        user: &str,
+        domain: &str,
+        call_id: &str,
+        from_tag: &str,
+    ) -> Result<Vec<Vec<Reach>>, Refusal> {
+        let mut out = Vec::new();
+        for group in self.binding_groups(user, domain, call_id, from_tag)? {
+            let mut reach = Vec::new();
+            for t in group {
+                let (Some(contact), Ok(flow)) = (t.uri.clone(), self.resolve(&t.hop).await) else {
+                    continue;
+                };
+                reach.push(Reach {
+                    contact,
+                    routes: t.routes,
+                    flow,
+                });
+            }
+            if !reach.is_empty() {
+                out.push(reach);
+            }
+        }
+        if out.is_empty() {
+            return Err(Refusal::new(
+                480,
+                "Temporarily Unavailable (no usable contact)",
+            ));
+        }
+        Ok(out)
     }
 
     /// How to reach one binding (node/DESIGN.md, "Edge nodes"): through its Path; over its
