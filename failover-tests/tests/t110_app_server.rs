@@ -480,7 +480,11 @@ fn a_parallel_dial_of_two_local_phones_connects_the_first_to_answer_and_cancels_
         let (bob, carol) = (&phones[0], &phones[1]);
         let bob_side = s.spawn(move || {
             let invite = bob.expect_request("INVITE", Duration::from_secs(20));
-            assert!(invite.text.contains("sip:alice@example.com"), "{}", invite.text);
+            assert!(
+                invite.text.contains("sip:alice@example.com"),
+                "{}",
+                invite.text
+            );
             bob.respond(&invite, 180, "Ringing", "");
             // Answer only once carol rings too, so both are ringing when bob answers.
             std::thread::sleep(Duration::from_millis(300));
@@ -505,9 +509,126 @@ fn a_parallel_dial_of_two_local_phones_connects_the_first_to_answer_and_cancels_
         carol_side.join().unwrap();
         alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
         assert_eq!(
-            alice.expect_response("BYE", Duration::from_secs(20)).status(),
+            alice
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
             Some(200)
         );
         bob_side.join().unwrap();
+    });
+}
+
+/// Sends `text` (with `{local}` standing for the socket's own address) from a fresh
+/// socket to `node`, and returns the first final response to `method`.
+fn final_status(node: std::net::SocketAddr, method: &str, text: &str) -> (u16, String) {
+    let ua = Ua::new("127.0.0.1", "x", "elsewhere.test", "x");
+    let text = text.replace("{local}", &ua.local().to_string());
+    ua.socket.send_to(text.as_bytes(), node).unwrap();
+    loop {
+        let r = ua.expect_response(method, Duration::from_secs(10));
+        if r.status().unwrap() >= 200 {
+            return (r.status().unwrap(), r.text);
+        }
+    }
+}
+
+/// What an authenticated caller could try to get more than a call: dial-spec syntax
+/// %-escaped into the number, a Route to a host of its choosing, no Contact; and requests
+/// inside its own call naming the other leg, or sent while it rings. Each gets a clear
+/// answer, and none reaches the provider.
+#[test]
+fn a_caller_cannot_smuggle_routes_or_spec_syntax_or_reach_the_other_leg() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    for (target, want) in [
+        ("sip:1%7C0900666@example.com", 484),
+        ("sip:0900%26x@example.com", 484),
+        ("sip:a%40p0@example.com", 484),
+    ] {
+        let r = alice.invite(
+            node,
+            target,
+            &format!("smuggle-{want}-{}", target.len()),
+            &mut |_, _| {},
+        );
+        assert_eq!(r.status(), Some(want), "{target}: {}", r.text);
+    }
+    // A Route elsewhere: the proxy refuses to relay it even for an account that
+    // authenticates (the first INVITE gets 407; the answer with credentials gets 403).
+    let victim = std::net::UdpSocket::bind("127.0.0.99:0").unwrap();
+    let challenge = final_status(
+        node,
+        "INVITE",
+        &format!(
+            "INVITE sip:0301234@provider.test SIP/2.0\r\nVia: SIP/2.0/UDP {{local}};branch=z9hG4bK-route1;rport\r\n\
+             Route: <sip:{};lr>\r\nFrom: <sip:alice@example.com>;tag=r1\r\nTo: <sip:0301234@provider.test>\r\n\
+             Call-ID: route-1\r\nCSeq: 1 INVITE\r\nMax-Forwards: 70\r\nContact: <sip:alice@{{local}}>\r\n\
+             Content-Length: 0\r\n\r\n",
+            victim.local_addr().unwrap()
+        ),
+    );
+    assert!(
+        [403, 407].contains(&challenge.0),
+        "a Route elsewhere: {}",
+        challenge.1
+    );
+    victim
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0u8; 2048];
+    assert!(
+        victim.recv_from(&mut buf).is_err(),
+        "the Route's host got a request"
+    );
+
+    // While the call rings, a request inside it is answered at once; the other leg's
+    // Contact with this leg's token is nobody's.
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = phone.expect_request("INVITE", Duration::from_secs(20));
+            phone.respond(&invite, 180, "Ringing", "");
+            std::thread::sleep(Duration::from_millis(500));
+            let contact = phone.contact();
+            phone.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            phone.expect_request("ACK", Duration::from_secs(10));
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+        });
+        let mut ringing_contact = None;
+        let ok = alice.invite(node, "sip:0301234@example.com", "hostile-1", &mut |_, r| {
+            ringing_contact = r.header("Contact");
+        });
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let contact = ringing_contact.expect("the 180 carries the app server's Contact");
+        let uri = contact.trim_matches(|c| c == '<' || c == '>').to_owned();
+        assert!(uri.contains("tdb-") && uri.contains("a@"), "{uri}");
+        let other_leg = uri.replacen("a@", "b@", 1);
+        let (status, text) = final_status(
+            node,
+            "BYE",
+            &format!(
+                "BYE {other_leg} SIP/2.0\r\nVia: SIP/2.0/UDP {{local}};branch=z9hG4bK-otherleg;rport\r\n\
+                 From: <sip:alice@example.com>;tag=x\r\nTo: <sip:0301234@example.com>;tag=y\r\n\
+                 Call-ID: hostile-1\r\nCSeq: 9 BYE\r\nMax-Forwards: 70\r\nContent-Length: 0\r\n\r\n"
+            ),
+        );
+        assert_eq!(
+            status, 481,
+            "the other leg's Contact with this leg's token: {text}"
+        );
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(
+            alice
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
+            Some(200)
+        );
+        callee.join().unwrap();
     });
 }

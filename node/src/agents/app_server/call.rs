@@ -68,23 +68,52 @@ struct Call {
     answered: bool,
 }
 
+/// A new call, checked and authenticated by the agent.
+pub struct Start {
+    pub invite: Message,
+    pub flow: Flow,
+    pub tx: TxId,
+    pub account: Arc<Account>,
+    /// The tokens of the caller's leg and of the dialled side.
+    pub tokens: [String; 2],
+}
+
 /// Serves a new INVITE the app server took, to its end.
 pub async fn run(
     app: Arc<AppServer>,
-    invite: Message,
-    flow: Flow,
-    tx: TxId,
+    start: Start,
     cancelled: CancellationToken,
-    token: String,
-    mut inbox: mpsc::UnboundedReceiver<InDialog>,
+    mut a_rx: mpsc::Receiver<InDialog>,
+    mut b_rx: mpsc::Receiver<InDialog>,
 ) {
-    let account = match authenticate(&app, &invite, &flow) {
-        Ok(a) => a,
-        Err(refusal) => {
-            app.layer.respond_stateless(tx, refusal.response(&invite));
-            return;
+    serve(&app, start, cancelled, &mut a_rx, &mut b_rx).await;
+    // Requests that came in too late for the call: each gets its answer, so no server
+    // transaction is left waiting.
+    for rx in [&mut a_rx, &mut b_rx] {
+        rx.close();
+        while let Ok(d) = rx.try_recv() {
+            if let Some(tx) = d.tx {
+                let r = Refusal::new(481, "Call/Transaction Does Not Exist");
+                app.layer.respond_stateless(tx, r.response(&d.request));
+            }
         }
-    };
+    }
+}
+
+async fn serve(
+    app: &Arc<AppServer>,
+    start: Start,
+    cancelled: CancellationToken,
+    a_rx: &mut mpsc::Receiver<InDialog>,
+    b_rx: &mut mpsc::Receiver<InDialog>,
+) {
+    let Start {
+        invite,
+        flow,
+        tx,
+        account,
+        tokens,
+    } = start;
     // The call counts against the account's limit, with the proxy's calls.
     let caller_tag = invite
         .from()
@@ -122,12 +151,12 @@ pub async fn run(
     let a = Leg::from_invite(
         &invite,
         &our_tag,
-        contact_on(&app.own, &flow, &token, 'a'),
+        contact_on(&app.own, &flow, &tokens[0], 'a'),
         flow,
     );
     let mut call = Call {
         app: app.clone(),
-        token,
+        token: tokens[1].clone(),
         invite,
         a_tx: tx,
         a,
@@ -137,7 +166,7 @@ pub async fn run(
         answered: false,
     };
     let aor = format!("{}@{}", account.user, account.domain);
-    let result = call.route(&account, &aor, &cancelled).await;
+    let result = call.route(&account, &aor, &cancelled, a_rx, b_rx).await;
     if !call.answered {
         if !call.caller_gone {
             call.fail(result);
@@ -148,7 +177,7 @@ pub async fn run(
     let mut converted = false;
     app.dialogs
         .answered(&call_id, &caller_tag, &our_tag, 200, &mut converted);
-    call.bridge(&mut inbox).await;
+    call.bridge(a_rx, b_rx).await;
     app.dialogs
         .ended(&call_id, &caller_tag, &our_tag, DialogKind::Call);
     if !converted {
@@ -156,7 +185,12 @@ pub async fn run(
     }
 }
 
-fn authenticate(app: &AppServer, invite: &Message, flow: &Flow) -> Result<Arc<Account>, Refusal> {
+/// The local account placing `invite`, or the answer that challenges or refuses it.
+pub fn authenticate(
+    app: &AppServer,
+    invite: &Message,
+    flow: &Flow,
+) -> Result<Arc<Account>, Refusal> {
     let from = invite
         .from()
         .ok()
@@ -181,6 +215,8 @@ impl Call {
         account: &Account,
         aor: &str,
         cancelled: &CancellationToken,
+        a_rx: &mut mpsc::Receiver<InDialog>,
+        b_rx: &mut mpsc::Receiver<InDialog>,
     ) -> Result<(), Refusal> {
         let reader = self.app.cluster.replica.reader();
         let script = reader
@@ -221,6 +257,12 @@ impl Call {
             caller_id: None,
             provisional: prov_tx,
             ring_for: self.app.settings.ring_for,
+            max_forwards: self
+                .invite
+                .max_forwards()
+                .ok()
+                .flatten()
+                .map_or(69, |n| u32::from(n).saturating_sub(1)),
         };
         let dial_cancel = cancelled.child_token();
         let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
@@ -251,6 +293,8 @@ impl Call {
         loop {
             tokio::select! {
                 Some(p) = prov_rx.recv() => self.provisional(p),
+                Some(d) = a_rx.recv() => self.early_request(d, &dial_cancel),
+                Some(d) = b_rx.recv() => self.early_request(d, &dial_cancel),
                 _ = dial_cancel.cancelled(), if !self.caller_gone => {
                     self.caller_gone = true;
                     self.respond_a(487, "Request Terminated", None);
@@ -259,8 +303,14 @@ impl Call {
                     let (_, reply) = current.take().expect("guarded");
                     let outcome = match done {
                         Dialled::Answered { leg, answer, target } => {
-                            self.connect(*leg, &answer);
-                            DialOutcome::Answered { target }
+                            if self.caller_gone {
+                                // The caller left as the callee answered: end it there.
+                                hang_up(&self.app, *leg);
+                                DialOutcome::CallerGone
+                            } else {
+                                self.connect(*leg, &answer);
+                                DialOutcome::Answered { target }
+                            }
                         }
                         Dialled::Failed(o) => o,
                     };
@@ -313,6 +363,25 @@ impl Call {
         } else {
             Err(refusal_for(last.as_ref()))
         }
+    }
+
+    /// A request inside the call before it is connected: the caller's BYE ends the
+    /// attempt (RFC 3261 §15), anything else waits for nothing and is answered at once.
+    fn early_request(&mut self, d: InDialog, dial_cancel: &CancellationToken) {
+        let Some(tx) = d.tx else {
+            return;
+        };
+        let (status, reason) = match (d.request.method(), d.side) {
+            (Some(Method::Bye), Side::A) => {
+                dial_cancel.cancel();
+                (200, "OK")
+            }
+            (Some(Method::Bye), Side::B) => (481, "Call/Transaction Does Not Exist"),
+            _ => (491, "Request Pending"),
+        };
+        let mut r = Message::response_to(&d.request, status, reason);
+        crate::stack::responses::stamp(&mut r);
+        self.app.layer.respond(tx, r);
     }
 
     /// Tells the caller the callee rings (18x), with its session description if any.
@@ -368,13 +437,23 @@ impl Call {
     }
 
     /// Relays requests between the legs until a BYE.
-    async fn bridge(&mut self, inbox: &mut mpsc::UnboundedReceiver<InDialog>) {
+    async fn bridge(
+        &mut self,
+        a_rx: &mut mpsc::Receiver<InDialog>,
+        b_rx: &mut mpsc::Receiver<InDialog>,
+    ) {
         let mut resend = Duration::from_millis(500);
         let mut next_resend = Instant::now() + resend;
         let ack_by = Instant::now() + ACK_WAIT;
         loop {
             tokio::select! {
-                got = inbox.recv() => {
+                got = a_rx.recv() => {
+                    let Some(d) = got else { return };
+                    if self.relay(d).await {
+                        return;
+                    }
+                }
+                got = b_rx.recv() => {
                     let Some(d) = got else { return };
                     if self.relay(d).await {
                         return;
@@ -410,23 +489,43 @@ impl Call {
             return false;
         }
         let Some(mut b) = self.b.take() else {
+            answer(&self.app, &d, 481, "Call/Transaction Does Not Exist");
             return false;
         };
         let (src, dst) = match d.side {
             Side::A => (&mut self.a, &mut b),
             Side::B => (&mut b, &mut self.a),
         };
+        // The token names the leg; the Call-ID must be that leg's too.
+        if d.request.call_id().ok().as_deref() != Some(src.call_id.as_str()) {
+            self.b = Some(b);
+            answer(&self.app, &d, 481, "Call/Transaction Does Not Exist");
+            return false;
+        }
         if matches!(method, Method::Invite | Method::Update) {
             src.refresh_target(&d.request);
         }
         let flow = dst.flow;
         let via = via_on(&self.app.own, &flow);
-        let extra: String = value(&d.request, &HeaderName::from("Reason"))
-            .map(|v| format!("Reason: {v}\r\n"))
-            .unwrap_or_default();
+        let extra: String = RELAYED
+            .iter()
+            .flat_map(|name| {
+                let n = HeaderName::from(*name);
+                d.request
+                    .headers()
+                    .filter(move |(h, _)| **h == n)
+                    .map(|(_, v)| format!("{name}: {}\r\n", String::from_utf8_lossy(v)))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
         let ctype = value(&d.request, &HeaderName::ContentType);
         let out = dst.request(&method, &via, &extra, ctype.as_deref(), d.request.body());
         let seq = dst.local_cseq;
+        let Some(out) = out else {
+            self.b = Some(b);
+            answer(&self.app, &d, 500, "Server Internal Error");
+            return method == Method::Bye;
+        };
         let mut events = self.app.layer.send_request(out, flow);
         let answer = tokio::time::timeout(RELAY_WAIT, async {
             while let Some(e) = events.recv().await {
@@ -445,8 +544,9 @@ impl Call {
             let ok = (200..300).contains(&r.status().unwrap_or(0));
             if method == Method::Invite && ok {
                 dst.refresh_target(r);
-                let ack = dst.ack(seq, &via_on(&self.app.own, &flow));
-                let _ = self.app.layer.send_request(ack, flow);
+                if let Some(ack) = dst.ack(seq, &via_on(&self.app.own, &flow)) {
+                    let _ = self.app.layer.send_request(ack, flow);
+                }
             }
         }
         let contact = src.contact.clone();
@@ -476,11 +576,43 @@ impl Call {
 
     /// Sends BYE on both legs (the caller never ACKed, or the node gives up the call).
     async fn end_both(&mut self) {
-        for leg in [Some(&mut self.a), self.b.as_mut()].into_iter().flatten() {
-            let flow = leg.flow;
-            let bye = leg.request(&Method::Bye, &via_on(&self.app.own, &flow), "", None, b"");
-            let _ = self.app.layer.send_request(bye, flow);
+        // The dialled side first: that is the call being paid for.
+        if let Some(b) = self.b.take() {
+            hang_up(&self.app, b);
         }
+        hang_up(&self.app, self.a.clone());
+    }
+}
+
+/// Headers a request inside the call keeps when relayed to the other leg, beside its
+/// body and Content-Type: what BYE, REFER, NOTIFY, INFO and session timers need.
+const RELAYED: &[&str] = &[
+    "Reason",
+    "Event",
+    "Subscription-State",
+    "Refer-To",
+    "Referred-By",
+    "Replaces",
+    "Info-Package",
+    "Content-Disposition",
+    "Session-Expires",
+    "Min-SE",
+];
+
+/// Answers a request inside a call with `status`.
+fn answer(app: &AppServer, d: &InDialog, status: u16, reason: &str) {
+    if let Some(tx) = d.tx {
+        let mut r = Message::response_to(&d.request, status, reason);
+        crate::stack::responses::stamp(&mut r);
+        app.layer.respond(tx, r);
+    }
+}
+
+/// Ends `leg` with a BYE.
+pub fn hang_up(app: &AppServer, mut leg: Leg) {
+    let flow = leg.flow;
+    if let Some(bye) = leg.request(&Method::Bye, &via_on(&app.own, &flow), "", None, b"") {
+        let _ = app.layer.send_request(bye, flow);
     }
 }
 
@@ -527,7 +659,15 @@ fn refusal_for(last: Option<&DialOutcome>) -> Refusal {
         None => Refusal::new(404, "Not Found (the dialplan dialled nothing)"),
         Some(DialOutcome::Busy { code, reason }) => Refusal::new(*code, reason.clone()),
         Some(DialOutcome::NoAnswer) => Refusal::new(480, "Temporarily Unavailable (no answer)"),
-        Some(DialOutcome::Failed { code, reason }) if (300..700).contains(code) => {
+        // A provider's challenge cannot be the caller's to answer, and a 503 would tell
+        // the caller this node is down (RFC 3261 §16.7 turns it into 500).
+        Some(DialOutcome::Failed {
+            code: 401 | 407, ..
+        }) => Refusal::new(403, "Forbidden (the provider refused the call)"),
+        Some(DialOutcome::Failed { code: 503, .. }) => {
+            Refusal::new(500, "Server Internal Error (no provider took the call)")
+        }
+        Some(DialOutcome::Failed { code, reason }) if (400..700).contains(code) => {
             Refusal::new(*code, reason.clone())
         }
         Some(_) => Refusal::new(500, "Server Internal Error"),

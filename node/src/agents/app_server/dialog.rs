@@ -109,7 +109,7 @@ impl Leg {
         extra: &str,
         content_type: Option<&str>,
         body: &[u8],
-    ) -> Message {
+    ) -> Option<Message> {
         self.local_cseq += 1;
         let seq = self.local_cseq;
         self.build(method, seq, via, extra, content_type, body)
@@ -117,7 +117,7 @@ impl Leg {
 
     /// The ACK for a 2xx to our INVITE of CSeq `seq` (RFC 3261 §13.2.2.4): the same CSeq
     /// number, a new branch.
-    pub fn ack(&self, seq: u32, via: &str) -> Message {
+    pub fn ack(&self, seq: u32, via: &str) -> Option<Message> {
         self.build(&Method::Ack, seq, via, "", None, b"")
     }
 
@@ -129,7 +129,7 @@ impl Leg {
         extra: &str,
         content_type: Option<&str>,
         body: &[u8],
-    ) -> Message {
+    ) -> Option<Message> {
         let mut text = format!(
             "{method} {target} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n",
             target = self.remote_target,
@@ -151,8 +151,9 @@ impl Leg {
         text.push_str(&format!("Content-Length: {}\r\n\r\n", body.len()));
         let mut bytes = text.into_bytes();
         bytes.extend_from_slice(body);
-        Message::parse_datagram(Bytes::from(bytes), usize::MAX)
-            .expect("a request built from a parsed dialog parses")
+        // Every part comes from a parsed message; a peer's Contact that still makes an
+        // unparseable request (it should not) leaves the request unsent, never a panic.
+        Message::parse_datagram(Bytes::from(bytes), usize::MAX).ok()
     }
 
     /// Takes a new remote target from a target-refresh request or its answer (a re-INVITE
@@ -196,13 +197,15 @@ mod tests {
              Content-Length: 0\n\n",
         );
         let mut a = Leg::from_invite(&invite, "t9", "sip:tdb-xa@127.0.0.1:5060".into(), flow());
-        let bye = a.request(
-            &Method::Bye,
-            "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKb",
-            "",
-            None,
-            b"",
-        );
+        let bye = a
+            .request(
+                &Method::Bye,
+                "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKb",
+                "",
+                None,
+                b"",
+            )
+            .unwrap();
         assert_eq!(bye.uri().unwrap().to_string(), "sip:alice@127.0.0.1:5070");
         assert_eq!(
             values(&bye, &HeaderName::Route),
@@ -243,7 +246,9 @@ mod tests {
              Content-Length: 0\n\n",
         );
         let b = Leg::from_answer(&invite, &ok, "sip:tdb-xb@127.0.0.1:5060".into(), flow());
-        let ack = b.ack(3, "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKa");
+        let ack = b
+            .ack(3, "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKa")
+            .unwrap();
         assert_eq!(ack.cseq().unwrap().seq, 3);
         assert_eq!(ack.method(), Some(&Method::Ack));
         assert_eq!(
@@ -255,13 +260,15 @@ mod tests {
             "<sip:0301234@provider.test>;tag=callee"
         );
         let mut b = b;
-        let reinvite = b.request(
-            &Method::Invite,
-            "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKr",
-            "",
-            Some("application/sdp"),
-            b"v=0\r\n",
-        );
+        let reinvite = b
+            .request(
+                &Method::Invite,
+                "SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKr",
+                "",
+                Some("application/sdp"),
+                b"v=0\r\n",
+            )
+            .unwrap();
         assert_eq!(reinvite.cseq().unwrap().seq, 4);
         assert_eq!(reinvite.body(), b"v=0\r\n");
         assert_eq!(

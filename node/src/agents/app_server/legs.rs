@@ -59,6 +59,9 @@ pub struct DialContext {
     pub provisional: mpsc::UnboundedSender<Message>,
     /// The default ringing time of a leg without one.
     pub ring_for: Duration,
+    /// The caller's Max-Forwards less one: a call that comes back through a provider to
+    /// this cluster runs out of hops rather than looping.
+    pub max_forwards: u32,
 }
 
 /// How a leg or a group ended.
@@ -157,12 +160,11 @@ async fn parallel(
     while let Some(done) = running.join_next().await {
         match done {
             Ok(a @ Dialled::Answered { .. }) => {
-                // The others stop ringing; a 2xx that crosses the CANCEL is ACKed and
-                // ended by its own leg.
+                // The others stop ringing; one that answered too is ended.
                 for t in &tokens {
                     t.cancel();
                 }
-                running.detach_all();
+                reap(&ctx.app, running);
                 return a;
             }
             Ok(Dialled::Failed(o)) => failures.push(o),
@@ -173,6 +175,19 @@ async fn parallel(
         }
     }
     Dialled::Failed(best_failure(failures))
+}
+
+/// Waits, on a task of its own, for the members of a group that lost to another's answer,
+/// and ends any of them that answered as well.
+fn reap(app: &Arc<AppServer>, mut running: tokio::task::JoinSet<Dialled>) {
+    let app = app.clone();
+    tokio::spawn(async move {
+        while let Some(done) = running.join_next().await {
+            if let Ok(Dialled::Answered { leg, .. }) = done {
+                super::call::hang_up(&app, *leg);
+            }
+        }
+    });
 }
 
 /// The outcome that says most of several failures: a 6xx, then busy, then any other
@@ -298,7 +313,7 @@ async fn dial_local(
                     for t in &tokens {
                         t.cancel();
                     }
-                    running.detach_all();
+                    reap(&ctx.app, running);
                     return a;
                 }
                 Ok(Dialled::Failed(o)) => failures.push(o),
@@ -356,8 +371,11 @@ impl OutLeg {
             .auth_username
             .clone()
             .unwrap_or_else(|| a.username.clone());
+        // Only the provider's own realm is answered: a callee behind the provider that
+        // challenges with a realm of its own must not get a digest of our password.
+        let realm = a.realm.clone().unwrap_or_else(|| domain.clone());
         Ok(OutLeg {
-            digest: Some(DigestClient::new(&auth_user, &password, a.realm.as_deref())),
+            digest: Some(DigestClient::new(&auth_user, &password, Some(&realm))),
             from: format!(
                 "{display}<sip:{}@{domain}>;tag={:016x}",
                 a.username,
@@ -426,8 +444,8 @@ impl OutLeg {
             rng.gen::<u64>()
         );
         let mut text = format!(
-            "INVITE {} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: 70\r\n",
-            self.request_uri
+            "INVITE {} SIP/2.0\r\nVia: {via}\r\nMax-Forwards: {}\r\n",
+            self.request_uri, ctx.max_forwards
         );
         for r in &self.routes {
             text.push_str(&format!("Route: {r}\r\n"));
@@ -595,17 +613,23 @@ impl OutLeg {
                             200..=299 => {
                                 let leg = Leg::from_answer(&invite, &response, contact_uri(ctx, &flow), flow);
                                 let via = via_for(ctx, &flow);
-                                let ack = leg.ack(self.cseq, &via);
-                                let _ = ctx.app.layer.send_request(ack, flow);
+                                if let Some(ack) = leg.ack(self.cseq, &via) {
+                                    let _ = ctx.app.layer.send_request(ack, flow);
+                                }
                                 if cancelled_at.is_some() || done.is_none() {
                                     // Answered after we gave up: end it at once.
-                                    let mut leg = leg;
-                                    let bye = leg.request(&Method::Bye, &via_for(ctx, &flow), "", None, b"");
-                                    let _ = ctx.app.layer.send_request(bye, flow);
+                                    super::call::hang_up(&ctx.app, leg);
                                     report(done, Dialled::Failed(DialOutcome::NoAnswer));
                                     return None;
                                 }
-                                report(done, Dialled::Answered { leg: Box::new(leg), answer: Box::new(response), target: label.to_owned() });
+                                let answered = Dialled::Answered { leg: Box::new(leg), answer: Box::new(response), target: label.to_owned() };
+                                if let Some(d) = done.take() {
+                                    // Nobody waits any more (a group's ringing time ran
+                                    // out as it answered): end it rather than leave it up.
+                                    if let Err(Dialled::Answered { leg, .. }) = d.send(answered) {
+                                        super::call::hang_up(&ctx.app, *leg);
+                                    }
+                                }
                                 return None;
                             }
                             401 | 407 if cancelled_at.is_none() && challenges < MAX_CHALLENGES => {

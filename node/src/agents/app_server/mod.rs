@@ -71,6 +71,21 @@ pub struct InDialog {
 
 /// The most calls the app server runs at once on one node; more get 503.
 const MAX_CALLS: usize = 10_000;
+/// Requests inside one call waiting for its task; more get 503 (the task relays one at a
+/// time, and a peer that floods its own call must not hold unbounded memory).
+const INBOX: usize = 16;
+
+/// The users a call may dial: digits and letters with `+`, `*`, `.`, `-` and `_`, up to 32.
+/// Anything else (a dial spec's `&`, `|`, `/`, `(`, `@` smuggled in %-escaped) is refused
+/// before a dialplan sees it.
+pub fn dialable(user: &str) -> bool {
+    let rest = user.strip_prefix('+').unwrap_or(user);
+    !rest.is_empty()
+        && user.len() <= 32
+        && rest
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"*.-_".contains(&c))
+}
 
 pub struct AppServer {
     cluster: ClusterNode,
@@ -86,8 +101,8 @@ pub struct AppServer {
     /// The proxy's table of calls: the app server's calls count in it too, against each
     /// account's `max_concurrent_calls`, and drain waits for them.
     dialogs: Arc<Dialogs>,
-    /// The task of each call, by token.
-    calls: Mutex<HashMap<String, mpsc::UnboundedSender<InDialog>>>,
+    /// The task of each call's leg, by the leg's token.
+    calls: Mutex<HashMap<String, (mpsc::Sender<InDialog>, Side)>>,
     /// What stops each call still ringing, by the caller's INVITE transaction.
     ringing: Mutex<HashMap<TxId, CancellationToken>>,
 }
@@ -148,6 +163,16 @@ impl AppServer {
         reader.account(&host, &user).ok().flatten().is_none()
     }
 
+    /// Whether every Route of a request names this node (a phone whose outbound proxy is
+    /// this node sends one): a Route elsewhere is the proxy's to refuse.
+    fn routes_only_here(&self, request: &Message) -> bool {
+        request
+            .name_addrs(&HeaderName::Route)
+            .unwrap_or_default()
+            .iter()
+            .all(|r| r.uri.as_sip().is_some_and(|u| self.own.is_own(u)))
+    }
+
     /// The call and leg a Request-URI of ours names, if it is one of our Contacts.
     fn addressed(&self, request: &Message) -> Option<(String, Side)> {
         let uri = request.uri()?.as_sip()?;
@@ -165,39 +190,108 @@ impl AppServer {
         Some((token.to_owned(), side))
     }
 
+    /// Checks a new INVITE and starts its call. Everything that refuses it (the caller's
+    /// credentials first) is decided here, statelessly, before any state is kept.
     fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
-        let token = format!("{:032x}", rand::thread_rng().gen::<u128>());
-        let (inbox_tx, inbox) = mpsc::unbounded_channel();
+        let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
+        let account = match call::authenticate(&self, &request, &flow) {
+            Ok(a) => a,
+            Err(r) => return refuse(r),
+        };
+        let reader = self.cluster.replica.reader();
+        let customer_on = reader
+            .customer(&account.customer)
+            .ok()
+            .flatten()
+            .is_some_and(|c| c.enabled);
+        if !customer_on {
+            return refuse(Refusal::new(403, "Forbidden (the customer is disabled)"));
+        }
+        let one_sip_contact = matches!(
+            request.contacts(),
+            Ok(Some(tandem_sip::Contacts::List(list)))
+                if list.len() == 1 && list[0].uri.as_sip().is_some()
+        );
+        if !one_sip_contact {
+            return refuse(Refusal::new(
+                400,
+                "Bad Request (a call needs one sip: or sips: Contact)",
+            ));
+        }
+        let user = request
+            .uri()
+            .and_then(|u| u.as_sip())
+            .and_then(|u| u.user_unescaped())
+            .map(|u| u.into_owned())
+            .unwrap_or_default();
+        if !dialable(&user) {
+            return refuse(Refusal::new(
+                484,
+                "Address Incomplete (a number is up to 32 of 0-9 A-Z a-z + * . - _)",
+            ));
+        }
+        if request.max_forwards().ok().flatten() == Some(0) {
+            return refuse(Refusal::new(483, "Too Many Hops"));
+        }
+        let mut rng = rand::thread_rng();
+        let tokens = [
+            format!("{:032x}", rng.gen::<u128>()),
+            format!("{:032x}", rng.gen::<u128>()),
+        ];
+        let (a_tx, a_rx) = mpsc::channel(INBOX);
+        let (b_tx, b_rx) = mpsc::channel(INBOX);
         {
             let mut calls = self.calls.lock().expect("calls lock");
-            if calls.len() >= MAX_CALLS {
+            if calls.len() >= 2 * MAX_CALLS {
                 drop(calls);
-                let r = Refusal::new(503, "Service Unavailable (too many calls)");
-                self.layer.respond_stateless(tx, r.response(&request));
-                return;
+                return refuse(Refusal::new(503, "Service Unavailable (too many calls)"));
             }
-            calls.insert(token.clone(), inbox_tx);
+            calls.insert(tokens[0].clone(), (a_tx, Side::A));
+            calls.insert(tokens[1].clone(), (b_tx, Side::B));
         }
         let cancelled = CancellationToken::new();
         self.ringing
             .lock()
             .expect("ringing lock")
             .insert(tx, cancelled.clone());
-        let app = self.clone();
+        let guard = CallGuard {
+            app: self.clone(),
+            tokens: tokens.clone(),
+            tx,
+        };
         tokio::spawn(async move {
-            call::run(
-                app.clone(),
-                request,
+            let _guard = guard;
+            let start = call::Start {
+                invite: request,
                 flow,
                 tx,
-                cancelled,
-                token.clone(),
-                inbox,
-            )
-            .await;
-            app.calls.lock().expect("calls lock").remove(&token);
-            app.ringing.lock().expect("ringing lock").remove(&tx);
+                account,
+                tokens,
+            };
+            call::run(_guard.app.clone(), start, cancelled, a_rx, b_rx).await;
         });
+    }
+}
+
+/// Removes a call from the tables when its task ends, however it ends.
+struct CallGuard {
+    app: Arc<AppServer>,
+    tokens: [String; 2],
+    tx: TxId,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut calls = self.app.calls.lock().expect("calls lock");
+        for t in &self.tokens {
+            calls.remove(t);
+        }
+        drop(calls);
+        self.app
+            .ringing
+            .lock()
+            .expect("ringing lock")
+            .remove(&self.tx);
     }
 }
 
@@ -209,26 +303,42 @@ impl Agent for AppServer {
         in_transaction
             && request.method() == Some(&Method::Invite)
             && request.to().is_ok_and(|to| !to.params.contains("tag"))
-            && !request.has_header(&HeaderName::Route)
+            && self.routes_only_here(request)
             && self.is_outbound(request)
     }
 
     fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, _stack: &Stack) {
         if let Some((token, side)) = self.addressed(&request) {
-            let sender = self.calls.lock().expect("calls lock").get(&token).cloned();
-            let delivered = sender.is_some_and(|s| {
-                s.send(InDialog {
+            let sender = self
+                .calls
+                .lock()
+                .expect("calls lock")
+                .get(&token)
+                .filter(|(_, s)| *s == side)
+                .map(|(sender, _)| sender.clone());
+            let refusal = match sender {
+                None => Some(Refusal::new(481, "Call/Transaction Does Not Exist")),
+                Some(s) => match s.try_send(InDialog {
                     request: request.clone(),
                     tx,
                     side,
-                })
-                .is_ok()
-            });
-            if !delivered {
-                if let Some(tx) = tx {
-                    let r = Refusal::new(481, "Call/Transaction Does Not Exist");
-                    self.layer.respond_stateless(tx, r.response(&request));
-                }
+                }) {
+                    Ok(()) => None,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        let mut r = Refusal::new(
+                            503,
+                            "Service Unavailable (too many requests in this call)",
+                        );
+                        r.headers.push((HeaderName::RetryAfter, "1".into()));
+                        Some(r)
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        Some(Refusal::new(481, "Call/Transaction Does Not Exist"))
+                    }
+                },
+            };
+            if let (Some(r), Some(tx)) = (refusal, tx) {
+                self.layer.respond_stateless(tx, r.response(&request));
             }
             return;
         }

@@ -428,12 +428,21 @@ impl Proxy {
                 ))
             }
         } else if let Some(next) = next_route {
-            // Loose routing to the next hop (§16.6 step 6), for a new request only after
-            // authenticating.
-            self.authorize_outbound(&request, &flow).map(|account| {
-                caller = account;
-                Target::only(Hop::Uri(next))
-            })
+            // Loose routing to the next hop (§16.6 step 6), for a new request only to
+            // another member and only after authenticating. A Route of the caller's
+            // choosing elsewhere would make the cluster a relay for anyone with an
+            // account, past its dialplans and its provider accounts' rules.
+            if self.names_member(&next) {
+                self.authorize_outbound(&request, &flow).map(|account| {
+                    caller = account;
+                    Target::only(Hop::Uri(next))
+                })
+            } else {
+                Err(Refusal::new(
+                    403,
+                    "Forbidden (a new request may not be routed through this node to another host)",
+                ))
+            }
         } else if let Some(flow) = own.edge_flow() {
             Ok(Target::only(Hop::Flow(flow)))
         } else {
@@ -554,7 +563,8 @@ impl Proxy {
             .any(|u| self.own.is_own(u))
     }
 
-    /// A new request with a route of its own: allowed for local accounts that authenticate.
+    /// A new request with a route of its own to another member: allowed for local accounts
+    /// that authenticate.
     fn authorize_outbound(
         &self,
         request: &Message,
