@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::dialog::{value, Leg};
 use super::legs::{exec, DialContext, Dialled};
-use super::{contact_on, via_on, AppServer, InDialog, Side};
+use super::{contact_on, hang_up, via_on, AppServer, InDialog, Side};
 use crate::agents::auth::{Authenticated, Challenge};
 use crate::agents::proxy::dialogs::{DialogKind, Refused};
 use crate::agents::Refusal;
@@ -605,14 +605,6 @@ fn answer(app: &AppServer, d: &InDialog, status: u16, reason: &str) {
         let mut r = Message::response_to(&d.request, status, reason);
         crate::stack::responses::stamp(&mut r);
         app.layer.respond(tx, r);
-    }
-}
-
-/// Ends `leg` with a BYE.
-pub fn hang_up(app: &AppServer, mut leg: Leg) {
-    let flow = leg.flow;
-    if let Some(bye) = leg.request(&Method::Bye, &via_on(&app.own, &flow), "", None, b"") {
-        let _ = app.layer.send_request(bye, flow);
     }
 }
 

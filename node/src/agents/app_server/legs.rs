@@ -184,7 +184,7 @@ fn reap(app: &Arc<AppServer>, mut running: tokio::task::JoinSet<Dialled>) {
     tokio::spawn(async move {
         while let Some(done) = running.join_next().await {
             if let Ok(Dialled::Answered { leg, .. }) = done {
-                super::call::hang_up(&app, *leg);
+                super::hang_up(&app, *leg);
             }
         }
     });
@@ -352,6 +352,8 @@ impl OutLeg {
             .unwrap_or_default();
         let registrar = parse_sip(&format!("sip:{}{transport}", a.registrar))?;
         let domain = registrar.host.canonical();
+        // `#` (in service codes like *31#) is not a URI user character: escaped.
+        let number = number.replace('#', "%23");
         let request_uri = format!("sip:{number}@{}{transport}", a.registrar);
         let (next_hop, routes) = match &a.outbound_proxy {
             Some(p) => {
@@ -618,7 +620,7 @@ impl OutLeg {
                                 }
                                 if cancelled_at.is_some() || done.is_none() {
                                     // Answered after we gave up: end it at once.
-                                    super::call::hang_up(&ctx.app, leg);
+                                    super::hang_up(&ctx.app, leg);
                                     report(done, Dialled::Failed(DialOutcome::NoAnswer));
                                     return None;
                                 }
@@ -627,7 +629,7 @@ impl OutLeg {
                                     // Nobody waits any more (a group's ringing time ran
                                     // out as it answered): end it rather than leave it up.
                                     if let Err(Dialled::Answered { leg, .. }) = d.send(answered) {
-                                        super::call::hang_up(&ctx.app, *leg);
+                                        super::hang_up(&ctx.app, *leg);
                                     }
                                 }
                                 return None;

@@ -378,3 +378,11 @@ pub fn contact_on(own: &OwnAddrs, flow: &Flow, token: &str, side: char) -> Strin
     };
     format!("sip:{CONTACT_PREFIX}{token}{side}@{addr}{t}")
 }
+
+/// Ends `leg` with a BYE.
+pub fn hang_up(app: &AppServer, mut leg: dialog::Leg) {
+    let flow = leg.flow;
+    if let Some(bye) = leg.request(&Method::Bye, &via_on(&app.own, &flow), "", None, b"") {
+        let _ = app.layer.send_request(bye, flow);
+    }
+}
