@@ -30,6 +30,7 @@ pub use clock::Deadline;
 
 pub mod cluster;
 pub mod dns;
+pub mod kamailio;
 pub mod keepalive;
 pub mod netns;
 pub mod phones;

@@ -15,6 +15,7 @@ use tandem_failover_tests::cluster::{
     self, add_account, http, metric, Answer, Cluster, MemberRole,
 };
 use tandem_failover_tests::dns::DnsServer;
+use tandem_failover_tests::kamailio::Kamailio;
 use tandem_failover_tests::netns::{member_of, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{sip_config, Deadline, Node, Wait};
@@ -565,75 +566,6 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
     );
 }
 
-/// Kamailio (Debian's) as the provider's registrar, started by the test from
-/// `fixtures/kamailio-provider.cfg`.
-struct Kamailio {
-    child: std::process::Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Kamailio {
-    fn start() -> Kamailio {
-        Kamailio::start_on("127.0.0.1", tandem_failover_tests::free_port())
-    }
-
-    /// Kamailio on `ip:port`; `ip` is also where the test's query REGISTERs come from.
-    fn start_on(ip: &str, port: u16) -> Kamailio {
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let cfg = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/kamailio-provider.cfg"
-        );
-        let log = dir.path().join("kamailio.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new("kamailio")
-            .args([
-                "-f",
-                cfg,
-                "-l",
-                &format!("udp:{addr}"),
-                "-DD",
-                "-E",
-                "-m",
-                "64",
-                "-M",
-                "8",
-            ])
-            .arg("-P")
-            .arg(dir.path().join("kamailio.pid"))
-            .arg("-Y")
-            .arg(dir.path())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("kamailio is installed (./ops/setup.sh installs it)");
-        let k = Kamailio { child, addr, dir };
-        Wait::new("kamailio to answer", Duration::from_secs(10)).until(|| {
-            let mut ua = Ua::new(ip, "probe", "kamailio.test", "pw-probe");
-            ua.register(k.addr, "MD5", None, None).status == 200
-        });
-        k
-    }
-
-    /// The contacts of `user@kamailio.test`, as a query REGISTER returns them.
-    fn contacts(&self, user: &str) -> Vec<String> {
-        let ip = self.addr.ip().to_string();
-        let mut ua = Ua::new(&ip, user, "kamailio.test", &format!("pw-{user}"));
-        let r = ua.register(self.addr, "MD5", None, None);
-        assert_eq!(r.status, 200, "{}", r.text);
-        r.headers("Contact")
-    }
-}
-
-impl Drop for Kamailio {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// With Kamailio as the provider, each account has one contact, its owner's; after the
 /// owner's SIGKILL the new owner's REGISTER (same +sip.instance and reg-id) replaces the
 /// dead owner's contact within the lease time plus 5 s.
@@ -1059,7 +991,7 @@ struct RegisterLog {
 
 impl RegisterLog {
     fn watch(kamailio: &Kamailio, started: Deadline) -> RegisterLog {
-        let path = kamailio.dir.path().join("kamailio.log");
+        let path = kamailio.log_path();
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (l, st) = (lines.clone(), stop.clone());

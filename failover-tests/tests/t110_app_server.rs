@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::kamailio::Kamailio;
 use tandem_failover_tests::ua::{Received, Ua};
 use tandem_failover_tests::{Deadline, Node, Wait};
 
@@ -52,6 +53,16 @@ impl Provider {
 /// A cluster of one with customer c1, account alice@example.com and the provider account
 /// p0 (u0 at the provider, through its address as outbound proxy).
 fn form(provider: &Provider) -> Cluster {
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
+            "username":"u0","password":"pw0","expires_secs":600}}"#,
+        provider.node.udp_addr()
+    );
+    form_with(&body)
+}
+
+/// [`form`] with the provider account p0 that `body` describes.
+fn form_with(provider_account: &str) -> Cluster {
     let cluster = Cluster::form(&[MemberRole::Full], "");
     Wait::new("feature version 1", Duration::from_secs(15))
         .showing(&cluster)
@@ -73,13 +84,8 @@ fn form(provider: &Provider) -> Cluster {
     )
     .unwrap();
     assert_eq!(a.status, 201, "{}", a.body);
-    let body = format!(
-        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
-            "username":"u0","password":"pw0","expires_secs":600}}"#,
-        provider.node.udp_addr()
-    );
     let p = m
-        .request("PUT", "/v1/providers/c1/p0", Some(&body))
+        .request("PUT", "/v1/providers/c1/p0", Some(provider_account))
         .unwrap();
     assert_eq!(p.status, 201, "{}", p.body);
     cluster
@@ -631,4 +637,132 @@ fn a_caller_cannot_smuggle_routes_or_spec_syntax_or_reach_the_other_leg() {
         );
         callee.join().unwrap();
     });
+}
+
+/// The same call with Kamailio as the provider: it challenges our INVITE (digest with
+/// qop=auth, its realm the provider's domain), routes it to the number's phone registered
+/// there, and record-routes the rest of the call.
+#[test]
+fn a_call_goes_out_through_kamailio_as_the_provider() {
+    let kamailio = Kamailio::start();
+    let mut phone = Ua::new("127.0.0.1", "0301234", "kamailio.test", "pw-0301234");
+    let contact = phone.contact();
+    let r = phone.register(
+        kamailio.addr,
+        "MD5",
+        Some(&format!("<{contact}>")),
+        Some(30),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let cluster = form_with(&format!(
+        r#"{{"registrar":"kamailio.test","outbound_proxy":"{}","transport":"udp",
+            "username":"k0","password":"pw-k0","expires_secs":60}}"#,
+        kamailio.addr
+    ));
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = answer_next(phone, 200, "OK");
+            assert!(
+                invite.text.contains("sip:k0@kamailio.test"),
+                "{}",
+                invite.text
+            );
+            phone.expect_request("ACK", Duration::from_secs(10));
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "kam-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        assert_eq!(
+            alice
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
+            Some(200)
+        );
+        callee.join().unwrap();
+    });
+    let log = std::fs::read_to_string(kamailio.log_path()).unwrap();
+    assert!(
+        log.contains("INVITE 0301234 from k0"),
+        "Kamailio took no authenticated INVITE:\n{log}"
+    );
+}
+
+/// Fifty calls of one account at once, each running a dialplan that waits in `dial()`: the
+/// account's first ten runs go on (their phone rings), the runs over its limit are refused
+/// at once with 503 and Retry-After, and nothing else is disturbed.
+#[test]
+fn fifty_runs_at_once_for_one_account_are_held_to_its_limit() {
+    let provider = Provider::start();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let a = http(
+        cluster.member(1).admin_addr,
+        Some(token.trim()),
+        "PUT",
+        "/v1/accounts/example.com/alice",
+        Some(r#"{"max_concurrent_calls":100}"#),
+    )
+    .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    let b = http(
+        cluster.member(1).admin_addr,
+        Some(token.trim()),
+        "PUT",
+        "/v1/accounts/example.com/bob",
+        Some(r#"{"password":"pw-bob","customer":"c1","max_contacts":1}"#),
+    )
+    .unwrap();
+    assert_eq!(b.status, 201, "{}", b.body);
+    // Bob's phone never answers: each run waits in dial() until its leg gives up.
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob");
+    let contact = bob.contact();
+    let r = bob.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let (code, json) = put_dialplan(&cluster, r#"dial("bob/20");"#);
+    assert_eq!(code, 201, "{json}");
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let callers: Vec<_> = (0..50)
+            .map(|i| {
+                s.spawn(move || {
+                    let mut ua = alice();
+                    let r = ua.invite(
+                        node,
+                        "sip:slow@example.com",
+                        &format!("slow-{i}"),
+                        &mut |_, _| {},
+                    );
+                    (r.status().unwrap_or(0), r.text)
+                })
+            })
+            .collect();
+        callers.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let refused: Vec<&(u16, String)> = statuses
+        .iter()
+        .filter(|(s, t)| *s == 503 && t.contains("dialplan runs") && t.contains("Retry-After"))
+        .collect();
+    let ran = statuses.len() - refused.len();
+    eprintln!(
+        "of 50 calls at once, {ran} ran their dialplan and {} were refused",
+        refused.len()
+    );
+    assert!(
+        ran <= 10,
+        "more than the account's 10 runs at once: {statuses:?}"
+    );
+    assert!(refused.len() >= 40, "{statuses:?}");
+    // The runs that went on rang bob, and ended when his phone stayed silent.
+    let mut rung = 0;
+    while bob.recv(Duration::from_millis(200)).is_some() {
+        rung += 1;
+    }
+    assert!(rung >= 1, "no run reached bob");
 }

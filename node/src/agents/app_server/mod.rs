@@ -164,13 +164,16 @@ impl AppServer {
     }
 
     /// Whether every Route of a request names this node (a phone whose outbound proxy is
-    /// this node sends one): a Route elsewhere is the proxy's to refuse.
+    /// this node sends one), and none is another node's relay of a call to a phone
+    /// registered here: a Route elsewhere is the proxy's to refuse, a relayed call the
+    /// proxy's to deliver.
     fn routes_only_here(&self, request: &Message) -> bool {
-        request
-            .name_addrs(&HeaderName::Route)
-            .unwrap_or_default()
-            .iter()
-            .all(|r| r.uri.as_sip().is_some_and(|u| self.own.is_own(u)))
+        !self.proxy.is_relayed(request)
+            && request
+                .name_addrs(&HeaderName::Route)
+                .unwrap_or_default()
+                .iter()
+                .all(|r| r.uri.as_sip().is_some_and(|u| self.own.is_own(u)))
     }
 
     /// The call and leg a Request-URI of ours names, if it is one of our Contacts.

@@ -651,9 +651,7 @@ impl Proxy {
                 .unwrap_or_default();
             return Err(Refusal::new(
                 403,
-                format!(
-                    "Forbidden ({host} is not served here, and there is no outbound route yet)"
-                ),
+                format!("Forbidden (relaying denied: {host} is not served here)"),
             ));
         };
         let call_id = request.call_id().unwrap_or_default();
