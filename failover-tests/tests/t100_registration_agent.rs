@@ -702,7 +702,10 @@ fn drain_disable_and_delete_unregister_before_anything_else_registers() {
     )
     .showing(&cluster)
     .until(|| provider.contacts("u1").is_empty());
-    assert_eq!(status(&cluster, via, "p1")["state"], "disabled");
+    // The provider drops the contact before its 200 reaches the agent, which then says so.
+    Wait::new("p1's status to say disabled", Duration::from_secs(10))
+        .showing(&cluster)
+        .until(|| status(&cluster, via, "p1")["state"] == "disabled");
     assert_eq!(
         put_provider(&cluster, via, "p1", r#"{"enabled":true}"#).0,
         200

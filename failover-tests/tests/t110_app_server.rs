@@ -766,3 +766,200 @@ fn fifty_runs_at_once_for_one_account_are_held_to_its_limit() {
     }
     assert!(rung >= 1, "no run reached bob");
 }
+
+/// A customer's number (DID): a call from the customer's provider whose To names it rings
+/// the account the number maps to, through the node that phone registered with; the
+/// same call to a number of nobody's, or after the number is deleted, rings nobody.
+#[test]
+fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to() {
+    let provider = Provider::start();
+    add_account(
+        provider.node.admin_addr(),
+        &provider.token,
+        "carol",
+        "provider.test",
+        "pw-carol",
+    );
+    let cluster = form(&provider);
+    let m = cluster.member(1);
+    Wait::new("feature version 2 (numbers)", Duration::from_secs(15))
+        .showing(&cluster)
+        .until(|| {
+            m.status()
+                .is_some_and(|s| s["feature_version"].as_u64() >= Some(2))
+        });
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let b = http(
+        m.admin_addr,
+        Some(token.trim()),
+        "PUT",
+        "/v1/accounts/example.com/bob",
+        Some(r#"{"password":"pw-bob","customer":"c1"}"#),
+    )
+    .unwrap();
+    assert_eq!(b.status, 201, "{}", b.body);
+    // Numbers are validated: digits only, an existing account of the same customer.
+    for (number, body, want) in [
+        (
+            "+49x",
+            r#"{"customer":"c1","account":"bob@example.com"}"#,
+            400,
+        ),
+        (
+            "+4930222",
+            r#"{"customer":"c1","account":"nobody@example.com"}"#,
+            409,
+        ),
+        (
+            "+4930222",
+            r#"{"customer":"c9","account":"bob@example.com"}"#,
+            409,
+        ),
+    ] {
+        let r = m
+            .request("PUT", &format!("/v1/numbers/{number}"), Some(body))
+            .unwrap();
+        assert_eq!(r.status, want, "{number} {body}: {}", r.body);
+        assert!(r.json()["error"].is_string(), "{}", r.body);
+    }
+    let r = m
+        .request(
+            "PUT",
+            "/v1/numbers/+4930222",
+            Some(r#"{"customer":"c1","account":"bob@example.com"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    // The CLI sees it, and manages dialplans too.
+    let out = m.cli(&["number", "list", "--customer", "c1"]);
+    let listed = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && listed.contains("+4930222  c1  bob@example.com"),
+        "{listed}"
+    );
+    let script = cluster.root().join("bad.rhai");
+    std::fs::write(&script, "let x = 1;\nlet y = ;").unwrap();
+    let out = m.cli(&[
+        "dialplan",
+        "put",
+        "alice@example.com",
+        "--file",
+        script.to_str().unwrap(),
+    ]);
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && said.contains("line 2"), "{said}");
+    std::fs::write(&script, "respond(486, \"Busy\");").unwrap();
+    let out = m.cli(&[
+        "dialplan",
+        "put",
+        "alice@example.com",
+        "--file",
+        script.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = m.cli(&["dialplan", "show", "alice@example.com"]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "respond(486, \"Busy\");"
+    );
+    let out = m.cli(&["dialplan", "delete", "alice@example.com"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob");
+    let contact = bob.contact();
+    let r = bob.register(
+        m.sip_addr(),
+        "MD5",
+        Some(&format!("<{contact}>")),
+        Some(600),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    // p0 registered at the provider: calls to u0 reach us.
+    Wait::new(
+        "p0 to be registered at the provider",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| {
+        let a = http(
+            provider.node.admin_addr(),
+            Some(&provider.token),
+            "GET",
+            "/v1/accounts/provider.test/u0/bindings",
+            None,
+        )
+        .unwrap();
+        a.json().as_array().is_some_and(|b| !b.is_empty())
+    });
+    // Carol, at the provider, calls the provider account with the number in To.
+    let call = |number: &str, call_id: &str| -> u16 {
+        let carol = Ua::new("127.0.0.1", "carol", "provider.test", "pw-carol");
+        let local = carol.local();
+        let invite = |cseq: u32, auth: &str| {
+            format!(
+                "INVITE sip:u0@provider.test SIP/2.0\r\nVia: SIP/2.0/UDP {local};branch=z9hG4bK-did-{call_id}-{cseq};rport\r\n\
+                 From: <sip:carol@provider.test>;tag=carol\r\nTo: <sip:{number}@provider.test>\r\n\
+                 Call-ID: {call_id}\r\nCSeq: {cseq} INVITE\r\nMax-Forwards: 70\r\nContact: <sip:carol@{local}>\r\n\
+                 {auth}Content-Length: 0\r\n\r\n"
+            )
+        };
+        let target = provider.node.udp_addr();
+        carol
+            .socket
+            .send_to(invite(1, "").as_bytes(), target)
+            .unwrap();
+        let challenge = loop {
+            let r = carol.expect_response("INVITE", Duration::from_secs(10));
+            if r.status().unwrap() >= 200 {
+                break r;
+            }
+        };
+        assert_eq!(challenge.status(), Some(407), "{}", challenge.text);
+        let header = challenge.headers("Proxy-Authenticate").remove(0);
+        let auth = format!(
+            "Proxy-Authorization: {}\r\n",
+            carol.authorization(&header, "INVITE", "sip:u0@provider.test", 1)
+        );
+        carol
+            .socket
+            .send_to(invite(2, &auth).as_bytes(), target)
+            .unwrap();
+        loop {
+            let r = carol.expect_response("INVITE", Duration::from_secs(20));
+            if r.status().unwrap() >= 200 {
+                return r.status().unwrap();
+            }
+        }
+    };
+    std::thread::scope(|s| {
+        let bob = &bob;
+        let phone = s.spawn(move || {
+            let invite = bob.expect_request("INVITE", Duration::from_secs(20));
+            assert!(
+                invite.text.contains("carol@provider.test"),
+                "{}",
+                invite.text
+            );
+            bob.respond(&invite, 486, "Busy Here", "");
+            bob.expect_request("ACK", Duration::from_secs(5));
+        });
+        assert_eq!(call("+4930222", "did-1"), 486, "bob's phone answered busy");
+        phone.join().unwrap();
+    });
+    // A number nobody has, and the number once deleted: not bob's call.
+    assert_ne!(call("4930999", "did-2"), 486);
+    let d = m.request("DELETE", "/v1/numbers/4930222", None).unwrap();
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_ne!(call("4930222", "did-3"), 486);
+    assert!(
+        bob.recv(Duration::from_millis(300)).is_none(),
+        "bob's phone rang"
+    );
+}

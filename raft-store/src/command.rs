@@ -254,6 +254,18 @@ pub struct Lease {
     pub releasing: bool,
 }
 
+/// A customer's telephone number (a DID): calls from the customer's providers to it
+/// ring the account it names (feature version 2).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Number {
+    /// The number's digits, as providers send it in a Request-URI or To (a leading `+` is
+    /// not part of it: `+4930123` and `4930123` are one number).
+    pub number: String,
+    pub customer: String,
+    /// The local account its calls ring, `user@domain`.
+    pub account: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Dialplan {
     /// The account (`user@domain`) or customer the script belongs to.
@@ -331,6 +343,10 @@ pub enum Command {
     },
     /// Creates or replaces a provider account. Disabling one keeps its lease, so its owner
     /// can un-register it first.
+    PutNumber(Number),
+    DeleteNumber {
+        number: String,
+    },
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -387,7 +403,8 @@ kinds! {
     14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan, 17 => ResealAccount,
     18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
-    24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease,
+    24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
+    28 => DeleteNumber,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -401,7 +418,8 @@ const VERSION: u16 = 1;
 /// | version | brings |
 /// |---|---|
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
-pub const FEATURES: u32 = 1;
+/// | 2 | customers' numbers (kinds 27 and 28) |
+pub const FEATURES: u32 = 2;
 
 impl Command {
     /// The cluster feature version from which this command may be proposed: only once
@@ -415,6 +433,7 @@ impl Command {
             | Command::RenewLeases { .. }
             | Command::ReleaseLeaseAsked { .. }
             | Command::DropLease { .. } => 1,
+            Command::PutNumber(_) | Command::DeleteNumber { .. } => 2,
             _ => 0,
         }
     }
@@ -488,6 +507,8 @@ impl Command {
                 expected,
                 resealed,
             } => enc(&(id, expected, resealed)),
+            Command::PutNumber(n) => enc(n),
+            Command::DeleteNumber { number } => enc(number),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -597,6 +618,10 @@ impl Command {
                     resealed,
                 }
             }
+            27 => Command::PutNumber(postcard::from_bytes(b).map_err(bad)?),
+            28 => Command::DeleteNumber {
+                number: postcard::from_bytes(b).map_err(bad)?,
+            },
             20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
             21 => Command::DeleteProviderAccount {
                 id: postcard::from_bytes(b).map_err(bad)?,
@@ -720,6 +745,14 @@ pub(crate) mod tests {
             },
             Command::SetFeatureVersion { version: 2 },
             Command::PutProviderAccount(sample_provider_account()),
+            Command::PutNumber(Number {
+                number: "4930123".into(),
+                customer: "c".into(),
+                account: "alice@example.com".into(),
+            }),
+            Command::DeleteNumber {
+                number: "4930123".into(),
+            },
             Command::GrantLease {
                 lease: Lease {
                     provider: "c/p".into(),

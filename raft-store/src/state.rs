@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::command::{
     account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, Lease, NodeRecord,
-    Provider, ProviderAccount, ProviderLease,
+    Number, Provider, ProviderAccount, ProviderLease,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -39,6 +39,7 @@ mod key {
     pub const PROVIDER_LEASE: u8 = b'L';
     pub const PROVIDER_LEASE_BY_OWNER: u8 = b'O';
     pub const OWNER_RENEWAL: u8 = b'W';
+    pub const NUMBER: u8 = b'N';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -90,6 +91,9 @@ mod key {
     pub fn provider_account(id: &str) -> Vec<u8> {
         with(PROVIDER_ACCOUNT, &[id.as_bytes()])
     }
+    pub fn number(number: &str) -> Vec<u8> {
+        with(NUMBER, &[number.as_bytes()])
+    }
     pub fn provider_lease(provider: &str) -> Vec<u8> {
         with(PROVIDER_LEASE, &[provider.as_bytes()])
     }
@@ -110,6 +114,11 @@ mod key {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredProviderAccount {
     V1(ProviderAccount),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+enum StoredNumber {
+    V1(Number),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -470,6 +479,23 @@ impl StateReader {
             .collect())
     }
 
+    /// The customer number `number` (digits; a leading `+` is ignored), if any.
+    pub fn number(&self, number: &str) -> Result<Option<Number>, Error> {
+        let digits = number.strip_prefix('+').unwrap_or(number);
+        Ok(self
+            .get::<StoredNumber>(&key::number(digits))?
+            .map(|StoredNumber::V1(n)| n))
+    }
+
+    /// Every customer number, in number order.
+    pub fn numbers(&self) -> Result<Vec<Number>, Error> {
+        Ok(self
+            .scan::<StoredNumber>(&[key::NUMBER])?
+            .into_iter()
+            .map(|StoredNumber::V1(n)| n)
+            .collect())
+    }
+
     pub fn provider_account(&self, id: &str) -> Result<Option<ProviderAccount>, Error> {
         Ok(self
             .get::<StoredProviderAccount>(&key::provider_account(id))?
@@ -795,6 +821,14 @@ impl<'a> Txn<'a> {
             | Command::ReleaseLeaseAsked { .. }
             | Command::DropLease { .. } => return self.apply_provider(command),
             Command::Noop { .. } => CommandResult::Done,
+            Command::PutNumber(n) => {
+                self.put(key::number(&n.number), &StoredNumber::V1(n));
+                CommandResult::Done
+            }
+            Command::DeleteNumber { number } => {
+                self.delete(key::number(&number));
+                CommandResult::Done
+            }
             Command::PutNode(n) => {
                 if self.get::<()>(&key::retired(n.id))?.is_some() {
                     CommandResult::Rejected(format!(

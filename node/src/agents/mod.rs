@@ -6,7 +6,7 @@
 //! | agent | serves |
 //! |---|---|
 //! | [`registrar`] | REGISTER (RFC 3261 §10.3) |
-//! | [`ProviderInbound`] | new requests from a provider to a contact the [`registration_agent`] registered: to the account it names, through the proxy |
+//! | [`ProviderInbound`] | new requests from a provider to a contact the [`registration_agent`] registered: to the account of the customer's number (DID) in the Request-URI or To, else the account the provider account names, through the proxy |
 //! | [`app_server`] | local accounts' calls to numbers that are not accounts here: their dialplan, or out through their provider (a B2BUA), and the requests inside those calls |
 //! | [`proxy`] | every request for someone else, and requests inside dialogs (RFC 3261 §16) |
 //! | [`registration_agent`] | serves no request: keeps customers' provider accounts registered |
@@ -180,6 +180,7 @@ impl Agents {
             board: board.clone(),
             own: own.clone(),
             proxy: proxy.clone(),
+            cluster: cluster.clone(),
         });
         let dialogs = proxy.dialogs.clone();
         // REGISTER, calls from providers and calls out through them before the proxy:
@@ -208,15 +209,42 @@ struct ProviderInbound {
     board: Arc<Board>,
     own: OwnAddrs,
     proxy: Arc<Proxy>,
+    cluster: ClusterNode,
 }
 
 impl ProviderInbound {
+    /// The local AOR a request from a provider goes to: the account of the customer's
+    /// number (DID) its Request-URI or To names, else the provider account's inbound
+    /// account.
     fn target(&self, request: &Message) -> Option<String> {
         let uri = request.uri()?.as_sip()?;
         if !self.own.is_own(uri) {
             return None;
         }
-        self.board.inbound_target(uri)
+        let inbound = self.board.inbound_target(uri)?;
+        let to = request.to().ok().and_then(|t| t.uri.as_sip().cloned());
+        let reader = self.cluster.replica.reader();
+        let numbered = [Some(uri), to.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u.user_unescaped())
+            .filter(|user| {
+                let digits = user.strip_prefix('+').unwrap_or(user);
+                !digits.is_empty()
+                    && digits.len() <= 20
+                    && digits.bytes().all(|c| c.is_ascii_digit())
+            })
+            .find_map(|user| {
+                reader
+                    .number(&user)
+                    .ok()
+                    .flatten()
+                    .filter(|n| n.customer == inbound.customer)
+            });
+        match numbered {
+            Some(n) => Some(format!("sip:{}", n.account)),
+            None => inbound.account,
+        }
     }
 }
 

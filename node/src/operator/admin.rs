@@ -26,6 +26,7 @@ use crate::agents::location::overlay::BindingOverlay;
 use crate::agents::registration_agent::Board;
 
 mod dialplans;
+mod numbers;
 mod providers;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
@@ -914,6 +915,33 @@ pub fn serve(
         .and(warp::delete())
         .and(authorized.clone())
         .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_dialplan(d, u).await) });
+    let numbers = warp::path!("v1" / "numbers")
+        .and(warp::get())
+        .and(authorized.clone())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(
+            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
+                answer(match q.keys().find(|k| *k != "customer") {
+                    Some(k) => Err(ApiError::bad_request(format!(
+                        "unknown query parameter {k:?}; only customer= is known"
+                    ))),
+                    None => a.list_numbers(q.get("customer").cloned()),
+                })
+            },
+        );
+    let number = warp::path!("v1" / "numbers" / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|n: String, a: Arc<Admin>| answer(a.get_number(&n)));
+    let put_number = warp::path!("v1" / "numbers" / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|n, a: Arc<Admin>, b| async move { answer(a.put_number(n, b).await) });
+    let delete_number = warp::path!("v1" / "numbers" / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|n, a: Arc<Admin>| async move { answer(a.delete_number(n).await) });
     let drain_state = warp::path!("v1" / "node" / "drain")
         .and(warp::get())
         .and(authorized.clone())
@@ -981,6 +1009,10 @@ pub fn serve(
         dialplan.boxed(),
         put_dialplan.boxed(),
         delete_dialplan.boxed(),
+        numbers.boxed(),
+        number.boxed(),
+        put_number.boxed(),
+        delete_number.boxed(),
         drain_state.boxed(),
         start_drain.boxed(),
         providers.boxed(),

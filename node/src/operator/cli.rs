@@ -45,6 +45,14 @@ pub enum Command {
     /// registered; through the running node of --config.
     #[command(subcommand)]
     Provider(ProviderCommand),
+    /// Customers' telephone numbers (DIDs): calls from their providers to a number ring
+    /// the account it maps to; through the running node of --config.
+    #[command(subcommand)]
+    Number(NumberCommand),
+    /// Accounts' dialplans (rhai scripts, dialplan/README.md); through the running node
+    /// of --config.
+    #[command(subcommand)]
+    Dialplan(DialplanCommand),
     /// This node's own lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -166,6 +174,8 @@ impl Command {
             Command::Account(c) => Some(c.config()),
             Command::Node(c) => Some(c.config()),
             Command::Provider(c) => Some(c.config()),
+            Command::Number(c) => Some(c.config()),
+            Command::Dialplan(c) => Some(c.config()),
             _ => None,
         }
     }
@@ -378,6 +388,90 @@ impl NodeCommand {
     pub fn config(&self) -> PathBuf {
         match self {
             NodeCommand::Drain { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NumberCommand {
+    /// Map a number to a local account of the customer (create or change).
+    Put {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// An optional `+` and 3 to 20 digits.
+        number: String,
+        #[arg(long)]
+        customer: String,
+        /// The local account its calls ring, `user@domain`.
+        #[arg(long)]
+        account: String,
+    },
+    /// Show one number.
+    Show {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        number: String,
+    },
+    /// List numbers.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Delete a number.
+    Delete {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        number: String,
+    },
+}
+
+impl NumberCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            NumberCommand::Put { config, .. }
+            | NumberCommand::Show { config, .. }
+            | NumberCommand::List { config, .. }
+            | NumberCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DialplanCommand {
+    /// Set an account's dialplan from a file; it is compiled first, and one that does not
+    /// compile is refused with the line and column of the error.
+    Put {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// `user@domain`.
+        account: String,
+        /// The rhai script.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print an account's dialplan.
+    Show {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        account: String,
+    },
+    /// Remove an account's dialplan: its calls take the default route again.
+    Delete {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        account: String,
+    },
+}
+
+impl DialplanCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            DialplanCommand::Put { config, .. }
+            | DialplanCommand::Show { config, .. }
+            | DialplanCommand::Delete { config, .. } => config.clone(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
-//! `tandem account …`, `tandem provider …` (in `providers`) and `tandem node …`.
+//! `tandem account …`, `tandem provider …` (in `providers`), `tandem number …` and
+//! `tandem dialplan …` (in `numbers`), and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -12,6 +13,7 @@ use crate::config::Config;
 use crate::operator::cli::{AccountCommand, ClusterCommand, Command, KeysCommand, NodeCommand};
 use crate::Error;
 
+mod numbers;
 mod providers;
 
 /// How long an admin request may take; re-sealing proposes one write per record, so it
@@ -27,6 +29,8 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
         Command::Account(c) => account(c, config).await,
         Command::Node(c) => node(c, config).await,
         Command::Provider(c) => providers::run(c, config).await,
+        Command::Number(c) => numbers::number(c, config).await,
+        Command::Dialplan(c) => numbers::dialplan(c, config).await,
         other => Err(Error::Admin(format!(
             "{other:?} is not an operator command"
         ))),

@@ -293,9 +293,11 @@ impl Call {
         loop {
             tokio::select! {
                 Some(p) = prov_rx.recv() => self.provisional(p),
-                Some(d) = a_rx.recv() => self.early_request(d, &dial_cancel),
-                Some(d) = b_rx.recv() => self.early_request(d, &dial_cancel),
-                _ = dial_cancel.cancelled(), if !self.caller_gone => {
+                // Once connected, requests inside the call wait for the bridge (the
+                // caller may ACK and hang up before the script has finished).
+                Some(d) = a_rx.recv(), if !self.answered => self.early_request(d, &dial_cancel),
+                Some(d) = b_rx.recv(), if !self.answered => self.early_request(d, &dial_cancel),
+                _ = dial_cancel.cancelled(), if !self.caller_gone && !self.answered => {
                     self.caller_gone = true;
                     self.respond_a(487, "Request Terminated", None);
                 }

@@ -116,13 +116,22 @@ pub struct Counters {
     pub lease_moves: AtomicU64,
 }
 
+/// Where calls to one of our registered contacts may go: the customer's numbers (DIDs),
+/// else the local account the provider account names.
+#[derive(Clone, Debug)]
+pub struct Inbound {
+    pub customer: String,
+    /// `sip:user@domain`.
+    pub account: Option<String>,
+}
+
 /// Every account's status on this node, and the agent's counters.
 #[derive(Debug)]
 pub struct Board {
     accounts: Mutex<HashMap<String, AccountStatus>>,
-    /// The local AOR calls to each contact this node registered go to, by the contact's
-    /// `pa` parameter.
-    inbound: Mutex<HashMap<String, String>>,
+    /// Whose calls come to each contact this node registered, by the contact's `pa`
+    /// parameter.
+    inbound: Mutex<HashMap<String, Inbound>>,
     pub counters: Counters,
     /// Whether this node's agent runs (and so may be given leases).
     running: AtomicBool,
@@ -155,11 +164,11 @@ impl Board {
         self.accounts.lock().expect("board").remove(id);
     }
 
-    /// The local AOR a request to one of our registered contacts goes to: found by the
+    /// Whose calls a request to one of our registered contacts carries: found by the
     /// contact's `pa` parameter, which providers send back in the Request-URI. Never by
     /// the user part alone: that is often a public number, which any scanner can send to
     /// our address.
-    pub fn inbound_target(&self, uri: &SipUri) -> Option<String> {
+    pub fn inbound_target(&self, uri: &SipUri) -> Option<Inbound> {
         let token = uri.params.value(INBOUND_PARAM)?;
         self.inbound.lock().expect("board").get(token).cloned()
     }
@@ -688,15 +697,17 @@ impl RegistrationAgent {
         // Calls to the contact are taken from the moment it is offered: the provider may
         // send one as soon as it has stored the binding, before its 200 reaches us.
         if !s.client.is_removing() {
-            let mut routes = self.board.inbound.lock().expect("board");
-            match s.account.inbound.as_ref() {
-                Some(InboundTarget::Account(a)) => {
-                    routes.insert(s.token.clone(), format!("sip:{a}"));
-                }
-                _ => {
-                    routes.remove(&s.token);
-                }
-            }
+            let account = match s.account.inbound.as_ref() {
+                Some(InboundTarget::Account(a)) => Some(format!("sip:{a}")),
+                _ => None,
+            };
+            self.board.inbound.lock().expect("board").insert(
+                s.token.clone(),
+                Inbound {
+                    customer: s.account.customer.clone(),
+                    account,
+                },
+            );
         }
         for _ in 0..MAX_ROUNDS {
             let branch = format!("z9hG4bK{:016x}", rng.gen::<u64>());
