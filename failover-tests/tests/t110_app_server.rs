@@ -63,7 +63,12 @@ fn form(provider: &Provider) -> Cluster {
 
 /// [`form`] with the provider account p0 that `body` describes.
 fn form_with(provider_account: &str) -> Cluster {
-    let cluster = Cluster::form(&[MemberRole::Full], "");
+    form_with_config(provider_account, "")
+}
+
+/// [`form_with`], with `extra` tables in the node's config.
+fn form_with_config(provider_account: &str, extra: &str) -> Cluster {
+    let cluster = Cluster::form(&[MemberRole::Full], extra);
     Wait::new("feature version 1", Duration::from_secs(15))
         .showing(&cluster)
         .until(|| {
@@ -962,4 +967,37 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
         bob.recv(Duration::from_millis(300)).is_none(),
         "bob's phone rang"
     );
+}
+
+/// A connected call whose far side has gone (it answers the app server's in-dialog OPTIONS
+/// with 481) is ended: the caller gets a BYE, so no leg is left up.
+#[test]
+fn a_call_whose_far_side_has_gone_is_ended_on_both_sides() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
+            "username":"u0","password":"pw0","expires_secs":600}}"#,
+        provider.node.udp_addr()
+    );
+    let cluster = form_with_config(&body, "\n[app_server]\nkeepalive_secs = 1\n");
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            phone.expect_request("ACK", Duration::from_secs(10));
+            // The phone has forgotten the call: its answer to the probe says so.
+            let probe = phone.expect_request("OPTIONS", Duration::from_secs(10));
+            phone.respond(&probe, 481, "Call/Transaction Does Not Exist", "");
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "gone-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        callee.join().unwrap();
+        let bye = alice.expect_request("BYE", Duration::from_secs(10));
+        assert!(bye.text.contains("gone-1"), "{}", bye.text);
+    });
 }

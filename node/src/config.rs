@@ -19,6 +19,7 @@ pub struct Config {
     pub sip: SipConfig,
     pub registrar: RegistrarConfig,
     pub registration_agent: RegistrationAgentConfig,
+    pub app_server: AppServerConfig,
     /// Absent: a standalone node, a cluster of one with no internal listener.
     pub cluster: Option<ClusterConfig>,
     pub admin: AdminConfig,
@@ -419,6 +420,30 @@ impl Default for RegistrationAgentConfig {
     }
 }
 
+/// The app server: calls out through providers and dialplans.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AppServerConfig {
+    /// How long a dialled leg rings when its dial spec gives no time, in seconds.
+    pub ring_secs: u64,
+    /// Seconds between the in-dialog OPTIONS each leg of a connected call is asked: a leg
+    /// that answers 481 or 408 or nothing has gone, and the call is ended on both sides,
+    /// so a phone or provider that vanished does not leave the other leg up. 0: never.
+    pub keepalive_secs: u64,
+    /// The longest a call may last, in seconds; then both legs get a BYE. 0: no limit.
+    pub max_call_secs: u64,
+}
+
+impl Default for AppServerConfig {
+    fn default() -> Self {
+        AppServerConfig {
+            ring_secs: 60,
+            keepalive_secs: 60,
+            max_call_secs: 4 * 3600,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -812,6 +837,22 @@ impl Config {
                     format!("must be from registration_agent.{key}_min_secs ({min}) to 86400"),
                 );
             }
+        }
+        let app = &self.app_server;
+        if !(1..=300).contains(&app.ring_secs) {
+            bad("app_server.ring_secs", "must be 1 to 300".into());
+        }
+        if app.keepalive_secs > 3600 {
+            bad(
+                "app_server.keepalive_secs",
+                "must be at most 3600 (0: never)".into(),
+            );
+        }
+        if app.max_call_secs > 7 * 86_400 {
+            bad(
+                "app_server.max_call_secs",
+                "must be at most 604800 (0: no limit)".into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", format!("not a valid filter: {e}"));

@@ -167,7 +167,7 @@ impl Agents {
             transports.clone(),
             own.clone(),
             resolver.clone(),
-            app_server::Settings::default(),
+            app_server::Settings::from_config(&config.app_server),
             proxy.clone(),
         ));
         let registrar = Arc::new(Registrar::new(

@@ -447,8 +447,30 @@ impl Call {
         let mut resend = Duration::from_millis(500);
         let mut next_resend = Instant::now() + resend;
         let ack_by = Instant::now() + ACK_WAIT;
+        let settings = self.app.settings.clone();
+        let far = Instant::now() + Duration::from_secs(86_400 * 365);
+        let ends_at = settings.max_call.map_or(far, |m| Instant::now() + m);
+        let mut next_probe = settings.keepalive.map_or(far, |k| Instant::now() + k);
+        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Side, bool)>();
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(ends_at) => {
+                    tracing::info!(call = %self.token, "app server: the call reached app_server.max_call_secs; ending it");
+                    self.end_both().await;
+                    return;
+                }
+                _ = tokio::time::sleep_until(next_probe) => {
+                    next_probe = Instant::now() + settings.keepalive.unwrap_or(Duration::from_secs(60));
+                    self.probe(Side::A, &probe_tx);
+                    self.probe(Side::B, &probe_tx);
+                }
+                Some((side, alive)) = probe_rx.recv() => {
+                    if !alive {
+                        tracing::info!(call = %self.token, ?side, "app server: a leg of the call is gone; ending the call");
+                        self.end_both().await;
+                        return;
+                    }
+                }
                 got = a_rx.recv() => {
                     let Some(d) = got else { return };
                     if self.relay(d).await {
@@ -574,6 +596,44 @@ impl Call {
             self.app.layer.respond(tx, response);
         }
         method == Method::Bye
+    }
+
+    /// Asks leg `side` with an in-dialog OPTIONS whether it is still there, on a task of
+    /// its own; the answer comes back on `report`: gone on 481, 408 or no answer (RFC
+    /// 4028 §10 and RFC 3261 §12.2.1.2 treat those as the dialog's end).
+    fn probe(&mut self, side: Side, report: &mpsc::UnboundedSender<(Side, bool)>) {
+        let leg = match side {
+            Side::A => Some(&mut self.a),
+            Side::B => self.b.as_mut(),
+        };
+        let Some(leg) = leg else {
+            return;
+        };
+        let flow = leg.flow;
+        let Some(options) = leg.request(
+            &Method::Options,
+            &via_on(&self.app.own, &flow),
+            "",
+            None,
+            b"",
+        ) else {
+            return;
+        };
+        let mut events = self.app.layer.send_request(options, flow);
+        let report = report.clone();
+        tokio::spawn(async move {
+            let alive = loop {
+                match events.recv().await {
+                    Some(ClientEvent::Response(r)) => match r.status().unwrap_or(0) {
+                        0..=199 => continue,
+                        408 | 481 => break false,
+                        _ => break true,
+                    },
+                    Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break false,
+                }
+            };
+            let _ = report.send((side, alive));
+        });
     }
 
     /// Sends BYE on both legs (the caller never ACKed, or the node gives up the call).

@@ -36,18 +36,25 @@ use crate::stack::transport::{Flow, OwnAddrs, TransportKind, Transports};
 
 use dialog::CONTACT_PREFIX;
 
-/// The app server's settings.
+/// The app server's settings (`[app_server]`).
 #[derive(Clone, Debug)]
 pub struct Settings {
     /// How long a leg rings when the dial spec gives no time.
     pub ring_for: Duration,
+    /// How often each leg of a connected call is asked whether it is still there.
+    pub keepalive: Option<Duration>,
+    /// The longest a call may last.
+    pub max_call: Option<Duration>,
     pub limits: Limits,
 }
 
-impl Default for Settings {
-    fn default() -> Settings {
+impl Settings {
+    pub fn from_config(c: &crate::config::AppServerConfig) -> Settings {
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Settings {
-            ring_for: Duration::from_secs(60),
+            ring_for: Duration::from_secs(c.ring_secs),
+            keepalive: secs(c.keepalive_secs),
+            max_call: secs(c.max_call_secs),
             limits: Limits::default(),
         }
     }
