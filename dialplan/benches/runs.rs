@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tandem_dialplan::{Call, DialOutcome, DialRequest, Host, Limits, Metered, Sandbox};
+use tandem_dialplan::{DialOutcome, DialRequest, Host, Limits, Metered, Sandbox};
 
 /// As in the node: every run is metered.
 #[global_allocator]
@@ -45,25 +45,9 @@ const SCRIPTS: &[(&str, &str)] = &[
     ),
 ];
 
-fn facts() -> Call {
-    Call {
-        from: "sip:alice@example.com".into(),
-        from_user: "alice".into(),
-        to: "sip:0301234@example.com".into(),
-        to_user: "0301234".into(),
-        ruri: "sip:0301234@example.com".into(),
-        user: "0301234".into(),
-        host: "example.com".into(),
-        source: "192.0.2.7:5060".into(),
-        source_ip: "192.0.2.7".into(),
-        account: "alice@example.com".into(),
-        customer: "acme".into(),
-        direction: "outbound".into(),
-        time_zone: "Europe/Berlin".into(),
-        now_ms: 1_783_323_000_000,
-        ..Call::default()
-    }
-}
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::facts;
 
 fn main() {
     let sandbox = Sandbox::new(Limits::default());

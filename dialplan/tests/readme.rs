@@ -2,12 +2,12 @@
 //! what its dials answer (`// given:`) and what the run must do (`// expect:`); a README
 //! example that stops doing what its page says fails here.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tandem_dialplan::{
-    Call, DialOutcome, DialRequest, DialSpec, Ending, Host, Limits, Mode, Sandbox,
-};
+use tandem_dialplan::{DialOutcome, DialRequest, DialSpec, Ending, Host, Limits, Mode, Sandbox};
 
 /// Answers dials from the example's `given` lines: a target answers, is busy, does not
 /// answer or fails with a code; one not named fails with 404. Groups behave as the
@@ -63,28 +63,6 @@ impl Host for Given {
     }
 }
 
-fn facts() -> Call {
-    Call {
-        from: "sip:alice@example.com".into(),
-        from_user: "alice".into(),
-        from_name: "Alice".into(),
-        to: "sip:0301234@example.com".into(),
-        to_user: "0301234".into(),
-        ruri: "sip:0301234@example.com".into(),
-        user: "0301234".into(),
-        host: "example.com".into(),
-        source: "192.0.2.7:5060".into(),
-        source_ip: "192.0.2.7".into(),
-        account: "alice@example.com".into(),
-        customer: "acme".into(),
-        direction: "outbound".into(),
-        headers: Vec::new(),
-        time_zone: "Europe/Berlin".into(),
-        // Monday 2026-07-06, 09:30 in Berlin.
-        now_ms: 1_783_323_000_000,
-    }
-}
-
 /// The ```rhai blocks of the README.
 fn examples() -> Vec<String> {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
@@ -111,7 +89,7 @@ fn every_readme_example_does_what_its_page_says() {
     assert!(examples.len() >= 6, "found {} examples", examples.len());
     let sandbox = Sandbox::new(Limits::default());
     for source in &examples {
-        let mut call = facts();
+        let mut call = common::facts();
         let mut answers = HashMap::new();
         let mut expect = None;
         for line in source.lines() {

@@ -2,6 +2,8 @@
 //! catch their way out, reach for I/O, forge headers or flood one account with runs; and
 //! the script API as a normal one uses it.
 
+mod common;
+
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
@@ -40,23 +42,8 @@ impl Host for Scripted {
 
 fn call() -> Call {
     Call {
-        from: "sip:alice@example.com".into(),
-        from_user: "alice".into(),
-        from_name: "Alice".into(),
-        to: "sip:0301234@example.com".into(),
-        to_user: "0301234".into(),
-        ruri: "sip:0301234@example.com".into(),
-        user: "0301234".into(),
-        host: "example.com".into(),
-        source: "192.0.2.7:5060".into(),
-        source_ip: "192.0.2.7".into(),
-        account: "alice@example.com".into(),
-        customer: "acme".into(),
-        direction: "outbound".into(),
         headers: vec![("X-Tag".into(), "blue".into())],
-        time_zone: "Europe/Berlin".into(),
-        // Monday 2026-07-06, 09:30 in Berlin.
-        now_ms: 1_783_323_000_000,
+        ..common::facts()
     }
 }
 

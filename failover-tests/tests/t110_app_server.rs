@@ -130,6 +130,22 @@ fn answer_next(phone: &Ua, status: u16, reason: &str) -> Received {
     invite
 }
 
+/// The caller's side of an answered call: ACK, then BYE, answered 200.
+fn ack_and_hang_up(caller: &Ua, ok: &Received) {
+    let dialog = caller.dialog(ok);
+    caller.send_in_dialog(&dialog, "ACK", dialog.cseq);
+    caller.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+    let bye_ok = caller.expect_response("BYE", Duration::from_secs(20));
+    assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+}
+
+/// The phone's side of an answered call: the ACK, then the BYE, answered 200.
+fn wait_for_bye(phone: &Ua) {
+    phone.expect_request("ACK", Duration::from_secs(10));
+    let bye = phone.expect_request("BYE", Duration::from_secs(20));
+    phone.respond(&bye, 200, "OK", "");
+}
+
 #[test]
 fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
     let provider = Provider::start();
@@ -147,10 +163,7 @@ fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
                 "{}",
                 invite.text
             );
-            let ack = phone.expect_request("ACK", Duration::from_secs(10));
-            assert!(ack.text.contains("Call-ID:"), "{}", ack.text);
-            let bye = phone.expect_request("BYE", Duration::from_secs(20));
-            phone.respond(&bye, 200, "OK", "");
+            wait_for_bye(phone);
             invite
         });
         let ok = alice.invite(node, "sip:0301234@example.com", "out-1", &mut |_, _| {});
@@ -160,11 +173,7 @@ fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
             contact.contains("tdb-"),
             "the app server answers itself: {contact}"
         );
-        let dialog = alice.dialog(&ok);
-        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
-        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
-        let bye_ok = alice.expect_response("BYE", Duration::from_secs(20));
-        assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+        ack_and_hang_up(&alice, &ok);
         let invite = callee.join().unwrap();
         // A call of the app server's own: not the caller's Call-ID.
         assert_ne!(invite.header("Call-ID").as_deref(), Some("out-1"));
@@ -283,20 +292,11 @@ fn the_dialplan_routes_refuses_and_fails_cleanly() {
         let phone = &phone;
         let callee = s.spawn(move || {
             answer_next(phone, 200, "OK");
-            let bye = phone.expect_request("BYE", Duration::from_secs(20));
-            phone.respond(&bye, 200, "OK", "");
+            wait_for_bye(phone);
         });
         let ok = alice.invite(node, "sip:0301234@example.com", "planned-1", &mut |_, _| {});
         assert_eq!(ok.status(), Some(200), "{}", ok.text);
-        let dialog = alice.dialog(&ok);
-        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
-        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
-        assert_eq!(
-            alice
-                .expect_response("BYE", Duration::from_secs(20))
-                .status(),
-            Some(200)
-        );
+        ack_and_hang_up(&alice, &ok);
         callee.join().unwrap();
     });
 
@@ -436,9 +436,7 @@ fn max_concurrent_calls_refuses_the_call_over_the_limit() {
         let phone = &phone;
         let callee = s.spawn(move || {
             let invite = answer_next(phone, 200, "OK");
-            phone.expect_request("ACK", Duration::from_secs(10));
-            let bye = phone.expect_request("BYE", Duration::from_secs(20));
-            phone.respond(&bye, 200, "OK", "");
+            wait_for_bye(phone);
             invite
         });
         let ok = first.invite(node, "sip:0301234@example.com", "limit-1", &mut |_, _| {});
@@ -605,9 +603,7 @@ fn a_caller_cannot_smuggle_routes_or_spec_syntax_or_reach_the_other_leg() {
             std::thread::sleep(Duration::from_millis(500));
             let contact = phone.contact();
             phone.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
-            phone.expect_request("ACK", Duration::from_secs(10));
-            let bye = phone.expect_request("BYE", Duration::from_secs(20));
-            phone.respond(&bye, 200, "OK", "");
+            wait_for_bye(phone);
         });
         let mut ringing_contact = None;
         let ok = alice.invite(node, "sip:0301234@example.com", "hostile-1", &mut |_, r| {
@@ -631,15 +627,7 @@ fn a_caller_cannot_smuggle_routes_or_spec_syntax_or_reach_the_other_leg() {
             status, 481,
             "the other leg's Contact with this leg's token: {text}"
         );
-        let dialog = alice.dialog(&ok);
-        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
-        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
-        assert_eq!(
-            alice
-                .expect_response("BYE", Duration::from_secs(20))
-                .status(),
-            Some(200)
-        );
+        ack_and_hang_up(&alice, &ok);
         callee.join().unwrap();
     });
 }
@@ -675,21 +663,11 @@ fn a_call_goes_out_through_kamailio_as_the_provider() {
                 "{}",
                 invite.text
             );
-            phone.expect_request("ACK", Duration::from_secs(10));
-            let bye = phone.expect_request("BYE", Duration::from_secs(20));
-            phone.respond(&bye, 200, "OK", "");
+            wait_for_bye(phone);
         });
         let ok = alice.invite(node, "sip:0301234@example.com", "kam-1", &mut |_, _| {});
         assert_eq!(ok.status(), Some(200), "{}", ok.text);
-        let dialog = alice.dialog(&ok);
-        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
-        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
-        assert_eq!(
-            alice
-                .expect_response("BYE", Duration::from_secs(20))
-                .status(),
-            Some(200)
-        );
+        ack_and_hang_up(&alice, &ok);
         callee.join().unwrap();
     });
     let log = std::fs::read_to_string(kamailio.log_path()).unwrap();
@@ -966,6 +944,41 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
     assert!(
         bob.recv(Duration::from_millis(300)).is_none(),
         "bob's phone rang"
+    );
+
+    // Deleting an account takes its numbers and dialplan with it: an account created
+    // again under the same name starts with neither.
+    let r = m
+        .request(
+            "PUT",
+            "/v1/numbers/4930222",
+            Some(r#"{"customer":"c1","account":"bob@example.com"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let body = serde_json::json!({ "script": "respond(486);" }).to_string();
+    let r = m
+        .request("PUT", "/v1/accounts/example.com/bob/dialplan", Some(&body))
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = m
+        .request("DELETE", "/v1/accounts/example.com/bob", None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/bob",
+            Some(r#"{"password":"pw-bob","customer":"c1"}"#),
+        )
+        .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(m.get("/v1/numbers/4930222").unwrap().status, 404);
+    assert_eq!(
+        m.get("/v1/accounts/example.com/bob/dialplan")
+            .unwrap()
+            .status,
+        404
     );
 }
 

@@ -496,6 +496,9 @@ impl Admin {
     ) -> Result<warp::reply::Response, ApiError> {
         self.account(&domain, &user)?;
         self.writable()?;
+        // Its dialplan and the numbers that ring it go first, so that an account created
+        // again under the same name never inherits them.
+        self.forget_account_routes(&domain, &user).await?;
         // The state machine removes the bindings in the same batch.
         let command = Command::DeleteAccount {
             user: user.clone(),

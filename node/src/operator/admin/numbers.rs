@@ -35,6 +35,51 @@ fn view(n: &Number) -> serde_json::Value {
 }
 
 impl Admin {
+    /// Removes the numbers that ring `user@domain` and its dialplan: for an account about
+    /// to be deleted.
+    pub(super) async fn forget_account_routes(
+        &self,
+        domain: &str,
+        user: &str,
+    ) -> Result<(), ApiError> {
+        let account = format!("{user}@{domain}");
+        let reader = self.cluster.replica.reader();
+        let numbers: Vec<String> = reader
+            .numbers()?
+            .into_iter()
+            .filter(|n| n.account == account)
+            .map(|n| n.number)
+            .collect();
+        for number in numbers {
+            match self
+                .cluster
+                .replica
+                .propose(Command::DeleteNumber { number })
+                .await?
+            {
+                CommandResult::Done => {}
+                other => return Err(refused(other)),
+            }
+        }
+        if let Some(d) = reader.dialplan(&account)?.filter(|d| !d.script.is_empty()) {
+            let cleared = tandem_raft_store::command::Dialplan {
+                owner: d.owner,
+                script: String::new(),
+                version: d.version + 1,
+            };
+            match self
+                .cluster
+                .replica
+                .propose(Command::PutDialplan(cleared))
+                .await?
+            {
+                CommandResult::Done => {}
+                other => return Err(refused(other)),
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn get_number(&self, number: &str) -> Result<warp::reply::Response, ApiError> {
         let d = digits(number)?;
         match self.cluster.replica.reader().number(&d)? {
