@@ -156,15 +156,25 @@ async fn parallel(
     for (m, token) in members.into_iter().zip(tokens.iter().cloned()) {
         running.spawn(exec(ctx.clone(), m, token));
     }
+    first_answer(&ctx.app, running, &tokens).await
+}
+
+/// Waits for the members of a group that ring at once (each with its token in `tokens`):
+/// the first answer wins, the others stop ringing and any that answers too is ended;
+/// without an answer, the failure that says most.
+async fn first_answer(
+    app: &Arc<AppServer>,
+    mut running: tokio::task::JoinSet<Dialled>,
+    tokens: &[CancellationToken],
+) -> Dialled {
     let mut failures = Vec::new();
     while let Some(done) = running.join_next().await {
         match done {
             Ok(a @ Dialled::Answered { .. }) => {
-                // The others stop ringing; one that answered too is ended.
-                for t in &tokens {
+                for t in tokens {
                     t.cancel();
                 }
-                reap(&ctx.app, running);
+                reap(app, running);
                 return a;
             }
             Ok(Dialled::Failed(o)) => failures.push(o),
@@ -307,18 +317,9 @@ async fn dial_local(
                     .unwrap_or_else(|_| failed(500, "Server Internal Error"))
             });
         }
-        while let Some(done) = running.join_next().await {
-            match done {
-                Ok(a @ Dialled::Answered { .. }) => {
-                    for t in &tokens {
-                        t.cancel();
-                    }
-                    reap(&ctx.app, running);
-                    return a;
-                }
-                Ok(Dialled::Failed(o)) => failures.push(o),
-                Err(_) => {}
-            }
+        match first_answer(&ctx.app, running, &tokens).await {
+            a @ Dialled::Answered { .. } => return a,
+            Dialled::Failed(o) => failures.push(o),
         }
     }
     Dialled::Failed(best_failure(failures))
