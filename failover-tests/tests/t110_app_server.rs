@@ -1014,3 +1014,61 @@ fn a_call_whose_far_side_has_gone_is_ended_on_both_sides() {
         assert!(bye.text.contains("gone-1"), "{}", bye.text);
     });
 }
+
+/// A provider that did not get our ACK sends its 2xx again: it gets the ACK again (RFC
+/// 3261 §13.2.2.4), or it would end the call after 32 s.
+#[test]
+fn a_retransmitted_answer_from_the_provider_is_acked_again() {
+    let provider = Provider::start();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let far = Ua::new("127.0.0.1", "far", "far.test", "x");
+    let body = format!(
+        r#"{{"registrar":"far.test","outbound_proxy":"{}","transport":"udp",
+            "username":"uf","password":"pf","expires_secs":600}}"#,
+        far.local()
+    );
+    let p = cluster
+        .member(1)
+        .request("PUT", "/v1/providers/c1/far", Some(&body))
+        .unwrap();
+    assert_eq!(p.status, 201, "{}", p.body);
+    let (code, json) = put_dialplan(&cluster, r#"dial(`${invite.user}@far`);"#);
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let far = &far;
+        let provider_side = s.spawn(move || {
+            // The far side: answers the INVITE (REGISTERs get 503), sends the same 200
+            // again once ACKed, and wants a second ACK for it.
+            let invite = loop {
+                let r = far.recv(Duration::from_secs(20)).expect("an INVITE");
+                match r.method() {
+                    Some("INVITE") => break r,
+                    Some("REGISTER") => far.respond(&r, 503, "Service Unavailable", ""),
+                    _ => {}
+                }
+            };
+            let contact = format!("sip:far@{}", far.local());
+            let ok = tandem_failover_tests::ua::response_text(
+                &invite,
+                200,
+                "OK",
+                "callee-far",
+                &format!("Contact: <{contact}>\r\n"),
+            );
+            far.socket.send_to(ok.as_bytes(), invite.from).unwrap();
+            far.expect_request("ACK", Duration::from_secs(10));
+            far.socket.send_to(ok.as_bytes(), invite.from).unwrap();
+            far.expect_request("ACK", Duration::from_secs(5));
+            let bye = far.expect_request("BYE", Duration::from_secs(20));
+            far.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "reack-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        // Hang up only once the far side had its second ACK.
+        std::thread::sleep(Duration::from_millis(500));
+        ack_and_hang_up(&alice, &ok);
+        provider_side.join().unwrap();
+    });
+}

@@ -569,7 +569,8 @@ impl Call {
             if method == Method::Invite && ok {
                 dst.refresh_target(r);
                 if let Some(ack) = dst.ack(seq, &via_on(&self.app.own, &flow)) {
-                    let _ = self.app.layer.send_request(ack, flow);
+                    let _ = self.app.layer.send_request(ack.clone(), flow);
+                    super::keep_acking(&self.app, events, r, ack, dst);
                 }
             }
         }

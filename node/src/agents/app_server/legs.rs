@@ -617,7 +617,8 @@ impl OutLeg {
                                 let leg = Leg::from_answer(&invite, &response, contact_uri(ctx, &flow), flow);
                                 let via = via_for(ctx, &flow);
                                 if let Some(ack) = leg.ack(self.cseq, &via) {
-                                    let _ = ctx.app.layer.send_request(ack, flow);
+                                    let _ = ctx.app.layer.send_request(ack.clone(), flow);
+                                    super::keep_acking(&ctx.app, events, &response, ack, &leg);
                                 }
                                 if cancelled_at.is_some() || done.is_none() {
                                     // Answered after we gave up: end it at once.

@@ -396,3 +396,41 @@ pub fn hang_up(app: &AppServer, mut leg: dialog::Leg) {
         let _ = app.layer.send_request(bye, flow);
     }
 }
+
+/// Answers the 2xx responses that follow the first one to an INVITE of ours, for as long
+/// as its transaction hands them on (RFC 6026 Accepted, until Timer M): a retransmission
+/// of the same answer (our ACK was lost) gets the ACK again; an answer from another
+/// branch of a fork (another To tag) is ACKed and ended, since only one callee can have
+/// the call.
+pub fn keep_acking(
+    app: &Arc<AppServer>,
+    mut events: mpsc::UnboundedReceiver<crate::stack::transaction::ClientEvent>,
+    first: &Message,
+    ack: Message,
+    leg: &dialog::Leg,
+) {
+    let tag = |m: &Message| m.to().ok().and_then(|t| t.tag().map(str::to_owned));
+    let first_tag = tag(first);
+    let (app, leg) = (app.clone(), leg.clone());
+    let seq = ack.cseq().map(|c| c.seq).unwrap_or(1);
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let crate::stack::transaction::ClientEvent::Response(r) = event else {
+                continue;
+            };
+            if !(200..300).contains(&r.status().unwrap_or(0)) {
+                continue;
+            }
+            if tag(&r) == first_tag {
+                let _ = app.layer.send_request(ack.clone(), leg.flow);
+                continue;
+            }
+            // Our From and Call-ID are in the response too.
+            let other = dialog::Leg::from_answer(&r, &r, leg.contact.clone(), leg.flow);
+            if let Some(ack) = other.ack(seq, &via_on(&app.own, &leg.flow)) {
+                let _ = app.layer.send_request(ack, leg.flow);
+            }
+            hang_up(&app, other);
+        }
+    });
+}
