@@ -1072,3 +1072,51 @@ fn a_retransmitted_answer_from_the_provider_is_acked_again() {
         provider_side.join().unwrap();
     });
 }
+
+/// A re-INVITE inside the call is relayed to the far side, and its 2xx is retransmitted
+/// to the caller until the caller ACKs it (RFC 3261 §13.3.1.4), as the first one was.
+#[test]
+fn the_answer_to_a_re_invite_is_relayed_and_retransmitted_until_acked() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            phone.expect_request("ACK", Duration::from_secs(10));
+            let reinvite = phone.expect_request("INVITE", Duration::from_secs(10));
+            let contact = phone.contact();
+            phone.respond(&reinvite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            phone.expect_request("ACK", Duration::from_secs(10));
+            let bye = phone.expect_request("BYE", Duration::from_secs(20));
+            phone.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(
+            node,
+            "sip:0301234@example.com",
+            "reinvite-1",
+            &mut |_, _| {},
+        );
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        alice.send_in_dialog(&dialog, "INVITE", dialog.cseq + 1);
+        let first = alice.expect_response("INVITE", Duration::from_secs(10));
+        assert_eq!(first.status(), Some(200), "{}", first.text);
+        // Not ACKed yet: the same 2xx comes again.
+        let again = alice.expect_response("INVITE", Duration::from_secs(5));
+        assert_eq!(again.status(), Some(200), "{}", again.text);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq + 1);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 2);
+        assert_eq!(
+            alice
+                .expect_response("BYE", Duration::from_secs(20))
+                .status(),
+            Some(200)
+        );
+        callee.join().unwrap();
+    });
+}

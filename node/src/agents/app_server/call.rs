@@ -62,10 +62,37 @@ struct Call {
     a_tx: TxId,
     a: Leg,
     b: Option<Leg>,
-    /// The 2xx the caller has not ACKed yet.
-    unacked: Option<Message>,
+    /// The 2xx to an INVITE (the first, or a re-INVITE) that its sender has not ACKed yet.
+    unacked: Option<Unacked>,
     caller_gone: bool,
     answered: bool,
+}
+
+/// A 2xx we sent to an INVITE, retransmitted over UDP until its ACK (RFC 3261 §13.3.1.4:
+/// the UAS core does this, not the transaction).
+struct Unacked {
+    side: Side,
+    tx: TxId,
+    response: Message,
+    udp: bool,
+    next: Instant,
+    every: Duration,
+    give_up: Instant,
+}
+
+impl Unacked {
+    fn new(side: Side, tx: TxId, response: Message, flow: &Flow) -> Unacked {
+        let every = Duration::from_millis(500);
+        Unacked {
+            side,
+            tx,
+            response,
+            udp: flow.transport == crate::stack::transport::TransportKind::Udp,
+            next: Instant::now() + every,
+            every,
+            give_up: Instant::now() + ACK_WAIT,
+        }
+    }
 }
 
 /// A new call, checked and authenticated by the agent.
@@ -413,7 +440,7 @@ impl Call {
         }
         crate::stack::responses::stamp(&mut r);
         if (200..300).contains(&status) {
-            self.unacked = Some(r.clone());
+            self.unacked = Some(Unacked::new(Side::A, self.a_tx, r.clone(), &self.a.flow));
         }
         self.app.layer.respond(self.a_tx, r);
     }
@@ -444,15 +471,13 @@ impl Call {
         a_rx: &mut mpsc::Receiver<InDialog>,
         b_rx: &mut mpsc::Receiver<InDialog>,
     ) {
-        let mut resend = Duration::from_millis(500);
-        let mut next_resend = Instant::now() + resend;
-        let ack_by = Instant::now() + ACK_WAIT;
         let settings = self.app.settings.clone();
         let far = Instant::now() + Duration::from_secs(86_400 * 365);
         let ends_at = settings.max_call.map_or(far, |m| Instant::now() + m);
         let mut next_probe = settings.keepalive.map_or(far, |k| Instant::now() + k);
         let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Side, bool)>();
         loop {
+            let resend_at = self.unacked.as_ref().map_or(far, |u| u.next);
             tokio::select! {
                 _ = tokio::time::sleep_until(ends_at) => {
                     tracing::info!(call = %self.token, "app server: the call reached app_server.max_call_secs; ending it");
@@ -483,19 +508,18 @@ impl Call {
                         return;
                     }
                 }
-                _ = tokio::time::sleep_until(next_resend), if self.unacked.is_some() => {
-                    if Instant::now() >= ack_by {
-                        tracing::info!(call = %self.token, "app server: the caller never ACKed the answer; ending the call");
+                _ = tokio::time::sleep_until(resend_at), if self.unacked.is_some() => {
+                    let Some(u) = self.unacked.as_mut() else { continue };
+                    if Instant::now() >= u.give_up {
+                        tracing::info!(call = %self.token, side = ?u.side, "app server: an answer was never ACKed; ending the call");
                         self.end_both().await;
                         return;
                     }
-                    if self.a.flow.transport == crate::stack::transport::TransportKind::Udp {
-                        if let Some(r) = self.unacked.clone() {
-                            self.app.layer.respond(self.a_tx, r);
-                        }
+                    if u.udp {
+                        self.app.layer.respond(u.tx, u.response.clone());
                     }
-                    resend = (resend * 2).min(Duration::from_secs(4));
-                    next_resend = Instant::now() + resend;
+                    u.every = (u.every * 2).min(Duration::from_secs(4));
+                    u.next = Instant::now() + u.every;
                 }
             }
         }
@@ -507,7 +531,7 @@ impl Call {
             return false;
         };
         if method == Method::Ack {
-            if d.side == Side::A {
+            if self.unacked.as_ref().is_some_and(|u| u.side == d.side) {
                 self.unacked = None;
             }
             return false;
@@ -575,6 +599,7 @@ impl Call {
             }
         }
         let contact = src.contact.clone();
+        let src_flow = src.flow;
         self.b = Some(b);
         if let Some(tx) = d.tx {
             let (status, reason) = match &answer {
@@ -594,6 +619,9 @@ impl Call {
                 copy_body(r, &mut response);
             }
             crate::stack::responses::stamp(&mut response);
+            if method == Method::Invite && (200..300).contains(&status) {
+                self.unacked = Some(Unacked::new(d.side, tx, response.clone(), &src_flow));
+            }
             self.app.layer.respond(tx, response);
         }
         method == Method::Bye
