@@ -19,11 +19,6 @@ pub struct Local {
     pub date: String,
 }
 
-/// Whether `name` is a time zone this build knows.
-pub fn known_time_zone(name: &str) -> bool {
-    TimeZone::get(name).is_ok()
-}
-
 /// `call.now_ms` in `call.time_zone` (UTC if that is empty or unknown: the node checks
 /// a customer's zone when it is saved).
 pub fn local(call: &Call) -> Local {
@@ -92,8 +87,6 @@ mod tests {
         );
         call.time_zone = "Not/AZone".into();
         assert_eq!(local(&call).hour, 23);
-        assert!(known_time_zone("America/New_York"));
-        assert!(!known_time_zone("Mars/Olympus"));
     }
 
     #[test]

@@ -96,6 +96,28 @@ fn form_with_config(provider_account: &str, extra: &str) -> Cluster {
     cluster
 }
 
+/// What most tests start with: the provider with the number's phone registered there,
+/// and a cluster of one set up by [`form`], with its SIP address.
+struct Fixture {
+    provider: Provider,
+    phone: Ua,
+    cluster: Cluster,
+    node: std::net::SocketAddr,
+}
+
+fn fixture() -> Fixture {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    Fixture {
+        provider,
+        phone,
+        cluster,
+        node,
+    }
+}
+
 fn alice() -> Ua {
     Ua::new("127.0.0.1", "alice", "example.com", "pw-alice")
 }
@@ -148,10 +170,12 @@ fn wait_for_bye(phone: &Ua) {
 
 #[test]
 fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
     let mut alice = alice();
     std::thread::scope(|s| {
         let phone = &phone;
@@ -182,10 +206,12 @@ fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
 
 #[test]
 fn nobody_but_an_authenticated_local_account_makes_it_dial() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
 
     // No credentials, wrong credentials, a foreign caller, a forged call token.
     let probe = |from: &str, target: &str, auth: &str| -> u16 {
@@ -258,10 +284,12 @@ fn nobody_but_an_authenticated_local_account_makes_it_dial() {
 
 #[test]
 fn the_dialplan_routes_refuses_and_fails_cleanly() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
 
     // A script that does not compile is refused with where the error is.
     let (code, json) = put_dialplan(&cluster, "let x = 1;\nlet y = ;");
@@ -329,10 +357,12 @@ fn the_dialplan_routes_refuses_and_fails_cleanly() {
 
 #[test]
 fn the_callers_cancel_reaches_the_number_and_ends_in_487() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
     let mut alice = alice();
     std::thread::scope(|s| {
         let phone = &phone;
@@ -358,10 +388,12 @@ fn the_callers_cancel_reaches_the_number_and_ends_in_487() {
 /// answered. Provider A is a bare socket that answers every INVITE with 503.
 #[test]
 fn a_provider_answering_503_is_passed_over_for_the_next_in_a_serial_group() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
     let broken = Ua::new("127.0.0.1", "broken", "broken.test", "x");
     let body = format!(
         r#"{{"registrar":"broken.test","outbound_proxy":"{}","transport":"udp",
@@ -417,10 +449,12 @@ fn a_provider_answering_503_is_passed_over_for_the_next_in_a_serial_group() {
 /// reason; the calls it has are not disturbed.
 #[test]
 fn max_concurrent_calls_refuses_the_call_over_the_limit() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
     let a = cluster
         .member(1)
         .request(
@@ -547,10 +581,12 @@ fn final_status(node: std::net::SocketAddr, method: &str, text: &str) -> (u16, S
 /// answer, and none reaches the provider.
 #[test]
 fn a_caller_cannot_smuggle_routes_or_spec_syntax_or_reach_the_other_leg() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
     let mut alice = alice();
     for (target, want) in [
         ("sip:1%7C0900666@example.com", 484),
@@ -1077,10 +1113,12 @@ fn a_retransmitted_answer_from_the_provider_is_acked_again() {
 /// to the caller until the caller ACKs it (RFC 3261 §13.3.1.4), as the first one was.
 #[test]
 fn the_answer_to_a_re_invite_is_relayed_and_retransmitted_until_acked() {
-    let provider = Provider::start();
-    let phone = provider.phone();
-    let cluster = form(&provider);
-    let node = cluster.member(1).sip_addr();
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
     let mut alice = alice();
     std::thread::scope(|s| {
         let phone = &phone;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use tandem_raft_store::command::{Command, CommandResult, Customer};
 use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
 use tandem_raft_store::replica::{ProposeStats, BATCH_BUCKETS};
+use tandem_raft_store::state::StateReader;
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
@@ -276,6 +277,55 @@ impl Admin {
 fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+/// The `customer=` filter of a list, the only query parameter lists take.
+fn customer_query(
+    q: &std::collections::HashMap<String, String>,
+) -> Result<Option<String>, ApiError> {
+    match q.keys().find(|k| *k != "customer") {
+        Some(k) => Err(ApiError::bad_request(format!(
+            "unknown query parameter {k:?}; only customer= is known"
+        ))),
+        None => Ok(q.get("customer").cloned()),
+    }
+}
+
+/// Checks that customer `customer` exists (409 otherwise: create it first).
+fn check_customer(reader: &StateReader, customer: &str) -> Result<(), ApiError> {
+    if reader.customer(customer)?.is_none() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("no customer {customer:?}; create it first"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `target` (`user@domain`, named as `what`) is an account of `customer`:
+/// 400 if it is not `user@domain`, 409 if it does not exist or is another customer's.
+fn check_customer_account(
+    reader: &StateReader,
+    customer: &str,
+    target: &str,
+    what: &str,
+) -> Result<(), ApiError> {
+    let (user, domain) = target.split_once('@').ok_or_else(|| {
+        ApiError::bad_request(format!("{what} must be user@domain, got {target:?}"))
+    })?;
+    check_user(user).map_err(ApiError::bad_request)?;
+    check_domain(domain).map_err(ApiError::bad_request)?;
+    match reader.account(domain, user)? {
+        Some(a) if a.customer == customer => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("account {target} belongs to another customer"),
+        )),
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!("no account {target}; create it first"),
+        )),
+    }
 }
 
 fn check_id(what: &str, id: &str) -> Result<(), ApiError> {
@@ -924,12 +974,7 @@ pub fn serve(
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .map(
             |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
-                answer(match q.keys().find(|k| *k != "customer") {
-                    Some(k) => Err(ApiError::bad_request(format!(
-                        "unknown query parameter {k:?}; only customer= is known"
-                    ))),
-                    None => a.list_numbers(q.get("customer").cloned()),
-                })
+                answer(customer_query(&q).and_then(|c| a.list_numbers(c)))
             },
         );
     let number = warp::path!("v1" / "numbers" / String)
@@ -959,12 +1004,7 @@ pub fn serve(
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .map(
             |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
-                answer(match q.keys().find(|k| *k != "customer") {
-                    Some(k) => Err(ApiError::bad_request(format!(
-                        "unknown query parameter {k:?}; only customer= is known"
-                    ))),
-                    None => a.list_providers(q.get("customer").cloned()),
-                })
+                answer(customer_query(&q).and_then(|c| a.list_providers(c)))
             },
         );
     let provider = warp::path!("v1" / "providers" / String / String)

@@ -149,7 +149,7 @@ async fn serve(
         .unwrap_or_default();
     let call_id = invite.call_id().map(|c| c.into_owned()).unwrap_or_default();
     let name = tandem_raft_store::command::account_aor(&account.user, &account.domain);
-    match app.dialogs.begin(
+    match app.proxy.dialogs.begin(
         &call_id,
         &caller_tag,
         DialogKind::Call,
@@ -198,17 +198,19 @@ async fn serve(
         if !call.caller_gone {
             call.fail(result);
         }
-        app.dialogs.release(&call_id, &caller_tag, false);
+        app.proxy.dialogs.release(&call_id, &caller_tag, false);
         return;
     }
     let mut converted = false;
-    app.dialogs
+    app.proxy
+        .dialogs
         .answered(&call_id, &caller_tag, &our_tag, 200, &mut converted);
     call.bridge(a_rx, b_rx).await;
-    app.dialogs
+    app.proxy
+        .dialogs
         .ended(&call_id, &caller_tag, &our_tag, DialogKind::Call);
     if !converted {
-        app.dialogs.release(&call_id, &caller_tag, false);
+        app.proxy.dialogs.release(&call_id, &caller_tag, false);
     }
 }
 

@@ -18,7 +18,7 @@ use bytes::Bytes;
 use rand::Rng;
 use tandem_dialplan::{DialOutcome, DialSpec, Mode, Target};
 use tandem_raft_store::command::ProviderAccount;
-use tandem_sip::{HeaderName, Message, Method, SipUri, Uri};
+use tandem_sip::{Message, SipUri, Uri};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -686,32 +686,11 @@ impl OutLeg {
         }
     }
 
-    /// CANCEL for `invite` (RFC 3261 §9.1): its Request-URI, top Via, Route, From, To,
-    /// Call-ID and CSeq number.
+    /// Cancels `invite` at the next hop.
     fn send_cancel(&self, ctx: &DialContext, invite: &Message, flow: Flow) {
-        let Some(uri) = invite.uri().cloned() else {
-            return;
-        };
-        let mut cancel = Message::request(Method::Cancel, uri);
-        if let Ok(via) = invite.top_via() {
-            cancel.push_header(HeaderName::Via, via.to_string());
+        if let Some(cancel) = crate::stack::transaction::cancel_for(invite) {
+            let _ = ctx.app.layer.send_request(cancel, flow);
         }
-        for name in [
-            HeaderName::Route,
-            HeaderName::From,
-            HeaderName::To,
-            HeaderName::CallId,
-        ] {
-            for (n, v) in invite.headers() {
-                if *n == name {
-                    cancel.push_header(name.clone(), Bytes::copy_from_slice(v));
-                }
-            }
-        }
-        cancel.push_header(HeaderName::CSeq, format!("{} CANCEL", self.cseq));
-        cancel.push_header(HeaderName::MaxForwards, "70");
-        cancel.push_header(HeaderName::ContentLength, "0");
-        let _ = ctx.app.layer.send_request(cancel, flow);
     }
 }
 

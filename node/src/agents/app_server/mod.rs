@@ -27,7 +27,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::auth::Authenticator;
-use crate::agents::proxy::Dialogs;
 use crate::agents::{Agent, Refusal, Stack};
 use crate::cluster::ClusterNode;
 use crate::stack::resolve::Resolver;
@@ -103,11 +102,10 @@ pub struct AppServer {
     resolver: Resolver,
     sandbox: Arc<Sandbox>,
     settings: Settings,
-    /// The proxy: how to reach local accounts' phones.
+    /// The proxy: how to reach local accounts' phones, and its table of calls, where the
+    /// app server's calls count too (against each account's `max_concurrent_calls`, and
+    /// for drain).
     proxy: Arc<crate::agents::proxy::Proxy>,
-    /// The proxy's table of calls: the app server's calls count in it too, against each
-    /// account's `max_concurrent_calls`, and drain waits for them.
-    dialogs: Arc<Dialogs>,
     /// The task of each call's leg, by the leg's token.
     calls: Mutex<HashMap<String, (mpsc::Sender<InDialog>, Side)>>,
     /// What stops each call still ringing, by the caller's INVITE transaction.
@@ -127,7 +125,6 @@ impl AppServer {
         proxy: Arc<crate::agents::proxy::Proxy>,
     ) -> AppServer {
         AppServer {
-            dialogs: proxy.dialogs.clone(),
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,

@@ -1399,29 +1399,9 @@ impl Fork {
         }
         b.cancel_sent = true;
         b.give_up = Some(Instant::now() + self.proxy.settings.cancel_give_up);
-        let Some(uri) = b.request.uri().cloned() else {
+        let Some(cancel) = crate::stack::transaction::cancel_for(&b.request) else {
             return;
         };
-        let mut cancel = Message::request(Method::Cancel, uri);
-        if let Ok(via) = b.request.top_via() {
-            cancel.push_header(HeaderName::Via, via.to_string());
-        }
-        for name in [
-            HeaderName::Route,
-            HeaderName::From,
-            HeaderName::To,
-            HeaderName::CallId,
-        ] {
-            for (n, v) in b.request.headers() {
-                if *n == name {
-                    cancel.push_header(name.clone(), Bytes::copy_from_slice(v));
-                }
-            }
-        }
-        let seq = b.request.cseq().map(|c| c.seq).unwrap_or(1);
-        cancel.push_header(HeaderName::CSeq, format!("{seq} CANCEL"));
-        cancel.push_header(HeaderName::MaxForwards, "70");
-        cancel.push_header(HeaderName::ContentLength, "0");
         // The CANCEL's own answer matters to nobody; the INVITE branch answers 487.
         let _ = self.proxy.layer.send_request(cancel, b.flow);
     }

@@ -7,8 +7,10 @@ use serde::Deserialize;
 use tandem_raft_store::command::{Command, CommandResult, Number};
 use warp::http::StatusCode;
 
-use super::{check_id, json_reply, parse_json, put_reply, refused, Admin, ApiError};
-use crate::agents::auth::accounts::{check_domain, check_user};
+use super::{
+    check_customer, check_customer_account, check_id, json_reply, parse_json, put_reply, refused,
+    Admin, ApiError,
+};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,35 +118,8 @@ impl Admin {
         let input: NumberInput = parse_json(&body)?;
         check_id("customer", &input.customer)?;
         let reader = self.cluster.replica.reader();
-        if reader.customer(&input.customer)?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("no customer {:?}; create it first", input.customer),
-            ));
-        }
-        let (user, domain) = input.account.split_once('@').ok_or_else(|| {
-            ApiError::bad_request(format!(
-                "account must be user@domain, got {:?}",
-                input.account
-            ))
-        })?;
-        check_user(user).map_err(ApiError::bad_request)?;
-        check_domain(domain).map_err(ApiError::bad_request)?;
-        match reader.account(domain, user)? {
-            Some(a) if a.customer == input.customer => {}
-            Some(_) => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("account {} belongs to another customer", input.account),
-                ))
-            }
-            None => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    format!("no account {}; create it first", input.account),
-                ))
-            }
-        }
+        check_customer(reader, &input.customer)?;
+        check_customer_account(reader, &input.customer, &input.account, "account")?;
         let existing = reader.number(&d)?;
         if let Some(n) = &existing {
             if n.customer != input.customer {

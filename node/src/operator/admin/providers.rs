@@ -7,8 +7,10 @@ use tandem_raft_store::command::{
 };
 use warp::http::StatusCode;
 
-use super::{check_id, json_reply, parse_json, put_reply, refused, Admin, ApiError};
-use crate::agents::auth::accounts::{check_domain, check_user};
+use super::{
+    check_customer, check_customer_account, check_id, json_reply, parse_json, put_reply, refused,
+    Admin, ApiError,
+};
 use crate::agents::registration_agent::accounts::{self, ProviderInput, ProviderView};
 use crate::agents::registration_agent::AccountStatus;
 
@@ -62,40 +64,14 @@ impl Admin {
         check_id("provider name", &name)?;
         let input: ProviderInput = parse_json(&body)?;
         let reader = self.cluster.replica.reader();
-        if reader.customer(&customer)?.is_none() {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                format!("no customer {customer:?}; create it first"),
-            ));
-        }
+        check_customer(reader, &customer)?;
         let id = provider_account_id(&customer, &name);
         let existing = reader.provider_account(&id)?;
         let created = existing.is_none();
         let account = accounts::build(&self.cluster.keys(), &customer, &name, input, existing)
             .map_err(ApiError::bad_request)?;
         if let Some(InboundTarget::Account(target)) = &account.inbound {
-            let (user, domain) = target.split_once('@').ok_or_else(|| {
-                ApiError::bad_request(format!(
-                    "inbound account must be user@domain, got {target:?}"
-                ))
-            })?;
-            check_user(user).map_err(ApiError::bad_request)?;
-            check_domain(domain).map_err(ApiError::bad_request)?;
-            match reader.account(domain, user)? {
-                Some(a) if a.customer == customer => {}
-                Some(_) => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!("account {target} belongs to another customer"),
-                    ))
-                }
-                None => {
-                    return Err(ApiError::new(
-                        StatusCode::CONFLICT,
-                        format!("no account {target}; create it first"),
-                    ))
-                }
-            }
+            check_customer_account(reader, &customer, target, "inbound account")?;
         }
         self.writable()?;
         match self

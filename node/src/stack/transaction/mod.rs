@@ -225,6 +225,35 @@ pub(crate) fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
 }
 
+/// The CANCEL for an INVITE we sent (RFC 3261 §9.1): its Request-URI, top Via (so it
+/// matches the INVITE's transaction at the next hop), Route, From, To, Call-ID and CSeq
+/// number; `None` for a message without a Request-URI.
+pub fn cancel_for(invite: &tandem_sip::Message) -> Option<tandem_sip::Message> {
+    use tandem_sip::{HeaderName, Message, Method};
+    let uri = invite.uri()?.clone();
+    let mut cancel = Message::request(Method::Cancel, uri);
+    if let Ok(via) = invite.top_via() {
+        cancel.push_header(HeaderName::Via, via.to_string());
+    }
+    for name in [
+        HeaderName::Route,
+        HeaderName::From,
+        HeaderName::To,
+        HeaderName::CallId,
+    ] {
+        for (n, v) in invite.headers() {
+            if *n == name {
+                cancel.push_header(name.clone(), bytes::Bytes::copy_from_slice(v));
+            }
+        }
+    }
+    let seq = invite.cseq().map(|c| c.seq).unwrap_or(1);
+    cancel.push_header(HeaderName::CSeq, format!("{seq} CANCEL"));
+    cancel.push_header(HeaderName::MaxForwards, "70");
+    cancel.push_header(HeaderName::ContentLength, "0");
+    Some(cancel)
+}
+
 #[cfg(test)]
 mod tests {
     use super::sim::Sim;
