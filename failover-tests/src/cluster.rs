@@ -32,18 +32,33 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A port free for UDP and TCP on `ip` right now (see [`crate::free_port`]).
 pub fn free_port_on(ip: &str) -> u16 {
-    for _ in 0..20 {
+    free_ports_on(ip, 1)[0]
+}
+
+/// `n` distinct ports, each free for UDP and TCP on `ip` right now. The sockets that
+/// prove a port free stay bound until all `n` are found, so the kernel cannot hand the
+/// same port out twice (releasing each at once let two of one member's listeners share
+/// a port now and then).
+pub fn free_ports_on(ip: &str, n: usize) -> Vec<u16> {
+    let mut held = Vec::with_capacity(n);
+    let mut tries = 0;
+    while held.len() < n {
+        tries += 1;
+        assert!(
+            tries <= 20 * n,
+            "no {n} ports on {ip} are free for both UDP and TCP after {tries} tries"
+        );
         let Ok(udp) = UdpSocket::bind((ip, 0)) else {
             continue;
         };
         let Ok(addr) = udp.local_addr() else {
             continue;
         };
-        if TcpListener::bind(addr).is_ok() {
-            return addr.port();
+        if let Ok(tcp) = TcpListener::bind(addr) {
+            held.push((addr.port(), udp, tcp));
         }
     }
-    panic!("no port on {ip} is free for both UDP and TCP after 20 tries");
+    held.into_iter().map(|(port, _, _)| port).collect()
 }
 
 /// A member's role in a cluster.
@@ -111,8 +126,8 @@ impl Member {
             Some(_) => (member_ip(id), 5060, 7000, 8000),
             None => {
                 let ip = format!("127.0.0.{id}");
-                let ports = (free_port_on(&ip), free_port_on(&ip), free_port_on(&ip));
-                (ip, ports.0, ports.1, ports.2)
+                let ports = free_ports_on(&ip, 3);
+                (ip, ports[0], ports[1], ports[2])
             }
         };
         let raft_addr = format!("{ip}:{raft_port}");

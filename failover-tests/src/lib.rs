@@ -343,6 +343,11 @@ pub fn free_port() -> u16 {
     cluster::free_port_on("127.0.0.1")
 }
 
+/// Whether a node's log says it could not start because a port it was given was taken.
+fn port_clash(log: &str) -> bool {
+    log.contains("cannot bind") || log.contains("is also a SIP")
+}
+
 /// A `[sip]` table with UDP and TCP listeners on `127.0.0.1:port`, followed by `extra`
 /// lines (more `[sip]` keys, or further tables).
 pub fn sip_config(port: u16, extra: &str) -> String {
@@ -413,7 +418,8 @@ impl Node {
 
     /// Starts a node on the config `make` writes for a free port, and waits until it
     /// answers. Another process can take the port between [`free_port`] and the node's
-    /// bind; if the node fails to bind, this tries again on a new port.
+    /// bind, and the admin port, picked separately, can come out equal to it; in either
+    /// case this tries again on new ports.
     #[track_caller]
     pub fn start_ready_with(make: impl Fn(u16) -> String) -> Node {
         const ATTEMPTS: u32 = 3;
@@ -421,7 +427,7 @@ impl Node {
             let node = Node::start(&make(free_port()));
             match node.poll_ready() {
                 Ok(()) => return node,
-                Err(_) if attempt < ATTEMPTS && node.log().contains("cannot bind") => {
+                Err(_) if attempt < ATTEMPTS && port_clash(&node.log()) => {
                     eprintln!(
                         "port taken before the node bound it; retrying:\n{}",
                         node.log()
