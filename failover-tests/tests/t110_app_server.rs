@@ -68,7 +68,12 @@ fn form_with(provider_account: &str) -> Cluster {
 
 /// [`form_with`], with `extra` tables in the node's config.
 fn form_with_config(provider_account: &str, extra: &str) -> Cluster {
-    let cluster = Cluster::form(&[MemberRole::Full], extra);
+    form_members(&[MemberRole::Full], provider_account, extra)
+}
+
+/// [`form_with_config`] with these members.
+fn form_members(roles: &[MemberRole], provider_account: &str, extra: &str) -> Cluster {
+    let cluster = Cluster::form(roles, extra);
     Wait::new("feature version 1", Duration::from_secs(15))
         .showing(&cluster)
         .until(|| {
@@ -116,6 +121,44 @@ fn fixture() -> Fixture {
         cluster,
         node,
     }
+}
+
+/// The call records node `id` holds for customer c1, once it holds `n`.
+fn wait_cdrs(cluster: &Cluster, id: u64, n: usize) -> Vec<Value> {
+    let m = cluster.member(id);
+    Wait::new(format!("{n} CDRs on node {id}"), Duration::from_secs(15))
+        .showing(cluster)
+        .until(|| {
+            let records = m
+                .get("/v1/cdrs?customer=c1")
+                .and_then(|a| a.json()["records"].as_array().cloned())
+                .unwrap_or_default();
+            (records.len() >= n).then_some(records)
+        })
+}
+
+/// The record of leg `name` (`a`, `b1`, ...).
+fn leg<'a>(records: &'a [Value], name: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["leg"] == name)
+        .unwrap_or_else(|| panic!("no record of leg {name}: {records:#?}"))
+}
+
+/// Checks the times of an answered leg's record: in order, the answer within `ring` of the
+/// start, and a duration that matches.
+fn check_answered_times(r: &Value) {
+    let t = |k: &str| {
+        r[k].as_u64()
+            .unwrap_or_else(|| panic!("{k} missing: {r:#}"))
+    };
+    let (start, ring, answer, end) = (t("start_ms"), t("ring_ms"), t("answer_ms"), t("end_ms"));
+    assert!(start <= ring && ring <= answer && answer <= end, "{r:#}");
+    assert_eq!(
+        r["duration_s"].as_u64(),
+        Some((end - answer) / 1000),
+        "{r:#}"
+    );
 }
 
 fn alice() -> Ua {
@@ -202,6 +245,26 @@ fn a_local_account_calls_a_number_out_through_its_provider_and_hangs_up() {
         // A call of the app server's own: not the caller's Call-ID.
         assert_ne!(invite.header("Call-ID").as_deref(), Some("out-1"));
     });
+    // One record per leg: the caller's into the node, and the one the node placed.
+    let records = wait_cdrs(&_cluster, 1, 2);
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let a = leg(&records, "a");
+    assert_eq!(a["call"], "out-1");
+    assert_eq!(a["direction"], "in");
+    assert_eq!(a["account"], "alice@example.com");
+    assert_eq!(a["customer"], "c1");
+    assert_eq!(a["code"], 200);
+    assert_eq!(a["outcome"], "answered");
+    assert!(a["to"].as_str().unwrap().contains("0301234"), "{a:#}");
+    check_answered_times(a);
+    let b = leg(&records, "b1");
+    assert_eq!(b["call"], "out-1", "both legs name the caller's call");
+    assert_eq!(b["direction"], "out");
+    assert_eq!(b["provider"], "p0");
+    assert_eq!(b["to"], "0301234@p0");
+    assert_eq!(b["code"], 200);
+    assert_eq!(b["outcome"], "answered");
+    check_answered_times(b);
 }
 
 #[test]
@@ -443,6 +506,30 @@ fn a_provider_answering_503_is_passed_over_for_the_next_in_a_serial_group() {
         );
         callee.join().unwrap();
     });
+    let records = wait_cdrs(&cluster, 1, 3);
+    let a = leg(&records, "a");
+    assert_eq!(
+        (&a["code"], &a["outcome"]),
+        (&486.into(), &"busy".into()),
+        "{a:#}"
+    );
+    assert!(a["answer_ms"].is_null(), "{a:#}");
+    let b1 = leg(&records, "b1");
+    assert_eq!(
+        (&b1["provider"], &b1["code"], &b1["outcome"]),
+        (&"pa".into(), &503.into(), &"failed".into()),
+        "{b1:#}"
+    );
+    let b2 = leg(&records, "b2");
+    assert_eq!(
+        (&b2["provider"], &b2["code"], &b2["outcome"]),
+        (&"p0".into(), &486.into(), &"busy".into()),
+        "{b2:#}"
+    );
+    assert!(
+        b2["ring_ms"].is_u64(),
+        "the phone rang before it refused: {b2:#}"
+    );
 }
 
 /// An account at its `max_concurrent_calls` gets 403 for one more call out, with a
@@ -711,6 +798,17 @@ fn a_call_goes_out_through_kamailio_as_the_provider() {
         log.contains("INVITE 0301234 from k0"),
         "Kamailio took no authenticated INVITE:\n{log}"
     );
+    let records = wait_cdrs(&cluster, 1, 2);
+    for name in ["a", "b1"] {
+        let r = leg(&records, name);
+        assert_eq!(
+            (&r["code"], &r["outcome"]),
+            (&200.into(), &"answered".into()),
+            "{r:#}"
+        );
+        check_answered_times(r);
+    }
+    assert_eq!(leg(&records, "b1")["provider"], "p0");
 }
 
 /// Fifty calls of one account at once, each running a dialplan that waits in `dial()`: the
@@ -1157,4 +1255,175 @@ fn the_answer_to_a_re_invite_is_relayed_and_retransmitted_until_acked() {
         );
         callee.join().unwrap();
     });
+}
+
+/// In a cluster of three, the records of a call are on every full node within seconds, a
+/// node that was down when they were written gets them once it is back, and the node that
+/// wrote them may then die without taking them along. The API and the CLI page through
+/// them, export CSV, and refuse bad queries with JSON errors; a customer's retention is
+/// set and shown through both.
+#[test]
+fn call_records_reach_every_node_and_outlive_the_node_that_wrote_them() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
+            "username":"u0","password":"pw0","expires_secs":600}}"#,
+        provider.node.udp_addr()
+    );
+    let cluster = form_members(&[MemberRole::Full; 3], &body, "");
+    let node = cluster.member(1).sip_addr();
+    // Node 3 is down while the calls happen.
+    cluster.member(3).sigkill();
+    let mut alice = alice();
+    for i in 0..3 {
+        std::thread::scope(|s| {
+            let phone = &phone;
+            let callee = s.spawn(move || {
+                answer_next(phone, 200, "OK");
+                wait_for_bye(phone);
+            });
+            let ok = alice.invite(
+                node,
+                "sip:0301234@example.com",
+                &format!("ship-{i}"),
+                &mut |_, _| {},
+            );
+            assert_eq!(ok.status(), Some(200), "{}", ok.text);
+            ack_and_hang_up(&alice, &ok);
+            callee.join().unwrap();
+        });
+    }
+    let on_2 = wait_cdrs(&cluster, 2, 6);
+    assert_eq!(on_2.len(), 6, "{on_2:#?}");
+    assert!(
+        on_2.iter().all(|r| r["node"] == 1),
+        "written by node 1: {on_2:#?}"
+    );
+    cluster.member(3).start();
+    cluster.member(3).wait_healthy();
+    let on_3 = wait_cdrs(&cluster, 3, 6);
+    assert_eq!(on_3, on_2, "node 3 got node 1's records after its restart");
+    // The writer dies; its records stay with the others.
+    cluster.member(1).sigkill();
+    assert_eq!(wait_cdrs(&cluster, 2, 6), on_2);
+
+    // Paging: two at a time, in order, and nothing twice.
+    let m = cluster.member(2);
+    let mut seen = Vec::new();
+    let mut path = "/v1/cdrs?customer=c1&limit=2".to_owned();
+    for _ in 0..10 {
+        let page = m.get(&path).unwrap().json();
+        seen.extend(page["records"].as_array().unwrap().iter().cloned());
+        match page["next"].as_str() {
+            Some(n) => path = format!("/v1/cdrs?customer=c1&limit=2&after={n}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, on_2);
+    let by_account = m
+        .get("/v1/cdrs?account=alice@example.com&from=2000-01-01T00:00:00Z")
+        .unwrap();
+    assert_eq!(by_account.json()["records"].as_array().unwrap().len(), 6);
+    let none = m.get("/v1/cdrs?account=bob@example.com").unwrap();
+    assert_eq!(none.json()["records"].as_array().unwrap().len(), 0);
+    let future = m.get("/v1/cdrs?from=2100-01-01T00:00:00Z").unwrap();
+    assert_eq!(future.json()["records"].as_array().unwrap().len(), 0);
+    for bad in [
+        "/v1/cdrs?from=yesterday",
+        "/v1/cdrs?limit=0",
+        "/v1/cdrs?after=not-hex",
+        "/v1/cdrs?format=xml",
+        "/v1/cdrs?customer=c1%20x",
+        "/v1/cdrs?order=desc",
+    ] {
+        let a = m.get(bad).unwrap();
+        assert_eq!(a.status, 400, "{bad}: {}", a.body);
+        assert!(a.json()["error"].is_string(), "{bad}: {}", a.body);
+    }
+    let csv = m.get("/v1/cdrs?customer=c1&format=csv").unwrap();
+    assert_eq!(csv.status, 200);
+    assert_eq!(csv.header("content-type"), Some("text/csv; charset=utf-8"));
+    let lines: Vec<&str> = csv.body.lines().collect();
+    assert_eq!(lines.len(), 7, "{}", csv.body);
+    assert!(lines[0].starts_with("node,seq,call,leg,"), "{}", lines[0]);
+
+    // The CLI: every page as CSV (progress on stderr), and as a table.
+    let out = m.cli(&[
+        "cdr",
+        "list",
+        "--customer",
+        "c1",
+        "--limit",
+        "4",
+        "--all",
+        "--csv",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 7, "{text}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("6 records."));
+    let out = m.cli(&[
+        "cdr",
+        "list",
+        "--account",
+        "alice@example.com",
+        "--limit",
+        "4",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table.matches("answered").count(), 4, "{table}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--after"),
+        "it says how to go on"
+    );
+
+    // Retention: the default, then the customer's own, through the API and the CLI (once
+    // the two left have a leader again).
+    cluster.wait_for_leader(&[1], Duration::from_secs(20));
+    let r = m.get("/v1/customers/c1/cdr-retention").unwrap();
+    assert_eq!(r.json()["days"], 90, "{}", r.body);
+    assert_eq!(r.json()["own"], false);
+    let out = m.cli(&["cdr", "retention", "c1", "--days", "30"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept 30 days."));
+    Wait::new("the retention on node 3", Duration::from_secs(10))
+        .showing(&cluster)
+        .until(|| {
+            cluster
+                .member(3)
+                .get("/v1/customers/c1/cdr-retention")
+                .is_some_and(|a| a.json()["days"] == 30)
+        });
+    for (body, status) in [
+        (r#"{"days":3651}"#, 400),
+        (r#"{"days":-1}"#, 400),
+        (r#"{"weeks":2}"#, 400),
+    ] {
+        let a = m
+            .request("PUT", "/v1/customers/c1/cdr-retention", Some(body))
+            .unwrap();
+        assert_eq!(a.status, status, "{body}: {}", a.body);
+    }
+    let a = m
+        .request(
+            "PUT",
+            "/v1/customers/nobody/cdr-retention",
+            Some(r#"{"days":5}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 409, "{}", a.body);
 }

@@ -20,6 +20,7 @@ pub struct Config {
     pub registrar: RegistrarConfig,
     pub registration_agent: RegistrationAgentConfig,
     pub app_server: AppServerConfig,
+    pub cdr: CdrConfig,
     /// Absent: a standalone node, a cluster of one with no internal listener.
     pub cluster: Option<ClusterConfig>,
     pub admin: AdminConfig,
@@ -444,6 +445,28 @@ impl Default for AppServerConfig {
     }
 }
 
+/// Call detail records (node/DESIGN.md, "CDRs").
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CdrConfig {
+    /// Days a customer's CDRs are kept unless the customer has a retention of its own.
+    pub retention_days: u32,
+    /// The most CDRs one purge step removes.
+    pub purge_batch: u32,
+    /// Milliseconds between purge steps: the room left for everything else.
+    pub purge_every_ms: u64,
+}
+
+impl Default for CdrConfig {
+    fn default() -> Self {
+        CdrConfig {
+            retention_days: 90,
+            purge_batch: 1000,
+            purge_every_ms: 100,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -853,6 +876,16 @@ impl Config {
                 "app_server.max_call_secs",
                 "must be at most 604800 (0: no limit)".into(),
             );
+        }
+        let cdr = &self.cdr;
+        if !(1..=3650).contains(&cdr.retention_days) {
+            bad("cdr.retention_days", "must be 1 to 3650".into());
+        }
+        if !(1..=100_000).contains(&cdr.purge_batch) {
+            bad("cdr.purge_batch", "must be 1 to 100000".into());
+        }
+        if !(1..=60_000).contains(&cdr.purge_every_ms) {
+            bad("cdr.purge_every_ms", "must be 1 to 60000".into());
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             bad("log.filter", format!("not a valid filter: {e}"));

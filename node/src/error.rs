@@ -38,6 +38,9 @@ pub enum Error {
     /// Key rotation cannot go ahead safely.
     #[error("key rotation: {0}")]
     Rotation(String),
+    /// The CDR store cannot be opened, read or written.
+    #[error("CDR store: {0}")]
+    Cdr(String),
     /// An offline provisioning command (`keygen`, `cert`) cannot do what it was asked.
     #[error("{}: {problem}", path.display())]
     Provision { path: PathBuf, problem: String },

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agents::cdr::{self, store::CdrStore, CdrService, CdrStats};
 use crate::agents::dispatcher::Dispatcher;
 use crate::agents::drain::Drain;
 use crate::agents::location::{self, keepalive, overlay::BindingOverlay};
@@ -121,6 +122,8 @@ pub struct Node {
     admin_tasks: Tasks,
     /// Absent on a witness, which serves no SIP.
     sip: Option<BoundSip>,
+    /// The CDR store, on a full node.
+    cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
 }
 
 type AdminServer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -165,6 +168,16 @@ impl Node {
         let board = Arc::new(Board::new(drain.flag()));
         let admin_tasks = Tasks::default();
         let bound = async {
+            let cdrs = match config.node.role {
+                Role::Full => Some((
+                    Arc::new(CdrStore::open(
+                        &config.node.data_dir.join("cdr"),
+                        config.node.id,
+                    )?),
+                    Arc::new(CdrStats::default()),
+                )),
+                Role::Witness => None,
+            };
             let token = admin::load_or_create_token(&config.token_path())?;
             let admin = admin::serve(
                 admin::Admin::new(
@@ -174,6 +187,8 @@ impl Node {
                     overlay.clone(),
                     peers.clone(),
                     board.clone(),
+                    cdrs.clone(),
+                    config.cdr.retention_days,
                     token,
                 ),
                 config.admin.listen,
@@ -191,11 +206,11 @@ impl Node {
                 }
                 Role::Witness => None,
             };
-            Ok::<_, Error>((Box::pin(admin) as AdminServer, sip))
+            Ok::<_, Error>((Box::pin(admin) as AdminServer, sip, cdrs))
         }
         .await;
         match bound {
-            Ok((admin, sip)) => Ok(Node {
+            Ok((admin, sip, cdrs)) => Ok(Node {
                 config,
                 cluster,
                 cluster_tasks,
@@ -207,6 +222,7 @@ impl Node {
                 admin: Some(admin),
                 admin_tasks,
                 sip,
+                cdrs,
             }),
             Err(e) => Err((e, cluster_tasks)),
         }
@@ -339,6 +355,16 @@ impl Node {
             self.board.clone(),
         );
         tasks.tracker.spawn(registration.run(tasks.stop.clone()));
+        let cdr = self.cdrs.as_ref().and_then(|(store, stats)| {
+            CdrService::start(
+                store.clone(),
+                self.cluster.clone(),
+                cdr::Settings::from_config(&config.cdr),
+                stats.clone(),
+            )
+            .map_err(|e| tracing::error!(error = %e, "the CDR writer did not start; calls are not recorded"))
+            .ok()
+        });
         let agents = Agents::build(
             config,
             &self.cluster,
@@ -350,6 +376,7 @@ impl Node {
             &self.stats,
             &self.board,
             &resolver,
+            cdr.as_ref().map(CdrService::recorder),
         );
         self.drain.watch_calls(
             agents.dialogs.clone(),
@@ -387,6 +414,7 @@ impl Node {
             tasks,
             stop_accepting,
             active,
+            cdr,
         }
     }
 }
@@ -402,6 +430,8 @@ struct RunningSip {
     tasks: Tasks,
     stop_accepting: CancellationToken,
     active: Arc<ActiveTransactions>,
+    /// Stopped after the SIP threads, so the records of the calls they end are kept.
+    cdr: Option<CdrService>,
 }
 
 impl RunningNode {
@@ -454,5 +484,8 @@ impl RunningSip {
         self.stop_accepting.cancel();
         self.tasks.stop("some tasks did not stop in time").await;
         self.threads.join(TASK_EXIT_TIMEOUT).await;
+        if let Some(cdr) = self.cdr {
+            cdr.finish(TASK_EXIT_TIMEOUT).await;
+        }
     }
 }

@@ -347,6 +347,11 @@ pub enum Command {
     DeleteNumber {
         number: String,
     },
+    /// How many days a customer's CDRs are kept (0: the node's `cdr.retention_days`).
+    SetCdrRetention {
+        customer: String,
+        days: u32,
+    },
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -404,7 +409,7 @@ kinds! {
     18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
     24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
-    28 => DeleteNumber,
+    28 => DeleteNumber, 29 => SetCdrRetention,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -419,7 +424,8 @@ const VERSION: u16 = 1;
 /// |---|---|
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
 /// | 2 | customers' numbers (kinds 27 and 28) |
-pub const FEATURES: u32 = 2;
+/// | 3 | CDR retention per customer (kind 29) |
+pub const FEATURES: u32 = 3;
 
 impl Command {
     /// The cluster feature version from which this command may be proposed: only once
@@ -434,6 +440,7 @@ impl Command {
             | Command::ReleaseLeaseAsked { .. }
             | Command::DropLease { .. } => 1,
             Command::PutNumber(_) | Command::DeleteNumber { .. } => 2,
+            Command::SetCdrRetention { .. } => 3,
             _ => 0,
         }
     }
@@ -509,6 +516,7 @@ impl Command {
             } => enc(&(id, expected, resealed)),
             Command::PutNumber(n) => enc(n),
             Command::DeleteNumber { number } => enc(number),
+            Command::SetCdrRetention { customer, days } => enc(&(customer, days)),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -622,6 +630,10 @@ impl Command {
             28 => Command::DeleteNumber {
                 number: postcard::from_bytes(b).map_err(bad)?,
             },
+            29 => {
+                let (customer, days) = postcard::from_bytes(b).map_err(bad)?;
+                Command::SetCdrRetention { customer, days }
+            }
             20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
             21 => Command::DeleteProviderAccount {
                 id: postcard::from_bytes(b).map_err(bad)?,
@@ -752,6 +764,10 @@ pub(crate) mod tests {
             }),
             Command::DeleteNumber {
                 number: "4930123".into(),
+            },
+            Command::SetCdrRetention {
+                customer: "c".into(),
+                days: 30,
             },
             Command::GrantLease {
                 lease: Lease {

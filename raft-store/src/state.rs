@@ -40,6 +40,7 @@ mod key {
     pub const PROVIDER_LEASE_BY_OWNER: u8 = b'O';
     pub const OWNER_RENEWAL: u8 = b'W';
     pub const NUMBER: u8 = b'N';
+    pub const CDR_RETENTION: u8 = b'R';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -94,6 +95,9 @@ mod key {
     pub fn number(number: &str) -> Vec<u8> {
         with(NUMBER, &[number.as_bytes()])
     }
+    pub fn cdr_retention(customer: &str) -> Vec<u8> {
+        with(CDR_RETENTION, &[customer.as_bytes()])
+    }
     pub fn provider_lease(provider: &str) -> Vec<u8> {
         with(PROVIDER_LEASE, &[provider.as_bytes()])
     }
@@ -119,6 +123,12 @@ enum StoredProviderAccount {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredNumber {
     V1(Number),
+}
+
+/// A customer's CDR retention, in days.
+#[derive(Serialize, serde::Deserialize)]
+enum StoredRetention {
+    V1(u32),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -487,6 +497,13 @@ impl StateReader {
             .map(|StoredNumber::V1(n)| n))
     }
 
+    /// How many days `customer`'s CDRs are kept, if it has a retention of its own.
+    pub fn cdr_retention(&self, customer: &str) -> Result<Option<u32>, Error> {
+        Ok(self
+            .get::<StoredRetention>(&key::cdr_retention(customer))?
+            .map(|StoredRetention::V1(d)| d))
+    }
+
     /// Every customer number, in number order.
     pub fn numbers(&self) -> Result<Vec<Number>, Error> {
         Ok(self
@@ -829,6 +846,14 @@ impl<'a> Txn<'a> {
                 self.delete(key::number(&number));
                 CommandResult::Done
             }
+            Command::SetCdrRetention { customer, days } => {
+                if days == 0 {
+                    self.delete(key::cdr_retention(&customer));
+                } else {
+                    self.put(key::cdr_retention(&customer), &StoredRetention::V1(days));
+                }
+                CommandResult::Done
+            }
             Command::PutNode(n) => {
                 if self.get::<()>(&key::retired(n.id))?.is_some() {
                     CommandResult::Rejected(format!(
@@ -861,6 +886,7 @@ impl<'a> Txn<'a> {
                 CommandResult::Done
             }
             Command::DeleteCustomer { id } => {
+                self.delete(key::cdr_retention(&id));
                 self.delete(key::with(key::CUSTOMER, &[id.as_bytes()]));
                 CommandResult::Done
             }

@@ -10,13 +10,14 @@
 //! | [`app_server`] | local accounts' calls to numbers that are not accounts here: their dialplan, or out through their provider (a B2BUA), and the requests inside those calls |
 //! | [`proxy`] | every request for someone else, and requests inside dialogs (RFC 3261 §16) |
 //! | [`registration_agent`] | serves no request: keeps customers' provider accounts registered |
-//! | `cdr/` | not built yet: call records |
+//! | [`cdr`] | serves no request: stores the app server's call records, copies them to the peers, purges old ones |
 //!
 //! Agents sit above the stack and the cluster, never below: nothing in `stack/` or
 //! `cluster/` names an agent.
 
 pub mod app_server;
 pub mod auth;
+pub mod cdr;
 pub mod dispatcher;
 pub mod drain;
 pub mod location;
@@ -131,6 +132,7 @@ impl Agents {
         stats: &Arc<Stats>,
         board: &Arc<Board>,
         resolver: &crate::stack::resolve::Resolver,
+        cdrs: Option<cdr::Recorder>,
     ) -> Agents {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
@@ -169,6 +171,7 @@ impl Agents {
             resolver.clone(),
             app_server::Settings::from_config(&config.app_server),
             proxy.clone(),
+            cdrs,
         ));
         let registrar = Arc::new(Registrar::new(
             cluster.clone(),

@@ -12,6 +12,7 @@ pub mod peers;
 
 pub use join::{init, join};
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -53,9 +54,13 @@ pub struct ClusterNode {
     network: Option<HttpNetwork>,
     quorum_timeout: Duration,
     max_apply_lag: u64,
-    /// Where other nodes' questions for this node's agents go (`ask_agent`).
-    agent_hook: AgentHook,
+    /// Who answers other nodes' questions for this node's agents (`ask_agent`), by the
+    /// question's first word.
+    agent_topics: Arc<RwLock<HashMap<&'static str, AgentAnswer>>>,
 }
+
+/// What answers other nodes' questions on one topic.
+pub type AgentAnswer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
 /// How often the leader asks the members which feature version they support.
 const FEATURES_EVERY: Duration = Duration::from_secs(5);
@@ -169,6 +174,18 @@ impl ClusterNode {
 
         let keys = Arc::new(RwLock::new(keys));
         let agent_hook = AgentHook::default();
+        let agent_topics: Arc<RwLock<HashMap<&'static str, AgentAnswer>>> = Arc::default();
+        {
+            let topics = agent_topics.clone();
+            let _ = agent_hook.set(Arc::new(move |q: &str| {
+                let topic = q.split(' ').next().unwrap_or_default();
+                let answer = topics.read().ok().and_then(|t| t.get(topic).cloned());
+                match answer {
+                    Some(answer) => answer(q),
+                    None => "unknown question".into(),
+                }
+            }));
+        }
         let (replica, network) = match &config.cluster {
             None => {
                 let router = LocalRouter::new();
@@ -236,7 +253,7 @@ impl ClusterNode {
             network,
             quorum_timeout: Duration::from_millis(c.quorum_timeout_ms),
             max_apply_lag: c.max_apply_lag,
-            agent_hook,
+            agent_topics,
         };
         if let Some(c) = &config.cluster {
             let recorded = node.replica.members().into_iter().find(|m| m.id == id);
@@ -255,17 +272,23 @@ impl ClusterNode {
         Ok(node)
     }
 
-    /// Sets what answers other nodes' questions for this node's agents (once; the agents
-    /// call it when they start).
-    pub fn answer_agent_questions(&self, answer: Arc<dyn Fn(&str) -> String + Send + Sync>) {
-        let _ = self.agent_hook.set(answer);
+    /// Sets what answers other nodes' questions for this node's agents whose first word
+    /// is one of `topics` (the agents call it when they start).
+    pub fn answer_agent_questions(&self, topics: &[&'static str], answer: AgentAnswer) {
+        if let Ok(mut t) = self.agent_topics.write() {
+            for topic in topics {
+                t.insert(topic, answer.clone());
+            }
+        }
     }
 
     /// Asks node `id`'s agents `question`; this node's own agents answer directly. `None`
     /// when the node is unknown, does not answer in time, or runs no agents.
     pub async fn ask_agent(&self, id: NodeId, question: &str) -> Option<String> {
         if id == self.identity.node_id {
-            return self.agent_hook.get().map(|answer| answer(question));
+            let topic = question.split(' ').next().unwrap_or_default();
+            let answer = self.agent_topics.read().ok()?.get(topic).cloned()?;
+            return Some(answer(question));
         }
         let network = self.network.as_ref()?;
         let member = self.replica.members().into_iter().find(|m| m.id == id)?;

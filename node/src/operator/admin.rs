@@ -22,10 +22,12 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::agents::auth::accounts::{self, check_domain, check_user, AccountInput, AccountView};
+use crate::agents::cdr::{store::CdrStore, CdrStats};
 use crate::agents::drain::Drain;
 use crate::agents::location::overlay::BindingOverlay;
 use crate::agents::registration_agent::Board;
 
+mod cdrs;
 mod dialplans;
 mod numbers;
 mod providers;
@@ -49,6 +51,10 @@ pub struct Admin {
     pub peers: Arc<PeerMonitor>,
     /// The registration agent's status of the provider accounts this node registers.
     pub board: Arc<Board>,
+    /// The CDR store and its counts; none on a witness.
+    pub cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
+    /// `cdr.retention_days`: a customer's retention unless it has its own.
+    pub default_retention_days: u32,
     token: Arc<str>,
 }
 
@@ -185,6 +191,7 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Admin {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cluster: ClusterNode,
         stats: Arc<Stats>,
@@ -192,6 +199,8 @@ impl Admin {
         overlay: Arc<BindingOverlay>,
         peers: Arc<PeerMonitor>,
         board: Arc<Board>,
+        cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
+        default_retention_days: u32,
         token: String,
     ) -> Admin {
         Admin {
@@ -201,6 +210,8 @@ impl Admin {
             overlay,
             peers,
             board,
+            cdrs,
+            default_retention_days,
             token: token.into(),
         }
     }
@@ -700,6 +711,46 @@ impl Admin {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
             );
         }
+        if let Some((store, c)) = &self.cdrs {
+            let cdr: [(&str, &str, &str, u64); 5] = [
+                (
+                    "tandem_cdr_written_total",
+                    "Call records this node wrote (fsynced).",
+                    "counter",
+                    load(&c.written),
+                ),
+                (
+                    "tandem_cdr_dropped_total",
+                    "Call records lost because the CDR writer's queue was full or it had stopped.",
+                    "counter",
+                    load(c.dropped.as_ref()),
+                ),
+                (
+                    "tandem_cdr_received_total",
+                    "Call records peers shipped to this node.",
+                    "counter",
+                    load(&c.received),
+                ),
+                (
+                    "tandem_cdr_purged_total",
+                    "Call records removed as older than their customer's retention.",
+                    "counter",
+                    load(&c.purged),
+                ),
+                (
+                    "tandem_cdr_last_seq",
+                    "The number of this node's latest call record.",
+                    "counter",
+                    store.last_seq(),
+                ),
+            ];
+            for (name, help, kind, value) in cdr {
+                let _ = writeln!(
+                    out,
+                    "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+                );
+            }
+        }
         let name = "tandem_provider_responses_total";
         let _ = writeln!(
             out,
@@ -990,6 +1041,20 @@ pub fn serve(
         .and(warp::delete())
         .and(authorized.clone())
         .then(|n, a: Arc<Admin>| async move { answer(a.delete_number(n).await) });
+    let cdr_list = warp::path!("v1" / "cdrs")
+        .and(warp::get())
+        .and(authorized.clone())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .then(|a: Arc<Admin>, q| async move { answer(a.list_cdrs(q).await) });
+    let retention = warp::path!("v1" / "customers" / String / "cdr-retention")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|c: String, a: Arc<Admin>| answer(a.get_retention(&c)));
+    let put_retention = warp::path!("v1" / "customers" / String / "cdr-retention")
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|c, a: Arc<Admin>, b| async move { answer(a.put_retention(c, b).await) });
     let drain_state = warp::path!("v1" / "node" / "drain")
         .and(warp::get())
         .and(authorized.clone())
@@ -1056,6 +1121,9 @@ pub fn serve(
         number.boxed(),
         put_number.boxed(),
         delete_number.boxed(),
+        cdr_list.boxed(),
+        retention.boxed(),
+        put_retention.boxed(),
         drain_state.boxed(),
         start_drain.boxed(),
         providers.boxed(),

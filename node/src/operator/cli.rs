@@ -53,6 +53,9 @@ pub enum Command {
     /// of --config.
     #[command(subcommand)]
     Dialplan(DialplanCommand),
+    /// Call detail records and how long they are kept.
+    #[command(subcommand)]
+    Cdr(CdrCommand),
     /// This node's own lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -176,6 +179,7 @@ impl Command {
             Command::Provider(c) => Some(c.config()),
             Command::Number(c) => Some(c.config()),
             Command::Dialplan(c) => Some(c.config()),
+            Command::Cdr(c) => Some(c.config()),
             _ => None,
         }
     }
@@ -435,6 +439,57 @@ impl NumberCommand {
             | NumberCommand::Show { config, .. }
             | NumberCommand::List { config, .. }
             | NumberCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CdrCommand {
+    /// List call records, oldest first, a page at a time (or all with --all).
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+        /// Only this account's, `user@domain`.
+        #[arg(long)]
+        account: Option<String>,
+        /// Calls that started at or after this time: RFC 3339 or Unix milliseconds.
+        #[arg(long)]
+        from: Option<String>,
+        /// Calls that started before this time.
+        #[arg(long)]
+        to: Option<String>,
+        /// Records per page (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Go on from where a previous page ended (the cursor it printed).
+        #[arg(long)]
+        after: Option<String>,
+        /// Every page, not just the first; progress goes to standard error.
+        #[arg(long)]
+        all: bool,
+        /// CSV (with a header line) instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Show a customer's CDR retention, or set it with --days (0: the node's default).
+    Retention {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        customer: String,
+        #[arg(long)]
+        days: Option<u32>,
+    },
+}
+
+impl CdrCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            CdrCommand::List { config, .. } | CdrCommand::Retention { config, .. } => {
+                config.clone()
+            }
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
 //! `tandem account …`, `tandem provider …` (in `providers`), `tandem number …` and
-//! `tandem dialplan …` (in `numbers`), and `tandem node …`.
+//! `tandem dialplan …` (in `numbers`), `tandem cdr …` (in `cdrs`), and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::operator::cli::{AccountCommand, ClusterCommand, Command, KeysCommand, NodeCommand};
 use crate::Error;
 
+mod cdrs;
 mod numbers;
 mod providers;
 
@@ -31,6 +32,7 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
         Command::Provider(c) => providers::run(c, config).await,
         Command::Number(c) => numbers::number(c, config).await,
         Command::Dialplan(c) => numbers::dialplan(c, config).await,
+        Command::Cdr(c) => cdrs::run(c, config).await,
         other => Err(Error::Admin(format!(
             "{other:?} is not an operator command"
         ))),

@@ -21,9 +21,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::dialog::{value, Leg};
-use super::legs::{exec, DialContext, Dialled};
+use super::legs::{close_answered, exec, DialContext, Dialled, LegRecords};
 use super::{contact_on, hang_up, via_on, AppServer, InDialog, Side};
 use crate::agents::auth::{Authenticated, Challenge};
+use crate::agents::cdr::{Open, Recorder};
 use crate::agents::proxy::dialogs::{DialogKind, Refused};
 use crate::agents::Refusal;
 use crate::stack::transaction::{ClientEvent, TxId};
@@ -66,6 +67,9 @@ struct Call {
     unacked: Option<Unacked>,
     caller_gone: bool,
     answered: bool,
+    /// The record of the caller's leg, and of the dialled leg once it answered.
+    record: Option<(Open, Recorder)>,
+    b_record: Option<super::legs::LegRecord>,
 }
 
 /// A 2xx we sent to an INVITE, retransmitted over UDP until its ACK (RFC 3261 §13.3.1.4:
@@ -149,6 +153,18 @@ async fn serve(
         .unwrap_or_default();
     let call_id = invite.call_id().map(|c| c.into_owned()).unwrap_or_default();
     let name = tandem_raft_store::command::account_aor(&account.user, &account.domain);
+    let aor = format!("{}@{}", account.user, account.domain);
+    let mut record = app.cdrs.as_ref().map(|r| {
+        let from = invite.from().map(|f| f.uri.to_string()).unwrap_or_default();
+        let to = invite.uri().map(|u| u.to_string()).unwrap_or_default();
+        let open = Open::new(&call_id, "a", "in", &account.customer, &aor).with_parties(&from, &to);
+        (open, r.clone())
+    });
+    let refused = |record: &mut Option<(Open, Recorder)>, r: &Refusal| {
+        if let Some((open, recorder)) = record.take() {
+            recorder.record(open.close(r.status, &r.reason, "refused"));
+        }
+    };
     match app.proxy.dialogs.begin(
         &call_id,
         &caller_tag,
@@ -162,11 +178,13 @@ async fn serve(
                 403,
                 "Forbidden (too many calls in progress for this account)",
             );
+            refused(&mut record, &r);
             app.layer.respond_stateless(tx, r.response(&invite));
             return;
         }
         Err(Refused::Full) => {
             let r = Refusal::new(503, "Service Unavailable (too many dialogs)");
+            refused(&mut record, &r);
             app.layer.respond_stateless(tx, r.response(&invite));
             return;
         }
@@ -191,12 +209,19 @@ async fn serve(
         unacked: None,
         caller_gone: false,
         answered: false,
+        record,
+        b_record: None,
     };
-    let aor = format!("{}@{}", account.user, account.domain);
     let result = call.route(&account, &aor, &cancelled, a_rx, b_rx).await;
     if !call.answered {
-        if !call.caller_gone {
-            call.fail(result);
+        let (code, reason, outcome) = if call.caller_gone {
+            (487, "Request Terminated".to_owned(), "cancelled")
+        } else {
+            let (code, reason) = call.fail(result);
+            (code, reason, outcome_of(code))
+        };
+        if let Some((open, recorder)) = call.record.take() {
+            recorder.record(open.close(code, &reason, outcome));
         }
         app.proxy.dialogs.release(&call_id, &caller_tag, false);
         return;
@@ -206,11 +231,25 @@ async fn serve(
         .dialogs
         .answered(&call_id, &caller_tag, &our_tag, 200, &mut converted);
     call.bridge(a_rx, b_rx).await;
+    if let Some((open, recorder)) = call.record.take() {
+        recorder.record(open.close(200, "OK", "answered"));
+    }
+    close_answered(call.b_record.take());
     app.proxy
         .dialogs
         .ended(&call_id, &caller_tag, &our_tag, DialogKind::Call);
     if !converted {
         app.proxy.dialogs.release(&call_id, &caller_tag, false);
+    }
+}
+
+/// What a call the caller was refused with `code` came to, for its record.
+fn outcome_of(code: u16) -> &'static str {
+    match code {
+        486 | 600 => "busy",
+        408 | 480 | 487 => "no answer",
+        401 | 403 | 404 | 484 | 488 | 603 => "refused",
+        _ => "failed",
     }
 }
 
@@ -286,6 +325,22 @@ impl Call {
             caller_id: None,
             provisional: prov_tx,
             ring_for: self.app.settings.ring_for,
+            records: self.app.cdrs.as_ref().map(|recorder| LegRecords {
+                recorder: recorder.clone(),
+                call: self
+                    .invite
+                    .call_id()
+                    .map(|c| c.into_owned())
+                    .unwrap_or_default(),
+                customer: account.customer.clone(),
+                account: aor.to_owned(),
+                from: self
+                    .invite
+                    .from()
+                    .map(|f| f.uri.to_string())
+                    .unwrap_or_default(),
+                dialled: Arc::default(),
+            }),
             max_forwards: self
                 .invite
                 .max_forwards()
@@ -333,13 +388,15 @@ impl Call {
                 done = async { current.as_mut().expect("guarded").0.as_mut().await }, if current.is_some() => {
                     let (_, reply) = current.take().expect("guarded");
                     let outcome = match done {
-                        Dialled::Answered { leg, answer, target } => {
+                        Dialled::Answered { leg, answer, target, record } => {
                             if self.caller_gone {
                                 // The caller left as the callee answered: end it there.
                                 hang_up(&self.app, *leg);
+                                close_answered(record);
                                 DialOutcome::CallerGone
                             } else {
                                 self.connect(*leg, &answer);
+                                self.b_record = record;
                                 DialOutcome::Answered { target }
                             }
                         }
@@ -441,6 +498,13 @@ impl Call {
             copy_body(m, &mut r);
         }
         crate::stack::responses::stamp(&mut r);
+        if let Some((open, _)) = &mut self.record {
+            match status {
+                101..=199 => open.ringing(),
+                200..=299 => open.answered(),
+                _ => {}
+            }
+        }
         if (200..300).contains(&status) {
             self.unacked = Some(Unacked::new(Side::A, self.a_tx, r.clone(), &self.a.flow));
         }
@@ -454,17 +518,20 @@ impl Call {
         self.respond_a(200, "OK", Some(answer));
     }
 
-    /// The call ends before it was connected: the caller gets `result`'s refusal.
-    fn fail(&mut self, result: Result<(), Refusal>) {
+    /// The call ends before it was connected: the caller gets `result`'s refusal, whose
+    /// status and reason this returns.
+    fn fail(&mut self, result: Result<(), Refusal>) -> (u16, String) {
         let refusal = result
             .err()
             .unwrap_or_else(|| Refusal::new(500, "Server Internal Error"));
+        let said = (refusal.status, refusal.reason.clone());
         let mut r = refusal.response(&self.invite);
         if let Some((_, tag)) = self.a.local.rsplit_once(";tag=") {
             let _ = r.add_to_tag(tag);
         }
         crate::stack::responses::stamp(&mut r);
         self.app.layer.respond(self.a_tx, r);
+        said
     }
 
     /// Relays requests between the legs until a BYE.

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use super::dialog::Leg;
 use super::AppServer;
 use crate::agents::auth::answer::DigestClient;
+use crate::agents::cdr::{Open, Recorder};
 use crate::stack::transaction::ClientEvent;
 use crate::stack::transport::{Flow, TransportKind};
 
@@ -62,6 +63,150 @@ pub struct DialContext {
     /// The caller's Max-Forwards less one: a call that comes back through a provider to
     /// this cluster runs out of hops rather than looping.
     pub max_forwards: u32,
+    /// Where each leg's record goes, if the node keeps CDRs.
+    pub records: Option<LegRecords>,
+}
+
+/// What the records of a call's dialled legs share.
+#[derive(Clone)]
+pub struct LegRecords {
+    pub recorder: Recorder,
+    /// The caller's Call-ID: the call the legs belong to.
+    pub call: String,
+    pub customer: String,
+    pub account: String,
+    /// The caller as the legs present it.
+    pub from: String,
+    /// Legs dialled so far, for their names (`b1`, `b2`, ...).
+    pub dialled: Arc<std::sync::atomic::AtomicU32>,
+}
+
+impl LegRecords {
+    fn open(&self, to: &str, provider: Option<&str>) -> (Open, Recorder) {
+        let n = self
+            .dialled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut open = Open::new(
+            &self.call,
+            &format!("b{n}"),
+            "out",
+            &self.customer,
+            &self.account,
+        )
+        .with_parties(&self.from, to);
+        if let Some(p) = provider {
+            open = open.via_provider(p);
+        }
+        (open, self.recorder.clone())
+    }
+}
+
+/// A leg's record closed as `outcome` says it ended.
+pub fn close_failed(open: Open, outcome: &DialOutcome) -> crate::agents::cdr::Cdr {
+    match outcome {
+        DialOutcome::Busy { code, reason } => open.close(*code, reason, "busy"),
+        DialOutcome::NoAnswer => open.close(487, "Request Terminated", "no answer"),
+        DialOutcome::CallerGone => open.close(487, "Request Terminated", "cancelled"),
+        DialOutcome::Failed { code, reason } => open.close(*code, reason, "failed"),
+        DialOutcome::Answered { .. } => open.close(200, "OK", "answered"),
+    }
+}
+
+/// An answered leg's open record and where it goes when closed.
+pub type LegRecord = Box<(Open, Recorder)>;
+
+/// A connected leg's record, closed as the call on it ends.
+pub fn close_answered(record: Option<LegRecord>) {
+    if let Some(r) = record {
+        let (open, recorder) = *r;
+        recorder.record(open.close(200, "OK", "answered"));
+    }
+}
+
+/// Where a leg reports how it ended (once), closing its record as it does.
+struct Report {
+    app: Arc<AppServer>,
+    done: Option<oneshot::Sender<Dialled>>,
+    record: Option<(Open, Recorder)>,
+}
+
+impl Report {
+    fn waiting(&self) -> bool {
+        self.done.is_some()
+    }
+
+    fn ringing(&mut self) {
+        if let Some((open, _)) = &mut self.record {
+            open.ringing();
+        }
+    }
+
+    /// Reports a failure, if nothing was reported yet.
+    fn failed(&mut self, outcome: DialOutcome) {
+        if let Some(d) = self.done.take() {
+            if let Some((open, recorder)) = self.record.take() {
+                recorder.record(close_failed(open, &outcome));
+            }
+            let _ = d.send(Dialled::Failed(outcome));
+        }
+    }
+
+    /// Reports `what`: a failure as [`Report::failed`] does.
+    fn send(&mut self, what: Dialled) {
+        match what {
+            Dialled::Failed(o) => self.failed(o),
+            Dialled::Answered {
+                leg,
+                answer,
+                target,
+                ..
+            } => {
+                if let Err(leg) = self.answered(leg, answer, target) {
+                    super::hang_up(&self.app, *leg);
+                }
+            }
+        }
+    }
+
+    /// Reports an answer; `Err` gives the leg back when nobody waits for it any more.
+    fn answered(
+        &mut self,
+        leg: Box<Leg>,
+        answer: Box<Message>,
+        target: String,
+    ) -> Result<(), Box<Leg>> {
+        let mut record = self.record.take().map(Box::new);
+        if let Some(r) = &mut record {
+            r.0.answered();
+        }
+        let Some(d) = self.done.take() else {
+            close_answered(record);
+            return Err(leg);
+        };
+        match d.send(Dialled::Answered {
+            leg,
+            answer,
+            target,
+            record,
+        }) {
+            Ok(()) => Ok(()),
+            Err(Dialled::Answered { leg, record, .. }) => {
+                close_answered(record);
+                Err(leg)
+            }
+            Err(Dialled::Failed(_)) => unreachable!("an answer was sent"),
+        }
+    }
+}
+
+impl Drop for Report {
+    /// A leg that ends without reporting (its task failed) still leaves its record.
+    fn drop(&mut self) {
+        if let Some((open, recorder)) = self.record.take() {
+            recorder.record(open.close(500, "Server Internal Error", "failed"));
+        }
+    }
 }
 
 /// How a leg or a group ended.
@@ -71,6 +216,8 @@ pub enum Dialled {
         leg: Box<Leg>,
         answer: Box<Message>,
         target: String,
+        /// The leg's record, open until the call on it ends.
+        record: Option<LegRecord>,
     },
     Failed(DialOutcome),
 }
@@ -193,8 +340,9 @@ fn reap(app: &Arc<AppServer>, mut running: tokio::task::JoinSet<Dialled>) {
     let app = app.clone();
     tokio::spawn(async move {
         while let Some(done) = running.join_next().await {
-            if let Ok(Dialled::Answered { leg, .. }) = done {
+            if let Ok(Dialled::Answered { leg, record, .. }) = done {
                 super::hang_up(&app, *leg);
+                close_answered(record);
             }
         }
     });
@@ -339,6 +487,7 @@ struct OutLeg {
     to: String,
     call_id: String,
     cseq: u32,
+    record: Option<(Open, Recorder)>,
 }
 
 impl OutLeg {
@@ -390,6 +539,10 @@ impl OutLeg {
             request_uri,
             next_hop: Some(next_hop),
             routes,
+            record: ctx
+                .records
+                .as_ref()
+                .map(|r| r.open(&format!("{number}@{}", a.name), Some(&a.name))),
             account: Some(a),
         })
     }
@@ -414,6 +567,10 @@ impl OutLeg {
             to: format!("<sip:{user}@{domain}>"),
             call_id: call_id.to_owned(),
             cseq: 0,
+            record: ctx
+                .records
+                .as_ref()
+                .map(|r| r.open(&format!("{user}@{domain}"), None)),
         }
     }
 
@@ -427,12 +584,16 @@ impl OutLeg {
         cancel: CancellationToken,
         done: oneshot::Sender<Dialled>,
     ) {
-        let mut done = Some(done);
+        let mut report = Report {
+            app: ctx.app.clone(),
+            done: Some(done),
+            record: self.record.take(),
+        };
         if let Some(f) = self
-            .exchange(&ctx, &label, flow, until, &cancel, &mut done)
+            .exchange(&ctx, &label, flow, until, &cancel, &mut report)
             .await
         {
-            report(&mut done, f);
+            report.send(f);
         }
     }
 
@@ -509,22 +670,26 @@ impl OutLeg {
         cancel: CancellationToken,
         done: oneshot::Sender<Dialled>,
     ) {
+        let mut report = Report {
+            app: ctx.app.clone(),
+            done: Some(done),
+            record: self.record.take(),
+        };
         let Some(next_hop) = self.next_hop.clone() else {
-            let _ = done.send(failed(500, "Server Internal Error"));
+            report.send(failed(500, "Server Internal Error"));
             return;
         };
         let targets = match ctx.app.resolver.targets(&next_hop).await {
             Ok(t) if !t.is_empty() => t,
             Ok(_) => {
-                let _ = done.send(failed(503, "Service Unavailable (no usable target)"));
+                report.send(failed(503, "Service Unavailable (no usable target)"));
                 return;
             }
             Err(e) => {
-                let _ = done.send(failed(503, format!("Service Unavailable ({e})")));
+                report.send(failed(503, format!("Service Unavailable ({e})")));
                 return;
             }
         };
-        let mut done = Some(done);
         let mut last = failed(408, "Request Timeout");
         for target in targets {
             let flow = if target.transport == TransportKind::Tls {
@@ -552,16 +717,14 @@ impl OutLeg {
                 continue;
             };
             match self
-                .exchange(&ctx, &label, flow, until, &cancel, &mut done)
+                .exchange(&ctx, &label, flow, until, &cancel, &mut report)
                 .await
             {
                 Some(next) => last = next,
                 None => return,
             }
         }
-        if let Some(d) = done.take() {
-            let _ = d.send(last);
-        }
+        report.send(last);
     }
 
     /// INVITEs to one target until a final answer. `Some(failure)`: the next target may be
@@ -573,7 +736,7 @@ impl OutLeg {
         flow: Flow,
         until: Instant,
         cancel: &CancellationToken,
-        done: &mut Option<oneshot::Sender<Dialled>>,
+        report: &mut Report,
     ) -> Option<Dialled> {
         let mut challenges = 0;
         'invite: loop {
@@ -597,7 +760,7 @@ impl OutLeg {
                             ClientEvent::Response(r) => *r,
                             ClientEvent::Timeout if !heard => return Some(failed(408, "Request Timeout")),
                             ClientEvent::Timeout => {
-                                report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                                report.failed(DialOutcome::NoAnswer);
                                 return None;
                             }
                             ClientEvent::TransportError => {
@@ -610,6 +773,7 @@ impl OutLeg {
                             100 => {}
                             101..=199 => {
                                 if cancelled_at.is_none() {
+                                    report.ringing();
                                     let _ = ctx.provisional.send(response);
                                 }
                             }
@@ -620,19 +784,16 @@ impl OutLeg {
                                     let _ = ctx.app.layer.send_request(ack.clone(), flow);
                                     super::keep_acking(&ctx.app, events, &response, ack, &leg);
                                 }
-                                if cancelled_at.is_some() || done.is_none() {
+                                if cancelled_at.is_some() || !report.waiting() {
                                     // Answered after we gave up: end it at once.
                                     super::hang_up(&ctx.app, leg);
-                                    report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                                    report.failed(DialOutcome::NoAnswer);
                                     return None;
                                 }
-                                let answered = Dialled::Answered { leg: Box::new(leg), answer: Box::new(response), target: label.to_owned() };
-                                if let Some(d) = done.take() {
-                                    // Nobody waits any more (a group's ringing time ran
-                                    // out as it answered): end it rather than leave it up.
-                                    if let Err(Dialled::Answered { leg, .. }) = d.send(answered) {
-                                        super::hang_up(&ctx.app, *leg);
-                                    }
+                                // Nobody waits any more (a group's ringing time ran out as
+                                // it answered): end it rather than leave it up.
+                                if let Err(leg) = report.answered(Box::new(leg), Box::new(response), label.to_owned()) {
+                                    super::hang_up(&ctx.app, *leg);
                                 }
                                 return None;
                             }
@@ -646,7 +807,7 @@ impl OutLeg {
                                     Ok(()) => continue 'invite,
                                     Err(e) => {
                                         tracing::warn!(target_name = label, error = %e, "app server: a challenge was not answered");
-                                        report(done, failed(status, reason_of(&response)));
+                                        report.send(failed(status, reason_of(&response)));
                                         return None;
                                     }
                                 }
@@ -659,7 +820,7 @@ impl OutLeg {
                                     487 if cancelled_at.is_some() => DialOutcome::NoAnswer,
                                     _ => DialOutcome::Failed { code: status, reason: reason_of(&response) },
                                 };
-                                report(done, Dialled::Failed(outcome));
+                                report.failed(outcome);
                                 return None;
                             }
                         }
@@ -674,12 +835,12 @@ impl OutLeg {
                         }
                         self.send_cancel(ctx, &invite, flow);
                         cancelled_at = Some(Instant::now());
-                        report(done, Dialled::Failed(DialOutcome::NoAnswer));
+                        report.failed(DialOutcome::NoAnswer);
                     }
                     _ = cancel.cancelled(), if cancelled_at.is_none() => {
                         self.send_cancel(ctx, &invite, flow);
                         cancelled_at = Some(Instant::now());
-                        report(done, Dialled::Failed(DialOutcome::CallerGone));
+                        report.failed(DialOutcome::CallerGone);
                     }
                 }
             }
@@ -691,12 +852,6 @@ impl OutLeg {
         if let Some(cancel) = crate::stack::transaction::cancel_for(invite) {
             let _ = ctx.app.layer.send_request(cancel, flow);
         }
-    }
-}
-
-fn report(done: &mut Option<oneshot::Sender<Dialled>>, what: Dialled) {
-    if let Some(d) = done.take() {
-        let _ = d.send(what);
     }
 }
 

@@ -110,6 +110,8 @@ pub struct AppServer {
     calls: Mutex<HashMap<String, (mpsc::Sender<InDialog>, Side)>>,
     /// What stops each call still ringing, by the caller's INVITE transaction.
     ringing: Mutex<HashMap<TxId, CancellationToken>>,
+    /// Where the calls' records go; none if the node keeps no CDRs.
+    cdrs: Option<crate::agents::cdr::Recorder>,
 }
 
 impl AppServer {
@@ -123,8 +125,10 @@ impl AppServer {
         resolver: Resolver,
         settings: Settings,
         proxy: Arc<crate::agents::proxy::Proxy>,
+        cdrs: Option<crate::agents::cdr::Recorder>,
     ) -> AppServer {
         AppServer {
+            cdrs,
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,

@@ -279,8 +279,10 @@ impl RegistrationAgent {
     /// Runs until `stop`: reconciles every second and renews every `renew`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let board = self.board.clone();
-        self.cluster
-            .answer_agent_questions(Arc::new(move |q: &str| board.answer(q)));
+        self.cluster.answer_agent_questions(
+            &["ready", "status"],
+            Arc::new(move |q: &str| board.answer(q)),
+        );
         self.board.running.store(true, Ordering::Release);
         let mut owned: HashMap<String, Owned> = HashMap::new();
         let mut view = OwnView::default();

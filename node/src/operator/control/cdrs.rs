@@ -1,0 +1,153 @@
+//! `tandem cdr …`: call detail records through the admin API, as a table or CSV, one page
+//! or all of them; and a customer's retention.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+
+use super::{call, call_with, ADMIN_TIMEOUT};
+use crate::agents::cdr::{Cdr, CSV_HEADER};
+use crate::config::Config;
+use crate::operator::cli::CdrCommand;
+use crate::Error;
+
+/// A query parameter, percent-encoded (an RFC 3339 time carries `+` and `:`).
+fn param(out: &mut String, name: &str, value: &str) {
+    out.push(if out.contains('?') { '&' } else { '?' });
+    out.push_str(name);
+    out.push('=');
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+fn time(ms: Option<u64>) -> String {
+    ms.and_then(|ms| jiff::Timestamp::from_millisecond(ms as i64).ok())
+        .map(|t| t.strftime("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| "-".into())
+}
+
+fn row(c: &Cdr) -> String {
+    format!(
+        "{}  {:<3} {:<3} {:<24} {:<24} {:<16} {:>3} {:>6}s  {}\n",
+        time(Some(c.start_ms)),
+        c.leg,
+        c.direction,
+        c.account,
+        c.to,
+        c.outcome,
+        c.code,
+        c.duration_s,
+        c.provider,
+    )
+}
+
+pub async fn run(command: &CdrCommand, config: &Config) -> Result<String, Error> {
+    match command {
+        CdrCommand::List {
+            customer,
+            account,
+            from,
+            to,
+            limit,
+            after,
+            all,
+            csv,
+            ..
+        } => {
+            let mut base = "/v1/cdrs".to_owned();
+            for (name, value) in [
+                ("customer", customer),
+                ("account", account),
+                ("from", from),
+                ("to", to),
+            ] {
+                if let Some(v) = value {
+                    param(&mut base, name, v);
+                }
+            }
+            param(&mut base, "limit", &limit.to_string());
+            let mut cursor = after.clone();
+            let mut stdout = std::io::stdout().lock();
+            let mut fetched = 0usize;
+            let print = |out: &mut std::io::StdoutLock, text: &str| {
+                out.write_all(text.as_bytes()).map_err(|source| Error::Io {
+                    context: "writing to standard output".into(),
+                    source,
+                })
+            };
+            print(
+                &mut stdout,
+                &if *csv {
+                    format!("{CSV_HEADER}\r\n")
+                } else {
+                    "start                leg dir account                  to                       outcome          code duration provider\n".into()
+                },
+            )?;
+            loop {
+                let mut path = base.clone();
+                if let Some(c) = &cursor {
+                    param(&mut path, "after", c);
+                }
+                let page = call(config, reqwest::Method::GET, &path, ADMIN_TIMEOUT).await?;
+                let records: Vec<Cdr> =
+                    serde_json::from_value(page["records"].clone()).map_err(|e| {
+                        Error::Admin(format!("the node sent records this CLI cannot read: {e}"))
+                    })?;
+                fetched += records.len();
+                let mut text = String::new();
+                for r in &records {
+                    if *csv {
+                        text.push_str(&r.csv());
+                        text.push_str("\r\n");
+                    } else {
+                        text.push_str(&row(r));
+                    }
+                }
+                print(&mut stdout, &text)?;
+                cursor = page["next"].as_str().map(str::to_owned);
+                match (&cursor, all) {
+                    (None, _) => break,
+                    (Some(_), true) => eprintln!("{fetched} records so far…"),
+                    (Some(c), false) => {
+                        eprintln!("More records follow: add --after {c} (or --all).");
+                        break;
+                    }
+                }
+            }
+            if *all {
+                eprintln!("{fetched} records.");
+            }
+            Ok(String::new())
+        }
+        CdrCommand::Retention { customer, days, .. } => {
+            let path = format!("/v1/customers/{customer}/cdr-retention");
+            let r = match days {
+                Some(d) => {
+                    let body = serde_json::json!({ "days": d });
+                    call_with(
+                        config,
+                        reqwest::Method::PUT,
+                        &path,
+                        Some(body),
+                        ADMIN_TIMEOUT,
+                    )
+                    .await?
+                }
+                None => call(config, reqwest::Method::GET, &path, ADMIN_TIMEOUT).await?,
+            };
+            let own = if r["own"].as_bool() == Some(true) {
+                ""
+            } else {
+                " (the nodes' default)"
+            };
+            Ok(format!(
+                "Customer {customer}'s call records are kept {} days{own}.\n",
+                r["days"].as_u64().unwrap_or(0)
+            ))
+        }
+    }
+}
