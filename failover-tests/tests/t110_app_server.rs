@@ -1427,3 +1427,85 @@ fn call_records_reach_every_node_and_outlive_the_node_that_wrote_them() {
         .unwrap();
     assert_eq!(a.status, 409, "{}", a.body);
 }
+
+/// Records older than their customer's retention go, a step of at most `purge_batch` at a
+/// time, while a customer with a longer retention of its own keeps theirs; the purge shows
+/// in /metrics.
+#[test]
+fn old_call_records_are_purged_by_each_customers_retention() {
+    let cluster = Cluster::form(
+        &[MemberRole::Full],
+        "\n[cdr]\nretention_days = 90\npurge_batch = 500\npurge_every_ms = 50",
+    );
+    let m = cluster.member(1);
+    Wait::new("feature version 3", Duration::from_secs(15))
+        .showing(&cluster)
+        .until(|| {
+            m.status()
+                .is_some_and(|s| s["feature_version"].as_u64() >= Some(3))
+        });
+    for c in ["c1", "c2"] {
+        assert_eq!(m.put_customer(c), Some(200));
+    }
+    let a = m
+        .request(
+            "PUT",
+            "/v1/customers/c2/cdr-retention",
+            Some(r#"{"days":500}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    m.sigterm();
+    assert!(
+        m.wait_exit(Duration::from_secs(20)).is_some(),
+        "the node stops"
+    );
+    for (customer, count, age) in [
+        ("c1", "3000", "400"),
+        ("c2", "2000", "400"),
+        ("c1", "700", "10"),
+    ] {
+        let out = m.cli(&[
+            "cdr",
+            "seed",
+            "--customer",
+            customer,
+            "--count",
+            count,
+            "--age-days",
+            age,
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    m.start();
+    m.wait_healthy();
+    tandem_failover_tests::cluster::wait_metric(
+        &cluster,
+        m.admin_addr,
+        "tandem_cdr_purged_total",
+        3000.0,
+        Duration::from_secs(20),
+    );
+    let count = |customer: &str| {
+        let mut n = 0;
+        let mut path = format!("/v1/cdrs?customer={customer}&limit=1000");
+        loop {
+            let page = m.get(&path).unwrap().json();
+            n += page["records"].as_array().unwrap().len();
+            match page["next"].as_str() {
+                Some(next) => {
+                    path = format!("/v1/cdrs?customer={customer}&limit=1000&after={next}")
+                }
+                None => return n,
+            }
+        }
+    };
+    assert_eq!(count("c1"), 700, "only c1's recent records are left");
+    assert_eq!(count("c2"), 2000, "c2 keeps 500 days");
+    let log = m.log();
+    assert!(!log.contains("CDR purge step failed"), "{log}");
+}

@@ -474,6 +474,19 @@ pub enum CdrCommand {
         #[arg(long)]
         csv: bool,
     },
+    /// For benchmarks and tests: write synthetic old records straight into a stopped
+    /// node's CDR store (kept on that node only, never shipped).
+    Seed {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        customer: String,
+        #[arg(long)]
+        count: u64,
+        /// How old the records are, in days.
+        #[arg(long)]
+        age_days: u32,
+    },
     /// Show a customer's CDR retention, or set it with --days (0: the node's default).
     Retention {
         #[arg(long, short, value_name = "FILE")]
@@ -487,9 +500,9 @@ pub enum CdrCommand {
 impl CdrCommand {
     pub fn config(&self) -> PathBuf {
         match self {
-            CdrCommand::List { config, .. } | CdrCommand::Retention { config, .. } => {
-                config.clone()
-            }
+            CdrCommand::List { config, .. }
+            | CdrCommand::Seed { config, .. }
+            | CdrCommand::Retention { config, .. } => config.clone(),
         }
     }
 }

@@ -141,6 +141,11 @@ impl CdrStore {
     /// Stores records this node wrote, giving each its node and seq, and puts them in the
     /// outbox for the peers; the write is on disk (fsynced) when this returns.
     pub fn write_own(&self, records: &mut [Cdr]) -> Result<(), Error> {
+        self.write_local(records, true)
+    }
+
+    /// [`CdrStore::write_own`], with the outbox only if `ship`.
+    pub fn write_local(&self, records: &mut [Cdr], ship: bool) -> Result<(), Error> {
         if records.is_empty() {
             return Ok(());
         }
@@ -153,9 +158,11 @@ impl CdrStore {
             r.seq = first + i as u64;
             let key = record_key(r);
             batch.put(&key, serde_json::to_vec(r).expect("a record serialises"));
-            let mut o = vec![OUTBOX];
-            o.extend_from_slice(&be(r.seq));
-            batch.put(o, key);
+            if ship {
+                let mut o = vec![OUTBOX];
+                o.extend_from_slice(&be(r.seq));
+                batch.put(o, key);
+            }
         }
         batch.put(NEXT_SEQ, be(first + records.len() as u64));
         let mut sync = WriteOptions::default();

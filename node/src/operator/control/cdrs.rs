@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 
 use super::{call, call_with, ADMIN_TIMEOUT};
+use crate::agents::cdr::store::CdrStore;
 use crate::agents::cdr::{Cdr, CSV_HEADER};
 use crate::config::Config;
 use crate::operator::cli::CdrCommand;
@@ -123,6 +124,12 @@ pub async fn run(command: &CdrCommand, config: &Config) -> Result<String, Error>
             }
             Ok(String::new())
         }
+        CdrCommand::Seed {
+            customer,
+            count,
+            age_days,
+            ..
+        } => seed(config, customer, *count, *age_days),
         CdrCommand::Retention { customer, days, .. } => {
             let path = format!("/v1/customers/{customer}/cdr-retention");
             let r = match days {
@@ -150,4 +157,47 @@ pub async fn run(command: &CdrCommand, config: &Config) -> Result<String, Error>
             ))
         }
     }
+}
+
+/// Writes `count` synthetic records of `customer`, `age_days` old, into the stopped node's
+/// CDR store, in fsynced groups, with progress on standard error.
+fn seed(config: &Config, customer: &str, count: u64, age_days: u32) -> Result<String, Error> {
+    const GROUP: u64 = 10_000;
+    let dir = config.node.data_dir.join("cdr");
+    let store = CdrStore::open(&dir, config.node.id).map_err(|e| {
+        Error::Cdr(format!(
+            "{e} (a running node holds its store: stop it first)"
+        ))
+    })?;
+    let start = crate::clock::now_ms().saturating_sub(u64::from(age_days) * 86_400_000);
+    let mut written = 0;
+    while written < count {
+        let n = GROUP.min(count - written);
+        let mut records: Vec<Cdr> = (written..written + n)
+            .map(|i| Cdr {
+                call: format!("seed-{i}"),
+                leg: "a".into(),
+                direction: "in".into(),
+                customer: customer.to_owned(),
+                account: format!("seed@{customer}.invalid"),
+                from: "sip:seed@seed.invalid".into(),
+                to: "sip:0000@seed.invalid".into(),
+                start_ms: start + i,
+                end_ms: start + i + 1000,
+                code: 200,
+                reason: "OK".into(),
+                outcome: "synthetic".into(),
+                ..Cdr::default()
+            })
+            .collect();
+        store.write_local(&mut records, false)?;
+        written += n;
+        if written % 100_000 == 0 || written == count {
+            eprintln!("{written} of {count} records written…");
+        }
+    }
+    Ok(format!(
+        "Wrote {count} records of customer {customer}, {age_days} days old, into {}.\n",
+        dir.display()
+    ))
 }
