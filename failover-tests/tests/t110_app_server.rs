@@ -1090,11 +1090,28 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
         )
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
-    let body = serde_json::json!({ "script": "respond(486);" }).to_string();
+    // With a dialplan, bob's number runs it: an inbound call that names the number in To.
+    let script = r#"
+        if invite.direction == "inbound" && invite.to_user == "4930222" { respond(486, "Busy by script"); }
+        respond(500);
+    "#;
+    let body = serde_json::json!({ "script": script }).to_string();
     let r = m
         .request("PUT", "/v1/accounts/example.com/bob/dialplan", Some(&body))
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(call("4930222", "did-4"), 486, "bob's dialplan answered");
+    assert!(
+        bob.recv(Duration::from_millis(300)).is_none(),
+        "bob's phone did not ring"
+    );
+    let records = wait_cdrs(&cluster, 1, 1);
+    let a = leg(&records, "a");
+    assert_eq!(
+        (&a["account"], &a["code"]),
+        (&"bob@example.com".into(), &486.into()),
+        "{a:#}"
+    );
     let r = m
         .request("DELETE", "/v1/accounts/example.com/bob", None)
         .unwrap();
@@ -1508,4 +1525,111 @@ fn old_call_records_are_purged_by_each_customers_retention() {
     assert_eq!(count("c2"), 2000, "c2 keeps 500 days");
     let log = m.log();
     assert!(!log.contains("CDR purge step failed"), "{log}");
+}
+
+/// A call to an account with a dialplan runs that account's dialplan: bob's rings his
+/// phone for two seconds, then forwards the call through his customer's provider to the
+/// number. A caller from outside runs it too (bob's script turns it away), and a caller
+/// claiming a local account without proving it is challenged before any script runs.
+#[test]
+fn a_call_to_an_account_with_a_dialplan_runs_that_accounts_dialplan() {
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
+    let m = cluster.member(1);
+    let a = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/bob",
+            Some(r#"{"password":"pw-bob","customer":"c1"}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob");
+    let contact = bob.contact();
+    let r = bob.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    let script = r#"
+        if invite.direction != "local" { respond(500, "Wrong direction " + invite.direction); }
+        if !invite.from.ends_with("@example.com") { respond(403, "Colleagues only"); }
+        dial("bob/2");
+        dial("0301234@p0");
+    "#;
+    let body = serde_json::json!({ "script": script }).to_string();
+    let a = m
+        .request("PUT", "/v1/accounts/example.com/bob/dialplan", Some(&body))
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+
+    let mut alice = alice();
+    std::thread::scope(|s| {
+        let bob = &bob;
+        let bob_side = s.spawn(move || {
+            let invite = bob.expect_request("INVITE", Duration::from_secs(20));
+            assert!(
+                invite.text.contains("sip:alice@example.com"),
+                "{}",
+                invite.text
+            );
+            bob.respond(&invite, 180, "Ringing", "");
+            let cancel = bob.expect_request("CANCEL", Duration::from_secs(10));
+            bob.respond(&cancel, 200, "OK", "");
+            bob.respond(&invite, 487, "Request Terminated", "");
+            bob.expect_request("ACK", Duration::from_secs(5));
+        });
+        let phone = &phone;
+        let forwarded = s.spawn(move || {
+            let invite = answer_next(phone, 200, "OK");
+            assert!(
+                invite.text.contains("sip:u0@provider.test"),
+                "{}",
+                invite.text
+            );
+            wait_for_bye(phone);
+        });
+        let ok = alice.invite(node, "sip:bob@example.com", "fwd-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        assert!(
+            ok.header("Contact").unwrap().contains("tdb-"),
+            "{}",
+            ok.text
+        );
+        bob_side.join().unwrap();
+        ack_and_hang_up(&alice, &ok);
+        forwarded.join().unwrap();
+    });
+    let records = wait_cdrs(&cluster, 1, 3);
+    let a = leg(&records, "a");
+    assert_eq!(a["account"], "bob@example.com", "the call is bob's: {a:#}");
+    assert_eq!(a["outcome"], "answered");
+    let b1 = leg(&records, "b1");
+    assert_eq!(
+        (&b1["to"], &b1["outcome"]),
+        (&"bob@example.com".into(), &"no answer".into()),
+        "{b1:#}"
+    );
+    let b2 = leg(&records, "b2");
+    assert_eq!(
+        (&b2["provider"], &b2["outcome"]),
+        (&"p0".into(), &"answered".into()),
+        "{b2:#}"
+    );
+
+    // From outside: no credentials asked, and bob's script answers.
+    let mut stranger = Ua::new("127.0.0.1", "eve", "elsewhere.test", "x");
+    let r = stranger.invite(node, "sip:bob@example.com", "fwd-2", &mut |_, _| {});
+    assert_eq!(r.status(), Some(403), "{}", r.text);
+    assert!(r.text.contains("Colleagues only"), "{}", r.text);
+    // Claiming to be alice without her password: challenged, then refused; bob's phone
+    // never rings.
+    let mut fake = Ua::new("127.0.0.1", "alice", "example.com", "wrong");
+    let r = fake.invite(node, "sip:bob@example.com", "fwd-3", &mut |_, _| {});
+    assert!(matches!(r.status(), Some(403 | 407)), "{}", r.text);
+    assert!(
+        bob.recv(Duration::from_millis(500)).is_none(),
+        "bob's phone stays quiet"
+    );
 }

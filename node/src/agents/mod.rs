@@ -183,6 +183,7 @@ impl Agents {
             board: board.clone(),
             own: own.clone(),
             proxy: proxy.clone(),
+            app_server: app_server.clone(),
             cluster: cluster.clone(),
         });
         let dialogs = proxy.dialogs.clone();
@@ -212,6 +213,8 @@ struct ProviderInbound {
     board: Arc<Board>,
     own: OwnAddrs,
     proxy: Arc<Proxy>,
+    /// Takes a call to a number whose account has a dialplan.
+    app_server: Arc<app_server::AppServer>,
     cluster: ClusterNode,
 }
 
@@ -268,6 +271,29 @@ impl Agent for ProviderInbound {
             .and_then(|aor| tandem_sip::Uri::parse(&aor).ok());
         match target {
             Some(uri) => {
+                // A call to an account with a dialplan runs it, with the request as the
+                // provider sent it (the script sees the number it named).
+                let invite = request.method() == Some(&Method::Invite);
+                if let (true, Some(tx)) = (invite, tx) {
+                    let callee = uri.as_sip().and_then(|u| {
+                        let (domain, user) = (u.host.canonical(), u.user_unescaped()?);
+                        let reader = self.cluster.replica.reader();
+                        let a = reader.account(&domain, &user).ok().flatten()?;
+                        let aor = format!("{}@{}", a.user, a.domain);
+                        reader
+                            .dialplan(&aor)
+                            .ok()
+                            .flatten()
+                            .filter(|d| !d.script.trim().is_empty())
+                            .map(|_| a)
+                    });
+                    if let Some(callee) = callee.filter(|a| a.enabled) {
+                        self.app_server
+                            .clone()
+                            .spawn_inbound(request, flow, tx, callee);
+                        return;
+                    }
+                }
                 request.set_uri(uri);
                 self.proxy.clone().handle(request, flow, tx, stack);
             }

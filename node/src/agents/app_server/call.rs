@@ -99,12 +99,36 @@ impl Unacked {
     }
 }
 
+/// Whose call it is, and so whose dialplan runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// A local account calls out: the caller's dialplan, or the default route.
+    Outbound,
+    /// A provider calls one of the customer's numbers: the number's account's dialplan.
+    Inbound,
+    /// Anyone calls a local account that has a dialplan: that account's.
+    Local,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+            Direction::Local => "local",
+        }
+    }
+}
+
 /// A new call, checked and authenticated by the agent.
 pub struct Start {
     pub invite: Message,
     pub flow: Flow,
     pub tx: TxId,
+    /// The account whose dialplan runs and whose call it counts as: the caller for an
+    /// outbound call, the callee otherwise.
     pub account: Arc<Account>,
+    pub direction: Direction,
     /// The tokens of the caller's leg and of the dialled side.
     pub tokens: [String; 2],
 }
@@ -143,6 +167,7 @@ async fn serve(
         flow,
         tx,
         account,
+        direction,
         tokens,
     } = start;
     // The call counts against the account's limit, with the proxy's calls.
@@ -212,7 +237,9 @@ async fn serve(
         record,
         b_record: None,
     };
-    let result = call.route(&account, &aor, &cancelled, a_rx, b_rx).await;
+    let result = call
+        .route(&account, &aor, direction, &cancelled, a_rx, b_rx)
+        .await;
     if !call.answered {
         let (code, reason, outcome) = if call.caller_gone {
             (487, "Request Terminated".to_owned(), "cancelled")
@@ -282,6 +309,7 @@ impl Call {
         &mut self,
         account: &Account,
         aor: &str,
+        direction: Direction,
         cancelled: &CancellationToken,
         a_rx: &mut mpsc::Receiver<InDialog>,
         b_rx: &mut mpsc::Receiver<InDialog>,
@@ -358,7 +386,7 @@ impl Call {
                     tracing::warn!(account = aor, error = %e, "dialplan: the saved script does not compile");
                     dialplan_refusal(&e.to_string())
                 })?;
-                let facts = facts(&self.invite, &self.a.flow, aor, account);
+                let facts = facts(&self.invite, &self.a.flow, aor, account, direction);
                 let sandbox = self.app.sandbox.clone();
                 let host: Arc<dyn Host> = Arc::new(BlockingHost { dials: dial_tx });
                 run = Some(tokio::task::spawn_blocking(move || {
@@ -366,7 +394,12 @@ impl Call {
                 }));
             }
             None => {
-                let spec = default_spec(&self.app, &account.customer, &user)?;
+                let spec = match direction {
+                    Direction::Outbound => default_spec(&self.app, &account.customer, &user)?,
+                    // The dialplan went between the agent's look and now: ring the
+                    // account, as the proxy would have.
+                    Direction::Inbound | Direction::Local => account.user.clone(),
+                };
                 let parsed = tandem_dialplan::spec::parse(&spec)
                     .map_err(|_| Refusal::new(484, "Address Incomplete"))?;
                 current = Some((exec(ctx.clone(), parsed, dial_cancel.child_token()), None));
@@ -854,7 +887,13 @@ fn default_reason(code: u16) -> &'static str {
 }
 
 /// The facts a dialplan reads about this call.
-fn facts(invite: &Message, flow: &Flow, aor: &str, account: &Account) -> Facts {
+fn facts(
+    invite: &Message,
+    flow: &Flow,
+    aor: &str,
+    account: &Account,
+    direction: Direction,
+) -> Facts {
     let uri = invite.uri().and_then(|u| u.as_sip());
     let from = invite.from().ok();
     let to = invite.to().ok();
@@ -880,7 +919,7 @@ fn facts(invite: &Message, flow: &Flow, aor: &str, account: &Account) -> Facts {
         source_ip: flow.remote.ip().to_string(),
         account: aor.to_owned(),
         customer: account.customer.clone(),
-        direction: "outbound".into(),
+        direction: direction.as_str().into(),
         headers: invite
             .headers()
             .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))

@@ -2,13 +2,15 @@
 //! account's call to a number that is not one of the cluster's accounts (`0301234@` its
 //! own domain, or any user at a domain the cluster does not serve) runs the account's
 //! dialplan (`dialplan/` crate), or without one goes out through the customer's only
-//! provider account. The app server answers the caller itself and places a new call of
-//! its own through the provider with the provider account's identity and credentials
+//! provider account. A call to an account that has a dialplan (from anyone, or from a
+//! provider to one of the customer's numbers) runs that account's dialplan. The app
+//! server answers the caller itself and places new calls of its own, through the provider
+//! with the provider account's identity and credentials, or to local phones
 //! (node/DESIGN.md, "The app server").
 //!
-//! Only an authenticated local account can make the app server dial: the caller's INVITE
-//! is challenged (407) like any call from a local domain, and a caller from a domain the
-//! cluster does not serve never reaches it (the proxy refuses to relay). Requests inside
+//! Only an authenticated local account can make the app server dial for itself: the
+//! caller's INVITE is challenged (407) like any call from a local domain. Anyone else only
+//! reaches an account's own dialplan, which dials on that account's behalf. Requests inside
 //! its calls reach it by the Contact it gave each leg, `tdb-<token><leg>@<this node>`,
 //! where the token is 128 random bits: a request naming any other token is answered 481.
 
@@ -22,6 +24,7 @@ use std::time::Duration;
 
 use rand::Rng;
 use tandem_dialplan::{Limits, Sandbox};
+use tandem_raft_store::command::Account;
 use tandem_sip::{HeaderName, Message, Method};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -201,14 +204,96 @@ impl AppServer {
         Some((token.to_owned(), side))
     }
 
+    /// The local account a new INVITE calls, if that account has a dialplan to run.
+    fn scripted_callee(&self, request: &Message) -> Option<Account> {
+        let uri = request.uri()?.as_sip()?;
+        let domain = uri.host.canonical();
+        let user = uri.user_unescaped()?;
+        let reader = self.cluster.replica.reader();
+        let account = reader
+            .account(&domain, &user)
+            .ok()
+            .flatten()
+            .filter(|a| a.enabled)?;
+        let aor = format!("{}@{}", account.user, account.domain);
+        reader
+            .dialplan(&aor)
+            .ok()
+            .flatten()
+            .filter(|d| !d.script.trim().is_empty())?;
+        Some(account)
+    }
+
+    /// Whether `request`'s From is in a domain this cluster serves (a caller there must
+    /// prove it is that account).
+    fn from_local(&self, request: &Message) -> bool {
+        let reader = self.cluster.replica.reader();
+        request
+            .from()
+            .ok()
+            .and_then(|f| f.uri.as_sip().map(|u| u.host.canonical()))
+            .is_some_and(|d| reader.serves_domain(&d).unwrap_or(false))
+    }
+
     /// Checks a new INVITE and starts its call. Everything that refuses it (the caller's
     /// credentials first) is decided here, statelessly, before any state is kept.
     fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
+        if !self.is_outbound(&request) {
+            // A call to a local account with a dialplan. A caller claiming a local
+            // account proves it, as the proxy would make it; anyone else may call.
+            let Some(callee) = self.scripted_callee(&request) else {
+                return refuse(Refusal::new(404, "Not Found"));
+            };
+            if self.from_local(&request) {
+                if let Err(r) = call::authenticate(&self, &request, &flow) {
+                    return refuse(r);
+                }
+            }
+            return self.start_call(request, flow, tx, Arc::new(callee), call::Direction::Local);
+        }
         let account = match call::authenticate(&self, &request, &flow) {
             Ok(a) => a,
             Err(r) => return refuse(r),
         };
+        let user = request
+            .uri()
+            .and_then(|u| u.as_sip())
+            .and_then(|u| u.user_unescaped())
+            .map(|u| u.into_owned())
+            .unwrap_or_default();
+        if !dialable(&user) {
+            return refuse(Refusal::new(
+                484,
+                "Address Incomplete (a number is up to 32 of 0-9 A-Z a-z + * . - _)",
+            ));
+        }
+        self.start_call(request, flow, tx, account, call::Direction::Outbound);
+    }
+
+    /// A provider's call to one of the customer's numbers, whose account `callee` has a
+    /// dialplan (`ProviderInbound` decided both): that dialplan runs.
+    pub fn spawn_inbound(self: Arc<Self>, request: Message, flow: Flow, tx: TxId, callee: Account) {
+        self.start_call(
+            request,
+            flow,
+            tx,
+            Arc::new(callee),
+            call::Direction::Inbound,
+        );
+    }
+
+    /// The checks every new call passes, then its task. `account` is the one whose
+    /// dialplan runs.
+    fn start_call(
+        self: Arc<Self>,
+        request: Message,
+        flow: Flow,
+        tx: TxId,
+        account: Arc<Account>,
+        direction: call::Direction,
+    ) {
+        let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         let reader = self.cluster.replica.reader();
         let customer_on = reader
             .customer(&account.customer)
@@ -227,18 +312,6 @@ impl AppServer {
             return refuse(Refusal::new(
                 400,
                 "Bad Request (a call needs one sip: or sips: Contact)",
-            ));
-        }
-        let user = request
-            .uri()
-            .and_then(|u| u.as_sip())
-            .and_then(|u| u.user_unescaped())
-            .map(|u| u.into_owned())
-            .unwrap_or_default();
-        if !dialable(&user) {
-            return refuse(Refusal::new(
-                484,
-                "Address Incomplete (a number is up to 32 of 0-9 A-Z a-z + * . - _)",
             ));
         }
         if request.max_forwards().ok().flatten() == Some(0) {
@@ -277,6 +350,7 @@ impl AppServer {
                 flow,
                 tx,
                 account,
+                direction,
                 tokens,
             };
             call::run(_guard.app.clone(), start, cancelled, a_rx, b_rx).await;
@@ -315,7 +389,7 @@ impl Agent for AppServer {
             && request.method() == Some(&Method::Invite)
             && request.to().is_ok_and(|to| !to.params.contains("tag"))
             && self.routes_only_here(request)
-            && self.is_outbound(request)
+            && (self.is_outbound(request) || self.scripted_callee(request).is_some())
     }
 
     fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, _stack: &Stack) {
