@@ -155,15 +155,10 @@ impl AppServer {
         if self.own.is_own(uri) {
             return false;
         }
-        let reader = self.cluster.replica.reader();
-        let from_local = request
-            .from()
-            .ok()
-            .and_then(|f| f.uri.as_sip().map(|u| u.host.canonical()))
-            .is_some_and(|d| reader.serves_domain(&d).unwrap_or(false));
-        if !from_local {
+        if !self.caller_claims_local(request) {
             return false;
         }
+        let reader = self.cluster.replica.reader();
         let host = uri.host.canonical();
         if !reader.serves_domain(&host).unwrap_or(false) {
             return true;
@@ -226,7 +221,7 @@ impl AppServer {
 
     /// Whether `request`'s From is in a domain this cluster serves (a caller there must
     /// prove it is that account).
-    fn from_local(&self, request: &Message) -> bool {
+    fn caller_claims_local(&self, request: &Message) -> bool {
         let reader = self.cluster.replica.reader();
         request
             .from()
@@ -245,7 +240,7 @@ impl AppServer {
             let Some(callee) = self.scripted_callee(&request) else {
                 return refuse(Refusal::new(404, "Not Found"));
             };
-            if self.from_local(&request) {
+            if self.caller_claims_local(&request) {
                 if let Err(r) = call::authenticate(&self, &request, &flow) {
                     return refuse(r);
                 }
