@@ -1407,9 +1407,9 @@ fn call_records_reach_every_node_and_outlive_the_node_that_wrote_them() {
     // Retention: the default, then the customer's own, through the API and the CLI (once
     // the two left have a leader again).
     cluster.wait_for_leader(&[1], Duration::from_secs(20));
-    let r = m.get("/v1/customers/c1/cdr-retention").unwrap();
-    assert_eq!(r.json()["days"], 90, "{}", r.body);
-    assert_eq!(r.json()["own"], false);
+    let r = m.get("/v1/customers/c1/settings").unwrap();
+    assert_eq!(r.json()["cdr_retention_days_in_effect"], 90, "{}", r.body);
+    assert_eq!(r.json()["cdr_retention_days"], 0);
     let out = m.cli(&["cdr", "retention", "c1", "--days", "30"]);
     assert!(
         out.status.success(),
@@ -1422,24 +1422,28 @@ fn call_records_reach_every_node_and_outlive_the_node_that_wrote_them() {
         .until(|| {
             cluster
                 .member(3)
-                .get("/v1/customers/c1/cdr-retention")
-                .is_some_and(|a| a.json()["days"] == 30)
+                .get("/v1/customers/c1/settings")
+                .is_some_and(|a| a.json()["cdr_retention_days"] == 30)
         });
-    for (body, status) in [
-        (r#"{"days":3651}"#, 400),
-        (r#"{"days":-1}"#, 400),
-        (r#"{"weeks":2}"#, 400),
+    for body in [
+        r#"{"cdr_retention_days":3651}"#,
+        r#"{"cdr_retention_days":-1}"#,
+        r#"{"weeks":2}"#,
+        r#"{"max_calls":100001}"#,
+        r#"{"time_zone":"Mars/Olympus_Mons"}"#,
+        "not json",
     ] {
         let a = m
-            .request("PUT", "/v1/customers/c1/cdr-retention", Some(body))
+            .request("PUT", "/v1/customers/c1/settings", Some(body))
             .unwrap();
-        assert_eq!(a.status, status, "{body}: {}", a.body);
+        assert_eq!(a.status, 400, "{body}: {}", a.body);
+        assert!(a.json()["error"].is_string(), "{body}: {}", a.body);
     }
     let a = m
         .request(
             "PUT",
-            "/v1/customers/nobody/cdr-retention",
-            Some(r#"{"days":5}"#),
+            "/v1/customers/nobody/settings",
+            Some(r#"{"max_calls":5}"#),
         )
         .unwrap();
     assert_eq!(a.status, 409, "{}", a.body);
@@ -1467,8 +1471,8 @@ fn old_call_records_are_purged_by_each_customers_retention() {
     let a = m
         .request(
             "PUT",
-            "/v1/customers/c2/cdr-retention",
-            Some(r#"{"days":500}"#),
+            "/v1/customers/c2/settings",
+            Some(r#"{"cdr_retention_days":500}"#),
         )
         .unwrap();
     assert_eq!(a.status, 200, "{}", a.body);
@@ -1631,5 +1635,88 @@ fn a_call_to_an_account_with_a_dialplan_runs_that_accounts_dialplan() {
     assert!(
         bob.recv(Duration::from_millis(500)).is_none(),
         "bob's phone stays quiet"
+    );
+}
+
+/// A customer's settings reach its calls: `max_calls` refuses a second call of any of its
+/// accounts while the first is up, with a reason; its time zone is the dialplan's.
+#[test]
+fn a_customers_call_limit_and_time_zone_apply_to_its_calls() {
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
+    let m = cluster.member(1);
+    let a = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/dave",
+            Some(r#"{"password":"pw-dave","customer":"c1"}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let a = m
+        .request(
+            "PUT",
+            "/v1/customers/c1/settings",
+            Some(r#"{"max_calls":1,"time_zone":"Etc/GMT-14"}"#),
+        )
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.json()["time_zone"], "Etc/GMT-14");
+    let mut alice = alice();
+    let mut dave = Ua::new("127.0.0.1", "dave", "example.com", "pw-dave");
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            wait_for_bye(phone);
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "cust-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        let refused = dave.invite(node, "sip:0301234@example.com", "cust-2", &mut |_, _| {});
+        assert_eq!(refused.status(), Some(403), "{}", refused.text);
+        assert!(
+            refused.text.contains("for this customer"),
+            "{}",
+            refused.text
+        );
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let bye = alice.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(bye.status(), Some(200));
+        callee.join().unwrap();
+    });
+    // The call has ended: dave may call, and his dialplan tells the hour in UTC+14.
+    let body = serde_json::json!({ "script": r#"respond(480, "hour " + hour());"# }).to_string();
+    let a = m
+        .request("PUT", "/v1/accounts/example.com/dave/dialplan", Some(&body))
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    let utc_hour = || {
+        (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            / 3600)
+            % 24
+    };
+    let before = utc_hour();
+    let r = dave.invite(node, "sip:0301234@example.com", "cust-3", &mut |_, _| {});
+    let after = utc_hour();
+    assert_eq!(r.status(), Some(480), "{}", r.text);
+    let hours: Vec<String> = [before, after]
+        .iter()
+        .map(|h| format!("hour {}", (h + 14) % 24))
+        .collect();
+    assert!(
+        hours
+            .iter()
+            .any(|h| r.text.contains(&format!("480 {h}\r\n"))),
+        "expected one of {hours:?}: {}",
+        r.text
     );
 }

@@ -71,6 +71,19 @@ pub struct Customer {
     pub enabled: bool,
 }
 
+/// What a customer may change about how its calls are handled; zero or empty means the
+/// node's default (or no limit).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CustomerSettings {
+    pub customer: String,
+    /// Days its CDRs are kept (0: the node's `cdr.retention_days`).
+    pub cdr_retention_days: u32,
+    /// The most calls through the app server at once, over all its accounts (0: none).
+    pub max_calls: u32,
+    /// The IANA time zone its dialplans' time helpers use (empty: UTC).
+    pub time_zone: String,
+}
+
 /// The address-of-record of an account: what its bindings are keyed by.
 pub fn account_aor(user: &str, domain: &str) -> String {
     format!("sip:{user}@{domain}")
@@ -347,11 +360,8 @@ pub enum Command {
     DeleteNumber {
         number: String,
     },
-    /// How many days a customer's CDRs are kept (0: the node's `cdr.retention_days`).
-    SetCdrRetention {
-        customer: String,
-        days: u32,
-    },
+    /// Creates or replaces a customer's settings.
+    PutCustomerSettings(CustomerSettings),
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -409,7 +419,7 @@ kinds! {
     18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
     24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
-    28 => DeleteNumber, 29 => SetCdrRetention,
+    28 => DeleteNumber, 29 => PutCustomerSettings,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -424,7 +434,7 @@ const VERSION: u16 = 1;
 /// |---|---|
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
 /// | 2 | customers' numbers (kinds 27 and 28) |
-/// | 3 | CDR retention per customer (kind 29) |
+/// | 3 | customer settings: CDR retention, call limit, time zone (kind 29) |
 pub const FEATURES: u32 = 3;
 
 impl Command {
@@ -440,7 +450,7 @@ impl Command {
             | Command::ReleaseLeaseAsked { .. }
             | Command::DropLease { .. } => 1,
             Command::PutNumber(_) | Command::DeleteNumber { .. } => 2,
-            Command::SetCdrRetention { .. } => 3,
+            Command::PutCustomerSettings(_) => 3,
             _ => 0,
         }
     }
@@ -516,7 +526,7 @@ impl Command {
             } => enc(&(id, expected, resealed)),
             Command::PutNumber(n) => enc(n),
             Command::DeleteNumber { number } => enc(number),
-            Command::SetCdrRetention { customer, days } => enc(&(customer, days)),
+            Command::PutCustomerSettings(c) => enc(c),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -630,10 +640,7 @@ impl Command {
             28 => Command::DeleteNumber {
                 number: postcard::from_bytes(b).map_err(bad)?,
             },
-            29 => {
-                let (customer, days) = postcard::from_bytes(b).map_err(bad)?;
-                Command::SetCdrRetention { customer, days }
-            }
+            29 => Command::PutCustomerSettings(postcard::from_bytes(b).map_err(bad)?),
             20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
             21 => Command::DeleteProviderAccount {
                 id: postcard::from_bytes(b).map_err(bad)?,
@@ -765,10 +772,12 @@ pub(crate) mod tests {
             Command::DeleteNumber {
                 number: "4930123".into(),
             },
-            Command::SetCdrRetention {
+            Command::PutCustomerSettings(CustomerSettings {
                 customer: "c".into(),
-                days: 30,
-            },
+                cdr_retention_days: 30,
+                max_calls: 4,
+                time_zone: "Europe/Berlin".into(),
+            }),
             Command::GrantLease {
                 lease: Lease {
                     provider: "c/p".into(),

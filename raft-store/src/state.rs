@@ -14,8 +14,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    account_aor, Account, Binding, Command, CommandResult, Customer, Dialplan, Lease, NodeRecord,
-    Number, Provider, ProviderAccount, ProviderLease,
+    account_aor, Account, Binding, Command, CommandResult, Customer, CustomerSettings, Dialplan,
+    Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -40,7 +40,7 @@ mod key {
     pub const PROVIDER_LEASE_BY_OWNER: u8 = b'O';
     pub const OWNER_RENEWAL: u8 = b'W';
     pub const NUMBER: u8 = b'N';
-    pub const CDR_RETENTION: u8 = b'R';
+    pub const CUSTOMER_SETTINGS: u8 = b'R';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -95,8 +95,8 @@ mod key {
     pub fn number(number: &str) -> Vec<u8> {
         with(NUMBER, &[number.as_bytes()])
     }
-    pub fn cdr_retention(customer: &str) -> Vec<u8> {
-        with(CDR_RETENTION, &[customer.as_bytes()])
+    pub fn customer_settings(customer: &str) -> Vec<u8> {
+        with(CUSTOMER_SETTINGS, &[customer.as_bytes()])
     }
     pub fn provider_lease(provider: &str) -> Vec<u8> {
         with(PROVIDER_LEASE, &[provider.as_bytes()])
@@ -125,10 +125,9 @@ enum StoredNumber {
     V1(Number),
 }
 
-/// A customer's CDR retention, in days.
 #[derive(Serialize, serde::Deserialize)]
-enum StoredRetention {
-    V1(u32),
+enum StoredCustomerSettings {
+    V1(CustomerSettings),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -497,11 +496,20 @@ impl StateReader {
             .map(|StoredNumber::V1(n)| n))
     }
 
+    /// `customer`'s settings (all defaults if it has none).
+    pub fn customer_settings(&self, customer: &str) -> Result<CustomerSettings, Error> {
+        Ok(self
+            .get::<StoredCustomerSettings>(&key::customer_settings(customer))?
+            .map(|StoredCustomerSettings::V1(s)| s)
+            .unwrap_or_else(|| CustomerSettings {
+                customer: customer.to_owned(),
+                ..CustomerSettings::default()
+            }))
+    }
+
     /// How many days `customer`'s CDRs are kept, if it has a retention of its own.
     pub fn cdr_retention(&self, customer: &str) -> Result<Option<u32>, Error> {
-        Ok(self
-            .get::<StoredRetention>(&key::cdr_retention(customer))?
-            .map(|StoredRetention::V1(d)| d))
+        Ok(Some(self.customer_settings(customer)?.cdr_retention_days).filter(|d| *d > 0))
     }
 
     /// Every customer number, in number order.
@@ -846,11 +854,15 @@ impl<'a> Txn<'a> {
                 self.delete(key::number(&number));
                 CommandResult::Done
             }
-            Command::SetCdrRetention { customer, days } => {
-                if days == 0 {
-                    self.delete(key::cdr_retention(&customer));
+            Command::PutCustomerSettings(c) => {
+                let k = key::customer_settings(&c.customer);
+                if c == (CustomerSettings {
+                    customer: c.customer.clone(),
+                    ..CustomerSettings::default()
+                }) {
+                    self.delete(k);
                 } else {
-                    self.put(key::cdr_retention(&customer), &StoredRetention::V1(days));
+                    self.put(k, &StoredCustomerSettings::V1(c));
                 }
                 CommandResult::Done
             }
@@ -886,7 +898,7 @@ impl<'a> Txn<'a> {
                 CommandResult::Done
             }
             Command::DeleteCustomer { id } => {
-                self.delete(key::cdr_retention(&id));
+                self.delete(key::customer_settings(&id));
                 self.delete(key::with(key::CUSTOMER, &[id.as_bytes()]));
                 CommandResult::Done
             }

@@ -31,6 +31,7 @@ mod cdrs;
 mod dialplans;
 mod numbers;
 mod providers;
+mod settings;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
@@ -1046,15 +1047,15 @@ pub fn serve(
         .and(authorized.clone())
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .then(|a: Arc<Admin>, q| async move { answer(a.list_cdrs(q).await) });
-    let retention = warp::path!("v1" / "customers" / String / "cdr-retention")
+    let settings = warp::path!("v1" / "customers" / String / "settings")
         .and(warp::get())
         .and(authorized.clone())
-        .map(|c: String, a: Arc<Admin>| answer(a.get_retention(&c)));
-    let put_retention = warp::path!("v1" / "customers" / String / "cdr-retention")
+        .map(|c: String, a: Arc<Admin>| answer(a.get_settings(&c)));
+    let put_settings = warp::path!("v1" / "customers" / String / "settings")
         .and(warp::put())
         .and(authorized.clone())
         .and(body)
-        .then(|c, a: Arc<Admin>, b| async move { answer(a.put_retention(c, b).await) });
+        .then(|c, a: Arc<Admin>, b| async move { answer(a.put_settings(c, b).await) });
     let drain_state = warp::path!("v1" / "node" / "drain")
         .and(warp::get())
         .and(authorized.clone())
@@ -1122,8 +1123,8 @@ pub fn serve(
         put_number.boxed(),
         delete_number.boxed(),
         cdr_list.boxed(),
-        retention.boxed(),
-        put_retention.boxed(),
+        settings.boxed(),
+        put_settings.boxed(),
         drain_state.boxed(),
         start_drain.boxed(),
         providers.boxed(),

@@ -386,7 +386,11 @@ impl Call {
                     tracing::warn!(account = aor, error = %e, "dialplan: the saved script does not compile");
                     dialplan_refusal(&e.to_string())
                 })?;
-                let facts = facts(&self.invite, &self.a.flow, aor, account, direction);
+                let mut facts = facts(&self.invite, &self.a.flow, aor, account, direction);
+                facts.time_zone = reader
+                    .customer_settings(&account.customer)
+                    .map(|s| s.time_zone)
+                    .unwrap_or_default();
                 let sandbox = self.app.sandbox.clone();
                 let host: Arc<dyn Host> = Arc::new(BlockingHost { dials: dial_tx });
                 run = Some(tokio::task::spawn_blocking(move || {

@@ -115,6 +115,8 @@ pub struct AppServer {
     ringing: Mutex<HashMap<TxId, CancellationToken>>,
     /// Where the calls' records go; none if the node keeps no CDRs.
     cdrs: Option<crate::agents::cdr::Recorder>,
+    /// Calls running here, by customer, against each customer's `max_calls`.
+    customer_calls: Mutex<HashMap<String, u32>>,
 }
 
 impl AppServer {
@@ -132,6 +134,7 @@ impl AppServer {
     ) -> AppServer {
         AppServer {
             cdrs,
+            customer_calls: Mutex::new(HashMap::new()),
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
@@ -312,6 +315,26 @@ impl AppServer {
         if request.max_forwards().ok().flatten() == Some(0) {
             return refuse(Refusal::new(483, "Too Many Hops"));
         }
+        let limit = reader
+            .customer_settings(&account.customer)
+            .map_or(0, |s| s.max_calls);
+        {
+            let mut running = self.customer_calls.lock().expect("customer calls lock");
+            let n = running.entry(account.customer.clone()).or_insert(0);
+            if limit > 0 && *n >= limit {
+                drop(running);
+                tracing::info!(customer = %account.customer, limit, "call refused: the customer is at its max_calls");
+                return refuse(Refusal::new(
+                    403,
+                    "Forbidden (too many calls in progress for this customer)",
+                ));
+            }
+            *n += 1;
+        }
+        let customer_guard = CustomerCall {
+            app: self.clone(),
+            customer: account.customer.clone(),
+        };
         let mut rng = rand::thread_rng();
         let tokens = [
             format!("{:032x}", rng.gen::<u128>()),
@@ -340,6 +363,7 @@ impl AppServer {
         };
         tokio::spawn(async move {
             let _guard = guard;
+            let _customer = customer_guard;
             let start = call::Start {
                 invite: request,
                 flow,
@@ -350,6 +374,24 @@ impl AppServer {
             };
             call::run(_guard.app.clone(), start, cancelled, a_rx, b_rx).await;
         });
+    }
+}
+
+/// One of a customer's calls, counted until it ends (or is refused before it starts).
+struct CustomerCall {
+    app: Arc<AppServer>,
+    customer: String,
+}
+
+impl Drop for CustomerCall {
+    fn drop(&mut self) {
+        let mut running = self.app.customer_calls.lock().expect("customer calls lock");
+        if let Some(n) = running.get_mut(&self.customer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                running.remove(&self.customer);
+            }
+        }
     }
 }
 

@@ -1,16 +1,12 @@
-//! `/v1/cdrs`: call detail records, a page at a time, as JSON or CSV; and
-//! `/v1/customers/{id}/cdr-retention`: how long a customer's records are kept. Every full
-//! node holds every node's records once they have shipped (agents/cdr), so any node
-//! answers for the whole cluster.
+//! `/v1/cdrs`: call detail records, a page at a time, as JSON or CSV. Every full node
+//! holds every node's records once they have shipped (agents/cdr), so any node answers for
+//! the whole cluster.
 
 use std::collections::HashMap;
 
-use bytes::Bytes;
-use serde::Deserialize;
-use tandem_raft_store::command::{Command, CommandResult};
 use warp::http::StatusCode;
 
-use super::{check_customer, check_id, json_reply, parse_json, refused, Admin, ApiError};
+use super::{check_id, json_reply, Admin, ApiError};
 use crate::agents::cdr::store::Query;
 use crate::agents::cdr::CSV_HEADER;
 use crate::hex;
@@ -18,8 +14,6 @@ use crate::hex;
 /// Records in a page unless `limit` says otherwise, and the most it may say.
 const DEFAULT_LIMIT: usize = 100;
 const MAX_LIMIT: usize = 1000;
-/// The longest retention a customer may have, in days (ten years).
-const MAX_RETENTION_DAYS: u32 = 3650;
 
 /// A time in a query: Unix milliseconds, or RFC 3339 (`2026-12-05T10:00:00Z`).
 fn time_param(name: &str, v: &str) -> Result<u64, ApiError> {
@@ -121,13 +115,6 @@ fn parse_query(q: &HashMap<String, String>) -> Result<(Query, bool), ApiError> {
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RetentionInput {
-    /// Days; 0: the node's `cdr.retention_days`.
-    days: u32,
-}
-
 impl Admin {
     pub(super) async fn list_cdrs(
         &self,
@@ -164,52 +151,6 @@ impl Admin {
             StatusCode::OK,
             &serde_json::json!({"records": page.records, "next": next}),
         ))
-    }
-
-    fn retention_view(&self, customer: &str) -> Result<serde_json::Value, ApiError> {
-        let own = self.cluster.replica.reader().cdr_retention(customer)?;
-        Ok(serde_json::json!({
-            "customer": customer,
-            "days": own.unwrap_or(self.default_retention_days),
-            "own": own.is_some(),
-        }))
-    }
-
-    pub(super) fn get_retention(&self, customer: &str) -> Result<warp::reply::Response, ApiError> {
-        check_id("customer", customer)?;
-        if self.cluster.replica.reader().customer(customer)?.is_none() {
-            return Err(ApiError::not_found(format!("no customer {customer:?}")));
-        }
-        Ok(json_reply(StatusCode::OK, &self.retention_view(customer)?))
-    }
-
-    pub(super) async fn put_retention(
-        &self,
-        customer: String,
-        body: Bytes,
-    ) -> Result<warp::reply::Response, ApiError> {
-        check_id("customer", &customer)?;
-        let input: RetentionInput = parse_json(&body)?;
-        if input.days > MAX_RETENTION_DAYS {
-            return Err(ApiError::bad_request(format!(
-                "days must be 0 (the node's default) to {MAX_RETENTION_DAYS}, got {}",
-                input.days
-            )));
-        }
-        check_customer(self.cluster.replica.reader(), &customer)?;
-        self.writable()?;
-        match self
-            .cluster
-            .replica
-            .propose(Command::SetCdrRetention {
-                customer: customer.clone(),
-                days: input.days,
-            })
-            .await?
-        {
-            CommandResult::Done => Ok(json_reply(StatusCode::OK, &self.retention_view(&customer)?)),
-            other => Err(refused(other)),
-        }
     }
 }
 

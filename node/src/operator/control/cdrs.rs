@@ -131,10 +131,10 @@ pub async fn run(command: &CdrCommand, config: &Config) -> Result<String, Error>
             ..
         } => seed(config, customer, *count, *age_days),
         CdrCommand::Retention { customer, days, .. } => {
-            let path = format!("/v1/customers/{customer}/cdr-retention");
+            let path = format!("/v1/customers/{customer}/settings");
             let r = match days {
                 Some(d) => {
-                    let body = serde_json::json!({ "days": d });
+                    let body = serde_json::json!({ "cdr_retention_days": d });
                     call_with(
                         config,
                         reqwest::Method::PUT,
@@ -146,14 +146,14 @@ pub async fn run(command: &CdrCommand, config: &Config) -> Result<String, Error>
                 }
                 None => call(config, reqwest::Method::GET, &path, ADMIN_TIMEOUT).await?,
             };
-            let own = if r["own"].as_bool() == Some(true) {
+            let own = if r["cdr_retention_days"].as_u64().unwrap_or(0) > 0 {
                 ""
             } else {
                 " (the nodes' default)"
             };
             Ok(format!(
                 "Customer {customer}'s call records are kept {} days{own}.\n",
-                r["days"].as_u64().unwrap_or(0)
+                r["cdr_retention_days_in_effect"].as_u64().unwrap_or(0)
             ))
         }
     }
