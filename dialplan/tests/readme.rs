@@ -65,8 +65,12 @@ impl Host for Given {
 
 /// The ```rhai blocks of the README.
 fn examples() -> Vec<String> {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("dialplan/README.md");
+    // The package's directory read at run time: the target dir is shared between checkouts
+    // at different paths, and a binary built in one must not read another's README.
+    let dir: std::path::PathBuf = std::env::var_os("CARGO_MANIFEST_DIR")
+        .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+        .into();
+    let readme = std::fs::read_to_string(dir.join("README.md")).expect("dialplan/README.md");
     let mut out = Vec::new();
     let mut current: Option<String> = None;
     for line in readme.lines() {

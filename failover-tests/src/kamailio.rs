@@ -26,16 +26,13 @@ impl Kamailio {
     pub fn start_on(ip: &str, port: u16) -> Kamailio {
         let dir = tempfile::tempdir().unwrap();
         let addr: SocketAddr = format!("{ip}:{port}").parse().unwrap();
-        let cfg = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/fixtures/kamailio-provider.cfg"
-        );
+        let cfg = crate::package_dir().join("fixtures/kamailio-provider.cfg");
         let log = dir.path().join("kamailio.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = std::process::Command::new("kamailio")
+            .arg("-f")
+            .arg(&cfg)
             .args([
-                "-f",
-                cfg,
                 "-l",
                 &format!("udp:{addr}"),
                 "-DD",

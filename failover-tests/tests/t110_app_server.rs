@@ -145,14 +145,16 @@ fn leg<'a>(records: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no record of leg {name}: {records:#?}"))
 }
 
-/// Checks the times of an answered leg's record: in order, the answer within `ring` of the
-/// start, and a duration that matches.
+/// Checks the times of an answered leg's record: in order, and a duration that matches.
+/// Ringing is optional: a 180 that reaches the app server with the 200 is not passed on
+/// (the caller never heard it ring).
 fn check_answered_times(r: &Value) {
     let t = |k: &str| {
         r[k].as_u64()
             .unwrap_or_else(|| panic!("{k} missing: {r:#}"))
     };
-    let (start, ring, answer, end) = (t("start_ms"), t("ring_ms"), t("answer_ms"), t("end_ms"));
+    let (start, answer, end) = (t("start_ms"), t("answer_ms"), t("end_ms"));
+    let ring = r["ring_ms"].as_u64().unwrap_or(start);
     assert!(start <= ring && ring <= answer && answer <= end, "{r:#}");
     assert_eq!(
         r["duration_s"].as_u64(),
