@@ -1722,3 +1722,127 @@ fn a_customers_call_limit_and_time_zone_apply_to_its_calls() {
         r.text
     );
 }
+
+/// A customer's PBX as a trusted trunk: its calls from its address go out through the
+/// customer's provider without digest, as the trunk's account; the same INVITE from any
+/// other address, over a transport the trunk does not allow, or once the trunk is disabled
+/// is refused as relaying. The API refuses trunks that would be open.
+#[test]
+fn a_trusted_trunk_calls_out_without_digest_from_its_address_and_no_other() {
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster,
+        node,
+    } = fixture();
+    let m = cluster.member(1);
+    let put = |body: &str| m.request("PUT", "/v1/trunks/c1/pbx", Some(body)).unwrap();
+    for (body, status) in [
+        (
+            r#"{"sources":["0.0.0.0/0"],"account":"alice@example.com"}"#,
+            400,
+        ),
+        (
+            r#"{"sources":["10.0.0.0/8"],"account":"alice@example.com"}"#,
+            400,
+        ),
+        (r#"{"sources":[],"account":"alice@example.com"}"#, 400),
+        (
+            r#"{"sources":["127.0.0.5"],"account":"alice@example.com","port":0}"#,
+            400,
+        ),
+        (
+            r#"{"sources":["127.0.0.5"],"account":"nobody@example.com"}"#,
+            409,
+        ),
+        (
+            r#"{"sources":["127.0.0.5"],"account":"alice@example.com","transport":"sctp"}"#,
+            400,
+        ),
+    ] {
+        let a = put(body);
+        assert_eq!(a.status, status, "{body}: {}", a.body);
+        assert!(a.json()["error"].is_string(), "{body}: {}", a.body);
+    }
+    let out = m.cli(&[
+        "trunk",
+        "put",
+        "c1/pbx",
+        "--source",
+        "127.0.0.5",
+        "--account",
+        "alice@example.com",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = String::from_utf8(m.cli(&["trunk", "list", "--customer", "c1"]).stdout).unwrap();
+    assert!(
+        listed.contains("c1/pbx  127.0.0.5  any transport  as alice@example.com"),
+        "{listed}"
+    );
+
+    let mut pbx = Ua::new("127.0.0.5", "100", "pbx.invalid", "unused");
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = answer_next(phone, 200, "OK");
+            assert!(
+                invite.text.contains("sip:u0@provider.test"),
+                "{}",
+                invite.text
+            );
+            wait_for_bye(phone);
+        });
+        let ok = pbx.invite(node, "sip:0301234@example.com", "trunk-1", &mut |_, _| {});
+        assert_eq!(
+            ok.status(),
+            Some(200),
+            "no challenge for the trunk: {}",
+            ok.text
+        );
+        ack_and_hang_up(&pbx, &ok);
+        callee.join().unwrap();
+    });
+    let records = wait_cdrs(&cluster, 1, 2);
+    assert_eq!(leg(&records, "a")["account"], "alice@example.com");
+
+    // The same calls from another address get what they would get with no trunk at all:
+    // no such user here, or relaying denied; and the number never rings.
+    let mut stranger = Ua::new("127.0.0.6", "100", "pbx.invalid", "unused");
+    let r = stranger.invite(node, "sip:0301234@example.com", "trunk-2", &mut |_, _| {});
+    assert_eq!(r.status(), Some(404), "{}", r.text);
+    let r = stranger.invite(
+        node,
+        "sip:0301234@elsewhere.test",
+        "trunk-2b",
+        &mut |_, _| {},
+    );
+    assert_eq!(r.status(), Some(403), "{}", r.text);
+    assert!(r.text.contains("relaying denied"), "{}", r.text);
+    // Over UDP when the trunk takes TCP only, and once it is disabled.
+    for body in [
+        r#"{"sources":["127.0.0.5"],"account":"alice@example.com","transport":"tcp"}"#,
+        r#"{"sources":["127.0.0.5"],"account":"alice@example.com","enabled":false}"#,
+    ] {
+        assert_eq!(put(body).status, 200, "{body}");
+        let r = pbx.invite(node, "sip:0301234@example.com", "trunk-3", &mut |_, _| {});
+        assert_eq!(r.status(), Some(404), "{body}: {}", r.text);
+    }
+    assert!(
+        phone
+            .recv(Duration::from_millis(300))
+            .filter(|r| r.method() == Some("INVITE"))
+            .is_none(),
+        "the number rang for a refused call"
+    );
+    let out = m.cli(&["trunk", "delete", "c1/pbx"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(m.get("/v1/trunks/c1/pbx").unwrap().status, 404);
+}

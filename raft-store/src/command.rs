@@ -249,6 +249,30 @@ impl ProviderAccount {
     }
 }
 
+/// A customer's PBX or carrier that places calls from known addresses instead of
+/// answering digest challenges, as Kamailio's address table does (feature version 3).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Trunk {
+    pub customer: String,
+    pub name: String,
+    /// Where its calls come from: addresses or networks (`203.0.113.7`, `2001:db8::/48`).
+    pub sources: Vec<String>,
+    /// Only over this transport; `None`: any.
+    pub transport: Option<ProviderTransport>,
+    /// Only from this source port; `None`: any.
+    pub port: Option<u16>,
+    /// The customer's local account (`user@domain`) the trunk's calls are made as: its
+    /// dialplan runs and its limits apply.
+    pub account: String,
+    pub enabled: bool,
+}
+
+impl Trunk {
+    pub fn id(&self) -> String {
+        provider_account_id(&self.customer, &self.name)
+    }
+}
+
 /// Which node registers a provider account, until when (raft-store/DESIGN.md, "Provider
 /// leases"). Feature version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -362,6 +386,10 @@ pub enum Command {
     },
     /// Creates or replaces a customer's settings.
     PutCustomerSettings(CustomerSettings),
+    PutTrunk(Trunk),
+    DeleteTrunk {
+        id: String,
+    },
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -419,7 +447,7 @@ kinds! {
     18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
     24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
-    28 => DeleteNumber, 29 => PutCustomerSettings,
+    28 => DeleteNumber, 29 => PutCustomerSettings, 30 => PutTrunk, 31 => DeleteTrunk,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -434,7 +462,7 @@ const VERSION: u16 = 1;
 /// |---|---|
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
 /// | 2 | customers' numbers (kinds 27 and 28) |
-/// | 3 | customer settings: CDR retention, call limit, time zone (kind 29) |
+/// | 3 | customer settings: CDR retention, call limit, time zone (kind 29); trunks (30, 31) |
 pub const FEATURES: u32 = 3;
 
 impl Command {
@@ -450,7 +478,9 @@ impl Command {
             | Command::ReleaseLeaseAsked { .. }
             | Command::DropLease { .. } => 1,
             Command::PutNumber(_) | Command::DeleteNumber { .. } => 2,
-            Command::PutCustomerSettings(_) => 3,
+            Command::PutCustomerSettings(_)
+            | Command::PutTrunk(_)
+            | Command::DeleteTrunk { .. } => 3,
             _ => 0,
         }
     }
@@ -527,6 +557,8 @@ impl Command {
             Command::PutNumber(n) => enc(n),
             Command::DeleteNumber { number } => enc(number),
             Command::PutCustomerSettings(c) => enc(c),
+            Command::PutTrunk(t) => enc(t),
+            Command::DeleteTrunk { id } => enc(id),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -641,6 +673,10 @@ impl Command {
                 number: postcard::from_bytes(b).map_err(bad)?,
             },
             29 => Command::PutCustomerSettings(postcard::from_bytes(b).map_err(bad)?),
+            30 => Command::PutTrunk(postcard::from_bytes(b).map_err(bad)?),
+            31 => Command::DeleteTrunk {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
             20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
             21 => Command::DeleteProviderAccount {
                 id: postcard::from_bytes(b).map_err(bad)?,
@@ -778,6 +814,16 @@ pub(crate) mod tests {
                 max_calls: 4,
                 time_zone: "Europe/Berlin".into(),
             }),
+            Command::PutTrunk(Trunk {
+                customer: "c".into(),
+                name: "pbx".into(),
+                sources: vec!["192.0.2.0/24".into()],
+                transport: Some(ProviderTransport::Tcp),
+                port: Some(5060),
+                account: "pbx@example.com".into(),
+                enabled: true,
+            }),
+            Command::DeleteTrunk { id: "c/pbx".into() },
             Command::GrantLease {
                 lease: Lease {
                     provider: "c/p".into(),

@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use crate::command::{
     account_aor, Account, Binding, Command, CommandResult, Customer, CustomerSettings, Dialplan,
-    Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease,
+    Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease, Trunk,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -41,6 +41,7 @@ mod key {
     pub const OWNER_RENEWAL: u8 = b'W';
     pub const NUMBER: u8 = b'N';
     pub const CUSTOMER_SETTINGS: u8 = b'R';
+    pub const TRUNK: u8 = b'T';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -95,6 +96,9 @@ mod key {
     pub fn number(number: &str) -> Vec<u8> {
         with(NUMBER, &[number.as_bytes()])
     }
+    pub fn trunk(id: &str) -> Vec<u8> {
+        with(TRUNK, &[id.as_bytes()])
+    }
     pub fn customer_settings(customer: &str) -> Vec<u8> {
         with(CUSTOMER_SETTINGS, &[customer.as_bytes()])
     }
@@ -123,6 +127,11 @@ enum StoredProviderAccount {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredNumber {
     V1(Number),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+enum StoredTrunk {
+    V1(Trunk),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -496,6 +505,21 @@ impl StateReader {
             .map(|StoredNumber::V1(n)| n))
     }
 
+    pub fn trunk(&self, id: &str) -> Result<Option<Trunk>, Error> {
+        Ok(self
+            .get::<StoredTrunk>(&key::trunk(id))?
+            .map(|StoredTrunk::V1(t)| t))
+    }
+
+    /// Every trunk, in id order (customer, then name).
+    pub fn trunks(&self) -> Result<Vec<Trunk>, Error> {
+        Ok(self
+            .scan::<StoredTrunk>(&[key::TRUNK])?
+            .into_iter()
+            .map(|StoredTrunk::V1(t)| t)
+            .collect())
+    }
+
     /// `customer`'s settings (all defaults if it has none).
     pub fn customer_settings(&self, customer: &str) -> Result<CustomerSettings, Error> {
         Ok(self
@@ -852,6 +876,14 @@ impl<'a> Txn<'a> {
             }
             Command::DeleteNumber { number } => {
                 self.delete(key::number(&number));
+                CommandResult::Done
+            }
+            Command::PutTrunk(t) => {
+                self.put(key::trunk(&t.id()), &StoredTrunk::V1(t));
+                CommandResult::Done
+            }
+            Command::DeleteTrunk { id } => {
+                self.delete(key::trunk(&id));
                 CommandResult::Done
             }
             Command::PutCustomerSettings(c) => {

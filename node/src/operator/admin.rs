@@ -32,6 +32,7 @@ mod dialplans;
 mod numbers;
 mod providers;
 mod settings;
+mod trunks;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
@@ -1042,6 +1043,28 @@ pub fn serve(
         .and(warp::delete())
         .and(authorized.clone())
         .then(|n, a: Arc<Admin>| async move { answer(a.delete_number(n).await) });
+    let trunks = warp::path!("v1" / "trunks")
+        .and(warp::get())
+        .and(authorized.clone())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(
+            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
+                answer(customer_query(&q).and_then(|c| a.list_trunks(c)))
+            },
+        );
+    let trunk = warp::path!("v1" / "trunks" / String / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|c: String, n: String, a: Arc<Admin>| answer(a.get_trunk(&c, &n)));
+    let put_trunk = warp::path!("v1" / "trunks" / String / String)
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|c, n, a: Arc<Admin>, b| async move { answer(a.put_trunk(c, n, b).await) });
+    let delete_trunk = warp::path!("v1" / "trunks" / String / String)
+        .and(warp::delete())
+        .and(authorized.clone())
+        .then(|c, n, a: Arc<Admin>| async move { answer(a.delete_trunk(c, n).await) });
     let cdr_list = warp::path!("v1" / "cdrs")
         .and(warp::get())
         .and(authorized.clone())
@@ -1122,6 +1145,10 @@ pub fn serve(
         number.boxed(),
         put_number.boxed(),
         delete_number.boxed(),
+        trunks.boxed(),
+        trunk.boxed(),
+        put_trunk.boxed(),
+        delete_trunk.boxed(),
         cdr_list.boxed(),
         settings.boxed(),
         put_settings.boxed(),

@@ -56,6 +56,9 @@ pub enum Command {
     /// Call detail records and how long they are kept.
     #[command(subcommand)]
     Cdr(CdrCommand),
+    /// Customers' trusted trunks: a PBX or carrier recognised by its address.
+    #[command(subcommand)]
+    Trunk(TrunkCommand),
     /// This node's own lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -180,6 +183,7 @@ impl Command {
             Command::Number(c) => Some(c.config()),
             Command::Dialplan(c) => Some(c.config()),
             Command::Cdr(c) => Some(c.config()),
+            Command::Trunk(c) => Some(c.config()),
             _ => None,
         }
     }
@@ -439,6 +443,68 @@ impl NumberCommand {
             | NumberCommand::Show { config, .. }
             | NumberCommand::List { config, .. }
             | NumberCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TrunkCommand {
+    /// Create or replace a trunk: calls from its sources go out as --account, with that
+    /// account's dialplan and limits, and without digest.
+    Put {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        trunk: String,
+        /// An address or network its calls come from (repeat for more; at most /16 wide
+        /// for IPv4, /48 for IPv6).
+        #[arg(long = "source", required = true)]
+        sources: Vec<String>,
+        /// Only over this transport (`auto`: any). UDP sources can be forged: prefer tcp
+        /// or tls.
+        #[arg(long, value_enum, default_value = "auto")]
+        transport: TransportArg,
+        /// Only from this source port.
+        #[arg(long)]
+        port: Option<u16>,
+        /// The customer's account its calls are made as, `user@domain`.
+        #[arg(long)]
+        account: String,
+        /// Keep the trunk but refuse its calls.
+        #[arg(long)]
+        disabled: bool,
+    },
+    /// Show one trunk.
+    Show {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        trunk: String,
+    },
+    /// List trunks.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Delete a trunk.
+    Delete {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(value_name = "CUSTOMER/NAME")]
+        trunk: String,
+    },
+}
+
+impl TrunkCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            TrunkCommand::Put { config, .. }
+            | TrunkCommand::Show { config, .. }
+            | TrunkCommand::List { config, .. }
+            | TrunkCommand::Delete { config, .. } => config.clone(),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
 //! `tandem account …`, `tandem provider …` (in `providers`), `tandem number …` and
-//! `tandem dialplan …` (in `numbers`), `tandem cdr …` (in `cdrs`), and `tandem node …`.
+//! `tandem dialplan …` (in `numbers`), `tandem cdr …` (in `cdrs`), `tandem trunk …` (in `trunks`), and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -16,6 +16,7 @@ use crate::Error;
 mod cdrs;
 mod numbers;
 mod providers;
+mod trunks;
 
 /// How long an admin request may take; re-sealing proposes one write per record, so it
 /// gets longer.
@@ -33,6 +34,7 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
         Command::Number(c) => numbers::number(c, config).await,
         Command::Dialplan(c) => numbers::dialplan(c, config).await,
         Command::Cdr(c) => cdrs::run(c, config).await,
+        Command::Trunk(c) => trunks::run(c, config).await,
         other => Err(Error::Admin(format!(
             "{other:?} is not an operator command"
         ))),

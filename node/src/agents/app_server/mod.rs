@@ -152,13 +152,16 @@ impl AppServer {
     /// Whether a new INVITE is for the app server: from a local domain, to a number that
     /// is not an account here.
     fn is_outbound(&self, request: &Message) -> bool {
+        self.caller_claims_local(request) && self.leaves(request)
+    }
+
+    /// Whether a new INVITE's Request-URI is a number or a user that is not one of the
+    /// cluster's accounts.
+    fn leaves(&self, request: &Message) -> bool {
         let Some(uri) = request.uri().and_then(|u| u.as_sip()) else {
             return false;
         };
         if self.own.is_own(uri) {
-            return false;
-        }
-        if !self.caller_claims_local(request) {
             return false;
         }
         let reader = self.cluster.replica.reader();
@@ -233,10 +236,70 @@ impl AppServer {
             .is_some_and(|d| reader.serves_domain(&d).unwrap_or(false))
     }
 
+    /// Whether a new INVITE from outside the served domains, for a number, may be a
+    /// trusted trunk's: only then does it come here rather than to the proxy (which refuses
+    /// to relay it), and [`AppServer::spawn_call`] checks the trunk against the flow.
+    fn maybe_trunk(&self, request: &Message) -> bool {
+        !self.caller_claims_local(request)
+            && self.leaves(request)
+            && self
+                .cluster
+                .replica
+                .reader()
+                .trunks()
+                .is_ok_and(|t| t.iter().any(|t| t.enabled))
+    }
+
+    /// The account a call from a trusted trunk is made as, if `flow` is one of an enabled
+    /// trunk's, and its account is enabled and the trunk customer's.
+    fn trunk_account(&self, flow: &Flow) -> Option<Arc<Account>> {
+        let reader = self.cluster.replica.reader();
+        let trunk = reader
+            .trunks()
+            .ok()?
+            .into_iter()
+            .find(|t| crate::agents::auth::trunks::admits(t, flow))?;
+        let (user, domain) = trunk.account.split_once('@')?;
+        let account = reader
+            .account(domain, user)
+            .ok()
+            .flatten()
+            .filter(|a| a.enabled && a.customer == trunk.customer)?;
+        tracing::debug!(trunk = %trunk.id(), source = %flow.remote, "a call from a trusted trunk");
+        Some(Arc::new(account))
+    }
+
     /// Checks a new INVITE and starts its call. Everything that refuses it (the caller's
     /// credentials first) is decided here, statelessly, before any state is kept.
     fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
+        if !self.caller_claims_local(&request) && self.leaves(&request) {
+            // From outside, for a number: only a trusted trunk, from its own address.
+            // Anyone else hears what the proxy would have said, so that whether a cluster
+            // has trunks shows nowhere.
+            let Some(account) = self.trunk_account(&flow) else {
+                let host = request
+                    .uri()
+                    .and_then(|u| u.as_sip())
+                    .map(|u| u.host.canonical())
+                    .unwrap_or_default();
+                let served = self
+                    .cluster
+                    .replica
+                    .reader()
+                    .serves_domain(&host)
+                    .unwrap_or(false);
+                return refuse(if served {
+                    Refusal::new(404, "Not Found")
+                } else {
+                    Refusal::new(
+                        403,
+                        format!("Forbidden (relaying denied: {host} is not served here)"),
+                    )
+                });
+            };
+            return self.start_outbound(request, flow, tx, account);
+        }
         if !self.is_outbound(&request) {
             // A call to a local account with a dialplan. A caller claiming a local
             // account proves it, as the proxy would make it; anyone else may call.
@@ -254,6 +317,18 @@ impl AppServer {
             Ok(a) => a,
             Err(r) => return refuse(r),
         };
+        self.start_outbound(request, flow, tx, account);
+    }
+
+    /// A call out, made as `account`: the number must be plain.
+    fn start_outbound(
+        self: Arc<Self>,
+        request: Message,
+        flow: Flow,
+        tx: TxId,
+        account: Arc<Account>,
+    ) {
+        let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         let user = request
             .uri()
             .and_then(|u| u.as_sip())
@@ -426,7 +501,9 @@ impl Agent for AppServer {
             && request.method() == Some(&Method::Invite)
             && request.to().is_ok_and(|to| !to.params.contains("tag"))
             && self.routes_only_here(request)
-            && (self.is_outbound(request) || self.scripted_callee(request).is_some())
+            && (self.is_outbound(request)
+                || self.scripted_callee(request).is_some()
+                || self.maybe_trunk(request))
     }
 
     fn handle(self: Arc<Self>, request: Message, flow: Flow, tx: Option<TxId>, _stack: &Stack) {

@@ -10,6 +10,7 @@
 pub mod accounts;
 pub mod answer;
 pub mod digest;
+pub mod trunks;
 
 use std::collections::hash_map::RandomState;
 use std::net::IpAddr;
