@@ -29,6 +29,10 @@ const CURSOR: u8 = b'c';
 const NEXT_SEQ: &[u8] = b"n";
 /// Bytes the memtable may hold before it is flushed.
 const MEMTABLE: usize = 8 << 20;
+/// Bytes per second the store's flushes and compactions may write: purges leave range
+/// deletes that compaction turns into rewrites, and those must not take the disk (or the
+/// cores that drive it) from the Raft log in bursts. Far above what calls write.
+const BACKGROUND_WRITE_RATE: i64 = 16 << 20;
 /// Records a query looks at for one page at most, matching or not: a filter that matches
 /// little returns a short page with a cursor rather than scanning the whole store.
 const MAX_SCAN: usize = 50_000;
@@ -118,6 +122,7 @@ impl CdrStore {
         options.set_max_open_files(128);
         options.set_write_buffer_size(MEMTABLE);
         options.set_max_write_buffer_number(2);
+        options.set_ratelimiter(BACKGROUND_WRITE_RATE, 100_000, 10);
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&rocksdb::Cache::new_lru_cache(8 << 20));
         options.set_block_based_table_factory(&table);
@@ -253,6 +258,12 @@ impl CdrStore {
         self.db.write(batch).map_err(err("trimming the outbox"))
     }
 
+    /// Compacts the whole store: for a store filled at once (`tandem cdr seed`), so that it
+    /// starts in the shape months of calls would have left it in.
+    pub fn compact(&self) {
+        self.db.compact_range(None::<&[u8]>, None::<&[u8]>);
+    }
+
     /// The highest seq this node has given a record.
     pub fn last_seq(&self) -> u64 {
         self.next_seq.load(Ordering::Relaxed).saturating_sub(1)
@@ -329,7 +340,10 @@ impl CdrStore {
     ) -> Result<usize, Error> {
         let mut removed = 0;
         let mut batch = WriteBatch::default();
-        let mut it = self.db.raw_iterator();
+        // Read once, not kept: old records must not push anything out of the cache.
+        let mut read = rocksdb::ReadOptions::default();
+        read.fill_cache(false);
+        let mut it = self.db.raw_iterator_opt(read);
         it.seek([RECORD]);
         while it.valid() && removed < budget {
             let Some(k) = it.key().filter(|k| k.first() == Some(&RECORD)) else {

@@ -196,6 +196,8 @@ fn seed(config: &Config, customer: &str, count: u64, age_days: u32) -> Result<St
             eprintln!("{written} of {count} records written…");
         }
     }
+    eprintln!("compacting…");
+    store.compact();
     Ok(format!(
         "Wrote {count} records of customer {customer}, {age_days} days old, into {}.\n",
         dir.display()
