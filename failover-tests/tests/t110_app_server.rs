@@ -1092,16 +1092,26 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
         )
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
-    // With a dialplan, bob's number runs it: an inbound call that names the number in To.
+    // With a dialplan for calls to him, bob's number runs it: an inbound call that names
+    // the number in To. His plan for calls he makes does not run.
     let script = r#"
         if invite.direction == "inbound" && invite.to_user == "4930222" { respond(486, "Busy by script"); }
         respond(500);
     "#;
-    let body = serde_json::json!({ "script": script }).to_string();
-    let r = m
-        .request("PUT", "/v1/accounts/example.com/bob/dialplan", Some(&body))
-        .unwrap();
-    assert_eq!(r.status, 201, "{}", r.body);
+    for (path, script) in [
+        ("dialplan", r#"respond(500, "the plan for calls out ran");"#),
+        ("incoming-dialplan", script),
+    ] {
+        let body = serde_json::json!({ "script": script }).to_string();
+        let r = m
+            .request(
+                "PUT",
+                &format!("/v1/accounts/example.com/bob/{path}"),
+                Some(&body),
+            )
+            .unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
     assert_eq!(call("4930222", "did-4"), 486, "bob's dialplan answered");
     assert!(
         bob.recv(Duration::from_millis(300)).is_none(),
@@ -1127,12 +1137,12 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(m.get("/v1/numbers/4930222").unwrap().status, 404);
-    assert_eq!(
-        m.get("/v1/accounts/example.com/bob/dialplan")
-            .unwrap()
-            .status,
-        404
-    );
+    for path in ["dialplan", "incoming-dialplan"] {
+        let a = m
+            .get(&format!("/v1/accounts/example.com/bob/{path}"))
+            .unwrap();
+        assert_eq!(a.status, 404, "{path}: {}", a.body);
+    }
 }
 
 /// A connected call whose far side has gone (it answers the app server's in-dialog OPTIONS
@@ -1565,10 +1575,20 @@ fn a_call_to_an_account_with_a_dialplan_runs_that_accounts_dialplan() {
         dial("0301234@p0");
     "#;
     let body = serde_json::json!({ "script": script }).to_string();
+    // As bob's plan for calls he makes, it never runs for calls to him.
     let a = m
         .request("PUT", "/v1/accounts/example.com/bob/dialplan", Some(&body))
         .unwrap();
     assert_eq!(a.status, 201, "{}", a.body);
+    let a = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/bob/incoming-dialplan",
+            Some(&body),
+        )
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+    assert_eq!(a.json()["incoming"], true);
 
     let mut alice = alice();
     std::thread::scope(|s| {

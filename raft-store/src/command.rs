@@ -89,6 +89,12 @@ pub fn account_aor(user: &str, domain: &str) -> String {
     format!("sip:{user}@{domain}")
 }
 
+/// The owner an account's dialplan for calls *to* it is stored under (its dialplan for the
+/// calls it makes is stored under `user@domain`).
+pub fn incoming_dialplan_owner(user: &str, domain: &str) -> String {
+    format!("in:{user}@{domain}")
+}
+
 /// The record id a sealed account field is bound to (see `crypto`).
 pub fn account_record(user: &str, domain: &str) -> String {
     format!("account/{user}@{domain}")

@@ -279,9 +279,10 @@ impl Agent for ProviderInbound {
                         let (domain, user) = (u.host.canonical(), u.user_unescaped()?);
                         let reader = self.cluster.replica.reader();
                         let a = reader.account(&domain, &user).ok().flatten()?;
-                        let aor = format!("{}@{}", a.user, a.domain);
+                        let owner =
+                            tandem_raft_store::command::incoming_dialplan_owner(&a.user, &a.domain);
                         reader
-                            .dialplan(&aor)
+                            .dialplan(&owner)
                             .ok()
                             .flatten()
                             .filter(|d| !d.script.trim().is_empty())

@@ -1008,19 +1008,35 @@ pub fn serve(
         .and(warp::get())
         .and(authorized.clone())
         .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
-    let dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+    // `dialplan` (calls the account makes) or `incoming-dialplan` (calls to it).
+    let which = || {
+        warp::path::param::<String>().and_then(|p: String| async move {
+            match p.as_str() {
+                "dialplan" => Ok(false),
+                "incoming-dialplan" => Ok(true),
+                _ => Err(warp::reject::not_found()),
+            }
+        })
+    };
+    let dialplan = warp::path!("v1" / "accounts" / String / String / ..)
+        .and(which())
+        .and(warp::path::end())
         .and(warp::get())
         .and(authorized.clone())
-        .map(|d: String, u: String, a: Arc<Admin>| answer(a.get_dialplan(&d, &u)));
-    let put_dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+        .map(|d: String, u: String, i: bool, a: Arc<Admin>| answer(a.get_dialplan(&d, &u, i)));
+    let put_dialplan = warp::path!("v1" / "accounts" / String / String / ..)
+        .and(which())
+        .and(warp::path::end())
         .and(warp::put())
         .and(authorized.clone())
         .and(body)
-        .then(|d, u, a: Arc<Admin>, b| async move { answer(a.put_dialplan(d, u, b).await) });
-    let delete_dialplan = warp::path!("v1" / "accounts" / String / String / "dialplan")
+        .then(|d, u, i, a: Arc<Admin>, b| async move { answer(a.put_dialplan(d, u, i, b).await) });
+    let delete_dialplan = warp::path!("v1" / "accounts" / String / String / ..)
+        .and(which())
+        .and(warp::path::end())
         .and(warp::delete())
         .and(authorized.clone())
-        .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_dialplan(d, u).await) });
+        .then(|d, u, i, a: Arc<Admin>| async move { answer(a.delete_dialplan(d, u, i).await) });
     let numbers = warp::path!("v1" / "numbers")
         .and(warp::get())
         .and(authorized.clone())

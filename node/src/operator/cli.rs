@@ -585,18 +585,26 @@ pub enum DialplanCommand {
         /// The rhai script.
         #[arg(long, value_name = "FILE")]
         file: PathBuf,
+        /// The dialplan for calls to the account, not the one for calls it makes.
+        #[arg(long)]
+        incoming: bool,
     },
     /// Print an account's dialplan.
     Show {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         account: String,
+        #[arg(long)]
+        incoming: bool,
     },
-    /// Remove an account's dialplan: its calls take the default route again.
+    /// Remove an account's dialplan: its calls take the default route again (calls to it
+    /// ring its phones, with --incoming).
     Delete {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         account: String,
+        #[arg(long)]
+        incoming: bool,
     },
 }
 

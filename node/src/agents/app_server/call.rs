@@ -315,8 +315,14 @@ impl Call {
         b_rx: &mut mpsc::Receiver<InDialog>,
     ) -> Result<(), Refusal> {
         let reader = self.app.cluster.replica.reader();
+        let owner = match direction {
+            Direction::Outbound => aor.to_owned(),
+            Direction::Inbound | Direction::Local => {
+                tandem_raft_store::command::incoming_dialplan_owner(&account.user, &account.domain)
+            }
+        };
         let script = reader
-            .dialplan(aor)
+            .dialplan(&owner)
             .ok()
             .flatten()
             .filter(|d| !d.script.trim().is_empty());

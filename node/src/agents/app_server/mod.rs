@@ -205,7 +205,8 @@ impl AppServer {
         Some((token.to_owned(), side))
     }
 
-    /// The local account a new INVITE calls, if that account has a dialplan to run.
+    /// The local account a new INVITE calls, if that account has a dialplan for calls to
+    /// it.
     fn scripted_callee(&self, request: &Message) -> Option<Account> {
         let uri = request.uri()?.as_sip()?;
         let domain = uri.host.canonical();
@@ -216,9 +217,10 @@ impl AppServer {
             .ok()
             .flatten()
             .filter(|a| a.enabled)?;
-        let aor = format!("{}@{}", account.user, account.domain);
+        let owner =
+            tandem_raft_store::command::incoming_dialplan_owner(&account.user, &account.domain);
         reader
-            .dialplan(&aor)
+            .dialplan(&owner)
             .ok()
             .flatten()
             .filter(|d| !d.script.trim().is_empty())?;

@@ -40,6 +40,20 @@ const SHIP_BATCH: usize = 256;
 const SHIP_EVERY: Duration = Duration::from_secs(1);
 /// The most records a peer may send in one message.
 const MAX_RECEIVED: usize = 4 * SHIP_BATCH;
+/// The longest a record's names (call, leg, direction, customer, account, provider) and
+/// texts (from, to, reason, outcome) may be, in bytes. A record is made from what a caller
+/// sent, and SIP bounds only the whole message.
+const MAX_NAME: usize = 256;
+const MAX_TEXT: usize = 1024;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cap(s: &str, max: usize) -> String {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
 
 /// One leg of one call.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -122,19 +136,19 @@ impl Cdr {
         let short = |s: &str, n: usize| s.len() <= n;
         !self.customer.is_empty()
             && !self.customer.contains('\0')
-            && short(&self.customer, 128)
             && [
                 &self.call,
                 &self.leg,
                 &self.direction,
+                &self.customer,
                 &self.account,
                 &self.provider,
             ]
             .iter()
-            .all(|s| short(s, 256))
+            .all(|s| short(s, MAX_NAME))
             && [&self.from, &self.to, &self.reason, &self.outcome]
                 .iter()
-                .all(|s| short(s, 1024))
+                .all(|s| short(s, MAX_TEXT))
     }
 }
 
@@ -148,11 +162,11 @@ impl Open {
     pub fn new(call: &str, leg: &str, direction: &str, customer: &str, account: &str) -> Open {
         Open {
             cdr: Cdr {
-                call: call.to_owned(),
-                leg: leg.to_owned(),
-                direction: direction.to_owned(),
-                customer: customer.to_owned(),
-                account: account.to_owned(),
+                call: cap(call, MAX_NAME),
+                leg: cap(leg, MAX_NAME),
+                direction: cap(direction, MAX_NAME),
+                customer: cap(customer, MAX_NAME),
+                account: cap(account, MAX_NAME),
                 start_ms: now_ms(),
                 ..Cdr::default()
             },
@@ -160,13 +174,13 @@ impl Open {
     }
 
     pub fn with_parties(mut self, from: &str, to: &str) -> Open {
-        self.cdr.from = from.to_owned();
-        self.cdr.to = to.to_owned();
+        self.cdr.from = cap(from, MAX_TEXT);
+        self.cdr.to = cap(to, MAX_TEXT);
         self
     }
 
     pub fn via_provider(mut self, provider: &str) -> Open {
-        self.cdr.provider = provider.to_owned();
+        self.cdr.provider = cap(provider, MAX_NAME);
         self
     }
 
@@ -184,8 +198,8 @@ impl Open {
         let end = now_ms();
         self.cdr.end_ms = end;
         self.cdr.code = code;
-        self.cdr.reason = reason.to_owned();
-        self.cdr.outcome = outcome.to_owned();
+        self.cdr.reason = cap(reason, MAX_TEXT);
+        self.cdr.outcome = cap(outcome, MAX_TEXT);
         self.cdr.duration_s = self
             .cdr
             .answer_ms
@@ -430,8 +444,16 @@ fn receive(store: &CdrStore, stats: &CdrStats, question: &str) -> String {
     if records.len() > MAX_RECEIVED {
         return format!("error: at most {MAX_RECEIVED} records at once");
     }
-    if let Some(bad) = records.iter().find(|r| !r.plausible()) {
-        return format!("error: record {}-{} is malformed", bad.node, bad.seq);
+    // One malformed record (from a peer running another release, say) must not hold back
+    // the rest: the good ones are stored, the others named in the log and dropped, so the
+    // sender's cursor moves on.
+    let (records, bad): (Vec<Cdr>, Vec<Cdr>) = records.into_iter().partition(Cdr::plausible);
+    for b in &bad {
+        tracing::warn!(
+            node = b.node,
+            seq = b.seq,
+            "a peer shipped a malformed CDR; dropped"
+        );
     }
     match store.write_received(&records) {
         Ok(()) => {

@@ -111,6 +111,9 @@ pub struct CdrStore {
     db: DB,
     node: u64,
     next_seq: AtomicU64,
+    /// The highest seq whose write has completed: what the shipper may send and the
+    /// outbox may be trimmed to (seqs are given out before their write lands).
+    written: AtomicU64,
 }
 
 impl CdrStore {
@@ -136,6 +139,7 @@ impl CdrStore {
             db,
             node,
             next_seq: AtomicU64::new(next),
+            written: AtomicU64::new(next.saturating_sub(1)),
         })
     }
 
@@ -169,10 +173,15 @@ impl CdrStore {
                 batch.put(o, key);
             }
         }
-        batch.put(NEXT_SEQ, be(first + records.len() as u64));
+        let last = first + records.len() as u64 - 1;
+        batch.put(NEXT_SEQ, be(last + 1));
         let mut sync = WriteOptions::default();
         sync.set_sync(true);
-        self.db.write_opt(batch, &sync).map_err(err("writing CDRs"))
+        self.db
+            .write_opt(batch, &sync)
+            .map_err(err("writing CDRs"))?;
+        self.written.fetch_max(last, Ordering::Release);
+        Ok(())
     }
 
     /// Stores records another node shipped (not fsynced: the sender keeps them until
@@ -264,9 +273,14 @@ impl CdrStore {
         self.db.compact_range(None::<&[u8]>, None::<&[u8]>);
     }
 
-    /// The highest seq this node has given a record.
+    /// The highest seq of this node's records that is on disk.
     pub fn last_seq(&self) -> u64 {
-        self.next_seq.load(Ordering::Relaxed).saturating_sub(1)
+        self.written.load(Ordering::Acquire)
+    }
+
+    /// Whether a page cursor (`after`) lies among `customer`'s records.
+    pub fn cursor_of(after: &[u8], customer: &str) -> bool {
+        after.starts_with(&customer_prefix(customer))
     }
 
     /// One page of records, in customer and start-time order.

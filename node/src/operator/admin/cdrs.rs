@@ -93,6 +93,13 @@ fn parse_query(q: &HashMap<String, String>) -> Result<(Query, bool), ApiError> {
                 })?,
         ),
     };
+    if let (Some(a), Some(c)) = (&after, &customer) {
+        if !crate::agents::cdr::store::CdrStore::cursor_of(a, c) {
+            return Err(ApiError::bad_request(
+                "after is the cursor of another customer's page",
+            ));
+        }
+    }
     let csv = match q.get("format").map(String::as_str) {
         None | Some("json") => false,
         Some("csv") => true,

@@ -1,5 +1,7 @@
-//! `/v1/accounts/{domain}/{user}/dialplan`: an account's rhai dialplan (dialplan/README.md).
-//! A script is compiled before it is saved; one that does not compile is refused with the
+//! `/v1/accounts/{domain}/{user}/dialplan`: an account's rhai dialplan for the calls it
+//! makes, and `…/incoming-dialplan`: the one for calls to it (dialplan/README.md). Two
+//! scripts, so that a plan written for calls out never runs for a stranger's call in. A
+//! script is compiled before it is saved; one that does not compile is refused with the
 //! line and column of the error, so a call never meets a script that cannot run.
 //! Deleting it saves an empty script, which means "no dialplan".
 
@@ -17,9 +19,14 @@ struct DialplanInput {
     script: String,
 }
 
-/// The owner a dialplan is stored under: the account's `user@domain`.
-fn owner(domain: &str, user: &str) -> String {
-    format!("{user}@{domain}")
+/// The owner a dialplan is stored under: the account's `user@domain` for its calls out,
+/// `in:user@domain` for calls to it.
+fn owner(domain: &str, user: &str, incoming: bool) -> String {
+    if incoming {
+        tandem_raft_store::command::incoming_dialplan_owner(user, domain)
+    } else {
+        format!("{user}@{domain}")
+    }
 }
 
 impl Admin {
@@ -27,16 +34,18 @@ impl Admin {
         &self,
         domain: &str,
         user: &str,
+        incoming: bool,
     ) -> Result<warp::reply::Response, ApiError> {
         self.account(domain, user)?;
-        let owner = owner(domain, user);
+        let owner = owner(domain, user, incoming);
         match self.cluster.replica.reader().dialplan(&owner)? {
             Some(d) if !d.script.is_empty() => Ok(json_reply(
                 StatusCode::OK,
-                &serde_json::json!({"account": owner, "script": d.script, "version": d.version}),
+                &serde_json::json!({"account": format!("{user}@{domain}"), "incoming": incoming, "script": d.script, "version": d.version}),
             )),
             _ => Err(ApiError::not_found(format!(
-                "account {owner} has no dialplan"
+                "account {user}@{domain} has no {}dialplan",
+                if incoming { "incoming " } else { "" }
             ))),
         }
     }
@@ -45,6 +54,7 @@ impl Admin {
         &self,
         domain: String,
         user: String,
+        incoming: bool,
         body: Bytes,
     ) -> Result<warp::reply::Response, ApiError> {
         self.account(&domain, &user)?;
@@ -57,19 +67,22 @@ impl Admin {
         Sandbox::new(Limits::default())
             .compile(&input.script)
             .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        self.save_dialplan(&domain, &user, input.script).await
+        self.save_dialplan(&domain, &user, incoming, input.script)
+            .await
     }
 
     pub(super) async fn delete_dialplan(
         &self,
         domain: String,
         user: String,
+        incoming: bool,
     ) -> Result<warp::reply::Response, ApiError> {
-        self.get_dialplan(&domain, &user)?;
-        self.save_dialplan(&domain, &user, String::new()).await?;
+        self.get_dialplan(&domain, &user, incoming)?;
+        self.save_dialplan(&domain, &user, incoming, String::new())
+            .await?;
         Ok(json_reply(
             StatusCode::OK,
-            &serde_json::json!({"deleted": owner(&domain, &user)}),
+            &serde_json::json!({"deleted": format!("{user}@{domain}"), "incoming": incoming}),
         ))
     }
 
@@ -77,9 +90,10 @@ impl Admin {
         &self,
         domain: &str,
         user: &str,
+        incoming: bool,
         script: String,
     ) -> Result<warp::reply::Response, ApiError> {
-        let owner = owner(domain, user);
+        let owner = owner(domain, user, incoming);
         let previous = self.cluster.replica.reader().dialplan(&owner)?;
         let created = previous.as_ref().is_none_or(|d| d.script.is_empty());
         let version = previous.map_or(1, |d| d.version + 1);
@@ -97,7 +111,7 @@ impl Admin {
         {
             CommandResult::Done => Ok(put_reply(
                 created,
-                &serde_json::json!({"account": owner, "version": version}),
+                &serde_json::json!({"account": format!("{user}@{domain}"), "incoming": incoming, "version": version}),
             )),
             other => Err(refused(other)),
         }

@@ -37,7 +37,7 @@ fn view(n: &Number) -> serde_json::Value {
 }
 
 impl Admin {
-    /// Removes the numbers that ring `user@domain` and its dialplan: for an account about
+    /// Removes the numbers that ring `user@domain` and its dialplans: for an account about
     /// to be deleted.
     pub(super) async fn forget_account_routes(
         &self,
@@ -63,7 +63,17 @@ impl Admin {
                 other => return Err(refused(other)),
             }
         }
-        if let Some(d) = reader.dialplan(&account)?.filter(|d| !d.script.is_empty()) {
+        let owners = [
+            account.clone(),
+            tandem_raft_store::command::incoming_dialplan_owner(user, domain),
+        ];
+        for d in owners
+            .iter()
+            .filter_map(|o| reader.dialplan(o).transpose())
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter(|d| !d.script.is_empty())
+        {
             let cleared = tandem_raft_store::command::Dialplan {
                 owner: d.owner,
                 script: String::new(),

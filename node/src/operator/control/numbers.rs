@@ -61,18 +61,28 @@ pub async fn number(command: &NumberCommand, config: &Config) -> Result<String, 
     }
 }
 
-/// `/v1/accounts/{domain}/{user}/dialplan` for `user@domain`.
-fn dialplan_path(account: &str) -> Result<String, Error> {
+/// `/v1/accounts/{domain}/{user}/dialplan` (or `incoming-dialplan`) for `user@domain`.
+fn dialplan_path(account: &str, incoming: bool) -> Result<String, Error> {
     let (user, domain) = account
         .split_once('@')
         .filter(|(u, d)| !u.is_empty() && !d.is_empty())
         .ok_or_else(|| Error::Admin(format!("{account:?} is not user@domain")))?;
-    Ok(format!("/v1/accounts/{domain}/{user}/dialplan"))
+    let which = if incoming {
+        "incoming-dialplan"
+    } else {
+        "dialplan"
+    };
+    Ok(format!("/v1/accounts/{domain}/{user}/{which}"))
 }
 
 pub async fn dialplan(command: &DialplanCommand, config: &Config) -> Result<String, Error> {
     match command {
-        DialplanCommand::Put { account, file, .. } => {
+        DialplanCommand::Put {
+            account,
+            file,
+            incoming,
+            ..
+        } => {
             let script = std::fs::read_to_string(file).map_err(|source| Error::Io {
                 context: format!("reading the dialplan {}", file.display()),
                 source,
@@ -81,7 +91,7 @@ pub async fn dialplan(command: &DialplanCommand, config: &Config) -> Result<Stri
             let d = call_with(
                 config,
                 reqwest::Method::PUT,
-                &dialplan_path(account)?,
+                &dialplan_path(account, *incoming)?,
                 Some(body),
                 ADMIN_TIMEOUT,
             )
@@ -92,21 +102,25 @@ pub async fn dialplan(command: &DialplanCommand, config: &Config) -> Result<Stri
                 d["version"].as_u64().unwrap_or(0)
             ))
         }
-        DialplanCommand::Show { account, .. } => {
+        DialplanCommand::Show {
+            account, incoming, ..
+        } => {
             let d = call(
                 config,
                 reqwest::Method::GET,
-                &dialplan_path(account)?,
+                &dialplan_path(account, *incoming)?,
                 ADMIN_TIMEOUT,
             )
             .await?;
             Ok(d["script"].as_str().unwrap_or_default().to_owned())
         }
-        DialplanCommand::Delete { account, .. } => {
+        DialplanCommand::Delete {
+            account, incoming, ..
+        } => {
             call(
                 config,
                 reqwest::Method::DELETE,
-                &dialplan_path(account)?,
+                &dialplan_path(account, *incoming)?,
                 ADMIN_TIMEOUT,
             )
             .await?;
