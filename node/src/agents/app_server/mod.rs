@@ -280,17 +280,12 @@ impl AppServer {
             // Anyone else hears what the proxy would have said, so that whether a cluster
             // has trunks shows nowhere.
             let Some(account) = self.trunk_account(&flow) else {
-                let host = request
-                    .uri()
-                    .and_then(|u| u.as_sip())
-                    .map(|u| u.host.canonical())
-                    .unwrap_or_default();
-                let served = self
-                    .cluster
-                    .replica
-                    .reader()
-                    .serves_domain(&host)
-                    .unwrap_or(false);
+                let host = request.uri().and_then(|u| u.as_sip()).map(|u| &u.host);
+                let served = host.is_some_and(|h| {
+                    let reader = self.cluster.replica.reader();
+                    reader.serves_domain(&h.canonical()).unwrap_or(false)
+                });
+                let host = host.map(|h| h.to_string()).unwrap_or_default();
                 return refuse(if served {
                     Refusal::new(404, "Not Found")
                 } else {
