@@ -163,6 +163,28 @@ fn check_answered_times(r: &Value) {
     );
 }
 
+/// Account `user@example.com` of customer c1, password `pw-<user>`.
+fn c1_account(cluster: &Cluster, user: &str) {
+    let a = cluster
+        .member(1)
+        .request(
+            "PUT",
+            &format!("/v1/accounts/example.com/{user}"),
+            Some(&format!(r#"{{"password":"pw-{user}","customer":"c1"}}"#)),
+        )
+        .unwrap();
+    assert_eq!(a.status, 201, "{}", a.body);
+}
+
+/// A phone of `user@example.com` registered through `node`.
+fn registered_phone(user: &str, node: std::net::SocketAddr) -> Ua {
+    let mut ua = Ua::new("127.0.0.1", user, "example.com", &format!("pw-{user}"));
+    let contact = ua.contact();
+    let r = ua.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+    ua
+}
+
 fn alice() -> Ua {
     Ua::new("127.0.0.1", "alice", "example.com", "pw-alice")
 }
@@ -1556,18 +1578,8 @@ fn a_call_to_an_account_with_a_dialplan_runs_that_accounts_dialplan() {
         node,
     } = fixture();
     let m = cluster.member(1);
-    let a = m
-        .request(
-            "PUT",
-            "/v1/accounts/example.com/bob",
-            Some(r#"{"password":"pw-bob","customer":"c1"}"#),
-        )
-        .unwrap();
-    assert_eq!(a.status, 201, "{}", a.body);
-    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob");
-    let contact = bob.contact();
-    let r = bob.register(node, "MD5", Some(&format!("<{contact}>")), Some(600));
-    assert_eq!(r.status, 200, "{}", r.text);
+    c1_account(&cluster, "bob");
+    let bob = registered_phone("bob", node);
     let script = r#"
         if invite.direction != "local" { respond(500, "Wrong direction " + invite.direction); }
         if !invite.from.ends_with("@example.com") { respond(403, "Colleagues only"); }
@@ -1671,14 +1683,7 @@ fn a_customers_call_limit_and_time_zone_apply_to_its_calls() {
         node,
     } = fixture();
     let m = cluster.member(1);
-    let a = m
-        .request(
-            "PUT",
-            "/v1/accounts/example.com/dave",
-            Some(r#"{"password":"pw-dave","customer":"c1"}"#),
-        )
-        .unwrap();
-    assert_eq!(a.status, 201, "{}", a.body);
+    c1_account(&cluster, "dave");
     let a = m
         .request(
             "PUT",
