@@ -1833,6 +1833,19 @@ fn a_trusted_trunk_calls_out_without_digest_from_its_address_and_no_other() {
     });
     let records = wait_cdrs(&cluster, 1, 2);
     assert_eq!(leg(&records, "a")["account"], "alice@example.com");
+    // A PBX that puts its users' local addresses in From is still the trunk: no challenge.
+    let mut pbx_user = Ua::new("127.0.0.5", "alice", "example.com", "not-her-password");
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            wait_for_bye(phone);
+        });
+        let ok = pbx_user.invite(node, "sip:0301234@example.com", "trunk-1b", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        ack_and_hang_up(&pbx_user, &ok);
+        callee.join().unwrap();
+    });
 
     // The same calls from another address get what they would get with no trunk at all:
     // no such user here, or relaying denied; and the number never rings.

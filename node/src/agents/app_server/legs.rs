@@ -574,6 +574,15 @@ impl OutLeg {
         }
     }
 
+    /// Where this leg reports, with its record.
+    fn report(&mut self, ctx: &DialContext, done: oneshot::Sender<Dialled>) -> Report {
+        Report {
+            app: ctx.app.clone(),
+            done: Some(done),
+            record: self.record.take(),
+        }
+    }
+
     /// Dials over `flow` alone (a local phone). Reports once on `done`.
     async fn run_on(
         mut self,
@@ -584,11 +593,7 @@ impl OutLeg {
         cancel: CancellationToken,
         done: oneshot::Sender<Dialled>,
     ) {
-        let mut report = Report {
-            app: ctx.app.clone(),
-            done: Some(done),
-            record: self.record.take(),
-        };
+        let mut report = self.report(&ctx, done);
         if let Some(f) = self
             .exchange(&ctx, &label, flow, until, &cancel, &mut report)
             .await
@@ -670,11 +675,7 @@ impl OutLeg {
         cancel: CancellationToken,
         done: oneshot::Sender<Dialled>,
     ) {
-        let mut report = Report {
-            app: ctx.app.clone(),
-            done: Some(done),
-            record: self.record.take(),
-        };
+        let mut report = self.report(&ctx, done);
         let Some(next_hop) = self.next_hop.clone() else {
             report.send(failed(500, "Server Internal Error"));
             return;

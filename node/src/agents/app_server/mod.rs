@@ -256,46 +256,55 @@ impl AppServer {
     /// trunk's, and its account is enabled and the trunk customer's.
     fn trunk_account(&self, flow: &Flow) -> Option<Arc<Account>> {
         let reader = self.cluster.replica.reader();
-        let trunk = reader
+        reader
             .trunks()
             .ok()?
             .into_iter()
-            .find(|t| crate::agents::auth::trunks::admits(t, flow))?;
-        let (user, domain) = trunk.account.split_once('@')?;
-        let account = reader
-            .account(domain, user)
-            .ok()
-            .flatten()
-            .filter(|a| a.enabled && a.customer == trunk.customer)?;
-        tracing::debug!(trunk = %trunk.id(), source = %flow.remote, "a call from a trusted trunk");
-        Some(Arc::new(account))
+            .filter(|t| crate::agents::auth::trunks::admits(t, flow))
+            .find_map(|trunk| {
+                let (user, domain) = trunk.account.split_once('@')?;
+                let account = reader
+                    .account(domain, user)
+                    .ok()
+                    .flatten()
+                    .filter(|a| a.enabled && a.customer == trunk.customer)?;
+                tracing::debug!(trunk = %trunk.id(), source = %flow.remote, "a call from a trusted trunk");
+                Some(Arc::new(account))
+            })
     }
 
     /// Checks a new INVITE and starts its call. Everything that refuses it (the caller's
     /// credentials first) is decided here, statelessly, before any state is kept.
     fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
-        if !self.caller_claims_local(&request) && self.leaves(&request) {
-            // From outside, for a number: only a trusted trunk, from its own address.
-            // Anyone else hears what the proxy would have said, so that whether a cluster
-            // has trunks shows nowhere.
-            let Some(account) = self.trunk_account(&flow) else {
-                let host = request.uri().and_then(|u| u.as_sip()).map(|u| &u.host);
-                let served = host.is_some_and(|h| {
-                    let reader = self.cluster.replica.reader();
-                    reader.serves_domain(&h.canonical()).unwrap_or(false)
-                });
-                let host = host.map(|h| h.to_string()).unwrap_or_default();
-                return refuse(if served {
-                    Refusal::new(404, "Not Found")
-                } else {
-                    Refusal::new(
-                        403,
-                        format!("Forbidden (relaying denied: {host} is not served here)"),
-                    )
-                });
-            };
+        // A trusted trunk's call for a number, whatever its From claims (a PBX may send
+        // its users' local addresses): made as the trunk's account, without digest.
+        let trunk = if self.leaves(&request) {
+            self.trunk_account(&flow)
+        } else {
+            None
+        };
+        if let Some(account) = trunk {
             return self.start_outbound(request, flow, tx, account);
+        }
+        if !self.caller_claims_local(&request) && self.leaves(&request) {
+            // From outside, for a number, and not from a trunk: the caller hears what
+            // the proxy would have said, so that whether a cluster has trunks shows
+            // nowhere.
+            let host = request.uri().and_then(|u| u.as_sip()).map(|u| &u.host);
+            let served = host.is_some_and(|h| {
+                let reader = self.cluster.replica.reader();
+                reader.serves_domain(&h.canonical()).unwrap_or(false)
+            });
+            let host = host.map(|h| h.to_string()).unwrap_or_default();
+            return refuse(if served {
+                Refusal::new(404, "Not Found")
+            } else {
+                Refusal::new(
+                    403,
+                    format!("Forbidden (relaying denied: {host} is not served here)"),
+                )
+            });
         }
         if !self.is_outbound(&request) {
             // A call to a local account with a dialplan. A caller claiming a local
@@ -387,9 +396,13 @@ impl AppServer {
         if request.max_forwards().ok().flatten() == Some(0) {
             return refuse(Refusal::new(483, "Too Many Hops"));
         }
-        let limit = reader
+        // A limit that cannot be read refuses the call rather than lift the limit.
+        let Ok(limit) = reader
             .customer_settings(&account.customer)
-            .map_or(0, |s| s.max_calls);
+            .map(|s| s.max_calls)
+        else {
+            return refuse(Refusal::new(500, "Server Internal Error"));
+        };
         {
             let mut running = self.customer_calls.lock().expect("customer calls lock");
             let n = running.entry(account.customer.clone()).or_insert(0);
