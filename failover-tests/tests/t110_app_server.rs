@@ -1884,3 +1884,38 @@ fn a_trusted_trunk_calls_out_without_digest_from_its_address_and_no_other() {
     );
     assert_eq!(m.get("/v1/trunks/c1/pbx").unwrap().status, 404);
 }
+
+/// The node's `[dialplan]` section sets the limits of every run: with 1,000 operations, a
+/// script counting to 5,000 is stopped (500 naming the dialplan) and one counting to 100
+/// runs to its end.
+#[test]
+fn the_dialplan_section_of_the_config_sets_the_limits_of_every_run() {
+    let provider = Provider::start();
+    let body = format!(
+        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
+            "username":"u0","password":"pw0","expires_secs":600}}"#,
+        provider.node.udp_addr()
+    );
+    let cluster = form_with_config(&body, "\n[dialplan]\nmax_operations = 1000\n");
+    let node = cluster.member(1).sip_addr();
+    let mut alice = alice();
+    for (count, status) in [(5000, 500), (100, 486)] {
+        let script =
+            format!("let n = 0; for i in 0..{count} {{ n += 1; }} respond(486, `counted ${{n}}`);");
+        let (code, json) = put_dialplan(&cluster, &script);
+        assert!(matches!(code, 200 | 201), "{json}");
+        let r = alice.invite(
+            node,
+            "sip:0301234@example.com",
+            &format!("limits-{count}"),
+            &mut |_, _| {},
+        );
+        assert_eq!(r.status(), Some(status), "{}", r.text);
+        if status == 500 {
+            let reason = r.header("Reason").unwrap_or_default();
+            assert!(reason.contains("dialplan"), "{}", r.text);
+        } else {
+            assert!(r.text.contains("486 counted 100"), "{}", r.text);
+        }
+    }
+}

@@ -57,6 +57,15 @@ fn check_config_rejects_an_unknown_key_and_names_it() {
 #[test]
 fn check_config_rejects_values_that_parse_but_do_not_validate() {
     assert_refused_naming("[sip]\nt1_ms = 1000\nt2_ms = 10\n", "sip.t2_ms");
+    assert_refused_naming(
+        "[dialplan]\nmax_runs_per_account = 20\nmax_runs = 10\n",
+        "dialplan.max_runs",
+    );
+    assert_refused_naming(
+        "[dialplan]\nmax_run_time_ms = 0\n",
+        "dialplan.max_run_time_ms",
+    );
+    assert_refused_naming("[cdr]\npurge_batch = 0\n", "cdr.purge_batch");
 }
 
 #[test]

@@ -21,6 +21,7 @@ pub struct Config {
     pub registration_agent: RegistrationAgentConfig,
     pub app_server: AppServerConfig,
     pub cdr: CdrConfig,
+    pub dialplan: DialplanConfig,
     /// Absent: a standalone node, a cluster of one with no internal listener.
     pub cluster: Option<ClusterConfig>,
     pub admin: AdminConfig,
@@ -441,6 +442,50 @@ impl Default for AppServerConfig {
             ring_secs: 60,
             keepalive_secs: 60,
             max_call_secs: 4 * 3600,
+        }
+    }
+}
+
+/// The dialplan sandbox's limits that operators tune (dialplan/README.md, "Limits"); the
+/// others are fixed.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DialplanConfig {
+    /// rhai operations per run.
+    pub max_operations: u64,
+    /// Milliseconds of script time per run (ringing inside `dial()` does not count).
+    pub max_run_time_ms: u64,
+    /// KiB a run may hold at once.
+    pub max_memory_kib: u32,
+    /// Runs of one account at once; more calls get 503 with Retry-After.
+    pub max_runs_per_account: u32,
+    /// Runs on the node at once.
+    pub max_runs: u32,
+}
+
+impl Default for DialplanConfig {
+    fn default() -> Self {
+        let l = tandem_dialplan::Limits::default();
+        DialplanConfig {
+            max_operations: l.max_operations,
+            max_run_time_ms: l.max_run_time.as_millis() as u64,
+            max_memory_kib: (l.max_memory_bytes / 1024) as u32,
+            max_runs_per_account: l.max_runs_per_account,
+            max_runs: l.max_runs,
+        }
+    }
+}
+
+impl DialplanConfig {
+    /// The sandbox's limits: these keys over the defaults.
+    pub fn limits(&self) -> tandem_dialplan::Limits {
+        tandem_dialplan::Limits {
+            max_operations: self.max_operations,
+            max_run_time: Duration::from_millis(self.max_run_time_ms),
+            max_memory_bytes: i64::from(self.max_memory_kib) * 1024,
+            max_runs_per_account: self.max_runs_per_account,
+            max_runs: self.max_runs,
+            ..tandem_dialplan::Limits::default()
         }
     }
 }
@@ -875,6 +920,28 @@ impl Config {
             bad(
                 "app_server.max_call_secs",
                 "must be at most 604800 (0: no limit)".into(),
+            );
+        }
+        let d = &self.dialplan;
+        if !(1_000..=100_000_000).contains(&d.max_operations) {
+            bad(
+                "dialplan.max_operations",
+                "must be 1000 to 100000000".into(),
+            );
+        }
+        if !(1..=10_000).contains(&d.max_run_time_ms) {
+            bad("dialplan.max_run_time_ms", "must be 1 to 10000".into());
+        }
+        if !(64..=65_536).contains(&d.max_memory_kib) {
+            bad("dialplan.max_memory_kib", "must be 64 to 65536".into());
+        }
+        if !(1..=1_000).contains(&d.max_runs_per_account) {
+            bad("dialplan.max_runs_per_account", "must be 1 to 1000".into());
+        }
+        if !(1..=10_000).contains(&d.max_runs) || d.max_runs < d.max_runs_per_account {
+            bad(
+                "dialplan.max_runs",
+                "must be 1 to 10000, and at least dialplan.max_runs_per_account".into(),
             );
         }
         let cdr = &self.cdr;

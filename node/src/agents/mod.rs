@@ -169,7 +169,7 @@ impl Agents {
             transports.clone(),
             own.clone(),
             resolver.clone(),
-            app_server::Settings::from_config(&config.app_server),
+            app_server::Settings::from_config(&config.app_server, &config.dialplan.limits()),
             proxy.clone(),
             cdrs,
         ));

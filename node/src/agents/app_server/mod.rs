@@ -51,13 +51,16 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn from_config(c: &crate::config::AppServerConfig) -> Settings {
+    pub fn from_config(
+        c: &crate::config::AppServerConfig,
+        limits: &tandem_dialplan::Limits,
+    ) -> Settings {
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
         Settings {
             ring_for: Duration::from_secs(c.ring_secs),
             keepalive: secs(c.keepalive_secs),
             max_call: secs(c.max_call_secs),
-            limits: Limits::default(),
+            limits: limits.clone(),
         }
     }
 }
