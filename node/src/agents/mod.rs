@@ -213,7 +213,7 @@ struct ProviderInbound {
     board: Arc<Board>,
     own: OwnAddrs,
     proxy: Arc<Proxy>,
-    /// Takes a call to a number whose account has a dialplan.
+    /// Takes a call to a number whose account has an incoming dialplan.
     app_server: Arc<app_server::AppServer>,
     cluster: ClusterNode,
 }
@@ -271,24 +271,15 @@ impl Agent for ProviderInbound {
             .and_then(|aor| tandem_sip::Uri::parse(&aor).ok());
         match target {
             Some(uri) => {
-                // A call to an account with a dialplan runs it, with the request as the
-                // provider sent it (the script sees the number it named).
+                // A call to an account with an incoming dialplan runs it, with the request
+                // as the provider sent it (the script sees the number it named).
                 let invite = request.method() == Some(&Method::Invite);
                 if let (true, Some(tx)) = (invite, tx) {
                     let callee = uri.as_sip().and_then(|u| {
-                        let (domain, user) = (u.host.canonical(), u.user_unescaped()?);
-                        let reader = self.cluster.replica.reader();
-                        let a = reader.account(&domain, &user).ok().flatten()?;
-                        let owner =
-                            tandem_raft_store::command::incoming_dialplan_owner(&a.user, &a.domain);
-                        reader
-                            .dialplan(&owner)
-                            .ok()
-                            .flatten()
-                            .filter(|d| !d.script.trim().is_empty())
-                            .map(|_| a)
+                        self.app_server
+                            .incoming_plan_account(&u.host.canonical(), &u.user_unescaped()?)
                     });
-                    if let Some(callee) = callee.filter(|a| a.enabled) {
+                    if let Some(callee) = callee {
                         self.app_server
                             .clone()
                             .spawn_inbound(request, flow, tx, callee);

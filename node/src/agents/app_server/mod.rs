@@ -212,11 +212,14 @@ impl AppServer {
     /// it.
     fn scripted_callee(&self, request: &Message) -> Option<Account> {
         let uri = request.uri()?.as_sip()?;
-        let domain = uri.host.canonical();
-        let user = uri.user_unescaped()?;
+        self.incoming_plan_account(&uri.host.canonical(), &uri.user_unescaped()?)
+    }
+
+    /// Account `user@domain`, if it is enabled and has a dialplan for calls to it.
+    pub fn incoming_plan_account(&self, domain: &str, user: &str) -> Option<Account> {
         let reader = self.cluster.replica.reader();
         let account = reader
-            .account(&domain, &user)
+            .account(domain, user)
             .ok()
             .flatten()
             .filter(|a| a.enabled)?;
