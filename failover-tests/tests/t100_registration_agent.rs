@@ -206,9 +206,11 @@ fn every_account_is_registered_once_by_its_owner_and_moves_when_the_owner_dies()
     }
 
     // Every account ends up with exactly one contact at the provider, from the node
-    // that holds its lease.
+    // that holds its lease, and every node holds some. A node whose agent started after
+    // the first assignment gets its share when the leader rebalances, so the wait
+    // covers that too.
     let owners: BTreeMap<usize, u64> = Wait::new(
-        "every provider account to be registered once, by its owner",
+        "every provider account to be registered once, by its owner, on every node",
         Duration::from_secs(40),
     )
     .showing(&cluster)
@@ -226,7 +228,8 @@ fn every_account_is_registered_once_by_its_owner_and_moves_when_the_owner_dies()
                 _ => return None,
             }
         }
-        Some(owners)
+        let nodes: std::collections::BTreeSet<u64> = owners.values().copied().collect();
+        (nodes.len() == 3).then_some(owners)
     });
     let mut per_node: BTreeMap<u64, usize> = BTreeMap::new();
     for o in owners.values() {
