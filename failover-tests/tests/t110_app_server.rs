@@ -1661,6 +1661,20 @@ fn a_call_to_an_account_with_a_dialplan_runs_that_accounts_dialplan() {
     let r = stranger.invite(node, "sip:bob@example.com", "fwd-2", &mut |_, _| {});
     assert_eq!(r.status(), Some(403), "{}", r.text);
     assert!(r.text.contains("Colleagues only"), "{}", r.text);
+    // A script that fails tells a stranger only that it failed.
+    let body = serde_json::json!({ "script": r#"throw "the secret routing table";"# }).to_string();
+    let a = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/bob/incoming-dialplan",
+            Some(&body),
+        )
+        .unwrap();
+    assert_eq!(a.status, 200, "{}", a.body);
+    let r = stranger.invite(node, "sip:bob@example.com", "fwd-2b", &mut |_, _| {});
+    assert_eq!(r.status(), Some(500), "{}", r.text);
+    assert!(r.text.contains("dialplan failed"), "{}", r.text);
+    assert!(!r.text.contains("secret"), "{}", r.text);
     // Claiming to be alice without her password: challenged, then refused; bob's phone
     // never rings.
     let mut fake = Ua::new("127.0.0.1", "alice", "example.com", "wrong");

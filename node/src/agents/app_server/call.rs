@@ -315,6 +315,12 @@ impl Call {
         b_rx: &mut mpsc::Receiver<InDialog>,
     ) -> Result<(), Refusal> {
         let reader = self.app.cluster.replica.reader();
+        // Why a script failed is the account's business: its own caller hears it, a
+        // stranger calling it hears only that it failed (the log has it all).
+        let shown = |why: &str| match direction {
+            Direction::Outbound => why.to_owned(),
+            Direction::Inbound | Direction::Local => "the account's dialplan failed".to_owned(),
+        };
         let owner = match direction {
             Direction::Outbound => aor.to_owned(),
             Direction::Inbound | Direction::Local => {
@@ -390,7 +396,7 @@ impl Call {
             Some(d) => {
                 let compiled = self.app.sandbox.compile(&d.script).map_err(|e| {
                     tracing::warn!(account = aor, error = %e, "dialplan: the saved script does not compile");
-                    dialplan_refusal(&e.to_string())
+                    dialplan_refusal(&shown(&e.to_string()))
                 })?;
                 let mut facts = facts(&self.invite, &self.a.flow, aor, account, direction);
                 facts.time_zone = reader
@@ -482,7 +488,7 @@ impl Call {
                         }
                         Err(e) => {
                             tracing::warn!(account = aor, error = %e, "dialplan: the run failed");
-                            Err(dialplan_refusal(&e.to_string()))
+                            Err(dialplan_refusal(&shown(&e.to_string())))
                         }
                     };
                 }
