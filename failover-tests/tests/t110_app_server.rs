@@ -50,15 +50,19 @@ impl Provider {
     }
 }
 
-/// A cluster of one with customer c1, account alice@example.com and the provider account
-/// p0 (u0 at the provider, through its address as outbound proxy).
-fn form(provider: &Provider) -> Cluster {
-    let body = format!(
+/// The provider account p0: u0 at the provider, through its address as outbound proxy.
+fn provider_account(provider: &Provider) -> String {
+    format!(
         r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
             "username":"u0","password":"pw0","expires_secs":600}}"#,
         provider.node.udp_addr()
-    );
-    form_with(&body)
+    )
+}
+
+/// A cluster of one with customer c1, account alice@example.com and the provider account
+/// p0 (u0 at the provider, through its address as outbound proxy).
+fn form(provider: &Provider) -> Cluster {
+    form_with(&provider_account(provider))
 }
 
 /// [`form`] with the provider account p0 that `body` describes.
@@ -226,6 +230,20 @@ fn ack_and_hang_up(caller: &Ua, ok: &Received) {
     caller.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
     let bye_ok = caller.expect_response("BYE", Duration::from_secs(20));
     assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+}
+
+/// `caller` calls the number; the phone at the provider answers; `caller` hangs up.
+fn answered_call(caller: &mut Ua, node: std::net::SocketAddr, phone: &Ua, call_id: &str) {
+    std::thread::scope(|s| {
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            wait_for_bye(phone);
+        });
+        let ok = caller.invite(node, "sip:0301234@example.com", call_id, &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        ack_and_hang_up(caller, &ok);
+        callee.join().unwrap();
+    });
 }
 
 /// The phone's side of an answered call: the ACK, then the BYE, answered 200.
@@ -1173,11 +1191,7 @@ fn a_call_from_the_provider_to_a_customers_number_rings_the_account_it_maps_to()
 fn a_call_whose_far_side_has_gone_is_ended_on_both_sides() {
     let provider = Provider::start();
     let phone = provider.phone();
-    let body = format!(
-        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
-            "username":"u0","password":"pw0","expires_secs":600}}"#,
-        provider.node.udp_addr()
-    );
+    let body = provider_account(&provider);
     let cluster = form_with_config(&body, "\n[app_server]\nkeepalive_secs = 1\n");
     let node = cluster.member(1).sip_addr();
     let mut alice = alice();
@@ -1317,33 +1331,14 @@ fn the_answer_to_a_re_invite_is_relayed_and_retransmitted_until_acked() {
 fn call_records_reach_every_node_and_outlive_the_node_that_wrote_them() {
     let provider = Provider::start();
     let phone = provider.phone();
-    let body = format!(
-        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
-            "username":"u0","password":"pw0","expires_secs":600}}"#,
-        provider.node.udp_addr()
-    );
+    let body = provider_account(&provider);
     let cluster = form_members(&[MemberRole::Full; 3], &body, "");
     let node = cluster.member(1).sip_addr();
     // Node 3 is down while the calls happen.
     cluster.member(3).sigkill();
     let mut alice = alice();
     for i in 0..3 {
-        std::thread::scope(|s| {
-            let phone = &phone;
-            let callee = s.spawn(move || {
-                answer_next(phone, 200, "OK");
-                wait_for_bye(phone);
-            });
-            let ok = alice.invite(
-                node,
-                "sip:0301234@example.com",
-                &format!("ship-{i}"),
-                &mut |_, _| {},
-            );
-            assert_eq!(ok.status(), Some(200), "{}", ok.text);
-            ack_and_hang_up(&alice, &ok);
-            callee.join().unwrap();
-        });
+        answered_call(&mut alice, node, &phone, &format!("ship-{i}"));
     }
     let on_2 = wait_cdrs(&cluster, 2, 6);
     assert_eq!(on_2.len(), 6, "{on_2:#?}");
@@ -1849,17 +1844,7 @@ fn a_trusted_trunk_calls_out_without_digest_from_its_address_and_no_other() {
     assert_eq!(leg(&records, "a")["account"], "alice@example.com");
     // A PBX that puts its users' local addresses in From is still the trunk: no challenge.
     let mut pbx_user = Ua::new("127.0.0.5", "alice", "example.com", "not-her-password");
-    std::thread::scope(|s| {
-        let phone = &phone;
-        let callee = s.spawn(move || {
-            answer_next(phone, 200, "OK");
-            wait_for_bye(phone);
-        });
-        let ok = pbx_user.invite(node, "sip:0301234@example.com", "trunk-1b", &mut |_, _| {});
-        assert_eq!(ok.status(), Some(200), "{}", ok.text);
-        ack_and_hang_up(&pbx_user, &ok);
-        callee.join().unwrap();
-    });
+    answered_call(&mut pbx_user, node, &phone, "trunk-1b");
 
     // The same calls from another address get what they would get with no trunk at all:
     // no such user here, or relaying denied; and the number never rings.
@@ -1905,11 +1890,7 @@ fn a_trusted_trunk_calls_out_without_digest_from_its_address_and_no_other() {
 #[test]
 fn the_dialplan_section_of_the_config_sets_the_limits_of_every_run() {
     let provider = Provider::start();
-    let body = format!(
-        r#"{{"registrar":"provider.test","outbound_proxy":"{}","transport":"udp",
-            "username":"u0","password":"pw0","expires_secs":600}}"#,
-        provider.node.udp_addr()
-    );
+    let body = provider_account(&provider);
     let cluster = form_with_config(&body, "\n[dialplan]\nmax_operations = 1000\n");
     let node = cluster.member(1).sip_addr();
     let mut alice = alice();
