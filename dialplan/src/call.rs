@@ -115,6 +115,14 @@ impl DialOutcome {
 /// ringing times bound it.
 pub trait Host: Send + Sync {
     fn dial(&self, request: DialRequest) -> DialOutcome;
+
+    /// Starts a callback (`callback(a, b)`): the node calls `a`, then `b`, and connects
+    /// them, on its own, apart from this call. Returns the callback's id at once, or why
+    /// it was not started. Both specs are parsed already.
+    fn callback(&self, a: &str, b: &str) -> Result<String, String> {
+        let _ = (a, b);
+        Err("callbacks are not available here".into())
+    }
 }
 
 /// How a run ended, when it did not fail.

@@ -133,6 +133,8 @@ struct RunState {
     headers: Vec<(String, String)>,
     caller_id: Option<CallerId>,
     dials: u32,
+    /// Whether the run started its callback (one per run).
+    called_back: bool,
     last_dial: Option<DialOutcome>,
     ending: Option<Ending>,
     /// When the run's time is up; moved on by the time spent in `dial()`.
@@ -270,6 +272,7 @@ impl Sandbox {
             headers: Vec::new(),
             caller_id: None,
             dials: 0,
+            called_back: false,
             last_dial: None,
             ending: None,
             deadline: Instant::now() + self.limits.max_run_time,
@@ -553,6 +556,10 @@ fn build_engine(limits: &Limits) -> Engine {
     engine.register_fn("dial", |text: &str| -> Result<Map, Box<EvalAltResult>> {
         dial(text)
     });
+    engine.register_fn(
+        "callback",
+        |a: &str, b: &str| -> Result<Map, Box<EvalAltResult>> { callback(a, b) },
+    );
 
     engine.register_fn("hour", || -> Result<i64, Box<EvalAltResult>> {
         with_run(|s| clock::local(&s.facts).hour)
@@ -652,6 +659,34 @@ fn respond(code: i64, reason: &str) -> Result<(), Box<EvalAltResult>> {
         });
     })?;
     Err(terminate(RESPONDED))
+}
+
+/// `callback(a, b)`: one per run; the specs are checked as `dial()` checks its own.
+fn callback(a: &str, b: &str) -> Result<Map, Box<EvalAltResult>> {
+    for text in [a, b] {
+        spec::parse(text).map_err(|e| -> Box<EvalAltResult> { e.into() })?;
+    }
+    let host = with_run(|s| -> Result<_, Box<EvalAltResult>> {
+        if s.called_back {
+            return Err("callback: at most one per run".into());
+        }
+        s.called_back = true;
+        push_line(s, format!("callback {a} then {b}"));
+        Ok(s.host.clone())
+    })??;
+    let started = host.callback(a, b);
+    let mut map = Map::new();
+    map.insert("started".into(), started.is_ok().into());
+    match started {
+        Ok(id) => {
+            map.insert("id".into(), id.into());
+        }
+        Err(why) => {
+            with_run(|s| push_line(s, format!("callback not started: {why}")))?;
+            map.insert("reason".into(), why.into());
+        }
+    }
+    Ok(map)
 }
 
 fn dial(text: &str) -> Result<Map, Box<EvalAltResult>> {

@@ -58,8 +58,19 @@ impl Given {
 
 impl Host for Given {
     fn dial(&self, request: DialRequest) -> DialOutcome {
-        self.dialled.lock().unwrap().push(request.text.clone());
+        self.dialled
+            .lock()
+            .unwrap()
+            .push(format!("dial {}", request.text));
         self.outcome(&request.spec)
+    }
+
+    fn callback(&self, a: &str, b: &str) -> Result<String, String> {
+        self.dialled
+            .lock()
+            .unwrap()
+            .push(format!("callback {a} then {b}"));
+        Ok("1".into())
     }
 }
 
@@ -103,6 +114,7 @@ fn every_readme_example_does_what_its_page_says() {
                     match words[..] {
                         ["invite.user", v] => call.user = v.into(),
                         ["invite.direction", v] => call.direction = v.into(),
+                        ["invite.from_user", v] => call.from_user = v.into(),
                         [t, "answers"] => {
                             answers.insert(t.into(), DialOutcome::Answered { target: t.into() });
                         }
@@ -140,13 +152,7 @@ fn every_readme_example_does_what_its_page_says() {
             .compile(source)
             .unwrap_or_else(|e| panic!("{e} in:\n{source}"));
         let run = sandbox.run(&script, call, host.clone());
-        let mut did: Vec<String> = host
-            .dialled
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|d| format!("dial {d}"))
-            .collect();
+        let mut did: Vec<String> = host.dialled.lock().unwrap().to_vec();
         did.push(match &run.result {
             Ok(Ending::Connected { target }) => format!("connected {target}"),
             Ok(Ending::Responded { code, .. }) => format!("respond {code}"),

@@ -346,6 +346,11 @@ impl Received {
     pub fn to_tag(&self) -> Option<String> {
         tag_of(&self.header("To")?)
     }
+
+    /// The body, after the blank line.
+    pub fn body(&self) -> &str {
+        self.text.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+    }
 }
 
 /// The `tag` parameter of a From or To value.
@@ -447,6 +452,25 @@ impl Ua {
     pub fn respond(&self, request: &Received, status: u16, reason: &str, extra: &str) {
         let tag = format!("callee{}", self.local().port());
         let text = response_text(request, status, reason, &tag, extra);
+        self.socket.send_to(text.as_bytes(), request.from).unwrap();
+    }
+
+    /// [`Ua::respond`] with an SDP body.
+    pub fn respond_sdp(
+        &self,
+        request: &Received,
+        status: u16,
+        reason: &str,
+        extra: &str,
+        sdp: &str,
+    ) {
+        let tag = format!("callee{}", self.local().port());
+        let extra = format!("{extra}Content-Type: application/sdp\r\n");
+        let text = response_text(request, status, reason, &tag, &extra);
+        let text = text.replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!("Content-Length: {}\r\n\r\n{sdp}", sdp.len()),
+        );
         self.socket.send_to(text.as_bytes(), request.from).unwrap();
     }
 

@@ -1914,3 +1914,267 @@ fn the_dialplan_section_of_the_config_sets_the_limits_of_every_run() {
         }
     }
 }
+
+/// Bob's offer when called without one, and his answer to carol's offer.
+const BOB_OFFER: &str = "v=0\r\no=bob 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+    t=0 0\r\nm=audio 40000 RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
+const BOB_ANSWER: &str = "v=0\r\no=bob 1 2 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+    t=0 0\r\nm=audio 40000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
+const CAROL_OFFER: &str = "v=0\r\no=carol 7 7 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
+    t=0 0\r\nm=audio 50000 RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
+
+/// A cluster of one (customer c1, alice) with bob and carol registered through it.
+fn bob_and_carol() -> (Provider, Cluster, Ua, Ua) {
+    let provider = Provider::start();
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    c1_account(&cluster, "bob");
+    c1_account(&cluster, "carol");
+    let bob = registered_phone("bob", node);
+    let carol = registered_phone("carol", node);
+    (provider, cluster, bob, carol)
+}
+
+/// The callback `id` on node 1, once `ready` says it is as expected.
+fn wait_callback(cluster: &Cluster, id: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let m = cluster.member(1);
+    Wait::new(format!("callback {id}"), Duration::from_secs(20))
+        .showing(cluster)
+        .until(|| {
+            let v = m.get(&format!("/v1/callbacks/{id}"))?.json();
+            ready(&v).then_some(v)
+        })
+}
+
+/// Bob answers an INVITE without an offer with his own, and checks that the ACK holds
+/// the session without media (RFC 3725's black hole). Returns the INVITE.
+fn answer_without_offer(bob: &Ua) -> Received {
+    let invite = bob.expect_request("INVITE", Duration::from_secs(30));
+    assert!(
+        invite.body().is_empty(),
+        "called without an offer: {}",
+        invite.text
+    );
+    bob.respond(&invite, 180, "Ringing", "");
+    let contact = bob.contact();
+    bob.respond_sdp(
+        &invite,
+        200,
+        "OK",
+        &format!("Contact: <{contact}>\r\n"),
+        BOB_OFFER,
+    );
+    let ack = bob.expect_request("ACK", Duration::from_secs(10));
+    let held = ack.body();
+    assert!(
+        held.contains("c=IN IP4 0.0.0.0") && held.contains("a=inactive"),
+        "the ACK answers with a held session: {}",
+        ack.text
+    );
+    assert!(held.contains("m=audio 9 RTP/AVP 0 8"), "{}", ack.text);
+    invite
+}
+
+#[test]
+fn a_callback_rings_a_then_b_and_connects_them_with_a_re_invite() {
+    let (_provider, cluster, bob, carol) = bob_and_carol();
+    let m = cluster.member(1);
+    for (body, status, says) in [
+        (
+            r#"{"account":"alice@example.com","a":"bob"}"#,
+            400,
+            "missing field `b`",
+        ),
+        (
+            r#"{"account":"alice@example.com","a":"bob","b":"carol &"}"#,
+            400,
+            "b: ",
+        ),
+        (
+            r#"{"account":"nobody@example.com","a":"bob","b":"carol"}"#,
+            409,
+            "no account",
+        ),
+        (
+            r#"{"account":"alice","a":"bob","b":"carol"}"#,
+            400,
+            "user@domain",
+        ),
+        (
+            r#"{"account":"alice@example.com","a":"bob","b":"carol","via":"x"}"#,
+            400,
+            "unknown field",
+        ),
+    ] {
+        let r = m.request("POST", "/v1/callback", Some(body)).unwrap();
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(r.body.contains(says), "{body}: {}", r.body);
+    }
+    let anonymous = http(
+        m.admin_addr,
+        None,
+        "POST",
+        "/v1/callback",
+        Some(r#"{"account":"alice@example.com","a":"bob","b":"carol"}"#),
+    )
+    .unwrap();
+    assert_eq!(anonymous.status, 401, "{}", anonymous.body);
+    assert!(
+        m.get("/v1/callbacks/0123").unwrap().status == 404,
+        "an unknown callback is 404"
+    );
+
+    let started = m
+        .request(
+            "POST",
+            "/v1/callback",
+            Some(r#"{"account":"alice@example.com","a":"bob","b":"carol"}"#),
+        )
+        .unwrap();
+    assert_eq!(started.status, 202, "{}", started.body);
+    let id = started.json()["id"].as_str().unwrap().to_owned();
+    assert_eq!(started.json()["state"], "calling a", "{}", started.body);
+    std::thread::scope(|s| {
+        let carol_side = s.spawn(|| {
+            let invite = carol.expect_request("INVITE", Duration::from_secs(30));
+            assert!(invite.body().is_empty(), "{}", invite.text);
+            assert!(
+                invite.text.contains("sip:alice@example.com"),
+                "b sees the account calling: {}",
+                invite.text
+            );
+            carol.respond(&invite, 180, "Ringing", "");
+            let contact = carol.contact();
+            carol.respond_sdp(
+                &invite,
+                200,
+                "OK",
+                &format!("Contact: <{contact}>\r\n"),
+                CAROL_OFFER,
+            );
+            let ack = carol.expect_request("ACK", Duration::from_secs(10));
+            assert!(
+                ack.body().contains("m=audio 40000 RTP/AVP 0"),
+                "carol's ACK carries bob's answer: {}",
+                ack.text
+            );
+            let bye = carol.expect_request("BYE", Duration::from_secs(20));
+            carol.respond(&bye, 200, "OK", "");
+        });
+        let invite = answer_without_offer(&bob);
+        let reinvite = bob.expect_request("INVITE", Duration::from_secs(30));
+        assert_eq!(reinvite.header("Call-ID"), invite.header("Call-ID"));
+        let offer = reinvite.body();
+        assert!(
+            offer.contains("m=audio 50000") && offer.contains("o=tandem "),
+            "bob is offered carol's session under one origin: {}",
+            reinvite.text
+        );
+        assert!(!offer.contains("o=carol"), "{}", reinvite.text);
+        let contact = bob.contact();
+        bob.respond_sdp(
+            &reinvite,
+            200,
+            "OK",
+            &format!("Contact: <{contact}>\r\n"),
+            BOB_ANSWER,
+        );
+        bob.expect_request("ACK", Duration::from_secs(10));
+        wait_callback(&cluster, &id, |v| v["state"] == "connected");
+        // Bob hangs up: carol gets the BYE, and bob its 200.
+        let dialog = bob.callee_dialog(&invite);
+        bob.send_in_dialog(&dialog, "BYE", 1);
+        let ok = bob.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        carol_side.join().unwrap();
+    });
+    let ended = wait_callback(&cluster, &id, |v| v["state"] == "ended");
+    assert_eq!(ended["code"], 200, "{ended:#}");
+    let records = wait_cdrs(&cluster, 1, 2);
+    for (name, to) in [("b1", "bob@example.com"), ("b2", "carol@example.com")] {
+        let r = leg(&records, name);
+        assert_eq!(r["call"], format!("callback-{id}"), "{r:#}");
+        assert_eq!(r["to"], to, "{r:#}");
+        assert_eq!(r["outcome"], "answered", "{r:#}");
+        check_answered_times(r);
+    }
+}
+
+#[test]
+fn a_callback_ends_a_when_b_fails_and_a_dialplan_can_start_one() {
+    let (_provider, cluster, bob, carol) = bob_and_carol();
+    let m = cluster.member(1);
+    // Through the CLI, which follows the callback step by step.
+    let out = std::thread::scope(|s| {
+        let cli = s.spawn(|| m.cli(&["callback", "alice@example.com", "bob", "carol"]));
+        let carol_side = s.spawn(|| {
+            let invite = carol.expect_request("INVITE", Duration::from_secs(30));
+            carol.respond(&invite, 486, "Busy Here", "");
+            carol.expect_request("ACK", Duration::from_secs(5));
+        });
+        answer_without_offer(&bob);
+        let bye = bob.expect_request("BYE", Duration::from_secs(20));
+        bob.respond(&bye, 200, "OK", "");
+        carol_side.join().unwrap();
+        cli.join().unwrap()
+    });
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout}{stderr}");
+    // The steps between are polled, and this one is quicker than a poll.
+    for step in ["calling a", "ended: 486 b: Busy Here"] {
+        assert!(stdout.contains(step), "no {step:?} in {stdout}{stderr}");
+    }
+    assert!(stderr.contains("did not connect"), "{stdout}{stderr}");
+
+    // A's hang-up while B rings cancels B.
+    let started = m
+        .request(
+            "POST",
+            "/v1/callback",
+            Some(r#"{"account":"alice@example.com","a":"bob","b":"carol"}"#),
+        )
+        .unwrap();
+    let id = started.json()["id"].as_str().unwrap().to_owned();
+    std::thread::scope(|s| {
+        let carol_side = s.spawn(|| {
+            let invite = carol.expect_request("INVITE", Duration::from_secs(30));
+            carol.respond(&invite, 180, "Ringing", "");
+            let cancel = carol.expect_request("CANCEL", Duration::from_secs(20));
+            carol.respond(&cancel, 200, "OK", "");
+            carol.respond(&invite, 487, "Request Terminated", "");
+            carol.expect_request("ACK", Duration::from_secs(5));
+        });
+        let invite = answer_without_offer(&bob);
+        wait_callback(&cluster, &id, |v| v["state"] == "calling b");
+        std::thread::sleep(Duration::from_millis(300));
+        let dialog = bob.callee_dialog(&invite);
+        bob.send_in_dialog(&dialog, "BYE", 1);
+        let ok = bob.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        carol_side.join().unwrap();
+    });
+    let ended = wait_callback(&cluster, &id, |v| v["state"] == "ended");
+    assert_eq!(ended["code"], 487, "{ended:#}");
+
+    // A dialplan's callback(): the caller is declined, then bob is called back.
+    let (code, json) = put_dialplan(
+        &cluster,
+        r#"let r = callback("bob", "carol"); if !r.started { respond(500, r.reason); } respond(603, "Call Back");"#,
+    );
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    let declined = alice.invite(
+        m.sip_addr(),
+        "sip:0301234@example.com",
+        "cb-plan-1",
+        &mut |_, _| {},
+    );
+    assert_eq!(declined.status(), Some(603), "{}", declined.text);
+    let invite = bob.expect_request("INVITE", Duration::from_secs(30));
+    assert!(invite.body().is_empty(), "{}", invite.text);
+    bob.respond(&invite, 480, "Temporarily Unavailable", "");
+    bob.expect_request("ACK", Duration::from_secs(5));
+}

@@ -2,7 +2,8 @@
 //! (Debian's `baresip-core`) registers through node 1, linphone (`linphone-cli`) through
 //! node 2, and each calls the other, answers, and hangs up. The phones are the judges of
 //! the defaults: baresip 1.0 gives up on any challenge that offers SHA-256 at all, so a
-//! default that offers it to everyone fails here.
+//! default that offers it to everyone fails here. A callback then connects the two phones
+//! through the app server (called without an offer, held, re-INVITEd).
 
 use std::time::Duration;
 
@@ -104,6 +105,40 @@ fn baresip_and_linphone_register_through_different_nodes_and_call_each_other() {
             .is_some_and(|p| p.contains("reset by peer")),
         "baresip did not hear linphone hang up: {closed}"
     );
+
+    // A callback (RFC 3725) from node 1: baresip is called without an offer, answers with
+    // its own and is held; then linphone, through node 2; then baresip is re-INVITEd
+    // with linphone's session. Both phones must accept each step for the call to connect.
+    let started = one
+        .request(
+            "POST",
+            "/v1/callback",
+            Some(r#"{"account":"alice@example.com","a":"alice","b":"bob"}"#),
+        )
+        .unwrap();
+    assert_eq!(started.status, 202, "{}", started.body);
+    let id = started.json()["id"].as_str().unwrap().to_owned();
+    let up = alice.wait_event(&["CALL_ESTABLISHED", "CALL_CLOSED"], WAIT);
+    assert!(
+        up["type"] == "CALL_ESTABLISHED",
+        "baresip did not take the callback: {up}\n{}",
+        alice.log()
+    );
+    bob.wait_line("connected", WAIT);
+    let state = |want: &str| {
+        Wait::new(format!("callback {id} {want}"), WAIT)
+            .showing(&cluster)
+            .until(|| {
+                let v = one.get(&format!("/v1/callbacks/{id}"))?.json();
+                (v["state"] == want).then_some(v)
+            })
+    };
+    state("connected");
+    bob.send("terminate");
+    let closed = alice.wait_event(&["CALL_CLOSED"], WAIT);
+    assert!(closed["type"] == "CALL_CLOSED", "{closed}");
+    let ended = state("ended");
+    assert_eq!(ended["code"], 200, "{ended:#}");
 
     // Neither call is left up on any node.
     for m in &cluster.members {

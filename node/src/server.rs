@@ -124,6 +124,8 @@ pub struct Node {
     sip: Option<BoundSip>,
     /// The CDR store, on a full node.
     cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
+    /// Filled with the app server when the SIP stack starts, for the admin API.
+    app_server: admin::AppServerSlot,
 }
 
 type AdminServer = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -166,6 +168,7 @@ impl Node {
         let overlay = Arc::new(BindingOverlay::default());
         let peers = Arc::new(PeerMonitor::default());
         let board = Arc::new(Board::new(drain.flag()));
+        let app_server = admin::AppServerSlot::default();
         let admin_tasks = Tasks::default();
         let bound = async {
             let cdrs = match config.node.role {
@@ -189,6 +192,7 @@ impl Node {
                     board.clone(),
                     cdrs.clone(),
                     config.cdr.retention_days,
+                    app_server.clone(),
                     token,
                 ),
                 config.admin.listen,
@@ -223,6 +227,7 @@ impl Node {
                 admin_tasks,
                 sip,
                 cdrs,
+                app_server,
             }),
             Err(e) => Err((e, cluster_tasks)),
         }
@@ -365,7 +370,7 @@ impl Node {
             .map_err(|e| tracing::error!(error = %e, "the CDR writer did not start; calls are not recorded"))
             .ok()
         });
-        let agents = Agents::build(
+        let (agents, app_server) = Agents::build(
             config,
             &self.cluster,
             &self.overlay,
@@ -378,6 +383,7 @@ impl Node {
             &resolver,
             cdr.as_ref().map(CdrService::recorder),
         );
+        let _ = self.app_server.set(app_server);
         self.drain.watch_calls(
             agents.dialogs.clone(),
             Duration::from_secs(config.sip.drain_call_wait_secs),

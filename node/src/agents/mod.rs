@@ -117,9 +117,10 @@ pub struct Agents {
 }
 
 impl Agents {
-    /// Builds the agents over the cluster and a started stack. The authenticator (one nonce
-    /// key, one replay bound and one lockout per node) is shared by the registrar's 401s
-    /// and the proxy's 407s.
+    /// Builds the agents over the cluster and a started stack, and returns the app server
+    /// too (the admin API starts callbacks on it). The authenticator (one nonce key, one
+    /// replay bound and one lockout per node) is shared by the registrar's 401s and the
+    /// proxy's 407s.
     #[allow(clippy::too_many_arguments)]
     pub fn build(
         config: &Config,
@@ -133,7 +134,7 @@ impl Agents {
         board: &Arc<Board>,
         resolver: &crate::stack::resolve::Resolver,
         cdrs: Option<cdr::Recorder>,
-    ) -> Agents {
+    ) -> (Agents, Arc<app_server::AppServer>) {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
             cluster.clone(),
@@ -189,11 +190,12 @@ impl Agents {
         let dialogs = proxy.dialogs.clone();
         // REGISTER, calls from providers and calls out through them before the proxy:
         // the proxy takes every request for someone else.
-        let serving: Vec<Arc<dyn Agent>> = vec![registrar, inbound, app_server, proxy];
-        Agents {
+        let serving: Vec<Arc<dyn Agent>> = vec![registrar, inbound, app_server.clone(), proxy];
+        let agents = Agents {
             serving: serving.into(),
             dialogs,
-        }
+        };
+        (agents, app_server)
     }
 
     /// The first agent that takes `request`.

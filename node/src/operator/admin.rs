@@ -27,6 +27,7 @@ use crate::agents::drain::Drain;
 use crate::agents::location::overlay::BindingOverlay;
 use crate::agents::registration_agent::Board;
 
+mod callbacks;
 mod cdrs;
 mod dialplans;
 mod numbers;
@@ -57,8 +58,13 @@ pub struct Admin {
     pub cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
     /// `cdr.retention_days`: a customer's retention unless it has its own.
     pub default_retention_days: u32,
+    /// The app server, once the SIP stack runs (never on a witness): callbacks.
+    pub app_server: AppServerSlot,
     token: Arc<str>,
 }
+
+/// Where the node puts its app server when the SIP stack starts, after the admin API.
+pub type AppServerSlot = Arc<std::sync::OnceLock<Arc<crate::agents::app_server::AppServer>>>;
 
 /// An API error: its status and a message for the operator.
 #[derive(Debug)]
@@ -203,6 +209,7 @@ impl Admin {
         board: Arc<Board>,
         cdrs: Option<(Arc<CdrStore>, Arc<CdrStats>)>,
         default_retention_days: u32,
+        app_server: AppServerSlot,
         token: String,
     ) -> Admin {
         Admin {
@@ -214,6 +221,7 @@ impl Admin {
             board,
             cdrs,
             default_retention_days,
+            app_server,
             token: token.into(),
         }
     }
@@ -1129,6 +1137,15 @@ pub fn serve(
         .and(warp::get())
         .and(authorized.clone())
         .then(|c, n, a: Arc<Admin>| async move { answer(a.provider_status(c, n).await) });
+    let start_callback = warp::path!("v1" / "callback")
+        .and(warp::post())
+        .and(authorized.clone())
+        .and(body)
+        .map(|a: Arc<Admin>, b| answer(a.start_callback(b)));
+    let callback = warp::path!("v1" / "callbacks" / String)
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|id: String, a: Arc<Admin>| answer(a.get_callback(&id)));
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
@@ -1175,6 +1192,8 @@ pub fn serve(
         put_provider.boxed(),
         delete_provider.boxed(),
         provider_status.boxed(),
+        start_callback.boxed(),
+        callback.boxed(),
     ];
     let routes = all
         .into_iter()

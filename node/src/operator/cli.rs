@@ -59,6 +59,9 @@ pub enum Command {
     /// Customers' trusted trunks: a PBX or carrier recognised by its address.
     #[command(subcommand)]
     Trunk(TrunkCommand),
+    /// Call A, then B, and connect them (RFC 3725 third-party call control), as an
+    /// account's call; follows the call until it ends.
+    Callback(CallbackCommand),
     /// This node's own lifecycle.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -184,6 +187,7 @@ impl Command {
             Command::Dialplan(c) => Some(c.config()),
             Command::Cdr(c) => Some(c.config()),
             Command::Trunk(c) => Some(c.config()),
+            Command::Callback(c) => Some(c.config.clone()),
             _ => None,
         }
     }
@@ -445,6 +449,24 @@ impl NumberCommand {
             | NumberCommand::Delete { config, .. } => config.clone(),
         }
     }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CallbackCommand {
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Whose call it is, `user@domain`: its customer's providers, its limits, its CDRs.
+    #[arg(value_name = "ACCOUNT")]
+    pub account: String,
+    /// The dial spec rung first (dialplan/README.md): an account, or `number@provider`.
+    #[arg(value_name = "A")]
+    pub a: String,
+    /// The dial spec rung once A answers.
+    #[arg(value_name = "B")]
+    pub b: String,
+    /// Print the callback's id and return at once.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -44,6 +44,10 @@ type Dialling = (
 /// The dialplan's way to dial: hand the request to the call's task and wait.
 struct BlockingHost {
     dials: mpsc::UnboundedSender<(DialRequest, oneshot::Sender<DialOutcome>)>,
+    /// For `callback()`: the app server, and the account whose dialplan runs (the
+    /// callback is its call).
+    app: Arc<AppServer>,
+    account: Account,
 }
 
 impl Host for BlockingHost {
@@ -54,6 +58,19 @@ impl Host for BlockingHost {
         }
         rx.blocking_recv().unwrap_or(DialOutcome::CallerGone)
     }
+
+    fn callback(&self, a: &str, b: &str) -> Result<String, String> {
+        let started = self.app.start_callback(self.account.clone(), a, b);
+        match &started {
+            Ok(v) => {
+                tracing::info!(account = %v.account, callback = %v.id, "dialplan: callback started")
+            }
+            Err(e) => {
+                tracing::info!(account = %self.account.user, error = %e, "dialplan: callback not started")
+            }
+        }
+        started.map(|v| v.id).map_err(|e| e.to_string())
+    }
 }
 
 struct Call {
@@ -61,10 +78,7 @@ struct Call {
     token: String,
     invite: Message,
     a_tx: TxId,
-    a: Leg,
-    b: Option<Leg>,
-    /// The 2xx to an INVITE (the first, or a re-INVITE) that its sender has not ACKed yet.
-    unacked: Option<Unacked>,
+    link: Bridge,
     caller_gone: bool,
     answered: bool,
     /// The record of the caller's leg, and of the dialled leg once it answered.
@@ -72,9 +86,20 @@ struct Call {
     b_record: Option<super::legs::LegRecord>,
 }
 
+/// A call's two legs, and what relaying requests between them needs.
+pub(super) struct Bridge {
+    pub app: Arc<AppServer>,
+    /// The call's token, for the log.
+    pub token: String,
+    pub a: Leg,
+    pub b: Option<Leg>,
+    /// The 2xx to an INVITE (the first, or a re-INVITE) that its sender has not ACKed yet.
+    pub unacked: Option<Unacked>,
+}
+
 /// A 2xx we sent to an INVITE, retransmitted over UDP until its ACK (RFC 3261 §13.3.1.4:
 /// the UAS core does this, not the transaction).
-struct Unacked {
+pub(super) struct Unacked {
     side: Side,
     tx: TxId,
     response: Message,
@@ -142,9 +167,17 @@ pub async fn run(
     mut b_rx: mpsc::Receiver<InDialog>,
 ) {
     serve(&app, start, cancelled, &mut a_rx, &mut b_rx).await;
-    // Requests that came in too late for the call: each gets its answer, so no server
-    // transaction is left waiting.
-    for rx in [&mut a_rx, &mut b_rx] {
+    refuse_late(&app, &mut a_rx, &mut b_rx);
+}
+
+/// Answers the requests that came in too late for a call, so no server transaction is
+/// left waiting.
+pub(super) fn refuse_late(
+    app: &AppServer,
+    a_rx: &mut mpsc::Receiver<InDialog>,
+    b_rx: &mut mpsc::Receiver<InDialog>,
+) {
+    for rx in [a_rx, b_rx] {
         rx.close();
         while let Ok(d) = rx.try_recv() {
             if let Some(tx) = d.tx {
@@ -229,9 +262,13 @@ async fn serve(
         token: tokens[1].clone(),
         invite,
         a_tx: tx,
-        a,
-        b: None,
-        unacked: None,
+        link: Bridge {
+            app: app.clone(),
+            token: tokens[1].clone(),
+            a,
+            b: None,
+            unacked: None,
+        },
         caller_gone: false,
         answered: false,
         record,
@@ -257,7 +294,7 @@ async fn serve(
     app.proxy
         .dialogs
         .answered(&call_id, &caller_tag, &our_tag, 200, &mut converted);
-    call.bridge(a_rx, b_rx).await;
+    call.link.bridge(a_rx, b_rx).await;
     if let Some((open, recorder)) = call.record.take() {
         recorder.record(open.close(200, "OK", "answered"));
     }
@@ -359,6 +396,9 @@ impl Call {
             caller_domain: account.domain.clone(),
             customer: account.customer.clone(),
             token: self.token.clone(),
+            side: 'b',
+            ack: super::legs::AckMode::Plain,
+            sdp_session: 0,
             content_type: value(&self.invite, &HeaderName::ContentType),
             body: Bytes::copy_from_slice(self.invite.body()),
             extra: String::new(),
@@ -398,13 +438,17 @@ impl Call {
                     tracing::warn!(account = aor, error = %e, "dialplan: the saved script does not compile");
                     dialplan_refusal(&shown(&e.to_string()))
                 })?;
-                let mut facts = facts(&self.invite, &self.a.flow, aor, account, direction);
+                let mut facts = facts(&self.invite, &self.link.a.flow, aor, account, direction);
                 facts.time_zone = reader
                     .customer_settings(&account.customer)
                     .map(|s| s.time_zone)
                     .unwrap_or_default();
                 let sandbox = self.app.sandbox.clone();
-                let host: Arc<dyn Host> = Arc::new(BlockingHost { dials: dial_tx });
+                let host: Arc<dyn Host> = Arc::new(BlockingHost {
+                    dials: dial_tx,
+                    app: self.app.clone(),
+                    account: account.clone(),
+                });
                 run = Some(tokio::task::spawn_blocking(move || {
                     sandbox.run(&compiled, facts, host)
                 }));
@@ -437,7 +481,7 @@ impl Call {
                 done = async { current.as_mut().expect("guarded").0.as_mut().await }, if current.is_some() => {
                     let (_, reply) = current.take().expect("guarded");
                     let outcome = match done {
-                        Dialled::Answered { leg, answer, target, record } => {
+                        Dialled::Answered { leg, answer, target, record, .. } => {
                             if self.caller_gone {
                                 // The caller left as the callee answered: end it there.
                                 hang_up(&self.app, *leg);
@@ -534,14 +578,19 @@ impl Call {
     /// A final or provisional response to the caller's INVITE, carrying `from`'s body.
     fn respond_a(&mut self, status: u16, reason: &str, from: Option<&Message>) {
         let mut r = Message::response_to(&self.invite, status, reason);
-        let tag = self.a.local.rsplit_once(";tag=").map(|(_, t)| t.to_owned());
+        let tag = self
+            .link
+            .a
+            .local
+            .rsplit_once(";tag=")
+            .map(|(_, t)| t.to_owned());
         if status > 100 {
             if let Some(tag) = tag {
                 let _ = r.add_to_tag(&tag);
             }
         }
         if (101..300).contains(&status) {
-            r.push_header(HeaderName::Contact, format!("<{}>", self.a.contact));
+            r.push_header(HeaderName::Contact, format!("<{}>", self.link.a.contact));
         }
         if let Some(m) = from {
             copy_body(m, &mut r);
@@ -555,14 +604,19 @@ impl Call {
             }
         }
         if (200..300).contains(&status) {
-            self.unacked = Some(Unacked::new(Side::A, self.a_tx, r.clone(), &self.a.flow));
+            self.link.unacked = Some(Unacked::new(
+                Side::A,
+                self.a_tx,
+                r.clone(),
+                &self.link.a.flow,
+            ));
         }
         self.app.layer.respond(self.a_tx, r);
     }
 
     /// The dialled leg answered: the caller gets the 2xx with its session description.
     fn connect(&mut self, leg: Leg, answer: &Message) {
-        self.b = Some(leg);
+        self.link.b = Some(leg);
         self.answered = true;
         self.respond_a(200, "OK", Some(answer));
     }
@@ -575,16 +629,18 @@ impl Call {
             .unwrap_or_else(|| Refusal::new(500, "Server Internal Error"));
         let said = (refusal.status, refusal.reason.clone());
         let mut r = refusal.response(&self.invite);
-        if let Some((_, tag)) = self.a.local.rsplit_once(";tag=") {
+        if let Some((_, tag)) = self.link.a.local.rsplit_once(";tag=") {
             let _ = r.add_to_tag(tag);
         }
         crate::stack::responses::stamp(&mut r);
         self.app.layer.respond(self.a_tx, r);
         said
     }
+}
 
+impl Bridge {
     /// Relays requests between the legs until a BYE.
-    async fn bridge(
+    pub(super) async fn bridge(
         &mut self,
         a_rx: &mut mpsc::Receiver<InDialog>,
         b_rx: &mut mpsc::Receiver<InDialog>,
@@ -809,7 +865,7 @@ const RELAYED: &[&str] = &[
 ];
 
 /// Answers a request inside a call with `status`.
-fn answer(app: &AppServer, d: &InDialog, status: u16, reason: &str) {
+pub(super) fn answer(app: &AppServer, d: &InDialog, status: u16, reason: &str) {
     if let Some(tx) = d.tx {
         let mut r = Message::response_to(&d.request, status, reason);
         crate::stack::responses::stamp(&mut r);

@@ -121,6 +121,18 @@ impl Leg {
         self.build(&Method::Ack, seq, via, "", None, b"")
     }
 
+    /// The ACK for a 2xx to our INVITE of CSeq `seq` that carried the offer (our INVITE had
+    /// none): the ACK carries the answer (RFC 3261 §13.2.1).
+    pub fn ack_with(
+        &self,
+        seq: u32,
+        via: &str,
+        content_type: &str,
+        answer: &[u8],
+    ) -> Option<Message> {
+        self.build(&Method::Ack, seq, via, "", Some(content_type), answer)
+    }
+
     fn build(
         &self,
         method: &Method,

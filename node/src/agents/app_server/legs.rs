@@ -45,6 +45,15 @@ pub struct DialContext {
     pub customer: String,
     /// The call's token: our Contact on the dialled side is `tdb-<token>b`.
     pub token: String,
+    /// The letter of the side the legs are on: `b`, or `a` for the first leg of a
+    /// callback (the app server calls both sides).
+    pub side: char,
+    /// How a leg ACKs the 2xx that answers it.
+    pub ack: AckMode,
+    /// The session id of our SDP origin in the answers [`AckMode::Hold`] and
+    /// [`AckMode::Later`] make (version 1); a later offer in the same session takes the
+    /// next version.
+    pub sdp_session: u64,
     /// The caller's From (name-addr, without tag): local legs show it.
     pub caller_from: String,
     /// The caller's domain: a bare user in a dial spec is an account there.
@@ -65,6 +74,68 @@ pub struct DialContext {
     pub max_forwards: u32,
     /// Where each leg's record goes, if the node keeps CDRs.
     pub records: Option<LegRecords>,
+}
+
+/// How a leg ACKs the 2xx that answers it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AckMode {
+    /// At once, without a body: our INVITE carried the offer.
+    Plain,
+    /// At once, with an answer that holds the 2xx's offer without media (our INVITE had
+    /// none; the session is connected later by a re-INVITE).
+    Hold,
+    /// When the dialler has the answer ([`AckLater`]): our INVITE had no offer, and the
+    /// answer comes from the other side of the call.
+    Later,
+}
+
+/// The ACK of an answered leg whose 2xx carried the offer, sent with the answer when the
+/// dialler has it. Dropped unsent, it ACKs with an answer that holds the session without
+/// media, so the 2xx is never left unacknowledged.
+pub struct AckLater {
+    app: Arc<AppServer>,
+    leg: Leg,
+    seq: u32,
+    first: Message,
+    events: Option<mpsc::UnboundedReceiver<ClientEvent>>,
+    hold: Option<Vec<u8>>,
+}
+
+impl AckLater {
+    /// The offer the 2xx carried, and its Content-Type.
+    pub fn offer(&self) -> (Option<String>, &[u8]) {
+        (
+            super::dialog::value(&self.first, &tandem_sip::HeaderName::ContentType),
+            self.first.body(),
+        )
+    }
+
+    /// ACKs with `answer`, and every retransmission of the 2xx with the same.
+    pub fn send(mut self, content_type: &str, answer: &[u8]) {
+        self.ack(Some((content_type, answer)));
+    }
+
+    fn ack(&mut self, body: Option<(&str, &[u8])>) {
+        let Some(events) = self.events.take() else {
+            return;
+        };
+        let via = super::via_on(&self.app.own, &self.leg.flow);
+        let ack = match body {
+            Some((t, b)) => self.leg.ack_with(self.seq, &via, t, b),
+            None => self.leg.ack(self.seq, &via),
+        };
+        if let Some(ack) = ack {
+            let _ = self.app.layer.send_request(ack.clone(), self.leg.flow);
+            super::keep_acking(&self.app, events, &self.first, ack, &self.leg);
+        }
+    }
+}
+
+impl Drop for AckLater {
+    fn drop(&mut self) {
+        let hold = self.hold.take();
+        self.ack(hold.as_deref().map(|h| ("application/sdp", h)));
+    }
 }
 
 /// What the records of a call's dialled legs share.
@@ -160,9 +231,10 @@ impl Report {
                 leg,
                 answer,
                 target,
+                later,
                 ..
             } => {
-                if let Err(leg) = self.answered(leg, answer, target) {
+                if let Err(leg) = self.answered(leg, answer, target, later) {
                     super::hang_up(&self.app, *leg);
                 }
             }
@@ -175,6 +247,7 @@ impl Report {
         leg: Box<Leg>,
         answer: Box<Message>,
         target: String,
+        later: Option<Box<AckLater>>,
     ) -> Result<(), Box<Leg>> {
         let mut record = self.record.take().map(Box::new);
         if let Some(r) = &mut record {
@@ -182,6 +255,7 @@ impl Report {
         }
         let Some(d) = self.done.take() else {
             close_answered(record);
+            drop(later);
             return Err(leg);
         };
         match d.send(Dialled::Answered {
@@ -189,10 +263,14 @@ impl Report {
             answer,
             target,
             record,
+            later,
         }) {
             Ok(()) => Ok(()),
-            Err(Dialled::Answered { leg, record, .. }) => {
+            Err(Dialled::Answered {
+                leg, record, later, ..
+            }) => {
                 close_answered(record);
+                drop(later);
                 Err(leg)
             }
             Err(Dialled::Failed(_)) => unreachable!("an answer was sent"),
@@ -218,6 +296,8 @@ pub enum Dialled {
         target: String,
         /// The leg's record, open until the call on it ends.
         record: Option<LegRecord>,
+        /// The ACK still to send, if the leg was dialled with [`AckMode::Later`].
+        later: Option<Box<AckLater>>,
     },
     Failed(DialOutcome),
 }
@@ -340,7 +420,11 @@ fn reap(app: &Arc<AppServer>, mut running: tokio::task::JoinSet<Dialled>) {
     let app = app.clone();
     tokio::spawn(async move {
         while let Some(done) = running.join_next().await {
-            if let Ok(Dialled::Answered { leg, record, .. }) = done {
+            if let Ok(Dialled::Answered {
+                leg, record, later, ..
+            }) = done
+            {
+                drop(later);
                 super::hang_up(&app, *leg);
                 close_answered(record);
             }
@@ -780,20 +864,33 @@ impl OutLeg {
                             }
                             200..=299 => {
                                 let leg = Leg::from_answer(&invite, &response, contact_uri(ctx, &flow), flow);
-                                let via = via_for(ctx, &flow);
-                                if let Some(ack) = leg.ack(self.cseq, &via) {
-                                    let _ = ctx.app.layer.send_request(ack.clone(), flow);
-                                    super::keep_acking(&ctx.app, events, &response, ack, &leg);
-                                }
+                                let hold = match ctx.ack {
+                                    AckMode::Plain => None,
+                                    AckMode::Hold | AckMode::Later => {
+                                        let origin = super::sdp::Origin { session: ctx.sdp_session, version: 1 };
+                                        super::sdp::black_hole_answer(response.body(), &origin)
+                                    }
+                                };
+                                let later = AckLater {
+                                    app: ctx.app.clone(),
+                                    leg: leg.clone(),
+                                    seq: self.cseq,
+                                    first: response.clone(),
+                                    events: Some(events),
+                                    hold,
+                                };
+                                // Plain and Hold ACK here (dropped); Later waits for the dialler.
+                                let later = (ctx.ack == AckMode::Later).then(|| Box::new(later));
                                 if cancelled_at.is_some() || !report.waiting() {
                                     // Answered after we gave up: end it at once.
+                                    drop(later);
                                     super::hang_up(&ctx.app, leg);
                                     report.failed(DialOutcome::NoAnswer);
                                     return None;
                                 }
                                 // Nobody waits any more (a group's ringing time ran out as
                                 // it answered): end it rather than leave it up.
-                                if let Err(leg) = report.answered(Box::new(leg), Box::new(response), label.to_owned()) {
+                                if let Err(leg) = report.answered(Box::new(leg), Box::new(response), label.to_owned(), later) {
                                     super::hang_up(&ctx.app, *leg);
                                 }
                                 return None;
@@ -867,12 +964,7 @@ fn parse_sip(s: &str) -> Result<SipUri, String> {
         .ok_or_else(|| format!("{s:?} is not a SIP URI"))
 }
 
-/// A Via value for a new request of ours on `flow`.
-pub fn via_for(ctx: &DialContext, flow: &Flow) -> String {
-    super::via_on(&ctx.app.own, flow)
-}
-
 /// Our Contact on the dialled side of the call, on `flow`.
 fn contact_uri(ctx: &DialContext, flow: &Flow) -> String {
-    super::contact_on(&ctx.app.own, flow, &ctx.token, 'b')
+    super::contact_on(&ctx.app.own, flow, &ctx.token, ctx.side)
 }

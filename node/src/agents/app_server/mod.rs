@@ -15,8 +15,10 @@
 //! where the token is 128 random bits: a request naming any other token is answered 481.
 
 pub mod call;
+pub mod callback;
 pub mod dialog;
 pub mod legs;
+pub mod sdp;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -120,6 +122,8 @@ pub struct AppServer {
     cdrs: Option<crate::agents::cdr::Recorder>,
     /// Calls running here, by customer, against each customer's `max_calls`.
     customer_calls: Mutex<HashMap<String, u32>>,
+    /// The callbacks placed here.
+    callbacks: callback::Callbacks,
 }
 
 impl AppServer {
@@ -138,6 +142,7 @@ impl AppServer {
         AppServer {
             cdrs,
             customer_calls: Mutex::new(HashMap::new()),
+            callbacks: callback::Callbacks::default(),
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
@@ -402,56 +407,20 @@ impl AppServer {
         if request.max_forwards().ok().flatten() == Some(0) {
             return refuse(Refusal::new(483, "Too Many Hops"));
         }
-        // A limit that cannot be read refuses the call rather than lift the limit.
-        let Ok(limit) = reader
-            .customer_settings(&account.customer)
-            .map(|s| s.max_calls)
-        else {
-            return refuse(Refusal::new(500, "Server Internal Error"));
+        let customer_guard = match self.customer_slot(&account.customer) {
+            Ok(g) => g,
+            Err(r) => return refuse(r),
         };
-        {
-            let mut running = self.customer_calls.lock().expect("customer calls lock");
-            let n = running.entry(account.customer.clone()).or_insert(0);
-            if limit > 0 && *n >= limit {
-                drop(running);
-                tracing::info!(customer = %account.customer, limit, "call refused: the customer is at its max_calls");
-                return refuse(Refusal::new(
-                    403,
-                    "Forbidden (too many calls in progress for this customer)",
-                ));
-            }
-            *n += 1;
-        }
-        let customer_guard = CustomerCall {
-            app: self.clone(),
-            customer: account.customer.clone(),
+        let (guard, a_rx, b_rx) = match self.register_call(Some(tx)) {
+            Ok(t) => t,
+            Err(r) => return refuse(r),
         };
-        let mut rng = rand::thread_rng();
-        let tokens = [
-            format!("{:032x}", rng.gen::<u128>()),
-            format!("{:032x}", rng.gen::<u128>()),
-        ];
-        let (a_tx, a_rx) = mpsc::channel(INBOX);
-        let (b_tx, b_rx) = mpsc::channel(INBOX);
-        {
-            let mut calls = self.calls.lock().expect("calls lock");
-            if calls.len() >= 2 * MAX_CALLS {
-                drop(calls);
-                return refuse(Refusal::new(503, "Service Unavailable (too many calls)"));
-            }
-            calls.insert(tokens[0].clone(), (a_tx, Side::A));
-            calls.insert(tokens[1].clone(), (b_tx, Side::B));
-        }
+        let tokens = guard.tokens.clone();
         let cancelled = CancellationToken::new();
         self.ringing
             .lock()
             .expect("ringing lock")
             .insert(tx, cancelled.clone());
-        let guard = CallGuard {
-            app: self.clone(),
-            tokens: tokens.clone(),
-            tx,
-        };
         tokio::spawn(async move {
             let _guard = guard;
             let _customer = customer_guard;
@@ -465,6 +434,76 @@ impl AppServer {
             };
             call::run(_guard.app.clone(), start, cancelled, a_rx, b_rx).await;
         });
+    }
+}
+
+impl AppServer {
+    /// Counts a new call of `customer` against its `max_calls`, until the guard drops; a
+    /// limit that cannot be read refuses the call rather than lift the limit.
+    fn customer_slot(self: &Arc<Self>, customer: &str) -> Result<CustomerCall, Refusal> {
+        let Ok(limit) = self
+            .cluster
+            .replica
+            .reader()
+            .customer_settings(customer)
+            .map(|s| s.max_calls)
+        else {
+            return Err(Refusal::new(500, "Server Internal Error"));
+        };
+        let mut running = self.customer_calls.lock().expect("customer calls lock");
+        let n = running.entry(customer.to_owned()).or_insert(0);
+        if limit > 0 && *n >= limit {
+            drop(running);
+            tracing::info!(
+                customer,
+                limit,
+                "call refused: the customer is at its max_calls"
+            );
+            return Err(Refusal::new(
+                403,
+                "Forbidden (too many calls in progress for this customer)",
+            ));
+        }
+        *n += 1;
+        Ok(CustomerCall {
+            app: self.clone(),
+            customer: customer.to_owned(),
+        })
+    }
+
+    /// Tokens for a new call's two legs, with the channels their requests come on; the
+    /// guard takes them out of the table when the call ends.
+    #[allow(clippy::type_complexity)]
+    fn register_call(
+        self: &Arc<Self>,
+        tx: Option<TxId>,
+    ) -> Result<
+        (
+            CallGuard,
+            mpsc::Receiver<InDialog>,
+            mpsc::Receiver<InDialog>,
+        ),
+        Refusal,
+    > {
+        let mut rng = rand::thread_rng();
+        let tokens = [
+            format!("{:032x}", rng.gen::<u128>()),
+            format!("{:032x}", rng.gen::<u128>()),
+        ];
+        let (a_tx, a_rx) = mpsc::channel(INBOX);
+        let (b_tx, b_rx) = mpsc::channel(INBOX);
+        let mut calls = self.calls.lock().expect("calls lock");
+        if calls.len() >= 2 * MAX_CALLS {
+            return Err(Refusal::new(503, "Service Unavailable (too many calls)"));
+        }
+        calls.insert(tokens[0].clone(), (a_tx, Side::A));
+        calls.insert(tokens[1].clone(), (b_tx, Side::B));
+        let guard = CallGuard {
+            app: self.clone(),
+            tokens,
+            tx,
+        };
+        Ok((guard, a_rx, b_rx))
     }
 }
 
@@ -490,7 +529,8 @@ impl Drop for CustomerCall {
 struct CallGuard {
     app: Arc<AppServer>,
     tokens: [String; 2],
-    tx: TxId,
+    /// The caller's INVITE, while it may be cancelled; none for a callback.
+    tx: Option<TxId>,
 }
 
 impl Drop for CallGuard {
@@ -500,11 +540,9 @@ impl Drop for CallGuard {
             calls.remove(t);
         }
         drop(calls);
-        self.app
-            .ringing
-            .lock()
-            .expect("ringing lock")
-            .remove(&self.tx);
+        if let Some(tx) = self.tx {
+            self.app.ringing.lock().expect("ringing lock").remove(&tx);
+        }
     }
 }
 
