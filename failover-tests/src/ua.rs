@@ -17,6 +17,8 @@ pub struct Ua {
     pub password: String,
     /// The User-Agent its REGISTERs carry, if any.
     pub agent: Option<String>,
+    /// Header lines (each ending in CRLF) its INVITEs carry.
+    pub invite_extra: String,
     cseq: u32,
     call_id: String,
 }
@@ -143,6 +145,7 @@ impl Ua {
             domain: domain.into(),
             password: password.into(),
             agent: None,
+            invite_extra: String::new(),
             cseq: 0,
             call_id: format!("ua-{user}-{port}"),
         }
@@ -506,6 +509,7 @@ impl Ua {
             };
             let mut text = head(&branch, &format!("<{to}>"), "INVITE");
             text.push_str(&format!("Contact: <sip:{}@{local}>\r\n", self.user));
+            text.push_str(&self.invite_extra);
             text.push_str(&auth);
             text.push_str("Content-Length: 0\r\n\r\n");
             self.socket.send_to(text.as_bytes(), node).unwrap();

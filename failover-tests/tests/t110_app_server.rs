@@ -2001,6 +2001,11 @@ fn a_callback_rings_a_then_b_and_connects_them_with_a_re_invite() {
             "user@domain",
         ),
         (
+            r#"{"account":"alice@example.com","a":"bob & carol","b":"carol"}"#,
+            400,
+            "a: one target",
+        ),
+        (
             r#"{"account":"alice@example.com","a":"bob","b":"carol","via":"x"}"#,
             400,
             "unknown field",
@@ -2177,4 +2182,180 @@ fn a_callback_ends_a_when_b_fails_and_a_dialplan_can_start_one() {
     assert!(invite.body().is_empty(), "{}", invite.text);
     bob.respond(&invite, 480, "Temporarily Unavailable", "");
     bob.expect_request("ACK", Duration::from_secs(5));
+
+    // A stranger who calls again and again starts at most six a minute.
+    let statuses: Vec<(u16, String)> = std::thread::scope(|s| {
+        let bob_side = s.spawn(|| {
+            for _ in 0..5 {
+                let invite = bob.expect_request("INVITE", Duration::from_secs(30));
+                bob.respond(&invite, 480, "Temporarily Unavailable", "");
+            }
+        });
+        let statuses = (2..8)
+            .map(|i| {
+                let r = alice.invite(
+                    m.sip_addr(),
+                    "sip:0301234@example.com",
+                    &format!("cb-plan-{i}"),
+                    &mut |_, _| {},
+                );
+                (r.status().unwrap(), r.start_line().to_owned())
+            })
+            .collect();
+        bob_side.join().unwrap();
+        statuses
+    });
+    let codes: Vec<u16> = statuses.iter().map(|(c, _)| *c).collect();
+    assert_eq!(codes, [603, 603, 603, 603, 603, 500], "{statuses:?}");
+    assert!(
+        statuses[5].1.contains("callbacks this minute"),
+        "{statuses:?}"
+    );
+}
+
+/// Sends `method` inside `dialog` with `extra` header lines; returns its final response.
+fn in_dialog_with(
+    ua: &Ua,
+    dialog: &tandem_failover_tests::ua::Dialog,
+    method: &str,
+    cseq: u32,
+    extra: &str,
+) -> Received {
+    let text = tandem_failover_tests::ua::in_dialog_request(
+        (&ua.user, &ua.domain),
+        dialog,
+        ua.local(),
+        method,
+        cseq,
+        &dialog.to,
+    )
+    .replace(
+        "Content-Length: 0\r\n",
+        &format!("{extra}Content-Length: 0\r\n"),
+    );
+    let to =
+        tandem_failover_tests::ua::uri_addr(dialog.route.first().unwrap_or(&dialog.remote_target));
+    ua.socket.send_to(text.as_bytes(), to).unwrap();
+    ua.expect_response(method, Duration::from_secs(10))
+}
+
+/// RFC 4028 on each leg of a call: the callee's 422 raises our interval; the caller's
+/// refresh is answered on its own leg and never reaches the callee; we refresh the callee
+/// by UPDATE when its 2xx makes us the refresher; and when the caller stops refreshing,
+/// the call is ended on both legs once its session expires (90 s, less 30).
+#[test]
+fn session_timers_are_kept_per_leg_and_end_a_call_whose_refresher_went_silent() {
+    let provider = Provider::start();
+    let cluster = form_with_config(
+        &provider_account(&provider),
+        "[app_server]\nkeepalive_secs = 0\n",
+    );
+    let node = cluster.member(1).sip_addr();
+    c1_account(&cluster, "bob");
+    let bob = registered_phone("bob", node);
+    let (code, json) = put_dialplan(&cluster, r#"dial("bob");"#);
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    alice.invite_extra = "Supported: timer\r\nSession-Expires: 90;refresher=uac\r\n".into();
+    std::thread::scope(|s| {
+        let bob_side = s.spawn(|| {
+            let first = bob.expect_request("INVITE", Duration::from_secs(20));
+            assert!(
+                first.text.contains("Session-Expires: 1800\r\n")
+                    && first.text.contains("Supported: timer\r\n")
+                    && first.text.contains("Min-SE: 90\r\n"),
+                "the leg we dial asks for timers: {}",
+                first.text
+            );
+            bob.respond(
+                &first,
+                422,
+                "Session Interval Too Small",
+                "Min-SE: 1900\r\n",
+            );
+            bob.expect_request("ACK", Duration::from_secs(5));
+            let invite = bob.expect_request("INVITE", Duration::from_secs(10));
+            assert!(
+                invite.text.contains("Session-Expires: 1900\r\n"),
+                "the 422's Min-SE is taken: {}",
+                invite.text
+            );
+            let contact = bob.contact();
+            bob.respond(
+                &invite,
+                200,
+                "OK",
+                &format!(
+                    "Contact: <{contact}>\r\nAllow: INVITE, ACK, BYE, UPDATE\r\n\
+                     Session-Expires: 90;refresher=uac\r\nRequire: timer\r\n"
+                ),
+            );
+            bob.expect_request("ACK", Duration::from_secs(10));
+            let answered = Deadline::after(Duration::ZERO);
+            // The next request bob sees is our refresh, at half the interval: the
+            // caller's refresh at 2 s was not passed on.
+            let update = bob.expect_request("UPDATE", Duration::from_secs(60));
+            let after = answered.elapsed();
+            assert!(
+                (Duration::from_secs(40)..Duration::from_secs(50)).contains(&after),
+                "refreshed after {after:?}: {}",
+                update.text
+            );
+            assert!(
+                update
+                    .text
+                    .contains("Session-Expires: 90;refresher=uac\r\n"),
+                "{}",
+                update.text
+            );
+            bob.respond(
+                &update,
+                200,
+                "OK",
+                "Session-Expires: 90;refresher=uac\r\nRequire: timer\r\n",
+            );
+            let bye = bob.expect_request("BYE", Duration::from_secs(40));
+            bob.respond(&bye, 200, "OK", "");
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "timers-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        assert_eq!(
+            ok.header("Session-Expires").as_deref(),
+            Some("90;refresher=uac"),
+            "{}",
+            ok.text
+        );
+        assert!(
+            ok.headers("Require").iter().any(|r| r == "timer"),
+            "{}",
+            ok.text
+        );
+        let dialog = alice.dialog(&ok);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq);
+        std::thread::sleep(Duration::from_secs(2));
+        let refreshed = in_dialog_with(
+            &alice,
+            &dialog,
+            "UPDATE",
+            dialog.cseq + 1,
+            "Supported: timer\r\nSession-Expires: 90;refresher=uac\r\n",
+        );
+        assert_eq!(refreshed.status(), Some(200), "{}", refreshed.text);
+        assert_eq!(
+            refreshed.header("Session-Expires").as_deref(),
+            Some("90;refresher=uac"),
+            "{}",
+            refreshed.text
+        );
+        let since = Deadline::after(Duration::ZERO);
+        // Alice refreshes no more: 60 s later the call is ended on both legs.
+        let bye = alice.expect_request("BYE", Duration::from_secs(75));
+        let after = since.elapsed();
+        assert!(
+            (Duration::from_secs(55)..Duration::from_secs(66)).contains(&after),
+            "ended after {after:?}"
+        );
+        alice.respond(&bye, 200, "OK", "");
+        bob_side.join().unwrap();
+    });
 }

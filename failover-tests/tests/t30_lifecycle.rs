@@ -66,6 +66,10 @@ fn check_config_rejects_values_that_parse_but_do_not_validate() {
         "dialplan.max_run_time_ms",
     );
     assert_refused_naming("[cdr]\npurge_batch = 0\n", "cdr.purge_batch");
+    assert_refused_naming(
+        "[app_server]\nsession_expires_secs = 30\n",
+        "app_server.session_expires_secs",
+    );
 }
 
 #[test]

@@ -434,6 +434,10 @@ pub struct AppServerConfig {
     pub keepalive_secs: u64,
     /// The longest a call may last, in seconds; then both legs get a BYE. 0: no limit.
     pub max_call_secs: u64,
+    /// The session interval (RFC 4028) asked for on each leg the app server dials, and
+    /// given to a caller that supports session timers without naming an interval, in
+    /// seconds: a leg whose refresher stops refreshing ends the call within it. 0: off.
+    pub session_expires_secs: u32,
 }
 
 impl Default for AppServerConfig {
@@ -442,6 +446,7 @@ impl Default for AppServerConfig {
             ring_secs: 60,
             keepalive_secs: 60,
             max_call_secs: 4 * 3600,
+            session_expires_secs: 1800,
         }
     }
 }
@@ -914,6 +919,12 @@ impl Config {
             bad(
                 "app_server.keepalive_secs",
                 "must be at most 3600 (0: never)".into(),
+            );
+        }
+        if app.session_expires_secs != 0 && !(90..=86_400).contains(&app.session_expires_secs) {
+            bad(
+                "app_server.session_expires_secs",
+                "must be 90 to 86400 (RFC 4028's minimum is 90; 0: no session timers)".into(),
             );
         }
         if app.max_call_secs > 7 * 86_400 {

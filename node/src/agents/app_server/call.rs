@@ -9,7 +9,6 @@
 //! for the script.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use rand::Rng;
@@ -17,23 +16,19 @@ use tandem_dialplan::{Call as Facts, DialOutcome, DialRequest, Ending, Host, Run
 use tandem_raft_store::command::Account;
 use tandem_sip::{HeaderName, Message, Method};
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::bridge::{copy_body, Body, Bridge, Unacked};
 use super::dialog::{value, Leg};
 use super::legs::{close_answered, exec, DialContext, Dialled, LegRecords};
-use super::{contact_on, hang_up, via_on, AppServer, InDialog, Side};
+use super::timer::SessionTimer;
+use super::{contact_on, hang_up, AppServer, InDialog, Side};
 use crate::agents::auth::{Authenticated, Challenge};
 use crate::agents::cdr::{Open, Recorder};
 use crate::agents::proxy::dialogs::{DialogKind, Refused};
 use crate::agents::Refusal;
-use crate::stack::transaction::{ClientEvent, TxId};
+use crate::stack::transaction::TxId;
 use crate::stack::transport::Flow;
-
-/// How long the caller has to ACK our 2xx before the call is ended (64 × T1).
-const ACK_WAIT: Duration = Duration::from_secs(32);
-/// How long a request relayed inside a call may wait for its answer.
-const RELAY_WAIT: Duration = Duration::from_secs(32);
 
 /// What the call is dialling now, and who waits for the outcome.
 type Dialling = (
@@ -60,7 +55,7 @@ impl Host for BlockingHost {
     }
 
     fn callback(&self, a: &str, b: &str) -> Result<String, String> {
-        let started = self.app.start_callback(self.account.clone(), a, b);
+        let started = self.app.start_callback(self.account.clone(), a, b, true);
         match &started {
             Ok(v) => {
                 tracing::info!(account = %v.account, callback = %v.id, "dialplan: callback started")
@@ -84,44 +79,6 @@ struct Call {
     /// The record of the caller's leg, and of the dialled leg once it answered.
     record: Option<(Open, Recorder)>,
     b_record: Option<super::legs::LegRecord>,
-}
-
-/// A call's two legs, and what relaying requests between them needs.
-pub(super) struct Bridge {
-    pub app: Arc<AppServer>,
-    /// The call's token, for the log.
-    pub token: String,
-    pub a: Leg,
-    pub b: Option<Leg>,
-    /// The 2xx to an INVITE (the first, or a re-INVITE) that its sender has not ACKed yet.
-    pub unacked: Option<Unacked>,
-}
-
-/// A 2xx we sent to an INVITE, retransmitted over UDP until its ACK (RFC 3261 §13.3.1.4:
-/// the UAS core does this, not the transaction).
-pub(super) struct Unacked {
-    side: Side,
-    tx: TxId,
-    response: Message,
-    udp: bool,
-    next: Instant,
-    every: Duration,
-    give_up: Instant,
-}
-
-impl Unacked {
-    fn new(side: Side, tx: TxId, response: Message, flow: &Flow) -> Unacked {
-        let every = Duration::from_millis(500);
-        Unacked {
-            side,
-            tx,
-            response,
-            udp: flow.transport == crate::stack::transport::TransportKind::Udp,
-            next: Instant::now() + every,
-            every,
-            give_up: Instant::now() + ACK_WAIT,
-        }
-    }
 }
 
 /// Whose call it is, and so whose dialplan runs.
@@ -262,13 +219,7 @@ async fn serve(
         token: tokens[1].clone(),
         invite,
         a_tx: tx,
-        link: Bridge {
-            app: app.clone(),
-            token: tokens[1].clone(),
-            a,
-            b: None,
-            unacked: None,
-        },
+        link: Bridge::new(app.clone(), tokens[1].clone(), a),
         caller_gone: false,
         answered: false,
         record,
@@ -592,6 +543,11 @@ impl Call {
         if (101..300).contains(&status) {
             r.push_header(HeaderName::Contact, format!("<{}>", self.link.a.contact));
         }
+        if (200..300).contains(&status) {
+            for (name, value) in self.link.response_headers(Side::A) {
+                r.push_header(name, value);
+            }
+        }
         if let Some(m) = from {
             copy_body(m, &mut r);
         }
@@ -618,6 +574,19 @@ impl Call {
     fn connect(&mut self, leg: Leg, answer: &Message) {
         self.link.b = Some(leg);
         self.answered = true;
+        let ours = self.app.settings.session_expires;
+        self.link.set_timer(
+            Side::A,
+            SessionTimer::for_request(&self.invite, ours),
+            &self.invite,
+        );
+        self.link
+            .set_timer(Side::B, SessionTimer::for_answer(answer), answer);
+        let (offer, reply) = (Body::of(&self.invite), Body::of(answer));
+        self.link.came(Side::A, offer.clone());
+        self.link.went(Side::B, offer);
+        self.link.came(Side::B, reply.clone());
+        self.link.went(Side::A, reply);
         self.respond_a(200, "OK", Some(answer));
     }
 
@@ -636,252 +605,6 @@ impl Call {
         self.app.layer.respond(self.a_tx, r);
         said
     }
-}
-
-impl Bridge {
-    /// Relays requests between the legs until a BYE.
-    pub(super) async fn bridge(
-        &mut self,
-        a_rx: &mut mpsc::Receiver<InDialog>,
-        b_rx: &mut mpsc::Receiver<InDialog>,
-    ) {
-        let settings = self.app.settings.clone();
-        let far = Instant::now() + Duration::from_secs(86_400 * 365);
-        let ends_at = settings.max_call.map_or(far, |m| Instant::now() + m);
-        let mut next_probe = settings.keepalive.map_or(far, |k| Instant::now() + k);
-        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(Side, bool)>();
-        loop {
-            let resend_at = self.unacked.as_ref().map_or(far, |u| u.next);
-            tokio::select! {
-                _ = tokio::time::sleep_until(ends_at) => {
-                    tracing::info!(call = %self.token, "app server: the call reached app_server.max_call_secs; ending it");
-                    self.end_both().await;
-                    return;
-                }
-                _ = tokio::time::sleep_until(next_probe) => {
-                    next_probe = Instant::now() + settings.keepalive.unwrap_or(Duration::from_secs(60));
-                    self.probe(Side::A, &probe_tx);
-                    self.probe(Side::B, &probe_tx);
-                }
-                Some((side, alive)) = probe_rx.recv() => {
-                    if !alive {
-                        tracing::info!(call = %self.token, ?side, "app server: a leg of the call is gone; ending the call");
-                        self.end_both().await;
-                        return;
-                    }
-                }
-                got = a_rx.recv() => {
-                    let Some(d) = got else { return };
-                    if self.relay(d).await {
-                        return;
-                    }
-                }
-                got = b_rx.recv() => {
-                    let Some(d) = got else { return };
-                    if self.relay(d).await {
-                        return;
-                    }
-                }
-                _ = tokio::time::sleep_until(resend_at), if self.unacked.is_some() => {
-                    let Some(u) = self.unacked.as_mut() else { continue };
-                    if Instant::now() >= u.give_up {
-                        tracing::info!(call = %self.token, side = ?u.side, "app server: an answer was never ACKed; ending the call");
-                        self.end_both().await;
-                        return;
-                    }
-                    if u.udp {
-                        self.app.layer.respond(u.tx, u.response.clone());
-                    }
-                    u.every = (u.every * 2).min(Duration::from_secs(4));
-                    u.next = Instant::now() + u.every;
-                }
-            }
-        }
-    }
-
-    /// Relays one request from a leg to the other; true once the call has ended.
-    async fn relay(&mut self, d: InDialog) -> bool {
-        let Some(method) = d.request.method().cloned() else {
-            return false;
-        };
-        if method == Method::Ack {
-            if self.unacked.as_ref().is_some_and(|u| u.side == d.side) {
-                self.unacked = None;
-            }
-            return false;
-        }
-        let Some(mut b) = self.b.take() else {
-            answer(&self.app, &d, 481, "Call/Transaction Does Not Exist");
-            return false;
-        };
-        let (src, dst) = match d.side {
-            Side::A => (&mut self.a, &mut b),
-            Side::B => (&mut b, &mut self.a),
-        };
-        // The token names the leg; the Call-ID must be that leg's too.
-        if d.request.call_id().ok().as_deref() != Some(src.call_id.as_str()) {
-            self.b = Some(b);
-            answer(&self.app, &d, 481, "Call/Transaction Does Not Exist");
-            return false;
-        }
-        if matches!(method, Method::Invite | Method::Update) {
-            src.refresh_target(&d.request);
-        }
-        let flow = dst.flow;
-        let via = via_on(&self.app.own, &flow);
-        let extra: String = RELAYED
-            .iter()
-            .flat_map(|name| {
-                let n = HeaderName::from(*name);
-                d.request
-                    .headers()
-                    .filter(move |(h, _)| **h == n)
-                    .map(|(_, v)| format!("{name}: {}\r\n", String::from_utf8_lossy(v)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        let ctype = value(&d.request, &HeaderName::ContentType);
-        let out = dst.request(&method, &via, &extra, ctype.as_deref(), d.request.body());
-        let seq = dst.local_cseq;
-        let Some(out) = out else {
-            self.b = Some(b);
-            answer(&self.app, &d, 500, "Server Internal Error");
-            return method == Method::Bye;
-        };
-        let mut events = self.app.layer.send_request(out, flow);
-        let answer = tokio::time::timeout(RELAY_WAIT, async {
-            while let Some(e) = events.recv().await {
-                match e {
-                    ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Some(*r),
-                    ClientEvent::Response(_) => {}
-                    _ => return None,
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
-        if let Some(r) = &answer {
-            let ok = (200..300).contains(&r.status().unwrap_or(0));
-            if method == Method::Invite && ok {
-                dst.refresh_target(r);
-                if let Some(ack) = dst.ack(seq, &via_on(&self.app.own, &flow)) {
-                    let _ = self.app.layer.send_request(ack.clone(), flow);
-                    super::keep_acking(&self.app, events, r, ack, dst);
-                }
-            }
-        }
-        let contact = src.contact.clone();
-        let src_flow = src.flow;
-        self.b = Some(b);
-        if let Some(tx) = d.tx {
-            let (status, reason) = match &answer {
-                Some(r) => (
-                    r.status().unwrap_or(500),
-                    String::from_utf8_lossy(r.reason().unwrap_or_default()).into_owned(),
-                ),
-                // A BYE ends the call whether or not the other side answered it.
-                None if method == Method::Bye => (200, "OK".to_owned()),
-                None => (408, "Request Timeout".to_owned()),
-            };
-            let mut response = Message::response_to(&d.request, status, &reason);
-            if matches!(method, Method::Invite | Method::Update) && (200..300).contains(&status) {
-                response.push_header(HeaderName::Contact, format!("<{contact}>"));
-            }
-            if let Some(r) = &answer {
-                copy_body(r, &mut response);
-            }
-            crate::stack::responses::stamp(&mut response);
-            if method == Method::Invite && (200..300).contains(&status) {
-                self.unacked = Some(Unacked::new(d.side, tx, response.clone(), &src_flow));
-            }
-            self.app.layer.respond(tx, response);
-        }
-        method == Method::Bye
-    }
-
-    /// Asks leg `side` with an in-dialog OPTIONS whether it is still there, on a task of
-    /// its own; the answer comes back on `report`: gone on 481, 408 or no answer (RFC
-    /// 4028 §10 and RFC 3261 §12.2.1.2 treat those as the dialog's end).
-    fn probe(&mut self, side: Side, report: &mpsc::UnboundedSender<(Side, bool)>) {
-        let leg = match side {
-            Side::A => Some(&mut self.a),
-            Side::B => self.b.as_mut(),
-        };
-        let Some(leg) = leg else {
-            return;
-        };
-        let flow = leg.flow;
-        let Some(options) = leg.request(
-            &Method::Options,
-            &via_on(&self.app.own, &flow),
-            "",
-            None,
-            b"",
-        ) else {
-            return;
-        };
-        let mut events = self.app.layer.send_request(options, flow);
-        let report = report.clone();
-        tokio::spawn(async move {
-            let alive = loop {
-                match events.recv().await {
-                    Some(ClientEvent::Response(r)) => match r.status().unwrap_or(0) {
-                        0..=199 => continue,
-                        408 | 481 => break false,
-                        _ => break true,
-                    },
-                    Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => break false,
-                }
-            };
-            let _ = report.send((side, alive));
-        });
-    }
-
-    /// Sends BYE on both legs (the caller never ACKed, or the node gives up the call).
-    async fn end_both(&mut self) {
-        // The dialled side first: that is the call being paid for.
-        if let Some(b) = self.b.take() {
-            hang_up(&self.app, b);
-        }
-        hang_up(&self.app, self.a.clone());
-    }
-}
-
-/// Headers a request inside the call keeps when relayed to the other leg, beside its
-/// body and Content-Type: what BYE, REFER, NOTIFY, INFO and session timers need.
-const RELAYED: &[&str] = &[
-    "Reason",
-    "Event",
-    "Subscription-State",
-    "Refer-To",
-    "Referred-By",
-    "Replaces",
-    "Info-Package",
-    "Content-Disposition",
-    "Session-Expires",
-    "Min-SE",
-];
-
-/// Answers a request inside a call with `status`.
-pub(super) fn answer(app: &AppServer, d: &InDialog, status: u16, reason: &str) {
-    if let Some(tx) = d.tx {
-        let mut r = Message::response_to(&d.request, status, reason);
-        crate::stack::responses::stamp(&mut r);
-        app.layer.respond(tx, r);
-    }
-}
-
-/// Copies the body and its Content-Type from `from` to `to`.
-fn copy_body(from: &Message, to: &mut Message) {
-    if from.body().is_empty() {
-        return;
-    }
-    if let Some(t) = value(from, &HeaderName::ContentType) {
-        to.set_header(HeaderName::ContentType, t);
-    }
-    to.set_body(Bytes::copy_from_slice(from.body()));
 }
 
 /// The route of a call without a dialplan: the number dialled through the customer's

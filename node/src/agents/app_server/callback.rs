@@ -29,14 +29,15 @@ use rand::Rng;
 use serde::Serialize;
 use tandem_dialplan::{DialOutcome, DialSpec};
 use tandem_raft_store::command::Account;
-use tandem_sip::Method;
+use tandem_sip::{Message, Method};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::call::{answer, Bridge};
+use super::bridge::{answer, Body, Bridge};
 use super::dialog::{value, Leg};
 use super::legs::{close_answered, exec, AckMode, DialContext, Dialled, LegRecords};
 use super::sdp;
+use super::timer::SessionTimer;
 use super::{via_on, AppServer, InDialog, Side};
 use crate::agents::proxy::dialogs::{DialogKind, Refused};
 use crate::stack::transaction::ClientEvent;
@@ -45,7 +46,8 @@ use crate::stack::transaction::ClientEvent;
 /// oldest ended ones go first.
 const KEPT: usize = 10_000;
 /// How long the re-INVITE that connects A to B may wait for A's answer.
-const CONNECT_WAIT: Duration = Duration::from_secs(32);
+/// Less than the 32 s B keeps its 2xx waiting for the ACK that this answer completes.
+const CONNECT_WAIT: Duration = Duration::from_secs(20);
 
 /// Why a callback was not started.
 #[derive(Debug)]
@@ -96,13 +98,90 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Callbacks one account may have running at once.
+pub const RUNNING_PER_ACCOUNT: u32 = 4;
+/// Callbacks an account's dialplans may start per minute.
+pub const SCRIPT_CALLBACKS_PER_MINUTE: u32 = 6;
+/// Accounts whose use is remembered before idle ones are forgotten.
+const ACCOUNTS_KEPT: usize = 10_000;
+
 /// The callbacks this node placed.
 #[derive(Default)]
 pub struct Callbacks {
     views: std::sync::Mutex<std::collections::HashMap<String, CallbackView>>,
+    /// By account: callbacks running, and those its scripts started this minute.
+    used: std::sync::Mutex<std::collections::HashMap<String, Use>>,
+}
+
+struct Use {
+    running: u32,
+    minute: tokio::time::Instant,
+    started: u32,
+}
+
+/// One running callback of an account, counted until it drops.
+pub struct Running {
+    app: Arc<AppServer>,
+    account: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut used = self.app.callbacks.used.lock().expect("callbacks lock");
+        if let Some(u) = used.get_mut(&self.account) {
+            u.running = u.running.saturating_sub(1);
+        }
+    }
 }
 
 impl Callbacks {
+    /// Counts a new callback of `account`, or says which limit it is over.
+    fn admit(
+        &self,
+        app: &Arc<AppServer>,
+        account: &str,
+        from_script: bool,
+    ) -> Result<Running, NotStarted> {
+        let now = tokio::time::Instant::now();
+        let minute = Duration::from_secs(60);
+        let mut used = self.used.lock().expect("callbacks lock");
+        if used.len() >= ACCOUNTS_KEPT && !used.contains_key(account) {
+            used.retain(|_, u| u.running > 0 || now - u.minute < minute);
+            if used.len() >= ACCOUNTS_KEPT {
+                return Err(NotStarted::Busy(
+                    "too many accounts placing callbacks".into(),
+                ));
+            }
+        }
+        let u = used.entry(account.to_owned()).or_insert(Use {
+            running: 0,
+            minute: now,
+            started: 0,
+        });
+        if now - u.minute >= minute {
+            u.minute = now;
+            u.started = 0;
+        }
+        if u.running >= RUNNING_PER_ACCOUNT {
+            return Err(NotStarted::Busy(format!(
+                "the account has {RUNNING_PER_ACCOUNT} callbacks running"
+            )));
+        }
+        if from_script && u.started >= SCRIPT_CALLBACKS_PER_MINUTE {
+            return Err(NotStarted::Busy(format!(
+                "the account's dialplans started {SCRIPT_CALLBACKS_PER_MINUTE} callbacks this minute"
+            )));
+        }
+        u.running += 1;
+        if from_script {
+            u.started += 1;
+        }
+        Ok(Running {
+            app: app.clone(),
+            account: account.to_owned(),
+        })
+    }
+
     pub fn get(&self, id: &str) -> Option<CallbackView> {
         self.views.lock().expect("callbacks lock").get(id).cloned()
     }
@@ -131,17 +210,27 @@ impl Callbacks {
 impl AppServer {
     /// Starts a callback for `account`: A rung first, then B, then the two connected.
     /// Returns at once with its id; [`AppServer::callback`] tells how it goes.
+    ///
+    /// A callback started by a dialplan (`from_script`) is held to
+    /// [`SCRIPT_CALLBACKS_PER_MINUTE`] per account: a script runs for whoever calls, and
+    /// each callback may cost the customer two calls through its providers.
     pub fn start_callback(
         self: &Arc<Self>,
         account: Account,
         a: &str,
         b: &str,
+        from_script: bool,
     ) -> Result<CallbackView, NotStarted> {
         let parse = |which: &str, text: &str| {
             tandem_dialplan::spec::parse(text)
                 .map_err(|e| NotStarted::Invalid(format!("{which}: {e}")))
         };
         let specs = (parse("a", a)?, parse("b", b)?);
+        if !matches!(specs.0, DialSpec::Leg { .. }) {
+            return Err(NotStarted::Invalid(
+                "a: one target (an account, or number@provider), not a group".into(),
+            ));
+        }
         if !account.enabled {
             return Err(NotStarted::Refused("the account is disabled".into()));
         }
@@ -154,9 +243,15 @@ impl AppServer {
         {
             return Err(NotStarted::Refused("the customer is disabled".into()));
         }
-        let customer = self
-            .customer_slot(&account.customer)
-            .map_err(|r| NotStarted::Busy(r.reason))?;
+        let aor = format!("{}@{}", account.user, account.domain);
+        let running = self.callbacks.admit(self, &aor, from_script)?;
+        // Both legs are ours to dial: a callback is two of the customer's calls.
+        let customer = (
+            self.customer_slot(&account.customer)
+                .map_err(|r| NotStarted::Busy(r.reason))?,
+            self.customer_slot(&account.customer)
+                .map_err(|r| NotStarted::Busy(r.reason))?,
+        );
         let id = format!("{:032x}", rand::thread_rng().gen::<u128>());
         let call_id = format!("callback-{id}");
         let name = tandem_raft_store::command::account_aor(&account.user, &account.domain);
@@ -198,6 +293,7 @@ impl AppServer {
         let app = self.clone();
         tokio::spawn(async move {
             let _customer = customer;
+            let _running = running;
             let tokens = guard.tokens.clone();
             let mut channels = (a_rx, b_rx);
             let run = Run {
@@ -297,7 +393,7 @@ impl Run {
         let from = format!("<sip:{}@{}>", account.user, account.domain);
         let ctx_a =
             with_records(self.context('a', AckMode::Hold, format!("\"Callback\" {from}"), session));
-        let (leg_a, offer_a, record_a) = {
+        let (leg_a, answer_a, record_a) = {
             let dial = exec(ctx_a, spec_a, self.cancel.child_token());
             match self.wait(dial, a_rx, b_rx, None).await {
                 Ok(Dialled::Answered {
@@ -305,12 +401,12 @@ impl Run {
                     answer,
                     record,
                     ..
-                }) => (*leg, answer.body().to_vec(), record),
+                }) => (*leg, answer, record),
                 Ok(Dialled::Failed(o)) => return Err(failure("a", &o)),
                 Err(f) => return Err(f),
             }
         };
-        if offer_a.is_empty() {
+        if answer_a.body().is_empty() {
             super::hang_up(&self.app, leg_a);
             close_answered(record_a);
             return Err((488, "a answered without a session description".into()));
@@ -321,20 +417,25 @@ impl Run {
             .update(&self.id, |v| v.state = "calling b");
         let ctx_b = with_records(self.context('b', AckMode::Later, from, session));
         let dial = exec(ctx_b, spec_b, self.cancel.child_token());
-        let (leg_b, later, record_b) = match self.wait(dial, a_rx, b_rx, Some(&leg_a)).await {
-            Ok(Dialled::Answered {
-                leg, later, record, ..
-            }) => (*leg, later, record),
-            Ok(Dialled::Failed(o)) => {
-                super::hang_up(&self.app, leg_a);
-                close_answered(record_a);
-                return Err(failure("b", &o));
-            }
-            Err(f) => {
-                close_answered(record_a);
-                return Err(f);
-            }
-        };
+        let (leg_b, answer_b, later, record_b) =
+            match self.wait(dial, a_rx, b_rx, Some(&leg_a)).await {
+                Ok(Dialled::Answered {
+                    leg,
+                    answer,
+                    later,
+                    record,
+                    ..
+                }) => (*leg, answer, later, record),
+                Ok(Dialled::Failed(o)) => {
+                    super::hang_up(&self.app, leg_a);
+                    close_answered(record_a);
+                    return Err(failure("b", &o));
+                }
+                Err(f) => {
+                    close_answered(record_a);
+                    return Err(f);
+                }
+            };
         self.app
             .callbacks
             .update(&self.id, |v| v.state = "connecting");
@@ -343,13 +444,16 @@ impl Run {
             Some(later) => self.connect(&mut leg_a, *later, session).await,
             None => Err((500, "b's answer could not be held".into())),
         };
-        if let Err(f) = connected {
-            super::hang_up(&self.app, leg_b);
-            super::hang_up(&self.app, leg_a);
-            close_answered(record_a);
-            close_answered(record_b);
-            return Err(f);
-        }
+        let connected = match connected {
+            Ok(c) => c,
+            Err(f) => {
+                super::hang_up(&self.app, leg_b);
+                super::hang_up(&self.app, leg_a);
+                close_answered(record_a);
+                close_answered(record_b);
+                return Err(f);
+            }
+        };
         tracing::info!(callback = %self.id, "callback: connected");
         let call_id = format!("callback-{}", self.id);
         let mut converted = false;
@@ -361,13 +465,21 @@ impl Run {
             v.state = "connected";
             v.connected_ms = Some(now_ms());
         });
-        let mut link = Bridge {
-            app: self.app.clone(),
-            token: self.tokens[1].clone(),
-            a: leg_a,
-            b: Some(leg_b),
-            unacked: None,
-        };
+        let mut link = Bridge::new(self.app.clone(), self.tokens[1].clone(), leg_a);
+        link.b = Some(leg_b);
+        link.origin_a = Some(sdp::Origin {
+            session,
+            version: 2,
+        });
+        // A's timer as its last 2xx set it (the re-INVITE's, else the first).
+        let a_timer = SessionTimer::for_answer(&connected.answer)
+            .or_else(|| SessionTimer::for_answer(&answer_a));
+        link.set_timer(Side::A, a_timer, &answer_a);
+        link.set_timer(Side::B, SessionTimer::for_answer(&answer_b), &answer_b);
+        link.went(Side::A, Some(connected.offer));
+        link.came(Side::A, Body::of(&connected.answer));
+        link.came(Side::B, Body::of(&answer_b));
+        link.went(Side::B, Body::of(&connected.answer));
         link.bridge(a_rx, b_rx).await;
         close_answered(record_a);
         close_answered(record_b);
@@ -395,7 +507,7 @@ impl Run {
                 done = &mut dial => return Ok(done),
                 Some(d) = a_rx.recv() => {
                     let bye = d.request.method() == Some(&Method::Bye) && d.side == Side::A;
-                    let ours = up.is_some_and(|l| d.request.call_id().ok().as_deref() == Some(l.call_id.as_str()));
+                    let ours = up.is_some_and(|l| l.sent_by_peer(&d.request));
                     match d.request.method() {
                         Some(Method::Ack) => {}
                         _ if bye && ours => {
@@ -428,7 +540,7 @@ impl Run {
         leg_a: &mut Leg,
         later: super::legs::AckLater,
         session: u64,
-    ) -> Result<(), Failure> {
+    ) -> Result<Connected, Failure> {
         let (content_type, offer) = later.offer();
         if offer.is_empty() {
             return Err((488, "b answered without a session description".into()));
@@ -441,11 +553,15 @@ impl Run {
         let offer = sdp::with_origin(offer, &origin)
             .ok_or((488, "b's session description is not text".to_owned()))?;
         let flow = leg_a.flow;
+        let timer_lines = match self.app.settings.session_expires {
+            0 => String::new(),
+            s => super::timer::offer_lines(s),
+        };
         let reinvite = leg_a
             .request(
                 &Method::Invite,
                 &via_on(&self.app.own, &flow),
-                "",
+                &timer_lines,
                 Some(&content_type),
                 &offer,
             )
@@ -482,11 +598,23 @@ impl Run {
                 "a answered the re-INVITE without a session description".into(),
             ));
         }
-        let answer_type =
-            value(&answer, &tandem_sip::HeaderName::ContentType).unwrap_or(content_type);
+        let answer_type = value(&answer, &tandem_sip::HeaderName::ContentType)
+            .unwrap_or_else(|| content_type.clone());
         later.send(&answer_type, answer.body());
-        Ok(())
+        Ok(Connected {
+            offer: Body {
+                content_type,
+                bytes: offer.into(),
+            },
+            answer,
+        })
     }
+}
+
+/// What connecting A to B left: the offer A got, and A's 2xx with its answer.
+struct Connected {
+    offer: Body,
+    answer: Message,
 }
 
 /// The failure of dialling side `which`.

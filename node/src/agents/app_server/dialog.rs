@@ -168,6 +168,21 @@ impl Leg {
         Message::parse_datagram(Bytes::from(bytes), usize::MAX).ok()
     }
 
+    /// Whether `request` comes from this leg's peer: its Call-ID, and its From tag the
+    /// peer's tag (the phones of one account share a Call-ID, each with its own tag).
+    pub fn sent_by_peer(&self, request: &Message) -> bool {
+        let tag = |v: &str| {
+            v.split(';')
+                .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
+        };
+        request.call_id().ok().as_deref() == Some(self.call_id.as_str())
+            && request
+                .from()
+                .ok()
+                .and_then(|f| f.tag().map(str::to_owned))
+                .is_some_and(|t| Some(t) == tag(&self.remote))
+    }
+
     /// Takes a new remote target from a target-refresh request or its answer (a re-INVITE
     /// or UPDATE, RFC 3261 §12.2.2).
     pub fn refresh_target(&mut self, m: &Message) {

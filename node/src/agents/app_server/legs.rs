@@ -572,6 +572,8 @@ struct OutLeg {
     call_id: String,
     cseq: u32,
     record: Option<(Open, Recorder)>,
+    /// The session interval our INVITE asks for (RFC 4028); 0: none. A 422 raises it.
+    session_expires: u32,
 }
 
 impl OutLeg {
@@ -620,6 +622,7 @@ impl OutLeg {
             to: format!("<sip:{number}@{domain}>"),
             call_id: format!("{:032x}@tandem", rng.gen::<u128>()),
             cseq: 0,
+            session_expires: ctx.app.settings.session_expires,
             request_uri,
             next_hop: Some(next_hop),
             routes,
@@ -651,6 +654,7 @@ impl OutLeg {
             to: format!("<sip:{user}@{domain}>"),
             call_id: call_id.to_owned(),
             cseq: 0,
+            session_expires: ctx.app.settings.session_expires,
             record: ctx
                 .records
                 .as_ref()
@@ -722,6 +726,9 @@ impl OutLeg {
             text.push_str(&format!(
                 "P-Preferred-Identity: {display}<sip:{number}@{domain}>\r\n"
             ));
+        }
+        if self.session_expires > 0 {
+            text.push_str(&super::timer::offer_lines(self.session_expires));
         }
         text.push_str(&ctx.extra);
         let answer = self
@@ -824,6 +831,7 @@ impl OutLeg {
         report: &mut Report,
     ) -> Option<Dialled> {
         let mut challenges = 0;
+        let mut raised = false;
         'invite: loop {
             let invite = self.invite(ctx, &flow);
             let mut events = ctx.app.layer.send_request(invite.clone(), flow);
@@ -871,6 +879,7 @@ impl OutLeg {
                                         super::sdp::black_hole_answer(response.body(), &origin)
                                     }
                                 };
+                                let unusable = ctx.ack != AckMode::Plain && hold.is_none();
                                 let later = AckLater {
                                     app: ctx.app.clone(),
                                     leg: leg.clone(),
@@ -879,6 +888,18 @@ impl OutLeg {
                                     events: Some(events),
                                     hold,
                                 };
+                                if unusable {
+                                    // An offer we cannot answer (none, encrypted media, not
+                                    // SDP): the dialog ends at once, and nothing more is
+                                    // dialled for it.
+                                    drop(later);
+                                    super::hang_up(&ctx.app, leg);
+                                    report.failed(DialOutcome::Failed {
+                                        code: 488,
+                                        reason: "Not Acceptable Here (the answer's session description cannot be held)".into(),
+                                    });
+                                    return None;
+                                }
                                 // Plain and Hold ACK here (dropped); Later waits for the dialler.
                                 let later = (ctx.ack == AckMode::Later).then(|| Box::new(later));
                                 if cancelled_at.is_some() || !report.waiting() {
@@ -906,6 +927,21 @@ impl OutLeg {
                                     Err(e) => {
                                         tracing::warn!(target_name = label, error = %e, "app server: a challenge was not answered");
                                         report.send(failed(status, reason_of(&response)));
+                                        return None;
+                                    }
+                                }
+                            }
+                            // Our session interval is too small for the callee: once more with its
+                            // minimum (RFC 4028 §7.4).
+                            422 if cancelled_at.is_none() && !raised => {
+                                match super::timer::min_se(&response) {
+                                    Some(min) if min > self.session_expires => {
+                                        raised = true;
+                                        self.session_expires = min;
+                                        continue 'invite;
+                                    }
+                                    _ => {
+                                        report.send(failed(422, reason_of(&response)));
                                         return None;
                                     }
                                 }

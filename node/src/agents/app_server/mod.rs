@@ -14,11 +14,13 @@
 //! its calls reach it by the Contact it gave each leg, `tdb-<token><leg>@<this node>`,
 //! where the token is 128 random bits: a request naming any other token is answered 481.
 
+pub mod bridge;
 pub mod call;
 pub mod callback;
 pub mod dialog;
 pub mod legs;
 pub mod sdp;
+pub mod timer;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,9 @@ pub struct Settings {
     pub keepalive: Option<Duration>,
     /// The longest a call may last.
     pub max_call: Option<Duration>,
+    /// The session interval (RFC 4028) we ask for on the legs we dial, and give a caller
+    /// that supports timers without naming one, in seconds; 0: no session timers.
+    pub session_expires: u32,
     pub limits: Limits,
 }
 
@@ -62,6 +67,7 @@ impl Settings {
             ring_for: Duration::from_secs(c.ring_secs),
             keepalive: secs(c.keepalive_secs),
             max_call: secs(c.max_call_secs),
+            session_expires: c.session_expires_secs,
             limits: limits.clone(),
         }
     }

@@ -37,7 +37,8 @@ fn lines(sdp: &[u8]) -> Option<Vec<&str>> {
 /// The answer that holds every stream of `offer` without media: the same media lines
 /// with the offer's format list (and their `rtpmap`/`fmtp` lines), `inactive`, at 0.0.0.0
 /// port 9. A stream the offer refused (port 0) stays refused. None if `offer` has no
-/// media line, or is not text.
+/// media line, a media line without formats, or encrypted media (SRTP or DTLS: its
+/// answer needs keys of our own, and a callback has none), or is not text.
 pub fn black_hole_answer(offer: &[u8], origin: &Origin) -> Option<Vec<u8>> {
     let lines = lines(offer)?;
     let mut out = vec![
@@ -56,6 +57,10 @@ pub fn black_hole_answer(offer: &[u8], origin: &Origin) -> Option<Vec<u8>> {
                 return None;
             };
             let formats: Vec<&str> = parts.collect();
+            let proto_upper = proto.to_ascii_uppercase();
+            if formats.is_empty() || proto_upper.contains("SAVP") || proto_upper.contains("TLS") {
+                return None;
+            }
             let port = if port.split('/').next() == Some("0") {
                 "0"
             } else {
@@ -75,9 +80,12 @@ pub fn black_hole_answer(offer: &[u8], origin: &Origin) -> Option<Vec<u8>> {
 }
 
 /// `sdp` with its `o=` line replaced by `origin`'s (or one added after `v=`); none if it
-/// is not text.
+/// is not text, or has no `v=` line first (not a session description).
 pub fn with_origin(sdp: &[u8], origin: &Origin) -> Option<Vec<u8>> {
     let lines = lines(sdp)?;
+    if !lines.first().is_some_and(|l| l.starts_with("v=")) {
+        return None;
+    }
     let mut out: Vec<String> = Vec::with_capacity(lines.len() + 1);
     let mut stamped = false;
     for line in lines {
@@ -137,6 +145,14 @@ mod tests {
         assert!(black_hole_answer(b"v=0\r\ns=-\r\n", &origin).is_none());
         assert!(black_hole_answer(&[0xff, 0xfe], &origin).is_none());
         assert!(black_hole_answer(b"m=audio\r\n", &origin).is_none());
+        assert!(black_hole_answer(b"v=0\r\nm=audio 4000 RTP/AVP\r\n", &origin).is_none());
+        for proto in ["RTP/SAVP", "UDP/TLS/RTP/SAVPF", "RTP/SAVPF"] {
+            let offer = format!("v=0\r\nm=audio 4000 {proto} 0\r\n");
+            assert!(
+                black_hole_answer(offer.as_bytes(), &origin).is_none(),
+                "{proto}"
+            );
+        }
     }
 
     #[test]
@@ -150,5 +166,6 @@ mod tests {
         assert_eq!(out.matches("o=").count(), 1);
         let out = String::from_utf8(with_origin(b"v=0\ns=-\n", &origin).unwrap()).unwrap();
         assert_eq!(out, "v=0\r\no=tandem 9 2 IN IP4 0.0.0.0\r\ns=-\r\n");
+        assert!(with_origin(b"--boundary\r\nv=0\r\n", &origin).is_none());
     }
 }

@@ -62,7 +62,13 @@ impl Admin {
                     format!("no account {:?}", input.account),
                 )
             })?;
-        match app.start_callback(account, &input.a, &input.b) {
+        if self.drain.is_draining() {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this node is draining and starts no new calls; ask another node",
+            ));
+        }
+        match app.start_callback(account, &input.a, &input.b, false) {
             Ok(view) => Ok(json_reply(StatusCode::ACCEPTED, &view)),
             Err(e @ NotStarted::Invalid(_)) => Err(ApiError::bad_request(e.to_string())),
             Err(e @ NotStarted::Refused(_)) => {
