@@ -2359,3 +2359,94 @@ fn session_timers_are_kept_per_leg_and_end_a_call_whose_refresher_went_silent() 
         bob_side.join().unwrap();
     });
 }
+
+/// Dial specs that name URIs: a `sip:` URI outside the served domains is called
+/// directly, and one in a served domain rings that account; `tel:` goes through the
+/// customer's only provider. Without `app_server.uri_private_targets`, a URI whose host
+/// is a loopback address is refused with 403 and nothing is sent to it.
+#[test]
+fn a_dialplan_dials_sip_and_tel_uris_and_no_private_address_unless_allowed() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let carol = Ua::new("127.0.0.1", "carol", "elsewhere.test", "x");
+    let carol_uri = format!("sip:carol@{}", carol.local());
+    let script = format!(
+        r#"if invite.user == "1" {{ dial("{carol_uri}"); }}
+           else if invite.user == "2" {{ dial("tel:0301234"); }}
+           else {{ dial("sip:bob@example.com"); }}"#
+    );
+    let cluster = form_with_config(
+        &provider_account(&provider),
+        "[app_server]\nuri_private_targets = true\n",
+    );
+    let node = cluster.member(1).sip_addr();
+    c1_account(&cluster, "bob");
+    let bob = registered_phone("bob", node);
+    let (code, json) = put_dialplan(&cluster, &script);
+    assert_eq!(code, 201, "{json}");
+    let mut alice = alice();
+    for (number, callee, request_uri) in [
+        ("1", &carol, carol_uri.clone()),
+        ("2", &phone, String::new()),
+        ("3", &bob, bob.contact()),
+    ] {
+        std::thread::scope(|s| {
+            let callee_side = s.spawn(|| {
+                let invite = answer_next(callee, 200, "OK");
+                if !request_uri.is_empty() {
+                    assert_eq!(
+                        invite.request_uri(),
+                        Some(request_uri.as_str()),
+                        "{}",
+                        invite.text
+                    );
+                } else {
+                    assert!(
+                        invite.request_uri().unwrap().starts_with("sip:0301234@"),
+                        "{}",
+                        invite.text
+                    );
+                }
+                // Through the provider, the call is the provider account's (u0).
+                let shown = if number == "2" {
+                    "sip:u0@"
+                } else {
+                    "sip:alice@example.com"
+                };
+                assert!(
+                    invite.text.contains(shown),
+                    "the callee sees {shown}: {}",
+                    invite.text
+                );
+                wait_for_bye(callee);
+            });
+            let ok = alice.invite(
+                node,
+                &format!("sip:{number}@example.com"),
+                &format!("uri-{number}"),
+                &mut |_, _| {},
+            );
+            assert_eq!(ok.status(), Some(200), "{number}: {}", ok.text);
+            ack_and_hang_up(&alice, &ok);
+            callee_side.join().unwrap();
+        });
+    }
+    drop(cluster);
+
+    // The default: a dialplan reaches only public addresses.
+    let cluster = form(&provider);
+    let node = cluster.member(1).sip_addr();
+    let (code, json) = put_dialplan(&cluster, &format!(r#"dial("{carol_uri}");"#));
+    assert_eq!(code, 201, "{json}");
+    let refused = alice.invite(node, "sip:1@example.com", "uri-private", &mut |_, _| {});
+    assert_eq!(refused.status(), Some(403), "{}", refused.text);
+    assert!(
+        refused.text.contains("not a public address"),
+        "{}",
+        refused.text
+    );
+    assert!(
+        carol.recv(Duration::from_millis(500)).is_none(),
+        "nothing reaches the private address"
+    );
+}

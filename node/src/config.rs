@@ -438,6 +438,10 @@ pub struct AppServerConfig {
     /// given to a caller that supports session timers without naming an interval, in
     /// seconds: a leg whose refresher stops refreshing ends the call within it. 0: off.
     pub session_expires_secs: u32,
+    /// Whether a `sip:` URI in a dial spec may reach loopback, private, link-local or
+    /// unique-local addresses (a customer's PBX on the provider's own network). Off: a
+    /// dialplan, which runs for whoever calls, reaches only what the public can.
+    pub uri_private_targets: bool,
 }
 
 impl Default for AppServerConfig {
@@ -447,6 +451,7 @@ impl Default for AppServerConfig {
             keepalive_secs: 60,
             max_call_secs: 4 * 3600,
             session_expires_secs: 1800,
+            uri_private_targets: false,
         }
     }
 }

@@ -22,6 +22,15 @@
 #     CALL_HOLD_MS, sends BYE and gets 200; ACK and BYE follow the route set. The callee is
 #     one sipp (ops/sipp/bench-uas.xml) that registered account "callee" from the same
 #     port first, so the proxy looks up a real binding and relays over its flow.
+#  3. Calls out through a provider (BENCH_PHASES=provider; not run by default): the same
+#     caller dials the number 0301234. The provider is one sipp
+#     (ops/sipp/bench-provider-uas.xml) that answers every call and the REGISTER of
+#     Tandem's provider account. Tandem's app server takes the call as a B2BUA (no
+#     dialplan: the customer's only provider account), answers the caller and places a
+#     call of its own at the provider, with two CDRs per call; Kamailio (BENCH_PROVIDER)
+#     authenticates the caller and proxies the INVITE to the same sipp, record-routed.
+#     The work differs by design (a B2BUA keeps two dialogs, a proxy relays one): this
+#     prices the B2BUA against the proxy a provider could put there instead.
 #
 # Usage: ./ops/bench/sip.sh [REG_CALLS] [REG_RATES] [CALLS] [CALL_RATES]
 #   REG_CALLS, CALLS: registrations or calls per step (default 10000 each);
@@ -64,6 +73,8 @@ reg_users="${REG_USERS:-20}"
 hold_ms="${CALL_HOLD_MS:-1000}"
 bench_node="${BENCH_NODE:-1}"
 phases="${BENCH_PHASES:-register calls}"
+provider_phase=0
+case " $phases " in *" provider "*) provider_phase=1 ;; esac
 # Every bench account has this password; kamailio-sip.cfg gets it as BENCH_PASSWORD.
 password="bench-pw-0123456789"
 domain="example.com"
@@ -104,9 +115,24 @@ done
 role=$(curl -sf "http://${admin[$bench_node]}/metrics" \
   | awk '$1 == "tandem_raft_is_leader" { print ($2 == 1) ? "leader" : "follower" }')
 
+# The provider phase's provider: one sipp for the whole run, which both servers call.
+provider_args=()
+if [ "$provider_phase" = 1 ]; then
+  provider_port=$(udp_port 127.0.0.1)
+  mkdir -p "$work/provider"
+  (cd "$work/provider" && exec sipp -sf "$repo/ops/sipp/bench-provider-uas.xml" -i 127.0.0.1 \
+    -p "$provider_port" -nostdin -trace_err > uas.out 2>&1) &
+  pids+=($!)
+  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $token" \
+    -d "{\"registrar\":\"127.0.0.1:$provider_port\",\"transport\":\"udp\",\"username\":\"bench\",\"password\":\"provider-pw\",\"expires_secs\":3600}" \
+    "http://${admin[1]}/v1/providers/acme/p0"
+  provider_args=(-A "BENCH_PROVIDER=\"sip:127.0.0.1:$provider_port\"")
+fi
+
 # --- Kamailio ----------------------------------------------------------------------------
 kam="127.0.0.1:$(udp_port 127.0.0.1)"
 kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$password\"" \
+  "${provider_args[@]}" \
   -DD -E -m 1024 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
 pids+=($!)
 sleep 2
@@ -198,22 +224,28 @@ registrations() {
   echo $(( per * reg_users )) > "$work/$run.offered"
 }
 
-# calls NAME ADDR RATE: registers the callee from its port, answers there, and makes CALLS
-# calls to it. Writes NAME.calls.RATE.{calls,rtd,bye,…}.
+# calls NAME ADDR RATE [PHASE]: registers the callee from its port, answers there, and
+# makes CALLS calls to it; with PHASE "provider", calls the number 0301234 instead, which
+# the provider sipp answers. Writes NAME.PHASE.RATE.{calls,rtd,bye,…}.
 calls() {
-  local name=$1 addr=$2 rate=$3 run="$1.calls.$3" dir="$work/$1/calls-$3" uas_pid limit
+  local name=$1 addr=$2 rate=$3 phase=${4:-calls} uas_pid="" limit
+  local run="$1.$phase.$3" dir="$work/$1/$phase-$3"
   mkdir -p "$dir"
-  printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
-  printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$dir/caller.csv"
-  (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
-    -ap "$password" -i 127.0.0.1 -p "$callee_port" -m 1 -nostdin -timeout 10s \
-    -recv_timeout 3000 "$addr" > callee-register.out 2>&1) \
-    || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
-  (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$callee_port" \
-    -nostdin -trace_err > uas.out 2>&1) &
-  uas_pid=$!
-  pids+=($uas_pid)
-  sleep 0.5
+  if [ "$phase" = provider ]; then
+    printf 'SEQUENTIAL\ncaller;%s;0301234\n' "$domain" > "$dir/caller.csv"
+  else
+    printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
+    printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$dir/caller.csv"
+    (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
+      -ap "$password" -i 127.0.0.1 -p "$callee_port" -m 1 -nostdin -timeout 10s \
+      -recv_timeout 3000 "$addr" > callee-register.out 2>&1) \
+      || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
+    (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$callee_port" \
+      -nostdin -trace_err > uas.out 2>&1) &
+    uas_pid=$!
+    pids+=($uas_pid)
+    sleep 0.5
+  fi
   limit=$(( rate * (hold_ms / 1000 + 5) ))
   before "$run" "$addr"
   (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uac-invite.xml" -inf caller.csv -au caller \
@@ -221,8 +253,10 @@ calls() {
     -timeout "$(( calls / rate + hold_ms / 1000 + 60 ))s" "${sipp_common[@]}" "$addr" \
     > uac.out 2>&1) || true
   after "$run" "$addr"
-  kill "$uas_pid" 2>/dev/null || true
-  wait "$uas_pid" 2>/dev/null || true
+  if [ -n "$uas_pid" ]; then
+    kill "$uas_pid" 2>/dev/null || true
+    wait "$uas_pid" 2>/dev/null || true
+  fi
   stats "$work/$run.rtd" setup "$dir"/bench-uac-invite_*_rtt.csv
   stats "$work/$run.bye" bye "$dir"/bench-uac-invite_*_rtt.csv
   echo "$(counter "$dir/uac.out" "Successful call") $(counter "$dir/uac.out" "Failed call")" \
@@ -295,7 +329,10 @@ for phase in $phases; do
     for s in "tandem ${sip[$bench_node]}" "kamailio $kam"; do
       set -- $s
       [ -z "${missed[$1.$phase]:-}" ] || continue
-      if [ "$phase" = register ]; then registrations "$1" "$2" "$rate"; else calls "$1" "$2" "$rate"; fi
+      case $phase in
+        register) registrations "$1" "$2" "$rate" ;;
+        *) calls "$1" "$2" "$rate" "$phase" ;;
+      esac
       [ "$(met "$1.$phase.$rate")" = yes ] || missed[$1.$phase]=$rate
     done
   done
@@ -310,7 +347,7 @@ report() {
   echo
   echo "$2"
   fmt='%-9s %7s %7s %6s %8s %7s %7s %7s  %-6s %7s  %s\n'
-  if [ "$phase" = calls ]; then
+  if [ "$phase" != register ]; then
     printf "$fmt" server offered ok failed "$unit" setup setup BYE target server "UDP drops"
     printf "$fmt" "" "/s" "" "" "" "p50 ms" "p99 ms" "p99 ms" met "CPU/op" "socket/all"
     rates=("${call_rates[@]}")
@@ -356,6 +393,11 @@ report() {
 case " $phases " in *" register "*)
   report register "Registrations: $reg_calls per step by $reg_users sipp instances, one account each, a new
 Call-ID every time: REGISTER, 401, REGISTER with credentials, 200" "reg/s" ;;
+esac
+case " $phases " in *" provider "*)
+  report provider "Calls out through a provider: $calls per step, one caller, to a number, held ${hold_ms} ms:
+INVITE, 407, ACK, INVITE with credentials, 100, 180, 200, ACK, BYE, 200; Tandem's app server
+answers as a B2BUA and calls the provider sipp; Kamailio proxies to the same sipp" "calls/s" ;;
 esac
 case " $phases " in *" calls "*)
   report calls "Calls: $calls per step, one caller, one callee, held ${hold_ms} ms: INVITE, 407, ACK,

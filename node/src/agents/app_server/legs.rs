@@ -484,11 +484,46 @@ async fn dial_leg(
                 None => return failed(404, format!("Not Found (no provider named {name})")),
             }
         }
-        Target::Uri(_) => {
-            return failed(
-                501,
-                "Not Implemented (dialling SIP URIs from a dialplan is not built yet)",
-            )
+        Target::Uri(text) => {
+            if let Some(rest) = text.get(..4).filter(|s| s.eq_ignore_ascii_case("tel:")) {
+                let _ = rest;
+                // A telephone number: through the customer's only provider, as a call
+                // without a dialplan goes.
+                let number = text[4..].split(';').next().unwrap_or_default();
+                if !super::dialable(number) {
+                    return failed(
+                        484,
+                        format!("Address Incomplete ({text} is not a plain number)"),
+                    );
+                }
+                match only_provider(&ctx.app, &ctx.customer) {
+                    Ok(p) => (number.to_owned(), p),
+                    Err(why) => return failed(404, format!("Not Found ({text}: {why})")),
+                }
+            } else {
+                let uri = match parse_sip(text) {
+                    Ok(u) if u.headers.is_empty() => u,
+                    _ => {
+                        return failed(
+                            400,
+                            format!("Bad Request ({text} is not a SIP URI without headers)"),
+                        )
+                    }
+                };
+                let host = uri.host.canonical();
+                if reader.serves_domain(&host).unwrap_or(false) {
+                    let Some(user) = uri.user_unescaped() else {
+                        return failed(404, format!("Not Found ({text} names no account)"));
+                    };
+                    return dial_local(ctx, target, &user, &host, until, cancel).await;
+                }
+                let (done_tx, done_rx) = oneshot::channel();
+                let leg = OutLeg::uri(ctx, text, uri);
+                tokio::spawn(leg.run(ctx.clone(), target.to_string(), until, cancel, done_tx));
+                return done_rx
+                    .await
+                    .unwrap_or_else(|_| failed(500, "Server Internal Error"));
+            }
         }
     };
     let (done_tx, done_rx) = oneshot::channel();
@@ -634,6 +669,25 @@ impl OutLeg {
         })
     }
 
+    /// A leg to a SIP URI a dial spec names, outside the cluster: no credentials, the
+    /// caller shown as the caller, the next hop found by RFC 3263 from the URI.
+    fn uri(ctx: &DialContext, text: &str, uri: SipUri) -> OutLeg {
+        let mut rng = rand::thread_rng();
+        OutLeg {
+            account: None,
+            digest: None,
+            request_uri: text.to_owned(),
+            next_hop: Some(uri),
+            routes: Vec::new(),
+            from: format!("{};tag={:016x}", ctx.caller_from, rng.gen::<u64>()),
+            to: format!("<{text}>"),
+            call_id: format!("{:032x}@tandem", rng.gen::<u128>()),
+            cseq: 0,
+            record: ctx.records.as_ref().map(|r| r.open(text, None)),
+            session_expires: ctx.app.settings.session_expires,
+        }
+    }
+
     /// A leg to one phone of the local account `user@domain`, reached as `reach` says;
     /// `call_id` and `from_tag` are shared by the phones of one account, as in a fork.
     fn local(
@@ -772,6 +826,20 @@ impl OutLeg {
             return;
         };
         let targets = match ctx.app.resolver.targets(&next_hop).await {
+            // A URI from a dial spec may name any host: unless the operator allows it,
+            // never one inside the network (loopback, private, link-local), where a
+            // dialplan must not reach what the public cannot.
+            Ok(mut t) if self.account.is_none() && !ctx.app.settings.uri_private_targets => {
+                t.retain(|t| is_public(t.addr.ip()));
+                if t.is_empty() {
+                    report.send(failed(
+                        403,
+                        format!("Forbidden ({} is not a public address; see app_server.uri_private_targets)", next_hop.host),
+                    ));
+                    return;
+                }
+                t
+            }
             Ok(t) if !t.is_empty() => t,
             Ok(_) => {
                 report.send(failed(503, "Service Unavailable (no usable target)"));
@@ -985,6 +1053,56 @@ impl OutLeg {
     fn send_cancel(&self, ctx: &DialContext, invite: &Message, flow: Flow) {
         if let Some(cancel) = crate::stack::transaction::cancel_for(invite) {
             let _ = ctx.app.layer.send_request(cancel, flow);
+        }
+    }
+}
+
+/// Whether `ip` is an address on the public internet: not loopback, private, shared,
+/// link-local, unique-local, unspecified, broadcast, multicast or documentation.
+pub fn is_public(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            !(v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || v4.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        std::net::IpAddr::V6(v6) => {
+            if let Some(v4) = v6.to_ipv4_mapped() {
+                return is_public(v4.into());
+            }
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || v6.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || first == 0x2001 && v6.segments()[1] == 0x0db8)
+        }
+    }
+}
+
+/// The customer's only enabled provider account, or why there is none to choose.
+fn only_provider(app: &AppServer, customer: &str) -> Result<ProviderAccount, &'static str> {
+    let mut enabled = app
+        .cluster
+        .replica
+        .reader()
+        .provider_accounts()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.customer == customer && p.enabled);
+    match (enabled.next(), enabled.next()) {
+        (Some(p), None) => Ok(p),
+        (None, _) => Err("the customer has no provider account"),
+        (Some(_), Some(_)) => {
+            Err("the customer has several provider accounts: write number@provider")
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct Settings {
     /// The session interval (RFC 4028) we ask for on the legs we dial, and give a caller
     /// that supports timers without naming one, in seconds; 0: no session timers.
     pub session_expires: u32,
+    /// Whether a `sip:` target in a dial spec may reach a non-public address.
+    pub uri_private_targets: bool,
     pub limits: Limits,
 }
 
@@ -68,6 +70,7 @@ impl Settings {
             keepalive: secs(c.keepalive_secs),
             max_call: secs(c.max_call_secs),
             session_expires: c.session_expires_secs,
+            uri_private_targets: c.uri_private_targets,
             limits: limits.clone(),
         }
     }
