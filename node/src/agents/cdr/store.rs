@@ -114,7 +114,16 @@ pub struct CdrStore {
     /// The highest seq whose write has completed: what the shipper may send and the
     /// outbox may be trimmed to (seqs are given out before their write lands).
     written: AtomicU64,
+    /// The outbox holds no seq at or below this.
+    trimmed: AtomicU64,
 }
+
+/// The most outbox entries one trim deletes one by one; a longer stretch (a peer that was
+/// away for a long time) goes in one range delete. Range deletes are kept rare: every
+/// read of the store must fragment the range tombstones of its memtable, and a range
+/// delete after every shipping round (several a second) made each outbox read sort
+/// thousands of them.
+const POINT_TRIM_MAX: u64 = 10_000;
 
 impl CdrStore {
     /// Opens (creating if needed) the store in `dir` for node `node`.
@@ -135,11 +144,20 @@ impl CdrStore {
             .get(NEXT_SEQ)
             .map_err(err("reading the next seq"))?
             .map_or(1, |v| read_u64(&v));
+        let trimmed = {
+            let mut it = db.raw_iterator();
+            it.seek([OUTBOX]);
+            match it.key().filter(|k| k.first() == Some(&OUTBOX)) {
+                Some(k) => read_u64(&k[1..]).saturating_sub(1),
+                None => next.saturating_sub(1),
+            }
+        };
         Ok(CdrStore {
             db,
             node,
             next_seq: AtomicU64::new(next),
             written: AtomicU64::new(next.saturating_sub(1)),
+            trimmed: AtomicU64::new(trimmed),
         })
     }
 
@@ -255,16 +273,30 @@ impl CdrStore {
     /// Drops outbox entries up to `seq` (every peer has them), and the cursors of
     /// `retired` nodes.
     pub fn trim_outbox(&self, seq: u64, retired: &[u64]) -> Result<(), Error> {
+        let from = self.trimmed.load(Ordering::Acquire);
+        if seq <= from && retired.is_empty() {
+            return Ok(());
+        }
         let mut batch = WriteBatch::default();
-        let mut end = vec![OUTBOX];
-        end.extend_from_slice(&be(seq.saturating_add(1)));
-        batch.delete_range(vec![OUTBOX], end);
+        if seq > from && seq - from <= POINT_TRIM_MAX {
+            for s in from + 1..=seq {
+                let mut k = vec![OUTBOX];
+                k.extend_from_slice(&be(s));
+                batch.delete(k);
+            }
+        } else if seq > from {
+            let mut end = vec![OUTBOX];
+            end.extend_from_slice(&be(seq.saturating_add(1)));
+            batch.delete_range(vec![OUTBOX], end);
+        }
         for id in retired {
             let mut k = vec![CURSOR];
             k.extend_from_slice(&be(*id));
             batch.delete(k);
         }
-        self.db.write(batch).map_err(err("trimming the outbox"))
+        self.db.write(batch).map_err(err("trimming the outbox"))?;
+        self.trimmed.fetch_max(seq, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Compacts the whole store: for a store filled at once (`tandem cdr seed`), so that it
@@ -508,9 +540,16 @@ mod tests {
             assert_eq!(store.cursors().unwrap(), [2]);
         }
         let store = CdrStore::open(dir.path(), 1).unwrap();
+        assert_eq!(
+            store.unshipped(0, 100).unwrap().len(),
+            2,
+            "the outbox outlives a restart"
+        );
         let mut r = vec![cdr("a", 9, "x@d")];
         store.write_own(&mut r).unwrap();
         assert_eq!(r[0].seq, 6, "seqs go on after a restart");
+        store.trim_outbox(6, &[]).unwrap();
+        assert!(store.unshipped(0, 100).unwrap().is_empty());
         // A record shipped twice is one record.
         store.write_received(&r).unwrap();
         let page = store
@@ -521,5 +560,32 @@ mod tests {
             })
             .unwrap();
         assert_eq!(page.records.len(), 6);
+    }
+
+    #[test]
+    fn shipping_rounds_leave_no_range_tombstones_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CdrStore::open(dir.path(), 1).unwrap();
+        // Each write in a batch takes one sequence number: a range delete one, point
+        // deletes one each.
+        let seq = || store.db.latest_sequence_number();
+        let mut r: Vec<Cdr> = (0..3).map(|i| cdr("a", i, "x@d")).collect();
+        store.write_own(&mut r).unwrap();
+        let before = seq();
+        store.trim_outbox(3, &[]).unwrap();
+        assert_eq!(seq() - before, 3, "three point deletes, no range delete");
+        let before = seq();
+        store.trim_outbox(3, &[]).unwrap();
+        assert_eq!(seq(), before, "a round that shipped nothing writes nothing");
+        assert!(store.unshipped(0, 10).unwrap().is_empty());
+        // A peer away for long: one range delete for the whole stretch.
+        let mut r: Vec<Cdr> = (0..(POINT_TRIM_MAX + 5))
+            .map(|i| cdr("b", i, "y@d"))
+            .collect();
+        store.write_own(&mut r).unwrap();
+        let before = seq();
+        store.trim_outbox(r.last().unwrap().seq, &[]).unwrap();
+        assert_eq!(seq() - before, 1);
+        assert!(store.unshipped(0, 10).unwrap().is_empty());
     }
 }
