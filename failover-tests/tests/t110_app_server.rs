@@ -2450,3 +2450,78 @@ fn a_dialplan_dials_sip_and_tel_uris_and_no_private_address_unless_allowed() {
         "nothing reaches the private address"
     );
 }
+
+/// A caller that sends no offer (late offer, RFC 3261 §13.2.1): the callee's 2xx offer
+/// reaches the caller in our 2xx, and the callee's ACK waits for the answer in the
+/// caller's ACK, and carries it.
+#[test]
+fn a_call_without_an_offer_gets_the_callees_offer_and_its_ack_carries_the_answer() {
+    let Fixture {
+        provider: _provider,
+        phone,
+        cluster: _cluster,
+        node,
+    } = fixture();
+    let mut alice = alice();
+    const ALICE_ANSWER: &str = "v=0\r\no=alice 5 5 IN IP4 127.0.0.1\r\ns=-\r\n\
+        c=IN IP4 127.0.0.1\r\nt=0 0\r\nm=audio 41000 RTP/AVP 0\r\n";
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            let invite = phone.expect_request("INVITE", Duration::from_secs(20));
+            assert!(
+                invite.body().is_empty(),
+                "no offer to pass on: {}",
+                invite.text
+            );
+            let contact = phone.contact();
+            phone.respond_sdp(
+                &invite,
+                200,
+                "OK",
+                &format!("Contact: <{contact}>\r\n"),
+                CAROL_OFFER,
+            );
+            let ack = phone.expect_request("ACK", Duration::from_secs(10));
+            assert!(
+                ack.body().contains("m=audio 41000"),
+                "the callee's ACK carries the caller's answer: {}",
+                ack.text
+            );
+            wait_bye_only(phone);
+        });
+        let ok = alice.invite(node, "sip:0301234@example.com", "late-1", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        assert!(ok.body().contains("m=audio 50000"), "{}", ok.text);
+        let dialog = alice.dialog(&ok);
+        let ack = tandem_failover_tests::ua::in_dialog_request(
+            (&alice.user, &alice.domain),
+            &dialog,
+            alice.local(),
+            "ACK",
+            dialog.cseq,
+            &dialog.to,
+        )
+        .replace(
+            "Content-Length: 0\r\n\r\n",
+            &format!(
+                "Content-Type: application/sdp\r\nContent-Length: {}\r\n\r\n{ALICE_ANSWER}",
+                ALICE_ANSWER.len()
+            ),
+        );
+        let to = tandem_failover_tests::ua::uri_addr(
+            dialog.route.first().unwrap_or(&dialog.remote_target),
+        );
+        alice.socket.send_to(ack.as_bytes(), to).unwrap();
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let bye_ok = alice.expect_response("BYE", Duration::from_secs(20));
+        assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
+        callee.join().unwrap();
+    });
+}
+
+/// The callee's side after its ACK: the BYE, answered 200.
+fn wait_bye_only(phone: &Ua) {
+    let bye = phone.expect_request("BYE", Duration::from_secs(20));
+    phone.respond(&bye, 200, "OK", "");
+}

@@ -99,6 +99,9 @@ pub(super) struct Bridge {
     /// it, with a higher version each time (RFC 3264 §8). None in other calls, whose
     /// descriptions pass unchanged.
     pub origin_a: Option<super::sdp::Origin>,
+    /// The callee's ACK, waiting for the answer the caller's ACK brings (a caller that
+    /// sent no offer got the callee's in our 2xx).
+    pub ack_later: Option<Box<super::legs::AckLater>>,
 }
 
 /// A 2xx we sent to an INVITE, retransmitted over UDP until its ACK (RFC 3261 §13.3.1.4:
@@ -140,6 +143,7 @@ impl Bridge {
             sdp_from: [None, None],
             sdp_to: [None, None],
             origin_a: None,
+            ack_later: None,
         }
     }
 
@@ -484,6 +488,17 @@ impl Bridge {
             if self.unacked.as_ref().is_some_and(|u| u.side == d.side) {
                 self.unacked = None;
             }
+            if d.side == Side::A && self.a.sent_by_peer(&d.request) {
+                if let Some(later) = self.ack_later.take() {
+                    // The caller's answer to the callee's offer: on to the callee. An ACK
+                    // without one leaves the callee held (the drop sends that).
+                    if let Some(answer) = Body::of(&d.request) {
+                        later.send(&answer.content_type, &answer.bytes);
+                        self.came(Side::A, Some(answer.clone()));
+                        self.went(Side::B, Some(answer));
+                    }
+                }
+            }
             return false;
         }
         // The token names the leg; the request must be that leg's peer's too.
@@ -661,6 +676,8 @@ impl Bridge {
 
     /// Sends BYE on both legs (the caller never ACKed, or the node gives up the call).
     pub(super) async fn end_both(&mut self) {
+        // A callee still waiting for its ACK gets it (held) before the BYE.
+        drop(self.ack_later.take());
         // The dialled side first: that is the call being paid for.
         if let Some(b) = self.b.take() {
             hang_up(&self.app, b);

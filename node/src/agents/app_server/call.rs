@@ -348,8 +348,14 @@ impl Call {
             customer: account.customer.clone(),
             token: self.token.clone(),
             side: 'b',
-            ack: super::legs::AckMode::Plain,
-            sdp_session: 0,
+            // A caller that sent no offer (late offer) gets the callee's in our 2xx, and
+            // its ACK brings the answer the callee's ACK waits for.
+            ack: if self.invite.body().is_empty() {
+                super::legs::AckMode::Later
+            } else {
+                super::legs::AckMode::Plain
+            },
+            sdp_session: rand::thread_rng().gen::<u32>().into(),
             content_type: value(&self.invite, &HeaderName::ContentType),
             body: Bytes::copy_from_slice(self.invite.body()),
             extra: String::new(),
@@ -432,13 +438,15 @@ impl Call {
                 done = async { current.as_mut().expect("guarded").0.as_mut().await }, if current.is_some() => {
                     let (_, reply) = current.take().expect("guarded");
                     let outcome = match done {
-                        Dialled::Answered { leg, answer, target, record, .. } => {
+                        Dialled::Answered { leg, answer, target, record, later } => {
                             if self.caller_gone {
                                 // The caller left as the callee answered: end it there.
+                                drop(later);
                                 hang_up(&self.app, *leg);
                                 close_answered(record);
                                 DialOutcome::CallerGone
                             } else {
+                                self.link.ack_later = later;
                                 self.connect(*leg, &answer);
                                 self.b_record = record;
                                 DialOutcome::Answered { target }

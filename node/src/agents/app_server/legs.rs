@@ -947,7 +947,9 @@ impl OutLeg {
                                         super::sdp::black_hole_answer(response.body(), &origin)
                                     }
                                 };
-                                let unusable = ctx.ack != AckMode::Plain && hold.is_none();
+                                // Held at once, the offer must be one we can hold; answered
+                                // later, the dialler judges it.
+                                let unusable = ctx.ack == AckMode::Hold && hold.is_none();
                                 let later = AckLater {
                                     app: ctx.app.clone(),
                                     leg: leg.clone(),
@@ -964,7 +966,7 @@ impl OutLeg {
                                     super::hang_up(&ctx.app, leg);
                                     report.failed(DialOutcome::Failed {
                                         code: 488,
-                                        reason: "Not Acceptable Here (the answer's session description cannot be held)".into(),
+                                        reason: "Not Acceptable Here (the answer carries no session description we can use)".into(),
                                     });
                                     return None;
                                 }
