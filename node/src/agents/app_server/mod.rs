@@ -19,6 +19,7 @@ pub mod call;
 pub mod callback;
 pub mod dialog;
 pub mod legs;
+pub mod runner;
 pub mod sdp;
 pub mod timer;
 
@@ -133,6 +134,8 @@ pub struct AppServer {
     customer_calls: Mutex<HashMap<String, u32>>,
     /// The callbacks placed here.
     callbacks: callback::Callbacks,
+    /// The threads dialplans run on.
+    runner: runner::Runner,
 }
 
 impl AppServer {
@@ -152,6 +155,7 @@ impl AppServer {
             cdrs,
             customer_calls: Mutex::new(HashMap::new()),
             callbacks: callback::Callbacks::default(),
+            runner: runner::Runner::default(),
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
