@@ -388,7 +388,7 @@ impl Call {
         let dial_cancel = cancelled.child_token();
         let (dial_tx, mut dial_rx) = mpsc::unbounded_channel();
         let mut current: Option<Dialling> = None;
-        let mut run: Option<oneshot::Receiver<Run>> = None;
+        let mut run: Option<tokio::task::JoinHandle<Run>> = None;
         match script {
             Some(d) => {
                 let compiled = self.app.sandbox.compile(&d.script).map_err(|e| {
@@ -406,11 +406,9 @@ impl Call {
                     app: self.app.clone(),
                     account: account.clone(),
                 });
-                run = Some(
-                    self.app
-                        .runner
-                        .spawn(move || sandbox.run(&compiled, facts, host)),
-                );
+                run = Some(tokio::task::spawn_blocking(move || {
+                    sandbox.run(&compiled, facts, host)
+                }));
             }
             None => {
                 let spec = match direction {

@@ -19,7 +19,6 @@ pub mod call;
 pub mod callback;
 pub mod dialog;
 pub mod legs;
-pub mod runner;
 pub mod sdp;
 pub mod timer;
 
@@ -134,8 +133,6 @@ pub struct AppServer {
     customer_calls: Mutex<HashMap<String, u32>>,
     /// The callbacks placed here.
     callbacks: callback::Callbacks,
-    /// The threads dialplans run on.
-    runner: runner::Runner,
 }
 
 impl AppServer {
@@ -155,7 +152,6 @@ impl AppServer {
             cdrs,
             customer_calls: Mutex::new(HashMap::new()),
             callbacks: callback::Callbacks::default(),
-            runner: runner::Runner::default(),
             proxy,
             sandbox: Arc::new(Sandbox::new(settings.limits.clone())),
             cluster,
