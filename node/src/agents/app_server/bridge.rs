@@ -350,6 +350,11 @@ impl Bridge {
             body.as_ref().map_or(&b""[..], |b| &b.bytes[..]),
         );
         let Some(request) = request else {
+            // Nothing to send it to (a peer whose 2xx had no usable Contact): try again
+            // later rather than at once, and let the session lapse if the peer lets it.
+            if let Some(t) = &mut self.timers[i] {
+                t.due = Instant::now() + REFRESH_RETRY;
+            }
             return;
         };
         let (seq, leg) = (leg.local_cseq, leg.clone());
@@ -449,11 +454,15 @@ impl Bridge {
         let Some(tx) = d.tx else {
             return;
         };
-        let ours = self.app.settings.session_expires;
-        let timer = SessionTimer::for_request(&d.request, ours).or(self.timers[i].map(|t| t.timer));
-        if let (Some(new), Some(t)) = (timer, &mut self.timers[i]) {
-            t.timer = new;
-            t.due = Instant::now() + new.due_after();
+        // A refresh that no longer asks for timers turns them off on this leg (RFC 4028 §9).
+        let timer = SessionTimer::for_request(&d.request, self.app.settings.session_expires);
+        match (timer, &mut self.timers[i]) {
+            (Some(new), Some(t)) => {
+                t.timer = new;
+                t.due = Instant::now() + new.due_after();
+            }
+            (None, t) => *t = None,
+            (Some(_), None) => {}
         }
         let Some(leg) = self.leg(d.side) else {
             return;
@@ -515,6 +524,10 @@ impl Bridge {
                 self.answer_refresh(&d, &method);
                 return false;
             }
+        }
+        if method == Method::Bye {
+            // A callee still waiting for its ACK gets it (held) before the BYE.
+            drop(self.ack_later.take());
         }
         let (src_side, dst_side) = (d.side, other(d.side));
         let dst_timer = self.timers[idx(dst_side)].map(|t| t.timer);
@@ -581,11 +594,13 @@ impl Bridge {
         let src_flow = src.flow;
         self.b = Some(b);
         if session_change && ok {
-            // The 2xx of a relayed session change refreshes both legs.
-            if let Some(new) = answer.as_ref().and_then(SessionTimer::for_answer) {
-                if let Some(t) = &mut self.timers[idx(dst_side)] {
-                    t.timer = new;
-                }
+            // The 2xx of a relayed session change refreshes both legs; one without
+            // Session-Expires turns the callee side's timer off (RFC 4028 §7.2).
+            let new = answer.as_ref().and_then(SessionTimer::for_answer);
+            match (new, &mut self.timers[idx(dst_side)]) {
+                (Some(new), Some(t)) => t.timer = new,
+                (None, t) => *t = None,
+                (Some(_), None) => {}
             }
             self.refreshed_now(src_side);
             self.refreshed_now(dst_side);
@@ -621,14 +636,17 @@ impl Bridge {
             if session_change && (200..300).contains(&status) {
                 response.push_header(HeaderName::Contact, format!("<{contact}>"));
                 let ours = self.app.settings.session_expires;
-                let timer = SessionTimer::for_request(&d.request, ours)
-                    .or(self.timers[idx(src_side)].map(|t| t.timer));
-                if let (Some(new), Some(t)) = (timer, &mut self.timers[idx(src_side)]) {
-                    t.timer = new;
-                    t.due = Instant::now() + new.due_after();
-                    for (name, value) in new.response_headers() {
-                        response.push_header(name, value);
+                let timer = SessionTimer::for_request(&d.request, ours);
+                match (timer, &mut self.timers[idx(src_side)]) {
+                    (Some(new), Some(t)) => {
+                        t.timer = new;
+                        t.due = Instant::now() + new.due_after();
+                        for (name, value) in new.response_headers() {
+                            response.push_header(name, value);
+                        }
                     }
+                    (None, t) => *t = None,
+                    (Some(_), None) => {}
                 }
             }
             if let Some(b) = &reply {

@@ -25,6 +25,8 @@ pub struct Leg {
     pub local: String,
     /// The peer's header value (To in our requests), tag included.
     pub remote: String,
+    /// The peer's tag, as parsed from that header.
+    pub remote_tag: Option<String>,
     /// Where requests go: the peer's Contact URI.
     pub remote_target: String,
     /// Route values for our requests, in order.
@@ -76,6 +78,7 @@ impl Leg {
             call_id: invite.call_id().map(|c| c.into_owned()).unwrap_or_default(),
             local: format!("{to};tag={our_tag}"),
             remote: value(invite, &HeaderName::From).unwrap_or_default(),
+            remote_tag: invite.from().ok().and_then(|f| f.tag().map(str::to_owned)),
             remote_target: contact_uri(invite).unwrap_or_default(),
             route_set: record_routes(invite),
             local_cseq: 0,
@@ -92,6 +95,7 @@ impl Leg {
             call_id: invite.call_id().map(|c| c.into_owned()).unwrap_or_default(),
             local: value(invite, &HeaderName::From).unwrap_or_default(),
             remote: value(answer, &HeaderName::To).unwrap_or_default(),
+            remote_tag: answer.to().ok().and_then(|t| t.tag().map(str::to_owned)),
             remote_target: contact_uri(answer).unwrap_or_default(),
             route_set,
             local_cseq: invite.cseq().map(|c| c.seq).unwrap_or(1),
@@ -171,16 +175,12 @@ impl Leg {
     /// Whether `request` comes from this leg's peer: its Call-ID, and its From tag the
     /// peer's tag (the phones of one account share a Call-ID, each with its own tag).
     pub fn sent_by_peer(&self, request: &Message) -> bool {
-        let tag = |v: &str| {
-            v.split(';')
-                .find_map(|p| p.trim().strip_prefix("tag=").map(str::to_owned))
-        };
         request.call_id().ok().as_deref() == Some(self.call_id.as_str())
             && request
                 .from()
                 .ok()
                 .and_then(|f| f.tag().map(str::to_owned))
-                .is_some_and(|t| Some(t) == tag(&self.remote))
+                .is_some_and(|t| Some(t) == self.remote_tag)
     }
 
     /// Takes a new remote target from a target-refresh request or its answer (a re-INVITE
