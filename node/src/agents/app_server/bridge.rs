@@ -364,16 +364,9 @@ impl Bridge {
         let mut events = app.layer.send_request(request, flow);
         let report = report.clone();
         tokio::spawn(async move {
-            let outcome = loop {
-                match events.recv().await {
-                    Some(ClientEvent::Response(r)) if r.status().unwrap_or(0) >= 200 => {
-                        break Refreshed::Answer(r)
-                    }
-                    Some(ClientEvent::Response(_)) => continue,
-                    Some(ClientEvent::Timeout | ClientEvent::TransportError) | None => {
-                        break Refreshed::Gone
-                    }
-                }
+            let outcome = match final_response(&mut events).await {
+                Some(r) => Refreshed::Answer(Box::new(r)),
+                None => Refreshed::Gone,
             };
             if let Refreshed::Answer(r) = &outcome {
                 let ok = (200..300).contains(&r.status().unwrap_or(0));
@@ -565,19 +558,10 @@ impl Bridge {
             return method == Method::Bye;
         };
         let mut events = self.app.layer.send_request(out, flow);
-        let answer = tokio::time::timeout(RELAY_WAIT, async {
-            while let Some(e) = events.recv().await {
-                match e {
-                    ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Some(*r),
-                    ClientEvent::Response(_) => {}
-                    _ => return None,
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten();
+        let answer = tokio::time::timeout(RELAY_WAIT, final_response(&mut events))
+            .await
+            .ok()
+            .flatten();
         let ok = answer
             .as_ref()
             .is_some_and(|r| (200..300).contains(&r.status().unwrap_or(0)));
@@ -595,7 +579,7 @@ impl Bridge {
         self.b = Some(b);
         if session_change && ok {
             // The 2xx of a relayed session change refreshes both legs; one without
-            // Session-Expires turns the callee side's timer off (RFC 4028 §7.2).
+            // Session-Expires turns off the timer of the leg that sent it (RFC 4028 §7.2).
             let new = answer.as_ref().and_then(SessionTimer::for_answer);
             match (new, &mut self.timers[idx(dst_side)]) {
                 (Some(new), Some(t)) => t.timer = new,
@@ -702,6 +686,21 @@ impl Bridge {
         }
         hang_up(&self.app, self.a.clone());
     }
+}
+
+/// The final response to a request of ours, from its client transaction's events; none if
+/// it timed out or its connection failed.
+pub(super) async fn final_response(
+    events: &mut mpsc::UnboundedReceiver<ClientEvent>,
+) -> Option<Message> {
+    while let Some(e) = events.recv().await {
+        match e {
+            ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Some(*r),
+            ClientEvent::Response(_) => {}
+            ClientEvent::Timeout | ClientEvent::TransportError => return None,
+        }
+    }
+    None
 }
 
 /// Whether `m` lists `method` in its Allow.

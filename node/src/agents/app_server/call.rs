@@ -618,23 +618,13 @@ impl Call {
 /// The route of a call without a dialplan: the number dialled through the customer's
 /// provider, if it has exactly one enabled provider account.
 fn default_spec(app: &AppServer, customer: &str, user: &str) -> Result<String, Refusal> {
-    let providers: Vec<String> = app
-        .cluster
-        .replica
-        .reader()
-        .provider_accounts()
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.customer == customer && p.enabled)
-        .map(|p| p.name)
-        .collect();
-    match &providers[..] {
-        [one] if !user.is_empty() => Ok(format!("{user}@{one}")),
-        [] => Err(Refusal::new(
+    match super::legs::only_provider(app, customer) {
+        Ok(p) if !user.is_empty() => Ok(format!("{user}@{}", p.name)),
+        Ok(_) | Err(super::legs::NoProvider::None) => Err(Refusal::new(
             404,
             "Not Found (no dialplan, and the customer has no provider account to call out through)",
         )),
-        _ => Err(Refusal::new(
+        Err(super::legs::NoProvider::Several) => Err(Refusal::new(
             404,
             "Not Found (no dialplan, and the customer has several provider accounts: a dialplan must choose)",
         )),

@@ -33,14 +33,13 @@ use tandem_sip::{Message, Method};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::bridge::{answer, Body, Bridge};
+use super::bridge::{answer, final_response, Body, Bridge};
 use super::dialog::{value, Leg};
 use super::legs::{close_answered, exec, AckMode, DialContext, Dialled, LegRecords};
 use super::sdp;
 use super::timer::SessionTimer;
 use super::{via_on, AppServer, InDialog, Side};
 use crate::agents::proxy::dialogs::{DialogKind, Refused};
-use crate::stack::transaction::ClientEvent;
 
 /// Callbacks whose state is kept for `GET /v1/callbacks/{id}`, running or ended; the
 /// oldest ended ones go first.
@@ -568,20 +567,11 @@ impl Run {
             .ok_or((500, "the re-INVITE to a could not be built".to_owned()))?;
         let seq = leg_a.local_cseq;
         let mut events = self.app.layer.send_request(reinvite, flow);
-        let answer = tokio::time::timeout(CONNECT_WAIT, async {
-            while let Some(e) = events.recv().await {
-                match e {
-                    ClientEvent::Response(r) if r.status().unwrap_or(0) >= 200 => return Some(*r),
-                    ClientEvent::Response(_) => {}
-                    _ => return None,
-                }
-            }
-            None
-        })
-        .await
-        .ok()
-        .flatten()
-        .ok_or((408, "a did not answer the re-INVITE".to_owned()))?;
+        let answer = tokio::time::timeout(CONNECT_WAIT, final_response(&mut events))
+            .await
+            .ok()
+            .flatten()
+            .ok_or((408, "a did not answer the re-INVITE".to_owned()))?;
         let status = answer.status().unwrap_or(500);
         if !(200..300).contains(&status) {
             let reason = String::from_utf8_lossy(answer.reason().unwrap_or_default()).into_owned();

@@ -498,7 +498,15 @@ async fn dial_leg(
                 }
                 match only_provider(&ctx.app, &ctx.customer) {
                     Ok(p) => (number.to_owned(), p),
-                    Err(why) => return failed(404, format!("Not Found ({text}: {why})")),
+                    Err(NoProvider::None) => {
+                        return failed(
+                            404,
+                            format!("Not Found ({text}: the customer has no provider account)"),
+                        );
+                    }
+                    Err(NoProvider::Several) => {
+                        return failed(404, format!("Not Found ({text}: the customer has several provider accounts; write number@provider)"));
+                    }
                 }
             } else {
                 let uri = match parse_sip(text) {
@@ -1109,8 +1117,15 @@ pub fn is_public(ip: std::net::IpAddr) -> bool {
     }
 }
 
-/// The customer's only enabled provider account, or why there is none to choose.
-fn only_provider(app: &AppServer, customer: &str) -> Result<ProviderAccount, &'static str> {
+/// Why a customer has no single provider account to call out through.
+pub enum NoProvider {
+    None,
+    Several,
+}
+
+/// The customer's only enabled provider account: where a number goes when nothing names
+/// a provider (a call without a dialplan, a `tel:` target).
+pub fn only_provider(app: &AppServer, customer: &str) -> Result<ProviderAccount, NoProvider> {
     let mut enabled = app
         .cluster
         .replica
@@ -1121,10 +1136,8 @@ fn only_provider(app: &AppServer, customer: &str) -> Result<ProviderAccount, &'s
         .filter(|p| p.customer == customer && p.enabled);
     match (enabled.next(), enabled.next()) {
         (Some(p), None) => Ok(p),
-        (None, _) => Err("the customer has no provider account"),
-        (Some(_), Some(_)) => {
-            Err("the customer has several provider accounts: write number@provider")
-        }
+        (None, _) => Err(NoProvider::None),
+        (Some(_), Some(_)) => Err(NoProvider::Several),
     }
 }
 
