@@ -485,8 +485,10 @@ async fn dial_leg(
             }
         }
         Target::Uri(text) => {
-            if let Some(rest) = text.get(..4).filter(|s| s.eq_ignore_ascii_case("tel:")) {
-                let _ = rest;
+            if text
+                .get(..4)
+                .is_some_and(|s| s.eq_ignore_ascii_case("tel:"))
+            {
                 // A telephone number: through the customer's only provider, as a call
                 // without a dialplan goes.
                 let number = text[4..].split(';').next().unwrap_or_default();
