@@ -47,7 +47,7 @@
 # The cluster is formed by ops/bench/cluster.sh.
 # Environment: REG_USERS (20); CALL_HOLD_MS (1000); BENCH_NODE (1: the node that takes all
 # the load; node 1 forms the cluster and is its leader, 2 and 3 are followers);
-# BENCH_PHASES ("register calls"); KEEP_WORK=1 keeps the work directory (server logs, sipp
+# BENCH_PHASES ("register calls"; "provider" for phase 3); KEEP_WORK=1 keeps the work directory (server logs, sipp
 # outputs, error logs and rtt traces); TANDEM_BENCH_NO_BUILD=1 skips setup and build;
 # RUNTIME_THREADS, SIP_THREADS and NODE_ENV go to ops/bench/cluster.sh (the nodes' runtime
 # and SIP threads, and their environment); BENCH_TANDEM_BIN benchmarks that binary instead
