@@ -2453,7 +2453,9 @@ fn a_dialplan_dials_sip_and_tel_uris_and_no_private_address_unless_allowed() {
 
 /// A caller that sends no offer (late offer, RFC 3261 §13.2.1): the callee's 2xx offer
 /// reaches the caller in our 2xx, and the callee's ACK waits for the answer in the
-/// caller's ACK, and carries it.
+/// caller's ACK, and carries it. A re-INVITE of the caller's that arrives just before its
+/// ACK (as two requests sent back to back can be handed over) reaches the callee after
+/// the callee's ACK, not before.
 #[test]
 fn a_call_without_an_offer_gets_the_callees_offer_and_its_ack_carries_the_answer() {
     let Fixture {
@@ -2482,18 +2484,29 @@ fn a_call_without_an_offer_gets_the_callees_offer_and_its_ack_carries_the_answer
                 &format!("Contact: <{contact}>\r\n"),
                 CAROL_OFFER,
             );
-            let ack = phone.expect_request("ACK", Duration::from_secs(10));
+            // The first request the callee sees after its 200 is its ACK.
+            let first = phone
+                .recv(Duration::from_secs(10))
+                .expect("the callee's ACK");
+            assert_eq!(first.method(), Some("ACK"), "{}", first.text);
             assert!(
-                ack.body().contains("m=audio 41000"),
+                first.body().contains("m=audio 41000"),
                 "the callee's ACK carries the caller's answer: {}",
-                ack.text
+                first.text
             );
+            let reinvite = phone.expect_request("INVITE", Duration::from_secs(10));
+            let contact = phone.contact();
+            phone.respond(&reinvite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            phone.expect_request("ACK", Duration::from_secs(10));
             wait_bye_only(phone);
         });
         let ok = alice.invite(node, "sip:0301234@example.com", "late-1", &mut |_, _| {});
         assert_eq!(ok.status(), Some(200), "{}", ok.text);
         assert!(ok.body().contains("m=audio 50000"), "{}", ok.text);
         let dialog = alice.dialog(&ok);
+        // The re-INVITE first, the ACK 200 ms later.
+        alice.send_in_dialog(&dialog, "INVITE", dialog.cseq + 1);
+        std::thread::sleep(Duration::from_millis(200));
         let ack = tandem_failover_tests::ua::in_dialog_request(
             (&alice.user, &alice.domain),
             &dialog,
@@ -2513,7 +2526,10 @@ fn a_call_without_an_offer_gets_the_callees_offer_and_its_ack_carries_the_answer
             dialog.route.first().unwrap_or(&dialog.remote_target),
         );
         alice.socket.send_to(ack.as_bytes(), to).unwrap();
-        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+        let reinvited = alice.expect_response("INVITE", Duration::from_secs(10));
+        assert_eq!(reinvited.status(), Some(200), "{}", reinvited.text);
+        alice.send_in_dialog(&dialog, "ACK", dialog.cseq + 1);
+        alice.send_in_dialog(&dialog, "BYE", dialog.cseq + 2);
         let bye_ok = alice.expect_response("BYE", Duration::from_secs(20));
         assert_eq!(bye_ok.status(), Some(200), "{}", bye_ok.text);
         callee.join().unwrap();

@@ -28,6 +28,9 @@ use crate::stack::transport::Flow;
 const ACK_WAIT: Duration = Duration::from_secs(32);
 /// How long a request relayed inside a call may wait for its answer.
 const RELAY_WAIT: Duration = Duration::from_secs(32);
+/// How long a caller's request waits for the caller's ACK while the callee waits for its
+/// own (see [`Bridge::after_callers_ack`]).
+const ACK_GRACE: Duration = Duration::from_secs(1);
 /// How soon a refresh of ours that failed (other than 408 or 481) is tried again.
 const REFRESH_RETRY: Duration = Duration::from_secs(10);
 
@@ -272,8 +275,10 @@ impl Bridge {
                 }
                 got = a_rx.recv() => {
                     let Some(d) = got else { return };
-                    if self.relay(d).await {
-                        return;
+                    for d in self.after_callers_ack(d, a_rx).await {
+                        if self.relay(d).await {
+                            return;
+                        }
                     }
                 }
                 got = b_rx.recv() => {
@@ -297,6 +302,34 @@ impl Bridge {
                 }
             }
         }
+    }
+
+    /// The caller's requests in the order they must be relayed. While the callee waits
+    /// for its ACK (a late offer), a request of the caller's that came before the caller's
+    /// ACK waits up to [`ACK_GRACE`] for it: the two are sent back to back, but may be
+    /// handed to this task the other way round, and a callee that gets a re-INVITE or BYE
+    /// before its ACK may refuse it or never ACK its answer.
+    async fn after_callers_ack(
+        &mut self,
+        first: InDialog,
+        a_rx: &mut mpsc::Receiver<InDialog>,
+    ) -> Vec<InDialog> {
+        let is_ack = |d: &InDialog| d.request.method() == Some(&Method::Ack);
+        if self.ack_later.is_none() || is_ack(&first) {
+            return vec![first];
+        }
+        let mut held = vec![first];
+        let deadline = Instant::now() + ACK_GRACE;
+        while self.ack_later.is_some() {
+            match tokio::time::timeout_at(deadline, a_rx.recv()).await {
+                Ok(Some(d)) if is_ack(&d) => {
+                    self.relay(d).await;
+                }
+                Ok(Some(d)) => held.push(d),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        held
     }
 
     /// Acts on the session timers that are due: refreshes the legs we refresh; true if a
