@@ -85,17 +85,8 @@ callee_port=$(udp_port 127.0.0.1)
 run() {
   local name=$1 dir="$work/$1" uas_pid wc_pid p0 p1
   mkdir -p "$dir"
-  printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
   printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$dir/caller.csv"
-  (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
-    -ap "$password" -i 127.0.0.1 -p "$callee_port" -m 1 -nostdin -timeout 10s \
-    -recv_timeout 3000 "$sip1" > callee-register.out 2>&1) \
-    || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
-  (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$callee_port" \
-    -nostdin -trace_err > uas.out 2>&1) &
-  uas_pid=$!
-  pids+=($uas_pid)
-  sleep 0.5
+  start_callee "$name" "$dir" "$sip1" "$callee_port"
   p0=$(metric tandem_cdr_purged_total)
   cpu_ticks "${node_pid[1]}" > "$dir/cpu0"
   curl -sS --max-time 60 -H "Authorization: Bearer $token" \

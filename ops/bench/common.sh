@@ -1,4 +1,4 @@
-# Shared by the SIP benchmarks (ops/bench/sip.sh, ops/bench/hostile.sh); sourced from the
+# Shared by the SIP benchmarks (sip.sh, hostile.sh, cdr-purge.sh, endless-script.sh); sourced from the
 # repository root. It sets up and builds (unless TANDEM_BENCH_NO_BUILD=1), picks the tandem
 # binary (BENCH_TANDEM_BIN runs another one, such as an earlier build for a before/after
 # comparison in one sitting), makes the work directory $work, and installs the cleanup that
@@ -63,4 +63,22 @@ socket_drops() {
   local d
   d=$(ss -uanmH src "$1" 2>/dev/null | grep -o 'd[0-9]*)' | tr -dc '0-9' || true)
   echo "${d:-0}"
+}
+
+# start_callee NAME DIR ADDR PORT: registers account "callee" (password $password, domain
+# $domain) from 127.0.0.1:PORT through ADDR, then answers calls there with
+# ops/sipp/bench-uas.xml in the background; its pid is in $uas_pid (and in pids). NAME
+# labels the error if the registration fails, which ends the script.
+start_callee() {
+  local name=$1 dir=$2 addr=$3 port=$4
+  printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
+  (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
+    -ap "$password" -i 127.0.0.1 -p "$port" -m 1 -nostdin -timeout 10s \
+    -recv_timeout 3000 "$addr" > callee-register.out 2>&1) \
+    || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
+  (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$port" \
+    -nostdin -trace_err > uas.out 2>&1) &
+  uas_pid=$!
+  pids+=($uas_pid)
+  sleep 0.5
 }

@@ -70,18 +70,9 @@ callee_port=$(udp_port 127.0.0.1)
 run() {
   local name=$1 looping=$2 dir="$work/$1" uas_pid loop_pid="" loops
   mkdir -p "$dir"
-  printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
   printf 'SEQUENTIAL\ncaller;%s;0301234\n' "$domain" > "$dir/caller.csv"
   printf 'SEQUENTIAL\nlooper;%s;0301234\n' "$domain" > "$dir/looper.csv"
-  (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
-    -ap "$password" -i 127.0.0.1 -p "$callee_port" -m 1 -nostdin -timeout 10s \
-    -recv_timeout 3000 "$sip1" > callee-register.out 2>&1) \
-    || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
-  (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$callee_port" \
-    -nostdin -trace_err > uas.out 2>&1) &
-  uas_pid=$!
-  pids+=($uas_pid)
-  sleep 0.5
+  start_callee "$name" "$dir" "$sip1" "$callee_port"
   cpu_ticks "${node_pid[1]}" > "$dir/cpu0"
   if [ "$looping" = 1 ]; then
     loops=$(( calls / rate * loop_rate ))

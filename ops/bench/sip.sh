@@ -234,17 +234,8 @@ calls() {
   if [ "$phase" = provider ]; then
     printf 'SEQUENTIAL\ncaller;%s;0301234\n' "$domain" > "$dir/caller.csv"
   else
-    printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
     printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$dir/caller.csv"
-    (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
-      -ap "$password" -i 127.0.0.1 -p "$callee_port" -m 1 -nostdin -timeout 10s \
-      -recv_timeout 3000 "$addr" > callee-register.out 2>&1) \
-      || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }
-    (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uas.xml" -i 127.0.0.1 -p "$callee_port" \
-      -nostdin -trace_err > uas.out 2>&1) &
-    uas_pid=$!
-    pids+=($uas_pid)
-    sleep 0.5
+    start_callee "$name" "$dir" "$addr" "$callee_port"
   fi
   limit=$(( rate * (hold_ms / 1000 + 5) ))
   before "$run" "$addr"
