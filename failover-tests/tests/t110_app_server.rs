@@ -2541,3 +2541,150 @@ fn wait_bye_only(phone: &Ua) {
     let bye = phone.expect_request("BYE", Duration::from_secs(20));
     phone.respond(&bye, 200, "OK", "");
 }
+
+/// The call records node `id` holds for `customer`, once it holds `n`.
+fn wait_customer_cdrs(cluster: &Cluster, id: u64, customer: &str, n: usize) -> Vec<Value> {
+    let m = cluster.member(id);
+    Wait::new(
+        format!("{n} CDRs of {customer} on node {id}"),
+        Duration::from_secs(15),
+    )
+    .showing(cluster)
+    .until(|| {
+        let records = m
+            .get(&format!("/v1/cdrs?customer={customer}"))
+            .and_then(|a| a.json()["records"].as_array().cloned())
+            .unwrap_or_default();
+        (records.len() >= n).then_some(records)
+    })
+}
+
+/// The record of leg `name` of call `call`.
+fn call_leg<'a>(records: &'a [Value], call: &str, name: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["call"] == call && r["leg"] == name)
+        .unwrap_or_else(|| panic!("no record of {call} leg {name}: {records:#?}"))
+}
+
+#[test]
+fn the_proxy_records_calls_between_local_phones_where_they_enter_the_cluster() {
+    let cluster = Cluster::form(&[MemberRole::Full; 3], "");
+    let m = cluster.member(1);
+    for c in ["c1", "c2"] {
+        assert_eq!(m.put_customer(c), Some(200));
+    }
+    c1_account(&cluster, "alice");
+    let limit = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/alice",
+            Some(r#"{"max_concurrent_calls":1}"#),
+        )
+        .unwrap();
+    assert_eq!(limit.status, 200, "{}", limit.body);
+    let b = m
+        .request(
+            "PUT",
+            "/v1/accounts/example.com/bob",
+            Some(r#"{"password":"pw-bob","customer":"c2"}"#),
+        )
+        .unwrap();
+    assert_eq!(b.status, 201, "{}", b.body);
+    // Bob's phone is behind node 2; alice calls through node 1, an outsider through
+    // node 3. Neither account has a dialplan: the proxy carries the calls. Alice may
+    // have one call at a time: a call that failed must free its place at once (her
+    // last call follows a busy one immediately).
+    let bob = registered_phone("bob", cluster.member(2).sip_addr());
+    let mut alice = alice();
+    let mut outsider = Ua::new("127.0.0.1", "mallory", "elsewhere.test", "x");
+    for (who, node, call_id, status) in [
+        ("alice", 1, "proxied-1", 200),
+        ("outsider", 3, "proxied-2", 200),
+        ("alice", 1, "proxied-3", 486),
+        ("alice", 1, "proxied-4", 486),
+    ] {
+        let caller = if who == "alice" {
+            &mut alice
+        } else {
+            &mut outsider
+        };
+        let addr = cluster.member(node).sip_addr();
+        std::thread::scope(|s| {
+            let bob = &bob;
+            let callee = s.spawn(move || {
+                let reason = if status == 200 { "OK" } else { "Busy Here" };
+                answer_next(bob, status, reason);
+                if status == 200 {
+                    std::thread::sleep(Duration::from_millis(1100));
+                    wait_for_bye(bob);
+                }
+            });
+            let r = caller.invite(addr, "sip:bob@example.com", call_id, &mut |_, _| {});
+            assert_eq!(r.status(), Some(status), "{}", r.text);
+            if status == 200 {
+                ack_and_hang_up(caller, &r);
+            }
+            callee.join().unwrap();
+        });
+    }
+    // c1 (alice) has the caller's leg of her calls; c2 (bob) the callee's leg of
+    // every call, and the outsider's leg of the call nobody local placed.
+    let c1 = wait_customer_cdrs(&cluster, 2, "c1", 3);
+    let c2 = wait_customer_cdrs(&cluster, 2, "c2", 5);
+    // Nothing more arrives: the edge node (2) wrote nothing of its own.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(wait_customer_cdrs(&cluster, 2, "c1", 3).len(), 3, "{c1:#?}");
+    assert_eq!(wait_customer_cdrs(&cluster, 2, "c2", 5).len(), 5, "{c2:#?}");
+
+    let a = call_leg(&c1, "proxied-1", "a");
+    assert_eq!(
+        (&a["direction"], &a["account"], &a["node"]),
+        (&"in".into(), &"alice@example.com".into(), &1.into()),
+        "{a:#}"
+    );
+    let b1 = call_leg(&c2, "proxied-1", "b1");
+    assert_eq!(
+        (&b1["direction"], &b1["account"], &b1["node"]),
+        (&"out".into(), &"bob@example.com".into(), &1.into()),
+        "{b1:#}"
+    );
+    for r in [a, b1] {
+        assert_eq!(
+            (&r["code"], &r["outcome"]),
+            (&200.into(), &"answered".into())
+        );
+        assert!(
+            r["from"].as_str().unwrap().contains("alice@example.com"),
+            "{r:#}"
+        );
+        assert_eq!(r["to"], "sip:bob@example.com");
+        assert!(r["ring_ms"].is_u64(), "{r:#}");
+        assert!(r["duration_s"].as_u64() >= Some(1), "{r:#}");
+        check_answered_times(r);
+    }
+    for leg in ["a", "b1"] {
+        let r = call_leg(&c2, "proxied-2", leg);
+        assert_eq!(
+            (&r["account"], &r["node"], &r["outcome"]),
+            (&"bob@example.com".into(), &3.into(), &"answered".into()),
+            "{r:#}"
+        );
+        assert!(
+            r["from"]
+                .as_str()
+                .unwrap()
+                .contains("mallory@elsewhere.test"),
+            "{r:#}"
+        );
+    }
+    for (records, leg) in [(&c1, "a"), (&c2, "b1")] {
+        let r = call_leg(records, "proxied-3", leg);
+        assert_eq!(
+            (&r["code"], &r["reason"], &r["outcome"], &r["node"]),
+            (&486.into(), &"Busy Here".into(), &"busy".into(), &1.into()),
+            "{r:#}"
+        );
+        assert!(r["answer_ms"].is_null() && r["duration_s"] == 0, "{r:#}");
+    }
+}

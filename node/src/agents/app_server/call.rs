@@ -185,6 +185,7 @@ async fn serve(
         &caller_tag,
         DialogKind::Call,
         Some((&name, account.max_concurrent_calls)),
+        None,
     ) {
         Ok(()) => {}
         Err(Refused::CallLimit) => {
@@ -233,7 +234,7 @@ async fn serve(
             (487, "Request Terminated".to_owned(), "cancelled")
         } else {
             let (code, reason) = call.fail(result);
-            (code, reason, outcome_of(code))
+            (code, reason, crate::agents::cdr::outcome_of(code))
         };
         if let Some((open, recorder)) = call.record.take() {
             recorder.record(open.close(code, &reason, outcome));
@@ -255,16 +256,6 @@ async fn serve(
         .ended(&call_id, &caller_tag, &our_tag, DialogKind::Call);
     if !converted {
         app.proxy.dialogs.release(&call_id, &caller_tag, false);
-    }
-}
-
-/// What a call the caller was refused with `code` came to, for its record.
-fn outcome_of(code: u16) -> &'static str {
-    match code {
-        486 | 600 => "busy",
-        408 | 480 | 487 => "no answer",
-        401 | 403 | 404 | 484 | 488 | 603 => "refused",
-        _ => "failed",
     }
 }
 

@@ -259,6 +259,7 @@ impl AppServer {
             "callback",
             DialogKind::Call,
             Some((&name, account.max_concurrent_calls)),
+            None,
         ) {
             Ok(()) => {}
             Err(Refused::CallLimit) => {

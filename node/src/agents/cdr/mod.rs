@@ -1,9 +1,10 @@
-//! Call detail records: one record per leg of every call the app server handles, written
-//! by the node that handled it, copied to every other full node, and removed in bounded
-//! steps once older than the customer's retention (node/DESIGN.md, "CDRs").
+//! Call detail records: one record per leg of every call the app server handles and of
+//! every call the proxy carries to a local account, written by the node that handled it,
+//! copied to every other full node, and removed in bounded steps once older than the
+//! customer's retention (node/DESIGN.md, "CDRs").
 //!
-//! A call's task keeps an [`Open`] record per leg and hands the closed [`Cdr`] to the
-//! [`Recorder`], which never blocks a SIP thread: a writer thread of its own stores
+//! A call's task (or, for the proxy, the call's dialog entry) keeps an [`Open`] record per
+//! leg and hands the closed [`Cdr`] to the [`Recorder`], which never blocks a SIP thread: a writer thread of its own stores
 //! records in groups, each group fsynced once ([`store::CdrStore`], a RocksDB apart from
 //! the replica's), and runs the purge steps between groups. The shipper sends each
 //! node's own records to every peer over the cluster link and forgets them from its
@@ -194,8 +195,13 @@ impl Open {
     }
 
     /// The leg ended now with `code`.
-    pub fn close(mut self, code: u16, reason: &str, outcome: &str) -> Cdr {
-        let end = now_ms();
+    pub fn close(self, code: u16, reason: &str, outcome: &str) -> Cdr {
+        self.close_at(now_ms(), code, reason, outcome)
+    }
+
+    /// The leg ended at `end` (Unix milliseconds) with `code`.
+    pub fn close_at(mut self, end: u64, code: u16, reason: &str, outcome: &str) -> Cdr {
+        let end = end.max(self.cdr.start_ms);
         self.cdr.end_ms = end;
         self.cdr.code = code;
         self.cdr.reason = cap(reason, MAX_TEXT);
@@ -208,14 +214,32 @@ impl Open {
     }
 }
 
+/// What a call that failed with `code` came to, for its record.
+pub fn outcome_of(code: u16) -> &'static str {
+    match code {
+        486 | 600 => "busy",
+        408 | 480 | 487 => "no answer",
+        401 | 403 | 404 | 484 | 488 | 603 => "refused",
+        _ => "failed",
+    }
+}
+
 /// Where closed records go: the writer thread's queue.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct Recorder {
     queue: SyncSender<Cdr>,
     dropped: Arc<AtomicU64>,
 }
 
 impl Recorder {
+    /// A recorder whose records come out of the receiver, for unit tests.
+    #[cfg(test)]
+    pub fn for_tests() -> (Recorder, mpsc::Receiver<Cdr>) {
+        let (queue, rx) = mpsc::sync_channel(QUEUE);
+        let dropped = Arc::default();
+        (Recorder { queue, dropped }, rx)
+    }
+
     /// Queues a record for writing; never blocks.
     pub fn record(&self, cdr: Cdr) {
         match self.queue.try_send(cdr) {

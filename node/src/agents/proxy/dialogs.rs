@@ -15,6 +15,11 @@
 //! as one, and so does each leg a fork answered; one Call-ID reused for many INVITEs
 //! counts each.
 //!
+//! A call the proxy carries to a local account from the node where it entered the cluster
+//! keeps its records ([`CallRecords`]) in its entry: the caller's leg `a` and the leg to
+//! the callee `b1`, rung and answered as the responses pass, and written when the entry
+//! goes (its last dialog's BYE, or the failure of every forward).
+//!
 //! Bounded: at most `max` entries, at most half of them without an authenticated account
 //! (callers from outside reaching local phones), and a new one past either bound is
 //! refused rather than a live call evicted. An entry nobody used for [`MAX_IDLE`] is
@@ -27,6 +32,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::agents::cdr::{Open, Recorder};
+use crate::clock::now_ms;
 
 /// A dialog with no request through this node for this long is forgotten: a call whose
 /// BYE went elsewhere, or a subscription that was never refreshed.
@@ -61,6 +69,57 @@ struct Entry {
     queued_at: Instant,
     /// Which queue position is current (an entry re-queued has a newer one).
     seq: u64,
+    /// The call's records, if this node writes them.
+    records: Option<Box<CallRecords>>,
+}
+
+/// The records of a call the proxy carries: the caller's leg and the leg to the callee.
+/// Both ring and are answered at the same moments (the proxy relays each response as it
+/// comes), but may belong to different accounts and customers.
+#[derive(Debug)]
+pub struct CallRecords {
+    a: Open,
+    b: Open,
+    answered: bool,
+    /// The final response that went back for the last forward that was not answered, and
+    /// what it came to.
+    last_final: Option<(u16, String, &'static str)>,
+}
+
+impl CallRecords {
+    pub fn new(a: Open, b: Open) -> CallRecords {
+        CallRecords {
+            a,
+            b,
+            answered: false,
+            last_final: None,
+        }
+    }
+
+    /// The caller's record of a call refused before it was forwarded.
+    pub fn refused(self, code: u16, reason: &str) -> crate::agents::cdr::Cdr {
+        self.a.close(code, reason, "refused")
+    }
+
+    /// Both legs' records, ended at `end` (Unix milliseconds); `idle` if the call was
+    /// forgotten for want of any request rather than ended by a BYE.
+    fn close(self, end: u64, idle: bool) -> [crate::agents::cdr::Cdr; 2] {
+        let (code, reason, outcome) = if self.answered {
+            let reason = if idle {
+                "OK (no BYE through this node before it was forgotten)"
+            } else {
+                "OK"
+            };
+            (200, reason.to_owned(), "answered")
+        } else {
+            self.last_final
+                .unwrap_or((408, "Request Timeout".to_owned(), "no answer"))
+        };
+        [
+            self.a.close_at(end, code, &reason, outcome),
+            self.b.close_at(end, code, &reason, outcome),
+        ]
+    }
 }
 
 impl Entry {
@@ -80,6 +139,8 @@ struct Table {
     calls_up: usize,
     /// Entries without an authenticated account.
     anonymous: usize,
+    /// Where calls' records go, on a node that keeps them.
+    recorder: Option<Recorder>,
 }
 
 /// Why a new dialog was not recorded.
@@ -126,10 +187,24 @@ impl Table {
         }
     }
 
-    fn forget(&mut self, key: &str) {
+    /// Forgets an entry and writes its call's records: `idle_since`, when it goes for
+    /// want of use, is when it was last used.
+    fn forget(&mut self, key: &str, idle_since: Option<Instant>) {
         let Some(e) = self.entries.remove(key) else {
             return;
         };
+        if let (Some(records), Some(recorder)) = (e.records, &self.recorder) {
+            let end = match idle_since {
+                Some(last) => {
+                    let ago = Instant::now().saturating_duration_since(last).as_millis();
+                    now_ms().saturating_sub(u64::try_from(ago).unwrap_or(u64::MAX))
+                }
+                None => now_ms(),
+            };
+            for cdr in records.close(end, idle_since.is_some()) {
+                recorder.record(cdr);
+            }
+        }
         if e.kind == DialogKind::Call {
             self.calls_up -= e.up.len();
             self.remove_calls(&e.account, e.claims + e.up.len() as u32);
@@ -146,7 +221,7 @@ impl Table {
             .get(key)
             .is_some_and(|e| e.claims == 0 && e.up.is_empty())
         {
-            self.forget(key);
+            self.forget(key, None);
         }
     }
 
@@ -164,7 +239,8 @@ impl Table {
                 continue;
             }
             if now.saturating_duration_since(e.last_used) >= MAX_IDLE {
-                self.forget(&key);
+                let last_used = e.last_used;
+                self.forget(&key, Some(last_used));
             } else if e.last_used > e.queued_at {
                 e.queued_at = now;
                 e.seq = self.next_seq;
@@ -212,6 +288,13 @@ impl Dialogs {
         }
     }
 
+    /// A table that writes the records of the calls given it to `recorder`.
+    pub fn with_recorder(max: usize, recorder: Option<Recorder>) -> Dialogs {
+        let d = Dialogs::new(max);
+        d.lock().recorder = recorder;
+        d
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().expect("dialog table lock")
     }
@@ -220,13 +303,15 @@ impl Dialogs {
     /// or on the one its Call-ID and caller tag already have (the same request again,
     /// spiralling back through this node, or a new INVITE reusing them). A call placed
     /// by a local `account` (with its limit; 0 is none) counts against it, and is refused
-    /// at the limit. Every `Ok` must be matched by one [`Dialogs::release`].
+    /// at the limit. A new call entry keeps `records` (an entry that exists keeps its
+    /// own). Every `Ok` must be matched by one [`Dialogs::release`].
     pub fn begin(
         &self,
         call_id: &str,
         caller_tag: &str,
         kind: DialogKind,
         account: Option<(&str, u32)>,
+        records: Option<CallRecords>,
     ) -> Result<(), Refused> {
         let now = Instant::now();
         let mut t = self.lock();
@@ -272,6 +357,7 @@ impl Dialogs {
                 last_used: now,
                 queued_at: now,
                 seq,
+                records: records.filter(|_| kind == DialogKind::Call).map(Box::new),
             },
         );
         Ok(())
@@ -294,6 +380,16 @@ impl Dialogs {
             return;
         };
         e.last_used = Instant::now();
+        if let Some(r) = e.records.as_mut() {
+            if status < 200 {
+                r.a.ringing();
+                r.b.ringing();
+            } else {
+                r.a.answered();
+                r.b.answered();
+                r.answered = true;
+            }
+        }
         if status < 200 {
             if !e.knows_callee(callee_tag) && e.early.len() < MAX_CALLEE_TAGS {
                 e.early.push(callee_tag.into());
@@ -317,6 +413,28 @@ impl Dialogs {
             }
             if convert {
                 t.remove_calls(&account, 1);
+            }
+        }
+    }
+
+    /// The final response that went back for a forward of a call that was not answered,
+    /// and what it came to: what the call's records say if no later forward answers.
+    pub fn failed(
+        &self,
+        call_id: &str,
+        caller_tag: &str,
+        code: u16,
+        reason: &str,
+        outcome: &'static str,
+    ) {
+        let mut t = self.lock();
+        if let Some(r) = t
+            .entries
+            .get_mut(&key(call_id, caller_tag))
+            .and_then(|e| e.records.as_mut())
+        {
+            if !r.answered {
+                r.last_final = Some((code, reason.to_owned(), outcome));
             }
         }
     }
@@ -417,7 +535,7 @@ mod tests {
 
     /// One forward of a call: begin, then a 2xx from `callee`, then the forward's end.
     fn answered_call(d: &Dialogs, call: &str, limit: u32, callee: &str) -> Result<(), Refused> {
-        d.begin(call, "a", DialogKind::Call, Some((ALICE, limit)))?;
+        d.begin(call, "a", DialogKind::Call, Some((ALICE, limit)), None)?;
         let mut converted = false;
         d.answered(call, "a", callee, 180, &mut converted);
         d.answered(call, "a", callee, 200, &mut converted);
@@ -428,7 +546,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_is_known_by_both_tags_in_either_order_until_its_bye() {
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, None).unwrap();
+        d.begin("c1", "a", DialogKind::Call, None, None).unwrap();
         assert!(!d.knows("c1", "a", "b"), "no callee tag yet");
         let mut converted = false;
         d.answered("c1", "a", "b", 180, &mut converted);
@@ -454,16 +572,16 @@ mod tests {
     async fn an_accounts_calls_are_its_claims_and_its_dialogs_up() {
         let d = Dialogs::new(10);
         answered_call(&d, "c1", 2, "b").unwrap();
-        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 2)))
+        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 2)), None)
             .unwrap();
         assert_eq!(d.calls_of(ALICE), 2, "one up, one ringing");
         assert_eq!(
-            d.begin("c3", "a", DialogKind::Call, Some((ALICE, 2))),
+            d.begin("c3", "a", DialogKind::Call, Some((ALICE, 2)), None),
             Err(Refused::CallLimit)
         );
         // Reusing a live Call-ID and tag is a new call too.
         assert_eq!(
-            d.begin("c1", "a", DialogKind::Call, Some((ALICE, 2))),
+            d.begin("c1", "a", DialogKind::Call, Some((ALICE, 2)), None),
             Err(Refused::CallLimit)
         );
         // c2 fails: its slot is free again.
@@ -481,6 +599,7 @@ mod tests {
                 "a",
                 DialogKind::Call,
                 Some(("trunk@example.com", 0)),
+                None,
             )
             .unwrap();
         }
@@ -491,9 +610,9 @@ mod tests {
         // The first INVITE got a 407 from downstream and its forward ends later than the
         // retry's 2xx: the retry's dialog must survive the first forward's end.
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
             .unwrap();
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
             .unwrap();
         let mut retry = false;
         d.answered("c1", "a", "b", 200, &mut retry);
@@ -507,7 +626,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_leg_of_a_fork_is_a_call_and_ends_on_its_own() {
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)))
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
             .unwrap();
         let mut converted = false;
         d.answered("c1", "a", "desk", 200, &mut converted);
@@ -524,9 +643,82 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_calls_records_are_written_when_its_entry_goes() {
+        let (recorder, written) = Recorder::for_tests();
+        let d = Dialogs::with_recorder(10, Some(recorder));
+        let records = || {
+            Some(CallRecords::new(
+                Open::new("c", "a", "in", "c1", "alice@example.com"),
+                Open::new("c", "b1", "out", "c2", "bob@example.com"),
+            ))
+        };
+        // Busy: written when the forward ends, with what the caller was sent.
+        d.begin("busy", "a", DialogKind::Call, None, records())
+            .unwrap();
+        let mut converted = false;
+        d.answered("busy", "a", "b", 180, &mut converted);
+        d.failed("busy", "a", 486, "Busy Here", "busy");
+        assert!(written.try_recv().is_err());
+        d.release("busy", "a", converted);
+        let got: Vec<_> = written.try_iter().collect();
+        assert_eq!(got.len(), 2, "{got:#?}");
+        assert_eq!(
+            (
+                got[0].leg.as_str(),
+                got[0].customer.as_str(),
+                got[1].leg.as_str()
+            ),
+            ("a", "c1", "b1")
+        );
+        assert!(got.iter().all(|c| c.code == 486
+            && c.outcome == "busy"
+            && c.ring_ms.is_some()
+            && c.answer_ms.is_none()));
+
+        // Answered: written at the BYE, whatever the forward's end said before.
+        d.begin("up", "a", DialogKind::Call, None, records())
+            .unwrap();
+        let mut converted = false;
+        d.answered("up", "a", "b", 200, &mut converted);
+        d.release("up", "a", converted);
+        assert!(written.try_recv().is_err(), "the call is up");
+        d.ended("up", "b", "a", DialogKind::Call);
+        let got: Vec<_> = written.try_iter().collect();
+        assert!(got
+            .iter()
+            .all(|c| c.code == 200 && c.outcome == "answered" && c.answer_ms.is_some()));
+        assert_eq!(got.len(), 2);
+
+        // Forgotten for want of use: ended when it was last used.
+        d.begin("idle", "a", DialogKind::Call, None, records())
+            .unwrap();
+        let mut converted = false;
+        d.answered("idle", "a", "b", 200, &mut converted);
+        d.release("idle", "a", converted);
+        let last_used = now_ms();
+        tokio::time::advance(MAX_IDLE + Duration::from_secs(1)).await;
+        assert_eq!(d.count(), 0);
+        let got: Vec<_> = written.try_iter().collect();
+        assert_eq!(got.len(), 2);
+        assert!(
+            got.iter()
+                .all(|c| c.end_ms.abs_diff(last_used) < 1000 && c.reason.contains("no BYE")),
+            "{got:#?}"
+        );
+
+        // Subscriptions and the app server's own claims write nothing.
+        d.begin("sub", "a", DialogKind::Subscription, None, records())
+            .unwrap();
+        d.release("sub", "a", false);
+        d.begin("app", "a", DialogKind::Call, None, None).unwrap();
+        d.release("app", "a", false);
+        assert!(written.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_notify_may_overtake_the_subscribe_2xx() {
         let d = Dialogs::new(10);
-        d.begin("s1", "sub", DialogKind::Subscription, None)
+        d.begin("s1", "sub", DialogKind::Subscription, None, None)
             .unwrap();
         assert!(d.knows("s1", "notifier", "sub"));
         assert_eq!(d.count(), 0, "subscriptions are not calls");
@@ -543,11 +735,11 @@ mod tests {
     async fn a_full_table_refuses_new_dialogs_and_keeps_half_for_callers_who_authenticated() {
         let d = Dialogs::new(4);
         for i in 0..2 {
-            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None)
+            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None, None)
                 .unwrap();
         }
         assert_eq!(
-            d.begin("anon2", "a", DialogKind::Call, None),
+            d.begin("anon2", "a", DialogKind::Call, None, None),
             Err(Refused::Full),
             "outsiders get half"
         );
@@ -574,7 +766,7 @@ mod tests {
         // A long-lived dialog at the front does not let dead positions pile up behind it.
         for i in 0..10_000 {
             let call = format!("short{i}");
-            d.begin(&call, "a", DialogKind::Call, None).unwrap();
+            d.begin(&call, "a", DialogKind::Call, None, None).unwrap();
             d.release(&call, "a", false);
         }
         let (queued, entries) = {

@@ -58,9 +58,10 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::agents::auth::{Authenticated, Authenticator, Challenge};
+use crate::agents::cdr::{Open, Recorder};
 use crate::agents::location::flow_of_stored;
 use crate::agents::location::overlay::BindingOverlay;
-use crate::agents::proxy::dialogs::{DialogKind, Refused};
+use crate::agents::proxy::dialogs::{CallRecords, DialogKind, Refused};
 use crate::agents::proxy::flow_token::{FlowTokens, Token, TokenKind, DIALOG_TOKEN_LIFETIME};
 use crate::agents::{Agent, Refusal, Stack};
 use crate::clock::now_ms;
@@ -101,6 +102,33 @@ impl Target {
     }
 }
 
+/// A local account and its customer, as a call's records name them.
+#[derive(Clone, Debug, Default)]
+struct Party {
+    /// `user@domain`.
+    aor: String,
+    customer: String,
+}
+
+impl Party {
+    fn of(a: &tandem_raft_store::command::Account) -> Party {
+        Party {
+            aor: format!("{}@{}", a.user, a.domain),
+            customer: a.customer.clone(),
+        }
+    }
+}
+
+/// The local account placing a new request.
+#[derive(Clone, Debug, Default)]
+struct Caller {
+    /// Its name in the dialog table (its AOR URI).
+    name: String,
+    /// Its `max_concurrent_calls` (0: none).
+    limit: u32,
+    party: Party,
+}
+
 /// One way to reach a phone, for a request of the app server's own: the contact as
 /// Request-URI, Route entries to put on top, and the flow to send on.
 #[derive(Clone, Debug)]
@@ -132,6 +160,8 @@ pub struct Proxy {
     /// Running INVITE forwards by server transaction, for CANCEL.
     invites: Mutex<HashMap<TxId, mpsc::UnboundedSender<()>>>,
     pub dialogs: Arc<Dialogs>,
+    /// Where the records of the calls this node carries go, on a node that keeps them.
+    cdrs: Option<Recorder>,
     /// When this process started (Unix seconds): dialog tokens minted before it may
     /// belong to dialogs that its dialog table, empty at start, cannot know.
     started: u64,
@@ -181,6 +211,7 @@ impl Proxy {
         own: OwnAddrs,
         peers: Arc<PeerMonitor>,
         settings: ProxySettings,
+        cdrs: Option<Recorder>,
     ) -> Proxy {
         let tokens = FlowTokens::new(
             &cluster
@@ -198,7 +229,11 @@ impl Proxy {
             peers,
             settings,
             invites: Mutex::default(),
-            dialogs: Arc::default(),
+            dialogs: Arc::new(Dialogs::with_recorder(
+                dialogs::DEFAULT_MAX_DIALOGS,
+                cdrs.clone(),
+            )),
+            cdrs,
             started: now_secs(),
         }
     }
@@ -379,8 +414,9 @@ impl Proxy {
             .map(|c| c.into_owned())
             .unwrap_or_default();
         let next_route = top_route(&request);
-        // The local account placing a new request, with its call limit.
-        let mut caller: Option<(String, u32)> = None;
+        // The local account placing a new request, and the one a new request is for.
+        let mut caller: Option<Caller> = None;
+        let mut callee: Option<Party> = None;
         let decided: Result<Vec<Vec<Target>>, Refusal> = if in_dialog {
             // Inside a dialog only along a route set this node record-routed (genuine
             // dialog tokens), only for a dialog it knows, and only to another member or
@@ -447,8 +483,9 @@ impl Proxy {
             Ok(Target::only(Hop::Flow(flow)))
         } else {
             self.initial_targets(&request, &flow)
-                .map(|(groups, account)| {
+                .map(|(groups, account, to)| {
                     caller = account;
+                    callee = Some(to);
                     groups
                 })
         };
@@ -480,8 +517,19 @@ impl Proxy {
                 Method::Invite => DialogKind::Call,
                 _ => DialogKind::Subscription,
             };
-            let account = caller.as_ref().map(|(a, limit)| (a.as_str(), *limit));
-            match self.dialogs.begin(&call_id, &from_tag, kind, account) {
+            let account = caller.as_ref().map(|c| (c.name.as_str(), c.limit));
+            // The call's records are written where it entered the cluster: the node that
+            // found the callee's bindings (the edge node it is handed to does not).
+            let records = match (&self.cdrs, &callee) {
+                (Some(_), Some(to)) if kind == DialogKind::Call => {
+                    Some(self.open_records(&request, &call_id, caller.as_ref(), to))
+                }
+                _ => None,
+            };
+            match self
+                .dialogs
+                .begin(&call_id, &from_tag, kind, account, records)
+            {
                 Ok(()) => {
                     claim = Some(DialogClaim {
                         dialogs: self.dialogs.clone(),
@@ -500,20 +548,22 @@ impl Proxy {
                     return;
                 }
                 Err(Refused::CallLimit) => {
-                    let (account, limit) = caller.unwrap_or_default();
+                    let refusal = Refusal::new(
+                        403,
+                        "Forbidden (too many calls in progress for this account)",
+                    );
+                    let caller = caller.unwrap_or_default();
+                    if let (Some(recorder), Some(to)) = (&self.cdrs, &callee) {
+                        let records = self.open_records(&request, &call_id, Some(&caller), to);
+                        recorder.record(records.refused(refusal.status, &refusal.reason));
+                    }
+                    let (account, limit) = (caller.name, caller.limit);
                     tracing::info!(%account, limit, "call refused: the account is at its max_concurrent_calls");
                     self.transports
                         .stats()
                         .call_limit_refusals
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.answer(
-                        tx,
-                        &request,
-                        Refusal::new(
-                            403,
-                            "Forbidden (too many calls in progress for this account)",
-                        ),
-                    );
+                    self.answer(tx, &request, refusal);
                     return;
                 }
             }
@@ -536,6 +586,28 @@ impl Proxy {
             cancelled: false,
         };
         self.forward(fork, groups, cancels).await;
+    }
+
+    /// The records of a new call to the local account `callee`: the caller's leg under
+    /// the caller's account if it is local (else the callee's), the leg to the callee
+    /// under the callee's.
+    fn open_records(
+        &self,
+        request: &Message,
+        call_id: &str,
+        caller: Option<&Caller>,
+        callee: &Party,
+    ) -> CallRecords {
+        let from = request
+            .from()
+            .map(|f| f.uri.to_string())
+            .unwrap_or_default();
+        let to = request.uri().map(|u| u.to_string()).unwrap_or_default();
+        let calling = caller.map_or(callee, |c| &c.party);
+        CallRecords::new(
+            Open::new(call_id, "a", "in", &calling.customer, &calling.aor).with_parties(&from, &to),
+            Open::new(call_id, "b1", "out", &callee.customer, &callee.aor).with_parties(&from, &to),
+        )
     }
 
     /// Whether `uri` is another cluster member's SIP address, by the node registry.
@@ -569,7 +641,7 @@ impl Proxy {
         &self,
         request: &Message,
         flow: &Flow,
-    ) -> Result<Option<(String, u32)>, Refusal> {
+    ) -> Result<Option<Caller>, Refusal> {
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let Some(from) = from else {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
@@ -589,16 +661,17 @@ impl Proxy {
         flow: &Flow,
         from: &SipUri,
         domain: &str,
-    ) -> Result<(String, u32), Refusal> {
+    ) -> Result<Caller, Refusal> {
         let user = from.user_unescaped().unwrap_or_default().into_owned();
         match self
             .auth
             .authenticate(request, flow.remote.ip(), &user, domain, Challenge::Proxy)
         {
-            Authenticated::Account(a) => Ok((
-                tandem_raft_store::command::account_aor(&a.user, &a.domain),
-                a.max_concurrent_calls,
-            )),
+            Authenticated::Account(a) => Ok(Caller {
+                name: tandem_raft_store::command::account_aor(&a.user, &a.domain),
+                limit: a.max_concurrent_calls,
+                party: Party::of(&a),
+            }),
             Authenticated::Refused(refusal) => Err(refusal),
         }
     }
@@ -623,14 +696,14 @@ impl Proxy {
         None
     }
 
-    /// The branches of a new request for a local domain, and the local account that
-    /// placed it (authenticated), if any.
+    /// The branches of a new request for a local domain, the local account that placed
+    /// it (authenticated), if any, and the account it is for.
     #[allow(clippy::type_complexity)]
     fn initial_targets(
         &self,
         request: &Message,
         flow: &Flow,
-    ) -> Result<(Vec<Vec<Target>>, Option<(String, u32)>), Refusal> {
+    ) -> Result<(Vec<Vec<Target>>, Option<Caller>, Party), Refusal> {
         let method = request.method().cloned().unwrap_or(Method::Options);
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let reader = self.cluster.replica.reader();
@@ -656,19 +729,20 @@ impl Proxy {
         };
         let call_id = request.call_id().unwrap_or_default();
         let (from_tag, _) = tags(request);
-        let groups = self.binding_groups(&user, &domain, &call_id, &from_tag)?;
-        Ok((groups, caller))
+        let (groups, callee) = self.binding_groups(&user, &domain, &call_id, &from_tag)?;
+        Ok((groups, caller, callee))
     }
 
     /// The branches to every live binding of `user@domain`, grouped by q (highest first),
-    /// for a request of `call_id` from `from_tag`; the refusal when there are none.
+    /// for a request of `call_id` from `from_tag`, and the account; the refusal when
+    /// there are none.
     fn binding_groups(
         &self,
         user: &str,
         domain: &str,
         call_id: &str,
         from_tag: &str,
-    ) -> Result<Vec<Vec<Target>>, Refusal> {
+    ) -> Result<(Vec<Vec<Target>>, Party), Refusal> {
         let reader = self.cluster.replica.reader();
         let account = reader.account(domain, user).ok().flatten();
         let Some(account) = account else {
@@ -695,7 +769,7 @@ impl Proxy {
                 "Temporarily Unavailable (no usable contact)",
             ));
         }
-        Ok(route::q_groups(targets))
+        Ok((route::q_groups(targets), Party::of(&account)))
     }
 
     /// How to reach each phone of the local account `user@domain` for a new call of
@@ -710,7 +784,7 @@ impl Proxy {
         from_tag: &str,
     ) -> Result<Vec<Vec<Reach>>, Refusal> {
         let mut out = Vec::new();
-        for group in self.binding_groups(user, domain, call_id, from_tag)? {
+        for group in self.binding_groups(user, domain, call_id, from_tag)?.0 {
             let mut reach = Vec::new();
             for t in group {
                 let (Some(contact), Ok(flow)) = (t.uri.clone(), self.resolve(&t.hop).await) else {
@@ -922,6 +996,11 @@ impl Proxy {
                     _ => {
                         fork.finish();
                         spawner = None;
+                        // Every branch is done: the fork ends now, not at the next event
+                        // (its client transactions' end, up to 32 s later), which would
+                        // hold the call's claim, and so a place in the caller's
+                        // `max_concurrent_calls`, that long after the call failed.
+                        continue;
                     }
                 }
             }
@@ -1420,6 +1499,30 @@ impl Fork {
         );
     }
 
+    /// Tells the call's records (if it has any) how this forward failed: what the caller
+    /// is sent for `best` (see [`Fork::finish`]).
+    fn note_failure(&self, best: &Message) {
+        let Some(claim) = self.claim.as_ref().filter(|_| self.is_invite) else {
+            return;
+        };
+        let status = best.status().unwrap_or(500);
+        let (code, reason, outcome) = if self.cancelled {
+            (487, "Request Terminated".to_owned(), "cancelled")
+        } else if status == 503 {
+            (
+                500,
+                "Server Internal Error (next hop unavailable)".to_owned(),
+                "failed",
+            )
+        } else {
+            let reason = String::from_utf8_lossy(best.reason().unwrap_or_default()).into_owned();
+            (status, reason, crate::agents::cdr::outcome_of(status))
+        };
+        claim
+            .dialogs
+            .failed(&claim.call_id, &claim.caller_tag, code, &reason, outcome);
+    }
+
     /// Sends the best final response upstream unless a 2xx already went.
     fn finish(&mut self) {
         if self.finished {
@@ -1440,11 +1543,13 @@ impl Fork {
         let Some((best, stand_in)) = best else {
             let r = crate::stack::responses::build(&self.request, 408, "Request Timeout");
             self.track_dialog(408);
+            self.note_failure(&r);
             self.proxy.layer.respond(self.tx, r);
             return;
         };
         let status = best.status().unwrap_or(500);
         self.track_dialog(status);
+        self.note_failure(&best);
         if status == 503 {
             // §16.7 step 6: a 503 from downstream must not make the caller think this
             // node is unavailable.
