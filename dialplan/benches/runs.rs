@@ -50,7 +50,12 @@ mod common;
 use common::facts;
 
 fn main() {
-    let sandbox = Sandbox::new(Limits::default());
+    // Every run is one account's, which the per-account budget of script time would hold
+    // to a fifth of a core: this measures what a run costs, so it has none.
+    let sandbox = Sandbox::new(Limits {
+        run_time_per_second: Duration::ZERO,
+        ..Limits::default()
+    });
     let host: Arc<dyn Host> = Arc::new(Busy);
     for (name, source) in SCRIPTS {
         let script = sandbox

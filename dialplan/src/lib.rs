@@ -42,6 +42,9 @@ pub enum Error {
     /// The account already has its limit of runs going.
     #[error("account {account} already has {limit} dialplan runs going")]
     Busy { account: String, limit: u32 },
+    /// The account's runs used their script time for now ([`Limits::run_time_per_second`]).
+    #[error("account {account} used its {per_second_ms} ms a second of dialplan time")]
+    OverBudget { account: String, per_second_ms: u64 },
     /// The node already has its limit of runs going.
     #[error("the node already has {limit} dialplan runs going")]
     NodeBusy { limit: u32 },

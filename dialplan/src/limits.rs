@@ -39,6 +39,11 @@ pub struct Limits {
     pub max_trace_line: usize,
     /// Runs of one account at once; more are refused.
     pub max_runs_per_account: u32,
+    /// Script time one account's runs may use per second, on average (zero: no bound).
+    /// An account that used more is refused runs until it is back within it, so a
+    /// dialplan that loops until its time limit on every call costs the node this much
+    /// of a core, however often it is called.
+    pub run_time_per_second: Duration,
     /// Runs on the node at once; more are refused.
     pub max_runs: u32,
     /// Compiled scripts kept.
@@ -64,6 +69,7 @@ impl Default for Limits {
             max_trace_lines: 64,
             max_trace_line: 300,
             max_runs_per_account: 10,
+            run_time_per_second: Duration::from_millis(200),
             max_runs: 256,
             max_cached_scripts: 4096,
         }

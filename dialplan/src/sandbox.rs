@@ -71,6 +71,38 @@ pub struct Sandbox {
 struct Running {
     total: u32,
     per_account: HashMap<String, u32>,
+    /// The script time accounts may still use, for those that used some lately.
+    budgets: HashMap<String, Budget>,
+}
+
+/// Budgets kept before the full ones are dropped.
+const MAX_BUDGETS: usize = 4096;
+
+/// One account's script time: a token bucket that holds up to one second's worth of
+/// [`Limits::run_time_per_second`] and refills at that rate. A run is charged after it
+/// ends, so the bucket can go below zero (one long run's debt); no run starts until it is
+/// above zero again.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    /// Microseconds left (negative: owed).
+    left_us: i64,
+    at: Instant,
+}
+
+impl Budget {
+    fn refilled(self, per_second: Duration, now: Instant) -> Budget {
+        let cap = i64::try_from(per_second.as_micros()).unwrap_or(i64::MAX);
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        let gained = (elapsed * cap as f64) as i64;
+        Budget {
+            left_us: self.left_us.saturating_add(gained).min(cap),
+            at: now,
+        }
+    }
+
+    fn full(self, per_second: Duration) -> bool {
+        self.left_us >= i64::try_from(per_second.as_micros()).unwrap_or(i64::MAX)
+    }
 }
 
 /// The names of the per-run values a termination carries, to tell them apart.
@@ -249,7 +281,8 @@ impl Sandbox {
     }
 
     /// Runs `script` for `call`, dialling through `host`. Refused with [`Error::Busy`]
-    /// if the account already has its limit of runs going, or the node its total.
+    /// if the account already has its limit of runs going, or the node its total, and
+    /// with [`Error::OverBudget`] if the account used its script time for now.
     pub fn run(&self, script: &Script, call: Call, host: Arc<dyn Host>) -> Run {
         let account = call.account.clone();
         let _slot = match self.acquire(&account) {
@@ -282,6 +315,10 @@ impl Sandbox {
             self.engine.run_ast_with_scope(&mut scope, &script.ast)
         }));
         let mut state = guard.take().expect("the run's state is still installed");
+        // Script time: the wall time less the time inside dial(), by which the deadline
+        // moved on.
+        let left = state.deadline.saturating_duration_since(Instant::now());
+        self.charge(&account, self.limits.max_run_time.saturating_sub(left));
         let result = match outcome {
             Ok(Ok(())) => Ok(Ending::Ended {
                 last_dial: state.last_dial.take(),
@@ -318,6 +355,16 @@ impl Sandbox {
                 limit: self.limits.max_runs,
             });
         }
+        let per_second = self.limits.run_time_per_second;
+        if let Some(b) = running.budgets.get_mut(account) {
+            *b = b.refilled(per_second, Instant::now());
+            if b.left_us <= 0 && !per_second.is_zero() {
+                return Err(Error::OverBudget {
+                    account: account.to_owned(),
+                    per_second_ms: u64::try_from(per_second.as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+        }
         let n = running.per_account.entry(account.to_owned()).or_default();
         if *n >= self.limits.max_runs_per_account {
             return Err(Error::Busy {
@@ -331,6 +378,31 @@ impl Sandbox {
             sandbox: self,
             account: account.to_owned(),
         })
+    }
+
+    /// Charges `spent` script time to `account`'s budget.
+    fn charge(&self, account: &str, spent: Duration) {
+        let per_second = self.limits.run_time_per_second;
+        if per_second.is_zero() || spent.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        let mut running = self.running.lock().expect("running lock");
+        if running.budgets.len() >= MAX_BUDGETS && !running.budgets.contains_key(account) {
+            running
+                .budgets
+                .retain(|_, b| !b.refilled(per_second, now).full(per_second));
+        }
+        let full = Budget {
+            left_us: i64::MAX,
+            at: now,
+        };
+        let b = running.budgets.entry(account.to_owned()).or_insert(full);
+        let mut refilled = b.refilled(per_second, now);
+        refilled.left_us = refilled
+            .left_us
+            .saturating_sub(i64::try_from(spent.as_micros()).unwrap_or(i64::MAX));
+        *b = refilled;
     }
 
     /// How many runs are in progress, in all and for `account`.

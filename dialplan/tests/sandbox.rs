@@ -347,6 +347,73 @@ fn the_facts_headers_time_and_trace() {
     ));
 }
 
+#[test]
+fn an_account_that_used_its_script_time_is_refused_runs_until_it_is_back_within() {
+    let limits = Limits {
+        max_operations: u64::MAX / 2,
+        max_run_time: Duration::from_millis(40),
+        run_time_per_second: Duration::from_millis(100),
+        ..Limits::default()
+    };
+    let sandbox = Sandbox::new(limits);
+    let endless = sandbox.compile("loop {}").unwrap();
+    let quick = sandbox.compile("log(1);").unwrap();
+    // Runs to the time limit, 40 ms each: a few use up the second's 100 ms, however slowly
+    // the machine runs them (the bucket refills by 4 ms per 40 ms of wall time).
+    let mut spun = 0;
+    let refused = loop {
+        let r = sandbox.run(&endless, call(), Arc::new(Scripted::default()));
+        if r.result.is_ok() || matches!(r.result, Err(Error::Limit { .. })) {
+            assert_eq!(limit_of(&r), "time");
+            spun += 1;
+            assert!(spun <= 10, "never refused");
+            continue;
+        }
+        break r;
+    };
+    assert!(spun >= 3, "refused after {spun} runs");
+    assert_eq!(
+        refused.result,
+        Err(Error::OverBudget {
+            account: "alice@example.com".into(),
+            per_second_ms: 100
+        })
+    );
+    assert_eq!(
+        refused.result.unwrap_err().to_string(),
+        "account alice@example.com used its 100 ms a second of dialplan time"
+    );
+    assert!(sandbox
+        .run(&quick, call(), Arc::new(Scripted::default()))
+        .result
+        .is_err());
+    // Another account is not affected.
+    let mut other = call();
+    other.account = "bob@example.com".into();
+    assert!(sandbox
+        .run(&quick, other, Arc::new(Scripted::default()))
+        .result
+        .is_ok());
+    // The budget refills at 100 ms a second: back above zero within half a second.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(sandbox
+        .run(&quick, call(), Arc::new(Scripted::default()))
+        .result
+        .is_ok());
+    // No budget: never refused.
+    let unbounded = Sandbox::new(Limits {
+        run_time_per_second: Duration::ZERO,
+        max_operations: u64::MAX / 2,
+        max_run_time: Duration::from_millis(40),
+        ..Limits::default()
+    });
+    let endless = unbounded.compile("loop {}").unwrap();
+    for _ in 0..4 {
+        let r = unbounded.run(&endless, call(), Arc::new(Scripted::default()));
+        assert_eq!(limit_of(&r), "time");
+    }
+}
+
 /// A host whose dials wait until the test lets them go.
 struct Gate {
     barrier: Barrier,
@@ -435,7 +502,12 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn memory_stays_flat_across_a_hundred_thousand_runs() {
-    let sandbox = Sandbox::new(Limits::default());
+    // One account's hundred thousand runs in a few seconds: more script time than its
+    // budget allows, which is not what this test is about.
+    let sandbox = Sandbox::new(Limits {
+        run_time_per_second: Duration::ZERO,
+        ..Limits::default()
+    });
     let host = Arc::new(Scripted::default());
     let script = sandbox
         .compile(

@@ -1915,6 +1915,44 @@ fn the_dialplan_section_of_the_config_sets_the_limits_of_every_run() {
     }
 }
 
+#[test]
+fn an_account_whose_dialplan_loops_is_held_to_its_script_time_per_second() {
+    let provider = Provider::start();
+    let body = provider_account(&provider);
+    let cluster = form_with_config(
+        &body,
+        "\n[dialplan]\nmax_operations = 100000000\nmax_run_time_ms = 60\n\
+         max_run_time_per_second_ms = 50\n",
+    );
+    let node = cluster.member(1).sip_addr();
+    let (code, json) = put_dialplan(&cluster, "loop {}");
+    assert!(matches!(code, 200 | 201), "{json}");
+    let mut alice = alice();
+    let mut call = |n: u32| {
+        let r = alice.invite(
+            node,
+            "sip:0301234@example.com",
+            &format!("spin-{n}"),
+            &mut |_, _| {},
+        );
+        (r.status().unwrap_or(0), r.header("Retry-After"), r.text)
+    };
+    // The first run spins to its time limit: 60 ms, more than the second's 50.
+    let (status, _, text) = call(0);
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("time limit"), "{text}");
+    // The next, at once: refused before it runs.
+    let (status, retry, text) = call(1);
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("script time"), "{text}");
+    assert_eq!(retry.as_deref(), Some("1"), "{text}");
+    // A second later the budget is back: the script runs (and spins) again.
+    std::thread::sleep(Duration::from_millis(1200));
+    let (status, _, text) = call(2);
+    assert_eq!(status, 500, "{text}");
+    assert!(text.contains("time limit"), "{text}");
+}
+
 /// Bob's offer when called without one, and his answer to carol's offer.
 const BOB_OFFER: &str = "v=0\r\no=bob 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n\
     t=0 0\r\nm=audio 40000 RTP/AVP 0 8\r\na=rtpmap:0 PCMU/8000\r\na=sendrecv\r\n";
@@ -2659,7 +2697,8 @@ fn the_proxy_records_calls_between_local_phones_where_they_enter_the_cluster() {
             "{r:#}"
         );
         assert_eq!(r["to"], "sip:bob@example.com");
-        assert!(r["ring_ms"].is_u64(), "{r:#}");
+        // (Bob's 180 and 200 leave back to back; the 180 may reach node 1 after the
+        // 200, and is then not relayed, so ringing is not asserted.)
         assert!(r["duration_s"].as_u64() >= Some(1), "{r:#}");
         check_answered_times(r);
     }

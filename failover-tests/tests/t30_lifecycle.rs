@@ -67,6 +67,11 @@ fn check_config_rejects_values_that_parse_but_do_not_validate() {
     );
     assert_refused_naming("[cdr]\npurge_batch = 0\n", "cdr.purge_batch");
     assert_refused_naming(
+        "[dialplan]\nmax_run_time_per_second_ms = 100001\n",
+        "dialplan.max_run_time_per_second_ms",
+    );
+    assert_refused_naming("[cdr]\nproxied_calls = \"yes\"\n", "cdr.proxied_calls");
+    assert_refused_naming(
         "[app_server]\nsession_expires_secs = 30\n",
         "app_server.session_expires_secs",
     );

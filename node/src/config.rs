@@ -469,6 +469,9 @@ pub struct DialplanConfig {
     pub max_memory_kib: u32,
     /// Runs of one account at once; more calls get 503 with Retry-After.
     pub max_runs_per_account: u32,
+    /// Milliseconds of script time one account's runs may use per second on this node
+    /// (0: no bound); past it, its calls get 503 with Retry-After until it is back within.
+    pub max_run_time_per_second_ms: u64,
     /// Runs on the node at once.
     pub max_runs: u32,
 }
@@ -481,6 +484,7 @@ impl Default for DialplanConfig {
             max_run_time_ms: l.max_run_time.as_millis() as u64,
             max_memory_kib: (l.max_memory_bytes / 1024) as u32,
             max_runs_per_account: l.max_runs_per_account,
+            max_run_time_per_second_ms: l.run_time_per_second.as_millis() as u64,
             max_runs: l.max_runs,
         }
     }
@@ -494,6 +498,7 @@ impl DialplanConfig {
             max_run_time: Duration::from_millis(self.max_run_time_ms),
             max_memory_bytes: i64::from(self.max_memory_kib) * 1024,
             max_runs_per_account: self.max_runs_per_account,
+            run_time_per_second: Duration::from_millis(self.max_run_time_per_second_ms),
             max_runs: self.max_runs,
             ..tandem_dialplan::Limits::default()
         }
@@ -510,6 +515,9 @@ pub struct CdrConfig {
     pub purge_batch: u32,
     /// Milliseconds between purge steps: the room left for everything else.
     pub purge_every_ms: u64,
+    /// Whether calls the proxy carries to local accounts get records (the app server's
+    /// calls always do).
+    pub proxied_calls: bool,
 }
 
 impl Default for CdrConfig {
@@ -518,6 +526,7 @@ impl Default for CdrConfig {
             retention_days: 90,
             purge_batch: 1000,
             purge_every_ms: 100,
+            proxied_calls: true,
         }
     }
 }
@@ -953,6 +962,12 @@ impl Config {
         }
         if !(1..=1_000).contains(&d.max_runs_per_account) {
             bad("dialplan.max_runs_per_account", "must be 1 to 1000".into());
+        }
+        if d.max_run_time_per_second_ms > 100_000 {
+            bad(
+                "dialplan.max_run_time_per_second_ms",
+                "must be at most 100000 (0: no bound)".into(),
+            );
         }
         if !(1..=10_000).contains(&d.max_runs) || d.max_runs < d.max_runs_per_account {
             bad(

@@ -9,7 +9,8 @@
 # node.runtime_threads, SIP_THREADS (optional): node.sip_threads, to compare thread counts
 # (unset: the defaults). SIP_TCP=1 (optional): each node also listens for SIP over TCP on a
 # free port of its address (else tcp = []); node i's is then on the `tcp = [...]` line of
-# its config.
+# its config. NODE_TOML (optional): more config appended to every node's file, tables
+# included (for example NODE_TOML=$'[cdr]\nproxied_calls = false').
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
@@ -50,6 +51,7 @@ listen = "$ip:$(port "$ip")"
 token_file = "$work/admin.token"
 [log]
 filter = "warn"
+${NODE_TOML:-}
 TOML
   done
   raft1=$(listen_of "$work/node1/tandem.toml" cluster)

@@ -156,7 +156,7 @@ impl Agents {
                 timer_c: Duration::from_secs(config.sip.timer_c_secs),
                 cancel_give_up: 64 * TimerSettings::from_config(&config.sip).t1,
             },
-            cdrs.clone(),
+            cdrs.clone().filter(|_| config.cdr.proxied_calls),
         ));
         transports.set_vouch(Arc::new(vouch::EdgeVouch::new(
             cluster.clone(),

@@ -480,6 +480,12 @@ impl Call {
                             r.headers.push((HeaderName::RetryAfter, "5".into()));
                             Err(r)
                         }
+                        Err(e @ tandem_dialplan::Error::OverBudget { .. }) => {
+                            tracing::info!(account = aor, error = %e, "dialplan: run refused");
+                            let mut r = Refusal::new(503, "Service Unavailable (the account's dialplans used their script time for now)");
+                            r.headers.push((HeaderName::RetryAfter, "1".into()));
+                            Err(r)
+                        }
                         Err(e) => {
                             tracing::warn!(account = aor, error = %e, "dialplan: the run failed");
                             Err(dialplan_refusal(&shown(&e.to_string())))

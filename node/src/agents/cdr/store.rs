@@ -215,8 +215,9 @@ impl CdrStore {
         self.db.write(batch).map_err(err("writing shipped CDRs"))
     }
 
-    /// Up to `max` of this node's own records with a seq above `after`, in seq order.
-    pub fn unshipped(&self, after: u64, max: usize) -> Result<Vec<Cdr>, Error> {
+    /// Up to `max` of this node's own records with a seq above `after`, in seq order: each
+    /// record's seq and its stored JSON.
+    pub fn unshipped(&self, after: u64, max: usize) -> Result<Vec<(u64, Vec<u8>)>, Error> {
         let mut out = Vec::new();
         let mut start = vec![OUTBOX];
         start.extend_from_slice(&be(after.saturating_add(1)));
@@ -230,9 +231,7 @@ impl CdrStore {
                 break;
             }
             if let Some(v) = self.db.get(record_key).map_err(err("reading a CDR"))? {
-                if let Ok(c) = serde_json::from_slice::<Cdr>(&v) {
-                    out.push(c);
-                }
+                out.push((read_u64(&k[1..]), v));
             }
             it.next();
         }
