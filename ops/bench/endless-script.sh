@@ -11,7 +11,9 @@
 #   1. "quiet": nothing else;
 #   2. "looping": beside them, account "looper", whose dialplan is `loop { }`, calls the
 #      same number LOOP_RATE times per second (ops/sipp/bench-uac-refused.xml). Each of its
-#      runs spins until a limit stops it and its caller gets 500 with a Reason. With the
+#      runs spins until a limit stops it and its caller gets 500 with a Reason, or, once
+#      the account used its script time (dialplan.max_run_time_per_second_ms, 200 ms a
+#      second), is refused with 503 before it runs. With the
 #      default dialplan.max_operations (100,000) an empty loop reaches that limit within
 #      milliseconds; node 1 runs with the highest allowed (100,000,000, MAX_OPERATIONS) so
 #      that each run spins for its whole time limit (dialplan.max_run_time_ms, 100 ms): the
@@ -20,8 +22,8 @@
 #
 # The target: the looping run's setup p99 within 20% of the quiet run's, both runs meeting
 # the step target of sip.sh (p99 under 100 ms, under 1% failed, at least 95% of the
-# offered rate), and every looping call refused with 500 within the run time limit (the
-# "refused" p99 a little over 100 ms).
+# offered rate), and every looping call refused with 500 or 503 within the run time limit
+# (the "refused" p99 a little over 100 ms).
 #
 # Usage: ./ops/bench/endless-script.sh [RATE] [CALLS] [LOOP_RATE]   (defaults 200 12000 2)
 # Environment as for sip.sh (TANDEM_BENCH_NO_BUILD, KEEP_WORK, CALL_HOLD_MS);
@@ -138,3 +140,6 @@ awk -v a="${p99s[looping]}" -v b="${p99s[quiet]}" 'BEGIN {
 }'
 echo "node 1: dialplan.max_operations $max_ops; its log, by the limit that stopped the looper's runs:"
 grep -o 'exceeded its [a-z ]* limit' "$work/node1.log" | sort | uniq -c || echo "   (none logged)"
+read -r lok _ < "$work/looping.loops"
+stopped=$(grep -c 'exceeded its [a-z ]* limit' "$work/node1.log" || true)
+echo "looping calls refused before their run (503: the account's script time used up): $(( lok - stopped ))"
