@@ -590,10 +590,24 @@ impl Batcher {
                 let m = m.borrow();
                 m.current_leader
                     .filter(|&l| l != self.id)
-                    .and_then(|l| m.membership_config.membership().get_node(&l).cloned())
+                    .and_then(|l| Some((l, m.membership_config.membership().get_node(&l)?.clone())))
             };
-            if let Some(leader) = leader {
-                let (response, index) = forwarder.forward(&leader, &request, self.timeout).await?;
+            if let Some((leader_id, leader)) = leader {
+                // A leader that loses its place (cut off, say) keeps the forward waiting
+                // until the timeout, though the cluster may have a new leader long before:
+                // give up as soon as this node sees the leader change. The write's fate
+                // is then unknown, as after a timeout, and the caller tries again.
+                let mut metrics = self.raft.metrics();
+                let changed = async move {
+                    let seen = metrics
+                        .wait_for(|m| m.current_leader != Some(leader_id))
+                        .await;
+                    seen.map_or(None, |m| m.current_leader)
+                };
+                let (response, index) = tokio::select! {
+                    forwarded = forwarder.forward(&leader, &request, self.timeout) => forwarded?,
+                    new_leader = changed => return Err(Error::NotLeader { leader: new_leader }),
+                };
                 // Read your writes: the caller reads this replica next (an account right
                 // after its customer), so wait until it has applied the entry. The write
                 // is committed either way; a replica that lags past the timeout only

@@ -1,0 +1,483 @@
+//! The HA promise under network faults (issue #19): three full nodes, each in its own
+//! network namespace (`netns::Lab`), with writers, phones and calls running while a node
+//! is cut off. Each scenario prints a `SUMMARY` line: the outage window writers saw, the
+//! calls that failed, the acknowledged writes lost, and how often the leader changed.
+//!
+//! The invariants checked after every scenario: every write acknowledged with 200, by any
+//! node, is on every node; every call placed between phones on the side that kept its
+//! quorum was answered; a registration a cut-off node answered 200 in degraded mode
+//! reaches the others once the cut heals.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_failover_tests::cluster::{bindings, http, Cluster, Member, MemberRole};
+use tandem_failover_tests::netns::{Lab, CLIENT_IP};
+use tandem_failover_tests::ua::Ua;
+use tandem_failover_tests::{Deadline, Wait};
+
+const FULL3: [MemberRole; 3] = [MemberRole::Full; 3];
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A member's admin API, for threads that outlive a borrow of the cluster.
+#[derive(Clone)]
+struct Admin {
+    id: u64,
+    addr: std::net::SocketAddr,
+    token: String,
+}
+
+impl Admin {
+    fn of(cluster: &Cluster, id: u64) -> Admin {
+        let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+        Admin {
+            id,
+            addr: cluster.member(id).admin_addr,
+            token: token.trim().to_owned(),
+        }
+    }
+
+    fn put_customer(&self, name: &str) -> Option<u16> {
+        let body = format!("{{\"name\":\"customer {name}\"}}");
+        let path = format!("/v1/customers/{name}");
+        http(self.addr, Some(&self.token), "PUT", &path, Some(&body)).map(|a| a.status)
+    }
+
+    fn status(&self) -> Option<Value> {
+        http(
+            self.addr,
+            Some(&self.token),
+            "GET",
+            "/v1/cluster/status",
+            None,
+        )
+        .filter(|a| a.status == 200)
+        .map(|a| a.json())
+    }
+}
+
+/// A cluster of three in `lab` with customer acme and accounts alice, bob and carol.
+fn cluster_in(lab: &Lab) -> Cluster {
+    let cluster = Cluster::form_in(lab, &FULL3, "");
+    let m = cluster.member(1);
+    assert_eq!(m.put_customer("acme"), Some(200));
+    for user in ["alice", "bob", "carol"] {
+        let a = m
+            .request(
+                "PUT",
+                &format!("/v1/accounts/example.com/{user}"),
+                Some(&format!(r#"{{"password":"pw-{user}","customer":"acme"}}"#)),
+            )
+            .expect("the admin API answers");
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    cluster
+}
+
+/// A phone of `user` registered through `node` (a new socket, so a new contact).
+fn phone(user: &str, node: &Member) -> Ua {
+    let mut ua = Ua::new(CLIENT_IP, user, "example.com", &format!("pw-{user}"));
+    let contact = ua.contact();
+    let r = ua.register(
+        node.sip_addr(),
+        "MD5",
+        Some(&format!("<{contact}>")),
+        Some(600),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    ua
+}
+
+/// `caller` calls `callee`'s user through `node`; the callee answers, the caller hangs
+/// up. The final status the caller got (200 for a call that went through).
+fn call(caller: &mut Ua, node: &Member, callee: &Ua, callee_user: &str, call_id: &str) -> u16 {
+    std::thread::scope(|s| {
+        let answering = s.spawn(move || {
+            // A node's keepalive OPTIONS first is answered 200; anything else is ignored.
+            let deadline = Deadline::after(WAIT);
+            let invite = loop {
+                let Some(r) = callee.recv(deadline.remaining()) else {
+                    return;
+                };
+                match r.method() {
+                    Some("INVITE") => break r,
+                    Some("OPTIONS") if r.header("To").is_some() => {
+                        callee.respond(&r, 200, "OK", "")
+                    }
+                    _ => {}
+                }
+            };
+            callee.respond(&invite, 180, "Ringing", "");
+            let contact = callee.contact();
+            callee.respond(&invite, 200, "OK", &format!("Contact: <{contact}>\r\n"));
+            callee.expect_request("ACK", WAIT);
+            let bye = callee.expect_request("BYE", WAIT);
+            callee.respond(&bye, 200, "OK", "");
+        });
+        let r = caller.invite(
+            node.sip_addr(),
+            &format!("sip:{callee_user}@example.com"),
+            call_id,
+            &mut |_, _| {},
+        );
+        let status = r.status().unwrap_or(0);
+        if status == 200 {
+            let dialog = caller.dialog(&r);
+            caller.send_in_dialog(&dialog, "ACK", dialog.cseq);
+            caller.send_in_dialog(&dialog, "BYE", dialog.cseq + 1);
+            let bye = caller.expect_response("BYE", WAIT);
+            assert_eq!(bye.status(), Some(200), "{}", bye.text);
+        }
+        answering.join().unwrap();
+        status
+    })
+}
+
+/// Writers, one per node, each writing customers `w<node>-<i>` one after the other
+/// through its node until stopped; what each acknowledged, and when.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<(String, Duration)>>>,
+    refused: Arc<Mutex<usize>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(cluster: &Cluster, clock: Deadline) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(Mutex::new(0));
+        let threads = (1..=3u64)
+            .map(|id| {
+                let member = Admin::of(cluster, id);
+                let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
+                std::thread::spawn(move || {
+                    let mut i = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let name = format!("w{id}-{i}");
+                        i += 1;
+                        if member.put_customer(&name) == Some(200) {
+                            acked.lock().unwrap().push((name, clock.elapsed()));
+                            // Paced: enough to time a gap, not a load test.
+                            std::thread::sleep(Duration::from_millis(10));
+                        } else {
+                            *refused.lock().unwrap() += 1;
+                            std::thread::sleep(Duration::from_millis(100));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers {
+            stop,
+            acked,
+            refused,
+            threads,
+        }
+    }
+
+    /// Stops the writers; every write acknowledged, and the number refused.
+    fn stop(self) -> (Vec<(String, Duration)>, usize) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        let acked = std::mem::take(&mut *self.acked.lock().unwrap());
+        let refused = *self.refused.lock().unwrap();
+        (acked, refused)
+    }
+}
+
+/// The longest time between two acknowledgements (by any writer) within `from..to`.
+fn longest_gap(acked: &[(String, Duration)], from: Duration, to: Duration) -> Duration {
+    let mut at: Vec<Duration> = acked
+        .iter()
+        .map(|(_, t)| *t)
+        .filter(|t| *t >= from && *t <= to)
+        .collect();
+    at.sort_unstable();
+    let mut previous = from;
+    let mut longest = Duration::ZERO;
+    for t in at.into_iter().chain(std::iter::once(to)) {
+        longest = longest.max(t.saturating_sub(previous));
+        previous = t;
+    }
+    longest
+}
+
+/// A change of leader: when it was seen, the leader before, the new term.
+type Change = (Duration, Option<u64>, u64);
+
+/// Watches who leads, as the nodes report it, until stopped: every change of leader seen.
+struct LeaderLog {
+    stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<Change>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LeaderLog {
+    fn start(cluster: &Cluster, clock: Deadline) -> LeaderLog {
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let members: Vec<Admin> = (1..=3).map(|id| Admin::of(cluster, id)).collect();
+        let thread = {
+            let (stop, changes) = (stop.clone(), changes.clone());
+            std::thread::spawn(move || {
+                let mut last: Option<u64> = None;
+                while !stop.load(Ordering::Relaxed) {
+                    // The leader with a quorum, by the first node that says it is one.
+                    let now = members.iter().find_map(|m| {
+                        let s = m.status()?;
+                        (s["state"] == "leader" && s["quorum"] == "ok")
+                            .then(|| (m.id, s["term"].as_u64().unwrap_or(0)))
+                    });
+                    if let Some((leader, term)) = now {
+                        if last != Some(leader) {
+                            changes.lock().unwrap().push((clock.elapsed(), last, term));
+                            last = Some(leader);
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
+        LeaderLog {
+            stop,
+            changes,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops watching; each change as (when, the leader before, the new term).
+    fn stop(mut self) -> Vec<Change> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        std::mem::take(&mut *self.changes.lock().unwrap())
+    }
+}
+
+/// Every acknowledged write is on every member, once each has caught up; the ones
+/// missing anywhere.
+fn lost_writes(cluster: &Cluster, acked: &[(String, Duration)]) -> Vec<String> {
+    for id in 1..=3 {
+        cluster.wait_caught_up(id, Duration::from_secs(30));
+    }
+    let mut lost = Vec::new();
+    for id in 1..=3 {
+        let have: std::collections::HashSet<String> = cluster
+            .member(id)
+            .customer_ids()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        lost.extend(
+            acked
+                .iter()
+                .filter(|(name, _)| !have.contains(name))
+                .map(|(name, _)| format!("{name} on node {id}")),
+        );
+    }
+    lost
+}
+
+/// Whether `user`'s bindings, as member `id` holds them, include `contact`.
+fn has_binding(cluster: &Cluster, id: u64, user: &str, contact: &str) -> bool {
+    let m = cluster.member(id);
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    bindings(m.admin_addr, token.trim(), user)
+        .to_string()
+        .contains(contact)
+}
+
+#[test]
+fn netns_a_leader_cut_off_for_30_s_loses_no_acknowledged_write_and_calls_go_on() {
+    let lab = Lab::new(3);
+    let cluster = cluster_in(&lab);
+    let (victim, _) = cluster.wait_for_leader(&[], WAIT);
+    let majority: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != victim).collect();
+    let (a, b) = (cluster.member(majority[0]), cluster.member(majority[1]));
+    let mut alice = phone("alice", a);
+    let bob = phone("bob", b);
+    let _carol_before = phone("carol", cluster.member(victim));
+
+    let clock = Deadline::after(Duration::ZERO);
+    let leaders = LeaderLog::start(&cluster, clock);
+    let writers = Writers::start(&cluster, clock);
+    std::thread::sleep(Duration::from_secs(2));
+    let cut_at = clock.elapsed();
+    lab.partition(victim, &majority);
+
+    // The majority elects a leader of its own.
+    let (new_leader, took) = cluster.wait_for_leader(&[victim], WAIT);
+    // The cut-off node knows it has no quorum, and says why.
+    let degraded = Wait::new(format!("node {victim} to report degraded"), WAIT)
+        .showing(&cluster)
+        .until(|| {
+            let s = cluster.member(victim).status()?;
+            (s["quorum"] != "ok").then(|| s["degraded_reason"].to_string())
+        });
+    // It keeps serving what it can: a phone registering through it gets 200 (held in
+    // its degraded-mode overlay until the quorum is back).
+    let carol = phone("carol", cluster.member(victim));
+    let carol_contact = carol.contact();
+    // Calls between phones on the majority's side go through, on both of its nodes.
+    let mut calls = Vec::new();
+    let mut bob = bob;
+    for i in 0..4 {
+        let through = if i % 2 == 0 { a } else { b };
+        calls.push(call(&mut alice, through, &bob, "bob", &format!("cut-{i}")));
+        std::thread::sleep(Duration::from_secs(3));
+        // Bob's phone refreshes through its node meanwhile.
+        let contact = bob.contact();
+        let r = bob.register(
+            b.sip_addr(),
+            "MD5",
+            Some(&format!("<{contact}>")),
+            Some(600),
+        );
+        assert_eq!(r.status, 200, "{}", r.text);
+    }
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - cut_at));
+    let healed_at = clock.elapsed();
+    lab.heal();
+    cluster.wait_caught_up(victim, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, refused) = writers.stop();
+    let changes = leaders.stop();
+
+    let lost = lost_writes(&cluster, &acked);
+    let failed_calls = calls.iter().filter(|s| **s != 200).count();
+    let gap = longest_gap(&acked, cut_at, healed_at);
+    eprintln!(
+        "SUMMARY partition: leader {victim} cut off for {:?}; node {new_leader} led the \
+         majority after {took:?}; longest write gap {gap:?}; writes acknowledged {}, \
+         refused {refused}, lost {}; calls failed {failed_calls} of {}; leader changes \
+         {changes:?}; node {victim} said {degraded}",
+        healed_at - cut_at,
+        acked.len(),
+        lost.len(),
+        calls.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(failed_calls, 0, "calls on the majority's side: {calls:?}");
+    // Writers on the majority's side wait for the election (a second or two), not for
+    // the cut's end, nor for a write forwarded to the old leader to time out (5 s).
+    assert!(gap < Duration::from_secs(4), "writes stopped for {gap:?}");
+    // One change at the cut; the healed node may force one more with its higher term.
+    assert!(changes.len() <= 3, "leader changes: {changes:?}");
+    // Carol's registration through the cut-off node reached the others.
+    Wait::new("carol's degraded-mode binding on the majority", WAIT)
+        .showing(&cluster)
+        .until(|| {
+            majority
+                .iter()
+                .all(|id| has_binding(&cluster, *id, "carol", &carol_contact))
+        });
+    // And a call to her now rings that phone.
+    assert_eq!(call(&mut alice, a, &carol, "carol", "after-heal"), 200);
+}
+
+/// A node that can send but not receive, then a link that flaps. A follower that hears
+/// nothing from the leader starts elections, and its vote requests still reach the
+/// others: without care that is leader ping-pong for as long as the fault lasts.
+#[test]
+fn netns_a_one_way_cut_and_a_flapping_link_neither_lose_writes_nor_make_the_leader_ping_pong() {
+    let lab = Lab::new(3);
+    let cluster = cluster_in(&lab);
+    let (leader, _) = cluster.wait_for_leader(&[], WAIT);
+    let victim = [1, 2, 3].into_iter().find(|n| *n != leader).unwrap();
+    let others: Vec<u64> = [1, 2, 3].into_iter().filter(|n| *n != victim).collect();
+    let (a, b) = (cluster.member(others[0]), cluster.member(others[1]));
+    let mut alice = phone("alice", a);
+    let bob = phone("bob", b);
+
+    let clock = Deadline::after(Duration::ZERO);
+    let leaders = LeaderLog::start(&cluster, clock);
+    let writers = Writers::start(&cluster, clock);
+    std::thread::sleep(Duration::from_secs(2));
+
+    // 1. For 30 s the follower receives nothing from the others; what it sends arrives.
+    let one_way_at = clock.elapsed();
+    for peer in &others {
+        lab.cut_one_way(*peer, victim);
+    }
+    let mut calls = Vec::new();
+    for i in 0..3 {
+        calls.push(call(&mut alice, a, &bob, "bob", &format!("one-way-{i}")));
+        std::thread::sleep(Duration::from_secs(8));
+    }
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - one_way_at));
+    lab.heal();
+    let one_way_end = clock.elapsed();
+    cluster.wait_caught_up(victim, Duration::from_secs(30));
+
+    // 2. For 60 s the link between the follower and the others is cut and healed every 2 s.
+    let flap_at = clock.elapsed();
+    let mut cut = false;
+    while clock.elapsed() - flap_at < Duration::from_secs(60) {
+        if cut {
+            lab.heal();
+        } else {
+            lab.partition(victim, &others);
+        }
+        cut = !cut;
+        if !cut {
+            calls.push(call(
+                &mut alice,
+                a,
+                &bob,
+                "bob",
+                &format!("flap-{}", calls.len()),
+            ));
+        }
+        let next = flap_at
+            + Duration::from_secs(2) * ((clock.elapsed() - flap_at).as_secs() as u32 / 2 + 1);
+        std::thread::sleep(next.saturating_sub(clock.elapsed()));
+    }
+    lab.heal();
+    let flap_end = clock.elapsed();
+    cluster.wait_caught_up(victim, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, refused) = writers.stop();
+    let changes = leaders.stop();
+
+    let lost = lost_writes(&cluster, &acked);
+    let failed_calls = calls.iter().filter(|s| **s != 200).count();
+    let in_window = |from: Duration, to: Duration| {
+        changes
+            .iter()
+            .filter(|(at, before, _)| before.is_some() && *at >= from && *at <= to)
+            .count()
+    };
+    let one_way_changes = in_window(one_way_at, flap_at);
+    let flap_changes = in_window(flap_at, clock.elapsed());
+    eprintln!(
+        "SUMMARY one-way cut and flapping link (node {victim}, a follower of {leader}): \
+         leader changes {one_way_changes} during and after the 30 s one-way cut, \
+         {flap_changes} during and after 60 s of flapping; longest write gap {:?} and {:?}; \
+         writes acknowledged {}, refused {refused}, lost {}; calls failed {failed_calls} of \
+         {}; every change {changes:?}",
+        longest_gap(&acked, one_way_at, one_way_end),
+        longest_gap(&acked, flap_at, flap_end),
+        acked.len(),
+        lost.len(),
+        calls.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(
+        failed_calls, 0,
+        "calls between the two connected nodes: {calls:?}"
+    );
+    assert!(
+        one_way_changes <= 1,
+        "the leader changed {one_way_changes} times for one node that could not hear: {changes:?}"
+    );
+    assert!(
+        flap_changes <= 2,
+        "the leader changed {flap_changes} times for one flapping follower: {changes:?}"
+    );
+}
