@@ -19,6 +19,7 @@ use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{Deadline, Wait};
 
 const FULL3: [MemberRole; 3] = [MemberRole::Full; 3];
+const ALL: [u64; 3] = [1, 2, 3];
 const WAIT: Duration = Duration::from_secs(20);
 
 /// A member's admin API, for threads that outlive a borrow of the cluster.
@@ -58,12 +59,16 @@ impl Admin {
     }
 }
 
-/// A cluster of three in `lab` with customer acme and accounts alice, bob and carol.
+/// A cluster of three in `lab` with customer acme and accounts alice, bob, carol and dave.
 fn cluster_in(lab: &Lab) -> Cluster {
-    let cluster = Cluster::form_in(lab, &FULL3, "");
+    with_accounts(Cluster::form_in(lab, &FULL3, ""))
+}
+
+/// `cluster` with customer acme and accounts alice, bob, carol and dave.
+fn with_accounts(cluster: Cluster) -> Cluster {
     let m = cluster.member(1);
     assert_eq!(m.put_customer("acme"), Some(200));
-    for user in ["alice", "bob", "carol"] {
+    for user in ["alice", "bob", "carol", "dave"] {
         let a = m
             .request(
                 "PUT",
@@ -76,9 +81,15 @@ fn cluster_in(lab: &Lab) -> Cluster {
     cluster
 }
 
-/// A phone of `user` registered through `node` (a new socket, so a new contact).
+/// A phone of `user` in the lab, registered through `node` (a new socket, so a new
+/// contact).
 fn phone(user: &str, node: &Member) -> Ua {
-    let mut ua = Ua::new(CLIENT_IP, user, "example.com", &format!("pw-{user}"));
+    phone_at(CLIENT_IP, user, node)
+}
+
+/// [`phone`] on address `ip`.
+fn phone_at(ip: &str, user: &str, node: &Member) -> Ua {
+    let mut ua = Ua::new(ip, user, "example.com", &format!("pw-{user}"));
     let contact = ua.contact();
     let r = ua.register(
         node.sip_addr(),
@@ -145,12 +156,13 @@ struct Writers {
 }
 
 impl Writers {
-    fn start(cluster: &Cluster, clock: Deadline) -> Writers {
+    fn start(cluster: &Cluster, ids: &[u64], clock: Deadline) -> Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(Vec::new()));
         let refused = Arc::new(Mutex::new(0));
-        let threads = (1..=3u64)
-            .map(|id| {
+        let threads = ids
+            .iter()
+            .map(|&id| {
                 let member = Admin::of(cluster, id);
                 let (stop, acked, refused) = (stop.clone(), acked.clone(), refused.clone());
                 std::thread::spawn(move || {
@@ -218,10 +230,10 @@ struct LeaderLog {
 }
 
 impl LeaderLog {
-    fn start(cluster: &Cluster, clock: Deadline) -> LeaderLog {
+    fn start(cluster: &Cluster, ids: &[u64], clock: Deadline) -> LeaderLog {
         let stop = Arc::new(AtomicBool::new(false));
         let changes = Arc::new(Mutex::new(Vec::new()));
-        let members: Vec<Admin> = (1..=3).map(|id| Admin::of(cluster, id)).collect();
+        let members: Vec<Admin> = ids.iter().map(|&id| Admin::of(cluster, id)).collect();
         let thread = {
             let (stop, changes) = (stop.clone(), changes.clone());
             std::thread::spawn(move || {
@@ -260,14 +272,14 @@ impl LeaderLog {
     }
 }
 
-/// Every acknowledged write is on every member, once each has caught up; the ones
-/// missing anywhere.
-fn lost_writes(cluster: &Cluster, acked: &[(String, Duration)]) -> Vec<String> {
-    for id in 1..=3 {
+/// Every acknowledged write is on each of the full members `ids`, once each has caught
+/// up; the ones missing anywhere.
+fn lost_writes(cluster: &Cluster, ids: &[u64], acked: &[(String, Duration)]) -> Vec<String> {
+    for &id in ids {
         cluster.wait_caught_up(id, Duration::from_secs(30));
     }
     let mut lost = Vec::new();
-    for id in 1..=3 {
+    for &id in ids {
         let have: std::collections::HashSet<String> = cluster
             .member(id)
             .customer_ids()
@@ -305,8 +317,8 @@ fn netns_a_leader_cut_off_for_30_s_loses_no_acknowledged_write_and_calls_go_on()
     let _carol_before = phone("carol", cluster.member(victim));
 
     let clock = Deadline::after(Duration::ZERO);
-    let leaders = LeaderLog::start(&cluster, clock);
-    let writers = Writers::start(&cluster, clock);
+    let leaders = LeaderLog::start(&cluster, &ALL, clock);
+    let writers = Writers::start(&cluster, &ALL, clock);
     std::thread::sleep(Duration::from_secs(2));
     let cut_at = clock.elapsed();
     lab.partition(victim, &majority);
@@ -349,7 +361,7 @@ fn netns_a_leader_cut_off_for_30_s_loses_no_acknowledged_write_and_calls_go_on()
     let (acked, refused) = writers.stop();
     let changes = leaders.stop();
 
-    let lost = lost_writes(&cluster, &acked);
+    let lost = lost_writes(&cluster, &ALL, &acked);
     let failed_calls = calls.iter().filter(|s| **s != 200).count();
     let gap = longest_gap(&acked, cut_at, healed_at);
     eprintln!(
@@ -396,8 +408,8 @@ fn netns_a_one_way_cut_and_a_flapping_link_neither_lose_writes_nor_make_the_lead
     let bob = phone("bob", b);
 
     let clock = Deadline::after(Duration::ZERO);
-    let leaders = LeaderLog::start(&cluster, clock);
-    let writers = Writers::start(&cluster, clock);
+    let leaders = LeaderLog::start(&cluster, &ALL, clock);
+    let writers = Writers::start(&cluster, &ALL, clock);
     std::thread::sleep(Duration::from_secs(2));
 
     // 1. For 30 s the follower receives nothing from the others; what it sends arrives.
@@ -445,7 +457,7 @@ fn netns_a_one_way_cut_and_a_flapping_link_neither_lose_writes_nor_make_the_lead
     let (acked, refused) = writers.stop();
     let changes = leaders.stop();
 
-    let lost = lost_writes(&cluster, &acked);
+    let lost = lost_writes(&cluster, &ALL, &acked);
     let failed_calls = calls.iter().filter(|s| **s != 200).count();
     let in_window = |from: Duration, to: Duration| {
         changes
@@ -480,4 +492,248 @@ fn netns_a_one_way_cut_and_a_flapping_link_neither_lose_writes_nor_make_the_lead
         flap_changes <= 2,
         "the leader changed {flap_changes} times for one flapping follower: {changes:?}"
     );
+}
+
+/// Places a call from `caller` to `callee` through `node` every `every` until `stop`,
+/// and returns every final status.
+fn calls_until(
+    stop: &AtomicBool,
+    caller: &mut Ua,
+    node: &Member,
+    callee: &Ua,
+    callee_user: &str,
+    every: Duration,
+) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    while !stop.load(Ordering::Relaxed) {
+        let id = format!("load-{}-{}", callee_user, statuses.len());
+        statuses.push(call(caller, node, callee, callee_user, &id));
+        std::thread::sleep(every);
+    }
+    statuses
+}
+
+/// Scenario 1: the leader is SIGKILLed while writers write and, on the other two nodes,
+/// alice calls bob and carol calls dave every half second, each pair across both nodes.
+#[test]
+fn the_leader_killed_under_load_fails_no_call_between_the_survivors_and_writes_resume() {
+    let cluster = with_accounts(Cluster::form(&FULL3, ""));
+    let (victim, _) = cluster.wait_for_leader(&[], WAIT);
+    let survivors: Vec<u64> = ALL.into_iter().filter(|n| *n != victim).collect();
+    let (a, b) = (cluster.member(survivors[0]), cluster.member(survivors[1]));
+    let mut alice = phone_at("127.0.0.1", "alice", a);
+    let bob = phone_at("127.0.0.1", "bob", b);
+    let mut carol = phone_at("127.0.0.1", "carol", b);
+    let dave = phone_at("127.0.0.1", "dave", a);
+    let clock = Deadline::after(Duration::ZERO);
+    let leaders = LeaderLog::start(&cluster, &ALL, clock);
+    let writers = Writers::start(&cluster, &survivors, clock);
+    let stop = AtomicBool::new(false);
+    let (statuses, killed_at) = std::thread::scope(|s| {
+        let to_bob = s.spawn(|| {
+            calls_until(
+                &stop,
+                &mut alice,
+                a,
+                &bob,
+                "bob",
+                Duration::from_millis(500),
+            )
+        });
+        let to_dave = s.spawn(|| {
+            calls_until(
+                &stop,
+                &mut carol,
+                b,
+                &dave,
+                "dave",
+                Duration::from_millis(500),
+            )
+        });
+        std::thread::sleep(Duration::from_secs(3));
+        let killed_at = clock.elapsed();
+        cluster.member(victim).sigkill();
+        cluster.wait_for_leader(&[victim], WAIT);
+        std::thread::sleep(Duration::from_secs(5));
+        stop.store(true, Ordering::Relaxed);
+        let mut statuses = to_bob.join().unwrap();
+        statuses.extend(to_dave.join().unwrap());
+        (statuses, killed_at)
+    });
+    let (acked, refused) = writers.stop();
+    let changes = leaders.stop();
+    let lost = lost_writes(&cluster, &survivors, &acked);
+    let failed: Vec<&u16> = statuses.iter().filter(|s| **s != 200).collect();
+    let gap = longest_gap(&acked, killed_at, clock.elapsed());
+    eprintln!(
+        "SUMMARY leader killed: node {victim}; longest write gap {gap:?}; writes acknowledged \
+         {}, refused {refused}, lost {}; calls failed {} of {}; leader changes {changes:?}",
+        acked.len(),
+        lost.len(),
+        failed.len(),
+        statuses.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        failed.is_empty(),
+        "calls between the survivors failed: {statuses:?}"
+    );
+    assert!(gap < Duration::from_secs(4), "writes stopped for {gap:?}");
+}
+
+/// Scenario 4: two SIP nodes and a witness. Losing the witness, then (with the witness
+/// back) one SIP node: writes and calls go on each time; the lost node's phone registers
+/// again through the other, as a phone with both in DNS SRV would.
+#[test]
+fn a_pair_with_a_witness_keeps_serving_without_the_witness_and_then_without_one_node() {
+    let roles = [MemberRole::Full, MemberRole::Full, MemberRole::Witness];
+    let cluster = with_accounts(Cluster::form(&roles, ""));
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    let mut alice = phone_at("127.0.0.1", "alice", one);
+    let mut bob = phone_at("127.0.0.1", "bob", two);
+    let clock = Deadline::after(Duration::ZERO);
+    let leaders = LeaderLog::start(&cluster, &ALL, clock);
+    let writers = Writers::start(&cluster, &[1, 2], clock);
+    let mut statuses = Vec::new();
+
+    // The witness goes.
+    std::thread::sleep(Duration::from_secs(2));
+    let witness_lost_at = clock.elapsed();
+    cluster.member(3).sigkill();
+    for i in 0..3 {
+        statuses.push(call(
+            &mut alice,
+            one,
+            &bob,
+            "bob",
+            &format!("no-witness-{i}"),
+        ));
+        statuses.push(call(
+            &mut bob,
+            two,
+            &alice,
+            "alice",
+            &format!("no-witness-back-{i}"),
+        ));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let witness_back_at = clock.elapsed();
+    cluster.member(3).start();
+    cluster.member(3).wait_healthy();
+    cluster.wait_for_voters(3, WAIT);
+
+    // Then a SIP node goes: the leader if a SIP node leads (the harder case: node and
+    // witness must elect), else node 2. Its phone registers again through the other.
+    let (leader, _) = cluster.wait_for_leader(&[], WAIT);
+    let gone = if leader == 1 { 1 } else { 2 };
+    let survivor = cluster.member(3 - gone);
+    let node_lost_at = clock.elapsed();
+    cluster.member(gone).sigkill();
+    cluster.wait_for_leader(&[gone], WAIT);
+    let (moved, stayed) = if gone == 1 {
+        (&mut alice, &mut bob)
+    } else {
+        (&mut bob, &mut alice)
+    };
+    let contact = moved.contact();
+    let r = moved.register(
+        survivor.sip_addr(),
+        "MD5",
+        Some(&format!("<{contact}>")),
+        Some(600),
+    );
+    assert_eq!(r.status, 200, "{}", r.text);
+    let moved_user = if gone == 1 { "alice" } else { "bob" };
+    for i in 0..3 {
+        statuses.push(call(
+            stayed,
+            survivor,
+            moved,
+            moved_user,
+            &format!("one-node-{i}"),
+        ));
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let end = clock.elapsed();
+    let (acked, refused) = writers.stop();
+    let changes = leaders.stop();
+    cluster.member(gone).start();
+    cluster.member(gone).wait_healthy();
+    let lost = lost_writes(&cluster, &[1, 2], &acked);
+    let failed = statuses.iter().filter(|s| **s != 200).count();
+    let witness_gap = longest_gap(&acked, witness_lost_at, witness_back_at);
+    let node_gap = longest_gap(&acked, node_lost_at, end);
+    eprintln!(
+        "SUMMARY pair and witness: longest write gap {witness_gap:?} without the witness, \
+         {node_gap:?} without node {gone}; writes acknowledged {}, refused {refused}, lost {}; \
+         calls failed {failed} of {}; leader changes {changes:?}",
+        acked.len(),
+        lost.len(),
+        statuses.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert_eq!(failed, 0, "calls: {statuses:?}");
+    assert!(
+        witness_gap < Duration::from_secs(4),
+        "writes stopped for {witness_gap:?}"
+    );
+    assert!(
+        node_gap < Duration::from_secs(6),
+        "writes stopped for {node_gap:?}"
+    );
+}
+
+/// Scenario 7: every node SIGKILLed at once and started again: every acknowledged write,
+/// and every binding, is still there, and a call to a phone registered before reaches it.
+#[test]
+fn a_whole_cluster_killed_at_once_comes_back_with_every_acknowledged_write_and_binding() {
+    let cluster = with_accounts(Cluster::form(&FULL3, ""));
+    let mut alice = phone_at("127.0.0.1", "alice", cluster.member(1));
+    let bob = phone_at("127.0.0.1", "bob", cluster.member(2));
+    let carol = phone_at("127.0.0.1", "carol", cluster.member(3));
+    let clock = Deadline::after(Duration::ZERO);
+    let writers = Writers::start(&cluster, &ALL, clock);
+    std::thread::sleep(Duration::from_secs(3));
+    // Mid-write: some writes are in flight as the nodes die.
+    for id in ALL {
+        cluster.member(id).sigkill();
+    }
+    let (acked, _) = writers.stop();
+    for id in ALL {
+        cluster.member(id).start();
+    }
+    for id in ALL {
+        cluster.member(id).wait_healthy();
+    }
+    cluster.wait_for_leader(&[], WAIT);
+    let lost = lost_writes(&cluster, &ALL, &acked);
+    let bindings_kept = [("bob", bob.contact()), ("carol", carol.contact())]
+        .iter()
+        .all(|(user, contact)| {
+            ALL.iter()
+                .all(|id| has_binding(&cluster, *id, user, contact))
+        });
+    let to_bob = call(
+        &mut alice,
+        cluster.member(1),
+        &bob,
+        "bob",
+        "after-restart-bob",
+    );
+    let to_carol = call(
+        &mut alice,
+        cluster.member(2),
+        &carol,
+        "carol",
+        "after-restart-carol",
+    );
+    eprintln!(
+        "SUMMARY full restart: writes acknowledged {}, lost {}; bindings kept {bindings_kept}; \
+         calls after the restart {to_bob}, {to_carol}",
+        acked.len(),
+        lost.len(),
+    );
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(bindings_kept, "bindings lost in the restart");
+    assert_eq!((to_bob, to_carol), (200, 200));
 }
