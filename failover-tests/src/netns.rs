@@ -229,8 +229,8 @@ pub fn require_root() {
     let euid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
     assert_eq!(
         euid, 0,
-        "this test builds network namespaces and needs root (CI runs as root); \
-         ./ops/test.sh leaves tests named netns_* out when it is not root"
+        "this test builds network namespaces or mounts file systems and needs root (CI runs \
+         as root); ./ops/test.sh leaves tests named netns_* and root_* out when it is not root"
     );
 }
 

@@ -737,3 +737,150 @@ fn a_whole_cluster_killed_at_once_comes_back_with_every_acknowledged_write_and_b
     assert!(bindings_kept, "bindings lost in the restart");
     assert_eq!((to_bob, to_carol), (200, 200));
 }
+
+/// A mounted file system that is unmounted (lazily) when dropped.
+struct Mount(std::path::PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Runs a command, panicking with its output if it fails.
+fn run(program: &str, args: &[&str]) {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Moves member `id`'s data dir (the member stopped) onto a tmpfs of `mib` MiB.
+fn data_on_tmpfs(cluster: &Cluster, id: u64, mib: u32) -> (Mount, std::path::PathBuf) {
+    let data = cluster.member(id).dir.join("data");
+    let old = cluster.member(id).dir.join("data.before");
+    std::fs::rename(&data, &old).unwrap();
+    std::fs::create_dir(&data).unwrap();
+    run(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={mib}m"),
+            "tandem-test",
+            data.to_str().unwrap(),
+        ],
+    );
+    let mount = Mount(data.clone());
+    run(
+        "cp",
+        &[
+            "-a",
+            &format!("{}/.", old.display()),
+            data.to_str().unwrap(),
+        ],
+    );
+    (mount, data)
+}
+
+/// Scenario 8, a full disk: one follower's data dir fills up. It says so on `/ready`,
+/// refuses writes of its own (507) instead of failing inside RocksDB, the others go on,
+/// nothing acknowledged is lost, and once the space is back it takes writes again and has
+/// everything, without a restart.
+#[test]
+fn root_a_full_disk_on_one_node_loses_nothing_and_the_others_go_on() {
+    tandem_failover_tests::netns::require_root();
+    let cluster = with_accounts(Cluster::form(&FULL3, ""));
+    let (leader, _) = cluster.wait_for_leader(&[], WAIT);
+    let victim = ALL.into_iter().find(|n| *n != leader).unwrap();
+    let others: Vec<u64> = ALL.into_iter().filter(|n| *n != victim).collect();
+    cluster.member(victim).sigterm();
+    cluster.member(victim).wait_exit(WAIT);
+    let (_mount, data) = data_on_tmpfs(&cluster, victim, 512);
+    cluster.member(victim).start();
+    cluster.member(victim).wait_healthy();
+    cluster.wait_caught_up(victim, WAIT);
+
+    let clock = Deadline::after(Duration::ZERO);
+    let writers = Writers::start(&cluster, &others, clock);
+    std::thread::sleep(Duration::from_secs(1));
+    // Fill the disk: dd stops at ENOSPC.
+    let filler = data.join("filler");
+    let _ = std::process::Command::new("dd")
+        .args(["if=/dev/zero", "bs=1M", "status=none"])
+        .arg(format!("of={}", filler.display()))
+        .status();
+    let full_at = clock.elapsed();
+    let not_ready = Wait::new(format!("node {victim} to say it is not ready"), WAIT)
+        .showing(&cluster)
+        .until(|| {
+            let a = cluster.member(victim).get("/ready")?;
+            (a.status == 503).then_some(a.body)
+        });
+    assert!(not_ready.contains("data disk"), "{not_ready}");
+    let refused_here = cluster
+        .member(victim)
+        .request(
+            "PUT",
+            "/v1/customers/on-a-full-disk",
+            Some(r#"{"name":"x"}"#),
+        )
+        .expect("the admin API answers");
+    assert_eq!(refused_here.status, 507, "{}", refused_here.body);
+    assert!(
+        refused_here.body.contains("data disk"),
+        "{}",
+        refused_here.body
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let during = clock.elapsed();
+    let stopped = !cluster.member(victim).is_running();
+    // Space is back: the node takes writes again, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    Wait::new(format!("node {victim} to be ready again"), WAIT)
+        .showing(&cluster)
+        .until(|| {
+            cluster
+                .member(victim)
+                .get("/ready")
+                .is_some_and(|a| a.status == 200)
+        });
+    assert_eq!(
+        cluster.member(victim).put_customer("after-the-disk"),
+        Some(200)
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, refused) = writers.stop();
+    let lost = lost_writes(&cluster, &ALL, &acked);
+    let gap = longest_gap(&acked, full_at, during);
+    eprintln!(
+        "SUMMARY full disk: node {victim}; it said {not_ready}; stopped on its own: {stopped}; \
+         longest write gap {gap:?}; writes acknowledged {}, refused {refused}, lost {}; log \
+         lines about the disk: {:?}",
+        acked.len(),
+        lost.len(),
+        cluster
+            .member(victim)
+            .log()
+            .lines()
+            .filter(|l| l.contains("data disk"))
+            .take(3)
+            .collect::<Vec<_>>(),
+    );
+    assert!(!stopped, "node {victim} stopped on a full disk");
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        gap < Duration::from_secs(2),
+        "the others' writes stopped for {gap:?}"
+    );
+}

@@ -67,6 +67,10 @@ fn check_config_rejects_values_that_parse_but_do_not_validate() {
     );
     assert_refused_naming("[cdr]\npurge_batch = 0\n", "cdr.purge_batch");
     assert_refused_naming(
+        "[node]\nmin_free_disk_mib = 2000000\n",
+        "node.min_free_disk_mib",
+    );
+    assert_refused_naming(
         "[dialplan]\nmax_run_time_per_second_ms = 100001\n",
         "dialplan.max_run_time_per_second_ms",
     );

@@ -52,6 +52,10 @@ pub struct NodeConfig {
     /// handing half the messages to each other, reached 11,261 (BENCHMARKS.md). More pay
     /// off only where cores are free.
     pub sip_threads: u16,
+    /// Free space (MiB) the data dir's file system must keep: below it the node refuses
+    /// writes of its own and says so on `/ready`, before RocksDB runs out of room
+    /// (node/DESIGN.md, "A full disk"). 0 turns the check off.
+    pub min_free_disk_mib: u64,
 }
 
 impl Default for NodeConfig {
@@ -63,6 +67,7 @@ impl Default for NodeConfig {
             master_key: None,
             runtime_threads: 1,
             sip_threads: 1,
+            min_free_disk_mib: 128,
         }
     }
 }
@@ -595,6 +600,12 @@ impl Config {
             bad(
                 "node.sip_threads",
                 format!("must be at most {} (0 means one per core)", MAX_SIP_THREADS),
+            );
+        }
+        if self.node.min_free_disk_mib > 1 << 20 {
+            bad(
+                "node.min_free_disk_mib",
+                "must be at most 1048576 (1 TiB; 0 turns the check off)".into(),
             );
         }
         if self.node.runtime_threads > MAX_RUNTIME_THREADS {

@@ -76,6 +76,10 @@ pub enum Error {
     /// Another member could not be reached or did not answer in time.
     #[error("{0}")]
     Unreachable(String),
+    /// This node refuses writes of its own for now (its data disk is nearly full, say);
+    /// another node can take them.
+    #[error("this node takes no writes: {0}")]
+    WritesBlocked(String),
 }
 
 impl Error {

@@ -7,6 +7,7 @@
 //! internal listener, created on first start, so `tandem run` with the embedded defaults
 //! just works.
 
+mod disk;
 mod join;
 pub mod peers;
 
@@ -266,6 +267,14 @@ impl ClusterNode {
                 );
             }
         }
+        if config.node.min_free_disk_mib > 0 {
+            tracker.spawn(disk::watch(
+                node.replica.clone(),
+                config.node.data_dir.clone(),
+                config.node.min_free_disk_mib,
+                stop.clone(),
+            ));
+        }
         tracker.spawn(node.clone().promote_learners(stop.clone()));
         tracker.spawn(node.clone().raise_features(stop.clone()));
         tracker.spawn(node.clone().register(config.clone(), stop));
@@ -334,6 +343,12 @@ impl ClusterNode {
     pub fn readiness(&self) -> Result<(), String> {
         if !self.is_member() {
             return Err("not a member of the cluster: removed, or not joined yet".into());
+        }
+        if let Some(reason) = self.replica.fatal() {
+            return Err(format!("Raft stopped (restart the node): {reason}"));
+        }
+        if let Some(reason) = self.replica.writes_blocked() {
+            return Err(reason);
         }
         if let Some(reason) = self.health().degraded {
             return Err(format!("degraded: {reason}"));

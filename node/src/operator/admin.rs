@@ -97,6 +97,7 @@ impl ApiError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             Error::Store(S::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            Error::Store(S::WritesBlocked(_)) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Store(S::Membership(_) | S::FeatureNotEnabled { .. }) | Error::Rotation(_) => {
                 StatusCode::CONFLICT
             }

@@ -212,6 +212,8 @@ pub struct Replica {
     /// The leader's commit index as of its latest AppendEntries, for the apply lag.
     leader_commit: Arc<AtomicU64>,
     db: Arc<rocksdb::DB>,
+    /// Why this node refuses writes of its own, if it does ([`Replica::block_writes`]).
+    blocked: Arc<std::sync::RwLock<Option<String>>>,
 }
 
 pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
@@ -283,6 +285,7 @@ impl Replica {
             forwarder,
             leader_commit: Arc::new(AtomicU64::new(0)),
             db,
+            blocked: Arc::default(),
         })
     }
 
@@ -388,6 +391,28 @@ impl Replica {
             .unwrap_or_else(|| Err(Error::Raft("the replica has stopped".into())))
     }
 
+    /// From now on, refuses every write proposed on this node with
+    /// [`Error::WritesBlocked`] and `reason`; `None` takes them again. Replication into
+    /// this node goes on: only what would start here is refused, so its callers try
+    /// another node instead of writing to a disk that cannot hold it.
+    pub fn block_writes(&self, reason: Option<String>) {
+        *self.blocked.write().expect("write block lock") = reason;
+    }
+
+    /// Why this node refuses writes of its own, if it does.
+    pub fn writes_blocked(&self) -> Option<String> {
+        self.blocked.read().expect("write block lock").clone()
+    }
+
+    /// Why Raft stopped on this node, if it did (a storage fault, say): the node can
+    /// neither apply nor vote until it is restarted.
+    pub fn fatal(&self) -> Option<String> {
+        match &self.raft.metrics().borrow().running_state {
+            Ok(()) => None,
+            Err(f) => Some(f.to_string()),
+        }
+    }
+
     /// Replicates several commands, queued back to back so they usually share a log
     /// entry, and returns each one's result once applied. Commands that must commit in
     /// order go through separate calls: two entries may replicate side by side.
@@ -396,6 +421,12 @@ impl Replica {
         // Read only for a command that needs more than the first release: this is the
         // write path of every registration.
         let mut cluster = None;
+        if let Some(reason) = self.writes_blocked() {
+            return commands
+                .iter()
+                .map(|_| Err(Error::WritesBlocked(reason.clone())))
+                .collect();
+        }
         for command in commands {
             // The feature gate: a kind newer than the cluster's feature version would stop
             // every member that cannot apply it, so it is refused here, before the log.
