@@ -90,6 +90,12 @@ fn phone(user: &str, node: &Member) -> Ua {
 /// [`phone`] on address `ip`.
 fn phone_at(ip: &str, user: &str, node: &Member) -> Ua {
     let mut ua = Ua::new(ip, user, "example.com", &format!("pw-{user}"));
+    register(&mut ua, node);
+    ua
+}
+
+/// `ua` registers its contact through `node`, for 600 s, and gets 200.
+fn register(ua: &mut Ua, node: &Member) {
     let contact = ua.contact();
     let r = ua.register(
         node.sip_addr(),
@@ -98,7 +104,6 @@ fn phone_at(ip: &str, user: &str, node: &Member) -> Ua {
         Some(600),
     );
     assert_eq!(r.status, 200, "{}", r.text);
-    ua
 }
 
 /// `caller` calls `callee`'s user through `node`; the callee answers, the caller hangs
@@ -344,14 +349,7 @@ fn netns_a_leader_cut_off_for_30_s_loses_no_acknowledged_write_and_calls_go_on()
         calls.push(call(&mut alice, through, &bob, "bob", &format!("cut-{i}")));
         std::thread::sleep(Duration::from_secs(3));
         // Bob's phone refreshes through its node meanwhile.
-        let contact = bob.contact();
-        let r = bob.register(
-            b.sip_addr(),
-            "MD5",
-            Some(&format!("<{contact}>")),
-            Some(600),
-        );
-        assert_eq!(r.status, 200, "{}", r.text);
+        register(&mut bob, b);
     }
     std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - cut_at));
     let healed_at = clock.elapsed();
@@ -635,14 +633,7 @@ fn a_pair_with_a_witness_keeps_serving_without_the_witness_and_then_without_one_
     } else {
         (&mut bob, &mut alice)
     };
-    let contact = moved.contact();
-    let r = moved.register(
-        survivor.sip_addr(),
-        "MD5",
-        Some(&format!("<{contact}>")),
-        Some(600),
-    );
-    assert_eq!(r.status, 200, "{}", r.text);
+    register(moved, survivor);
     let moved_user = if gone == 1 { "alice" } else { "bob" };
     for i in 0..3 {
         statuses.push(call(
