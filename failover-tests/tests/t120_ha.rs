@@ -301,6 +301,30 @@ fn lost_writes(cluster: &Cluster, ids: &[u64], acked: &[(String, Duration)]) -> 
     lost
 }
 
+/// What the writers and the leader watch saw over a fault in the lab.
+struct Outcome {
+    acked: Vec<(String, Duration)>,
+    refused: usize,
+    changes: Vec<Change>,
+    lost: Vec<String>,
+}
+
+/// After a fault has healed: waits for `victim` to catch up, lets the writers go on for
+/// 2 s more, stops them and the watch, and checks every acknowledged write on every node.
+fn settle(cluster: &Cluster, victim: u64, writers: Writers, leaders: LeaderLog) -> Outcome {
+    cluster.wait_caught_up(victim, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(2));
+    let (acked, refused) = writers.stop();
+    let changes = leaders.stop();
+    let lost = lost_writes(cluster, &ALL, &acked);
+    Outcome {
+        acked,
+        refused,
+        changes,
+        lost,
+    }
+}
+
 /// Whether `user`'s bindings, as member `id` holds them, include `contact`.
 fn has_binding(cluster: &Cluster, id: u64, user: &str, contact: &str) -> bool {
     let m = cluster.member(id);
@@ -354,12 +378,12 @@ fn netns_a_leader_cut_off_for_30_s_loses_no_acknowledged_write_and_calls_go_on()
     std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - cut_at));
     let healed_at = clock.elapsed();
     lab.heal();
-    cluster.wait_caught_up(victim, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
-    let (acked, refused) = writers.stop();
-    let changes = leaders.stop();
-
-    let lost = lost_writes(&cluster, &ALL, &acked);
+    let Outcome {
+        acked,
+        refused,
+        changes,
+        lost,
+    } = settle(&cluster, victim, writers, leaders);
     let failed_calls = calls.iter().filter(|s| **s != 200).count();
     let gap = longest_gap(&acked, cut_at, healed_at);
     eprintln!(
@@ -450,12 +474,12 @@ fn netns_a_one_way_cut_and_a_flapping_link_neither_lose_writes_nor_make_the_lead
     }
     lab.heal();
     let flap_end = clock.elapsed();
-    cluster.wait_caught_up(victim, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_secs(2));
-    let (acked, refused) = writers.stop();
-    let changes = leaders.stop();
-
-    let lost = lost_writes(&cluster, &ALL, &acked);
+    let Outcome {
+        acked,
+        refused,
+        changes,
+        lost,
+    } = settle(&cluster, victim, writers, leaders);
     let failed_calls = calls.iter().filter(|s| **s != 200).count();
     let in_window = |from: Duration, to: Duration| {
         changes
