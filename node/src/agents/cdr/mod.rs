@@ -3,14 +3,14 @@
 //! copied to every other full node, and removed in bounded steps once older than the
 //! customer's retention (node/DESIGN.md, "CDRs").
 //!
-//! A call's task (or, for the proxy, the call's dialog entry) keeps an [`Open`] record per
-//! leg and hands the closed [`Cdr`] to the [`Recorder`], which never blocks a SIP thread: a writer thread of its own stores
-//! records in groups, each group fsynced once ([`store::CdrStore`], a RocksDB apart from
-//! the replica's), and runs the purge steps between groups. The shipper sends each
-//! node's own records to every peer over the cluster link and forgets them from its
-//! outbox once every peer has stored them, so a record survives the loss of the node
-//! that wrote it once it has shipped (within a second of the call's end while the peers
-//! are up).
+//! A call's task (or, for the proxy, the call's dialog entry) keeps an [`Open`] record
+//! per leg and hands the closed [`Cdr`] to the [`Recorder`], which never blocks a SIP
+//! thread: a writer thread of its own stores records in groups (what ends within 20 ms),
+//! each group fsynced once ([`store::CdrStore`], a RocksDB apart from the replica's), and
+//! runs the purge steps between groups. The shipper sends each node's own records to
+//! every peer over the cluster link and forgets them from its outbox once every peer has
+//! stored them, so a record survives the loss of the node that wrote it once it has
+//! shipped (within a second of the call's end while the peers are up).
 
 pub mod store;
 
