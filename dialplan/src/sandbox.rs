@@ -393,16 +393,22 @@ impl Sandbox {
                 .budgets
                 .retain(|_, b| !b.refilled(per_second, now).full(per_second));
         }
-        let full = Budget {
-            left_us: i64::MAX,
-            at: now,
+        let spent = i64::try_from(spent.as_micros()).unwrap_or(i64::MAX);
+        let charged = |b: Budget| {
+            let mut b = b.refilled(per_second, now);
+            b.left_us = b.left_us.saturating_sub(spent);
+            b
         };
-        let b = running.budgets.entry(account.to_owned()).or_insert(full);
-        let mut refilled = b.refilled(per_second, now);
-        refilled.left_us = refilled
-            .left_us
-            .saturating_sub(i64::try_from(spent.as_micros()).unwrap_or(i64::MAX));
-        *b = refilled;
+        // The account's name is copied only for its first charge.
+        if let Some(b) = running.budgets.get_mut(account) {
+            *b = charged(*b);
+        } else {
+            let full = Budget {
+                left_us: i64::MAX,
+                at: now,
+            };
+            running.budgets.insert(account.to_owned(), charged(full));
+        }
     }
 
     /// How many runs are in progress, in all and for `account`.
