@@ -51,7 +51,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_raft_store::command::Binding;
+use tandem_raft_store::command::{Account, Binding};
 use tandem_raft_store::types::NodeId;
 use tandem_sip::{canonical_domain, HeaderName, Host, Message, Method, NameAddr, SipUri, Uri};
 use tokio::sync::mpsc;
@@ -102,31 +102,17 @@ impl Target {
     }
 }
 
-/// A local account and its customer, as a call's records name them.
-#[derive(Clone, Debug, Default)]
-struct Party {
-    /// `user@domain`.
-    aor: String,
-    customer: String,
-}
-
-impl Party {
-    fn of(a: &tandem_raft_store::command::Account) -> Party {
-        Party {
-            aor: format!("{}@{}", a.user, a.domain),
-            customer: a.customer.clone(),
-        }
-    }
-}
-
 /// The local account placing a new request.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct Caller {
     /// Its name in the dialog table (its AOR URI).
     name: String,
-    /// Its `max_concurrent_calls` (0: none).
-    limit: u32,
-    party: Party,
+    account: Arc<Account>,
+}
+
+/// An account's AOR as call records name it: `user@domain`.
+fn record_name(a: &Account) -> String {
+    format!("{}@{}", a.user, a.domain)
 }
 
 /// One way to reach a phone, for a request of the app server's own: the contact as
@@ -416,7 +402,7 @@ impl Proxy {
         let next_route = top_route(&request);
         // The local account placing a new request, and the one a new request is for.
         let mut caller: Option<Caller> = None;
-        let mut callee: Option<Party> = None;
+        let mut callee: Option<Account> = None;
         let decided: Result<Vec<Vec<Target>>, Refusal> = if in_dialog {
             // Inside a dialog only along a route set this node record-routed (genuine
             // dialog tokens), only for a dialog it knows, and only to another member or
@@ -517,7 +503,9 @@ impl Proxy {
                 Method::Invite => DialogKind::Call,
                 _ => DialogKind::Subscription,
             };
-            let account = caller.as_ref().map(|c| (c.name.as_str(), c.limit));
+            let account = caller
+                .as_ref()
+                .map(|c| (c.name.as_str(), c.account.max_concurrent_calls));
             // The call's records are written where it entered the cluster: the node that
             // found the callee's bindings (the edge node it is handed to does not).
             let records = match (&self.cdrs, &callee) {
@@ -552,12 +540,13 @@ impl Proxy {
                         403,
                         "Forbidden (too many calls in progress for this account)",
                     );
-                    let caller = caller.unwrap_or_default();
                     if let (Some(recorder), Some(to)) = (&self.cdrs, &callee) {
-                        let records = self.open_records(&request, &call_id, Some(&caller), to);
+                        let records = self.open_records(&request, &call_id, caller.as_ref(), to);
                         recorder.record(records.refused(refusal.status, &refusal.reason));
                     }
-                    let (account, limit) = (caller.name, caller.limit);
+                    let (account, limit) = caller
+                        .map(|c| (c.name, c.account.max_concurrent_calls))
+                        .unwrap_or_default();
                     tracing::info!(%account, limit, "call refused: the account is at its max_concurrent_calls");
                     self.transports
                         .stats()
@@ -596,17 +585,18 @@ impl Proxy {
         request: &Message,
         call_id: &str,
         caller: Option<&Caller>,
-        callee: &Party,
+        callee: &Account,
     ) -> CallRecords {
         let from = request
             .from()
             .map(|f| f.uri.to_string())
             .unwrap_or_default();
         let to = request.uri().map(|u| u.to_string()).unwrap_or_default();
-        let calling = caller.map_or(callee, |c| &c.party);
+        let calling = caller.map_or(callee, |c| &c.account);
+        let (a, b) = (record_name(calling), record_name(callee));
         CallRecords::new(
-            Open::new(call_id, "a", "in", &calling.customer, &calling.aor).with_parties(&from, &to),
-            Open::new(call_id, "b1", "out", &callee.customer, &callee.aor).with_parties(&from, &to),
+            Open::new(call_id, "a", "in", &calling.customer, &a).with_parties(&from, &to),
+            Open::new(call_id, "b1", "out", &callee.customer, &b).with_parties(&from, &to),
         )
     }
 
@@ -669,8 +659,7 @@ impl Proxy {
         {
             Authenticated::Account(a) => Ok(Caller {
                 name: tandem_raft_store::command::account_aor(&a.user, &a.domain),
-                limit: a.max_concurrent_calls,
-                party: Party::of(&a),
+                account: a,
             }),
             Authenticated::Refused(refusal) => Err(refusal),
         }
@@ -703,7 +692,7 @@ impl Proxy {
         &self,
         request: &Message,
         flow: &Flow,
-    ) -> Result<(Vec<Vec<Target>>, Option<Caller>, Party), Refusal> {
+    ) -> Result<(Vec<Vec<Target>>, Option<Caller>, Account), Refusal> {
         let method = request.method().cloned().unwrap_or(Method::Options);
         let from = request.from().ok().and_then(|f| f.uri.as_sip().cloned());
         let reader = self.cluster.replica.reader();
@@ -742,7 +731,7 @@ impl Proxy {
         domain: &str,
         call_id: &str,
         from_tag: &str,
-    ) -> Result<(Vec<Vec<Target>>, Party), Refusal> {
+    ) -> Result<(Vec<Vec<Target>>, Account), Refusal> {
         let reader = self.cluster.replica.reader();
         let account = reader.account(domain, user).ok().flatten();
         let Some(account) = account else {
@@ -769,7 +758,7 @@ impl Proxy {
                 "Temporarily Unavailable (no usable contact)",
             ));
         }
-        Ok((route::q_groups(targets), Party::of(&account)))
+        Ok((route::q_groups(targets), account))
     }
 
     /// How to reach each phone of the local account `user@domain` for a new call of
