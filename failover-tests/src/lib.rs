@@ -34,6 +34,7 @@ pub mod kamailio;
 pub mod keepalive;
 pub mod netns;
 pub mod phones;
+pub mod srv_phone;
 pub mod ua;
 
 /// How long [`Node::wait_ready`] waits for the first 200 to an OPTIONS.

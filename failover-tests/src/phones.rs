@@ -60,6 +60,12 @@ impl Baresip {
     /// Starts baresip with SIP on `ip:sip_port` (UDP) and its control port on
     /// `ip:ctrl_port`, and no account yet.
     pub fn start(ip: &str, sip_port: u16, ctrl_port: u16) -> Baresip {
+        Baresip::start_with(ip, sip_port, ctrl_port, "")
+    }
+
+    /// [`Baresip::start`] with more config lines (e.g. `dns_server 127.0.0.1:5353`, for
+    /// a phone that finds its servers through the test's DNS server).
+    pub fn start_with(ip: &str, sip_port: u16, ctrl_port: u16, more_config: &str) -> Baresip {
         require("baresip", "baresip-core");
         let dir = tempfile::Builder::new()
             .prefix("tandem-baresip-")
@@ -82,7 +88,8 @@ impl Baresip {
              module_app\t\taccount.so\n\
              module_app\t\tmenu.so\n\
              module_app\t\tctrl_tcp.so\n\
-             ctrl_tcp_listen\t\t{ip}:{ctrl_port}\n"
+             ctrl_tcp_listen\t\t{ip}:{ctrl_port}\n\
+             {more_config}\n"
         );
         std::fs::write(dir.path().join("config"), config).expect("baresip config");
         std::fs::write(dir.path().join("accounts"), "").expect("baresip accounts");

@@ -438,16 +438,22 @@ impl Ua {
     /// Waits for a response with a status (not 100) to the request with CSeq method
     /// `method`; panics after `timeout`.
     pub fn expect_response(&self, method: &str, timeout: Duration) -> Received {
+        self.next_response(method, timeout)
+            .unwrap_or_else(|| panic!("{}: no response to {method} within {timeout:?}", self.user))
+    }
+
+    /// [`Ua::expect_response`], `None` after `timeout`.
+    fn next_response(&self, method: &str, timeout: Duration) -> Option<Received> {
         let deadline = crate::Deadline::after(timeout);
         while !deadline.expired() {
             if let Some(m) = self.recv(deadline.remaining()) {
                 let cseq = m.header("CSeq").unwrap_or_default();
                 if m.status().is_some_and(|s| s > 100) && cseq.ends_with(method) {
-                    return m;
+                    return Some(m);
                 }
             }
         }
-        panic!("{}: no response to {method} within {timeout:?}", self.user);
+        None
     }
 
     /// Answers `request` (sent back to where it came from), with a To tag, the
@@ -487,6 +493,31 @@ impl Ua {
         call_id: &str,
         on_ringing: &mut dyn FnMut(&Ua, &Received),
     ) -> Received {
+        self.invite_giving_up(node, to, call_id, on_ringing, None)
+            .expect("no give-up time, so a final response")
+    }
+
+    /// [`Ua::invite`] by a caller who hangs up (CANCEL) when no final response came
+    /// within `give_up` of the INVITE that was not challenged: `None` then. The UA must
+    /// not be used for another call afterwards, since a late answer may still arrive.
+    pub fn invite_within(
+        &mut self,
+        node: SocketAddr,
+        to: &str,
+        call_id: &str,
+        give_up: Duration,
+    ) -> Option<Received> {
+        self.invite_giving_up(node, to, call_id, &mut |_, _| {}, Some(give_up))
+    }
+
+    fn invite_giving_up(
+        &mut self,
+        node: SocketAddr,
+        to: &str,
+        call_id: &str,
+        on_ringing: &mut dyn FnMut(&Ua, &Received),
+        give_up: Option<Duration>,
+    ) -> Option<Received> {
         let mut auth = String::new();
         for attempt in 0..2 {
             self.cseq += 1;
@@ -514,8 +545,15 @@ impl Ua {
             text.push_str("Content-Length: 0\r\n\r\n");
             self.socket.send_to(text.as_bytes(), node).unwrap();
             let mut rang = false;
+            let deadline = crate::Deadline::after(give_up.unwrap_or(Duration::from_secs(40)));
             let last = loop {
-                let r = self.expect_response("INVITE", Duration::from_secs(40));
+                let Some(r) = self.next_response("INVITE", deadline.remaining()) else {
+                    if give_up.is_some() {
+                        self.cancel(node, to, call_id, attempt);
+                        return None;
+                    }
+                    panic!("{}: no response to INVITE within 40 s", self.user);
+                };
                 let status = r.status().unwrap();
                 if status < 200 {
                     if status == 180 && !rang {
@@ -545,7 +583,7 @@ impl Ua {
                 );
                 continue;
             }
-            return last;
+            return Some(last);
         }
         unreachable!()
     }

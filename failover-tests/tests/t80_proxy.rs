@@ -590,6 +590,58 @@ fn timer_c_cancels_a_branch_that_rings_too_long_and_the_caller_gets_408() {
     node.assert_answers_options();
 }
 
+/// A phone whose NAT drops the INVITE never answers, not even 100, so the proxy may not
+/// CANCEL its branch (§9.1) and the branch would run until Timer B (32 s). A caller who
+/// hangs up still gets 487 at once, and the abandoned call does not keep a place in its
+/// account's `max_concurrent_calls` (4): six such calls in a row are each answered 487,
+/// none 403. The late branch is CANCELled as soon as it rings.
+#[test]
+fn a_cancelled_call_that_never_rang_ends_at_once_and_frees_the_callers_place() {
+    let node = node_with_alice_and_bob();
+    let sip = node.udp_addr();
+    let mut bob = bob_phone();
+    let bob_contact = bob.contact();
+    register(&mut bob, sip, &bob_contact);
+    for n in 0..6 {
+        let mut alice = alice_phone();
+        let call_id = format!("silent-{n}");
+        let started = Deadline::after(WAIT);
+        let r = alice.invite_within(
+            sip,
+            "sip:bob@example.com",
+            &call_id,
+            Duration::from_millis(500),
+        );
+        assert!(
+            r.is_none(),
+            "bob never answers, yet: {:?}",
+            r.map(|r| r.text)
+        );
+        let last = alice.expect_response("INVITE", WAIT);
+        assert_eq!(last.status(), Some(487), "call {n}: {}", last.text);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "call {n}: the 487 came {:?} after the INVITE",
+            started.elapsed()
+        );
+    }
+    // The last call's INVITE reaches bob's phone at last; it rings, and the node
+    // CANCELs it.
+    let invite = Wait::new("an INVITE for bob", WAIT).until(|| {
+        bob.recv(Duration::from_millis(200))
+            .filter(|m| m.method() == Some("INVITE") && m.text.contains("silent-5"))
+    });
+    bob.respond(&invite, 180, "Ringing", "");
+    let cancel = bob.expect_request("CANCEL", WAIT);
+    assert_eq!(
+        cancel.header("Call-ID"),
+        invite.header("Call-ID"),
+        "{}",
+        cancel.text
+    );
+    node.assert_answers_options();
+}
+
 #[test]
 fn forking_tries_q_groups_in_turn_and_cancels_the_rest_on_a_2xx() {
     let node = node_with_alice_and_bob();

@@ -964,3 +964,107 @@ fn a_full_transaction_table_sheds_new_requests_with_503_instead_of_growing() {
         },
     );
 }
+
+/// A STUN Binding request (RFC 5389) of `attributes`, with transaction id `id`.
+fn stun_request(id: &[u8; 12], attributes: &[u8]) -> Vec<u8> {
+    let mut r = vec![0x00, 0x01];
+    r.extend_from_slice(&(attributes.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    r.extend_from_slice(id);
+    r.extend_from_slice(attributes);
+    r
+}
+
+/// RFC 5626 §4.4.2 keepalives on the SIP port: a phone's STUN Binding request gets the
+/// address it was seen from, so the phone knows its flow is alive. What a scanner would
+/// send instead gets nothing: other STUN methods, comprehension-required attributes
+/// (never echoed back in a 420), lengths that lie, and a flood from one address, which is
+/// banned like a SIP flood so a forged source cannot turn the node into a reflector.
+#[test]
+fn stun_keepalives_are_answered_and_nothing_else_that_looks_like_stun_is() {
+    let node = Node::start_ready("");
+    let admin = node.admin_addr();
+    let phone = UdpSocket::bind("127.0.0.71:0").unwrap();
+    let local = phone.local_addr().unwrap();
+    phone
+        .send_to(&stun_request(b"keepalive-01", &[]), node.udp_addr())
+        .unwrap();
+    let answer = recv_udp(&phone, WAIT).expect("an answer to a STUN Binding request");
+    node.check(answer.len() == 32 && answer[0..2] == [0x01, 0x01], || {
+        format!("not a Binding success response: {answer:x?}")
+    });
+    node.check(&answer[8..20] == b"keepalive-01", || {
+        format!("another transaction id: {answer:x?}")
+    });
+    // XOR-MAPPED-ADDRESS: the phone's own address, xored with the magic cookie.
+    let port = u16::from_be_bytes([answer[26], answer[27]]) ^ 0x2112;
+    let ip = u32::from_be_bytes([answer[28], answer[29], answer[30], answer[31]]) ^ 0x2112_A442;
+    node.check(
+        port == local.port()
+            && std::net::Ipv4Addr::from(ip) == std::net::Ipv4Addr::new(127, 0, 0, 71),
+        || {
+            format!(
+                "mapped {}:{port}, sent from {local}",
+                std::net::Ipv4Addr::from(ip)
+            )
+        },
+    );
+
+    // What gets nothing. The fence: one more good request, whose answer must be the
+    // first thing back.
+    let software = [0x80, 0x22, 0x00, 0x04, b't', b'e', b's', b't'];
+    let username = [0x00, 0x06, 0x00, 0x04, b'e', b'v', b'i', b'l'];
+    let mut allocate = stun_request(b"allocate-001", &[]);
+    allocate[1] = 0x03;
+    let mut lying = stun_request(b"lying-length", &software);
+    lying[3] = 0x40;
+    for bad in [
+        stun_request(b"needs-user-1", &username),
+        allocate,
+        lying,
+        stun_request(b"truncated-01", &[])[..19].to_vec(),
+    ] {
+        phone.send_to(&bad, node.udp_addr()).unwrap();
+    }
+    phone
+        .send_to(&stun_request(b"fence-000001", &software), node.udp_addr())
+        .unwrap();
+    let next = recv_udp(&phone, WAIT).expect("an answer to the fence");
+    node.check(&next[8..20] == b"fence-000001", || {
+        format!("something else was answered first: {next:x?}")
+    });
+
+    // A flood of keepalives from one address is banned like any other flood.
+    let flooder = UdpSocket::bind("127.0.0.72:0").unwrap();
+    for i in 0..2000u32 {
+        let mut id = *b"flood-000000";
+        id[8..12].copy_from_slice(&i.to_be_bytes());
+        let _ = flooder.send_to(&stun_request(&id, &[]), node.udp_addr());
+    }
+    wait_metric(&node, admin, "tandem_sip_flood_bans_total", 1.0, WAIT);
+    let mut answered = 0;
+    while recv_udp(&flooder, Duration::from_millis(300)).is_some() {
+        answered += 1;
+    }
+    node.check(answered < 1000, || {
+        format!("{answered} of 2000 flooded keepalives were answered")
+    });
+    flooder
+        .send_to(&stun_request(b"after-ban-01", &[]), node.udp_addr())
+        .unwrap();
+    node.check(recv_udp(&flooder, Duration::from_secs(1)).is_none(), || {
+        "a banned address still gets keepalive answers".into()
+    });
+    // The phone elsewhere is still answered, and the node counts what it answered.
+    phone
+        .send_to(&stun_request(b"still-there1", &[]), node.udp_addr())
+        .unwrap();
+    node.check(recv_udp(&phone, WAIT).is_some(), || {
+        "the phone's keepalive went unanswered after the flood".into()
+    });
+    let answered = metric(admin, "tandem_sip_keepalives_received_total").unwrap_or(0.0);
+    node.check(answered >= 3.0, || {
+        format!("tandem_sip_keepalives_received_total {answered}")
+    });
+    node.assert_answers_options();
+}

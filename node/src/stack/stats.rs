@@ -48,6 +48,7 @@ pub struct Stats {
     pub malformed_answered: AtomicU64,
     /// Unparseable messages that could not be answered and were dropped.
     pub malformed_dropped: AtomicU64,
+    /// Keepalives received: CRLF pings, and STUN Binding requests answered.
     pub keepalives: AtomicU64,
     /// CRLFCRLF keepalives sent to UDP bindings this node is the edge of.
     pub keepalives_sent: AtomicU64,

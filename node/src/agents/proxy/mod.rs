@@ -1006,6 +1006,7 @@ impl Proxy {
                 Some(()) = cancel_rx.recv(), if !fork.cancelled => {
                     fork.cancelled = true;
                     fork.cancel_pending();
+                    fork.answer_cancel_now();
                 }
                 event = events.recv() => match event {
                     Some((i, ev)) => fork.on_event(i, ev),
@@ -1460,6 +1461,23 @@ impl Fork {
         }
     }
 
+    /// After the caller's CANCEL: if no branch still running has rung, none can be
+    /// CANCELled yet (§9.1), and one that never answers (a phone whose NAT dropped the
+    /// INVITE, a dead next hop) holds the fork until Timer B, 32 s. The caller is not
+    /// kept waiting that long, nor is its call's place in `max_concurrent_calls` held:
+    /// it gets its 487 now (as Kamailio's tm does by default), the claim goes, and the
+    /// fork stays only to CANCEL a branch that rings late and absorb the answers.
+    fn answer_cancel_now(&mut self) {
+        let ringing = self.branches.iter().any(|b| !b.done && b.provisional);
+        if self.finished || !self.is_invite || ringing {
+            return;
+        }
+        self.finish();
+        // A 2xx that still comes goes upstream (RFC 6026) for the caller to ACK and
+        // BYE, but this node no longer tracks that dialog.
+        self.claim = None;
+    }
+
     fn send_cancel(&mut self, i: usize) {
         let b = &mut self.branches[i];
         if b.cancel_sent || !self.is_invite {
@@ -1530,7 +1548,11 @@ impl Fork {
             return;
         }
         let Some((best, stand_in)) = best else {
-            let r = crate::stack::responses::build(&self.request, 408, "Request Timeout");
+            let r = if self.cancelled {
+                crate::stack::responses::build(&self.request, 487, "Request Terminated")
+            } else {
+                crate::stack::responses::build(&self.request, 408, "Request Timeout")
+            };
             self.track_dialog(408);
             self.note_failure(&r);
             self.proxy.layer.respond(self.tx, r);

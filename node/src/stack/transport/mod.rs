@@ -6,6 +6,7 @@
 
 pub mod flood;
 mod stream;
+mod stun;
 mod target;
 mod tls_client;
 mod udp;
@@ -493,6 +494,38 @@ impl Transports {
         if vouch.is_some_and(|v| v.trusted(ip)) {
             return true;
         }
+        if self.flood_admit(ip) == Verdict::Pass
+            || flood::passes_bans(message)
+            || vouch.is_some_and(|v| v.proves_round_trip(message, ip))
+        {
+            return true;
+        }
+        self.shared
+            .stats
+            .flood_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Whether a STUN keepalive from `ip` is answered ([`stun`]): it counts against the
+    /// source's flood limit like a request, and a banned source gets no answer, since a
+    /// keepalive proves nothing about its source.
+    pub(crate) fn screen_keepalive(&self, ip: IpAddr) -> bool {
+        if !self.shared.limits.flood.is_on()
+            || self.shared.vouch.get().is_some_and(|v| v.trusted(ip))
+            || self.flood_admit(ip) == Verdict::Pass
+        {
+            return true;
+        }
+        self.shared
+            .stats
+            .flood_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Counts one request from `ip` against its flood limit.
+    fn flood_admit(&self, ip: IpAddr) -> Verdict {
         let mut newly_banned = false;
         let verdict = {
             let mut guard = self.shared.flood.lock().expect("flood guard");
@@ -504,9 +537,6 @@ impl Transports {
                 .store(tracked, Ordering::Relaxed);
             v
         };
-        if verdict == Verdict::Pass {
-            return true;
-        }
         if newly_banned {
             self.shared.stats.flood_bans.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -516,14 +546,7 @@ impl Transports {
                  only requests that prove a round trip pass until the ban lapses"
             );
         }
-        if flood::passes_bans(message) || vouch.is_some_and(|v| v.proves_round_trip(message, ip)) {
-            return true;
-        }
-        self.shared
-            .stats
-            .flood_dropped
-            .fetch_add(1, Ordering::Relaxed);
-        false
+        verdict
     }
 
     pub(crate) fn stats(&self) -> &Stats {

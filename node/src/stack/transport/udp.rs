@@ -1,4 +1,5 @@
-//! The UDP receive loop: one datagram is one message (RFC 3261 §18.1.1). Each shard runs
+//! The UDP receive loop: one datagram is one message (RFC 3261 §18.1.1), or a STUN
+//! keepalive answered here ([`super::stun`]). Each shard runs
 //! one per socket, on its own runtime, and passes what it reads to the shard it belongs to.
 //! Parse failures go to the core as [`InboundEvent::Malformed`] so that the answer (a 400,
 //! or nothing) is decided in one place.
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use tandem_sip::Message;
 use tokio::net::UdpSocket;
 
-use super::{stamp_via, Flow, Inbound, InboundEvent, ListenerContext, TransportKind};
+use super::{stamp_via, stun, Flow, Inbound, InboundEvent, ListenerContext, TransportKind};
 
 /// Larger than any UDP payload, so nothing is ever truncated silently.
 const RECV_BUFFER: usize = 65_536;
@@ -47,6 +48,18 @@ pub(super) async fn receive_loop(socket: std::net::UdpSocket, shard: usize, ctx:
             }
         };
         let datagram = &buf[..n];
+        if stun::looks_like_stun(datagram) {
+            if ctx.transports.screen_keepalive(remote.ip()) {
+                if let Some(answer) = stun::binding_response(datagram, remote) {
+                    ctx.transports
+                        .stats()
+                        .keepalives
+                        .fetch_add(1, Ordering::Relaxed);
+                    let _ = socket.try_send_to(&answer, remote);
+                }
+            }
+            continue;
+        }
         if datagram
             .iter()
             .all(|b| matches!(b, b'\r' | b'\n' | b' ' | b'\t' | 0))
