@@ -85,6 +85,8 @@ pub struct Member {
     cluster_logs: Arc<[LogFile]>,
     child: Mutex<Option<Child>>,
     starts: Mutex<u32>,
+    /// The binary it runs, when not the `tandem` under test.
+    binary: Mutex<Option<PathBuf>>,
 }
 
 /// An HTTP answer: status and body.
@@ -187,17 +189,32 @@ impl Member {
             ns: lab.map(|l| l.ns_name(Some(id))),
             child: Mutex::new(None),
             starts: Mutex::new(0),
+            binary: Mutex::new(None),
         }
+    }
+
+    /// Runs `binary` instead of the `tandem` under test from the next start on (another
+    /// release, for upgrade tests).
+    pub fn set_binary(&self, binary: Option<PathBuf>) {
+        *self.binary.lock().unwrap() = binary;
     }
 
     /// A `tandem` command that runs where this member runs (in its lab namespace, if any).
     fn command(&self) -> std::process::Command {
+        let binary = self.binary.lock().unwrap().clone();
         match &self.ns {
-            None => tandem_command(),
+            None => {
+                let mut c = tandem_command();
+                if let Some(b) = binary {
+                    c = std::process::Command::new(b);
+                    c.env("NO_COLOR", "1");
+                }
+                c
+            }
             Some(ns) => {
                 let mut c = std::process::Command::new("ip");
                 c.args(["netns", "exec", ns])
-                    .arg(tandem_bin())
+                    .arg(binary.unwrap_or_else(tandem_bin))
                     .env("NO_COLOR", "1");
                 c
             }

@@ -330,6 +330,19 @@ pub fn tandem_bin() -> PathBuf {
     path
 }
 
+/// `tandem-next`, the next release for the rolling-upgrade test (src/bin/tandem-next.rs),
+/// beside the `tandem` under test.
+pub fn tandem_next_bin() -> PathBuf {
+    let path = tandem_bin().with_file_name("tandem-next");
+    assert!(
+        path.is_file(),
+        "{} not found: build it with `cargo build -p tandem-failover-tests --bin tandem-next` \
+         (./ops/test.sh builds every target)",
+        path.display()
+    );
+    path
+}
+
 /// A `tandem` command with colours off, so logs stay readable in files.
 pub fn tandem_command() -> Command {
     let mut c = Command::new(tandem_bin());

@@ -12,6 +12,17 @@
 //! ARCHITECTURE.md has the map; node/DESIGN.md the reasons.
 #![forbid(unsafe_code)]
 
+/// The release this process is: the package version, marked `+next` in the process that
+/// plays the next release for the rolling-upgrade test
+/// (`tandem_raft_store::command::play_next_release`).
+pub fn version() -> &'static str {
+    if tandem_raft_store::command::plays_next_release() {
+        concat!(env!("CARGO_PKG_VERSION"), "+next")
+    } else {
+        env!("CARGO_PKG_VERSION")
+    }
+}
+
 mod agents;
 mod clock;
 mod cluster;

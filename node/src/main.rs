@@ -18,11 +18,11 @@ use tandem_node::{
 static ALLOCATOR: tandem_dialplan::Metered<mimalloc::MiMalloc> =
     tandem_dialplan::Metered(mimalloc::MiMalloc);
 
-fn main() -> ExitCode {
+pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let (path, run) = match cli.command {
         Command::Version => {
-            println!("tandem {}", env!("CARGO_PKG_VERSION"));
+            println!("tandem {}", tandem_node::version());
             return ExitCode::SUCCESS;
         }
         Command::Keygen { out } => return report(keygen(&out)),

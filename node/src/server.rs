@@ -370,6 +370,7 @@ impl Node {
             .map_err(|e| tracing::error!(error = %e, "the CDR writer did not start; calls are not recorded"))
             .ok()
         });
+        stack.transports.set_draining(self.drain.flag());
         let (agents, app_server) = Agents::build(
             config,
             &self.cluster,
@@ -412,7 +413,7 @@ impl Node {
             udp = ?config.sip.udp,
             tcp = ?config.sip.tcp,
             tls = ?config.sip.tls,
-            version = env!("CARGO_PKG_VERSION"),
+            version = crate::version(),
             "tandem node ready"
         );
         RunningSip {

@@ -7,6 +7,8 @@
 //! Commands carry every value `apply` needs (absolute expiry times, lease epochs, "now"
 //! for expiry sweeps), because `apply` reads no clock and draws no random numbers.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::{Deserialize, Serialize};
 
 use crate::crypto::Sealed;
@@ -433,6 +435,13 @@ pub enum Command {
         provider: String,
         epoch: u64,
     },
+    /// The command kind of the next release, which this one does not know: decoded only
+    /// by a process that plays the next release ([`play_next_release`]), as the
+    /// rolling-upgrade test's newer binary does (raft-store/DESIGN.md, "Versioned commands
+    /// and rolling upgrades").
+    PutClusterNote {
+        text: String,
+    },
 }
 
 macro_rules! kinds {
@@ -454,6 +463,7 @@ kinds! {
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
     24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
     28 => DeleteNumber, 29 => PutCustomerSettings, 30 => PutTrunk, 31 => DeleteTrunk,
+    32 => PutClusterNote,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -471,6 +481,28 @@ const VERSION: u16 = 1;
 /// | 3 | customer settings: CDR retention, call limit, time zone (kind 29); trunks (30, 31) |
 pub const FEATURES: u32 = 3;
 
+/// Set once, before anything else runs, by a process that plays the next release.
+static NEXT_RELEASE: AtomicBool = AtomicBool::new(false);
+
+/// Makes this process the next release for the rolling-upgrade test (failover-tests,
+/// `tandem-next`): it supports feature version [`FEATURES`] + 1 and knows that version's
+/// command kind ([`Command::PutClusterNote`]), which this release refuses to decode like
+/// any kind it does not know. Two binaries that differ in exactly what two releases differ
+/// in, without compiling the node twice for the test. Nothing else calls it.
+pub fn play_next_release() {
+    NEXT_RELEASE.store(true, Ordering::SeqCst);
+}
+
+/// Whether this process plays the next release (see [`play_next_release`]).
+pub fn plays_next_release() -> bool {
+    NEXT_RELEASE.load(Ordering::Relaxed)
+}
+
+/// The highest cluster feature version this process supports.
+pub fn supported_features() -> u32 {
+    FEATURES + u32::from(plays_next_release())
+}
+
 impl Command {
     /// The cluster feature version from which this command may be proposed: only once
     /// every member can apply it.
@@ -487,6 +519,7 @@ impl Command {
             Command::PutCustomerSettings(_)
             | Command::PutTrunk(_)
             | Command::DeleteTrunk { .. } => 3,
+            Command::PutClusterNote { .. } => FEATURES + 1,
             _ => 0,
         }
     }
@@ -565,6 +598,7 @@ impl Command {
             Command::PutCustomerSettings(c) => enc(c),
             Command::PutTrunk(t) => enc(t),
             Command::DeleteTrunk { id } => enc(id),
+            Command::PutClusterNote { text } => enc(text),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -682,6 +716,9 @@ impl Command {
             30 => Command::PutTrunk(postcard::from_bytes(b).map_err(bad)?),
             31 => Command::DeleteTrunk {
                 id: postcard::from_bytes(b).map_err(bad)?,
+            },
+            32 if plays_next_release() => Command::PutClusterNote {
+                text: postcard::from_bytes(b).map_err(bad)?,
             },
             20 => Command::PutProviderAccount(postcard::from_bytes(b).map_err(bad)?),
             21 => Command::DeleteProviderAccount {
@@ -888,5 +925,20 @@ pub(crate) mod tests {
             body: vec![0xff; 3],
         };
         assert!(matches!(Command::decode(&garbage), Err(Error::Corrupt(_))));
+    }
+
+    #[test]
+    fn the_next_releases_kind_is_unknown_to_this_release_and_waits_for_its_feature() {
+        // This process plays this release (only tandem-next plays the next one).
+        let note = Command::PutClusterNote { text: "n".into() };
+        assert_eq!(supported_features(), FEATURES);
+        assert_eq!(note.since(), FEATURES + 1);
+        assert!(matches!(
+            Command::decode(&note.encode()),
+            Err(Error::UnknownCommand {
+                kind: 32,
+                version: 1
+            })
+        ));
     }
 }

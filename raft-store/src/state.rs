@@ -26,6 +26,8 @@ mod key {
 
     pub const NODE: u8 = b'n';
     pub const FEATURE: u8 = b'f';
+    /// The next release's cluster note (`Command::PutClusterNote`).
+    pub const NOTE: u8 = b'x';
     pub const CUSTOMER: u8 = b'c';
     pub const ACCOUNT: u8 = b'a';
     pub const BINDING: u8 = b'b';
@@ -358,6 +360,11 @@ impl StateReader {
 
     pub fn feature_version(&self) -> Result<u32, Error> {
         Ok(self.get(&[key::FEATURE])?.unwrap_or(0))
+    }
+
+    /// The cluster note (`Command::PutClusterNote`, the next release's).
+    pub fn cluster_note(&self) -> Result<Option<String>, Error> {
+        self.get(&[key::NOTE])
     }
 
     /// Whether a node id was removed from the cluster, and so may never be used again.
@@ -884,6 +891,10 @@ impl<'a> Txn<'a> {
             }
             Command::DeleteTrunk { id } => {
                 self.delete(key::trunk(&id));
+                CommandResult::Done
+            }
+            Command::PutClusterNote { text } => {
+                self.put(vec![key::NOTE], &text);
                 CommandResult::Done
             }
             Command::PutCustomerSettings(c) => {

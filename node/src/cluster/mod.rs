@@ -72,7 +72,7 @@ pub fn supported_features() -> u32 {
     std::env::var("TANDEM_TEST_FEATURES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(tandem_raft_store::command::FEATURES)
+        .unwrap_or_else(tandem_raft_store::command::supported_features)
 }
 
 /// `GET /v1/cluster/status` and `tandem cluster status`.
@@ -477,7 +477,7 @@ impl ClusterNode {
                 .map(|c| c.advertise_addr())
                 .unwrap_or_else(|| STANDALONE_ADDR.into()),
             role: config.node.role,
-            software_version: env!("CARGO_PKG_VERSION").into(),
+            software_version: crate::version().into(),
             draining: false,
         };
         loop {

@@ -30,6 +30,7 @@ use crate::agents::registration_agent::Board;
 mod callbacks;
 mod cdrs;
 mod dialplans;
+mod note;
 mod numbers;
 mod providers;
 mod settings;
@@ -1148,6 +1149,15 @@ pub fn serve(
         .and(warp::get())
         .and(authorized.clone())
         .map(|id: String, a: Arc<Admin>| answer(a.get_callback(&id)));
+    let get_note = warp::path!("v1" / "cluster" / "note")
+        .and(warp::get())
+        .and(authorized.clone())
+        .map(|a: Arc<Admin>| answer(a.get_note()));
+    let put_note = warp::path!("v1" / "cluster" / "note")
+        .and(warp::put())
+        .and(authorized.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.put_note(b).await) });
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
         .and(authorized)
@@ -1196,6 +1206,8 @@ pub fn serve(
         provider_status.boxed(),
         start_callback.boxed(),
         callback.boxed(),
+        get_note.boxed(),
+        put_note.boxed(),
     ];
     let routes = all
         .into_iter()

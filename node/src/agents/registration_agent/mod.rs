@@ -860,7 +860,7 @@ impl Session {
             password,
             realm: a.realm.clone(),
             expires: a.expires_secs,
-            user_agent: format!("Tandem/{}", env!("CARGO_PKG_VERSION")),
+            user_agent: format!("Tandem/{}", crate::version()),
         };
         let digest = ring::digest::digest(&ring::digest::SHA256, a.instance.as_bytes());
         Ok(Session {

@@ -235,6 +235,8 @@ struct Shared {
     stats: Arc<Stats>,
     flood: Mutex<FloodGuard>,
     vouch: std::sync::OnceLock<Arc<dyn Vouch>>,
+    /// The node's drain flag: a draining node answers no STUN keepalive.
+    draining: std::sync::OnceLock<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// An accepted connection's place under the limits, from accept until it closes (a TLS
@@ -417,6 +419,7 @@ impl Transports {
                 limits,
                 stats,
                 vouch: std::sync::OnceLock::new(),
+                draining: std::sync::OnceLock::new(),
             }),
         };
         let shards = Shards::new(shards);
@@ -507,10 +510,25 @@ impl Transports {
         false
     }
 
-    /// Whether a STUN keepalive from `ip` is answered ([`stun`]): it counts against the
-    /// source's flood limit like a request, and a banned source gets no answer, since a
-    /// keepalive proves nothing about its source.
+    /// Stops STUN keepalive answers while `flag` is set: a draining node's phones then
+    /// see their flow fail and register through another node at once (RFC 5626 §4.4.1),
+    /// instead of at their next refresh.
+    pub fn set_draining(&self, flag: Arc<std::sync::atomic::AtomicBool>) {
+        let _ = self.shared.draining.set(flag);
+    }
+
+    /// Whether a STUN keepalive from `ip` is answered ([`stun`]): not while draining; it
+    /// counts against the source's flood limit like a request, and a banned source gets no
+    /// answer, since a keepalive proves nothing about its source.
     pub(crate) fn screen_keepalive(&self, ip: IpAddr) -> bool {
+        if self
+            .shared
+            .draining
+            .get()
+            .is_some_and(|d| d.load(Ordering::Relaxed))
+        {
+            return false;
+        }
         if !self.shared.limits.flood.is_on()
             || self.shared.vouch.get().is_some_and(|v| v.trusted(ip))
             || self.flood_admit(ip) == Verdict::Pass
