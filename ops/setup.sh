@@ -8,10 +8,11 @@ log() { printf 'setup: %s\n' "$*" >&2; }
 # Debian packages: the C++ toolchain bindgen needs for librocksdb-sys later, sipp for the
 # scripted SIP tests, baresip and linphone as the real phones of the black-box suite,
 # Kamailio as a provider's registrar in the tests (and the reference peer of the
-# benchmarks), iproute2 and nftables for the fault tests' network namespaces, and the
-# small tools the tests and scripts call.
+# benchmarks), iproute2 and nftables for the fault tests' network namespaces, faketime
+# (libfaketime) to step a node's clock in the clock-jump test, and the small tools the
+# tests and scripts call.
 apt_packages=(clang libclang-dev sip-tester baresip-core linphone-cli kamailio iproute2 nftables
-  curl ca-certificates pkg-config python3)
+  faketime curl ca-certificates pkg-config python3)
 
 missing=()
 for p in "${apt_packages[@]}"; do

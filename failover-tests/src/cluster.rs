@@ -459,6 +459,13 @@ pub fn http(
     })
 }
 
+/// The environment of each member: `(cluster root, member id)` to variables.
+pub type MemberEnv<'a> = dyn Fn(&Path, u64) -> Vec<(String, String)> + 'a;
+
+fn pairs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// A cluster of real processes sharing one temp dir: CA, certificates, master key and
 /// admin token at its root, one directory per member.
 pub struct Cluster {
@@ -486,11 +493,30 @@ impl Cluster {
         Cluster::form_at(Some(lab), roles, extra_cluster, &[])
     }
 
+    /// [`Cluster::form`] with `env(root, id)` in member `id`'s environment (`root`: the
+    /// cluster's temp dir, for files the variables name).
+    pub fn form_env_each(roles: &[MemberRole], extra_cluster: &str, env: &MemberEnv) -> Cluster {
+        Cluster::form_each(None, roles, extra_cluster, env)
+    }
+
     fn form_at(
         lab: Option<&Lab>,
         roles: &[MemberRole],
         extra_cluster: &str,
         env: &[(&str, &str)],
+    ) -> Cluster {
+        let same: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Cluster::form_each(lab, roles, extra_cluster, &|_, _| same.clone())
+    }
+
+    fn form_each(
+        lab: Option<&Lab>,
+        roles: &[MemberRole],
+        extra_cluster: &str,
+        env: &MemberEnv<'_>,
     ) -> Cluster {
         let root = tempfile::Builder::new()
             .prefix("tandem-cluster-")
@@ -526,10 +552,11 @@ impl Cluster {
             logs,
             root,
         };
+        let env_of = |m: &Member| env(cluster.root(), m.id);
         let first = &cluster.members[0];
         let init = first.cli(&["cluster", "init"]);
         assert!(init.status.success(), "cluster init: {}", describe(&init));
-        first.start_env(env);
+        first.start_env(&pairs(&env_of(first)));
         first.wait_healthy();
         cluster.wait_for_leader(&[], Duration::from_secs(10));
         for (i, m) in cluster.members.iter().enumerate().skip(1) {
@@ -537,7 +564,7 @@ impl Cluster {
             if !join.status.success() {
                 cluster.panic_with_logs(&format!("cluster join: {}", describe(&join)));
             }
-            m.start_env(env);
+            m.start_env(&pairs(&env_of(m)));
             m.wait_healthy();
             cluster.wait_for_voters(i + 1, Duration::from_secs(20));
         }

@@ -5,6 +5,9 @@
 //! the binding's public address instead. Any answer counts, a draining node's 503 included:
 //! the question is whether it can relay, not whether it takes new calls.
 //!
+//! Each answer's Date tells this node how far its clock is from the peer's
+//! ([`crate::clock`]).
+//!
 //! An answer counts only from the address the peer was pinged at and only if its branch
 //! carries one of the last two random tokens sent there: UDP sources are easily forged,
 //! and a forged "200 OK" from a dead node's address would otherwise keep calls flowing
@@ -100,6 +103,9 @@ impl PeerMonitor {
             .lock()
             .expect("peer table lock")
             .insert(node, Instant::now());
+        if let Ok(Some(date)) = response.header(&HeaderName::Date) {
+            crate::clock::observe_peer(node, &date);
+        }
         true
     }
 

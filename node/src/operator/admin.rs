@@ -663,7 +663,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 34] = [
+        let simple: [(&str, &str, &str, u64); 35] = [
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
             ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
@@ -695,6 +695,7 @@ impl Admin {
             ("tandem_auth_lockout_keys", "(address, account) pairs with failed logins on record (bounded).", "gauge", load(&s.auth_lockout_keys)),
             ("tandem_auth_address_keys", "Addresses with failed logins on record (bounded).", "gauge", load(&s.auth_address_keys)),
             ("tandem_auth_replay_nonces", "Nonces whose nonce-count this node remembers (bounded).", "gauge", load(&s.auth_replay_nonces)),
+            ("tandem_clock_correction_ms", "How far (ms) this node's system clock is from the time it keeps, its peers' (node/DESIGN.md, \"Clocks\"); 0 normally.", "gauge", crate::clock::correction_ms().unsigned_abs()),
             ("tandem_sip_keepalives_received_total", "Keepalives received from phones: CRLF pings on UDP and TCP/TLS, and STUN Binding requests answered on UDP (RFC 5626).", "counter", load(&s.keepalives)),
             ("tandem_sip_keepalives_sent_total", "NAT keepalives sent to UDP bindings that registered through this node.", "counter", load(&s.keepalives_sent)),
             ("tandem_sip_calls_active", "Calls this node record-routed that have not ended.", "gauge", self.drain.active_calls() as u64),

@@ -715,9 +715,6 @@ fn facts(
             .map(|(n, v)| (n.to_string(), String::from_utf8_lossy(v).into_owned()))
             .collect(),
         time_zone: String::new(),
-        now_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0),
+        now_ms: crate::clock::now_ms() as i64,
     }
 }

@@ -20,7 +20,10 @@
 //! - **Forking.** Bindings are tried by q-value group, each group's contacts in parallel.
 //!   A 2xx is forwarded at once and the other branches are CANCELled; a 6xx ends the
 //!   search; otherwise the best final response of §16.7 goes back once every branch has
-//!   answered. Timer C (§16.8) CANCELs a branch that rings too long.
+//!   answered. Timer C (§16.8) CANCELs a branch that rings too long. After the caller's
+//!   CANCEL, if no branch has rung, the caller gets its 487 at once and the call's place in
+//!   its account's limit goes ([`Fork::answer_cancel_now`]); a silent branch is CANCELled if
+//!   it rings later.
 //! - **A binding whose edge node is another node** is reached through that node, with a
 //!   Route carrying a token for the binding's stored flow. If the edge node does not answer
 //!   its peers ([`crate::cluster::peers`]), the request goes straight to the binding's public
