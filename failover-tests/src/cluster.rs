@@ -631,6 +631,24 @@ impl Cluster {
             });
     }
 
+    /// Waits until every full member's peer monitor sees each of the others answer its
+    /// pings (`tandem_sip_peer_up`), so calls to phones registered through another node
+    /// go through that node.
+    #[track_caller]
+    pub fn wait_peers_up(&self, timeout: Duration) {
+        let full: Vec<&Member> = self
+            .members
+            .iter()
+            .filter(|m| m.role == MemberRole::Full)
+            .collect();
+        for m in &full {
+            for peer in full.iter().filter(|p| p.id != m.id) {
+                let series = format!("tandem_sip_peer_up{{node=\"{}\"}}", peer.id);
+                wait_metric(self, m.admin_addr, &series, 1.0, timeout);
+            }
+        }
+    }
+
     /// Waits until member `id` has applied everything the current leader has in its log.
     #[track_caller]
     pub fn wait_caught_up(&self, id: u64, timeout: Duration) {

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, wait_metric, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, Cluster, MemberRole};
 use tandem_failover_tests::dns::DnsServer;
 use tandem_failover_tests::srv_phone::{SrvPhone, SrvPhoneConfig};
 use tandem_failover_tests::ua::Ua;
@@ -61,17 +61,7 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
         dns.add_a(&host, ip);
     }
     // Every node knows the others answer, so it hands calls to a phone's edge node.
-    for id in 1..=3 {
-        for peer in (1..=3).filter(|p| *p != id) {
-            wait_metric(
-                &cluster,
-                cluster.member(id).admin_addr,
-                &format!("tandem_sip_peer_up{{node=\"{peer}\"}}"),
-                1.0,
-                WAIT,
-            );
-        }
-    }
+    cluster.wait_peers_up(WAIT);
     let clock = Deadline::after(Duration::ZERO);
     let phone = |user: &str| {
         SrvPhone::start(

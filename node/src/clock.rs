@@ -12,10 +12,14 @@
 //! - **the cluster's clock wins**: each ping answer from a full peer carries its Date, and
 //!   once two peers have answered since the last step, the correction is the median of
 //!   their offsets and ours (zero), so one node whose clock is wrong follows the other
-//!   two, and a node whose clock was fixed follows them back. Offsets under [`STEP_MS`]
-//!   (Date has whole seconds) count as none.
+//!   two, and a node whose clock was fixed follows them back. The correction moves only
+//!   by more than [`STEP_MS`] (Date has whole seconds and an answer takes a moment), so
+//!   the time does not wobble between pings, and offsets under it count as none.
 //! - Without two peers (a standalone node, a pair) nothing says which clock is right, and
 //!   a step is believed after [`TRUST_STEP_AFTER`].
+//!
+//! The pings travel on the SIP port, so someone who can read the traffic between two
+//! nodes could forge their answers' Date; their random tokens stop anyone who cannot.
 
 // The real monotonic clock, not tokio's: a step of the wall clock is measured against it,
 // and tokio's clock stands still or leaps in tests with paused time.
@@ -44,6 +48,8 @@ struct State {
     last: Option<(u64, Instant)>,
     /// When the last step was seen, if it is still taken out without peers' word.
     stepped_at: Option<Instant>,
+    /// What the steps since the peers last decided added to the correction.
+    held_ms: i64,
     /// Each peer's clock less ours (ms), measured since the last step, and when.
     offsets: HashMap<u64, (i64, Instant)>,
 }
@@ -61,15 +67,17 @@ pub fn system_now_ms() -> u64 {
 /// Unix time in milliseconds, as the cluster agrees on it (see the module doc). Binding
 /// expiry is absolute and replicated, so every node must read it against the same clock.
 pub fn now_ms() -> u64 {
+    let mut guard = STATE.lock().expect("clock lock");
+    // Both clocks read under the lock: a wait for it must not look like a step.
     let system = system_now_ms();
     let mono = Instant::now();
-    let mut guard = STATE.lock().expect("clock lock");
     let state = guard.get_or_insert_with(State::default);
     if let Some((before, at)) = state.last {
         let expected = before as i64 + mono.duration_since(at).as_millis() as i64;
         let step = system as i64 - expected;
         if step.abs() > STEP_MS {
             CORRECTION_MS.fetch_sub(step, Ordering::SeqCst);
+            state.held_ms -= step;
             state.stepped_at = Some(mono);
             state.offsets.clear();
             tracing::warn!(
@@ -85,8 +93,10 @@ pub fn now_ms() -> u64 {
         .is_some_and(|at| mono.duration_since(at) > TRUST_STEP_AFTER)
         && state.offsets.len() < 2
     {
+        // Only the steps are undone; what the peers decided before them stands.
+        CORRECTION_MS.fetch_sub(state.held_ms, Ordering::SeqCst);
+        state.held_ms = 0;
         state.stepped_at = None;
-        CORRECTION_MS.store(0, Ordering::SeqCst);
         tracing::warn!("no two peers said otherwise: the stepped system clock is believed");
     }
     (system as i64 + CORRECTION_MS.load(Ordering::Relaxed)).max(0) as u64
@@ -126,12 +136,17 @@ pub fn observe_peer(peer: u64, date: &str) {
     all.sort_unstable();
     // With an even count (four members and more), the lower middle.
     let median = all[(all.len() - 1) / 2];
-    let correction = if median.abs() < STEP_MS { 0 } else { median };
-    let before = CORRECTION_MS.swap(correction, Ordering::SeqCst);
+    let wanted = if median.abs() < STEP_MS { 0 } else { median };
     state.stepped_at = None;
-    if (before - correction).abs() >= STEP_MS {
+    state.held_ms = 0;
+    // Each sample is off by up to a second or so (Date has whole seconds, the answer takes
+    // a moment): the correction moves only for a difference larger than that, so the time
+    // handed out does not wobble from one ping to the next.
+    let current = CORRECTION_MS.load(Ordering::SeqCst);
+    if wanted != current && (wanted == 0 || (wanted - current).abs() >= STEP_MS) {
+        CORRECTION_MS.store(wanted, Ordering::SeqCst);
         tracing::warn!(
-            correction_ms = correction,
+            correction_ms = wanted,
             "this node's clock differs from its peers': it follows theirs"
         );
     }

@@ -463,6 +463,8 @@ kinds! {
     21 => DeleteProviderAccount, 22 => ResealProviderAccount, 23 => GrantLease,
     24 => RenewLeases, 25 => ReleaseLeaseAsked, 26 => DropLease, 27 => PutNumber,
     28 => DeleteNumber, 29 => PutCustomerSettings, 30 => PutTrunk, 31 => DeleteTrunk,
+    // The upgrade test's stand-in for a later release's kind: 32 is never used for
+    // anything else.
     32 => PutClusterNote,
 }
 

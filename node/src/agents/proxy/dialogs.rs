@@ -60,6 +60,9 @@ struct Entry {
     account: Option<Arc<str>>,
     /// Forwards in progress that have not turned into a dialog.
     claims: u32,
+    /// Of those, how many no longer count toward the account's calls: the caller CANCELled
+    /// before anything rang and got its 487 ([`Dialogs::stop_counting`]).
+    uncounted: u32,
     /// Callee tags of provisional responses.
     early: Vec<Box<str>>,
     /// Callee tags of 2xx responses: each a dialog that is up.
@@ -352,6 +355,7 @@ impl Dialogs {
                 kind,
                 account,
                 claims: 1,
+                uncounted: 0,
                 early: Vec::new(),
                 up: Vec::new(),
                 last_used: now,
@@ -401,9 +405,14 @@ impl Dialogs {
             e.up.push(callee_tag.into());
         }
         let convert = !*converted && e.claims > 0;
+        let mut counted = true;
         if convert {
             e.claims -= 1;
             *converted = true;
+            if e.uncounted > 0 {
+                e.uncounted -= 1;
+                counted = false;
+            }
         }
         let (kind, account) = (e.kind, e.account.clone());
         if kind == DialogKind::Call {
@@ -411,7 +420,7 @@ impl Dialogs {
                 t.calls_up += 1;
                 t.add_calls(&account, 1);
             }
-            if convert {
+            if convert && counted {
                 t.remove_calls(&account, 1);
             }
         }
@@ -449,12 +458,32 @@ impl Dialogs {
                 return;
             };
             e.claims = e.claims.saturating_sub(1);
+            let counted = e.uncounted == 0;
+            e.uncounted = e.uncounted.saturating_sub(1);
             let (kind, account) = (e.kind, e.account.clone());
-            if kind == DialogKind::Call {
+            if kind == DialogKind::Call && counted {
                 t.remove_calls(&account, 1);
             }
         }
         t.forget_if_done(&k);
+    }
+
+    /// The caller gave up on a forward that has not turned into a dialog: it stops counting
+    /// toward the account's calls now, though the entry stays (for a 2xx that may still
+    /// come, which then counts as a call that is up) until the forward ends.
+    pub fn stop_counting(&self, call_id: &str, caller_tag: &str) {
+        let mut t = self.lock();
+        let Some(e) = t.entries.get_mut(&key(call_id, caller_tag)) else {
+            return;
+        };
+        if e.uncounted >= e.claims {
+            return;
+        }
+        e.uncounted += 1;
+        let (kind, account) = (e.kind, e.account.clone());
+        if kind == DialogKind::Call {
+            t.remove_calls(&account, 1);
+        }
     }
 
     /// The dialog these tags name, of `kind`, ended (its BYE was answered, its
@@ -534,6 +563,35 @@ mod tests {
     const ALICE: &str = "alice@example.com";
 
     /// One forward of a call: begin, then a 2xx from `callee`, then the forward's end.
+    #[test]
+    fn a_call_the_caller_gave_up_on_stops_counting_and_counts_again_if_answered_late() {
+        let d = Dialogs::new(100);
+        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
+            .unwrap();
+        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 4)), None)
+            .unwrap();
+        assert_eq!(d.calls_of(ALICE), 2);
+        // c1 was CANCELled before it rang: its place goes, once however often asked.
+        d.stop_counting("c1", "a");
+        d.stop_counting("c1", "a");
+        assert_eq!(d.calls_of(ALICE), 1);
+        // Its forward ends unanswered: c2 still counts.
+        d.release("c1", "a", false);
+        assert_eq!(d.calls_of(ALICE), 1);
+        assert!(!d.knows("c1", "a", "b"));
+        // c2 too is given up on, then answered late: a call that is up counts, and the
+        // dialog is known for its ACK and BYE.
+        d.stop_counting("c2", "a");
+        assert_eq!(d.calls_of(ALICE), 0);
+        let mut converted = false;
+        d.answered("c2", "a", "b", 200, &mut converted);
+        d.release("c2", "a", converted);
+        assert_eq!(d.calls_of(ALICE), 1);
+        assert!(d.knows("c2", "a", "b"));
+        d.ended("c2", "a", "b", DialogKind::Call);
+        assert_eq!(d.calls_of(ALICE), 0);
+    }
+
     fn answered_call(d: &Dialogs, call: &str, limit: u32, callee: &str) -> Result<(), Refused> {
         d.begin(call, "a", DialogKind::Call, Some((ALICE, limit)), None)?;
         let mut converted = false;

@@ -1468,17 +1468,19 @@ impl Fork {
     /// CANCELled yet (§9.1), and one that never answers (a phone whose NAT dropped the
     /// INVITE, a dead next hop) holds the fork until Timer B, 32 s. The caller is not
     /// kept waiting that long, nor is its call's place in `max_concurrent_calls` held:
-    /// it gets its 487 now (as Kamailio's tm does by default), the claim goes, and the
-    /// fork stays only to CANCEL a branch that rings late and absorb the answers.
+    /// it gets its 487 now (as Kamailio's tm does by default), and the fork stays only to
+    /// CANCEL a branch that rings late. A 2xx that still comes goes upstream (RFC 6026)
+    /// for the caller to ACK and BYE; the claim stays, so the dialog is known for those,
+    /// and it counts as a call again while it is up.
     fn answer_cancel_now(&mut self) {
         let ringing = self.branches.iter().any(|b| !b.done && b.provisional);
         if self.finished || !self.is_invite || ringing {
             return;
         }
         self.finish();
-        // A 2xx that still comes goes upstream (RFC 6026) for the caller to ACK and
-        // BYE, but this node no longer tracks that dialog.
-        self.claim = None;
+        if let Some(c) = &self.claim {
+            c.dialogs.stop_counting(&c.call_id, &c.caller_tag);
+        }
     }
 
     fn send_cancel(&mut self, i: usize) {
@@ -1564,7 +1566,12 @@ impl Fork {
         let status = best.status().unwrap_or(500);
         self.track_dialog(status);
         self.note_failure(&best);
-        if status == 503 {
+        if self.cancelled && status != 487 && self.is_invite {
+            // The caller asked to stop: whatever its branches said, the call was
+            // terminated at its request.
+            let r = crate::stack::responses::build(&self.request, 487, "Request Terminated");
+            self.proxy.layer.respond(self.tx, r);
+        } else if status == 503 {
             // §16.7 step 6: a 503 from downstream must not make the caller think this
             // node is unavailable.
             let r = crate::stack::responses::build(
@@ -1572,10 +1579,6 @@ impl Fork {
                 500,
                 "Server Internal Error (next hop unavailable)",
             );
-            self.proxy.layer.respond(self.tx, r);
-        } else if stand_in && self.cancelled {
-            // The caller asked to stop; its branches just never said so.
-            let r = crate::stack::responses::build(&self.request, 487, "Request Terminated");
             self.proxy.layer.respond(self.tx, r);
         } else if stand_in {
             self.proxy.layer.respond(self.tx, best);

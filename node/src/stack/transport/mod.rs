@@ -497,17 +497,10 @@ impl Transports {
         if vouch.is_some_and(|v| v.trusted(ip)) {
             return true;
         }
-        if self.flood_admit(ip) == Verdict::Pass
+        self.flood_admit(ip) == Verdict::Pass
             || flood::passes_bans(message)
             || vouch.is_some_and(|v| v.proves_round_trip(message, ip))
-        {
-            return true;
-        }
-        self.shared
-            .stats
-            .flood_dropped
-            .fetch_add(1, Ordering::Relaxed);
-        false
+            || self.flood_drop()
     }
 
     /// Stops STUN keepalive answers while `flag` is set: a draining node's phones then
@@ -529,12 +522,14 @@ impl Transports {
         {
             return false;
         }
-        if !self.shared.limits.flood.is_on()
+        !self.shared.limits.flood.is_on()
             || self.shared.vouch.get().is_some_and(|v| v.trusted(ip))
             || self.flood_admit(ip) == Verdict::Pass
-        {
-            return true;
-        }
+            || self.flood_drop()
+    }
+
+    /// Counts a request the flood limit drops; false, for the caller to return.
+    fn flood_drop(&self) -> bool {
         self.shared
             .stats
             .flood_dropped

@@ -12,9 +12,9 @@
 //! Binding request (no other method, no indication), and only one whose attributes we may
 //! ignore (every comprehension-required attribute makes us drop it rather than answer 420,
 //! which would echo attribute types back). The response carries XOR-MAPPED-ADDRESS and
-//! nothing else: 32 bytes for an IPv4 source against a request of at least 20, so a forged
-//! source gains at most 1.6 times its bytes, and the caller counts the request against the
-//! source's flood limit like any SIP request.
+//! nothing else: 32 bytes for an IPv4 source (44 for IPv6) against a request of at least
+//! 20, so a forged source gains at most 1.6 (2.2) times its bytes, and the caller counts
+//! the request against the source's flood limit like any SIP request.
 
 use std::net::{IpAddr, SocketAddr};
 
