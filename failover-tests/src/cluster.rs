@@ -166,7 +166,7 @@ impl Member {
              [cluster]\nlisten = \"{raft_addr}\"\nca_certificate = {ca}\ncertificate = {cert}\n\
              private_key = {pkey}\n{extra_cluster}\n\n\
              [admin]\nlisten = \"{admin_addr}\"\ntoken_file = {token}\n",
-            data = q(dir.join("data")),
+            data = q(member_data_dir(root, id)),
             key = q(dir.join("master.key")),
             ca = q(certs.join("ca.crt")),
             cert = q(certs.join(format!("node{id}.crt"))),
@@ -373,6 +373,11 @@ impl Logs for Member {
 /// The directory of member `id` under a cluster's root.
 fn member_dir(root: &Path, id: u64) -> PathBuf {
     root.join(format!("node{id}"))
+}
+
+/// Member `id`'s data directory in the cluster whose temp dir is `root`.
+pub fn member_data_dir(root: &Path, id: u64) -> PathBuf {
+    member_dir(root, id).join("data")
 }
 
 impl Drop for Member {

@@ -15,7 +15,7 @@ use tandem_failover_tests::cluster::{
     self, add_account, http, metric, Answer, Cluster, MemberRole,
 };
 use tandem_failover_tests::dns::DnsServer;
-use tandem_failover_tests::kamailio::Kamailio;
+use tandem_failover_tests::kamailio::{Kamailio, RegisterLog};
 use tandem_failover_tests::netns::{member_of, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{sip_config, Deadline, Node, Wait};
@@ -988,59 +988,12 @@ fn a_thousand_accounts_spread_within_20_percent_and_again_after_a_node_leaves_an
     eprintln!("node 3 back: {again:?}");
 }
 
-/// The REGISTERs Kamailio logged, each stamped with when the test first saw it: a thread
-/// reads the log every 50 ms.
-struct RegisterLog {
-    lines: std::sync::Arc<std::sync::Mutex<Vec<(Duration, String)>>>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl RegisterLog {
-    fn watch(kamailio: &Kamailio, started: Deadline) -> RegisterLog {
-        let path = kamailio.log_path();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (l, st) = (lines.clone(), stop.clone());
-        std::thread::spawn(move || {
-            let mut seen = 0usize;
-            while !st.load(std::sync::atomic::Ordering::Relaxed) {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let mut l = l.lock().unwrap();
-                let now = started.elapsed();
-                for line in text.lines().filter(|t| t.contains("REGISTER ")).skip(seen) {
-                    l.push((now, line.to_owned()));
-                }
-                seen = l.len();
-                drop(l);
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        });
-        RegisterLog { lines, stop }
-    }
-
-    /// (seen at, user, node it came from) of every REGISTER so far, in Kamailio's order.
-    fn registers(&self) -> Vec<(Duration, String, Option<u64>)> {
-        self.lines
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(at, line)| {
-                // "REGISTER <user> from <ip>:<port> contact <uri>"
-                let rest = &line[line.find("REGISTER ")? + "REGISTER ".len()..];
-                let mut words = rest.split(' ');
-                let user = words.next()?.to_owned();
-                let from = words.nth(1)?;
-                let ip = from.split(':').next()?;
-                Some((*at, user, member_of(ip)))
-            })
-            .collect()
-    }
-}
-
-impl Drop for RegisterLog {
-    fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+/// (seen at, user, lab node it came from) of every REGISTER so far, in Kamailio's order.
+fn registers(log: &RegisterLog) -> Vec<(Duration, String, Option<u64>)> {
+    log.registers()
+        .into_iter()
+        .map(|r| (r.at, r.user, member_of(&r.ip)))
+        .collect()
 }
 
 /// Each node in its own network namespace, Kamailio as the provider in the clients'. The
@@ -1109,7 +1062,7 @@ fn netns_an_owner_cut_off_from_the_quorum_stops_registering_and_the_majority_tak
     .every(Duration::from_millis(100))
     .showing(&cluster)
     .until(|| {
-        for (at, user, from) in log.registers() {
+        for (at, user, from) in registers(&log) {
             let i: usize = user.trim_start_matches('k').parse().unwrap_or(99);
             if at > cut_at && moved.contains(&i) && from.is_some_and(|n| n != victim) {
                 taken.entry(i).or_insert(at - cut_at);
@@ -1120,7 +1073,7 @@ fn netns_an_owner_cut_off_from_the_quorum_stops_registering_and_the_majority_tak
     // Stay cut for 30 s in all, long enough for two more refreshes of every account.
     std::thread::sleep(Duration::from_secs(30).saturating_sub(clock.elapsed() - cut_at));
     let healed_at = clock.elapsed();
-    let registers = log.registers();
+    let registers = registers(&log);
     let from_victim: Vec<Duration> = registers
         .iter()
         .filter(|(at, _, from)| *at > cut_at && *at < healed_at && *from == Some(victim))

@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_failover_tests::cluster::{bindings, http, Cluster, Member, MemberRole};
+use tandem_failover_tests::cluster::{
+    bindings, http, member_data_dir, Cluster, Member, MemberRole,
+};
 use tandem_failover_tests::netns::{Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{Deadline, Wait};
@@ -893,6 +895,99 @@ fn root_a_full_disk_on_one_node_loses_nothing_and_the_others_go_on() {
             .collect::<Vec<_>>(),
     );
     assert!(!stopped, "node {victim} stopped on a full disk");
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    assert!(
+        gap < Duration::from_secs(2),
+        "the others' writes stopped for {gap:?}"
+    );
+}
+
+/// Scenario 8's other half: a follower's data disk turns read-only under it (a preloaded
+/// shim, `fixtures/readonly-disk.c`, fails every write under its data dir with EROFS, as
+/// a file system the kernel remounted read-only would). The node must say so on `/ready`
+/// and in `tandem_ready`, refuse writes, and not take the others down; they go on, nothing
+/// acknowledged is lost, and once the disk is writable the node, restarted, catches up.
+#[test]
+fn a_read_only_disk_on_one_node_loses_nothing_and_it_catches_up_once_writable() {
+    const VICTIM: u64 = 3;
+    let build = tempfile::tempdir().unwrap();
+    let shim = build.path().join("readonly-disk.so");
+    let source = tandem_failover_tests::package_dir().join("fixtures/readonly-disk.c");
+    let cc = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&shim)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("run cc (Debian: gcc, which ./ops/setup.sh's clang brings)");
+    assert!(
+        cc.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&cc.stderr)
+    );
+    let env = |root: &std::path::Path, id: u64| {
+        if id != VICTIM {
+            return Vec::new();
+        }
+        vec![
+            ("LD_PRELOAD".to_owned(), shim.display().to_string()),
+            (
+                "READONLY_DIR".to_owned(),
+                member_data_dir(root, id).display().to_string(),
+            ),
+            (
+                "READONLY_TRIGGER".to_owned(),
+                root.join("read-only").display().to_string(),
+            ),
+        ]
+    };
+    let cluster = with_accounts(Cluster::form_env_each(&FULL3, "", &env));
+    let others: Vec<u64> = ALL.into_iter().filter(|n| *n != VICTIM).collect();
+    cluster.wait_caught_up(VICTIM, WAIT);
+    let clock = Deadline::after(Duration::ZERO);
+    let writers = Writers::start(&cluster, &others, clock);
+    std::thread::sleep(Duration::from_secs(1));
+
+    let trigger = cluster.root().join("read-only");
+    std::fs::write(&trigger, "").unwrap();
+    let read_only_at = clock.elapsed();
+    let not_ready = Wait::new(format!("node {VICTIM} to say it is not ready"), WAIT)
+        .showing(&cluster)
+        .until(|| {
+            let a = cluster.member(VICTIM).get("/ready")?;
+            (a.status == 503).then_some(a.body)
+        });
+    let metric =
+        tandem_failover_tests::cluster::metric(cluster.member(VICTIM).admin_addr, "tandem_ready");
+    std::thread::sleep(Duration::from_secs(3));
+    let during = clock.elapsed();
+    let running = cluster.member(VICTIM).is_running();
+    let written_here = cluster.member(VICTIM).put_customer("still-read-only");
+
+    // The disk is writable again; the node is restarted and catches up.
+    std::fs::remove_file(&trigger).unwrap();
+    cluster.member(VICTIM).sigkill();
+    cluster.member(VICTIM).start();
+    cluster.member(VICTIM).wait_healthy();
+    cluster.wait_caught_up(VICTIM, WAIT);
+    std::thread::sleep(Duration::from_secs(1));
+    let (acked, refused) = writers.stop();
+    let lost = lost_writes(&cluster, &ALL, &acked);
+    let gap = longest_gap(&acked, read_only_at, during);
+    eprintln!(
+        "SUMMARY read-only disk: node {VICTIM}; it said {not_ready} (tandem_ready {metric:?}); \
+         a write through it then: {written_here:?}; still running: {running}; longest write \
+         gap {gap:?}; writes acknowledged {}, refused {refused}, lost {}; after a restart it \
+         caught up",
+        acked.len(),
+        lost.len(),
+    );
+    assert_ne!(
+        written_here,
+        Some(200),
+        "a write went through the read-only node"
+    );
+    assert_eq!(metric, Some(0.0), "tandem_ready on the read-only node");
     assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
     assert!(
         gap < Duration::from_secs(2),

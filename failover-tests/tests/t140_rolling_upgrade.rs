@@ -14,6 +14,10 @@ use std::time::Duration;
 
 use tandem_failover_tests::cluster::{add_account, Cluster, MemberRole};
 use tandem_failover_tests::dns::DnsServer;
+use tandem_failover_tests::kamailio::{
+    loopback_member, put_provider_accounts, registered_by_owners, Kamailio, RegisterLog,
+    SHORT_LEASES,
+};
 use tandem_failover_tests::srv_phone::{SrvPhone, SrvPhoneConfig};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{tandem_next_bin, Deadline, Wait};
@@ -43,7 +47,11 @@ fn call_once(via: std::net::SocketAddr, user: &str, call_id: &str) -> Result<(),
 #[test]
 fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last() {
     let next = tandem_next_bin();
-    let cluster = Cluster::form(&[MemberRole::Full; 3], "\n[registrar]\nmin_expires = 20");
+    // Short leases, so that each drain hands its provider accounts over within seconds.
+    let cluster = Cluster::form(
+        &[MemberRole::Full; 3],
+        &format!("\n[registrar]\nmin_expires = 20\n{SHORT_LEASES}"),
+    );
     let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
     let token = token.trim();
     for user in ["alice", "bob", "carol"] {
@@ -94,6 +102,14 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
             .status()
             .and_then(|s| s["feature_version"].as_u64())
     };
+    // Six provider accounts at Kamailio, each registered by the node holding its lease.
+    let kamailio = Kamailio::start();
+    put_provider_accounts(&cluster, &kamailio, "acme", 6);
+    let by_owners = || registered_by_owners(&cluster, &kamailio, "acme", 6);
+    Wait::new("every provider account registered once, by its owner", WAIT)
+        .showing(&cluster)
+        .until(by_owners);
+    let register_log = RegisterLog::watch(&kamailio, clock);
     let before = feature(1).expect("node 1 reports its feature version");
     let refused = note(1, "too early");
     assert_eq!(
@@ -223,15 +239,45 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
             });
     }
 
+    // Every drain handed its accounts over: the old owner un-registered each before the
+    // new one registered it, so none was ever registered from two nodes at once.
+    Wait::new(
+        "every provider account registered once, by its owner, after",
+        WAIT,
+    )
+    .showing(&cluster)
+    .until(by_owners);
+    let held_twice = register_log.held_twice(loopback_member);
+    let registers = register_log.registers();
+    let moved = (0..6)
+        .filter(|i| {
+            let user = format!("k{i}");
+            let from: std::collections::BTreeSet<&str> = registers
+                .iter()
+                .filter(|r| r.user == user && r.expires.is_some())
+                .map(|r| r.ip.as_str())
+                .collect();
+            from.len() > 1
+        })
+        .count();
+    assert!(
+        held_twice.is_empty(),
+        "held by two nodes at once: {held_twice:#?}"
+    );
+    assert!(moved > 0, "no provider account moved: {registers:#?}");
+
     let outcomes = outcomes.into_inner().unwrap();
     let failed: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
     eprintln!(
         "SUMMARY rolling upgrade: nodes {first}, {second}, {last} (the leader last), node \
          {first} also downgraded and upgraded again; calls to the SRV phones {}, failed {}; \
-         feature version {before} -> {} once the last node ran the next release",
+         feature version {before} -> {} once the last node ran the next release; provider \
+         accounts moved {moved} of 6, REGISTERs {}, held by two nodes at once {}",
         outcomes.len(),
         failed.len(),
-        before + 1
+        before + 1,
+        registers.iter().filter(|r| r.expires.is_some()).count(),
+        held_twice.len(),
     );
     assert!(
         failed.is_empty(),

@@ -10,8 +10,12 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tandem_failover_tests::cluster::{add_account, bindings, metric, Cluster, MemberRole};
+use tandem_failover_tests::kamailio::{
+    loopback_member, put_provider_accounts, registered_by_owners, Kamailio, RegisterLog,
+    SHORT_LEASES,
+};
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::Wait;
+use tandem_failover_tests::{Deadline, Wait};
 
 const WAIT: Duration = Duration::from_secs(30);
 const LIBFAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -64,7 +68,7 @@ fn a_clock_ten_minutes_off_either_way_changes_no_expiry_and_no_nonce() {
             ("FAKETIME_DONT_FAKE_MONOTONIC".to_owned(), "1".to_owned()),
         ]
     };
-    let cluster = Cluster::form_env_each(&[MemberRole::Full; 3], "", &env);
+    let cluster = Cluster::form_env_each(&[MemberRole::Full; 3], SHORT_LEASES, &env);
     let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
     let token = token.trim();
     for user in ["alice", "bob", "carol", "dave", "erin", "frank"] {
@@ -78,6 +82,14 @@ fn a_clock_ten_minutes_off_either_way_changes_no_expiry_and_no_nonce() {
     }
     // Every node knows the others answer: their clocks are sampled.
     cluster.wait_peers_up(WAIT);
+    // Provider accounts at Kamailio: none may be registered from two nodes at once when
+    // clocks step (a leader ten minutes ahead would think every lease lapsed).
+    let kamailio = Kamailio::start();
+    put_provider_accounts(&cluster, &kamailio, "acme", 6);
+    let owners = Wait::new("every provider account registered once, by its owner", WAIT)
+        .showing(&cluster)
+        .until(|| registered_by_owners(&cluster, &kamailio, "acme", 6));
+    let register_log = RegisterLog::watch(&kamailio, Deadline::after(Duration::ZERO));
     let (leader, _) = cluster.wait_for_leader(&[], WAIT);
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let steady = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
@@ -134,9 +146,25 @@ fn a_clock_ten_minutes_off_either_way_changes_no_expiry_and_no_nonce() {
             "{user}'s binding on node {steady} after the clocks went back: {left:?} s left"
         );
     }
+    // A lease judged lapsed on a stepped clock would show as an account registered from
+    // a new owner while the old owner's registration stood.
+    let held_twice = register_log.held_twice(loopback_member);
+    assert!(
+        held_twice.is_empty(),
+        "held by two nodes at once: {held_twice:#?}"
+    );
+    let after = Wait::new("every provider account registered once, by its owner", WAIT)
+        .showing(&cluster)
+        .until(|| registered_by_owners(&cluster, &kamailio, "acme", 6));
     eprintln!(
         "SUMMARY clock jumps: leader {leader} +10 min, follower {follower} -10 min, then both \
-         back; seconds left on node {steady}: {}",
-        seen.join(", ")
+         back; seconds left on node {steady}: {}; provider accounts: owners {owners:?} \
+         before, {after:?} after, {} REGISTERs, none held by two nodes at once",
+        seen.join(", "),
+        register_log
+            .registers()
+            .iter()
+            .filter(|r| r.expires.is_some())
+            .count(),
     );
 }

@@ -663,7 +663,8 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 35] = [
+        let simple: [(&str, &str, &str, u64); 36] = [
+            ("tandem_ready", "1 while /ready says this node is ready; 0 with the reason on /ready (no quorum, a full disk, Raft stopped on a storage error, catching up).", "gauge", u64::from(self.cluster.readiness().is_ok())),
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
             ("tandem_raft_quorum_ok", "1 while this node reaches a quorum; 0 in degraded mode.", "gauge", u64::from(health.degraded.is_none())),
