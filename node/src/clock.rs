@@ -28,9 +28,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
-
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// A clock change larger than this is a step, and peers' offsets below it are noise.
 pub const STEP_MS: i64 = 2_000;
@@ -44,7 +42,7 @@ static CORRECTION_MS: AtomicI64 = AtomicI64::new(0);
 
 #[derive(Default)]
 struct State {
-    /// The last reading: the system clock, and tokio's clock at that moment.
+    /// The last reading: the system clock, and the monotonic clock at that moment.
     last: Option<(u64, Instant)>,
     /// When the last step was seen, if it is still taken out without peers' word.
     stepped_at: Option<Instant>,
