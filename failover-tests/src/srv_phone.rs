@@ -101,11 +101,9 @@ struct Shared {
 
 /// A running phone; dropping it stops it (without unregistering, like a phone unplugged).
 pub struct SrvPhone {
-    contact: String,
     shared: Arc<Mutex<Shared>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
-    clock: Deadline,
 }
 
 impl SrvPhone {
@@ -117,7 +115,7 @@ impl SrvPhone {
         let stop = Arc::new(AtomicBool::new(false));
         let mut phone = Phone {
             socket,
-            contact: contact.clone(),
+            contact,
             config,
             shared: shared.clone(),
             stop: stop.clone(),
@@ -130,17 +128,10 @@ impl SrvPhone {
         };
         let thread = std::thread::spawn(move || phone.run());
         SrvPhone {
-            contact,
             shared,
             stop,
             thread: Some(thread),
-            clock,
         }
-    }
-
-    /// The contact it registers.
-    pub fn contact(&self) -> &str {
-        &self.contact
     }
 
     /// The server it is registered through now, if any.
@@ -158,10 +149,6 @@ impl SrvPhone {
         self.events()
             .into_iter()
             .find_map(|(at, e)| (at >= since && e == PhoneEvent::Registered { via }).then_some(at))
-    }
-
-    pub fn now(&self) -> Duration {
-        self.clock.elapsed()
     }
 }
 
@@ -201,7 +188,17 @@ const T1: Duration = Duration::from_millis(500);
 const T2: Duration = Duration::from_secs(4);
 /// How long a keepalive may go unanswered, with a retransmission at half of it.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
-const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+
+/// A STUN Binding request (RFC 5389) with transaction id `id` and `attributes` (whole
+/// attributes, padded), as a phone's keepalive or a test's probe.
+pub fn stun_binding_request(id: &[u8; 12], attributes: &[u8]) -> Vec<u8> {
+    let mut r = vec![0x00, 0x01];
+    r.extend_from_slice(&(attributes.len() as u16).to_be_bytes());
+    r.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+    r.extend_from_slice(id);
+    r.extend_from_slice(attributes);
+    r
+}
 
 impl Phone {
     fn record(&self, event: PhoneEvent) {
@@ -434,9 +431,7 @@ impl Phone {
     /// One STUN keepalive to `via`, resent once: whether it was answered.
     fn keepalive(&mut self, via: SocketAddr) -> bool {
         let id: [u8; 12] = std::array::from_fn(|i| (self.random() >> (i % 8)) as u8);
-        let mut request = vec![0x00, 0x01, 0x00, 0x00];
-        request.extend_from_slice(&MAGIC_COOKIE);
-        request.extend_from_slice(&id);
+        let request = stun_binding_request(&id, &[]);
         let deadline = Deadline::after(KEEPALIVE_TIMEOUT);
         for _ in 0..2 {
             self.send(via, &request);

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
 use tandem_failover_tests::dns::DnsServer;
 use tandem_failover_tests::kamailio::{
     loopback_member, put_provider_accounts, registered_by_owners, Kamailio, RegisterLog,
@@ -228,6 +228,25 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
         });
     let done = note(last, "upgraded");
     assert_eq!(done.status, 200, "{}", done.body);
+    // The new route checks its input like every admin route: a token, JSON of its own
+    // shape, a bounded text; each refusal a JSON error.
+    let admin = cluster.member(last).admin_addr;
+    let put = |token: Option<&str>, body: &str| {
+        http(admin, token, "PUT", "/v1/cluster/note", Some(body)).expect("the admin API answers")
+    };
+    let long = format!(r#"{{"text":"{}"}}"#, "x".repeat(2000));
+    for (token, body, want) in [
+        (None, r#"{"text":"no token"}"#, 401),
+        (Some("not-the-token"), r#"{"text":"wrong token"}"#, 401),
+        (Some(token), "{not json", 400),
+        (Some(token), r#"{"text":"x","extra":1}"#, 400),
+        (Some(token), r#"{"text":7}"#, 400),
+        (Some(token), long.as_str(), 400),
+    ] {
+        let a = put(token, body);
+        assert_eq!(a.status, want, "{body}: {}", a.body);
+        assert!(a.body.contains("\"error\""), "{body}: {}", a.body);
+    }
     for id in 1..=3 {
         Wait::new(format!("node {id} to have the note"), WAIT)
             .showing(&cluster)

@@ -532,6 +532,66 @@ fn a_forged_answer_from_a_dead_nodes_address_does_not_bring_it_back() {
     }
 }
 
+/// The Date of a ping answer moves a node's clock (node/DESIGN.md, "Clocks"), so forged
+/// answers must not. Nodes 2 and 3 die; Mallory takes both their addresses and answers
+/// node 1's pings in their names with a Date an hour ahead, guessing at the tokens: two
+/// peers agreeing would be enough to move node 1's clock, were it to believe them.
+#[test]
+fn forged_ping_answers_do_not_move_a_nodes_clock() {
+    use tandem_failover_tests::cluster::{Cluster, MemberRole};
+    let cluster = Cluster::form(&[MemberRole::Full; 3], "");
+    let one = cluster.member(1);
+    cluster.wait_peers_up(WAIT);
+    let node1 = one.sip_addr();
+    let mut mallory = Vec::new();
+    for id in [2, 3] {
+        let m = cluster.member(id);
+        let addr = m.sip_addr();
+        m.sigkill();
+        assert!(m.wait_exit(WAIT).is_some(), "node {id} did not die");
+        mallory.push((
+            id,
+            UdpSocket::bind(addr).expect("a dead node's address is free"),
+        ));
+    }
+    let ahead = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let date = httpdate::fmt_http_date(ahead);
+    for guess in 0..2_000u64 {
+        for (id, socket) in &mallory {
+            let addr = socket.local_addr().unwrap();
+            let forged = format!(
+                "SIP/2.0 200 OK\r\n\
+                 Via: SIP/2.0/UDP {node1};branch=z9hG4bKtdmping.{id}.{guess:x};rport\r\n\
+                 From: <sip:node1@{node1}>;tag=ping1\r\n\
+                 To: <sip:{addr}>;tag=forged\r\n\
+                 Call-ID: tandem-ping-1-{id}-{guess}\r\n\
+                 CSeq: {guess} OPTIONS\r\n\
+                 Date: {date}\r\n\
+                 Content-Length: 0\r\n\r\n"
+            );
+            socket.send_to(forged.as_bytes(), node1).unwrap();
+        }
+    }
+    // The fence, from each address: once node 1 has answered an OPTIONS sent after the
+    // forgeries, it has seen every one of them.
+    for (id, socket) in &mallory {
+        let addr = socket.local_addr().unwrap();
+        let branch = format!("z9hG4bK-clock-fence-{id}");
+        let probe = tandem_failover_tests::options_request("UDP", addr, node1, &branch);
+        socket.send_to(probe.as_bytes(), node1).unwrap();
+        let (_, fence) = tandem_failover_tests::recv_udp_until(socket, WAIT, |d| {
+            String::from_utf8_lossy(d).contains(&branch) && status_code(d).is_some()
+        });
+        assert!(fence.is_some(), "node 1 did not answer the fence OPTIONS");
+    }
+    let correction = metric(one.admin_addr, "tandem_clock_correction_ms");
+    if correction != Some(0.0) {
+        cluster.panic_with_logs(&format!(
+            "forged ping answers moved node 1's clock: tandem_clock_correction_ms {correction:?}"
+        ));
+    }
+}
+
 #[test]
 fn one_address_cannot_take_every_connection_and_a_peer_that_never_reads_is_dropped() {
     // Slot exhaustion over TCP: one address opening connection after connection, and a
@@ -965,15 +1025,7 @@ fn a_full_transaction_table_sheds_new_requests_with_503_instead_of_growing() {
     );
 }
 
-/// A STUN Binding request (RFC 5389) of `attributes`, with transaction id `id`.
-fn stun_request(id: &[u8; 12], attributes: &[u8]) -> Vec<u8> {
-    let mut r = vec![0x00, 0x01];
-    r.extend_from_slice(&(attributes.len() as u16).to_be_bytes());
-    r.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
-    r.extend_from_slice(id);
-    r.extend_from_slice(attributes);
-    r
-}
+use tandem_failover_tests::srv_phone::stun_binding_request as stun_request;
 
 /// RFC 5626 §4.4.2 keepalives on the SIP port: a phone's STUN Binding request gets the
 /// address it was seen from, so the phone knows its flow is alive. What a scanner would
