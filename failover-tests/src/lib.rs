@@ -34,6 +34,7 @@ pub mod kamailio;
 pub mod keepalive;
 pub mod netns;
 pub mod phones;
+pub mod relay;
 pub mod srv_phone;
 pub mod ua;
 

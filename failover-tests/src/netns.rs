@@ -17,16 +17,37 @@
 //! it (and every thread or process it starts later) opens is there; dropping the lab
 //! moves it back and deletes the namespaces. Namespaces left behind by a test process
 //! that was killed are deleted by the next lab.
+//!
+//! A WAN lab ([`Lab::wan`]) has no bridge: each namespace's `eth0` is a TUN device served
+//! by a relay in the test process (`relay.rs`), which can hold every packet between two
+//! members for a chosen time, as a long-distance link would.
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::relay::{self, Relay};
 
 /// The clients' address in every lab: phones, registrars and the admin client bind here.
 pub const CLIENT_IP: &str = "10.99.0.2";
+
+/// How many addresses the clients' namespace has: [`CLIENT_IP`] and the next ones, for
+/// phones that must not look like one address to a node's flood limit.
+pub const CLIENT_IPS: u8 = 8;
+
+/// The clients' address `n` (0 is [`CLIENT_IP`]), for `n` below [`CLIENT_IPS`].
+pub fn client_ip(n: u8) -> String {
+    assert!(
+        n < CLIENT_IPS,
+        "the lab's clients have {CLIENT_IPS} addresses"
+    );
+    format!("10.99.0.{}", 2 + n)
+}
 
 /// The address of member `id` (1, 2, …) in a lab.
 pub fn member_ip(id: u64) -> String {
@@ -37,6 +58,16 @@ pub fn member_ip(id: u64) -> String {
 pub fn member_of(ip: &str) -> Option<u64> {
     let last: u64 = ip.strip_prefix("10.99.0.")?.parse().ok()?;
     (11..=250).contains(&last).then(|| last - 10)
+}
+
+/// The host (0 for the clients, else a member's id) whose lab address is `ip`, if any.
+fn host_of(ip: Ipv4Addr) -> Option<u64> {
+    let ip = ip.to_string();
+    if (0..CLIENT_IPS).any(|n| client_ip(n) == ip) {
+        Some(0)
+    } else {
+        member_of(&ip)
+    }
 }
 
 /// Every lab namespace's name starts with this, then the test process's id.
@@ -51,6 +82,8 @@ pub struct Lab {
     cuts: Mutex<BTreeSet<(u64, u64)>>,
     /// The namespace the creating thread was in, to go back to.
     home: File,
+    /// A WAN lab's links.
+    relay: Option<Relay>,
 }
 
 impl Lab {
@@ -59,6 +92,16 @@ impl Lab {
     /// namespace. Panics with the reason if this process is not root or a tool is
     /// missing.
     pub fn new(members: u64) -> Lab {
+        Lab::build(members, false)
+    }
+
+    /// A lab like [`Lab::new`] whose links go through a relay in this process instead of
+    /// a bridge, so that [`Lab::set_delay`] can put a distance between the members.
+    pub fn wan(members: u64) -> Lab {
+        Lab::build(members, true)
+    }
+
+    fn build(members: u64, wan: bool) -> Lab {
         require_root();
         for tool in ["ip", "nft"] {
             let found = Command::new("sh")
@@ -72,17 +115,19 @@ impl Lab {
         }
         remove_stale();
         let home = File::open("/proc/thread-self/ns/net").expect("open this thread's netns");
-        let lab = Lab {
+        let mut lab = Lab {
             tag: format!("{PREFIX}{}", std::process::id()),
             members,
             cuts: Mutex::new(BTreeSet::new()),
             home,
+            relay: None,
         };
         let hub = lab.ns_name(None);
         ip(&["netns", "add", &hub]);
         ip(&["-n", &hub, "link", "set", "lo", "up"]);
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        let mut tuns = Vec::new();
         for host in 0..=members {
             let ns = lab.ns_name(Some(host));
             let addr = if host == 0 {
@@ -92,27 +137,58 @@ impl Lab {
             };
             ip(&["netns", "add", &ns]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            let port = format!("h{host}");
-            ip(&[
-                "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
-                &ns,
-            ]);
-            ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &hub, "link", "set", &port, "up"]);
-            ip(&[
-                "-n",
-                &ns,
-                "addr",
-                "add",
-                &format!("{addr}/24"),
-                "dev",
-                "eth0",
-            ]);
+            if wan {
+                // A TUN device is created in the namespace of the thread that opens it.
+                lab.enter(Some(host));
+                tuns.push(relay::open_tun("eth0"));
+                lab.enter(None);
+            } else {
+                let port = format!("h{host}");
+                ip(&[
+                    "-n", &hub, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
+                    "netns", &ns,
+                ]);
+                ip(&["-n", &hub, "link", "set", &port, "master", "br0"]);
+                ip(&["-n", &hub, "link", "set", &port, "up"]);
+            }
+            let addrs = if host == 0 {
+                (0..CLIENT_IPS).map(client_ip).collect()
+            } else {
+                vec![addr]
+            };
+            for addr in addrs {
+                ip(&[
+                    "-n",
+                    &ns,
+                    "addr",
+                    "add",
+                    &format!("{addr}/24"),
+                    "dev",
+                    "eth0",
+                ]);
+            }
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             lab.apply_rules(host, &BTreeSet::new());
         }
+        if wan {
+            lab.relay = Some(Relay::start(tuns, host_of));
+        }
         lab.enter(Some(0));
         lab
+    }
+
+    /// From now on every packet between two members of this WAN lab waits `one_way`
+    /// (each way). Panics for a lab with a bridge.
+    pub fn set_delay(&self, one_way: Duration) {
+        self.relay
+            .as_ref()
+            .expect("only a WAN lab (Lab::wan) has a delay")
+            .set_delay(one_way);
+    }
+
+    /// Packets a WAN lab's relay has delivered (0 for a lab with a bridge).
+    pub fn relayed(&self) -> u64 {
+        self.relay.as_ref().map_or(0, Relay::relayed)
     }
 
     /// The namespace of host `host` (0 = clients), or the hub's for `None`.
@@ -213,6 +289,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        // The relay's devices go with it, before their namespaces.
+        self.relay = None;
         self.enter(None);
         for host in (0..=self.members).map(Some).chain([None]) {
             let _ = Command::new("ip")

@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tandem_failover_tests::cluster::{
-    bindings, http, member_data_dir, Cluster, Member, MemberRole,
+    bindings, http, member_data_dir, metric, Cluster, Member, MemberRole,
 };
-use tandem_failover_tests::netns::{Lab, CLIENT_IP};
+use tandem_failover_tests::netns::{client_ip, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{Deadline, Wait};
 
@@ -111,6 +111,18 @@ fn register(ua: &mut Ua, node: &Member) {
 /// `caller` calls `callee`'s user through `node`; the callee answers, the caller hangs
 /// up. The final status the caller got (200 for a call that went through).
 fn call(caller: &mut Ua, node: &Member, callee: &Ua, callee_user: &str, call_id: &str) -> u16 {
+    timed_call(caller, node, callee, callee_user, call_id).0
+}
+
+/// [`call`], and its setup time: from the first INVITE (its 407 challenge included) to
+/// the final response.
+fn timed_call(
+    caller: &mut Ua,
+    node: &Member,
+    callee: &Ua,
+    callee_user: &str,
+    call_id: &str,
+) -> (u16, Duration) {
     std::thread::scope(|s| {
         let answering = s.spawn(move || {
             // A node's keepalive OPTIONS first is answered 200; anything else is ignored.
@@ -134,12 +146,14 @@ fn call(caller: &mut Ua, node: &Member, callee: &Ua, callee_user: &str, call_id:
             let bye = callee.expect_request("BYE", WAIT);
             callee.respond(&bye, 200, "OK", "");
         });
+        let setup = Deadline::after(Duration::ZERO);
         let r = caller.invite(
             node.sip_addr(),
             &format!("sip:{callee_user}@example.com"),
             call_id,
             &mut |_, _| {},
         );
+        let took = setup.elapsed();
         let status = r.status().unwrap_or(0);
         if status == 200 {
             let dialog = caller.dialog(&r);
@@ -149,7 +163,7 @@ fn call(caller: &mut Ua, node: &Member, callee: &Ua, callee_user: &str, call_id:
             assert_eq!(bye.status(), Some(200), "{}", bye.text);
         }
         answering.join().unwrap();
-        status
+        (status, took)
     })
 }
 
@@ -993,4 +1007,295 @@ fn a_read_only_disk_on_one_node_loses_nothing_and_it_catches_up_once_writable() 
         gap < Duration::from_secs(2),
         "the others' writes stopped for {gap:?}"
     );
+}
+
+/// The one-way delay between members in the WAN scenario: about New York to Chicago and
+/// back through a provider's backbone, or two European cities far apart.
+const WAN_DELAY: Duration = Duration::from_millis(40);
+
+/// The `[cluster]` settings README ("Two sites") gives for a link of `WAN_DELAY`: an
+/// append must complete within one heartbeat, so the heartbeat is over twice the round
+/// trip, and elections wait five heartbeats.
+const WAN_CLUSTER: &str = "heartbeat_ms = 200\nelection_timeout_ms = 1000";
+
+/// How long each half of the WAN scenario keeps registering and calling.
+const WAN_PHASE: Duration = Duration::from_secs(8);
+
+/// The accounts whose phones register new contacts over and over in the WAN scenario.
+const REGISTERING: [&str; 4] = ["r1", "r2", "r3", "r4"];
+
+/// What the WAN scenario's load saw in one phase: the time each REGISTER took (with its
+/// 401 challenge) that wrote (a new contact, a removal) and that only refreshed, each
+/// call's setup time, what failed, and the contacts (user, contact) left registered and
+/// removed.
+#[derive(Default)]
+struct WanLoad {
+    writes: Vec<Duration>,
+    /// The same, through node 1 and through node 2.
+    writes_through: [Vec<Duration>; 2],
+    refreshes: Vec<Duration>,
+    calls: Vec<Duration>,
+    failed: Vec<String>,
+    kept: Vec<(String, String)>,
+    removed: Vec<(String, String)>,
+}
+
+/// How many contacts each registering phone of the WAN scenario keeps registered: with
+/// the previous phase's, still under the node's limit of five per account.
+const WAN_KEPT: usize = 2;
+
+impl WanLoad {
+    /// For `WAN_PHASE`: each of the `REGISTERING` phones, two through each SIP node,
+    /// registers a new contact, refreshes it at once and removes the one it registered
+    /// `WAN_KEPT` rounds before; alice (registered through node 1) calls bob (node 2)
+    /// through node 1, and carol (node 2) calls dave (node 1) through node 2, so every
+    /// call crosses between the nodes.
+    fn run(cluster: &Cluster, phase: &str, callers: &mut [(Ua, Ua, &str, u64); 2]) -> WanLoad {
+        let clock = Deadline::after(Duration::ZERO);
+        let load = Mutex::new(WanLoad::default());
+        std::thread::scope(|s| {
+            for (k, user) in REGISTERING.iter().enumerate() {
+                let node = cluster.member(1 + k as u64 % 2);
+                let load = &load;
+                s.spawn(move || {
+                    // A phone of its own address each: one address sending this much
+                    // would be banned for flooding.
+                    let ip = client_ip(1 + k as u8);
+                    let mut ua = Ua::new(&ip, user, "example.com", &format!("pw-{user}"));
+                    let mut live = std::collections::VecDeque::new();
+                    let mut register = |contact: &str, expires: u32| {
+                        let took = Deadline::after(Duration::ZERO);
+                        let r = ua.register(
+                            node.sip_addr(),
+                            "MD5",
+                            Some(&format!("<{contact}>")),
+                            Some(expires),
+                        );
+                        if r.status != 200 {
+                            let why = format!("{user} {contact} expires {expires}: {}", r.status);
+                            load.lock().unwrap().failed.push(why);
+                        }
+                        took.elapsed()
+                    };
+                    let mut i = 0;
+                    while clock.elapsed() < WAN_PHASE {
+                        let contact = format!("sip:{user}-{phase}-{i}@{ip}");
+                        i += 1;
+                        let added = register(&contact, 600);
+                        let refreshed = register(&contact, 600);
+                        live.push_back(contact);
+                        let removal = (live.len() > WAN_KEPT).then(|| {
+                            let old = live.pop_front().expect("more than kept");
+                            (register(&old, 0), old)
+                        });
+                        let mut load = load.lock().unwrap();
+                        load.writes.push(added);
+                        load.writes_through[k % 2].push(added);
+                        load.refreshes.push(refreshed);
+                        if let Some((took, old)) = removal {
+                            load.writes.push(took);
+                            load.writes_through[k % 2].push(took);
+                            load.removed.push((user.to_string(), old));
+                        }
+                        drop(load);
+                        // Paced under the node's flood limit for one address (100/s).
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    let kept = live.into_iter().map(|c| (user.to_string(), c));
+                    load.lock().unwrap().kept.extend(kept);
+                });
+            }
+            for (caller, callee, callee_user, through) in callers.iter_mut() {
+                let (node, callee_user) = (cluster.member(*through), *callee_user);
+                let load = &load;
+                s.spawn(move || {
+                    let mut n = 0;
+                    while clock.elapsed() < WAN_PHASE {
+                        let id = format!("wan-{phase}-{callee_user}-{n}");
+                        n += 1;
+                        let (status, took) = timed_call(caller, node, callee, callee_user, &id);
+                        let mut load = load.lock().unwrap();
+                        load.calls.push(took);
+                        if status != 200 {
+                            load.failed.push(format!("call {id}: {status}"));
+                        }
+                        drop(load);
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                });
+            }
+        });
+        load.into_inner().unwrap()
+    }
+}
+
+/// The `q` quantile (0..=1) of `samples`, by the nearest-rank method.
+fn quantile(samples: &[Duration], q: f64) -> Duration {
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len().max(1));
+    sorted.get(rank - 1).copied().unwrap_or_default()
+}
+
+/// "p99 X (p50 Y, n N)" of `samples`, in milliseconds.
+fn percentiles(samples: &[Duration]) -> String {
+    format!(
+        "p99 {:.1} ms (p50 {:.1} ms, n {})",
+        quantile(samples, 0.99).as_secs_f64() * 1e3,
+        quantile(samples, 0.5).as_secs_f64() * 1e3,
+        samples.len()
+    )
+}
+
+/// Scenario 10: a WAN pair. Two SIP nodes and a witness with `WAN_DELAY` each way between
+/// any two of them (the lab's relay holds every packet between members: the Raft link
+/// and SIP forwarded from one node to the other), formed across that distance. Phones
+/// register and call through both nodes; then the same load runs with no delay, in the
+/// same cluster, as the reference. Nothing may fail or be lost, the leader must stay put,
+/// and a registration or call over the WAN must not wait for more than a few round trips.
+#[test]
+fn netns_a_wan_pair_with_a_witness_registers_and_calls_with_40_ms_between_its_members() {
+    let lab = Lab::wan(3);
+    lab.set_delay(WAN_DELAY);
+    let roles = [MemberRole::Full, MemberRole::Full, MemberRole::Witness];
+    let cluster = with_accounts(Cluster::form_in(&lab, &roles, WAN_CLUSTER));
+    for user in REGISTERING {
+        let a = cluster
+            .member(1)
+            .request(
+                "PUT",
+                &format!("/v1/accounts/example.com/{user}"),
+                Some(&format!(r#"{{"password":"pw-{user}","customer":"acme"}}"#)),
+            )
+            .expect("the admin API answers");
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+    cluster.wait_peers_up(WAIT);
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    let mut callers = [
+        (
+            phone_at(&client_ip(5), "alice", one),
+            phone_at(&client_ip(6), "bob", two),
+            "bob",
+            1,
+        ),
+        (
+            phone_at(&client_ip(7), "carol", two),
+            phone("dave", one),
+            "dave",
+            2,
+        ),
+    ];
+    // A binding is callable through the other node once that node has applied it: up to
+    // a heartbeat and a one-way trip after the 200.
+    for (user, ua, node) in [("bob", &callers[0].1, 1), ("dave", &callers[1].1, 2)] {
+        Wait::new(format!("{user}'s binding on node {node}"), WAIT)
+            .showing(&cluster)
+            .until(|| has_binding(&cluster, node, user, &ua.contact()));
+    }
+    let (leader, _) = cluster.wait_for_leader(&[], WAIT);
+    let clock = Deadline::after(Duration::ZERO);
+    let leaders = LeaderLog::start(&cluster, &ALL, clock);
+    let relayed_before = lab.relayed();
+    let late = || -> f64 {
+        ALL.iter()
+            .filter_map(|id| {
+                metric(
+                    cluster.member(*id).admin_addr,
+                    "tandem_raft_rpcs_late_total",
+                )
+            })
+            .sum()
+    };
+    let late_before = late();
+    let far = WanLoad::run(&cluster, "far", &mut callers);
+    let relayed = lab.relayed() - relayed_before;
+    let late_rpcs = late() - late_before;
+    lab.set_delay(Duration::ZERO);
+    // Packets queued under the delay drain first.
+    std::thread::sleep(WAN_DELAY * 2);
+    let near = WanLoad::run(&cluster, "near", &mut callers);
+    let changes = leaders.stop();
+
+    // Every write answered 200 holds on both SIP nodes: the contacts kept are there, the
+    // ones removed are not.
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let mut lost = Vec::new();
+    for id in [1, 2] {
+        cluster.wait_caught_up(id, WAIT);
+        let addr = cluster.member(id).admin_addr;
+        let held: Vec<String> = REGISTERING
+            .iter()
+            .map(|user| bindings(addr, token.trim(), user).to_string())
+            .collect();
+        let holds = |user: &str, contact: &str| {
+            let k = REGISTERING.iter().position(|u| *u == user).unwrap();
+            // The index ends at the '@', so no contact is a prefix of another.
+            held[k].contains(contact)
+        };
+        for (user, contact) in far.kept.iter().chain(&near.kept) {
+            if !holds(user, contact) {
+                lost.push(format!("{contact} missing on node {id}"));
+            }
+        }
+        for (user, contact) in far.removed.iter().chain(&near.removed) {
+            if holds(user, contact) {
+                lost.push(format!("{contact} still on node {id}"));
+            }
+        }
+    }
+    let failed: Vec<&String> = far.failed.iter().chain(&near.failed).collect();
+    eprintln!(
+        "SUMMARY WAN pair ({} ms each way between members, node {leader} leading): REGISTER \
+         that writes {} vs {} without delay (through node 1 {}, node 2 {}); refresh REGISTER \
+         {} vs {}; call setup {} vs {}; failed {}, writes lost {} of {}; leader changes \
+         {changes:?}; {relayed} packets relayed under delay, {late_rpcs} Raft RPCs late",
+        WAN_DELAY.as_millis(),
+        percentiles(&far.writes),
+        percentiles(&near.writes),
+        percentiles(&far.writes_through[0]),
+        percentiles(&far.writes_through[1]),
+        percentiles(&far.refreshes),
+        percentiles(&near.refreshes),
+        percentiles(&far.calls),
+        percentiles(&near.calls),
+        failed.len(),
+        lost.len(),
+        far.writes.len() + near.writes.len(),
+    );
+    let first = |v: &[String]| v[..v.len().min(10)].to_vec();
+    let failed: Vec<String> = failed.into_iter().cloned().collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, first: {:?}",
+        failed.len(),
+        first(&failed)
+    );
+    assert!(
+        lost.is_empty(),
+        "{} lost, first: {:?}",
+        lost.len(),
+        first(&lost)
+    );
+    assert_eq!(changes.len(), 1, "the leader changed: {changes:?}");
+    // Under the delay the load did cross the relay, and took the time it should. A write
+    // is a forward to the leader (through node 2), a round of replication and, through
+    // node 2, the commit reaching it: two to three round trips of 80 ms, and more when an
+    // append is already on its way; a call crosses once each way for the INVITE and its
+    // answer, and waits for no write.
+    assert!(relayed > 1000, "only {relayed} packets crossed the relay");
+    for (what, samples, bound) in [
+        ("writing REGISTER", &far.writes, Duration::from_millis(800)),
+        ("call setup", &far.calls, Duration::from_millis(300)),
+    ] {
+        let p99 = quantile(samples, 0.99);
+        assert!(
+            p99 < bound,
+            "{what} p99 {p99:?} over the WAN (bound {bound:?})"
+        );
+        assert!(
+            quantile(samples, 0.5) >= WAN_DELAY * 2,
+            "{what} took less than a round trip between members: was the delay applied?"
+        );
+    }
 }

@@ -11,6 +11,7 @@
 //! need no other authentication.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -235,6 +236,14 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 }
 
 impl HttpPeer {
+    /// Sends one RPC. The request runs in a task of its own, so that when openraft gives up
+    /// on it (an append gets one heartbeat interval) it still completes in the background,
+    /// up to `LATE_RPC_LIMIT`, and its connection goes back to the pool. Over HTTP/1.1 a
+    /// request dropped in flight closes its connection; on a link whose round trip is close
+    /// to the heartbeat, the next request would then need a TCP and a TLS handshake (three
+    /// round trips) within the same budget, time out the same way, and the node would
+    /// never again hold a connection to that peer. A request that completes after its
+    /// budget is counted ([`late_rpcs`]) and logged, naming the setting to raise.
     async fn call<Req, T, E>(
         &self,
         path: &str,
@@ -248,31 +257,91 @@ impl HttpPeer {
     {
         let body =
             postcard::to_stdvec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = self
+        let (target, budget) = (self.target, option.hard_ttl());
+        let sending = self
             .client
             .post(format!("{}{path}", self.base))
-            .timeout(option.hard_ttl())
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_connect() {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                } else {
-                    RPCError::Network(NetworkError::new(&e))
-                }
-            })?;
-        if !reply.status().is_success() {
-            let e = std::io::Error::other(format!("{path} answered {}", reply.status()));
-            return Err(RPCError::Network(NetworkError::new(&e)));
-        }
-        let bytes = reply
-            .bytes()
-            .await
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            .timeout(budget.max(LATE_RPC_LIMIT))
+            .body(body);
+        let task = tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            let outcome = match sending.send().await {
+                Err(e) if e.is_connect() => Err(Failure::Unreachable(e)),
+                Err(e) => Err(Failure::Network(e)),
+                Ok(reply) if !reply.status().is_success() => Err(Failure::Status(reply.status())),
+                Ok(reply) => reply.bytes().await.map_err(Failure::Network),
+            };
+            let took = started.elapsed();
+            if took > budget && outcome.is_ok() {
+                note_late_rpc(target, took, budget);
+            }
+            outcome
+        });
+        let bytes = match task.await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(Failure::Unreachable(e))) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&e)))
+            }
+            Ok(Err(Failure::Network(e))) => return Err(RPCError::Network(NetworkError::new(&e))),
+            Ok(Err(Failure::Status(status))) => {
+                let e = std::io::Error::other(format!("{path} answered {status}"));
+                return Err(RPCError::Network(NetworkError::new(&e)));
+            }
+            Err(e) => return Err(RPCError::Network(NetworkError::new(&e))),
+        };
         let result: Result<T, RaftError<NodeId, E>> =
             postcard::from_bytes(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// How an RPC failed before an answer could be decoded.
+enum Failure {
+    /// No connection could be made: openraft backs off from the peer.
+    Unreachable(reqwest::Error),
+    Network(reqwest::Error),
+    Status(reqwest::StatusCode),
+}
+
+/// How long an RPC may go on in the background after openraft gave up on it.
+const LATE_RPC_LIMIT: Duration = Duration::from_secs(10);
+
+/// RPCs that completed after openraft had given up on them.
+static LATE_RPCS: AtomicU64 = AtomicU64::new(0);
+
+/// When a late RPC was last logged (ms since the first was), or 0 for never.
+static LATE_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+
+/// The number of Raft RPCs from this process that answered after openraft had given up on
+/// them: on a healthy link, none.
+pub fn late_rpcs() -> u64 {
+    LATE_RPCS.load(Ordering::Relaxed)
+}
+
+/// Counts a late RPC and, at most once a minute, says what it means.
+fn note_late_rpc(target: NodeId, took: Duration, budget: Duration) {
+    static SINCE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
+    LATE_RPCS.fetch_add(1, Ordering::Relaxed);
+    let now_ms = SINCE
+        .get_or_init(tokio::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1;
+    let last = LATE_LOGGED_MS.load(Ordering::Relaxed);
+    if (last == 0 || now_ms.saturating_sub(last) >= 60_000)
+        && LATE_LOGGED_MS
+            .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        tracing::warn!(
+            peer = target,
+            took_ms = took.as_millis() as u64,
+            allowed_ms = budget.as_millis() as u64,
+            "a Raft RPC answered after openraft gave up on it: the link to this peer is too \
+             slow for cluster.heartbeat_ms (an append must complete within one heartbeat); \
+             raise cluster.heartbeat_ms to twice the round trip or more, and \
+             cluster.election_timeout_ms with it (README, \"Two sites\")"
+        );
     }
 }
 
