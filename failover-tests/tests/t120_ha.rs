@@ -68,19 +68,24 @@ fn cluster_in(lab: &Lab) -> Cluster {
 
 /// `cluster` with customer acme and accounts alice, bob, carol and dave.
 fn with_accounts(cluster: Cluster) -> Cluster {
-    let m = cluster.member(1);
-    assert_eq!(m.put_customer("acme"), Some(200));
+    assert_eq!(cluster.member(1).put_customer("acme"), Some(200));
     for user in ["alice", "bob", "carol", "dave"] {
-        let a = m
-            .request(
-                "PUT",
-                &format!("/v1/accounts/example.com/{user}"),
-                Some(&format!(r#"{{"password":"pw-{user}","customer":"acme"}}"#)),
-            )
-            .expect("the admin API answers");
-        assert_eq!(a.status, 201, "{}", a.body);
+        put_account(&cluster, user);
     }
     cluster
+}
+
+/// Creates account `user`@example.com of customer acme, password `pw-<user>`.
+fn put_account(cluster: &Cluster, user: &str) {
+    let a = cluster
+        .member(1)
+        .request(
+            "PUT",
+            &format!("/v1/accounts/example.com/{user}"),
+            Some(&format!(r#"{{"password":"pw-{user}","customer":"acme"}}"#)),
+        )
+        .expect("the admin API answers");
+    assert_eq!(a.status, 201, "{}", a.body);
 }
 
 /// A phone of `user` in the lab, registered through `node` (a new socket, so a new
@@ -1160,15 +1165,7 @@ fn netns_a_wan_pair_with_a_witness_registers_and_calls_with_40_ms_between_its_me
     let roles = [MemberRole::Full, MemberRole::Full, MemberRole::Witness];
     let cluster = with_accounts(Cluster::form_in(&lab, &roles, WAN_CLUSTER));
     for user in REGISTERING {
-        let a = cluster
-            .member(1)
-            .request(
-                "PUT",
-                &format!("/v1/accounts/example.com/{user}"),
-                Some(&format!(r#"{{"password":"pw-{user}","customer":"acme"}}"#)),
-            )
-            .expect("the admin API answers");
-        assert_eq!(a.status, 201, "{}", a.body);
+        put_account(&cluster, user);
     }
     cluster.wait_peers_up(WAIT);
     let (one, two) = (cluster.member(1), cluster.member(2));
