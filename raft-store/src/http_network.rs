@@ -470,6 +470,9 @@ pub async fn serve(
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
                     ClusterRequest::Features => Ok(ClusterReply::Features(context.features)),
+                    ClusterRequest::Applied => Ok(ClusterReply::Applied(
+                        replica.metrics().last_applied.map_or(0, |l| l.index),
+                    )),
                     ClusterRequest::Agent(question) => match context.agent.get() {
                         Some(answer) => Ok(ClusterReply::Agent(answer(&question))),
                         None => Err(Error::Unreachable("no agents run on this node".into())),

@@ -42,6 +42,10 @@ pub enum ClusterRequest {
     /// so this crate needs to know nothing of them. A node from before this variant existed
     /// answers with an error, which the asker takes as "no agent here".
     Agent(String),
+    /// The index of the last entry the answering node has applied (not forwarded: a
+    /// follower asks its leader, for [`Replica::catch_up`]). A node from before this
+    /// variant existed answers with an error, and the asker goes on without waiting.
+    Applied,
 }
 
 impl ClusterRequest {
@@ -53,6 +57,7 @@ impl ClusterRequest {
                 | ClusterRequest::DropHistory { .. }
                 | ClusterRequest::Features
                 | ClusterRequest::Agent(_)
+                | ClusterRequest::Applied
         )
     }
 }
@@ -67,6 +72,7 @@ pub enum ClusterReply {
     HistoryDropped(super::history::DroppedHistory),
     Features(u32),
     Agent(String),
+    Applied(u64),
 }
 
 /// What the leader knows about replication to each member.
@@ -150,7 +156,8 @@ impl Replica {
             ClusterRequest::KeyIds
             | ClusterRequest::DropHistory { .. }
             | ClusterRequest::Features
-            | ClusterRequest::Agent(_) => Err(per_member(&request)),
+            | ClusterRequest::Agent(_)
+            | ClusterRequest::Applied => Err(per_member(&request)),
         }
     }
 }

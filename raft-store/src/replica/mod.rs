@@ -6,6 +6,7 @@
 //! few batches may be in flight at once, so one fsync and one round of replication serve
 //! many writers. Reads go to the local [`StateReader`] and never wait for the network.
 
+mod barrier;
 pub mod history;
 pub mod membership;
 
@@ -214,6 +215,8 @@ pub struct Replica {
     db: Arc<rocksdb::DB>,
     /// Why this node refuses writes of its own, if it does ([`Replica::block_writes`]).
     blocked: Arc<std::sync::RwLock<Option<String>>>,
+    /// The questions [`Replica::catch_up`] asks the leader.
+    barrier: Arc<barrier::Barrier>,
 }
 
 pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
@@ -286,6 +289,7 @@ impl Replica {
             leader_commit: Arc::new(AtomicU64::new(0)),
             db,
             blocked: Arc::default(),
+            barrier: Arc::default(),
         })
     }
 

@@ -74,6 +74,10 @@ use crate::stack::transaction::{ClientEvent, EventSink, LayerHandle, TxId};
 use crate::stack::transport::{next_hop, transport_param, OwnAddrs};
 use crate::stack::transport::{Flow, TransportKind, Transports};
 
+/// How long a lookup that found no binding waits for this replica to catch up with the
+/// leader before it answers 480: a round trip and an apply, with room for a slow link.
+const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
+
 /// Proxy settings.
 #[derive(Clone, Debug)]
 pub struct ProxySettings {
@@ -472,6 +476,7 @@ impl Proxy {
             Ok(Target::only(Hop::Flow(flow)))
         } else {
             self.initial_targets(&request, &flow)
+                .await
                 .map(|(groups, account, to)| {
                     caller = account;
                     callee = Some(to);
@@ -691,7 +696,7 @@ impl Proxy {
     /// The branches of a new request for a local domain, the local account that placed
     /// it (authenticated), if any, and the account it is for.
     #[allow(clippy::type_complexity)]
-    fn initial_targets(
+    async fn initial_targets(
         &self,
         request: &Message,
         flow: &Flow,
@@ -721,14 +726,37 @@ impl Proxy {
         };
         let call_id = request.call_id().unwrap_or_default();
         let (from_tag, _) = tags(request);
-        let (groups, callee) = self.binding_groups(&user, &domain, &call_id, &from_tag)?;
+        let (groups, callee) = self
+            .binding_groups(&user, &domain, &call_id, &from_tag)
+            .await?;
         Ok((groups, caller, callee))
     }
 
     /// The branches to every live binding of `user@domain`, grouped by q (highest first),
     /// for a request of `call_id` from `from_tag`, and the account; the refusal when
-    /// there are none.
-    fn binding_groups(
+    /// there are none. Finding none, a follower first catches up with the leader
+    /// (`Replica::catch_up`) and looks again: a phone that has just registered through
+    /// another node reaches this replica a heartbeat and a one-way trip later, which
+    /// between two sites is a few hundred milliseconds.
+    async fn binding_groups(
+        &self,
+        user: &str,
+        domain: &str,
+        call_id: &str,
+        from_tag: &str,
+    ) -> Result<(Vec<Vec<Target>>, Account), Refusal> {
+        let found = self.binding_groups_now(user, domain, call_id, from_tag);
+        if matches!(&found, Err(r) if r.status == 480)
+            && self.cluster.health().degraded.is_none()
+            && self.cluster.replica.catch_up(CATCH_UP_WITHIN).await
+        {
+            return self.binding_groups_now(user, domain, call_id, from_tag);
+        }
+        found
+    }
+
+    /// [`Proxy::binding_groups`] from what this replica holds now.
+    fn binding_groups_now(
         &self,
         user: &str,
         domain: &str,
@@ -776,7 +804,11 @@ impl Proxy {
         from_tag: &str,
     ) -> Result<Vec<Vec<Reach>>, Refusal> {
         let mut out = Vec::new();
-        for group in self.binding_groups(user, domain, call_id, from_tag)?.0 {
+        for group in self
+            .binding_groups(user, domain, call_id, from_tag)
+            .await?
+            .0
+        {
             let mut reach = Vec::new();
             for t in group {
                 let (Some(contact), Ok(flow)) = (t.uri.clone(), self.resolve(&t.hop).await) else {
