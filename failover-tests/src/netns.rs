@@ -125,16 +125,13 @@ impl Lab {
         let hub = lab.ns_name(None);
         ip(&["netns", "add", &hub]);
         ip(&["-n", &hub, "link", "set", "lo", "up"]);
-        ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        if !wan {
+            ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
+            ip(&["-n", &hub, "link", "set", "br0", "up"]);
+        }
         let mut tuns = Vec::new();
         for host in 0..=members {
             let ns = lab.ns_name(Some(host));
-            let addr = if host == 0 {
-                CLIENT_IP.to_owned()
-            } else {
-                member_ip(host)
-            };
             ip(&["netns", "add", &ns]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
             if wan {
@@ -154,7 +151,7 @@ impl Lab {
             let addrs = if host == 0 {
                 (0..CLIENT_IPS).map(client_ip).collect()
             } else {
-                vec![addr]
+                vec![member_ip(host)]
             };
             for addr in addrs {
                 ip(&[

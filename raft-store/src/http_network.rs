@@ -309,7 +309,7 @@ const LATE_RPC_LIMIT: Duration = Duration::from_secs(10);
 /// RPCs that completed after openraft had given up on them.
 static LATE_RPCS: AtomicU64 = AtomicU64::new(0);
 
-/// When a late RPC was last logged (ms since the first was), or 0 for never.
+/// When a late RPC was last logged: ms since the first late one, plus one; 0 for never.
 static LATE_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The number of Raft RPCs from this process that answered after openraft had given up on

@@ -15,7 +15,9 @@
 //!   is a local caller who must authenticate like `alice@example.com`.
 //! - **New requests from local accounts** are authenticated with 407 (§22.3). A request
 //!   for a local domain looks up the AOR's bindings in the local replica (through the
-//!   degraded-mode overlay): an unknown user gets 404, one without bindings 480. A request
+//!   degraded-mode overlay): an unknown user gets 404, one without bindings 480, but only
+//!   once a follower has caught up with the leader (`Replica::catch_up`), since a phone
+//!   that has just registered through another node may not have reached it yet. A request
 //!   for a domain not served here gets 403 until the dialplan can route it.
 //! - **Forking.** Bindings are tried by q-value group, each group's contacts in parallel.
 //!   A 2xx is forwarded at once and the other branches are CANCELled; a 6xx ends the
