@@ -233,19 +233,18 @@ impl Lab {
     /// Rewrites host `host`'s table so that it drops exactly what the cuts into it say,
     /// atomically (one `nft -f` transaction).
     fn apply_rules(&self, host: u64, cuts: &BTreeSet<(u64, u64)>) {
-        let addr = |h: u64| {
-            if h == 0 {
-                CLIENT_IP.to_owned()
-            } else {
-                member_ip(h)
-            }
-        };
         let mut script = String::from(
             "table inet lab {}\nflush table inet lab\ntable inet lab {\n  chain input {\n    \
              type filter hook input priority 0; policy accept;\n",
         );
         for (from, _) in cuts.iter().filter(|(_, to)| *to == host) {
-            script.push_str(&format!("    ip saddr {} drop\n", addr(*from)));
+            let from = if *from == 0 {
+                // Every address of the clients' namespace.
+                format!("{}-{}", client_ip(0), client_ip(CLIENT_IPS - 1))
+            } else {
+                member_ip(*from)
+            };
+            script.push_str(&format!("    ip saddr {from} drop\n"));
         }
         script.push_str("  }\n}\n");
         let ns = self.ns_name(Some(host));

@@ -111,7 +111,11 @@ fn read_loop(shared: &Shared, from: usize) {
         #[allow(unsafe_code)]
         // SAFETY: one valid pollfd, owned by this frame, for the length given.
         let ready = unsafe { libc::poll(&mut poll, 1, 100) };
-        if ready <= 0 {
+        if ready <= 0 || poll.revents & libc::POLLIN == 0 {
+            if poll.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+                // The device is gone (its namespace was deleted): nothing more to read.
+                return;
+            }
             continue;
         }
         #[allow(unsafe_code)]

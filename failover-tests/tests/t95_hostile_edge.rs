@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, metric, wait_metric};
+use tandem_failover_tests::cluster::{add_account, metric, wait_metric, Cluster, MemberRole};
 use tandem_failover_tests::ua::{Received, Ua};
 use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, Wait};
 
@@ -1119,4 +1119,87 @@ fn stun_keepalives_are_answered_and_nothing_else_that_looks_like_stun_is() {
         format!("tandem_sip_keepalives_received_total {answered}")
     });
     node.assert_answers_options();
+}
+
+#[test]
+fn strangers_calling_an_offline_phone_cost_the_leader_a_question_per_round_trip_not_per_call() {
+    // Before it answers 480 a follower asks the leader how far it has applied, since the
+    // phone may have just registered through another node. A stranger calling an offline
+    // phone hundreds of times at once (no credentials: the caller is not local) must not
+    // turn into hundreds of questions to the leader, nor leave a call unanswered.
+    let cluster = Cluster::form(&[MemberRole::Full; 3], "");
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    add_account(
+        cluster.member(1).admin_addr,
+        token.trim(),
+        "carol",
+        "example.com",
+        "pw-carol-1",
+    );
+    let (leader, _) = cluster.wait_for_leader(&[], WAIT);
+    let follower = cluster.member(if leader == 1 { 2 } else { 1 });
+    cluster.wait_caught_up(follower.id, WAIT);
+    let series = "tandem_raft_catch_up_questions_total";
+    let asked_before = metric(follower.admin_addr, series).expect("the metric");
+    let stranger = UdpSocket::bind("127.0.0.77:0").unwrap();
+    let local = stranger.local_addr().unwrap();
+    const CALLS: usize = 300;
+    let invites: Vec<String> = (0..CALLS)
+        .map(|i| {
+            format!(
+                "INVITE sip:carol@example.com SIP/2.0\r\n\
+                 Via: SIP/2.0/UDP {local};branch=z9hG4bK-offline-{i}\r\n\
+                 From: <sip:x@elsewhere.example>;tag=o{i}\r\n\
+                 To: <sip:carol@example.com>\r\n\
+                 Call-ID: offline-{i}-{port}\r\n\
+                 CSeq: 1 INVITE\r\n\
+                 Max-Forwards: 70\r\n\
+                 Contact: <sip:x@{local}>\r\n\
+                 Content-Length: 0\r\n\r\n",
+                port = local.port(),
+            )
+        })
+        .collect();
+    // All at once; then, as a UDP caller would (Timer A), again every 500 ms for those
+    // not answered yet, since a burst this size may overrun a socket buffer.
+    let mut answered = std::collections::BTreeMap::new();
+    let deadline = Deadline::after(WAIT);
+    while answered.len() < CALLS && !deadline.expired() {
+        for (i, invite) in invites.iter().enumerate() {
+            if !answered.contains_key(&i) {
+                let _ = stranger.send_to(invite.as_bytes(), follower.sip_addr());
+            }
+        }
+        let round = Deadline::after(Duration::from_millis(500));
+        while let Some(d) = recv_udp(&stranger, round.remaining()) {
+            let text = String::from_utf8_lossy(&d);
+            let call = text
+                .split("Call-ID: offline-")
+                .nth(1)
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            if let (Some(call), Some(s)) = (call, status_code(&d).filter(|&s| s >= 200)) {
+                answered.insert(call, s);
+            }
+            if round.expired() {
+                break;
+            }
+        }
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    for s in answered.values() {
+        *statuses.entry(*s).or_insert(0) += 1;
+    }
+    let asked = metric(follower.admin_addr, series).expect("the metric") - asked_before;
+    eprintln!("{CALLS} calls to an offline phone: answers {statuses:?}, questions {asked}");
+    assert_eq!(
+        statuses.get(&480).copied(),
+        Some(CALLS),
+        "every call gets its 480: {statuses:?}"
+    );
+    assert!(asked >= 1.0, "the follower never asked the leader");
+    assert!(
+        asked <= 30.0,
+        "{asked} questions to the leader for {CALLS} calls at once"
+    );
 }

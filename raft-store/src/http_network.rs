@@ -470,9 +470,19 @@ pub async fn serve(
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
                     ClusterRequest::Features => Ok(ClusterReply::Features(context.features)),
-                    ClusterRequest::Applied => Ok(ClusterReply::Applied(
-                        replica.metrics().last_applied.map_or(0, |l| l.index),
-                    )),
+                    // Only the leader's log says what has been acknowledged: its last
+                    // index covers every write acknowledged before the question (and, for
+                    // a new leader, the first entry of its term, which commits them all).
+                    ClusterRequest::Applied => {
+                        let m = replica.metrics();
+                        if m.state == openraft::ServerState::Leader {
+                            Ok(ClusterReply::Applied(m.last_log_index.unwrap_or(0)))
+                        } else {
+                            Err(Error::NotLeader {
+                                leader: m.current_leader,
+                            })
+                        }
+                    }
                     ClusterRequest::Agent(question) => match context.agent.get() {
                         Some(answer) => Ok(ClusterReply::Agent(answer(&question))),
                         None => Err(Error::Unreachable("no agents run on this node".into())),

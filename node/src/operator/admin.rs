@@ -663,7 +663,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 37] = [
+        let simple: [(&str, &str, &str, u64); 38] = [
             ("tandem_ready", "1 while /ready says this node is ready; 0 with the reason on /ready (no quorum, a full disk, Raft stopped on a storage error, catching up).", "gauge", u64::from(self.cluster.readiness().is_ok())),
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
@@ -678,6 +678,7 @@ impl Admin {
             ("tandem_raft_proposal_batches_failed_total", "Batches of proposals that failed (no leader, timeout).", "counter", load(&p.failed)),
             ("tandem_log_appends_total", "Log appends written to RocksDB.", "counter", load(&log.appends)),
             ("tandem_log_wal_syncs_total", "WAL fsyncs; appends per sync is the group-commit factor.", "counter", load(&log.wal_syncs)),
+            ("tandem_raft_catch_up_questions_total", "Questions this node asked the leader before answering a call 480 (how far it has applied), shared by the calls that arrived meanwhile.", "counter", replica.catch_up_questions()),
             ("tandem_raft_rpcs_late_total", "Raft RPCs to peers that answered after openraft had given up on them (an append gets one cluster.heartbeat_ms): a link too slow for the heartbeat.", "counter", tandem_raft_store::http_network::late_rpcs()),
             ("tandem_sip_requests_received_total", "SIP requests received.", "counter", load(&s.requests_received)),
             ("tandem_sip_malformed_answered_total", "Malformed SIP messages answered with 400.", "counter", load(&s.malformed_answered)),

@@ -1,5 +1,5 @@
 //! A read barrier for a follower ([`Replica::catch_up`]): waits until this replica has
-//! applied everything the leader had applied when asked. A follower's state trails the
+//! applied everything in the leader's log when asked. A follower's state trails the
 //! leader's by up to a heartbeat and a one-way trip, so a lookup that finds nothing (a
 //! phone with no binding here) may only be early: the binding may be committed through
 //! another node and not yet applied on this one. On a LAN that window is a millisecond or
@@ -26,15 +26,15 @@ pub(crate) struct Barrier {
     turn: tokio::sync::Mutex<()>,
     /// How many questions have been started.
     started: AtomicU64,
-    /// The latest question answered, by its number, and the leader's applied index it
+    /// The latest question answered, by its number, and the leader's last log index it
     /// brought (`None` when no answer came).
     latest: Mutex<(u64, Option<u64>)>,
 }
 
 impl Replica {
-    /// Waits, for up to `within`, until this replica has applied everything the leader had
-    /// applied when asked; every write acknowledged before the call, through any node, is
-    /// then visible here. At once on the leader. False if there is no leader to ask, it did
+    /// Waits, for up to `within`, until this replica has applied everything in the
+    /// leader's log when asked; every write acknowledged before the call, through any
+    /// node, is then visible here. At once on the leader. False if there is no leader to ask, it did
     /// not answer, or this replica did not get there in time: the caller goes on with what
     /// it has.
     pub async fn catch_up(&self, within: Duration) -> bool {
@@ -69,7 +69,12 @@ impl Replica {
             .is_ok()
     }
 
-    /// The index the leader has applied, by its own answer.
+    /// How many questions [`Replica::catch_up`] has asked the leader.
+    pub fn catch_up_questions(&self) -> u64 {
+        self.barrier.started.load(Ordering::Relaxed)
+    }
+
+    /// The leader's last log index, by its own answer.
     async fn leaders_applied(&self, within: Duration) -> Option<u64> {
         let forwarder = self.forwarder()?;
         let leader = {
@@ -77,7 +82,7 @@ impl Replica {
             let m = m.borrow();
             let id = m.current_leader?;
             if id == self.id {
-                return m.last_applied.map(|l| l.index);
+                return m.last_log_index;
             }
             m.membership_config.membership().get_node(&id)?.clone()
         };

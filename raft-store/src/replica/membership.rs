@@ -42,9 +42,11 @@ pub enum ClusterRequest {
     /// so this crate needs to know nothing of them. A node from before this variant existed
     /// answers with an error, which the asker takes as "no agent here".
     Agent(String),
-    /// The index of the last entry the answering node has applied (not forwarded: a
-    /// follower asks its leader, for [`Replica::catch_up`]). A node from before this
-    /// variant existed answers with an error, and the asker goes on without waiting.
+    /// The index a follower must apply to have seen every write acknowledged so far: the
+    /// leader's last log index (not forwarded: a follower asks the node it takes for the
+    /// leader, for [`Replica::catch_up`], and a node that does not lead refuses). A node
+    /// from before this variant existed answers with an error, and the asker goes on
+    /// without waiting.
     Applied,
 }
 

@@ -63,6 +63,9 @@ impl Default for RaftSettings {
     }
 }
 
+/// How long one snapshot chunk may take to send (ms).
+const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10_000;
+
 impl RaftSettings {
     /// The witness votes but serves no SIP; a longer election timeout keeps it from
     /// becoming leader while a full node can (raft-store/DESIGN.md, "Pair plus witness").
@@ -80,6 +83,11 @@ impl RaftSettings {
             election_timeout_max: self.election_timeout_max.as_millis() as u64,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every),
             max_in_snapshot_log_to_keep: self.keep_after_snapshot,
+            // openraft's default (200 ms per snapshot chunk of up to 3 MiB) cannot be met
+            // across two sites, and a chunk that times out starts the snapshot over: a
+            // follower that needs one would never catch up. A snapshot is rare, and a
+            // dead peer costs one slow try.
+            install_snapshot_timeout: INSTALL_SNAPSHOT_TIMEOUT_MS,
             ..Default::default()
         };
         config

@@ -747,29 +747,33 @@ impl Proxy {
         call_id: &str,
         from_tag: &str,
     ) -> Result<(Vec<Vec<Target>>, Account), Refusal> {
-        let found = self.binding_groups_now(user, domain, call_id, from_tag);
-        if matches!(&found, Err(r) if r.status == 480)
+        let mut found = self.binding_groups_now(user, domain, call_id, from_tag);
+        if matches!(found, Err(None))
             && self.cluster.health().degraded.is_none()
             && self.cluster.replica.catch_up(CATCH_UP_WITHIN).await
         {
-            return self.binding_groups_now(user, domain, call_id, from_tag);
+            found = self.binding_groups_now(user, domain, call_id, from_tag);
         }
-        found
+        found.map_err(|r| r.unwrap_or_else(|| Refusal::new(480, "Temporarily Unavailable")))
     }
 
-    /// [`Proxy::binding_groups`] from what this replica holds now.
+    /// [`Proxy::binding_groups`] from what this replica holds now; `Err(None)` for an
+    /// enabled account without a live binding, the case another node may know better.
     fn binding_groups_now(
         &self,
         user: &str,
         domain: &str,
         call_id: &str,
         from_tag: &str,
-    ) -> Result<(Vec<Vec<Target>>, Account), Refusal> {
+    ) -> Result<(Vec<Vec<Target>>, Account), Option<Refusal>> {
         let reader = self.cluster.replica.reader();
         let account = reader.account(domain, user).ok().flatten();
         let Some(account) = account else {
-            return Err(Refusal::new(404, "Not Found"));
+            return Err(Some(Refusal::new(404, "Not Found")));
         };
+        if !account.enabled {
+            return Err(Some(Refusal::new(480, "Temporarily Unavailable")));
+        }
         let aor = tandem_raft_store::command::account_aor(&account.user, &account.domain);
         let now = now_ms();
         let bindings: Vec<Binding> = self
@@ -778,18 +782,18 @@ impl Proxy {
             .into_iter()
             .filter(|b| b.expires_at_ms > now)
             .collect();
-        if bindings.is_empty() || !account.enabled {
-            return Err(Refusal::new(480, "Temporarily Unavailable"));
+        if bindings.is_empty() {
+            return Err(None);
         }
         let targets: Vec<(u16, Target)> = bindings
             .iter()
             .filter_map(|b| Some((b.q, self.binding_target(b, call_id, from_tag)?)))
             .collect();
         if targets.is_empty() {
-            return Err(Refusal::new(
+            return Err(Some(Refusal::new(
                 480,
                 "Temporarily Unavailable (no usable contact)",
-            ));
+            )));
         }
         Ok((route::q_groups(targets), account))
     }
