@@ -11,7 +11,7 @@
 //! need no other authentication.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,6 +47,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct HttpNetwork {
     client: reqwest::Client,
+    /// Per peer, how many RPCs go on in the background after openraft gave up on them.
+    late: Arc<std::sync::Mutex<std::collections::HashMap<NodeId, Arc<AtomicUsize>>>>,
 }
 
 impl HttpNetwork {
@@ -58,7 +60,10 @@ impl HttpNetwork {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| Error::Tls(format!("building the Raft HTTP client: {e}")))?;
-        Ok(HttpNetwork { client })
+        Ok(HttpNetwork {
+            client,
+            late: Arc::default(),
+        })
     }
 
     /// Sends a batch of commands to the leader at `leader` and returns its response and
@@ -196,6 +201,8 @@ pub struct HttpPeer {
     target: NodeId,
     base: String,
     client: reqwest::Client,
+    /// RPCs to this peer going on after openraft gave up on them.
+    late: Arc<AtomicUsize>,
 }
 
 /// The Raft network is how a follower reaches its leader.
@@ -227,10 +234,18 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
     type Network = HttpPeer;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> HttpPeer {
+        let late = self
+            .late
+            .lock()
+            .expect("late RPC table")
+            .entry(target)
+            .or_default()
+            .clone();
         HttpPeer {
             target,
             base: format!("https://{}", node.raft_addr),
             client: self.client.clone(),
+            late,
         }
     }
 }
@@ -238,7 +253,8 @@ impl RaftNetworkFactory<TypeConfig> for HttpNetwork {
 impl HttpPeer {
     /// Sends one RPC. The request runs in a task of its own, so that when openraft gives up
     /// on it (an append gets one heartbeat interval) it still completes in the background,
-    /// up to `LATE_RPC_LIMIT`, and its connection goes back to the pool. Over HTTP/1.1 a
+    /// up to `LATE_RPC_LIMIT`, and its connection goes back to the pool; one such RPC per
+    /// peer at a time ([`Pending`]), the others are dropped as before. Over HTTP/1.1 a
     /// request dropped in flight closes its connection; on a link whose round trip is close
     /// to the heartbeat, the next request would then need a TCP and a TLS handshake (three
     /// round trips) within the same budget, time out the same way, and the node would
@@ -263,6 +279,8 @@ impl HttpPeer {
             .post(format!("{}{path}", self.base))
             .timeout(budget.max(LATE_RPC_LIMIT))
             .body(body);
+        let state = Arc::new(std::sync::Mutex::new(Late::Running));
+        let (task_state, late) = (state.clone(), self.late.clone());
         let task = tokio::spawn(async move {
             let started = tokio::time::Instant::now();
             let outcome = match sending.send().await {
@@ -275,9 +293,22 @@ impl HttpPeer {
             if took > budget && outcome.is_ok() {
                 note_late_rpc(target, took, budget);
             }
+            let mut state = task_state.lock().expect("late RPC state");
+            if *state == Late::Detached {
+                late.fetch_sub(1, Ordering::Relaxed);
+            }
+            *state = Late::Done;
+            drop(state);
             outcome
         });
-        let bytes = match task.await {
+        let mut pending = Pending {
+            task: Some(task),
+            state,
+            late: self.late.clone(),
+        };
+        let joined = pending.task.as_mut().expect("just set").await;
+        pending.task = None;
+        let bytes = match joined {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(Failure::Unreachable(e))) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&e)))
@@ -292,6 +323,47 @@ impl HttpPeer {
         let result: Result<T, RaftError<NodeId, E>> =
             postcard::from_bytes(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+/// Where an RPC's task stands, for [`Pending`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Late {
+    Running,
+    /// Going on after openraft gave up on it, counted in its peer's `late`.
+    Detached,
+    Done,
+}
+
+/// At most this many RPCs to one peer go on after openraft gave up on them: one keeps a
+/// connection; more would only pile up while a peer is silent (a heartbeat apart, each
+/// holding its append for up to `LATE_RPC_LIMIT`).
+const MAX_LATE_PER_PEER: usize = 1;
+
+/// An RPC's task while its caller waits. Dropped before the task ends (openraft gave up),
+/// it leaves the task running if its peer has room for one more late RPC, else aborts it.
+struct Pending<T> {
+    task: Option<tokio::task::JoinHandle<T>>,
+    state: Arc<std::sync::Mutex<Late>>,
+    late: Arc<AtomicUsize>,
+}
+
+impl<T> Drop for Pending<T> {
+    fn drop(&mut self) {
+        let Some(task) = self.task.take() else {
+            return;
+        };
+        let mut state = self.state.lock().expect("late RPC state");
+        if *state != Late::Running {
+            return;
+        }
+        if self.late.load(Ordering::Relaxed) < MAX_LATE_PER_PEER {
+            self.late.fetch_add(1, Ordering::Relaxed);
+            *state = Late::Detached;
+        } else {
+            task.abort();
+            *state = Late::Done;
+        }
     }
 }
 
