@@ -241,18 +241,7 @@ fn refusals_of_unauthenticated_invites_are_sent_once_and_keep_no_state() {
         ("sip:nobody@example.com", "sip:x@elsewhere.example", 404),
     ];
     for (i, (to, from, want)) in cases.into_iter().enumerate() {
-        let invite = format!(
-            "INVITE {to} SIP/2.0\r\n\
-             Via: SIP/2.0/UDP {local};branch=z9hG4bK-reflect-{i}-{port}\r\n\
-             From: <{from}>;tag=r{i}\r\n\
-             To: <{to}>\r\n\
-             Call-ID: reflect-{i}-{port}\r\n\
-             CSeq: 1 INVITE\r\n\
-             Max-Forwards: 70\r\n\
-             Contact: <sip:x@{local}>\r\n\
-             Content-Length: 0\r\n\r\n",
-            port = local.port(),
-        );
+        let invite = stranger_invite(local, to, from, &format!("reflect-{i}"));
         victim.send_to(invite.as_bytes(), node.udp_addr()).unwrap();
         let deadline = Deadline::after(WAIT);
         let mut status = None;
@@ -270,6 +259,23 @@ fn refusals_of_unauthenticated_invites_are_sent_once_and_keep_no_state() {
         let held = "tandem_sip_transactions_held";
         wait_metric(&node, node.admin_addr(), held, 0.0, WAIT);
     }
+}
+
+/// An INVITE without credentials from `from` at `local` to `to`; `name` makes its branch,
+/// tag and Call-ID (`<name>-<port>`) its own.
+fn stranger_invite(local: std::net::SocketAddr, to: &str, from: &str, name: &str) -> String {
+    let port = local.port();
+    format!(
+        "INVITE {to} SIP/2.0\r\n\
+         Via: SIP/2.0/UDP {local};branch=z9hG4bK-{name}-{port}\r\n\
+         From: <{from}>;tag={name}\r\n\
+         To: <{to}>\r\n\
+         Call-ID: {name}-{port}\r\n\
+         CSeq: 1 INVITE\r\n\
+         Max-Forwards: 70\r\n\
+         Contact: <sip:x@{local}>\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
 }
 
 /// An INVITE from alice (from `socket`) to `to` through `node`, with `auth` if given.
@@ -1146,17 +1152,11 @@ fn strangers_calling_an_offline_phone_cost_the_leader_a_question_per_round_trip_
     const CALLS: usize = 300;
     let invites: Vec<String> = (0..CALLS)
         .map(|i| {
-            format!(
-                "INVITE sip:carol@example.com SIP/2.0\r\n\
-                 Via: SIP/2.0/UDP {local};branch=z9hG4bK-offline-{i}\r\n\
-                 From: <sip:x@elsewhere.example>;tag=o{i}\r\n\
-                 To: <sip:carol@example.com>\r\n\
-                 Call-ID: offline-{i}-{port}\r\n\
-                 CSeq: 1 INVITE\r\n\
-                 Max-Forwards: 70\r\n\
-                 Contact: <sip:x@{local}>\r\n\
-                 Content-Length: 0\r\n\r\n",
-                port = local.port(),
+            stranger_invite(
+                local,
+                "sip:carol@example.com",
+                "sip:x@elsewhere.example",
+                &format!("offline-{i}"),
             )
         })
         .collect();
