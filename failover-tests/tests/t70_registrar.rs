@@ -646,6 +646,93 @@ fn a_challenge_keeps_no_transaction_so_a_retransmission_gets_a_fresh_one() {
     );
 }
 
+#[test]
+fn a_200_keeps_no_transaction_and_the_same_register_sent_again_is_answered_again() {
+    // Every answer to a REGISTER goes out statelessly (ARCHITECTURE.md), so a phone whose
+    // 200 was lost sends the same REGISTER again and it comes back as a new request: its
+    // nonce-count must pass again (for that request only), and its CSeq must not be taken
+    // for an out-of-order one. Kept as a transaction, the 200 would be held for 32 s.
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "hana", "pw-hana-123");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let local = socket.local_addr().unwrap();
+    let port = local.port();
+    let send = |text: &str| -> String {
+        socket.send_to(text.as_bytes(), node.udp_addr()).unwrap();
+        let deadline = tandem_failover_tests::Deadline::after(Duration::from_secs(5));
+        while let Some(d) = tandem_failover_tests::recv_udp(&socket, deadline.remaining()) {
+            if tandem_failover_tests::status_code(&d).is_some_and(|s| s >= 200) {
+                return String::from_utf8_lossy(&d).into_owned();
+            }
+        }
+        node.panic_with_log(&format!("no final answer to:\n{text}"))
+    };
+    let register = |cseq: u32, branch: &str, auth: &str| {
+        format!(
+            "REGISTER sip:example.com SIP/2.0\r\n\
+             Via: SIP/2.0/UDP {local};branch=z9hG4bK-{branch}-{port};rport\r\n\
+             From: <sip:hana@example.com>;tag=h{port}\r\n\
+             To: <sip:hana@example.com>\r\n\
+             Call-ID: again-{port}\r\n\
+             CSeq: {cseq} REGISTER\r\n\
+             Contact: <sip:hana@{local}>\r\n\
+             Expires: 600\r\n\
+             Max-Forwards: 70\r\n\
+             {auth}Content-Length: 0\r\n\r\n"
+        )
+    };
+    let challenge = send(&register(1, "first", ""));
+    let challenge = challenge
+        .lines()
+        .find_map(|l| l.strip_prefix("WWW-Authenticate: "))
+        .filter(|c| challenge.starts_with("SIP/2.0 401") && c.contains("algorithm=MD5"))
+        .unwrap_or_else(|| panic!("no MD5 challenge in:\n{challenge}"))
+        .to_owned();
+    let auth = |nc: u32| {
+        let a = tandem_failover_tests::ua::digest_authorization(
+            "hana",
+            "pw-hana-123",
+            &challenge,
+            "REGISTER",
+            "sip:example.com",
+            nc,
+            "cn-again",
+        );
+        format!("Authorization: {a}\r\n")
+    };
+    let request = register(2, "second", &auth(1));
+    let contact = format!("<sip:hana@{local}>;expires=");
+    let ok = send(&request);
+    node.check(
+        ok.starts_with("SIP/2.0 200") && ok.contains(&contact),
+        || format!("the REGISTER was not taken:\n{ok}"),
+    );
+    // Kept, the 200's transaction would be held until Timer J, 32 s.
+    let held = "tandem_sip_transactions_held";
+    tandem_failover_tests::cluster::wait_metric(&node, admin, held, 0.0, Duration::from_secs(3));
+    let metric = |series: &str| tandem_failover_tests::cluster::metric(admin, series);
+    let writes = metric("tandem_raft_proposals_total");
+    let again = send(&request);
+    node.check(
+        again.starts_with("SIP/2.0 200") && again.contains(&contact),
+        || format!("the same REGISTER sent again got:\n{again}"),
+    );
+    node.check(metric("tandem_raft_proposals_total") == writes, || {
+        "the REGISTER sent again was written again".into()
+    });
+    // Another request on that nonce-count is a replay, whatever it copies.
+    let replay = send(&register(2, "third", &auth(1)));
+    node.check(replay.starts_with("SIP/2.0 401"), || {
+        format!("a second request on one nonce-count got:\n{replay}")
+    });
+    // A lower CSeq within the Call-ID is still out of order, on a fresh count.
+    let late = send(&register(1, "fourth", &auth(2)));
+    node.check(late.starts_with("SIP/2.0 500"), || {
+        format!("an out-of-order REGISTER got:\n{late}")
+    });
+}
+
 /// A login that checked out once is not trusted past a change to the account: a new
 /// password replaces the old one at once, and a disabled account gets 403 (the node keeps
 /// opened accounts only until the accounts change).

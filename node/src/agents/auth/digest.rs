@@ -278,6 +278,9 @@ pub fn response(
 pub enum Replay {
     /// Never used with this count or a higher one: accepted, and recorded.
     Fresh,
+    /// The request that last used this count, sent again within the client's
+    /// retransmission window (see [`ReplayGuard::accept`]): accepted as that request.
+    Retransmission,
     /// Used before with this count or a higher one.
     Replayed,
     /// Not on record, but issued no later than a nonce the guard has had to forget, so
@@ -286,7 +289,8 @@ pub enum Replay {
 }
 
 /// The replay bound of the node that issued the nonces: for each nonce seen, the highest
-/// nonce-count used with it. A nonce-count that does not grow is a replay. Past `capacity`
+/// nonce-count used with it, and which request used it and when. A nonce-count that does
+/// not grow is a replay, unless it is that same request retransmitted. Past `capacity`
 /// nonces, the one first seen longest ago is forgotten, and the guard remembers the
 /// newest issue time it has forgotten: a nonce issued no later than that and not on
 /// record is `Forgotten`, never trusted afresh. So the record covers every nonce for its
@@ -295,12 +299,25 @@ pub struct ReplayGuard {
     /// Keyed by a 64-bit hash of the nonce (keyed per process, so nobody can aim for a
     /// collision), which keeps 100,000 entries in a few MiB; a collision would only cost a
     /// client one more challenge.
-    seen: HashMap<u64, u32>,
+    seen: HashMap<u64, LastUse>,
     order: VecDeque<(u64, u64)>,
     capacity: usize,
     forgotten_upto: Option<u64>,
     hasher: std::collections::hash_map::RandomState,
 }
+
+/// The last use of a nonce: its count, a hash of the request that used it, and when.
+#[derive(Clone, Copy)]
+struct LastUse {
+    nc: u32,
+    request: u64,
+    at_secs: u64,
+}
+
+/// How long after a request the same request may come again as a retransmission: a UDP
+/// client retransmits a non-INVITE request until its Timer F, 64*T1 (32 s with RFC 3261's
+/// T1 of 500 ms).
+pub const RETRANSMISSION_WINDOW_SECS: u64 = 32;
 
 impl ReplayGuard {
     pub fn new(capacity: usize) -> ReplayGuard {
@@ -318,14 +335,39 @@ impl ReplayGuard {
         self.seen.len()
     }
 
-    /// Checks and records `(nonce, nc)` for a nonce issued at `issued` (seconds).
-    pub fn accept(&mut self, nonce: &str, issued: u64, nc: u32) -> Replay {
+    /// Checks and records `(nonce, nc)` for a nonce issued at `issued`, used at `now`
+    /// (both in seconds) by `request`: whatever names one request among its
+    /// retransmissions (RFC 3261 §17.2.3: the top Via's branch and sent-by, with the
+    /// Call-ID and CSeq). The count of the nonce's last use is accepted again only for
+    /// that same request within [`RETRANSMISSION_WINDOW_SECS`]: the registrar answers its
+    /// 200 without keeping a transaction, so a REGISTER whose 200 was lost comes back
+    /// here as it was sent.
+    pub fn accept(
+        &mut self,
+        nonce: &str,
+        issued: u64,
+        nc: u32,
+        request: impl std::hash::Hash,
+        now: u64,
+    ) -> Replay {
         use std::hash::BuildHasher;
         let key = self.hasher.hash_one(nonce);
+        let request = self.hasher.hash_one(request);
         match self.seen.get_mut(&key) {
-            Some(last) if nc <= *last => Replay::Replayed,
+            Some(last)
+                if nc == last.nc
+                    && request == last.request
+                    && now.saturating_sub(last.at_secs) <= RETRANSMISSION_WINDOW_SECS =>
+            {
+                Replay::Retransmission
+            }
+            Some(last) if nc <= last.nc => Replay::Replayed,
             Some(last) => {
-                *last = nc;
+                *last = LastUse {
+                    nc,
+                    request,
+                    at_secs: now,
+                };
                 Replay::Fresh
             }
             None if self.forgotten_upto.is_some_and(|f| issued <= f) => Replay::Forgotten,
@@ -337,7 +379,14 @@ impl ReplayGuard {
                     self.seen.remove(&old);
                     self.forgotten_upto = self.forgotten_upto.max(Some(old_issued));
                 }
-                self.seen.insert(key, nc);
+                self.seen.insert(
+                    key,
+                    LastUse {
+                        nc,
+                        request,
+                        at_secs: now,
+                    },
+                );
                 self.order.push_back((key, issued));
                 Replay::Fresh
             }
@@ -625,17 +674,39 @@ mod tests {
     #[test]
     fn a_nonce_count_must_grow_and_a_forgotten_nonce_is_never_trusted() {
         let mut g = ReplayGuard::new(2);
-        assert_eq!(g.accept("n1", 10, 1), Replay::Fresh);
-        assert_eq!(g.accept("n1", 10, 1), Replay::Replayed);
-        assert_eq!(g.accept("n1", 10, 2), Replay::Fresh);
-        assert_eq!(g.accept("n2", 11, 1), Replay::Fresh);
-        assert_eq!(g.accept("n3", 12, 1), Replay::Fresh); // forgets n1, issued at 10
+        let t = 100;
+        assert_eq!(g.accept("n1", 10, 1, "a", t), Replay::Fresh);
+        assert_eq!(g.accept("n1", 10, 1, "b", t), Replay::Replayed);
+        assert_eq!(g.accept("n1", 10, 2, "b", t), Replay::Fresh);
+        assert_eq!(g.accept("n2", 11, 1, "c", t), Replay::Fresh);
+        assert_eq!(g.accept("n3", 12, 1, "d", t), Replay::Fresh); // forgets n1, issued at 10
         assert_eq!(g.len(), 2);
         // n1 again, at a count it already used: not on record, but issued no later than
         // a forgotten nonce, so not trusted.
-        assert_eq!(g.accept("n1", 10, 1), Replay::Forgotten);
-        assert_eq!(g.accept("n0", 9, 1), Replay::Forgotten);
+        assert_eq!(g.accept("n1", 10, 1, "a", t), Replay::Forgotten);
+        assert_eq!(g.accept("n0", 9, 1, "e", t), Replay::Forgotten);
         // A nonce issued after everything forgotten is new.
-        assert_eq!(g.accept("n4", 13, 1), Replay::Fresh);
+        assert_eq!(g.accept("n4", 13, 1, "f", t), Replay::Fresh);
+    }
+
+    /// The request that last used a count may come again while its client retransmits,
+    /// and only that request, only at that count and only within the window.
+    #[test]
+    fn the_last_request_on_a_nonce_count_may_be_retransmitted_within_the_window() {
+        let mut g = ReplayGuard::new(10);
+        let t = 1_000;
+        assert_eq!(g.accept("n1", t, 1, "reg-1", t), Replay::Fresh);
+        assert_eq!(g.accept("n1", t, 1, "reg-1", t + 1), Replay::Retransmission);
+        let last = t + RETRANSMISSION_WINDOW_SECS;
+        assert_eq!(g.accept("n1", t, 1, "reg-1", last), Replay::Retransmission);
+        // Another request on the same count is a replay, however soon.
+        assert_eq!(g.accept("n1", t, 1, "reg-2", t + 1), Replay::Replayed);
+        // Past the window, the same request is a replay too.
+        assert_eq!(g.accept("n1", t, 1, "reg-1", last + 1), Replay::Replayed);
+        // Once the count has moved on, the earlier request is a replay at once.
+        assert_eq!(g.accept("n2", t, 1, "reg-3", t), Replay::Fresh);
+        assert_eq!(g.accept("n2", t, 2, "reg-4", t + 1), Replay::Fresh);
+        assert_eq!(g.accept("n2", t, 1, "reg-3", t + 1), Replay::Replayed);
+        assert_eq!(g.accept("n2", t, 2, "reg-4", t + 2), Replay::Retransmission);
     }
 }

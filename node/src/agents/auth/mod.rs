@@ -447,9 +447,19 @@ impl Authenticator {
         let NonceCheck::Fresh(issued) = nonce else {
             return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
         };
+        // What tells this request from another one on the same count: the transaction's
+        // key (RFC 3261 §17.2.3) with the Call-ID and CSeq.
+        let via = request.top_via().ok();
+        let same_request = (
+            via.as_ref().and_then(|v| v.branch().map(str::to_owned)),
+            via.as_ref().map(|v| (v.host.to_string(), v.port)),
+            request.call_id().ok(),
+            request.cseq().ok().map(|c| c.seq),
+            method,
+        );
         let count = {
             let mut replays = self.replays.lock().expect("replay guard lock");
-            let count = replays.accept(&creds.nonce, issued, *nc);
+            let count = replays.accept(&creds.nonce, issued, *nc, same_request, now_ms() / 1000);
             let nonces = replays.len() as u64;
             self.stats
                 .auth_replay_nonces
@@ -457,7 +467,7 @@ impl Authenticator {
             count
         };
         match count {
-            Replay::Fresh => {}
+            Replay::Fresh | Replay::Retransmission => {}
             Replay::Forgotten => {
                 return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
             }

@@ -197,7 +197,12 @@ pub fn plan(
         .iter()
         .filter(|b| b.expires_at_ms > now_ms)
         .collect();
-    let out_of_order = |b: &Binding| b.call_id == req.call_id && req.cseq <= b.cseq;
+    // RFC 3261 §10.3 step 7 refuses a CSeq that does not grow within a Call-ID. An equal
+    // one is this very request again: its 200 is sent without a transaction to absorb
+    // retransmissions (ARCHITECTURE.md, "REGISTER is answered statelessly"), so a client
+    // whose 200 was lost sends it again, and it changes nothing it has not changed.
+    let out_of_order = |b: &Binding| b.call_id == req.call_id && req.cseq < b.cseq;
+    let same_request = |b: &Binding| b.call_id == req.call_id && req.cseq == b.cseq;
     let mut plan = Plan::default();
     let Some(contacts) = &req.contacts else {
         // Contact: * removes every binding, and only with Expires: 0.
@@ -253,12 +258,13 @@ pub fn plan(
         let interval_ms = u64::from(expires) * 1000;
         // The Call-ID and CSeq only order REGISTERs; they do not route calls.
         let unchanged = current.filter(|b| {
-            b.flow == *flow
-                && b.edge_node == edge
-                && b.q == c.q
-                && b.path == req.path
-                && b.expires_secs == expires
-                && b.expires_at_ms.saturating_sub(now_ms) >= interval_ms
+            same_request(b)
+                || (b.flow == *flow
+                    && b.edge_node == edge
+                    && b.q == c.q
+                    && b.path == req.path
+                    && b.expires_secs == expires
+                    && b.expires_at_ms.saturating_sub(now_ms) >= interval_ms)
         });
         if let Some(b) = unchanged {
             if b.call_id != req.call_id || b.cseq != req.cseq {
@@ -716,12 +722,11 @@ impl Agent for Registrar {
         run_or_spawn(async move {
             let response = self.register(&request, &flow).await;
             match tx {
-                // A challenge or a refusal holds no state: a retransmitted REGISTER simply
-                // gets a new one, and a spoofed source gets one answer per request.
-                Some(tx) if response.status().is_some_and(|s| s >= 300) => {
-                    stack.layer.respond_stateless(tx, response)
-                }
-                Some(tx) => stack.layer.respond(tx, response),
+                // No answer holds state (ARCHITECTURE.md, "REGISTER is answered
+                // statelessly"): a retransmitted REGISTER is answered again, a challenge
+                // with a new nonce, a 200 from the bindings as they are then, and a spoofed
+                // source gets one answer per request.
+                Some(tx) => stack.layer.respond_stateless(tx, response),
                 None => {
                     stack.stats.count_response(response.status().unwrap_or(0));
                     let _ = stack
@@ -819,8 +824,13 @@ mod tests {
         let p = group(register("call-2", 1), &mut view).unwrap();
         assert!(p.writes.is_empty(), "{p:?}");
         assert_eq!(p.bindings, vec![(contact.to_owned(), 600)]);
+        // The same request again changes nothing; an older CSeq is out of order.
+        assert!(group(register("call-2", 1), &mut view)
+            .unwrap()
+            .writes
+            .is_empty());
         assert_eq!(
-            group(register("call-2", 1), &mut view).unwrap_err().status,
+            group(register("call-2", 0), &mut view).unwrap_err().status,
             500
         );
         assert!(group(register("call-2", 2), &mut view)
@@ -854,9 +864,15 @@ mod tests {
         let mut expected = existing[0].clone();
         expected.call_id = "call-2".into();
         assert_eq!(p.refreshed, vec![expected]);
-        // The stored Call-ID at a CSeq no higher than the stored one is out of order.
-        let same = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &existing);
-        assert_eq!(same.unwrap_err().status, 500);
+        // The stored Call-ID at the stored CSeq is that request again: nothing changes.
+        let same = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 1), &existing).unwrap();
+        assert!(
+            same.writes.is_empty() && same.refreshed.is_empty(),
+            "{same:?}"
+        );
+        // At a lower CSeq it is out of order.
+        let older = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 0), &existing);
+        assert_eq!(older.unwrap_err().status, 500);
         let next = run(&req(Some(vec![("sip:a@h", None)]), Some(600), 2), &existing).unwrap();
         assert_eq!(next.refreshed[0].cseq, 2);
     }
@@ -974,8 +990,24 @@ mod tests {
     #[test]
     fn call_id_and_cseq_ordering() {
         let existing = stored(&run(&req(Some(vec![("sip:a@h", None)]), None, 5), &[]).unwrap());
-        let stale = run(&req(Some(vec![("sip:a@h", None)]), None, 5), &existing).unwrap_err();
+        let stale = run(&req(Some(vec![("sip:a@h", None)]), None, 4), &existing).unwrap_err();
         assert_eq!(stale.status, 500);
+        // The request that made the binding, sent again, lists it and writes nothing,
+        // even with a flow the binding no longer has.
+        let mut moved = flow();
+        moved.remote = "192.0.2.10:40000".into();
+        let again = plan(
+            &req(Some(vec![("sip:a@h", None)]), None, 5),
+            &existing,
+            3,
+            &RegistrarSettings::default(),
+            NOW,
+            1,
+            &moved,
+        )
+        .unwrap();
+        assert!(again.writes.is_empty(), "{again:?}");
+        assert_eq!(again.bindings.len(), 1);
         let mut other_call = req(Some(vec![("sip:a@h", None)]), None, 1);
         other_call.call_id = "call-2".into();
         assert!(run(&other_call, &existing).is_ok());
@@ -1013,7 +1045,7 @@ mod tests {
             400
         );
         assert_eq!(
-            run(&req(None, Some(0), 1), &existing).unwrap_err().status,
+            run(&req(None, Some(0), 0), &existing).unwrap_err().status,
             500
         );
     }
