@@ -8,13 +8,25 @@
 //! Usage: aor-load [--no-refresh] ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT
 //!                 [WORKERS [CPU_PIDS]]
 //!        aor-load --register-only SIP_ADDR COUNT [WORKERS [PASSWORD [CPU_PIDS]]]
+//!        aor-load --storm SIP_ADDR COUNT RATE [PASSWORD [CPU_PIDS]]
 //! CPU_PIDS (comma-separated) also prints each of those processes' CPU time per
 //! registration during the registration phase, for `ops/bench/registrations.sh`.
 //! The second form only registers (the accounts exist already, or the registrar is the
-//! reference peer), for `ops/bench/registrations.sh`. `--no-refresh` makes the first form
+//! reference peer), for `ops/bench/registrations.sh`. `--accounts-only` makes the first
+//! form stop once the accounts exist (SIP_ADDR and NODE_PID are then unused but for the
+//! memory reading). `--no-refresh` makes the first form
 //! register each AOR once without the refresh, so that it offers the same load as the
 //! second form does to the reference peer. Rates, latencies and CPU per registration count
 //! only registrations that got their 200.
+//!
+//! The third form, for `ops/bench/storm.sh`, registers u0..u<COUNT> once each as phones
+//! re-registering after their node died: each AOR's Contact is the same every time
+//! (`sip:u<n>@127.0.0.1:<port of n>`, a phone's own address behind NAT), but it comes from
+//! a new socket, a new flow, so the registrar must store it again. RATE registrations a
+//! second are started on schedule whatever the answers (an open loop, by up to 1,024
+//! workers), and each one's latency counts from when it was due, so a server that falls
+//! behind shows it in the p99 and in the achieved rate. RATE 0 registers them as fast as
+//! 64 closed-loop workers go instead (to put the AORs in place before a storm).
 // clippy.toml bans std's Instant so that in-process timers can run on tokio's paused clock;
 // this tool measures other processes on the wall clock.
 #![allow(clippy::disallowed_types)]
@@ -75,14 +87,16 @@ fn report_cpu(pids: &[u32], before: &[u64], count: u64) {
     if pids.is_empty() || count == 0 {
         return;
     }
-    let per: Vec<String> = pids
+    let per: Vec<f64> = pids
         .iter()
         .zip(before)
-        .map(|(&p, &b)| format!("{:.0}", (cpu_micros(p) - b) as f64 / count as f64))
+        .map(|(&p, &b)| (cpu_micros(p) - b) as f64 / count as f64)
         .collect();
+    let each: Vec<String> = per.iter().map(|us| format!("{us:.0}")).collect();
     println!(
-        "CPU per registration (us) of processes {pids:?}: {}",
-        per.join(", ")
+        "CPU per registration (us) of processes {pids:?}: {} (sum {:.0})",
+        each.join(", "),
+        per.iter().sum::<f64>()
     );
 }
 
@@ -171,8 +185,119 @@ fn register_all(
     ok
 }
 
+/// The Contact of AOR `i` in the storm form: the same for every registration of it.
+fn storm_contact(i: u64) -> String {
+    format!("<sip:u{i}@127.0.0.1:{}>", 10_000 + i % 50_000)
+}
+
+/// The storm form: registers u0..u<count> once each with their fixed Contacts, from a new
+/// socket each, `rate` a second on schedule (0: as fast as 64 closed-loop workers go).
+/// Prints the offered and achieved rates, the p50 and p99 latency from when each was due,
+/// and how many started over 10 ms late for want of a free worker. Returns how many got
+/// their 200.
+fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 {
+    std::panic::set_hook(Box::new(|_| {}));
+    let workers: u64 = if rate == 0 { 64 } else { 1_024 };
+    let next = Arc::new(AtomicU64::new(0));
+    let late = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
+    let last_done = Arc::new(std::sync::Mutex::new(Instant::now()));
+    // Every worker is ready before the first registration is due.
+    let start = Instant::now() + Duration::from_millis(500);
+    let threads: Vec<_> = (0..workers)
+        .map(|_| {
+            let (next, late, failed) = (next.clone(), late.clone(), failed.clone());
+            let (latencies, last_done) = (latencies.clone(), last_done.clone());
+            std::thread::Builder::new()
+                .stack_size(256 * 1024)
+                .spawn(move || loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let due = if rate == 0 {
+                        Instant::now()
+                    } else {
+                        start + Duration::from_nanos(i * 1_000_000_000 / rate)
+                    };
+                    let now = Instant::now();
+                    if now < due {
+                        std::thread::sleep(due - now);
+                    } else if now - due > Duration::from_millis(10) {
+                        late.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut ua = Ua::new("127.0.0.1", &format!("u{i}"), DOMAIN, password);
+                    let contact = storm_contact(i);
+                    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        ua.register(sip, "MD5", Some(&contact), Some(3600)).status == 200
+                    }))
+                    .unwrap_or(false);
+                    let done = Instant::now();
+                    if ok {
+                        latencies
+                            .lock()
+                            .unwrap()
+                            .push((done - due).as_micros() as u64);
+                        let mut last = last_done.lock().unwrap();
+                        *last = (*last).max(done);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let n = i + 1;
+                    if n % (count / 10).max(1) == 0 {
+                        eprintln!("storm: {n} of {count} started");
+                    }
+                })
+                .expect("spawn a worker")
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("worker thread");
+    }
+    let mut lat = latencies.lock().unwrap().clone();
+    lat.sort_unstable();
+    let failed = failed.load(Ordering::Relaxed);
+    let ok = count - failed;
+    let secs = last_done
+        .lock()
+        .unwrap()
+        .saturating_duration_since(start)
+        .as_secs_f64();
+    let offered = if rate == 0 {
+        "as fast as 64 workers go".to_owned()
+    } else {
+        format!("{rate}/s offered")
+    };
+    println!(
+        "storm: {ok} of {count} registered in {secs:.1} s ({offered}, {:.0}/s achieved), {failed} failed, p50 {:.1} ms, p99 {:.1} ms, {} started over 10 ms late",
+        ok as f64 / secs.max(1e-9),
+        percentile_ms(&lat, 0.50),
+        percentile_ms(&lat, 0.99),
+        late.load(Ordering::Relaxed)
+    );
+    ok
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--storm") {
+        if args.len() < 5 {
+            eprintln!("usage: aor-load --storm SIP_ADDR COUNT RATE [PASSWORD [CPU_PIDS]]");
+            std::process::exit(64);
+        }
+        let sip: SocketAddr = args[2].parse().expect("SIP_ADDR is ip:port");
+        let count: u64 = args[3].parse().expect("COUNT is a number");
+        let rate: u64 = args[4].parse().expect("RATE is a number");
+        let password: &'static str = args
+            .get(5)
+            .map_or(PASSWORD, |p| Box::leak(p.clone().into_boxed_str()));
+        let cpu_pids = pids(args.get(6));
+        let cpu_before = cpu_of(&cpu_pids);
+        let ok = storm(sip, count, rate, password);
+        report_cpu(&cpu_pids, &cpu_before, ok);
+        return;
+    }
     if args.get(1).map(String::as_str) == Some("--register-only") {
         // Against any registrar that knows u<n>@bench.example with PASSWORD (the
         // reference peer in ops/bench/registrations.sh).
@@ -201,9 +326,15 @@ fn main() {
     } else {
         true
     };
+    let accounts_only = if args.get(1).map(String::as_str) == Some("--accounts-only") {
+        args.remove(1);
+        true
+    } else {
+        false
+    };
     if args.len() < 6 {
         eprintln!(
-            "usage: aor-load [--no-refresh] ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]"
+            "usage: aor-load [--no-refresh | --accounts-only] ADMIN_ADDR TOKEN_FILE SIP_ADDR NODE_PID COUNT [WORKERS [CPU_PIDS]]"
         );
         std::process::exit(64);
     }
@@ -246,6 +377,9 @@ fn main() {
         "accounts: {count} in {secs:.1} s ({:.0}/s), {failed} failed",
         count as f64 / secs
     );
+    if accounts_only {
+        return;
+    }
     let cpu_before = cpu_of(&cpu_pids);
     let ok = register_all(sip, count, workers, PASSWORD, refresh);
     report_cpu(&cpu_pids, &cpu_before, ok);

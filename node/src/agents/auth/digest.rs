@@ -294,24 +294,32 @@ pub enum Replay {
 /// nonces, the one first seen longest ago is forgotten, and the guard remembers the
 /// newest issue time it has forgotten: a nonce issued no later than that and not on
 /// record is `Forgotten`, never trusted afresh. So the record covers every nonce for its
-/// whole lifetime, whatever the rate of logins.
+/// whole lifetime, whatever the rate of logins. A nonce past its lifetime is refused as
+/// stale before the guard is asked, so its record is dropped then, and the tables shrink
+/// once a load has passed.
 pub struct ReplayGuard {
     /// Keyed by a 64-bit hash of the nonce (keyed per process, so nobody can aim for a
-    /// collision), which keeps 100,000 entries in a few MiB; a collision would only cost a
-    /// client one more challenge.
+    /// collision), which keeps 100,000 entries in about 4 MiB; a collision would only
+    /// cost a client one more challenge.
     seen: HashMap<u64, LastUse>,
-    order: VecDeque<(u64, u64)>,
+    /// The keys in the order first seen.
+    order: VecDeque<u64>,
     capacity: usize,
+    lifetime_secs: u64,
     forgotten_upto: Option<u64>,
     hasher: std::collections::hash_map::RandomState,
 }
 
-/// The last use of a nonce: its count, a hash of the request that used it, and when.
+/// A nonce's issue time, and its last use: the count, a tag of the request that used it
+/// and when. Times are Unix seconds (they fit 32 bits until 2106). The tag is 32 bits of
+/// a keyed hash: another request passes for the one that used the count only if it
+/// matches by chance (one in four billion) within the retransmission window.
 #[derive(Clone, Copy)]
 struct LastUse {
+    issued: u32,
     nc: u32,
-    request: u64,
-    at_secs: u64,
+    request: u32,
+    at_secs: u32,
 }
 
 /// How long after a request the same request may come again as a retransmission: a UDP
@@ -320,11 +328,13 @@ struct LastUse {
 pub const RETRANSMISSION_WINDOW_SECS: u64 = 32;
 
 impl ReplayGuard {
-    pub fn new(capacity: usize) -> ReplayGuard {
+    /// A guard for up to `capacity` nonces that live `lifetime_secs`.
+    pub fn new(capacity: usize, lifetime_secs: u64) -> ReplayGuard {
         ReplayGuard {
             seen: HashMap::new(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
+            lifetime_secs,
             forgotten_upto: None,
             hasher: std::collections::hash_map::RandomState::new(),
         }
@@ -351,45 +361,68 @@ impl ReplayGuard {
         now: u64,
     ) -> Replay {
         use std::hash::BuildHasher;
+        self.drop_dead(now);
         let key = self.hasher.hash_one(nonce);
-        let request = self.hasher.hash_one(request);
+        let request = self.hasher.hash_one(request) as u32;
+        let now32 = now as u32;
         match self.seen.get_mut(&key) {
             Some(last)
                 if nc == last.nc
                     && request == last.request
-                    && now.saturating_sub(last.at_secs) <= RETRANSMISSION_WINDOW_SECS =>
+                    && u64::from(now32.wrapping_sub(last.at_secs))
+                        <= RETRANSMISSION_WINDOW_SECS =>
             {
                 Replay::Retransmission
             }
             Some(last) if nc <= last.nc => Replay::Replayed,
             Some(last) => {
-                *last = LastUse {
-                    nc,
-                    request,
-                    at_secs: now,
-                };
+                (last.nc, last.request, last.at_secs) = (nc, request, now32);
                 Replay::Fresh
             }
             None if self.forgotten_upto.is_some_and(|f| issued <= f) => Replay::Forgotten,
             None => {
                 while self.seen.len() >= self.capacity {
-                    let Some((old, old_issued)) = self.order.pop_front() else {
+                    let Some(old) = self.order.pop_front() else {
                         break;
                     };
-                    self.seen.remove(&old);
-                    self.forgotten_upto = self.forgotten_upto.max(Some(old_issued));
+                    if let Some(gone) = self.seen.remove(&old) {
+                        let gone = u64::from(gone.issued);
+                        self.forgotten_upto = self.forgotten_upto.max(Some(gone));
+                    }
                 }
                 self.seen.insert(
                     key,
                     LastUse {
+                        issued: issued as u32,
                         nc,
                         request,
-                        at_secs: now,
+                        at_secs: now32,
                     },
                 );
-                self.order.push_back((key, issued));
+                self.order.push_back(key);
                 Replay::Fresh
             }
+        }
+    }
+
+    /// Drops the records of nonces first seen longest ago while they are past their
+    /// lifetime (the nonce check refuses those as stale before asking here), and gives
+    /// the tables' room back once they are mostly empty.
+    fn drop_dead(&mut self, now: u64) {
+        while let Some(&oldest) = self.order.front() {
+            let dead = self
+                .seen
+                .get(&oldest)
+                .is_none_or(|l| now.saturating_sub(u64::from(l.issued)) > self.lifetime_secs);
+            if !dead {
+                break;
+            }
+            self.order.pop_front();
+            self.seen.remove(&oldest);
+        }
+        if self.seen.capacity() > 4096 && self.seen.len() < self.seen.capacity() / 4 {
+            self.seen.shrink_to(self.seen.len() * 2);
+            self.order.shrink_to(self.order.len() * 2);
         }
     }
 }
@@ -673,7 +706,7 @@ mod tests {
 
     #[test]
     fn a_nonce_count_must_grow_and_a_forgotten_nonce_is_never_trusted() {
-        let mut g = ReplayGuard::new(2);
+        let mut g = ReplayGuard::new(2, 300);
         let t = 100;
         assert_eq!(g.accept("n1", 10, 1, "a", t), Replay::Fresh);
         assert_eq!(g.accept("n1", 10, 1, "b", t), Replay::Replayed);
@@ -689,11 +722,35 @@ mod tests {
         assert_eq!(g.accept("n4", 13, 1, "f", t), Replay::Fresh);
     }
 
+    /// A nonce past its lifetime needs no record (it is refused as stale before the guard
+    /// is asked): its record goes, and a load's worth of records is given back.
+    #[test]
+    fn records_of_nonces_past_their_lifetime_are_dropped_and_their_room_given_back() {
+        let mut g = ReplayGuard::new(100_000, 300);
+        for i in 0..50_000u32 {
+            assert_eq!(
+                g.accept(&format!("n{i}"), 1_000, 1, i, 1_000),
+                Replay::Fresh
+            );
+        }
+        let full = g.seen.capacity();
+        assert!(full >= 50_000);
+        // Still alive at the end of its lifetime...
+        assert_eq!(g.accept("m", 1_300, 1, 0, 1_300), Replay::Fresh);
+        assert_eq!(g.len(), 50_001);
+        // ...and dropped just past it, without counting as forgotten.
+        assert_eq!(g.accept("m2", 1_301, 1, 0, 1_301), Replay::Fresh);
+        assert_eq!(g.len(), 2);
+        assert!(g.seen.capacity() < full / 4, "{}", g.seen.capacity());
+        assert_eq!(g.accept("m", 1_300, 1, 7, 1_302), Replay::Replayed);
+        assert_eq!(g.accept("late", 1_200, 1, 0, 1_302), Replay::Fresh);
+    }
+
     /// The request that last used a count may come again while its client retransmits,
     /// and only that request, only at that count and only within the window.
     #[test]
     fn the_last_request_on_a_nonce_count_may_be_retransmitted_within_the_window() {
-        let mut g = ReplayGuard::new(10);
+        let mut g = ReplayGuard::new(10, 300);
         let t = 1_000;
         assert_eq!(g.accept("n1", t, 1, "reg-1", t), Replay::Fresh);
         assert_eq!(g.accept("n1", t, 1, "reg-1", t + 1), Replay::Retransmission);

@@ -202,7 +202,7 @@ impl Authenticator {
             algorithms,
             sha256_agents,
             nonces: NonceKey::new(&secret, nonce_lifetime_secs, node),
-            replays: Mutex::new(ReplayGuard::new(100_000)),
+            replays: Mutex::new(ReplayGuard::new(100_000, nonce_lifetime_secs)),
             failures: Mutex::new(FailureLimiter::new(
                 GUESSES_BEFORE_LOCKOUT,
                 GUESS_WINDOW,
