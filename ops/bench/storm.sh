@@ -136,7 +136,7 @@ done
 work=$base
 echo
 for n in tandem kamailio; do
-  echo "$n: highest offered rate that met the target ${best[$n]:-none}/s;" \
-    "${missed[$n]:+missed at ${missed[$n]}/s}${missed[$n]:-no step missed (push the steps higher)}"
+  if [ -n "${missed[$n]:-}" ]; then why="missed at ${missed[$n]}/s"; else why="no step missed (push the steps higher)"; fi
+  echo "$n: highest offered rate that met the target ${best[$n]:-none}/s; $why"
 done
 echo "Target: p99 under 100 ms, under 1% failed, at least 95% of the offered rate achieved."

@@ -216,11 +216,9 @@ fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 
                     if i >= count {
                         break;
                     }
-                    let due = if rate == 0 {
-                        Instant::now()
-                    } else {
-                        start + Duration::from_nanos(i * 1_000_000_000 / rate)
-                    };
+                    let due = (i * 1_000_000_000)
+                        .checked_div(rate)
+                        .map_or_else(Instant::now, |n| start + Duration::from_nanos(n));
                     let now = Instant::now();
                     if now < due {
                         std::thread::sleep(due - now);
