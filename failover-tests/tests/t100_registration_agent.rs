@@ -632,6 +632,64 @@ fn kamailio_as_the_provider_sees_each_account_registered_once_by_its_owner() {
 /// accounts only after it has un-registered them (so the provider never lists two of our
 /// contacts for one account), the drain counts as done only once it holds none; disabling
 /// an account un-registers it, enabling registers it again, deleting un-registers it.
+/// SIGTERM drains first (README): a node stopped that way hands its provider accounts to
+/// the others before it exits, each un-registered here before it is registered there,
+/// rather than leaving them to lapse with its leases.
+#[test]
+fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits() {
+    let provider = Provider::start();
+    for i in 0..6 {
+        provider.add(&format!("u{i}"), &format!("pw{i}"));
+    }
+    let cluster = form(&FULL3);
+    for i in 0..6 {
+        let body = provider_body(
+            &format!("u{i}"),
+            &format!("pw{i}"),
+            provider.node.udp_addr(),
+        );
+        assert_eq!(put_provider(&cluster, 1, &format!("p{i}"), &body).0, 201);
+    }
+    let owners = || -> Option<Vec<u64>> {
+        (0..6)
+            .map(|i| match &provider.contacts(&format!("u{i}"))[..] {
+                [one] => node_of(one),
+                _ => None,
+            })
+            .collect()
+    };
+    let before = Wait::new("all six registered", Duration::from_secs(40))
+        .showing(&cluster)
+        .until(owners);
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
+    // A follower that owns some (the leader would hold up the hand-over with an election).
+    let victim = *before
+        .iter()
+        .find(|&&n| n != leader)
+        .expect("a follower owns an account");
+    let held: Vec<usize> = (0..6).filter(|&i| before[i] == victim).collect();
+    let member = cluster.member(victim);
+    member.sigterm();
+    let exited = member.wait_exit(Duration::from_secs(40));
+    assert!(exited.is_some(), "node {victim} did not stop");
+    // By the time it has exited it un-registered every account it held (killed, it would
+    // leave each contact up and each lease to lapse first)...
+    for &i in &held {
+        let c = provider.contacts(&format!("u{i}"));
+        assert!(
+            c.iter().all(|c| node_of(c) != Some(victim)),
+            "node {victim} exited with u{i} still registered from it: {c:?}"
+        );
+    }
+    // ...and the others have them at once, not after a lease time (8 s).
+    let after = Wait::new("the others to register them", Duration::from_secs(5))
+        .showing(&cluster)
+        .until(|| owners().filter(|o| held.iter().all(|&i| o[i] != victim)));
+    eprintln!(
+        "SUMMARY SIGTERM hand-over: node {victim} held {held:?}; owners {before:?} -> {after:?}"
+    );
+}
+
 #[test]
 fn drain_disable_and_delete_unregister_before_anything_else_registers() {
     let provider = Provider::start();

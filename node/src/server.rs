@@ -455,7 +455,22 @@ impl RunningNode {
             tracing::info!("stopping now");
         }
         if let Some(sip) = sip {
-            sip.stop(how, &node.config, stops).await;
+            // Provider accounts this node registers go to other nodes before it leaves
+            // (the agent un-registers each first), as `tandem node drain` waits for too;
+            // only in a cluster that has a quorum, without which no lease can move.
+            let cluster = &node.cluster;
+            let leases_to_hand_over = || {
+                if cluster.is_standalone() || cluster.health().degraded.is_some() {
+                    return 0;
+                }
+                cluster
+                    .replica
+                    .reader()
+                    .provider_leases_of(cluster.identity.node_id)
+                    .map_or(0, |l| l.len())
+            };
+            sip.stop(how, &node.config, stops, leases_to_hand_over)
+                .await;
         }
         let stats = &node.stats;
         tracing::info!(
@@ -477,14 +492,30 @@ impl RunningNode {
 }
 
 impl RunningSip {
-    async fn stop(self, how: Stop, config: &Config, stops: &mut mpsc::Receiver<Stop>) {
+    /// Stops the SIP side. A graceful stop first waits, up to `sip.shutdown_grace_secs`,
+    /// for the transactions that owe a final response and for `leases_to_hand_over` to
+    /// reach 0 (the registration agent runs meanwhile).
+    async fn stop(
+        self,
+        how: Stop,
+        config: &Config,
+        stops: &mut mpsc::Receiver<Stop>,
+        leases_to_hand_over: impl Fn() -> usize,
+    ) {
         if how == Stop::Graceful {
             self.stop_accepting.cancel();
             let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
+            let handed_over = async {
+                while leases_to_hand_over() > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            };
             tokio::select! {
-                _ = self.active.idle() => tracing::info!("all transactions finished"),
+                _ = async { self.active.idle().await; handed_over.await } => tracing::info!(
+                    "all transactions finished and provider accounts handed over"),
                 _ = tokio::time::sleep(grace) => tracing::warn!(
-                    remaining = self.active.get(), "shutdown grace period over; leaving transactions unfinished"),
+                    remaining = self.active.get(), leases = leases_to_hand_over(),
+                    "shutdown grace period over; leaving transactions unfinished and provider accounts to lapse"),
                 Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
             }
         }
