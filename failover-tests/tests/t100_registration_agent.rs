@@ -628,16 +628,8 @@ fn kamailio_as_the_provider_sees_each_account_registered_once_by_its_owner() {
     assert_eq!(contacts.len(), 1, "{contacts:?}");
 }
 
-/// Hand-over from a live owner, and the operator's changes: draining a node moves its
-/// accounts only after it has un-registered them (so the provider never lists two of our
-/// contacts for one account), the drain counts as done only once it holds none; disabling
-/// an account un-registers it, enabling registers it again, deleting un-registers it.
-/// SIGTERM drains first (README): a node stopped that way hands its provider accounts to
-/// the others before it exits, each un-registered here before it is registered there,
-/// rather than leaving them to lapse with its leases.
-#[test]
-fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits() {
-    let provider = Provider::start();
+/// A three-node cluster with provider accounts p0..p5 for `provider`'s u0..u5.
+fn six_accounts_at(provider: &Provider) -> Cluster {
     for i in 0..6 {
         provider.add(&format!("u{i}"), &format!("pw{i}"));
     }
@@ -650,14 +642,27 @@ fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits(
         );
         assert_eq!(put_provider(&cluster, 1, &format!("p{i}"), &body).0, 201);
     }
-    let owners = || -> Option<Vec<u64>> {
-        (0..6)
-            .map(|i| match &provider.contacts(&format!("u{i}"))[..] {
-                [one] => node_of(one),
-                _ => None,
-            })
-            .collect()
-    };
+    cluster
+}
+
+/// The node registering each of u0..u5 at `provider`, if each has exactly one contact.
+fn six_owners(provider: &Provider) -> Option<Vec<u64>> {
+    (0..6)
+        .map(|i| match &provider.contacts(&format!("u{i}"))[..] {
+            [one] => node_of(one),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SIGTERM drains first (README): a node stopped that way hands its provider accounts to
+/// the others before it exits, each un-registered here before it is registered there,
+/// rather than leaving them to lapse with its leases.
+#[test]
+fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits() {
+    let provider = Provider::start();
+    let cluster = six_accounts_at(&provider);
+    let owners = || six_owners(&provider);
     let before = Wait::new("all six registered", Duration::from_secs(40))
         .showing(&cluster)
         .until(owners);
@@ -690,29 +695,15 @@ fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits(
     );
 }
 
+/// Hand-over from a live owner, and the operator's changes: draining a node moves its
+/// accounts only after it has un-registered them (so the provider never lists two of our
+/// contacts for one account), the drain counts as done only once it holds none; disabling
+/// an account un-registers it, enabling registers it again, deleting un-registers it.
 #[test]
 fn drain_disable_and_delete_unregister_before_anything_else_registers() {
     let provider = Provider::start();
-    for i in 0..6 {
-        provider.add(&format!("u{i}"), &format!("pw{i}"));
-    }
-    let cluster = form(&FULL3);
-    for i in 0..6 {
-        let body = provider_body(
-            &format!("u{i}"),
-            &format!("pw{i}"),
-            provider.node.udp_addr(),
-        );
-        assert_eq!(put_provider(&cluster, 1, &format!("p{i}"), &body).0, 201);
-    }
-    let owners = || -> Option<Vec<u64>> {
-        (0..6)
-            .map(|i| match &provider.contacts(&format!("u{i}"))[..] {
-                [one] => node_of(one),
-                _ => None,
-            })
-            .collect()
-    };
+    let cluster = six_accounts_at(&provider);
+    let owners = || six_owners(&provider);
     let before = Wait::new("all six registered", Duration::from_secs(40))
         .showing(&cluster)
         .until(owners);

@@ -44,9 +44,6 @@ domain="example.com"
 . ./ops/bench/cluster.sh
 form_cluster
 token=$(cat "$work/admin.token")
-api() {
-  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $token" -d "$3" "http://$1$2"
-}
 api "$admin1" /v1/customers/acme '{"name":"Acme"}'
 api "$admin1" /v1/customers/acme/settings '{"cdr_retention_days":3650}'
 for u in callee caller; do

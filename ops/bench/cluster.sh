@@ -3,7 +3,8 @@
 # each node with its own RocksDB, Raft over mutual TLS, free ports picked by the kernel.
 # After `form_cluster`: node i's config is $work/node$i/tandem.toml, its log
 # $work/node$i.log, its pid ${node_pid[i]}, and $admin1, $sip1 and $raft1 are node 1's
-# admin, SIP (UDP) and Raft addresses. Node 1 is the leader. Needs $TANDEM_BIN and $work.
+# admin, SIP (UDP) and Raft addresses, and `api ADDR PATH BODY` PUTs to an admin API. Node 1
+# is the leader. Needs $TANDEM_BIN and $work.
 # NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
 # (for example NODE_ENV=RUST_LOG=debug). RUNTIME_THREADS (optional): the nodes'
 # node.runtime_threads, SIP_THREADS (optional): node.sip_threads, to compare thread counts
@@ -14,6 +15,13 @@
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
+
+# api ADDR PATH BODY: PUT BODY to the admin API at ADDR with the cluster's admin token,
+# failing the script on an error status.
+api() {
+  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $(cat "$work/admin.token")" \
+    -d "$3" "http://$1$2"
+}
 
 # The value of `listen` in a config section.
 listen_of() { grep -A1 "^\[$2\]" "$1" | sed -n 's/listen = "\(.*\)"/\1/p'; }

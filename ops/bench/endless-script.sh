@@ -43,9 +43,6 @@ domain="example.com"
 . ./ops/bench/cluster.sh
 form_cluster
 token=$(cat "$work/admin.token")
-api() {
-  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $token" -d "$3" "http://$1$2"
-}
 api "$admin1" /v1/customers/acme '{"name":"Acme"}'
 for u in callee caller looper; do
   api "$admin1" "/v1/accounts/$domain/$u" \

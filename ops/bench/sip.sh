@@ -94,9 +94,6 @@ done
 
 
 # Accounts, through node 1's admin API: the callee, the caller, bench0 … bench<REG_USERS-1>.
-api() {
-  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $token" -d "$3" "http://$1$2"
-}
 api "${admin[1]}" /v1/customers/acme '{"name":"Acme"}'
 users=(callee caller)
 for ((u = 0; u < reg_users; u++)); do users+=("bench$u"); done

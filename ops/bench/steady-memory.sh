@@ -37,13 +37,9 @@ domain="example.com"
 . ./ops/bench/common.sh
 . ./ops/bench/cluster.sh
 form_cluster
-token=$(cat "$work/admin.token")
-api() {
-  curl -sSf -o /dev/null -X PUT -H "Authorization: Bearer $token" -d "$2" "http://$admin1$1"
-}
-api /v1/customers/acme '{"name":"Acme"}'
+api "$admin1" /v1/customers/acme '{"name":"Acme"}'
 for ((u = 0; u < reg_users; u++)); do
-  api "/v1/accounts/$domain/bench$u" "{\"password\":\"$password\",\"customer\":\"acme\"}"
+  api "$admin1" "/v1/accounts/$domain/bench$u" "{\"password\":\"$password\",\"customer\":\"acme\"}"
 done
 
 kam="127.0.0.1:$(udp_port 127.0.0.1)"
