@@ -467,11 +467,15 @@ impl Authenticator {
             count
         };
         match count {
-            Replay::Fresh | Replay::Retransmission => {}
+            Replay::Fresh => {}
+            // Only REGISTER is answered without a transaction (ARCHITECTURE.md, "REGISTER is
+            // answered statelessly"); any other request sent again is its transaction's to
+            // absorb, and a copy that outlived it is a replay.
+            Replay::Retransmission if kind == Challenge::Registrar => {}
             Replay::Forgotten => {
                 return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
             }
-            Replay::Replayed => {
+            Replay::Replayed | Replay::Retransmission => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
                 return refuse(self.challenge(request, kind, domain, &scope, false));
             }
