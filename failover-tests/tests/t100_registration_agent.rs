@@ -628,6 +628,17 @@ fn kamailio_as_the_provider_sees_each_account_registered_once_by_its_owner() {
     assert_eq!(contacts.len(), 1, "{contacts:?}");
 }
 
+/// A provider and a three-node cluster with provider accounts p0..p5 for its u0..u5, once
+/// each is registered, with the node registering each.
+fn six_registered() -> (Provider, Cluster, Vec<u64>) {
+    let provider = Provider::start();
+    let cluster = six_accounts_at(&provider);
+    let before = Wait::new("all six registered", Duration::from_secs(40))
+        .showing(&cluster)
+        .until(|| six_owners(&provider));
+    (provider, cluster, before)
+}
+
 /// A three-node cluster with provider accounts p0..p5 for `provider`'s u0..u5.
 fn six_accounts_at(provider: &Provider) -> Cluster {
     for i in 0..6 {
@@ -660,12 +671,8 @@ fn six_owners(provider: &Provider) -> Option<Vec<u64>> {
 /// rather than leaving them to lapse with its leases.
 #[test]
 fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits() {
-    let provider = Provider::start();
-    let cluster = six_accounts_at(&provider);
+    let (provider, cluster, before) = six_registered();
     let owners = || six_owners(&provider);
-    let before = Wait::new("all six registered", Duration::from_secs(40))
-        .showing(&cluster)
-        .until(owners);
     let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
     // A follower that owns some (the leader would hold up the hand-over with an election).
     let victim = *before
@@ -701,12 +708,8 @@ fn a_node_stopped_with_sigterm_hands_its_provider_accounts_over_before_it_exits(
 /// an account un-registers it, enabling registers it again, deleting un-registers it.
 #[test]
 fn drain_disable_and_delete_unregister_before_anything_else_registers() {
-    let provider = Provider::start();
-    let cluster = six_accounts_at(&provider);
+    let (provider, cluster, before) = six_registered();
     let owners = || six_owners(&provider);
-    let before = Wait::new("all six registered", Duration::from_secs(40))
-        .showing(&cluster)
-        .until(owners);
     let victim = before[0];
 
     // Drain the owner of u0, watching the provider all along: never two contacts.

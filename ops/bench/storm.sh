@@ -65,6 +65,18 @@ verdict() {
     print good ? "yes" : "no" }' <<< "$1"
 }
 
+# judge NAME LINES RATE: records whether NAME's storm (the first of LINES) met the target
+# at RATE, and says so.
+judge() {
+  if [ "$(verdict "$(head -1 <<< "$2")" "$3")" = yes ]; then
+    best[$1]=$3
+    printf '%-8s target met: yes\n' "$1"
+  else
+    missed[$1]=$3
+    printf '%-8s target met: no\n' "$1"
+  fi
+}
+
 echo "storm.sh: $count AORs, $(nproc) cores shared; Tandem 3 nodes (registered through node 2," \
   "node 2 SIGKILLed, the storm through node 1, the leader); Kamailio" \
   "$(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p') (usrloc in memory)"
@@ -97,13 +109,7 @@ for rate in "${rates[@]}"; do
     echo "tandem   node 1: $((q1 - p1)) commands in $((c1 - b1)) log entries, $((t1 - s1)) WAL fsyncs" \
       "($(awk -v c="$((q1 - p1))" -v s="$((t1 - s1))" 'BEGIN { printf "%.1f", s ? c / s : 0 }') commands per fsync);" \
       "node 3: $((t3 - s3)) WAL fsyncs"
-    if [ "$(verdict "$(head -1 <<< "$line")" "$rate")" = yes ]; then
-      best[tandem]=$rate
-      echo "tandem   target met: yes"
-    else
-      missed[tandem]=$rate
-      echo "tandem   target met: no"
-    fi
+    judge tandem "$line" "$rate"
     stop_nodes
   fi
   if [ -z "${missed[kamailio]:-}" ]; then
@@ -121,13 +127,7 @@ for rate in "${rates[@]}"; do
       2> "$work/storm-progress.log")
     echo "$line" | sed -e 's/^storm/kamailio storm/' \
       -e 's/^CPU per registration (us) of processes.*(sum \(.*\))$/kamailio CPU per registration (us), all processes: \1/'
-    if [ "$(verdict "$(head -1 <<< "$line")" "$rate")" = yes ]; then
-      best[kamailio]=$rate
-      echo "kamailio target met: yes"
-    else
-      missed[kamailio]=$rate
-      echo "kamailio target met: no"
-    fi
+    judge kamailio "$line" "$rate"
     kill "$kpid" 2>/dev/null || true
     wait "$kpid" 2>/dev/null || true
   fi

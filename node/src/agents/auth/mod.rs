@@ -451,8 +451,8 @@ impl Authenticator {
         // key (RFC 3261 §17.2.3) with the Call-ID and CSeq.
         let via = request.top_via().ok();
         let same_request = (
-            via.as_ref().and_then(|v| v.branch().map(str::to_owned)),
-            via.as_ref().map(|v| (v.host.to_string(), v.port)),
+            via.as_ref().and_then(|v| v.branch()),
+            via.as_ref().map(|v| (&v.host, v.port)),
             request.call_id().ok(),
             request.cseq().ok().map(|c| c.seq),
             method,
