@@ -126,6 +126,10 @@ pub fn parse_network(s: &str) -> Result<(std::net::IpAddr, u8), String> {
 /// the black-box suite registers and calls with it.
 pub const SHA256_USER_AGENTS: [&str; 1] = ["linphone"];
 
+/// The highest `cluster.batch_linger_ms`: a tenth of the 100 ms a registration or call
+/// setup step may take at the 99th percentile.
+const MAX_BATCH_LINGER_MS: u64 = 10;
+
 /// The internal listener and Raft timing of a clustered node.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -151,6 +155,10 @@ pub struct ClusterConfig {
     pub quorum_timeout_ms: u64,
     /// `/ready` fails while more committed entries than this are not yet applied here.
     pub max_apply_lag: u64,
+    /// The longest a log entry waits for more writes while they arrive fast enough to
+    /// fill it (a registration storm); 0 never waits. Each entry costs every node an
+    /// fsync and an RPC, so under load this trades a few ms of latency for CPU.
+    pub batch_linger_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -167,6 +175,7 @@ impl Default for ClusterConfig {
             propose_timeout_ms: 5_000,
             quorum_timeout_ms: 1_500,
             max_apply_lag: 1_000,
+            batch_linger_ms: 5,
         }
     }
 }
@@ -230,6 +239,7 @@ impl Config {
             election_timeout_max: Duration::from_millis(c.election_timeout_ms.saturating_mul(2)),
             snapshot_every: c.snapshot_every,
             propose_timeout: Duration::from_millis(c.propose_timeout_ms),
+            batch_linger: Duration::from_millis(c.batch_linger_ms),
             ..Default::default()
         };
         match self.node.role {
@@ -810,6 +820,15 @@ impl Config {
             }
             if c.propose_timeout_ms < 100 {
                 bad("cluster.propose_timeout_ms", "must be at least 100".into());
+            }
+            if c.batch_linger_ms > MAX_BATCH_LINGER_MS {
+                bad(
+                    "cluster.batch_linger_ms",
+                    format!(
+                        "must be at most {MAX_BATCH_LINGER_MS}: every write under load \
+                         may wait this long"
+                    ),
+                );
             }
             if c.quorum_timeout_ms < c.heartbeat_ms {
                 bad(

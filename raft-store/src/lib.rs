@@ -32,10 +32,11 @@ pub fn open(
     dir: &std::path::Path,
 ) -> Result<(log_store::LogStore, state_machine::StateMachine), Error> {
     let (db, snapshot_dir) = store::open_db(dir)?;
-    Ok((
-        log_store::LogStore::new(db.clone()),
-        state_machine::StateMachine::new(db, snapshot_dir),
-    ))
+    let state_machine = state_machine::StateMachine::new(db.clone(), snapshot_dir);
+    state_machine
+        .ensure_expiry_index()
+        .map_err(|e| Error::Db(e.to_string()))?;
+    Ok((log_store::LogStore::new(db), state_machine))
 }
 
 /// The crate's one error type. The first variants are ones a caller can act on; the rest

@@ -3,7 +3,9 @@
 //!
 //! Keys start with one byte naming the record type; composite keys separate their parts
 //! with a zero byte, which never occurs in SIP URIs or ids. Secondary indexes (bindings by
-//! edge node, leases by owner) are kept in the same atomic batch as the records.
+//! edge node and by expiry, leases by owner) are kept in the same atomic batch as the
+//! records. The index by expiry is derived data outside the snapshots: each node builds it
+//! from the bindings when it is not known complete (state_machine.rs).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,6 +46,8 @@ mod key {
     pub const NUMBER: u8 = b'N';
     pub const CUSTOMER_SETTINGS: u8 = b'R';
     pub const TRUNK: u8 = b'T';
+    /// Bindings by expiry: the sweep reads the lapsed ones and nothing else.
+    pub const BINDING_BY_EXPIRY: u8 = b'E';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -85,6 +89,31 @@ mod key {
             BINDING_BY_EDGE,
             &[&edge.to_be_bytes(), aor.as_bytes(), contact.as_bytes()],
         )
+    }
+    pub fn binding_by_expiry(expires_at_ms: u64, aor: &str, contact: &str) -> Vec<u8> {
+        with(
+            BINDING_BY_EXPIRY,
+            &[
+                &expires_at_ms.to_be_bytes(),
+                aor.as_bytes(),
+                contact.as_bytes(),
+            ],
+        )
+    }
+    /// The end (exclusive) of the index keys of bindings that lapsed by `now_ms`.
+    pub fn lapsed_by(now_ms: u64) -> Vec<u8> {
+        match now_ms.checked_add(1) {
+            Some(after) => with(BINDING_BY_EXPIRY, &[&after.to_be_bytes()]),
+            None => vec![BINDING_BY_EXPIRY + 1],
+        }
+    }
+    /// The key of the binding an expiry index key points at.
+    pub fn binding_of_expiry(k: &[u8]) -> Option<Vec<u8>> {
+        let rest = k.strip_prefix(&[BINDING_BY_EXPIRY])?.get(8..)?;
+        let parts = rest.strip_prefix(&[0])?;
+        let mut binding = vec![BINDING];
+        binding.extend_from_slice(parts);
+        Some(binding)
     }
     pub fn lease(provider: &str) -> Vec<u8> {
         with(LEASE, &[provider.as_bytes()])
@@ -450,6 +479,44 @@ impl StateReader {
         Ok(read)
     }
 
+    /// Whether any binding lapsed at or before `now_ms`: one seek in the index by expiry,
+    /// so the leader's sweep proposes nothing while nothing lapsed.
+    pub fn has_lapsed_bindings(&self, now_ms: u64) -> Result<bool, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(key::lapsed_by(now_ms));
+        let start = [key::BINDING_BY_EXPIRY];
+        let first = self
+            .db
+            .iterator_cf_opt(
+                self.cf(),
+                opts,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .next();
+        Ok(first.transpose().map_err(Error::db)?.is_some())
+    }
+
+    /// Writes into `batch` the index of bindings by expiry built afresh from the bindings,
+    /// replacing whatever index there was.
+    pub(crate) fn rebuild_expiry_index(&self, batch: &mut WriteBatch) -> Result<u64, Error> {
+        let cf = self.cf();
+        let start = [key::BINDING_BY_EXPIRY];
+        let end = prefix_end(&start).expect("the tag is below 0xff");
+        batch.delete_range_cf(cf, start.as_slice(), end.as_slice());
+        let mut indexed = 0;
+        for item in self.prefix_iter(&[key::BINDING]) {
+            let (k, v) = item.map_err(Error::db)?;
+            let b: Binding = decode(&k, &v)?;
+            batch.put_cf(
+                cf,
+                key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
+                encode(&()),
+            );
+            indexed += 1;
+        }
+        Ok(indexed)
+    }
+
     /// Bindings registered through `edge`: the ones that node keeps alive and forwards to.
     pub fn bindings_by_edge(&self, edge: NodeId) -> Result<Vec<Binding>, Error> {
         self.via_index(
@@ -618,6 +685,12 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
+/// Whether `k` is derived data that snapshots leave out (the index by expiry): a node
+/// builds it from the records instead, so a snapshot reads the same to every release.
+pub(crate) fn is_derived(k: &[u8]) -> bool {
+    k.first() == Some(&key::BINDING_BY_EXPIRY)
+}
+
 /// The writes of one `apply` call: reads see earlier writes of the same call.
 pub(crate) struct Txn<'a> {
     reader: &'a StateReader,
@@ -664,6 +737,27 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
+    /// Keys in `start..end`, as the database plus this transaction's writes see them.
+    fn keys_in_range(&self, start: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.reader.db.iterator_cf_opt(
+            self.reader.cf(),
+            opts,
+            IteratorMode::From(start, Direction::Forward),
+        ) {
+            keys.insert(item.map_err(Error::db)?.0.to_vec());
+        }
+        for (k, v) in self.overlay.range(start.to_vec()..end.to_vec()) {
+            match v {
+                Some(_) => keys.insert(k.clone()),
+                None => keys.remove(k),
+            };
+        }
+        Ok(keys.into_iter().collect())
+    }
+
     /// Writes into `batch`, and returns the AORs whose bindings it writes (each once).
     pub(crate) fn into_batch(
         self,
@@ -702,6 +796,7 @@ impl<'a> Txn<'a> {
             Some(old) => {
                 self.delete(k);
                 self.delete(key::binding_by_edge(old.edge_node, aor, contact));
+                self.delete(key::binding_by_expiry(old.expires_at_ms, aor, contact));
                 Ok(true)
             }
             None => Ok(false),
@@ -962,8 +1057,17 @@ impl<'a> Txn<'a> {
             Command::PutBinding(b) => {
                 if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
                     self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
+                    self.delete(key::binding_by_expiry(
+                        old.expires_at_ms,
+                        &old.aor,
+                        &old.contact,
+                    ));
                 }
                 self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
+                self.put(
+                    key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
+                    &(),
+                );
                 self.put(key::binding(&b.aor, &b.contact), &b);
                 CommandResult::Done
             }
@@ -974,8 +1078,18 @@ impl<'a> Txn<'a> {
                 CommandResult::Removed(self.remove_all_bindings(&aor)?)
             }
             Command::ExpireBindings { now_ms, limit } => {
+                // The lapsed bindings come from the index by expiry, but the first `limit`
+                // of them in binding-key order go, as when every binding was scanned in
+                // key order (an older release still does that; replicas must agree).
+                let mut lapsed: Vec<Vec<u8>> = self
+                    .keys_in_range(&[key::BINDING_BY_EXPIRY], &key::lapsed_by(now_ms))?
+                    .iter()
+                    .filter_map(|k| key::binding_of_expiry(k))
+                    .collect();
+                lapsed.sort_unstable();
+                lapsed.dedup();
                 let mut removed = 0u64;
-                for k in self.keys_with_prefix(&[key::BINDING])? {
+                for k in lapsed {
                     if removed >= u64::from(limit) {
                         break;
                     }

@@ -5,6 +5,11 @@
 //! `last_applied` are applied again. Snapshots are built from one RocksDB snapshot, so the
 //! data, `last_applied` and membership in a snapshot always agree. The newest snapshot is
 //! kept as a file in the data directory and replaced atomically.
+//!
+//! The index of bindings by expiry is derived data, left out of snapshots. Every apply
+//! keeps it and records, beside `last_applied`, the log id it is complete at; when the two
+//! differ at open (a data dir an older release wrote to) or after a snapshot is installed,
+//! the index is built afresh from the bindings.
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -16,7 +21,7 @@ use rocksdb::{IteratorMode, ReadOptions, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::command::Command;
-use crate::state::{StateReader, Txn};
+use crate::state::{is_derived, StateReader, Txn};
 use crate::store::{CF_SM_DATA, CF_SM_META};
 use crate::types::{
     Entry, LogId, Response, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -24,6 +29,8 @@ use crate::types::{
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
+/// The `last_applied` as of which the index by expiry is complete.
+const KEY_EXPIRY_INDEX: &[u8] = b"expiry_index";
 const SNAPSHOT_FILE: &str = "current.snapshot";
 
 /// What a snapshot's bytes hold.
@@ -78,6 +85,40 @@ impl StateMachine {
             db,
             snapshot_dir,
         }
+    }
+
+    /// Builds the index of bindings by expiry afresh unless it is complete as of
+    /// `last_applied`. Runs before Raft starts.
+    pub(crate) fn ensure_expiry_index(&self) -> Result<(), StorageError> {
+        let meta = self.cf(CF_SM_META);
+        let read = |key| {
+            self.db
+                .get_cf(meta, key)
+                .map_err(|e| sm_err(ErrorVerb::Read, e))
+        };
+        let applied = read(KEY_LAST_APPLIED)?;
+        if read(KEY_EXPIRY_INDEX)? == applied {
+            return Ok(());
+        }
+        self.rebuild_expiry_index(applied)
+    }
+
+    fn rebuild_expiry_index(&self, applied: Option<Vec<u8>>) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        let indexed = self
+            .reader
+            .rebuild_expiry_index(&mut batch)
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        let meta = self.cf(CF_SM_META);
+        match applied {
+            Some(a) => batch.put_cf(meta, KEY_EXPIRY_INDEX, a),
+            None => batch.delete_cf(meta, KEY_EXPIRY_INDEX),
+        }
+        self.db
+            .write(batch)
+            .map_err(|e| sm_err(ErrorVerb::Write, e))?;
+        tracing::info!(bindings = indexed, "built the index of bindings by expiry");
+        Ok(())
     }
 
     /// Local reads of the replicated state.
@@ -158,7 +199,9 @@ impl StateMachine {
             .iterator_cf_opt(self.cf(CF_SM_DATA), opts, IteratorMode::Start)
         {
             let (k, v) = item.map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            records.push((k.to_vec(), v.to_vec()));
+            if !is_derived(&k) {
+                records.push((k.to_vec(), v.to_vec()));
+            }
         }
         let content = SnapshotContent {
             last_applied,
@@ -214,11 +257,18 @@ impl StateMachine {
             KEY_MEMBERSHIP,
             postcard::to_stdvec(&meta.last_membership).expect("encode membership"),
         );
+        // The index goes with the rest of the key space; until it is built again below,
+        // or at the next open if the node stops first, it is not complete.
+        batch.delete_cf(cf_meta, KEY_EXPIRY_INDEX);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db
             .write_opt(batch, &opts)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        self.rebuild_expiry_index(
+            meta.last_log_id
+                .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
+        )?;
         self.reader.accounts_changed();
         self.reader.providers_changed();
         self.reader.all_bindings_changed();
@@ -298,11 +348,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let aors = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
         let meta = self.cf(CF_SM_META);
         if let Some(l) = last_applied {
-            batch.put_cf(
-                meta,
-                KEY_LAST_APPLIED,
-                postcard::to_stdvec(&l).expect("encode log id"),
-            );
+            let l = postcard::to_stdvec(&l).expect("encode log id");
+            batch.put_cf(meta, KEY_EXPIRY_INDEX, &l);
+            batch.put_cf(meta, KEY_LAST_APPLIED, l);
         }
         if let Some(m) = membership {
             batch.put_cf(

@@ -455,9 +455,181 @@ async fn a_snapshot_carries_exactly_the_state() {
         "state not in the snapshot is gone"
     );
     assert!(reader.bindings_by_edge(9).unwrap().is_empty());
-    assert_eq!(dst.applied_state().await.unwrap().0.unwrap().index, 1);
+    // The index by expiry is not in the snapshot but is built for what it holds.
+    assert!(
+        !reader.has_lapsed_bindings(9).unwrap(),
+        "the stale one's goes"
+    );
+    assert!(reader.has_lapsed_bindings(10).unwrap());
+    assert_eq!(
+        apply(
+            &mut dst,
+            2,
+            vec![Command::ExpireBindings {
+                now_ms: 10,
+                limit: 10
+            }]
+        )
+        .await,
+        [CommandResult::Removed(1)]
+    );
+    assert_eq!(dst.applied_state().await.unwrap().0.unwrap().index, 2);
     let current = dst.get_current_snapshot().await.unwrap().unwrap();
     assert_eq!(current.meta.snapshot_id, snapshot.meta.snapshot_id);
+}
+
+/// Opens the store in `dir`, waiting for the previous opening's flusher thread to let go.
+async fn reopen(dir: &std::path::Path) -> (tandem_raft_store::log_store::LogStore, StateMachine) {
+    loop {
+        match tandem_raft_store::open(dir) {
+            Ok(x) => break x,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+}
+
+/// The bindings an older release's sweep removes: it scans every binding in key order and
+/// removes lapsed ones until `limit` are gone. Keys are the AOR, a zero byte, the contact.
+fn swept_by_a_full_scan(
+    model: &std::collections::BTreeMap<(String, String), u64>,
+    now_ms: u64,
+    limit: usize,
+) -> Vec<(String, String)> {
+    let mut by_key: Vec<(Vec<u8>, &(String, String), u64)> = model
+        .iter()
+        .map(|(k, &at)| ([k.0.as_bytes(), &[0], k.1.as_bytes()].concat(), k, at))
+        .collect();
+    by_key.sort();
+    by_key
+        .into_iter()
+        .filter(|(_, _, at)| *at <= now_ms)
+        .take(limit)
+        .map(|(_, k, _)| k.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_sweep_removes_through_the_expiry_index_exactly_what_a_full_scan_would() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let reader = sm.reader();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(22);
+    let mut model = std::collections::BTreeMap::new();
+    let mut index = 0;
+    for round in 0..200u64 {
+        // A batch of registrations, refreshes (a new expiry for a contact already bound)
+        // and removals, with AORs that are prefixes of each other ("a", "ab").
+        let mut commands = Vec::new();
+        for _ in 0..rng.gen_range(1..8) {
+            let aor = ["sip:a@x", "sip:ab@x", "sip:b@x", "sip:c@y"][rng.gen_range(0..4)];
+            let contact = format!("<sip:{}>", rng.gen_range(0..4));
+            if rng.gen_bool(0.2) {
+                model.remove(&(aor.to_owned(), contact.clone()));
+                commands.push(Command::RemoveBinding {
+                    aor: aor.into(),
+                    contact,
+                });
+            } else {
+                let at = round * 10 + rng.gen_range(0..300);
+                model.insert((aor.to_owned(), contact.clone()), at);
+                commands.push(Command::PutBinding(binding(aor, &contact, 1, at)));
+            }
+        }
+        let now_ms = round * 10;
+        let limit = rng.gen_range(1..4);
+        let expected = swept_by_a_full_scan(&model, now_ms, limit);
+        // The sweep shares the batch with the writes before it.
+        commands.push(Command::ExpireBindings {
+            now_ms,
+            limit: limit as u32,
+        });
+        index += 1;
+        let results = apply(&mut sm, index, commands).await;
+        assert_eq!(
+            results.last(),
+            Some(&CommandResult::Removed(expected.len() as u64)),
+            "round {round}"
+        );
+        for k in &expected {
+            model.remove(k);
+        }
+        for at in [now_ms, now_ms + 50] {
+            assert_eq!(
+                reader.has_lapsed_bindings(at).unwrap(),
+                model.values().any(|&e| e <= at),
+                "round {round}, at {at}"
+            );
+        }
+        let mut stored = Vec::new();
+        for aor in ["sip:a@x", "sip:ab@x", "sip:b@x", "sip:c@y"] {
+            for b in reader.bindings(aor).unwrap() {
+                stored.push(((b.aor, b.contact), b.expires_at_ms));
+            }
+        }
+        stored.sort();
+        let wanted: Vec<_> = model.iter().map(|(k, &v)| (k.clone(), v)).collect();
+        assert_eq!(stored, wanted, "round {round}");
+    }
+}
+
+#[tokio::test]
+async fn a_data_dir_without_the_expiry_index_gets_one_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+        apply(
+            &mut sm,
+            1,
+            vec![
+                Command::PutBinding(binding("sip:a@x", "<sip:1>", 1, 100)),
+                Command::PutBinding(binding("sip:b@x", "<sip:2>", 1, 900)),
+            ],
+        )
+        .await;
+    }
+    // What an older release leaves: the bindings without their index entries, and no
+    // note of the index at all (once the flusher thread has let the database go).
+    let db_dir = dir.path().join("db");
+    loop {
+        let cfs = ["meta", "logs", "sm_data", "sm_meta"];
+        match rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_dir, cfs) {
+            Ok(db) => {
+                let data = db.cf_handle("sm_data").unwrap();
+                let keys: Vec<Vec<u8>> = db
+                    .iterator_cf(data, rocksdb::IteratorMode::Start)
+                    .map(|i| i.unwrap().0.to_vec())
+                    .filter(|k| k[0] == b'E')
+                    .collect();
+                assert_eq!(keys.len(), 2, "an index entry per binding");
+                for k in keys {
+                    db.delete_cf(data, k).unwrap();
+                }
+                db.delete_cf(db.cf_handle("sm_meta").unwrap(), b"expiry_index")
+                    .unwrap();
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
+    let (_log, mut sm) = reopen(dir.path()).await;
+    let reader = sm.reader();
+    assert!(reader.has_lapsed_bindings(100).unwrap());
+    assert!(!reader.has_lapsed_bindings(99).unwrap());
+    assert_eq!(
+        apply(
+            &mut sm,
+            2,
+            vec![Command::ExpireBindings {
+                now_ms: 500,
+                limit: 10
+            }]
+        )
+        .await,
+        [CommandResult::Removed(1)]
+    );
+    assert_eq!(reader.bindings("sip:b@x").unwrap().len(), 1);
+    assert!(reader.bindings("sip:a@x").unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -468,12 +640,7 @@ async fn state_survives_reopening() {
         apply(&mut sm, 7, vec![Command::SetFeatureVersion { version: 5 }]).await;
     }
     // The flusher thread holds the database until it notices its channel closed.
-    let (_log, mut sm) = loop {
-        match tandem_raft_store::open(dir.path()) {
-            Ok(x) => break x,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-        }
-    };
+    let (_log, mut sm) = reopen(dir.path()).await;
     assert_eq!(sm.reader().feature_version().unwrap(), 5);
     assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 7);
 }

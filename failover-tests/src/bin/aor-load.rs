@@ -193,8 +193,8 @@ fn storm_contact(i: u64) -> String {
 /// The storm form: registers u0..u<count> once each with their fixed Contacts, from a new
 /// socket each, `rate` a second on schedule (0: as fast as 64 closed-loop workers go).
 /// Prints the offered and achieved rates, the p50 and p99 latency from when each was due,
-/// and how many started over 10 ms late for want of a free worker. Returns how many got
-/// their 200.
+/// and how many started over 10 ms late for want of a free worker; on stderr, each
+/// second's p99 and worst. Returns how many got their 200.
 fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 {
     std::panic::set_hook(Box::new(|_| {}));
     let workers: u64 = if rate == 0 { 64 } else { 1_024 };
@@ -233,10 +233,11 @@ fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 
                     .unwrap_or(false);
                     let done = Instant::now();
                     if ok {
+                        let second = due.saturating_duration_since(start).as_secs();
                         latencies
                             .lock()
                             .unwrap()
-                            .push((done - due).as_micros() as u64);
+                            .push((second, (done - due).as_micros() as u64));
                         let mut last = last_done.lock().unwrap();
                         *last = (*last).max(done);
                     } else {
@@ -253,7 +254,23 @@ fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 
     for t in threads {
         t.join().expect("worker thread");
     }
-    let mut lat = latencies.lock().unwrap().clone();
+    let by_second = latencies.lock().unwrap().clone();
+    // Where the tail comes from: each second's p99 and worst, by when registrations were
+    // due, to set beside the nodes' logs.
+    let mut seconds: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for &(second, us) in &by_second {
+        seconds.entry(second).or_default().push(us);
+    }
+    for (second, mut lat) in seconds {
+        lat.sort_unstable();
+        eprintln!(
+            "storm: second {second}: {} registered, p99 {:.1} ms, worst {:.1} ms",
+            lat.len(),
+            percentile_ms(&lat, 0.99),
+            percentile_ms(&lat, 1.0)
+        );
+    }
+    let mut lat: Vec<u64> = by_second.iter().map(|&(_, us)| us).collect();
     lat.sort_unstable();
     let failed = failed.load(Ordering::Relaxed);
     let ok = count - failed;

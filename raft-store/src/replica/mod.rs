@@ -43,6 +43,9 @@ pub struct RaftSettings {
     pub max_batch: usize,
     /// Batches replicating at once.
     pub max_in_flight: usize,
+    /// The longest a batch waits for more proposals when they arrive fast enough to fill
+    /// it ([`Pace`]); zero sends every batch as soon as a slot is free.
+    pub batch_linger: Duration,
 }
 
 impl Default for RaftSettings {
@@ -59,6 +62,7 @@ impl Default for RaftSettings {
             // 4,000 registrations/s, eight in flight took 3.8× the fsyncs of one for the
             // same throughput and latency (ops/bench/sip.sh): smaller batches, no gain.
             max_in_flight: 2,
+            batch_linger: Duration::from_millis(5),
         }
     }
 }
@@ -283,6 +287,7 @@ impl Replica {
             forwarder: forwarder.clone(),
             max_batch: settings.max_batch,
             timeout: settings.propose_timeout,
+            linger: settings.batch_linger,
         };
         tokio::spawn(batcher.run(rx, settings.max_in_flight));
         Ok(Replica {
@@ -578,6 +583,13 @@ impl Replica {
 /// Gathers whatever proposals are waiting into one log entry, keeping up to
 /// `max_in_flight` entries replicating at once. On a follower that knows the leader, the
 /// batch goes to the leader instead.
+///
+/// Each entry costs every member a log append, an fsync and an RPC, whatever it carries
+/// (about 520 µs of a leader's CPU and 270 µs of a follower's on loopback, BENCHMARKS.md):
+/// at a few thousand writes a second, entries sent as soon as a slot frees carry two or
+/// three commands each. So a batch lingers, up to `linger`, for the proposals the recent
+/// rate says are coming ([`Pace`]), and no longer than it takes them to fill it. A lone
+/// write on an idle cluster does not wait at all.
 struct Batcher {
     stats: Arc<ProposeStats>,
     id: NodeId,
@@ -585,21 +597,82 @@ struct Batcher {
     forwarder: Option<Arc<dyn Forwarder>>,
     max_batch: usize,
     timeout: Duration,
+    linger: Duration,
+}
+
+/// Commands a lingering batch waits for: past this, a bigger batch saves little per
+/// command (the entry's fixed cost is already spread thin) and the wait only adds latency.
+const LINGER_TARGET: usize = 64;
+
+/// The recent arrival rate of proposals, from counts over windows of [`PACE_WINDOW`].
+#[derive(Debug)]
+struct Pace {
+    window_start: tokio::time::Instant,
+    in_window: u32,
+    /// Proposals per second over the last whole window.
+    rate: f64,
+}
+
+/// Long enough to count a few proposals at a modest rate, short enough to see a storm
+/// begin and end within a few batches.
+const PACE_WINDOW: Duration = Duration::from_millis(50);
+
+impl Pace {
+    fn new(now: tokio::time::Instant) -> Pace {
+        Pace {
+            window_start: now,
+            in_window: 0,
+            rate: 0.0,
+        }
+    }
+
+    fn arrived(&mut self, now: tokio::time::Instant, count: usize) {
+        let elapsed = now.saturating_duration_since(self.window_start);
+        if elapsed >= PACE_WINDOW {
+            // A window that ended long ago (the node was idle) says the rate is low.
+            self.rate = f64::from(self.in_window) / elapsed.as_secs_f64();
+            self.window_start = now;
+            self.in_window = 0;
+        }
+        self.in_window = self.in_window.saturating_add(count as u32);
+    }
+
+    /// How long a batch of `have` commands should wait for more: the time the recent rate
+    /// takes to bring it to [`LINGER_TARGET`], at most `max`, and nothing when fewer than
+    /// two more would come within `max`.
+    fn linger(&self, have: usize, max: Duration) -> Option<Duration> {
+        let wanted = LINGER_TARGET.saturating_sub(have);
+        if wanted == 0 || self.rate * max.as_secs_f64() < 2.0 {
+            return None;
+        }
+        Some(max.min(Duration::from_secs_f64(wanted as f64 / self.rate)))
+    }
 }
 
 impl Batcher {
     async fn run(self, mut rx: mpsc::Receiver<Proposal>, max_in_flight: usize) {
         let this = Arc::new(self);
         let in_flight = Arc::new(Semaphore::new(max_in_flight));
+        let mut pace = Pace::new(tokio::time::Instant::now());
         while let Some(first) = rx.recv().await {
+            pace.arrived(tokio::time::Instant::now(), 1);
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
             let mut batch = vec![first];
-            while batch.len() < this.max_batch {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
+            let max = this.max_batch.min(LINGER_TARGET.max(batch.len()));
+            this.gather(&mut rx, &mut batch, &mut pace);
+            if let Some(linger) = pace.linger(batch.len(), this.linger) {
+                let deadline = tokio::time::Instant::now() + linger;
+                while batch.len() < max {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Ok(Some(p)) => {
+                            pace.arrived(tokio::time::Instant::now(), 1);
+                            batch.push(p);
+                            this.gather(&mut rx, &mut batch, &mut pace);
+                        }
+                        Ok(None) | Err(_) => break,
+                    }
                 }
             }
             let this = this.clone();
@@ -623,6 +696,25 @@ impl Batcher {
                 }
                 drop(permit);
             });
+        }
+    }
+
+    /// Adds the proposals already waiting to `batch`, up to `max_batch`.
+    fn gather(
+        &self,
+        rx: &mut mpsc::Receiver<Proposal>,
+        batch: &mut Vec<Proposal>,
+        pace: &mut Pace,
+    ) {
+        let before = batch.len();
+        while batch.len() < self.max_batch {
+            match rx.try_recv() {
+                Ok(p) => batch.push(p),
+                Err(_) => break,
+            }
+        }
+        if batch.len() > before {
+            pace.arrived(tokio::time::Instant::now(), batch.len() - before);
         }
     }
 
@@ -674,5 +766,52 @@ impl Batcher {
             .await
             .map(|r| r.data)
             .map_err(map_write_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAX: Duration = Duration::from_millis(5);
+
+    #[test]
+    fn a_lone_write_on_an_idle_node_does_not_linger() {
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(start);
+        pace.arrived(start + Duration::from_secs(3), 1);
+        assert_eq!(pace.linger(1, MAX), None);
+        // Nor does a trickle: ten a second brings fewer than two more within 5 ms.
+        let mut t = start + Duration::from_secs(3);
+        for _ in 0..50 {
+            t += Duration::from_millis(100);
+            pace.arrived(t, 1);
+        }
+        assert_eq!(pace.linger(1, MAX), None, "{pace:?}");
+    }
+
+    #[test]
+    fn a_storm_lingers_for_what_fills_the_batch_and_no_longer_than_the_maximum() {
+        let start = tokio::time::Instant::now();
+        let mut pace = Pace::new(start);
+        // 2,000 a second for 200 ms.
+        let mut t = start;
+        for _ in 0..400 {
+            t += Duration::from_micros(500);
+            pace.arrived(t, 1);
+        }
+        assert!((1_900.0..2_100.0).contains(&pace.rate), "{pace:?}");
+        assert_eq!(pace.linger(1, MAX), Some(MAX));
+        // 60 already there: four more come in about 2 ms.
+        let short = pace.linger(60, MAX).expect("lingers");
+        assert!(
+            short > Duration::from_millis(1) && short < Duration::from_millis(3),
+            "{short:?}"
+        );
+        assert_eq!(pace.linger(LINGER_TARGET, MAX), None);
+        assert_eq!(pace.linger(1, Duration::ZERO), None);
+        // Once the storm is over, the next write goes at once.
+        pace.arrived(t + Duration::from_secs(1), 1);
+        assert_eq!(pace.linger(1, MAX), None, "{pace:?}");
     }
 }
