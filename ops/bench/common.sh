@@ -65,14 +65,15 @@ socket_drops() {
   echo "${d:-0}"
 }
 
-# start_callee NAME DIR ADDR PORT: registers account "callee" (password $password, domain
-# $domain) from 127.0.0.1:PORT through ADDR, then answers calls there with
+# start_callee NAME DIR ADDR PORT [SCENARIO]: registers account "callee" (password
+# $password, domain $domain) from 127.0.0.1:PORT through ADDR with SCENARIO (default
+# ops/sipp/bench-register.xml, which asks for 300 s), then answers calls there with
 # ops/sipp/bench-uas.xml in the background; its pid is in $uas_pid (and in pids). NAME
 # labels the error if the registration fails, which ends the script.
 start_callee() {
-  local name=$1 dir=$2 addr=$3 port=$4
+  local name=$1 dir=$2 addr=$3 port=$4 scenario=${5:-$repo/ops/sipp/bench-register.xml}
   printf 'SEQUENTIAL\ncallee;%s\n' "$domain" > "$dir/callee.csv"
-  (cd "$dir" && sipp -sf "$repo/ops/sipp/bench-register.xml" -inf callee.csv -au callee \
+  (cd "$dir" && sipp -sf "$scenario" -inf callee.csv -au callee \
     -ap "$password" -i 127.0.0.1 -p "$port" -m 1 -nostdin -timeout 10s \
     -recv_timeout 3000 "$addr" > callee-register.out 2>&1) \
     || { echo "$name: the callee did not register:" >&2; cat "$dir/callee-register.out" >&2; exit 1; }

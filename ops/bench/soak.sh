@@ -1,0 +1,236 @@
+#!/usr/bin/env bash
+# A soak: MINUTES of registrations and calls at once, Tandem and then Kamailio, each
+# sampled every minute, to show that memory stays flat, no descriptor leaks and nothing
+# fails when a server runs for a long time under a steady mix.
+#
+# The mix, all sent to Tandem's node 1 (of the three-node cluster of ops/bench/cluster.sh)
+# or to Kamailio (ops/bench/kamailio-sip.cfg):
+#  - refreshes: REG_USERS sipp instances (ops/sipp/bench-register.xml, one account each,
+#    a new Call-ID and the same Contact every time: the path most REGISTERs take),
+#    REG_RATE a second in all;
+#  - written registrations: WRITE_AORS phones (aor-load --storm, accounts u0… of
+#    bench.example) re-registering one after another from new flows with the Contact they
+#    had, WRITE_RATE a second on schedule, round after round, so each is a replicated
+#    write;
+#  - calls: one caller sipp (ops/sipp/bench-uac-invite.xml: INVITE, 407, ACK, INVITE with
+#    credentials, 100/180/200, ACK, a hold of CALL_HOLD_MS, BYE) at CALL_RATE a second to
+#    one callee sipp that registered once.
+# The defaults put the mix at about half the knee: each load alone has its knee on this
+# machine at about 14,000 refreshes/s and 4,500 calls/s (sip.sh) and 3,000-4,000 written
+# registrations/s (storm.sh, Tandem's; BENCHMARKS.md), and the defaults ask 21%, 16% and
+# 9% of those, about 46% together.
+#
+# Every minute it prints, per Tandem node, resident memory (VmRSS) and open file
+# descriptors, or for Kamailio the proportional set size (Pss) and descriptors of all its
+# processes together (they share one memory pool). At the end, per server and process:
+# memory at minute 5, the lowest and highest after it and their spread around the minute-5
+# figure (the target: flat within ±10% after the first five minutes), descriptors at the
+# start and the end, and per load its completed and failed count and p99 (the target: no
+# failures). Memory at a steady 10,000 registrations/s and after it is
+# ops/bench/steady-memory.sh's.
+#
+# Usage: ./ops/bench/soak.sh [MINUTES]   (default 30, per server; at most 55, as the
+#   callee registers once for an hour). Environment: REG_RATE
+#   (3000), REG_USERS (20), WRITE_RATE (300), WRITE_AORS (30000), CALL_RATE (700),
+#   CALL_HOLD_MS (1000), SOAK_SERVERS ("tandem kamailio"), KEEP_WORK,
+#   TANDEM_BENCH_NO_BUILD, BENCH_TANDEM_BIN and NODE_ENV/NODE_TOML as in sip.sh.
+# Record the output in BENCHMARKS.md with the command.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+minutes="${1:-30}"
+reg_rate="${REG_RATE:-3000}"
+reg_users="${REG_USERS:-20}"
+write_rate="${WRITE_RATE:-300}"
+write_aors="${WRITE_AORS:-30000}"
+call_rate="${CALL_RATE:-700}"
+hold_ms="${CALL_HOLD_MS:-1000}"
+servers="${SOAK_SERVERS:-tandem kamailio}"
+# aor-load's accounts have this password; every other account gets it too, and Kamailio
+# takes it as BENCH_PASSWORD.
+password="bench-password-1"
+domain="example.com"
+. ./ops/bench/common.sh
+. ./ops/bench/cluster.sh
+load="$CARGO_TARGET_DIR/debug/aor-load"
+base=$work
+trap 'work=$base; cleanup' EXIT
+secs=$(( minutes * 60 ))
+if [ "$minutes" -lt 1 ] || [ "$minutes" -gt 55 ]; then
+  echo "soak.sh: MINUTES must be 1 to 55 (the callee registers once, for an hour)" >&2
+  exit 2
+fi
+stop_nodes() {
+  local p
+  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${node_pid[@]}"; do wait "$p" 2>/dev/null || true; done
+  node_pid=()
+}
+
+# procs NAME: the processes sampled, as LABEL:PID words.
+procs() {
+  if [ "$1" = tandem ]; then
+    echo "node1:${node_pid[1]} node2:${node_pid[2]} node3:${node_pid[3]}"
+  else
+    echo "kamailio:$kpid"
+  fi
+}
+# mem_kib NAME PID: a Tandem node's VmRSS, or the summed Pss of Kamailio's processes.
+mem_kib() {
+  if [ "$1" = tandem ]; then
+    awk '/^VmRSS:/ { print $2 }' "/proc/$2/status"
+  else
+    local p t=0
+    for p in "$2" $(pgrep -P "$2" || true); do
+      t=$(( t + $(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0) ))
+    done
+    echo "$t"
+  fi
+}
+# fds NAME PID: open descriptors of the process (Kamailio: of all its processes).
+fds() {
+  local p t=0 all=$2
+  [ "$1" = tandem ] || all="$2 $(pgrep -P "$2" || true)"
+  for p in $all; do t=$(( t + $(ls "/proc/$p/fd" 2>/dev/null | wc -l) )); done
+  echo "$t"
+}
+sample() {
+  local name=$1 minute=$2 w label pid line=""
+  for w in $(procs "$name"); do
+    label=${w%%:*}
+    pid=${w#*:}
+    echo "$minute $label $(mem_kib "$name" "$pid") $(fds "$name" "$pid")" >> "$work/samples"
+    line+=$(printf '  %s %6.1f MB %4d fds' "$label" "$(awk -v k="$(mem_kib "$name" "$pid")" 'BEGIN { print k / 1024 }')" "$(fds "$name" "$pid")")
+  done
+  printf '%-8s minute %3d:%s\n' "$name" "$minute" "$line"
+}
+
+# soak NAME SIP_ADDR: the three loads for MINUTES, sampled every minute.
+soak() {
+  local name=$1 addr=$2 u ps=() per writer m
+  per=$(( reg_rate * secs / reg_users ))
+  : > "$work/samples"
+  sample "$name" 0
+  for ((u = 0; u < reg_users; u++)); do
+    printf 'SEQUENTIAL\nbench%d;%s\n' "$u" "$domain" > "$work/bench$u.csv"
+    (cd "$work" && exec sipp -sf "$repo/ops/sipp/bench-register.xml" -inf "bench$u.csv" \
+      -au "bench$u" -ap "$password" -i 127.0.0.1 -p 0 -m "$per" \
+      -r "$reg_rate" -rp "$(( reg_users * 1000 ))" -l "$(( reg_rate / reg_users * 5 + 50 ))" \
+      -timeout "$(( secs + 120 ))s" -nostdin -nd -recv_timeout 5000 -trace_rtt \
+      -rtt_freq 1 -buff_size 4194304 "$addr" > "bench$u.out" 2>&1) &
+    ps+=($!)
+    pids+=($!)
+  done
+  printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$work/caller.csv"
+  # The callee registers once, for an hour (both servers' longest), so that it outlives the
+  # soak: bench-register.xml's 300 s would lapse under the calls.
+  sed 's/^\( *\)Expires: 300/\1Expires: 3600/' "$repo/ops/sipp/bench-register.xml" \
+    > "$work/callee-register.xml"
+  start_callee "$name" "$work" "$addr" "$(udp_port 127.0.0.1)" "$work/callee-register.xml"
+  (cd "$work" && exec sipp -sf "$repo/ops/sipp/bench-uac-invite.xml" -inf caller.csv -au caller \
+    -ap "$password" -i 127.0.0.1 -p 0 -m "$(( call_rate * secs ))" -r "$call_rate" \
+    -l "$(( call_rate * (hold_ms / 1000 + 5) ))" -d "$hold_ms" -timeout "$(( secs + 120 ))s" \
+    -nostdin -nd -recv_timeout 5000 -trace_rtt -rtt_freq 1 -trace_err -buff_size 4194304 \
+    "$addr" > uac.out 2>&1) &
+  ps+=($!)
+  pids+=($!)
+  # Round after round of written registrations until the time is up.
+  (
+    end=$(( $(date +%s) + secs ))
+    while [ "$(date +%s)" -lt "$end" ]; do
+      n=$(( (end - $(date +%s)) * write_rate ))
+      [ "$n" -le "$write_aors" ] || n=$write_aors
+      [ "$n" -gt 0 ] || break
+      "$load" --storm "$addr" "$n" "$write_rate" "$password" 2> /dev/null
+    done > "$work/writes.out"
+  ) &
+  writer=$!
+  pids+=($writer)
+  for ((m = 1; m <= minutes; m++)); do
+    sleep 60
+    sample "$name" "$m"
+  done
+  for u in "${ps[@]}" "$writer"; do wait "$u" || true; done
+  kill "$uas_pid" 2>/dev/null || true
+  wait "$uas_pid" 2>/dev/null || true
+  local ok=0 failed=0
+  for ((u = 0; u < reg_users; u++)); do
+    ok=$(( ok + $(counter "$work/bench$u.out" "Successful call") ))
+    failed=$(( failed + $(counter "$work/bench$u.out" "Failed call") ))
+  done
+  stats "$work/refresh.rtd" register "$work"/bench-register_*_rtt.csv
+  read -r _ _ _ p99 < "$work/refresh.rtd"
+  printf '%-8s refreshes: %d completed, %d failed, p99 %s ms\n' "$name" "$ok" "$failed" "$p99"
+  awk -v n="$name" '{
+      for (i = 1; i <= NF; i++) {
+        if ($i == "of") ok += $(i - 1)
+        if ($i == "failed,") f += $(i - 1)
+        if ($i == "p99") { p = $(i + 1) + 0; if (p > worst) worst = p }
+      }
+      rounds++
+    }
+    END { printf "%-8s written registrations: %d completed, %d failed, in %d rounds, worst round p99 %s ms\n",
+      n, ok, f, rounds, worst }' "$work/writes.out"
+  stats "$work/setup.rtd" setup "$work"/bench-uac-invite_*_rtt.csv
+  read -r _ _ _ p99 < "$work/setup.rtd"
+  printf '%-8s calls: %d completed, %d failed, setup p99 %s ms\n' "$name" \
+    "$(counter "$work/uac.out" "Successful call")" "$(counter "$work/uac.out" "Failed call")" "$p99"
+  # Memory after the first five minutes, around its minute-5 figure; descriptors.
+  awk -v n="$name" '
+    { mem[$2, $1] = $3; fd[$2, $1] = $4; if (!($2 in seen)) { seen[$2] = 1; order[++k] = $2 } last = $1 }
+    END {
+      for (i = 1; i <= k; i++) {
+        p = order[i]; b = mem[p, 5]; lo = b; hi = b
+        for (m = 5; m <= last; m++) { if (mem[p, m] < lo) lo = mem[p, m]; if (mem[p, m] > hi) hi = mem[p, m] }
+        spread = b ? 100 * ((hi - b > b - lo) ? hi - b : b - lo) / b : 0
+        if (last < 5) {
+          printf "%-8s %s: %.1f MB at minute 0, %.1f MB at minute %d (too short to judge flatness); descriptors %d at the start, %d at the end\n",
+            n, p, mem[p, 0] / 1024, mem[p, last] / 1024, last, fd[p, 0], fd[p, last]
+          continue
+        }
+        printf "%-8s %s: memory %.1f MB at minute 5, %.1f-%.1f MB after it (within %.1f%% of minute 5: %s); %.1f MB at minute 0; descriptors %d at the start, %d at the end\n",
+          n, p, b / 1024, lo / 1024, hi / 1024, spread, spread <= 10 ? "flat" : "NOT flat",
+          mem[p, 0] / 1024, fd[p, 0], fd[p, last]
+      }
+    }' "$work/samples"
+}
+
+echo "soak.sh: $minutes minutes per server: $reg_rate refreshes/s by $reg_users sipp instances," \
+  "$write_rate written registrations/s over $write_aors AORs, $call_rate calls/s held ${hold_ms} ms;" \
+  "$(nproc) cores shared; Tandem 3 nodes (load on node 1), Kamailio" \
+  "$(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p')"
+for name in $servers; do
+  echo
+  work="$base/$name"
+  mkdir -p "$work"
+  if [ "$name" = tandem ]; then
+    form_cluster
+    "$load" --accounts-only "$admin1" "$work/admin.token" "$sip1" "${node_pid[1]}" \
+      "$write_aors" 64 > /dev/null 2>&1
+    api "$admin1" /v1/customers/acme '{"name":"Acme"}'
+    for u in callee caller $(seq -f 'bench%g' 0 $(( reg_users - 1 ))); do
+      api "$admin1" "/v1/accounts/$domain/$u" "{\"password\":\"$password\",\"customer\":\"acme\"}"
+    done
+    # The one caller places every call: no per-account call limit for it.
+    api "$admin1" "/v1/accounts/$domain/caller" '{"max_concurrent_calls":0}'
+    # Every AOR registered once, so each soak round rewrites a binding that exists.
+    "$load" --storm "$sip1" "$write_aors" 0 "$password" > /dev/null 2>&1
+    soak tandem "$sip1"
+    stop_nodes
+  else
+    kam="127.0.0.1:$(udp_port 127.0.0.1)"
+    kamailio -f ops/bench/kamailio-sip.cfg -l "udp:$kam" -A "BENCH_PASSWORD=\"$password\"" \
+      -DD -E -m 1024 -M 16 -P "$work/kamailio.pid" -Y "$work" > "$work/kamailio.log" 2>&1 &
+    kpid=$!
+    pids+=($kpid)
+    sleep 2
+    kill -0 "$kpid" 2>/dev/null || { echo "Kamailio did not start:" >&2; cat "$work/kamailio.log" >&2; exit 1; }
+    "$load" --storm "$kam" "$write_aors" 0 "$password" > /dev/null 2>&1
+    soak kamailio "$kam"
+    kill "$kpid" 2>/dev/null || true
+    wait "$kpid" 2>/dev/null || true
+  fi
+done
+work=$base
+echo
+echo "Targets (issue #22): memory flat within ±10% after the first five minutes, and no failures."
