@@ -584,10 +584,10 @@ impl Replica {
 /// `max_in_flight` entries replicating at once. On a follower that knows the leader, the
 /// batch goes to the leader instead.
 ///
-/// Each entry costs every member a log append, an fsync and an RPC, whatever it carries
-/// (about 520 µs of a leader's CPU and 270 µs of a follower's on loopback, BENCHMARKS.md):
-/// at a few thousand writes a second, entries sent as soon as a slot frees carry two or
-/// three commands each. So a batch lingers, up to `linger`, for the proposals the recent
+/// Each entry costs every member a log append, an fsync and an RPC, whatever it carries,
+/// several times what one command in it costs (raft-store/DESIGN.md, "One RocksDB, group
+/// commit"): at a few thousand writes a second, entries sent as soon as a slot frees
+/// carry two or three commands each. So a batch lingers, up to `linger`, for the proposals the recent
 /// rate says are coming ([`Pace`]), and no longer than it takes them to fill it. A lone
 /// write on an idle cluster does not wait at all.
 struct Batcher {
@@ -660,7 +660,7 @@ impl Batcher {
                 break;
             };
             let mut batch = vec![first];
-            let max = this.max_batch.min(LINGER_TARGET.max(batch.len()));
+            let max = this.max_batch.min(LINGER_TARGET);
             this.gather(&mut rx, &mut batch, &mut pace);
             if let Some(linger) = pace.linger(batch.len(), this.linger) {
                 let deadline = tokio::time::Instant::now() + linger;
