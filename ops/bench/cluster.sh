@@ -3,8 +3,8 @@
 # each node with its own RocksDB, Raft over mutual TLS, free ports picked by the kernel.
 # After `form_cluster`: node i's config is $work/node$i/tandem.toml, its log
 # $work/node$i.log, its pid ${node_pid[i]}, and $admin1, $sip1 and $raft1 are node 1's
-# admin, SIP (UDP) and Raft addresses, and `api ADDR PATH BODY` PUTs to an admin API. Node 1
-# is the leader. Needs $TANDEM_BIN and $work.
+# admin, SIP (UDP) and Raft addresses, `api ADDR PATH BODY` PUTs to an admin API, and
+# `stop_nodes` stops them all. Node 1 is the leader. Needs $TANDEM_BIN and $work.
 # NODE_ENV (optional): VAR=value words set in the nodes' environment only, for experiments
 # (for example NODE_ENV=RUST_LOG=debug). RUNTIME_THREADS (optional): the nodes'
 # node.runtime_threads, SIP_THREADS (optional): node.sip_threads, to compare thread counts
@@ -27,6 +27,13 @@ api() {
 listen_of() { grep -A1 "^\[$2\]" "$1" | sed -n 's/listen = "\(.*\)"/\1/p'; }
 
 declare -a node_pid
+# stop_nodes: stops every node with SIGINT (the fast stop) and waits for them.
+stop_nodes() {
+  local p
+  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+  for p in "${node_pid[@]}"; do wait "$p" 2>/dev/null || true; done
+  node_pid=()
+}
 form_cluster() {
   "$TANDEM_BIN" cert ca --out "$work/ca" > /dev/null
   "$TANDEM_BIN" keygen --out "$work/master.key" > /dev/null

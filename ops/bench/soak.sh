@@ -60,12 +60,6 @@ if [ "$minutes" -lt 1 ] || [ "$minutes" -gt 55 ]; then
   echo "soak.sh: MINUTES must be 1 to 55 (the callee registers once, for an hour)" >&2
   exit 2
 fi
-stop_nodes() {
-  local p
-  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for p in "${node_pid[@]}"; do wait "$p" 2>/dev/null || true; done
-  node_pid=()
-}
 
 # procs NAME: the processes sampled, as LABEL:PID words.
 procs() {

@@ -45,12 +45,6 @@ counters() {
     $1 == "tandem_log_wal_syncs_total" { s = $2 }
     END { print p + 0, b + 0, s + 0 }'
 }
-stop_nodes() {
-  local p
-  for p in "${node_pid[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-  for p in "${node_pid[@]}"; do wait "$p" 2>/dev/null || true; done
-  node_pid=()
-}
 # verdict LINE RATE: "yes" if the storm line meets the target.
 verdict() {
   awk -v r="$2" '{
