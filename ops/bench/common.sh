@@ -65,6 +65,46 @@ socket_drops() {
   echo "${d:-0}"
 }
 
+# start_refreshers DIR ADDR RATE PER TIMEOUT_SECS: REG_USERS ($reg_users) sipp instances
+# in DIR, instance u as account bench<u> (password $password, domain $domain), RATE
+# registrations a second in all and PER each (ops/sipp/bench-register.xml: REGISTER, 401,
+# REGISTER with credentials, 200; a new Call-ID and the same Contact every time, the
+# refresh path), every response time traced. Their pids are in refreshers (and pids).
+start_refreshers() {
+  local dir=$1 addr=$2 rate=$3 per=$4 timeout=$5 u
+  refreshers=()
+  for ((u = 0; u < reg_users; u++)); do
+    printf 'SEQUENTIAL\nbench%d;%s\n' "$u" "$domain" > "$dir/bench$u.csv"
+    (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-register.xml" -inf "bench$u.csv" \
+      -au "bench$u" -ap "$password" -i 127.0.0.1 -p 0 -m "$per" \
+      -r "$rate" -rp "$(( reg_users * 1000 ))" -l "$(( rate / reg_users * 5 + 50 ))" \
+      -timeout "${timeout}s" -nostdin -nd -recv_timeout 5000 -trace_rtt \
+      -rtt_freq 1 -buff_size 4194304 "$addr" > "bench$u.out" 2>&1) &
+    refreshers+=($!)
+    pids+=($!)
+  done
+}
+# refreshers_counted DIR: the successful and failed registrations of start_refreshers'
+# instances in DIR, once they have ended.
+refreshers_counted() {
+  local u ok=0 failed=0
+  for ((u = 0; u < reg_users; u++)); do
+    ok=$(( ok + $(counter "$1/bench$u.out" "Successful call") ))
+    failed=$(( failed + $(counter "$1/bench$u.out" "Failed call") ))
+  done
+  echo "$ok $failed"
+}
+# pss_kib PID: the proportional set size of a process and its children together, in KiB
+# (Kamailio's processes share one memory pool, so adding their RSS would count it once
+# per process).
+pss_kib() {
+  local p t=0
+  for p in "$1" $(pgrep -P "$1" || true); do
+    t=$(( t + $(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0) ))
+  done
+  echo "$t"
+}
+
 # start_callee NAME DIR ADDR PORT [SCENARIO]: registers account "callee" (password
 # $password, domain $domain) from 127.0.0.1:PORT through ADDR with SCENARIO (default
 # ops/sipp/bench-register.xml, which asks for 300 s), then answers calls there with

@@ -74,11 +74,7 @@ mem_kib() {
   if [ "$1" = tandem ]; then
     awk '/^VmRSS:/ { print $2 }' "/proc/$2/status"
   else
-    local p t=0
-    for p in "$2" $(pgrep -P "$2" || true); do
-      t=$(( t + $(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0) ))
-    done
-    echo "$t"
+    pss_kib "$2"
   fi
 }
 # fds NAME PID: open descriptors of the process (Kamailio: of all its processes).
@@ -105,16 +101,8 @@ soak() {
   per=$(( reg_rate * secs / reg_users ))
   : > "$work/samples"
   sample "$name" 0
-  for ((u = 0; u < reg_users; u++)); do
-    printf 'SEQUENTIAL\nbench%d;%s\n' "$u" "$domain" > "$work/bench$u.csv"
-    (cd "$work" && exec sipp -sf "$repo/ops/sipp/bench-register.xml" -inf "bench$u.csv" \
-      -au "bench$u" -ap "$password" -i 127.0.0.1 -p 0 -m "$per" \
-      -r "$reg_rate" -rp "$(( reg_users * 1000 ))" -l "$(( reg_rate / reg_users * 5 + 50 ))" \
-      -timeout "$(( secs + 120 ))s" -nostdin -nd -recv_timeout 5000 -trace_rtt \
-      -rtt_freq 1 -buff_size 4194304 "$addr" > "bench$u.out" 2>&1) &
-    ps+=($!)
-    pids+=($!)
-  done
+  start_refreshers "$work" "$addr" "$reg_rate" "$per" "$(( secs + 120 ))"
+  ps=("${refreshers[@]}")
   printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$work/caller.csv"
   # The callee registers once, for an hour (both servers' longest), so that it outlives the
   # soak: bench-register.xml's 300 s would lapse under the calls.
@@ -147,11 +135,8 @@ soak() {
   for u in "${ps[@]}" "$writer"; do wait "$u" || true; done
   kill "$uas_pid" 2>/dev/null || true
   wait "$uas_pid" 2>/dev/null || true
-  local ok=0 failed=0
-  for ((u = 0; u < reg_users; u++)); do
-    ok=$(( ok + $(counter "$work/bench$u.out" "Successful call") ))
-    failed=$(( failed + $(counter "$work/bench$u.out" "Failed call") ))
-  done
+  local ok failed
+  read -r ok failed <<< "$(refreshers_counted "$work")"
   stats "$work/refresh.rtd" register "$work"/bench-register_*_rtt.csv
   read -r _ _ _ p99 < "$work/refresh.rtd"
   printf '%-8s refreshes: %d completed, %d failed, p99 %s ms\n' "$name" "$ok" "$failed" "$p99"

@@ -55,11 +55,7 @@ mem_kib() {
   if [ "$1" = tandem ]; then
     awk '/^VmRSS:/ { print $2 }' "/proc/${node_pid[1]}/status"
   else
-    local p t=0
-    for p in $kamailio_main $(pgrep -P "$kamailio_main" || true); do
-      t=$(( t + $(awk '/^Pss:/ { print $2 }' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0) ))
-    done
-    echo "$t"
+    pss_kib "$kamailio_main"
   fi
 }
 held() {
@@ -70,23 +66,14 @@ held() {
 # run NAME ADDR: the load, sampled every SAMPLE_SECS from just before it until AFTER_SECS
 # after it; writes NAME.samples (seconds since the load started, KiB, held) and NAME.load.
 run() {
-  local name=$1 addr=$2 dir="$work/$1" u per t0 t ok=0 failed=0 ps=()
+  local name=$1 addr=$2 dir="$work/$1" u per t0 t ok failed
   mkdir -p "$dir"
   per=$(( rate * load_secs / reg_users ))
   echo "$name: idle"
   sleep "$sample_secs"
   t0=$(date +%s)
   echo "0 $(mem_kib "$name") $(held "$name")" > "$work/$name.samples"
-  for ((u = 0; u < reg_users; u++)); do
-    printf 'SEQUENTIAL\nbench%d;%s\n' "$u" "$domain" > "$dir/bench$u.csv"
-    (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-register.xml" -inf "bench$u.csv" \
-      -au "bench$u" -ap "$password" -i 127.0.0.1 -p 0 -m "$per" \
-      -r "$rate" -rp "$(( reg_users * 1000 ))" -l "$(( rate / reg_users * 5 ))" \
-      -timeout "$(( load_secs + 60 ))s" -nostdin -nd -recv_timeout 5000 -trace_rtt \
-      -rtt_freq 1 -buff_size 4194304 "$addr" > "bench$u.out" 2>&1) &
-    ps+=($!)
-    pids+=($!)
-  done
+  start_refreshers "$dir" "$addr" "$rate" "$per" "$(( load_secs + 60 ))"
   # Sample while the load runs, then for AFTER_SECS after the last sipp ended.
   local loading=1 end=0
   while :; do
@@ -94,7 +81,7 @@ run() {
     t=$(( $(date +%s) - t0 ))
     if [ "$loading" = 1 ]; then
       loading=0
-      for u in "${ps[@]}"; do kill -0 "$u" 2>/dev/null && loading=1; done
+      for u in "${refreshers[@]}"; do kill -0 "$u" 2>/dev/null && loading=1; done
       [ "$loading" = 1 ] || end=$t
     fi
     echo "$t $(mem_kib "$name") $(held "$name") $loading" >> "$work/$name.samples"
@@ -102,11 +89,8 @@ run() {
       "$(held "$name")" "$([ "$loading" = 1 ] && echo "  (load)" || true)"
     [ "$loading" = 1 ] || [ $(( t - end )) -lt "$after_secs" ] || break
   done
-  for u in "${ps[@]}"; do wait "$u" || true; done
-  for ((u = 0; u < reg_users; u++)); do
-    ok=$(( ok + $(counter "$dir/bench$u.out" "Successful call") ))
-    failed=$(( failed + $(counter "$dir/bench$u.out" "Failed call") ))
-  done
+  for u in "${refreshers[@]}"; do wait "$u" || true; done
+  read -r ok failed <<< "$(refreshers_counted "$dir")"
   stats "$work/$name.rtd" register "$dir"/*_rtt.csv
   echo "$ok $failed $end" > "$work/$name.load"
 }
