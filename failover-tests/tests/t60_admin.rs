@@ -1,6 +1,7 @@
 //! The admin API and the operator commands, against real processes: bearer-token checks,
 //! JSON errors for bad input, health, readiness and Prometheus metrics on a standalone
-//! node; `tandem cluster status|remove|join` and `tandem keys rotate|reseal` on a cluster.
+//! node (and metrics behind the token when configured); `tandem cluster
+//! status|remove|join` and `tandem keys rotate|reseal` on a cluster.
 
 use std::time::Duration;
 
@@ -502,4 +503,45 @@ fn a_rotated_key_reseals_every_account_and_leaves_nothing_under_the_old_key_on_d
     }
     restart_all(&cluster);
     every_account_registers_everywhere(&cluster, &mut phones, "with only the new key");
+}
+
+/// `admin.metrics_need_token` puts /metrics behind the bearer token (#20): refused without
+/// it or with a wrong one (401, a JSON error), served with it; the probes stay open.
+#[test]
+fn metrics_can_be_put_behind_the_token() {
+    let node = Node::start_ready_with(|port| {
+        format!(
+            "{}[admin]\nlisten = \"127.0.0.1:{}\"\nmetrics_need_token = true\n",
+            tandem_failover_tests::sip_config(port, ""),
+            tandem_failover_tests::free_port()
+        )
+    });
+    let addr = node.admin_addr();
+    let token = node.admin_token();
+    for presented in [None, Some("not-the-token")] {
+        let refused = http(addr, presented, "GET", "/metrics", None).expect("an answer");
+        assert_eq!(refused.status, 401, "{}", refused.body);
+        assert!(refused.json()["error"].is_string(), "{}", refused.body);
+        assert!(
+            !refused.body.contains("tandem_raft_term"),
+            "{}",
+            refused.body
+        );
+    }
+    let served = http(addr, Some(&token), "GET", "/metrics", None).expect("an answer");
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert!(
+        served.body.contains("tandem_raft_term 1"),
+        "{}",
+        served.body
+    );
+    assert!(
+        served
+            .body
+            .contains("tandem_store_memory_bytes{store=\"raft\",kind=\"memtables\"}"),
+        "{}",
+        served.body
+    );
+    let health = http(addr, None, "GET", "/health", None).expect("an answer");
+    assert_eq!(health.status, 200, "{}", health.body);
 }

@@ -211,6 +211,9 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// The bearer token file; `None` means `<data_dir>/admin.token`, created on first start.
     pub token_file: Option<PathBuf>,
+    /// Whether `/metrics` needs the bearer token too (a scraper then sends it); off by
+    /// default, as Prometheus scrapes without one.
+    pub metrics_need_token: bool,
 }
 
 impl Default for AdminConfig {
@@ -218,6 +221,7 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:8060".parse().expect("literal address"),
             token_file: None,
+            metrics_need_token: false,
         }
     }
 }

@@ -182,19 +182,21 @@ impl Node {
                 Role::Witness => None,
             };
             let token = admin::load_or_create_token(&config.token_path())?;
+            let mut api = admin::Admin::new(
+                cluster.clone(),
+                stats.clone(),
+                drain.clone(),
+                overlay.clone(),
+                peers.clone(),
+                board.clone(),
+                cdrs.clone(),
+                config.cdr.retention_days,
+                app_server.clone(),
+                token,
+            );
+            api.metrics_need_token = config.admin.metrics_need_token;
             let admin = admin::serve(
-                admin::Admin::new(
-                    cluster.clone(),
-                    stats.clone(),
-                    drain.clone(),
-                    overlay.clone(),
-                    peers.clone(),
-                    board.clone(),
-                    cdrs.clone(),
-                    config.cdr.retention_days,
-                    app_server.clone(),
-                    token,
-                ),
+                api,
                 config.admin.listen,
                 admin_tasks.stop.clone().cancelled_owned(),
             )?;
@@ -371,7 +373,7 @@ impl Node {
             .ok()
         });
         stack.transports.set_draining(self.drain.flag());
-        let (agents, app_server) = Agents::build(
+        let (agents, app_server, auth) = Agents::build(
             config,
             &self.cluster,
             &self.overlay,
@@ -385,6 +387,9 @@ impl Node {
             cdr.as_ref().map(CdrService::recorder),
         );
         let _ = self.app_server.set(app_server);
+        tasks
+            .tracker
+            .spawn(auth.agree_on_nonce_keys(tasks.stop.clone()));
         self.drain.watch_calls(
             agents.dialogs.clone(),
             Duration::from_secs(config.sip.drain_call_wait_secs),

@@ -5,6 +5,7 @@
 # VmRSS growth divided by COUNT. The growth covers the account and the binding, in every
 # layer (Raft log, RocksDB, caches: the refresh fills the bindings the node keeps in memory). Target: at most 2 KiB per AOR at 100,000.
 # Usage: ./ops/bench/aor-memory.sh [COUNT] [WORKERS]   (defaults 100000 and 64)
+# BENCH_TANDEM_BIN runs another tandem binary, such as an earlier build for a before/after.
 # Record the output in BENCHMARKS.md with this command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -13,6 +14,7 @@ workers="${2:-64}"
 . ./ops/env.sh
 # The same build as ./ops/test.sh, so the two share every artefact.
 cargo build --workspace --all-targets
+TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 . ./ops/bench/cluster.sh

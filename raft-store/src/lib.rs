@@ -25,6 +25,7 @@ pub mod tls;
 pub mod types;
 
 pub use replica::membership;
+pub use store::StoreMemory;
 
 /// Opens (creating if needed) the store under `dir`: the Raft log and the state machine
 /// over one RocksDB in `dir/db`, with snapshot files in `dir/snapshots`.
@@ -36,6 +37,7 @@ pub fn open(
     state_machine
         .ensure_expiry_index()
         .map_err(|e| Error::Db(e.to_string()))?;
+    state_machine.reader().recount_edges()?;
     Ok((log_store::LogStore::new(db), state_machine))
 }
 

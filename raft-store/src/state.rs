@@ -212,28 +212,43 @@ struct DomainCache {
 }
 
 /// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. A kept AOR
-/// with one binding, together with the registrar's note of its refresh, measured about
-/// 660 bytes (BENCHMARKS.md, memory per AOR), so the bound caps the cache below 175 MB.
+/// with one binding costs about 300 bytes (BENCHMARKS.md, memory per AOR), so the bound
+/// caps the cache near 80 MB.
 const BINDING_CACHE_MAX: usize = 1 << 18;
 
 /// AORs' bindings as last read from RocksDB. The state machine drops an AOR's entry in
 /// every `apply` that writes one of its bindings, and everything when it installs a
 /// snapshot; either way `epoch` moves on, and a read that began before the move is not
 /// kept, since it may have seen the state from before the write.
+///
+/// An entry is the AOR and its bindings encoded as they are stored, in one allocation,
+/// keyed by a hash of the AOR under a per-process random key: a decoded binding is seven
+/// strings, about twice the size, and a node keeps one entry per AOR it serves. Decoding
+/// on a hit costs what cloning the decoded bindings did. Two AORs whose hashes collide
+/// only take turns in the cache: a hit is believed only for the AOR it names.
 #[derive(Default)]
 struct BindingCache {
     epoch: u64,
-    by_aor: HashMap<Box<str>, Box<[Binding]>>,
+    keys: std::hash::RandomState,
+    by_aor: HashMap<u64, Box<[u8]>>,
 }
 
 impl BindingCache {
+    fn key(&self, aor: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.keys, aor)
+    }
+
     /// The kept bindings of `aor`, or, when none are kept, the epoch a read of them from
     /// RocksDB starts at.
     fn lookup(&self, aor: &str) -> Result<Vec<Binding>, u64> {
-        match self.by_aor.get(aor) {
-            Some(kept) => Ok(kept.to_vec()),
-            None => Err(self.epoch),
+        if let Some(kept) = self.by_aor.get(&self.key(aor)) {
+            if let Ok((kept_aor, bindings)) = postcard::from_bytes::<(&str, Vec<Binding>)>(kept) {
+                if kept_aor == aor {
+                    return Ok(bindings);
+                }
+            }
         }
+        Err(self.epoch)
     }
 
     /// Keeps `read`, the bindings of `aor` as read from RocksDB by a read that started at
@@ -242,15 +257,20 @@ impl BindingCache {
         if self.epoch != epoch {
             return;
         }
+        let Ok(encoded) = postcard::to_stdvec(&(aor, read)) else {
+            return;
+        };
         if self.by_aor.len() >= BINDING_CACHE_MAX {
             self.by_aor.clear();
         }
-        self.by_aor.insert(aor.into(), read.into());
+        self.by_aor
+            .insert(self.key(aor), encoded.into_boxed_slice());
     }
 
     fn forget<'a>(&mut self, aors: impl IntoIterator<Item = &'a str>) {
         for aor in aors {
-            self.by_aor.remove(aor);
+            let key = self.key(aor);
+            self.by_aor.remove(&key);
         }
         self.epoch += 1;
     }
@@ -271,6 +291,9 @@ pub struct StateReader {
     providers_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
     bindings: Arc<Mutex<BindingCache>>,
+    /// How many bindings each edge node holds: counted once at open and after a snapshot
+    /// is installed, then kept by every `apply`, so metrics and keepalives need no scan.
+    edges: Arc<Mutex<HashMap<NodeId, u64>>>,
 }
 
 impl StateReader {
@@ -281,6 +304,33 @@ impl StateReader {
             providers_generation: Arc::default(),
             domains: Arc::default(),
             bindings: Arc::default(),
+            edges: Arc::default(),
+        }
+    }
+
+    /// Counts the bindings of every edge node afresh from the index by edge.
+    pub(crate) fn recount_edges(&self) -> Result<(), Error> {
+        let mut counts: HashMap<NodeId, u64> = HashMap::new();
+        for item in self.prefix_iter(&[key::BINDING_BY_EDGE]) {
+            let (k, _) = item.map_err(Error::db)?;
+            if let Some(edge) = k.get(1..9).and_then(|b| b.try_into().ok()) {
+                *counts.entry(NodeId::from_be_bytes(edge)).or_default() += 1;
+            }
+        }
+        *self.edges.lock().expect("edge counts") = counts;
+        Ok(())
+    }
+
+    /// Called by the state machine once a write that changed how many bindings each edge
+    /// node holds (by `deltas`) is visible in RocksDB.
+    pub(crate) fn edges_changed(&self, deltas: &BTreeMap<NodeId, i64>) {
+        let mut counts = self.edges.lock().expect("edge counts");
+        for (edge, delta) in deltas {
+            let n = counts.entry(*edge).or_default();
+            *n = n.saturating_add_signed(*delta);
+            if *n == 0 {
+                counts.remove(edge);
+            }
         }
     }
 
@@ -525,11 +575,56 @@ impl StateReader {
         )
     }
 
-    /// How many bindings `edge` holds, counted on the index alone (for metrics).
-    pub fn count_bindings_by_edge(&self, edge: NodeId) -> Result<usize, Error> {
-        Ok(self
-            .scan_keys(&key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]))?
-            .len())
+    /// Up to `limit` bindings registered through `edge`, in the order of their index
+    /// keys, starting after the index key `after` (none: from the first), and the key to
+    /// go on after when the page is full. A node's keepalives walk its bindings this way,
+    /// so they never hold them all in memory at once.
+    pub fn bindings_by_edge_page(
+        &self,
+        edge: NodeId,
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<(Vec<Binding>, Option<Vec<u8>>), Error> {
+        let prefix = key::with(key::BINDING_BY_EDGE, &[&edge.to_be_bytes()]);
+        let mut opts = ReadOptions::default();
+        if let Some(end) = prefix_end(&prefix) {
+            opts.set_iterate_upper_bound(end);
+        }
+        let start = after.unwrap_or(&prefix);
+        let keys = self.db.iterator_cf_opt(
+            self.cf(),
+            opts,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut page = Vec::new();
+        let mut last = None;
+        for item in keys {
+            let (k, _) = item.map_err(Error::db)?;
+            if after == Some(&k[..]) {
+                continue;
+            }
+            if page.len() == limit {
+                return Ok((page, last));
+            }
+            // The index key is the tag, the edge and a separator, then the binding's key.
+            let mut record_key = vec![key::BINDING];
+            record_key.extend_from_slice(k.get(prefix.len() + 1..).unwrap_or_default());
+            if let Some(record) = self.get(&record_key)? {
+                page.push(record);
+            }
+            last = Some(k.to_vec());
+        }
+        Ok((page, None))
+    }
+
+    /// How many bindings `edge` holds, without reading RocksDB (see `edges`).
+    pub fn count_bindings_by_edge(&self, edge: NodeId) -> u64 {
+        self.edges
+            .lock()
+            .expect("edge counts")
+            .get(&edge)
+            .copied()
+            .unwrap_or(0)
     }
 
     pub fn provider(&self, id: &str) -> Result<Option<Provider>, Error> {
@@ -695,6 +790,8 @@ pub(crate) fn is_derived(k: &[u8]) -> bool {
 pub(crate) struct Txn<'a> {
     reader: &'a StateReader,
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    /// How the number of bindings of each edge node changes.
+    edge_deltas: BTreeMap<NodeId, i64>,
 }
 
 impl<'a> Txn<'a> {
@@ -702,6 +799,7 @@ impl<'a> Txn<'a> {
         Txn {
             reader,
             overlay: BTreeMap::new(),
+            edge_deltas: BTreeMap::new(),
         }
     }
 
@@ -758,6 +856,16 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
+    fn count_edge(&mut self, edge: NodeId, delta: i64) {
+        *self.edge_deltas.entry(edge).or_default() += delta;
+    }
+
+    /// How this transaction changes the number of bindings of each edge node; take it
+    /// before [`Txn::into_batch`].
+    pub(crate) fn edge_deltas(&self) -> BTreeMap<NodeId, i64> {
+        self.edge_deltas.clone()
+    }
+
     /// Writes into `batch`, and returns the AORs whose bindings it writes (each once).
     pub(crate) fn into_batch(
         self,
@@ -795,6 +903,7 @@ impl<'a> Txn<'a> {
         match self.get::<Binding>(&k)? {
             Some(old) => {
                 self.delete(k);
+                self.count_edge(old.edge_node, -1);
                 self.delete(key::binding_by_edge(old.edge_node, aor, contact));
                 self.delete(key::binding_by_expiry(old.expires_at_ms, aor, contact));
                 Ok(true)
@@ -1056,6 +1165,7 @@ impl<'a> Txn<'a> {
             }
             Command::PutBinding(b) => {
                 if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
+                    self.count_edge(old.edge_node, -1);
                     self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
                     self.delete(key::binding_by_expiry(
                         old.expires_at_ms,
@@ -1063,6 +1173,7 @@ impl<'a> Txn<'a> {
                         &old.contact,
                     ));
                 }
+                self.count_edge(b.edge_node, 1);
                 self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
                 self.put(
                     key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),

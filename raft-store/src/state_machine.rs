@@ -33,15 +33,20 @@ const KEY_MEMBERSHIP: &[u8] = b"membership";
 const KEY_EXPIRY_INDEX: &[u8] = b"expiry_index";
 const SNAPSHOT_FILE: &str = "current.snapshot";
 
-/// What a snapshot's bytes hold.
+/// What a snapshot's bytes hold, as read (borrowed from them) when one is installed.
+/// `build_snapshot_now` writes the same encoding piece by piece.
 #[derive(Serialize, Deserialize)]
-struct SnapshotContent {
+struct SnapshotContent<'a> {
     last_applied: Option<LogId>,
     membership: StoredMembership,
-    records: Vec<(Vec<u8>, Vec<u8>)>,
+    #[serde(borrow)]
+    records: Vec<(&'a [u8], &'a [u8])>,
 }
 
-/// The snapshot file: its metadata and the bytes openraft transfers.
+/// The snapshot file's layout: its metadata and the bytes openraft transfers. It is
+/// written and read in pieces (`save_snapshot_file`, `read_snapshot_file`), never whole;
+/// the tests hold those pieces to this type, which earlier releases wrote whole.
+#[cfg(test)]
 #[derive(Serialize, Deserialize)]
 struct SnapshotFile {
     meta: SnapshotMeta,
@@ -149,18 +154,86 @@ impl StateMachine {
         self.snapshot_dir.join(SNAPSHOT_FILE)
     }
 
-    fn save_snapshot_file(&self, file: &SnapshotFile) -> Result<(), StorageError> {
+    /// Writes the snapshot file, an encoded [`SnapshotFile`], without holding its bytes in
+    /// memory: the header, then `write_data`, which must write exactly `data_len` bytes.
+    /// The file replaces the previous one atomically.
+    fn save_snapshot_file(
+        &self,
+        meta: &SnapshotMeta,
+        data_len: usize,
+        write_data: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()>,
+    ) -> Result<(), StorageError> {
         use std::io::Write;
-        let bytes = postcard::to_stdvec(file).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let encode = |e: postcard::Error| std::io::Error::other(e);
         let tmp = self.snapshot_dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
+            let mut f = Counted::new(std::io::BufWriter::new(std::fs::File::create(&tmp)?));
+            // A postcard `Vec<u8>` is its length, then its bytes.
+            f.write_all(&postcard::to_stdvec(meta).map_err(encode)?)?;
+            f.write_all(&postcard::to_stdvec(&data_len).map_err(encode)?)?;
+            let header = f.written;
+            write_data(&mut f)?;
+            if f.written - header != data_len {
+                return Err(std::io::Error::other(format!(
+                    "the snapshot's data came to {} bytes, not the {data_len} announced",
+                    f.written - header
+                )));
+            }
+            let file = f.inner.into_inner().map_err(|e| e.into_error())?;
+            file.sync_all()?;
             std::fs::rename(&tmp, self.snapshot_path())?;
             std::fs::File::open(&self.snapshot_dir)?.sync_all()
         };
         write().map_err(|e| snap_err(ErrorVerb::Write, e))
+    }
+
+    /// The newest snapshot's metadata and data, read from its file: one copy of the data
+    /// in memory, the header cut off in place.
+    fn read_snapshot_file(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+        let mut bytes = match std::fs::read(self.snapshot_path()) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
+        };
+        let bad = |e: postcard::Error| snap_err(ErrorVerb::Read, e);
+        let (meta, rest) = postcard::take_from_bytes::<SnapshotMeta>(&bytes).map_err(bad)?;
+        let (len, rest) = postcard::take_from_bytes::<usize>(rest).map_err(bad)?;
+        if rest.len() != len {
+            return Err(snap_err(
+                ErrorVerb::Read,
+                format!(
+                    "the snapshot file holds {} bytes of data, not {len}",
+                    rest.len()
+                ),
+            ));
+        }
+        let header = bytes.len() - len;
+        bytes.drain(..header);
+        Ok(Some((meta, bytes)))
+    }
+}
+
+/// A writer that counts the bytes written through it.
+struct Counted<W> {
+    inner: W,
+    written: usize,
+}
+
+impl<W> Counted<W> {
+    fn new(inner: W) -> Counted<W> {
+        Counted { inner, written: 0 }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Counted<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -191,24 +264,27 @@ impl StateMachine {
         let last_applied: Option<LogId> = decode(read(CF_SM_META, KEY_LAST_APPLIED)?)?;
         let membership: StoredMembership =
             decode(read(CF_SM_META, KEY_MEMBERSHIP)?)?.unwrap_or_default();
-        let mut records = Vec::new();
-        let mut opts = ReadOptions::default();
-        opts.set_snapshot(&snap);
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_SM_DATA), opts, IteratorMode::Start)
-        {
-            let (k, v) = item.map_err(|e| snap_err(ErrorVerb::Read, e))?;
-            if !is_derived(&k) {
-                records.push((k.to_vec(), v.to_vec()));
-            }
-        }
-        let content = SnapshotContent {
-            last_applied,
-            membership: membership.clone(),
-            records,
+        // The records are encoded straight into the file, in two passes over the same
+        // RocksDB snapshot: the first sizes them, since the file announces the data's
+        // length before the data. The whole state is never held in memory at once.
+        let records = || {
+            let mut opts = ReadOptions::default();
+            opts.set_snapshot(&snap);
+            self.db
+                .iterator_cf_opt(self.cf(CF_SM_DATA), opts, IteratorMode::Start)
+                .filter(|item| !item.as_ref().is_ok_and(|(k, _)| is_derived(k)))
         };
-        let data = postcard::to_stdvec(&content).map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        let encode = |e: postcard::Error| snap_err(ErrorVerb::Write, e);
+        let (mut count, mut records_len) = (0usize, 0usize);
+        for item in records() {
+            let (k, v) = item.map_err(|e| snap_err(ErrorVerb::Read, e))?;
+            count += 1;
+            records_len += postcard::experimental::serialized_size(&(&*k, &*v)).map_err(encode)?;
+        }
+        // Encoded as a `SnapshotContent`: its fields in order, the records as a sequence.
+        let head = postcard::to_stdvec(&(&last_applied, &membership)).map_err(encode)?;
+        let count_bytes = postcard::to_stdvec(&count).map_err(encode)?;
+        let data_len = head.len() + count_bytes.len() + records_len;
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -222,19 +298,29 @@ impl StateMachine {
             last_membership: membership,
             snapshot_id,
         };
-        let file = SnapshotFile {
-            meta: meta.clone(),
-            data,
-        };
-        self.save_snapshot_file(&file)?;
+        self.save_snapshot_file(&meta, data_len, |out| {
+            out.write_all(&head)?;
+            out.write_all(&count_bytes)?;
+            for item in records() {
+                let (k, v) = item.map_err(std::io::Error::other)?;
+                postcard::to_io(&(&*k, &*v), &mut *out).map_err(std::io::Error::other)?;
+            }
+            Ok(())
+        })?;
+        // openraft 0.9 keeps only the metadata of a snapshot it had built; the data goes
+        // to whoever calls with this, read back as one copy.
+        let (_, data) = self
+            .read_snapshot_file()?
+            .ok_or_else(|| snap_err(ErrorVerb::Read, "the snapshot just written is gone"))?;
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(file.data)),
+            snapshot: Box::new(Cursor::new(data)),
         })
     }
 
     fn install_snapshot_now(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
-        let content: SnapshotContent =
+        // Borrowed from `data`: the records are not copied but into the write batch.
+        let content: SnapshotContent<'_> =
             postcard::from_bytes(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let mut batch = WriteBatch::default();
         let cf_data = self.cf(CF_SM_DATA);
@@ -269,13 +355,13 @@ impl StateMachine {
             meta.last_log_id
                 .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
         )?;
+        self.reader
+            .recount_edges()
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.reader.accounts_changed();
         self.reader.providers_changed();
         self.reader.all_bindings_changed();
-        self.save_snapshot_file(&SnapshotFile {
-            meta: meta.clone(),
-            data,
-        })
+        self.save_snapshot_file(meta, data.len(), |out| out.write_all(&data))
     }
 }
 
@@ -345,6 +431,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         let mut batch = WriteBatch::default();
+        let edge_deltas = txn.edge_deltas();
         let aors = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
         let meta = self.cf(CF_SM_META);
         if let Some(l) = last_applied {
@@ -365,6 +452,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !aors.is_empty() {
             self.reader
                 .bindings_changed(aors.iter().map(String::as_str));
+        }
+        if !edge_deltas.is_empty() {
+            self.reader.edges_changed(&edge_deltas);
         }
         if accounts_changed {
             self.reader.accounts_changed();
@@ -393,16 +483,70 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let bytes = match std::fs::read(self.snapshot_path()) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(snap_err(ErrorVerb::Read, e)),
-        };
-        let file: SnapshotFile =
-            postcard::from_bytes(&bytes).map_err(|e| snap_err(ErrorVerb::Read, e))?;
-        Ok(Some(Snapshot {
-            meta: file.meta,
-            snapshot: Box::new(Cursor::new(file.data)),
+        Ok(self.read_snapshot_file()?.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command::{Account, Command};
+    use crate::types::Request;
+    use openraft::{CommittedLeaderId, LogId as RaftLogId};
+
+    /// The snapshot written piece by piece is byte for byte what encoding it whole gave,
+    /// so files written by earlier releases still read and the two can be mixed.
+    #[tokio::test]
+    async fn a_snapshot_is_streamed_in_the_layout_it_had_when_encoded_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = crate::open(dir.path()).unwrap();
+        let commands: Vec<Command> = (0..300)
+            .map(|i| {
+                Command::PutAccount(Account {
+                    user: format!("u{i}"),
+                    domain: "example.com".into(),
+                    customer: "c1".into(),
+                    ha1: vec![],
+                    enabled: true,
+                    max_contacts: 5,
+                    max_concurrent_calls: 2,
+                })
+            })
+            .collect();
+        let entry = Entry {
+            log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Request {
+                commands: commands.iter().map(Command::encode).collect(),
+            }),
+        };
+        sm.apply(vec![entry]).await.unwrap();
+        let built = sm.build_snapshot().await.unwrap();
+        let file = std::fs::read(sm.snapshot_path()).unwrap();
+
+        let mut records = Vec::new();
+        for item in sm.db.iterator_cf(sm.cf(CF_SM_DATA), IteratorMode::Start) {
+            let (k, v) = item.unwrap();
+            if !is_derived(&k) {
+                records.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        assert!(records.len() >= 300);
+        let whole = SnapshotFile {
+            meta: built.meta.clone(),
+            data: postcard::to_stdvec(&SnapshotContent {
+                last_applied: built.meta.last_log_id,
+                membership: built.meta.last_membership.clone(),
+                records: records.iter().map(|(k, v)| (&k[..], &v[..])).collect(),
+            })
+            .unwrap(),
+        };
+        assert_eq!(file, postcard::to_stdvec(&whole).unwrap());
+        assert_eq!(built.snapshot.into_inner(), whole.data);
+        let current = sm.get_current_snapshot().await.unwrap().unwrap();
+        assert_eq!(current.meta, whole.meta);
+        assert_eq!(current.snapshot.into_inner(), whole.data);
     }
 }

@@ -20,6 +20,39 @@ const MEMTABLE_BUDGET: usize = 32 << 20;
 /// Bytes of the one block cache every column family shares.
 const BLOCK_CACHE: usize = 16 << 20;
 
+/// What a RocksDB instance holds in memory, by its own estimates: its memtables, the
+/// readers of its table files (their index and filter blocks, unless the block cache holds
+/// them) and its block cache. Reported in the metrics, so a node's memory can be told
+/// apart from what its stores hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreMemory {
+    pub memtables: u64,
+    pub table_readers: u64,
+    pub block_cache: u64,
+}
+
+impl StoreMemory {
+    /// Summed over `families` (none: the default family), the block cache counted once,
+    /// as the families share it.
+    pub fn of(db: &DB, families: &[&rocksdb::ColumnFamily]) -> StoreMemory {
+        let mut m = StoreMemory::default();
+        let mut add = |read: &dyn Fn(&str) -> Option<u64>| {
+            m.memtables += read("rocksdb.cur-size-all-mem-tables").unwrap_or(0);
+            m.table_readers += read("rocksdb.estimate-table-readers-mem").unwrap_or(0);
+            m.block_cache = m
+                .block_cache
+                .max(read("rocksdb.block-cache-usage").unwrap_or(0));
+        };
+        if families.is_empty() {
+            add(&|name| db.property_int_value(name).ok().flatten());
+        }
+        for cf in families {
+            add(&|name| db.property_int_value_cf(*cf, name).ok().flatten());
+        }
+        m
+    }
+}
+
 /// Opens (creating if needed) RocksDB in `dir/db` with every column family, and the
 /// directory `dir/snapshots` for the newest snapshot, which it returns.
 pub(crate) fn open_db(dir: &Path) -> Result<(Arc<DB>, PathBuf), Error> {

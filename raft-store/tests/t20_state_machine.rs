@@ -140,6 +140,57 @@ async fn bindings_and_their_edge_index_move_together() {
     assert!(reader.bindings_by_edge(2).unwrap().is_empty());
 }
 
+/// Keepalives walk a node's bindings page by page: every binding of that edge once, in
+/// pages no larger than asked, none of another edge, and pages stay in step across a write
+/// made between them.
+#[tokio::test]
+async fn an_edges_bindings_are_read_page_by_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let mut commands: Vec<Command> = (0..7)
+        .map(|i| Command::PutBinding(binding(&format!("sip:u{i}@x"), "<sip:c@h>", 2, 100)))
+        .collect();
+    commands.push(Command::PutBinding(binding("sip:z@x", "<sip:c@h>", 1, 100)));
+    commands.push(Command::PutBinding(binding("sip:z@x", "<sip:d@h>", 3, 100)));
+    apply(&mut sm, 1, commands).await;
+    let reader = sm.reader();
+    assert_eq!(reader.count_bindings_by_edge(2), 7);
+    let (mut seen, mut after, mut pages) = (Vec::new(), None::<Vec<u8>>, 0);
+    loop {
+        let (page, next) = reader
+            .bindings_by_edge_page(2, after.as_deref(), 3)
+            .unwrap();
+        assert!(page.len() <= 3);
+        pages += 1;
+        if pages == 2 {
+            // A binding added behind the cursor is left for the next round; one ahead of it is met.
+            apply(
+                &mut sm,
+                2,
+                vec![
+                    Command::PutBinding(binding("sip:u0@x", "<sip:late@h>", 2, 100)),
+                    Command::PutBinding(binding("sip:u9@x", "<sip:c@h>", 2, 100)),
+                ],
+            )
+            .await;
+        }
+        seen.extend(page.into_iter().map(|b| (b.aor, b.contact, b.edge_node)));
+        match next {
+            Some(k) => after = Some(k),
+            None => break,
+        }
+    }
+    let mut expected: Vec<(String, String, u64)> = (0..7)
+        .chain([9])
+        .map(|i| (format!("sip:u{i}@x"), "<sip:c@h>".to_owned(), 2))
+        .collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert_eq!(pages, 3);
+    let (all, next) = reader.bindings_by_edge_page(2, None, 100).unwrap();
+    assert_eq!((all.len(), next), (9, None));
+}
+
 #[tokio::test]
 async fn writes_within_one_apply_see_each_other() {
     let dir = tempfile::tempdir().unwrap();
@@ -571,6 +622,93 @@ async fn the_sweep_removes_through_the_expiry_index_exactly_what_a_full_scan_wou
         let wanted: Vec<_> = model.iter().map(|(k, &v)| (k.clone(), v)).collect();
         assert_eq!(stored, wanted, "round {round}");
     }
+}
+
+/// The number of bindings of each edge node, which metrics and keepalives read without a
+/// scan, stays what a scan of the index by edge finds: through registrations that move a
+/// binding from one edge to another, removals, sweeps, account deletions, a snapshot
+/// installed elsewhere and a reopen.
+#[tokio::test]
+async fn each_edges_count_of_bindings_stays_what_a_scan_finds() {
+    use rand::{Rng, SeedableRng};
+    let dir = tempfile::tempdir().unwrap();
+    let (log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+    let agree = |reader: &tandem_raft_store::state::StateReader, when: &str| {
+        for edge in 1..=3 {
+            assert_eq!(
+                reader.count_bindings_by_edge(edge),
+                reader.bindings_by_edge(edge).unwrap().len() as u64,
+                "edge {edge}, {when}"
+            );
+        }
+    };
+    apply(&mut sm, 1, vec![Command::PutAccount(account("d", "x"))]).await;
+    for round in 0..150u64 {
+        let mut commands = Vec::new();
+        for _ in 0..rng.gen_range(1..6) {
+            let aor = ["sip:a@x", "sip:ab@x", "sip:d@x"][rng.gen_range(0..3)];
+            let contact = format!("<sip:{}>", rng.gen_range(0..3));
+            commands.push(match rng.gen_range(0..10) {
+                0 => Command::RemoveBinding {
+                    aor: aor.into(),
+                    contact,
+                },
+                1 => Command::RemoveAllBindings { aor: aor.into() },
+                2 => Command::ExpireBindings {
+                    now_ms: round * 10,
+                    limit: 2,
+                },
+                3 => Command::PutAccount(account("d", "x")),
+                _ => Command::PutBinding(binding(
+                    aor,
+                    &contact,
+                    rng.gen_range(1..=3),
+                    round * 10 + rng.gen_range(0..100),
+                )),
+            });
+        }
+        apply(&mut sm, round + 2, commands).await;
+        agree(&sm.reader(), &format!("round {round}"));
+    }
+    apply(
+        &mut sm,
+        200,
+        vec![Command::DeleteAccount {
+            user: "d".into(),
+            domain: "x".into(),
+        }],
+    )
+    .await;
+    agree(&sm.reader(), "after the account was deleted");
+    let snapshot = sm.build_snapshot().await.unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+    apply(
+        &mut other,
+        1,
+        vec![Command::PutBinding(binding("sip:z@x", "<sip:9>", 2, 5))],
+    )
+    .await;
+    other
+        .install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    agree(&other.reader(), "after a snapshot was installed");
+    let before: Vec<u64> = (1..=3)
+        .map(|e| sm.reader().count_bindings_by_edge(e))
+        .collect();
+    assert!(
+        before.iter().sum::<u64>() > 0,
+        "the test left some bindings"
+    );
+    drop((log, sm));
+    let (_log, sm) = reopen(dir.path()).await;
+    agree(&sm.reader(), "after reopening");
+    let after: Vec<u64> = (1..=3)
+        .map(|e| sm.reader().count_bindings_by_edge(e))
+        .collect();
+    assert_eq!(before, after);
 }
 
 #[tokio::test]

@@ -118,7 +118,8 @@ pub struct Agents {
 
 impl Agents {
     /// Builds the agents over the cluster and a started stack, and returns the app server
-    /// too (the admin API starts callbacks on it). The authenticator (one nonce key, one
+    /// too (the admin API starts callbacks on it) and the authenticator (whose nonce keys a
+    /// task keeps in step with the other nodes). The authenticator (one nonce key, one
     /// replay bound and one lockout per node) is shared by the registrar's 401s and the
     /// proxy's 407s.
     #[allow(clippy::too_many_arguments)]
@@ -134,7 +135,7 @@ impl Agents {
         board: &Arc<Board>,
         resolver: &crate::stack::resolve::Resolver,
         cdrs: Option<cdr::Recorder>,
-    ) -> (Agents, Arc<app_server::AppServer>) {
+    ) -> (Agents, Arc<app_server::AppServer>, Arc<Authenticator>) {
         let settings = RegistrarSettings::from_config(&config.registrar);
         let auth = Arc::new(Authenticator::new(
             cluster.clone(),
@@ -179,7 +180,7 @@ impl Agents {
             cluster.clone(),
             overlay.clone(),
             settings,
-            auth,
+            auth.clone(),
         ));
         let inbound = Arc::new(ProviderInbound {
             board: board.clone(),
@@ -196,7 +197,7 @@ impl Agents {
             serving: serving.into(),
             dialogs,
         };
-        (agents, app_server)
+        (agents, app_server, auth)
     }
 
     /// The first agent that takes `request`.

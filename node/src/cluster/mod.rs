@@ -63,6 +63,18 @@ pub struct ClusterNode {
 /// What answers other nodes' questions on one topic.
 pub type AgentAnswer = Arc<dyn Fn(&str) -> String + Send + Sync>;
 
+/// The question a node's cluster layer answers with the ids of the master keys it holds in
+/// memory (not re-reading its key file), as space-separated numbers: what nonces are
+/// signed under through a key rotation (`Authenticator::agree_on_nonce_keys`). A node from
+/// before this question answers "unknown question", which [`parse_key_ids`] refuses.
+pub const KEYS_QUESTION: &str = "keys";
+
+/// The key ids in an answer to [`KEYS_QUESTION`], or `None` if it is not one.
+pub fn parse_key_ids(answer: &str) -> Option<Vec<u32>> {
+    let ids: Option<Vec<u32>> = answer.split_whitespace().map(|w| w.parse().ok()).collect();
+    ids.filter(|ids| !ids.is_empty())
+}
+
 /// How often the leader asks the members which feature version they support.
 const FEATURES_EVERY: Duration = Duration::from_secs(5);
 
@@ -176,6 +188,17 @@ impl ClusterNode {
         let keys = Arc::new(RwLock::new(keys));
         let agent_hook = AgentHook::default();
         let agent_topics: Arc<RwLock<HashMap<&'static str, AgentAnswer>>> = Arc::default();
+        {
+            let ring = keys.clone();
+            let held: AgentAnswer = Arc::new(move |_: &str| {
+                let ids = ring.read().expect("key ring lock").ids();
+                ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" ")
+            });
+            agent_topics
+                .write()
+                .expect("agent topics")
+                .insert(KEYS_QUESTION, held);
+        }
         {
             let topics = agent_topics.clone();
             let _ = agent_hook.set(Arc::new(move |q: &str| {

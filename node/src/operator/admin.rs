@@ -61,6 +61,8 @@ pub struct Admin {
     pub default_retention_days: u32,
     /// The app server, once the SIP stack runs (never on a witness): callbacks.
     pub app_server: AppServerSlot,
+    /// `admin.metrics_need_token`.
+    pub metrics_need_token: bool,
     token: Arc<str>,
 }
 
@@ -224,6 +226,7 @@ impl Admin {
             cdrs,
             default_retention_days,
             app_server,
+            metrics_need_token: false,
             token: token.into(),
         }
     }
@@ -768,6 +771,23 @@ impl Admin {
                 );
             }
         }
+        let name = "tandem_store_memory_bytes";
+        let _ = writeln!(
+            out,
+            "# HELP {name} What RocksDB holds in memory by its own estimate, per store (the replicated state, the call records) and kind: memtables, table readers (index and filter blocks outside the block cache), block cache.\n# TYPE {name} gauge"
+        );
+        let stores = [("raft", replica.store_memory())]
+            .into_iter()
+            .chain(self.cdrs.iter().map(|(store, _)| ("cdr", store.memory())));
+        for (store, m) in stores {
+            for (kind, bytes) in [
+                ("memtables", m.memtables),
+                ("table_readers", m.table_readers),
+                ("block_cache", m.block_cache),
+            ] {
+                let _ = writeln!(out, "{name}{{store=\"{store}\",kind=\"{kind}\"}} {bytes}");
+            }
+        }
         let name = "tandem_provider_responses_total";
         let _ = writeln!(
             out,
@@ -810,7 +830,7 @@ impl Admin {
         );
         let reader = replica.reader();
         for node in reader.nodes().unwrap_or_default() {
-            let n = reader.count_bindings_by_edge(node.id).unwrap_or(0);
+            let n = reader.count_bindings_by_edge(node.id);
             let _ = writeln!(out, "{name}{{edge_node=\"{}\"}} {n}", node.id);
         }
         let name = "tandem_sip_peer_up";
@@ -924,9 +944,15 @@ pub fn serve(
     let metrics = warp::path!("metrics")
         .and(warp::get())
         .and(state.clone())
-        .map(|a: Arc<Admin>| {
-            warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
-                .into_response()
+        .and(auth)
+        .and_then(|a: Arc<Admin>, header: Option<String>| async move {
+            if a.metrics_need_token {
+                a.authorize(header).map_err(warp::reject::custom)?;
+            }
+            Ok::<_, warp::Rejection>(
+                warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
+                    .into_response(),
+            )
         });
 
     // Routes under /v1 match their path and method first, then check the token, so an

@@ -353,6 +353,15 @@ impl Replica {
         &self.propose_stats
     }
 
+    /// What this node's RocksDB holds in memory (log, state and their metadata).
+    pub fn store_memory(&self) -> crate::store::StoreMemory {
+        let families: Vec<_> = crate::store::ALL_CFS
+            .into_iter()
+            .filter_map(|name| self.db.cf_handle(name))
+            .collect();
+        crate::store::StoreMemory::of(&self.db, &families)
+    }
+
     pub fn metrics(&self) -> RaftMetrics<NodeId, NodeInfo> {
         self.raft.metrics().borrow().clone()
     }

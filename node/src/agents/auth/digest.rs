@@ -95,25 +95,66 @@ pub enum NonceCheck {
 
 /// Issues and checks stateless nonces.
 pub struct NonceKey {
-    key: hmac::Key,
+    keys: std::sync::RwLock<NonceKeys>,
     lifetime_secs: u64,
     /// This node's id, written into every nonce it issues.
     node: String,
 }
 
+/// The keys nonces are signed and checked with, each derived from one master key.
+struct NonceKeys {
+    /// The id of the master key new nonces are signed under.
+    issue_id: u32,
+    /// Every key the node holds, by master key id, newest first: a nonce signed under
+    /// any of them is this cluster's.
+    all: Vec<(u32, hmac::Key)>,
+}
+
+impl NonceKeys {
+    fn new(secrets: &[(u32, [u8; 32])], issue_id: u32) -> NonceKeys {
+        let all: Vec<(u32, hmac::Key)> = secrets
+            .iter()
+            .map(|(id, secret)| (*id, hmac::Key::new(hmac::HMAC_SHA256, secret)))
+            .collect();
+        let issue_id = if all.iter().any(|(id, _)| *id == issue_id) {
+            issue_id
+        } else {
+            all.first().map_or(0, |(id, _)| *id)
+        };
+        NonceKeys { issue_id, all }
+    }
+}
+
 impl NonceKey {
-    /// `secret` is shared by every node (derived from the master key); `node` is this
-    /// node's id.
-    pub fn new(secret: &[u8], lifetime_secs: u64, node: u64) -> NonceKey {
+    /// `secrets` (by master key id, newest first; at least one) are shared by every node
+    /// holding those keys (derived from the master keys); new nonces are signed under
+    /// `issue_id`'s. `node` is this node's id.
+    pub fn new(
+        secrets: &[(u32, [u8; 32])],
+        issue_id: u32,
+        lifetime_secs: u64,
+        node: u64,
+    ) -> NonceKey {
         NonceKey {
-            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+            keys: std::sync::RwLock::new(NonceKeys::new(secrets, issue_id)),
             lifetime_secs,
             node: format!("{node:x}"),
         }
     }
 
-    fn mac(&self, issued: &str, node: &str, salt: &str, realm: &str) -> String {
-        let mut mac = hmac::Context::with_key(&self.key);
+    /// Replaces the keys, after the key file was loaded again or the nodes agreed on
+    /// another key to sign under (see `Authenticator::agree_on_nonce_keys`).
+    pub fn set_keys(&self, secrets: &[(u32, [u8; 32])], issue_id: u32) {
+        *self.keys.write().expect("nonce keys") = NonceKeys::new(secrets, issue_id);
+    }
+
+    /// The id of the master key new nonces are signed under.
+    pub fn issue_id(&self) -> u32 {
+        self.keys.read().expect("nonce keys").issue_id
+    }
+
+    fn mac(key: &hmac::Key, issued: &str, node: &str, salt: &str, realm: &str) -> String {
+        let mut mac = hmac::Context::with_key(key);
         for part in [issued, ".", node, ".", salt, ".", realm] {
             mac.update(part.as_bytes());
         }
@@ -128,7 +169,16 @@ impl NonceKey {
         // A CSPRNG seeded from the OS, without a system call per challenge.
         rand::thread_rng().fill_bytes(&mut salt);
         let (issued, salt) = (format!("{now_secs:x}"), hex(&salt));
-        let mac = self.mac(&issued, &self.node, &salt, realm);
+        let mac = {
+            let keys = self.keys.read().expect("nonce keys");
+            let key = keys
+                .all
+                .iter()
+                .find(|(id, _)| *id == keys.issue_id)
+                .map(|(_, k)| k)
+                .expect("the key to issue under is one of the keys");
+            Self::mac(key, &issued, &self.node, &salt, realm)
+        };
         format!("{issued}.{}.{salt}.{mac}", self.node)
     }
 
@@ -152,10 +202,21 @@ impl NonceKey {
         let Ok(issued) = u64::from_str_radix(issued_hex, 16) else {
             return NonceCheck::Invalid;
         };
-        if !same(
-            mac.as_bytes(),
-            self.mac(issued_hex, node, salt, realm).as_bytes(),
-        ) {
+        // Any key the node holds: during a key rotation, nodes sign under the key they all
+        // hold, and a nonce signed under an older key stays good for its lifetime.
+        let signed = self
+            .keys
+            .read()
+            .expect("nonce keys")
+            .all
+            .iter()
+            .any(|(_, key)| {
+                same(
+                    mac.as_bytes(),
+                    Self::mac(key, issued_hex, node, salt, realm).as_bytes(),
+                )
+            });
+        if !signed {
             return NonceCheck::Invalid;
         }
         // A nonce from the future (another node's clock ahead) is accepted within a minute.
@@ -586,9 +647,9 @@ mod tests {
 
     #[test]
     fn nonces_verify_on_any_node_with_the_secret_and_go_stale() {
-        let a = NonceKey::new(b"cluster secret", 300, 1);
-        let b = NonceKey::new(b"cluster secret", 300, 2);
-        let other = NonceKey::new(b"another cluster", 300, 1);
+        let a = NonceKey::new(&[(1, [7; 32])], 1, 300, 1);
+        let b = NonceKey::new(&[(1, [7; 32])], 1, 300, 2);
+        let other = NonceKey::new(&[(1, [8; 32])], 1, 300, 1);
         let n = a.issue("example.com", 1_000);
         assert_ne!(
             n,
@@ -620,6 +681,52 @@ mod tests {
             b.check(&parts.join("."), "example.com", 1_100),
             NonceCheck::Invalid
         );
+    }
+
+    /// Through a key rotation: a node that holds the new key as well signs under the one
+    /// it was told every node holds, and takes nonces signed under either; once signing
+    /// moves to the new key, nonces under the old one stay good until they go stale.
+    #[test]
+    fn nonces_survive_a_key_rotation_between_nodes() {
+        let (old, new) = ((1, [7; 32]), (2, [9; 32]));
+        let rotated = NonceKey::new(&[new, old], 1, 300, 1);
+        let not_yet = NonceKey::new(&[old], 1, 300, 2);
+        assert_eq!(rotated.issue_id(), 1);
+        let from_rotated = rotated.issue("example.com", 1_000);
+        let from_not_yet = not_yet.issue("example.com", 1_000);
+        assert_eq!(
+            not_yet.check(&from_rotated, "example.com", 1_100),
+            NonceCheck::Stale
+        );
+        assert_eq!(
+            rotated.check(&from_not_yet, "example.com", 1_100),
+            NonceCheck::Stale
+        );
+        // Every node holds the new key now: signing moves to it.
+        not_yet.set_keys(&[new, old], 2);
+        rotated.set_keys(&[new, old], 2);
+        let signed_new = rotated.issue("example.com", 1_200);
+        assert_eq!(
+            not_yet.check(&signed_new, "example.com", 1_250),
+            NonceCheck::Stale
+        );
+        assert_eq!(
+            rotated.check(&from_rotated, "example.com", 1_250),
+            NonceCheck::Fresh(1_000)
+        );
+        // Without the old key, only its nonces fail.
+        rotated.set_keys(&[new], 2);
+        assert_eq!(
+            rotated.check(&from_rotated, "example.com", 1_250),
+            NonceCheck::Invalid
+        );
+        assert_eq!(
+            rotated.check(&signed_new, "example.com", 1_250),
+            NonceCheck::Fresh(1_200)
+        );
+        // An id the node does not hold falls back to its newest key.
+        rotated.set_keys(&[new, old], 5);
+        assert_eq!(rotated.issue_id(), 2);
     }
 
     #[test]

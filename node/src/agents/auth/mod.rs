@@ -1,8 +1,10 @@
 //! Digest authentication of requests against the local replica (RFC 3261 §22, RFC 8760),
 //! shared by the registrar (401, WWW-Authenticate, Authorization) and the proxy (407,
 //! Proxy-Authenticate, Proxy-Authorization). One [`Authenticator`] per node holds the
-//! nonce key (derived from the master key, so any node knows the cluster's nonces, though
-//! only the issuing node accepts credentials on one), the bound on nonce-count replays,
+//! nonce keys (derived from the master keys, so any node knows the cluster's nonces, though
+//! only the issuing node accepts credentials on one; through a key rotation the nodes sign
+//! under the newest key they all hold, see [`Authenticator::agree_on_nonce_keys`]), the
+//! bound on nonce-count replays,
 //! the lockout of accounts (and addresses) that keep guessing from one address, counting
 //! only guesses that prove a round trip, and the accounts it has opened (their HA1s
 //! decrypted), kept until the accounts change.
@@ -54,6 +56,34 @@ const FAILURE_TABLE_MAX: usize = 100_000;
 /// Most opened accounts an [`Authenticator`] keeps; past this it starts afresh, so memory
 /// stays bounded however many accounts log in.
 const OPENED_MAX: usize = 16_384;
+
+/// What the nonce keys are derived from each master key with.
+const NONCE_LABEL: &str = "tandem digest nonces";
+/// How often a node asks the others which master keys they hold, to sign nonces under the
+/// newest key they all hold.
+const NONCE_KEYS_EVERY: Duration = Duration::from_secs(30);
+
+/// The nonce secret of each master key in `ring`, by key id, newest first.
+fn nonce_secrets(ring: &tandem_raft_store::crypto::KeyRing) -> Vec<(u32, [u8; 32])> {
+    ring.ids()
+        .into_iter()
+        .rev()
+        .zip(ring.derive_all(NONCE_LABEL))
+        .collect()
+}
+
+/// The master key to sign nonces under: the newest of `own` that every other member that
+/// answered (`peers`, the ids each holds) holds too, so any node can check any nonce; with
+/// none in common, the oldest of `own`, which a node that has not yet loaded a rotated key
+/// file still holds.
+pub fn nonce_key_to_issue(own: &[u32], peers: &[Vec<u32>]) -> u32 {
+    own.iter()
+        .filter(|id| peers.iter().all(|held| held.contains(id)))
+        .max()
+        .or_else(|| own.iter().min())
+        .copied()
+        .unwrap_or_default()
+}
 
 /// Who is asking for credentials: a registrar (the UAS itself) or a proxy on the way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -195,13 +225,17 @@ impl Authenticator {
         stats: Arc<Stats>,
         own: OwnAddrs,
     ) -> Authenticator {
-        let secret = cluster.keys().derive("tandem digest nonces");
+        let ring = cluster.keys();
         let node = cluster.identity.node_id;
+        // Until the others have said which keys they hold (see `agree_on_nonce_keys`),
+        // the oldest key: a node restarted with a rotated key file holds the new key, and
+        // the others may not yet.
+        let oldest = ring.ids().first().copied().unwrap_or_default();
         Authenticator {
             cluster,
             algorithms,
             sha256_agents,
-            nonces: NonceKey::new(&secret, nonce_lifetime_secs, node),
+            nonces: NonceKey::new(&nonce_secrets(&ring), oldest, nonce_lifetime_secs, node),
             replays: Mutex::new(ReplayGuard::new(100_000, nonce_lifetime_secs)),
             failures: Mutex::new(FailureLimiter::new(
                 GUESSES_BEFORE_LOCKOUT,
@@ -218,6 +252,52 @@ impl Authenticator {
             opened: Mutex::default(),
             stats,
             own,
+        }
+    }
+
+    /// Keeps the nonce keys in step with the key ring and with the other nodes: every
+    /// [`NONCE_KEYS_EVERY`], asks each member which master keys it holds and signs new
+    /// nonces under the newest one they all hold ([`nonce_key_to_issue`]), checking nonces
+    /// against every key this node holds. So a rolling restart after a key rotation, with
+    /// some nodes holding the new key and some not yet, leaves every node able to check
+    /// every other node's nonces; a member that does not answer is left out until it does.
+    pub async fn agree_on_nonce_keys(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let me = self.cluster.identity.node_id;
+        loop {
+            let ring = self.cluster.keys();
+            let (mut peers, mut asked) = (Vec::new(), 0);
+            for member in self.cluster.replica.members() {
+                if member.id == me {
+                    continue;
+                }
+                asked += 1;
+                let answer = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    a = self.cluster.ask_agent(member.id, crate::cluster::KEYS_QUESTION) => a,
+                };
+                if let Some(held) = answer.as_deref().and_then(crate::cluster::parse_key_ids) {
+                    peers.push(held);
+                }
+            }
+            let before = self.nonces.issue_id();
+            // Nobody answered: nothing new is known about the others.
+            let issue = if asked > 0 && peers.is_empty() {
+                before
+            } else {
+                nonce_key_to_issue(&ring.ids(), &peers)
+            };
+            self.nonces.set_keys(&nonce_secrets(&ring), issue);
+            if before != issue {
+                tracing::info!(
+                    key = issue,
+                    was = before,
+                    "nonces are now signed under another master key"
+                );
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(NONCE_KEYS_EVERY) => {}
+            }
         }
     }
 
@@ -318,6 +398,12 @@ impl Authenticator {
         };
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
+        };
+        // Opened, the sealed HA1s are no longer needed: the cache keeps the account without
+        // them (about half its size), one entry per login it has seen.
+        let account = Account {
+            ha1: Vec::new(),
+            ..account
         };
         let (account, ha1) = (Arc::new(account), Arc::<str>::from(ha1));
         let mut opened = self.opened.lock().expect("opened accounts");
@@ -500,6 +586,25 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Through a rotation and the removal of the old key afterwards, the key nonces are
+    /// signed under is one every node that answered holds.
+    #[test]
+    fn nonces_are_signed_under_the_newest_key_every_node_holds() {
+        // Rotated here, not yet elsewhere; then everywhere; then the old key dropped here
+        // while another node still holds both.
+        assert_eq!(nonce_key_to_issue(&[1, 2], &[vec![1], vec![1, 2]]), 1);
+        assert_eq!(nonce_key_to_issue(&[1, 2], &[vec![1, 2], vec![1, 2]]), 2);
+        assert_eq!(nonce_key_to_issue(&[2], &[vec![1, 2], vec![1, 2]]), 2);
+        assert_eq!(nonce_key_to_issue(&[1, 2], &[vec![2]]), 2);
+        // Alone: the newest. Nothing in common: the oldest key held here.
+        assert_eq!(nonce_key_to_issue(&[1, 2], &[]), 2);
+        assert_eq!(nonce_key_to_issue(&[1, 2], &[vec![3]]), 1);
+        // What nodes answer, and what a node from before the question answers.
+        assert_eq!(crate::cluster::parse_key_ids("1 2"), Some(vec![1, 2]));
+        assert_eq!(crate::cluster::parse_key_ids("unknown question"), None);
+        assert_eq!(crate::cluster::parse_key_ids(""), None);
+    }
 
     #[test]
     fn the_digest_uri_must_name_the_request_uri_or_this_node() {

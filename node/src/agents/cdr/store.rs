@@ -126,6 +126,11 @@ pub struct CdrStore {
 const POINT_TRIM_MAX: u64 = 10_000;
 
 impl CdrStore {
+    /// What this store's RocksDB holds in memory.
+    pub fn memory(&self) -> tandem_raft_store::StoreMemory {
+        tandem_raft_store::StoreMemory::of(&self.db, &[])
+    }
+
     /// Opens (creating if needed) the store in `dir` for node `node`.
     pub fn open(dir: &Path, node: u64) -> Result<CdrStore, Error> {
         let mut options = Options::default();

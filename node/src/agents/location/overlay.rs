@@ -77,23 +77,28 @@ impl BindingOverlay {
         self.merge(stored, |b| b.aor == aor)
     }
 
-    /// `stored` (the bindings whose edge is `edge`, in the replica) with this node's
-    /// held-back changes: what NAT keepalives go to while registrations are held here.
-    pub fn apply_for_edge(&self, edge: u64, stored: Vec<Binding>) -> Vec<Binding> {
-        self.merge(stored, |b| b.edge_node == edge)
+    /// The held new values of bindings whose edge is `edge`. With [`Self::without_held`]
+    /// applied to each page of the replica's bindings of that edge, they are what NAT
+    /// keepalives go to while registrations are held here.
+    pub fn held_for_edge(&self, edge: u64) -> Vec<Binding> {
+        self.held(|b| b.edge_node == edge)
     }
 
-    /// `stored` without the bindings held changes replace, plus the held new values that
-    /// `belongs` to the same selection.
-    fn merge(&self, stored: Vec<Binding>, belongs: impl Fn(&Binding) -> bool) -> Vec<Binding> {
+    /// `stored` without the bindings a held change replaces.
+    pub fn without_held(&self, stored: Vec<Binding>) -> Vec<Binding> {
         let pending = self.pending.lock().expect("overlay lock");
         if pending.is_empty() {
             return stored;
         }
-        let mut out: Vec<Binding> = stored
+        stored
             .into_iter()
             .filter(|b| !pending.contains_key(&(b.aor.clone(), b.contact.clone())))
-            .collect();
+            .collect()
+    }
+
+    fn held(&self, belongs: impl Fn(&Binding) -> bool) -> Vec<Binding> {
+        let pending = self.pending.lock().expect("overlay lock");
+        let mut out = Vec::new();
         for (_, change) in pending.values() {
             if let Pending::Put(b) = change {
                 if belongs(b) {
@@ -101,6 +106,14 @@ impl BindingOverlay {
                 }
             }
         }
+        out
+    }
+
+    /// `stored` without the bindings held changes replace, plus the held new values that
+    /// `belongs` to the same selection.
+    fn merge(&self, stored: Vec<Binding>, belongs: impl Fn(&Binding) -> bool) -> Vec<Binding> {
+        let mut out = self.without_held(stored);
+        out.extend(self.held(belongs));
         out
     }
 
@@ -228,7 +241,12 @@ mod tests {
     fn keepalives_see_held_bindings_of_their_edge_only() {
         let o = BindingOverlay::default();
         let stored = vec![binding("sip:x@h", 1), binding("sip:y@h", 1)];
-        assert_eq!(o.apply_for_edge(1, stored.clone()), stored);
+        let for_edge = |stored: Vec<Binding>| {
+            let mut seen = o.without_held(stored);
+            seen.extend(o.held_for_edge(1));
+            seen
+        };
+        assert_eq!(for_edge(stored.clone()), stored);
         // Held while degraded: a refresh of x, y gone, and a new z; plus a new w whose
         // edge is another node.
         assert!(o.hold(&Command::PutBinding(binding("sip:x@h", 2))));
@@ -240,8 +258,7 @@ mod tests {
         let mut elsewhere = binding("sip:w@h", 1);
         elsewhere.edge_node = 2;
         assert!(o.hold(&Command::PutBinding(elsewhere)));
-        let mut seen: Vec<(String, u32)> = o
-            .apply_for_edge(1, stored)
+        let mut seen: Vec<(String, u32)> = for_edge(stored)
             .iter()
             .map(|b| (b.contact.clone(), b.cseq))
             .collect();
