@@ -539,7 +539,11 @@ impl Cluster {
             .output()
             .expect("run tandem keygen");
         assert!(run.status.success(), "tandem keygen: {}", describe(&run));
-        std::fs::write(root.path().join("admin.token"), TOKEN).expect("write token");
+        let token = root.path().join("admin.token");
+        std::fs::write(&token, TOKEN).expect("write token");
+        // A node refuses a token file others may read.
+        std::fs::set_permissions(&token, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("token file mode");
         let ids = 1..=roles.len() as u64;
         let logs: Arc<[LogFile]> = ids
             .clone()

@@ -545,3 +545,43 @@ fn metrics_can_be_put_behind_the_token() {
     let health = http(addr, None, "GET", "/health", None).expect("an answer");
     assert_eq!(health.status, 200, "{}", health.body);
 }
+
+/// A token file others on the host may read is refused at start with an error naming the
+/// key (#20): whoever reads the token owns the cluster. The same file made 0600 is taken.
+#[test]
+fn a_token_file_others_may_read_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("admin.token");
+    std::fs::write(&token, "0123456789abcdef0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = |port: u16| {
+        format!(
+            "{}[admin]\nlisten = \"127.0.0.1:{}\"\ntoken_file = {:?}\n",
+            tandem_failover_tests::sip_config(port, ""),
+            tandem_failover_tests::free_port(),
+            token.display().to_string()
+        )
+    };
+    let node = Node::start(&config(tandem_failover_tests::free_port()));
+    let status = node
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| node.panic_with_log("tandem run took a token file others may read"));
+    node.check(status.code() == Some(64), || format!("exit {status}"));
+    node.check(
+        node.log().contains("admin.token_file") && node.log().contains("chmod 600"),
+        || "the error does not name admin.token_file and the fix".into(),
+    );
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let node = Node::start_ready_with(config);
+    let addr = node.admin_addr();
+    let status = http(
+        addr,
+        Some("0123456789abcdef0123456789abcdef"),
+        "GET",
+        "/v1/cluster/status",
+        None,
+    )
+    .expect("an answer");
+    assert_eq!(status.status, 200, "{}", status.body);
+}

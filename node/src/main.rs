@@ -50,7 +50,12 @@ pub fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "tandem stopped with an error");
             eprintln!("tandem: {e}");
-            ExitCode::FAILURE
+            // A config value found wrong only at start (a token file others may read)
+            // exits as an invalid config does.
+            match e {
+                Error::Config { .. } => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -37,7 +37,7 @@ stop_nodes() {
 form_cluster() {
   "$TANDEM_BIN" cert ca --out "$work/ca" > /dev/null
   "$TANDEM_BIN" keygen --out "$work/master.key" > /dev/null
-  head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/admin.token"
+  (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$work/admin.token")
   local i ip tcp
   for i in 1 2 3; do
     ip="127.0.0.$i"

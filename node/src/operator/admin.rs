@@ -168,6 +168,20 @@ pub fn load_or_create_token(path: &Path) -> Result<String, Error> {
     };
     match std::fs::read_to_string(path) {
         Ok(text) => {
+            // Whoever can read the token owns the cluster: a file others on the host can
+            // read is refused, not used.
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).map_err(io)?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(Error::Config {
+                    key: "admin.token_file".into(),
+                    problem: format!(
+                        "{} may be read by others than its owner (mode {mode:o}); \
+                         `chmod 600` it",
+                        path.display()
+                    ),
+                });
+            }
             let token = text.trim().to_owned();
             if token.len() < 16 {
                 return Err(Error::Config {
