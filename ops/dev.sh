@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's "Run it" command: installs what is missing, builds, and runs a local cluster
 # of three Tandem nodes on 127.0.0.1, 127.0.0.2 and 127.0.0.3 (SIP on port 5060 of each,
-# UDP and TCP; admin API on port 8060 of each), with a demo customer and two demo accounts.
+# UDP and TCP; admin API over HTTPS on port 8060 of each, with the nodes' cluster
+# certificates), with a demo customer and two demo accounts.
 # State lives in ./data/dev and survives restarts: the first run forms the cluster, later
 # runs start it again. Ctrl-C stops all three (SIGTERM: each drains first).
 #   ./ops/dev.sh            the three-node demo
@@ -62,6 +63,9 @@ private_key = "$dev/certs/node$i.key"
 [admin]
 listen = "$ip:8060"
 token_file = "$token"
+# HTTPS with the node's cluster certificate; the CLI checks it against cluster.ca_certificate.
+certificate = "$dev/certs/node$i.crt"
+private_key = "$dev/certs/node$i.key"
 TOML
   fi
 done
@@ -71,7 +75,8 @@ if [ ! -f "$formed" ]; then
   echo "forming a new three-node cluster in $dev ..." >&2
   rm -rf "$dev/ca" "$dev/certs" "$dev"/node[123]
   [ -f "$dev/master.key" ] || "$TANDEM_BIN" keygen --out "$dev/master.key" > /dev/null
-  [ -f "$token" ] || head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$token"
+  # Readable by its owner only: a node refuses a token file others may read.
+  [ -f "$token" ] || (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$token")
   "$TANDEM_BIN" cert ca --out "$dev/ca" > /dev/null
   for i in 1 2 3; do
     "$TANDEM_BIN" cert node --ca "$dev/ca" --name "node$i" --san "127.0.0.$i" --out "$dev/certs" > /dev/null
@@ -82,7 +87,7 @@ fi
 "$TANDEM_BIN" run --config "$dev/node1.toml" 2> "$dev/node1.log" &
 pids+=($!)
 for _ in $(seq 100); do
-  curl -sf http://127.0.0.1:8060/health > /dev/null 2>&1 && break
+  curl -sf --cacert "$dev/certs/ca.crt" https://127.0.0.1:8060/health > /dev/null 2>&1 && break
   sleep 0.1
 done
 for i in 2 3; do
@@ -108,7 +113,7 @@ if [ "$voters" != 3 ]; then
 fi
 
 if [ ! -f "$formed" ]; then
-  api() { curl -sf -X PUT -H "Authorization: Bearer $(cat "$token")" -d "$2" "http://127.0.0.1:8060$1" > /dev/null; }
+  api() { curl -sf --cacert "$dev/certs/ca.crt" -X PUT -H "Authorization: Bearer $(cat "$token")" -d "$2" "https://127.0.0.1:8060$1" > /dev/null; }
   api /v1/customers/demo '{"name":"Demo customer"}'
   api /v1/accounts/demo.example/alice '{"customer":"demo","password":"alice-demo-pw"}'
   api /v1/accounts/demo.example/bob '{"customer":"demo","password":"bob-demo-pw"}'
@@ -118,10 +123,10 @@ fi
 cat >&2 <<MSG
 
 Tandem runs as a three-node cluster:
-  node 1  SIP 127.0.0.1:5060 (UDP, TCP)   admin http://127.0.0.1:8060
-  node 2  SIP 127.0.0.2:5060 (UDP, TCP)   admin http://127.0.0.2:8060
-  node 3  SIP 127.0.0.3:5060 (UDP, TCP)   admin http://127.0.0.3:8060
-Data and logs: $dev   Admin token: $token
+  node 1  SIP 127.0.0.1:5060 (UDP, TCP)   admin https://127.0.0.1:8060
+  node 2  SIP 127.0.0.2:5060 (UDP, TCP)   admin https://127.0.0.2:8060
+  node 3  SIP 127.0.0.3:5060 (UDP, TCP)   admin https://127.0.0.3:8060
+Data and logs: $dev   Admin token: $token   Admin CA: $dev/certs/ca.crt
 
 Demo accounts (domain demo.example):
   alice / alice-demo-pw      bob / bob-demo-pw
@@ -134,7 +139,8 @@ Or with sipp, from another terminal:
   printf 'SEQUENTIAL\nalice;demo.example\n' > /tmp/alice.csv
   sipp -sf ops/sipp/register-md5.xml -inf /tmp/alice.csv -au alice -ap alice-demo-pw \\
        -m 1 -i 127.0.0.1 -p 5070 127.0.0.2:5060
-  curl -H "Authorization: Bearer \$(cat $token)" http://127.0.0.1:8060/v1/accounts/demo.example/alice/bindings
+  curl --cacert $dev/certs/ca.crt -H "Authorization: Bearer \$(cat $token)" \\
+       https://127.0.0.1:8060/v1/accounts/demo.example/alice/bindings
 
 Cluster state: $TANDEM_BIN cluster status --config $dev/node1.toml
 Stop with Ctrl-C (each node drains, then stops).

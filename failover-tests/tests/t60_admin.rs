@@ -585,3 +585,109 @@ fn a_token_file_others_may_read_is_refused() {
     .expect("an answer");
     assert_eq!(status.status, 200, "{}", status.body);
 }
+
+/// The admin API over HTTPS (#20). Plain HTTP anywhere but loopback is a config error
+/// naming admin.listen. With admin.certificate and private_key (a node certificate from
+/// `tandem cert node`) the admin port speaks TLS only: a plain-HTTP request gets no HTTP
+/// answer; the CLI reaches the API checking its certificate against the CA, and refuses
+/// it when told to trust another CA.
+#[test]
+fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = tandem_failover_tests::tandem_command()
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("run tandem");
+        assert!(out.status.success(), "{args:?}: {}", describe(&out));
+    };
+    run(&["cert", "ca", "--out", "ca"]);
+    run(&[
+        "cert",
+        "node",
+        "--ca",
+        "ca",
+        "--name",
+        "n1",
+        "--san",
+        "127.0.0.1",
+        "--out",
+        "certs",
+    ]);
+    run(&["cert", "ca", "--out", "other-ca"]);
+    let path = |p: &str| format!("{:?}", dir.path().join(p).display().to_string());
+
+    let exposed = dir.path().join("exposed.toml");
+    std::fs::write(&exposed, "[admin]\nlisten = \"192.0.2.1:8060\"\n").unwrap();
+    let check = tandem_failover_tests::tandem_command()
+        .arg("check-config")
+        .arg(&exposed)
+        .output()
+        .unwrap();
+    assert_eq!(check.status.code(), Some(64), "{}", describe(&check));
+    assert!(
+        describe(&check).contains("admin.listen"),
+        "{}",
+        describe(&check)
+    );
+
+    let admin_port = tandem_failover_tests::free_port();
+    let node = Node::start(&format!(
+        "{}[admin]\nlisten = \"127.0.0.1:{admin_port}\"\ncertificate = {}\nprivate_key = {}\nca_certificate = {}\n",
+        tandem_failover_tests::sip_config(tandem_failover_tests::free_port(), ""),
+        path("certs/n1.crt"),
+        path("certs/n1.key"),
+        path("certs/ca.crt"),
+    ));
+    let config = node.dir().join("config.toml");
+    let status = |config: &std::path::Path| {
+        tandem_failover_tests::tandem_command()
+            .args(["cluster", "status", "--config"])
+            .arg(config)
+            .output()
+            .unwrap()
+    };
+    let reached = Wait::new(
+        "the CLI to reach the API over HTTPS",
+        Duration::from_secs(10),
+    )
+    .showing(&node)
+    .until(|| {
+        let out = status(&config);
+        if out.status.success() {
+            Ok(describe(&out))
+        } else {
+            Err(describe(&out))
+        }
+    });
+    assert!(reached.contains("quorum ok"), "{reached}");
+
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    plain
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !answer.starts_with(b"HTTP/"),
+        "plain HTTP was answered: {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    let distrusting = node.dir().join("other.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace(&path("certs/ca.crt"), &path("other-ca/ca.crt"));
+    std::fs::write(&distrusting, text).unwrap();
+    let refused = status(&distrusting);
+    assert!(
+        !refused.status.success() && describe(&refused).contains("certificate"),
+        "{}",
+        describe(&refused)
+    );
+}

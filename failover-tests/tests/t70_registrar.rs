@@ -407,7 +407,6 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
         "--customer",
         "nobody",
         "--password",
-        "x",
     ]);
     assert!(
         describe(&nocustomer).contains("no customer"),
@@ -426,6 +425,41 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
     let contact = format!("<{}>", ua.contact());
     assert_eq!(
         ua.register(node.udp_addr(), "MD5", Some(&contact), Some(300))
+            .status,
+        200
+    );
+
+    // A password on the command line itself is refused; one from a file is taken.
+    let visible = cli(&[
+        "account",
+        "put",
+        "dave@example.com",
+        "--password",
+        "visible-in-ps",
+        "--disable",
+    ]);
+    assert!(
+        !visible.status.success() && describe(&visible).contains("process list"),
+        "{}",
+        describe(&visible)
+    );
+    let file = node.dir().join("password.txt");
+    std::fs::write(&file, "pw-from-file-3\n").unwrap();
+    let from_file = cli(&[
+        "account",
+        "put",
+        "frank@example.com",
+        "--customer",
+        "acme",
+        "--password-file",
+        file.to_str().unwrap(),
+    ]);
+    assert!(from_file.status.success(), "{}", describe(&from_file));
+    let mut frank = Ua::new("127.0.0.1", "frank", "example.com", "pw-from-file-3");
+    let frank_contact = format!("<{}>", frank.contact());
+    assert_eq!(
+        frank
+            .register(node.udp_addr(), "MD5", Some(&frank_contact), Some(60))
             .status,
         200
     );
@@ -470,7 +504,6 @@ fn accounts_from_the_cli_and_a_drained_node_turns_registrations_away() {
         "--customer",
         "acme",
         "--password",
-        "pw-2",
     ]);
     assert!(again.status.success(), "{}", describe(&again));
     assert_eq!(

@@ -214,6 +214,14 @@ pub struct AdminConfig {
     /// Whether `/metrics` needs the bearer token too (a scraper then sends it); off by
     /// default, as Prometheus scrapes without one.
     pub metrics_need_token: bool,
+    /// The PEM certificate (chain) the API presents over HTTPS, with `private_key`; a
+    /// node's cluster certificate serves (`tandem cert node`). Without them the API
+    /// speaks plain HTTP, which only a loopback `listen` may.
+    pub certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+    /// The CA certificate the CLI checks the API's certificate against; unset, the
+    /// cluster's (`cluster.ca_certificate`).
+    pub ca_certificate: Option<PathBuf>,
 }
 
 impl Default for AdminConfig {
@@ -222,11 +230,24 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:8060".parse().expect("literal address"),
             token_file: None,
             metrics_need_token: false,
+            certificate: None,
+            private_key: None,
+            ca_certificate: None,
         }
     }
 }
 
 impl Config {
+    /// The CA certificate the CLI checks the admin API's certificate against, when the API
+    /// speaks HTTPS.
+    pub fn admin_ca_path(&self) -> Option<PathBuf> {
+        self.admin.certificate.as_ref()?;
+        self.admin
+            .ca_certificate
+            .clone()
+            .or_else(|| self.cluster.as_ref().map(|c| c.ca_certificate.clone()))
+    }
+
     pub fn token_path(&self) -> PathBuf {
         self.admin
             .token_file
@@ -851,6 +872,25 @@ impl Config {
                     format!("{} is also a SIP or admin listener", c.listen),
                 );
             }
+        }
+        match (&self.admin.certificate, &self.admin.private_key) {
+            (Some(_), None) => bad(
+                "admin.private_key",
+                "admin.certificate is set without it".into(),
+            ),
+            (None, Some(_)) => bad(
+                "admin.certificate",
+                "admin.private_key is set without it".into(),
+            ),
+            (None, None) if !self.admin.listen.ip().is_loopback() => bad(
+                "admin.listen",
+                format!(
+                    "{} is not a loopback address, and the admin API speaks plain HTTP only \
+                     on loopback: set admin.certificate and admin.private_key for HTTPS",
+                    self.admin.listen
+                ),
+            ),
+            _ => {}
         }
         if sip.tcp.contains(&self.admin.listen) || sip.tls.contains(&self.admin.listen) {
             bad(

@@ -195,9 +195,16 @@ impl Node {
                 token,
             );
             api.metrics_need_token = config.admin.metrics_need_token;
+            let admin_tls = match (&config.admin.certificate, &config.admin.private_key) {
+                (Some(cert), Some(key)) => {
+                    Some(crate::stack::transport::load_tls_acceptor(cert, key)?)
+                }
+                _ => None,
+            };
             let admin = admin::serve(
                 api,
                 config.admin.listen,
+                admin_tls,
                 admin_tasks.stop.clone().cancelled_owned(),
             )?;
             let sip = match config.node.role {

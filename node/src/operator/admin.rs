@@ -930,11 +930,14 @@ async fn recover(r: Rejection) -> Result<warp::reply::Response, Infallible> {
 type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
 
 /// Binds the admin listener and serves until `stop` completes.
+/// Serves the API on `addr`: over HTTPS with `tls`, else plain HTTP (which config
+/// validation allows on loopback only).
 pub fn serve(
     admin: Admin,
     addr: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<impl std::future::Future<Output = ()>, Error> {
+) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>, Error> {
     // warp clones the whole filter tree for every request; an Arc keeps that to one
     // reference count per route instead of a deep clone of the replica handles.
     let admin = Arc::new(admin);
@@ -1259,12 +1262,62 @@ pub fn serve(
         .expect("at least one route")
         .recover(recover)
         .unify();
-    let (_, server) = warp::serve(routes)
-        .try_bind_with_graceful_shutdown(addr, stop)
-        .map_err(|e| Error::Bind {
-            transport: "admin HTTP",
-            addr,
-            source: std::io::Error::other(e.to_string()),
-        })?;
-    Ok(server)
+    let Some(acceptor) = tls else {
+        let (_, server) = warp::serve(routes)
+            .try_bind_with_graceful_shutdown(addr, stop)
+            .map_err(|e| Error::Bind {
+                transport: "admin HTTP",
+                addr,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        return Ok(Box::pin(server));
+    };
+    let bind = |source| Error::Bind {
+        transport: "admin HTTPS",
+        addr,
+        source,
+    };
+    let listener = std::net::TcpListener::bind(addr).map_err(bind)?;
+    listener.set_nonblocking(true).map_err(bind)?;
+    let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
+    Ok(Box::pin(async move {
+        // Handshakes run beside the accept loop, each bounded, so a client that stalls
+        // its handshake holds up no one else.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let accept_loop = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin API: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(stream).await;
+                        }
+                        Ok(Err(e)) => {
+                            tracing::info!(%peer, error = %e, "admin API: TLS handshake failed")
+                        }
+                        Err(_) => tracing::info!(%peer, "admin API: TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+            Ok::<_, std::io::Error>,
+        );
+        warp::serve(routes)
+            .serve_incoming_with_graceful_shutdown(incoming, stop)
+            .await;
+        accept_loop.abort();
+    }))
 }
+
+/// How long a client may take over its TLS handshake with the admin API.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

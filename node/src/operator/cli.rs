@@ -224,12 +224,16 @@ pub enum AccountCommand {
         /// Required for a new account.
         #[arg(long)]
         customer: Option<String>,
-        /// Required for a new account; omit it to keep the current password.
-        #[arg(long, conflicts_with = "password_from_env")]
-        password: Option<String>,
-        /// Take the password from the TANDEM_PASSWORD environment variable (keeps it out
-        /// of the process list and shell history).
-        #[arg(long)]
+        /// Set the password (required for a new account; leave it out to keep the current
+        /// one): from TANDEM_PASSWORD if set, else asked for without echo. A value after
+        /// --password is refused: the process list and shell history would show it.
+        #[arg(long, num_args = 0..=1, value_name = "NONE")]
+        password: Option<Option<String>>,
+        /// Set the password to the first line of FILE.
+        #[arg(long, value_name = "FILE", conflicts_with = "password")]
+        password_file: Option<PathBuf>,
+        /// Set the password from TANDEM_PASSWORD, which must be set (for scripts).
+        #[arg(long, conflicts_with_all = ["password", "password_file"])]
         password_from_env: bool,
         /// Disable the account (its registrations and calls are refused).
         #[arg(long, conflicts_with = "enable")]

@@ -6,6 +6,7 @@
 //! running node named by the config file, through its admin API with its bearer token.
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::time::Duration;
 
 use tandem_raft_store::crypto::KeyRing;
@@ -149,6 +150,58 @@ fn user_at_domain(account: &str) -> Result<(&str, &str), Error> {
         .ok_or_else(|| Error::Admin(format!("{account:?} is not user@domain")))
 }
 
+/// The environment variable an account's password is taken from.
+const ACCOUNT_PASSWORD_ENV: &str = "TANDEM_PASSWORD";
+
+/// The new password `tandem account put` was given, if any: never from the command line
+/// itself, where the process list and shell history would show it.
+fn account_password(
+    flag: &Option<Option<String>>,
+    file: Option<&Path>,
+    from_env: bool,
+) -> Result<Option<String>, Error> {
+    let from_env_var = || {
+        std::env::var(ACCOUNT_PASSWORD_ENV)
+            .ok()
+            .filter(|p| !p.is_empty())
+    };
+    let password = match (flag, file, from_env) {
+        (Some(Some(_)), _, _) => {
+            return Err(Error::Admin(format!(
+                "a password after --password is refused: the process list and shell history \
+                 would show it; set {ACCOUNT_PASSWORD_ENV}, give --password-file FILE, or give \
+                 --password alone to be asked"
+            )))
+        }
+        (Some(None), _, _) => match from_env_var() {
+            Some(p) => p,
+            None => rpassword::prompt_password("Account password: ").map_err(|e| {
+                Error::Admin(format!(
+                    "cannot ask for the password ({e}); set {ACCOUNT_PASSWORD_ENV} or give \
+                     --password-file FILE"
+                ))
+            })?,
+        },
+        (None, Some(path), _) => {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+                context: format!("reading the password file {}", path.display()),
+                source,
+            })?;
+            text.lines().next().unwrap_or_default().to_owned()
+        }
+        (None, None, true) => from_env_var().ok_or_else(|| {
+            Error::Admin(format!(
+                "--password-from-env: {ACCOUNT_PASSWORD_ENV} is not set"
+            ))
+        })?,
+        (None, None, false) => return Ok(None),
+    };
+    if password.is_empty() {
+        return Err(Error::Admin("the password is empty".into()));
+    }
+    Ok(Some(password))
+}
+
 /// Runs one `tandem account` command and returns what to print.
 pub async fn account(command: &AccountCommand, config: &Config) -> Result<String, Error> {
     match command {
@@ -156,6 +209,7 @@ pub async fn account(command: &AccountCommand, config: &Config) -> Result<String
             account,
             customer,
             password,
+            password_file,
             password_from_env,
             disable,
             enable,
@@ -164,13 +218,8 @@ pub async fn account(command: &AccountCommand, config: &Config) -> Result<String
             ..
         } => {
             let (user, domain) = user_at_domain(account)?;
-            let password = match (password, password_from_env) {
-                (Some(p), _) => Some(p.clone()),
-                (None, true) => Some(std::env::var("TANDEM_PASSWORD").map_err(|_| {
-                    Error::Admin("--password-from-env: TANDEM_PASSWORD is not set".into())
-                })?),
-                (None, false) => None,
-            };
+            let password =
+                account_password(password, password_file.as_deref(), *password_from_env)?;
             let enabled = match (disable, enable) {
                 (true, _) => Some(false),
                 (_, true) => Some(true),
@@ -324,9 +373,36 @@ async fn call_with(
         ),
         source,
     })?;
-    let url = format!("http://{}{path}", config.admin.listen);
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
+    // Over HTTPS when the node's API speaks it, trusting the CA named in the config only.
+    let mut client = reqwest::Client::builder().timeout(timeout);
+    let scheme = match config.admin_ca_path() {
+        Some(ca) => {
+            let pem = std::fs::read(&ca).map_err(|source| Error::Io {
+                context: format!(
+                    "reading the CA certificate {} the admin API's certificate is checked against \
+                     (admin.ca_certificate, else cluster.ca_certificate)",
+                    ca.display()
+                ),
+                source,
+            })?;
+            let root = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| Error::Admin(format!("{}: {e}", ca.display())))?;
+            client = client.use_rustls_tls().add_root_certificate(root);
+            "https"
+        }
+        None if config.admin.certificate.is_some() => {
+            return Err(Error::Config {
+                key: "admin.ca_certificate".into(),
+                problem: "the admin API speaks HTTPS, and the config names no CA to check \
+                          its certificate against (admin.ca_certificate or \
+                          cluster.ca_certificate)"
+                    .into(),
+            })
+        }
+        None => "http",
+    };
+    let url = format!("{scheme}://{}{path}", config.admin.listen);
+    let client = client
         .build()
         .map_err(|e| Error::Admin(format!("building an HTTP client: {e}")))?;
     let mut request = client.request(method, &url).bearer_auth(token.trim());
@@ -336,8 +412,16 @@ async fn call_with(
             .body(body.to_string());
     }
     let reply = request.send().await.map_err(|e| {
+        // reqwest's own message hides the cause (a refused connection, a certificate
+        // that does not check out): name every cause.
+        let mut cause = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            cause = format!("{cause}: {s}");
+            source = s.source();
+        }
         Error::Admin(format!(
-            "cannot reach the node's admin API at {url}: {e}; is the node running?"
+            "cannot reach the node's admin API at {url}: {cause}; is the node running?"
         ))
     })?;
     let status = reply.status();

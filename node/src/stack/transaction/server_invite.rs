@@ -41,8 +41,12 @@ pub struct ServerInvite {
     state: ServerInviteState,
     reliability: Reliability,
     timers: TimerSettings,
+    /// The latest provisional response, which Proceeding repeats; dropped with the final,
+    /// as a transaction that has answered is held for up to 32 s more (Timers H and L) and
+    /// at a few thousand calls a second those held transactions are most of a node's
+    /// memory.
     last_provisional: Option<Bytes>,
-    /// The 300-699 response that Completed retransmits.
+    /// The 300-699 response that Completed retransmits; dropped in Confirmed.
     final_response: Option<Bytes>,
     /// The interval Timer G was last armed with; it doubles up to T2.
     g_interval: Duration,
@@ -73,6 +77,16 @@ impl ServerInvite {
     #[cfg(test)]
     pub fn state(&self) -> ServerInviteState {
         self.state
+    }
+
+    /// The bytes of the responses it keeps.
+    #[cfg(test)]
+    pub fn kept_bytes(&self) -> usize {
+        [&self.last_provisional, &self.final_response]
+            .into_iter()
+            .flatten()
+            .map(Bytes::len)
+            .sum()
     }
 
     pub fn is_terminated(&self) -> bool {
@@ -111,6 +125,8 @@ impl ServerInvite {
             (ServerInviteState::Proceeding, StatusClass::Success) => {
                 out.push(Action::Transmit(response));
                 self.final_sent = true;
+                // A held transaction keeps only what its state still sends.
+                self.last_provisional = None;
                 self.state = ServerInviteState::Accepted;
                 self.armed.cancel(Timer::Trying, out);
                 self.armed
@@ -124,6 +140,7 @@ impl ServerInvite {
             (ServerInviteState::Proceeding, StatusClass::Failure) => {
                 out.push(Action::Transmit(response.clone()));
                 self.final_response = Some(response);
+                self.last_provisional = None;
                 self.final_sent = true;
                 self.state = ServerInviteState::Completed;
                 self.armed.cancel(Timer::Trying, out);
@@ -161,6 +178,8 @@ impl ServerInvite {
         match self.state {
             ServerInviteState::Completed => {
                 self.state = ServerInviteState::Confirmed;
+                // Confirmed only absorbs ACKs: the final is not sent again.
+                self.final_response = None;
                 self.armed.cancel(Timer::G, out);
                 self.armed.cancel(Timer::H, out);
                 match self.reliability {

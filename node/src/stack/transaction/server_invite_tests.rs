@@ -462,3 +462,24 @@ fn a_stateless_2xx_or_provisional_takes_the_usual_path() {
     transaction.on_tu_response_stateless(486, busy(), &mut late);
     assert_eq!(late, []);
 }
+
+/// A transaction that has answered keeps only the response its state may still send: none
+/// in Accepted or Confirmed, the final in Completed; the provisional goes with the final.
+#[test]
+fn an_answered_transaction_keeps_only_what_it_may_still_send() {
+    let (mut accepted, _) = new(Reliability::Unreliable);
+    respond(&mut accepted, 180, ringing());
+    assert_eq!(accepted.kept_bytes(), ringing().len());
+    respond(&mut accepted, 200, ok());
+    assert_eq!(accepted.kept_bytes(), 0);
+
+    let (mut refused, _) = new(Reliability::Unreliable);
+    respond(&mut refused, 180, ringing());
+    respond(&mut refused, 486, busy());
+    assert_eq!(refused.kept_bytes(), busy().len());
+    assert_eq!(retransmission(&mut refused), [Transmit(busy())]);
+    ack(&mut refused);
+    assert_eq!(refused.state(), S::Confirmed);
+    assert_eq!(refused.kept_bytes(), 0);
+    assert_eq!(retransmission(&mut refused), []);
+}
