@@ -157,6 +157,19 @@ impl Member {
         // Each node keeps its own copy of the cluster's key file, as on real hosts.
         std::fs::copy(root.join("master.key"), dir.join("master.key")).expect("copy key file");
         let q = |p: PathBuf| format!("{:?}", p.display().to_string());
+        // Off loopback (a network namespace of its own) the admin API must speak HTTPS: it
+        // presents the node's certificate, which names its IP, and `http` checks it.
+        let admin_tls = if admin_addr.ip().is_loopback() {
+            String::new()
+        } else {
+            let ca = std::fs::read(certs.join("ca.crt")).expect("read the cluster CA");
+            ADMIN_CAS.lock().unwrap().push((admin_addr, ca));
+            format!(
+                "certificate = {}\nprivate_key = {}\n",
+                q(certs.join(format!("node{id}.crt"))),
+                q(certs.join(format!("node{id}.key")))
+            )
+        };
         // Two SIP threads where the default is one, so that every test's messages also
         // cross between the shards of a node.
         let config = format!(
@@ -165,7 +178,7 @@ impl Member {
              [sip]\n{sip}\n\n\
              [cluster]\nlisten = \"{raft_addr}\"\nca_certificate = {ca}\ncertificate = {cert}\n\
              private_key = {pkey}\n{extra_cluster}\n\n\
-             [admin]\nlisten = \"{admin_addr}\"\ntoken_file = {token}\n",
+             [admin]\nlisten = \"{admin_addr}\"\ntoken_file = {token}\n{admin_tls}",
             data = q(member_data_dir(root, id)),
             key = q(dir.join("master.key")),
             ca = q(certs.join("ca.crt")),
@@ -438,10 +451,14 @@ pub fn http(
     path: &str,
     body: Option<&str>,
 ) -> Option<Answer> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(15)))
-        .ok()?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
+    // A node speaks plain HTTP on loopback only; elsewhere (the network namespaces of the
+    // netns tests) its API is HTTPS under the CA its cluster registered for the address.
+    let mut stream: Box<dyn ReadWrite> = match admin_ca(addr) {
+        None => Box::new(tcp),
+        Some(ca) => Box::new(https(tcp, addr, &ca)?),
+    };
     let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -462,6 +479,42 @@ pub fn http(
         head: head.to_owned(),
         body: body.to_owned(),
     })
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// The CA certificate (PEM) each admin address that speaks HTTPS is checked against.
+static ADMIN_CAS: Mutex<Vec<(SocketAddr, Vec<u8>)>> = Mutex::new(Vec::new());
+
+fn admin_ca(addr: SocketAddr) -> Option<Vec<u8>> {
+    let cas = ADMIN_CAS.lock().unwrap();
+    cas.iter()
+        .rev()
+        .find(|(a, _)| *a == addr)
+        .map(|(_, ca)| ca.clone())
+}
+
+/// A TLS client over `tcp` that checks the server's certificate against `ca_pem` for
+/// `addr`'s IP.
+fn https(
+    tcp: TcpStream,
+    addr: SocketAddr,
+    ca_pem: &[u8],
+) -> Option<rustls::StreamOwned<rustls::ClientConnection, TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
+        roots.add(cert.ok()?).ok()?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).ok()?;
+    Some(rustls::StreamOwned::new(connection, tcp))
 }
 
 /// The environment of each member: `(cluster root, member id)` to variables.

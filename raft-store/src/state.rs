@@ -211,9 +211,9 @@ struct DomainCache {
     served: HashMap<String, bool>,
 }
 
-/// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. A kept AOR
-/// with one binding costs about 300 bytes (BENCHMARKS.md, memory per AOR), so the bound
-/// caps the cache near 80 MB.
+/// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. An entry is an
+/// AOR's bindings as stored, a few hundred bytes for one binding, so the bound caps the
+/// cache near 100 MB.
 const BINDING_CACHE_MAX: usize = 1 << 18;
 
 /// AORs' bindings as last read from RocksDB. The state machine drops an AOR's entry in

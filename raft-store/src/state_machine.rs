@@ -319,7 +319,7 @@ impl StateMachine {
     }
 
     fn install_snapshot_now(&self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
-        // Borrowed from `data`: the records are not copied but into the write batch.
+        // Borrowed from `data`: the records are copied only into the write batch.
         let content: SnapshotContent<'_> =
             postcard::from_bytes(&data).map_err(|e| snap_err(ErrorVerb::Read, e))?;
         let mut batch = WriteBatch::default();

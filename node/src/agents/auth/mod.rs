@@ -399,8 +399,8 @@ impl Authenticator {
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
         };
-        // Opened, the sealed HA1s are no longer needed: the cache keeps the account without
-        // them (about half its size), one entry per login it has seen.
+        // Opened, the sealed HA1s are no longer needed: the cache, one entry per login it
+        // has seen, keeps the account without them.
         let account = Account {
             ha1: Vec::new(),
             ..account
