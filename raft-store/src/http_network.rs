@@ -27,7 +27,6 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use warp::Filter;
 
 use crate::membership::{ClusterReply, ClusterRequest};
@@ -572,38 +571,9 @@ pub async fn serve(
     );
     let routes = append.or(vote).or(snapshot).or(propose).or(cluster);
 
-    let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-    let accept_loop = tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "Raft listener accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(stream).await;
-                    }
-                    Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "refused a Raft peer: TLS handshake failed")
-                    }
-                    Err(_) => tracing::warn!(%peer, "refused a Raft peer: TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::ReceiverStream::new(rx),
-        Ok::<_, std::io::Error>,
-    );
+    let (incoming, accept_loop) =
+        crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
     warp::serve(routes)
         .serve_incoming_with_graceful_shutdown(incoming, stop)
         .await;

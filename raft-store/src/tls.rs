@@ -85,3 +85,53 @@ pub fn ca_fingerprint(ca_cert: &Path) -> Result<String, Error> {
     let digest = ring::digest::digest(&ring::digest::SHA256, first.as_ref());
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// Accepts TCP connections on `listener` and completes their TLS handshakes beside the
+/// accept loop, each within `handshake`, so a client that stalls its handshake holds up no
+/// one else. Returns the established connections, for `warp::serve(..)
+/// .serve_incoming_with_graceful_shutdown`, and the accept task, to abort once the server
+/// has stopped. `what` names the listener in the log.
+pub fn accept_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    handshake: std::time::Duration,
+    what: &'static str,
+) -> (
+    impl tokio_stream::Stream<
+            Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+        > + Send
+        + Unpin,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let accept_loop = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(stream).await;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%peer, error = %e, "{what}: refused a TLS handshake")
+                    }
+                    Err(_) => tracing::warn!(%peer, "{what}: a TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        Ok::<_, std::io::Error>,
+    );
+    (incoming, accept_loop)
+}

@@ -1281,37 +1281,8 @@ pub fn serve(
     listener.set_nonblocking(true).map_err(bind)?;
     let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
     Ok(Box::pin(async move {
-        // Handshakes run beside the accept loop, each bounded, so a client that stalls
-        // its handshake holds up no one else.
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let accept_loop = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin API: accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(stream).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "admin API: TLS handshake failed")
-                        }
-                        Err(_) => tracing::info!(%peer, "admin API: TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-            Ok::<_, std::io::Error>,
-        );
+        let (incoming, accept_loop) =
+            tandem_raft_store::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "admin API");
         warp::serve(routes)
             .serve_incoming_with_graceful_shutdown(incoming, stop)
             .await;
