@@ -589,8 +589,9 @@ fn a_token_file_others_may_read_is_refused() {
 /// The admin API over HTTPS (#20). Plain HTTP anywhere but loopback is a config error
 /// naming admin.listen. With admin.certificate and private_key (a node certificate from
 /// `tandem cert node`) the admin port speaks TLS only: a plain-HTTP request gets no HTTP
-/// answer; the CLI reaches the API checking its certificate against the CA, and refuses
-/// it when told to trust another CA.
+/// answer, and connections that never start a handshake delay no one; the CLI reaches
+/// the API checking its certificate against the CA, and refuses it when told to trust
+/// another CA.
 #[test]
 fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
     use std::io::{Read, Write};
@@ -663,6 +664,16 @@ fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
         }
     });
     assert!(reached.contains("quorum ok"), "{reached}");
+
+    // Clients that open a connection and never start their handshake hold up no one:
+    // four of them, each held 10 s, would outlast the CLI's 30 s if handshakes ran one
+    // after another in the accept loop.
+    let stalled: Vec<std::net::TcpStream> = (0..4)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap())
+        .collect();
+    let past_them = status(&config);
+    assert!(past_them.status.success(), "{}", describe(&past_them));
+    drop(stalled);
 
     let mut plain = std::net::TcpStream::connect(("127.0.0.1", admin_port)).unwrap();
     plain

@@ -166,7 +166,7 @@ impl HttpNetwork {
 }
 
 /// An error with its causes, which is where reqwest puts the reason (refused, TLS...).
-fn chain(e: &dyn std::error::Error) -> String {
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -414,12 +414,7 @@ async fn call_with(
     let reply = request.send().await.map_err(|e| {
         // reqwest's own message hides the cause (a refused connection, a certificate
         // that does not check out): name every cause.
-        let mut cause = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            cause = format!("{cause}: {s}");
-            source = s.source();
-        }
+        let cause = tandem_raft_store::http_network::chain(&e);
         Error::Admin(format!(
             "cannot reach the node's admin API at {url}: {cause}; is the node running?"
         ))
