@@ -223,9 +223,10 @@ const BINDING_CACHE_MAX: usize = 1 << 18;
 ///
 /// An entry is the AOR and its bindings encoded as they are stored, in one allocation,
 /// keyed by a hash of the AOR under a per-process random key: a decoded binding is seven
-/// strings, about twice the size, and a node keeps one entry per AOR it serves. Decoding
-/// on a hit costs what cloning the decoded bindings did. Two AORs whose hashes collide
-/// only take turns in the cache: a hit is believed only for the AOR it names.
+/// strings, about twice the size, and a node keeps one entry per AOR it serves. Every
+/// binding names its AOR, so the AOR is encoded beside them only when there are none.
+/// Decoding on a hit costs what cloning the decoded bindings did. Two AORs whose hashes
+/// collide only take turns in the cache: a hit is believed only for the AOR it names.
 #[derive(Default)]
 struct BindingCache {
     epoch: u64,
@@ -243,7 +244,8 @@ impl BindingCache {
     fn lookup(&self, aor: &str) -> Result<Vec<Binding>, u64> {
         if let Some(kept) = self.by_aor.get(&self.key(aor)) {
             if let Ok((kept_aor, bindings)) = postcard::from_bytes::<(&str, Vec<Binding>)>(kept) {
-                if kept_aor == aor {
+                let named = bindings.first().map_or(kept_aor, |b| b.aor.as_str());
+                if named == aor {
                     return Ok(bindings);
                 }
             }
@@ -257,7 +259,8 @@ impl BindingCache {
         if self.epoch != epoch {
             return;
         }
-        let Ok(encoded) = postcard::to_stdvec(&(aor, read)) else {
+        let named = if read.is_empty() { aor } else { "" };
+        let Ok(encoded) = postcard::to_stdvec(&(named, read)) else {
             return;
         };
         if self.by_aor.len() >= BINDING_CACHE_MAX {
@@ -1311,9 +1314,29 @@ mod tests {
 
     fn binding(contact: &str) -> Binding {
         Binding {
+            aor: "sip:a@x".into(),
             contact: contact.into(),
             ..sample_binding()
         }
+    }
+
+    /// The AOR is kept once: in the bindings, or beside them when there are none. Either
+    /// way a hit must name the AOR asked for.
+    #[test]
+    fn a_kept_entry_is_believed_only_for_the_aor_it_names() {
+        let mut cache = BindingCache::default();
+        cache.keep("sip:a@x", &[], cache.epoch);
+        assert_eq!(cache.lookup("sip:a@x"), Ok(vec![]));
+        let b = binding("<sip:b>");
+        cache.keep("sip:a@x", std::slice::from_ref(&b), cache.epoch);
+        assert_eq!(cache.lookup("sip:a@x"), Ok(vec![b.clone()]));
+        // Bindings that name another AOR are not that AOR's bindings.
+        let other = Binding {
+            aor: "sip:z@x".into(),
+            ..b
+        };
+        cache.keep("sip:a@x", &[other], cache.epoch);
+        assert!(cache.lookup("sip:a@x").is_err());
     }
 
     /// A read that started before a write must not be kept after it: it may hold the

@@ -16,7 +16,14 @@ pub(crate) const CF_SM_META: &str = "sm_meta";
 pub(crate) const ALL_CFS: [&str; 4] = [CF_META, CF_LOGS, CF_SM_DATA, CF_SM_META];
 
 /// Bytes all memtables together may hold before RocksDB flushes the largest.
-const MEMTABLE_BUDGET: usize = 32 << 20;
+const MEMTABLE_BUDGET: usize = 24 << 20;
+/// Bytes one memtable of the state's column families may hold before it is flushed.
+const STATE_MEMTABLE: usize = 16 << 20;
+/// Bytes the log's memtable may hold. Log entries are read back only by a follower that
+/// lags (the newest come from the log cache) and are deleted by the purge that follows
+/// each snapshot, so holding them in memory buys little: a small memtable keeps them from
+/// filling the budget the state's reads gain from.
+const LOG_MEMTABLE: usize = 4 << 20;
 /// Bytes of the one block cache every column family shares.
 const BLOCK_CACHE: usize = 16 << 20;
 
@@ -72,17 +79,21 @@ pub(crate) fn open_db(dir: &Path) -> Result<(Arc<DB>, PathBuf), Error> {
     // resident memory then grows with its state, not with its write history.
     options.set_db_write_buffer_size(MEMTABLE_BUDGET);
     let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
-    let family_options = || {
+    let family_options = |name: &str| {
         let mut table = rocksdb::BlockBasedOptions::default();
         table.set_block_cache(&cache);
         let mut o = Options::default();
         o.set_block_based_table_factory(&table);
-        o.set_write_buffer_size(MEMTABLE_BUDGET / 2);
+        o.set_write_buffer_size(if name == CF_LOGS {
+            LOG_MEMTABLE
+        } else {
+            STATE_MEMTABLE
+        });
         o
     };
     let families = ALL_CFS
         .into_iter()
-        .map(|name| ColumnFamilyDescriptor::new(name, family_options()));
+        .map(|name| ColumnFamilyDescriptor::new(name, family_options(name)));
     let db = DB::open_cf_descriptors(&options, &db_dir, families)
         .map_err(|e| Error::Db(format!("opening {}: {e}", db_dir.display())))?;
     Ok((Arc::new(db), snapshot_dir))

@@ -31,7 +31,9 @@ use crate::cluster::ClusterNode;
 use store::CdrStore;
 
 /// Records waiting for the writer thread; a node that cannot write them this fast counts
-/// the rest as dropped and says so.
+/// the rest as dropped and says so. The queue holds boxed records: a bounded channel
+/// allocates and touches all its slots at once, and at a record's size (about 330 bytes)
+/// this many would be about 21 MB of resident memory on an idle node.
 const QUEUE: usize = 65_536;
 /// Records stored in one write (one fsync).
 const WRITE_GROUP: usize = 1024;
@@ -234,14 +236,14 @@ pub fn outcome_of(code: u16) -> &'static str {
 /// Where closed records go: the writer thread's queue.
 #[derive(Clone, Debug)]
 pub struct Recorder {
-    queue: SyncSender<Cdr>,
+    queue: SyncSender<Box<Cdr>>,
     dropped: Arc<AtomicU64>,
 }
 
 impl Recorder {
     /// A recorder whose records come out of the receiver, for unit tests.
     #[cfg(test)]
-    pub fn for_tests() -> (Recorder, mpsc::Receiver<Cdr>) {
+    pub fn for_tests() -> (Recorder, mpsc::Receiver<Box<Cdr>>) {
         let (queue, rx) = mpsc::sync_channel(QUEUE);
         let dropped = Arc::default();
         (Recorder { queue, dropped }, rx)
@@ -249,7 +251,7 @@ impl Recorder {
 
     /// Queues a record for writing; never blocks.
     pub fn record(&self, cdr: Cdr) {
-        match self.queue.try_send(cdr) {
+        match self.queue.try_send(Box::new(cdr)) {
             Ok(()) => {}
             Err(TrySendError::Full(c)) | Err(TrySendError::Disconnected(c)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -385,7 +387,7 @@ fn write_loop(
     cluster: &ClusterNode,
     settings: &Settings,
     stats: &CdrStats,
-    rx: &mpsc::Receiver<Cdr>,
+    rx: &mpsc::Receiver<Box<Cdr>>,
     closing: &AtomicBool,
     shipped: &Notify,
 ) {
@@ -398,14 +400,14 @@ fn write_loop(
             .min(Duration::from_millis(200));
         let mut disconnected = false;
         match rx.recv_timeout(wait) {
-            Ok(c) => pending.push(c),
+            Ok(c) => pending.push(*c),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => disconnected = true,
         }
         let drain = |pending: &mut Vec<Cdr>, disconnected: &mut bool| {
             while pending.len() < WRITE_GROUP {
                 match rx.try_recv() {
-                    Ok(c) => pending.push(c),
+                    Ok(c) => pending.push(*c),
                     Err(mpsc::TryRecvError::Empty) => break,
                     Err(mpsc::TryRecvError::Disconnected) => {
                         *disconnected = true;
@@ -447,7 +449,7 @@ fn write_loop(
         }
         let quiet = pending.is_empty();
         if (disconnected || closing.load(Ordering::Acquire)) && quiet {
-            if rx.try_recv().map(|c| pending.push(c)).is_err() {
+            if rx.try_recv().map(|c| pending.push(*c)).is_err() {
                 break;
             }
             continue;

@@ -13,6 +13,13 @@
 //! once their binding has lapsed. Another node, which never saw these refreshes, orders
 //! against the stored values; that is no worse than before the refresh, and a phone
 //! moving to another node is written anyway, because its edge node changes.
+//!
+//! A node keeps an entry for nearly every binding it serves, so an entry is small: the
+//! Call-ID is kept as a hash under the same per-process key. The registrar only ever asks
+//! whether a request's Call-ID is the newest one, so [`UnwrittenRefreshes::apply`] is given
+//! the Call-IDs about to be compared and restores the one that matches; a binding whose
+//! newest Call-ID is none of them gets an empty Call-ID, which no request carries
+//! (`tandem_sip` refuses an empty Call-ID).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -27,7 +34,8 @@ const PRUNE_EVERY_MS: u64 = 30_000;
 struct Refresh {
     /// The `expires_at_ms` of the stored binding this refresh amends.
     stored_expiry_ms: u64,
-    call_id: Box<str>,
+    /// The refresh's Call-ID, hashed as [`UnwrittenRefreshes::key`] hashes.
+    call_id: u64,
     cseq: u32,
 }
 
@@ -51,6 +59,10 @@ impl UnwrittenRefreshes {
         self.keys.hash_one((aor, contact))
     }
 
+    fn call_id_hash(&self, call_id: &str) -> u64 {
+        self.keys.hash_one(call_id)
+    }
+
     /// Remembers that `refreshed` (a stored binding with the refresh's Call-ID and CSeq)
     /// was answered without being written.
     pub fn note(&self, refreshed: &Binding, now_ms: u64) {
@@ -66,14 +78,16 @@ impl UnwrittenRefreshes {
             key,
             Refresh {
                 stored_expiry_ms: refreshed.expires_at_ms,
-                call_id: refreshed.call_id.as_str().into(),
+                call_id: self.call_id_hash(&refreshed.call_id),
                 cseq: refreshed.cseq,
             },
         );
     }
 
-    /// `bindings` with the Call-ID and CSeq of the unwritten refreshes that amend them.
-    pub fn apply(&self, mut bindings: Vec<Binding>) -> Vec<Binding> {
+    /// `bindings` with the CSeq of the unwritten refreshes that amend them, and their
+    /// Call-ID if it is one of `call_ids` (the Call-IDs of the requests about to be planned
+    /// against them), else an empty one.
+    pub fn apply(&self, mut bindings: Vec<Binding>, call_ids: &[&str]) -> Vec<Binding> {
         let entries = self.entries.lock().expect("refresh entries");
         if entries.by_binding.is_empty() {
             return bindings;
@@ -81,7 +95,10 @@ impl UnwrittenRefreshes {
         for b in &mut bindings {
             if let Some(r) = entries.by_binding.get(&self.key(&b.aor, &b.contact)) {
                 if r.stored_expiry_ms == b.expires_at_ms {
-                    b.call_id = r.call_id.to_string();
+                    b.call_id = call_ids
+                        .iter()
+                        .find(|c| self.call_id_hash(c) == r.call_id)
+                        .map_or_else(String::new, |c| (*c).to_owned());
                     b.cseq = r.cseq;
                 }
             }
@@ -130,12 +147,20 @@ mod tests {
         let refreshes = UnwrittenRefreshes::default();
         let stored = binding("sip:a@h", 5_000, "call-1", 1);
         refreshes.note(&binding("sip:a@h", 5_000, "call-2", 7), 1_000);
-        let seen = refreshes.apply(vec![stored.clone(), binding("sip:b@h", 5_000, "x", 1)]);
+        let both = vec![stored.clone(), binding("sip:b@h", 5_000, "x", 1)];
+        let seen = refreshes.apply(both.clone(), &["call-1", "call-2"]);
         assert_eq!((seen[0].call_id.as_str(), seen[0].cseq), ("call-2", 7));
+        assert_eq!((seen[1].call_id.as_str(), seen[1].cseq), ("x", 1));
+        // Asked about another Call-ID only (even the stored one), the refresh's is not it.
+        let seen = refreshes.apply(both, &["call-1"]);
+        assert_eq!((seen[0].call_id.as_str(), seen[0].cseq), ("", 7));
         assert_eq!((seen[1].call_id.as_str(), seen[1].cseq), ("x", 1));
         // Rewritten since (by any node): the stored values win.
         let rewritten = binding("sip:a@h", 9_000, "call-3", 1);
-        assert_eq!(refreshes.apply(vec![rewritten.clone()]), vec![rewritten]);
+        assert_eq!(
+            refreshes.apply(vec![rewritten.clone()], &["call-2"]),
+            vec![rewritten]
+        );
     }
 
     #[test]

@@ -467,7 +467,7 @@ impl Registrar {
                 // Planned under the lock, so no other REGISTER of this AOR starts a writer
                 // between this plan and the refresh it notes.
                 let now = now_ms();
-                let view = self.current_bindings(&req.aor);
+                let view = self.current_bindings(&req.aor, &[&req.call_id]);
                 let node = self.cluster.identity.node_id;
                 match plan(&req, &view, max_contacts, &self.settings, now, node, &flow) {
                     Err(answer) => return Err(answer),
@@ -531,21 +531,27 @@ impl Registrar {
     }
 
     /// The AOR's bindings as this node knows them: the replica's, with what the overlay
-    /// holds back and the refreshes answered without a write.
-    fn current_bindings(&self, aor: &str) -> Vec<Binding> {
+    /// holds back and the refreshes answered without a write. A binding's Call-ID is only
+    /// right where it is one of `call_ids` (see [`UnwrittenRefreshes::apply`]), and only
+    /// compared with them.
+    fn current_bindings(&self, aor: &str, call_ids: &[&str]) -> Vec<Binding> {
         let stored = self
             .cluster
             .replica
             .reader()
             .bindings(aor)
             .unwrap_or_default();
-        self.refreshes.apply(self.overlay.apply(aor, stored))
+        self.refreshes
+            .apply(self.overlay.apply(aor, stored), call_ids)
     }
 
     /// Plans a group of one AOR's REGISTERs in order, each against the bindings the ones
     /// before it leave, writes their coalesced changes and answers them.
     async fn write_group(&self, aor: &str, jobs: Vec<Job>) {
-        let mut view = self.current_bindings(aor);
+        let mut view = {
+            let call_ids: Vec<&str> = jobs.iter().map(|j| j.req.call_id.as_str()).collect();
+            self.current_bindings(aor, &call_ids)
+        };
         let now = now_ms();
         let mut writes = Vec::new();
         let mut accepted = Vec::with_capacity(jobs.len());
@@ -624,12 +630,14 @@ impl Registrar {
                 None => {}
             }
             let held = match &command {
-                Command::RemoveAllBindings { aor } => self.current_bindings(aor).iter().all(|b| {
-                    self.overlay.hold(&Command::RemoveBinding {
-                        aor: b.aor.clone(),
-                        contact: b.contact.clone(),
+                Command::RemoveAllBindings { aor } => {
+                    self.current_bindings(aor, &[]).iter().all(|b| {
+                        self.overlay.hold(&Command::RemoveBinding {
+                            aor: b.aor.clone(),
+                            contact: b.contact.clone(),
+                        })
                     })
-                }),
+                }
                 other => self.overlay.hold(other),
             };
             if !held {
