@@ -633,6 +633,155 @@ fn without_quorum_registrations_still_succeed_and_nothing_is_lost_when_it_return
     }
 }
 
+/// Registrations a node answered without a quorum are on its disk before the phone hears
+/// 200: the node is SIGKILLed before the quorum returns, the other two go on without it,
+/// and once it is back every change it answered for is on every node, unless something
+/// newer happened to that binding meanwhile. Nothing is revived and nothing is created for
+/// an account disabled meanwhile. Before the journal, node 1 lost all of them.
+#[test]
+fn registrations_answered_without_a_quorum_survive_a_crash_and_are_replayed_only_if_still_newest() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let (one, two) = (cluster.member(1), cluster.member(2));
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    for user in ["alice", "bob", "carol", "dave", "erin"] {
+        add_account(one.admin_addr, &token, user, &format!("pw-{user}-1"));
+    }
+    Wait::new(
+        "every node to support the conditional replay (feature version 4)",
+        Duration::from_secs(20),
+    )
+    .showing(&cluster)
+    .until(|| {
+        cluster.members.iter().all(|m| {
+            m.status()
+                .and_then(|s| s["feature_version"].as_u64())
+                .is_some_and(|v| v >= 4)
+        })
+    });
+    let sip = |m: &tandem_failover_tests::cluster::Member| -> std::net::SocketAddr {
+        format!("{}:{}", m.ip, m.sip_port).parse().unwrap()
+    };
+    let phone = |user: &str| Ua::new("127.0.0.1", user, "example.com", &format!("pw-{user}-1"));
+    let register = |ua: &mut Ua, node: std::net::SocketAddr, contact: &str, expires: u32| {
+        let r = ua.register(node, "MD5", Some(contact), Some(expires));
+        assert_eq!(r.status, 200, "{contact}: {}", r.text);
+    };
+    let (mut alice, mut bob, mut carol, mut dave, mut erin) = (
+        phone("alice"),
+        phone("bob"),
+        phone("carol"),
+        phone("dave"),
+        phone("erin"),
+    );
+    // Stored through Raft before the quorum goes.
+    register(&mut bob, sip(one), "<sip:bob@127.0.0.1:5001>", 300);
+    register(&mut dave, sip(one), "<sip:dave@127.0.0.1:5002>", 300);
+
+    cluster.member(2).sigkill();
+    cluster.member(3).sigkill();
+    Wait::new(
+        "node 1 to notice that it lost its quorum",
+        Duration::from_secs(10),
+    )
+    .showing(&cluster)
+    .until(|| one.get("/ready").is_none_or(|r| r.status != 200));
+    // Answered by node 1 alone: four new bindings and one removal.
+    register(&mut alice, sip(one), "<sip:alice@127.0.0.1:5003>", 300);
+    register(&mut bob, sip(one), "<sip:bob@127.0.0.1:5004>", 300);
+    register(&mut carol, sip(one), "<sip:carol@127.0.0.1:5005>", 300);
+    register(&mut dave, sip(one), "<sip:dave@127.0.0.1:5002>", 0);
+    register(&mut erin, sip(one), "<sip:erin@127.0.0.1:5006>", 300);
+    assert_eq!(metric(one.admin_addr, "tandem_bindings_held"), Some(5.0));
+    cluster.member(1).sigkill();
+
+    // Nodes 2 and 3 go on without node 1: bob registers the same contact again through
+    // node 2, carol's account is disabled, erin registers and then unregisters.
+    cluster.member(2).start();
+    cluster.member(3).start();
+    cluster.wait_for_leader(&[1], Duration::from_secs(20));
+    std::thread::sleep(Duration::from_millis(20));
+    register(&mut bob, sip(two), "<sip:bob@127.0.0.1:5004>", 300);
+    let disable = http(
+        two.admin_addr,
+        Some(&token),
+        "PUT",
+        "/v1/accounts/example.com/carol",
+        Some(r#"{"customer":"acme","enabled":false}"#),
+    )
+    .expect("admin API answers");
+    assert_eq!(disable.status, 200, "{}", disable.body);
+    register(&mut erin, sip(two), "<sip:erin@127.0.0.1:5006>", 300);
+    register(&mut erin, sip(two), "<sip:erin@127.0.0.1:5006>", 0);
+
+    // Node 1 comes back with what it held, and replays it once it has the quorum again.
+    cluster.member(1).start();
+    Wait::new(
+        "node 1 to replay what it held (tandem_bindings_held 0)",
+        Duration::from_secs(30),
+    )
+    .every(Duration::from_millis(200))
+    .showing(&cluster)
+    .until(|| {
+        let m = http(one.admin_addr, None, "GET", "/metrics", None)
+            .map(|a| a.body)
+            .unwrap_or_default();
+        if m.contains("tandem_bindings_held 0") {
+            Ok(())
+        } else {
+            Err(held_line(&m))
+        }
+    });
+    let index = cluster
+        .members
+        .iter()
+        .filter_map(|m| m.status()?["applied_index"].as_u64())
+        .max()
+        .unwrap_or(0);
+    for m in &cluster.members {
+        cluster.wait_applied(m.id, index, Duration::from_secs(15));
+        let of = |user: &str| -> Vec<(String, u64)> {
+            let mut b: Vec<(String, u64)> = bindings(m.admin_addr, &token, user)
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["contact"].as_str().unwrap().to_owned(),
+                        b["edge_node"].as_u64().unwrap(),
+                    )
+                })
+                .collect();
+            b.sort();
+            b
+        };
+        let node = m.id;
+        assert_eq!(
+            of("alice"),
+            vec![("sip:alice@127.0.0.1:5003".into(), 1)],
+            "node {node}: the binding held on node 1 is lost"
+        );
+        assert_eq!(
+            of("bob"),
+            vec![
+                ("sip:bob@127.0.0.1:5001".into(), 1),
+                ("sip:bob@127.0.0.1:5004".into(), 2)
+            ],
+            "node {node}: the newer registration through node 2 must stay"
+        );
+        assert_eq!(
+            of("carol"),
+            vec![],
+            "node {node}: a disabled account got a binding"
+        );
+        assert_eq!(of("dave"), vec![], "node {node}: the held removal is lost");
+        assert_eq!(
+            of("erin"),
+            vec![],
+            "node {node}: a later removal was undone"
+        );
+    }
+}
+
 #[test]
 fn a_challenge_keeps_no_transaction_so_a_retransmission_gets_a_fresh_one() {
     // The 401 is sent statelessly (RFC 3261 §8.2.7): the node holds nothing for it, and the

@@ -165,7 +165,10 @@ impl Node {
     ) -> Result<Node, (Error, Tasks)> {
         let stats = Arc::new(Stats::default());
         let drain = Arc::new(Drain::default());
-        let overlay = Arc::new(BindingOverlay::default());
+        let overlay = match BindingOverlay::open(&config.node.data_dir) {
+            Ok(overlay) => Arc::new(overlay),
+            Err(e) => return Err((e, cluster_tasks)),
+        };
         let peers = Arc::new(PeerMonitor::default());
         let board = Arc::new(Board::new(drain.flag()));
         let app_server = admin::AppServerSlot::default();

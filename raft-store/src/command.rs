@@ -91,6 +91,11 @@ pub fn account_aor(user: &str, domain: &str) -> String {
     format!("sip:{user}@{domain}")
 }
 
+/// The user and domain of an AOR that [`account_aor`] made, if `aor` is one.
+pub fn account_of_aor(aor: &str) -> Option<(&str, &str)> {
+    aor.strip_prefix("sip:")?.rsplit_once('@')
+}
+
 /// The owner an account's dialplan for calls *to* it is stored under (its dialplan for the
 /// calls it makes is stored under `user@domain`).
 pub fn incoming_dialplan_owner(user: &str, domain: &str) -> String {
@@ -157,6 +162,35 @@ pub struct Binding {
     /// q-value in thousandths (1000 = 1.0).
     pub q: u16,
     pub user_agent: String,
+}
+
+/// How many intervals a binding is stored to last: the registrar stores an expiry of
+/// twice the interval it grants, so that refreshes inside the second need no write
+/// (node/DESIGN.md, "Bindings are written when they change").
+pub const BINDING_HEADROOM_INTERVALS: u64 = 2;
+
+impl Binding {
+    /// When the binding was written (Unix ms, the proposer's clock), from its expiry less
+    /// its headroom.
+    pub fn written_at_ms(&self) -> u64 {
+        self.expires_at_ms
+            .saturating_sub(BINDING_HEADROOM_INTERVALS * u64::from(self.expires_secs) * 1000)
+    }
+}
+
+/// A binding change a node answered a phone for without a quorum, kept on its disk and
+/// replayed through Raft once it has one ([`Command::ReplayHeldBinding`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBinding {
+    /// The account the AOR is of.
+    pub user: String,
+    pub domain: String,
+    pub aor: String,
+    pub contact: String,
+    /// When the holding node answered the phone (its clock, Unix ms).
+    pub held_at_ms: u64,
+    /// The binding written, or `None` for its removal.
+    pub binding: Option<Binding>,
 }
 
 /// A customer's account at a third-party provider, kept registered by the registration agent.
@@ -435,6 +469,29 @@ pub enum Command {
         provider: String,
         epoch: u64,
     },
+    /// Removes one binding, as [`Command::RemoveBinding`] does, and remembers until when
+    /// it was removed (`at_ms`, the proposer's clock), so a held change from before that is
+    /// not replayed over it (feature version 4).
+    RemoveBindingAt {
+        aor: String,
+        contact: String,
+        at_ms: u64,
+    },
+    /// Removes every binding of an AOR and remembers when (feature version 4).
+    RemoveAllBindingsAt {
+        aor: String,
+        at_ms: u64,
+    },
+    /// A binding change a node answered without a quorum, replayed once it has one
+    /// (node/DESIGN.md, "Degraded mode"; feature version 4). `now_ms` is the replaying
+    /// node's clock. It is applied only if no write or removal of that binding since
+    /// `held.held_at_ms` is stored, the binding has not lapsed by `now_ms`, and, for a new
+    /// binding, its account and customer still exist and are enabled; otherwise the
+    /// result is `Rejected`, saying why.
+    ReplayHeldBinding {
+        held: HeldBinding,
+        now_ms: u64,
+    },
     /// The command kind of the next release, which this one does not know: decoded only
     /// by a process that plays the next release ([`play_next_release`]), as the
     /// rolling-upgrade test's newer binary does (raft-store/DESIGN.md, "Versioned commands
@@ -466,6 +523,7 @@ kinds! {
     // The upgrade test's stand-in for a later release's kind: 32 is never used for
     // anything else.
     32 => PutClusterNote,
+    33 => RemoveBindingAt, 34 => RemoveAllBindingsAt, 35 => ReplayHeldBinding,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -481,7 +539,8 @@ const VERSION: u16 = 1;
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
 /// | 2 | customers' numbers (kinds 27 and 28) |
 /// | 3 | customer settings: CDR retention, call limit, time zone (kind 29); trunks (30, 31) |
-pub const FEATURES: u32 = 3;
+/// | 4 | removals that leave their time, and held registrations replayed conditionally (kinds 33 to 35) |
+pub const FEATURES: u32 = 4;
 
 /// Set once, before anything else runs, by a process that plays the next release.
 static NEXT_RELEASE: AtomicBool = AtomicBool::new(false);
@@ -521,6 +580,9 @@ impl Command {
             Command::PutCustomerSettings(_)
             | Command::PutTrunk(_)
             | Command::DeleteTrunk { .. } => 3,
+            Command::RemoveBindingAt { .. }
+            | Command::RemoveAllBindingsAt { .. }
+            | Command::ReplayHeldBinding { .. } => 4,
             Command::PutClusterNote { .. } => FEATURES + 1,
             _ => 0,
         }
@@ -601,6 +663,13 @@ impl Command {
             Command::PutTrunk(t) => enc(t),
             Command::DeleteTrunk { id } => enc(id),
             Command::PutClusterNote { text } => enc(text),
+            Command::RemoveBindingAt {
+                aor,
+                contact,
+                at_ms,
+            } => enc(&(aor, contact, at_ms)),
+            Command::RemoveAllBindingsAt { aor, at_ms } => enc(&(aor, at_ms)),
+            Command::ReplayHeldBinding { held, now_ms } => enc(&(held, now_ms)),
             Command::PutProviderAccount(p) => enc(p),
             Command::DeleteProviderAccount { id } => enc(id),
             Command::ResealProviderAccount {
@@ -719,6 +788,22 @@ impl Command {
             31 => Command::DeleteTrunk {
                 id: postcard::from_bytes(b).map_err(bad)?,
             },
+            33 => {
+                let (aor, contact, at_ms) = postcard::from_bytes(b).map_err(bad)?;
+                Command::RemoveBindingAt {
+                    aor,
+                    contact,
+                    at_ms,
+                }
+            }
+            34 => {
+                let (aor, at_ms) = postcard::from_bytes(b).map_err(bad)?;
+                Command::RemoveAllBindingsAt { aor, at_ms }
+            }
+            35 => {
+                let (held, now_ms) = postcard::from_bytes(b).map_err(bad)?;
+                Command::ReplayHeldBinding { held, now_ms }
+            }
             32 if plays_next_release() => Command::PutClusterNote {
                 text: postcard::from_bytes(b).map_err(bad)?,
             },
@@ -833,6 +918,26 @@ pub(crate) mod tests {
             Command::ExpireBindings {
                 now_ms: 5,
                 limit: 100,
+            },
+            Command::RemoveBindingAt {
+                aor: "a".into(),
+                contact: "c".into(),
+                at_ms: 7,
+            },
+            Command::RemoveAllBindingsAt {
+                aor: "a".into(),
+                at_ms: 8,
+            },
+            Command::ReplayHeldBinding {
+                held: HeldBinding {
+                    user: "alice".into(),
+                    domain: "example.com".into(),
+                    aor: "sip:alice@example.com".into(),
+                    contact: "<sip:a@192.0.2.1>".into(),
+                    held_at_ms: 4,
+                    binding: Some(sample_binding()),
+                },
+                now_ms: 9,
             },
             Command::AcquireLease {
                 lease: ProviderLease {

@@ -17,7 +17,7 @@ use serde::Serialize;
 
 use crate::command::{
     account_aor, Account, Binding, Command, CommandResult, Customer, CustomerSettings, Dialplan,
-    Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease, Trunk,
+    HeldBinding, Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease, Trunk,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -48,6 +48,11 @@ mod key {
     pub const TRUNK: u8 = b'T';
     /// Bindings by expiry: the sweep reads the lapsed ones and nothing else.
     pub const BINDING_BY_EXPIRY: u8 = b'E';
+    /// When a binding was last removed (or, with an empty contact, all of an AOR's), so a
+    /// change held from before is not replayed over the removal.
+    pub const REMOVED: u8 = b'z';
+    /// Those records by the time they may be forgotten, for the sweep.
+    pub const REMOVED_BY_TIME: u8 = b'Z';
 
     pub fn with(tag: u8, parts: &[&[u8]]) -> Vec<u8> {
         let mut k = vec![tag];
@@ -114,6 +119,36 @@ mod key {
         let mut binding = vec![BINDING];
         binding.extend_from_slice(parts);
         Some(binding)
+    }
+    /// The removal record of one binding, or with an empty contact (never a contact's
+    /// value) of all of an AOR's.
+    pub fn removed(aor: &str, contact: &str) -> Vec<u8> {
+        with(REMOVED, &[aor.as_bytes(), contact.as_bytes()])
+    }
+    pub fn removed_by_time(forget_at_ms: u64, aor: &str, contact: &str) -> Vec<u8> {
+        with(
+            REMOVED_BY_TIME,
+            &[
+                &forget_at_ms.to_be_bytes(),
+                aor.as_bytes(),
+                contact.as_bytes(),
+            ],
+        )
+    }
+    /// The end (exclusive) of the removal records to forget by `now_ms`.
+    pub fn forgotten_by(now_ms: u64) -> Vec<u8> {
+        match now_ms.checked_add(1) {
+            Some(after) => with(REMOVED_BY_TIME, &[&after.to_be_bytes()]),
+            None => vec![REMOVED_BY_TIME + 1],
+        }
+    }
+    /// The removal record a key of [`REMOVED_BY_TIME`] points at.
+    pub fn removed_of_time(k: &[u8]) -> Option<Vec<u8>> {
+        let rest = k.strip_prefix(&[REMOVED_BY_TIME])?.get(8..)?;
+        let parts = rest.strip_prefix(&[0])?;
+        let mut removed = vec![REMOVED];
+        removed.extend_from_slice(parts);
+        Some(removed)
     }
     pub fn lease(provider: &str) -> Vec<u8> {
         with(LEASE, &[provider.as_bytes()])
@@ -198,6 +233,11 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, Error> {
     postcard::from_bytes(v)
         .map_err(|e| Error::Corrupt(format!("record {:?}: {e}", String::from_utf8_lossy(key))))
 }
+
+/// How long a removal's time is remembered ([`Command::RemoveBindingAt`]). A held change
+/// older than this is not replayed at all, so a removal it might predate is never
+/// forgotten while it could matter.
+pub const REMOVALS_KEPT_MS: u64 = 2 * 24 * 3600 * 1000;
 
 /// Most domains [`StateReader::serves_domain`] remembers; past this it starts afresh, so
 /// requests for made-up domains cannot grow it without bound.
@@ -532,21 +572,32 @@ impl StateReader {
         Ok(read)
     }
 
-    /// Whether any binding lapsed at or before `now_ms`: one seek in the index by expiry,
-    /// so the leader's sweep proposes nothing while nothing lapsed.
+    /// Whether any binding lapsed at or before `now_ms`, or a removal record is due to be
+    /// forgotten: one seek in each index by time, so the leader's sweep proposes nothing
+    /// while there is nothing to remove.
     pub fn has_lapsed_bindings(&self, now_ms: u64) -> Result<bool, Error> {
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(key::lapsed_by(now_ms));
-        let start = [key::BINDING_BY_EXPIRY];
-        let first = self
-            .db
-            .iterator_cf_opt(
-                self.cf(),
-                opts,
-                IteratorMode::From(&start, Direction::Forward),
-            )
-            .next();
-        Ok(first.transpose().map_err(Error::db)?.is_some())
+        let any_before = |tag: u8, end: Vec<u8>| -> Result<bool, Error> {
+            let mut opts = ReadOptions::default();
+            opts.set_iterate_upper_bound(end);
+            let start = [tag];
+            let first = self
+                .db
+                .iterator_cf_opt(
+                    self.cf(),
+                    opts,
+                    IteratorMode::From(&start, Direction::Forward),
+                )
+                .next();
+            Ok(first.transpose().map_err(Error::db)?.is_some())
+        };
+        Ok(any_before(key::BINDING_BY_EXPIRY, key::lapsed_by(now_ms))?
+            || any_before(key::REMOVED_BY_TIME, key::forgotten_by(now_ms))?)
+    }
+
+    /// When the binding (`contact`), or all of the AOR's (an empty `contact`), was last
+    /// removed by a command that says when, if that is still remembered.
+    pub fn removed_at(&self, aor: &str, contact: &str) -> Result<Option<u64>, Error> {
+        self.get(&key::removed(aor, contact))
     }
 
     /// Writes into `batch` the index of bindings by expiry built afresh from the bindings,
@@ -915,6 +966,97 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// Remembers that the binding (`contact`, or all of the AOR's for an empty one) was
+    /// removed at `at_ms`, for [`REMOVALS_KEPT_MS`]; a later removal time wins.
+    fn note_removal(&mut self, aor: &str, contact: &str, at_ms: u64) -> Result<(), Error> {
+        let k = key::removed(aor, contact);
+        if let Some(old) = self.get::<u64>(&k)? {
+            if old >= at_ms {
+                return Ok(());
+            }
+            self.delete(key::removed_by_time(
+                old.saturating_add(REMOVALS_KEPT_MS),
+                aor,
+                contact,
+            ));
+        }
+        self.put(
+            key::removed_by_time(at_ms.saturating_add(REMOVALS_KEPT_MS), aor, contact),
+            &(),
+        );
+        self.put(k, &at_ms);
+        Ok(())
+    }
+
+    /// [`Command::ReplayHeldBinding`]: the held change, unless something since makes it
+    /// stale.
+    fn replay_held(&mut self, held: HeldBinding, now_ms: u64) -> Result<CommandResult, Error> {
+        let stale = |why: &str| Ok(CommandResult::Rejected(why.to_owned()));
+        if account_aor(&held.user, &held.domain) != held.aor
+            || held
+                .binding
+                .as_ref()
+                .is_some_and(|b| b.aor != held.aor || b.contact != held.contact)
+        {
+            return stale("the held change names another binding than its AOR and contact");
+        }
+        if now_ms.saturating_sub(held.held_at_ms) >= REMOVALS_KEPT_MS {
+            return stale("held for longer than removals are remembered");
+        }
+        let stored = self.get::<Binding>(&key::binding(&held.aor, &held.contact))?;
+        if stored
+            .as_ref()
+            .is_some_and(|b| b.written_at_ms() >= held.held_at_ms)
+        {
+            return stale("the binding was written again since");
+        }
+        for contact in [held.contact.as_str(), ""] {
+            let removed = self.get::<u64>(&key::removed(&held.aor, contact))?;
+            if removed.is_some_and(|at| at >= held.held_at_ms) {
+                return stale("the binding was removed since");
+            }
+        }
+        let Some(binding) = held.binding else {
+            let removed = self.remove_binding(&held.aor, &held.contact)?;
+            self.note_removal(&held.aor, &held.contact, held.held_at_ms)?;
+            return Ok(CommandResult::Removed(removed as u64));
+        };
+        if binding.expires_at_ms <= now_ms {
+            return stale("the binding has lapsed");
+        }
+        let account = self.get::<Account>(&key::account(&held.domain, &held.user))?;
+        let Some(account) = account.filter(|a| a.enabled) else {
+            return stale("the account is gone or disabled");
+        };
+        let customer =
+            self.get::<Customer>(&key::with(key::CUSTOMER, &[account.customer.as_bytes()]))?;
+        if customer.is_some_and(|c| !c.enabled) {
+            return stale("the account's customer is disabled");
+        }
+        self.put_binding(binding)?;
+        Ok(CommandResult::Done)
+    }
+
+    fn put_binding(&mut self, b: Binding) -> Result<(), Error> {
+        if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
+            self.count_edge(old.edge_node, -1);
+            self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
+            self.delete(key::binding_by_expiry(
+                old.expires_at_ms,
+                &old.aor,
+                &old.contact,
+            ));
+        }
+        self.count_edge(b.edge_node, 1);
+        self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
+        self.put(
+            key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
+            &(),
+        );
+        self.put(key::binding(&b.aor, &b.contact), &b);
+        Ok(())
+    }
+
     fn set_lease(&mut self, lease: &ProviderLease) -> Result<(), Error> {
         if let Some(old) = self.get::<ProviderLease>(&key::lease(&lease.provider))? {
             self.delete(key::lease_by_owner(old.owner, &old.provider));
@@ -1167,22 +1309,7 @@ impl<'a> Txn<'a> {
                 CommandResult::Done
             }
             Command::PutBinding(b) => {
-                if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
-                    self.count_edge(old.edge_node, -1);
-                    self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
-                    self.delete(key::binding_by_expiry(
-                        old.expires_at_ms,
-                        &old.aor,
-                        &old.contact,
-                    ));
-                }
-                self.count_edge(b.edge_node, 1);
-                self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
-                self.put(
-                    key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
-                    &(),
-                );
-                self.put(key::binding(&b.aor, &b.contact), &b);
+                self.put_binding(b)?;
                 CommandResult::Done
             }
             Command::RemoveBinding { aor, contact } => {
@@ -1191,6 +1318,21 @@ impl<'a> Txn<'a> {
             Command::RemoveAllBindings { aor } => {
                 CommandResult::Removed(self.remove_all_bindings(&aor)?)
             }
+            Command::RemoveBindingAt {
+                aor,
+                contact,
+                at_ms,
+            } => {
+                let removed = self.remove_binding(&aor, &contact)?;
+                self.note_removal(&aor, &contact, at_ms)?;
+                CommandResult::Removed(removed as u64)
+            }
+            Command::RemoveAllBindingsAt { aor, at_ms } => {
+                let removed = self.remove_all_bindings(&aor)?;
+                self.note_removal(&aor, "", at_ms)?;
+                CommandResult::Removed(removed)
+            }
+            Command::ReplayHeldBinding { held, now_ms } => self.replay_held(held, now_ms)?,
             Command::ExpireBindings { now_ms, limit } => {
                 // The lapsed bindings come from the index by expiry, but the first `limit`
                 // of them in binding-key order go, as when every binding was scanned in
@@ -1212,6 +1354,16 @@ impl<'a> Txn<'a> {
                             removed += self.remove_binding(&b.aor, &b.contact)? as u64;
                         }
                     }
+                }
+                // Removal records past their keeping (they exist only once every member
+                // runs a release that writes them, so every replica forgets them alike).
+                let forgotten =
+                    self.keys_in_range(&[key::REMOVED_BY_TIME], &key::forgotten_by(now_ms))?;
+                for k in forgotten.into_iter().take(limit as usize) {
+                    if let Some(record) = key::removed_of_time(&k) {
+                        self.delete(record);
+                    }
+                    self.delete(k);
                 }
                 CommandResult::Removed(removed)
             }

@@ -5,10 +5,11 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
-    Account, Binding, Command, CommandResult, EncodedCommand, Lease, ProviderAccount,
+    Account, Binding, Command, CommandResult, EncodedCommand, HeldBinding, Lease, ProviderAccount,
     ProviderLease, StoredFlow,
 };
 use tandem_raft_store::crypto::Sealed;
+use tandem_raft_store::state::REMOVALS_KEPT_MS;
 use tandem_raft_store::state_machine::StateMachine;
 use tandem_raft_store::types::{Entry, Request};
 
@@ -208,6 +209,164 @@ async fn writes_within_one_apply_see_each_other() {
     .await;
     assert_eq!(r[2], CommandResult::Removed(2));
     assert!(sm.reader().bindings_by_edge(3).unwrap().is_empty());
+}
+
+/// A change `user@example.com` was answered for at `held_at_ms` without a quorum: a
+/// binding written then (60 s granted, so stored to lapse 120 s later), or with
+/// `put == false` the binding's removal.
+fn held(user: &str, contact: &str, held_at_ms: u64, put: bool, now_ms: u64) -> Command {
+    let aor = format!("sip:{user}@example.com");
+    Command::ReplayHeldBinding {
+        held: HeldBinding {
+            user: user.into(),
+            domain: "example.com".into(),
+            aor: aor.clone(),
+            contact: contact.into(),
+            held_at_ms,
+            binding: put.then(|| binding(&aor, contact, 1, held_at_ms + 120_000)),
+        },
+        now_ms,
+    }
+}
+
+fn rejected(r: &CommandResult) -> bool {
+    matches!(r, CommandResult::Rejected(_))
+}
+
+#[tokio::test]
+async fn a_held_change_is_replayed_only_over_what_is_older_than_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let alice = "sip:alice@example.com";
+    let mut carol = account("carol", "example.com");
+    carol.enabled = false;
+    let t = 1_000_000;
+    let now = t + 60_000;
+    apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutAccount(account("alice", "example.com")),
+            Command::PutAccount(account("bob", "example.com")),
+            Command::PutAccount(carol),
+            // Written through another node after the hold at t (written at t + 1000)...
+            Command::PutBinding(binding(alice, "<sip:newer>", 2, t + 1000 + 120_000)),
+            // ... and before it (written at t - 1000).
+            Command::PutBinding(binding(alice, "<sip:older>", 2, t - 1000 + 120_000)),
+            // Removed after the hold, one binding and all of bob's.
+            Command::RemoveBindingAt {
+                aor: alice.into(),
+                contact: "<sip:removed>".into(),
+                at_ms: t + 1000,
+            },
+            Command::RemoveAllBindingsAt {
+                aor: "sip:bob@example.com".into(),
+                at_ms: t + 1000,
+            },
+        ],
+    )
+    .await;
+    let r = apply(
+        &mut sm,
+        2,
+        vec![
+            held("alice", "<sip:new>", t, true, now),
+            held("alice", "<sip:newer>", t, true, now),
+            held("alice", "<sip:older>", t, true, now),
+            held("alice", "<sip:removed>", t, true, now),
+            held("alice", "<sip:removed>", t + 2000, true, now),
+            held("bob", "<sip:any>", t, true, now),
+            held("carol", "<sip:c>", t, true, now),
+            held("dave", "<sip:d>", t, true, now),
+            held("alice", "<sip:lapsed>", t, true, t + 120_000),
+        ],
+    )
+    .await;
+    assert_eq!(r[0], CommandResult::Done, "nothing was stored: {r:?}");
+    assert!(rejected(&r[1]), "a newer write stays: {r:?}");
+    assert_eq!(
+        r[2],
+        CommandResult::Done,
+        "an older write is replaced: {r:?}"
+    );
+    assert!(rejected(&r[3]), "a later removal stays: {r:?}");
+    assert_eq!(
+        r[4],
+        CommandResult::Done,
+        "an earlier removal does not: {r:?}"
+    );
+    assert!(
+        rejected(&r[5]),
+        "a later removal of all the AOR's stays: {r:?}"
+    );
+    assert!(rejected(&r[6]), "a disabled account gets none: {r:?}");
+    assert!(rejected(&r[7]), "a missing account gets none: {r:?}");
+    assert!(rejected(&r[8]), "a lapsed binding is not revived: {r:?}");
+    let reader = sm.reader();
+    let stored: Vec<(String, u64)> = reader
+        .bindings(alice)
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.written_at_ms(), b.contact))
+        .map(|(at, contact)| (contact, at))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            ("<sip:new>".into(), t),
+            ("<sip:newer>".into(), t + 1000),
+            ("<sip:older>".into(), t),
+            ("<sip:removed>".into(), t + 2000),
+        ]
+    );
+    for user in ["bob", "carol", "dave"] {
+        let aor = format!("sip:{user}@example.com");
+        assert!(reader.bindings(&aor).unwrap().is_empty(), "{user}");
+    }
+
+    // A held removal goes over an older write only, and is remembered as a removal.
+    let r = apply(
+        &mut sm,
+        3,
+        vec![
+            held("alice", "<sip:newer>", t, false, now),
+            held("alice", "<sip:older>", t + 10, false, now),
+            held("alice", "<sip:older>", t + 5, true, now),
+        ],
+    )
+    .await;
+    assert!(rejected(&r[0]), "{r:?}");
+    assert_eq!(r[1], CommandResult::Removed(1), "{r:?}");
+    assert!(rejected(&r[2]), "{r:?}");
+    assert_eq!(
+        reader.removed_at(alice, "<sip:older>").unwrap(),
+        Some(t + 10)
+    );
+
+    // Removal times are kept for REMOVALS_KEPT_MS, and the sweep then forgets them; a
+    // change held that long ago is not replayed at all.
+    let late = t + 10 + REMOVALS_KEPT_MS;
+    apply(
+        &mut sm,
+        4,
+        vec![Command::ExpireBindings {
+            now_ms: late,
+            limit: 1000,
+        }],
+    )
+    .await;
+    assert_eq!(reader.removed_at(alice, "<sip:older>").unwrap(), None);
+    assert_eq!(
+        reader.removed_at(alice, "<sip:removed>").unwrap(),
+        Some(t + 1000),
+        "removed later, so kept longer"
+    );
+    assert!(!reader.has_lapsed_bindings(late).unwrap());
+    assert!(reader
+        .has_lapsed_bindings(t + 1000 + REMOVALS_KEPT_MS)
+        .unwrap());
+    let r = apply(&mut sm, 5, vec![held("alice", "<sip:x>", t, true, late)]).await;
+    assert!(rejected(&r[0]), "{r:?}");
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 //! and the duties that keep them true.
 //!
 //! - [`overlay`]: binding writes held while this node has no quorum, replayed once it has
-//!   one (node/DESIGN.md, "Degraded mode").
+//!   one (node/DESIGN.md, "Degraded mode"), kept on disk by `journal`.
 //! - [`refreshes`]: the Call-ID and CSeq of refreshes answered without a write (node/DESIGN.md,
 //!   "Bindings are written when they change").
 //! - [`keepalive`]: CRLFCRLF to the UDP phones this node is the edge node of.
@@ -11,6 +11,7 @@
 //! The overlay's replay and the sweep run on every node, the witness included (a witness
 //! can lead), so [`spawn_duties`] does not need the SIP stack.
 
+mod journal;
 pub mod keepalive;
 pub mod overlay;
 pub mod refreshes;

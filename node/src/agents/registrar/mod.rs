@@ -19,14 +19,15 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tandem_raft_store::command::{Binding, Command, StoredFlow};
+use tandem_raft_store::command::{Binding, Command, StoredFlow, BINDING_HEADROOM_INTERVALS};
+use tandem_raft_store::replica::Replica;
 use tandem_sip::{Contacts, HeaderName, Message, Method, Uri};
 use tokio::sync::oneshot;
 
 use crate::agents::auth::accounts::aor;
 use crate::agents::auth::digest::Algorithm;
 use crate::agents::auth::{Authenticated, Authenticator, Challenge};
-use crate::agents::location::overlay::BindingOverlay;
+use crate::agents::location::overlay::{BindingOverlay, HoldRefused};
 use crate::agents::location::refreshes::UnwrittenRefreshes;
 use crate::agents::{run_or_spawn, Agent, Refusal, Stack};
 use crate::clock::now_ms;
@@ -279,7 +280,7 @@ pub fn plan(
                 aor: req.aor.clone(),
                 contact: c.uri.clone(),
                 // One interval of headroom: the next refresh need not be written.
-                expires_at_ms: now_ms + 2 * interval_ms,
+                expires_at_ms: now_ms + BINDING_HEADROOM_INTERVALS * interval_ms,
                 expires_secs: expires,
                 edge_node: edge,
                 flow: flow.clone(),
@@ -319,6 +320,34 @@ pub fn plan(
 }
 
 /// `view` (an AOR's bindings) as it will be once `plan` is carried out.
+/// `writes` as proposed: once every member can apply them, removals say when they were
+/// made, so that a change another node held from before them is not replayed over them
+/// (node/DESIGN.md, "Degraded mode").
+fn with_removal_times(replica: &Replica, writes: &[Command], now: u64) -> Vec<Command> {
+    let timed = replica
+        .reader()
+        .feature_version()
+        .is_ok_and(|v| v >= REMOVALS_WITH_TIMES);
+    writes
+        .iter()
+        .map(|w| match w {
+            Command::RemoveBinding { aor, contact } if timed => Command::RemoveBindingAt {
+                aor: aor.clone(),
+                contact: contact.clone(),
+                at_ms: now,
+            },
+            Command::RemoveAllBindings { aor } if timed => Command::RemoveAllBindingsAt {
+                aor: aor.clone(),
+                at_ms: now,
+            },
+            other => other.clone(),
+        })
+        .collect()
+}
+
+/// The cluster feature version from which removals carry their time.
+const REMOVALS_WITH_TIMES: u32 = 4;
+
 pub fn apply_to_view(view: &mut Vec<Binding>, plan: &Plan) {
     for r in &plan.refreshed {
         if let Some(v) = view.iter_mut().find(|v| v.contact == r.contact) {
@@ -613,8 +642,12 @@ impl Registrar {
 
     async fn write_together(&self, aor: &str, writes: Vec<Command>) -> Result<(), Refusal> {
         let degraded = self.cluster.health().degraded;
+        let now = now_ms();
         let results = match degraded {
-            None => self.cluster.replica.propose_all(writes.clone()).await,
+            None => {
+                let proposed = with_removal_times(&self.cluster.replica, &writes, now);
+                self.cluster.replica.propose_all(proposed).await
+            }
             Some(_) => Vec::new(),
         };
         for (i, command) in writes.into_iter().enumerate() {
@@ -629,21 +662,35 @@ impl Registrar {
                 }
                 None => {}
             }
-            let held = match &command {
-                Command::RemoveAllBindings { aor } => {
-                    self.current_bindings(aor, &[]).iter().all(|b| {
-                        self.overlay.hold(&Command::RemoveBinding {
-                            aor: b.aor.clone(),
-                            contact: b.contact.clone(),
-                        })
+            let to_hold = match &command {
+                Command::RemoveAllBindings { aor } => self
+                    .current_bindings(aor, &[])
+                    .iter()
+                    .map(|b| Command::RemoveBinding {
+                        aor: b.aor.clone(),
+                        contact: b.contact.clone(),
                     })
-                }
-                other => self.overlay.hold(other),
+                    .collect(),
+                other => vec![other.clone()],
             };
-            if !held {
-                let mut a = Refusal::new(500, "Server Internal Error (cannot store the binding)");
-                a.headers.push((HeaderName::RetryAfter, "5".into()));
-                return Err(a);
+            for change in &to_hold {
+                // A new binding was answered at the time its expiry counts from.
+                let held_at = match change {
+                    Command::PutBinding(b) => b.written_at_ms(),
+                    _ => now,
+                };
+                if let Err(refused) = self.overlay.hold(change, held_at).await {
+                    tracing::warn!(%aor, %refused, "cannot hold a binding change locally; refusing the REGISTER");
+                    let mut a = match refused {
+                        HoldRefused::Full => Refusal::new(
+                            503,
+                            "Service Unavailable (too many registrations wait for the cluster)",
+                        ),
+                        _ => Refusal::new(500, "Server Internal Error (cannot store the binding)"),
+                    };
+                    a.headers.push((HeaderName::RetryAfter, "5".into()));
+                    return Err(a);
+                }
             }
             if let Some(reason) = &degraded {
                 tracing::info!(%aor, %reason, held = self.overlay.len(), "degraded: binding held in the local overlay");
