@@ -67,7 +67,8 @@ pub fn main() -> ExitCode {
 /// freed page of its own (64 KiB) inside one. A node's heap is many small, long-lived
 /// objects, so at 100,000 AORs huge pages cost about 14 MB at rest and about 90 bytes per
 /// AOR, for no CPU gain measured in the registration storm (BENCHMARKS.md, "Resident
-/// memory per registered AOR"). The flag is the process's, inherited by nothing else.
+/// memory per registered AOR"). The flag is the process's (and a child's, were the node
+/// ever to start one).
 fn no_transparent_huge_pages() {
     if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
         tracing::warn!(error = %e, "could not turn transparent huge pages off; resident memory will be higher");

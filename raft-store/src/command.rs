@@ -469,9 +469,9 @@ pub enum Command {
         provider: String,
         epoch: u64,
     },
-    /// Removes one binding, as [`Command::RemoveBinding`] does, and remembers until when
-    /// it was removed (`at_ms`, the proposer's clock), so a held change from before that is
-    /// not replayed over it (feature version 4).
+    /// Removes one binding, as [`Command::RemoveBinding`] does, and remembers when it was
+    /// removed (`at_ms`, the proposer's clock), so a change held from before then is not
+    /// replayed over the removal (feature version 4).
     RemoveBindingAt {
         aor: String,
         contact: String,

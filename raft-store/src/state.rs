@@ -235,9 +235,13 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, Error> {
 }
 
 /// How long a removal's time is remembered ([`Command::RemoveBindingAt`]). A held change
-/// older than this is not replayed at all, so a removal it might predate is never
-/// forgotten while it could matter.
+/// older than this (less [`REPLAY_SKEW_MARGIN_MS`]) is not replayed at all, so a removal it
+/// might predate is never forgotten while it could matter.
 pub const REMOVALS_KEPT_MS: u64 = 2 * 24 * 3600 * 1000;
+
+/// How much sooner than [`REMOVALS_KEPT_MS`] a held change stops being replayed: the
+/// holding node's clock and the sweeping leader's may differ by this much.
+const REPLAY_SKEW_MARGIN_MS: u64 = 3600 * 1000;
 
 /// Most domains [`StateReader::serves_domain`] remembers; past this it starts afresh, so
 /// requests for made-up domains cannot grow it without bound.
@@ -910,6 +914,38 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
+    /// The first `limit` keys in `[start, end)` as this transaction sees them, reading no
+    /// more of RocksDB than that needs.
+    fn first_keys_in_range(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(end.to_vec());
+        let mut keys = std::collections::BTreeSet::new();
+        for item in self.reader.db.iterator_cf_opt(
+            self.reader.cf(),
+            opts,
+            IteratorMode::From(start, Direction::Forward),
+        ) {
+            if keys.len() >= limit {
+                break;
+            }
+            let k = item.map_err(Error::db)?.0.to_vec();
+            if !matches!(self.overlay.get(&k), Some(None)) {
+                keys.insert(k);
+            }
+        }
+        for (k, v) in self.overlay.range(start.to_vec()..end.to_vec()) {
+            if v.is_some() {
+                keys.insert(k.clone());
+            }
+        }
+        Ok(keys.into_iter().take(limit).collect())
+    }
+
     fn count_edge(&mut self, edge: NodeId, delta: i64) {
         *self.edge_deltas.entry(edge).or_default() += delta;
     }
@@ -1000,7 +1036,11 @@ impl<'a> Txn<'a> {
         {
             return stale("the held change names another binding than its AOR and contact");
         }
-        if now_ms.saturating_sub(held.held_at_ms) >= REMOVALS_KEPT_MS {
+        if now_ms
+            .saturating_add(REPLAY_SKEW_MARGIN_MS)
+            .saturating_sub(held.held_at_ms)
+            >= REMOVALS_KEPT_MS
+        {
             return stale("held for longer than removals are remembered");
         }
         let stored = self.get::<Binding>(&key::binding(&held.aor, &held.contact))?;
@@ -1355,11 +1395,15 @@ impl<'a> Txn<'a> {
                         }
                     }
                 }
-                // Removal records past their keeping (they exist only once every member
-                // runs a release that writes them, so every replica forgets them alike).
-                let forgotten =
-                    self.keys_in_range(&[key::REMOVED_BY_TIME], &key::forgotten_by(now_ms))?;
-                for k in forgotten.into_iter().take(limit as usize) {
+                // Removal records past their keeping, up to `limit` of them besides the
+                // bindings (they exist only once every member runs a release that writes
+                // them, so every replica forgets them alike).
+                let forgotten = self.first_keys_in_range(
+                    &[key::REMOVED_BY_TIME],
+                    &key::forgotten_by(now_ms),
+                    limit as usize,
+                )?;
+                for k in forgotten {
                     if let Some(record) = key::removed_of_time(&k) {
                         self.delete(record);
                     }

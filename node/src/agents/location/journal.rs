@@ -67,9 +67,18 @@ fn io(context: String) -> impl FnOnce(std::io::Error) -> Error {
     move |source| Error::Io { context, source }
 }
 
-/// Reads the records of `bytes` (a whole file, header included): every whole record, and
-/// the length of the file up to the end of the last one.
-fn read_records(path: &Path, bytes: &[u8]) -> Result<(Vec<HeldBinding>, usize), Error> {
+/// What [`read_records`] found.
+struct Contents {
+    records: Vec<HeldBinding>,
+    /// The length of the file up to the end of the last whole record.
+    good: usize,
+    /// Whether reading stopped at a record that is all there but does not check out:
+    /// damage, not an append a crash cut short.
+    damaged: bool,
+}
+
+/// Reads the records of `bytes` (a whole file, header included).
+fn read_records(path: &Path, bytes: &[u8]) -> Result<Contents, Error> {
     let Some(mut rest) = bytes.strip_prefix(HEADER) else {
         return Err(Error::Io {
             context: format!(
@@ -82,26 +91,34 @@ fn read_records(path: &Path, bytes: &[u8]) -> Result<(Vec<HeldBinding>, usize), 
     };
     let mut records = Vec::new();
     let mut good = HEADER.len();
+    let mut damaged = false;
     while rest.len() >= RECORD_HEAD {
         let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
         let sum = u64::from_le_bytes(rest[4..RECORD_HEAD].try_into().expect("8 bytes"));
-        let Some(body) = rest
-            .get(RECORD_HEAD..RECORD_HEAD + len)
-            .filter(|_| len <= RECORD_MAX)
-        else {
-            break;
-        };
-        if checksum(body) != sum {
+        if len > RECORD_MAX {
+            damaged = true;
             break;
         }
-        let Ok(held) = postcard::from_bytes::<HeldBinding>(body) else {
+        // Past the end of the file: an append a crash cut short.
+        let Some(body) = rest.get(RECORD_HEAD..RECORD_HEAD + len) else {
+            break;
+        };
+        let held = (checksum(body) == sum)
+            .then(|| postcard::from_bytes::<HeldBinding>(body).ok())
+            .flatten();
+        let Some(held) = held else {
+            damaged = true;
             break;
         };
         records.push(held);
         rest = &rest[RECORD_HEAD + len..];
         good += RECORD_HEAD + len;
     }
-    Ok((records, good))
+    Ok(Contents {
+        records,
+        good,
+        damaged,
+    })
 }
 
 impl Journal {
@@ -125,13 +142,30 @@ impl Journal {
             sync_dir(data_dir).map_err(io(format!("syncing {}", data_dir.display())))?;
             Vec::new()
         } else {
-            let (records, good) = read_records(&path, &bytes)?;
-            if good < bytes.len() {
+            let Contents {
+                records,
+                good,
+                damaged,
+            } = read_records(&path, &bytes)?;
+            if damaged {
+                // Not a torn append: the file as it was is kept for whoever looks into it.
+                let aside = path.with_extension("damaged");
+                std::fs::write(&aside, &bytes)
+                    .map_err(io(format!("writing {}", aside.display())))?;
+                tracing::error!(
+                    file = %path.display(),
+                    copy = %aside.display(),
+                    records = records.len(),
+                    "the held-bindings journal is damaged: the records before the damage are replayed, and the file as it was is kept beside it"
+                );
+            } else if good < bytes.len() {
                 tracing::warn!(
                     file = %path.display(),
                     bytes = bytes.len() - good,
                     "the held-bindings journal ends in a record a crash cut short (never acknowledged); dropping it"
                 );
+            }
+            if good < bytes.len() {
                 file.set_len(good as u64)
                     .and_then(|()| file.sync_all())
                     .map_err(io(format!("truncating {}", path.display())))?;
@@ -170,7 +204,15 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// The writer thread: appends in groups, one sync per group, and rewrites in order.
-fn write_loop(mut file: File, path: PathBuf, dir: PathBuf, ops: &mpsc::Receiver<Op>) {
+///
+/// After a failed write or sync the file cannot be trusted past the last group known
+/// synced (the kernel may drop the pages of a failed sync), so it is cut back to that
+/// length and every append is refused until a rewrite from the overlay's memory succeeds;
+/// the overlay asks for one when a hold fails.
+fn write_loop(file: File, path: PathBuf, dir: PathBuf, ops: &mpsc::Receiver<Op>) {
+    let mut file = file;
+    let mut good = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut broken = false;
     let mut pending = ops.recv().ok();
     while let Some(op) = pending.take() {
         match op {
@@ -187,9 +229,21 @@ fn write_loop(mut file: File, path: PathBuf, dir: PathBuf, ops: &mpsc::Receiver<
                     }
                 }
                 let bytes: Vec<u8> = group.iter().flat_map(|(r, _)| r.iter().copied()).collect();
-                let written = file.write_all(&bytes).and_then(|()| file.sync_data());
-                if let Err(e) = &written {
-                    tracing::error!(file = %path.display(), error = %e, "cannot write the held-bindings journal");
+                let written = if broken {
+                    Err(std::io::Error::other(
+                        "an earlier write failed; waiting for the journal to be rewritten",
+                    ))
+                } else {
+                    file.write_all(&bytes).and_then(|()| file.sync_data())
+                };
+                match &written {
+                    Ok(()) => good += bytes.len() as u64,
+                    Err(e) if !broken => {
+                        tracing::error!(file = %path.display(), error = %e, "cannot write the held-bindings journal; refusing held registrations until it is rewritten");
+                        broken = true;
+                        let _ = file.set_len(good).and_then(|()| file.sync_all());
+                    }
+                    Err(_) => {}
                 }
                 for (_, done) in group {
                     let _ = done.send(match &written {
@@ -199,9 +253,23 @@ fn write_loop(mut file: File, path: PathBuf, dir: PathBuf, ops: &mpsc::Receiver<
                 }
             }
             Op::Rewrite(records) => match rewrite(&path, &dir, &records) {
-                Ok(new) => file = new,
-                Err(e) => {
-                    tracing::error!(file = %path.display(), error = %e, "cannot rewrite the held-bindings journal; it keeps its older records, which replay skips");
+                Ok((new, len)) => {
+                    file = new;
+                    good = len;
+                    if broken {
+                        tracing::info!(file = %path.display(), "the held-bindings journal is rewritten; holding registrations again");
+                    }
+                    broken = false;
+                }
+                Err((renamed, e)) => {
+                    tracing::error!(file = %path.display(), error = %e, "cannot rewrite the held-bindings journal");
+                    // Once the new file has the name, appends must go to it; but until its
+                    // directory entry is known synced, nothing more is acknowledged.
+                    if let Some((new, len)) = renamed {
+                        file = new;
+                        good = len;
+                        broken = true;
+                    }
                 }
             },
         }
@@ -211,19 +279,30 @@ fn write_loop(mut file: File, path: PathBuf, dir: PathBuf, ops: &mpsc::Receiver<
     }
 }
 
-/// Writes `records` to a new file, syncs it and renames it over `path`; the new file, open
-/// for appending.
-fn rewrite(path: &Path, dir: &Path, records: &[Vec<u8>]) -> std::io::Result<File> {
+/// A rewrite that failed after its rename: the new file, which has the name now, and its
+/// length; and the error.
+type RewriteFailure = (Option<(File, u64)>, std::io::Error);
+
+/// Writes `records` to a new file, syncs it, renames it over `path` and syncs the
+/// directory: the new file, positioned for appending, and its length.
+fn rewrite(path: &Path, dir: &Path, records: &[Vec<u8>]) -> Result<(File, u64), RewriteFailure> {
     let fresh = path.with_extension("new");
-    let mut file = File::create(&fresh)?;
-    file.write_all(HEADER)?;
-    for r in records {
-        file.write_all(r)?;
+    let written = (|| {
+        let mut file = File::create(&fresh)?;
+        file.write_all(HEADER)?;
+        for r in records {
+            file.write_all(r)?;
+        }
+        file.sync_all()?;
+        let len = file.metadata()?.len();
+        Ok((file, len))
+    })();
+    let (file, len) = written.map_err(|e| (None, e))?;
+    std::fs::rename(&fresh, path).map_err(|e| (None, e))?;
+    match sync_dir(dir) {
+        Ok(()) => Ok((file, len)),
+        Err(e) => Err((Some((file, len)), e)),
     }
-    file.sync_all()?;
-    std::fs::rename(&fresh, path)?;
-    sync_dir(dir)?;
-    OpenOptions::new().append(true).open(path)
 }
 
 #[cfg(test)]
@@ -281,6 +360,59 @@ mod tests {
         drop(journal);
         let (_journal, back) = Journal::open(dir.path()).unwrap();
         assert_eq!(back, vec![held("<sip:b>", 1), held("<sip:e>", 5)]);
+    }
+
+    #[tokio::test]
+    async fn damage_in_the_middle_keeps_what_precedes_it_and_the_file_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path()).unwrap();
+        for (i, c) in ["<sip:a>", "<sip:b>", "<sip:c>"].iter().enumerate() {
+            journal
+                .append(encode(&held(c, i as u64)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+        drop(journal);
+        let path = dir.path().join("held-bindings");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let second = HEADER.len() + encode(&held("<sip:a>", 0)).len() + RECORD_HEAD + 2;
+        bytes[second] ^= 0x55;
+        std::fs::write(&path, &bytes).unwrap();
+        let (_journal, back) = Journal::open(dir.path()).unwrap();
+        assert_eq!(back, vec![held("<sip:a>", 0)]);
+        assert_eq!(
+            std::fs::read(path.with_extension("damaged")).unwrap(),
+            bytes
+        );
+    }
+
+    /// After a failed write nothing more is acknowledged until a rewrite from memory has
+    /// replaced the file: what a later sync covered could sit behind a torn record.
+    #[tokio::test]
+    async fn after_a_failed_write_appends_wait_for_a_rewrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held-bindings");
+        std::fs::write(&path, HEADER).unwrap();
+        // A handle that cannot write stands in for a disk that fails.
+        let file = File::open(&path).unwrap();
+        let (ops, rx) = mpsc::channel();
+        let (p, d) = (path.clone(), dir.path().to_path_buf());
+        std::thread::spawn(move || write_loop(file, p, d, &rx));
+        let journal = Journal { ops };
+        let first = journal.append(encode(&held("<sip:a>", 1))).await.unwrap();
+        assert!(first.is_err());
+        let second = journal.append(encode(&held("<sip:b>", 2))).await.unwrap();
+        assert!(second.is_err(), "acknowledged while the journal is broken");
+        journal.rewrite(vec![encode(&held("<sip:a>", 1))]);
+        journal
+            .append(encode(&held("<sip:c>", 3)))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(journal);
+        let (_journal, back) = Journal::open(dir.path()).unwrap();
+        assert_eq!(back, vec![held("<sip:a>", 1), held("<sip:c>", 3)]);
     }
 
     #[test]

@@ -27,6 +27,13 @@ const REPLAY_EVERY: Duration = Duration::from_millis(500);
 /// what is held stays bounded in memory and on disk.
 pub const MAX_HELD: usize = 100_000;
 
+/// Most changes held for one AOR. An account's phones have at most `max_contacts` live
+/// bindings, but a phone that registers new contacts and removes them again would leave
+/// one held removal each: past this bound the oldest held removals of the AOR are
+/// forgotten (the bindings they removed lapse on their own), and held new bindings that
+/// have lapsed are dropped, so one account cannot fill [`MAX_HELD`].
+const MAX_HELD_PER_AOR: usize = 16;
+
 /// Held changes replayed per proposal.
 const REPLAY_BATCH: usize = 256;
 
@@ -37,7 +44,8 @@ const CONDITIONAL_REPLAY: u32 = 4;
 /// Why a change could not be held.
 #[derive(Debug)]
 pub enum HoldRefused {
-    /// [`MAX_HELD`] changes are held already.
+    /// [`MAX_HELD`] changes are held already, or [`MAX_HELD_PER_AOR`] live new bindings
+    /// of the AOR.
     Full,
     /// The journal could not be written.
     Disk(String),
@@ -48,7 +56,7 @@ pub enum HoldRefused {
 impl std::fmt::Display for HoldRefused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            HoldRefused::Full => write!(f, "{MAX_HELD} binding changes are held already"),
+            HoldRefused::Full => write!(f, "the overlay, or the AOR's share of it, is full"),
             HoldRefused::Disk(e) => write!(f, "the held-bindings journal: {e}"),
             HoldRefused::NotABinding => write!(f, "not a binding write"),
         }
@@ -143,10 +151,10 @@ impl BindingOverlay {
             binding,
         };
         let key = (aor.clone(), contact.clone());
-        let (stamp, synced) = {
+        let (stamp, previous, synced) = {
             let mut entries = self.entries.lock().expect("overlay lock");
-            if entries.by_binding.len() >= self.max_held && !entries.by_binding.contains_key(&key) {
-                return Err(HoldRefused::Full);
+            if !entries.by_binding.contains_key(&key) {
+                self.make_room_for(&mut entries, aor)?;
             }
             // Queued under the lock, so a rewrite (also queued under it) never drops it.
             let synced = self.journal.as_ref().map(|j| {
@@ -155,10 +163,10 @@ impl BindingOverlay {
             });
             entries.next += 1;
             let stamp = entries.next;
-            entries
+            let previous = entries
                 .by_binding
                 .insert(key.clone(), Held { stamp, change });
-            (stamp, synced)
+            (stamp, previous, synced)
         };
         let Some(synced) = synced else {
             return Ok(());
@@ -167,16 +175,67 @@ impl BindingOverlay {
             .await
             .unwrap_or_else(|_| Err(std::io::Error::other("the journal stopped")));
         if let Err(e) = written {
-            // Not answered, so not kept: the phone is refused and tries again.
+            // Not answered, so not kept: the phone is refused and tries again. What was
+            // held for the binding before stays held, and the journal is rewritten from
+            // memory before anything more is acknowledged.
             let mut entries = self.entries.lock().expect("overlay lock");
             if entries.by_binding.get(&key).map(|h| h.stamp) == Some(stamp) {
-                entries.by_binding.remove(&key);
+                match previous {
+                    Some(p) => entries.by_binding.insert(key, p),
+                    None => entries.by_binding.remove(&key),
+                };
             }
+            self.stale_journal.store(true, Ordering::Relaxed);
             return Err(HoldRefused::Disk(e.to_string()));
         }
         let mut entries = self.entries.lock().expect("overlay lock");
         if entries.appended > 2 * entries.by_binding.len() + 1024 {
             self.rewrite_journal(&mut entries);
+        }
+        Ok(())
+    }
+
+    /// Makes room for one more change of `aor`: drops its held new bindings that have
+    /// lapsed and, past [`MAX_HELD_PER_AOR`], its oldest held removals; refuses when the
+    /// AOR or the overlay is still full.
+    fn make_room_for(&self, entries: &mut Entries, aor: &str) -> Result<(), HoldRefused> {
+        let now = now_ms();
+        let of_aor = |entries: &Entries| -> Vec<((String, String), u64, Option<bool>)> {
+            entries
+                .by_binding
+                .range((aor.to_owned(), String::new())..)
+                .take_while(|((a, _), _)| a == aor)
+                .map(|(k, h)| {
+                    // Some(lapsed) for a new binding, None for a removal.
+                    let lapsed = h.change.binding.as_ref().map(|b| b.expires_at_ms <= now);
+                    (k.clone(), h.stamp, lapsed)
+                })
+                .collect()
+        };
+        let held = of_aor(entries);
+        if held.len() >= MAX_HELD_PER_AOR {
+            let mut removals: Vec<(u64, (String, String))> = Vec::new();
+            for (k, stamp, lapsed) in held {
+                match lapsed {
+                    Some(true) => {
+                        entries.by_binding.remove(&k);
+                    }
+                    Some(false) => {}
+                    None => removals.push((stamp, k)),
+                }
+            }
+            removals.sort();
+            let excess = (of_aor(entries).len() + 1).saturating_sub(MAX_HELD_PER_AOR);
+            for (_, k) in removals.into_iter().take(excess) {
+                entries.by_binding.remove(&k);
+            }
+            self.stale_journal.store(true, Ordering::Relaxed);
+            if of_aor(entries).len() >= MAX_HELD_PER_AOR {
+                return Err(HoldRefused::Full);
+            }
+        }
+        if entries.by_binding.len() >= self.max_held {
+            return Err(HoldRefused::Full);
         }
         Ok(())
     }
@@ -494,6 +553,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(o.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn one_aor_cannot_fill_the_overlay_with_removals_or_lapsed_bindings() {
+        let o = BindingOverlay::default();
+        let now = now_ms();
+        // A phone that registers a new contact and removes it, over and over.
+        for i in 0..3 * MAX_HELD_PER_AOR {
+            let gone = Command::RemoveBinding {
+                aor: "sip:a@example.com".into(),
+                contact: format!("sip:{i}@h"),
+            };
+            o.hold(&gone, now).await.unwrap();
+        }
+        assert!(o.len() <= MAX_HELD_PER_AOR, "{}", o.len());
+        // Lapsed new bindings make room too; live ones do not.
+        for i in 0..MAX_HELD_PER_AOR {
+            let mut b = binding(&format!("sip:l{i}@h"), 1);
+            b.expires_at_ms = now - 1;
+            o.hold(&Command::PutBinding(b), now).await.unwrap();
+        }
+        for i in 0..MAX_HELD_PER_AOR {
+            let mut b = binding(&format!("sip:live{i}@h"), 1);
+            b.expires_at_ms = now + 600_000;
+            o.hold(&Command::PutBinding(b), now).await.unwrap();
+        }
+        let mut b = binding("sip:one-too-many@h", 1);
+        b.expires_at_ms = now + 600_000;
+        let refused = o.hold(&Command::PutBinding(b), now).await;
+        assert!(matches!(refused, Err(HoldRefused::Full)), "{refused:?}");
+        // Another AOR is not affected.
+        let mut other = binding("sip:x@h", 1);
+        other.aor = "sip:b@example.com".into();
+        o.hold(&Command::PutBinding(other), now).await.unwrap();
     }
 
     #[tokio::test]

@@ -319,7 +319,6 @@ pub fn plan(
     Ok(plan)
 }
 
-/// `view` (an AOR's bindings) as it will be once `plan` is carried out.
 /// `writes` as proposed: once every member can apply them, removals say when they were
 /// made, so that a change another node held from before them is not replayed over them
 /// (node/DESIGN.md, "Degraded mode").
@@ -348,6 +347,7 @@ fn with_removal_times(replica: &Replica, writes: &[Command], now: u64) -> Vec<Co
 /// The cluster feature version from which removals carry their time.
 const REMOVALS_WITH_TIMES: u32 = 4;
 
+/// `view` (an AOR's bindings) as it will be once `plan` is carried out.
 pub fn apply_to_view(view: &mut Vec<Binding>, plan: &Plan) {
     for r in &plan.refreshed {
         if let Some(v) = view.iter_mut().find(|v| v.contact == r.contact) {
