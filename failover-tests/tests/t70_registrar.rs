@@ -691,6 +691,10 @@ fn registrations_answered_without_a_quorum_survive_a_crash_and_are_replayed_only
     register(&mut carol, sip(one), "<sip:carol@127.0.0.1:5005>", 300);
     register(&mut dave, sip(one), "<sip:dave@127.0.0.1:5002>", 0);
     register(&mut erin, sip(one), "<sip:erin@127.0.0.1:5006>", 300);
+    // Whoever does not know the password holds nothing.
+    let mut forger = Ua::new("127.0.0.1", "alice", "example.com", "not-alices-password");
+    let forged = forger.register(sip(one), "MD5", Some("<sip:x@192.0.2.66:5060>"), Some(300));
+    assert!(matches!(forged.status, 401 | 403), "{}", forged.text);
     assert_eq!(metric(one.admin_addr, "tandem_bindings_held"), Some(5.0));
     cluster.member(1).sigkill();
 

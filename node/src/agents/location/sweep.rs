@@ -2,6 +2,8 @@
 //! behind; the leader removes such bindings in bounded batches, so a sweep never becomes one
 //! huge write, and a node that is not the leader does nothing. Every node finds the lapsed
 //! bindings through the index by expiry, so a sweep costs what lapsed, not what is stored.
+//! The same command forgets removal times past their keeping (raft-store's
+//! `REMOVALS_KEPT_MS`), as many again at most.
 
 use std::time::Duration;
 

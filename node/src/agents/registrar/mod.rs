@@ -323,10 +323,18 @@ pub fn plan(
 /// made, so that a change another node held from before them is not replayed over them
 /// (node/DESIGN.md, "Degraded mode").
 fn with_removal_times(replica: &Replica, writes: &[Command], now: u64) -> Vec<Command> {
-    let timed = replica
-        .reader()
-        .feature_version()
-        .is_ok_and(|v| v >= REMOVALS_WITH_TIMES);
+    let removes = |w: &Command| {
+        matches!(
+            w,
+            Command::RemoveBinding { .. } | Command::RemoveAllBindings { .. }
+        )
+    };
+    // Read only when there is a removal: this is the write path of every registration.
+    let timed = writes.iter().any(removes)
+        && replica
+            .reader()
+            .feature_version()
+            .is_ok_and(|v| v >= REMOVALS_WITH_TIMES);
     writes
         .iter()
         .map(|w| match w {
