@@ -1,7 +1,7 @@
 //! The admin API and the operator commands, against real processes: bearer-token checks,
 //! JSON errors for bad input, health, readiness and Prometheus metrics on a standalone
 //! node (and metrics behind the token when configured); `tandem cluster
-//! status|remove|join` and `tandem keys rotate|reseal` on a cluster.
+//! status|remove|join`, `tandem keys rotate|reseal` and customers' tokens on a cluster.
 
 use std::time::Duration;
 
@@ -701,4 +701,381 @@ fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
         "{}",
         describe(&refused)
     );
+}
+
+/// Customers' tokens: the operator makes one with the CLI; it is stored hashed and
+/// replicated, reaches only its customer's accounts and what hangs off them on every node,
+/// cannot create names in another customer's domain or raise the operator's limits, and
+/// stops working everywhere once revoked or once its customer is disabled or deleted.
+#[test]
+fn customer_tokens_reach_only_their_customer_on_every_node_until_revoked() {
+    use tandem_failover_tests::cluster::Member;
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let (one, two, three) = (cluster.member(1), cluster.member(2), cluster.member(3));
+    let ask = |m: &Member, token: Option<&str>, method: &str, path: &str, body: Option<&str>| {
+        http(m.admin_addr, token, method, path, body).unwrap_or_else(|| {
+            cluster.panic_with_logs(&format!("node {} did not answer {method} {path}", m.id))
+        })
+    };
+    let op = |m: &Member, method: &str, path: &str, body: Option<&str>| {
+        m.request(method, path, body).unwrap_or_else(|| {
+            cluster.panic_with_logs(&format!("node {} did not answer {method} {path}", m.id))
+        })
+    };
+    for (customer, domain, user) in [
+        ("acme", "acme.example", "alice"),
+        ("globex", "globex.example", "bob"),
+    ] {
+        let c = op(
+            one,
+            "PUT",
+            &format!("/v1/customers/{customer}"),
+            Some(&format!(r#"{{"name":"{customer}"}}"#)),
+        );
+        assert_eq!(c.status, 200, "{}", c.body);
+        let a = op(
+            one,
+            "PUT",
+            &format!("/v1/accounts/{domain}/{user}"),
+            Some(&format!(
+                r#"{{"password":"pw-{user}-12345","customer":"{customer}"}}"#
+            )),
+        );
+        assert_eq!(a.status, 201, "{}", a.body);
+    }
+
+    // The operator makes acme's token with the CLI, into a file only its owner reads.
+    let file = cluster.root().join("acme.token");
+    let made = one.cli(&[
+        "token",
+        "create",
+        "--customer",
+        "acme",
+        "--label",
+        "portal",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", describe(&made));
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the token file is mode {mode:o}");
+    let acme = std::fs::read_to_string(&file).unwrap().trim().to_owned();
+    let acme_id = acme.split('_').nth(1).expect("tc_<id>_<secret>").to_owned();
+    let again = one.cli(&[
+        "token",
+        "create",
+        "--customer",
+        "acme",
+        "--out",
+        file.to_str().unwrap(),
+    ]);
+    assert!(
+        !again.status.success(),
+        "an existing token file was overwritten"
+    );
+    // And globex's through the API of another node.
+    let g = op(two, "POST", "/v1/tokens", Some(r#"{"customer":"globex"}"#));
+    assert_eq!(g.status, 201, "{}", g.body);
+    let globex = g.json()["token"].as_str().unwrap().to_owned();
+    for (body, code, needle) in [
+        (r#"{"customer":"nobody"}"#, 409, "no customer"),
+        (r#"{"customer":"bad id"}"#, 400, "customer"),
+        (r#"{"customer":"acme","label":"a\nb"}"#, 400, "label"),
+        (r#"{"customer":"acme","scope":"all"}"#, 400, "unknown field"),
+    ] {
+        let a = op(one, "POST", "/v1/tokens", Some(body));
+        assert!(
+            a.status == code && a.body.contains(needle),
+            "{body}: want {code} with {needle:?}, got {} {}",
+            a.status,
+            a.body
+        );
+    }
+
+    // Replicated: every node knows both tokens, and a customer's list is its own.
+    for m in &cluster.members {
+        Wait::new(
+            format!("node {} to know both tokens", m.id),
+            Duration::from_secs(10),
+        )
+        .showing(m)
+        .until(|| ask(m, Some(&globex), "GET", "/v1/accounts", None).status == 200);
+        let list = ask(m, Some(&acme), "GET", "/v1/accounts", None);
+        assert_eq!(list.status, 200, "{}", list.body);
+        let aors: Vec<_> = list
+            .json()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["aor"].clone())
+            .collect();
+        assert_eq!(
+            aors,
+            vec![serde_json::json!("sip:alice@acme.example")],
+            "node {}",
+            m.id
+        );
+    }
+
+    // What acme's token reaches, and what it does not, on node 2.
+    let script = r#"{"script":"fn route(call) { call.reject(403) }"}"#;
+    for (method, path, body, code) in [
+        ("GET", "/v1/accounts/acme.example/alice", None, 200),
+        ("GET", "/v1/accounts/acme.example/alice/bindings", None, 200),
+        ("GET", "/v1/customers/acme", None, 200),
+        ("GET", "/v1/customers/acme/settings", None, 200),
+        ("GET", "/v1/cdrs", None, 200),
+        ("GET", "/v1/providers", None, 200),
+        ("GET", "/v1/numbers", None, 200),
+        ("GET", "/v1/trunks", None, 200),
+        // Another customer's records are not there for it...
+        ("GET", "/v1/accounts/globex.example/bob", None, 404),
+        ("GET", "/v1/accounts/globex.example/bob/bindings", None, 404),
+        ("GET", "/v1/accounts/globex.example/bob/dialplan", None, 404),
+        (
+            "PUT",
+            "/v1/accounts/globex.example/bob/dialplan",
+            Some(script),
+            404,
+        ),
+        ("DELETE", "/v1/accounts/globex.example/bob", None, 404),
+        ("GET", "/v1/customers/globex", None, 404),
+        ("GET", "/v1/customers/globex/settings", None, 403),
+        ("GET", "/v1/cdrs?customer=globex", None, 403),
+        ("GET", "/v1/providers?customer=globex", None, 403),
+        ("GET", "/v1/providers/globex/sip", None, 403),
+        ("PUT", "/v1/providers/globex/sip", Some("{}"), 403),
+        ("GET", "/v1/numbers?customer=globex", None, 403),
+        ("GET", "/v1/trunks/globex/pbx", None, 403),
+        // ...nor can it take names in another's domain, give accounts away, or raise
+        // what the operator set...
+        (
+            "PUT",
+            "/v1/accounts/globex.example/bob",
+            Some(r#"{"password":"taken-over-1"}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/accounts/globex.example/mallory",
+            Some(r#"{"password":"squatter-123"}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/accounts/unclaimed.example/mallory",
+            Some(r#"{"password":"squatter-123"}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme.example/eve",
+            Some(r#"{"password":"gift-12345","customer":"globex"}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/accounts/acme.example/alice",
+            Some(r#"{"max_concurrent_calls":1000}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/providers/acme/sip",
+            Some(
+                r#"{"registrar":"sip:127.0.0.1:9","username":"u","password":"p","ca_file":"/etc/shadow"}"#,
+            ),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/customers/acme/settings",
+            Some(r#"{"max_calls":0}"#),
+            403,
+        ),
+        (
+            "PUT",
+            "/v1/numbers/4930111",
+            Some(r#"{"customer":"acme","account":"alice@acme.example"}"#),
+            403,
+        ),
+        // ...nor touch the cluster, other customers or tokens.
+        ("GET", "/v1/customers", None, 403),
+        (
+            "PUT",
+            "/v1/customers/acme",
+            Some(r#"{"name":"mine now"}"#),
+            403,
+        ),
+        ("DELETE", "/v1/customers/globex", None, 403),
+        ("GET", "/v1/cluster/status", None, 403),
+        ("DELETE", "/v1/cluster/members/3", None, 403),
+        (
+            "POST",
+            "/v1/cluster/members",
+            Some(r#"{"id":9,"raft_addr":"127.0.0.1:1"}"#),
+            403,
+        ),
+        ("POST", "/v1/keys/reseal", None, 403),
+        ("POST", "/v1/node/drain", None, 403),
+        ("POST", "/v1/tokens", Some(r#"{"customer":"acme"}"#), 403),
+        ("GET", "/v1/tokens", None, 403),
+        (
+            "POST",
+            "/v1/callback",
+            Some(
+                r#"{"account":"alice@acme.example","a":"alice@acme.example","b":"bob@globex.example"}"#,
+            ),
+            403,
+        ),
+    ] {
+        let a = ask(two, Some(&acme), method, path, body);
+        assert_eq!(
+            a.status, code,
+            "{method} {path} with acme's token: {}",
+            a.body
+        );
+        if code >= 400 {
+            assert!(a.json()["error"].is_string(), "{method} {path}: {}", a.body);
+        }
+    }
+    let bob = op(one, "GET", "/v1/accounts/globex.example/bob", None).json();
+    assert_eq!(bob["customer"], "globex", "{bob}");
+    assert_eq!(
+        op(one, "GET", "/v1/customers/acme", None).json()["name"],
+        "acme"
+    );
+
+    // What it may change: its accounts' passwords, and new accounts in its own domain,
+    // which then register over SIP at another node.
+    let carol = ask(
+        two,
+        Some(&acme),
+        "PUT",
+        "/v1/accounts/acme.example/carol",
+        Some(r#"{"password":"carols-pw-123"}"#),
+    );
+    assert_eq!(carol.status, 201, "{}", carol.body);
+    assert_eq!(carol.json()["customer"], "acme");
+    let changed = ask(
+        two,
+        Some(&acme),
+        "PUT",
+        "/v1/accounts/acme.example/alice",
+        Some(r#"{"password":"alices-new-pw-1"}"#),
+    );
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    let mut phone = Ua::new("127.0.0.1", "carol", "acme.example", "carols-pw-123");
+    let registered = Wait::new("carol to register through node 3", Duration::from_secs(10))
+        .showing(three)
+        .until(|| {
+            let r = phone.register(
+                three.sip_addr(),
+                "MD5",
+                Some("<sip:carol@127.0.0.1:5077>"),
+                Some(300),
+            );
+            (r.status == 200).then_some(r)
+        });
+    assert_eq!(registered.status, 200);
+
+    // Forged tokens: a wrong secret, another token's id with this secret, a truncated one.
+    let secret = acme.rsplit('_').next().unwrap();
+    let globex_id = globex.split('_').nth(1).unwrap();
+    let flipped = format!(
+        "{}{}",
+        &acme[..acme.len() - 1],
+        if acme.ends_with('0') { '1' } else { '0' }
+    );
+    for forged in [
+        flipped,
+        format!("tc_{globex_id}_{secret}"),
+        acme[..acme.len() - 2].to_owned(),
+        format!("tc_{acme_id}_"),
+    ] {
+        let a = ask(two, Some(&forged), "GET", "/v1/accounts", None);
+        assert_eq!(a.status, 401, "{forged}: {}", a.body);
+    }
+
+    // Stored hashed: neither the API nor any file of any node holds a token.
+    let listed = op(one, "GET", "/v1/tokens", None);
+    assert_eq!(
+        listed.json().as_array().unwrap().len(),
+        2,
+        "{}",
+        listed.body
+    );
+    assert!(
+        !listed.body.contains(secret) && listed.body.contains(&acme_id),
+        "{}",
+        listed.body
+    );
+    for m in &cluster.members {
+        for path in files_under(&m.dir) {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            for token in [&acme, &globex] {
+                let secret = token.rsplit('_').next().unwrap().as_bytes();
+                assert!(
+                    !bytes.windows(secret.len()).any(|w| w == secret),
+                    "{} holds a token's secret",
+                    path.display()
+                );
+            }
+        }
+    }
+
+    // Revoked through node 3's CLI: refused on every node.
+    let revoke = three.cli(&["token", "revoke", &acme_id]);
+    assert!(revoke.status.success(), "{}", describe(&revoke));
+    for m in &cluster.members {
+        Wait::new(
+            format!("node {} to refuse the revoked token", m.id),
+            Duration::from_secs(10),
+        )
+        .showing(m)
+        .until(|| ask(m, Some(&acme), "GET", "/v1/accounts", None).status == 401);
+    }
+    let list = one.cli(&["token", "list"]);
+    assert!(
+        list.status.success() && !describe(&list).contains(&acme_id),
+        "{}",
+        describe(&list)
+    );
+    let unknown = three.cli(&["token", "revoke", &acme_id]);
+    assert!(!unknown.status.success(), "{}", describe(&unknown));
+
+    // A disabled customer's token is refused; a deleted customer's tokens are gone.
+    let off = op(
+        one,
+        "PUT",
+        "/v1/customers/globex",
+        Some(r#"{"name":"globex","enabled":false}"#),
+    );
+    assert_eq!(off.status, 200, "{}", off.body);
+    for m in &cluster.members {
+        Wait::new(
+            format!("node {} to refuse a disabled customer's token", m.id),
+            Duration::from_secs(10),
+        )
+        .showing(m)
+        .until(|| ask(m, Some(&globex), "GET", "/v1/accounts", None).status == 403);
+    }
+    assert_eq!(op(one, "DELETE", "/v1/customers/globex", None).status, 200);
+    let left = op(one, "GET", "/v1/tokens", None);
+    assert_eq!(left.json(), serde_json::json!([]), "{}", left.body);
+}
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
 }

@@ -315,6 +315,22 @@ impl Trunk {
     }
 }
 
+/// A customer's admin API token (feature version 4): it sees and changes only that
+/// customer's records (node/DESIGN.md, "Who may do what on the admin port"). The token is
+/// `tc_<id>_<secret>`; only the SHA-256 of the secret is stored, so the log, snapshots and
+/// data directories never hold what a client presents. The secret is 256 random bits, so a
+/// fast hash is enough: there is nothing to guess a dictionary for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiToken {
+    /// 16 lowercase hex digits, public: it names the token in lists and revocations.
+    pub id: String,
+    pub customer: String,
+    /// The operator's note on what the token is for.
+    pub label: String,
+    pub secret_sha256: [u8; 32],
+    pub created_at_ms: u64,
+}
+
 /// Which node registers a provider account, until when (raft-store/DESIGN.md, "Provider
 /// leases"). Feature version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,6 +448,12 @@ pub enum Command {
     DeleteTrunk {
         id: String,
     },
+    /// Creates a customer's API token (feature version 4).
+    PutApiToken(ApiToken),
+    /// Revokes an API token: every node refuses it from the entry on (feature version 4).
+    RevokeApiToken {
+        id: String,
+    },
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -524,6 +546,7 @@ kinds! {
     // anything else.
     32 => PutClusterNote,
     33 => RemoveBindingAt, 34 => RemoveAllBindingsAt, 35 => ReplayHeldBinding,
+    36 => PutApiToken, 37 => RevokeApiToken,
 }
 
 /// The command version this binary writes; it reads every version up to it.
@@ -539,7 +562,7 @@ const VERSION: u16 = 1;
 /// | 1 | provider accounts and their leases (kinds 20 to 26) |
 /// | 2 | customers' numbers (kinds 27 and 28) |
 /// | 3 | customer settings: CDR retention, call limit, time zone (kind 29); trunks (30, 31) |
-/// | 4 | removals that leave their time, and held registrations replayed conditionally (kinds 33 to 35) |
+/// | 4 | removals that leave their time, and held registrations replayed conditionally (kinds 33 to 35); customers' API tokens (36, 37) |
 pub const FEATURES: u32 = 4;
 
 /// Set once, before anything else runs, by a process that plays the next release.
@@ -582,7 +605,9 @@ impl Command {
             | Command::DeleteTrunk { .. } => 3,
             Command::RemoveBindingAt { .. }
             | Command::RemoveAllBindingsAt { .. }
-            | Command::ReplayHeldBinding { .. } => 4,
+            | Command::ReplayHeldBinding { .. }
+            | Command::PutApiToken(_)
+            | Command::RevokeApiToken { .. } => 4,
             Command::PutClusterNote { .. } => FEATURES + 1,
             _ => 0,
         }
@@ -662,6 +687,8 @@ impl Command {
             Command::PutCustomerSettings(c) => enc(c),
             Command::PutTrunk(t) => enc(t),
             Command::DeleteTrunk { id } => enc(id),
+            Command::PutApiToken(t) => enc(t),
+            Command::RevokeApiToken { id } => enc(id),
             Command::PutClusterNote { text } => enc(text),
             Command::RemoveBindingAt {
                 aor,
@@ -804,6 +831,10 @@ impl Command {
                 let (held, now_ms) = postcard::from_bytes(b).map_err(bad)?;
                 Command::ReplayHeldBinding { held, now_ms }
             }
+            36 => Command::PutApiToken(postcard::from_bytes(b).map_err(bad)?),
+            37 => Command::RevokeApiToken {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
             32 if plays_next_release() => Command::PutClusterNote {
                 text: postcard::from_bytes(b).map_err(bad)?,
             },
@@ -957,6 +988,16 @@ pub(crate) mod tests {
             }),
             Command::DeleteNumber {
                 number: "4930123".into(),
+            },
+            Command::PutApiToken(ApiToken {
+                id: "0123456789abcdef".into(),
+                customer: "c".into(),
+                label: "portal".into(),
+                secret_sha256: [7; 32],
+                created_at_ms: 11,
+            }),
+            Command::RevokeApiToken {
+                id: "0123456789abcdef".into(),
             },
             Command::PutCustomerSettings(CustomerSettings {
                 customer: "c".into(),

@@ -16,8 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    account_aor, Account, Binding, Command, CommandResult, Customer, CustomerSettings, Dialplan,
-    HeldBinding, Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease, Trunk,
+    account_aor, Account, ApiToken, Binding, Command, CommandResult, Customer, CustomerSettings,
+    Dialplan, HeldBinding, Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease,
+    Trunk,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -46,6 +47,8 @@ mod key {
     pub const NUMBER: u8 = b'N';
     pub const CUSTOMER_SETTINGS: u8 = b'R';
     pub const TRUNK: u8 = b'T';
+    /// Customers' admin API tokens, by token id.
+    pub const API_TOKEN: u8 = b'k';
     /// Bindings by expiry: the sweep reads the lapsed ones and nothing else.
     pub const BINDING_BY_EXPIRY: u8 = b'E';
     /// When a binding was last removed (or, with an empty contact, all of an AOR's), so a
@@ -165,6 +168,9 @@ mod key {
     pub fn trunk(id: &str) -> Vec<u8> {
         with(TRUNK, &[id.as_bytes()])
     }
+    pub fn api_token(id: &str) -> Vec<u8> {
+        with(API_TOKEN, &[id.as_bytes()])
+    }
     pub fn customer_settings(customer: &str) -> Vec<u8> {
         with(CUSTOMER_SETTINGS, &[customer.as_bytes()])
     }
@@ -198,6 +204,11 @@ enum StoredNumber {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredTrunk {
     V1(Trunk),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+enum StoredApiToken {
+    V1(ApiToken),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -747,6 +758,22 @@ impl StateReader {
             .collect())
     }
 
+    /// The API token `id`, if it exists and was not revoked.
+    pub fn api_token(&self, id: &str) -> Result<Option<ApiToken>, Error> {
+        Ok(self
+            .get::<StoredApiToken>(&key::api_token(id))?
+            .map(|StoredApiToken::V1(t)| t))
+    }
+
+    /// Every API token, in id order.
+    pub fn api_tokens(&self) -> Result<Vec<ApiToken>, Error> {
+        Ok(self
+            .scan::<StoredApiToken>(&[key::API_TOKEN])?
+            .into_iter()
+            .map(|StoredApiToken::V1(t)| t)
+            .collect())
+    }
+
     /// `customer`'s settings (all defaults if it has none).
     pub fn customer_settings(&self, customer: &str) -> Result<CustomerSettings, Error> {
         Ok(self
@@ -1286,6 +1313,16 @@ impl<'a> Txn<'a> {
                 self.put(vec![key::NOTE], &text);
                 CommandResult::Done
             }
+            Command::PutApiToken(t) => {
+                self.put(key::api_token(&t.id), &StoredApiToken::V1(t));
+                CommandResult::Done
+            }
+            Command::RevokeApiToken { id } => {
+                let k = key::api_token(&id);
+                let existed = self.get::<StoredApiToken>(&k)?.is_some();
+                self.delete(k);
+                CommandResult::Removed(u64::from(existed))
+            }
             Command::PutCustomerSettings(c) => {
                 let k = key::customer_settings(&c.customer);
                 if c == (CustomerSettings {
@@ -1330,6 +1367,15 @@ impl<'a> Txn<'a> {
                 CommandResult::Done
             }
             Command::DeleteCustomer { id } => {
+                // Its tokens go with it, so a customer created again under the same id
+                // never inherits them. Tokens are few (the operator makes each one).
+                for k in self.keys_with_prefix(&[key::API_TOKEN])? {
+                    if let Some(StoredApiToken::V1(t)) = self.get::<StoredApiToken>(&k)? {
+                        if t.customer == id {
+                            self.delete(k);
+                        }
+                    }
+                }
                 self.delete(key::customer_settings(&id));
                 self.delete(key::with(key::CUSTOMER, &[id.as_bytes()]));
                 CommandResult::Done

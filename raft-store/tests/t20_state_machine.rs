@@ -5,8 +5,8 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
-    Account, Binding, Command, CommandResult, EncodedCommand, HeldBinding, Lease, ProviderAccount,
-    ProviderLease, StoredFlow,
+    Account, ApiToken, Binding, Command, CommandResult, EncodedCommand, HeldBinding, Lease,
+    ProviderAccount, ProviderLease, StoredFlow,
 };
 use tandem_raft_store::crypto::Sealed;
 use tandem_raft_store::state::REMOVALS_KEPT_MS;
@@ -940,6 +940,62 @@ async fn state_survives_reopening() {
     let (_log, mut sm) = reopen(dir.path()).await;
     assert_eq!(sm.reader().feature_version().unwrap(), 5);
     assert_eq!(sm.applied_state().await.unwrap().0.unwrap().index, 7);
+}
+
+#[tokio::test]
+async fn api_tokens_are_revoked_alone_or_with_their_customer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let token = |id: &str, customer: &str| ApiToken {
+        id: id.into(),
+        customer: customer.into(),
+        label: String::new(),
+        secret_sha256: [1; 32],
+        created_at_ms: 5,
+    };
+    apply(
+        &mut sm,
+        1,
+        vec![
+            Command::PutApiToken(token("a1", "acme")),
+            Command::PutApiToken(token("a2", "acme")),
+            Command::PutApiToken(token("g1", "globex")),
+        ],
+    )
+    .await;
+    let reader = sm.reader();
+    assert_eq!(reader.api_token("a1").unwrap(), Some(token("a1", "acme")));
+    let revoked = apply(
+        &mut sm,
+        2,
+        vec![
+            Command::RevokeApiToken { id: "a1".into() },
+            Command::RevokeApiToken { id: "a1".into() },
+        ],
+    )
+    .await;
+    assert_eq!(
+        revoked,
+        vec![CommandResult::Removed(1), CommandResult::Removed(0)]
+    );
+    assert_eq!(reader.api_token("a1").unwrap(), None);
+    // Deleting a customer takes its tokens, in the same batch as one made just before.
+    apply(
+        &mut sm,
+        3,
+        vec![
+            Command::PutApiToken(token("a3", "acme")),
+            Command::DeleteCustomer { id: "acme".into() },
+        ],
+    )
+    .await;
+    let left: Vec<String> = reader
+        .api_tokens()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(left, vec!["g1".to_owned()]);
 }
 
 #[tokio::test]

@@ -34,11 +34,13 @@ mod note;
 mod numbers;
 mod providers;
 mod settings;
+mod tokens;
 mod trunks;
 use crate::cluster::peers::PeerMonitor;
 use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
 use crate::Error;
+pub use tokens::Scope;
 
 /// Largest request body the API accepts.
 const MAX_BODY: u64 = 64 * 1024;
@@ -282,24 +284,6 @@ impl Admin {
         self.drain_state()
     }
 
-    fn authorize(&self, header: Option<String>) -> Result<(), ApiError> {
-        let presented = header.as_deref().and_then(|h| {
-            let (scheme, token) = h.split_once(' ')?;
-            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-        });
-        match presented {
-            Some(t) if same_secret(t.as_bytes(), self.token.as_bytes()) => Ok(()),
-            Some(_) => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "the bearer token is wrong",
-            )),
-            None => Err(ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "send `Authorization: Bearer <token>` (see admin.token_file)",
-            )),
-        }
-    }
-
     /// Writes are refused at once, with the reason, while the cluster has no quorum.
     fn writable(&self) -> Result<(), ApiError> {
         match self.cluster.health().degraded {
@@ -365,6 +349,45 @@ fn check_customer_account(
             StatusCode::CONFLICT,
             format!("no account {target}; create it first"),
         )),
+    }
+}
+
+/// What a customer token may do to an account: change its own accounts' password and
+/// whether they are enabled, and create accounts only in a domain the operator gave the
+/// customer (one where it has accounts and no other customer has any), so it can neither
+/// take a name in another customer's domain nor raise the limits the operator set.
+fn check_customer_put_account(
+    reader: &StateReader,
+    own: &str,
+    domain: &str,
+    input: &AccountInput,
+    existing: Option<&tandem_raft_store::command::Account>,
+) -> Result<(), ApiError> {
+    let forbidden = |m: String| ApiError::new(StatusCode::FORBIDDEN, m);
+    if input.customer.as_deref().is_some_and(|c| c != own) {
+        return Err(forbidden(
+            "a customer token cannot give an account to another customer".into(),
+        ));
+    }
+    if input.max_contacts.is_some() || input.max_concurrent_calls.is_some() {
+        return Err(forbidden(
+            "max_contacts and max_concurrent_calls are the operator's to set".into(),
+        ));
+    }
+    if existing.is_some_and(|a| a.customer == own) {
+        return Ok(());
+    }
+    let in_domain = reader.accounts_in(domain)?;
+    let given =
+        in_domain.iter().any(|a| a.customer == own) && in_domain.iter().all(|a| a.customer == own);
+    if given {
+        Ok(())
+    } else {
+        Err(forbidden(format!(
+            "a customer token creates accounts only in domains where its customer has \
+             accounts and no other customer has any; ask the operator for the first \
+             account in {domain}"
+        )))
     }
 }
 
@@ -531,11 +554,12 @@ impl Admin {
 
     async fn put_account(
         &self,
+        scope: &Scope,
         domain: String,
         user: String,
         body: Bytes,
     ) -> Result<warp::reply::Response, ApiError> {
-        let input: AccountInput = parse_json(&body)?;
+        let mut input: AccountInput = parse_json(&body)?;
         let reader = self.cluster.replica.reader();
         if let Some(customer) = &input.customer {
             check_id("customer", customer)?;
@@ -550,6 +574,10 @@ impl Admin {
             (Ok(()), Ok(())) => reader.account(&domain, &user)?,
             (Err(e), _) | (_, Err(e)) => return Err(ApiError::bad_request(e)),
         };
+        if let Scope::Customer(own) = scope {
+            check_customer_put_account(reader, own, &domain, &input, existing.as_ref())?;
+            input.customer = Some(own.clone());
+        }
         let created = existing.is_none();
         let account = accounts::build(&self.cluster.keys(), &user, &domain, input, existing)
             .map_err(ApiError::bad_request)?;
@@ -562,6 +590,22 @@ impl Admin {
         {
             CommandResult::Done => Ok(put_reply(created, &AccountView::from(&account))),
             other => Err(refused(other)),
+        }
+    }
+
+    /// The account `user@domain` if this token may see it; another customer's is "no
+    /// account" too, so a customer token learns nothing of other customers' names.
+    fn account_for(
+        &self,
+        scope: &Scope,
+        domain: &str,
+        user: &str,
+    ) -> Result<tandem_raft_store::command::Account, ApiError> {
+        let a = self.account(domain, user)?;
+        if scope.sees(&a.customer) {
+            Ok(a)
+        } else {
+            Err(ApiError::not_found(format!("no account {user}@{domain}")))
         }
     }
 
@@ -964,7 +1008,12 @@ pub fn serve(
         .and(auth)
         .and_then(|a: Arc<Admin>, header: Option<String>| async move {
             if a.metrics_need_token {
-                a.authorize(header).map_err(warp::reject::custom)?;
+                match a.authorize(header).map_err(warp::reject::custom)? {
+                    Scope::Operator => {}
+                    Scope::Customer(_) => {
+                        return Err(warp::reject::custom(tokens::operator_only()))
+                    }
+                }
             }
             Ok::<_, warp::Rejection>(
                 warp::reply::with_header(a.metrics(), "content-type", "text/plain; version=0.0.4")
@@ -973,31 +1022,42 @@ pub fn serve(
         });
 
     // Routes under /v1 match their path and method first, then check the token, so an
-    // unknown path is a 404 whatever the token.
-    let authorized =
-        state
-            .clone()
-            .and(auth)
-            .and_then(|a: Arc<Admin>, header: Option<String>| async move {
-                match a.authorize(header) {
-                    Ok(()) => Ok(a),
-                    Err(e) => Err(warp::reject::custom(e)),
-                }
-            });
+    // unknown path is a 404 whatever the token. `scoped` routes take any valid token and
+    // check what it may reach; `operator` routes refuse a customer's token.
+    let scoped = state
+        .clone()
+        .and(auth)
+        .and_then(|a: Arc<Admin>, header: Option<String>| async move {
+            match a.authorize(header) {
+                Ok(scope) => Ok((a, scope)),
+                Err(e) => Err(warp::reject::custom(e)),
+            }
+        })
+        .untuple_one()
+        .boxed();
+    let operator = scoped
+        .clone()
+        .and_then(|a: Arc<Admin>, scope: Scope| async move {
+            match scope {
+                Scope::Operator => Ok(a),
+                Scope::Customer(_) => Err(warp::reject::custom(tokens::operator_only())),
+            }
+        })
+        .boxed();
     let status = warp::path!("v1" / "cluster" / "status")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|a: Arc<Admin>| async move {
             answer(Ok(json_reply(StatusCode::OK, &a.cluster.status().await)))
         });
     let join = warp::path!("v1" / "cluster" / "members")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|a: Arc<Admin>, b| async move { answer(a.join(b).await) });
     let remove = warp::path!("v1" / "cluster" / "members" / String)
         .and(warp::delete())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|id: String, a: Arc<Admin>| async move {
             answer(match id.parse::<u64>() {
                 Ok(id) => a.remove(id).await,
@@ -1008,30 +1068,36 @@ pub fn serve(
         });
     let write_check = warp::path!("v1" / "cluster" / "write-check")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|a: Arc<Admin>, b| async move { answer(a.write_check(b).await) });
     let reseal = warp::path!("v1" / "keys" / "reseal")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|a: Arc<Admin>| async move { answer(a.reseal().await) });
     let customers = warp::path!("v1" / "customers")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(operator.clone())
         .map(|a: Arc<Admin>| answer(a.customers()));
     let customer = warp::path!("v1" / "customers" / String)
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|id, a: Arc<Admin>| answer(a.customer(id)));
+        .and(scoped.clone())
+        .map(|id: String, a: Arc<Admin>, s: Scope| {
+            answer(if s.sees(&id) {
+                a.customer(id)
+            } else {
+                Err(ApiError::not_found(format!("no customer {id:?}")))
+            })
+        });
     let put_customer = warp::path!("v1" / "customers" / String)
         .and(warp::put())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|id, a: Arc<Admin>, b| async move { answer(a.put_customer(id, b).await) });
     let accounts = warp::path!("v1" / "accounts")
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|a: Arc<Admin>| {
+        .and(scoped.clone())
+        .map(|a: Arc<Admin>, s: Scope| {
             answer((|| {
                 let list: Vec<AccountView> = a
                     .cluster
@@ -1039,6 +1105,7 @@ pub fn serve(
                     .reader()
                     .accounts()?
                     .iter()
+                    .filter(|acc| s.sees(&acc.customer))
                     .map(AccountView::from)
                     .collect();
                 Ok(json_reply(StatusCode::OK, &list))
@@ -1046,26 +1113,35 @@ pub fn serve(
         });
     let account = warp::path!("v1" / "accounts" / String / String)
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|d: String, u: String, a: Arc<Admin>| {
+        .and(scoped.clone())
+        .map(|d: String, u: String, a: Arc<Admin>, s: Scope| {
             answer(
-                a.account(&d, &u)
+                a.account_for(&s, &d, &u)
                     .map(|acc| json_reply(StatusCode::OK, &AccountView::from(&acc))),
             )
         });
     let put_account = warp::path!("v1" / "accounts" / String / String)
         .and(warp::put())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(body)
-        .then(|d, u, a: Arc<Admin>, b| async move { answer(a.put_account(d, u, b).await) });
+        .then(|d, u, a: Arc<Admin>, s: Scope, b| async move {
+            answer(a.put_account(&s, d, u, b).await)
+        });
     let delete_account = warp::path!("v1" / "accounts" / String / String)
         .and(warp::delete())
-        .and(authorized.clone())
-        .then(|d, u, a: Arc<Admin>| async move { answer(a.delete_account(d, u).await) });
+        .and(scoped.clone())
+        .then(|d: String, u: String, a: Arc<Admin>, s: Scope| async move {
+            answer(match a.account_for(&s, &d, &u) {
+                Ok(_) => a.delete_account(d, u).await,
+                Err(e) => Err(e),
+            })
+        });
     let bindings = warp::path!("v1" / "accounts" / String / String / "bindings")
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|d: String, u: String, a: Arc<Admin>| answer(a.bindings(&d, &u)));
+        .and(scoped.clone())
+        .map(|d: String, u: String, a: Arc<Admin>, s: Scope| {
+            answer(a.account_for(&s, &d, &u).and_then(|_| a.bindings(&d, &u)))
+        });
     // `dialplan` (calls the account makes) or `incoming-dialplan` (calls to it).
     let which = || {
         warp::path::param::<String>().and_then(|p: String| async move {
@@ -1080,134 +1156,206 @@ pub fn serve(
         .and(which())
         .and(warp::path::end())
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|d: String, u: String, i: bool, a: Arc<Admin>| answer(a.get_dialplan(&d, &u, i)));
+        .and(scoped.clone())
+        .map(|d: String, u: String, i: bool, a: Arc<Admin>, s: Scope| {
+            answer(
+                a.account_for(&s, &d, &u)
+                    .and_then(|_| a.get_dialplan(&d, &u, i)),
+            )
+        });
     let put_dialplan = warp::path!("v1" / "accounts" / String / String / ..)
         .and(which())
         .and(warp::path::end())
         .and(warp::put())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(body)
-        .then(|d, u, i, a: Arc<Admin>, b| async move { answer(a.put_dialplan(d, u, i, b).await) });
+        .then(
+            |d: String, u: String, i, a: Arc<Admin>, s: Scope, b| async move {
+                answer(match a.account_for(&s, &d, &u) {
+                    Ok(_) => a.put_dialplan(d, u, i, b).await,
+                    Err(e) => Err(e),
+                })
+            },
+        );
     let delete_dialplan = warp::path!("v1" / "accounts" / String / String / ..)
         .and(which())
         .and(warp::path::end())
         .and(warp::delete())
-        .and(authorized.clone())
-        .then(|d, u, i, a: Arc<Admin>| async move { answer(a.delete_dialplan(d, u, i).await) });
+        .and(scoped.clone())
+        .then(
+            |d: String, u: String, i, a: Arc<Admin>, s: Scope| async move {
+                answer(match a.account_for(&s, &d, &u) {
+                    Ok(_) => a.delete_dialplan(d, u, i).await,
+                    Err(e) => Err(e),
+                })
+            },
+        );
     let numbers = warp::path!("v1" / "numbers")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .map(
-            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
-                answer(customer_query(&q).and_then(|c| a.list_numbers(c)))
+            |a: Arc<Admin>, s: Scope, q: std::collections::HashMap<String, String>| {
+                answer(s.list_filter(&q).and_then(|c| a.list_numbers(c)))
             },
         );
     let number = warp::path!("v1" / "numbers" / String)
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|n: String, a: Arc<Admin>| answer(a.get_number(&n)));
+        .and(scoped.clone())
+        .map(|n: String, a: Arc<Admin>, s: Scope| answer(a.get_number(&s, &n)));
     let put_number = warp::path!("v1" / "numbers" / String)
         .and(warp::put())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|n, a: Arc<Admin>, b| async move { answer(a.put_number(n, b).await) });
     let delete_number = warp::path!("v1" / "numbers" / String)
         .and(warp::delete())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|n, a: Arc<Admin>| async move { answer(a.delete_number(n).await) });
     let trunks = warp::path!("v1" / "trunks")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .map(
-            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
-                answer(customer_query(&q).and_then(|c| a.list_trunks(c)))
+            |a: Arc<Admin>, s: Scope, q: std::collections::HashMap<String, String>| {
+                answer(s.list_filter(&q).and_then(|c| a.list_trunks(c)))
             },
         );
     let trunk = warp::path!("v1" / "trunks" / String / String)
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|c: String, n: String, a: Arc<Admin>| answer(a.get_trunk(&c, &n)));
+        .and(scoped.clone())
+        .map(|c: String, n: String, a: Arc<Admin>, s: Scope| {
+            answer(s.check_path_customer(&c).and_then(|()| a.get_trunk(&c, &n)))
+        });
     let put_trunk = warp::path!("v1" / "trunks" / String / String)
         .and(warp::put())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|c, n, a: Arc<Admin>, b| async move { answer(a.put_trunk(c, n, b).await) });
     let delete_trunk = warp::path!("v1" / "trunks" / String / String)
         .and(warp::delete())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|c, n, a: Arc<Admin>| async move { answer(a.delete_trunk(c, n).await) });
     let cdr_list = warp::path!("v1" / "cdrs")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(warp::query::<std::collections::HashMap<String, String>>())
-        .then(|a: Arc<Admin>, q| async move { answer(a.list_cdrs(q).await) });
+        .then(
+            |a: Arc<Admin>, s: Scope, mut q: std::collections::HashMap<String, String>| async move {
+                // A customer token reads its own customer's records, and only those.
+                if let Scope::Customer(own) = &s {
+                    match q.get("customer") {
+                        Some(c) if c != own => return answer(Err(tokens::other_customer(own, c))),
+                        _ => q.insert("customer".into(), own.clone()),
+                    };
+                }
+                answer(a.list_cdrs(q).await)
+            },
+        );
     let settings = warp::path!("v1" / "customers" / String / "settings")
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|c: String, a: Arc<Admin>| answer(a.get_settings(&c)));
+        .and(scoped.clone())
+        .map(|c: String, a: Arc<Admin>, s: Scope| {
+            answer(s.check_path_customer(&c).and_then(|()| a.get_settings(&c)))
+        });
     let put_settings = warp::path!("v1" / "customers" / String / "settings")
         .and(warp::put())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|c, a: Arc<Admin>, b| async move { answer(a.put_settings(c, b).await) });
     let drain_state = warp::path!("v1" / "node" / "drain")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(operator.clone())
         .map(|a: Arc<Admin>| a.drain_state());
     let start_drain = warp::path!("v1" / "node" / "drain")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(operator.clone())
         .then(|a: Arc<Admin>| async move { a.start_drain().await });
     let providers = warp::path!("v1" / "providers")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(warp::query::<std::collections::HashMap<String, String>>())
         .map(
-            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
-                answer(customer_query(&q).and_then(|c| a.list_providers(c)))
+            |a: Arc<Admin>, s: Scope, q: std::collections::HashMap<String, String>| {
+                answer(s.list_filter(&q).and_then(|c| a.list_providers(c)))
             },
         );
     let provider = warp::path!("v1" / "providers" / String / String)
         .and(warp::get())
-        .and(authorized.clone())
-        .map(|c: String, n: String, a: Arc<Admin>| answer(a.get_provider(&c, &n)));
+        .and(scoped.clone())
+        .map(|c: String, n: String, a: Arc<Admin>, s: Scope| {
+            answer(
+                s.check_path_customer(&c)
+                    .and_then(|()| a.get_provider(&c, &n)),
+            )
+        });
     let put_provider = warp::path!("v1" / "providers" / String / String)
         .and(warp::put())
-        .and(authorized.clone())
+        .and(scoped.clone())
         .and(body)
-        .then(|c, n, a: Arc<Admin>, b| async move { answer(a.put_provider(c, n, b).await) });
+        .then(|c: String, n, a: Arc<Admin>, s: Scope, b| async move {
+            answer(match s.check_path_customer(&c) {
+                Ok(()) => a.put_provider(&s, c, n, b).await,
+                Err(e) => Err(e),
+            })
+        });
     let delete_provider = warp::path!("v1" / "providers" / String / String)
         .and(warp::delete())
-        .and(authorized.clone())
-        .then(|c, n, a: Arc<Admin>| async move { answer(a.delete_provider(c, n).await) });
+        .and(scoped.clone())
+        .then(|c: String, n, a: Arc<Admin>, s: Scope| async move {
+            answer(match s.check_path_customer(&c) {
+                Ok(()) => a.delete_provider(c, n).await,
+                Err(e) => Err(e),
+            })
+        });
     let provider_status = warp::path!("v1" / "providers" / String / String / "status")
         .and(warp::get())
-        .and(authorized.clone())
-        .then(|c, n, a: Arc<Admin>| async move { answer(a.provider_status(c, n).await) });
+        .and(scoped.clone())
+        .then(|c: String, n, a: Arc<Admin>, s: Scope| async move {
+            answer(match s.check_path_customer(&c) {
+                Ok(()) => a.provider_status(c, n).await,
+                Err(e) => Err(e),
+            })
+        });
     let start_callback = warp::path!("v1" / "callback")
         .and(warp::post())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .map(|a: Arc<Admin>, b| answer(a.start_callback(b)));
     let callback = warp::path!("v1" / "callbacks" / String)
         .and(warp::get())
-        .and(authorized.clone())
+        .and(operator.clone())
         .map(|id: String, a: Arc<Admin>| answer(a.get_callback(&id)));
     let get_note = warp::path!("v1" / "cluster" / "note")
         .and(warp::get())
-        .and(authorized.clone())
+        .and(operator.clone())
         .map(|a: Arc<Admin>| answer(a.get_note()));
     let put_note = warp::path!("v1" / "cluster" / "note")
         .and(warp::put())
-        .and(authorized.clone())
+        .and(operator.clone())
         .and(body)
         .then(|a: Arc<Admin>, b| async move { answer(a.put_note(b).await) });
+    let create_token = warp::path!("v1" / "tokens")
+        .and(warp::post())
+        .and(operator.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.create_token(b).await) });
+    let list_tokens = warp::path!("v1" / "tokens")
+        .and(warp::get())
+        .and(operator.clone())
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .map(
+            |a: Arc<Admin>, q: std::collections::HashMap<String, String>| {
+                answer(customer_query(&q).and_then(|c| a.list_tokens(c)))
+            },
+        );
+    let revoke_token = warp::path!("v1" / "tokens" / String)
+        .and(warp::delete())
+        .and(operator.clone())
+        .then(|id, a: Arc<Admin>| async move { answer(a.revoke_token(id).await) });
     let delete_customer = warp::path!("v1" / "customers" / String)
         .and(warp::delete())
-        .and(authorized)
+        .and(operator)
         .then(|id, a: Arc<Admin>| async move { answer(a.delete_customer(id).await) });
 
     // Each route is boxed before they are combined: a chain of `or`s over unboxed filters
@@ -1255,6 +1403,9 @@ pub fn serve(
         callback.boxed(),
         get_note.boxed(),
         put_note.boxed(),
+        create_token.boxed(),
+        list_tokens.boxed(),
+        revoke_token.boxed(),
     ];
     let routes = all
         .into_iter()

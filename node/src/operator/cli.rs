@@ -59,6 +59,9 @@ pub enum Command {
     /// Customers' trusted trunks: a PBX or carrier recognised by its address.
     #[command(subcommand)]
     Trunk(TrunkCommand),
+    /// Customers' admin API tokens: each sees and changes only its customer's records.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Call A, then B, and connect them (RFC 3725 third-party call control), as an
     /// account's call; follows the call until it ends.
     Callback(CallbackCommand),
@@ -187,6 +190,7 @@ impl Command {
             Command::Dialplan(c) => Some(c.config()),
             Command::Cdr(c) => Some(c.config()),
             Command::Trunk(c) => Some(c.config()),
+            Command::Token(c) => Some(c.config()),
             Command::Callback(c) => Some(c.config.clone()),
             _ => None,
         }
@@ -531,6 +535,50 @@ impl TrunkCommand {
             | TrunkCommand::Show { config, .. }
             | TrunkCommand::List { config, .. }
             | TrunkCommand::Delete { config, .. } => config.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for a customer. The token is shown this once (only its hash is
+    /// stored): on stdout, or written to a new file of mode 0600 with --out.
+    Create {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        customer: String,
+        /// What the token is for, shown in lists.
+        #[arg(long, default_value = "")]
+        label: String,
+        /// Write the token to FILE (created with mode 0600; never overwritten) instead
+        /// of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// List tokens (ids, customers and labels; never the tokens).
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Only this customer's.
+        #[arg(long)]
+        customer: Option<String>,
+    },
+    /// Revoke a token: every node refuses it from then on.
+    Revoke {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The token's id (what `list` shows).
+        id: String,
+    },
+}
+
+impl TokenCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            TokenCommand::Create { config, .. }
+            | TokenCommand::List { config, .. }
+            | TokenCommand::Revoke { config, .. } => config.clone(),
         }
     }
 }

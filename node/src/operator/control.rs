@@ -1,7 +1,7 @@
 //! The operator commands that act on a running cluster: `tandem cluster …`, `tandem keys …`,
 //! `tandem account …`, `tandem provider …` (in `providers`), `tandem number …` and
-//! `tandem dialplan …` (in `numbers`), `tandem cdr …` (in `cdrs`), `tandem trunk …` (in `trunks`), `tandem callback` (in
-//! `callbacks`), and `tandem node …`.
+//! `tandem dialplan …` (in `numbers`), `tandem cdr …` (in `cdrs`), `tandem trunk …` (in `trunks`), `tandem token …` (in
+//! `tokens`), `tandem callback` (in `callbacks`), and `tandem node …`.
 //! `init`, `join` and `keys rotate` work offline on this node's files; the others ask the
 //! running node named by the config file, through its admin API with its bearer token.
 
@@ -19,6 +19,7 @@ mod callbacks;
 mod cdrs;
 mod numbers;
 mod providers;
+mod tokens;
 mod trunks;
 
 /// How long an admin request may take; re-sealing proposes one write per record, so it
@@ -38,6 +39,7 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
         Command::Dialplan(c) => numbers::dialplan(c, config).await,
         Command::Cdr(c) => cdrs::run(c, config).await,
         Command::Trunk(c) => trunks::run(c, config).await,
+        Command::Token(c) => tokens::run(c, config).await,
         Command::Callback(c) => callbacks::run(c, config).await,
         other => Err(Error::Admin(format!(
             "{other:?} is not an operator command"

@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 
 use super::{
     check_customer, check_customer_account, check_id, json_reply, parse_json, put_reply, refused,
-    Admin, ApiError,
+    Admin, ApiError, Scope,
 };
 
 #[derive(Deserialize)]
@@ -92,11 +92,16 @@ impl Admin {
         Ok(())
     }
 
-    pub(super) fn get_number(&self, number: &str) -> Result<warp::reply::Response, ApiError> {
+    /// One number, if `scope` may see its customer's records.
+    pub(super) fn get_number(
+        &self,
+        scope: &Scope,
+        number: &str,
+    ) -> Result<warp::reply::Response, ApiError> {
         let d = digits(number)?;
         match self.cluster.replica.reader().number(&d)? {
-            Some(n) => Ok(json_reply(StatusCode::OK, &view(&n))),
-            None => Err(ApiError::not_found(format!("no number +{d}"))),
+            Some(n) if scope.sees(&n.customer) => Ok(json_reply(StatusCode::OK, &view(&n))),
+            _ => Err(ApiError::not_found(format!("no number +{d}"))),
         }
     }
 

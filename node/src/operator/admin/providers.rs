@@ -9,7 +9,7 @@ use warp::http::StatusCode;
 
 use super::{
     check_customer, check_customer_account, check_id, json_reply, parse_json, put_reply, refused,
-    Admin, ApiError,
+    Admin, ApiError, Scope,
 };
 use crate::agents::registration_agent::accounts::{self, ProviderInput, ProviderView};
 use crate::agents::registration_agent::AccountStatus;
@@ -56,6 +56,7 @@ impl Admin {
 
     pub(super) async fn put_provider(
         &self,
+        scope: &Scope,
         customer: String,
         name: String,
         body: Bytes,
@@ -63,6 +64,14 @@ impl Admin {
         check_id("customer", &customer)?;
         check_id("provider name", &name)?;
         let input: ProviderInput = parse_json(&body)?;
+        // ca_file names a file on the nodes: whether it can be read there is not a
+        // customer's to learn.
+        if *scope != Scope::Operator && input.ca_file.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "ca_file is the operator's to set",
+            ));
+        }
         let reader = self.cluster.replica.reader();
         check_customer(reader, &customer)?;
         let id = provider_account_id(&customer, &name);
@@ -70,8 +79,16 @@ impl Admin {
         let created = existing.is_none();
         let account = accounts::build(&self.cluster.keys(), &customer, &name, input, existing)
             .map_err(ApiError::bad_request)?;
-        if let Some(InboundTarget::Account(target)) = &account.inbound {
-            check_customer_account(reader, &customer, target, "inbound account")?;
+        match &account.inbound {
+            Some(InboundTarget::Account(target)) => {
+                check_customer_account(reader, &customer, target, "inbound account")?;
+            }
+            // A customer's provider runs only that customer's dialplans.
+            Some(InboundTarget::Dialplan(owner)) if *scope != Scope::Operator => {
+                let target = owner.strip_prefix("in:").unwrap_or(owner);
+                check_customer_account(reader, &customer, target, "inbound dialplan's account")?;
+            }
+            _ => {}
         }
         self.writable()?;
         match self
