@@ -79,10 +79,19 @@ if [ ! -f "$formed" ]; then
   [ -f "$token" ] || (umask 077; head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$token")
   "$TANDEM_BIN" cert ca --out "$dev/ca" > /dev/null
   for i in 1 2 3; do
-    "$TANDEM_BIN" cert node --ca "$dev/ca" --name "node$i" --san "127.0.0.$i" --out "$dev/certs" > /dev/null
+    "$TANDEM_BIN" cert node --ca "$dev/ca" --name "node$i" --id "$i" --san "127.0.0.$i" --out "$dev/certs" > /dev/null
   done
   "$TANDEM_BIN" cluster init --config "$dev/node1.toml" > /dev/null
 fi
+# A cluster formed by an earlier release has certificates that name no node id, which
+# the cluster link now refuses: issue them again under the same CA.
+for i in 1 2 3; do
+  if ! sed '/-----/d' "$dev/certs/node$i.crt" | base64 -d 2> /dev/null | grep -aq "tandem://node/$i"; then
+    echo "issuing node $i a certificate that names its node id ..." >&2
+    rm -f "$dev/certs/node$i.crt" "$dev/certs/node$i.key"
+    "$TANDEM_BIN" cert node --ca "$dev/ca" --name "node$i" --id "$i" --san "127.0.0.$i" --out "$dev/certs" > /dev/null
+  fi
+done
 
 "$TANDEM_BIN" run --config "$dev/node1.toml" 2> "$dev/node1.log" &
 pids+=($!)

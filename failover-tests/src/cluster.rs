@@ -138,7 +138,8 @@ impl Member {
         let run = tandem_command()
             .args(["cert", "node", "--ca"])
             .arg(root.join("ca"))
-            .args(["--name", &format!("node{id}"), "--san", &ip, "--out"])
+            .args(["--name", &format!("node{id}"), "--id", &id.to_string()])
+            .args(["--san", &ip, "--out"])
             .arg(&certs)
             .output()
             .expect("run tandem cert node");

@@ -174,15 +174,15 @@ fn cert_ca_and_cert_node_give_two_nodes_a_working_mutual_tls_link() {
     );
     assert_eq!(mode(&work.join("ca/ca.key")), 0o600);
 
-    for (name, sans) in [
-        ("node-a", ["127.0.0.1", "node-a.t40.internal"]),
-        ("node-b", ["127.0.0.2", "node-b.t40.internal"]),
+    for (name, id, sans) in [
+        ("node-a", "1", ["127.0.0.1", "node-a.t40.internal"]),
+        ("node-b", "2", ["127.0.0.2", "node-b.t40.internal"]),
     ] {
         let out = format!("nodes/{name}");
         let output = succeeds(
             &[
-                "cert", "node", "--ca", "ca", "--name", name, "--san", sans[0], "--san", sans[1],
-                "--out", &out,
+                "cert", "node", "--ca", "ca", "--name", name, "--id", id, "--san", sans[0],
+                "--san", sans[1], "--out", &out,
             ],
             work,
         );
@@ -254,6 +254,8 @@ fn cert_commands_refuse_to_overwrite_and_name_the_file() {
         "ca",
         "--name",
         "node-a",
+        "--id",
+        "1",
         "--san",
         "127.0.0.1",
         "--out",
@@ -312,6 +314,8 @@ fn cert_node_names_a_missing_or_mismatched_ca_file() {
             ca,
             "--name",
             "node-a",
+            "--id",
+            "1",
             "--san",
             "127.0.0.1",
             "--out",
@@ -339,8 +343,35 @@ fn bad_arguments_are_usage_errors_and_write_nothing() {
     succeeds(&["cert", "ca", "--out", "ca"], work);
     for args in [
         &[
-            "cert", "node", "--ca", "ca", "--name", "node-a", "--out", "out",
+            "cert", "node", "--ca", "ca", "--name", "node-a", "--id", "1", "--out", "out",
         ][..],
+        // No node id, and a node id that cannot be one.
+        &[
+            "cert",
+            "node",
+            "--ca",
+            "ca",
+            "--name",
+            "node-a",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            "out",
+        ],
+        &[
+            "cert",
+            "node",
+            "--ca",
+            "ca",
+            "--name",
+            "node-a",
+            "--id",
+            "0",
+            "--san",
+            "127.0.0.1",
+            "--out",
+            "out",
+        ],
         &[
             "cert",
             "node",
@@ -348,6 +379,8 @@ fn bad_arguments_are_usage_errors_and_write_nothing() {
             "ca",
             "--name",
             "../evil",
+            "--id",
+            "1",
             "--san",
             "127.0.0.1",
             "--out",
@@ -360,6 +393,8 @@ fn bad_arguments_are_usage_errors_and_write_nothing() {
             "ca",
             "--name",
             "ca",
+            "--id",
+            "1",
             "--san",
             "127.0.0.1",
             "--out",
@@ -372,6 +407,8 @@ fn bad_arguments_are_usage_errors_and_write_nothing() {
             "ca",
             "--name",
             "x",
+            "--id",
+            "1",
             "--san",
             "not a name",
             "--out",

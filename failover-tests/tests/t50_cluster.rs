@@ -1,7 +1,8 @@
 //! Real clusters of `tandem` processes on 127.0.0.1/.2/.3: writes survive the SIGKILL of
 //! the leader mid-writes with a bounded unavailable window, a killed node catches up when
 //! it returns, a pair plus witness survives the loss of any one
-//! member, and data dirs of other nodes or clusters are refused.
+//! member, data dirs of other nodes or clusters are refused, and a removed node's
+//! certificate is refused on the cluster link.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -414,4 +415,120 @@ fn the_feature_version_rises_only_once_every_member_supports_it() {
     }
     let taken = put_provider();
     assert_eq!(taken.status, 201, "{}", taken.body);
+}
+
+/// A removed node's certificate stops working on every member's cluster link: neither a
+/// member's question nor a forwarded proposal is taken from it, though the CA signed it
+/// and it has not expired. Before the removal the same certificate is heard.
+#[test]
+fn a_removed_nodes_certificate_is_refused_on_every_members_link() {
+    use tandem_raft_store::command::{Command, Customer};
+    use tandem_raft_store::http_network::HttpNetwork;
+    use tandem_raft_store::membership::ClusterRequest;
+    use tandem_raft_store::tls::ClusterTls;
+    use tandem_raft_store::types::{NodeInfo, Request};
+
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    // Node 3's files, as whoever took them from its host holds them.
+    let certs = cluster.root().join("certs");
+    let tls = ClusterTls::load(
+        &certs.join("ca.crt"),
+        &certs.join("node3.crt"),
+        &certs.join("node3.key"),
+    )
+    .expect("node 3's files");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let network = HttpNetwork::new(&tls).unwrap();
+    let ask = |addr: &str| {
+        runtime.block_on(network.cluster(addr, &ClusterRequest::Features, Duration::from_secs(5)))
+    };
+    let propose = |addr: &str, id: &str| {
+        let customer = Customer {
+            id: id.into(),
+            name: "planted through a stolen certificate".into(),
+            enabled: true,
+        };
+        let request = Request {
+            commands: vec![Command::PutCustomer(customer).encode()],
+        };
+        let leader = NodeInfo {
+            raft_addr: addr.to_owned(),
+        };
+        runtime.block_on(network.forward(&leader, &request, Duration::from_secs(5)))
+    };
+    for m in &cluster.members[..2] {
+        let heard = ask(&m.raft_addr);
+        assert!(
+            heard.is_ok(),
+            "node {} did not hear node 3: {heard:?}",
+            m.id
+        );
+    }
+
+    let one = cluster.member(1);
+    let removed = one.cli(&["cluster", "remove", "3"]);
+    assert!(removed.status.success(), "{}", describe(&removed));
+    cluster.wait_for_voters(2, Duration::from_secs(10));
+    cluster.member(3).sigkill();
+    for m in &cluster.members[..2] {
+        Wait::new(
+            format!("node {} to refuse node 3's certificate", m.id),
+            Duration::from_secs(20),
+        )
+        .showing(m)
+        .until(|| ask(&m.raft_addr).is_err());
+        let planted = propose(&m.raft_addr, &format!("planted{}", m.id));
+        assert!(
+            planted.is_err(),
+            "node {} took a proposal: {planted:?}",
+            m.id
+        );
+        assert!(
+            m.log().contains("node 3 was removed from the cluster"),
+            "node {} does not say why it refused",
+            m.id
+        );
+    }
+    let ids = one.customer_ids().expect("node 1 answers");
+    assert!(
+        ids.iter().all(|id| !id.starts_with("planted")),
+        "a removed node's certificate planted {ids:?}"
+    );
+
+    // Nor will a node run on another node's certificate: node 2 on node 1's.
+    let two = cluster.member(2);
+    two.sigterm();
+    two.wait_exit(Duration::from_secs(30));
+    let config = std::fs::read_to_string(&two.config)
+        .unwrap()
+        .replace("node2.crt", "node1.crt")
+        .replace("node2.key", "node1.key");
+    let borrowed = two.dir.join("borrowed.toml");
+    std::fs::write(&borrowed, config).unwrap();
+    let mut child = tandem_failover_tests::tandem_command()
+        .args(["run", "--config"])
+        .arg(&borrowed)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let exited = Wait::new(
+        "node 2 on node 1's certificate to exit",
+        Duration::from_secs(20),
+    )
+    .poll(|| child.try_wait().ok().flatten());
+    if exited.is_none() {
+        let _ = child.kill();
+    }
+    let run = child.wait_with_output().unwrap();
+    let text = describe(&run);
+    assert!(
+        !run.status.success()
+            && text.contains("cluster.certificate")
+            && text.contains("node 1's certificate"),
+        "{text}"
+    );
 }

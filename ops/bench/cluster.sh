@@ -43,7 +43,7 @@ form_cluster() {
     ip="127.0.0.$i"
     tcp="[]"
     [ "${SIP_TCP:-0}" != 1 ] || tcp="[\"$ip:$(port "$ip")\"]"
-    "$TANDEM_BIN" cert node --ca "$work/ca" --name "node$i" --san "$ip" --out "$work/certs" > /dev/null
+    "$TANDEM_BIN" cert node --ca "$work/ca" --name "node$i" --id "$i" --san "$ip" --out "$work/certs" > /dev/null
     mkdir -p "$work/node$i"
     cp "$work/master.key" "$work/node$i/master.key"
     cat > "$work/node$i/tandem.toml" <<TOML

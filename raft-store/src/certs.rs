@@ -4,6 +4,10 @@
 //! server and TLS client identities, so one file pair per node covers both directions of a
 //! Raft link.
 //!
+//! A node certificate names its node id in a URI subject alt name,
+//! `tandem://node/<id>` ([`node_id_of`]): the cluster link accepts a peer only under the id
+//! its certificate names, and refuses every id the cluster removed (`tls.rs`).
+//!
 //! Reloading needs no certificate parser: rcgen writes an issued certificate's issuer from
 //! the CA's distinguished name and its authority key id from the CA's key id, so
 //! [`CertAuthority::from_pem`] reads back only the subject name, the public key, the subject
@@ -19,7 +23,26 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, SanType,
 };
 
+use crate::types::NodeId;
 use crate::Error;
+
+/// What a node certificate's URI subject alt name starts with; the node id follows.
+pub const NODE_ID_URI: &str = "tandem://node/";
+
+/// The node id a certificate (DER) names, if it names exactly one.
+pub fn node_id_of(cert_der: &[u8]) -> Option<NodeId> {
+    let fields = der::CertFields::parse(cert_der)?;
+    let mut ids = fields
+        .extensions
+        .uris
+        .iter()
+        .filter_map(|u| u.strip_prefix(NODE_ID_URI))
+        .map(|id| id.parse::<NodeId>().ok().filter(|id| *id > 0));
+    match (ids.next(), ids.next()) {
+        (Some(id), None) => id,
+        _ => None,
+    }
+}
 
 const DAY: u64 = 24 * 60 * 60;
 /// Ten years and two, counting their leap days, so each ends on the day it started.
@@ -194,7 +217,17 @@ impl CertAuthority {
     /// both TLS server and TLS client authentication. Each of `sans` becomes an IP address
     /// subject alt name if it parses as one and a DNS name otherwise; at least one is
     /// needed, because a node is reached by address and a client checks it against these.
-    pub fn issue(&self, node_name: &str, sans: &[String]) -> Result<IssuedCert, Error> {
+    pub fn issue(
+        &self,
+        node_name: &str,
+        node_id: NodeId,
+        sans: &[String],
+    ) -> Result<IssuedCert, Error> {
+        if node_id == 0 {
+            return Err(Error::Crypto(format!(
+                "node certificate for {node_name}: node ids start at 1"
+            )));
+        }
         if sans.is_empty() {
             return Err(Error::Crypto(format!(
                 "node certificate for {node_name}: needs at least one subject alt name"
@@ -209,6 +242,9 @@ impl CertAuthority {
             .iter()
             .map(|san| subject_alt_name(san))
             .collect::<Result<_, _>>()?;
+        let uri = rcgen::Ia5String::try_from(format!("{NODE_ID_URI}{node_id}"))
+            .map_err(crypto("the node id's URI"))?;
+        params.subject_alt_names.push(SanType::URI(uri));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
@@ -245,8 +281,8 @@ fn subject_alt_name(san: &str) -> Result<SanType, Error> {
     Ok(SanType::DnsName(ia5))
 }
 
-/// Just enough DER reading to reload a CA: a certificate's names, public key and basic
-/// constraints, and a name as rcgen's type.
+/// Just enough DER reading to reload a CA (a certificate's names, public key and basic
+/// constraints, and a name as rcgen's type) and to find a node certificate's id.
 mod der {
     use rcgen::{DistinguishedName, DnType, DnValue};
 
@@ -268,6 +304,10 @@ mod der {
     const SUBJECT_KEY_ID: &[u8] = &[0x55, 0x1d, 0x0e];
     /// id-ce-authorityKeyIdentifier, 2.5.29.35.
     const AUTHORITY_KEY_ID: &[u8] = &[0x55, 0x1d, 0x23];
+    /// id-ce-subjectAltName, 2.5.29.17.
+    const SUBJECT_ALT_NAME: &[u8] = &[0x55, 0x1d, 0x11];
+    /// A GeneralName's uniformResourceIdentifier, `[6] IMPLICIT IA5String`.
+    const URI: u8 = 0x86;
 
     /// One tag-length-value: `whole` is all of it, `contents` the value.
     struct Tlv<'a> {
@@ -340,6 +380,8 @@ mod der {
         /// certificate points at its CA's key the way the CA names it.
         #[cfg_attr(not(test), allow(dead_code))]
         pub authority_key_id: Option<&'a [u8]>,
+        /// The URIs among the subject alt names (a node certificate's id).
+        pub uris: Vec<&'a str>,
     }
 
     impl<'a> CertFields<'a> {
@@ -407,6 +449,15 @@ mod der {
                     AUTHORITY_KEY_ID => {
                         let mut fields = expect(&mut value, SEQUENCE)?.contents;
                         found.authority_key_id = expect(&mut fields, KEY_ID).map(|id| id.contents);
+                    }
+                    SUBJECT_ALT_NAME => {
+                        let mut names = expect(&mut value, SEQUENCE)?.contents;
+                        while !names.is_empty() {
+                            let name = read(&mut names)?;
+                            if name.tag == URI {
+                                found.uris.push(std::str::from_utf8(name.contents).ok()?);
+                            }
+                        }
                     }
                     _ => {}
                 }
@@ -579,9 +630,9 @@ mod tests {
     async fn issued_certs_authenticate_both_ends_of_a_mutual_tls_link() {
         let ca = CertAuthority::generate("test").unwrap();
         let node_a = ca
-            .issue("node-a", &sans(&["127.0.0.1", "node-a.internal"]))
+            .issue("node-a", 1, &sans(&["127.0.0.1", "node-a.internal"]))
             .unwrap();
-        let node_b = ca.issue("node-b", &sans(&["127.0.0.2"])).unwrap();
+        let node_b = ca.issue("node-b", 2, &sans(&["127.0.0.2"])).unwrap();
         // node-b dials node-a, then the other way round: each certificate serves as both
         // server and client identity.
         for (server, client, name) in [
@@ -609,9 +660,9 @@ mod tests {
     async fn a_client_cert_from_another_ca_is_refused() {
         let ca = CertAuthority::generate("prod").unwrap();
         let other = CertAuthority::generate("prod").unwrap();
-        let server = ca.issue("node-a", &sans(&["127.0.0.1"])).unwrap();
+        let server = ca.issue("node-a", 1, &sans(&["127.0.0.1"])).unwrap();
         // Same cluster name, so the same CA subject: only the signature tells them apart.
-        let intruder = other.issue("node-b", &sans(&["127.0.0.2"])).unwrap();
+        let intruder = other.issue("node-b", 2, &sans(&["127.0.0.2"])).unwrap();
         let result = handshake(
             server_config(&ca.cert_pem(), &server),
             client_config(&ca.cert_pem(), &intruder),
@@ -630,9 +681,9 @@ mod tests {
     async fn a_server_is_accepted_only_under_a_name_in_its_sans() {
         let ca = CertAuthority::generate("test").unwrap();
         let node_a = ca
-            .issue("node-a", &sans(&["127.0.0.1", "node-a.internal"]))
+            .issue("node-a", 1, &sans(&["127.0.0.1", "node-a.internal"]))
             .unwrap();
-        let node_b = ca.issue("node-b", &sans(&["127.0.0.2"])).unwrap();
+        let node_b = ca.issue("node-b", 2, &sans(&["127.0.0.2"])).unwrap();
         for wrong in ["127.0.0.9", "node-b.internal", "node-a"] {
             let result = handshake(
                 server_config(&ca.cert_pem(), &node_a),
@@ -653,9 +704,9 @@ mod tests {
         let original = CertAuthority::generate("reload").unwrap();
         let reloaded = CertAuthority::from_pem(&original.cert_pem(), &original.key_pem()).unwrap();
         assert_eq!(reloaded.cert_pem(), original.cert_pem());
-        let server = reloaded.issue("node-a", &sans(&["127.0.0.1"])).unwrap();
-        let client = reloaded.issue("node-b", &sans(&["127.0.0.2"])).unwrap();
-        let old_client = original.issue("node-c", &sans(&["127.0.0.3"])).unwrap();
+        let server = reloaded.issue("node-a", 1, &sans(&["127.0.0.1"])).unwrap();
+        let client = reloaded.issue("node-b", 2, &sans(&["127.0.0.2"])).unwrap();
+        let old_client = original.issue("node-c", 3, &sans(&["127.0.0.3"])).unwrap();
         for client in [&client, &old_client] {
             // Both sides trust only the original CA certificate.
             let result = handshake(
@@ -707,8 +758,8 @@ mod tests {
         params.key_identifier_method = KeyIdMethod::PreSpecified(key_id.clone());
         let ca_pem = params.self_signed(&key).unwrap().pem();
         let ca = CertAuthority::from_pem(&ca_pem, &key.serialize_pem()).unwrap();
-        let server = ca.issue("node-a", &sans(&["127.0.0.1"])).unwrap();
-        let client = ca.issue("node-b", &sans(&["127.0.0.2"])).unwrap();
+        let server = ca.issue("node-a", 1, &sans(&["127.0.0.1"])).unwrap();
+        let client = ca.issue("node-b", 2, &sans(&["127.0.0.2"])).unwrap();
         let result = handshake(
             server_config(&ca_pem, &server),
             client_config(&ca_pem, &client),
@@ -745,7 +796,7 @@ mod tests {
         let err = CertAuthority::from_pem(&ca.cert_pem(), &other.key_pem()).unwrap_err();
         assert!(err.to_string().contains("does not belong"), "{err}");
 
-        let node = ca.issue("node-a", &sans(&["127.0.0.1"])).unwrap();
+        let node = ca.issue("node-a", 1, &sans(&["127.0.0.1"])).unwrap();
         let err = CertAuthority::from_pem(&node.cert_pem, &node.key_pem).unwrap_err();
         assert!(err.to_string().contains("not a CA"), "{err}");
 
@@ -764,22 +815,37 @@ mod tests {
     fn issue_refuses_sans_a_peer_could_never_match() {
         let ca = CertAuthority::generate("a").unwrap();
         for bad in ["", "bad name", "nöde.example", "a..b"] {
-            let err = ca.issue("node-a", &sans(&[bad])).unwrap_err();
+            let err = ca.issue("node-a", 1, &sans(&[bad])).unwrap_err();
             assert!(err.to_string().contains("neither an IP"), "{bad:?}: {err}");
         }
-        let err = ca.issue("node-a", &[]).unwrap_err();
+        let err = ca.issue("node-a", 1, &[]).unwrap_err();
         assert!(err.to_string().contains("at least one"), "{err}");
         ca.issue(
             "node-a",
+            1,
             &sans(&["::1", "10.0.0.1", "node-a.example.com", "localhost"]),
         )
         .unwrap();
     }
 
     #[test]
+    fn a_node_certificate_names_its_node_id_and_nothing_else_is_taken_for_one() {
+        let ca = CertAuthority::generate("a").unwrap();
+        let node = ca.issue("node-a", 7, &sans(&["127.0.0.1"])).unwrap();
+        assert_eq!(node_id_of(&certs(&node.cert_pem)[0]), Some(7));
+        assert_eq!(
+            node_id_of(&certs(&ca.cert_pem())[0]),
+            None,
+            "the CA names none"
+        );
+        assert!(ca.issue("node-a", 0, &sans(&["127.0.0.1"])).is_err());
+        assert_eq!(node_id_of(b"not a certificate"), None);
+    }
+
+    #[test]
     fn issued_debug_output_hides_the_key() {
         let ca = CertAuthority::generate("a").unwrap();
-        let node = ca.issue("node-a", &sans(&["127.0.0.1"])).unwrap();
+        let node = ca.issue("node-a", 1, &sans(&["127.0.0.1"])).unwrap();
         assert!(!format!("{node:?}").contains("PRIVATE"));
     }
 }

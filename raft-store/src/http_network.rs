@@ -574,6 +574,9 @@ pub async fn serve(
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
     let (incoming, accept_loop) =
         crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
+    let tls = tls.clone();
+    let incoming =
+        tokio_stream::StreamExt::map(incoming, move |c| c.map(|c| tls.ended_on_removal(c)));
     warp::serve(routes)
         .serve_incoming_with_graceful_shutdown(incoming, stop)
         .await;

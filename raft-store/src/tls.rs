@@ -1,15 +1,25 @@
 //! Mutual TLS for the internal listener (raft-store/DESIGN.md, "The Raft network"): every
-//! node presents a certificate from the cluster's private CA, and accepts a peer only if
-//! the peer's certificate comes from that same CA. Server and client configurations are
-//! built once from PEM files.
+//! node presents a certificate from the cluster's private CA that names its node id, and
+//! accepts a peer, in either direction, only if the peer's certificate comes from that
+//! same CA, names a node id, and that id was not removed from the cluster. Server and
+//! client configurations are built once from PEM files; the removed ids are asked of the
+//! node's replica on every handshake, and no TLS session is resumed, so every connection
+//! is a handshake that asks.
 
+use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertStore};
+use rustls::{ServerConfig, SignatureScheme};
 
+use crate::certs::{node_id_of, NODE_ID_URI};
+use crate::types::NodeId;
 use crate::Error;
 
 /// The TLS configurations of one node on the internal listener.
@@ -17,6 +27,210 @@ use crate::Error;
 pub struct ClusterTls {
     pub(crate) server: Arc<ServerConfig>,
     pub(crate) client: ClientConfig,
+    revocations: Arc<Revocations>,
+    node_id: Option<NodeId>,
+}
+
+/// Which node ids the cluster removed, as this node's replica knows them. Until
+/// [`ClusterTls::revoke_with`] is called (an offline `tandem cluster join` never does),
+/// none is known to be removed.
+#[derive(Default)]
+struct Revocations {
+    removed: OnceLock<Box<dyn Fn(NodeId) -> bool + Send + Sync>>,
+}
+
+impl fmt::Debug for Revocations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Revocations")
+    }
+}
+
+impl Revocations {
+    /// The node id `cert` names, if the cluster has not removed it.
+    fn check(&self, cert: &CertificateDer<'_>) -> Result<NodeId, rustls::Error> {
+        let id = node_id_of(cert).ok_or_else(|| {
+            rustls::Error::General(format!(
+                "the peer's certificate names no node id ({NODE_ID_URI}<id>); issue it \
+                 again with `tandem cert node --id`"
+            ))
+        })?;
+        if self.removed.get().is_some_and(|removed| removed(id)) {
+            return Err(rustls::Error::General(format!(
+                "node {id} was removed from the cluster; its certificate is revoked"
+            )));
+        }
+        Ok(id)
+    }
+}
+
+/// A connection from a peer that reads as refused once the cluster removes the peer
+/// ([`ClusterTls::ended_on_removal`]).
+pub(crate) struct MemberConnection<S> {
+    inner: S,
+    /// `None` only if the handshake passed without a node id, which the verifier refuses.
+    peer: Option<NodeId>,
+    revocations: Arc<Revocations>,
+    /// When the peer was last found not removed: reads on the write path of every Raft
+    /// append ask again only after [`RECHECK`], far inside the removal's grace.
+    checked: Option<tokio::time::Instant>,
+}
+
+/// How often an open connection asks again whether its peer was removed.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for MemberConnection<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let now = tokio::time::Instant::now();
+        let due = self
+            .checked
+            .is_none_or(|t| now.duration_since(t) >= RECHECK);
+        let removed = due
+            && match self.peer {
+                Some(id) => self
+                    .revocations
+                    .removed
+                    .get()
+                    .is_some_and(|removed| removed(id)),
+                None => true,
+            };
+        if due && !removed {
+            self.checked = Some(now);
+        }
+        if removed {
+            return std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                format!(
+                    "node {} was removed from the cluster; its connection is closed",
+                    self.peer.unwrap_or(0)
+                ),
+            )));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for MemberConnection<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The CA's checks, then the node id's.
+#[derive(Debug)]
+struct MemberClientVerifier {
+    ca: Arc<dyn ClientCertVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ClientCertVerifier for MemberClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.ca.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self.ca.verify_client_cert(end_entity, intermediates, now)?;
+        self.revocations.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca.supported_verify_schemes()
+    }
+}
+
+/// The CA's checks (the name included), then the node id's.
+#[derive(Debug)]
+struct MemberServerVerifier {
+    ca: Arc<WebPkiServerVerifier>,
+    revocations: Arc<Revocations>,
+}
+
+impl ServerCertVerifier for MemberServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let verified = self.ca.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )?;
+        self.revocations.check(end_entity)?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.ca.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.ca.supported_verify_schemes()
+    }
 }
 
 fn certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -54,25 +268,76 @@ impl ClusterTls {
         }
         let roots = Arc::new(roots);
         let chain = certs(cert_pem, "node certificate")?;
-        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+        let revocations = Arc::new(Revocations::default());
+        let ca = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| Error::Tls(format!("client verifier: {e}")))?;
-        let server = ServerConfig::builder_with_provider(provider.clone())
+        let verifier = Arc::new(MemberClientVerifier {
+            ca,
+            revocations: revocations.clone(),
+        });
+        let mut server = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain.clone(), key(key_pem, "node key")?)
             .map_err(|e| Error::Tls(format!("node certificate and key: {e}")))?;
-        let client = ClientConfig::builder_with_provider(provider)
+        // A resumed session skips the certificate checks, the removed ids included.
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+        let ca = WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+            .build()
+            .map_err(|e| Error::Tls(format!("server verifier: {e}")))?;
+        let mut client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Tls(e.to_string()))?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(chain, key(key_pem, "node key")?)
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(MemberServerVerifier {
+                ca,
+                revocations: revocations.clone(),
+            }))
+            .with_client_auth_cert(chain.clone(), key(key_pem, "node key")?)
             .map_err(|e| Error::Tls(format!("node certificate and key: {e}")))?;
+        client.resumption = rustls::client::Resumption::disabled();
         Ok(ClusterTls {
             server: Arc::new(server),
             client,
+            revocations,
+            node_id: node_id_of(&chain[0]),
         })
+    }
+
+    /// Ends a connection of the cluster link at its next read once the cluster removes the
+    /// node its certificate names: a handshake is checked once, and a pooled connection
+    /// made before the removal would otherwise go on carrying requests.
+    pub(crate) fn ended_on_removal<S>(
+        &self,
+        stream: tokio_rustls::server::TlsStream<S>,
+    ) -> MemberConnection<tokio_rustls::server::TlsStream<S>> {
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| node_id_of(cert));
+        MemberConnection {
+            inner: stream,
+            peer,
+            revocations: self.revocations.clone(),
+            checked: None,
+        }
+    }
+
+    /// The node id this node's own certificate names, if any.
+    pub fn node_id(&self) -> Option<NodeId> {
+        self.node_id
+    }
+
+    /// From now on, every handshake of the cluster link refuses a peer whose node id
+    /// `removed` says the cluster removed. Set once, when the replica runs; later calls
+    /// change nothing.
+    pub fn revoke_with(&self, removed: impl Fn(NodeId) -> bool + Send + Sync + 'static) {
+        let _ = self.revocations.removed.set(Box::new(removed));
     }
 }
 
@@ -84,6 +349,30 @@ pub fn ca_fingerprint(ca_cert: &Path) -> Result<String, Error> {
     let first = certs(&pem, "cluster CA certificate")?.remove(0);
     let digest = ring::digest::digest(&ring::digest::SHA256, first.as_ref());
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Refused handshakes are logged once a second at most, each line counting those left
+/// out since the one before: a peer retrying in a loop, or anyone who can reach the port,
+/// must not fill the disk with the same line.
+#[derive(Default)]
+struct RefusalLog {
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+    left_out: std::sync::atomic::AtomicU64,
+}
+
+impl RefusalLog {
+    /// `Some(how many were left out since the last line)` if this refusal may be logged.
+    fn may_log(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = tokio::time::Instant::now();
+        let mut last = self.last.lock().expect("refusal log lock");
+        if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+            self.left_out.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.left_out.swap(0, Ordering::Relaxed))
+    }
 }
 
 /// Accepts TCP connections on `listener` and completes their TLS handshakes beside the
@@ -104,6 +393,7 @@ pub fn accept_tls(
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let refusals = Arc::new(RefusalLog::default());
     let accept_loop = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -115,16 +405,24 @@ pub fn accept_tls(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(stream).await;
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(%peer, error = %e, "{what}: refused a TLS handshake")
+                        if let Some(more) = refusals.may_log() {
+                            tracing::warn!(%peer, error = %e, refused_since_last_line = more,
+                                "{what}: refused a TLS handshake")
+                        }
                     }
-                    Err(_) => tracing::warn!(%peer, "{what}: a TLS handshake timed out"),
+                    Err(_) => {
+                        if let Some(more) = refusals.may_log() {
+                            tracing::warn!(%peer, refused_since_last_line = more,
+                                "{what}: a TLS handshake timed out")
+                        }
+                    }
                 }
             });
         }

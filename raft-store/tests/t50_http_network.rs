@@ -14,7 +14,8 @@ use tandem_raft_store::types::{NodeInfo, Request};
 use tokio::time::{sleep, Instant};
 
 fn tls_for(ca: &CertAuthority, name: &str, ip: &str) -> ClusterTls {
-    let issued = ca.issue(name, &[ip.to_string()]).unwrap();
+    let id = name.trim_start_matches("node").parse().expect("node<id>");
+    let issued = ca.issue(name, id, &[ip.to_string()]).unwrap();
     ClusterTls::from_pem(
         ca.cert_pem().as_bytes(),
         issued.cert_pem.as_bytes(),

@@ -94,6 +94,7 @@ pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
         &c.certificate,
         &c.private_key,
     )?;
+    super::check_certificate_id(&tls, id, &c.certificate)?;
     let network = HttpNetwork::new(&tls)?;
     let request = ClusterRequest::Join {
         id,

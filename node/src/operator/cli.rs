@@ -145,6 +145,10 @@ pub enum CertCommand {
         /// The node's name: its certificate's common name and its files' names.
         #[arg(long, value_name = "NODE", value_parser = node_name)]
         name: String,
+        /// The node's id (`node.id` in its config): the cluster link accepts the
+        /// certificate only as this node, and refuses it once the node is removed.
+        #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+        id: u64,
         /// An IP address or DNS name other nodes reach this node by; repeat for each.
         #[arg(long = "san", value_name = "ADDR", required = true, value_parser = subject_alt_name)]
         sans: Vec<String>,

@@ -43,9 +43,10 @@ pub fn cert(command: &CertCommand) -> Result<String, Error> {
         CertCommand::Node {
             ca,
             name,
+            id,
             sans,
             out,
-        } => cert_node(ca, name, sans, out),
+        } => cert_node(ca, name, *id, sans, out),
     }
 }
 
@@ -67,7 +68,13 @@ fn cert_ca(out: &Path, cluster: &str) -> Result<String, Error> {
     ))
 }
 
-fn cert_node(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Result<String, Error> {
+fn cert_node(
+    ca_dir: &Path,
+    name: &str,
+    id: u64,
+    sans: &[String],
+    out: &Path,
+) -> Result<String, Error> {
     let ca_cert_path = ca_dir.join(CA_CERT);
     let ca_cert = read(&ca_cert_path)?;
     let ca_key = read(&ca_dir.join(CA_KEY))?;
@@ -95,14 +102,14 @@ fn cert_node(ca_dir: &Path, name: &str, sans: &[String], out: &Path) -> Result<S
         Err(e) => return Err(io("reading", &out_ca_path, e)),
     };
     let mut files = NewFiles::absent(&[&cert_path, &key_path])?;
-    let issued = ca.issue(name, sans).map_err(|e| Error::Provision {
+    let issued = ca.issue(name, id, sans).map_err(|e| Error::Provision {
         path: cert_path.clone(),
         problem: reason(e),
     })?;
     files.write(&key_path, &issued.key_pem, Access::OwnerOnly)?;
     files.write(&cert_path, &issued.cert_pem, Access::Public)?;
     let mut report = format!(
-        "wrote {} (node {name}; subject alt names {})\nwrote {} (mode 0600)\n",
+        "wrote {} (node {name}, node id {id}; subject alt names {})\nwrote {} (mode 0600)\n",
         cert_path.display(),
         sans.join(", "),
         key_path.display()
@@ -232,6 +239,7 @@ mod tests {
         CertCommand::Node {
             ca: ca.to_owned(),
             name: name.to_owned(),
+            id: 1,
             sans: vec!["127.0.0.1".to_owned()],
             out: out.to_owned(),
         }
