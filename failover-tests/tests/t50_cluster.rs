@@ -498,6 +498,30 @@ fn a_removed_nodes_certificate_is_refused_on_every_members_link() {
         "a removed node's certificate planted {ids:?}"
     );
 
+    // A node that starts after the removal gives that certificate no window at all (the
+    // grace a leader that removes itself needs is timed from the change, not from the
+    // certificate's first attempt).
+    one.sigterm();
+    one.wait_exit(Duration::from_secs(30));
+    one.start();
+    one.wait_healthy();
+    let mut heard = 0;
+    Wait::new(
+        "restarted node 1 to refuse node 3's certificate",
+        Duration::from_secs(10),
+    )
+    .showing(one)
+    .until(|| {
+        if ask(&one.raft_addr).is_ok() {
+            heard += 1;
+        }
+        one.log()
+            .rsplit("===== start")
+            .next()
+            .is_some_and(|since| since.contains("node 3 was removed from the cluster"))
+    });
+    assert_eq!(heard, 0, "restarted node 1 heard node 3's certificate");
+
     // Nor will a node run on another node's certificate: node 2 on node 1's.
     let two = cluster.member(2);
     two.sigterm();

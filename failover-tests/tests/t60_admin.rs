@@ -882,6 +882,13 @@ fn customer_tokens_reach_only_their_customer_on_every_node_until_revoked() {
             Some(r#"{"password":"gift-12345","customer":"globex"}"#),
             403,
         ),
+        // A customer that does not exist answers the same: no oracle for customer ids.
+        (
+            "PUT",
+            "/v1/accounts/acme.example/eve",
+            Some(r#"{"password":"gift-12345","customer":"nobody"}"#),
+            403,
+        ),
         (
             "PUT",
             "/v1/accounts/acme.example/alice",

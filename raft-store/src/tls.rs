@@ -19,8 +19,13 @@ use rustls::{ClientConfig, DigitallySignedStruct, DistinguishedName, RootCertSto
 use rustls::{ServerConfig, SignatureScheme};
 
 use crate::certs::{node_id_of, NODE_ID_URI};
+use crate::replica::Replica;
 use crate::types::NodeId;
 use crate::Error;
+
+/// How long a node that just left the membership is still accepted on the cluster link:
+/// long enough for a leader that removed itself to hear the change acknowledged.
+pub const REMOVAL_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The TLS configurations of one node on the internal listener.
 #[derive(Clone)]
@@ -334,10 +339,53 @@ impl ClusterTls {
     }
 
     /// From now on, every handshake of the cluster link refuses a peer whose node id
-    /// `removed` says the cluster removed. Set once, when the replica runs; later calls
-    /// change nothing.
+    /// `removed` says the cluster removed. Set once; later calls change nothing.
     pub fn revoke_with(&self, removed: impl Fn(NodeId) -> bool + Send + Sync + 'static) {
         let _ = self.revocations.removed.set(Box::new(removed));
+    }
+
+    /// Refuses, from now on, every peer the cluster removed: retired in `replica`'s state
+    /// and out of the membership it knows. A node that left the membership is still
+    /// accepted for [`REMOVAL_GRACE`] after this node saw it leave, measured from the
+    /// change itself (a task watches the membership), never from the peer's first
+    /// attempt: a leader that removes itself must hear that change acknowledged, and a
+    /// certificate of a node removed long ago gets no window at all. A read error refuses.
+    pub fn revoke_removed(&self, replica: &Replica) {
+        let departed = Arc::new(std::sync::Mutex::new((
+            tokio::time::Instant::now(),
+            std::collections::BTreeSet::<NodeId>::new(),
+        )));
+        let mut metrics = replica.raft().metrics();
+        let watched = departed.clone();
+        tokio::spawn(async move {
+            let members = |m: &openraft::RaftMetrics<NodeId, crate::types::NodeInfo>| {
+                m.membership_config
+                    .membership()
+                    .nodes()
+                    .map(|(id, _)| *id)
+                    .collect::<std::collections::BTreeSet<NodeId>>()
+            };
+            let mut previous = members(&metrics.borrow());
+            // Ends when Raft stops and drops the sender.
+            while metrics.changed().await.is_ok() {
+                let current = members(&metrics.borrow());
+                let left: std::collections::BTreeSet<NodeId> =
+                    previous.difference(&current).copied().collect();
+                if !left.is_empty() {
+                    *watched.lock().expect("departures lock") = (tokio::time::Instant::now(), left);
+                }
+                previous = current;
+            }
+        });
+        let replica = replica.clone();
+        self.revoke_with(move |peer| {
+            let removed = replica.reader().is_retired(peer).unwrap_or(true)
+                && !replica.members().iter().any(|m| m.id == peer);
+            removed && {
+                let (at, left) = &*departed.lock().expect("departures lock");
+                !(left.contains(&peer) && at.elapsed() < REMOVAL_GRACE)
+            }
+        });
     }
 }
 

@@ -246,21 +246,8 @@ impl ClusterNode {
                     Some(forwarder),
                 )
                 .await?;
-                // A removed node's certificate stops working on this node's link
-                // REMOVAL_GRACE after this node first finds the node both retired and out
-                // of the membership it knows: a leader that removes itself must still
-                // hear the acknowledgement of the change that removes it.
-                let removal = replica.clone();
-                let seen = std::sync::Mutex::new(HashMap::new());
-                tls.revoke_with(move |peer| {
-                    let removed = removal.reader().is_retired(peer).unwrap_or(true)
-                        && !removal.members().iter().any(|m| m.id == peer);
-                    removed && {
-                        let mut seen = seen.lock().expect("removal times lock");
-                        let since = *seen.entry(peer).or_insert_with(tokio::time::Instant::now);
-                        since.elapsed() >= REMOVAL_GRACE
-                    }
-                });
+                // A removed node's certificate stops working on this node's link.
+                tls.revoke_removed(&replica);
                 let (key_file, ring) = (key_path.clone(), keys.clone());
                 let context = ServeContext {
                     agent: agent_hook.clone(),
@@ -850,11 +837,6 @@ impl ClusterNode {
         }
     }
 }
-
-/// How long a removed node's certificate still works on this node's cluster link after
-/// this node learns of the removal: long enough for a leader that removed itself to hear
-/// the change acknowledged, short enough that a stolen certificate is of no use.
-const REMOVAL_GRACE: Duration = Duration::from_secs(5);
 
 /// Refuses to run on a certificate issued for another node id, or for none: peers accept
 /// a certificate only as the node it names.

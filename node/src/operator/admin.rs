@@ -561,6 +561,15 @@ impl Admin {
     ) -> Result<warp::reply::Response, ApiError> {
         let mut input: AccountInput = parse_json(&body)?;
         let reader = self.cluster.replica.reader();
+        // Before anything that says whether another customer exists.
+        if let (Scope::Customer(own), Some(c)) = (scope, &input.customer) {
+            if c != own {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "a customer token cannot give an account to another customer",
+                ));
+            }
+        }
         if let Some(customer) = &input.customer {
             check_id("customer", customer)?;
             if reader.customer(customer)?.is_none() {

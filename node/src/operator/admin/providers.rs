@@ -79,14 +79,25 @@ impl Admin {
         let created = existing.is_none();
         let account = accounts::build(&self.cluster.keys(), &customer, &name, input, existing)
             .map_err(ApiError::bad_request)?;
+        // A customer token hears one answer whether another customer's account exists
+        // or not.
+        let hide = |e: ApiError| match scope {
+            Scope::Operator => e,
+            Scope::Customer(own) => ApiError::new(
+                StatusCode::CONFLICT,
+                format!("the inbound target must be an account of customer {own:?}"),
+            ),
+        };
         match &account.inbound {
             Some(InboundTarget::Account(target)) => {
-                check_customer_account(reader, &customer, target, "inbound account")?;
+                check_customer_account(reader, &customer, target, "inbound account")
+                    .map_err(hide)?;
             }
             // A customer's provider runs only that customer's dialplans.
             Some(InboundTarget::Dialplan(owner)) if *scope != Scope::Operator => {
                 let target = owner.strip_prefix("in:").unwrap_or(owner);
-                check_customer_account(reader, &customer, target, "inbound dialplan's account")?;
+                check_customer_account(reader, &customer, target, "inbound dialplan's account")
+                    .map_err(hide)?;
             }
             _ => {}
         }
