@@ -1313,9 +1313,16 @@ impl<'a> Txn<'a> {
                 self.put(vec![key::NOTE], &text);
                 CommandResult::Done
             }
+            // Checked here, not only by the API: a token made while its customer was being
+            // deleted must not wait for a customer created again under the same id.
             Command::PutApiToken(t) => {
-                self.put(key::api_token(&t.id), &StoredApiToken::V1(t));
-                CommandResult::Done
+                let customer = key::with(key::CUSTOMER, &[t.customer.as_bytes()]);
+                if self.get::<Customer>(&customer)?.is_none() {
+                    CommandResult::Rejected(format!("no customer {:?}", t.customer))
+                } else {
+                    self.put(key::api_token(&t.id), &StoredApiToken::V1(t));
+                    CommandResult::Done
+                }
             }
             Command::RevokeApiToken { id } => {
                 let k = key::api_token(&id);

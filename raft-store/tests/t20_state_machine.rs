@@ -5,8 +5,8 @@
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
-    Account, ApiToken, Binding, Command, CommandResult, EncodedCommand, HeldBinding, Lease,
-    ProviderAccount, ProviderLease, StoredFlow,
+    Account, ApiToken, Binding, Command, CommandResult, Customer, EncodedCommand, HeldBinding,
+    Lease, ProviderAccount, ProviderLease, StoredFlow,
 };
 use tandem_raft_store::crypto::Sealed;
 use tandem_raft_store::state::REMOVALS_KEPT_MS;
@@ -953,17 +953,32 @@ async fn api_tokens_are_revoked_alone_or_with_their_customer() {
         secret_sha256: [1; 32],
         created_at_ms: 5,
     };
-    apply(
+    let customer = |id: &str| {
+        Command::PutCustomer(Customer {
+            id: id.into(),
+            name: id.into(),
+            enabled: true,
+        })
+    };
+    let made = apply(
         &mut sm,
         1,
         vec![
+            Command::PutApiToken(token("n1", "acme")),
+            customer("acme"),
+            customer("globex"),
             Command::PutApiToken(token("a1", "acme")),
             Command::PutApiToken(token("a2", "acme")),
             Command::PutApiToken(token("g1", "globex")),
         ],
     )
     .await;
+    assert!(
+        matches!(&made[0], CommandResult::Rejected(why) if why.contains("no customer")),
+        "a token for a customer that does not exist was stored: {made:?}"
+    );
     let reader = sm.reader();
+    assert_eq!(reader.api_token("n1").unwrap(), None);
     assert_eq!(reader.api_token("a1").unwrap(), Some(token("a1", "acme")));
     let revoked = apply(
         &mut sm,
