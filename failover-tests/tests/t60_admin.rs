@@ -378,40 +378,32 @@ fn values_sealed_under(
         })
         .collect();
     let mut found = 0;
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
+    for path in files_under(dir) {
+        // A file may vanish between listing and reading (RocksDB deletes obsolete ones).
+        let Ok(bytes) = std::fs::read(&path) else {
+            continue;
+        };
+        for i in 0..bytes.len().saturating_sub(15) {
+            if bytes[i] != 1 || bytes[i + 1] != key_id as u8 {
                 continue;
             }
-            // A file may vanish between listing and reading (RocksDB deletes obsolete ones).
-            let Ok(bytes) = std::fs::read(&path) else {
+            let len = bytes[i + 14] as usize;
+            let start = i + 15;
+            if !(17..128).contains(&len) || start + len > bytes.len() {
                 continue;
-            };
-            for i in 0..bytes.len().saturating_sub(15) {
-                if bytes[i] != 1 || bytes[i + 1] != key_id as u8 {
-                    continue;
-                }
-                let len = bytes[i + 14] as usize;
-                let start = i + 15;
-                if !(17..128).contains(&len) || start + len > bytes.len() {
-                    continue;
-                }
-                let nonce: [u8; 12] = bytes[i + 2..i + 14].try_into().unwrap();
-                let opens = aads.iter().any(|ad| {
-                    let mut buf = bytes[start..start + len].to_vec();
-                    key.open_in_place(
-                        Nonce::assume_unique_for_key(nonce),
-                        Aad::from(ad.as_slice()),
-                        &mut buf,
-                    )
-                    .is_ok()
-                });
-                if opens {
-                    found += 1;
-                }
+            }
+            let nonce: [u8; 12] = bytes[i + 2..i + 14].try_into().unwrap();
+            let opens = aads.iter().any(|ad| {
+                let mut buf = bytes[start..start + len].to_vec();
+                key.open_in_place(
+                    Nonce::assume_unique_for_key(nonce),
+                    Aad::from(ad.as_slice()),
+                    &mut buf,
+                )
+                .is_ok()
+            });
+            if opens {
+                found += 1;
             }
         }
     }
@@ -1059,6 +1051,14 @@ fn customer_tokens_reach_only_their_customer_on_every_node_until_revoked() {
     );
     let unknown = three.cli(&["token", "revoke", &acme_id]);
     assert!(!unknown.status.success(), "{}", describe(&unknown));
+    for (id, code) in [
+        ("not-a-token-id", 400),
+        ("../../cluster/members/1", 404),
+        ("0000000000000000", 404),
+    ] {
+        let a = op(one, "DELETE", &format!("/v1/tokens/{id}"), None);
+        assert_eq!(a.status, code, "DELETE /v1/tokens/{id}: {}", a.body);
+    }
 
     // A disabled customer's token is refused; a deleted customer's tokens are gone.
     let off = op(

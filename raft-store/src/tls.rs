@@ -340,7 +340,7 @@ impl ClusterTls {
 
     /// From now on, every handshake of the cluster link refuses a peer whose node id
     /// `removed` says the cluster removed. Set once; later calls change nothing.
-    pub fn revoke_with(&self, removed: impl Fn(NodeId) -> bool + Send + Sync + 'static) {
+    fn revoke_with(&self, removed: impl Fn(NodeId) -> bool + Send + Sync + 'static) {
         let _ = self.revocations.removed.set(Box::new(removed));
     }
 

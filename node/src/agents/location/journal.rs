@@ -309,6 +309,17 @@ fn rewrite(path: &Path, dir: &Path, records: &[Vec<u8>]) -> Result<(File, u64), 
 mod tests {
     use super::*;
 
+    /// Appends a, b and c, held at 0, 1 and 2.
+    async fn append_three(journal: &Journal) {
+        for (i, c) in ["<sip:a>", "<sip:b>", "<sip:c>"].iter().enumerate() {
+            journal
+                .append(encode(&held(c, i as u64)))
+                .await
+                .unwrap()
+                .unwrap();
+        }
+    }
+
     fn held(contact: &str, at: u64) -> HeldBinding {
         HeldBinding {
             user: "alice".into(),
@@ -325,13 +336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (journal, none) = Journal::open(dir.path()).unwrap();
         assert!(none.is_empty());
-        for (i, c) in ["<sip:a>", "<sip:b>", "<sip:c>"].iter().enumerate() {
-            journal
-                .append(encode(&held(c, i as u64)))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_three(&journal).await;
         drop(journal);
         // A crash in the middle of the next append leaves part of a record.
         let path = dir.path().join("held-bindings");
@@ -366,13 +371,7 @@ mod tests {
     async fn damage_in_the_middle_keeps_what_precedes_it_and_the_file_beside_it() {
         let dir = tempfile::tempdir().unwrap();
         let (journal, _) = Journal::open(dir.path()).unwrap();
-        for (i, c) in ["<sip:a>", "<sip:b>", "<sip:c>"].iter().enumerate() {
-            journal
-                .append(encode(&held(c, i as u64)))
-                .await
-                .unwrap()
-                .unwrap();
-        }
+        append_three(&journal).await;
         drop(journal);
         let path = dir.path().join("held-bindings");
         let mut bytes = std::fs::read(&path).unwrap();

@@ -463,10 +463,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn held_changes_shadow_the_replica() {
-        let o = BindingOverlay::default();
-        let stored = vec![binding("sip:x@h", 1), binding("sip:y@h", 1)];
+    /// What a degraded node holds in these tests: a refresh of x, y removed, a new z.
+    async fn hold_degraded_changes(o: &BindingOverlay) {
         assert!(o
             .hold(&Command::PutBinding(binding("sip:x@h", 2)), 1)
             .await
@@ -485,6 +483,13 @@ mod tests {
             .hold(&Command::PutBinding(binding("sip:z@h", 1)), 1)
             .await
             .is_ok());
+    }
+
+    #[tokio::test]
+    async fn held_changes_shadow_the_replica() {
+        let o = BindingOverlay::default();
+        let stored = vec![binding("sip:x@h", 1), binding("sip:y@h", 1)];
+        hold_degraded_changes(&o).await;
         assert!(o.hold(&Command::Noop { payload: vec![] }, 1).await.is_err());
         let seen = o.apply("sip:a@example.com", stored);
         let mut view: Vec<(String, u32)> =
@@ -507,24 +512,7 @@ mod tests {
         assert_eq!(for_edge(stored.clone()), stored);
         // Held while degraded: a refresh of x, y gone, and a new z; plus a new w whose
         // edge is another node.
-        assert!(o
-            .hold(&Command::PutBinding(binding("sip:x@h", 2)), 1)
-            .await
-            .is_ok());
-        assert!(o
-            .hold(
-                &Command::RemoveBinding {
-                    aor: "sip:a@example.com".into(),
-                    contact: "sip:y@h".into()
-                },
-                1
-            )
-            .await
-            .is_ok());
-        assert!(o
-            .hold(&Command::PutBinding(binding("sip:z@h", 1)), 1)
-            .await
-            .is_ok());
+        hold_degraded_changes(&o).await;
         let mut elsewhere = binding("sip:w@h", 1);
         elsewhere.edge_node = 2;
         assert!(o.hold(&Command::PutBinding(elsewhere), 1).await.is_ok());
