@@ -111,16 +111,23 @@ impl RegisterLog {
         let stop = Arc::new(AtomicBool::new(false));
         let (l, st) = (lines.clone(), stop.clone());
         std::thread::spawn(move || {
-            let mut seen = 0usize;
+            // Bytes of the log already read: only whole lines are taken, so a line Kamailio
+            // is still writing is read once it is complete.
+            let mut done = 0usize;
             while !st.load(Ordering::Relaxed) {
-                let text = std::fs::read_to_string(&path).unwrap_or_default();
-                let mut l = l.lock().unwrap();
+                let bytes = std::fs::read(&path).unwrap_or_default();
+                let whole = bytes[done.min(bytes.len())..]
+                    .iter()
+                    .rposition(|b| *b == b'\n')
+                    .map_or(done, |end| done + end + 1);
+                let text = String::from_utf8_lossy(&bytes[done.min(whole)..whole]);
                 let now = started.elapsed();
-                for line in text.lines().filter(|t| t.contains("REGISTER ")).skip(seen) {
-                    l.push((now, line.to_owned()));
-                }
-                seen = l.len();
-                drop(l);
+                l.lock().unwrap().extend(
+                    text.lines()
+                        .filter(|t| t.contains("REGISTER "))
+                        .map(|line| (now, line.to_owned())),
+                );
+                done = whole;
                 std::thread::sleep(Duration::from_millis(50));
             }
         });

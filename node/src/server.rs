@@ -471,21 +471,19 @@ impl RunningNode {
         }
         if let Some(sip) = sip {
             // Provider accounts this node registers go to other nodes before it leaves
-            // (the agent un-registers each first), as `tandem node drain` waits for too;
-            // only in a cluster that has a quorum, without which no lease can move.
+            // (the agent un-registers each first, then another node takes it), as
+            // `tandem node drain` waits for too; only in a cluster that has a quorum,
+            // without which no lease can move.
             let cluster = &node.cluster;
-            let leases_to_hand_over = || {
+            let handovers_pending = || {
                 if cluster.is_standalone() || cluster.health().degraded.is_some() {
                     return 0;
                 }
-                cluster
-                    .replica
-                    .reader()
-                    .provider_leases_of(cluster.identity.node_id)
-                    .map_or(0, |l| l.len())
+                node.board
+                    .handovers_pending(cluster.replica.reader(), cluster.identity.node_id)
+                    .unwrap_or(1)
             };
-            sip.stop(how, &node.config, stops, leases_to_hand_over)
-                .await;
+            sip.stop(how, &node.config, stops, handovers_pending).await;
         }
         let stats = &node.stats;
         tracing::info!(
@@ -508,20 +506,20 @@ impl RunningNode {
 
 impl RunningSip {
     /// Stops the SIP side. A graceful stop first waits, up to `sip.shutdown_grace_secs`,
-    /// for the transactions that owe a final response and for `leases_to_hand_over` to
+    /// for the transactions that owe a final response and for `handovers_pending` to
     /// reach 0 (the registration agent runs meanwhile).
     async fn stop(
         self,
         how: Stop,
         config: &Config,
         stops: &mut mpsc::Receiver<Stop>,
-        leases_to_hand_over: impl Fn() -> usize,
+        handovers_pending: impl Fn() -> usize,
     ) {
         if how == Stop::Graceful {
             self.stop_accepting.cancel();
             let grace = Duration::from_secs(config.sip.shutdown_grace_secs);
             let handed_over = async {
-                while leases_to_hand_over() > 0 {
+                while handovers_pending() > 0 {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             };
@@ -529,7 +527,7 @@ impl RunningSip {
                 _ = async { self.active.idle().await; handed_over.await } => tracing::info!(
                     "all transactions finished and provider accounts handed over"),
                 _ = tokio::time::sleep(grace) => tracing::warn!(
-                    remaining = self.active.get(), leases = leases_to_hand_over(),
+                    remaining = self.active.get(), leases = handovers_pending(),
                     "shutdown grace period over; leaving transactions unfinished and provider accounts to lapse"),
                 Some(_) = stops.recv() => tracing::info!("second stop request: exiting now"),
             }

@@ -248,12 +248,11 @@ impl Admin {
     }
 
     fn drain_state(&self) -> warp::reply::Response {
-        let leases = self
-            .cluster
-            .replica
-            .reader()
-            .provider_leases_of(self.cluster.identity.node_id)
-            .map_or(0, |l| l.len());
+        let reader = self.cluster.replica.reader();
+        let me = self.cluster.identity.node_id;
+        let leases = reader.provider_leases_of(me).map_or(0, |l| l.len());
+        // A read that fails counts as one still pending: the node must not look drained.
+        let handovers = self.board.handovers_pending(reader, me).unwrap_or(1);
         json_reply(
             StatusCode::OK,
             &serde_json::json!({
@@ -262,9 +261,11 @@ impl Admin {
                 "active_calls": self.drain.active_calls(),
                 "held_bindings": self.overlay.len(),
                 "provider_leases": leases,
+                "provider_handovers_pending": handovers,
                 // Held bindings must reach Raft, and provider accounts be handed over
-                // (un-registered here first), before the node may go.
-                "drained": self.drain.is_drained() && self.overlay.is_empty() && leases == 0,
+                // (un-registered here first, then taken by another node), before the
+                // node may go.
+                "drained": self.drain.is_drained() && self.overlay.is_empty() && handovers == 0,
             }),
         )
     }

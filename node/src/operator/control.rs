@@ -317,7 +317,11 @@ pub async fn node(command: &NodeCommand, config: &Config) -> Result<String, Erro
             while state["drained"] != true {
                 let active = state["active_transactions"].as_u64().unwrap_or(0);
                 let calls = state["active_calls"].as_u64().unwrap_or(0);
-                let leases = state["provider_leases"].as_u64().unwrap_or(0);
+                // A node of an older release reports only the leases it holds.
+                let leases = state["provider_handovers_pending"]
+                    .as_u64()
+                    .or(state["provider_leases"].as_u64())
+                    .unwrap_or(0);
                 if last != Some((active, calls, leases)) {
                     eprintln!(
                         "draining: {calls} calls and {active} transactions still running, \

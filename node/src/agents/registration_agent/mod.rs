@@ -27,6 +27,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use tandem_raft_store::command::{Command, InboundTarget, NodeId, ProviderAccount, Role};
+use tandem_raft_store::state::StateReader;
 use tandem_sip::{SipUri, Uri};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -52,6 +53,10 @@ const MAX_ROUNDS: usize = 6;
 const INBOUND_PARAM: &str = "pa";
 /// How long an un-registration may take before the lease is dropped anyway.
 const UNREGISTER_WITHIN: Duration = Duration::from_secs(40);
+/// How long a draining node waits for another node to take each account it gave up
+/// before it counts as drained anyway: when no other node may own (all others down, or
+/// witnesses), nobody will, and the node must still be able to stop.
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 
 /// The agent's settings, from `[registration_agent]`.
 #[derive(Clone, Debug)]
@@ -137,6 +142,9 @@ pub struct Board {
     running: AtomicBool,
     /// The node drains: it hands its leases over.
     draining: Arc<AtomicBool>,
+    /// Accounts this node gave up while draining, and when: a drain is a hand-over, done
+    /// once another node holds each (see [`Board::handovers_pending`]).
+    given_up: Mutex<HashMap<String, Instant>>,
 }
 
 impl Board {
@@ -148,7 +156,38 @@ impl Board {
             counters: Counters::default(),
             running: AtomicBool::new(false),
             draining,
+            given_up: Mutex::default(),
         }
+    }
+
+    /// What a drain still waits for before the node may go: the leases it holds, and the
+    /// accounts it gave up that no other node has taken yet (each for at most
+    /// [`HANDOVER_WAIT`]). Without the second, a node that drains and restarts within the
+    /// leader's round of assignment is given its accounts straight back: nothing moved, and
+    /// the accounts stayed unregistered while it restarted.
+    pub fn handovers_pending(&self, reader: &StateReader, me: NodeId) -> Result<usize, String> {
+        let held = reader
+            .provider_leases_of(me)
+            .map_err(|e| e.to_string())?
+            .len();
+        let mut given_up = self.given_up.lock().expect("board");
+        let mut waiting = Vec::new();
+        for (id, since) in given_up.iter() {
+            if since.elapsed() >= HANDOVER_WAIT {
+                continue;
+            }
+            let account = reader.provider_account(id).map_err(|e| e.to_string())?;
+            if !account.is_some_and(|a| a.enabled) {
+                continue; // deleted or disabled meanwhile: nobody is to take it
+            }
+            let lease = reader.provider_lease(id).map_err(|e| e.to_string())?;
+            let taken = lease.is_some_and(|l| l.owner != 0 && l.owner != me && !l.releasing);
+            if !taken {
+                waiting.push(id.clone());
+            }
+        }
+        given_up.retain(|id, _| waiting.contains(id));
+        Ok(held + waiting.len())
     }
 
     pub fn status(&self, id: &str) -> Option<AccountStatus> {
@@ -537,8 +576,18 @@ impl RegistrationAgent {
                             provider: id.clone(),
                             epoch,
                         };
-                        if let Err(e) = self.cluster.replica.propose(drop).await {
-                            tracing::warn!(account = %id, error = %e, "dropping a released lease failed; it will lapse");
+                        match self.cluster.replica.propose(drop).await {
+                            Ok(_) if self.board.draining.load(Ordering::Acquire) => {
+                                self.board
+                                    .given_up
+                                    .lock()
+                                    .expect("board")
+                                    .insert(id.clone(), Instant::now());
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(account = %id, error = %e, "dropping a released lease failed; it will lapse");
+                            }
                         }
                     }
                     self.board.remove(&id);
