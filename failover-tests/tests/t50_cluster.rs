@@ -1,8 +1,9 @@
 //! Real clusters of `tandem` processes on 127.0.0.1/.2/.3: writes survive the SIGKILL of
 //! the leader mid-writes with a bounded unavailable window, a killed node catches up when
 //! it returns, a pair plus witness survives the loss of any one
-//! member, data dirs of other nodes or clusters are refused, and a removed node's
-//! certificate is refused on the cluster link.
+//! member, data dirs of other nodes or clusters are refused, a removed node's
+//! certificate is refused on the cluster link, and a node joins only with a one-time join
+//! token.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -555,4 +556,172 @@ fn a_removed_nodes_certificate_is_refused_on_every_members_link() {
             && text.contains("node 1's certificate"),
         "{text}"
     );
+}
+
+/// A CA-signed certificate with its own node id is not enough to join: a node needs a
+/// one-time join token an operator minted, with the right secret, for its id (when the
+/// token names one), unexpired, unused and unrevoked. Every refusal claims nothing and
+/// leaves the membership as it was; the token that let node 3 in lets nobody else in.
+#[test]
+fn a_node_joins_only_with_a_one_time_join_token_an_operator_minted() {
+    let cluster = Cluster::form_joining(&[MemberRole::Full; 4], "", 2);
+    let (first, third, fourth) = (cluster.member(1), cluster.member(3), cluster.member(4));
+    let peer = first.raft_addr.clone();
+    let members = || {
+        first.status().unwrap()["members"]
+            .as_array()
+            .map_or(0, |m| m.len())
+    };
+    assert_eq!(members(), 2);
+    let file = |name: &str, text: &str| {
+        let path = cluster.root().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let join = |m: &tandem_failover_tests::cluster::Member, token: Option<&str>| {
+        let mut args = vec!["cluster", "join", "--peer", peer.as_str()];
+        if let Some(t) = token {
+            args.extend(["--token-file", t]);
+        }
+        m.cli(&args)
+    };
+    let refused = |m: &tandem_failover_tests::cluster::Member, token: Option<&str>, why: &str| {
+        let run = join(m, token);
+        assert!(
+            !run.status.success(),
+            "joined with {token:?}: {}",
+            describe(&run)
+        );
+        assert!(
+            describe(&run).contains(why),
+            "wanted {why:?}: {}",
+            describe(&run)
+        );
+        assert!(
+            !m.dir.join("data/tandem-identity").exists(),
+            "a refused join claimed the data dir"
+        );
+        assert_eq!(members(), 2, "a refused join changed the membership");
+    };
+    let mint = |args: &[&str]| {
+        let out = cluster.root().join(format!("minted-{}", rand_suffix()));
+        let mut all = vec!["cluster", "join-token", "create", "--out"];
+        let out_s = out.to_string_lossy().into_owned();
+        all.push(&out_s);
+        all.extend(args);
+        let run = first.cli(&all);
+        assert!(run.status.success(), "mint: {}", describe(&run));
+        let mode = std::os::unix::fs::PermissionsExt::mode(&out.metadata().unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600, "the token file is the owner's alone");
+        out_s
+    };
+
+    // The certificate alone: refused, saying what is needed.
+    refused(third, None, "join token");
+    // Forged tokens: not of the shape, or of the shape with a made-up or altered secret.
+    refused(
+        third,
+        Some(&file("junk", "not-a-token")),
+        "does not hold a join token",
+    );
+    let forged = format!("tj_{}_{}", "0".repeat(16), "ab".repeat(32));
+    refused(
+        third,
+        Some(&file("forged", &forged)),
+        "not one this cluster issued",
+    );
+    let real = mint(&["--node-id", "4"]);
+    let text = std::fs::read_to_string(&real).unwrap().trim().to_owned();
+    let last = if text.ends_with('0') { "1" } else { "0" };
+    let altered = format!("{}{last}", &text[..text.len() - 1]);
+    refused(
+        third,
+        Some(&file("altered", &altered)),
+        "not one this cluster issued",
+    );
+    // A real token for another node id.
+    refused(third, Some(&real), "admits node 4, not node 3");
+    // An expired one.
+    let short = mint(&["--node-id", "3", "--expires-secs", "1"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    refused(third, Some(&short), "expired");
+    // A revoked one.
+    let revoked = mint(&[]);
+    let listed = first.cli(&["cluster", "join-token", "list"]);
+    let id = |path: &str| std::fs::read_to_string(path).unwrap().trim()[3..19].to_owned();
+    assert!(
+        describe(&listed).contains(&id(&revoked)),
+        "{}",
+        describe(&listed)
+    );
+    assert!(
+        !describe(&listed).contains(std::fs::read_to_string(&revoked).unwrap().trim()),
+        "a list shows no token's secret"
+    );
+    let run = first.cli(&["cluster", "join-token", "revoke", &id(&revoked)]);
+    assert!(run.status.success(), "{}", describe(&run));
+    refused(third, Some(&revoked), "not one this cluster issued");
+
+    // A good token admits node 3, once: node 4 cannot reuse it.
+    let good = mint(&[]);
+    let run = join(third, Some(&good));
+    assert!(run.status.success(), "{}", describe(&run));
+    third.start();
+    third.wait_healthy();
+    cluster.wait_for_voters(3, Duration::from_secs(20));
+    let run = join(fourth, Some(&good));
+    assert!(!run.status.success(), "{}", describe(&run));
+    assert!(
+        describe(&run).contains("used by node 3"),
+        "{}",
+        describe(&run)
+    );
+    assert!(!fourth.dir.join("data/tandem-identity").exists());
+    // Its own token (minted for node 4 above) admits it.
+    let run = join(fourth, Some(&real));
+    assert!(run.status.success(), "{}", describe(&run));
+    fourth.start();
+    fourth.wait_healthy();
+    cluster.wait_for_voters(4, Duration::from_secs(20));
+    let list = first
+        .request("GET", "/v1/cluster/join-tokens", None)
+        .unwrap();
+    assert_eq!(list.status, 200);
+    let used: BTreeSet<u64> = list
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|t| t["used_by"].as_u64())
+        .collect();
+    // Node 2 joined with the token the harness minted for it.
+    assert_eq!(used, BTreeSet::from([2, 3, 4]), "{}", list.body);
+
+    // The API refuses bad minting input with a JSON error.
+    for (body, want) in [
+        (r#"{"node_id":0}"#, 400),
+        (r#"{"node_id":3}"#, 409),
+        (r#"{"expires_secs":0}"#, 400),
+        (r#"{"expires_secs":99999999}"#, 400),
+        (r#"{"node":5}"#, 400),
+        ("{not json", 400),
+    ] {
+        let a = first
+            .request("POST", "/v1/cluster/join-tokens", Some(body))
+            .unwrap();
+        assert_eq!(a.status, want, "{body}: {}", a.body);
+        assert!(a.body.contains("\"error\""), "{body}: {}", a.body);
+    }
+    for bad in ["xyz", "0123456789abcdef0", "../tokens"] {
+        let a = first
+            .request("DELETE", &format!("/v1/cluster/join-tokens/{bad}"), None)
+            .unwrap();
+        assert!(matches!(a.status, 400 | 404), "{bad}: {}", a.body);
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
 }

@@ -225,7 +225,38 @@ fn operators_see_status_remove_a_node_for_good_and_rotate_keys() {
     std::fs::remove_dir_all(removed.dir.join("data")).unwrap();
     // Refused: by the leader (the id is never reused) or, once the removal is a few
     // seconds old, at the handshake, where the peer logs why.
-    let rejoin = removed.cli(&["cluster", "join", "--peer", &via.raft_addr]);
+    // The operator will not mint a token for the retired id; one for any id does not
+    // bring it back either.
+    let minted = via.cli(&[
+        "cluster",
+        "join-token",
+        "create",
+        "--node-id",
+        &leader.to_string(),
+    ]);
+    assert!(!minted.status.success(), "{}", describe(&minted));
+    assert!(
+        describe(&minted).contains("never used again"),
+        "{}",
+        describe(&minted)
+    );
+    let token = cluster.root().join("rejoin.token");
+    let minted = via.cli(&[
+        "cluster",
+        "join-token",
+        "create",
+        "--out",
+        &token.to_string_lossy(),
+    ]);
+    assert!(minted.status.success(), "{}", describe(&minted));
+    let rejoin = removed.cli(&[
+        "cluster",
+        "join",
+        "--peer",
+        &via.raft_addr,
+        "--token-file",
+        &token.to_string_lossy(),
+    ]);
     assert!(!rejoin.status.success(), "{}", describe(&rejoin));
     let revoked = format!("node {leader} was removed from the cluster; its certificate");
     assert!(

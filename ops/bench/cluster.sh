@@ -77,7 +77,16 @@ TOML
   node_pid[1]=$!
   sleep 2
   for i in 2 3; do
-    "$TANDEM_BIN" cluster join --config "$work/node$i/tandem.toml" --peer "$raft1" > /dev/null
+    # One-time join token, minted on node 1 (retried while node 1 raises the cluster's
+    # feature version, just after it starts).
+    for _ in $(seq 50); do
+      rm -f "$work/join$i.token"
+      "$TANDEM_BIN" cluster join-token create --config "$work/node1/tandem.toml" \
+        --node-id "$i" --out "$work/join$i.token" > /dev/null 2>&1 && break
+      sleep 0.2
+    done
+    "$TANDEM_BIN" cluster join --config "$work/node$i/tandem.toml" --peer "$raft1" \
+      --token-file "$work/join$i.token" > /dev/null
     env ${NODE_ENV:-} "$TANDEM_BIN" run --config "$work/node$i/tandem.toml" 2> "$work/node$i.log" &
     node_pid[i]=$!
   done

@@ -331,6 +331,23 @@ pub struct ApiToken {
     pub created_at_ms: u64,
 }
 
+/// A one-time token that lets a node join the cluster (feature version 5; raft-store/DESIGN.md,
+/// "Joining"). As with [`ApiToken`], only the secret's SHA-256 is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinToken {
+    /// 16 lowercase hex digits, public: it names the token in lists and revocations.
+    pub id: String,
+    pub secret_sha256: [u8; 32],
+    /// The node id it admits, if the operator named one; any id otherwise.
+    pub node: Option<NodeId>,
+    pub created_at_ms: u64,
+    /// After this (by the leader's clock) it admits nobody; the record is then removed by
+    /// the next [`Command::PutJoinToken`].
+    pub expires_at_ms: u64,
+    /// The node that joined with it; 0 while unused.
+    pub used_by: NodeId,
+}
+
 /// Which node registers a provider account, until when (raft-store/DESIGN.md, "Provider
 /// leases"). Feature version 1.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -454,6 +471,25 @@ pub enum Command {
     RevokeApiToken {
         id: String,
     },
+    /// Stores a join token, first removing every one expired by `now_ms` (the leader's
+    /// clock); rejected when [`MAX_JOIN_TOKENS`] unexpired ones exist (feature version 5).
+    PutJoinToken {
+        token: JoinToken,
+        now_ms: u64,
+    },
+    /// Marks join token `id` used by `node`: rejected if it does not exist, expired by
+    /// `now_ms`, admits another node id, or was used by another node. The leader proposes
+    /// it only after checking the secret, and adds the node only once it applied: so two
+    /// nodes racing with one token cannot both join (feature version 5).
+    UseJoinToken {
+        id: String,
+        node: NodeId,
+        now_ms: u64,
+    },
+    /// Removes a join token, used or not (feature version 5).
+    RevokeJoinToken {
+        id: String,
+    },
     PutProviderAccount(ProviderAccount),
     /// Deletes a provider account and its lease.
     DeleteProviderAccount {
@@ -546,8 +582,13 @@ kinds! {
     // anything else.
     32 => PutClusterNote,
     33 => RemoveBindingAt, 34 => RemoveAllBindingsAt, 35 => ReplayHeldBinding,
-    36 => PutApiToken, 37 => RevokeApiToken,
+    36 => PutApiToken, 37 => RevokeApiToken, 38 => PutJoinToken, 39 => UseJoinToken,
+    40 => RevokeJoinToken,
 }
+
+/// Unexpired join tokens the cluster holds at most: minting is for operators, and a
+/// bound keeps a leaked operator script from filling the state.
+pub const MAX_JOIN_TOKENS: usize = 100;
 
 /// The command version this binary writes; it reads every version up to it.
 const VERSION: u16 = 1;
@@ -563,7 +604,8 @@ const VERSION: u16 = 1;
 /// | 2 | customers' numbers (kinds 27 and 28) |
 /// | 3 | customer settings: CDR retention, call limit, time zone (kind 29); trunks (30, 31) |
 /// | 4 | removals that leave their time, and held registrations replayed conditionally (kinds 33 to 35); customers' API tokens (36, 37) |
-pub const FEATURES: u32 = 4;
+/// | 5 | one-time join tokens (kinds 38 to 40); from this version a join without one is refused |
+pub const FEATURES: u32 = 5;
 
 /// Set once, before anything else runs, by a process that plays the next release.
 static NEXT_RELEASE: AtomicBool = AtomicBool::new(false);
@@ -608,6 +650,9 @@ impl Command {
             | Command::ReplayHeldBinding { .. }
             | Command::PutApiToken(_)
             | Command::RevokeApiToken { .. } => 4,
+            Command::PutJoinToken { .. }
+            | Command::UseJoinToken { .. }
+            | Command::RevokeJoinToken { .. } => 5,
             Command::PutClusterNote { .. } => FEATURES + 1,
             _ => 0,
         }
@@ -689,6 +734,9 @@ impl Command {
             Command::DeleteTrunk { id } => enc(id),
             Command::PutApiToken(t) => enc(t),
             Command::RevokeApiToken { id } => enc(id),
+            Command::PutJoinToken { token, now_ms } => enc(&(token, now_ms)),
+            Command::UseJoinToken { id, node, now_ms } => enc(&(id, node, now_ms)),
+            Command::RevokeJoinToken { id } => enc(id),
             Command::PutClusterNote { text } => enc(text),
             Command::RemoveBindingAt {
                 aor,
@@ -833,6 +881,17 @@ impl Command {
             }
             36 => Command::PutApiToken(postcard::from_bytes(b).map_err(bad)?),
             37 => Command::RevokeApiToken {
+                id: postcard::from_bytes(b).map_err(bad)?,
+            },
+            38 => {
+                let (token, now_ms) = postcard::from_bytes(b).map_err(bad)?;
+                Command::PutJoinToken { token, now_ms }
+            }
+            39 => {
+                let (id, node, now_ms) = postcard::from_bytes(b).map_err(bad)?;
+                Command::UseJoinToken { id, node, now_ms }
+            }
+            40 => Command::RevokeJoinToken {
                 id: postcard::from_bytes(b).map_err(bad)?,
             },
             32 if plays_next_release() => Command::PutClusterNote {
@@ -998,6 +1057,25 @@ pub(crate) mod tests {
             }),
             Command::RevokeApiToken {
                 id: "0123456789abcdef".into(),
+            },
+            Command::PutJoinToken {
+                token: JoinToken {
+                    id: "fedcba9876543210".into(),
+                    secret_sha256: [9; 32],
+                    node: Some(4),
+                    created_at_ms: 12,
+                    expires_at_ms: 13,
+                    used_by: 0,
+                },
+                now_ms: 12,
+            },
+            Command::UseJoinToken {
+                id: "fedcba9876543210".into(),
+                node: 4,
+                now_ms: 12,
+            },
+            Command::RevokeJoinToken {
+                id: "fedcba9876543210".into(),
             },
             Command::PutCustomerSettings(CustomerSettings {
                 customer: "c".into(),

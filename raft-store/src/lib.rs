@@ -15,6 +15,7 @@ pub mod command;
 pub mod crypto;
 pub mod data_dir;
 pub mod http_network;
+pub mod join_token;
 pub mod local_network;
 pub mod log_store;
 pub mod replica;

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use crate::command::{
     account_aor, Account, ApiToken, Binding, Command, CommandResult, Customer, CustomerSettings,
-    Dialplan, HeldBinding, Lease, NodeRecord, Number, Provider, ProviderAccount, ProviderLease,
-    Trunk,
+    Dialplan, HeldBinding, JoinToken, Lease, NodeRecord, Number, Provider, ProviderAccount,
+    ProviderLease, Trunk, MAX_JOIN_TOKENS,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -49,6 +49,8 @@ mod key {
     pub const TRUNK: u8 = b'T';
     /// Customers' admin API tokens, by token id.
     pub const API_TOKEN: u8 = b'k';
+    /// One-time join tokens, by token id.
+    pub const JOIN_TOKEN: u8 = b'j';
     /// Bindings by expiry: the sweep reads the lapsed ones and nothing else.
     pub const BINDING_BY_EXPIRY: u8 = b'E';
     /// When a binding was last removed (or, with an empty contact, all of an AOR's), so a
@@ -171,6 +173,9 @@ mod key {
     pub fn api_token(id: &str) -> Vec<u8> {
         with(API_TOKEN, &[id.as_bytes()])
     }
+    pub fn join_token(id: &str) -> Vec<u8> {
+        with(JOIN_TOKEN, &[id.as_bytes()])
+    }
     pub fn customer_settings(customer: &str) -> Vec<u8> {
         with(CUSTOMER_SETTINGS, &[customer.as_bytes()])
     }
@@ -209,6 +214,11 @@ enum StoredTrunk {
 #[derive(Serialize, serde::Deserialize)]
 enum StoredApiToken {
     V1(ApiToken),
+}
+
+#[derive(Serialize, serde::Deserialize)]
+enum StoredJoinToken {
+    V1(JoinToken),
 }
 
 #[derive(Serialize, serde::Deserialize)]
@@ -763,6 +773,22 @@ impl StateReader {
         Ok(self
             .get::<StoredApiToken>(&key::api_token(id))?
             .map(|StoredApiToken::V1(t)| t))
+    }
+
+    /// The join token `id`, if it exists (used or not, expired or not).
+    pub fn join_token(&self, id: &str) -> Result<Option<JoinToken>, Error> {
+        Ok(self
+            .get::<StoredJoinToken>(&key::join_token(id))?
+            .map(|StoredJoinToken::V1(t)| t))
+    }
+
+    /// Every join token, in id order.
+    pub fn join_tokens(&self) -> Result<Vec<JoinToken>, Error> {
+        Ok(self
+            .scan::<StoredJoinToken>(&[key::JOIN_TOKEN])?
+            .into_iter()
+            .map(|StoredJoinToken::V1(t)| t)
+            .collect())
     }
 
     /// Every API token, in id order.
@@ -1327,6 +1353,58 @@ impl<'a> Txn<'a> {
             Command::RevokeApiToken { id } => {
                 let k = key::api_token(&id);
                 let existed = self.get::<StoredApiToken>(&k)?.is_some();
+                self.delete(k);
+                CommandResult::Removed(u64::from(existed))
+            }
+            Command::PutJoinToken { token, now_ms } => {
+                // Expired ones go first, by the entry's clock, so every replica removes
+                // the same records.
+                let mut live = 0;
+                for k in self.keys_with_prefix(&[key::JOIN_TOKEN])? {
+                    match self.get::<StoredJoinToken>(&k)? {
+                        Some(StoredJoinToken::V1(t)) if t.expires_at_ms > now_ms => live += 1,
+                        _ => self.delete(k),
+                    }
+                }
+                if live >= MAX_JOIN_TOKENS {
+                    CommandResult::Rejected(format!(
+                        "the cluster holds {live} unexpired join tokens, the most it may; \
+                         revoke unused ones or let them expire"
+                    ))
+                } else {
+                    self.put(key::join_token(&token.id), &StoredJoinToken::V1(token));
+                    CommandResult::Done
+                }
+            }
+            Command::UseJoinToken { id, node, now_ms } => {
+                let k = key::join_token(&id);
+                match self.get::<StoredJoinToken>(&k)? {
+                    None => CommandResult::Rejected("the join token was revoked".into()),
+                    Some(StoredJoinToken::V1(t)) if t.used_by == node => {
+                        CommandResult::Done // a repeated join, e.g. after a lost answer
+                    }
+                    Some(StoredJoinToken::V1(t)) if t.used_by != 0 => CommandResult::Rejected(
+                        format!("the join token was used by node {}", t.used_by),
+                    ),
+                    Some(StoredJoinToken::V1(t)) if t.expires_at_ms <= now_ms => {
+                        CommandResult::Rejected("the join token has expired".into())
+                    }
+                    Some(StoredJoinToken::V1(t)) if t.node.is_some_and(|n| n != node) => {
+                        CommandResult::Rejected(format!(
+                            "the join token admits node {}, not node {node}",
+                            t.node.unwrap_or_default()
+                        ))
+                    }
+                    Some(StoredJoinToken::V1(mut t)) => {
+                        t.used_by = node;
+                        self.put(k, &StoredJoinToken::V1(t));
+                        CommandResult::Done
+                    }
+                }
+            }
+            Command::RevokeJoinToken { id } => {
+                let k = key::join_token(&id);
+                let existed = self.get::<StoredJoinToken>(&k)?.is_some();
                 self.delete(k);
                 CommandResult::Removed(u64::from(existed))
             }

@@ -6,7 +6,7 @@ use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, LogId};
 use tandem_raft_store::command::{
     Account, ApiToken, Binding, Command, CommandResult, Customer, EncodedCommand, HeldBinding,
-    Lease, ProviderAccount, ProviderLease, StoredFlow,
+    JoinToken, Lease, ProviderAccount, ProviderLease, StoredFlow, MAX_JOIN_TOKENS,
 };
 use tandem_raft_store::crypto::Sealed;
 use tandem_raft_store::state::REMOVALS_KEPT_MS;
@@ -1219,4 +1219,97 @@ async fn kept_bindings_follow_every_write_and_snapshot() {
         .await
         .unwrap();
     assert_eq!(read_all(), (vec!["<sip:5>".into()], vec![], vec![]));
+}
+
+#[tokio::test]
+async fn a_join_token_admits_one_node_once_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let token = |id: &str, node: Option<u64>, expires_at_ms: u64| JoinToken {
+        id: id.into(),
+        secret_sha256: [2; 32],
+        node,
+        created_at_ms: 1,
+        expires_at_ms,
+        used_by: 0,
+    };
+    let put = |t: JoinToken, now_ms: u64| Command::PutJoinToken { token: t, now_ms };
+    let using = |id: &str, node: u64, now_ms: u64| Command::UseJoinToken {
+        id: id.into(),
+        node,
+        now_ms,
+    };
+    let rejected = |r: &CommandResult, why: &str| {
+        assert!(
+            matches!(r, CommandResult::Rejected(w) if w.contains(why)),
+            "wanted a refusal for {why:?}: {r:?}"
+        )
+    };
+    let r = apply(
+        &mut sm,
+        1,
+        vec![
+            put(token("any", None, 100), 10),
+            put(token("for4", Some(4), 100), 10),
+            put(token("short", None, 20), 10),
+            // Node 3 uses "any"; node 5 cannot use it after; node 3 again may (a repeat).
+            using("any", 3, 15),
+            using("any", 5, 16),
+            using("any", 3, 17),
+            using("for4", 3, 15),
+            // Expiry by the entry's clock.
+            using("short", 6, 20),
+            using("missing", 6, 15),
+            Command::RevokeJoinToken { id: "for4".into() },
+            using("for4", 4, 15),
+        ],
+    )
+    .await;
+    assert_eq!(
+        r[..4],
+        [
+            CommandResult::Done,
+            CommandResult::Done,
+            CommandResult::Done,
+            CommandResult::Done
+        ]
+    );
+    rejected(&r[4], "used by node 3");
+    assert_eq!(r[5], CommandResult::Done);
+    rejected(&r[6], "admits node 4, not node 3");
+    rejected(&r[7], "expired");
+    rejected(&r[8], "revoked");
+    assert_eq!(r[9], CommandResult::Removed(1));
+    rejected(&r[10], "revoked");
+    let reader = sm.reader();
+    assert_eq!(reader.join_token("any").unwrap().unwrap().used_by, 3);
+    assert_eq!(reader.join_token("short").unwrap().unwrap().used_by, 0);
+
+    // A later put removes every expired token (used or not), by its own clock, and the
+    // cluster holds at most MAX_JOIN_TOKENS unexpired ones.
+    let mut many: Vec<Command> = (0..MAX_JOIN_TOKENS)
+        .map(|i| put(token(&format!("m{i:03}"), None, 1_000), 200))
+        .collect();
+    many.push(put(token("over", None, 1_000), 200));
+    let r = apply(&mut sm, 2, many).await;
+    assert!(
+        r[..MAX_JOIN_TOKENS]
+            .iter()
+            .all(|r| *r == CommandResult::Done),
+        "{r:?}"
+    );
+    rejected(&r[MAX_JOIN_TOKENS], "the most it may");
+    let ids: Vec<String> = sm
+        .reader()
+        .join_tokens()
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(ids.len(), MAX_JOIN_TOKENS, "{ids:?}");
+    assert!(
+        !ids.iter()
+            .any(|id| ["any", "short", "over"].contains(&id.as_str())),
+        "{ids:?}"
+    );
 }

@@ -219,15 +219,30 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
             .unwrap();
     }
 
-    // Node 2 joins through node 1, with a joining node's own certificate.
+    // Node 2 joins through node 1, with a joining node's own certificate: at this feature
+    // version, only with a join token.
     let joiner = HttpNetwork::new(&tls_for(&ca, "node2", "127.0.0.2")).unwrap();
     let timeout = Duration::from_secs(5);
-    let (cluster_id, reply) = joiner
+    let plain = joiner
         .cluster(
             &info1.raft_addr,
             &ClusterRequest::Join {
                 id: 2,
                 raft_addr: info2.raft_addr.clone(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(plain.contains("only with a join token"), "{plain}");
+    let (cluster_id, reply) = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::JoinWithToken {
+                id: 2,
+                raft_addr: info2.raft_addr.clone(),
+                token: join_token(&r1, Some(2)).await,
             },
             timeout,
         )
@@ -258,15 +273,14 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     })
     .await;
     let joiner = HttpNetwork::new(&tls_for(&ca, "node3", "127.0.0.3")).unwrap();
+    let token3 = join_token(&r1, None).await;
+    let join3 = ClusterRequest::JoinWithToken {
+        id: 3,
+        raft_addr: info3.raft_addr.clone(),
+        token: token3.clone(),
+    };
     joiner
-        .cluster(
-            &info2.raft_addr,
-            &ClusterRequest::Join {
-                id: 3,
-                raft_addr: info3.raft_addr.clone(),
-            },
-            timeout,
-        )
+        .cluster(&info2.raft_addr, &join3, timeout)
         .await
         .unwrap();
     loop {
@@ -281,13 +295,15 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     })
     .await;
 
-    // Another member at the same id is refused; the same join again is harmless.
+    // Another member at the same id is refused; the same join again (its answer lost) is
+    // harmless, with the token it used, and refused with another.
     let clash = joiner
         .cluster(
             &info1.raft_addr,
-            &ClusterRequest::Join {
+            &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: "127.0.0.9:1".into(),
+                token: join_token(&r1, None).await,
             },
             timeout,
         )
@@ -295,6 +311,25 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
         .unwrap_err()
         .to_string();
     assert!(clash.contains("already a member"), "{clash}");
+    let (_, reply) = joiner
+        .cluster(&info1.raft_addr, &join3, timeout)
+        .await
+        .unwrap();
+    assert_eq!(reply, ClusterReply::Joined);
+    let other = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::JoinWithToken {
+                id: 3,
+                raft_addr: info3.raft_addr.clone(),
+                token: join_token(&r1, None).await,
+            },
+            timeout,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(other.contains("not the one it joined with"), "{other}");
 
     // Remove node 3 through node 2; its id is retired for good.
     let (_, reply) = joiner
@@ -309,9 +344,10 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     let again = joiner
         .cluster(
             &info1.raft_addr,
-            &ClusterRequest::Join {
+            &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: info3.raft_addr.clone(),
+                token: join_token(&r1, None).await,
             },
             timeout,
         )
@@ -343,4 +379,16 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     for r in [&r1, &r2, &r3] {
         r.shutdown().await;
     }
+}
+
+/// A join token minted and stored through `leader`, as the admin API does: its text.
+async fn join_token(leader: &Replica, node: Option<u64>) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (text, token) = tandem_raft_store::join_token::mint(node, now, now + 60_000);
+    let put = Command::PutJoinToken { token, now_ms: now };
+    assert_eq!(leader.propose(put).await.unwrap(), CommandResult::Done);
+    text
 }

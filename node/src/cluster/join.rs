@@ -82,7 +82,11 @@ async fn initialize_alone(config: &Config, c: &ClusterConfig) -> Result<(), Erro
 /// `tandem cluster join`: asks a member (any; it forwards to the leader) to add this node,
 /// then claims the data dir with the cluster's id. The node becomes a voter once it runs
 /// and has caught up.
-pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
+pub async fn join(
+    config: &Config,
+    peer: &str,
+    token_file: Option<&std::path::Path>,
+) -> Result<String, Error> {
     let c = cluster_section(config)?;
     let id = config.node.id;
     let dir = &config.node.data_dir;
@@ -96,9 +100,19 @@ pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
     )?;
     super::check_certificate_id(&tls, id, &c.certificate)?;
     let network = HttpNetwork::new(&tls)?;
-    let request = ClusterRequest::Join {
-        id,
-        raft_addr: c.advertise_addr(),
+    // Without a token the plain join is sent: a cluster that has not yet raised its
+    // feature version to join tokens (mid-upgrade) takes it, any other refuses it and says
+    // how to mint one.
+    let request = match join_token(token_file)? {
+        Some(token) => ClusterRequest::JoinWithToken {
+            id,
+            raft_addr: c.advertise_addr(),
+            token,
+        },
+        None => ClusterRequest::Join {
+            id,
+            raft_addr: c.advertise_addr(),
+        },
     };
     let (cluster_id, reply) = network
         .cluster(peer, &request, Duration::from_secs(10))
@@ -121,4 +135,28 @@ pub async fn join(config: &Config, peer: &str) -> Result<String, Error> {
          Next: start it with `tandem run --config FILE`; it becomes a voter once it has caught up.\n",
         c.advertise_addr()
     ))
+}
+
+/// The join token, from `--token-file` or the `TANDEM_JOIN_TOKEN` environment variable
+/// (never a command-line value, which other users see in `ps`).
+fn join_token(file: Option<&std::path::Path>) -> Result<Option<String>, Error> {
+    let text = match file {
+        Some(path) => std::fs::read_to_string(path).map_err(|source| Error::Io {
+            context: format!("reading the join token file {}", path.display()),
+            source,
+        })?,
+        None => match std::env::var("TANDEM_JOIN_TOKEN") {
+            Ok(t) => t,
+            Err(_) => return Ok(None),
+        },
+    };
+    let token = text.trim();
+    if tandem_raft_store::join_token::parse(token).is_none() {
+        return Err(Error::Store(tandem_raft_store::Error::Membership(format!(
+            "{} does not hold a join token (tj_…): mint one with `tandem cluster join-token \
+             create` on a member",
+            file.map_or("TANDEM_JOIN_TOKEN".to_owned(), |p| p.display().to_string())
+        ))));
+    }
+    Ok(Some(token.to_owned()))
 }

@@ -30,6 +30,7 @@ use crate::agents::registration_agent::Board;
 mod callbacks;
 mod cdrs;
 mod dialplans;
+mod join_tokens;
 mod note;
 mod numbers;
 mod providers;
@@ -461,12 +462,8 @@ impl Admin {
             )));
         }
         self.writable()?;
-        self.cluster
-            .cluster_request(ClusterRequest::Join {
-                id: b.id,
-                raft_addr: b.raft_addr,
-            })
-            .await?;
+        let request = self.join_request(b.id, b.raft_addr).await?;
+        self.cluster.cluster_request(request).await?;
         Ok(json_reply(
             StatusCode::ACCEPTED,
             &serde_json::json!({"joined": b.id, "voter": false,
@@ -1345,6 +1342,19 @@ pub fn serve(
         .and(operator.clone())
         .and(body)
         .then(|a: Arc<Admin>, b| async move { answer(a.put_note(b).await) });
+    let mint_join_token = warp::path!("v1" / "cluster" / "join-tokens")
+        .and(warp::post())
+        .and(operator.clone())
+        .and(body)
+        .then(|a: Arc<Admin>, b| async move { answer(a.mint_join_token(b).await) });
+    let list_join_tokens = warp::path!("v1" / "cluster" / "join-tokens")
+        .and(warp::get())
+        .and(operator.clone())
+        .map(|a: Arc<Admin>| answer(a.list_join_tokens()));
+    let revoke_join_token = warp::path!("v1" / "cluster" / "join-tokens" / String)
+        .and(warp::delete())
+        .and(operator.clone())
+        .then(|id, a: Arc<Admin>| async move { answer(a.revoke_join_token(id).await) });
     let create_token = warp::path!("v1" / "tokens")
         .and(warp::post())
         .and(operator.clone())
@@ -1415,6 +1425,9 @@ pub fn serve(
         put_note.boxed(),
         create_token.boxed(),
         list_tokens.boxed(),
+        mint_join_token.boxed(),
+        list_join_tokens.boxed(),
+        revoke_join_token.boxed(),
         revoke_token.boxed(),
     ];
     let routes = all

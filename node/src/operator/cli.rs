@@ -82,13 +82,21 @@ pub enum ClusterCommand {
     },
     /// Add this node to a running cluster through any member's internal address (offline;
     /// run once, before this node's first start). It becomes a voter once it has caught up.
+    /// Needs a join token (`tandem cluster join-token create` on a member): from
+    /// --token-file, or the TANDEM_JOIN_TOKEN environment variable.
     Join {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
         /// The internal `host:port` ([cluster] advertise) of any member.
         #[arg(long, value_name = "HOST:PORT")]
         peer: String,
+        /// A file holding the join token.
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
     },
+    /// One-time join tokens: a node joins only with one that an operator minted.
+    #[command(subcommand)]
+    JoinToken(JoinTokenCommand),
     /// Remove a node from the cluster for good; its id is never used again. Asks the
     /// running node of --config.
     Remove {
@@ -208,6 +216,50 @@ impl ClusterCommand {
             | ClusterCommand::Join { config, .. }
             | ClusterCommand::Remove { config, .. }
             | ClusterCommand::Status { config, .. } => config.clone(),
+            ClusterCommand::JoinToken(c) => c.config(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCommand {
+    /// Mint a token that admits one join. It is shown this once (only its hash is
+    /// stored): on stdout, or written to a new file of mode 0600 with --out. Asks the
+    /// running node of --config.
+    Create {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Admit only this node id.
+        #[arg(long, value_name = "ID")]
+        node_id: Option<u64>,
+        /// How long the token admits a node.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+        expires_secs: u64,
+        /// Write the token to FILE (created with mode 0600; never overwritten) instead of
+        /// printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// List join tokens (ids, whom they admit, expiry, who used them; never the tokens).
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Revoke a join token: it admits nobody from then on.
+    Revoke {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// The token's id (what `list` shows).
+        id: String,
+    },
+}
+
+impl JoinTokenCommand {
+    pub fn config(&self) -> PathBuf {
+        match self {
+            JoinTokenCommand::Create { config, .. }
+            | JoinTokenCommand::List { config }
+            | JoinTokenCommand::Revoke { config, .. } => config.clone(),
         }
     }
 }

@@ -51,7 +51,10 @@ pub async fn run(command: &Command, config: &Config) -> Result<String, Error> {
 pub async fn cluster(command: &ClusterCommand, config: &Config) -> Result<String, Error> {
     match command {
         ClusterCommand::Init { .. } => crate::cluster::init(config).await,
-        ClusterCommand::Join { peer, .. } => crate::cluster::join(config, peer).await,
+        ClusterCommand::Join {
+            peer, token_file, ..
+        } => crate::cluster::join(config, peer, token_file.as_deref()).await,
+        ClusterCommand::JoinToken(c) => tokens::join_tokens(c, config).await,
         ClusterCommand::Remove { node, .. } => {
             call(
                 config,

@@ -11,9 +11,20 @@ use openraft::{ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 
 use super::Replica;
-use crate::command::Command;
+use crate::command::{Command, CommandResult, JoinToken};
+use crate::join_token;
 use crate::types::{NodeId, NodeInfo};
 use crate::Error;
+
+/// The cluster feature version from which a node joins only with a join token.
+pub const JOIN_TOKENS_FROM: u32 = 5;
+
+/// Wall-clock milliseconds, for the expiry of join tokens (the leader's clock decides).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// A learner within this many entries of the leader's log counts as caught up.
 const CAUGHT_UP_SLACK: u64 = 64;
@@ -48,6 +59,15 @@ pub enum ClusterRequest {
     /// from before this variant existed answers with an error, and the asker goes on
     /// without waiting.
     Applied,
+    /// Add a node as a learner on presenting a one-time join token (`tj_…`, see
+    /// [`crate::join_token`]). From cluster feature version 5 this is the only way in: a
+    /// CA-signed certificate alone no longer admits a node. A node from before this
+    /// variant existed cannot decode it and answers with an error.
+    JoinWithToken {
+        id: NodeId,
+        raft_addr: String,
+        token: String,
+    },
 }
 
 impl ClusterRequest {
@@ -149,8 +169,25 @@ impl Replica {
             });
         }
         match request {
-            ClusterRequest::Join { id, raft_addr } => self
-                .join(id, raft_addr)
+            ClusterRequest::Join { id, raft_addr } => {
+                if self.reader().feature_version()? >= JOIN_TOKENS_FROM {
+                    return Err(Error::Membership(
+                        "this cluster admits a node only with a join token: mint one with \
+                         `tandem cluster join-token` and pass it to `tandem cluster join \
+                         --token-file`"
+                            .into(),
+                    ));
+                }
+                self.join(id, raft_addr, None)
+                    .await
+                    .map(|()| ClusterReply::Joined)
+            }
+            ClusterRequest::JoinWithToken {
+                id,
+                raft_addr,
+                token,
+            } => self
+                .join(id, raft_addr, Some(&token))
                 .await
                 .map(|()| ClusterReply::Joined),
             ClusterRequest::Remove { id } => self.remove(id).await.map(|()| ClusterReply::Removed),
@@ -171,7 +208,16 @@ fn per_member(request: &ClusterRequest) -> Error {
 }
 
 impl Replica {
-    async fn join(&self, id: NodeId, raft_addr: String) -> Result<(), Error> {
+    /// Adds `id` as a learner. With a join token, the token's secret is checked here and
+    /// the token marked used through Raft (which refuses a used, expired or revoked one,
+    /// or one for another id) before the node is added; a repeated join of a member at
+    /// the same address needs the token it joined with.
+    async fn join(&self, id: NodeId, raft_addr: String, token: Option<&str>) -> Result<(), Error> {
+        // Checked first, so a caller without the secret learns nothing of the cluster.
+        let token = match token {
+            Some(text) => Some(self.check_join_token(text, id)?),
+            None => None,
+        };
         if id == 0 {
             return Err(Error::Membership("node id 0 is not allowed".into()));
         }
@@ -193,7 +239,14 @@ impl Replica {
         }
         if let Some(existing) = members.into_iter().find(|m| m.id == id) {
             if existing.raft_addr == raft_addr {
-                return Ok(()); // a repeated join, e.g. after a lost answer
+                // A repeated join, e.g. after a lost answer: only with the token it used.
+                return match token {
+                    Some(t) if t.used_by != id => Err(Error::Membership(format!(
+                        "node id {id} is already a member; this join token was not the one \
+                         it joined with"
+                    ))),
+                    _ => Ok(()),
+                };
             }
             return Err(Error::Membership(format!(
                 "node id {id} is already a member, at {}; every node needs its own id",
@@ -206,8 +259,41 @@ impl Replica {
                  give the new node another id"
             )));
         }
+        if let Some(t) = token {
+            let using = Command::UseJoinToken {
+                id: t.id,
+                node: id,
+                now_ms: now_ms(),
+            };
+            if let CommandResult::Rejected(why) = self.propose(using).await? {
+                return Err(Error::Membership(why));
+            }
+        }
         let node = NodeInfo { raft_addr };
         waiting_for_earlier_changes(|| self.raft().add_learner(id, node.clone(), false)).await
+    }
+
+    /// The stored join token `text` names, if its secret is right and it admits `id`
+    /// (whether it is still unused and unexpired is decided when it is marked used).
+    fn check_join_token(&self, text: &str, id: NodeId) -> Result<JoinToken, Error> {
+        let refused = || {
+            Error::Membership(
+                "the join token is not one this cluster issued, or was revoked; mint a new \
+                 one with `tandem cluster join-token`"
+                    .into(),
+            )
+        };
+        let (token_id, secret) = join_token::parse(text.trim()).ok_or_else(refused)?;
+        let stored = self.reader().join_token(token_id)?.ok_or_else(refused)?;
+        if !join_token::secret_matches(&stored, secret) {
+            return Err(refused());
+        }
+        match stored.node {
+            Some(n) if n != id => Err(Error::Membership(format!(
+                "this join token admits node {n}, not node {id}"
+            ))),
+            _ => Ok(stored),
+        }
     }
 
     /// Retires the id first, while the node still receives the log, so it learns it was
