@@ -103,16 +103,16 @@ for i in 2 3; do
   if [ ! -f "$formed" ]; then
     # A node joins with a one-time token that a member mints (node 1 raises the cluster
     # to the feature version of join tokens a moment after it starts: try again briefly).
-    token="$dev/join-node$i.token"
+    join_token="$dev/join-node$i.token"
     for _ in $(seq 50); do
-      rm -f "$token"
+      rm -f "$join_token"
       "$TANDEM_BIN" cluster join-token create --config "$dev/node1.toml" --node-id "$i" \
-        --expires-secs 600 --out "$token" > /dev/null 2>&1 && break
+        --expires-secs 600 --out "$join_token" > /dev/null 2>&1 && break
       sleep 0.2
     done
     "$TANDEM_BIN" cluster join --config "$dev/node$i.toml" --peer 127.0.0.1:7060 \
-      --token-file "$token" > /dev/null
-    rm -f "$token"
+      --token-file "$join_token" > /dev/null
+    rm -f "$join_token"
   fi
   "$TANDEM_BIN" run --config "$dev/node$i.toml" 2> "$dev/node$i.log" &
   pids+=($!)
