@@ -443,8 +443,20 @@ fn a_removed_nodes_certificate_is_refused_on_every_members_link() {
         .build()
         .unwrap();
     let network = HttpNetwork::new(&tls).unwrap();
+    // A join in node 3's own name with a made-up token: a node that hears the certificate
+    // answers that the token is not one it issued (whether or not node 3 is a member); a
+    // node that refuses the certificate answers nothing.
     let ask = |addr: &str| {
-        runtime.block_on(network.cluster(addr, &ClusterRequest::Features, Duration::from_secs(5)))
+        let join = ClusterRequest::JoinWithToken {
+            id: 3,
+            raft_addr: "127.0.0.3:1".into(),
+            token: format!("tj_{}_{}", "0".repeat(16), "0".repeat(64)),
+        };
+        match runtime.block_on(network.cluster(addr, &join, Duration::from_secs(5))) {
+            Err(e) if e.to_string().contains("not one this cluster issued") => Ok(()),
+            Err(e) => Err(e),
+            Ok(reply) => panic!("a made-up join token admitted node 3: {reply:?}"),
+        }
     };
     let propose = |addr: &str, id: &str| {
         let customer = Customer {

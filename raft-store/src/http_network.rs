@@ -7,8 +7,10 @@
 //! Routes: `POST /raft/append`, `/raft/vote`, `/raft/snapshot` (one chunk of a snapshot),
 //! `/raft/propose` (a follower forwarding a batch of commands to the leader) and
 //! `/raft/cluster` (membership requests, and questions one member asks another). Only a
-//! holder of a certificate from the cluster CA gets past the handshake, so these routes
-//! need no other authentication.
+//! holder of a certificate from the cluster CA that names a node id gets past the
+//! handshake. Each connection is then served knowing that id, and a request counts only
+//! as from it: a Raft message must name it as its sender, and proposals and membership
+//! requests other than a node's own join come only from members.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -460,10 +462,27 @@ fn bad_request(e: impl std::fmt::Display) -> warp::http::Response<Vec<u8>> {
         .expect("static response parts")
 }
 
-/// `POST /raft/<name>`: decodes the body as `Req`, calls `handle`, encodes its result.
+fn forbidden(name: &str, why: &str) -> warp::http::Response<Vec<u8>> {
+    static REFUSALS: crate::tls::RefusalLog = crate::tls::RefusalLog::new();
+    if let Some(more) = REFUSALS.may_log() {
+        tracing::warn!(
+            rpc = name,
+            refused_since_last_line = more,
+            "refused a cluster RPC: {why}"
+        );
+    }
+    warp::http::Response::builder()
+        .status(403)
+        .body(why.as_bytes().to_vec())
+        .expect("static response parts")
+}
+
+/// `POST /raft/<name>`: decodes the body as `Req`, asks `permit` whether the connection's
+/// peer may send it (403 with the reason if not), calls `handle`, encodes its result.
 fn rpc_route<Req, Fut, Out>(
     name: &'static str,
     replica: Replica,
+    permit: impl Fn(&Replica, &Req) -> Result<(), String> + Clone + Send + Sync + 'static,
     handle: impl Fn(Replica, Req) -> Fut + Clone + Send + Sync + 'static,
 ) -> impl Filter<Extract = (warp::http::Response<Vec<u8>>,), Error = warp::Rejection> + Clone
 where
@@ -479,14 +498,39 @@ where
         .and(warp::body::bytes())
         .then(move |body: Bytes| {
             let replica = replica.clone();
-            let handle = handle.clone();
+            let (permit, handle) = (permit.clone(), handle.clone());
             async move {
                 match postcard::from_bytes::<Req>(&body) {
-                    Ok(request) => reply(&handle(replica, request).await),
+                    Ok(request) => match permit(&replica, &request) {
+                        Ok(()) => reply(&handle(replica, request).await),
+                        Err(why) => forbidden(name, &why),
+                    },
                     Err(e) => bad_request(e),
                 }
             }
         })
+}
+
+/// Whether a Raft message's claimed sender (`claimed`) is the connection's peer: a
+/// member's certificate speaks only for its own node id.
+fn sent_as(peer: Option<NodeId>, claimed: Option<NodeId>) -> Result<(), String> {
+    match (peer, claimed) {
+        (Some(p), Some(c)) if p == c => Ok(()),
+        _ => Err(format!(
+            "the message claims to come from node {claimed:?}, but the connection's \
+             certificate is node {peer:?}'s"
+        )),
+    }
+}
+
+/// Whether the connection's peer is a member (voter or learner) as this node knows it.
+fn from_member(replica: &Replica, peer: Option<NodeId>) -> Result<(), String> {
+    match peer {
+        Some(p) if replica.members().iter().any(|m| m.id == p) => Ok(()),
+        _ => Err(format!(
+            "node {peer:?} is not a member; only a join may come from outside the cluster"
+        )),
+    }
 }
 
 /// Serves the Raft RPCs on `listener` with mutual TLS until `stop` completes. Peers whose
@@ -498,9 +542,67 @@ pub async fn serve(
     context: ServeContext,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let (mut incoming, accept_loop) =
+        crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        let _ = stopping.send(true);
+    });
+    // Each connection is served on its own, so its routes know whose certificate it
+    // carries; on stop each finishes the request it is on, then closes.
+    let mut connections = tokio::task::JoinSet::new();
+    let mut until_stop = stopped.clone();
+    loop {
+        let stream = tokio::select! {
+            _ = async { drop(until_stop.wait_for(|s| *s).await) } => break,
+            next = tokio_stream::StreamExt::next(&mut incoming) => match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        let peer = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|cert| crate::certs::node_id_of(cert));
+        let service = warp::service(routes(replica.clone(), context.clone(), peer));
+        let connection = tls.ended_on_removal(stream);
+        let mut stopped = stopped.clone();
+        connections.spawn(async move {
+            let served = hyper::server::conn::Http::new()
+                .http1_only(true)
+                .serve_connection(connection, service);
+            tokio::pin!(served);
+            tokio::select! {
+                _ = served.as_mut() => {}
+                _ = async { drop(stopped.wait_for(|s| *s).await) } => {
+                    served.as_mut().graceful_shutdown();
+                    let _ = served.await;
+                }
+            }
+        });
+    }
+    accept_loop.abort();
+    while connections.join_next().await.is_some() {}
+}
+
+/// The routes of one connection, whose certificate names node `peer`.
+fn routes(
+    replica: Replica,
+    context: ServeContext,
+    peer: Option<NodeId>,
+) -> warp::filters::BoxedFilter<(warp::http::Response<Vec<u8>>,)> {
     let append = rpc_route(
         "append",
         replica.clone(),
+        move |_, rpc: &AppendEntriesRequest<TypeConfig>| {
+            sent_as(peer, rpc.vote.leader_id().voted_for())
+        },
         |replica, rpc: AppendEntriesRequest<TypeConfig>| async move {
             if let Some(commit) = rpc.leader_commit {
                 replica.note_leader_commit(commit.index);
@@ -511,11 +613,15 @@ pub async fn serve(
     let vote = rpc_route(
         "vote",
         replica.clone(),
+        move |_, rpc: &VoteRequest<NodeId>| sent_as(peer, rpc.vote.leader_id().voted_for()),
         |replica, rpc: VoteRequest<NodeId>| async move { replica.raft().vote(rpc).await },
     );
     let snapshot = rpc_route(
         "snapshot",
         replica.clone(),
+        move |_, rpc: &InstallSnapshotRequest<TypeConfig>| {
+            sent_as(peer, rpc.vote.leader_id().voted_for())
+        },
         |replica, rpc: InstallSnapshotRequest<TypeConfig>| async move {
             replica.raft().install_snapshot(rpc).await
         },
@@ -523,6 +629,7 @@ pub async fn serve(
     let propose = rpc_route(
         "propose",
         replica.clone(),
+        move |replica, _: &Request| from_member(replica, peer),
         |replica, request: Request| async move {
             replica
                 .raft()
@@ -535,6 +642,16 @@ pub async fn serve(
     let cluster = rpc_route(
         "cluster",
         replica,
+        // A node asks to join in its own name; everything else, a forwarded join included
+        // (the member that forwards it checked the joiner's name), comes from members.
+        move |replica, (request, forwarded): &(ClusterRequest, bool)| match request {
+            ClusterRequest::Join { id, .. } | ClusterRequest::JoinWithToken { id, .. }
+                if !forwarded =>
+            {
+                sent_as(peer, Some(*id))
+            }
+            _ => from_member(replica, peer),
+        },
         move |replica, (request, forwarded): (ClusterRequest, bool)| {
             let context = context.clone();
             async move {
@@ -569,16 +686,14 @@ pub async fn serve(
             }
         },
     );
-    let routes = append.or(vote).or(snapshot).or(propose).or(cluster);
-
-    let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
-    let (incoming, accept_loop) =
-        crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
-    let tls = tls.clone();
-    let incoming =
-        tokio_stream::StreamExt::map(incoming, move |c| c.map(|c| tls.ended_on_removal(c)));
-    warp::serve(routes)
-        .serve_incoming_with_graceful_shutdown(incoming, stop)
-        .await;
-    accept_loop.abort();
+    append
+        .or(vote)
+        .unify()
+        .or(snapshot)
+        .unify()
+        .or(propose)
+        .unify()
+        .or(cluster)
+        .unify()
+        .boxed()
 }

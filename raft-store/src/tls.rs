@@ -403,14 +403,21 @@ pub fn ca_fingerprint(ca_cert: &Path) -> Result<String, Error> {
 /// out since the one before: a peer retrying in a loop, or anyone who can reach the port,
 /// must not fill the disk with the same line.
 #[derive(Default)]
-struct RefusalLog {
+pub(crate) struct RefusalLog {
     last: std::sync::Mutex<Option<tokio::time::Instant>>,
     left_out: std::sync::atomic::AtomicU64,
 }
 
 impl RefusalLog {
+    pub(crate) const fn new() -> RefusalLog {
+        RefusalLog {
+            last: std::sync::Mutex::new(None),
+            left_out: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
     /// `Some(how many were left out since the last line)` if this refusal may be logged.
-    fn may_log(&self) -> Option<u64> {
+    pub(crate) fn may_log(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let now = tokio::time::Instant::now();
         let mut last = self.last.lock().expect("refusal log lock");
@@ -425,9 +432,8 @@ impl RefusalLog {
 
 /// Accepts TCP connections on `listener` and completes their TLS handshakes beside the
 /// accept loop, each within `handshake`, so a client that stalls its handshake holds up no
-/// one else. Returns the established connections, for `warp::serve(..)
-/// .serve_incoming_with_graceful_shutdown`, and the accept task, to abort once the server
-/// has stopped. `what` names the listener in the log.
+/// one else. Returns the established connections, to serve, and the accept task, to abort
+/// once the server has stopped. `what` names the listener in the log.
 pub fn accept_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,

@@ -125,7 +125,13 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
     assert!(lr.reader().customer("c1").unwrap().is_some());
 
     // A member forwards a batch to the leader over the same authenticated link.
-    let member = HttpNetwork::new(&tls_for(&ca, "node9", "127.0.0.9")).unwrap();
+    let id = follower.id();
+    let member = HttpNetwork::new(&tls_for(
+        &ca,
+        &format!("node{id}"),
+        &format!("127.0.0.{id}"),
+    ))
+    .unwrap();
     let request = Request {
         commands: vec![Command::SetFeatureVersion { version: 21 }.encode()],
     };
@@ -356,8 +362,16 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
         .to_string();
     assert!(again.contains("never reused"), "{again}");
 
-    // Key ids are answered by the member asked, not forwarded.
-    let (_, reply) = joiner
+    // Key ids are answered by the member asked, not forwarded; only to a member (node 3
+    // is not one any more).
+    let refused = joiner
+        .cluster(&info2.raft_addr, &ClusterRequest::KeyIds, timeout)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("403"), "{refused}");
+    let member = HttpNetwork::new(&tls_for(&ca, "node1", "127.0.0.1")).unwrap();
+    let (_, reply) = member
         .cluster(&info2.raft_addr, &ClusterRequest::KeyIds, timeout)
         .await
         .unwrap();
@@ -391,4 +405,146 @@ async fn join_token(leader: &Replica, node: Option<u64>) -> String {
     let put = Command::PutJoinToken { token, now_ms: now };
     assert_eq!(leader.propose(put).await.unwrap(), CommandResult::Done);
     text
+}
+
+/// A certificate speaks only for its own node id: a member's cannot send a Raft message in
+/// another node's name, and a certificate from the cluster's CA for an id that never
+/// joined can ask to join in its own name and nothing else: no proposal, no removal, no
+/// question.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use tandem_raft_store::membership::ClusterRequest;
+    use tandem_raft_store::types::Vote;
+
+    let ca = CertAuthority::generate("test").unwrap();
+    let settings = RaftSettings::default();
+    let (r1, info1, _d1) = serving_replica(&ca, 1, &settings).await;
+    let (r2, info2, _d2) = serving_replica(&ca, 2, &settings).await;
+    r1.initialize([(1, info1.clone())].into()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    wait_for("node 1 to lead", deadline, || {
+        r1.metrics().current_leader == Some(1)
+    })
+    .await;
+    r1.propose(Command::SetFeatureVersion { version: 5 })
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(5);
+    let member = HttpNetwork::new(&tls_for(&ca, "node2", "127.0.0.2")).unwrap();
+    member
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::JoinWithToken {
+                id: 2,
+                raft_addr: info2.raft_addr.clone(),
+                token: join_token(&r1, Some(2)).await,
+            },
+            timeout,
+        )
+        .await
+        .unwrap();
+    loop {
+        if r1.promote_caught_up_learners().await.unwrap() == vec![2] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 2 never caught up");
+        sleep(Duration::from_millis(50)).await;
+    }
+    let term = |r: &Replica| r.metrics().current_term;
+    let (term1, term2) = (term(&r1), term(&r2));
+
+    // Node 2's certificate, in node 3's name (a vote) and node 1's (an append): refused,
+    // and neither term moves.
+    let option = RPCOption::new(timeout);
+    let mut to_1 = member.clone().new_client(1, &info1).await;
+    let vote = to_1
+        .vote(
+            VoteRequest::new(Vote::new(term1 + 50, 3), None),
+            option.clone(),
+        )
+        .await;
+    assert!(
+        vote.is_err(),
+        "a vote in another node's name was taken: {vote:?}"
+    );
+    let mut to_2 = member.clone().new_client(2, &info2).await;
+    let append = to_2
+        .append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(term2 + 50, 1),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: None,
+            },
+            option.clone(),
+        )
+        .await;
+    assert!(
+        append.is_err(),
+        "an append in the leader's name was taken: {append:?}"
+    );
+    assert_eq!(
+        (term(&r1), term(&r2)),
+        (term1, term2),
+        "a forged message moved a term"
+    );
+    // In its own name, node 2 is heard.
+    let features = member
+        .cluster(&info1.raft_addr, &ClusterRequest::Features, timeout)
+        .await;
+    assert!(features.is_ok(), "{features:?}");
+
+    // A certificate for node 9, which never joined.
+    let stranger = HttpNetwork::new(&tls_for(&ca, "node9", "127.0.0.9")).unwrap();
+    let planted = stranger
+        .forward(
+            &info1,
+            &tandem_raft_store::types::Request {
+                commands: vec![Command::PutCustomer(tandem_raft_store::command::Customer {
+                    id: "planted".into(),
+                    name: "by a certificate that never joined".into(),
+                    enabled: true,
+                })
+                .encode()],
+            },
+            timeout,
+        )
+        .await;
+    assert!(
+        planted.is_err(),
+        "a stranger's proposal was taken: {planted:?}"
+    );
+    assert_eq!(r1.reader().customer("planted").unwrap(), None);
+    for request in [
+        ClusterRequest::Remove { id: 2 },
+        ClusterRequest::Features,
+        ClusterRequest::Replication,
+    ] {
+        let answer = stranger.cluster(&info1.raft_addr, &request, timeout).await;
+        assert!(answer.is_err(), "{request:?} from a stranger: {answer:?}");
+    }
+    let err = stranger
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::JoinWithToken {
+                id: 3,
+                raft_addr: "127.0.0.3:1".into(),
+                token: join_token(&r1, None).await,
+            },
+            timeout,
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("403"), "a join in another node's name: {err}");
+    assert_eq!(
+        r1.members().iter().map(|m| m.id).collect::<Vec<_>>(),
+        vec![1, 2],
+        "the membership changed"
+    );
+    for r in [&r1, &r2] {
+        r.shutdown().await;
+    }
 }
