@@ -450,7 +450,7 @@ fn a_removed_nodes_certificate_is_refused_on_every_members_link() {
         let join = ClusterRequest::JoinWithToken {
             id: 3,
             raft_addr: "127.0.0.3:1".into(),
-            token: format!("tj_{}_{}", "0".repeat(16), "0".repeat(64)),
+            token: format!("tj_{}_{}", "0".repeat(16), "0".repeat(64)).into(),
         };
         match runtime.block_on(network.cluster(addr, &join, Duration::from_secs(5))) {
             Err(e) if e.to_string().contains("not one this cluster issued") => Ok(()),

@@ -93,7 +93,7 @@ impl HttpNetwork {
         what: &str,
     ) -> Result<T, Error> {
         let body = postcard::to_stdvec(request).map_err(|e| Error::Corrupt(e.to_string()))?;
-        let reply = self
+        let mut reply = self
             .client
             .post(format!("https://{addr}{path}"))
             .timeout(timeout)
@@ -109,9 +109,14 @@ impl HttpNetwork {
                 Error::Unreachable(format!("{what} at {addr}: {}{late}", chain(&e)))
             })?;
         if !reply.status().is_success() {
+            let status = reply.status();
+            // The reason a refusal gives (a 403's): the first chunk only, cut short.
+            let reason = match reply.chunk().await {
+                Ok(Some(b)) => String::from_utf8_lossy(&b[..b.len().min(300)]).into_owned(),
+                _ => String::new(),
+            };
             return Err(Error::Raft(format!(
-                "{what}: {addr} answered HTTP {}",
-                reply.status()
+                "{what}: {addr} answered HTTP {status}: {reason}"
             )));
         }
         let bytes = reply
@@ -526,7 +531,7 @@ fn sent_as(peer: Option<NodeId>, claimed: Option<NodeId>) -> Result<(), String> 
 /// Whether the connection's peer is a member (voter or learner) as this node knows it.
 fn from_member(replica: &Replica, peer: Option<NodeId>) -> Result<(), String> {
     match peer {
-        Some(p) if replica.members().iter().any(|m| m.id == p) => Ok(()),
+        Some(p) if replica.is_member(p) => Ok(()),
         _ => Err(format!(
             "node {peer:?} is not a member; only a join may come from outside the cluster"
         )),

@@ -1366,7 +1366,13 @@ impl<'a> Txn<'a> {
                         _ => self.delete(k),
                     }
                 }
-                if live >= MAX_JOIN_TOKENS {
+                if self
+                    .get::<StoredJoinToken>(&key::join_token(&token.id))?
+                    .is_some()
+                {
+                    // 64 random bits do not collide; a second put of one id is a replay.
+                    CommandResult::Rejected(format!("join token {} exists", token.id))
+                } else if live >= MAX_JOIN_TOKENS {
                     CommandResult::Rejected(format!(
                         "the cluster holds {live} unexpired join tokens, the most it may; \
                          revoke unused ones or let them expire"

@@ -1262,6 +1262,8 @@ async fn a_join_token_admits_one_node_once_until_it_expires() {
             using("missing", 6, 15),
             Command::RevokeJoinToken { id: "for4".into() },
             using("for4", 4, 15),
+            // A second put of an id (a replay) does not reset its use.
+            put(token("any", None, 100), 18),
         ],
     )
     .await;
@@ -1281,6 +1283,7 @@ async fn a_join_token_admits_one_node_once_until_it_expires() {
     rejected(&r[8], "revoked");
     assert_eq!(r[9], CommandResult::Removed(1));
     rejected(&r[10], "revoked");
+    rejected(&r[11], "exists");
     let reader = sm.reader();
     assert_eq!(reader.join_token("any").unwrap().unwrap().used_by, 3);
     assert_eq!(reader.join_token("short").unwrap().unwrap().used_by, 0);

@@ -248,7 +248,7 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
             &ClusterRequest::JoinWithToken {
                 id: 2,
                 raft_addr: info2.raft_addr.clone(),
-                token: join_token(&r1, Some(2)).await,
+                token: join_token(&r1, Some(2)).await.into(),
             },
             timeout,
         )
@@ -283,7 +283,7 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     let join3 = ClusterRequest::JoinWithToken {
         id: 3,
         raft_addr: info3.raft_addr.clone(),
-        token: token3.clone(),
+        token: token3.clone().into(),
     };
     joiner
         .cluster(&info2.raft_addr, &join3, timeout)
@@ -302,14 +302,15 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     .await;
 
     // Another member at the same id is refused; the same join again (its answer lost) is
-    // harmless, with the token it used, and refused with another.
+    // harmless with any token that admits it (the one it used may be gone), which it
+    // does not use up, and refused with a made-up one.
     let clash = joiner
         .cluster(
             &info1.raft_addr,
             &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: "127.0.0.9:1".into(),
-                token: join_token(&r1, None).await,
+                token: join_token(&r1, None).await.into(),
             },
             timeout,
         )
@@ -322,20 +323,36 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
         .await
         .unwrap();
     assert_eq!(reply, ClusterReply::Joined);
-    let other = joiner
+    let fresh = join_token(&r1, None).await;
+    let (_, reply) = joiner
         .cluster(
             &info1.raft_addr,
             &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: info3.raft_addr.clone(),
-                token: join_token(&r1, None).await,
+                token: fresh.clone().into(),
+            },
+            timeout,
+        )
+        .await
+        .unwrap();
+    assert_eq!(reply, ClusterReply::Joined);
+    let unused = r1.reader().join_token(&fresh[3..19]).unwrap().unwrap();
+    assert_eq!(unused.used_by, 0, "a repeated join used up a token");
+    let made_up = joiner
+        .cluster(
+            &info1.raft_addr,
+            &ClusterRequest::JoinWithToken {
+                id: 3,
+                raft_addr: info3.raft_addr.clone(),
+                token: format!("tj_{}_{}", "1".repeat(16), "2".repeat(64)).into(),
             },
             timeout,
         )
         .await
         .unwrap_err()
         .to_string();
-    assert!(other.contains("not the one it joined with"), "{other}");
+    assert!(made_up.contains("not one this cluster issued"), "{made_up}");
 
     // Remove node 3 through node 2; its id is retired for good.
     let (_, reply) = joiner
@@ -353,7 +370,7 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
             &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: info3.raft_addr.clone(),
-                token: join_token(&r1, None).await,
+                token: join_token(&r1, None).await.into(),
             },
             timeout,
         )
@@ -439,7 +456,7 @@ async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
             &ClusterRequest::JoinWithToken {
                 id: 2,
                 raft_addr: info2.raft_addr.clone(),
-                token: join_token(&r1, Some(2)).await,
+                token: join_token(&r1, Some(2)).await.into(),
             },
             timeout,
         )
@@ -531,7 +548,7 @@ async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
             &ClusterRequest::JoinWithToken {
                 id: 3,
                 raft_addr: "127.0.0.3:1".into(),
-                token: join_token(&r1, None).await,
+                token: join_token(&r1, None).await.into(),
             },
             timeout,
         )

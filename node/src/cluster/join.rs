@@ -107,7 +107,7 @@ pub async fn join(
         Some(token) => ClusterRequest::JoinWithToken {
             id,
             raft_addr: c.advertise_addr(),
-            token,
+            token: token.into(),
         },
         None => ClusterRequest::Join {
             id,

@@ -66,8 +66,29 @@ pub enum ClusterRequest {
     JoinWithToken {
         id: NodeId,
         raft_addr: String,
-        token: String,
+        token: TokenText,
     },
+}
+
+/// A join token's text as it travels; its `Debug` shows only the public id, so logging a
+/// request never logs a secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TokenText(pub String);
+
+impl From<String> for TokenText {
+    fn from(text: String) -> TokenText {
+        TokenText(text)
+    }
+}
+
+impl std::fmt::Debug for TokenText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match join_token::parse(&self.0) {
+            Some((id, _)) => write!(f, "{}{id}_…", join_token::PREFIX),
+            None => f.write_str("(not a join token)"),
+        }
+    }
 }
 
 impl ClusterRequest {
@@ -187,7 +208,7 @@ impl Replica {
                 raft_addr,
                 token,
             } => self
-                .join(id, raft_addr, Some(&token))
+                .join(id, raft_addr, Some(&token.0))
                 .await
                 .map(|()| ClusterReply::Joined),
             ClusterRequest::Remove { id } => self.remove(id).await.map(|()| ClusterReply::Removed),
@@ -239,14 +260,10 @@ impl Replica {
         }
         if let Some(existing) = members.into_iter().find(|m| m.id == id) {
             if existing.raft_addr == raft_addr {
-                // A repeated join, e.g. after a lost answer: only with the token it used.
-                return match token {
-                    Some(t) if t.used_by != id => Err(Error::Membership(format!(
-                        "node id {id} is already a member; this join token was not the one \
-                         it joined with"
-                    ))),
-                    _ => Ok(()),
-                };
+                // A repeated join, e.g. after a lost answer: harmless, and answered with any
+                // token that admits this id (the one it used may have expired or been
+                // removed since); the token is not used up.
+                return Ok(());
             }
             return Err(Error::Membership(format!(
                 "node id {id} is already a member, at {}; every node needs its own id",

@@ -366,6 +366,18 @@ impl Replica {
         self.raft.metrics().borrow().clone()
     }
 
+    /// Whether `id` is in this node's latest membership (voter or learner), without
+    /// copying the metrics: asked for every request on the cluster link.
+    pub fn is_member(&self, id: NodeId) -> bool {
+        self.raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&id)
+            .is_some()
+    }
+
     pub fn is_leader(&self) -> bool {
         self.raft.metrics().borrow().state == ServerState::Leader
     }

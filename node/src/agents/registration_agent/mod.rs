@@ -572,22 +572,22 @@ impl RegistrationAgent {
                     };
                     self.unregister(&id, session.take(), within, &mut rng).await;
                     if let Some(epoch) = drop_epoch {
+                        // Noted before the drop is proposed: once it applies, the node holds
+                        // no lease, and a drain must not look done before another node
+                        // holds the account (nor when the proposal's answer is lost).
+                        if self.board.draining.load(Ordering::Acquire) {
+                            self.board
+                                .given_up
+                                .lock()
+                                .expect("board")
+                                .insert(id.clone(), Instant::now());
+                        }
                         let drop = Command::DropLease {
                             provider: id.clone(),
                             epoch,
                         };
-                        match self.cluster.replica.propose(drop).await {
-                            Ok(_) if self.board.draining.load(Ordering::Acquire) => {
-                                self.board
-                                    .given_up
-                                    .lock()
-                                    .expect("board")
-                                    .insert(id.clone(), Instant::now());
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::warn!(account = %id, error = %e, "dropping a released lease failed; it will lapse");
-                            }
+                        if let Err(e) = self.cluster.replica.propose(drop).await {
+                            tracing::warn!(account = %id, error = %e, "dropping a released lease failed; it will lapse");
                         }
                     }
                     self.board.remove(&id);

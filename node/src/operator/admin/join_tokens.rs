@@ -17,8 +17,9 @@ use super::{json_reply, parse_json, refused, Admin, ApiError};
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
 /// The longest lifetime an operator may ask for: a token is for a join about to happen.
 const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
-/// The lifetime of the token `POST /v1/cluster/members` mints for its own join.
-const OWN_JOIN_LIFETIME: Duration = Duration::from_secs(60);
+/// The lifetime of the token `POST /v1/cluster/members` mints for its own join: the join
+/// follows at once, but the leader's clock decides expiry, and this node's may be behind.
+const OWN_JOIN_LIFETIME: Duration = Duration::from_secs(600);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,7 +175,7 @@ impl Admin {
         Ok(ClusterRequest::JoinWithToken {
             id,
             raft_addr,
-            token,
+            token: token.into(),
         })
     }
 }
