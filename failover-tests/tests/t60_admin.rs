@@ -87,6 +87,7 @@ fn the_admin_api_checks_the_token_and_answers_bad_input_with_json_errors() {
             409,
             "standalone",
         ),
+        ("POST", "/v1/cluster/join-tokens", "", 409, "standalone"),
         ("GET", "/v1/nothing-here", "", 404, "no such endpoint"),
         ("POST", "/health", "", 405, "method"),
     ] {

@@ -546,7 +546,10 @@ impl ClusterNode {
     /// A membership request, run on the leader wherever it is.
     pub async fn cluster_request(&self, request: ClusterRequest) -> Result<ClusterReply, Error> {
         if self.is_standalone() {
-            if let ClusterRequest::Join { .. } | ClusterRequest::Remove { .. } = request {
+            if let ClusterRequest::Join { .. }
+            | ClusterRequest::JoinWithToken { .. }
+            | ClusterRequest::Remove { .. } = request
+            {
                 return Err(Error::Config {
                     key: "cluster".into(),
                     problem: "this node is standalone; membership needs a [cluster] section".into(),

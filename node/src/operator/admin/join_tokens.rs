@@ -56,6 +56,7 @@ impl Admin {
         } else {
             parse_json(&body)?
         };
+        self.check_clustered()?;
         let lifetime = match b.expires_secs {
             None => DEFAULT_LIFETIME,
             Some(s) if (1..=MAX_LIFETIME.as_secs()).contains(&s) => Duration::from_secs(s),
@@ -76,6 +77,17 @@ impl Admin {
             stored"
             .into();
         Ok(json_reply(StatusCode::CREATED, &view))
+    }
+
+    /// Refuses minting on a standalone node, which nothing can join.
+    fn check_clustered(&self) -> Result<(), ApiError> {
+        if self.cluster.is_standalone() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "this node is standalone; membership needs a [cluster] section",
+            ));
+        }
+        Ok(())
     }
 
     /// Refuses, before a token is made, an id that could never join.
@@ -167,6 +179,7 @@ impl Admin {
         id: u64,
         raft_addr: String,
     ) -> Result<ClusterRequest, ApiError> {
+        self.check_clustered()?;
         let feature = self.cluster.replica.reader().feature_version()?;
         if feature < tandem_raft_store::membership::JOIN_TOKENS_FROM {
             return Ok(ClusterRequest::Join { id, raft_addr });
