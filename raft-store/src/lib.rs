@@ -19,6 +19,7 @@ pub mod join_token;
 pub mod local_network;
 pub mod log_store;
 pub mod replica;
+pub mod secret_token;
 pub mod state;
 pub mod state_machine;
 mod store;

@@ -9,6 +9,7 @@ use serde::Deserialize;
 use tandem_raft_store::command::{Command, CommandResult, JoinToken};
 use tandem_raft_store::join_token;
 use tandem_raft_store::membership::ClusterRequest;
+use tandem_raft_store::secret_token;
 use warp::http::StatusCode;
 
 use super::{json_reply, parse_json, refused, Admin, ApiError};
@@ -148,9 +149,10 @@ impl Admin {
         &self,
         id: String,
     ) -> Result<warp::reply::Response, ApiError> {
-        if id.len() != 16 || !id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        if !secret_token::is_id(&id) {
             return Err(ApiError::bad_request(format!(
-                "a join token is named by its id, 16 hex digits; got {id:?}"
+                "a join token is named by its id, {} hex digits; got {id:?}",
+                secret_token::ID_HEX
             )));
         }
         if self.cluster.replica.reader().join_token(&id)?.is_none() {

@@ -3,20 +3,16 @@
 //! (node/DESIGN.md, "Who may do what on the admin port").
 
 use bytes::Bytes;
-use rand::RngCore;
 use serde::Deserialize;
 use tandem_raft_store::command::{ApiToken, Command, CommandResult};
+use tandem_raft_store::secret_token::{self, ID_HEX};
 use warp::http::StatusCode;
 
 use super::{check_customer, check_id, json_reply, parse_json, refused, same_secret, Admin};
 use super::{customer_query, ApiError};
 
-/// What a customer token starts with; the rest is `<id>_<secret>`.
+/// What a customer token starts with; the rest is `<id>_<secret>` (`secret_token`).
 const PREFIX: &str = "tc_";
-/// Hex digits of a token id (64 bits: unique, not secret).
-const ID_HEX: usize = 16;
-/// Hex digits of a token secret (256 bits).
-const SECRET_HEX: usize = 64;
 /// Tokens one customer may hold: enough for every portal and script it runs, and few
 /// enough that deleting a customer reads them all in one apply.
 pub(super) const MAX_TOKENS_PER_CUSTOMER: usize = 100;
@@ -83,27 +79,9 @@ pub(super) fn operator_only() -> ApiError {
     )
 }
 
-fn sha256(secret: &str) -> [u8; 32] {
-    let d = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
-}
-
-fn is_hex(s: &str, len: usize) -> bool {
-    s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// `(id, secret)` of a customer token's text, if it has the shape of one.
 fn parse(token: &str) -> Option<(&str, &str)> {
-    let (id, secret) = token.strip_prefix(PREFIX)?.split_once('_')?;
-    (is_hex(id, ID_HEX) && is_hex(secret, SECRET_HEX)).then_some((id, secret))
-}
-
-fn random_hex(bytes: usize) -> String {
-    let mut b = vec![0u8; bytes];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    crate::hex::encode(&b)
+    secret_token::parse(PREFIX, token)
 }
 
 fn wrong_token() -> ApiError {
@@ -150,7 +128,7 @@ impl Admin {
         let (id, secret) = parse(presented).ok_or_else(wrong_token)?;
         let reader = self.cluster.replica.reader();
         let token = reader.api_token(id)?.ok_or_else(wrong_token)?;
-        if !same_secret(&sha256(secret), &token.secret_sha256) {
+        if !secret_token::secret_matches(&token.secret_sha256, secret) {
             return Err(wrong_token());
         }
         match reader.customer(&token.customer)? {
@@ -194,12 +172,12 @@ impl Admin {
             ));
         }
         self.writable()?;
-        let secret = random_hex(SECRET_HEX / 2);
+        let minted = secret_token::mint(PREFIX);
         let token = ApiToken {
-            id: random_hex(ID_HEX / 2),
+            id: minted.id,
             customer: b.customer,
             label: b.label,
-            secret_sha256: sha256(&secret),
+            secret_sha256: minted.secret_sha256,
             created_at_ms: crate::clock::now_ms(),
         };
         match self
@@ -210,7 +188,7 @@ impl Admin {
         {
             CommandResult::Done => {
                 let mut view = token_json(&token);
-                view["token"] = format!("{PREFIX}{}_{secret}", token.id).into();
+                view["token"] = minted.text.into();
                 view["note"] = "the token is shown this once; only its hash is stored".into();
                 Ok(json_reply(StatusCode::CREATED, &view))
             }
@@ -240,7 +218,7 @@ impl Admin {
 
     /// `DELETE /v1/tokens/{id}`: every node refuses the token once it applies this.
     pub(super) async fn revoke_token(&self, id: String) -> Result<warp::reply::Response, ApiError> {
-        if !is_hex(&id, ID_HEX) {
+        if !secret_token::is_id(&id) {
             return Err(ApiError::bad_request(format!(
                 "a token is named by its id, {ID_HEX} hex digits; got {id:?}"
             )));
