@@ -171,7 +171,7 @@ impl Board {
             .map_err(|e| e.to_string())?
             .len();
         let mut given_up = self.given_up.lock().expect("board");
-        let mut waiting = Vec::new();
+        let mut waiting = std::collections::HashSet::new();
         for (id, since) in given_up.iter() {
             if since.elapsed() >= HANDOVER_WAIT {
                 continue;
@@ -183,7 +183,7 @@ impl Board {
             let lease = reader.provider_lease(id).map_err(|e| e.to_string())?;
             let taken = lease.is_some_and(|l| l.owner != 0 && l.owner != me && !l.releasing);
             if !taken {
-                waiting.push(id.clone());
+                waiting.insert(id.clone());
             }
         }
         given_up.retain(|id, _| waiting.contains(id));
