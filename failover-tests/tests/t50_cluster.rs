@@ -678,6 +678,20 @@ fn a_node_joins_only_with_a_one_time_join_token_an_operator_minted() {
     let good = mint(&[]);
     let run = join(third, Some(&good));
     assert!(run.status.success(), "{}", describe(&run));
+    // The join recorded the members it found, who vouch for the leader that first reaches
+    // node 3 before it knows a membership of its own.
+    let identity = std::fs::read_to_string(third.dir.join("data/tandem-identity")).unwrap();
+    let recorded = identity
+        .lines()
+        .find_map(|l| l.strip_prefix("members = "))
+        .unwrap_or_default();
+    for m in [first, cluster.member(2)] {
+        assert!(
+            recorded.split(',').any(|a| a == m.raft_addr),
+            "node 3's identity file does not name member {}: {identity}",
+            m.raft_addr
+        );
+    }
     third.start();
     third.wait_healthy();
     cluster.wait_for_voters(3, Duration::from_secs(20));

@@ -22,6 +22,11 @@ pub struct Identity {
     /// The fingerprint of the cluster CA (see [`crate::tls::ca_fingerprint`]); `None` for
     /// a standalone node.
     pub ca_fingerprint: Option<String>,
+    /// The Raft addresses of the members `tandem cluster join` found (the member it asked
+    /// first): until the node has a membership of its own, they are who may vouch for the
+    /// leader that first reaches it (see [`crate::senders`]). Empty for the first node, and
+    /// for a node joined by a release that did not record them.
+    pub join_members: Vec<String>,
 }
 
 impl Identity {
@@ -34,6 +39,7 @@ impl Identity {
             cluster_id,
             node_id,
             ca_fingerprint: None,
+            join_members: Vec::new(),
         }
     }
 }
@@ -103,6 +109,9 @@ pub fn claim(dir: &Path, identity: &Identity) -> Result<(), Error> {
     );
     if let Some(ca) = &identity.ca_fingerprint {
         text.push_str(&format!("ca = {ca}\n"));
+    }
+    if !identity.join_members.is_empty() {
+        text.push_str(&format!("members = {}\n", identity.join_members.join(",")));
     }
     let io =
         |e: std::io::Error| Error::Io(format!("writing {}: {e}", identity_path(dir).display()));
@@ -179,6 +188,7 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
         Err(e) => return Err(Error::Io(format!("reading {}: {e}", path.display()))),
     };
     let (mut cluster, mut node, mut ca) = (None, None, None);
+    let mut join_members = Vec::new();
     for line in text
         .lines()
         .map(str::trim)
@@ -188,6 +198,14 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
             Some(("cluster", v)) if !v.is_empty() => cluster = Some(v.to_owned()),
             Some(("node", v)) => node = v.parse().ok(),
             Some(("ca", v)) if !v.is_empty() => ca = Some(v.to_owned()),
+            Some(("members", v)) => {
+                join_members = v
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            }
             _ => {}
         }
     }
@@ -196,6 +214,7 @@ fn read(dir: &Path) -> Result<Option<Identity>, Error> {
             cluster_id,
             node_id,
             ca_fingerprint: ca,
+            join_members,
         })),
         _ => Err(Error::Corrupt(format!(
             "{} is damaged: it needs `cluster = ...` and `node = N`",
@@ -214,6 +233,7 @@ mod tests {
         let dir = tmp.path().join("data");
         let me = Identity {
             ca_fingerprint: Some("ab12".into()),
+            join_members: vec!["127.0.0.1:7001".into(), "[::1]:7002".into()],
             ..Identity::new_cluster(2)
         };
         claim(&dir, &me).unwrap();

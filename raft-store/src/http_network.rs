@@ -34,6 +34,7 @@ use warp::Filter;
 use crate::membership::{ClusterReply, ClusterRequest};
 use crate::replica::history::DROP_HISTORY_WITHIN;
 use crate::replica::{BoxFuture, Forwarder, Replica};
+use crate::senders::Senders;
 use crate::tls::ClusterTls;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
@@ -196,6 +197,10 @@ pub struct ServeContext {
     pub features: u32,
     /// Answers [`ClusterRequest::Agent`] questions; set once the agents run.
     pub agent: AgentHook,
+    /// Asks members whether a Raft sender this node has not heard of is one of them.
+    pub network: HttpNetwork,
+    /// The members the node's join recorded ([`crate::data_dir::Identity::join_members`]).
+    pub join_members: Vec<String>,
 }
 
 /// Where questions for a node's agents go: empty until the agents start, and on a node
@@ -483,10 +488,12 @@ fn forbidden(name: &str, why: &str) -> warp::http::Response<Vec<u8>> {
 }
 
 /// `POST /raft/<name>`: decodes the body as `Req`, asks `permit` whether the connection's
-/// peer may send it (403 with the reason if not), calls `handle`, encodes its result.
+/// peer may send it and, for a Raft message (`sender` given), whether the peer is a member
+/// (403 with the reason if not), calls `handle`, encodes its result.
 fn rpc_route<Req, Fut, Out>(
     name: &'static str,
     replica: Replica,
+    sender: Option<(Arc<Senders>, Option<NodeId>)>,
     permit: impl Fn(&Replica, &Req) -> Result<(), String> + Clone + Send + Sync + 'static,
     handle: impl Fn(Replica, Req) -> Fut + Clone + Send + Sync + 'static,
 ) -> impl Filter<Extract = (warp::http::Response<Vec<u8>>,), Error = warp::Rejection> + Clone
@@ -503,15 +510,21 @@ where
         .and(warp::body::bytes())
         .then(move |body: Bytes| {
             let replica = replica.clone();
-            let (permit, handle) = (permit.clone(), handle.clone());
+            let (permit, handle, sender) = (permit.clone(), handle.clone(), sender.clone());
             async move {
-                match postcard::from_bytes::<Req>(&body) {
-                    Ok(request) => match permit(&replica, &request) {
-                        Ok(()) => reply(&handle(replica, request).await),
-                        Err(why) => forbidden(name, &why),
-                    },
-                    Err(e) => bad_request(e),
+                let request = match postcard::from_bytes::<Req>(&body) {
+                    Ok(request) => request,
+                    Err(e) => return bad_request(e),
+                };
+                if let Err(why) = permit(&replica, &request) {
+                    return forbidden(name, &why);
                 }
+                if let Some((senders, Some(peer))) = &sender {
+                    if let Err(why) = senders.check(&replica, *peer).await {
+                        return forbidden(name, &why);
+                    }
+                }
+                reply(&handle(replica, request).await)
             }
         })
 }
@@ -548,6 +561,12 @@ pub async fn serve(
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls.server.clone());
+    let senders = Arc::new(Senders::new(
+        replica.id(),
+        context.cluster_id.clone(),
+        context.network.clone(),
+        context.join_members.clone(),
+    ));
     let (mut incoming, accept_loop) =
         crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
     let (stopping, stopped) = tokio::sync::watch::channel(false);
@@ -575,7 +594,12 @@ pub async fn serve(
             .peer_certificates()
             .and_then(|chain| chain.first())
             .and_then(|cert| crate::certs::node_id_of(cert));
-        let service = warp::service(routes(replica.clone(), context.clone(), peer));
+        let service = warp::service(routes(
+            replica.clone(),
+            context.clone(),
+            senders.clone(),
+            peer,
+        ));
         let connection = tls.ended_on_removal(stream);
         let mut stopped = stopped.clone();
         connections.spawn(async move {
@@ -600,11 +624,13 @@ pub async fn serve(
 fn routes(
     replica: Replica,
     context: ServeContext,
+    senders: Arc<Senders>,
     peer: Option<NodeId>,
 ) -> warp::filters::BoxedFilter<(warp::http::Response<Vec<u8>>,)> {
     let append = rpc_route(
         "append",
         replica.clone(),
+        Some((senders.clone(), peer)),
         move |_, rpc: &AppendEntriesRequest<TypeConfig>| {
             sent_as(peer, rpc.vote.leader_id().voted_for())
         },
@@ -618,12 +644,14 @@ fn routes(
     let vote = rpc_route(
         "vote",
         replica.clone(),
+        Some((senders.clone(), peer)),
         move |_, rpc: &VoteRequest<NodeId>| sent_as(peer, rpc.vote.leader_id().voted_for()),
         |replica, rpc: VoteRequest<NodeId>| async move { replica.raft().vote(rpc).await },
     );
     let snapshot = rpc_route(
         "snapshot",
         replica.clone(),
+        Some((senders, peer)),
         move |_, rpc: &InstallSnapshotRequest<TypeConfig>| {
             sent_as(peer, rpc.vote.leader_id().voted_for())
         },
@@ -634,6 +662,7 @@ fn routes(
     let propose = rpc_route(
         "propose",
         replica.clone(),
+        None,
         move |replica, _: &Request| from_member(replica, peer),
         |replica, request: Request| async move {
             replica
@@ -647,6 +676,7 @@ fn routes(
     let cluster = rpc_route(
         "cluster",
         replica,
+        None,
         // A node asks to join in its own name; everything else, a forwarded join included
         // (the member that forwards it checked the joiner's name), comes from members.
         move |replica, (request, forwarded): &(ClusterRequest, bool)| match request {
@@ -663,6 +693,7 @@ fn routes(
                 let reply = match request {
                     ClusterRequest::KeyIds => (context.key_ids)().map(ClusterReply::KeyIds),
                     ClusterRequest::Features => Ok(ClusterReply::Features(context.features)),
+                    ClusterRequest::Members => Ok(ClusterReply::Members(replica.members())),
                     // Only the leader's log says what has been acknowledged: its last
                     // index covers every write acknowledged before the question (and, for
                     // a new leader, the first entry of its term, which commits them all).

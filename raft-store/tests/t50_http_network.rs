@@ -24,12 +24,14 @@ fn tls_for(ca: &CertAuthority, name: &str, ip: &str) -> ClusterTls {
     .unwrap()
 }
 
-fn context() -> http_network::ServeContext {
+fn context(tls: &ClusterTls) -> http_network::ServeContext {
     http_network::ServeContext {
         cluster_id: "test-cluster".into(),
         key_ids: Arc::new(|| Ok(vec![1, 2])),
         features: 0,
         agent: Arc::default(),
+        network: HttpNetwork::new(tls).unwrap(),
+        join_members: Vec::new(),
     }
 }
 
@@ -70,7 +72,14 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
             .unwrap();
         let served = r.clone();
         tokio::spawn(async move {
-            http_network::serve(listener, &tls, served, context(), std::future::pending()).await
+            http_network::serve(
+                listener,
+                &tls,
+                served,
+                context(&tls),
+                std::future::pending(),
+            )
+            .await
         });
         replicas.push(r);
         dirs.push(dir);
@@ -188,7 +197,14 @@ async fn serving_replica(
         .unwrap();
     let served = r.clone();
     tokio::spawn(async move {
-        http_network::serve(listener, &tls, served, context(), std::future::pending()).await
+        http_network::serve(
+            listener,
+            &tls,
+            served,
+            context(&tls),
+            std::future::pending(),
+        )
+        .await
     });
     (r, info, dir)
 }
@@ -563,5 +579,349 @@ async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
     );
     for r in [&r1, &r2] {
         r.shutdown().await;
+    }
+}
+
+/// A replica serving the Raft network, which the test can stop and start again on the
+/// same data dir and address.
+struct Served {
+    replica: Replica,
+    info: NodeInfo,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts node `id` on `dir`, at `addr` (a fresh port of 127.0.0.<id> if `None`), with the
+/// members its join recorded.
+async fn serve_node(
+    ca: &CertAuthority,
+    id: u64,
+    dir: &std::path::Path,
+    addr: Option<&str>,
+    settings: &RaftSettings,
+    join_members: Vec<String>,
+) -> Served {
+    let ip = format!("127.0.0.{id}");
+    let listener = match addr {
+        Some(addr) => tokio::net::TcpListener::bind(addr).await.unwrap(),
+        None => tokio::net::TcpListener::bind((ip.as_str(), 0))
+            .await
+            .unwrap(),
+    };
+    let info = NodeInfo {
+        raft_addr: listener.local_addr().unwrap().to_string(),
+    };
+    let tls = tls_for(ca, &format!("node{id}"), &ip);
+    let network = HttpNetwork::new(&tls).unwrap();
+    let forwarder: Arc<dyn Forwarder> = Arc::new(network.clone());
+    // A replica stopped a moment ago may still hold the store's lock.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let replica = loop {
+        match Replica::start_with_forwarding(
+            id,
+            dir,
+            settings,
+            network.clone(),
+            Some(forwarder.clone()),
+        )
+        .await
+        {
+            Ok(r) => break r,
+            Err(e) if Instant::now() < deadline => {
+                let _ = e;
+                sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("node {id} did not start again: {e}"),
+        }
+    };
+    let context = http_network::ServeContext {
+        join_members,
+        ..context(&tls)
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = replica.clone();
+    let task = tokio::spawn(async move {
+        http_network::serve(listener, &tls, served, context, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Served {
+        replica,
+        info,
+        stop,
+        task,
+    }
+}
+
+impl Served {
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+        self.replica.shutdown().await;
+    }
+}
+
+/// Raft messages count only from members: a certificate the cluster's CA signed for an id
+/// that never joined cannot vote or append in its own name, not even to a node that has
+/// just joined and knows no membership yet. A member this node has not heard of is taken
+/// once a member it knows vouches for it: a member (node 3, a learner) that was down while
+/// node 4 joined and took the lead catches up from node 4, and a node that just joined
+/// takes the leader's first appends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raft_messages_count_only_from_members_or_those_a_member_vouches_for() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use tandem_raft_store::command::Customer;
+    use tandem_raft_store::membership::ClusterRequest;
+    use tandem_raft_store::types::Vote;
+
+    let ca = CertAuthority::generate("test").unwrap();
+    let settings = RaftSettings {
+        heartbeat: Duration::from_millis(100),
+        election_timeout_min: Duration::from_millis(600),
+        election_timeout_max: Duration::from_millis(1200),
+        ..RaftSettings::default()
+    };
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let n1 = serve_node(&ca, 1, dirs[0].path(), None, &settings, vec![]).await;
+    n1.replica
+        .initialize([(1, n1.info.clone())].into())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_for("node 1 to lead", deadline, || {
+        n1.replica.metrics().current_leader == Some(1)
+    })
+    .await;
+    n1.replica
+        .propose(Command::SetFeatureVersion { version: 5 })
+        .await
+        .unwrap();
+    let timeout = Duration::from_secs(5);
+    let join = |id: u64, served: &Served, token: String| {
+        let network = HttpNetwork::new(&tls_for(
+            &ca,
+            &format!("node{id}"),
+            &format!("127.0.0.{id}"),
+        ))
+        .unwrap();
+        let request = ClusterRequest::JoinWithToken {
+            id,
+            raft_addr: served.info.raft_addr.clone(),
+            token: token.into(),
+        };
+        let to = n1.info.raft_addr.clone();
+        async move { network.cluster(&to, &request, timeout).await.unwrap() }
+    };
+    let joined_through_1 = vec![n1.info.raft_addr.clone()];
+    let n2 = serve_node(
+        &ca,
+        2,
+        dirs[1].path(),
+        None,
+        &settings,
+        joined_through_1.clone(),
+    )
+    .await;
+    let n3 = serve_node(
+        &ca,
+        3,
+        dirs[2].path(),
+        None,
+        &settings,
+        joined_through_1.clone(),
+    )
+    .await;
+    join(2, &n2, join_token(&n1.replica, Some(2)).await).await;
+    let promote = |want: Vec<u64>| {
+        let leader = n1.replica.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut promoted = Vec::new();
+            while promoted != want {
+                promoted.extend(leader.promote_caught_up_learners().await.unwrap());
+                promoted.sort();
+                assert!(
+                    Instant::now() < deadline,
+                    "only {promoted:?} of {want:?} caught up"
+                );
+                sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    promote(vec![2]).await;
+    // Node 3 stays a learner, so that nodes 1, 2 and 4 make a majority without it below.
+    join(3, &n3, join_token(&n1.replica, Some(3)).await).await;
+    let caught_up = |n: &Served| {
+        let last = n1.replica.metrics().last_log_index;
+        n.replica.metrics().last_applied.map(|l| l.index) == last
+    };
+    wait_for(
+        "node 3 to catch up",
+        Instant::now() + Duration::from_secs(30),
+        || caught_up(&n3),
+    )
+    .await;
+
+    // A certificate for node 9, which never joined, speaking Raft in its own name.
+    let stranger = HttpNetwork::new(&tls_for(&ca, "node9", "127.0.0.9")).unwrap();
+    let option = RPCOption::new(timeout);
+    let terms = |nodes: &[&Served]| {
+        nodes
+            .iter()
+            .map(|n| n.replica.metrics().current_term)
+            .collect::<Vec<_>>()
+    };
+    let before = terms(&[&n1, &n2, &n3]);
+    let high = before.iter().max().unwrap() + 50;
+    for target in [&n1, &n2] {
+        let mut to = stranger
+            .clone()
+            .new_client(target.replica.id(), &target.info)
+            .await;
+        let vote = to
+            .vote(VoteRequest::new(Vote::new(high, 9), None), option.clone())
+            .await;
+        assert!(vote.is_err(), "a never-member's vote was taken: {vote:?}");
+        let append = to
+            .append_entries(
+                AppendEntriesRequest {
+                    vote: Vote::new_committed(high, 9),
+                    prev_log_id: None,
+                    entries: vec![],
+                    leader_commit: None,
+                },
+                option.clone(),
+            )
+            .await;
+        assert!(
+            append.is_err(),
+            "a never-member's append was taken: {append:?}"
+        );
+    }
+    assert_eq!(
+        terms(&[&n1, &n2, &n3]),
+        before,
+        "a never-member moved a term"
+    );
+    assert_eq!(n2.replica.metrics().current_leader, Some(1));
+
+    // Node 3 goes down; node 4 joins, becomes a voter and takes the lead.
+    let addr3 = n3.info.raft_addr.clone();
+    n3.stop().await;
+    let n4 = serve_node(
+        &ca,
+        4,
+        dirs[3].path(),
+        None,
+        &settings,
+        joined_through_1.clone(),
+    )
+    .await;
+    // Before its join, node 4 knows no membership: node 1 (its join's member) does not
+    // vouch for node 9, so node 9 cannot plant a log there either.
+    let mut to_4 = stranger.clone().new_client(4, &n4.info).await;
+    let append = to_4
+        .append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(high, 9),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: None,
+            },
+            option.clone(),
+        )
+        .await;
+    assert!(
+        append.is_err(),
+        "a fresh node took a never-member's append: {append:?}"
+    );
+    assert_eq!(n4.replica.metrics().current_term, 0);
+    join(4, &n4, join_token(&n1.replica, Some(4)).await).await;
+    wait_for(
+        "node 4 to catch up",
+        Instant::now() + Duration::from_secs(30),
+        || caught_up(&n4),
+    )
+    .await;
+    n1.replica
+        .raft()
+        .change_membership(openraft::ChangeMembers::AddVoterIds([4].into()), false)
+        .await
+        .unwrap();
+    // An election node 4 starts before its log is as long as the others' loses, so it
+    // waits for that, and tries again if another node won meanwhile.
+    let leads = Instant::now() + Duration::from_secs(60);
+    let leader_everywhere = |id| {
+        [&n1, &n2, &n4]
+            .iter()
+            .all(|n| n.replica.metrics().current_leader == Some(id))
+    };
+    while !leader_everywhere(4) {
+        assert!(
+            Instant::now() < leads,
+            "node 4 never took the lead: {:?}",
+            [&n1, &n2, &n4].map(|n| {
+                let m = n.replica.metrics();
+                (
+                    m.id,
+                    m.state,
+                    m.current_term,
+                    m.current_leader,
+                    m.last_log_index,
+                )
+            })
+        );
+        let last = |n: &Served| n.replica.metrics().last_log_index;
+        if last(&n4) == last(&n1) && last(&n4) == last(&n2) {
+            n4.replica.raft().trigger().elect().await.unwrap();
+            let settled = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < settled && !leader_everywhere(4) {
+                sleep(Duration::from_millis(20)).await;
+            }
+        } else {
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let written_by_4 = Command::PutCustomer(Customer {
+        id: "while-3-was-down".into(),
+        name: "written through node 4".into(),
+        enabled: true,
+    });
+    assert_eq!(
+        n4.replica.propose(written_by_4).await.unwrap(),
+        CommandResult::Done
+    );
+
+    // Node 3 comes back knowing only nodes 1, 2 and itself: nodes 1 and 2 vouch for node 4,
+    // so node 3 takes its appends and catches up.
+    let n3 = serve_node(
+        &ca,
+        3,
+        dirs[2].path(),
+        Some(&addr3),
+        &settings,
+        joined_through_1,
+    )
+    .await;
+    assert!(!n3.replica.members().iter().any(|m| m.id == 4));
+    let back = Instant::now() + Duration::from_secs(30);
+    while n3
+        .replica
+        .reader()
+        .customer("while-3-was-down")
+        .unwrap()
+        .is_none()
+    {
+        assert!(
+            Instant::now() < back,
+            "node 3 never took the appends of node 4, a member it had not heard of"
+        );
+        sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(n3.replica.metrics().current_leader, Some(4));
+    for n in [n1, n2, n3, n4] {
+        n.stop().await;
     }
 }

@@ -11,7 +11,7 @@ use tandem_raft_store::http_network::HttpNetwork;
 use tandem_raft_store::local_network::LocalRouter;
 use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
 use tandem_raft_store::replica::Replica;
-use tandem_raft_store::types::NodeInfo;
+use tandem_raft_store::types::{NodeId, NodeInfo};
 
 use super::{cluster_section, load_or_create_keys};
 use crate::config::{ClusterConfig, Config};
@@ -122,12 +122,14 @@ pub async fn join(
             "unexpected answer from {peer}: {reply:?}"
         ))));
     }
+    let join_members = members_seen_from(&network, peer, id).await;
     data_dir::claim(
         dir,
         &Identity {
             cluster_id: cluster_id.clone(),
             node_id: id,
             ca_fingerprint: Some(c.ca_fingerprint()?),
+            join_members,
         },
     )?;
     Ok(format!(
@@ -135,6 +137,32 @@ pub async fn join(
          Next: start it with `tandem run --config FILE`; it becomes a voter once it has caught up.\n",
         c.advertise_addr()
     ))
+}
+
+/// The Raft addresses of the members `peer` knows now that this node is one (the peer's
+/// first): until this node has a membership of its own, they vouch for the leader that
+/// first reaches it. The peer may take a moment to apply the join, and one from before the
+/// question existed cannot answer; then the peer alone is recorded.
+async fn members_seen_from(network: &HttpNetwork, peer: &str, me: NodeId) -> Vec<String> {
+    let mut addrs = vec![peer.to_owned()];
+    for _ in 0..10 {
+        match network
+            .cluster(peer, &ClusterRequest::Members, Duration::from_secs(2))
+            .await
+        {
+            Ok((_, ClusterReply::Members(members))) if members.iter().any(|m| m.id == me) => {
+                addrs.extend(
+                    members
+                        .into_iter()
+                        .filter(|m| m.id != me && m.raft_addr != peer)
+                        .map(|m| m.raft_addr),
+                );
+                break;
+            }
+            Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    addrs
 }
 
 /// The join token, from `--token-file` or the `TANDEM_JOIN_TOKEN` environment variable

@@ -251,6 +251,8 @@ impl ClusterNode {
                 let (key_file, ring) = (key_path.clone(), keys.clone());
                 let context = ServeContext {
                     agent: agent_hook.clone(),
+                    network: network.clone(),
+                    join_members: identity.join_members.clone(),
                     cluster_id: identity.cluster_id.clone(),
                     features: supported_features(),
                     // Reloads the key file, so the answer is the keys this node now uses.

@@ -68,6 +68,11 @@ pub enum ClusterRequest {
         raft_addr: String,
         token: TokenText,
     },
+    /// The answering node's latest membership (not forwarded: asked of each member), so a
+    /// node can learn whether a sender it has not heard of is a member (see
+    /// [`crate::senders`]). A node from before this variant existed cannot decode it and
+    /// answers with an error.
+    Members,
 }
 
 /// A join token's text as it travels; its `Debug` shows only the public id, so logging a
@@ -101,6 +106,7 @@ impl ClusterRequest {
                 | ClusterRequest::Features
                 | ClusterRequest::Agent(_)
                 | ClusterRequest::Applied
+                | ClusterRequest::Members
         )
     }
 }
@@ -116,6 +122,7 @@ pub enum ClusterReply {
     Features(u32),
     Agent(String),
     Applied(u64),
+    Members(Vec<Member>),
 }
 
 /// What the leader knows about replication to each member.
@@ -217,7 +224,8 @@ impl Replica {
             | ClusterRequest::DropHistory { .. }
             | ClusterRequest::Features
             | ClusterRequest::Agent(_)
-            | ClusterRequest::Applied => Err(per_member(&request)),
+            | ClusterRequest::Applied
+            | ClusterRequest::Members => Err(per_member(&request)),
         }
     }
 }
