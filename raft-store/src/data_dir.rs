@@ -24,7 +24,7 @@ pub struct Identity {
     pub ca_fingerprint: Option<String>,
     /// The Raft addresses of the members `tandem cluster join` found (the member it asked
     /// first): until the node has a membership of its own, they are who may vouch for the
-    /// leader that first reaches it (see [`crate::senders`]). Empty for the first node, and
+    /// leader that first reaches it (see `http_network::senders`). Empty for the first node, and
     /// for a node joined by a release that did not record them.
     pub join_members: Vec<String>,
 }

@@ -20,7 +20,6 @@ pub mod local_network;
 pub mod log_store;
 pub mod replica;
 pub mod secret_token;
-pub mod senders;
 pub mod state;
 pub mod state_machine;
 mod store;

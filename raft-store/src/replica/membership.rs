@@ -70,7 +70,7 @@ pub enum ClusterRequest {
     },
     /// The answering node's latest membership (not forwarded: asked of each member), so a
     /// node can learn whether a sender it has not heard of is a member (see
-    /// [`crate::senders`]). A node from before this variant existed cannot decode it and
+    /// `http_network::senders`). A node from before this variant existed cannot decode it and
     /// answers with an error.
     Members,
 }

@@ -34,10 +34,12 @@ use warp::Filter;
 use crate::membership::{ClusterReply, ClusterRequest};
 use crate::replica::history::DROP_HISTORY_WITHIN;
 use crate::replica::{BoxFuture, Forwarder, Replica};
-use crate::senders::Senders;
 use crate::tls::ClusterTls;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
+use senders::Senders;
+
+pub mod senders;
 
 /// Largest RPC body accepted: a snapshot chunk or a large append.
 const MAX_BODY: u64 = 64 * 1024 * 1024;

@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::http_network::HttpNetwork;
+use super::HttpNetwork;
 use crate::membership::{ClusterReply, ClusterRequest};
 use crate::replica::Replica;
 use crate::types::NodeId;
