@@ -173,6 +173,7 @@ impl Member {
         };
         // Two SIP threads where the default is one, so that every test's messages also
         // cross between the shards of a node.
+        let extra_cluster = crate::reaching_test_providers(extra_cluster);
         let config = format!(
             "[node]\nid = {id}\ndata_dir = {data}\nrole = \"{role_name}\"\nmaster_key = {key}\n\
              sip_threads = 2\n\n\

@@ -369,6 +369,24 @@ pub fn sip_config(port: u16, extra: &str) -> String {
     format!("[sip]\nudp = [\"127.0.0.1:{port}\"]\ntcp = [\"127.0.0.1:{port}\"]\n{extra}\n")
 }
 
+/// The tests' providers are Kamailio on loopback or at a lab's address, which a node's
+/// default (providers reach only public addresses) refuses: the nodes tests start list
+/// those networks in `registration_agent.private_networks`, unless the config sets the key.
+pub fn reaching_test_providers(extra: &str) -> String {
+    const KEY: &str = "private_networks = [\"127.0.0.0/8\", \"10.99.0.0/24\"]\n";
+    if extra.contains("private_networks") {
+        extra.to_owned()
+    } else if extra.contains("[registration_agent]\n") {
+        extra.replacen(
+            "[registration_agent]\n",
+            &format!("[registration_agent]\n{KEY}"),
+            1,
+        )
+    } else {
+        format!("{extra}\n\n[registration_agent]\n{KEY}")
+    }
+}
+
 /// One running `tandem run` process with its own temp dir. Dropping it kills the process.
 pub struct Node {
     // Behind a mutex so that every method, including polling for exit, takes &self.
@@ -396,7 +414,10 @@ impl Node {
             .prefix("tandem-node-")
             .tempdir()
             .expect("temp dir for the node");
-        let config = with_admin_port(&with_data_dir(toml, &dir.path().join("data")));
+        let config = with_admin_port(&with_data_dir(
+            &reaching_test_providers(toml),
+            &dir.path().join("data"),
+        ));
         let config_path = dir.path().join("config.toml");
         std::fs::write(&config_path, &config).expect("write config.toml");
         let log_path = dir.path().join("node.log");

@@ -98,8 +98,15 @@ struct AgentNode {
 
 impl AgentNode {
     fn start(extra: &str) -> AgentNode {
+        AgentNode::start_reaching(extra, None)
+    }
+
+    /// With `registration_agent.private_networks` set to `networks` (else the harness's
+    /// loopback and lab networks).
+    fn start_reaching(extra: &str, networks: Option<&str>) -> AgentNode {
+        let reach = networks.map_or(String::new(), |n| format!("private_networks = {n}\n"));
         let node = Node::start_ready_with(|port| {
-            sip_config(port, &format!("{extra}\n{}", agent_config()))
+            sip_config(port, &format!("{extra}\n{}{reach}", agent_config()))
         });
         let token = node.admin_token();
         let n = AgentNode { node, token };
@@ -567,6 +574,106 @@ fn dns_failures_back_off_and_srv_failover_reaches_the_second_registrar() {
             .is_some_and(|t| t.ends_with(&second.udp_addr().port().to_string())),
         "{s}"
     );
+}
+
+/// A provider account names hosts of the customer's choosing, so a customer's token must
+/// not make the nodes send SIP into their own network: a registrar whose name resolves to
+/// loopback, and an outbound proxy given as a loopback address, get no REGISTER; the
+/// account is "rejected" with a reason naming `registration_agent.private_networks` and
+/// backs off as after a refusal. The same accounts register once the operator lists the network.
+#[test]
+fn a_customers_provider_inside_the_network_gets_no_register_unless_the_operator_lists_it() {
+    let dns = DnsServer::start();
+    // The provider's domain, resolving to loopback: public-looking names are judged by
+    // the addresses they resolve to.
+    dns.add_a("provider.test", Ipv4Addr::LOCALHOST);
+    let provider = Provider::start();
+    provider.add("u0", "pw0");
+    let port = provider.node.udp_addr().port();
+    let bodies = [
+        (
+            "by-name",
+            format!(
+                r#"{{"registrar":"provider.test:{port}","transport":"udp",
+                    "username":"u0","password":"pw0","expires_secs":60}}"#
+            ),
+        ),
+        (
+            "by-proxy",
+            format!(
+                r#"{{"registrar":"provider.test","outbound_proxy":"127.0.0.1:{port}",
+                    "transport":"udp","username":"u0","password":"pw0","expires_secs":60}}"#
+            ),
+        ),
+    ];
+    let dns_servers = format!("dns_servers = [\"{}\"]", dns.addr());
+    let agent = AgentNode::start_reaching(&dns_servers, Some("[]"));
+    let admin = agent.node.admin_addr();
+    // The customer's own token puts the accounts, as a fraudster holding one would.
+    let minted = agent.api("POST", "/v1/tokens", Some(r#"{"customer":"c1"}"#));
+    assert_eq!(minted.status, 201, "{}", minted.body);
+    let customer = minted.json()["token"].as_str().unwrap().to_owned();
+    for (name, body) in &bodies {
+        let put = http(
+            admin,
+            Some(&customer),
+            "PUT",
+            &format!("/v1/providers/c1/{name}"),
+            Some(body),
+        )
+        .unwrap();
+        assert_eq!(put.status, 201, "{}", put.body);
+    }
+    for (name, _) in &bodies {
+        let failing = Wait::new(
+            format!("{name} to be rejected for its private address"),
+            Duration::from_secs(20),
+        )
+        .showing(&agent.node)
+        .until(|| {
+            let s = agent
+                .api("GET", &format!("/v1/providers/c1/{name}/status"), None)
+                .json();
+            (s["state"] == "rejected").then_some(s)
+        });
+        let error = failing["registration"]["last_error"].as_str().unwrap_or("");
+        assert!(
+            error.contains("not a public address")
+                && error.contains("registration_agent.private_networks"),
+            "{failing}"
+        );
+        assert_eq!(failing["enabled"], true, "{failing}");
+    }
+    assert_eq!(
+        metric(admin, "tandem_provider_registers_sent_total"),
+        Some(0.0),
+        "a REGISTER went to a private address"
+    );
+    assert!(metric(admin, "tandem_provider_refused_targets_total") >= Some(2.0));
+    // Backing off as after a refusal (2 s doubling here), not retrying at once.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        metric(admin, "tandem_provider_refused_targets_total") <= Some(8.0),
+        "refused attempts were retried without backing off"
+    );
+    assert!(provider.contacts("u0").is_empty());
+
+    // Listed by the operator, the same accounts register.
+    let listed = AgentNode::start_reaching(&dns_servers, Some(r#"["127.0.0.0/8"]"#));
+    for (name, body) in &bodies {
+        let put = listed.api("PUT", &format!("/v1/providers/c1/{name}"), Some(body));
+        assert_eq!(put.status, 201, "{}", put.body);
+    }
+    Wait::new("both accounts to register", Duration::from_secs(20))
+        .showing(&listed.node)
+        .until(|| {
+            bodies.iter().all(|(name, _)| {
+                listed
+                    .api("GET", &format!("/v1/providers/c1/{name}/status"), None)
+                    .json()["state"]
+                    == "registered"
+            })
+        });
 }
 
 /// With Kamailio as the provider, each account has one contact, its owner's; after the

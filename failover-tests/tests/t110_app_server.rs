@@ -2401,7 +2401,8 @@ fn session_timers_are_kept_per_leg_and_end_a_call_whose_refresher_went_silent() 
 /// Dial specs that name URIs: a `sip:` URI outside the served domains is called
 /// directly, and one in a served domain rings that account; `tel:` goes through the
 /// customer's only provider. Without `app_server.uri_private_targets`, a URI whose host
-/// is a loopback address is refused with 403 and nothing is sent to it.
+/// is a loopback address is refused with 403 and nothing is sent to it; without
+/// `registration_agent.private_networks`, so is a call through a provider at one.
 #[test]
 fn a_dialplan_dials_sip_and_tel_uris_and_no_private_address_unless_allowed() {
     let provider = Provider::start();
@@ -2486,6 +2487,34 @@ fn a_dialplan_dials_sip_and_tel_uris_and_no_private_address_unless_allowed() {
     assert!(
         carol.recv(Duration::from_millis(500)).is_none(),
         "nothing reaches the private address"
+    );
+    drop(cluster);
+
+    // A provider account names hosts of the customer's choosing too: with the node's
+    // default (no private network listed), a call through a provider at a loopback
+    // address is refused the same way, and the provider's phone gets nothing.
+    let cluster = form_with_config(
+        &provider_account(&provider),
+        "\n[registration_agent]\nprivate_networks = []\n",
+    );
+    let node = cluster.member(1).sip_addr();
+    let (code, json) = put_dialplan(&cluster, r#"dial("tel:0301234");"#);
+    assert_eq!(code, 201, "{json}");
+    let refused = alice.invite(
+        node,
+        "sip:2@example.com",
+        "provider-private",
+        &mut |_, _| {},
+    );
+    assert_eq!(refused.status(), Some(403), "{}", refused.text);
+    assert!(
+        refused.text.contains("registration_agent.private_networks"),
+        "{}",
+        refused.text
+    );
+    assert!(
+        phone.recv(Duration::from_millis(500)).is_none(),
+        "nothing reaches the provider at a private address"
     );
 }
 

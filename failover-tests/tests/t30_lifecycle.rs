@@ -79,6 +79,10 @@ fn check_config_rejects_values_that_parse_but_do_not_validate() {
         "[app_server]\nsession_expires_secs = 30\n",
         "app_server.session_expires_secs",
     );
+    assert_refused_naming(
+        "[registration_agent]\nprivate_networks = [\"10.0.0.0/33\"]\n",
+        "registration_agent.private_networks",
+    );
 }
 
 #[test]

@@ -445,6 +445,11 @@ pub struct RegistrationAgentConfig {
     /// to `auth_retry_max_secs`, so a wrong password never floods the provider.
     pub auth_retry_min_secs: u64,
     pub auth_retry_max_secs: u64,
+    /// Networks outside the public internet (`"10.20.0.0/16"`, `"192.0.2.7"`) that
+    /// provider accounts may reach, with their REGISTERs and the calls placed through
+    /// them: a carrier on the operator's own network. Empty: only public addresses, so a
+    /// customer's provider account cannot make the nodes send SIP inside their network.
+    pub private_networks: Vec<String>,
 }
 
 impl Default for RegistrationAgentConfig {
@@ -458,6 +463,7 @@ impl Default for RegistrationAgentConfig {
             retry_max_secs: 300,
             auth_retry_min_secs: 300,
             auth_retry_max_secs: 3600,
+            private_networks: Vec::new(),
         }
     }
 }
@@ -997,6 +1003,11 @@ impl Config {
                     &format!("registration_agent.{key}_max_secs"),
                     format!("must be from registration_agent.{key}_min_secs ({min}) to 86400"),
                 );
+            }
+        }
+        for net in &a.private_networks {
+            if let Err(e) = parse_network(net) {
+                bad("registration_agent.private_networks", e);
             }
         }
         let app = &self.app_server;

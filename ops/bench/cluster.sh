@@ -11,7 +11,8 @@
 # (unset: the defaults). SIP_TCP=1 (optional): each node also listens for SIP over TCP on a
 # free port of its address (else tcp = []); node i's is then on the `tcp = [...]` line of
 # its config. NODE_TOML (optional): more config appended to every node's file, tables
-# included (for example NODE_TOML=$'[cdr]\nproxied_calls = false').
+# included (for example NODE_TOML=$'[cdr]\nproxied_calls = false'), after a
+# [registration_agent] table of its own (so NODE_TOML cannot open that one again).
 
 # A free port on an address.
 port() { python3 -c "import socket; s=socket.socket(); s.bind(('$1', 0)); print(s.getsockname()[1])"; }
@@ -66,6 +67,10 @@ listen = "$ip:$(port "$ip")"
 token_file = "$work/admin.token"
 [log]
 filter = "warn"
+[registration_agent]
+# The benchmarks' providers are Kamailio on loopback; by default providers reach only
+# public addresses.
+private_networks = ["127.0.0.0/8"]
 ${NODE_TOML:-}
 TOML
   done

@@ -22,6 +22,7 @@ pub mod dispatcher;
 pub mod drain;
 pub mod location;
 pub mod proxy;
+pub mod reach;
 pub mod registrar;
 pub mod registration_agent;
 pub mod vouch;
@@ -172,7 +173,11 @@ impl Agents {
             transports.clone(),
             own.clone(),
             resolver.clone(),
-            app_server::Settings::from_config(&config.app_server, &config.dialplan.limits()),
+            app_server::Settings::from_config(
+                &config.app_server,
+                reach::Reach::from_config(&config.registration_agent.private_networks),
+                &config.dialplan.limits(),
+            ),
             proxy.clone(),
             cdrs,
         ));

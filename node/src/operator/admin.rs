@@ -779,13 +779,14 @@ impl Admin {
         }
         let b = &self.board.counters;
         let (registered, failing, other) = self.board.counts();
-        let agent: [(&str, &str, &str, u64); 9] = [
+        let agent: [(&str, &str, &str, u64); 10] = [
             ("tandem_providers_registered", "Provider accounts this node keeps registered now.", "gauge", registered as u64),
             ("tandem_providers_failing", "Provider accounts this node owns whose last attempt failed (backing off).", "gauge", failing as u64),
             ("tandem_providers_pending", "Provider accounts this node owns that are starting, registering or un-registering.", "gauge", other as u64),
             ("tandem_provider_registers_sent_total", "REGISTER requests the registration agent sent (challenged retries included).", "counter", load(&b.registers_sent)),
             ("tandem_provider_timeouts_total", "REGISTERs to providers that got no final response (no answer, or the connection failed).", "counter", load(&b.timeouts)),
             ("tandem_provider_dns_failures_total", "Attempts that failed because the provider's name did not resolve.", "counter", load(&b.dns_failures)),
+            ("tandem_provider_refused_targets_total", "Attempts not made because the provider's registrar is not a public address and registration_agent.private_networks does not list it.", "counter", load(&b.refused_targets)),
             ("tandem_provider_lease_grants_total", "Provider leases this node granted while it led.", "counter", load(&b.lease_grants)),
             ("tandem_provider_lease_moves_total", "Provider leases this node asked an owner to hand over while it led.", "counter", load(&b.lease_moves)),
             ("tandem_provider_leases_held", "Provider leases this node holds in the replicated state.", "gauge", replica.reader().provider_leases_of(self.cluster.identity.node_id).map_or(0, |l| l.len() as u64)),

@@ -27,6 +27,7 @@ use super::dialog::Leg;
 use super::AppServer;
 use crate::agents::auth::answer::DigestClient;
 use crate::agents::cdr::{Open, Recorder};
+use crate::agents::reach::PUBLIC_ONLY;
 use crate::stack::transaction::ClientEvent;
 use crate::stack::transport::{Flow, TransportKind};
 
@@ -835,16 +836,32 @@ impl OutLeg {
             report.send(failed(500, "Server Internal Error"));
             return;
         };
+        // A URI from a dial spec, or a provider account, may name any host: unless the
+        // operator allows it, never one inside the network (loopback, private,
+        // link-local), where a customer must not reach what the public cannot
+        // (agents::reach).
+        let settings = &ctx.app.settings;
+        let guard = match &self.account {
+            Some(_) => Some((
+                &settings.provider_reach,
+                "registration_agent.private_networks",
+            )),
+            None if !settings.uri_private_targets => {
+                Some((&PUBLIC_ONLY, "app_server.uri_private_targets"))
+            }
+            None => None,
+        };
         let targets = match ctx.app.resolver.targets(&next_hop).await {
-            // A URI from a dial spec may name any host: unless the operator allows it,
-            // never one inside the network (loopback, private, link-local), where a
-            // dialplan must not reach what the public cannot.
-            Ok(mut t) if self.account.is_none() && !ctx.app.settings.uri_private_targets => {
-                t.retain(|t| is_public(t.addr.ip()));
+            Ok(mut t) if !t.is_empty() && guard.is_some() => {
+                let (reach, key) = guard.expect("just checked");
+                t.retain(|t| reach.allows(t.addr.ip()));
                 if t.is_empty() {
                     report.send(failed(
                         403,
-                        format!("Forbidden ({} is not a public address; see app_server.uri_private_targets)", next_hop.host),
+                        format!(
+                            "Forbidden ({} is not a public address; see {key})",
+                            next_hop.host
+                        ),
                     ));
                     return;
                 }
@@ -1069,56 +1086,6 @@ impl OutLeg {
     }
 }
 
-/// Whether `ip` is an address on the public internet: not loopback, private, shared,
-/// link-local, unique-local, unspecified, broadcast, multicast or documentation.
-pub fn is_public(ip: std::net::IpAddr) -> bool {
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            let o = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || o[0] == 0
-                || o[0] >= 240
-                || (o[0] == 100 && (64..128).contains(&o[1]))
-                || (o[0] == 198 && (18..20).contains(&o[1]))
-                || (o[0] == 192 && o[1] == 0 && o[2] == 0))
-        }
-        std::net::IpAddr::V6(v6) => {
-            let s = v6.segments();
-            let embedded = |hi: u16, lo: u16| {
-                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
-            };
-            // Addresses that carry an IPv4 address reach it: judged by that address.
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_public(v4.into());
-            }
-            if s[..6] == [0; 6] && s[6] != 0 {
-                return is_public(embedded(s[6], s[7]).into()); // IPv4-compatible
-            }
-            if s[0] == 0x0064 && s[1] == 0xff9b {
-                return is_public(embedded(s[6], s[7]).into()); // NAT64 (64:ff9b::/96, ::1:/48)
-            }
-            if s[0] == 0x2002 {
-                return is_public(embedded(s[1], s[2]).into()); // 6to4
-            }
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (s[0] & 0xfe00) == 0xfc00 // unique local
-                || (s[0] & 0xffc0) == 0xfe80 // link-local
-                || (s[0] & 0xffc0) == 0xfec0 // site-local
-                || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x2001 && s[1] == 0) // Teredo
-                || (s[0] == 0x0100 && s[1..4] == [0; 3])) // discard-only
-        }
-    }
-}
-
 /// Why a customer has no single provider account to call out through.
 pub enum NoProvider {
     None,
@@ -1157,47 +1124,4 @@ fn parse_sip(s: &str) -> Result<SipUri, String> {
 /// Our Contact on the dialled side of the call, on `flow`.
 fn contact_uri(ctx: &DialContext, flow: &Flow) -> String {
     super::contact_on(&ctx.app.own, flow, &ctx.token, ctx.side)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_public;
-
-    #[test]
-    fn only_public_addresses_are_public_however_they_are_written() {
-        for a in [
-            "8.8.8.8",
-            "2a00:1450:4001::1",
-            "64:ff9b::808:808",
-            "2002:808:808::1",
-        ] {
-            assert!(is_public(a.parse().unwrap()), "{a}");
-        }
-        for a in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "192.168.1.1",
-            "172.16.0.1",
-            "100.64.0.1",
-            "169.254.1.1",
-            "198.18.0.1",
-            "192.0.0.8",
-            "240.0.0.1",
-            "0.1.2.3",
-            "::1",
-            "::",
-            "fd00::1",
-            "fe80::1",
-            "fec0::1",
-            "::ffff:10.0.0.1",
-            "::10.0.0.1",
-            "64:ff9b::a00:1",
-            "2002:a00:1::1",
-            "2001:db8::1",
-            "2001::1",
-            "100::1",
-        ] {
-            assert!(!is_public(a.parse().unwrap()), "{a}");
-        }
-    }
 }

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::auth::Authenticator;
+use crate::agents::reach::Reach;
 use crate::agents::{Agent, Refusal, Stack};
 use crate::cluster::ClusterNode;
 use crate::stack::resolve::Resolver;
@@ -56,12 +57,15 @@ pub struct Settings {
     pub session_expires: u32,
     /// Whether a `sip:` target in a dial spec may reach a non-public address.
     pub uri_private_targets: bool,
+    /// Where calls through a provider account may go (`registration_agent.private_networks`).
+    pub provider_reach: Reach,
     pub limits: Limits,
 }
 
 impl Settings {
     pub fn from_config(
         c: &crate::config::AppServerConfig,
+        provider_reach: Reach,
         limits: &tandem_dialplan::Limits,
     ) -> Settings {
         let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
@@ -71,6 +75,7 @@ impl Settings {
             max_call: secs(c.max_call_secs),
             session_expires: c.session_expires_secs,
             uri_private_targets: c.uri_private_targets,
+            provider_reach,
             limits: limits.clone(),
         }
     }

@@ -34,6 +34,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::agents::reach::Reach;
 use crate::clock::now_ms;
 use crate::cluster::ClusterNode;
 use crate::config::RegistrationAgentConfig;
@@ -66,6 +67,8 @@ pub struct Settings {
     pub skew: Duration,
     pub start_spread: Duration,
     pub policy: RetryPolicy,
+    /// Where REGISTERs may go (`private_networks`; agents::reach).
+    pub reach: Reach,
 }
 
 impl Settings {
@@ -81,6 +84,7 @@ impl Settings {
                 auth_min: Duration::from_secs(c.auth_retry_min_secs),
                 auth_max: Duration::from_secs(c.auth_retry_max_secs),
             },
+            reach: Reach::from_config(&c.private_networks),
         }
     }
 }
@@ -116,6 +120,9 @@ pub struct Counters {
     pub responses: [AtomicU64; 6],
     pub timeouts: AtomicU64,
     pub dns_failures: AtomicU64,
+    /// Attempts not made because the registrar resolved only to addresses a provider may
+    /// not reach (agents::reach).
+    pub refused_targets: AtomicU64,
     /// Leases granted or asked to move by this node while it led.
     pub lease_grants: AtomicU64,
     pub lease_moves: AtomicU64,
@@ -658,6 +665,36 @@ impl RegistrationAgent {
             let next = s.client.on_failure(
                 FailureClass::Dns,
                 "no target over a transport this node can open".into(),
+                rng,
+            );
+            return self.failed(id, next, None);
+        }
+        // The registrar is a host of the customer's choosing: never one inside the network
+        // unless the operator listed it (agents::reach). Judged on what DNS gave, so a
+        // name that resolves inside is refused too; the account waits as after a refusal.
+        let (targets, inside): (Vec<Target>, Vec<Target>) = targets
+            .into_iter()
+            .partition(|t| self.settings.reach.allows(t.addr.ip()));
+        if targets.is_empty() {
+            self.board
+                .counters
+                .refused_targets
+                .fetch_add(1, Ordering::Relaxed);
+            let next = s.client.on_failure(
+                FailureClass::Rejected,
+                {
+                    let (host, ip) = (s.next_hop.host.to_string(), inside[0].addr.ip());
+                    let resolved = if host == ip.to_string() {
+                        String::new()
+                    } else {
+                        format!(" ({ip})")
+                    };
+                    format!(
+                        "{host}{resolved} is not a public address; a provider reaches only \
+                         public addresses unless registration_agent.private_networks lists \
+                         the network"
+                    )
+                },
                 rng,
             );
             return self.failed(id, next, None);
