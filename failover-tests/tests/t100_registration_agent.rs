@@ -676,6 +676,49 @@ fn a_customers_provider_inside_the_network_gets_no_register_unless_the_operator_
         });
 }
 
+/// Each provider account makes the nodes send REGISTERs to a host the customer chose, so
+/// a customer's own token creates at most `admin.customer_provider_accounts` (20 by
+/// default) for its customer; changing one it has still works at the cap, and the
+/// operator's token may create more.
+#[test]
+fn a_customers_token_creates_provider_accounts_only_up_to_its_cap() {
+    // No private network listed: the accounts (at a loopback address) send nothing.
+    let agent = AgentNode::start_reaching("", Some("[]"));
+    let admin = agent.node.admin_addr();
+    let minted = agent.api("POST", "/v1/tokens", Some(r#"{"customer":"c1"}"#));
+    assert_eq!(minted.status, 201, "{}", minted.body);
+    let customer = minted.json()["token"].as_str().unwrap().to_owned();
+    let body = r#"{"registrar":"127.0.0.1:9","username":"u","password":"pw","expires_secs":60}"#;
+    let put = |token: &str, name: &str| {
+        http(
+            admin,
+            Some(token),
+            "PUT",
+            &format!("/v1/providers/c1/{name}"),
+            Some(body),
+        )
+        .unwrap()
+    };
+    for i in 0..20 {
+        let a = put(&customer, &format!("p{i}"));
+        assert_eq!(a.status, 201, "p{i}: {}", a.body);
+    }
+    let over = put(&customer, "p20");
+    assert!(
+        over.status == 403
+            && over.json()["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("admin.customer_provider_accounts")),
+        "{} {}",
+        over.status,
+        over.body
+    );
+    assert_eq!(put(&customer, "p0").status, 200, "a change at the cap");
+    assert_eq!(put(&agent.token, "p20").status, 201, "the operator's");
+    let list = agent.api("GET", "/v1/providers?customer=c1", None).json();
+    assert_eq!(list.as_array().map(Vec::len), Some(21), "{list}");
+}
+
 /// With Kamailio as the provider, each account has one contact, its owner's; after the
 /// owner's SIGKILL the new owner's REGISTER (same +sip.instance and reg-id) replaces the
 /// dead owner's contact within the lease time plus 5 s.

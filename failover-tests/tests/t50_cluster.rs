@@ -418,6 +418,106 @@ fn the_feature_version_rises_only_once_every_member_supports_it() {
     assert_eq!(taken.status, 201, "{}", taken.body);
 }
 
+/// Raft messages count only from members: a certificate the cluster's CA signed for node
+/// 9, which never joined, can neither start an election (a vote with a later term) nor
+/// pose as the leader of a later term (an empty append) at any member: each refuses it,
+/// says why in its log, and no term moves. The cluster goes on writing.
+#[test]
+fn a_certificate_of_a_node_that_never_joined_cannot_vote_or_lead() {
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use tandem_raft_store::http_network::HttpNetwork;
+    use tandem_raft_store::tls::ClusterTls;
+    use tandem_raft_store::types::{NodeInfo, Vote};
+
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let root = cluster.root();
+    let stranger_dir = root.join("stranger");
+    let run = tandem_failover_tests::tandem_command()
+        .args(["cert", "node", "--ca"])
+        .arg(root.join("ca"))
+        .args([
+            "--name",
+            "node9",
+            "--id",
+            "9",
+            "--san",
+            "127.0.0.9",
+            "--out",
+        ])
+        .arg(&stranger_dir)
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", describe(&run));
+    let tls = ClusterTls::load(
+        &root.join("certs/ca.crt"),
+        &stranger_dir.join("node9.crt"),
+        &stranger_dir.join("node9.key"),
+    )
+    .unwrap();
+    let network = HttpNetwork::new(&tls).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let terms = || {
+        cluster
+            .members
+            .iter()
+            .map(|m| m.status().and_then(|s| s["term"].as_u64()))
+            .collect::<Vec<_>>()
+    };
+    let before = terms();
+    let high = before.iter().flatten().max().copied().unwrap_or(0) + 50;
+    let option = RPCOption::new(Duration::from_secs(5));
+    for m in &cluster.members {
+        let info = NodeInfo {
+            raft_addr: m.raft_addr.clone(),
+        };
+        let mut to = runtime.block_on(network.clone().new_client(m.id, &info));
+        let vote =
+            runtime.block_on(to.vote(VoteRequest::new(Vote::new(high, 9), None), option.clone()));
+        assert!(vote.is_err(), "node {} took node 9's vote: {vote:?}", m.id);
+        let append = runtime.block_on(to.append_entries(
+            AppendEntriesRequest {
+                vote: Vote::new_committed(high, 9),
+                prev_log_id: None,
+                entries: vec![],
+                leader_commit: None,
+            },
+            option.clone(),
+        ));
+        assert!(
+            append.is_err(),
+            "node {} took node 9's append: {append:?}",
+            m.id
+        );
+        // A node logs one refusal a second at most (a flood must not flood the log), so
+        // the vote is sent again, and refused again, until the line is there.
+        Wait::new(
+            format!("node {} to say why it refused node 9", m.id),
+            Duration::from_secs(10),
+        )
+        .showing(m)
+        .until(|| {
+            let again = runtime
+                .block_on(to.vote(VoteRequest::new(Vote::new(high, 9), None), option.clone()));
+            assert!(
+                again.is_err(),
+                "node {} took node 9's vote: {again:?}",
+                m.id
+            );
+            m.log().contains("no member this node knows vouched for it")
+        });
+    }
+    assert_eq!(
+        terms(),
+        before,
+        "a never-joined node's message moved a term"
+    );
+    assert_eq!(cluster.member(1).put_customer("after"), Some(200));
+}
+
 /// A removed node's certificate stops working on every member's cluster link: neither a
 /// member's question nor a forwarded proposal is taken from it, though the CA signed it
 /// and it has not expired. Before the removal the same certificate is heard.

@@ -1108,6 +1108,22 @@ fn customer_tokens_reach_only_their_customer_on_every_node_until_revoked() {
         .showing(m)
         .until(|| ask(m, Some(&globex), "GET", "/v1/accounts", None).status == 403);
     }
+    // A customer with an account left is not deleted: nothing of its may be left
+    // without it.
+    let refused = op(one, "DELETE", "/v1/customers/globex", None);
+    assert!(
+        refused.status == 409
+            && refused.json()["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("1 account"),
+        "{} {}",
+        refused.status,
+        refused.body
+    );
+    assert_eq!(op(one, "GET", "/v1/customers/globex", None).status, 200);
+    let bob = op(one, "DELETE", "/v1/accounts/globex.example/bob", None);
+    assert_eq!(bob.status, 200, "{}", bob.body);
     assert_eq!(op(one, "DELETE", "/v1/customers/globex", None).status, 200);
     let left = op(one, "GET", "/v1/tokens", None);
     assert_eq!(left.json(), serde_json::json!([]), "{}", left.body);

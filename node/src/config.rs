@@ -214,6 +214,10 @@ pub struct AdminConfig {
     /// Whether `/metrics` needs the bearer token too (a scraper then sends it); off by
     /// default, as Prometheus scrapes without one.
     pub metrics_need_token: bool,
+    /// The most provider accounts a customer's own token may create for its customer
+    /// (each makes the nodes send REGISTERs to a host of the customer's choosing); the
+    /// operator's token may create more.
+    pub customer_provider_accounts: u32,
     /// The PEM certificate (chain) the API presents over HTTPS, with `private_key`; a
     /// node's cluster certificate serves (`tandem cert node`). Without them the API
     /// speaks plain HTTP, which only a loopback `listen` may.
@@ -230,6 +234,7 @@ impl Default for AdminConfig {
             listen: "127.0.0.1:8060".parse().expect("literal address"),
             token_file: None,
             metrics_need_token: false,
+            customer_provider_accounts: 20,
             certificate: None,
             private_key: None,
             ca_certificate: None,

@@ -198,6 +198,7 @@ impl Node {
                 token,
             );
             api.metrics_need_token = config.admin.metrics_need_token;
+            api.customer_provider_accounts = config.admin.customer_provider_accounts;
             let admin_tls = match (&config.admin.certificate, &config.admin.private_key) {
                 (Some(cert), Some(key)) => {
                     Some(crate::stack::transport::load_tls_acceptor(cert, key)?)

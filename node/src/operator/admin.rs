@@ -66,6 +66,8 @@ pub struct Admin {
     pub app_server: AppServerSlot,
     /// `admin.metrics_need_token`.
     pub metrics_need_token: bool,
+    /// `admin.customer_provider_accounts`.
+    pub customer_provider_accounts: u32,
     token: Arc<str>,
 }
 
@@ -244,6 +246,8 @@ impl Admin {
             default_retention_days,
             app_server,
             metrics_need_token: false,
+            customer_provider_accounts: crate::config::AdminConfig::default()
+                .customer_provider_accounts,
             token: token.into(),
         }
     }
@@ -686,8 +690,67 @@ impl Admin {
 
     async fn delete_customer(&self, id: String) -> Result<warp::reply::Response, ApiError> {
         check_id("customer id", &id)?;
-        if self.cluster.replica.reader().customer(&id)?.is_none() {
+        let reader = self.cluster.replica.reader();
+        if reader.customer(&id)?.is_none() {
             return Err(ApiError::not_found(format!("no customer {id:?}")));
+        }
+        // Refused while anything of the customer's is left, so that nothing is left
+        // without a customer (and inherited by one created again under the same id).
+        let owned = |n: usize, one: &str, many: &str| match n {
+            0 => None,
+            1 => Some(format!("1 {one}")),
+            n => Some(format!("{n} {many}")),
+        };
+        let left: Vec<String> = [
+            owned(
+                reader
+                    .accounts()?
+                    .iter()
+                    .filter(|a| a.customer == id)
+                    .count(),
+                "account",
+                "accounts",
+            ),
+            owned(
+                reader
+                    .provider_accounts()?
+                    .iter()
+                    .filter(|p| p.customer == id)
+                    .count(),
+                "provider account",
+                "provider accounts",
+            ),
+            owned(
+                reader
+                    .numbers()?
+                    .iter()
+                    .filter(|n| n.customer == id)
+                    .count(),
+                "number",
+                "numbers",
+            ),
+            owned(
+                reader.trunks()?.iter().filter(|t| t.customer == id).count(),
+                "trunk",
+                "trunks",
+            ),
+            owned(
+                usize::from(reader.dialplan(&id)?.is_some()),
+                "dialplan",
+                "dialplans",
+            ),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !left.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!(
+                    "customer {id:?} still has {}: delete them first",
+                    left.join(", ")
+                ),
+            ));
         }
         self.writable()?;
         self.cluster

@@ -77,6 +77,25 @@ impl Admin {
         let id = provider_account_id(&customer, &name);
         let existing = reader.provider_account(&id)?;
         let created = existing.is_none();
+        // Each provider account makes the nodes send REGISTERs to a host the customer
+        // chose: a customer's token creates a bounded number; the operator, any.
+        if created && *scope != Scope::Operator {
+            let cap = self.customer_provider_accounts as usize;
+            let held = reader
+                .provider_accounts()?
+                .iter()
+                .filter(|p| p.customer == customer)
+                .count();
+            if held >= cap {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "customer {customer:?} has {held} provider accounts, the most its own \
+                         token may create (admin.customer_provider_accounts); ask the operator"
+                    ),
+                ));
+            }
+        }
         let account = accounts::build(&self.cluster.keys(), &customer, &name, input, existing)
             .map_err(ApiError::bad_request)?;
         // A customer token hears one answer whether another customer's account exists
