@@ -203,8 +203,9 @@ fn storm(sip: SocketAddr, count: u64, rate: u64, password: &'static str) -> u64 
     let failed = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(count as usize)));
     let last_done = Arc::new(std::sync::Mutex::new(Instant::now()));
-    // Every worker is ready before the first registration is due.
-    let start = Instant::now() + Duration::from_millis(500);
+    // Every worker is ready before the first registration is due; closed-loop workers
+    // (rate 0) start at once, and the time counts from then.
+    let start = Instant::now() + Duration::from_millis(if rate == 0 { 0 } else { 500 });
     let threads: Vec<_> = (0..workers)
         .map(|_| {
             let (next, late, failed) = (next.clone(), late.clone(), failed.clone());
