@@ -10,7 +10,7 @@ use tandem_raft_store::command::{Command, CommandResult};
 use tandem_raft_store::http_network::{self, HttpNetwork};
 use tandem_raft_store::replica::{Forwarder, RaftSettings, Replica};
 use tandem_raft_store::tls::ClusterTls;
-use tandem_raft_store::types::{NodeInfo, Request};
+use tandem_raft_store::types::{NodeInfo, Request, TypeConfig};
 use tokio::time::{sleep, Instant};
 
 fn tls_for(ca: &CertAuthority, name: &str, ip: &str) -> ClusterTls {
@@ -175,38 +175,18 @@ async fn replicas_replicate_over_mutual_tls_and_refuse_strangers() {
     }
 }
 
-/// Starts a replica serving the Raft network on a fresh port of `ip`.
+/// Starts a replica serving the Raft network on a fresh port of 127.0.0.<id>, on a new
+/// data dir, until the test ends.
 async fn serving_replica(
     ca: &CertAuthority,
     id: u64,
     settings: &RaftSettings,
 ) -> (Replica, NodeInfo, tempfile::TempDir) {
-    let ip = format!("127.0.0.{id}");
-    let listener = tokio::net::TcpListener::bind((ip.as_str(), 0))
-        .await
-        .unwrap();
-    let info = NodeInfo {
-        raft_addr: listener.local_addr().unwrap().to_string(),
-    };
-    let tls = tls_for(ca, &format!("node{id}"), &ip);
     let dir = tempfile::tempdir().unwrap();
-    let network = HttpNetwork::new(&tls).unwrap();
-    let forwarder: Arc<dyn Forwarder> = Arc::new(network.clone());
-    let r = Replica::start_with_forwarding(id, dir.path(), settings, network, Some(forwarder))
-        .await
-        .unwrap();
-    let served = r.clone();
-    tokio::spawn(async move {
-        http_network::serve(
-            listener,
-            &tls,
-            served,
-            context(&tls),
-            std::future::pending(),
-        )
-        .await
-    });
-    (r, info, dir)
+    let served = serve_node(ca, id, dir.path(), None, settings, Vec::new()).await;
+    // Never stopped: the serving task ends with the test's runtime.
+    std::mem::forget(served.stop);
+    (served.replica, served.info, dir)
 }
 
 async fn wait_for(what: &str, deadline: Instant, mut done: impl FnMut() -> bool) {
@@ -428,6 +408,17 @@ async fn nodes_join_through_any_member_become_voters_and_removed_ids_stay_retire
     }
 }
 
+/// An append that carries nothing, from `leader` as the leader of `term`: enough to make
+/// a follower take a new leader and term, if it takes the message at all.
+fn empty_append(term: u64, leader: u64) -> openraft::raft::AppendEntriesRequest<TypeConfig> {
+    openraft::raft::AppendEntriesRequest {
+        vote: tandem_raft_store::types::Vote::new_committed(term, leader),
+        prev_log_id: None,
+        entries: vec![],
+        leader_commit: None,
+    }
+}
+
 /// A join token minted and stored through `leader`, as the admin API does: its text.
 async fn join_token(leader: &Replica, node: Option<u64>) -> String {
     let now = std::time::SystemTime::now()
@@ -447,7 +438,7 @@ async fn join_token(leader: &Replica, node: Option<u64>) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::raft::VoteRequest;
     use tandem_raft_store::membership::ClusterRequest;
     use tandem_raft_store::types::Vote;
 
@@ -504,15 +495,7 @@ async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
     );
     let mut to_2 = member.clone().new_client(2, &info2).await;
     let append = to_2
-        .append_entries(
-            AppendEntriesRequest {
-                vote: Vote::new_committed(term2 + 50, 1),
-                prev_log_id: None,
-                entries: vec![],
-                leader_commit: None,
-            },
-            option.clone(),
-        )
+        .append_entries(empty_append(term2 + 50, 1), option.clone())
         .await;
     assert!(
         append.is_err(),
@@ -671,7 +654,7 @@ impl Served {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raft_messages_count_only_from_members_or_those_a_member_vouches_for() {
     use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-    use openraft::raft::{AppendEntriesRequest, VoteRequest};
+    use openraft::raft::VoteRequest;
     use tandem_raft_store::command::Customer;
     use tandem_raft_store::membership::ClusterRequest;
     use tandem_raft_store::types::Vote;
@@ -785,15 +768,7 @@ async fn raft_messages_count_only_from_members_or_those_a_member_vouches_for() {
             .await;
         assert!(vote.is_err(), "a never-member's vote was taken: {vote:?}");
         let append = to
-            .append_entries(
-                AppendEntriesRequest {
-                    vote: Vote::new_committed(high, 9),
-                    prev_log_id: None,
-                    entries: vec![],
-                    leader_commit: None,
-                },
-                option.clone(),
-            )
+            .append_entries(empty_append(high, 9), option.clone())
             .await;
         assert!(
             append.is_err(),
@@ -823,15 +798,7 @@ async fn raft_messages_count_only_from_members_or_those_a_member_vouches_for() {
     // vouch for node 9, so node 9 cannot plant a log there either.
     let mut to_4 = stranger.clone().new_client(4, &n4.info).await;
     let append = to_4
-        .append_entries(
-            AppendEntriesRequest {
-                vote: Vote::new_committed(high, 9),
-                prev_log_id: None,
-                entries: vec![],
-                leader_commit: None,
-            },
-            option.clone(),
-        )
+        .append_entries(empty_append(high, 9), option.clone())
         .await;
     assert!(
         append.is_err(),
