@@ -727,7 +727,21 @@ impl Cluster {
     /// Waits until the leader counts `n` voters.
     #[track_caller]
     pub fn wait_for_voters(&self, n: usize, timeout: Duration) {
-        Wait::new(format!("the leader to count {n} voters"), timeout)
+        // Every voter must count them too: the leader's view includes a change it has only
+        // appended, and a node killed before the others have the change's last entry
+        // leaves them in the joint configuration, which needs the old majority.
+        let voters_of = |status: &Value| -> Vec<u64> {
+            status["members"]
+                .as_array()
+                .map(|ms| {
+                    ms.iter()
+                        .filter(|m| m["voter"] == true)
+                        .filter_map(|m| m["id"].as_u64())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        Wait::new(format!("every voter to count {n} voters"), timeout)
             .showing(self)
             .until(|| {
                 let leader = self.leader(&[]).ok_or("no leader")?;
@@ -735,15 +749,20 @@ impl Cluster {
                     .member(leader)
                     .status()
                     .ok_or("no status from the leader")?;
-                let voters = status["members"]
-                    .as_array()
-                    .map(|ms| ms.iter().filter(|m| m["voter"] == true).count())
-                    .unwrap_or(0);
-                if voters == n {
-                    Ok(())
-                } else {
-                    Err(format!("node {leader} leads {voters} voters"))
+                let voters = voters_of(&status);
+                if voters.len() != n {
+                    return Err(format!("node {leader} leads {} voters", voters.len()));
                 }
+                for id in voters {
+                    let own = self
+                        .member(id)
+                        .status()
+                        .ok_or(format!("no status from node {id}"))?;
+                    if voters_of(&own).len() != n {
+                        return Err(format!("node {id} does not count {n} voters yet"));
+                    }
+                }
+                Ok(())
             });
     }
 
