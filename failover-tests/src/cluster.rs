@@ -724,7 +724,7 @@ impl Cluster {
             .map(|m| m.id)
     }
 
-    /// Waits until the leader counts `n` voters.
+    /// Waits until the leader counts `n` voters, and so does each of them.
     #[track_caller]
     pub fn wait_for_voters(&self, n: usize, timeout: Duration) {
         // Every voter must count them too: the leader's view includes a change it has only
