@@ -537,6 +537,7 @@ async fn a_certificate_speaks_only_for_its_own_node_and_only_members_propose() {
         ClusterRequest::Remove { id: 2 },
         ClusterRequest::Features,
         ClusterRequest::Replication,
+        ClusterRequest::Members,
     ] {
         let answer = stranger.cluster(&info1.raft_addr, &request, timeout).await;
         assert!(answer.is_err(), "{request:?} from a stranger: {answer:?}");
