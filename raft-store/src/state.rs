@@ -88,6 +88,12 @@ mod key {
         let end = rest.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&rest[..end]).ok()
     }
+    /// The AOR and contact of a binding's key, or `None` for any other key.
+    pub fn aor_and_contact_of_binding(k: &[u8]) -> Option<(&str, &str)> {
+        let aor = aor_of_binding(k)?;
+        let contact = k.get(1 + aor.len() + 1..)?;
+        Some((aor, std::str::from_utf8(contact).ok()?))
+    }
     /// All bindings of one AOR: the AOR followed by the separator.
     pub fn bindings_of(aor: &str) -> Vec<u8> {
         let mut k = with(BINDING, &[aor.as_bytes()]);
@@ -276,76 +282,123 @@ struct DomainCache {
     served: HashMap<String, bool>,
 }
 
-/// Most AORs [`StateReader::bindings`] keeps; past this it starts afresh. An entry is an
-/// AOR's bindings as stored, a few hundred bytes for one binding, so the bound caps the
-/// cache near 100 MB.
-const BINDING_CACHE_MAX: usize = 1 << 18;
+/// One write's changes to an AOR's bindings: the AOR, and per contact its new encoded
+/// binding, or `None` where it was removed.
+pub(crate) type BindingChanges = (String, Vec<(String, Option<Vec<u8>>)>);
 
-/// AORs' bindings as last read from RocksDB. The state machine drops an AOR's entry in
-/// every `apply` that writes one of its bindings, and everything when it installs a
-/// snapshot; either way `epoch` moves on, and a read that began before the move is not
-/// kept, since it may have seen the state from before the write.
+/// Every AOR's bindings in memory: the node's location table, which the state machine
+/// keeps as it writes them, so that no REGISTER or call reads them from RocksDB. An
+/// iterator over an AOR's keys cost about a tenth of a loaded node's SIP thread, and in a
+/// registration storm no cache of recent reads can hold an AOR before it is read: its
+/// phone's last registration went through the node that died. Kept on every node, so the
+/// state machine also finds a binding's old value here instead of reading it.
 ///
-/// An entry is the AOR and its bindings encoded as they are stored, in one allocation,
-/// keyed by a hash of the AOR under a per-process random key: a decoded binding is seven
-/// strings, about twice the size, and a node keeps one entry per AOR it serves. Every
-/// binding names its AOR, so the AOR is encoded beside them only when there are none.
-/// Decoding on a hit costs what cloning the decoded bindings did. Two AORs whose hashes
-/// collide only take turns in the cache: a hit is believed only for the AOR it names.
+/// An entry is an AOR's bindings (at least one) encoded as they are stored, in one
+/// allocation, each naming the AOR, sorted by contact as their keys are; a decoded binding
+/// is seven strings, about twice the size. Entries are keyed by a hash of the AOR under a
+/// per-process random key. An AOR with no bindings has no entry, so the table must be
+/// complete: it is loaded from RocksDB when the store is opened and when a snapshot
+/// replaces the state, and until then answers nothing. Two AORs with bindings whose hashes
+/// collide share an empty entry, which sends reads of either to RocksDB from then on.
 #[derive(Default)]
-struct BindingCache {
-    epoch: u64,
+struct BindingTable {
+    loaded: bool,
     keys: std::hash::RandomState,
     by_aor: HashMap<u64, Box<[u8]>>,
+    /// Tests make every AOR collide.
+    #[cfg(test)]
+    one_hash: bool,
 }
 
-impl BindingCache {
+impl BindingTable {
     fn key(&self, aor: &str) -> u64 {
+        #[cfg(test)]
+        if self.one_hash {
+            return 0;
+        }
         std::hash::BuildHasher::hash_one(&self.keys, aor)
     }
 
-    /// The kept bindings of `aor`, or, when none are kept, the epoch a read of them from
-    /// RocksDB starts at.
-    fn lookup(&self, aor: &str) -> Result<Vec<Binding>, u64> {
-        if let Some(kept) = self.by_aor.get(&self.key(aor)) {
-            if let Ok((kept_aor, bindings)) = postcard::from_bytes::<(&str, Vec<Binding>)>(kept) {
-                let named = bindings.first().map_or(kept_aor, |b| b.aor.as_str());
-                if named == aor {
-                    return Ok(bindings);
+    /// The bindings of `aor`, or `None` when RocksDB must be asked (the table is not
+    /// loaded, or `aor` shares its entry).
+    fn lookup(&self, aor: &str) -> Option<Vec<Binding>> {
+        if !self.loaded {
+            return None;
+        }
+        let Some(kept) = self.by_aor.get(&self.key(aor)) else {
+            return Some(Vec::new());
+        };
+        if kept.is_empty() {
+            return None;
+        }
+        let bindings: Vec<Binding> = postcard::from_bytes(kept).ok()?;
+        // Another AOR's entry: had this one any bindings, the two would share it.
+        if bindings.first().is_some_and(|b| b.aor != aor) {
+            return Some(Vec::new());
+        }
+        Some(bindings)
+    }
+
+    /// Records that `aor` now has exactly `bindings`, sorted by contact.
+    fn set(&mut self, aor: &str, bindings: &[Binding]) {
+        use std::collections::hash_map::Entry;
+        if !self.loaded {
+            return;
+        }
+        let key = self.key(aor);
+        match self.by_aor.entry(key) {
+            Entry::Vacant(slot) => {
+                if !bindings.is_empty() {
+                    slot.insert(encode(&bindings).into_boxed_slice());
+                }
+            }
+            Entry::Occupied(mut slot) => {
+                let kept = slot.get();
+                if kept.is_empty() {
+                    return;
+                }
+                let named = postcard::from_bytes::<Vec<Binding>>(kept)
+                    .ok()
+                    .and_then(|b| b.into_iter().next())
+                    .map(|b| b.aor);
+                if named.as_deref() == Some(aor) {
+                    if bindings.is_empty() {
+                        slot.remove();
+                    } else {
+                        *slot.get_mut() = encode(&bindings).into_boxed_slice();
+                    }
+                } else if !bindings.is_empty() {
+                    *slot.get_mut() = Box::default();
                 }
             }
         }
-        Err(self.epoch)
     }
 
-    /// Keeps `read`, the bindings of `aor` as read from RocksDB by a read that started at
-    /// `epoch`, unless a write has moved the epoch since.
-    fn keep(&mut self, aor: &str, read: &[Binding], epoch: u64) {
-        if self.epoch != epoch {
-            return;
-        }
-        let named = if read.is_empty() { aor } else { "" };
-        let Ok(encoded) = postcard::to_stdvec(&(named, read)) else {
+    /// Applies one write's changes of `aor`'s bindings: per contact, its new encoded
+    /// binding, or `None` where it was removed.
+    fn change(&mut self, aor: &str, changes: &[(&str, Option<&[u8]>)]) {
+        let Some(mut bindings) = self.lookup(aor) else {
             return;
         };
-        if self.by_aor.len() >= BINDING_CACHE_MAX {
-            self.by_aor.clear();
+        for (contact, value) in changes {
+            bindings.retain(|b| b.contact != *contact);
+            if let Some(b) = value.and_then(|v| postcard::from_bytes::<Binding>(v).ok()) {
+                bindings.push(b);
+            }
         }
-        self.by_aor
-            .insert(self.key(aor), encoded.into_boxed_slice());
+        bindings.sort_by(|a, b| a.contact.cmp(&b.contact));
+        self.set(aor, &bindings);
     }
 
-    fn forget<'a>(&mut self, aors: impl IntoIterator<Item = &'a str>) {
-        for aor in aors {
-            let key = self.key(aor);
-            self.by_aor.remove(&key);
+    /// An empty, loaded table hashing as this one does, to fill and put in its place.
+    fn fresh(&self) -> BindingTable {
+        BindingTable {
+            loaded: true,
+            keys: self.keys.clone(),
+            by_aor: HashMap::new(),
+            #[cfg(test)]
+            one_hash: self.one_hash,
         }
-        self.epoch += 1;
-    }
-
-    fn forget_all(&mut self) {
-        self.by_aor.clear();
-        self.epoch += 1;
     }
 }
 
@@ -358,7 +411,7 @@ pub struct StateReader {
     /// Advances whenever it may have changed provider accounts or leases (not renewals).
     providers_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
-    bindings: Arc<Mutex<BindingCache>>,
+    bindings: Arc<Mutex<BindingTable>>,
     /// How many bindings each edge node holds: counted once at open and after a snapshot
     /// is installed, then kept by every `apply`, so metrics and keepalives need no scan.
     edges: Arc<Mutex<HashMap<NodeId, u64>>>,
@@ -402,15 +455,41 @@ impl StateReader {
         }
     }
 
-    /// Called by the state machine once a write of the bindings of `aors` is visible in
-    /// RocksDB, and before the write is reported applied, so a proposer reads its own write.
-    pub(crate) fn bindings_changed<'a>(&self, aors: impl IntoIterator<Item = &'a str>) {
-        self.bindings.lock().expect("binding cache").forget(aors);
+    /// Called by the state machine once a write of bindings is visible in RocksDB, and
+    /// before the write is reported applied, so a proposer reads its own write.
+    pub(crate) fn bindings_written(&self, changes: &[BindingChanges]) {
+        let mut table = self.bindings.lock().expect("binding table");
+        for (aor, contacts) in changes {
+            let contacts: Vec<(&str, Option<&[u8]>)> = contacts
+                .iter()
+                .map(|(c, v)| (c.as_str(), v.as_deref()))
+                .collect();
+            table.change(aor, &contacts);
+        }
     }
 
-    /// Called by the state machine once a snapshot replaced the whole state.
-    pub(crate) fn all_bindings_changed(&self) {
-        self.bindings.lock().expect("binding cache").forget_all();
+    /// Loads every binding into the table afresh from RocksDB: when the store is opened,
+    /// and once a snapshot replaced the whole state. Returns how many there are.
+    pub(crate) fn load_bindings(&self) -> Result<u64, Error> {
+        let mut table = self.bindings.lock().expect("binding table").fresh();
+        let mut count = 0;
+        let mut aor_bindings: Vec<Binding> = Vec::new();
+        // Keys run AOR by AOR, each AOR's in the order of its contacts.
+        for item in self.prefix_iter(&[key::BINDING]) {
+            let (k, v) = item.map_err(Error::db)?;
+            let b: Binding = decode(&k, &v)?;
+            if aor_bindings.first().is_some_and(|first| first.aor != b.aor) {
+                table.set(&aor_bindings[0].aor, &aor_bindings);
+                aor_bindings.clear();
+            }
+            aor_bindings.push(b);
+            count += 1;
+        }
+        if let Some(first) = aor_bindings.first() {
+            table.set(&first.aor, &aor_bindings);
+        }
+        *self.bindings.lock().expect("binding table") = table;
+        Ok(count)
     }
 
     /// Called by the state machine after it wrote provider account or lease changes (or a
@@ -581,20 +660,21 @@ impl StateReader {
         self.scan(&[key::PROVIDER])
     }
 
-    /// The bindings of `aor`. Every REGISTER and call asks this, and RocksDB's iterator
-    /// cost about a tenth of a loaded node's SIP thread, so answers are kept until the
-    /// state machine writes that AOR's bindings (see [`BindingCache`]).
+    /// The bindings of `aor`, sorted by contact. Every REGISTER and call asks this; the
+    /// answer comes from the location table (see [`BindingTable`]).
     pub fn bindings(&self, aor: &str) -> Result<Vec<Binding>, Error> {
-        let epoch = match self.bindings.lock().expect("binding cache").lookup(aor) {
-            Ok(kept) => return Ok(kept),
-            Err(epoch) => epoch,
-        };
-        let read: Vec<Binding> = self.scan(&key::bindings_of(aor))?;
-        self.bindings
-            .lock()
-            .expect("binding cache")
-            .keep(aor, &read, epoch);
-        Ok(read)
+        if let Some(kept) = self.bindings.lock().expect("binding table").lookup(aor) {
+            return Ok(kept);
+        }
+        self.scan(&key::bindings_of(aor))
+    }
+
+    /// One binding of `aor`, from the location table where it can answer.
+    pub fn binding(&self, aor: &str, contact: &str) -> Result<Option<Binding>, Error> {
+        if let Some(kept) = self.bindings.lock().expect("binding table").lookup(aor) {
+            return Ok(kept.into_iter().find(|b| b.contact == contact));
+        }
+        self.get(&key::binding(aor, contact))
     }
 
     /// Whether any binding lapsed at or before `now_ms`, or a removal record is due to be
@@ -688,9 +768,11 @@ impl StateReader {
             // The index key is the tag, the edge and a separator, then the binding's key.
             let mut record_key = vec![key::BINDING];
             record_key.extend_from_slice(k.get(prefix.len() + 1..).unwrap_or_default());
-            if let Some(record) = self.get(&record_key)? {
-                page.push(record);
-            }
+            let record = match key::aor_and_contact_of_binding(&record_key) {
+                Some((aor, contact)) => self.binding(aor, contact)?,
+                None => self.get(&record_key)?,
+            };
+            page.extend(record);
             last = Some(k.to_vec());
         }
         Ok((page, None))
@@ -922,6 +1004,16 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// One binding as this transaction sees it.
+    fn binding(&self, aor: &str, contact: &str) -> Result<Option<Binding>, Error> {
+        let k = key::binding(aor, contact);
+        match self.overlay.get(&k) {
+            Some(Some(v)) => decode(&k, v).map(Some),
+            Some(None) => Ok(None),
+            None => self.reader.binding(aor, contact),
+        }
+    }
+
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
         self.overlay.insert(key, Some(encode(value)));
     }
@@ -1009,18 +1101,21 @@ impl<'a> Txn<'a> {
         self.edge_deltas.clone()
     }
 
-    /// Writes into `batch`, and returns the AORs whose bindings it writes (each once).
+    /// Writes into `batch`, and returns the changes to bindings it writes, AOR by AOR.
     pub(crate) fn into_batch(
         self,
         cf: &rocksdb::ColumnFamily,
         batch: &mut WriteBatch,
-    ) -> Vec<String> {
-        let mut aors: Vec<String> = Vec::new();
+    ) -> Vec<BindingChanges> {
+        let mut changes: Vec<BindingChanges> = Vec::new();
         for (k, v) in self.overlay {
-            if let Some(aor) = key::aor_of_binding(&k) {
+            if let Some((aor, contact)) = key::aor_and_contact_of_binding(&k) {
                 // Keys are in order, so one AOR's bindings are next to each other.
-                if aors.last().map(String::as_str) != Some(aor) {
-                    aors.push(aor.to_owned());
+                if changes.last().map(|(a, _)| a.as_str()) != Some(aor) {
+                    changes.push((aor.to_owned(), Vec::new()));
+                }
+                if let Some((_, contacts)) = changes.last_mut() {
+                    contacts.push((contact.to_owned(), v.clone()));
                 }
             }
             match v {
@@ -1028,7 +1123,7 @@ impl<'a> Txn<'a> {
                 None => batch.delete_cf(cf, k),
             }
         }
-        aors
+        changes
     }
 
     fn remove_all_bindings(&mut self, aor: &str) -> Result<u64, Error> {
@@ -1043,7 +1138,7 @@ impl<'a> Txn<'a> {
 
     fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<bool, Error> {
         let k = key::binding(aor, contact);
-        match self.get::<Binding>(&k)? {
+        match self.binding(aor, contact)? {
             Some(old) => {
                 self.delete(k);
                 self.count_edge(old.edge_node, -1);
@@ -1096,7 +1191,7 @@ impl<'a> Txn<'a> {
         {
             return stale("held for longer than removals are remembered");
         }
-        let stored = self.get::<Binding>(&key::binding(&held.aor, &held.contact))?;
+        let stored = self.binding(&held.aor, &held.contact)?;
         if stored
             .as_ref()
             .is_some_and(|b| b.written_at_ms() >= held.held_at_ms)
@@ -1131,7 +1226,7 @@ impl<'a> Txn<'a> {
     }
 
     fn put_binding(&mut self, b: Binding) -> Result<(), Error> {
-        if let Some(old) = self.get::<Binding>(&key::binding(&b.aor, &b.contact))? {
+        if let Some(old) = self.binding(&b.aor, &b.contact)? {
             self.count_edge(old.edge_node, -1);
             self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
             self.delete(key::binding_by_expiry(
@@ -1641,7 +1736,7 @@ impl<'a> Txn<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::{prefix_end, BindingCache};
+    use super::{encode, prefix_end, BindingTable};
     use crate::command::tests::sample_binding;
     use crate::command::Binding;
 
@@ -1653,56 +1748,79 @@ mod tests {
         }
     }
 
-    /// The AOR is kept once: in the bindings, or beside them when there are none. Either
-    /// way a hit must name the AOR asked for.
-    #[test]
-    fn a_kept_entry_is_believed_only_for_the_aor_it_names() {
-        let mut cache = BindingCache::default();
-        cache.keep("sip:a@x", &[], cache.epoch);
-        assert_eq!(cache.lookup("sip:a@x"), Ok(vec![]));
-        let b = binding("<sip:b>");
-        cache.keep("sip:a@x", std::slice::from_ref(&b), cache.epoch);
-        assert_eq!(cache.lookup("sip:a@x"), Ok(vec![b.clone()]));
-        // Bindings that name another AOR are not that AOR's bindings.
-        let other = Binding {
-            aor: "sip:z@x".into(),
-            ..b
-        };
-        cache.keep("sip:a@x", &[other], cache.epoch);
-        assert!(cache.lookup("sip:a@x").is_err());
+    fn loaded() -> BindingTable {
+        BindingTable::default().fresh()
     }
 
-    /// A read that started before a write must not be kept after it: it may hold the
-    /// bindings as they were, and nothing would drop them again.
+    fn contacts(bindings: Option<Vec<Binding>>) -> Option<Vec<String>> {
+        bindings.map(|b| b.into_iter().map(|b| b.contact).collect())
+    }
+
+    /// Until it is loaded the table knows nothing, so every read goes to RocksDB.
     #[test]
-    fn a_read_that_began_before_a_write_is_not_kept() {
-        let mut cache = BindingCache::default();
-        let Err(before) = cache.lookup("sip:a@x") else {
-            panic!("nothing is kept yet");
-        };
-        // The read from RocksDB sees the old bindings; a write lands; then the read ends.
-        let old = [binding("<sip:old>")];
-        cache.forget(["sip:a@x"]);
-        cache.keep("sip:a@x", &old, before);
-        let Err(now) = cache.lookup("sip:a@x") else {
-            panic!("a read from before the write was kept");
-        };
-        // A read that started after the write is kept, until the next write of that AOR.
-        cache.keep("sip:a@x", &[binding("<sip:new>")], now);
-        assert_eq!(cache.lookup("sip:a@x").unwrap()[0].contact, "<sip:new>");
-        cache.forget(["sip:b@x"]);
-        assert!(
-            cache.lookup("sip:a@x").is_ok(),
-            "another AOR's write keeps it"
+    fn a_table_not_yet_loaded_answers_nothing() {
+        let mut table = BindingTable::default();
+        table.set("sip:a@x", &[binding("<sip:1>")]);
+        assert_eq!(table.lookup("sip:a@x"), None);
+        assert_eq!(table.lookup("sip:b@x"), None);
+    }
+
+    /// The table is complete: an AOR without an entry, or whose hash leads to another
+    /// AOR's entry, has no bindings. Changes keep an entry sorted by contact, as the keys
+    /// are, and an AOR whose last binding goes leaves no entry.
+    #[test]
+    fn the_table_holds_each_aors_bindings_sorted_and_nothing_else() {
+        let mut table = loaded();
+        assert_eq!(contacts(table.lookup("sip:a@x")), Some(vec![]));
+        let encoded = |contact: &str| encode(&binding(contact));
+        let (two, one) = (encoded("<sip:2>"), encoded("<sip:1>"));
+        table.change(
+            "sip:a@x",
+            &[("<sip:2>", Some(&two[..])), ("<sip:1>", Some(&one[..]))],
         );
-        cache.forget(["sip:a@x"]);
-        assert!(cache.lookup("sip:a@x").is_err());
-        cache.keep("sip:a@x", &[], cache.epoch);
-        cache.forget_all();
-        assert!(
-            cache.lookup("sip:a@x").is_err(),
-            "a snapshot drops everything"
+        assert_eq!(
+            contacts(table.lookup("sip:a@x")),
+            Some(vec!["<sip:1>".into(), "<sip:2>".into()])
         );
+        assert_eq!(contacts(table.lookup("sip:b@x")), Some(vec![]));
+        let mut changed = binding("<sip:1>");
+        changed.cseq = 9;
+        let changed = encode(&changed);
+        table.change("sip:a@x", &[("<sip:1>", Some(&changed[..]))]);
+        let kept = table.lookup("sip:a@x").unwrap();
+        assert_eq!((kept.len(), kept[0].cseq), (2, 9));
+        table.change("sip:a@x", &[("<sip:1>", None), ("<sip:2>", None)]);
+        assert_eq!(contacts(table.lookup("sip:a@x")), Some(vec![]));
+        assert!(
+            table.by_aor.is_empty(),
+            "no entry is left for an AOR with none"
+        );
+    }
+
+    /// Two AORs with bindings and one hash share an empty entry, and reads of either (or
+    /// of any AOR with that hash) go to RocksDB from then on, even after one leaves.
+    #[test]
+    fn aors_whose_hashes_collide_are_read_from_rocksdb() {
+        let mut table = loaded();
+        table.one_hash = true;
+        let a = binding("<sip:1>");
+        let z = Binding {
+            aor: "sip:z@x".into(),
+            ..binding("<sip:9>")
+        };
+        table.set("sip:a@x", std::slice::from_ref(&a));
+        assert_eq!(contacts(table.lookup("sip:z@x")), Some(vec![]));
+        table.set("sip:z@x", std::slice::from_ref(&z));
+        assert_eq!(table.lookup("sip:a@x"), None);
+        assert_eq!(table.lookup("sip:z@x"), None);
+        table.set("sip:z@x", &[]);
+        assert_eq!(table.lookup("sip:a@x"), None);
+        assert_eq!(table.lookup("sip:other@x"), None);
+        // Loading afresh keeps the way the table hashes.
+        let mut again = table.fresh();
+        again.set("sip:a@x", &[a]);
+        again.set("sip:z@x", &[z]);
+        assert_eq!(again.lookup("sip:a@x"), None);
     }
 
     #[test]

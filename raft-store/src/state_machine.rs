@@ -360,7 +360,9 @@ impl StateMachine {
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.reader.accounts_changed();
         self.reader.providers_changed();
-        self.reader.all_bindings_changed();
+        self.reader
+            .load_bindings()
+            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.save_snapshot_file(meta, data.len(), |out| out.write_all(&data))
     }
 }
@@ -432,7 +434,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let mut batch = WriteBatch::default();
         let edge_deltas = txn.edge_deltas();
-        let aors = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
+        let binding_changes = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
         let meta = self.cf(CF_SM_META);
         if let Some(l) = last_applied {
             let l = postcard::to_stdvec(&l).expect("encode log id");
@@ -449,9 +451,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.db
             .write(batch)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        if !aors.is_empty() {
-            self.reader
-                .bindings_changed(aors.iter().map(String::as_str));
+        if !binding_changes.is_empty() {
+            self.reader.bindings_written(&binding_changes);
         }
         if !edge_deltas.is_empty() {
             self.reader.edges_changed(&edge_deltas);

@@ -1221,6 +1221,113 @@ async fn kept_bindings_follow_every_write_and_snapshot() {
     assert_eq!(read_all(), (vec!["<sip:5>".into()], vec![], vec![]));
 }
 
+/// Every AOR's bindings as RocksDB holds them, read through the index by edge (which
+/// reads the records themselves, not the location table), sorted by contact.
+fn stored_bindings(
+    reader: &tandem_raft_store::state::StateReader,
+) -> std::collections::BTreeMap<String, Vec<Binding>> {
+    let mut all = std::collections::BTreeMap::<String, Vec<Binding>>::new();
+    for edge in 1..=3 {
+        for b in reader.bindings_by_edge(edge).unwrap() {
+            all.entry(b.aor.clone()).or_default().push(b);
+        }
+    }
+    for bindings in all.values_mut() {
+        bindings.sort_by(|a, b| a.contact.cmp(&b.contact));
+    }
+    all
+}
+
+/// The location table answers every read of an AOR's bindings from memory, so it must
+/// hold exactly what RocksDB holds after every kind of write, several to one AOR in one
+/// apply, a snapshot, and a reopening (which loads it afresh from RocksDB).
+#[tokio::test]
+async fn the_location_table_holds_what_rocksdb_holds_after_every_write() {
+    use rand::{Rng, SeedableRng};
+    let aors = ["sip:a@x", "sip:a@x.evil", "sip:b@x", "sip:c@y", "sip:d@y"];
+    let contacts = ["<sip:1>", "<sip:2>", "<sip:10>", "<sip:3;ob>"];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2026);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
+    let mut index = 0;
+    for round in 0..400 {
+        let commands: Vec<Command> = (0..rng.gen_range(1..=4))
+            .map(|_| {
+                let aor = aors[rng.gen_range(0..aors.len())];
+                let contact = contacts[rng.gen_range(0..contacts.len())];
+                match rng.gen_range(0..10) {
+                    0..=5 => {
+                        let mut b =
+                            binding(aor, contact, rng.gen_range(1..=3), rng.gen_range(100..1000));
+                        b.cseq = rng.gen_range(1..1000);
+                        Command::PutBinding(b)
+                    }
+                    6 | 7 => Command::RemoveBinding {
+                        aor: aor.into(),
+                        contact: contact.into(),
+                    },
+                    8 => Command::RemoveAllBindings { aor: aor.into() },
+                    _ => Command::ExpireBindings {
+                        now_ms: rng.gen_range(0..600),
+                        limit: rng.gen_range(1..4),
+                    },
+                }
+            })
+            .collect();
+        index += 1;
+        apply(&mut sm, index, commands).await;
+        let reader = sm.reader();
+        let stored = stored_bindings(&reader);
+        for aor in aors {
+            let expected = stored.get(aor).cloned().unwrap_or_default();
+            assert_eq!(
+                reader.bindings(aor).unwrap(),
+                expected,
+                "{aor} after round {round}"
+            );
+            for contact in contacts {
+                assert_eq!(
+                    reader.binding(aor, contact).unwrap().as_ref(),
+                    expected.iter().find(|b| b.contact == contact),
+                    "{aor} {contact} after round {round}"
+                );
+            }
+        }
+        drop(reader);
+        if round % 100 == 99 {
+            drop((log, sm));
+            (log, sm) = reopen(dir.path()).await;
+            let reader = sm.reader();
+            for aor in aors {
+                assert_eq!(
+                    reader.bindings(aor).unwrap(),
+                    stored.get(aor).cloned().unwrap_or_default(),
+                    "{aor} after reopening"
+                );
+            }
+        }
+    }
+    // A snapshot from another store replaces the whole table.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+    apply(
+        &mut other,
+        1,
+        vec![Command::PutBinding(binding("sip:z@x", "<sip:5>", 2, 900))],
+    )
+    .await;
+    let snapshot = other.build_snapshot().await.unwrap();
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+    let reader = sm.reader();
+    for aor in aors {
+        assert!(reader.bindings(aor).unwrap().is_empty(), "{aor}");
+    }
+    assert_eq!(reader.bindings("sip:z@x").unwrap().len(), 1);
+    drop(log);
+}
+
 #[tokio::test]
 async fn a_join_token_admits_one_node_once_until_it_expires() {
     let dir = tempfile::tempdir().unwrap();
