@@ -43,6 +43,7 @@ pub fn main() -> ExitCode {
     }
     init_logging(&config.log);
     no_transparent_huge_pages();
+    fixed_mmap_threshold();
     let Some(runtime) = runtime(config.node.runtime_threads) else {
         return ExitCode::FAILURE;
     };
@@ -74,6 +75,28 @@ fn no_transparent_huge_pages() {
         tracing::warn!(error = %e, "could not turn transparent huge pages off; resident memory will be higher");
     }
 }
+
+/// Keeps glibc's malloc, which RocksDB's C++ code allocates from (the Rust side uses
+/// mimalloc), from holding on to memory RocksDB has freed. RocksDB allocates its memtables
+/// in blocks of a megabyte or two and frees them when a memtable is flushed. glibc serves
+/// such blocks with mmap and returns them on free, but raises its mmap threshold to the
+/// size of each block freed that way, so from the first flush on the blocks come from its
+/// heaps instead, between the block cache's small blocks, where what a flush frees can
+/// stay resident. Setting the threshold, here to glibc's own starting value, turns that
+/// adjustment off: a node's memory then follows its memtables down as well as up
+/// (BENCHMARKS.md, "Resident memory per registered AOR").
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn fixed_mmap_threshold() {
+    const THRESHOLD: libc::c_int = 128 * 1024;
+    // SAFETY: mallopt only sets a parameter of the allocator; it is called before the
+    // runtime and RocksDB start any thread.
+    if unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, THRESHOLD) } != 1 {
+        tracing::warn!("could not fix malloc's mmap threshold; resident memory may creep");
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn fixed_mmap_threshold() {}
 
 /// Runs an operator command (`cluster`, `keys`, `account`, `node`) with the config it
 /// names.
