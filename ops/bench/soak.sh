@@ -20,9 +20,11 @@
 # registrations/s (storm.sh, Tandem's; BENCHMARKS.md), and the defaults ask 21%, 16% and
 # 9% of those, about 46% together.
 #
-# Every minute it prints, per Tandem node, resident memory (VmRSS) and open file
-# descriptors, or for Kamailio the proportional set size (Pss) and descriptors of all its
-# processes together (they share one memory pool). At the end, per server and process:
+# Every minute it prints, per Tandem node, resident memory (VmRSS), open file descriptors
+# and what its RocksDB instances hold by their own estimate (`tandem_store_memory_bytes`:
+# memtables, table readers and block caches, part of the resident memory), or for
+# Kamailio the proportional set size (Pss) and descriptors of all its processes together
+# (they share one memory pool). At the end, per server and process:
 # memory at minute 5, the lowest and highest after it and their spread around the minute-5
 # figure (the target: flat within ±10% after the first five minutes), descriptors at the
 # start and the end, and per load its completed and failed count and p99 (the target: no
@@ -84,6 +86,12 @@ fds() {
   for p in $all; do t=$(( t + $(ls "/proc/$p/fd" 2>/dev/null | wc -l) )); done
   echo "$t"
 }
+# store_mb nodeN: what node N's RocksDB instances hold by their own estimate (memtables,
+# table readers, block caches), from its metrics, to tell their growth from the heap's.
+store_mb() {
+  curl -sf "http://$(listen_of "$work/${1}/tandem.toml" admin)/metrics" \
+    | awk '$1 ~ /^tandem_store_memory_bytes/ { t += $2 } END { printf "%.1f", t / 1048576 }'
+}
 sample() {
   local name=$1 minute=$2 w label pid line=""
   for w in $(procs "$name"); do
@@ -91,6 +99,7 @@ sample() {
     pid=${w#*:}
     echo "$minute $label $(mem_kib "$name" "$pid") $(fds "$name" "$pid")" >> "$work/samples"
     line+=$(printf '  %s %6.1f MB %4d fds' "$label" "$(awk -v k="$(mem_kib "$name" "$pid")" 'BEGIN { print k / 1024 }')" "$(fds "$name" "$pid")")
+    [ "$name" != tandem ] || line+=$(printf ' (stores %5.1f MB)' "$(store_mb "$label")")
   done
   printf '%-8s minute %3d:%s\n' "$name" "$minute" "$line"
 }
