@@ -5,6 +5,7 @@
 //! the test.
 
 use std::net::SocketAddr;
+use std::os::unix::process::CommandExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,6 +52,8 @@ impl Kamailio {
             .arg(dir.path())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
+            // Its own process group, so that the workers it forks go with it (below).
+            .process_group(0)
             .spawn()
             .expect("kamailio is installed (./ops/setup.sh installs it)");
         let k = Kamailio { child, addr, dir };
@@ -72,7 +75,13 @@ impl Kamailio {
 }
 
 impl Drop for Kamailio {
+    /// Kills the whole process group: Kamailio forks its workers, and killing only the
+    /// main process left them running, holding the port, after the test.
     fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", "--", &group])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
