@@ -39,7 +39,6 @@ pub fn open(
     state_machine
         .ensure_expiry_index()
         .map_err(|e| Error::Db(e.to_string()))?;
-    state_machine.reader().recount_edges()?;
     let bindings = state_machine.reader().load_bindings()?;
     tracing::info!(bindings, "loaded the location table");
     Ok((log_store::LogStore::new(db), state_machine))

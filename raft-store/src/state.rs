@@ -310,6 +310,14 @@ struct BindingTable {
     one_hash: bool,
 }
 
+/// The AOR an entry's bindings name, read from the front of its encoding (the bindings'
+/// count, then the first one's AOR) without decoding them.
+fn entry_aor(kept: &[u8]) -> Option<&str> {
+    let (_count, rest) = postcard::take_from_bytes::<usize>(kept).ok()?;
+    let (aor, _) = postcard::take_from_bytes::<&str>(rest).ok()?;
+    Some(aor)
+}
+
 impl BindingTable {
     fn key(&self, aor: &str) -> u64 {
         #[cfg(test)]
@@ -331,12 +339,11 @@ impl BindingTable {
         if kept.is_empty() {
             return None;
         }
-        let bindings: Vec<Binding> = postcard::from_bytes(kept).ok()?;
         // Another AOR's entry: had this one any bindings, the two would share it.
-        if bindings.first().is_some_and(|b| b.aor != aor) {
+        if entry_aor(kept)? != aor {
             return Some(Vec::new());
         }
-        Some(bindings)
+        postcard::from_bytes(kept).ok()
     }
 
     /// Records that `aor` now has exactly `bindings`, sorted by contact.
@@ -357,11 +364,7 @@ impl BindingTable {
                 if kept.is_empty() {
                     return;
                 }
-                let named = postcard::from_bytes::<Vec<Binding>>(kept)
-                    .ok()
-                    .and_then(|b| b.into_iter().next())
-                    .map(|b| b.aor);
-                if named.as_deref() == Some(aor) {
+                if entry_aor(kept) == Some(aor) {
                     if bindings.is_empty() {
                         slot.remove();
                     } else {
@@ -376,13 +379,16 @@ impl BindingTable {
 
     /// Applies one write's changes of `aor`'s bindings: per contact, its new encoded
     /// binding, or `None` where it was removed.
-    fn change(&mut self, aor: &str, changes: &[(&str, Option<&[u8]>)]) {
+    fn change(&mut self, aor: &str, changes: &[(String, Option<Vec<u8>>)]) {
         let Some(mut bindings) = self.lookup(aor) else {
             return;
         };
         for (contact, value) in changes {
-            bindings.retain(|b| b.contact != *contact);
-            if let Some(b) = value.and_then(|v| postcard::from_bytes::<Binding>(v).ok()) {
+            bindings.retain(|b| &b.contact != contact);
+            if let Some(b) = value
+                .as_deref()
+                .and_then(|v| postcard::from_bytes::<Binding>(v).ok())
+            {
                 bindings.push(b);
             }
         }
@@ -429,19 +435,6 @@ impl StateReader {
         }
     }
 
-    /// Counts the bindings of every edge node afresh from the index by edge.
-    pub(crate) fn recount_edges(&self) -> Result<(), Error> {
-        let mut counts: HashMap<NodeId, u64> = HashMap::new();
-        for item in self.prefix_iter(&[key::BINDING_BY_EDGE]) {
-            let (k, _) = item.map_err(Error::db)?;
-            if let Some(edge) = k.get(1..9).and_then(|b| b.try_into().ok()) {
-                *counts.entry(NodeId::from_be_bytes(edge)).or_default() += 1;
-            }
-        }
-        *self.edges.lock().expect("edge counts") = counts;
-        Ok(())
-    }
-
     /// Called by the state machine once a write that changed how many bindings each edge
     /// node holds (by `deltas`) is visible in RocksDB.
     pub(crate) fn edges_changed(&self, deltas: &BTreeMap<NodeId, i64>) {
@@ -460,18 +453,16 @@ impl StateReader {
     pub(crate) fn bindings_written(&self, changes: &[BindingChanges]) {
         let mut table = self.bindings.lock().expect("binding table");
         for (aor, contacts) in changes {
-            let contacts: Vec<(&str, Option<&[u8]>)> = contacts
-                .iter()
-                .map(|(c, v)| (c.as_str(), v.as_deref()))
-                .collect();
-            table.change(aor, &contacts);
+            table.change(aor, contacts);
         }
     }
 
-    /// Loads every binding into the table afresh from RocksDB: when the store is opened,
-    /// and once a snapshot replaced the whole state. Returns how many there are.
+    /// Loads every binding into the table, and counts each edge node's, afresh from
+    /// RocksDB in one pass: when the store is opened, and once a snapshot replaced the
+    /// whole state. Returns how many there are.
     pub(crate) fn load_bindings(&self) -> Result<u64, Error> {
         let mut table = self.bindings.lock().expect("binding table").fresh();
+        let mut edges: HashMap<NodeId, u64> = HashMap::new();
         let mut count = 0;
         let mut aor_bindings: Vec<Binding> = Vec::new();
         // Keys run AOR by AOR, each AOR's in the order of its contacts.
@@ -482,6 +473,7 @@ impl StateReader {
                 table.set(&aor_bindings[0].aor, &aor_bindings);
                 aor_bindings.clear();
             }
+            *edges.entry(b.edge_node).or_default() += 1;
             aor_bindings.push(b);
             count += 1;
         }
@@ -489,6 +481,7 @@ impl StateReader {
             table.set(&first.aor, &aor_bindings);
         }
         *self.bindings.lock().expect("binding table") = table;
+        *self.edges.lock().expect("edge counts") = edges;
         Ok(count)
     }
 
@@ -1109,18 +1102,18 @@ impl<'a> Txn<'a> {
     ) -> Vec<BindingChanges> {
         let mut changes: Vec<BindingChanges> = Vec::new();
         for (k, v) in self.overlay {
+            match &v {
+                Some(v) => batch.put_cf(cf, &k, v),
+                None => batch.delete_cf(cf, &k),
+            }
             if let Some((aor, contact)) = key::aor_and_contact_of_binding(&k) {
                 // Keys are in order, so one AOR's bindings are next to each other.
                 if changes.last().map(|(a, _)| a.as_str()) != Some(aor) {
                     changes.push((aor.to_owned(), Vec::new()));
                 }
                 if let Some((_, contacts)) = changes.last_mut() {
-                    contacts.push((contact.to_owned(), v.clone()));
+                    contacts.push((contact.to_owned(), v));
                 }
-            }
-            match v {
-                Some(v) => batch.put_cf(cf, k, v),
-                None => batch.delete_cf(cf, k),
             }
         }
         changes
@@ -1621,7 +1614,10 @@ impl<'a> Txn<'a> {
                     if removed >= u64::from(limit) {
                         break;
                     }
-                    if let Some(b) = self.get::<Binding>(&k)? {
+                    let Some((aor, contact)) = key::aor_and_contact_of_binding(&k) else {
+                        continue;
+                    };
+                    if let Some(b) = self.binding(aor, contact)? {
                         if b.expires_at_ms <= now_ms {
                             removed += self.remove_binding(&b.aor, &b.contact)? as u64;
                         }
@@ -1772,12 +1768,8 @@ mod tests {
     fn the_table_holds_each_aors_bindings_sorted_and_nothing_else() {
         let mut table = loaded();
         assert_eq!(contacts(table.lookup("sip:a@x")), Some(vec![]));
-        let encoded = |contact: &str| encode(&binding(contact));
-        let (two, one) = (encoded("<sip:2>"), encoded("<sip:1>"));
-        table.change(
-            "sip:a@x",
-            &[("<sip:2>", Some(&two[..])), ("<sip:1>", Some(&one[..]))],
-        );
+        let put = |contact: &str| (contact.to_owned(), Some(encode(&binding(contact))));
+        table.change("sip:a@x", &[put("<sip:2>"), put("<sip:1>")]);
         assert_eq!(
             contacts(table.lookup("sip:a@x")),
             Some(vec!["<sip:1>".into(), "<sip:2>".into()])
@@ -1785,11 +1777,13 @@ mod tests {
         assert_eq!(contacts(table.lookup("sip:b@x")), Some(vec![]));
         let mut changed = binding("<sip:1>");
         changed.cseq = 9;
-        let changed = encode(&changed);
-        table.change("sip:a@x", &[("<sip:1>", Some(&changed[..]))]);
+        table.change("sip:a@x", &[("<sip:1>".into(), Some(encode(&changed)))]);
         let kept = table.lookup("sip:a@x").unwrap();
         assert_eq!((kept.len(), kept[0].cseq), (2, 9));
-        table.change("sip:a@x", &[("<sip:1>", None), ("<sip:2>", None)]);
+        table.change(
+            "sip:a@x",
+            &[("<sip:1>".into(), None), ("<sip:2>".into(), None)],
+        );
         assert_eq!(contacts(table.lookup("sip:a@x")), Some(vec![]));
         assert!(
             table.by_aor.is_empty(),

@@ -355,9 +355,6 @@ impl StateMachine {
             meta.last_log_id
                 .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
         )?;
-        self.reader
-            .recount_edges()
-            .map_err(|e| snap_err(ErrorVerb::Read, e))?;
         self.reader.accounts_changed();
         self.reader.providers_changed();
         self.reader

@@ -70,6 +70,17 @@ async fn apply(sm: &mut StateMachine, index: u64, commands: Vec<Command>) -> Vec
     responses.remove(0).results
 }
 
+/// Installs into `sm` a snapshot of another store that holds only what `commands` write.
+async fn install_from_elsewhere(sm: &mut StateMachine, index: u64, commands: Vec<Command>) {
+    let other_dir = tempfile::tempdir().unwrap();
+    let (_log, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+    apply(&mut other, index, commands).await;
+    let snapshot = other.build_snapshot().await.unwrap();
+    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn bindings_and_their_edge_index_move_together() {
     let dir = tempfile::tempdir().unwrap();
@@ -1089,19 +1100,13 @@ async fn served_domains_follow_account_changes_and_snapshots() {
     assert!(reader.serves_domain("b.example").unwrap());
 
     // A snapshot replaces the accounts wholesale.
-    let other_dir = tempfile::tempdir().unwrap();
-    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
-    apply(
-        &mut other,
+    assert!(!reader.serves_domain("c.example").unwrap());
+    install_from_elsewhere(
+        &mut sm,
         4,
         vec![Command::PutAccount(account("u3", "c.example"))],
     )
     .await;
-    let snapshot = other.build_snapshot().await.unwrap();
-    assert!(!reader.serves_domain("c.example").unwrap());
-    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
     assert!(reader.serves_domain("c.example").unwrap());
     assert!(!reader.serves_domain("b.example").unwrap());
 }
@@ -1206,18 +1211,12 @@ async fn kept_bindings_follow_every_write_and_snapshot() {
     assert_eq!(contacts(b), ["<sip:4>"]);
 
     // A snapshot replaces everything.
-    let other_dir = tempfile::tempdir().unwrap();
-    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
-    apply(
-        &mut other,
+    install_from_elsewhere(
+        &mut sm,
         7,
         vec![Command::PutBinding(binding(a, "<sip:5>", 1, 900))],
     )
     .await;
-    let snapshot = other.build_snapshot().await.unwrap();
-    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
     assert_eq!(read_all(), (vec!["<sip:5>".into()], vec![], vec![]));
 }
 
@@ -1308,18 +1307,12 @@ async fn the_location_table_holds_what_rocksdb_holds_after_every_write() {
         }
     }
     // A snapshot from another store replaces the whole table.
-    let other_dir = tempfile::tempdir().unwrap();
-    let (_l2, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
-    apply(
-        &mut other,
+    install_from_elsewhere(
+        &mut sm,
         1,
         vec![Command::PutBinding(binding("sip:z@x", "<sip:5>", 2, 900))],
     )
     .await;
-    let snapshot = other.build_snapshot().await.unwrap();
-    sm.install_snapshot(&snapshot.meta, snapshot.snapshot)
-        .await
-        .unwrap();
     let reader = sm.reader();
     for aor in aors {
         assert!(reader.bindings(aor).unwrap().is_empty(), "{aor}");
