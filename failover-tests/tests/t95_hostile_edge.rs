@@ -1034,6 +1034,146 @@ fn a_full_transaction_table_sheds_new_requests_with_503_instead_of_growing() {
     );
 }
 
+/// An overload loses BYEs (UDP drops them, callers give up), and each lost BYE leaves a
+/// dialog nobody uses again. With the table capped at 100 and dialogs unused for 2 s
+/// evictable, a hundred answered calls whose BYEs never come fill it:
+/// - a new call at once gets 503, and no call is forgotten for it (each is in use as far
+///   as the node can tell);
+/// - 2 s later a stranger's call to Bob still gets 503, never reaching Bob: traffic
+///   nobody vouched for never evicts a customer's call;
+/// - Alice's next call goes through, in the place of the call unused longest, whose BYE
+///   now gets 481 while the others' still reach Bob.
+#[test]
+fn a_full_dialog_table_makes_room_from_dialogs_long_unused_but_never_for_a_stranger() {
+    let node = Node::start_env(
+        &tandem_failover_tests::sip_config(
+            tandem_failover_tests::free_port(),
+            "max_dialogs = 100\ndialog_evict_idle_secs = 2\nflood_exempt = [\"127.0.0.1\"]",
+        ),
+        &[("TANDEM_TEST_SHORT_TIMERS", "1")],
+    );
+    node.wait_ready();
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "alice", "example.com", "pw-alice-1");
+    add_account(admin, &token, "bob", "example.com", "pw-bob-1");
+    let unlimited = tandem_failover_tests::cluster::http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/accounts/example.com/alice",
+        Some(r#"{"max_concurrent_calls":0}"#),
+    );
+    assert_eq!(unlimited.map(|a| a.status), Some(200));
+    let mut bob = Ua::new("127.0.0.1", "bob", "example.com", "pw-bob-1");
+    let contact = format!("<{}>", bob.contact());
+    let r = bob.register(node.udp_addr(), "MD5", Some(&contact), Some(600));
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let lost: Vec<_> = (0..100)
+        .map(|i| answered_call(&node, &bob, &format!("lost-bye-{i}")))
+        .collect();
+    let dialogs = metric(admin, "tandem_proxy_dialogs");
+    node.check(dialogs == Some(100.0), || {
+        format!("tandem_proxy_dialogs {dialogs:?} after 100 answered calls")
+    });
+    let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-1");
+    let (at_once, reached_bob) = while_bob_is_busy(&bob, || {
+        alice.invite(
+            node.udp_addr(),
+            "sip:bob@example.com",
+            "fresh-0",
+            &mut |_, _| {},
+        )
+    });
+    node.check(
+        at_once.status() == Some(503) && reached_bob.is_empty(),
+        || {
+            format!(
+                "a call into a full table of dialogs used a moment ago got {:?} ({} INVITEs \
+                 reached Bob):\n{}",
+                at_once.status(),
+                reached_bob.len(),
+                at_once.text
+            )
+        },
+    );
+
+    std::thread::sleep(Duration::from_millis(2500));
+    let stranger = UdpSocket::bind("127.0.0.66:0").unwrap();
+    let (strangers, reached_bob) = while_bob_is_busy(&bob, || {
+        final_answer(
+            &stranger,
+            node.udp_addr(),
+            &stranger_invite(
+                stranger.local_addr().unwrap(),
+                "sip:bob@example.com",
+                "sip:someone@elsewhere.example",
+                "stranger",
+            ),
+        )
+    });
+    node.check(
+        strangers
+            .as_deref()
+            .is_some_and(|a| a.starts_with("SIP/2.0 503"))
+            && reached_bob.is_empty(),
+        || {
+            format!(
+                "a stranger's call into a table full of Alice's calls got {strangers:?}, and \
+                 {} INVITEs reached Bob",
+                reached_bob.len()
+            )
+        },
+    );
+    let (evicted, refused) = (
+        metric(admin, "tandem_proxy_dialogs_evicted_total"),
+        metric(admin, "tandem_proxy_dialogs_refused_total"),
+    );
+    node.check(evicted == Some(0.0) && refused == Some(2.0), || {
+        format!("evicted {evicted:?}, refused {refused:?} after two refusals")
+    });
+
+    let _fresh = answered_call(&node, &bob, "fresh-1");
+    let evicted = metric(admin, "tandem_proxy_dialogs_evicted_total");
+    node.check(evicted == Some(1.0), || {
+        format!("tandem_proxy_dialogs_evicted_total {evicted:?} after a call made room")
+    });
+    let caller = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let bye = |dialog: &tandem_failover_tests::ua::Dialog| {
+        final_answer(
+            &caller,
+            node.udp_addr(),
+            &in_dialog(
+                dialog,
+                caller.local_addr().unwrap(),
+                "BYE",
+                dialog.cseq + 1,
+                &dialog.to,
+            ),
+        )
+    };
+    let oldest = bye(&lost[0]);
+    node.check(
+        oldest
+            .as_deref()
+            .is_some_and(|a| a.starts_with("SIP/2.0 481")),
+        || format!("the BYE of the call unused longest got {oldest:?}"),
+    );
+    std::thread::scope(|s| {
+        let bob = &bob;
+        s.spawn(move || {
+            let bye = bob.expect_request("BYE", WAIT);
+            bob.respond(&bye, 200, "OK", "");
+        });
+        let next = bye(&lost[1]);
+        node.check(
+            next.as_deref()
+                .is_some_and(|a| a.starts_with("SIP/2.0 200")),
+            || format!("the BYE of a call that kept its place got {next:?}"),
+        );
+    });
+}
+
 use tandem_failover_tests::srv_phone::stun_binding_request as stun_request;
 
 /// RFC 5626 §4.4.2 keepalives on the SIP port: a phone's STUN Binding request gets the

@@ -335,6 +335,13 @@ pub struct SipConfig {
     /// While draining, how long running calls get to end before the node reports itself
     /// drained anyway, in seconds.
     pub drain_call_wait_secs: u64,
+    /// Dialogs (calls and subscriptions) the proxy tracks at most; at most half of them
+    /// for callers who did not authenticate.
+    pub max_dialogs: usize,
+    /// A full dialog table makes room for a new dialog by forgetting the one unused
+    /// longest, if nobody used it for this many seconds (its BYE was most likely lost);
+    /// otherwise the new dialog gets 503.
+    pub dialog_evict_idle_secs: u64,
     /// DNS servers (`ip:port`) for RFC 3263 lookups of providers and other outside
     /// servers; empty: the system's (`/etc/resolv.conf`).
     pub dns_servers: Vec<SocketAddr>,
@@ -384,6 +391,8 @@ impl Default for SipConfig {
             retry_after_secs: 30,
             timer_c_secs: 181,
             drain_call_wait_secs: 3600,
+            max_dialogs: 100_000,
+            dialog_evict_idle_secs: 600,
             dns_servers: Vec::new(),
             advertise: None,
         }
@@ -711,6 +720,25 @@ impl Config {
                 format!(
                     "must be at least {min_timer_c} (RFC 3261 §16.6: more than three minutes) \
                      and at most 86400"
+                ),
+            );
+        }
+        if !(100..=10_000_000).contains(&sip.max_dialogs) {
+            bad("sip.max_dialogs", "must be 100 to 10000000".into());
+        }
+        // A dialog's BYE may take 32 s (Timer F) to get through; a test that watches a
+        // full table evict sets TANDEM_TEST_SHORT_TIMERS=1 to allow any value from 1 s.
+        let min_evict_idle = if std::env::var_os("TANDEM_TEST_SHORT_TIMERS").is_some() {
+            1
+        } else {
+            60
+        };
+        if !(min_evict_idle..=43_200).contains(&sip.dialog_evict_idle_secs) {
+            bad(
+                "sip.dialog_evict_idle_secs",
+                format!(
+                    "must be at least {min_evict_idle} and at most 43200 (12 h, when an \
+                     unused dialog is forgotten anyway)"
                 ),
             );
         }
@@ -1164,6 +1192,8 @@ mod tests {
         c.node.id = 0;
         c.node.runtime_threads = MAX_RUNTIME_THREADS + 1;
         c.node.sip_threads = MAX_SIP_THREADS + 1;
+        c.sip.max_dialogs = 10;
+        c.sip.dialog_evict_idle_secs = 5;
         let problems: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -1188,6 +1218,16 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("node.runtime_threads")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("sip.max_dialogs")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("sip.dialog_evict_idle_secs")),
             "{problems:?}"
         );
     }

@@ -73,6 +73,11 @@ impl Drain {
         self.calls.get().map_or(0, |(d, _)| d.len())
     }
 
+    /// Dialogs the proxy's full table forgot to make room for new ones.
+    pub fn evicted_dialogs(&self) -> u64 {
+        self.calls.get().map_or(0, |(d, _)| d.evicted())
+    }
+
     /// Whether drain stopped waiting for calls: none left, or the wait is over.
     fn calls_done(&self) -> bool {
         let Some((dialogs, wait)) = self.calls.get() else {

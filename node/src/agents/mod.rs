@@ -157,6 +157,8 @@ impl Agents {
             ProxySettings {
                 timer_c: Duration::from_secs(config.sip.timer_c_secs),
                 cancel_give_up: 64 * TimerSettings::from_config(&config.sip).t1,
+                max_dialogs: config.sip.max_dialogs,
+                dialog_evict_idle: Duration::from_secs(config.sip.dialog_evict_idle_secs),
             },
             cdrs.clone().filter(|_| config.cdr.proxied_calls),
         ));

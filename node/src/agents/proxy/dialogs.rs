@@ -21,11 +21,21 @@
 //! goes (its last dialog's BYE, or the failure of every forward).
 //!
 //! Bounded: at most `max` entries, at most half of them without an authenticated account
-//! (callers from outside reaching local phones), and a new one past either bound is
-//! refused rather than a live call evicted. An entry nobody used for [`MAX_IDLE`] is
+//! (callers from outside reaching local phones). An entry nobody used for [`MAX_IDLE`] is
 //! forgotten. Entries sit in a queue by last use: the front is checked on every insert,
 //! an entry used since it was queued goes to the back, and stale positions are compacted
 //! away, so all of it costs O(1) amortized.
+//!
+//! A new entry past either bound makes room by forgetting the entry used longest ago
+//! among the first [`EVICT_SCAN`] places of the queue, if nothing holds it (no forward in
+//! progress) and nobody used it for `evict_idle` (`sip.dialog_evict_idle_secs`); failing
+//! that it is refused (503). UDP loses BYEs, and an overload loses many: without this,
+//! their dialogs would fill the table and refuse every call for [`MAX_IDLE`]. An entry
+//! that is evicted but was a live call costs that call its in-dialog requests (481), the
+//! same as a dialog whose node restarted; a call being set up, or used within
+//! `evict_idle`, is never evicted. A caller who did not authenticate makes room only by
+//! evicting another such entry: traffic nobody vouched for never evicts a customer's
+//! call.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -43,6 +53,15 @@ pub const MAX_IDLE: Duration = Duration::from_secs(12 * 3600);
 const MAX_CALLEE_TAGS: usize = 8;
 /// Entries the table holds by default.
 pub const DEFAULT_MAX_DIALOGS: usize = 100_000;
+/// By default, how long an entry must have gone unused before a full table may forget it
+/// to make room: far longer than any BYE takes (Timer F, 32 s) or a phone waits between
+/// re-INVITEs for a session timer, far shorter than [`MAX_IDLE`].
+pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(600);
+/// Queue places a full table looks at for an entry to evict. The queue is ordered by last
+/// use (roughly: an entry used since it was queued moves back only when the front reaches
+/// it), so the entries used longest ago are at its front; bounding the search keeps a
+/// refused request as cheap as an admitted one.
+pub const EVICT_SCAN: usize = 256;
 
 /// What kind of dialog an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +163,8 @@ struct Table {
     anonymous: usize,
     /// Where calls' records go, on a node that keeps them.
     recorder: Option<Recorder>,
+    /// Entries forgotten to make room for new ones.
+    evicted: u64,
 }
 
 /// Why a new dialog was not recorded.
@@ -151,7 +172,8 @@ struct Table {
 pub enum Refused {
     /// The calling account has `max_concurrent_calls` calls already.
     CallLimit,
-    /// The table (or its share for callers who did not authenticate) is full.
+    /// The table (or its share for callers who did not authenticate) is full, and none
+    /// of the entries the caller may evict has gone unused long enough.
     Full,
 }
 
@@ -160,6 +182,8 @@ pub enum Refused {
 pub struct Dialogs {
     table: Mutex<Table>,
     max: usize,
+    /// How long an entry must have gone unused before a full table may evict it.
+    evict_idle: Duration,
 }
 
 impl Default for Dialogs {
@@ -261,6 +285,37 @@ impl Table {
         }
     }
 
+    /// Makes room for one entry by forgetting the one used longest ago among the first
+    /// [`EVICT_SCAN`] queue places that nothing holds and nobody used for `idle`; only one
+    /// without an authenticated account if `anonymous_only`. Whether it found one.
+    fn evict(&mut self, now: Instant, idle: Duration, anonymous_only: bool) -> bool {
+        let victim = self
+            .queue
+            .iter()
+            .take(EVICT_SCAN)
+            .filter_map(|(k, seq)| {
+                let e = self.entries.get(k)?;
+                let evictable = e.seq == *seq
+                    && e.claims == 0
+                    && (!anonymous_only || e.account.is_none())
+                    && now.saturating_duration_since(e.last_used) >= idle;
+                evictable.then_some((e.last_used, k))
+            })
+            .min_by_key(|(last_used, _)| *last_used)
+            .map(|(last_used, k)| (last_used, k.clone()));
+        let Some((last_used, k)) = victim else {
+            return false;
+        };
+        tracing::debug!(
+            dialog = %k.replace('\n', " "),
+            idle_secs = now.saturating_duration_since(last_used).as_secs(),
+            "the dialog table is full: forgot the dialog unused longest"
+        );
+        self.forget(&k, Some(last_used));
+        self.evicted += 1;
+        true
+    }
+
     /// The entry of the dialog these tags name, and which tag is the callee's.
     fn find(&self, call_id: &str, from_tag: &str, to_tag: &str) -> Option<(Box<str>, bool)> {
         let caller_sent = key(call_id, from_tag);
@@ -285,17 +340,20 @@ impl Table {
 
 impl Dialogs {
     pub fn new(max: usize) -> Dialogs {
-        Dialogs {
-            table: Mutex::default(),
-            max: max.max(2),
-        }
+        Dialogs::with_recorder(max, DEFAULT_EVICT_IDLE, None)
     }
 
-    /// A table that writes the records of the calls given it to `recorder`.
-    pub fn with_recorder(max: usize, recorder: Option<Recorder>) -> Dialogs {
-        let d = Dialogs::new(max);
-        d.lock().recorder = recorder;
-        d
+    /// A table of at most `max` entries, which may evict one unused for `evict_idle` to
+    /// make room, and writes the records of the calls given it to `recorder`.
+    pub fn with_recorder(max: usize, evict_idle: Duration, recorder: Option<Recorder>) -> Dialogs {
+        Dialogs {
+            table: Mutex::new(Table {
+                recorder,
+                ..Table::default()
+            }),
+            max: max.max(2),
+            evict_idle,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -336,7 +394,10 @@ impl Dialogs {
             }
             return Ok(());
         }
-        if t.entries.len() >= self.max || (account.is_none() && t.anonymous >= self.max / 2) {
+        let anonymous = account.is_none();
+        if (t.entries.len() >= self.max || (anonymous && t.anonymous >= self.max / 2))
+            && !t.evict(now, self.evict_idle, anonymous)
+        {
             return Err(Refused::Full);
         }
         let account: Option<Arc<str>> = account.map(|(name, _)| Arc::from(name));
@@ -549,6 +610,11 @@ impl Dialogs {
         self.lock().entries.len()
     }
 
+    /// Entries forgotten so far to make room for new ones.
+    pub fn evicted(&self) -> u64 {
+        self.lock().evicted
+    }
+
     /// Calls `account` has through this node now.
     #[cfg(test)]
     fn calls_of(&self, account: &str) -> u32 {
@@ -703,7 +769,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_calls_records_are_written_when_its_entry_goes() {
         let (recorder, written) = Recorder::for_tests();
-        let d = Dialogs::with_recorder(10, Some(recorder));
+        let d = Dialogs::with_recorder(10, DEFAULT_EVICT_IDLE, Some(recorder));
         let records = || {
             Some(CallRecords::new(
                 Open::new("c", "a", "in", "c1", "alice@example.com"),
@@ -806,6 +872,75 @@ mod tests {
         }
         assert_eq!(answered_call(&d, "c2", 100, "b"), Err(Refused::Full));
         assert!(d.knows("c0", "a", "b"), "no live call is evicted");
+        assert_eq!(d.evicted(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_full_table_evicts_the_dialog_unused_longest_but_never_for_an_outsider() {
+        let (recorder, written) = Recorder::for_tests();
+        let d = Dialogs::with_recorder(6, DEFAULT_EVICT_IDLE, Some(recorder));
+        let records = || {
+            Some(CallRecords::new(
+                Open::new("c", "a", "in", "c1", "alice@example.com"),
+                Open::new("c", "b1", "out", "c2", "bob@example.com"),
+            ))
+        };
+        // Two outsiders' calls being set up (a claim each), then four answered calls
+        // whose BYEs never come, one a second.
+        let last_used_c0 = now_ms();
+        for i in 0..2 {
+            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None, None)
+                .unwrap();
+        }
+        for i in 0..4 {
+            d.begin(
+                &format!("c{i}"),
+                "a",
+                DialogKind::Call,
+                Some((ALICE, 0)),
+                records(),
+            )
+            .unwrap();
+            let mut converted = false;
+            d.answered(&format!("c{i}"), "a", "b", 200, &mut converted);
+            d.release(&format!("c{i}"), "a", converted);
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert!(d.knows("c1", "a", "b"), "c1 is used: an in-dialog request");
+        // Not unused for long enough: refused, nothing evicted.
+        tokio::time::advance(DEFAULT_EVICT_IDLE - Duration::from_secs(5)).await;
+        assert_eq!(answered_call(&d, "new0", 0, "b"), Err(Refused::Full));
+        // Now c0 and c2 have gone unused long enough (c1 was used later); c0 longest.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        answered_call(&d, "new1", 0, "b").unwrap();
+        assert!(!d.knows("c0", "a", "b"), "evicted");
+        assert!(d.knows("c1", "a", "b") && d.knows("c2", "a", "b"));
+        assert_eq!((d.evicted(), d.len(), d.calls_of(ALICE)), (1, 6, 4));
+        let got: Vec<_> = written.try_iter().collect();
+        assert_eq!(got.len(), 2, "both legs' records: {got:#?}");
+        assert!(
+            got.iter().all(|c| c.code == 200
+                && c.end_ms.abs_diff(last_used_c0) < 1000
+                && c.reason.contains("no BYE")),
+            "{got:#?}"
+        );
+        // An outsider never makes room by evicting a customer's call, however long
+        // unused; the outsiders' calls hold claims, so they stay too.
+        tokio::time::advance(MAX_IDLE / 2).await;
+        assert_eq!(
+            d.begin("anon2", "a", DialogKind::Call, None, None),
+            Err(Refused::Full)
+        );
+        assert_eq!(d.evicted(), 1);
+        // Once an outsider's call is up and unused, another outsider may take its place.
+        let mut converted = false;
+        d.answered("anon0", "a", "b", 200, &mut converted);
+        d.release("anon0", "a", converted);
+        tokio::time::advance(DEFAULT_EVICT_IDLE).await;
+        d.begin("anon2", "a", DialogKind::Call, None, None).unwrap();
+        assert!(!d.knows("anon0", "a", "b"));
+        assert!(d.knows("c2", "a", "b"));
+        assert_eq!(d.evicted(), 2);
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,6 +88,10 @@ pub struct ProxySettings {
     /// How long a CANCELled branch may stay without a final response before the proxy
     /// gives up on it (§9.1: 64*T1).
     pub cancel_give_up: Duration,
+    /// The dialog table's size (`sip.max_dialogs`).
+    pub max_dialogs: usize,
+    /// How long a dialog must go unused before a full table may evict it.
+    pub dialog_evict_idle: Duration,
 }
 
 /// Where one branch goes.
@@ -213,6 +217,11 @@ impl Proxy {
                 .keys()
                 .derive_all(crate::agents::proxy::flow_token::KEY_LABEL),
         );
+        let dialogs = Arc::new(Dialogs::with_recorder(
+            settings.max_dialogs,
+            settings.dialog_evict_idle,
+            cdrs.clone(),
+        ));
         Proxy {
             cluster,
             overlay,
@@ -224,10 +233,7 @@ impl Proxy {
             peers,
             settings,
             invites: Mutex::default(),
-            dialogs: Arc::new(Dialogs::with_recorder(
-                dialogs::DEFAULT_MAX_DIALOGS,
-                cdrs.clone(),
-            )),
+            dialogs,
             cdrs,
             started: now_secs(),
         }
@@ -537,7 +543,14 @@ impl Proxy {
                     })
                 }
                 Err(Refused::Full) => {
-                    tracing::warn!("the dialog table is full; a new dialog gets 503");
+                    tracing::warn!(
+                        "the dialog table is full of dialogs in use (sip.max_dialogs); \
+                         a new dialog gets 503"
+                    );
+                    self.transports
+                        .stats()
+                        .dialogs_refused
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     self.answer(
                         tx,
                         &request,
