@@ -69,14 +69,16 @@ socket_drops() {
 # in DIR, instance u as account bench<u> (password $password, domain $domain), RATE
 # registrations a second in all and PER each (ops/sipp/bench-register.xml: REGISTER, 401,
 # REGISTER with credentials, 200; a new Call-ID and the same Contact every time, the
-# refresh path), every response time traced. Their pids are in refreshers (and pids).
+# refresh path), every response time traced. Instance u sends from port reg_ports[u] if
+# the script set that array (so that a later run refreshes the same bindings), else from
+# any. Their pids are in refreshers (and pids).
 start_refreshers() {
   local dir=$1 addr=$2 rate=$3 per=$4 timeout=$5 u
   refreshers=()
   for ((u = 0; u < reg_users; u++)); do
     printf 'SEQUENTIAL\nbench%d;%s\n' "$u" "$domain" > "$dir/bench$u.csv"
     (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-register.xml" -inf "bench$u.csv" \
-      -au "bench$u" -ap "$password" -i 127.0.0.1 -p 0 -m "$per" \
+      -au "bench$u" -ap "$password" -i 127.0.0.1 -p "${reg_ports[$u]:-0}" -m "$per" \
       -r "$rate" -rp "$(( reg_users * 1000 ))" -l "$(( rate / reg_users * 5 + 50 ))" \
       -timeout "${timeout}s" -nostdin -nd -recv_timeout 5000 -trace_rtt \
       -rtt_freq 1 -buff_size 4194304 "$addr" > "bench$u.out" 2>&1) &

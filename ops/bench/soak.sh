@@ -15,10 +15,16 @@
 #  - calls: one caller sipp (ops/sipp/bench-uac-invite.xml: INVITE, 407, ACK, INVITE with
 #    credentials, 100/180/200, ACK, a hold of CALL_HOLD_MS, BYE) at CALL_RATE a second to
 #    one callee sipp that registered once.
-# The defaults put the mix at about half the knee: each load alone has its knee on this
-# machine at about 14,000 refreshes/s and 4,500 calls/s (sip.sh) and 3,000-4,000 written
-# registrations/s (storm.sh, Tandem's; BENCHMARKS.md), and the defaults ask 21%, 16% and
-# 9% of those, about 46% together.
+# The mix is about half of the knees measured in the same run: before soaking, Tandem
+# takes each load alone for PROBE_SECS at rising rates (the same cluster, the same sipp
+# scenarios), and its knee for that load is the highest rate that met the benchmarks'
+# target (p99 under 100 ms, under 1% failed, at least 95% of the offered rate achieved,
+# every one accounted for). The soak then offers REG_SHARE, CALL_SHARE and WRITE_SHARE
+# percent of those knees (21, 16 and 9: 46% together), to Tandem and then, at the same
+# rates, to Kamailio. A machine's speed differs between sittings by tens of percent, so
+# rates fixed from another day's knees can overload it; then the soak measures the
+# overload, not a long run. REG_RATE, WRITE_RATE and CALL_RATE, if set, fix a load's rate
+# instead of probing it (SOAK_SERVERS=kamailio alone needs all three).
 #
 # Every minute it prints, per Tandem node, resident memory (VmRSS), open file descriptors
 # and what its RocksDB instances hold by their own estimate (`tandem_store_memory_bytes`:
@@ -32,22 +38,31 @@
 # ops/bench/steady-memory.sh's.
 #
 # Usage: ./ops/bench/soak.sh [MINUTES]   (default 30, per server; at most 55, as the
-#   callee registers once for an hour). Environment: REG_RATE
-#   (3000), REG_USERS (20), WRITE_RATE (300), WRITE_AORS (30000), CALL_RATE (700),
-#   CALL_HOLD_MS (1000), SOAK_SERVERS ("tandem kamailio"), KEEP_WORK,
-#   TANDEM_BENCH_NO_BUILD, BENCH_TANDEM_BIN and NODE_ENV/NODE_TOML as in sip.sh.
+#   callee registers once for an hour). Environment: REG_RATE, WRITE_RATE, CALL_RATE
+#   (probed, above), REG_SHARE (21), WRITE_SHARE (9), CALL_SHARE (16), PROBE_SECS (10),
+#   REG_STEPS ("4000 8000 12000 16000 20000 24000"), WRITE_STEPS ("1000 2000 3000 4000
+#   5000 6000"), CALL_STEPS ("1000 2000 3000 4000 5000"): a knee is known to one step, and
+#   the soak takes the step below it; REG_USERS (20), WRITE_AORS (30000), CALL_HOLD_MS
+#   (1000), SOAK_SERVERS ("tandem kamailio"; Kamailio soaks at Tandem's rates, so Tandem
+#   goes first unless all three rates are set), KEEP_WORK, TANDEM_BENCH_NO_BUILD,
+#   BENCH_TANDEM_BIN and NODE_ENV/NODE_TOML as in sip.sh. The probe takes four to six
+#   minutes.
 # Record the output in BENCHMARKS.md with the command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 repo=$PWD
 minutes="${1:-30}"
-reg_rate="${REG_RATE:-3000}"
+reg_rate="${REG_RATE:-}"
 reg_users="${REG_USERS:-20}"
-write_rate="${WRITE_RATE:-300}"
+write_rate="${WRITE_RATE:-}"
 write_aors="${WRITE_AORS:-30000}"
-call_rate="${CALL_RATE:-700}"
+call_rate="${CALL_RATE:-}"
 hold_ms="${CALL_HOLD_MS:-1000}"
 servers="${SOAK_SERVERS:-tandem kamailio}"
+probe_secs="${PROBE_SECS:-10}"
+reg_steps="${REG_STEPS:-4000 8000 12000 16000 20000 24000}"
+write_steps="${WRITE_STEPS:-1000 2000 3000 4000 5000 6000}"
+call_steps="${CALL_STEPS:-1000 2000 3000 4000 5000}"
 # aor-load's accounts have this password; every other account gets it too, and Kamailio
 # takes it as BENCH_PASSWORD.
 password="bench-password-1"
@@ -62,6 +77,15 @@ if [ "$minutes" -lt 1 ] || [ "$minutes" -gt 55 ]; then
   echo "soak.sh: MINUTES must be 1 to 55 (the callee registers once, for an hour)" >&2
   exit 2
 fi
+if [ "${servers%% *}" != tandem ] && { [ -z "$reg_rate" ] || [ -z "$write_rate" ] || [ -z "$call_rate" ]; }; then
+  echo "soak.sh: the rates come from Tandem's knees, so SOAK_SERVERS must start with tandem unless REG_RATE, WRITE_RATE and CALL_RATE are all set" >&2
+  exit 2
+fi
+# The same ports for the refreshers and the callee in the probe and the soak, so that the
+# soak refreshes the bindings the probe made instead of adding to them.
+reg_ports=()
+for ((u = 0; u < reg_users; u++)); do reg_ports+=("$(udp_port 127.0.0.1)"); done
+callee_port=$(udp_port 127.0.0.1)
 
 # procs NAME: the processes sampled, as LABEL:PID words.
 procs() {
@@ -104,6 +128,113 @@ sample() {
   printf '%-8s minute %3d:%s\n' "$name" "$minute" "$line"
 }
 
+# passes OK FAILED OFFERED RATE ACHIEVED P99: "yes" only if some succeeded, under 1%
+# failed, OK + FAILED is the OFFERED count, ACHIEVED per second is at least 95% of the
+# offered RATE, and P99 is under 100 ms (the target of sip.sh and storm.sh).
+passes() {
+  awk -v ok="$1" -v f="$2" -v n0="$3" -v r="$4" -v d="$5" -v p="$6" 'BEGIN {
+    good = ok > 0 && f / (ok + f) < 0.01 && ok + f == n0 && d * 100 >= r * 95
+    if (p == "-" || p + 0 >= 100) good = 0
+    print good ? "yes" : "no" }'
+}
+# achieved OK LAST_MS: completed per second, to the last completion.
+achieved() { awk -v ok="$1" -v l="$2" 'BEGIN { printf "%.0f", (l > 0) ? ok / (l / 1000) : 0 }'; }
+
+# probe_refreshes ADDR RATE / probe_writes ADDR RATE / probe_calls ADDR RATE: that load
+# alone for PROBE_SECS; each prints "OK FAILED OFFERED ACHIEVED P99".
+probe_refreshes() {
+  local dir="$work/probe-refreshes-$2" per ok failed last p99 u
+  mkdir -p "$dir"
+  per=$(( $2 * probe_secs / reg_users ))
+  start_refreshers "$dir" "$1" "$2" "$per" "$(( probe_secs + 60 ))"
+  for u in "${refreshers[@]}"; do wait "$u" || true; done
+  read -r ok failed <<< "$(refreshers_counted "$dir")"
+  stats "$dir/rtd" register "$dir"/bench-register_*_rtt.csv
+  read -r _ last _ p99 < "$dir/rtd"
+  echo "$ok $failed $(( per * reg_users )) $(achieved "$ok" "$last") $p99"
+}
+probe_writes() {
+  local n=$(( $2 * probe_secs )) line
+  [ "$n" -le "$write_aors" ] || n=$write_aors
+  # "storm: OK of N registered in S s (R/s offered, A/s achieved), F failed, p50 X ms, p99 Y ms, …"
+  line=$("$load" --storm "$1" "$n" "$2" "$password" 2> /dev/null | grep '^storm:' || true)
+  awk -v n="$n" '{
+      for (i = 1; i <= NF; i++) {
+        if ($(i + 1) == "of") ok = $i
+        if ($(i + 1) == "achieved),") { a = $i; sub(/^\(?/, "", a); sub(/\/s$/, "", a) }
+        if ($(i + 1) == "failed,") f = $i
+        if ($i == "p99") p = $(i + 1)
+      }
+    }
+    END { if (ok == "") print 0, n, n, 0, "-"; else print ok, f, n, a, p }' <<< "$line"
+}
+probe_calls() {
+  local dir="$work/probe-calls-$2" n=$(( $2 * probe_secs )) last p99
+  mkdir -p "$dir"
+  printf 'SEQUENTIAL\ncaller;%s;callee\n' "$domain" > "$dir/caller.csv"
+  (cd "$dir" && exec sipp -sf "$repo/ops/sipp/bench-uac-invite.xml" -inf caller.csv -au caller \
+    -ap "$password" -i 127.0.0.1 -p 0 -m "$n" -r "$2" -l "$(( $2 * (hold_ms / 1000 + 5) ))" \
+    -d "$hold_ms" -timeout "$(( probe_secs + hold_ms / 1000 + 60 ))s" -nostdin -nd \
+    -recv_timeout 5000 -trace_rtt -rtt_freq 1 -buff_size 4194304 "$1" > uac.out 2>&1) || true
+  stats "$dir/rtd" setup "$dir"/bench-uac-invite_*_rtt.csv
+  read -r _ last _ p99 < "$dir/rtd"
+  local ok failed
+  ok=$(counter "$dir/uac.out" "Successful call")
+  failed=$(counter "$dir/uac.out" "Failed call")
+  echo "$ok $failed $n $(achieved "$ok" "$last") $p99"
+}
+# knee LOAD ADDR STEPS…: offers LOAD (refreshes, writes or calls) at each of STEPS in
+# turn until one misses the target, printing each step; sets knee_rate to the highest
+# that met it (0 if none did). Every step waits 5 s first, for what the last one left
+# (queued writes, retransmissions) to settle.
+knee() {
+  local load_name=$1 addr=$2 rate ok failed offered done p99 verdict=no
+  shift 2
+  knee_rate=0
+  for rate in "$@"; do
+    sleep 5
+    read -r ok failed offered done p99 <<< "$("probe_$load_name" "$addr" "$rate")"
+    verdict=$(passes "$ok" "$failed" "$offered" "$rate" "$done" "$p99")
+    printf 'probe    %s at %d/s: %d of %d completed, %d failed, %s/s achieved, p99 %s ms: %s\n' \
+      "$load_name" "$rate" "$ok" "$offered" "$failed" "$done" "$p99" \
+      "$([ "$verdict" = yes ] && echo met || echo missed)"
+    [ "$verdict" = yes ] || break
+    knee_rate=$rate
+  done
+  [ "$verdict" = no ] || echo "probe    $load_name met the target at every step: its knee is higher"
+}
+# probe ADDR: sets each rate not given from Tandem's knee for that load and its share.
+probe() {
+  local addr=$1 k
+  start_callee tandem "$work" "$addr" "$callee_port"
+  if [ -z "$reg_rate" ]; then
+    knee refreshes "$addr" $reg_steps
+    k=$knee_rate
+    reg_rate=$(( k * ${REG_SHARE:-21} / 100 / reg_users * reg_users ))
+    echo "probe    refreshes: knee $k/s; the soak offers ${REG_SHARE:-21}%: $reg_rate/s"
+  fi
+  if [ -z "$write_rate" ]; then
+    knee writes "$addr" $write_steps
+    k=$knee_rate
+    write_rate=$(( k * ${WRITE_SHARE:-9} / 100 ))
+    echo "probe    written registrations: knee $k/s; the soak offers ${WRITE_SHARE:-9}%: $write_rate/s"
+  fi
+  if [ -z "$call_rate" ]; then
+    knee calls "$addr" $call_steps
+    k=$knee_rate
+    call_rate=$(( k * ${CALL_SHARE:-16} / 100 ))
+    echo "probe    calls: knee $k/s; the soak offers ${CALL_SHARE:-16}%: $call_rate/s"
+  fi
+  kill "$uas_pid" 2>/dev/null || true
+  wait "$uas_pid" 2>/dev/null || true
+  if [ "$reg_rate" -le 0 ] || [ "$write_rate" -le 0 ] || [ "$call_rate" -le 0 ]; then
+    echo "soak.sh: a load met the target at none of its steps; nothing to soak at" >&2
+    exit 1
+  fi
+  # What the last steps left (completed transactions, Timer J: 32 s) goes before minute 0.
+  sleep 40
+}
+
 # soak NAME SIP_ADDR: the three loads for MINUTES, sampled every minute.
 soak() {
   local name=$1 addr=$2 u ps=() per writer m
@@ -117,7 +248,7 @@ soak() {
   # soak: bench-register.xml's 300 s would lapse under the calls.
   sed 's/^\( *\)Expires: 300/\1Expires: 3600/' "$repo/ops/sipp/bench-register.xml" \
     > "$work/callee-register.xml"
-  start_callee "$name" "$work" "$addr" "$(udp_port 127.0.0.1)" "$work/callee-register.xml"
+  start_callee "$name" "$work" "$addr" "$callee_port" "$work/callee-register.xml"
   (cd "$work" && exec sipp -sf "$repo/ops/sipp/bench-uac-invite.xml" -inf caller.csv -au caller \
     -ap "$password" -i 127.0.0.1 -p 0 -m "$(( call_rate * secs ))" -r "$call_rate" \
     -l "$(( call_rate * (hold_ms / 1000 + 5) ))" -d "$hold_ms" -timeout "$(( secs + 120 ))s" \
@@ -183,8 +314,9 @@ soak() {
     }' "$work/samples"
 }
 
-echo "soak.sh: $minutes minutes per server: $reg_rate refreshes/s by $reg_users sipp instances," \
-  "$write_rate written registrations/s over $write_aors AORs, $call_rate calls/s held ${hold_ms} ms;" \
+echo "soak.sh: $minutes minutes per server: refreshes by $reg_users sipp instances," \
+  "written registrations over $write_aors AORs, calls held ${hold_ms} ms, at" \
+  "${reg_rate:-(probed)}, ${write_rate:-(probed)} and ${call_rate:-(probed)} a second;" \
   "$(nproc) cores shared; Tandem 3 nodes (load on node 1), Kamailio" \
   "$(kamailio -v | sed -n 's/^version: kamailio \([^ ]*\).*/\1/p')"
 for name in $servers; do
@@ -203,6 +335,8 @@ for name in $servers; do
     api "$admin1" "/v1/accounts/$domain/caller" '{"max_concurrent_calls":0}'
     # Every AOR registered once, so each soak round rewrites a binding that exists.
     "$load" --storm "$sip1" "$write_aors" 0 "$password" > /dev/null 2>&1
+    probe "$sip1"
+    echo "soak     $reg_rate refreshes/s, $write_rate written registrations/s, $call_rate calls/s"
     soak tandem "$sip1"
     stop_nodes
   else
