@@ -338,9 +338,9 @@ pub struct SipConfig {
     /// Dialogs (calls and subscriptions) the proxy tracks at most; at most half of them
     /// for callers who did not authenticate.
     pub max_dialogs: usize,
-    /// A full dialog table makes room for a new dialog by forgetting the one unused
-    /// longest, if nobody used it for this many seconds (its BYE was most likely lost);
-    /// otherwise the new dialog gets 503.
+    /// A full dialog table makes room for a new dialog by evicting one unused longest,
+    /// if nobody used it for this many seconds (its BYE was most likely lost); otherwise
+    /// the new dialog gets 503. Strangers evict only strangers' dialogs.
     pub dialog_evict_idle_secs: u64,
     /// DNS servers (`ip:port`) for RFC 3263 lookups of providers and other outside
     /// servers; empty: the system's (`/etc/resolv.conf`).
@@ -392,7 +392,7 @@ impl Default for SipConfig {
             timer_c_secs: 181,
             drain_call_wait_secs: 3600,
             max_dialogs: 100_000,
-            dialog_evict_idle_secs: 600,
+            dialog_evict_idle_secs: 1200,
             dns_servers: Vec::new(),
             advertise: None,
         }

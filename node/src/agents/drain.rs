@@ -73,7 +73,7 @@ impl Drain {
         self.calls.get().map_or(0, |(d, _)| d.len())
     }
 
-    /// Dialogs the proxy's full table forgot to make room for new ones.
+    /// Dialogs the proxy's full table evicted to make room for new ones.
     pub fn evicted_dialogs(&self) -> u64 {
         self.calls.get().map_or(0, |(d, _)| d.evicted())
     }

@@ -25,7 +25,7 @@ use super::timer::SessionTimer;
 use super::{contact_on, hang_up, AppServer, InDialog, Side};
 use crate::agents::auth::{Authenticated, Challenge};
 use crate::agents::cdr::{Open, Recorder};
-use crate::agents::proxy::dialogs::{DialogKind, Refused};
+use crate::agents::proxy::dialogs::{DialogKind, Placer, Refused};
 use crate::agents::Refusal;
 use crate::stack::transaction::TxId;
 use crate::stack::transport::Flow;
@@ -184,10 +184,11 @@ async fn serve(
         &call_id,
         &caller_tag,
         DialogKind::Call,
-        Some((&name, account.max_concurrent_calls)),
+        Placer::Account(&name, account.max_concurrent_calls),
         None,
     ) {
-        Ok(()) => {}
+        // The bridge ends it; its in-dialog requests never mark it used.
+        Ok(()) => app.proxy.dialogs.pin(&call_id, &caller_tag),
         Err(Refused::CallLimit) => {
             tracing::info!(account = %name, limit = account.max_concurrent_calls, "call refused: the account is at its max_concurrent_calls");
             let r = Refusal::new(

@@ -39,7 +39,7 @@ use super::legs::{close_answered, exec, AckMode, DialContext, Dialled, LegRecord
 use super::sdp;
 use super::timer::SessionTimer;
 use super::{via_on, AppServer, InDialog, Side};
-use crate::agents::proxy::dialogs::{DialogKind, Refused};
+use crate::agents::proxy::dialogs::{DialogKind, Placer, Refused};
 
 /// Callbacks whose state is kept for `GET /v1/callbacks/{id}`, running or ended; the
 /// oldest ended ones go first.
@@ -255,10 +255,11 @@ impl AppServer {
             &call_id,
             "callback",
             DialogKind::Call,
-            Some((&name, account.max_concurrent_calls)),
+            Placer::Account(&name, account.max_concurrent_calls),
             None,
         ) {
-            Ok(()) => {}
+            // The bridge ends it; its in-dialog requests never mark it used.
+            Ok(()) => self.proxy.dialogs.pin(&call_id, "callback"),
             Err(Refused::CallLimit) => {
                 return Err(NotStarted::Busy(
                     "too many calls in progress for this account".into(),

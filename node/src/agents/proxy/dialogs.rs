@@ -26,18 +26,21 @@
 //! an entry used since it was queued goes to the back, and stale positions are compacted
 //! away, so all of it costs O(1) amortized.
 //!
-//! A new entry past either bound makes room by forgetting the entry used longest ago
-//! among the first [`EVICT_SCAN`] places of the queue, if nothing holds it (no forward in
-//! progress) and nobody used it for `evict_idle` (`sip.dialog_evict_idle_secs`); failing
-//! that it is refused (503). UDP loses BYEs, and an overload loses many: without this,
-//! their dialogs would fill the table and refuse every call for [`MAX_IDLE`]. An entry
-//! that is evicted but was a live call costs that call its in-dialog requests (481), the
-//! same as a dialog whose node restarted; a call being set up, or used within
-//! `evict_idle`, is never evicted. A caller who did not authenticate makes room only by
-//! evicting another such entry: traffic nobody vouched for never evicts a customer's
-//! call.
+//! A new entry past either bound makes room by evicting the entry used longest ago among
+//! the first [`EVICT_SCAN`] live places of the queue that it may evict: one nothing holds
+//! (no forward in progress, not a call the app server bridges), that nobody used for
+//! `evict_idle` (`sip.dialog_evict_idle_secs`), and placed by someone of its placer's
+//! standing or lower ([`Placer`]: a local account that authenticated here, then another
+//! member, then a stranger). Failing that, it is refused (503). UDP loses BYEs, and an
+//! overload loses many: without eviction, their dialogs would fill the table and refuse
+//! every call for [`MAX_IDLE`]. An evicted dialog that was in fact still up keeps working:
+//! its key is remembered (a hash, for [`MAX_IDLE`], at most `max` of them), and a request
+//! inside it that carries its genuine dialog token still passes, so its BYE still reaches
+//! the far side. What it loses is its place in its account's call count and in drain's,
+//! and its records are written at eviction, ended when it was last used and saying so.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,15 +56,61 @@ pub const MAX_IDLE: Duration = Duration::from_secs(12 * 3600);
 const MAX_CALLEE_TAGS: usize = 8;
 /// Entries the table holds by default.
 pub const DEFAULT_MAX_DIALOGS: usize = 100_000;
-/// By default, how long an entry must have gone unused before a full table may forget it
-/// to make room: far longer than any BYE takes (Timer F, 32 s) or a phone waits between
-/// re-INVITEs for a session timer, far shorter than [`MAX_IDLE`].
-pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(600);
-/// Queue places a full table looks at for an entry to evict. The queue is ordered by last
-/// use (roughly: an entry used since it was queued moves back only when the front reaches
-/// it), so the entries used longest ago are at its front; bounding the search keeps a
-/// refused request as cheap as an admitted one.
+/// By default, how long an entry must have gone unused before a full table may evict it:
+/// far longer than a BYE takes (Timer F, 32 s), longer than a call with session timers
+/// goes between refreshes (RFC 4028's usual 1,800 s Session-Expires is refreshed at half
+/// of it), and far shorter than [`MAX_IDLE`].
+pub const DEFAULT_EVICT_IDLE: Duration = Duration::from_secs(1200);
+/// Live queue places a full table looks at for an entry to evict. The queue is ordered by
+/// last use (roughly: an entry used since it was queued moves back only when the front
+/// reaches it), so the entries used longest ago are at its front; bounding the search
+/// keeps a refused request about as cheap as an admitted one.
 pub const EVICT_SCAN: usize = 256;
+
+/// Who placed a new dialog's request, which says what it counts against and what a full
+/// table may evict to make room for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placer<'a> {
+    /// A local account that authenticated at this node, with its `max_concurrent_calls`
+    /// (0: no limit). It may evict any entry.
+    Account(&'a str, u32),
+    /// Another member, which handed this node the request (with an edge token) for a
+    /// phone registered here; the caller was vetted, or not, where it entered the
+    /// cluster. It may evict members' and strangers' entries.
+    Member,
+    /// Nobody: a caller from outside reaching a local phone. It may evict only other
+    /// strangers' entries.
+    Stranger,
+}
+
+/// [`Placer`] without the account, in the order of standing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Standing {
+    Stranger,
+    Member,
+    Account,
+}
+
+impl Placer<'_> {
+    fn standing(self) -> Standing {
+        match self {
+            Placer::Account(..) => Standing::Account,
+            Placer::Member => Standing::Member,
+            Placer::Stranger => Standing::Stranger,
+        }
+    }
+}
+
+/// Why an entry goes, for its call's records.
+#[derive(Clone, Copy, Debug)]
+enum Gone {
+    /// Its last dialog ended, or its last forward failed.
+    Ended,
+    /// Nobody used it for [`MAX_IDLE`] since this moment.
+    Idle(Instant),
+    /// A full table evicted it; it was last used at this moment.
+    Evicted(Instant),
+}
 
 /// What kind of dialog an entry is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +126,10 @@ struct Entry {
     kind: DialogKind,
     /// The local account that placed the call, if it authenticated.
     account: Option<Arc<str>>,
+    /// Who placed it.
+    standing: Standing,
+    /// Its owner ends it ([`Dialogs::pin`]): never evicted or forgotten for idling.
+    pinned: bool,
     /// Forwards in progress that have not turned into a dialog.
     claims: u32,
     /// Of those, how many no longer count toward the account's calls: the caller CANCELled
@@ -123,14 +176,17 @@ impl CallRecords {
         self.a.close(code, reason, "refused")
     }
 
-    /// Both legs' records, ended at `end` (Unix milliseconds); `idle` if the call was
-    /// forgotten for want of any request rather than ended by a BYE.
-    fn close(self, end: u64, idle: bool) -> [crate::agents::cdr::Cdr; 2] {
+    /// Both legs' records, ended at `end` (Unix milliseconds), for an entry that went
+    /// `why`.
+    fn close(self, end: u64, why: Gone) -> [crate::agents::cdr::Cdr; 2] {
         let (code, reason, outcome) = if self.answered {
-            let reason = if idle {
-                "OK (no BYE through this node before it was forgotten)"
-            } else {
-                "OK"
+            let reason = match why {
+                Gone::Ended => "OK",
+                Gone::Idle(_) => "OK (no BYE through this node before it was forgotten)",
+                Gone::Evicted(_) => {
+                    "OK (no BYE through this node before a full dialog table evicted it; \
+                     ended here when last used)"
+                }
             };
             (200, reason.to_owned(), "answered")
         } else {
@@ -159,12 +215,17 @@ struct Table {
     calls: HashMap<Arc<str>, u32>,
     /// Call dialogs up, for drain.
     calls_up: usize,
-    /// Entries without an authenticated account.
+    /// Entries placed by anyone but a local account (members and strangers).
     anonymous: usize,
     /// Where calls' records go, on a node that keeps them.
     recorder: Option<Recorder>,
-    /// Entries forgotten to make room for new ones.
+    /// Entries evicted to make room for new ones.
     evicted: u64,
+    /// The keys of evicted entries (hashed with `hasher`), each with when it was evicted,
+    /// in that order: at most `max`, each for [`MAX_IDLE`].
+    gone: HashMap<u64, Instant>,
+    gone_order: VecDeque<(u64, Instant)>,
+    hasher: std::collections::hash_map::RandomState,
 }
 
 /// Why a new dialog was not recorded.
@@ -214,21 +275,21 @@ impl Table {
         }
     }
 
-    /// Forgets an entry and writes its call's records: `idle_since`, when it goes for
-    /// want of use, is when it was last used.
-    fn forget(&mut self, key: &str, idle_since: Option<Instant>) {
+    /// Forgets an entry and writes its call's records, ended now or, if it goes for want
+    /// of use, when it was last used.
+    fn forget(&mut self, key: &str, why: Gone) {
         let Some(e) = self.entries.remove(key) else {
             return;
         };
         if let (Some(records), Some(recorder)) = (e.records, &self.recorder) {
-            let end = match idle_since {
-                Some(last) => {
+            let end = match why {
+                Gone::Idle(last) | Gone::Evicted(last) => {
                     let ago = Instant::now().saturating_duration_since(last).as_millis();
                     now_ms().saturating_sub(u64::try_from(ago).unwrap_or(u64::MAX))
                 }
-                None => now_ms(),
+                Gone::Ended => now_ms(),
             };
-            for cdr in records.close(end, idle_since.is_some()) {
+            for cdr in records.close(end, why) {
                 recorder.record(cdr);
             }
         }
@@ -236,7 +297,7 @@ impl Table {
             self.calls_up -= e.up.len();
             self.remove_calls(&e.account, e.claims + e.up.len() as u32);
         }
-        if e.account.is_none() {
+        if e.standing != Standing::Account {
             self.anonymous -= 1;
         }
     }
@@ -248,7 +309,7 @@ impl Table {
             .get(key)
             .is_some_and(|e| e.claims == 0 && e.up.is_empty())
         {
-            self.forget(key, None);
+            self.forget(key, Gone::Ended);
         }
     }
 
@@ -265,10 +326,18 @@ impl Table {
             if e.seq != seq {
                 continue;
             }
-            if now.saturating_duration_since(e.last_used) >= MAX_IDLE {
+            let idle = now.saturating_duration_since(e.last_used) >= MAX_IDLE;
+            if idle && !e.pinned {
                 let last_used = e.last_used;
-                self.forget(&key, Some(last_used));
-            } else if e.last_used > e.queued_at {
+                self.forget(&key, Gone::Idle(last_used));
+                continue;
+            }
+            if idle {
+                // Pinned: its owner ends it. Counted as used now, so that the walk moves
+                // on past it and ends where it should.
+                e.last_used = now;
+            }
+            if e.last_used > e.queued_at {
                 e.queued_at = now;
                 e.seq = self.next_seq;
                 self.next_seq += 1;
@@ -283,37 +352,72 @@ impl Table {
             self.queue
                 .retain(|(k, seq)| entries.get(k).is_some_and(|e| e.seq == *seq));
         }
+        while let Some(&(hash, at)) = self.gone_order.front() {
+            if now.saturating_duration_since(at) < MAX_IDLE {
+                break;
+            }
+            self.gone_order.pop_front();
+            if self.gone.get(&hash) == Some(&at) {
+                self.gone.remove(&hash);
+            }
+        }
     }
 
-    /// Makes room for one entry by forgetting the one used longest ago among the first
-    /// [`EVICT_SCAN`] queue places that nothing holds and nobody used for `idle`; only one
-    /// without an authenticated account if `anonymous_only`. Whether it found one.
-    fn evict(&mut self, now: Instant, idle: Duration, anonymous_only: bool) -> bool {
+    /// Makes room for one entry by evicting the one used longest ago among the first
+    /// [`EVICT_SCAN`] live places of the queue (looking at no more than four times as many
+    /// places in all) that nothing holds, nobody used for `idle`, and that was placed by
+    /// someone of `newcomer`'s standing or lower. Whether it found one.
+    fn evict(&mut self, now: Instant, idle: Duration, newcomer: Standing, max: usize) -> bool {
         let victim = self
             .queue
             .iter()
-            .take(EVICT_SCAN)
+            .take(4 * EVICT_SCAN)
             .filter_map(|(k, seq)| {
-                let e = self.entries.get(k)?;
-                let evictable = e.seq == *seq
-                    && e.claims == 0
-                    && (!anonymous_only || e.account.is_none())
-                    && now.saturating_duration_since(e.last_used) >= idle;
-                evictable.then_some((e.last_used, k))
+                self.entries
+                    .get(k)
+                    .filter(|e| e.seq == *seq)
+                    .map(|e| (k, e))
             })
-            .min_by_key(|(last_used, _)| *last_used)
-            .map(|(last_used, k)| (last_used, k.clone()));
-        let Some((last_used, k)) = victim else {
+            .take(EVICT_SCAN)
+            .filter(|(_, e)| {
+                e.claims == 0
+                    && !e.pinned
+                    && e.standing <= newcomer
+                    && now.saturating_duration_since(e.last_used) >= idle
+            })
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(k, e)| (k.clone(), e.last_used));
+        let Some((k, last_used)) = victim else {
             return false;
         };
         tracing::debug!(
             dialog = %k.replace('\n', " "),
             idle_secs = now.saturating_duration_since(last_used).as_secs(),
-            "the dialog table is full: forgot the dialog unused longest"
+            "the dialog table is full: evicted the dialog unused longest"
         );
-        self.forget(&k, Some(last_used));
+        self.forget(&k, Gone::Evicted(last_used));
         self.evicted += 1;
+        let hash = self.hasher.hash_one(&*k);
+        self.gone.insert(hash, now);
+        self.gone_order.push_back((hash, now));
+        while self.gone.len() > max {
+            let Some((old, at)) = self.gone_order.pop_front() else {
+                break;
+            };
+            if self.gone.get(&old) == Some(&at) {
+                self.gone.remove(&old);
+            }
+        }
         true
+    }
+
+    /// Whether the dialog these tags name was evicted (by either tag as the caller's).
+    fn was_evicted(&self, call_id: &str, tag_a: &str, tag_b: &str) -> bool {
+        !self.gone.is_empty()
+            && [tag_a, tag_b].iter().any(|t| {
+                self.gone
+                    .contains_key(&self.hasher.hash_one(&*key(call_id, t)))
+            })
     }
 
     /// The entry of the dialog these tags name, and which tag is the callee's.
@@ -363,21 +467,25 @@ impl Dialogs {
     /// Takes a claim for a dialog-creating request about to be forwarded: on a new entry,
     /// or on the one its Call-ID and caller tag already have (the same request again,
     /// spiralling back through this node, or a new INVITE reusing them). A call placed
-    /// by a local `account` (with its limit; 0 is none) counts against it, and is refused
-    /// at the limit. A new call entry keeps `records` (an entry that exists keeps its
-    /// own). Every `Ok` must be matched by one [`Dialogs::release`].
+    /// by a local account ([`Placer::Account`], with its limit; 0 is none) counts against
+    /// it, and is refused at the limit. A new call entry keeps `records` (an entry that
+    /// exists keeps its own). Every `Ok` must be matched by one [`Dialogs::release`].
     pub fn begin(
         &self,
         call_id: &str,
         caller_tag: &str,
         kind: DialogKind,
-        account: Option<(&str, u32)>,
+        placer: Placer<'_>,
         records: Option<CallRecords>,
     ) -> Result<(), Refused> {
         let now = Instant::now();
         let mut t = self.lock();
         t.prune(now);
-        let account = account.filter(|_| kind == DialogKind::Call);
+        let standing = placer.standing();
+        let account = match placer {
+            Placer::Account(name, limit) if kind == DialogKind::Call => Some((name, limit)),
+            _ => None,
+        };
         if let Some((name, limit)) = account {
             let n = t.calls.get(name).copied().unwrap_or(0);
             if limit > 0 && n >= limit {
@@ -394,17 +502,27 @@ impl Dialogs {
             }
             return Ok(());
         }
-        let anonymous = account.is_none();
-        if (t.entries.len() >= self.max || (anonymous && t.anonymous >= self.max / 2))
-            && !t.evict(now, self.evict_idle, anonymous)
-        {
-            return Err(Refused::Full);
+        let anonymous = standing != Standing::Account;
+        if t.entries.len() >= self.max || (anonymous && t.anonymous >= self.max / 2) {
+            // Past the share of those who did not authenticate here, only one of theirs
+            // makes room in it.
+            let victims = if t.entries.len() >= self.max {
+                standing
+            } else {
+                standing.min(Standing::Member)
+            };
+            if !t.evict(now, self.evict_idle, victims, self.max) {
+                return Err(Refused::Full);
+            }
+            if anonymous && t.anonymous >= self.max / 2 {
+                return Err(Refused::Full);
+            }
         }
         let account: Option<Arc<str>> = account.map(|(name, _)| Arc::from(name));
         if kind == DialogKind::Call {
             t.add_calls(&account, 1);
         }
-        if account.is_none() {
+        if anonymous {
             t.anonymous += 1;
         }
         let seq = t.next_seq;
@@ -415,6 +533,8 @@ impl Dialogs {
             Entry {
                 kind,
                 account,
+                standing,
+                pinned: false,
                 claims: 1,
                 uncounted: 0,
                 early: Vec::new(),
@@ -552,6 +672,11 @@ impl Dialogs {
     pub fn ended(&self, call_id: &str, from_tag: &str, to_tag: &str, kind: DialogKind) {
         let mut t = self.lock();
         let Some((k, caller_sent)) = t.find(call_id, from_tag, to_tag) else {
+            // An evicted dialog's end: its key need not be remembered any longer.
+            for tag in [from_tag, to_tag] {
+                let hash = t.hasher.hash_one(&*key(call_id, tag));
+                t.gone.remove(&hash);
+            }
             return;
         };
         let callee = if caller_sent { to_tag } else { from_tag };
@@ -573,7 +698,8 @@ impl Dialogs {
 
     /// Whether a request with these tags belongs to a dialog this node knows, and marks
     /// it used. Before any callee tag is known, only a subscription's NOTIFY (which may
-    /// overtake the SUBSCRIBE's 2xx) can match, by the subscriber's tag alone.
+    /// overtake the SUBSCRIBE's 2xx) can match, by the subscriber's tag alone. A dialog a
+    /// full table evicted is still known, by its Call-ID and either tag.
     pub fn knows(&self, call_id: &str, from_tag: &str, to_tag: &str) -> bool {
         let now = Instant::now();
         let mut t = self.lock();
@@ -590,12 +716,22 @@ impl Dialogs {
                     .then_some(k)
             });
         let Some(k) = found else {
-            return false;
+            return t.was_evicted(call_id, from_tag, to_tag);
         };
         if let Some(e) = t.entries.get_mut(&k) {
             e.last_used = now;
         }
         true
+    }
+
+    /// Marks the entry its caller's Call-ID and tag name as one its owner ends itself:
+    /// the app server's bridged calls, whose in-dialog requests never pass
+    /// [`Dialogs::knows`] and so never mark it used. It is never evicted or forgotten for
+    /// idling.
+    pub fn pin(&self, call_id: &str, caller_tag: &str) {
+        if let Some(e) = self.lock().entries.get_mut(&key(call_id, caller_tag)) {
+            e.pinned = true;
+        }
     }
 
     /// Calls through this node that are up, for drain.
@@ -632,9 +768,9 @@ mod tests {
     #[test]
     fn a_call_the_caller_gave_up_on_stops_counting_and_counts_again_if_answered_late() {
         let d = Dialogs::new(100);
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
+        d.begin("c1", "a", DialogKind::Call, Placer::Account(ALICE, 4), None)
             .unwrap();
-        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 4)), None)
+        d.begin("c2", "a", DialogKind::Call, Placer::Account(ALICE, 4), None)
             .unwrap();
         assert_eq!(d.calls_of(ALICE), 2);
         // c1 was CANCELled before it rang: its place goes, once however often asked.
@@ -659,7 +795,13 @@ mod tests {
     }
 
     fn answered_call(d: &Dialogs, call: &str, limit: u32, callee: &str) -> Result<(), Refused> {
-        d.begin(call, "a", DialogKind::Call, Some((ALICE, limit)), None)?;
+        d.begin(
+            call,
+            "a",
+            DialogKind::Call,
+            Placer::Account(ALICE, limit),
+            None,
+        )?;
         let mut converted = false;
         d.answered(call, "a", callee, 180, &mut converted);
         d.answered(call, "a", callee, 200, &mut converted);
@@ -670,7 +812,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_call_is_known_by_both_tags_in_either_order_until_its_bye() {
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, None, None).unwrap();
+        d.begin("c1", "a", DialogKind::Call, Placer::Stranger, None)
+            .unwrap();
         assert!(!d.knows("c1", "a", "b"), "no callee tag yet");
         let mut converted = false;
         d.answered("c1", "a", "b", 180, &mut converted);
@@ -696,16 +839,16 @@ mod tests {
     async fn an_accounts_calls_are_its_claims_and_its_dialogs_up() {
         let d = Dialogs::new(10);
         answered_call(&d, "c1", 2, "b").unwrap();
-        d.begin("c2", "a", DialogKind::Call, Some((ALICE, 2)), None)
+        d.begin("c2", "a", DialogKind::Call, Placer::Account(ALICE, 2), None)
             .unwrap();
         assert_eq!(d.calls_of(ALICE), 2, "one up, one ringing");
         assert_eq!(
-            d.begin("c3", "a", DialogKind::Call, Some((ALICE, 2)), None),
+            d.begin("c3", "a", DialogKind::Call, Placer::Account(ALICE, 2), None),
             Err(Refused::CallLimit)
         );
         // Reusing a live Call-ID and tag is a new call too.
         assert_eq!(
-            d.begin("c1", "a", DialogKind::Call, Some((ALICE, 2)), None),
+            d.begin("c1", "a", DialogKind::Call, Placer::Account(ALICE, 2), None),
             Err(Refused::CallLimit)
         );
         // c2 fails: its slot is free again.
@@ -722,7 +865,7 @@ mod tests {
                 &format!("u{i}"),
                 "a",
                 DialogKind::Call,
-                Some(("trunk@example.com", 0)),
+                Placer::Account("trunk@example.com", 0),
                 None,
             )
             .unwrap();
@@ -734,9 +877,9 @@ mod tests {
         // The first INVITE got a 407 from downstream and its forward ends later than the
         // retry's 2xx: the retry's dialog must survive the first forward's end.
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
+        d.begin("c1", "a", DialogKind::Call, Placer::Account(ALICE, 4), None)
             .unwrap();
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
+        d.begin("c1", "a", DialogKind::Call, Placer::Account(ALICE, 4), None)
             .unwrap();
         let mut retry = false;
         d.answered("c1", "a", "b", 200, &mut retry);
@@ -750,7 +893,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_leg_of_a_fork_is_a_call_and_ends_on_its_own() {
         let d = Dialogs::new(10);
-        d.begin("c1", "a", DialogKind::Call, Some((ALICE, 4)), None)
+        d.begin("c1", "a", DialogKind::Call, Placer::Account(ALICE, 4), None)
             .unwrap();
         let mut converted = false;
         d.answered("c1", "a", "desk", 200, &mut converted);
@@ -777,7 +920,7 @@ mod tests {
             ))
         };
         // Busy: written when the forward ends, with what the caller was sent.
-        d.begin("busy", "a", DialogKind::Call, None, records())
+        d.begin("busy", "a", DialogKind::Call, Placer::Stranger, records())
             .unwrap();
         let mut converted = false;
         d.answered("busy", "a", "b", 180, &mut converted);
@@ -800,7 +943,7 @@ mod tests {
             && c.answer_ms.is_none()));
 
         // Answered: written at the BYE, whatever the forward's end said before.
-        d.begin("up", "a", DialogKind::Call, None, records())
+        d.begin("up", "a", DialogKind::Call, Placer::Stranger, records())
             .unwrap();
         let mut converted = false;
         d.answered("up", "a", "b", 200, &mut converted);
@@ -814,7 +957,7 @@ mod tests {
         assert_eq!(got.len(), 2);
 
         // Forgotten for want of use: ended when it was last used.
-        d.begin("idle", "a", DialogKind::Call, None, records())
+        d.begin("idle", "a", DialogKind::Call, Placer::Stranger, records())
             .unwrap();
         let mut converted = false;
         d.answered("idle", "a", "b", 200, &mut converted);
@@ -831,10 +974,17 @@ mod tests {
         );
 
         // Subscriptions and the app server's own claims write nothing.
-        d.begin("sub", "a", DialogKind::Subscription, None, records())
-            .unwrap();
+        d.begin(
+            "sub",
+            "a",
+            DialogKind::Subscription,
+            Placer::Stranger,
+            records(),
+        )
+        .unwrap();
         d.release("sub", "a", false);
-        d.begin("app", "a", DialogKind::Call, None, None).unwrap();
+        d.begin("app", "a", DialogKind::Call, Placer::Stranger, None)
+            .unwrap();
         d.release("app", "a", false);
         assert!(written.try_recv().is_err());
     }
@@ -842,8 +992,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_notify_may_overtake_the_subscribe_2xx() {
         let d = Dialogs::new(10);
-        d.begin("s1", "sub", DialogKind::Subscription, None, None)
-            .unwrap();
+        d.begin(
+            "s1",
+            "sub",
+            DialogKind::Subscription,
+            Placer::Stranger,
+            None,
+        )
+        .unwrap();
         assert!(d.knows("s1", "notifier", "sub"));
         assert_eq!(d.count(), 0, "subscriptions are not calls");
         let mut converted = false;
@@ -859,11 +1015,17 @@ mod tests {
     async fn a_full_table_refuses_new_dialogs_and_keeps_half_for_callers_who_authenticated() {
         let d = Dialogs::new(4);
         for i in 0..2 {
-            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None, None)
-                .unwrap();
+            d.begin(
+                &format!("anon{i}"),
+                "a",
+                DialogKind::Call,
+                Placer::Stranger,
+                None,
+            )
+            .unwrap();
         }
         assert_eq!(
-            d.begin("anon2", "a", DialogKind::Call, None, None),
+            d.begin("anon2", "a", DialogKind::Call, Placer::Stranger, None),
             Err(Refused::Full),
             "outsiders get half"
         );
@@ -889,15 +1051,21 @@ mod tests {
         // whose BYEs never come, one a second.
         let last_used_c0 = now_ms();
         for i in 0..2 {
-            d.begin(&format!("anon{i}"), "a", DialogKind::Call, None, None)
-                .unwrap();
+            d.begin(
+                &format!("anon{i}"),
+                "a",
+                DialogKind::Call,
+                Placer::Stranger,
+                None,
+            )
+            .unwrap();
         }
         for i in 0..4 {
             d.begin(
                 &format!("c{i}"),
                 "a",
                 DialogKind::Call,
-                Some((ALICE, 0)),
+                Placer::Account(ALICE, 0),
                 records(),
             )
             .unwrap();
@@ -913,22 +1081,27 @@ mod tests {
         // Now c0 and c2 have gone unused long enough (c1 was used later); c0 longest.
         tokio::time::advance(Duration::from_secs(3)).await;
         answered_call(&d, "new1", 0, "b").unwrap();
-        assert!(!d.knows("c0", "a", "b"), "evicted");
-        assert!(d.knows("c1", "a", "b") && d.knows("c2", "a", "b"));
         assert_eq!((d.evicted(), d.len(), d.calls_of(ALICE)), (1, 6, 4));
+        assert!(d.knows("c1", "a", "b") && d.knows("c2", "a", "b"));
         let got: Vec<_> = written.try_iter().collect();
         assert_eq!(got.len(), 2, "both legs' records: {got:#?}");
         assert!(
             got.iter().all(|c| c.code == 200
                 && c.end_ms.abs_diff(last_used_c0) < 1000
-                && c.reason.contains("no BYE")),
+                && c.reason.contains("evicted")),
             "{got:#?}"
         );
+        // The evicted call may still be up: a request inside it still passes (by either
+        // tag as the caller's), until its BYE is answered.
+        assert!(d.knows("c0", "a", "b") && d.knows("c0", "b", "a"));
+        d.ended("c0", "b", "a", DialogKind::Call);
+        assert!(!d.knows("c0", "a", "b"));
+        assert!(written.try_recv().is_err(), "its records were written once");
         // An outsider never makes room by evicting a customer's call, however long
         // unused; the outsiders' calls hold claims, so they stay too.
         tokio::time::advance(MAX_IDLE / 2).await;
         assert_eq!(
-            d.begin("anon2", "a", DialogKind::Call, None, None),
+            d.begin("anon2", "a", DialogKind::Call, Placer::Stranger, None),
             Err(Refused::Full)
         );
         assert_eq!(d.evicted(), 1);
@@ -937,10 +1110,50 @@ mod tests {
         d.answered("anon0", "a", "b", 200, &mut converted);
         d.release("anon0", "a", converted);
         tokio::time::advance(DEFAULT_EVICT_IDLE).await;
-        d.begin("anon2", "a", DialogKind::Call, None, None).unwrap();
-        assert!(!d.knows("anon0", "a", "b"));
+        d.begin("anon2", "a", DialogKind::Call, Placer::Stranger, None)
+            .unwrap();
         assert!(d.knows("c2", "a", "b"));
+        assert_eq!((d.evicted(), d.len()), (2, 6));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_member_evicts_members_and_strangers_dialogs_and_nothing_evicts_a_pinned_one() {
+        let d = Dialogs::new(6);
+        let up = |call: &str, placer: Placer<'_>| {
+            d.begin(call, "a", DialogKind::Call, placer, None).unwrap();
+            let mut converted = false;
+            d.answered(call, "a", "b", 200, &mut converted);
+            d.release(call, "a", converted);
+        };
+        up("pinned", Placer::Account(ALICE, 0));
+        d.pin("pinned", "a");
+        let others = ["alice", "alice3", "member0", "stranger0", "member1"];
+        up("alice", Placer::Account(ALICE, 0));
+        up("alice3", Placer::Account(ALICE, 0));
+        up("member0", Placer::Member);
+        up("stranger0", Placer::Stranger);
+        up("member1", Placer::Member);
+        // All but the pinned one are used, a second apart, just before MAX_IDLE.
+        tokio::time::advance(MAX_IDLE - Duration::from_secs(10)).await;
+        for call in others {
+            assert!(d.knows(call, "a", "b"));
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(d.count(), 6, "the pinned call is not forgotten for idling");
+        tokio::time::advance(DEFAULT_EVICT_IDLE).await;
+        // The table is full, and so is the half of members and strangers: a stranger
+        // evicts the stranger's dialog, a member the member's or stranger's unused longest.
+        up("stranger2", Placer::Stranger);
+        up("member2", Placer::Member);
         assert_eq!(d.evicted(), 2);
+        let there = |call: &str| d.lock().entries.contains_key(&key(call, "a"));
+        assert!(!there("stranger0") && !there("member0") && there("member1"));
+        // Alice's next call evicts the dialog unused longest that is not pinned.
+        tokio::time::advance(DEFAULT_EVICT_IDLE).await;
+        up("alice2", Placer::Account(ALICE, 0));
+        assert!(!there("alice") && there("alice3") && there("pinned"));
+        assert_eq!(d.calls_of(ALICE), 3, "pinned, alice3 and alice2");
     }
 
     #[tokio::test(start_paused = true)]
@@ -959,7 +1172,8 @@ mod tests {
         // A long-lived dialog at the front does not let dead positions pile up behind it.
         for i in 0..10_000 {
             let call = format!("short{i}");
-            d.begin(&call, "a", DialogKind::Call, None, None).unwrap();
+            d.begin(&call, "a", DialogKind::Call, Placer::Stranger, None)
+                .unwrap();
             d.release(&call, "a", false);
         }
         let (queued, entries) = {

@@ -35,7 +35,8 @@
 //!   later in the dialog therefore take the same path and the same flows.
 //! - **Only known dialogs.** A request inside a dialog passes only if the node's
 //!   [`dialogs`] table knows the dialog by Call-ID and both tags (after a restart, also a
-//!   dialog whose tokens were minted before it); otherwise 481. The same table counts each
+//!   dialog whose tokens were minted before it; after the table evicted it, by Call-ID and
+//!   either tag); otherwise 481. The same table counts each
 //!   local account's calls through this node against its `max_concurrent_calls`.
 //! - **ACK for a 2xx** is forwarded statelessly along its Route set; an ACK for any other
 //!   final response is handled hop by hop by the transaction layer.
@@ -66,7 +67,7 @@ use crate::agents::auth::{Authenticated, Authenticator, Challenge};
 use crate::agents::cdr::{Open, Recorder};
 use crate::agents::location::flow_of_stored;
 use crate::agents::location::overlay::BindingOverlay;
-use crate::agents::proxy::dialogs::{CallRecords, DialogKind, Refused};
+use crate::agents::proxy::dialogs::{CallRecords, DialogKind, Placer, Refused};
 use crate::agents::proxy::flow_token::{FlowTokens, Token, TokenKind, DIALOG_TOKEN_LIFETIME};
 use crate::agents::{Agent, Refusal, Stack};
 use crate::clock::now_ms;
@@ -519,9 +520,11 @@ impl Proxy {
                 Method::Invite => DialogKind::Call,
                 _ => DialogKind::Subscription,
             };
-            let account = caller
-                .as_ref()
-                .map(|c| (c.name.as_str(), c.account.max_concurrent_calls));
+            let placer = match &caller {
+                Some(c) => Placer::Account(c.name.as_str(), c.account.max_concurrent_calls),
+                None if own.edge_flow().is_some() => Placer::Member,
+                None => Placer::Stranger,
+            };
             // The call's records are written where it entered the cluster: the node that
             // found the callee's bindings (the edge node it is handed to does not).
             let records = match (&self.cdrs, &callee) {
@@ -532,7 +535,7 @@ impl Proxy {
             };
             match self
                 .dialogs
-                .begin(&call_id, &from_tag, kind, account, records)
+                .begin(&call_id, &from_tag, kind, placer, records)
             {
                 Ok(()) => {
                     claim = Some(DialogClaim {
