@@ -167,7 +167,8 @@ impl StateMachine {
         let encode = |e: postcard::Error| std::io::Error::other(e);
         let tmp = self.snapshot_dir.join(format!("{SNAPSHOT_FILE}.tmp"));
         let write = || -> std::io::Result<()> {
-            let mut f = Counted::new(std::io::BufWriter::new(std::fs::File::create(&tmp)?));
+            let file = SyncedEvery::new(std::fs::File::create(&tmp)?);
+            let mut f = Counted::new(std::io::BufWriter::new(file));
             // A postcard `Vec<u8>` is its length, then its bytes.
             f.write_all(&postcard::to_stdvec(meta).map_err(encode)?)?;
             f.write_all(&postcard::to_stdvec(&data_len).map_err(encode)?)?;
@@ -179,7 +180,7 @@ impl StateMachine {
                     f.written - header
                 )));
             }
-            let file = f.inner.into_inner().map_err(|e| e.into_error())?;
+            let file = f.inner.into_inner().map_err(|e| e.into_error())?.file;
             file.sync_all()?;
             std::fs::rename(&tmp, self.snapshot_path())?;
             std::fs::File::open(&self.snapshot_dir)?.sync_all()
@@ -210,6 +211,68 @@ impl StateMachine {
         let header = bytes.len() - len;
         bytes.drain(..header);
         Ok(Some((meta, bytes)))
+    }
+}
+
+/// A file that is synced after every [`SYNC_EVERY`] bytes written to it, so that a
+/// snapshot's megabytes reach the disk a little at a time: one fsync of them all at the end
+/// can hold up the log's own fsyncs behind it (a journaling filesystem such as ext4 flushes
+/// the data written before a commit with it), and with them every write the cluster
+/// acknowledges.
+struct SyncedEvery {
+    file: std::fs::File,
+    unsynced: usize,
+}
+
+/// See [`SyncedEvery`].
+const SYNC_EVERY: usize = 1 << 20;
+
+impl SyncedEvery {
+    fn new(file: std::fs::File) -> SyncedEvery {
+        SyncedEvery { file, unsynced: 0 }
+    }
+}
+
+impl std::io::Write for SyncedEvery {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n;
+        if self.unsynced >= SYNC_EVERY {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+/// Keeps a snapshot build to about a quarter of one core: after each [`PACE_WORK`] of work
+/// it sleeps [`PACE_REST`]. A snapshot is background work that nothing waits for, but at
+/// full speed it takes a busy node's cores from the SIP thread for a second or two, and the
+/// requests queued meanwhile wait that long (BENCHMARKS.md, the soak of 2026-12-07).
+struct Pacer {
+    slice_start: tokio::time::Instant,
+}
+
+const PACE_WORK: std::time::Duration = std::time::Duration::from_millis(5);
+const PACE_REST: std::time::Duration = std::time::Duration::from_millis(15);
+
+impl Pacer {
+    fn new() -> Pacer {
+        Pacer {
+            slice_start: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Called once per record: rests if this slice of work is used up.
+    fn tick(&mut self) {
+        if self.slice_start.elapsed() >= PACE_WORK {
+            std::thread::sleep(PACE_REST);
+            self.slice_start = tokio::time::Instant::now();
+        }
     }
 }
 
@@ -276,7 +339,9 @@ impl StateMachine {
         };
         let encode = |e: postcard::Error| snap_err(ErrorVerb::Write, e);
         let (mut count, mut records_len) = (0usize, 0usize);
+        let mut pacer = Pacer::new();
         for item in records() {
+            pacer.tick();
             let (k, v) = item.map_err(|e| snap_err(ErrorVerb::Read, e))?;
             count += 1;
             records_len += postcard::experimental::serialized_size(&(&*k, &*v)).map_err(encode)?;
@@ -302,6 +367,7 @@ impl StateMachine {
             out.write_all(&head)?;
             out.write_all(&count_bytes)?;
             for item in records() {
+                pacer.tick();
                 let (k, v) = item.map_err(std::io::Error::other)?;
                 postcard::to_io(&(&*k, &*v), &mut *out).map_err(std::io::Error::other)?;
             }
