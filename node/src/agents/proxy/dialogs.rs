@@ -400,7 +400,9 @@ impl Table {
         let hash = self.hasher.hash_one(&*k);
         self.gone.insert(hash, now);
         self.gone_order.push_back((hash, now));
-        while self.gone.len() > max {
+        // Bounded by its order queue, which holds a place for every key it remembered,
+        // including those a BYE has since dropped.
+        while self.gone_order.len() > max {
             let Some((old, at)) = self.gone_order.pop_front() else {
                 break;
             };
@@ -1154,6 +1156,29 @@ mod tests {
         up("alice2", Placer::Account(ALICE, 0));
         assert!(!there("alice") && there("alice3") && there("pinned"));
         assert_eq!(d.calls_of(ALICE), 3, "pinned, alice3 and alice2");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn remembered_keys_stay_bounded_however_many_are_evicted_and_ended() {
+        let d = Dialogs::new(4);
+        for i in 0..50 {
+            answered_call(&d, &format!("c{i}"), 0, "b").unwrap();
+            if i >= 4 {
+                // The call just evicted was up after all: its BYE comes, and drops its key.
+                let evicted = format!("c{}", i - 4);
+                assert!(d.knows(&evicted, "a", "b"));
+                d.ended(&evicted, "a", "b", DialogKind::Call);
+            }
+            tokio::time::advance(DEFAULT_EVICT_IDLE).await;
+        }
+        assert_eq!(d.evicted(), 46);
+        let t = d.lock();
+        assert!(
+            t.gone.len() <= 4 && t.gone_order.len() <= 4,
+            "{} keys, {} places",
+            t.gone.len(),
+            t.gone_order.len()
+        );
     }
 
     #[tokio::test(start_paused = true)]
