@@ -30,9 +30,38 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-# A free UDP port on an address, for the sipp instances and Kamailio.
+# A free UDP port on an address, for the sipp instances and Kamailio: below the kernel's
+# ephemeral range, so that no socket bound to port 0 (the load generators open thousands,
+# one per flow) can take it between now and its use, and never one given out before in
+# this run. A port the kernel picked itself could be taken meanwhile: a sipp instance
+# that then failed to bind sent nothing, and the load it stood for went missing.
 udp_port() {
-  python3 -c "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(('$1', 0)); print(s.getsockname()[1])"
+  python3 - "$1" "$work/ports-given" << 'EOF'
+import random, socket, sys
+addr, given_path = sys.argv[1], sys.argv[2]
+low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+try:
+    given = set(open(given_path).read().split())
+except OSError:
+    given = set()
+for _ in range(1000):
+    port = random.randrange(10000, low)
+    if str(port) in given:
+        continue
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.bind((addr, port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    with open(given_path, "a") as f:
+        f.write("%d\n" % port)
+    print(port)
+    break
+else:
+    sys.exit("udp_port: no free UDP port on %s below the ephemeral range" % addr)
+EOF
 }
 # stats OUT TAG FILES…: completions, time of the last one (ms since its sipp started) and
 # the p50 and p99 response times (ms) of the rtd TAG over sipp rtt traces; "-" if none.

@@ -15,10 +15,15 @@ pub(crate) const CF_SM_DATA: &str = "sm_data";
 pub(crate) const CF_SM_META: &str = "sm_meta";
 pub(crate) const ALL_CFS: [&str; 4] = [CF_META, CF_LOGS, CF_SM_DATA, CF_SM_META];
 
-/// Bytes all memtables together may hold before RocksDB flushes the largest.
-const MEMTABLE_BUDGET: usize = 24 << 20;
+/// Bytes all memtables together may hold before RocksDB flushes the largest. A memtable
+/// fills and empties over and over, so this budget is the saw-tooth a node's resident
+/// memory rides on under a steady write load; it is kept small against the node's state
+/// (tens of MB at 100,000 AORs) so that memory stays flat while the load does. A flush
+/// of a smaller memtable writes a smaller file, and compactions come more often but each
+/// rewrites as little.
+const MEMTABLE_BUDGET: usize = 12 << 20;
 /// Bytes one memtable of the state's column families may hold before it is flushed.
-const STATE_MEMTABLE: usize = 16 << 20;
+const STATE_MEMTABLE: usize = 8 << 20;
 /// Bytes the log's memtable may hold. Log entries are read back only by a follower that
 /// lags (the newest come from the log cache) and are deleted by the purge that follows
 /// each snapshot, so holding them in memory buys little: a small memtable keeps them from

@@ -27,8 +27,10 @@ const RECORD: u8 = b'r';
 const OUTBOX: u8 = b'o';
 const CURSOR: u8 = b'c';
 const NEXT_SEQ: &[u8] = b"n";
-/// Bytes the memtable may hold before it is flushed.
-const MEMTABLE: usize = 8 << 20;
+/// Bytes the memtable may hold before it is flushed (two may exist while one flushes): a
+/// steady call load fills and empties it over and over, and a node's memory rides on
+/// that saw-tooth, so it is kept small (raft-store's store.rs says the same of its own).
+const MEMTABLE: usize = 4 << 20;
 /// Bytes per second the store's flushes and compactions may write: purges leave range
 /// deletes that compaction turns into rewrites, and those must not take the disk (or the
 /// cores that drive it) from the Raft log in bursts. Far above what calls write.
