@@ -399,17 +399,18 @@ pub fn ca_fingerprint(ca_cert: &Path) -> Result<String, Error> {
     Ok(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Refused handshakes are logged once a second at most, each line counting those left
-/// out since the one before: a peer retrying in a loop, or anyone who can reach the port,
-/// must not fill the disk with the same line.
+/// Refusals logged once a second at most, each line counting those left out since the one
+/// before: a peer retrying its handshake in a loop, or anyone who can reach a port, must
+/// not fill the disk with the same line. The SIP proxy's refusals of a full dialog table
+/// use it too.
 #[derive(Default)]
-pub(crate) struct RefusalLog {
+pub struct RefusalLog {
     last: std::sync::Mutex<Option<tokio::time::Instant>>,
     left_out: std::sync::atomic::AtomicU64,
 }
 
 impl RefusalLog {
-    pub(crate) const fn new() -> RefusalLog {
+    pub const fn new() -> RefusalLog {
         RefusalLog {
             last: std::sync::Mutex::new(None),
             left_out: std::sync::atomic::AtomicU64::new(0),
@@ -417,7 +418,7 @@ impl RefusalLog {
     }
 
     /// `Some(how many were left out since the last line)` if this refusal may be logged.
-    pub(crate) fn may_log(&self) -> Option<u64> {
+    pub fn may_log(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let now = tokio::time::Instant::now();
         let mut last = self.last.lock().expect("refusal log lock");

@@ -78,6 +78,11 @@ impl Drain {
         self.calls.get().map_or(0, |(d, _)| d.evicted())
     }
 
+    /// New dialogs refused because the table was full of dialogs that could not be evicted.
+    pub fn refused_dialogs(&self) -> u64 {
+        self.calls.get().map_or(0, |(d, _)| d.refused())
+    }
+
     /// Whether drain stopped waiting for calls: none left, or the wait is over.
     fn calls_done(&self) -> bool {
         let Some((dialogs, wait)) = self.calls.get() else {

@@ -821,7 +821,7 @@ impl Admin {
             ("tandem_sip_transactions_refused_total", "New requests answered 503 because the transaction table was full (sip.max_transactions).", "counter", load(&s.transactions_refused)),
             ("tandem_proxy_dialogs", "Dialogs in the proxy's table (at most sip.max_dialogs): calls and subscriptions this node record-routed, set up or being set up.", "gauge", self.drain.tracked_dialogs() as u64),
             ("tandem_proxy_dialogs_evicted_total", "Dialogs the full table evicted to make room for new ones, each unused for sip.dialog_evict_idle_secs (most likely their BYE was lost).", "counter", self.drain.evicted_dialogs()),
-            ("tandem_proxy_dialogs_refused_total", "Calls and subscriptions the proxy answered 503 because the dialog table was full of dialogs their placer may not evict (the app server's refusals are not counted here).", "counter", load(&s.dialogs_refused)),
+            ("tandem_proxy_dialogs_refused_total", "Calls and subscriptions answered 503 (by the proxy or the app server) because the dialog table was full of dialogs their placer may not evict.", "counter", self.drain.refused_dialogs()),
             ("tandem_sip_connections_refused_total", "TCP and TLS connections refused by the node-wide or per-address limit.", "counter", load(&s.connections_refused)),
             ("tandem_sip_scanners_dropped_total", "Requests from known scanner User-Agents, dropped unanswered.", "counter", load(&s.scanners_dropped)),
             ("tandem_sip_flood_addresses", "Source addresses the flood limit tracks: buckets (at most 100000) plus bans (at most 100000).", "gauge", load(&s.flood_addresses)),

@@ -66,8 +66,6 @@ pub struct Stats {
     pub transactions_refused: AtomicU64,
     /// New calls refused because the calling account had `max_concurrent_calls` calls.
     pub call_limit_refusals: AtomicU64,
-    /// New dialogs answered 503 because the dialog table was full.
-    pub dialogs_refused: AtomicU64,
     pub sends_dropped: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed

@@ -221,6 +221,8 @@ struct Table {
     recorder: Option<Recorder>,
     /// Entries evicted to make room for new ones.
     evicted: u64,
+    /// New entries refused because nothing could be evicted for them.
+    refused: u64,
     /// The keys of evicted entries (hashed with `hasher`), each with when it was evicted,
     /// in that order: at most `max`, each for [`MAX_IDLE`].
     gone: HashMap<u64, Instant>,
@@ -513,10 +515,10 @@ impl Dialogs {
             } else {
                 standing.min(Standing::Member)
             };
-            if !t.evict(now, self.evict_idle, victims, self.max) {
-                return Err(Refused::Full);
-            }
-            if anonymous && t.anonymous >= self.max / 2 {
+            if !t.evict(now, self.evict_idle, victims, self.max)
+                || (anonymous && t.anonymous >= self.max / 2)
+            {
+                t.refused += 1;
                 return Err(Refused::Full);
             }
         }
@@ -751,6 +753,12 @@ impl Dialogs {
     /// Entries forgotten so far to make room for new ones.
     pub fn evicted(&self) -> u64 {
         self.lock().evicted
+    }
+
+    /// New entries refused so far because the table was full of entries their placer
+    /// may not evict (whoever asked: the proxy or the app server).
+    pub fn refused(&self) -> u64 {
+        self.lock().refused
     }
 
     /// Calls `account` has through this node now.
@@ -1036,7 +1044,7 @@ mod tests {
         }
         assert_eq!(answered_call(&d, "c2", 100, "b"), Err(Refused::Full));
         assert!(d.knows("c0", "a", "b"), "no live call is evicted");
-        assert_eq!(d.evicted(), 0);
+        assert_eq!((d.evicted(), d.refused()), (0, 2));
     }
 
     #[tokio::test(start_paused = true)]

@@ -58,6 +58,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_raft_store::command::{Account, Binding};
+use tandem_raft_store::tls::RefusalLog;
 use tandem_raft_store::types::NodeId;
 use tandem_sip::{canonical_domain, HeaderName, Host, Message, Method, NameAddr, SipUri, Uri};
 use tokio::sync::mpsc;
@@ -546,14 +547,16 @@ impl Proxy {
                     })
                 }
                 Err(Refused::Full) => {
-                    tracing::warn!(
-                        "the dialog table is full of dialogs in use (sip.max_dialogs); \
-                         a new dialog gets 503"
-                    );
-                    self.transports
-                        .stats()
-                        .dialogs_refused
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // Strangers can fill their share of the table and then ask on and on:
+                    // a line a second at most, counting those left out.
+                    static FULL: RefusalLog = RefusalLog::new();
+                    if let Some(more) = FULL.may_log() {
+                        tracing::warn!(
+                            refused_since_last_line = more,
+                            "the dialog table is full of dialogs in use (sip.max_dialogs); \
+                             a new dialog gets 503"
+                        );
+                    }
                     self.answer(
                         tx,
                         &request,
