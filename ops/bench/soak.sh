@@ -129,19 +129,21 @@ store_mb() {
   curl -sf "http://$(listen_of "$work/${1}/tandem.toml" admin)/metrics" \
     | awk '$1 ~ /^tandem_store_memory_bytes/ { t += $2 } END { printf "%.1f", t / 1048576 }'
 }
-# busy_since_last: percent of the machine's CPU time spent busy since the last call.
+# busy_since_last: sets busy to the percent of the machine's CPU time spent busy since
+# the last call ("-" the first time).
 cpu_last=""
 busy_since_last() {
   local now
   now=$(awk '/^cpu / { print $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9, $5 + $6 }' /proc/stat)
-  [ -z "$cpu_last" ] || awk -v a="$cpu_last" -v b="$now" 'BEGIN {
+  busy=-
+  [ -z "$cpu_last" ] || busy=$(awk -v a="$cpu_last" -v b="$now" 'BEGIN {
       split(a, x, " "); split(b, y, " "); t = y[1] - x[1]
-      printf "%.0f", t ? 100 * (1 - (y[2] - x[2]) / t) : 0 }'
+      printf "%.0f", t ? 100 * (1 - (y[2] - x[2]) / t) : 0 }')
   cpu_last=$now
 }
 sample() {
-  local name=$1 minute=$2 w label pid line="" busy
-  busy=$(busy_since_last)
+  local name=$1 minute=$2 w label pid line=""
+  busy_since_last
   for w in $(procs "$name"); do
     label=${w%%:*}
     pid=${w#*:}
@@ -149,7 +151,7 @@ sample() {
     line+=$(printf '  %s %6.1f MB %4d fds' "$label" "$(awk -v k="$(mem_kib "$name" "$pid")" 'BEGIN { print k / 1024 }')" "$(fds "$name" "$pid")")
     [ "$name" != tandem ] || line+=$(printf ' (stores %5.1f MB)' "$(store_mb "$label")")
   done
-  printf '%-8s minute %3d: cores %3s%% busy%s\n' "$name" "$minute" "${busy:--}" "$line"
+  printf '%-8s minute %3d: cores %3s%% busy%s\n' "$name" "$minute" "$busy" "$line"
 }
 
 # passes OK FAILED OFFERED RATE ACHIEVED P99: "yes" only if some succeeded, under 1%
@@ -219,14 +221,14 @@ probe_mix() {
   local -A rates=([refreshes]=$(( k * unit_reg )) [writes]=$(( k * unit_write )) [calls]=$(( k * unit_call )))
   local running=()
   for load_name in refreshes writes calls; do
-    "probe_$load_name" "$addr" "${rates[$load_name]}" > "$work/probe-$load_name-$k" &
+    "probe_$load_name" "$addr" "${rates[$load_name]}" > "$work/mix-$k-$load_name" &
     running+=($!)
   done
   for j in "${running[@]}"; do wait "$j" || true; done
   mix_met=yes
   for load_name in refreshes writes calls; do
     rate=${rates[$load_name]}
-    read -r ok failed offered done p99 < "$work/probe-$load_name-$k"
+    read -r ok failed offered done p99 < "$work/mix-$k-$load_name"
     verdict=$(passes "$ok" "$failed" "$offered" "$rate" "$done" "$p99")
     printf 'probe    %2d units: %-9s at %5d/s: %d of %d completed, %d failed, %s/s achieved, p99 %s ms: %s\n' \
       "$k" "$load_name" "$rate" "$ok" "$offered" "$failed" "$done" "$p99" \
@@ -271,6 +273,7 @@ soak() {
   local name=$1 addr=$2 u ps=() per writer m
   per=$(( reg_rate * secs / reg_users ))
   : > "$work/samples"
+  cpu_last=""
   sample "$name" 0
   start_refreshers "$work" "$addr" "$reg_rate" "$per" "$(( secs + 120 ))"
   ps=("${refreshers[@]}")

@@ -333,6 +333,11 @@ impl StateMachine {
         let records = || {
             let mut opts = ReadOptions::default();
             opts.set_snapshot(&snap);
+            // A scan of everything, read once: caching its blocks would evict what the
+            // node's own reads keep there, and fill the whole block cache at the first
+            // snapshot on a node whose own reads need little of it (a follower), a
+            // step in its memory minutes into a steady load.
+            opts.fill_cache(false);
             self.db
                 .iterator_cf_opt(self.cf(CF_SM_DATA), opts, IteratorMode::Start)
                 .filter(|item| !item.as_ref().is_ok_and(|(k, _)| is_derived(k)))
@@ -560,6 +565,78 @@ mod tests {
     use crate::command::{Account, Command};
     use crate::types::Request;
     use openraft::{CommittedLeaderId, LogId as RaftLogId};
+
+    /// A store holding 5,000 accounts in a table file (out of the memtable), so that a
+    /// read goes through the block cache; and the bytes of those records.
+    async fn accounts_in_a_table_file() -> (
+        tempfile::TempDir,
+        crate::log_store::LogStore,
+        StateMachine,
+        u64,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = crate::open(dir.path()).unwrap();
+        let commands: Vec<crate::command::EncodedCommand> = (0..5_000)
+            .map(|i| {
+                Command::PutAccount(Account {
+                    user: format!("user-with-a-longish-name-{i}"),
+                    domain: "example.com".into(),
+                    customer: "c1".into(),
+                    ha1: vec![],
+                    enabled: true,
+                    max_contacts: 5,
+                    max_concurrent_calls: 2,
+                })
+                .encode()
+            })
+            .collect();
+        let entry = Entry {
+            log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Request { commands }),
+        };
+        sm.apply(vec![entry]).await.unwrap();
+        sm.db.flush_cf(sm.cf(CF_SM_DATA)).unwrap();
+        let bytes = scan(&sm, false);
+        (dir, log, sm, bytes)
+    }
+
+    /// Reads every record, through the block cache if `cache`; the bytes read.
+    fn scan(sm: &StateMachine, cache: bool) -> u64 {
+        let mut opts = ReadOptions::default();
+        opts.fill_cache(cache);
+        sm.db
+            .iterator_cf_opt(sm.cf(CF_SM_DATA), opts, IteratorMode::Start)
+            .map(|item| item.unwrap().1.len() as u64)
+            .sum()
+    }
+
+    fn block_cache(sm: &StateMachine) -> u64 {
+        crate::StoreMemory::of(&sm.db, &[sm.cf(CF_SM_DATA)]).block_cache
+    }
+
+    /// A snapshot build reads the whole state once; it must not leave it in the block
+    /// cache, which is the node's for its own reads (a follower's stood nearly empty
+    /// until the first snapshot filled it, a step in its memory).
+    #[tokio::test]
+    async fn a_snapshot_build_leaves_the_block_cache_as_it_found_it() {
+        // What a scan through the cache leaves there, so the test measures what it means to.
+        let (_dir, _log, sm, bytes) = accounts_in_a_table_file().await;
+        let before = block_cache(&sm);
+        scan(&sm, true);
+        assert!(
+            block_cache(&sm) > before + bytes / 2,
+            "a scan of {bytes} bytes took the block cache from {before} to {} bytes",
+            block_cache(&sm)
+        );
+        let (_dir, _log, mut sm, _) = accounts_in_a_table_file().await;
+        let before = block_cache(&sm);
+        sm.build_snapshot().await.unwrap();
+        let after = block_cache(&sm);
+        assert!(
+            after < before + bytes / 10,
+            "a snapshot build of {bytes} bytes took the block cache from {before} to {after} bytes"
+        );
+    }
 
     /// The snapshot written piece by piece is byte for byte what encoding it whole gave,
     /// so files written by earlier releases still read and the two can be mixed.
