@@ -23,7 +23,7 @@
 # failed, at least 95% of the offered rate achieved, every one accounted for); the soak
 # offers MIX_SHARE percent of it (50), to Tandem and then, at the same rates, to
 # Kamailio. The loads are probed together because their costs do not add up: shares of
-# each load's own knee (21%, 9% and 16% of them, 46% together) kept the two cores 87-93%
+# each load's own knee (21%, 9% and 16% of them, 46% together) kept the two cores 83-95%
 # busy. A machine's speed also differs between sittings by tens of percent, so rates
 # fixed from another day's knee can overload it; then the soak measures the overload,
 # not a long run. REG_RATE, WRITE_RATE and CALL_RATE, all three set, fix the rates
