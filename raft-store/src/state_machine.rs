@@ -566,6 +566,19 @@ mod tests {
     use crate::types::Request;
     use openraft::{CommittedLeaderId, LogId as RaftLogId};
 
+    /// An account of customer c1 at example.com.
+    fn account(user: String) -> Command {
+        Command::PutAccount(Account {
+            user,
+            domain: "example.com".into(),
+            customer: "c1".into(),
+            ha1: vec![],
+            enabled: true,
+            max_contacts: 5,
+            max_concurrent_calls: 2,
+        })
+    }
+
     /// A store holding 5,000 accounts in a table file (out of the memtable), so that a
     /// read goes through the block cache; and the bytes of those records.
     async fn accounts_in_a_table_file() -> (
@@ -576,19 +589,8 @@ mod tests {
     ) {
         let dir = tempfile::tempdir().unwrap();
         let (log, mut sm) = crate::open(dir.path()).unwrap();
-        let commands: Vec<crate::command::EncodedCommand> = (0..5_000)
-            .map(|i| {
-                Command::PutAccount(Account {
-                    user: format!("user-with-a-longish-name-{i}"),
-                    domain: "example.com".into(),
-                    customer: "c1".into(),
-                    ha1: vec![],
-                    enabled: true,
-                    max_contacts: 5,
-                    max_concurrent_calls: 2,
-                })
-                .encode()
-            })
+        let commands = (0..5_000)
+            .map(|i| account(format!("user-with-a-longish-name-{i}")).encode())
             .collect();
         let entry = Entry {
             log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
@@ -644,19 +646,7 @@ mod tests {
     async fn a_snapshot_is_streamed_in_the_layout_it_had_when_encoded_whole() {
         let dir = tempfile::tempdir().unwrap();
         let (_log, mut sm) = crate::open(dir.path()).unwrap();
-        let commands: Vec<Command> = (0..300)
-            .map(|i| {
-                Command::PutAccount(Account {
-                    user: format!("u{i}"),
-                    domain: "example.com".into(),
-                    customer: "c1".into(),
-                    ha1: vec![],
-                    enabled: true,
-                    max_contacts: 5,
-                    max_concurrent_calls: 2,
-                })
-            })
-            .collect();
+        let commands: Vec<Command> = (0..300).map(|i| account(format!("u{i}"))).collect();
         let entry = Entry {
             log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
             payload: EntryPayload::Normal(Request {
