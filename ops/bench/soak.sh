@@ -240,7 +240,7 @@ probe_mix() {
 # every load met the target, one step at a time until one misses) and sets the rates to
 # MIX_SHARE percent of it.
 probe() {
-  local addr=$1 k knee_units=0 soak_units
+  local addr=$1 k knee_units=0
   [ -z "$fixed" ] || return 0
   start_callee tandem "$work" "$addr" "$callee_port"
   for k in $mix_steps; do
