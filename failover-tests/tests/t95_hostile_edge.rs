@@ -1125,12 +1125,43 @@ fn a_full_dialog_table_makes_room_from_dialogs_long_unused_but_never_for_a_stran
             )
         },
     );
+    // A stranger who keeps asking gets 503 every time, and the node's log a line a second
+    // at most, not one per request.
+    let flood_started = std::time::Instant::now();
+    for i in 0..30 {
+        let name = format!("stranger-flood-{i}");
+        let answer = final_answer(
+            &stranger,
+            node.udp_addr(),
+            &stranger_invite(
+                stranger.local_addr().unwrap(),
+                "sip:bob@example.com",
+                "sip:someone@elsewhere.example",
+                &name,
+            ),
+        );
+        node.check(
+            answer
+                .as_deref()
+                .is_some_and(|a| a.starts_with("SIP/2.0 503")),
+            || format!("stranger INVITE {i} into a full table got {answer:?}"),
+        );
+    }
+    let flood_secs = flood_started.elapsed().as_secs();
+    let lines = node
+        .log()
+        .matches("the dialog table is full of dialogs in use")
+        .count() as u64;
+    // One for Alice's refusal, one for the stranger's first, then one a second.
+    node.check(lines <= 3 + flood_secs, || {
+        format!("{lines} log lines for 32 refusals, 30 of them in {flood_secs} s")
+    });
     let (evicted, refused) = (
         metric(admin, "tandem_proxy_dialogs_evicted_total"),
         metric(admin, "tandem_proxy_dialogs_refused_total"),
     );
-    node.check(evicted == Some(0.0) && refused == Some(2.0), || {
-        format!("evicted {evicted:?}, refused {refused:?} after two refusals")
+    node.check(evicted == Some(0.0) && refused == Some(32.0), || {
+        format!("evicted {evicted:?}, refused {refused:?} after 32 refusals")
     });
 
     let _fresh = answered_call(&node, &bob, "fresh-1");
