@@ -35,6 +35,11 @@ use store::CdrStore;
 /// allocates and touches all its slots at once, and at a record's size (about 330 bytes)
 /// this many would be about 21 MB of resident memory on an idle node.
 const QUEUE: usize = 65_536;
+/// How long the purge rests after a pass over the store before it starts the next. A pass
+/// passes over the old records of customers who keep them longer than others, one seek per
+/// customer and span (store.rs), so passes back to back would keep a core busy for nothing;
+/// records come due only as time passes, and go at most this much later.
+const PURGE_REST: Duration = Duration::from_secs(10);
 /// Records stored in one write (one fsync).
 const WRITE_GROUP: usize = 1024;
 /// How long the writer gathers records after the first one before it writes them: calls
@@ -392,6 +397,8 @@ fn write_loop(
     shipped: &Notify,
 ) {
     let mut next_purge = Instant::now() + settings.purge_every;
+    // The shortest retention any customer has, found when a pass begins.
+    let mut pass_shortest: Option<u32> = None;
     let mut pending: Vec<Cdr> = Vec::new();
     let mut failing_since: Option<Instant> = None;
     loop {
@@ -465,9 +472,25 @@ fn write_loop(
                     .flatten()
                     .unwrap_or(default)
             };
-            match store.purge_step(&days_for, now_ms(), settings.purge_batch) {
-                Ok(n) => {
-                    stats.purged.fetch_add(n as u64, Ordering::Relaxed);
+            // Fixed for a pass: a customer's shorter retention set meanwhile counts from
+            // the next one.
+            let shortest = *pass_shortest.get_or_insert_with(|| {
+                reader
+                    .customers()
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|c| reader.cdr_retention(&c.id).ok().flatten())
+                    .fold(default, u32::min)
+            });
+            match store.purge_step(&days_for, shortest, now_ms(), settings.purge_batch) {
+                Ok(step) => {
+                    stats
+                        .purged
+                        .fetch_add(step.removed as u64, Ordering::Relaxed);
+                    if step.pass_done {
+                        pass_shortest = None;
+                        next_purge = Instant::now() + PURGE_REST.max(settings.purge_every);
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "CDR purge step failed"),
             }

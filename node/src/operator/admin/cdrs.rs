@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use warp::http::StatusCode;
 
 use super::{check_id, json_reply, Admin, ApiError};
-use crate::agents::cdr::store::Query;
+use crate::agents::cdr::store::{CdrStore, Query};
 use crate::agents::cdr::CSV_HEADER;
 use crate::hex;
 
@@ -85,7 +85,7 @@ fn parse_query(q: &HashMap<String, String>) -> Result<(Query, bool), ApiError> {
         None => None,
         Some(a) => Some(
             hex::decode(a)
-                .filter(|k| k.first() == Some(&b'r') && k.len() <= 256)
+                .filter(|k| k.len() <= 256 && CdrStore::is_cursor(k))
                 .ok_or_else(|| {
                     ApiError::bad_request(format!(
                         "after must be the `next` of a previous page, got {a:?}"
@@ -94,7 +94,7 @@ fn parse_query(q: &HashMap<String, String>) -> Result<(Query, bool), ApiError> {
         ),
     };
     if let (Some(a), Some(c)) = (&after, &customer) {
-        if !crate::agents::cdr::store::CdrStore::cursor_of(a, c) {
+        if !CdrStore::cursor_of(a, c) {
             return Err(ApiError::bad_request(
                 "after is the cursor of another customer's page",
             ));
