@@ -10,6 +10,7 @@
 # each). For Tandem it also prints each node's CPU time per registration (user plus
 # system, over the registrations), the steadiest figure on a noisy machine.
 # Usage: ./ops/bench/registrations.sh [COUNT] [WORKERS]   (defaults 50000 and 64)
+#   BENCH_TANDEM_BIN runs another tandem binary, such as an earlier build for a before/after.
 # Record the output in BENCHMARKS.md with this command.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -20,6 +21,7 @@ password="bench-password-1"   # aor-load's accounts have this password
 . ./ops/env.sh
 # The same build as ./ops/test.sh, so the two share every artefact.
 cargo build --workspace --all-targets
+TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
 load="$CARGO_TARGET_DIR/debug/aor-load"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT

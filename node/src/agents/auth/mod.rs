@@ -53,9 +53,13 @@ const ADDRESS_LOCKOUT: Duration = Duration::from_secs(60);
 /// Keys each failure table holds at most.
 const FAILURE_TABLE_MAX: usize = 100_000;
 
-/// Most opened accounts an [`Authenticator`] keeps; past this it starts afresh, so memory
-/// stays bounded however many accounts log in.
-const OPENED_MAX: usize = 16_384;
+/// Most opened logins an [`Authenticator`] keeps; past this it starts afresh, so memory
+/// stays bounded however many accounts log in (about 38 MB at this many). Room for every
+/// account of a cluster this size serves: when a node dies, all of its phones register
+/// through the others within a minute, and a cache smaller than the accounts among them
+/// empties itself over and over, so that each of those registrations reads its account
+/// from RocksDB and decrypts its HA1 again (BENCHMARKS.md, the storm profile).
+const OPENED_MAX: usize = 200_000;
 
 /// What the nonce keys are derived from each master key with.
 const NONCE_LABEL: &str = "tandem digest nonces";
@@ -164,18 +168,84 @@ fn digest_uri_matches(digest_uri: &str, request_uri: Option<&Uri>, own: &OwnAddr
     }
 }
 
-/// Domain, user and algorithm of a login.
-type LoginKey = (String, String, Algorithm);
+/// Domain and user of a login in one allocation (domain, NUL, user: a served domain holds
+/// no NUL), and its algorithm. It hashes as the domain, the user and the algorithm, each
+/// hashed on its own, which is how a [`LoginRef`] hashes.
+#[derive(PartialEq, Eq)]
+struct LoginKey {
+    login: Box<str>,
+    algorithm: Algorithm,
+}
+
+impl LoginKey {
+    fn new(domain: &str, user: &str, algorithm: Algorithm) -> LoginKey {
+        LoginKey {
+            login: [domain, "\0", user].concat().into_boxed_str(),
+            algorithm,
+        }
+    }
+}
+
+impl std::hash::Hash for LoginKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (domain, user) = self.login.split_once('\0').unwrap_or((&self.login, ""));
+        domain.hash(state);
+        user.hash(state);
+        self.algorithm.hash(state);
+    }
+}
 
 /// A login as it is looked up, borrowed from the request: it hashes as the `LoginKey` it
-/// equals (a `&str` hashes as a `String`), so a lookup that finds its account copies
-/// nothing.
+/// equals, so a lookup that finds its account copies nothing.
 #[derive(Hash)]
 struct LoginRef<'a>(&'a str, &'a str, Algorithm);
 
 impl hashbrown::Equivalent<LoginKey> for LoginRef<'_> {
     fn equivalent(&self, key: &LoginKey) -> bool {
-        self.0 == key.0 && self.1 == key.1 && self.2 == key.2
+        let (domain, user) = (self.0, self.1);
+        self.2 == key.algorithm
+            && key.login.len() == domain.len() + 1 + user.len()
+            && key.login.starts_with(domain)
+            && key.login.as_bytes()[domain.len()] == 0
+            && key.login.ends_with(user)
+            && !domain.contains('\0')
+    }
+}
+
+/// What authentication needs of an opened account: its HA1 for the login's algorithm, and
+/// the fields the agents read once it has authenticated (user and domain are the login's).
+/// Kept this small, about 190 bytes a login with its key, because the cache holds one per
+/// login the node has seen, up to every account a registration storm brings.
+struct OpenedLogin {
+    customer: Arc<str>,
+    ha1: Arc<str>,
+    max_contacts: u32,
+    max_concurrent_calls: u32,
+    enabled: bool,
+}
+
+impl OpenedLogin {
+    fn new(account: &Account, customer: Arc<str>, ha1: Arc<str>) -> OpenedLogin {
+        OpenedLogin {
+            customer,
+            ha1,
+            max_contacts: account.max_contacts,
+            max_concurrent_calls: account.max_concurrent_calls,
+            enabled: account.enabled,
+        }
+    }
+
+    /// The account as the agents see it: without its sealed HA1s.
+    fn account(&self, domain: &str, user: &str) -> Arc<Account> {
+        Arc::new(Account {
+            user: user.to_owned(),
+            domain: domain.to_owned(),
+            customer: self.customer.to_string(),
+            ha1: Vec::new(),
+            enabled: self.enabled,
+            max_contacts: self.max_contacts,
+            max_concurrent_calls: self.max_concurrent_calls,
+        })
     }
 }
 
@@ -185,7 +255,9 @@ impl hashbrown::Equivalent<LoginKey> for LoginRef<'_> {
 #[derive(Default)]
 struct Opened {
     generation: u64,
-    accounts: hashbrown::HashMap<LoginKey, (Arc<Account>, Arc<str>), RandomState>,
+    accounts: hashbrown::HashMap<LoginKey, OpenedLogin, RandomState>,
+    /// Customer ids, each kept once however many of its accounts are opened.
+    customers: hashbrown::HashSet<Arc<str>, RandomState>,
 }
 
 /// What looking up an account for a login found.
@@ -386,10 +458,8 @@ impl Authenticator {
         {
             let opened = self.opened.lock().expect("opened accounts");
             if opened.generation == generation {
-                if let Some((account, ha1)) =
-                    opened.accounts.get(&LoginRef(domain, user, algorithm))
-                {
-                    return Lookup::Ready(account.clone(), ha1.clone());
+                if let Some(login) = opened.accounts.get(&LoginRef(domain, user, algorithm)) {
+                    return Lookup::Ready(login.account(domain, user), login.ha1.clone());
                 }
             }
         }
@@ -399,20 +469,26 @@ impl Authenticator {
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
         };
-        // Opened, the sealed HA1s are no longer needed: the cache, one entry per login it
-        // has seen, keeps the account without them.
-        let account = Account {
-            ha1: Vec::new(),
-            ..account
-        };
-        let (account, ha1) = (Arc::new(account), Arc::<str>::from(ha1));
+        let ha1 = Arc::<str>::from(ha1);
         let mut opened = self.opened.lock().expect("opened accounts");
         if opened.generation != generation || opened.accounts.len() >= OPENED_MAX {
             opened.generation = generation;
             opened.accounts.clear();
+            opened.customers.clear();
         }
-        let key = (domain.to_owned(), user.to_owned(), algorithm);
-        opened.accounts.insert(key, (account.clone(), ha1.clone()));
+        let customer = match opened.customers.get(account.customer.as_str()) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::<str>::from(account.customer.as_str());
+                opened.customers.insert(c.clone());
+                c
+            }
+        };
+        let login = OpenedLogin::new(&account, customer, ha1.clone());
+        let account = login.account(domain, user);
+        opened
+            .accounts
+            .insert(LoginKey::new(domain, user, algorithm), login);
         Lookup::Ready(account, ha1)
     }
 
@@ -631,13 +707,32 @@ mod tests {
         assert!(!digest_uri_matches("sip:bob@example.com", None, &own));
     }
 
+    /// An opened login gives back the account it was opened from, all but its sealed HA1s:
+    /// the agents see the same account whether the cache held it or not.
+    #[test]
+    fn an_opened_login_gives_back_its_account() {
+        let account = Account {
+            user: "alice".into(),
+            domain: "example.com".into(),
+            customer: "acme".into(),
+            ha1: Vec::new(),
+            enabled: false,
+            max_contacts: 3,
+            max_concurrent_calls: 7,
+        };
+        let login = OpenedLogin::new(&account, Arc::from("acme"), Arc::from("00ff"));
+        assert_eq!(*login.account("example.com", "alice"), account);
+        assert_eq!(&*login.ha1, "00ff");
+    }
+
     /// A borrowed login finds the owned key it equals, and only that one: were the two to
     /// hash apart, every login would miss and open its account again.
     #[test]
     fn a_borrowed_login_finds_its_owned_key() {
         let mut map: hashbrown::HashMap<LoginKey, u8, RandomState> = Default::default();
-        map.insert(("example.com".into(), "alice".into(), Algorithm::Md5), 1);
-        map.insert(("example.com".into(), "alice".into(), Algorithm::Sha256), 2);
+        map.insert(LoginKey::new("example.com", "alice", Algorithm::Md5), 1);
+        map.insert(LoginKey::new("example.com", "alice", Algorithm::Sha256), 2);
+        map.insert(LoginKey::new("example.com", "a\0b", Algorithm::Md5), 3);
         let get = |d, u, a| map.get(&LoginRef(d, u, a)).copied();
         assert_eq!(get("example.com", "alice", Algorithm::Md5), Some(1));
         assert_eq!(get("example.com", "alice", Algorithm::Sha256), Some(2));
@@ -645,5 +740,8 @@ mod tests {
         assert_eq!(get("example.org", "alice", Algorithm::Md5), None);
         // The boundary between domain and user counts.
         assert_eq!(get("example.coma", "lice", Algorithm::Md5), None);
+        // A user may hold a NUL (escaped in its URI); the domain never does.
+        assert_eq!(get("example.com", "a\0b", Algorithm::Md5), Some(3));
+        assert_eq!(get("example.com\0a", "b", Algorithm::Md5), None);
     }
 }
