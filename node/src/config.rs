@@ -571,7 +571,7 @@ impl DialplanConfig {
 pub struct CdrConfig {
     /// Days a customer's CDRs are kept unless the customer has a retention of its own.
     pub retention_days: u32,
-    /// The most CDRs one purge step removes.
+    /// The most CDRs one purge step looks at (removes, or passes over as not yet due).
     pub purge_batch: u32,
     /// Milliseconds between purge steps: the room left for everything else.
     pub purge_every_ms: u64,

@@ -57,9 +57,9 @@ const BACKGROUND_WRITE_RATE: i64 = 16 << 20;
 /// from one span to the next): a filter that matches little returns a short page with a
 /// cursor rather than scanning the whole store.
 const MAX_SCAN: usize = 50_000;
-/// The shortest retention there is (config and customer settings both refuse 0 days):
-/// no span younger than this is looked at by a purge.
-const MIN_RETENTION_MS: u64 = 86_400_000;
+/// A day, the unit of retention (config and customer settings both refuse 0 days, so no
+/// span younger than a day is ever looked at by a purge).
+const DAY_MS: u64 = 86_400_000;
 /// Records moved per batch when an old layout is moved at open.
 const MIGRATE_BATCH: usize = 10_000;
 
@@ -501,8 +501,7 @@ impl CdrStore {
         now_ms: u64,
         budget: usize,
     ) -> Result<Purged, Error> {
-        let shortest = u64::from(shortest_days).max(1) * 86_400_000;
-        let horizon = span_of(now_ms.saturating_sub(shortest.max(MIN_RETENTION_MS)));
+        let horizon = span_of(now_ms.saturating_sub(u64::from(shortest_days.max(1)) * DAY_MS));
         let budget = budget.max(1);
         let mut resume = self.purge_at.lock().unwrap_or_else(|e| e.into_inner());
         let start = resume.take().unwrap_or_else(|| vec![RECORD]);
@@ -535,9 +534,9 @@ impl CdrStore {
                 continue;
             };
             let customer = customer.to_owned();
-            let cutoff = *cutoffs.entry(customer.clone()).or_insert_with(|| {
-                now_ms.saturating_sub(u64::from(days_for(&customer)) * 86_400_000)
-            });
+            let cutoff = *cutoffs
+                .entry(customer.clone())
+                .or_insert_with(|| now_ms.saturating_sub(u64::from(days_for(&customer)) * DAY_MS));
             if span * SPAN_MS < cutoff {
                 let limit = run_from(span, &customer, cutoff);
                 let mut last: Option<Vec<u8>> = None;
