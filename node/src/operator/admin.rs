@@ -794,7 +794,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 40] = [
+        let simple: [(&str, &str, &str, u64); 41] = [
             ("tandem_ready", "1 while /ready says this node is ready; 0 with the reason on /ready (no quorum, a full disk, Raft stopped on a storage error, catching up).", "gauge", u64::from(self.cluster.readiness().is_ok())),
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
@@ -818,6 +818,7 @@ impl Admin {
             ("tandem_sip_transactions_active", "SIP transactions (server and client) still waiting for a final response.", "gauge", self.drain.active_transactions() as u64),
             ("tandem_sip_transactions_held", "SIP transactions in the transaction tables, completed ones kept to absorb retransmissions included.", "gauge", self.drain.held_transactions() as u64),
             ("tandem_sip_connections_open", "TCP and TLS connections open now.", "gauge", load(&s.connections_open)),
+            ("tandem_runtime_tasks_alive", "Tasks alive in the node's async runtime: flat on an idle node, so a rise there is a task that never ends.", "gauge", tokio::runtime::Handle::try_current().map_or(0, |h| h.metrics().num_alive_tasks() as u64)),
             ("tandem_sip_transactions_refused_total", "New requests answered 503 because the transaction table was full (sip.max_transactions).", "counter", load(&s.transactions_refused)),
             ("tandem_proxy_dialogs", "Dialogs in the proxy's table (at most sip.max_dialogs): calls and subscriptions this node record-routed, set up or being set up.", "gauge", self.drain.tracked_dialogs() as u64),
             ("tandem_proxy_dialogs_evicted_total", "Dialogs the full table evicted to make room for new ones, each unused for sip.dialog_evict_idle_secs (most likely their BYE was lost).", "counter", self.drain.evicted_dialogs()),
