@@ -16,8 +16,8 @@
 //! that what a node writes now lands after everything older, and customer next, so that
 //! one customer's records of a span are together. The bookkeeping keys (`c`, `n`, `o`),
 //! rewritten all the time, sort after every record. Both orders keep a flushed table file
-//! from overlapping older ones, which is what decides what RocksDB's compactions rewrite
-//! (node/DESIGN.md, "CDRs", says why and what it measured). A record's key is made from
+//! from overlapping the tables of older spans, and overlap is what decides what RocksDB's
+//! compactions rewrite (node/DESIGN.md, "CDRs", says why and what it measured). A record's key is made from
 //! its own fields, so a record stored twice (shipped again after a lost answer) is one
 //! record.
 //!
@@ -40,10 +40,11 @@ const OUTBOX: u8 = b'o';
 /// The kind byte of records in the layout before spans (moved at open).
 const OLD_RECORD: u8 = b'r';
 /// Milliseconds of start times one span holds. A compaction rewrites at most the newest
-/// span's records (and whatever arrives late for an older one), so a span should hold
-/// little; a query visits every span of its time range that holds any record, so it
-/// should not hold too little. Ten minutes: at 300 records a second (the soak's calls)
-/// a span is about 70 MB of records, and 90 days are 12,960 spans.
+/// span's records, the table that holds the bookkeeping keys, and whatever arrives late
+/// for an older span, so a span should hold little; a query visits every span of its time
+/// range that holds any record, so it should not hold too little. Ten minutes: at 300
+/// records a second (the soak's calls) a span is about 70 MB of records, and 90 days are
+/// 12,960 spans.
 const SPAN_MS: u64 = 600_000;
 /// Bytes the memtable may hold before it is flushed (two may exist while one flushes): a
 /// steady call load fills and empties it over and over, and a node's memory rides on
