@@ -1100,7 +1100,8 @@ fn a_full_dialog_table_makes_room_from_dialogs_long_unused_but_never_for_a_stran
 
     std::thread::sleep(Duration::from_millis(2500));
     let stranger = UdpSocket::bind("127.0.0.66:0").unwrap();
-    let (strangers, reached_bob) = while_bob_is_busy(&bob, || {
+    // The stranger's INVITE to Bob (branch, tag and Call-ID made of `name`), and its final answer.
+    let stranger_calls = |name: &str| {
         final_answer(
             &stranger,
             node.udp_addr(),
@@ -1108,10 +1109,11 @@ fn a_full_dialog_table_makes_room_from_dialogs_long_unused_but_never_for_a_stran
                 stranger.local_addr().unwrap(),
                 "sip:bob@example.com",
                 "sip:someone@elsewhere.example",
-                "stranger",
+                name,
             ),
         )
-    });
+    };
+    let (strangers, reached_bob) = while_bob_is_busy(&bob, || stranger_calls("stranger"));
     node.check(
         strangers
             .as_deref()
@@ -1129,17 +1131,7 @@ fn a_full_dialog_table_makes_room_from_dialogs_long_unused_but_never_for_a_stran
     // at most, not one per request.
     let flood_started = Deadline::after(Duration::ZERO);
     for i in 0..30 {
-        let name = format!("stranger-flood-{i}");
-        let answer = final_answer(
-            &stranger,
-            node.udp_addr(),
-            &stranger_invite(
-                stranger.local_addr().unwrap(),
-                "sip:bob@example.com",
-                "sip:someone@elsewhere.example",
-                &name,
-            ),
-        );
+        let answer = stranger_calls(&format!("stranger-flood-{i}"));
         node.check(
             answer
                 .as_deref()
