@@ -3,12 +3,13 @@
 //! their edge node, nonces from one node accepted by another, the RFC 3261 §10.3 rules a
 //! phone sees (423, queries, removal), racing REGISTERs of one AOR, registrations without
 //! quorum (answered, kept alive by NAT keepalives, and replayed when it returns), nonces
-//! through a key rotation and a rolling restart, and a sweep of lapsed bindings that
+//! through a key rotation and a rolling restart, logins opened ahead of use (a change to
+//! one account drops its own alone), and a sweep of lapsed bindings that
 //! writes nothing while nothing lapsed.
 
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{bindings, http, metric, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{bindings, http, metric, wait_metric, Cluster, MemberRole};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{describe, sipp_scenario, Node, Wait};
 
@@ -958,6 +959,51 @@ fn a_changed_password_or_a_disabled_account_takes_effect_at_once() {
     update(r#"{"password":"second-pw-2","customer":"acme","enabled":false}"#);
     let (status, text) = register("second-pw-2");
     assert_eq!(status, 403, "a disabled account logs in: {text}");
+}
+
+/// Every account's login is opened ahead of its first use, so a phone's first REGISTER
+/// through a node (as in a storm, when another node died) reads no account from the store;
+/// and a change to one account drops that account's opened login alone, not the others'.
+#[test]
+fn logins_are_opened_ahead_of_use_and_a_change_drops_only_its_own() {
+    let node = Node::start_ready("");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    add_account(admin, &token, "dave", "dave-pw-1");
+    add_account(admin, &token, "erin", "erin-pw-1");
+    wait_metric(
+        &node,
+        admin,
+        "tandem_auth_logins_opened",
+        2.0,
+        Duration::from_secs(10),
+    );
+    let reads = || metric(admin, "tandem_auth_account_reads_total").expect("a /metrics series");
+    let register = |user: &str, password: &str| {
+        let mut ua = Ua::new("127.0.0.1", user, "example.com", password);
+        let contact = format!("<{}>", ua.contact());
+        let r = ua.register(node.udp_addr(), "MD5", Some(&contact), Some(600));
+        assert_eq!(r.status, 200, "{user}: {}", r.text);
+    };
+    register("dave", "dave-pw-1");
+    assert_eq!(reads(), 0.0, "dave's first REGISTER read his account");
+
+    let put = http(
+        admin,
+        Some(&token),
+        "PUT",
+        "/v1/accounts/example.com/erin",
+        Some(r#"{"password":"erin-pw-2","customer":"acme"}"#),
+    )
+    .expect("admin API answers");
+    assert_eq!(put.status, 200, "{}", put.body);
+    register("erin", "erin-pw-2");
+    let before = reads();
+    register("dave", "dave-pw-1");
+    assert_eq!(
+        reads(),
+        before,
+        "a change to erin's account made dave's account be read again"
+    );
 }
 
 /// The leader's sweep of lapsed bindings writes nothing while nothing has lapsed: with a

@@ -400,7 +400,10 @@ impl Node {
         let _ = self.app_server.set(app_server);
         tasks
             .tracker
-            .spawn(auth.agree_on_nonce_keys(tasks.stop.clone()));
+            .spawn(auth.clone().agree_on_nonce_keys(tasks.stop.clone()));
+        tasks
+            .tracker
+            .spawn(auth.keep_logins_open(tasks.stop.clone()));
         self.drain.watch_calls(
             agents.dialogs.clone(),
             Duration::from_secs(config.sip.drain_call_wait_secs),

@@ -274,6 +274,32 @@ const REPLAY_SKEW_MARGIN_MS: u64 = 3600 * 1000;
 /// requests for made-up domains cannot grow it without bound.
 const DOMAIN_CACHE_MAX: usize = 4096;
 
+/// How many account changes [`AccountChanges`] remembers (about 1 MB at most); a reader
+/// further behind than that derives everything again. Only a bulk import of accounts
+/// writes this many in the tenth of a second between two looks of the authenticator's.
+pub(crate) const ACCOUNT_CHANGES_KEPT: usize = 16_384;
+
+/// Which accounts recent generations changed, so a reader that derived something per
+/// account (the authenticator's opened logins) drops only what changed instead of all of
+/// it: otherwise every account created or edited while phones register would make every
+/// node read and decrypt every account again.
+#[derive(Default)]
+struct AccountChanges {
+    /// Changes of every generation after this one are all in `log`.
+    complete_after: u64,
+    /// Each change's generation and its account's `domain\0user`, oldest first.
+    log: std::collections::VecDeque<(u64, Box<str>)>,
+}
+
+/// What changed in the accounts after a given generation (`StateReader::account_changes_since`).
+#[derive(Debug, PartialEq, Eq)]
+pub enum AccountsChanged {
+    /// These accounts, each as (domain, user), maybe some more than once.
+    These(Vec<(String, String)>),
+    /// Too many to tell, or the whole state was replaced: take every account as changed.
+    All,
+}
+
 /// Whether each domain asked about has an account, valid for one generation of the
 /// accounts.
 #[derive(Default)]
@@ -414,6 +440,9 @@ pub struct StateReader {
     db: Arc<DB>,
     /// Advances whenever the state machine may have changed the set of accounts.
     accounts_generation: Arc<AtomicU64>,
+    /// Which accounts each recent generation changed; advancing the generation happens
+    /// under this lock, so the log and the generation agree.
+    account_changes: Arc<Mutex<AccountChanges>>,
     /// Advances whenever it may have changed provider accounts or leases (not renewals).
     providers_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
@@ -428,6 +457,7 @@ impl StateReader {
         StateReader {
             db,
             accounts_generation: Arc::default(),
+            account_changes: Arc::default(),
             providers_generation: Arc::default(),
             domains: Arc::default(),
             bindings: Arc::default(),
@@ -505,10 +535,57 @@ impl StateReader {
             .map_or(0, |StoredRenewal::V1(t)| t))
     }
 
-    /// Called by the state machine after it wrote account changes (or a snapshot), so
-    /// what was derived from the accounts is read again.
-    pub(crate) fn accounts_changed(&self) {
-        self.accounts_generation.fetch_add(1, Ordering::Release);
+    /// Called by the state machine after it wrote changes to the accounts `changed` (each
+    /// as domain, user), so what was derived from them is read again.
+    pub(crate) fn accounts_changed(&self, changed: &[(String, String)]) {
+        let mut changes = self.account_changes.lock().expect("account changes");
+        let generation = self.accounts_generation.load(Ordering::Acquire) + 1;
+        for (domain, user) in changed {
+            changes.log.push_back((
+                generation,
+                [domain.as_str(), "\0", user.as_str()]
+                    .concat()
+                    .into_boxed_str(),
+            ));
+        }
+        while changes.log.len() > ACCOUNT_CHANGES_KEPT {
+            if let Some((dropped, _)) = changes.log.pop_front() {
+                changes.complete_after = dropped;
+            }
+        }
+        self.accounts_generation
+            .store(generation, Ordering::Release);
+    }
+
+    /// Called by the state machine after a snapshot replaced the whole state: every
+    /// account may have changed.
+    pub(crate) fn accounts_replaced(&self) {
+        let mut changes = self.account_changes.lock().expect("account changes");
+        let generation = self.accounts_generation.load(Ordering::Acquire) + 1;
+        changes.log.clear();
+        changes.complete_after = generation;
+        self.accounts_generation
+            .store(generation, Ordering::Release);
+    }
+
+    /// The accounts generation now, and which accounts changed after `generation`.
+    pub fn account_changes_since(&self, generation: u64) -> (u64, AccountsChanged) {
+        let changes = self.account_changes.lock().expect("account changes");
+        let now = self.accounts_generation.load(Ordering::Acquire);
+        if generation < changes.complete_after || generation > now {
+            return (now, AccountsChanged::All);
+        }
+        let these = changes
+            .log
+            .iter()
+            .rev()
+            .take_while(|(g, _)| *g > generation)
+            .map(|(_, login)| {
+                let (domain, user) = login.split_once('\0').unwrap_or((login, ""));
+                (domain.to_owned(), user.to_owned())
+            })
+            .collect();
+        (now, AccountsChanged::These(these))
     }
 
     /// Advances whenever the state machine may have changed the accounts: what a reader
@@ -558,6 +635,15 @@ impl StateReader {
     /// the prefix's end instead of reading on past it: an AOR's bindings are read this way
     /// on every REGISTER and call (about 5% of a loaded leader's CPU with many AORs).
     fn prefix_iter(&self, prefix: &[u8]) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        self.prefix_iter_from(prefix, prefix)
+    }
+
+    /// The records whose keys start with `prefix`, from `start` (at or after `prefix`).
+    fn prefix_iter_from(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+    ) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
         let mut opts = ReadOptions::default();
         if let Some(end) = prefix_end(prefix) {
             opts.set_iterate_upper_bound(end);
@@ -565,7 +651,7 @@ impl StateReader {
         self.db.iterator_cf_opt(
             self.cf(),
             opts,
-            IteratorMode::From(prefix, Direction::Forward),
+            IteratorMode::From(start, Direction::Forward),
         )
     }
 
@@ -647,6 +733,32 @@ impl StateReader {
 
     pub fn accounts(&self) -> Result<Vec<Account>, Error> {
         self.scan(&[key::ACCOUNT])
+    }
+
+    /// Up to `limit` accounts in key order (by domain, then user), starting after the
+    /// account `after` (domain, user), or at the first: for reading every account a page
+    /// at a time.
+    pub fn accounts_after(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: usize,
+    ) -> Result<Vec<Account>, Error> {
+        let mut out = Vec::new();
+        let start = match after {
+            Some((domain, user)) => key::account(domain, user),
+            None => vec![key::ACCOUNT],
+        };
+        for item in self.prefix_iter_from(&[key::ACCOUNT], &start) {
+            let (k, v) = item.map_err(Error::db)?;
+            if *k == *start {
+                continue;
+            }
+            out.push(decode(&k, &v)?);
+            if out.len() >= limit {
+                break;
+            }
+        }
+        Ok(out)
     }
 
     pub fn providers(&self) -> Result<Vec<Provider>, Error> {

@@ -426,7 +426,7 @@ impl StateMachine {
             meta.last_log_id
                 .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
         )?;
-        self.reader.accounts_changed();
+        self.reader.accounts_replaced();
         self.reader.providers_changed();
         self.reader
             .load_bindings()
@@ -454,7 +454,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut last_applied = None;
         let mut membership = None;
-        let mut accounts_changed = false;
+        let mut accounts_changed: Vec<(String, String)> = Vec::new();
         let mut providers_changed = false;
         for entry in entries {
             last_applied = Some(entry.log_id);
@@ -475,10 +475,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 AnyError::error(e.to_string()),
                             ))
                         })?;
-                        accounts_changed |= matches!(
-                            command,
-                            Command::PutAccount(_) | Command::DeleteAccount { .. }
-                        );
+                        match &command {
+                            Command::PutAccount(a) => {
+                                accounts_changed.push((a.domain.clone(), a.user.clone()));
+                            }
+                            Command::DeleteAccount { user, domain } => {
+                                accounts_changed.push((domain.clone(), user.clone()));
+                            }
+                            _ => {}
+                        }
                         providers_changed |= matches!(
                             command,
                             Command::PutProviderAccount(_)
@@ -525,8 +530,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         if !edge_deltas.is_empty() {
             self.reader.edges_changed(&edge_deltas);
         }
-        if accounts_changed {
-            self.reader.accounts_changed();
+        if !accounts_changed.is_empty() {
+            self.reader.accounts_changed(&accounts_changed);
         }
         if providers_changed {
             self.reader.providers_changed();
@@ -563,6 +568,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::command::{Account, Command};
+    use crate::state::AccountsChanged;
     use crate::types::Request;
     use openraft::{CommittedLeaderId, LogId as RaftLogId};
 
@@ -679,5 +685,89 @@ mod tests {
         let current = sm.get_current_snapshot().await.unwrap().unwrap();
         assert_eq!(current.meta, whole.meta);
         assert_eq!(current.snapshot.into_inner(), whole.data);
+    }
+
+    fn entry(index: u64, commands: &[Command]) -> Entry {
+        Entry {
+            log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Request {
+                commands: commands.iter().map(Command::encode).collect(),
+            }),
+        }
+    }
+
+    /// A reader that derived something per account learns which accounts changed, and
+    /// that it must take them all as changed when it fell too far behind or a snapshot
+    /// replaced the state: the authenticator's opened logins depend on it.
+    #[tokio::test]
+    async fn the_reader_tells_which_accounts_changed_since_a_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_log, mut sm) = crate::open(dir.path()).unwrap();
+        let reader = sm.reader();
+        assert_eq!(
+            reader.account_changes_since(0),
+            (0, AccountsChanged::These(vec![]))
+        );
+        let deleted = Command::DeleteAccount {
+            user: "b".into(),
+            domain: "example.com".into(),
+        };
+        sm.apply(vec![entry(1, &[account("a".into()), deleted])])
+            .await
+            .unwrap();
+        let (after_first, changed) = reader.account_changes_since(0);
+        let AccountsChanged::These(mut changed) = changed else {
+            panic!("{changed:?}")
+        };
+        changed.sort();
+        assert_eq!(
+            changed,
+            [
+                ("example.com".into(), "a".into()),
+                ("example.com".into(), "b".into())
+            ]
+        );
+        assert_eq!(after_first, reader.accounts_generation());
+
+        // More changes than are kept: a reader from before them must take all.
+        let kept = crate::state::ACCOUNT_CHANGES_KEPT;
+        let many: Vec<Command> = (0..kept + 10).map(|i| account(format!("u{i}"))).collect();
+        sm.apply(vec![entry(2, &many)]).await.unwrap();
+        let (now, changed) = reader.account_changes_since(after_first);
+        assert_eq!(changed, AccountsChanged::All);
+        assert_eq!(
+            reader.account_changes_since(now),
+            (now, AccountsChanged::These(vec![]))
+        );
+        sm.apply(vec![entry(3, &[account("c".into())])])
+            .await
+            .unwrap();
+        let (later, changed) = reader.account_changes_since(now);
+        assert_eq!(
+            changed,
+            AccountsChanged::These(vec![("example.com".into(), "c".into())])
+        );
+
+        let built = sm.build_snapshot().await.unwrap();
+        sm.install_snapshot(&built.meta, built.snapshot)
+            .await
+            .unwrap();
+        assert_eq!(reader.account_changes_since(later).1, AccountsChanged::All);
+
+        // Every account, a page at a time, each once, in key order.
+        let mut seen = Vec::new();
+        let mut after: Option<(String, String)> = None;
+        loop {
+            let page = reader
+                .accounts_after(after.as_ref().map(|(d, u)| (d.as_str(), u.as_str())), 700)
+                .unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some((last.domain.clone(), last.user.clone()));
+            seen.extend(page.into_iter().map(|a| a.user));
+        }
+        let mut expected: Vec<String> = (0..kept + 10).map(|i| format!("u{i}")).collect();
+        expected.extend(["a".to_string(), "c".to_string()]);
+        expected.sort();
+        assert_eq!(seen, expected);
     }
 }

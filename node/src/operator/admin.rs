@@ -794,7 +794,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 41] = [
+        let simple: [(&str, &str, &str, u64); 43] = [
             ("tandem_ready", "1 while /ready says this node is ready; 0 with the reason on /ready (no quorum, a full disk, Raft stopped on a storage error, catching up).", "gauge", u64::from(self.cluster.readiness().is_ok())),
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
@@ -832,6 +832,8 @@ impl Admin {
             ("tandem_auth_lockout_keys", "(address, account) pairs with failed logins on record (bounded).", "gauge", load(&s.auth_lockout_keys)),
             ("tandem_auth_address_keys", "Addresses with failed logins on record (bounded).", "gauge", load(&s.auth_address_keys)),
             ("tandem_auth_replay_nonces", "Nonces whose nonce-count this node remembers (bounded).", "gauge", load(&s.auth_replay_nonces)),
+            ("tandem_auth_logins_opened", "Logins this node holds opened, their HA1 decrypted: every account's, opened ahead of use (at most 200000).", "gauge", load(&s.auth_logins_opened)),
+            ("tandem_auth_account_reads_total", "Requests whose login was not opened ahead, so authentication read its account from the store.", "counter", load(&s.auth_account_reads)),
             ("tandem_clock_correction_ms", "How far (ms) this node's system clock is from the time it keeps, its peers' (node/DESIGN.md, \"Clocks\"); 0 normally.", "gauge", crate::clock::correction_ms().unsigned_abs()),
             ("tandem_sip_keepalives_received_total", "Keepalives received from phones: CRLF pings on UDP and TCP/TLS, and STUN Binding requests answered on UDP (RFC 5626).", "counter", load(&s.keepalives)),
             ("tandem_sip_keepalives_sent_total", "NAT keepalives sent to UDP bindings that registered through this node.", "counter", load(&s.keepalives_sent)),

@@ -76,6 +76,10 @@ pub struct Stats {
     pub auth_lockout_keys: AtomicU64,
     pub auth_address_keys: AtomicU64,
     pub auth_replay_nonces: AtomicU64,
+    /// Logins the authenticator holds opened (HA1 decrypted), and how often a request's
+    /// login was not among them, so its account was read from the store.
+    pub auth_logins_opened: AtomicU64,
+    pub auth_account_reads: AtomicU64,
     /// Requests received, by [`METHODS`] index (the last is every other method).
     pub requests_by_method: Counters<15>,
     /// Responses sent, by status code minus 100 (100 to 699).

@@ -6,8 +6,8 @@
 //! under the newest key they all hold, see [`Authenticator::agree_on_nonce_keys`]), the
 //! bound on nonce-count replays,
 //! the lockout of accounts (and addresses) that keep guessing from one address, counting
-//! only guesses that prove a round trip, and the accounts it has opened (their HA1s
-//! decrypted), kept until the accounts change.
+//! only guesses that prove a round trip, and every account's login opened ahead of use
+//! (its HA1 decrypted), each kept until its account changes.
 
 pub mod accounts;
 pub mod answer;
@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tandem_raft_store::command::Account;
+use tandem_raft_store::state::{AccountsChanged, StateReader};
 use tandem_sip::{HeaderName, Message, Method, Uri};
 
 use crate::agents::auth::accounts::open_ha1;
@@ -53,13 +54,21 @@ const ADDRESS_LOCKOUT: Duration = Duration::from_secs(60);
 /// Keys each failure table holds at most.
 const FAILURE_TABLE_MAX: usize = 100_000;
 
-/// Most opened logins an [`Authenticator`] keeps; past this it starts afresh, so memory
-/// stays bounded however many accounts log in (about 31 MB at this many). Room for every
+/// Most opened logins an [`Authenticator`] keeps (about 31 MB at this many): opening
+/// ahead of use stops here, and a login opened on use past it starts afresh. Room for every
 /// account of a cluster this size serves: when a node dies, all of its phones register
 /// through the others within a minute, and a cache smaller than the accounts among them
 /// empties itself over and over, so that each of those registrations reads its account
 /// from RocksDB and decrypts its HA1 again (BENCHMARKS.md, the storm profile).
 const OPENED_MAX: usize = 200_000;
+
+/// How soon [`Authenticator::keep_logins_open`] opens an account created or changed. Often
+/// enough that a bulk import (16,000 accounts a second through the admin API) stays within
+/// the changes the state machine remembers, which would otherwise make it open them all
+/// again.
+const LOGINS_OPENED_EVERY: Duration = Duration::from_millis(100);
+/// Accounts it reads at a time when it opens them all.
+const OPEN_PAGE: usize = 500;
 
 /// What the nonce keys are derived from each master key with.
 const NONCE_LABEL: &str = "tandem digest nonces";
@@ -252,15 +261,73 @@ impl OpenedLogin {
     }
 }
 
-/// Accounts with their HA1 opened, per algorithm, valid for one generation of the accounts
+/// Accounts with their HA1 opened, per algorithm, as of one generation of the accounts
 /// (`StateReader::accounts_generation`): every REGISTER and call would otherwise read the
-/// account and decrypt its HA1 again.
+/// account and decrypt its HA1 again. When the accounts move on, only the logins of the
+/// accounts that changed are dropped (`StateReader::account_changes_since`).
 #[derive(Default)]
 struct Opened {
     generation: u64,
     accounts: hashbrown::HashMap<LoginKey, OpenedLogin, RandomState>,
     /// Customer ids, each kept once however many of its accounts are opened.
     customers: hashbrown::HashSet<Arc<str>, RandomState>,
+}
+
+impl Opened {
+    /// Drops what changed since this set's generation, and moves it to the reader's.
+    /// Whether it had to.
+    fn catch_up(&mut self, reader: &StateReader) -> bool {
+        if reader.accounts_generation() == self.generation {
+            return false;
+        }
+        let (now, changed) = reader.account_changes_since(self.generation);
+        match changed {
+            AccountsChanged::All => self.clear(),
+            AccountsChanged::These(logins) => {
+                for (domain, user) in &logins {
+                    for algorithm in Algorithm::ALL {
+                        self.accounts.remove(&LoginRef(domain, user, algorithm));
+                    }
+                }
+            }
+        }
+        self.generation = now;
+        true
+    }
+
+    fn clear(&mut self) {
+        self.accounts.clear();
+        self.customers.clear();
+    }
+
+    /// Keeps `account`'s `ha1` for `algorithm`, and gives back the account as the agents
+    /// see it.
+    fn insert(&mut self, account: &Account, algorithm: Algorithm, ha1: Arc<str>) -> Arc<Account> {
+        let customer = match self.customers.get(account.customer.as_str()) {
+            Some(c) => c.clone(),
+            None => {
+                let c = Arc::<str>::from(account.customer.as_str());
+                self.customers.insert(c.clone());
+                c
+            }
+        };
+        let login = OpenedLogin::new(account, customer, ha1);
+        let shared = login.account(&account.domain, &account.user);
+        self.accounts.insert(
+            LoginKey::new(&account.domain, &account.user, algorithm),
+            login,
+        );
+        shared
+    }
+}
+
+/// What opening a login does when the opened logins are at [`OPENED_MAX`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Full {
+    /// Drops them all and keeps this one: a login in use is worth more than the rest.
+    StartAfresh,
+    /// Keeps them and not this one: opening ahead of use must not push out logins in use.
+    Leave,
 }
 
 /// What looking up an account for a login found.
@@ -382,7 +449,11 @@ impl Authenticator {
     /// only to the User-Agents listed as answering it, or to everyone when MD5 is not
     /// offered at all.
     fn offer(&self, request: &Message) -> Algorithm {
-        let knows_sha256 = user_agent_matches(request, &self.sha256_agents);
+        self.offer_to(user_agent_matches(request, &self.sha256_agents))
+    }
+
+    /// The algorithm offered to a phone that is, or is not, known to answer SHA-256.
+    fn offer_to(&self, knows_sha256: bool) -> Algorithm {
         self.algorithms
             .iter()
             .copied()
@@ -451,48 +522,172 @@ impl Authenticator {
             })
     }
 
-    /// `user@domain`'s account and its HA1 for `algorithm`: opened before, while the
-    /// accounts have not changed since, or read and opened now. An HA1 that does not open
-    /// is not kept, so a fixed key file takes effect at once.
+    /// `user@domain`'s account and its HA1 for `algorithm`: opened before, unless the
+    /// account changed since, or read and opened now. An HA1 that does not open is not
+    /// kept, so a fixed key file takes effect at once.
     fn lookup(&self, domain: &str, user: &str, algorithm: Algorithm) -> Lookup {
         let reader = self.cluster.replica.reader();
-        // Read before the account: a change after this makes the entry stale at once.
-        let generation = reader.accounts_generation();
         {
-            let opened = self.opened.lock().expect("opened accounts");
-            if opened.generation == generation {
-                if let Some(login) = opened.accounts.get(&LoginRef(domain, user, algorithm)) {
-                    return Lookup::Ready(login.account(domain, user), login.ha1.clone());
-                }
+            let mut opened = self.opened.lock().expect("opened accounts");
+            if opened.catch_up(reader) {
+                self.count_opened(&opened);
+            }
+            if let Some(login) = opened.accounts.get(&LoginRef(domain, user, algorithm)) {
+                return Lookup::Ready(login.account(domain, user), login.ha1.clone());
             }
         }
+        self.stats
+            .auth_account_reads
+            .fetch_add(1, Ordering::Relaxed);
+        self.read_and_open(reader, domain, user, algorithm, Full::StartAfresh)
+    }
+
+    /// Reads `user@domain`'s account from the store and opens its login (see
+    /// [`Authenticator::open`]).
+    fn read_and_open(
+        &self,
+        reader: &StateReader,
+        domain: &str,
+        user: &str,
+        algorithm: Algorithm,
+        full: Full,
+    ) -> Lookup {
+        // Read before the account: a change after this keeps the login from being kept.
+        let generation = reader.accounts_generation();
         let Some(account) = reader.account(domain, user).ok().flatten() else {
             return Lookup::Missing;
         };
+        self.open(account, algorithm, generation, reader, full)
+    }
+
+    fn count_opened(&self, opened: &Opened) {
+        self.stats
+            .auth_logins_opened
+            .store(opened.accounts.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Opens `account`'s HA1 for `algorithm` and keeps the login, unless the account
+    /// changed after `generation` (read before `account` was), or the opened logins are
+    /// at [`OPENED_MAX`] and `full` says to leave them be.
+    fn open(
+        &self,
+        account: Account,
+        algorithm: Algorithm,
+        generation: u64,
+        reader: &StateReader,
+        full: Full,
+    ) -> Lookup {
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
         };
         let ha1 = Arc::<str>::from(ha1);
         let mut opened = self.opened.lock().expect("opened accounts");
-        if opened.generation != generation || opened.accounts.len() >= OPENED_MAX {
-            opened.generation = generation;
-            opened.accounts.clear();
-            opened.customers.clear();
+        if opened.catch_up(reader) {
+            self.count_opened(&opened);
         }
-        let customer = match opened.customers.get(account.customer.as_str()) {
-            Some(c) => c.clone(),
-            None => {
-                let c = Arc::<str>::from(account.customer.as_str());
-                opened.customers.insert(c.clone());
-                c
-            }
-        };
-        let login = OpenedLogin::new(&account, customer, ha1.clone());
-        let account = login.account(domain, user);
-        opened
-            .accounts
-            .insert(LoginKey::new(domain, user, algorithm), login);
+        let at_cap = opened.accounts.len() >= OPENED_MAX;
+        let changed_since_read = opened.generation != generation
+            && match reader.account_changes_since(generation).1 {
+                AccountsChanged::All => true,
+                AccountsChanged::These(logins) => logins
+                    .iter()
+                    .any(|(d, u)| *d == account.domain && *u == account.user),
+            };
+        if changed_since_read || (at_cap && full == Full::Leave) {
+            drop(opened);
+            let account = Account {
+                ha1: Vec::new(),
+                ..account
+            };
+            return Lookup::Ready(Arc::new(account), ha1);
+        }
+        if at_cap {
+            opened.clear();
+        }
+        let account = opened.insert(&account, algorithm, ha1.clone());
+        self.count_opened(&opened);
         Lookup::Ready(account, ha1)
+    }
+
+    /// The algorithm a phone not known to answer SHA-256 is challenged with: the one whose
+    /// logins [`Authenticator::keep_logins_open`] opens ahead of use.
+    fn default_offer(&self) -> Algorithm {
+        self.offer_to(false)
+    }
+
+    /// Keeps every account's login opened ahead of its first use, for the algorithm most
+    /// phones are challenged with ([`Authenticator::default_offer`]): all of them when the
+    /// node starts (and after a snapshot replaced the accounts), then each account created
+    /// or changed, within [`LOGINS_OPENED_EVERY`]. A registration storm, when a node dies
+    /// and its phones register through the others, then finds every login opened on the
+    /// node it reaches instead of reading each account from RocksDB and decrypting its
+    /// HA1 (BENCHMARKS.md, the storm profile). Stops adding at [`OPENED_MAX`], leaving the
+    /// rest to be opened on use.
+    pub async fn keep_logins_open(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let algorithm = self.default_offer();
+        // The generation up to which every account was opened; none yet.
+        let mut done: Option<u64> = None;
+        let mut every = tokio::time::interval(LOGINS_OPENED_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            let reader = self.cluster.replica.reader();
+            let (now, todo) = match done {
+                Some(g) if g == reader.accounts_generation() => continue,
+                Some(g) => reader.account_changes_since(g),
+                None => (reader.accounts_generation(), AccountsChanged::All),
+            };
+            match todo {
+                AccountsChanged::These(logins) => {
+                    for (domain, user) in logins {
+                        self.read_and_open(reader, &domain, &user, algorithm, Full::Leave);
+                    }
+                }
+                AccountsChanged::All => {
+                    let started = tokio::time::Instant::now();
+                    let mut count = 0usize;
+                    let mut after: Option<(String, String)> = None;
+                    loop {
+                        if stop.is_cancelled() || self.opened_count() >= OPENED_MAX {
+                            break;
+                        }
+                        let generation = reader.accounts_generation();
+                        let page = match reader.accounts_after(
+                            after.as_ref().map(|(d, u)| (d.as_str(), u.as_str())),
+                            OPEN_PAGE,
+                        ) {
+                            Ok(page) => page,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "reading accounts to open their logins");
+                                break;
+                            }
+                        };
+                        let Some(last) = page.last() else { break };
+                        after = Some((last.domain.clone(), last.user.clone()));
+                        count += page.len();
+                        for account in page {
+                            self.open(account, algorithm, generation, reader, Full::Leave);
+                        }
+                        // Other tasks of this runtime thread go between pages.
+                        tokio::task::yield_now().await;
+                    }
+                    tracing::info!(
+                        accounts = count,
+                        millis = started.elapsed().as_millis() as u64,
+                        algorithm = algorithm.name(),
+                        "opened every account's login ahead of use"
+                    );
+                }
+            }
+            done = Some(now);
+        }
+    }
+
+    fn opened_count(&self) -> usize {
+        self.opened.lock().expect("opened accounts").accounts.len()
     }
 
     /// Digest authentication of `request` as the account `user@domain`: a challenge while
