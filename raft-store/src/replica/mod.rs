@@ -9,6 +9,7 @@
 mod barrier;
 pub mod history;
 pub mod membership;
+mod queue;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -18,7 +19,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{Config, Raft, RaftMetrics, RaftNetworkFactory, ServerState, SnapshotPolicy};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::command::{Command, CommandResult, EncodedCommand};
 use crate::log_store::LogStats;
@@ -26,6 +27,7 @@ use crate::state::StateReader;
 use crate::types::{NodeId, NodeInfo, Request, Response, TypeConfig};
 use crate::Error;
 use membership::{ClusterReply, ClusterRequest};
+use queue::Queue;
 
 /// Raft timing and log-retention settings.
 #[derive(Clone, Debug)]
@@ -211,13 +213,23 @@ struct Proposal {
     reply: oneshot::Sender<Result<CommandResult, Error>>,
 }
 
+/// The replicas' way into the batcher's queue: when the last replica handle goes, the
+/// queue closes and the batcher ends.
+struct Proposer(Arc<Queue<Proposal>>);
+
+impl Drop for Proposer {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
 /// This node's replica of the cluster state.
 #[derive(Clone)]
 pub struct Replica {
     id: NodeId,
     raft: Raft<TypeConfig>,
     reader: StateReader,
-    proposals: mpsc::Sender<Proposal>,
+    proposals: Arc<Proposer>,
     log_stats: Arc<LogStats>,
     propose_stats: Arc<ProposeStats>,
     propose_timeout: Duration,
@@ -278,7 +290,7 @@ impl Replica {
         let raft = Raft::new(id, config, network, log_store, state_machine)
             .await
             .map_err(|e| Error::Raft(e.to_string()))?;
-        let (tx, rx) = mpsc::channel(settings.max_batch * 4);
+        let queue = Arc::new(Queue::new(settings.max_batch * 4));
         let propose_stats = Arc::new(ProposeStats::default());
         let batcher = Batcher {
             stats: propose_stats.clone(),
@@ -289,12 +301,12 @@ impl Replica {
             timeout: settings.propose_timeout,
             linger: settings.batch_linger,
         };
-        tokio::spawn(batcher.run(rx, settings.max_in_flight));
+        tokio::spawn(batcher.run(queue.clone(), settings.max_in_flight));
         Ok(Replica {
             id,
             raft,
             reader,
-            proposals: tx,
+            proposals: Arc::new(Proposer(queue)),
             log_stats,
             propose_stats,
             propose_timeout: settings.propose_timeout,
@@ -486,7 +498,7 @@ impl Replica {
                 command: command.encode(),
                 reply,
             };
-            waiting.push(Ok(match self.proposals.send(proposal).await {
+            waiting.push(Ok(match self.proposals.0.send(proposal).await {
                 Ok(()) => Some(rx),
                 Err(_) => None,
             }));
@@ -671,29 +683,31 @@ impl Pace {
 }
 
 impl Batcher {
-    async fn run(self, mut rx: mpsc::Receiver<Proposal>, max_in_flight: usize) {
+    async fn run(self, queue: Arc<Queue<Proposal>>, max_in_flight: usize) {
         let this = Arc::new(self);
         let in_flight = Arc::new(Semaphore::new(max_in_flight));
         let mut pace = Pace::new(tokio::time::Instant::now());
-        while let Some(first) = rx.recv().await {
-            pace.arrived(tokio::time::Instant::now(), 1);
+        loop {
+            let mut batch = Vec::new();
+            let Some(first) = queue.first(&mut batch, this.max_batch).await else {
+                break;
+            };
+            pace.arrived(tokio::time::Instant::now(), first);
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
-            let mut batch = vec![first];
+            // What came while the entries in flight held every slot.
+            let room = this.max_batch - batch.len();
+            let n = queue.take(&mut batch, room);
+            pace.arrived(tokio::time::Instant::now(), n);
             let max = this.max_batch.min(LINGER_TARGET);
-            this.gather(&mut rx, &mut batch, &mut pace);
             if let Some(linger) = pace.linger(batch.len(), this.linger) {
                 let deadline = tokio::time::Instant::now() + linger;
-                while batch.len() < max {
-                    match tokio::time::timeout_at(deadline, rx.recv()).await {
-                        Ok(Some(p)) => {
-                            pace.arrived(tokio::time::Instant::now(), 1);
-                            batch.push(p);
-                            this.gather(&mut rx, &mut batch, &mut pace);
-                        }
-                        Ok(None) | Err(_) => break,
-                    }
+                if batch.len() < max {
+                    let room = this.max_batch - batch.len();
+                    let more = max - batch.len();
+                    let n = queue.linger(&mut batch, room, more, deadline).await;
+                    pace.arrived(tokio::time::Instant::now(), n);
                 }
             }
             let this = this.clone();
@@ -717,25 +731,6 @@ impl Batcher {
                 }
                 drop(permit);
             });
-        }
-    }
-
-    /// Adds the proposals already waiting to `batch`, up to `max_batch`.
-    fn gather(
-        &self,
-        rx: &mut mpsc::Receiver<Proposal>,
-        batch: &mut Vec<Proposal>,
-        pace: &mut Pace,
-    ) {
-        let before = batch.len();
-        while batch.len() < self.max_batch {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
-            }
-        }
-        if batch.len() > before {
-            pace.arrived(tokio::time::Instant::now(), batch.len() - before);
         }
     }
 
