@@ -11,10 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 count="${1:-100000}"
 workers="${2:-64}"
-. ./ops/env.sh
-# The same build as ./ops/test.sh, so the two share every artefact.
-cargo build --workspace --all-targets
-TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
+. ./ops/bench/build.sh
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 . ./ops/bench/cluster.sh

@@ -1,21 +1,12 @@
 # Shared by the SIP benchmarks (sip.sh, hostile.sh, cdr-purge.sh, endless-script.sh); sourced from the
-# repository root. It sets up and builds (unless TANDEM_BENCH_NO_BUILD=1), picks the tandem
-# binary (BENCH_TANDEM_BIN runs another one, such as an earlier build for a before/after
-# comparison in one sitting), makes the work directory $work, and installs the cleanup that
+# repository root. It sets up, builds and picks the tandem binary (ops/bench/build.sh:
+# the release profile's, or BENCH_TANDEM_BIN's), makes the work directory $work, and installs the cleanup that
 # stops every process the script started: Tandem nodes in node_pid with SIGINT (the fast
 # stop: on SIGTERM a node would wait up to 32 s for transactions that calls failed under
 # load leave open), everything else in pids or among the shell's jobs with SIGTERM. The
 # work directory goes too, unless KEEP_WORK=1. Then the measuring helpers both use.
 
-if [ "${TANDEM_BENCH_NO_BUILD:-0}" != 1 ]; then
-  ./ops/setup.sh
-  . ./ops/env.sh
-  # The same build as ./ops/test.sh, so the two share every artefact.
-  cargo build --workspace --all-targets
-else
-  . ./ops/env.sh
-fi
-TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
+. ./ops/bench/build.sh
 
 work=$(mktemp -d)
 pids=()

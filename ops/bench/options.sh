@@ -7,10 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 calls="${1:-100000}"
 rate="${2:-20000}"
-./ops/setup.sh
-. ./ops/env.sh
-# The same build as ./ops/test.sh, so the two share every artefact.
-cargo build --workspace --all-targets
+. ./ops/bench/build.sh
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
 

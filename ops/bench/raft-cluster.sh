@@ -11,9 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 seconds="${1:-10}"
-. ./ops/env.sh
-# The same build as ./ops/test.sh, so the two share every artefact.
-cargo build --workspace --all-targets
+. ./ops/bench/build.sh
 load="$CARGO_TARGET_DIR/debug/admin-load"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT

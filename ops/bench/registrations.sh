@@ -17,11 +17,7 @@ cd "$(dirname "$0")/../.."
 count="${1:-50000}"
 workers="${2:-64}"
 password="bench-password-1"   # aor-load's accounts have this password
-./ops/setup.sh > /dev/null
-. ./ops/env.sh
-# The same build as ./ops/test.sh, so the two share every artefact.
-cargo build --workspace --all-targets
-TANDEM_BIN="${BENCH_TANDEM_BIN:-$TANDEM_BIN}"
+. ./ops/bench/build.sh
 load="$CARGO_TARGET_DIR/debug/aor-load"
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"' EXIT
