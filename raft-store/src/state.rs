@@ -274,9 +274,10 @@ const REPLAY_SKEW_MARGIN_MS: u64 = 3600 * 1000;
 /// requests for made-up domains cannot grow it without bound.
 const DOMAIN_CACHE_MAX: usize = 4096;
 
-/// How many account changes [`AccountChanges`] remembers (about 1 MB at most); a reader
-/// further behind than that derives everything again. Only a bulk import of accounts
-/// writes this many in the tenth of a second between two looks of the authenticator's.
+/// How many account changes [`AccountChanges`] remembers (about 1 MB; one write of more
+/// accounts than this holds them all until the next); a reader further behind than that
+/// derives everything again. Only a bulk import of accounts writes this many in the tenth
+/// of a second between two looks of the authenticator's.
 pub(crate) const ACCOUNT_CHANGES_KEPT: usize = 16_384;
 
 /// Which accounts recent generations changed, so a reader that derived something per
@@ -566,6 +567,21 @@ impl StateReader {
         changes.complete_after = generation;
         self.accounts_generation
             .store(generation, Ordering::Release);
+    }
+
+    /// Whether the account `user@domain` may have changed after `generation`.
+    pub fn account_changed_since(&self, generation: u64, domain: &str, user: &str) -> bool {
+        let changes = self.account_changes.lock().expect("account changes");
+        let now = self.accounts_generation.load(Ordering::Acquire);
+        if generation < changes.complete_after || generation > now {
+            return true;
+        }
+        changes
+            .log
+            .iter()
+            .rev()
+            .take_while(|(g, _)| *g > generation)
+            .any(|(_, login)| login.split_once('\0') == Some((domain, user)))
     }
 
     /// The accounts generation now, and which accounts changed after `generation`.

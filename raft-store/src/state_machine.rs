@@ -422,12 +422,14 @@ impl StateMachine {
         self.db
             .write_opt(batch, &opts)
             .map_err(|e| snap_err(ErrorVerb::Write, e))?;
+        // At once: until then a reader would go on trusting what it derived from the
+        // accounts and providers the snapshot replaced (a login whose password it changed).
+        self.reader.accounts_replaced();
+        self.reader.providers_changed();
         self.rebuild_expiry_index(
             meta.last_log_id
                 .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
         )?;
-        self.reader.accounts_replaced();
-        self.reader.providers_changed();
         self.reader
             .load_bindings()
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
@@ -728,6 +730,9 @@ mod tests {
             ]
         );
         assert_eq!(after_first, reader.accounts_generation());
+        assert!(reader.account_changed_since(0, "example.com", "a"));
+        assert!(!reader.account_changed_since(0, "example.com", "c"));
+        assert!(!reader.account_changed_since(after_first, "example.com", "a"));
 
         // More changes than are kept: a reader from before them must take all.
         let kept = crate::state::ACCOUNT_CHANGES_KEPT;
@@ -735,6 +740,7 @@ mod tests {
         sm.apply(vec![entry(2, &many)]).await.unwrap();
         let (now, changed) = reader.account_changes_since(after_first);
         assert_eq!(changed, AccountsChanged::All);
+        assert!(reader.account_changed_since(after_first, "example.com", "a"));
         assert_eq!(
             reader.account_changes_since(now),
             (now, AccountsChanged::These(vec![]))

@@ -684,22 +684,29 @@ impl Pace {
 
 impl Batcher {
     async fn run(self, queue: Arc<Queue<Proposal>>, max_in_flight: usize) {
+        // However this ends (a panic too), proposers then get an error instead of waiting
+        // for room that no batcher makes.
+        struct CloseOnExit(Arc<Queue<Proposal>>);
+        impl Drop for CloseOnExit {
+            fn drop(&mut self) {
+                self.0.close();
+            }
+        }
+        let _close = CloseOnExit(queue.clone());
         let this = Arc::new(self);
         let in_flight = Arc::new(Semaphore::new(max_in_flight));
         let mut pace = Pace::new(tokio::time::Instant::now());
         loop {
-            let mut batch = Vec::new();
-            let Some(first) = queue.first(&mut batch, this.max_batch).await else {
-                break;
-            };
-            pace.arrived(tokio::time::Instant::now(), first);
+            // A slot first: while every slot is taken, proposals wait in the queue, within
+            // its bound.
             let Ok(permit) = in_flight.clone().acquire_owned().await else {
                 break;
             };
-            // What came while the entries in flight held every slot.
-            let room = this.max_batch - batch.len();
-            let n = queue.take(&mut batch, room);
-            pace.arrived(tokio::time::Instant::now(), n);
+            let mut batch = Vec::new();
+            let Some(taken) = queue.first(&mut batch, this.max_batch).await else {
+                break;
+            };
+            pace.arrived(tokio::time::Instant::now(), taken);
             let max = this.max_batch.min(LINGER_TARGET);
             if let Some(linger) = pace.linger(batch.len(), this.linger) {
                 let deadline = tokio::time::Instant::now() + linger;

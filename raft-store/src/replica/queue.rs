@@ -71,8 +71,9 @@ impl<T> Waiting<T> {
     }
 }
 
-/// Proposals on their way to the batcher, at most `capacity` at once: a proposer waits for
-/// room as it would on a full channel.
+/// Proposals on their way to the batcher, at most `capacity` waiting at once: a proposer
+/// waits for room as it would on a full channel. A wake-up left over (a proposal's that
+/// raced the end of a linger) only makes the next linger end early.
 pub(super) struct Queue<T> {
     waiting: Mutex<Waiting<T>>,
     wake: Notify,
@@ -130,7 +131,8 @@ impl<T> Queue<T> {
     /// the queue is closed and empty.
     pub(super) async fn first(&self, into: &mut Vec<T>, room: usize) -> Option<usize> {
         loop {
-            // Made before looking, so a wake between the look and the wait is kept.
+            // A wake between the look and the wait is not lost: `notify_one` leaves a
+            // permit when nobody waits, which the wait then takes.
             let woken = self.wake.notified();
             {
                 let mut waiting = self.waiting.lock().expect("proposal queue");

@@ -54,8 +54,8 @@ const ADDRESS_LOCKOUT: Duration = Duration::from_secs(60);
 /// Keys each failure table holds at most.
 const FAILURE_TABLE_MAX: usize = 100_000;
 
-/// Most opened logins an [`Authenticator`] keeps (about 31 MB at this many): opening
-/// ahead of use stops here, and a login opened on use past it starts afresh. Room for every
+/// Most opened logins an [`Authenticator`] keeps (about 31 MB at this many): past it a
+/// login is opened on every use, and none kept is pushed out for it. Room for every
 /// account of a cluster this size serves: when a node dies, all of its phones register
 /// through the others within a minute, and a cache smaller than the accounts among them
 /// empties itself over and over, so that each of those registrations reads its account
@@ -321,15 +321,6 @@ impl Opened {
     }
 }
 
-/// What opening a login does when the opened logins are at [`OPENED_MAX`].
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Full {
-    /// Drops them all and keeps this one: a login in use is worth more than the rest.
-    StartAfresh,
-    /// Keeps them and not this one: opening ahead of use must not push out logins in use.
-    Leave,
-}
-
 /// What looking up an account for a login found.
 enum Lookup {
     Ready(Arc<Account>, Arc<str>),
@@ -539,7 +530,7 @@ impl Authenticator {
         self.stats
             .auth_account_reads
             .fetch_add(1, Ordering::Relaxed);
-        self.read_and_open(reader, domain, user, algorithm, Full::StartAfresh)
+        self.read_and_open(reader, domain, user, algorithm)
     }
 
     /// Reads `user@domain`'s account from the store and opens its login (see
@@ -550,14 +541,13 @@ impl Authenticator {
         domain: &str,
         user: &str,
         algorithm: Algorithm,
-        full: Full,
     ) -> Lookup {
         // Read before the account: a change after this keeps the login from being kept.
         let generation = reader.accounts_generation();
         let Some(account) = reader.account(domain, user).ok().flatten() else {
             return Lookup::Missing;
         };
-        self.open(account, algorithm, generation, reader, full)
+        self.open(account, algorithm, generation, reader)
     }
 
     fn count_opened(&self, opened: &Opened) {
@@ -567,15 +557,16 @@ impl Authenticator {
     }
 
     /// Opens `account`'s HA1 for `algorithm` and keeps the login, unless the account
-    /// changed after `generation` (read before `account` was), or the opened logins are
-    /// at [`OPENED_MAX`] and `full` says to leave them be.
+    /// changed after `generation` (read before `account` was), or [`OPENED_MAX`] logins
+    /// are kept already. A full set is never emptied to make room: a login in use past
+    /// the cap is opened on every use, and nobody, with credentials or without, can push
+    /// the logins of others out.
     fn open(
         &self,
         account: Account,
         algorithm: Algorithm,
         generation: u64,
         reader: &StateReader,
-        full: Full,
     ) -> Lookup {
         let Some(ha1) = open_ha1(&self.cluster.keys(), &account, algorithm) else {
             return Lookup::Sealed;
@@ -585,24 +576,15 @@ impl Authenticator {
         if opened.catch_up(reader) {
             self.count_opened(&opened);
         }
-        let at_cap = opened.accounts.len() >= OPENED_MAX;
         let changed_since_read = opened.generation != generation
-            && match reader.account_changes_since(generation).1 {
-                AccountsChanged::All => true,
-                AccountsChanged::These(logins) => logins
-                    .iter()
-                    .any(|(d, u)| *d == account.domain && *u == account.user),
-            };
-        if changed_since_read || (at_cap && full == Full::Leave) {
+            && reader.account_changed_since(generation, &account.domain, &account.user);
+        if changed_since_read || opened.accounts.len() >= OPENED_MAX {
             drop(opened);
             let account = Account {
                 ha1: Vec::new(),
                 ..account
             };
             return Lookup::Ready(Arc::new(account), ha1);
-        }
-        if at_cap {
-            opened.clear();
         }
         let account = opened.insert(&account, algorithm, ha1.clone());
         self.count_opened(&opened);
@@ -621,12 +603,13 @@ impl Authenticator {
     /// or changed, within [`LOGINS_OPENED_EVERY`]. A registration storm, when a node dies
     /// and its phones register through the others, then finds every login opened on the
     /// node it reaches instead of reading each account from RocksDB and decrypting its
-    /// HA1 (BENCHMARKS.md, the storm profile). Stops adding at [`OPENED_MAX`], leaving the
-    /// rest to be opened on use.
+    /// HA1 (BENCHMARKS.md, the storm profile). Stops adding at [`OPENED_MAX`]; the logins
+    /// past it are opened on every use, and none kept is pushed out for them.
     pub async fn keep_logins_open(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let algorithm = self.default_offer();
         // The generation up to which every account was opened; none yet.
         let mut done: Option<u64> = None;
+        let mut failed = false;
         let mut every = tokio::time::interval(LOGINS_OPENED_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -636,14 +619,24 @@ impl Authenticator {
             }
             let reader = self.cluster.replica.reader();
             let (now, todo) = match done {
+                _ if failed => {
+                    failed = false;
+                    (reader.accounts_generation(), AccountsChanged::All)
+                }
                 Some(g) if g == reader.accounts_generation() => continue,
                 Some(g) => reader.account_changes_since(g),
                 None => (reader.accounts_generation(), AccountsChanged::All),
             };
             match todo {
                 AccountsChanged::These(logins) => {
-                    for (domain, user) in logins {
-                        self.read_and_open(reader, &domain, &user, algorithm, Full::Leave);
+                    for (i, (domain, user)) in logins.iter().enumerate() {
+                        self.read_and_open(reader, domain, user, algorithm);
+                        if i % OPEN_PAGE == OPEN_PAGE - 1 {
+                            if stop.is_cancelled() {
+                                return;
+                            }
+                            tokio::task::yield_now().await;
+                        }
                     }
                 }
                 AccountsChanged::All => {
@@ -651,7 +644,10 @@ impl Authenticator {
                     let mut count = 0usize;
                     let mut after: Option<(String, String)> = None;
                     loop {
-                        if stop.is_cancelled() || self.opened_count() >= OPENED_MAX {
+                        if stop.is_cancelled() {
+                            return;
+                        }
+                        if self.opened_count(reader) >= OPENED_MAX {
                             break;
                         }
                         let generation = reader.accounts_generation();
@@ -661,7 +657,9 @@ impl Authenticator {
                         ) {
                             Ok(page) => page,
                             Err(e) => {
+                                // Tried again from the start at the next look.
                                 tracing::warn!(error = %e, "reading accounts to open their logins");
+                                failed = true;
                                 break;
                             }
                         };
@@ -669,7 +667,7 @@ impl Authenticator {
                         after = Some((last.domain.clone(), last.user.clone()));
                         count += page.len();
                         for account in page {
-                            self.open(account, algorithm, generation, reader, Full::Leave);
+                            self.open(account, algorithm, generation, reader);
                         }
                         // Other tasks of this runtime thread go between pages.
                         tokio::task::yield_now().await;
@@ -682,12 +680,19 @@ impl Authenticator {
                     );
                 }
             }
-            done = Some(now);
+            if !failed {
+                done = Some(now);
+            }
         }
     }
 
-    fn opened_count(&self) -> usize {
-        self.opened.lock().expect("opened accounts").accounts.len()
+    /// How many logins are kept, once those of accounts changed since were dropped.
+    fn opened_count(&self, reader: &StateReader) -> usize {
+        let mut opened = self.opened.lock().expect("opened accounts");
+        if opened.catch_up(reader) {
+            self.count_opened(&opened);
+        }
+        opened.accounts.len()
     }
 
     /// Digest authentication of `request` as the account `user@domain`: a challenge while
