@@ -672,12 +672,14 @@ impl Authenticator {
                         // Other tasks of this runtime thread go between pages.
                         tokio::task::yield_now().await;
                     }
-                    tracing::info!(
-                        accounts = count,
-                        millis = started.elapsed().as_millis() as u64,
-                        algorithm = algorithm.name(),
-                        "opened every account's login ahead of use"
-                    );
+                    if !failed {
+                        tracing::info!(
+                            accounts = count,
+                            millis = started.elapsed().as_millis() as u64,
+                            algorithm = algorithm.name(),
+                            "opened every account's login ahead of use"
+                        );
+                    }
                 }
             }
             if !failed {
