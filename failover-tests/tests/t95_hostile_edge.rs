@@ -1376,3 +1376,64 @@ fn strangers_calling_an_offline_phone_cost_the_leader_a_question_per_round_trip_
         "{asked} questions to the leader for {CALLS} calls at once"
     );
 }
+
+/// Whoever sends credentials for accounts whose logins are not kept (wrong ones, from a
+/// nonce of its own challenge) makes the node read those accounts, but never pushes out
+/// the logins it keeps: past `registrar.opened_logins_max` a login is opened for its use
+/// alone. Were the kept logins emptied to make room, anyone could undo the opening ahead
+/// of use that carries a registration storm.
+#[test]
+fn credentials_past_the_opened_logins_cap_push_no_kept_login_out() {
+    let node = Node::start_ready("\n[registrar]\nopened_logins_max = 2\n");
+    let (admin, token) = (node.admin_addr(), node.admin_token());
+    for user in ["u1", "u2"] {
+        add_account(admin, &token, user, "example.com", &format!("pw-{user}-1"));
+    }
+    wait_metric(
+        &node,
+        admin,
+        "tandem_auth_logins_opened",
+        2.0,
+        Duration::from_secs(10),
+    );
+    // Past the cap: not opened ahead.
+    for user in ["u3", "u4"] {
+        add_account(admin, &token, user, "example.com", &format!("pw-{user}-1"));
+    }
+    let reads = || metric(admin, "tandem_auth_account_reads_total").expect("a /metrics series");
+    let register = |ua: &mut Ua| {
+        let contact = format!("<{}>", ua.contact());
+        ua.register(node.udp_addr(), "MD5", Some(&contact), Some(600))
+    };
+    let mut u1 = Ua::new("127.0.0.1", "u1", "example.com", "pw-u1-1");
+    let r = register(&mut u1);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(reads(), 0.0, "u1's login was not opened ahead");
+
+    for user in ["u3", "u4", "u3", "u4"] {
+        let mut guesser = Ua::new("127.0.0.7", user, "example.com", "a-wrong-guess");
+        let r = register(&mut guesser);
+        assert_ne!(
+            r.status, 200,
+            "a wrong password registered {user}: {}",
+            r.text
+        );
+    }
+    let after_guesses = reads();
+    assert!(
+        after_guesses >= 4.0,
+        "the guesses read {after_guesses} accounts"
+    );
+    assert_eq!(
+        metric(admin, "tandem_auth_logins_opened"),
+        Some(2.0),
+        "logins past the cap were kept"
+    );
+    let r = register(&mut u1);
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(
+        reads(),
+        after_guesses,
+        "the guesses pushed u1's opened login out"
+    );
+}

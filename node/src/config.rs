@@ -420,6 +420,9 @@ pub struct RegistrarConfig {
     /// Seconds between the CRLFCRLF keepalives a node sends to the UDP bindings that
     /// registered through it, to keep NAT mappings open; 0 turns them off.
     pub nat_keepalive_secs: u64,
+    /// Most logins a node keeps opened (HA1 decrypted, about 154 bytes each); past it a
+    /// login is opened on every use (node/DESIGN.md, "Logins opened ahead of use").
+    pub opened_logins_max: usize,
 }
 
 impl Default for RegistrarConfig {
@@ -432,6 +435,7 @@ impl Default for RegistrarConfig {
             digest_algorithms: vec!["SHA-256".into(), "MD5".into()],
             sha256_user_agents: SHA256_USER_AGENTS.iter().map(|a| a.to_string()).collect(),
             nat_keepalive_secs: 20,
+            opened_logins_max: 200_000,
         }
     }
 }
@@ -960,6 +964,12 @@ impl Config {
             bad(
                 "registrar.nonce_lifetime_secs",
                 "must be 10 to 86400".into(),
+            );
+        }
+        if !(1..=10_000_000).contains(&r.opened_logins_max) {
+            bad(
+                "registrar.opened_logins_max",
+                "must be 1 to 10000000".into(),
             );
         }
         if r.nat_keepalive_secs > 3600 {

@@ -584,7 +584,8 @@ impl StateReader {
             .any(|(_, login)| login.split_once('\0') == Some((domain, user)))
     }
 
-    /// The accounts generation now, and which accounts changed after `generation`.
+    /// The accounts generation now, and which accounts changed after `generation`, in the
+    /// order they changed.
     pub fn account_changes_since(&self, generation: u64) -> (u64, AccountsChanged) {
         let changes = self.account_changes.lock().expect("account changes");
         let now = self.accounts_generation.load(Ordering::Acquire);
@@ -594,8 +595,7 @@ impl StateReader {
         let these = changes
             .log
             .iter()
-            .rev()
-            .take_while(|(g, _)| *g > generation)
+            .skip_while(|(g, _)| *g <= generation)
             .map(|(_, login)| {
                 let (domain, user) = login.split_once('\0').unwrap_or((login, ""));
                 (domain.to_owned(), user.to_owned())

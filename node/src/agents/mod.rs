@@ -143,6 +143,7 @@ impl Agents {
             settings.algorithms.clone(),
             settings.sha256_user_agents.clone(),
             settings.nonce_lifetime_secs,
+            settings.opened_logins_max,
             stats.clone(),
             own.clone(),
         ));

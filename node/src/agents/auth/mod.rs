@@ -54,14 +54,6 @@ const ADDRESS_LOCKOUT: Duration = Duration::from_secs(60);
 /// Keys each failure table holds at most.
 const FAILURE_TABLE_MAX: usize = 100_000;
 
-/// Most opened logins an [`Authenticator`] keeps (about 31 MB at this many): past it a
-/// login is opened on every use, and none kept is pushed out for it. Room for every
-/// account of a cluster this size serves: when a node dies, all of its phones register
-/// through the others within a minute, and a cache smaller than the accounts among them
-/// empties itself over and over, so that each of those registrations reads its account
-/// from RocksDB and decrypts its HA1 again (BENCHMARKS.md, the storm profile).
-const OPENED_MAX: usize = 200_000;
-
 /// How soon [`Authenticator::keep_logins_open`] opens an account created or changed. Often
 /// enough that a bulk import (16,000 accounts a second through the admin API) stays within
 /// the changes the state machine remembers, which would otherwise make it open them all
@@ -342,6 +334,10 @@ pub struct Authenticator {
     failures: Mutex<FailureLimiter<(IpAddr, String)>>,
     address_failures: Mutex<FailureLimiter<IpAddr>>,
     opened: Mutex<Opened>,
+    /// Most logins kept opened (`registrar.opened_logins_max`, about 31 MB at its default
+    /// of 200,000): room for every account of a cluster that size, since when a node dies
+    /// all of its phones register through the others within a minute.
+    opened_max: usize,
     stats: Arc<Stats>,
     /// This node's addresses, which a digest `uri` may name instead of the Request-URI.
     own: OwnAddrs,
@@ -355,6 +351,7 @@ impl Authenticator {
         algorithms: Vec<Algorithm>,
         sha256_agents: Vec<String>,
         nonce_lifetime_secs: u64,
+        opened_max: usize,
         stats: Arc<Stats>,
         own: OwnAddrs,
     ) -> Authenticator {
@@ -383,6 +380,7 @@ impl Authenticator {
                 FAILURE_TABLE_MAX,
             )),
             opened: Mutex::default(),
+            opened_max,
             stats,
             own,
         }
@@ -557,7 +555,7 @@ impl Authenticator {
     }
 
     /// Opens `account`'s HA1 for `algorithm` and keeps the login, unless the account
-    /// changed after `generation` (read before `account` was), or [`OPENED_MAX`] logins
+    /// changed after `generation` (read before `account` was), or `registrar.opened_logins_max` logins
     /// are kept already. A full set is never emptied to make room: a login in use past
     /// the cap is opened on every use, and nobody, with credentials or without, can push
     /// the logins of others out.
@@ -578,7 +576,7 @@ impl Authenticator {
         }
         let changed_since_read = opened.generation != generation
             && reader.account_changed_since(generation, &account.domain, &account.user);
-        if changed_since_read || opened.accounts.len() >= OPENED_MAX {
+        if changed_since_read || opened.accounts.len() >= self.opened_max {
             drop(opened);
             let account = Account {
                 ha1: Vec::new(),
@@ -603,7 +601,7 @@ impl Authenticator {
     /// or changed, within [`LOGINS_OPENED_EVERY`]. A registration storm, when a node dies
     /// and its phones register through the others, then finds every login opened on the
     /// node it reaches instead of reading each account from RocksDB and decrypting its
-    /// HA1 (BENCHMARKS.md, the storm profile). Stops adding at [`OPENED_MAX`]; the logins
+    /// HA1 (BENCHMARKS.md, the storm profile). Stops adding at `registrar.opened_logins_max`; the logins
     /// past it are opened on every use, and none kept is pushed out for them.
     pub async fn keep_logins_open(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let algorithm = self.default_offer();
@@ -647,7 +645,7 @@ impl Authenticator {
                         if stop.is_cancelled() {
                             return;
                         }
-                        if self.opened_count(reader) >= OPENED_MAX {
+                        if self.opened_count(reader) >= self.opened_max {
                             break;
                         }
                         let generation = reader.accounts_generation();

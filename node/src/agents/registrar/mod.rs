@@ -46,6 +46,8 @@ pub struct RegistrarSettings {
     pub algorithms: Vec<Algorithm>,
     /// Lowercase User-Agent fragments of phones that are offered SHA-256.
     pub sha256_user_agents: Vec<String>,
+    /// Most logins the authenticator keeps opened.
+    pub opened_logins_max: usize,
 }
 
 impl RegistrarSettings {
@@ -67,6 +69,7 @@ impl RegistrarSettings {
                 .iter()
                 .map(|a| a.to_ascii_lowercase())
                 .collect(),
+            opened_logins_max: c.opened_logins_max,
         }
     }
 }
