@@ -429,6 +429,18 @@ pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
     })
 }
 
+/// Waits until the node at `admin` holds `count` logins opened ahead of use
+/// (`tandem_auth_logins_opened`), showing `logs` if it never does.
+pub fn wait_logins_opened(logs: &dyn Logs, admin: SocketAddr, count: f64) {
+    wait_metric(
+        logs,
+        admin,
+        "tandem_auth_logins_opened",
+        count,
+        Duration::from_secs(10),
+    );
+}
+
 /// Waits up to `timeout` until `series` in the `/metrics` of the node at `admin` reads
 /// `want`, showing `logs` if it never does.
 pub fn wait_metric(logs: &dyn Logs, admin: SocketAddr, series: &str, want: f64, timeout: Duration) {

@@ -9,7 +9,9 @@
 
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{bindings, http, metric, wait_metric, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{
+    bindings, http, metric, wait_logins_opened, Cluster, MemberRole,
+};
 use tandem_failover_tests::ua::Ua;
 use tandem_failover_tests::{describe, sipp_scenario, Node, Wait};
 
@@ -970,13 +972,7 @@ fn logins_are_opened_ahead_of_use_and_a_change_drops_only_its_own() {
     let (admin, token) = (node.admin_addr(), node.admin_token());
     add_account(admin, &token, "dave", "dave-pw-1");
     add_account(admin, &token, "erin", "erin-pw-1");
-    wait_metric(
-        &node,
-        admin,
-        "tandem_auth_logins_opened",
-        2.0,
-        Duration::from_secs(10),
-    );
+    wait_logins_opened(&node, admin, 2.0);
     let reads = || metric(admin, "tandem_auth_account_reads_total").expect("a /metrics series");
     let register = |user: &str, password: &str| {
         let mut ua = Ua::new("127.0.0.1", user, "example.com", password);

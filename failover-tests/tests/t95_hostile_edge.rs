@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tandem_failover_tests::cluster::{add_account, metric, wait_metric, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{
+    add_account, metric, wait_logins_opened, wait_metric, Cluster, MemberRole,
+};
 use tandem_failover_tests::ua::{Received, Ua};
 use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, Wait};
 
@@ -1389,13 +1391,7 @@ fn credentials_past_the_opened_logins_cap_push_no_kept_login_out() {
     for user in ["u1", "u2"] {
         add_account(admin, &token, user, "example.com", &format!("pw-{user}-1"));
     }
-    wait_metric(
-        &node,
-        admin,
-        "tandem_auth_logins_opened",
-        2.0,
-        Duration::from_secs(10),
-    );
+    wait_logins_opened(&node, admin, 2.0);
     // Past the cap: not opened ahead.
     for user in ["u3", "u4"] {
         add_account(admin, &token, user, "example.com", &format!("pw-{user}-1"));

@@ -1204,6 +1204,7 @@ mod tests {
         c.node.sip_threads = MAX_SIP_THREADS + 1;
         c.sip.max_dialogs = 10;
         c.sip.dialog_evict_idle_secs = 5;
+        c.registrar.opened_logins_max = 0;
         let problems: Vec<String> = c
             .validate()
             .unwrap_err()
@@ -1220,6 +1221,12 @@ mod tests {
         );
         assert!(
             problems.iter().any(|p| p.contains("node.id")),
+            "{problems:?}"
+        );
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains("registrar.opened_logins_max")),
             "{problems:?}"
         );
         assert!(
