@@ -472,7 +472,7 @@ impl ReplayGuard {
         let hash = self.hash(nonce);
         let request = self.request_tag(request);
         match self.find(hash) {
-            Some((_, place)) => {
+            Some(place) => {
                 let last = &mut self.records[place];
                 if nc == last.nc
                     && request == last.request()
@@ -522,8 +522,8 @@ impl ReplayGuard {
         self.hasher.hash_one(request) as u16
     }
 
-    /// The index slot and ring place of the nonce with this hash.
-    fn find(&self, hash: u64) -> Option<(usize, usize)> {
+    /// The ring place of the nonce with this hash.
+    fn find(&self, hash: u64) -> Option<usize> {
         if self.index.is_empty() {
             return None;
         }
@@ -537,7 +537,7 @@ impl ReplayGuard {
             }
             let place = place_of(entry);
             if entry >> INDEX_PLACE_BITS == tag && self.records[place].key == key {
-                return Some((slot, place));
+                return Some(place);
             }
             slot = (slot + 1) & mask;
         }
