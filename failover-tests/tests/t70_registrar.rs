@@ -917,6 +917,12 @@ fn a_200_keeps_no_transaction_and_the_same_register_sent_again_is_answered_again
     node.check(replay.starts_with("SIP/2.0 401"), || {
         format!("a second request on one nonce-count got:\n{replay}")
     });
+    // That try ended the count's retransmissions, the original's too: nobody may try
+    // request after request for one whose 16-bit tag passes for the original's.
+    let after = send(&request);
+    node.check(after.starts_with("SIP/2.0 401"), || {
+        format!("the REGISTER sent again after another request on its count got:\n{after}")
+    });
     // A lower CSeq within the Call-ID is still out of order, on a fresh count.
     let late = send(&register(1, "fourth", &auth(2)));
     node.check(late.starts_with("SIP/2.0 500"), || {

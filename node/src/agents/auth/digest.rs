@@ -364,8 +364,8 @@ pub enum Replay {
 /// for that: the records sit in a ring in the order first seen (16 bytes each), found
 /// through an open-addressed index of 4-byte slots that name a record's place in the ring
 /// and carry 12 more bits of the nonce's hash; 100,000 nonces take about 2.1 MB (a
-/// `HashMap` and an order queue took 4.3 MB). Both grow by doubling up to `capacity` and
-/// halve once three quarters are empty.
+/// `HashMap` and an order queue took 4.3 MB). Both grow by doubling up to `capacity`, and
+/// once three quarters are empty shrink to twice what they hold.
 pub struct ReplayGuard {
     /// The ring, first seen at `head`, `len` records from there (wrapping). Its length is
     /// its room; `Vec::new()` when the guard is empty.
@@ -379,28 +379,41 @@ pub struct ReplayGuard {
     capacity: usize,
     lifetime_secs: u64,
     forgotten_upto: Option<u64>,
-    /// Keyed per process, so nobody can aim for a collision of nonces (which would only
-    /// cost a client one more challenge: 44 bits of the hash are compared).
+    /// Keyed per process, so nobody can aim for a collision of nonces. 44 bits of the hash
+    /// are compared (2^-44 per pair of live nonces); two nonces that did collide would
+    /// share one record, which mostly costs a client one more challenge, but could let a
+    /// count used on one of them be used again once the other's record went.
     hasher: std::collections::hash_map::RandomState,
 }
 
 /// One nonce: 32 bits of its keyed hash, when it was issued, and its last use (the count,
-/// a tag of the request that used it, and how many seconds after issue). Times are Unix
-/// seconds (they fit 32 bits until 2106). The request tag is 16 bits of a keyed hash:
-/// another request on the same count passes for the one that used it only if it matches
-/// by chance (one in 65,536) within the retransmission window. That tag is no defence
-/// against an eavesdropper, who can copy the request's identifiers as they are; it only
-/// tells a client's own retransmission from a second request on the same count. The last
-/// use is kept to 65,535 s after issue (a longer nonce lifetime is allowed): a later use
-/// is recorded as then, which only shortens a retransmission's window.
+/// a tag of the request that used it, how many seconds after issue, and whether its
+/// retransmissions are still taken). Times are Unix seconds (they fit 32 bits until 2106).
+///
+/// The request tag is 16 bits of a keyed hash. It tells a client's own retransmission from
+/// a second request on the same count; it is no defence against an eavesdropper, who can
+/// copy the request's identifiers as they are. So that nobody can find a request that
+/// passes for the retransmission by trying many (one in 65,536 each), the first request on
+/// the same count that is not taken as the retransmission ends the retransmissions of that
+/// count: one try, then the client itself is challenged afresh if it retransmits.
+///
+/// The last use is kept to 32,767 s after issue (a longer nonce lifetime is allowed): a
+/// later use is recorded as then, which only shortens a retransmission's window, and a
+/// clock that has gone back since the last use closes the window.
 #[derive(Clone, Copy, Default)]
 struct NonceRecord {
     key: u32,
     issued: u32,
     nc: u32,
-    /// The request's tag in the high 16 bits, seconds from issue to last use in the low.
+    /// The request's tag in the high 16 bits; [`RETRANSMISSIONS_ENDED`], and seconds from
+    /// issue to last use, in the low.
     last_use: u32,
 }
+
+/// The bit of [`NonceRecord::last_use`] that says the count's retransmissions are over.
+const RETRANSMISSIONS_ENDED: u32 = 0x8000;
+/// The most seconds from issue to last use a record holds.
+const SINCE_ISSUE_MAX: u64 = 0x7fff;
 
 impl NonceRecord {
     fn request(&self) -> u16 {
@@ -409,11 +422,23 @@ impl NonceRecord {
 
     /// When it was last used, in Unix seconds.
     fn used_at(&self) -> u64 {
-        u64::from(self.issued) + u64::from(self.last_use & 0xffff)
+        u64::from(self.issued) + u64::from(self.last_use & SINCE_ISSUE_MAX as u32)
+    }
+
+    /// Whether `request` at `now` is the last use sent again within the window.
+    fn retransmitted(&self, nc: u32, request: u16, now: u64) -> bool {
+        nc == self.nc
+            && request == self.request()
+            && self.last_use & RETRANSMISSIONS_ENDED == 0
+            && now
+                .checked_sub(self.used_at())
+                .is_some_and(|d| d <= RETRANSMISSION_WINDOW_SECS)
     }
 
     fn use_now(&mut self, nc: u32, request: u16, now: u64) {
-        let since = now.saturating_sub(u64::from(self.issued)).min(0xffff) as u32;
+        let since = now
+            .saturating_sub(u64::from(self.issued))
+            .min(SINCE_ISSUE_MAX) as u32;
         self.nc = nc;
         self.last_use = u32::from(request) << 16 | since;
     }
@@ -474,12 +499,12 @@ impl ReplayGuard {
         match self.find(hash) {
             Some(place) => {
                 let last = &mut self.records[place];
-                if nc == last.nc
-                    && request == last.request()
-                    && now.saturating_sub(last.used_at()) <= RETRANSMISSION_WINDOW_SECS
-                {
+                if last.retransmitted(nc, request, now) {
                     Replay::Retransmission
                 } else if nc <= last.nc {
+                    if nc == last.nc {
+                        last.last_use |= RETRANSMISSIONS_ENDED;
+                    }
                     Replay::Replayed
                 } else {
                     last.use_now(nc, request, now);
@@ -578,11 +603,15 @@ impl ReplayGuard {
         let place = self.head;
         let mask = self.index.len() - 1;
         let mut slot = self.records[place].key as usize & mask;
-        while place_of(self.index[slot]) != place {
-            debug_assert_ne!(self.index[slot], 0, "a record missing from the index");
+        // Its slot lies between its home and the next empty one; the search stops there
+        // in any case, so a broken index could never keep it going with the lock held.
+        while self.index[slot] != 0 && place_of(self.index[slot]) != place {
             slot = (slot + 1) & mask;
         }
-        self.index_remove(slot);
+        debug_assert_ne!(self.index[slot], 0, "a record missing from the index");
+        if self.index[slot] != 0 {
+            self.index_remove(slot);
+        }
         self.head = (self.head + 1) % self.records.len();
         self.len -= 1;
     }
@@ -960,26 +989,40 @@ mod tests {
         }
     }
 
-    /// The guard's ring and index against the plain tables it replaced (a map from nonce
-    /// to its record and a queue in the order first seen), over a random mix of new
-    /// nonces, reuses, retransmissions, time passing and the capacity filling: every
-    /// answer, and what it holds, must be the same, and the index must name every record
-    /// once.
+    /// The guard's ring and index against a model of its rules on plain tables (a map from
+    /// nonce to its record and a queue in the order first seen, as the guard was first
+    /// built), over a random mix of new nonces, reuses, retransmissions, time passing and
+    /// going back, nonces issued ahead of the clock, and the capacity filling, at
+    /// capacities from one to past the smallest ring: every answer and what it holds must
+    /// be the same, and the index must name every record once, each where a lookup from
+    /// its home finds it.
     #[test]
     fn the_guard_answers_as_a_plain_map_and_queue_would() {
-        struct Model {
-            seen: HashMap<String, (u64, u32, u16, u64)>,
-            order: VecDeque<String>,
-            forgotten_upto: Option<u64>,
+        for capacity in [1, 2, 63, 65, 300] {
+            let steps = if capacity == 300 { 200_000 } else { 30_000 };
+            let (most, shrunk, answers) = guard_against_model(capacity, steps);
+            assert_eq!(most, capacity, "the ring grew to the capacity");
+            if capacity == 300 {
+                assert!(shrunk, "and gave its room back once its nonces died");
+                assert!(
+                    answers.iter().all(|&n| n > 100),
+                    "every answer came up: {answers:?}"
+                );
+            }
         }
-        let (capacity, lifetime) = (300, 60);
+    }
+
+    /// Runs `steps` random uses through a guard of `capacity` and the model; returns the
+    /// largest ring, whether it shrank while it held something, and the count of each answer.
+    fn guard_against_model(capacity: usize, steps: u32) -> (usize, bool, [u32; 4]) {
+        /// Issue time, count, request tag, last use, retransmissions ended.
+        type Record = (u64, u32, u16, u64, bool);
+        let lifetime = 60;
         let mut g = ReplayGuard::new(capacity, lifetime);
-        let mut m = Model {
-            seen: HashMap::new(),
-            order: VecDeque::new(),
-            forgotten_upto: None,
-        };
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut seen: HashMap<String, Record> = HashMap::new();
+        let mut order: VecDeque<String> = VecDeque::new();
+        let mut forgotten_upto: Option<u64> = None;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ capacity as u64;
         let mut next = |n: u64| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
@@ -990,14 +1033,21 @@ mod tests {
         let mut nonces: Vec<(String, u64)> = Vec::new();
         let (mut most, mut shrunk) = (0, false);
         let mut answers = [0u32; 4];
-        for step in 0..200_000u32 {
+        for step in 0..steps {
             match next(1000) {
                 0..=9 => now += next(5),
                 10 => now += lifetime / 2,
+                11 => now = now.saturating_sub(next(40)),
                 _ => {}
             }
             let (nonce, issued) = if nonces.is_empty() || next(3) == 0 {
-                let n = (format!("n{step}"), now - next(3));
+                // Mostly issued just before now; now and then ahead of the clock.
+                let issued = if next(50) == 0 {
+                    now + next(70)
+                } else {
+                    now - next(3)
+                };
+                let n = (format!("n{step}"), issued);
                 nonces.push(n.clone());
                 if nonces.len() > 2_000 {
                     nonces.drain(..1_000);
@@ -1011,69 +1061,80 @@ mod tests {
             let tag = g.request_tag(request);
             let got = g.accept(&nonce, issued, nc, request, now);
             // The model: the same rules on the plain tables.
-            while let Some(oldest) = m.order.front() {
-                if now.saturating_sub(m.seen[oldest].0) <= lifetime {
+            while let Some(oldest) = order.front() {
+                if now.saturating_sub(seen[oldest].0) <= lifetime {
                     break;
                 }
-                m.seen.remove(oldest);
-                m.order.pop_front();
+                seen.remove(oldest);
+                order.pop_front();
             }
-            let want = match m.seen.get_mut(&nonce) {
-                Some(last) if nc == last.1 && tag == last.2 && now.saturating_sub(last.3) <= 32 => {
+            let last_use = |issued: u64| issued + now.saturating_sub(issued).min(0x7fff);
+            let want = match seen.get_mut(&nonce) {
+                Some(r)
+                    if nc == r.1
+                        && tag == r.2
+                        && !r.4
+                        && now.checked_sub(r.3).is_some_and(|d| d <= 32) =>
+                {
                     Replay::Retransmission
                 }
-                Some(last) if nc <= last.1 => Replay::Replayed,
-                Some(last) => {
-                    (last.1, last.2, last.3) =
-                        (nc, tag, last.0 + now.saturating_sub(last.0).min(0xffff));
+                Some(r) if nc <= r.1 => {
+                    r.4 |= nc == r.1;
+                    Replay::Replayed
+                }
+                Some(r) => {
+                    *r = (r.0, nc, tag, last_use(r.0), false);
                     Replay::Fresh
                 }
-                None if m.forgotten_upto.is_some_and(|f| issued <= f) => Replay::Forgotten,
+                None if forgotten_upto.is_some_and(|f| issued <= f) => Replay::Forgotten,
                 None => {
-                    if m.seen.len() == capacity {
-                        let old = m.order.pop_front().unwrap();
-                        let gone = m.seen.remove(&old).unwrap().0;
-                        m.forgotten_upto = m.forgotten_upto.max(Some(gone));
+                    if seen.len() == capacity {
+                        let old = order.pop_front().unwrap();
+                        let gone = seen.remove(&old).unwrap().0;
+                        forgotten_upto = forgotten_upto.max(Some(gone));
                     }
-                    let at = issued + now.saturating_sub(issued).min(0xffff);
-                    m.seen.insert(nonce.clone(), (issued, nc, tag, at));
-                    m.order.push_back(nonce.clone());
+                    seen.insert(nonce.clone(), (issued, nc, tag, last_use(issued), false));
+                    order.push_back(nonce.clone());
                     Replay::Fresh
                 }
             };
             assert_eq!(
                 got, want,
-                "step {step}: {nonce} issued {issued}, nc {nc}, at {now}"
+                "capacity {capacity}, step {step}: {nonce} issued {issued}, nc {nc}, at {now}"
             );
             answers[got as usize] += 1;
-            assert_eq!(g.len(), m.seen.len(), "step {step}");
-            let entries: Vec<usize> = g
-                .index
-                .iter()
-                .filter(|&&e| e != 0)
-                .map(|&e| place_of(e))
-                .collect();
-            assert_eq!(
-                entries.len(),
-                g.len(),
-                "step {step}: the index holds every record once"
-            );
-            for place in entries {
+            assert_eq!(g.len(), seen.len(), "capacity {capacity}, step {step}");
+            let mask = g.index.len().wrapping_sub(1);
+            let mut places = Vec::new();
+            for (slot, &e) in g.index.iter().enumerate().filter(|(_, &e)| e != 0) {
+                let place = place_of(e);
                 let from_head = (place + g.records.len() - g.head) % g.records.len();
                 assert!(
                     from_head < g.len(),
-                    "step {step}: the index names a place with no record"
+                    "step {step}: a slot names a place with no record"
                 );
+                // Linear probing: no empty slot between a record's home and its slot.
+                let mut at = g.records[place].key as usize & mask;
+                while at != slot {
+                    assert_ne!(
+                        g.index[at], 0,
+                        "step {step}: a slot its lookup cannot reach"
+                    );
+                    at = (at + 1) & mask;
+                }
+                places.push(place);
             }
+            places.sort_unstable();
+            places.dedup();
+            assert_eq!(
+                places.len(),
+                g.len(),
+                "step {step}: the index names every record once"
+            );
             most = most.max(g.records.len());
-            shrunk |= g.records.len() < most / 2;
+            shrunk |= g.len() > 0 && g.records.len() < most / 2;
         }
-        assert!(
-            answers.iter().all(|&n| n > 100),
-            "every answer came up: {answers:?}"
-        );
-        assert_eq!(most, capacity, "the ring grew to the capacity");
-        assert!(shrunk, "and gave its room back once its nonces died");
+        (most, shrunk, answers)
     }
 
     #[test]

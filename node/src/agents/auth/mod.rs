@@ -767,7 +767,11 @@ impl Authenticator {
         else {
             return Authenticated::Refused(self.challenge(request, kind, domain, &scope, false));
         };
-        let nonce = self.nonces.check(&creds.nonce, &scope, now_ms() / 1000);
+        // One clock reading for the nonce's lifetime and its replay record: read twice, a
+        // nonce found alive at the end of its last second could have its record dropped as
+        // dead a moment later, and a replay of it would then count as its first use.
+        let now = now_ms() / 1000;
+        let nonce = self.nonces.check(&creds.nonce, &scope, now);
         if nonce == NonceCheck::Invalid {
             return refuse(self.challenge(request, kind, domain, &scope, false));
         }
@@ -824,7 +828,7 @@ impl Authenticator {
         );
         let count = {
             let mut replays = self.replays.lock().expect("replay guard lock");
-            let count = replays.accept(&creds.nonce, issued, *nc, same_request, now_ms() / 1000);
+            let count = replays.accept(&creds.nonce, issued, *nc, same_request, now);
             let nonces = replays.len() as u64;
             self.stats
                 .auth_replay_nonces
