@@ -482,9 +482,9 @@ impl ReplayGuard {
     /// (both in seconds) by `request`: whatever names one request among its
     /// retransmissions (RFC 3261 §17.2.3: the top Via's branch and sent-by, with the
     /// Call-ID and CSeq). The count of the nonce's last use is accepted again only for
-    /// that same request within [`RETRANSMISSION_WINDOW_SECS`]: the registrar answers its
-    /// 200 without keeping a transaction, so a REGISTER whose 200 was lost comes back
-    /// here as it was sent.
+    /// that same request within [`RETRANSMISSION_WINDOW_SECS`], and only until another
+    /// request has tried that count: the registrar answers its 200 without keeping a
+    /// transaction, so a REGISTER whose 200 was lost comes back here as it was sent.
     pub fn accept(
         &mut self,
         nonce: &str,
