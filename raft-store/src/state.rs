@@ -877,6 +877,10 @@ impl StateReader {
         if let Some(end) = prefix_end(&prefix) {
             opts.set_iterate_upper_bound(end);
         }
+        // A walk of the whole index every interval, read once per round: through the
+        // block cache it would fill the cache to its bound and push out what the node's
+        // own reads keep there.
+        opts.fill_cache(false);
         let start = after.unwrap_or(&prefix);
         let keys = self.db.iterator_cf_opt(
             self.cf(),
