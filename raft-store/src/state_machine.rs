@@ -595,19 +595,27 @@ mod tests {
         StateMachine,
         u64,
     ) {
-        let dir = tempfile::tempdir().unwrap();
-        let (log, mut sm) = crate::open(dir.path()).unwrap();
         let commands = (0..5_000)
             .map(|i| account(format!("user-with-a-longish-name-{i}")).encode())
             .collect();
+        let (dir, log, sm) = in_a_table_file(commands).await;
+        let bytes = scan(&sm, false);
+        (dir, log, sm, bytes)
+    }
+
+    /// A new store with `commands` applied as one entry and flushed to a table file.
+    async fn in_a_table_file(
+        commands: Vec<crate::command::EncodedCommand>,
+    ) -> (tempfile::TempDir, crate::log_store::LogStore, StateMachine) {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, mut sm) = crate::open(dir.path()).unwrap();
         let entry = Entry {
             log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
             payload: EntryPayload::Normal(Request { commands }),
         };
         sm.apply(vec![entry]).await.unwrap();
         sm.db.flush_cf(sm.cf(CF_SM_DATA)).unwrap();
-        let bytes = scan(&sm, false);
-        (dir, log, sm, bytes)
+        (dir, log, sm)
     }
 
     /// Reads every record, through the block cache if `cache`; the bytes read.
@@ -654,8 +662,6 @@ mod tests {
     /// walk alone, a rise in its memory the other nodes did not have.
     #[tokio::test]
     async fn the_keepalive_walk_leaves_the_block_cache_as_it_found_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let (_log, mut sm) = crate::open(dir.path()).unwrap();
         let commands = (0..5_000)
             .map(|i| {
                 Command::PutBinding(crate::command::Binding {
@@ -667,12 +673,7 @@ mod tests {
                 .encode()
             })
             .collect();
-        let entry = Entry {
-            log_id: RaftLogId::new(CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Normal(Request { commands }),
-        };
-        sm.apply(vec![entry]).await.unwrap();
-        sm.db.flush_cf(sm.cf(CF_SM_DATA)).unwrap();
+        let (_dir, _log, sm) = in_a_table_file(commands).await;
         let reader = sm.reader();
         let before = block_cache(&sm);
         let (mut after, mut walked) = (None, 0);
