@@ -258,7 +258,7 @@ fn effective(mut l: Lease, renewed_until: u64) -> Lease {
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     // Room for a typical record at once (twice its size in memory; none for the unit
-    // values of index keys): grown from empty, a binding reallocated four or five times.
+    // values of index keys): grown from empty, a binding's encoding reallocated as it grew.
     let room = 2 * std::mem::size_of::<T>();
     postcard::to_extend(v, Vec::with_capacity(room)).expect("in-memory serialisation does not fail")
 }
