@@ -623,7 +623,7 @@ async fn an_unknown_command_stops_apply_and_writes_nothing() {
         r.commands.push(EncodedCommand {
             kind: 4242,
             version: 1,
-            body: vec![],
+            body: Default::default(),
         });
     }
     let err = sm.apply(vec![e]).await.unwrap_err().to_string();
@@ -1415,4 +1415,27 @@ async fn a_join_token_admits_one_node_once_until_it_expires() {
             .any(|id| ["any", "short", "over"].contains(&id.as_str())),
         "{ids:?}"
     );
+}
+
+#[tokio::test]
+async fn the_commit_index_is_written_with_the_next_append_and_read_back_after_a_reopen() {
+    use openraft::storage::{RaftLogStorage, RaftLogStorageExt};
+    let dir = tempfile::tempdir().unwrap();
+    let id = |i| LogId::new(CommittedLeaderId::new(1, 1), i);
+    {
+        let (mut log, _sm) = tandem_raft_store::open(dir.path()).unwrap();
+        log.blocking_append(vec![entry(1, vec![]), entry(2, vec![])])
+            .await
+            .unwrap();
+        log.save_committed(Some(id(1))).await.unwrap();
+        // Not written yet, but this store answers with it.
+        assert_eq!(log.read_committed().await.unwrap(), Some(id(1)));
+        log.blocking_append(vec![entry(3, vec![])]).await.unwrap();
+        log.save_committed(Some(id(2))).await.unwrap();
+    }
+    // The first went to disk with the append after it; the second waits for the next
+    // append, so a reopened store reads the first: a lower bound, which is all openraft
+    // relies on.
+    let (mut log, _sm) = reopen(dir.path()).await;
+    assert_eq!(log.read_committed().await.unwrap(), Some(id(1)));
 }
