@@ -291,6 +291,11 @@ impl Member {
         });
     }
 
+    /// The running process's id, if it was started.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.lock().unwrap().as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&self) -> bool {
         self.child.lock().unwrap().is_some() && self.exit_status().is_none()
     }

@@ -854,3 +854,156 @@ fn rand_suffix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed).to_string()
 }
+
+/// How many TCP connections process `pid` has open, by remote IPv4 address.
+fn sockets_by_remote_address(pid: u32) -> std::collections::HashMap<std::net::Ipv4Addr, usize> {
+    let inodes: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_string_lossy().into_owned();
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap_or_default();
+    let mut by_address = std::collections::HashMap::new();
+    for line in table.lines().skip(1) {
+        // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ...
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 10 || !inodes.contains(f[9]) {
+            continue;
+        }
+        let Some((ip_hex, _port)) = f[2].split_once(':') else {
+            continue;
+        };
+        // The kernel prints the address as a little-endian u32 in hex.
+        let Ok(ip) = u32::from_str_radix(ip_hex, 16) else {
+            continue;
+        };
+        let ip = std::net::Ipv4Addr::from(ip.swap_bytes());
+        *by_address.entry(ip).or_insert(0) += 1;
+    }
+    by_address
+}
+
+/// How many file descriptors process `pid` has open.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_scanner_holding_unfinished_handshakes_gets_a_few_descriptors_and_members_still_get_through() {
+    use std::net::{SocketAddr, TcpStream};
+    use tandem_raft_store::http_network::HttpNetwork;
+    use tandem_raft_store::membership::ClusterRequest;
+    use tandem_raft_store::tls::{ClusterTls, MAX_HANDSHAKES, MAX_PER_ADDRESS};
+
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let one = cluster.member(1);
+    let pid = one.pid().expect("node 1 runs");
+    let port: SocketAddr = one.raft_addr.parse().unwrap();
+    let before = open_descriptors(pid);
+    // A scanner on 40 addresses opens 40 connections from each to node 1's cluster port and
+    // never says a word: no ClientHello, so each would wait out its handshake's timeout.
+    let (addresses, each) = (40u8, 40);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // Looked at until 4 s from the scan's start, before the 5 s after which the node gives
+    // up on a handshake anyway.
+    let scan = tandem_failover_tests::Deadline::after(Duration::from_secs(4));
+    // Kept open, unread, to the end of the test.
+    let held: Vec<(u8, TcpStream)> = runtime.block_on(async {
+        let mut connecting = tokio::task::JoinSet::new();
+        for a in 1..=addresses {
+            for _ in 0..each {
+                let from: SocketAddr = format!("127.0.1.{a}:0").parse().unwrap();
+                connecting.spawn(async move {
+                    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                    socket.bind(from).unwrap();
+                    (a, socket.connect(port).await.unwrap())
+                });
+            }
+        }
+        let mut held = Vec::new();
+        while let Some(done) = connecting.join_next().await {
+            let (a, stream) = done.unwrap();
+            held.push((a, stream.into_std().unwrap()));
+        }
+        held
+    });
+    let offered = held.len();
+    assert!(
+        scan.elapsed() < Duration::from_secs(2),
+        "opening {offered} connections took {:?}: too slow to see what the node holds",
+        scan.elapsed()
+    );
+    // Node 1 keeps at most MAX_HANDSHAKES of them, and at most MAX_PER_ADDRESS from any one
+    // address; it closes the rest. Whatever those limits are, 1,600 connections must cost
+    // it no more than 100 descriptors, counted from the node's side: connections the kernel
+    // has not yet handed to the node look open to the scanner too.
+    assert!(MAX_HANDSHAKES < 100 && MAX_PER_ADDRESS < each);
+    let (mut most_fds, mut most_kept) = (0, 0);
+    let mut most_from_one = 0;
+    while !scan.expired() {
+        let kept = sockets_by_remote_address(pid);
+        let from_scanner: Vec<usize> = kept
+            .iter()
+            .filter(|(ip, _)| ip.octets()[..3] == [127, 0, 1])
+            .map(|(_, n)| *n)
+            .collect();
+        most_kept = most_kept.max(from_scanner.iter().sum());
+        most_from_one = most_from_one.max(from_scanner.iter().copied().max().unwrap_or(0));
+        most_fds = most_fds.max(open_descriptors(pid));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        most_kept <= MAX_HANDSHAKES.min(100) && most_fds <= before + 100,
+        "node 1 held up to {most_kept} of the scanner's {offered} connections and {most_fds} \
+         descriptors ({before} before)"
+    );
+    assert!(
+        most_from_one <= MAX_PER_ADDRESS,
+        "node 1 held {most_from_one} connections from one address"
+    );
+    let during = open_descriptors(pid);
+    // While the scanner holds what it was left, a member's handshake gets through: node 3's
+    // certificate asks node 1 about a join token and hears its answer.
+    let certs = cluster.root().join("certs");
+    let tls = ClusterTls::load(
+        &certs.join("ca.crt"),
+        &certs.join("node3.crt"),
+        &certs.join("node3.key"),
+    )
+    .expect("node 3's files");
+    let network = HttpNetwork::new(&tls).unwrap();
+    let join = ClusterRequest::JoinWithToken {
+        id: 3,
+        raft_addr: "127.0.0.3:1".into(),
+        token: format!("tj_{}_{}", "0".repeat(16), "0".repeat(64)).into(),
+    };
+    let heard = runtime.block_on(network.cluster(&one.raft_addr, &join, Duration::from_secs(5)));
+    assert!(
+        matches!(&heard, Err(e) if e.to_string().contains("not one this cluster issued")),
+        "node 1 did not hear a member during the scan: {heard:?}"
+    );
+    // And the cluster goes on writing, through a follower that forwards to the leader.
+    assert_eq!(cluster.member(2).put_customer("during-the-scan"), Some(200));
+    Wait::new("the write to reach node 1", Duration::from_secs(10))
+        .showing(&cluster)
+        .until(|| {
+            one.customer_ids()
+                .is_some_and(|ids| ids.iter().any(|i| i == "during-the-scan"))
+        });
+    drop(held);
+    eprintln!(
+        "SUMMARY unfinished handshakes on the cluster port: {offered} offered from {addresses} \
+         addresses, at most {most_kept} held; node 1's descriptors {before} before, at most \
+         {most_fds} during, {during} after"
+    );
+}

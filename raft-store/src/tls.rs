@@ -431,10 +431,180 @@ impl RefusalLog {
     }
 }
 
+/// TLS handshakes one listener runs at once. Past it, the oldest is dropped for the newest:
+/// a client's handshake takes a few milliseconds, so whoever opens connections and never
+/// finishes them pushes only each other out, and a client that does finish gets through
+/// unless this many new connections arrive within its handshake.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Handshakes from one address at once on one listener: half of [`MAX_HANDSHAKES`]. Past
+/// it a new connection from there is closed at once, so one address never holds more than
+/// half the places, nor pushes out anyone else's handshake. A member opening connections in
+/// a burst (its pool opens one per concurrent request) stays well under it. Connections
+/// that completed their handshake do not count.
+pub const MAX_PER_ADDRESS: usize = MAX_HANDSHAKES / 2;
+/// Established connections at once on one listener. Past it a new one is closed once its
+/// handshake completes; connections already serving are never dropped for it.
+pub const MAX_ESTABLISHED: usize = 512;
+
+/// What one listener's connections hold: per address, how many handshakes; how many are
+/// established; the handshakes in progress, oldest first, each with what ends it.
+#[derive(Default)]
+struct Gate {
+    per_address: std::collections::HashMap<std::net::IpAddr, usize>,
+    established: usize,
+    handshaking: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+    next: u64,
+}
+
+/// Why `accept_tls` closed a connection without serving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turned {
+    Address,
+    Established,
+}
+
+/// A connection's place in its listener's [`Gate`], given back when dropped.
+pub struct Slot {
+    gate: Arc<std::sync::Mutex<Gate>>,
+    address: std::net::IpAddr,
+    id: u64,
+    established: bool,
+}
+
+impl Slot {
+    /// Takes a place for a connection from `address`, with what ends its handshake early
+    /// (when newer ones push it out), or says why not.
+    fn take(
+        gate: &Arc<std::sync::Mutex<Gate>>,
+        address: std::net::IpAddr,
+    ) -> Result<(Slot, tokio::sync::oneshot::Receiver<()>), Turned> {
+        let mut g = gate.lock().expect("connection gate");
+        let from_there = g.per_address.entry(address).or_insert(0);
+        if *from_there >= MAX_PER_ADDRESS {
+            return Err(Turned::Address);
+        }
+        *from_there += 1;
+        if g.handshaking.len() >= MAX_HANDSHAKES {
+            // Its slot goes when its task sees the signal; the sender's drop is the signal.
+            g.handshaking.pop_front();
+        }
+        let id = g.next;
+        g.next += 1;
+        let (end, ended) = tokio::sync::oneshot::channel();
+        g.handshaking.push_back((id, end));
+        let slot = Slot {
+            gate: gate.clone(),
+            address,
+            id,
+            established: false,
+        };
+        Ok((slot, ended))
+    }
+
+    /// The handshake completed: the connection now counts as established, if there is room.
+    fn establish(&mut self) -> Result<(), Turned> {
+        let mut g = self.gate.lock().expect("connection gate");
+        if g.established >= MAX_ESTABLISHED {
+            return Err(Turned::Established);
+        }
+        g.ended_handshake(self.id, self.address);
+        g.established += 1;
+        self.established = true;
+        Ok(())
+    }
+}
+
+impl Gate {
+    /// Forgets handshake `id` from `address`, however it ended.
+    fn ended_handshake(&mut self, id: u64, address: std::net::IpAddr) {
+        self.handshaking.retain(|(i, _)| *i != id);
+        if let Some(n) = self.per_address.get_mut(&address) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_address.remove(&address);
+            }
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut g = self.gate.lock().expect("connection gate");
+        if self.established {
+            g.established -= 1;
+        } else {
+            g.ended_handshake(self.id, self.address);
+        }
+    }
+}
+
+/// A connection [`accept_tls`] let in: the stream, and its place among the listener's
+/// connections, which it holds until dropped.
+pub struct Admitted<S> {
+    stream: S,
+    slot: Slot,
+}
+
+impl<S> Admitted<S> {
+    /// The stream and its place, to serve the one while holding the other.
+    pub fn into_parts(self) -> (S, Slot) {
+        (self.stream, self.slot)
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Admitted<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Admitted<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+}
+
 /// Accepts TCP connections on `listener` and completes their TLS handshakes beside the
 /// accept loop, each within `handshake`, so a client that stalls its handshake holds up no
-/// one else. Returns the established connections, to serve, and the accept task, to abort
-/// once the server has stopped. `what` names the listener in the log.
+/// one else. Every port is reachable by anyone, so what a listener holds is bounded: at
+/// most [`MAX_HANDSHAKES`] handshakes at once (the oldest dropped for the newest) and
+/// [`MAX_PER_ADDRESS`] from one address, and at most [`MAX_ESTABLISHED`] established.
+/// Returns the established connections, to serve, and the accept task, to abort once the
+/// server has stopped. `what` names the listener in the log.
 pub fn accept_tls(
     listener: tokio::net::TcpListener,
     acceptor: tokio_rustls::TlsAcceptor,
@@ -442,13 +612,16 @@ pub fn accept_tls(
     what: &'static str,
 ) -> (
     impl tokio_stream::Stream<
-            Item = std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+            Item = std::io::Result<
+                Admitted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+            >,
         > + Send
         + Unpin,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let refusals = Arc::new(RefusalLog::default());
+    let gate = Arc::new(std::sync::Mutex::new(Gate::default()));
     let accept_loop = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -459,12 +632,39 @@ pub fn accept_tls(
                     continue;
                 }
             };
+            let (mut slot, pushed_out) = match Slot::take(&gate, peer.ip()) {
+                Ok(x) => x,
+                Err(_) => {
+                    if let Some(more) = refusals.may_log() {
+                        tracing::warn!(%peer, limit = MAX_PER_ADDRESS, refused_since_last_line = more,
+                            "{what}: closed a connection: too many handshakes from its address");
+                    }
+                    continue;
+                }
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                let done = tokio::select! {
+                    done = tokio::time::timeout(handshake, acceptor.accept(tcp)) => done,
+                    _ = pushed_out => {
+                        if let Some(more) = refusals.may_log() {
+                            tracing::warn!(%peer, limit = MAX_HANDSHAKES, refused_since_last_line = more,
+                                "{what}: dropped an unfinished TLS handshake for newer ones");
+                        }
+                        return;
+                    }
+                };
+                match done {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(stream).await;
+                        if slot.establish().is_err() {
+                            if let Some(more) = refusals.may_log() {
+                                tracing::warn!(%peer, limit = MAX_ESTABLISHED, refused_since_last_line = more,
+                                    "{what}: closed a connection: too many established");
+                            }
+                            return;
+                        }
+                        let _ = tx.send(Admitted { stream, slot }).await;
                     }
                     Ok(Err(e)) => {
                         if let Some(more) = refusals.may_log() {
@@ -487,4 +687,69 @@ pub fn accept_tls(
         Ok::<_, std::io::Error>,
     );
     (incoming, accept_loop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    fn address(n: u32) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::from(0x7f01_0000 + n))
+    }
+
+    #[test]
+    fn a_gate_bounds_handshakes_addresses_and_established_connections() {
+        let gate = Arc::new(std::sync::Mutex::new(Gate::default()));
+        // One address: MAX_PER_ADDRESS handshakes, then none until one ends.
+        let mut from_one: Vec<_> = (0..MAX_PER_ADDRESS)
+            .map(|_| Slot::take(&gate, address(0)).expect("a place"))
+            .collect();
+        assert_eq!(Slot::take(&gate, address(0)).err(), Some(Turned::Address));
+        // A completed handshake gives its address's place back while it stays open.
+        let (mut done, _ended) = from_one.pop().unwrap();
+        done.establish().expect("room");
+        let refill = Slot::take(&gate, address(0)).expect("the place it gave back");
+        assert_eq!(Slot::take(&gate, address(0)).err(), Some(Turned::Address));
+        drop((refill, done, from_one));
+        assert!(gate.lock().unwrap().per_address.is_empty());
+
+        // Handshakes: past MAX_HANDSHAKES the oldest is told to end, and only it.
+        let mut handshakes: Vec<_> = (0..MAX_HANDSHAKES as u32)
+            .map(|n| Slot::take(&gate, address(n)).expect("a place"))
+            .collect();
+        let newest = Slot::take(&gate, address(1_000)).expect("a place");
+        assert!(handshakes[0]
+            .1
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Closed));
+        assert!(handshakes[1..].iter_mut().all(|(_, ended)| ended
+            .try_recv()
+            .is_err_and(|e| e == tokio::sync::oneshot::error::TryRecvError::Empty)));
+        assert_eq!(gate.lock().unwrap().handshaking.len(), MAX_HANDSHAKES);
+        drop(newest);
+        drop(handshakes);
+        let g = gate.lock().unwrap();
+        assert!(g.handshaking.is_empty() && g.per_address.is_empty());
+        drop(g);
+
+        // Established: MAX_ESTABLISHED at once; a closed one makes room for the next.
+        let mut established = Vec::new();
+        for n in 0..MAX_ESTABLISHED as u32 {
+            let (mut slot, _ended) = Slot::take(&gate, address(n)).expect("a place");
+            slot.establish().expect("room");
+            established.push(slot);
+        }
+        let (mut one_more, _ended) = Slot::take(&gate, address(9_999)).expect("a place");
+        assert_eq!(one_more.establish(), Err(Turned::Established));
+        drop(one_more);
+        drop(established.pop());
+        let (mut next, _ended) = Slot::take(&gate, address(9_999)).expect("a place");
+        next.establish().expect("room made by the closed one");
+        drop(next);
+        drop(established);
+        let g = gate.lock().unwrap();
+        assert_eq!(g.established, 0);
+        assert!(g.handshaking.is_empty() && g.per_address.is_empty());
+    }
 }

@@ -581,10 +581,10 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     let mut until_stop = stopped.clone();
     loop {
-        let stream = tokio::select! {
+        let (stream, slot) = tokio::select! {
             _ = async { drop(until_stop.wait_for(|s| *s).await) } => break,
             next = tokio_stream::StreamExt::next(&mut incoming) => match next {
-                Some(Ok(stream)) => stream,
+                Some(Ok(admitted)) => admitted.into_parts(),
                 Some(Err(_)) => continue,
                 None => break,
             },
@@ -605,6 +605,8 @@ pub async fn serve(
         let connection = tls.ended_on_removal(stream);
         let mut stopped = stopped.clone();
         connections.spawn(async move {
+            // The connection's place among the listener's, until it closes.
+            let _slot = slot;
             let served = hyper::server::conn::Http::new()
                 .http1_only(true)
                 .serve_connection(connection, service);
