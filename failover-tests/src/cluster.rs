@@ -516,7 +516,7 @@ fn admin_ca(addr: SocketAddr) -> Option<Vec<u8>> {
 
 /// A TLS client over `tcp` that checks the server's certificate against `ca_pem` for
 /// `addr`'s IP.
-fn https(
+pub fn https(
     tcp: TcpStream,
     addr: SocketAddr,
     ca_pem: &[u8],

@@ -619,7 +619,8 @@ fn a_token_file_others_may_read_is_refused() {
 /// The admin API over HTTPS (#20). Plain HTTP anywhere but loopback is a config error
 /// naming admin.listen. With admin.certificate and private_key (a node certificate from
 /// `tandem cert node`) the admin port speaks TLS only: a plain-HTTP request gets no HTTP
-/// answer, and connections that never start a handshake delay no one; the CLI reaches
+/// answer, connections that never start a handshake delay no one, and one that completes
+/// its handshake and then sends nothing is closed after 10 s; the CLI reaches
 /// the API checking its certificate against the CA, and refuses it when told to trust
 /// another CA.
 #[test]
@@ -697,6 +698,23 @@ fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
     });
     assert!(reached.contains("quorum ok"), "{reached}");
 
+    // A client that completes its handshake and then says nothing is closed once the
+    // deadline for a request's headers (10 s) has passed: anyone can get that far, and
+    // idle connections must not keep the listener's places. Watched beside the rest.
+    let ca = std::fs::read(dir.path().join("certs/ca.crt")).unwrap();
+    let admin: std::net::SocketAddr = ([127, 0, 0, 1], admin_port).into();
+    let silent = std::thread::spawn(move || {
+        let tcp = std::net::TcpStream::connect(admin).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut tls = tandem_failover_tests::cluster::https(tcp, admin, &ca).expect("TLS client");
+        while tls.conn.is_handshaking() {
+            tls.conn.complete_io(&mut tls.sock).expect("handshake");
+        }
+        let clock = tandem_failover_tests::Deadline::after(Duration::from_secs(30));
+        let read = tls.read(&mut [0u8; 1]).map_err(|e| e.kind());
+        (read, clock.elapsed())
+    });
+
     // Clients that open a connection and never start their handshake hold up no one:
     // four of them, each held 10 s, would outlast the CLI's 30 s if handshakes ran one
     // after another in the accept loop.
@@ -732,6 +750,15 @@ fn the_admin_api_speaks_https_and_plain_http_only_on_loopback() {
         !refused.status.success() && describe(&refused).contains("certificate"),
         "{}",
         describe(&refused)
+    );
+
+    let (read, after) = silent.join().unwrap();
+    assert!(
+        matches!(read, Ok(0) | Err(std::io::ErrorKind::UnexpectedEof))
+            && after >= Duration::from_secs(8)
+            && after < Duration::from_secs(20),
+        "a silent connection read {read:?} after {after:?}: the node should have closed it \
+         after 10 s"
     );
 }
 
