@@ -20,7 +20,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -89,6 +89,18 @@ mod clock {
         pub fn elapsed(&self) -> Duration {
             self.start.elapsed()
         }
+    }
+}
+
+/// Sets its flag when dropped, on unwind too. Helper threads in a `thread::scope` that loop
+/// until a stop flag is set would otherwise keep looping when the scope's own body panics,
+/// and the scope, and with it the test, would wait for them until the harness kills it
+/// instead of failing with the panic's message.
+pub struct SetOnDrop<'a>(pub &'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

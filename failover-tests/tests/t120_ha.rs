@@ -18,7 +18,7 @@ use tandem_failover_tests::cluster::{
 };
 use tandem_failover_tests::netns::{client_ip, Lab, CLIENT_IP};
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::{Deadline, Wait};
+use tandem_failover_tests::{Deadline, SetOnDrop, Wait};
 
 const FULL3: [MemberRole; 3] = [MemberRole::Full; 3];
 const ALL: [u64; 3] = [1, 2, 3];
@@ -595,12 +595,13 @@ fn the_leader_killed_under_load_fails_no_call_between_the_survivors_and_writes_r
                 Duration::from_millis(500),
             )
         });
+        let stopping = SetOnDrop(&stop);
         std::thread::sleep(Duration::from_secs(3));
         let killed_at = clock.elapsed();
         cluster.member(victim).sigkill();
         cluster.wait_for_leader(&[victim], WAIT);
         std::thread::sleep(Duration::from_secs(5));
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         let mut statuses = to_bob.join().unwrap();
         statuses.extend(to_dave.join().unwrap());
         (statuses, killed_at)

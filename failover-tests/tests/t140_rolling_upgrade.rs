@@ -20,7 +20,7 @@ use tandem_failover_tests::kamailio::{
 };
 use tandem_failover_tests::srv_phone::{SrvPhone, SrvPhoneConfig};
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::{tandem_next_bin, Deadline, Wait};
+use tandem_failover_tests::{tandem_next_bin, Deadline, SetOnDrop, Wait};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -177,6 +177,7 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
                 std::thread::sleep(Duration::from_millis(500));
             }
         });
+        let stopping = SetOnDrop(&stop);
 
         upgrade(first, Some(next.clone()));
         // Mixed: the upgraded node has the note, but the cluster does not allow it yet.
@@ -197,7 +198,7 @@ fn a_rolling_upgrade_under_calls_fails_no_call_and_turns_the_new_command_on_last
         );
         assert_eq!(note(second, "still mixed").status, 409);
         upgrade(last, Some(next.clone()));
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
     });
 
     // Every member runs the next release: the leader raises the feature version, and the

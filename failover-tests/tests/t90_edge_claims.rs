@@ -24,7 +24,7 @@ use tandem_failover_tests::cluster::add_account;
 use tandem_failover_tests::ua::{
     digest_authorization, response_text, uri_addr, Received, Reply, Ua,
 };
-use tandem_failover_tests::{Deadline, Node, Wait};
+use tandem_failover_tests::{Deadline, Node, SetOnDrop, Wait};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -576,6 +576,7 @@ fn a_request_that_loops_back_gets_482() {
     let final_response = std::thread::scope(|s| {
         let (socket, stop_ref, fenced_ref, invites_ref) = (&bob.socket, &stop, &fenced, &invites);
         s.spawn(move || stateless_forwarder(socket, stop_ref, fenced_ref, invites_ref));
+        let stopping = SetOnDrop(&stop);
         let invite = format!(
             "{}Contact: <sip:peer@{local}>\r\nContent-Length: 0\r\n\r\n",
             head("INVITE", "<sip:bob@example.com>")
@@ -626,7 +627,7 @@ fn a_request_that_loops_back_gets_482() {
                 .showing(&node)
                 .until(|| fenced.load(Ordering::Relaxed));
         }
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         answer
     });
     let invites = invites.into_inner().unwrap();

@@ -12,7 +12,7 @@ use tandem_failover_tests::cluster::{
     add_account, metric, wait_logins_opened, wait_metric, Cluster, MemberRole,
 };
 use tandem_failover_tests::ua::{Received, Ua};
-use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, Wait};
+use tandem_failover_tests::{recv_udp, status_code, Deadline, Node, SetOnDrop, Wait};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -48,8 +48,9 @@ fn while_bob_is_busy<T>(bob: &Ua, call: impl FnOnce() -> T) -> (T, Vec<Received>
                 }
             }
         });
+        let stopping = SetOnDrop(stop);
         let out = call();
-        stop.store(true, Ordering::Relaxed);
+        drop(stopping);
         out
     });
     (out, seen.into_inner().unwrap())
@@ -432,12 +433,13 @@ fn a_captured_invite_cannot_be_replayed_through_any_node_or_to_another_number() 
                 }
                 heard
             });
+            let stopping = SetOnDrop(&stop);
             let (answer, mut reached) = while_bob_is_busy(&bob, || {
                 let replay = raw_invite(&mallory, to, call, &format!("z9hG4bK-{call}"), &auth);
                 mallory.send_to(replay.as_bytes(), node).unwrap();
                 final_response(&mallory)
             });
-            stop.store(true, Ordering::Relaxed);
+            drop(stopping);
             reached.extend(carol_heard.join().unwrap());
             (answer, reached)
         });
