@@ -37,7 +37,7 @@ pub fn open(
     let (db, snapshot_dir) = store::open_db(dir)?;
     let state_machine = state_machine::StateMachine::new(db.clone(), snapshot_dir);
     state_machine
-        .ensure_expiry_index()
+        .drop_stored_expiry_index()
         .map_err(|e| Error::Db(e.to_string()))?;
     let bindings = state_machine.reader().load_bindings()?;
     tracing::info!(bindings, "loaded the location table");

@@ -3,11 +3,11 @@
 //!
 //! Keys start with one byte naming the record type; composite keys separate their parts
 //! with a zero byte, which never occurs in SIP URIs or ids. Secondary indexes (bindings by
-//! edge node and by expiry, leases by owner) are kept in the same atomic batch as the
-//! records. The index by expiry is derived data outside the snapshots: each node builds it
-//! from the bindings when it is not known complete (state_machine.rs).
+//! edge node, leases by owner) are kept in the same atomic batch as the records. The
+//! bindings by expiry are indexed in memory only ([`ExpiryIndex`]), built with the location
+//! table when the store opens and kept by every apply.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -51,7 +51,8 @@ mod key {
     pub const API_TOKEN: u8 = b'k';
     /// One-time join tokens, by token id.
     pub const JOIN_TOKEN: u8 = b'j';
-    /// Bindings by expiry: the sweep reads the lapsed ones and nothing else.
+    /// Bindings by expiry, as releases before the index moved to memory kept them: a node
+    /// deletes them when it opens its store, and never writes them.
     pub const BINDING_BY_EXPIRY: u8 = b'E';
     /// When a binding was last removed (or, with an empty contact, all of an AOR's), so a
     /// change held from before is not replayed over the removal.
@@ -109,31 +110,6 @@ mod key {
             BINDING_BY_EDGE,
             &[&edge.to_be_bytes(), aor.as_bytes(), contact.as_bytes()],
         )
-    }
-    pub fn binding_by_expiry(expires_at_ms: u64, aor: &str, contact: &str) -> Vec<u8> {
-        with(
-            BINDING_BY_EXPIRY,
-            &[
-                &expires_at_ms.to_be_bytes(),
-                aor.as_bytes(),
-                contact.as_bytes(),
-            ],
-        )
-    }
-    /// The end (exclusive) of the index keys of bindings that lapsed by `now_ms`.
-    pub fn lapsed_by(now_ms: u64) -> Vec<u8> {
-        match now_ms.checked_add(1) {
-            Some(after) => with(BINDING_BY_EXPIRY, &[&after.to_be_bytes()]),
-            None => vec![BINDING_BY_EXPIRY + 1],
-        }
-    }
-    /// The key of the binding an expiry index key points at.
-    pub fn binding_of_expiry(k: &[u8]) -> Option<Vec<u8>> {
-        let rest = k.strip_prefix(&[BINDING_BY_EXPIRY])?.get(8..)?;
-        let parts = rest.strip_prefix(&[0])?;
-        let mut binding = vec![BINDING];
-        binding.extend_from_slice(parts);
-        Some(binding)
     }
     /// The removal record of one binding, or with an empty contact (never a contact's
     /// value) of all of an AOR's.
@@ -320,6 +296,55 @@ struct DomainCache {
 /// binding, or `None` where it was removed.
 pub(crate) type BindingChanges = (String, Vec<(String, Option<Vec<u8>>)>);
 
+/// One write's change to a binding's expiry: the binding's key, and its expiry before the
+/// write and after it (`None`: no binding).
+pub(crate) type ExpiryChange = (Vec<u8>, Option<u64>, Option<u64>);
+
+/// Every binding's key by its expiry: what the leader's sweep and `ExpireBindings` read to
+/// find lapsed bindings. It lives in memory, not in RocksDB: an index there cost every
+/// written binding a put and a delete in the batch, and their compaction, on every node
+/// (BENCHMARKS.md, "A registration storm"), for a set that is derived from the bindings
+/// alone. So it is built with the location table, in the same pass over the bindings,
+/// when the store opens and when a snapshot replaces the state, and every apply keeps it.
+/// `ExpireBindings` must remove the same bindings on every replica, so until it is built
+/// it answers with an error rather than with nothing.
+#[derive(Default)]
+struct ExpiryIndex {
+    loaded: bool,
+    by_time: BTreeSet<(u64, Box<[u8]>)>,
+}
+
+impl ExpiryIndex {
+    fn loaded(&self) -> Result<&Self, Error> {
+        if self.loaded {
+            Ok(self)
+        } else {
+            Err(Error::Io(
+                "the index of bindings by expiry is not built yet".into(),
+            ))
+        }
+    }
+
+    /// The keys of the bindings that lapsed by `now_ms`, earliest first.
+    fn lapsed(&self, now_ms: u64) -> Result<impl Iterator<Item = &[u8]> + '_, Error> {
+        Ok(self
+            .loaded()?
+            .by_time
+            .iter()
+            .take_while(move |(at, _)| *at <= now_ms)
+            .map(|(_, k)| &k[..]))
+    }
+
+    fn change(&mut self, (k, before, after): &ExpiryChange) {
+        if let Some(at) = before {
+            self.by_time.remove(&(*at, k.clone().into_boxed_slice()));
+        }
+        if let Some(at) = after {
+            self.by_time.insert((*at, k.clone().into_boxed_slice()));
+        }
+    }
+}
+
 /// Every AOR's bindings in memory: the node's location table, which the state machine
 /// keeps as it writes them, so that no REGISTER or call reads them from RocksDB. An
 /// iterator over an AOR's keys cost about a tenth of a loaded node's SIP thread, and in a
@@ -455,6 +480,7 @@ pub struct StateReader {
     providers_generation: Arc<AtomicU64>,
     domains: Arc<Mutex<DomainCache>>,
     bindings: Arc<Mutex<BindingTable>>,
+    expiries: Arc<Mutex<ExpiryIndex>>,
     /// How many bindings each edge node holds: counted once at open and after a snapshot
     /// is installed, then kept by every `apply`, so metrics and keepalives need no scan.
     edges: Arc<Mutex<HashMap<NodeId, u64>>>,
@@ -469,6 +495,7 @@ impl StateReader {
             providers_generation: Arc::default(),
             domains: Arc::default(),
             bindings: Arc::default(),
+            expiries: Arc::default(),
             edges: Arc::default(),
         }
     }
@@ -495,11 +522,24 @@ impl StateReader {
         }
     }
 
-    /// Loads every binding into the table, and counts each edge node's, afresh from
-    /// RocksDB in one pass: when the store is opened, and once a snapshot replaced the
-    /// whole state. Returns how many there are.
+    /// Called by the state machine once a write that changed bindings' expiries is
+    /// visible in RocksDB.
+    pub(crate) fn expiries_changed(&self, changes: &[ExpiryChange]) {
+        let mut index = self.expiries.lock().expect("expiry index");
+        for change in changes {
+            index.change(change);
+        }
+    }
+
+    /// Loads every binding into the table, indexes them by expiry, and counts each edge
+    /// node's, afresh from RocksDB in one pass: when the store is opened, and once a
+    /// snapshot replaced the whole state. Returns how many there are.
     pub(crate) fn load_bindings(&self) -> Result<u64, Error> {
         let mut table = self.bindings.lock().expect("binding table").fresh();
+        let mut expiries = ExpiryIndex {
+            loaded: true,
+            by_time: BTreeSet::new(),
+        };
         let mut edges: HashMap<NodeId, u64> = HashMap::new();
         let mut count = 0;
         let mut aor_bindings: Vec<Binding> = Vec::new();
@@ -512,6 +552,9 @@ impl StateReader {
                 aor_bindings.clear();
             }
             *edges.entry(b.edge_node).or_default() += 1;
+            expiries
+                .by_time
+                .insert((b.expires_at_ms, Box::from(&k[..])));
             aor_bindings.push(b);
             count += 1;
         }
@@ -519,6 +562,7 @@ impl StateReader {
             table.set(&first.aor, &aor_bindings);
         }
         *self.bindings.lock().expect("binding table") = table;
+        *self.expiries.lock().expect("expiry index") = expiries;
         *self.edges.lock().expect("edge counts") = edges;
         Ok(count)
     }
@@ -806,25 +850,43 @@ impl StateReader {
     }
 
     /// Whether any binding lapsed at or before `now_ms`, or a removal record is due to be
-    /// forgotten: one seek in each index by time, so the leader's sweep proposes nothing
+    /// forgotten: the first of each index by time, so the leader's sweep proposes nothing
     /// while there is nothing to remove.
     pub fn has_lapsed_bindings(&self, now_ms: u64) -> Result<bool, Error> {
-        let any_before = |tag: u8, end: Vec<u8>| -> Result<bool, Error> {
-            let mut opts = ReadOptions::default();
-            opts.set_iterate_upper_bound(end);
-            let start = [tag];
-            let first = self
-                .db
-                .iterator_cf_opt(
-                    self.cf(),
-                    opts,
-                    IteratorMode::From(&start, Direction::Forward),
-                )
-                .next();
-            Ok(first.transpose().map_err(Error::db)?.is_some())
-        };
-        Ok(any_before(key::BINDING_BY_EXPIRY, key::lapsed_by(now_ms))?
-            || any_before(key::REMOVED_BY_TIME, key::forgotten_by(now_ms))?)
+        if self
+            .expiries
+            .lock()
+            .expect("expiry index")
+            .lapsed(now_ms)?
+            .next()
+            .is_some()
+        {
+            return Ok(true);
+        }
+        let mut opts = ReadOptions::default();
+        opts.set_iterate_upper_bound(key::forgotten_by(now_ms));
+        let start = [key::REMOVED_BY_TIME];
+        let first = self
+            .db
+            .iterator_cf_opt(
+                self.cf(),
+                opts,
+                IteratorMode::From(&start, Direction::Forward),
+            )
+            .next();
+        Ok(first.transpose().map_err(Error::db)?.is_some())
+    }
+
+    /// The keys of the bindings that lapsed by `now_ms` before this apply's writes,
+    /// earliest expiry first.
+    fn lapsed_binding_keys(&self, now_ms: u64) -> Result<Vec<Vec<u8>>, Error> {
+        Ok(self
+            .expiries
+            .lock()
+            .expect("expiry index")
+            .lapsed(now_ms)?
+            .map(<[u8]>::to_vec)
+            .collect())
     }
 
     /// When the binding (`contact`), or all of the AOR's (an empty `contact`), was last
@@ -833,25 +895,17 @@ impl StateReader {
         self.get(&key::removed(aor, contact))
     }
 
-    /// Writes into `batch` the index of bindings by expiry built afresh from the bindings,
-    /// replacing whatever index there was.
-    pub(crate) fn rebuild_expiry_index(&self, batch: &mut WriteBatch) -> Result<u64, Error> {
-        let cf = self.cf();
+    /// Writes into `batch` the deletion of the index of bindings by expiry that releases
+    /// before it moved to memory kept in RocksDB, if any of it is there.
+    pub(crate) fn drop_stored_expiry_index(&self, batch: &mut WriteBatch) -> Result<bool, Error> {
         let start = [key::BINDING_BY_EXPIRY];
+        let Some(first) = self.prefix_iter(&start).next() else {
+            return Ok(false);
+        };
+        first.map_err(Error::db)?;
         let end = prefix_end(&start).expect("the tag is below 0xff");
-        batch.delete_range_cf(cf, start.as_slice(), end.as_slice());
-        let mut indexed = 0;
-        for item in self.prefix_iter(&[key::BINDING]) {
-            let (k, v) = item.map_err(Error::db)?;
-            let b: Binding = decode(&k, &v)?;
-            batch.put_cf(
-                cf,
-                key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
-                encode(&()),
-            );
-            indexed += 1;
-        }
-        Ok(indexed)
+        batch.delete_range_cf(self.cf(), start.as_slice(), end.as_slice());
+        Ok(true)
     }
 
     /// Bindings registered through `edge`: the ones that node keeps alive and forwards to.
@@ -1105,8 +1159,9 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-/// Whether `k` is derived data that snapshots leave out (the index by expiry): a node
-/// builds it from the records instead, so a snapshot reads the same to every release.
+/// Whether `k` is derived data that snapshots leave out (the index by expiry an older
+/// release kept in RocksDB): a node builds it from the records instead, so a snapshot
+/// reads the same to every release.
 pub(crate) fn is_derived(k: &[u8]) -> bool {
     k.first() == Some(&key::BINDING_BY_EXPIRY)
 }
@@ -1117,6 +1172,9 @@ pub(crate) struct Txn<'a> {
     overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// How the number of bindings of each edge node changes.
     edge_deltas: BTreeMap<NodeId, i64>,
+    /// The bindings whose expiry this transaction changed, by key: their expiry before it
+    /// and now (`None`: no binding).
+    expiries: BTreeMap<Vec<u8>, (Option<u64>, Option<u64>)>,
 }
 
 impl<'a> Txn<'a> {
@@ -1125,6 +1183,7 @@ impl<'a> Txn<'a> {
             reader,
             overlay: BTreeMap::new(),
             edge_deltas: BTreeMap::new(),
+            expiries: BTreeMap::new(),
         }
     }
 
@@ -1170,27 +1229,6 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
-    /// Keys in `start..end`, as the database plus this transaction's writes see them.
-    fn keys_in_range(&self, start: &[u8], end: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
-        let mut opts = ReadOptions::default();
-        opts.set_iterate_upper_bound(end.to_vec());
-        let mut keys = std::collections::BTreeSet::new();
-        for item in self.reader.db.iterator_cf_opt(
-            self.reader.cf(),
-            opts,
-            IteratorMode::From(start, Direction::Forward),
-        ) {
-            keys.insert(item.map_err(Error::db)?.0.to_vec());
-        }
-        for (k, v) in self.overlay.range(start.to_vec()..end.to_vec()) {
-            match v {
-                Some(_) => keys.insert(k.clone()),
-                None => keys.remove(k),
-            };
-        }
-        Ok(keys.into_iter().collect())
-    }
-
     /// The first `limit` keys in `[start, end)` as this transaction sees them, reading no
     /// more of RocksDB than that needs.
     fn first_keys_in_range(
@@ -1225,6 +1263,46 @@ impl<'a> Txn<'a> {
 
     fn count_edge(&mut self, edge: NodeId, delta: i64) {
         *self.edge_deltas.entry(edge).or_default() += delta;
+    }
+
+    /// Notes that the binding `k` expired at `before` (as this transaction saw it) and
+    /// now at `after`.
+    fn index_expiry(&mut self, k: &[u8], before: Option<u64>, after: Option<u64>) {
+        match self.expiries.get_mut(k) {
+            Some((_, now)) => *now = after,
+            None => {
+                self.expiries.insert(k.to_vec(), (before, after));
+            }
+        }
+    }
+
+    /// The keys of the bindings that lapsed by `now_ms` as this transaction sees them, in
+    /// key order.
+    fn lapsed_binding_keys(&self, now_ms: u64) -> Result<Vec<Vec<u8>>, Error> {
+        let mut lapsed: Vec<Vec<u8>> = self
+            .reader
+            .lapsed_binding_keys(now_ms)?
+            .into_iter()
+            .filter(|k| !self.expiries.contains_key(k))
+            .collect();
+        lapsed.extend(
+            self.expiries
+                .iter()
+                .filter(|(_, (_, now))| now.is_some_and(|at| at <= now_ms))
+                .map(|(k, _)| k.clone()),
+        );
+        lapsed.sort_unstable();
+        Ok(lapsed)
+    }
+
+    /// How this transaction changes bindings' expiries; take it before
+    /// [`Txn::into_batch`].
+    pub(crate) fn expiry_changes(&mut self) -> Vec<ExpiryChange> {
+        std::mem::take(&mut self.expiries)
+            .into_iter()
+            .filter(|(_, (before, after))| before != after)
+            .map(|(k, (before, after))| (k, before, after))
+            .collect()
     }
 
     /// How this transaction changes the number of bindings of each edge node; take it
@@ -1272,10 +1350,10 @@ impl<'a> Txn<'a> {
         let k = key::binding(aor, contact);
         match self.binding(aor, contact)? {
             Some(old) => {
+                self.index_expiry(&k, Some(old.expires_at_ms), None);
                 self.delete(k);
                 self.count_edge(old.edge_node, -1);
                 self.delete(key::binding_by_edge(old.edge_node, aor, contact));
-                self.delete(key::binding_by_expiry(old.expires_at_ms, aor, contact));
                 Ok(true)
             }
             None => Ok(false),
@@ -1358,22 +1436,16 @@ impl<'a> Txn<'a> {
     }
 
     fn put_binding(&mut self, b: Binding) -> Result<(), Error> {
-        if let Some(old) = self.binding(&b.aor, &b.contact)? {
+        let k = key::binding(&b.aor, &b.contact);
+        let old = self.binding(&b.aor, &b.contact)?;
+        if let Some(old) = &old {
             self.count_edge(old.edge_node, -1);
             self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
-            self.delete(key::binding_by_expiry(
-                old.expires_at_ms,
-                &old.aor,
-                &old.contact,
-            ));
         }
+        self.index_expiry(&k, old.map(|o| o.expires_at_ms), Some(b.expires_at_ms));
         self.count_edge(b.edge_node, 1);
         self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
-        self.put(
-            key::binding_by_expiry(b.expires_at_ms, &b.aor, &b.contact),
-            &(),
-        );
-        self.put(key::binding(&b.aor, &b.contact), &b);
+        self.put(k, &b);
         Ok(())
     }
 
@@ -1741,13 +1813,7 @@ impl<'a> Txn<'a> {
                 // The lapsed bindings come from the index by expiry, but the first `limit`
                 // of them in binding-key order go, as when every binding was scanned in
                 // key order (an older release still does that; replicas must agree).
-                let mut lapsed: Vec<Vec<u8>> = self
-                    .keys_in_range(&[key::BINDING_BY_EXPIRY], &key::lapsed_by(now_ms))?
-                    .iter()
-                    .filter_map(|k| key::binding_of_expiry(k))
-                    .collect();
-                lapsed.sort_unstable();
-                lapsed.dedup();
+                let lapsed = self.lapsed_binding_keys(now_ms)?;
                 let mut removed = 0u64;
                 for k in lapsed {
                     if removed >= u64::from(limit) {

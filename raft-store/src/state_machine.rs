@@ -6,10 +6,11 @@
 //! data, `last_applied` and membership in a snapshot always agree. The newest snapshot is
 //! kept as a file in the data directory and replaced atomically.
 //!
-//! The index of bindings by expiry is derived data, left out of snapshots. Every apply
-//! keeps it and records, beside `last_applied`, the log id it is complete at; when the two
-//! differ at open (a data dir an older release wrote to) or after a snapshot is installed,
-//! the index is built afresh from the bindings.
+//! The index of bindings by expiry lives in memory (`state.rs`, `ExpiryIndex`). Releases
+//! before it moved there kept it in RocksDB, beside `last_applied` the log id it was
+//! complete at, and left it out of snapshots; a node deletes both when it opens a data dir
+//! such a release wrote, so that release, run again on it, finds its index incomplete and
+//! builds it afresh.
 
 use std::io::Cursor;
 use std::path::PathBuf;
@@ -29,7 +30,7 @@ use crate::types::{
 
 const KEY_LAST_APPLIED: &[u8] = b"last_applied";
 const KEY_MEMBERSHIP: &[u8] = b"membership";
-/// The `last_applied` as of which the index by expiry is complete.
+/// The `last_applied` as of which an older release's index by expiry was complete.
 const KEY_EXPIRY_INDEX: &[u8] = b"expiry_index";
 const SNAPSHOT_FILE: &str = "current.snapshot";
 
@@ -92,37 +93,28 @@ impl StateMachine {
         }
     }
 
-    /// Builds the index of bindings by expiry afresh unless it is complete as of
-    /// `last_applied`. Runs before Raft starts.
-    pub(crate) fn ensure_expiry_index(&self) -> Result<(), StorageError> {
+    /// Deletes the index of bindings by expiry an older release kept in RocksDB, and its
+    /// note of when it was complete, if they are there. Runs before Raft starts.
+    pub(crate) fn drop_stored_expiry_index(&self) -> Result<(), StorageError> {
         let meta = self.cf(CF_SM_META);
-        let read = |key| {
-            self.db
-                .get_cf(meta, key)
-                .map_err(|e| sm_err(ErrorVerb::Read, e))
-        };
-        let applied = read(KEY_LAST_APPLIED)?;
-        if read(KEY_EXPIRY_INDEX)? == applied {
+        let noted = self
+            .db
+            .get_cf(meta, KEY_EXPIRY_INDEX)
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?
+            .is_some();
+        let mut batch = WriteBatch::default();
+        let stored = self
+            .reader
+            .drop_stored_expiry_index(&mut batch)
+            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
+        if !noted && !stored {
             return Ok(());
         }
-        self.rebuild_expiry_index(applied)
-    }
-
-    fn rebuild_expiry_index(&self, applied: Option<Vec<u8>>) -> Result<(), StorageError> {
-        let mut batch = WriteBatch::default();
-        let indexed = self
-            .reader
-            .rebuild_expiry_index(&mut batch)
-            .map_err(|e| sm_err(ErrorVerb::Read, e))?;
-        let meta = self.cf(CF_SM_META);
-        match applied {
-            Some(a) => batch.put_cf(meta, KEY_EXPIRY_INDEX, a),
-            None => batch.delete_cf(meta, KEY_EXPIRY_INDEX),
-        }
+        batch.delete_cf(meta, KEY_EXPIRY_INDEX);
         self.db
             .write(batch)
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
-        tracing::info!(bindings = indexed, "built the index of bindings by expiry");
+        tracing::info!("dropped the index of bindings by expiry an older release kept on disk");
         Ok(())
     }
 
@@ -398,7 +390,9 @@ impl StateMachine {
         // Everything the snapshot does not hold must go: delete the whole key space.
         batch.delete_range_cf(cf_data, [0u8].as_slice(), [0xffu8; 16].as_slice());
         for (k, v) in &content.records {
-            batch.put_cf(cf_data, k, v);
+            if !is_derived(k) {
+                batch.put_cf(cf_data, k, v);
+            }
         }
         let cf_meta = self.cf(CF_SM_META);
         match meta.last_log_id {
@@ -414,8 +408,7 @@ impl StateMachine {
             KEY_MEMBERSHIP,
             postcard::to_stdvec(&meta.last_membership).expect("encode membership"),
         );
-        // The index goes with the rest of the key space; until it is built again below,
-        // or at the next open if the node stops first, it is not complete.
+        // An older release's note that its index on disk was complete goes with the index.
         batch.delete_cf(cf_meta, KEY_EXPIRY_INDEX);
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
@@ -426,10 +419,6 @@ impl StateMachine {
         // accounts and providers the snapshot replaced (a login whose password it changed).
         self.reader.accounts_replaced();
         self.reader.providers_changed();
-        self.rebuild_expiry_index(
-            meta.last_log_id
-                .map(|l| postcard::to_stdvec(&l).expect("encode log id")),
-        )?;
         self.reader
             .load_bindings()
             .map_err(|e| snap_err(ErrorVerb::Read, e))?;
@@ -509,12 +498,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let mut batch = WriteBatch::default();
         let edge_deltas = txn.edge_deltas();
+        let expiry_changes = txn.expiry_changes();
         let binding_changes = txn.into_batch(self.cf(CF_SM_DATA), &mut batch);
         let meta = self.cf(CF_SM_META);
         if let Some(l) = last_applied {
-            let l = postcard::to_stdvec(&l).expect("encode log id");
-            batch.put_cf(meta, KEY_EXPIRY_INDEX, &l);
-            batch.put_cf(meta, KEY_LAST_APPLIED, l);
+            batch.put_cf(
+                meta,
+                KEY_LAST_APPLIED,
+                postcard::to_stdvec(&l).expect("encode log id"),
+            );
         }
         if let Some(m) = membership {
             batch.put_cf(
@@ -528,6 +520,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| sm_err(ErrorVerb::Write, e))?;
         if !binding_changes.is_empty() {
             self.reader.bindings_written(&binding_changes);
+        }
+        if !expiry_changes.is_empty() {
+            self.reader.expiries_changed(&expiry_changes);
         }
         if !edge_deltas.is_empty() {
             self.reader.edges_changed(&edge_deltas);

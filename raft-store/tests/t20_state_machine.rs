@@ -729,16 +729,43 @@ fn swept_by_a_full_scan(
         .collect()
 }
 
+/// The index by expiry is in memory; it is built when the store opens and when a snapshot
+/// replaces the state, so the model goes on across a reopen (round 80) and onto another
+/// store that installed a snapshot of this one (round 140).
 #[tokio::test]
 async fn the_sweep_removes_through_the_expiry_index_exactly_what_a_full_scan_would() {
     use rand::{Rng, SeedableRng};
     let dir = tempfile::tempdir().unwrap();
-    let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
-    let reader = sm.reader();
+    let other_dir = tempfile::tempdir().unwrap();
+    let (mut log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(22);
     let mut model = std::collections::BTreeMap::new();
     let mut index = 0;
     for round in 0..200u64 {
+        if round == 80 {
+            drop((log, sm));
+            (log, sm) = reopen(dir.path()).await;
+        }
+        if round == 140 {
+            let snapshot = sm.build_snapshot().await.unwrap();
+            let (other_log, mut other) = tandem_raft_store::open(other_dir.path()).unwrap();
+            // Something of its own the snapshot replaces, lapsed and not.
+            apply(
+                &mut other,
+                1,
+                vec![
+                    Command::PutBinding(binding("sip:a@x", "<sip:9>", 1, 0)),
+                    Command::PutBinding(binding("sip:z@x", "<sip:9>", 1, u64::MAX)),
+                ],
+            )
+            .await;
+            other
+                .install_snapshot(&snapshot.meta, snapshot.snapshot)
+                .await
+                .unwrap();
+            (log, sm) = (other_log, other);
+        }
+        let reader = sm.reader();
         // A batch of registrations, refreshes (a new expiry for a contact already bound)
         // and removals, with AORs that are prefixes of each other ("a", "ab").
         let mut commands = Vec::new();
@@ -881,8 +908,13 @@ async fn each_edges_count_of_bindings_stays_what_a_scan_finds() {
     assert_eq!(before, after);
 }
 
+/// Releases before the index of bindings by expiry moved to memory kept it in RocksDB
+/// (tag `E`: expiry, AOR and contact), with a note of the `last_applied` it was complete
+/// at. A node opening such a data dir deletes both, so that that release, run on it again,
+/// builds its index afresh instead of trusting one that missed every write since; and the
+/// sweep goes by the bindings, not by whatever entries the old index held.
 #[tokio::test]
-async fn a_data_dir_without_the_expiry_index_gets_one_at_open() {
+async fn a_data_dir_with_an_older_releases_expiry_index_is_swept_by_the_bindings() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (_log, mut sm) = tandem_raft_store::open(dir.path()).unwrap();
@@ -896,31 +928,43 @@ async fn a_data_dir_without_the_expiry_index_gets_one_at_open() {
         )
         .await;
     }
-    // What an older release leaves: the bindings without their index entries, and no
-    // note of the index at all (once the flusher thread has let the database go).
     let db_dir = dir.path().join("db");
+    let cfs = ["meta", "logs", "sm_data", "sm_meta"];
+    let old_entry = |at: u64, aor: &str, contact: &str| {
+        [
+            &[b'E'][..],
+            &at.to_be_bytes(),
+            &[0],
+            aor.as_bytes(),
+            &[0],
+            contact.as_bytes(),
+        ]
+        .concat()
+    };
+    // What an older release leaves: an entry per binding, one for a binding gone since
+    // and one giving b's binding an expiry it no longer has, and the note. The flusher
+    // thread lets the database go once it notices its channel closed.
     loop {
-        let cfs = ["meta", "logs", "sm_data", "sm_meta"];
         match rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_dir, cfs) {
             Ok(db) => {
                 let data = db.cf_handle("sm_data").unwrap();
-                let keys: Vec<Vec<u8>> = db
-                    .iterator_cf(data, rocksdb::IteratorMode::Start)
-                    .map(|i| i.unwrap().0.to_vec())
-                    .filter(|k| k[0] == b'E')
-                    .collect();
-                assert_eq!(keys.len(), 2, "an index entry per binding");
-                for k in keys {
-                    db.delete_cf(data, k).unwrap();
+                for (at, aor, contact) in [
+                    (100, "sip:a@x", "<sip:1>"),
+                    (900, "sip:b@x", "<sip:2>"),
+                    (50, "sip:gone@x", "<sip:3>"),
+                    (60, "sip:b@x", "<sip:2>"),
+                ] {
+                    db.put_cf(data, old_entry(at, aor, contact), []).unwrap();
                 }
-                db.delete_cf(db.cf_handle("sm_meta").unwrap(), b"expiry_index")
-                    .unwrap();
+                let meta = db.cf_handle("sm_meta").unwrap();
+                let applied = db.get_cf(meta, b"last_applied").unwrap().unwrap();
+                db.put_cf(meta, b"expiry_index", applied).unwrap();
                 break;
             }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
         }
     }
-    let (_log, mut sm) = reopen(dir.path()).await;
+    let (log, mut sm) = reopen(dir.path()).await;
     let reader = sm.reader();
     assert!(reader.has_lapsed_bindings(100).unwrap());
     assert!(!reader.has_lapsed_bindings(99).unwrap());
@@ -938,6 +982,24 @@ async fn a_data_dir_without_the_expiry_index_gets_one_at_open() {
     );
     assert_eq!(reader.bindings("sip:b@x").unwrap().len(), 1);
     assert!(reader.bindings("sip:a@x").unwrap().is_empty());
+    drop((log, sm, reader));
+    loop {
+        match rocksdb::DB::open_cf(&rocksdb::Options::default(), &db_dir, cfs) {
+            Ok(db) => {
+                let data = db.cf_handle("sm_data").unwrap();
+                let left: Vec<Vec<u8>> = db
+                    .iterator_cf(data, rocksdb::IteratorMode::Start)
+                    .map(|i| i.unwrap().0.to_vec())
+                    .filter(|k| k[0] == b'E')
+                    .collect();
+                assert!(left.is_empty(), "index entries left on disk: {left:?}");
+                let meta = db.cf_handle("sm_meta").unwrap();
+                assert_eq!(db.get_cf(meta, b"expiry_index").unwrap(), None);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    }
 }
 
 #[tokio::test]
