@@ -35,6 +35,7 @@ pub mod keepalive;
 pub mod netns;
 pub mod phones;
 pub mod relay;
+pub mod slow_disk;
 pub mod srv_phone;
 pub mod ua;
 

@@ -286,7 +286,7 @@ impl HttpPeer {
     {
         let body =
             postcard::to_stdvec(request).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let (target, budget) = (self.target, option.hard_ttl());
+        let (target, budget, rpc) = (self.target, option.hard_ttl(), path.to_owned());
         let sending = self
             .client
             .post(format!("{}{path}", self.base))
@@ -304,7 +304,7 @@ impl HttpPeer {
             };
             let took = started.elapsed();
             if took > budget && outcome.is_ok() {
-                note_late_rpc(target, took, budget);
+                note_late_rpc(target, &rpc, took, budget);
             }
             let mut state = task_state.lock().expect("late RPC state");
             if *state == Late::Detached {
@@ -394,8 +394,9 @@ const LATE_RPC_LIMIT: Duration = Duration::from_secs(10);
 /// RPCs that completed after openraft had given up on them.
 static LATE_RPCS: AtomicU64 = AtomicU64::new(0);
 
-/// When a late RPC was last logged: ms since the first late one, plus one; 0 for never.
-static LATE_LOGGED_MS: AtomicU64 = AtomicU64::new(0);
+/// When a late RPC was last logged, for appends and snapshots and for votes: ms since the
+/// first late one, plus one; 0 for never.
+static LATE_LOGGED_MS: [AtomicU64; 2] = [AtomicU64::new(0), AtomicU64::new(0)];
 
 /// The number of Raft RPCs from this process that answered after openraft had given up on
 /// them: on a healthy link, none.
@@ -403,25 +404,46 @@ pub fn late_rpcs() -> u64 {
     LATE_RPCS.load(Ordering::Relaxed)
 }
 
-/// Counts a late RPC and, at most once a minute, says what it means.
-fn note_late_rpc(target: NodeId, took: Duration, budget: Duration) {
+/// Counts a late RPC (to `path`) and, at most once a minute for votes and once for the
+/// rest, says what it means and which setting to raise.
+fn note_late_rpc(target: NodeId, path: &str, took: Duration, budget: Duration) {
     static SINCE: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
     LATE_RPCS.fetch_add(1, Ordering::Relaxed);
+    let vote = path == "/raft/vote";
+    let logged = &LATE_LOGGED_MS[usize::from(vote)];
     let now_ms = SINCE
         .get_or_init(tokio::time::Instant::now)
         .elapsed()
         .as_millis() as u64
         + 1;
-    let last = LATE_LOGGED_MS.load(Ordering::Relaxed);
-    if (last == 0 || now_ms.saturating_sub(last) >= 60_000)
-        && LATE_LOGGED_MS
+    let last = logged.load(Ordering::Relaxed);
+    if !((last == 0 || now_ms.saturating_sub(last) >= 60_000)
+        && logged
             .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
-            .is_ok()
+            .is_ok())
     {
+        return;
+    }
+    let (took_ms, allowed_ms) = (took.as_millis() as u64, budget.as_millis() as u64);
+    if vote {
+        // openraft gives a vote request the shortest election timeout, and the peer syncs
+        // its vote to disk before it answers: a disk slower than that (a busy or slow one)
+        // keeps this node from ever collecting the vote, and an election from succeeding.
         tracing::warn!(
             peer = target,
-            took_ms = took.as_millis() as u64,
-            allowed_ms = budget.as_millis() as u64,
+            took_ms,
+            allowed_ms,
+            "a vote request answered after openraft gave up on it: a peer must sync its vote \
+             to disk and answer within cluster.election_timeout_ms, and this peer's disk or \
+             the link to it is too slow for that; elections fail while it lasts. Raise \
+             cluster.election_timeout_ms above the peer's slowest disk sync plus the round \
+             trip (README, \"Two sites\")"
+        );
+    } else {
+        tracing::warn!(
+            peer = target,
+            took_ms,
+            allowed_ms,
             "a Raft RPC answered after openraft gave up on it: the link to this peer is too \
              slow for cluster.heartbeat_ms (an append must complete within one heartbeat); \
              raise cluster.heartbeat_ms to twice the round trip or more, and \

@@ -1,0 +1,58 @@
+//! A slow disk for one node: a small shared library, built here with the system's C
+//! compiler and loaded into that node with `LD_PRELOAD`, that holds every `fsync` and
+//! `fdatasync` for a fixed time before doing it. It slows what a node waits on when it
+//! makes a write durable (RocksDB syncs its WAL with them) and nothing else, as a busy or
+//! slow disk would, without root or a device of its own.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::describe;
+
+const SOURCE: &str = r#"
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+static void hold(void) {
+    const char *ms = getenv("TANDEM_TEST_SYNC_DELAY_MS");
+    if (ms) usleep((useconds_t)atoi(ms) * 1000);
+}
+
+int fsync(int fd) {
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    hold();
+    return real(fd);
+}
+
+int fdatasync(int fd) {
+    int (*real)(int) = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    hold();
+    return real(fd);
+}
+"#;
+
+/// Builds the library in `dir` and returns the environment that makes a node started with
+/// it ([`crate::cluster::Member::start_env`]) wait `delay_ms` before each sync.
+pub fn environment(dir: &Path, delay_ms: u64) -> Vec<(String, String)> {
+    let source = dir.join("slow-sync.c");
+    let library: PathBuf = dir.join("slow-sync.so");
+    std::fs::write(&source, SOURCE).expect("write the slow-sync source");
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .output()
+        .expect("run cc, the C compiler RocksDB's build needs too");
+    assert!(
+        built.status.success(),
+        "building the slow-sync library: {}",
+        describe(&built)
+    );
+    vec![
+        ("LD_PRELOAD".into(), library.display().to_string()),
+        ("TANDEM_TEST_SYNC_DELAY_MS".into(), delay_ms.to_string()),
+    ]
+}
