@@ -316,9 +316,23 @@ impl Member {
     }
 
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Freezes the process (SIGSTOP): it keeps its sockets but answers nothing, and its
+    /// log falls behind, until [`Member::sigcont`].
+    pub fn sigstop(&self) {
+        self.signal("STOP");
+    }
+
+    pub fn sigcont(&self) {
+        self.signal("CONT");
+    }
+
+    fn signal(&self, name: &str) {
         if let Some(c) = self.child.lock().unwrap().as_ref() {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
+                .args([&format!("-{name}"), &c.id().to_string()])
                 .status();
         }
     }

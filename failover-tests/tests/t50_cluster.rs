@@ -169,7 +169,7 @@ fn a_pair_with_a_witness_survives_the_loss_of_any_one_member() {
         cluster.wait_for_voters(3, Duration::from_secs(10));
         // Caught up before the next loss: a full node still missing the writes made
         // while it was down cannot win a vote from the witness, which would then have to
-        // lead, after its own (three times longer) timeouts.
+        // lead, standing only after three election timeouts without a leader.
         cluster.wait_caught_up(victim, Duration::from_secs(10));
     }
     // The witness holds the state but never serves SIP: its config lists SIP addresses
@@ -195,6 +195,50 @@ fn a_pair_with_a_witness_survives_the_loss_of_any_one_member() {
         !witness.log().contains("tandem node ready"),
         "the witness says it serves SIP"
     );
+}
+
+/// A full node that missed writes cannot win the witness's vote, so when the leader that
+/// has them dies, only the witness can lead: it stands once no leader has been heard for
+/// three election timeouts (it never stands while one is), leads, and writes go on
+/// through the full node, which catches up from it.
+#[test]
+fn the_witness_leads_when_the_other_full_node_is_missing_writes() {
+    let cluster = Cluster::form(
+        &[MemberRole::Full, MemberRole::Full, MemberRole::Witness],
+        "",
+    );
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
+    assert_ne!(
+        leader, 3,
+        "the witness leads; this test needs a full node to"
+    );
+    assert!(
+        !cluster.member(3).log().contains("this witness stands"),
+        "the witness stood while a leader was heard"
+    );
+    let behind = cluster.member(3 - leader);
+    behind.sigstop();
+    let ahead = write_customers(&[cluster.member(leader)], "ahead", 20, 2);
+    assert_eq!(
+        ahead.len(),
+        20,
+        "writes failed with node {} frozen",
+        behind.id
+    );
+    cluster.member(leader).sigkill();
+    behind.sigcont();
+    let (new_leader, _) = cluster.wait_for_leader(&[leader], Duration::from_secs(15));
+    assert_eq!(new_leader, 3, "only the witness has every write");
+    let after = write_customers(&[behind], "after", 10, 2);
+    assert_eq!(after.len(), 10, "writes through node {}", behind.id);
+    let target = cluster.member(3).status().expect("witness status")["last_log_index"]
+        .as_u64()
+        .unwrap();
+    cluster.wait_applied(behind.id, target, Duration::from_secs(10));
+    let have: BTreeSet<String> = behind.customer_ids().unwrap().into_iter().collect();
+    for id in ahead.iter().chain(&after) {
+        assert!(have.contains(id), "node {} lacks {id}", behind.id);
+    }
 }
 
 /// A vote counts only if the voter syncs it to disk and answers within the candidate's

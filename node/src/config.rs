@@ -145,7 +145,8 @@ pub struct ClusterConfig {
     /// This node's private key, PEM.
     pub private_key: PathBuf,
     pub heartbeat_ms: u64,
-    /// The shortest election timeout; the longest is twice this. A witness triples both.
+    /// The shortest election timeout; the longest is twice this. A witness stands only
+    /// after three times the longest without a leader.
     pub election_timeout_ms: u64,
     /// Build a snapshot after this many log entries.
     pub snapshot_every: u64,

@@ -664,7 +664,12 @@ fn routes(
             if let Some(commit) = rpc.leader_commit {
                 replica.note_leader_commit(commit.index);
             }
-            replica.raft().append_entries(rpc).await
+            let answer = replica.raft().append_entries(rpc).await;
+            // Any answer but "a higher vote" came from the current leader.
+            if matches!(&answer, Ok(a) if !matches!(a, AppendEntriesResponse::HigherVote(_))) {
+                replica.note_leader_heard();
+            }
+            answer
         },
     );
     let vote = rpc_route(

@@ -48,6 +48,9 @@ pub struct RaftSettings {
     /// The longest a batch waits for more proposals when they arrive fast enough to fill
     /// it ([`Pace`]); zero sends every batch as soon as a slot is free.
     pub batch_linger: Duration,
+    /// A witness's: it stands for election only once this long has passed without an
+    /// AppendEntries from a leader (`None`: whenever its election timeout says).
+    pub stand_after: Option<Duration>,
 }
 
 impl Default for RaftSettings {
@@ -65,6 +68,7 @@ impl Default for RaftSettings {
             // same throughput and latency (ops/bench/sip.sh): smaller batches, no gain.
             max_in_flight: 2,
             batch_linger: Duration::from_millis(5),
+            stand_after: None,
         }
     }
 }
@@ -73,11 +77,14 @@ impl Default for RaftSettings {
 const INSTALL_SNAPSHOT_TIMEOUT_MS: u64 = 10_000;
 
 impl RaftSettings {
-    /// The witness votes but serves no SIP; a longer election timeout keeps it from
-    /// becoming leader while a full node can (raft-store/DESIGN.md, "Pair plus witness").
+    /// The witness votes but serves no SIP. It keeps a full node's timeouts, so it gives
+    /// its vote as soon as a full node would (openraft refuses votes until the longest
+    /// election timeout has passed since the leader was last heard), but stands itself
+    /// only after three times that without a leader's append: a full node nearly always
+    /// wins first, and the witness still stands when only it can win (raft-store/DESIGN.md,
+    /// "Pair plus witness").
     pub fn for_witness(mut self) -> Self {
-        self.election_timeout_min *= 3;
-        self.election_timeout_max *= 3;
+        self.stand_after = Some(self.election_timeout_max * 3);
         self
     }
 
@@ -241,6 +248,47 @@ pub struct Replica {
     blocked: Arc<std::sync::RwLock<Option<String>>>,
     /// The questions [`Replica::catch_up`] asks the leader.
     barrier: Arc<barrier::Barrier>,
+    /// When a leader's AppendEntries was last taken: ms since `started`.
+    leader_heard_ms: Arc<AtomicU64>,
+    started: tokio::time::Instant,
+}
+
+/// A witness's elections (`RaftSettings::stand_after`): off while a leader's appends
+/// arrive, on once none has for `after`, and on while it leads. Not openraft's
+/// `current_leader`: that stays on a dead leader while this node refuses a candidate whose
+/// log is shorter, the very case in which only this node can win.
+async fn stand_when_leaderless(
+    raft: Raft<TypeConfig>,
+    heard_ms: Arc<AtomicU64>,
+    started: tokio::time::Instant,
+    after: Duration,
+    every: Duration,
+) {
+    let mut standing = false;
+    loop {
+        tokio::time::sleep(every).await;
+        let (running, leading) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (m.running_state.is_ok(), m.state == ServerState::Leader)
+        };
+        if !running {
+            return;
+        }
+        let heard = Duration::from_millis(heard_ms.load(Ordering::Relaxed));
+        let quiet = started.elapsed().saturating_sub(heard);
+        let stand = leading || quiet >= after;
+        if stand != standing {
+            if stand && !leading {
+                tracing::info!(
+                    quiet_ms = quiet.as_millis() as u64,
+                    "no leader's append for a while: this witness stands for election too"
+                );
+            }
+            raft.runtime_config().elect(stand);
+            standing = stand;
+        }
+    }
 }
 
 pub(crate) fn map_write_error(e: RaftError<NodeId, ClientWriteError<NodeId, NodeInfo>>) -> Error {
@@ -302,6 +350,17 @@ impl Replica {
             linger: settings.batch_linger,
         };
         tokio::spawn(batcher.run(queue.clone(), settings.max_in_flight));
+        let (leader_heard_ms, started) = (Arc::new(AtomicU64::new(0)), tokio::time::Instant::now());
+        if let Some(after) = settings.stand_after {
+            raft.runtime_config().elect(false);
+            tokio::spawn(stand_when_leaderless(
+                raft.clone(),
+                leader_heard_ms.clone(),
+                started,
+                after,
+                settings.heartbeat,
+            ));
+        }
         Ok(Replica {
             id,
             raft,
@@ -315,6 +374,8 @@ impl Replica {
             db,
             blocked: Arc::default(),
             barrier: Arc::default(),
+            leader_heard_ms,
+            started,
         })
     }
 
@@ -324,6 +385,12 @@ impl Replica {
 
     pub fn propose_timeout(&self) -> Duration {
         self.propose_timeout
+    }
+
+    /// Records that the current leader's AppendEntries was just taken.
+    pub fn note_leader_heard(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.leader_heard_ms.fetch_max(now, Ordering::Relaxed);
     }
 
     /// Records the commit index a leader sent with AppendEntries.
