@@ -689,6 +689,58 @@ pub fn accept_tls(
     (incoming, accept_loop)
 }
 
+/// Serves every connection `incoming` yields (from [`accept_tls`], whose `accept_loop` it
+/// ends) with `serve`, each on a task of its own, until `stop` completes; then it accepts
+/// no more and waits for every connection, which `serve` finishes through
+/// [`until_stopped`] and the receiver it is given.
+pub async fn serve_each<S, Fut>(
+    mut incoming: impl tokio_stream::Stream<Item = std::io::Result<Admitted<S>>> + Unpin,
+    accept_loop: tokio::task::JoinHandle<()>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    mut serve: impl FnMut(Admitted<S>, tokio::sync::watch::Receiver<bool>) -> Fut,
+) where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stop.await;
+        let _ = stopping.send(true);
+    });
+    let mut connections = tokio::task::JoinSet::new();
+    let mut until_stop = stopped.clone();
+    loop {
+        let admitted = tokio::select! {
+            _ = async { drop(until_stop.wait_for(|s| *s).await) } => break,
+            next = tokio_stream::StreamExt::next(&mut incoming) => match next {
+                Some(Ok(admitted)) => admitted,
+                Some(Err(_)) => continue,
+                None => break,
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        connections.spawn(serve(admitted, stopped.clone()));
+    }
+    accept_loop.abort();
+    while connections.join_next().await.is_some() {}
+}
+
+/// Runs `connection` to its end, unless `stopped` turns true first: then `graceful` asks
+/// it to finish the request it is on, and it runs until it has.
+pub async fn until_stopped<C: std::future::Future>(
+    connection: C,
+    graceful: impl FnOnce(std::pin::Pin<&mut C>),
+    mut stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    tokio::pin!(connection);
+    tokio::select! {
+        _ = connection.as_mut() => {}
+        _ = async { drop(stopped.wait_for(|s| *s).await) } => {
+            graceful(connection.as_mut());
+            let _ = connection.await;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

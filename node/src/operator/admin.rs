@@ -1524,49 +1524,22 @@ pub fn serve(
     listener.set_nonblocking(true).map_err(bind)?;
     let listener = tokio::net::TcpListener::from_std(listener).map_err(bind)?;
     Ok(Box::pin(async move {
-        let (mut incoming, accept_loop) =
+        let (incoming, accept_loop) =
             tandem_raft_store::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "admin API");
         let service = warp::service(routes);
-        let (stopping, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            stop.await;
-            let _ = stopping.send(true);
-        });
         // Each connection is served on its own, so that each gets a deadline for its
         // request headers: anyone can complete a handshake here and then send nothing, and
         // such a connection would otherwise keep its place among the listener's
         // established ones (`tandem_raft_store::tls::MAX_ESTABLISHED`) for ever. On stop
         // each finishes the request it is on, then closes.
-        let mut connections = tokio::task::JoinSet::new();
-        let mut until_stop = stopped.clone();
-        loop {
-            let admitted = tokio::select! {
-                _ = async { drop(until_stop.wait_for(|s| *s).await) } => break,
-                next = tokio_stream::StreamExt::next(&mut incoming) => match next {
-                    Some(Ok(admitted)) => admitted,
-                    Some(Err(_)) => continue,
-                    None => break,
-                },
-            };
-            while connections.try_join_next().is_some() {}
-            let (service, mut stopped) = (service.clone(), stopped.clone());
-            connections.spawn(async move {
-                let served = hyper::server::conn::Http::new()
-                    .http1_only(true)
-                    .http1_header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(admitted, service);
-                tokio::pin!(served);
-                tokio::select! {
-                    _ = served.as_mut() => {}
-                    _ = async { drop(stopped.wait_for(|s| *s).await) } => {
-                        served.as_mut().graceful_shutdown();
-                        let _ = served.await;
-                    }
-                }
-            });
-        }
-        accept_loop.abort();
-        while connections.join_next().await.is_some() {}
+        tandem_raft_store::tls::serve_each(incoming, accept_loop, stop, |admitted, stopped| {
+            let served = hyper::server::conn::Http::new()
+                .http1_only(true)
+                .http1_header_read_timeout(HEADER_TIMEOUT)
+                .serve_connection(admitted, service.clone());
+            tandem_raft_store::tls::until_stopped(served, |c| c.graceful_shutdown(), stopped)
+        })
+        .await;
     }))
 }
 

@@ -591,27 +591,12 @@ pub async fn serve(
         context.network.clone(),
         context.join_members.clone(),
     ));
-    let (mut incoming, accept_loop) =
+    let (incoming, accept_loop) =
         crate::tls::accept_tls(listener, acceptor, HANDSHAKE_TIMEOUT, "Raft listener");
-    let (stopping, stopped) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        stop.await;
-        let _ = stopping.send(true);
-    });
     // Each connection is served on its own, so its routes know whose certificate it
     // carries; on stop each finishes the request it is on, then closes.
-    let mut connections = tokio::task::JoinSet::new();
-    let mut until_stop = stopped.clone();
-    loop {
-        let (stream, slot) = tokio::select! {
-            _ = async { drop(until_stop.wait_for(|s| *s).await) } => break,
-            next = tokio_stream::StreamExt::next(&mut incoming) => match next {
-                Some(Ok(admitted)) => admitted.into_parts(),
-                Some(Err(_)) => continue,
-                None => break,
-            },
-        };
-        while connections.try_join_next().is_some() {}
+    crate::tls::serve_each(incoming, accept_loop, stop, |admitted, stopped| {
+        let (stream, slot) = admitted.into_parts();
         let peer = stream
             .get_ref()
             .1
@@ -625,25 +610,16 @@ pub async fn serve(
             peer,
         ));
         let connection = tls.ended_on_removal(stream);
-        let mut stopped = stopped.clone();
-        connections.spawn(async move {
+        async move {
             // The connection's place among the listener's, until it closes.
             let _slot = slot;
             let served = hyper::server::conn::Http::new()
                 .http1_only(true)
                 .serve_connection(connection, service);
-            tokio::pin!(served);
-            tokio::select! {
-                _ = served.as_mut() => {}
-                _ = async { drop(stopped.wait_for(|s| *s).await) } => {
-                    served.as_mut().graceful_shutdown();
-                    let _ = served.await;
-                }
-            }
-        });
-    }
-    accept_loop.abort();
-    while connections.join_next().await.is_some() {}
+            crate::tls::until_stopped(served, |c| c.graceful_shutdown(), stopped).await;
+        }
+    })
+    .await;
 }
 
 /// The routes of one connection, whose certificate names node `peer`.
