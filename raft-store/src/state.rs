@@ -335,12 +335,15 @@ impl ExpiryIndex {
             .map(|(_, k)| &k[..]))
     }
 
-    fn change(&mut self, (k, before, after): &ExpiryChange) {
-        if let Some(at) = before {
-            self.by_time.remove(&(*at, k.clone().into_boxed_slice()));
+    /// One key serves the removal and the insertion: no copy of it per change.
+    fn change(&mut self, (k, before, after): ExpiryChange) {
+        let mut entry = (before.unwrap_or(0), k.into_boxed_slice());
+        if before.is_some() {
+            self.by_time.remove(&entry);
         }
         if let Some(at) = after {
-            self.by_time.insert((*at, k.clone().into_boxed_slice()));
+            entry.0 = at;
+            self.by_time.insert(entry);
         }
     }
 }
@@ -524,7 +527,7 @@ impl StateReader {
 
     /// Called by the state machine once a write that changed bindings' expiries is
     /// visible in RocksDB.
-    pub(crate) fn expiries_changed(&self, changes: &[ExpiryChange]) {
+    pub(crate) fn expiries_changed(&self, changes: Vec<ExpiryChange>) {
         let mut index = self.expiries.lock().expect("expiry index");
         for change in changes {
             index.change(change);

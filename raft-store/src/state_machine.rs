@@ -522,7 +522,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.reader.bindings_written(&binding_changes);
         }
         if !expiry_changes.is_empty() {
-            self.reader.expiries_changed(&expiry_changes);
+            self.reader.expiries_changed(expiry_changes);
         }
         if !edge_deltas.is_empty() {
             self.reader.edges_changed(&edge_deltas);
