@@ -340,7 +340,11 @@ impl Table {
                 e.last_used = now;
             }
             if e.last_used > e.queued_at {
-                e.queued_at = now;
+                // Never before its last use: a `now` read on one SIP thread just before
+                // another thread used the entry is earlier than that use, and an entry
+                // queued "before" its last use would be moved back on every visit, so the
+                // walk, which holds the table's lock, would never end.
+                e.queued_at = now.max(e.last_used);
                 e.seq = self.next_seq;
                 self.next_seq += 1;
                 self.queue.push_back((key, e.seq));
@@ -482,8 +486,9 @@ impl Dialogs {
         placer: Placer<'_>,
         records: Option<CallRecords>,
     ) -> Result<(), Refused> {
-        let now = Instant::now();
+        // The clock is read under the lock, so that no entry was used after this `now`.
         let mut t = self.lock();
+        let now = Instant::now();
         t.prune(now);
         let standing = placer.standing();
         let account = match placer {
@@ -705,8 +710,8 @@ impl Dialogs {
     /// overtake the SUBSCRIBE's 2xx) can match, by the subscriber's tag alone. A dialog a
     /// full table evicted is still known, by its Call-ID and either tag.
     pub fn knows(&self, call_id: &str, from_tag: &str, to_tag: &str) -> bool {
-        let now = Instant::now();
         let mut t = self.lock();
+        let now = Instant::now();
         let found = t
             .find(call_id, from_tag, to_tag)
             .map(|(k, _)| k)
@@ -1187,6 +1192,31 @@ mod tests {
             t.gone.len(),
             t.gone_order.len()
         );
+    }
+
+    /// Two SIP threads: one reads the clock for a new call and is preempted before it
+    /// takes the table's lock; the other marks the only dialog used meanwhile. The walk
+    /// that then runs with the earlier clock reading must end (it once moved that entry
+    /// to the back of the queue for ever, holding the lock, and the node's proxy stopped).
+    #[tokio::test(start_paused = true)]
+    async fn a_walk_with_a_clock_read_before_the_entries_last_use_ends() {
+        let d = Arc::new(Dialogs::new(100));
+        answered_call(&d, "c1", 0, "b").unwrap();
+        let before = Instant::now();
+        tokio::time::advance(Duration::from_millis(5)).await;
+        assert!(d.knows("c1", "a", "b"));
+        let walking = d.clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            walking.lock().prune(before);
+            let _ = done.send(());
+        });
+        assert!(
+            finished.recv_timeout(Duration::from_secs(10)).is_ok(),
+            "the walk over the queue did not end"
+        );
+        assert!(d.knows("c1", "a", "b"));
+        assert_eq!(d.count(), 1);
     }
 
     #[tokio::test(start_paused = true)]
