@@ -4,8 +4,9 @@
 //! phone sees (423, queries, removal), racing REGISTERs of one AOR, registrations without
 //! quorum (answered, kept alive by NAT keepalives, and replayed when it returns), nonces
 //! through a key rotation and a rolling restart, logins opened ahead of use (a change to
-//! one account drops its own alone), and a sweep of lapsed bindings that
-//! writes nothing while nothing lapsed.
+//! one account drops its own alone), a sweep of lapsed bindings that writes nothing
+//! while nothing lapsed, and an account created a moment ago through another node
+//! registering at once through a follower that has not applied it yet.
 
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tandem_failover_tests::cluster::{
     bindings, http, metric, wait_logins_opened, Cluster, MemberRole,
 };
 use tandem_failover_tests::ua::Ua;
-use tandem_failover_tests::{describe, sipp_scenario, Node, Wait};
+use tandem_failover_tests::{describe, sipp_scenario, slow_disk, Node, Wait};
 
 /// Creates customer `acme` and account `user@example.com` through the admin API.
 fn add_account(admin: std::net::SocketAddr, token: &str, user: &str, password: &str) {
@@ -364,6 +365,102 @@ fn a_binding_made_through_one_node_is_on_every_node_and_a_nonce_is_good_on_its_n
         &format!("Authorization: {auth}\r\n"),
     );
     assert_eq!(replay.status, 401, "{}", replay.text);
+}
+
+/// An account created through the leader a moment ago registers at once through a
+/// follower that has not applied it yet: the follower catches up with the leader before it
+/// answers "no such account" (and before it counts a guess). The follower's disk is slowed
+/// so that the moment lasts. A guess proves nothing and asks the leader nothing unless it
+/// answers a nonce issued to its address, and then costs one question at most.
+#[test]
+fn an_account_created_through_the_leader_registers_at_once_through_a_follower_behind_it() {
+    let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
+    let follower = cluster.member(if leader == 1 { 2 } else { 1 });
+    follower.sigterm();
+    if follower.wait_exit(Duration::from_secs(10)).is_none() {
+        cluster.panic_with_logs("the follower did not stop on SIGTERM");
+    }
+    // Under one heartbeat (100 ms), so the leader keeps it in step, a few syncs behind.
+    let env = slow_disk::environment(&follower.dir, 80);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    follower.start_env(&env);
+    follower.wait_healthy();
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let admin = cluster.member(leader).admin_addr;
+    // The domain, served everywhere first: only the account is new below.
+    add_account(admin, &token, "first", "pw-first");
+    cluster.wait_caught_up(follower.id, Duration::from_secs(10));
+    let node = follower.sip_addr();
+    let questions = || {
+        metric(follower.admin_addr, "tandem_raft_catch_up_questions_total").unwrap_or_else(|| {
+            cluster.panic_with_logs("no tandem_raft_catch_up_questions_total in /metrics")
+        })
+    };
+    let md5 = |reply: &tandem_failover_tests::ua::Reply| {
+        reply
+            .headers("WWW-Authenticate")
+            .into_iter()
+            .find(|c| c.contains("MD5"))
+            .unwrap_or_else(|| panic!("no MD5 challenge in:\n{}", reply.text))
+    };
+
+    // The phone is challenged by the follower, its account is created through the
+    // leader, and its answer reaches the follower at once.
+    let mut ua = Ua::new("127.0.0.1", "newcomer", "example.com", "pw-newcomer");
+    let contact = format!("<{}>", ua.contact());
+    let challenge = ua.register_once(node, Some(&contact), Some(300), "");
+    assert_eq!(challenge.status, 401, "{}", challenge.text);
+    let before = questions();
+    add_account(admin, &token, "newcomer", "pw-newcomer");
+    let auth = ua.authorization(&md5(&challenge), "REGISTER", "sip:example.com", 1);
+    let r = ua.register_once(
+        node,
+        Some(&contact),
+        Some(300),
+        &format!("Authorization: {auth}\r\n"),
+    );
+    if r.status != 200 {
+        cluster.panic_with_logs(&format!(
+            "a REGISTER right after its account was created got:\n{}",
+            r.text
+        ));
+    }
+    assert!(
+        questions() > before,
+        "the follower asked the leader nothing: it had the account already, so this test \
+         did not test the lag"
+    );
+
+    // A guess on a nonce nobody issued proves nothing and asks nothing.
+    let mut guesser = Ua::new("127.0.0.1", "nobody", "example.com", "a-guess");
+    let contact = format!("<{}>", guesser.contact());
+    let before = questions();
+    let forged =
+        r#"Digest realm="example.com", nonce="0123456789abcdef", algorithm=MD5, qop="auth""#;
+    let auth = guesser.authorization(forged, "REGISTER", "sip:example.com", 1);
+    let r = guesser.register_once(
+        node,
+        Some(&contact),
+        Some(300),
+        &format!("Authorization: {auth}\r\n"),
+    );
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert_eq!(
+        questions(),
+        before,
+        "a forged nonce made the follower ask the leader"
+    );
+    // Guesses answering real challenges: refused, one question each at most.
+    for _ in 0..5 {
+        let r = guesser.register(node, "MD5", Some(&contact), Some(300));
+        assert_eq!(r.status, 401, "{}", r.text);
+    }
+    let asked = questions() - before;
+    assert!(
+        asked <= 5.0,
+        "5 guesses on real nonces asked the leader {asked} questions"
+    );
 }
 
 #[test]

@@ -40,6 +40,10 @@ const STANDALONE_ADDR: &str = "standalone";
 const PROMOTE_EVERY: Duration = Duration::from_millis(300);
 /// How long a member may take to answer a status or key question.
 const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a SIP request that this replica's lag could explain (no binding for a call,
+/// no account for credentials) waits for the replica to catch up with the leader before
+/// it is answered: a round trip and an apply, with room for a slow link.
+pub const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
 
 /// How much longer than a member's own bound the asker waits for it to drop its history.
 const DROP_HISTORY_SLACK: Duration = Duration::from_secs(30);

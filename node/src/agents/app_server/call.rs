@@ -261,7 +261,7 @@ async fn serve(
 }
 
 /// The local account placing `invite`, or the answer that challenges or refuses it.
-pub fn authenticate(
+pub async fn authenticate(
     app: &AppServer,
     invite: &Message,
     flow: &Flow,
@@ -276,6 +276,7 @@ pub fn authenticate(
     match app
         .auth
         .authenticate(invite, flow.remote.ip(), &user, &domain, Challenge::Proxy)
+        .await
     {
         Authenticated::Account(a) => Ok(a),
         Authenticated::Refused(r) => Err(r),

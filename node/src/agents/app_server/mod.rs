@@ -299,8 +299,9 @@ impl AppServer {
     }
 
     /// Checks a new INVITE and starts its call. Everything that refuses it (the caller's
-    /// credentials first) is decided here, statelessly, before any state is kept.
-    fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
+    /// credentials first) is decided here, statelessly, before any state is kept. It waits
+    /// only when credentials need this replica to catch up (`Authenticator::authenticate`).
+    async fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         // A trusted trunk's call for a number, whatever its From claims (a PBX may send
         // its users' local addresses): made as the trunk's account, without digest.
@@ -338,13 +339,13 @@ impl AppServer {
                 return refuse(Refusal::new(404, "Not Found"));
             };
             if self.caller_claims_local(&request) {
-                if let Err(r) = call::authenticate(&self, &request, &flow) {
+                if let Err(r) = call::authenticate(&self, &request, &flow).await {
                     return refuse(r);
                 }
             }
             return self.start_call(request, flow, tx, Arc::new(callee), call::Direction::Local);
         }
-        let account = match call::authenticate(&self, &request, &flow) {
+        let account = match call::authenticate(&self, &request, &flow).await {
             Ok(a) => a,
             Err(r) => return refuse(r),
         };
@@ -610,7 +611,7 @@ impl Agent for AppServer {
             return;
         }
         if let Some(tx) = tx {
-            self.spawn_call(request, flow, tx);
+            crate::agents::run_or_spawn(self.spawn_call(request, flow, tx));
         }
     }
 

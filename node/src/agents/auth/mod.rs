@@ -30,7 +30,7 @@ use crate::agents::auth::digest::{
 };
 use crate::agents::Refusal;
 use crate::clock::now_ms;
-use crate::cluster::ClusterNode;
+use crate::cluster::{ClusterNode, CATCH_UP_WITHIN};
 use crate::stack::stats::Stats;
 use crate::stack::transport::{user_agent_matches, OwnAddrs};
 
@@ -705,7 +705,16 @@ impl Authenticator {
     /// no account or do not check out. Anything else (a forged or foreign nonce, one
     /// without qop, an old one) needs no answer from the node to be sent, so from a
     /// spoofed source it would let anyone lock out any office; it only gets a challenge.
-    pub fn authenticate(
+    ///
+    /// Such a failure may also be this replica's lag: an account created (or its password
+    /// changed) through another node a moment ago reaches a follower a heartbeat later,
+    /// and a phone set up right then would be refused, and counted as guessing. So before
+    /// it is answered, a follower catches up with the leader (`Replica::catch_up`) and
+    /// checks once more. Only a sender that proved a round trip can cause that, and
+    /// questions to the leader are shared by every request that waits meanwhile, so a
+    /// scanner guessing names costs the leader at most one question per round trip, and
+    /// its guesses still count toward its lockout.
+    pub async fn authenticate(
         &self,
         request: &Message,
         ip: IpAddr,
@@ -713,6 +722,37 @@ impl Authenticator {
         domain: &str,
         kind: Challenge,
     ) -> Authenticated {
+        if let Some(answer) = self.attempt(request, ip, user, domain, kind, true) {
+            return answer;
+        }
+        if self.cluster.health().degraded.is_none() {
+            self.cluster.replica.catch_up(CATCH_UP_WITHIN).await;
+        }
+        self.attempt(request, ip, user, domain, kind, false)
+            .unwrap_or_else(|| {
+                Authenticated::Refused(self.challenge(
+                    request,
+                    kind,
+                    domain,
+                    &nonce_scope(domain, ip),
+                    false,
+                ))
+            })
+    }
+
+    /// One check of [`Authenticator::authenticate`] against this replica as it is. With
+    /// `may_catch_up`, credentials on a nonce that proves a round trip that name no
+    /// account here or do not check out give `None`, before anything is counted: the
+    /// caller catches up and asks again, without `may_catch_up`, which always answers.
+    fn attempt(
+        &self,
+        request: &Message,
+        ip: IpAddr,
+        user: &str,
+        domain: &str,
+        kind: Challenge,
+        may_catch_up: bool,
+    ) -> Option<Authenticated> {
         let now = tokio::time::Instant::now();
         let login = (ip, [user, "@", domain].concat());
         let locked = self
@@ -727,10 +767,10 @@ impl Authenticator {
                 .locked(&login, now);
         if locked {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
-            return Authenticated::Refused(Refusal::new(
+            return Some(Authenticated::Refused(Refusal::new(
                 403,
                 "Forbidden (too many failed attempts; try again later)",
-            ));
+            )));
         }
         // A refusal that proves nothing about the sender: counted in the metrics only.
         let refuse = |a: Refusal| {
@@ -765,7 +805,9 @@ impl Authenticator {
             .filter_map(|h| Credentials::from_header(h).ok())
             .find(|c| c.realm == domain && self.algorithms.contains(&c.algorithm))
         else {
-            return Authenticated::Refused(self.challenge(request, kind, domain, &scope, false));
+            return Some(Authenticated::Refused(
+                self.challenge(request, kind, domain, &scope, false),
+            ));
         };
         // One clock reading for the nonce's lifetime and its replay record: read twice, a
         // nonce found alive at the end of its last second could have its record dropped as
@@ -773,17 +815,17 @@ impl Authenticator {
         let now = now_ms() / 1000;
         let nonce = self.nonces.check(&creds.nonce, &scope, now);
         if nonce == NonceCheck::Invalid {
-            return refuse(self.challenge(request, kind, domain, &scope, false));
+            return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
         }
         let Some((_, nc, _)) = &creds.qop else {
-            return refuse(self.challenge(request, kind, domain, &scope, false));
+            return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
         };
         // The credentials are for this request, not another one they were captured from
         // (RFC 3261 §22.4: `uri` is the Request-URI): else a captured INVITE's answer
         // would place a call to any number.
         if !digest_uri_matches(&creds.uri, request.uri(), &self.own) {
             tracing::info!(user = %creds.username, %domain, uri = %creds.uri, "authentication failed: digest uri is not the Request-URI");
-            return refuse(self.challenge(request, kind, domain, &scope, false));
+            return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
         }
         // A stale nonce (old, or another node's) issued to this address proves a round
         // trip too. Not counting wrong credentials on one would leave a password oracle
@@ -793,6 +835,11 @@ impl Authenticator {
             NonceCheck::Invalid => refuse(a),
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
+        // A refusal this replica's lag could explain is asked again once caught up (see
+        // `authenticate`); the leader is never behind.
+        let catch_up_first = may_catch_up
+            && matches!(nonce, NonceCheck::Fresh(_) | NonceCheck::Stale)
+            && !self.cluster.replica.is_leader();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
             Lookup::Ready(account, ha1) => (account, ha1),
             Lookup::Sealed => {
@@ -800,21 +847,27 @@ impl Authenticator {
                 // it was sealed with. Every login of this account fails until that is fixed.
                 tracing::error!(user = %creds.username, %domain, algorithm = creds.algorithm.name(),
                     "cannot open the account's HA1: is every key in this node's key file?");
-                return refuse(self.challenge(request, kind, domain, &scope, false));
+                return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
             }
+            Lookup::Missing if catch_up_first => return None,
             Lookup::Missing => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
-                return wrong(self.challenge(request, kind, domain, &scope, false));
+                return Some(wrong(self.challenge(request, kind, domain, &scope, false)));
             }
         };
         if !creds.verify(&ha1, method) {
+            if catch_up_first {
+                return None;
+            }
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
-            return wrong(self.challenge(request, kind, domain, &scope, false));
+            return Some(wrong(self.challenge(request, kind, domain, &scope, false)));
         }
         // stale=true only for right credentials on a nonce this node will not take (RFC
         // 7616 §3.3): an old one, another node's, or one it can no longer vouch for.
         let NonceCheck::Fresh(issued) = nonce else {
-            return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
+            return Some(Authenticated::Refused(
+                self.challenge(request, kind, domain, &scope, true),
+            ));
         };
         // What tells this request from another one on the same count: the transaction's
         // key (RFC 3261 §17.2.3) with the Call-ID and CSeq.
@@ -842,11 +895,13 @@ impl Authenticator {
             // absorb, and a copy that outlived it is a replay.
             Replay::Retransmission if kind == Challenge::Registrar => {}
             Replay::Forgotten => {
-                return Authenticated::Refused(self.challenge(request, kind, domain, &scope, true));
+                return Some(Authenticated::Refused(
+                    self.challenge(request, kind, domain, &scope, true),
+                ));
             }
             Replay::Replayed | Replay::Retransmission => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: replayed nonce count");
-                return refuse(self.challenge(request, kind, domain, &scope, false));
+                return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
             }
         }
         if creds.username != user {
@@ -854,15 +909,15 @@ impl Authenticator {
                 Challenge::Registrar => "register",
                 Challenge::Proxy => "send as",
             };
-            return refuse(Refusal::new(
+            return Some(refuse(Refusal::new(
                 403,
                 format!("Forbidden ({} may not {verb} {user})", creds.username),
-            ));
+            )));
         }
         if !account.enabled {
-            return refuse(Refusal::new(403, "Forbidden (account disabled)"));
+            return Some(refuse(Refusal::new(403, "Forbidden (account disabled)")));
         }
-        Authenticated::Account(account)
+        Some(Authenticated::Account(account))
     }
 }
 

@@ -73,14 +73,10 @@ use crate::agents::proxy::flow_token::{FlowTokens, Token, TokenKind, DIALOG_TOKE
 use crate::agents::{Agent, Refusal, Stack};
 use crate::clock::now_ms;
 use crate::cluster::peers::{sip_addr, PeerMonitor};
-use crate::cluster::ClusterNode;
+use crate::cluster::{ClusterNode, CATCH_UP_WITHIN};
 use crate::stack::transaction::{ClientEvent, EventSink, LayerHandle, TxId};
 use crate::stack::transport::{next_hop, transport_param, OwnAddrs};
 use crate::stack::transport::{Flow, TransportKind, Transports};
-
-/// How long a lookup that found no binding waits for this replica to catch up with the
-/// leader before it answers 480: a round trip and an apply, with room for a slow link.
-const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
 
 /// Proxy settings.
 #[derive(Clone, Debug)]
@@ -472,10 +468,12 @@ impl Proxy {
             // choosing elsewhere would make the cluster a relay for anyone with an
             // account, past its dialplans and its provider accounts' rules.
             if self.names_member(&next) {
-                self.authorize_outbound(&request, &flow).map(|account| {
-                    caller = account;
-                    Target::only(Hop::Uri(next))
-                })
+                self.authorize_outbound(&request, &flow)
+                    .await
+                    .map(|account| {
+                        caller = account;
+                        Target::only(Hop::Uri(next))
+                    })
             } else {
                 Err(Refusal::new(
                     403,
@@ -656,7 +654,7 @@ impl Proxy {
 
     /// A new request with a route of its own to another member: allowed for local accounts
     /// that authenticate.
-    fn authorize_outbound(
+    async fn authorize_outbound(
         &self,
         request: &Message,
         flow: &Flow,
@@ -671,10 +669,11 @@ impl Proxy {
             return Err(Refusal::new(403, "Forbidden (relaying denied)"));
         }
         self.authenticate_caller(request, flow, &from, &domain)
+            .await
             .map(Some)
     }
 
-    fn authenticate_caller(
+    async fn authenticate_caller(
         &self,
         request: &Message,
         flow: &Flow,
@@ -685,6 +684,7 @@ impl Proxy {
         match self
             .auth
             .authenticate(request, flow.remote.ip(), &user, domain, Challenge::Proxy)
+            .await
         {
             Authenticated::Account(a) => Ok(Caller {
                 name: tandem_raft_store::command::account_aor(&a.user, &a.domain),
@@ -731,7 +731,10 @@ impl Proxy {
         if let Some(from) = &from {
             let domain = from.host.canonical();
             if reader.serves_domain(&domain).unwrap_or(false) && method != Method::Ack {
-                caller = Some(self.authenticate_caller(request, flow, from, &domain)?);
+                caller = Some(
+                    self.authenticate_caller(request, flow, from, &domain)
+                        .await?,
+                );
             }
         }
         let Some((user, domain)) = self.local_target(request) else {

@@ -732,13 +732,17 @@ impl Registrar {
                 format!("Forbidden ({domain} is not a domain served here)"),
             )));
         }
-        let account = match self.auth.authenticate(
-            request,
-            flow.remote.ip(),
-            &user,
-            &domain,
-            Challenge::Registrar,
-        ) {
+        let account = match self
+            .auth
+            .authenticate(
+                request,
+                flow.remote.ip(),
+                &user,
+                &domain,
+                Challenge::Registrar,
+            )
+            .await
+        {
             Authenticated::Account(a) => a,
             Authenticated::Refused(a) => return Err(reply(a)),
         };
