@@ -22,7 +22,8 @@ use tempfile::TempDir;
 
 use crate::netns::{member_ip, Lab};
 use crate::{
-    describe, fail, show_logs_if_failing, tandem_bin, tandem_command, Deadline, LogFile, Logs, Wait,
+    describe, fail, fail_if_a_sip_thread_stalled, show_logs_if_failing, tandem_bin, tandem_command,
+    Deadline, LogFile, Logs, Wait,
 };
 
 /// The admin token every member shares.
@@ -856,6 +857,7 @@ impl Logs for Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         show_logs_if_failing(self);
+        fail_if_a_sip_thread_stalled(self);
     }
 }
 

@@ -317,6 +317,32 @@ fn show_logs_if_failing(logs: &dyn Logs) {
     }
 }
 
+/// What a node logs when one of its SIP threads stopped running (node/src/stack/shard.rs).
+/// That is a bug wherever it shows, and the calls it stops may not be the ones a test
+/// checks, so the drop guards fail a test whose nodes logged it.
+const STALLED_THREAD_LINE: &str = "a SIP thread has not run for";
+
+/// For drop guards of a test that has not failed otherwise: fails it if one of the nodes
+/// in `logs` logged a stalled SIP thread.
+fn fail_if_a_sip_thread_stalled(logs: &dyn Logs) {
+    if std::thread::panicking() {
+        return;
+    }
+    for file in logs.log_files() {
+        let text = std::fs::read_to_string(&file.path).unwrap_or_default();
+        if text.contains(STALLED_THREAD_LINE) {
+            fail(
+                logs,
+                &format!(
+                    "{} logged a stalled SIP thread (\"{STALLED_THREAD_LINE} …\"): the calls \
+                     of that thread got no answer while it lasted",
+                    file.name
+                ),
+            );
+        }
+    }
+}
+
 /// The `tandem` binary under test: `$TANDEM_BIN`, else `tandem` in the target directory
 /// this test executable was built into (`<target>/debug/deps/<test>` → `<target>/debug/tandem`).
 pub fn tandem_bin() -> PathBuf {
@@ -672,6 +698,7 @@ impl Drop for Node {
         let child = self.child.get_mut().unwrap_or_else(|p| p.into_inner());
         let _ = child.kill();
         let _ = child.wait();
+        fail_if_a_sip_thread_stalled(self);
     }
 }
 

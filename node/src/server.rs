@@ -330,6 +330,9 @@ impl Node {
         );
         let active = stack.layer.active();
         self.drain.watch_transactions(active.clone());
+        tasks
+            .tracker
+            .spawn(threads.watch(self.stats.clone(), tasks.stop.clone()));
 
         let peers = self.peers.clone();
         if let Some(via) = own.udp.first().copied() {

@@ -794,7 +794,7 @@ impl Admin {
         let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         // (name, help, type, value): the single-valued metrics.
-        let simple: [(&str, &str, &str, u64); 43] = [
+        let simple: [(&str, &str, &str, u64); 44] = [
             ("tandem_ready", "1 while /ready says this node is ready; 0 with the reason on /ready (no quorum, a full disk, Raft stopped on a storage error, catching up).", "gauge", u64::from(self.cluster.readiness().is_ok())),
             ("tandem_raft_term", "Current Raft term.", "gauge", m.current_term),
             ("tandem_raft_is_leader", "1 while this node is the Raft leader.", "gauge", u64::from(replica.is_leader())),
@@ -824,6 +824,7 @@ impl Admin {
             ("tandem_proxy_dialogs_evicted_total", "Dialogs the full table evicted to make room for new ones, each unused for sip.dialog_evict_idle_secs (most likely their BYE was lost).", "counter", self.drain.evicted_dialogs()),
             ("tandem_proxy_dialogs_refused_total", "Calls and subscriptions answered 503 (by the proxy or the app server) because the dialog table was full of dialogs their placer may not evict.", "counter", self.drain.refused_dialogs()),
             ("tandem_sip_connections_refused_total", "TCP and TLS connections refused by the node-wide or per-address limit.", "counter", load(&s.connections_refused)),
+            ("tandem_sip_thread_stalls_total", "SIP threads found not running for 5 s (a bug: the calls of such a thread get no answer while it lasts; the log names it).", "counter", load(&s.sip_thread_stalls)),
             ("tandem_sip_scanners_dropped_total", "Requests from known scanner User-Agents, dropped unanswered.", "counter", load(&s.scanners_dropped)),
             ("tandem_sip_flood_addresses", "Source addresses the flood limit tracks: buckets (at most 100000) plus bans (at most 100000).", "gauge", load(&s.flood_addresses)),
             ("tandem_sip_flood_bans_total", "Bans the flood limit started: an address sent more than sip.flood_requests_per_sec.", "counter", load(&s.flood_bans)),

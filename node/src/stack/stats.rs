@@ -67,6 +67,8 @@ pub struct Stats {
     /// New calls refused because the calling account had `max_concurrent_calls` calls.
     pub call_limit_refusals: AtomicU64,
     pub sends_dropped: AtomicU64,
+    /// SIP threads found stalled ([`crate::stack::shard::ShardThreads::watch`]).
+    pub sip_thread_stalls: AtomicU64,
     pub retransmissions_absorbed: AtomicU64,
     /// Requests refused by digest authentication (wrong, stale-invalid or replayed
     /// credentials, or not allowed for the account); plain challenges do not count.
