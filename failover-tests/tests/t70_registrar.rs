@@ -371,7 +371,8 @@ fn a_binding_made_through_one_node_is_on_every_node_and_a_nonce_is_good_on_its_n
 /// follower that has not applied it yet: the follower catches up with the leader before it
 /// answers "no such account" (and before it counts a guess). The follower's disk is slowed
 /// so that the moment lasts. A guess proves nothing and asks the leader nothing unless it
-/// answers a nonce issued to its address, and then costs one question at most.
+/// answers a nonce issued to its address, and then costs one question at most and counts
+/// once toward the lockout.
 #[test]
 fn an_account_created_through_the_leader_registers_at_once_through_a_follower_behind_it() {
     let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
@@ -451,16 +452,19 @@ fn an_account_created_through_the_leader_registers_at_once_through_a_follower_be
         before,
         "a forged nonce made the follower ask the leader"
     );
-    // Guesses answering real challenges: refused, one question each at most.
-    for _ in 0..5 {
+    // Guesses answering real challenges: refused, one question each at most, and each
+    // counted once toward the account's lockout at this address (20 guesses).
+    for i in 0..20 {
         let r = guesser.register(node, "MD5", Some(&contact), Some(300));
-        assert_eq!(r.status, 401, "{}", r.text);
+        assert_eq!(r.status, 401, "guess {}: {}", i + 1, r.text);
     }
     let asked = questions() - before;
     assert!(
-        asked <= 5.0,
-        "5 guesses on real nonces asked the leader {asked} questions"
+        asked <= 20.0,
+        "20 guesses on real nonces asked the leader {asked} questions"
     );
+    let r = guesser.register(node, "MD5", Some(&contact), Some(300));
+    assert_eq!(r.status, 403, "the 21st guess: {}", r.text);
 }
 
 #[test]

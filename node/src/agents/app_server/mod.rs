@@ -302,6 +302,8 @@ impl AppServer {
     /// credentials first) is decided here, statelessly, before any state is kept. It waits
     /// only when credentials need this replica to catch up (`Authenticator::authenticate`).
     async fn spawn_call(self: Arc<Self>, request: Message, flow: Flow, tx: TxId) {
+        // A CANCEL that comes while the caller's credentials wait finds the call here.
+        let pending = Pending::new(&self, tx);
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         // A trusted trunk's call for a number, whatever its From claims (a PBX may send
         // its users' local addresses): made as the trunk's account, without digest.
@@ -311,7 +313,7 @@ impl AppServer {
             None
         };
         if let Some(account) = trunk {
-            return self.start_outbound(request, flow, tx, account);
+            return self.start_outbound(request, flow, tx, account, pending);
         }
         if !self.caller_claims_local(&request) && self.leaves(&request) {
             // From outside, for a number, and not from a trunk: the caller hears what
@@ -342,14 +344,27 @@ impl AppServer {
                 if let Err(r) = call::authenticate(&self, &request, &flow).await {
                     return refuse(r);
                 }
+                if pending.token.is_cancelled() {
+                    return refuse(Refusal::new(487, "Request Terminated"));
+                }
             }
-            return self.start_call(request, flow, tx, Arc::new(callee), call::Direction::Local);
+            return self.start_call(
+                request,
+                flow,
+                tx,
+                Arc::new(callee),
+                call::Direction::Local,
+                pending,
+            );
         }
         let account = match call::authenticate(&self, &request, &flow).await {
             Ok(a) => a,
             Err(r) => return refuse(r),
         };
-        self.start_outbound(request, flow, tx, account);
+        if pending.token.is_cancelled() {
+            return refuse(Refusal::new(487, "Request Terminated"));
+        }
+        self.start_outbound(request, flow, tx, account, pending);
     }
 
     /// A call out, made as `account`: the number must be plain.
@@ -359,6 +374,7 @@ impl AppServer {
         flow: Flow,
         tx: TxId,
         account: Arc<Account>,
+        pending: Pending,
     ) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         let user = request
@@ -373,23 +389,32 @@ impl AppServer {
                 "Address Incomplete (a number is up to 32 of 0-9 A-Z a-z + * . - _)",
             ));
         }
-        self.start_call(request, flow, tx, account, call::Direction::Outbound);
+        self.start_call(
+            request,
+            flow,
+            tx,
+            account,
+            call::Direction::Outbound,
+            pending,
+        );
     }
 
     /// A provider's call to one of the customer's numbers, whose account `callee` has a
     /// dialplan (`ProviderInbound` decided both): that dialplan runs.
     pub fn spawn_inbound(self: Arc<Self>, request: Message, flow: Flow, tx: TxId, callee: Account) {
+        let pending = Pending::new(&self, tx);
         self.start_call(
             request,
             flow,
             tx,
             Arc::new(callee),
             call::Direction::Inbound,
+            pending,
         );
     }
 
     /// The checks every new call passes, then its task. `account` is the one whose
-    /// dialplan runs.
+    /// dialplan runs; `pending` is what a CANCEL of its INVITE has reached so far.
     fn start_call(
         self: Arc<Self>,
         request: Message,
@@ -397,6 +422,7 @@ impl AppServer {
         tx: TxId,
         account: Arc<Account>,
         direction: call::Direction,
+        pending: Pending,
     ) {
         let refuse = |r: Refusal| self.layer.respond_stateless(tx, r.response(&request));
         let reader = self.cluster.replica.reader();
@@ -431,11 +457,8 @@ impl AppServer {
             Err(r) => return refuse(r),
         };
         let tokens = guard.tokens.clone();
-        let cancelled = CancellationToken::new();
-        self.ringing
-            .lock()
-            .expect("ringing lock")
-            .insert(tx, cancelled.clone());
+        // From here the call's guard takes the INVITE out of `ringing` when it ends.
+        let cancelled = pending.hand_over();
         tokio::spawn(async move {
             let _guard = guard;
             let _customer = customer_guard;
@@ -546,6 +569,44 @@ struct CallGuard {
     tokens: [String; 2],
     /// The caller's INVITE, while it may be cancelled; none for a callback.
     tx: Option<TxId>,
+}
+
+/// A new call's INVITE, in `ringing` from the moment it is taken, so that a CANCEL that
+/// comes while it is checked (its credentials may wait for this replica to catch up)
+/// reaches it. Taken out again if the call never starts; handed to the call if it does.
+struct Pending {
+    app: Arc<AppServer>,
+    tx: Option<TxId>,
+    token: CancellationToken,
+}
+
+impl Pending {
+    fn new(app: &Arc<AppServer>, tx: TxId) -> Pending {
+        let token = CancellationToken::new();
+        app.ringing
+            .lock()
+            .expect("ringing lock")
+            .insert(tx, token.clone());
+        Pending {
+            app: app.clone(),
+            tx: Some(tx),
+            token,
+        }
+    }
+
+    /// The token a CANCEL sets, leaving the INVITE in `ringing` for the call's guard.
+    fn hand_over(mut self) -> CancellationToken {
+        self.tx = None;
+        self.token.clone()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(tx) = self.tx {
+            self.app.ringing.lock().expect("ringing lock").remove(&tx);
+        }
+    }
 }
 
 impl Drop for CallGuard {

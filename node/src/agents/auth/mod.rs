@@ -131,6 +131,15 @@ pub enum Authenticated {
     Refused(Refusal),
 }
 
+/// Which check of one request [`Authenticator::attempt`] makes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pass {
+    /// The first: a failure this replica's lag could explain is counted and sent to catch up.
+    First,
+    /// After catching up: answers, counting no failure again.
+    CaughtUp,
+}
+
 /// What a nonce is bound to: the realm and the client's IP address, so a nonce (and the
 /// credentials computed with it) is useless from any other address.
 fn nonce_scope(realm: &str, client: IpAddr) -> String {
@@ -708,12 +717,13 @@ impl Authenticator {
     ///
     /// Such a failure may also be this replica's lag: an account created (or its password
     /// changed) through another node a moment ago reaches a follower a heartbeat later,
-    /// and a phone set up right then would be refused, and counted as guessing. So before
-    /// it is answered, a follower catches up with the leader (`Replica::catch_up`) and
-    /// checks once more. Only a sender that proved a round trip can cause that, and
-    /// questions to the leader are shared by every request that waits meanwhile, so a
-    /// scanner guessing names costs the leader at most one question per round trip, and
-    /// its guesses still count toward its lockout.
+    /// and a phone set up right then would be refused. So before it is answered, a
+    /// follower catches up with the leader (`Replica::catch_up`) and checks once more.
+    /// Only a sender that proved a round trip can cause that; questions to the leader are
+    /// shared by every request that waits meanwhile, so a scanner guessing names costs
+    /// the leader at most one question per round trip. The failure counts toward the
+    /// lockout before the wait, so a burst of guesses is locked out as fast as without
+    /// it (a phone caught by the lag spends one of its twenty).
     pub async fn authenticate(
         &self,
         request: &Message,
@@ -722,13 +732,13 @@ impl Authenticator {
         domain: &str,
         kind: Challenge,
     ) -> Authenticated {
-        if let Some(answer) = self.attempt(request, ip, user, domain, kind, true) {
+        if let Some(answer) = self.attempt(request, ip, user, domain, kind, Pass::First) {
             return answer;
         }
         if self.cluster.health().degraded.is_none() {
             self.cluster.replica.catch_up(CATCH_UP_WITHIN).await;
         }
-        self.attempt(request, ip, user, domain, kind, false)
+        self.attempt(request, ip, user, domain, kind, Pass::CaughtUp)
             .unwrap_or_else(|| {
                 Authenticated::Refused(self.challenge(
                     request,
@@ -740,10 +750,11 @@ impl Authenticator {
             })
     }
 
-    /// One check of [`Authenticator::authenticate`] against this replica as it is. With
-    /// `may_catch_up`, credentials on a nonce that proves a round trip that name no
-    /// account here or do not check out give `None`, before anything is counted: the
-    /// caller catches up and asks again, without `may_catch_up`, which always answers.
+    /// One check of [`Authenticator::authenticate`] against this replica as it is. On a
+    /// follower's first pass, credentials on a nonce that proves a round trip that name
+    /// no account here or do not check out are counted as a failure and give `None`: the
+    /// caller catches up and asks again with [`Pass::CaughtUp`], which always answers and
+    /// does not count that failure a second time.
     fn attempt(
         &self,
         request: &Message,
@@ -751,20 +762,23 @@ impl Authenticator {
         user: &str,
         domain: &str,
         kind: Challenge,
-        may_catch_up: bool,
+        pass: Pass,
     ) -> Option<Authenticated> {
         let now = tokio::time::Instant::now();
         let login = (ip, [user, "@", domain].concat());
-        let locked = self
-            .address_failures
-            .lock()
-            .expect("failure limiter")
-            .locked(&ip, now)
-            || self
-                .failures
+        // Checked once per request: the second pass comes after this request's own
+        // failure was counted, which must not turn its answer into the lockout's.
+        let locked = pass == Pass::First
+            && (self
+                .address_failures
                 .lock()
                 .expect("failure limiter")
-                .locked(&login, now);
+                .locked(&ip, now)
+                || self
+                    .failures
+                    .lock()
+                    .expect("failure limiter")
+                    .locked(&login, now));
         if locked {
             self.stats.auth_failures.fetch_add(1, Ordering::Relaxed);
             return Some(Authenticated::Refused(Refusal::new(
@@ -778,7 +792,7 @@ impl Authenticator {
             Authenticated::Refused(a)
         };
         // Wrong credentials on a fresh nonce issued to this address: a real guess.
-        let guessed = |a: Refusal| {
+        let count_guess = || {
             {
                 let mut failures = self.failures.lock().expect("failure limiter");
                 if failures.failed(&login, now) {
@@ -793,7 +807,9 @@ impl Authenticator {
             }
             let keys = failures.len() as u64;
             self.stats.auth_address_keys.store(keys, Ordering::Relaxed);
-            drop(failures);
+        };
+        let guessed = |a: Refusal| {
+            count_guess();
             refuse(a)
         };
         let scope = nonce_scope(domain, ip);
@@ -830,16 +846,16 @@ impl Authenticator {
         // A stale nonce (old, or another node's) issued to this address proves a round
         // trip too. Not counting wrong credentials on one would leave a password oracle
         // without a lockout: stale=true answers only the right password.
-        let wrong = |a: Refusal| match nonce {
-            NonceCheck::Fresh(_) | NonceCheck::Stale => guessed(a),
-            NonceCheck::Invalid => refuse(a),
+        let proven = matches!(nonce, NonceCheck::Fresh(_) | NonceCheck::Stale);
+        let wrong = |a: Refusal| match (proven, pass) {
+            (true, Pass::First) => guessed(a),
+            // Counted on the first pass already.
+            (true, Pass::CaughtUp) | (false, _) => refuse(a),
         };
         let method = request.method().map(Method::as_str).unwrap_or_default();
-        // A refusal this replica's lag could explain is asked again once caught up (see
-        // `authenticate`); the leader is never behind.
-        let catch_up_first = may_catch_up
-            && matches!(nonce, NonceCheck::Fresh(_) | NonceCheck::Stale)
-            && !self.cluster.replica.is_leader();
+        // A refusal this replica's lag could explain is counted, then asked again once
+        // caught up (see `authenticate`); the leader is never behind.
+        let catch_up_first = pass == Pass::First && proven && !self.cluster.replica.is_leader();
         let (account, ha1) = match self.lookup(domain, &creds.username, creds.algorithm) {
             Lookup::Ready(account, ha1) => (account, ha1),
             Lookup::Sealed => {
@@ -849,7 +865,10 @@ impl Authenticator {
                     "cannot open the account's HA1: is every key in this node's key file?");
                 return Some(refuse(self.challenge(request, kind, domain, &scope, false)));
             }
-            Lookup::Missing if catch_up_first => return None,
+            Lookup::Missing if catch_up_first => {
+                count_guess();
+                return None;
+            }
             Lookup::Missing => {
                 tracing::info!(user = %creds.username, %domain, "authentication failed: no such account");
                 return Some(wrong(self.challenge(request, kind, domain, &scope, false)));
@@ -857,6 +876,7 @@ impl Authenticator {
         };
         if !creds.verify(&ha1, method) {
             if catch_up_first {
+                count_guess();
                 return None;
             }
             tracing::info!(user = %creds.username, %domain, "authentication failed: wrong password");
