@@ -493,7 +493,20 @@ impl Ua {
         call_id: &str,
         on_ringing: &mut dyn FnMut(&Ua, &Received),
     ) -> Received {
-        self.invite_giving_up(node, to, call_id, on_ringing, None)
+        self.invite_giving_up(node, to, call_id, on_ringing, None, false)
+            .expect("no give-up time, so a final response")
+    }
+
+    /// [`Ua::invite`] by a caller who sends its CANCEL right behind the INVITE that
+    /// carries its credentials, so that the CANCEL reaches the node while it is still
+    /// checking them. The final response to that INVITE.
+    pub fn invite_cancelled_at_once(
+        &mut self,
+        node: SocketAddr,
+        to: &str,
+        call_id: &str,
+    ) -> Received {
+        self.invite_giving_up(node, to, call_id, &mut |_, _| {}, None, true)
             .expect("no give-up time, so a final response")
     }
 
@@ -507,7 +520,7 @@ impl Ua {
         call_id: &str,
         give_up: Duration,
     ) -> Option<Received> {
-        self.invite_giving_up(node, to, call_id, &mut |_, _| {}, Some(give_up))
+        self.invite_giving_up(node, to, call_id, &mut |_, _| {}, Some(give_up), false)
     }
 
     fn invite_giving_up(
@@ -517,6 +530,7 @@ impl Ua {
         call_id: &str,
         on_ringing: &mut dyn FnMut(&Ua, &Received),
         give_up: Option<Duration>,
+        cancel_at_once: bool,
     ) -> Option<Received> {
         let mut auth = String::new();
         for attempt in 0..2 {
@@ -544,6 +558,9 @@ impl Ua {
             text.push_str(&auth);
             text.push_str("Content-Length: 0\r\n\r\n");
             self.socket.send_to(text.as_bytes(), node).unwrap();
+            if cancel_at_once && !auth.is_empty() {
+                self.cancel(node, to, call_id, attempt);
+            }
             let mut rang = false;
             let deadline = crate::Deadline::after(give_up.unwrap_or(Duration::from_secs(40)));
             let last = loop {

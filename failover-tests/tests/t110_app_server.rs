@@ -8,10 +8,10 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tandem_failover_tests::cluster::{add_account, http, Cluster, MemberRole};
+use tandem_failover_tests::cluster::{add_account, http, metric, Cluster, MemberRole};
 use tandem_failover_tests::kamailio::Kamailio;
 use tandem_failover_tests::ua::{Received, Ua};
-use tandem_failover_tests::{Deadline, Node, Wait};
+use tandem_failover_tests::{slow_disk, Deadline, Node, Wait};
 
 /// The provider: a standalone node serving `provider.test`.
 struct Provider {
@@ -486,6 +486,83 @@ fn the_callers_cancel_reaches_the_number_and_ends_in_487() {
         });
         assert_eq!(r.status(), Some(487), "{}", r.text);
         callee.join().unwrap();
+    });
+}
+
+/// A CANCEL that comes while the caller's credentials wait for a follower to catch up
+/// with the leader (the caller's password was changed through the leader a moment ago, so
+/// the follower's copy refuses it until then) ends the call there: 487, and no call goes
+/// out to the provider. The follower's disk is slowed so that the wait lasts. The fence: a
+/// call placed after the 487 is the first the provider's phone hears of.
+#[test]
+fn a_cancel_while_the_callers_credentials_wait_for_the_leader_ends_the_call() {
+    let provider = Provider::start();
+    let phone = provider.phone();
+    let cluster = form_members(
+        &[MemberRole::Full, MemberRole::Full, MemberRole::Full],
+        &provider_account(&provider),
+        "",
+    );
+    let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
+    let follower = cluster.member(if leader == 1 { 2 } else { 1 });
+    follower.sigterm();
+    if follower.wait_exit(Duration::from_secs(10)).is_none() {
+        cluster.panic_with_logs("the follower did not stop on SIGTERM");
+    }
+    let env = slow_disk::environment(&follower.dir, 80);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    follower.start_env(&env);
+    follower.wait_healthy();
+    cluster.wait_caught_up(follower.id, Duration::from_secs(10));
+    let node = follower.sip_addr();
+    let questions = || {
+        metric(follower.admin_addr, "tandem_raft_catch_up_questions_total").unwrap_or_else(|| {
+            cluster.panic_with_logs("no tandem_raft_catch_up_questions_total in /metrics")
+        })
+    };
+    let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
+    let target = "sip:0301234@example.com";
+    std::thread::scope(|s| {
+        let phone = &phone;
+        let callee = s.spawn(move || {
+            answer_next(phone, 200, "OK");
+            let heard = Deadline::after(Duration::ZERO);
+            wait_for_bye(phone);
+            heard
+        });
+        let before = questions();
+        let changed = http(
+            cluster.member(leader).admin_addr,
+            Some(token.trim()),
+            "PUT",
+            "/v1/accounts/example.com/alice",
+            Some(r#"{"password":"pw-alice-2","customer":"c1"}"#),
+        )
+        .unwrap();
+        assert_eq!(changed.status, 200, "{}", changed.body);
+        let mut alice = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-2");
+        let last = alice.invite_cancelled_at_once(node, target, "cancel-wait");
+        if last.status() != Some(487) {
+            cluster.panic_with_logs(&format!(
+                "the cancelled INVITE was answered:\n{}",
+                last.text
+            ));
+        }
+        assert!(
+            questions() > before,
+            "the follower asked the leader nothing: its copy of the password was new already, \
+             so this test did not test the wait"
+        );
+        let fence = Deadline::after(Duration::ZERO);
+        let mut again = Ua::new("127.0.0.1", "alice", "example.com", "pw-alice-2");
+        let ok = again.invite(node, target, "after-cancel", &mut |_, _| {});
+        assert_eq!(ok.status(), Some(200), "{}", ok.text);
+        ack_and_hang_up(&again, &ok);
+        let heard = callee.join().unwrap();
+        assert!(
+            heard.elapsed() < fence.elapsed(),
+            "the provider's phone heard of a call before the one placed after the 487"
+        );
     });
 }
 
