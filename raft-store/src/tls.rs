@@ -622,6 +622,11 @@ pub fn accept_tls(
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     let refusals = Arc::new(RefusalLog::default());
     let gate = Arc::new(std::sync::Mutex::new(Gate::default()));
+    // A handshake pushed out by a newer one ends (and closes its socket) when its task next
+    // runs; under a burst of connections the accept loop could run far ahead of those
+    // tasks, holding many more sockets than places. Each handshake task holds a permit, so
+    // the loop takes a connection's permit only once the one it pushed out has closed.
+    let alive = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let accept_loop = tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -642,9 +647,13 @@ pub fn accept_tls(
                     continue;
                 }
             };
+            let Ok(alive) = alive.clone().acquire_owned().await else {
+                return;
+            };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, refusals) = (acceptor.clone(), tx.clone(), refusals.clone());
             tokio::spawn(async move {
+                let _alive = alive;
                 let done = tokio::select! {
                     done = tokio::time::timeout(handshake, acceptor.accept(tcp)) => done,
                     _ = pushed_out => {
