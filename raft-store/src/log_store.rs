@@ -120,7 +120,7 @@ impl LogCache {
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    flusher: mpsc::Sender<LogFlushed<TypeConfig>>,
+    flusher: Arc<Flusher>,
     stats: Arc<LogStats>,
     cache: Arc<Mutex<LogCache>>,
     /// The newest committed log id not yet written: it goes into the next append's batch
@@ -148,13 +148,16 @@ impl LogStore {
         // process exits, and a thread parked in `recv` would keep it alive forever.
         let flusher_db = Arc::downgrade(&db);
         let flusher_stats = stats.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-flusher".into())
             .spawn(move || flush_loop(flusher_db, rx, flusher_stats))
             .expect("spawning the log flusher thread");
         LogStore {
             db,
-            flusher: tx,
+            flusher: Arc::new(Flusher {
+                queue: Some(tx),
+                thread: Some(thread),
+            }),
             stats,
             cache: Arc::default(),
             committed: Arc::default(),
@@ -228,6 +231,28 @@ impl LogStore {
 }
 
 /// One WAL fsync for every append queued since the last one, then the callbacks in order.
+/// The flusher thread and its queue, shared by a log store's clones. When the last clone
+/// goes, the queue closes and the thread is waited for: a flush it is still doing holds
+/// the database, and RocksDB must be closed before the process exits: a database closed
+/// by another thread while the process runs its exit handlers aborts it ("pthread lock:
+/// Invalid argument"), after a command such as `tandem cluster init` has done its work.
+struct Flusher {
+    queue: Option<mpsc::Sender<LogFlushed<TypeConfig>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        drop(self.queue.take());
+        if let Some(thread) = self.thread.take() {
+            // Never the flusher waiting for itself (a callback that dropped the last clone).
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
 fn flush_loop(
     db: std::sync::Weak<DB>,
     rx: mpsc::Receiver<LogFlushed<TypeConfig>>,
@@ -251,6 +276,9 @@ fn flush_loop(
             .sync_nanos_total
             .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         stats.wal_syncs.fetch_add(1, Ordering::Relaxed);
+        // Let go of the database before anyone hears the sync is done: whoever closes the
+        // store next must not find this thread holding it.
+        drop(db);
         for callback in pending {
             let r = match &result {
                 Ok(()) => Ok(()),
@@ -258,7 +286,6 @@ fn flush_loop(
             };
             callback.log_io_completed(r);
         }
-        drop(db);
     }
 }
 
@@ -379,7 +406,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         drop(cache);
         written.map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Write, e))?;
         self.stats.appends.fetch_add(1, Ordering::Relaxed);
-        if let Err(mpsc::SendError(callback)) = self.flusher.send(callback) {
+        let sent = match &self.flusher.queue {
+            Some(queue) => queue.send(callback),
+            None => Err(mpsc::SendError(callback)),
+        };
+        if let Err(mpsc::SendError(callback)) = sent {
             callback.log_io_completed(Err(std::io::Error::other("log flusher has stopped")));
         }
         Ok(())
