@@ -6,7 +6,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
+use crate::cluster::{Cluster, Member};
 use crate::describe;
 
 const SOURCE: &str = r#"
@@ -55,4 +57,17 @@ pub fn environment(dir: &Path, delay_ms: u64) -> Vec<(String, String)> {
         ("LD_PRELOAD".into(), library.display().to_string()),
         ("TANDEM_TEST_SYNC_DELAY_MS".into(), delay_ms.to_string()),
     ]
+}
+
+/// Stops `member` of `cluster` (SIGTERM) and starts it again with a disk that waits
+/// `delay_ms` before each sync ([`environment`]), until it answers.
+pub fn restart_slowed(cluster: &Cluster, member: &Member, delay_ms: u64) {
+    member.sigterm();
+    if member.wait_exit(Duration::from_secs(10)).is_none() {
+        cluster.panic_with_logs(&format!("node {} did not stop on SIGTERM", member.id));
+    }
+    let env = environment(&member.dir, delay_ms);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    member.start_env(&env);
+    member.wait_healthy();
 }

@@ -505,14 +505,7 @@ fn a_cancel_while_the_callers_credentials_wait_for_the_leader_ends_the_call() {
     );
     let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
     let follower = cluster.member(if leader == 1 { 2 } else { 1 });
-    follower.sigterm();
-    if follower.wait_exit(Duration::from_secs(10)).is_none() {
-        cluster.panic_with_logs("the follower did not stop on SIGTERM");
-    }
-    let env = slow_disk::environment(&follower.dir, 80);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    follower.start_env(&env);
-    follower.wait_healthy();
+    slow_disk::restart_slowed(&cluster, follower, 80);
     cluster.wait_caught_up(follower.id, Duration::from_secs(10));
     let node = follower.sip_addr();
     let questions = || {

@@ -253,14 +253,7 @@ fn a_voter_whose_disk_syncs_slower_than_the_election_timeout_is_named_with_the_s
         "",
     );
     let witness = cluster.member(3);
-    witness.sigterm();
-    if witness.wait_exit(Duration::from_secs(10)).is_none() {
-        cluster.panic_with_logs("the witness did not stop on SIGTERM");
-    }
-    let env = slow_disk::environment(&witness.dir, 500);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    witness.start_env(&env);
-    witness.wait_healthy();
+    slow_disk::restart_slowed(&cluster, witness, 500);
     let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
     assert_ne!(
         leader, 3,

@@ -30,6 +30,15 @@ fn held_line(metrics: &str) -> String {
         .to_owned()
 }
 
+/// The MD5 challenge in a 401.
+fn md5_challenge(reply: &tandem_failover_tests::ua::Reply) -> String {
+    reply
+        .headers("WWW-Authenticate")
+        .into_iter()
+        .find(|c| c.contains("MD5"))
+        .unwrap_or_else(|| panic!("no MD5 challenge in:\n{}", reply.text))
+}
+
 /// sipp's MD5 REGISTER scenario with these credentials; true if it got its 200.
 fn sipp_register(node: std::net::SocketAddr, user: &str, password: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
@@ -332,14 +341,7 @@ fn a_binding_made_through_one_node_is_on_every_node_and_a_nonce_is_good_on_its_n
     // what makes a replay through any node fail.
     let first = ua.register_once(node1, Some(&contact), Some(300), "");
     assert_eq!(first.status, 401);
-    let md5 = |reply: &tandem_failover_tests::ua::Reply| {
-        reply
-            .headers("WWW-Authenticate")
-            .into_iter()
-            .find(|c| c.contains("MD5"))
-            .unwrap()
-    };
-    let auth = ua.authorization(&md5(&first), "REGISTER", "sip:example.com", 1);
+    let auth = ua.authorization(&md5_challenge(&first), "REGISTER", "sip:example.com", 1);
     let elsewhere = ua.register_once(
         node2,
         Some(&contact),
@@ -347,7 +349,7 @@ fn a_binding_made_through_one_node_is_on_every_node_and_a_nonce_is_good_on_its_n
         &format!("Authorization: {auth}\r\n"),
     );
     assert_eq!(elsewhere.status, 401, "{}", elsewhere.text);
-    let stale = md5(&elsewhere);
+    let stale = md5_challenge(&elsewhere);
     assert!(stale.contains("stale=true"), "{}", elsewhere.text);
     let auth = ua.authorization(&stale, "REGISTER", "sip:example.com", 1);
     let second = ua.register_once(
@@ -378,15 +380,8 @@ fn an_account_created_through_the_leader_registers_at_once_through_a_follower_be
     let cluster = Cluster::form(&[MemberRole::Full, MemberRole::Full, MemberRole::Full], "");
     let (leader, _) = cluster.wait_for_leader(&[], Duration::from_secs(10));
     let follower = cluster.member(if leader == 1 { 2 } else { 1 });
-    follower.sigterm();
-    if follower.wait_exit(Duration::from_secs(10)).is_none() {
-        cluster.panic_with_logs("the follower did not stop on SIGTERM");
-    }
     // Under one heartbeat (100 ms), so the leader keeps it in step, a few syncs behind.
-    let env = slow_disk::environment(&follower.dir, 80);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    follower.start_env(&env);
-    follower.wait_healthy();
+    slow_disk::restart_slowed(&cluster, follower, 80);
     let token = std::fs::read_to_string(cluster.root().join("admin.token")).unwrap();
     let admin = cluster.member(leader).admin_addr;
     // The domain, served everywhere first: only the account is new below.
@@ -398,14 +393,6 @@ fn an_account_created_through_the_leader_registers_at_once_through_a_follower_be
             cluster.panic_with_logs("no tandem_raft_catch_up_questions_total in /metrics")
         })
     };
-    let md5 = |reply: &tandem_failover_tests::ua::Reply| {
-        reply
-            .headers("WWW-Authenticate")
-            .into_iter()
-            .find(|c| c.contains("MD5"))
-            .unwrap_or_else(|| panic!("no MD5 challenge in:\n{}", reply.text))
-    };
-
     // The phone is challenged by the follower, its account is created through the
     // leader, and its answer reaches the follower at once.
     let mut ua = Ua::new("127.0.0.1", "newcomer", "example.com", "pw-newcomer");
@@ -414,7 +401,7 @@ fn an_account_created_through_the_leader_registers_at_once_through_a_follower_be
     assert_eq!(challenge.status, 401, "{}", challenge.text);
     let before = questions();
     add_account(admin, &token, "newcomer", "pw-newcomer");
-    let auth = ua.authorization(&md5(&challenge), "REGISTER", "sip:example.com", 1);
+    let auth = ua.authorization(&md5_challenge(&challenge), "REGISTER", "sip:example.com", 1);
     let r = ua.register_once(
         node,
         Some(&contact),
@@ -1189,18 +1176,11 @@ fn nonces_stay_good_between_nodes_through_a_key_rotation_and_a_rolling_restart()
 
     let mut ua = Ua::new("127.0.0.1", "ivan", "example.com", "pw-ivan-1");
     let contact = format!("<{}>", ua.contact());
-    let md5 = |reply: &tandem_failover_tests::ua::Reply| {
-        reply
-            .headers("WWW-Authenticate")
-            .into_iter()
-            .find(|c| c.contains("MD5"))
-            .unwrap_or_else(|| panic!("no MD5 challenge in:\n{}", reply.text))
-    };
     for (from, to) in [(1, 2), (2, 1)] {
         let (issuer, checker) = (cluster.member(from), cluster.member(to));
         let first = ua.register_once(issuer.sip_addr(), Some(&contact), Some(300), "");
         assert_eq!(first.status, 401, "{}", first.text);
-        let auth = ua.authorization(&md5(&first), "REGISTER", "sip:example.com", 1);
+        let auth = ua.authorization(&md5_challenge(&first), "REGISTER", "sip:example.com", 1);
         let elsewhere = ua.register_once(
             checker.sip_addr(),
             Some(&contact),
@@ -1209,11 +1189,12 @@ fn nonces_stay_good_between_nodes_through_a_key_rotation_and_a_rolling_restart()
         );
         assert_eq!(elsewhere.status, 401, "{}", elsewhere.text);
         assert!(
-            md5(&elsewhere).contains("stale=true"),
+            md5_challenge(&elsewhere).contains("stale=true"),
             "node {to} took node {from}'s nonce for a forgery after the rotation:\n{}",
             elsewhere.text
         );
-        let retried = ua.authorization(&md5(&elsewhere), "REGISTER", "sip:example.com", 1);
+        let retried =
+            ua.authorization(&md5_challenge(&elsewhere), "REGISTER", "sip:example.com", 1);
         let ok = ua.register_once(
             checker.sip_addr(),
             Some(&contact),
