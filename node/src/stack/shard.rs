@@ -135,11 +135,11 @@ impl ShardThreads {
     }
 
     /// Watches the threads' beats until `stop`: a thread silent for
-    /// [`STALLED_AFTER_BEATS`] looks is logged as stalled and counted in `stalls`, and
+    /// [`STALLED_AFTER_BEATS`] looks is logged as stalled and counted in `stats`, and
     /// logged again when it beats once more. For the main runtime.
     pub fn watch(
         &self,
-        stalls: Arc<crate::stack::stats::Stats>,
+        stats: Arc<crate::stack::stats::Stats>,
         stop: CancellationToken,
     ) -> impl std::future::Future<Output = ()> + Send + 'static {
         let beats = self.beats.clone();
@@ -156,7 +156,7 @@ impl ShardThreads {
                 for (thread, change) in watchdog.look(&now) {
                     match change {
                         Change::Stalled => {
-                            stalls.sip_thread_stalls.fetch_add(1, Ordering::Relaxed);
+                            stats.sip_thread_stalls.fetch_add(1, Ordering::Relaxed);
                             tracing::error!(
                                 thread = %format!("sip-{thread}"),
                                 "a SIP thread has not run for {} s: the calls whose Call-ID \
