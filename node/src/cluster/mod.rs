@@ -43,7 +43,7 @@ const PEER_QUESTION_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a SIP request that this replica's lag could explain (no binding for a call,
 /// no account for credentials) waits for the replica to catch up with the leader before
 /// it is answered: a round trip and an apply, with room for a slow link.
-pub const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
+const CATCH_UP_WITHIN: Duration = Duration::from_millis(500);
 
 /// How much longer than a member's own bound the asker waits for it to drop its history.
 const DROP_HISTORY_SLACK: Duration = Duration::from_secs(30);
@@ -365,6 +365,14 @@ impl ClusterNode {
     /// The key ring as of the last (re)load.
     pub fn keys(&self) -> KeyRing {
         self.keys.read().expect("key ring lock").clone()
+    }
+
+    /// For a SIP answer this replica's lag could explain: waits, for up to
+    /// [`CATCH_UP_WITHIN`], until it has applied what the leader had
+    /// (`Replica::catch_up`). Not in degraded mode, where no leader answers. Whether it
+    /// caught up, so that a second look can tell more than the first.
+    pub async fn catch_up_for_sip(&self) -> bool {
+        self.health().degraded.is_none() && self.replica.catch_up(CATCH_UP_WITHIN).await
     }
 
     pub fn health(&self) -> QuorumHealth {

@@ -30,7 +30,7 @@ use crate::agents::auth::digest::{
 };
 use crate::agents::Refusal;
 use crate::clock::now_ms;
-use crate::cluster::{ClusterNode, CATCH_UP_WITHIN};
+use crate::cluster::ClusterNode;
 use crate::stack::stats::Stats;
 use crate::stack::transport::{user_agent_matches, OwnAddrs};
 
@@ -735,9 +735,8 @@ impl Authenticator {
         if let Some(answer) = self.attempt(request, ip, user, domain, kind, Pass::First) {
             return answer;
         }
-        if self.cluster.health().degraded.is_none() {
-            self.cluster.replica.catch_up(CATCH_UP_WITHIN).await;
-        }
+        // Asked again whatever came of it: the second pass answers in any case.
+        let _ = self.cluster.catch_up_for_sip().await;
         self.attempt(request, ip, user, domain, kind, Pass::CaughtUp)
             .unwrap_or_else(|| {
                 Authenticated::Refused(self.challenge(

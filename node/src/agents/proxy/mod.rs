@@ -73,7 +73,7 @@ use crate::agents::proxy::flow_token::{FlowTokens, Token, TokenKind, DIALOG_TOKE
 use crate::agents::{Agent, Refusal, Stack};
 use crate::clock::now_ms;
 use crate::cluster::peers::{sip_addr, PeerMonitor};
-use crate::cluster::{ClusterNode, CATCH_UP_WITHIN};
+use crate::cluster::ClusterNode;
 use crate::stack::transaction::{ClientEvent, EventSink, LayerHandle, TxId};
 use crate::stack::transport::{next_hop, transport_param, OwnAddrs};
 use crate::stack::transport::{Flow, TransportKind, Transports};
@@ -770,10 +770,7 @@ impl Proxy {
         from_tag: &str,
     ) -> Result<(Vec<Vec<Target>>, Account), Refusal> {
         let mut found = self.binding_groups_now(user, domain, call_id, from_tag);
-        if matches!(found, Err(None))
-            && self.cluster.health().degraded.is_none()
-            && self.cluster.replica.catch_up(CATCH_UP_WITHIN).await
-        {
+        if matches!(found, Err(None)) && self.cluster.catch_up_for_sip().await {
             found = self.binding_groups_now(user, domain, call_id, from_tag);
         }
         found.map_err(|r| r.unwrap_or_else(|| Refusal::new(480, "Temporarily Unavailable")))
