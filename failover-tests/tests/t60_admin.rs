@@ -128,6 +128,8 @@ fn the_admin_api_checks_the_token_and_answers_bad_input_with_json_errors() {
         "tandem_raft_applied_index ",
         "tandem_raft_apply_lag 0",
         "tandem_raft_batch_size_bucket{le=\"+Inf\"} ",
+        "tandem_log_fsync_seconds_bucket{le=\"0.00025\"} ",
+        "tandem_log_fsync_seconds_bucket{le=\"+Inf\"} ",
         "tandem_log_fsync_seconds_count ",
         "tandem_raft_proposals_total ",
     ] {

@@ -20,7 +20,8 @@
 # achieved rate, the time until all were registered, p50/p99, and CPU per registration of
 # each surviving Tandem node (user plus system) or of all Kamailio processes; for Tandem
 # also the commands proposed, log entries (batches) and WAL fsyncs on node 1 and node 3
-# during the storm, and commands per fsync on node 1.
+# during the storm, commands per fsync on node 1, and how long each node's fsyncs took
+# (the median, 99th percentile and slowest, to the bucket of tandem_log_fsync_seconds).
 #
 # Usage: ./ops/bench/storm.sh [COUNT] [RATES]   (defaults 50000 and
 #   2000,3000,4000,5000,6000,8000,10000). Environment: KEEP_WORK, TANDEM_BENCH_NO_BUILD,
@@ -46,6 +47,30 @@ counters() {
     $1 == "tandem_raft_batch_size_count" { b = $2 }
     $1 == "tandem_log_wal_syncs_total" { s = $2 }
     END { print p + 0, b + 0, s + 0 }'
+}
+# fsync_buckets ADMIN: the cumulative counts of tandem_log_fsync_seconds' buckets, as
+# "bound=count" words.
+fsync_buckets() {
+  curl -sf "http://$1/metrics" \
+    | sed -n 's/^tandem_log_fsync_seconds_bucket{le="\([^"]*\)"} \([0-9]*\)$/\1=\2/p' | tr '\n' ' '
+}
+# fsync_summary BEFORE AFTER: the WAL fsyncs between two readings of fsync_buckets: the
+# buckets' bounds that hold the median, the 99th percentile and the slowest, and how many
+# took over 16 ms.
+fsync_summary() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    n = split(a, x, " "); split(b, y, " ")
+    for (i = 1; i <= n; i++) {
+      split(x[i], p, "="); split(y[i], q, "=")
+      le[i] = p[1] == "+Inf" ? "more" : sprintf("%g ms", p[1] * 1000); c[i] = q[2] - p[2]
+      if (p[1] != "+Inf" && p[1] + 0 <= 0.016) slow_from = c[i]
+    }
+    for (i = 1; i <= n; i++) {
+      if (m == "" && c[i] * 2 >= c[n]) m = le[i]
+      if (p99 == "" && c[i] * 100 >= c[n] * 99) p99 = le[i]
+      if (max == "" && c[i] == c[n]) max = le[i]
+    }
+    printf "fsyncs p50 <= %s, p99 <= %s, slowest <= %s, %d over 16 ms", m, p99, max, c[n] - slow_from }'
 }
 # verdict LINE RATE: "yes" if the storm line meets the target.
 verdict() {
@@ -96,6 +121,8 @@ for rate in "${rates[@]}"; do
     sleep 1
     read -r p1 b1 s1 <<< "$(counters "$admin1")"
     read -r p3 b3 s3 <<< "$(counters "$admin3")"
+    f1=$(fsync_buckets "$admin1")
+    f3=$(fsync_buckets "$admin3")
     line=$("$load" --storm "$sip1" "$count" "$rate" "$password" \
       "${node_pid[1]},${node_pid[3]}" 2> "$work/storm-progress.log")
     read -r q1 c1 t1 <<< "$(counters "$admin1")"
@@ -105,6 +132,8 @@ for rate in "${rates[@]}"; do
     echo "tandem   node 1: $((q1 - p1)) commands in $((c1 - b1)) log entries, $((t1 - s1)) WAL fsyncs" \
       "($(awk -v c="$((q1 - p1))" -v s="$((t1 - s1))" 'BEGIN { printf "%.1f", s ? c / s : 0 }') commands per fsync);" \
       "node 3: $((t3 - s3)) WAL fsyncs"
+    echo "tandem   node 1: $(fsync_summary "$f1" "$(fsync_buckets "$admin1")");" \
+      "node 3: $(fsync_summary "$f3" "$(fsync_buckets "$admin3")")"
     judge tandem "$line" "$rate"
     stop_nodes
   fi

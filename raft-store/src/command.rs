@@ -208,6 +208,41 @@ pub struct Binding {
     pub user_agent: String,
 }
 
+/// A [`Binding`] read in place from its encoding: the same fields in the same order, so
+/// the same bytes, with the strings borrowed. The location table and the state machine
+/// walk an AOR's encoded bindings for a contact, an edge node or an expiry on every
+/// replicated write; a decoded binding allocates seven strings for what they throw away.
+/// (A test below keeps the two in step: a field added to one and not the other fails it.)
+#[derive(Debug, Deserialize)]
+#[allow(dead_code)] // every field is read past, in order; the callers use a few of them
+pub(crate) struct BindingView<'a> {
+    pub aor: &'a str,
+    pub contact: &'a str,
+    pub expires_at_ms: u64,
+    pub expires_secs: u32,
+    pub edge_node: NodeId,
+    #[serde(borrow)]
+    pub flow: (&'a str, &'a str, &'a str, Option<u64>),
+    #[serde(borrow)]
+    pub path: Vec<&'a str>,
+    pub call_id: &'a str,
+    pub cseq: u32,
+    pub q: u16,
+    pub user_agent: &'a str,
+}
+
+impl<'a> BindingView<'a> {
+    /// The binding at the front of `bytes`, and what follows it.
+    pub(crate) fn take(bytes: &'a [u8]) -> Option<(BindingView<'a>, &'a [u8])> {
+        postcard::take_from_bytes(bytes).ok()
+    }
+
+    /// `bytes`, when they are one whole binding.
+    pub(crate) fn of(bytes: &'a [u8]) -> Option<BindingView<'a>> {
+        Self::take(bytes).and_then(|(view, rest)| rest.is_empty().then_some(view))
+    }
+}
+
 /// How many intervals a binding is stored to last: the registrar stores an expiry of
 /// twice the interval it grants, so that refreshes inside the second need no write
 /// (node/DESIGN.md, "Bindings are written when they change").
@@ -1010,6 +1045,58 @@ pub(crate) mod tests {
             q: 1000,
             user_agent: "phone".into(),
         }
+    }
+
+    #[test]
+    fn a_binding_view_reads_every_field_of_a_bindings_encoding() {
+        let b = Binding {
+            flow: StoredFlow {
+                connection: Some(9),
+                ..sample_binding().flow
+            },
+            path: vec!["<sip:edge1>".into(), "<sip:edge2>".into()],
+            ..sample_binding()
+        };
+        let bytes = postcard::to_allocvec(&b).unwrap();
+        let mut two = bytes.clone();
+        two.extend_from_slice(&bytes);
+        let (view, rest) = BindingView::take(&two).unwrap();
+        assert_eq!(rest, &bytes[..], "the view reads exactly one binding");
+        let BindingView {
+            aor,
+            contact,
+            expires_at_ms,
+            expires_secs,
+            edge_node,
+            flow,
+            path,
+            call_id,
+            cseq,
+            q,
+            user_agent,
+        } = view;
+        let read = Binding {
+            aor: aor.into(),
+            contact: contact.into(),
+            expires_at_ms,
+            expires_secs,
+            edge_node,
+            flow: StoredFlow {
+                transport: flow.0.into(),
+                remote: flow.1.into(),
+                local: flow.2.into(),
+                connection: flow.3,
+            },
+            path: path.into_iter().map(String::from).collect(),
+            call_id: call_id.into(),
+            cseq,
+            q,
+            user_agent: user_agent.into(),
+        };
+        assert_eq!(read, b);
+        assert!(BindingView::of(&bytes).is_some());
+        assert!(BindingView::of(&two).is_none());
+        assert!(BindingView::of(&bytes[..bytes.len() - 1]).is_none());
     }
 
     /// A provider account for tests of this crate.

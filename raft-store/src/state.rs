@@ -16,9 +16,9 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::command::{
-    account_aor, Account, ApiToken, Binding, Command, CommandResult, Customer, CustomerSettings,
-    Dialplan, HeldBinding, JoinToken, Lease, NodeRecord, Number, Provider, ProviderAccount,
-    ProviderLease, Trunk, MAX_JOIN_TOKENS,
+    account_aor, Account, ApiToken, Binding, BindingView, Command, CommandResult, Customer,
+    CustomerSettings, Dialplan, HeldBinding, JoinToken, Lease, NodeRecord, Number, Provider,
+    ProviderAccount, ProviderLease, Trunk, MAX_JOIN_TOKENS,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -244,6 +244,16 @@ fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, Error> {
         .map_err(|e| Error::Corrupt(format!("record {:?}: {e}", String::from_utf8_lossy(key))))
 }
 
+/// A stored binding read in place.
+fn view<'v>(key: &[u8], v: &'v [u8]) -> Result<BindingView<'v>, Error> {
+    BindingView::of(v).ok_or_else(|| {
+        Error::Corrupt(format!(
+            "record {:?}: not a binding",
+            String::from_utf8_lossy(key)
+        ))
+    })
+}
+
 /// How long a removal's time is remembered ([`Command::RemoveBindingAt`]). A held change
 /// older than this (less [`REPLAY_SKEW_MARGIN_MS`]) is not replayed at all, so a removal it
 /// might predate is never forgotten while it could matter.
@@ -380,6 +390,65 @@ fn entry_aor(kept: &[u8]) -> Option<&str> {
     Some(aor)
 }
 
+/// An entry's bindings read in place, in order, each with its encoding.
+struct EntryBindings<'a> {
+    rest: &'a [u8],
+    left: usize,
+}
+
+impl<'a> EntryBindings<'a> {
+    fn of(kept: &'a [u8]) -> Option<EntryBindings<'a>> {
+        let (left, rest) = postcard::take_from_bytes::<usize>(kept).ok()?;
+        Some(EntryBindings { rest, left })
+    }
+
+    fn none() -> EntryBindings<'a> {
+        EntryBindings { rest: &[], left: 0 }
+    }
+}
+
+impl<'a> Iterator for EntryBindings<'a> {
+    type Item = Option<(BindingView<'a>, &'a [u8])>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        let Some((view, rest)) = BindingView::take(self.rest) else {
+            self.left = 0;
+            return Some(None);
+        };
+        let encoding = &self.rest[..self.rest.len() - rest.len()];
+        self.rest = rest;
+        Some(Some((view, encoding)))
+    }
+}
+
+/// An entry of `items` (sorted by contact): their count as postcard writes a sequence's
+/// length (LEB128), then their encodings, in one allocation of its size.
+fn join_entry(items: &[(BindingView<'_>, &[u8])]) -> Box<[u8]> {
+    let mut count = [0u8; 10];
+    let mut n = items.len();
+    let mut len = 0;
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        count[len] = if n == 0 { byte } else { byte | 0x80 };
+        len += 1;
+        if n == 0 {
+            break;
+        }
+    }
+    let size = len + items.iter().map(|(_, e)| e.len()).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&count[..len]);
+    for (_, encoding) in items {
+        out.extend_from_slice(encoding);
+    }
+    out.into_boxed_slice()
+}
+
 impl BindingTable {
     fn key(&self, aor: &str) -> u64 {
         #[cfg(test)]
@@ -392,24 +461,39 @@ impl BindingTable {
     /// The bindings of `aor`, or `None` when RocksDB must be asked (the table is not
     /// loaded, or `aor` shares its entry).
     fn lookup(&self, aor: &str) -> Option<Vec<Binding>> {
+        match self.kept(aor)? {
+            None => Some(Vec::new()),
+            Some(kept) => postcard::from_bytes(kept).ok(),
+        }
+    }
+
+    /// `aor`'s entry (`Some(None)`: it has no bindings), or `None` when RocksDB must be
+    /// asked.
+    fn kept(&self, aor: &str) -> Option<Option<&[u8]>> {
         if !self.loaded {
             return None;
         }
         let Some(kept) = self.by_aor.get(&self.key(aor)) else {
-            return Some(Vec::new());
+            return Some(None);
         };
         if kept.is_empty() {
             return None;
         }
         // Another AOR's entry: had this one any bindings, the two would share it.
         if entry_aor(kept)? != aor {
-            return Some(Vec::new());
+            return Some(None);
         }
-        postcard::from_bytes(kept).ok()
+        Some(Some(kept))
     }
 
     /// Records that `aor` now has exactly `bindings`, sorted by contact.
     fn set(&mut self, aor: &str, bindings: &[Binding]) {
+        let encoded = (!bindings.is_empty()).then(|| encode(&bindings).into_boxed_slice());
+        self.set_encoded(aor, encoded);
+    }
+
+    /// Records that `aor` now has the bindings `encoded` as an entry is (`None`: none).
+    fn set_encoded(&mut self, aor: &str, encoded: Option<Box<[u8]>>) {
         use std::collections::hash_map::Entry;
         if !self.loaded {
             return;
@@ -417,8 +501,8 @@ impl BindingTable {
         let key = self.key(aor);
         match self.by_aor.entry(key) {
             Entry::Vacant(slot) => {
-                if !bindings.is_empty() {
-                    slot.insert(encode(&bindings).into_boxed_slice());
+                if let Some(encoded) = encoded {
+                    slot.insert(encoded);
                 }
             }
             Entry::Occupied(mut slot) => {
@@ -427,35 +511,72 @@ impl BindingTable {
                     return;
                 }
                 if entry_aor(kept) == Some(aor) {
-                    if bindings.is_empty() {
-                        slot.remove();
-                    } else {
-                        *slot.get_mut() = encode(&bindings).into_boxed_slice();
+                    match encoded {
+                        None => {
+                            slot.remove();
+                        }
+                        Some(encoded) => *slot.get_mut() = encoded,
                     }
-                } else if !bindings.is_empty() {
+                } else if encoded.is_some() {
                     *slot.get_mut() = Box::default();
                 }
             }
         }
     }
 
-    /// Applies one write's changes of `aor`'s bindings: per contact, its new encoded
-    /// binding, or `None` where it was removed.
-    fn change(&mut self, aor: &str, changes: &[(String, Option<Vec<u8>>)]) {
-        let Some(mut bindings) = self.lookup(aor) else {
-            return;
-        };
-        for (contact, value) in changes {
-            bindings.retain(|b| &b.contact != contact);
-            if let Some(b) = value
-                .as_deref()
-                .and_then(|v| postcard::from_bytes::<Binding>(v).ok())
-            {
-                bindings.push(b);
+    /// What `f` makes of `aor`'s binding of `contact`, read in place (`Some(None)`: no
+    /// such binding), or `None` when RocksDB must be asked (as for [`Self::lookup`]).
+    fn find<R>(
+        &self,
+        aor: &str,
+        contact: &str,
+        f: impl FnOnce(&BindingView<'_>) -> R,
+    ) -> Option<Option<R>> {
+        let mut found = None;
+        for item in self.entry(aor)? {
+            let (view, _) = item?;
+            if view.contact == contact {
+                found = Some(view);
+                break;
             }
         }
-        bindings.sort_by(|a, b| a.contact.cmp(&b.contact));
-        self.set(aor, &bindings);
+        Some(found.as_ref().map(f))
+    }
+
+    /// `aor`'s entry as its bindings read in place, each with its encoding; `None` when
+    /// RocksDB must be asked (as for [`Self::lookup`]). An item is `None` where the entry
+    /// does not parse, which callers treat as RocksDB having to be asked too.
+    fn entry<'t>(&'t self, aor: &str) -> Option<EntryBindings<'t>> {
+        match self.kept(aor)? {
+            None => Some(EntryBindings::none()),
+            Some(kept) => EntryBindings::of(kept),
+        }
+    }
+
+    /// Applies one write's changes of `aor`'s bindings: per contact, its new encoded
+    /// binding, or `None` where it was removed. Works on the encodings: an entry is its
+    /// bindings' encodings after their count, so the new one is spliced from the old one
+    /// and the write's values without decoding either.
+    fn change(&mut self, aor: &str, changes: &[(String, Option<Vec<u8>>)]) {
+        let encoded = {
+            let Some(entry) = self.entry(aor) else {
+                return;
+            };
+            let Some(mut items) = entry.collect::<Option<Vec<_>>>() else {
+                return;
+            };
+            for (contact, value) in changes {
+                items.retain(|(b, _)| b.contact != contact);
+                if let Some(value) = value.as_deref() {
+                    if let Some(b) = BindingView::of(value) {
+                        items.push((b, value));
+                    }
+                }
+            }
+            items.sort_by(|(a, _), (b, _)| a.contact.cmp(b.contact));
+            (!items.is_empty()).then(|| join_entry(&items))
+        };
+        self.set_encoded(aor, encoded);
     }
 
     /// An empty, loaded table hashing as this one does, to fill and put in its place.
@@ -852,6 +973,26 @@ impl StateReader {
         self.get(&key::binding(aor, contact))
     }
 
+    /// The edge node and expiry of `aor`'s binding of `contact`, read in place: what the
+    /// state machine needs of a binding it replaces or removes.
+    fn binding_edge_and_expiry(
+        &self,
+        aor: &str,
+        contact: &str,
+    ) -> Result<Option<(NodeId, u64)>, Error> {
+        let edge_and_expiry = |b: &BindingView<'_>| (b.edge_node, b.expires_at_ms);
+        let table = self.bindings.lock().expect("binding table");
+        if let Some(found) = table.find(aor, contact, edge_and_expiry) {
+            return Ok(found);
+        }
+        drop(table);
+        let k = key::binding(aor, contact);
+        match self.db.get_pinned_cf(self.cf(), &k).map_err(Error::db)? {
+            Some(v) => view(&k, &v).map(|b| Some(edge_and_expiry(&b))),
+            None => Ok(None),
+        }
+    }
+
     /// Whether any binding lapsed at or before `now_ms`, or a removal record is due to be
     /// forgotten: the first of each index by time, so the leader's sweep proposes nothing
     /// while there is nothing to remove.
@@ -1208,6 +1349,20 @@ impl<'a> Txn<'a> {
         }
     }
 
+    /// The edge node and expiry of one binding as this transaction sees it.
+    fn binding_edge_and_expiry(
+        &self,
+        aor: &str,
+        contact: &str,
+    ) -> Result<Option<(NodeId, u64)>, Error> {
+        let k = key::binding(aor, contact);
+        match self.overlay.get(&k) {
+            Some(Some(v)) => view(&k, v).map(|b| Some((b.edge_node, b.expires_at_ms))),
+            Some(None) => Ok(None),
+            None => self.reader.binding_edge_and_expiry(aor, contact),
+        }
+    }
+
     fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
         self.overlay.insert(key, Some(encode(value)));
     }
@@ -1351,12 +1506,12 @@ impl<'a> Txn<'a> {
 
     fn remove_binding(&mut self, aor: &str, contact: &str) -> Result<bool, Error> {
         let k = key::binding(aor, contact);
-        match self.binding(aor, contact)? {
-            Some(old) => {
-                self.index_expiry(&k, Some(old.expires_at_ms), None);
+        match self.binding_edge_and_expiry(aor, contact)? {
+            Some((edge, expires_at_ms)) => {
+                self.index_expiry(&k, Some(expires_at_ms), None);
                 self.delete(k);
-                self.count_edge(old.edge_node, -1);
-                self.delete(key::binding_by_edge(old.edge_node, aor, contact));
+                self.count_edge(edge, -1);
+                self.delete(key::binding_by_edge(edge, aor, contact));
                 Ok(true)
             }
             None => Ok(false),
@@ -1440,12 +1595,12 @@ impl<'a> Txn<'a> {
 
     fn put_binding(&mut self, b: Binding) -> Result<(), Error> {
         let k = key::binding(&b.aor, &b.contact);
-        let old = self.binding(&b.aor, &b.contact)?;
-        if let Some(old) = &old {
-            self.count_edge(old.edge_node, -1);
-            self.delete(key::binding_by_edge(old.edge_node, &old.aor, &old.contact));
+        let old = self.binding_edge_and_expiry(&b.aor, &b.contact)?;
+        if let Some((edge, _)) = old {
+            self.count_edge(edge, -1);
+            self.delete(key::binding_by_edge(edge, &b.aor, &b.contact));
         }
-        self.index_expiry(&k, old.map(|o| o.expires_at_ms), Some(b.expires_at_ms));
+        self.index_expiry(&k, old.map(|(_, expires)| expires), Some(b.expires_at_ms));
         self.count_edge(b.edge_node, 1);
         self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
         self.put(k, &b);
@@ -1825,9 +1980,9 @@ impl<'a> Txn<'a> {
                     let Some((aor, contact)) = key::aor_and_contact_of_binding(&k) else {
                         continue;
                     };
-                    if let Some(b) = self.binding(aor, contact)? {
-                        if b.expires_at_ms <= now_ms {
-                            removed += self.remove_binding(&b.aor, &b.contact)? as u64;
+                    if let Some((_, expires_at_ms)) = self.binding_edge_and_expiry(aor, contact)? {
+                        if expires_at_ms <= now_ms {
+                            removed += self.remove_binding(aor, contact)? as u64;
                         }
                     }
                 }
@@ -1942,7 +2097,7 @@ impl<'a> Txn<'a> {
 mod tests {
     use super::{encode, prefix_end, BindingTable};
     use crate::command::tests::sample_binding;
-    use crate::command::Binding;
+    use crate::command::{Binding, BindingView};
 
     fn binding(contact: &str) -> Binding {
         Binding {
@@ -2023,6 +2178,80 @@ mod tests {
         again.set("sip:a@x", &[a]);
         again.set("sip:z@x", &[z]);
         assert_eq!(again.lookup("sip:a@x"), None);
+    }
+
+    /// A change splices encodings; the entry it leaves is byte for byte what encoding
+    /// the bindings afresh gives, with a count that takes more than one byte too, and a
+    /// value that is not a binding is left out as a decoded one was.
+    #[test]
+    fn a_spliced_entry_is_the_encoding_of_its_bindings() {
+        let mut table = loaded();
+        let contact = |i: usize| format!("<sip:{i:03}>");
+        let puts: Vec<_> = (0..200)
+            .rev()
+            .map(|i| (contact(i), Some(encode(&binding(&contact(i))))))
+            .collect();
+        table.change("sip:a@x", &puts);
+        let mut expected: Vec<Binding> = (0..200).map(|i| binding(&contact(i))).collect();
+        let kept = |t: &BindingTable| t.by_aor.values().next().unwrap().to_vec();
+        assert_eq!(kept(&table), encode(&expected));
+        let mut changed = binding(&contact(7));
+        changed.edge_node = 3;
+        changed.path = vec!["<sip:edge>".into()];
+        table.change(
+            "sip:a@x",
+            &[
+                (contact(7), Some(encode(&changed))),
+                (contact(150), None),
+                (contact(151), Some(b"not a binding".to_vec())),
+                (contact(152), None),
+            ],
+        );
+        expected[7] = changed;
+        expected.drain(150..153);
+        assert_eq!(kept(&table), encode(&expected));
+        assert_eq!(table.lookup("sip:a@x"), Some(expected));
+        // Found in place: the changed one, none for a removed one or another AOR.
+        let edge = |b: &BindingView<'_>| (b.edge_node, b.expires_at_ms);
+        let at = sample_binding().expires_at_ms;
+        assert_eq!(
+            table.find("sip:a@x", &contact(7), edge),
+            Some(Some((3, at)))
+        );
+        assert_eq!(
+            table.find("sip:a@x", &contact(8), edge),
+            Some(Some((2, at)))
+        );
+        assert_eq!(table.find("sip:a@x", &contact(150), edge), Some(None));
+        assert_eq!(table.find("sip:b@x", &contact(8), edge), Some(None));
+    }
+
+    /// Where two AORs share an entry, a change leaves it shared and nothing is found in
+    /// place: RocksDB answers for both.
+    #[test]
+    fn changes_of_aors_whose_hashes_collide_leave_them_to_rocksdb() {
+        let mut table = loaded();
+        table.one_hash = true;
+        let put = |aor: &str, contact: &str| {
+            let b = Binding {
+                aor: aor.into(),
+                ..binding(contact)
+            };
+            vec![(contact.to_owned(), Some(encode(&b)))]
+        };
+        table.change("sip:a@x", &put("sip:a@x", "<sip:1>"));
+        let edge = |b: &BindingView<'_>| b.edge_node;
+        assert_eq!(table.find("sip:a@x", "<sip:1>", edge), Some(Some(2)));
+        assert_eq!(table.find("sip:z@x", "<sip:1>", edge), Some(None));
+        table.change("sip:z@x", &put("sip:z@x", "<sip:9>"));
+        assert_eq!(table.find("sip:a@x", "<sip:1>", edge), None);
+        assert_eq!(table.find("sip:z@x", "<sip:9>", edge), None);
+        table.change("sip:a@x", &[("<sip:1>".into(), None)]);
+        assert_eq!(table.lookup("sip:z@x"), None);
+        // Not loaded: nothing in place either.
+        let mut unloaded = BindingTable::default();
+        unloaded.change("sip:a@x", &put("sip:a@x", "<sip:1>"));
+        assert_eq!(unloaded.find("sip:a@x", "<sip:1>", edge), None);
     }
 
     #[test]

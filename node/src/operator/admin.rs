@@ -15,6 +15,7 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tandem_raft_store::command::{Command, CommandResult, Customer};
+use tandem_raft_store::log_store::{LogStats, SYNC_BUCKETS};
 use tandem_raft_store::membership::{ClusterReply, ClusterRequest};
 use tandem_raft_store::replica::{ProposeStats, BATCH_BUCKETS};
 use tandem_raft_store::state::StateReader;
@@ -995,12 +996,21 @@ impl Admin {
             p.batches.load(Ordering::Relaxed)
         );
         let name = "tandem_log_fsync_seconds";
-        let syncs = log.wal_syncs.load(Ordering::Relaxed);
-        let nanos = log.sync_nanos_total.load(Ordering::Relaxed);
         let _ = writeln!(
             out,
-            "# HELP {name} Time spent in WAL fsyncs.\n# TYPE {name} summary\n{name}_sum {:.6}\n{name}_count {syncs}",
-            nanos as f64 / 1e9
+            "# HELP {name} WAL fsyncs by how long they took; every write waits for one.\n# TYPE {name} histogram"
+        );
+        let mut cumulative = 0;
+        for i in 0..SYNC_BUCKETS {
+            cumulative += log.sync_buckets[i].load(Ordering::Relaxed);
+            let le = LogStats::sync_bucket_bound_micros(i)
+                .map_or("+Inf".to_owned(), |b| (b as f64 / 1e6).to_string());
+            let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum {:.6}\n{name}_count {cumulative}",
+            log.sync_nanos_total.load(Ordering::Relaxed) as f64 / 1e9,
         );
         out
     }
