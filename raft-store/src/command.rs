@@ -665,6 +665,25 @@ kinds! {
     40 => RevokeJoinToken,
 }
 
+/// [`Command::PutBinding`]'s kind, which the state machine reads without decoding the
+/// command ([`EncodedCommand::put_binding_view`]).
+const PUT_BINDING_KIND: u16 = 8;
+
+impl EncodedCommand {
+    /// The binding a [`Command::PutBinding`] writes, read in place from the body, which is
+    /// the binding's encoding as [`Command::encode`] wrote it; `None` for any other
+    /// command, a version this binary does not read, or a body that is not one whole
+    /// binding (decoding then decides, as for every other command). The state machine
+    /// stores such a body as it is: the bytes encoding the decoded binding would give,
+    /// without its eight strings decoded and encoded again.
+    pub(crate) fn put_binding_view(&self) -> Option<BindingView<'_>> {
+        if self.kind != PUT_BINDING_KIND || self.version == 0 || self.version > VERSION {
+            return None;
+        }
+        BindingView::of(&self.body)
+    }
+}
+
 /// Unexpired join tokens the cluster holds at most: minting is for operators, and a
 /// bound keeps a leaked operator script from filling the state.
 pub const MAX_JOIN_TOKENS: usize = 100;
@@ -1097,6 +1116,40 @@ pub(crate) mod tests {
         assert!(BindingView::of(&bytes).is_some());
         assert!(BindingView::of(&two).is_none());
         assert!(BindingView::of(&bytes[..bytes.len() - 1]).is_none());
+    }
+
+    #[test]
+    fn a_binding_write_is_read_in_place_only_when_its_body_is_one_whole_binding() {
+        let b = sample_binding();
+        let put = Command::PutBinding(b.clone()).encode();
+        assert_eq!(put.kind, PUT_BINDING_KIND);
+        let view = put.put_binding_view().expect("a binding's write");
+        assert_eq!((view.aor, view.contact), (&b.aor[..], &b.contact[..]));
+        assert_eq!(
+            &put.body[..],
+            &postcard::to_allocvec(&b).unwrap()[..],
+            "the body is the binding's encoding, as the state machine stores it"
+        );
+        let with_body = |body: &[u8], version: u16| EncodedCommand {
+            kind: PUT_BINDING_KIND,
+            version,
+            body: Bytes::copy_from_slice(body),
+        };
+        let mut longer = put.body.to_vec();
+        longer.push(0);
+        assert!(with_body(&longer, 1).put_binding_view().is_none());
+        assert!(with_body(&put.body[..put.body.len() - 1], 1)
+            .put_binding_view()
+            .is_none());
+        assert!(with_body(&put.body, 0).put_binding_view().is_none());
+        assert!(with_body(&put.body, VERSION + 1)
+            .put_binding_view()
+            .is_none());
+        let remove = Command::RemoveBinding {
+            aor: b.aor,
+            contact: b.contact,
+        };
+        assert!(remove.encode().put_binding_view().is_none());
     }
 
     /// A provider account for tests of this crate.

@@ -17,8 +17,8 @@ use serde::Serialize;
 
 use crate::command::{
     account_aor, Account, ApiToken, Binding, BindingView, Command, CommandResult, Customer,
-    CustomerSettings, Dialplan, HeldBinding, JoinToken, Lease, NodeRecord, Number, Provider,
-    ProviderAccount, ProviderLease, Trunk, MAX_JOIN_TOKENS,
+    CustomerSettings, Dialplan, EncodedCommand, HeldBinding, JoinToken, Lease, NodeRecord, Number,
+    Provider, ProviderAccount, ProviderLease, Trunk, MAX_JOIN_TOKENS,
 };
 use crate::store::CF_SM_DATA;
 use crate::types::NodeId;
@@ -1594,17 +1594,38 @@ impl<'a> Txn<'a> {
     }
 
     fn put_binding(&mut self, b: Binding) -> Result<(), Error> {
-        let k = key::binding(&b.aor, &b.contact);
-        let old = self.binding_edge_and_expiry(&b.aor, &b.contact)?;
+        let value = encode(&b);
+        let view = BindingView::of(&value).expect("a binding's encoding reads as one");
+        self.put_binding_view(&view, value.clone())
+    }
+
+    /// Stores the binding `b` reads, whose encoding is `value`.
+    fn put_binding_view(&mut self, b: &BindingView<'_>, value: Vec<u8>) -> Result<(), Error> {
+        let k = key::binding(b.aor, b.contact);
+        let old = self.binding_edge_and_expiry(b.aor, b.contact)?;
         if let Some((edge, _)) = old {
             self.count_edge(edge, -1);
-            self.delete(key::binding_by_edge(edge, &b.aor, &b.contact));
+            self.delete(key::binding_by_edge(edge, b.aor, b.contact));
         }
         self.index_expiry(&k, old.map(|(_, expires)| expires), Some(b.expires_at_ms));
         self.count_edge(b.edge_node, 1);
-        self.put(key::binding_by_edge(b.edge_node, &b.aor, &b.contact), &());
-        self.put(k, &b);
+        self.put(key::binding_by_edge(b.edge_node, b.aor, b.contact), &());
+        self.overlay.insert(k, Some(value));
         Ok(())
+    }
+
+    /// Applies `encoded` without decoding it when it is a binding's write that reads in
+    /// place ([`EncodedCommand::put_binding_view`]), the command a registration storm is
+    /// made of; `None` for every other command, which is decoded and applied.
+    pub(crate) fn apply_binding_write(
+        &mut self,
+        encoded: &EncodedCommand,
+    ) -> Option<Result<CommandResult, Error>> {
+        let view = encoded.put_binding_view()?;
+        Some(
+            self.put_binding_view(&view, encoded.body.to_vec())
+                .map(|()| CommandResult::Done),
+        )
     }
 
     fn set_lease(&mut self, lease: &ProviderLease) -> Result<(), Error> {

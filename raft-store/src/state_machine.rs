@@ -457,15 +457,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 EntryPayload::Normal(request) => {
                     let mut results = Vec::with_capacity(request.commands.len());
+                    let failed = |e: crate::Error| {
+                        StorageError::from(StorageIOError::apply(
+                            entry.log_id,
+                            AnyError::error(e.to_string()),
+                        ))
+                    };
                     for encoded in &request.commands {
+                        if let Some(result) = txn.apply_binding_write(encoded) {
+                            results.push(result.map_err(failed)?);
+                            continue;
+                        }
                         // A command this binary does not know stops the state machine rather
                         // than being skipped: skipping would make replicas diverge.
-                        let command = Command::decode(encoded).map_err(|e| {
-                            StorageError::from(StorageIOError::apply(
-                                entry.log_id,
-                                AnyError::error(e.to_string()),
-                            ))
-                        })?;
+                        let command = Command::decode(encoded).map_err(failed)?;
                         match &command {
                             Command::PutAccount(a) => {
                                 accounts_changed.push((a.domain.clone(), a.user.clone()));
@@ -484,12 +489,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                                 | Command::ReleaseLeaseAsked { .. }
                                 | Command::DropLease { .. }
                         );
-                        let result = txn.apply(command).map_err(|e| {
-                            StorageError::from(StorageIOError::apply(
-                                entry.log_id,
-                                AnyError::error(e.to_string()),
-                            ))
-                        })?;
+                        let result = txn.apply(command).map_err(failed)?;
                         results.push(result);
                     }
                     responses.push(Response { results });
