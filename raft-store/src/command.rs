@@ -675,7 +675,7 @@ impl EncodedCommand {
     /// command, a version this binary does not read, or a body that is not one whole
     /// binding (decoding then decides, as for every other command). The state machine
     /// stores such a body as it is: the bytes encoding the decoded binding would give,
-    /// without its eight strings decoded and encoded again.
+    /// without its seven strings decoded and encoded again.
     pub(crate) fn put_binding_view(&self) -> Option<BindingView<'_>> {
         if self.kind != PUT_BINDING_KIND || self.version == 0 || self.version > VERSION {
             return None;
