@@ -639,7 +639,7 @@ pub enum Command {
 }
 
 macro_rules! kinds {
-    ($($kind:literal => $variant:ident),* $(,)?) => {
+    ($($kind:expr => $variant:ident),* $(,)?) => {
         impl Command {
             fn kind(&self) -> u16 {
                 match self { $( Command::$variant { .. } => $kind, )* }
@@ -650,7 +650,7 @@ macro_rules! kinds {
 
 kinds! {
     1 => Noop, 2 => PutNode, 3 => SetFeatureVersion, 4 => PutCustomer, 5 => DeleteCustomer,
-    6 => PutAccount, 7 => DeleteAccount, 8 => PutBinding, 9 => RemoveBinding,
+    6 => PutAccount, 7 => DeleteAccount, PUT_BINDING_KIND => PutBinding, 9 => RemoveBinding,
     10 => RemoveAllBindings, 11 => ExpireBindings, 12 => PutProvider, 13 => DeleteProvider,
     14 => AcquireLease, 15 => ReleaseLease, 16 => PutDialplan, 17 => ResealAccount,
     18 => ResealProvider, 19 => RetireNode, 20 => PutProviderAccount,
@@ -665,8 +665,8 @@ kinds! {
     40 => RevokeJoinToken,
 }
 
-/// [`Command::PutBinding`]'s kind, which the state machine reads without decoding the
-/// command ([`EncodedCommand::put_binding_view`]).
+/// [`Command::PutBinding`]'s kind, named because the state machine reads it without
+/// decoding the command ([`EncodedCommand::put_binding_view`]).
 const PUT_BINDING_KIND: u16 = 8;
 
 impl EncodedCommand {
@@ -907,7 +907,7 @@ impl Command {
                 let (user, domain) = postcard::from_bytes(b).map_err(bad)?;
                 Command::DeleteAccount { user, domain }
             }
-            8 => Command::PutBinding(postcard::from_bytes(b).map_err(bad)?),
+            PUT_BINDING_KIND => Command::PutBinding(postcard::from_bytes(b).map_err(bad)?),
             9 => {
                 let (aor, contact) = postcard::from_bytes(b).map_err(bad)?;
                 Command::RemoveBinding { aor, contact }

@@ -390,7 +390,9 @@ fn entry_aor(kept: &[u8]) -> Option<&str> {
     Some(aor)
 }
 
-/// An entry's bindings read in place, in order, each with its encoding.
+/// An entry's bindings read in place, in order, each with its encoding (the default:
+/// none).
+#[derive(Default)]
 struct EntryBindings<'a> {
     rest: &'a [u8],
     left: usize,
@@ -400,10 +402,6 @@ impl<'a> EntryBindings<'a> {
     fn of(kept: &'a [u8]) -> Option<EntryBindings<'a>> {
         let (left, rest) = postcard::take_from_bytes::<usize>(kept).ok()?;
         Some(EntryBindings { rest, left })
-    }
-
-    fn none() -> EntryBindings<'a> {
-        EntryBindings { rest: &[], left: 0 }
     }
 }
 
@@ -548,7 +546,7 @@ impl BindingTable {
     /// does not parse, which callers treat as RocksDB having to be asked too.
     fn entry<'t>(&'t self, aor: &str) -> Option<EntryBindings<'t>> {
         match self.kept(aor)? {
-            None => Some(EntryBindings::none()),
+            None => Some(EntryBindings::default()),
             Some(kept) => EntryBindings::of(kept),
         }
     }
